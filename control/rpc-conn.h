@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * One JSON-RPC control connection: the contract's framing (one compact JSON
+ * value per '\n'-terminated line, fds as SCM_RIGHTS, "fds": N per message),
+ * on libevent, never blocking.
+ *
+ * Input: bytes and fds are read with recvmsg(MSG_CMSG_CLOEXEC); received fds
+ * join a FIFO in arrival order.  When a line is complete it is parsed; a
+ * message declaring "fds": N takes N fds from the front of the FIFO.
+ *   - line longer than limits.max_line  -> error -32600 id null, then close
+ *   - invalid JSON                      -> error -32700 id null, keep going
+ *   - fewer queued fds than declared when the line is complete, or fds
+ *     queued while no partial line remains, or more than 253 fds declared,
+ *     or a bad "fds" member            -> error -32600 id null, close,
+ *                                         every queued fd closed
+ * Each good message goes to ops->on_message with its fds (the callee owns
+ * both).  Blank lines are ignored.
+ *
+ * Output: rpc_conn_send() serializes compactly, appends '\n', dups the fds
+ * and queues them attached to the first byte of that line.  The queue is
+ * bounded by limits.max_out_bytes: a peer that does not read falls behind,
+ * and once the bound is passed the connection is closed (on_close runs from
+ * the event loop, never from inside rpc_conn_send()).
+ */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+struct event_base;
+struct rpc_conn;
+
+#define RPC_MAX_FDS_PER_MESSAGE 253
+
+/* The fds one message carried.  Owned: close with rpc_fds_clear(). */
+struct rpc_fds {
+        int *fds;
+        unsigned n;
+};
+
+void rpc_fds_clear(struct rpc_fds *f);
+/* Steal fds[idx]; -1 if idx is out of range or already taken. */
+int rpc_fds_take(struct rpc_fds *f, unsigned idx);
+
+struct rpc_conn_limits {
+        size_t max_line;       /* default 1 MiB (the contract) */
+        size_t max_out_bytes;  /* bound of the output queue */
+        unsigned max_fds_queued; /* fds received but not yet claimed */
+};
+
+struct rpc_conn_ops {
+        /* A complete, parsed message (object or batch array).  msg is a new
+         * reference the callee must json_decref(); fds is moved to the
+         * callee, who must rpc_fds_clear() it. */
+        void (*on_message)(struct rpc_conn *c, json_t *msg, struct rpc_fds *fds, void *userdata);
+        /* The connection is gone (peer closed, I/O error, framing violation
+         * or output overflow).  Called once, from the event loop; the owner
+         * then calls rpc_conn_free(). */
+        void (*on_close)(struct rpc_conn *c, const char *reason, void *userdata);
+};
+
+void rpc_conn_limits_default(struct rpc_conn_limits *l);
+
+/* Takes ownership of fd (a connected AF_UNIX stream socket). */
+int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *limits,
+                 const struct rpc_conn_ops *ops, void *userdata, struct rpc_conn **ret);
+/* Closes the socket and every queued fd; NULL-safe; returns NULL. */
+struct rpc_conn *rpc_conn_free(struct rpc_conn *c);
+
+/* Peer credentials (SO_PEERCRED), read once at rpc_conn_new(). */
+uid_t rpc_conn_peer_uid(const struct rpc_conn *c);
+gid_t rpc_conn_peer_gid(const struct rpc_conn *c);
+pid_t rpc_conn_peer_pid(const struct rpc_conn *c);
+
+/*
+ * Queue one message.  If n_fds > 0 the caller has already put "fds": n_fds
+ * into msg.  fds are dup'd; the caller keeps its own.  Returns 0, -ENOBUFS
+ * when the output bound is passed (the connection is then scheduled to
+ * close), -ENOTCONN after close, -ENOMEM.  msg is not stolen.
+ */
+int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds);
+
+/* Send a JSON-RPC error object {jsonrpc, id, error:{code, message, data?}}. */
+int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
+                        json_t *data);
+
+/* Stop reading, flush what is queued, then close (on_close follows). */
+void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason);
+
+bool rpc_conn_is_closing(const struct rpc_conn *c);
+size_t rpc_conn_queued_bytes(const struct rpc_conn *c);
