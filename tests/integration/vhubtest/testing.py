@@ -1,0 +1,118 @@
+"""Test-script plumbing: exit codes, checks, temp dirs.
+
+    from vhubtest.testing import run, check, Skip
+
+    def main(t):          # t: a TestContext
+        d = t.tmpdir()    # removed at the end, pass or fail
+        check(1 + 1 == 2, "arithmetic works")
+
+    run(main)
+
+Exit 0 = pass, 1 = fail (traceback and the logs registered with
+t.add_log printed), 77 = genuine skip with the reason printed.
+"""
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_SKIP = 77
+
+
+class Skip(Exception):
+    """A genuine skip: something the test needs is not installed."""
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+def log(msg):
+    sys.stdout.write("%s\n" % msg)
+    sys.stdout.flush()
+
+
+def check(cond, what, detail=None):
+    """Assert `cond`; print 'ok: what' so the log says what was verified."""
+    if not cond:
+        raise TestFailure("FAILED: %s%s" % (what, "" if detail is None else " (%s)" % (detail,)))
+    log("ok: %s" % what)
+
+
+def check_eq(got, want, what):
+    check(got == want, "%s == %r" % (what, want), "got %r" % (got,))
+
+
+def expect_error(exc_type, fn, *args, what=None, **kw):
+    """fn(*args) must raise exc_type; returns the exception."""
+    try:
+        fn(*args, **kw)
+    except exc_type as e:
+        log("ok: %s raised %s: %s" % (what or getattr(fn, "__name__", fn), exc_type.__name__, e))
+        return e
+    raise TestFailure("FAILED: %s did not raise %s" % (what or fn, exc_type.__name__))
+
+
+class TestContext:
+    def __init__(self, name):
+        self.name = name
+        self.stack = contextlib.ExitStack()
+        self._logs = []   # (title, path) printed on failure
+
+    def tmpdir(self, prefix=None):
+        # Short paths: unix socket paths are limited to 107 bytes.
+        d = tempfile.mkdtemp(prefix=prefix or "vhubt-", dir=os.environ.get("VHUB_TEST_TMPDIR"))
+        self.stack.callback(shutil.rmtree, d, ignore_errors=True)
+        return d
+
+    def enter(self, cm):
+        return self.stack.enter_context(cm)
+
+    def defer(self, fn, *args, **kw):
+        self.stack.callback(fn, *args, **kw)
+
+    def add_log(self, title, path):
+        self._logs.append((title, path))
+
+    def print_logs(self):
+        from .procs import print_log
+        for title, path in self._logs:
+            print_log(path, title)
+
+
+def run(main, name=None):
+    """Run main(TestContext) and exit with the test protocol's code."""
+    name = name or os.path.basename(sys.argv[0])
+    t = TestContext(name)
+    start = time.monotonic()
+    code = EXIT_PASS
+    try:
+        try:
+            main(t)
+        except BaseException:
+            # Logs first, while temp dirs still exist.
+            if not isinstance(sys.exc_info()[1], Skip):
+                t.print_logs()
+            raise
+        finally:
+            t.stack.close()
+    except Skip as e:
+        log("SKIP: %s: %s" % (name, e))
+        code = EXIT_SKIP
+    except KeyboardInterrupt:
+        log("FAIL: %s: interrupted" % name)
+        code = EXIT_FAIL
+    except BaseException as e:  # noqa: BLE001 - any other outcome is a failure
+        traceback.print_exc(file=sys.stdout)
+        log("FAIL: %s: %s: %s" % (name, type(e).__name__, e))
+        code = EXIT_FAIL
+    else:
+        log("PASS: %s (%.2fs)" % (name, time.monotonic() - start))
+    sys.stdout.flush()
+    sys.exit(code)
