@@ -14,6 +14,7 @@ t.add_log printed), 77 = genuine skip with the reason printed.
 
 import contextlib
 import os
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -46,7 +47,11 @@ def check(cond, what, detail=None):
 
 
 def check_eq(got, want, what):
-    check(got == want, "%s == %r" % (what, want), "got %r" % (got,))
+    check(got == want, "%s == %s" % (what, _short(want)), "got %s" % _short(got))
+
+
+def _short(v):
+    return reprlib.Repr(maxlist=8, maxdict=8, maxstring=120, maxother=120).repr(v)
 
 
 def expect_error(exc_type, fn, *args, what=None, **kw):
@@ -66,10 +71,19 @@ class TestContext:
         self._logs = []   # (title, path) printed on failure
 
     def tmpdir(self, prefix=None):
-        # Short paths: unix socket paths are limited to 107 bytes.
+        """A fresh temp dir removed at the end, pass or fail (short path:
+        unix socket paths are limited to 107 bytes)."""
         d = tempfile.mkdtemp(prefix=prefix or "vhubt-", dir=os.environ.get("VHUB_TEST_TMPDIR"))
         self.stack.callback(shutil.rmtree, d, ignore_errors=True)
+        # Runs before the rmtree (LIFO): logs are printed while they exist.
+        self.stack.push(self._print_logs_on_failure)
         return d
+
+    def _print_logs_on_failure(self, exc_type, exc, tb):
+        if exc_type is not None and not issubclass(exc_type, Skip):
+            self.print_logs()
+            self._logs = []
+        return False
 
     def enter(self, cm):
         return self.stack.enter_context(cm)
@@ -93,15 +107,8 @@ def run(main, name=None):
     start = time.monotonic()
     code = EXIT_PASS
     try:
-        try:
+        with t.stack:   # exit callbacks see the exception (backends print logs)
             main(t)
-        except BaseException:
-            # Logs first, while temp dirs still exist.
-            if not isinstance(sys.exc_info()[1], Skip):
-                t.print_logs()
-            raise
-        finally:
-            t.stack.close()
     except Skip as e:
         log("SKIP: %s: %s" % (name, e))
         code = EXIT_SKIP

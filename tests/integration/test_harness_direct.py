@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The harness against the real back-ends through direct.py (no vhubd).
+
+    test_harness_direct.py [blk] [net] [fs]     (default: all three)
+
+blk: qemu-storage-daemon; config capacity == image size, 2 queues, many
+     concurrent writes then reads verified against the image file.
+net: dpdk-testpmd io forwarding; frames sent on TX come back intact on RX.
+fs:  virtiofsd; FUSE_INIT, GETATTR of the root, LOOKUP+OPEN+READ of a file.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vhubtest import blk, direct, fs, net, scenarios          # noqa: E402
+from vhubtest.backends import QsdBackend, TestpmdBackend, VirtiofsdBackend  # noqa: E402
+from vhubtest.memory import GuestMemory                        # noqa: E402
+from vhubtest.testing import Skip, check, check_eq, log, run   # noqa: E402
+
+IMAGE_SIZE = 16 << 20
+
+
+def scenario_blk(t):
+    d = t.tmpdir()
+    img = os.path.join(d, "disk.img")
+    initial = scenarios.make_image(img, IMAGE_SIZE)
+    sock = os.path.join(d, "blk.sock")
+    t.enter(QsdBackend(sock, img, num_queues=2, log_dir=d))
+    mem = t.enter(GuestMemory(32 << 20))
+    fe = t.enter(direct.DirectFrontend.connect(sock))
+    fe.handshake()
+    log("qsd: features %#x, protocol features offered %#x, negotiated %#x"
+        % (fe.features, fe.protocol_offered, fe.protocol_features))
+    check_eq(fe.queue_num, 2, "GET_QUEUE_NUM")
+    cfg = blk.parse_config(fe.get_config(0, 60))
+    check_eq(cfg["capacity"], IMAGE_SIZE // 512, "config capacity (512-byte sectors)")
+    check_eq(cfg.get("num_queues"), 2, "config num_queues")
+    queues = [blk.BlkQueue(mem, index=i, size=128) for i in range(2)]
+    acked = fe.setup(mem, scenarios.BLK_FEATURES, [q.vq for q in queues])
+    log("acked features %#x" % acked)
+    scenarios.blk_first_sectors(queues[0], initial)
+    check(queues[1].get_id() == b"vhost_user_blk", "GET_ID on queue 1 answers the serial")
+    scenarios.blk_io(queues, img, initial)
+    bases = fe.stop_rings()
+    for q in queues:
+        check_eq(bases[q.index], q.vq.submitted,
+                 "GET_VRING_BASE of ring %d (requests submitted on it)" % q.index)
+
+
+def scenario_net(t):
+    d = t.tmpdir()
+    sock = os.path.join(d, "net.sock")
+    pmd = t.enter(TestpmdBackend(sock, queues=2, log_dir=d))
+    mem = t.enter(GuestMemory(32 << 20))
+    fe = t.enter(direct.DirectFrontend.connect(sock))
+    fe.handshake()
+    log("testpmd: features %#x, protocol features offered %#x, negotiated %#x, queue num %d"
+        % (fe.features, fe.protocol_offered, fe.protocol_features, fe.queue_num))
+    check(fe.protocol_features & (1 << direct.PF_STATUS), "STATUS protocol feature negotiated")
+    pairs = [net.NetQueuePair(mem, pair=i, size=256) for i in range(2)]
+    vqs = [vq for p in pairs for vq in p.vqs]
+    acked = fe.setup(mem, scenarios.NET_FEATURES, vqs)
+    log("acked features %#x" % acked)
+    scenarios.net_loopback(pairs)
+    bases = fe.stop_rings()
+    for p in pairs:
+        check_eq(bases[p.tx.index], p.sent, "GET_VRING_BASE of TX ring %d (frames sent)" % p.tx.index)
+        check_eq(bases[p.rx.index], p.received,
+                 "GET_VRING_BASE of RX ring %d (buffers the device filled)" % p.rx.index)
+    fe.close()
+    check_eq(pmd.stop(), 0, "testpmd exit code after SIGTERM")
+
+
+def scenario_fs(t):
+    d = t.tmpdir()
+    share = os.path.join(d, "share")
+    os.mkdir(share)
+    content = os.urandom(200000)
+    with open(os.path.join(share, "data.bin"), "wb") as f:
+        f.write(content)
+    sock = os.path.join(d, "fs.sock")
+    vfs = t.enter(VirtiofsdBackend(sock, share, log_dir=d))
+    mem = t.enter(GuestMemory(16 << 20))
+    fe = t.enter(direct.DirectFrontend.connect(sock))
+    fe.handshake()
+    log("virtiofsd: features %#x, protocol features offered %#x, negotiated %#x"
+        % (fe.features, fe.protocol_offered, fe.protocol_features))
+    check_eq(fe.queue_num, 2, "GET_QUEUE_NUM (hiprio + 1 request queue)")
+    dev = fs.FsDevice(mem)
+    acked = fe.setup(mem, scenarios.FS_FEATURES, dev.vqs)
+    log("acked features %#x" % acked)
+    scenarios.fs_checks(dev, share, "data.bin", content)
+    bases = fe.stop_rings()
+    check_eq(bases[1], dev.requests[0].submitted, "GET_VRING_BASE of the request queue")
+    check_eq(bases[0], dev.hiprio.submitted, "GET_VRING_BASE of the hiprio queue")
+    fe.close()
+    check_eq(vfs.wait_exit(5), 0, "virtiofsd exits 0 when its front-end disconnects")
+
+
+SCENARIOS = {"blk": scenario_blk, "net": scenario_net, "fs": scenario_fs}
+
+
+def main(t):
+    names = sys.argv[1:] or list(SCENARIOS)
+    skipped = []
+    for name in names:
+        log("==== %s" % name)
+        try:
+            from vhubtest.testing import TestContext
+            sub = TestContext(name)
+            with sub.stack:
+                SCENARIOS[name](sub)
+        except Skip as e:
+            log("skipped %s: %s" % (name, e))
+            skipped.append("%s: %s" % (name, e))
+    if skipped:
+        raise Skip("; ".join(skipped))
+
+
+if __name__ == "__main__":
+    run(main)
