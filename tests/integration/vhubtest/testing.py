@@ -51,7 +51,10 @@ def check_eq(got, want, what):
 
 
 def _short(v):
-    return reprlib.Repr(maxlist=8, maxdict=8, maxstring=120, maxother=120).repr(v)
+    r = reprlib.Repr()
+    r.maxlist = r.maxdict = 8
+    r.maxstring = r.maxother = 120
+    return r.repr(v)
 
 
 def expect_error(exc_type, fn, *args, what=None, **kw):
