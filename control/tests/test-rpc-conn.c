@@ -447,6 +447,70 @@ static void test_fds_partial(void) {
         fx_fini(&f);
 }
 
+/* Many messages, some with fds, sent in random pieces; each piece carries
+ * the fds of every line that starts in it.  Every message must arrive with
+ * exactly its own fds. */
+static void test_random_split(void) {
+        for (unsigned seed = 1; seed <= 20; seed++) {
+                enum { N = 150 };
+                struct fixture f;
+                char *buf = malloc(N * 128);
+                size_t start[N + 1], len = 0, off = 0;
+                unsigned nfds[N], next_fd_line = 0;
+                int fds[N][3];
+
+                CHECK(buf);
+                srand(seed);
+                fx_init(&f, NULL);
+                for (unsigned i = 0; i < N; i++) {
+                        nfds[i] = (unsigned) rand() % 4 == 0 ? (unsigned) rand() % 4 : 0;
+                        start[i] = len;
+                        len += (size_t) snprintf(buf + len, N * 128 - len,
+                                                 "{\"jsonrpc\":\"2.0\",\"id\":%u,\"method\":\"m\","
+                                                 "\"fds\":%u}\n%s",
+                                                 i, nfds[i], rand() % 10 == 0 ? "\n" : "");
+                        for (unsigned k = 0; k < nfds[i]; k++) {
+                                char content[32];
+
+                                snprintf(content, sizeof(content), "m%u-f%u", i, k);
+                                fds[i][k] = make_memfd(content);
+                        }
+                }
+                start[N] = len;
+                while (off < len) {
+                        size_t piece = 1 + (size_t) rand() % 300;
+                        int batch[RPC_MAX_FDS_PER_MESSAGE];
+                        unsigned n = 0;
+
+                        if (piece > len - off)
+                                piece = len - off;
+                        for (; next_fd_line < N && start[next_fd_line] < off + piece; next_fd_line++)
+                                for (unsigned k = 0; k < nfds[next_fd_line]; k++)
+                                        batch[n++] = fds[next_fd_line][k];
+                        peer_send(&f, buf + off, piece, batch, n);
+                        off += piece;
+                        if (rand() % 3 == 0)
+                                pump(&f);
+                }
+                pump(&f);
+                CHECK(f.n_close == 0);
+                CHECK(f.n_msgs == N);
+                for (unsigned i = 0; i < N; i++) {
+                        CHECK(msg_id(&f.msgs[i]) == i);
+                        CHECK(f.msgs[i].fds.n == nfds[i]);
+                        for (unsigned k = 0; k < nfds[i]; k++) {
+                                char content[32];
+
+                                snprintf(content, sizeof(content), "m%u-f%u", i, k);
+                                check_memfd(f.msgs[i].fds.fds[k], content);
+                                close(fds[i][k]);
+                        }
+                }
+                free(buf);
+                fx_fini(&f);
+        }
+}
+
 static void test_fds_missing(void) {
         struct fixture f;
         int a = make_memfd("alpha"), b = make_memfd("bravo");
@@ -982,6 +1046,7 @@ static const struct {
         { "many", test_many },
         { "fds-in", test_fds_in },
         { "fds-partial", test_fds_partial },
+        { "random-split", test_random_split },
         { "fds-missing", test_fds_missing },
         { "fds-unclaimed", test_fds_unclaimed },
         { "fds-bad", test_fds_bad },
