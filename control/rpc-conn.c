@@ -253,7 +253,8 @@ static void in_drop(struct rpc_conn *c) {
         c->in_cap = 0;
 }
 
-static void set_reason(struct rpc_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_reason(struct rpc_conn *c, const char *fmt, ...)
+        __attribute__((format(printf, 2, 3)));
 static void set_reason(struct rpc_conn *c, const char *fmt, ...) {
         va_list ap;
 
@@ -645,7 +646,7 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
         if (line_is_blank(p, n))
                 return;
 
-        /* no EOF check disabled: trailing garbage after the value is an error */
+        /* without JSON_DISABLE_EOF_CHECK, bytes after the value are an error */
         msg = json_loadb(p, n, JSON_DECODE_ANY, &jerr);
         if (!msg) {
                 snprintf(detail, sizeof(detail), "invalid JSON at column %d: %s",
@@ -821,7 +822,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 }
         }
         if (mh.msg_flags & MSG_CTRUNC) {
-                framing_violation(c, "too many fds in one message");
+                framing_violation(c, "fds truncated on receipt (too many at once, or out of fds)");
                 return;
         }
         if (!fds_ok) {

@@ -484,7 +484,8 @@ static void test_random_split(void) {
 
                         if (piece > len - off)
                                 piece = len - off;
-                        for (; next_fd_line < N && start[next_fd_line] < off + piece; next_fd_line++)
+                        for (; next_fd_line < N && start[next_fd_line] < off + piece;
+                             next_fd_line++)
                                 for (unsigned k = 0; k < nfds[next_fd_line]; k++)
                                         batch[n++] = fds[next_fd_line][k];
                         peer_send(&f, buf + off, piece, batch, n);
