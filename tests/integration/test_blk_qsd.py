@@ -59,7 +59,15 @@ def main(t):
 
     queues = [blk.BlkQueue(mem, index=i, size=128) for i in range(2)]
     features = scenarios.BLK_FEATURES & dev["features"]
+    # A request made available before device.start and never kicked by us:
+    # only the daemon's own kick after start can get it processed.
+    early = [q.submit(blk.VIRTIO_BLK_T_IN, 8 * q.index, length=4096) for q in queues]
     vmm.start_device("blk0", features, [q.vq for q in queues])
+    for q, req in zip(queues, early):
+        q.wait(1, 5.0)
+        check(req.done and req.status == 0 and req.data == initial[q.index * 4096:(q.index + 1) * 4096],
+              "ring %d: a request made available before device.start completed "
+              "without a kick from the driver (the daemon kicks every ring)" % q.index)
     st = vmm.device_state("blk0")
     check_eq(st["state"], "running", "device state after device.start")
     check_eq(u64(st["acked_features"]) & ~(1 << 30), features,
