@@ -1,2 +1,372 @@
 /* SPDX-License-Identifier: MIT */
-/* placeholder: being written */
+/*
+ * Non-blocking vhost-user socket I/O with SCM_RIGHTS (see vhu-socket.h).
+ *
+ * A sender attaches a message's fds to its first byte.  On a SOCK_STREAM
+ * AF_UNIX socket the kernel never hands out the fds of a later sendmsg()
+ * together with bytes of an earlier one, but it will hand them out with the
+ * first byte we read of the next message -- so the reader never asks for
+ * more than the rest of the current header or payload.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vhu-socket.h"
+
+struct vhu_writer_item {
+        struct vhu_writer_item *next;
+        size_t len;        /* encoded bytes */
+        size_t off;        /* bytes already sent */
+        int fds[VHU_MAX_FDS];
+        unsigned n_fds;    /* dup'd fds, closed once the item is sent or dropped */
+        bool fds_sent;
+        uint8_t data[];
+};
+
+/* A control buffer for VHU_MAX_FDS fds, aligned for struct cmsghdr. */
+union fd_cmsg_buf {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int) * VHU_MAX_FDS)];
+};
+
+static void close_fds(int *fds, unsigned n) {
+        for (unsigned i = 0; i < n; i++)
+                if (fds[i] >= 0) {
+                        close(fds[i]);
+                        fds[i] = -1;
+                }
+}
+
+void vhu_reader_init(struct vhu_reader *r) {
+        vhu_msg_init(&r->msg);
+        r->got = 0;
+}
+
+void vhu_reader_reset(struct vhu_reader *r) {
+        vhu_msg_clear(&r->msg);
+        r->got = 0;
+}
+
+/*
+ * Collect the fds of one recvmsg() into the message.  Every fd the kernel
+ * installed is either stored in r->msg (and so closed by a reset) or closed
+ * here, whatever the outcome.
+ */
+static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_before) {
+        int ret = 0;
+
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+                size_t n;
+                int *data;
+
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                        continue;
+                n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                data = (int *) (void *) CMSG_DATA(c);
+                for (size_t i = 0; i < n; i++) {
+                        int fd;
+
+                        memcpy(&fd, data + i, sizeof(fd));
+                        /* spec: fds ride on a message's first byte, at most 8. */
+                        if (ret == 0 && got_before == 0 && r->msg.n_fds < VHU_MAX_FDS)
+                                r->msg.fds[r->msg.n_fds++] = fd;
+                        else {
+                                close(fd);
+                                ret = -EPROTO;
+                        }
+                }
+        }
+        if (mh->msg_flags & MSG_CTRUNC)
+                ret = -EPROTO;
+        return ret;
+}
+
+/* Move the finished message into ret and start the next one. */
+static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
+        ret->hdr = r->msg.hdr;
+        memcpy(ret->payload.raw, r->msg.payload.raw, r->msg.hdr.size);
+        memcpy(ret->fds, r->msg.fds, sizeof(ret->fds));
+        ret->n_fds = r->msg.n_fds;
+
+        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
+                r->msg.fds[i] = -1;
+        r->msg.n_fds = 0;
+        r->got = 0;
+}
+
+int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
+        int err;
+
+        for (;;) {
+                union fd_cmsg_buf control;
+                struct msghdr mh = { 0 };
+                struct iovec iov;
+                size_t got_before = r->got;
+                ssize_t n;
+
+                if (r->got < VHU_HEADER_SIZE) {
+                        iov.iov_base = (uint8_t *) &r->msg.hdr + r->got;
+                        iov.iov_len = VHU_HEADER_SIZE - r->got;
+                } else {
+                        size_t payload_got = r->got - VHU_HEADER_SIZE;
+
+                        if (payload_got == r->msg.hdr.size) {
+                                reader_complete(r, ret);
+                                return 1;
+                        }
+                        iov.iov_base = r->msg.payload.raw + payload_got;
+                        iov.iov_len = r->msg.hdr.size - payload_got;
+                }
+
+                mh.msg_iov = &iov;
+                mh.msg_iovlen = 1;
+                mh.msg_control = control.buf;
+                mh.msg_controllen = sizeof(control.buf);
+
+                n = recvmsg(sockfd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN || errno == EWOULDBLOCK)
+                                return -EAGAIN;
+                        err = -errno;
+                        goto fail;
+                }
+
+                err = reader_take_fds(r, &mh, got_before);
+                if (err < 0)
+                        goto fail;
+
+                if (n == 0) {
+                        if (r->got == 0)
+                                return 0;
+                        err = -ECONNRESET;
+                        goto fail;
+                }
+
+                r->got += (size_t) n;
+                if (got_before < VHU_HEADER_SIZE && r->got == VHU_HEADER_SIZE &&
+                    r->msg.hdr.size > VHU_MAX_PAYLOAD) {
+                        err = -EPROTO;
+                        goto fail;
+                }
+        }
+
+fail:
+        vhu_reader_reset(r);
+        return err;
+}
+
+void vhu_writer_init(struct vhu_writer *w) {
+        w->head = w->tail = NULL;
+        w->n_items = 0;
+        w->n_bytes = 0;
+}
+
+static struct vhu_writer_item *writer_item_free(struct vhu_writer_item *item) {
+        if (!item)
+                return NULL;
+        close_fds(item->fds, item->n_fds);
+        free(item);
+        return NULL;
+}
+
+static void writer_pop(struct vhu_writer *w) {
+        struct vhu_writer_item *item = w->head;
+
+        w->head = item->next;
+        if (!w->head)
+                w->tail = NULL;
+        w->n_items--;
+        w->n_bytes -= item->len - item->off;
+        writer_item_free(item);
+}
+
+void vhu_writer_clear(struct vhu_writer *w) {
+        while (w->head)
+                writer_pop(w);
+        vhu_writer_init(w);
+}
+
+bool vhu_writer_pending(const struct vhu_writer *w) {
+        return w->head != NULL;
+}
+
+int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
+        struct vhu_writer_item *item = NULL;
+        size_t len;
+        int r;
+
+        if (m->hdr.size > VHU_MAX_PAYLOAD || m->n_fds > VHU_MAX_FDS)
+                return -EINVAL;
+        for (unsigned i = 0; i < m->n_fds; i++)
+                if (m->fds[i] < 0)
+                        return -EINVAL;
+
+        len = vhu_msg_wire_size(m);
+        item = malloc(sizeof(*item) + len);
+        if (!item)
+                return -ENOMEM;
+        *item = (struct vhu_writer_item) { .next = NULL, .len = len };
+        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
+                item->fds[i] = -1;
+        if (vhu_msg_encode(m, item->data, len) != len) {
+                r = -EINVAL;
+                goto fail;
+        }
+
+        /* Dup now: the caller keeps its fds and may close them at once. */
+        for (unsigned i = 0; i < m->n_fds; i++) {
+                item->fds[i] = fcntl(m->fds[i], F_DUPFD_CLOEXEC, 3);
+                if (item->fds[i] < 0) {
+                        r = -errno;
+                        goto fail;
+                }
+                item->n_fds = i + 1;
+        }
+
+        if (w->tail)
+                w->tail->next = item;
+        else
+                w->head = item;
+        w->tail = item;
+        w->n_items++;
+        w->n_bytes += len;
+        return 0;
+
+fail:
+        writer_item_free(item);
+        return r;
+}
+
+int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
+        while (w->head) {
+                struct vhu_writer_item *item = w->head;
+                union fd_cmsg_buf control;
+                struct msghdr mh = { 0 };
+                struct iovec iov = {
+                        .iov_base = item->data + item->off,
+                        .iov_len = item->len - item->off,
+                };
+                bool with_fds = item->n_fds > 0 && !item->fds_sent;
+                ssize_t n;
+
+                mh.msg_iov = &iov;
+                mh.msg_iovlen = 1;
+                if (with_fds) {
+                        struct cmsghdr *c;
+
+                        memset(&control, 0, sizeof(control));
+                        mh.msg_control = control.buf;
+                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * item->n_fds);
+                        c = CMSG_FIRSTHDR(&mh);
+                        c->cmsg_level = SOL_SOCKET;
+                        c->cmsg_type = SCM_RIGHTS;
+                        c->cmsg_len = CMSG_LEN(sizeof(int) * item->n_fds);
+                        memcpy(CMSG_DATA(c), item->fds, sizeof(int) * item->n_fds);
+                }
+
+                n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN || errno == EWOULDBLOCK)
+                                return -EAGAIN;
+                        return -errno;
+                }
+                if (n == 0)
+                        return -EAGAIN; /* nothing taken: wait for writability */
+
+                /* The fds went with the first byte of this chunk. */
+                if (with_fds)
+                        item->fds_sent = true;
+                item->off += (size_t) n;
+                w->n_bytes -= (size_t) n;
+                if (item->off == item->len)
+                        writer_pop(w);
+        }
+        return 0;
+}
+
+static int64_t now_ms(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait for events on fd until deadline_ms (< 0: forever).  0, -ETIMEDOUT, -errno. */
+static int wait_fd(int fd, short events, int64_t deadline_ms) {
+        for (;;) {
+                struct pollfd pfd = { .fd = fd, .events = events };
+                int timeout = -1;
+                int n;
+
+                if (deadline_ms >= 0) {
+                        int64_t left = deadline_ms - now_ms();
+
+                        if (left <= 0)
+                                return -ETIMEDOUT;
+                        timeout = left > INT32_MAX ? INT32_MAX : (int) left;
+                }
+                n = poll(&pfd, 1, timeout);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (n > 0)
+                        return 0; /* readable, writable, or an error the next call reports */
+        }
+}
+
+static int64_t deadline_from(int timeout_ms) {
+        return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+}
+
+int vhu_send_msg_blocking(int sockfd, const struct vhu_msg *m, int timeout_ms) {
+        struct vhu_writer w;
+        int64_t deadline = deadline_from(timeout_ms);
+        int r;
+
+        vhu_writer_init(&w);
+        r = vhu_writer_queue(&w, m);
+        if (r < 0)
+                goto out;
+        for (;;) {
+                r = vhu_writer_flush(&w, sockfd);
+                if (r != -EAGAIN)
+                        break;
+                r = wait_fd(sockfd, POLLOUT, deadline);
+                if (r < 0)
+                        break;
+        }
+out:
+        vhu_writer_clear(&w);
+        return r;
+}
+
+int vhu_recv_msg_blocking(int sockfd, struct vhu_msg *ret, int timeout_ms) {
+        struct vhu_reader r;
+        int64_t deadline = deadline_from(timeout_ms);
+        int k;
+
+        vhu_reader_init(&r);
+        for (;;) {
+                k = vhu_reader_read(&r, sockfd, ret);
+                if (k != -EAGAIN)
+                        break;
+                k = wait_fd(sockfd, POLLIN, deadline);
+                if (k < 0)
+                        break;
+        }
+        /* A timeout mid-message drops what arrived (and closes its fds). */
+        vhu_reader_reset(&r);
+        return k;
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Write the seed corpus for fuzz-vhu-message into corpus/.
+
+Each seed is: 1 byte fd count, 8 bytes negotiated protocol features
+(little-endian), then vhost-user wire bytes (see fuzz-vhu-message.c).
+Run from this directory; the output is committed, so this only needs
+re-running when seeds are added.  Crashers found by the fuzzer are
+committed as corpus/crash-* next to these.
+"""
+import os
+import struct
+
+VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
+ALL_PF = (1 << 24) - 1
+PF = {name: 1 << bit for bit, name in enumerate(
+    "MQ LOG_SHMFD RARP REPLY_ACK NET_MTU BACKEND_REQ CROSS_ENDIAN CRYPTO_SESSION "
+    "PAGEFAULT CONFIG BACKEND_SEND_FD HOST_NOTIFIER INFLIGHT_SHMFD RESET_DEVICE "
+    "INBAND_NOTIFICATIONS CONFIGURE_MEM_SLOTS STATUS XEN_MMAP SHARED_OBJECT "
+    "DEVICE_STATE GET_VRING_BASE_INFLIGHT GPA_ADDRESSES SHMEM "
+    "GET_VRING_BASE_SKIP_DRAIN".split())}
+
+
+def msg(request, flags, payload=b"", size=None):
+    return struct.pack("<III", request, flags, len(payload) if size is None else size) + payload
+
+
+def u64(v):
+    return struct.pack("<Q", v)
+
+
+def region(gpa, size=0x200000, uaddr=0x7f0000000000, off=0):
+    return struct.pack("<QQQQ", gpa, size, uaddr, off)
+
+
+def seed(n_fds, pf, *msgs):
+    return bytes([n_fds]) + struct.pack("<Q", pf) + b"".join(msgs)
+
+
+UUID = bytes(range(0x10, 0x20))
+SHMEM_MAP = struct.pack("<B7xQQQQ", 0, 0, 4096, 8192, 1)
+
+SEEDS = {
+    "get-features": seed(0, 0, msg(1, VERSION)),
+    "get-features-reply": seed(0, 0, msg(1, VERSION | REPLY, u64(0x175007e46))),
+    "set-mem-table-2": seed(2, ALL_PF, msg(5, VERSION | NEED_REPLY,
+                                           struct.pack("<II", 2, 0) + region(0) + region(1 << 30))),
+    "set-mem-table-nregions-mismatch": seed(2, ALL_PF, msg(5, VERSION,
+                                            struct.pack("<II", 3, 0) + region(0) + region(1 << 30))),
+    "set-vring-kick-fd": seed(1, 0, msg(12, VERSION, u64(1))),
+    "set-vring-call-nofd": seed(0, 0, msg(13, VERSION, u64(0x100))),
+    "set-vring-err-nofd-with-fd": seed(1, 0, msg(14, VERSION, u64(0x101))),
+    "get-config-60": seed(0, PF["CONFIG"], msg(24, VERSION, struct.pack("<III", 0, 60, 0) + bytes(60))),
+    "get-config-size-mismatch": seed(0, PF["CONFIG"], msg(24, VERSION,
+                                                          struct.pack("<III", 0, 60, 0) + bytes(59))),
+    "get-config-error-reply": seed(0, PF["CONFIG"], msg(24, VERSION | REPLY)),
+    "get-inflight-24": seed(0, PF["INFLIGHT_SHMFD"], msg(31, VERSION,
+                                                         struct.pack("<QQHHI", 0, 0, 2, 128, 0))),
+    "get-inflight-20": seed(0, PF["INFLIGHT_SHMFD"], msg(31, VERSION,
+                                                         struct.pack("<QQHH", 0, 0, 2, 128))),
+    "get-inflight-reply": seed(1, PF["INFLIGHT_SHMFD"], msg(31, VERSION | REPLY,
+                                                            struct.pack("<QQHHI", 8192, 0, 2, 128, 0))),
+    "set-log-base-shmfd": seed(1, PF["LOG_SHMFD"], msg(6, VERSION, struct.pack("<QQ", 0x10000, 0))),
+    "backend-host-notifier": seed(1, PF["BACKEND_SEND_FD"] | PF["HOST_NOTIFIER"],
+                                  msg(3, VERSION | NEED_REPLY, struct.pack("<QQQ", 1, 4096, 0))),
+    "backend-shmem-map": seed(1, PF["BACKEND_SEND_FD"] | PF["SHMEM"], msg(9, VERSION, SHMEM_MAP)),
+    "backend-shared-object-lookup": seed(0, PF["SHARED_OBJECT"], msg(8, VERSION | NEED_REPLY, UUID),
+                                         msg(8, VERSION | REPLY, u64(0))),
+    "get-shared-object-uuid-reply": seed(1, PF["SHARED_OBJECT"], msg(41, VERSION, UUID),
+                                         msg(41, VERSION | REPLY, UUID)),
+    "set-device-state-fd": seed(1, PF["DEVICE_STATE"], msg(42, VERSION, struct.pack("<II", 0, 0)),
+                                msg(42, VERSION | REPLY, u64(0x100))),
+    "get-shmem-config-reply": seed(0, PF["SHMEM"], msg(44, VERSION | REPLY,
+                                   struct.pack("<II", 3, 0) + b"".join(u64((1 << 20) * (i < 3)) for i in range(256)))),
+    "iotlb-update": seed(0, 0, msg(22, VERSION | NEED_REPLY,
+                                   struct.pack("<QQQBB6x", 0x1000, 0x1000, 0x7f0000001000, 3, 2))),
+    "two-messages": seed(0, PF["REPLY_ACK"], msg(2, VERSION | NEED_REPLY, u64(0x140000000)),
+                         msg(8, VERSION, struct.pack("<II", 0, 256)), msg(2, VERSION | REPLY, u64(0))),
+    "short-header": seed(0, 0, msg(1, VERSION)[:7]),
+    "oversized-size": seed(0, 0, msg(26, VERSION, b"", size=4097)),
+    "flags-version-2": seed(0, 0, msg(3, 0x2)),
+    "reply-with-need-reply": seed(0, 0, msg(1, VERSION | REPLY | NEED_REPLY, u64(1))),
+    "unknown-request": seed(0, ALL_PF, msg(99, VERSION, u64(0))),
+    "too-many-fds": seed(9, ALL_PF, msg(5, VERSION,
+                                         struct.pack("<II", 8, 0) + b"".join(region(i << 30) for i in range(8)))),
+}
+
+
+def main():
+    os.makedirs("corpus", exist_ok=True)
+    for name, data in SEEDS.items():
+        with open(os.path.join("corpus", name), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(SEEDS)} seeds")
+
+
+if __name__ == "__main__":
+    main()
