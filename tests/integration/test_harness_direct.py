@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The harness against the real back-ends through direct.py (no vhubd).
 
-    test_harness_direct.py [blk] [net] [fs]     (default: all three)
+    test_harness_direct.py [blk] [net] [fs] [restart] [net-client]   (default: all)
 
 blk: qemu-storage-daemon; config capacity == image size, 2 queues, many
      concurrent writes then reads verified against the image file.
 net: dpdk-testpmd io forwarding; frames sent on TX come back intact on RX.
 fs:  virtiofsd; FUSE_INIT, GETATTR of the root, LOOKUP+OPEN+READ of a file.
+restart: qsd SIGKILLed and restarted keeps the data; virtiofsd started twice.
+net-client: testpmd in client mode connects to our socket, twice.
 """
 
 import os
@@ -84,6 +86,7 @@ def scenario_net(t):
     vqs = [vq for p in pairs for vq in p.vqs]
     acked = fe.setup(mem, scenarios.NET_FEATURES, vqs)
     log("acked features %#x" % acked)
+    pmd.wait_forwarding()
     scenarios.net_loopback(pairs)
     bases = fe.stop_rings()
     for p in pairs:
@@ -120,7 +123,77 @@ def scenario_fs(t):
     check_eq(vfs.wait_exit(5), 0, "virtiofsd exits 0 when its front-end disconnects")
 
 
-SCENARIOS = {"blk": scenario_blk, "net": scenario_net, "fs": scenario_fs}
+def scenario_restart(t):
+    """The launchers' kill/restart: qsd SIGKILLed mid-session comes back on
+    the same socket with the data; virtiofsd is a new process each time."""
+    d = t.tmpdir()
+    img = os.path.join(d, "disk.img")
+    scenarios.make_image(img, 1 << 20)
+    sock = os.path.join(d, "blk.sock")
+    qsd = t.enter(QsdBackend(sock, img, num_queues=1, log_dir=d))
+    mem = t.enter(GuestMemory(8 << 20))
+    fe = direct.DirectFrontend.connect(sock)
+    t.defer(fe.close)
+    q = blk.BlkQueue(mem, index=0, size=64)
+    fe.setup(mem, scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ), [q.vq])
+    q.write_sectors(10, b"\x5a" * 4096)
+    old_pid = qsd.pid
+    qsd.kill()
+    check(not qsd.alive, "qemu-storage-daemon killed with SIGKILL")
+    try:
+        for _ in range(3):   # the first write may still land in the dead socket's buffer
+            fe.get_features()
+    except direct.BackendClosed as e:
+        log("ok: the front-end sees the loss: %s" % e)
+    else:
+        check(False, "requests to a killed back-end fail")
+    qsd.start()
+    check(qsd.alive and qsd.pid != old_pid, "qemu-storage-daemon restarted on the same socket")
+    fe2 = direct.DirectFrontend.connect(sock)
+    t.defer(fe2.close)
+    q2 = blk.BlkQueue(mem, index=0, size=64)
+    fe2.setup(mem, scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ), [q2.vq])
+    check(q2.read_sectors(10, 8) == b"\x5a" * 4096, "data written before the kill reads back")
+
+    share = os.path.join(d, "share")
+    os.mkdir(share)
+    fsock = os.path.join(d, "fs.sock")
+    vfs = t.enter(VirtiofsdBackend(fsock, share, log_dir=d))
+    for round_ in range(2):
+        fe3 = direct.DirectFrontend.connect(fsock)
+        dev = fs.FsDevice(mem)
+        fe3.setup(mem, scenarios.FS_FEATURES, dev.vqs)
+        check_eq(dev.init()["major"], 7, "virtiofsd (start %d) answers FUSE_INIT" % (round_ + 1))
+        fe3.close()
+        check_eq(vfs.wait_exit(5), 0, "virtiofsd exits 0 after its front-end left")
+        if round_ == 0:
+            vfs.start()
+
+
+def scenario_net_client(t):
+    """testpmd with client=1 connects to the socket we listen on, and
+    reconnects after we close."""
+    d = t.tmpdir()
+    sock = os.path.join(d, "net-client.sock")
+    pmd = t.enter(TestpmdBackend(sock, queues=1, client=True, log_dir=d))
+    mem = t.enter(GuestMemory(16 << 20))
+    for round_ in range(2):
+        fe = direct.DirectFrontend.listen(sock, accept_timeout=10)
+        try:
+            fe.handshake()
+            pair = net.NetQueuePair(mem, pair=0, size=128)
+            fe.setup(mem, 1 << 32, pair.vqs)
+            if round_ == 0:
+                pmd.wait_forwarding()
+            scenarios.net_loopback([pair], nframes=100)
+            log("ok: round %d: testpmd connected to our socket and looped 100 frames" % (round_ + 1))
+        finally:
+            fe.close()
+    check_eq(pmd.stop(), 0, "testpmd exit code after SIGTERM")
+
+
+SCENARIOS = {"blk": scenario_blk, "net": scenario_net, "fs": scenario_fs,
+             "restart": scenario_restart, "net-client": scenario_net_client}
 
 
 def main(t):

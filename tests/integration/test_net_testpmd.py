@@ -50,6 +50,7 @@ def main(t):
     vqs = [vq for p in pairs for vq in p.vqs]
     vmm.start_device("net0", scenarios.NET_FEATURES, vqs)
     check_eq(vmm.device_state("net0")["state"], "running", "device state after device.start")
+    pmd.wait_forwarding()
     scenarios.net_loopback(pairs)
 
     bases = vmm.stop_device("net0")

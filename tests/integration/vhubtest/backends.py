@@ -209,3 +209,26 @@ class TestpmdBackend(Backend):
                 "--total-num-mbufs=8192", "--rxq=%d" % self.queues, "--txq=%d" % self.queues,
                 "--nb-cores=1", "--forward-mode=%s" % self.forward_mode,
                 "--stats-period", "5", "--auto-start"]
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_forwarding(self, timeout=10.0):
+        """Until testpmd has started its ports and forwarding.
+
+        In client mode testpmd connects while it is still starting up; frames
+        sent before its port is started are received but never transmitted
+        back (seen with DPDK 22.11), so a test must wait for this."""
+        marker = "start packet forwarding"
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError("testpmd exited with %s" % self.proc.returncode)
+            text = self.log_text()
+            # Count only the current run's output (the log is appended per start).
+            return marker in text[text.rfind("==== start"):]
+        procs.wait_until(ready, timeout, interval=0.01, what="testpmd to start forwarding")
