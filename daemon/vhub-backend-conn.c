@@ -1,0 +1,316 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <fcntl.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vhub-backend-conn.h"
+#include "vhub-time.h"
+#include "vhu-socket.h"
+
+struct pending_reply {
+        uint32_t request;
+        uint32_t flags;
+        uint32_t tag;
+        uint64_t deadline;
+};
+
+struct vhub_bconn {
+        int fd;
+        struct event_base *base;
+        struct event *ev_read;
+        struct event *ev_write;
+        struct event *ev_timer;
+        struct event *ev_lost;
+        struct vhu_reader reader;
+        struct vhu_writer writer;
+        uint64_t protocol_features;
+        uint64_t timeout_usec;
+        uint64_t write_deadline;   /* 0: the writer is not stalled */
+
+        struct pending_reply *pending;  /* ring buffer */
+        unsigned cap, head, count;
+
+        const struct vhub_bconn_ops *ops;
+        void *userdata;
+
+        bool lost;
+        bool lost_timeout;
+        uint32_t lost_request;
+        char lost_reason[200];
+
+        bool dispatching;          /* inside ops->on_reply */
+        bool free_requested;       /* vhub_bconn_free() called while dispatching */
+};
+
+static void bconn_rearm_timer(struct vhub_bconn *c) {
+        uint64_t deadline = 0, now;
+        struct timeval tv;
+
+        if (c->lost)
+                return;
+        if (c->count > 0)
+                deadline = c->pending[c->head].deadline;
+        if (c->write_deadline && (!deadline || c->write_deadline < deadline))
+                deadline = c->write_deadline;
+        if (!deadline) {
+                evtimer_del(c->ev_timer);
+                return;
+        }
+        now = vhub_now_usec();
+        tv = vhub_timeval_from_usec(deadline > now ? deadline - now : 0);
+        evtimer_add(c->ev_timer, &tv);
+}
+
+void vhub_bconn_fail(struct vhub_bconn *c, bool timeout, uint32_t request, const char *reason) {
+        if (!c || c->lost)
+                return;
+        c->lost = true;
+        c->lost_timeout = timeout;
+        c->lost_request = request;
+        snprintf(c->lost_reason, sizeof(c->lost_reason), "%s", reason);
+        event_del(c->ev_read);
+        event_del(c->ev_write);
+        evtimer_del(c->ev_timer);
+        /* Report from the loop, never from inside the caller's stack. */
+        event_active(c->ev_lost, 0, 0);
+}
+
+static void bconn_lost_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_bconn *c = userdata;
+
+        c->ops->on_lost(c->userdata, c->lost_timeout, c->lost_request, c->lost_reason);
+}
+
+static void bconn_flush(struct vhub_bconn *c) {
+        int r;
+
+        if (c->lost)
+                return;
+        r = vhu_writer_flush(&c->writer, c->fd);
+        if (r == 0) {
+                event_del(c->ev_write);
+                if (c->write_deadline) {
+                        c->write_deadline = 0;
+                        bconn_rearm_timer(c);
+                }
+        } else if (r == -EAGAIN) {
+                event_add(c->ev_write, NULL);
+                if (!c->write_deadline) {
+                        c->write_deadline = vhub_now_usec() + c->timeout_usec;
+                        bconn_rearm_timer(c);
+                }
+        } else {
+                char why[128];
+
+                snprintf(why, sizeof(why), "write to back-end failed: %s", strerror(-r));
+                vhub_bconn_fail(c, false, 0, why);
+        }
+}
+
+static void bconn_write_cb(evutil_socket_t fd, short what, void *userdata) {
+        bconn_flush(userdata);
+}
+
+static void bconn_timer_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_bconn *c = userdata;
+        uint64_t now = vhub_now_usec();
+        char why[200];
+
+        if (c->count > 0 && c->pending[c->head].deadline <= now) {
+                uint32_t req = c->pending[c->head].request;
+
+                snprintf(why, sizeof(why), "no reply to %s within %llu ms",
+                         vhu_request_name(VHU_DIR_FRONTEND, req),
+                         (unsigned long long)(c->timeout_usec / 1000));
+                vhub_bconn_fail(c, true, req, why);
+                return;
+        }
+        if (c->write_deadline && c->write_deadline <= now) {
+                snprintf(why, sizeof(why), "back-end did not read its socket for %llu ms",
+                         (unsigned long long)(c->timeout_usec / 1000));
+                vhub_bconn_fail(c, true, c->count ? c->pending[c->head].request : 0, why);
+                return;
+        }
+        bconn_rearm_timer(c);
+}
+
+static void bconn_free_now(struct vhub_bconn *c) {
+        if (c->ev_read)
+                event_free(c->ev_read);
+        if (c->ev_write)
+                event_free(c->ev_write);
+        if (c->ev_timer)
+                event_free(c->ev_timer);
+        if (c->ev_lost)
+                event_free(c->ev_lost);
+        vhu_reader_reset(&c->reader);
+        vhu_writer_clear(&c->writer);
+        if (c->fd >= 0)
+                close(c->fd);
+        free(c->pending);
+        free(c);
+}
+
+static void bconn_read_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_bconn *c = userdata;
+        struct vhu_msg msg;
+        char why[200];
+        int r;
+
+        vhu_msg_init(&msg);
+        for (;;) {
+                const char *problem = NULL;
+                struct pending_reply p;
+
+                if (c->lost)
+                        return;
+                r = vhu_reader_read(&c->reader, c->fd, &msg);
+                if (r == -EAGAIN)
+                        return;
+                if (r == 0) {
+                        vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0,
+                                        "back-end closed the connection");
+                        return;
+                }
+                if (r < 0) {
+                        snprintf(why, sizeof(why), "%s",
+                                 r == -EPROTO ? "protocol violation in back-end message framing"
+                                              : strerror(-r));
+                        if (r != -EPROTO)
+                                snprintf(why, sizeof(why), "back-end connection error: %s", strerror(-r));
+                        vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
+                        return;
+                }
+                if (c->count == 0) {
+                        snprintf(why, sizeof(why), "unsolicited message %u from the back-end",
+                                 msg.hdr.request);
+                        vhu_msg_clear(&msg);
+                        vhub_bconn_fail(c, false, 0, why);
+                        return;
+                }
+                p = c->pending[c->head];
+                if (vhu_validate_reply(VHU_DIR_FRONTEND, p.request, p.flags, c->protocol_features,
+                                       &msg, &problem) < 0) {
+                        snprintf(why, sizeof(why), "bad reply to %s: %s",
+                                 vhu_request_name(VHU_DIR_FRONTEND, p.request),
+                                 problem ? problem : "invalid");
+                        vhu_msg_clear(&msg);
+                        vhub_bconn_fail(c, false, p.request, why);
+                        return;
+                }
+                c->head = (c->head + 1) % c->cap;
+                c->count--;
+                bconn_rearm_timer(c);
+
+                c->dispatching = true;
+                c->ops->on_reply(c->userdata, p.request, p.tag, &msg);
+                c->dispatching = false;
+                vhu_msg_clear(&msg);
+                if (c->free_requested) {
+                        bconn_free_now(c);
+                        return;
+                }
+        }
+}
+
+int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
+                   const struct vhub_bconn_ops *ops, void *userdata, struct vhub_bconn **ret) {
+        struct vhub_bconn *c;
+        int fl;
+
+        fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+                return -errno;
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->fd = fd;
+        c->base = base;
+        c->ops = ops;
+        c->userdata = userdata;
+        c->timeout_usec = (uint64_t)timeout_ms * 1000u;
+        c->cap = max_pending ? max_pending : 1;
+        c->pending = calloc(c->cap, sizeof(*c->pending));
+        vhu_reader_init(&c->reader);
+        vhu_writer_init(&c->writer);
+        c->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, bconn_read_cb, c);
+        c->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, bconn_write_cb, c);
+        c->ev_timer = evtimer_new(base, bconn_timer_cb, c);
+        c->ev_lost = event_new(base, -1, 0, bconn_lost_cb, c);
+        if (!c->pending || !c->ev_read || !c->ev_write || !c->ev_timer || !c->ev_lost ||
+            event_add(c->ev_read, NULL) < 0) {
+                c->fd = -1; /* the caller still owns fd on failure */
+                bconn_free_now(c);
+                return -ENOMEM;
+        }
+        *ret = c;
+        return 0;
+}
+
+struct vhub_bconn *vhub_bconn_free(struct vhub_bconn *c) {
+        if (!c)
+                return NULL;
+        if (c->dispatching) {
+                c->free_requested = true;
+                c->lost = true;
+                event_del(c->ev_read);
+                event_del(c->ev_write);
+                evtimer_del(c->ev_timer);
+                event_del(c->ev_lost);
+                return NULL;
+        }
+        bconn_free_now(c);
+        return NULL;
+}
+
+void vhub_bconn_set_protocol_features(struct vhub_bconn *c, uint64_t protocol_features) {
+        c->protocol_features = protocol_features;
+}
+
+uint64_t vhub_bconn_protocol_features(const struct vhub_bconn *c) {
+        return c->protocol_features;
+}
+
+int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag) {
+        bool expects;
+        int r;
+
+        if (c->lost)
+                return -ENOTCONN;
+        expects = vhu_request_expects_reply(VHU_DIR_FRONTEND, m->hdr.request, m->hdr.flags,
+                                            c->protocol_features);
+        if (expects && c->count == c->cap)
+                return -ENOBUFS;
+        r = vhu_writer_queue(&c->writer, m);
+        if (r < 0)
+                return r;
+        if (expects) {
+                struct pending_reply *p = &c->pending[(c->head + c->count) % c->cap];
+
+                p->request = m->hdr.request;
+                p->flags = m->hdr.flags;
+                p->tag = tag;
+                p->deadline = vhub_now_usec() + c->timeout_usec;
+                c->count++;
+                if (c->count == 1)
+                        bconn_rearm_timer(c);
+        }
+        bconn_flush(c);
+        return expects ? 1 : 0;
+}
+
+unsigned vhub_bconn_awaiting(const struct vhub_bconn *c) {
+        return c->count;
+}
+
+bool vhub_bconn_is_lost(const struct vhub_bconn *c) {
+        return c->lost;
+}
+
+int vhub_bconn_fd(const struct vhub_bconn *c) {
+        return c->fd;
+}

@@ -1,0 +1,20 @@
+/* SPDX-License-Identifier: MIT */
+#include <stddef.h>
+
+#include "vhub-call.h"
+
+void vhub_call_complete(struct vhub_call *call, int r) {
+        if (!call)
+                return;
+        call->result = r;
+        if (r < 0 && call->error.code == 0)
+                vhub_error_set(&call->error, VHUB_ERR_INTERNAL, "internal error (%d)", r);
+        call->done(call);
+}
+
+void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e) {
+        if (!call)
+                return;
+        vhub_error_copy(&call->error, e);
+        vhub_call_complete(call, vhub_error_errno(e->code));
+}

@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * An API call that waits on back-ends.  The control layer embeds one in its
+ * pending-request object, sets done, and hands it to a daemon function; the
+ * daemon completes it exactly once (vhub_call_complete), from the event
+ * loop, with a result and either an error or the call's outputs.  The model
+ * keeps the pointer only while the call is pending; the control layer frees
+ * it in done().
+ */
+#pragma once
+
+#include <stdint.h>
+
+#include "vhub-config.h"
+#include "vhub-error.h"
+#include "vhost-user.h"
+
+struct vhub_call;
+typedef void (*vhub_call_done_fn)(struct vhub_call *call);
+
+struct vhub_vring_base {
+        uint32_t index;
+        uint32_t base;
+};
+
+struct vhub_call {
+        vhub_call_done_fn done;
+        int result;                    /* 0 or -errno */
+        struct vhub_error error;       /* when result < 0 */
+        union {
+                struct {
+                        uint64_t features;
+                        uint64_t protocol_features;
+                        unsigned queues;
+                        unsigned max_mem_slots;
+                } device_add;
+                struct {
+                        unsigned n_vrings;
+                        struct vhub_vring_base vrings[VHUB_MAX_QUEUES];
+                } device_stop;
+                struct {
+                        uint32_t size;
+                        uint8_t data[VHU_MAX_CONFIG_SIZE];
+                } config_get;
+                struct {
+                        int fd;                /* owned by the call until taken */
+                        uint64_t size;
+                } dirty_log;
+        } out;
+};
+
+/* Record the outcome and run done().  r < 0 requires call->error filled. */
+void vhub_call_complete(struct vhub_call *call, int r);
+/* Fail with a contract error. */
+void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e);

@@ -1,0 +1,235 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <getopt.h>
+#include <grp.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vhub-config.h"
+#include "vhub-log.h"
+#include "vhub-version.h"
+
+void vhub_config_init(struct vhub_config *c) {
+        memset(c, 0, sizeof(*c));
+        c->control_mode = 0660;
+        c->control_gid = (gid_t)-1;
+        c->backend_timeout_ms = 5000;
+        c->log_level = LOG_INFO;
+        c->reconnect_max_ms = 2000;
+        c->limits = (struct vhub_limits){
+                .vms_per_uid = 64,
+                .devices_per_vm = 64,
+                .regions_per_vm = VHUB_DAEMON_MEM_SLOTS,
+                .connections = 256,
+                .pending_per_connection = 256,
+                .max_line = 1024 * 1024,
+                .max_output_bytes = 4 * 1024 * 1024,
+                .shared_objects_per_vm = 1024,
+                .backend_requests_pending = 64,
+        };
+}
+
+void vhub_config_done(struct vhub_config *c) {
+        for (size_t i = 0; i < c->n_backend_dirs; i++)
+                free(c->backend_dirs[i]);
+        free(c->backend_dirs);
+        free(c->control_path);
+        memset(c, 0, sizeof(*c));
+}
+
+int vhub_config_add_backend_dir(struct vhub_config *c, const char *dir) {
+        char resolved[PATH_MAX];
+        char **v;
+
+        if (!realpath(dir, resolved))
+                return -errno;
+        v = reallocarray(c->backend_dirs, c->n_backend_dirs + 1, sizeof(*v));
+        if (!v)
+                return -ENOMEM;
+        c->backend_dirs = v;
+        v[c->n_backend_dirs] = strdup(resolved);
+        if (!v[c->n_backend_dirs])
+                return -ENOMEM;
+        c->n_backend_dirs++;
+        return 0;
+}
+
+static int parse_unsigned(const char *s, unsigned long max, unsigned long *ret) {
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(s, &end, 0);
+        if (errno || end == s || *end || v > max || s[0] == '-')
+                return -EINVAL;
+        *ret = v;
+        return 0;
+}
+
+static void usage(FILE *f) {
+        fprintf(f,
+                "Usage: vhubd [OPTIONS]\n"
+                "vhost-user front-end for many back-ends, driven by VMMs over JSON-RPC.\n\n"
+                "  --control PATH           control socket (default: $RUNTIME_DIRECTORY/control.sock,\n"
+                "                           /run/vhub/control.sock as root, else $XDG_RUNTIME_DIR/vhub/control.sock)\n"
+                "  --control-mode MODE      control socket mode, octal (default 0660)\n"
+                "  --control-group GROUP    group owning the control socket\n"
+                "  --backend-dir DIR        allowed back-end socket directory (repeatable;\n"
+                "                           default /run/vhost-user)\n"
+                "  --backend-timeout-ms N   deadline for every back-end request (default 5000)\n"
+                "  --reconnect-max-ms N     cap of the reconnect backoff (default 2000)\n"
+                "  --log-level LEVEL        err, warning, notice, info (default), debug\n"
+                "  --max-vms-per-uid N, --max-devices-per-vm N, --max-regions-per-vm N,\n"
+                "  --max-connections N, --max-pending N, --max-line-bytes N\n"
+                "                           resource limits\n"
+                "  -h, --help, --version\n");
+}
+
+int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
+        enum {
+                OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
+                OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
+                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_VERSION,
+        };
+        static const struct option opts[] = {
+                { "control", required_argument, NULL, OPT_CONTROL },
+                { "control-mode", required_argument, NULL, OPT_MODE },
+                { "control-group", required_argument, NULL, OPT_GROUP },
+                { "backend-dir", required_argument, NULL, OPT_BACKEND_DIR },
+                { "backend-timeout-ms", required_argument, NULL, OPT_TIMEOUT },
+                { "reconnect-max-ms", required_argument, NULL, OPT_RECONNECT_MAX },
+                { "log-level", required_argument, NULL, OPT_LOG },
+                { "max-vms-per-uid", required_argument, NULL, OPT_MAX_VMS },
+                { "max-devices-per-vm", required_argument, NULL, OPT_MAX_DEVICES },
+                { "max-regions-per-vm", required_argument, NULL, OPT_MAX_REGIONS },
+                { "max-connections", required_argument, NULL, OPT_MAX_CONN },
+                { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
+                { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, OPT_VERSION },
+                {}
+        };
+        bool dirs_given = false;
+        unsigned long v;
+        int o, r;
+
+        optind = 1;
+        while ((o = getopt_long(argc, argv, "h", opts, NULL)) >= 0) {
+                switch (o) {
+                case OPT_CONTROL:
+                        free(c->control_path);
+                        c->control_path = strdup(optarg);
+                        if (!c->control_path)
+                                return -ENOMEM;
+                        break;
+                case OPT_MODE:
+                        if (parse_unsigned(optarg, 07777, &v) < 0 || optarg[0] != '0') {
+                                fprintf(stderr, "vhubd: --control-mode wants an octal mode like 0660\n");
+                                return -EINVAL;
+                        }
+                        c->control_mode = (mode_t)strtoul(optarg, NULL, 8);
+                        break;
+                case OPT_GROUP: {
+                        struct group *g = getgrnam(optarg);
+
+                        if (g)
+                                c->control_gid = g->gr_gid;
+                        else if (parse_unsigned(optarg, UINT32_MAX - 1, &v) == 0)
+                                c->control_gid = (gid_t)v;
+                        else {
+                                fprintf(stderr, "vhubd: no such group: %s\n", optarg);
+                                return -EINVAL;
+                        }
+                        c->control_gid_set = true;
+                        break;
+                }
+                case OPT_BACKEND_DIR:
+                        r = vhub_config_add_backend_dir(c, optarg);
+                        if (r < 0) {
+                                fprintf(stderr, "vhubd: --backend-dir %s: %s\n", optarg, strerror(-r));
+                                return -EINVAL;
+                        }
+                        dirs_given = true;
+                        break;
+                case OPT_TIMEOUT:
+                        if (parse_unsigned(optarg, 3600000, &v) < 0 || v == 0) {
+                                fprintf(stderr, "vhubd: --backend-timeout-ms wants 1..3600000\n");
+                                return -EINVAL;
+                        }
+                        c->backend_timeout_ms = (unsigned)v;
+                        break;
+                case OPT_RECONNECT_MAX:
+                        if (parse_unsigned(optarg, 3600000, &v) < 0 || v == 0) {
+                                fprintf(stderr, "vhubd: --reconnect-max-ms wants 1..3600000\n");
+                                return -EINVAL;
+                        }
+                        c->reconnect_max_ms = (unsigned)v;
+                        break;
+                case OPT_LOG:
+                        r = vhub_log_level_from_string(optarg);
+                        if (r < 0) {
+                                fprintf(stderr, "vhubd: bad --log-level %s\n", optarg);
+                                return -EINVAL;
+                        }
+                        c->log_level = r;
+                        break;
+                case OPT_MAX_VMS:
+                case OPT_MAX_DEVICES:
+                case OPT_MAX_REGIONS:
+                case OPT_MAX_CONN:
+                case OPT_MAX_PENDING:
+                case OPT_MAX_LINE:
+                        if (parse_unsigned(optarg, o == OPT_MAX_LINE ? 64ul << 20 : 1000000, &v) < 0 || v == 0) {
+                                fprintf(stderr, "vhubd: bad value for a limit: %s\n", optarg);
+                                return -EINVAL;
+                        }
+                        if (o == OPT_MAX_VMS)
+                                c->limits.vms_per_uid = (unsigned)v;
+                        else if (o == OPT_MAX_DEVICES)
+                                c->limits.devices_per_vm = (unsigned)v;
+                        else if (o == OPT_MAX_REGIONS)
+                                c->limits.regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
+                        else if (o == OPT_MAX_CONN)
+                                c->limits.connections = (unsigned)v;
+                        else if (o == OPT_MAX_PENDING)
+                                c->limits.pending_per_connection = (unsigned)v;
+                        else
+                                c->limits.max_line = v;
+                        break;
+                case 'h':
+                        usage(stdout);
+                        return 1;
+                case OPT_VERSION:
+                        printf("vhubd %s\n", VHUB_VERSION);
+                        return 1;
+                default:
+                        usage(stderr);
+                        return -EINVAL;
+                }
+        }
+        if (optind < argc) {
+                fprintf(stderr, "vhubd: unexpected argument %s\n", argv[optind]);
+                return -EINVAL;
+        }
+        if (!dirs_given) {
+                r = vhub_config_add_backend_dir(c, "/run/vhost-user");
+                if (r < 0 && r != -ENOENT)
+                        return r;
+                if (r == -ENOENT) {
+                        /* keep the default even before the directory exists */
+                        char **vv = reallocarray(c->backend_dirs, c->n_backend_dirs + 1, sizeof(*vv));
+
+                        if (!vv)
+                                return -ENOMEM;
+                        c->backend_dirs = vv;
+                        vv[c->n_backend_dirs] = strdup("/run/vhost-user");
+                        if (!vv[c->n_backend_dirs])
+                                return -ENOMEM;
+                        c->n_backend_dirs++;
+                }
+        }
+        return 0;
+}

@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: MIT */
+#include <string.h>
+
+#include "vhub-context.h"
+#include "vhub-time.h"
+#include "vhub-vm.h"
+
+int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config) {
+        memset(ctx, 0, sizeof(*ctx));
+        ctx->base = base;
+        ctx->config = config;
+        TAILQ_INIT(&ctx->vms);
+        ctx->start_usec = vhub_now_usec();
+        return 0;
+}
+
+void vhub_context_done(struct vhub_context *ctx) {
+        struct vhub_vm *vm;
+
+        ctx->shutting_down = true;
+        while ((vm = TAILQ_FIRST(&ctx->vms)))
+                vhub_vm_free(vm);
+}
+
+void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
+        if (ctx->events.emit && !ctx->shutting_down)
+                ctx->events.emit(ctx->events.userdata, ev);
+}
+
+void vhub_context_counts_changed(struct vhub_context *ctx) {
+        if (ctx->on_counts_changed && !ctx->shutting_down)
+                ctx->on_counts_changed(ctx->counts_userdata);
+}
+
+unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
+        const struct vhub_vm *vm;
+        unsigned n = 0;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->uid == uid)
+                        n++;
+        return n;
+}
+
+const char *vhub_event_type_to_string(enum vhub_event_type t) {
+        static const char *const names[_VHUB_EV_MAX] = {
+                [VHUB_EV_CONFIG_CHANGED] = "device.config_changed",
+                [VHUB_EV_DISCONNECTED] = "device.disconnected",
+                [VHUB_EV_RECONNECTED] = "device.reconnected",
+                [VHUB_EV_FAILED] = "device.failed",
+                [VHUB_EV_LINGERING] = "vm.lingering",
+                [VHUB_EV_BACKEND_REQUEST] = "device.backend_request",
+        };
+        return (unsigned)t < _VHUB_EV_MAX ? names[t] : "unknown";
+}

@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The daemon context: the one object holding all daemon state (config, the
+ * event loop, every VM).  Nothing else in the daemon is global.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/types.h>
+
+#include "vhub-config.h"
+#include "vhub-event.h"
+
+struct event_base;
+struct event;
+struct vhub_vm;
+
+TAILQ_HEAD(vhub_vm_list, vhub_vm);
+
+struct vhub_context {
+        struct event_base *base;
+        struct vhub_config *config;
+        struct vhub_vm_list vms;
+        unsigned n_vms;
+        unsigned n_devices;
+        uint64_t next_region_id;
+        uint64_t next_token;
+        uint64_t start_usec;
+        struct vhub_event_sink events;
+        bool shutting_down;
+        /* called when the model's counts change (systemd STATUS=) */
+        void (*on_counts_changed)(void *userdata);
+        void *counts_userdata;
+};
+
+int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
+/* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
+void vhub_context_done(struct vhub_context *ctx);
+void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
+void vhub_context_counts_changed(struct vhub_context *ctx);
+/* Number of VMs owned by uid. */
+unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);

@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: MIT */
+/* Shared between the device's lifecycle code and its operations. */
+#pragma once
+
+#include "vhub-device.h"
+#include "vhub-event.h"
+#include "vhu-message.h"
+
+/* What the daemon itself implements as a front-end (daemon.info). */
+#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
+        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
+         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
+         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
+         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
+         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
+         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
+         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
+         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
+         VHU_PF_BIT(VHU_PF_SHMEM))
+
+/* Reply tags: what a reply belongs to inside the running op. */
+#define TAG_KIND(t)       ((t) >> 16)
+#define TAG_INDEX(t)      ((t) & 0xffffu)
+#define TAG(kind, index)  (((uint32_t)(kind) << 16) | ((uint32_t)(index) & 0xffffu))
+enum {
+        TAGK_PLAIN = 0,
+        TAGK_MEM_ADD,
+        TAGK_MEM_REMOVE,
+        TAGK_MEM_TABLE,
+        TAGK_BARRIER,
+        TAGK_VRING,
+};
+
+/* Op returns from a stage: wait for replies / park / op complete. */
+enum {
+        OP_STAGE_NEXT = 0,   /* nothing awaited: go to the next stage */
+        OP_STAGE_WAIT = 1,   /* replies awaited (or parked) */
+        OP_STAGE_DONE = 2,   /* the op is complete */
+};
+
+static inline bool dev_has_pf(const struct vhub_device *d, unsigned bit) {
+        return (d->protocol_features & VHU_PF_BIT(bit)) != 0;
+}
+
+static inline bool dev_protocol_features_on(const struct vhub_device *d) {
+        return (d->features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) != 0;
+}
+
+/* vhub-device.c */
+struct vhub_op *device_op_new(enum vhub_op_kind kind, struct vhub_call *call);
+void device_queue_op(struct vhub_device *d, struct vhub_op *op);
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+bool device_need_reply(const struct vhub_device *d);
+void device_set_state(struct vhub_device *d, enum vhub_device_state s);
+void device_mark_lost(struct vhub_device *d, const char *reason);
+int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+int device_open_backend_channel(struct vhub_device *d, int *ret_backend_end);
+void shadow_add(struct vhub_device *d, uint64_t id);
+void shadow_remove(struct vhub_device *d, uint64_t id);
+void shadow_clear(struct vhub_device *d);
+void vring_close_fds(struct vhub_vring *v);
+void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
+                     bool exact);
+void device_give_up(struct vhub_device *d, const char *reason);
+
+/* vhub-device-ops.c: per kind */
+int op_stage_send(struct vhub_device *d, struct vhub_op *op);
+void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
+                 struct vhu_msg *reply);
+/* The op has ended (r < 0: failed); commit or undo its effects. */
+void op_complete(struct vhub_device *d, struct vhub_op *op, int r);
+void op_free(struct vhub_op *op);

@@ -1,0 +1,213 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A device: one back-end connection driven by a non-blocking state machine.
+ *
+ * Public states (the contract's device.list "state") are in
+ * enum vhub_device_state.  Work on a device is a FIFO of operations
+ * (struct vhub_op); one runs at a time, in stages; each stage queues its
+ * vhost-user requests at once (pipelined) and the next stage starts when
+ * every awaited reply has arrived.  Every awaited reply has a deadline
+ * (--backend-timeout-ms).  All of it lives in the device and its ops --
+ * nothing is held in closures or stack frames across the event loop.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+
+#include "vhub-call.h"
+#include "vhub-config.h"
+#include "vhub-error.h"
+#include "vhub-event.h"
+#include "vhub-memory.h"
+
+struct event;
+struct vhub_bconn;
+struct vhub_backend_channel;
+struct vhub_mem_op;
+struct vhub_vm;
+
+enum vhub_device_state {
+        VHUB_DEV_CONNECTING,
+        VHUB_DEV_READY,
+        VHUB_DEV_RUNNING,
+        VHUB_DEV_STOPPED,
+        VHUB_DEV_DISCONNECTED,
+        VHUB_DEV_FAILED,
+        _VHUB_DEV_STATE_MAX,
+};
+
+const char *vhub_device_state_to_string(enum vhub_device_state s);
+
+enum vhub_device_mode {
+        VHUB_DEV_MODE_CLIENT,
+        VHUB_DEV_MODE_SERVER,
+};
+
+/* One vring as the VMM configured it in device.start. */
+struct vhub_vring {
+        bool configured;
+        uint32_t index;
+        uint32_t size;
+        uint64_t desc, avail, used;   /* guest-physical */
+        uint32_t base;                /* next avail index at start */
+        int kick_fd, call_fd, err_fd; /* owned; -1 if none */
+};
+
+enum vhub_op_kind {
+        VHUB_OP_HANDSHAKE,
+        VHUB_OP_START,
+        VHUB_OP_STOP,
+        VHUB_OP_CONFIG_GET,
+        VHUB_OP_CONFIG_SET,
+        VHUB_OP_MEM_SYNC,
+        VHUB_OP_REMOVE,
+        VHUB_OP_SINGLE,               /* one request, acked: RARP, MTU, ... */
+        _VHUB_OP_MAX,
+};
+
+struct vhub_op {
+        TAILQ_ENTRY(vhub_op) link;
+        enum vhub_op_kind kind;
+        unsigned stage;
+        unsigned awaiting;            /* replies still due in this stage */
+        bool last_unconfirmed;        /* a request without a reply ended the stage */
+        bool running;
+        bool parked;                  /* waiting for the VM's memory queue */
+        bool restore;                 /* part of restoring after a reconnect */
+        struct vhub_call *call;       /* NULL for internal ops */
+        struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
+        int result;                   /* first failure in this op */
+        struct vhub_error error;
+        bool give_up;                 /* restore: the back-end refuses what it accepted */
+        bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
+        uint64_t hs_features;         /* handshake: what the back-end offers now */
+        uint64_t hs_pf_offer;
+        struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
+        unsigned n_restored;
+        bool restore_exact;
+        union {
+                struct {
+                        uint64_t features;
+                        unsigned n_vrings;
+                        struct vhub_vring *vrings;   /* owned until committed */
+                } start;
+                struct {
+                        uint32_t offset, size, flags;
+                        uint8_t data[VHU_MAX_CONFIG_SIZE];
+                } config;
+                struct {
+                        /* computed when the op starts, from shadow vs target */
+                        struct vhub_region *add;     /* copies; fds borrowed */
+                        size_t n_add;
+                        uint64_t *remove_ids;
+                        struct vhub_region *remove;  /* copies of what the back-end has */
+                        size_t n_remove;
+                        bool whole_table;            /* SET_MEM_TABLE path */
+                        uint64_t *target_ids;
+                        size_t n_target;
+                } mem;
+                struct {
+                        uint32_t request;
+                        uint64_t u64;
+                        uint8_t payload[64];
+                        uint32_t size;
+                        int fd;                      /* owned, -1 if none */
+                        uint32_t needs_feature;      /* protocol feature bit, or UINT32_MAX */
+                } single;
+        } u;
+};
+
+TAILQ_HEAD(vhub_op_list, vhub_op);
+
+struct vhub_device {
+        TAILQ_ENTRY(vhub_device) link;
+        struct vhub_vm *vm;
+        char name[VHUB_NAME_MAX + 1];
+        char *socket_path;
+        char type[32];
+        enum vhub_device_mode mode;
+        unsigned reconnect_ms;
+        unsigned requested_queues;    /* 0: what the back-end reports */
+
+        enum vhub_device_state state;
+        enum vhub_device_state state_before_loss;
+        bool removing;
+        bool destroy_pending;         /* set by an op that ends the device */
+
+        struct vhub_bconn *conn;
+        int listen_fd;                /* server mode: our listening socket */
+        struct event *ev_listen;
+        struct event *ev_reconnect;
+        unsigned reconnect_delay_ms;
+        unsigned reconnects;          /* successful restores */
+
+        /* negotiated */
+        bool handshaken;              /* the first handshake succeeded */
+        uint64_t features;            /* what the back-end offered */
+        uint64_t protocol_features;   /* offer & daemon's */
+        uint64_t acked_features;      /* the driver's, from device.start */
+        unsigned backend_queue_num;   /* GET_QUEUE_NUM, 0 if not asked */
+        unsigned queues;
+        unsigned max_mem_slots;
+
+        struct vhub_vring *vrings;    /* [queues] */
+        int inflight_fd;              /* kept across back-end restarts */
+        uint64_t inflight_size;
+        uint16_t inflight_queue_size;
+
+        uint64_t *shadow;             /* region ids the back-end has mapped */
+        size_t n_shadow, cap_shadow;
+        bool mem_synced;              /* the handshake's memory sync finished */
+
+        struct vhub_backend_channel *channel;
+
+        struct vhub_op_list ops;
+        unsigned n_ops;
+};
+
+struct vhub_device_add_params {
+        const char *name;
+        const char *socket_path;
+        const char *type;             /* may be NULL */
+        enum vhub_device_mode mode;
+        unsigned queues;              /* 0: default */
+        unsigned reconnect_ms;
+};
+
+/* Creates the device in the VM and starts connecting; call completes after
+ * the handshake with call->out.device_add, or fails (the device is gone). */
+void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
+                     struct vhub_call *call);
+/* Stops a running device, cancels reconnects, frees it; call may be NULL. */
+void vhub_device_remove(struct vhub_device *dev, struct vhub_call *call);
+/* Frees at once (VM teardown of last resort / shutdown). */
+void vhub_device_free(struct vhub_device *dev);
+
+struct vhub_vring_params {
+        uint32_t index, size;
+        uint64_t desc, avail, used;
+        uint32_t base;
+        int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case */
+};
+
+void vhub_device_start(struct vhub_device *dev, uint64_t features,
+                       struct vhub_vring_params *vrings, unsigned n_vrings,
+                       struct vhub_call *call);
+void vhub_device_stop(struct vhub_device *dev, struct vhub_call *call);
+void vhub_device_config_get(struct vhub_device *dev, uint32_t offset, uint32_t size,
+                            struct vhub_call *call);
+void vhub_device_config_set(struct vhub_device *dev, uint32_t offset, const void *data,
+                            uint32_t size, struct vhub_call *call);
+
+/* Begin a memory sync (a VM fan-out member).  Returns 0 if queued. */
+int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);
+/* The VM's memory queue became free: resume a parked handshake. */
+void vhub_device_resume_parked(struct vhub_device *dev);
+/* Give up on the device now: FAILED, connection closed, event device.failed. */
+void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
+bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
+bool vhub_device_is_connected(const struct vhub_device *dev);
+/* Whether any configured ring of a running device lies in [gpa, gpa+size). */
+bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Events the model raises (the contract's "Events").  The model describes
+ * them in C; the control layer turns them into notifications for the VM's
+ * owning connection and its subscribers.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct vhub_vm;
+
+enum vhub_event_type {
+        VHUB_EV_CONFIG_CHANGED,
+        VHUB_EV_DISCONNECTED,
+        VHUB_EV_RECONNECTED,
+        VHUB_EV_FAILED,
+        VHUB_EV_LINGERING,
+        VHUB_EV_BACKEND_REQUEST,
+        _VHUB_EV_MAX,
+};
+
+struct vhub_event_vring {
+        uint32_t index;
+        uint32_t base;
+        uint32_t outstanding;
+};
+
+struct vhub_event_field {
+        const char *key;
+        uint64_t value;
+};
+
+#define VHUB_EVENT_MAX_FIELDS 8
+
+struct vhub_event {
+        enum vhub_event_type type;
+        const struct vhub_vm *vm;
+        const char *device;              /* NULL for VM events */
+        const char *reason;              /* disconnected, failed */
+        /* reconnected */
+        unsigned reconnects;
+        bool exact;
+        unsigned n_vrings;
+        const struct vhub_event_vring *vrings;
+        /* lingering */
+        uint64_t linger_ms;
+        /* backend_request */
+        const char *request;
+        uint64_t token;
+        unsigned n_fields;
+        struct vhub_event_field fields[VHUB_EVENT_MAX_FIELDS];
+        const int *fds;                  /* borrowed; the sink dups what it sends */
+        unsigned n_fds;
+};
+
+struct vhub_event_sink {
+        void (*emit)(void *userdata, const struct vhub_event *ev);
+        void *userdata;
+};
+
+const char *vhub_event_type_to_string(enum vhub_event_type t);

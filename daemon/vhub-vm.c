@@ -1,0 +1,487 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * VMs and their memory: a region change goes to every connected device of
+ * the VM at once (pipelined), and the call answers when all have applied
+ * it.  If one refuses or is lost, those that applied it are rolled back to
+ * the committed table; a device that cannot be rolled back is failed.
+ * Memory changes of one VM are serialized; device handshakes sync against
+ * the committed table and never overlap a change.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vhub-call.h"
+#include "vhub-context.h"
+#include "vhub-device.h"
+#include "vhub-log.h"
+#include "vhub-vm.h"
+
+static void vm_mem_queue_run(struct vhub_vm *vm);
+
+#define vm_log(vm, level, ...) vhub_log_full((level), (vm)->name, NULL, NULL, __VA_ARGS__)
+
+struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
+        struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->uid == uid && strcmp(vm->name, name) == 0)
+                        return vm;
+        return NULL;
+}
+
+struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
+        struct vhub_device *d;
+
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (strcmp(d->name, name) == 0)
+                        return d;
+        return NULL;
+}
+
+static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_vm *vm = userdata;
+
+        vm_log(vm, LOG_INFO, "linger time of %llu ms passed without vm.attach; destroying",
+               (unsigned long long)vm->linger_ms);
+        vhub_vm_destroy(vm, NULL);
+}
+
+int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
+                   uint64_t owner_id, struct vhub_error *err, struct vhub_vm **ret) {
+        struct vhub_vm *vm;
+
+        if (vhub_vm_find(ctx, uid, name))
+                return vhub_error_set(err, VHUB_ERR_EXISTS, "VM %s already exists", name);
+        if (vhub_context_count_vms(ctx, uid) >= ctx->config->limits.vms_per_uid)
+                return vhub_error_set(err, VHUB_ERR_LIMIT, "uid %u already has %u VMs (the limit)",
+                                      (unsigned)uid, ctx->config->limits.vms_per_uid);
+        vm = calloc(1, sizeof(*vm));
+        if (!vm)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        vm->ctx = ctx;
+        snprintf(vm->name, sizeof(vm->name), "%s", name);
+        vm->uid = uid;
+        vm->owner_id = owner_id;
+        vm->linger_ms = linger_ms;
+        vhub_mem_table_init(&vm->mem);
+        TAILQ_INIT(&vm->mem_ops);
+        TAILQ_INIT(&vm->devices);
+        vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
+        if (!vm->linger_timer) {
+                free(vm);
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        }
+        TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
+        ctx->n_vms++;
+        vhub_context_counts_changed(ctx);
+        vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
+        *ret = vm;
+        return 0;
+}
+
+static void mem_op_free(struct vhub_mem_op *op, bool owns_fd) {
+        if (owns_fd && op->region.fd >= 0)
+                close(op->region.fd);
+        free(op);
+}
+
+void vhub_vm_free(struct vhub_vm *vm) {
+        struct vhub_mem_op *mop;
+        struct vhub_device *d;
+        struct vhub_error err;
+
+        if (!vm)
+                return;
+        vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s was destroyed", vm->name);
+        /* devices first: their ops may point at the memory ops */
+        while ((d = TAILQ_FIRST(&vm->devices))) {
+                TAILQ_REMOVE(&vm->devices, d, link);
+                vm->n_devices--;
+                vm->ctx->n_devices--;
+                vhub_device_free(d);
+        }
+        while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
+                TAILQ_REMOVE(&vm->mem_ops, mop, link);
+                vhub_call_fail(mop->call, &err);
+                mem_op_free(mop, mop->kind == VHUB_MEM_OP_ADD);
+        }
+        if (vm->destroy_call) {
+                struct vhub_call *c = vm->destroy_call;
+
+                vm->destroy_call = NULL;
+                vhub_call_complete(c, 0);
+        }
+        TAILQ_REMOVE(&vm->ctx->vms, vm, link);
+        vm->ctx->n_vms--;
+        vhub_context_counts_changed(vm->ctx);
+        vm_log(vm, LOG_INFO, "VM destroyed");
+        event_free(vm->linger_timer);
+        vhub_mem_table_done(&vm->mem);
+        free(vm);
+}
+
+void vhub_vm_device_gone(struct vhub_vm *vm, struct vhub_device *dev) {
+        if (vm->destroying && vm->n_devices == 0)
+                vhub_vm_free(vm);
+}
+
+void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
+        struct vhub_device *d, *next;
+
+        if (vm->destroying) {
+                struct vhub_error err;
+
+                vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is already being destroyed", vm->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        vm->destroying = true;
+        vm->destroy_call = call;
+        evtimer_del(vm->linger_timer);
+        if (vm->n_devices == 0) {
+                vhub_vm_free(vm);
+                return;
+        }
+        /* every device stops and closes in parallel; the last one frees the VM */
+        for (d = TAILQ_FIRST(&vm->devices); d; d = next) {
+                next = TAILQ_NEXT(d, link);
+                if (!d->removing)
+                        vhub_device_remove(d, NULL);
+        }
+}
+
+void vhub_vm_owner_gone(struct vhub_vm *vm) {
+        struct vhub_event ev = { 0 };
+        struct timeval tv;
+
+        vm->owner_id = 0;
+        if (vm->destroying)
+                return;
+        if (vm->linger_ms == 0) {
+                vm_log(vm, LOG_INFO, "owning connection closed; destroying the VM");
+                vhub_vm_destroy(vm, NULL);
+                return;
+        }
+        tv = (struct timeval){ .tv_sec = (time_t)(vm->linger_ms / 1000),
+                               .tv_usec = (suseconds_t)((vm->linger_ms % 1000) * 1000) };
+        evtimer_add(vm->linger_timer, &tv);
+        vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
+               (unsigned long long)vm->linger_ms);
+        ev.type = VHUB_EV_LINGERING;
+        ev.vm = vm;
+        ev.linger_ms = vm->linger_ms;
+        vhub_context_emit(vm->ctx, &ev);
+}
+
+int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, struct vhub_error *err) {
+        if (vm->destroying)
+                return vhub_error_set(err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+        if (vm->owner_id != 0 && vm->owner_id != owner_id)
+                return vhub_error_set(err, VHUB_ERR_STATE,
+                                      "VM %s is owned by a live connection; only a lingering VM can be attached",
+                                      vm->name);
+        evtimer_del(vm->linger_timer);
+        vm->owner_id = owner_id;
+        vm_log(vm, LOG_INFO, "VM attached by a new connection");
+        return 0;
+}
+
+/* ---- memory ---- */
+
+bool vhub_vm_memory_busy(const struct vhub_vm *vm) {
+        const struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+
+        return op && op->phase != VHUB_MEM_PHASE_QUEUED;
+}
+
+const struct vhub_region *vhub_vm_region_by_id(const struct vhub_vm *vm, uint64_t id) {
+        const struct vhub_region *r = vhub_mem_table_find_id(&vm->mem, id);
+        const struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+
+        if (r)
+                return r;
+        if (op && op->phase != VHUB_MEM_PHASE_QUEUED && op->region.id == id)
+                return &op->region;
+        return NULL;
+}
+
+int vhub_vm_memory_target(const struct vhub_vm *vm, const struct vhub_region ***ret_regions,
+                          size_t *ret_n) {
+        const struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+        const struct vhub_region **v;
+        size_t n = 0;
+
+        v = calloc(vm->mem.n + 1, sizeof(*v));
+        if (!v)
+                return -ENOMEM;
+        for (size_t i = 0; i < vm->mem.n; i++) {
+                if (op && op->phase == VHUB_MEM_PHASE_APPLY && op->kind == VHUB_MEM_OP_REMOVE &&
+                    vm->mem.regions[i].id == op->region.id)
+                        continue;
+                v[n++] = &vm->mem.regions[i];
+        }
+        if (op && op->phase == VHUB_MEM_PHASE_APPLY && op->kind == VHUB_MEM_OP_ADD)
+                v[n++] = &op->region;
+        *ret_regions = v;
+        *ret_n = n;
+        return 0;
+}
+
+static bool device_in_fanout(const struct vhub_device *d) {
+        return !d->removing && d->mem_synced && vhub_device_is_connected(d);
+}
+
+/* Fan the active op's current phase out to every device that needs it. */
+static void vm_mem_fanout(struct vhub_vm *vm, struct vhub_mem_op *op) {
+        struct vhub_device *d, *next;
+
+        /* hold one count so syncs that finish at once cannot end the phase early */
+        op->outstanding = 1;
+        for (d = TAILQ_FIRST(&vm->devices); d; d = next) {
+                next = TAILQ_NEXT(d, link);
+                if (!device_in_fanout(d))
+                        continue;
+                if (op->phase == VHUB_MEM_PHASE_ROLLBACK) {
+                        /* only devices whose table differs from the committed one */
+                        bool has = vhub_device_shadow_has(d, op->region.id);
+
+                        if ((op->kind == VHUB_MEM_OP_ADD && !has) ||
+                            (op->kind == VHUB_MEM_OP_REMOVE && has))
+                                continue;
+                }
+                op->outstanding++;
+                if (vhub_device_queue_mem_sync(d, op) < 0) {
+                        op->outstanding--;
+                        if (op->phase == VHUB_MEM_PHASE_APPLY && !op->failed) {
+                                op->failed = true;
+                                vhub_error_set_backend(&op->error, VHUB_ERR_INTERNAL, d->name, NULL,
+                                                       "out of memory");
+                        }
+                }
+        }
+        op->outstanding--;
+}
+
+static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
+        struct vhub_call *call = op->call;
+        struct vhub_device *d;
+        bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
+
+        TAILQ_REMOVE(&vm->mem_ops, op, link);
+        if (!op->failed) {
+                if (op->kind == VHUB_MEM_OP_ADD) {
+                        /* commit: the table takes the fd */
+                        if (vhub_mem_table_add(&vm->mem, &op->region) < 0) {
+                                vhub_error_set(&op->error, VHUB_ERR_INTERNAL, "out of memory");
+                                op->failed = true;
+                        } else {
+                                owns_fd = false;
+                                vm_log(vm, LOG_INFO, "memory region gpa 0x%llx size 0x%llx added",
+                                       (unsigned long long)op->region.gpa,
+                                       (unsigned long long)op->region.size);
+                        }
+                } else {
+                        vhub_mem_table_remove(&vm->mem, op->region.gpa, NULL);
+                        vm_log(vm, LOG_INFO, "memory region gpa 0x%llx removed",
+                               (unsigned long long)op->region.gpa);
+                }
+        }
+        if (op->failed)
+                vhub_call_fail(call, &op->error);
+        else
+                vhub_call_complete(call, 0);
+        mem_op_free(op, owns_fd);
+
+        /* parked handshakes can sync now, then the next change may start */
+        TAILQ_FOREACH(d, &vm->devices, link)
+                vhub_device_resume_parked(d);
+        vm_mem_queue_run(vm);
+}
+
+static void vm_mem_op_step(struct vhub_vm *vm, struct vhub_mem_op *op) {
+        while (op->outstanding == 0) {
+                if (op->phase == VHUB_MEM_PHASE_APPLY && op->failed) {
+                        op->phase = VHUB_MEM_PHASE_ROLLBACK;
+                        vm_mem_fanout(vm, op);
+                        continue;
+                }
+                vm_mem_op_finish(vm, op);
+                return;
+        }
+}
+
+void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
+                           const struct vhub_error *err) {
+        struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+
+        if (!op || op->outstanding == 0)
+                return;
+        if (r < 0) {
+                if (op->phase == VHUB_MEM_PHASE_APPLY && !op->failed) {
+                        op->failed = true;
+                        vhub_error_copy(&op->error, err);
+                        if (!op->error.device[0])
+                                snprintf(op->error.device, sizeof(op->error.device), "%s", dev->name);
+                } else if (op->phase == VHUB_MEM_PHASE_ROLLBACK && vhub_device_is_connected(dev)) {
+                        /* it holds a table nobody else has: never leave that silently */
+                        vhub_log_full(LOG_ERR, vm->name, dev->name, NULL,
+                                      "memory rollback failed; failing the device");
+                        vhub_device_fail_now(dev, "memory table rollback failed; the back-end's table is unknown");
+                        if (op->error.detail[0]) {
+                                size_t n = strlen(op->error.detail);
+
+                                snprintf(op->error.detail + n, sizeof(op->error.detail) - n,
+                                         "; device %s could not be rolled back and was failed",
+                                         dev->name);
+                        }
+                }
+        }
+        if (--op->outstanding == 0)
+                vm_mem_op_step(vm, op);
+}
+
+void vhub_vm_handshake_sync_done(struct vhub_vm *vm) {
+        if (vm->handshake_syncs == 0)
+                vm_mem_queue_run(vm);
+}
+
+/* Start the queue head if nothing blocks it. */
+static void vm_mem_queue_run(struct vhub_vm *vm) {
+        struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+
+        if (!op || op->phase != VHUB_MEM_PHASE_QUEUED || vm->handshake_syncs > 0)
+                return;
+        op->phase = VHUB_MEM_PHASE_APPLY;
+        vm_mem_fanout(vm, op);
+        vm_mem_op_step(vm, op);
+}
+
+static int vm_mem_queue(struct vhub_vm *vm, struct vhub_mem_op *op) {
+        TAILQ_INSERT_TAIL(&vm->mem_ops, op, link);
+        vm_mem_queue_run(vm);
+        return 0;
+}
+
+/* Regions once everything queued is applied (removals not counted: a
+ * limit check must hold even if they fail). */
+static size_t vm_regions_after_queue(const struct vhub_vm *vm) {
+        const struct vhub_mem_op *op;
+        size_t n = vm->mem.n;
+
+        TAILQ_FOREACH(op, &vm->mem_ops, link)
+                if (op->kind == VHUB_MEM_OP_ADD)
+                        n++;
+        return n;
+}
+
+void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call) {
+        const struct vhub_limits *lim = &vm->ctx->config->limits;
+        struct vhub_error err = { 0 };
+        struct vhub_mem_op *op, *q;
+        struct vhub_device *d;
+        size_t n_after;
+        int r;
+
+        if (vm->destroying) {
+                vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+                goto fail;
+        }
+        r = vhub_mem_table_check_new(&vm->mem, region, &err);
+        if (r < 0)
+                goto fail;
+        /* also against additions still waiting in the queue */
+        TAILQ_FOREACH(q, &vm->mem_ops, link) {
+                struct vhub_mem_table pending = { .regions = &q->region, .n = 1, .cap = 1 };
+
+                if (q->kind != VHUB_MEM_OP_ADD)
+                        continue;
+                if (vhub_mem_table_check_new(&pending, region, &err) < 0)
+                        goto fail;
+        }
+        n_after = vm_regions_after_queue(vm) + 1;
+        if (n_after > lim->regions_per_vm) {
+                vhub_error_set(&err, VHUB_ERR_LIMIT, "VM %s would have %zu regions; the limit is %u",
+                               vm->name, n_after, lim->regions_per_vm);
+                goto fail;
+        }
+        TAILQ_FOREACH(d, &vm->devices, link) {
+                if (d->removing || !d->handshaken)
+                        continue;
+                if (n_after > d->max_mem_slots) {
+                        vhub_error_set(&err, VHUB_ERR_LIMIT,
+                                       "device %s takes at most %u memory regions%s", d->name,
+                                       d->max_mem_slots,
+                                       d->max_mem_slots == 8 ? " (SET_MEM_TABLE, no CONFIGURE_MEM_SLOTS)" : "");
+                        snprintf(err.device, sizeof(err.device), "%s", d->name);
+                        goto fail;
+                }
+        }
+        op = calloc(1, sizeof(*op));
+        if (!op) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                goto fail;
+        }
+        op->kind = VHUB_MEM_OP_ADD;
+        op->region = *region;
+        op->region.id = ++vm->ctx->next_region_id;
+        op->call = call;
+        region->fd = -1; /* the op owns it now */
+        vm_mem_queue(vm, op);
+        return;
+
+fail:
+        if (region->fd >= 0) {
+                close(region->fd);
+                region->fd = -1;
+        }
+        vhub_call_fail(call, &err);
+}
+
+void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call) {
+        const struct vhub_region *r;
+        struct vhub_error err = { 0 };
+        struct vhub_mem_op *op;
+        struct vhub_device *d;
+
+        if (vm->destroying) {
+                vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+                goto fail;
+        }
+        r = vhub_mem_table_find_gpa(&vm->mem, gpa);
+        if (!r) {
+                vhub_error_set(&err, VHUB_ERR_REGION, "VM %s has no region at gpa 0x%llx", vm->name,
+                               (unsigned long long)gpa);
+                goto fail;
+        }
+        TAILQ_FOREACH(op, &vm->mem_ops, link)
+                if (op->kind == VHUB_MEM_OP_REMOVE && op->region.gpa == gpa) {
+                        vhub_error_set(&err, VHUB_ERR_STATE, "region at gpa 0x%llx is already being removed",
+                                       (unsigned long long)gpa);
+                        goto fail;
+                }
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (!d->removing && vhub_device_rings_in(d, r->gpa, r->size)) {
+                        vhub_error_set(&err, VHUB_ERR_STATE,
+                                       "region at gpa 0x%llx holds rings of running device %s; stop it first",
+                                       (unsigned long long)gpa, d->name);
+                        goto fail;
+                }
+        op = calloc(1, sizeof(*op));
+        if (!op) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                goto fail;
+        }
+        op->kind = VHUB_MEM_OP_REMOVE;
+        op->region = *r;
+        op->region.fd = -1; /* the table keeps it until commit */
+        op->call = call;
+        vm_mem_queue(vm, op);
+        return;
+
+fail:
+        vhub_call_fail(call, &err);
+}

@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A VM: a name owned by a uid, its guest memory table (the one source of
+ * truth every device's back-end is kept in line with), its devices, and
+ * the serialized queue of memory changes that fan out to them.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/types.h>
+
+#include "vhub-error.h"
+#include "vhub-memory.h"
+
+struct event;
+struct vhub_call;
+struct vhub_context;
+struct vhub_device;
+
+TAILQ_HEAD(vhub_device_list, vhub_device);
+
+enum vhub_mem_op_kind {
+        VHUB_MEM_OP_ADD,
+        VHUB_MEM_OP_REMOVE,
+};
+
+enum vhub_mem_op_phase {
+        VHUB_MEM_PHASE_QUEUED,
+        VHUB_MEM_PHASE_APPLY,
+        VHUB_MEM_PHASE_ROLLBACK,
+};
+
+/* One vm.memory.add/remove, fanned out to every connected device at once. */
+struct vhub_mem_op {
+        TAILQ_ENTRY(vhub_mem_op) link;
+        enum vhub_mem_op_kind kind;
+        enum vhub_mem_op_phase phase;
+        struct vhub_region region;      /* add: the new region (owns its fd until commit);
+                                         * remove: a copy of the region (fd not owned) */
+        struct vhub_call *call;
+        unsigned outstanding;           /* device syncs still running */
+        bool failed;
+        struct vhub_error error;        /* the first failure, naming its device */
+};
+
+TAILQ_HEAD(vhub_mem_op_list, vhub_mem_op);
+
+struct vhub_vm {
+        TAILQ_ENTRY(vhub_vm) link;
+        struct vhub_context *ctx;
+        char name[VHUB_NAME_MAX + 1];
+        uid_t uid;
+        uint64_t owner_id;              /* the control connection that owns it; 0: none */
+        uint64_t linger_ms;             /* 0: destroyed when its connection closes */
+        struct event *linger_timer;
+
+        struct vhub_mem_table mem;      /* committed regions */
+        struct vhub_mem_op_list mem_ops;/* head is the active one once started */
+        unsigned handshake_syncs;       /* device handshakes syncing memory right now */
+
+        struct vhub_device_list devices;
+        unsigned n_devices;
+
+        bool destroying;
+        struct vhub_call *destroy_call;
+};
+
+int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
+                   uint64_t owner_id, struct vhub_error *err, struct vhub_vm **ret);
+struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name);
+/* Stop and remove every device, then free the VM; call (may be NULL) completes then. */
+void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call);
+/* Free now, no back-end traffic (shutdown of last resort). */
+void vhub_vm_free(struct vhub_vm *vm);
+
+/* The owning connection closed: linger, or destroy asynchronously. */
+void vhub_vm_owner_gone(struct vhub_vm *vm);
+/* A new connection of the same uid takes over a lingering VM. */
+int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, struct vhub_error *err);
+
+/* region->fd is taken in every case (closed on failure). */
+void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);
+void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call);
+
+struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name);
+
+/* Callbacks from devices. */
+void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
+                           const struct vhub_error *err);
+void vhub_vm_handshake_sync_done(struct vhub_vm *vm);
+void vhub_vm_device_gone(struct vhub_vm *vm, struct vhub_device *dev);
+/* The mem op a device sync belongs to is active (for a handshake: wait). */
+bool vhub_vm_memory_busy(const struct vhub_vm *vm);
+/* A region by id: committed, or the one the active op is adding. */
+const struct vhub_region *vhub_vm_region_by_id(const struct vhub_vm *vm, uint64_t id);
+/* The table a device must hold once the active op (if any) is applied. */
+int vhub_vm_memory_target(const struct vhub_vm *vm, const struct vhub_region ***ret_regions,
+                          size_t *ret_n);
