@@ -165,15 +165,19 @@ class Client:
     def send_raw(self, data, fds=()):
         """Send bytes exactly as given (fds attached to the first byte)."""
         data = bytes(data)
-        with self._send_lock:
-            if fds:
-                n = socket.send_fds(self.sock, [data], list(fds), 0, None)
-                # send_fds goes through sendmsg: partial writes keep the fds with
-                # the first chunk; the rest follows plain.
-                if n < len(data):
-                    self.sock.sendall(data[n:])
-            else:
-                self.sock.sendall(data)
+        nosig = socket.MSG_NOSIGNAL
+        try:
+            with self._send_lock:
+                if fds:
+                    n = socket.send_fds(self.sock, [data], list(fds), nosig, None)
+                    # A partial write keeps the fds with the first chunk; the
+                    # rest follows plain.
+                    if n < len(data):
+                        self.sock.sendall(data[n:], nosig)
+                else:
+                    self.sock.sendall(data, nosig)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ConnectionClosed("send failed: the daemon closed the connection (%s)" % e) from e
 
     def _next_id(self):
         return next(self._ids)
