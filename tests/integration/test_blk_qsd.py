@@ -33,11 +33,11 @@ def main(t):
     c = daemon.client()
     info = c.call("daemon.info")
     check_eq(info["pid"], daemon.pid, "daemon.info pid")
-    baseline = daemon.fd_count()
+    baseline = daemon.settled_fd_count(c)
     log("daemon fd baseline with one control connection: %d" % baseline)
 
     sock = daemon.backend_socket("blk0.sock")
-    qsd = t.enter(QsdBackend(sock, img, num_queues=2, log_dir=d))
+    qsd = t.enter(QsdBackend(img, sock, num_queues=2, log_dir=d))
     mem = t.enter(GuestMemory(32 << 20))
     vmm = Vmm(c, "vm0")
     vmm.create()

@@ -31,7 +31,7 @@ def main(t):
         f.write(content)
     daemon = t.enter(Daemon(d))
     c = daemon.client()
-    baseline = daemon.fd_count()
+    baseline = daemon.settled_fd_count(c)
     log("daemon fd baseline with one control connection: %d" % baseline)
 
     sock = daemon.backend_socket("fs0.sock")

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The harness against the real back-ends through direct.py (no vhubd).
 
-    test_harness_direct.py [blk] [net] [fs] [restart] [net-client]   (default: all)
+    test_harness_direct.py [blk] [net] [fs] [restart] [null] [net-client]   (default: all)
 
 blk: qemu-storage-daemon; config capacity == image size, 2 queues, many
      concurrent writes then reads verified against the image file.
 net: dpdk-testpmd io forwarding; frames sent on TX come back intact on RX.
 fs:  virtiofsd; FUSE_INIT, GETATTR of the root, LOOKUP+OPEN+READ of a file.
 restart: qsd SIGKILLed and restarted keeps the data; virtiofsd started twice.
+null: 16 null-co exports served by one qemu-storage-daemon.
 net-client: testpmd in client mode connects to our socket, twice.
 """
 
@@ -17,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, direct, fs, net, scenarios          # noqa: E402
-from vhubtest.backends import QsdBackend, TestpmdBackend, VirtiofsdBackend  # noqa: E402
+from vhubtest.backends import (QsdBackend, QsdNullBackend, TestpmdBackend,  # noqa: E402
+                               VirtiofsdBackend)
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import Skip, check, check_eq, log, run   # noqa: E402
 
@@ -29,7 +31,7 @@ def scenario_blk(t):
     img = os.path.join(d, "disk.img")
     initial = scenarios.make_image(img, IMAGE_SIZE)
     sock = os.path.join(d, "blk.sock")
-    t.enter(QsdBackend(sock, img, num_queues=2, log_dir=d))
+    t.enter(QsdBackend(img, sock, num_queues=2, log_dir=d))
     mem = t.enter(GuestMemory(32 << 20))
     fe = t.enter(direct.DirectFrontend.connect(sock))
     fe.handshake()
@@ -130,7 +132,7 @@ def scenario_restart(t):
     img = os.path.join(d, "disk.img")
     scenarios.make_image(img, 1 << 20)
     sock = os.path.join(d, "blk.sock")
-    qsd = t.enter(QsdBackend(sock, img, num_queues=1, log_dir=d))
+    qsd = t.enter(QsdBackend(img, sock, num_queues=1, log_dir=d))
     mem = t.enter(GuestMemory(8 << 20))
     fe = direct.DirectFrontend.connect(sock)
     t.defer(fe.close)
@@ -170,6 +172,26 @@ def scenario_restart(t):
             vfs.start()
 
 
+def scenario_null(t):
+    """Many null-co exports in one qemu-storage-daemon, each its own device."""
+    d = t.tmpdir()
+    socks = [os.path.join(d, "null%d.sock" % i) for i in range(16)]
+    t.enter(QsdNullBackend(socks, size=1 << 20, log_dir=d))
+    mem = t.enter(GuestMemory(4 << 20))
+    for i, sock in enumerate(socks):
+        fe = t.enter(direct.DirectFrontend.connect(sock))
+        fe.handshake()
+        cap = blk.parse_config(fe.get_config(0, 8))["capacity"]
+        if cap != 2048:
+            check_eq(cap, 2048, "null export %d capacity" % i)
+        q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+        fe.setup(mem, scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ), [q.vq])
+        q.write_sectors(i, bytes([i + 1]) * 512)
+        if len(q.read_sectors(i, 1)) != 512:
+            check(False, "null export %d read" % i)
+    log("ok: 16 null-co exports of one process: capacity 2048 sectors, write+read each")
+
+
 def scenario_net_client(t):
     """testpmd with client=1 connects to the socket we listen on, and
     reconnects after we close."""
@@ -193,7 +215,8 @@ def scenario_net_client(t):
 
 
 SCENARIOS = {"blk": scenario_blk, "net": scenario_net, "fs": scenario_fs,
-             "restart": scenario_restart, "net-client": scenario_net_client}
+             "restart": scenario_restart, "null": scenario_null,
+             "net-client": scenario_net_client}
 
 
 def main(t):

@@ -26,7 +26,7 @@ def main(t):
     d = t.tmpdir()
     daemon = t.enter(Daemon(d))
     c = daemon.client()
-    baseline = daemon.fd_count()
+    baseline = daemon.settled_fd_count(c)
     log("daemon fd baseline with one control connection: %d" % baseline)
 
     sock = daemon.backend_socket("net0.sock")

@@ -124,7 +124,7 @@ class QsdBackend(Backend):
     """qemu-storage-daemon exporting IMG as vhost-user-blk on `socket`."""
     name = "qsd"
 
-    def __init__(self, socket, image, num_queues=2, log_dir=None):
+    def __init__(self, image, socket, num_queues=2, log_dir=None):
         require_binary(QSD, "qemu-storage-daemon")
         super().__init__([socket], log_dir)
         self.image = image

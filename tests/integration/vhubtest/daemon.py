@@ -119,6 +119,25 @@ class Daemon:
                 pass
         return out
 
+    def settled_fd_count(self, client=None, settle=0.1, timeout=5.0):
+        """The fd count once it holds still for `settle` seconds.
+
+        With a client, a daemon.info round trip first: a connect() succeeds
+        before the daemon accept()s, so only an answered request proves the
+        connection's fd exists in the daemon."""
+        if client is not None:
+            client.call("daemon.info")
+        deadline = time.monotonic() + timeout
+        last, since = self.fd_count(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            n = self.fd_count()
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                break
+        return last
+
     def wait_fd_count(self, want, timeout=5.0):
         """Until fd_count() == want (fds close asynchronously); returns the count."""
         deadline = time.monotonic() + timeout
