@@ -241,10 +241,10 @@ static json_t *device_params(struct vmm *x) {
 static int step_daemon_info(struct vmm *x) {
         json_t *res;
         uint64_t pf = 0;
-        int r = rpc(x, "daemon.info", NULL, NULL, 0, &res);
+        int r = rpc(x, "daemon.info", json_object(), NULL, 0, &res);
 
         if (r < 0)
-                return r;
+                return r == -EREMOTEIO ? 0 : r; /* informational: go on if it is refused */
         (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
         logmsg(x, "  vhubd %s, pid %" JSON_INTEGER_FORMAT ", up %" JSON_INTEGER_FORMAT
                   " ms, protocol features 0x%" PRIx64,

@@ -503,6 +503,8 @@ static void test_errors(void) {
                 int bad = -1;
                 CHECK_EQ(vhub_client_send_request(c, "x", json_object(), &bad, 1, NULL), -EBADF);
         }
+        CHECK_EQ(vhub_client_wait_response(c, 0, 0, &r, NULL, NULL, NULL), -EINVAL);
+        CHECK_EQ(vhub_client_wait_response(c, 1000, 0, &r, NULL, NULL, NULL), -EINVAL);
         CHECK_EQ(vhub_client_get_error(c), 0);
 
         scenario_finish(&sc);

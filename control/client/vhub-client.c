@@ -769,6 +769,8 @@ static int client_deliver_response(struct client_msg *m, json_t **ret_result, in
 static int client_wait_response(struct vhub_client *c, uint64_t id, int64_t deadline,
                                 json_t **ret_result, int **ret_fds, unsigned *ret_n_fds,
                                 struct vhub_client_error *ret_err) {
+        if (id == 0 || id >= c->next_id)
+                return -EINVAL; /* never sent: nothing will ever answer it */
         for (;;) {
                 struct client_msg *m = msg_queue_take(&c->responses, true, id);
                 int r;

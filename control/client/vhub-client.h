@@ -120,7 +120,8 @@ int vhub_client_send_request(struct vhub_client *c, const char *method, json_t *
  * fds it carried closed.  -ETIMEDOUT leaves the response pending: it can
  * be waited for again, or dropped with vhub_client_abandon().
  * A JSON-RPC error with "id": null (the daemon refusing our framing) breaks
- * the connection: -EPROTO, with *ret_err filled from it.
+ * the connection: -EPROTO, with *ret_err filled from it.  -EINVAL for an
+ * id that was never sent.
  */
 int vhub_client_wait_response(struct vhub_client *c, uint64_t id, int timeout_ms,
                               json_t **ret_result, int **ret_fds, unsigned *ret_n_fds,
