@@ -907,7 +907,11 @@ int main(int argc, char **argv) {
         }
         vhub_client_free(x->c);
         vhub_guest_mem_free(x->mem);
-        if (r < 0)
+        if (r == -EREMOTEIO)
+                logmsg(x, "FAILED: the daemon refused a call (see above)");
+        else if (r == -EIO)
+                logmsg(x, "FAILED: data or ring state did not verify (see above)");
+        else if (r < 0)
                 logmsg(x, "FAILED (%s)", strerror(-r));
         else
                 logmsg(x, "all steps OK");
