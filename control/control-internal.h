@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: MIT */
+/* Shared by the control server's connection handling and its methods. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/types.h>
+
+#include "control-server.h"
+#include "rpc-conn.h"
+#include "vhub-call.h"
+#include "vhub-error.h"
+
+struct event;
+struct vhub_context;
+struct vhub_vm;
+struct control_batch;
+
+struct control_conn {
+        TAILQ_ENTRY(control_conn) link;
+        struct control_server *srv;
+        struct rpc_conn *rpc;        /* NULL once closed */
+        uint64_t id;                 /* owner id of the VMs it creates */
+        uid_t uid;
+        pid_t pid;
+        unsigned refs;               /* 1 for the connection + 1 per pending call */
+        unsigned pending;            /* calls waiting on the model */
+        bool sub_all;                /* events of every VM of its uid */
+        char **sub_vms;              /* events of these VMs (of sub_uid) */
+        uid_t *sub_uids;
+        size_t n_sub_vms;
+};
+
+TAILQ_HEAD(control_conn_list, control_conn);
+
+struct control_server {
+        struct vhub_context *ctx;
+        int listen_fd;
+        char *path;                  /* created by us; unlinked at free */
+        struct event *ev_accept;
+        struct control_conn_list conns;
+        unsigned n_conns;
+        uint64_t next_conn_id;
+        struct control_server_options opts;
+};
+
+/* One request being handled (a batch element or a lone request). */
+struct control_req {
+        struct control_conn *conn;
+        json_t *id;                  /* NULL: a notification, nothing is answered */
+        json_t *params;
+        struct rpc_fds *fds;
+        struct control_batch *batch;
+        unsigned batch_index;
+};
+
+struct control_call;
+typedef json_t *(*control_result_fn)(struct control_call *cc);
+
+/* A request waiting on the model: owns references to its connection. */
+struct control_call {
+        struct vhub_call call;
+        struct control_conn *conn;
+        json_t *id;
+        struct control_batch *batch;
+        unsigned batch_index;
+        control_result_fn make_result; /* NULL: {} */
+        void *data;                    /* for make_result */
+        void (*free_data)(void *data);
+        int reply_fds[2];              /* make_result may attach fds (owned, closed after) */
+        unsigned n_reply_fds;
+};
+
+void control_conn_ref(struct control_conn *c);
+void control_conn_unref(struct control_conn *c);
+
+/* Answer a request: result (stolen) or error. */
+void control_req_result(struct control_req *req, json_t *result);
+void control_req_error(struct control_req *req, const struct vhub_error *err);
+void control_req_result_fds(struct control_req *req, json_t *result, const int *fds, unsigned n);
+
+/* For calls into the model: allocate, then pass &cc->call; done answers. */
+struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
+
+/* The method table (control-methods.c). */
+void control_dispatch(struct control_req *req, const char *method);
+
+/* Resolve the VM a request names (vm + optional uid), honouring isolation. */
+int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

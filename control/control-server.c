@@ -1,0 +1,552 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "control-internal.h"
+#include "control-params.h"
+#include "vhub-context.h"
+#include "vhub-log.h"
+#include "vhub-vm.h"
+
+/* A batch: answered as one array once every element is answered. */
+struct control_batch {
+        struct control_conn *conn;
+        json_t *responses;       /* array, slot i = element i's response or null */
+        unsigned remaining;
+};
+
+void control_conn_ref(struct control_conn *c) {
+        c->refs++;
+}
+
+void control_conn_unref(struct control_conn *c) {
+        if (--c->refs > 0)
+                return;
+        for (size_t i = 0; i < c->n_sub_vms; i++)
+                free(c->sub_vms[i]);
+        free(c->sub_vms);
+        free(c->sub_uids);
+        free(c);
+}
+
+static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
+        if (c->rpc)
+                (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
+}
+
+static json_t *error_object(json_t *id, const struct vhub_error *err) {
+        json_t *data = json_object();
+        json_t *e;
+
+        json_object_set_new(data, "detail", json_string(err->detail));
+        if ((err->code == VHUB_ERR_BACKEND || err->code == VHUB_ERR_TIMEOUT) && err->device[0]) {
+                json_object_set_new(data, "device", json_string(err->device));
+                json_object_set_new(data, "request", err->request ? json_string(err->request) : json_null());
+        } else if (err->device[0]) {
+                json_object_set_new(data, "device", json_string(err->device));
+        }
+        e = json_pack("{s:i, s:s, s:o}", "code", err->code, "message", vhub_error_message(err->code),
+                      "data", data);
+        return json_pack("{s:s, s:O, s:o}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error", e);
+}
+
+static void batch_slot(struct control_batch *b, unsigned index, json_t *response) {
+        if (index < json_array_size(b->responses))
+                json_array_set_new(b->responses, index, response ? response : json_null());
+        else
+                json_decref(response);
+        if (--b->remaining > 0)
+                return;
+        /* every element answered: send those that are not a notification's */
+        {
+                json_t *out = json_array();
+                size_t i;
+                json_t *v;
+
+                json_array_foreach(b->responses, i, v)
+                        if (!json_is_null(v))
+                                json_array_append(out, v);
+                if (json_array_size(out) > 0)
+                        conn_send(b->conn, out, NULL, 0);
+                json_decref(out);
+        }
+        json_decref(b->responses);
+        control_conn_unref(b->conn);
+        free(b);
+}
+
+static void respond(struct control_conn *c, json_t *id, struct control_batch *b, unsigned index,
+                    json_t *response, const int *fds, unsigned n_fds) {
+        if (b) {
+                /* fds cannot ride in a batch answer's slots; methods with fds
+                 * in their result are refused inside batches beforehand */
+                batch_slot(b, index, id ? response : NULL);
+                if (!id)
+                        json_decref(response);
+                return;
+        }
+        if (id)
+                conn_send(c, response, fds, n_fds);
+        json_decref(response);
+}
+
+void control_req_result_fds(struct control_req *req, json_t *result, const int *fds, unsigned n) {
+        json_t *msg = json_pack("{s:s, s:O, s:o}", "jsonrpc", "2.0", "id",
+                                req->id ? req->id : json_null(), "result", result);
+
+        if (n > 0)
+                json_object_set_new(msg, "fds", json_integer(n));
+        respond(req->conn, req->id, req->batch, req->batch_index, msg, fds, n);
+}
+
+void control_req_result(struct control_req *req, json_t *result) {
+        control_req_result_fds(req, result, NULL, 0);
+}
+
+void control_req_error(struct control_req *req, const struct vhub_error *err) {
+        respond(req->conn, req->id, req->batch, req->batch_index, error_object(req->id, err), NULL, 0);
+}
+
+/* ---- calls waiting on the model ---- */
+
+static void control_call_done(struct vhub_call *call) {
+        struct control_call *cc = (struct control_call *)call;
+        struct control_req req = {
+                .conn = cc->conn, .id = cc->id, .batch = cc->batch, .batch_index = cc->batch_index,
+        };
+
+        if (call->result < 0) {
+                control_req_error(&req, &call->error);
+        } else if (cc->make_result) {
+                json_t *res = cc->make_result(cc);
+
+                if (!res) {
+                        struct vhub_error e;
+
+                        vhub_error_set(&e, VHUB_ERR_INTERNAL, "out of memory");
+                        control_req_error(&req, &e);
+                } else {
+                        control_req_result_fds(&req, res, cc->reply_fds, cc->n_reply_fds);
+                }
+        } else {
+                control_req_result(&req, json_object());
+        }
+        for (unsigned i = 0; i < cc->n_reply_fds; i++)
+                close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        if (cc->free_data)
+                cc->free_data(cc->data);
+        cc->conn->pending--;
+        control_conn_unref(cc->conn);
+        json_decref(cc->id);
+        free(cc);
+}
+
+struct control_call *control_call_new(struct control_req *req, control_result_fn make_result) {
+        struct control_call *cc = calloc(1, sizeof(*cc));
+
+        if (!cc)
+                return NULL;
+        cc->call.done = control_call_done;
+        cc->conn = req->conn;
+        cc->id = req->id ? json_incref(req->id) : NULL;
+        cc->batch = req->batch;
+        cc->batch_index = req->batch_index;
+        cc->make_result = make_result;
+        control_conn_ref(req->conn);
+        req->conn->pending++;
+        return cc;
+}
+
+/* ---- requests ---- */
+
+static bool valid_id(json_t *id) {
+        return json_is_string(id) || json_is_integer(id) || json_is_real(id) || json_is_null(id);
+}
+
+static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
+                           struct control_batch *b, unsigned index) {
+        static const char *const top[] = { "jsonrpc", "method", "params", "id", "fds", NULL };
+        struct control_req req = { .conn = c, .fds = fds, .batch = b, .batch_index = index };
+        struct vhub_error err = { 0 };
+        json_t *id, *params, *method, *version;
+        json_t *empty = NULL;
+
+        if (!json_is_object(msg)) {
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "a request must be a JSON object");
+                req.id = json_null();
+                control_req_error(&req, &err);
+                return;
+        }
+        id = json_object_get(msg, "id");
+        req.id = id;
+        version = json_object_get(msg, "jsonrpc");
+        method = json_object_get(msg, "method");
+        params = json_object_get(msg, "params");
+        if (id && !valid_id(id)) {
+                req.id = json_null();
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "'id' must be a string, number or null");
+                control_req_error(&req, &err);
+                return;
+        }
+        if (!json_is_string(version) || strcmp(json_string_value(version), "2.0") != 0 ||
+            !json_is_string(method) || params_check_members_in(msg, "", top, &err) < 0) {
+                if (err.code == 0)
+                        vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST,
+                                       "a request needs \"jsonrpc\": \"2.0\" and a string \"method\"");
+                err.code = VHUB_ERR_INVALID_REQUEST;
+                if (!req.id)
+                        req.id = json_null(); /* answer even a broken notification */
+                control_req_error(&req, &err);
+                return;
+        }
+        if (params && !json_is_object(params)) {
+                vhub_error_set(&err, VHUB_ERR_PARAMS, "'params' must be an object");
+                control_req_error(&req, &err);
+                return;
+        }
+        if (!params)
+                params = empty = json_object();
+        req.params = params;
+        control_dispatch(&req, json_string_value(method));
+        json_decref(empty);
+}
+
+static unsigned element_fds(json_t *e) {
+        json_t *n = json_is_object(e) ? json_object_get(e, "fds") : NULL;
+
+        return json_is_integer(n) ? (unsigned)json_integer_value(n) : 0;
+}
+
+static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
+        struct control_conn *c = userdata;
+
+        control_conn_ref(c);
+        if (json_is_array(msg)) {
+                size_t n = json_array_size(msg), i;
+                struct control_batch *b;
+                unsigned off = 0;
+                json_t *e;
+
+                if (n == 0) {
+                        struct control_req req = { .conn = c, .id = json_null() };
+                        struct vhub_error err;
+
+                        vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
+                        control_req_error(&req, &err);
+                        goto out;
+                }
+                b = calloc(1, sizeof(*b));
+                if (!b)
+                        goto out;
+                b->conn = c;
+                control_conn_ref(c);
+                b->responses = json_array();
+                b->remaining = (unsigned)n + 1; /* +1 held until the loop ends */
+                for (i = 0; i < n; i++)
+                        json_array_append_new(b->responses, json_null());
+                json_array_foreach(msg, i, e) {
+                        /* element i's fds follow those of the elements before it */
+                        unsigned k = element_fds(e);
+                        struct rpc_fds sub = { .fds = NULL, .n = 0 };
+
+                        if (k > 0 && off + k <= fds->n) {
+                                sub.fds = calloc(k, sizeof(int));
+                                if (sub.fds) {
+                                        for (unsigned j = 0; j < k; j++)
+                                                sub.fds[j] = rpc_fds_take(fds, off + j);
+                                        sub.n = k;
+                                }
+                        }
+                        off += k;
+                        handle_request(c, e, &sub, b, (unsigned)i);
+                        rpc_fds_clear(&sub);
+                }
+                batch_slot(b, (unsigned)n, NULL); /* drops the hold; index n is past the end */
+        } else {
+                handle_request(c, msg, fds, NULL, 0);
+        }
+out:
+        rpc_fds_clear(fds); /* what the request did not take */
+        json_decref(msg);
+        control_conn_unref(c);
+}
+
+static void conn_close(struct control_conn *c, const char *reason) {
+        struct control_server *s = c->srv;
+        struct vhub_vm *vm, *next;
+
+        if (!c->rpc)
+                return;
+        vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) closed: %s",
+                      (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
+        c->rpc = rpc_conn_free(c->rpc);
+        TAILQ_REMOVE(&s->conns, c, link);
+        s->n_conns--;
+        /* its VMs linger or go away; none of this waits for back-ends */
+        for (vm = TAILQ_FIRST(&s->ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                if (vm->owner_id == c->id)
+                        vhub_vm_owner_gone(vm);
+        }
+        control_conn_unref(c);
+}
+
+static void conn_on_close(struct rpc_conn *rpc, const char *reason, void *userdata) {
+        conn_close(userdata, reason);
+}
+
+static const struct rpc_conn_ops conn_ops = {
+        .on_message = conn_on_message,
+        .on_close = conn_on_close,
+};
+
+static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
+        struct control_server *s = userdata;
+        struct control_conn *c;
+        int fd, r;
+
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0)
+                return;
+        if (s->n_conns >= s->opts.max_connections) {
+                static const char msg[] =
+                        "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32008,\"message\":\"resource limit reached\","
+                        "\"data\":{\"detail\":\"too many control connections\"}}}\n";
+
+                (void)send(fd, msg, sizeof(msg) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+                close(fd);
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "refused a control connection: %u connections is the limit", s->n_conns);
+                return;
+        }
+        c = calloc(1, sizeof(*c));
+        if (!c) {
+                close(fd);
+                return;
+        }
+        c->srv = s;
+        c->refs = 1;
+        c->id = ++s->next_conn_id;
+        r = rpc_conn_new(s->ctx->base, fd, &s->opts.limits, &conn_ops, c, &c->rpc);
+        if (r < 0) { /* rpc_conn_new closed fd */
+                free(c);
+                return;
+        }
+        c->uid = rpc_conn_peer_uid(c->rpc);
+        c->pid = rpc_conn_peer_pid(c->rpc);
+        TAILQ_INSERT_TAIL(&s->conns, c, link);
+        s->n_conns++;
+        vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
+                      (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
+}
+
+/* ---- events ---- */
+
+static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
+        if (vm->owner_id == c->id)
+                return true;
+        if (c->uid != 0 && c->uid != vm->uid)
+                return false;
+        if (c->sub_all && c->uid == vm->uid)
+                return true;
+        for (size_t i = 0; i < c->n_sub_vms; i++)
+                if (c->sub_uids[i] == vm->uid && strcmp(c->sub_vms[i], vm->name) == 0)
+                        return true;
+        return false;
+}
+
+static json_t *event_params(const struct vhub_event *ev) {
+        json_t *p = json_pack("{s:s, s:s}", "event", vhub_event_type_to_string(ev->type), "vm",
+                              ev->vm->name);
+
+        if (ev->device)
+                json_object_set_new(p, "device", json_string(ev->device));
+        switch (ev->type) {
+        case VHUB_EV_DISCONNECTED:
+        case VHUB_EV_FAILED:
+                json_object_set_new(p, "reason", json_string(ev->reason ? ev->reason : ""));
+                break;
+        case VHUB_EV_RECONNECTED: {
+                json_t *v = json_array();
+
+                for (unsigned i = 0; i < ev->n_vrings; i++)
+                        json_array_append_new(v, json_pack("{s:I, s:I, s:I}", "index",
+                                                           (json_int_t)ev->vrings[i].index, "base",
+                                                           (json_int_t)ev->vrings[i].base, "outstanding",
+                                                           (json_int_t)ev->vrings[i].outstanding));
+                json_object_set_new(p, "reconnects", json_integer(ev->reconnects));
+                json_object_set_new(p, "exact", json_boolean(ev->exact));
+                json_object_set_new(p, "vrings", v);
+                break;
+        }
+        case VHUB_EV_LINGERING:
+                json_object_set_new(p, "linger_ms", json_u64(ev->linger_ms));
+                break;
+        case VHUB_EV_BACKEND_REQUEST:
+                json_object_set_new(p, "request", json_string(ev->request ? ev->request : ""));
+                json_object_set_new(p, "token", json_u64(ev->token));
+                for (unsigned i = 0; i < ev->n_fields; i++)
+                        json_object_set_new(p, ev->fields[i].key, json_u64(ev->fields[i].value));
+                if (ev->n_fds == 1)
+                        json_object_set_new(p, "fd", json_integer(0));
+                else if (ev->n_fds > 1) {
+                        json_t *a = json_array();
+
+                        for (unsigned i = 0; i < ev->n_fds; i++)
+                                json_array_append_new(a, json_integer(i));
+                        json_object_set_new(p, "fds_index", a);
+                }
+                break;
+        default:
+                break;
+        }
+        return p;
+}
+
+static void server_emit(void *userdata, const struct vhub_event *ev) {
+        struct control_server *s = userdata;
+        struct control_conn *c, *next;
+        json_t *msg = NULL;
+
+        for (c = TAILQ_FIRST(&s->conns); c; c = next) {
+                next = TAILQ_NEXT(c, link);
+                if (!c->rpc || !conn_wants(c, ev->vm))
+                        continue;
+                if (!msg) {
+                        msg = json_pack("{s:s, s:s, s:o}", "jsonrpc", "2.0", "method", "event", "params",
+                                        event_params(ev));
+                        if (ev->n_fds > 0)
+                                json_object_set_new(msg, "fds", json_integer(ev->n_fds));
+                }
+                /* a client that does not read is dropped by rpc_conn's bound,
+                 * never allowed to block the daemon or grow without limit */
+                conn_send(c, msg, ev->fds, ev->n_fds);
+        }
+        json_decref(msg);
+}
+
+/* ---- listening socket ---- */
+
+static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        char dir[sizeof(sa.sun_path)];
+        mode_t old_umask;
+        char *slash;
+        int fd, r;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+        snprintf(dir, sizeof(dir), "%s", path);
+        slash = strrchr(dir, '/');
+        if (slash && slash != dir) {
+                *slash = '\0';
+                /* 0755: clients traverse it; the socket's own mode guards access */
+                if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+                        return -errno;
+        }
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        /* a live daemon keeps its socket; a stale one is replaced */
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+                close(fd);
+                return -EADDRINUSE;
+        }
+        close(fd);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return -errno;
+        (void)unlink(path);
+        old_umask = umask(0177); /* never world-accessible, not even for a moment */
+        r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+        umask(old_umask);
+        if (r < 0 || chmod(path, mode) < 0 || (gid_set && chown(path, (uid_t)-1, gid) < 0) ||
+            listen(fd, 64) < 0) {
+                r = -errno;
+                close(fd);
+                (void)unlink(path);
+                return r;
+        }
+        return fd;
+}
+
+int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
+                       struct control_server **ret) {
+        struct control_server *s = calloc(1, sizeof(*s));
+        int r;
+
+        if (!s)
+                return -ENOMEM;
+        s->ctx = ctx;
+        s->opts = *o;
+        s->listen_fd = -1;
+        TAILQ_INIT(&s->conns);
+        if (o->listen_fd >= 0) {
+                s->listen_fd = o->listen_fd;
+                r = fcntl(s->listen_fd, F_GETFL);
+                if (r >= 0)
+                        (void)fcntl(s->listen_fd, F_SETFL, r | O_NONBLOCK);
+                (void)fcntl(s->listen_fd, F_SETFD, FD_CLOEXEC);
+        } else {
+                r = create_socket(o->path, o->mode, o->gid, o->gid_set);
+                if (r < 0) {
+                        free(s);
+                        return r;
+                }
+                s->listen_fd = r;
+                s->path = strdup(o->path);
+        }
+        s->ev_accept = event_new(ctx->base, s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
+        if (!s->ev_accept || event_add(s->ev_accept, NULL) < 0) {
+                control_server_free(s);
+                return -ENOMEM;
+        }
+        ctx->events.emit = server_emit;
+        ctx->events.userdata = s;
+        *ret = s;
+        return 0;
+}
+
+void control_server_shutdown(struct control_server *s) {
+        struct control_conn *c;
+
+        if (s->ev_accept)
+                event_del(s->ev_accept);
+        while ((c = TAILQ_FIRST(&s->conns)))
+                conn_close(c, "daemon shutting down");
+}
+
+struct control_server *control_server_free(struct control_server *s) {
+        if (!s)
+                return NULL;
+        control_server_shutdown(s);
+        if (s->ctx->events.userdata == s)
+                s->ctx->events.emit = NULL;
+        if (s->ev_accept)
+                event_free(s->ev_accept);
+        if (s->listen_fd >= 0)
+                close(s->listen_fd);
+        if (s->path) {
+                (void)unlink(s->path);
+                free(s->path);
+        }
+        free(s);
+        return NULL;
+}
+
+unsigned control_server_n_connections(const struct control_server *s) {
+        return s->n_conns;
+}
+
+const char *control_server_path(const struct control_server *s) {
+        return s->path;
+}

@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The control socket: accepts VMM connections, identifies each by
+ * SO_PEERCRED, turns JSON-RPC requests into calls on the daemon's model and
+ * the model's events into notifications.  The model never sees JSON.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+#include "rpc-conn.h"
+
+struct vhub_context;
+struct control_server;
+
+struct control_server_options {
+        const char *path;        /* socket to create (ignored if listen_fd >= 0) */
+        int listen_fd;           /* from socket activation, or -1 */
+        mode_t mode;
+        gid_t gid;
+        bool gid_set;
+        unsigned max_connections;
+        unsigned max_pending;    /* calls waiting on back-ends, per connection */
+        struct rpc_conn_limits limits;
+};
+
+int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
+                       struct control_server **ret);
+struct control_server *control_server_free(struct control_server *s);
+/* Stop accepting and drop every connection (shutdown). */
+void control_server_shutdown(struct control_server *s);
+unsigned control_server_n_connections(const struct control_server *s);
+/* The path of the socket this server created (NULL for an inherited one). */
+const char *control_server_path(const struct control_server *s);

@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdlib.h>
+#include <string.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include "vhub-log.h"
+#include "vhub-sd.h"
+
+struct vhub_sd {
+        struct event *ev_watchdog;
+        uint64_t watchdog_usec;
+};
+
+static void watchdog_cb(evutil_socket_t fd, short what, void *userdata) {
+        /* sent from the event loop: a stuck loop stops the pings */
+        sd_notify(0, "WATCHDOG=1");
+}
+
+int vhub_sd_new(struct event_base *base, struct vhub_sd **ret) {
+        struct vhub_sd *sd = calloc(1, sizeof(*sd));
+        uint64_t usec = 0;
+
+        if (!sd)
+                return -ENOMEM;
+        if (sd_watchdog_enabled(0, &usec) > 0 && usec > 0) {
+                struct timeval tv = { .tv_sec = (time_t)(usec / 2 / 1000000),
+                                      .tv_usec = (suseconds_t)(usec / 2 % 1000000) };
+
+                sd->watchdog_usec = usec;
+                sd->ev_watchdog = event_new(base, -1, EV_PERSIST, watchdog_cb, sd);
+                if (!sd->ev_watchdog || event_add(sd->ev_watchdog, &tv) < 0) {
+                        vhub_sd_free(sd);
+                        return -ENOMEM;
+                }
+                log_debug("watchdog every %llu us", (unsigned long long)(usec / 2));
+        }
+        *ret = sd;
+        return 0;
+}
+
+struct vhub_sd *vhub_sd_free(struct vhub_sd *sd) {
+        if (!sd)
+                return NULL;
+        if (sd->ev_watchdog)
+                event_free(sd->ev_watchdog);
+        free(sd);
+        return NULL;
+}
+
+void vhub_sd_ready(struct vhub_sd *sd, const char *status) {
+        sd_notifyf(0, "READY=1\nSTATUS=%s", status);
+}
+
+void vhub_sd_status(struct vhub_sd *sd, const char *status) {
+        sd_notifyf(0, "STATUS=%s", status);
+}
+
+void vhub_sd_stopping(struct vhub_sd *sd) {
+        sd_notify(0, "STOPPING=1\nSTATUS=shutting down");
+}
+
+int vhub_sd_listen_fd(void) {
+        char **names = NULL;
+        int n, fd = -1;
+
+        n = sd_listen_fds_with_names(1, &names);
+        if (n <= 0)
+                return -1;
+        for (int i = 0; i < n; i++)
+                if (names && names[i] && strcmp(names[i], "control") == 0)
+                        fd = SD_LISTEN_FDS_START + i;
+        if (fd < 0 && n == 1)
+                fd = SD_LISTEN_FDS_START;
+        /* close the ones we do not use */
+        for (int i = 0; i < n; i++)
+                if (SD_LISTEN_FDS_START + i != fd)
+                        close(SD_LISTEN_FDS_START + i);
+        if (names) {
+                for (int i = 0; i < n; i++)
+                        free(names[i]);
+                free(names);
+        }
+        return fd;
+}
