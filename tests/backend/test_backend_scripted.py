@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""vhub-test-backend driven through vhubtest.testbackend.TestBackend and the
+harness's own front-end (vhubtest.direct) and blk driver: an independent
+cross-check of the back-end, and of every scripted behaviour.
+
+    test_backend_scripted.py [blk] [misbehave] [handshake] [channel] [state]
+"""
+
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+
+from vhubtest import blk, direct, scenarios
+from vhubtest.direct import DirectFrontend, VhostUserError, BackendClosed, bit
+from vhubtest.memory import GuestMemory
+from vhubtest.testbackend import TestBackend, TestBackendError
+from vhubtest.testing import check, check_eq, expect_error, log, run
+
+IMAGE_SIZE = 16 << 20
+PF_SHARED_OBJECT = 18
+PF_DEVICE_STATE = 19
+SET_DEVICE_STATE_FD = 42
+CHECK_DEVICE_STATE = 43
+GET_SHARED_OBJECT = 41
+
+
+def backend(t, d, socks, args=(), connect=()):
+    tb = TestBackend([os.path.join(d, s) for s in socks], args=list(args),
+                     connect=[os.path.join(d, s) for s in connect], log_dir=d)
+    t.add_log("vhub-test-backend", tb.log_path)
+    return t.enter(tb)
+
+
+def recv_msg(sock, timeout=5.0):
+    """One message with its fds: (request, flags, payload, [fds])."""
+    sock.settimeout(timeout)
+    data, anc, _, _ = sock.recvmsg(12, socket.CMSG_SPACE(8 * 4))
+    fds = []
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(struct.unpack("%di" % (len(cdata) // 4), cdata[:len(cdata) // 4 * 4]))
+    if len(data) < 12:
+        data += recv_exact(sock, 12 - len(data))
+    req, flags, size = struct.unpack("<III", data)
+    payload = recv_exact(sock, size) if size else b""
+    return req, flags, payload, fds
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise BackendClosed("EOF")
+        buf += chunk
+    return buf
+
+
+def readable(sock, timeout):
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def scenario_blk(t):
+    """The harness's blk driver against the test back-end, out of order."""
+    d = t.tmpdir()
+    img = os.path.join(d, "disk.img")
+    initial = scenarios.make_image(img, IMAGE_SIZE)
+    tb = backend(t, d, ["blk.sock"], ["--disk", img, "--complete", "random", "--delay-ms", "3",
+                                      "--seed", "5"])
+    mem = t.enter(GuestMemory(32 << 20))
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0]))
+    fe.handshake()
+    check_eq(fe.queue_num, 2, "GET_QUEUE_NUM")
+    check_eq(fe.max_mem_slots, 32, "GET_MAX_MEM_SLOTS")
+    cfg = blk.parse_config(fe.get_config(0, 60))
+    check_eq(cfg["capacity"], IMAGE_SIZE // 512, "config capacity")
+    queues = [blk.BlkQueue(mem, index=i, size=128) for i in range(2)]
+    fe.setup(mem, scenarios.BLK_FEATURES, [q.vq for q in queues])
+    regions = tb.regions()
+    check_eq([(r["gpa"], r["size"], r["uaddr"]) for r in regions],
+             [(r.gpa, r.size, r.uaddr) for r in mem.regions], "regions reported by the back-end")
+    scenarios.blk_first_sectors(queues[0], initial)
+    check_eq(queues[1].get_id()[:8], b"vhub-tb-", "GET_ID")
+    queues[0].flush()
+    scenarios.blk_io(queues, img, initial)
+    vr = tb.vrings()
+    check(all(v["started"] and v["enabled"] and v["broken"] is None for v in vr),
+          "both rings started, enabled, healthy", vr)
+    bases = fe.stop_rings()
+    for q in queues:
+        check_eq(bases[q.index], q.vq.submitted, "GET_VRING_BASE of ring %d" % q.index)
+    q = queues[0]
+    q.vq.reset(65530)
+    fe.start_ring(q.vq)
+    q.vq.kick()
+    for i in range(20):
+        q.write_sectors(100 + i, bytes([i]) * 512)
+    check(q.read_sectors(100, 20) == b"".join(bytes([i]) * 512 for i in range(20)),
+          "I/O across the 16-bit index wrap")
+    check_eq(fe.stop_rings()[0], (65530 + 21) & 0xFFFF, "GET_VRING_BASE after the wrap")
+    st = tb.socket_status()
+    check(st["completed"] >= 2 * 256 and st["requests"]["SET_VRING_KICK"] == 3,
+          "status counts requests and completions", st["requests"])
+
+
+def scenario_misbehave(t):
+    d = t.tmpdir()
+    tb = backend(t, d, ["a.sock"])
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe.handshake()
+    fe.set_features(fe.features)
+
+    tb.misbehave("SET_STATUS", "refuse", count=1)
+    expect_error(VhostUserError, fe.set_status, 0xF, what="refused SET_STATUS")
+    fe.set_status(0xF)
+    check_eq(fe.get_status(), 0xF, "SET_STATUS works once the rule ran out")
+
+    tb.misbehave("GET_STATUS", "bad-flags", count=1)
+    expect_error(VhostUserError, fe.get_status, what="reply without the REPLY flag")
+    tb.misbehave("GET_QUEUE_NUM", "wrong-request", count=1)
+    expect_error(VhostUserError, fe.get_queue_num, what="reply to another request")
+    check_eq(fe.get_queue_num(), 2, "GET_QUEUE_NUM afterwards")
+
+    tb.misbehave("GET_STATUS", "extra-fds", count=1)
+    fe.send(direct.GET_STATUS)
+    req, flags, payload, fds = recv_msg(fe.sock)
+    for fd in fds:
+        os.close(fd)
+    check_eq((req, flags, len(fds)), (direct.GET_STATUS, 5, 3), "reply with 3 unwanted fds")
+
+    fe.sock.settimeout(0.3)
+    tb.misbehave("GET_STATUS", "silence", count=1)
+    expect_error(VhostUserError, fe.get_status, what="silence")
+    fe.sock.settimeout(3.0)
+    check_eq(fe.get_status(), 0xF, "answers again after the silence")
+
+    tb.misbehave("GET_MAX_MEM_SLOTS", "delay", delay_ms=300, count=1)
+    t0 = time.monotonic()
+    fe.get_max_mem_slots()
+    check(time.monotonic() - t0 >= 0.28, "reply delayed by 300 ms", time.monotonic() - t0)
+
+    tb.misbehave("SET_STATUS", "hang", count=1)
+    fe.send(direct.SET_STATUS, struct.pack("<Q", 7), need_reply=True)
+    tb.wait_until(lambda: tb.conn()["hung"], what="socket hung")
+    check(not readable(fe.sock, 0.2), "no answer while hung")
+    tb.resume()
+    check_eq(struct.unpack("<Q", fe.recv_reply(direct.SET_STATUS))[0], 0, "answer after resume")
+    check_eq(fe.get_status(), 7, "the held request was processed on resume")
+
+    tb.sigstop()
+    fe.send(direct.GET_QUEUE_NUM)
+    check(not readable(fe.sock, 0.2), "no answer while SIGSTOPped")
+    tb.sigcont()
+    check_eq(struct.unpack("<Q", fe.recv_reply(direct.GET_QUEUE_NUM))[0], 2, "answer after SIGCONT")
+
+    tb.misbehave("GET_FEATURES", "oversized", count=1)
+    fe.send(direct.GET_FEATURES)
+    req, flags, size = struct.unpack("<III", recv_exact(fe.sock, 12))
+    check(req == direct.GET_FEATURES and size > 4096, "oversized size field", size)
+    fe.close()
+
+    tb.misbehave("GET_PROTOCOL_FEATURES", "close", count=1)
+    fe2 = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe2.get_features()
+    expect_error(BackendClosed, fe2.get_protocol_features, what="close on GET_PROTOCOL_FEATURES")
+    fe3 = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe3.handshake()
+    check_eq(tb.connections(), 3, "the back-end kept listening: 3 connections")
+    # a protocol violation (GET_QUEUE_NUM without MQ negotiated) closes
+    fe4 = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe3.close()
+    fe4.get_features()
+    fe4.set_protocol_features(0)
+    expect_error(BackendClosed, fe4.get_queue_num, what="GET_QUEUE_NUM without MQ")
+    st = tb.socket_status()
+    check(st["protocol_errors"] == 1 and "GET_QUEUE_NUM" in st["last_error"],
+          "protocol error counted and reported", st["last_error"])
+    with expect_raises(TestBackendError):
+        tb.misbehave("NO_SUCH_REQUEST", "refuse")
+
+
+class expect_raises:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        check(exc_type is not None and issubclass(exc_type, self.exc),
+              "raised %s" % self.exc.__name__, exc_type)
+        return True
+
+
+def scenario_handshake(t):
+    """--fail-handshake and --connect (the daemon's server mode)."""
+    d = t.tmpdir()
+    tb = backend(t, d, ["hs.sock"], ["--fail-handshake", "2"])
+    for i in range(2):
+        fe = DirectFrontend.connect(tb.sockets[0], timeout=3.0)
+        fe.get_features()
+        expect_error(BackendClosed, fe.get_protocol_features, what="handshake %d closed" % i)
+        fe.close()
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe.handshake()
+    check_eq(tb.connections(), 3, "third connection served")
+
+    path = os.path.join(d, "fe.sock")
+    tb2 = backend(t, d, [], ["--reconnect-ms", "20"], connect=["fe.sock"])
+    for i in range(3):
+        fe = DirectFrontend.listen(path, accept_timeout=5.0, timeout=3.0)
+        fe.handshake()
+        check_eq(fe.queue_num, 2, "client mode: connection %d served" % (i + 1))
+        fe.close()
+    tb2.wait_until(lambda: tb2.connections() >= 3, what="3 connections")
+    check_eq(tb2.socket_status()["mode"], "connect", "socket mode reported")
+
+
+def scenario_channel(t):
+    d = t.tmpdir()
+    tb = backend(t, d, ["ch.sock"])
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    want = (direct.SUPPORTED_PROTOCOL_FEATURES | bit(direct.PF_BACKEND_REQ) |
+            bit(direct.PF_BACKEND_SEND_FD) | bit(direct.PF_HOST_NOTIFIER) | bit(PF_SHARED_OBJECT))
+    fe.handshake(want_protocol=want)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    t.defer(a.close)
+    fe.command(direct.SET_BACKEND_REQ_FD, fds=[b.fileno()])
+    b.close()
+    tb.wait_until(lambda: tb.conn()["backend_channel"], what="back-end channel")
+
+    answers = []
+    th = threading.Thread(target=lambda: answers.append(tb.config_change()))
+    th.start()
+    req, flags, payload, fds = recv_msg(a)
+    check_eq((req, flags & 0xB), (2, 0x9), "CONFIG_CHANGE_MSG with NEED_REPLY")
+    a.sendall(struct.pack("<IIIQ", 2, 0x5, 8, 42))
+    th.join(5)
+    check_eq(answers[0]["reply"], 42, "the front-end's reply value reported")
+
+    r = tb.host_notifier(queue=1, need_reply=False)
+    check(r["sent"], "host notifier sent without NEED_REPLY")
+    req, flags, payload, fds = recv_msg(a)
+    u64, size, offset = struct.unpack("<QQQ", payload)
+    check_eq((req, u64, size, offset, len(fds)), (3, 1, 4096, 0, 1), "VRING_HOST_NOTIFIER_MSG")
+    check_eq(os.fstat(fds[0]).st_size, 4096, "its memfd is 4096 bytes")
+    os.close(fds[0])
+    tb.host_notifier(queue=0, fd=False, need_reply=False)
+    req, flags, payload, fds = recv_msg(a)
+    check_eq((struct.unpack("<Q", payload[:8])[0], len(fds)), (1 << 8, 0), "de-register: no fd")
+
+    uuid = tb.export(size=8192, fill="ab", need_reply=False)
+    req, flags, payload, fds = recv_msg(a)
+    check_eq((req, len(payload)), (6, 16), "SHARED_OBJECT_ADD with the 16-byte UUID")
+    check_eq(tb.shared_objects()[0]["uuid"], uuid, "object listed")
+    fe.send(GET_SHARED_OBJECT, payload)
+    req, flags, reply, fds = recv_msg(fe.sock)
+    check_eq((req, flags, reply, len(fds)), (GET_SHARED_OBJECT, 5, payload, 1),
+             "GET_SHARED_OBJECT: UUID echoed, fd attached")
+    check_eq(os.pread(fds[0], 2, 8190), b"\xab\xab", "the object's content")
+    os.close(fds[0])
+    tb.remove(uuid, need_reply=False)
+    check_eq(recv_msg(a)[0], 7, "SHARED_OBJECT_REMOVE")
+
+    try:
+        tb.lookup(uuid, timeout_ms=200)
+        check(False, "lookup without an answer must time out")
+    except TestBackendError as e:
+        check("timeout" in e.answer["error"], "lookup unanswered: timeout reported", e.answer)
+    req, flags, payload, fds = recv_msg(a)
+    check_eq(req, 8, "SHARED_OBJECT_LOOKUP sent")
+    a.sendall(struct.pack("<IIIQ", 8, 0x5, 8, 1))   # the late reply is absorbed
+    check_eq(tb.status()["ok"], True, "still fine")
+
+    r = tb.flood(kind="messages", count=50)
+    check_eq(r["sent"], 50, "flood queued")
+    got = [recv_msg(a)[0] for _ in range(50)]
+    check_eq(set(got), {2}, "50 CONFIG_CHANGE_MSG received")
+    r = tb.flood(kind="garbage", count=2)
+    check_eq(len(recv_exact(a, r["bytes"])), 8192, "8 KiB of garbage")
+
+
+def scenario_state(t):
+    d = t.tmpdir()
+    tb = backend(t, d, ["st.sock"])
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe.handshake(want_protocol=direct.SUPPORTED_PROTOCOL_FEATURES | bit(PF_DEVICE_STATE))
+    fe.set_vring_num(1, 64)
+    fe.set_vring_base(1, 1234)
+
+    r, w = os.pipe()
+    reply = fe.request(SET_DEVICE_STATE_FD, struct.pack("<II", 0, 0), fds=[w])
+    os.close(w)
+    check_eq(struct.unpack("<Q", reply)[0], 1 << 8, "SAVE accepted, our fd used")
+    blob = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        blob += chunk
+    os.close(r)
+    check(len(blob) > 16 and blob[:4] == b"VTBS", "state blob", blob[:16])
+    check_eq(fe._u64_reply(CHECK_DEVICE_STATE), 0, "CHECK_DEVICE_STATE after SAVE")
+
+    fe.set_vring_base(1, 7)
+    r, w = os.pipe()
+    fe.request(SET_DEVICE_STATE_FD, struct.pack("<II", 1, 0), fds=[r])
+    os.close(r)
+    os.write(w, blob)
+    os.close(w)
+    check_eq(fe._u64_reply(CHECK_DEVICE_STATE), 0, "CHECK_DEVICE_STATE after LOAD")
+    check_eq(tb.vrings()[1]["last_avail"], 1234, "LOAD restored the ring base")
+
+    r, w = os.pipe()
+    fe.request(SET_DEVICE_STATE_FD, struct.pack("<II", 1, 0), fds=[r])
+    os.close(r)
+    os.write(w, b"garbage")
+    os.close(w)
+    check(fe._u64_reply(CHECK_DEVICE_STATE) != 0, "a garbage blob fails CHECK_DEVICE_STATE")
+
+
+SCENARIOS = {"blk": scenario_blk, "misbehave": scenario_misbehave,
+             "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state}
+
+
+def main(t):
+    names = sys.argv[1:] or list(SCENARIOS)
+    for n in names:
+        log("== %s" % n)
+        SCENARIOS[n](t)
+
+
+if __name__ == "__main__":
+    run(main)
