@@ -643,6 +643,7 @@ static json_t *cmd_status(struct cmd_ctx *x) {
                               "features", (json_int_t) tb.opt.features,
                               "protocol_features", (json_int_t) tb.opt.protocol_features,
                               "queues", (int) tb.opt.queues, "mem_slots", (int) tb.opt.mem_slots);
+        json_object_set_new(a, "sigbus", json_integer((json_int_t) tb_sigbus_count()));
         json_t *socks = json_array();
         for (unsigned i = 0; i < tb.n_socks; i++)
                 json_array_append_new(socks, sock_json(&tb.socks[i]));

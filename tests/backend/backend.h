@@ -294,6 +294,7 @@ void tb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 const char *tb_order_name(enum tb_order o);
 int tb_order_from_name(const char *s);
 int tb_memfd_new(const char *name, uint64_t size);
+uint64_t tb_sigbus_count(void);         /* SIGBUS faults survived */
 
 /* backend-conn.c */
 struct tb_conn *tb_conn_new(struct tb_sock *s, int fd);

@@ -71,6 +71,30 @@ int tb_order_from_name(const char *s) {
         return -EINVAL;
 }
 
+/*
+ * A hostile front-end may truncate a memfd we have mapped: the next access
+ * raises SIGBUS.  Put a private zero page over the faulting page and carry
+ * on (the access reads zeroes, writes go nowhere); the count is reported.
+ */
+static volatile sig_atomic_t sigbus_count;
+static long page_size;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+        void *page = (void *) ((uintptr_t) si->si_addr & ~((uintptr_t) page_size - 1));
+        if (si->si_code != BUS_ADRERR || !si->si_addr ||
+            mmap(page, (size_t) page_size, PROT_READ | PROT_WRITE,
+                 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
+                signal(SIGBUS, SIG_DFL);
+                raise(SIGBUS);
+                return;
+        }
+        sigbus_count++;
+}
+
+uint64_t tb_sigbus_count(void) {
+        return (uint64_t) sigbus_count;
+}
+
 int tb_memfd_new(const char *name, uint64_t size) {
         int fd = memfd_create(name, MFD_CLOEXEC);
         if (fd < 0)
@@ -555,6 +579,12 @@ static int run(int sigfd) {
                         dispatch(&pfds[k], &tags[k]);
 
                 now = tb_now_ms();
+                static uint64_t sigbus_seen;
+                if (tb_sigbus_count() != sigbus_seen) {
+                        sigbus_seen = tb_sigbus_count();
+                        tb_warn("SIGBUS on guest memory (%" PRIu64 " so far): a front-end truncated "
+                                "a mapped fd; zero pages put in place", sigbus_seen);
+                }
                 for (unsigned i = 0; i < tb.n_socks; i++) {
                         struct tb_sock *s = &tb.socks[i];
                         if (s->conn && !s->conn->dead)
@@ -574,6 +604,9 @@ int main(int argc, char **argv) {
                 return 2;
         }
         signal(SIGPIPE, SIG_IGN);
+        page_size = sysconf(_SC_PAGESIZE);
+        struct sigaction sa = { .sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO | SA_NODEFER };
+        sigaction(SIGBUS, &sa, NULL);
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);

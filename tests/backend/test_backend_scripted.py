@@ -3,7 +3,7 @@
 harness's own front-end (vhubtest.direct) and blk driver: an independent
 cross-check of the back-end, and of every scripted behaviour.
 
-    test_backend_scripted.py [blk] [misbehave] [handshake] [channel] [state]
+    test_backend_scripted.py [blk] [hostile] [misbehave] [handshake] [channel] [state]
 """
 
 import os
@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from vhubtest import blk, direct, scenarios
+from vhubtest import blk, direct, scenarios, virtq
 from vhubtest.direct import DirectFrontend, VhostUserError, BackendClosed, bit
 from vhubtest.memory import GuestMemory
 from vhubtest.testbackend import TestBackend, TestBackendError
@@ -32,7 +32,14 @@ def backend(t, d, socks, args=(), connect=()):
     tb = TestBackend([os.path.join(d, s) for s in socks], args=list(args),
                      connect=[os.path.join(d, s) for s in connect], log_dir=d)
     t.add_log("vhub-test-backend", tb.log_path)
-    return t.enter(tb)
+    t.enter(tb)
+
+    def clean_exit():
+        # ASan/UBSan/leak reports make the exit status nonzero
+        if tb.proc is not None and tb.alive:
+            check_eq(tb.stop(), 0, "%s exit status on SIGTERM" % os.path.basename(tb.log_path))
+    t.defer(clean_exit)
+    return tb
 
 
 def recv_msg(sock, timeout=5.0):
@@ -323,7 +330,46 @@ def scenario_state(t):
     check(fe._u64_reply(CHECK_DEVICE_STATE) != 0, "a garbage blob fails CHECK_DEVICE_STATE")
 
 
-SCENARIOS = {"blk": scenario_blk, "misbehave": scenario_misbehave,
+def scenario_hostile(t):
+    """A hostile front-end: descriptor loops, avail index jumps, memory
+    truncated under the back-end.  It must survive and say what happened."""
+    d = t.tmpdir()
+    tb = backend(t, d, ["h.sock"], ["--queues", "3", "--delay-ms", "300"])
+    mem = t.enter(GuestMemory(1 << 20))
+    data = mem.add_region(16 << 20, 1 << 20)
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0], timeout=3.0))
+    fe.handshake()
+    vqs = [virtq.Virtqueue(mem, size=16, index=i) for i in range(3)]
+    fe.setup(mem, scenarios.BLK_FEATURES, vqs)
+    hdr, status = mem.alloc(16), mem.alloc(1)
+    mem.write(hdr, struct.pack("<IIQ", 1, 0, 0))      # OUT, sector 0
+
+    # ring 0: a descriptor chained to itself
+    mem.write(vqs[0].desc, struct.pack("<QIHH", hdr, 16, 1, 0))
+    mem.write_u16(vqs[0].avail + 4, 0)
+    mem.write_u16(vqs[0].avail + 2, 1)
+    vqs[0].kick()
+    tb.wait_until(lambda: tb.vrings()[0]["broken"], what="ring 0 broken")
+    check("loops" in tb.vrings()[0]["broken"], "descriptor loop detected", tb.vrings()[0]["broken"])
+
+    # ring 1: the avail index runs ahead by more than the ring size
+    mem.write_u16(vqs[1].avail + 2, 1000)
+    vqs[1].kick()
+    tb.wait_until(lambda: tb.vrings()[1]["broken"], what="ring 1 broken")
+    check("more than the ring size" in tb.vrings()[1]["broken"], "avail index jump detected")
+
+    # ring 2: a write whose data region is truncated while it is held
+    vqs[2].add([(hdr, 16, False), (data.gpa, 4096, False), (status, 1, True)])
+    vqs[2].kick()
+    tb.wait_until(lambda: tb.vrings()[2]["in_flight"] == 1, what="request fetched")
+    os.ftruncate(data.fd, 0)
+    tb.wait_until(lambda: tb.vrings()[2]["completed"] == 1, what="request completed")
+    check(tb.status()["sigbus"] >= 1, "SIGBUS survived and reported", tb.status()["sigbus"])
+    check(tb.alive, "back-end alive")
+    check_eq(len(tb.regions()), 2, "regions still listed")
+
+
+SCENARIOS = {"blk": scenario_blk, "hostile": scenario_hostile, "misbehave": scenario_misbehave,
              "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state}
 
 
