@@ -177,6 +177,13 @@ static bool vq_translate(struct tb_conn *c, struct tb_vq *vq) {
                 vq->desc = vq->avail = vq->used = NULL;
                 return false;
         }
+        /* aligned user addresses can still land misaligned in our mapping
+         * when a region's uaddr and mmap_offset disagree */
+        if ((uintptr_t) vq->avail % 2 || (uintptr_t) vq->used % 4) {
+                vq->desc = vq->avail = vq->used = NULL;
+                vq_break(c, vq, "ring misaligned in the region's mapping");
+                return false;
+        }
         vq->mem_generation = c->mem.generation;
         return true;
 }
@@ -534,6 +541,10 @@ static int vq_resubmit_inflight(struct tb_conn *c, struct tb_vq *vq, uint64_t no
         uint16_t ring_used = vq->used_idx;
         unsigned inuse = 0;
 
+        if (c->inflight_queue_size != vq->num) {
+                vq_break(c, vq, "inflight queue_size does not match the ring size");
+                return -EINVAL;
+        }
         if (q->version == 0) {
                 /* spec: zero means an uninitialized buffer */
                 memset(q->desc, 0, (size_t) vq->num * sizeof(q->desc[0]));
@@ -543,6 +554,8 @@ static int vq_resubmit_inflight(struct tb_conn *c, struct tb_vq *vq, uint64_t no
                 q->used_idx = ring_used;
                 q->version = 1;
         }
+        /* desc_num is front-end memory: the bound is the queue_size the area
+         * was mapped with, which must be the ring's size too */
         if (q->version != 1 || q->desc_num != vq->num) {
                 vq_break(c, vq, "inflight region version or desc_num does not match the ring");
                 return -EINVAL;
@@ -666,6 +679,8 @@ uint16_t tb_vq_stop(struct tb_conn *c, struct tb_vq *vq) {
         vq->activated = false;
         vq->polling = false;
         vq->inflight = NULL;
+        /* the next start is a fresh chance (the socket keeps last_error) */
+        vq->broken[0] = 0;
         close_fd(&vq->kick_fd);
         return vq->last_avail;
 }
@@ -707,7 +722,8 @@ static void inflight_repoint(struct tb_conn *c) {
                 if (!vq->activated)
                         continue;
                 struct vhu_inflight_queue_split *q = inflight_queue(c, i);
-                vq->inflight = q && q->desc_num == vq->num && q->version == 1 ? q : NULL;
+                vq->inflight = q && q->desc_num == vq->num && q->version == 1 &&
+                               c->inflight_queue_size == vq->num ? q : NULL;
         }
 }
 
@@ -773,6 +789,10 @@ int tb_inflight_set(struct tb_conn *c, const struct vhu_inflight *in, int fd, co
 
         if (inflight_check_dims(in->num_queues, in->queue_size) < 0) {
                 *ret_why = "inflight num_queues or queue_size out of range";
+                return -EINVAL;
+        }
+        if (in->mmap_offset % 8) {
+                *ret_why = "inflight mmap_offset not 8-byte aligned";
                 return -EINVAL;
         }
         uint64_t need = inflight_size(in->num_queues, in->queue_size);

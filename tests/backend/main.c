@@ -159,10 +159,10 @@ static void sock_try_connect(struct tb_sock *s) {
         if (strlen(s->path) >= sizeof(sa.sun_path))
                 return;
         strcpy(sa.sun_path, s->path);
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
                 return;
-        /* unix connect() does not block for long: it succeeds or fails now */
+        /* non-blocking unix connect() succeeds or fails now (EAGAIN: backlog full) */
         if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
                 tb_debug("sock%u: connect %s: %m", s->index, s->path);
                 close(fd);

@@ -3,7 +3,7 @@
 harness's own front-end (vhubtest.direct) and blk driver: an independent
 cross-check of the back-end, and of every scripted behaviour.
 
-    test_backend_scripted.py [blk] [hostile] [misbehave] [handshake] [channel] [state]
+    test_backend_scripted.py [blk] [hostile] [fuzz] [misbehave] [handshake] [channel] [state]
 """
 
 import os
@@ -369,7 +369,181 @@ def scenario_hostile(t):
     check_eq(len(tb.regions()), 2, "regions still listed")
 
 
-SCENARIOS = {"blk": scenario_blk, "hostile": scenario_hostile, "misbehave": scenario_misbehave,
+def scenario_fuzz(t):
+    """Random hostile traffic through the real socket: mostly-valid descriptor
+    chains with mutations, garbage rings, index jumps, random addresses,
+    sizes, regions, inflight buffers and raw requests, rings stopped and
+    restarted under it.  The back-end may close connections and break rings;
+    it must never crash (in ASan/UBSan builds: nor leak or trip a check).
+    VHUB_FUZZ_ITERATIONS / VHUB_FUZZ_SEED vary it."""
+    import random
+    d = t.tmpdir()
+    rnd = random.Random(int(os.environ.get("VHUB_FUZZ_SEED", "1")))
+    iterations = int(os.environ.get("VHUB_FUZZ_ITERATIONS", "3000"))
+    tb = backend(t, d, ["f.sock"], ["--queues", "2", "--delay-ms", "2", "--complete", "random",
+                                     "--disk-size", "1M", "-q"])
+    mem = t.enter(GuestMemory(1 << 20))
+    QS = 16
+    vqs = [virtq.Virtqueue(mem, size=QS, index=i) for i in range(2)]
+    scratch = mem.alloc(128 << 10, 4096)
+    capacity = (1 << 20) // 512
+    state = {"fe": None, "conns": 0}
+    avail = {0: 0, 1: 0}
+
+    def u64():
+        return rnd.choice([0, 1, rnd.getrandbits(64), rnd.getrandbits(20), 1 << 63, (1 << 64) - 1])
+
+    def maybe(v, mutate):
+        return mutate() if rnd.random() < 0.03 else v
+
+    def memfd(size):
+        fd = os.memfd_create("fuzz")
+        os.ftruncate(fd, size)
+        return fd
+
+    def start_ring(fe, vq, base):
+        fe.send(direct.SET_VRING_NUM, struct.pack("<II", vq.index, QS))
+        fe.send(direct.SET_VRING_BASE, struct.pack("<II", vq.index, base))
+        fe.send(direct.SET_VRING_ADDR, struct.pack("<IIQQQQ", vq.index, 0, mem.gpa_to_uaddr(vq.desc),
+                mem.gpa_to_uaddr(vq.used), mem.gpa_to_uaddr(vq.avail), 0))
+        fe.send(direct.SET_VRING_CALL, struct.pack("<Q", vq.index), [vq.call_fd])
+        fe.send(direct.SET_VRING_KICK, struct.pack("<Q", vq.index), [vq.kick_fd])
+        fe.send(direct.SET_VRING_ENABLE, struct.pack("<II", vq.index, 1))
+        avail[vq.index] = base
+        mem.write_u16(vq.avail + 2, base)
+
+    def connect():
+        fe = DirectFrontend.connect(tb.sockets[0], timeout=2.0)
+        fe.handshake(want_protocol=0xdbe2b & ~bit(direct.PF_REPLY_ACK))
+        fe.set_features(fe.features)
+        fe.set_memory(mem)
+        if rnd.random() < 0.5:      # inflight tracking on for this connection
+            r = fe.request(direct.GET_INFLIGHT_FD, struct.pack("<QQHHI", 0, 0, 2, QS, 0))
+            size = struct.unpack("<Q", r[:8])[0]
+            fd = memfd(size)        # the front-end's own copy, like after a reconnect
+            fe.send(direct.SET_INFLIGHT_FD, struct.pack("<QQHHI", size, 0, 2, QS, 0), [fd])
+            os.close(fd)
+        for vq in vqs:
+            start_ring(fe, vq, mem.read_u16(vq.used + 2))
+        fe.sock.setblocking(False)
+        state["conns"] += 1
+        return fe
+
+    def add_chain(vq):
+        # five 3-descriptor slots; at most 4 outstanding, so no head is
+        # offered while in flight unless a mutation says so
+        a = avail[vq.index]
+        head = 3 * (a % 5)
+        idx = [head + j for j in range(3)]
+        slot = rnd.randrange(16)
+        hdr, data, st = scratch + slot * 32, scratch + 4096 + slot * 4096 * 2, scratch + slot * 32 + 16
+        rtype = maybe(rnd.choice([0, 1, 1, 4, 8]), lambda: rnd.getrandbits(32))
+        sector = maybe(rnd.randrange(capacity), lambda: rnd.choice([capacity, capacity - 1, u64()]))
+        dlen = maybe(rnd.choice([512, 1024, 4096]), lambda: rnd.choice([0, 1, 511, 8192, u64() & 0xFFFFFFFF]))
+        mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector & ((1 << 64) - 1)))
+        descs = [(hdr, 16, 1), (data, dlen, 1 | (2 if rtype in (0, 8) else 0)), (st, 1, 2)]
+        if rnd.random() < 0.3:
+            descs = [descs[0], descs[2]]
+        for j, (addr, ln, fl) in enumerate(descs):
+            nxt = idx[j + 1] if j + 1 < len(descs) else 0
+            addr = maybe(addr, lambda: rnd.choice([u64(), 1 << 20, (1 << 20) - 8]))
+            fl = maybe(fl if j + 1 < len(descs) else fl & ~1, lambda: rnd.randrange(8))
+            nxt = maybe(nxt, lambda: rnd.randrange(40))
+            mem.write(vq.desc + 16 * idx[j], struct.pack("<QIHH", addr & ((1 << 64) - 1),
+                                                          ln & 0xFFFFFFFF, fl, nxt))
+        mem.write_u16(vq.avail + 4 + 2 * (a % QS), maybe(head, lambda: rnd.randrange(1 << 16)))
+        avail[vq.index] = (a + 1) & 0xFFFF
+
+    for i in range(iterations):
+        fe = state["fe"]
+        if fe is None:
+            try:
+                fe = state["fe"] = connect()
+            except (VhostUserError, OSError):
+                fe = state["fe"] = None
+                continue
+        vq = rnd.choice(vqs)
+        k = rnd.random()
+        fds = []
+        try:
+            if k < 0.45:
+                outstanding = (avail[vq.index] - mem.read_u16(vq.used + 2)) & 0xFFFF
+                if outstanding >= 4:
+                    time.sleep(0.003)
+                    continue
+                for _ in range(rnd.randrange(1, 5 - outstanding)):
+                    add_chain(vq)
+                mem.write_u16(vq.avail + 2, avail[vq.index])
+                os.eventfd_write(vq.kick_fd, 1)
+            elif k < 0.50:
+                mem.write(vq.desc, rnd.randbytes(16 * QS))
+                os.eventfd_write(vq.kick_fd, 1)
+            elif k < 0.53:
+                avail[vq.index] = rnd.getrandbits(16)
+                mem.write_u16(vq.avail + 2, avail[vq.index])
+                os.eventfd_write(vq.kick_fd, 1)
+            elif k < 0.63:      # stop and restart where the device says
+                fe.send(direct.GET_VRING_BASE, struct.pack("<II", vq.index, 0))
+                start_ring(fe, vq, mem.read_u16(vq.used + 2))
+            elif k < 0.66:
+                fe.send(direct.SET_VRING_ADDR, struct.pack("<IIQQQQ", rnd.randrange(3), rnd.randrange(2),
+                        u64() & ~15, u64() & ~3, u64() & ~1, u64()))
+            elif k < 0.69:
+                fe.send(direct.SET_VRING_NUM, struct.pack("<II", rnd.randrange(3),
+                        rnd.choice([0, 1, 3, 16, 256, 32768, 65536, rnd.getrandbits(32)])))
+            elif k < 0.72:
+                fe.send(direct.SET_VRING_BASE, struct.pack("<II", rnd.randrange(3), rnd.getrandbits(17)))
+            elif k < 0.77:
+                size = rnd.choice([4096, 1 << 20, 1 << 16])
+                fds = [memfd(rnd.choice([0, 4096, size, size * 2]))]
+                fe.send(rnd.choice([direct.ADD_MEM_REG, direct.REM_MEM_REG]), struct.pack(
+                    "<QQQQQ", 0, rnd.choice([0, 1 << 30, u64()]), rnd.choice([size, 0, u64()]),
+                    rnd.choice([mem.regions[0].uaddr, u64()]), rnd.choice([0, 4096, u64()])), fds)
+            elif k < 0.81:
+                nq, qs = rnd.choice([1, 2, 65535]), rnd.choice([QS, 1, 1024, 65535])
+                size = nq * (16 + 16 * qs)
+                fds = [memfd(rnd.choice([size, size // 2, 4096]))]
+                os.pwrite(fds[0], rnd.randbytes(min(size, 4096, os.fstat(fds[0]).st_size)), 0)
+                fe.send(direct.SET_INFLIGHT_FD, struct.pack("<QQHHI", rnd.choice([size, u64()]),
+                        rnd.choice([0, 8, 3, u64()]), nq, qs, 0), fds)
+            elif k < 0.85:
+                fe.send(direct.SET_VRING_ENABLE, struct.pack("<II", rnd.randrange(3), rnd.randrange(2)))
+            elif k < 0.87:
+                fe.send(rnd.randrange(1, 46), rnd.randbytes(rnd.choice([0, 8, 12, 24, 40, rnd.randrange(300)])))
+            elif k < 0.89:
+                fe.close()
+                state["fe"] = None
+                continue
+            else:
+                time.sleep(0.002)   # let held requests complete
+        except (BackendClosed, VhostUserError, OSError):
+            fe.close()
+            state["fe"] = fe = None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if fe is not None:
+            try:
+                while fe.sock.recv(65536):
+                    pass
+                fe.close()      # EOF
+                state["fe"] = None
+            except BlockingIOError:
+                pass
+            except OSError:
+                fe.close()
+                state["fe"] = None
+    if state["fe"] is not None:
+        state["fe"].close()
+    st = tb.status()
+    s0 = st["sockets"][0]
+    check(tb.alive, "back-end alive after %d random steps (%d connections)" % (iterations, state["conns"]))
+    log("protocol errors %d, sigbus %d, requests fetched %d, completed %d"
+        % (s0["protocol_errors"], st["sigbus"], s0["fetched"], s0["completed"]))
+    check(s0["fetched"] > 100 and s0["completed"] > 100, "the fuzzer reached request processing")
+
+
+SCENARIOS = {"blk": scenario_blk, "hostile": scenario_hostile, "fuzz": scenario_fuzz, "misbehave": scenario_misbehave,
              "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state}
 
 
