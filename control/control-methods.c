@@ -15,6 +15,7 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-device-internal.h"
+#include "vhub-shared-object.h"
 #include "vhub-time.h"
 #include "vhub-version.h"
 #include "vhub-vm.h"
@@ -490,6 +491,248 @@ static int m_device_stop(struct control_req *req, struct vhub_error *err) {
         return 0;
 }
 
+static int m_device_simple(struct control_req *req, struct vhub_error *err,
+                           void (*fn)(struct vhub_device *, struct vhub_call *)) {
+        struct control_call *cc;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0)
+                return r;
+        if (!(cc = req_call(req, NULL, err)))
+                return -ENOMEM;
+        fn(d, &cc->call);
+        return 0;
+}
+
+static int m_device_reset(struct control_req *req, struct vhub_error *err) {
+        return m_device_simple(req, err, vhub_device_reset);
+}
+
+static int m_device_state_check(struct control_req *req, struct vhub_error *err) {
+        return m_device_simple(req, err, vhub_device_check_state);
+}
+
+static int parse_mac(const char *s, uint8_t mac[6]) {
+        unsigned v[6];
+        char tail;
+
+        if (!s || strlen(s) != 17 ||
+            sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &tail) != 6)
+                return -EINVAL;
+        for (int i = 0; i < 6; i++) {
+                if (s[i * 3] == '-' || s[i * 3] == '+' || s[i * 3] == ' ')
+                        return -EINVAL;
+                mac[i] = (uint8_t)v[i];
+        }
+        return 0;
+}
+
+static int m_device_net_rarp(struct control_req *req, struct vhub_error *err) {
+        struct control_call *cc;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        const char *mac_s;
+        uint8_t mac[6];
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "mac"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+            (r = params_get_string(req->params, "mac", true, 17, &mac_s, err)) < 0)
+                return r;
+        if (parse_mac(mac_s, mac) < 0)
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "'mac' must look like aa:bb:cc:dd:ee:ff");
+        if (!(cc = req_call(req, NULL, err)))
+                return -ENOMEM;
+        vhub_device_send_rarp(d, mac, &cc->call);
+        return 0;
+}
+
+static int m_device_net_mtu(struct control_req *req, struct vhub_error *err) {
+        struct control_call *cc;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        uint32_t mtu;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "mtu"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+            (r = params_get_u32(req->params, "mtu", true, 0, 65535, &mtu, err)) < 0)
+                return r;
+        if (mtu < 68)
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "'mtu' must be 68..65535");
+        if (!(cc = req_call(req, NULL, err)))
+                return -ENOMEM;
+        vhub_device_set_mtu(d, (uint16_t)mtu, &cc->call);
+        return 0;
+}
+
+static json_t *result_state_fd(struct control_call *cc) {
+        /* a back-end that offers its own transfer channel: the VMM must use it */
+        if (cc->call.out.state_fd.fd >= 0) {
+                cc->reply_fds[0] = cc->call.out.state_fd.fd;
+                cc->n_reply_fds = 1;
+                cc->call.out.state_fd.fd = -1;
+                return json_pack("{s:i}", "fd", 0);
+        }
+        return json_object();
+}
+
+static int m_device_state_transfer(struct control_req *req, struct vhub_error *err, bool load) {
+        struct control_call *cc;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        int fd = -1, r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "fd"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+            (r = params_take_fd(req->params, "fd", true, req->fds, &fd, err)) < 0)
+                return r;
+        if (req->batch) {
+                close(fd);
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "%s may answer with an fd and cannot be used inside a batch",
+                                      load ? "device.state.load" : "device.state.save");
+        }
+        if (!(cc = req_call(req, result_state_fd, err))) {
+                close(fd);
+                return -ENOMEM;
+        }
+        cc->call.out.state_fd.fd = -1;
+        vhub_device_state_fd(d, load, fd, &cc->call);
+        return 0;
+}
+
+static int m_device_state_save(struct control_req *req, struct vhub_error *err) {
+        return m_device_state_transfer(req, err, false);
+}
+
+static int m_device_state_load(struct control_req *req, struct vhub_error *err) {
+        return m_device_state_transfer(req, err, true);
+}
+
+static json_t *result_dirty_log(struct control_call *cc) {
+        cc->reply_fds[0] = cc->call.out.dirty_log.fd;
+        cc->n_reply_fds = 1;
+        return json_pack("{s:i, s:o}", "fd", 0, "size", json_u64(cc->call.out.dirty_log.size));
+}
+
+static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err) {
+        struct control_call *cc;
+        struct vhub_vm *vm;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0)
+                return r;
+        if (req->batch)
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "vm.dirty_log.start answers with an fd and cannot be used inside a batch");
+        if (!(cc = req_call(req, result_dirty_log, err)))
+                return -ENOMEM;
+        vhub_vm_dirty_log_start(vm, &cc->call);
+        return 0;
+}
+
+static int m_vm_dirty_log_stop(struct control_req *req, struct vhub_error *err) {
+        struct control_call *cc;
+        struct vhub_vm *vm;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0)
+                return r;
+        if (!(cc = req_call(req, NULL, err)))
+                return -ENOMEM;
+        vhub_vm_dirty_log_stop(vm, &cc->call);
+        return 0;
+}
+
+static int req_uuid(struct control_req *req, uint8_t uuid[16], struct vhub_error *err) {
+        const char *s;
+        int r = params_get_string(req->params, "uuid", true, 36, &s, err);
+
+        if (r < 0)
+                return r;
+        if (vhub_uuid_parse(s, uuid) < 0)
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "'uuid' must be a canonical 36-character UUID");
+        return 0;
+}
+
+static int m_shared_object_add(struct control_req *req, struct vhub_error *err) {
+        struct vhub_vm *vm;
+        uint8_t uuid[16];
+        int fd = -1, r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "uuid", "fd"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0 ||
+            (r = params_take_fd(req->params, "fd", true, req->fds, &fd, err)) < 0)
+                return r;
+        r = vhub_vm_shared_add(vm, uuid, fd, err);
+        if (r < 0)
+                return r;
+        control_req_result(req, json_object());
+        return 0;
+}
+
+static int m_shared_object_remove(struct control_req *req, struct vhub_error *err) {
+        struct vhub_vm *vm;
+        uint8_t uuid[16];
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "uuid"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0)
+                return r;
+        r = vhub_vm_shared_remove(vm, uuid, err);
+        if (r < 0)
+                return r;
+        control_req_result(req, json_object());
+        return 0;
+}
+
+static int m_shared_object_list(struct control_req *req, struct vhub_error *err) {
+        struct vhub_vm *vm;
+        json_t *objs;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0)
+                return r;
+        objs = json_array();
+        for (size_t i = 0; i < vm->shared.n; i++) {
+                const struct vhub_shared_object *o = &vm->shared.objects[i];
+                char u[37];
+
+                vhub_uuid_format(o->uuid, u);
+                json_array_append_new(objs, json_pack("{s:s, s:s}", "uuid", u, "owner",
+                                                      o->device ? o->device->name : "vmm"));
+        }
+        control_req_result(req, json_pack("{s:o}", "objects", objs));
+        return 0;
+}
+
+static int m_device_backend_reply(struct control_req *req, struct vhub_error *err) {
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        uint64_t token, result;
+        int r;
+
+        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "token", "result"), err)) < 0 ||
+            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+            (r = params_get_u64(req->params, "token", true, 0, UINT64_MAX, &token, err)) < 0 ||
+            (r = params_get_u64(req->params, "result", true, 0, UINT64_MAX, &result, err)) < 0)
+                return r;
+        if (vhub_device_backend_reply(d, token, result) < 0)
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "'token': %llu is not a back-end request waiting for an answer",
+                                      (unsigned long long)token);
+        control_req_result(req, json_object());
+        return 0;
+}
+
 /* ---- events ---- */
 
 static int m_events_subscribe(struct control_req *req, struct vhub_error *err) {
@@ -550,6 +793,18 @@ static const struct method methods[] = {
         { "device.config.set", m_device_config_set },
         { "device.start", m_device_start },
         { "device.stop", m_device_stop },
+        { "device.reset", m_device_reset },
+        { "device.net.rarp", m_device_net_rarp },
+        { "device.net.mtu", m_device_net_mtu },
+        { "vm.dirty_log.start", m_vm_dirty_log_start },
+        { "vm.dirty_log.stop", m_vm_dirty_log_stop },
+        { "device.state.save", m_device_state_save },
+        { "device.state.load", m_device_state_load },
+        { "device.state.check", m_device_state_check },
+        { "shared_object.add", m_shared_object_add },
+        { "shared_object.remove", m_shared_object_remove },
+        { "shared_object.list", m_shared_object_list },
+        { "device.backend_reply", m_device_backend_reply },
         { "events.subscribe", m_events_subscribe },
 };
 

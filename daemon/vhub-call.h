@@ -46,6 +46,9 @@ struct vhub_call {
                         int fd;                /* owned by the call until taken */
                         uint64_t size;
                 } dirty_log;
+                struct {
+                        int fd;                /* a back-end's own transfer fd, or -1 */
+                } state_fd;
         } out;
 };
 

@@ -36,6 +36,8 @@ void op_free(struct vhub_op *op) {
         }
         if (op->kind == VHUB_OP_SINGLE && op->u.single.fd >= 0)
                 close(op->u.single.fd);
+        if (op->kind == VHUB_OP_GET_SHARED && op->u.shared.fd >= 0)
+                close(op->u.shared.fd);
         free(op->restored);
         free(op);
 }
@@ -334,6 +336,11 @@ static int handshake_check(struct vhub_device *d, struct vhub_op *op) {
                 d->vrings[i].index = i;
                 d->vrings[i].kick_fd = d->vrings[i].call_fd = d->vrings[i].err_fd = -1;
         }
+        if (d->vm->logging && (!dev_has_pf(d, VHU_PF_LOG_SHMFD) ||
+                               !(d->features & (UINT64_C(1) << VHU_VIRTIO_F_LOG_ALL))))
+                return device_op_error(op, VHUB_ERR_UNSUPPORTED, NULL,
+                                       "VM %s is logging dirty memory and device %s cannot (needs LOG_SHMFD and VHOST_F_LOG_ALL)",
+                                       d->vm->name, d->name);
         if (d->vm->mem.n > d->max_mem_slots)
                 return device_op_error(op, VHUB_ERR_LIMIT, NULL,
                                        "VM %s has %zu memory regions; device %s takes at most %u",
@@ -444,7 +451,23 @@ static uint64_t start_features(struct vhub_device *d, struct vhub_op *op) {
         f &= ~(UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
         if (dev_protocol_features_on(d))
                 f |= UINT64_C(1) << VHU_F_PROTOCOL_FEATURES;
+        if (d->vm->logging)
+                f |= UINT64_C(1) << VHU_VIRTIO_F_LOG_ALL;
         return f;
+}
+
+/* SET_LOG_BASE with the VM's log memfd. */
+static int send_log_base(struct vhub_device *d, struct vhub_op *op) {
+        struct vhu_log log = { .mmap_size = d->vm->log_size, .mmap_offset = 0 };
+        struct vhu_msg m;
+        int r;
+
+        r = vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_LOG_BASE, device_need_reply(d), &log,
+                          sizeof(log), &d->vm->log_fd, 1);
+        if (r < 0)
+                return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_SET_LOG_BASE),
+                                       "cannot build SET_LOG_BASE: %s", strerror(-r));
+        return device_send(d, op, &m, 0);
 }
 
 static uint16_t start_queue_size(struct vhub_vring *v, unsigned n) {
@@ -504,6 +527,8 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
         a.log = v->used;
+        if (d->vm->logging)
+                a.flags |= VHU_VRING_F_LOG;
         vhu_msg_build_state(&m, VHU_REQ_SET_VRING_NUM, ack, v->index, v->size);
         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
                 return r;
@@ -541,6 +566,8 @@ static int start_stage(struct vhub_device *d, struct vhub_op *op) {
                         return r;
                 vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, start_features(d, op));
                 if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                if (d->vm->logging && d->vm->log_fd >= 0 && (r = send_log_base(d, op)) < 0)
                         return r;
                 if (dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd < 0) {
                         struct vhu_inflight inf = {
@@ -758,6 +785,126 @@ static int single_stage(struct vhub_device *d, struct vhub_op *op) {
         return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
 }
 
+/* ---- reset ---- */
+
+static int reset_stage(struct vhub_device *d, struct vhub_op *op) {
+        bool ack = device_need_reply(d);
+        struct vhu_msg m;
+        int r;
+
+        switch (op->stage) {
+        case 0:
+                if (d->state != VHUB_DEV_RUNNING)
+                        return OP_STAGE_NEXT;
+                for (unsigned i = 0; i < d->queues; i++) {
+                        if (!d->vrings[i].configured)
+                                continue;
+                        vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
+                                return r;
+                }
+                return OP_STAGE_NEXT;
+        case 1:
+                if (dev_has_pf(d, VHU_PF_RESET_DEVICE))
+                        vhu_msg_build_none(&m, VHU_REQ_RESET_DEVICE, ack);
+                else if (dev_has_pf(d, VHU_PF_STATUS))
+                        vhu_msg_build_u64(&m, VHU_REQ_SET_STATUS, ack, 0);
+                else
+                        return OP_STAGE_DONE; /* stopping the rings is all there is */
+                return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
+        }
+        return OP_STAGE_DONE;
+}
+
+/* ---- dirty log on/off ---- */
+
+static int log_stage(struct vhub_device *d, struct vhub_op *op) {
+        bool ack = device_need_reply(d);
+        struct vhu_msg m;
+        int r;
+
+        if (op->stage > 0)
+                return OP_STAGE_DONE;
+        if (op->u.log.enable && (r = send_log_base(d, op)) < 0)
+                return r;
+        if (d->state == VHUB_DEV_RUNNING) {
+                /* spec "Migration": LOG_ALL in the features, VHOST_VRING_F_LOG per ring */
+                vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, start_features(d, op));
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                for (unsigned i = 0; i < d->queues; i++) {
+                        const struct vhub_vring *v = &d->vrings[i];
+                        struct vhu_vring_addr a = { .index = i, .log = v->used };
+
+                        if (!v->configured)
+                                continue;
+                        if (vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->desc, (uint64_t)v->size * 16, &a.desc) < 0 ||
+                            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->avail, 6 + (uint64_t)v->size * 2, &a.avail) < 0 ||
+                            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->used, 6 + (uint64_t)v->size * 8, &a.used) < 0)
+                                return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
+                                                       "ring %u does not lie inside the VM's memory", i);
+                        if (op->u.log.enable)
+                                a.flags = VHU_VRING_F_LOG;
+                        vhu_msg_build_vring_addr(&m, ack, &a);
+                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
+                                return r;
+                }
+        }
+        return OP_STAGE_NEXT;
+}
+
+/* ---- GET_SHARED_OBJECT (this device exports what another looks up) ---- */
+
+static int get_shared_stage(struct vhub_device *d, struct vhub_op *op) {
+        struct vhu_msg m;
+        int r;
+
+        if (op->stage > 0)
+                return OP_STAGE_DONE;
+        r = vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, false, op->u.shared.uuid, 16,
+                          NULL, 0);
+        if (r < 0)
+                return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_GET_SHARED_OBJECT),
+                                       "cannot build GET_SHARED_OBJECT: %s", strerror(-r));
+        return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
+}
+
+static void get_shared_on_reply(struct vhub_device *d, struct vhub_op *op, const struct vhu_msg *reply) {
+        /* libvhost-user echoes the UUID; others answer a u64 (0 = success) */
+        bool ok = reply->n_fds == 1 &&
+                  ((reply->hdr.size == 16 && memcmp(reply->payload.shared.uuid, op->u.shared.uuid, 16) == 0) ||
+                   (reply->hdr.size == 8 && reply->payload.u64 == 0));
+
+        if (!ok) {
+                /* a refusal, not a protocol violation: the lookup just fails */
+                op->u.shared.fd = -1;
+                return;
+        }
+        op->u.shared.fd = vhu_msg_take_fd((struct vhu_msg *)reply, 0);
+}
+
+static void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                            const struct vhu_msg *reply) {
+        if (request != VHU_REQ_SET_DEVICE_STATE_FD) {
+                check_ack(d, op, request, reply);
+                return;
+        }
+        /* bits 0-7: error; bit 8: no fd of the back-end's own */
+        if ((reply->payload.u64 & 0xff) != 0) {
+                device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
+                                "back-end refused SET_DEVICE_STATE_FD (status %llu)",
+                                (unsigned long long)(reply->payload.u64 & 0xff));
+                return;
+        }
+        if (!(reply->payload.u64 & VHU_DEVICE_STATE_NOFD_MASK) && reply->n_fds == 1) {
+                if (op->u.single.fd >= 0)
+                        close(op->u.single.fd);
+                /* the back-end's own channel: handed to the VMM in the result */
+                op->u.single.fd = vhu_msg_take_fd((struct vhu_msg *)reply, 0);
+                op->u.single.u64 = 1;
+        }
+}
+
 /* ---- dispatch ---- */
 
 int op_stage_send(struct vhub_device *d, struct vhub_op *op) {
@@ -777,6 +924,12 @@ int op_stage_send(struct vhub_device *d, struct vhub_op *op) {
                 return remove_stage(d, op);
         case VHUB_OP_SINGLE:
                 return single_stage(d, op);
+        case VHUB_OP_RESET:
+                return reset_stage(d, op);
+        case VHUB_OP_LOG:
+                return log_stage(d, op);
+        case VHUB_OP_GET_SHARED:
+                return get_shared_stage(d, op);
         default:
                 return OP_STAGE_DONE;
         }
@@ -793,7 +946,14 @@ void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, ui
                 break;
         case VHUB_OP_STOP:
         case VHUB_OP_REMOVE:
+        case VHUB_OP_RESET:
                 stop_on_reply(d, op, request, tag, reply);
+                break;
+        case VHUB_OP_GET_SHARED:
+                get_shared_on_reply(d, op, reply);
+                break;
+        case VHUB_OP_SINGLE:
+                single_on_reply(d, op, request, reply);
                 break;
         case VHUB_OP_CONFIG_GET:
         case VHUB_OP_CONFIG_SET:
@@ -949,6 +1109,44 @@ void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         case VHUB_OP_REMOVE:
                 d->destroy_pending = true;
                 complete_call(d, op, 0);
+                break;
+        case VHUB_OP_RESET:
+                if (r == 0) {
+                        for (unsigned i = 0; i < d->queues; i++) {
+                                vring_close_fds(&d->vrings[i]);
+                                d->vrings[i].configured = false;
+                        }
+                        /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
+                        if (d->inflight_fd >= 0)
+                                close(d->inflight_fd);
+                        d->inflight_fd = -1;
+                        d->acked_features = 0;
+                        device_set_state(d, VHUB_DEV_READY);
+                }
+                complete_call(d, op, r);
+                break;
+        case VHUB_OP_LOG:
+                vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, r, &op->error);
+                break;
+        case VHUB_OP_GET_SHARED: {
+                struct vhub_device *req = vhub_vm_find_device(d->vm, op->u.shared.requester);
+                int fd = r == 0 ? op->u.shared.fd : -1;
+
+                if (fd >= 0)
+                        op->u.shared.fd = -1; /* handed over below, or closed */
+                if (req && req->channel)
+                        vhub_backend_channel_lookup_done(req->channel, op->u.shared.token, fd);
+                else if (fd >= 0)
+                        close(fd);
+                break;
+        }
+        case VHUB_OP_SINGLE:
+                if (r == 0 && op->call && op->u.single.request == VHU_REQ_SET_DEVICE_STATE_FD) {
+                        op->call->out.state_fd.fd = op->u.single.u64 ? op->u.single.fd : -1;
+                        if (op->u.single.u64)
+                                op->u.single.fd = -1;
+                }
+                complete_call(d, op, r);
                 break;
         default:
                 complete_call(d, op, r);
@@ -1130,4 +1328,124 @@ int vhub_device_queue_mem_sync(struct vhub_device *d, struct vhub_mem_op *mem_op
         op->mem_op = mem_op;
         device_queue_op(d, op);
         return 0;
+}
+
+int vhub_device_queue_log(struct vhub_device *d, struct vhub_vm_batch *batch, bool enable) {
+        struct vhub_op *op = device_op_new(VHUB_OP_LOG, NULL);
+
+        if (!op)
+                return -ENOMEM;
+        op->u.log.batch = batch;
+        op->u.log.enable = enable;
+        device_queue_op(d, op);
+        return 0;
+}
+
+int vhub_device_queue_get_shared(struct vhub_device *d, const uint8_t uuid[16], const char *requester,
+                                 uint64_t token) {
+        struct vhub_op *op = device_op_new(VHUB_OP_GET_SHARED, NULL);
+
+        if (!op)
+                return -ENOMEM;
+        memcpy(op->u.shared.uuid, uuid, 16);
+        snprintf(op->u.shared.requester, sizeof(op->u.shared.requester), "%s", requester);
+        op->u.shared.token = token;
+        op->u.shared.fd = -1;
+        device_queue_op(d, op);
+        return 0;
+}
+
+void vhub_device_reset(struct vhub_device *d, struct vhub_call *call) {
+        struct vhub_error err;
+        struct vhub_op *op;
+
+        if (!device_check_usable(d, call))
+                return;
+        if (d->state != VHUB_DEV_READY && d->state != VHUB_DEV_RUNNING && d->state != VHUB_DEV_STOPPED) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; reset needs ready, running or stopped",
+                               d->name, vhub_device_state_to_string(d->state));
+                vhub_call_fail(call, &err);
+                return;
+        }
+        op = device_op_new(VHUB_OP_RESET, call);
+        if (!op) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                vhub_call_fail(call, &err);
+                return;
+        }
+        device_queue_op(d, op);
+}
+
+/* One request with an optional fd, gated on a protocol feature. */
+static void queue_single(struct vhub_device *d, uint32_t request, unsigned feature, const void *payload,
+                         uint32_t size, int fd, struct vhub_call *call) {
+        struct vhub_error err;
+        struct vhub_op *op;
+
+        if (!device_check_usable(d, call))
+                goto close_fd;
+        if (d->state == VHUB_DEV_CONNECTING || d->state == VHUB_DEV_FAILED ||
+            d->state == VHUB_DEV_DISCONNECTED) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s", d->name,
+                               vhub_device_state_to_string(d->state));
+                goto fail;
+        }
+        if (!dev_has_pf(d, feature)) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: the back-end has no %s protocol feature (needed for %s)",
+                               d->name, vhu_protocol_feature_name(feature), REQ(request));
+                goto fail;
+        }
+        op = device_op_new(VHUB_OP_SINGLE, call);
+        if (!op) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                goto fail;
+        }
+        op->u.single.request = request;
+        op->u.single.size = size;
+        if (size)
+                memcpy(op->u.single.payload, payload, size);
+        op->u.single.fd = fd;
+        device_queue_op(d, op);
+        return;
+fail:
+        vhub_call_fail(call, &err);
+close_fd:
+        if (fd >= 0)
+                close(fd);
+}
+
+void vhub_device_send_rarp(struct vhub_device *d, const uint8_t mac[6], struct vhub_call *call) {
+        uint8_t payload[8] = { 0 };
+
+        memcpy(payload, mac, 6); /* spec: the first 6 bytes hold the MAC */
+        queue_single(d, VHU_REQ_SEND_RARP, VHU_PF_RARP, payload, 8, -1, call);
+}
+
+void vhub_device_set_mtu(struct vhub_device *d, uint16_t mtu, struct vhub_call *call) {
+        uint64_t v = mtu;
+
+        queue_single(d, VHU_REQ_NET_SET_MTU, VHU_PF_NET_MTU, &v, 8, -1, call);
+}
+
+void vhub_device_state_fd(struct vhub_device *d, bool load, int fd, struct vhub_call *call) {
+        struct vhu_device_state st = {
+                .direction = load ? VHU_TRANSFER_LOAD : VHU_TRANSFER_SAVE,
+                .phase = VHU_TRANSFER_PHASE_STOPPED,
+        };
+        struct vhub_error err;
+
+        /* spec "Migrating back-end state": only the stopped phase exists */
+        if (d->state == VHUB_DEV_RUNNING) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is running; stop it before transferring state",
+                               d->name);
+                vhub_call_fail(call, &err);
+                close(fd);
+                return;
+        }
+        queue_single(d, VHU_REQ_SET_DEVICE_STATE_FD, VHU_PF_DEVICE_STATE, &st, sizeof(st), fd, call);
+}
+
+void vhub_device_check_state(struct vhub_device *d, struct vhub_call *call) {
+        queue_single(d, VHU_REQ_CHECK_DEVICE_STATE, VHU_PF_DEVICE_STATE, NULL, 0, -1, call);
 }

@@ -312,6 +312,8 @@ void device_mark_lost(struct vhub_device *d, const char *reason) {
 static void device_drop_connection(struct vhub_device *d) {
         d->conn = vhub_bconn_free(d->conn);
         d->channel = vhub_backend_channel_free(d->channel);
+        /* a lost exporter's objects are gone: lookups must not reach it */
+        vhub_shared_table_drop_device(&d->vm->shared, d);
         shadow_clear(d);
         d->mem_synced = false;
 }
@@ -561,6 +563,8 @@ void vhub_device_free(struct vhub_device *d) {
         }
         d->conn = vhub_bconn_free(d->conn);
         d->channel = vhub_backend_channel_free(d->channel);
+        if (d->vm)
+                vhub_shared_table_drop_device(&d->vm->shared, d);
         if (d->ev_listen)
                 event_free(d->ev_listen);
         if (d->ev_reconnect)
@@ -707,3 +711,9 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
         device_queue_op(d, op);
 }
 
+
+int vhub_device_backend_reply(struct vhub_device *d, uint64_t token, uint64_t result) {
+        if (!d->channel)
+                return -ENOENT;
+        return vhub_backend_channel_reply(d->channel, token, result);
+}

@@ -27,6 +27,7 @@ struct vhub_bconn;
 struct vhub_backend_channel;
 struct vhub_mem_op;
 struct vhub_vm;
+struct vhub_vm_batch;
 
 enum vhub_device_state {
         VHUB_DEV_CONNECTING,
@@ -64,6 +65,9 @@ enum vhub_op_kind {
         VHUB_OP_MEM_SYNC,
         VHUB_OP_REMOVE,
         VHUB_OP_SINGLE,               /* one request, acked: RARP, MTU, ... */
+        VHUB_OP_RESET,
+        VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
+        VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
         _VHUB_OP_MAX,
 };
 
@@ -108,6 +112,16 @@ struct vhub_op {
                         uint64_t *target_ids;
                         size_t n_target;
                 } mem;
+                struct {
+                        struct vhub_vm_batch *batch;
+                        bool enable;
+                } log;
+                struct {
+                        uint8_t uuid[16];
+                        char requester[VHUB_NAME_MAX + 1];
+                        uint64_t token;
+                        int fd;                      /* the exporter's answer (owned) */
+                } shared;
                 struct {
                         uint32_t request;
                         uint64_t u64;
@@ -200,6 +214,19 @@ void vhub_device_config_get(struct vhub_device *dev, uint32_t offset, uint32_t s
                             struct vhub_call *call);
 void vhub_device_config_set(struct vhub_device *dev, uint32_t offset, const void *data,
                             uint32_t size, struct vhub_call *call);
+
+void vhub_device_reset(struct vhub_device *dev, struct vhub_call *call);
+void vhub_device_send_rarp(struct vhub_device *dev, const uint8_t mac[6], struct vhub_call *call);
+void vhub_device_set_mtu(struct vhub_device *dev, uint16_t mtu, struct vhub_call *call);
+/* SET_DEVICE_STATE_FD; fd taken.  call->out.state_fd.fd: the back-end's own fd, if any. */
+void vhub_device_state_fd(struct vhub_device *dev, bool load, int fd, struct vhub_call *call);
+void vhub_device_check_state(struct vhub_device *dev, struct vhub_call *call);
+/* Answer a forwarded back-end request: 0, or -ENOENT for an unknown/expired token. */
+int vhub_device_backend_reply(struct vhub_device *dev, uint64_t token, uint64_t result);
+int vhub_device_queue_log(struct vhub_device *dev, struct vhub_vm_batch *batch, bool enable);
+/* Ask this (exporting) device for a shared object on behalf of requester. */
+int vhub_device_queue_get_shared(struct vhub_device *dev, const uint8_t uuid[16],
+                                 const char *requester, uint64_t token);
 
 /* Begin a memory sync (a VM fan-out member).  Returns 0 if queued. */
 int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);

@@ -8,10 +8,12 @@
  * the committed table and never overlap a change.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "vhub-call.h"
@@ -19,6 +21,7 @@
 #include "vhub-device.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
+#include "vhost-user.h"
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
 
@@ -68,6 +71,8 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         vm->owner_id = owner_id;
         vm->linger_ms = linger_ms;
         vhub_mem_table_init(&vm->mem);
+        vhub_shared_table_init(&vm->shared);
+        vm->log_fd = -1;
         TAILQ_INIT(&vm->mem_ops);
         TAILQ_INIT(&vm->devices);
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
@@ -109,6 +114,11 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 vhub_call_fail(mop->call, &err);
                 mem_op_free(mop, mop->kind == VHUB_MEM_OP_ADD);
         }
+        if (vm->log_batch) {
+                vhub_call_fail(vm->log_batch->call, &err);
+                free(vm->log_batch);
+                vm->log_batch = NULL;
+        }
         if (vm->destroy_call) {
                 struct vhub_call *c = vm->destroy_call;
 
@@ -120,6 +130,9 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_context_counts_changed(vm->ctx);
         vm_log(vm, LOG_INFO, "VM destroyed");
         event_free(vm->linger_timer);
+        vhub_shared_table_done(&vm->shared);
+        if (vm->log_fd >= 0)
+                close(vm->log_fd);
         vhub_mem_table_done(&vm->mem);
         free(vm);
 }
@@ -402,6 +415,12 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 if (vhub_mem_table_check_new(&pending, region, &err) < 0)
                         goto fail;
         }
+        if (vm->logging && region->gpa + region->size > vm->log_size * 8 * VHU_LOG_PAGE) {
+                vhub_error_set(&err, VHUB_ERR_STATE,
+                               "dirty logging covers guest memory below 0x%llx; stop it before adding memory beyond",
+                               (unsigned long long)(vm->log_size * 8 * VHU_LOG_PAGE));
+                goto fail;
+        }
         n_after = vm_regions_after_queue(vm) + 1;
         if (n_after > lim->regions_per_vm) {
                 vhub_error_set(&err, VHUB_ERR_LIMIT, "VM %s would have %zu regions; the limit is %u",
@@ -484,4 +503,197 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
 
 fail:
         vhub_call_fail(call, &err);
+}
+
+/* ---- dirty logging ---- */
+
+static void vm_batch_finish(struct vhub_vm *vm, struct vhub_vm_batch *b) {
+        struct vhub_call *call = b->call;
+
+        vm->log_batch = NULL;
+        if (b->kind == VHUB_BATCH_LOG_START) {
+                if (b->failed) {
+                        /* leave no device logging into a log nobody reads */
+                        vm->logging = false;
+                        if (vm->log_fd >= 0)
+                                close(vm->log_fd);
+                        vm->log_fd = -1;
+                        vm->log_size = 0;
+                        vhub_call_fail(call, &b->error);
+                } else {
+                        int fd = fcntl(vm->log_fd, F_DUPFD_CLOEXEC, 3);
+
+                        if (fd < 0) {
+                                vhub_error_set(&b->error, VHUB_ERR_INTERNAL, "dup: %s", strerror(errno));
+                                vhub_call_fail(call, &b->error);
+                        } else if (call) {
+                                call->out.dirty_log.fd = fd;
+                                call->out.dirty_log.size = vm->log_size;
+                                vhub_call_complete(call, 0);
+                        } else {
+                                close(fd);
+                        }
+                        vm_log(vm, LOG_INFO, "dirty logging started (%llu bytes of log)",
+                               (unsigned long long)vm->log_size);
+                }
+        } else {
+                if (vm->log_fd >= 0)
+                        close(vm->log_fd);
+                vm->log_fd = -1;
+                vm->log_size = 0;
+                vm_log(vm, LOG_INFO, "dirty logging stopped");
+                if (b->failed)
+                        vhub_call_fail(call, &b->error);
+                else
+                        vhub_call_complete(call, 0);
+        }
+        free(b);
+}
+
+void vhub_vm_batch_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, struct vhub_device *dev,
+                               int r, const struct vhub_error *err) {
+        if (r < 0 && !b->failed) {
+                b->failed = true;
+                vhub_error_copy(&b->error, err);
+                if (!b->error.device[0])
+                        snprintf(b->error.device, sizeof(b->error.device), "%s", dev->name);
+        }
+        if (--b->outstanding == 0)
+                vm_batch_finish(vm, b);
+}
+
+static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable) {
+        struct vhub_device *d;
+
+        b->outstanding = 1; /* held during the loop */
+        TAILQ_FOREACH(d, &vm->devices, link) {
+                if (d->removing || !vhub_device_is_connected(d) || !d->handshaken)
+                        continue;
+                b->outstanding++;
+                if (vhub_device_queue_log(d, b, enable) < 0) {
+                        b->outstanding--;
+                        if (!b->failed) {
+                                b->failed = true;
+                                vhub_error_set(&b->error, VHUB_ERR_INTERNAL, "out of memory");
+                        }
+                }
+        }
+        if (--b->outstanding == 0)
+                vm_batch_finish(vm, b);
+}
+
+void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
+        struct vhub_error err = { 0 };
+        struct vhub_vm_batch *b;
+        struct vhub_device *d;
+        uint64_t end, size;
+        int fd;
+
+        if (vm->logging || vm->log_batch) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "dirty logging is already %s",
+                               vm->log_batch ? "changing" : "on");
+                goto fail;
+        }
+        end = vhub_mem_table_end(&vm->mem);
+        if (end == 0) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s has no memory to log", vm->name);
+                goto fail;
+        }
+        TAILQ_FOREACH(d, &vm->devices, link) {
+                if (d->removing)
+                        continue;
+                if (!(d->protocol_features & VHU_PF_BIT(VHU_PF_LOG_SHMFD)) ||
+                    !(d->features & (UINT64_C(1) << VHU_VIRTIO_F_LOG_ALL))) {
+                        vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                                       "device %s cannot log dirty memory (needs LOG_SHMFD and VHOST_F_LOG_ALL)",
+                                       d->name);
+                        snprintf(err.device, sizeof(err.device), "%s", d->name);
+                        goto fail;
+                }
+        }
+        /* one bit per 4 KiB page from gpa 0 to the end of the highest region */
+        size = (end / VHU_LOG_PAGE + 7) / 8;
+        size = (size + 4095) & ~(uint64_t)4095;
+        fd = memfd_create("vhub-dirty-log", MFD_CLOEXEC);
+        if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "cannot create the log memfd: %s", strerror(errno));
+                if (fd >= 0)
+                        close(fd);
+                goto fail;
+        }
+        b = calloc(1, sizeof(*b));
+        if (!b) {
+                close(fd);
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                goto fail;
+        }
+        b->kind = VHUB_BATCH_LOG_START;
+        b->call = call;
+        vm->log_fd = fd;
+        vm->log_size = size;
+        vm->logging = true;
+        vm->log_batch = b;
+        vm_log_fanout(vm, b, true);
+        return;
+fail:
+        vhub_call_fail(call, &err);
+}
+
+void vhub_vm_dirty_log_stop(struct vhub_vm *vm, struct vhub_call *call) {
+        struct vhub_error err = { 0 };
+        struct vhub_vm_batch *b;
+
+        if (!vm->logging || vm->log_batch) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "dirty logging is %s",
+                               vm->log_batch ? "changing" : "off");
+                vhub_call_fail(call, &err);
+                return;
+        }
+        b = calloc(1, sizeof(*b));
+        if (!b) {
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                vhub_call_fail(call, &err);
+                return;
+        }
+        b->kind = VHUB_BATCH_LOG_STOP;
+        b->call = call;
+        vm->logging = false;
+        vm->log_batch = b;
+        vm_log_fanout(vm, b, false);
+}
+
+/* ---- shared objects the VMM exports ---- */
+
+int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struct vhub_error *err) {
+        char u[37];
+        int r;
+
+        vhub_uuid_format(uuid, u);
+        r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
+        if (r < 0) {
+                close(fd);
+                if (r == -EEXIST)
+                        return vhub_error_set(err, VHUB_ERR_EXISTS, "shared object %s already exists", u);
+                if (r == -ENOSPC)
+                        return vhub_error_set(err, VHUB_ERR_LIMIT, "VM %s has %u shared objects (the limit)",
+                                              vm->name, vm->ctx->config->limits.shared_objects_per_vm);
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        }
+        vm_log(vm, LOG_DEBUG, "shared object %s exported by the VMM", u);
+        return 0;
+}
+
+int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhub_error *err) {
+        struct vhub_shared_object *o = vhub_shared_table_find(&vm->shared, uuid);
+        char u[37];
+
+        vhub_uuid_format(uuid, u);
+        if (!o)
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "'uuid': VM %s has no shared object %s", vm->name, u);
+        if (o->device)
+                return vhub_error_set(err, VHUB_ERR_STATE,
+                                      "shared object %s was exported by device %s; only its exporter removes it",
+                                      u, o->device->name);
+        vhub_shared_table_remove(&vm->shared, uuid, NULL);
+        return 0;
 }

@@ -13,6 +13,7 @@
 
 #include "vhub-error.h"
 #include "vhub-memory.h"
+#include "vhub-shared-object.h"
 
 struct event;
 struct vhub_call;
@@ -47,6 +48,20 @@ struct vhub_mem_op {
 
 TAILQ_HEAD(vhub_mem_op_list, vhub_mem_op);
 
+enum vhub_vm_batch_kind {
+        VHUB_BATCH_LOG_START,
+        VHUB_BATCH_LOG_STOP,
+};
+
+/* A call that waits for one op on each of several devices (dirty log). */
+struct vhub_vm_batch {
+        enum vhub_vm_batch_kind kind;
+        struct vhub_call *call;
+        unsigned outstanding;
+        bool failed;
+        struct vhub_error error;
+};
+
 struct vhub_vm {
         TAILQ_ENTRY(vhub_vm) link;
         struct vhub_context *ctx;
@@ -62,6 +77,13 @@ struct vhub_vm {
 
         struct vhub_device_list devices;
         unsigned n_devices;
+
+        struct vhub_shared_table shared;  /* UUID -> exporter */
+
+        bool logging;                   /* dirty logging on */
+        int log_fd;                     /* the log memfd (owned), -1 when off */
+        uint64_t log_size;
+        struct vhub_vm_batch *log_batch;/* a start/stop in progress */
 
         bool destroying;
         struct vhub_call *destroy_call;
@@ -85,6 +107,16 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
 void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call);
 
 struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name);
+
+/* Dirty logging: a log memfd covering the VM's memory, one bit per 4 KiB. */
+void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call);
+void vhub_vm_dirty_log_stop(struct vhub_vm *vm, struct vhub_call *call);
+void vhub_vm_batch_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, struct vhub_device *dev,
+                               int r, const struct vhub_error *err);
+
+/* Shared objects the VMM exports. fd taken in every case. */
+int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struct vhub_error *err);
+int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhub_error *err);
 
 /* Callbacks from devices. */
 void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
