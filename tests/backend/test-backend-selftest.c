@@ -596,6 +596,7 @@ int main(void) {
                 return 77;
         }
         signal(SIGPIPE, SIG_IGN);
+        setvbuf(stdout, NULL, _IOLBF, 0);
         snprintf(tmpdir, sizeof(tmpdir), "/tmp/vhub-tb-selftest-XXXXXX");
         CHECK(mkdtemp(tmpdir), "mkdtemp: %m");
         snprintf(sock_path, sizeof(sock_path), "%s/blk.sock", tmpdir);
@@ -741,6 +742,47 @@ int main(void) {
         printf("phase 2: %u requests over %u SIGKILLs (%u with requests in flight), %lld resubmitted, "
                "each completed exactly once (%llu ms)\n", N_PHASE2, KILL_CYCLES, resubmit_cycles, resubmitted,
                (unsigned long long) (now_ms() - t0));
+
+        /*
+         * 5: the spec's "last batch" fix-up, deterministically: make the
+         * buffer look like a crash right after the used idx was bumped for a
+         * batch of the last 5 completions, before their inflight flags were
+         * cleared.  The restarted back-end must clear them, not resubmit.
+         */
+        backend_kill();
+        fe_close(&fe);
+        iq = mmap(NULL, inf.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, inflight_fd, 0);
+        CHECK(iq != MAP_FAILED, "mmap inflight: %m");
+        iq1 = (void *) ((uint8_t *) iq + 16 + 16 * QSIZE);
+        uint16_t h = iq1->last_batch_head;
+        for (unsigned k = 0; k < 5; k++) {
+                CHECK(h < QSIZE && slots[first + h / 3].completed == 1, "batch list head %u", h);
+                iq1->desc[h].inflight = 1;
+                h = iq1->desc[h].next;
+        }
+        iq1->used_idx = (uint16_t) (iq1->used_idx - 5);
+        backend_start();
+        fe_handshake(&fe);
+        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, false, &inf, sizeof(inf),
+                      &inflight_fd, 1);
+        fe_ok(&fe, &m);
+        fe_start_queue(&fe, &q1, q_used_idx(&q1));
+        fe.ctl = connect_unix(ctl_path);
+        json_t *jv = ctl(&fe, "{\"cmd\":\"vrings\"}");
+        json_t *v1 = json_array_get(json_object_get(jv, "vrings"), 1);
+        CHECK(json_integer_value(json_object_get(v1, "resubmitted")) == 0 &&
+              json_integer_value(json_object_get(v1, "last_avail")) == N_PHASE2,
+              "fix-up: resubmitted %lld, last avail %lld",
+              (long long) json_integer_value(json_object_get(v1, "resubmitted")),
+              (long long) json_integer_value(json_object_get(v1, "last_avail")));
+        json_decref(jv);
+        msleep(50);
+        CHECK(q_reap(&q1, NULL, NULL) == 0 && q_used_idx(&q1) == N_PHASE2, "completions after the fix-up");
+        CHECK(iq1->used_idx == N_PHASE2, "fix-up left used_idx %u", iq1->used_idx);
+        for (unsigned i = 0; i < QSIZE; i++)
+                CHECK(iq1->desc[i].inflight == 0, "fix-up left entry %u inflight", i);
+        munmap(iq, inf.mmap_size);
+        printf("phase 3: last-batch fix-up after a crash mid-completion: nothing resubmitted\n");
 
         /* a clean exit on SIGTERM */
         kill(backend_pid, SIGTERM);
