@@ -506,7 +506,10 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
                 v->base = used_idx;
                 op->restored[n].index = i;
                 op->restored[n].base = used_idx;
-                op->restored[n].outstanding = (uint16_t)(avail_idx - used_idx);
+                /* counted when the back-end was lost: the driver may have
+                 * queued more since, which the restart picks up anyway */
+                op->restored[n].outstanding = v->loss_read ? (uint16_t)(v->loss_avail - v->loss_used)
+                                                           : (uint16_t)(avail_idx - used_idx);
                 if (op->restored[n].outstanding > 1 && !inflight && !in_order)
                         op->restore_exact = false;
                 n++;

@@ -10,6 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libgen.h>
+#include <limits.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -38,6 +41,7 @@ static void device_run_head(struct vhub_device *d);
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
 static void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_msg *reply);
 static void device_schedule_reconnect(struct vhub_device *d);
+static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata);
 static void device_destroy(struct vhub_device *d);
 
 static const struct vhub_bconn_ops device_bconn_ops = {
@@ -337,6 +341,17 @@ static void device_fail_ops(struct vhub_device *d, const struct vhub_error *err)
         }
 }
 
+/* What the rings looked like when the back-end went away (for device.reconnected). */
+static void device_snapshot_rings(struct vhub_device *d) {
+        for (unsigned i = 0; i < d->queues; i++) {
+                struct vhub_vring *v = &d->vrings[i];
+
+                v->loss_read = v->configured &&
+                               vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
+                               vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;
+        }
+}
+
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason) {
         struct vhub_device *d = userdata;
         struct vhub_error err;
@@ -345,6 +360,8 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         enum vhub_device_state prev = d->state;
 
         device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
+        if (prev == VHUB_DEV_RUNNING)
+                device_snapshot_rings(d);
         device_drop_connection(d);
         vhub_error_set_backend(&err, timeout ? VHUB_ERR_TIMEOUT : VHUB_ERR_BACKEND, d->name, req,
                                "device %s: %s", d->name, reason);
@@ -366,7 +383,8 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         ev.vm = d->vm;
         ev.device = d->name;
         ev.reason = reason;
-        if (prev != VHUB_DEV_DISCONNECTED && prev != VHUB_DEV_FAILED) {
+        /* once per outage: a failed restore attempt is not a new loss */
+        if (prev == VHUB_DEV_READY || prev == VHUB_DEV_RUNNING || prev == VHUB_DEV_STOPPED) {
                 ev.type = VHUB_EV_DISCONNECTED;
                 vhub_context_emit(d->vm->ctx, &ev);
         }
@@ -450,12 +468,76 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
         device_queue_restore(d);
 }
 
+static void device_stop_watching(struct vhub_device *d) {
+        if (d->ev_inotify) {
+                event_free(d->ev_inotify);
+                d->ev_inotify = NULL;
+        }
+        if (d->inotify_fd >= 0) {
+                close(d->inotify_fd);
+                d->inotify_fd = -1;
+        }
+}
+
+/* The socket's directory changed: if our socket (re)appeared, try now. */
+static void device_inotify_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_device *d = userdata;
+        char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+        char copy[PATH_MAX];
+        const char *base;
+        bool ours = false;
+        ssize_t n;
+
+        snprintf(copy, sizeof(copy), "%s", d->socket_path);
+        base = basename(copy);
+        while ((n = read(fd, buf, sizeof(buf))) > 0) {
+                for (char *p = buf; p < buf + n;) {
+                        const struct inotify_event *ie = (const struct inotify_event *)p;
+
+                        if (ie->len > 0 && strcmp(ie->name, base) == 0)
+                                ours = true;
+                        p += sizeof(*ie) + ie->len;
+                }
+        }
+        if (!ours || d->state != VHUB_DEV_DISCONNECTED || d->removing)
+                return;
+        device_log(d, LOG_DEBUG, NULL, "%s reappeared; reconnecting now", d->socket_path);
+        evtimer_del(d->ev_reconnect);
+        d->reconnect_fast = 20; /* the listener may bind a moment before it listens */
+        device_reconnect_cb(-1, 0, d);
+}
+
+static void device_watch_socket(struct vhub_device *d) {
+        char dir[PATH_MAX];
+
+        if (d->inotify_fd >= 0)
+                return;
+        snprintf(dir, sizeof(dir), "%s", d->socket_path);
+        d->inotify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        if (d->inotify_fd < 0)
+                return; /* the timer still reconnects */
+        if (inotify_add_watch(d->inotify_fd, dirname(dir), IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
+                device_stop_watching(d);
+                return;
+        }
+        d->ev_inotify = event_new(d->vm->ctx->base, d->inotify_fd, EV_READ | EV_PERSIST, device_inotify_cb, d);
+        if (!d->ev_inotify || event_add(d->ev_inotify, NULL) < 0)
+                device_stop_watching(d);
+}
+
 static void device_schedule_reconnect(struct vhub_device *d) {
         unsigned cap = d->vm->ctx->config->reconnect_max_ms;
         struct timeval tv;
 
         if (d->mode == VHUB_DEV_MODE_SERVER)
                 return;
+        device_watch_socket(d);
+        if (d->reconnect_fast > 0) {
+                d->reconnect_fast--;
+                tv = (struct timeval){ .tv_sec = 0, .tv_usec = 10000 };
+                evtimer_add(d->ev_reconnect, &tv);
+                return;
+        }
         if (d->reconnect_delay_ms == 0)
                 d->reconnect_delay_ms = d->reconnect_ms;
         else
@@ -474,6 +556,8 @@ void device_restored(struct vhub_device *d, const struct vhub_event_vring *vring
 
         d->reconnects++;
         d->reconnect_delay_ms = 0;
+        d->reconnect_fast = 0;
+        device_stop_watching(d);
         device_set_state(d, d->state_before_loss);
         ev.type = VHUB_EV_RECONNECTED;
         ev.vm = d->vm;
@@ -491,6 +575,8 @@ void device_give_up(struct vhub_device *d, const char *reason) {
 
         device_log(d, LOG_ERR, NULL, "device failed: %s", reason);
         device_drop_connection(d);
+        device_stop_watching(d);
+        evtimer_del(d->ev_reconnect);
         device_set_state(d, VHUB_DEV_FAILED);
         ev.type = VHUB_EV_FAILED;
         ev.vm = d->vm;
@@ -569,6 +655,7 @@ void vhub_device_free(struct vhub_device *d) {
                 event_free(d->ev_listen);
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
+        device_stop_watching(d);
         if (d->listen_fd >= 0) {
                 close(d->listen_fd);
                 (void)unlink(d->socket_path);
@@ -616,6 +703,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->vm = vm;
         d->listen_fd = -1;
         d->inflight_fd = -1;
+        d->inotify_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;
@@ -693,6 +781,7 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
         }
         d->removing = true;
         evtimer_del(d->ev_reconnect);
+        device_stop_watching(d);
         /* cancel everything not yet running; a running op finishes (bounded
          * by the back-end timeout) so that replies stay matched */
         vhub_error_set_backend(&err, VHUB_ERR_NO_DEVICE, d->name, NULL,

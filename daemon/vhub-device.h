@@ -54,6 +54,8 @@ struct vhub_vring {
         uint64_t desc, avail, used;   /* guest-physical */
         uint32_t base;                /* next avail index at start */
         int kick_fd, call_fd, err_fd; /* owned; -1 if none */
+        uint16_t loss_avail, loss_used; /* read from guest memory when the back-end was lost */
+        bool loss_read;
 };
 
 enum vhub_op_kind {
@@ -155,6 +157,9 @@ struct vhub_device {
         struct event *ev_listen;
         struct event *ev_reconnect;
         unsigned reconnect_delay_ms;
+        unsigned reconnect_fast;      /* quick retries after the socket reappeared */
+        int inotify_fd;               /* watches the socket's directory while disconnected */
+        struct event *ev_inotify;
         unsigned reconnects;          /* successful restores */
 
         /* negotiated */
