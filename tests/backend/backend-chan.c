@@ -198,10 +198,14 @@ static void chan_reply(struct tb_conn *c, struct vhu_msg *reply) {
                                                vhu_request_name(VHU_DIR_BACKEND, p->request), why));
         else if (p->kind == TB_CHAN_LOOKUP)
                 pending_answer(p, lookup_report(p, reply));
-        else
-                pending_answer(p, json_pack("{s:b,s:s,s:I}", "ok", 1, "request",
-                                            vhu_request_name(VHU_DIR_BACKEND, p->request),
-                                            "reply", (json_int_t) reply->payload.u64));
+        else {
+                json_t *a = json_pack("{s:b,s:s,s:I}", "ok", 1, "request",
+                                      vhu_request_name(VHU_DIR_BACKEND, p->request),
+                                      "reply", (json_int_t) reply->payload.u64);
+                if (a && p->uuid[0])
+                        json_object_set_new(a, "uuid", json_string(p->uuid));
+                pending_answer(p, a);
+        }
         pending_pop(c);
 }
 

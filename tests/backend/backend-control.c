@@ -456,7 +456,9 @@ static json_t *cmd_export(struct cmd_ctx *x) {
                 json_object_set_new(a, "uuid", uuid_string(uuid));
                 return a;
         }
-        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid, 16, NULL, 0, NULL);
+        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
+        uuid_unparse_lower(uuid, how.uuid);
+        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid, 16, NULL, 0, &how);
         if (a)
                 json_object_set_new(a, "uuid", uuid_string(uuid));
         return a;
@@ -473,7 +475,12 @@ static json_t *cmd_remove(struct cmd_ctx *x) {
         if (e)
                 return e;
         /* an unknown UUID is still sent: the test may want exactly that */
-        return chan_request(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid, 16, NULL, 0, NULL);
+        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
+        uuid_unparse_lower(uuid, how.uuid);
+        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid, 16, NULL, 0, &how);
+        if (a)
+                json_object_set_new(a, "uuid", uuid_string(uuid));
+        return a;
 }
 
 static json_t *cmd_lookup(struct cmd_ctx *x) {

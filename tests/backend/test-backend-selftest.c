@@ -502,7 +502,9 @@ static void test_control_and_shared_objects(struct fe *fe) {
         chan_serve(fe, VHU_BREQ_SHARED_OBJECT_ADD, 0, -1, uuid);
         j = ctl_read(fe);
         CHECK(json_is_true(json_object_get(j, "ok")) &&
-              json_integer_value(json_object_get(j, "reply")) == 0, "export answer");
+              json_integer_value(json_object_get(j, "reply")) == 0 &&
+              json_is_string(json_object_get(j, "uuid")) &&
+              strcmp(json_string_value(json_object_get(j, "uuid")), u1) == 0, "export answer");
         json_decref(j);
 
         /* GET_SHARED_OBJECT: the UUID echoed, the fd attached */
