@@ -674,7 +674,7 @@ int main(void) {
                                 q_kick(&q1);
                 }
                 q_kick(&q1);
-                msleep((unsigned) (rand() % 30));
+                msleep(2 + (unsigned) (rand() % 28));
                 q_reap(&q1, NULL, NULL);
                 backend_kill();
                 unsigned outstanding = 0;
