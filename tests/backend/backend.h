@@ -249,7 +249,6 @@ struct tb_sock {
         char *path;
         bool connect_mode;
         int listen_fd;                  /* listen mode */
-        int connecting_fd;              /* connect mode: in progress */
         uint64_t next_connect_ms;
         struct tb_conn *conn;
 

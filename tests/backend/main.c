@@ -398,7 +398,7 @@ static int socks_open(void) {
                 struct tb_sock *s = &tb.socks[i];
                 bool connect_mode = i >= tb.opt.n_socket_paths;
                 s->index = i;
-                s->listen_fd = s->connecting_fd = -1;
+                s->listen_fd = -1;
                 s->connect_mode = connect_mode;
                 s->path = connect_mode ? tb.opt.connect_paths[i - tb.opt.n_socket_paths]
                                        : tb.opt.socket_paths[i];
