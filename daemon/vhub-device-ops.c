@@ -45,6 +45,10 @@ void op_free(struct vhub_op *op) {
 /* A u64 REPLY_ACK: 0 is success. */
 static void check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                       const struct vhu_msg *reply) {
+        /* SET_LOG_BASE's reply (with LOG_SHMFD) only says it was processed:
+         * libvhost-user echoes the log size there, DPDK sends nothing. */
+        if (request == VHU_REQ_SET_LOG_BASE)
+                return;
         if (reply->hdr.size == sizeof(uint64_t) && reply->payload.u64 == 0)
                 return;
         device_op_error(op, VHUB_ERR_BACKEND, REQ(request), "back-end refused %s (status %llu)",
@@ -445,15 +449,18 @@ static struct vhub_vring *start_vrings(struct vhub_device *d, struct vhub_op *op
         return op->u.start.vrings;
 }
 
-static uint64_t start_features(struct vhub_device *d, struct vhub_op *op) {
-        uint64_t f = op->restore ? d->acked_features : op->u.start.features;
-
+/* SET_FEATURES' value: the driver's features plus what the daemon adds. */
+static uint64_t features_to_send(struct vhub_device *d, uint64_t f) {
         f &= ~(UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
         if (dev_protocol_features_on(d))
                 f |= UINT64_C(1) << VHU_F_PROTOCOL_FEATURES;
         if (d->vm->logging)
                 f |= UINT64_C(1) << VHU_VIRTIO_F_LOG_ALL;
         return f;
+}
+
+static uint64_t start_features(struct vhub_device *d, struct vhub_op *op) {
+        return features_to_send(d, op->restore ? d->acked_features : op->u.start.features);
 }
 
 /* SET_LOG_BASE with the VM's log memfd. */
@@ -832,7 +839,7 @@ static int log_stage(struct vhub_device *d, struct vhub_op *op) {
                 return r;
         if (d->state == VHUB_DEV_RUNNING) {
                 /* spec "Migration": LOG_ALL in the features, VHOST_VRING_F_LOG per ring */
-                vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, start_features(d, op));
+                vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, features_to_send(d, d->acked_features));
                 if ((r = device_send(d, op, &m, 0)) < 0)
                         return r;
                 for (unsigned i = 0; i < d->queues; i++) {

@@ -184,6 +184,16 @@ int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, ui
                 return device_op_error(op, VHUB_ERR_BACKEND,
                                        vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
                                        "device %s is not connected", d->name);
+        /* A request with a reply of its own never carries NEED_REPLY:
+         * libvhost-user echoes the flag in that reply, which would then not
+         * be exactly VERSION|REPLY. */
+        if (m->hdr.flags & VHU_FLAG_NEED_REPLY) {
+                const struct vhu_request_info *info = vhu_request_info(VHU_DIR_FRONTEND, m->hdr.request);
+
+                if (info && (info->reply == VHU_REPLY_ALWAYS ||
+                             (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
+                        m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        }
         r = vhub_bconn_send(d->conn, m, tag);
         if (r < 0)
                 return device_op_error(op, VHUB_ERR_BACKEND,
