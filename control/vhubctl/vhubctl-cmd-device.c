@@ -1,0 +1,630 @@
+/* SPDX-License-Identifier: MIT */
+/* vhubctl: device commands (add, list, start/stop, config, net, state, back-end replies). */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vhubctl.h"
+
+#define MAX_CONFIG_BYTES 4096   /* the daemon enforces the protocol's own, smaller bound */
+#define MAX_VRINGS 64
+
+static json_t *device_params(const struct ctl *ctl, const struct ctl_args *a) {
+        return json_pack("{s:s, s:s}", "vm", a->pos[0], "device", a->pos[1]);
+}
+
+/* For commands whose result is {}: nothing on success, {} with --json. */
+static int call_simple_fds(struct ctl *ctl, const char *method, json_t *params, const int *fds, unsigned n_fds) {
+        json_t *result = NULL;
+        int r;
+
+        r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
+        if (r == CTL_EXIT_OK && ctl->json)
+                ctl_print_json(result ? result : json_object());
+        json_decref(result);
+        return r;
+}
+
+static int call_simple(struct ctl *ctl, const char *method, json_t *params) {
+        return call_simple_fds(ctl, method, params, NULL, 0);
+}
+
+/* ---- add / remove / list ---- */
+
+int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
+        const char *type = ctl_arg(a, "type"), *mode = ctl_arg(a, "mode"), *s;
+        char *socket_path = NULL, cwd[4096], hex[32], names[512];
+        uint64_t v, pf = 0;
+        json_t *params, *res = NULL;
+        int r;
+
+        /* the daemon resolves paths in its own working directory, not ours */
+        if (a->pos[2][0] != '/') {
+                if (!getcwd(cwd, sizeof(cwd)))
+                        return ctl_fail(CTL_EXIT_LOCAL, "getcwd: %s", strerror(errno));
+                if (asprintf(&socket_path, "%s/%s", cwd, a->pos[2]) < 0)
+                        return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        } else if (!(socket_path = strdup(a->pos[2]))) {
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        }
+        params = json_pack("{s:s, s:s, s:s}", "vm", a->pos[0], "device", a->pos[1], "socket", socket_path);
+        free(socket_path);
+        if (type)
+                json_object_set_new(params, "type", json_string(type));
+        if (mode) {
+                if (strcmp(mode, "client") != 0 && strcmp(mode, "server") != 0) {
+                        json_decref(params);
+                        return ctl_usage_error(ctl, "--mode is client or server, not '%s'", mode);
+                }
+                json_object_set_new(params, "mode", json_string(mode));
+        }
+        if ((s = ctl_arg(a, "queues"))) {
+                if ((r = ctl_get_u64(ctl, "--queues", s, 65535, &v)) != 0) {
+                        json_decref(params);
+                        return r;
+                }
+                json_object_set_new(params, "queues", json_integer((json_int_t)v));
+        }
+        if ((s = ctl_arg(a, "reconnect-ms"))) {
+                if ((r = ctl_get_u64(ctl, "--reconnect-ms", s, 3600000, &v)) != 0) {
+                        json_decref(params);
+                        return r;
+                }
+                json_object_set_new(params, "reconnect_ms", json_integer((json_int_t)v));
+        }
+        r = ctl_call(ctl, "device.add", params, true, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        if (ctl->json) {
+                ctl_print_json(res);
+                json_decref(res);
+                return CTL_EXIT_OK;
+        }
+        (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
+        ctl_fmt_protocol_features(pf, names, sizeof(names));
+        ctl_fmt_u64(json_object_get(res, "features"), hex, sizeof(hex));
+        printf("features           %s\n", hex);
+        ctl_fmt_u64(json_object_get(res, "protocol_features"), hex, sizeof(hex));
+        printf("protocol features  %s (%s)\n", hex, names);
+        printf("queues             %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(res, "queues")));
+        printf("max mem slots      %" JSON_INTEGER_FORMAT "\n",
+               json_integer_value(json_object_get(res, "max_mem_slots")));
+        json_decref(res);
+        return CTL_EXIT_OK;
+}
+
+int cmd_device_remove(struct ctl *ctl, const struct ctl_args *a) {
+        return call_simple(ctl, "device.remove", device_params(ctl, a));
+}
+
+int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
+        struct ctl_table t;
+        json_t *res = NULL, *d;
+        size_t i;
+        int r;
+
+        r = ctl_call(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        if (ctl->json) {
+                ctl_print_json(res);
+                json_decref(res);
+                return CTL_EXIT_OK;
+        }
+        if (ctl_table_init(&t, 10, "DEVICE", "STATE", "TYPE", "MODE", "QUEUES", "RECONNECTS", "FEATURES",
+                           "ACKED", "PROTOCOL", "SOCKET") < 0) {
+                json_decref(res);
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        }
+        json_array_foreach(json_object_get(res, "devices"), i, d) {
+                char q[16], rc[16], f[24], af[24], pf[24];
+                const char *type = json_string_value(json_object_get(d, "type"));
+                const char *mode = json_string_value(json_object_get(d, "mode"));
+
+                snprintf(q, sizeof(q), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(d, "queues")));
+                snprintf(rc, sizeof(rc), "%" JSON_INTEGER_FORMAT,
+                         json_integer_value(json_object_get(d, "reconnects")));
+                ctl_fmt_u64(json_object_get(d, "features"), f, sizeof(f));
+                ctl_fmt_u64(json_object_get(d, "acked_features"), af, sizeof(af));
+                ctl_fmt_u64(json_object_get(d, "protocol_features"), pf, sizeof(pf));
+                ctl_table_add(&t, json_string_value(json_object_get(d, "device")),
+                              json_string_value(json_object_get(d, "state")), type ? type : "-",
+                              mode ? mode : "-", q, rc, f, af, pf,
+                              json_string_value(json_object_get(d, "socket")));
+        }
+        ctl_table_print(&t);
+        ctl_table_done(&t);
+        json_decref(res);
+        return CTL_EXIT_OK;
+}
+
+/* ---- start / stop / reset ---- */
+
+/* JSON text from a literal, @FILE, or "-" (stdin). */
+static json_t *load_json_arg(const char *arg, char *errbuf, size_t errlen) {
+        json_error_t jerr;
+        json_t *v;
+
+        if (strcmp(arg, "-") == 0)
+                v = json_loadf(stdin, JSON_REJECT_DUPLICATES, &jerr);
+        else if (arg[0] == '@')
+                v = json_load_file(arg + 1, JSON_REJECT_DUPLICATES, &jerr);
+        else
+                v = json_loads(arg, JSON_REJECT_DUPLICATES, &jerr);
+        if (!v)
+                snprintf(errbuf, errlen, "%s: line %d: %s", arg[0] == '@' ? arg + 1 : "JSON", jerr.line, jerr.text);
+        return v;
+}
+
+/* A vring's kick/call/err: an inherited fd number given in the JSON, or a new eventfd. */
+static int vring_fd(json_t *ring, const char *key, bool create, int *fds, unsigned *n_fds, bool *owned,
+                    char *errbuf, size_t errlen) {
+        json_t *v = json_object_get(ring, key);
+        int fd;
+
+        if (v) {
+                if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 65535 ||
+                    fcntl((int)json_integer_value(v), F_GETFD) < 0) {
+                        snprintf(errbuf, errlen, "vring '%s' must be an open fd of vhubctl (or absent)", key);
+                        return -EINVAL;
+                }
+                fd = (int)json_integer_value(v);
+                owned[*n_fds] = false;
+        } else if (create) {
+                fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+                if (fd < 0) {
+                        snprintf(errbuf, errlen, "eventfd: %s", strerror(errno));
+                        return -errno;
+                }
+                owned[*n_fds] = true;
+        } else {
+                return 0;
+        }
+        fds[*n_fds] = fd;
+        json_object_set_new(ring, key, json_integer(*n_fds));
+        (*n_fds)++;
+        return 0;
+}
+
+int cmd_device_start(struct ctl *ctl, const struct ctl_args *a) {
+        const char *features = ctl_arg(a, "features"), *vrings_arg = ctl_arg(a, "vrings");
+        int fds[MAX_VRINGS * 3];
+        bool owned[MAX_VRINGS * 3];
+        unsigned n_fds = 0;
+        json_t *vrings, *ring, *params;
+        char err[512];
+        uint64_t f;
+        size_t i;
+        int r;
+
+        if (!features || !vrings_arg)
+                return ctl_usage_error(ctl, "device start needs --features and --vrings");
+        if ((r = ctl_get_u64(ctl, "--features", features, UINT64_MAX, &f)) != 0)
+                return r;
+        vrings = load_json_arg(vrings_arg, err, sizeof(err));
+        if (!vrings)
+                return ctl_usage_error(ctl, "--vrings: %s", err);
+        if (json_is_object(vrings) && json_is_array(json_object_get(vrings, "vrings"))) {
+                /* accept {"vrings": [...]} too, e.g. a saved request */
+                json_t *inner = json_incref(json_object_get(vrings, "vrings"));
+
+                json_decref(vrings);
+                vrings = inner;
+        }
+        if (!json_is_array(vrings) || json_array_size(vrings) == 0 || json_array_size(vrings) > MAX_VRINGS) {
+                json_decref(vrings);
+                return ctl_usage_error(ctl, "--vrings wants a JSON array of 1..%d ring objects", MAX_VRINGS);
+        }
+        r = CTL_EXIT_OK;
+        json_array_foreach(vrings, i, ring) {
+                if (!json_is_object(ring)) {
+                        r = ctl_usage_error(ctl, "--vrings: element %zu is not an object", i);
+                        break;
+                }
+                if (vring_fd(ring, "kick", true, fds, &n_fds, owned, err, sizeof(err)) < 0 ||
+                    vring_fd(ring, "call", true, fds, &n_fds, owned, err, sizeof(err)) < 0 ||
+                    vring_fd(ring, "err", false, fds, &n_fds, owned, err, sizeof(err)) < 0) {
+                        r = ctl_usage_error(ctl, "--vrings: element %zu: %s", i, err);
+                        break;
+                }
+        }
+        if (r == CTL_EXIT_OK) {
+                params = json_pack("{s:s, s:s, s:o, s:O}", "vm", a->pos[0], "device", a->pos[1], "features",
+                                   vhub_json_u64(f), "vrings", vrings);
+                r = call_simple_fds(ctl, "device.start", params, fds, n_fds);
+        }
+        /* the daemon holds its own copies; ours go (a CLI cannot serve the rings) */
+        for (unsigned k = 0; k < n_fds; k++)
+                if (owned[k])
+                        close(fds[k]);
+        json_decref(vrings);
+        return r;
+}
+
+int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
+        struct ctl_table t;
+        json_t *res = NULL, *v;
+        size_t i;
+        int r;
+
+        r = ctl_call(ctl, "device.stop", device_params(ctl, a), true, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        if (ctl->json) {
+                ctl_print_json(res);
+                json_decref(res);
+                return CTL_EXIT_OK;
+        }
+        if (ctl_table_init(&t, 2, "INDEX", "BASE") < 0) {
+                json_decref(res);
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        }
+        json_array_foreach(json_object_get(res, "vrings"), i, v) {
+                char idx[16], base[16];
+
+                snprintf(idx, sizeof(idx), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(v, "index")));
+                snprintf(base, sizeof(base), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(v, "base")));
+                ctl_table_add(&t, idx, base);
+        }
+        ctl_table_print(&t);
+        ctl_table_done(&t);
+        json_decref(res);
+        return CTL_EXIT_OK;
+}
+
+int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a) {
+        return call_simple(ctl, "device.reset", device_params(ctl, a));
+}
+
+/* ---- config space ---- */
+
+static void hexdump(const uint8_t *p, size_t len, uint64_t base) {
+        for (size_t off = 0; off < len; off += 16) {
+                printf("%04" PRIx64 " ", base + off);
+                for (size_t i = off; i < off + 16 && i < len; i++)
+                        printf("%s%02x", i > off && (i - off) % 8 == 0 ? "  " : " ", p[i]);
+                putchar('\n');
+        }
+}
+
+int cmd_device_config_get(struct ctl *ctl, const struct ctl_args *a) {
+        uint64_t offset, size;
+        json_t *params, *res = NULL;
+        const char *b64;
+        void *data = NULL;
+        size_t len = 0;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, "OFFSET", a->pos[2], MAX_CONFIG_BYTES, &offset)) != 0 ||
+            (r = ctl_get_u64(ctl, "SIZE", a->pos[3], MAX_CONFIG_BYTES, &size)) != 0)
+                return r;
+        if (ctl_flag(a, "base64") && ctl_flag(a, "raw"))
+                return ctl_usage_error(ctl, "--base64 and --raw exclude each other");
+        params = device_params(ctl, a);
+        json_object_set_new(params, "offset", json_integer((json_int_t)offset));
+        json_object_set_new(params, "size", json_integer((json_int_t)size));
+        r = ctl_call(ctl, "device.config.get", params, true, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        b64 = json_string_value(json_object_get(res, "data"));
+        if (ctl->json) {
+                ctl_print_json(res);
+        } else if (ctl_flag(a, "base64")) {
+                printf("%s\n", b64 ? b64 : "");
+        } else if (!b64 || vhub_base64_decode(b64, &data, &len) < 0) {
+                r = ctl_fail(CTL_EXIT_DAEMON_ERROR, "device.config.get: the answer's data is not base64");
+        } else if (ctl_flag(a, "raw")) {
+                if (fwrite(data, 1, len, stdout) != len)
+                        r = ctl_fail(CTL_EXIT_LOCAL, "writing to stdout: %s", strerror(errno));
+        } else {
+                hexdump(data, len, offset);
+        }
+        free(data);
+        json_decref(res);
+        return r;
+}
+
+/* "0a0b", "0a:0b", "0a 0b", "0x0a0b" */
+static int parse_hex_bytes(const char *s, uint8_t *buf, size_t cap, size_t *ret_len) {
+        size_t n = 0;
+        int hi = -1;
+
+        if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
+                s += 2;
+        for (; *s; s++) {
+                int v;
+
+                if (*s == ':' || *s == ' ' || *s == '-' || *s == '_') {
+                        if (hi >= 0)
+                                return -EINVAL;
+                        continue;
+                }
+                if (*s >= '0' && *s <= '9')
+                        v = *s - '0';
+                else if ((*s | 0x20) >= 'a' && (*s | 0x20) <= 'f')
+                        v = (*s | 0x20) - 'a' + 10;
+                else
+                        return -EINVAL;
+                if (hi < 0) {
+                        hi = v;
+                        continue;
+                }
+                if (n >= cap)
+                        return -E2BIG;
+                buf[n++] = (uint8_t)(hi << 4 | v);
+                hi = -1;
+        }
+        if (hi >= 0 || n == 0)
+                return -EINVAL;
+        *ret_len = n;
+        return 0;
+}
+
+int cmd_device_config_set(struct ctl *ctl, const struct ctl_args *a) {
+        const char *file = ctl_arg(a, "file");
+        uint8_t buf[MAX_CONFIG_BYTES];
+        char *b64 = NULL;
+        size_t len = 0;
+        uint64_t offset;
+        json_t *params;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, "OFFSET", a->pos[2], MAX_CONFIG_BYTES, &offset)) != 0)
+                return r;
+        if ((file != NULL) == (a->n_pos == 4))
+                return ctl_usage_error(ctl, "give the data either as an argument or with --file");
+        if (file) {
+                FILE *f = strcmp(file, "-") == 0 ? stdin : fopen(file, "rbe");
+
+                if (!f)
+                        return ctl_fail(CTL_EXIT_LOCAL, "cannot open %s: %s", file, strerror(errno));
+                len = fread(buf, 1, sizeof(buf), f);
+                if (f != stdin)
+                        fclose(f);
+                if (len == 0)
+                        return ctl_usage_error(ctl, "%s is empty", file);
+        } else if (ctl_flag(a, "base64")) {
+                void *data;
+
+                if (vhub_base64_decode(a->pos[3], &data, &len) < 0 || len == 0 || len > sizeof(buf)) {
+                        if (len)
+                                free(data);
+                        return ctl_usage_error(ctl, "DATA is not base64 of 1..%d bytes", MAX_CONFIG_BYTES);
+                }
+                memcpy(buf, data, len);
+                free(data);
+        } else if (parse_hex_bytes(a->pos[3], buf, sizeof(buf), &len) < 0) {
+                return ctl_usage_error(ctl, "DATA wants hex bytes like 0a0b0c or 0a:0b:0c");
+        }
+        if (vhub_base64_encode(buf, len, &b64) < 0)
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        params = device_params(ctl, a);
+        json_object_set_new(params, "offset", json_integer((json_int_t)offset));
+        json_object_set_new(params, "data", json_string(b64));
+        free(b64);
+        return call_simple(ctl, "device.config.set", params);
+}
+
+/* ---- net ---- */
+
+int cmd_device_net_rarp(struct ctl *ctl, const struct ctl_args *a) {
+        json_t *params = device_params(ctl, a);
+
+        json_object_set_new(params, "mac", json_string(a->pos[2]));
+        return call_simple(ctl, "device.net.rarp", params);
+}
+
+int cmd_device_net_mtu(struct ctl *ctl, const struct ctl_args *a) {
+        json_t *params;
+        uint64_t mtu;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, "MTU", a->pos[2], 65535, &mtu)) != 0)
+                return r;
+        params = device_params(ctl, a);
+        json_object_set_new(params, "mtu", json_integer((json_int_t)mtu));
+        return call_simple(ctl, "device.net.mtu", params);
+}
+
+/* ---- device state ---- */
+
+static int64_t mono_ms(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * device.state.save/load: hand the daemon one end of a pipe and move the
+ * state through the other end while waiting for the answer (the back-end may
+ * start the transfer before the daemon answers, and a full pipe must never
+ * block the answer).  --timeout bounds inactivity, not the whole transfer.
+ */
+static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) {
+        const char *method = save ? "device.state.save" : "device.state.load";
+        struct vhub_client_error e = { 0 };
+        int p[2] = { -1, -1 }, file = -1, mine, theirs, r;
+        bool answered = false, done = false;
+        char buf[65536];
+        size_t buf_len = 0, buf_off = 0;
+        bool file_eof = false;
+        int64_t last = mono_ms();
+        uint64_t id, moved = 0;
+        json_t *params;
+
+        r = ctl_connect(ctl);
+        if (r != CTL_EXIT_OK)
+                return r;
+        file = save ? open(a->pos[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)
+                    : open(a->pos[2], O_RDONLY | O_CLOEXEC);
+        if (file < 0)
+                return ctl_fail(CTL_EXIT_LOCAL, "cannot open %s: %s", a->pos[2], strerror(errno));
+        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
+                r = ctl_fail(CTL_EXIT_LOCAL, "pipe: %s", strerror(errno));
+                close(file);
+                return r;
+        }
+        /* save: the back-end writes into p[1], we read p[0]; load: the reverse */
+        mine = save ? p[0] : p[1];
+        theirs = save ? p[1] : p[0];
+        params = device_params(ctl, a);
+        json_object_set_new(params, "fd", json_integer(0));
+        if (ctl->uid_set)
+                json_object_set_new(params, "uid", json_integer(ctl->uid));
+        r = vhub_client_send_request(ctl->client, method, params, &theirs, 1, &id);
+        close(theirs);  /* only the back-end may hold that end, or EOF never comes */
+        if (r < 0) {
+                close(mine);
+                close(file);
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: %s", method, strerror(-r));
+        }
+        r = CTL_EXIT_OK;
+        while (!done) {
+                struct pollfd pf[2] = {
+                        { .fd = vhub_client_fd(ctl->client), .events = POLLIN },
+                        { .fd = mine, .events = save ? POLLIN : POLLOUT },
+                };
+                int wait_ms, n;
+
+                if (!answered) {
+                        int q = vhub_client_wait_response(ctl->client, id, 0, NULL, NULL, NULL, &e);
+
+                        if (q == 0) {
+                                answered = true;
+                                last = mono_ms();
+                        } else if (q == -EREMOTEIO) {
+                                ctl_print_error(ctl, method, &e);
+                                r = CTL_EXIT_DAEMON_ERROR;
+                                break;
+                        } else if (q != -ETIMEDOUT) {
+                                r = ctl_fail(CTL_EXIT_CONNECT, "%s: %s", method, strerror(-q));
+                                break;
+                        }
+                }
+                if (answered && mine < 0)
+                        break;
+                /* load: refill from the file */
+                if (!save && mine >= 0 && buf_off == buf_len && !file_eof) {
+                        ssize_t k = read(file, buf, sizeof(buf));
+
+                        if (k < 0) {
+                                r = ctl_fail(CTL_EXIT_LOCAL, "reading %s: %s", a->pos[2], strerror(errno));
+                                break;
+                        }
+                        buf_off = 0;
+                        buf_len = (size_t)k;
+                        file_eof = k == 0;
+                }
+                if (!save && mine >= 0 && file_eof && buf_off == buf_len) {
+                        close(mine);    /* EOF for the back-end */
+                        mine = -1;
+                        continue;
+                }
+                pf[1].fd = mine;
+                wait_ms = ctl->timeout_ms < 0 ? -1 : (int)(last + ctl->timeout_ms - mono_ms());
+                if (ctl->timeout_ms >= 0 && wait_ms <= 0) {
+                        r = ctl_fail(CTL_EXIT_CONNECT, "%s: nothing happened for %d ms", method, ctl->timeout_ms);
+                        break;
+                }
+                n = poll(pf, 2, wait_ms);
+                if (n < 0 && errno != EINTR) {
+                        r = ctl_fail(CTL_EXIT_LOCAL, "poll: %s", strerror(errno));
+                        break;
+                }
+                if (n <= 0)
+                        continue;
+                if (pf[0].revents)
+                        last = mono_ms();
+                if (mine >= 0 && pf[1].revents) {
+                        ssize_t k;
+
+                        last = mono_ms();
+                        if (save) {
+                                k = read(mine, buf, sizeof(buf));
+                                if (k == 0) {
+                                        close(mine);
+                                        mine = -1;
+                                } else if (k > 0 && write(file, buf, (size_t)k) != k) {
+                                        r = ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", a->pos[2], strerror(errno));
+                                        break;
+                                } else if (k > 0) {
+                                        moved += (uint64_t)k;
+                                }
+                        } else {
+                                k = write(mine, buf + buf_off, buf_len - buf_off);
+                                if (k < 0 && errno == EPIPE) {
+                                        r = ctl_fail(CTL_EXIT_DAEMON_ERROR,
+                                                     "%s: the back-end closed its end after %" PRIu64 " bytes",
+                                                     method, moved);
+                                        break;
+                                }
+                                if (k > 0) {
+                                        buf_off += (size_t)k;
+                                        moved += (uint64_t)k;
+                                }
+                        }
+                }
+        }
+        if (mine >= 0)
+                close(mine);
+        if (!answered)
+                vhub_client_abandon(ctl->client, id);
+        if (close(file) < 0 && r == CTL_EXIT_OK)
+                r = ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", a->pos[2], strerror(errno));
+        if (r != CTL_EXIT_OK) {
+                if (save)
+                        (void)unlink(a->pos[2]);        /* no half-written state left behind */
+                return r;
+        }
+        if (!ctl->json)
+                printf("%s %" PRIu64 " bytes of device state\n", save ? "saved" : "loaded", moved);
+        if (ctl_flag(a, "no-check")) {
+                if (ctl->json)
+                        ctl_print_json(json_object());
+                return CTL_EXIT_OK;
+        }
+        /* spec: CHECK_DEVICE_STATE after the transfer, or the result is unknown */
+        return call_simple(ctl, "device.state.check", device_params(ctl, a));
+}
+
+int cmd_device_state_save(struct ctl *ctl, const struct ctl_args *a) {
+        return state_transfer(ctl, a, true);
+}
+
+int cmd_device_state_load(struct ctl *ctl, const struct ctl_args *a) {
+        /* a SIGPIPE must not kill us mid-transfer: EPIPE is reported instead */
+        signal(SIGPIPE, SIG_IGN);
+        return state_transfer(ctl, a, false);
+}
+
+int cmd_device_state_check(struct ctl *ctl, const struct ctl_args *a) {
+        return call_simple(ctl, "device.state.check", device_params(ctl, a));
+}
+
+/* ---- back-end requests ---- */
+
+int cmd_device_backend_reply(struct ctl *ctl, const struct ctl_args *a) {
+        uint64_t token, result;
+        json_t *params;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, "RESULT", a->pos[3], 4095, &result)) != 0)
+                return r;
+        params = device_params(ctl, a);
+        /* the token goes back as the event carried it: a number if it is one */
+        if (ctl_parse_u64(a->pos[2], &token) == 0)
+                json_object_set_new(params, "token", vhub_json_u64(token));
+        else
+                json_object_set_new(params, "token", json_string(a->pos[2]));
+        json_object_set_new(params, "result", json_integer((json_int_t)result));
+        return call_simple(ctl, "device.backend_reply", params);
+}

@@ -1,0 +1,422 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vhubctl: command table, global options, help, and the one call path
+ * every command goes through (ctl_call).
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vhub-version.h"
+#include "vhubctl.h"
+
+#define DEFAULT_TIMEOUT_MS 60000
+
+static const struct ctl_opt_spec opts_vm_create[] = {
+        { "linger-ms", true, false }, { "hold", false, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_vm_attach[] = { { "hold", false, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_memory_add[] = {
+        { "memfd", true, false }, { "size", true, false }, { "offset", true, false },
+        { "uaddr", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_dirty_start[] = { { "save", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_so_add[] = { { "memfd", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_device_add[] = {
+        { "type", true, false }, { "mode", true, false }, { "queues", true, false },
+        { "reconnect-ms", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_device_start[] = {
+        { "features", true, false }, { "vrings", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_config_get[] = {
+        { "base64", false, false }, { "raw", false, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_config_set[] = {
+        { "base64", false, false }, { "file", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_state[] = { { "no-check", false, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_events[] = {
+        { "vm", true, false }, { "count", true, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_call[] = {
+        { "fd", true, true }, { "memfd", true, true }, { "eventfd", false, true }, { NULL, false, false } };
+
+static const struct ctl_command commands[] = {
+        { "daemon info", "", "version, pid, uptime, counts and protocol features of the daemon",
+          NULL, 0, 0, cmd_daemon_info },
+        { "vm create", "VM [--linger-ms N] [--hold]", "create a VM (needs --linger-ms or --hold to outlive vhubctl)",
+          opts_vm_create, 1, 1, cmd_vm_create },
+        { "vm attach", "VM [--hold]", "take over a lingering VM (restarts its linger time when vhubctl exits)",
+          opts_vm_attach, 1, 1, cmd_vm_attach },
+        { "vm destroy", "VM", "stop and remove every device, then the VM", NULL, 1, 1, cmd_vm_destroy },
+        { "vm list", "", "the VMs this uid may see (root: all)", NULL, 0, 0, cmd_vm_list },
+        { "vm memory add", "VM GPA (FILE | --memfd SIZE) [--size N] [--offset N] [--uaddr N]",
+          "add a guest RAM region backed by FILE or a new memfd", opts_memory_add, 2, 3, cmd_vm_memory_add },
+        { "vm memory remove", "VM GPA", "remove the region at GPA", NULL, 2, 2, cmd_vm_memory_remove },
+        { "vm memory list", "VM", "the VM's guest RAM regions", NULL, 1, 1, cmd_vm_memory_list },
+        { "vm dirty-log start", "VM [--save FILE]", "start dirty-page logging on every device",
+          opts_dirty_start, 1, 1, cmd_vm_dirty_log_start },
+        { "vm dirty-log stop", "VM", "stop dirty-page logging", NULL, 1, 1, cmd_vm_dirty_log_stop },
+        { "device add", "VM DEVICE SOCKET [--type T] [--mode client|server] [--queues N] [--reconnect-ms N]",
+          "connect a vhost-user back-end", opts_device_add, 3, 3, cmd_device_add },
+        { "device remove", "VM DEVICE", "stop and disconnect a device", NULL, 2, 2, cmd_device_remove },
+        { "device list", "VM", "the VM's devices and their states", NULL, 1, 1, cmd_device_list },
+        { "device start", "VM DEVICE --features F --vrings JSON|@FILE|-",
+          "start the vrings (for testing: vhubctl makes the eventfds)", opts_device_start, 2, 2, cmd_device_start },
+        { "device stop", "VM DEVICE", "stop every vring; prints their bases", NULL, 2, 2, cmd_device_stop },
+        { "device reset", "VM DEVICE", "reset the device back to ready", NULL, 2, 2, cmd_device_reset },
+        { "device config get", "VM DEVICE OFFSET SIZE [--base64 | --raw]", "read config space (hex dump)",
+          opts_config_get, 4, 4, cmd_device_config_get },
+        { "device config set", "VM DEVICE OFFSET (HEX | --base64 B64 | --file FILE)", "write config space",
+          opts_config_set, 3, 4, cmd_device_config_set },
+        { "device net rarp", "VM DEVICE MAC", "ask the back-end to send a RARP for MAC", NULL, 3, 3,
+          cmd_device_net_rarp },
+        { "device net mtu", "VM DEVICE MTU", "tell the back-end the MTU", NULL, 3, 3, cmd_device_net_mtu },
+        { "device state save", "VM DEVICE FILE [--no-check]", "save the back-end's state into FILE",
+          opts_state, 3, 3, cmd_device_state_save },
+        { "device state load", "VM DEVICE FILE [--no-check]", "load the back-end's state from FILE",
+          opts_state, 3, 3, cmd_device_state_load },
+        { "device state check", "VM DEVICE", "ask the back-end whether the last transfer succeeded",
+          NULL, 2, 2, cmd_device_state_check },
+        { "device backend-reply", "VM DEVICE TOKEN RESULT", "answer a forwarded device.backend_request",
+          NULL, 4, 4, cmd_device_backend_reply },
+        { "shared-object add", "VM UUID (FILE | --memfd SIZE)", "export an fd to the VM's back-ends under UUID",
+          opts_so_add, 2, 3, cmd_shared_object_add },
+        { "shared-object remove", "VM UUID", "withdraw a shared object", NULL, 2, 2, cmd_shared_object_remove },
+        { "shared-object list", "VM", "the VM's shared objects", NULL, 1, 1, cmd_shared_object_list },
+        { "events", "[--vm VM] [--count N]", "print events until interrupted", opts_events, 0, 0, cmd_events },
+        { "call", "METHOD [PARAMS|@FILE|-] [--fd FILE]... [--memfd SIZE]... [--eventfd]...",
+          "send any request; prints the raw result", opts_call, 1, 2, cmd_call },
+};
+
+#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+static void print_usage(FILE *f) {
+        fprintf(f,
+                "Usage: vhubctl [OPTIONS] COMMAND [ARGS]\n"
+                "Operate vhubd, the vhost-user front-end, over its control socket.\n\n"
+                "Options (anywhere on the command line):\n"
+                "  --socket PATH   control socket (default: $VHUB_SOCKET, /run/vhub/control.sock as\n"
+                "                  root, else $XDG_RUNTIME_DIR/vhub/control.sock)\n"
+                "  --json          print the daemon's JSON result (one line) instead of a table\n"
+                "  --uid N         (root) name a VM of another uid\n"
+                "  --timeout MS    give up on an answer after MS milliseconds (default %d, 0: never)\n"
+                "  -h, --help      this text; after a command, that command's usage\n"
+                "  --version\n\n"
+                "Commands:\n",
+                DEFAULT_TIMEOUT_MS);
+        for (size_t i = 0; i < N_COMMANDS; i++)
+                fprintf(f, "  %-22s %s\n", commands[i].words, commands[i].summary);
+        fprintf(f, "\nExit status: 0 success, 1 the daemon answered with an error, 2 usage error,\n"
+                   "3 cannot connect (or the connection was lost, or no answer in time), 4 local failure.\n"
+                   "See vhubctl(1).\n");
+}
+
+static void print_command_usage(FILE *f, const struct ctl_command *cmd) {
+        fprintf(f, "Usage: vhubctl %s%s%s\n", cmd->words, cmd->synopsis[0] ? " " : "", cmd->synopsis);
+}
+
+int ctl_fail(int code, const char *fmt, ...) {
+        va_list ap;
+
+        fputs("vhubctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputc('\n', stderr);
+        return code;
+}
+
+int ctl_usage_error(const struct ctl *ctl, const char *fmt, ...) {
+        va_list ap;
+
+        fputs("vhubctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputc('\n', stderr);
+        if (ctl && ctl->cmd)
+                print_command_usage(stderr, ctl->cmd);
+        else
+                fputs("Try 'vhubctl --help'.\n", stderr);
+        return CTL_EXIT_USAGE;
+}
+
+/* ---- the connection ---- */
+
+int ctl_connect(struct ctl *ctl) {
+        char *path = NULL;
+        int r;
+
+        if (ctl->client)
+                return CTL_EXIT_OK;
+        if (ctl->socket_path)
+                path = strdup(ctl->socket_path);
+        else if (vhub_client_default_socket_path(&path) < 0)
+                path = NULL;
+        if (!path)
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        r = vhub_client_connect(path, &ctl->client);
+        if (r < 0) {
+                ctl_fail(CTL_EXIT_CONNECT, "cannot connect to %s: %s", path, strerror(-r));
+                free(path);
+                return CTL_EXIT_CONNECT;
+        }
+        free(path);
+        return CTL_EXIT_OK;
+}
+
+json_t *ctl_vm_params(const struct ctl *ctl, const char *vm) {
+        return json_pack("{s:s}", "vm", vm);
+}
+
+void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhub_client_error *e) {
+        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, e->message[0] ? e->message : "error");
+        if (e->detail[0])
+                fprintf(stderr, ": %s", e->detail);
+        if (e->device[0] || e->request[0])
+                fprintf(stderr, " (device %s, request %s)", e->device[0] ? e->device : "-",
+                        e->request[0] ? e->request : "-");
+        fputc('\n', stderr);
+        if (ctl->json) {
+                json_t *data = json_object(), *err;
+
+                if (e->detail[0])
+                        json_object_set_new(data, "detail", json_string(e->detail));
+                if (e->device[0])
+                        json_object_set_new(data, "device", json_string(e->device));
+                if (e->request[0])
+                        json_object_set_new(data, "request", json_string(e->request));
+                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", e->message,
+                                "data", data);
+                ctl_print_json(err);
+                json_decref(err);
+        }
+}
+
+int ctl_call(struct ctl *ctl, const char *method, json_t *params, bool add_uid, const int *fds,
+             unsigned n_fds, json_t **ret_result, int **ret_fds, unsigned *ret_n_fds) {
+        struct vhub_client_error e = { 0 };
+        json_t *result = NULL;
+        int *rfds = NULL;
+        unsigned n_rfds = 0;
+        int r;
+
+        r = ctl_connect(ctl);
+        if (r != CTL_EXIT_OK) {
+                json_decref(params);
+                return r;
+        }
+        if (add_uid && ctl->uid_set && params)
+                json_object_set_new(params, "uid", json_integer(ctl->uid));
+        r = vhub_client_call(ctl->client, method, params, fds, n_fds, ctl->timeout_ms, &result, &rfds,
+                             &n_rfds, &e);
+        if (r == -EREMOTEIO) {
+                ctl_print_error(ctl, method, &e);
+                return CTL_EXIT_DAEMON_ERROR;
+        }
+        if (r == -EPROTO) {
+                ctl_print_error(ctl, method, &e);
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: the daemon closed the connection", method);
+        }
+        if (r == -ETIMEDOUT)
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: no answer within %d ms", method, ctl->timeout_ms);
+        if (r < 0)
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: %s", method,
+                                r == -ECONNRESET || r == -EPIPE ? "the daemon closed the connection"
+                                                                : strerror(-r));
+        if (ret_result)
+                *ret_result = result;
+        else
+                json_decref(result);
+        if (ret_fds) {
+                *ret_fds = rfds;
+                *ret_n_fds = n_rfds;
+        } else {
+                vhub_client_close_fds(rfds, n_rfds);
+        }
+        return CTL_EXIT_OK;
+}
+
+/* ---- global options ---- */
+
+static int take_global(struct ctl *ctl, int *i, int argc, char **argv, bool *ret_taken, bool *ret_help,
+                       bool *ret_version) {
+        const char *a = argv[*i], *val = NULL;
+        static const char *const with_arg[] = { "socket", "uid", "timeout" };
+        uint64_t v;
+
+        *ret_taken = false;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+                *ret_help = *ret_taken = true;
+                return 0;
+        }
+        if (strcmp(a, "--version") == 0) {
+                *ret_version = *ret_taken = true;
+                return 0;
+        }
+        if (strcmp(a, "--json") == 0) {
+                ctl->json = *ret_taken = true;
+                return 0;
+        }
+        for (size_t k = 0; k < sizeof(with_arg) / sizeof(with_arg[0]); k++) {
+                size_t n = strlen(with_arg[k]);
+
+                if (strncmp(a, "--", 2) != 0 || strncmp(a + 2, with_arg[k], n) != 0)
+                        continue;
+                if (a[2 + n] == '=')
+                        val = a + 3 + n;
+                else if (a[2 + n] == '\0') {
+                        if (*i + 1 >= argc)
+                                return ctl_usage_error(NULL, "option --%s needs a value", with_arg[k]);
+                        val = argv[++*i];
+                } else
+                        continue;
+                *ret_taken = true;
+                if (k == 0) {
+                        ctl->socket_path = val;
+                } else if (k == 1) {
+                        if (ctl_parse_u64(val, &v) < 0 || v > UINT32_MAX - 1)
+                                return ctl_usage_error(NULL, "--uid wants a uid, not '%s'", val);
+                        ctl->uid = (uint32_t)v;
+                        ctl->uid_set = true;
+                } else {
+                        if (ctl_parse_u64(val, &v) < 0 || v > INT32_MAX)
+                                return ctl_usage_error(NULL, "--timeout wants milliseconds, not '%s'", val);
+                        ctl->timeout_ms = v == 0 ? -1 : (int)v;
+                }
+                return 0;
+        }
+        return 0;
+}
+
+/* The command whose words are the longest prefix of words[]. */
+static const struct ctl_command *find_command(char **words, int n_words, int *ret_used) {
+        const struct ctl_command *best = NULL;
+        int best_used = 0;
+
+        for (size_t i = 0; i < N_COMMANDS; i++) {
+                const char *w = commands[i].words;
+                int used = 0;
+                bool match = true;
+
+                while (*w) {
+                        size_t len = strcspn(w, " ");
+
+                        if (used >= n_words || strlen(words[used]) != len || strncmp(words[used], w, len) != 0) {
+                                match = false;
+                                break;
+                        }
+                        used++;
+                        w += len;
+                        w += strspn(w, " ");
+                }
+                if (match && used > best_used) {
+                        best = &commands[i];
+                        best_used = used;
+                }
+        }
+        *ret_used = best_used;
+        return best;
+}
+
+/* "vm memory" alone: list the commands that follow it; 0 if it is no group. */
+static unsigned group_usage(char **words, int n_words) {
+        unsigned n = 0;
+
+        for (size_t i = 0; i < N_COMMANDS && n_words > 0; i++) {
+                size_t off = 0;
+                int k;
+
+                for (k = 0; k < n_words; k++) {
+                        size_t len = strlen(words[k]);
+
+                        if (strncmp(commands[i].words + off, words[k], len) != 0 ||
+                            commands[i].words[off + len] != ' ')
+                                break;
+                        off += len + 1;
+                }
+                if (k < n_words)
+                        continue;
+                if (n++ == 0)
+                        fprintf(stderr, "vhubctl: incomplete command; one of:\n");
+                fprintf(stderr, "  vhubctl %s%s%s\n", commands[i].words, commands[i].synopsis[0] ? " " : "",
+                        commands[i].synopsis);
+        }
+        return n;
+}
+
+int main(int argc, char **argv) {
+        struct ctl ctl = { .timeout_ms = DEFAULT_TIMEOUT_MS };
+        const struct ctl_command *cmd;
+        struct ctl_args args;
+        bool help = false, version = false, after_dashdash = false;
+        char **rest;
+        int n_rest = 0, used, r;
+        char err[256];
+
+        /* global options may appear anywhere before "--" */
+        rest = calloc((size_t)argc + 1, sizeof(*rest));
+        if (!rest)
+                return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
+        for (int i = 1; i < argc; i++) {
+                bool taken = false;
+
+                if (!after_dashdash && strcmp(argv[i], "--") == 0)
+                        after_dashdash = true;
+                if (!after_dashdash) {
+                        r = take_global(&ctl, &i, argc, argv, &taken, &help, &version);
+                        if (r != 0) {
+                                free(rest);
+                                return r;
+                        }
+                }
+                if (!taken)
+                        rest[n_rest++] = argv[i];
+        }
+        if (version) {
+                printf("vhubctl %s\n", VHUB_VERSION);
+                free(rest);
+                return CTL_EXIT_OK;
+        }
+        cmd = find_command(rest, n_rest, &used);
+        if (help) {
+                if (cmd)
+                        print_command_usage(stdout, cmd);
+                else
+                        print_usage(stdout);
+                free(rest);
+                return CTL_EXIT_OK;
+        }
+        if (n_rest == 0) {
+                print_usage(stderr);
+                free(rest);
+                return CTL_EXIT_USAGE;
+        }
+        if (strcmp(rest[0], "help") == 0) {
+                cmd = find_command(rest + 1, n_rest - 1, &used);
+                if (cmd)
+                        print_command_usage(stdout, cmd);
+                else
+                        print_usage(stdout);
+                free(rest);
+                return CTL_EXIT_OK;
+        }
+        if (!cmd) {
+                /* a known group without its last word, or something unknown */
+                for (int k = n_rest; k > 0; k--)
+                        if (group_usage(rest, k) > 0) {
+                                free(rest);
+                                return CTL_EXIT_USAGE;
+                        }
+                r = ctl_usage_error(NULL, "unknown command '%s'", rest[0]);
+                free(rest);
+                return r;
+        }
+        ctl.cmd = cmd;
+        if (ctl_args_parse(cmd, n_rest - used, rest + used, &args, err, sizeof(err)) < 0) {
+                r = ctl_usage_error(&ctl, "%s", err);
+                free(rest);
+                return r;
+        }
+        r = cmd->run(&ctl, &args);
+        ctl.client = vhub_client_free(ctl.client);
+        free(rest);
+        return r;
+}
