@@ -107,7 +107,8 @@ static void bconn_flush(struct vhub_bconn *c) {
                 char why[128];
 
                 snprintf(why, sizeof(why), "write to back-end failed: %s", strerror(-r));
-                vhub_bconn_fail(c, false, 0, why);
+                /* name the request the caller waits on (error.data.request) */
+                vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
         }
 }
 

@@ -1110,6 +1110,9 @@ void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         case VHUB_OP_MEM_SYNC:
                 if (r == 0)
                         mem_sync_commit_unacked(d, op);
+                /* a device on its way out does not fail its VM's change */
+                if (r < 0 && d->removing)
+                        r = 0;
                 if (op->mem_op) {
                         if (r < 0 && !op->error.device[0])
                                 snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
@@ -1136,7 +1139,7 @@ void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 complete_call(d, op, r);
                 break;
         case VHUB_OP_LOG:
-                vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, r, &op->error);
+                vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, d->removing ? 0 : r, &op->error);
                 break;
         case VHUB_OP_GET_SHARED: {
                 struct vhub_device *req = vhub_vm_find_device(d->vm, op->u.shared.requester);

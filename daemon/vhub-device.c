@@ -43,6 +43,7 @@ static void device_on_reply(void *userdata, uint32_t request, uint32_t tag, stru
 static void device_schedule_reconnect(struct vhub_device *d);
 static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata);
 static void device_destroy(struct vhub_device *d);
+static void device_fail_ops(struct vhub_device *d, const struct vhub_error *err);
 
 static const struct vhub_bconn_ops device_bconn_ops = {
         .on_reply = device_on_reply,
@@ -465,6 +466,19 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
         struct vhub_device *d = userdata;
         struct vhub_error err = { 0 };
 
+        if (!d->handshaken && d->mode == VHUB_DEV_MODE_SERVER && !d->conn) {
+                /* device.add in server mode: nobody connected in time */
+                struct vhub_error e;
+
+                vhub_error_set_backend(&e, VHUB_ERR_TIMEOUT, d->name, NULL,
+                                       "no back-end connected to %s within %u ms", d->socket_path,
+                                       d->vm->ctx->config->backend_timeout_ms);
+                device_fail_ops(d, &e);
+                if (d->destroy_pending)
+                        device_destroy(d);
+                return;
+        }
+
         if (d->removing || d->state != VHUB_DEV_DISCONNECTED)
                 return;
         if (d->mode == VHUB_DEV_MODE_SERVER)
@@ -617,6 +631,7 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 device_drop_connection(d);
         if (device_attach_connection(d, fd) < 0)
                 return;
+        evtimer_del(d->ev_reconnect);
         device_log(d, LOG_INFO, NULL, "back-end connected to %s", d->socket_path);
         if (!d->handshaken) {
                 device_run_head(d); /* the add's handshake waits for this */
@@ -750,6 +765,11 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0) {
                         vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                         goto fail;
+                } else {
+                        unsigned ms = cfg->backend_timeout_ms;
+                        struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+
+                        evtimer_add(d->ev_reconnect, &tv); /* the first back-end must come in time */
                 }
         }
 

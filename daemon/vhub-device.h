@@ -155,7 +155,7 @@ struct vhub_device {
         struct vhub_bconn *conn;
         int listen_fd;                /* server mode: our listening socket */
         struct event *ev_listen;
-        struct event *ev_reconnect;
+        struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
         int inotify_fd;               /* watches the socket's directory while disconnected */

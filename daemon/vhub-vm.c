@@ -99,8 +99,9 @@ void vhub_vm_free(struct vhub_vm *vm) {
         struct vhub_device *d;
         struct vhub_error err;
 
-        if (!vm)
+        if (!vm || vm->freeing)
                 return;
+        vm->freeing = true;
         vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s was destroyed", vm->name);
         /* devices first: their ops may point at the memory ops */
         while ((d = TAILQ_FIRST(&vm->devices))) {
@@ -138,7 +139,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
 }
 
 void vhub_vm_device_gone(struct vhub_vm *vm, struct vhub_device *dev) {
-        if (vm->destroying && vm->n_devices == 0)
+        if (vm->destroying && !vm->freeing && vm->n_devices == 0)
                 vhub_vm_free(vm);
 }
 
@@ -366,7 +367,7 @@ void vhub_vm_handshake_sync_done(struct vhub_vm *vm) {
 static void vm_mem_queue_run(struct vhub_vm *vm) {
         struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
 
-        if (!op || op->phase != VHUB_MEM_PHASE_QUEUED || vm->handshake_syncs > 0)
+        if (!op || op->phase != VHUB_MEM_PHASE_QUEUED || vm->handshake_syncs > 0 || vm->freeing)
                 return;
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);

@@ -86,6 +86,7 @@ struct vhub_vm {
         struct vhub_vm_batch *log_batch;/* a start/stop in progress */
 
         bool destroying;
+        bool freeing;                   /* vhub_vm_free() is running: start nothing */
         struct vhub_call *destroy_call;
 };
 
