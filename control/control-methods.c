@@ -325,9 +325,6 @@ static int m_device_list(struct control_req *req, struct vhub_error *err) {
                                       "protocol_features", json_u64(d->protocol_features), "queues",
                                       (int)d->queues, "reconnects", (int)d->reconnects);
 
-                if (d->type[0])
-                        json_object_set_new(o, "type", json_string(d->type));
-                json_object_set_new(o, "mode", json_string(d->mode == VHUB_DEV_MODE_SERVER ? "server" : "client"));
                 json_array_append_new(devs, o);
         }
         control_req_result(req, json_pack("{s:o}", "devices", devs));

@@ -47,11 +47,10 @@ static json_t *error_object(json_t *id, const struct vhub_error *err) {
         json_t *e;
 
         json_object_set_new(data, "detail", json_string(err->detail));
+        /* the contract: {detail}, and for back-end errors {device, request} too */
         if ((err->code == VHUB_ERR_BACKEND || err->code == VHUB_ERR_TIMEOUT) && err->device[0]) {
                 json_object_set_new(data, "device", json_string(err->device));
                 json_object_set_new(data, "request", err->request ? json_string(err->request) : json_null());
-        } else if (err->device[0]) {
-                json_object_set_new(data, "device", json_string(err->device));
         }
         e = json_pack("{s:i, s:s, s:o}", "code", err->code, "message", vhub_error_message(err->code),
                       "data", data);
