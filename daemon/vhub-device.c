@@ -363,13 +363,16 @@ static void device_snapshot_rings(struct vhub_device *d) {
         }
 }
 
-static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason) {
+static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *lost_reason) {
         struct vhub_device *d = userdata;
+        char reason[200];
         struct vhub_error err;
         const char *req = request ? vhu_request_name(VHU_DIR_FRONTEND, request) : NULL;
         struct vhub_event ev = { 0 };
         enum vhub_device_state prev = d->state;
 
+        /* the connection (which holds lost_reason) is freed below */
+        snprintf(reason, sizeof(reason), "%s", lost_reason);
         device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
         if (prev == VHUB_DEV_RUNNING)
                 device_snapshot_rings(d);
