@@ -648,14 +648,15 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 
 static void device_destroy(struct vhub_device *d) {
         struct vhub_vm *vm = d->vm;
+        struct vhub_context *ctx = vm->ctx;
 
         TAILQ_REMOVE(&vm->devices, d, link);
         vm->n_devices--;
-        vm->ctx->n_devices--;
+        ctx->n_devices--;
         device_log(d, LOG_INFO, NULL, "device removed");
         vhub_device_free(d);
-        vhub_vm_device_gone(vm, NULL);
-        vhub_context_counts_changed(vm->ctx);
+        vhub_context_counts_changed(ctx);
+        vhub_vm_device_gone(vm, NULL); /* may free the VM: last */
 }
 
 void vhub_device_free(struct vhub_device *d) {
