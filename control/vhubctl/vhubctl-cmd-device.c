@@ -119,15 +119,13 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
                 json_decref(res);
                 return CTL_EXIT_OK;
         }
-        if (ctl_table_init(&t, 10, "DEVICE", "STATE", "TYPE", "MODE", "QUEUES", "RECONNECTS", "FEATURES",
-                           "ACKED", "PROTOCOL", "SOCKET") < 0) {
+        if (ctl_table_init(&t, 8, "DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
+                           "SOCKET") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
         }
         json_array_foreach(json_object_get(res, "devices"), i, d) {
                 char q[16], rc[16], f[24], af[24], pf[24];
-                const char *type = json_string_value(json_object_get(d, "type"));
-                const char *mode = json_string_value(json_object_get(d, "mode"));
 
                 snprintf(q, sizeof(q), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(d, "queues")));
                 snprintf(rc, sizeof(rc), "%" JSON_INTEGER_FORMAT,
@@ -136,8 +134,7 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
                 ctl_fmt_u64(json_object_get(d, "acked_features"), af, sizeof(af));
                 ctl_fmt_u64(json_object_get(d, "protocol_features"), pf, sizeof(pf));
                 ctl_table_add(&t, json_string_value(json_object_get(d, "device")),
-                              json_string_value(json_object_get(d, "state")), type ? type : "-",
-                              mode ? mode : "-", q, rc, f, af, pf,
+                              json_string_value(json_object_get(d, "state")), q, rc, f, af, pf,
                               json_string_value(json_object_get(d, "socket")));
         }
         ctl_table_print(&t);

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""vhubctl against the real vhubd and a real qemu-storage-daemon.
+
+Every subcommand that works against the daemon is run as a process, its
+table output and its --json output are checked against what the daemon
+says through the Python client, and so are the exit codes: 0 success,
+1 the daemon answered with an error (code, message and detail on stderr),
+2 usage error, 3 cannot connect.
+
+Covered: daemon info; vm create (--linger-ms, --hold), attach, list,
+destroy; vm memory add (--memfd and a file), list, remove; device add, list,
+config get (hex, --base64, --json), remove; events (--vm, all, table and
+JSON lines); call (raw params, fds, unknown method); --uid as root;
+$VHUB_SOCKET.
+"""
+
+import base64
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vhubtest import procs, scenarios                     # noqa: E402
+from vhubtest.backends import QsdBackend                  # noqa: E402
+from vhubtest.client import u64                           # noqa: E402
+from vhubtest.daemon import Daemon                        # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+
+IMAGE_SIZE = 16 << 20
+LINGER_MS = 30000
+
+
+def vhubctl_path():
+    path = os.environ.get("VHUBCTL")
+    if not path or not os.access(path, os.X_OK):
+        # unset is a failure, not a skip: meson sets it once vhubctl is built
+        raise TestFailure("VHUBCTL is not set to the vhubctl binary (got %r)" % path)
+    return path
+
+
+class Ctl:
+    def __init__(self, socket_path):
+        self.exe = vhubctl_path()
+        self.socket = socket_path
+
+    def run(self, *args, expect=0, socket=True, env=None, timeout=30):
+        argv = [self.exe] + (["--socket", self.socket] if socket else []) + list(args)
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                           env=env, stdin=subprocess.DEVNULL)
+        out, err = p.stdout.decode(), p.stderr.decode()
+        if p.returncode != expect:
+            log("$ %s\n--- stdout\n%s--- stderr\n%s" % (" ".join(argv), out, err))
+            raise TestFailure("FAILED: vhubctl %s exited %d, expected %d"
+                              % (" ".join(args), p.returncode, expect))
+        log("ok: vhubctl %s -> %d" % (" ".join(args), expect))
+        return out, err
+
+    def json(self, *args):
+        out, _ = self.run("--json", *args)
+        lines = out.strip().splitlines()
+        check_eq(len(lines), 1, "vhubctl --json %s prints one line" % " ".join(args))
+        return json.loads(lines[0])
+
+    def spawn(self, *args, log_path=None):
+        argv = [self.exe, "--socket", self.socket] + list(args)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+
+
+def table(out):
+    """Rows of a vhubctl table (header first), split on runs of 2+ blanks."""
+    return [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.strip()]
+
+
+def kv(out):
+    """'key   value' lines of daemon info / device add."""
+    d = {}
+    for line in out.splitlines():
+        k, _, v = line.partition("  ")
+        d[k.strip()] = v.strip()
+    return d
+
+
+def wait_for_event(ctl, proc, trigger, timeout=10.0):
+    """Repeat trigger() until proc (vhubctl events --count 1) exits: the
+    subscription is only in place some time after the process starts."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TestFailure("FAILED: vhubctl events saw no event within %.0fs" % timeout)
+        trigger()
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    check_eq(proc.returncode, 0, "vhubctl events --count 1 exit code")
+    return out.decode(), err.decode()
+
+
+def main(t):
+    d = t.tmpdir()
+    daemon = t.enter(Daemon(d))
+    c = daemon.client()
+    ctl = Ctl(daemon.control)
+    uid = os.getuid()
+
+    # ---- daemon info
+    out, _ = ctl.run("daemon", "info")
+    info = kv(out)
+    check_eq(info.get("pid"), str(daemon.pid), "daemon info table: pid")
+    check_eq(info.get("vms"), "0", "daemon info table: vms")
+    check("version" in info and "protocol features" in info, "daemon info table: version, protocol features")
+    j = ctl.json("daemon", "info")
+    check_eq(j["pid"], daemon.pid, "daemon info --json: pid")
+    check_eq(u64(j["protocol_features"]), u64(c.call("daemon.info")["protocol_features"]),
+             "daemon info --json: protocol_features as the daemon says")
+    check(info["protocol features"].startswith("%#x " % u64(j["protocol_features"])),
+          "daemon info table: protocol features in hex, then by name")
+
+    # ---- usage errors (2) and connection errors (3), before anything exists
+    ctl.run(expect=2)
+    ctl.run("bogus", expect=2)
+    ctl.run("vm", expect=2)
+    ctl.run("vm", "memory", expect=2)
+    ctl.run("vm", "create", expect=2)
+    ctl.run("vm", "create", "a", "b", expect=2)
+    ctl.run("vm", "create", "vm0", "--linger-ms", "soon", expect=2)
+    ctl.run("vm", "create", "vm0", "--no-such-option", expect=2)
+    ctl.run("--uid", "abc", "vm", "list", expect=2)
+    ctl.run("vm", "memory", "add", "vm0", "0", expect=2)       # neither FILE nor --memfd
+    ctl.run("device", "config", "get", "vm0", "blk0", "x", "4", expect=2)
+    out, _ = ctl.run("--help")
+    check("vm memory add" in out and "Exit status" in out, "--help lists commands and exit codes")
+    out, _ = ctl.run("vm", "memory", "add", "--help")
+    check(out.startswith("Usage: vhubctl vm memory add VM GPA"), "COMMAND --help prints its usage")
+    _, err = ctl.run("--socket", os.path.join(d, "no-such.sock"), "daemon", "info", socket=False, expect=3)
+    check("cannot connect" in err, "no socket: 'cannot connect' on stderr")
+    env = dict(os.environ, VHUB_SOCKET=daemon.control)
+    out, _ = ctl.run("daemon", "info", socket=False, env=env)
+    check_eq(kv(out).get("pid"), str(daemon.pid), "$VHUB_SOCKET names the socket")
+    env = dict(os.environ, VHUB_SOCKET=os.path.join(d, "nothing-here.sock"))
+    ctl.run("daemon", "info", socket=False, env=env, expect=3)
+
+    # ---- VMs
+    _, err = ctl.run("vm", "create", "vm0", "--linger-ms", str(LINGER_MS))
+    vms = c.call("vm.list")["vms"]
+    check_eq([(v["vm"], v["uid"]) for v in vms], [("vm0", uid)],
+             "vm create --linger-ms: the VM outlives vhubctl")
+    _, err = ctl.run("vm", "create", "vm0", expect=1)
+    check("-32003" in err and "already exists" in err, "vm create twice: -32003 and the message on stderr",
+          err.strip())
+    _, err = ctl.run("vm", "attach", "nope", expect=1)
+    check("-32001" in err and "no such VM" in err and "nope" in err,
+          "vm attach of an unknown VM: code, message, detail", err.strip())
+    out, _ = ctl.run("--json", "vm", "attach", "nope", expect=1)
+    e = json.loads(out)["error"]
+    check_eq((e["code"], e["message"]), (-32001, "no such VM"), "--json error object on stdout")
+    check("nope" in e["data"]["detail"], "--json error: detail")
+    ctl.run("vm", "attach", "vm0")      # lingering: attach works, then lingers again
+
+    rows = table(ctl.run("vm", "list")[0])
+    check_eq(rows[0], ["VM", "UID", "REGIONS", "DEVICES"], "vm list header")
+    check_eq(rows[1:], [["vm0", str(uid), "0", "-"]], "vm list rows")
+
+    # ---- memory: a memfd and a file
+    ctl.run("vm", "memory", "add", "vm0", "0", "--memfd", "32M")
+    ram = os.path.join(d, "ram.bin")
+    with open(ram, "wb") as f:
+        f.truncate(2 << 20)
+    ctl.run("vm", "memory", "add", "vm0", "0x10000000", ram, "--offset", "1M", "--uaddr", "0x7f0000000000")
+    regs = ctl.json("vm", "memory", "list", "vm0")["regions"]
+    want = [{"gpa": 0, "size": 32 << 20, "offset": 0, "uaddr": 0},
+            {"gpa": 0x10000000, "size": 1 << 20, "offset": 1 << 20, "uaddr": 0x7f0000000000}]
+    got = sorted(({k: u64(v) for k, v in r.items()} for r in regs), key=lambda r: r["gpa"])
+    check_eq(got, want, "vm memory list --json after a --memfd and a file region")
+    check_eq(c.call("vm.memory.list", {"vm": "vm0"})["regions"], regs, "--json is the daemon's own result")
+    rows = table(ctl.run("vm", "memory", "list", "vm0")[0])
+    check_eq(rows, [["GPA", "SIZE", "OFFSET", "UADDR"], ["0x0", "32 MiB", "0x0", "0x0"],
+                    ["0x10000000", "1 MiB", "0x100000", "0x7f0000000000"]], "vm memory list table")
+    _, err = ctl.run("vm", "memory", "add", "vm0", "0x1000", "--memfd", "4K", expect=1)
+    check("-32009" in err, "overlapping region: -32009", err.strip())
+    ctl.run("vm", "memory", "remove", "vm0", "0x10000000")
+    check_eq(len(c.call("vm.memory.list", {"vm": "vm0"})["regions"]), 1, "vm memory remove")
+    ctl.run("vm", "memory", "remove", "vm0", "0x10000000", expect=1)
+
+    # ---- a device on a real qemu-storage-daemon
+    img = os.path.join(d, "disk.img")
+    scenarios.make_image(img, IMAGE_SIZE)
+    sock = daemon.backend_socket("blk0.sock")
+    t.enter(QsdBackend(img, sock, num_queues=2, log_dir=d))
+    out, _ = ctl.run("device", "add", "vm0", "blk0", sock, "--type", "blk")
+    added = kv(out)
+    check_eq(added.get("queues"), "2", "device add table: queues")
+    check(re.match(r"^0x[0-9a-f]+ \(.*REPLY_ACK.*\)$", added.get("protocol features", "")) is not None,
+          "device add table: protocol features with names", added.get("protocol features"))
+    devs = ctl.json("device", "list", "vm0")["devices"]
+    check_eq([(x["device"], x["state"], x["queues"]) for x in devs], [("blk0", "ready", 2)],
+             "device list --json")
+    check_eq("%#x" % u64(devs[0]["features"]), added["features"], "device add features == device list features")
+    rows = table(ctl.run("device", "list", "vm0")[0])
+    check_eq(rows[0], ["DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL", "SOCKET"],
+             "device list header")
+    check_eq(rows[1][:4], ["blk0", "ready", "2", "0"], "device list row")
+    check_eq(rows[1][4:7], ["%#x" % u64(devs[0][k]) for k in ("features", "acked_features", "protocol_features")],
+             "device list: features, acked, protocol features in hex")
+    check_eq(rows[1][-1], sock, "device list: socket")
+    check_eq(table(ctl.run("vm", "list")[0])[1], ["vm0", str(uid), "1", "blk0"], "vm list names the device")
+    _, err = ctl.run("device", "add", "vm0", "blk0", sock, expect=1)
+    check("-32003" in err, "device add twice: -32003")
+    _, err = ctl.run("device", "add", "vm0", "blk1", "/etc/passwd", expect=1)
+    check("-32010" in err, "a socket outside the back-end directories: -32010", err.strip())
+
+    # config space: capacity (le64 sectors) at offset 0
+    out, _ = ctl.run("device", "config", "get", "vm0", "blk0", "0", "8")
+    want_bytes = struct.pack("<Q", IMAGE_SIZE // 512)
+    check_eq(out.strip(), "0000  " + " ".join("%02x" % b for b in want_bytes), "config get: hex dump")
+    out, _ = ctl.run("device", "config", "get", "vm0", "blk0", "0", "8", "--base64")
+    check_eq(base64.b64decode(out.strip()), want_bytes, "config get --base64")
+    j = ctl.json("device", "config", "get", "vm0", "blk0", "0", "8")
+    check_eq(base64.b64decode(j["data"]), want_bytes, "config get --json")
+    out, _ = ctl.run("device", "config", "get", "vm0", "blk0", "0", "20")
+    check_eq(len(out.splitlines()), 2, "config get of 20 bytes: two hex-dump lines")
+    check(out.splitlines()[1].startswith("0010 "), "hex dump offsets")
+    _, err = ctl.run("device", "config", "get", "vm0", "nodev", "0", "8", expect=1)
+    check("-32002" in err, "config get of an unknown device: -32002")
+
+    # ---- events: --vm in JSON lines, all VMs as a table
+    def linger_once():
+        ctl.run("vm", "attach", "vm0")  # its connection closes: vm.lingering
+
+    p = ctl.spawn("--json", "events", "--vm", "vm0", "--count", "1")
+    out, _ = wait_for_event(ctl, p, linger_once)
+    ev = json.loads(out.strip().splitlines()[0])
+    check_eq((ev["event"], ev["vm"], ev["linger_ms"]), ("vm.lingering", "vm0", LINGER_MS),
+             "events --vm --json: one JSON object per line")
+    p = ctl.spawn("events", "--count", "1")
+    out, _ = wait_for_event(ctl, p, linger_once)
+    check(re.match(r"^\d\d:\d\d:\d\d\.\d{3} vm\.lingering vm0 linger_ms=%d$" % LINGER_MS,
+                   out.strip()) is not None, "events table line", out.strip())
+    ctl.run("events", "--vm", "nope", "--count", "1", expect=1)
+    # interrupted: exit 0
+    p = ctl.spawn("events")
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=10)
+    check_eq(p.returncode, 0, "events ends with 0 on SIGINT")
+
+    # ---- device remove
+    ctl.run("device", "remove", "vm0", "blk0")
+    check_eq(table(ctl.run("device", "list", "vm0")[0])[1:], [], "device list empty after device remove")
+    ctl.run("device", "remove", "vm0", "blk0", expect=1)
+
+    # ---- call: the raw escape hatch
+    out, _ = ctl.run("call", "daemon.info")
+    check_eq(json.loads(out)["pid"], daemon.pid, "call daemon.info: pretty JSON result")
+    ctl.run("call", "vm.memory.add", '{"vm":"vm0","gpa":"0x40000000","size":4096,"fd":0}', "--memfd", "4096")
+    check_eq(len(c.call("vm.memory.list", {"vm": "vm0"})["regions"]), 2, "call with --memfd passes the fd")
+    _, err = ctl.run("call", "no.such.method", expect=1)
+    check("-32601" in err, "call of an unknown method: -32601")
+    ctl.run("call", "vm.list", "{not json", expect=2)
+
+    # ---- --hold: the VM lives as long as vhubctl
+    p = ctl.spawn("vm", "create", "held", "--hold")
+    deadline = time.monotonic() + 10
+    while "held" not in [v["vm"] for v in c.call("vm.list")["vms"]]:
+        check(time.monotonic() < deadline and p.poll() is None, "vm create --hold creates the VM")
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=10)
+    check_eq(p.returncode, 0, "vm create --hold ends with 0 on SIGTERM")
+    deadline = time.monotonic() + 10
+    while "held" in [v["vm"] for v in c.call("vm.list")["vms"]]:
+        check(time.monotonic() < deadline, "the held VM goes with its vhubctl")
+        time.sleep(0.05)
+
+    # ---- --uid: root names another uid's VM
+    if uid == 0:
+        other = 4242
+        ctl.run("--uid", str(other), "vm", "create", "vm0", "--linger-ms", "10000")
+        rows = table(ctl.run("vm", "list")[0])
+        check_eq(sorted(r[:2] for r in rows[1:]), [["vm0", "0"], ["vm0", str(other)]],
+                 "two uids, each with a vm0")
+        rows = table(ctl.run("vm", "list", "--uid", str(other))[0])
+        check_eq([r[:2] for r in rows[1:]], [["vm0", str(other)]], "vm list --uid narrows the list")
+        ctl.run("--uid", str(other), "vm", "memory", "add", "vm0", "0", "--memfd", "1M")
+        check_eq(table(ctl.run("--uid", str(other), "vm", "memory", "list", "vm0")[0])[1][1], "1 MiB",
+                 "--uid reaches the other uid's VM")
+        ctl.run("--uid", str(other), "vm", "destroy", "vm0")
+        ctl.run("--uid", str(other), "vm", "destroy", "vm0", expect=1)
+    else:
+        log("not root: --uid cases skipped")
+
+    # ---- destroy
+    ctl.run("vm", "destroy", "vm0")
+    check_eq(c.call("vm.list")["vms"], [], "vm destroy: no VM left")
+    check_eq(table(ctl.run("vm", "list")[0]), [["VM", "UID", "REGIONS", "DEVICES"]], "vm list: header only")
+    ctl.run("vm", "destroy", "vm0", expect=1)
+    check_eq(ctl.json("daemon", "info")["vms"], 0, "daemon info --json: vms back to 0")
+
+
+run(main)
