@@ -178,10 +178,9 @@ static void bconn_read_cb(evutil_socket_t fd, short what, void *userdata) {
                         return;
                 }
                 if (r < 0) {
-                        snprintf(why, sizeof(why), "%s",
-                                 r == -EPROTO ? "protocol violation in back-end message framing"
-                                              : strerror(-r));
-                        if (r != -EPROTO)
+                        if (r == -EPROTO)
+                                snprintf(why, sizeof(why), "protocol violation in back-end message framing");
+                        else
                                 snprintf(why, sizeof(why), "back-end connection error: %s", strerror(-r));
                         vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
                         return;
