@@ -885,7 +885,39 @@ def backend_failures(t, daemon, c, fb, d):
     check_eq(c.call("vm.memory.list", {"vm": "bf"})["regions"], [],
              "the refused region is not in the table")
     fb.after("-32006 (refused ADD_MEM_REG)")
+    # a reply that violates the protocol (another request's number): -32006
+    tb.misbehave("GET_CONFIG", "wrong-request", count=1)
+    expect_rpc(c, "device.config.get", {"vm": "bf", "device": "tb0", "offset": 0, "size": 8},
+               BACKEND_ERROR, device="tb0", request="GET_CONFIG",
+               what="device.config.get answered with the wrong request number")
     c.call("vm.destroy", {"vm": "bf"})
+    fb.reset(c)
+
+    # memory slots: a back-end that takes 2 regions (-32008 names the device)
+    tb2 = t.enter(TestBackend([daemon.backend_socket("tb2.sock")], args=["--mem-slots", "2"],
+                              log_dir=d))
+    c.call("vm.create", {"vm": "ms"})
+    c.call("device.add", {"vm": "ms", "device": "small", "socket": tb2.sockets[0]})
+    fds = [memfd(65536) for _ in range(3)]
+    for i in range(2):
+        c.call("vm.memory.add", {"vm": "ms", "gpa": i << 20, "size": 65536, "fd": 0}, fds=[fds[i]])
+    fb.reset(c)
+    e = expect_rpc(c, "vm.memory.add", {"vm": "ms", "gpa": 2 << 20, "size": 65536, "fd": 0},
+                   LIMIT_REACHED, fds=[fds[2]],
+                   what="a third region for a back-end with 2 memory slots")
+    check(names_field(e["detail"], "small"), "the detail names the device", e["detail"])
+    fb.after("-32008 memory slots")
+    check_eq(len(tb2.regions(0)), 2, "the back-end still has its 2 regions")
+    c.call("device.remove", {"vm": "ms", "device": "small"})
+    c.call("vm.memory.add", {"vm": "ms", "gpa": 2 << 20, "size": 65536, "fd": 0}, fds=[fds[2]])
+    closing(fds)
+    fb.reset(c)
+    # a device whose back-end cannot take the VM's 3 regions is refused at device.add
+    expect_rpc(c, "device.add", {"vm": "ms", "device": "small", "socket": tb2.sockets[0]},
+               LIMIT_REACHED, what="device.add of a 2-slot back-end to a VM with 3 regions")
+    check_eq(c.call("device.list", {"vm": "ms"})["devices"], [], "no device after the refusal")
+    fb.after("-32008 memory slots at device.add")
+    c.call("vm.destroy", {"vm": "ms"})
     fb.reset(c)
 
 
@@ -916,6 +948,24 @@ def timeouts(t, d):
         log("ok: the daemon closed its connection to the silent back-end")
     check_eq(c.call("device.list", {"vm": "tv"})["devices"], [], "no device after -32007")
     fb.after("-32007")
+
+    # a live device whose back-end stops answering one request: -32007 naming it
+    try:
+        from vhubtest.testbackend import TestBackend
+        tb = TestBackend([daemon.backend_socket("tb.sock")], log_dir=wd)
+    except Exception as ex:  # Skip when the binary is not built
+        log("SKIP part: vhub-test-backend unavailable: %s" % ex)
+        tb = None
+    if tb is not None:
+        t.enter(tb)
+        c.call("device.add", {"vm": "tv", "device": "tb0", "socket": tb.sockets[0]})
+        tb.misbehave("GET_CONFIG", "silence", count=1)
+        t0 = time.monotonic()
+        expect_rpc(c, "device.config.get", {"vm": "tv", "device": "tb0", "offset": 0, "size": 8},
+                   BACKEND_TIMEOUT, device="tb0", request="GET_CONFIG",
+                   what="device.config.get that the back-end never answers")
+        check(time.monotonic() - t0 < 3.0, "answered about the timeout after the request")
+        c.call("device.remove", {"vm": "tv", "device": "tb0"})
     c.call("vm.destroy", {"vm": "tv"})
     daemon.stop()
 
