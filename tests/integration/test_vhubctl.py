@@ -9,9 +9,11 @@ says through the Python client, and so are the exit codes: 0 success,
 
 Covered: daemon info; vm create (--linger-ms, --hold), attach, list,
 destroy; vm memory add (--memfd and a file), list, remove; device add, list,
-config get (hex, --base64, --json), remove; events (--vm, all, table and
-JSON lines); call (raw params, fds, unknown method); --uid as root;
-$VHUB_SOCKET.
+config get (hex, --base64, --json) and set, start (vrings from a file,
+eventfds made by vhubctl), stop, reset, net mtu and state save (-32005 on
+qemu-storage-daemon); vm dirty-log start --save / stop; shared-object add,
+list, remove; events (--vm, all, table and JSON lines); call (raw params,
+fds, unknown method); --uid as root; $VHUB_SOCKET.
 """
 
 import base64
@@ -229,6 +231,50 @@ def main(t):
     check(out.splitlines()[1].startswith("0010 "), "hex dump offsets")
     _, err = ctl.run("device", "config", "get", "vm0", "nodev", "0", "8", expect=1)
     check("-32002" in err, "config get of an unknown device: -32002")
+
+    ctl.run("device", "config", "set", "vm0", "blk0", "32", "01")     # writeback: SET_CONFIG answered
+    ctl.run("device", "config", "set", "vm0", "blk0", "32", "zz", expect=2)
+
+    # ---- start (vhubctl makes the eventfds), dirty log, stop, reset
+    vrings = [{"index": 0, "size": 64, "desc": "0x100000", "avail": "0x101000", "used": "0x102000"},
+              {"index": 1, "size": 64, "desc": "0x110000", "avail": "0x111000", "used": "0x112000"}]
+    vrings_file = os.path.join(d, "vrings.json")
+    with open(vrings_file, "w") as f:
+        json.dump({"vrings": vrings}, f)
+    ctl.run("device", "start", "vm0", "blk0", "--features", "0x100000000", "--vrings", "@" + vrings_file)
+    dev = c.call("device.list", {"vm": "vm0"})["devices"][0]
+    check_eq((dev["state"], u64(dev["acked_features"]) & (1 << 32)), ("running", 1 << 32),
+             "device start --vrings @FILE: running, VERSION_1 acked")
+    ctl.run("device", "start", "vm0", "blk0", "--features", "0x100000000", "--vrings", json.dumps(vrings),
+            expect=1)
+    ctl.run("device", "start", "vm0", "blk0", "--vrings", "[]", expect=2)
+    log_file = os.path.join(d, "dirty.log")
+    out, _ = ctl.run("vm", "dirty-log", "start", "vm0", "--save", log_file)
+    check(out.startswith("dirty log: ") and os.path.getsize(log_file) > 0,
+          "vm dirty-log start --save writes the bitmap", out.strip())
+    ctl.run("vm", "dirty-log", "start", "vm0", expect=1)
+    ctl.run("vm", "dirty-log", "stop", "vm0")
+    ctl.run("vm", "dirty-log", "stop", "vm0", expect=1)
+    rows = table(ctl.run("device", "stop", "vm0", "blk0")[0])
+    check_eq(rows, [["INDEX", "BASE"], ["0", "0"], ["1", "0"]], "device stop: every ring's base")
+    ctl.run("device", "stop", "vm0", "blk0", expect=1)
+    ctl.run("device", "reset", "vm0", "blk0")
+    check_eq(c.call("device.list", {"vm": "vm0"})["devices"][0]["state"], "ready", "device reset: ready")
+    # qemu-storage-daemon has neither NET_MTU nor DEVICE_STATE: -32005
+    _, err = ctl.run("device", "net", "mtu", "vm0", "blk0", "1500", expect=1)
+    check("-32005" in err, "device net mtu on a blk back-end: -32005")
+    state = os.path.join(d, "blk0.state")
+    _, err = ctl.run("device", "state", "save", "vm0", "blk0", state, expect=1)
+    check("-32005" in err and not os.path.exists(state), "device state save unsupported: -32005, no file left")
+
+    # ---- shared objects
+    uuid = "12345678-1234-1234-1234-123456789abc"
+    ctl.run("shared-object", "add", "vm0", uuid, "--memfd", "4K")
+    check_eq(table(ctl.run("shared-object", "list", "vm0")[0]), [["UUID", "OWNER"], [uuid, "vmm"]],
+             "shared-object list table")
+    ctl.run("shared-object", "add", "vm0", uuid, ram, expect=1)
+    ctl.run("shared-object", "remove", "vm0", uuid)
+    check_eq(ctl.json("shared-object", "list", "vm0"), {"objects": []}, "shared-object list --json")
 
     # ---- events: --vm in JSON lines, all VMs as a table
     def linger_once():
