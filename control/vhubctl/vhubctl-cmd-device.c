@@ -28,7 +28,7 @@ static int call_simple_fds(struct ctl *ctl, const char *method, json_t *params, 
 
         r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
         if (r == CTL_EXIT_OK && ctl->json)
-                ctl_print_json(result ? result : json_object());
+                ctl_print_json(result);
         json_decref(result);
         return r;
 }
@@ -389,15 +389,14 @@ int cmd_device_config_set(struct ctl *ctl, const struct ctl_args *a) {
                 if (len == 0)
                         return ctl_usage_error(ctl, "%s is empty", file);
         } else if (ctl_flag(a, "base64")) {
-                void *data;
+                void *data = NULL;
+                bool ok = vhub_base64_decode(a->pos[3], &data, &len) == 0 && len > 0 && len <= sizeof(buf);
 
-                if (vhub_base64_decode(a->pos[3], &data, &len) < 0 || len == 0 || len > sizeof(buf)) {
-                        if (len)
-                                free(data);
-                        return ctl_usage_error(ctl, "DATA is not base64 of 1..%d bytes", MAX_CONFIG_BYTES);
-                }
-                memcpy(buf, data, len);
+                if (ok)
+                        memcpy(buf, data, len);
                 free(data);
+                if (!ok)
+                        return ctl_usage_error(ctl, "DATA is not base64 of 1..%d bytes", MAX_CONFIG_BYTES);
         } else if (parse_hex_bytes(a->pos[3], buf, sizeof(buf), &len) < 0) {
                 return ctl_usage_error(ctl, "DATA wants hex bytes like 0a0b0c or 0a:0b:0c");
         }
@@ -586,7 +585,7 @@ static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) 
                 printf("%s %" PRIu64 " bytes of device state\n", save ? "saved" : "loaded", moved);
         if (ctl_flag(a, "no-check")) {
                 if (ctl->json)
-                        ctl_print_json(json_object());
+                        ctl_print_json(NULL);
                 return CTL_EXIT_OK;
         }
         /* spec: CHECK_DEVICE_STATE after the transfer, or the result is unknown */

@@ -18,7 +18,7 @@ static int call_simple(struct ctl *ctl, const char *method, json_t *params, cons
 
         r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
         if (r == CTL_EXIT_OK && ctl->json)
-                ctl_print_json(result ? result : json_object());
+                ctl_print_json(result);
         json_decref(result);
         return r;
 }

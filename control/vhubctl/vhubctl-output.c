@@ -111,7 +111,7 @@ void ctl_table_done(struct ctl_table *t) {
 /* ---- values ---- */
 
 void ctl_print_json(const json_t *v) {
-        char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        char *s = v ? json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY) : strdup("{}");
 
         if (s) {
                 puts(s);

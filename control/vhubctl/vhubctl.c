@@ -358,8 +358,11 @@ int main(int argc, char **argv) {
         for (int i = 1; i < argc; i++) {
                 bool taken = false;
 
-                if (!after_dashdash && strcmp(argv[i], "--") == 0)
+                if (!after_dashdash && strcmp(argv[i], "--") == 0) {
+                        /* the first "--" ends the global options; a second one is the command's */
                         after_dashdash = true;
+                        continue;
+                }
                 if (!after_dashdash) {
                         r = take_global(&ctl, &i, argc, argv, &taken, &help, &version);
                         if (r != 0) {

@@ -116,7 +116,7 @@ int ctl_table_add(struct ctl_table *t, ...);                     /* n_cols strin
 void ctl_table_print(const struct ctl_table *t);
 void ctl_table_done(struct ctl_table *t);
 
-/* The result as one compact JSON line on stdout (--json). */
+/* The result as one compact JSON line on stdout (--json); NULL prints {}. */
 void ctl_print_json(const json_t *v);
 /* "0x1f" for integers and "0x…" strings; "?" when malformed. */
 void ctl_fmt_u64(const json_t *v, char *buf, size_t len);

@@ -11,7 +11,8 @@ Covered: daemon info; vm create (--linger-ms, --hold), attach, list,
 destroy; vm memory add (--memfd and a file), list, remove; device add, list,
 config get (hex, --base64, --json) and set, start (vrings from a file,
 eventfds made by vhubctl), stop, reset, net mtu and state save (-32005 on
-qemu-storage-daemon); vm dirty-log start --save / stop; shared-object add,
+qemu-storage-daemon), state save/load/check through vhub-test-backend
+(pipes both ways); vm dirty-log start --save / stop; shared-object add,
 list, remove; events (--vm, all, table and JSON lines); call (raw params,
 fds, unknown method); --uid as root; $VHUB_SOCKET.
 """
@@ -32,6 +33,7 @@ from vhubtest import procs, scenarios                     # noqa: E402
 from vhubtest.backends import QsdBackend                  # noqa: E402
 from vhubtest.client import u64                           # noqa: E402
 from vhubtest.daemon import Daemon                        # noqa: E402
+from vhubtest.testbackend import TestBackend              # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
 IMAGE_SIZE = 16 << 20
@@ -266,6 +268,33 @@ def main(t):
     state = os.path.join(d, "blk0.state")
     _, err = ctl.run("device", "state", "save", "vm0", "blk0", state, expect=1)
     check("-32005" in err and not os.path.exists(state), "device state save unsupported: -32005, no file left")
+
+    # ---- device state through vhub-test-backend (DEVICE_STATE): a pipe each way
+    if os.environ.get("VHUB_TEST_BACKEND"):
+        s1, s2 = daemon.backend_socket("tb1.sock"), daemon.backend_socket("tb2.sock")
+        tb = t.enter(TestBackend(sockets=[s1, s2], args=["--queues", "1"], log_dir=d))
+        feats = u64(ctl.json("device", "add", "vm0", "tb1", s1)["features"]) & ~(1 << 30)
+        ctl.run("device", "add", "vm0", "tb2", s2)
+        one_ring = json.dumps(vrings[:1])
+        ctl.run("device", "start", "vm0", "tb1", "--features", "%#x" % feats, "--vrings", one_ring)
+        ctl.run("device", "state", "save", "vm0", "tb1", state, expect=1)    # running: -32004
+        ctl.run("device", "stop", "vm0", "tb1")
+        out, _ = ctl.run("device", "state", "save", "vm0", "tb1", state)
+        with open(state, "rb") as f:
+            blob = f.read()
+        check(blob[:4] == b"VTBS" and out.strip() == "saved %d bytes of device state" % len(blob),
+              "device state save: the back-end's blob in the file, its size printed", out.strip())
+        out, _ = ctl.run("device", "state", "load", "vm0", "tb2", state)
+        check_eq(out.strip(), "loaded %d bytes of device state" % len(blob), "device state load")
+        check_eq(ctl.json("device", "state", "load", "vm0", "tb2", state, "--no-check"), {},
+                 "device state load --no-check --json")
+        ctl.run("device", "state", "check", "vm0", "tb2")     # the check of that transfer
+        ctl.run("device", "state", "load", "vm0", "tb2", os.path.join(d, "missing"), expect=4)
+        ctl.run("device", "remove", "vm0", "tb1")
+        ctl.run("device", "remove", "vm0", "tb2")
+        tb.stop()
+    else:
+        log("VHUB_TEST_BACKEND not set: device state save/load through vhubctl not exercised")
 
     # ---- shared objects
     uuid = "12345678-1234-1234-1234-123456789abc"
