@@ -244,8 +244,9 @@ def main(t):
 
     # ---- the importer goes away while its lookup waits for the exporter ----
     A.misbehave("GET_SHARED_OBJECT", "delay", delay_ms=300, count=1)
+    asked = A.requests().get("GET_SHARED_OBJECT", 0)
     p = AsyncCommand(C, {"cmd": "lookup", "uuid": ua, "read": 4, "timeout_ms": 3000})
-    A.wait_request("GET_SHARED_OBJECT", count=A.requests().get("GET_SHARED_OBJECT", 0) + 1)
+    A.wait_request("GET_SHARED_OBJECT", count=asked + 1)
     vmm.remove_device("C")
     log("C's pending lookup, C removed meanwhile: %s" % p.result(5))
     time.sleep(0.4)  # A's late answer reaches the daemon, C is gone
