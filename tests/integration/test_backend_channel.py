@@ -8,7 +8,9 @@ Y a healthy bystander; M (four sockets) and N (no BACKEND_SEND_FD) misbehave.
 - CONFIG_CHANGE_MSG -> event device.config_changed to the owner connection,
   to connections subscribed to that VM or to all the uid's VMs, and not to
   an unsubscribed connection, one subscribed to another VM, or (as root)
-  another uid's connection subscribed to all of its VMs;
+  another uid's connection subscribed to all of its VMs -- which cannot
+  name root's VM either (events.subscribe, device.backend_reply,
+  shared_object.list: -32001);
 - VRING_HOST_NOTIFIER_MSG with its memfd -> event device.backend_request
   {request, token, queue, size, offset, fd: 0} carrying the fd ("fds": 1),
   the same memfd (name, size 4096); device.backend_reply result 0 / 5 ->
@@ -285,11 +287,17 @@ def main(t):
     nobody = None
     if other_uid:
         nobody = RawConn(connect_as(daemon.control, NOBODY))
+        r = nobody.call("vm.create", {"vm": "nobody-vm"})
+        check("result" in r, "uid %d creates a VM of its own" % NOBODY, r)
         r = nobody.call("events.subscribe", {})
         check("result" in r, "uid %d subscribes to all its VMs" % NOBODY, r)
-        r = nobody.call("events.subscribe", {"vm": "vm0"})
-        check_eq(r.get("error", {}).get("code"), NO_SUCH_VM,
-                 "uid %d subscribing to root's vm0" % NOBODY)
+        for method, params in (("events.subscribe", {"vm": "vm0"}),
+                               ("device.backend_reply", {"vm": "vm0", "device": "X", "token": 1,
+                                                         "result": 0}),
+                               ("shared_object.list", {"vm": "vm0"})):
+            r = nobody.call(method, params)
+            check_eq(r.get("error", {}).get("code"), NO_SUCH_VM,
+                     "uid %d: %s on root's vm0" % (NOBODY, method))
     else:
         log("not root: the other-uid isolation check is skipped")
 
