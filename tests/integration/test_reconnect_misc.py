@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Reconnect odds and ends (vhubd --backend-timeout-ms 1000).
+
+1. device.remove during an outage: the test back-end SIGKILLed, the device
+   disconnected and waiting to reconnect; device.remove answers at once
+   (< 250 ms: no reconnect attempt or back-end deadline is waited for), the device is gone from device.list, and when the back-end's
+   socket comes back nothing connects to it (its connection count stays 0
+   for longer than the reconnect delay and backoff would take).
+2. reconnect_ms 0: the back-end's loss gives device.disconnected then
+   device.failed, device.list says "failed", calls answer -32006, and the
+   restarted back-end never sees a connection.
+3. A VMM connection closing: its VM (one device running on a SIGSTOPped
+   qemu-storage-daemon, one on a healthy one) is torn down asynchronously;
+   another client's calls are answered meanwhile (median daemon.info +
+   vm.list round trip under 20 ms, none held up for the frozen back-end's
+   1000 ms deadline) while the teardown waits it out, and the VM disappears
+   from vm.list afterwards.
+4. After all of it the daemon's /proc/PID/fd count is back to its baseline.
+"""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_reconnect_qsd import poll_event, no_event            # noqa: E402
+from vhubtest import blk, scenarios                            # noqa: E402
+from vhubtest.backends import QsdNullBackend                   # noqa: E402
+from vhubtest.client import BACKEND_ERROR, RpcError            # noqa: E402
+from vhubtest.daemon import Daemon                             # noqa: E402
+from vhubtest.memory import GuestMemory                        # noqa: E402
+from vhubtest.procs import wait_until                          # noqa: E402
+from vhubtest.testbackend import TestBackend                   # noqa: E402
+from vhubtest.testing import check, check_eq, log, run         # noqa: E402
+from vhubtest.vmm import Vmm                                   # noqa: E402
+
+TIMEOUT_MS = 1000
+BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
+
+
+def wait_event(c, name, device, timeout=10.0):
+    return wait_until(lambda: poll_event(c, name, device), timeout, interval=0.002,
+                      what="%s for %s" % (name, device))
+
+
+def start_one_ring(vmm, mem, device):
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    vmm.start_device(device, BLK1, [q.vq])
+    check_eq(len(q.read_sectors(0, 1)), 512, "%s: a read through its ring" % device)
+    return q
+
+
+def part_remove_during_outage(t, d, daemon, c, vmm, mem):
+    sock = daemon.backend_socket("r.sock")
+    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
+    t.add_log("test back-end (remove)", tb.log_path)
+    t.enter(tb)
+    vmm.add_device("R", sock, type="blk", reconnect_ms=300)
+    q = start_one_ring(vmm, mem, "R")
+    tb.kill()
+    wait_event(c, "device.disconnected", "R")
+    check_eq(vmm.device_state("R")["state"], "disconnected", "R is disconnected")
+    t0 = time.monotonic()
+    vmm.remove_device("R")
+    dt = time.monotonic() - t0
+    # "at once": not after a reconnect attempt (300 ms) nor a back-end
+    # timeout (1000 ms); generous for a loaded machine
+    check(dt < 0.25, "device.remove during the outage answered at once (%.1f ms)" % (dt * 1000))
+    check(vmm.device_state("R") is None, "R is gone from device.list")
+    tb.start()          # the socket reappears: inotify would fire if anything still watched
+    time.sleep(1.2)     # reconnect_ms 300, then 600: an attempt would have come by now
+    check_eq(tb.connections(0), 0, "the back-end never sees a new connection after the remove")
+    no_event(c, "device.reconnected", "R")
+    no_event(c, "device.failed", "R")
+    tb.stop()
+    q.vq.close()
+
+
+def part_reconnect_disabled(t, d, daemon, c, vmm, mem):
+    sock = daemon.backend_socket("z.sock")
+    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
+    t.add_log("test back-end (reconnect_ms 0)", tb.log_path)
+    t.enter(tb)
+    vmm.add_device("Z", sock, type="blk", reconnect_ms=0)
+    q = start_one_ring(vmm, mem, "Z")
+    tb.kill()
+    ev = wait_event(c, "device.disconnected", "Z")
+    log("Z lost: %s" % ev["reason"])
+    ev = wait_event(c, "device.failed", "Z")
+    log("Z failed: %s" % ev["reason"])
+    check_eq(vmm.device_state("Z")["state"], "failed", "device.list state with reconnect_ms 0")
+    try:
+        vmm.config_get("Z", 0, 8)
+    except RpcError as e:
+        check_eq(e.code, BACKEND_ERROR, "a call on the failed device")
+    else:
+        check(False, "a call on the failed device fails")
+    tb.start()
+    time.sleep(0.5)
+    check_eq(tb.connections(0), 0, "no reconnect attempt with reconnect_ms 0")
+    no_event(c, "device.reconnected", "Z")
+    vmm.remove_device("Z")
+    tb.stop()
+    q.vq.close()
+
+
+def part_vmm_close(t, d, daemon, c, mem):
+    socks = [daemon.backend_socket("h.sock"), daemon.backend_socket("f.sock")]
+    frozen = QsdNullBackend([socks[0]], size=1 << 20, log_dir=d)
+    healthy = QsdNullBackend([socks[1]], size=1 << 20, log_dir=d)
+    t.add_log("qsd frozen", frozen.log_path)
+    t.enter(frozen)
+    t.enter(healthy)
+    x = daemon.client()
+    vx = Vmm(x, "vmx")
+    vx.create()
+    vx.add_memory(mem)
+    vx.add_device("frozen", socks[0], type="blk")
+    vx.add_device("healthy", socks[1], type="blk")
+    qs = [start_one_ring(vx, mem, n) for n in ("frozen", "healthy")]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    x.close()                       # the VMM goes away: vmx is torn down
+    lat, gone_at = [], None      # round trips of daemon.info + vm.list
+    while time.monotonic() - t0 < TIMEOUT_MS / 1000 * 4:
+        s = time.monotonic()
+        c.call("daemon.info")
+        vms = [v["vm"] for v in c.call("vm.list")["vms"]]
+        lat.append(time.monotonic() - s)
+        if "vmx" not in vms:
+            gone_at = time.monotonic() - t0
+            break
+        time.sleep(0.01)
+    log("another client's daemon.info + vm.list during the teardown: %d round trips, max "
+        "%.1f ms; vmx gone after %s" % (len(lat), max(lat) * 1000,
+                                        "%.0f ms" % (gone_at * 1000) if gone_at else "never"))
+    check(gone_at is not None, "the closed VMM's VM is torn down")
+    lat.sort()
+    check(len(lat) >= 5 and lat[len(lat) // 2] < 0.02 and max(lat) < TIMEOUT_MS / 1000 / 2,
+          "other clients' calls were answered meanwhile, never held up by the frozen back-end's "
+          "%d ms deadline (median %.1f ms, max %.1f ms)"
+          % (TIMEOUT_MS, lat[len(lat) // 2] * 1000, max(lat) * 1000))
+    os.kill(frozen.pid, signal.SIGCONT)
+    for q in qs:
+        q.vq.close()
+
+
+def main(t):
+    d = t.tmpdir()
+    daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))
+    c = daemon.client()
+    baseline = daemon.settled_fd_count(c)
+    log("daemon fd baseline: %d" % baseline)
+    mem = t.enter(GuestMemory(8 << 20))
+    vmm = Vmm(c, "vm0")
+    vmm.create()
+    vmm.add_memory(mem)
+    part_remove_during_outage(t, d, daemon, c, vmm, mem)
+    part_reconnect_disabled(t, d, daemon, c, vmm, mem)
+    vmm.destroy()
+    part_vmm_close(t, d, daemon, c, mem)
+    n = daemon.wait_fd_count(baseline, timeout=10.0)
+    if n != baseline:
+        log("\n".join(daemon.fd_list()))
+    check_eq(n, baseline, "daemon fd count back to baseline after everything")
+
+
+if __name__ == "__main__":
+    run(main)
