@@ -921,6 +921,56 @@ def backend_failures(t, daemon, c, fb, d):
     fb.reset(c)
 
 
+def owner_gone_waiting(t, daemon, c, fb):
+    """A connection closes while its device.add waits on a silent back-end."""
+    with FakeListener(daemon.backend_socket("mute.sock"), "silent") as fl:
+        before = c.call("daemon.info")["vms"]
+        x = daemon.client()
+        x.call("vm.create", {"vm": "gone"})
+        x.request("device.add", {"vm": "gone", "device": "m", "socket": fl.path})
+        procs_wait(lambda: fl.bytes > 0, 5, "the daemon to send its first request")
+        check_eq(c.call("daemon.info")["vms"], before + 1, "daemon.info counts the new VM")
+        x.close()
+        # the back-end's GET_FEATURES has 5 s left: the VM is gone long before
+        procs_wait(lambda: all(v["vm"] != "gone" for v in c.call("vm.list")["vms"]), 2,
+                   "vm.list to drop the VM whose connection closed")
+        check_eq(c.call("daemon.info")["vms"], before, "daemon.info no longer counts it")
+        expect_rpc(c, "vm.memory.list", {"vm": "gone"}, NO_SUCH_VM, what="the closed VM is gone")
+        check_eq(fl.eofs, 0, "(the back-end request was still waiting meanwhile)")
+    # the listener goes away: the waiting device is dropped, nothing is left
+    fb.after("a connection closed with a call waiting on a back-end")
+
+
+def owner_gone_midcall(t, daemon, c, fb, d):
+    """vm.destroy while a memory change waits on a slow back-end."""
+    try:
+        from vhubtest.testbackend import TestBackend
+        tb = TestBackend([daemon.backend_socket("slow.sock")], log_dir=d)
+    except Exception as ex:  # Skip when the binary is not built
+        log("SKIP part: vhub-test-backend unavailable: %s" % ex)
+        return
+    t.enter(tb)
+    c.call("vm.create", {"vm": "race"})
+    c.call("device.add", {"vm": "race", "device": "slow", "socket": tb.sockets[0]})
+    fb.reset(c)
+    tb.misbehave("ADD_MEM_REG", "delay", delay_ms=400, count=1)
+    m = memfd(1 << 20)
+    add = c.request("vm.memory.add", {"vm": "race", "gpa": 0, "size": 1 << 20, "fd": 0}, fds=[m])
+    os.close(m)
+    time.sleep(0.1)
+    destroy = c.request("vm.destroy", {"vm": "race"})
+    check_eq(destroy.result(5), {}, "vm.destroy during a waiting vm.memory.add answers {}")
+    r = add.response(5)
+    check(r.error is None or r.error["code"] in (NO_SUCH_VM, BACKEND_ERROR),
+          "the waiting vm.memory.add answers (success, or the VM/back-end went away)", r.msg)
+    log("  vm.memory.add answered: %s" % (r.error or r.result))
+    check(all(v["vm"] != "race" for v in c.call("vm.list")["vms"]), "the VM is gone")
+    # the device's back-end connection was closed; the region's fd too
+    tb.wait_until(lambda: not tb.connected(0), 5, "the test back-end to lose its front-end")
+    tb.stop()
+    fb.reset(c)
+
+
 def timeouts(t, d):
     """-32007 with --backend-timeout-ms 300: a listener that never answers."""
     wd = os.path.join(d, "to")
@@ -1346,12 +1396,34 @@ def nul_in_strings(t, d):
     daemon.stop()
 
 
+def destroying_vm_name(t, d):
+    """Once its owner's connection closed, the VM no longer lives: its name is
+    free for vm.create even while its back-end has not answered yet."""
+    daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", "3000"]))
+    c = daemon.client()
+    with FakeListener(daemon.backend_socket("mute.sock"), "silent") as fl:
+        x = daemon.client()
+        x.call("vm.create", {"vm": "gone"})
+        x.request("device.add", {"vm": "gone", "device": "m", "socket": fl.path})
+        procs_wait(lambda: fl.bytes > 0, 5, "the daemon to send its first request")
+        x.close()
+        procs_wait(lambda: all(v["vm"] != "gone" for v in c.call("vm.list")["vms"]), 1,
+                   "vm.list to drop the VM whose connection closed")
+        c.call("vm.create", {"vm": "gone"}, timeout=1)
+        log("ok: the name of a VM whose connection closed can be used again at once")
+        check_eq([v["vm"] for v in c.call("vm.list")["vms"]], ["gone"], "one VM of that name")
+        c.call("vm.destroy", {"vm": "gone"})
+    daemon.stop()
+
+
 # ---------------------------------------------------------------- main
 
 def main(t):
     d = t.tmpdir()
     if sys.argv[1:] == ["nul"]:
         return nul_in_strings(t, d)
+    if sys.argv[1:] == ["destroying"]:
+        return destroying_vm_name(t, d)
     daemon = t.enter(Daemon(d))
     c = daemon.client()
     fb = FdBaseline(daemon, c)
@@ -1364,6 +1436,8 @@ def main(t):
     symlink_inside_ok(t, daemon, c, fb, socks)
     with_virtiofsd(t, daemon, c, fb, d)
     backend_failures(t, daemon, c, fb, d)
+    owner_gone_waiting(t, daemon, c, fb)
+    owner_gone_midcall(t, daemon, c, fb, d)
     regions(t, daemon, c, fb, d)
     paths(t, daemon, c, fb, d)
     batches(t, daemon, c, fb)
