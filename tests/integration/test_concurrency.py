@@ -200,6 +200,58 @@ def out_of_order(t, d, daemon, c, fb):
     fb.reset(c)
 
 
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def slow_reader(t, d, daemon, c, fb):
+    """A client that sends and never reads can not make the daemon grow or stall."""
+    import socket
+    rss0 = rss_kib(daemon.pid)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.connect(daemon.control)
+    s.setblocking(False)
+    line = b'{"jsonrpc":"2.0","id":1,"method":"daemon.info"}\n'
+    chunk = line * 256
+    sent = 0
+    outcome = "still open after 5 s"
+    t0 = time.monotonic()
+    stalled_since = None
+    worst = 0.0
+    while time.monotonic() - t0 < 5:
+        try:
+            n = s.send(chunk, socket.MSG_NOSIGNAL)
+            sent += n
+            stalled_since = None
+        except BlockingIOError:
+            if stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > 1.0:
+                outcome = "back-pressure (the daemon stopped reading)"
+                break
+            time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            outcome = "dropped by the daemon"
+            break
+        if sent // len(chunk) % 20 == 0:
+            q0 = time.monotonic()
+            c.call("daemon.info", timeout=5)
+            worst = max(worst, time.monotonic() - q0)
+    log("non-reading client: %d requests sent (%d KiB), outcome: %s; another client's worst "
+        "daemon.info meanwhile %.1f ms" % (sent // len(line), sent >> 10, outcome, worst * 1e3))
+    check(outcome != "still open after 5 s", "the daemon bounds a client that never reads")
+    check(worst < 1.0, "other clients are served meanwhile", "%.2fs" % worst)
+    grew = rss_kib(daemon.pid) - rss0
+    check(grew < 64 * 1024, "the daemon's RSS grew by less than 64 MiB", "%d KiB" % grew)
+    s.close()
+    check_eq(c.call("daemon.info")["pid"], daemon.pid, "the daemon still answers")
+    fb.after("a client that never reads")
+
+
 def main(t):
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, extra_args=["--max-vms-per-uid", "128"], log_level="info"))
@@ -215,6 +267,7 @@ def main(t):
 
     many_clients(t, d, daemon, c, fb)
     out_of_order(t, d, daemon, c, fb)
+    slow_reader(t, d, daemon, c, fb)
     c.call("vm.destroy", {"vm": "shared"})
     daemon.stop()
 
