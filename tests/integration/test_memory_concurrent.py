@@ -21,6 +21,10 @@ B. A hung back-end (qemu-storage-daemon under SIGSTOP): vm.memory.add fails
    does I/O through that region: its reconnect handshake carried the whole
    table.  A back-end that goes silent on the REM_MEM_REG of a rollback is
    lost too, reconnects, and ends up on the committed table.
+C. Serialized changes: 16 additions and 8 removals pipelined on one
+   connection all succeed and every back-end ends on the VM's table; an
+   addition overlapping one still queued is refused -32009; a device.remove
+   pipelined behind a fan-out that device holds up does not fail the change.
 No device is left holding a table that differs from vm.memory.list.
 """
 
@@ -34,8 +38,8 @@ from test_memory_common import (QsdFileExports, RegionAlloc, blk_roundtrip,     
                                 check_tb_tables, check_vm_table, detail, expect_rpc_error,
                                 hot_region, sent_count, table, vm_table)
 from vhubtest import blk, scenarios                                               # noqa: E402
-from vhubtest.client import (BACKEND_ERROR, BACKEND_TIMEOUT, LIMIT_REACHED,       # noqa: E402
-                             RpcError, u64_json)
+from vhubtest.client import (BACKEND_ERROR, BACKEND_TIMEOUT, BAD_REGION,          # noqa: E402
+                             LIMIT_REACHED, RpcError, u64_json)
 from vhubtest.daemon import Daemon                                                # noqa: E402
 from vhubtest.memory import GuestMemory                                           # noqa: E402
 from vhubtest.testbackend import TestBackend                                      # noqa: E402
@@ -316,12 +320,68 @@ def part_hung(t, d, daemon, c):
     vmm.destroy()
 
 
+def part_serialized(t, d, daemon, c):
+    tb = t.enter(TestBackend([daemon.backend_socket("s%d.sock" % i) for i in range(3)], log_dir=d))
+    mem = t.enter(GuestMemory(2 * MiB))
+    vmm = Vmm(c, "vms")
+    vmm.create()
+    vmm.add_memory(mem)
+    for i in range(3):
+        vmm.add_device("s%d" % i, tb.sockets[i], type="blk")
+
+    # C1: a burst of additions and removals, all in flight at once (the
+    # removals are of regions committed before: requests on one connection
+    # are independent, so a removal may not count on a pipelined addition).
+    old = [hot_region(mem, 0x20000000 + k * 0x400000, 2 * MiB) for k in range(8)]
+    for r in old:
+        vmm.add_region(r)
+    regs = [hot_region(mem, 0x40000000 + k * 0x400000, 2 * MiB) for k in range(16)]
+    pend = []
+    for k, r in enumerate(regs):
+        pend.append(add_req(vmm, r))
+        if k % 2:
+            pend.append(vmm.c.request("vm.memory.remove", {"vm": vmm.vm, "gpa": old[k // 2].gpa}))
+    overlap = GuestMemory(4 * MiB, base=regs[3].gpa - 2 * MiB)
+    t.defer(overlap.close)
+    p_bad = add_req(vmm, overlap.regions[0])
+    for p in pend:
+        p.result(10)
+    _, e = outcome(p_bad)
+    check(e is not None and e.code == BAD_REGION,
+          "C1: an addition overlapping a queued one is refused -32009 (%s)" % e)
+    for r in old:
+        i = mem.regions.index(r)
+        del mem.regions[i]
+        del mem._cursor[i]
+        r.close()
+    check_vm_table(vmm, mem.regions, "C1: 16 additions and 8 removals pipelined")
+    check_tb_tables(vmm, tb, [0, 1, 2], "C1")
+
+    # C2: s2 holds up a fan-out; its removal is queued behind: the change
+    # still succeeds for the others.
+    tb.misbehave("ADD_MEM_REG", "delay", sock=2, count=1, delay_ms=300)
+    r = hot_region(mem, 0x7f000000, 2 * MiB)
+    adds = tb.requests(2).get("ADD_MEM_REG", 0)
+    p_mem = add_req(vmm, r)
+    tb.wait_request("ADD_MEM_REG", count=adds + 1, sock=2)
+    p_rm = vmm.c.request("device.remove", {"vm": vmm.vm, "device": "s2"})
+    _, e_mem = outcome(p_mem)
+    p_rm.result(10)
+    check(e_mem is None, "C2: vm.memory.add succeeds although a device was removed meanwhile (%s)"
+          % e_mem)
+    check_vm_table(vmm, mem.regions, "C2")
+    check_tb_tables(vmm, tb, [0, 1], "C2")
+    check_eq([x["device"] for x in vmm.device_list()], ["s0", "s1"], "C2: s2 removed")
+    vmm.destroy()
+
+
 def main(t):
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))
     c = daemon.client()
     part_races(t, d, daemon, c)
     part_hung(t, d, daemon, c)
+    part_serialized(t, d, daemon, c)
     daemon.stop()
     log("ok: vhubd exited 0 on SIGTERM")
 
