@@ -208,6 +208,11 @@ def rss_kib(pid):
     return 0
 
 
+def sanitized(pid):
+    with open("/proc/%d/maps" % pid) as f:
+        return any("libasan" in line or "libtsan" in line for line in f)
+
+
 def slow_reader(t, d, daemon, c, fb):
     """A client that sends and never reads can not make the daemon grow or stall."""
     import socket
@@ -246,7 +251,12 @@ def slow_reader(t, d, daemon, c, fb):
     check(outcome != "still open after 5 s", "the daemon bounds a client that never reads")
     check(worst < 1.0, "other clients are served meanwhile", "%.2fs" % worst)
     grew = rss_kib(daemon.pid) - rss0
-    check(grew < 64 * 1024, "the daemon's RSS grew by less than 64 MiB", "%d KiB" % grew)
+    log("the daemon's RSS grew by %d KiB" % grew)
+    if sanitized(daemon.pid):
+        log("note: vhubd runs under a sanitizer (its quarantine holds freed memory): "
+            "RSS bound not checked")
+    else:
+        check(grew < 32 * 1024, "the daemon's RSS grew by less than 32 MiB", "%d KiB" % grew)
     s.close()
     check_eq(c.call("daemon.info")["pid"], daemon.pid, "the daemon still answers")
     fb.after("a client that never reads")
