@@ -370,13 +370,15 @@ static int handshake_stage(struct vhub_device *d, struct vhub_op *op) {
                 r = handshake_negotiate(d, op);
                 return r < 0 ? r : OP_STAGE_NEXT;
         case 3:
-                r = handshake_check(d, op);
-                if (r < 0)
-                        return r;
+                /* park before the check: a resumed stage runs again, and
+                 * handshake_check() allocates the vrings (once) */
                 if (vhub_vm_memory_busy(d->vm)) {
                         op->parked = true; /* vhub_device_resume_parked() brings us back */
                         return OP_STAGE_WAIT;
                 }
+                r = handshake_check(d, op);
+                if (r < 0)
+                        return r;
                 d->vm->handshake_syncs++;
                 op->holds_handshake_sync = true;
                 r = mem_sync_prepare(d, op);

@@ -363,12 +363,41 @@ void vhub_vm_handshake_sync_done(struct vhub_vm *vm) {
                 vm_mem_queue_run(vm);
 }
 
-/* Start the queue head if nothing blocks it. */
-static void vm_mem_queue_run(struct vhub_vm *vm) {
-        struct vhub_mem_op *op = TAILQ_FIRST(&vm->mem_ops);
+/* A device whose handshake synced after an addition was queued was not
+ * counted by vhub_vm_memory_add(): check its slots before anything is sent. */
+static bool vm_mem_op_over_limit(struct vhub_vm *vm, const struct vhub_mem_op *op,
+                                 struct vhub_error *err) {
+        const struct vhub_device *d;
 
-        if (!op || op->phase != VHUB_MEM_PHASE_QUEUED || vm->handshake_syncs > 0 || vm->freeing)
-                return;
+        if (op->kind != VHUB_MEM_OP_ADD)
+                return false;
+        TAILQ_FOREACH(d, &vm->devices, link) {
+                if (!device_in_fanout(d) || vm->mem.n + 1 <= d->max_mem_slots)
+                        continue;
+                vhub_error_set(err, VHUB_ERR_LIMIT, "device %s takes at most %u memory regions%s",
+                               d->name, d->max_mem_slots,
+                               d->max_mem_slots == 8 ? " (SET_MEM_TABLE, no CONFIGURE_MEM_SLOTS)" : "");
+                snprintf(err->device, sizeof(err->device), "%s", d->name);
+                return true;
+        }
+        return false;
+}
+
+/* Start the queue head if nothing blocks it (refusing heads over a limit). */
+static void vm_mem_queue_run(struct vhub_vm *vm) {
+        struct vhub_error err = { 0 };
+        struct vhub_mem_op *op;
+
+        for (;;) {
+                op = TAILQ_FIRST(&vm->mem_ops);
+                if (!op || op->phase != VHUB_MEM_PHASE_QUEUED || vm->handshake_syncs > 0 || vm->freeing)
+                        return;
+                if (!vm_mem_op_over_limit(vm, op, &err))
+                        break;
+                TAILQ_REMOVE(&vm->mem_ops, op, link);
+                vhub_call_fail(op->call, &err);
+                mem_op_free(op, true);
+        }
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);
         vm_mem_op_step(vm, op);
