@@ -22,6 +22,7 @@
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 static const char *const state_names[_VHUB_DEV_STATE_MAX] = {
@@ -389,6 +390,13 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
                         device_destroy(d);
                         return;
                 }
+                /* a REMOVE waiting for replies (GET_VRING_BASE) that died with
+                 * the connection: it is done, else it waits forever */
+                if (TAILQ_FIRST(&d->ops) && TAILQ_FIRST(&d->ops)->running &&
+                    TAILQ_FIRST(&d->ops)->kind == VHUB_OP_REMOVE) {
+                        device_end_op(d, TAILQ_FIRST(&d->ops), 0);
+                        return;
+                }
                 device_run_head(d);
                 return;
         }
@@ -402,6 +410,11 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
                 ev.type = VHUB_EV_DISCONNECTED;
                 vhub_context_emit(d->vm->ctx, &ev);
         }
+        /* A back-end that dies again right after each restore (say, on a
+         * request it cannot handle) keeps backing off instead of looping;
+         * one that stayed up a while starts over from reconnect_ms. */
+        if (vhub_now_usec() - d->restored_usec > 5 * 1000000ull)
+                d->reconnect_delay_ms = 0;
         if (d->reconnect_ms == 0) {
                 device_set_state(d, VHUB_DEV_FAILED);
                 ev.type = VHUB_EV_FAILED;
@@ -582,7 +595,7 @@ void device_restored(struct vhub_device *d, const struct vhub_event_vring *vring
         struct vhub_event ev = { 0 };
 
         d->reconnects++;
-        d->reconnect_delay_ms = 0;
+        d->restored_usec = vhub_now_usec();
         d->reconnect_fast = 0;
         device_stop_watching(d);
         device_set_state(d, d->state_before_loss);

@@ -161,6 +161,7 @@ struct vhub_device {
         int inotify_fd;               /* watches the socket's directory while disconnected */
         struct event *ev_inotify;
         unsigned reconnects;          /* successful restores */
+        uint64_t restored_usec;       /* when the last restore finished */
 
         /* negotiated */
         bool handshaken;              /* the first handshake succeeded */
