@@ -17,11 +17,20 @@
    returns to its baseline only once the frozen device's GET_VRING_BASE has
    timed out; vm.list (and daemon.info's counts) stop showing the VM as
    soon as its teardown begins.
-4. After all of it the daemon's /proc/PID/fd count is back to its baseline.
+4. The VM's memory changing during an outage: vm.memory.add and
+   vm.memory.remove succeed while the device is disconnected, and the
+   restored back-end gets the table as it is now (its own report of its
+   regions), with I/O into the added region working.
+5. Devices restore to the state they were in: one "stopped" and one
+   "ready" device of one qemu-storage-daemon (two exports, one process)
+   both come back (two device.reconnected, empty vrings for both) in their
+   states, and start and work afterwards.
+6. After all of it the daemon's /proc/PID/fd count is back to its baseline.
 """
 
 import os
 import signal
+import struct
 import sys
 import time
 
@@ -158,6 +167,85 @@ def part_vmm_close(t, d, daemon, c, mem, baseline):
         q.vq.close()
 
 
+def region_set(regs):
+    return sorted((r["gpa"], r["size"]) for r in regs)
+
+
+def part_memory_during_outage(t, d, daemon, c, vmm, mem):
+    sock = daemon.backend_socket("m.sock")
+    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
+    t.add_log("test back-end (memory)", tb.log_path)
+    t.enter(tb)
+    vmm.add_device("M", sock, type="blk")
+    q = start_one_ring(vmm, mem, "M")
+    check_eq(region_set(tb.regions(0)), [(r.gpa, r.size) for r in mem.regions],
+             "M's back-end has the VM's one region")
+
+    tb.kill()
+    wait_event(c, "device.disconnected", "M")
+    extra = mem.add_region(64 << 20, 1 << 20)
+    vmm.add_region(extra)
+    check(True, "vm.memory.add while M is disconnected succeeds")
+    tb.start()
+    ev = wait_event(c, "device.reconnected", "M")
+    check_eq(ev["reconnects"], 1, "M reconnected")
+    want = sorted((r.gpa, r.size) for r in mem.regions)
+    check_eq(region_set(tb.regions(0)), want, "the restored back-end has the table as it is now")
+    # a read whose data buffer lies in the region added during the outage
+    hdr, status = mem.alloc(16, 16), mem.alloc(1, 1)
+    mem.write(hdr, struct.pack("<IIQ", blk.VIRTIO_BLK_T_IN, 0, 0))
+    mem.write(status, b"\xff")
+    mem.fill(extra.gpa, 512, 0xA5)
+    q.vq.add([(hdr, 16, False), (extra.gpa, 512, True), (status, 1, True)])
+    q.vq.kick()
+    q.vq.wait_used(1, 5.0)
+    check(mem.read(status, 1) == b"\0" and mem.read(extra.gpa, 512) != b"\xa5" * 512,
+          "a read into the added region completes with data")
+
+    tb.kill()
+    wait_event(c, "device.disconnected", "M")
+    c.call("vm.memory.remove", {"vm": vmm.vm, "gpa": extra.gpa})
+    check(True, "vm.memory.remove while M is disconnected succeeds")
+    tb.start()
+    wait_event(c, "device.reconnected", "M")
+    check_eq(region_set(tb.regions(0)), [(mem.regions[0].gpa, mem.regions[0].size)],
+             "the restored back-end no longer has the removed region")
+    check_eq(len(q.read_sectors(0, 1)), 512, "M works after the second restore")
+    vmm.remove_device("M")
+    tb.stop()
+    q.vq.close()
+
+
+def part_states(t, d, daemon, c, vmm, mem):
+    socks = [daemon.backend_socket("s.sock"), daemon.backend_socket("y.sock")]
+    qsd = QsdNullBackend(socks, size=1 << 20, log_dir=d)
+    t.add_log("qsd (two exports)", qsd.log_path)
+    t.enter(qsd)
+    vmm.add_device("S", socks[0], type="blk")
+    vmm.add_device("Y", socks[1], type="blk")
+    q = start_one_ring(vmm, mem, "S")
+    bases = vmm.stop_device("S")
+    check_eq(vmm.device_state("S")["state"], "stopped", "S stopped")
+    check_eq(vmm.device_state("Y")["state"], "ready", "Y ready")
+    qsd.kill()
+    for n in ("S", "Y"):
+        wait_event(c, "device.disconnected", n)
+    qsd.start()
+    for n, state in (("S", "stopped"), ("Y", "ready")):
+        ev = wait_event(c, "device.reconnected", n)
+        check_eq((ev["reconnects"], ev["vrings"]), (1, []),
+                 "%s reconnected, no ring to rebase (it was not running)" % n)
+        check_eq(vmm.device_state(n)["state"], state, "%s back in state %s" % (n, state))
+    q.vq.reset(bases[0])
+    vmm.start_device("S", BLK1, [q.vq])
+    check_eq(len(q.read_sectors(0, 1)), 512, "S starts again where it stopped and works")
+    q2 = start_one_ring(vmm, mem, "Y")
+    for n in ("S", "Y"):
+        vmm.remove_device(n)
+    q.vq.close()
+    q2.vq.close()
+
+
 def main(t):
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))
@@ -170,6 +258,8 @@ def main(t):
     vmm.add_memory(mem)
     part_remove_during_outage(t, d, daemon, c, vmm, mem)
     part_reconnect_disabled(t, d, daemon, c, vmm, mem)
+    part_memory_during_outage(t, d, daemon, c, vmm, mem)
+    part_states(t, d, daemon, c, vmm, mem)
     vmm.destroy()
     part_vmm_close(t, d, daemon, c, mem, baseline)
     n = daemon.wait_fd_count(baseline, timeout=10.0)
