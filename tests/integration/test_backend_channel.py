@@ -32,6 +32,8 @@ Y a healthy bystander; M (four sockets) and N (no BACKEND_SEND_FD) misbehave.
   none, an unknown request, the REPLY flag on a request ->
   device.disconnected (then the reconnect rules: device.reconnected), and
   the other devices keep working;
+- a VM lingering without its owner: a forwarded request fails at the
+  deadline; after vm.attach the new owner receives the next one and answers;
 - the daemon's fd count is back to its baseline at the end.
 """
 
@@ -255,6 +257,7 @@ def main(t):
     M = t.enter(TestBackend([daemon.backend_socket("m%d.sock" % i) for i in range(3)], log_dir=d))
     R = [t.enter(TestBackend([daemon.backend_socket("r%d.sock" % i)], log_dir=d))
          for i in range(len(RAW_CASES))]
+    L = t.enter(TestBackend([daemon.backend_socket("l.sock")], log_dir=d))
     N = t.enter(TestBackend([daemon.backend_socket("n.sock")], log_dir=d,
                             args=["--protocol-features", hex(TB_DEFAULT_PF & ~PF_BACKEND_SEND_FD)]))
     mem = t.enter(GuestMemory(4 << 20))
@@ -551,6 +554,30 @@ def main(t):
     check(daemon.alive, "vhubd still running")
     check_eq(X.config_change().get("reply"), 0, "X's channel still served")
     c.wait_event(is_event("device.config_changed", "X"), 5)
+
+    # ---- a lingering VM: nobody to ask, then the new owner answers ----
+    owner = daemon.client()
+    Vmm(owner, "vm2").create(linger_ms=10000)
+    Vmm(owner, "vm2").add_device("L", L.socket)
+    L.wait_connected()
+    owner.close()
+    ev = sub_all.wait_event(lambda e: e["event"] == "vm.lingering" and e.get("vm") == "vm2", 5)
+    check_eq(ev.get("linger_ms"), 10000, "vm.lingering reached the all-VMs subscriber")
+    p = AsyncCommand(L, {"cmd": "host-notifier", "queue": 0})
+    a = p.result(5)
+    check(a.get("ok") and a.get("reply", 0) != 0,
+          "a lingering VM's back-end request fails at the deadline (%.3fs)" % p.elapsed, a)
+    owner = daemon.client()
+    owner.call("vm.attach", {"vm": "vm2"})
+    p = AsyncCommand(L, {"cmd": "host-notifier", "queue": 0})
+    ev = owner.wait_event(is_event("device.backend_request", "L", "VRING_HOST_NOTIFIER_MSG"), 5)
+    for fd in ev.get("_fds", []):
+        os.close(fd)
+    owner.call("device.backend_reply", {"vm": "vm2", "device": "L", "token": ev["token"],
+                                        "result": 0})
+    check_eq(p.result(5).get("reply"), 0, "after vm.attach the new owner gets and answers it")
+    owner.call("vm.destroy", {"vm": "vm2"})
+    owner.close()
 
     # ---- clean up: every fd back ----
     for conn in (sub_vm, sub_all, sub_other, bystander):

@@ -16,7 +16,8 @@ SIGSTOPped must not freeze the importer).  vhubd runs with
 - per VM: a second VM with its own device cannot look up vm0's objects (nor
   vm0 its), and the same UUID may exist in both VMs, each with its own fd;
 - SHARED_OBJECT_ADD of a taken UUID and SHARED_OBJECT_REMOVE by a non-owner
-  are refused (nonzero ack) and change nothing; the exporter's own REMOVE works;
+  are refused (nonzero ack) and change nothing; the exporter's own REMOVE
+  works; without NEED_REPLY, ADD and REMOVE act and LOOKUP is still answered;
 - an exporter refusing GET_SHARED_OBJECT: the lookup fails, nothing else does;
 - shared_object.add/remove errors: duplicate -32003, malformed UUID and bad
   params -32602, remove of an unknown UUID or of a device's object fails;
@@ -227,6 +228,15 @@ def main(t):
     check_eq(a["reply"], 0, "A's SHARED_OBJECT_REMOVE of its own object: ack 0")
     check_eq(objects(c, "vm0"), {ua: "A", uv: "vmm"}, "A's removed object left the list")
     check_lookup_fails(B, ua2, "lookup of a removed object")
+    # without NEED_REPLY: ADD and REMOVE still act, LOOKUP is answered anyway
+    ua3 = A.export(fill="a3", need_reply=False)
+    A.wait_until(lambda: ua3 in objects(c, "vm0"), 5, "A's export without NEED_REPLY listed")
+    r = B.lookup(ua3, read=2, need_reply=False)
+    check(r["result"] == 0 and r["data"] == "a3a3",
+          "a lookup without NEED_REPLY gets its reply and the fd", r)
+    A.remove(ua3, need_reply=False)
+    A.wait_until(lambda: ua3 not in objects(c, "vm0"), 5, "A's remove without NEED_REPLY")
+    log("ok: SHARED_OBJECT_ADD / REMOVE without NEED_REPLY act without an ack")
     check_lookup_fails(B, str(uuidlib.uuid4()), "lookup of an unknown UUID")
 
     # ---- an exporter refusing GET_SHARED_OBJECT ----
