@@ -29,9 +29,10 @@ Y a healthy bystander; M (four sockets) and N (no BACKEND_SEND_FD) misbehave.
   without BACKEND_SEND_FD, a flood (5000 requests at once), and -- written
   raw into the back-end's end of the channel -- an oversized request, a
   header announcing more than 4096 bytes, fds on a request that carries
-  none, an unknown request, the REPLY flag on a request ->
+  none, an unknown request, the REPLY flag, an unknown flag, version 0 ->
   device.disconnected (then the reconnect rules: device.reconnected), and
-  the other devices keep working;
+  the other devices keep working; a request written in pieces is only
+  handled once whole, and nothing waits for it meanwhile;
 - a VM lingering without its owner: a forwarded request fails at the
   deadline; after vm.attach the new owner receives the next one and answers;
 - the daemon's fd count is back to its baseline at the end.
@@ -186,6 +187,8 @@ RAW_CASES = [
     (raw_msg(99), 0, "an unknown request number (99)"),
     (raw_msg(BREQ_CONFIG_CHANGE_MSG, flags=VHU_VERSION | VHU_FLAG_REPLY), 0,
      "a request with the REPLY flag"),
+    (raw_msg(BREQ_CONFIG_CHANGE_MSG, flags=VHU_VERSION | 0x20), 0, "an unknown flag bit (0x20)"),
+    (raw_msg(BREQ_CONFIG_CHANGE_MSG, flags=0), 0, "version 0 in the flags"),
 ]
 
 
@@ -258,6 +261,7 @@ def main(t):
     R = [t.enter(TestBackend([daemon.backend_socket("r%d.sock" % i)], log_dir=d))
          for i in range(len(RAW_CASES))]
     L = t.enter(TestBackend([daemon.backend_socket("l.sock")], log_dir=d))
+    P = t.enter(TestBackend([daemon.backend_socket("p.sock")], log_dir=d))
     N = t.enter(TestBackend([daemon.backend_socket("n.sock")], log_dir=d,
                             args=["--protocol-features", hex(TB_DEFAULT_PF & ~PF_BACKEND_SEND_FD)]))
     mem = t.enter(GuestMemory(4 << 20))
@@ -272,6 +276,7 @@ def main(t):
         vmm.add_device("M%d" % i, M.sockets[i])
     for i in range(len(R)):
         vmm.add_device("R%d" % i, R[i].socket)
+    vmm.add_device("P", P.socket)
     info = vmm.add_device("N", N.socket)
     check(not info["protocol_features"] & PF_BACKEND_SEND_FD, "N: no BACKEND_SEND_FD")
     X.wait_connected()
@@ -551,6 +556,26 @@ def main(t):
             chan.close()
             for fd in junk:
                 os.close(fd)
+    # a message in pieces: nothing happens until it is whole, nothing blocks
+    chan = channel_of(P)
+    if chan is None:
+        log("cannot take P's channel (pidfd_getfd): the split-message case is not run")
+    else:
+        try:
+            msg = raw_msg(BREQ_CONFIG_CHANGE_MSG)
+            for piece in (msg[:5], msg[5:9]):
+                chan.sendall(piece)
+                time.sleep(0.1)
+                check_eq(vmm.config_get("P", 0, 8), vmm.config_get("Y", 0, 8),
+                         "P's main socket and the others served with %d bytes of a request "
+                         "pending on P's channel" % len(piece))
+            check_eq([e for e in c.events() if e.get("device") == "P"], [],
+                     "no event and no loss for an incomplete request")
+            chan.sendall(msg[9:])
+            c.wait_event(is_event("device.config_changed", "P"), 5)
+            log("ok: the request completed by its last bytes is handled")
+        finally:
+            chan.close()
     check(daemon.alive, "vhubd still running")
     check_eq(X.config_change().get("reply"), 0, "X's channel still served")
     c.wait_event(is_event("device.config_changed", "X"), 5)
