@@ -25,6 +25,8 @@ Y a healthy bystander; M (four sockets) and N (no BACKEND_SEND_FD) misbehave.
 - SHMEM_MAP (with its fd), SHMEM_UNMAP and IOTLB_MSG forwarded with their fields;
 - in-band VRING_CALL / VRING_ERR signal the VMM's call / err eventfd; an
   unconfigured ring is refused (nonzero ack);
+- a burst of 1500 CONFIG_CHANGE_MSG (under the flood limit) becomes 1500
+  events and the device stays;
 - garbage, a request whose protocol feature was not negotiated, an fd
   without BACKEND_SEND_FD, a flood (5000 requests at once), and -- written
   raw into the back-end's end of the channel -- an oversized request, a
@@ -522,6 +524,21 @@ def main(t):
         time.sleep(0.01)
     log("ok: VRING_CALL without NEED_REPLY signalled the call eventfd")
     vmm.stop_device("X")
+
+    # ---- a burst below the flood limit: every request handled, nothing lost ----
+    c.events()
+    time.sleep(1.0)  # a fresh one-second window on X's channel
+    a = X.flood(kind="messages", count=1500)
+    check_eq(a.get("sent"), 1500, "1500 CONFIG_CHANGE_MSG written at once")
+    got = 0
+    deadline = time.monotonic() + 10
+    while got < 1500 and time.monotonic() < deadline:
+        got += len([e for e in [c.wait_event(None, 5)]
+                    if e["event"] == "device.config_changed" and e.get("device") == "X"])
+    check_eq(got, 1500, "every request of the burst became an event")
+    check_eq(vmm.device_state("X")["state"], "stopped", "X not treated as flooding")
+    for conn in (sub_vm, sub_all):
+        conn.events()
 
     # ---- a misbehaving channel: the device is lost, the rest runs ----
     def lost(dev, action, what):
