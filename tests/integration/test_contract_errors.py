@@ -441,6 +441,28 @@ def framing(t, daemon, c, fb):
     fb.after("fds split across sends")
 
 
+def half_close(t, daemon, c, fb):
+    """A client that sends its requests and shuts down its writing side still
+    gets the answers, then EOF."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.connect(daemon.control)
+    s.sendall(raw_request("daemon.info", req_id=1) + raw_request("vm.list", req_id=2))
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(5)
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    s.close()
+    msgs = [json.loads(x) for x in buf.split(b"\n") if x.strip()]
+    check_eq(sorted(m.get("id") for m in msgs), [1, 2],
+             "both requests answered after the client's SHUT_WR, then EOF")
+    check(all("result" in m for m in msgs), "... with results")
+    fb.after("a half-closed client")
+
+
 def _send_ignoring_close(client, data):
     try:
         client.send_raw(data)
@@ -1428,7 +1450,10 @@ def main(t):
     c = daemon.client()
     fb = FdBaseline(daemon, c)
 
+    check_eq(os.stat(daemon.control).st_mode & 0o7777, 0o660,
+             "the control socket's mode is 0660 by default")
     framing(t, daemon, c, fb)
+    half_close(t, daemon, c, fb)
     request_objects(t, daemon, c, fb)
     params_cases(t, daemon, c, fb)
     missing_things(t, daemon, c, fb)
