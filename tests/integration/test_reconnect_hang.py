@@ -117,7 +117,8 @@ def part_hang(t, d, daemon, c, vmm, mem):
             check(isinstance(r, RpcError) and r.code in (BACKEND_ERROR, BACKEND_TIMEOUT)
                   and dt < TIMEOUT_MS / 1000 + 0.5,
                   "%s round: a call on A during the outage fails within the deadline (%s after "
-                  "%.0f ms)" % (how, getattr(r, "code", r), dt * 1000))
+                  "%.0f ms: %s)" % (how, getattr(r, "code", r), dt * 1000,
+                                    getattr(r, "data", None)))
             time.sleep(0.1)
         state = vmm.device_state("A")["state"]
         check(state in ("disconnected", "connecting"), "%s round: A is %s" % (how, state))
