@@ -85,7 +85,7 @@ void control_req_result_fds(struct control_req *req, json_t *result, const int *
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
 
 /* The method table (control-methods.c). */
-void control_dispatch(struct control_req *req, const char *method);
+void control_dispatch(struct control_req *req, const char *method, size_t method_len);
 
 /* Resolve the VM a request names (vm + optional uid), honouring isolation. */
 int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

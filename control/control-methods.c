@@ -93,11 +93,12 @@ static int m_daemon_info(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        r = params_check_members(req->params, MEMBERS("uid"), err);
+        r = params_check_members(req->params, MEMBERS(NULL), err);
         if (r < 0)
                 return r;
         TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (req->conn->uid == 0 || vm->uid == req->conn->uid) {
+                /* a VM being destroyed is already gone for every method (-32001) */
+                if (!vm->destroying && (req->conn->uid == 0 || vm->uid == req->conn->uid)) {
                         vms++;
                         devices += vm->n_devices;
                 }
@@ -164,7 +165,7 @@ static int m_vm_list(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        r = params_check_members(req->params, MEMBERS("uid"), err);
+        r = params_check_members(req->params, MEMBERS(NULL), err);
         if (r < 0) {
                 json_decref(vms);
                 return r;
@@ -173,7 +174,7 @@ static int m_vm_list(struct control_req *req, struct vhub_error *err) {
                 json_t *devs = json_array();
                 struct vhub_device *d;
 
-                if (req->conn->uid != 0 && vm->uid != req->conn->uid) {
+                if (vm->destroying || (req->conn->uid != 0 && vm->uid != req->conn->uid)) {
                         json_decref(devs);
                         continue;
                 }
@@ -805,16 +806,18 @@ static const struct method methods[] = {
         { "events.subscribe", m_events_subscribe },
 };
 
-void control_dispatch(struct control_req *req, const char *method) {
+void control_dispatch(struct control_req *req, const char *method, size_t method_len) {
         struct vhub_error err = { 0 };
 
         for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
-                if (strcmp(methods[i].name, method) != 0)
+                /* the length too: "daemon.info\u0000x" is not daemon.info */
+                if (strlen(methods[i].name) != method_len || strcmp(methods[i].name, method) != 0)
                         continue;
                 if (methods[i].handler(req, &err) < 0)
                         control_req_error(req, &err);
                 return;
         }
-        vhub_error_set(&err, VHUB_ERR_NO_METHOD, "unknown method %.64s", method);
+        vhub_error_set(&err, VHUB_ERR_NO_METHOD, "unknown method %.64s%s", method,
+                       strlen(method) != method_len ? " (with a NUL byte)" : "");
         control_req_error(req, &err);
 }

@@ -214,7 +214,7 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
         if (!params)
                 params = empty = json_object();
         req.params = params;
-        control_dispatch(&req, json_string_value(method));
+        control_dispatch(&req, json_string_value(method), json_string_length(method));
         json_decref(empty);
 }
 

@@ -647,7 +647,9 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
                 return;
 
         /* without JSON_DISABLE_EOF_CHECK, bytes after the value are an error */
-        msg = json_loadb(p, n, JSON_DECODE_ANY, &jerr);
+        /* "\u0000" is valid JSON: the parser keeps it, and every string
+         * consumer checks json_string_length() against strlen() */
+        msg = json_loadb(p, n, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
         if (!msg) {
                 snprintf(detail, sizeof(detail), "invalid JSON at column %d: %s",
                          jerr.column, jerr.text);

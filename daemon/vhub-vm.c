@@ -30,8 +30,9 @@ static void vm_mem_queue_run(struct vhub_vm *vm);
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
         struct vhub_vm *vm;
 
+        /* a VM being torn down is gone for its uid: its name can be used again */
         TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm->uid == uid && strcmp(vm->name, name) == 0)
+                if (vm->uid == uid && !vm->destroying && strcmp(vm->name, name) == 0)
                         return vm;
         return NULL;
 }
