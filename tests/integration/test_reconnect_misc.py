@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Reconnect odds and ends (vhubd --backend-timeout-ms 1000).
 
-1. device.remove during an outage: the test back-end SIGKILLed, the device
-   disconnected and waiting to reconnect; device.remove answers at once
-   (< 250 ms: no reconnect attempt or back-end deadline is waited for), the device is gone from device.list, and when the back-end's
-   socket comes back nothing connects to it (its connection count stays 0
-   for longer than the reconnect delay and backoff would take).
+1. Calls during an outage: with the test back-end SIGKILLed, every device
+   method (config get/set, start, stop, reset, state.check, net.mtu) answers
+   -32006 with data.device at once.  device.remove during the outage
+   answers at once (< 250 ms: no reconnect attempt or back-end deadline is
+   waited for), the device is gone from device.list, and when the
+   back-end's socket comes back nothing connects to it (its connection
+   count stays 0 for longer than the reconnect delay and backoff would
+   take).
 2. reconnect_ms 0: the back-end's loss gives device.disconnected then
    device.failed, device.list says "failed", calls answer -32006, and the
    restarted back-end never sees a connection.
@@ -73,6 +76,26 @@ def part_remove_during_outage(t, d, daemon, c, vmm, mem):
     tb.kill()
     wait_event(c, "device.disconnected", "R")
     check_eq(vmm.device_state("R")["state"], "disconnected", "R is disconnected")
+    # every device method answers at once with -32006 during the outage
+    params, fds = vmm.start_params("R", BLK1, [q.vq])
+    for m, p, f in (("device.config.get", {"offset": 0, "size": 8}, []),
+                    ("device.config.set", {"offset": 32, "data": "AQ=="}, []),
+                    ("device.start", params, fds),
+                    ("device.stop", {}, []),
+                    ("device.reset", {}, []),
+                    ("device.state.check", {}, []),
+                    ("device.net.mtu", {"mtu": 1500}, [])):
+        p = dict(p, vm=vmm.vm, device="R")
+        t0 = time.monotonic()
+        try:
+            c.call(m, p, fds=f)
+        except RpcError as e:
+            dt = time.monotonic() - t0
+            check(e.code == BACKEND_ERROR and (e.data or {}).get("device") == "R" and dt < 0.25,
+                  "%s during the outage: -32006 at once (%.1f ms: %s)"
+                  % (m, dt * 1000, (e.data or {}).get("detail")), e)
+        else:
+            check(False, "%s during the outage fails" % m)
     t0 = time.monotonic()
     vmm.remove_device("R")
     dt = time.monotonic() - t0
