@@ -16,12 +16,13 @@ What the guest side has to do after that, found here and asserted:
   process.  The guest's FUSE driver must send FUSE_INIT again.
 - Node ids and file handles from the old session mean nothing to the new
   process (its inode table starts with the root only): the guest must look
-  its paths up again (a stale node id fails, here with EBADF... whatever
-  errno the test observes is printed; only "it fails" is asserted).
+  its paths up again (GETATTR of an old node id fails: EBADF with QEMU 7.2;
+  the errno is printed, only the failure is asserted).
 - After FUSE_INIT, GETATTR / LOOKUP / OPEN / READ work again.
 
-Three kills: one idle, one with a GETATTR in flight (virtiofsd SIGSTOPped
-first so the request is surely fetched-not-answered or not yet fetched),
+Three kills: one idle, one with a GETATTR in flight (virtiofsd and its
+serving child - it forks, --sandbox=namespace - SIGSTOPped first, so the
+request is surely unanswered; both then SIGKILLed),
 one idle again; every outage gives one device.disconnected and one
 device.reconnected (reconnects 1, 2, 3; exact true: one FUSE request at a
 time is at most one outstanding per ring).  The in-flight GETATTR completes
