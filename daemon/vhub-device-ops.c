@@ -1179,6 +1179,18 @@ static bool device_check_usable(struct vhub_device *d, struct vhub_call *call) {
                 vhub_call_fail(call, &err);
                 return false;
         }
+        /* an outage (a restore attempt included) fails every call at once with
+         * -32006, not -32004, and nothing waits behind a restore attempt */
+        if (d->state == VHUB_DEV_DISCONNECTED || d->state == VHUB_DEV_FAILED ||
+            (d->state == VHUB_DEV_CONNECTING && d->handshaken)) {
+                vhub_error_set_backend(&err, VHUB_ERR_BACKEND, d->name, NULL,
+                                       d->state == VHUB_DEV_FAILED
+                                               ? "device %s has failed; remove and add it again"
+                                               : "device %s is disconnected; its back-end is being reconnected",
+                                       d->name);
+                vhub_call_fail(call, &err);
+                return false;
+        }
         return true;
 }
 
