@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "vhub-context.h"
+#include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 
@@ -20,6 +21,7 @@ void vhub_context_done(struct vhub_context *ctx) {
         ctx->shutting_down = true;
         while ((vm = TAILQ_FIRST(&ctx->vms)))
                 vhub_vm_free(vm);
+        vhub_socket_watch_done(ctx);
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {

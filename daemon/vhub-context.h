@@ -16,6 +16,7 @@
 struct event_base;
 struct event;
 struct vhub_vm;
+struct vhub_socket_watcher;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
 
@@ -29,6 +30,7 @@ struct vhub_context {
         uint64_t next_token;
         uint64_t start_usec;
         struct vhub_event_sink events;
+        struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);

@@ -10,9 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <libgen.h>
-#include <limits.h>
-#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -22,6 +19,7 @@
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 
@@ -509,60 +507,34 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
 }
 
 static void device_stop_watching(struct vhub_device *d) {
-        if (d->ev_inotify) {
-                event_free(d->ev_inotify);
-                d->ev_inotify = NULL;
-        }
-        if (d->inotify_fd >= 0) {
-                close(d->inotify_fd);
-                d->inotify_fd = -1;
-        }
+        if (d->watch_wd >= 0)
+                vhub_socket_watch_remove(d->vm->ctx, d->watch_wd);
+        d->watch_wd = -1;
 }
 
-/* The socket's directory changed: if our socket (re)appeared, try now. */
-static void device_inotify_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_device *d = userdata;
-        char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
-        char copy[PATH_MAX];
-        const char *base;
-        bool ours = false;
-        ssize_t n;
-
-        snprintf(copy, sizeof(copy), "%s", d->socket_path);
-        base = basename(copy);
-        while ((n = read(fd, buf, sizeof(buf))) > 0) {
-                for (char *p = buf; p < buf + n;) {
-                        const struct inotify_event *ie = (const struct inotify_event *)p;
-
-                        if (ie->len > 0 && strcmp(ie->name, base) == 0)
-                                ours = true;
-                        p += sizeof(*ie) + ie->len;
-                }
-        }
-        if (!ours || d->state != VHUB_DEV_DISCONNECTED || d->removing)
+void vhub_device_socket_appeared(struct vhub_device *d) {
+        if (d->state != VHUB_DEV_DISCONNECTED || d->removing || d->mode != VHUB_DEV_MODE_CLIENT)
                 return;
         device_log(d, LOG_DEBUG, NULL, "%s reappeared; reconnecting now", d->socket_path);
         evtimer_del(d->ev_reconnect);
-        d->reconnect_fast = 20; /* the listener may bind a moment before it listens */
+        /* the name appears at bind(), a moment before the back-end listens:
+         * retry every millisecond for a while */
+        d->reconnect_fast = 200;
         device_reconnect_cb(-1, 0, d);
 }
 
 static void device_watch_socket(struct vhub_device *d) {
-        char dir[PATH_MAX];
+        int wd;
 
-        if (d->inotify_fd >= 0)
+        if (d->watch_wd >= 0)
                 return;
-        snprintf(dir, sizeof(dir), "%s", d->socket_path);
-        d->inotify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-        if (d->inotify_fd < 0)
-                return; /* the timer still reconnects */
-        if (inotify_add_watch(d->inotify_fd, dirname(dir), IN_CREATE | IN_MOVED_TO | IN_ATTRIB) < 0) {
-                device_stop_watching(d);
+        wd = vhub_socket_watch_add(d->vm->ctx, d->socket_path);
+        if (wd < 0) {
+                device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
+                           d->socket_path, strerror(-wd));
                 return;
         }
-        d->ev_inotify = event_new(d->vm->ctx->base, d->inotify_fd, EV_READ | EV_PERSIST, device_inotify_cb, d);
-        if (!d->ev_inotify || event_add(d->ev_inotify, NULL) < 0)
-                device_stop_watching(d);
+        d->watch_wd = wd;
 }
 
 static void device_schedule_reconnect(struct vhub_device *d) {
@@ -574,7 +546,7 @@ static void device_schedule_reconnect(struct vhub_device *d) {
         device_watch_socket(d);
         if (d->reconnect_fast > 0) {
                 d->reconnect_fast--;
-                tv = (struct timeval){ .tv_sec = 0, .tv_usec = 10000 };
+                tv = (struct timeval){ .tv_sec = 0, .tv_usec = 1000 };
                 evtimer_add(d->ev_reconnect, &tv);
                 return;
         }
@@ -745,7 +717,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->vm = vm;
         d->listen_fd = -1;
         d->inflight_fd = -1;
-        d->inotify_fd = -1;
+        d->watch_wd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;

@@ -158,8 +158,7 @@ struct vhub_device {
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
-        int inotify_fd;               /* watches the socket's directory while disconnected */
-        struct event *ev_inotify;
+        int watch_wd;                 /* its socket's directory is watched while disconnected */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
 
@@ -238,6 +237,8 @@ int vhub_device_queue_get_shared(struct vhub_device *dev, const uint8_t uuid[16]
 int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);
 /* The VM's memory queue became free: resume a parked handshake. */
 void vhub_device_resume_parked(struct vhub_device *dev);
+/* The back-end's socket was (re)created: reconnect now if disconnected. */
+void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */
 void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
