@@ -65,6 +65,23 @@ static int req_device(struct control_req *req, struct vhub_vm *vm, struct vhub_d
         return 0;
 }
 
+/* The common prologue: only these members, then the VM they name. */
+static int req_vm_params(struct control_req *req, const char *const *members, struct vhub_vm **ret_vm,
+                         struct vhub_error *err) {
+        int r = params_check_members(req->params, members, err);
+
+        return r < 0 ? r : control_req_vm(req, ret_vm, err);
+}
+
+/* ... and the device of that VM. */
+static int req_device_params(struct control_req *req, const char *const *members,
+                             struct vhub_vm **ret_vm, struct vhub_device **ret_dev,
+                             struct vhub_error *err) {
+        int r = req_vm_params(req, members, ret_vm, err);
+
+        return r < 0 ? r : req_device(req, *ret_vm, ret_dev, err);
+}
+
 static int req_check_pending(struct control_req *req, struct vhub_error *err) {
         if (req->conn->pending >= req->conn->srv->opts.max_pending)
                 return vhub_error_set(err, VHUB_ERR_LIMIT,
@@ -136,8 +153,7 @@ static int m_vm_attach(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         r = vhub_vm_attach(vm, req->conn->id, err);
         if (r < 0)
@@ -151,8 +167,7 @@ static int m_vm_destroy(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         if (!(cc = req_call(req, NULL, err)))
                 return -ENOMEM;
@@ -194,9 +209,7 @@ static int m_vm_memory_add(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params,
-                                      MEMBERS("vm", "uid", "gpa", "size", "fd", "offset", "uaddr"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 ||
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "gpa", "size", "fd", "offset", "uaddr"), &vm, err)) < 0 ||
             (r = params_get_u64(req->params, "gpa", true, 0, UINT64_MAX, &region.gpa, err)) < 0 ||
             (r = params_get_u64(req->params, "size", true, 0, UINT64_MAX, &region.size, err)) < 0 ||
             (r = params_get_u64(req->params, "offset", false, 0, UINT64_MAX, &region.offset, err)) < 0 ||
@@ -217,8 +230,7 @@ static int m_vm_memory_remove(struct control_req *req, struct vhub_error *err) {
         uint64_t gpa;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "gpa"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 ||
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "gpa"), &vm, err)) < 0 ||
             (r = params_get_u64(req->params, "gpa", true, 0, UINT64_MAX, &gpa, err)) < 0)
                 return r;
         if (!(cc = req_call(req, NULL, err)))
@@ -232,8 +244,7 @@ static int m_vm_memory_list(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         regions = json_array();
         for (size_t i = 0; i < vm->mem.n; i++) {
@@ -264,10 +275,7 @@ static int m_device_add(struct control_req *req, struct vhub_error *err) {
         uint32_t queues, reconnect_ms;
         int r;
 
-        if ((r = params_check_members(req->params,
-                                      MEMBERS("vm", "uid", "device", "socket", "type", "mode", "queues",
-                                              "reconnect_ms"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 ||
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "device", "socket", "type", "mode", "queues", "reconnect_ms"), &vm, err)) < 0 ||
             (r = params_get_name(req->params, "device", true, &p.name, err)) < 0 ||
             (r = params_get_string(req->params, "socket", true, 107, &p.socket_path, err)) < 0 ||
             (r = params_get_name(req->params, "type", false, &p.type, err)) < 0 ||
@@ -299,8 +307,7 @@ static int m_device_remove(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0)
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
                 return r;
         if (!(cc = req_call(req, NULL, err)))
                 return -ENOMEM;
@@ -314,8 +321,7 @@ static int m_device_list(struct control_req *req, struct vhub_error *err) {
         json_t *devs;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         devs = json_array();
         TAILQ_FOREACH(d, &vm->devices, link) {
@@ -350,8 +356,7 @@ static int m_device_config_get(struct control_req *req, struct vhub_error *err) 
         uint32_t offset, size;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "offset", "size"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "offset", "size"), &vm, &d, err)) < 0 ||
             (r = params_get_u32(req->params, "offset", true, 0, VHU_MAX_CONFIG_SIZE, &offset, err)) < 0 ||
             (r = params_get_u32(req->params, "size", true, 0, VHU_MAX_CONFIG_SIZE, &size, err)) < 0)
                 return r;
@@ -375,8 +380,7 @@ static int m_device_config_set(struct control_req *req, struct vhub_error *err) 
         size_t len;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "offset", "data"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "offset", "data"), &vm, &d, err)) < 0 ||
             (r = params_get_u32(req->params, "offset", true, 0, VHU_MAX_CONFIG_SIZE, &offset, err)) < 0 ||
             (r = params_get_string(req->params, "data", true, 4 * VHU_MAX_CONFIG_SIZE, &b64, err)) < 0)
                 return r;
@@ -404,8 +408,7 @@ static int m_device_start(struct control_req *req, struct vhub_error *err) {
         size_t n = 0, i;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "features", "vrings"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "features", "vrings"), &vm, &d, err)) < 0 ||
             (r = params_get_u64(req->params, "features", true, 0, UINT64_MAX, &features, err)) < 0)
                 return r;
         vrings = json_object_get(req->params, "vrings");
@@ -480,8 +483,7 @@ static int m_device_stop(struct control_req *req, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0)
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
                 return r;
         if (!(cc = req_call(req, result_device_stop, err)))
                 return -ENOMEM;
@@ -496,8 +498,7 @@ static int m_device_simple(struct control_req *req, struct vhub_error *err,
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0)
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
                 return r;
         if (!(cc = req_call(req, NULL, err)))
                 return -ENOMEM;
@@ -536,8 +537,7 @@ static int m_device_net_rarp(struct control_req *req, struct vhub_error *err) {
         uint8_t mac[6];
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "mac"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "mac"), &vm, &d, err)) < 0 ||
             (r = params_get_string(req->params, "mac", true, 17, &mac_s, err)) < 0)
                 return r;
         if (parse_mac(mac_s, mac) < 0)
@@ -555,8 +555,7 @@ static int m_device_net_mtu(struct control_req *req, struct vhub_error *err) {
         uint32_t mtu;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "mtu"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "mtu"), &vm, &d, err)) < 0 ||
             (r = params_get_u32(req->params, "mtu", true, 0, 65535, &mtu, err)) < 0)
                 return r;
         if (mtu < 68)
@@ -584,8 +583,7 @@ static int m_device_state_transfer(struct control_req *req, struct vhub_error *e
         struct vhub_vm *vm;
         int fd = -1, r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "fd"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "fd"), &vm, &d, err)) < 0 ||
             (r = params_take_fd(req->params, "fd", true, req->fds, &fd, err)) < 0)
                 return r;
         if (req->batch) {
@@ -622,8 +620,7 @@ static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err)
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         if (req->batch)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
@@ -639,8 +636,7 @@ static int m_vm_dirty_log_stop(struct control_req *req, struct vhub_error *err) 
         struct vhub_vm *vm;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         if (!(cc = req_call(req, NULL, err)))
                 return -ENOMEM;
@@ -665,8 +661,7 @@ static int m_shared_object_add(struct control_req *req, struct vhub_error *err) 
         uint8_t uuid[16];
         int fd = -1, r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "uuid", "fd"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0 ||
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "uuid", "fd"), &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0 ||
             (r = params_take_fd(req->params, "fd", true, req->fds, &fd, err)) < 0)
                 return r;
         r = vhub_vm_shared_add(vm, uuid, fd, err);
@@ -681,8 +676,7 @@ static int m_shared_object_remove(struct control_req *req, struct vhub_error *er
         uint8_t uuid[16];
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "uuid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "uuid"), &vm, err)) < 0 || (r = req_uuid(req, uuid, err)) < 0)
                 return r;
         r = vhub_vm_shared_remove(vm, uuid, err);
         if (r < 0)
@@ -696,8 +690,7 @@ static int m_shared_object_list(struct control_req *req, struct vhub_error *err)
         json_t *objs;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0)
+        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
         objs = json_array();
         for (size_t i = 0; i < vm->shared.n; i++) {
@@ -718,8 +711,7 @@ static int m_device_backend_reply(struct control_req *req, struct vhub_error *er
         uint64_t token, result;
         int r;
 
-        if ((r = params_check_members(req->params, MEMBERS("vm", "uid", "device", "token", "result"), err)) < 0 ||
-            (r = control_req_vm(req, &vm, err)) < 0 || (r = req_device(req, vm, &d, err)) < 0 ||
+        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "token", "result"), &vm, &d, err)) < 0 ||
             (r = params_get_u64(req->params, "token", true, 0, UINT64_MAX, &token, err)) < 0 ||
             (r = params_get_u64(req->params, "result", true, 0, UINT64_MAX, &result, err)) < 0)
                 return r;
