@@ -38,7 +38,7 @@ int vhub_backend_path_open(const struct vhub_config *cfg, uid_t uid, const char 
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "back-end socket path must be absolute");
         if (!realpath(path, resolved))
-                return vhub_error_set(err, errno == ENOENT ? VHUB_ERR_NOT_ALLOWED : VHUB_ERR_NOT_ALLOWED,
+                return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "back-end socket %s cannot be resolved: %s", path,
                                       strerror(errno));
         if (!path_allowed(cfg, resolved))
