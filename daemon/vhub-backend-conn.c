@@ -33,6 +33,7 @@ struct vhub_bconn {
 
         struct pending_reply *pending;  /* ring buffer */
         unsigned cap, head, count;
+        unsigned max_pending;           /* the ring grows up to this */
 
         const struct vhub_bconn_ops *ops;
         void *userdata;
@@ -233,7 +234,8 @@ int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigne
         c->ops = ops;
         c->userdata = userdata;
         c->timeout_usec = (uint64_t)timeout_ms * 1000u;
-        c->cap = max_pending ? max_pending : 1;
+        c->max_pending = max_pending ? max_pending : 1;
+        c->cap = c->max_pending < 64 ? c->max_pending : 64;
         c->pending = calloc(c->cap, sizeof(*c->pending));
         vhu_reader_init(&c->reader);
         vhu_writer_init(&c->writer);
@@ -283,8 +285,23 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
                 return -ENOTCONN;
         expects = vhu_request_expects_reply(VHU_DIR_FRONTEND, m->hdr.request, m->hdr.flags,
                                             c->protocol_features);
-        if (expects && c->count == c->cap)
-                return -ENOBUFS;
+        if (expects && c->count == c->cap) {
+                /* grow the ring (in order from head) up to max_pending */
+                unsigned cap = c->cap * 2 > c->max_pending ? c->max_pending : c->cap * 2;
+                struct pending_reply *n;
+
+                if (cap == c->cap)
+                        return -ENOBUFS;
+                n = calloc(cap, sizeof(*n));
+                if (!n)
+                        return -ENOMEM;
+                for (unsigned i = 0; i < c->count; i++)
+                        n[i] = c->pending[(c->head + i) % c->cap];
+                free(c->pending);
+                c->pending = n;
+                c->cap = cap;
+                c->head = 0;
+        }
         r = vhu_writer_queue(&c->writer, m);
         if (r < 0)
                 return r;

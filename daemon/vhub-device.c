@@ -426,7 +426,8 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 
 static int device_attach_connection(struct vhub_device *d, int fd) {
         int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
-                               d->vm->ctx->config->limits.pending_per_connection + 64,
+                               /* the largest op: a START of every ring (7 replies each) */
+                               VHUB_MAX_QUEUES * 8 + 64,
                                &device_bconn_ops, d, &d->conn);
         if (r < 0) {
                 close(fd);
