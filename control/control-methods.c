@@ -121,9 +121,9 @@ static int m_daemon_info(struct control_req *req, struct vhub_error *err) {
                 }
         control_req_result(req, json_pack("{s:s, s:i, s:o, s:i, s:i, s:o}", "version", VHUB_VERSION,
                                           "pid", (int)getpid(), "uptime_ms",
-                                          json_u64((vhub_now_usec() - ctx->start_usec) / 1000), "vms",
+                                          vhub_json_u64((vhub_now_usec() - ctx->start_usec) / 1000), "vms",
                                           vms, "devices", devices, "protocol_features",
-                                          json_u64(VHUB_SUPPORTED_PROTOCOL_FEATURES)));
+                                          vhub_json_u64(VHUB_SUPPORTED_PROTOCOL_FEATURES)));
         return 0;
 }
 
@@ -250,9 +250,9 @@ static int m_vm_memory_list(struct control_req *req, struct vhub_error *err) {
         for (size_t i = 0; i < vm->mem.n; i++) {
                 const struct vhub_region *g = &vm->mem.regions[i];
 
-                json_array_append_new(regions, json_pack("{s:o, s:o, s:o, s:o}", "gpa", json_u64(g->gpa),
-                                                         "size", json_u64(g->size), "offset",
-                                                         json_u64(g->offset), "uaddr", json_u64(g->uaddr)));
+                json_array_append_new(regions, json_pack("{s:o, s:o, s:o, s:o}", "gpa", vhub_json_u64(g->gpa),
+                                                         "size", vhub_json_u64(g->size), "offset",
+                                                         vhub_json_u64(g->offset), "uaddr", vhub_json_u64(g->uaddr)));
         }
         control_req_result(req, json_pack("{s:o}", "regions", regions));
         return 0;
@@ -261,8 +261,8 @@ static int m_vm_memory_list(struct control_req *req, struct vhub_error *err) {
 /* ---- devices ---- */
 
 static json_t *result_device_add(struct control_call *cc) {
-        return json_pack("{s:o, s:o, s:i, s:i}", "features", json_u64(cc->call.out.device_add.features),
-                         "protocol_features", json_u64(cc->call.out.device_add.protocol_features),
+        return json_pack("{s:o, s:o, s:i, s:i}", "features", vhub_json_u64(cc->call.out.device_add.features),
+                         "protocol_features", vhub_json_u64(cc->call.out.device_add.protocol_features),
                          "queues", (int)cc->call.out.device_add.queues, "max_mem_slots",
                          (int)cc->call.out.device_add.max_mem_slots);
 }
@@ -327,9 +327,9 @@ static int m_device_list(struct control_req *req, struct vhub_error *err) {
         TAILQ_FOREACH(d, &vm->devices, link) {
                 json_t *o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:i, s:i}", "device", d->name,
                                       "state", vhub_device_state_to_string(d->state), "socket",
-                                      d->socket_path, "features", json_u64(d->features),
-                                      "acked_features", json_u64(d->acked_features),
-                                      "protocol_features", json_u64(d->protocol_features), "queues",
+                                      d->socket_path, "features", vhub_json_u64(d->features),
+                                      "acked_features", vhub_json_u64(d->acked_features),
+                                      "protocol_features", vhub_json_u64(d->protocol_features), "queues",
                                       (int)d->queues, "reconnects", (int)d->reconnects);
 
                 json_array_append_new(devs, o);
@@ -339,10 +339,10 @@ static int m_device_list(struct control_req *req, struct vhub_error *err) {
 }
 
 static json_t *result_config_get(struct control_call *cc) {
-        char *b64 = base64_encode(cc->call.out.config_get.data, cc->call.out.config_get.size);
+        char *b64 = NULL;
         json_t *res;
 
-        if (!b64)
+        if (vhub_base64_encode(cc->call.out.config_get.data, cc->call.out.config_get.size, &b64) < 0)
                 return NULL;
         res = json_pack("{s:s}", "data", b64);
         free(b64);
@@ -384,9 +384,17 @@ static int m_device_config_set(struct control_req *req, struct vhub_error *err) 
             (r = params_get_u32(req->params, "offset", true, 0, VHU_MAX_CONFIG_SIZE, &offset, err)) < 0 ||
             (r = params_get_string(req->params, "data", true, 4 * VHU_MAX_CONFIG_SIZE, &b64, err)) < 0)
                 return r;
-        if (base64_decode(b64, data, sizeof(data), &len) < 0 || len == 0)
-                return vhub_error_set(err, VHUB_ERR_PARAMS,
-                                      "'data' must be base64 of 1..%d bytes", VHU_MAX_CONFIG_SIZE);
+        {
+                void *buf = NULL;
+
+                r = vhub_base64_decode(b64, &buf, &len);
+                if (r == 0 && len > 0 && len <= sizeof(data))
+                        memcpy(data, buf, len);
+                free(buf);
+                if (r < 0 || len == 0 || len > sizeof(data))
+                        return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                              "'data' must be base64 of 1..%d bytes", VHU_MAX_CONFIG_SIZE);
+        }
         if (offset + len > VHU_MAX_CONFIG_SIZE)
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "offset + data length exceeds %d",
                                       VHU_MAX_CONFIG_SIZE);
@@ -612,7 +620,7 @@ static int m_device_state_load(struct control_req *req, struct vhub_error *err) 
 static json_t *result_dirty_log(struct control_call *cc) {
         cc->reply_fds[0] = cc->call.out.dirty_log.fd;
         cc->n_reply_fds = 1;
-        return json_pack("{s:i, s:o}", "fd", 0, "size", json_u64(cc->call.out.dirty_log.size));
+        return json_pack("{s:i, s:o}", "fd", 0, "size", vhub_json_u64(cc->call.out.dirty_log.size));
 }
 
 static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err) {

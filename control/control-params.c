@@ -7,8 +7,6 @@
 
 #include "control-params.h"
 
-#define MAX_SAFE_INT ((UINT64_C(1) << 53) - 1)
-
 bool params_valid_name(const char *s) {
         size_t n = 0;
 
@@ -22,15 +20,6 @@ bool params_valid_name(const char *s) {
                         return false;
         }
         return n >= 1 && n <= 64;
-}
-
-json_t *json_u64(uint64_t v) {
-        char buf[24];
-
-        if (v <= MAX_SAFE_INT)
-                return json_integer((json_int_t)v);
-        snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
-        return json_string(buf);
 }
 
 int params_check_members_in(json_t *obj, const char *where, const char *const *allowed,
@@ -96,36 +85,6 @@ int params_get_name(json_t *params, const char *key, bool required, const char *
         return 0;
 }
 
-static int parse_u64_value(json_t *v, uint64_t *ret) {
-        if (json_is_integer(v)) {
-                json_int_t i = json_integer_value(v);
-
-                if (i < 0)
-                        return -ERANGE;
-                *ret = (uint64_t)i;
-                return 0;
-        }
-        if (json_is_string(v)) {
-                const char *s = json_string_value(v);
-                char *end;
-                uint64_t x;
-
-                if ((s[0] != '0' || (s[1] != 'x' && s[1] != 'X')) || !s[2] || strlen(s) > 18)
-                        return -EINVAL;
-                for (const char *p = s + 2; *p; p++)
-                        if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f') ||
-                              (*p >= 'A' && *p <= 'F')))
-                                return -EINVAL;
-                errno = 0;
-                x = strtoull(s + 2, &end, 16);
-                if (errno || *end)
-                        return -EINVAL;
-                *ret = x;
-                return 0;
-        }
-        return -EINVAL;
-}
-
 int params_get_u64_in(json_t *obj, const char *where, const char *key, bool required, uint64_t def,
                       uint64_t max, uint64_t *ret, struct vhub_error *err) {
         json_t *v = json_object_get(obj, key);
@@ -140,7 +99,7 @@ int params_get_u64_in(json_t *obj, const char *where, const char *key, bool requ
                 *ret = def;
                 return 0;
         }
-        r = parse_u64_value(v, &x);
+        r = vhub_json_get_u64(v, &x);
         if (r < 0)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
                                       "'%s' must be a non-negative integer or a \"0x...\" hex string",
@@ -201,61 +160,4 @@ int params_take_fd_in(json_t *obj, const char *where, const char *key, bool requ
 int params_take_fd(json_t *params, const char *key, bool required, struct rpc_fds *fds, int *ret_fd,
                    struct vhub_error *err) {
         return params_take_fd_in(params, "", key, required, fds, ret_fd, err);
-}
-
-static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-char *base64_encode(const uint8_t *data, size_t len) {
-        char *out = malloc((len + 2) / 3 * 4 + 1), *p = out;
-
-        if (!out)
-                return NULL;
-        for (size_t i = 0; i < len; i += 3) {
-                uint32_t v = (uint32_t)data[i] << 16;
-
-                if (i + 1 < len)
-                        v |= (uint32_t)data[i + 1] << 8;
-                if (i + 2 < len)
-                        v |= data[i + 2];
-                *p++ = b64[(v >> 18) & 63];
-                *p++ = b64[(v >> 12) & 63];
-                *p++ = i + 1 < len ? b64[(v >> 6) & 63] : '=';
-                *p++ = i + 2 < len ? b64[v & 63] : '=';
-        }
-        *p = '\0';
-        return out;
-}
-
-static int b64_value(char c) {
-        const char *p = c ? strchr(b64, c) : NULL;
-
-        return p ? (int)(p - b64) : -1;
-}
-
-int base64_decode(const char *s, uint8_t *out, size_t max, size_t *ret_len) {
-        size_t len = strlen(s), n = 0;
-
-        if (len % 4)
-                return -EINVAL;
-        for (size_t i = 0; i < len; i += 4) {
-                int a = b64_value(s[i]), b = b64_value(s[i + 1]);
-                int c = s[i + 2] == '=' ? -2 : b64_value(s[i + 2]);
-                int d = s[i + 3] == '=' ? -2 : b64_value(s[i + 3]);
-                uint32_t v;
-
-                if (a < 0 || b < 0 || c == -1 || d == -1 || (c == -2 && d != -2) ||
-                    ((c == -2 || d == -2) && i + 4 != len))
-                        return -EINVAL;
-                v = (uint32_t)a << 18 | (uint32_t)b << 12 | (uint32_t)(c < 0 ? 0 : c) << 6 |
-                    (uint32_t)(d < 0 ? 0 : d);
-                if (n + 1 + (c >= 0) + (d >= 0) > max)
-                        return -E2BIG;
-                out[n++] = (uint8_t)(v >> 16);
-                if (c >= 0)
-                        out[n++] = (uint8_t)(v >> 8);
-                if (d >= 0)
-                        out[n++] = (uint8_t)v;
-        }
-        *ret_len = n;
-        return 0;
 }

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "rpc-conn.h"
+#include "vhub-json.h"
 #include "vhub-error.h"
 
 /* NULL-terminated list of the members a method accepts. */
@@ -36,9 +37,3 @@ int params_check_members_in(json_t *obj, const char *where, const char *const *a
                             struct vhub_error *err);
 
 bool params_valid_name(const char *s);
-/* A u64 as the contract writes it: integer below 2^53, else "0x..." string. */
-json_t *json_u64(uint64_t v);
-
-/* base64 (RFC 4648, with padding). */
-char *base64_encode(const uint8_t *data, size_t len);
-int base64_decode(const char *s, uint8_t *out, size_t max, size_t *ret_len);

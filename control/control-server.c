@@ -387,13 +387,13 @@ static json_t *event_params(const struct vhub_event *ev) {
                 break;
         }
         case VHUB_EV_LINGERING:
-                json_object_set_new(p, "linger_ms", json_u64(ev->linger_ms));
+                json_object_set_new(p, "linger_ms", vhub_json_u64(ev->linger_ms));
                 break;
         case VHUB_EV_BACKEND_REQUEST:
                 json_object_set_new(p, "request", json_string(ev->request ? ev->request : ""));
-                json_object_set_new(p, "token", json_u64(ev->token));
+                json_object_set_new(p, "token", vhub_json_u64(ev->token));
                 for (unsigned i = 0; i < ev->n_fields; i++)
-                        json_object_set_new(p, ev->fields[i].key, json_u64(ev->fields[i].value));
+                        json_object_set_new(p, ev->fields[i].key, vhub_json_u64(ev->fields[i].value));
                 if (ev->n_fds == 1)
                         json_object_set_new(p, "fd", json_integer(0));
                 else if (ev->n_fds > 1) {
