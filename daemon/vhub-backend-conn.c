@@ -86,12 +86,8 @@ static void bconn_lost_cb(evutil_socket_t fd, short what, void *userdata) {
         c->ops->on_lost(c->userdata, c->lost_timeout, c->lost_request, c->lost_reason);
 }
 
-static void bconn_flush(struct vhub_bconn *c) {
-        int r;
-
-        if (c->lost)
-                return;
-        r = vhu_writer_flush(&c->writer, c->fd);
+/* After a write: r is vhu_writer_flush()'s or vhu_writer_send()'s result. */
+static void bconn_after_write(struct vhub_bconn *c, int r) {
         if (r == 0) {
                 event_del(c->ev_write);
                 if (c->write_deadline) {
@@ -111,6 +107,11 @@ static void bconn_flush(struct vhub_bconn *c) {
                 /* name the request the caller waits on (error.data.request) */
                 vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
         }
+}
+
+static void bconn_flush(struct vhub_bconn *c) {
+        if (!c->lost)
+                bconn_after_write(c, vhu_writer_flush(&c->writer, c->fd));
 }
 
 static void bconn_write_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -157,65 +158,85 @@ static void bconn_free_now(struct vhub_bconn *c) {
         free(c);
 }
 
+/* The smallest payload the awaited reply can have (0 if unknown). */
+static uint32_t bconn_reply_min_payload(const struct vhub_bconn *c) {
+        const struct vhu_request_info *info;
+
+        if (c->count == 0)
+                return 0;
+        info = vhu_request_info(VHU_DIR_FRONTEND, c->pending[c->head].request);
+        if (!info)
+                return 0;
+        switch (info->reply) {
+        case VHU_REPLY_ALWAYS:
+                return info->reply_min_size;
+        case VHU_REPLY_IF_LOG_SHMFD:
+                if (c->protocol_features & VHU_PF_BIT(VHU_PF_LOG_SHMFD))
+                        return info->reply_min_size;
+                return sizeof(uint64_t);
+        case VHU_REPLY_ACK_ONLY:
+        default:
+                return sizeof(uint64_t); /* a REPLY_ACK u64 */
+        }
+}
+
+/*
+ * One reply per wake-up: the reply comes in one recvmsg() (header and its
+ * known minimum payload together) and no read is spent on finding the
+ * socket empty; if more is there, the level-triggered event fires again.
+ */
 static void bconn_read_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_bconn *c = userdata;
+        const char *problem = NULL;
+        struct pending_reply p;
         struct vhu_msg msg;
         char why[200];
         int r;
 
+        if (c->lost)
+                return;
         vhu_msg_init(&msg);
-        for (;;) {
-                const char *problem = NULL;
-                struct pending_reply p;
-
-                if (c->lost)
-                        return;
-                r = vhu_reader_read(&c->reader, c->fd, &msg);
-                if (r == -EAGAIN)
-                        return;
-                if (r == 0) {
-                        vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0,
-                                        "back-end closed the connection");
-                        return;
-                }
-                if (r < 0) {
-                        if (r == -EPROTO)
-                                snprintf(why, sizeof(why), "protocol violation in back-end message framing");
-                        else
-                                snprintf(why, sizeof(why), "back-end connection error: %s", strerror(-r));
-                        vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
-                        return;
-                }
-                if (c->count == 0) {
-                        snprintf(why, sizeof(why), "unsolicited message %u from the back-end",
-                                 msg.hdr.request);
-                        vhu_msg_clear(&msg);
-                        vhub_bconn_fail(c, false, 0, why);
-                        return;
-                }
-                p = c->pending[c->head];
-                if (vhu_validate_reply(VHU_DIR_FRONTEND, p.request, p.flags, c->protocol_features,
-                                       &msg, &problem) < 0) {
-                        snprintf(why, sizeof(why), "bad reply to %s: %s",
-                                 vhu_request_name(VHU_DIR_FRONTEND, p.request),
-                                 problem ? problem : "invalid");
-                        vhu_msg_clear(&msg);
-                        vhub_bconn_fail(c, false, p.request, why);
-                        return;
-                }
-                c->head = (c->head + 1) % c->cap;
-                c->count--;
-                bconn_rearm_timer(c);
-
-                c->dispatching = true;
-                c->ops->on_reply(c->userdata, p.request, p.tag, &msg);
-                c->dispatching = false;
-                vhu_msg_clear(&msg);
-                if (c->free_requested) {
-                        bconn_free_now(c);
-                        return;
-                }
+        r = vhu_reader_read_hint(&c->reader, c->fd, &msg, bconn_reply_min_payload(c));
+        if (r == -EAGAIN)
+                return;
+        if (r == 0) {
+                vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0,
+                                "back-end closed the connection");
+                return;
         }
+        if (r < 0) {
+                if (r == -EPROTO)
+                        snprintf(why, sizeof(why), "protocol violation in back-end message framing");
+                else
+                        snprintf(why, sizeof(why), "back-end connection error: %s", strerror(-r));
+                vhub_bconn_fail(c, false, c->count ? c->pending[c->head].request : 0, why);
+                return;
+        }
+        if (c->count == 0) {
+                snprintf(why, sizeof(why), "unsolicited message %u from the back-end", msg.hdr.request);
+                vhu_msg_clear(&msg);
+                vhub_bconn_fail(c, false, 0, why);
+                return;
+        }
+        p = c->pending[c->head];
+        if (vhu_validate_reply(VHU_DIR_FRONTEND, p.request, p.flags, c->protocol_features, &msg,
+                               &problem) < 0) {
+                snprintf(why, sizeof(why), "bad reply to %s: %s",
+                         vhu_request_name(VHU_DIR_FRONTEND, p.request), problem ? problem : "invalid");
+                vhu_msg_clear(&msg);
+                vhub_bconn_fail(c, false, p.request, why);
+                return;
+        }
+        c->head = (c->head + 1) % c->cap;
+        c->count--;
+        bconn_rearm_timer(c);
+
+        c->dispatching = true;
+        c->ops->on_reply(c->userdata, p.request, p.tag, &msg);
+        c->dispatching = false;
+        vhu_msg_clear(&msg);
+        if (c->free_requested)
+                bconn_free_now(c);
 }
 
 int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
@@ -302,8 +323,8 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
                 c->cap = cap;
                 c->head = 0;
         }
-        r = vhu_writer_queue(&c->writer, m);
-        if (r < 0)
+        r = vhu_writer_send(&c->writer, c->fd, m);
+        if (r == -ENOMEM || r == -EINVAL)
                 return r;
         if (expects) {
                 struct pending_reply *p = &c->pending[(c->head + c->count) % c->cap];
@@ -316,7 +337,9 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
                 if (c->count == 1)
                         bconn_rearm_timer(c);
         }
-        bconn_flush(c);
+        /* 0: all out; -EAGAIN: arm the write event and its deadline; else
+         * the loss, naming the request just queued if nothing else waits */
+        bconn_after_write(c, r);
         return expects ? 1 : 0;
 }
 

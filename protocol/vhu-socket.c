@@ -100,19 +100,29 @@ static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
         r->got = 0;
 }
 
-int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
+int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, uint32_t min_payload) {
         int err;
 
+        if (min_payload > VHU_MAX_PAYLOAD)
+                min_payload = VHU_MAX_PAYLOAD;
         for (;;) {
                 union fd_cmsg_buf control;
                 struct msghdr mh = { 0 };
-                struct iovec iov;
+                struct iovec iov[2];
                 size_t got_before = r->got;
                 ssize_t n;
 
+                mh.msg_iovlen = 1;
                 if (r->got < VHU_HEADER_SIZE) {
-                        iov.iov_base = (uint8_t *) &r->msg.hdr + r->got;
-                        iov.iov_len = VHU_HEADER_SIZE - r->got;
+                        iov[0].iov_base = (uint8_t *) &r->msg.hdr + r->got;
+                        iov[0].iov_len = VHU_HEADER_SIZE - r->got;
+                        /* a payload at least this long follows: take it in the
+                         * same call without reaching into the next message */
+                        if (min_payload > 0) {
+                                iov[1].iov_base = r->msg.payload.raw;
+                                iov[1].iov_len = min_payload;
+                                mh.msg_iovlen = 2;
+                        }
                 } else {
                         size_t payload_got = r->got - VHU_HEADER_SIZE;
 
@@ -120,12 +130,11 @@ int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
                                 reader_complete(r, ret);
                                 return 1;
                         }
-                        iov.iov_base = r->msg.payload.raw + payload_got;
-                        iov.iov_len = r->msg.hdr.size - payload_got;
+                        iov[0].iov_base = r->msg.payload.raw + payload_got;
+                        iov[0].iov_len = r->msg.hdr.size - payload_got;
                 }
 
-                mh.msg_iov = &iov;
-                mh.msg_iovlen = 1;
+                mh.msg_iov = iov;
                 mh.msg_control = control.buf;
                 mh.msg_controllen = sizeof(control.buf);
 
@@ -151,8 +160,10 @@ int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
                 }
 
                 r->got += (size_t) n;
-                if (got_before < VHU_HEADER_SIZE && r->got == VHU_HEADER_SIZE &&
-                    r->msg.hdr.size > VHU_MAX_PAYLOAD) {
+                if (got_before < VHU_HEADER_SIZE && r->got >= VHU_HEADER_SIZE &&
+                    (r->msg.hdr.size > VHU_MAX_PAYLOAD ||
+                     /* shorter than the caller promised: the read went past it */
+                     r->got - VHU_HEADER_SIZE > r->msg.hdr.size)) {
                         err = -EPROTO;
                         goto fail;
                 }
@@ -161,6 +172,10 @@ int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
 fail:
         vhu_reader_reset(r);
         return err;
+}
+
+int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret) {
+        return vhu_reader_read_hint(r, sockfd, ret, 0);
 }
 
 void vhu_writer_init(struct vhu_writer *w) {
@@ -243,6 +258,80 @@ int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
 fail:
         writer_item_free(item);
         return r;
+}
+
+/* Queue bytes whose fds (if any) already went out. */
+static int writer_append_raw(struct vhu_writer *w, const uint8_t *data, size_t len) {
+        struct vhu_writer_item *item = malloc(sizeof(*item) + len);
+
+        if (!item)
+                return -ENOMEM;
+        *item = (struct vhu_writer_item) { .next = NULL, .len = len };
+        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
+                item->fds[i] = -1;
+        memcpy(item->data, data, len);
+        if (w->tail)
+                w->tail->next = item;
+        else
+                w->head = item;
+        w->tail = item;
+        w->n_items++;
+        w->n_bytes += len;
+        return 0;
+}
+
+int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
+        uint8_t buf[VHU_HEADER_SIZE + VHU_MAX_PAYLOAD];
+        union fd_cmsg_buf control;
+        struct msghdr mh = { 0 };
+        struct iovec iov;
+        size_t len;
+        ssize_t n;
+        int r;
+
+        /* behind queued bytes: keep the order */
+        if (w->head) {
+                r = vhu_writer_queue(w, m);
+                return r < 0 ? r : vhu_writer_flush(w, sockfd);
+        }
+        if (m->hdr.size > VHU_MAX_PAYLOAD || m->n_fds > VHU_MAX_FDS)
+                return -EINVAL;
+        for (unsigned i = 0; i < m->n_fds; i++)
+                if (m->fds[i] < 0)
+                        return -EINVAL;
+        len = vhu_msg_wire_size(m);
+        if (vhu_msg_encode(m, buf, sizeof(buf)) != len)
+                return -EINVAL;
+        iov = (struct iovec){ .iov_base = buf, .iov_len = len };
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        if (m->n_fds > 0) {
+                struct cmsghdr *c;
+
+                memset(&control, 0, sizeof(control));
+                mh.msg_control = control.buf;
+                mh.msg_controllen = CMSG_SPACE(sizeof(int) * m->n_fds);
+                c = CMSG_FIRSTHDR(&mh);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int) * m->n_fds);
+                memcpy(CMSG_DATA(c), m->fds, sizeof(int) * m->n_fds);
+        }
+        do
+                n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (n < 0 && errno == EINTR);
+        if (n == (ssize_t)len)
+                return 0; /* the common case: no copy, no dup */
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+        if (n <= 0) {
+                /* nothing went: queue it all (dups the fds) */
+                r = vhu_writer_queue(w, m);
+                return r < 0 ? r : -EAGAIN;
+        }
+        /* part went, with the fds on its first byte: queue the rest */
+        r = writer_append_raw(w, buf + n, len - (size_t)n);
+        return r < 0 ? r : -EAGAIN;
 }
 
 int vhu_writer_flush(struct vhu_writer *w, int sockfd) {

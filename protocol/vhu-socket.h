@@ -44,6 +44,14 @@ void vhu_reader_reset(struct vhu_reader *r);
  */
 int vhu_reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *ret);
 
+/*
+ * The same, for a reader that knows the next message's payload is at least
+ * min_payload bytes (a reply of a known kind): header and that much payload
+ * come in one recvmsg(), never reaching past the message.  A message shorter
+ * than promised is -EPROTO.
+ */
+int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, uint32_t min_payload);
+
 struct vhu_writer_item;
 
 struct vhu_writer {
@@ -59,6 +67,13 @@ bool vhu_writer_pending(const struct vhu_writer *w);
 
 /* Queue m (encoded now; its fds dup'd).  -ENOMEM, -EMFILE, -EINVAL. */
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m);
+
+/*
+ * Send m now if nothing is queued (the fds go from the caller's own, no
+ * dup, no copy); whatever the socket does not take is queued as by
+ * vhu_writer_queue().  Same returns as vhu_writer_flush().
+ */
+int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m);
 
 /*
  * Send as much as the socket takes.  Returns 0 when the queue is empty,

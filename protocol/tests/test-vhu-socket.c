@@ -570,10 +570,85 @@ static void test_eof_and_limits(void) {
         CHECK_EQ(count_open_fds(), before);
 }
 
+/* vhu_writer_send: straight out with the caller's fds when nothing is
+ * queued (no dup), queued (fds dup'd, order kept) when the socket is full. */
+static void test_writer_send(void) {
+        enum { N_MSGS = 48 };
+        static uint8_t payload[VHU_MAX_PAYLOAD];
+        struct vhu_reader reader;
+        struct vhu_writer writer;
+        struct vhu_msg m, got;
+        int sv[2], fds[N_MSGS], sndbuf = 1;
+        unsigned received = 0, queued_at = N_MSGS;
+        int before = count_open_fds(), r;
+
+        test_set_context("writer send");
+        CHECK_EQ(make_pair(sv), 0);
+        vhu_writer_init(&writer);
+        vhu_reader_init(&reader);
+        vhu_msg_init(&got);
+
+        /* fast path: one message with an fd, nothing queued, no fd dup'd */
+        fds[0] = make_memfd();
+        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_KICK, false, 3, fds[0]), 0);
+        {
+                int open_before = count_open_fds();
+
+                CHECK_EQ(vhu_writer_send(&writer, sv[0], &m), 0);
+                CHECK_EQ(count_open_fds(), open_before);
+        }
+        CHECK(!vhu_writer_pending(&writer));
+        CHECK_EQ(vhu_recv_msg_blocking(sv[1], &got, 1000), 1);
+        CHECK_EQ(got.hdr.request, VHU_REQ_SET_VRING_KICK);
+        CHECK_EQ(got.n_fds, 1u);
+        CHECK(same_file(got.fds[0], fds[0]));
+        vhu_msg_clear(&got);
+        close(fds[0]);
+
+        /* a full socket: later messages queue behind, in order, fds intact */
+        CHECK_EQ(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
+        for (unsigned i = 0; i < N_MSGS; i++) {
+                memset(payload, (int)i, 4000);
+                fds[i] = make_memfd();
+                CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_CREATE_CRYPTO_SESSION, false,
+                                       payload, 4000, NULL, 0), 0);
+                m.fds[0] = fds[i];
+                m.n_fds = 1;
+                r = vhu_writer_send(&writer, sv[0], &m);
+                CHECK(r == 0 || r == -EAGAIN);
+                if (r == -EAGAIN && queued_at == N_MSGS)
+                        queued_at = i;
+                vhu_msg_forget_fds(&m);
+                close(fds[i]); /* the writer holds what it still needs */
+                fds[i] = -1;
+        }
+        CHECK(queued_at < N_MSGS); /* the socket did fill up */
+        while (received < N_MSGS) {
+                r = vhu_reader_read(&reader, sv[1], &got);
+                if (r == -EAGAIN) {
+                        CHECK(vhu_writer_flush(&writer, sv[0]) == 0 || vhu_writer_pending(&writer));
+                        continue;
+                }
+                CHECK_EQ(r, 1);
+                CHECK_EQ(got.hdr.size, 4000u);
+                CHECK_EQ(got.payload.raw[0], (uint8_t)received);
+                CHECK_EQ(got.n_fds, 1u);
+                vhu_msg_clear(&got);
+                received++;
+        }
+        CHECK(!vhu_writer_pending(&writer));
+        vhu_writer_clear(&writer);
+        vhu_reader_reset(&reader);
+        close(sv[0]);
+        close(sv[1]);
+        CHECK_EQ(count_open_fds(), before);
+}
+
 int main(void) {
         test_back_to_back_fds();
         test_partial_reads();
         test_partial_writes();
+        test_writer_send();
         test_epipe();
         test_ctrunc();
         test_fds_not_on_first_byte();
