@@ -644,11 +644,56 @@ static void test_writer_send(void) {
         CHECK_EQ(count_open_fds(), before);
 }
 
+/* vhu_reader_read_hint: header + the promised payload in one read, never
+ * reaching into the next message (whose fd must stay with it); a message
+ * shorter than promised is -EPROTO. */
+static void test_reader_hint(void) {
+        struct vhu_reader reader;
+        struct vhu_msg req, a, b, got;
+        int sv[2], mfd, before = count_open_fds();
+
+        test_set_context("reader hint");
+        CHECK_EQ(make_pair(sv), 0);
+        vhu_reader_init(&reader);
+        vhu_msg_init(&got);
+        /* a u64 reply, then a reply carrying an fd, back to back */
+        CHECK_EQ(vhu_msg_build_none(&req, VHU_REQ_GET_FEATURES, false), 0);
+        CHECK_EQ(vhu_msg_build_reply_u64(&a, &req, 0x1234), 0);
+        mfd = make_memfd();
+        CHECK_EQ(vhu_msg_build_vring_fd(&b, VHU_REQ_SET_VRING_CALL, false, 1, mfd), 0);
+        CHECK_EQ(vhu_send_msg_blocking(sv[0], &a, 1000), 0);
+        CHECK_EQ(vhu_send_msg_blocking(sv[0], &b, 1000), 0);
+        vhu_msg_forget_fds(&b);
+        CHECK_EQ(vhu_reader_read_hint(&reader, sv[1], &got, 8), 1);
+        CHECK_EQ(got.hdr.request, VHU_REQ_GET_FEATURES);
+        CHECK_EQ(got.payload.u64, 0x1234u);
+        CHECK_EQ(got.n_fds, 0u);
+        vhu_msg_clear(&got);
+        CHECK_EQ(vhu_reader_read_hint(&reader, sv[1], &got, 8), 1);
+        CHECK_EQ(got.hdr.request, VHU_REQ_SET_VRING_CALL);
+        CHECK_EQ(got.n_fds, 1u);
+        CHECK(same_file(got.fds[0], mfd));
+        vhu_msg_clear(&got);
+        CHECK_EQ(vhu_reader_read_hint(&reader, sv[1], &got, 8), -EAGAIN);
+        /* a header-only message where 8 payload bytes were promised */
+        CHECK_EQ(vhu_msg_build_none(&a, VHU_REQ_SET_OWNER, false), 0);
+        CHECK_EQ(vhu_msg_build_reply_u64(&b, &req, 7), 0);
+        CHECK_EQ(vhu_send_msg_blocking(sv[0], &a, 1000), 0);
+        CHECK_EQ(vhu_send_msg_blocking(sv[0], &b, 1000), 0);
+        CHECK_EQ(vhu_reader_read_hint(&reader, sv[1], &got, 8), -EPROTO);
+        close(mfd);
+        vhu_reader_reset(&reader);
+        close(sv[0]);
+        close(sv[1]);
+        CHECK_EQ(count_open_fds(), before);
+}
+
 int main(void) {
         test_back_to_back_fds();
         test_partial_reads();
         test_partial_writes();
         test_writer_send();
+        test_reader_hint();
         test_epipe();
         test_ctrunc();
         test_fds_not_on_first_byte();
