@@ -155,7 +155,13 @@ def main(t):
     check_eq(r["size"], 4096, "the fd B received: size")
     check_eq(r["data"], "a1" * 16, "B reads A's fill pattern through its mapping")
     check_eq(r.get("wrote"), 3, "B wrote 3 bytes through its mapping")
+    # A's writer holds a dup of the fd until its reply is fully sent; the
+    # reply reaches B through vhubd, possibly before A has closed that dup
+    deadline = time.monotonic() + 5
     paths = shared_memfd_paths(A.pid)
+    while len(paths) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        paths = shared_memfd_paths(A.pid)
     check_eq(len(paths), 1, "A holds one exported memfd")
     fd = os.open(paths[0], os.O_RDWR | os.O_CLOEXEC)
     try:
