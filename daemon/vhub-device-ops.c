@@ -1171,6 +1171,18 @@ void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
 /* ---- public entry points ---- */
 
+static bool is_eventfd(int fd) {
+        char path[64], target[64];
+        ssize_t n;
+
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n = readlink(path, target, sizeof(target) - 1);
+        if (n < 0)
+                return false;
+        target[n] = '\0';
+        return strcmp(target, "anon_inode:[eventfd]") == 0;
+}
+
 static bool device_check_usable(struct vhub_device *d, struct vhub_call *call) {
         struct vhub_error err;
 
@@ -1228,6 +1240,16 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                 }
                 if (vp[i].kick_fd < 0 || vp[i].call_fd < 0) {
                         vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u] needs kick and call fds", i);
+                        goto fail;
+                }
+                /* the daemon writes to them (the start kick, in-band calls): a
+                 * full blocking pipe in their place would stall the loop */
+                if (!is_eventfd(vp[i].kick_fd) || !is_eventfd(vp[i].call_fd) ||
+                    (vp[i].err_fd >= 0 && !is_eventfd(vp[i].err_fd))) {
+                        vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u].%s must be an eventfd", i,
+                                       !is_eventfd(vp[i].kick_fd)   ? "kick"
+                                       : !is_eventfd(vp[i].call_fd) ? "call"
+                                                                    : "err");
                         goto fail;
                 }
                 if (vp[i].desc % 16 || vp[i].avail % 2 || vp[i].used % 4) {

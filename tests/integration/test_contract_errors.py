@@ -812,6 +812,15 @@ def with_qsd(t, daemon, c, fb, d):
                    what="device.start: %s" % what)
         closing(fds)
         fb.after("device.start: %s" % what)
+    # kick/call must be eventfds: the daemon writes to them, and a full
+    # blocking pipe in their place would stall its loop
+    p, _ = start_with()
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    pipe_fds = [wr, os.eventfd(0, os.EFD_CLOEXEC)]
+    expect_rpc(c, "device.start", p, INVALID_PARAMS, field="vrings[0].kick", fds=pipe_fds,
+               what="device.start: a pipe as the kick fd")
+    closing(pipe_fds + [rd])
+    fb.after("device.start with a pipe as kick")
     p, fds = start_with({"call": 0})       # kick and call the same fd index
     expect_rpc(c, "device.start", p, INVALID_PARAMS, field="call", fds=fds,
                what="device.start: kick and call the same fd index")
