@@ -49,6 +49,24 @@ static int check_backing(struct vhub_region *r, struct vhub_error *err) {
         if (fstatfs(r->fd, &sfs) < 0)
                 return vhub_error_set(err, VHUB_ERR_REGION, "fstatfs of the memory fd failed: %s",
                                       strerror(errno));
+        /* The daemon reads ring indexes from guest memory with pread(): a file
+         * on a FUSE or network filesystem could stall its loop on that read
+         * (and its back-ends on every access).  Guest RAM lives on memfd,
+         * tmpfs, hugetlbfs or a local disk filesystem. */
+        switch ((unsigned long)sfs.f_type) {
+        case 0x65735546UL: /* FUSE_SUPER_MAGIC */
+        case 0x6969UL:     /* NFS_SUPER_MAGIC */
+        case 0x517bUL:     /* SMB_SUPER_MAGIC */
+        case 0xff534d42UL: /* CIFS_SUPER_MAGIC */
+        case 0xfe534d42UL: /* SMB2_SUPER_MAGIC */
+        case 0x00c36400UL: /* CEPH_SUPER_MAGIC */
+        case 0x01021997UL: /* V9FS_MAGIC */
+                return vhub_error_set(err, VHUB_ERR_REGION,
+                                      "memory fd is on a FUSE or network filesystem (0x%lx); use a memfd, tmpfs, hugetlbfs or a local file",
+                                      (unsigned long)sfs.f_type);
+        default:
+                break;
+        }
         r->page_size = 4096;
         if ((unsigned long)sfs.f_type == (unsigned long)HUGETLBFS_MAGIC && sfs.f_bsize > 0)
                 r->page_size = (uint64_t)sfs.f_bsize;
