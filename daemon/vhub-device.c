@@ -642,7 +642,7 @@ static void device_destroy(struct vhub_device *d) {
         device_log(d, LOG_INFO, NULL, "device removed");
         vhub_device_free(d);
         vhub_context_counts_changed(ctx);
-        vhub_vm_device_gone(vm, NULL); /* may free the VM: last */
+        vhub_vm_device_gone(vm); /* may free the VM: last */
 }
 
 void vhub_device_free(struct vhub_device *d) {

@@ -139,7 +139,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         free(vm);
 }
 
-void vhub_vm_device_gone(struct vhub_vm *vm, struct vhub_device *dev) {
+void vhub_vm_device_gone(struct vhub_vm *vm) {
         if (vm->destroying && !vm->freeing && vm->n_devices == 0)
                 vhub_vm_free(vm);
 }

@@ -123,7 +123,8 @@ int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhu
 void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
                            const struct vhub_error *err);
 void vhub_vm_handshake_sync_done(struct vhub_vm *vm);
-void vhub_vm_device_gone(struct vhub_vm *vm, struct vhub_device *dev);
+/* A device of vm was freed: a VM being destroyed goes with its last one. */
+void vhub_vm_device_gone(struct vhub_vm *vm);
 /* The mem op a device sync belongs to is active (for a handshake: wait). */
 bool vhub_vm_memory_busy(const struct vhub_vm *vm);
 /* A region by id: committed, or the one the active op is adding. */
