@@ -527,18 +527,29 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         return 0;
 }
 
+/* A ring's SET_VRING_ADDR: the VMM's user addresses of its three parts
+ * (each must lie inside one region), the used ring's gpa for logging. */
+static int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+                      uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
+        struct vhu_vring_addr a = { .index = index, .log = used };
+
+        if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
+                return -ERANGE;
+        *ret = a;
+        return 0;
+}
+
 static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
         bool ack = device_need_reply(d);
-        struct vhu_vring_addr a = { .index = v->index };
+        struct vhu_vring_addr a;
         struct vhu_msg m;
         int r;
 
-        if (vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->desc, (uint64_t)v->size * 16, &a.desc) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->avail, 6 + (uint64_t)v->size * 2, &a.avail) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->used, 6 + (uint64_t)v->size * 8, &a.used) < 0)
+        if (vring_addr(d->vm, v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
-        a.log = v->used;
         if (d->vm->logging)
                 a.flags |= VHU_VRING_F_LOG;
         vhu_msg_build_state(&m, VHU_REQ_SET_VRING_NUM, ack, v->index, v->size);
@@ -846,13 +857,11 @@ static int log_stage(struct vhub_device *d, struct vhub_op *op) {
                         return r;
                 for (unsigned i = 0; i < d->queues; i++) {
                         const struct vhub_vring *v = &d->vrings[i];
-                        struct vhu_vring_addr a = { .index = i, .log = v->used };
+                        struct vhu_vring_addr a;
 
                         if (!v->configured)
                                 continue;
-                        if (vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->desc, (uint64_t)v->size * 16, &a.desc) < 0 ||
-                            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->avail, 6 + (uint64_t)v->size * 2, &a.avail) < 0 ||
-                            vhub_mem_table_gpa_to_uaddr(&d->vm->mem, v->used, 6 + (uint64_t)v->size * 8, &a.used) < 0)
+                        if (vring_addr(d->vm, i, v->size, v->desc, v->avail, v->used, &a) < 0)
                                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                                        "ring %u does not lie inside the VM's memory", i);
                         if (op->u.log.enable)
@@ -1225,7 +1234,7 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                 goto fail;
         }
         for (unsigned i = 0; i < n; i++) {
-                uint64_t dummy;
+                struct vhu_vring_addr dummy;
 
                 if (vp[i].index >= d->queues || seen[vp[i].index]) {
                         vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u].index %u is out of range or repeated",
@@ -1257,9 +1266,7 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                                        "vrings[%u]: desc must be 16-, avail 2- and used 4-byte aligned", i);
                         goto fail;
                 }
-                if (vhub_mem_table_gpa_to_uaddr(&d->vm->mem, vp[i].desc, (uint64_t)vp[i].size * 16, &dummy) < 0 ||
-                    vhub_mem_table_gpa_to_uaddr(&d->vm->mem, vp[i].avail, 6 + (uint64_t)vp[i].size * 2, &dummy) < 0 ||
-                    vhub_mem_table_gpa_to_uaddr(&d->vm->mem, vp[i].used, 6 + (uint64_t)vp[i].size * 8, &dummy) < 0) {
+                if (vring_addr(d->vm, vp[i].index, vp[i].size, vp[i].desc, vp[i].avail, vp[i].used, &dummy) < 0) {
                         vhub_error_set(&err, VHUB_ERR_REGION,
                                        "vrings[%u]: desc, avail and used must each lie inside one memory region", i);
                         goto fail;
