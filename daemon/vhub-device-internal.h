@@ -70,6 +70,7 @@ void device_give_up(struct vhub_device *d, const char *reason);
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);
 void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
                  struct vhu_msg *reply);
+const char *vhub_op_kind_to_string(enum vhub_op_kind kind);
 /* The op has ended (r < 0: failed); commit or undo its effects. */
 void op_complete(struct vhub_device *d, struct vhub_op *op, int r);
 void op_free(struct vhub_op *op);

@@ -173,7 +173,7 @@ static int mem_sync_send(struct vhub_device *d, struct vhub_op *op) {
 }
 
 static void mem_sync_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                              uint32_t tag, const struct vhu_msg *reply) {
+                              uint32_t tag, struct vhu_msg *reply) {
         size_t i = TAG_INDEX(tag);
 
         check_ack(d, op, request, reply);
@@ -396,7 +396,7 @@ static int handshake_stage(struct vhub_device *d, struct vhub_op *op) {
 }
 
 static void handshake_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                               uint32_t tag, const struct vhu_msg *reply) {
+                               uint32_t tag, struct vhu_msg *reply) {
         switch (request) {
         case VHU_REQ_GET_FEATURES:
                 op->hs_features = reply->payload.u64;
@@ -661,12 +661,12 @@ static int start_stage(struct vhub_device *d, struct vhub_op *op) {
 }
 
 static void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                           const struct vhu_msg *reply) {
+                           uint32_t tag, struct vhu_msg *reply) {
         if (request == VHU_REQ_GET_INFLIGHT_FD) {
                 int fd = -1;
 
                 if (reply->n_fds == 1)
-                        fd = vhu_msg_take_fd((struct vhu_msg *)reply, 0);
+                        fd = vhu_msg_take_fd(reply, 0);
                 if (fd < 0 || reply->payload.inflight.mmap_size == 0) {
                         if (fd >= 0)
                                 close(fd);
@@ -703,7 +703,7 @@ static int stop_stage(struct vhub_device *d, struct vhub_op *op) {
 }
 
 static void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                          uint32_t tag, const struct vhu_msg *reply) {
+                          uint32_t tag, struct vhu_msg *reply) {
         unsigned i = TAG_INDEX(tag);
 
         if (request != VHU_REQ_GET_VRING_BASE) {
@@ -741,7 +741,7 @@ static int config_stage(struct vhub_device *d, struct vhub_op *op) {
 }
 
 static void config_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                            const struct vhu_msg *reply) {
+                            uint32_t tag, struct vhu_msg *reply) {
         if (request != VHU_REQ_GET_CONFIG) {
                 check_ack(d, op, request, reply);
                 return;
@@ -890,7 +890,8 @@ static int get_shared_stage(struct vhub_device *d, struct vhub_op *op) {
         return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
 }
 
-static void get_shared_on_reply(struct vhub_device *d, struct vhub_op *op, const struct vhu_msg *reply) {
+static void get_shared_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                                uint32_t tag, struct vhu_msg *reply) {
         /* libvhost-user echoes the UUID; others answer a u64 (0 = success) */
         bool ok = reply->n_fds == 1 &&
                   ((reply->hdr.size == 16 && memcmp(reply->payload.shared.uuid, op->u.shared.uuid, 16) == 0) ||
@@ -901,11 +902,11 @@ static void get_shared_on_reply(struct vhub_device *d, struct vhub_op *op, const
                 op->u.shared.fd = -1;
                 return;
         }
-        op->u.shared.fd = vhu_msg_take_fd((struct vhu_msg *)reply, 0);
+        op->u.shared.fd = vhu_msg_take_fd(reply, 0);
 }
 
 static void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
-                            const struct vhu_msg *reply) {
+                            uint32_t tag, struct vhu_msg *reply) {
         if (request != VHU_REQ_SET_DEVICE_STATE_FD) {
                 check_ack(d, op, request, reply);
                 return;
@@ -921,72 +922,14 @@ static void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t 
                 if (op->u.single.fd >= 0)
                         close(op->u.single.fd);
                 /* the back-end's own channel: handed to the VMM in the result */
-                op->u.single.fd = vhu_msg_take_fd((struct vhu_msg *)reply, 0);
+                op->u.single.fd = vhu_msg_take_fd(reply, 0);
                 op->u.single.u64 = 1;
         }
 }
 
-/* ---- dispatch ---- */
-
-int op_stage_send(struct vhub_device *d, struct vhub_op *op) {
-        switch (op->kind) {
-        case VHUB_OP_HANDSHAKE:
-                return handshake_stage(d, op);
-        case VHUB_OP_START:
-                return start_stage(d, op);
-        case VHUB_OP_STOP:
-                return stop_stage(d, op);
-        case VHUB_OP_CONFIG_GET:
-        case VHUB_OP_CONFIG_SET:
-                return config_stage(d, op);
-        case VHUB_OP_MEM_SYNC:
-                return mem_sync_stage(d, op);
-        case VHUB_OP_REMOVE:
-                return remove_stage(d, op);
-        case VHUB_OP_SINGLE:
-                return single_stage(d, op);
-        case VHUB_OP_RESET:
-                return reset_stage(d, op);
-        case VHUB_OP_LOG:
-                return log_stage(d, op);
-        case VHUB_OP_GET_SHARED:
-                return get_shared_stage(d, op);
-        default:
-                return OP_STAGE_DONE;
-        }
-}
-
-void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
-                 struct vhu_msg *reply) {
-        switch (op->kind) {
-        case VHUB_OP_HANDSHAKE:
-                handshake_on_reply(d, op, request, tag, reply);
-                break;
-        case VHUB_OP_START:
-                start_on_reply(d, op, request, reply);
-                break;
-        case VHUB_OP_STOP:
-        case VHUB_OP_REMOVE:
-        case VHUB_OP_RESET:
-                stop_on_reply(d, op, request, tag, reply);
-                break;
-        case VHUB_OP_GET_SHARED:
-                get_shared_on_reply(d, op, reply);
-                break;
-        case VHUB_OP_SINGLE:
-                single_on_reply(d, op, request, reply);
-                break;
-        case VHUB_OP_CONFIG_GET:
-        case VHUB_OP_CONFIG_SET:
-                config_on_reply(d, op, request, reply);
-                break;
-        case VHUB_OP_MEM_SYNC:
-                mem_sync_on_reply(d, op, request, tag, reply);
-                break;
-        default:
-                check_ack(d, op, request, reply);
-                break;
-        }
+static void ack_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
+                         struct vhu_msg *reply) {
+        check_ack(d, op, request, reply);
 }
 
 /* ---- completion ---- */
@@ -1100,82 +1043,115 @@ static void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         complete_call(d, op, 0);
 }
 
-void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
-        switch (op->kind) {
-        case VHUB_OP_HANDSHAKE:
-                handshake_complete(d, op, r);
-                break;
-        case VHUB_OP_START:
-                start_complete(d, op, r);
-                break;
-        case VHUB_OP_STOP:
-                stop_complete(d, op, r);
-                break;
-        case VHUB_OP_CONFIG_GET:
-                if (r == 0 && op->call) {
-                        op->call->out.config_get.size = op->u.config.size;
-                        memcpy(op->call->out.config_get.data, op->u.config.data, op->u.config.size);
-                }
-                complete_call(d, op, r);
-                break;
-        case VHUB_OP_MEM_SYNC:
-                if (r == 0)
-                        mem_sync_commit_unacked(d, op);
-                /* a device on its way out does not fail its VM's change */
-                if (r < 0 && d->removing)
-                        r = 0;
-                if (op->mem_op) {
-                        if (r < 0 && !op->error.device[0])
-                                snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
-                        vhub_vm_device_synced(d->vm, d, r, &op->error);
-                }
-                break;
-        case VHUB_OP_REMOVE:
-                d->destroy_pending = true;
-                complete_call(d, op, 0);
-                break;
-        case VHUB_OP_RESET:
-                if (r == 0) {
-                        for (unsigned i = 0; i < d->queues; i++) {
-                                vring_close_fds(&d->vrings[i]);
-                                d->vrings[i].configured = false;
-                        }
-                        /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
-                        if (d->inflight_fd >= 0)
-                                close(d->inflight_fd);
-                        d->inflight_fd = -1;
-                        d->acked_features = 0;
-                        device_set_state(d, VHUB_DEV_READY);
-                }
-                complete_call(d, op, r);
-                break;
-        case VHUB_OP_LOG:
-                vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, d->removing ? 0 : r, &op->error);
-                break;
-        case VHUB_OP_GET_SHARED: {
-                struct vhub_device *req = vhub_vm_find_device(d->vm, op->u.shared.requester);
-                int fd = r == 0 ? op->u.shared.fd : -1;
+static void config_get_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0 && op->call) {
+                op->call->out.config_get.size = op->u.config.size;
+                memcpy(op->call->out.config_get.data, op->u.config.data, op->u.config.size);
+        }
+        complete_call(d, op, r);
+}
 
-                if (fd >= 0)
-                        op->u.shared.fd = -1; /* handed over below, or closed */
-                if (req && req->channel)
-                        vhub_backend_channel_lookup_done(req->channel, op->u.shared.token, fd);
-                else if (fd >= 0)
-                        close(fd);
-                break;
+static void mem_sync_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0)
+                mem_sync_commit_unacked(d, op);
+        /* a device on its way out does not fail its VM's change */
+        if (r < 0 && d->removing)
+                r = 0;
+        if (op->mem_op) {
+                if (r < 0 && !op->error.device[0])
+                        snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
+                vhub_vm_device_synced(d->vm, d, r, &op->error);
         }
-        case VHUB_OP_SINGLE:
-                if (r == 0 && op->call && op->u.single.request == VHU_REQ_SET_DEVICE_STATE_FD) {
-                        op->call->out.state_fd.fd = op->u.single.u64 ? op->u.single.fd : -1;
-                        if (op->u.single.u64)
-                                op->u.single.fd = -1;
+}
+
+static void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        d->destroy_pending = true;
+        complete_call(d, op, 0); /* a back-end that fails its last stop changes nothing */
+}
+
+static void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0) {
+                for (unsigned i = 0; i < d->queues; i++) {
+                        vring_close_fds(&d->vrings[i]);
+                        d->vrings[i].configured = false;
                 }
-                complete_call(d, op, r);
-                break;
-        default:
-                complete_call(d, op, r);
-                break;
+                /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
+                if (d->inflight_fd >= 0)
+                        close(d->inflight_fd);
+                d->inflight_fd = -1;
+                d->acked_features = 0;
+                device_set_state(d, VHUB_DEV_READY);
         }
+        complete_call(d, op, r);
+}
+
+static void log_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, d->removing ? 0 : r, &op->error);
+}
+
+static void get_shared_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        struct vhub_device *req = vhub_vm_find_device(d->vm, op->u.shared.requester);
+        int fd = r == 0 ? op->u.shared.fd : -1;
+
+        if (fd >= 0)
+                op->u.shared.fd = -1; /* handed over below, or closed */
+        if (req && req->channel)
+                vhub_backend_channel_lookup_done(req->channel, op->u.shared.token, fd);
+        else if (fd >= 0)
+                close(fd);
+}
+
+static void single_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0 && op->call && op->u.single.request == VHU_REQ_SET_DEVICE_STATE_FD) {
+                op->call->out.state_fd.fd = op->u.single.u64 ? op->u.single.fd : -1;
+                if (op->u.single.u64)
+                        op->u.single.fd = -1;
+        }
+        complete_call(d, op, r);
+}
+
+/* ---- the op kinds: stages, replies, completion ---- */
+
+struct op_class {
+        const char *name;
+        int (*stage)(struct vhub_device *d, struct vhub_op *op);
+        void (*on_reply)(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
+                         struct vhu_msg *reply);
+        void (*complete)(struct vhub_device *d, struct vhub_op *op, int r);
+};
+
+static const struct op_class op_classes[_VHUB_OP_MAX] = {
+        [VHUB_OP_HANDSHAKE]  = { "handshake", handshake_stage, handshake_on_reply, handshake_complete },
+        [VHUB_OP_START]      = { "start", start_stage, start_on_reply, start_complete },
+        [VHUB_OP_STOP]       = { "stop", stop_stage, stop_on_reply, stop_complete },
+        [VHUB_OP_CONFIG_GET] = { "config-get", config_stage, config_on_reply, config_get_complete },
+        [VHUB_OP_CONFIG_SET] = { "config-set", config_stage, config_on_reply, complete_call },
+        [VHUB_OP_MEM_SYNC]   = { "memory-sync", mem_sync_stage, mem_sync_on_reply, mem_sync_complete },
+        [VHUB_OP_REMOVE]     = { "remove", remove_stage, stop_on_reply, remove_complete },
+        [VHUB_OP_SINGLE]     = { "request", single_stage, single_on_reply, single_complete },
+        [VHUB_OP_RESET]      = { "reset", reset_stage, stop_on_reply, reset_complete },
+        [VHUB_OP_LOG]        = { "dirty-log", log_stage, ack_on_reply, log_complete },
+        [VHUB_OP_GET_SHARED] = { "get-shared-object", get_shared_stage, get_shared_on_reply, get_shared_complete },
+};
+
+const char *vhub_op_kind_to_string(enum vhub_op_kind kind) {
+        return (unsigned)kind < _VHUB_OP_MAX ? op_classes[kind].name : "unknown";
+}
+
+int op_stage_send(struct vhub_device *d, struct vhub_op *op) {
+        return op_classes[op->kind].stage(d, op);
+}
+
+void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
+                 struct vhu_msg *reply) {
+        op_classes[op->kind].on_reply(d, op, request, tag, reply);
+}
+
+void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r < 0)
+                device_log(d, LOG_INFO, op->error.request, "%s failed: %s", vhub_op_kind_to_string(op->kind),
+                           op->error.detail);
+        op_classes[op->kind].complete(d, op, r);
 }
 
 /* ---- public entry points ---- */
