@@ -6,6 +6,8 @@
 #include "vhub-event.h"
 #include "vhu-message.h"
 
+struct vhub_vm;
+
 /* What the daemon itself implements as a front-end (daemon.info). */
 #define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
         (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
@@ -66,7 +68,50 @@ void device_restored(struct vhub_device *d, const struct vhub_event_vring *vring
                      bool exact);
 void device_give_up(struct vhub_device *d, const char *reason);
 
-/* vhub-device-ops.c: per kind */
+
+/* A front-end request's name, for logs and errors. */
+#define REQ(r) vhu_request_name(VHU_DIR_FRONTEND, (r))
+
+/* vhub-op-rings.c: a ring's SET_VRING_ADDR (user addresses of its parts,
+ * each inside one region); -ERANGE if a part lies outside the VM's memory. */
+int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+               uint64_t avail, uint64_t used, struct vhu_vring_addr *ret);
+
+/* vhub-op.c */
+void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                  const struct vhu_msg *reply);
+void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r);
+
+/* The op kinds (vhub-op-*.c): stage, reply, completion. */
+int mem_sync_prepare(struct vhub_device *d, struct vhub_op *op);
+int mem_sync_send(struct vhub_device *d, struct vhub_op *op);
+void mem_sync_commit_unacked(struct vhub_device *d, struct vhub_op *op);
+#define OP_KIND_FUNCS(kind)                                                                      \
+        int kind##_stage(struct vhub_device *d, struct vhub_op *op);                             \
+        void kind##_complete(struct vhub_device *d, struct vhub_op *op, int r)
+#define OP_KIND_REPLY(kind)                                                                      \
+        void kind##_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,        \
+                             uint32_t tag, struct vhu_msg *reply)
+OP_KIND_FUNCS(handshake);
+OP_KIND_REPLY(handshake);
+OP_KIND_FUNCS(start);
+OP_KIND_REPLY(start);
+OP_KIND_FUNCS(stop);
+OP_KIND_REPLY(stop);
+OP_KIND_FUNCS(remove);
+OP_KIND_FUNCS(reset);
+OP_KIND_FUNCS(log);
+OP_KIND_FUNCS(mem_sync);
+OP_KIND_REPLY(mem_sync);
+OP_KIND_REPLY(config);
+int config_stage(struct vhub_device *d, struct vhub_op *op);
+void config_get_complete(struct vhub_device *d, struct vhub_op *op, int r);
+OP_KIND_FUNCS(single);
+OP_KIND_REPLY(single);
+OP_KIND_FUNCS(get_shared);
+OP_KIND_REPLY(get_shared);
+
+/* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);
 void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
                  struct vhu_msg *reply);

@@ -1,0 +1,457 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The ops that start and stop rings: START (also the restore's rebase),
+ * STOP, RESET, REMOVE's last stop, and the dirty-log switch of running rings.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vhub-device-internal.h"
+#include "vhub-log.h"
+#include "vhub-vm.h"
+
+/* ---- start ---- */
+
+static struct vhub_vring *start_vrings(struct vhub_device *d, struct vhub_op *op, unsigned *ret_n) {
+        if (op->restore) {
+                *ret_n = d->queues;
+                return d->vrings;
+        }
+        *ret_n = op->u.start.n_vrings;
+        return op->u.start.vrings;
+}
+
+/* SET_FEATURES' value: the driver's features plus what the daemon adds. */
+static uint64_t features_to_send(struct vhub_device *d, uint64_t f) {
+        f &= ~(UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
+        if (dev_protocol_features_on(d))
+                f |= UINT64_C(1) << VHU_F_PROTOCOL_FEATURES;
+        if (d->vm->logging)
+                f |= UINT64_C(1) << VHU_VIRTIO_F_LOG_ALL;
+        return f;
+}
+
+static uint64_t start_features(struct vhub_device *d, struct vhub_op *op) {
+        return features_to_send(d, op->restore ? d->acked_features : op->u.start.features);
+}
+
+/* SET_LOG_BASE with the VM's log memfd. */
+static int send_log_base(struct vhub_device *d, struct vhub_op *op) {
+        struct vhu_log log = { .mmap_size = d->vm->log_size, .mmap_offset = 0 };
+        struct vhu_msg m;
+        int r;
+
+        r = vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_LOG_BASE, device_need_reply(d), &log,
+                          sizeof(log), &d->vm->log_fd, 1);
+        if (r < 0)
+                return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_SET_LOG_BASE),
+                                       "cannot build SET_LOG_BASE: %s", strerror(-r));
+        return device_send(d, op, &m, 0);
+}
+
+static uint16_t start_queue_size(struct vhub_vring *v, unsigned n) {
+        uint32_t max = 0;
+
+        for (unsigned i = 0; i < n; i++)
+                if (v[i].configured && v[i].size > max)
+                        max = v[i].size;
+        return (uint16_t)(max > 0xffff ? 0xffff : max);
+}
+
+/* After a loss: restart every ring at the used index in guest memory. */
+static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
+        bool in_order = d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_IN_ORDER);
+        bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
+        unsigned n = 0;
+
+        op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
+        if (!op->restored)
+                return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
+        op->restore_exact = true;
+        for (unsigned i = 0; i < d->queues; i++) {
+                struct vhub_vring *v = &d->vrings[i];
+                uint16_t used_idx, avail_idx;
+                int r;
+
+                if (!v->configured)
+                        continue;
+                r = vhub_mem_table_read(&d->vm->mem, v->used + 2, &used_idx, sizeof(used_idx));
+                if (r == 0)
+                        r = vhub_mem_table_read(&d->vm->mem, v->avail + 2, &avail_idx, sizeof(avail_idx));
+                if (r < 0)
+                        return device_op_error(op, VHUB_ERR_REGION, NULL,
+                                               "cannot read ring %u's indexes from guest memory: %s", i,
+                                               strerror(-r));
+                v->base = used_idx;
+                op->restored[n].index = i;
+                op->restored[n].base = used_idx;
+                /* counted when the back-end was lost: the driver may have
+                 * queued more since, which the restart picks up anyway */
+                op->restored[n].outstanding = v->loss_read ? (uint16_t)(v->loss_avail - v->loss_used)
+                                                           : (uint16_t)(avail_idx - used_idx);
+                if (op->restored[n].outstanding > 1 && !inflight && !in_order)
+                        op->restore_exact = false;
+                n++;
+        }
+        op->n_restored = n;
+        return 0;
+}
+
+/* The used ring's gpa doubles as the log address. */
+int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+                      uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
+        struct vhu_vring_addr a = { .index = index, .log = used };
+
+        if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
+                return -ERANGE;
+        *ret = a;
+        return 0;
+}
+
+static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
+        bool ack = device_need_reply(d);
+        struct vhu_vring_addr a;
+        struct vhu_msg m;
+        int r;
+
+        if (vring_addr(d->vm, v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
+                return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
+                                       "ring %u does not lie inside the VM's memory", v->index);
+        if (d->vm->logging)
+                a.flags |= VHU_VRING_F_LOG;
+        vhu_msg_build_state(&m, VHU_REQ_SET_VRING_NUM, ack, v->index, v->size);
+        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        vhu_msg_build_state(&m, VHU_REQ_SET_VRING_BASE, ack, v->index, v->base);
+        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        vhu_msg_build_vring_addr(&m, ack, &a);
+        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        /* CALL before KICK: libvhost-user starts the ring on KICK, and with a
+         * kick already pending and no call fd, qemu-storage-daemon aborts. */
+        vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, ack, v->index, v->call_fd);
+        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        if (v->err_fd >= 0) {
+                vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_ERR, ack, v->index, v->err_fd);
+                if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                        return r;
+        }
+        vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_KICK, ack, v->index, v->kick_fd);
+        return device_send(d, op, &m, TAG(TAGK_VRING, v->index));
+}
+
+int start_stage(struct vhub_device *d, struct vhub_op *op) {
+        bool ack = device_need_reply(d);
+        struct vhub_vring *v;
+        struct vhu_msg m;
+        unsigned n;
+        int r;
+
+        v = start_vrings(d, op, &n);
+        switch (op->stage) {
+        case 0:
+                if (op->restore && (r = start_rebase(d, op)) < 0)
+                        return r;
+                vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, start_features(d, op));
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                if (d->vm->logging && d->vm->log_fd >= 0 && (r = send_log_base(d, op)) < 0)
+                        return r;
+                if (dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd < 0) {
+                        struct vhu_inflight inf = {
+                                .num_queues = (uint16_t)d->queues,
+                                .queue_size = start_queue_size(v, n),
+                        };
+
+                        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_GET_INFLIGHT_FD, false, &inf,
+                                      sizeof(inf), NULL, 0);
+                        if ((r = device_send(d, op, &m, 0)) < 0)
+                                return r;
+                }
+                return OP_STAGE_NEXT;
+        case 1:
+                if (dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0) {
+                        struct vhu_inflight inf = {
+                                .mmap_size = d->inflight_size,
+                                .mmap_offset = 0,
+                                .num_queues = (uint16_t)d->queues,
+                                .queue_size = d->inflight_queue_size,
+                        };
+
+                        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, ack, &inf,
+                                      sizeof(inf), &d->inflight_fd, 1);
+                        if ((r = device_send(d, op, &m, 0)) < 0)
+                                return r;
+                }
+                for (unsigned i = 0; i < n; i++)
+                        if (v[i].configured && (r = send_vring(d, op, &v[i])) < 0)
+                                return r;
+                return OP_STAGE_NEXT;
+        case 2:
+                if (!dev_protocol_features_on(d))
+                        return OP_STAGE_NEXT;
+                /* spec "Ring states": rings start disabled once PROTOCOL_FEATURES is on */
+                for (unsigned i = 0; i < n; i++) {
+                        if (!v[i].configured)
+                                continue;
+                        vhu_msg_build_state(&m, VHU_REQ_SET_VRING_ENABLE, ack, v[i].index, 1);
+                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v[i].index))) < 0)
+                                return r;
+                }
+                return OP_STAGE_NEXT;
+        case 3:
+                if (!dev_has_pf(d, VHU_PF_STATUS))
+                        return OP_STAGE_NEXT;
+                /* DPDK's vhost starts nothing before DRIVER_OK */
+                vhu_msg_build_u64(&m, VHU_REQ_SET_STATUS, ack,
+                                  VHU_STATUS_ACKNOWLEDGE | VHU_STATUS_DRIVER |
+                                          VHU_STATUS_FEATURES_OK | VHU_STATUS_DRIVER_OK);
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                return OP_STAGE_NEXT;
+        case 4: {
+                /* one kick per ring, so a kick the driver wrote before the
+                 * back-end watched its fd is never lost */
+                uint64_t one = 1;
+
+                for (unsigned i = 0; i < n; i++)
+                        if (v[i].configured && v[i].kick_fd >= 0 &&
+                            write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                                device_log(d, LOG_WARNING, NULL, "kick on ring %u failed: %s",
+                                           v[i].index, strerror(errno));
+                return OP_STAGE_DONE;
+        }
+        }
+        return OP_STAGE_DONE;
+}
+
+void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           uint32_t tag, struct vhu_msg *reply) {
+        if (request == VHU_REQ_GET_INFLIGHT_FD) {
+                int fd = -1;
+
+                if (reply->n_fds == 1)
+                        fd = vhu_msg_take_fd(reply, 0);
+                if (fd < 0 || reply->payload.inflight.mmap_size == 0) {
+                        if (fd >= 0)
+                                close(fd);
+                        device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
+                                        "back-end gave no inflight buffer");
+                        return;
+                }
+                if (d->inflight_fd >= 0)
+                        close(d->inflight_fd);
+                d->inflight_fd = fd;
+                d->inflight_size = reply->payload.inflight.mmap_size;
+                d->inflight_queue_size = reply->payload.inflight.queue_size;
+                return;
+        }
+        op_check_ack(d, op, request, reply);
+}
+
+/* ---- stop ---- */
+
+int stop_stage(struct vhub_device *d, struct vhub_op *op) {
+        struct vhu_msg m;
+        int r;
+
+        if (op->stage > 0)
+                return OP_STAGE_DONE;
+        for (unsigned i = 0; i < d->queues; i++) {
+                if (!d->vrings[i].configured)
+                        continue;
+                vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
+                        return r;
+        }
+        return OP_STAGE_NEXT;
+}
+
+void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                          uint32_t tag, struct vhu_msg *reply) {
+        unsigned i = TAG_INDEX(tag);
+
+        if (request != VHU_REQ_GET_VRING_BASE) {
+                op_check_ack(d, op, request, reply);
+                return;
+        }
+        if (reply->payload.state.index != i || i >= d->queues) {
+                device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
+                                "GET_VRING_BASE reply names ring %u, asked for %u",
+                                reply->payload.state.index, i);
+                return;
+        }
+        d->vrings[i].base = reply->payload.state.num;
+}
+
+/* ---- remove ---- */
+
+int remove_stage(struct vhub_device *d, struct vhub_op *op) {
+        struct vhu_msg m;
+
+        if (op->stage > 0 || !vhub_device_is_connected(d) || d->state != VHUB_DEV_RUNNING)
+                return OP_STAGE_DONE;
+        /* stop the rings so the back-end lets go of guest memory cleanly */
+        for (unsigned i = 0; i < d->queues; i++) {
+                if (!d->vrings[i].configured)
+                        continue;
+                vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                if (device_send(d, op, &m, TAG(TAGK_VRING, i)) < 0)
+                        return OP_STAGE_DONE;
+        }
+        return OP_STAGE_NEXT;
+}
+
+/* ---- reset ---- */
+
+int reset_stage(struct vhub_device *d, struct vhub_op *op) {
+        bool ack = device_need_reply(d);
+        struct vhu_msg m;
+        int r;
+
+        switch (op->stage) {
+        case 0:
+                if (d->state != VHUB_DEV_RUNNING)
+                        return OP_STAGE_NEXT;
+                for (unsigned i = 0; i < d->queues; i++) {
+                        if (!d->vrings[i].configured)
+                                continue;
+                        vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
+                                return r;
+                }
+                return OP_STAGE_NEXT;
+        case 1:
+                if (dev_has_pf(d, VHU_PF_RESET_DEVICE))
+                        vhu_msg_build_none(&m, VHU_REQ_RESET_DEVICE, ack);
+                else if (dev_has_pf(d, VHU_PF_STATUS))
+                        vhu_msg_build_u64(&m, VHU_REQ_SET_STATUS, ack, 0);
+                else
+                        return OP_STAGE_DONE; /* stopping the rings is all there is */
+                return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
+        }
+        return OP_STAGE_DONE;
+}
+
+/* ---- dirty log on/off ---- */
+
+int log_stage(struct vhub_device *d, struct vhub_op *op) {
+        bool ack = device_need_reply(d);
+        struct vhu_msg m;
+        int r;
+
+        if (op->stage > 0)
+                return OP_STAGE_DONE;
+        if (op->u.log.enable && (r = send_log_base(d, op)) < 0)
+                return r;
+        if (d->state == VHUB_DEV_RUNNING) {
+                /* spec "Migration": LOG_ALL in the features, VHOST_VRING_F_LOG per ring */
+                vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, ack, features_to_send(d, d->acked_features));
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                for (unsigned i = 0; i < d->queues; i++) {
+                        const struct vhub_vring *v = &d->vrings[i];
+                        struct vhu_vring_addr a;
+
+                        if (!v->configured)
+                                continue;
+                        if (vring_addr(d->vm, i, v->size, v->desc, v->avail, v->used, &a) < 0)
+                                return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
+                                                       "ring %u does not lie inside the VM's memory", i);
+                        if (op->u.log.enable)
+                                a.flags = VHU_VRING_F_LOG;
+                        vhu_msg_build_vring_addr(&m, ack, &a);
+                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
+                                return r;
+                }
+        }
+        return OP_STAGE_NEXT;
+}
+
+void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (op->restore) {
+                if (r < 0) {
+                        if (vhub_device_is_connected(d))
+                                device_mark_lost(d, op->error.detail);
+                        return;
+                }
+                device_restored(d, op->restored, op->n_restored, op->restore_exact);
+                return;
+        }
+        if (r < 0) {
+                /* Some rings may have started: a fresh connection is the only
+                 * clean slate, and the restore brings back the prior state. */
+                if (op->stage >= 1 && vhub_device_is_connected(d))
+                        device_mark_lost(d, op->error.detail);
+                op_complete_call(d, op, r);
+                return;
+        }
+        for (unsigned i = 0; i < d->queues; i++) {
+                vring_close_fds(&d->vrings[i]);
+                d->vrings[i].configured = false;
+        }
+        for (unsigned i = 0; i < op->u.start.n_vrings; i++) {
+                struct vhub_vring *src = &op->u.start.vrings[i];
+
+                d->vrings[src->index] = *src;
+                src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
+        }
+        d->acked_features = op->u.start.features;
+        device_set_state(d, VHUB_DEV_RUNNING);
+        op_complete_call(d, op, 0);
+}
+
+void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r < 0) {
+                op_complete_call(d, op, r);
+                return;
+        }
+        if (op->call) {
+                unsigned n = 0;
+
+                for (unsigned i = 0; i < d->queues; i++)
+                        if (d->vrings[i].configured) {
+                                op->call->out.device_stop.vrings[n].index = i;
+                                op->call->out.device_stop.vrings[n].base = d->vrings[i].base;
+                                n++;
+                        }
+                op->call->out.device_stop.n_vrings = n;
+        }
+        for (unsigned i = 0; i < d->queues; i++) {
+                vring_close_fds(&d->vrings[i]);
+                d->vrings[i].configured = false;
+        }
+        device_set_state(d, VHUB_DEV_STOPPED);
+        op_complete_call(d, op, 0);
+}
+
+void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        d->destroy_pending = true;
+        op_complete_call(d, op, 0); /* a back-end that fails its last stop changes nothing */
+}
+
+void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0) {
+                for (unsigned i = 0; i < d->queues; i++) {
+                        vring_close_fds(&d->vrings[i]);
+                        d->vrings[i].configured = false;
+                }
+                /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
+                if (d->inflight_fd >= 0)
+                        close(d->inflight_fd);
+                d->inflight_fd = -1;
+                d->acked_features = 0;
+                device_set_state(d, VHUB_DEV_READY);
+        }
+        op_complete_call(d, op, r);
+}
+
+void log_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        vhub_vm_batch_device_done(d->vm, op->u.log.batch, d, d->removing ? 0 : r, &op->error);
+}
