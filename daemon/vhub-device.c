@@ -2,7 +2,7 @@
 /*
  * Device lifecycle: connecting (client or server mode), the op queue, reply
  * dispatch, loss, reconnect and removal.  The stages of each op are in
- * vhub-device-ops.c.
+ * vhub-op*.c, the calls the model offers in vhub-device-api.c.
  */
 #include <errno.h>
 #include <event2/event.h>
