@@ -260,6 +260,22 @@ fail:
         return r;
 }
 
+/* Put n fds (n > 0) into mh's control data, backed by control. */
+static void attach_fds(struct msghdr *mh, union fd_cmsg_buf *control, const int *fds, unsigned n) {
+        struct cmsghdr *c;
+
+        if (n == 0)
+                return;
+        memset(control, 0, sizeof(*control));
+        mh->msg_control = control->buf;
+        mh->msg_controllen = CMSG_SPACE(sizeof(int) * n);
+        c = CMSG_FIRSTHDR(mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * n);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * n);
+}
+
 /* Queue bytes whose fds (if any) already went out. */
 static int writer_append_raw(struct vhu_writer *w, const uint8_t *data, size_t len) {
         struct vhu_writer_item *item = malloc(sizeof(*item) + len);
@@ -305,18 +321,7 @@ int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
         iov = (struct iovec){ .iov_base = buf, .iov_len = len };
         mh.msg_iov = &iov;
         mh.msg_iovlen = 1;
-        if (m->n_fds > 0) {
-                struct cmsghdr *c;
-
-                memset(&control, 0, sizeof(control));
-                mh.msg_control = control.buf;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * m->n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * m->n_fds);
-                memcpy(CMSG_DATA(c), m->fds, sizeof(int) * m->n_fds);
-        }
+        attach_fds(&mh, &control, m->fds, m->n_fds);
         do
                 n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (n < 0 && errno == EINTR);
@@ -348,18 +353,8 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
 
                 mh.msg_iov = &iov;
                 mh.msg_iovlen = 1;
-                if (with_fds) {
-                        struct cmsghdr *c;
-
-                        memset(&control, 0, sizeof(control));
-                        mh.msg_control = control.buf;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * item->n_fds);
-                        c = CMSG_FIRSTHDR(&mh);
-                        c->cmsg_level = SOL_SOCKET;
-                        c->cmsg_type = SCM_RIGHTS;
-                        c->cmsg_len = CMSG_LEN(sizeof(int) * item->n_fds);
-                        memcpy(CMSG_DATA(c), item->fds, sizeof(int) * item->n_fds);
-                }
+                if (with_fds)
+                        attach_fds(&mh, &control, item->fds, item->n_fds);
 
                 n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n < 0) {
