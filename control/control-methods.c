@@ -162,7 +162,9 @@ static int m_vm_attach(struct control_req *req, struct vhub_error *err) {
         return 0;
 }
 
-static int m_vm_destroy(struct control_req *req, struct vhub_error *err) {
+/* A VM method that waits on the model and answers {}. */
+static int m_vm_simple(struct control_req *req, struct vhub_error *err,
+                       void (*fn)(struct vhub_vm *, struct vhub_call *)) {
         struct control_call *cc;
         struct vhub_vm *vm;
         int r;
@@ -171,8 +173,12 @@ static int m_vm_destroy(struct control_req *req, struct vhub_error *err) {
                 return r;
         if (!(cc = req_call(req, NULL, err)))
                 return -ENOMEM;
-        vhub_vm_destroy(vm, &cc->call);
+        fn(vm, &cc->call);
         return 0;
+}
+
+static int m_vm_destroy(struct control_req *req, struct vhub_error *err) {
+        return m_vm_simple(req, err, vhub_vm_destroy);
 }
 
 static int m_vm_list(struct control_req *req, struct vhub_error *err) {
@@ -640,16 +646,7 @@ static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err)
 }
 
 static int m_vm_dirty_log_stop(struct control_req *req, struct vhub_error *err) {
-        struct control_call *cc;
-        struct vhub_vm *vm;
-        int r;
-
-        if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
-                return r;
-        if (!(cc = req_call(req, NULL, err)))
-                return -ENOMEM;
-        vhub_vm_dirty_log_stop(vm, &cc->call);
-        return 0;
+        return m_vm_simple(req, err, vhub_vm_dirty_log_stop);
 }
 
 static int req_uuid(struct control_req *req, uint8_t uuid[16], struct vhub_error *err) {
