@@ -17,24 +17,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                                  \
-        do {                                                                         \
-                if (!(cond)) {                                                       \
-                        fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__,       \
-                                __LINE__, #cond);                                    \
-                        abort();                                                     \
-                }                                                                    \
-        } while (0)
-
-#define CHECK_EQ(a, b)                                                               \
-        do {                                                                         \
-                long long _a = (long long)(a), _b = (long long)(b);                  \
-                if (_a != _b) {                                                      \
-                        fprintf(stderr, "%s:%d: %s == %lld, expected %s == %lld\n",  \
-                                __FILE__, __LINE__, #a, _a, #b, _b);                 \
-                        abort();                                                     \
-                }                                                                    \
-        } while (0)
+#include "vhub-check.h"
 
 /* ---- tagged fds: a pipe's read end holding a short string ---- */
 
