@@ -307,7 +307,10 @@ static int m_device_add(struct control_req *req, struct vhub_error *err) {
         return 0;
 }
 
-static int m_device_remove(struct control_req *req, struct vhub_error *err) {
+/* A device method that waits on the model; make_result NULL answers {}. */
+static int m_device_simple(struct control_req *req, struct vhub_error *err,
+                           void (*fn)(struct vhub_device *, struct vhub_call *),
+                           control_result_fn make_result) {
         struct control_call *cc;
         struct vhub_device *d;
         struct vhub_vm *vm;
@@ -315,10 +318,14 @@ static int m_device_remove(struct control_req *req, struct vhub_error *err) {
 
         if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
                 return r;
-        if (!(cc = req_call(req, NULL, err)))
+        if (!(cc = req_call(req, make_result, err)))
                 return -ENOMEM;
-        vhub_device_remove(d, &cc->call);
+        fn(d, &cc->call);
         return 0;
+}
+
+static int m_device_remove(struct control_req *req, struct vhub_error *err) {
+        return m_device_simple(req, err, vhub_device_remove, NULL);
 }
 
 static int m_device_list(struct control_req *req, struct vhub_error *err) {
@@ -492,40 +499,15 @@ static json_t *result_device_stop(struct control_call *cc) {
 }
 
 static int m_device_stop(struct control_req *req, struct vhub_error *err) {
-        struct control_call *cc;
-        struct vhub_device *d;
-        struct vhub_vm *vm;
-        int r;
-
-        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
-                return r;
-        if (!(cc = req_call(req, result_device_stop, err)))
-                return -ENOMEM;
-        vhub_device_stop(d, &cc->call);
-        return 0;
-}
-
-static int m_device_simple(struct control_req *req, struct vhub_error *err,
-                           void (*fn)(struct vhub_device *, struct vhub_call *)) {
-        struct control_call *cc;
-        struct vhub_device *d;
-        struct vhub_vm *vm;
-        int r;
-
-        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device"), &vm, &d, err)) < 0)
-                return r;
-        if (!(cc = req_call(req, NULL, err)))
-                return -ENOMEM;
-        fn(d, &cc->call);
-        return 0;
+        return m_device_simple(req, err, vhub_device_stop, result_device_stop);
 }
 
 static int m_device_reset(struct control_req *req, struct vhub_error *err) {
-        return m_device_simple(req, err, vhub_device_reset);
+        return m_device_simple(req, err, vhub_device_reset, NULL);
 }
 
 static int m_device_state_check(struct control_req *req, struct vhub_error *err) {
-        return m_device_simple(req, err, vhub_device_check_state);
+        return m_device_simple(req, err, vhub_device_check_state, NULL);
 }
 
 static int parse_mac(const char *s, uint8_t mac[6]) {
