@@ -80,14 +80,9 @@ int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
                 }
                 json_object_set_new(params, "reconnect_ms", json_integer((json_int_t)v));
         }
-        r = ctl_call(ctl, "device.add", params, true, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "device.add", params, true, &res);
+        if (r != CTL_EXIT_OK || !res)
+                return r; /* an error, or --json already printed it */
         (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
         ctl_fmt_protocol_features(pf, names, sizeof(names));
         ctl_fmt_u64(json_object_get(res, "features"), hex, sizeof(hex));
@@ -111,14 +106,11 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
         size_t i;
         int r;
 
-        r = ctl_call(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 8, "DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
                            "SOCKET") < 0) {
                 json_decref(res);
@@ -252,14 +244,11 @@ int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
         size_t i;
         int r;
 
-        r = ctl_call(ctl, "device.stop", device_params(ctl, a), true, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "device.stop", device_params(ctl, a), true, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 2, "INDEX", "BASE") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");

@@ -31,14 +31,11 @@ int cmd_daemon_info(struct ctl *ctl, const struct ctl_args *a) {
         char names[512], hex[32];
         int r;
 
-        r = ctl_call(ctl, "daemon.info", json_object(), false, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "daemon.info", json_object(), false, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         (void)vhub_json_object_get_u64(res, "uptime_ms", &up);
         (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
         ctl_fmt_protocol_features(pf, names, sizeof(names));
@@ -109,14 +106,11 @@ int cmd_vm_list(struct ctl *ctl, const struct ctl_args *a) {
         size_t i;
         int r;
 
-        r = ctl_call(ctl, "vm.list", json_object(), false, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "vm.list", json_object(), false, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 4, "VM", "UID", "REGIONS", "DEVICES") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
@@ -233,14 +227,11 @@ int cmd_vm_memory_list(struct ctl *ctl, const struct ctl_args *a) {
         size_t i;
         int r;
 
-        r = ctl_call(ctl, "vm.memory.list", ctl_vm_params(ctl, a->pos[0]), true, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "vm.memory.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 4, "GPA", "SIZE", "OFFSET", "UADDR") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
@@ -371,14 +362,11 @@ int cmd_shared_object_list(struct ctl *ctl, const struct ctl_args *a) {
         size_t i;
         int r;
 
-        r = ctl_call(ctl, "shared_object.list", ctl_vm_params(ctl, a->pos[0]), true, NULL, 0, &res, NULL, NULL);
-        if (r != CTL_EXIT_OK)
-                return r;
-        if (ctl->json) {
-                ctl_print_json(res);
-                json_decref(res);
-                return CTL_EXIT_OK;
-        }
+        r = ctl_query(ctl, "shared_object.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
+
+        if (r != CTL_EXIT_OK || !res)
+
+                return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 2, "UUID", "OWNER") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");

@@ -190,6 +190,23 @@ void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhu
         }
 }
 
+int ctl_query(struct ctl *ctl, const char *method, json_t *params, bool add_uid, json_t **ret_result) {
+        json_t *res = NULL;
+        int r;
+
+        *ret_result = NULL;
+        r = ctl_call(ctl, method, params, add_uid, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        if (ctl->json) {
+                ctl_print_json(res);
+                json_decref(res);
+                return CTL_EXIT_OK;
+        }
+        *ret_result = res;
+        return CTL_EXIT_OK;
+}
+
 int ctl_call(struct ctl *ctl, const char *method, json_t *params, bool add_uid, const int *fds,
              unsigned n_fds, json_t **ret_result, int **ret_fds, unsigned *ret_n_fds) {
         struct vhub_client_error e = { 0 };

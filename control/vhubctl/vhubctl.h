@@ -96,6 +96,12 @@ int ctl_get_size(const struct ctl *ctl, const char *what, const char *s, uint64_
  */
 int ctl_call(struct ctl *ctl, const char *method, json_t *params, bool add_uid, const int *fds,
              unsigned n_fds, json_t **ret_result, int **ret_fds, unsigned *ret_n_fds);
+/*
+ * ctl_call() without fds for a command that shows its result: with --json
+ * the result is printed here and *ret_result is NULL; otherwise the caller
+ * gets it to format.
+ */
+int ctl_query(struct ctl *ctl, const char *method, json_t *params, bool add_uid, json_t **ret_result);
 /* Connect if not yet connected; prints and returns CTL_EXIT_CONNECT on failure. */
 int ctl_connect(struct ctl *ctl);
 /* Print a daemon error response to stderr (and, with --json, to stdout). */
