@@ -56,7 +56,7 @@ from vhubtest import scenarios                                        # noqa: E4
 from vhubtest.client import INVALID_PARAMS, NO_SUCH_VM, RpcError, u64_json  # noqa: E402
 from vhubtest.daemon import Daemon                                     # noqa: E402
 from vhubtest.memory import GuestMemory                                # noqa: E402
-from vhubtest.testbackend import TestBackend                           # noqa: E402
+from vhubtest.testbackend import AsyncCommand, TestBackend  # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run   # noqa: E402
 from vhubtest.virtq import Virtqueue                                   # noqa: E402
 from vhubtest.vmm import Vmm                                           # noqa: E402
@@ -71,37 +71,6 @@ SYS_PIDFD_GETFD = 438   # the same on every architecture (new syscall numbering)
 VHU_VERSION = 0x1
 VHU_FLAG_REPLY = 0x4
 BREQ_CONFIG_CHANGE_MSG = 2
-
-
-class AsyncCommand:
-    """One test back-end command on a control connection of its own: the
-    back-end waits for the daemon's reply while the test goes on."""
-
-    def __init__(self, tb, cmd):
-        self.cmd = cmd
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.connect(tb.control_path)
-        self.started = time.monotonic()
-        self.sock.sendall(json.dumps(cmd).encode() + b"\n")
-        self.buf = b""
-        self.elapsed = None
-
-    def done(self):
-        return b"\n" in self.buf or bool(select.select([self.sock], [], [], 0)[0])
-
-    def result(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                raise TimeoutError("no answer to %s within %.1fs" % (self.cmd, timeout))
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("test back-end closed its control connection")
-            self.buf += chunk
-        self.elapsed = time.monotonic() - self.started
-        self.sock.close()
-        return json.loads(self.buf.split(b"\n", 1)[0])
 
 
 class RawConn:

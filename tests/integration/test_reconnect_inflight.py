@@ -121,7 +121,7 @@ def main(t):
     no_event(c, "device.disconnected", "blk0")
 
     n = wl.verify_readback()
-    check(True, "read-back of all %d written extents through the rings matches" % n)
+    log("ok: read-back of all %d written extents through the rings matches" % n)  # verify_readback raises otherwise
     vmm.stop_device("blk0")
     wl.verify_image(img, disk_bytes)
     vmm.remove_device("blk0")

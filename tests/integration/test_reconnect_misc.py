@@ -208,7 +208,7 @@ def part_memory_during_outage(t, d, daemon, c, vmm, mem):
     wait_event(c, "device.disconnected", "M")
     extra = mem.add_region(64 << 20, 1 << 20)
     vmm.add_region(extra)
-    check(True, "vm.memory.add while M is disconnected succeeds")
+    log("ok: vm.memory.add while M is disconnected succeeds")  # the call raises otherwise
     tb.start()
     ev = wait_event(c, "device.reconnected", "M")
     check_eq(ev["reconnects"], 1, "M reconnected")
@@ -228,7 +228,7 @@ def part_memory_during_outage(t, d, daemon, c, vmm, mem):
     tb.kill()
     wait_event(c, "device.disconnected", "M")
     c.call("vm.memory.remove", {"vm": vmm.vm, "gpa": extra.gpa})
-    check(True, "vm.memory.remove while M is disconnected succeeds")
+    log("ok: vm.memory.remove while M is disconnected succeeds")  # the call raises otherwise
     tb.start()
     wait_event(c, "device.reconnected", "M")
     check_eq(region_set(tb.regions(0)), [(mem.regions[0].gpa, mem.regions[0].size)],

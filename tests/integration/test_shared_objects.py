@@ -50,43 +50,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest.client import (ALREADY_EXISTS, INVALID_PARAMS, LIMIT_REACHED,  # noqa: E402
                              RpcError)
 from vhubtest.daemon import Daemon                                     # noqa: E402
-from vhubtest.testbackend import TestBackend                           # noqa: E402
+from vhubtest.testbackend import AsyncCommand, TestBackend  # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run   # noqa: E402
 from vhubtest.vmm import Vmm                                           # noqa: E402
 
 TIMEOUT_MS = 500
 PF_SHARED_OBJECT = 1 << 18
 NEVER_MS = 3600 * 1000  # reconnect_ms: the killed exporter stays disconnected
-
-
-class AsyncCommand:
-    """One test back-end command on a control connection of its own, so the
-    test keeps going while the back-end waits for the daemon's reply."""
-
-    def __init__(self, tb, cmd):
-        self.cmd = cmd
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.connect(tb.control_path)
-        self.started = time.monotonic()
-        self.sock.sendall(json.dumps(cmd).encode() + b"\n")
-        self.buf = b""
-        self.answer = None
-        self.elapsed = None
-
-    def result(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                raise TimeoutError("no answer to %s within %.1fs" % (self.cmd, timeout))
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("test back-end closed its control connection")
-            self.buf += chunk
-        self.elapsed = time.monotonic() - self.started
-        self.sock.close()
-        self.answer = json.loads(self.buf.split(b"\n", 1)[0])
-        return self.answer
 
 
 def memfd_with(data, size=4096, name="vhubt-vmm-object"):

@@ -18,6 +18,7 @@ sends any object and returns the answer.
 
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -282,3 +283,37 @@ class TestBackend(Backend):
 
     def flood(self, sock=0, kind="messages", count=1000):
         return self._cmd("flood", sock, kind=kind, count=count)
+
+
+class AsyncCommand:
+    """One test back-end command on a control connection of its own, so the
+    test keeps going while the back-end waits for the daemon's reply (a
+    lookup, a forwarded request).  result() waits for the answer."""
+
+    def __init__(self, tb, cmd):
+        self.cmd = cmd
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.connect(tb.control_path)
+        self.started = time.monotonic()
+        self.sock.sendall(json.dumps(cmd).encode() + b"\n")
+        self.buf = b""
+        self.answer = None
+        self.elapsed = None
+
+    def done(self):
+        return b"\n" in self.buf or bool(select.select([self.sock], [], [], 0)[0])
+
+    def result(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                raise TimeoutError("no answer to %s within %.1fs" % (self.cmd, timeout))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("test back-end closed its control connection")
+            self.buf += chunk
+        self.elapsed = time.monotonic() - self.started
+        self.sock.close()
+        self.answer = json.loads(self.buf.split(b"\n", 1)[0])
+        return self.answer
