@@ -538,40 +538,59 @@ fail:
 
 /* ---- dirty logging ---- */
 
+static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
+
+static void vm_log_close(struct vhub_vm *vm) {
+        if (vm->log_fd >= 0)
+                close(vm->log_fd);
+        vm->log_fd = -1;
+        vm->log_size = 0;
+}
+
+/* A start that failed: the devices that did start logging stop again (no
+ * device keeps logging into a log nobody reads); the log closes after. */
+static void vm_log_undo(struct vhub_vm *vm) {
+        struct vhub_vm_batch *u = calloc(1, sizeof(*u));
+
+        vm->logging = false;
+        if (!u) {
+                vm_log_close(vm);
+                return;
+        }
+        u->kind = VHUB_BATCH_LOG_STOP;
+        vm->log_batch = u;
+        vm_log_fanout(vm, u, false);
+}
+
 static void vm_batch_finish(struct vhub_vm *vm, struct vhub_vm_batch *b) {
         struct vhub_call *call = b->call;
 
         vm->log_batch = NULL;
         if (b->kind == VHUB_BATCH_LOG_START) {
                 if (b->failed) {
-                        /* leave no device logging into a log nobody reads */
-                        vm->logging = false;
-                        if (vm->log_fd >= 0)
-                                close(vm->log_fd);
-                        vm->log_fd = -1;
-                        vm->log_size = 0;
                         vhub_call_fail(call, &b->error);
+                        vm_log_undo(vm);
                 } else {
                         int fd = fcntl(vm->log_fd, F_DUPFD_CLOEXEC, 3);
 
                         if (fd < 0) {
                                 vhub_error_set(&b->error, VHUB_ERR_INTERNAL, "dup: %s", strerror(errno));
                                 vhub_call_fail(call, &b->error);
-                        } else if (call) {
-                                call->out.dirty_log.fd = fd;
-                                call->out.dirty_log.size = vm->log_size;
-                                vhub_call_complete(call, 0);
+                                vm_log_undo(vm);
                         } else {
-                                close(fd);
+                                vm_log(vm, LOG_INFO, "dirty logging started (%llu bytes of log)",
+                                       (unsigned long long)vm->log_size);
+                                if (call) {
+                                        call->out.dirty_log.fd = fd;
+                                        call->out.dirty_log.size = vm->log_size;
+                                        vhub_call_complete(call, 0);
+                                } else {
+                                        close(fd);
+                                }
                         }
-                        vm_log(vm, LOG_INFO, "dirty logging started (%llu bytes of log)",
-                               (unsigned long long)vm->log_size);
                 }
         } else {
-                if (vm->log_fd >= 0)
-                        close(vm->log_fd);
-                vm->log_fd = -1;
-                vm->log_size = 0;
+                vm_log_close(vm);
                 vm_log(vm, LOG_INFO, "dirty logging stopped");
                 if (b->failed)
                         vhub_call_fail(call, &b->error);

@@ -119,6 +119,32 @@ def main(t):
     q.vq.close()
     vmm.remove_device("tb1")
     vmm.remove_device("tb2")
+
+    # -- a dirty-log start that one device fails (its back-end drops the
+    # connection on SET_LOG_BASE, whose reply value carries no status): the
+    # call fails naming it,
+    # and the device that did start logging stops again (LOG_ALL cleared)
+    s3 = daemon.backend_socket("tb3.sock")
+    s4 = daemon.backend_socket("tb4.sock")
+    log_features = "0x%x" % (0x140001200 | (1 << 26))   # + VHOST_F_LOG_ALL
+    tbl = t.enter(TestBackend(sockets=[s3, s4], args=["--disk-size", str(4 << 20),
+                                                      "--features", log_features], log_dir=d))
+    dev3 = vmm.add_device("tb3", s3, type="blk")
+    vmm.add_device("tb4", s4, type="blk", reconnect_ms=0)
+    q3 = blk.BlkQueue(mem, index=0, size=64)
+    vmm.start_device("tb3", dev3["features"] & ~(1 << 30) & ~(1 << 26), [q3.vq])
+    tbl.misbehave("SET_LOG_BASE", "close", sock=1)
+    e = expect_error(lambda: c.call_fds("vm.dirty_log.start", {"vm": "vm0"}), -32006,
+                     "vm.dirty_log.start with one device failing SET_LOG_BASE")
+    check_eq(e.data.get("device"), "tb4", "the error names the refusing device")
+    tbl.wait_until(lambda: not (tbl.conn(0)["features"] & (1 << 26)), 5.0,
+                   "tb3 back to features without LOG_ALL")
+    check_eq(tbl.requests(0).get("SET_FEATURES"), 3,
+             "tb3: SET_FEATURES at start, with LOG_ALL, then without it again")
+    check(q3.read_sectors(0, 8) is not None, "tb3 still does I/O")
+    q3.vq.close()
+    vmm.remove_device("tb3")
+    vmm.remove_device("tb4")
     vmm.destroy()
     check_eq(daemon.wait_fd_count(baseline), baseline, "daemon fd count back to baseline")
     daemon.stop()
