@@ -53,7 +53,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import scenarios                                        # noqa: E402
-from vhubtest.client import INVALID_PARAMS, NO_SUCH_VM, RpcError, u64_json  # noqa: E402
+from vhubtest.client import INVALID_PARAMS, NO_SUCH_VM, RpcError  # noqa: E402
 from vhubtest.daemon import Daemon                                     # noqa: E402
 from vhubtest.memory import GuestMemory                                # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend  # noqa: E402
@@ -597,11 +597,7 @@ def main(t):
         nobody.close()
     vmm.destroy()
     vmm1.destroy()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        for line in daemon.fd_list():
-            log("  " + line)
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
 
 
 if __name__ == "__main__":

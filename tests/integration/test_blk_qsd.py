@@ -106,10 +106,7 @@ def main(t):
     check(qsd.alive, "qemu-storage-daemon keeps serving after its front-end left")
     for q in queues:
         q.vq.close()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
     daemon.stop()
     log("ok: vhubd exited 0 on SIGTERM")
 

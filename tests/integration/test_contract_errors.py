@@ -18,7 +18,6 @@ never answers, --backend-timeout-ms 300), -32008 (every configurable limit),
 and notifications.
 """
 
-import errno
 import json
 import os
 import re
@@ -179,10 +178,7 @@ class FdBaseline:
         self.base = self.daemon.settled_fd_count(client)
 
     def after(self, what):
-        n = self.daemon.wait_fd_count(self.base)
-        if n != self.base:
-            log("\n".join(self.daemon.fd_list()))
-        check_eq(n, self.base, "fd count back to baseline after %s" % what)
+        self.daemon.check_fd_baseline(self.base, "fd count back to baseline after %s" % what)
         self.cases += 1
 
 

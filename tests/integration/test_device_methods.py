@@ -146,7 +146,7 @@ def main(t):
     vmm.remove_device("tb3")
     vmm.remove_device("tb4")
     vmm.destroy()
-    check_eq(daemon.wait_fd_count(baseline), baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
     daemon.stop()
 
 

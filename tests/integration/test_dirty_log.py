@@ -19,11 +19,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                           # noqa: E402
-from vhubtest.backends import QsdBackend, VirtiofsdBackend    # noqa: E402
+from vhubtest.backends import QsdBackend    # noqa: E402
 from vhubtest.client import RpcError, u64                      # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
-from vhubtest.testing import check, check_eq, log, run         # noqa: E402
+from vhubtest.testing import check, check_eq, run         # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 PAGE = 4096
@@ -135,7 +135,7 @@ def main(t):
 
     vmm.remove_device("blk0")
     vmm.destroy()
-    check_eq(daemon.wait_fd_count(baseline), baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
     daemon.stop()
 
 

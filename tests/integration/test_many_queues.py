@@ -17,7 +17,7 @@ from vhubtest import blk                                       # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
-from vhubtest.testing import check, check_eq, run              # noqa: E402
+from vhubtest.testing import check_eq, run              # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 QUEUES = 64
@@ -50,7 +50,7 @@ def main(t):
         q.vq.close()
     vmm.remove_device("tb")
     vmm.destroy()
-    check_eq(daemon.wait_fd_count(baseline), baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
     daemon.stop()
 
 

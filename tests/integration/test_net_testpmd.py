@@ -62,10 +62,7 @@ def main(t):
     check(vmm.vm_entry() is None, "vm.list has no vm0 after vm.destroy")
     for vq in vqs:
         vq.close()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
     daemon.stop()
     log("ok: vhubd exited 0 on SIGTERM")
     check_eq(pmd.stop(), 0, "testpmd exit code after SIGTERM")

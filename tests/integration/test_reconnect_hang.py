@@ -215,10 +215,7 @@ def main(t):
     tb, q, img = part_fail_handshake(t, d, c, vmm, mem, daemon.backend_socket("t.sock"))
     part_fewer_features(t, c, vmm, tb, q, img)
     vmm.destroy()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
 
 
 if __name__ == "__main__":

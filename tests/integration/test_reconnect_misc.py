@@ -285,10 +285,7 @@ def main(t):
     part_states(t, d, daemon, c, vmm, mem)
     vmm.destroy()
     part_vmm_close(t, d, daemon, c, mem, baseline)
-    n = daemon.wait_fd_count(baseline, timeout=10.0)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline after everything")
+    daemon.check_fd_baseline(baseline, "daemon fd count back to baseline after everything", timeout=10.0)
 
 
 if __name__ == "__main__":

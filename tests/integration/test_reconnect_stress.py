@@ -248,10 +248,7 @@ def main(t):
     part_loss_in_call(t, d, daemon, c, mem)
     part_hang_in_memory_change(t, d, daemon, c, mem)
     part_server_mode(t, d, daemon, c, mem)
-    n = daemon.wait_fd_count(baseline, timeout=10.0)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline, timeout=10.0)
 
 
 if __name__ == "__main__":

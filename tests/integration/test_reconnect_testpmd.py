@@ -158,10 +158,7 @@ def main(t):
     vmm.destroy()
     for vq in p.vqs:
         vq.close()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        log("\n".join(daemon.fd_list()))
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,10 @@ SIGSTOPped must not freeze the importer).  vhubd runs with
   baseline at the end (every VMM fd and forwarded fd closed).
 """
 
-import json
 import mmap
 import os
 import select
-import socket
 import sys
-import threading
 import time
 import uuid as uuidlib
 
@@ -394,11 +391,7 @@ def main(t):
     vmm.create()
     check_eq(objects(c, "vm0"), {}, "a re-created vm0 has no objects")
     vmm.destroy()
-    n = daemon.wait_fd_count(baseline)
-    if n != baseline:
-        for line in daemon.fd_list():
-            log("  " + line)
-    check_eq(n, baseline, "daemon fd count back to baseline")
+    daemon.check_fd_baseline(baseline)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 
 from . import procs
 from .client import Client
+from .testing import check_eq, log
 
 
 class DaemonError(Exception):
@@ -146,6 +147,15 @@ class Daemon:
             if n == want or time.monotonic() > deadline:
                 return n
             time.sleep(0.02)
+
+    def check_fd_baseline(self, baseline, what="daemon fd count back to baseline",
+                          timeout=5.0):
+        """Assert the daemon holds exactly `baseline` fds again (waiting up to
+        `timeout` for asynchronous closes); lists its fds when it does not."""
+        n = self.wait_fd_count(baseline, timeout)
+        if n != baseline:
+            log("\n".join(self.fd_list()))
+        check_eq(n, baseline, what)
 
     def stop(self, timeout=10.0, expect_code=0):
         """SIGTERM; the daemon must exit with expect_code within timeout."""
