@@ -43,13 +43,12 @@ import ctypes
 import os
 import select
 import struct
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 
-from vhubtest import procs, scenarios                          # noqa: E402
+from vhubtest import scenarios                                 # noqa: E402
 from vhubtest.backends import QsdNullBackend                   # noqa: E402
 from vhubtest.client import ClientError                        # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402

@@ -16,7 +16,7 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest.client import (Client, ConnectionClosed, RpcError, u64, u64_json)  # noqa: E402
-from vhubtest.testing import check, check_eq, expect_error, log, run              # noqa: E402
+from vhubtest.testing import check, check_eq, expect_error, run              # noqa: E402
 
 
 def line(obj):

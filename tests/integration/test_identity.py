@@ -27,8 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_contract_errors import (ALL_METHODS_NAMING_A_VM, FakeListener,      # noqa: E402
-                                  FdBaseline, check_error, closing, expect_rpc,
-                                  fresh_fds, memfd, procs_wait)
+                                  FdBaseline, check_error, expect_rpc, memfd,
+                                  procs_wait)
 from vhubtest.backends import QsdNullBackend                                  # noqa: E402
 from vhubtest.client import RpcError                                          # noqa: E402
 from vhubtest.daemon import Daemon                                            # noqa: E402

@@ -14,14 +14,13 @@ say what it has mapped.
     blk_roundtrip(q1, sector=64, nsect=4, salt=1, image=img)
 """
 
-import os
 import struct
 import time
 
 from vhubtest import blk, net
 from vhubtest.backends import QSD, Backend, require_binary
 from vhubtest.client import RpcError, u64
-from vhubtest.testing import TestFailure, check, check_eq, log
+from vhubtest.testing import TestFailure, check_eq
 from vhubtest.virtq import Virtqueue
 
 NET_BUF = 2048

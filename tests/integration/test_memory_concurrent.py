@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_memory_common import (QsdFileExports, RegionAlloc, blk_roundtrip,       # noqa: E402
                                 check_tb_tables, check_vm_table, detail, expect_rpc_error,
-                                hot_region, sent_count, table, vm_table)
+                                hot_region, sent_count, vm_table)
 from vhubtest import blk, scenarios                                               # noqa: E402
 from vhubtest.client import (BACKEND_ERROR, BACKEND_TIMEOUT, BAD_REGION,          # noqa: E402
                              LIMIT_REACHED, RpcError, u64_json)

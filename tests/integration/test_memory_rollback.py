@@ -26,7 +26,6 @@ for qsd, the test back-ends with and without CONFIGURE_MEM_SLOTS).
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

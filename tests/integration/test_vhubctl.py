@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import procs, scenarios                     # noqa: E402
+from vhubtest import scenarios                            # noqa: E402
 from vhubtest.backends import QsdBackend                  # noqa: E402
 from vhubtest.client import u64                           # noqa: E402
 from vhubtest.daemon import Daemon                        # noqa: E402

@@ -6,7 +6,6 @@ then the out-part {fuse_out_header (16 bytes), reply} device-writable.
 Structures are FUSE kernel protocol 7.36 (include/uapi/linux/fuse.h).
 """
 
-import errno
 import os
 import stat
 import struct

@@ -16,8 +16,6 @@ import os
 import select
 import time
 
-from .memory import align_up
-
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 
