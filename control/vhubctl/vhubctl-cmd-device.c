@@ -107,9 +107,7 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 8, "DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
                            "SOCKET") < 0) {
@@ -245,9 +243,7 @@ int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "device.stop", device_params(ctl, a), true, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 2, "INDEX", "BASE") < 0) {
                 json_decref(res);

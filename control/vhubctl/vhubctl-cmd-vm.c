@@ -32,9 +32,7 @@ int cmd_daemon_info(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "daemon.info", json_object(), false, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         (void)vhub_json_object_get_u64(res, "uptime_ms", &up);
         (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
@@ -107,9 +105,7 @@ int cmd_vm_list(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "vm.list", json_object(), false, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 4, "VM", "UID", "REGIONS", "DEVICES") < 0) {
                 json_decref(res);
@@ -228,9 +224,7 @@ int cmd_vm_memory_list(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "vm.memory.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 4, "GPA", "SIZE", "OFFSET", "UADDR") < 0) {
                 json_decref(res);
@@ -363,9 +357,7 @@ int cmd_shared_object_list(struct ctl *ctl, const struct ctl_args *a) {
         int r;
 
         r = ctl_query(ctl, "shared_object.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
-
         if (r != CTL_EXIT_OK || !res)
-
                 return r; /* an error, or --json already printed it */
         if (ctl_table_init(&t, 2, "UUID", "OWNER") < 0) {
                 json_decref(res);
