@@ -21,6 +21,7 @@
  * sendmsg() that carries fds always starts at the first byte of their line.
  */
 #include "rpc-conn.h"
+#include "vhu-scm.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -343,29 +344,15 @@ static void out_consume(struct rpc_conn *c, size_t n) {
  * write error (the caller closes). */
 static int out_flush(struct rpc_conn *c) {
         while (c->out_head) {
-                union {
-                        struct cmsghdr align;
-                        char buf[CMSG_SPACE(sizeof(int) * RPC_MAX_FDS_PER_MESSAGE)];
-                } control;
+                VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
                 struct iovec iov[RPC_SEND_IOV_MAX];
                 struct msghdr mh = { .msg_iov = iov };
                 struct out_msg *m = c->out_head;
                 ssize_t n;
                 int iovcnt = 0;
 
-                if (m->n_fds > 0) {
-                        struct cmsghdr *cm;
-
-                        /* fds only ever ride with their line's first byte */
-                        memset(&control, 0, sizeof(control));
-                        mh.msg_control = control.buf;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * m->n_fds);
-                        cm = CMSG_FIRSTHDR(&mh);
-                        cm->cmsg_level = SOL_SOCKET;
-                        cm->cmsg_type = SCM_RIGHTS;
-                        cm->cmsg_len = CMSG_LEN(sizeof(int) * m->n_fds);
-                        memcpy(CMSG_DATA(cm), m->fds, sizeof(int) * m->n_fds);
-                }
+                /* fds only ever ride with their line's first byte */
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), m->fds, m->n_fds);
                 iov[iovcnt++] = (struct iovec) { m->data + m->off, m->len - m->off };
                 /* later lines may join this sendmsg() unless they carry fds */
                 for (m = m->next; m && m->n_fds == 0 && iovcnt < RPC_SEND_IOV_MAX; m = m->next)
@@ -768,10 +755,7 @@ static int in_reserve(struct rpc_conn *c) {
 }
 
 static void read_cb(evutil_socket_t fd, short what, void *userdata) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * RPC_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
         struct rpc_conn *c = userdata;
         struct iovec iov;
         struct msghdr mh = {

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "vhu-socket.h"
+#include "vhu-scm.h"
 
 struct vhu_writer_item {
         struct vhu_writer_item *next;
@@ -27,12 +28,6 @@ struct vhu_writer_item {
         unsigned n_fds;    /* dup'd fds, closed once the item is sent or dropped */
         bool fds_sent;
         uint8_t data[];
-};
-
-/* A control buffer for VHU_MAX_FDS fds, aligned for struct cmsghdr. */
-union fd_cmsg_buf {
-        struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * VHU_MAX_FDS)];
 };
 
 static void close_fds(int *fds, unsigned n) {
@@ -106,7 +101,7 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
         if (min_payload > VHU_MAX_PAYLOAD)
                 min_payload = VHU_MAX_PAYLOAD;
         for (;;) {
-                union fd_cmsg_buf control;
+                VHU_SCM_BUF(control, VHU_MAX_FDS);
                 struct msghdr mh = { 0 };
                 struct iovec iov[2];
                 size_t got_before = r->got;
@@ -260,22 +255,6 @@ fail:
         return r;
 }
 
-/* Put n fds (n > 0) into mh's control data, backed by control. */
-static void attach_fds(struct msghdr *mh, union fd_cmsg_buf *control, const int *fds, unsigned n) {
-        struct cmsghdr *c;
-
-        if (n == 0)
-                return;
-        memset(control, 0, sizeof(*control));
-        mh->msg_control = control->buf;
-        mh->msg_controllen = CMSG_SPACE(sizeof(int) * n);
-        c = CMSG_FIRSTHDR(mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * n);
-        memcpy(CMSG_DATA(c), fds, sizeof(int) * n);
-}
-
 /* Queue bytes whose fds (if any) already went out. */
 static int writer_append_raw(struct vhu_writer *w, const uint8_t *data, size_t len) {
         struct vhu_writer_item *item = malloc(sizeof(*item) + len);
@@ -298,7 +277,7 @@ static int writer_append_raw(struct vhu_writer *w, const uint8_t *data, size_t l
 
 int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
         uint8_t buf[VHU_HEADER_SIZE + VHU_MAX_PAYLOAD];
-        union fd_cmsg_buf control;
+        VHU_SCM_BUF(control, VHU_MAX_FDS);
         struct msghdr mh = { 0 };
         struct iovec iov;
         size_t len;
@@ -321,7 +300,7 @@ int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
         iov = (struct iovec){ .iov_base = buf, .iov_len = len };
         mh.msg_iov = &iov;
         mh.msg_iovlen = 1;
-        attach_fds(&mh, &control, m->fds, m->n_fds);
+        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), m->fds, m->n_fds);
         do
                 n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (n < 0 && errno == EINTR);
@@ -342,7 +321,7 @@ int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
 int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
         while (w->head) {
                 struct vhu_writer_item *item = w->head;
-                union fd_cmsg_buf control;
+                VHU_SCM_BUF(control, VHU_MAX_FDS);
                 struct msghdr mh = { 0 };
                 struct iovec iov = {
                         .iov_base = item->data + item->off,
@@ -354,7 +333,7 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                 mh.msg_iov = &iov;
                 mh.msg_iovlen = 1;
                 if (with_fds)
-                        attach_fds(&mh, &control, item->fds, item->n_fds);
+                        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), item->fds, item->n_fds);
 
                 n = sendmsg(sockfd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n < 0) {

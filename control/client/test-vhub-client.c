@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "vhub-check.h"
+#include "vhu-scm.h"
 
 /* ---- tagged fds: a pipe's read end holding a short string ---- */
 
@@ -76,13 +77,10 @@ static json_t *srv_read(struct srv *s, int *fds, unsigned *n_fds) {
                         return m;
                 }
 
-                union {
-                        struct cmsghdr align;
-                        char b[CMSG_SPACE(sizeof(int) * 253)];
-                } ctl;
+                VHU_SCM_BUF(ctl, 253);
                 struct iovec iov = { s->buf + s->len, sizeof(s->buf) - s->len };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
-                                     .msg_controllen = sizeof(ctl.b) };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+                                     .msg_controllen = sizeof(ctl.buf) };
                 ssize_t n;
 
                 CHECK(s->len < sizeof(s->buf));
@@ -138,27 +136,14 @@ static void srv_send_raw(struct srv *s, const char *line, size_t len, const int 
         if (chunk == 0)
                 chunk = len;
         while (off < len) {
-                union {
-                        struct cmsghdr align;
-                        char b[CMSG_SPACE(sizeof(int) * 253)];
-                } ctl;
+                VHU_SCM_BUF(ctl, 253);
                 size_t l = len - off < chunk ? len - off : chunk;
                 struct iovec iov = { (char *)line + off, l };
                 struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
                 ssize_t w;
 
-                if (off == 0 && n > 0) {
-                        struct cmsghdr *cm;
-
-                        memset(&ctl, 0, sizeof(ctl));
-                        mh.msg_control = ctl.b;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * n);
-                        cm = CMSG_FIRSTHDR(&mh);
-                        cm->cmsg_level = SOL_SOCKET;
-                        cm->cmsg_type = SCM_RIGHTS;
-                        cm->cmsg_len = CMSG_LEN(sizeof(int) * n);
-                        memcpy(CMSG_DATA(cm), fds, sizeof(int) * n);
-                }
+                if (off == 0)
+                        vhu_scm_attach(&mh, ctl.buf, sizeof(ctl.buf), fds, n);
                 w = sendmsg(s->fd, &mh, MSG_NOSIGNAL);
                 CHECK(w > 0);
                 off += (size_t)w;

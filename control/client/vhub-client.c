@@ -5,6 +5,7 @@
  * "Transport and framing".
  */
 #include "vhub-client.h"
+#include "vhu-scm.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -484,10 +485,7 @@ static int client_parse_input(struct vhub_client *c) {
 /* One non-blocking recvmsg.  Returns bytes read (>0), 0 if nothing was
  * available, or the sticky error once broken (EOF included). */
 static int client_read_once(struct vhub_client *c) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * VHUB_CLIENT_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, VHUB_CLIENT_MAX_FDS_PER_MESSAGE);
         struct iovec iov;
         struct msghdr mh = {
                 .msg_iov = &iov,
@@ -592,10 +590,7 @@ static int client_poll(struct vhub_client *c, short events, int64_t deadline, sh
 
 static int client_send_line(struct vhub_client *c, const char *buf, size_t len,
                             const int *fds, unsigned n_fds, int64_t deadline) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * VHUB_CLIENT_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, VHUB_CLIENT_MAX_FDS_PER_MESSAGE);
         size_t off = 0;
 
         while (off < len) {
@@ -605,18 +600,8 @@ static int client_send_line(struct vhub_client *c, const char *buf, size_t len,
 
                 if (c->error)
                         return c->error;
-                if (off == 0 && n_fds > 0) {
-                        struct cmsghdr *cm;
-
-                        memset(&control, 0, sizeof(control));
-                        mh.msg_control = control.buf;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                        cm = CMSG_FIRSTHDR(&mh);
-                        cm->cmsg_level = SOL_SOCKET;
-                        cm->cmsg_type = SCM_RIGHTS;
-                        cm->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                        memcpy(CMSG_DATA(cm), fds, sizeof(int) * n_fds);
-                }
+                if (off == 0)
+                        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds, n_fds);
 
                 n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
                 if (n >= 0) {

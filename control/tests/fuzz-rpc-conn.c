@@ -12,6 +12,7 @@
  * with none, a fixed set of seeds and their pseudo-random mutations.
  */
 #include "rpc-conn.h"
+#include "vhu-scm.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -92,10 +93,7 @@ static const struct rpc_conn_ops fuzz_ops = {
 };
 
 static void drain_peer(int peer) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * RPC_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
         char buf[4096];
 
         for (;;) {
@@ -142,10 +140,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(rpc_conn_new(base, sv[0], &limits, &fuzz_ops, &s, &s.conn) == 0);
 
         while (size > 0 && s.conn) {
-                union {
-                        struct cmsghdr align;
-                        char buf[CMSG_SPACE(sizeof(int) * 3)];
-                } control;
+                VHU_SCM_BUF(control, 3);
                 unsigned h = *data++, n_fds = h & 3;
                 size_t len = (h >> 2) + 1;
                 struct iovec iov;
@@ -162,18 +157,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         fds[i] = memfd_create("fuzz", MFD_CLOEXEC);
                         CHECK(fds[i] >= 0);
                 }
-                if (n_fds > 0) {
-                        struct cmsghdr *cm;
-
-                        memset(&control, 0, sizeof(control));
-                        mh.msg_control = control.buf;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                        cm = CMSG_FIRSTHDR(&mh);
-                        cm->cmsg_level = SOL_SOCKET;
-                        cm->cmsg_type = SCM_RIGHTS;
-                        cm->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                        memcpy(CMSG_DATA(cm), fds, sizeof(int) * n_fds);
-                }
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds, n_fds);
                 /* a closed connection may refuse the rest: that is fine */
                 (void) sendmsg(sv[1], &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
                 for (unsigned i = 0; i < n_fds; i++)

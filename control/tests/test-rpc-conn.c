@@ -6,6 +6,7 @@
  *   test-rpc-conn SCENARIO
  */
 #include "rpc-conn.h"
+#include "vhu-scm.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -212,10 +213,7 @@ static void pump(struct fixture *f) {
 /* Blocking-ish send from the peer: pumps the loop while the socket is full. */
 static void peer_send(struct fixture *f, const void *data, size_t len, const int *fds,
                       unsigned n_fds) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * RPC_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
         size_t off = 0;
 
         CHECK(len > 0);
@@ -224,18 +222,8 @@ static void peer_send(struct fixture *f, const void *data, size_t len, const int
                 struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
                 ssize_t n;
 
-                if (off == 0 && n_fds > 0) {
-                        struct cmsghdr *cm;
-
-                        memset(&control, 0, sizeof(control));
-                        mh.msg_control = control.buf;
-                        mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                        cm = CMSG_FIRSTHDR(&mh);
-                        cm->cmsg_level = SOL_SOCKET;
-                        cm->cmsg_type = SCM_RIGHTS;
-                        cm->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                        memcpy(CMSG_DATA(cm), fds, sizeof(int) * n_fds);
-                }
+                if (off == 0)
+                        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds, n_fds);
                 n = sendmsg(f->peer, &mh, MSG_NOSIGNAL);
                 if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                         pump(f);
@@ -255,10 +243,7 @@ static void peer_send_str(struct fixture *f, const char *s) {
 /* One recvmsg of at most max bytes; fds go to f->pfds.  Returns bytes, 0 on
  * EOF, -EAGAIN when nothing is there. */
 static ssize_t peer_recv_some(struct fixture *f, size_t max) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * RPC_MAX_FDS_PER_MESSAGE)];
-        } control;
+        VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
         struct iovec iov = { f->pin + f->pin_len, sizeof(f->pin) - f->pin_len };
         struct msghdr mh = {
                 .msg_iov = &iov, .msg_iovlen = 1,

@@ -17,6 +17,7 @@
 
 #include "vhu-socket.h"
 #include "test-util.h"
+#include "vhu-scm.h"
 
 static int count_open_fds(void) {
         struct dirent *de;
@@ -57,25 +58,11 @@ static bool is_cloexec(int fd) {
 
 /* Send raw bytes with n_fds fds attached (to the first of them). */
 static ssize_t send_raw(int sock, const void *buf, size_t len, const int *fds, unsigned n_fds) {
-        union {
-                struct cmsghdr align;
-                char buf[CMSG_SPACE(sizeof(int) * 16)];
-        } control;
+        VHU_SCM_BUF(control, 16);
         struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 
-        if (n_fds > 0) {
-                struct cmsghdr *c;
-
-                memset(&control, 0, sizeof(control));
-                mh.msg_control = control.buf;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
-        }
+        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds, n_fds);
         return sendmsg(sock, &mh, MSG_NOSIGNAL);
 }
 

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "vhu-scm.h"
 
 /* A handler asks for the connection to be closed. */
 #define TB_CLOSE (-ECONNABORTED)
@@ -115,7 +116,7 @@ static void conn_queue(struct tb_conn *c, struct vhu_msg *reply) {
 static void conn_send_raw(struct tb_conn *c, const struct vhu_header *hdr, const void *payload,
                           size_t len, const int *fds, unsigned n_fds) {
         uint8_t buf[VHU_HEADER_SIZE + VHU_MAX_PAYLOAD];
-        char cbuf[CMSG_SPACE(sizeof(int) * 16)];
+        VHU_SCM_BUF(cbuf, 16);
         struct iovec iov;
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         uint64_t deadline = tb_now_ms() + 1000;
@@ -134,16 +135,8 @@ static void conn_send_raw(struct tb_conn *c, const struct vhu_header *hdr, const
         memcpy(buf, hdr, VHU_HEADER_SIZE);
         memcpy(buf + VHU_HEADER_SIZE, payload, len);
         iov = (struct iovec) { .iov_base = buf, .iov_len = VHU_HEADER_SIZE + len };
-        if (n_fds > 0 && n_fds <= 16) {
-                memset(cbuf, 0, sizeof(cbuf));
-                mh.msg_control = cbuf;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-                cm->cmsg_level = SOL_SOCKET;
-                cm->cmsg_type = SCM_RIGHTS;
-                cm->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(cm), fds, sizeof(int) * n_fds);
-        }
+        if (n_fds <= 16)
+                vhu_scm_attach(&mh, cbuf.buf, sizeof(cbuf.buf), fds, n_fds);
         if (sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
                 tb_conn_fail(c, "raw send: %m");
 }

@@ -43,6 +43,7 @@
 
 #include "vhost-user.h"
 #include "vhu-message.h"
+#include "vhu-scm.h"
 #include "vhu-socket.h"
 
 #define REQ_SIZE   (VHU_HEADER_SIZE + 16)
@@ -75,23 +76,13 @@ static int memfd_4k(void) {
 /* ---- the timed I/O: one sendmsg / recvmsg per message ---- */
 
 static int rt_send(int sock, const void *buf, size_t len, int fd) {
-        union {
-                struct cmsghdr h;
-                char b[CMSG_SPACE(sizeof(int))];
-        } u;
+        VHU_SCM_BUF(u, 1);
         struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         ssize_t n;
 
-        if (fd >= 0) {
-                memset(&u, 0, sizeof(u));
-                mh.msg_control = u.b;
-                mh.msg_controllen = sizeof(u.b);
-                u.h.cmsg_level = SOL_SOCKET;
-                u.h.cmsg_type = SCM_RIGHTS;
-                u.h.cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(&u.h), &fd, sizeof(int));
-        }
+        if (fd >= 0)
+                vhu_scm_attach(&mh, u.buf, sizeof(u.buf), &fd, 1);
         do
                 n = sendmsg(sock, &mh, MSG_NOSIGNAL);
         while (n < 0 && errno == EINTR);
@@ -106,13 +97,10 @@ static int rt_recv(int sock, void *buf, size_t len, int *ret_fd) {
         if (ret_fd)
                 *ret_fd = -1;
         while (got < len) {
-                union {
-                        struct cmsghdr h;
-                        char b[CMSG_SPACE(sizeof(int) * VHU_MAX_FDS)];
-                } u;
+                VHU_SCM_BUF(u, VHU_MAX_FDS);
                 struct iovec iov = { .iov_base = (char *)buf + got, .iov_len = len - got };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
-                                     .msg_controllen = sizeof(u.b) };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                                     .msg_controllen = sizeof(u.buf) };
                 ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
 
                 if (n < 0 && errno == EINTR)

@@ -27,6 +27,7 @@
 #include "vhub-config.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhu-scm.h"
 
 struct fuzz_env {
         struct event_base *base;
@@ -78,7 +79,7 @@ static void run_loop(struct fuzz_env *env, int rounds) {
 }
 
 static int send_with_fds(int fd, const uint8_t *data, size_t len, unsigned n_fds) {
-        char cbuf[CMSG_SPACE(sizeof(int) * 3)] = { 0 };
+        VHU_SCM_BUF(cbuf, 3);
         struct iovec iov = { .iov_base = (void *)data, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         int fds[3];
@@ -89,17 +90,7 @@ static int send_with_fds(int fd, const uint8_t *data, size_t len, unsigned n_fds
                 if (fds[i] < 0 || ftruncate(fds[i], 1 << 16) < 0)
                         abort();
         }
-        if (n_fds > 0) {
-                struct cmsghdr *c;
-
-                mh.msg_control = cbuf;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
-        }
+        vhu_scm_attach(&mh, cbuf.buf, sizeof(cbuf.buf), fds, n_fds);
         n = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         for (unsigned i = 0; i < n_fds; i++)
                 close(fds[i]);
