@@ -754,17 +754,8 @@ static void test_default_path(void) {
         CHECK(c == NULL);
 }
 
-static unsigned count_open_fds(void) {
-        unsigned n = 0;
-
-        for (int fd = 0; fd < 4096; fd++)
-                if (fcntl(fd, F_GETFD) >= 0)
-                        n++;
-        return n;
-}
-
 int main(void) {
-        unsigned fds_at_start = count_open_fds();
+        int fds_at_start = vhub_count_open_fds();
 
         test_u64();
         test_base64();
@@ -775,7 +766,7 @@ int main(void) {
         test_violations();
         test_flood();
         /* every fd that crossed the socket was closed by someone */
-        CHECK_EQ(count_open_fds(), fds_at_start);
+        CHECK_EQ(vhub_count_open_fds(), fds_at_start);
         printf("vhub-client: all tests passed\n");
         return 0;
 }

@@ -13,6 +13,7 @@
  */
 #include "rpc-conn.h"
 #include "vhu-scm.h"
+#include "vhub-check.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -25,15 +26,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define CHECK(cond)                                                                   \
-        do {                                                                          \
-                if (!(cond)) {                                                        \
-                        fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__,        \
-                                __LINE__, #cond);                                     \
-                        abort();                                                      \
-                }                                                                     \
-        } while (0)
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static unsigned long total_messages, total_inputs;
@@ -43,19 +35,6 @@ struct fuzz_state {
         unsigned n_close;
         bool in_message;
 };
-
-static int count_open_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        struct dirent *de;
-        int n = 0;
-
-        CHECK(d);
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n - 1;
-}
 
 static void on_message(struct rpc_conn *c, json_t *msg, struct rpc_fds *fds, void *userdata) {
         struct fuzz_state *s = userdata;
@@ -126,7 +105,7 @@ static void pump(struct event_base *base, int peer) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct rpc_conn_limits limits;
         struct fuzz_state s = { 0 };
-        int start = count_open_fds();
+        int start = vhub_count_open_fds();
         struct event_base *base = event_base_new();
         int sv[2];
 
@@ -172,7 +151,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 pump(base, -1);
         CHECK(s.conn == NULL && s.n_close == 1);   /* peer gone: on_close ran */
         event_base_free(base);
-        CHECK(count_open_fds() == start);
+        CHECK(vhub_count_open_fds() == start);
         return 0;
 }
 

@@ -7,6 +7,7 @@
  */
 #include "rpc-conn.h"
 #include "vhu-scm.h"
+#include "vhub-check.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -20,15 +21,6 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
-
-#define CHECK(cond)                                                                   \
-        do {                                                                          \
-                if (!(cond)) {                                                        \
-                        fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__,        \
-                                __LINE__, #cond);                                     \
-                        exit(1);                                                      \
-                }                                                                     \
-        } while (0)
 
 #define MAX_RECORDED 512
 
@@ -67,19 +59,6 @@ struct fixture {
 };
 
 /* ---- helpers ---------------------------------------------------------- */
-
-static int count_open_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        struct dirent *de;
-        int n = 0;
-
-        CHECK(d);
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n - 1;   /* the DIR's own fd */
-}
 
 /* How many of our fds refer to this inode. */
 static int count_fds_with_ino(ino_t ino) {
@@ -182,7 +161,7 @@ static void fx_init(struct fixture *f, const struct rpc_conn_limits *limits) {
         int sv[2];
 
         memset(f, 0, sizeof(*f));
-        f->fd_count_start = count_open_fds();
+        f->fd_count_start = vhub_count_open_fds();
         f->base = event_base_new();
         CHECK(f->base);
         CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
@@ -202,7 +181,7 @@ static void fx_fini(struct fixture *f) {
                 close(f->pfds[i]);
         close(f->peer);
         event_base_free(f->base);
-        CHECK(count_open_fds() == f->fd_count_start);
+        CHECK(vhub_count_open_fds() == f->fd_count_start);
 }
 
 static void pump(struct fixture *f) {
@@ -753,7 +732,7 @@ static void test_fds_out(void) {
                          "c", 0, "fds", 1);
         for (int i = 0; i < 4; i++)
                 CHECK(m[i]);
-        base_fds = count_open_fds();
+        base_fds = vhub_count_open_fds();
         /* "fds" must match what is passed */
         CHECK(rpc_conn_send(f.conn, m[1], two, 1) == -EINVAL);
         CHECK(rpc_conn_send(f.conn, m[0], two, 1) == -EINVAL);
@@ -761,7 +740,7 @@ static void test_fds_out(void) {
         CHECK(rpc_conn_send(f.conn, m[1], two, 2) == 0);
         CHECK(rpc_conn_send(f.conn, m[2], NULL, 0) == 0);
         CHECK(rpc_conn_send(f.conn, m[3], &c, 1) == 0);
-        CHECK(count_open_fds() == base_fds + 3);        /* the dups */
+        CHECK(vhub_count_open_fds() == base_fds + 3);        /* the dups */
         for (int i = 0; i < 4; i++) {
                 char *s = json_dumps(m[i], JSON_COMPACT);
 
@@ -799,7 +778,7 @@ static void test_fds_out(void) {
         check_memfd(f.pfds[2], "charlie");
         pump(&f);
         /* the dups are gone, ours are still open, the peer has its own */
-        CHECK(count_open_fds() == base_fds + 3);
+        CHECK(vhub_count_open_fds() == base_fds + 3);
         CHECK(rpc_conn_queued_bytes(f.conn) == 0);
         for (int i = 0; i < 4; i++) {
                 json_t *r = peer_read_msg(&f);
@@ -854,7 +833,7 @@ static void test_batch(void) {
 
 static void test_fds_take(void) {
         struct rpc_fds fds = { NULL, 0 };
-        int start = count_open_fds();
+        int start = vhub_count_open_fds();
         int fd;
 
         CHECK(rpc_fds_take(&fds, 0) == -1);
@@ -874,9 +853,9 @@ static void test_fds_take(void) {
         CHECK(rpc_fds_take(&fds, 1) == -1);     /* already taken */
         rpc_fds_clear(&fds);
         CHECK(fds.fds == NULL && fds.n == 0);
-        CHECK(count_open_fds() == start + 1);   /* only the taken one */
+        CHECK(vhub_count_open_fds() == start + 1);   /* only the taken one */
         close(fd);
-        CHECK(count_open_fds() == start);
+        CHECK(vhub_count_open_fds() == start);
 }
 
 /* on_message frees its own connection: later lines of the same read must
@@ -965,7 +944,7 @@ static void test_peercred(void) {
 }
 
 static void test_bad_socket(void) {
-        int start = count_open_fds();
+        int start = vhub_count_open_fds();
         struct event_base *base = event_base_new();
         struct rpc_conn *c = NULL;
         int p[2], sv[2];
@@ -980,7 +959,7 @@ static void test_bad_socket(void) {
         CHECK(c == NULL);
         close(sv[1]);
         event_base_free(base);
-        CHECK(count_open_fds() == start);   /* rpc_conn_new closed what it was given */
+        CHECK(vhub_count_open_fds() == start);   /* rpc_conn_new closed what it was given */
 }
 
 static void test_send_errors(void) {

@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * Assertions for the C unit tests outside protocol/ (which has its own,
- * counting, helper): a failed check prints where and aborts.
+ * counting, helper): a failed check prints where and aborts.  And the fd
+ * count those tests compare before and after, to catch leaks.
  */
 #pragma once
 
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -26,3 +28,17 @@
                         abort();                                                     \
                 }                                                                    \
         } while (0)
+
+/* How many fds this process has open (from /proc/self/fd). */
+static inline int vhub_count_open_fds(void) {
+        DIR *d = opendir("/proc/self/fd");
+        struct dirent *de;
+        int n = 0;
+
+        CHECK(d);
+        while ((de = readdir(d)))
+                if (de->d_name[0] != '.')
+                        n++;
+        closedir(d);
+        return n - 1;   /* the DIR's own fd */
+}
