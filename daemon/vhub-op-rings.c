@@ -257,12 +257,13 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
 
 /* ---- stop ---- */
 
-int stop_stage(struct vhub_device *d, struct vhub_op *op) {
+/* GET_VRING_BASE to every configured ring (stopping it); the replies land in
+ * stop_on_reply() (stop, remove and reset share it).  Returns
+ * device_send()'s error. */
+static int send_get_vring_bases(struct vhub_device *d, struct vhub_op *op) {
         struct vhu_msg m;
         int r;
 
-        if (op->stage > 0)
-                return OP_STAGE_DONE;
         for (unsigned i = 0; i < d->queues; i++) {
                 if (!d->vrings[i].configured)
                         continue;
@@ -270,6 +271,16 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
                 if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
                         return r;
         }
+        return 0;
+}
+
+int stop_stage(struct vhub_device *d, struct vhub_op *op) {
+        int r;
+
+        if (op->stage > 0)
+                return OP_STAGE_DONE;
+        if ((r = send_get_vring_bases(d, op)) < 0)
+                return r;
         return OP_STAGE_NEXT;
 }
 
@@ -293,18 +304,11 @@ void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
 /* ---- remove ---- */
 
 int remove_stage(struct vhub_device *d, struct vhub_op *op) {
-        struct vhu_msg m;
-
         if (op->stage > 0 || !vhub_device_is_connected(d) || d->state != VHUB_DEV_RUNNING)
                 return OP_STAGE_DONE;
         /* stop the rings so the back-end lets go of guest memory cleanly */
-        for (unsigned i = 0; i < d->queues; i++) {
-                if (!d->vrings[i].configured)
-                        continue;
-                vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
-                if (device_send(d, op, &m, TAG(TAGK_VRING, i)) < 0)
-                        return OP_STAGE_DONE;
-        }
+        if (send_get_vring_bases(d, op) < 0)
+                return OP_STAGE_DONE;
         return OP_STAGE_NEXT;
 }
 
@@ -319,13 +323,8 @@ int reset_stage(struct vhub_device *d, struct vhub_op *op) {
         case 0:
                 if (d->state != VHUB_DEV_RUNNING)
                         return OP_STAGE_NEXT;
-                for (unsigned i = 0; i < d->queues; i++) {
-                        if (!d->vrings[i].configured)
-                                continue;
-                        vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
-                        if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
-                                return r;
-                }
+                if ((r = send_get_vring_bases(d, op)) < 0)
+                        return r;
                 return OP_STAGE_NEXT;
         case 1:
                 if (dev_has_pf(d, VHU_PF_RESET_DEVICE))
