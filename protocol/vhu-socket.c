@@ -208,24 +208,49 @@ bool vhu_writer_pending(const struct vhu_writer *w) {
         return w->head != NULL;
 }
 
-int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
-        struct vhu_writer_item *item = NULL;
-        size_t len;
-        int r;
-
+/* A message the writer can put on the wire: in bounds, every fd valid. */
+static int writer_check_msg(const struct vhu_msg *m) {
         if (m->hdr.size > VHU_MAX_PAYLOAD || m->n_fds > VHU_MAX_FDS)
                 return -EINVAL;
         for (unsigned i = 0; i < m->n_fds; i++)
                 if (m->fds[i] < 0)
                         return -EINVAL;
+        return 0;
+}
 
-        len = vhu_msg_wire_size(m);
-        item = malloc(sizeof(*item) + len);
+/* A new queue item of len bytes (contents unset), holding no fds. */
+static struct vhu_writer_item *writer_item_new(size_t len) {
+        struct vhu_writer_item *item = malloc(sizeof(*item) + len);
+
         if (!item)
-                return -ENOMEM;
+                return NULL;
         *item = (struct vhu_writer_item) { .next = NULL, .len = len };
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 item->fds[i] = -1;
+        return item;
+}
+
+/* Put item at the tail of the queue; the writer owns it from now on. */
+static void writer_link(struct vhu_writer *w, struct vhu_writer_item *item) {
+        if (w->tail)
+                w->tail->next = item;
+        else
+                w->head = item;
+        w->tail = item;
+        w->n_items++;
+        w->n_bytes += item->len;
+}
+
+int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
+        struct vhu_writer_item *item;
+        size_t len;
+        int r;
+
+        if ((r = writer_check_msg(m)) < 0)
+                return r;
+        len = vhu_msg_wire_size(m);
+        if (!(item = writer_item_new(len)))
+                return -ENOMEM;
         if (vhu_msg_encode(m, item->data, len) != len) {
                 r = -EINVAL;
                 goto fail;
@@ -240,14 +265,7 @@ int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
                 }
                 item->n_fds = i + 1;
         }
-
-        if (w->tail)
-                w->tail->next = item;
-        else
-                w->head = item;
-        w->tail = item;
-        w->n_items++;
-        w->n_bytes += len;
+        writer_link(w, item);
         return 0;
 
 fail:
@@ -257,21 +275,12 @@ fail:
 
 /* Queue bytes whose fds (if any) already went out. */
 static int writer_append_raw(struct vhu_writer *w, const uint8_t *data, size_t len) {
-        struct vhu_writer_item *item = malloc(sizeof(*item) + len);
+        struct vhu_writer_item *item = writer_item_new(len);
 
         if (!item)
                 return -ENOMEM;
-        *item = (struct vhu_writer_item) { .next = NULL, .len = len };
-        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
-                item->fds[i] = -1;
         memcpy(item->data, data, len);
-        if (w->tail)
-                w->tail->next = item;
-        else
-                w->head = item;
-        w->tail = item;
-        w->n_items++;
-        w->n_bytes += len;
+        writer_link(w, item);
         return 0;
 }
 
@@ -289,11 +298,8 @@ int vhu_writer_send(struct vhu_writer *w, int sockfd, const struct vhu_msg *m) {
                 r = vhu_writer_queue(w, m);
                 return r < 0 ? r : vhu_writer_flush(w, sockfd);
         }
-        if (m->hdr.size > VHU_MAX_PAYLOAD || m->n_fds > VHU_MAX_FDS)
-                return -EINVAL;
-        for (unsigned i = 0; i < m->n_fds; i++)
-                if (m->fds[i] < 0)
-                        return -EINVAL;
+        if ((r = writer_check_msg(m)) < 0)
+                return r;
         len = vhu_msg_wire_size(m);
         if (vhu_msg_encode(m, buf, sizeof(buf)) != len)
                 return -EINVAL;
