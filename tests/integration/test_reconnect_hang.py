@@ -30,23 +30,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import poll_event, no_event            # noqa: E402
+from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdNullBackend                   # noqa: E402
 from vhubtest.client import BACKEND_ERROR, BACKEND_TIMEOUT, RpcError  # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
-from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 TIMEOUT_MS = 500
-
-
-def wait_event(c, name, device, timeout=10.0):
-    return wait_until(lambda: poll_event(c, name, device), timeout, interval=0.002,
-                      what="%s for %s" % (name, device))
 
 
 def timed(fn, *a, **kw):

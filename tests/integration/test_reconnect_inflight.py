@@ -34,7 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import BlkRing, Workload, kill_and_restore, no_event  # noqa: E402
+from test_reconnect_qsd import BlkRing, Workload, kill_and_restore  # noqa: E402
+from vhubtest.events import no_event                           # noqa: E402
 from vhubtest import scenarios                                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402

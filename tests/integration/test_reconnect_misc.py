@@ -39,24 +39,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import poll_event, no_event            # noqa: E402
+from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdNullBackend                   # noqa: E402
 from vhubtest.client import BACKEND_ERROR, RpcError            # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
-from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 TIMEOUT_MS = 1000
 BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
-
-
-def wait_event(c, name, device, timeout=10.0):
-    return wait_until(lambda: poll_event(c, name, device), timeout, interval=0.002,
-                      what="%s for %s" % (name, device))
 
 
 def start_one_ring(vmm, mem, device):

@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdBackend                        # noqa: E402
-from vhubtest.client import ClientError                        # noqa: E402
+from vhubtest.events import no_event, poll_event                # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
@@ -385,22 +385,6 @@ class Workload:
               "the other %d are untouched zeroes" % (len(self.model),
                                                      disk_bytes // EXTENT - len(self.model)),
               "%d extents differ, first %s" % (len(wrong), wrong[:5]))
-
-
-# ---- events ----
-
-def poll_event(c, name, device):
-    """The first queued event `name` for `device`, or None (never blocks)."""
-    try:
-        return c.wait_event(lambda e: e.get("event") == name and e.get("device") == device, 0)
-    except ClientError:
-        if c.closed:
-            raise
-        return None
-
-
-def no_event(c, name, device):
-    check(poll_event(c, name, device) is None, "no further %s event for %s" % (name, device))
 
 
 def kill_and_restore(wl, c, device, backend, restart, cycle, pause_on_loss=False,

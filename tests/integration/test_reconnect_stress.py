@@ -34,7 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import BlkRing, ThrottledQsd, Workload, poll_event  # noqa: E402
+from test_reconnect_qsd import BlkRing, ThrottledQsd, Workload  # noqa: E402
+from vhubtest.events import wait_event                          # noqa: E402
 from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.client import BACKEND_ERROR, BACKEND_TIMEOUT, RpcError  # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
@@ -46,11 +47,6 @@ from vhubtest.vmm import Vmm                                   # noqa: E402
 
 TIMEOUT_MS = 1000
 BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
-
-
-def wait_event(c, name, device, timeout=10.0):
-    return wait_until(lambda: poll_event(c, name, device), timeout, interval=0.002,
-                      what="%s for %s" % (name, device))
 
 
 def part_rapid_kills(t, d, daemon, c, mem, seed):

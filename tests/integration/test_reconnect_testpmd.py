@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import poll_event, no_event            # noqa: E402
+from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import net                                       # noqa: E402
 from vhubtest.backends import TestpmdBackend                   # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
@@ -44,11 +44,6 @@ from vhubtest.vmm import Vmm                                   # noqa: E402
 
 VIRTIO_F_IN_ORDER = 35
 KILLS = 2
-
-
-def wait_event(c, name, device, timeout=10.0):
-    return wait_until(lambda: poll_event(c, name, device), timeout,
-                      what="%s for %s" % (name, device))
 
 
 def loopback(p, tag, nframes=100, timeout=5.0):

@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import poll_event, no_event            # noqa: E402
+from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import fs, scenarios                             # noqa: E402
 from vhubtest.backends import VirtiofsdBackend                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
@@ -47,11 +47,6 @@ from vhubtest.testing import check, check_eq, log, run         # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 EIO = 5
-
-
-def wait_event(c, name, device, timeout=10.0):
-    return wait_until(lambda: poll_event(c, name, device), timeout,
-                      what="%s for %s" % (name, device))
 
 
 def process_tree(pid):
