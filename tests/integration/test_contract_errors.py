@@ -31,28 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                                   # noqa: E402
 from vhubtest.backends import QsdNullBackend, VirtiofsdBackend         # noqa: E402
-from vhubtest.client import (Client, ConnectionClosed, RpcError,       # noqa: E402
-                             encode, u64)
+from vhubtest.client import (ALREADY_EXISTS, BACKEND_ERROR,              # noqa: E402
+                             BACKEND_NOT_ALLOWED, BACKEND_TIMEOUT, BAD_REGION,
+                             INVALID_PARAMS, INVALID_REQUEST, LIMIT_REACHED,
+                             METHOD_NOT_FOUND, NO_SUCH_DEVICE, NO_SUCH_VM,
+                             NOT_SUPPORTED, PARSE_ERROR, WRONG_STATE, Client,
+                             ConnectionClosed, RpcError, encode, u64)
 from vhubtest.daemon import Daemon                                     # noqa: E402
 from vhubtest.memory import GuestMemory                                # noqa: E402
 from vhubtest.testing import (TestFailure, check, check_eq, log,       # noqa: E402
                               run)
 from vhubtest.vmm import Vmm                                           # noqa: E402
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-NO_SUCH_VM = -32001
-NO_SUCH_DEVICE = -32002
-ALREADY_EXISTS = -32003
-WRONG_STATE = -32004
-NOT_SUPPORTED = -32005
-BACKEND_ERROR = -32006
-BACKEND_TIMEOUT = -32007
-LIMIT_REACHED = -32008
-BAD_REGION = -32009
-NOT_ALLOWED = -32010
 
 MiB = 1 << 20
 PAGE = 4096
@@ -1280,7 +1269,7 @@ def paths(t, daemon, c, fb, d):
                 else:
                     what_m = "%s (%s mode)" % (what, mode)
                 expect_rpc(c, "device.add", {"vm": "pv", "device": "x%d" % i, "socket": path,
-                                             "mode": mode}, NOT_ALLOWED, what=what_m)
+                                             "mode": mode}, BACKEND_NOT_ALLOWED, what=what_m)
                 check_eq(fl.connections(), 0, "%s: nothing connected" % what_m)
                 fb.after(what_m)
         check(os.path.exists(outside) and os.path.exists(fu.path),
@@ -1288,7 +1277,7 @@ def paths(t, daemon, c, fb, d):
         # a path that is not a socket, and one that does not resolve
         reg = os.path.join(bdir, "file.sock")
         open(reg, "w").close()
-        expect_rpc(c, "device.add", {"vm": "pv", "device": "f", "socket": reg}, NOT_ALLOWED,
+        expect_rpc(c, "device.add", {"vm": "pv", "device": "f", "socket": reg}, BACKEND_NOT_ALLOWED,
                    what="a regular file inside --backend-dir")
         fb.after("a regular file")
     check_eq(c.call("device.list", {"vm": "pv"})["devices"], [], "no device was added")
