@@ -63,15 +63,7 @@ def scenario_blk(t):
                  "ring %d restarted at base %d: GET_VRING_BASE after %d more requests"
                  % (q.index, bases[q.index], q.vq.submitted))
     # And once across the 16-bit wrap of the ring indices.
-    q = queues[0]
-    q.vq.reset(65530)
-    fe.start_ring(q.vq)
-    q.vq.kick()
-    for i in range(20):
-        q.write_sectors(100 + i, bytes([i]) * 512)
-    check(q.read_sectors(100, 20) == b"".join(bytes([i]) * 512 for i in range(20)),
-          "20 writes + 1 read across the avail/used index wrap (base 65530)")
-    check_eq(fe.stop_rings()[0], (65530 + 21) & 0xFFFF, "GET_VRING_BASE after the wrap")
+    scenarios.blk_index_wrap(fe, queues[0])
 
 
 def scenario_net(t):

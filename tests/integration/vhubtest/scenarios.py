@@ -66,6 +66,19 @@ def blk_first_sectors(q, initial):
     check(data == initial[:4096], "read of sectors 0-7 equals the image's first 4 KiB")
 
 
+def blk_index_wrap(fe, q):
+    """Restart blk queue q (stopped) at avail/used index 65530 and do 20 writes
+    and one read across the 16-bit wrap; the ring's base after is 65551."""
+    q.vq.reset(65530)
+    fe.start_ring(q.vq)
+    q.vq.kick()
+    for i in range(20):
+        q.write_sectors(100 + i, bytes([i]) * 512)
+    check(q.read_sectors(100, 20) == b"".join(bytes([i]) * 512 for i in range(20)),
+          "20 writes + 1 read across the avail/used index wrap (base 65530)")
+    check_eq(fe.stop_rings()[q.index], (65530 + 21) & 0xFFFF, "GET_VRING_BASE after the wrap")
+
+
 def net_loopback(pairs, nframes=300, timeout=5.0):
     """Frames of many sizes on every TX ring come back intact on the paired RX."""
     for p in pairs:
