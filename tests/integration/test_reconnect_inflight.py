@@ -34,8 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_reconnect_qsd import BlkRing, Workload, kill_and_restore  # noqa: E402
-from vhubtest.events import no_event                           # noqa: E402
+from test_reconnect_qsd import (BlkRing, Workload, check_recovered_and_finish,  # noqa: E402
+                                kill_and_restore)
 from vhubtest import scenarios                                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
@@ -111,24 +111,9 @@ def main(t):
           % resubmitted)
     check_eq(wl.strays(), 0, "no used entry for a head that was not in flight (nothing completed "
              "twice)")
-    once = [r for r in wl.all_reqs if r.completions != 1]
-    check(not once, "every one of the %d requests completed exactly once" % len(wl.all_reqs),
-          "%d did not, first %r" % (len(once), once[:3]))
+    wl.check_completed_once()
     check_eq(wl.bad, [], "every completion had status OK and reads the extent's one write")
-    st = vmm.device_state("blk0")
-    check_eq(st["reconnects"], KILLS, "device.list reconnects")
-    check_eq(st["state"], "running", "device.list state")
-    no_event(c, "device.failed", "blk0")
-    no_event(c, "device.disconnected", "blk0")
-
-    n = wl.verify_readback()
-    log("ok: read-back of all %d written extents through the rings matches" % n)  # verify_readback raises otherwise
-    vmm.stop_device("blk0")
-    wl.verify_image(img, disk_bytes)
-    vmm.remove_device("blk0")
-    vmm.destroy()
-    for r in rings:
-        r.close()
+    check_recovered_and_finish(c, vmm, wl, img, disk_bytes, KILLS)
     daemon.check_fd_baseline(baseline)
 
 

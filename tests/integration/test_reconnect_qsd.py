@@ -343,6 +343,12 @@ class Workload:
     def strays(self):
         return sum(len(r.strays) for r in self.rings)
 
+    def check_completed_once(self):
+        """Every request submitted so far completed exactly once."""
+        once = [r for r in self.all_reqs if r.completions != 1]
+        check(not once, "every one of the %d requests completed exactly once" % len(self.all_reqs),
+              "%d did not, first %r" % (len(once), once[:3]))
+
     def verify_readback(self, timeout=20.0):
         """Read every written extent back through the rings (depth-deep)."""
         todo = collections.deque(sorted(self.model))
@@ -385,6 +391,27 @@ class Workload:
               "the other %d are untouched zeroes" % (len(self.model),
                                                      disk_bytes // EXTENT - len(self.model)),
               "%d extents differ, first %s" % (len(wrong), wrong[:5]))
+
+
+def check_recovered_and_finish(c, vmm, wl, img, disk_bytes, kills):
+    """After the kills: blk0 reconnected `kills` times and is running with no
+    failure or pending disconnect; every written extent reads back through
+    the rings and is in the image; then remove blk0, destroy the VM and close
+    the rings."""
+    st = vmm.device_state("blk0")
+    check_eq(st["reconnects"], kills, "device.list reconnects")
+    check_eq(st["state"], "running", "device.list state")
+    no_event(c, "device.failed", "blk0")
+    no_event(c, "device.disconnected", "blk0")
+
+    n = wl.verify_readback()
+    log("ok: read-back of all %d written extents through the rings matches" % n)  # verify_readback raises otherwise
+    vmm.stop_device("blk0")
+    wl.verify_image(img, disk_bytes)
+    vmm.remove_device("blk0")
+    vmm.destroy()
+    for r in wl.rings:
+        r.close()
 
 
 def kill_and_restore(wl, c, device, backend, restart, cycle, pause_on_loss=False,
@@ -543,9 +570,7 @@ def main(t):
         check_eq(n_inexact, 0, "every restore with one request per ring was exact")
         check_eq(wl.strays(), 0, "no completion of a head that was not in flight (nothing "
                  "completed twice)")
-        once = [r for r in wl.all_reqs if r.completions != 1]
-        check(not once, "every one of the %d requests completed exactly once" % len(wl.all_reqs),
-              "%d did not, first %r" % (len(once), once[:3]))
+        wl.check_completed_once()
     else:
         check(n_inexact > 0, "with 32 in flight some restore was inexact (%d of %d)"
               % (n_inexact, kills))
@@ -556,20 +581,7 @@ def main(t):
               "the ring restart (%d requeued)" % sum(r.requeued for r in wl.all_reqs),
               "%d neither, first %r" % (len(unaccounted), unaccounted[:3]))
     check_eq(wl.bad, [], "every accepted completion had status OK and correct data")
-    check_eq(vmm.device_state("blk0")["reconnects"], kills, "device.list reconnects")
-    check_eq(vmm.device_state("blk0")["state"], "running", "device.list state")
-    no_event(c, "device.failed", "blk0")
-    no_event(c, "device.disconnected", "blk0")
-
-    n = wl.verify_readback()
-    log("ok: read-back of all %d written extents through the rings matches" % n)  # verify_readback raises otherwise
-    vmm.stop_device("blk0")
-    wl.verify_image(img, disk_bytes)
-
-    vmm.remove_device("blk0")
-    vmm.destroy()
-    for r in rings:
-        r.close()
+    check_recovered_and_finish(c, vmm, wl, img, disk_bytes, kills)
     daemon.check_fd_baseline(baseline)
 
 
