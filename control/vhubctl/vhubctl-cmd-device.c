@@ -21,22 +21,6 @@ static json_t *device_params(const struct ctl *ctl, const struct ctl_args *a) {
         return json_pack("{s:s, s:s}", "vm", a->pos[0], "device", a->pos[1]);
 }
 
-/* For commands whose result is {}: nothing on success, {} with --json. */
-static int call_simple_fds(struct ctl *ctl, const char *method, json_t *params, const int *fds, unsigned n_fds) {
-        json_t *result = NULL;
-        int r;
-
-        r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
-        if (r == CTL_EXIT_OK && ctl->json)
-                ctl_print_json(result);
-        json_decref(result);
-        return r;
-}
-
-static int call_simple(struct ctl *ctl, const char *method, json_t *params) {
-        return call_simple_fds(ctl, method, params, NULL, 0);
-}
-
 /* ---- add / remove / list ---- */
 
 int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
@@ -97,7 +81,7 @@ int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_remove(struct ctl *ctl, const struct ctl_args *a) {
-        return call_simple(ctl, "device.remove", device_params(ctl, a));
+        return ctl_call_simple(ctl, "device.remove", device_params(ctl, a), NULL, 0);
 }
 
 int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
@@ -226,7 +210,7 @@ int cmd_device_start(struct ctl *ctl, const struct ctl_args *a) {
         if (r == CTL_EXIT_OK) {
                 params = json_pack("{s:s, s:s, s:o, s:O}", "vm", a->pos[0], "device", a->pos[1], "features",
                                    vhub_json_u64(f), "vrings", vrings);
-                r = call_simple_fds(ctl, "device.start", params, fds, n_fds);
+                r = ctl_call_simple(ctl, "device.start", params, fds, n_fds);
         }
         /* the daemon holds its own copies; ours go (a CLI cannot serve the rings) */
         for (unsigned k = 0; k < n_fds; k++)
@@ -263,7 +247,7 @@ int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a) {
-        return call_simple(ctl, "device.reset", device_params(ctl, a));
+        return ctl_call_simple(ctl, "device.reset", device_params(ctl, a), NULL, 0);
 }
 
 /* ---- config space ---- */
@@ -391,7 +375,7 @@ int cmd_device_config_set(struct ctl *ctl, const struct ctl_args *a) {
         json_object_set_new(params, "offset", json_integer((json_int_t)offset));
         json_object_set_new(params, "data", json_string(b64));
         free(b64);
-        return call_simple(ctl, "device.config.set", params);
+        return ctl_call_simple(ctl, "device.config.set", params, NULL, 0);
 }
 
 /* ---- net ---- */
@@ -400,7 +384,7 @@ int cmd_device_net_rarp(struct ctl *ctl, const struct ctl_args *a) {
         json_t *params = device_params(ctl, a);
 
         json_object_set_new(params, "mac", json_string(a->pos[2]));
-        return call_simple(ctl, "device.net.rarp", params);
+        return ctl_call_simple(ctl, "device.net.rarp", params, NULL, 0);
 }
 
 int cmd_device_net_mtu(struct ctl *ctl, const struct ctl_args *a) {
@@ -412,7 +396,7 @@ int cmd_device_net_mtu(struct ctl *ctl, const struct ctl_args *a) {
                 return r;
         params = device_params(ctl, a);
         json_object_set_new(params, "mtu", json_integer((json_int_t)mtu));
-        return call_simple(ctl, "device.net.mtu", params);
+        return ctl_call_simple(ctl, "device.net.mtu", params, NULL, 0);
 }
 
 /* ---- device state ---- */
@@ -574,7 +558,7 @@ static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) 
                 return CTL_EXIT_OK;
         }
         /* spec: CHECK_DEVICE_STATE after the transfer, or the result is unknown */
-        return call_simple(ctl, "device.state.check", device_params(ctl, a));
+        return ctl_call_simple(ctl, "device.state.check", device_params(ctl, a), NULL, 0);
 }
 
 int cmd_device_state_save(struct ctl *ctl, const struct ctl_args *a) {
@@ -588,7 +572,7 @@ int cmd_device_state_load(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_state_check(struct ctl *ctl, const struct ctl_args *a) {
-        return call_simple(ctl, "device.state.check", device_params(ctl, a));
+        return ctl_call_simple(ctl, "device.state.check", device_params(ctl, a), NULL, 0);
 }
 
 /* ---- back-end requests ---- */
@@ -607,5 +591,5 @@ int cmd_device_backend_reply(struct ctl *ctl, const struct ctl_args *a) {
         else
                 json_object_set_new(params, "token", json_string(a->pos[2]));
         json_object_set_new(params, "result", json_integer((json_int_t)result));
-        return call_simple(ctl, "device.backend_reply", params);
+        return ctl_call_simple(ctl, "device.backend_reply", params, NULL, 0);
 }

@@ -11,18 +11,6 @@
 
 #include "vhubctl.h"
 
-/* For commands whose result is {}: nothing on success, {} with --json. */
-static int call_simple(struct ctl *ctl, const char *method, json_t *params, const int *fds, unsigned n_fds) {
-        json_t *result = NULL;
-        int r;
-
-        r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
-        if (r == CTL_EXIT_OK && ctl->json)
-                ctl_print_json(result);
-        json_decref(result);
-        return r;
-}
-
 /* ---- daemon ---- */
 
 int cmd_daemon_info(struct ctl *ctl, const struct ctl_args *a) {
@@ -80,14 +68,14 @@ int cmd_vm_create(struct ctl *ctl, const struct ctl_args *a) {
         } else if (!ctl_flag(a, "hold")) {
                 fprintf(stderr, "vhubctl: note: without --linger-ms the VM is destroyed when vhubctl exits\n");
         }
-        r = call_simple(ctl, "vm.create", params, NULL, 0);
+        r = ctl_call_simple(ctl, "vm.create", params, NULL, 0);
         if (r == CTL_EXIT_OK && ctl_flag(a, "hold"))
                 r = hold(ctl, a->pos[0]);
         return r;
 }
 
 int cmd_vm_attach(struct ctl *ctl, const struct ctl_args *a) {
-        int r = call_simple(ctl, "vm.attach", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
+        int r = ctl_call_simple(ctl, "vm.attach", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
 
         if (r == CTL_EXIT_OK && ctl_flag(a, "hold"))
                 r = hold(ctl, a->pos[0]);
@@ -95,7 +83,7 @@ int cmd_vm_attach(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_vm_destroy(struct ctl *ctl, const struct ctl_args *a) {
-        return call_simple(ctl, "vm.destroy", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
+        return ctl_call_simple(ctl, "vm.destroy", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
 }
 
 int cmd_vm_list(struct ctl *ctl, const struct ctl_args *a) {
@@ -200,7 +188,7 @@ int cmd_vm_memory_add(struct ctl *ctl, const struct ctl_args *a) {
         if (uaddr != gpa)
                 json_object_set_new(params, "uaddr", vhub_json_u64(uaddr));
         /* the kernel gives the daemon its own copy; ours closes after the call */
-        r = call_simple(ctl, "vm.memory.add", params, &fd, 1);
+        r = ctl_call_simple(ctl, "vm.memory.add", params, &fd, 1);
         close(fd);
         return r;
 }
@@ -214,7 +202,7 @@ int cmd_vm_memory_remove(struct ctl *ctl, const struct ctl_args *a) {
                 return r;
         params = ctl_vm_params(ctl, a->pos[0]);
         json_object_set_new(params, "gpa", vhub_json_u64(gpa));
-        return call_simple(ctl, "vm.memory.remove", params, NULL, 0);
+        return ctl_call_simple(ctl, "vm.memory.remove", params, NULL, 0);
 }
 
 int cmd_vm_memory_list(struct ctl *ctl, const struct ctl_args *a) {
@@ -310,7 +298,7 @@ int cmd_vm_dirty_log_start(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_vm_dirty_log_stop(struct ctl *ctl, const struct ctl_args *a) {
-        return call_simple(ctl, "vm.dirty_log.stop", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
+        return ctl_call_simple(ctl, "vm.dirty_log.stop", ctl_vm_params(ctl, a->pos[0]), NULL, 0);
 }
 
 /* ---- shared objects ---- */
@@ -338,7 +326,7 @@ int cmd_shared_object_add(struct ctl *ctl, const struct ctl_args *a) {
                         return ctl_fail(CTL_EXIT_LOCAL, "cannot open %s: %s", a->pos[2], strerror(errno));
         }
         params = json_pack("{s:s, s:s, s:i}", "vm", a->pos[0], "uuid", a->pos[1], "fd", 0);
-        r = call_simple(ctl, "shared_object.add", params, &fd, 1);
+        r = ctl_call_simple(ctl, "shared_object.add", params, &fd, 1);
         close(fd);
         return r;
 }
@@ -347,7 +335,7 @@ int cmd_shared_object_remove(struct ctl *ctl, const struct ctl_args *a) {
         json_t *params = ctl_vm_params(ctl, a->pos[0]);
 
         json_object_set_new(params, "uuid", json_string(a->pos[1]));
-        return call_simple(ctl, "shared_object.remove", params, NULL, 0);
+        return ctl_call_simple(ctl, "shared_object.remove", params, NULL, 0);
 }
 
 int cmd_shared_object_list(struct ctl *ctl, const struct ctl_args *a) {

@@ -207,6 +207,17 @@ int ctl_query(struct ctl *ctl, const char *method, json_t *params, bool add_uid,
         return CTL_EXIT_OK;
 }
 
+int ctl_call_simple(struct ctl *ctl, const char *method, json_t *params, const int *fds, unsigned n_fds) {
+        json_t *result = NULL;
+        int r;
+
+        r = ctl_call(ctl, method, params, true, fds, n_fds, &result, NULL, NULL);
+        if (r == CTL_EXIT_OK && ctl->json)
+                ctl_print_json(result);
+        json_decref(result);
+        return r;
+}
+
 int ctl_call(struct ctl *ctl, const char *method, json_t *params, bool add_uid, const int *fds,
              unsigned n_fds, json_t **ret_result, int **ret_fds, unsigned *ret_n_fds) {
         struct vhub_client_error e = { 0 };

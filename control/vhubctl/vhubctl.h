@@ -102,6 +102,9 @@ int ctl_call(struct ctl *ctl, const char *method, json_t *params, bool add_uid, 
  * gets it to format.
  */
 int ctl_query(struct ctl *ctl, const char *method, json_t *params, bool add_uid, json_t **ret_result);
+/* ctl_call() (with the uid) for a command whose result is {}: prints nothing
+ * on success, {} with --json. */
+int ctl_call_simple(struct ctl *ctl, const char *method, json_t *params, const int *fds, unsigned n_fds);
 /* Connect if not yet connected; prints and returns CTL_EXIT_CONNECT on failure. */
 int ctl_connect(struct ctl *ctl);
 /* Print a daemon error response to stderr (and, with --json, to stdout). */
