@@ -47,13 +47,6 @@ class QsdFileExports(Backend):
                                  % (i, i, s, self.num_queues)]
         return argv
 
-    def log_text(self):
-        try:
-            with open(self.log_path, "r", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
 
 class RegionAlloc:
     """A GuestMemory view whose alloc() hands out ranges of one region only

@@ -108,6 +108,14 @@ class Backend:
     def print_log(self):
         procs.print_log(self.log_path, self.name)
 
+    def log_text(self):
+        """Everything the process wrote so far ("" before it started)."""
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
     def __enter__(self):
         if self.proc is None:
             self.start()
@@ -209,13 +217,6 @@ class TestpmdBackend(Backend):
                 "--total-num-mbufs=8192", "--rxq=%d" % self.queues, "--txq=%d" % self.queues,
                 "--nb-cores=1", "--forward-mode=%s" % self.forward_mode,
                 "--stats-period", "5", "--auto-start"]
-
-    def log_text(self):
-        try:
-            with open(self.log_path, "r", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
     def wait_forwarding(self, timeout=10.0):
         """Until testpmd has started its ports and forwarding.
