@@ -11,6 +11,7 @@
 #include "control-server.h"
 #include "rpc-conn.h"
 #include "vhub-call.h"
+#include "vhub-cred.h"
 #include "vhub-error.h"
 
 struct event;
@@ -25,6 +26,7 @@ struct control_conn {
         uint64_t id;                 /* owner id of the VMs it creates */
         uid_t uid;
         pid_t pid;
+        struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
         bool sub_all;                /* events of every VM of its uid */

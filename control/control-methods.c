@@ -142,7 +142,8 @@ static int m_vm_create(struct control_req *req, struct vhub_error *err) {
                 return r;
         if (req->conn->uid != 0 && uid != req->conn->uid)
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "only root may create a VM for another uid");
-        r = vhub_vm_create(req_ctx(req), (uid_t)uid, name, linger, req->conn->id, err, &vm);
+        r = vhub_vm_create(req_ctx(req), (uid_t)uid, name, linger, req->conn->id, &req->conn->cred,
+                           err, &vm);
         if (r < 0)
                 return r;
         control_req_result(req, json_object());
@@ -155,7 +156,7 @@ static int m_vm_attach(struct control_req *req, struct vhub_error *err) {
 
         if ((r = req_vm_params(req, MEMBERS("vm", "uid"), &vm, err)) < 0)
                 return r;
-        r = vhub_vm_attach(vm, req->conn->id, err);
+        r = vhub_vm_attach(vm, req->conn->id, &req->conn->cred, err);
         if (r < 0)
                 return r;
         control_req_result(req, json_object());

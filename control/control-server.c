@@ -34,6 +34,7 @@ void control_conn_unref(struct control_conn *c) {
                 free(c->sub_vms[i]);
         free(c->sub_vms);
         free(c->sub_uids);
+        vhub_cred_done(&c->cred);
         free(c);
 }
 
@@ -334,8 +335,17 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         c->srv = s;
         c->refs = 1;
         c->id = ++s->next_conn_id;
+        r = vhub_cred_from_socket(fd, &c->cred);
+        if (r < 0) {
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "refused a control connection: its credentials: %s", strerror(-r));
+                close(fd);
+                free(c);
+                return;
+        }
         r = rpc_conn_new(s->ctx->base, fd, &s->opts.limits, &conn_ops, c, &c->rpc);
         if (r < 0) { /* rpc_conn_new closed fd */
+                vhub_cred_done(&c->cred);
                 free(c);
                 return;
         }

@@ -120,7 +120,10 @@ int main(int argc, char **argv) {
                 log_error("cannot create the event loop");
                 goto out;
         }
-        vhub_context_init(&m.ctx, m.base, &m.config);
+        if (vhub_context_init(&m.ctx, m.base, &m.config) < 0) {
+                log_error("out of memory");
+                goto out;
+        }
         m.ctx.on_counts_changed = update_status;
         m.ctx.counts_userdata = &m;
 

@@ -439,11 +439,17 @@ static int device_attach_connection(struct vhub_device *d, int fd) {
 static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
         int pfd, fd;
 
-        pfd = vhub_backend_path_open(d->vm->ctx->config, d->vm->uid, d->socket_path, err);
+        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->vm->cred, d->vm->uid,
+                                     d->socket_path, err);
         if (pfd < 0)
                 return pfd;
-        fd = vhub_backend_path_connect(pfd);
+        fd = vhub_backend_path_connect(pfd, &d->vm->cred);
         close(pfd);
+        /* the VM's uid could not connect to it itself */
+        if (fd == -EACCES || fd == -EPERM)
+                return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
+                                      "uid %u may not connect to back-end socket %s",
+                                      (unsigned)d->vm->cred.uid, d->socket_path);
         if (fd < 0)
                 return vhub_error_set_backend(err, VHUB_ERR_BACKEND, d->name, NULL,
                                               "cannot connect to back-end socket %s: %s",
@@ -671,10 +677,9 @@ void vhub_device_free(struct vhub_device *d) {
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
         device_stop_watching(d);
-        if (d->listen_fd >= 0) {
+        if (d->listen_fd >= 0)
                 close(d->listen_fd);
-                (void)unlink(d->socket_path);
-        }
+        d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 vring_close_fds(&d->vrings[i]);
         free(d->vrings);
@@ -737,16 +742,15 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 if (r < 0)
                         goto fail;
         } else {
-                r = vhub_backend_path_for_listen(cfg, vm->uid, p->socket_path, &err, &listen_path);
-                if (r < 0)
-                        goto fail;
-                d->listen_fd = vhub_backend_path_listen(listen_path, vm->uid);
-                if (d->listen_fd < 0) {
-                        vhub_error_set(&err, VHUB_ERR_BACKEND, "cannot listen on %s: %s",
-                                       p->socket_path, strerror(-d->listen_fd));
-                        d->listen_fd = -1;
+                r = vhub_backend_path_listen(vm->ctx->backend_dirs, &vm->cred, vm->uid,
+                                             p->socket_path, &err, &d->listener, &listen_path);
+                if (r < 0) {
+                        if (!err.code)
+                                vhub_error_set(&err, VHUB_ERR_BACKEND, "cannot listen on %s: %s",
+                                               p->socket_path, strerror(-r));
                         goto fail;
                 }
+                d->listen_fd = r;
                 free(d->socket_path);
                 d->socket_path = listen_path;
                 listen_path = NULL;

@@ -154,6 +154,7 @@ struct vhub_device {
 
         struct vhub_bconn *conn;
         int listen_fd;                /* server mode: our listening socket */
+        struct vhub_backend_listener *listener; /* server mode: its name, removed with it */
         struct event *ev_listen;
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;

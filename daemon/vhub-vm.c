@@ -55,7 +55,8 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
 }
 
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, struct vhub_error *err, struct vhub_vm **ret) {
+                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
+                   struct vhub_vm **ret) {
         struct vhub_vm *vm;
 
         if (vhub_vm_find(ctx, uid, name))
@@ -77,7 +78,9 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         TAILQ_INIT(&vm->mem_ops);
         TAILQ_INIT(&vm->devices);
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
-        if (!vm->linger_timer) {
+        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
+                if (vm->linger_timer)
+                        event_free(vm->linger_timer);
                 free(vm);
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         }
@@ -136,6 +139,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         if (vm->log_fd >= 0)
                 close(vm->log_fd);
         vhub_mem_table_done(&vm->mem);
+        vhub_cred_done(&vm->cred);
         free(vm);
 }
 
@@ -192,13 +196,23 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vhub_context_emit(vm->ctx, &ev);
 }
 
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, struct vhub_error *err) {
+int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+                   struct vhub_error *err) {
         if (vm->destroying)
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
         if (vm->owner_id != 0 && vm->owner_id != owner_id)
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
+        /* root naming another uid's VM does not lend it root's rights */
+        if (cred->uid == vm->uid) {
+                struct vhub_cred fresh;
+
+                if (vhub_cred_copy(cred, &fresh) < 0)
+                        return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+                vhub_cred_done(&vm->cred);
+                vm->cred = fresh;
+        }
         evtimer_del(vm->linger_timer);
         vm->owner_id = owner_id;
         vm_log(vm, LOG_INFO, "VM attached by a new connection");

@@ -11,6 +11,7 @@
 #include <sys/queue.h>
 #include <sys/types.h>
 
+#include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-memory.h"
 #include "vhub-shared-object.h"
@@ -67,6 +68,9 @@ struct vhub_vm {
         struct vhub_context *ctx;
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
+        struct vhub_cred cred;          /* whose rights its back-end paths are used with:
+                                         * its creator's (root's, for a VM root made for
+                                         * another uid) or its attacher's of the same uid */
         uint64_t owner_id;              /* the control connection that owns it; 0: none */
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
         struct event *linger_timer;
@@ -90,8 +94,10 @@ struct vhub_vm {
         struct vhub_call *destroy_call;
 };
 
+/* cred: the creating connection's peer (copied). */
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, struct vhub_error *err, struct vhub_vm **ret);
+                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
+                   struct vhub_vm **ret);
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name);
 /* Stop and remove every device, then free the VM; call (may be NULL) completes then. */
 void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call);
@@ -100,8 +106,10 @@ void vhub_vm_free(struct vhub_vm *vm);
 
 /* The owning connection closed: linger, or destroy asynchronously. */
 void vhub_vm_owner_gone(struct vhub_vm *vm);
-/* A new connection of the same uid takes over a lingering VM. */
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, struct vhub_error *err);
+/* A new connection of the same uid takes over a lingering VM; a peer of the
+ * VM's own uid also brings its current credentials (cred, copied). */
+int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+                   struct vhub_error *err);
 
 /* region->fd is taken in every case (closed on failure). */
 void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);
