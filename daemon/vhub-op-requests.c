@@ -84,9 +84,13 @@ static void crypto_session_on_reply(struct vhub_op *op, const struct vhu_msg *re
         }
         id = reply->payload.crypto_session.session_id;
         if (id < 0) {
+                /* virtio-crypto's status codes (VIRTIO_CRYPTO_ERR ... INVSESS) */
+                static const char *const status[] = { "", ": error", ": bad message", ": not supported",
+                                                      ": invalid session" };
+
                 device_op_error(op, VHUB_ERR_BACKEND, REQ(VHU_REQ_CREATE_CRYPTO_SESSION),
                                 "back-end refused the crypto session (virtio-crypto status %lld%s)",
-                                (long long)-id, id == -3 ? ": not supported" : "");
+                                (long long)-id, -id < 5 ? status[-id] : "");
                 return;
         }
         op->u.single.u64 = (uint64_t)id;
