@@ -13,11 +13,17 @@
  *   addresses in the result.
  * - end: POSTCOPY_END; the reply is a status.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include "vhub-backend-conn.h"
 #include "vhub-device-internal.h"
+#include "vhub-log.h"
 #include "vhub-vm.h"
 
 static void region_to_wire(const struct vhub_region *r, struct vhu_mem_region *w) {
@@ -115,6 +121,46 @@ int postcopy_stage(struct vhub_device *d, struct vhub_op *op) {
         return OP_STAGE_DONE;
 }
 
+/*
+ * libvhost-user (QEMU 4.2 to at least 7.2) answers the postcopy SET_MEM_TABLE
+ * with the table it was sent: it writes its addresses into a local copy.
+ * Its mapping is then found the way a debugger would: the one mapping of
+ * the region's file, from file offset 0 over mmap_offset + size (how
+ * libvhost-user maps), in the back-end process's /proc/PID/maps (the peer
+ * of the socket).  0 if there is not exactly one.
+ */
+static uint64_t backend_mapping_from_proc(struct vhub_device *d, const struct vhub_region *reg) {
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        uint64_t found = 0;
+        unsigned matches = 0;
+        char path[64], line[512];
+        struct stat st;
+        FILE *f;
+
+        if (!d->conn || getsockopt(vhub_bconn_fd(d->conn), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
+            cred.pid <= 0 || fstat(reg->fd, &st) < 0)
+                return 0;
+        snprintf(path, sizeof(path), "/proc/%d/maps", (int)cred.pid);
+        f = fopen(path, "re");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f)) {
+                unsigned long long start, end, pgoff, inode;
+                unsigned maj, min;
+
+                if (sscanf(line, "%llx-%llx %*4s %llx %x:%x %llu", &start, &end, &pgoff, &maj, &min, &inode) != 6)
+                        continue;
+                if (inode != (unsigned long long)st.st_ino || makedev(maj, min) != st.st_dev || pgoff != 0 ||
+                    end - start != reg->size + reg->offset)
+                        continue;
+                matches++;
+                found = start + reg->offset;
+        }
+        fclose(f);
+        return matches == 1 ? found : 0;
+}
+
 /* The back-end's answer to the postcopy SET_MEM_TABLE: every region, where it mapped it. */
 static void listen_on_table(struct vhub_device *d, struct vhub_op *op, const struct vhu_msg *reply) {
         const struct vhu_mem_table *t = &reply->payload.mem_table;
@@ -140,6 +186,20 @@ static void listen_on_table(struct vhub_device *d, struct vhub_op *op, const str
                         return;
                 }
                 op->u.postcopy.backend_uaddr[i] = t->regions[i].uaddr;
+                if (t->regions[i].uaddr == want->uaddr) {
+                        uint64_t a = backend_mapping_from_proc(d, want);
+
+                        if (!a) {
+                                device_op_error(op, VHUB_ERR_BACKEND, REQ(VHU_REQ_SET_MEM_TABLE),
+                                                "back-end answered the postcopy SET_MEM_TABLE with the front-end's own addresses, and its mapping of region %zu cannot be found",
+                                                i);
+                                return;
+                        }
+                        device_log(d, LOG_INFO, REQ(VHU_REQ_SET_MEM_TABLE),
+                                   "back-end echoed the front-end's address of region %zu (libvhost-user); its mapping is at 0x%llx",
+                                   i, (unsigned long long)a);
+                        op->u.postcopy.backend_uaddr[i] = a;
+                }
         }
         for (size_t i = 0; i < op->u.postcopy.n_table; i++)
                 shadow_add(d, op->u.postcopy.table[i].id);
