@@ -365,7 +365,7 @@ static void device_snapshot_rings(struct vhub_device *d) {
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
-                /* with an IOMMU the ring addresses are IOVAs the daemon cannot resolve */
+                /* with an IOMMU the ring addresses are IOVAs (no restore then) */
                 v->loss_read = v->configured && !features_iommu(d->acked_features) &&
                                vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
                                vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;

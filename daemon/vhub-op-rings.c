@@ -66,6 +66,14 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
         unsigned n = 0;
 
+        /* the rings are behind IOVAs the daemon cannot resolve: their
+         * indexes cannot be read, so the rings cannot be restarted right */
+        if (features_iommu(d->acked_features)) {
+                op->give_up = true;
+                return device_op_error(op, VHUB_ERR_BACKEND, NULL,
+                                       "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
+                                       d->name);
+        }
         op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
         if (!op->restored)
                 return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
@@ -387,7 +395,9 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (op->restore) {
                 if (r < 0) {
-                        if (vhub_device_is_connected(d))
+                        if (op->give_up)
+                                device_give_up(d, op->error.detail);
+                        else if (vhub_device_is_connected(d))
                                 device_mark_lost(d, op->error.detail);
                         return;
                 }

@@ -17,6 +17,8 @@ only an IOTLB entry resolves, so nothing can work through the GPAs.
 - device.iotlb.update (iova -> the VMM's address of the memory, rw): the
   back-end's rings come alive; 300 frames come back byte for byte.
 - device.iotlb.invalidate, then an update again: traffic flows again.
+- testpmd killed and restarted: the running device cannot be restored (its
+  ring indexes are behind IOVAs): device.failed naming why.
 - Bad params (perm "x", size 0, uaddr outside the VM's memory): -32602 /
   -32009; a back-end without IOMMU_PLATFORM (testpmd without
   iommu-support): -32005.
@@ -33,6 +35,7 @@ from vhubtest.backends import TestpmdBackend                       # noqa: E402
 from vhubtest.client import (BAD_REGION, INVALID_PARAMS, NOT_SUPPORTED,  # noqa: E402
                              RpcError, u64, u64_json)
 from vhubtest.daemon import Daemon                                 # noqa: E402
+from vhubtest.events import wait_event                             # noqa: E402
 from vhubtest.memory import GuestMemory                            # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
 from vhubtest.vmm import Vmm                                       # noqa: E402
@@ -132,6 +135,13 @@ def main(t):
     check_eq(sorted(s for _, s in (net.parse_frame(g) for g in got)), list(range(1000, 1016)),
              "traffic flows after invalidate + update")
 
+    # Its rings sit behind IOVAs: a lost back-end cannot be restored exactly.
+    pmd.kill()
+    pmd.start()
+    ev = wait_event(c, "device.failed", "net0", 20.0)
+    check("IOMMU_PLATFORM" in ev.get("reason", ""), "a running device behind an IOMMU fails on a loss",
+          ev.get("reason"))
+
     # A back-end without IOMMU_PLATFORM.
     sock2 = daemon.backend_socket("net1.sock")
     t.enter(TestpmdBackend(sock2, queues=1, log_dir=d))
@@ -142,7 +152,6 @@ def main(t):
                      what="device.iotlb.update on testpmd without iommu-support")
     check_eq(e.code, NOT_SUPPORTED, "no IOMMU_PLATFORM: not supported")
 
-    vmm.stop_device("net0")
     vmm.remove_device("net0")
     vmm.remove_device("net1")
     vmm.destroy()
