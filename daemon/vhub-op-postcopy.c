@@ -253,7 +253,7 @@ void postcopy_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         /* a listen that failed half-way leaves the back-end's memory unknown:
          * a restore maps the VM's table again from scratch */
         if (r < 0 && op->u.postcopy.step == VHUB_POSTCOPY_LISTEN && vhub_device_is_connected(d) &&
-            !d->removing)
+            !d->removing && op->error.code != VHUB_ERR_NO_DEVICE && op->error.code != VHUB_ERR_NO_VM)
                 device_mark_lost(d, op->error.detail);
         vhub_vm_postcopy_device_done(d->vm, op->u.postcopy.batch, d, d->removing ? 0 : r, &op->error, ufd,
                                      regions, n);

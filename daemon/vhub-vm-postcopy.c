@@ -74,7 +74,7 @@ void vhub_vm_postcopy_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, s
                 if (!b->error.device[0])
                         snprintf(b->error.device, sizeof(b->error.device), "%s", dev->name);
         }
-        if (r == 0 && b->n_postcopy < vm->n_devices) {
+        if (r == 0 && b->n_postcopy < b->cap_postcopy) {
                 struct vhub_postcopy_device *pd = &b->postcopy[b->n_postcopy++];
 
                 snprintf(pd->device, sizeof(pd->device), "%s", dev->name);
@@ -154,6 +154,7 @@ void vhub_vm_postcopy(struct vhub_vm *vm, unsigned step, struct vhub_call *call)
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }
+        b->cap_postcopy = vm->n_devices ? vm->n_devices : 1; /* devices added later take no part */
         b->kind = VHUB_BATCH_POSTCOPY;
         b->postcopy_step = step;
         b->call = call;

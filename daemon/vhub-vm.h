@@ -65,7 +65,7 @@ struct vhub_vm_batch {
         /* postcopy: the step, and each device's outcome for the VMM */
         unsigned postcopy_step;
         struct vhub_postcopy_device *postcopy;
-        unsigned n_postcopy;
+        unsigned n_postcopy, cap_postcopy;
 };
 
 /* Where the VM is in a postcopy migration (it is the destination). */
