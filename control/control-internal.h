@@ -71,7 +71,7 @@ struct control_call {
         control_result_fn make_result; /* NULL: {} */
         void *data;                    /* for make_result */
         void (*free_data)(void *data);
-        int reply_fds[2];              /* make_result may attach fds (owned, closed after) */
+        int reply_fds[RPC_MAX_FDS_PER_MESSAGE]; /* make_result may attach fds (owned, closed after) */
         unsigned n_reply_fds;
 };
 
@@ -88,6 +88,14 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
 
 /* The method table (control-methods.c). */
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+
+/* One method: its name and handler (an error filled in err when < 0). */
+struct control_method {
+        const char *name;
+        int (*handler)(struct control_req *req, struct vhub_error *err);
+};
+/* Crypto, GPU, IOTLB and postcopy (control-methods-real.c); ends with a NULL name. */
+extern const struct control_method control_methods_real[];
 
 /* Resolve the VM a request names (vm + optional uid), honouring isolation. */
 int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

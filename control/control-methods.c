@@ -797,6 +797,13 @@ void control_dispatch(struct control_req *req, const char *method, size_t method
                         control_req_error(req, &err);
                 return;
         }
+        for (const struct control_method *m = control_methods_real; m->name; m++) {
+                if (strlen(m->name) != method_len || strcmp(m->name, method) != 0)
+                        continue;
+                if (m->handler(req, &err) < 0)
+                        control_req_error(req, &err);
+                return;
+        }
         vhub_error_set(&err, VHUB_ERR_NO_METHOD, "unknown method %.64s%s", method,
                        strlen(method) != method_len ? " (with a NUL byte)" : "");
         control_req_error(req, &err);

@@ -225,6 +225,11 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
         default:
                 break;
         }
+        /* whether device.backend_reply is awaited (DPDK sends IOTLB misses
+         * without NEED_REPLY: the VMM only answers with device.iotlb.update) */
+        ev.fields[n++] = (struct vhub_event_field){
+                "need_reply", (m->hdr.flags & VHU_FLAG_NEED_REPLY) && dev_has_pf(d, VHU_PF_REPLY_ACK)
+        };
         ev.n_fields = n;
         ev.fds = m->fds;
         ev.n_fds = m->n_fds;

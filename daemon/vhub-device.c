@@ -177,7 +177,8 @@ void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
         device_run_head(d);
 }
 
-int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag,
+                           bool await) {
         int r;
 
         if (!d->conn)
@@ -194,7 +195,7 @@ int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, ui
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         }
-        r = vhub_bconn_send(d->conn, m, tag);
+        r = await ? vhub_bconn_send_awaiting(d->conn, m, tag) : vhub_bconn_send(d->conn, m, tag);
         if (r < 0)
                 return device_op_error(op, VHUB_ERR_BACKEND,
                                        vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
@@ -210,6 +211,14 @@ int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, ui
         device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), "sent %s%s",
                    vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), r > 0 ? " (reply due)" : "");
         return 0;
+}
+
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, false);
+}
+
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, true);
 }
 
 /* End op: take it off the queue, let it commit or undo, and go on. */
@@ -356,7 +365,8 @@ static void device_snapshot_rings(struct vhub_device *d) {
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
-                v->loss_read = v->configured &&
+                /* with an IOMMU the ring addresses are IOVAs (no restore then) */
+                v->loss_read = v->configured && !features_iommu(d->acked_features) &&
                                vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
                                vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;
         }

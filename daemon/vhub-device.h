@@ -70,7 +70,14 @@ enum vhub_op_kind {
         VHUB_OP_RESET,
         VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
         VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
+        VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
         _VHUB_OP_MAX,
+};
+
+enum vhub_postcopy_step {
+        VHUB_POSTCOPY_ADVISE,
+        VHUB_POSTCOPY_LISTEN,
+        VHUB_POSTCOPY_END,
 };
 
 struct vhub_op {
@@ -126,12 +133,19 @@ struct vhub_op {
                 } shared;
                 struct {
                         uint32_t request;
-                        uint64_t u64;
-                        uint8_t payload[64];
+                        uint64_t u64;                /* what the reply said (per request) */
+                        uint8_t *payload;            /* owned; NULL when size is 0 */
                         uint32_t size;
                         int fd;                      /* owned, -1 if none */
-                        uint32_t needs_feature;      /* protocol feature bit, or UINT32_MAX */
                 } single;
+                struct {
+                        struct vhub_vm_batch *batch;
+                        enum vhub_postcopy_step step;
+                        int ufd;                     /* ADVISE: the back-end's userfaultfd (owned) */
+                        struct vhub_region *table;   /* LISTEN: copies of the VM's regions; fds borrowed */
+                        size_t n_table;
+                        uint64_t *backend_uaddr;     /* LISTEN: where the back-end mapped each */
+                } postcopy;
         } u;
 };
 
@@ -233,6 +247,18 @@ int vhub_device_queue_log(struct vhub_device *dev, struct vhub_vm_batch *batch, 
 /* Ask this (exporting) device for a shared object on behalf of requester. */
 int vhub_device_queue_get_shared(struct vhub_device *dev, const uint8_t uuid[16],
                                  const char *requester, uint64_t token);
+
+/* CREATE_CRYPTO_SESSION: call->out.crypto_session.session_id on success. */
+void vhub_device_crypto_create(struct vhub_device *dev, const struct vhu_crypto_session *s,
+                               struct vhub_call *call);
+void vhub_device_crypto_close(struct vhub_device *dev, uint64_t session_id, struct vhub_call *call);
+/* GPU_SET_SOCKET; fd (the back-end's end of the VMM's socketpair) taken in every case. */
+void vhub_device_gpu_set_socket(struct vhub_device *dev, int fd, struct vhub_call *call);
+/* IOTLB_MSG, type update or invalidate. */
+void vhub_device_iotlb(struct vhub_device *dev, const struct vhu_iotlb *msg, struct vhub_call *call);
+/* One postcopy step on this device (a VM batch member). */
+int vhub_device_queue_postcopy(struct vhub_device *dev, struct vhub_vm_batch *batch,
+                               enum vhub_postcopy_step step);
 
 /* Begin a memory sync (a VM fan-out member).  Returns 0 if queued. */
 int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);

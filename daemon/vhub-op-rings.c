@@ -66,6 +66,14 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
         unsigned n = 0;
 
+        /* the rings are behind IOVAs the daemon cannot resolve: their
+         * indexes cannot be read, so the rings cannot be restarted right */
+        if (features_iommu(d->acked_features)) {
+                op->give_up = true;
+                return device_op_error(op, VHUB_ERR_BACKEND, NULL,
+                                       "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
+                                       d->name);
+        }
         op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
         if (!op->restored)
                 return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
@@ -100,10 +108,19 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
 }
 
 /* The used ring's gpa doubles as the log address. */
-int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
                       uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
         struct vhu_vring_addr a = { .index = index, .log = used };
 
+        /* spec "IOMMU support": the back-end resolves them with IOTLB
+         * updates (or asks with a miss); QEMU sends the IOVAs too */
+        if (iova) {
+                a.desc = desc;
+                a.avail = avail;
+                a.used = used;
+                *ret = a;
+                return 0;
+        }
         if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
             vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
             vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
@@ -118,7 +135,8 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
         struct vhu_msg m;
         int r;
 
-        if (vring_addr(d->vm, v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
+        if (vring_addr(d->vm, features_iommu(op->restore ? d->acked_features : op->u.start.features),
+                       v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
         if (d->vm->logging)
@@ -360,7 +378,8 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 
                         if (!v->configured)
                                 continue;
-                        if (vring_addr(d->vm, i, v->size, v->desc, v->avail, v->used, &a) < 0)
+                        if (vring_addr(d->vm, features_iommu(d->acked_features), i, v->size, v->desc,
+                                       v->avail, v->used, &a) < 0)
                                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                                        "ring %u does not lie inside the VM's memory", i);
                         if (op->u.log.enable)
@@ -376,7 +395,9 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (op->restore) {
                 if (r < 0) {
-                        if (vhub_device_is_connected(d))
+                        if (op->give_up)
+                                device_give_up(d, op->error.detail);
+                        else if (vhub_device_is_connected(d))
                                 device_mark_lost(d, op->error.detail);
                         return;
                 }

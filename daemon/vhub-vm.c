@@ -124,6 +124,11 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 free(vm->log_batch);
                 vm->log_batch = NULL;
         }
+        if (vm->postcopy_batch) {
+                vhub_call_fail(vm->postcopy_batch->call, &err);
+                vhub_vm_batch_free(vm->postcopy_batch);
+                vm->postcopy_batch = NULL;
+        }
         if (vm->destroy_call) {
                 struct vhub_call *c = vm->destroy_call;
 
@@ -448,6 +453,12 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                /* back-ends registered the table with their userfaultfd at listen */
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
+                goto fail;
+        }
         r = vhub_mem_table_check_new(&vm->mem, region, &err);
         if (r < 0)
                 goto fail;
@@ -513,6 +524,11 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
 
         if (vm->destroying) {
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+                goto fail;
+        }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
                 goto fail;
         }
         r = vhub_mem_table_find_gpa(&vm->mem, gpa);

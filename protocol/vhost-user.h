@@ -275,6 +275,32 @@ struct vhu_shmem_config {
 };
 
 /* Inflight I/O tracking, split rings (spec "Inflight I/O tracking"). */
+/* CREATE_CRYPTO_SESSION's "Crypto session description": a symmetric
+ * session's virtio-crypto setup data and its keys, laid out as QEMU (up to
+ * 7.2) and DPDK 22.11's rte_vhost send and read it.  The two u64 after the
+ * small fields were the sender's own key pointers; they travel as zero.
+ * The back-end answers with the same structure, session_id filled in
+ * (negative: a virtio-crypto error). */
+#define VHU_CRYPTO_MAX_CIPHER_KEY 64
+#define VHU_CRYPTO_MAX_AUTH_KEY   512
+struct vhu_crypto_session {
+        int64_t session_id;
+        uint32_t op_code;
+        uint32_t cipher_alg;
+        uint32_t cipher_key_len;
+        uint32_t hash_alg;
+        uint32_t hash_result_len;
+        uint32_t auth_key_len;
+        uint32_t aad_len;
+        uint8_t op_type;
+        uint8_t direction;
+        uint8_t hash_mode;
+        uint8_t alg_chain_order;
+        uint64_t key_pointers[2];
+        uint8_t cipher_key[VHU_CRYPTO_MAX_CIPHER_KEY];
+        uint8_t auth_key[VHU_CRYPTO_MAX_AUTH_KEY];
+};
+
 struct vhu_inflight_desc_split {
         uint8_t inflight;
         uint8_t padding[5];
@@ -306,5 +332,6 @@ _Static_assert(sizeof(struct vhu_shared) == 16, "shared");
 _Static_assert(sizeof(struct vhu_device_state) == 8, "device state");
 _Static_assert(sizeof(struct vhu_shmem_map) == 40, "shmem map");
 _Static_assert(sizeof(struct vhu_shmem_config) == 8 + 8 * VHU_MAX_SHMEM_REGIONS, "shmem config");
+_Static_assert(sizeof(struct vhu_crypto_session) == 632, "crypto session");
 _Static_assert(sizeof(struct vhu_inflight_desc_split) == 16, "inflight desc");
 _Static_assert(sizeof(struct vhu_inflight_queue_split) == 16, "inflight queue");

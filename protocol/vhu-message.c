@@ -521,6 +521,15 @@ int vhu_msg_build_config(struct vhu_msg *m, uint32_t request, bool need_reply,
                              &config, VHU_CONFIG_HEADER_SIZE + size, NULL, 0);
 }
 
+int vhu_msg_build_postcopy_mem_ack(struct vhu_msg *m, bool need_reply) {
+        uint64_t ok = 0;
+
+        /* not a table: vhu_msg_build() would rightly refuse its shape */
+        fill_msg(m, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | (need_reply ? VHU_FLAG_NEED_REPLY : 0),
+                 &ok, sizeof(ok), NULL, 0);
+        return 0;
+}
+
 int vhu_msg_build_reply(struct vhu_msg *r, const struct vhu_msg *request,
                         const void *payload, uint32_t size, const int *fds, unsigned n_fds) {
         int ret;

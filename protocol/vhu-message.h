@@ -39,6 +39,7 @@ struct vhu_msg {
                 struct vhu_device_state device_state;
                 struct vhu_shmem_map shmem_map;
                 struct vhu_shmem_config shmem_config;
+                struct vhu_crypto_session crypto_session;
                 uint8_t raw[VHU_MAX_PAYLOAD];
         } payload;
         int fds[VHU_MAX_FDS];
@@ -113,6 +114,14 @@ int vhu_msg_build_mem_single(struct vhu_msg *m, uint32_t request, bool need_repl
 /* GET_CONFIG (data NULL: zeroes of size bytes) / SET_CONFIG. */
 int vhu_msg_build_config(struct vhu_msg *m, uint32_t request, bool need_reply,
                          uint32_t offset, uint32_t size, uint32_t flags, const void *data);
+
+/*
+ * spec "Postcopy": the front-end's confirmation, after the back-end answered
+ * a SET_MEM_TABLE in postcopy mode with its own mapping addresses, that it
+ * can now serve faults in them -- a SET_MEM_TABLE carrying a u64 0 (not a
+ * table).  With need_reply the back-end's REPLY_ACK to the table follows.
+ */
+int vhu_msg_build_postcopy_mem_ack(struct vhu_msg *m, bool need_reply);
 
 /*
  * Whether the peer will answer a request just sent with these flags, given

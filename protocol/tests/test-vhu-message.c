@@ -991,6 +991,43 @@ static void test_lifetime(void) {
         CHECK(fcntl(test_fds[0], F_GETFD) >= 0);        /* borrowed fds survive */
 }
 
+/* spec "Postcopy": the front-end's u64 0 after the back-end's table reply,
+ * and the table-shaped reply itself (what the daemon awaits). */
+static void test_postcopy_mem_table(void) {
+        struct vhu_msg m, r;
+        uint64_t v;
+
+        test_set_context("postcopy SET_MEM_TABLE confirmation");
+        CHECK_EQ(vhu_msg_build_postcopy_mem_ack(&m, false), 0);
+        CHECK_EQ(m.hdr.request, VHU_REQ_SET_MEM_TABLE);
+        CHECK_EQ(m.hdr.flags, VHU_VERSION);
+        CHECK_EQ(m.hdr.size, 8);
+        CHECK_EQ(m.n_fds, 0);
+        memcpy(&v, m.payload.raw, sizeof(v));
+        CHECK_EQ(v, 0);
+        CHECK_EQ(vhu_msg_build_postcopy_mem_ack(&m, true), 0);
+        CHECK_EQ(m.hdr.flags, VHU_VERSION | VHU_FLAG_NEED_REPLY);
+
+        test_set_context("postcopy SET_MEM_TABLE reply: the regions as mapped");
+        vhu_msg_init(&r);
+        r.hdr.request = VHU_REQ_SET_MEM_TABLE;
+        r.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
+        r.hdr.size = 8 + 32;
+        r.payload.mem_table.nregions = 1;
+        /* awaited as if NEED_REPLY had been sent (vhub_bconn_send_awaiting) */
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE,
+                                    VHU_VERSION | VHU_FLAG_NEED_REPLY, ALL_PF, &r, NULL), 0);
+        r.payload.mem_table.nregions = 2;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | VHU_FLAG_NEED_REPLY,
+                             ALL_PF, &r);
+        /* libvhost-user echoes NEED_REPLY into the reply's flags: refused */
+        r.payload.mem_table.nregions = 1;
+        r.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY | VHU_FLAG_NEED_REPLY;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | VHU_FLAG_NEED_REPLY,
+                             ALL_PF, &r);
+        CHECK_EQ(sizeof(struct vhu_crypto_session), 632);
+}
+
 int main(void) {
         for (unsigned i = 0; i < VHU_MAX_FDS + 1; i++) {
                 test_fds[i] = eventfd(0, EFD_CLOEXEC);
@@ -1009,6 +1046,7 @@ int main(void) {
         test_backend_rules();
         test_reply_rules();
         test_lifetime();
+        test_postcopy_mem_table();
 
         for (unsigned i = 0; i < VHU_MAX_FDS + 1; i++)
                 close(test_fds[i]);
