@@ -86,6 +86,8 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
 
 /* The method table (control-methods.c). */
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+/* The methods of control-methods-proto.c: true if it was one of them (answered). */
+bool control_proto_dispatch(struct control_req *req, const char *method, size_t method_len);
 
 /* Resolve the VM a request names (vm + optional uid), honouring isolation. */
 int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

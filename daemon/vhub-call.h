@@ -9,6 +9,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "vhub-config.h"
@@ -21,6 +22,7 @@ typedef void (*vhub_call_done_fn)(struct vhub_call *call);
 struct vhub_vring_base {
         uint32_t index;
         uint32_t base;
+        uint32_t inflight;             /* requests the back-end left suspended */
 };
 
 struct vhub_call {
@@ -33,9 +35,13 @@ struct vhub_call {
                         uint64_t protocol_features;
                         unsigned queues;
                         unsigned max_mem_slots;
+                        bool has_shmem;        /* SHMEM negotiated */
+                        unsigned n_shmem;
+                        uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];
                 } device_add;
                 struct {
                         unsigned n_vrings;
+                        bool has_inflight;     /* GET_VRING_BASE_INFLIGHT: .inflight is known */
                         struct vhub_vring_base vrings[VHUB_MAX_QUEUES];
                 } device_stop;
                 struct {
