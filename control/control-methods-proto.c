@@ -196,8 +196,8 @@ static json_t *result_device_stop(struct control_call *cc) {
 
                 /* GET_VRING_BASE_INFLIGHT: how many requests the back-end
                  * suspended into the inflight region (completed after the
-                 * next device.start) */
-                if (ring && cc->call.out.device_stop.has_inflight)
+                 * next device.start); absent if the region was unreadable */
+                if (ring && b->inflight >= 0)
                         json_object_set_new(ring, "inflight", json_integer(b->inflight));
                 json_array_append_new(v, ring);
         }

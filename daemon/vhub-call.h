@@ -22,7 +22,8 @@ typedef void (*vhub_call_done_fn)(struct vhub_call *call);
 struct vhub_vring_base {
         uint32_t index;
         uint32_t base;
-        uint32_t inflight;             /* requests the back-end left suspended */
+        int32_t inflight;              /* requests the back-end left suspended (with
+                                        * GET_VRING_BASE_INFLIGHT); -1: not known */
 };
 
 struct vhub_call {
@@ -41,7 +42,6 @@ struct vhub_call {
                 } device_add;
                 struct {
                         unsigned n_vrings;
-                        bool has_inflight;     /* GET_VRING_BASE_INFLIGHT: .inflight is known */
                         struct vhub_vring_base vrings[VHUB_MAX_QUEUES];
                 } device_stop;
                 struct {

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* Reading a device's inflight region (see vhub-inflight.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -39,6 +40,11 @@ int vhub_inflight_count_split(int fd, uint64_t size, uint16_t queue_size, unsign
 
         if (queue_size == 0 || off + per_queue > size)
                 return -ERANGE;
+        /* The loop must not block: only a memory file (memfd, tmpfs -- the
+         * ones F_GET_SEALS works on) is read; the back-end chose the fd, and
+         * a FUSE file or a pipe could stall every device. */
+        if (fcntl(fd, F_GET_SEALS) < 0)
+                return -EBADFD;
         r = read_exact(fd, &hdr, sizeof(hdr), off);
         if (r < 0)
                 return r;

@@ -443,14 +443,14 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
  * resubmits them; here they are counted for the VMM.  Every request fetched
  * and not used is suspended, so the count is base - used index.
  */
-static unsigned stop_count_suspended(struct vhub_device *d, unsigned i) {
+static int32_t stop_count_suspended(struct vhub_device *d, unsigned i) {
         const struct vhub_vring *v = &d->vrings[i];
         uint16_t used_idx = 0;
         unsigned count = 0;
         int r;
 
         if (!dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT) || d->inflight_fd < 0)
-                return 0;
+                return -1;
         r = vhub_mem_table_read(&d->vm->mem, v->used + 2, &used_idx, sizeof(used_idx));
         if (r == 0)
                 r = vhub_inflight_count_split(d->inflight_fd, d->inflight_size, d->inflight_queue_size,
@@ -458,7 +458,7 @@ static unsigned stop_count_suspended(struct vhub_device *d, unsigned i) {
         if (r < 0) {
                 device_log(d, LOG_WARNING, NULL, "ring %u: cannot read its inflight region: %s", i,
                            strerror(-r));
-                return 0;
+                return -1;
         }
         if (count != (uint16_t) (v->base - used_idx))
                 device_log(d, LOG_WARNING, NULL,
@@ -468,7 +468,7 @@ static unsigned stop_count_suspended(struct vhub_device *d, unsigned i) {
                 device_log(d, LOG_INFO, NULL,
                            "ring %u stopped at %u with %u requests suspended in the inflight region", i,
                            v->base, count);
-        return count;
+        return (int32_t) count;
 }
 
 void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
@@ -487,7 +487,6 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                                 n++;
                         }
                 op->call->out.device_stop.n_vrings = n;
-                op->call->out.device_stop.has_inflight = dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT);
         }
         for (unsigned i = 0; i < d->queues; i++) {
                 vring_close_fds(&d->vrings[i]);
