@@ -174,6 +174,7 @@ def skip_drain(t):
         log("cycle %d: stopped without draining in %.0f ms: %s (driver: avail %s used %s)"
             % (cycle, dt * 1000, res, avail, used))
         check_eq(sorted(v["index"] for v in res), [0, 1], "cycle %d: both rings stopped" % cycle)
+        wl.reap()                         # what completed before the stop took effect
         for v in res:
             i = v["index"]
             used_now = rings[i].used_idx
@@ -261,7 +262,7 @@ def base_inflight(t):
     a plain stop may leave requests suspended (reported per ring) and the
     next start completes them exactly once."""
     pf = TB_DEFAULT_PF | bit("GET_VRING_BASE_INFLIGHT")
-    s = Setup(t, ["--queues", "2", "--delay-ms", "300", "--protocol-features", "%x" % pf])
+    s = Setup(t, ["--queues", "2", "--delay-ms", "1500", "--protocol-features", "%x" % pf])
     neg = s.dev["protocol_features"]
     check(has(neg, "GET_VRING_BASE_INFLIGHT"), "GET_VRING_BASE_INFLIGHT negotiated")
     check(not has(neg, "GET_VRING_BASE_SKIP_DRAIN"), "SKIP_DRAIN not negotiated (not offered)")
@@ -277,13 +278,15 @@ def base_inflight(t):
     expect_rpc(INVALID_PARAMS, stop, s.vmm, "blk0", drain="no", what="device.stop drain:\"no\"")
 
     res = stop(s.vmm, "blk0")
-    log("plain stop with 300 ms holds: %s" % res)
+    log("plain stop with 1.5 s holds: %s" % res)
+    wl.reap()                             # a hold that ran out by the stop completed
     for v in res:
         r = rings[v["index"]]
         check_eq(v["base"], r.avail_idx, "ring %d: base = avail index" % r.index)
-        check_eq(v["inflight"], r.outstanding, "ring %d: every request still held was suspended "
-                 "(%d)" % (r.index, r.outstanding))
-    check(sum(v["inflight"] for v in res) == 32, "32 requests suspended by GET_VRING_BASE")
+        check_eq(v["inflight"], r.outstanding, "ring %d: every request not completed was "
+                 "suspended (%d)" % (r.index, r.outstanding))
+    suspended = sum(v["inflight"] for v in res)
+    check(suspended > 0, "GET_VRING_BASE suspended requests (%d of 32)" % suspended)
     reqs = s.tb.requests(0)
     check_eq(reqs.get("GET_VRING_BASE"), 2, "plain GET_VRING_BASE x2")
     check_eq(reqs.get("GET_VRING_BASE_SKIP_DRAIN", 0), 0, "no GET_VRING_BASE_SKIP_DRAIN")
@@ -293,7 +296,8 @@ def base_inflight(t):
     start_rings(s.vmm, "blk0", scenarios.BLK_FEATURES, rings)
     wl.paused = False
     wl.drain(10.0)
-    check_eq(sum(v["resubmitted"] for v in s.tb.vrings(0)), 32, "32 resubmitted after the start")
+    check_eq(sum(v["resubmitted"] for v in s.tb.vrings(0)), suspended,
+             "the suspended requests were resubmitted after the start")
     check_eq(wl.strays(), 0, "no stray completion")
     wl.check_completed_once()
     check_eq(wl.bad, [], "every completion OK with the right data")
