@@ -88,6 +88,8 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
 
 /* The method table (control-methods.c). */
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+/* The methods of control-methods-proto.c: true if it was one of them (answered). */
+bool control_proto_dispatch(struct control_req *req, const char *method, size_t method_len);
 
 /* One method: its name and handler (an error filled in err when < 0). */
 struct control_method {

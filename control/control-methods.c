@@ -267,47 +267,6 @@ static int m_vm_memory_list(struct control_req *req, struct vhub_error *err) {
 
 /* ---- devices ---- */
 
-static json_t *result_device_add(struct control_call *cc) {
-        return json_pack("{s:o, s:o, s:i, s:i}", "features", vhub_json_u64(cc->call.out.device_add.features),
-                         "protocol_features", vhub_json_u64(cc->call.out.device_add.protocol_features),
-                         "queues", (int)cc->call.out.device_add.queues, "max_mem_slots",
-                         (int)cc->call.out.device_add.max_mem_slots);
-}
-
-static int m_device_add(struct control_req *req, struct vhub_error *err) {
-        struct vhub_device_add_params p = { 0 };
-        const char *mode = NULL;
-        struct control_call *cc;
-        struct vhub_vm *vm;
-        uint32_t queues, reconnect_ms;
-        int r;
-
-        if ((r = req_vm_params(req, MEMBERS("vm", "uid", "device", "socket", "type", "mode", "queues", "reconnect_ms"), &vm, err)) < 0 ||
-            (r = params_get_name(req->params, "device", true, &p.name, err)) < 0 ||
-            (r = params_get_string(req->params, "socket", true, 107, &p.socket_path, err)) < 0 ||
-            (r = params_get_name(req->params, "type", false, &p.type, err)) < 0 ||
-            (r = params_get_string(req->params, "mode", false, 16, &mode, err)) < 0 ||
-            (r = params_get_u32(req->params, "queues", false, 0, VHUB_MAX_QUEUES, &queues, err)) < 0 ||
-            (r = params_get_u32(req->params, "reconnect_ms", false, 100, 3600000, &reconnect_ms, err)) < 0)
-                return r;
-        if (p.type && strlen(p.type) > 31)
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "'type' is longer than 31 characters");
-        if (!mode || strcmp(mode, "client") == 0)
-                p.mode = VHUB_DEV_MODE_CLIENT;
-        else if (strcmp(mode, "server") == 0)
-                p.mode = VHUB_DEV_MODE_SERVER;
-        else
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "'mode' must be \"client\" or \"server\"");
-        if (json_object_get(req->params, "queues") && queues == 0)
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "'queues' must be 1..%d", VHUB_MAX_QUEUES);
-        p.queues = queues;
-        p.reconnect_ms = reconnect_ms;
-        if (!(cc = req_call(req, result_device_add, err)))
-                return -ENOMEM;
-        vhub_device_add(vm, &p, &cc->call);
-        return 0;
-}
-
 /* A device method that waits on the model; make_result NULL answers {}. */
 static int m_device_simple(struct control_req *req, struct vhub_error *err,
                            void (*fn)(struct vhub_device *, struct vhub_call *),
@@ -416,91 +375,6 @@ static int m_device_config_set(struct control_req *req, struct vhub_error *err) 
                 return -ENOMEM;
         vhub_device_config_set(d, offset, data, (uint32_t)len, &cc->call);
         return 0;
-}
-
-static int m_device_start(struct control_req *req, struct vhub_error *err) {
-        static const char *const vring_members[] = { "index", "size", "desc", "avail", "used",
-                                                     "base", "kick", "call", "err", NULL };
-        struct vhub_vring_params *vp = NULL;
-        struct control_call *cc;
-        struct vhub_device *d;
-        struct vhub_vm *vm;
-        uint64_t features;
-        json_t *vrings, *v;
-        size_t n = 0, i;
-        int r;
-
-        if ((r = req_device_params(req, MEMBERS("vm", "uid", "device", "features", "vrings"), &vm, &d, err)) < 0 ||
-            (r = params_get_u64(req->params, "features", true, 0, UINT64_MAX, &features, err)) < 0)
-                return r;
-        vrings = json_object_get(req->params, "vrings");
-        if (!json_is_array(vrings) || json_array_size(vrings) == 0 ||
-            json_array_size(vrings) > VHUB_MAX_QUEUES)
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "'vrings' must be an array of 1..%d rings",
-                                      VHUB_MAX_QUEUES);
-        vp = calloc(json_array_size(vrings), sizeof(*vp));
-        if (!vp)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        json_array_foreach(vrings, i, v) {
-                char where[32];
-                uint64_t x;
-
-                snprintf(where, sizeof(where), "vrings[%zu]", i);
-                vp[i].kick_fd = vp[i].call_fd = vp[i].err_fd = -1;
-                n = i + 1;
-                if ((r = params_check_members_in(v, where, vring_members, err)) < 0 ||
-                    (r = params_get_u64_in(v, where, "index", true, 0, VHUB_MAX_QUEUES - 1, &x, err)) < 0)
-                        goto fail;
-                vp[i].index = (uint32_t)x;
-                if ((r = params_get_u64_in(v, where, "size", true, 0, 32768, &x, err)) < 0)
-                        goto fail;
-                vp[i].size = (uint32_t)x;
-                if ((r = params_get_u64_in(v, where, "base", false, 0, 65535, &x, err)) < 0)
-                        goto fail;
-                vp[i].base = (uint32_t)x;
-                if ((r = params_get_u64_in(v, where, "desc", true, 0, UINT64_MAX, &vp[i].desc, err)) < 0 ||
-                    (r = params_get_u64_in(v, where, "avail", true, 0, UINT64_MAX, &vp[i].avail, err)) < 0 ||
-                    (r = params_get_u64_in(v, where, "used", true, 0, UINT64_MAX, &vp[i].used, err)) < 0 ||
-                    (r = params_take_fd_in(v, where, "kick", true, req->fds, &vp[i].kick_fd, err)) < 0 ||
-                    (r = params_take_fd_in(v, where, "call", true, req->fds, &vp[i].call_fd, err)) < 0 ||
-                    (r = params_take_fd_in(v, where, "err", false, req->fds, &vp[i].err_fd, err)) < 0)
-                        goto fail;
-        }
-        if (!(cc = req_call(req, NULL, err))) {
-                r = -ENOMEM;
-                goto fail;
-        }
-        /* bit 30 is vhost-user's own: the daemon adds it itself */
-        features &= ~(UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
-        vhub_device_start(d, features, vp, (unsigned)n, &cc->call);
-        free(vp);
-        return 0;
-
-fail:
-        for (i = 0; i < n; i++) {
-                if (vp[i].kick_fd >= 0)
-                        close(vp[i].kick_fd);
-                if (vp[i].call_fd >= 0)
-                        close(vp[i].call_fd);
-                if (vp[i].err_fd >= 0)
-                        close(vp[i].err_fd);
-        }
-        free(vp);
-        return r;
-}
-
-static json_t *result_device_stop(struct control_call *cc) {
-        json_t *v = json_array();
-
-        for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++)
-                json_array_append_new(v, json_pack("{s:i, s:i}", "index",
-                                                   (int)cc->call.out.device_stop.vrings[i].index, "base",
-                                                   (int)cc->call.out.device_stop.vrings[i].base));
-        return json_pack("{s:o}", "vrings", v);
-}
-
-static int m_device_stop(struct control_req *req, struct vhub_error *err) {
-        return m_device_simple(req, err, vhub_device_stop, result_device_stop);
 }
 
 static int m_device_reset(struct control_req *req, struct vhub_error *err) {
@@ -764,13 +638,10 @@ static const struct method methods[] = {
         { "vm.memory.add", m_vm_memory_add },
         { "vm.memory.remove", m_vm_memory_remove },
         { "vm.memory.list", m_vm_memory_list },
-        { "device.add", m_device_add },
         { "device.remove", m_device_remove },
         { "device.list", m_device_list },
         { "device.config.get", m_device_config_get },
         { "device.config.set", m_device_config_set },
-        { "device.start", m_device_start },
-        { "device.stop", m_device_stop },
         { "device.reset", m_device_reset },
         { "device.net.rarp", m_device_net_rarp },
         { "device.net.mtu", m_device_net_mtu },
@@ -788,6 +659,9 @@ static const struct method methods[] = {
 
 void control_dispatch(struct control_req *req, const char *method, size_t method_len) {
         struct vhub_error err = { 0 };
+
+        if (control_proto_dispatch(req, method, method_len))
+                return;
 
         for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
                 /* the length too: "daemon.info\u0000x" is not daemon.info */

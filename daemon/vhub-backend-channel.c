@@ -239,6 +239,25 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
                 channel_wait_for(ch, WAIT_VMM, token, m);
 }
 
+/* spec SHMEM_MAP: the range must lie in the VIRTIO Shared Memory Region
+ * shmid, whose size GET_SHMEM_CONFIG gave; a hostile back-end's range is
+ * refused here, not handed to the VMM. */
+static bool channel_shmem_in_range(struct vhub_backend_channel *ch, const struct vhu_msg *m) {
+        struct vhub_device *d = ch->dev;
+        const struct vhu_shmem_map *map = &m->payload.shmem_map;
+        uint64_t size = map->shmid < d->n_shmem ? d->shmem_sizes[map->shmid] : 0;
+        uint64_t end;
+
+        if (size > 0 && map->len > 0 && !__builtin_add_overflow(map->shm_offset, map->len, &end) &&
+            end <= size)
+                return true;
+        device_log(d, LOG_WARNING, vhu_request_name(VHU_DIR_BACKEND, m->hdr.request),
+                   "refused: shmid %u offset 0x%llx length 0x%llx is outside its shared memory region (0x%llx bytes)",
+                   map->shmid, (unsigned long long)map->shm_offset, (unsigned long long)map->len,
+                   (unsigned long long)size);
+        return false;
+}
+
 static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         struct vhub_device *d = ch->dev;
         const char *name = vhu_request_name(VHU_DIR_BACKEND, m->hdr.request);
@@ -277,9 +296,15 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_SHARED_OBJECT_LOOKUP:
                 channel_lookup(ch, m);
                 break;
-        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
         case VHU_BREQ_SHMEM_MAP:
         case VHU_BREQ_SHMEM_UNMAP:
+                if (!channel_shmem_in_range(ch, m)) {
+                        channel_ack(ch, m, EINVAL);
+                        break;
+                }
+                channel_forward(ch, m);
+                break;
+        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
         case VHU_BREQ_IOTLB_MSG:
                 channel_forward(ch, m);
                 break;

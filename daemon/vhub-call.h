@@ -9,6 +9,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "vhub-config.h"
@@ -21,6 +22,8 @@ typedef void (*vhub_call_done_fn)(struct vhub_call *call);
 struct vhub_vring_base {
         uint32_t index;
         uint32_t base;
+        int32_t inflight;              /* requests the back-end left suspended (with
+                                        * GET_VRING_BASE_INFLIGHT); -1: not known */
 };
 
 /* vm.postcopy.advise / listen: per device, what the VMM's migration code needs. */
@@ -46,6 +49,9 @@ struct vhub_call {
                         uint64_t protocol_features;
                         unsigned queues;
                         unsigned max_mem_slots;
+                        bool has_shmem;        /* SHMEM negotiated */
+                        unsigned n_shmem;
+                        uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];
                 } device_add;
                 struct {
                         unsigned n_vrings;

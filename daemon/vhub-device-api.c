@@ -80,18 +80,26 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                                        "vrings[%u].size must be a power of 2 up to 32768", i);
                         goto fail;
                 }
-                if (vp[i].kick_fd < 0 || vp[i].call_fd < 0) {
-                        vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u] needs kick and call fds", i);
+                if (vp[i].call_fd < 0) {
+                        vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u] needs a call fd", i);
+                        goto fail;
+                }
+                /* spec SET_VRING_KICK "invalid FD flag": no kick fd, the VMM
+                 * kicks in-band (device.kick -> VRING_KICK) */
+                if (vp[i].kick_fd < 0 && !dev_has_pf(d, VHU_PF_INBAND_NOTIFICATIONS)) {
+                        vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                                       "vrings[%u] has no kick fd and device %s's back-end has no INBAND_NOTIFICATIONS protocol feature",
+                                       i, d->name);
                         goto fail;
                 }
                 /* the daemon writes to them (the start kick, in-band calls): a
                  * full blocking pipe in their place would stall the loop */
-                if (!is_eventfd(vp[i].kick_fd) || !is_eventfd(vp[i].call_fd) ||
+                if ((vp[i].kick_fd >= 0 && !is_eventfd(vp[i].kick_fd)) || !is_eventfd(vp[i].call_fd) ||
                     (vp[i].err_fd >= 0 && !is_eventfd(vp[i].err_fd))) {
                         vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u].%s must be an eventfd", i,
-                                       !is_eventfd(vp[i].kick_fd)   ? "kick"
-                                       : !is_eventfd(vp[i].call_fd) ? "call"
-                                                                    : "err");
+                                       vp[i].kick_fd >= 0 && !is_eventfd(vp[i].kick_fd) ? "kick"
+                                       : !is_eventfd(vp[i].call_fd)                     ? "call"
+                                                                                        : "err");
                         goto fail;
                 }
                 if (vp[i].desc % 16 || vp[i].avail % 2 || vp[i].used % 4) {
@@ -145,12 +153,21 @@ close_fds:
         }
 }
 
-void vhub_device_stop(struct vhub_device *d, struct vhub_call *call) {
+void vhub_device_stop(struct vhub_device *d, bool drain, struct vhub_call *call) {
+        const uint64_t skip_drain = VHU_PF_BIT(VHU_PF_GET_VRING_BASE_SKIP_DRAIN) |
+                                    vhu_protocol_feature_requires(VHU_PF_GET_VRING_BASE_SKIP_DRAIN);
         struct vhub_error err;
         struct vhub_op *op;
 
         if (!device_check_usable(d, call))
                 return;
+        if (!drain && (d->protocol_features & skip_drain) != skip_drain) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: a stop without draining needs the GET_VRING_BASE_SKIP_DRAIN, GET_VRING_BASE_INFLIGHT and INFLIGHT_SHMFD protocol features; the back-end negotiated 0x%llx",
+                               d->name, (unsigned long long)d->protocol_features);
+                vhub_call_fail(call, &err);
+                return;
+        }
         if (d->state != VHUB_DEV_RUNNING) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; stop needs running", d->name,
                                vhub_device_state_to_string(d->state));
@@ -163,6 +180,7 @@ void vhub_device_stop(struct vhub_device *d, struct vhub_call *call) {
                 vhub_call_fail(call, &err);
                 return;
         }
+        op->u.stop.skip_drain = !drain;
         device_queue_op(d, op);
 }
 
@@ -322,6 +340,35 @@ void vhub_device_set_mtu(struct vhub_device *d, uint16_t mtu, struct vhub_call *
         uint64_t v = mtu;
 
         queue_single(d, VHU_REQ_NET_SET_MTU, VHU_PF_NET_MTU, &v, 8, -1, call);
+}
+
+void vhub_device_kick(struct vhub_device *d, uint32_t index, struct vhub_call *call) {
+        struct vhu_vring_state st = { .index = index, .num = 0 };
+        struct vhub_error err;
+
+        if (!device_check_usable(d, call))
+                return;
+        /* spec "In-band notifications" */
+        if (!dev_has_pf(d, VHU_PF_INBAND_NOTIFICATIONS)) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: the back-end has no INBAND_NOTIFICATIONS protocol feature (needed for VRING_KICK)",
+                               d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (d->state != VHUB_DEV_RUNNING) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; a kick needs running", d->name,
+                               vhub_device_state_to_string(d->state));
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (index >= d->queues || !d->vrings[index].configured) {
+                vhub_error_set(&err, VHUB_ERR_PARAMS, "'index': ring %u of device %s was not started",
+                               index, d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        queue_single(d, VHU_REQ_VRING_KICK, VHU_PF_INBAND_NOTIFICATIONS, &st, sizeof(st), -1, call);
 }
 
 void vhub_device_state_fd(struct vhub_device *d, bool load, int fd, struct vhub_call *call) {

@@ -693,6 +693,7 @@ void vhub_device_free(struct vhub_device *d) {
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 vring_close_fds(&d->vrings[i]);
         free(d->vrings);
+        free(d->shmem_sizes);
         if (d->inflight_fd >= 0)
                 close(d->inflight_fd);
         free(d->shadow);

@@ -107,6 +107,9 @@ struct vhub_op {
                         struct vhub_vring *vrings;   /* owned until committed */
                 } start;
                 struct {
+                        bool skip_drain;             /* GET_VRING_BASE_SKIP_DRAIN */
+                } stop;
+                struct {
                         uint32_t offset, size, flags;
                         uint8_t data[VHU_MAX_CONFIG_SIZE];
                 } config;
@@ -187,6 +190,8 @@ struct vhub_device {
         unsigned max_mem_slots;
 
         struct vhub_vring *vrings;    /* [queues] */
+        uint64_t *shmem_sizes;        /* GET_SHMEM_CONFIG, by shmid; NULL without SHMEM */
+        unsigned n_shmem;
         int inflight_fd;              /* kept across back-end restarts */
         uint64_t inflight_size;
         uint16_t inflight_queue_size;
@@ -223,13 +228,18 @@ struct vhub_vring_params {
         uint32_t index, size;
         uint64_t desc, avail, used;
         uint32_t base;
-        int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case */
+        int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case; kick
+                                       * may be -1 with INBAND_NOTIFICATIONS */
 };
 
 void vhub_device_start(struct vhub_device *dev, uint64_t features,
                        struct vhub_vring_params *vrings, unsigned n_vrings,
                        struct vhub_call *call);
-void vhub_device_stop(struct vhub_device *dev, struct vhub_call *call);
+/* drain false: GET_VRING_BASE_SKIP_DRAIN (in-flight requests are suspended
+ * into the inflight region and completed after the next start). */
+void vhub_device_stop(struct vhub_device *dev, bool drain, struct vhub_call *call);
+/* VRING_KICK: an in-band kick of a running ring (INBAND_NOTIFICATIONS). */
+void vhub_device_kick(struct vhub_device *dev, uint32_t index, struct vhub_call *call);
 void vhub_device_config_get(struct vhub_device *dev, uint32_t offset, uint32_t size,
                             struct vhub_call *call);
 void vhub_device_config_set(struct vhub_device *dev, uint32_t offset, const void *data,

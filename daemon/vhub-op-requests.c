@@ -50,7 +50,19 @@ void config_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request
 
 /* ---- single request ---- */
 
+/* A kick queued behind a stop must not go out: libvhost-user starts a
+ * stopped ring on VRING_KICK. */
+static bool single_kick_ring_stopped(const struct vhub_device *d, const struct vhub_op *op,
+                                     uint32_t *ret_index) {
+        struct vhu_vring_state st;
+
+        memcpy(&st, op->u.single.payload, sizeof(st));
+        *ret_index = st.index;
+        return d->state != VHUB_DEV_RUNNING || st.index >= d->queues || !d->vrings[st.index].configured;
+}
+
 int single_stage(struct vhub_device *d, struct vhub_op *op) {
+        uint32_t index;
         struct vhu_msg m;
         int r;
 
@@ -61,6 +73,10 @@ int single_stage(struct vhub_device *d, struct vhub_op *op) {
                 return device_op_error(op, VHUB_ERR_UNSUPPORTED, REQ(op->u.single.request),
                                        "device %s: VIRTIO_F_IOMMU_PLATFORM is not acked (start the device with it)",
                                        d->name);
+        if (op->u.single.request == VHU_REQ_VRING_KICK && single_kick_ring_stopped(d, op, &index))
+                return device_op_error(op, VHUB_ERR_STATE, REQ(VHU_REQ_VRING_KICK),
+                                       "device %s: ring %u stopped before the kick could be sent",
+                                       d->name, index);
         r = vhu_msg_build(&m, VHU_DIR_FRONTEND, op->u.single.request, device_need_reply(d),
                           op->u.single.payload, op->u.single.size,
                           op->u.single.fd >= 0 ? &op->u.single.fd : NULL,

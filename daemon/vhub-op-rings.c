@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-inflight.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
 
@@ -129,6 +130,24 @@ int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t siz
         return 0;
 }
 
+/*
+ * spec SET_VRING_ENDIAN: "for legacy devices", once per ring "before the
+ * front-end starts the VQ", when CROSS_ENDIAN is negotiated.  The contract
+ * has no endianness parameter, so a legacy driver (no VERSION_1) is taken to
+ * be of the host's byte order, the only one the daemon knows; a
+ * cross-endian guest is not described (docs/protocol-coverage.md).
+ */
+static int send_vring_endian(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
+        struct vhu_msg m;
+
+        if (!dev_has_pf(d, VHU_PF_CROSS_ENDIAN) ||
+            (start_features(d, op) & (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1)))
+                return 0;
+        vhu_msg_build_state(&m, VHU_REQ_SET_VRING_ENDIAN, device_need_reply(d), v->index,
+                            __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 1 : 0);
+        return device_send(d, op, &m, TAG(TAGK_VRING, v->index));
+}
+
 static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
         bool ack = device_need_reply(d);
         struct vhu_vring_addr a;
@@ -146,6 +165,8 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
                 return r;
         vhu_msg_build_state(&m, VHU_REQ_SET_VRING_BASE, ack, v->index, v->base);
         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        if ((r = send_vring_endian(d, op, v)) < 0)
                 return r;
         vhu_msg_build_vring_addr(&m, ack, &a);
         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
@@ -235,15 +256,23 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                 return OP_STAGE_NEXT;
         case 4: {
                 /* one kick per ring, so a kick the driver wrote before the
-                 * back-end watched its fd is never lost */
+                 * back-end watched its fd is never lost; a ring without a
+                 * kick fd gets it in-band */
                 uint64_t one = 1;
 
-                for (unsigned i = 0; i < n; i++)
-                        if (v[i].configured && v[i].kick_fd >= 0 &&
-                            write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                for (unsigned i = 0; i < n; i++) {
+                        if (!v[i].configured)
+                                continue;
+                        if (v[i].kick_fd < 0) {
+                                vhu_msg_build_state(&m, VHU_REQ_VRING_KICK, ack, v[i].index, 0);
+                                if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v[i].index))) < 0)
+                                        return r;
+                        } else if (write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
                                 device_log(d, LOG_WARNING, NULL, "kick on ring %u failed: %s",
                                            v[i].index, strerror(errno));
-                return OP_STAGE_DONE;
+                        }
+                }
+                return OP_STAGE_NEXT;
         }
         }
         return OP_STAGE_DONE;
@@ -278,14 +307,14 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
 /* GET_VRING_BASE to every configured ring (stopping it); the replies land in
  * stop_on_reply() (stop, remove and reset share it).  Returns
  * device_send()'s error. */
-static int send_get_vring_bases(struct vhub_device *d, struct vhub_op *op) {
+static int send_get_vring_bases(struct vhub_device *d, struct vhub_op *op, uint32_t request) {
         struct vhu_msg m;
         int r;
 
         for (unsigned i = 0; i < d->queues; i++) {
                 if (!d->vrings[i].configured)
                         continue;
-                vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                vhu_msg_build_state(&m, request, false, i, 0);
                 if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
                         return r;
         }
@@ -297,16 +326,16 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
 
         if (op->stage > 0)
                 return OP_STAGE_DONE;
-        if ((r = send_get_vring_bases(d, op)) < 0)
-                return r;
-        return OP_STAGE_NEXT;
+        r = send_get_vring_bases(d, op, op->u.stop.skip_drain ? VHU_REQ_GET_VRING_BASE_SKIP_DRAIN
+                                                              : VHU_REQ_GET_VRING_BASE);
+        return r < 0 ? r : OP_STAGE_NEXT;
 }
 
 void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                           uint32_t tag, struct vhu_msg *reply) {
         unsigned i = TAG_INDEX(tag);
 
-        if (request != VHU_REQ_GET_VRING_BASE) {
+        if (request != VHU_REQ_GET_VRING_BASE && request != VHU_REQ_GET_VRING_BASE_SKIP_DRAIN) {
                 op_check_ack(d, op, request, reply);
                 return;
         }
@@ -325,7 +354,7 @@ int remove_stage(struct vhub_device *d, struct vhub_op *op) {
         if (op->stage > 0 || !vhub_device_is_connected(d) || d->state != VHUB_DEV_RUNNING)
                 return OP_STAGE_DONE;
         /* stop the rings so the back-end lets go of guest memory cleanly */
-        if (send_get_vring_bases(d, op) < 0)
+        if (send_get_vring_bases(d, op, VHU_REQ_GET_VRING_BASE) < 0)
                 return OP_STAGE_DONE;
         return OP_STAGE_NEXT;
 }
@@ -341,7 +370,7 @@ int reset_stage(struct vhub_device *d, struct vhub_op *op) {
         case 0:
                 if (d->state != VHUB_DEV_RUNNING)
                         return OP_STAGE_NEXT;
-                if ((r = send_get_vring_bases(d, op)) < 0)
+                if ((r = send_get_vring_bases(d, op, VHU_REQ_GET_VRING_BASE)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
         case 1:
@@ -427,6 +456,42 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         op_complete_call(d, op, 0);
 }
 
+/*
+ * spec GET_VRING_BASE: with GET_VRING_BASE_INFLIGHT the back-end "may
+ * suspend in-flight I/O requests and record them" in the inflight region
+ * (GET_VRING_BASE_SKIP_DRAIN: must).  The region stays with the device and
+ * goes back with SET_INFLIGHT_FD at the next start, where the back-end
+ * resubmits them; here they are counted for the VMM.  Every request fetched
+ * and not used is suspended, so the count is base - used index.
+ */
+static int32_t stop_count_suspended(struct vhub_device *d, unsigned i) {
+        const struct vhub_vring *v = &d->vrings[i];
+        uint16_t used_idx = 0;
+        unsigned count = 0;
+        int r;
+
+        if (!dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT) || d->inflight_fd < 0)
+                return -1;
+        r = vhub_mem_table_read(&d->vm->mem, v->used + 2, &used_idx, sizeof(used_idx));
+        if (r == 0)
+                r = vhub_inflight_count_split(d->inflight_fd, d->inflight_size, d->inflight_queue_size,
+                                              i, used_idx, &count);
+        if (r < 0) {
+                device_log(d, LOG_WARNING, NULL, "ring %u: cannot read its inflight region: %s", i,
+                           strerror(-r));
+                return -1;
+        }
+        if (count != (uint16_t) (v->base - used_idx))
+                device_log(d, LOG_WARNING, NULL,
+                           "ring %u stopped at %u with used index %u, but %u requests are recorded in flight",
+                           i, v->base, used_idx, count);
+        else if (count > 0)
+                device_log(d, LOG_INFO, NULL,
+                           "ring %u stopped at %u with %u requests suspended in the inflight region", i,
+                           v->base, count);
+        return (int32_t) count;
+}
+
 void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r < 0) {
                 op_complete_call(d, op, r);
@@ -439,6 +504,7 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         if (d->vrings[i].configured) {
                                 op->call->out.device_stop.vrings[n].index = i;
                                 op->call->out.device_stop.vrings[n].base = d->vrings[i].base;
+                                op->call->out.device_stop.vrings[n].inflight = stop_count_suspended(d, i);
                                 n++;
                         }
                 op->call->out.device_stop.n_vrings = n;

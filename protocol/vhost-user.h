@@ -64,7 +64,10 @@ enum vhu_request {
         VHU_REQ_GET_SHARED_OBJECT        = 41,
         VHU_REQ_SET_DEVICE_STATE_FD      = 42,
         VHU_REQ_CHECK_DEVICE_STATE       = 43,
-        VHU_REQ_GET_SHMEM_CONFIG         = 44, /* the SHMEM series; the last one assigned */
+        VHU_REQ_GET_SHMEM_CONFIG         = 44,
+        /* Same payload as GET_VRING_BASE; the back-end suspends in-flight
+         * requests into the inflight region instead of draining them. */
+        VHU_REQ_GET_VRING_BASE_SKIP_DRAIN = 45, /* the last one assigned */
         _VHU_REQ_MAX,
 };
 
@@ -147,6 +150,9 @@ enum vhu_protocol_feature {
 #define VHU_MAX_CONFIG_SIZE     256
 /* VIRTIO shared memory regions one GET_SHMEM_CONFIG reply can describe. */
 #define VHU_MAX_SHMEM_REGIONS   256
+/* spec: a region's size is a multiple of the page size; every Linux page
+ * size is a multiple of this one. */
+#define VHU_SHMEM_SIZE_ALIGN    4096u
 /* The largest payload this implementation accepts in either direction. */
 #define VHU_MAX_PAYLOAD         4096
 #define VHU_HEADER_SIZE         12

@@ -77,6 +77,14 @@ const struct vhu_request_info *vhu_request_info(enum vhu_direction dir, uint32_t
 const char *vhu_request_name(enum vhu_direction dir, uint32_t request);
 /* "REPLY_ACK"; NULL for bits the spec does not name. */
 const char *vhu_protocol_feature_name(unsigned bit);
+/*
+ * The protocol features the spec allows bit only together with (e.g.
+ * GET_VRING_BASE_SKIP_DRAIN needs GET_VRING_BASE_INFLIGHT and
+ * INFLIGHT_SHMFD); 0 for none.  vhu_validate_request() requires them too.
+ */
+uint64_t vhu_protocol_feature_requires(unsigned bit);
+/* pf without every bit whose prerequisites it lacks (transitively). */
+uint64_t vhu_protocol_features_consistent(uint64_t pf);
 
 /* Message lifetime. */
 void vhu_msg_init(struct vhu_msg *m);                 /* zero, no fds */
