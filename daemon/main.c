@@ -15,6 +15,7 @@
 #include "control-server.h"
 #include "vhub-config.h"
 #include "vhub-context.h"
+#include "vhub-eventfd.h"
 #include "vhub-log.h"
 #include "vhub-sd.h"
 #include "vhub-vm.h"
@@ -114,6 +115,11 @@ int main(int argc, char **argv) {
         vhub_log_setup(m.config.log_level, vhub_log_stderr_is_journal());
         /* MSG_NOSIGNAL everywhere; this is a second line of defence */
         signal(SIGPIPE, SIG_IGN);
+        r = vhub_eventfd_guard_setup();
+        if (r < 0) {
+                log_error("cannot install the SIGALRM handler: %s", strerror(-r));
+                goto out;
+        }
 
         m.base = event_base_new();
         if (!m.base) {

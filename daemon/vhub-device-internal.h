@@ -77,6 +77,12 @@ void device_give_up(struct vhub_device *d, const char *reason);
 int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
                uint64_t avail, uint64_t used, struct vhu_vring_addr *ret);
 
+/* vhub-op-rings.c: adds 1 to one of ring index's eventfds (what: "kick",
+ * "call", "err") without ever blocking.  A full counter (-EAGAIN) means the
+ * eventfd is signalled already and its VMM does not read it: the VMM's
+ * business, counted and logged rate-limited, like any other failure. */
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what);
+
 /* vhub-op.c */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                   const struct vhu_msg *reply);

@@ -20,6 +20,7 @@
 #include "vhub-config.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhub-memory.h"
 
 struct event;
@@ -181,6 +182,8 @@ struct vhub_device {
         bool mem_synced;              /* the handshake's memory sync finished */
 
         struct vhub_backend_channel *channel;
+        /* the VMM's kick/call/err eventfds that could not be signalled */
+        struct vhub_log_ratelimit eventfd_failures;
 
         struct vhub_op_list ops;
         unsigned n_ops;

@@ -45,6 +45,24 @@ int vhub_log_level_from_string(const char *s) {
         return -EINVAL;
 }
 
+bool vhub_log_ratelimit(struct vhub_log_ratelimit *rl, uint64_t now_usec,
+                        unsigned long long *ret_suppressed) {
+        rl->total++;
+        if (rl->logged && now_usec - rl->last_usec < VHUB_LOG_RATELIMIT_USEC) {
+                rl->suppressed++;
+                return false;
+        }
+        *ret_suppressed = rl->suppressed;
+        rl->suppressed = 0;
+        rl->logged = true;
+        rl->last_usec = now_usec;
+        return true;
+}
+
+void vhub_log_ratelimit_reset(struct vhub_log_ratelimit *rl) {
+        *rl = (struct vhub_log_ratelimit){ 0 };
+}
+
 bool vhub_log_stderr_is_journal(void) {
         const char *e = getenv("JOURNAL_STREAM");
         unsigned long long dev, ino;

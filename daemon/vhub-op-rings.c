@@ -4,13 +4,40 @@
  * STOP, RESET, REMOVE's last stop, and the dirty-log switch of running rings.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-eventfd.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
+
+/* ---- the VMM's eventfds ---- */
+
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what) {
+        unsigned long long suppressed;
+        char more[96] = "";
+        int r = vhub_eventfd_signal(fd);
+
+        if (r == 0)
+                return 0;
+        if (!vhub_log_ratelimit(&d->eventfd_failures, vhub_now_usec(), &suppressed))
+                return r;
+        if (d->eventfd_failures.total > 1)
+                snprintf(more, sizeof(more), " (%llu more since the last report, %llu in all)",
+                         suppressed, d->eventfd_failures.total);
+        if (r == -EAGAIN)
+                device_log(d, LOG_WARNING, NULL,
+                           "ring %u: the VMM's %s eventfd is not writable (its counter is full and "
+                           "unread): not signalled again%s", index, what, more);
+        else
+                device_log(d, LOG_WARNING, NULL, "ring %u: cannot signal the VMM's %s eventfd: %s%s",
+                           index, what, strerror(-r), more);
+        return r;
+}
 
 /* ---- start ---- */
 
@@ -215,18 +242,13 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                 if ((r = device_send(d, op, &m, 0)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
-        case 4: {
+        case 4:
                 /* one kick per ring, so a kick the driver wrote before the
                  * back-end watched its fd is never lost */
-                uint64_t one = 1;
-
                 for (unsigned i = 0; i < n; i++)
-                        if (v[i].configured && v[i].kick_fd >= 0 &&
-                            write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-                                device_log(d, LOG_WARNING, NULL, "kick on ring %u failed: %s",
-                                           v[i].index, strerror(errno));
+                        if (v[i].configured && v[i].kick_fd >= 0)
+                                (void)vring_signal(d, v[i].index, v[i].kick_fd, "kick");
                 return OP_STAGE_DONE;
-        }
         }
         return OP_STAGE_DONE;
 }

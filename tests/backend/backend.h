@@ -69,6 +69,7 @@ enum tb_action {
         TB_ACT_CLOSE,           /* close the connection instead of processing */
         TB_ACT_HANG,            /* stop reading the socket until "resume" */
         TB_ACT_DELAY,           /* process now, answer after arg ms */
+        TB_ACT_IGNORE_FD,       /* SET_VRING_KICK/CALL/ERR: keep the fd, never use it */
         _TB_ACT_MAX,
 };
 
@@ -143,6 +144,7 @@ struct tb_vq {
         uint16_t last_avail;    /* next avail index to fetch */
         uint16_t used_idx;      /* our copy of used->idx */
         int kick_fd, call_fd, err_fd;
+        int ignored_fd;         /* misbehaviour "ignore-fd": held open, never read or written */
         bool enabled, started, polling;
         bool activated;         /* rings translated, inflight resubmitted */
         char broken[128];       /* non-empty: stopped because of a front-end error */
