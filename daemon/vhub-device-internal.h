@@ -20,6 +20,10 @@ struct vhub_vm;
          VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
          VHU_PF_BIT(VHU_PF_SHMEM))
 
+/* A restore that lasted this long counts as a recovery: the next loss
+ * starts the reconnect backoff over from reconnect_ms. */
+#define DEVICE_RESTORE_STABLE_USEC (5 * 1000000ull)
+
 /* Reply tags: what a reply belongs to inside the running op. */
 #define TAG_KIND(t)       ((t) >> 16)
 #define TAG_INDEX(t)      ((t) & 0xffffu)

@@ -162,6 +162,9 @@ struct vhub_device {
         int watch_wd;                 /* its socket's directory is watched while disconnected */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
+        uint64_t outage_usec;         /* when the current outage began */
+        unsigned outage_failures;     /* restore attempts failed in it */
+        struct vhub_log_ratelimit reconnect_log;
 
         /* negotiated */
         bool handshaken;              /* the first handshake succeeded */
