@@ -13,9 +13,13 @@
 #include <syslog.h>
 
 void vhub_log_setup(int max_level, bool use_journal);
+/* The level alone (SIGHUP reloads it). */
+void vhub_log_set_level(int max_level);
 int vhub_log_get_level(void);
 /* "err", "warning", "notice", "info", "debug" (or 3..7) -> level, -EINVAL otherwise. */
 int vhub_log_level_from_string(const char *s);
+/* The level's name ("info"), or its number for 0..2. */
+const char *vhub_log_level_to_string(int level);
 /* True if stderr is connected to the journal (JOURNAL_STREAM). */
 bool vhub_log_stderr_is_journal(void);
 
