@@ -492,9 +492,10 @@ static json_t *result_device_stop(struct control_call *cc) {
         json_t *v = json_array();
 
         for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++)
-                json_array_append_new(v, json_pack("{s:i, s:i}", "index",
+                /* base is a u32 (a packed ring's has wrap counters in bits 15 and 31) */
+                json_array_append_new(v, json_pack("{s:i, s:I}", "index",
                                                    (int)cc->call.out.device_stop.vrings[i].index, "base",
-                                                   (int)cc->call.out.device_stop.vrings[i].base));
+                                                   (json_int_t)cc->call.out.device_stop.vrings[i].base));
         return json_pack("{s:o}", "vrings", v);
 }
 

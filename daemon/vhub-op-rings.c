@@ -4,6 +4,7 @@
  * STOP, RESET, REMOVE's last stop, and the dirty-log switch of running rings.
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -306,21 +307,56 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
         return OP_STAGE_NEXT;
 }
 
+/* Whether GET_VRING_BASE's num is a ring position.  spec "A vring
+ * descriptor index for split virtqueues": bits 0-15 the next avail index,
+ * bits 16-31 reserved (zero).  "Vring descriptor indices for packed
+ * virtqueues": bits 0-14 the next avail index and bit 15 its wrap counter,
+ * bits 16-30 the next used index and bit 31 its wrap counter; a packed
+ * ring's indexes are positions in the ring, so below its size. */
+static bool vring_base_valid(const struct vhub_device *d, const struct vhub_vring *v, uint32_t num) {
+        if (!(d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)))
+                return num <= 0xffff;
+        return (num & 0x7fff) < v->size && ((num >> 16) & 0x7fff) < v->size;
+}
+
+/* A reply that breaks the protocol fails the op and loses the back-end:
+ * nothing it said reaches the VMM. */
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) {
+        char reason[160];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(reason, sizeof(reason), fmt, ap);
+        va_end(ap);
+        device_op_error(op, VHUB_ERR_BACKEND, REQ(request), "device %s: %s", d->name, reason);
+        snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
+        device_mark_lost(d, reason);
+}
+
 void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                           uint32_t tag, struct vhu_msg *reply) {
+        const struct vhu_vring_state *st = &reply->payload.state;
         unsigned i = TAG_INDEX(tag);
 
         if (request != VHU_REQ_GET_VRING_BASE) {
                 op_check_ack(d, op, request, reply);
                 return;
         }
-        if (reply->payload.state.index != i || i >= d->queues) {
-                device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
-                                "GET_VRING_BASE reply names ring %u, asked for %u",
-                                reply->payload.state.index, i);
+        if (st->index != i || i >= d->queues) {
+                stop_violation(d, op, request, "GET_VRING_BASE reply names ring %u, asked for %u",
+                               st->index, i);
                 return;
         }
-        d->vrings[i].base = reply->payload.state.num;
+        if (!vring_base_valid(d, &d->vrings[i], st->num)) {
+                stop_violation(d, op, request,
+                               "GET_VRING_BASE reply for ring %u: 0x%x is not a ring index "
+                               "(protocol violation)", i, st->num);
+                return;
+        }
+        d->vrings[i].base = st->num;
 }
 
 /* ---- remove ---- */
