@@ -17,44 +17,44 @@ static void guard_noop(int sig) {
         (void)sig;
 }
 
+/* Set once by vhub_eventfd_guard_setup(), like the SIGALRM disposition it
+ * goes with: process-wide by nature. */
+static struct {
+        bool installed;
+        timer_t timer;   /* one-shot, SIGALRM to the thread that set it up */
+} guard;
+
 int vhub_eventfd_guard_setup(void) {
         /* no SA_RESTART: an interrupted write returns EINTR instead of waiting on */
         struct sigaction sa = { .sa_handler = guard_noop };
-
-        sigemptyset(&sa.sa_mask);
-        return sigaction(SIGALRM, &sa, NULL) < 0 ? -errno : 0;
-}
-
-static bool guard_installed(void) {
-        struct sigaction cur;
-
-        return sigaction(SIGALRM, NULL, &cur) == 0 && cur.sa_handler == guard_noop &&
-               !(cur.sa_flags & SA_RESTART);
-}
-
-/* A one-shot timer that sends SIGALRM to this thread (the one writing). */
-static int guard_arm(timer_t *ret) {
         struct sigevent sev = { .sigev_notify = SIGEV_THREAD_ID, .sigev_signo = SIGALRM };
-        struct itimerspec its = { .it_value = { .tv_sec = 0, .tv_nsec = GUARD_NSEC } };
-        int r;
 
+        if (guard.installed)
+                return 0;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGALRM, &sa, NULL) < 0)
+                return -errno;
         /* older glibc has no sigev_notify_thread_id, only the union member */
         sev._sigev_un._tid = gettid();
-        if (timer_create(CLOCK_MONOTONIC, &sev, ret) < 0)
+        if (timer_create(CLOCK_MONOTONIC, &sev, &guard.timer) < 0)
                 return -errno;
-        if (timer_settime(*ret, 0, &its, NULL) < 0) {
-                r = -errno;
-                timer_delete(*ret);
-                return r;
-        }
+        guard.installed = true;
         return 0;
+}
+
+/* Armed, it fires every nsec until disarmed (nsec 0): a write that starts
+ * late after arming is still interrupted by the next tick. */
+static int guard_set(long nsec) {
+        struct itimerspec its = { .it_value = { .tv_sec = 0, .tv_nsec = nsec },
+                                  .it_interval = { .tv_sec = 0, .tv_nsec = nsec } };
+
+        return timer_settime(guard.timer, 0, &its, NULL) < 0 ? -errno : 0;
 }
 
 int vhub_eventfd_signal(int fd) {
         struct pollfd p = { .fd = fd, .events = POLLOUT };
         uint64_t one = 1;
         bool guarded;
-        timer_t timer;
         ssize_t n;
         int r;
 
@@ -68,11 +68,11 @@ int vhub_eventfd_signal(int fd) {
         if (!(p.revents & POLLOUT))
                 return -EAGAIN;
         /* The peer may write between poll() and write(): bound that race too. */
-        guarded = guard_installed() && guard_arm(&timer) == 0;
+        guarded = guard.installed && guard_set(GUARD_NSEC) == 0;
         n = write(fd, &one, sizeof(one));
         r = n < 0 ? -errno : 0;
         if (guarded)
-                timer_delete(timer);
+                (void)guard_set(0); /* disarmed: no SIGALRM later */
         /* only a write that waited can be interrupted: the counter was full */
         return r == -EINTR ? -EAGAIN : r;
 }
