@@ -12,7 +12,7 @@ records when each connection arrives:
 - the gaps between attempts follow the documented backoff: reconnect_ms
   (100) doubling up to the cap (each gap at least 90 % of its step; one
   attempt every 100 ms, or a burst of quick retries, fails);
-- the daemon keeps trying (no gap much beyond the cap, at least 5 attempts);
+- the daemon keeps trying (at least 5 attempts where the schedule makes 10);
 - the daemon's log over the outage holds a handful of lines, not several per
   attempt: the first failure is logged, the rest are counted and summarized
   (a summary line names how many attempts failed).
@@ -144,7 +144,6 @@ def main(t):
             check(False, "gap %d between attempts is at least 90%% of the backoff step %d ms"
                   % (i, step), "%.0f ms; gaps %s" % (g, [round(x) for x in gaps]))
     log("ok: every gap follows the backoff (100 ms doubling up to %d ms)" % CAP_MS)
-    check(max(gaps) < CAP_MS + 1500, "no gap far beyond the cap (largest %.0f ms)" % max(gaps))
     check(len(lines) <= MAX_LOG_LINES, "%d log lines for %d attempts (at most %d)"
           % (len(lines), len(times), MAX_LOG_LINES))
     summary = [ln for ln in lines if re.search(r"\b\d+ failed attempts\b", ln)]
