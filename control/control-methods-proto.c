@@ -192,7 +192,8 @@ static json_t *result_device_stop(struct control_call *cc) {
 
         for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++) {
                 const struct vhub_vring_base *b = &cc->call.out.device_stop.vrings[i];
-                json_t *ring = json_pack("{s:i, s:i}", "index", (int)b->index, "base", (int)b->base);
+                /* base is a u32 (a packed ring's has wrap counters in bits 15 and 31) */
+                json_t *ring = json_pack("{s:i, s:I}", "index", (int)b->index, "base", (json_int_t)b->base);
 
                 /* GET_VRING_BASE_INFLIGHT: how many requests the back-end
                  * suspended into the inflight region (completed after the

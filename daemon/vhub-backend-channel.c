@@ -276,13 +276,14 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_VRING_ERR: {
                 uint32_t i = m->payload.state.index;
                 bool ok = i < d->queues && d->vrings && d->vrings[i].configured;
-                int efd = ok ? (m->hdr.request == VHU_BREQ_VRING_CALL ? d->vrings[i].call_fd
-                                                                      : d->vrings[i].err_fd)
-                             : -1;
-                uint64_t one = 1;
+                bool call = m->hdr.request == VHU_BREQ_VRING_CALL;
+                int efd = ok ? (call ? d->vrings[i].call_fd : d->vrings[i].err_fd) : -1;
+                int r;
 
-                /* in-band notification: signal the VMM's eventfd for that ring */
-                if (efd >= 0 && write(efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                /* in-band notification: signal the VMM's eventfd for that ring
+                 * (never blocking; a full one is signalled already: success) */
+                if (efd >= 0 && (r = vring_signal(d, i, efd, call ? "call" : "err")) < 0 &&
+                    r != -EAGAIN)
                         ok = false;
                 channel_ack(ch, m, ok && efd >= 0 ? 0 : 1);
                 break;

@@ -26,6 +26,10 @@ struct vhub_vm;
 _Static_assert(!(VHUB_SUPPORTED_PROTOCOL_FEATURES & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
                "bit 21 is never acked");
 
+/* A restore that lasted this long counts as a recovery: the next loss
+ * starts the reconnect backoff over from reconnect_ms. */
+#define DEVICE_RESTORE_STABLE_USEC (5 * 1000000ull)
+
 /* Reply tags: what a reply belongs to inside the running op. */
 #define TAG_KIND(t)       ((t) >> 16)
 #define TAG_INDEX(t)      ((t) & 0xffffu)
@@ -90,6 +94,12 @@ int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t siz
 static inline bool features_iommu(uint64_t features) {
         return (features & (UINT64_C(1) << VHU_VIRTIO_F_ACCESS_PLATFORM)) != 0;
 }
+
+/* vhub-op-rings.c: adds 1 to one of ring index's eventfds (what: "kick",
+ * "call", "err") without ever blocking.  A full counter (-EAGAIN) means the
+ * eventfd is signalled already and its VMM does not read it: the VMM's
+ * business, counted and logged rate-limited, like any other failure. */
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what);
 
 /* vhub-op.c */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,

@@ -20,6 +20,7 @@
 #include "vhub-config.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhub-memory.h"
 
 struct event;
@@ -179,6 +180,9 @@ struct vhub_device {
         int watch_wd;                 /* its socket's directory is watched while disconnected */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
+        uint64_t outage_usec;         /* when the current outage began */
+        unsigned outage_failures;     /* restore attempts failed in it */
+        struct vhub_log_ratelimit reconnect_log;
 
         /* negotiated */
         bool handshaken;              /* the first handshake succeeded */
@@ -201,6 +205,8 @@ struct vhub_device {
         bool mem_synced;              /* the handshake's memory sync finished */
 
         struct vhub_backend_channel *channel;
+        /* the VMM's kick/call/err eventfds that could not be signalled */
+        struct vhub_log_ratelimit eventfd_failures;
 
         struct vhub_op_list ops;
         unsigned n_ops;

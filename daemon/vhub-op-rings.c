@@ -4,14 +4,42 @@
  * STOP, RESET, REMOVE's last stop, and the dirty-log switch of running rings.
  */
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-eventfd.h"
 #include "vhub-inflight.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
+
+/* ---- the VMM's eventfds ---- */
+
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what) {
+        unsigned long long suppressed;
+        char more[96] = "";
+        int r = vhub_eventfd_signal(fd);
+
+        if (r == 0)
+                return 0;
+        if (!vhub_log_ratelimit(&d->eventfd_failures, vhub_now_usec(), &suppressed))
+                return r;
+        if (d->eventfd_failures.total > 1)
+                snprintf(more, sizeof(more), " (%llu more since the last report, %llu in all)",
+                         suppressed, d->eventfd_failures.total);
+        if (r == -EAGAIN)
+                device_log(d, LOG_WARNING, NULL,
+                           "ring %u: the VMM's %s eventfd is not writable (its counter is full and "
+                           "unread): not signalled again%s", index, what, more);
+        else
+                device_log(d, LOG_WARNING, NULL, "ring %u: cannot signal the VMM's %s eventfd: %s%s",
+                           index, what, strerror(-r), more);
+        return r;
+}
 
 /* ---- start ---- */
 
@@ -254,12 +282,10 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                 if ((r = device_send(d, op, &m, 0)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
-        case 4: {
+        case 4:
                 /* one kick per ring, so a kick the driver wrote before the
                  * back-end watched its fd is never lost; a ring without a
                  * kick fd gets it in-band */
-                uint64_t one = 1;
-
                 for (unsigned i = 0; i < n; i++) {
                         if (!v[i].configured)
                                 continue;
@@ -267,13 +293,11 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                                 vhu_msg_build_state(&m, VHU_REQ_VRING_KICK, ack, v[i].index, 0);
                                 if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v[i].index))) < 0)
                                         return r;
-                        } else if (write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
-                                device_log(d, LOG_WARNING, NULL, "kick on ring %u failed: %s",
-                                           v[i].index, strerror(errno));
+                        } else {
+                                (void)vring_signal(d, v[i].index, v[i].kick_fd, "kick");
                         }
                 }
                 return OP_STAGE_NEXT;
-        }
         }
         return OP_STAGE_DONE;
 }
@@ -331,21 +355,56 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
         return r < 0 ? r : OP_STAGE_NEXT;
 }
 
+/* Whether GET_VRING_BASE's num is a ring position.  spec "A vring
+ * descriptor index for split virtqueues": bits 0-15 the next avail index,
+ * bits 16-31 reserved (zero).  "Vring descriptor indices for packed
+ * virtqueues": bits 0-14 the next avail index and bit 15 its wrap counter,
+ * bits 16-30 the next used index and bit 31 its wrap counter; a packed
+ * ring's indexes are positions in the ring, so below its size. */
+static bool vring_base_valid(const struct vhub_device *d, const struct vhub_vring *v, uint32_t num) {
+        if (!(d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)))
+                return num <= 0xffff;
+        return (num & 0x7fff) < v->size && ((num >> 16) & 0x7fff) < v->size;
+}
+
+/* A reply that breaks the protocol fails the op and loses the back-end:
+ * nothing it said reaches the VMM. */
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) {
+        char reason[160];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(reason, sizeof(reason), fmt, ap);
+        va_end(ap);
+        device_op_error(op, VHUB_ERR_BACKEND, REQ(request), "device %s: %s", d->name, reason);
+        snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
+        device_mark_lost(d, reason);
+}
+
 void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                           uint32_t tag, struct vhu_msg *reply) {
+        const struct vhu_vring_state *st = &reply->payload.state;
         unsigned i = TAG_INDEX(tag);
 
         if (request != VHU_REQ_GET_VRING_BASE && request != VHU_REQ_GET_VRING_BASE_SKIP_DRAIN) {
                 op_check_ack(d, op, request, reply);
                 return;
         }
-        if (reply->payload.state.index != i || i >= d->queues) {
-                device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
-                                "GET_VRING_BASE reply names ring %u, asked for %u",
-                                reply->payload.state.index, i);
+        if (st->index != i || i >= d->queues) {
+                stop_violation(d, op, request, "GET_VRING_BASE reply names ring %u, asked for %u",
+                               st->index, i);
                 return;
         }
-        d->vrings[i].base = reply->payload.state.num;
+        if (!vring_base_valid(d, &d->vrings[i], st->num)) {
+                stop_violation(d, op, request,
+                               "GET_VRING_BASE reply for ring %u: 0x%x is not a ring index "
+                               "(protocol violation)", i, st->num);
+                return;
+        }
+        d->vrings[i].base = st->num;
 }
 
 /* ---- remove ---- */

@@ -123,8 +123,9 @@ void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, ui
 }
 
 void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        /* a restore's failure is a failed attempt: the device logs those */
         if (r < 0)
-                device_log(d, LOG_INFO, op->error.request, "%s failed: %s", vhub_op_kind_to_string(op->kind),
-                           op->error.detail);
+                device_log(d, op->restore ? LOG_DEBUG : LOG_INFO, op->error.request, "%s failed: %s",
+                           vhub_op_kind_to_string(op->kind), op->error.detail);
         op_classes[op->kind].complete(d, op, r);
 }

@@ -114,7 +114,7 @@ void tb_blk_config_init(void) {
 void tb_vq_init(struct tb_vq *vq, unsigned index) {
         memset(vq, 0, sizeof(*vq));
         vq->index = index;
-        vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+        vq->kick_fd = vq->call_fd = vq->err_fd = vq->ignored_fd = -1;
 }
 
 static void req_release(struct tb_req *r) {
@@ -143,6 +143,7 @@ void tb_vq_reset(struct tb_vq *vq) {
         close_fd(&vq->kick_fd);
         close_fd(&vq->call_fd);
         close_fd(&vq->err_fd);
+        close_fd(&vq->ignored_fd);
         tb_vq_init(vq, vq->index);
 }
 

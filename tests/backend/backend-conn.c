@@ -614,6 +614,24 @@ static void send_misbehaving(struct tb_conn *c, const struct tb_rule *rule, stru
                 close(fds[i]);
 }
 
+/* Misbehaviour "ignore-fd": the ring's kick/call/err fd is held open but
+ * never read or written, and the request is handled as if it carried none
+ * (a kick is then polled) -- a back-end that does not drain its kick fd. */
+static void ignore_vring_fd(struct tb_conn *c, struct vhu_msg *m) {
+        struct tb_vq *vq;
+
+        if ((m->hdr.request != VHU_REQ_SET_VRING_KICK && m->hdr.request != VHU_REQ_SET_VRING_CALL &&
+             m->hdr.request != VHU_REQ_SET_VRING_ERR) || m->n_fds != 1)
+                return;
+        vq = vq_by_index(c, m->payload.u64 & VHU_VRING_IDX_MASK);
+        if (!vq)
+                return;
+        if (vq->ignored_fd >= 0)
+                close(vq->ignored_fd);
+        vq->ignored_fd = vhu_msg_take_fd(m, 0);
+        m->payload.u64 |= VHU_VRING_NOFD_MASK;
+}
+
 /* Handle one validated request; consumes m's fds. */
 static void conn_handle(struct tb_conn *c, struct vhu_msg *m, const struct tb_rule *rule) {
         struct vhu_msg *reply = calloc(1, sizeof(*reply));
@@ -626,6 +644,8 @@ static void conn_handle(struct tb_conn *c, struct vhu_msg *m, const struct tb_ru
                 return;
         }
         vhu_msg_init(reply);
+        if (rule && rule->action == TB_ACT_IGNORE_FD)
+                ignore_vring_fd(c, m);
         if (rule && rule->action == TB_ACT_REFUSE) {
                 r = -EPERM;
                 if (vhu_request_info(VHU_DIR_FRONTEND, req)->reply == VHU_REPLY_ALWAYS)

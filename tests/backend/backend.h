@@ -76,6 +76,7 @@ enum tb_action {
         TB_ACT_CLOSE,           /* close the connection instead of processing */
         TB_ACT_HANG,            /* stop reading the socket until "resume" */
         TB_ACT_DELAY,           /* process now, answer after arg ms */
+        TB_ACT_IGNORE_FD,       /* SET_VRING_KICK/CALL/ERR: keep the fd, never use it */
         _TB_ACT_MAX,
 };
 
@@ -152,6 +153,7 @@ struct tb_vq {
         uint16_t last_avail;    /* next avail index to fetch */
         uint16_t used_idx;      /* our copy of used->idx */
         int kick_fd, call_fd, err_fd;
+        int ignored_fd;         /* misbehaviour "ignore-fd": held open, never read or written */
         bool enabled, started, polling;
         bool endian_set, big_endian;    /* SET_VRING_ENDIAN (legacy devices) */
         bool activated;         /* rings translated, inflight resubmitted */

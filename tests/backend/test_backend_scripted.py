@@ -158,6 +158,21 @@ def scenario_misbehave(t):
     tb.sigcont()
     check_eq(struct.unpack("<Q", fe.recv_reply(direct.GET_QUEUE_NUM))[0], 2, "answer after SIGCONT")
 
+    # ignore-fd: the kick eventfd is held but never drained; the ring is polled
+    mem = t.enter(GuestMemory(4 << 20))
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    t.defer(q.vq.close)
+    fe.set_memory(mem)
+    tb.misbehave("SET_VRING_KICK", "ignore-fd", count=1)
+    fe.start_ring(q.vq)
+    v = tb.vrings()[0]
+    check(v["ignored_fd"] and not v["kick_fd"] and v["polling"],
+          "ignore-fd: the kick fd is held, the ring polled", v)
+    os.eventfd_write(q.vq.kick_fd, 5)
+    check_eq(len(q.read_sectors(0, 8)), 4096, "ignore-fd: the polled ring does I/O")
+    check(os.eventfd_read(q.vq.kick_fd) >= 5, "ignore-fd: nobody drained the kick eventfd")
+    fe.stop_rings()
+
     tb.misbehave("GET_FEATURES", "oversized", count=1)
     fe.send(direct.GET_FEATURES)
     req, flags, size = struct.unpack("<III", recv_exact(fe.sock, 12))
