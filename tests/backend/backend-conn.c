@@ -242,7 +242,8 @@ static int handle_vring_fd(struct tb_conn *c, struct vhu_msg *m) {
                 /* spec "Ring states": a ring starts on SET_VRING_KICK; no fd
                  * means the back-end polls, or (INBAND_NOTIFICATIONS, as
                  * libvhost-user) waits for in-band VRING_KICKs */
-                vq->polling = nofd && !tb_conn_has_pf(c, VHU_PF_INBAND_NOTIFICATIONS);
+                vq->polling = nofd && (vq->kick_ignored || !tb_conn_has_pf(c, VHU_PF_INBAND_NOTIFICATIONS));
+                vq->kick_ignored = false;
                 tb_vq_start(c, vq);
         }
         return 0;
@@ -629,6 +630,8 @@ static void ignore_vring_fd(struct tb_conn *c, struct vhu_msg *m) {
         if (vq->ignored_fd >= 0)
                 close(vq->ignored_fd);
         vq->ignored_fd = vhu_msg_take_fd(m, 0);
+        if (m->hdr.request == VHU_REQ_SET_VRING_KICK)
+                vq->kick_ignored = true;
         m->payload.u64 |= VHU_VRING_NOFD_MASK;
 }
 

@@ -154,6 +154,7 @@ struct tb_vq {
         uint16_t used_idx;      /* our copy of used->idx */
         int kick_fd, call_fd, err_fd;
         int ignored_fd;         /* misbehaviour "ignore-fd": held open, never read or written */
+        bool kick_ignored;      /* ... and it was the kick fd: the ring is polled instead */
         bool enabled, started, polling;
         bool endian_set, big_endian;    /* SET_VRING_ENDIAN (legacy devices) */
         bool activated;         /* rings translated, inflight resubmitted */
