@@ -27,6 +27,7 @@ struct control_conn {
         pid_t pid;
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
+        bool eof;                    /* the peer shut down its sending side */
         bool sub_all;                /* events of every VM of its uid */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
@@ -40,6 +41,14 @@ struct control_server {
         int listen_fd;
         char *path;                  /* created by us; unlinked at free */
         struct event *ev_accept;
+        /* Out of fds, accept() fails and the listening socket stays
+         * readable: accepting pauses until a connection closes or the retry
+         * timer fires.  The spare fd is given up for a moment to accept a
+         * connection just to tell it why it is refused. */
+        struct event *ev_accept_retry;
+        bool accept_paused;
+        bool out_of_fds;             /* logged once per episode */
+        int spare_fd;
         struct control_conn_list conns;
         unsigned n_conns;
         uint64_t next_conn_id;
@@ -86,6 +95,10 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
 
 /* The method table (control-methods.c). */
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+
+/* May the requesting uid make the daemon hold n more fds (the fd budget,
+ * vhub-fd-budget.h)?  0, or -32008 in err. */
+int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err);
 
 /* Resolve the VM a request names (vm + optional uid), honouring isolation. */
 int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

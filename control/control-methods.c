@@ -301,6 +301,8 @@ static int m_device_add(struct control_req *req, struct vhub_error *err) {
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "'queues' must be 1..%d", VHUB_MAX_QUEUES);
         p.queues = queues;
         p.reconnect_ms = reconnect_ms;
+        if ((r = control_req_check_fds(req, VHUB_DEVICE_OWN_FDS, err)) < 0)
+                return r;
         if (!(cc = req_call(req, result_device_add, err)))
                 return -ENOMEM;
         vhub_device_add(vm, &p, &cc->call);
@@ -621,6 +623,8 @@ static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err)
         if (req->batch)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
                                       "vm.dirty_log.start answers with an fd and cannot be used inside a batch");
+        if ((r = control_req_check_fds(req, 1, err)) < 0)   /* the log memfd */
+                return r;
         if (!(cc = req_call(req, result_dirty_log, err)))
                 return -ENOMEM;
         vhub_vm_dirty_log_start(vm, &cc->call);

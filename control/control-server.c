@@ -8,6 +8,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/resource.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "control-internal.h"
@@ -40,6 +42,61 @@ void control_conn_unref(struct control_conn *c) {
 static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         if (c->rpc)
                 (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
+}
+
+/* A half-closed connection closes once every request it sent is answered. */
+static void conn_finish_if_answered(struct control_conn *c) {
+        if (c->eof && c->pending == 0 && c->rpc)
+                rpc_conn_close_after_flush(c->rpc, "peer closed");
+}
+
+/* ---- the fd budget (vhub-fd-budget.h) ---- */
+
+/* What uid, the non-root uids and everyone make the daemon hold now: the
+ * model's fds and the connections' own. */
+static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_usage *u) {
+        struct control_conn *c;
+
+        *u = (struct vhub_fd_usage){ .uid = uid };
+        vhub_fd_usage_add_model(s->ctx, u);
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc)
+                        vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
+}
+
+static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
+                            struct vhub_error *err) {
+        struct vhub_fd_usage u;
+
+        server_fd_usage(s, uid, &u);
+        return vhub_fd_budget_check(&s->ctx->fd_budget, &u, n, slack, err);
+}
+
+int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
+        return server_check_fds(req->conn->srv, req->conn->uid, n, 0, err);
+}
+
+/* How far fds that already arrived, or a new connection, may pass the
+ * budget: the request they belong to is answered -32008 and closes them.
+ * Root may use half of the reserve for that, others a quarter of it; the
+ * rest stays for the daemon itself. */
+static unsigned fd_slack(const struct control_server *s, uid_t uid) {
+        const struct vhub_fd_budget *b = &s->ctx->fd_budget;
+
+        return uid == 0 ? b->reserve / 2 : b->reserve / 4;
+}
+
+static int conn_admit_fds(struct rpc_conn *rpc, unsigned n, char *detail, size_t len,
+                          void *userdata) {
+        struct control_conn *c = userdata;
+        struct vhub_error err = { 0 };
+        int r;
+
+        /* the n fds are queued on rpc already: counted in the usage */
+        r = server_check_fds(c->srv, c->uid, 0, fd_slack(c->srv, c->uid), &err);
+        if (r < 0)
+                snprintf(detail, len, "%u fds refused: %s", n, err.detail);
+        return r;
 }
 
 static json_t *error_object(json_t *id, const struct vhub_error *err) {
@@ -143,6 +200,7 @@ static void control_call_done(struct vhub_call *call) {
         if (cc->free_data)
                 cc->free_data(cc->data);
         cc->conn->pending--;
+        conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
         json_decref(cc->id);
         free(cc);
@@ -208,6 +266,11 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
         }
         if (params && !json_is_object(params)) {
                 vhub_error_set(&err, VHUB_ERR_PARAMS, "'params' must be an object");
+                control_req_error(&req, &err);
+                return;
+        }
+        /* fds the request brought may not be kept past the uid's budget */
+        if (fds && fds->n > 0 && control_req_check_fds(&req, fds->n, &err) < 0) {
                 control_req_error(&req, &err);
                 return;
         }
@@ -278,6 +341,8 @@ out:
         control_conn_unref(c);
 }
 
+static void accept_resume(struct control_server *s);
+
 static void conn_close(struct control_conn *c, const char *reason) {
         struct control_server *s = c->srv;
         struct vhub_vm *vm, *next;
@@ -289,6 +354,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
         c->rpc = rpc_conn_free(c->rpc);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
+        accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         for (vm = TAILQ_FIRST(&s->ctx->vms); vm; vm = next) {
                 next = TAILQ_NEXT(vm, link);
@@ -302,28 +368,131 @@ static void conn_on_close(struct rpc_conn *rpc, const char *reason, void *userda
         conn_close(userdata, reason);
 }
 
+static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
+        struct control_conn *c = userdata;
+
+        c->eof = true;
+        conn_finish_if_answered(c);
+}
+
 static const struct rpc_conn_ops conn_ops = {
         .on_message = conn_on_message,
         .on_close = conn_on_close,
+        .on_eof = conn_on_eof,
+        .admit_fds = conn_admit_fds,
 };
+
+/* ---- accepting ---- */
+
+#define ACCEPT_RETRY_MS 200
+
+/* Tell a connection we will not serve why, and close it. */
+static void refuse_connection(int fd, const char *detail) {
+        json_t *msg = json_pack("{s:s, s:n, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", "error",
+                                "code", VHUB_ERR_LIMIT, "message", vhub_error_message(VHUB_ERR_LIMIT),
+                                "data", "detail", detail);
+        char *line = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
+
+        if (line) {
+                size_t n = strlen(line);
+
+                line[n] = '\n'; /* replaces the NUL: sent by length below */
+                (void)send(fd, line, n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
+        free(line);
+        json_decref(msg);
+        close(fd);
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
+        accept_resume(userdata);
+}
+
+/* Out of fds: stop watching the listening socket (it stays readable and
+ * accept() keeps failing: a busy loop) until a connection closes or the
+ * retry timer fires. */
+static void accept_pause(struct control_server *s) {
+        struct timeval tv = { .tv_sec = 0, .tv_usec = ACCEPT_RETRY_MS * 1000 };
+
+        if (s->accept_paused)
+                return;
+        s->accept_paused = true;
+        event_del(s->ev_accept);
+        evtimer_add(s->ev_accept_retry, &tv);
+}
+
+static void accept_resume(struct control_server *s) {
+        if (!s->accept_paused || s->ctx->shutting_down)
+                return;
+        s->accept_paused = false;
+        evtimer_del(s->ev_accept_retry);
+        if (s->spare_fd < 0)
+                s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        event_add(s->ev_accept, NULL);
+}
+
+/* accept() failed for want of fds: give up the spare for a moment to take
+ * the connection and tell it so.  False if that did not work either. */
+static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
+        char detail[128];
+        int fd;
+
+        if (s->spare_fd < 0)
+                return false;
+        close(s->spare_fd);
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd >= 0) {
+                struct rlimit rl = { 0 };
+
+                (void)getrlimit(RLIMIT_NOFILE, &rl);
+                snprintf(detail, sizeof(detail), "the daemon is out of fds (fd limit %llu)",
+                         (unsigned long long)rl.rlim_cur);
+                refuse_connection(fd, detail);
+        }
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        return fd >= 0;
+}
 
 static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
+        struct vhub_error err = { 0 };
         struct control_conn *c;
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
         int fd, r;
 
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        if (fd < 0)
+        if (fd < 0) {
+                if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                        if (!s->out_of_fds)
+                                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                              "cannot accept control connections: %s", strerror(errno));
+                        s->out_of_fds = true;
+                        if ((errno != EMFILE && errno != ENFILE) || !accept_refuse_with_spare(s, lfd))
+                                accept_pause(s);
+                }
                 return;
-        if (s->n_conns >= s->opts.max_connections) {
-                static const char msg[] =
-                        "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32008,\"message\":\"resource limit reached\","
-                        "\"data\":{\"detail\":\"too many control connections\"}}}\n";
-
-                (void)send(fd, msg, sizeof(msg) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
+        if (s->out_of_fds) {
+                s->out_of_fds = false;
+                vhub_log_full(LOG_NOTICE, NULL, NULL, NULL, "accepting control connections again");
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
                 close(fd);
+                return;
+        }
+        if (s->n_conns >= s->opts.max_connections) {
+                refuse_connection(fd, "too many control connections");
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "refused a control connection: %u connections is the limit", s->n_conns);
+                return;
+        }
+        /* the connection is an fd of its uid's too */
+        if (server_check_fds(s, cred.uid, 1, cred.uid == 0 ? fd_slack(s, 0) : 0, &err) < 0) {
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "refused a control connection of uid %u pid %d: %s", (unsigned)cred.uid,
+                              (int)cred.pid, err.detail);
+                refuse_connection(fd, err.detail);
                 return;
         }
         c = calloc(1, sizeof(*c));
@@ -488,6 +657,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->ctx = ctx;
         s->opts = *o;
         s->listen_fd = -1;
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
         if (o->listen_fd >= 0) {
                 s->listen_fd = o->listen_fd;
@@ -498,6 +668,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         } else {
                 r = create_socket(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
+                        if (s->spare_fd >= 0)
+                                close(s->spare_fd);
                         free(s);
                         return r;
                 }
@@ -505,7 +677,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 s->path = strdup(o->path);
         }
         s->ev_accept = event_new(ctx->base, s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
-        if (!s->ev_accept || event_add(s->ev_accept, NULL) < 0) {
+        s->ev_accept_retry = evtimer_new(ctx->base, accept_retry_cb, s);
+        if (!s->ev_accept || !s->ev_accept_retry || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
@@ -520,6 +693,9 @@ void control_server_shutdown(struct control_server *s) {
 
         if (s->ev_accept)
                 event_del(s->ev_accept);
+        if (s->ev_accept_retry)
+                evtimer_del(s->ev_accept_retry);
+        s->accept_paused = false;
         while ((c = TAILQ_FIRST(&s->conns)))
                 conn_close(c, "daemon shutting down");
 }
@@ -532,6 +708,10 @@ struct control_server *control_server_free(struct control_server *s) {
                 s->ctx->events.emit = NULL;
         if (s->ev_accept)
                 event_free(s->ev_accept);
+        if (s->ev_accept_retry)
+                event_free(s->ev_accept_retry);
+        if (s->spare_fd >= 0)
+                close(s->spare_fd);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
         if (s->path) {

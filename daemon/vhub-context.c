@@ -2,16 +2,25 @@
 #include <string.h>
 
 #include "vhub-context.h"
+#include "vhub-log.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config) {
+        char budget[160];
+
         memset(ctx, 0, sizeof(*ctx));
         ctx->base = base;
         ctx->config = config;
         TAILQ_INIT(&ctx->vms);
         ctx->start_usec = vhub_now_usec();
+        vhub_fd_budget_setup(&ctx->fd_budget, config->limits.fds_per_uid);
+        vhub_fd_budget_describe(&ctx->fd_budget, budget, sizeof(budget));
+        if (config->limits.fds_per_uid && config->limits.fds_per_uid != ctx->fd_budget.per_uid)
+                log_warning("--max-fds-per-uid %u does not fit the fd limit; using %u",
+                            config->limits.fds_per_uid, ctx->fd_budget.per_uid);
+        log_info("%s", budget);
         return 0;
 }
 

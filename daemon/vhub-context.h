@@ -12,6 +12,7 @@
 
 #include "vhub-config.h"
 #include "vhub-event.h"
+#include "vhub-fd-budget.h"
 
 struct event_base;
 struct event;
@@ -30,6 +31,7 @@ struct vhub_context {
         uint64_t next_token;
         uint64_t start_usec;
         struct vhub_event_sink events;
+        struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
         struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
@@ -37,6 +39,8 @@ struct vhub_context {
         void *counts_userdata;
 };
 
+/* Also raises the soft RLIMIT_NOFILE to the hard limit and derives the fd
+ * budget from it (vhub-fd-budget.h). */
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
