@@ -134,10 +134,15 @@ int vhub_fd_budget_check(const struct vhub_fd_budget *b, const struct vhub_fd_us
                                       "the daemon holds %u fds; %u more would reach its reserve of %u (fd limit %u)",
                                       u->total, n, b->reserve, b->limit);
         }
-        if (u->by_uid + n > b->per_uid + slack)
+        if (u->by_uid + n > b->per_uid + slack) {
+                if (n == 0)
+                        return vhub_error_set(err, VHUB_ERR_LIMIT,
+                                              "uid %u holds %u fds, past its fd budget of %u (--max-fds-per-uid)",
+                                              (unsigned)u->uid, u->by_uid, b->per_uid);
                 return vhub_error_set(err, VHUB_ERR_LIMIT,
                                       "uid %u holds %u fds; %u more would pass its fd budget of %u (--max-fds-per-uid)",
                                       (unsigned)u->uid, u->by_uid, n, b->per_uid);
+        }
         /* other uids' numbers stay out of the detail: no oracle on them */
         if (u->non_root + n > b->non_root + slack)
                 return vhub_error_set(err, VHUB_ERR_LIMIT,

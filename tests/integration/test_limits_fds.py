@@ -10,8 +10,9 @@ share.
   objects, one memfd each, replacing any connection the daemon drops): it is
   stopped by -32008 naming --max-fds-per-uid, never by a dropped connection,
   and holds no more than its budget; a further connection of that uid is
-  answered -32008 and closed; a second non-root uid (65533) then takes what
-  is left of the non-root pool and is refused the same way;
+  answered -32008 and closed; two more non-root uids pin theirs, which
+  uses up the non-root share: a fourth uid's connection is answered -32008
+  (naming that share, not the other uids' numbers) and closed;
 - root can still connect and is answered, vm.memory.add works (a region
   added, listed), nothing was destroyed (every VM and object of both uids is
   still there, the first uid's own connection still answers), and the idle
@@ -20,7 +21,10 @@ share.
   (`prlimit --pid`); a new connection waits without the daemon spinning, and
   is answered once the limit is raised again; with the limit exactly at what
   it holds, a new connection is answered -32008 (the spare fd) at once;
-- --max-fds-per-uid is a real option: 20 lets uid 65534 pin fewer than 20.
+- --max-fds-per-uid is a real option: 20 lets uid 65534 pin fewer than 20;
+  fds queued on a line that never ends count against it: past the budget
+  by more than the slack they are refused (-32008), the connection closes
+  and every one of them is closed.
 """
 
 import os
@@ -39,6 +43,8 @@ from vhubtest.testing import check, check_eq, log, run  # noqa: E402
 NOFILE = 512
 ATTACKER = 65534
 SECOND = 65533
+THIRD = 65532
+FOURTH = 65531
 # ticks over 2 s of an idle daemon; a spinning accept loop took 137
 IDLE_TICKS_MAX = 10
 
@@ -122,6 +128,25 @@ def pinning(t, d):
         % (SECOND, res2["pinned"], res2["last_error"], fd_count(daemon.pid)))
     check_eq(res2["drops"], 0, "the daemon never dropped the second uid's connection")
     check_limit_error(res2["last_error"], "the second uid is stopped by -32008 too")
+
+    # a third uid fills the non-root pool; a fourth is refused at connect
+    third = UnprivAgent(daemon.control, THIRD)
+    t.defer(third.stop)
+    third.connect("a")
+    res3 = third.pin_shared_objects(vms=64, per_vm=1024, prefix="three")
+    log("uid %d pinned %d shared objects, last error %s"
+        % (THIRD, res3["pinned"], res3["last_error"]))
+    check_limit_error(res3["last_error"], "the third uid is stopped by -32008")
+    fourth = UnprivAgent(daemon.control, FOURTH)
+    t.defer(fourth.stop)
+    fourth.connect("a")
+    r = fourth.cmd(op="first_null", conn="a", timeout=5)
+    check_limit_error(r["error"], "a fourth uid is answered -32008 once the non-root pool is used up")
+    check("non-root" in r["error"]["data"]["detail"], "... naming the non-root share",
+          r["error"]["data"]["detail"])
+    check(str(ATTACKER) not in r["error"]["data"]["detail"],
+          "... and nothing about the other uids' numbers")
+    fourth.stop()
 
     # root: connects, is answered, adds memory
     held = fd_count(daemon.pid)
@@ -234,6 +259,19 @@ def option(t, d):
     log("with --max-fds-per-uid 20: pinned %d" % res["pinned"])
     check_limit_error(res["last_error"], "--max-fds-per-uid 20 stops the uid")
     check(0 < res["pinned"] < 20, "fewer than 20 objects pinned", res["pinned"])
+    a.call("vm.destroy", {"vm": "o0"})
+    root = daemon.client()
+    base = daemon.settled_fd_count(root)
+
+    # fds that queue up on a line that never ends count too: past the
+    # budget by more than the slack they are refused and the line dropped
+    h = a.hoard([8, 8, 8, 8, 8, 8])
+    log("hoarding: %s" % h)
+    check('"code":-32008' in h["answer"] and "fds refused" in h["answer"],
+          "fds queued past the budget are refused with -32008", h["answer"][:300])
+    check(h["closed"], "... and that connection is closed")
+    daemon.check_fd_baseline(base, "every hoarded fd was closed")
+    check_eq(a.call("daemon.info")["pid"], daemon.pid, "the uid's other connection is unaffected")
     a.stop()
     daemon.stop()
 

@@ -100,6 +100,39 @@ for line in sys.stdin:
             finally:
                 for fd in fds:
                     os.close(fd)
+        elif op == "hoard":
+            # one line that never ends, its fds sent in chunks: they all
+            # queue up in the daemon waiting for the line's end
+            import socket
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.settimeout(5)
+            s.connect(cmd["path"])
+            sent, answer = 0, b""
+            s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"daemon.info","params":{},"pad":"')
+            try:
+                for k in cmd["chunks"]:
+                    fds = [memfd() for _ in range(k)]
+                    try:
+                        socket.send_fds(s, [b"x" * 16], fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    sent += k
+            except OSError:
+                pass
+            try:
+                while b"\n" not in answer:
+                    data = s.recv(4096)
+                    if not data:
+                        break
+                    answer += data
+                closed = s.recv(4096) == b""
+            except ConnectionResetError:
+                closed = True    # it closed with our bytes unread
+            except OSError:
+                closed = None
+            s.close()
+            res = {"sent": sent, "answer": answer.decode(errors="replace"), "closed": closed}
         elif op == "first_null":
             r = conns[cmd["conn"]].wait_null_response(cmd.get("timeout", 5))
             res = {"error": r.error}
@@ -225,6 +258,10 @@ class UnprivAgent:
     def raw_call(self, method, params=None, conn="a", **kw):
         """The agent's answer as it is: {"result"}, {"error"} or {"closed"}."""
         return self.cmd(op="call", conn=conn, method=method, params=params, **kw)
+
+    def hoard(self, chunks):
+        """A line that never ends, fds sent with each of its chunks."""
+        return self.cmd(op="hoard", chunks=list(chunks), path=self.control)
 
     def pin_shared_objects(self, vms, per_vm, prefix="pin", conn="a"):
         return self.cmd(op="pin", conn=conn, vms=vms, per_vm=per_vm, prefix=prefix,
