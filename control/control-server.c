@@ -358,14 +358,32 @@ static void conn_close(struct control_conn *c, const char *reason) {
         /* its VMs linger or go away; none of this waits for back-ends */
         for (vm = TAILQ_FIRST(&s->ctx->vms); vm; vm = next) {
                 next = TAILQ_NEXT(vm, link);
-                if (vm->owner_id == c->id)
-                        vhub_vm_owner_gone(vm);
+                if (vm->owner_id != c->id)
+                        continue;
+                /* nobody will be behind on its events: channels read again
+                 * (from the loop, once the owner is gone) */
+                vhub_context_events_drained(s->ctx, vm);
+                vhub_vm_owner_gone(vm);
         }
         control_conn_unref(c);
 }
 
 static void conn_on_close(struct rpc_conn *rpc, const char *reason, void *userdata) {
         conn_close(userdata, reason);
+}
+
+/* Its output queue emptied: back-end channels of its VMs that paused for
+ * it read again. */
+static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
+        struct control_conn *c = userdata;
+        struct vhub_context *ctx = c->srv->ctx;
+        struct vhub_vm *vm;
+
+        if (ctx->n_channels_paused == 0)
+                return;
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->owner_id == c->id)
+                        vhub_context_events_drained(ctx, vm);
 }
 
 static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
@@ -380,6 +398,7 @@ static const struct rpc_conn_ops conn_ops = {
         .on_close = conn_on_close,
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
+        .on_drained = conn_on_drained,
 };
 
 /* ---- accepting ---- */
@@ -579,6 +598,26 @@ static json_t *event_params(const struct vhub_event *ev) {
         return p;
 }
 
+/* The VM's owner is behind on its events when its output queue holds a
+ * quarter of the bound (bytes or fds): back-end channels pause there, far
+ * from the bound at which the connection would be dropped. */
+static bool server_congested(void *userdata, const struct vhub_vm *vm) {
+        struct control_server *s = userdata;
+        const struct rpc_conn_limits *l;
+        struct control_conn *c;
+
+        if (vm->owner_id == 0)
+                return false;
+        TAILQ_FOREACH(c, &s->conns, link) {
+                if (c->id != vm->owner_id || !c->rpc)
+                        continue;
+                l = rpc_conn_limits(c->rpc);
+                return rpc_conn_queued_bytes(c->rpc) >= l->max_out_bytes / 4 ||
+                       rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
+        }
+        return false;
+}
+
 static void server_emit(void *userdata, const struct vhub_event *ev) {
         struct control_server *s = userdata;
         struct control_conn *c, *next;
@@ -683,6 +722,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 return -ENOMEM;
         }
         ctx->events.emit = server_emit;
+        ctx->events.congested = server_congested;
         ctx->events.userdata = s;
         *ret = s;
         return 0;
@@ -704,8 +744,10 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
-        if (s->ctx->events.userdata == s)
+        if (s->ctx->events.userdata == s) {
                 s->ctx->events.emit = NULL;
+                s->ctx->events.congested = NULL;
+        }
         if (s->ev_accept)
                 event_free(s->ev_accept);
         if (s->ev_accept_retry)

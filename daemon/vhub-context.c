@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 #include <string.h>
 
+#include "vhub-backend-channel.h"
 #include "vhub-context.h"
+#include "vhub-device.h"
 #include "vhub-log.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
@@ -36,6 +38,20 @@ void vhub_context_done(struct vhub_context *ctx) {
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
         if (ctx->events.emit && !ctx->shutting_down)
                 ctx->events.emit(ctx->events.userdata, ev);
+}
+
+bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm) {
+        return ctx->events.congested && ctx->events.congested(ctx->events.userdata, vm);
+}
+
+void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
+        struct vhub_device *d;
+
+        if (ctx->n_channels_paused == 0)
+                return;
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (d->channel)
+                        vhub_backend_channel_vmm_caught_up(d->channel);
 }
 
 void vhub_context_counts_changed(struct vhub_context *ctx) {

@@ -33,6 +33,7 @@ struct vhub_context {
         struct vhub_event_sink events;
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
         struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
+        unsigned n_channels_paused;  /* back-end channels waiting for a VMM to read */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);
@@ -45,6 +46,11 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
+/* Whether the VM's owner is behind on its events (events.congested). */
+bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm);
+/* The owner of vm caught up on its events, or vm has a new owner (or none):
+ * its paused back-end channels read again. */
+void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm);
 void vhub_context_counts_changed(struct vhub_context *ctx);
 /* Number of VMs owned by uid. */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
