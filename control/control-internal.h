@@ -49,6 +49,7 @@ struct control_server {
         bool accept_paused;
         bool out_of_fds;             /* logged once per episode */
         int spare_fd;
+        struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
         uint64_t next_conn_id;
@@ -89,6 +90,23 @@ void control_conn_unref(struct control_conn *c);
 void control_req_result(struct control_req *req, json_t *result);
 void control_req_error(struct control_req *req, const struct vhub_error *err);
 void control_req_result_fds(struct control_req *req, json_t *result, const int *fds, unsigned n);
+
+/* Batches (control-batch.c).  control_batch_new() refuses (err) a batch
+ * whose answers could not fit limit even as -32008s.  Every slot is
+ * answered exactly once: control_batch_slot() takes the response (NULL for
+ * a notification), control_batch_refuse() answers -32008 without running
+ * the element; index n (past the end) drops the hold kept while the
+ * elements are run.  The last one sends the array and frees the batch. */
+struct control_batch *control_batch_new(struct control_conn *c, json_t *elements, size_t limit,
+                                        struct vhub_error *err);
+void control_batch_free(struct control_batch *b);
+void control_batch_slot(struct control_batch *b, unsigned index, json_t *response);
+void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element);
+/* The answers reached the output bound: the rest are refused. */
+bool control_batch_over(const struct control_batch *b);
+
+/* Memory went up by `bytes` for a moment: hand it back to the system soon. */
+void control_server_note_spike(struct control_server *s, size_t bytes);
 
 /* For calls into the model: allocate, then pass &cc->call; done answers. */
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);

@@ -2,6 +2,9 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,13 +20,6 @@
 #include "vhub-context.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
-
-/* A batch: answered as one array once every element is answered. */
-struct control_batch {
-        struct control_conn *conn;
-        json_t *responses;       /* array, slot i = element i's response or null */
-        unsigned remaining;
-};
 
 void control_conn_ref(struct control_conn *c) {
         c->refs++;
@@ -114,39 +110,16 @@ static json_t *error_object(json_t *id, const struct vhub_error *err) {
         return json_pack("{s:s, s:O, s:o}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error", e);
 }
 
-static void batch_slot(struct control_batch *b, unsigned index, json_t *response) {
-        if (index < json_array_size(b->responses))
-                json_array_set_new(b->responses, index, response ? response : json_null());
-        else
-                json_decref(response);
-        if (--b->remaining > 0)
-                return;
-        /* every element answered: send those that are not a notification's */
-        {
-                json_t *out = json_array();
-                size_t i;
-                json_t *v;
-
-                json_array_foreach(b->responses, i, v)
-                        if (!json_is_null(v))
-                                json_array_append(out, v);
-                if (json_array_size(out) > 0)
-                        conn_send(b->conn, out, NULL, 0);
-                json_decref(out);
-        }
-        json_decref(b->responses);
-        control_conn_unref(b->conn);
-        free(b);
-}
-
 static void respond(struct control_conn *c, json_t *id, struct control_batch *b, unsigned index,
                     json_t *response, const int *fds, unsigned n_fds) {
         if (b) {
                 /* fds cannot ride in a batch answer's slots; methods with fds
                  * in their result are refused inside batches beforehand */
-                batch_slot(b, index, id ? response : NULL);
-                if (!id)
+                if (!id) {
                         json_decref(response);
+                        response = NULL;
+                }
+                control_batch_slot(b, index, response);
                 return;
         }
         if (id)
@@ -292,28 +265,27 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
 
         control_conn_ref(c);
         if (json_is_array(msg)) {
+                struct control_server *s = c->srv;
                 size_t n = json_array_size(msg), i;
+                struct vhub_error err = { 0 };
                 struct control_batch *b;
                 unsigned off = 0;
                 json_t *e;
 
                 if (n == 0) {
                         struct control_req req = { .conn = c, .id = json_null() };
-                        struct vhub_error err;
 
                         vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
                         control_req_error(&req, &err);
                         goto out;
                 }
-                b = calloc(1, sizeof(*b));
-                if (!b)
+                b = control_batch_new(c, msg, s->opts.limits.max_out_bytes, &err);
+                if (!b) {
+                        struct control_req req = { .conn = c, .id = json_null() };
+
+                        control_req_error(&req, &err);
                         goto out;
-                b->conn = c;
-                control_conn_ref(c);
-                b->responses = json_array();
-                b->remaining = (unsigned)n + 1; /* +1 held until the loop ends */
-                for (i = 0; i < n; i++)
-                        json_array_append_new(b->responses, json_null());
+                }
                 json_array_foreach(msg, i, e) {
                         /* element i's fds follow those of the elements before it */
                         unsigned k = element_fds(e);
@@ -328,10 +300,14 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
                                 }
                         }
                         off += k;
-                        handle_request(c, e, &sub, b, (unsigned)i);
+                        /* past the output bound nothing more is run */
+                        if (control_batch_over(b) && json_object_get(e, "id"))
+                                control_batch_refuse(b, (unsigned)i, e);
+                        else
+                                handle_request(c, e, &sub, b, (unsigned)i);
                         rpc_fds_clear(&sub);
                 }
-                batch_slot(b, (unsigned)n, NULL); /* drops the hold; index n is past the end */
+                control_batch_slot(b, (unsigned)n, NULL); /* drops the hold */
         } else {
                 handle_request(c, msg, fds, NULL, 0);
         }
@@ -351,6 +327,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
                 return;
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) closed: %s",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
+        control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
         c->rpc = rpc_conn_free(c->rpc);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
@@ -379,6 +356,7 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         struct vhub_context *ctx = c->srv->ctx;
         struct vhub_vm *vm;
 
+        control_server_note_spike(c->srv, rpc_conn_take_peak_memory(rpc));
         if (ctx->n_channels_paused == 0)
                 return;
         TAILQ_FOREACH(vm, &ctx->vms, link)
@@ -400,6 +378,37 @@ static const struct rpc_conn_ops conn_ops = {
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
 };
+
+/* ---- giving memory back ---- */
+
+/* A spike smaller than this is left to the allocator. */
+#define TRIM_SPIKE_BYTES (256u * 1024u)
+
+static void trim_cb(evutil_socket_t fd, short what, void *userdata) {
+#ifdef __GLIBC__
+        /* glibc keeps freed heap memory mapped unless it is at the top of
+         * the heap; this returns every free page */
+        malloc_trim(0);
+#endif
+}
+
+void control_server_note_spike(struct control_server *s, size_t bytes) {
+        struct timeval tv = { .tv_sec = 0, .tv_usec = 100 * 1000 };
+
+        if (bytes >= TRIM_SPIKE_BYTES && s->ev_trim && !evtimer_pending(s->ev_trim, NULL))
+                evtimer_add(s->ev_trim, &tv);
+}
+
+/* Allocations of this size or more get pages of their own that free()
+ * returns at once: big input lines and batch answers do not stay in the
+ * heap.  Setting it also turns off glibc's raising of the threshold after
+ * such frees, which would put the next big buffers in the heap again. */
+static void memory_policy_setup(void) {
+#ifdef __GLIBC__
+        (void)mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+        (void)mallopt(M_TRIM_THRESHOLD, 256 * 1024);
+#endif
+}
 
 /* ---- accepting ---- */
 
@@ -693,6 +702,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
 
         if (!s)
                 return -ENOMEM;
+        memory_policy_setup();
         s->ctx = ctx;
         s->opts = *o;
         s->listen_fd = -1;
@@ -717,7 +727,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         }
         s->ev_accept = event_new(ctx->base, s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
         s->ev_accept_retry = evtimer_new(ctx->base, accept_retry_cb, s);
-        if (!s->ev_accept || !s->ev_accept_retry || event_add(s->ev_accept, NULL) < 0) {
+        s->ev_trim = evtimer_new(ctx->base, trim_cb, s);
+        if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
@@ -752,6 +763,8 @@ struct control_server *control_server_free(struct control_server *s) {
                 event_free(s->ev_accept);
         if (s->ev_accept_retry)
                 event_free(s->ev_accept_retry);
+        if (s->ev_trim)
+                event_free(s->ev_trim);
         if (s->spare_fd >= 0)
                 close(s->spare_fd);
         if (s->listen_fd >= 0)

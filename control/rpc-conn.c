@@ -46,6 +46,7 @@
 #define RPC_IN_BUF_MIN              4096u
 #define RPC_IN_BUF_KEEP             (64u * 1024u)  /* shrink back below this when idle */
 #define RPC_SEND_IOV_MAX            64
+#define RPC_OUT_CHUNK               (16u * 1024u)
 
 #define JSONRPC_PARSE_ERROR         (-32700)
 #define JSONRPC_INVALID_REQUEST     (-32600)
@@ -58,11 +59,15 @@ enum rpc_conn_state {
         RPC_CONN_CLOSED,
 };
 
+/* Queued output: lines without fds share chunks of RPC_OUT_CHUNK bytes, so
+ * what a connection pins is what it has to send, not an allocation per
+ * line; a line with fds, or a big one, has an out_msg of its own. */
 struct out_msg {
         struct out_msg *next;
-        int *fds;          /* dups, closed once the line's first byte is sent */
+        int *fds;          /* dups, closed once the first byte is sent */
         unsigned n_fds;
-        size_t len;
+        size_t len;        /* bytes of lines in data */
+        size_t cap;        /* room in data */
         size_t off;        /* bytes already sent */
         char data[];
 };
@@ -98,6 +103,8 @@ struct rpc_conn {
         struct out_msg *out_tail;
         size_t out_bytes;
         unsigned out_fds;
+
+        size_t peak_memory;         /* see rpc_conn_take_peak_memory() */
 
         /* inside on_message: defer freeing and dropping of in_buf */
         unsigned processing;
@@ -171,6 +178,20 @@ unsigned rpc_conn_queued_fds(const struct rpc_conn *c) {
 
 unsigned rpc_conn_fds_held(const struct rpc_conn *c) {
         return (c->fd >= 0 ? 1 : 0) + c->in_n + c->out_fds;
+}
+
+static void note_memory(struct rpc_conn *c) {
+        size_t n = c->in_cap + c->out_bytes;
+
+        if (n > c->peak_memory)
+                c->peak_memory = n;
+}
+
+size_t rpc_conn_take_peak_memory(struct rpc_conn *c) {
+        size_t peak = c->peak_memory;
+
+        c->peak_memory = c->in_cap + c->out_bytes;
+        return peak;
 }
 
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
@@ -477,15 +498,43 @@ static bool out_over_bound(struct rpc_conn *c, size_t len, unsigned n_fds) {
         return false;
 }
 
-/* Appends m (with its fds) to the output queue; m is ours from here. */
-static int out_queue(struct rpc_conn *c, struct out_msg *m) {
-        if (c->out_tail)
-                c->out_tail->next = m;
-        else
-                c->out_head = m;
-        c->out_tail = m;
-        c->out_bytes += m->len;
-        c->out_fds += m->n_fds;
+/* Where a line of len bytes ('\n' included) goes: the spare room of the
+ * tail chunk when the line is small and carries no fds, else a new out_msg
+ * (*ret_new; a chunk for a small line, exactly its size otherwise).  NULL
+ * when out of memory.  out_commit() queues what was written there. */
+static char *out_room(struct rpc_conn *c, size_t len, bool with_fds, struct out_msg **ret_new) {
+        struct out_msg *t = c->out_tail, *m;
+        bool small = !with_fds && len <= RPC_OUT_CHUNK / 2;
+        size_t cap = small ? RPC_OUT_CHUNK : len;
+
+        *ret_new = NULL;
+        if (small && t && t->n_fds == 0 && t->cap - t->len >= len)
+                return t->data + t->len;
+        m = malloc(sizeof(*m) + cap);
+        if (!m)
+                return NULL;
+        *m = (struct out_msg) { .cap = cap };
+        *ret_new = m;
+        return m->data;
+}
+
+/* Queue the line written where out_room() said (fds: dups, taken). */
+static int out_commit(struct rpc_conn *c, struct out_msg *m, size_t len, int *fds, unsigned n_fds) {
+        if (m) {
+                m->len = len;
+                m->fds = fds;
+                m->n_fds = n_fds;
+                if (c->out_tail)
+                        c->out_tail->next = m;
+                else
+                        c->out_head = m;
+                c->out_tail = m;
+                c->out_fds += n_fds;
+        } else {
+                c->out_tail->len += len;
+        }
+        c->out_bytes += len;
+        note_memory(c);
         /* written from the loop, so a send never calls back into the owner */
         if (event_add(c->write_ev, NULL) < 0) {
                 set_reason(c, "cannot watch the socket for writing");
@@ -495,11 +544,35 @@ static int out_queue(struct rpc_conn *c, struct out_msg *m) {
         return 0;
 }
 
+static int dup_fds(const int *fds, unsigned n, int **ret) {
+        int *dups;
+
+        *ret = NULL;
+        if (n == 0)
+                return 0;
+        dups = malloc(n * sizeof(int));
+        if (!dups)
+                return -ENOMEM;
+        for (unsigned i = 0; i < n; i++) {
+                dups[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+                if (dups[i] < 0) {
+                        int r = -errno;
+
+                        while (i > 0)
+                                close_fd(dups[--i]);
+                        free(dups);
+                        return r;
+                }
+        }
+        *ret = dups;
+        return 0;
+}
+
 int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         struct dump_buf d = { .cap = 256 };
-        struct out_msg *m = NULL;
+        struct out_msg *m;
         int *dups = NULL;
-        unsigned n_dups = 0;
+        char *room;
         int r;
 
         if (!c || !msg || (n_fds > 0 && !fds) || n_fds > RPC_MAX_FDS_PER_MESSAGE)
@@ -509,63 +582,36 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
         if (!msg_declares_fds(msg, n_fds))
                 return -EINVAL;
 
-        /* Serialize with room for the struct in front and the '\n' after. */
         d.p = malloc(d.cap);
         if (!d.p)
                 return -ENOMEM;
-        d.len = sizeof(struct out_msg);
         if (json_dump_callback(msg, dump_cb, &d, JSON_COMPACT | JSON_ENCODE_ANY) < 0) {
                 r = d.oom ? -ENOMEM : -EINVAL;
-                goto fail;
+                goto out;
         }
         if (dump_cb("\n", 1, &d) < 0) {
                 r = -ENOMEM;
-                goto fail;
+                goto out;
         }
-        /* the doubling left up to half the buffer spare: a line waiting for
-         * a slow reader keeps only what it needs */
-        if (d.cap - d.len > d.len / 8) {
-                char *p = realloc(d.p, d.len);
-
-                if (p)
-                        d.p = p;
-        }
-        m = (struct out_msg *) d.p;
-        d.p = NULL;
-        *m = (struct out_msg) { .len = d.len - sizeof(struct out_msg) };
-
-        if (out_over_bound(c, m->len, n_fds)) {
+        if (out_over_bound(c, d.len, n_fds)) {
                 schedule_close(c);
                 r = -ENOBUFS;
-                goto fail;
+                goto out;
         }
-
-        if (n_fds > 0) {
-                dups = malloc(n_fds * sizeof(int));
-                if (!dups) {
-                        r = -ENOMEM;
-                        goto fail;
-                }
-                for (n_dups = 0; n_dups < n_fds; n_dups++) {
-                        dups[n_dups] = fcntl(fds[n_dups], F_DUPFD_CLOEXEC, 3);
-                        if (dups[n_dups] < 0) {
-                                r = -errno;
-                                goto fail;
-                        }
-                }
-                m->fds = dups;
-                m->n_fds = n_fds;
-                dups = NULL;
-        }
-        return out_queue(c, m);
-
-fail:
-        if (dups) {
-                for (unsigned i = 0; i < n_dups; i++)
+        r = dup_fds(fds, n_fds, &dups);
+        if (r < 0)
+                goto out;
+        room = out_room(c, d.len, n_fds > 0, &m);
+        if (!room) {
+                for (unsigned i = 0; i < n_fds; i++)
                         close_fd(dups[i]);
                 free(dups);
+                r = -ENOMEM;
+                goto out;
         }
-        out_msg_free(m);
+        memcpy(room, d.p, d.len);
+        r = out_commit(c, m, d.len, dups, n_fds);
+out:
         free(d.p);
         return r;
 }
@@ -573,6 +619,7 @@ fail:
 int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned n_parts) {
         struct out_msg *m;
         size_t len = 1, off = 0;
+        char *room;
 
         if (!c || (n_parts > 0 && !parts))
                 return -EINVAL;
@@ -587,16 +634,15 @@ int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned 
                 schedule_close(c);
                 return -ENOBUFS;
         }
-        m = malloc(sizeof(*m) + len);
-        if (!m)
+        room = out_room(c, len, false, &m);
+        if (!room)
                 return -ENOMEM;
-        *m = (struct out_msg) { .len = len };
         for (unsigned i = 0; i < n_parts; i++) {
-                memcpy(m->data + off, parts[i].iov_base, parts[i].iov_len);
+                memcpy(room + off, parts[i].iov_base, parts[i].iov_len);
                 off += parts[i].iov_len;
         }
-        m->data[off] = '\n';
-        return out_queue(c, m);
+        room[off] = '\n';
+        return out_commit(c, m, len, NULL, 0);
 }
 
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
@@ -828,6 +874,7 @@ static int in_reserve(struct rpc_conn *c) {
                 return c->in_cap > c->in_len ? 0 : -ENOMEM;
         c->in_buf = p;
         c->in_cap = want;
+        note_memory(c);
         return 0;
 }
 

@@ -128,5 +128,9 @@ unsigned rpc_conn_queued_fds(const struct rpc_conn *c);
 /* Every fd this connection holds: its socket, fds received and not yet
  * claimed by a message, and the copies waiting in the output queue. */
 unsigned rpc_conn_fds_held(const struct rpc_conn *c);
+/* The most its input buffer and output queue held since the last call
+ * (then it starts again from what they hold now): a big one is worth giving
+ * back to the system once freed. */
+size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
 /* The bounds in force (defaults filled in). */
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c);
