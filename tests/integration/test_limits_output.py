@@ -17,6 +17,10 @@ A VM with 512 regions makes every vm.memory.list answer about 40 KB.
   per client (RSS growth / 8), every client is still connected (under the
   bound), and once they go the RSS is back within 8 MiB of the baseline;
 - a client pushed past the bound is still dropped.
+
+Under AddressSanitizer (tests/run-all.sh's second build) the RSS bounds are
+logged, not checked: its allocator keeps freed memory in quarantine; every
+other check holds there too.
 """
 
 import json
@@ -28,7 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest.daemon import Daemon                                  # noqa: E402
-from vhubtest.limits import peak_rss_kib, reset_peak_rss, rss_kib   # noqa: E402
+from vhubtest.limits import (peak_rss_kib, reset_peak_rss, rss_kib,  # noqa: E402
+                             sanitized)
 from vhubtest.testing import check, check_eq, log, run              # noqa: E402
 
 MiB = 1 << 20
@@ -36,6 +41,15 @@ REGIONS = 512
 BATCH = 1000
 N_SLOW = 8
 OUT_BOUND = 4 * MiB
+
+
+def check_rss(daemon, cond, what, detail):
+    """An RSS bound: checked, except under AddressSanitizer, whose allocator
+    keeps freed memory (quarantine, redzones); the plain build checks it."""
+    if sanitized(daemon.pid):
+        log("note: not checked under AddressSanitizer: %s (%s)" % (what, detail))
+        return
+    check(cond, what, detail)
 
 
 def request(req_id, method, params=None):
@@ -110,10 +124,10 @@ def amplification(daemon, c):
         check(len(refused) > 0 and all(r["error"]["code"] == -32008 for r in refused),
               "round %d: the other %d are -32008" % (rep, len(refused)))
         check_eq(sorted(r["id"] for r in arr), list(range(BATCH)), "round %d: every id answered" % rep)
-        check(peak - base < 32 * 1024, "round %d: peak RSS grew by less than 32 MiB" % rep,
-              "%d KiB" % (peak - base))
-        check(after - base < 8 * 1024, "round %d: RSS back within 8 MiB afterwards" % rep,
-              "%d KiB" % (after - base))
+        check_rss(daemon, peak - base < 32 * 1024, "round %d: peak RSS grew by less than 32 MiB" % rep,
+                  "%d KiB" % (peak - base))
+        check_rss(daemon, after - base < 8 * 1024, "round %d: RSS back within 8 MiB afterwards" % rep,
+                  "%d KiB" % (after - base))
     s.sendall(request(9, "daemon.info") + b"\n")
     answer, closed = read_line(s)
     check(b'"id":9' in answer and b'"result"' in answer, "the connection still answers")
@@ -157,14 +171,14 @@ def slow_round(daemon, what, one, make_requests):
             buf += data
         got_all = got_all and buf.count(b"\n") == k + 2
     check(got_all, "%s: each slow client was kept and, once it reads, gets all %d answers" % (what, k))
-    check(per <= 8 * 1024, "%s: at most 8 MiB held per client that never reads" % what,
-          "%.0f KiB" % per)
+    check_rss(daemon, per <= 8 * 1024, "%s: at most 8 MiB held per client that never reads" % what,
+              "%.0f KiB" % per)
     for s in clients:
         s.close()
     after = settle_rss(pid, settle=0.5)
     log("%s: after they left: RSS %d KiB" % (what, after))
-    check(after - base < 8 * 1024, "%s: RSS back within 8 MiB of the baseline" % what,
-          "%d KiB" % (after - base))
+    check_rss(daemon, after - base < 8 * 1024, "%s: RSS back within 8 MiB of the baseline" % what,
+              "%d KiB" % (after - base))
     return k
 
 

@@ -55,6 +55,14 @@ def reset_peak_rss(pid):
         f.write("5")
 
 
+def sanitized(pid):
+    """The process runs with AddressSanitizer: its allocator keeps freed
+    memory in quarantine and adds redzones, so RSS says nothing about what
+    the code itself holds."""
+    with open("/proc/%d/maps" % pid) as f:
+        return "libasan" in f.read()
+
+
 def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
