@@ -8,11 +8,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
-#include <sys/resource.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "control-internal.h"
@@ -491,12 +491,14 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd < 0) {
-                if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                int e = errno;
+
+                if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
                         if (!s->out_of_fds)
                                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
-                                              "cannot accept control connections: %s", strerror(errno));
+                                              "cannot accept control connections: %s", strerror(e));
                         s->out_of_fds = true;
-                        if ((errno != EMFILE && errno != ENFILE) || !accept_refuse_with_spare(s, lfd))
+                        if ((e != EMFILE && e != ENFILE) || !accept_refuse_with_spare(s, lfd))
                                 accept_pause(s);
                 }
                 return;

@@ -101,7 +101,7 @@ def pinning(t, d):
     attacker = UnprivAgent(daemon.control, ATTACKER)
     t.defer(attacker.stop)
     attacker.connect("a")
-    res = attacker.pin_shared_objects(vms=64, per_vm=1024, prefix="pin")
+    res = attacker.pin_shared_objects(vms=64, per_vm=16, prefix="pin")
     log("uid %d pinned %d shared objects in %d VMs, dropped %d times, last error %s; daemon holds %d fds"
         % (ATTACKER, res["pinned"], res["vms"], res["drops"], res["last_error"], fd_count(daemon.pid)))
     check_eq(res["drops"], 0, "the daemon never dropped the pinning connection")
