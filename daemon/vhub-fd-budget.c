@@ -13,22 +13,9 @@
 /* Fewer than this per uid is no budget at all: one VM, a device, a ring. */
 #define FD_PER_UID_MIN 16u
 
-void vhub_fd_budget_setup(struct vhub_fd_budget *b, unsigned per_uid) {
-        struct rlimit rl;
-        unsigned limit = 1024, usable, max_per_uid;
+void vhub_fd_budget_split(struct vhub_fd_budget *b, unsigned limit, unsigned per_uid) {
+        unsigned usable, max_per_uid;
 
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-                /* every fd is poll()ed through epoll, never select(): the
-                 * whole hard limit is usable */
-                if (rl.rlim_cur < rl.rlim_max) {
-                        struct rlimit raised = { .rlim_cur = rl.rlim_max, .rlim_max = rl.rlim_max };
-
-                        if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
-                                rl.rlim_cur = rl.rlim_max;
-                }
-                limit = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > (1u << 30) ? 1u << 30
-                                                                                 : (unsigned)rl.rlim_cur;
-        }
         b->limit = limit;
         b->reserve = limit / 8 > FD_RESERVE_MIN ? limit / 8 : FD_RESERVE_MIN;
         if (b->reserve > limit / 2)
@@ -44,6 +31,25 @@ void vhub_fd_budget_setup(struct vhub_fd_budget *b, unsigned per_uid) {
                 per_uid = FD_PER_UID_MIN;
         b->per_uid = per_uid;
         b->non_root = usable > per_uid ? usable - per_uid : 0;
+}
+
+void vhub_fd_budget_setup(struct vhub_fd_budget *b, unsigned per_uid) {
+        struct rlimit rl;
+        unsigned limit = 1024;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+                /* every fd is poll()ed through epoll, never select(): the
+                 * whole hard limit is usable */
+                if (rl.rlim_cur < rl.rlim_max) {
+                        struct rlimit raised = { .rlim_cur = rl.rlim_max, .rlim_max = rl.rlim_max };
+
+                        if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
+                                rl.rlim_cur = rl.rlim_max;
+                }
+                limit = rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > (1u << 30) ? 1u << 30
+                                                                                 : (unsigned)rl.rlim_cur;
+        }
+        vhub_fd_budget_split(b, limit, per_uid);
 }
 
 void vhub_fd_budget_describe(const struct vhub_fd_budget *b, char *buf, size_t len) {

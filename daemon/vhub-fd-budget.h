@@ -57,6 +57,8 @@ struct vhub_fd_usage {
  * lowered to that (the budget says so in vhub_fd_budget_describe()).
  */
 void vhub_fd_budget_setup(struct vhub_fd_budget *b, unsigned per_uid);
+/* The split itself, for a given limit. */
+void vhub_fd_budget_split(struct vhub_fd_budget *b, unsigned limit, unsigned per_uid);
 /* The split as one sentence, for the startup log. */
 void vhub_fd_budget_describe(const struct vhub_fd_budget *b, char *buf, size_t len);
 
