@@ -1084,6 +1084,7 @@ static void test_half_close(void) {
 
 /* admit_fds refuses: -32008 with its detail, every queued fd closed, closed. */
 static void test_admit_fds(void) {
+        const char *head = "{\"jsonrpc\":\"2.0\",", *more = "\"id\":1,";
         struct fixture f;
         int fds[4];
         json_t *m;
@@ -1092,10 +1093,10 @@ static void test_admit_fds(void) {
         for (int i = 0; i < 4; i++)
                 fds[i] = make_memfd("x");
         f.admit_limit = 3;      /* the socket and two fds */
-        peer_send(&f, "{\"jsonrpc\":\"2.0\",", 19, fds, 2);
+        peer_send(&f, head, strlen(head), fds, 2);
         pump(&f);
         CHECK(f.n_close == 0);
-        peer_send(&f, "\"id\":1,", 7, fds + 2, 2);
+        peer_send(&f, more, strlen(more), fds + 2, 2);
         pump(&f);
         m = peer_read_msg(&f);
         check_error(m, -32008, true);
