@@ -15,6 +15,7 @@
 
 #include "control-internal.h"
 #include "control-params.h"
+#include "vhub-fd-budget.h"
 #include "vhub-device.h"
 #include "vhub-vm.h"
 
@@ -104,6 +105,8 @@ static int m_device_add(struct control_req *req, struct vhub_error *err) {
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "'queues' must be 1..%d", VHUB_MAX_QUEUES);
         p.queues = queues;
         p.reconnect_ms = reconnect_ms;
+        if ((r = control_req_check_fds(req, VHUB_DEVICE_OWN_FDS, err)) < 0)
+                return r;
         if (!(cc = proto_call(req, result_device_add, err)))
                 return -ENOMEM;
         vhub_device_add(vm, &p, &cc->call);

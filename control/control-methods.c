@@ -496,6 +496,8 @@ static int m_vm_dirty_log_start(struct control_req *req, struct vhub_error *err)
         if (req->batch)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
                                       "vm.dirty_log.start answers with an fd and cannot be used inside a batch");
+        if ((r = control_req_check_fds(req, 1, err)) < 0)   /* the log memfd */
+                return r;
         if (!(cc = req_call(req, result_dirty_log, err)))
                 return -ENOMEM;
         vhub_vm_dirty_log_start(vm, &cc->call);

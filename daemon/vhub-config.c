@@ -88,6 +88,8 @@ static void usage(FILE *f) {
                 "  --max-vms-per-uid N, --max-devices-per-vm N, --max-regions-per-vm N,\n"
                 "  --max-connections N, --max-pending N, --max-line-bytes N\n"
                 "                           resource limits\n"
+                "  --max-fds-per-uid N      fds one non-root uid may make the daemon hold (default:\n"
+                "                           a quarter of RLIMIT_NOFILE once an eighth is reserved)\n"
                 "  -h, --help, --version\n");
 }
 
@@ -95,7 +97,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
         enum {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
-                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_VERSION, OPT_LOG_FILE,
+                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE,
         };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
@@ -112,12 +114,13 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "max-connections", required_argument, NULL, OPT_MAX_CONN },
                 { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
                 { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
+                { "max-fds-per-uid", required_argument, NULL, OPT_MAX_FDS },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, OPT_VERSION },
                 {}
         };
         bool dirs_given = false;
-        unsigned long v;
+        unsigned long v, max;
         int o, r;
 
         optind = 1;
@@ -192,7 +195,9 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 case OPT_MAX_CONN:
                 case OPT_MAX_PENDING:
                 case OPT_MAX_LINE:
-                        if (parse_unsigned(optarg, o == OPT_MAX_LINE ? 64ul << 20 : 1000000, &v) < 0 || v == 0) {
+                case OPT_MAX_FDS:
+                        max = o == OPT_MAX_LINE ? 64ul << 20 : o == OPT_MAX_FDS ? 1ul << 30 : 1000000;
+                        if (parse_unsigned(optarg, max, &v) < 0 || v == 0) {
                                 fprintf(stderr, "vhubd: bad value for a limit: %s\n", optarg);
                                 return -EINVAL;
                         }
@@ -206,6 +211,8 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 c->limits.connections = (unsigned)v;
                         else if (o == OPT_MAX_PENDING)
                                 c->limits.pending_per_connection = (unsigned)v;
+                        else if (o == OPT_MAX_FDS)
+                                c->limits.fds_per_uid = (unsigned)v;
                         else
                                 c->limits.max_line = v;
                         break;

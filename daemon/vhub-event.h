@@ -57,6 +57,10 @@ struct vhub_event {
 
 struct vhub_event_sink {
         void (*emit)(void *userdata, const struct vhub_event *ev);
+        /* Optional: the VM's owner is behind on its events (its connection's
+         * output queue is long).  Back-end channels of the VM stop reading
+         * until vhub_context_events_drained() says it caught up. */
+        bool (*congested)(void *userdata, const struct vhub_vm *vm);
         void *userdata;
 };
 
