@@ -33,8 +33,8 @@ IMAGE_SIZE = 64 << 20
 BLOCK = guest.BLOCK
 # The image's layout, in 4 KiB blocks.
 PATTERN, PATTERN_O_DIRECT, PATTERN_FSYNC, PATTERN_BLOCKS = 0, 256, 512, 256
-SEQ_FIRST, SEQ_AREA, SEQ_MIN = 1024, 64, 160   # wraps around its area
-PAR_FIRST, PAR_AREA, PAR_WRITERS, PAR_COUNT = 2048, 128, 8, 24
+SEQ_FIRST, SEQ_AREA, SEQ_MIN = 1024, 64, 96   # wraps around its area
+PAR_FIRST, PAR_AREA, PAR_WRITERS, PAR_COUNT = 2048, 128, 8, 16
 
 
 def scenario_blk(t, image):

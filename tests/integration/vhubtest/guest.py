@@ -145,6 +145,15 @@ def parse_fields(words):
     return dict(w.split("=", 1) for w in words if "=" in w)
 
 
+class Progress(dict):
+    """A GUEST-PROGRESS line's k=v fields (bare words map to ""), and t:
+    when the line arrived."""
+
+    def __init__(self, words, t):
+        super().__init__((w.split("=", 1) if "=" in w else (w, "")) for w in words)
+        self.t = t
+
+
 # ---- the VM ----------------------------------------------------------------
 
 class Guest:
@@ -174,7 +183,8 @@ class Guest:
         self._sock = None
         self._reader = None
         self._qmp = None
-        self._step_start = {}   # step -> index into lines where its wait begins
+        self._step_start = {}   # step -> index into lines where it began
+        self._progress_at = {}  # step -> where its next wait_progress() looks
 
     def argv(self):
         mem = "%dM" % self.mem_mb
@@ -346,7 +356,7 @@ class Guest:
     def begin(self, step, *args):
         """Start a step in the guest (it runs in the background there)."""
         with self._cond:
-            self._step_start[step] = len(self.lines)
+            self._step_start[step] = self._progress_at[step] = len(self.lines)
         self.send(" ".join(["run", step] + [str(a) for a in args]))
 
     def stop_steps(self):
@@ -354,26 +364,29 @@ class Guest:
         self.send("stop")
 
     def wait_progress(self, step, until=None, timeout=STEP_TIMEOUT):
-        """The fields of the first GUEST-PROGRESS line of `step` since
-        begin() for which until(fields) is true (any line without until)."""
+        """The first GUEST-PROGRESS line of `step` since begin() (a Progress)
+        for which until(progress) is true (any line without until).  Lines
+        are consumed: the next call looks after the one returned."""
         prefix = "GUEST-PROGRESS %s " % step
         result = "GUEST-RESULT %s " % step
-        i = self._step_start[step]
+        i = self._progress_at[step]
         while True:
             i, line = self.wait_line(lambda s: s.startswith(prefix) or s.startswith(result),
                                      timeout, "progress of step %s" % step, since=i)
             if line.text.startswith(result):
                 raise TestFailure("step %s ended while waiting for its progress: %s"
                                   % (step, line.text))
-            fields = parse_fields(line.text.split()[2:])
-            if until is None or until(fields):
-                return fields
             i += 1
+            progress = Progress(line.text.split()[2:], line.t)
+            if until is None or until(progress):
+                self._progress_at[step] = i
+                return progress
 
     def result(self, step, timeout=STEP_TIMEOUT, expect_ok=True):
         """The step's GUEST-RESULT; a failure raises unless expect_ok=False."""
         prefix = "GUEST-RESULT %s " % step
         since = self._step_start.pop(step)
+        self._progress_at.pop(step, None)
         i, line = self.wait_line(lambda s: s.startswith(prefix), timeout,
                                  "the result of step %s" % step, since=since)
         words = line.text.split()
