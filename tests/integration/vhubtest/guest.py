@@ -176,7 +176,8 @@ class Guest:
         self.console_log = os.path.join(workdir, "%s-console.log" % name)
         self.log_path = os.path.join(workdir, "%s-qemu.log" % name)
         self.proc = None
-        self.t_spawn = None
+        self.t_spawn = None     # time.monotonic() just before QEMU was spawned
+        self.t_ready = None     # ... when GUEST-READY arrived
         self.lines = []
         self._cond = threading.Condition()
         self._eof = False
@@ -355,6 +356,9 @@ class Guest:
 
     def begin(self, step, *args):
         """Start a step in the guest (it runs in the background there)."""
+        if self.t_ready is None:
+            # The serial port drops what arrives before /init reads it.
+            raise RuntimeError("begin(%s) before wait_ready()" % step)
         with self._cond:
             self._step_start[step] = self._progress_at[step] = len(self.lines)
         self.send(" ".join(["run", step] + [str(a) for a in args]))

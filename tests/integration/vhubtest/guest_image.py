@@ -31,6 +31,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 
 from .testing import Skip, log
 
@@ -93,7 +94,8 @@ def _kernel(cache):
     for tool in ("apt-get", "dpkg-deb", "dpkg"):
         if not shutil.which(tool):
             raise Skip("%s not found: the guest kernel comes from a Debian package" % tool)
-    work = tempfile.mkdtemp(prefix="kernel-", dir=cache)
+    _remove_stale(cache)
+    work = tempfile.mkdtemp(prefix=".work-", dir=cache)
     try:
         meta = _apt_download(KERNEL_PACKAGE, work)
         depends = _run(["dpkg-deb", "-f", meta, "Depends"]).strip()
@@ -121,6 +123,20 @@ def _kernel(cache):
         return final, release
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale(cache):
+    """What an interrupted preparation left (we hold the lock: nobody else
+    is preparing), and initramfs files unused for a week (scripts changed)."""
+    week_ago = time.time() - 7 * 86400
+    for name in os.listdir(cache):
+        path = os.path.join(cache, name)
+        if name.startswith(".work-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".work-"):
+            os.unlink(path)
+        elif name.startswith("initramfs-") and os.stat(path).st_mtime < week_ago:
+            os.unlink(path)
 
 
 def _apt_download(spec, cwd):
@@ -257,7 +273,9 @@ def _initramfs(cache, busybox, mod_root, modules):
         h.update(data)
     out = os.path.join(cache, "initramfs-%s.cpio" % h.hexdigest()[:16])
     if os.path.exists(out):
+        os.utime(out)   # in use: not stale
         return out
+    _remove_stale(cache)
     dirs = ["bin", "dev", "lib", "lib/modules", "steps", "proc", "sys", "run", "tmp", "mnt"]
     cpio = _Cpio()
     for d in dirs:
@@ -266,7 +284,7 @@ def _initramfs(cache, busybox, mod_root, modules):
     cpio.add("dev/console", 0o020600, rdev=(5, 1))
     for path, mode, data in files:
         cpio.add(path, 0o100000 | mode, data)
-    fd, tmp = tempfile.mkstemp(prefix="initramfs-", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=".work-", dir=cache)
     with os.fdopen(fd, "wb") as f:
         f.write(cpio.finish())
     os.replace(tmp, out)
