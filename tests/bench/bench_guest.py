@@ -12,6 +12,12 @@ machine's load hits every path alike), it prints the median and the range
                   O_DIRECT 4 KiB read of /dev/vda, done right after
                   virtio_blk's insmod (its probe: the vhost-user handshake
                   QEMU does at DRIVER_OK, the partition scan, then the read)
+  blk probe       the guest kernel's own timing (initcall_debug, in us) of
+                  virtio_blk's probe of the device: features, rings, the
+                  guest's DRIVER_OK write (inside which QEMU starts the
+                  vhost-user device: memory table, vring setup, kicks) and
+                  the partition scan.  The device's setup, without the
+                  firmware's and the kernel's boot around it
   write, read     sequential O_DIRECT MiB/s: MIB MiB at BS bytes a request,
                   one dd each (timed on the host between the guest's
                   console markers), 1 MiB and 4 KiB requests
@@ -65,6 +71,7 @@ def one_run(t, image, path_fn, figures):
         g.wait_ready()
         figures["boot-to-ready (s)"].append(g.t_ready - g.t_spawn)
         figures["first-I/O (s)"].append(g.first_io_time())
+        figures["blk probe (ms)"].append(int(g.first_io()["probe_us"]) / 1000)
         first = 0
         for label, bs, mib in THROUGHPUT:
             g.begin("blk-throughput", "/dev/vda", first, mib, bs)
@@ -78,20 +85,24 @@ def one_run(t, image, path_fn, figures):
         g.poweroff()
 
 
+def fmt(v):
+    return "%.0f" % v if v >= 100 else "%.3g" % v
+
+
 def main(t):
     image = guest_image.prepare()
     results = {name: {} for name, _ in PATHS}
     for i in range(RUNS):
         for name, fn in PATHS:
             figures = results[name]
-            for key in ("boot-to-ready (s)", "first-I/O (s)"):
+            for key in ("boot-to-ready (s)", "first-I/O (s)", "blk probe (ms)"):
                 figures.setdefault(key, [])
             for label, _, _ in THROUGHPUT:
                 figures.setdefault("write %s (MiB/s)" % label, [])
                 figures.setdefault("read %s (MiB/s)" % label, [])
             one_run(t, image, fn, figures)
             log("run %d/%d %s: %s" % (i + 1, RUNS, name, ", ".join(
-                "%s %.3g" % (k, v[-1]) for k, v in figures.items())))
+                "%s %s" % (k, fmt(v[-1])) for k, v in figures.items())))
     log("")
     log("%d interleaved runs per path; median [min - max]" % RUNS)
     log("%-24s %s" % ("", "".join("%-30s" % name for name, _ in PATHS)))
@@ -99,7 +110,8 @@ def main(t):
         cells = []
         for name, _ in PATHS:
             v = results[name][key]
-            cells.append("%-30s" % ("%.3g [%.3g - %.3g]" % (statistics.median(v), min(v), max(v))))
+            cells.append("%-30s" % ("%s [%s - %s]" % (fmt(statistics.median(v)), fmt(min(v)),
+                                                      fmt(max(v)))))
         log("%-24s %s" % (key, "".join(cells)))
 
 

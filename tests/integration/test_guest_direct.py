@@ -49,8 +49,11 @@ def scenario_blk(t, image):
     g = t.enter(Guest(d, [BlkDevice(qsd.socket, num_queues=2)], image))
     ready = g.wait_ready()
     check_eq(ready["cpus"], "2", "guest vCPUs")
-    check(g.first_io_time() is not None, "the guest read /dev/vda with O_DIRECT at boot (%.2fs)"
-          % (g.first_io_time() or 0))
+    first = g.first_io()
+    check(first is not None, "the guest read /dev/vda with O_DIRECT at boot (%.2fs after QEMU's "
+          "start)" % (g.first_io_time() or 0))
+    check(first["probe_us"].isdigit() and int(first["probe_us"]) > 0,
+          "the guest kernel timed virtio_blk's probe of the disk: %s us" % first["probe_us"])
 
     r = g.run("blk-basic", "/dev/vda", PATTERN, PATTERN_O_DIRECT, PATTERN_FSYNC,
               PATTERN_BLOCKS, hashlib.sha256(pattern).hexdigest())

@@ -346,13 +346,19 @@ class Guest:
         log("guest ready %.2fs after QEMU start: %s" % (line.t - self.t_spawn, line.text))
         return fields
 
-    def first_io_time(self):
-        """Seconds from QEMU's start to GUEST-FIRST-IO (None: no disk)."""
+    def first_io(self):
+        """GUEST-FIRST-IO's fields (uptime, probe_us: virtio_blk's init and
+        probe in the guest) and .t, its arrival; None without a disk."""
         with self._cond:
             for line in self.lines:
                 if line.text.startswith("GUEST-FIRST-IO"):
-                    return line.t - self.t_spawn
+                    return Progress(line.text.split()[1:], line.t)
         return None
+
+    def first_io_time(self):
+        """Seconds from QEMU's spawn to GUEST-FIRST-IO (None: no disk)."""
+        first = self.first_io()
+        return None if first is None else first.t - self.t_spawn
 
     def begin(self, step, *args):
         """Start a step in the guest (it runs in the background there)."""
