@@ -7,9 +7,10 @@ back-ends: the control run for every front-door test (docs/testing-guests.md).
 blk: vhost-user-blk-pci (2 queues, -smp 2) to qemu-storage-daemon (2 queues).
      The guest reads a host pattern with O_DIRECT, writes it back with
      O_DIRECT and with buffered writes + fsync and reads both back; then
-     numbered 4 KiB blocks one at a time with O_DIRECT until told to stop;
-     then 8 parallel O_DIRECT writers.  The host checks the whole image file
-     against a model of everything the guest wrote.
+     numbered 4 KiB blocks one at a time with O_DIRECT until told to stop,
+     with a QMP stop + cont under way; then 8 parallel O_DIRECT writers.
+     The host checks the whole image file against a model of everything
+     the guest wrote.
 fs:  vhost-user-fs-pci to virtiofsd: the guest reads a host file (sha256)
      and writes one the host checks; virtiofsd exits when QEMU leaves.
 net: -netdev vhost-user + virtio-net-pci to dpdk-testpmd (io forwarding):
@@ -33,8 +34,15 @@ IMAGE_SIZE = 64 << 20
 BLOCK = guest.BLOCK
 # The image's layout, in 4 KiB blocks.
 PATTERN, PATTERN_O_DIRECT, PATTERN_FSYNC, PATTERN_BLOCKS = 0, 256, 512, 256
-SEQ_FIRST, SEQ_AREA, SEQ_MIN = 1024, 64, 96   # wraps around its area
+SEQ_FIRST, SEQ_AREA, SEQ_BEFORE, SEQ_AFTER = 1024, 64, 32, 64   # wraps around its area
 PAR_FIRST, PAR_AREA, PAR_WRITERS, PAR_COUNT = 2048, 128, 8, 16
+
+
+def last_progress_n(g, step):
+    """The highest block count the step's progress lines reported so far."""
+    prefix = "GUEST-PROGRESS %s w=" % step
+    return max((int(l.text.rsplit("n=", 1)[1]) for l in list(g.lines) if l.text.startswith(prefix)),
+               default=0)
 
 
 def scenario_blk(t, image):
@@ -63,14 +71,27 @@ def scenario_blk(t, image):
         model[at * BLOCK:(at + PATTERN_BLOCKS) * BLOCK] = pattern
 
     # One writer, until told to stop: what the back-end restart tests use.
+    # Midway the VM is paused and resumed over QMP (QEMU stops the vhost-user
+    # rings with GET_VRING_BASE, then starts them again): the control for
+    # the hung back-end test, and the guest's I/O must carry on after it.
     g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
-    progress = g.wait_progress("blk-write", lambda f: int(f.get("n", 0)) >= SEQ_MIN)
-    log("blk-write one at a time: %s" % progress)
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= SEQ_BEFORE)
+    qmp = g.qmp()
+    check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status")
+    qmp.execute("stop", timeout=10)
+    qmp.wait_event("STOP", timeout=10)
+    check_eq(qmp.execute("query-status")["status"], "paused", "QMP query-status after stop")
+    qmp.execute("cont", timeout=10)
+    qmp.wait_event("RESUME", timeout=10)
+    check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status after cont")
+    resumed_at = last_progress_n(g, "blk-write")
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= resumed_at + SEQ_AFTER)
     g.stop_steps()
     r = g.result("blk-write")
     seq = guest.parse_counts(r)
-    check(len(seq) == 1 and seq[0] >= SEQ_MIN,
-          "numbered O_DIRECT blocks one at a time until stopped: %s" % seq)
+    check(len(seq) == 1 and seq[0] >= resumed_at + SEQ_AFTER,
+          "numbered O_DIRECT blocks one at a time until stopped: %s, >= %d after the VM resumed "
+          "at block %d" % (seq, SEQ_AFTER, resumed_at))
     guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
 
     r = g.run("blk-write", "/dev/vda", PAR_WRITERS, PAR_FIRST, PAR_AREA, PAR_COUNT)

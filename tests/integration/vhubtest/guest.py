@@ -428,9 +428,13 @@ class Guest:
         if self._qmp is not None:
             self._qmp.close()
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)   # wakes the reader's recv()
+            except OSError:
+                pass
+            if self._reader is not None:
+                self._reader.join(5)
             self._sock.close()
-        if self._reader is not None:
-            self._reader.join(5)
         if exc_type is not None:
             procs.print_log(self.console_log, "%s console" % self.name, limit=80)
             procs.print_log(self.log_path, "%s QEMU" % self.name)
