@@ -48,9 +48,9 @@ from vhubtest.testing import log, run                         # noqa: E402
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 IMAGE_SIZE = 256 << 20
-MIB = 64
+MIB = 128
 # (label, request size in bytes, MiB moved)
-THROUGHPUT = [("1 MiB", 1 << 20, MIB), ("4 KiB", 4096, 8)]
+THROUGHPUT = [("1 MiB", 1 << 20, MIB), ("4 KiB", 4096, 16)]
 
 
 def path_direct(t, d, qsd):

@@ -8,9 +8,9 @@ blk: vhost-user-blk-pci (2 queues, -smp 2) to qemu-storage-daemon (2 queues).
      The guest reads a host pattern with O_DIRECT, writes it back with
      O_DIRECT and with buffered writes + fsync and reads both back; then
      numbered 4 KiB blocks one at a time with O_DIRECT until told to stop,
-     with a QMP stop + cont under way; then 8 parallel O_DIRECT writers.
-     The host checks the whole image file against a model of everything
-     the guest wrote.
+     with a QMP stop + cont under way; then 8 parallel O_DIRECT writers;
+     then the benchmark's throughput step, small.  The host checks the
+     whole image file against a model of everything the guest wrote.
 fs:  vhost-user-fs-pci to virtiofsd: the guest reads a host file (sha256)
      and writes one the host checks; virtiofsd exits when QEMU leaves.
 net: -netdev vhost-user + virtio-net-pci to dpdk-testpmd (io forwarding):
@@ -36,6 +36,7 @@ BLOCK = guest.BLOCK
 PATTERN, PATTERN_O_DIRECT, PATTERN_FSYNC, PATTERN_BLOCKS = 0, 256, 512, 256
 SEQ_FIRST, SEQ_AREA, SEQ_BEFORE, SEQ_AFTER = 1024, 64, 32, 64   # wraps around its area
 PAR_FIRST, PAR_AREA, PAR_WRITERS, PAR_COUNT = 2048, 128, 8, 16
+THR_FIRST, THR_MIB = 4096, 4
 
 
 def last_progress_n(g, step):
@@ -102,11 +103,20 @@ def scenario_blk(t, image):
     check(len(irqs) == 2 and min(irqs) > 0,
           "both request virtqueues completed requests (interrupts per queue: %s)" % irqs)
 
+    # The benchmark's step (bench_guest.py), small: random data the guest
+    # made, known to the host by its sha256.
+    r = g.run("blk-throughput", "/dev/vda", THR_FIRST, THR_MIB, 1 << 20)
+    check_eq(r.int("bytes"), THR_MIB << 20, "blk-throughput bytes written and read")
+
     g.poweroff()
     check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code on SIGTERM")
     with open(img, "rb") as f:
         disk = f.read()
     check_eq(len(disk), IMAGE_SIZE, "image size")
+    thr = slice(THR_FIRST * BLOCK, THR_FIRST * BLOCK + (THR_MIB << 20))
+    check_eq(hashlib.sha256(disk[thr]).hexdigest(), r["sha256"],
+             "image file: sha256 of the blk-throughput data")
+    model[thr] = disk[thr]
     for name, at in (("host pattern", PATTERN), ("O_DIRECT copy", PATTERN_O_DIRECT),
                      ("buffered+fsync copy", PATTERN_FSYNC)):
         check(disk[at * BLOCK:(at + PATTERN_BLOCKS) * BLOCK] == pattern,
@@ -114,7 +124,8 @@ def scenario_blk(t, image):
     bad = [i for i in range(IMAGE_SIZE // BLOCK)
            if disk[i * BLOCK:(i + 1) * BLOCK] != model[i * BLOCK:(i + 1) * BLOCK]]
     check(not bad, "whole image file equals the model: pattern, 2 copies, %d + %d numbered blocks, "
-          "zeros elsewhere" % (sum(seq), sum(par)), "blocks differing: %s" % bad[:10])
+          "the blk-throughput data, zeros elsewhere" % (sum(seq), sum(par)),
+          "blocks differing: %s" % bad[:10])
 
 
 def scenario_fs(t, image):
