@@ -300,6 +300,12 @@ static void device_run_head(struct vhub_device *d) {
         op_run(d, op);
 }
 
+bool vhub_device_is_parked(const struct vhub_device *d) {
+        const struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        return op && op->running && op->parked;
+}
+
 void vhub_device_resume_parked(struct vhub_device *d) {
         struct vhub_op *op = TAILQ_FIRST(&d->ops);
 

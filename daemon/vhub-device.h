@@ -278,8 +278,10 @@ int vhub_device_queue_postcopy(struct vhub_device *dev, struct vhub_vm_batch *ba
 
 /* Begin a memory sync (a VM fan-out member).  Returns 0 if queued. */
 int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);
-/* The VM's memory queue became free: resume a parked handshake. */
+/* The VM's memory queue became free: resume a parked handshake.  The op may
+ * end, and with it the device (a failed device.add). */
 void vhub_device_resume_parked(struct vhub_device *dev);
+bool vhub_device_is_parked(const struct vhub_device *dev);
 /* The back-end's socket was (re)created: reconnect now if disconnected. */
 void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */

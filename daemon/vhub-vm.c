@@ -149,8 +149,30 @@ void vhub_vm_free(struct vhub_vm *vm) {
 }
 
 void vhub_vm_device_gone(struct vhub_vm *vm) {
-        if (vm->destroying && !vm->freeing && vm->n_devices == 0)
+        if (vm->destroying && !vm->freeing && vm->holds == 0 && vm->n_devices == 0)
                 vhub_vm_free(vm);
+}
+
+/* Resume every parked handshake.  A resumed op may end and free its device
+ * (a failed device.add), so the list is scanned again from the head after
+ * each resume; each resume unparks its device, so this ends.  Returns false
+ * if the VM itself went (being destroyed, its last device gone). */
+static bool vm_resume_parked(struct vhub_vm *vm) {
+        struct vhub_device *d;
+
+        vm->holds++;
+again:
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (vhub_device_is_parked(d)) {
+                        vhub_device_resume_parked(d);
+                        goto again;
+                }
+        vm->holds--;
+        if (vm->destroying && vm->holds == 0 && vm->n_devices == 0) {
+                vhub_vm_free(vm);
+                return false;
+        }
+        return true;
 }
 
 void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
@@ -302,7 +324,6 @@ static void vm_mem_fanout(struct vhub_vm *vm, struct vhub_mem_op *op) {
 
 static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         struct vhub_call *call = op->call;
-        struct vhub_device *d;
         bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
@@ -331,9 +352,8 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         mem_op_free(op, owns_fd);
 
         /* parked handshakes can sync now, then the next change may start */
-        TAILQ_FOREACH(d, &vm->devices, link)
-                vhub_device_resume_parked(d);
-        vm_mem_queue_run(vm);
+        if (vm_resume_parked(vm))
+                vm_mem_queue_run(vm);
 }
 
 static void vm_mem_op_step(struct vhub_vm *vm, struct vhub_mem_op *op) {

@@ -107,6 +107,8 @@ struct vhub_vm {
 
         bool destroying;
         bool freeing;                   /* vhub_vm_free() is running: start nothing */
+        unsigned holds;                 /* a loop over the devices is running: the last
+                                         * device going does not free the VM yet */
         struct vhub_call *destroy_call;
 };
 
