@@ -19,8 +19,8 @@
  * benchmark stops), and it uses the features and protocol features vhubd
  * negotiated, so the payloads are the same too.
  *
- * Paths, run interleaved (round k starts with path k mod 4, so that
- * none always follows another):
+ * Paths, run interleaved (round k starts with path k mod the number of
+ * paths, so that none always follows another):
  *   vhubd    device.add + device.start through a vhubd at --log-level
  *            warning: the clock runs from sending device.add to reading
  *            device.start's answer
@@ -35,12 +35,19 @@
  *            SET_FEATURES | rings | enables)
  *   each     raw, waiting for every reply right after its request (QEMU's
  *            blocking way)
+ *   batched  needed's waits, but requests go out together (one sendmsg()
+ *            per run of requests, a new one at each request with fds, which
+ *            ride with its first byte) and due replies are read in one go:
+ *            whether fewer socket calls lower the floor
  * The raw clock runs from connect() to the kicks written; the connection
  * is closed after (vhubd's device is removed, untimed), then GAP ms pass so
  * that qsd has let go of the previous front-end.
  *
  * Per run it also reads the CPU time (schedstat) the client thread, vhubd
  * and qsd spent, so the wall time splits into work and waiting.
+ *
+ * --compare VHUBD2 adds a fifth path, "vhubd-B": another vhubd build
+ * attaching the same device in the same rounds (before/after a change).
  *
  * BENCH_ATTACH_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=F"
  * runs the timed vhubd under that command (instruction counts: compare two
@@ -63,6 +70,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -83,7 +91,7 @@
 
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
-static pid_t daemon_pid = -1, qsd_pid = -1;
+static pid_t daemon_pid = -1, daemon2_pid = -1, qsd_pid = -1;
 static char workdir[64];
 
 static void stop_child(pid_t *pid) {
@@ -98,6 +106,7 @@ static void cleanup(void) {
         char cmd[128];
 
         stop_child(&daemon_pid);
+        stop_child(&daemon2_pid);
         stop_child(&qsd_pid);
         if (workdir[0]) {
                 snprintf(cmd, sizeof(cmd), "rm -rf '%s'", workdir);
@@ -150,6 +159,31 @@ static uint64_t proc_cpu_ns(pid_t pid) {
                 sum = strtoull(line, NULL, 10);
         fclose(f);
         return sum;
+}
+
+/* context switches of pid's main thread so far: how often it slept and woke */
+static uint64_t proc_switches(pid_t pid) {
+        char path[64], line[128];
+        uint64_t sum = 0;
+        FILE *f;
+
+        snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+        f = fopen(path, "r");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f))
+                if (strncmp(line, "voluntary_ctxt_switches:", 24) == 0 ||
+                    strncmp(line, "nonvoluntary_ctxt_switches:", 27) == 0)
+                        sum += strtoull(strchr(line, ':') + 1, NULL, 10);
+        fclose(f);
+        return sum;
+}
+
+static uint64_t self_switches(void) {
+        struct rusage ru;
+
+        getrusage(RUSAGE_THREAD, &ru);
+        return (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
 }
 
 static pid_t spawn(char *const argv[], const char *log_path) {
@@ -231,14 +265,15 @@ static void guest_eventfds_close(struct guest *g) {
 
 /* ---- the raw front-end ---- */
 
-enum path { PATH_VHUBD, PATH_NEEDED, PATH_STAGES7, PATH_EACH, _PATH_MAX };
+enum path { PATH_VHUBD, PATH_NEEDED, PATH_STAGES7, PATH_EACH, PATH_BATCHED, PATH_VHUBD2, _PATH_MAX };
 
 static const char *const path_name[_PATH_MAX] = {
         [PATH_VHUBD] = "vhubd", [PATH_NEEDED] = "needed", [PATH_STAGES7] = "stages7", [PATH_EACH] = "each",
+        [PATH_BATCHED] = "batched", [PATH_VHUBD2] = "vhubd-B",
 };
 
 /* a barrier honoured by these paths (each waits after every request anyway) */
-#define W_NEEDED (1u << PATH_NEEDED)
+#define W_NEEDED ((1u << PATH_NEEDED) | (1u << PATH_BATCHED))
 #define W_STAGES7 (1u << PATH_STAGES7)
 
 struct raw {
@@ -250,21 +285,51 @@ struct raw {
         const char *seq[MAX_SEQ];   /* what was sent, for the capture check */
         unsigned n_seq;
         uint64_t last_u64;
+        /* batched: requests waiting to go out together (fds only with the first) */
+        uint8_t out[4096];
+        size_t out_len;
+        int out_fds[VHU_MAX_FDS];
+        unsigned out_n_fds;
+        unsigned sends;             /* sendmsg() calls */
 };
 
-static void raw_send(struct raw *r, const struct vhu_msg *m) {
-        uint8_t buf[sizeof(struct vhu_header) + VHU_MAX_PAYLOAD];
+static void raw_sendmsg(struct raw *r, const void *buf, size_t len, const int *fds, unsigned n_fds) {
         VHU_SCM_BUF(cbuf, VHU_MAX_FDS);
-        size_t len = vhu_msg_encode(m, buf, sizeof(buf));
-        struct iovec iov = { .iov_base = buf, .iov_len = len };
+        struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         ssize_t n;
 
-        vhu_scm_attach(&mh, cbuf.buf, sizeof(cbuf.buf), m->fds, m->n_fds);
+        vhu_scm_attach(&mh, cbuf.buf, sizeof(cbuf.buf), fds, n_fds);
         n = sendmsg(r->fd, &mh, MSG_NOSIGNAL);
         if (n != (ssize_t)len)
-                die("raw: sendmsg %s: %s", vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
-                    n < 0 ? strerror(errno) : "short write");
+                die("raw: sendmsg: %s", n < 0 ? strerror(errno) : "short write");
+        r->sends++;
+}
+
+static void raw_flush(struct raw *r) {
+        if (r->out_len == 0)
+                return;
+        raw_sendmsg(r, r->out, r->out_len, r->out_fds, r->out_n_fds);
+        r->out_len = 0;
+        r->out_n_fds = 0;
+}
+
+static void raw_send(struct raw *r, const struct vhu_msg *m) {
+        uint8_t buf[sizeof(struct vhu_header) + VHU_MAX_PAYLOAD];
+        size_t len = vhu_msg_encode(m, buf, sizeof(buf));
+
+        if (r->path != PATH_BATCHED) {
+                raw_sendmsg(r, buf, len, m->fds, m->n_fds);
+        } else {
+                /* fds ride with a sendmsg()'s first byte: a message with fds
+                 * starts a batch; the receiver reads message by message */
+                if ((m->n_fds > 0 && r->out_len > 0) || r->out_len + len > sizeof(r->out))
+                        raw_flush(r);
+                memcpy(r->out + r->out_len, buf, len);
+                r->out_len += len;
+                for (unsigned i = 0; i < m->n_fds; i++)
+                        r->out_fds[r->out_n_fds++] = m->fds[i];
+        }
         if (r->n_seq < MAX_SEQ)
                 r->seq[r->n_seq++] = vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request);
 }
@@ -292,11 +357,37 @@ static void raw_read_reply(struct raw *r) {
         r->n_expect--;
 }
 
+/* batched: every due reply is a u64 (20 bytes, no fds): one read for all */
+static void raw_read_replies_at_once(struct raw *r) {
+        uint8_t buf[MAX_SEQ * 20];
+        size_t len = (size_t)r->n_expect * 20;
+        ssize_t n = recv(r->fd, buf, len, MSG_WAITALL);
+
+        if (n != (ssize_t)len)
+                die("raw: reading %u replies: %s", r->n_expect, n < 0 ? strerror(errno) : "EOF");
+        for (size_t off = 0; off < len; off += 20) {
+                struct vhu_header h;
+
+                memcpy(&h, buf + off, sizeof(h));
+                if (h.request != r->expect[r->head] || !(h.flags & VHU_FLAG_REPLY) || h.size != 8)
+                        die("raw: reply %u (%u bytes) where %s's was due", h.request, h.size,
+                            vhu_request_name(VHU_DIR_FRONTEND, r->expect[r->head]));
+                memcpy(&r->last_u64, buf + off + sizeof(h), sizeof(uint64_t));
+                r->head++;
+                r->n_expect--;
+        }
+}
+
 /* Wait for every due reply; the last one's u64 is in r->last_u64. */
 static void raw_drain(struct raw *r) {
+        raw_flush(r);
         if (r->n_expect == 0)
                 return;
         r->round_trips++;
+        if (r->path == PATH_BATCHED) {
+                raw_read_replies_at_once(r);
+                return;
+        }
         while (r->n_expect > 0)
                 raw_read_reply(r);
 }
@@ -372,10 +463,10 @@ static uint64_t raw_attach(enum path path, const char *sock, const struct guest 
                 die("socketpair: %s", strerror(errno));
         vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_BACKEND_REQ_FD, true, NULL, 0, &chan[1], 1);
         raw_request(r, &m, true);
-        close(chan[1]);   /* the kernel passed its own copy */
         vhu_msg_build_none(&m, VHU_REQ_GET_MAX_MEM_SLOTS, false);
         raw_request(r, &m, true);
         raw_barrier(r, W_NEEDED | W_STAGES7);
+        close(chan[1]);   /* sent by now (every path waited): the back-end has its own */
         {
                 struct vhu_mem_region reg = { .gpa = 0, .size = MEM_SIZE, .uaddr = g->uaddr, .mmap_offset = 0 };
 
@@ -567,7 +658,8 @@ static unsigned capture_sequence(const char *log, char seq[][40], unsigned max) 
 struct samples {
         uint64_t wall[MAX_ROUNDS], part[MAX_ROUNDS];
         uint64_t cpu_client, cpu_vhubd, cpu_qsd;
-        unsigned n, round_trips;
+        uint64_t sw_client, sw_vhubd, sw_qsd;
+        unsigned n, round_trips, sends;
 };
 
 static int cmp_u64(const void *a, const void *b) {
@@ -640,15 +732,16 @@ int main(int argc, char **argv) {
                 { "warmup", required_argument, NULL, 'w' },
                 { "gap-ms", required_argument, NULL, 'g' },
                 { "build-type", required_argument, NULL, 'b' },
+                { "compare", required_argument, NULL, 'c' },
                 {}
         };
-        const char *vhubd, *qsd = "/usr/bin/qemu-storage-daemon", *build_type = "unknown";
-        unsigned runs = 200, warmup = 10, gap_ms = 10, n_cap;
-        char control[128], bdir[128], sock[160], logp[160], qlog[160], caplog[160];
+        const char *vhubd, *vhubd2 = NULL, *qsd = "/usr/bin/qemu-storage-daemon", *build_type = "unknown";
+        unsigned runs = 200, warmup = 10, gap_ms = 10, n_cap, n_paths;
+        char control[128], control2[128], bdir[128], sock[160], logp[160], logp2[160], qlog[160], caplog[160];
         char cap_seq[MAX_SEQ][40];
         static struct samples s[_PATH_MAX];
         struct negotiated neg = { 0 };
-        struct vhub_client *c;
+        struct vhub_client *c, *c2 = NULL;
         struct guest g = { .memfd = -1 };
         struct raw raw;
         uint64_t dummy;
@@ -661,18 +754,20 @@ int main(int argc, char **argv) {
                 case 'w': warmup = (unsigned)strtoul(optarg, NULL, 0); break;
                 case 'g': gap_ms = (unsigned)strtoul(optarg, NULL, 0); break;
                 case 'b': build_type = optarg; break;
+                case 'c': vhubd2 = optarg; break;
                 default:
                         fprintf(stderr, "usage: bench-attach VHUBD [--qsd PATH] [--runs N] [--warmup N] "
-                                        "[--gap-ms N] [--build-type T]\n");
+                                        "[--gap-ms N] [--build-type T] [--compare VHUBD2]\n");
                         return 2;
                 }
         }
         if (optind + 1 != argc || runs < 1 || runs > MAX_ROUNDS) {
                 fprintf(stderr, "usage: bench-attach VHUBD [--qsd PATH] [--runs 1..%u] [--warmup N] "
-                                "[--gap-ms N] [--build-type T]\n", MAX_ROUNDS);
+                                "[--gap-ms N] [--build-type T] [--compare VHUBD2]\n", MAX_ROUNDS);
                 return 2;
         }
         vhubd = argv[optind];
+        n_paths = vhubd2 ? _PATH_MAX : PATH_VHUBD2;
         if (access(qsd, X_OK) != 0) {
                 printf("bench-attach: skipped: %s not installed\n", qsd);
                 return 77;
@@ -685,6 +780,8 @@ int main(int argc, char **argv) {
         snprintf(bdir, sizeof(bdir), "%s/backends", workdir);
         snprintf(sock, sizeof(sock), "%s/q0.sock", bdir);
         snprintf(logp, sizeof(logp), "%s/vhubd.log", workdir);
+        snprintf(control2, sizeof(control2), "%s/control2.sock", workdir);
+        snprintf(logp2, sizeof(logp2), "%s/vhubd2.log", workdir);
         snprintf(caplog, sizeof(caplog), "%s/vhubd-capture.log", workdir);
         snprintf(qlog, sizeof(qlog), "%s/qsd.log", workdir);
         if (mkdir(bdir, 0755) < 0)
@@ -750,32 +847,48 @@ int main(int argc, char **argv) {
         if (vhub_client_connect(control, &c) < 0)
                 die("connect %s", control);
         vm_setup(c, &g);
+        if (vhubd2) {
+                daemon2_pid = start_vhubd(vhubd2, control2, bdir, "warning", logp2, NULL);
+                if (vhub_client_connect(control2, &c2) < 0)
+                        die("connect %s", control2);
+                vm_setup(c2, &g);
+        }
         for (unsigned round = 0; round < warmup + runs; round++) {
-                for (unsigned k = 0; k < _PATH_MAX; k++) {
-                        enum path p = (enum path)((round + k) % _PATH_MAX);
-                        uint64_t c0, v0, q0, wall, part;
+                for (unsigned k = 0; k < n_paths; k++) {
+                        enum path p = (enum path)((round + k) % n_paths);
+                        bool through = p == PATH_VHUBD || p == PATH_VHUBD2;
+                        pid_t dpid = p == PATH_VHUBD2 ? daemon2_pid : daemon_pid;
+                        struct vhub_client *cc = p == PATH_VHUBD2 ? c2 : c;
+                        uint64_t c0, v0, q0, sc0, sv0, sq0, wall, part;
 
                         guest_eventfds_new(&g);
+                        sc0 = self_switches();
+                        sv0 = proc_switches(dpid);
+                        sq0 = proc_switches(qsd_pid);
                         c0 = thread_cpu_ns();
-                        v0 = proc_cpu_ns(daemon_pid);
+                        v0 = proc_cpu_ns(dpid);
                         q0 = proc_cpu_ns(qsd_pid);
-                        if (p == PATH_VHUBD)
-                                wall = vhubd_attach(c, sock, &g, neg.acked, &part, NULL);
+                        if (through)
+                                wall = vhubd_attach(cc, sock, &g, neg.acked, &part, NULL);
                         else
                                 wall = raw_attach(p, sock, &g, &neg, &raw, &part);
                         if (round >= warmup) {
                                 struct samples *x = &s[p];
 
                                 x->cpu_client += thread_cpu_ns() - c0;
-                                x->cpu_vhubd += proc_cpu_ns(daemon_pid) - v0;
+                                x->cpu_vhubd += through ? proc_cpu_ns(dpid) - v0 : 0;
                                 x->cpu_qsd += proc_cpu_ns(qsd_pid) - q0;
+                                x->sw_client += self_switches() - sc0;
+                                x->sw_vhubd += through ? proc_switches(dpid) - sv0 : 0;
+                                x->sw_qsd += proc_switches(qsd_pid) - sq0;
                                 x->wall[x->n] = wall;
                                 x->part[x->n] = part;
-                                x->round_trips = p == PATH_VHUBD ? 0 : raw.round_trips;
+                                x->round_trips = through ? 0 : raw.round_trips;
+                                x->sends = through ? 0 : raw.sends;
                                 x->n++;
                         }
-                        if (p == PATH_VHUBD)
-                                vhubd_detach(c);
+                        if (through)
+                                vhubd_detach(cc);
                         else
                                 close(raw.fd);
                         guest_eventfds_close(&g);
@@ -783,21 +896,26 @@ int main(int argc, char **argv) {
                 }
         }
         vhub_client_free(c);
+        vhub_client_free(c2);
 
-        printf("\n| path | waits for the back-end | median µs | p10 – p90 µs | min – max µs | "
-               "first part median µs | client CPU µs | vhubd CPU µs | qsd CPU µs |\n");
-        printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-        for (unsigned p = 0; p < _PATH_MAX; p++) {
+        printf("\n| path | waits for the back-end / sendmsg() | median µs | p10 – p90 µs | min – max µs | "
+               "first part median µs | client CPU µs | vhubd CPU µs | qsd CPU µs | "
+               "context switches client / vhubd / qsd |\n");
+        printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (unsigned p = 0; p < n_paths; p++) {
                 struct samples *x = &s[p];
-                char rt[16];
+                char rt[32];
 
-                snprintf(rt, sizeof(rt), "%u", x->round_trips);
-                printf("| %s | %s | %.0f | %.0f – %.0f | %.0f – %.0f | %.0f | %.1f | %.1f | %.1f |\n",
-                       path_name[p], p == PATH_VHUBD ? "-" : rt, pct_us(x->wall, x->n, 0.5),
+                snprintf(rt, sizeof(rt), "%u / %u", x->round_trips, x->sends);
+                printf("| %s | %s | %.0f | %.0f – %.0f | %.0f – %.0f | %.0f | %.1f | %.1f | %.1f | "
+                       "%.1f / %.1f / %.1f |\n",
+                       p == PATH_VHUBD2 ? vhubd2 : path_name[p],
+                       p == PATH_VHUBD || p == PATH_VHUBD2 ? "-" : rt, pct_us(x->wall, x->n, 0.5),
                        pct_us(x->wall, x->n, 0.1), pct_us(x->wall, x->n, 0.9), pct_us(x->wall, x->n, 0),
                        pct_us(x->wall, x->n, 1), pct_us(x->part, x->n, 0.5),
                        (double)x->cpu_client / 1e3 / x->n, (double)x->cpu_vhubd / 1e3 / x->n,
-                       (double)x->cpu_qsd / 1e3 / x->n);
+                       (double)x->cpu_qsd / 1e3 / x->n, (double)x->sw_client / x->n,
+                       (double)x->sw_vhubd / x->n, (double)x->sw_qsd / x->n);
         }
         printf("\n(first part: vhubd = device.add's answer; raw = up to ADD_MEM_REG sent (acked for "
                "stages7 and each))\n");
@@ -807,14 +925,23 @@ int main(int argc, char **argv) {
 
                 if (!ratio)
                         die("out of memory");
-                for (unsigned p = PATH_NEEDED; p < _PATH_MAX; p++) {
+                static const unsigned pairs[][2] = {
+                        { PATH_VHUBD, PATH_NEEDED }, { PATH_VHUBD, PATH_STAGES7 }, { PATH_VHUBD, PATH_EACH },
+                        { PATH_VHUBD2, PATH_NEEDED }, { PATH_VHUBD, PATH_VHUBD2 },
+                };
+
+                for (unsigned k = 0; k < sizeof(pairs) / sizeof(pairs[0]); k++) {
+                        unsigned a = pairs[k][0], b = pairs[k][1];
+
+                        if (a >= n_paths || b >= n_paths)
+                                continue;
                         for (unsigned i = 0; i < runs; i++)
-                                ratio[i] = (double)s[PATH_VHUBD].wall[i] / (double)s[p].wall[i];
-                        printf("vhubd / %-8s per round: median %.2fx (p10 – p90 %.2f – %.2fx); "
+                                ratio[i] = (double)s[a].wall[i] / (double)s[b].wall[i];
+                        printf("%s / %s per round: median %.2fx (p10 – p90 %.2f – %.2fx); "
                                "of medians %.2fx\n",
-                               path_name[p], pct_d(ratio, runs, 0.5), pct_d(ratio, runs, 0.1),
+                               path_name[a], path_name[b], pct_d(ratio, runs, 0.5), pct_d(ratio, runs, 0.1),
                                pct_d(ratio, runs, 0.9),
-                               pct_us(s[PATH_VHUBD].wall, runs, 0.5) / pct_us(s[p].wall, runs, 0.5));
+                               pct_us(s[a].wall, runs, 0.5) / pct_us(s[b].wall, runs, 0.5));
                 }
                 free(ratio);
         }
