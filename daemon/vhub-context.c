@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <errno.h>
 #include <string.h>
 
 #include "vhub-backend-path.h"
@@ -24,6 +25,10 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
                 log_warning("--max-fds-per-uid %u does not fit the fd limit; using %u",
                             config->limits.fds_per_uid, ctx->fd_budget.per_uid);
         log_info("%s", budget);
+        if (vhub_fd_ledger_init(&ctx->fd_ledger) < 0 || vhub_hash_init(&ctx->vms_by_name) < 0) {
+                vhub_fd_ledger_done(&ctx->fd_ledger);
+                return -ENOMEM;
+        }
         return vhub_backend_dirs_new(config, &ctx->backend_dirs);
 }
 
@@ -35,6 +40,8 @@ void vhub_context_done(struct vhub_context *ctx) {
                 vhub_vm_free(vm);
         vhub_socket_watch_done(ctx);
         ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
+        vhub_hash_done(&ctx->vms_by_name);
+        vhub_fd_ledger_done(&ctx->fd_ledger);
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
@@ -62,13 +69,7 @@ void vhub_context_counts_changed(struct vhub_context *ctx) {
 }
 
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
-        const struct vhub_vm *vm;
-        unsigned n = 0;
-
-        TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm->uid == uid)
-                        n++;
-        return n;
+        return vhub_fd_ledger_vms(&ctx->fd_ledger, uid);
 }
 
 const char *vhub_event_type_to_string(enum vhub_event_type t) {

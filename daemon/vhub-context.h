@@ -33,6 +33,8 @@ struct vhub_context {
         uint64_t start_usec;
         struct vhub_event_sink events;
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
+        struct vhub_fd_ledger fd_ledger;            /* what each uid holds (vhub-fd-budget.h) */
+        struct vhub_hash vms_by_name;               /* (uid, name) -> VM (vhub_vm_find) */
         struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
         unsigned n_channels_paused;  /* back-end channels waiting for a VMM to read */
@@ -54,5 +56,5 @@ bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_v
  * its paused back-end channels read again. */
 void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm);
 void vhub_context_counts_changed(struct vhub_context *ctx);
-/* Number of VMs owned by uid. */
+/* Number of VMs owned by uid (those being destroyed included). */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);

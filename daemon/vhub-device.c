@@ -178,6 +178,7 @@ struct vhub_op *device_op_new(enum vhub_op_kind kind, struct vhub_call *call) {
 }
 
 void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
+        vhub_fd_budget_vm_changed(d->vm);   /* an op may own fds (START's rings) */
         TAILQ_INSERT_TAIL(&d->ops, op, link);
         d->n_ops++;
         device_run_head(d);
@@ -229,6 +230,7 @@ int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_m
 
 /* End op: take it off the queue, let it commit or undo, and go on. */
 static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
+        vhub_fd_budget_vm_changed(d->vm);   /* its fds move into the device or close */
         TAILQ_REMOVE(&d->ops, op, link);
         d->n_ops--;
         op_complete(d, op, r);
@@ -241,6 +243,7 @@ static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
 }
 
 static void op_run(struct vhub_device *d, struct vhub_op *op) {
+        vhub_fd_budget_vm_changed(d->vm);   /* a stage may open fds (the back-end channel) */
         for (;;) {
                 int r;
 
@@ -325,6 +328,7 @@ static void device_on_reply(void *userdata, uint32_t request, uint32_t tag, stru
         }
         device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, request), "reply to %s",
                    vhu_request_name(VHU_DIR_FRONTEND, request));
+        vhub_fd_budget_vm_changed(d->vm);   /* a reply may hand over an fd */
         if (TAG_KIND(tag) != TAGK_BARRIER)
                 op_on_reply(d, op, request, tag, reply);
         if (--op->awaiting > 0)
@@ -345,6 +349,7 @@ void device_mark_lost(struct vhub_device *d, const char *reason) {
 }
 
 static void device_drop_connection(struct vhub_device *d) {
+        vhub_fd_budget_vm_changed(d->vm);
         d->conn = vhub_bconn_free(d->conn);
         d->channel = vhub_backend_channel_free(d->channel);
         /* a lost exporter's objects are gone: lookups must not reach it */
@@ -357,6 +362,7 @@ static void device_drop_connection(struct vhub_device *d) {
 static void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
         struct vhub_op *op, *next;
 
+        vhub_fd_budget_vm_changed(d->vm);
         for (op = TAILQ_FIRST(&d->ops); op; op = next) {
                 next = TAILQ_NEXT(op, link);
                 if (op->kind == VHUB_OP_REMOVE)
@@ -459,7 +465,10 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 }
 
 static int device_attach_connection(struct vhub_device *d, int fd) {
-        int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
+        int r;
+
+        vhub_fd_budget_vm_changed(d->vm);
+        r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
                                /* the largest op: a START of every ring (7 replies each) */
                                VHUB_MAX_QUEUES * 8 + 64,
                                &device_bconn_ops, d, &d->conn);
@@ -707,9 +716,7 @@ static void device_destroy(struct vhub_device *d) {
         struct vhub_vm *vm = d->vm;
         struct vhub_context *ctx = vm->ctx;
 
-        TAILQ_REMOVE(&vm->devices, d, link);
-        vm->n_devices--;
-        ctx->n_devices--;
+        vhub_vm_unlink_device(vm, d);
         device_log(d, LOG_INFO, NULL, "device removed");
         vhub_device_free(d);
         vhub_context_counts_changed(ctx);
@@ -833,9 +840,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 }
         }
 
-        TAILQ_INSERT_TAIL(&vm->devices, d, link);
-        vm->n_devices++;
-        vm->ctx->n_devices++;
+        vhub_vm_link_device(vm, d);
         vhub_context_counts_changed(vm->ctx);
         device_log(d, LOG_INFO, NULL, "device added (%s mode, socket %s)",
                    p->mode == VHUB_DEV_MODE_SERVER ? "server" : "client", d->socket_path);
@@ -870,6 +875,7 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
                 return;
         }
         d->removing = true;
+        vhub_fd_budget_vm_changed(d->vm);   /* queued ops are cancelled below */
         evtimer_del(d->ev_reconnect);
         device_stop_watching(d);
         /* cancel everything not yet running; a running op finishes (bounded

@@ -20,6 +20,7 @@
 #include "vhub-config.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-hash.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
 
@@ -157,6 +158,7 @@ TAILQ_HEAD(vhub_op_list, vhub_op);
 
 struct vhub_device {
         TAILQ_ENTRY(vhub_device) link;
+        struct vhub_hash_node by_name;  /* in vm->devices_by_name */
         struct vhub_vm *vm;
         char name[VHUB_NAME_MAX + 1];
         char *socket_path;

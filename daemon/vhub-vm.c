@@ -27,23 +27,64 @@ static void vm_mem_queue_run(struct vhub_vm *vm);
 
 #define vm_log(vm, level, ...) vhub_log_full((level), (vm)->name, NULL, NULL, __VA_ARGS__)
 
-struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
-        struct vhub_vm *vm;
+/* ---- names: hash lookups, never a walk over every VM or device ---- */
 
-        /* a VM being torn down is gone for its uid: its name can be used again */
-        TAILQ_FOREACH(vm, &ctx->vms, link)
+/* A VM's key: its uid and name (names are per uid). */
+static uint64_t vm_name_hash(const struct vhub_context *ctx, uid_t uid, const char *name) {
+        uint8_t key[sizeof(uint32_t) + VHUB_NAME_MAX];
+        uint32_t u = (uint32_t)uid;
+        size_t len = strnlen(name, VHUB_NAME_MAX);
+
+        memcpy(key, &u, sizeof(u));
+        memcpy(key + sizeof(u), name, len);
+        return vhub_hash_bytes(&ctx->vms_by_name, key, sizeof(u) + len);
+}
+
+struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
+        uint64_t hash = vm_name_hash(ctx, uid, name);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&ctx->vms_by_name, hash); n;
+             n = vhub_hash_next(n, hash)) {
+                struct vhub_vm *vm = vhub_hash_entry(n, struct vhub_vm, by_name);
+
+                /* a VM being torn down is gone for its uid: its name can be used again */
                 if (vm->uid == uid && !vm->destroying && strcmp(vm->name, name) == 0)
                         return vm;
+        }
         return NULL;
 }
 
-struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
-        struct vhub_device *d;
+static uint64_t device_name_hash(const struct vhub_vm *vm, const char *name) {
+        return vhub_hash_bytes(&vm->devices_by_name, name, strnlen(name, VHUB_NAME_MAX));
+}
 
-        TAILQ_FOREACH(d, &vm->devices, link)
+struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
+        uint64_t hash = device_name_hash(vm, name);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&vm->devices_by_name, hash); n;
+             n = vhub_hash_next(n, hash)) {
+                struct vhub_device *d = vhub_hash_entry(n, struct vhub_device, by_name);
+
                 if (strcmp(d->name, name) == 0)
                         return d;
+        }
         return NULL;
+}
+
+void vhub_vm_link_device(struct vhub_vm *vm, struct vhub_device *d) {
+        TAILQ_INSERT_TAIL(&vm->devices, d, link);
+        vhub_hash_insert(&vm->devices_by_name, &d->by_name, device_name_hash(vm, d->name));
+        vm->n_devices++;
+        vm->ctx->n_devices++;
+        vhub_fd_budget_vm_changed(vm);
+}
+
+void vhub_vm_unlink_device(struct vhub_vm *vm, struct vhub_device *d) {
+        TAILQ_REMOVE(&vm->devices, d, link);
+        vhub_hash_remove(&vm->devices_by_name, &d->by_name);
+        vm->n_devices--;
+        vm->ctx->n_devices--;
+        vhub_fd_budget_vm_changed(vm);
 }
 
 static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
@@ -78,13 +119,17 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         TAILQ_INIT(&vm->mem_ops);
         TAILQ_INIT(&vm->devices);
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
-        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
+        if (!vm->linger_timer || vhub_hash_init(&vm->devices_by_name) < 0 ||
+            vhub_cred_copy(cred, &vm->cred) < 0 || vhub_fd_ledger_vm_added(ctx, vm) < 0) {
                 if (vm->linger_timer)
                         event_free(vm->linger_timer);
+                vhub_hash_done(&vm->devices_by_name);
+                vhub_cred_done(&vm->cred);
                 free(vm);
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         }
         TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
+        vhub_hash_insert(&ctx->vms_by_name, &vm->by_name, vm_name_hash(ctx, uid, name));
         ctx->n_vms++;
         vhub_context_counts_changed(ctx);
         vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
@@ -109,9 +154,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s was destroyed", vm->name);
         /* devices first: their ops may point at the memory ops */
         while ((d = TAILQ_FIRST(&vm->devices))) {
-                TAILQ_REMOVE(&vm->devices, d, link);
-                vm->n_devices--;
-                vm->ctx->n_devices--;
+                vhub_vm_unlink_device(vm, d);
                 vhub_device_free(d);
         }
         while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
@@ -136,6 +179,8 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 vhub_call_complete(c, 0);
         }
         TAILQ_REMOVE(&vm->ctx->vms, vm, link);
+        vhub_hash_remove(&vm->ctx->vms_by_name, &vm->by_name);
+        vhub_fd_ledger_vm_gone(vm->ctx, vm);
         vm->ctx->n_vms--;
         vhub_context_counts_changed(vm->ctx);
         vm_log(vm, LOG_INFO, "VM destroyed");
@@ -145,6 +190,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 close(vm->log_fd);
         vhub_mem_table_done(&vm->mem);
         vhub_cred_done(&vm->cred);
+        vhub_hash_done(&vm->devices_by_name);
         free(vm);
 }
 
@@ -327,6 +373,7 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
+        vhub_fd_budget_vm_changed(vm);  /* the region's fd: into the table, or closed */
         if (!op->failed) {
                 if (op->kind == VHUB_MEM_OP_ADD) {
                         /* commit: the table takes the fd */
@@ -437,6 +484,7 @@ static void vm_mem_queue_run(struct vhub_vm *vm) {
                 TAILQ_REMOVE(&vm->mem_ops, op, link);
                 vhub_call_fail(op->call, &err);
                 mem_op_free(op, true);
+                vhub_fd_budget_vm_changed(vm);
         }
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);
@@ -525,6 +573,7 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
         op->region.id = ++vm->ctx->next_region_id;
         op->call = call;
         region->fd = -1; /* the op owns it now */
+        vhub_fd_budget_vm_changed(vm);
         vm_mem_queue(vm, op);
         return;
 
@@ -591,6 +640,7 @@ fail:
 static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
 
 static void vm_log_close(struct vhub_vm *vm) {
+        vhub_fd_budget_vm_changed(vm);
         if (vm->log_fd >= 0)
                 close(vm->log_fd);
         vm->log_fd = -1;
@@ -730,6 +780,7 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
         b->kind = VHUB_BATCH_LOG_START;
         b->call = call;
         vm->log_fd = fd;
+        vhub_fd_budget_vm_changed(vm);
         vm->log_size = size;
         vm->logging = true;
         vm->log_batch = b;
@@ -769,6 +820,7 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
         int r;
 
         vhub_uuid_format(uuid, u);
+        vhub_fd_budget_vm_changed(vm);
         r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
         if (r < 0) {
                 close(fd);
@@ -795,5 +847,6 @@ int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhu
                                       "shared object %s was exported by device %s; only its exporter removes it",
                                       u, o->device->name);
         vhub_shared_table_remove(&vm->shared, uuid, NULL);
+        vhub_fd_budget_vm_changed(vm);
         return 0;
 }

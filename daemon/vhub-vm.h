@@ -14,6 +14,7 @@
 #include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
+#include "vhub-hash.h"
 #include "vhub-memory.h"
 #include "vhub-shared-object.h"
 
@@ -78,6 +79,7 @@ enum vhub_vm_postcopy {
 
 struct vhub_vm {
         TAILQ_ENTRY(vhub_vm) link;
+        struct vhub_hash_node by_name;  /* in ctx->vms_by_name */
         struct vhub_context *ctx;
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
@@ -94,6 +96,12 @@ struct vhub_vm {
 
         struct vhub_device_list devices;
         unsigned n_devices;
+        struct vhub_hash devices_by_name;
+
+        /* the fd budget's ledger (vhub-fd-budget.h) */
+        unsigned fds_counted;           /* what it held when last counted */
+        bool fds_marked;                /* in ctx->fd_ledger.marked */
+        TAILQ_ENTRY(vhub_vm) fds_link;
 
         struct vhub_shared_table shared;  /* UUID -> exporter */
 
@@ -134,6 +142,9 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
 void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call);
 
 struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name);
+/* A device joins the VM (its list, its name, the counts) / leaves it. */
+void vhub_vm_link_device(struct vhub_vm *vm, struct vhub_device *dev);
+void vhub_vm_unlink_device(struct vhub_vm *vm, struct vhub_device *dev);
 
 /* Dirty logging: a log memfd covering the VM's memory, one bit per 4 KiB. */
 void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call);
