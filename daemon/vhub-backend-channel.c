@@ -44,7 +44,8 @@ struct vhub_backend_channel {
 
         enum channel_wait wait;
         uint64_t wait_token;
-        struct vhu_msg wait_request;  /* header of the request being answered (no fds) */
+        struct vhu_header wait_hdr;   /* the request being answered (a header is all a
+                                       * reply needs; not a whole message: 4 KiB a device) */
 
         uint64_t rate_window_start;
         unsigned rate_count;
@@ -178,41 +179,54 @@ static void channel_wait_for(struct vhub_backend_channel *ch, enum channel_wait 
 
         ch->wait = what;
         ch->wait_token = token;
-        vhu_msg_init(&ch->wait_request);
-        ch->wait_request.hdr = req->hdr;
+        ch->wait_hdr = req->hdr;
         event_del(ch->ev_read);
         evtimer_add(ch->ev_deadline, &tv);
 }
 
+/* The request being answered, as the reply builders take it. */
+static void channel_waited_request(const struct vhub_backend_channel *ch, struct vhu_msg *ret) {
+        vhu_msg_init(ret);
+        ret->hdr = ch->wait_hdr;
+}
+
 static void channel_deadline_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_backend_channel *ch = userdata;
-        const char *name = vhu_request_name(VHU_DIR_BACKEND, ch->wait_request.hdr.request);
+        const char *name = vhu_request_name(VHU_DIR_BACKEND, ch->wait_hdr.request);
+        struct vhu_msg req;
 
         device_log(ch->dev, LOG_WARNING, name, "%s not answered in time; failing it towards the back-end",
                    name);
+        channel_waited_request(ch, &req);
         if (ch->wait == WAIT_LOOKUP)
-                channel_lookup_reply(ch, &ch->wait_request, -1);
+                channel_lookup_reply(ch, &req, -1);
         else if (ch->wait == WAIT_VMM)
-                channel_ack(ch, &ch->wait_request, 1);
+                channel_ack(ch, &req, 1);
         channel_resume(ch);
 }
 
 void vhub_backend_channel_lookup_done(struct vhub_backend_channel *ch, uint64_t token, int fd) {
+        struct vhu_msg req;
+
         if (ch->wait != WAIT_LOOKUP || ch->wait_token != token) {
                 if (fd >= 0)
                         close(fd); /* too late: the deadline already answered */
                 return;
         }
-        channel_lookup_reply(ch, &ch->wait_request, fd);
+        channel_waited_request(ch, &req);
+        channel_lookup_reply(ch, &req, fd);
         if (fd >= 0)
                 close(fd); /* the writer sent its own copy */
         channel_resume(ch);
 }
 
 int vhub_backend_channel_reply(struct vhub_backend_channel *ch, uint64_t token, uint64_t result) {
+        struct vhu_msg req;
+
         if (ch->wait != WAIT_VMM || ch->wait_token != token)
                 return -ENOENT;
-        channel_ack(ch, &ch->wait_request, result);
+        channel_waited_request(ch, &req);
+        channel_ack(ch, &req, result);
         channel_resume(ch);
         return 0;
 }

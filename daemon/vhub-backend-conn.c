@@ -256,7 +256,9 @@ int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigne
         c->userdata = userdata;
         c->timeout_usec = (uint64_t)timeout_ms * 1000u;
         c->max_pending = max_pending ? max_pending : 1;
-        c->cap = c->max_pending < 64 ? c->max_pending : 64;
+        /* most ops await a handful of replies: the ring grows when one
+         * awaits more (a device holds it all its life) */
+        c->cap = c->max_pending < 16 ? c->max_pending : 16;
         c->pending = calloc(c->cap, sizeof(*c->pending));
         vhu_reader_init(&c->reader);
         vhu_writer_init(&c->writer);
