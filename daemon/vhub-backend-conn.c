@@ -39,6 +39,8 @@ struct vhub_bconn {
         void *userdata;
 
         bool lost;
+        bool peer_gone;            /* a write found the peer closed: nothing more is
+                                    * written; the loss comes from the read side */
         bool lost_timeout;
         uint32_t lost_request;
         char lost_reason[200];
@@ -100,6 +102,19 @@ static void bconn_after_write(struct vhub_bconn *c, int r) {
                         c->write_deadline = vhub_now_usec() + c->timeout_usec;
                         bconn_rearm_timer(c);
                 }
+        } else if (r == -EPIPE || r == -ECONNRESET) {
+                /* The back-end closed.  What it answered before it did is
+                 * still to be read, in order: the read side reaches its EOF
+                 * after those replies and reports the loss naming the request
+                 * really left unanswered (several requests go out at once,
+                 * so a write can find the peer gone before the replies to
+                 * earlier ones are read).  Every awaited reply keeps its
+                 * deadline meanwhile. */
+                c->peer_gone = true;
+                vhu_writer_clear(&c->writer);
+                event_del(c->ev_write);
+                c->write_deadline = 0;
+                bconn_rearm_timer(c);
         } else {
                 char why[128];
 
@@ -110,7 +125,7 @@ static void bconn_after_write(struct vhub_bconn *c, int r) {
 }
 
 static void bconn_flush(struct vhub_bconn *c) {
-        if (!c->lost)
+        if (!c->lost && !c->peer_gone)
                 bconn_after_write(c, vhu_writer_flush(&c->writer, c->fd));
 }
 
@@ -325,7 +340,9 @@ static int bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t ta
                 c->cap = cap;
                 c->head = 0;
         }
-        r = vhu_writer_send(&c->writer, c->fd, m);
+        /* a closed peer takes nothing more; it is awaited like the rest, so
+         * that the loss, from the read side, names what was left unanswered */
+        r = c->peer_gone ? 0 : vhu_writer_send(&c->writer, c->fd, m);
         if (r == -ENOMEM || r == -EINVAL)
                 return r;
         if (expects) {
