@@ -14,7 +14,6 @@
 #include "control-params.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
-#include "vhub-device-internal.h"
 #include "vhub-shared-object.h"
 #include "vhub-time.h"
 #include "vhub-version.h"

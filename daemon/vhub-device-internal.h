@@ -8,18 +8,6 @@
 
 struct vhub_vm;
 
-/* What the daemon itself implements as a front-end (daemon.info). */
-#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
-        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
-         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
-         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
-         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
-         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
-         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
-         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
-         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
-         VHU_PF_BIT(VHU_PF_SHMEM))
-
 /* Reply tags: what a reply belongs to inside the running op. */
 #define TAG_KIND(t)       ((t) >> 16)
 #define TAG_INDEX(t)      ((t) & 0xffffu)

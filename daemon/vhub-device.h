@@ -29,6 +29,19 @@ struct vhub_mem_op;
 struct vhub_vm;
 struct vhub_vm_batch;
 
+/* The protocol features the daemon implements as a front-end: what every
+ * handshake ANDs with the back-end's offer, and daemon.info's protocol_features. */
+#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
+        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
+         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
+         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
+         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
+         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
+         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
+         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
+         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
+         VHU_PF_BIT(VHU_PF_SHMEM))
+
 enum vhub_device_state {
         VHUB_DEV_CONNECTING,
         VHUB_DEV_READY,
