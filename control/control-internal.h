@@ -76,6 +76,11 @@ struct control_call {
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
 
+/* The one visibility rule: a connection sees the VMs of its own uid, root every uid's. */
+static inline bool control_conn_sees_uid(const struct control_conn *c, uid_t uid) {
+        return c->uid == 0 || c->uid == uid;
+}
+
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);
 void control_req_error(struct control_req *req, const struct vhub_error *err);
@@ -83,9 +88,37 @@ void control_req_result_fds(struct control_req *req, json_t *result, const int *
 
 /* For calls into the model: allocate, then pass &cc->call; done answers. */
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
+/* A call that never reached the model (its method failed first): freed, nothing answered. */
+void control_call_drop(struct control_call *cc);
 
-/* The method table (control-methods.c). */
+/* ---- the method table (control-methods.c) ---- */
+
+struct param;
+struct method_call;
+
+/* What dispatch does for a method before its function runs. */
+enum {
+        METHOD_VM = 1u << 0,          /* names a VM ("vm", "uid"): resolved under the caller's uid */
+        METHOD_VM_OPTIONAL = 1u << 1, /* the same, but "vm" may be left out */
+        METHOD_DEVICE = 1u << 2,      /* also names a device of that VM ("device"): resolved */
+        METHOD_WAITS = 1u << 3,       /* waits on back-ends: takes a pending slot, answers at completion */
+        METHOD_FDS_OUT = 1u << 4,     /* may answer with fds: refused inside a batch */
+};
+
+struct control_method {
+        const char *name;
+        int (*fn)(struct method_call *m, struct vhub_error *err);
+        unsigned flags;
+        const struct param *params;     /* its own members, after "vm", "uid", "device" */
+        const struct param *result;     /* a PARAM_OBJECT describing the result; NULL: {} */
+        control_result_fn make_result;  /* METHOD_WAITS: builds the result at completion; NULL: {} */
+        const int *errors;              /* codes beyond those its flags imply; 0-terminated */
+        const char *summary;            /* one line, for rpc.discover */
+};
+
+/* Every method, in the contract's order. */
+const struct control_method *control_methods(size_t *ret_n);
+/* The lists of members a method reads, in order ("vm" and "uid", "device", its own),
+ * NULL-terminated: room for 4. */
+void control_method_param_lists(const struct control_method *m, const struct param *lists[4]);
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
-
-/* Resolve the VM a request names (vm + optional uid), honouring isolation. */
-int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);

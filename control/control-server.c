@@ -164,6 +164,13 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         return cc;
 }
 
+void control_call_drop(struct control_call *cc) {
+        cc->conn->pending--;
+        control_conn_unref(cc->conn);
+        json_decref(cc->id);
+        free(cc);
+}
+
 /* ---- requests ---- */
 
 static bool valid_id(json_t *id) {
@@ -352,7 +359,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
         if (vm->owner_id == c->id)
                 return true;
-        if (c->uid != 0 && c->uid != vm->uid)
+        if (!control_conn_sees_uid(c, vm->uid))
                 return false;
         if (c->sub_all && c->uid == vm->uid)
                 return true;
