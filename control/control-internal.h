@@ -44,6 +44,7 @@ struct control_server {
         unsigned n_conns;
         uint64_t next_conn_id;
         struct control_server_options opts;
+        json_t *discover;            /* rpc.discover's document, built on first use */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -122,3 +123,6 @@ const struct control_method *control_methods(size_t *ret_n);
  * NULL-terminated: room for 4. */
 void control_method_param_lists(const struct control_method *m, const struct param *lists[4]);
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+
+/* rpc.discover's OpenRPC document (control-discover.c), generated from the table. */
+json_t *control_discover_build(void);

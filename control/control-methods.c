@@ -127,6 +127,8 @@ static const struct param device_target[] = { P_DEVICE("the device's name, uniqu
 
 /* Result members, for rpc.discover (the functions below build them). */
 #define R(name_, kind_, description_) { .name = (name_), .kind = (kind_), .required = true, .description = (description_) }
+#define R_U64(name_, description_)                                                                 \
+        { .name = (name_), .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .description = (description_) }
 #define R_OBJECT(...) { .kind = PARAM_OBJECT, .members = (const struct param[]){ __VA_ARGS__, { 0 } } }
 #define R_ARRAY_OF(name_, description_, ...)                                                       \
         { .name = (name_), .kind = PARAM_ARRAY, .required = true, .max = UINT64_MAX,             \
@@ -139,31 +141,66 @@ static const struct param device_target[] = { P_DEVICE("the device's name, uniqu
 
 /* ---- daemon ---- */
 
+/* Optional parts this build has (daemon.info's capabilities): a VMM can ask
+ * before relying on them.  Add a part's name here when it lands. */
+static const char *const capabilities[] = {
+        "reconnect",        /* back-ends restored after a loss (device.reconnected) */
+        "server-mode",      /* device.add mode "server" */
+        "dirty-log",        /* vm.dirty_log.* */
+        "device-state",     /* device.state.* */
+        "shared-objects",   /* shared_object.*, back-end shared-object lookups */
+        "backend-requests", /* device.backend_request / device.backend_reply */
+        NULL,
+};
+
 static int m_daemon_info(struct method_call *m, struct vhub_error *err) {
         const struct vhub_context *ctx = call_ctx(m);
+        char started_at[VHUB_RFC3339_LEN];
         unsigned vms = 0, devices = 0;
         const struct vhub_vm *vm;
+        json_t *caps = json_array();
 
         TAILQ_FOREACH(vm, &ctx->vms, link)
                 if (vm_visible(m->req->conn, vm)) {
                         vms++;
                         devices += vm->n_devices;
                 }
-        return call_answer(m, json_pack("{s:s, s:i, s:o, s:i, s:i, s:o}", "version", VHUB_VERSION, "pid",
-                                        (int)getpid(), "uptime_ms",
-                                        vhub_json_u64((vhub_now_usec() - ctx->start_usec) / 1000), "vms", vms,
-                                        "devices", devices, "protocol_features",
-                                        vhub_json_u64(VHUB_SUPPORTED_PROTOCOL_FEATURES)),
+        for (size_t i = 0; capabilities[i]; i++)
+                json_array_append_new(caps, json_string(capabilities[i]));
+        vhub_format_rfc3339(ctx->start_realtime_usec, started_at);
+        return call_answer(m, json_pack("{s:s, s:s, s:i, s:o, s:s, s:i, s:i, s:i, s:o, s:o}", "version",
+                                        VHUB_VERSION, "api_version", VHUB_API_VERSION, "pid", (int)getpid(),
+                                        "uptime_ms", vhub_json_u64((vhub_now_usec() - ctx->start_usec) / 1000),
+                                        "started_at", started_at,
+                                        /* 0 until the daemon carries its state across restarts */
+                                        "restarts", 0, "vms", vms, "devices", devices, "protocol_features",
+                                        vhub_json_u64(VHUB_SUPPORTED_PROTOCOL_FEATURES), "capabilities", caps),
                            err);
 }
 
 static const struct param daemon_info_result = R_OBJECT(
         R("version", PARAM_STRING, "the daemon's version"),
-        R("pid", PARAM_U64, "its process id"),
-        R("uptime_ms", PARAM_U64, "milliseconds since it started"),
-        R("vms", PARAM_U64, "VMs the caller may see"),
-        R("devices", PARAM_U64, "devices of those VMs"),
-        R("protocol_features", PARAM_U64, "the vhost-user protocol features it implements"));
+        R("api_version", PARAM_STRING, "the version of the contract it speaks"),
+        R_U64("pid", "its process id"),
+        R_U64("uptime_ms", "milliseconds since it started"),
+        R("started_at", PARAM_TIMESTAMP, "when it started"),
+        R_U64("restarts", "how many times its state was carried across a restart"),
+        R_U64("vms", "VMs the caller may see"),
+        R_U64("devices", "devices of those VMs"),
+        R_U64("protocol_features", "the vhost-user protocol features it implements"),
+        R_NAMES("capabilities", "optional parts this build has"));
+
+/* The document is built once per server, on first use. */
+static int m_rpc_discover(struct method_call *m, struct vhub_error *err) {
+        struct control_server *s = m->req->conn->srv;
+
+        if (!s->discover)
+                s->discover = control_discover_build();
+        return call_answer(m, s->discover ? json_incref(s->discover) : NULL, err);
+}
+
+static const struct param rpc_discover_result = { .kind = PARAM_OBJECT, .open = true,
+                                                   .description = "an OpenRPC 1.2 document" };
 
 /* ---- VMs ---- */
 
@@ -222,9 +259,9 @@ static int m_vm_list(struct method_call *m, struct vhub_error *err) {
 static const struct param vm_list_result = R_OBJECT(
         R_ARRAY_OF("vms", "the VMs the caller may see",
                    R("vm", PARAM_NAME, "its name"),
-                   R("uid", PARAM_U64, "the uid it belongs to"),
+                   R_U64("uid", "the uid it belongs to"),
                    R_NAMES("devices", "its devices"),
-                   R("regions", PARAM_U64, "how many memory regions it has")));
+                   R_U64("regions", "how many memory regions it has")));
 
 static const struct param vm_memory_add_params[] = {
         { .name = "gpa", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
@@ -276,10 +313,10 @@ static int m_vm_memory_list(struct method_call *m, struct vhub_error *err) {
 
 static const struct param vm_memory_list_result = R_OBJECT(
         R_ARRAY_OF("regions", "the VM's memory regions",
-                   R("gpa", PARAM_U64, "guest-physical address"),
-                   R("size", PARAM_U64, "size in bytes"),
-                   R("offset", PARAM_U64, "offset into the fd"),
-                   R("uaddr", PARAM_U64, "the VMM's address")));
+                   R_U64("gpa", "guest-physical address"),
+                   R_U64("size", "size in bytes"),
+                   R_U64("offset", "offset into the fd"),
+                   R_U64("uaddr", "the VMM's address")));
 
 static json_t *result_dirty_log(struct control_call *cc) {
         cc->reply_fds[0] = cc->call.out.dirty_log.fd;
@@ -289,7 +326,7 @@ static json_t *result_dirty_log(struct control_call *cc) {
 
 static const struct param dirty_log_result = R_OBJECT(
         R("fd", PARAM_FD, "fd index in this response: the log memfd, one bit per 4 KiB page"),
-        R("size", PARAM_U64, "the log's size in bytes"));
+        R_U64("size", "the log's size in bytes"));
 
 static int m_vm_dirty_log_start(struct method_call *m, struct vhub_error *err) {
         vhub_vm_dirty_log_start(m->vm, &m->cc->call);
@@ -331,10 +368,10 @@ static json_t *result_device_add(struct control_call *cc) {
 }
 
 static const struct param device_add_result = R_OBJECT(
-        R("features", PARAM_U64, "the virtio features the back-end offered"),
-        R("protocol_features", PARAM_U64, "the protocol features negotiated"),
-        R("queues", PARAM_U64, "the queue count"),
-        R("max_mem_slots", PARAM_U64, "how many memory regions the back-end takes"));
+        R_U64("features", "the virtio features the back-end offered"),
+        R_U64("protocol_features", "the protocol features negotiated"),
+        R_U64("queues", "the queue count"),
+        R_U64("max_mem_slots", "how many memory regions the back-end takes"));
 
 static int m_device_add(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_add_params p = {
@@ -381,11 +418,11 @@ static const struct param device_list_result = R_OBJECT(
                    { .name = "state", .kind = PARAM_ENUM, .required = true, .values = device_states,
                      .description = "where it is in its life" },
                    R("socket", PARAM_STRING, "its back-end socket"),
-                   R("features", PARAM_U64, "the virtio features the back-end offers"),
-                   R("acked_features", PARAM_U64, "what the last device.start acked"),
-                   R("protocol_features", PARAM_U64, "the protocol features negotiated"),
-                   R("queues", PARAM_U64, "the queue count"),
-                   R("reconnects", PARAM_U64, "how many times it was restored after a loss")));
+                   R_U64("features", "the virtio features the back-end offers"),
+                   R_U64("acked_features", "what the last device.start acked"),
+                   R_U64("protocol_features", "the protocol features negotiated"),
+                   R_U64("queues", "the queue count"),
+                   R_U64("reconnects", "how many times it was restored after a loss")));
 
 static const struct param device_config_get_params[] = {
         { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,
@@ -492,8 +529,8 @@ static json_t *result_device_stop(struct control_call *cc) {
 
 static const struct param device_stop_result = R_OBJECT(
         R_ARRAY_OF("vrings", "every ring that was running",
-                   R("index", PARAM_U64, "the ring's index"),
-                   R("base", PARAM_U64, "GET_VRING_BASE: where the ring stopped")));
+                   R_U64("index", "the ring's index"),
+                   R_U64("base", "GET_VRING_BASE: where the ring stopped")));
 
 static int m_device_stop(struct method_call *m, struct vhub_error *err) {
         vhub_device_stop(m->dev, &m->cc->call);
@@ -666,7 +703,7 @@ static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
 
 static const struct control_method methods[] = {
         { .name = "daemon.info", .fn = m_daemon_info, .result = &daemon_info_result,
-          .summary = "What the daemon is: version, uptime, counts, protocol features." },
+          .summary = "What the daemon is: version, contract version, uptime, counts, capabilities." },
         { .name = "vm.create", .fn = m_vm_create, .params = vm_create_params,
           .errors = ERRORS(VHUB_ERR_NO_VM, VHUB_ERR_EXISTS, VHUB_ERR_LIMIT),
           .summary = "Create an empty VM owned by this connection." },
@@ -750,6 +787,8 @@ static const struct control_method methods[] = {
         { .name = "events.subscribe", .fn = m_events_subscribe, .flags = METHOD_VM_OPTIONAL,
           .errors = ERRORS(VHUB_ERR_LIMIT),
           .summary = "Also receive the events of that VM (without vm: of every VM of the caller's uid)." },
+        { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
+          .summary = "This document." },
 };
 
 const struct control_method *control_methods(size_t *ret_n) {

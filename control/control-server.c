@@ -539,6 +539,7 @@ struct control_server *control_server_free(struct control_server *s) {
                 s->ctx->events.emit = NULL;
         if (s->ev_accept)
                 event_free(s->ev_accept);
+        json_decref(s->discover);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
         if (s->path) {

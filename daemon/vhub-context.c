@@ -12,6 +12,7 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
         ctx->config = config;
         TAILQ_INIT(&ctx->vms);
         ctx->start_usec = vhub_now_usec();
+        ctx->start_realtime_usec = vhub_realtime_usec();
         return 0;
 }
 
