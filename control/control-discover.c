@@ -168,10 +168,12 @@ static json_t *u64_schema(const struct param *d) {
 static json_t *schema_of(const struct param *d);
 
 static json_t *object_schema(const struct param *const *lists, bool open) {
-        json_t *props = json_object(), *required = json_array();
+        json_t *props, *required;
 
         if (open)
                 return json_pack("{s:s}", "type", "object");
+        props = json_object();
+        required = json_array();
         for (size_t l = 0; lists[l]; l++)
                 for (const struct param *m = lists[l]; m->name; m++) {
                         json_t *s = schema_of(m);
