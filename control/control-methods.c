@@ -9,7 +9,6 @@
  * pending slot for calls that wait on back-ends.  Then the function runs: it
  * calls the model and, unless it waits, sets the result.
  */
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
