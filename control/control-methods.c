@@ -423,9 +423,13 @@ static const struct param device_list_result = R_OBJECT(
                    R_U64("queues", "the queue count"),
                    R_U64("reconnects", "how many times it was restored after a loss")));
 
+/* config space: offset + length at most VHU_MAX_CONFIG_SIZE (checked by the functions) */
+#define P_CONFIG_OFFSET(field_)                                                                    \
+        { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,    \
+          .offset = AT(field_), .description = "where to start in the config space" }
+
 static const struct param device_config_get_params[] = {
-        { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,
-          .offset = AT(config_get.offset), .description = "where to start in the config space" },
+        P_CONFIG_OFFSET(config_get.offset),
         { .name = "size", .kind = PARAM_U32, .required = true, .min = 1, .max = VHU_MAX_CONFIG_SIZE,
           .offset = AT(config_get.size), .description = "how many bytes (offset + size at most 256)" },
         { 0 },
@@ -457,8 +461,7 @@ static int m_device_config_get(struct method_call *m, struct vhub_error *err) {
 }
 
 static const struct param device_config_set_params[] = {
-        { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,
-          .offset = AT(config_set.offset), .description = "where to start in the config space" },
+        P_CONFIG_OFFSET(config_set.offset),
         { .name = "data", .kind = PARAM_BASE64, .required = true, .min = 1, .max = VHU_MAX_CONFIG_SIZE,
           .offset = AT(config_set.data), .description = "the bytes to write (offset + length at most 256)" },
         { 0 },
