@@ -11,6 +11,7 @@
 #include "control-server.h"
 #include "rpc-conn.h"
 #include "vhub-call.h"
+#include "vhub-cred.h"
 #include "vhub-error.h"
 
 struct event;
@@ -25,6 +26,7 @@ struct control_conn {
         uint64_t id;                 /* owner id of the VMs it creates */
         uid_t uid;
         pid_t pid;
+        struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
         bool sub_all;                /* events of every VM of its uid */
@@ -70,8 +72,8 @@ struct control_call {
         control_result_fn make_result; /* NULL: {} */
         void *data;                    /* for make_result */
         void (*free_data)(void *data);
-        int reply_fds[2];              /* make_result may attach fds (owned, closed after) */
-        unsigned n_reply_fds;
+        int *reply_fds;                /* make_result may attach fds: control_call_reply_fds() */
+        unsigned n_reply_fds;          /* those attached (owned, closed after sending) */
 };
 
 void control_conn_ref(struct control_conn *c);
@@ -91,6 +93,9 @@ void control_req_result_fds(struct control_req *req, json_t *result, const int *
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
 /* A call that never reached the model (its method failed first): freed, nothing answered. */
 void control_call_drop(struct control_call *cc);
+/* For make_result: room for n fds in the answer, allocated for this call only.  The
+ * caller then moves fds into reply_fds[n_reply_fds++] (at most n).  0, or -ENOMEM. */
+int control_call_reply_fds(struct control_call *cc, unsigned n);
 
 /* ---- the method table (control-methods.c) ---- */
 

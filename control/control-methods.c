@@ -11,6 +11,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "control-internal.h"
@@ -63,6 +64,12 @@ struct method_params {
                         struct params_array vrings; /* of struct vhub_vring_params */
                 } start;
                 struct {
+                        bool drain;
+                } stop;
+                struct {
+                        uint32_t index;
+                } kick;
+                struct {
                         uint8_t mac[6];
                 } rarp;
                 struct {
@@ -78,6 +85,24 @@ struct method_params {
                 struct {
                         uint64_t token, result;
                 } backend_reply;
+                struct {
+                        struct vhu_crypto_session s; /* its u32 members read in place */
+                        uint32_t direction, op_type, hash_mode, alg_chain_order; /* u8 on the wire */
+                        struct params_bytes cipher_key, auth_key;
+                } crypto_create;
+                struct {
+                        uint64_t session_id;
+                } crypto_close;
+                struct {
+                        int fd;
+                } gpu;
+                struct {
+                        uint64_t iova, size, uaddr;
+                        unsigned perm;
+                } iotlb;
+                struct {
+                        bool backend_regions;
+                } postcopy_listen;
         };
 };
 
@@ -120,6 +145,11 @@ static int call_answer(struct method_call *m, json_t *result, struct vhub_error 
         { .name = "device", .kind = PARAM_NAME, .required = true, .offset = AT(device),         \
           .description = (description_) }
 
+/* "fd", an fd the request carries: the one such member of most methods */
+#define P_FD(field_, description_)                                                               \
+        { .name = "fd", .kind = PARAM_FD, .required = true, .offset = AT(field_),               \
+          .description = (description_) }
+
 static const struct param vm_target[] = { P_VM(true), P_UID, { 0 } };
 static const struct param vm_target_optional[] = { P_VM(false), P_UID, { 0 } };
 static const struct param device_target[] = { P_DEVICE("the device's name, unique within its VM"), { 0 } };
@@ -149,6 +179,12 @@ static const char *const capabilities[] = {
         "device-state",     /* device.state.* */
         "shared-objects",   /* shared_object.*, back-end shared-object lookups */
         "backend-requests", /* device.backend_request / device.backend_reply */
+        "inband-kicks",     /* device.start without kick fds, device.kick */
+        "stop-no-drain",    /* device.stop drain:false, inflight counts */
+        "crypto-sessions",  /* device.crypto.session.* */
+        "gpu-socket",       /* device.gpu.set_socket */
+        "iotlb",            /* device.iotlb.*, rings at IOVAs */
+        "postcopy",         /* vm.postcopy.* */
         NULL,
 };
 
@@ -219,12 +255,14 @@ static int m_vm_create(struct method_call *m, struct vhub_error *err) {
 
         if (!control_conn_sees_uid(c, uid))
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "only root may create a VM for another uid");
-        r = vhub_vm_create(call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, c->id, err, &vm);
+        /* the VM acts with its creator's credentials (back-end paths) */
+        r = vhub_vm_create(call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, c->id, &c->cred, err, &vm);
         return r < 0 ? r : 0;
 }
 
 static int m_vm_attach(struct method_call *m, struct vhub_error *err) {
-        int r = vhub_vm_attach(m->vm, m->req->conn->id, err);
+        /* the new owner's credentials replace the creator's */
+        int r = vhub_vm_attach(m->vm, m->req->conn->id, &m->req->conn->cred, err);
 
         return r < 0 ? r : 0;
 }
@@ -272,8 +310,7 @@ static const struct param vm_memory_add_params[] = {
         { .name = "uaddr", .kind = PARAM_U64, .max = UINT64_MAX, .offset = AT(memory_add.region.uaddr),
           .given = PARAM_GIVEN(struct method_params, memory_add.uaddr_given),
           .description = "the VMM's address for it (default: gpa)" },
-        { .name = "fd", .kind = PARAM_FD, .required = true, .offset = AT(memory_add.region.fd),
-          .description = "fd index: a memfd or a shared file backing the region" },
+        P_FD(memory_add.region.fd, "fd index: a memfd or a shared file backing the region"),
         { 0 },
 };
 
@@ -318,8 +355,11 @@ static const struct param vm_memory_list_result = R_OBJECT(
                    R_U64("uaddr", "the VMM's address")));
 
 static json_t *result_dirty_log(struct control_call *cc) {
-        cc->reply_fds[0] = cc->call.out.dirty_log.fd;
-        cc->n_reply_fds = 1;
+        if (control_call_reply_fds(cc, 1) < 0) {
+                close(cc->call.out.dirty_log.fd);
+                return NULL;
+        }
+        cc->reply_fds[cc->n_reply_fds++] = cc->call.out.dirty_log.fd;
         return json_pack("{s:i, s:o}", "fd", 0, "size", vhub_json_u64(cc->call.out.dirty_log.size));
 }
 
@@ -334,6 +374,105 @@ static int m_vm_dirty_log_start(struct method_call *m, struct vhub_error *err) {
 
 static int m_vm_dirty_log_stop(struct method_call *m, struct vhub_error *err) {
         vhub_vm_dirty_log_stop(m->vm, &m->cc->call);
+        return 0;
+}
+
+/* ---- postcopy ---- */
+
+static void free_postcopy_out(void *data) {
+        vhub_postcopy_out_free(data);
+}
+
+/* The outputs the model leaves behind (fds, regions) go with the call, whatever it answers. */
+static void vm_postcopy(struct method_call *m, enum vhub_postcopy_step step) {
+        m->cc->data = &m->cc->call;
+        m->cc->free_data = free_postcopy_out;
+        vhub_vm_postcopy(m->vm, step, &m->cc->call);
+}
+
+static json_t *result_postcopy_advise(struct control_call *cc) {
+        json_t *devs = json_array();
+        unsigned n = 0;
+
+        for (unsigned i = 0; i < cc->call.out.postcopy.n_devices; i++)
+                n += cc->call.out.postcopy.devices[i].ufd >= 0;
+        /* the fds left out stay in out.postcopy, closed by free_postcopy_out() */
+        if (n > RPC_MAX_FDS_PER_MESSAGE)
+                n = RPC_MAX_FDS_PER_MESSAGE;
+        if (control_call_reply_fds(cc, n) < 0) {
+                json_decref(devs);
+                return NULL;
+        }
+        for (unsigned i = 0; i < cc->call.out.postcopy.n_devices && cc->n_reply_fds < n; i++) {
+                struct vhub_postcopy_device *pd = &cc->call.out.postcopy.devices[i];
+
+                if (pd->ufd < 0)
+                        continue;
+                json_array_append_new(devs, json_pack("{s:s, s:i}", "device", pd->device, "fd",
+                                                      (int)cc->n_reply_fds));
+                /* the fd moves to the reply; closed after sending */
+                cc->reply_fds[cc->n_reply_fds++] = pd->ufd;
+                pd->ufd = -1;
+        }
+        return json_pack("{s:o}", "devices", devs);
+}
+
+static const struct param postcopy_advise_result = R_OBJECT(
+        R_ARRAY_OF("devices", "every device of the VM",
+                   R("device", PARAM_NAME, "the device"),
+                   R("fd", PARAM_FD, "fd index in this response: its back-end's userfaultfd")));
+
+static int m_vm_postcopy_advise(struct method_call *m, struct vhub_error *err) {
+        vm_postcopy(m, VHUB_POSTCOPY_ADVISE);
+        return 0;
+}
+
+static const struct param postcopy_listen_params[] = {
+        { .name = "backend_regions", .kind = PARAM_BOOL, .offset = AT(postcopy_listen.backend_regions),
+          .description = "an extension: also answer where each back-end mapped each region (default false: {})" },
+        { 0 },
+};
+
+/* Where each back-end mapped each region: its userfaultfd reports faults at those addresses. */
+static json_t *result_postcopy_regions(struct control_call *cc) {
+        json_t *devs = json_array();
+
+        for (unsigned i = 0; i < cc->call.out.postcopy.n_devices; i++) {
+                const struct vhub_postcopy_device *pd = &cc->call.out.postcopy.devices[i];
+                json_t *regions = json_array();
+
+                for (unsigned k = 0; k < pd->n_regions; k++)
+                        json_array_append_new(regions, json_pack("{s:o, s:o, s:o}", "gpa",
+                                                                 vhub_json_u64(pd->regions[k].gpa), "size",
+                                                                 vhub_json_u64(pd->regions[k].size),
+                                                                 "backend_uaddr",
+                                                                 vhub_json_u64(pd->regions[k].backend_uaddr)));
+                json_array_append_new(devs, json_pack("{s:s, s:o}", "device", pd->device, "regions", regions));
+        }
+        return json_pack("{s:o}", "devices", devs);
+}
+
+static const struct param postcopy_listen_result = R_OBJECT(
+        { .name = "devices", .kind = PARAM_ARRAY, .max = UINT64_MAX,
+          .items = &(const struct param)R_OBJECT(
+                  R("device", PARAM_NAME, "the device"),
+                  R_ARRAY_OF("regions", "the VM's regions as its back-end mapped them",
+                             R_U64("gpa", "guest-physical address"),
+                             R_U64("size", "size in bytes"),
+                             R_U64("backend_uaddr", "where the back-end mapped it: faults come at "
+                                                    "backend_uaddr + (address - gpa)"))),
+          .description = "with backend_regions: true only: every device of the VM" });
+
+static int m_vm_postcopy_listen(struct method_call *m, struct vhub_error *err) {
+        /* the contract's result is {}: the regions only when asked for */
+        if (m->p.postcopy_listen.backend_regions)
+                m->cc->make_result = result_postcopy_regions;
+        vm_postcopy(m, VHUB_POSTCOPY_LISTEN);
+        return 0;
+}
+
+static int m_vm_postcopy_end(struct method_call *m, struct vhub_error *err) {
+        vm_postcopy(m, VHUB_POSTCOPY_END);
         return 0;
 }
 
@@ -360,17 +499,31 @@ static const struct param device_add_params[] = {
 };
 
 static json_t *result_device_add(struct control_call *cc) {
-        return json_pack("{s:o, s:o, s:i, s:i}", "features", vhub_json_u64(cc->call.out.device_add.features),
-                         "protocol_features", vhub_json_u64(cc->call.out.device_add.protocol_features),
-                         "queues", (int)cc->call.out.device_add.queues, "max_mem_slots",
-                         (int)cc->call.out.device_add.max_mem_slots);
+        json_t *res = json_pack("{s:o, s:o, s:i, s:i}", "features",
+                                vhub_json_u64(cc->call.out.device_add.features), "protocol_features",
+                                vhub_json_u64(cc->call.out.device_add.protocol_features), "queues",
+                                (int)cc->call.out.device_add.queues, "max_mem_slots",
+                                (int)cc->call.out.device_add.max_mem_slots);
+        json_t *sizes;
+
+        /* contract: `shmem` only where SHMEM is negotiated (GET_SHMEM_CONFIG) */
+        if (!res || !cc->call.out.device_add.has_shmem)
+                return res;
+        sizes = json_array();
+        for (unsigned i = 0; i < cc->call.out.device_add.n_shmem; i++)
+                json_array_append_new(sizes, vhub_json_u64(cc->call.out.device_add.shmem_sizes[i]));
+        json_object_set_new(res, "shmem", sizes);
+        return res;
 }
 
 static const struct param device_add_result = R_OBJECT(
         R_U64("features", "the virtio features the back-end offered"),
         R_U64("protocol_features", "the protocol features negotiated"),
         R_U64("queues", "the queue count"),
-        R_U64("max_mem_slots", "how many memory regions the back-end takes"));
+        R_U64("max_mem_slots", "how many memory regions the back-end takes"),
+        { .name = "shmem", .kind = PARAM_ARRAY, .max = VHU_MAX_SHMEM_REGIONS,
+          .items = &(const struct param){ .kind = PARAM_U64, .max = UINT64_MAX },
+          .description = "where SHMEM is negotiated: the back-end's shared-memory region sizes (GET_SHMEM_CONFIG)" });
 
 static int m_device_add(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_add_params p = {
@@ -491,8 +644,9 @@ static const struct param vring_members[] = {
           .description = "guest-physical address of the available ring" },
         { .name = "used", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = VRING(used),
           .description = "guest-physical address of the used ring" },
-        { .name = "kick", .kind = PARAM_FD, .required = true, .offset = VRING(kick_fd),
-          .description = "fd index: the kick eventfd" },
+        { .name = "kick", .kind = PARAM_FD, .offset = VRING(kick_fd),
+          .description = "fd index: the kick eventfd; left out, the VMM kicks with device.kick "
+                         "(INBAND_NOTIFICATIONS)" },
         { .name = "call", .kind = PARAM_FD, .required = true, .offset = VRING(call_fd),
           .description = "fd index: the call eventfd" },
         { .name = "err", .kind = PARAM_FD, .offset = VRING(err_fd), .description = "fd index: the error eventfd" },
@@ -519,23 +673,54 @@ static int m_device_start(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
+static const struct param device_stop_params[] = {
+        { .name = "drain", .kind = PARAM_BOOL, .def = true, .offset = AT(stop.drain),
+          .description = "wait for in-flight requests (default); false: GET_VRING_BASE_SKIP_DRAIN, the "
+                         "back-end suspends them into the inflight region" },
+        { 0 },
+};
+
 static json_t *result_device_stop(struct control_call *cc) {
         json_t *v = json_array();
 
-        for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++)
-                json_array_append_new(v, json_pack("{s:i, s:i}", "index",
-                                                   (int)cc->call.out.device_stop.vrings[i].index, "base",
-                                                   (int)cc->call.out.device_stop.vrings[i].base));
+        for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++) {
+                const struct vhub_vring_base *b = &cc->call.out.device_stop.vrings[i];
+                /* base is a u32 (a packed ring's has wrap counters in bits 15 and 31) */
+                json_t *ring = json_pack("{s:i, s:I}", "index", (int)b->index, "base", (json_int_t)b->base);
+
+                /* GET_VRING_BASE_INFLIGHT: how many requests the back-end
+                 * suspended into the inflight region (completed after the
+                 * next device.start); absent if the region was unreadable */
+                if (ring && b->inflight >= 0)
+                        json_object_set_new(ring, "inflight", json_integer(b->inflight));
+                json_array_append_new(v, ring);
+        }
         return json_pack("{s:o}", "vrings", v);
 }
 
 static const struct param device_stop_result = R_OBJECT(
         R_ARRAY_OF("vrings", "every ring that was running",
                    R_U64("index", "the ring's index"),
-                   R_U64("base", "GET_VRING_BASE: where the ring stopped")));
+                   { .name = "base", .kind = PARAM_U32, .required = true, .max = UINT32_MAX,
+                     .description = "GET_VRING_BASE: where the ring stopped (packed rings: wrap counters in "
+                                    "bits 15 and 31)" },
+                   { .name = "inflight", .kind = PARAM_U32, .max = UINT32_MAX,
+                     .description = "with GET_VRING_BASE_INFLIGHT: requests the back-end suspended, completed "
+                                    "after the next device.start" }));
 
 static int m_device_stop(struct method_call *m, struct vhub_error *err) {
-        vhub_device_stop(m->dev, &m->cc->call);
+        vhub_device_stop(m->dev, m->p.stop.drain, &m->cc->call);
+        return 0;
+}
+
+static const struct param device_kick_params[] = {
+        { .name = "index", .kind = PARAM_U32, .required = true, .max = VHUB_MAX_QUEUES - 1,
+          .offset = AT(kick.index), .description = "the ring to kick (one that was started)" },
+        { 0 },
+};
+
+static int m_device_kick(struct method_call *m, struct vhub_error *err) {
+        vhub_device_kick(m->dev, m->p.kick.index, &m->cc->call);
         return 0;
 }
 
@@ -567,16 +752,18 @@ static int m_device_net_mtu(struct method_call *m, struct vhub_error *err) {
 }
 
 static const struct param device_state_fd_params[] = {
-        { .name = "fd", .kind = PARAM_FD, .required = true, .offset = AT(state_fd.fd),
-          .description = "fd index: the VMM's end of the pipe the state moves through" },
+        P_FD(state_fd.fd, "fd index: the VMM's end of the pipe the state moves through"),
         { 0 },
 };
 
 static json_t *result_state_fd(struct control_call *cc) {
         /* a back-end that offers its own transfer channel: the VMM must use it */
         if (cc->call.out.state_fd.fd >= 0) {
-                cc->reply_fds[0] = cc->call.out.state_fd.fd;
-                cc->n_reply_fds = 1;
+                if (control_call_reply_fds(cc, 1) < 0) {
+                        close(cc->call.out.state_fd.fd);
+                        return NULL;
+                }
+                cc->reply_fds[cc->n_reply_fds++] = cc->call.out.state_fd.fd;
                 cc->call.out.state_fd.fd = -1;
                 return json_pack("{s:i}", "fd", 0);
         }
@@ -622,13 +809,138 @@ static int m_device_backend_reply(struct method_call *m, struct vhub_error *err)
         return 0;
 }
 
+/* ---- crypto sessions, the GPU socket, IOTLB ---- */
+
+#define CRYPTO(field) AT(crypto_create.field)
+/* a virtio-crypto number of the same name (virtio spec, "Crypto Device") */
+#define P_CRYPTO_U32(name_, field_, required_, max_, description_)                                    \
+        { .name = (name_), .kind = PARAM_U32, .required = (required_), .max = (max_),                \
+          .offset = CRYPTO(field_), .description = (description_) }
+
+static const struct param crypto_session_create_params[] = {
+        P_CRYPTO_U32("op_code", s.op_code, true, UINT32_MAX, "the opcode (e.g. 2: CIPHER_CREATE_SESSION)"),
+        P_CRYPTO_U32("cipher_alg", s.cipher_alg, true, UINT32_MAX, "the cipher algorithm (e.g. 3: AES_CBC)"),
+        { .name = "cipher_key", .kind = PARAM_BASE64, .required = true, .max = VHU_CRYPTO_MAX_CIPHER_KEY,
+          .offset = CRYPTO(cipher_key), .description = "the cipher key (at most 64 bytes)" },
+        P_CRYPTO_U32("direction", direction, true, UINT8_MAX, "1: encrypt, 2: decrypt"),
+        P_CRYPTO_U32("op_type", op_type, true, UINT8_MAX, "1: cipher, 2: algorithm chaining"),
+        P_CRYPTO_U32("hash_alg", s.hash_alg, false, UINT32_MAX, "chaining: the hash algorithm (default 0)"),
+        P_CRYPTO_U32("hash_result_len", s.hash_result_len, false, UINT32_MAX,
+                     "chaining: the hash result's length (default 0)"),
+        P_CRYPTO_U32("hash_mode", hash_mode, false, UINT8_MAX, "chaining: plain, auth or nested (default 0)"),
+        P_CRYPTO_U32("alg_chain_order", alg_chain_order, false, UINT8_MAX,
+                     "chaining: hash then cipher, or cipher then hash (default 0)"),
+        P_CRYPTO_U32("aad_len", s.aad_len, false, UINT32_MAX, "chaining: the additional data's length (default 0)"),
+        { .name = "auth_key", .kind = PARAM_BASE64, .max = VHU_CRYPTO_MAX_AUTH_KEY, .offset = CRYPTO(auth_key),
+          .description = "chaining: the authentication key (at most 512 bytes; default none)" },
+        { 0 },
+};
+
+static const struct param crypto_session_close_params[] = {
+        { .name = "session_id", .kind = PARAM_U64, .required = true, .max = INT64_MAX,
+          .offset = AT(crypto_close.session_id), .description = "what device.crypto.session.create answered" },
+        { 0 },
+};
+
+static json_t *result_crypto_session(struct control_call *cc) {
+        return json_pack("{s:o}", "session_id", vhub_json_u64(cc->call.out.crypto_session.session_id));
+}
+
+static const struct param crypto_session_result = R_OBJECT(
+        R_U64("session_id", "the back-end's id of the new session, for device.crypto.session.close"));
+
+static int m_device_crypto_session_create(struct method_call *m, struct vhub_error *err) {
+        struct vhu_crypto_session *s = &m->p.crypto_create.s;
+        const struct params_bytes *cipher_key = &m->p.crypto_create.cipher_key;
+        const struct params_bytes *auth_key = &m->p.crypto_create.auth_key;
+
+        /* the descriptors bound every value and key length */
+        s->direction = (uint8_t)m->p.crypto_create.direction;
+        s->op_type = (uint8_t)m->p.crypto_create.op_type;
+        s->hash_mode = (uint8_t)m->p.crypto_create.hash_mode;
+        s->alg_chain_order = (uint8_t)m->p.crypto_create.alg_chain_order;
+        if (cipher_key->len)
+                memcpy(s->cipher_key, cipher_key->data, cipher_key->len);
+        s->cipher_key_len = (uint32_t)cipher_key->len;
+        if (auth_key->len)
+                memcpy(s->auth_key, auth_key->data, auth_key->len);
+        s->auth_key_len = (uint32_t)auth_key->len;
+        vhub_device_crypto_create(m->dev, s, &m->cc->call);
+        return 0;
+}
+
+static int m_device_crypto_session_close(struct method_call *m, struct vhub_error *err) {
+        vhub_device_crypto_close(m->dev, m->p.crypto_close.session_id, &m->cc->call);
+        return 0;
+}
+
+static const struct param gpu_set_socket_params[] = {
+        P_FD(gpu.fd, "fd index: the back-end's end of a socketpair; the VMM speaks vhost-user-gpu on the other"),
+        { 0 },
+};
+
+static int m_device_gpu_set_socket(struct method_call *m, struct vhub_error *err) {
+        struct stat st;
+
+        /* the back-end speaks the vhost-user-gpu protocol on it */
+        if (fstat(m->p.gpu.fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "'fd' must be a socket (the VMM's socketpair)");
+        vhub_device_gpu_set_socket(m->dev, params_steal_fd(&m->p.gpu.fd), &m->cc->call);
+        return 0;
+}
+
+/* VHOST_ACCESS_RO / WO / RW are 1, 2, 3: the index + 1 */
+static const char *const iotlb_perms[] = { "ro", "wo", "rw", NULL };
+
+#define P_IOTLB_RANGE(iova_description_)                                                               \
+        { .name = "iova", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = AT(iotlb.iova), \
+          .description = (iova_description_) },                                                         \
+        { .name = "size", .kind = PARAM_U64, .required = true, .min = 1, .max = UINT64_MAX,             \
+          .offset = AT(iotlb.size), .description = "the range's size in bytes (iova + size must not wrap)" }
+
+static const struct param iotlb_update_params[] = {
+        P_IOTLB_RANGE("the I/O virtual address the range starts at"),
+        { .name = "uaddr", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = AT(iotlb.uaddr),
+          .description = "where it lies in the VM's memory, as the VMM's addresses of vm.memory.add" },
+        { .name = "perm", .kind = PARAM_ENUM, .required = true, .values = iotlb_perms, .offset = AT(iotlb.perm),
+          .description = "the access the device gets: read-only, write-only or both" },
+        { 0 },
+};
+
+static const struct param iotlb_invalidate_params[] = {
+        P_IOTLB_RANGE("the I/O virtual address the range to drop starts at"),
+        { 0 },
+};
+
+static int device_iotlb(struct method_call *m, uint8_t type, struct vhub_error *err) {
+        struct vhu_iotlb msg = {
+                .iova = m->p.iotlb.iova,
+                .size = m->p.iotlb.size,
+                .uaddr = m->p.iotlb.uaddr,
+                .perm = type == VHU_IOTLB_UPDATE ? (uint8_t)(m->p.iotlb.perm + 1) : 0,
+                .type = type,
+        };
+
+        if (msg.iova + msg.size - 1 < msg.iova)
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "iova + size must not wrap");
+        vhub_device_iotlb(m->dev, &msg, &m->cc->call);
+        return 0;
+}
+
+static int m_device_iotlb_update(struct method_call *m, struct vhub_error *err) {
+        return device_iotlb(m, VHU_IOTLB_UPDATE, err);
+}
+
+static int m_device_iotlb_invalidate(struct method_call *m, struct vhub_error *err) {
+        return device_iotlb(m, VHU_IOTLB_INVALIDATE, err);
+}
+
 /* ---- shared objects ---- */
 
 static const struct param shared_object_add_params[] = {
         { .name = "uuid", .kind = PARAM_UUID, .required = true, .offset = AT(shared.uuid),
           .description = "the UUID back-ends look it up by" },
-        { .name = "fd", .kind = PARAM_FD, .required = true, .offset = AT(shared.fd),
-          .description = "fd index: the object (a dmabuf, or any fd)" },
+        P_FD(shared.fd, "fd index: the object (a dmabuf, or any fd)"),
         { 0 },
 };
 
@@ -702,6 +1014,12 @@ static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
 
 /* back-end trouble, for every call that talks to back-ends */
 #define BACKEND_ERRORS VHUB_ERR_BACKEND, VHUB_ERR_TIMEOUT
+/* a request to one device's back-end: most device.* methods */
+#define DEVICE_CALL (METHOD_VM | METHOD_DEVICE | METHOD_WAITS)
+/* ... which answers -32004 or -32005 before it is sent, or the back-end's trouble */
+#define DEVICE_ERRORS VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS
+/* a step on every device: one may go away or refuse on the way */
+#define POSTCOPY_ERRORS DEVICE_ERRORS, VHUB_ERR_NO_DEVICE, VHUB_ERR_LIMIT
 
 static const struct control_method methods[] = {
         { .name = "daemon.info", .fn = m_daemon_info, .result = &daemon_info_result,
@@ -728,55 +1046,45 @@ static const struct control_method methods[] = {
           .result = &device_add_result, .make_result = result_device_add,
           .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_UNSUPPORTED, VHUB_ERR_NOT_ALLOWED, BACKEND_ERRORS),
           .summary = "Connect a back-end, negotiate, set the owner and the memory table." },
-        { .name = "device.remove", .fn = m_device_remove, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
+        { .name = "device.remove", .fn = m_device_remove, .flags = DEVICE_CALL,
           .summary = "Stop a device if it runs, cancel reconnects, remove it." },
         { .name = "device.list", .fn = m_device_list, .flags = METHOD_VM, .result = &device_list_result,
           .summary = "The VM's devices." },
-        { .name = "device.config.get", .fn = m_device_config_get,
-          .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS, .params = device_config_get_params,
-          .result = &config_get_result, .make_result = result_config_get,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
-          .summary = "GET_CONFIG: read the device's config space." },
-        { .name = "device.config.set", .fn = m_device_config_set,
-          .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS, .params = device_config_set_params,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
+        { .name = "device.config.get", .fn = m_device_config_get, .flags = DEVICE_CALL,
+          .params = device_config_get_params, .result = &config_get_result, .make_result = result_config_get,
+          .errors = ERRORS(DEVICE_ERRORS), .summary = "GET_CONFIG: read the device's config space." },
+        { .name = "device.config.set", .fn = m_device_config_set, .flags = DEVICE_CALL,
+          .params = device_config_set_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_CONFIG: write the device's config space." },
-        { .name = "device.start", .fn = m_device_start, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
-          .params = device_start_params,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, VHUB_ERR_REGION, BACKEND_ERRORS),
+        { .name = "device.start", .fn = m_device_start, .flags = DEVICE_CALL, .params = device_start_params,
+          .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_REGION),
           .summary = "Set the acked features and start the rings (from ready or stopped)." },
-        { .name = "device.stop", .fn = m_device_stop, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
-          .result = &device_stop_result, .make_result = result_device_stop,
-          .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS), .summary = "Stop every ring; their bases." },
-        { .name = "device.reset", .fn = m_device_reset, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
+        { .name = "device.stop", .fn = m_device_stop, .flags = DEVICE_CALL, .params = device_stop_params,
+          .result = &device_stop_result, .make_result = result_device_stop, .errors = ERRORS(DEVICE_ERRORS),
+          .summary = "Stop every ring (draining, or suspending in-flight requests); their bases." },
+        { .name = "device.reset", .fn = m_device_reset, .flags = DEVICE_CALL,
           .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS), .summary = "Back to ready." },
-        { .name = "device.net.rarp", .fn = m_device_net_rarp, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
-          .params = device_net_rarp_params, .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
+        { .name = "device.net.rarp", .fn = m_device_net_rarp, .flags = DEVICE_CALL,
+          .params = device_net_rarp_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SEND_RARP: announce the guest's MAC after a migration." },
-        { .name = "device.net.mtu", .fn = m_device_net_mtu, .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
-          .params = device_net_mtu_params, .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
-          .summary = "NET_SET_MTU." },
+        { .name = "device.net.mtu", .fn = m_device_net_mtu, .flags = DEVICE_CALL,
+          .params = device_net_mtu_params, .errors = ERRORS(DEVICE_ERRORS), .summary = "NET_SET_MTU." },
         { .name = "vm.dirty_log.start", .fn = m_vm_dirty_log_start,
           .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &dirty_log_result,
-          .make_result = result_dirty_log,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, VHUB_ERR_LIMIT, BACKEND_ERRORS),
+          .make_result = result_dirty_log, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_LIMIT),
           .summary = "Give every device a log memfd (SET_LOG_BASE) and return it." },
         { .name = "vm.dirty_log.stop", .fn = m_vm_dirty_log_stop, .flags = METHOD_VM | METHOD_WAITS,
           .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS), .summary = "Stop dirty logging." },
-        { .name = "device.state.save", .fn = m_device_state_save,
-          .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS | METHOD_FDS_OUT, .params = device_state_fd_params,
-          .result = &state_fd_result, .make_result = result_state_fd,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
+        { .name = "device.state.save", .fn = m_device_state_save, .flags = DEVICE_CALL | METHOD_FDS_OUT,
+          .params = device_state_fd_params, .result = &state_fd_result, .make_result = result_state_fd,
+          .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_DEVICE_STATE_FD (save): the back-end writes its state into the pipe." },
-        { .name = "device.state.load", .fn = m_device_state_load,
-          .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS | METHOD_FDS_OUT, .params = device_state_fd_params,
-          .result = &state_fd_result, .make_result = result_state_fd,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
+        { .name = "device.state.load", .fn = m_device_state_load, .flags = DEVICE_CALL | METHOD_FDS_OUT,
+          .params = device_state_fd_params, .result = &state_fd_result, .make_result = result_state_fd,
+          .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_DEVICE_STATE_FD (load): the back-end reads its state from the pipe." },
-        { .name = "device.state.check", .fn = m_device_state_check,
-          .flags = METHOD_VM | METHOD_DEVICE | METHOD_WAITS,
-          .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, BACKEND_ERRORS),
-          .summary = "CHECK_DEVICE_STATE after a transfer." },
+        { .name = "device.state.check", .fn = m_device_state_check, .flags = DEVICE_CALL,
+          .errors = ERRORS(DEVICE_ERRORS), .summary = "CHECK_DEVICE_STATE after a transfer." },
         { .name = "shared_object.add", .fn = m_shared_object_add, .flags = METHOD_VM,
           .params = shared_object_add_params, .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_LIMIT),
           .summary = "Export an fd under a UUID to the VM's back-ends." },
@@ -791,6 +1099,33 @@ static const struct control_method methods[] = {
           .summary = "Also receive the events of that VM (without vm: of every VM of the caller's uid)." },
         { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
           .summary = "This document." },
+        { .name = "device.crypto.session.create", .fn = m_device_crypto_session_create, .flags = DEVICE_CALL,
+          .params = crypto_session_create_params, .result = &crypto_session_result,
+          .make_result = result_crypto_session, .errors = ERRORS(DEVICE_ERRORS),
+          .summary = "CREATE_CRYPTO_SESSION (protocol feature CRYPTO_SESSION)." },
+        { .name = "device.crypto.session.close", .fn = m_device_crypto_session_close, .flags = DEVICE_CALL,
+          .params = crypto_session_close_params, .errors = ERRORS(DEVICE_ERRORS),
+          .summary = "CLOSE_CRYPTO_SESSION." },
+        { .name = "device.gpu.set_socket", .fn = m_device_gpu_set_socket, .flags = DEVICE_CALL,
+          .params = gpu_set_socket_params, .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS),
+          .summary = "GPU_SET_SOCKET: hand the back-end its vhost-user-gpu socket." },
+        { .name = "device.iotlb.update", .fn = m_device_iotlb_update, .flags = DEVICE_CALL,
+          .params = iotlb_update_params, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_REGION),
+          .summary = "IOTLB_MSG (update): map an I/O virtual address range." },
+        { .name = "device.iotlb.invalidate", .fn = m_device_iotlb_invalidate, .flags = DEVICE_CALL,
+          .params = iotlb_invalidate_params, .errors = ERRORS(DEVICE_ERRORS),
+          .summary = "IOTLB_MSG (invalidate): drop a range's translations." },
+        { .name = "device.kick", .fn = m_device_kick, .flags = DEVICE_CALL, .params = device_kick_params,
+          .errors = ERRORS(DEVICE_ERRORS), .summary = "VRING_KICK: an in-band kick (INBAND_NOTIFICATIONS)." },
+        { .name = "vm.postcopy.advise", .fn = m_vm_postcopy_advise,
+          .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &postcopy_advise_result,
+          .make_result = result_postcopy_advise, .errors = ERRORS(POSTCOPY_ERRORS),
+          .summary = "POSTCOPY_ADVISE to every device; their userfaultfds." },
+        { .name = "vm.postcopy.listen", .fn = m_vm_postcopy_listen, .flags = METHOD_VM | METHOD_WAITS,
+          .params = postcopy_listen_params, .result = &postcopy_listen_result, .errors = ERRORS(POSTCOPY_ERRORS),
+          .summary = "POSTCOPY_LISTEN to every device, which maps the VM's memory again." },
+        { .name = "vm.postcopy.end", .fn = m_vm_postcopy_end, .flags = METHOD_VM | METHOD_WAITS,
+          .errors = ERRORS(POSTCOPY_ERRORS), .summary = "POSTCOPY_END to every device." },
 };
 
 const struct control_method *control_methods(size_t *ret_n) {

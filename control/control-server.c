@@ -34,6 +34,7 @@ void control_conn_unref(struct control_conn *c) {
                 free(c->sub_vms[i]);
         free(c->sub_vms);
         free(c->sub_uids);
+        vhub_cred_done(&c->cred);
         free(c);
 }
 
@@ -140,6 +141,7 @@ static void control_call_done(struct vhub_call *call) {
         }
         for (unsigned i = 0; i < cc->n_reply_fds; i++)
                 close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
         cc->conn->pending--;
@@ -162,6 +164,14 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         control_conn_ref(req->conn);
         req->conn->pending++;
         return cc;
+}
+
+int control_call_reply_fds(struct control_call *cc, unsigned n) {
+        /* once per call: make_result runs once */
+        if (cc->reply_fds || n == 0)
+                return 0;
+        cc->reply_fds = calloc(n, sizeof(*cc->reply_fds));
+        return cc->reply_fds ? 0 : -ENOMEM;
 }
 
 void control_call_drop(struct control_call *cc) {
@@ -341,8 +351,17 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         c->srv = s;
         c->refs = 1;
         c->id = ++s->next_conn_id;
+        r = vhub_cred_from_socket(fd, &c->cred);
+        if (r < 0) {
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "refused a control connection: its credentials: %s", strerror(-r));
+                close(fd);
+                free(c);
+                return;
+        }
         r = rpc_conn_new(s->ctx->base, fd, &s->opts.limits, &conn_ops, c, &c->rpc);
         if (r < 0) { /* rpc_conn_new closed fd */
+                vhub_cred_done(&c->cred);
                 free(c);
                 return;
         }

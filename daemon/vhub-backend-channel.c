@@ -225,6 +225,11 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
         default:
                 break;
         }
+        /* whether device.backend_reply is awaited (DPDK sends IOTLB misses
+         * without NEED_REPLY: the VMM only answers with device.iotlb.update) */
+        ev.fields[n++] = (struct vhub_event_field){
+                "need_reply", (m->hdr.flags & VHU_FLAG_NEED_REPLY) && dev_has_pf(d, VHU_PF_REPLY_ACK)
+        };
         ev.n_fields = n;
         ev.fds = m->fds;
         ev.n_fds = m->n_fds;
@@ -232,6 +237,25 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
         /* without NEED_REPLY the back-end waits for nothing */
         if ((m->hdr.flags & VHU_FLAG_NEED_REPLY) && dev_has_pf(d, VHU_PF_REPLY_ACK))
                 channel_wait_for(ch, WAIT_VMM, token, m);
+}
+
+/* spec SHMEM_MAP: the range must lie in the VIRTIO Shared Memory Region
+ * shmid, whose size GET_SHMEM_CONFIG gave; a hostile back-end's range is
+ * refused here, not handed to the VMM. */
+static bool channel_shmem_in_range(struct vhub_backend_channel *ch, const struct vhu_msg *m) {
+        struct vhub_device *d = ch->dev;
+        const struct vhu_shmem_map *map = &m->payload.shmem_map;
+        uint64_t size = map->shmid < d->n_shmem ? d->shmem_sizes[map->shmid] : 0;
+        uint64_t end;
+
+        if (size > 0 && map->len > 0 && !__builtin_add_overflow(map->shm_offset, map->len, &end) &&
+            end <= size)
+                return true;
+        device_log(d, LOG_WARNING, vhu_request_name(VHU_DIR_BACKEND, m->hdr.request),
+                   "refused: shmid %u offset 0x%llx length 0x%llx is outside its shared memory region (0x%llx bytes)",
+                   map->shmid, (unsigned long long)map->shm_offset, (unsigned long long)map->len,
+                   (unsigned long long)size);
+        return false;
 }
 
 static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
@@ -252,13 +276,14 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_VRING_ERR: {
                 uint32_t i = m->payload.state.index;
                 bool ok = i < d->queues && d->vrings && d->vrings[i].configured;
-                int efd = ok ? (m->hdr.request == VHU_BREQ_VRING_CALL ? d->vrings[i].call_fd
-                                                                      : d->vrings[i].err_fd)
-                             : -1;
-                uint64_t one = 1;
+                bool call = m->hdr.request == VHU_BREQ_VRING_CALL;
+                int efd = ok ? (call ? d->vrings[i].call_fd : d->vrings[i].err_fd) : -1;
+                int r;
 
-                /* in-band notification: signal the VMM's eventfd for that ring */
-                if (efd >= 0 && write(efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                /* in-band notification: signal the VMM's eventfd for that ring
+                 * (never blocking; a full one is signalled already: success) */
+                if (efd >= 0 && (r = vring_signal(d, i, efd, call ? "call" : "err")) < 0 &&
+                    r != -EAGAIN)
                         ok = false;
                 channel_ack(ch, m, ok && efd >= 0 ? 0 : 1);
                 break;
@@ -272,9 +297,15 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_SHARED_OBJECT_LOOKUP:
                 channel_lookup(ch, m);
                 break;
-        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
         case VHU_BREQ_SHMEM_MAP:
         case VHU_BREQ_SHMEM_UNMAP:
+                if (!channel_shmem_in_range(ch, m)) {
+                        channel_ack(ch, m, EINVAL);
+                        break;
+                }
+                channel_forward(ch, m);
+                break;
+        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
         case VHU_BREQ_IOTLB_MSG:
                 channel_forward(ch, m);
                 break;

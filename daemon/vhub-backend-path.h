@@ -3,8 +3,16 @@
  * The back-end allowlist (contract: "Identity and isolation"): a back-end
  * socket must resolve -- symlinks and ".." included -- to a path inside one
  * of the --backend-dir directories, and (client mode) be a socket owned by
- * the requesting uid or root.  Anything else is -32010 and nothing is
- * connected.
+ * the VM's uid or root.  Anything else is -32010 and nothing is connected.
+ *
+ * The daemon acts as root for every uid, so every check and every use is
+ * done (1) with the requesting uid's own rights (struct vhub_cred: the
+ * kernel decides what that uid may search, create, remove or connect to)
+ * and (2) on the object that was checked: each --backend-dir is opened once;
+ * realpath() only tells which one a path lies in; the rest is opened below
+ * that directory's fd without following any symlink (vhub-path-beneath.h),
+ * checked on the fd, and bound, connected or unlinked relative to it --
+ * never looked up by name from "/" again.
  */
 #pragma once
 
@@ -12,23 +20,51 @@
 #include <sys/types.h>
 
 #include "vhub-config.h"
+#include "vhub-cred.h"
 #include "vhub-error.h"
 
+/* The --backend-dir directories, each opened once (O_PATH). */
+struct vhub_backend_dirs;
+
+int vhub_backend_dirs_new(const struct vhub_config *cfg, struct vhub_backend_dirs **ret);
+struct vhub_backend_dirs *vhub_backend_dirs_free(struct vhub_backend_dirs *dirs);
+
 /*
- * Client mode: resolve path, check it, and open it O_PATH so the check and
- * the connect see the same inode (connect through /proc/self/fd/N).
- * Returns the O_PATH fd.
+ * Client mode: resolve and check path with cred's rights and open the
+ * socket O_PATH, so that the check and the connect see the same inode.
+ * owner_uid: the VM's uid (the socket must be its or root's).  Returns the
+ * O_PATH fd; -32010 in err otherwise.
  */
-int vhub_backend_path_open(const struct vhub_config *cfg, uid_t uid, const char *path,
-                           struct vhub_error *err);
-/* Connect a new non-blocking socket to the socket behind an O_PATH fd. */
-int vhub_backend_path_connect(int path_fd);
+int vhub_backend_path_open(struct vhub_backend_dirs *dirs, const struct vhub_cred *cred,
+                           uid_t owner_uid, const char *path, struct vhub_error *err);
 /*
- * Server mode: the parent directory must resolve inside a back-end
- * directory; an existing entry must be a socket owned by uid or root (it is
- * replaced).  Returns the resolved path to listen on (malloc'd).
+ * Connect a new non-blocking socket, with cred's rights, to the socket
+ * behind an O_PATH fd.  Returns the socket or a negative errno (-EACCES:
+ * cred's uid may not connect to it).
  */
-int vhub_backend_path_for_listen(const struct vhub_config *cfg, uid_t uid, const char *path,
-                                 struct vhub_error *err, char **ret_path);
-/* Create a listening socket (non-blocking, CLOEXEC) at an allowed path. */
-int vhub_backend_path_listen(const char *resolved_path, uid_t uid);
+int vhub_backend_path_connect(int path_fd, const struct vhub_cred *cred);
+
+/* A server-mode socket the daemon created, to remove it (only it) later. */
+struct vhub_backend_listener;
+
+/*
+ * Server mode: create a listening socket (non-blocking, CLOEXEC) at path
+ * with cred's rights, owned by owner_uid.  The directory must resolve inside
+ * a back-end directory and cred's uid must be allowed to create there.  An
+ * existing entry is replaced only if it is a socket of owner_uid (or, for a
+ * root caller, of root) that nobody listens on; anything else is left
+ * exactly as it was.  Returns the listening fd; *ret_listener and
+ * *ret_path (the resolved path, for display) are malloc'd.  Refusals are
+ * -32010 in err; any other failure is a negative errno with err untouched
+ * (the caller reports it).
+ */
+int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_cred *cred,
+                             uid_t owner_uid, const char *path, struct vhub_error *err,
+                             struct vhub_backend_listener **ret_listener, char **ret_path);
+/*
+ * Remove the socket, with cred's rights, if its name still holds the inode
+ * bind() created (never someone's replacement), and free l.  NULL-safe;
+ * returns NULL.
+ */
+struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
+                                                         const struct vhub_cred *cred);

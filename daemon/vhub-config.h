@@ -30,6 +30,7 @@ struct vhub_config {
         size_t n_backend_dirs;
         unsigned backend_timeout_ms;
         int log_level;
+        char *log_level_file;        /* NULL: none; else read at start and on SIGHUP */
         unsigned reconnect_max_ms;   /* backoff cap */
         struct vhub_limits limits;
 };

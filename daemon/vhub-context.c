@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <string.h>
 
+#include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
@@ -13,7 +14,7 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
         TAILQ_INIT(&ctx->vms);
         ctx->start_usec = vhub_now_usec();
         ctx->start_realtime_usec = vhub_realtime_usec();
-        return 0;
+        return vhub_backend_dirs_new(config, &ctx->backend_dirs);
 }
 
 void vhub_context_done(struct vhub_context *ctx) {
@@ -23,6 +24,7 @@ void vhub_context_done(struct vhub_context *ctx) {
         while ((vm = TAILQ_FIRST(&ctx->vms)))
                 vhub_vm_free(vm);
         vhub_socket_watch_done(ctx);
+        ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {

@@ -15,6 +15,7 @@
 
 struct event_base;
 struct event;
+struct vhub_backend_dirs;
 struct vhub_vm;
 struct vhub_socket_watcher;
 
@@ -32,6 +33,7 @@ struct vhub_context {
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink events;
         struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
+        struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);

@@ -55,7 +55,8 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
 }
 
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, struct vhub_error *err, struct vhub_vm **ret) {
+                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
+                   struct vhub_vm **ret) {
         struct vhub_vm *vm;
 
         if (vhub_vm_find(ctx, uid, name))
@@ -77,7 +78,9 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         TAILQ_INIT(&vm->mem_ops);
         TAILQ_INIT(&vm->devices);
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
-        if (!vm->linger_timer) {
+        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
+                if (vm->linger_timer)
+                        event_free(vm->linger_timer);
                 free(vm);
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         }
@@ -121,6 +124,11 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 free(vm->log_batch);
                 vm->log_batch = NULL;
         }
+        if (vm->postcopy_batch) {
+                vhub_call_fail(vm->postcopy_batch->call, &err);
+                vhub_vm_batch_free(vm->postcopy_batch);
+                vm->postcopy_batch = NULL;
+        }
         if (vm->destroy_call) {
                 struct vhub_call *c = vm->destroy_call;
 
@@ -136,6 +144,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         if (vm->log_fd >= 0)
                 close(vm->log_fd);
         vhub_mem_table_done(&vm->mem);
+        vhub_cred_done(&vm->cred);
         free(vm);
 }
 
@@ -192,13 +201,23 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vhub_context_emit(vm->ctx, &ev);
 }
 
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, struct vhub_error *err) {
+int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+                   struct vhub_error *err) {
         if (vm->destroying)
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
         if (vm->owner_id != 0 && vm->owner_id != owner_id)
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
+        /* root naming another uid's VM does not lend it root's rights */
+        if (cred->uid == vm->uid) {
+                struct vhub_cred fresh;
+
+                if (vhub_cred_copy(cred, &fresh) < 0)
+                        return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+                vhub_cred_done(&vm->cred);
+                vm->cred = fresh;
+        }
         evtimer_del(vm->linger_timer);
         vm->owner_id = owner_id;
         vm_log(vm, LOG_INFO, "VM attached by a new connection");
@@ -434,6 +453,12 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                /* back-ends registered the table with their userfaultfd at listen */
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
+                goto fail;
+        }
         r = vhub_mem_table_check_new(&vm->mem, region, &err);
         if (r < 0)
                 goto fail;
@@ -499,6 +524,11 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
 
         if (vm->destroying) {
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+                goto fail;
+        }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
                 goto fail;
         }
         r = vhub_mem_table_find_gpa(&vm->mem, gpa);

@@ -167,6 +167,7 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_start(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a);
+int cmd_device_kick(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_config_get(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_config_set(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_net_rarp(struct ctl *ctl, const struct ctl_args *a);

@@ -25,7 +25,10 @@
 - Methods marked x-vhub-answers-with-fds are refused inside a batch (-32602),
   the others are not.
 - Results of real calls (a qemu-storage-daemon device started and stopped,
-  memory, dirty log, shared objects) validate against the result schemas.
+  memory, dirty log, shared objects; a test back-end device with shmem, a
+  ring without a kick fd kicked with device.kick, stopped without draining)
+  validate against the result schemas.  (vm.postcopy.listen's with
+  backend_regions: test_postcopy.py; crypto sessions: test_crypto_dpdk.py.)
 - daemon.info: api_version "2", started_at (RFC 3339 UTC, microseconds) close
   to when the daemon started, restarts 0, capabilities.
 - The daemon's fd count is back to its baseline after all of it.
@@ -49,6 +52,7 @@ from vhubtest.client import (INVALID_PARAMS, METHOD_NOT_FOUND,          # noqa: 
                              NO_SUCH_VM, RpcError, encode, u64)
 from vhubtest.daemon import Daemon                                     # noqa: E402
 from vhubtest.memory import GuestMemory                                # noqa: E402
+from vhubtest.testbackend import TestBackend                           # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run    # noqa: E402
 from vhubtest.vmm import Vmm                                           # noqa: E402
 
@@ -74,11 +78,7 @@ CONTRACT_METHODS = [
 ]
 
 # Contract methods the daemon does not implement yet: the one place to update.
-NOT_YET_IMPLEMENTED = {
-    "device.stats", "device.crypto.session.create", "device.crypto.session.close",
-    "device.gpu.set_socket", "device.iotlb.update", "device.iotlb.invalidate", "device.kick",
-    "vm.postcopy.advise", "vm.postcopy.listen", "vm.postcopy.end",
-}
+NOT_YET_IMPLEMENTED = {"device.stats"}
 
 # The contract's error codes ("Errors").
 CONTRACT_ERRORS = {-32700, -32600, -32601, -32602, -32603} | set(range(-32011, -32000))
@@ -483,7 +483,34 @@ def results(t, daemon, c, doc, d):
     call(c, "events.subscribe", {"vm": "r"})
     call(c, "device.remove", {"vm": "r", "device": "b0"})
     q.vq.close()
+    protocol_results(t, daemon, c, d, call, vmm, mem)
     call(c, "vm.destroy", {"vm": "r"})
+
+
+# the test back-end's default offer plus INBAND_NOTIFICATIONS (14),
+# GET_VRING_BASE_INFLIGHT (20), SHMEM (22), GET_VRING_BASE_SKIP_DRAIN (23)
+TB_PROTOCOL_FEATURES = 0xdbe2b | 1 << 14 | 1 << 20 | 1 << 22 | 1 << 23
+
+
+def protocol_results(t, daemon, c, d, call, vmm, mem):
+    """The members only newer back-ends bring: shmem, kick-less rings, inflight."""
+    sock = daemon.backend_socket("tb0.sock")
+    t.enter(TestBackend([sock], args=["--protocol-features", "%x" % TB_PROTOCOL_FEATURES,
+                                      "--shmem", "64K,0"], log_dir=d))
+    dev = call(c, "device.add", {"vm": "r", "device": "t0", "socket": sock, "type": "blk"})
+    check_eq([u64(x) for x in dev.get("shmem", [])], [64 << 10, 0], "device.add's shmem")
+    q = blk.BlkQueue(mem, index=0, size=64)
+    params, fds = vmm.start_params("t0", scenarios.BLK_FEATURES & u64(dev["features"]), [q.vq])
+    del params["vrings"][0]["kick"]         # in-band kicks only
+    call(c, "device.start", params, fds=fds)
+    req = q.submit(blk.VIRTIO_BLK_T_IN, 0, length=4096)
+    check_eq(call(c, "device.kick", {"vm": "r", "device": "t0", "index": 0}), {}, "device.kick")
+    check_eq(q.wait(1, 5.0), [req], "the kicked request completed")
+    res = call(c, "device.stop", {"vm": "r", "device": "t0", "drain": False})
+    check_eq(res["vrings"], [{"index": 0, "base": 1, "inflight": 0}],
+             "device.stop drain:false: base and inflight per ring")
+    call(c, "device.remove", {"vm": "r", "device": "t0"})
+    q.vq.close()
 
 
 def result_schema(doc, name):

@@ -6,8 +6,9 @@ setresgid/setresuid and talks over its own connections) sees no trace of
 root's VMs: vm.list omits them, every method naming them answers -32001
 exactly as for a VM that does not exist (also with "uid": 0), daemon.info
 counts only its own VMs, it can create its own vm0 beside root's vm0, it
-may use a back-end socket owned by root or by itself but not one owned by
-another non-root uid (-32010, nothing connected), and it receives no events
+may use a back-end socket owned by root or by itself -- if it could connect
+to it itself -- but not one owned by another non-root uid (-32010, nothing
+connected), and it receives no events
 of root's VMs.  Root names the user's VM with "uid": 65534.
 
 Lifetime: a VM dies with the connection that created it (its back-end
@@ -259,9 +260,14 @@ def isolation(t, d, daemon, c, fb, socks):
           "root may create a VM for uid %d, and that uid sees it" % USER)
     c.call("vm.destroy", {"vm": "made-by-root", "uid": USER})
 
-    # back-end sockets: root's or its own are fine; another uid's is not
+    # back-end sockets: root's or its own are fine if the uid may connect to
+    # them itself; another uid's is not
+    os.chmod(socks[1], 0o755)
+    e = agent.error("device.add", {"vm": "vm0", "device": "blk1", "socket": socks[1]})
+    check_error(e, NOT_ALLOWED, "uid %d: device.add to root's socket it may not write (0755)" % USER)
+    os.chmod(socks[1], 0o666)
     agent.call("device.add", {"vm": "vm0", "device": "blk1", "socket": socks[1]})
-    log("ok: uid %d may use a back-end socket owned by root" % USER)
+    log("ok: uid %d may use a back-end socket owned by root that others may write" % USER)
     with FakeListener(daemon.backend_socket("user.sock"), "close", owner=USER) as own:
         e = agent.error("device.add", {"vm": "vm0", "device": "mine", "socket": own.path})
         check_error(e, BACKEND_ERROR, "device.add to the user's own closing listener")
