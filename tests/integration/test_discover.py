@@ -22,6 +22,9 @@
   newline (Python's `$` matches before it), non-ASCII strings against a byte
   limit, fd indexes reused or beyond the fds sent.
 - Every error code an answer carried is listed in that method's errors.
+- The contract's codes are the same three times: contract/vhub-contract.h
+  (daemon, C client, vhubctl), this test's CONTRACT_ERRORS and the Python
+  client's constants (vhubtest.client).
 - Methods marked x-vhub-answers-with-fds are refused inside a batch (-32602),
   the others are not.
 - Results of real calls (a qemu-storage-daemon device started and stopped,
@@ -46,7 +49,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import blk, scenarios                                   # noqa: E402
+from vhubtest import blk, client as client_module, scenarios          # noqa: E402
 from vhubtest.backends import QsdNullBackend                           # noqa: E402
 from vhubtest.client import (INVALID_PARAMS, METHOD_NOT_FOUND,          # noqa: E402
                              NO_SUCH_VM, RpcError, encode, u64)
@@ -175,6 +178,17 @@ def check_shape(doc, info):
     check(not problems, "every method's params list and x-vhub-params agree; errors are the contract's",
           problems)
     log("ok: every schema in the document is a valid draft-7 JSON Schema")
+
+
+def check_vocabulary():
+    with open(os.path.join(REPO, "contract", "vhub-contract.h")) as f:
+        header = {int(code): message for code, message in
+                  re.findall(r'X\([A-Z_]+, (-\d+), "([^"]*)"\)', f.read())}
+    check_eq(set(header), CONTRACT_ERRORS, "contract/vhub-contract.h defines the contract's codes")
+    python = {v for k, v in vars(client_module).items()
+              if k.isupper() and isinstance(v, int) and -32768 <= v <= -32000}
+    check_eq(python, CONTRACT_ERRORS, "the Python client (vhubtest.client) has a constant for each")
+    return header
 
 
 def check_methods(c, doc):
@@ -551,6 +565,10 @@ def main(t):
     doc = c.call("rpc.discover")
     check(c.call("rpc.discover") == doc, "rpc.discover answers the same document again")
     check_shape(doc, info)
+    messages = check_vocabulary()
+    wrong = [(m["name"], e) for m in doc["methods"] for e in m["errors"]
+             if messages[e["code"]] != e["message"]]
+    check(not wrong, "every method's errors carry the header's messages", wrong[:3])
     check_methods(c, doc)
     equivalence(c, doc)
     batches(c, doc)
