@@ -171,6 +171,7 @@ static void control_call_done(struct vhub_call *call) {
         }
         for (unsigned i = 0; i < cc->n_reply_fds; i++)
                 close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
         cc->conn->pending--;
@@ -194,6 +195,21 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         control_conn_ref(req->conn);
         req->conn->pending++;
         return cc;
+}
+
+int control_call_reply_fds(struct control_call *cc, unsigned n) {
+        /* once per call: make_result runs once */
+        if (cc->reply_fds || n == 0)
+                return 0;
+        cc->reply_fds = calloc(n, sizeof(*cc->reply_fds));
+        return cc->reply_fds ? 0 : -ENOMEM;
+}
+
+void control_call_drop(struct control_call *cc) {
+        cc->conn->pending--;
+        control_conn_unref(cc->conn);
+        json_decref(cc->id);
+        free(cc);
 }
 
 /* ---- requests ---- */
@@ -561,7 +577,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
         if (vm->owner_id == c->id)
                 return true;
-        if (c->uid != 0 && c->uid != vm->uid)
+        if (!control_conn_sees_uid(c, vm->uid))
                 return false;
         if (c->sub_all && c->uid == vm->uid)
                 return true;
@@ -779,6 +795,7 @@ struct control_server *control_server_free(struct control_server *s) {
                 event_free(s->ev_trim);
         if (s->spare_fd >= 0)
                 close(s->spare_fd);
+        json_decref(s->discover);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
         if (s->path) {

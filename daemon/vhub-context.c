@@ -24,6 +24,7 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
                 log_warning("--max-fds-per-uid %u does not fit the fd limit; using %u",
                             config->limits.fds_per_uid, ctx->fd_budget.per_uid);
         log_info("%s", budget);
+        ctx->start_realtime_usec = vhub_realtime_usec();
         return vhub_backend_dirs_new(config, &ctx->backend_dirs);
 }
 
@@ -72,13 +73,7 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
 }
 
 const char *vhub_event_type_to_string(enum vhub_event_type t) {
-        static const char *const names[_VHUB_EV_MAX] = {
-                [VHUB_EV_CONFIG_CHANGED] = "device.config_changed",
-                [VHUB_EV_DISCONNECTED] = "device.disconnected",
-                [VHUB_EV_RECONNECTED] = "device.reconnected",
-                [VHUB_EV_FAILED] = "device.failed",
-                [VHUB_EV_LINGERING] = "vm.lingering",
-                [VHUB_EV_BACKEND_REQUEST] = "device.backend_request",
-        };
-        return (unsigned)t < _VHUB_EV_MAX ? names[t] : "unknown";
+        const char *name = vhub_contract_event_name((int)t);
+
+        return name ? name : "unknown";
 }

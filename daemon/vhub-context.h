@@ -30,7 +30,8 @@ struct vhub_context {
         unsigned n_devices;
         uint64_t next_region_id;
         uint64_t next_token;
-        uint64_t start_usec;
+        uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
+        uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink events;
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
         struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */

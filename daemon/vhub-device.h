@@ -30,6 +30,25 @@ struct vhub_mem_op;
 struct vhub_vm;
 struct vhub_vm_batch;
 
+/* The protocol features the daemon implements as a front-end: what every
+ * handshake ANDs with the back-end's offer, and daemon.info's protocol_features. */
+#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
+        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
+         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
+         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
+         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
+         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
+         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
+         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
+         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
+         VHU_PF_BIT(VHU_PF_CROSS_ENDIAN) | VHU_PF_BIT(VHU_PF_GET_VRING_BASE_INFLIGHT) | \
+         VHU_PF_BIT(VHU_PF_SHMEM) | VHU_PF_BIT(VHU_PF_GET_VRING_BASE_SKIP_DRAIN) |     \
+         VHU_PF_BIT(VHU_PF_CRYPTO_SESSION) | VHU_PF_BIT(VHU_PF_PAGEFAULT))
+/* Never GPA_ADDRESSES (21): the daemon sends user addresses, and rust-vmm
+ * vhost <= 0.16 back-ends set bit 21 meaning SHMEM. */
+_Static_assert(!(VHUB_SUPPORTED_PROTOCOL_FEATURES & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
+               "bit 21 is never acked");
+
 enum vhub_device_state {
         VHUB_DEV_CONNECTING,
         VHUB_DEV_READY,

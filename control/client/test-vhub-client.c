@@ -461,7 +461,7 @@ static void test_errors(void) {
         CHECK_EQ(vhub_client_call(c, "vm.destroy", json_pack("{s:s}", "vm", "nope"), NULL, 0, 5000, &r,
                                   NULL, NULL, &err),
                  -EREMOTEIO);
-        CHECK_EQ(err.code, VHUB_ERR_NO_SUCH_VM);
+        CHECK_EQ(err.code, VHUB_ERR_NO_VM);
         CHECK(err.detail[0] == '\0');
         CHECK_EQ(vhub_client_queued_responses(c), 0); /* the abandoned one was dropped */
 

@@ -145,24 +145,7 @@ static void msg_queue_clear(struct msg_queue *q) {
 }
 
 const char *vhub_client_error_code_name(int code) {
-        switch (code) {
-        case VHUB_ERR_PARSE: return "parse error";
-        case VHUB_ERR_INVALID_REQUEST: return "invalid request";
-        case VHUB_ERR_METHOD_NOT_FOUND: return "method not found";
-        case VHUB_ERR_INVALID_PARAMS: return "invalid params";
-        case VHUB_ERR_INTERNAL: return "internal error";
-        case VHUB_ERR_NO_SUCH_VM: return "no such VM";
-        case VHUB_ERR_NO_SUCH_DEVICE: return "no such device";
-        case VHUB_ERR_EXISTS: return "already exists";
-        case VHUB_ERR_WRONG_STATE: return "wrong state";
-        case VHUB_ERR_UNSUPPORTED: return "not supported by the back-end";
-        case VHUB_ERR_BACKEND: return "back-end error";
-        case VHUB_ERR_BACKEND_TIMEOUT: return "back-end timed out";
-        case VHUB_ERR_LIMIT: return "resource limit reached";
-        case VHUB_ERR_BAD_REGION: return "bad memory region";
-        case VHUB_ERR_NOT_ALLOWED: return "back-end not allowed";
-        default: return NULL;
-        }
+        return vhub_contract_error_message(code);
 }
 
 static void error_from_json(const json_t *error, struct vhub_client_error *ret) {

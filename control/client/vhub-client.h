@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * vhub-client: a small, blocking client for vhubd's control API
- * (docs: /work/shared/spec/control-api.md, "Transport and framing").
+ * (docs/control-api.md, "Framing").
  *
  * One object per connection; not thread-safe (use one per thread, or lock).
  *
@@ -44,24 +44,9 @@ struct vhub_client;
 #define VHUB_CLIENT_MAX_QUEUED_FDS 1024u           /* received, not yet claimed */
 #define VHUB_CLIENT_MAX_QUEUED_MESSAGES 65536u     /* responses + events queued */
 
-/* Standard JSON-RPC and contract error codes ("Errors"). */
-enum {
-        VHUB_ERR_PARSE = -32700,
-        VHUB_ERR_INVALID_REQUEST = -32600,
-        VHUB_ERR_METHOD_NOT_FOUND = -32601,
-        VHUB_ERR_INVALID_PARAMS = -32602,
-        VHUB_ERR_INTERNAL = -32603,
-        VHUB_ERR_NO_SUCH_VM = -32001,
-        VHUB_ERR_NO_SUCH_DEVICE = -32002,
-        VHUB_ERR_EXISTS = -32003,
-        VHUB_ERR_WRONG_STATE = -32004,
-        VHUB_ERR_UNSUPPORTED = -32005,
-        VHUB_ERR_BACKEND = -32006,
-        VHUB_ERR_BACKEND_TIMEOUT = -32007,
-        VHUB_ERR_LIMIT = -32008,
-        VHUB_ERR_BAD_REGION = -32009,
-        VHUB_ERR_NOT_ALLOWED = -32010,
-};
+/* Error codes (VHUB_ERR_NO_VM, ...), event names and the API version: the
+ * contract's vocabulary, shared with the daemon. */
+#include "vhub-contract.h"
 
 /* A JSON-RPC error object, flattened.  Strings are truncated to fit and
  * always NUL-terminated; absent members are "". */
@@ -73,7 +58,8 @@ struct vhub_client_error {
         char request[64];       /* error.data.request (-32006/-32007) */
 };
 
-/* Name of a contract error code ("no such VM", ...), or NULL if unknown. */
+/* The contract's message for an error code ("no such VM", ...), or NULL if
+ * unknown: vhub_contract_error_message(). */
 const char *vhub_client_error_code_name(int code);
 
 /*

@@ -171,7 +171,11 @@ json_t *ctl_vm_params(const struct ctl *ctl, const char *vm) {
 }
 
 void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhub_client_error *e) {
-        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, e->message[0] ? e->message : "error");
+        const char *known = vhub_contract_error_message(e->code);
+        /* the daemon always sends a message; an empty one is named from the code */
+        const char *message = e->message[0] ? e->message : known ? known : "error";
+
+        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, message);
         if (e->detail[0])
                 fprintf(stderr, ": %s", e->detail);
         if (e->device[0] || e->request[0])
@@ -187,7 +191,7 @@ void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhu
                         json_object_set_new(data, "device", json_string(e->device));
                 if (e->request[0])
                         json_object_set_new(data, "request", json_string(e->request));
-                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", e->message,
+                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", message,
                                 "data", data);
                 ctl_print_json(err);
                 json_decref(err);

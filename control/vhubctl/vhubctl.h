@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * vhubctl: the operator's command-line client for vhubd's control API
- * (shared/spec/control-api.md).  One subcommand per method; readable tables
+ * (docs/control-api.md).  One subcommand per method; readable tables
  * by default, the daemon's JSON with --json.
  *
  * Every command returns an exit status (enum ctl_exit), never exits itself:
