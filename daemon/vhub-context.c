@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <string.h>
+#include <unistd.h>
 
 #include "vhub-backend-path.h"
 #include "vhub-backend-channel.h"
@@ -36,6 +37,26 @@ void vhub_context_done(struct vhub_context *ctx) {
                 vhub_vm_free(vm);
         vhub_socket_watch_done(ctx);
         ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
+}
+
+void vhub_context_destroy_vms(struct vhub_context *ctx) {
+        struct vhub_vm *vm, *next;
+
+        for (vm = TAILQ_FIRST(&ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                if (!vm->destroying)
+                        vhub_vm_destroy(vm, NULL);
+        }
+}
+
+void vhub_context_crash_unlink(const struct vhub_context *ctx) {
+        const struct vhub_device *d;
+        const struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->listen_fd >= 0 && d->socket_path)
+                                (void)unlink(d->socket_path);
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {

@@ -48,6 +48,12 @@ struct vhub_context {
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
+/* Shutdown: every VM stops its devices and closes its back-ends, in
+ * parallel; each goes when its devices have (n_vms tells). */
+void vhub_context_destroy_vms(struct vhub_context *ctx);
+/* In a fatal signal's handler: remove the sockets the daemon created (only
+ * unlink(), async-signal-safe; the lists may be mid-change). */
+void vhub_context_crash_unlink(const struct vhub_context *ctx);
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
 /* Whether the VM's owner is behind on its events (events.congested). */
 bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm);

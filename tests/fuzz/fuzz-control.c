@@ -23,24 +23,22 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "control-server.h"
 #include "vhub-config.h"
-#include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhubd.h"
 #include "vhu-scm.h"
 
 struct fuzz_env {
         struct event_base *base;
         struct vhub_config config;
-        struct vhub_context ctx;
-        struct control_server *server;
+        struct vhubd vhubd;     /* the model and its faces, wired as vhubd does */
         char dir[48];
         char sock[100];
 };
 
 static struct fuzz_env *env_get(void) {
         static struct fuzz_env *env;
-        struct control_server_options o = { 0 };
+        struct vhubd_options o = { .control_listen_fd = -1 };
         char backends[128];
 
         if (env)
@@ -61,14 +59,11 @@ static struct fuzz_env *env_get(void) {
         if (vhub_config_add_backend_dir(&env->config, backends) < 0)
                 abort();
         env->base = event_base_new();
-        vhub_context_init(&env->ctx, env->base, &env->config);
-        o.path = env->sock;
-        o.listen_fd = -1;
-        o.mode = 0600;
-        o.max_connections = 16;
-        o.max_pending = 64;
-        rpc_conn_limits_default(&o.limits);
-        if (control_server_new(&env->ctx, &o, &env->server) < 0)
+        o.control_path = env->sock;
+        env->config.control_mode = 0600;
+        env->config.limits.connections = 16;
+        env->config.limits.pending_per_connection = 64;
+        if (vhubd_init(&env->vhubd, env->base, &env->config, &o) < 0)
                 abort();
         return env;
 }
@@ -177,8 +172,7 @@ static void env_cleanup(void) {
         struct fuzz_env *env = env_get();
         char p[160];
 
-        vhub_context_done(&env->ctx);
-        env->server = control_server_free(env->server);
+        vhubd_done(&env->vhubd);
         event_base_free(env->base);
         vhub_config_done(&env->config);
         snprintf(p, sizeof(p), "%s/backends", env->dir);
