@@ -7,6 +7,7 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-owner.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -18,6 +19,7 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
         ctx->base = base;
         ctx->config = config;
         TAILQ_INIT(&ctx->vms);
+        TAILQ_INIT(&ctx->sinks);
         ctx->start_usec = vhub_now_usec();
         vhub_fd_budget_setup(&ctx->fd_budget, config->limits.fds_per_uid);
         vhub_fd_budget_describe(&ctx->fd_budget, budget, sizeof(budget));
@@ -60,12 +62,28 @@ void vhub_context_crash_unlink(const struct vhub_context *ctx) {
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
-        if (ctx->events.emit && !ctx->shutting_down)
-                ctx->events.emit(ctx->events.userdata, ev);
+        struct vhub_event_sink *sink, *next;
+
+        if (ctx->shutting_down)
+                return;
+        for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
+                next = TAILQ_NEXT(sink, link);
+                sink->emit(sink->userdata, ev);
+        }
+}
+
+void vhub_context_add_sink(struct vhub_context *ctx, struct vhub_event_sink *sink) {
+        TAILQ_INSERT_TAIL(&ctx->sinks, sink, link);
+}
+
+void vhub_context_remove_sink(struct vhub_context *ctx, struct vhub_event_sink *sink) {
+        TAILQ_REMOVE(&ctx->sinks, sink, link);
 }
 
 bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm) {
-        return ctx->events.congested && ctx->events.congested(ctx->events.userdata, vm);
+        const struct vhub_owner *o = vm->owner;
+
+        return o && o->ops && o->ops->congested && o->ops->congested(o);
 }
 
 void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
@@ -76,6 +94,30 @@ void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
         TAILQ_FOREACH(d, &vm->devices, link)
                 if (d->channel)
                         vhub_backend_channel_vmm_caught_up(d->channel);
+}
+
+void vhub_context_owner_drained(struct vhub_context *ctx, const struct vhub_owner *owner) {
+        struct vhub_vm *vm;
+
+        if (ctx->n_channels_paused == 0)
+                return;
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->owner == owner)
+                        vhub_context_events_drained(ctx, vm);
+}
+
+void vhub_context_owner_gone(struct vhub_context *ctx, const struct vhub_owner *owner) {
+        struct vhub_vm *vm, *next;
+
+        for (vm = TAILQ_FIRST(&ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                if (vm->owner != owner)
+                        continue;
+                /* nobody will be behind on its events: channels read again
+                 * (from the loop, once the owner is gone) */
+                vhub_context_events_drained(ctx, vm);
+                vhub_vm_owner_gone(vm);
+        }
 }
 
 void vhub_context_counts_changed(struct vhub_context *ctx) {
@@ -91,6 +133,27 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
                 if (vm->uid == uid)
                         n++;
         return n;
+}
+
+struct event_base *vhub_context_base(const struct vhub_context *ctx) {
+        return ctx->base;
+}
+
+const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx) {
+        return &ctx->fd_budget;
+}
+
+bool vhub_context_shutting_down(const struct vhub_context *ctx) {
+        return ctx->shutting_down;
+}
+
+const char *vhub_face_to_string(enum vhub_face f) {
+        static const char *const names[_VHUB_FACE_MAX] = {
+                [VHUB_FACE_JSON_RPC] = "json-rpc",
+                [VHUB_FACE_FRONT_DOOR] = "front-door",
+        };
+
+        return (unsigned)f < _VHUB_FACE_MAX ? names[f] : "unknown";
 }
 
 const char *vhub_event_type_to_string(enum vhub_event_type t) {

@@ -92,6 +92,10 @@ bool device_need_reply(const struct vhub_device *d) {
         return dev_has_pf(d, VHU_PF_REPLY_ACK);
 }
 
+bool vhub_device_is_removing(const struct vhub_device *d) {
+        return d->removing;
+}
+
 bool vhub_device_is_connected(const struct vhub_device *d) {
         return d->conn && !vhub_bconn_is_lost(d->conn);
 }
@@ -793,6 +797,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;
+        d->face = p->face;
         d->reconnect_ms = p->reconnect_ms;
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;

@@ -22,6 +22,7 @@
 #include "vhub-event.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
+#include "vhub-owner.h"
 
 struct event;
 struct vhub_bconn;
@@ -181,6 +182,7 @@ struct vhub_device {
         char *socket_path;
         char type[32];
         enum vhub_device_mode mode;
+        enum vhub_face face;          /* who drives it: only recorded, for the faces */
         unsigned reconnect_ms;
         unsigned requested_queues;    /* 0: what the back-end reports */
 
@@ -236,6 +238,7 @@ struct vhub_device_add_params {
         const char *socket_path;
         const char *type;             /* may be NULL */
         enum vhub_device_mode mode;
+        enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
 };
@@ -305,6 +308,8 @@ bool vhub_device_is_parked(const struct vhub_device *dev);
 void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */
 void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
+/* A device being removed is gone for the faces (-32002). */
+bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
 bool vhub_device_is_connected(const struct vhub_device *dev);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
