@@ -110,6 +110,24 @@ void vring_close_fds(struct vhub_vring *v) {
         v->kick_fd = v->call_fd = v->err_fd = -1;
 }
 
+unsigned vring_fds_held(const struct vhub_vring *v) {
+        return (v->kick_fd >= 0) + (v->call_fd >= 0) + (v->err_fd >= 0);
+}
+
+unsigned vhub_device_fds_held(const struct vhub_device *d) {
+        const struct vhub_op *op;
+        unsigned n = 0;
+
+        n += d->conn ? 1 : 0;
+        n += d->channel ? 1 : 0;
+        n += (d->listen_fd >= 0) + (d->inflight_fd >= 0);
+        for (unsigned i = 0; d->vrings && i < d->queues; i++)
+                n += vring_fds_held(&d->vrings[i]);
+        TAILQ_FOREACH(op, &d->ops, link)
+                n += op_fds_held(op);
+        return n;
+}
+
 /* ---- memory shadow: what the back-end has mapped ---- */
 
 bool vhub_device_shadow_has(const struct vhub_device *d, uint64_t id) {
@@ -168,18 +186,6 @@ bool vhub_device_rings_in(const struct vhub_device *d, uint64_t gpa, uint64_t si
 }
 
 /* ---- ops ---- */
-
-struct vhub_op *device_op_new(enum vhub_op_kind kind, struct vhub_call *call) {
-        struct vhub_op *op = calloc(1, sizeof(*op));
-
-        if (!op)
-                return NULL;
-        op->kind = kind;
-        op->call = call;
-        if (kind == VHUB_OP_SINGLE)
-                op->u.single.fd = -1;
-        return op;
-}
 
 void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
         TAILQ_INSERT_TAIL(&d->ops, op, link);
@@ -497,11 +503,11 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
 
 /* Queue what restores the device after a new connection. */
 static void device_queue_restore(struct vhub_device *d) {
-        struct vhub_op *hs = device_op_new(VHUB_OP_HANDSHAKE, NULL);
+        struct vhub_op *hs = op_new(VHUB_OP_HANDSHAKE, NULL);
         struct vhub_op *st = NULL;
 
         if (d->state_before_loss == VHUB_DEV_RUNNING)
-                st = device_op_new(VHUB_OP_START, NULL);
+                st = op_new(VHUB_OP_START, NULL);
         if (!hs || (d->state_before_loss == VHUB_DEV_RUNNING && !st)) {
                 free(hs);
                 free(st);
@@ -784,7 +790,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 goto fail;
         }
         d = calloc(1, sizeof(*d));
-        op = device_op_new(VHUB_OP_HANDSHAKE, call);
+        op = op_new(VHUB_OP_HANDSHAKE, call);
         if (!d || !op) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
@@ -868,7 +874,7 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
                 vhub_call_fail(call, &err);
                 return;
         }
-        op = device_op_new(VHUB_OP_REMOVE, call);
+        op = op_new(VHUB_OP_REMOVE, call);
         if (!op) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 vhub_call_fail(call, &err);

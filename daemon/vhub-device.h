@@ -4,7 +4,7 @@
  *
  * Public states (the contract's device.list "state") are in
  * enum vhub_device_state.  Work on a device is a FIFO of operations
- * (struct vhub_op); one runs at a time, in stages; each stage queues its
+ * (struct vhub_op, private to the engine); one runs at a time, in stages; each stage queues its
  * vhost-user requests at once (pipelined) and the next stage starts when
  * every awaited reply has arrived.  Every awaited reply has a deadline
  * (--backend-timeout-ms).  All of it lives in the device and its ops --
@@ -79,100 +79,15 @@ struct vhub_vring {
         bool loss_read;
 };
 
-enum vhub_op_kind {
-        VHUB_OP_HANDSHAKE,
-        VHUB_OP_START,
-        VHUB_OP_STOP,
-        VHUB_OP_CONFIG_GET,
-        VHUB_OP_CONFIG_SET,
-        VHUB_OP_MEM_SYNC,
-        VHUB_OP_REMOVE,
-        VHUB_OP_SINGLE,               /* one request, acked: RARP, MTU, ... */
-        VHUB_OP_RESET,
-        VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
-        VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
-        VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
-        _VHUB_OP_MAX,
-};
-
 enum vhub_postcopy_step {
         VHUB_POSTCOPY_ADVISE,
         VHUB_POSTCOPY_LISTEN,
         VHUB_POSTCOPY_END,
 };
 
-struct vhub_op {
-        TAILQ_ENTRY(vhub_op) link;
-        enum vhub_op_kind kind;
-        unsigned stage;
-        unsigned awaiting;            /* replies still due in this stage */
-        bool last_unconfirmed;        /* a request without a reply ended the stage */
-        bool running;
-        bool parked;                  /* waiting for the VM's memory queue */
-        bool restore;                 /* part of restoring after a reconnect */
-        struct vhub_call *call;       /* NULL for internal ops */
-        struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
-        int result;                   /* first failure in this op */
-        struct vhub_error error;
-        bool give_up;                 /* restore: the back-end refuses what it accepted */
-        bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
-        uint64_t hs_features;         /* handshake: what the back-end offers now */
-        uint64_t hs_pf_offer;
-        struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
-        unsigned n_restored;
-        bool restore_exact;
-        union {
-                struct {
-                        uint64_t features;
-                        unsigned n_vrings;
-                        struct vhub_vring *vrings;   /* owned until committed */
-                } start;
-                struct {
-                        bool skip_drain;             /* GET_VRING_BASE_SKIP_DRAIN */
-                } stop;
-                struct {
-                        uint32_t offset, size, flags;
-                        uint8_t data[VHU_MAX_CONFIG_SIZE];
-                } config;
-                struct {
-                        /* computed when the op starts, from shadow vs target */
-                        struct vhub_region *add;     /* copies; fds borrowed */
-                        size_t n_add;
-                        uint64_t *remove_ids;
-                        struct vhub_region *remove;  /* copies of what the back-end has */
-                        size_t n_remove;
-                        bool whole_table;            /* SET_MEM_TABLE path */
-                        uint64_t *target_ids;
-                        size_t n_target;
-                } mem;
-                struct {
-                        struct vhub_vm_batch *batch;
-                        bool enable;
-                } log;
-                struct {
-                        uint8_t uuid[16];
-                        char requester[VHUB_NAME_MAX + 1];
-                        uint64_t token;
-                        int fd;                      /* the exporter's answer (owned) */
-                } shared;
-                struct {
-                        uint32_t request;
-                        uint64_t u64;                /* what the reply said (per request) */
-                        uint8_t *payload;            /* owned; NULL when size is 0 */
-                        uint32_t size;
-                        int fd;                      /* owned, -1 if none */
-                } single;
-                struct {
-                        struct vhub_vm_batch *batch;
-                        enum vhub_postcopy_step step;
-                        int ufd;                     /* ADVISE: the back-end's userfaultfd (owned) */
-                        struct vhub_region *table;   /* LISTEN: copies of the VM's regions; fds borrowed */
-                        size_t n_table;
-                        uint64_t *backend_uaddr;     /* LISTEN: where the back-end mapped each */
-                } postcopy;
-        } u;
-};
-
+/* The device's FIFO of operations; struct vhub_op is the engine's own
+ * (vhub-device-internal.h). */
+struct vhub_op;
 TAILQ_HEAD(vhub_op_list, vhub_op);
 
 struct vhub_device {
@@ -312,5 +227,7 @@ void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
 bool vhub_device_is_connected(const struct vhub_device *dev);
+/* The fds the device holds, its ops' included (the fd budget counts them). */
+unsigned vhub_device_fds_held(const struct vhub_device *dev);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
 bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

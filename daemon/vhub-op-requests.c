@@ -3,6 +3,7 @@
  * The single-request ops: GET/SET_CONFIG, one acked request (RARP, MTU,
  * device state), and GET_SHARED_OBJECT for another device's lookup.
  */
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -136,6 +137,10 @@ void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request
                 op->u.single.fd = vhu_msg_take_fd(reply, 0);
                 op->u.single.u64 = 1;
         }
+}
+
+void single_free(struct vhub_op *op) {
+        free(op->u.single.payload);
 }
 
 /* ---- GET_SHARED_OBJECT (this device exports what another looks up) ---- */

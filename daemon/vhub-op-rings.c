@@ -326,6 +326,21 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
         op_check_ack(d, op, request, reply);
 }
 
+/* The rings of a START not yet committed: the VMM's eventfds are the op's. */
+void start_free(struct vhub_op *op) {
+        for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
+                vring_close_fds(&op->u.start.vrings[i]);
+        free(op->u.start.vrings);
+}
+
+unsigned start_fds(const struct vhub_op *op) {
+        unsigned n = 0;
+
+        for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
+                n += vring_fds_held(&op->u.start.vrings[i]);
+        return n;
+}
+
 /* ---- stop ---- */
 
 /* GET_VRING_BASE to every configured ring (stopping it); the replies land in
