@@ -133,26 +133,51 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
         return (d->features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) != 0;
 }
 
-/* vhub-device.c */
-void device_queue_op(struct vhub_device *d, struct vhub_op *op);
-int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
-/* A reply is awaited whatever m's flags say (vhub_bconn_send_awaiting). */
-int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
-bool device_need_reply(const struct vhub_device *d);
-void device_set_state(struct vhub_device *d, enum vhub_device_state s);
-void device_mark_lost(struct vhub_device *d, const char *reason);
-int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* vhub-device.c: the device's life (add, remove, free) and what it holds */
 void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...)
         __attribute__((format(printf, 4, 5)));
+/* Take the device out of its VM and free it (may free the VM: last). */
+void device_destroy(struct vhub_device *d);
 void shadow_add(struct vhub_device *d, uint64_t id);
 void shadow_remove(struct vhub_device *d, uint64_t id);
 void shadow_clear(struct vhub_device *d);
 void vring_close_fds(struct vhub_vring *v);
 unsigned vring_fds_held(const struct vhub_vring *v);
+
+/* vhub-device-link.c: the link to the back-end and the state machine */
+/* The one writer of d->state; does each state's side work (the file's head). */
+void device_set_state(struct vhub_device *d, enum vhub_device_state s, const char *why);
+/* Connect (client mode) or listen (server mode) for a new device. */
+int device_link_start(struct vhub_device *d, struct vhub_error *err);
+/* device.remove: no more reconnects. */
+void device_link_stop_retrying(struct vhub_device *d);
+/* Everything the link holds, freed (vhub_device_free). */
+void device_link_done(struct vhub_device *d);
+void device_drop_connection(struct vhub_device *d);
+/* Declare the back-end lost now (reported from the loop). */
+void device_mark_lost(struct vhub_device *d, const char *reason);
+/* A restore op succeeded: back to the state before the loss. */
 void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
                      bool exact);
+/* The back-end came back but refuses what it accepted before. */
 void device_give_up(struct vhub_device *d, const char *reason);
+
+/* vhub-op-engine.c: the op queue */
+void device_queue_op(struct vhub_device *d, struct vhub_op *op);
+void device_run_head(struct vhub_device *d);
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+/* A reply is awaited whatever m's flags say (vhub_bconn_send_awaiting). */
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+bool device_need_reply(const struct vhub_device *d);
+int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+/* The connection's replies (vhub_bconn_ops.on_reply). */
+void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_msg *reply);
+/* Fail every op but REMOVE with err; ops keep their order. */
+void device_fail_ops(struct vhub_device *d, const struct vhub_error *err);
+/* The back-end is gone while the device is being added or removed: no
+ * restore; the device goes (or its removal finishes). */
+void device_ops_lost_for_good(struct vhub_device *d, const struct vhub_error *err);
 
 
 /* A front-end request's name, for logs and errors. */

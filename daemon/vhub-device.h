@@ -50,16 +50,19 @@ struct vhub_vm_batch;
 _Static_assert(!(VHUB_SUPPORTED_PROTOCOL_FEATURES & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
                "bit 21 is never acked");
 
+/* The device state machine: vhub-device-link.c, docs/architecture.md. */
 enum vhub_device_state {
-        VHUB_DEV_CONNECTING,
+        VHUB_DEV_CONNECTING,          /* the first handshake (device.add) */
         VHUB_DEV_READY,
         VHUB_DEV_RUNNING,
         VHUB_DEV_STOPPED,
-        VHUB_DEV_DISCONNECTED,
+        VHUB_DEV_DISCONNECTED,        /* an outage: waiting to reconnect */
+        VHUB_DEV_RESTORING,           /* an outage: connected, restoring ("connecting") */
         VHUB_DEV_FAILED,
         _VHUB_DEV_STATE_MAX,
 };
 
+/* The contract's name (device.list "state"): restoring is "connecting". */
 const char *vhub_device_state_to_string(enum vhub_device_state s);
 
 enum vhub_device_mode {

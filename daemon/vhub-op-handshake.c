@@ -301,7 +301,7 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         return;
                 }
                 d->handshaken = true;
-                device_set_state(d, VHUB_DEV_READY);
+                device_set_state(d, VHUB_DEV_READY, "handshake done");
                 if (op->call) {
                         op->call->out.device_add.features = d->features;
                         op->call->out.device_add.protocol_features = d->protocol_features;

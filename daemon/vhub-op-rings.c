@@ -526,7 +526,7 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
         }
         d->acked_features = op->u.start.features;
-        device_set_state(d, VHUB_DEV_RUNNING);
+        device_set_state(d, VHUB_DEV_RUNNING, "rings started");
         op_complete_call(d, op, 0);
 }
 
@@ -587,7 +587,7 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 vring_close_fds(&d->vrings[i]);
                 d->vrings[i].configured = false;
         }
-        device_set_state(d, VHUB_DEV_STOPPED);
+        device_set_state(d, VHUB_DEV_STOPPED, "rings stopped");
         op_complete_call(d, op, 0);
 }
 
@@ -607,7 +607,7 @@ void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         close(d->inflight_fd);
                 d->inflight_fd = -1;
                 d->acked_features = 0;
-                device_set_state(d, VHUB_DEV_READY);
+                device_set_state(d, VHUB_DEV_READY, "reset");
         }
         op_complete_call(d, op, r);
 }

@@ -180,8 +180,8 @@ struct vhub_op *device_submit(struct vhub_device *d, enum vhub_op_kind kind, str
         }
         /* an outage (a restore attempt included) fails every call at once with
          * -32006, not -32004, and nothing waits behind a restore attempt */
-        if (d->state == VHUB_DEV_DISCONNECTED || d->state == VHUB_DEV_FAILED ||
-            (d->state == VHUB_DEV_CONNECTING && d->handshaken)) {
+        if (d->state == VHUB_DEV_DISCONNECTED || d->state == VHUB_DEV_RESTORING ||
+            d->state == VHUB_DEV_FAILED) {
                 vhub_error_set_backend(&err, VHUB_ERR_BACKEND, d->name, NULL,
                                        d->state == VHUB_DEV_FAILED
                                                ? "device %s has failed; remove and add it again"
