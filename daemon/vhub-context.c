@@ -93,7 +93,7 @@ void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
                 return;
         TAILQ_FOREACH(d, &vm->devices, link)
                 if (d->channel)
-                        vhub_backend_channel_vmm_caught_up(d->channel);
+                        vhub_backend_channel_drained(d->channel);
 }
 
 void vhub_context_owner_drained(struct vhub_context *ctx, const struct vhub_owner *owner) {

@@ -162,6 +162,12 @@ void device_restored(struct vhub_device *d, const struct vhub_event_vring *vring
 /* The back-end came back but refuses what it accepted before. */
 void device_give_up(struct vhub_device *d, const char *reason);
 
+/* vhub-device-channel.c: what the back-end's requests do */
+/* The back-end channel on the daemon's end of the socketpair (fd taken). */
+int device_channel_open(struct vhub_device *d, int fd);
+/* The exporter answered a lookup d's back-end waits for (fd < 0: failed); fd taken. */
+void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd);
+
 /* vhub-op-engine.c: the op queue */
 void device_queue_op(struct vhub_device *d, struct vhub_op *op);
 void device_run_head(struct vhub_device *d);

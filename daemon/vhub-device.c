@@ -12,7 +12,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
@@ -284,11 +283,4 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
                 op_free(o);
         }
         device_queue_op(d, op);
-}
-
-
-int vhub_device_backend_reply(struct vhub_device *d, uint64_t token, uint64_t result) {
-        if (!d->channel)
-                return -ENOENT;
-        return vhub_backend_channel_reply(d->channel, token, result);
 }

@@ -7,7 +7,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "vhub-backend-channel.h"
 #include "vhub-device-internal.h"
 #include "vhub-vm.h"
 
@@ -188,8 +187,8 @@ void get_shared_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
         if (fd >= 0)
                 op->u.shared.fd = -1; /* handed over below, or closed */
-        if (req && req->channel)
-                vhub_backend_channel_lookup_done(req->channel, op->u.shared.token, fd);
+        if (req)
+                device_shared_lookup_done(req, op->u.shared.token, fd);
         else if (fd >= 0)
                 close(fd);
 }
