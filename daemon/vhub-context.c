@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <errno.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config) {
         char budget[160];
+        int r;
 
         memset(ctx, 0, sizeof(*ctx));
         ctx->base = base;
@@ -28,7 +30,13 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
                             config->limits.fds_per_uid, ctx->fd_budget.per_uid);
         log_info("%s", budget);
         ctx->start_realtime_usec = vhub_realtime_usec();
-        return vhub_backend_dirs_new(config, &ctx->backend_dirs);
+        ctx->socket_watcher = vhub_socket_watcher_new(base);
+        if (!ctx->socket_watcher)
+                return -ENOMEM;
+        r = vhub_backend_dirs_new(config, &ctx->backend_dirs);
+        if (r < 0)
+                ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
+        return r;
 }
 
 void vhub_context_done(struct vhub_context *ctx) {
@@ -37,7 +45,7 @@ void vhub_context_done(struct vhub_context *ctx) {
         ctx->shutting_down = true;
         while ((vm = TAILQ_FIRST(&ctx->vms)))
                 vhub_vm_free(vm);
-        vhub_socket_watch_done(ctx);
+        ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
         ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
 }
 

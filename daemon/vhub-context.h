@@ -35,7 +35,7 @@ struct vhub_context {
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink_list sinks;          /* one per face that listens */
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
-        struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
+        struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
         bool shutting_down;
@@ -45,7 +45,7 @@ struct vhub_context {
 };
 
 /* Also raises the soft RLIMIT_NOFILE to the hard limit and derives the fd
- * budget from it (vhub-fd-budget.h). */
+ * budget from it (vhub-fd-budget.h).  On failure nothing is left to free. */
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);

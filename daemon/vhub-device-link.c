@@ -316,7 +316,10 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
         device_queue_restore(d);
 }
 
-void vhub_device_socket_appeared(struct vhub_device *d) {
+/* The back-end's socket was (re)created: reconnect now if disconnected. */
+static void device_socket_appeared(void *userdata) {
+        struct vhub_device *d = userdata;
+
         if (d->state != VHUB_DEV_DISCONNECTED || d->removing || d->mode != VHUB_DEV_MODE_CLIENT)
                 return;
         device_log(d, LOG_DEBUG, NULL, "%s reappeared; reconnecting now", d->socket_path);
@@ -328,23 +331,19 @@ void vhub_device_socket_appeared(struct vhub_device *d) {
 }
 
 static void device_watch_socket(struct vhub_device *d) {
-        int wd;
+        int r;
 
-        if (d->watch_wd >= 0)
+        if (d->watch)
                 return;
-        wd = vhub_socket_watch_add(d->vm->ctx, d->socket_path);
-        if (wd < 0) {
+        r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared, d,
+                                  &d->watch);
+        if (r < 0)
                 device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
-                           d->socket_path, strerror(-wd));
-                return;
-        }
-        d->watch_wd = wd;
+                           d->socket_path, strerror(-r));
 }
 
 static void device_stop_watching(struct vhub_device *d) {
-        if (d->watch_wd >= 0)
-                vhub_socket_watch_remove(d->vm->ctx, d->watch_wd);
-        d->watch_wd = -1;
+        d->watch = vhub_socket_watch_remove(d->watch);
 }
 
 /* The next attempt: reconnect_ms after the loss, doubling after each
@@ -487,17 +486,15 @@ void device_link_stop_retrying(struct vhub_device *d) {
         device_stop_watching(d);
 }
 
+/* The device is being freed: nothing here is used again. */
 void device_link_done(struct vhub_device *d) {
         device_drop_connection(d);
-        if (d->ev_listen)
-                event_free(d->ev_listen);
-        d->ev_listen = NULL;
         device_stop_watching(d);
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
-        d->ev_reconnect = NULL;
+        if (d->ev_listen)
+                event_free(d->ev_listen);
         if (d->listen_fd >= 0)
                 close(d->listen_fd);
-        d->listen_fd = -1;
         d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
 }

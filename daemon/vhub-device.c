@@ -214,7 +214,6 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->vm = vm;
         d->listen_fd = -1;
         d->inflight_fd = -1;
-        d->watch_wd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;

@@ -27,6 +27,7 @@
 struct event;
 struct vhub_bconn;
 struct vhub_backend_channel;
+struct vhub_socket_watch;
 struct vhub_mem_op;
 struct vhub_vm;
 struct vhub_vm_batch;
@@ -116,7 +117,7 @@ struct vhub_device {
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
-        int watch_wd;                 /* its socket's directory is watched while disconnected */
+        struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
         uint64_t outage_usec;         /* when the current outage began */
@@ -222,8 +223,6 @@ int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_
  * end, and with it the device (a failed device.add). */
 void vhub_device_resume_parked(struct vhub_device *dev);
 bool vhub_device_is_parked(const struct vhub_device *dev);
-/* The back-end's socket was (re)created: reconnect now if disconnected. */
-void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */
 void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 /* A device being removed is gone for the faces (-32002). */
