@@ -19,6 +19,7 @@
 #include "control-params.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 void control_conn_ref(struct control_conn *c) {
@@ -402,7 +403,7 @@ static void trim_cb(evutil_socket_t fd, short what, void *userdata) {
 }
 
 void control_server_note_spike(struct control_server *s, size_t bytes) {
-        struct timeval tv = { .tv_sec = 0, .tv_usec = 100 * 1000 };
+        struct timeval tv = vhub_timeval_from_ms(100);
 
         if (bytes >= TRIM_SPIKE_BYTES && s->ev_trim && !evtimer_pending(s->ev_trim, NULL))
                 evtimer_add(s->ev_trim, &tv);
@@ -449,7 +450,7 @@ static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
  * accept() keeps failing: a busy loop) until a connection closes or the
  * retry timer fires. */
 static void accept_pause(struct control_server *s) {
-        struct timeval tv = { .tv_sec = 0, .tv_usec = ACCEPT_RETRY_MS * 1000 };
+        struct timeval tv = vhub_timeval_from_ms(ACCEPT_RETRY_MS);
 
         if (s->accept_paused)
                 return;

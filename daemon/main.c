@@ -76,7 +76,7 @@ static void shutdown_cb(void *userdata, int sig) {
                 return;
         }
         /* a second more than a back-end may take to answer its last stop */
-        tv = vhub_timeval_from_usec((uint64_t)m->config.backend_timeout_ms * 1000 + 1000000);
+        tv = vhub_timeval_from_ms((uint64_t)m->config.backend_timeout_ms + 1000);
         m->ev_deadline = evtimer_new(m->base, deadline_cb, m);
         if (!m->ev_deadline || evtimer_add(m->ev_deadline, &tv) < 0)
                 event_base_loopexit(m->base, NULL);

@@ -118,7 +118,7 @@ static void channel_resume(struct vhub_backend_channel *ch) {
 }
 
 static struct timeval channel_timeout(const struct vhub_backend_channel *ch) {
-        return vhub_timeval_from_usec((uint64_t)ch->timeout_ms * 1000);
+        return vhub_timeval_from_ms(ch->timeout_ms);
 }
 
 static void channel_paused(struct vhub_backend_channel *ch, bool paused) {

@@ -358,7 +358,7 @@ static void device_schedule_reconnect(struct vhub_device *d) {
         device_watch_socket(d);
         if (d->reconnect_fast > 0) {
                 d->reconnect_fast--;
-                tv = vhub_timeval_from_usec(1000);
+                tv = vhub_timeval_from_ms(1);
                 evtimer_add(d->ev_reconnect, &tv);
                 return;
         }
@@ -368,7 +368,7 @@ static void device_schedule_reconnect(struct vhub_device *d) {
                 d->reconnect_delay_ms = d->reconnect_delay_ms * 2 > cap ? cap : d->reconnect_delay_ms * 2;
         if (d->reconnect_delay_ms > cap)
                 d->reconnect_delay_ms = cap;
-        tv = vhub_timeval_from_usec((uint64_t)d->reconnect_delay_ms * 1000);
+        tv = vhub_timeval_from_ms(d->reconnect_delay_ms);
         evtimer_add(d->ev_reconnect, &tv);
 }
 
@@ -464,7 +464,7 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
         if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        tv = vhub_timeval_from_usec((uint64_t)vm->ctx->config->backend_timeout_ms * 1000);
+        tv = vhub_timeval_from_ms(vm->ctx->config->backend_timeout_ms);
         evtimer_add(d->ev_reconnect, &tv); /* the first back-end must come in time */
         return 0;
 }

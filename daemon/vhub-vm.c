@@ -20,6 +20,7 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
 
@@ -228,8 +229,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
-        tv = (struct timeval){ .tv_sec = (time_t)(vm->linger_ms / 1000),
-                               .tv_usec = (suseconds_t)((vm->linger_ms % 1000) * 1000) };
+        tv = vhub_timeval_from_ms(vm->linger_ms);
         evtimer_add(vm->linger_timer, &tv);
         vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
                (unsigned long long)vm->linger_ms);

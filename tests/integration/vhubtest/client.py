@@ -1,4 +1,4 @@
-"""JSON-RPC 2.0 client for vhubd's control socket (shared/spec/control-api.md).
+"""JSON-RPC 2.0 client for vhubd's control socket (docs/control-api.md).
 
 Framing: one compact JSON value per line.  A message carrying fds declares
 "fds": N at top level and its fds ride as SCM_RIGHTS on the sendmsg of that
