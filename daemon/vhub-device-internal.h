@@ -212,7 +212,8 @@ int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what
 /* A device state as a bit of an op kind's allowed set. */
 #define DEV_STATE_BIT(s) (1u << (s))
 
-/* An internal op (no call: the model queues it itself). */
+/* A new op of kind, holding call (NULL for one the model queues itself);
+ * a call on a device gets its op from device_submit() instead. */
 struct vhub_op *op_new(enum vhub_op_kind kind, struct vhub_call *call);
 /* Frees op and everything it still owns (the kind's free hook). */
 void op_free(struct vhub_op *op);
