@@ -489,11 +489,11 @@ void device_link_stop_retrying(struct vhub_device *d) {
 /* The device is being freed: nothing here is used again. */
 void device_link_done(struct vhub_device *d) {
         device_drop_connection(d);
-        device_stop_watching(d);
-        if (d->ev_reconnect)
-                event_free(d->ev_reconnect);
         if (d->ev_listen)
                 event_free(d->ev_listen);
+        if (d->ev_reconnect)
+                event_free(d->ev_reconnect);
+        device_stop_watching(d);
         if (d->listen_fd >= 0)
                 close(d->listen_fd);
         d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
