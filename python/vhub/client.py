@@ -199,10 +199,9 @@ class Client:
         want = set(ids)
 
         def match():
-            for i, (b, fds) in enumerate(self._batches):
+            for i, b in enumerate(self._batches):
                 if {m.get("id") for m in b if isinstance(m, dict)} & want:
                     del self._batches[i]
-                    framing.close_fds(fds)
                     return b
             return None
         return self._wait(match, timeout, "batch response for ids %s" % ids)
@@ -255,7 +254,8 @@ class Client:
         """Under the lock."""
         kind = framing.classify(msg)
         if kind == "batch":
-            self._batches.append((msg, fds))
+            framing.close_fds(fds)    # the daemon refuses fd results inside batches
+            self._batches.append(msg)
         elif kind == "event":
             self._events.append(framing.make_event(msg, fds))
         elif kind == "null":
@@ -351,8 +351,6 @@ class Client:
                 framing.close_fds(r.fds)
             for ev in self._events:
                 framing.close_fds(ev.fds)
-            for _, fds in self._batches:
-                framing.close_fds(fds)
             self._responses, self._null, self._events, self._batches = {}, [], [], []
 
     def __enter__(self):
