@@ -342,8 +342,13 @@ static void test_errors_timeouts_events(void) {
         m = peer_read(&p, NULL, NULL);
         peer_send(&p, &late, 1, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"fds\":1,\"result\":{}}\n",
                   (long long)msg_id(m));
-        close(late);
         json_decref(m);
+        /* a hostile daemon: an answer to an id never sent, and a second
+         * answer to a call already answered; both dropped with their fds */
+        peer_send(&p, &late, 1, "{\"jsonrpc\":\"2.0\",\"id\":999999,\"fds\":1,\"result\":{}}\n");
+        peer_send(&p, &late, 1, "{\"jsonrpc\":\"2.0\",\"id\":%llu,\"fds\":1,\"result\":{}}\n",
+                  (unsigned long long)id_err);
+        close(late);
         vhub_client_set_event_handler(c, on_event, &e);
         ef = tagged_fd("event-fd");
         peer_send(&p, &ef, 1, "{\"jsonrpc\":\"2.0\",\"method\":\"event\",\"fds\":1,\"params\":"

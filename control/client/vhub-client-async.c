@@ -13,6 +13,21 @@
 #include <string.h>
 #include <unistd.h>
 
+struct client_async_call *client_async_find(const struct vhub_client *c, uint64_t id) {
+        for (struct client_async_call *a = c->calls; a; a = a->next)
+                if (a->id == id)
+                        return a;
+        return NULL;
+}
+
+struct client_async_call *client_async_free(struct client_async_call *a) {
+        if (!a)
+                return NULL;
+        client_msg_free(a->reply);
+        free(a);
+        return NULL;
+}
+
 struct client_async_call *client_async_take(struct vhub_client *c, uint64_t id) {
         struct client_async_call **p;
 
@@ -34,7 +49,7 @@ void client_async_free_all(struct vhub_client *c) {
                 struct client_async_call *a = c->calls;
 
                 c->calls = a->next;
-                free(a);
+                client_async_free(a);
         }
         c->n_calls = 0;
 }
@@ -101,10 +116,9 @@ static bool async_work_queued(const struct vhub_client *c) {
                 return true;
         if (c->calls && c->error)
                 return true;
-        for (const struct client_msg *m = c->responses.head; m; m = m->next)
-                for (const struct client_async_call *a = c->calls; a; a = a->next)
-                        if (a->id == m->id)
-                                return true;
+        for (const struct client_async_call *a = c->calls; a; a = a->next)
+                if (a->reply)
+                        return true;
         return false;
 }
 
@@ -125,9 +139,9 @@ int vhub_client_get_timeout_ms(const struct vhub_client *c) {
         return left > INT32_MAX ? INT32_MAX : (int)left;
 }
 
-/* Run a's callback with what m says (m NULL: the call failed with status). */
-static void async_complete(struct vhub_client *c, struct client_async_call *a, struct client_msg *m,
-                           int status) {
+/* Run a's callback with its reply (none: the call failed with status). */
+static void async_complete(struct vhub_client *c, struct client_async_call *a, int status) {
+        struct client_msg *m = a->reply;
         struct vhub_client_error err;
         struct vhub_client_reply reply = {
                 .id = a->id,
@@ -151,8 +165,7 @@ static void async_complete(struct vhub_client *c, struct client_async_call *a, s
         } else if (status == -EPROTO && c->has_proto_err)
                 reply.error = &c->proto_err;
         a->cb(c, &reply, a->userdata);
-        client_msg_free(m); /* closes the fds the callback did not take */
-        free(a);
+        client_async_free(a); /* closes the fds the callback did not take */
 }
 
 /* The calls that are answered, overdue or (broken) will never be answered,
@@ -163,11 +176,8 @@ static struct client_async_call *async_collect_done(struct vhub_client *c, int64
 
         while (*p) {
                 struct client_async_call *a = *p;
-                bool answered = false;
 
-                for (struct client_msg *m = c->responses.head; m && !answered; m = m->next)
-                        answered = m->id == a->id;
-                if (!answered && !c->error && (a->deadline < 0 || a->deadline > now)) {
+                if (!a->reply && !c->error && (a->deadline < 0 || a->deadline > now)) {
                         p = &a->next;
                         continue;
                 }
@@ -186,21 +196,18 @@ static int async_run_callbacks(struct vhub_client *c) {
 
         while (done) {
                 struct client_async_call *a = done;
-                struct client_msg *m = client_msg_queue_take(&c->responses, true, a->id);
+
+                uint64_t id = a->id;
 
                 done = a->next;
                 a->next = NULL;
-                if (m)
-                        async_complete(c, a, m, 0);
-                else if (c->error)
-                        async_complete(c, a, NULL, c->error);
-                else {
-                        /* overdue: a late answer is dropped on arrival */
-                        uint64_t id = a->id;
-
-                        async_complete(c, a, NULL, -ETIMEDOUT);
-                        vhub_client_abandon(c, id);
-                }
+                if (a->reply)
+                        async_complete(c, a, 0);
+                else
+                        async_complete(c, a, c->error ? c->error : -ETIMEDOUT);
+                /* done with: a late (overdue) or second answer is dropped
+                 * on arrival */
+                vhub_client_abandon(c, id);
                 n++;
         }
         return n;

@@ -12,7 +12,7 @@ _Static_assert(VHUB_CLIENT_MAX_FDS_PER_MESSAGE == CLIENT_FRAME_MAX_FDS, "fds per
 _Static_assert(VHUB_CLIENT_MAX_LINE == CLIENT_FRAME_MAX_LINE, "line limit");
 _Static_assert(VHUB_CLIENT_MAX_QUEUED_FDS == CLIENT_FRAME_MAX_QUEUED_FDS, "fd queue");
 
-#define CLIENT_ABANDONED_MAX 256u
+#define CLIENT_ABANDONED_MAX 1024u /* ids whose answers are dropped on arrival */
 
 /* One received message with the fds it took from the fd queue. */
 struct client_msg {
@@ -28,11 +28,14 @@ struct client_msg_queue {
         unsigned n;
 };
 
-/* An asynchronous call waiting for its response. */
+/* An asynchronous call waiting for its response.  The response is kept
+ * with the call, not in the responses queue: finding the answered calls
+ * costs one walk of the calls, whatever the daemon sends. */
 struct client_async_call {
         struct client_async_call *next;
         uint64_t id;
         int64_t deadline;       /* CLOCK_MONOTONIC ms, -1: none */
+        struct client_msg *reply; /* its response, once read */
         vhub_client_reply_fn cb;
         void *userdata;
         char method[];
@@ -83,7 +86,9 @@ struct client_msg *client_msg_free(struct client_msg *m);
 struct client_msg *client_msg_queue_take(struct client_msg_queue *q, bool by_id, uint64_t id);
 void client_error_from_json(const json_t *error, struct vhub_client_error *ret);
 
-/* vhub-client-async.c: the asynchronous call with that id, unlinked (NULL
- * if there is none). */
+/* vhub-client-async.c: the asynchronous call with that id (NULL if there
+ * is none), unlinked by client_async_take(). */
+struct client_async_call *client_async_find(const struct vhub_client *c, uint64_t id);
 struct client_async_call *client_async_take(struct vhub_client *c, uint64_t id);
+struct client_async_call *client_async_free(struct client_async_call *a);
 void client_async_free_all(struct vhub_client *c);

@@ -273,7 +273,7 @@ static bool client_is_abandoned(struct vhub_client *c, uint64_t id, bool forget)
 void vhub_client_abandon(struct vhub_client *c, uint64_t id) {
         struct client_msg *m = client_msg_queue_take(&c->responses, true, id);
 
-        free(client_async_take(c, id));
+        client_async_free(client_async_take(c, id));
         if (m) {
                 client_msg_free(m);
                 return;
@@ -347,7 +347,9 @@ static int client_dispatch_one(struct vhub_client *c, json_t *msg) {
                 vhub_client_close_fds(fds, n_fds);
                 return -EBADMSG;
         }
-        if (id && client_is_abandoned(c, (uint64_t)json_integer_value(id), true)) {
+        if (id && ((uint64_t)json_integer_value(id) >= c->next_id ||
+                   client_is_abandoned(c, (uint64_t)json_integer_value(id), true))) {
+                /* never sent, or forgotten: nobody will claim it */
                 vhub_client_close_fds(fds, n_fds);
                 return 0;
         }
@@ -365,8 +367,16 @@ static int client_dispatch_one(struct vhub_client *c, json_t *msg) {
         m->fds = fds;
         m->n_fds = n_fds;
         if (id) {
+                struct client_async_call *a;
+
                 m->id = (uint64_t)json_integer_value(id);
-                msg_queue_push(&c->responses, m);
+                a = client_async_find(c, m->id);
+                if (!a)
+                        msg_queue_push(&c->responses, m);
+                else if (!a->reply)
+                        a->reply = m;   /* its callback runs at the next dispatch */
+                else
+                        client_msg_free(m); /* answered twice: the first answer counts */
         } else
                 msg_queue_push(&c->events, m);
         return 0;
@@ -588,17 +598,10 @@ static int client_deliver_response(struct client_msg *m, json_t **ret_result, in
         return 0;
 }
 
-static bool client_is_async(const struct vhub_client *c, uint64_t id) {
-        for (const struct client_async_call *a = c->calls; a; a = a->next)
-                if (a->id == id)
-                        return true;
-        return false;
-}
-
 static int client_wait_response(struct vhub_client *c, uint64_t id, int64_t deadline,
                                 json_t **ret_result, int **ret_fds, unsigned *ret_n_fds,
                                 struct vhub_client_error *ret_err) {
-        if (id == 0 || id >= c->next_id || client_is_async(c, id))
+        if (id == 0 || id >= c->next_id || client_async_find(c, id))
                 return -EINVAL; /* nothing will ever answer it here */
         for (;;) {
                 struct client_msg *m = client_msg_queue_take(&c->responses, true, id);

@@ -264,6 +264,10 @@ class Client:
             self._events.append(framing.make_event(msg, fds))
         elif kind == "null":
             framing.close_fds(fds)
+            if len(self._null) >= MAX_QUEUED_EVENTS:
+                self._shutdown("more than %d id-null errors queued" % MAX_QUEUED_EVENTS,
+                               ProtocolError)
+                return
             self._null.append(msg.get("error"))
         else:
             framing.close_fds(fds)

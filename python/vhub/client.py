@@ -32,6 +32,7 @@ from .errors import ClientError, ConnectionClosed, ProtocolError, RpcError, Time
 from .framing import MAX_FDS_PER_MSG, encode, u64, u64_json  # noqa: F401 (re-exported)
 
 ABANDONED_MAX = 4096
+MAX_QUEUED_MESSAGES = 65536   # responses + events read and not fetched
 
 
 def default_socket_path():
@@ -224,6 +225,10 @@ class Client:
                         return
                     for msg, mfds in self._decoder.feed(data, fds):
                         self._dispatch(msg, mfds)
+                    if len(self._responses) + len(self._events) + len(self._null) + \
+                            len(self._batches) + len(self._other) > MAX_QUEUED_MESSAGES:
+                        raise ProtocolError("more than %d messages queued and not fetched"
+                                            % MAX_QUEUED_MESSAGES)
                     self._lock.notify_all()
         except ProtocolError as e:
             with self._lock:
