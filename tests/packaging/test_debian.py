@@ -136,6 +136,8 @@ def main(t):
           "deb-systemd-helper enable 'vhubd.service'" in postinst,
           "postinst enables vhubd.socket and vhubd.service")
     check(re.search(r"deb-systemd-invoke start .*vhubd", postinst), "postinst starts vhubd")
+    # Flipped together with debian/rules once a restart keeps guests running:
+    # then the postinst restarts vhubd on upgrade and these two checks invert.
     check("restart" not in postinst, "postinst never restarts vhubd (no restart on upgrade)")
     lines = prerm.splitlines()
     guards = []     # the `if` around every stop
