@@ -29,6 +29,7 @@ struct control_conn {
         struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
+        bool eof;                    /* the peer shut down its sending side */
         bool sub_all;                /* events of every VM of its uid */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
@@ -42,10 +43,20 @@ struct control_server {
         int listen_fd;
         char *path;                  /* created by us; unlinked at free */
         struct event *ev_accept;
+        /* Out of fds, accept() fails and the listening socket stays
+         * readable: accepting pauses until a connection closes or the retry
+         * timer fires.  The spare fd is given up for a moment to accept a
+         * connection just to tell it why it is refused. */
+        struct event *ev_accept_retry;
+        bool accept_paused;
+        bool out_of_fds;             /* logged once per episode */
+        int spare_fd;
+        struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
         uint64_t next_conn_id;
         struct control_server_options opts;
+        json_t *discover;            /* rpc.discover's document, built on first use */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -71,23 +82,83 @@ struct control_call {
         control_result_fn make_result; /* NULL: {} */
         void *data;                    /* for make_result */
         void (*free_data)(void *data);
-        int reply_fds[2];              /* make_result may attach fds (owned, closed after) */
-        unsigned n_reply_fds;
+        int *reply_fds;                /* make_result may attach fds: control_call_reply_fds() */
+        unsigned n_reply_fds;          /* those attached (owned, closed after sending) */
 };
 
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
+
+/* The one visibility rule: a connection sees the VMs of its own uid, root every uid's. */
+static inline bool control_conn_sees_uid(const struct control_conn *c, uid_t uid) {
+        return c->uid == 0 || c->uid == uid;
+}
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);
 void control_req_error(struct control_req *req, const struct vhub_error *err);
 void control_req_result_fds(struct control_req *req, json_t *result, const int *fds, unsigned n);
 
+/* Batches (control-batch.c).  control_batch_new() refuses (err) a batch
+ * whose answers could not fit limit even as -32008s.  Every slot is
+ * answered exactly once: control_batch_slot() takes the response (NULL for
+ * a notification), control_batch_refuse() answers -32008 without running
+ * the element; index n (past the end) drops the hold kept while the
+ * elements are run.  The last one sends the array and frees the batch. */
+struct control_batch *control_batch_new(struct control_conn *c, json_t *elements, size_t limit,
+                                        struct vhub_error *err);
+void control_batch_free(struct control_batch *b);
+void control_batch_slot(struct control_batch *b, unsigned index, json_t *response);
+void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element);
+/* The answers reached the output bound: the rest are refused. */
+bool control_batch_over(const struct control_batch *b);
+
+/* Memory went up by `bytes` for a moment: hand it back to the system soon. */
+void control_server_note_spike(struct control_server *s, size_t bytes);
+
 /* For calls into the model: allocate, then pass &cc->call; done answers. */
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
+/* A call that never reached the model (its method failed first): freed, nothing answered. */
+void control_call_drop(struct control_call *cc);
+/* For make_result: room for n fds in the answer, allocated for this call only.  The
+ * caller then moves fds into reply_fds[n_reply_fds++] (at most n).  0, or -ENOMEM. */
+int control_call_reply_fds(struct control_call *cc, unsigned n);
 
-/* The method table (control-methods.c). */
+/* ---- the method table (control-methods.c) ---- */
+
+struct param;
+struct method_call;
+
+/* What dispatch does for a method before its function runs. */
+enum {
+        METHOD_VM = 1u << 0,          /* names a VM ("vm", "uid"): resolved under the caller's uid */
+        METHOD_VM_OPTIONAL = 1u << 1, /* the same, but "vm" may be left out */
+        METHOD_DEVICE = 1u << 2,      /* also names a device of that VM ("device"): resolved */
+        METHOD_WAITS = 1u << 3,       /* waits on back-ends: takes a pending slot, answers at completion */
+        METHOD_FDS_OUT = 1u << 4,     /* may answer with fds: refused inside a batch */
+};
+
+struct control_method {
+        const char *name;
+        int (*fn)(struct method_call *m, struct vhub_error *err);
+        unsigned flags;
+        const struct param *params;     /* its own members, after "vm", "uid", "device" */
+        const struct param *result;     /* a PARAM_OBJECT describing the result; NULL: {} */
+        control_result_fn make_result;  /* METHOD_WAITS: builds the result at completion; NULL: {} */
+        const int *errors;              /* codes beyond those its flags imply; 0-terminated */
+        const char *summary;            /* one line, for rpc.discover */
+};
+
+/* May the requesting uid make the daemon hold n more fds (the fd budget,
+ * vhub-fd-budget.h)?  0, or -32008 in err. */
+int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err);
+
+/* Every method, in the contract's order. */
+const struct control_method *control_methods(size_t *ret_n);
+/* The lists of members a method reads, in order ("vm" and "uid", "device", its own),
+ * NULL-terminated: room for 4. */
+void control_method_param_lists(const struct control_method *m, const struct param *lists[4]);
 void control_dispatch(struct control_req *req, const char *method, size_t method_len);
 
-/* Resolve the VM a request names (vm + optional uid), honouring isolation. */
-int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);
+/* rpc.discover's OpenRPC document (control-discover.c), generated from the table. */
+json_t *control_discover_build(void);

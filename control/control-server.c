@@ -2,11 +2,16 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -15,13 +20,6 @@
 #include "vhub-context.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
-
-/* A batch: answered as one array once every element is answered. */
-struct control_batch {
-        struct control_conn *conn;
-        json_t *responses;       /* array, slot i = element i's response or null */
-        unsigned remaining;
-};
 
 void control_conn_ref(struct control_conn *c) {
         c->refs++;
@@ -43,6 +41,61 @@ static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsig
                 (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
 }
 
+/* A half-closed connection closes once every request it sent is answered. */
+static void conn_finish_if_answered(struct control_conn *c) {
+        if (c->eof && c->pending == 0 && c->rpc)
+                rpc_conn_close_after_flush(c->rpc, "peer closed");
+}
+
+/* ---- the fd budget (vhub-fd-budget.h) ---- */
+
+/* What uid, the non-root uids and everyone make the daemon hold now: the
+ * model's fds and the connections' own. */
+static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_usage *u) {
+        struct control_conn *c;
+
+        *u = (struct vhub_fd_usage){ .uid = uid };
+        vhub_fd_usage_add_model(s->ctx, u);
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc)
+                        vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
+}
+
+static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
+                            struct vhub_error *err) {
+        struct vhub_fd_usage u;
+
+        server_fd_usage(s, uid, &u);
+        return vhub_fd_budget_check(&s->ctx->fd_budget, &u, n, slack, err);
+}
+
+int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
+        return server_check_fds(req->conn->srv, req->conn->uid, n, 0, err);
+}
+
+/* How far fds that already arrived, or a new connection, may pass the
+ * budget: the request they belong to is answered -32008 and closes them.
+ * Root may use half of the reserve for that, others a quarter of it; the
+ * rest stays for the daemon itself. */
+static unsigned fd_slack(const struct control_server *s, uid_t uid) {
+        const struct vhub_fd_budget *b = &s->ctx->fd_budget;
+
+        return uid == 0 ? b->reserve / 2 : b->reserve / 4;
+}
+
+static int conn_admit_fds(struct rpc_conn *rpc, unsigned n, char *detail, size_t len,
+                          void *userdata) {
+        struct control_conn *c = userdata;
+        struct vhub_error err = { 0 };
+        int r;
+
+        /* the n fds are queued on rpc already: counted in the usage */
+        r = server_check_fds(c->srv, c->uid, 0, fd_slack(c->srv, c->uid), &err);
+        if (r < 0)
+                snprintf(detail, len, "%u fds refused: %s", n, err.detail);
+        return r;
+}
+
 static json_t *error_object(json_t *id, const struct vhub_error *err) {
         json_t *data = json_object();
         json_t *e;
@@ -58,39 +111,16 @@ static json_t *error_object(json_t *id, const struct vhub_error *err) {
         return json_pack("{s:s, s:O, s:o}", "jsonrpc", "2.0", "id", id ? id : json_null(), "error", e);
 }
 
-static void batch_slot(struct control_batch *b, unsigned index, json_t *response) {
-        if (index < json_array_size(b->responses))
-                json_array_set_new(b->responses, index, response ? response : json_null());
-        else
-                json_decref(response);
-        if (--b->remaining > 0)
-                return;
-        /* every element answered: send those that are not a notification's */
-        {
-                json_t *out = json_array();
-                size_t i;
-                json_t *v;
-
-                json_array_foreach(b->responses, i, v)
-                        if (!json_is_null(v))
-                                json_array_append(out, v);
-                if (json_array_size(out) > 0)
-                        conn_send(b->conn, out, NULL, 0);
-                json_decref(out);
-        }
-        json_decref(b->responses);
-        control_conn_unref(b->conn);
-        free(b);
-}
-
 static void respond(struct control_conn *c, json_t *id, struct control_batch *b, unsigned index,
                     json_t *response, const int *fds, unsigned n_fds) {
         if (b) {
                 /* fds cannot ride in a batch answer's slots; methods with fds
                  * in their result are refused inside batches beforehand */
-                batch_slot(b, index, id ? response : NULL);
-                if (!id)
+                if (!id) {
                         json_decref(response);
+                        response = NULL;
+                }
+                control_batch_slot(b, index, response);
                 return;
         }
         if (id)
@@ -141,9 +171,11 @@ static void control_call_done(struct vhub_call *call) {
         }
         for (unsigned i = 0; i < cc->n_reply_fds; i++)
                 close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
         cc->conn->pending--;
+        conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
         json_decref(cc->id);
         free(cc);
@@ -163,6 +195,21 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         control_conn_ref(req->conn);
         req->conn->pending++;
         return cc;
+}
+
+int control_call_reply_fds(struct control_call *cc, unsigned n) {
+        /* once per call: make_result runs once */
+        if (cc->reply_fds || n == 0)
+                return 0;
+        cc->reply_fds = calloc(n, sizeof(*cc->reply_fds));
+        return cc->reply_fds ? 0 : -ENOMEM;
+}
+
+void control_call_drop(struct control_call *cc) {
+        cc->conn->pending--;
+        control_conn_unref(cc->conn);
+        json_decref(cc->id);
+        free(cc);
 }
 
 /* ---- requests ---- */
@@ -212,6 +259,11 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
                 control_req_error(&req, &err);
                 return;
         }
+        /* fds the request brought may not be kept past the uid's budget */
+        if (fds && fds->n > 0 && control_req_check_fds(&req, fds->n, &err) < 0) {
+                control_req_error(&req, &err);
+                return;
+        }
         if (!params)
                 params = empty = json_object();
         req.params = params;
@@ -230,28 +282,27 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
 
         control_conn_ref(c);
         if (json_is_array(msg)) {
+                struct control_server *s = c->srv;
                 size_t n = json_array_size(msg), i;
+                struct vhub_error err = { 0 };
                 struct control_batch *b;
                 unsigned off = 0;
                 json_t *e;
 
                 if (n == 0) {
                         struct control_req req = { .conn = c, .id = json_null() };
-                        struct vhub_error err;
 
                         vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
                         control_req_error(&req, &err);
                         goto out;
                 }
-                b = calloc(1, sizeof(*b));
-                if (!b)
+                b = control_batch_new(c, msg, s->opts.limits.max_out_bytes, &err);
+                if (!b) {
+                        struct control_req req = { .conn = c, .id = json_null() };
+
+                        control_req_error(&req, &err);
                         goto out;
-                b->conn = c;
-                control_conn_ref(c);
-                b->responses = json_array();
-                b->remaining = (unsigned)n + 1; /* +1 held until the loop ends */
-                for (i = 0; i < n; i++)
-                        json_array_append_new(b->responses, json_null());
+                }
                 json_array_foreach(msg, i, e) {
                         /* element i's fds follow those of the elements before it */
                         unsigned k = element_fds(e);
@@ -266,10 +317,14 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
                                 }
                         }
                         off += k;
-                        handle_request(c, e, &sub, b, (unsigned)i);
+                        /* past the output bound nothing more is run */
+                        if (control_batch_over(b) && json_object_get(e, "id"))
+                                control_batch_refuse(b, (unsigned)i, e);
+                        else
+                                handle_request(c, e, &sub, b, (unsigned)i);
                         rpc_fds_clear(&sub);
                 }
-                batch_slot(b, (unsigned)n, NULL); /* drops the hold; index n is past the end */
+                control_batch_slot(b, (unsigned)n, NULL); /* drops the hold */
         } else {
                 handle_request(c, msg, fds, NULL, 0);
         }
@@ -279,6 +334,8 @@ out:
         control_conn_unref(c);
 }
 
+static void accept_resume(struct control_server *s);
+
 static void conn_close(struct control_conn *c, const char *reason) {
         struct control_server *s = c->srv;
         struct vhub_vm *vm, *next;
@@ -287,14 +344,20 @@ static void conn_close(struct control_conn *c, const char *reason) {
                 return;
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) closed: %s",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
+        control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
         c->rpc = rpc_conn_free(c->rpc);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
+        accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         for (vm = TAILQ_FIRST(&s->ctx->vms); vm; vm = next) {
                 next = TAILQ_NEXT(vm, link);
-                if (vm->owner_id == c->id)
-                        vhub_vm_owner_gone(vm);
+                if (vm->owner_id != c->id)
+                        continue;
+                /* nobody will be behind on its events: channels read again
+                 * (from the loop, once the owner is gone) */
+                vhub_context_events_drained(s->ctx, vm);
+                vhub_vm_owner_gone(vm);
         }
         control_conn_unref(c);
 }
@@ -303,28 +366,180 @@ static void conn_on_close(struct rpc_conn *rpc, const char *reason, void *userda
         conn_close(userdata, reason);
 }
 
+/* Its output queue emptied: back-end channels of its VMs that paused for
+ * it read again. */
+static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
+        struct control_conn *c = userdata;
+        struct vhub_context *ctx = c->srv->ctx;
+        struct vhub_vm *vm;
+
+        control_server_note_spike(c->srv, rpc_conn_take_peak_memory(rpc));
+        if (ctx->n_channels_paused == 0)
+                return;
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->owner_id == c->id)
+                        vhub_context_events_drained(ctx, vm);
+}
+
+static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
+        struct control_conn *c = userdata;
+
+        c->eof = true;
+        conn_finish_if_answered(c);
+}
+
 static const struct rpc_conn_ops conn_ops = {
         .on_message = conn_on_message,
         .on_close = conn_on_close,
+        .on_eof = conn_on_eof,
+        .admit_fds = conn_admit_fds,
+        .on_drained = conn_on_drained,
 };
+
+/* ---- giving memory back ---- */
+
+/* A spike smaller than this is left to the allocator. */
+#define TRIM_SPIKE_BYTES (256u * 1024u)
+
+static void trim_cb(evutil_socket_t fd, short what, void *userdata) {
+#ifdef __GLIBC__
+        /* glibc keeps freed heap memory mapped unless it is at the top of
+         * the heap; this returns every free page */
+        malloc_trim(0);
+#endif
+}
+
+void control_server_note_spike(struct control_server *s, size_t bytes) {
+        struct timeval tv = { .tv_sec = 0, .tv_usec = 100 * 1000 };
+
+        if (bytes >= TRIM_SPIKE_BYTES && s->ev_trim && !evtimer_pending(s->ev_trim, NULL))
+                evtimer_add(s->ev_trim, &tv);
+}
+
+/* Allocations of this size or more get pages of their own that free()
+ * returns at once: big input lines and batch answers do not stay in the
+ * heap.  Setting it also turns off glibc's raising of the threshold after
+ * such frees, which would put the next big buffers in the heap again. */
+static void memory_policy_setup(void) {
+#ifdef __GLIBC__
+        (void)mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+        (void)mallopt(M_TRIM_THRESHOLD, 256 * 1024);
+#endif
+}
+
+/* ---- accepting ---- */
+
+#define ACCEPT_RETRY_MS 200
+
+/* Tell a connection we will not serve why, and close it. */
+static void refuse_connection(int fd, const char *detail) {
+        json_t *msg = json_pack("{s:s, s:n, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", "error",
+                                "code", VHUB_ERR_LIMIT, "message", vhub_error_message(VHUB_ERR_LIMIT),
+                                "data", "detail", detail);
+        char *line = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
+
+        if (line) {
+                size_t n = strlen(line);
+
+                line[n] = '\n'; /* replaces the NUL: sent by length below */
+                (void)send(fd, line, n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
+        free(line);
+        json_decref(msg);
+        close(fd);
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
+        accept_resume(userdata);
+}
+
+/* Out of fds: stop watching the listening socket (it stays readable and
+ * accept() keeps failing: a busy loop) until a connection closes or the
+ * retry timer fires. */
+static void accept_pause(struct control_server *s) {
+        struct timeval tv = { .tv_sec = 0, .tv_usec = ACCEPT_RETRY_MS * 1000 };
+
+        if (s->accept_paused)
+                return;
+        s->accept_paused = true;
+        event_del(s->ev_accept);
+        evtimer_add(s->ev_accept_retry, &tv);
+}
+
+static void accept_resume(struct control_server *s) {
+        if (!s->accept_paused || s->ctx->shutting_down)
+                return;
+        s->accept_paused = false;
+        evtimer_del(s->ev_accept_retry);
+        if (s->spare_fd < 0)
+                s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        event_add(s->ev_accept, NULL);
+}
+
+/* accept() failed for want of fds: give up the spare for a moment to take
+ * the connection and tell it so.  False if that did not work either. */
+static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
+        char detail[128];
+        int fd;
+
+        if (s->spare_fd < 0)
+                return false;
+        close(s->spare_fd);
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd >= 0) {
+                struct rlimit rl = { 0 };
+
+                (void)getrlimit(RLIMIT_NOFILE, &rl);
+                snprintf(detail, sizeof(detail), "the daemon is out of fds (fd limit %llu)",
+                         (unsigned long long)rl.rlim_cur);
+                refuse_connection(fd, detail);
+        }
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        return fd >= 0;
+}
 
 static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
+        struct vhub_error err = { 0 };
         struct control_conn *c;
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
         int fd, r;
 
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        if (fd < 0)
-                return;
-        if (s->n_conns >= s->opts.max_connections) {
-                static const char msg[] =
-                        "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32008,\"message\":\"resource limit reached\","
-                        "\"data\":{\"detail\":\"too many control connections\"}}}\n";
+        if (fd < 0) {
+                int e = errno;
 
-                (void)send(fd, msg, sizeof(msg) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+                        if (!s->out_of_fds)
+                                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                              "cannot accept control connections: %s", strerror(e));
+                        s->out_of_fds = true;
+                        if ((e != EMFILE && e != ENFILE) || !accept_refuse_with_spare(s, lfd))
+                                accept_pause(s);
+                }
+                return;
+        }
+        if (s->out_of_fds) {
+                s->out_of_fds = false;
+                vhub_log_full(LOG_NOTICE, NULL, NULL, NULL, "accepting control connections again");
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
                 close(fd);
+                return;
+        }
+        if (s->n_conns >= s->opts.max_connections) {
+                refuse_connection(fd, "too many control connections");
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "refused a control connection: %u connections is the limit", s->n_conns);
+                return;
+        }
+        /* the connection is an fd of its uid's too */
+        if (server_check_fds(s, cred.uid, 1, cred.uid == 0 ? fd_slack(s, 0) : 0, &err) < 0) {
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "refused a control connection of uid %u pid %d: %s", (unsigned)cred.uid,
+                              (int)cred.pid, err.detail);
+                refuse_connection(fd, err.detail);
                 return;
         }
         c = calloc(1, sizeof(*c));
@@ -362,7 +577,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
         if (vm->owner_id == c->id)
                 return true;
-        if (c->uid != 0 && c->uid != vm->uid)
+        if (!control_conn_sees_uid(c, vm->uid))
                 return false;
         if (c->sub_all && c->uid == vm->uid)
                 return true;
@@ -418,6 +633,26 @@ static json_t *event_params(const struct vhub_event *ev) {
                 break;
         }
         return p;
+}
+
+/* The VM's owner is behind on its events when its output queue holds a
+ * quarter of the bound (bytes or fds): back-end channels pause there, far
+ * from the bound at which the connection would be dropped. */
+static bool server_congested(void *userdata, const struct vhub_vm *vm) {
+        struct control_server *s = userdata;
+        const struct rpc_conn_limits *l;
+        struct control_conn *c;
+
+        if (vm->owner_id == 0)
+                return false;
+        TAILQ_FOREACH(c, &s->conns, link) {
+                if (c->id != vm->owner_id || !c->rpc)
+                        continue;
+                l = rpc_conn_limits(c->rpc);
+                return rpc_conn_queued_bytes(c->rpc) >= l->max_out_bytes / 4 ||
+                       rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
+        }
+        return false;
 }
 
 static void server_emit(void *userdata, const struct vhub_event *ev) {
@@ -495,9 +730,11 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
 
         if (!s)
                 return -ENOMEM;
+        memory_policy_setup();
         s->ctx = ctx;
         s->opts = *o;
         s->listen_fd = -1;
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
         if (o->listen_fd >= 0) {
                 s->listen_fd = o->listen_fd;
@@ -508,6 +745,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         } else {
                 r = create_socket(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
+                        if (s->spare_fd >= 0)
+                                close(s->spare_fd);
                         free(s);
                         return r;
                 }
@@ -515,11 +754,14 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 s->path = strdup(o->path);
         }
         s->ev_accept = event_new(ctx->base, s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
-        if (!s->ev_accept || event_add(s->ev_accept, NULL) < 0) {
+        s->ev_accept_retry = evtimer_new(ctx->base, accept_retry_cb, s);
+        s->ev_trim = evtimer_new(ctx->base, trim_cb, s);
+        if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
         ctx->events.emit = server_emit;
+        ctx->events.congested = server_congested;
         ctx->events.userdata = s;
         *ret = s;
         return 0;
@@ -530,6 +772,9 @@ void control_server_shutdown(struct control_server *s) {
 
         if (s->ev_accept)
                 event_del(s->ev_accept);
+        if (s->ev_accept_retry)
+                evtimer_del(s->ev_accept_retry);
+        s->accept_paused = false;
         while ((c = TAILQ_FIRST(&s->conns)))
                 conn_close(c, "daemon shutting down");
 }
@@ -538,10 +783,19 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
-        if (s->ctx->events.userdata == s)
+        if (s->ctx->events.userdata == s) {
                 s->ctx->events.emit = NULL;
+                s->ctx->events.congested = NULL;
+        }
         if (s->ev_accept)
                 event_free(s->ev_accept);
+        if (s->ev_accept_retry)
+                event_free(s->ev_accept_retry);
+        if (s->ev_trim)
+                event_free(s->ev_trim);
+        if (s->spare_fd >= 0)
+                close(s->spare_fd);
+        json_decref(s->discover);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
         if (s->path) {

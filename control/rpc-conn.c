@@ -27,6 +27,7 @@
 #include <event2/event.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,14 +41,16 @@
 #define RPC_DEFAULT_MAX_FDS_QUEUED  1024u
 /* Dup'd fds waiting in the output queue: a peer that does not read must not
  * pin an unbounded number of our fds either. */
-#define RPC_MAX_OUT_FDS             1024u
+#define RPC_DEFAULT_MAX_OUT_FDS     1024u
 
 #define RPC_IN_BUF_MIN              4096u
 #define RPC_IN_BUF_KEEP             (64u * 1024u)  /* shrink back below this when idle */
 #define RPC_SEND_IOV_MAX            64
+#define RPC_OUT_CHUNK               (16u * 1024u)
 
 #define JSONRPC_PARSE_ERROR         (-32700)
 #define JSONRPC_INVALID_REQUEST     (-32600)
+#define JSONRPC_LIMIT_REACHED       (-32008)   /* the contract's "resource limit reached" */
 
 enum rpc_conn_state {
         RPC_CONN_OPEN,
@@ -56,11 +59,15 @@ enum rpc_conn_state {
         RPC_CONN_CLOSED,
 };
 
+/* Queued output: lines without fds share chunks of RPC_OUT_CHUNK bytes, so
+ * what a connection pins is what it has to send, not an allocation per
+ * line; a line with fds, or a big one, has an out_msg of its own. */
 struct out_msg {
         struct out_msg *next;
-        int *fds;          /* dups, closed once the line's first byte is sent */
+        int *fds;          /* dups, closed once the first byte is sent */
         unsigned n_fds;
-        size_t len;
+        size_t len;        /* bytes of lines in data */
+        size_t cap;        /* room in data */
         size_t off;        /* bytes already sent */
         char data[];
 };
@@ -73,6 +80,7 @@ struct rpc_conn {
         void *userdata;
 
         enum rpc_conn_state state;
+        bool read_closed;           /* EOF seen: reading stopped, writing goes on */
         char close_reason[160];
 
         struct ucred peer;
@@ -95,6 +103,8 @@ struct rpc_conn {
         struct out_msg *out_tail;
         size_t out_bytes;
         unsigned out_fds;
+
+        size_t peak_memory;         /* see rpc_conn_take_peak_memory() */
 
         /* inside on_message: defer freeing and dropping of in_buf */
         unsigned processing;
@@ -134,6 +144,7 @@ void rpc_conn_limits_default(struct rpc_conn_limits *l) {
                 .max_line = RPC_DEFAULT_MAX_LINE,
                 .max_out_bytes = RPC_DEFAULT_MAX_OUT_BYTES,
                 .max_fds_queued = RPC_DEFAULT_MAX_FDS_QUEUED,
+                .max_out_fds = RPC_DEFAULT_MAX_OUT_FDS,
         };
 }
 
@@ -153,8 +164,38 @@ bool rpc_conn_is_closing(const struct rpc_conn *c) {
         return c->state != RPC_CONN_OPEN;
 }
 
+bool rpc_conn_read_closed(const struct rpc_conn *c) {
+        return c->read_closed;
+}
+
 size_t rpc_conn_queued_bytes(const struct rpc_conn *c) {
         return c->out_bytes;
+}
+
+unsigned rpc_conn_queued_fds(const struct rpc_conn *c) {
+        return c->out_fds;
+}
+
+unsigned rpc_conn_fds_held(const struct rpc_conn *c) {
+        return (c->fd >= 0 ? 1 : 0) + c->in_n + c->out_fds;
+}
+
+static void note_memory(struct rpc_conn *c) {
+        size_t n = c->in_cap + c->out_bytes;
+
+        if (n > c->peak_memory)
+                c->peak_memory = n;
+}
+
+size_t rpc_conn_take_peak_memory(struct rpc_conn *c) {
+        size_t peak = c->peak_memory;
+
+        c->peak_memory = c->in_cap + c->out_bytes;
+        return peak;
+}
+
+const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
+        return &c->limits;
 }
 
 /* ---- input fd FIFO ---------------------------------------------------- */
@@ -392,6 +433,8 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
                 event_del(c->write_ev);
                 if (c->state == RPC_CONN_DRAINING)
                         schedule_close(c);
+                else if (c->ops && c->ops->on_drained)
+                        c->ops->on_drained(c, c->userdata);
         }
 }
 
@@ -441,11 +484,95 @@ static bool msg_declares_fds(json_t *msg, unsigned n_fds) {
         return json_is_integer(v) && json_integer_value(v) == (json_int_t) n_fds;
 }
 
+/* Past the output bound the connection is closed: a peer that does not
+ * read is dropped, never waited for. */
+static bool out_over_bound(struct rpc_conn *c, size_t len, unsigned n_fds) {
+        if (n_fds > c->limits.max_out_fds - c->out_fds) {
+                set_reason(c, "client too slow: over %u fds queued for output", c->limits.max_out_fds);
+                return true;
+        }
+        if (len > c->limits.max_out_bytes - c->out_bytes) {
+                set_reason(c, "client too slow: output queue over %zu bytes", c->limits.max_out_bytes);
+                return true;
+        }
+        return false;
+}
+
+/* Where a line of len bytes ('\n' included) goes: the spare room of the
+ * tail chunk when the line is small and carries no fds, else a new out_msg
+ * (*ret_new; a chunk for a small line, exactly its size otherwise).  NULL
+ * when out of memory.  out_commit() queues what was written there. */
+static char *out_room(struct rpc_conn *c, size_t len, bool with_fds, struct out_msg **ret_new) {
+        struct out_msg *t = c->out_tail, *m;
+        bool small = !with_fds && len <= RPC_OUT_CHUNK / 2;
+        size_t cap = small ? RPC_OUT_CHUNK : len;
+
+        *ret_new = NULL;
+        if (small && t && t->n_fds == 0 && t->cap - t->len >= len)
+                return t->data + t->len;
+        m = malloc(sizeof(*m) + cap);
+        if (!m)
+                return NULL;
+        *m = (struct out_msg) { .cap = cap };
+        *ret_new = m;
+        return m->data;
+}
+
+/* Queue the line written where out_room() said (fds: dups, taken). */
+static int out_commit(struct rpc_conn *c, struct out_msg *m, size_t len, int *fds, unsigned n_fds) {
+        if (m) {
+                m->len = len;
+                m->fds = fds;
+                m->n_fds = n_fds;
+                if (c->out_tail)
+                        c->out_tail->next = m;
+                else
+                        c->out_head = m;
+                c->out_tail = m;
+                c->out_fds += n_fds;
+        } else {
+                c->out_tail->len += len;
+        }
+        c->out_bytes += len;
+        note_memory(c);
+        /* written from the loop, so a send never calls back into the owner */
+        if (event_add(c->write_ev, NULL) < 0) {
+                set_reason(c, "cannot watch the socket for writing");
+                schedule_close(c);
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+static int dup_fds(const int *fds, unsigned n, int **ret) {
+        int *dups;
+
+        *ret = NULL;
+        if (n == 0)
+                return 0;
+        dups = malloc(n * sizeof(int));
+        if (!dups)
+                return -ENOMEM;
+        for (unsigned i = 0; i < n; i++) {
+                dups[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
+                if (dups[i] < 0) {
+                        int r = -errno;
+
+                        while (i > 0)
+                                close_fd(dups[--i]);
+                        free(dups);
+                        return r;
+                }
+        }
+        *ret = dups;
+        return 0;
+}
+
 int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         struct dump_buf d = { .cap = 256 };
-        struct out_msg *m = NULL;
+        struct out_msg *m;
         int *dups = NULL;
-        unsigned n_dups = 0;
+        char *room;
         int r;
 
         if (!c || !msg || (n_fds > 0 && !fds) || n_fds > RPC_MAX_FDS_PER_MESSAGE)
@@ -455,78 +582,67 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
         if (!msg_declares_fds(msg, n_fds))
                 return -EINVAL;
 
-        /* Serialize with room for the struct in front and the '\n' after. */
         d.p = malloc(d.cap);
         if (!d.p)
                 return -ENOMEM;
-        d.len = sizeof(struct out_msg);
         if (json_dump_callback(msg, dump_cb, &d, JSON_COMPACT | JSON_ENCODE_ANY) < 0) {
                 r = d.oom ? -ENOMEM : -EINVAL;
-                goto fail;
+                goto out;
         }
         if (dump_cb("\n", 1, &d) < 0) {
                 r = -ENOMEM;
-                goto fail;
+                goto out;
         }
-        m = (struct out_msg *) d.p;
-        d.p = NULL;
-        *m = (struct out_msg) { .len = d.len - sizeof(struct out_msg) };
-
-        if (m->len > c->limits.max_out_bytes - c->out_bytes ||
-            n_fds > RPC_MAX_OUT_FDS - c->out_fds) {
-                if (n_fds > RPC_MAX_OUT_FDS - c->out_fds)
-                        set_reason(c, "client too slow: over %u fds queued for output",
-                                   RPC_MAX_OUT_FDS);
-                else
-                        set_reason(c, "client too slow: output queue over %zu bytes",
-                                   c->limits.max_out_bytes);
+        if (out_over_bound(c, d.len, n_fds)) {
                 schedule_close(c);
                 r = -ENOBUFS;
-                goto fail;
+                goto out;
         }
-
-        if (n_fds > 0) {
-                dups = malloc(n_fds * sizeof(int));
-                if (!dups) {
-                        r = -ENOMEM;
-                        goto fail;
-                }
-                for (n_dups = 0; n_dups < n_fds; n_dups++) {
-                        dups[n_dups] = fcntl(fds[n_dups], F_DUPFD_CLOEXEC, 3);
-                        if (dups[n_dups] < 0) {
-                                r = -errno;
-                                goto fail;
-                        }
-                }
-                m->fds = dups;
-                m->n_fds = n_fds;
-                dups = NULL;
-        }
-
-        if (c->out_tail)
-                c->out_tail->next = m;
-        else
-                c->out_head = m;
-        c->out_tail = m;
-        c->out_bytes += m->len;
-        c->out_fds += m->n_fds;
-        /* written from the loop, so a send never calls back into the owner */
-        if (event_add(c->write_ev, NULL) < 0) {
-                set_reason(c, "cannot watch the socket for writing");
-                schedule_close(c);
-                return -ENOMEM;
-        }
-        return 0;
-
-fail:
-        if (dups) {
-                for (unsigned i = 0; i < n_dups; i++)
+        r = dup_fds(fds, n_fds, &dups);
+        if (r < 0)
+                goto out;
+        room = out_room(c, d.len, n_fds > 0, &m);
+        if (!room) {
+                for (unsigned i = 0; i < n_fds; i++)
                         close_fd(dups[i]);
                 free(dups);
+                r = -ENOMEM;
+                goto out;
         }
-        out_msg_free(m);
+        memcpy(room, d.p, d.len);
+        r = out_commit(c, m, d.len, dups, n_fds);
+out:
         free(d.p);
         return r;
+}
+
+int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned n_parts) {
+        struct out_msg *m;
+        size_t len = 1, off = 0;
+        char *room;
+
+        if (!c || (n_parts > 0 && !parts))
+                return -EINVAL;
+        if (c->state >= RPC_CONN_CLOSING)
+                return -ENOTCONN;
+        for (unsigned i = 0; i < n_parts; i++) {
+                if (parts[i].iov_len > SIZE_MAX / 2 - len)
+                        return -EINVAL;
+                len += parts[i].iov_len;
+        }
+        if (out_over_bound(c, len, 0)) {
+                schedule_close(c);
+                return -ENOBUFS;
+        }
+        room = out_room(c, len, false, &m);
+        if (!room)
+                return -ENOMEM;
+        for (unsigned i = 0; i < n_parts; i++) {
+                memcpy(room + off, parts[i].iov_base, parts[i].iov_len);
+                off += parts[i].iov_len;
+        }
+        room[off] = '\n';
+        return out_commit(c, m, len, NULL, 0);
 }
 
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
@@ -561,16 +677,23 @@ static void send_error_detail(struct rpc_conn *c, int code, const char *message,
         json_decref(data);
 }
 
-/* spec: "framing violation": -32600 id null, close, every queued fd closed */
-static void framing_violation(struct rpc_conn *c, const char *detail) {
+/* The peer broke the framing (or a bound on its fds): the error with id
+ * null, every queued fd closed, then close. */
+static void refuse_and_close(struct rpc_conn *c, int code, const char *message, const char *detail) {
         if (c->state != RPC_CONN_OPEN)
                 return;
         in_fds_close_all(c);
-        send_error_detail(c, JSONRPC_INVALID_REQUEST, "Invalid Request", detail);
+        send_error_detail(c, code, message, detail);
         if (c->state != RPC_CONN_OPEN)
                 return;          /* the error overflowed the queue: closing already */
-        set_reason(c, "framing violation: %s", detail);
+        set_reason(c, "%s: %s", code == JSONRPC_LIMIT_REACHED ? "fd limit" : "framing violation",
+                   detail);
         start_draining(c);
+}
+
+/* spec: "framing violation": -32600 id null, close, every queued fd closed */
+static void framing_violation(struct rpc_conn *c, const char *detail) {
+        refuse_and_close(c, JSONRPC_INVALID_REQUEST, "Invalid Request", detail);
 }
 
 /* "fds": N — absent is 0; anything but an integer 0..253 is an error. */
@@ -751,7 +874,16 @@ static int in_reserve(struct rpc_conn *c) {
                 return c->in_cap > c->in_len ? 0 : -ENOMEM;
         c->in_buf = p;
         c->in_cap = want;
+        note_memory(c);
         return 0;
+}
+
+/* After EOF: did the peer close its socket (POLLHUP: nobody will read an
+ * answer) or only shut down its sending side? */
+static bool peer_hung_up(const struct rpc_conn *c) {
+        struct pollfd p = { .fd = c->fd, .events = POLLOUT };
+
+        return poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR));
 }
 
 static void read_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -765,9 +897,10 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 .msg_controllen = sizeof(control.buf),
         };
         bool fds_ok = true;
+        unsigned n_fds = 0;
         ssize_t n;
 
-        if (c->state != RPC_CONN_OPEN)
+        if (c->state != RPC_CONN_OPEN || c->read_closed)
                 return;
         if (in_reserve(c) < 0) {
                 set_reason(c, "out of memory");
@@ -797,8 +930,10 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                         continue;
                 p = (const int *) CMSG_DATA(cm);
                 k = (unsigned) ((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                if (fds_ok && in_fds_push(c, p, k) == 0)
+                if (fds_ok && in_fds_push(c, p, k) == 0) {
+                        n_fds += k;
                         continue;
+                }
                 fds_ok = false;
                 for (unsigned i = 0; i < k; i++) {
                         int f;
@@ -808,7 +943,10 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 }
         }
         if (mh.msg_flags & MSG_CTRUNC) {
-                framing_violation(c, "fds truncated on receipt (too many at once, or out of fds)");
+                /* room was made for the most one sendmsg() can carry: the
+                 * kernel had no fd numbers left for them */
+                refuse_and_close(c, JSONRPC_LIMIT_REACHED, "resource limit reached",
+                                 "fds lost on receipt: the daemon is out of fds");
                 return;
         }
         if (!fds_ok) {
@@ -819,9 +957,26 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 framing_violation(c, detail);
                 return;
         }
+        if (n_fds > 0 && c->ops && c->ops->admit_fds) {
+                char detail[256] = "";
+
+                if (c->ops->admit_fds(c, n_fds, detail, sizeof(detail), c->userdata) < 0) {
+                        refuse_and_close(c, JSONRPC_LIMIT_REACHED, "resource limit reached",
+                                         detail[0] ? detail : "too many fds");
+                        return;
+                }
+        }
 
         if (n == 0) {
                 set_reason(c, "peer closed");
+                if (c->ops && c->ops->on_eof && !peer_hung_up(c)) {
+                        /* half-closed: answers to what was read still go out */
+                        c->read_closed = true;
+                        event_del(c->read_ev);
+                        in_drop(c);
+                        c->ops->on_eof(c, c->userdata);
+                        return;
+                }
                 start_draining(c);
                 return;
         }
@@ -893,6 +1048,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
                         l.max_out_bytes = limits->max_out_bytes;
                 if (limits->max_fds_queued)
                         l.max_fds_queued = limits->max_fds_queued;
+                if (limits->max_out_fds)
+                        l.max_out_fds = limits->max_out_fds;
         }
         if (l.max_line >= SIZE_MAX / 2) {
                 close_fd(fd);

@@ -14,13 +14,20 @@
  *     or a bad "fds" member            -> error -32600 id null, close,
  *                                         every queued fd closed
  * Each good message goes to ops->on_message with its fds (the callee owns
- * both).  Blank lines are ignored.
+ * both).  Blank lines are ignored.  ops->admit_fds may refuse fds as they
+ * arrive (a budget): -32008 id null, then close as for a framing violation.
+ *
+ * EOF from the peer stops reading.  If the peer only shut down its sending
+ * side and ops->on_eof is set, the connection stays open for writing until
+ * the owner calls rpc_conn_close_after_flush() (requests already read
+ * still get their answers); otherwise it closes once the output is flushed.
  *
  * Output: rpc_conn_send() serializes compactly, appends '\n', dups the fds
  * and queues them attached to the first byte of that line.  The queue is
  * bounded by limits.max_out_bytes: a peer that does not read falls behind,
  * and once the bound is passed the connection is closed (on_close runs from
- * the event loop, never from inside rpc_conn_send()).
+ * the event loop, never from inside rpc_conn_send()).  Each queued line
+ * takes what its bytes need, not the serializer's spare room.
  */
 #pragma once
 
@@ -29,6 +36,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 struct event_base;
 struct rpc_conn;
@@ -49,6 +57,7 @@ struct rpc_conn_limits {
         size_t max_line;       /* default 1 MiB (the contract) */
         size_t max_out_bytes;  /* bound of the output queue */
         unsigned max_fds_queued; /* fds received but not yet claimed */
+        unsigned max_out_fds;    /* dup'd fds in the output queue (default 1024) */
 };
 
 struct rpc_conn_ops {
@@ -60,6 +69,19 @@ struct rpc_conn_ops {
          * or output overflow).  Called once, from the event loop; the owner
          * then calls rpc_conn_free(). */
         void (*on_close)(struct rpc_conn *c, const char *reason, void *userdata);
+
+        /* Optional.  The peer shut down its sending side; nothing more is
+         * read.  The owner closes with rpc_conn_close_after_flush() once it
+         * has answered what it read. */
+        void (*on_eof)(struct rpc_conn *c, void *userdata);
+        /* Optional.  n fds just arrived and are queued (counted by
+         * rpc_conn_fds_held()).  Return 0 to keep them, or negative with one
+         * sentence in detail: the peer gets -32008 with it, every queued fd
+         * is closed and the connection closes. */
+        int (*admit_fds)(struct rpc_conn *c, unsigned n, char *detail, size_t detail_len,
+                         void *userdata);
+        /* Optional.  The output queue has just become empty. */
+        void (*on_drained)(struct rpc_conn *c, void *userdata);
 };
 
 void rpc_conn_limits_default(struct rpc_conn_limits *l);
@@ -83,6 +105,13 @@ pid_t rpc_conn_peer_pid(const struct rpc_conn *c);
  */
 int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds);
 
+/*
+ * Queue one line that is already serialized JSON (without the '\n'), made of
+ * the parts in order (e.g. a batch answer assembled from its responses).
+ * Same bound and returns as rpc_conn_send(); no fds.
+ */
+int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned n_parts);
+
 /* Send a JSON-RPC error object {jsonrpc, id, error:{code, message, data?}}. */
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
                         json_t *data);
@@ -91,4 +120,17 @@ int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *me
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason);
 
 bool rpc_conn_is_closing(const struct rpc_conn *c);
+/* The peer has shut down its sending side (see ops->on_eof). */
+bool rpc_conn_read_closed(const struct rpc_conn *c);
 size_t rpc_conn_queued_bytes(const struct rpc_conn *c);
+/* dup'd fds waiting in the output queue */
+unsigned rpc_conn_queued_fds(const struct rpc_conn *c);
+/* Every fd this connection holds: its socket, fds received and not yet
+ * claimed by a message, and the copies waiting in the output queue. */
+unsigned rpc_conn_fds_held(const struct rpc_conn *c);
+/* The most its input buffer and output queue held since the last call
+ * (then it starts again from what they hold now): a big one is worth giving
+ * back to the system once freed. */
+size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
+/* The bounds in force (defaults filled in). */
+const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c);

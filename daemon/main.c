@@ -3,20 +3,26 @@
  * vhubd: the vhost-user front-end for many back-ends, driven by VMMs over a
  * JSON-RPC control socket.  Runs in the foreground; exits 0 on SIGTERM or
  * SIGINT after every VM is torn down and every back-end connection closed.
+ * What the other signals do: vhub-signals.h.
  */
 #include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "control-server.h"
 #include "vhub-config.h"
 #include "vhub-context.h"
+#include "vhub-device.h"
+#include "vhub-eventfd.h"
 #include "vhub-log.h"
 #include "vhub-sd.h"
+#include "vhub-signals.h"
 #include "vhub-vm.h"
 
 struct daemon_main {
@@ -25,9 +31,12 @@ struct daemon_main {
         struct event_base *base;
         struct control_server *server;
         struct vhub_sd *sd;
-        struct event *ev_sigterm, *ev_sigint, *ev_deadline;
+        struct vhub_signals *signals;
+        struct event *ev_deadline;
         bool stopping;
-        char *control_path;
+        char *control_path;           /* the control socket we created; NULL if inherited */
+        /* cleared before the teardown frees what the crash cleanup walks */
+        volatile sig_atomic_t crash_cleanup_armed;
 };
 
 static void update_status(void *userdata) {
@@ -51,7 +60,7 @@ static void deadline_cb(evutil_socket_t fd, short what, void *userdata) {
         event_base_loopexit(m->base, NULL);
 }
 
-static void signal_cb(evutil_socket_t sig, short what, void *userdata) {
+static void shutdown_cb(void *userdata, int sig) {
         struct daemon_main *m = userdata;
         struct vhub_vm *vm, *next;
         struct timeval tv;
@@ -59,7 +68,7 @@ static void signal_cb(evutil_socket_t sig, short what, void *userdata) {
         if (m->stopping)
                 return;
         m->stopping = true;
-        log_info("signal %d: shutting down", (int)sig);
+        log_info("signal %d (%s): shutting down", sig, strsignal(sig));
         vhub_sd_stopping(m->sd);
         control_server_shutdown(m->server);
         /* every VM stops its devices and closes its back-ends, in parallel */
@@ -78,6 +87,88 @@ static void signal_cb(evutil_socket_t sig, short what, void *userdata) {
         if (!m->ev_deadline || evtimer_add(m->ev_deadline, &tv) < 0)
                 event_base_loopexit(m->base, NULL);
 }
+
+/* The level in the --log-level-file: 0, -ENOENT if there is none, -EINVAL
+ * if it holds no level name, other -errno. */
+static int log_level_from_file(const char *path, int *ret_level) {
+        char buf[64];
+        struct stat st;
+        ssize_t n;
+        int fd, level;
+
+        /* O_NONBLOCK: a FIFO put there must not stall the loop */
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                close(fd);
+                return -EINVAL;
+        }
+        n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n < 0)
+                return -errno;
+        while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
+                n--;
+        buf[n] = '\0';
+        level = vhub_log_level_from_string(buf);
+        if (level < 0)
+                return -EINVAL;
+        *ret_level = level;
+        return 0;
+}
+
+/* The log level: the --log-level-file's if it exists, else --log-level.  A
+ * file that cannot be read or holds no level changes nothing. */
+static void load_log_level(struct daemon_main *m, int report_level) {
+        const char *path = m->config.log_level_file;
+        int level = m->config.log_level, r;
+
+        if (path) {
+                r = log_level_from_file(path, &level);
+                if (r == -ENOENT)
+                        path = NULL;
+                else if (r < 0) {
+                        log_warning("log level stays %s: %s %s",
+                                    vhub_log_level_to_string(vhub_log_get_level()), path,
+                                    r == -EINVAL ? "holds no log level" : strerror(-r));
+                        return;
+                }
+        }
+        vhub_log_set_level(level);
+        log_full(report_level, "log level %s (from %s)", vhub_log_level_to_string(level),
+                 path ? path : "--log-level");
+}
+
+static void reload_cb(void *userdata, int sig) {
+        struct daemon_main *m = userdata;
+
+        log_notice("signal %d (%s): reloading the log level", sig, strsignal(sig));
+        load_log_level(m, LOG_NOTICE);
+}
+
+/* In a fatal signal's handler: remove the sockets a clean exit removes.
+ * Only unlink() (async-signal-safe); the lists may be mid-change, and a
+ * fault here just ends the process as the signal would have. */
+static void crash_cleanup(void *userdata) {
+        struct daemon_main *m = userdata;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+
+        if (!m->crash_cleanup_armed)
+                return;
+        if (m->control_path)
+                (void)unlink(m->control_path);
+        TAILQ_FOREACH(vm, &m->ctx.vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->listen_fd >= 0 && d->socket_path)
+                                (void)unlink(d->socket_path);
+}
+
+static const struct vhub_signals_ops signal_ops = {
+        .shutdown = shutdown_cb,
+        .reload = reload_cb,
+};
 
 /* The contract's default control socket path. */
 static char *default_control_path(void) {
@@ -112,8 +203,12 @@ int main(int argc, char **argv) {
                 return r > 0 ? EXIT_SUCCESS : EXIT_FAILURE;
         }
         vhub_log_setup(m.config.log_level, vhub_log_stderr_is_journal());
-        /* MSG_NOSIGNAL everywhere; this is a second line of defence */
-        signal(SIGPIPE, SIG_IGN);
+        load_log_level(&m, LOG_INFO);
+        r = vhub_eventfd_guard_setup();
+        if (r < 0) {
+                log_error("cannot install the SIGALRM handler: %s", strerror(-r));
+                goto out;
+        }
 
         m.base = event_base_new();
         if (!m.base) {
@@ -156,11 +251,15 @@ int main(int argc, char **argv) {
                 log_error("cannot set up the watchdog: %s", strerror(-r));
                 goto out;
         }
-        m.ev_sigterm = evsignal_new(m.base, SIGTERM, signal_cb, &m);
-        m.ev_sigint = evsignal_new(m.base, SIGINT, signal_cb, &m);
-        if (!m.ev_sigterm || !m.ev_sigint || evsignal_add(m.ev_sigterm, NULL) < 0 ||
-            evsignal_add(m.ev_sigint, NULL) < 0) {
-                log_error("cannot watch signals");
+        r = vhub_signals_new(m.base, &signal_ops, &m, &m.signals);
+        if (r < 0) {
+                log_error("cannot watch signals: %s", strerror(-r));
+                goto out;
+        }
+        m.crash_cleanup_armed = 1;
+        r = vhub_signals_crash_setup(crash_cleanup, &m);
+        if (r < 0) {
+                log_error("cannot install the fatal signals' handler: %s", strerror(-r));
                 goto out;
         }
         log_info("vhubd listening on %s (back-end timeout %u ms)",
@@ -172,13 +271,12 @@ int main(int argc, char **argv) {
         log_info("vhubd stopped");
 
 out:
+        m.crash_cleanup_armed = 0;
         vhub_context_done(&m.ctx);
         m.server = control_server_free(m.server);
         m.sd = vhub_sd_free(m.sd);
-        if (m.ev_sigterm)
-                event_free(m.ev_sigterm);
-        if (m.ev_sigint)
-                event_free(m.ev_sigint);
+        /* last: a signal during the teardown still finds its handler */
+        m.signals = vhub_signals_free(m.signals);
         if (m.ev_deadline)
                 event_free(m.ev_deadline);
         if (m.base)

@@ -20,6 +20,13 @@
 /* More requests than this per second is a flood: the back-end is lost. */
 #define CHANNEL_MAX_RATE 2000
 
+/* Whether requests for the VMM are read (see the header: back-pressure). */
+enum channel_flow {
+        FLOW_OPEN,
+        FLOW_PAUSED,    /* the VM's owner is behind on its events: nothing is read */
+        FLOW_REFUSING,  /* ... for longer than the deadline: what is for it is refused */
+};
+
 enum channel_wait {
         WAIT_NONE,
         WAIT_LOOKUP,    /* SHARED_OBJECT_LOOKUP: an exporter device's answer */
@@ -41,6 +48,10 @@ struct vhub_backend_channel {
 
         uint64_t rate_window_start;
         unsigned rate_count;
+
+        enum channel_flow flow;
+        struct event *ev_flow;        /* how long a pause may last */
+        uint64_t refused;             /* requests refused in this FLOW_REFUSING spell */
 };
 
 static void channel_flush(struct vhub_backend_channel *ch) {
@@ -85,19 +96,85 @@ static void channel_lookup_reply(struct vhub_backend_channel *ch, const struct v
         channel_queue(ch, &r);
 }
 
+/* Read again (requests may already sit in the socket), unless a wait or
+ * a pause still holds the channel. */
+static void channel_read_again(struct vhub_backend_channel *ch) {
+        if (ch->wait != WAIT_NONE || ch->flow == FLOW_PAUSED)
+                return;
+        event_add(ch->ev_read, NULL);
+        event_active(ch->ev_read, EV_READ, 0);
+}
+
 static void channel_resume(struct vhub_backend_channel *ch) {
         ch->wait = WAIT_NONE;
         ch->wait_token = 0;
         evtimer_del(ch->ev_deadline);
-        event_add(ch->ev_read, NULL);
-        /* requests may already sit in the socket */
-        event_active(ch->ev_read, EV_READ, 0);
+        channel_read_again(ch);
+}
+
+static struct timeval channel_timeout(const struct vhub_backend_channel *ch) {
+        unsigned ms = ch->dev->vm->ctx->config->backend_timeout_ms;
+
+        return (struct timeval){ .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+}
+
+/* The VM's owner is behind on its events: the back-end waits, not it. */
+static void channel_pause(struct vhub_backend_channel *ch) {
+        struct timeval tv = channel_timeout(ch);
+
+        ch->flow = FLOW_PAUSED;
+        ch->dev->vm->ctx->n_channels_paused++;
+        event_del(ch->ev_read);
+        evtimer_add(ch->ev_flow, &tv);
+        device_log(ch->dev, LOG_DEBUG, NULL,
+                   "the VMM is behind on its events; not reading the back-end channel until it catches up");
+}
+
+/* Paused for the whole deadline: the back-end's requests for the VMM are
+ * failed from now on rather than left unanswered. */
+static void channel_flow_deadline_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_backend_channel *ch = userdata;
+
+        if (ch->flow != FLOW_PAUSED)
+                return;
+        ch->flow = FLOW_REFUSING;
+        ch->refused = 0;
+        device_log(ch->dev, LOG_WARNING, NULL,
+                   "the VMM has not caught up on its events for %u ms; refusing the back-end's requests for it until it does",
+                   ch->dev->vm->ctx->config->backend_timeout_ms);
+        channel_read_again(ch);
+}
+
+void vhub_backend_channel_vmm_caught_up(struct vhub_backend_channel *ch) {
+        if (ch->flow == FLOW_OPEN)
+                return;
+        if (ch->flow == FLOW_REFUSING)
+                device_log(ch->dev, LOG_NOTICE, NULL,
+                           "the VMM caught up on its events; %llu back-end requests for it were refused meanwhile",
+                           (unsigned long long)ch->refused);
+        ch->flow = FLOW_OPEN;
+        ch->dev->vm->ctx->n_channels_paused--;
+        evtimer_del(ch->ev_flow);
+        /* what piled up while paused is read in a burst: not a flood */
+        ch->rate_window_start = vhub_now_usec();
+        ch->rate_count = 0;
+        channel_read_again(ch);
+}
+
+/* A request for a VMM that does not read: failed if it wants an answer. */
+static bool channel_refusing(struct vhub_backend_channel *ch, const struct vhu_msg *m) {
+        if (ch->flow != FLOW_REFUSING)
+                return false;
+        ch->refused++;
+        device_log(ch->dev, LOG_DEBUG, vhu_request_name(VHU_DIR_BACKEND, m->hdr.request),
+                   "refused: the VMM is not reading its events");
+        channel_ack(ch, m, 1);
+        return true;
 }
 
 static void channel_wait_for(struct vhub_backend_channel *ch, enum channel_wait what, uint64_t token,
                              const struct vhu_msg *req) {
-        unsigned ms = ch->dev->vm->ctx->config->backend_timeout_ms;
-        struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+        struct timeval tv = channel_timeout(ch);
 
         ch->wait = what;
         ch->wait_token = token;
@@ -225,6 +302,11 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
         default:
                 break;
         }
+        /* whether device.backend_reply is awaited (DPDK sends IOTLB misses
+         * without NEED_REPLY: the VMM only answers with device.iotlb.update) */
+        ev.fields[n++] = (struct vhub_event_field){
+                "need_reply", (m->hdr.flags & VHU_FLAG_NEED_REPLY) && dev_has_pf(d, VHU_PF_REPLY_ACK)
+        };
         ev.n_fields = n;
         ev.fds = m->fds;
         ev.n_fds = m->n_fds;
@@ -232,6 +314,25 @@ static void channel_forward(struct vhub_backend_channel *ch, struct vhu_msg *m) 
         /* without NEED_REPLY the back-end waits for nothing */
         if ((m->hdr.flags & VHU_FLAG_NEED_REPLY) && dev_has_pf(d, VHU_PF_REPLY_ACK))
                 channel_wait_for(ch, WAIT_VMM, token, m);
+}
+
+/* spec SHMEM_MAP: the range must lie in the VIRTIO Shared Memory Region
+ * shmid, whose size GET_SHMEM_CONFIG gave; a hostile back-end's range is
+ * refused here, not handed to the VMM. */
+static bool channel_shmem_in_range(struct vhub_backend_channel *ch, const struct vhu_msg *m) {
+        struct vhub_device *d = ch->dev;
+        const struct vhu_shmem_map *map = &m->payload.shmem_map;
+        uint64_t size = map->shmid < d->n_shmem ? d->shmem_sizes[map->shmid] : 0;
+        uint64_t end;
+
+        if (size > 0 && map->len > 0 && !__builtin_add_overflow(map->shm_offset, map->len, &end) &&
+            end <= size)
+                return true;
+        device_log(d, LOG_WARNING, vhu_request_name(VHU_DIR_BACKEND, m->hdr.request),
+                   "refused: shmid %u offset 0x%llx length 0x%llx is outside its shared memory region (0x%llx bytes)",
+                   map->shmid, (unsigned long long)map->shm_offset, (unsigned long long)map->len,
+                   (unsigned long long)size);
+        return false;
 }
 
 static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
@@ -242,6 +343,8 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         device_log(d, LOG_DEBUG, name, "back-end request %s", name);
         switch (m->hdr.request) {
         case VHU_BREQ_CONFIG_CHANGE_MSG:
+                if (channel_refusing(ch, m))
+                        break;
                 ev.type = VHUB_EV_CONFIG_CHANGED;
                 ev.vm = d->vm;
                 ev.device = d->name;
@@ -252,13 +355,14 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_VRING_ERR: {
                 uint32_t i = m->payload.state.index;
                 bool ok = i < d->queues && d->vrings && d->vrings[i].configured;
-                int efd = ok ? (m->hdr.request == VHU_BREQ_VRING_CALL ? d->vrings[i].call_fd
-                                                                      : d->vrings[i].err_fd)
-                             : -1;
-                uint64_t one = 1;
+                bool call = m->hdr.request == VHU_BREQ_VRING_CALL;
+                int efd = ok ? (call ? d->vrings[i].call_fd : d->vrings[i].err_fd) : -1;
+                int r;
 
-                /* in-band notification: signal the VMM's eventfd for that ring */
-                if (efd >= 0 && write(efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                /* in-band notification: signal the VMM's eventfd for that ring
+                 * (never blocking; a full one is signalled already: success) */
+                if (efd >= 0 && (r = vring_signal(d, i, efd, call ? "call" : "err")) < 0 &&
+                    r != -EAGAIN)
                         ok = false;
                 channel_ack(ch, m, ok && efd >= 0 ? 0 : 1);
                 break;
@@ -272,11 +376,18 @@ static void channel_handle(struct vhub_backend_channel *ch, struct vhu_msg *m) {
         case VHU_BREQ_SHARED_OBJECT_LOOKUP:
                 channel_lookup(ch, m);
                 break;
-        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
         case VHU_BREQ_SHMEM_MAP:
         case VHU_BREQ_SHMEM_UNMAP:
-        case VHU_BREQ_IOTLB_MSG:
+                if (!channel_shmem_in_range(ch, m)) {
+                        channel_ack(ch, m, EINVAL);
+                        break;
+                }
                 channel_forward(ch, m);
+                break;
+        case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
+        case VHU_BREQ_IOTLB_MSG:
+                if (!channel_refusing(ch, m))
+                        channel_forward(ch, m);
                 break;
         default:
                 channel_ack(ch, m, 1);
@@ -304,6 +415,12 @@ static void channel_read_cb(evutil_socket_t fd, short what, void *userdata) {
         /* bounded per wake-up, so one chatty back-end cannot starve the loop */
         for (int budget = 64; budget > 0 && ch->wait == WAIT_NONE; budget--) {
                 const char *why = NULL;
+
+                /* checked before every request: each may become an event */
+                if (ch->flow == FLOW_OPEN && vhub_context_events_congested(d->vm->ctx, d->vm)) {
+                        channel_pause(ch);
+                        return;
+                }
 
                 r = vhu_reader_read(&ch->reader, ch->fd, &m);
                 if (r == -EAGAIN)
@@ -357,7 +474,9 @@ int vhub_backend_channel_new(struct vhub_device *dev, int fd, struct vhub_backen
         ch->ev_read = event_new(dev->vm->ctx->base, fd, EV_READ | EV_PERSIST, channel_read_cb, ch);
         ch->ev_write = event_new(dev->vm->ctx->base, fd, EV_WRITE | EV_PERSIST, channel_write_cb, ch);
         ch->ev_deadline = evtimer_new(dev->vm->ctx->base, channel_deadline_cb, ch);
-        if (!ch->ev_read || !ch->ev_write || !ch->ev_deadline || event_add(ch->ev_read, NULL) < 0) {
+        ch->ev_flow = evtimer_new(dev->vm->ctx->base, channel_flow_deadline_cb, ch);
+        if (!ch->ev_read || !ch->ev_write || !ch->ev_deadline || !ch->ev_flow ||
+            event_add(ch->ev_read, NULL) < 0) {
                 vhub_backend_channel_free(ch);
                 return -ENOMEM;
         }
@@ -374,6 +493,10 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
                 event_free(ch->ev_write);
         if (ch->ev_deadline)
                 event_free(ch->ev_deadline);
+        if (ch->ev_flow)
+                event_free(ch->ev_flow);
+        if (ch->flow != FLOW_OPEN)
+                ch->dev->vm->ctx->n_channels_paused--;
         vhu_reader_reset(&ch->reader);
         vhu_writer_clear(&ch->writer);
         if (ch->fd >= 0)

@@ -298,14 +298,14 @@ uint64_t vhub_bconn_protocol_features(const struct vhub_bconn *c) {
         return c->protocol_features;
 }
 
-int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag) {
+static int bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag, bool await) {
         bool expects;
         int r;
 
         if (c->lost)
                 return -ENOTCONN;
-        expects = vhu_request_expects_reply(VHU_DIR_FRONTEND, m->hdr.request, m->hdr.flags,
-                                            c->protocol_features);
+        expects = await || vhu_request_expects_reply(VHU_DIR_FRONTEND, m->hdr.request, m->hdr.flags,
+                                                     c->protocol_features);
         if (expects && c->count == c->cap) {
                 /* grow the ring (in order from head) up to max_pending */
                 unsigned cap = c->cap * 2 > c->max_pending ? c->max_pending : c->cap * 2;
@@ -330,7 +330,8 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
                 struct pending_reply *p = &c->pending[(c->head + c->count) % c->cap];
 
                 p->request = m->hdr.request;
-                p->flags = m->hdr.flags;
+                /* an awaited reply is validated as NEED_REPLY would have asked for */
+                p->flags = m->hdr.flags | (await ? VHU_FLAG_NEED_REPLY : 0);
                 p->tag = tag;
                 p->deadline = vhub_now_usec() + c->timeout_usec;
                 c->count++;
@@ -341,6 +342,14 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
          * the loss, naming the request just queued if nothing else waits */
         bconn_after_write(c, r);
         return expects ? 1 : 0;
+}
+
+int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag) {
+        return bconn_send(c, m, tag, false);
+}
+
+int vhub_bconn_send_awaiting(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag) {
+        return bconn_send(c, m, tag, true);
 }
 
 unsigned vhub_bconn_awaiting(const struct vhub_bconn *c) {

@@ -45,6 +45,14 @@ uint64_t vhub_bconn_protocol_features(const struct vhub_bconn *c);
  * -ENOTCONN once lost.
  */
 int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag);
+/*
+ * The same, but a reply is awaited whatever the request's flags say: spec
+ * "Postcopy" -- a back-end in postcopy mode answers SET_MEM_TABLE with its
+ * own mappings without being asked (libvhost-user echoes NEED_REPLY into
+ * that reply, so it cannot be asked).  The reply is validated as if
+ * NEED_REPLY had been set.
+ */
+int vhub_bconn_send_awaiting(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag);
 unsigned vhub_bconn_awaiting(const struct vhub_bconn *c);
 bool vhub_bconn_is_lost(const struct vhub_bconn *c);
 int vhub_bconn_fd(const struct vhub_bconn *c);

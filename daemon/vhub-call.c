@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <stddef.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "vhub-call.h"
 
@@ -17,4 +19,19 @@ void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e) {
                 return;
         vhub_error_copy(&call->error, e);
         vhub_call_complete(call, vhub_error_errno(e->code));
+}
+
+void vhub_postcopy_out_free(struct vhub_call *call) {
+        if (!call || !call->out.postcopy.devices)
+                return;
+        for (unsigned i = 0; i < call->out.postcopy.n_devices; i++) {
+                struct vhub_postcopy_device *pd = &call->out.postcopy.devices[i];
+
+                if (pd->ufd >= 0)
+                        close(pd->ufd);
+                free(pd->regions);
+        }
+        free(call->out.postcopy.devices);
+        call->out.postcopy.devices = NULL;
+        call->out.postcopy.n_devices = 0;
 }

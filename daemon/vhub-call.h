@@ -9,6 +9,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "vhub-config.h"
@@ -21,6 +22,21 @@ typedef void (*vhub_call_done_fn)(struct vhub_call *call);
 struct vhub_vring_base {
         uint32_t index;
         uint32_t base;
+        int32_t inflight;              /* requests the back-end left suspended (with
+                                        * GET_VRING_BASE_INFLIGHT); -1: not known */
+};
+
+/* vm.postcopy.advise / listen: per device, what the VMM's migration code needs. */
+struct vhub_postcopy_region {
+        uint64_t gpa, size;
+        uint64_t backend_uaddr;        /* where the back-end mapped it: fault addresses are there */
+};
+
+struct vhub_postcopy_device {
+        char device[VHUB_NAME_MAX + 1];
+        int ufd;                       /* advise: the back-end's userfaultfd (owned), else -1 */
+        unsigned n_regions;            /* listen */
+        struct vhub_postcopy_region *regions;
 };
 
 struct vhub_call {
@@ -33,6 +49,9 @@ struct vhub_call {
                         uint64_t protocol_features;
                         unsigned queues;
                         unsigned max_mem_slots;
+                        bool has_shmem;        /* SHMEM negotiated */
+                        unsigned n_shmem;
+                        uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];
                 } device_add;
                 struct {
                         unsigned n_vrings;
@@ -49,10 +68,20 @@ struct vhub_call {
                 struct {
                         int fd;                /* a back-end's own transfer fd, or -1 */
                 } state_fd;
+                struct {
+                        uint64_t session_id;
+                } crypto_session;
+                struct {
+                        /* owned by the call: vhub_postcopy_out_free() */
+                        unsigned n_devices;
+                        struct vhub_postcopy_device *devices;
+                } postcopy;
         } out;
 };
 
 /* Record the outcome and run done().  r < 0 requires call->error filled. */
 void vhub_call_complete(struct vhub_call *call, int r);
+/* Close the fds and free what out.postcopy holds (NULL-safe, idempotent). */
+void vhub_postcopy_out_free(struct vhub_call *call);
 /* Fail with a contract error. */
 void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e);

@@ -37,6 +37,7 @@ void vhub_config_done(struct vhub_config *c) {
                 free(c->backend_dirs[i]);
         free(c->backend_dirs);
         free(c->control_path);
+        free(c->log_level_file);
         memset(c, 0, sizeof(*c));
 }
 
@@ -82,9 +83,13 @@ static void usage(FILE *f) {
                 "  --backend-timeout-ms N   deadline for every back-end request (default 5000)\n"
                 "  --reconnect-max-ms N     cap of the reconnect backoff (default 2000)\n"
                 "  --log-level LEVEL        err, warning, notice, info (default), debug\n"
+                "  --log-level-file PATH    if it exists, its LEVEL overrides --log-level;\n"
+                "                           read at start and on SIGHUP\n"
                 "  --max-vms-per-uid N, --max-devices-per-vm N, --max-regions-per-vm N,\n"
                 "  --max-connections N, --max-pending N, --max-line-bytes N\n"
                 "                           resource limits\n"
+                "  --max-fds-per-uid N      fds one non-root uid may make the daemon hold (default:\n"
+                "                           a quarter of RLIMIT_NOFILE once an eighth is reserved)\n"
                 "  -h, --help, --version\n");
 }
 
@@ -92,7 +97,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
         enum {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
-                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_VERSION,
+                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE,
         };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
@@ -102,18 +107,20 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "backend-timeout-ms", required_argument, NULL, OPT_TIMEOUT },
                 { "reconnect-max-ms", required_argument, NULL, OPT_RECONNECT_MAX },
                 { "log-level", required_argument, NULL, OPT_LOG },
+                { "log-level-file", required_argument, NULL, OPT_LOG_FILE },
                 { "max-vms-per-uid", required_argument, NULL, OPT_MAX_VMS },
                 { "max-devices-per-vm", required_argument, NULL, OPT_MAX_DEVICES },
                 { "max-regions-per-vm", required_argument, NULL, OPT_MAX_REGIONS },
                 { "max-connections", required_argument, NULL, OPT_MAX_CONN },
                 { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
                 { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
+                { "max-fds-per-uid", required_argument, NULL, OPT_MAX_FDS },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, OPT_VERSION },
                 {}
         };
         bool dirs_given = false;
-        unsigned long v;
+        unsigned long v, max;
         int o, r;
 
         optind = 1;
@@ -176,13 +183,21 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                         }
                         c->log_level = r;
                         break;
+                case OPT_LOG_FILE:
+                        free(c->log_level_file);
+                        c->log_level_file = strdup(optarg);
+                        if (!c->log_level_file)
+                                return -ENOMEM;
+                        break;
                 case OPT_MAX_VMS:
                 case OPT_MAX_DEVICES:
                 case OPT_MAX_REGIONS:
                 case OPT_MAX_CONN:
                 case OPT_MAX_PENDING:
                 case OPT_MAX_LINE:
-                        if (parse_unsigned(optarg, o == OPT_MAX_LINE ? 64ul << 20 : 1000000, &v) < 0 || v == 0) {
+                case OPT_MAX_FDS:
+                        max = o == OPT_MAX_LINE ? 64ul << 20 : o == OPT_MAX_FDS ? 1ul << 30 : 1000000;
+                        if (parse_unsigned(optarg, max, &v) < 0 || v == 0) {
                                 fprintf(stderr, "vhubd: bad value for a limit: %s\n", optarg);
                                 return -EINVAL;
                         }
@@ -196,6 +211,8 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 c->limits.connections = (unsigned)v;
                         else if (o == OPT_MAX_PENDING)
                                 c->limits.pending_per_connection = (unsigned)v;
+                        else if (o == OPT_MAX_FDS)
+                                c->limits.fds_per_uid = (unsigned)v;
                         else
                                 c->limits.max_line = v;
                         break;

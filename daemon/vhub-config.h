@@ -19,6 +19,7 @@ struct vhub_limits {
         size_t max_output_bytes;
         unsigned shared_objects_per_vm;
         unsigned backend_requests_pending;  /* forwarded back-end requests per device */
+        unsigned fds_per_uid;               /* 0: derived from RLIMIT_NOFILE (vhub-fd-budget.h) */
 };
 
 struct vhub_config {
@@ -30,6 +31,7 @@ struct vhub_config {
         size_t n_backend_dirs;
         unsigned backend_timeout_ms;
         int log_level;
+        char *log_level_file;        /* NULL: none; else read at start and on SIGHUP */
         unsigned reconnect_max_ms;   /* backoff cap */
         struct vhub_limits limits;
 };

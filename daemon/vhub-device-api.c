@@ -4,12 +4,14 @@
  * state transfer, and the ops the VM queues): validation, then an op.
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-vm.h"
 
 static bool is_eventfd(int fd) {
         char path[64], target[64];
@@ -78,18 +80,26 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                                        "vrings[%u].size must be a power of 2 up to 32768", i);
                         goto fail;
                 }
-                if (vp[i].kick_fd < 0 || vp[i].call_fd < 0) {
-                        vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u] needs kick and call fds", i);
+                if (vp[i].call_fd < 0) {
+                        vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u] needs a call fd", i);
+                        goto fail;
+                }
+                /* spec SET_VRING_KICK "invalid FD flag": no kick fd, the VMM
+                 * kicks in-band (device.kick -> VRING_KICK) */
+                if (vp[i].kick_fd < 0 && !dev_has_pf(d, VHU_PF_INBAND_NOTIFICATIONS)) {
+                        vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                                       "vrings[%u] has no kick fd and device %s's back-end has no INBAND_NOTIFICATIONS protocol feature",
+                                       i, d->name);
                         goto fail;
                 }
                 /* the daemon writes to them (the start kick, in-band calls): a
                  * full blocking pipe in their place would stall the loop */
-                if (!is_eventfd(vp[i].kick_fd) || !is_eventfd(vp[i].call_fd) ||
+                if ((vp[i].kick_fd >= 0 && !is_eventfd(vp[i].kick_fd)) || !is_eventfd(vp[i].call_fd) ||
                     (vp[i].err_fd >= 0 && !is_eventfd(vp[i].err_fd))) {
                         vhub_error_set(&err, VHUB_ERR_PARAMS, "vrings[%u].%s must be an eventfd", i,
-                                       !is_eventfd(vp[i].kick_fd)   ? "kick"
-                                       : !is_eventfd(vp[i].call_fd) ? "call"
-                                                                    : "err");
+                                       vp[i].kick_fd >= 0 && !is_eventfd(vp[i].kick_fd) ? "kick"
+                                       : !is_eventfd(vp[i].call_fd)                     ? "call"
+                                                                                        : "err");
                         goto fail;
                 }
                 if (vp[i].desc % 16 || vp[i].avail % 2 || vp[i].used % 4) {
@@ -97,7 +107,8 @@ void vhub_device_start(struct vhub_device *d, uint64_t features, struct vhub_vri
                                        "vrings[%u]: desc must be 16-, avail 2- and used 4-byte aligned", i);
                         goto fail;
                 }
-                if (vring_addr(d->vm, vp[i].index, vp[i].size, vp[i].desc, vp[i].avail, vp[i].used, &dummy) < 0) {
+                if (vring_addr(d->vm, features_iommu(features), vp[i].index, vp[i].size, vp[i].desc,
+                               vp[i].avail, vp[i].used, &dummy) < 0) {
                         vhub_error_set(&err, VHUB_ERR_REGION,
                                        "vrings[%u]: desc, avail and used must each lie inside one memory region", i);
                         goto fail;
@@ -142,12 +153,21 @@ close_fds:
         }
 }
 
-void vhub_device_stop(struct vhub_device *d, struct vhub_call *call) {
+void vhub_device_stop(struct vhub_device *d, bool drain, struct vhub_call *call) {
+        const uint64_t skip_drain = VHU_PF_BIT(VHU_PF_GET_VRING_BASE_SKIP_DRAIN) |
+                                    vhu_protocol_feature_requires(VHU_PF_GET_VRING_BASE_SKIP_DRAIN);
         struct vhub_error err;
         struct vhub_op *op;
 
         if (!device_check_usable(d, call))
                 return;
+        if (!drain && (d->protocol_features & skip_drain) != skip_drain) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: a stop without draining needs the GET_VRING_BASE_SKIP_DRAIN, GET_VRING_BASE_INFLIGHT and INFLIGHT_SHMFD protocol features; the back-end negotiated 0x%llx",
+                               d->name, (unsigned long long)d->protocol_features);
+                vhub_call_fail(call, &err);
+                return;
+        }
         if (d->state != VHUB_DEV_RUNNING) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; stop needs running", d->name,
                                vhub_device_state_to_string(d->state));
@@ -160,6 +180,7 @@ void vhub_device_stop(struct vhub_device *d, struct vhub_call *call) {
                 vhub_call_fail(call, &err);
                 return;
         }
+        op->u.stop.skip_drain = !drain;
         device_queue_op(d, op);
 }
 
@@ -277,7 +298,7 @@ static void queue_single(struct vhub_device *d, uint32_t request, unsigned featu
                                vhub_device_state_to_string(d->state));
                 goto fail;
         }
-        if (!dev_has_pf(d, feature)) {
+        if (feature != UINT_MAX && !dev_has_pf(d, feature)) {
                 vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
                                "device %s: the back-end has no %s protocol feature (needed for %s)",
                                d->name, vhu_protocol_feature_name(feature), REQ(request));
@@ -289,9 +310,15 @@ static void queue_single(struct vhub_device *d, uint32_t request, unsigned featu
                 goto fail;
         }
         op->u.single.request = request;
-        op->u.single.size = size;
+        op->u.single.fd = -1;
+        if (size && !(op->u.single.payload = malloc(size))) {
+                op_free(op);
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                goto fail;
+        }
         if (size)
                 memcpy(op->u.single.payload, payload, size);
+        op->u.single.size = size;
         op->u.single.fd = fd;
         device_queue_op(d, op);
         return;
@@ -315,6 +342,35 @@ void vhub_device_set_mtu(struct vhub_device *d, uint16_t mtu, struct vhub_call *
         queue_single(d, VHU_REQ_NET_SET_MTU, VHU_PF_NET_MTU, &v, 8, -1, call);
 }
 
+void vhub_device_kick(struct vhub_device *d, uint32_t index, struct vhub_call *call) {
+        struct vhu_vring_state st = { .index = index, .num = 0 };
+        struct vhub_error err;
+
+        if (!device_check_usable(d, call))
+                return;
+        /* spec "In-band notifications" */
+        if (!dev_has_pf(d, VHU_PF_INBAND_NOTIFICATIONS)) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: the back-end has no INBAND_NOTIFICATIONS protocol feature (needed for VRING_KICK)",
+                               d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (d->state != VHUB_DEV_RUNNING) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; a kick needs running", d->name,
+                               vhub_device_state_to_string(d->state));
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (index >= d->queues || !d->vrings[index].configured) {
+                vhub_error_set(&err, VHUB_ERR_PARAMS, "'index': ring %u of device %s was not started",
+                               index, d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        queue_single(d, VHU_REQ_VRING_KICK, VHU_PF_INBAND_NOTIFICATIONS, &st, sizeof(st), -1, call);
+}
+
 void vhub_device_state_fd(struct vhub_device *d, bool load, int fd, struct vhub_call *call) {
         struct vhu_device_state st = {
                 .direction = load ? VHU_TRANSFER_LOAD : VHU_TRANSFER_SAVE,
@@ -335,4 +391,74 @@ void vhub_device_state_fd(struct vhub_device *d, bool load, int fd, struct vhub_
 
 void vhub_device_check_state(struct vhub_device *d, struct vhub_call *call) {
         queue_single(d, VHU_REQ_CHECK_DEVICE_STATE, VHU_PF_DEVICE_STATE, NULL, 0, -1, call);
+}
+
+void vhub_device_crypto_create(struct vhub_device *d, const struct vhu_crypto_session *s,
+                               struct vhub_call *call) {
+        queue_single(d, VHU_REQ_CREATE_CRYPTO_SESSION, VHU_PF_CRYPTO_SESSION, s, sizeof(*s), -1, call);
+}
+
+void vhub_device_crypto_close(struct vhub_device *d, uint64_t session_id, struct vhub_call *call) {
+        queue_single(d, VHU_REQ_CLOSE_CRYPTO_SESSION, VHU_PF_CRYPTO_SESSION, &session_id,
+                     sizeof(session_id), -1, call);
+}
+
+void vhub_device_gpu_set_socket(struct vhub_device *d, int fd, struct vhub_call *call) {
+        /* spec: no protocol feature gates GPU_SET_SOCKET */
+        queue_single(d, VHU_REQ_GPU_SET_SOCKET, UINT_MAX, NULL, 0, fd, call);
+}
+
+/* Whether [uaddr, uaddr + size) lies inside one region, in the VMM's addresses. */
+static bool uaddr_in_memory(const struct vhub_vm *vm, uint64_t uaddr, uint64_t size) {
+        for (size_t i = 0; i < vm->mem.n; i++) {
+                const struct vhub_region *r = &vm->mem.regions[i];
+
+                if (uaddr >= r->uaddr && size <= r->size && uaddr - r->uaddr <= r->size - size)
+                        return true;
+        }
+        return false;
+}
+
+void vhub_device_iotlb(struct vhub_device *d, const struct vhu_iotlb *msg, struct vhub_call *call) {
+        struct vhub_error err;
+
+        /* spec "IOMMU support": misses come over the back-end channel, and
+         * QEMU refuses an IOMMU without BACKEND_REQ and REPLY_ACK too */
+        if (!device_check_usable(d, call))
+                return;
+        if (!dev_has_pf(d, VHU_PF_BACKEND_REQ) || !dev_has_pf(d, VHU_PF_REPLY_ACK)) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: IOTLB messages need the BACKEND_REQ and REPLY_ACK protocol features",
+                               d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (!features_iommu(d->features)) {
+                vhub_error_set(&err, VHUB_ERR_UNSUPPORTED,
+                               "device %s: the back-end does not offer VIRTIO_F_IOMMU_PLATFORM", d->name);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        if (msg->type == VHU_IOTLB_UPDATE && !uaddr_in_memory(d->vm, msg->uaddr, msg->size)) {
+                /* spec: "Addresses and size must be within vhost memory regions" */
+                vhub_error_set(&err, VHUB_ERR_REGION,
+                               "uaddr 0x%llx + size 0x%llx does not lie inside one of the VM's memory regions",
+                               (unsigned long long)msg->uaddr, (unsigned long long)msg->size);
+                vhub_call_fail(call, &err);
+                return;
+        }
+        queue_single(d, VHU_REQ_IOTLB_MSG, VHU_PF_REPLY_ACK, msg, sizeof(*msg), -1, call);
+}
+
+int vhub_device_queue_postcopy(struct vhub_device *d, struct vhub_vm_batch *batch,
+                               enum vhub_postcopy_step step) {
+        struct vhub_op *op = device_op_new(VHUB_OP_POSTCOPY, NULL);
+
+        if (!op)
+                return -ENOMEM;
+        op->u.postcopy.batch = batch;
+        op->u.postcopy.step = step;
+        op->u.postcopy.ufd = -1;
+        device_queue_op(d, op);
+        return 0;
 }

@@ -8,17 +8,9 @@
 
 struct vhub_vm;
 
-/* What the daemon itself implements as a front-end (daemon.info). */
-#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
-        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
-         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
-         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
-         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
-         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
-         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
-         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
-         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
-         VHU_PF_BIT(VHU_PF_SHMEM))
+/* A restore that lasted this long counts as a recovery: the next loss
+ * starts the reconnect backoff over from reconnect_ms. */
+#define DEVICE_RESTORE_STABLE_USEC (5 * 1000000ull)
 
 /* Reply tags: what a reply belongs to inside the running op. */
 #define TAG_KIND(t)       ((t) >> 16)
@@ -52,6 +44,8 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
 struct vhub_op *device_op_new(enum vhub_op_kind kind, struct vhub_call *call);
 void device_queue_op(struct vhub_device *d, struct vhub_op *op);
 int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+/* A reply is awaited whatever m's flags say (vhub_bconn_send_awaiting). */
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
 bool device_need_reply(const struct vhub_device *d);
 void device_set_state(struct vhub_device *d, enum vhub_device_state s);
 void device_mark_lost(struct vhub_device *d, const char *reason);
@@ -73,9 +67,21 @@ void device_give_up(struct vhub_device *d, const char *reason);
 #define REQ(r) vhu_request_name(VHU_DIR_FRONTEND, (r))
 
 /* vhub-op-rings.c: a ring's SET_VRING_ADDR (user addresses of its parts,
- * each inside one region); -ERANGE if a part lies outside the VM's memory. */
-int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+ * each inside one region); -ERANGE if a part lies outside the VM's memory.
+ * With iova (VIRTIO_F_IOMMU_PLATFORM acked) the addresses are I/O virtual
+ * addresses the back-end translates through its IOTLB: sent as given. */
+int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
                uint64_t avail, uint64_t used, struct vhu_vring_addr *ret);
+
+static inline bool features_iommu(uint64_t features) {
+        return (features & (UINT64_C(1) << VHU_VIRTIO_F_ACCESS_PLATFORM)) != 0;
+}
+
+/* vhub-op-rings.c: adds 1 to one of ring index's eventfds (what: "kick",
+ * "call", "err") without ever blocking.  A full counter (-EAGAIN) means the
+ * eventfd is signalled already and its VMM does not read it: the VMM's
+ * business, counted and logged rate-limited, like any other failure. */
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what);
 
 /* vhub-op.c */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
@@ -110,6 +116,8 @@ OP_KIND_FUNCS(single);
 OP_KIND_REPLY(single);
 OP_KIND_FUNCS(get_shared);
 OP_KIND_REPLY(get_shared);
+OP_KIND_FUNCS(postcopy);
+OP_KIND_REPLY(postcopy);
 
 /* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);

@@ -40,6 +40,7 @@ static void device_run_head(struct vhub_device *d);
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
 static void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_msg *reply);
 static void device_schedule_reconnect(struct vhub_device *d);
+static void device_attempt_failed(struct vhub_device *d, const char *reason);
 static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata);
 static void device_destroy(struct vhub_device *d);
 static void device_fail_ops(struct vhub_device *d, const struct vhub_error *err);
@@ -74,10 +75,15 @@ int device_op_error(struct vhub_op *op, int code, const char *request, const cha
 }
 
 void device_set_state(struct vhub_device *d, enum vhub_device_state s) {
+        bool retrying = d->handshaken &&
+                        (d->state == VHUB_DEV_CONNECTING || d->state == VHUB_DEV_DISCONNECTED) &&
+                        (s == VHUB_DEV_CONNECTING || s == VHUB_DEV_DISCONNECTED);
+
         if (d->state == s)
                 return;
-        device_log(d, LOG_INFO, NULL, "state %s -> %s", vhub_device_state_to_string(d->state),
-                   vhub_device_state_to_string(s));
+        /* the steps of every restore attempt: the outage's own lines tell */
+        device_log(d, retrying ? LOG_DEBUG : LOG_INFO, NULL, "state %s -> %s",
+                   vhub_device_state_to_string(d->state), vhub_device_state_to_string(s));
         d->state = s;
         vhub_context_counts_changed(d->vm->ctx);
 }
@@ -177,7 +183,8 @@ void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
         device_run_head(d);
 }
 
-int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag,
+                           bool await) {
         int r;
 
         if (!d->conn)
@@ -194,7 +201,7 @@ int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, ui
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         }
-        r = vhub_bconn_send(d->conn, m, tag);
+        r = await ? vhub_bconn_send_awaiting(d->conn, m, tag) : vhub_bconn_send(d->conn, m, tag);
         if (r < 0)
                 return device_op_error(op, VHUB_ERR_BACKEND,
                                        vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
@@ -210,6 +217,14 @@ int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, ui
         device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), "sent %s%s",
                    vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), r > 0 ? " (reply due)" : "");
         return 0;
+}
+
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, false);
+}
+
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, true);
 }
 
 /* End op: take it off the queue, let it commit or undo, and go on. */
@@ -285,6 +300,12 @@ static void device_run_head(struct vhub_device *d) {
         op_run(d, op);
 }
 
+bool vhub_device_is_parked(const struct vhub_device *d) {
+        const struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        return op && op->running && op->parked;
+}
+
 void vhub_device_resume_parked(struct vhub_device *d) {
         struct vhub_op *op = TAILQ_FIRST(&d->ops);
 
@@ -356,7 +377,8 @@ static void device_snapshot_rings(struct vhub_device *d) {
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
-                v->loss_read = v->configured &&
+                /* with an IOMMU the ring addresses are IOVAs (no restore then) */
+                v->loss_read = v->configured && !features_iommu(d->acked_features) &&
                                vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
                                vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;
         }
@@ -369,10 +391,14 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         const char *req = request ? vhu_request_name(VHU_DIR_FRONTEND, request) : NULL;
         struct vhub_event ev = { 0 };
         enum vhub_device_state prev = d->state;
+        /* connecting after the first handshake: a restore attempt */
+        bool attempt = d->handshaken && !d->removing && prev == VHUB_DEV_CONNECTING;
 
         /* the connection (which holds lost_reason) is freed below */
         snprintf(reason, sizeof(reason), "%s", lost_reason);
-        device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
+        /* a failed restore attempt is counted and logged rate-limited below */
+        if (!attempt)
+                device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
         if (prev == VHUB_DEV_RUNNING)
                 device_snapshot_rings(d);
         device_drop_connection(d);
@@ -408,10 +434,11 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
                 ev.type = VHUB_EV_DISCONNECTED;
                 vhub_context_emit(d->vm->ctx, &ev);
         }
-        /* A back-end that dies again right after each restore (say, on a
-         * request it cannot handle) keeps backing off instead of looping;
-         * one that stayed up a while starts over from reconnect_ms. */
-        if (vhub_now_usec() - d->restored_usec > 5 * 1000000ull)
+        /* Only a restore that lasted starts the backoff over from
+         * reconnect_ms: a failed attempt (a handshake that fails, a back-end
+         * that accepts and closes) and a back-end that dies again right
+         * after each restore keep backing off. */
+        if (!attempt && vhub_now_usec() - d->restored_usec >= DEVICE_RESTORE_STABLE_USEC)
                 d->reconnect_delay_ms = 0;
         if (d->reconnect_ms == 0) {
                 device_set_state(d, VHUB_DEV_FAILED);
@@ -420,8 +447,15 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
                 vhub_context_emit(d->vm->ctx, &ev);
                 return;
         }
+        if (!attempt) {
+                d->outage_usec = vhub_now_usec();
+                d->outage_failures = 0;
+                vhub_log_ratelimit_reset(&d->reconnect_log);
+        }
         device_set_state(d, VHUB_DEV_DISCONNECTED);
         device_schedule_reconnect(d);
+        if (attempt)
+                device_attempt_failed(d, reason);
 }
 
 static int device_attach_connection(struct vhub_device *d, int fd) {
@@ -505,11 +539,15 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
         if (d->mode == VHUB_DEV_MODE_SERVER)
                 return; /* the back-end comes to us */
         if (device_connect_client(d, &err) < 0) {
-                device_log(d, LOG_DEBUG, NULL, "reconnect attempt failed: %s", err.detail);
                 device_schedule_reconnect(d);
+                device_attempt_failed(d, err.detail);
                 return;
         }
-        device_log(d, LOG_INFO, NULL, "reconnected to %s; restoring", d->socket_path);
+        /* connected: quick retries are for a socket not yet listening, not
+         * for a back-end that fails its handshake */
+        d->reconnect_fast = 0;
+        device_log(d, LOG_DEBUG, NULL, "connected to %s; restore attempt %u", d->socket_path,
+                   d->outage_failures + 1);
         device_queue_restore(d);
 }
 
@@ -568,11 +606,38 @@ static void device_schedule_reconnect(struct vhub_device *d) {
         evtimer_add(d->ev_reconnect, &tv);
 }
 
+/* A restore attempt failed (after device_schedule_reconnect(), so the next
+ * delay is known).  A back-end can make this happen every few ms: the first
+ * is logged, then a summary with the count at most every
+ * VHUB_LOG_RATELIMIT_USEC. */
+static void device_attempt_failed(struct vhub_device *d, const char *reason) {
+        unsigned long long suppressed;
+        char next[64] = "waiting for the back-end to connect";
+
+        d->outage_failures++;
+        if (!vhub_log_ratelimit(&d->reconnect_log, vhub_now_usec(), &suppressed))
+                return;
+        if (d->mode == VHUB_DEV_MODE_CLIENT)
+                snprintf(next, sizeof(next), "next in %u ms",
+                         d->reconnect_fast > 0 ? 1 : d->reconnect_delay_ms);
+        if (d->outage_failures == 1)
+                device_log(d, LOG_WARNING, NULL, "restore attempt 1 failed: %s; %s", reason, next);
+        else
+                device_log(d, LOG_WARNING, NULL,
+                           "restore still failing: %u failed attempts in %.1f s (%llu not logged); "
+                           "last: %s; %s", d->outage_failures,
+                           (double)(vhub_now_usec() - d->outage_usec) / 1e6, suppressed, reason, next);
+}
+
 /* The restore succeeded: back to the state before the loss. */
 void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
                      bool exact) {
         struct vhub_event ev = { 0 };
 
+        device_log(d, LOG_INFO, NULL, "back-end restored after %u failed attempts in %.1f s",
+                   d->outage_failures, (double)(vhub_now_usec() - d->outage_usec) / 1e6);
+        d->outage_failures = 0;
+        vhub_log_ratelimit_reset(&d->reconnect_log);
         d->reconnects++;
         d->restored_usec = vhub_now_usec();
         d->reconnect_fast = 0;
@@ -683,6 +748,7 @@ void vhub_device_free(struct vhub_device *d) {
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 vring_close_fds(&d->vrings[i]);
         free(d->vrings);
+        free(d->shmem_sizes);
         if (d->inflight_fd >= 0)
                 close(d->inflight_fd);
         free(d->shadow);

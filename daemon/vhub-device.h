@@ -20,6 +20,7 @@
 #include "vhub-config.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhub-memory.h"
 
 struct event;
@@ -28,6 +29,25 @@ struct vhub_backend_channel;
 struct vhub_mem_op;
 struct vhub_vm;
 struct vhub_vm_batch;
+
+/* The protocol features the daemon implements as a front-end: what every
+ * handshake ANDs with the back-end's offer, and daemon.info's protocol_features. */
+#define VHUB_SUPPORTED_PROTOCOL_FEATURES                                            \
+        (VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_RARP) | \
+         VHU_PF_BIT(VHU_PF_REPLY_ACK) | VHU_PF_BIT(VHU_PF_NET_MTU) |                  \
+         VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |                 \
+         VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |      \
+         VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |        \
+         VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS) |                                    \
+         VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |         \
+         VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE) |         \
+         VHU_PF_BIT(VHU_PF_CROSS_ENDIAN) | VHU_PF_BIT(VHU_PF_GET_VRING_BASE_INFLIGHT) | \
+         VHU_PF_BIT(VHU_PF_SHMEM) | VHU_PF_BIT(VHU_PF_GET_VRING_BASE_SKIP_DRAIN) |     \
+         VHU_PF_BIT(VHU_PF_CRYPTO_SESSION) | VHU_PF_BIT(VHU_PF_PAGEFAULT))
+/* Never GPA_ADDRESSES (21): the daemon sends user addresses, and rust-vmm
+ * vhost <= 0.16 back-ends set bit 21 meaning SHMEM. */
+_Static_assert(!(VHUB_SUPPORTED_PROTOCOL_FEATURES & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
+               "bit 21 is never acked");
 
 enum vhub_device_state {
         VHUB_DEV_CONNECTING,
@@ -70,7 +90,14 @@ enum vhub_op_kind {
         VHUB_OP_RESET,
         VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
         VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
+        VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
         _VHUB_OP_MAX,
+};
+
+enum vhub_postcopy_step {
+        VHUB_POSTCOPY_ADVISE,
+        VHUB_POSTCOPY_LISTEN,
+        VHUB_POSTCOPY_END,
 };
 
 struct vhub_op {
@@ -100,6 +127,9 @@ struct vhub_op {
                         struct vhub_vring *vrings;   /* owned until committed */
                 } start;
                 struct {
+                        bool skip_drain;             /* GET_VRING_BASE_SKIP_DRAIN */
+                } stop;
+                struct {
                         uint32_t offset, size, flags;
                         uint8_t data[VHU_MAX_CONFIG_SIZE];
                 } config;
@@ -126,12 +156,19 @@ struct vhub_op {
                 } shared;
                 struct {
                         uint32_t request;
-                        uint64_t u64;
-                        uint8_t payload[64];
+                        uint64_t u64;                /* what the reply said (per request) */
+                        uint8_t *payload;            /* owned; NULL when size is 0 */
                         uint32_t size;
                         int fd;                      /* owned, -1 if none */
-                        uint32_t needs_feature;      /* protocol feature bit, or UINT32_MAX */
                 } single;
+                struct {
+                        struct vhub_vm_batch *batch;
+                        enum vhub_postcopy_step step;
+                        int ufd;                     /* ADVISE: the back-end's userfaultfd (owned) */
+                        struct vhub_region *table;   /* LISTEN: copies of the VM's regions; fds borrowed */
+                        size_t n_table;
+                        uint64_t *backend_uaddr;     /* LISTEN: where the back-end mapped each */
+                } postcopy;
         } u;
 };
 
@@ -162,6 +199,9 @@ struct vhub_device {
         int watch_wd;                 /* its socket's directory is watched while disconnected */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
+        uint64_t outage_usec;         /* when the current outage began */
+        unsigned outage_failures;     /* restore attempts failed in it */
+        struct vhub_log_ratelimit reconnect_log;
 
         /* negotiated */
         bool handshaken;              /* the first handshake succeeded */
@@ -173,6 +213,8 @@ struct vhub_device {
         unsigned max_mem_slots;
 
         struct vhub_vring *vrings;    /* [queues] */
+        uint64_t *shmem_sizes;        /* GET_SHMEM_CONFIG, by shmid; NULL without SHMEM */
+        unsigned n_shmem;
         int inflight_fd;              /* kept across back-end restarts */
         uint64_t inflight_size;
         uint16_t inflight_queue_size;
@@ -182,6 +224,8 @@ struct vhub_device {
         bool mem_synced;              /* the handshake's memory sync finished */
 
         struct vhub_backend_channel *channel;
+        /* the VMM's kick/call/err eventfds that could not be signalled */
+        struct vhub_log_ratelimit eventfd_failures;
 
         struct vhub_op_list ops;
         unsigned n_ops;
@@ -209,13 +253,18 @@ struct vhub_vring_params {
         uint32_t index, size;
         uint64_t desc, avail, used;
         uint32_t base;
-        int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case */
+        int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case; kick
+                                       * may be -1 with INBAND_NOTIFICATIONS */
 };
 
 void vhub_device_start(struct vhub_device *dev, uint64_t features,
                        struct vhub_vring_params *vrings, unsigned n_vrings,
                        struct vhub_call *call);
-void vhub_device_stop(struct vhub_device *dev, struct vhub_call *call);
+/* drain false: GET_VRING_BASE_SKIP_DRAIN (in-flight requests are suspended
+ * into the inflight region and completed after the next start). */
+void vhub_device_stop(struct vhub_device *dev, bool drain, struct vhub_call *call);
+/* VRING_KICK: an in-band kick of a running ring (INBAND_NOTIFICATIONS). */
+void vhub_device_kick(struct vhub_device *dev, uint32_t index, struct vhub_call *call);
 void vhub_device_config_get(struct vhub_device *dev, uint32_t offset, uint32_t size,
                             struct vhub_call *call);
 void vhub_device_config_set(struct vhub_device *dev, uint32_t offset, const void *data,
@@ -234,10 +283,24 @@ int vhub_device_queue_log(struct vhub_device *dev, struct vhub_vm_batch *batch, 
 int vhub_device_queue_get_shared(struct vhub_device *dev, const uint8_t uuid[16],
                                  const char *requester, uint64_t token);
 
+/* CREATE_CRYPTO_SESSION: call->out.crypto_session.session_id on success. */
+void vhub_device_crypto_create(struct vhub_device *dev, const struct vhu_crypto_session *s,
+                               struct vhub_call *call);
+void vhub_device_crypto_close(struct vhub_device *dev, uint64_t session_id, struct vhub_call *call);
+/* GPU_SET_SOCKET; fd (the back-end's end of the VMM's socketpair) taken in every case. */
+void vhub_device_gpu_set_socket(struct vhub_device *dev, int fd, struct vhub_call *call);
+/* IOTLB_MSG, type update or invalidate. */
+void vhub_device_iotlb(struct vhub_device *dev, const struct vhu_iotlb *msg, struct vhub_call *call);
+/* One postcopy step on this device (a VM batch member). */
+int vhub_device_queue_postcopy(struct vhub_device *dev, struct vhub_vm_batch *batch,
+                               enum vhub_postcopy_step step);
+
 /* Begin a memory sync (a VM fan-out member).  Returns 0 if queued. */
 int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_op);
-/* The VM's memory queue became free: resume a parked handshake. */
+/* The VM's memory queue became free: resume a parked handshake.  The op may
+ * end, and with it the device (a failed device.add). */
 void vhub_device_resume_parked(struct vhub_device *dev);
+bool vhub_device_is_parked(const struct vhub_device *dev);
 /* The back-end's socket was (re)created: reconnect now if disconnected. */
 void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */

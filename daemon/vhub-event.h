@@ -9,17 +9,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-struct vhub_vm;
+#include "vhub-contract.h" /* enum vhub_event_type and the names */
 
-enum vhub_event_type {
-        VHUB_EV_CONFIG_CHANGED,
-        VHUB_EV_DISCONNECTED,
-        VHUB_EV_RECONNECTED,
-        VHUB_EV_FAILED,
-        VHUB_EV_LINGERING,
-        VHUB_EV_BACKEND_REQUEST,
-        _VHUB_EV_MAX,
-};
+struct vhub_vm;
 
 struct vhub_event_vring {
         uint32_t index;
@@ -57,6 +49,10 @@ struct vhub_event {
 
 struct vhub_event_sink {
         void (*emit)(void *userdata, const struct vhub_event *ev);
+        /* Optional: the VM's owner is behind on its events (its connection's
+         * output queue is long).  Back-end channels of the VM stop reading
+         * until vhub_context_events_drained() says it caught up. */
+        bool (*congested)(void *userdata, const struct vhub_vm *vm);
         void *userdata;
 };
 

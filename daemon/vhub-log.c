@@ -22,19 +22,29 @@ void vhub_log_setup(int max_level, bool use_journal) {
         log_settings.journal = use_journal;
 }
 
+void vhub_log_set_level(int max_level) {
+        log_settings.max_level = max_level;
+}
+
 int vhub_log_get_level(void) {
         return log_settings.max_level;
 }
 
+static const char *const level_names[] = {
+        [LOG_EMERG] = "0", [LOG_ALERT] = "1", [LOG_CRIT] = "2",
+        [LOG_ERR] = "err", [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice",
+        [LOG_INFO] = "info", [LOG_DEBUG] = "debug",
+};
+
+const char *vhub_log_level_to_string(int level) {
+        return level >= 0 && level <= LOG_DEBUG ? level_names[level] : "?";
+}
+
 int vhub_log_level_from_string(const char *s) {
-        static const char *const names[] = {
-                [LOG_ERR] = "err", [LOG_WARNING] = "warning", [LOG_NOTICE] = "notice",
-                [LOG_INFO] = "info", [LOG_DEBUG] = "debug",
-        };
         if (!s)
                 return -EINVAL;
         for (int i = LOG_ERR; i <= LOG_DEBUG; i++)
-                if (names[i] && strcmp(s, names[i]) == 0)
+                if (strcmp(s, level_names[i]) == 0)
                         return i;
         if (strcmp(s, "error") == 0)
                 return LOG_ERR;
@@ -43,6 +53,24 @@ int vhub_log_level_from_string(const char *s) {
         if (s[0] >= '0' && s[0] <= '7' && s[1] == '\0')
                 return s[0] - '0';
         return -EINVAL;
+}
+
+bool vhub_log_ratelimit(struct vhub_log_ratelimit *rl, uint64_t now_usec,
+                        unsigned long long *ret_suppressed) {
+        rl->total++;
+        if (rl->logged && now_usec - rl->last_usec < VHUB_LOG_RATELIMIT_USEC) {
+                rl->suppressed++;
+                return false;
+        }
+        *ret_suppressed = rl->suppressed;
+        rl->suppressed = 0;
+        rl->logged = true;
+        rl->last_usec = now_usec;
+        return true;
+}
+
+void vhub_log_ratelimit_reset(struct vhub_log_ratelimit *rl) {
+        *rl = (struct vhub_log_ratelimit){ 0 };
 }
 
 bool vhub_log_stderr_is_journal(void) {

@@ -25,6 +25,18 @@ static void release_handshake_sync(struct vhub_device *d, struct vhub_op *op) {
 
 /* ---- handshake ---- */
 
+/* Bit 21 is GPA_ADDRESSES, but SHMEM was drafted as bit 20 and rust-vmm's
+ * vhost crate (<= 0.16) sets bit 21 for it: an offer of 21 without 22 most
+ * likely means SHMEM.  Neither is used then (21 is never acked); say why. */
+static void handshake_log_bit21(struct vhub_device *d, uint64_t offer) {
+        if (!(offer & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)) || (offer & VHU_PF_BIT(VHU_PF_SHMEM)))
+                return;
+        device_log(d, LOG_WARNING, REQ(VHU_REQ_GET_PROTOCOL_FEATURES),
+                   "back-end offers protocol feature 21 (GPA_ADDRESSES) without 22 (SHMEM): "
+                   "likely a rust-vmm vhost crate <= 0.16 back-end that sets bit 21 meaning SHMEM; "
+                   "bit 21 is never acked, so neither GPA addresses nor shared memory regions are used");
+}
+
 static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
         bool ack;
         uint64_t pf = 0;
@@ -32,10 +44,13 @@ static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
         int r;
 
         if (op->hs_features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) {
-                pf = op->hs_pf_offer & VHUB_SUPPORTED_PROTOCOL_FEATURES;
-                /* spec "In-band notifications": only with BACKEND_REQ and REPLY_ACK */
-                if (!(pf & VHU_PF_BIT(VHU_PF_BACKEND_REQ)) || !(pf & VHU_PF_BIT(VHU_PF_REPLY_ACK)))
-                        pf &= ~VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS);
+                /* spec: INBAND_NOTIFICATIONS only with BACKEND_REQ and
+                 * REPLY_ACK, GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD,
+                 * GET_VRING_BASE_SKIP_DRAIN only with both */
+                pf = vhu_protocol_features_consistent(op->hs_pf_offer &
+                                                      VHUB_SUPPORTED_PROTOCOL_FEATURES);
+                if (!op->restore) /* once per device */
+                        handshake_log_bit21(d, op->hs_pf_offer);
         }
         if (op->restore) {
                 if ((d->features & ~op->hs_features) != 0) {
@@ -102,7 +117,41 @@ static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
                 if ((r = device_send(d, op, &m, 0)) < 0)
                         return r;
         }
+        if (dev_has_pf(d, VHU_PF_SHMEM)) {
+                vhu_msg_build_none(&m, VHU_REQ_GET_SHMEM_CONFIG, false);
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+        }
         return 0;
+}
+
+/* GET_SHMEM_CONFIG's sizes (validated: nregions <= 256, page multiples).
+ * spec: they "remain valid and unchanged for the entire lifetime of the
+ * connection"; the VMM laid out its shared memory from the first ones, so
+ * a restored back-end must report the same. */
+static void handshake_on_shmem_config(struct vhub_device *d, struct vhub_op *op,
+                                      const struct vhu_shmem_config *c) {
+        size_t bytes = (size_t) c->nregions * sizeof(uint64_t);
+
+        if (op->restore) {
+                if (c->nregions != d->n_shmem ||
+                    (bytes && memcmp(c->memory_sizes, d->shmem_sizes, bytes) != 0)) {
+                        op->give_up = true;
+                        device_op_error(op, VHUB_ERR_BACKEND, REQ(VHU_REQ_GET_SHMEM_CONFIG),
+                                        "back-end now reports %u shared memory regions of other sizes than the %u it reported before",
+                                        c->nregions, d->n_shmem);
+                }
+                return;
+        }
+        free(d->shmem_sizes);
+        d->shmem_sizes = calloc(c->nregions ? c->nregions : 1, sizeof(uint64_t));
+        if (!d->shmem_sizes) {
+                device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_GET_SHMEM_CONFIG), "out of memory");
+                return;
+        }
+        if (bytes)
+                memcpy(d->shmem_sizes, c->memory_sizes, bytes);
+        d->n_shmem = c->nregions;
 }
 
 static int handshake_check(struct vhub_device *d, struct vhub_op *op) {
@@ -229,6 +278,9 @@ void handshake_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t requ
                                            ? VHUB_DAEMON_MEM_SLOTS
                                            : (unsigned)reply->payload.u64;
                 break;
+        case VHU_REQ_GET_SHMEM_CONFIG:
+                handshake_on_shmem_config(d, op, &reply->payload.shmem_config);
+                break;
         case VHU_REQ_ADD_MEM_REG:
         case VHU_REQ_REM_MEM_REG:
         case VHU_REQ_SET_MEM_TABLE:
@@ -255,7 +307,15 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         op->call->out.device_add.protocol_features = d->protocol_features;
                         op->call->out.device_add.queues = d->queues;
                         op->call->out.device_add.max_mem_slots = d->max_mem_slots;
+                        op->call->out.device_add.has_shmem = d->shmem_sizes != NULL;
+                        op->call->out.device_add.n_shmem = d->n_shmem;
+                        if (d->n_shmem)
+                                memcpy(op->call->out.device_add.shmem_sizes, d->shmem_sizes,
+                                       d->n_shmem * sizeof(uint64_t));
                 }
+                if (d->shmem_sizes)
+                        device_log(d, LOG_INFO, REQ(VHU_REQ_GET_SHMEM_CONFIG),
+                                   "%u shared memory regions", d->n_shmem);
                 device_log(d, LOG_INFO, NULL,
                            "handshake done: features 0x%llx, protocol features 0x%llx, %u queues, %u memory slots",
                            (unsigned long long)d->features, (unsigned long long)d->protocol_features,

@@ -50,12 +50,33 @@ void config_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request
 
 /* ---- single request ---- */
 
+/* A kick queued behind a stop must not go out: libvhost-user starts a
+ * stopped ring on VRING_KICK. */
+static bool single_kick_ring_stopped(const struct vhub_device *d, const struct vhub_op *op,
+                                     uint32_t *ret_index) {
+        struct vhu_vring_state st;
+
+        memcpy(&st, op->u.single.payload, sizeof(st));
+        *ret_index = st.index;
+        return d->state != VHUB_DEV_RUNNING || st.index >= d->queues || !d->vrings[st.index].configured;
+}
+
 int single_stage(struct vhub_device *d, struct vhub_op *op) {
+        uint32_t index;
         struct vhu_msg m;
         int r;
 
         if (op->stage > 0)
                 return OP_STAGE_DONE;
+        /* checked when it runs: a START queued before it may ack the bit */
+        if (op->u.single.request == VHU_REQ_IOTLB_MSG && !features_iommu(d->acked_features))
+                return device_op_error(op, VHUB_ERR_UNSUPPORTED, REQ(op->u.single.request),
+                                       "device %s: VIRTIO_F_IOMMU_PLATFORM is not acked (start the device with it)",
+                                       d->name);
+        if (op->u.single.request == VHU_REQ_VRING_KICK && single_kick_ring_stopped(d, op, &index))
+                return device_op_error(op, VHUB_ERR_STATE, REQ(VHU_REQ_VRING_KICK),
+                                       "device %s: ring %u stopped before the kick could be sent",
+                                       d->name, index);
         r = vhu_msg_build(&m, VHU_DIR_FRONTEND, op->u.single.request, device_need_reply(d),
                           op->u.single.payload, op->u.single.size,
                           op->u.single.fd >= 0 ? &op->u.single.fd : NULL,
@@ -67,8 +88,36 @@ int single_stage(struct vhub_device *d, struct vhub_op *op) {
         return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_NEXT;
 }
 
+/* The back-end's session id, or a refusal (a negative virtio-crypto status). */
+static void crypto_session_on_reply(struct vhub_op *op, const struct vhu_msg *reply) {
+        int64_t id;
+
+        if (reply->hdr.size != sizeof(struct vhu_crypto_session)) {
+                device_op_error(op, VHUB_ERR_BACKEND, REQ(VHU_REQ_CREATE_CRYPTO_SESSION),
+                                "back-end answered CREATE_CRYPTO_SESSION with %u bytes, not the %zu of a session description",
+                                reply->hdr.size, sizeof(struct vhu_crypto_session));
+                return;
+        }
+        id = reply->payload.crypto_session.session_id;
+        if (id < 0) {
+                /* virtio-crypto's status codes (VIRTIO_CRYPTO_ERR ... INVSESS) */
+                static const char *const status[] = { "", ": error", ": bad message", ": not supported",
+                                                      ": invalid session" };
+
+                device_op_error(op, VHUB_ERR_BACKEND, REQ(VHU_REQ_CREATE_CRYPTO_SESSION),
+                                "back-end refused the crypto session (virtio-crypto status %lld%s)",
+                                (long long)-id, -id < 5 ? status[-id] : "");
+                return;
+        }
+        op->u.single.u64 = (uint64_t)id;
+}
+
 void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                             uint32_t tag, struct vhu_msg *reply) {
+        if (request == VHU_REQ_CREATE_CRYPTO_SESSION) {
+                crypto_session_on_reply(op, reply);
+                return;
+        }
         if (request != VHU_REQ_SET_DEVICE_STATE_FD) {
                 op_check_ack(d, op, request, reply);
                 return;
@@ -141,6 +190,8 @@ void get_shared_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 }
 
 void single_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        if (r == 0 && op->call && op->u.single.request == VHU_REQ_CREATE_CRYPTO_SESSION)
+                op->call->out.crypto_session.session_id = op->u.single.u64;
         if (r == 0 && op->call && op->u.single.request == VHU_REQ_SET_DEVICE_STATE_FD) {
                 op->call->out.state_fd.fd = op->u.single.u64 ? op->u.single.fd : -1;
                 if (op->u.single.u64)

@@ -4,13 +4,42 @@
  * STOP, RESET, REMOVE's last stop, and the dirty-log switch of running rings.
  */
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-eventfd.h"
+#include "vhub-inflight.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
+
+/* ---- the VMM's eventfds ---- */
+
+int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what) {
+        unsigned long long suppressed;
+        char more[96] = "";
+        int r = vhub_eventfd_signal(fd);
+
+        if (r == 0)
+                return 0;
+        if (!vhub_log_ratelimit(&d->eventfd_failures, vhub_now_usec(), &suppressed))
+                return r;
+        if (d->eventfd_failures.total > 1)
+                snprintf(more, sizeof(more), " (%llu more since the last report, %llu in all)",
+                         suppressed, d->eventfd_failures.total);
+        if (r == -EAGAIN)
+                device_log(d, LOG_WARNING, NULL,
+                           "ring %u: the VMM's %s eventfd is not writable (its counter is full and "
+                           "unread): not signalled again%s", index, what, more);
+        else
+                device_log(d, LOG_WARNING, NULL, "ring %u: cannot signal the VMM's %s eventfd: %s%s",
+                           index, what, strerror(-r), more);
+        return r;
+}
 
 /* ---- start ---- */
 
@@ -66,6 +95,14 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
         unsigned n = 0;
 
+        /* the rings are behind IOVAs the daemon cannot resolve: their
+         * indexes cannot be read, so the rings cannot be restarted right */
+        if (features_iommu(d->acked_features)) {
+                op->give_up = true;
+                return device_op_error(op, VHUB_ERR_BACKEND, NULL,
+                                       "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
+                                       d->name);
+        }
         op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
         if (!op->restored)
                 return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
@@ -100,10 +137,19 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
 }
 
 /* The used ring's gpa doubles as the log address. */
-int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t desc,
+int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
                       uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
         struct vhu_vring_addr a = { .index = index, .log = used };
 
+        /* spec "IOMMU support": the back-end resolves them with IOTLB
+         * updates (or asks with a miss); QEMU sends the IOVAs too */
+        if (iova) {
+                a.desc = desc;
+                a.avail = avail;
+                a.used = used;
+                *ret = a;
+                return 0;
+        }
         if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
             vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
             vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
@@ -112,13 +158,32 @@ int vring_addr(const struct vhub_vm *vm, uint32_t index, uint32_t size, uint64_t
         return 0;
 }
 
+/*
+ * spec SET_VRING_ENDIAN: "for legacy devices", once per ring "before the
+ * front-end starts the VQ", when CROSS_ENDIAN is negotiated.  The contract
+ * has no endianness parameter, so a legacy driver (no VERSION_1) is taken to
+ * be of the host's byte order, the only one the daemon knows; a
+ * cross-endian guest is not described (docs/protocol-coverage.md).
+ */
+static int send_vring_endian(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
+        struct vhu_msg m;
+
+        if (!dev_has_pf(d, VHU_PF_CROSS_ENDIAN) ||
+            (start_features(d, op) & (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1)))
+                return 0;
+        vhu_msg_build_state(&m, VHU_REQ_SET_VRING_ENDIAN, device_need_reply(d), v->index,
+                            __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__ ? 1 : 0);
+        return device_send(d, op, &m, TAG(TAGK_VRING, v->index));
+}
+
 static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vhub_vring *v) {
         bool ack = device_need_reply(d);
         struct vhu_vring_addr a;
         struct vhu_msg m;
         int r;
 
-        if (vring_addr(d->vm, v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
+        if (vring_addr(d->vm, features_iommu(op->restore ? d->acked_features : op->u.start.features),
+                       v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
         if (d->vm->logging)
@@ -128,6 +193,8 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
                 return r;
         vhu_msg_build_state(&m, VHU_REQ_SET_VRING_BASE, ack, v->index, v->base);
         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
+                return r;
+        if ((r = send_vring_endian(d, op, v)) < 0)
                 return r;
         vhu_msg_build_vring_addr(&m, ack, &a);
         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v->index))) < 0)
@@ -215,18 +282,22 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                 if ((r = device_send(d, op, &m, 0)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
-        case 4: {
+        case 4:
                 /* one kick per ring, so a kick the driver wrote before the
-                 * back-end watched its fd is never lost */
-                uint64_t one = 1;
-
-                for (unsigned i = 0; i < n; i++)
-                        if (v[i].configured && v[i].kick_fd >= 0 &&
-                            write(v[i].kick_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-                                device_log(d, LOG_WARNING, NULL, "kick on ring %u failed: %s",
-                                           v[i].index, strerror(errno));
-                return OP_STAGE_DONE;
-        }
+                 * back-end watched its fd is never lost; a ring without a
+                 * kick fd gets it in-band */
+                for (unsigned i = 0; i < n; i++) {
+                        if (!v[i].configured)
+                                continue;
+                        if (v[i].kick_fd < 0) {
+                                vhu_msg_build_state(&m, VHU_REQ_VRING_KICK, ack, v[i].index, 0);
+                                if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v[i].index))) < 0)
+                                        return r;
+                        } else {
+                                (void)vring_signal(d, v[i].index, v[i].kick_fd, "kick");
+                        }
+                }
+                return OP_STAGE_NEXT;
         }
         return OP_STAGE_DONE;
 }
@@ -260,14 +331,14 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
 /* GET_VRING_BASE to every configured ring (stopping it); the replies land in
  * stop_on_reply() (stop, remove and reset share it).  Returns
  * device_send()'s error. */
-static int send_get_vring_bases(struct vhub_device *d, struct vhub_op *op) {
+static int send_get_vring_bases(struct vhub_device *d, struct vhub_op *op, uint32_t request) {
         struct vhu_msg m;
         int r;
 
         for (unsigned i = 0; i < d->queues; i++) {
                 if (!d->vrings[i].configured)
                         continue;
-                vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, i, 0);
+                vhu_msg_build_state(&m, request, false, i, 0);
                 if ((r = device_send(d, op, &m, TAG(TAGK_VRING, i))) < 0)
                         return r;
         }
@@ -279,26 +350,61 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
 
         if (op->stage > 0)
                 return OP_STAGE_DONE;
-        if ((r = send_get_vring_bases(d, op)) < 0)
-                return r;
-        return OP_STAGE_NEXT;
+        r = send_get_vring_bases(d, op, op->u.stop.skip_drain ? VHU_REQ_GET_VRING_BASE_SKIP_DRAIN
+                                                              : VHU_REQ_GET_VRING_BASE);
+        return r < 0 ? r : OP_STAGE_NEXT;
+}
+
+/* Whether GET_VRING_BASE's num is a ring position.  spec "A vring
+ * descriptor index for split virtqueues": bits 0-15 the next avail index,
+ * bits 16-31 reserved (zero).  "Vring descriptor indices for packed
+ * virtqueues": bits 0-14 the next avail index and bit 15 its wrap counter,
+ * bits 16-30 the next used index and bit 31 its wrap counter; a packed
+ * ring's indexes are positions in the ring, so below its size. */
+static bool vring_base_valid(const struct vhub_device *d, const struct vhub_vring *v, uint32_t num) {
+        if (!(d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)))
+                return num <= 0xffff;
+        return (num & 0x7fff) < v->size && ((num >> 16) & 0x7fff) < v->size;
+}
+
+/* A reply that breaks the protocol fails the op and loses the back-end:
+ * nothing it said reaches the VMM. */
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void stop_violation(struct vhub_device *d, struct vhub_op *op, uint32_t request,
+                           const char *fmt, ...) {
+        char reason[160];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(reason, sizeof(reason), fmt, ap);
+        va_end(ap);
+        device_op_error(op, VHUB_ERR_BACKEND, REQ(request), "device %s: %s", d->name, reason);
+        snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
+        device_mark_lost(d, reason);
 }
 
 void stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                           uint32_t tag, struct vhu_msg *reply) {
+        const struct vhu_vring_state *st = &reply->payload.state;
         unsigned i = TAG_INDEX(tag);
 
-        if (request != VHU_REQ_GET_VRING_BASE) {
+        if (request != VHU_REQ_GET_VRING_BASE && request != VHU_REQ_GET_VRING_BASE_SKIP_DRAIN) {
                 op_check_ack(d, op, request, reply);
                 return;
         }
-        if (reply->payload.state.index != i || i >= d->queues) {
-                device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
-                                "GET_VRING_BASE reply names ring %u, asked for %u",
-                                reply->payload.state.index, i);
+        if (st->index != i || i >= d->queues) {
+                stop_violation(d, op, request, "GET_VRING_BASE reply names ring %u, asked for %u",
+                               st->index, i);
                 return;
         }
-        d->vrings[i].base = reply->payload.state.num;
+        if (!vring_base_valid(d, &d->vrings[i], st->num)) {
+                stop_violation(d, op, request,
+                               "GET_VRING_BASE reply for ring %u: 0x%x is not a ring index "
+                               "(protocol violation)", i, st->num);
+                return;
+        }
+        d->vrings[i].base = st->num;
 }
 
 /* ---- remove ---- */
@@ -307,7 +413,7 @@ int remove_stage(struct vhub_device *d, struct vhub_op *op) {
         if (op->stage > 0 || !vhub_device_is_connected(d) || d->state != VHUB_DEV_RUNNING)
                 return OP_STAGE_DONE;
         /* stop the rings so the back-end lets go of guest memory cleanly */
-        if (send_get_vring_bases(d, op) < 0)
+        if (send_get_vring_bases(d, op, VHU_REQ_GET_VRING_BASE) < 0)
                 return OP_STAGE_DONE;
         return OP_STAGE_NEXT;
 }
@@ -323,7 +429,7 @@ int reset_stage(struct vhub_device *d, struct vhub_op *op) {
         case 0:
                 if (d->state != VHUB_DEV_RUNNING)
                         return OP_STAGE_NEXT;
-                if ((r = send_get_vring_bases(d, op)) < 0)
+                if ((r = send_get_vring_bases(d, op, VHU_REQ_GET_VRING_BASE)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
         case 1:
@@ -360,7 +466,8 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 
                         if (!v->configured)
                                 continue;
-                        if (vring_addr(d->vm, i, v->size, v->desc, v->avail, v->used, &a) < 0)
+                        if (vring_addr(d->vm, features_iommu(d->acked_features), i, v->size, v->desc,
+                                       v->avail, v->used, &a) < 0)
                                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                                        "ring %u does not lie inside the VM's memory", i);
                         if (op->u.log.enable)
@@ -376,7 +483,9 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (op->restore) {
                 if (r < 0) {
-                        if (vhub_device_is_connected(d))
+                        if (op->give_up)
+                                device_give_up(d, op->error.detail);
+                        else if (vhub_device_is_connected(d))
                                 device_mark_lost(d, op->error.detail);
                         return;
                 }
@@ -406,6 +515,42 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         op_complete_call(d, op, 0);
 }
 
+/*
+ * spec GET_VRING_BASE: with GET_VRING_BASE_INFLIGHT the back-end "may
+ * suspend in-flight I/O requests and record them" in the inflight region
+ * (GET_VRING_BASE_SKIP_DRAIN: must).  The region stays with the device and
+ * goes back with SET_INFLIGHT_FD at the next start, where the back-end
+ * resubmits them; here they are counted for the VMM.  Every request fetched
+ * and not used is suspended, so the count is base - used index.
+ */
+static int32_t stop_count_suspended(struct vhub_device *d, unsigned i) {
+        const struct vhub_vring *v = &d->vrings[i];
+        uint16_t used_idx = 0;
+        unsigned count = 0;
+        int r;
+
+        if (!dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT) || d->inflight_fd < 0)
+                return -1;
+        r = vhub_mem_table_read(&d->vm->mem, v->used + 2, &used_idx, sizeof(used_idx));
+        if (r == 0)
+                r = vhub_inflight_count_split(d->inflight_fd, d->inflight_size, d->inflight_queue_size,
+                                              i, used_idx, &count);
+        if (r < 0) {
+                device_log(d, LOG_WARNING, NULL, "ring %u: cannot read its inflight region: %s", i,
+                           strerror(-r));
+                return -1;
+        }
+        if (count != (uint16_t) (v->base - used_idx))
+                device_log(d, LOG_WARNING, NULL,
+                           "ring %u stopped at %u with used index %u, but %u requests are recorded in flight",
+                           i, v->base, used_idx, count);
+        else if (count > 0)
+                device_log(d, LOG_INFO, NULL,
+                           "ring %u stopped at %u with %u requests suspended in the inflight region", i,
+                           v->base, count);
+        return (int32_t) count;
+}
+
 void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r < 0) {
                 op_complete_call(d, op, r);
@@ -418,6 +563,7 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         if (d->vrings[i].configured) {
                                 op->call->out.device_stop.vrings[n].index = i;
                                 op->call->out.device_stop.vrings[n].base = d->vrings[i].base;
+                                op->call->out.device_stop.vrings[n].inflight = stop_count_suspended(d, i);
                                 n++;
                         }
                 op->call->out.device_stop.n_vrings = n;

@@ -27,8 +27,17 @@ void op_free(struct vhub_op *op) {
                 free(op->u.mem.remove_ids);
                 free(op->u.mem.target_ids);
         }
-        if (op->kind == VHUB_OP_SINGLE && op->u.single.fd >= 0)
-                close(op->u.single.fd);
+        if (op->kind == VHUB_OP_SINGLE) {
+                if (op->u.single.fd >= 0)
+                        close(op->u.single.fd);
+                free(op->u.single.payload);
+        }
+        if (op->kind == VHUB_OP_POSTCOPY) {
+                if (op->u.postcopy.ufd >= 0)
+                        close(op->u.postcopy.ufd);
+                free(op->u.postcopy.table);
+                free(op->u.postcopy.backend_uaddr);
+        }
         if (op->kind == VHUB_OP_GET_SHARED && op->u.shared.fd >= 0)
                 close(op->u.shared.fd);
         free(op->restored);
@@ -97,6 +106,7 @@ static const struct op_class op_classes[_VHUB_OP_MAX] = {
         [VHUB_OP_RESET]      = { "reset", reset_stage, stop_on_reply, reset_complete },
         [VHUB_OP_LOG]        = { "dirty-log", log_stage, op_ack_on_reply, log_complete },
         [VHUB_OP_GET_SHARED] = { "get-shared-object", get_shared_stage, get_shared_on_reply, get_shared_complete },
+        [VHUB_OP_POSTCOPY]   = { "postcopy", postcopy_stage, postcopy_on_reply, postcopy_complete },
 };
 
 const char *vhub_op_kind_to_string(enum vhub_op_kind kind) {
@@ -113,8 +123,9 @@ void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, ui
 }
 
 void op_complete(struct vhub_device *d, struct vhub_op *op, int r) {
+        /* a restore's failure is a failed attempt: the device logs those */
         if (r < 0)
-                device_log(d, LOG_INFO, op->error.request, "%s failed: %s", vhub_op_kind_to_string(op->kind),
-                           op->error.detail);
+                device_log(d, op->restore ? LOG_DEBUG : LOG_INFO, op->error.request, "%s failed: %s",
+                           vhub_op_kind_to_string(op->kind), op->error.detail);
         op_classes[op->kind].complete(d, op, r);
 }

@@ -124,6 +124,11 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 free(vm->log_batch);
                 vm->log_batch = NULL;
         }
+        if (vm->postcopy_batch) {
+                vhub_call_fail(vm->postcopy_batch->call, &err);
+                vhub_vm_batch_free(vm->postcopy_batch);
+                vm->postcopy_batch = NULL;
+        }
         if (vm->destroy_call) {
                 struct vhub_call *c = vm->destroy_call;
 
@@ -144,8 +149,30 @@ void vhub_vm_free(struct vhub_vm *vm) {
 }
 
 void vhub_vm_device_gone(struct vhub_vm *vm) {
-        if (vm->destroying && !vm->freeing && vm->n_devices == 0)
+        if (vm->destroying && !vm->freeing && vm->holds == 0 && vm->n_devices == 0)
                 vhub_vm_free(vm);
+}
+
+/* Resume every parked handshake.  A resumed op may end and free its device
+ * (a failed device.add), so the list is scanned again from the head after
+ * each resume; each resume unparks its device, so this ends.  Returns false
+ * if the VM itself went (being destroyed, its last device gone). */
+static bool vm_resume_parked(struct vhub_vm *vm) {
+        struct vhub_device *d;
+
+        vm->holds++;
+again:
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (vhub_device_is_parked(d)) {
+                        vhub_device_resume_parked(d);
+                        goto again;
+                }
+        vm->holds--;
+        if (vm->destroying && vm->holds == 0 && vm->n_devices == 0) {
+                vhub_vm_free(vm);
+                return false;
+        }
+        return true;
 }
 
 void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
@@ -297,7 +324,6 @@ static void vm_mem_fanout(struct vhub_vm *vm, struct vhub_mem_op *op) {
 
 static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         struct vhub_call *call = op->call;
-        struct vhub_device *d;
         bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
@@ -326,9 +352,8 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         mem_op_free(op, owns_fd);
 
         /* parked handshakes can sync now, then the next change may start */
-        TAILQ_FOREACH(d, &vm->devices, link)
-                vhub_device_resume_parked(d);
-        vm_mem_queue_run(vm);
+        if (vm_resume_parked(vm))
+                vm_mem_queue_run(vm);
 }
 
 static void vm_mem_op_step(struct vhub_vm *vm, struct vhub_mem_op *op) {
@@ -448,6 +473,12 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                /* back-ends registered the table with their userfaultfd at listen */
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
+                goto fail;
+        }
         r = vhub_mem_table_check_new(&vm->mem, region, &err);
         if (r < 0)
                 goto fail;
@@ -513,6 +544,11 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
 
         if (vm->destroying) {
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
+                goto fail;
+        }
+        if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
+                vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
+                               vm->name);
                 goto fail;
         }
         r = vhub_mem_table_find_gpa(&vm->mem, gpa);

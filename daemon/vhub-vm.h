@@ -11,6 +11,7 @@
 #include <sys/queue.h>
 #include <sys/types.h>
 
+#include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-memory.h"
@@ -52,15 +53,27 @@ TAILQ_HEAD(vhub_mem_op_list, vhub_mem_op);
 enum vhub_vm_batch_kind {
         VHUB_BATCH_LOG_START,
         VHUB_BATCH_LOG_STOP,
+        VHUB_BATCH_POSTCOPY,
 };
 
-/* A call that waits for one op on each of several devices (dirty log). */
+/* A call that waits for one op on each of several devices (dirty log, postcopy). */
 struct vhub_vm_batch {
         enum vhub_vm_batch_kind kind;
         struct vhub_call *call;
         unsigned outstanding;
         bool failed;
         struct vhub_error error;
+        /* postcopy: the step, and each device's outcome for the VMM */
+        unsigned postcopy_step;
+        struct vhub_postcopy_device *postcopy;
+        unsigned n_postcopy, cap_postcopy;
+};
+
+/* Where the VM is in a postcopy migration (it is the destination). */
+enum vhub_vm_postcopy {
+        VHUB_VM_POSTCOPY_OFF,
+        VHUB_VM_POSTCOPY_ADVISED,     /* each back-end has handed out its userfaultfd */
+        VHUB_VM_POSTCOPY_LISTENING,   /* back-ends fault on missing pages until end */
 };
 
 struct vhub_vm {
@@ -89,8 +102,13 @@ struct vhub_vm {
         uint64_t log_size;
         struct vhub_vm_batch *log_batch;/* a start/stop in progress */
 
+        enum vhub_vm_postcopy postcopy;
+        struct vhub_vm_batch *postcopy_batch; /* a postcopy step in progress */
+
         bool destroying;
         bool freeing;                   /* vhub_vm_free() is running: start nothing */
+        unsigned holds;                 /* a loop over the devices is running: the last
+                                         * device going does not free the VM yet */
         struct vhub_call *destroy_call;
 };
 
@@ -122,6 +140,16 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call);
 void vhub_vm_dirty_log_stop(struct vhub_vm *vm, struct vhub_call *call);
 void vhub_vm_batch_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, struct vhub_device *dev,
                                int r, const struct vhub_error *err);
+
+/* Postcopy (vhub-vm-postcopy.c): one step on every device of the VM.
+ * advise: call->out.postcopy lists each device's userfaultfd; listen: each
+ * device's regions as its back-end mapped them.  step: enum vhub_postcopy_step. */
+void vhub_vm_postcopy(struct vhub_vm *vm, unsigned step, struct vhub_call *call);
+/* A device's postcopy op ended; ufd and regions are taken (-1 / NULL if none). */
+void vhub_vm_postcopy_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, struct vhub_device *dev,
+                                  int r, const struct vhub_error *err, int ufd,
+                                  struct vhub_postcopy_region *regions, unsigned n_regions);
+void vhub_vm_batch_free(struct vhub_vm_batch *b);
 
 /* Shared objects the VMM exports. fd taken in every case. */
 int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struct vhub_error *err);

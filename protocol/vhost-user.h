@@ -64,7 +64,10 @@ enum vhu_request {
         VHU_REQ_GET_SHARED_OBJECT        = 41,
         VHU_REQ_SET_DEVICE_STATE_FD      = 42,
         VHU_REQ_CHECK_DEVICE_STATE       = 43,
-        VHU_REQ_GET_SHMEM_CONFIG         = 44, /* the SHMEM series; the last one assigned */
+        VHU_REQ_GET_SHMEM_CONFIG         = 44,
+        /* Same payload as GET_VRING_BASE; the back-end suspends in-flight
+         * requests into the inflight region instead of draining them. */
+        VHU_REQ_GET_VRING_BASE_SKIP_DRAIN = 45, /* the last one assigned */
         _VHU_REQ_MAX,
 };
 
@@ -147,6 +150,9 @@ enum vhu_protocol_feature {
 #define VHU_MAX_CONFIG_SIZE     256
 /* VIRTIO shared memory regions one GET_SHMEM_CONFIG reply can describe. */
 #define VHU_MAX_SHMEM_REGIONS   256
+/* spec: a region's size is a multiple of the page size; every Linux page
+ * size is a multiple of this one. */
+#define VHU_SHMEM_SIZE_ALIGN    4096u
 /* The largest payload this implementation accepts in either direction. */
 #define VHU_MAX_PAYLOAD         4096
 #define VHU_HEADER_SIZE         12
@@ -275,6 +281,32 @@ struct vhu_shmem_config {
 };
 
 /* Inflight I/O tracking, split rings (spec "Inflight I/O tracking"). */
+/* CREATE_CRYPTO_SESSION's "Crypto session description": a symmetric
+ * session's virtio-crypto setup data and its keys, laid out as QEMU (up to
+ * 7.2) and DPDK 22.11's rte_vhost send and read it.  The two u64 after the
+ * small fields were the sender's own key pointers; they travel as zero.
+ * The back-end answers with the same structure, session_id filled in
+ * (negative: a virtio-crypto error). */
+#define VHU_CRYPTO_MAX_CIPHER_KEY 64
+#define VHU_CRYPTO_MAX_AUTH_KEY   512
+struct vhu_crypto_session {
+        int64_t session_id;
+        uint32_t op_code;
+        uint32_t cipher_alg;
+        uint32_t cipher_key_len;
+        uint32_t hash_alg;
+        uint32_t hash_result_len;
+        uint32_t auth_key_len;
+        uint32_t aad_len;
+        uint8_t op_type;
+        uint8_t direction;
+        uint8_t hash_mode;
+        uint8_t alg_chain_order;
+        uint64_t key_pointers[2];
+        uint8_t cipher_key[VHU_CRYPTO_MAX_CIPHER_KEY];
+        uint8_t auth_key[VHU_CRYPTO_MAX_AUTH_KEY];
+};
+
 struct vhu_inflight_desc_split {
         uint8_t inflight;
         uint8_t padding[5];
@@ -306,5 +338,6 @@ _Static_assert(sizeof(struct vhu_shared) == 16, "shared");
 _Static_assert(sizeof(struct vhu_device_state) == 8, "device state");
 _Static_assert(sizeof(struct vhu_shmem_map) == 40, "shmem map");
 _Static_assert(sizeof(struct vhu_shmem_config) == 8 + 8 * VHU_MAX_SHMEM_REGIONS, "shmem config");
+_Static_assert(sizeof(struct vhu_crypto_session) == 632, "crypto session");
 _Static_assert(sizeof(struct vhu_inflight_desc_split) == 16, "inflight desc");
 _Static_assert(sizeof(struct vhu_inflight_queue_split) == 16, "inflight queue");

@@ -8,6 +8,7 @@
  * first hdr.size bytes of a payload and the first n_fds entries of fds[].
  */
 #include <errno.h>
+#include <stddef.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -143,6 +144,12 @@ static const char *check_frontend_shape(uint32_t request, const uint8_t *p, uint
                         return "VRING_KICK num is reserved and must be 0";
                 return NULL;
 
+        case VHU_REQ_GET_VRING_BASE_SKIP_DRAIN:
+                /* GET_VRING_BASE's payload: "num ... reserved and must be set to 0" */
+                if (read_u32(p, 4) != 0)
+                        return "GET_VRING_BASE_SKIP_DRAIN num is reserved and must be 0";
+                return NULL;
+
         case VHU_REQ_SET_DEVICE_STATE_FD:
                 if (read_u32(p, 0) > VHU_TRANSFER_LOAD)
                         return "device state transfer direction not save or load";
@@ -228,10 +235,14 @@ int vhu_validate_request(enum vhu_direction dir, uint64_t protocol_features,
                 why = "more fds than one message may carry";
                 goto fail;
         }
-        if (info->protocol_feature >= 0 &&
-            !(protocol_features & VHU_PF_BIT(info->protocol_feature))) {
-                why = "request needs a protocol feature that was not negotiated";
-                goto fail;
+        if (info->protocol_feature >= 0) {
+                uint64_t need = VHU_PF_BIT(info->protocol_feature) |
+                                vhu_protocol_feature_requires((unsigned) info->protocol_feature);
+
+                if ((protocol_features & need) != need) {
+                        why = "request needs a protocol feature that was not negotiated";
+                        goto fail;
+                }
         }
 
         why = check_request_shape(dir, info, m->payload.raw, m->hdr.size, m->n_fds);
@@ -279,6 +290,24 @@ bool vhu_request_expects_reply(enum vhu_direction dir, uint32_t request, uint32_
         return has_own_reply(info, protocol_features) || acked(flags, protocol_features);
 }
 
+/* spec GET_SHMEM_CONFIG: sizes indexed by shmid, nregions of them, each a
+ * multiple of the page size (0: that shmid is unused). */
+static const char *check_shmem_config(const uint8_t *p) {
+        uint32_t nregions = read_u32(p, 0);
+
+        if (nregions > VHU_MAX_SHMEM_REGIONS)
+                return "shmem config nregions larger than 256";
+        for (uint32_t i = 0; i < VHU_MAX_SHMEM_REGIONS; i++) {
+                uint64_t size = read_u64(p, offsetof(struct vhu_shmem_config, memory_sizes) + 8 * i);
+
+                if (i >= nregions && size != 0)
+                        return "shmem config has a size beyond nregions";
+                if (size % VHU_SHMEM_SIZE_ALIGN != 0)
+                        return "shmem region size not a multiple of the page size";
+        }
+        return NULL;
+}
+
 static const char *check_frontend_reply(uint32_t request, const struct vhu_msg *r) {
         const uint8_t *p = r->payload.raw;
         uint32_t size = r->hdr.size;
@@ -320,9 +349,7 @@ static const char *check_frontend_reply(uint32_t request, const struct vhu_msg *
                 return NULL;
 
         case VHU_REQ_GET_SHMEM_CONFIG:
-                if (read_u32(p, 0) > VHU_MAX_SHMEM_REGIONS)
-                        return "shmem config nregions larger than 256";
-                return NULL;
+                return check_shmem_config(p);
 
         default:
                 return NULL;
@@ -519,6 +546,15 @@ int vhu_msg_build_config(struct vhu_msg *m, uint32_t request, bool need_reply,
                 memcpy(config.data, data, size);
         return vhu_msg_build(m, VHU_DIR_FRONTEND, request, need_reply,
                              &config, VHU_CONFIG_HEADER_SIZE + size, NULL, 0);
+}
+
+int vhu_msg_build_postcopy_mem_ack(struct vhu_msg *m, bool need_reply) {
+        uint64_t ok = 0;
+
+        /* not a table: vhu_msg_build() would rightly refuse its shape */
+        fill_msg(m, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | (need_reply ? VHU_FLAG_NEED_REPLY : 0),
+                 &ok, sizeof(ok), NULL, 0);
+        return 0;
 }
 
 int vhu_msg_build_reply(struct vhu_msg *r, const struct vhu_msg *request,

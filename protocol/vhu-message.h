@@ -39,6 +39,7 @@ struct vhu_msg {
                 struct vhu_device_state device_state;
                 struct vhu_shmem_map shmem_map;
                 struct vhu_shmem_config shmem_config;
+                struct vhu_crypto_session crypto_session;
                 uint8_t raw[VHU_MAX_PAYLOAD];
         } payload;
         int fds[VHU_MAX_FDS];
@@ -76,6 +77,14 @@ const struct vhu_request_info *vhu_request_info(enum vhu_direction dir, uint32_t
 const char *vhu_request_name(enum vhu_direction dir, uint32_t request);
 /* "REPLY_ACK"; NULL for bits the spec does not name. */
 const char *vhu_protocol_feature_name(unsigned bit);
+/*
+ * The protocol features the spec allows bit only together with (e.g.
+ * GET_VRING_BASE_SKIP_DRAIN needs GET_VRING_BASE_INFLIGHT and
+ * INFLIGHT_SHMFD); 0 for none.  vhu_validate_request() requires them too.
+ */
+uint64_t vhu_protocol_feature_requires(unsigned bit);
+/* pf without every bit whose prerequisites it lacks (transitively). */
+uint64_t vhu_protocol_features_consistent(uint64_t pf);
 
 /* Message lifetime. */
 void vhu_msg_init(struct vhu_msg *m);                 /* zero, no fds */
@@ -113,6 +122,14 @@ int vhu_msg_build_mem_single(struct vhu_msg *m, uint32_t request, bool need_repl
 /* GET_CONFIG (data NULL: zeroes of size bytes) / SET_CONFIG. */
 int vhu_msg_build_config(struct vhu_msg *m, uint32_t request, bool need_reply,
                          uint32_t offset, uint32_t size, uint32_t flags, const void *data);
+
+/*
+ * spec "Postcopy": the front-end's confirmation, after the back-end answered
+ * a SET_MEM_TABLE in postcopy mode with its own mapping addresses, that it
+ * can now serve faults in them -- a SET_MEM_TABLE carrying a u64 0 (not a
+ * table).  With need_reply the back-end's REPLY_ACK to the table follows.
+ */
+int vhu_msg_build_postcopy_mem_ack(struct vhu_msg *m, bool need_reply);
 
 /*
  * Whether the peer will answer a request just sent with these flags, given

@@ -7,6 +7,7 @@
  * Request-specific rules that a size range cannot express (nregions vs size,
  * "no fd" bits, config size) live in vhu-message.c.
  */
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "vhu-message.h"
@@ -159,6 +160,12 @@ static const struct vhu_request_info frontend_requests[_VHU_REQ_MAX] = {
               0, 0, 0, 0, VHU_REPLY_ALWAYS,
               sizeof(struct vhu_shmem_config), sizeof(struct vhu_shmem_config), 0,
               VHU_PF_SHMEM),
+        /* GET_VRING_BASE's payload and reply; the feature's prerequisites
+         * (GET_VRING_BASE_INFLIGHT, INFLIGHT_SHMFD) are in
+         * vhu_protocol_feature_requires(). */
+        ENTRY(VHU_REQ_GET_VRING_BASE_SKIP_DRAIN, "GET_VRING_BASE_SKIP_DRAIN",
+              STATE, STATE, 0, 0, VHU_REPLY_ALWAYS, STATE, STATE, 0,
+              VHU_PF_GET_VRING_BASE_SKIP_DRAIN),
 };
 
 /*
@@ -222,6 +229,43 @@ static const char *const protocol_feature_names[_VHU_PF_MAX] = {
         [VHU_PF_SHMEM]                     = "SHMEM",
         [VHU_PF_GET_VRING_BASE_SKIP_DRAIN] = "GET_VRING_BASE_SKIP_DRAIN",
 };
+
+uint64_t vhu_protocol_feature_requires(unsigned bit) {
+        switch (bit) {
+        case VHU_PF_INBAND_NOTIFICATIONS:
+                /* spec "In-band notifications": "an error to negotiate this
+                 * feature without" BACKEND_REQ and REPLY_ACK */
+                return VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_REPLY_ACK);
+        case VHU_PF_GET_VRING_BASE_INFLIGHT:
+                /* spec GET_VRING_BASE: "must only be negotiated if
+                 * INFLIGHT_SHMFD is also negotiated" */
+                return VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD);
+        case VHU_PF_GET_VRING_BASE_SKIP_DRAIN:
+                /* suspended requests are recorded in the inflight region */
+                return VHU_PF_BIT(VHU_PF_GET_VRING_BASE_INFLIGHT) |
+                       VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD);
+        default:
+                return 0;
+        }
+}
+
+uint64_t vhu_protocol_features_consistent(uint64_t pf) {
+        bool changed = true;
+
+        /* a dropped bit may be another's prerequisite: repeat until stable */
+        while (changed) {
+                changed = false;
+                for (unsigned bit = 0; bit < 64; bit++) {
+                        uint64_t need = vhu_protocol_feature_requires(bit);
+
+                        if ((pf & VHU_PF_BIT(bit)) && (pf & need) != need) {
+                                pf &= ~VHU_PF_BIT(bit);
+                                changed = true;
+                        }
+                }
+        }
+        return pf;
+}
 
 const struct vhu_request_info *vhu_request_info(enum vhu_direction dir, uint32_t request) {
         const struct vhu_request_info *info = NULL;

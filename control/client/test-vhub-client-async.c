@@ -316,7 +316,7 @@ static void test_errors_timeouts_events(void) {
                   (long long)msg_id(m));
         json_decref(m);
         dispatch_until(c, &s.ran, 1);
-        CHECK(s.id[0] == id_err && s.status[0] == -EREMOTEIO && s.code[0] == VHUB_E_EXISTS);
+        CHECK(s.id[0] == id_err && s.status[0] == -EREMOTEIO && s.code[0] == VHUB_ERR_EXISTS);
         CHECK(strcmp(s.detail[0], "VM a exists") == 0 && !s.result[0]);
         CHECK(strcmp(vhub_client_error_code_name(s.code[0]), "already exists") == 0);
 

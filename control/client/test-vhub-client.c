@@ -444,7 +444,7 @@ static void test_errors(void) {
                                   &err),
                  -EREMOTEIO);
         CHECK(r == (json_t *)0x1); /* untouched on failure */
-        CHECK_EQ(err.code, VHUB_E_BACKEND);
+        CHECK_EQ(err.code, VHUB_ERR_BACKEND);
         CHECK(strcmp(err.message, "back-end error") == 0);
         CHECK(strcmp(err.detail, "GET_CONFIG failed") == 0);
         CHECK(strcmp(err.device, "disk0") == 0);
@@ -461,7 +461,7 @@ static void test_errors(void) {
         CHECK_EQ(vhub_client_call(c, "vm.destroy", json_pack("{s:s}", "vm", "nope"), NULL, 0, 5000, &r,
                                   NULL, NULL, &err),
                  -EREMOTEIO);
-        CHECK_EQ(err.code, VHUB_E_NO_SUCH_VM);
+        CHECK_EQ(err.code, VHUB_ERR_NO_VM);
         CHECK(err.detail[0] == '\0');
         CHECK_EQ(vhub_client_queued_responses(c), 0); /* the abandoned one was dropped */
 
@@ -548,7 +548,7 @@ static void test_violations(void) {
         c = scenario_start(&sc, script_null_id);
         memset(&err, 0, sizeof(err));
         CHECK_EQ(vhub_client_call(c, "a", NULL, NULL, 0, 5000, &r, NULL, NULL, &err), -EPROTO);
-        CHECK_EQ(err.code, VHUB_E_INVALID_REQUEST);
+        CHECK_EQ(err.code, VHUB_ERR_INVALID_REQUEST);
         CHECK(strcmp(err.detail, "fds") == 0);
         scenario_finish(&sc);
         vhub_client_free(c);

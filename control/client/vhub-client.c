@@ -103,25 +103,7 @@ static void msg_queue_clear(struct client_msg_queue *q) {
 }
 
 const char *vhub_client_error_code_name(int code) {
-        switch (code) {
-        case VHUB_E_PARSE: return "parse error";
-        case VHUB_E_INVALID_REQUEST: return "invalid request";
-        case VHUB_E_METHOD_NOT_FOUND: return "method not found";
-        case VHUB_E_INVALID_PARAMS: return "invalid params";
-        case VHUB_E_INTERNAL: return "internal error";
-        case VHUB_E_NO_SUCH_VM: return "no such VM";
-        case VHUB_E_NO_SUCH_DEVICE: return "no such device";
-        case VHUB_E_EXISTS: return "already exists";
-        case VHUB_E_WRONG_STATE: return "wrong state";
-        case VHUB_E_UNSUPPORTED: return "not supported by the back-end";
-        case VHUB_E_BACKEND: return "back-end error";
-        case VHUB_E_BACKEND_TIMEOUT: return "back-end timed out";
-        case VHUB_E_LIMIT: return "resource limit reached";
-        case VHUB_E_BAD_REGION: return "bad memory region";
-        case VHUB_E_NOT_ALLOWED: return "back-end not allowed";
-        case VHUB_E_RESTARTED: return "daemon restarted during the request";
-        default: return NULL;
-        }
+        return vhub_contract_error_message(code);
 }
 
 void client_error_from_json(const json_t *error, struct vhub_client_error *ret) {

@@ -56,6 +56,11 @@ struct fixture {
         unsigned n_pfds;
 
         int fd_count_start;
+
+        /* the optional ops */
+        unsigned n_eof;
+        unsigned n_drained;
+        unsigned admit_limit;   /* admit_fds refuses past this many held */
 };
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -157,7 +162,8 @@ static const struct rpc_conn_ops test_ops = {
         .on_close = on_close,
 };
 
-static void fx_init(struct fixture *f, const struct rpc_conn_limits *limits) {
+static void fx_init_ops(struct fixture *f, const struct rpc_conn_limits *limits,
+                        const struct rpc_conn_ops *ops) {
         int sv[2];
 
         memset(f, 0, sizeof(*f));
@@ -165,10 +171,14 @@ static void fx_init(struct fixture *f, const struct rpc_conn_limits *limits) {
         f->base = event_base_new();
         CHECK(f->base);
         CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-        CHECK(rpc_conn_new(f->base, sv[0], limits, &test_ops, f, &f->conn) == 0);
+        CHECK(rpc_conn_new(f->base, sv[0], limits, ops, f, &f->conn) == 0);
         CHECK(f->conn);
         f->peer = sv[1];
         CHECK(fcntl(f->peer, F_SETFL, O_NONBLOCK) == 0);
+}
+
+static void fx_init(struct fixture *f, const struct rpc_conn_limits *limits) {
+        fx_init_ops(f, limits, &test_ops);
 }
 
 static void fx_fini(struct fixture *f) {
@@ -1003,10 +1013,170 @@ static void test_send_errors(void) {
         json_decref(data);
 }
 
+/* ---- the optional ops: on_eof, admit_fds, on_drained ------------------ */
+
+static void on_eof(struct rpc_conn *c, void *userdata) {
+        struct fixture *f = userdata;
+
+        CHECK(!f->in_message);
+        f->n_eof++;
+}
+
+static int admit_fds(struct rpc_conn *c, unsigned n, char *detail, size_t len, void *userdata) {
+        struct fixture *f = userdata;
+
+        CHECK(n > 0);
+        if (rpc_conn_fds_held(c) <= f->admit_limit)
+                return 0;
+        snprintf(detail, len, "%u fds over the test's budget", n);
+        return -EMFILE;
+}
+
+static void on_drained(struct rpc_conn *c, void *userdata) {
+        struct fixture *f = userdata;
+
+        CHECK(rpc_conn_queued_bytes(c) == 0);
+        f->n_drained++;
+}
+
+static const struct rpc_conn_ops ext_ops = {
+        .on_message = on_message,
+        .on_close = on_close,
+        .on_eof = on_eof,
+        .admit_fds = admit_fds,
+        .on_drained = on_drained,
+};
+
+/* SHUT_WR from the peer: reading stops, the connection stays open for the
+ * owner's late answer, and closes when the owner says so. */
+static void test_half_close(void) {
+        struct fixture f;
+        json_t *m, *late;
+
+        fx_init_ops(&f, NULL, &ext_ops);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"slow\"}\n{\"partial");
+        CHECK(shutdown(f.peer, SHUT_WR) == 0);
+        pump(&f);
+        CHECK(f.n_msgs == 1 && f.n_eof == 1 && f.n_close == 0);
+        CHECK(rpc_conn_read_closed(f.conn) && !rpc_conn_is_closing(f.conn));
+        /* the answer comes later, from the owner */
+        late = json_pack("{s:s, s:i, s:s}", "jsonrpc", "2.0", "id", 4, "result", "late");
+        CHECK(late && rpc_conn_send(f.conn, late, NULL, 0) == 0);
+        json_decref(late);
+        m = peer_read_msg(&f);
+        CHECK(strcmp(json_string_value(json_object_get(m, "result")), "late") == 0);
+        json_decref(m);
+        CHECK(f.n_close == 0);
+        rpc_conn_close_after_flush(f.conn, "answered");
+        peer_expect_eof(&f);
+        CHECK(f.n_close == 1 && strcmp(f.reason, "answered") == 0);
+        fx_fini(&f);
+
+        /* a peer that closed outright is let go without waiting */
+        fx_init_ops(&f, NULL, &ext_ops);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"slow\"}\n");
+        close(f.peer);
+        f.peer = -1;
+        pump(&f);
+        CHECK(f.n_eof == 0 && f.n_close == 1);
+        fx_fini(&f);
+}
+
+/* admit_fds refuses: -32008 with its detail, every queued fd closed, closed. */
+static void test_admit_fds(void) {
+        const char *head = "{\"jsonrpc\":\"2.0\",", *more = "\"id\":1,";
+        struct fixture f;
+        int fds[4];
+        json_t *m;
+
+        fx_init_ops(&f, NULL, &ext_ops);
+        for (int i = 0; i < 4; i++)
+                fds[i] = make_memfd("x");
+        f.admit_limit = 3;      /* the socket and two fds */
+        peer_send(&f, head, strlen(head), fds, 2);
+        pump(&f);
+        CHECK(f.n_close == 0);
+        peer_send(&f, more, strlen(more), fds + 2, 2);
+        pump(&f);
+        m = peer_read_msg(&f);
+        check_error(m, -32008, true);
+        CHECK(strstr(json_string_value(json_object_get(json_object_get(json_object_get(m, "error"),
+                                                                       "data"), "detail")),
+                     "over the test's budget"));
+        json_decref(m);
+        peer_expect_eof(&f);
+        pump(&f);
+        CHECK(f.n_close == 1 && f.conn == NULL);
+        for (int i = 0; i < 4; i++)
+                close(fds[i]);
+        fx_fini(&f);   /* checks that no fd is left */
+}
+
+/* Small lines share chunks (memory close to the bytes queued), a line with
+ * fds still carries them with its own first byte, send_parts assembles one
+ * line, and on_drained follows the queue emptying. */
+static void test_out_chunks(void) {
+        struct fixture f;
+        struct iovec parts[3] = { { (char *) "[1,", 3 }, { (char *) "2", 1 }, { (char *) ",3]", 3 } };
+        int fd = make_memfd("chunk");
+        json_t *small = json_pack("{s:s, s:s, s:{}}", "jsonrpc", "2.0", "method", "event", "params");
+        json_t *withfd = json_pack("{s:s, s:s, s:{s:i}, s:i}", "jsonrpc", "2.0", "method", "event",
+                                   "params", "fd", 0, "fds", 1);
+        size_t peak, len_small, len_fd;
+        char *dump;
+
+        CHECK(small && withfd);
+        dump = json_dumps(small, JSON_COMPACT);
+        len_small = strlen(dump) + 1;
+        free(dump);
+        dump = json_dumps(withfd, JSON_COMPACT);
+        len_fd = strlen(dump) + 1;
+        free(dump);
+        fx_init_ops(&f, NULL, &ext_ops);
+        for (int i = 0; i < 2000; i++)
+                CHECK(rpc_conn_send(f.conn, small, NULL, 0) == 0);
+        CHECK(rpc_conn_send(f.conn, withfd, &fd, 1) == 0);
+        CHECK(rpc_conn_send_parts(f.conn, parts, 3) == 0);
+        CHECK(rpc_conn_send(f.conn, small, NULL, 0) == 0);
+        peak = rpc_conn_take_peak_memory(f.conn);
+        /* the queue holds the lines' bytes, not an allocation each */
+        CHECK(rpc_conn_queued_bytes(f.conn) == 2001 * len_small + len_fd + 8);
+        CHECK(peak >= rpc_conn_queued_bytes(f.conn) && peak < 2 * rpc_conn_queued_bytes(f.conn));
+        CHECK(rpc_conn_queued_fds(f.conn) == 1);
+        for (int i = 0; i < 2000; i++) {
+                json_t *m = peer_read_msg(&f);
+
+                CHECK(json_is_object(json_object_get(m, "params")));
+                json_decref(m);
+        }
+        {
+                json_t *m = peer_read_msg(&f);
+
+                CHECK(json_integer_value(json_object_get(m, "fds")) == 1);
+                CHECK(f.n_pfds == 1);
+                check_memfd(f.pfds[0], "chunk");
+                json_decref(m);
+                m = peer_read_msg(&f);
+                CHECK(json_is_array(m) && json_array_size(m) == 3);
+                json_decref(m);
+                m = peer_read_msg(&f);
+                json_decref(m);
+        }
+        pump(&f);
+        CHECK(rpc_conn_queued_bytes(f.conn) == 0 && f.n_drained >= 1);
+        json_decref(small);
+        json_decref(withfd);
+        fx_fini(&f);
+        close(fd);      /* made before the fixture counted its fds */
+}
+
 static const struct {
         const char *name;
         void (*run)(void);
 } scenarios[] = {
+        { "half-close", test_half_close },
+        { "admit-fds", test_admit_fds },
+        { "out-chunks", test_out_chunks },
         { "split", test_split },
         { "many", test_many },
         { "fds-in", test_fds_in },

@@ -221,24 +221,36 @@ int cmd_device_start(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
+        json_t *params = device_params(ctl, a), *res = NULL, *v;
         struct ctl_table t;
-        json_t *res = NULL, *v;
+        bool inflight;
         size_t i;
         int r;
 
-        r = ctl_query(ctl, "device.stop", device_params(ctl, a), true, &res);
+        if (ctl_flag(a, "no-drain"))
+                json_object_set_new(params, "drain", json_false());
+        r = ctl_query(ctl, "device.stop", params, true, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
-        if (ctl_table_init(&t, 2, "INDEX", "BASE") < 0) {
+        /* INFLIGHT (GET_VRING_BASE_INFLIGHT back-ends only): requests the
+         * back-end suspended instead of completing them */
+        inflight = json_object_get(json_array_get(json_object_get(res, "vrings"), 0), "inflight") != NULL;
+        if ((inflight ? ctl_table_init(&t, 3, "INDEX", "BASE", "INFLIGHT")
+                      : ctl_table_init(&t, 2, "INDEX", "BASE")) < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
         }
         json_array_foreach(json_object_get(res, "vrings"), i, v) {
-                char idx[16], base[16];
+                char idx[16], base[16], susp[16];
 
                 snprintf(idx, sizeof(idx), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(v, "index")));
                 snprintf(base, sizeof(base), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(v, "base")));
-                ctl_table_add(&t, idx, base);
+                snprintf(susp, sizeof(susp), "%" JSON_INTEGER_FORMAT,
+                         json_integer_value(json_object_get(v, "inflight")));
+                if (inflight)
+                        ctl_table_add(&t, idx, base, susp);
+                else
+                        ctl_table_add(&t, idx, base);
         }
         ctl_table_print(&t);
         ctl_table_done(&t);
@@ -248,6 +260,18 @@ int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a) {
 
 int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a) {
         return ctl_call_simple(ctl, "device.reset", device_params(ctl, a), NULL, 0);
+}
+
+int cmd_device_kick(struct ctl *ctl, const struct ctl_args *a) {
+        json_t *params;
+        uint64_t index;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, "INDEX", a->pos[2], 255, &index)) != 0)
+                return r;
+        params = device_params(ctl, a);
+        json_object_set_new(params, "index", json_integer((json_int_t)index));
+        return ctl_call_simple(ctl, "device.kick", params, NULL, 0);
 }
 
 /* ---- config space ---- */

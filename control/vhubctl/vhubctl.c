@@ -32,6 +32,7 @@ static const struct ctl_opt_spec opts_config_get[] = {
 static const struct ctl_opt_spec opts_config_set[] = {
         { "base64", false, false }, { "file", true, false }, { NULL, false, false } };
 static const struct ctl_opt_spec opts_state[] = { { "no-check", false, false }, { NULL, false, false } };
+static const struct ctl_opt_spec opts_device_stop[] = { { "no-drain", false, false }, { NULL, false, false } };
 static const struct ctl_opt_spec opts_events[] = {
         { "vm", true, false }, { "count", true, false }, { NULL, false, false } };
 static const struct ctl_opt_spec opts_call[] = {
@@ -59,7 +60,10 @@ static const struct ctl_command commands[] = {
         { "device list", "VM", "the VM's devices and their states", NULL, 1, 1, cmd_device_list },
         { "device start", "VM DEVICE --features F --vrings JSON|@FILE|-",
           "start the vrings (for testing: vhubctl makes the eventfds)", opts_device_start, 2, 2, cmd_device_start },
-        { "device stop", "VM DEVICE", "stop every vring; prints their bases", NULL, 2, 2, cmd_device_stop },
+        { "device stop", "VM DEVICE [--no-drain]",
+          "stop every vring; prints their bases (--no-drain: suspend requests in flight)",
+          opts_device_stop, 2, 2, cmd_device_stop },
+        { "device kick", "VM DEVICE INDEX", "kick a ring in-band (VRING_KICK)", NULL, 3, 3, cmd_device_kick },
         { "device reset", "VM DEVICE", "reset the device back to ready", NULL, 2, 2, cmd_device_reset },
         { "device config get", "VM DEVICE OFFSET SIZE [--base64 | --raw]", "read config space (hex dump)",
           opts_config_get, 4, 4, cmd_device_config_get },
@@ -167,7 +171,11 @@ json_t *ctl_vm_params(const struct ctl *ctl, const char *vm) {
 }
 
 void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhub_client_error *e) {
-        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, e->message[0] ? e->message : "error");
+        const char *known = vhub_contract_error_message(e->code);
+        /* the daemon always sends a message; an empty one is named from the code */
+        const char *message = e->message[0] ? e->message : known ? known : "error";
+
+        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, message);
         if (e->detail[0])
                 fprintf(stderr, ": %s", e->detail);
         if (e->device[0] || e->request[0])
@@ -183,7 +191,7 @@ void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhu
                         json_object_set_new(data, "device", json_string(e->device));
                 if (e->request[0])
                         json_object_set_new(data, "request", json_string(e->request));
-                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", e->message,
+                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", message,
                                 "data", data);
                 ctl_print_json(err);
                 json_decref(err);

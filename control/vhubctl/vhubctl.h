@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * vhubctl: the operator's command-line client for vhubd's control API
- * (shared/spec/control-api.md).  One subcommand per method; readable tables
+ * (docs/control-api.md).  One subcommand per method; readable tables
  * by default, the daemon's JSON with --json.
  *
  * Every command returns an exit status (enum ctl_exit), never exits itself:
@@ -167,6 +167,7 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_start(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a);
+int cmd_device_kick(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_config_get(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_config_set(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_net_rarp(struct ctl *ctl, const struct ctl_args *a);

@@ -38,6 +38,13 @@ def seed(n_fds, pf, *msgs):
 
 
 UUID = bytes(range(0x10, 0x20))
+SKIP_DRAIN_PF = PF["GET_VRING_BASE_SKIP_DRAIN"] | PF["GET_VRING_BASE_INFLIGHT"] | PF["INFLIGHT_SHMFD"]
+
+
+def STATE(index, num):
+    return struct.pack("<II", index, num)
+
+
 SHMEM_MAP = struct.pack("<B7xQQQQ", 0, 0, 4096, 8192, 1)
 
 SEEDS = {
@@ -72,6 +79,19 @@ SEEDS = {
                                 msg(42, VERSION | REPLY, u64(0x100))),
     "get-shmem-config-reply": seed(0, PF["SHMEM"], msg(44, VERSION | REPLY,
                                    struct.pack("<II", 3, 0) + b"".join(u64((1 << 20) * (i < 3)) for i in range(256)))),
+    # bits 20-23 and request 45 (GET_VRING_BASE_SKIP_DRAIN needs 23, 20 and 12)
+    "get-vring-base-skip-drain": seed(0, SKIP_DRAIN_PF, msg(45, VERSION, STATE(1, 0)),
+                                      msg(45, VERSION | REPLY, STATE(1, 17))),
+    "get-vring-base-skip-drain-no-inflight": seed(0, PF["GET_VRING_BASE_SKIP_DRAIN"] | PF["INFLIGHT_SHMFD"],
+                                                  msg(45, VERSION, STATE(0, 0))),
+    "get-vring-base-skip-drain-num": seed(0, SKIP_DRAIN_PF, msg(45, VERSION, STATE(0, 1))),
+    "get-shmem-config-unaligned": seed(0, PF["SHMEM"], msg(44, VERSION | REPLY,
+                                       struct.pack("<II", 2, 0) + u64(0x1001) + bytes(8 * 255))),
+    "get-shmem-config-beyond-nregions": seed(0, PF["SHMEM"], msg(44, VERSION | REPLY,
+                                             struct.pack("<II", 1, 0) + u64(0) + u64(1 << 20) + bytes(8 * 254))),
+    "vring-kick-inband": seed(0, PF["INBAND_NOTIFICATIONS"] | PF["BACKEND_REQ"] | PF["REPLY_ACK"],
+                              msg(35, VERSION | NEED_REPLY, STATE(1, 0)), msg(35, VERSION | REPLY, u64(0))),
+    "set-vring-endian": seed(0, PF["CROSS_ENDIAN"], msg(23, VERSION, STATE(0, 0))),
     "iotlb-update": seed(0, 0, msg(22, VERSION | NEED_REPLY,
                                    struct.pack("<QQQBB6x", 0x1000, 0x1000, 0x7f0000001000, 3, 2))),
     "two-messages": seed(0, PF["REPLY_ACK"], msg(2, VERSION | NEED_REPLY, u64(0x140000000)),

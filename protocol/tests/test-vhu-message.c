@@ -36,6 +36,21 @@ static const uint8_t sample_uuid[16] = {
         0x81, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef,
 };
 
+/* Validate m as a front-end request with all features; expect rejection. */
+#define CHECK_REJECTED(dir, pf, m)                                              \
+        do {                                                                    \
+                const char *_why = NULL;                                        \
+                CHECK_EQ(vhu_validate_request((dir), (pf), (m), &_why), -EPROTO); \
+                CHECK(_why != NULL);                                            \
+        } while (0)
+
+#define CHECK_REPLY_REJECTED(dir, req, flags, pf, m)                            \
+        do {                                                                    \
+                const char *_why = NULL;                                        \
+                CHECK_EQ(vhu_validate_reply((dir), (req), (flags), (pf), (m), &_why), -EPROTO); \
+                CHECK(_why != NULL);                                            \
+        } while (0)
+
 /* A valid request of every kind, built with the public builders. */
 static int build_valid_request(enum vhu_direction dir, uint32_t req, bool need_reply,
                                struct vhu_msg *m) {
@@ -116,6 +131,7 @@ static int build_valid_request(enum vhu_direction dir, uint32_t req, bool need_r
                 return vhu_msg_build_state(m, req, need_reply, 0, 256);
         case VHU_REQ_SET_VRING_BASE:
         case VHU_REQ_GET_VRING_BASE:
+        case VHU_REQ_GET_VRING_BASE_SKIP_DRAIN:
         case VHU_REQ_VRING_KICK:
                 return vhu_msg_build_state(m, req, need_reply, 1, 0);
         case VHU_REQ_SET_VRING_ENABLE:
@@ -209,7 +225,8 @@ static int build_valid_own_reply(enum vhu_direction dir, const struct vhu_msg *r
         case VHU_REQ_CHECK_DEVICE_STATE:
         case VHU_REQ_SET_LOG_BASE:
                 return vhu_msg_build_reply_u64(r, req, 0);
-        case VHU_REQ_GET_VRING_BASE: {
+        case VHU_REQ_GET_VRING_BASE:
+        case VHU_REQ_GET_VRING_BASE_SKIP_DRAIN: {
                 struct vhu_vring_state state = { .index = 1, .num = 42 };
 
                 return vhu_msg_build_reply(r, req, &state, sizeof(state), NULL, 0);
@@ -299,6 +316,9 @@ static void test_table(void) {
         CHECK(strcmp(vhu_request_name(VHU_DIR_FRONTEND, VHU_REQ_GET_FEATURES), "GET_FEATURES") == 0);
         CHECK(strcmp(vhu_request_name(VHU_DIR_FRONTEND, 21), "SET_BACKEND_REQ_FD") == 0);
         CHECK(strcmp(vhu_request_name(VHU_DIR_FRONTEND, 44), "GET_SHMEM_CONFIG") == 0);
+        CHECK(strcmp(vhu_request_name(VHU_DIR_FRONTEND, 45), "GET_VRING_BASE_SKIP_DRAIN") == 0);
+        CHECK_EQ(_VHU_REQ_MAX, 46);
+        CHECK_EQ(_VHU_PF_MAX, 24);
         CHECK(strcmp(vhu_request_name(VHU_DIR_BACKEND, 8), "SHARED_OBJECT_LOOKUP") == 0);
         CHECK(strcmp(vhu_request_name(VHU_DIR_BACKEND, 3), "VRING_HOST_NOTIFIER_MSG") == 0);
         CHECK(strcmp(vhu_request_name(VHU_DIR_BACKEND, 10), "SHMEM_UNMAP") == 0);
@@ -318,6 +338,77 @@ static void test_table(void) {
         CHECK_EQ(vhu_request_info(VHU_DIR_FRONTEND, VHU_REQ_SET_LOG_BASE)->reply,
                  VHU_REPLY_IF_LOG_SHMFD);
         CHECK_EQ(vhu_request_info(VHU_DIR_BACKEND, VHU_BREQ_SHMEM_MAP)->min_fds, 1);
+        {
+                const struct vhu_request_info *skip =
+                        vhu_request_info(VHU_DIR_FRONTEND, VHU_REQ_GET_VRING_BASE_SKIP_DRAIN);
+                const struct vhu_request_info *get =
+                        vhu_request_info(VHU_DIR_FRONTEND, VHU_REQ_GET_VRING_BASE);
+
+                /* GET_VRING_BASE's payload and reply, gated on bit 23 */
+                CHECK_EQ(skip->protocol_feature, VHU_PF_GET_VRING_BASE_SKIP_DRAIN);
+                CHECK_EQ(skip->min_size, get->min_size);
+                CHECK_EQ(skip->max_size, get->max_size);
+                CHECK_EQ(skip->reply, VHU_REPLY_ALWAYS);
+                CHECK_EQ(skip->reply_min_size, get->reply_min_size);
+                CHECK_EQ(skip->reply_max_size, get->reply_max_size);
+                CHECK_EQ(skip->max_fds + skip->reply_max_fds, 0);
+        }
+        /* bits 20-23 as the spec numbers them late 2026 */
+        CHECK_EQ(VHU_PF_GET_VRING_BASE_INFLIGHT, 20);
+        CHECK_EQ(VHU_PF_GPA_ADDRESSES, 21);
+        CHECK_EQ(VHU_PF_SHMEM, 22);
+        CHECK_EQ(VHU_PF_GET_VRING_BASE_SKIP_DRAIN, 23);
+        CHECK(strcmp(vhu_protocol_feature_name(20), "GET_VRING_BASE_INFLIGHT") == 0);
+        CHECK(strcmp(vhu_protocol_feature_name(21), "GPA_ADDRESSES") == 0);
+        CHECK(strcmp(vhu_protocol_feature_name(22), "SHMEM") == 0);
+}
+
+/* Bits the spec allows only together with others, and the fix-up of a set. */
+static void test_feature_prerequisites(void) {
+        const uint64_t inflight = VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD);
+        const uint64_t base_inflight = VHU_PF_BIT(VHU_PF_GET_VRING_BASE_INFLIGHT);
+        const uint64_t skip = VHU_PF_BIT(VHU_PF_GET_VRING_BASE_SKIP_DRAIN);
+        const uint64_t inband = VHU_PF_BIT(VHU_PF_INBAND_NOTIFICATIONS);
+        const uint64_t chan = VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_REPLY_ACK);
+        struct vhu_msg m;
+
+        test_set_context("protocol feature prerequisites");
+        CHECK_EQ(vhu_protocol_feature_requires(VHU_PF_GET_VRING_BASE_SKIP_DRAIN), base_inflight | inflight);
+        CHECK_EQ(vhu_protocol_feature_requires(VHU_PF_GET_VRING_BASE_INFLIGHT), inflight);
+        CHECK_EQ(vhu_protocol_feature_requires(VHU_PF_INBAND_NOTIFICATIONS), chan);
+        CHECK_EQ(vhu_protocol_feature_requires(VHU_PF_SHMEM), 0);
+        CHECK_EQ(vhu_protocol_feature_requires(VHU_PF_GPA_ADDRESSES), 0);
+        CHECK_EQ(vhu_protocol_feature_requires(63), 0);
+        CHECK_EQ(vhu_protocol_features_consistent(ALL_PF), ALL_PF);
+        CHECK_EQ(vhu_protocol_features_consistent(0), 0);
+        CHECK_EQ(vhu_protocol_features_consistent(skip | base_inflight | inflight),
+                 skip | base_inflight | inflight);
+        CHECK_EQ(vhu_protocol_features_consistent(skip | base_inflight), 0);  /* transitively */
+        CHECK_EQ(vhu_protocol_features_consistent(skip | inflight), inflight);
+        CHECK_EQ(vhu_protocol_features_consistent(base_inflight), 0);
+        CHECK_EQ(vhu_protocol_features_consistent(inband | VHU_PF_BIT(VHU_PF_REPLY_ACK)),
+                 VHU_PF_BIT(VHU_PF_REPLY_ACK));
+        CHECK_EQ(vhu_protocol_features_consistent(inband | chan | VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
+                 inband | chan | VHU_PF_BIT(VHU_PF_GPA_ADDRESSES));
+
+        test_set_context("GET_VRING_BASE_SKIP_DRAIN needs bits 23, 20 and 12");
+        vhu_msg_init(&m);
+        CHECK_EQ(vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE_SKIP_DRAIN, false, 3, 0), 0);
+        CHECK_EQ(vhu_validate_request(VHU_DIR_FRONTEND, skip | base_inflight | inflight, &m, NULL), 0);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, skip | base_inflight, &m);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, skip | inflight, &m);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, base_inflight | inflight, &m);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, ALL_PF & ~inflight, &m);
+        /* num is reserved, as in GET_VRING_BASE */
+        CHECK_EQ(vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE_SKIP_DRAIN, false, 3, 1), -EINVAL);
+        m.payload.state.num = 7;
+        CHECK_REJECTED(VHU_DIR_FRONTEND, ALL_PF, &m);
+
+        test_set_context("VRING_KICK needs INBAND_NOTIFICATIONS with its prerequisites");
+        CHECK_EQ(vhu_msg_build_state(&m, VHU_REQ_VRING_KICK, false, 0, 0), 0);
+        CHECK_EQ(vhu_validate_request(VHU_DIR_FRONTEND, inband | chan, &m, NULL), 0);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, inband, &m);
+        CHECK_REJECTED(VHU_DIR_FRONTEND, inband | VHU_PF_BIT(VHU_PF_REPLY_ACK), &m);
 }
 
 /* Every request of both directions, and its reply (own or REPLY_ACK). */
@@ -393,20 +484,6 @@ static void test_round_trip(void) {
         }
 }
 
-/* Validate m as a front-end request with all features; expect rejection. */
-#define CHECK_REJECTED(dir, pf, m)                                              \
-        do {                                                                    \
-                const char *_why = NULL;                                        \
-                CHECK_EQ(vhu_validate_request((dir), (pf), (m), &_why), -EPROTO); \
-                CHECK(_why != NULL);                                            \
-        } while (0)
-
-#define CHECK_REPLY_REJECTED(dir, req, flags, pf, m)                            \
-        do {                                                                    \
-                const char *_why = NULL;                                        \
-                CHECK_EQ(vhu_validate_reply((dir), (req), (flags), (pf), (m), &_why), -EPROTO); \
-                CHECK(_why != NULL);                                            \
-        } while (0)
 
 static void test_decode_errors(void) {
         uint8_t buf[VHU_HEADER_SIZE + VHU_MAX_PAYLOAD + 16] = { 0 };
@@ -489,13 +566,13 @@ static void test_header_flags(void) {
 
         /* Validating against a request the table does not know is the caller's error. */
         CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, 0, VHU_VERSION, 0, &r, NULL), -EINVAL);
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, 45, VHU_VERSION, 0, &r, NULL), -EINVAL);
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, _VHU_REQ_MAX, VHU_VERSION, 0, &r, NULL), -EINVAL);
         CHECK_EQ(vhu_validate_reply(VHU_DIR_BACKEND, 11, VHU_VERSION, 0, &r, NULL), -EINVAL);
 
         /* Unknown request numbers. */
         m.hdr.request = 0;
         CHECK_REJECTED(VHU_DIR_FRONTEND, ALL_PF, &m);
-        m.hdr.request = 45;
+        m.hdr.request = _VHU_REQ_MAX;
         CHECK_REJECTED(VHU_DIR_FRONTEND, ALL_PF, &m);
         m.hdr.request = 11;
         CHECK_REJECTED(VHU_DIR_BACKEND, ALL_PF, &m);
@@ -764,7 +841,8 @@ static void test_request_rules(void) {
 
         test_set_context("builder argument errors");
         CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, 0, false, NULL, 0, NULL, 0), -EOPNOTSUPP);
-        CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, 45, false, NULL, 0, NULL, 0), -EOPNOTSUPP);
+        CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, _VHU_REQ_MAX, false, NULL, 0, NULL, 0),
+                 -EOPNOTSUPP);
         CHECK_EQ(vhu_msg_build(&m, VHU_DIR_BACKEND, 11, false, NULL, 0, NULL, 0), -EOPNOTSUPP);
         CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_FEATURES, false, NULL, 8, NULL, 0),
                  -EINVAL);
@@ -931,6 +1009,34 @@ static void test_reply_rules(void) {
         r.payload.shmem_config.nregions = 1;
         r.hdr.size = 16;
         CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.hdr.size = sizeof(struct vhu_shmem_config) + 8;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.hdr.size = sizeof(struct vhu_shmem_config);
+        /* sizes by shmid; 0 is an unused shmid below a used one */
+        r.payload.shmem_config.nregions = 3;
+        r.payload.shmem_config.memory_sizes[0] = UINT64_C(1) << 30;
+        r.payload.shmem_config.memory_sizes[1] = 0;
+        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
+                                    &r, NULL), 0);
+        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN + 1;  /* not page-sized */
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.payload.shmem_config.memory_sizes[2] = 512;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
+        r.payload.shmem_config.memory_sizes[3] = VHU_SHMEM_SIZE_ALIGN;      /* beyond nregions */
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.payload.shmem_config.memory_sizes[3] = 0;
+        r.payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 0;
+        r.payload.shmem_config.nregions = 0;                                /* none at all */
+        memset(r.payload.shmem_config.memory_sizes, 0, sizeof(r.payload.shmem_config.memory_sizes));
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
+                                    &r, NULL), 0);
+        r.n_fds = 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
+        r.n_fds = 0;
 
         test_set_context("postcopy mem table replies");
         r.hdr.request = VHU_REQ_SET_MEM_TABLE;
@@ -991,6 +1097,43 @@ static void test_lifetime(void) {
         CHECK(fcntl(test_fds[0], F_GETFD) >= 0);        /* borrowed fds survive */
 }
 
+/* spec "Postcopy": the front-end's u64 0 after the back-end's table reply,
+ * and the table-shaped reply itself (what the daemon awaits). */
+static void test_postcopy_mem_table(void) {
+        struct vhu_msg m, r;
+        uint64_t v;
+
+        test_set_context("postcopy SET_MEM_TABLE confirmation");
+        CHECK_EQ(vhu_msg_build_postcopy_mem_ack(&m, false), 0);
+        CHECK_EQ(m.hdr.request, VHU_REQ_SET_MEM_TABLE);
+        CHECK_EQ(m.hdr.flags, VHU_VERSION);
+        CHECK_EQ(m.hdr.size, 8);
+        CHECK_EQ(m.n_fds, 0);
+        memcpy(&v, m.payload.raw, sizeof(v));
+        CHECK_EQ(v, 0);
+        CHECK_EQ(vhu_msg_build_postcopy_mem_ack(&m, true), 0);
+        CHECK_EQ(m.hdr.flags, VHU_VERSION | VHU_FLAG_NEED_REPLY);
+
+        test_set_context("postcopy SET_MEM_TABLE reply: the regions as mapped");
+        vhu_msg_init(&r);
+        r.hdr.request = VHU_REQ_SET_MEM_TABLE;
+        r.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
+        r.hdr.size = 8 + 32;
+        r.payload.mem_table.nregions = 1;
+        /* awaited as if NEED_REPLY had been sent (vhub_bconn_send_awaiting) */
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE,
+                                    VHU_VERSION | VHU_FLAG_NEED_REPLY, ALL_PF, &r, NULL), 0);
+        r.payload.mem_table.nregions = 2;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | VHU_FLAG_NEED_REPLY,
+                             ALL_PF, &r);
+        /* libvhost-user echoes NEED_REPLY into the reply's flags: refused */
+        r.payload.mem_table.nregions = 1;
+        r.hdr.flags = VHU_VERSION | VHU_FLAG_REPLY | VHU_FLAG_NEED_REPLY;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, VHU_VERSION | VHU_FLAG_NEED_REPLY,
+                             ALL_PF, &r);
+        CHECK_EQ(sizeof(struct vhu_crypto_session), 632);
+}
+
 int main(void) {
         for (unsigned i = 0; i < VHU_MAX_FDS + 1; i++) {
                 test_fds[i] = eventfd(0, EFD_CLOEXEC);
@@ -1001,6 +1144,7 @@ int main(void) {
         }
 
         test_table();
+        test_feature_prerequisites();
         test_round_trip();
         test_decode_errors();
         test_header_flags();
@@ -1009,6 +1153,7 @@ int main(void) {
         test_backend_rules();
         test_reply_rules();
         test_lifetime();
+        test_postcopy_mem_table();
 
         for (unsigned i = 0; i < VHU_MAX_FDS + 1; i++)
                 close(test_fds[i]);

@@ -1,5 +1,11 @@
 # SPDX-License-Identifier: MIT
-"""Errors of the vhub control API, and their codes: the one place they are defined.
+"""Errors of the vhub control API, and their codes.
+
+The codes and their messages (CODE_NAMES: the error.message the daemon
+sends) are the contract's, as vhub-contract.h defines them for the daemon
+and the C library; the package keeps its own copy so that it needs nothing
+but the standard library.  The project's tests check that the two agree
+(tests/integration/test_discover.py).
 
 Two families:
 
@@ -41,14 +47,14 @@ CODE_NAMES = {
     NO_SUCH_VM: "no such VM",
     NO_SUCH_DEVICE: "no such device",
     ALREADY_EXISTS: "already exists",
-    WRONG_STATE: "wrong state",
+    WRONG_STATE: "wrong state for this call",
     NOT_SUPPORTED: "not supported by the back-end",
     BACKEND_ERROR: "back-end error",
-    BACKEND_TIMEOUT: "back-end timed out",
+    BACKEND_TIMEOUT: "timed out waiting for the back-end",
     LIMIT_REACHED: "resource limit reached",
     BAD_REGION: "bad memory region",
     BACKEND_NOT_ALLOWED: "back-end not allowed",
-    DAEMON_RESTARTED: "daemon restarted during the request",
+    DAEMON_RESTARTED: "the daemon restarted during this request",
 }
 
 

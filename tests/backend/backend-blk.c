@@ -44,36 +44,58 @@ static size_t desc_bytes(uint32_t num) { return (size_t) num * 16; }
 static size_t avail_bytes(uint32_t num) { return 4 + (size_t) num * 2; }
 static size_t used_bytes(uint32_t num) { return 4 + (size_t) num * 8; }
 
+/*
+ * The ring's byte order: little-endian (virtio 1.x, and legacy devices
+ * unless told otherwise), or big-endian after SET_VRING_ENDIAN 1 (spec: a
+ * back-end that negotiated CROSS_ENDIAN "should handle both endiannesses";
+ * a legacy device's request headers follow the same order).
+ */
+static uint16_t vq_16(const struct tb_vq *vq, uint16_t v) {
+        return vq->big_endian ? be16toh(v) : le16toh(v);
+}
+static uint32_t vq_32(const struct tb_vq *vq, uint32_t v) {
+        return vq->big_endian ? be32toh(v) : le32toh(v);
+}
+static uint64_t vq_64(const struct tb_vq *vq, uint64_t v) {
+        return vq->big_endian ? be64toh(v) : le64toh(v);
+}
+static uint16_t vq_to16(const struct tb_vq *vq, uint16_t v) {
+        return vq->big_endian ? htobe16(v) : htole16(v);
+}
+static uint32_t vq_to32(const struct tb_vq *vq, uint32_t v) {
+        return vq->big_endian ? htobe32(v) : htole32(v);
+}
+
 /* Shared-memory accessors: the front-end writes these concurrently. */
 static uint16_t avail_idx(const struct tb_vq *vq) {
-        return le16toh(__atomic_load_n((volatile uint16_t *) (vq->avail + 2), __ATOMIC_ACQUIRE));
+        return vq_16(vq, __atomic_load_n((volatile uint16_t *) (vq->avail + 2), __ATOMIC_ACQUIRE));
 }
 static uint16_t avail_flags(const struct tb_vq *vq) {
-        return le16toh(__atomic_load_n((volatile uint16_t *) vq->avail, __ATOMIC_RELAXED));
+        return vq_16(vq, __atomic_load_n((volatile uint16_t *) vq->avail, __ATOMIC_RELAXED));
 }
 static uint16_t avail_ring(const struct tb_vq *vq, uint16_t idx) {
         volatile uint16_t *ring = (volatile uint16_t *) (vq->avail + 4);
-        return le16toh(ring[idx % vq->num]);
+        return vq_16(vq, ring[idx % vq->num]);
 }
 static uint16_t used_idx_read(const struct tb_vq *vq) {
-        return le16toh(__atomic_load_n((volatile uint16_t *) (vq->used + 2), __ATOMIC_ACQUIRE));
+        return vq_16(vq, __atomic_load_n((volatile uint16_t *) (vq->used + 2), __ATOMIC_ACQUIRE));
 }
 static void used_idx_write(struct tb_vq *vq, uint16_t v) {
-        __atomic_store_n((volatile uint16_t *) (vq->used + 2), htole16(v), __ATOMIC_RELEASE);
+        __atomic_store_n((volatile uint16_t *) (vq->used + 2), vq_to16(vq, v), __ATOMIC_RELEASE);
 }
 static void used_elem_write(struct tb_vq *vq, uint16_t slot, uint32_t id, uint32_t len) {
         volatile uint32_t *e = (volatile uint32_t *) (vq->used + 4 + (size_t) (slot % vq->num) * 8);
-        e[0] = htole32(id);
-        e[1] = htole32(len);
+        e[0] = vq_to32(vq, id);
+        e[1] = vq_to32(vq, len);
 }
 static struct vring_desc_le desc_read(const struct tb_vq *vq, uint16_t i) {
         struct vring_desc_le d;
         /* One copy, then only the copy is checked and used. */
         memcpy(&d, (const void *) (vq->desc + (size_t) i * 16), sizeof(d));
-        d.addr = le64toh(d.addr);
-        d.len = le32toh(d.len);
-        d.flags = le16toh(d.flags);
-        d.next = le16toh(d.next);
+        d.addr = vq_64(vq, d.addr);
+        d.len = vq_32(vq, d.len);
+        d.flags = vq_16(vq, d.flags);
+        d.next = vq_16(vq, d.next);
         return d;
 }
 
@@ -92,7 +114,7 @@ void tb_blk_config_init(void) {
 void tb_vq_init(struct tb_vq *vq, unsigned index) {
         memset(vq, 0, sizeof(*vq));
         vq->index = index;
-        vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+        vq->kick_fd = vq->call_fd = vq->err_fd = vq->ignored_fd = -1;
 }
 
 static void req_release(struct tb_req *r) {
@@ -121,6 +143,7 @@ void tb_vq_reset(struct tb_vq *vq) {
         close_fd(&vq->kick_fd);
         close_fd(&vq->call_fd);
         close_fd(&vq->err_fd);
+        close_fd(&vq->ignored_fd);
         tb_vq_init(vq, vq->index);
 }
 
@@ -310,7 +333,7 @@ static int disk_io(bool write, void *buf, size_t len, uint64_t off) {
 
 /* Perform a request; returns the used length, or -EFAULT when the front-end
  * took its memory away. */
-static int64_t blk_execute(struct tb_conn *c, const struct tb_req *req) {
+static int64_t blk_execute(struct tb_conn *c, const struct tb_vq *vq, const struct tb_req *req) {
         const struct tb_seg *s = req->segs;
         unsigned nr = req->n_readable, ns = req->n_segs;
         uint64_t total_r = 0, total_w = 0;
@@ -325,8 +348,8 @@ static int64_t blk_execute(struct tb_conn *c, const struct tb_req *req) {
         r = sgl_copy(c, s, 0, nr, 0, &hdr, sizeof(hdr), false);
         if (r < 0)
                 return r;
-        uint32_t type = le32toh(hdr.type);
-        uint64_t sector = le64toh(hdr.sector);
+        uint32_t type = vq_32(vq, hdr.type);
+        uint64_t sector = vq_64(vq, hdr.sector);
         uint64_t data_len = 0;
 
         switch (type) {
@@ -428,7 +451,7 @@ static void vq_complete(struct tb_conn *c, struct tb_vq *vq, uint16_t *heads, un
 
         for (; done < n; done++) {
                 uint16_t h = heads[done];
-                int64_t len = blk_execute(c, &vq->reqs[h]);
+                int64_t len = blk_execute(c, vq, &vq->reqs[h]);
                 if (len < 0) {
                         vq_break(c, vq, "request buffers left guest memory before completion");
                         break;
@@ -670,11 +693,27 @@ void tb_vq_kick(struct tb_conn *c, struct tb_vq *vq) {
         vq_process(c, vq);
 }
 
-uint16_t tb_vq_stop(struct tb_conn *c, struct tb_vq *vq) {
-        if (vq->activated && vq->used && !vq->broken[0] && vq_translate(c, vq))
-                vq_complete_ready(c, vq, 0, true);
-        if (vq->reqs)
+uint16_t tb_vq_stop(struct tb_conn *c, struct tb_vq *vq, enum tb_stop how) {
+        /* a suspended request lives on in the inflight region only */
+        if (how != TB_STOP_DRAIN && !vq->inflight && vq->n_pending > 0) {
+                tb_warn("sock%u: vq%u: no inflight region to suspend requests into: draining",
+                        c->sock->index, vq->index);
+                how = TB_STOP_DRAIN;
+        }
+        if (vq->activated && vq->used && !vq->broken[0] && vq_translate(c, vq) &&
+            how != TB_STOP_SUSPEND_ALL)
+                /* GET_VRING_BASE_INFLIGHT: what is done anyway completes,
+                 * the rest is suspended ("may") */
+                vq_complete_ready(c, vq, tb_now_ms(), how == TB_STOP_DRAIN);
+        if (vq->reqs) {
+                if (how != TB_STOP_DRAIN && vq->n_pending > 0) {
+                        tb_info("sock%u: vq%u: %u requests suspended in the inflight region",
+                                c->sock->index, vq->index, vq->n_pending);
+                        vq->suspended += vq->n_pending;
+                }
+                /* still marked in the inflight region: the next start resubmits them */
                 vq_drop_requests(vq);
+        }
         vq->started = false;
         vq->activated = false;
         vq->polling = false;

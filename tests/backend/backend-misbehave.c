@@ -18,6 +18,7 @@ static const char *const action_names[_TB_ACT_MAX] = {
         [TB_ACT_CLOSE]         = "close",
         [TB_ACT_HANG]          = "hang",
         [TB_ACT_DELAY]         = "delay",
+        [TB_ACT_IGNORE_FD]     = "ignore-fd",
 };
 
 const char *tb_action_name(enum tb_action a) {

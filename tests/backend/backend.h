@@ -51,6 +51,13 @@
 #define TB_VIRTIO_BLK_ID_BYTES  20u
 #define TB_SECTOR_SIZE          512u
 
+/* How GET_VRING_BASE stops a ring (spec GET_VRING_BASE, GET_VRING_BASE_SKIP_DRAIN). */
+enum tb_stop {
+        TB_STOP_DRAIN,          /* complete everything in flight first */
+        TB_STOP_SUSPEND_UNREADY,/* GET_VRING_BASE_INFLIGHT: complete what is ready, suspend the rest */
+        TB_STOP_SUSPEND_ALL,    /* GET_VRING_BASE_SKIP_DRAIN: suspend everything at once */
+};
+
 enum tb_order {
         TB_ORDER_FIFO,
         TB_ORDER_REVERSE,
@@ -69,6 +76,7 @@ enum tb_action {
         TB_ACT_CLOSE,           /* close the connection instead of processing */
         TB_ACT_HANG,            /* stop reading the socket until "resume" */
         TB_ACT_DELAY,           /* process now, answer after arg ms */
+        TB_ACT_IGNORE_FD,       /* SET_VRING_KICK/CALL/ERR: keep the fd, never use it */
         _TB_ACT_MAX,
 };
 
@@ -98,6 +106,8 @@ struct tb_options {
         unsigned fail_handshake;
         unsigned reconnect_ms;
         int verbose;
+        uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];  /* GET_SHMEM_CONFIG, by shmid */
+        unsigned n_shmem;
 };
 
 struct tb_region {
@@ -143,7 +153,10 @@ struct tb_vq {
         uint16_t last_avail;    /* next avail index to fetch */
         uint16_t used_idx;      /* our copy of used->idx */
         int kick_fd, call_fd, err_fd;
+        int ignored_fd;         /* misbehaviour "ignore-fd": held open, never read or written */
+        bool kick_ignored;      /* ... and it was the kick fd: the ring is polled instead */
         bool enabled, started, polling;
+        bool endian_set, big_endian;    /* SET_VRING_ENDIAN (legacy devices) */
         bool activated;         /* rings translated, inflight resubmitted */
         char broken[128];       /* non-empty: stopped because of a front-end error */
 
@@ -158,6 +171,7 @@ struct tb_vq {
         unsigned n_pending;
 
         uint64_t fetched, completed, resubmitted, calls;
+        uint64_t suspended;     /* left in the inflight region by stops */
 };
 
 enum tb_chan_kind {
@@ -328,8 +342,8 @@ void tb_vq_init(struct tb_vq *vq, unsigned index);
 void tb_vq_reset(struct tb_vq *vq);
 int tb_vq_set_num(struct tb_vq *vq, uint32_t num);   /* power of 2, while stopped */     /* drops requests, closes fds: back to initial */
 int tb_vq_start(struct tb_conn *c, struct tb_vq *vq);
-/* Stop: complete everything in flight, return the next avail index. */
-uint16_t tb_vq_stop(struct tb_conn *c, struct tb_vq *vq);
+/* Stop: complete or suspend what is in flight, return the next avail index. */
+uint16_t tb_vq_stop(struct tb_conn *c, struct tb_vq *vq, enum tb_stop how);
 void tb_vq_kick(struct tb_conn *c, struct tb_vq *vq);
 void tb_vq_on_timer(struct tb_conn *c, struct tb_vq *vq, uint64_t now);
 uint64_t tb_vq_next_deadline(const struct tb_vq *vq);

@@ -201,6 +201,24 @@ static int parse_u64(const char *s, uint64_t *ret, int base) {
         return 0;
 }
 
+/* "1M,0,64K": sizes by shmid, at most 256 (checked by nobody: tests want bad ones too). */
+static int parse_shmem(const char *arg, struct tb_options *o) {
+        char *copy = strdup(arg), *save = NULL, *tok;
+        int r = 0;
+
+        if (!copy)
+                return -ENOMEM;
+        o->n_shmem = 0;
+        for (tok = strtok_r(copy, ",", &save); tok && r == 0; tok = strtok_r(NULL, ",", &save)) {
+                if (o->n_shmem == VHU_MAX_SHMEM_REGIONS)
+                        r = -E2BIG;
+                else
+                        r = parse_u64(tok, &o->shmem_sizes[o->n_shmem++], 0);
+        }
+        free(copy);
+        return r;
+}
+
 static void usage(FILE *f) {
         fputs("Usage: vhub-test-backend [OPTIONS]\n"
               "  --socket PATH             listen on PATH (repeatable)\n"
@@ -217,6 +235,7 @@ static void usage(FILE *f) {
               "  --seed N                  random seed\n"
               "  --fail-handshake N        close the first N connections after GET_FEATURES\n"
               "  --reconnect-ms N          --connect retry interval (default 100)\n"
+              "  --shmem SIZE[,SIZE...]    GET_SHMEM_CONFIG's region sizes by shmid (K/M/G)\n"
               "  -v, --verbose             more logging (repeatable); -q, --quiet: less\n",
               f);
 }
@@ -237,7 +256,7 @@ static int parse_args(int argc, char **argv) {
         enum {
                 OPT_SOCKET = 0x100, OPT_CONNECT, OPT_CONTROL, OPT_DISK, OPT_DISK_SIZE,
                 OPT_FEATURES, OPT_PFEATURES, OPT_QUEUES, OPT_SLOTS, OPT_COMPLETE,
-                OPT_DELAY, OPT_SEED, OPT_FAIL_HS, OPT_RECONNECT,
+                OPT_DELAY, OPT_SEED, OPT_FAIL_HS, OPT_RECONNECT, OPT_SHMEM,
         };
         static const struct option opts[] = {
                 { "socket",            required_argument, NULL, OPT_SOCKET },
@@ -254,6 +273,7 @@ static int parse_args(int argc, char **argv) {
                 { "seed",              required_argument, NULL, OPT_SEED },
                 { "fail-handshake",    required_argument, NULL, OPT_FAIL_HS },
                 { "reconnect-ms",      required_argument, NULL, OPT_RECONNECT },
+                { "shmem",             required_argument, NULL, OPT_SHMEM },
                 { "verbose",           no_argument,       NULL, 'v' },
                 { "quiet",             no_argument,       NULL, 'q' },
                 { "help",              no_argument,       NULL, 'h' },
@@ -334,6 +354,9 @@ static int parse_args(int argc, char **argv) {
                         if (r == 0 && (v == 0 || v > 60000))
                                 r = -ERANGE;
                         o->reconnect_ms = (unsigned) v;
+                        break;
+                case OPT_SHMEM:
+                        r = parse_shmem(optarg, o);
                         break;
                 case 'v': o->verbose++; break;
                 case 'q': o->verbose--; break;

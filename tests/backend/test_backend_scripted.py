@@ -3,7 +3,7 @@
 harness's own front-end (vhubtest.direct) and blk driver: an independent
 cross-check of the back-end, and of every scripted behaviour.
 
-    test_backend_scripted.py [blk] [hostile] [fuzz] [misbehave] [handshake] [channel] [state]
+    test_backend_scripted.py [blk] [hostile] [fuzz] [misbehave] [handshake] [channel] [state] [endian]
 """
 
 import os
@@ -26,6 +26,8 @@ PF_DEVICE_STATE = 19
 SET_DEVICE_STATE_FD = 42
 CHECK_DEVICE_STATE = 43
 GET_SHARED_OBJECT = 41
+SET_VRING_ENDIAN = 23
+PF_CROSS_ENDIAN = 6
 
 
 def backend(t, d, socks, args=(), connect=()):
@@ -155,6 +157,21 @@ def scenario_misbehave(t):
     check(not readable(fe.sock, 0.2), "no answer while SIGSTOPped")
     tb.sigcont()
     check_eq(struct.unpack("<Q", fe.recv_reply(direct.GET_QUEUE_NUM))[0], 2, "answer after SIGCONT")
+
+    # ignore-fd: the kick eventfd is held but never drained; the ring is polled
+    mem = t.enter(GuestMemory(4 << 20))
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    t.defer(q.vq.close)
+    fe.set_memory(mem)
+    tb.misbehave("SET_VRING_KICK", "ignore-fd", count=1)
+    fe.start_ring(q.vq)
+    v = tb.vrings()[0]
+    check(v["ignored_fd"] and not v["kick_fd"] and v["polling"],
+          "ignore-fd: the kick fd is held, the ring polled", v)
+    os.eventfd_write(q.vq.kick_fd, 5)
+    check_eq(len(q.read_sectors(0, 8)), 4096, "ignore-fd: the polled ring does I/O")
+    check(os.eventfd_read(q.vq.kick_fd) >= 5, "ignore-fd: nobody drained the kick eventfd")
+    fe.stop_rings()
 
     tb.misbehave("GET_FEATURES", "oversized", count=1)
     fe.send(direct.GET_FEATURES)
@@ -534,9 +551,88 @@ def scenario_fuzz(t):
         % (s0["protocol_errors"], st["sigbus"], s0["fetched"], s0["completed"]))
     check(s0["fetched"] > 100 and s0["completed"] > 100, "the fuzzer reached request processing")
 
+def scenario_endian(t):
+    """CROSS_ENDIAN: a legacy (no VERSION_1) ring set big-endian with
+    SET_VRING_ENDIAN is read and written big-endian, request headers too;
+    the request is refused once the ring started or with VERSION_1."""
+    d = t.tmpdir()
+    img = os.path.join(d, "disk.img")
+    initial = scenarios.make_image(img, IMAGE_SIZE)
+    tb = backend(t, d, ["be.sock", "v1.sock"], ["--disk", img, "--protocol-features",
+                                                 "%x" % (0xdbe2b | bit(PF_CROSS_ENDIAN))])
+    mem = t.enter(GuestMemory(4 << 20))
+    want = direct.SUPPORTED_PROTOCOL_FEATURES | bit(PF_CROSS_ENDIAN)
+    fe = t.enter(DirectFrontend.connect(tb.sockets[0]))
+    fe.handshake(want_protocol=want)
+    check(fe.protocol_features & bit(PF_CROSS_ENDIAN), "CROSS_ENDIAN negotiated")
+    legacy = (scenarios.BLK_FEATURES & ~bit(direct.VIRTIO_F_VERSION_1)) | \
+        bit(direct.VHOST_USER_F_PROTOCOL_FEATURES)
+    fe.set_features(legacy)
+    fe.set_memory(mem)
+    size = 16
+    desc, avail, used = mem.alloc(16 * size, 16), mem.alloc(6 + 2 * size, 2), mem.alloc(6 + 8 * size, 4)
+    for a, n in ((desc, 16 * size), (avail, 6 + 2 * size), (used, 6 + 8 * size)):
+        mem.fill(a, n)
+    kick, call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    t.defer(os.close, kick)
+    t.defer(os.close, call)
+    fe.command(SET_VRING_ENDIAN, struct.pack("<II", 0, 1))
+    fe.set_vring_num(0, size)
+    fe.set_vring_base(0, 0)
+    fe.set_vring_addr(0, mem.gpa_to_uaddr(desc), mem.gpa_to_uaddr(used), mem.gpa_to_uaddr(avail))
+    fe.set_vring_call(0, call)
+    fe.set_vring_kick(0, kick)
+    fe.set_vring_enable(0, True)
+    check_eq(tb.vrings(0)[0]["endian"], "big", "the back-end took ring 0 as big-endian")
+    expect_error(VhostUserError, fe.command, SET_VRING_ENDIAN, struct.pack("<II", 0, 0),
+                 what="SET_VRING_ENDIAN on a started ring")
+
+    hdr, data, status = mem.alloc(16, 16), mem.alloc(4096, 512), mem.alloc(1, 1)
+    payload = os.urandom(4096)
+    sector = 64
+
+    def submit(n, rtype, writable):
+        """Request n (0-based) as one 3-descriptor chain at heads 0..2, all big-endian."""
+        mem.write(hdr, struct.pack(">IIQ", rtype, 0, sector))
+        mem.write(status, b"\xff")
+        for i, (gpa, length, flags) in enumerate(((hdr, 16, 1), (data, 4096, 1 | (2 if writable else 0)),
+                                                  (status, 1, 2))):
+            mem.write(desc + 16 * i, struct.pack(">QIHH", gpa, length, flags, i + 1 if flags & 1 else 0))
+        mem.write(avail + 4 + 2 * (n % size), struct.pack(">H", 0))
+        mem.write(avail + 2, struct.pack(">H", n + 1))
+        os.eventfd_write(kick, 1)
+        deadline = time.monotonic() + 5
+        while struct.unpack(">H", mem.read(used + 2, 2))[0] != n + 1:
+            if time.monotonic() > deadline:
+                raise AssertionError("request %d not completed (used idx bytes %s)"
+                                     % (n, mem.read(used + 2, 2).hex()))
+            time.sleep(0.002)
+        return struct.unpack(">II", mem.read(used + 4 + 8 * (n % size), 8))
+
+    mem.write(data, payload)
+    check_eq(submit(0, blk.VIRTIO_BLK_T_OUT, False), (0, 1), "big-endian write: used elem (id, len)")
+    check_eq(mem.read(status, 1), b"\x00", "write status OK")
+    with open(img, "rb") as f:
+        f.seek(sector * 512)
+        check(f.read(4096) == payload, "the disk holds the write at the big-endian sector")
+    mem.fill(data, 4096, 0xA5)
+    check_eq(submit(1, blk.VIRTIO_BLK_T_IN, True), (0, 4097), "big-endian read: used elem (id, len)")
+    check(mem.read(data, 4096) == payload, "the read returns the written data")
+    with open(img, "rb") as f:
+        check(f.read(sector * 512) == initial[:sector * 512], "nothing written before that sector")
+    check_eq(fe.get_vring_base(0), 2, "GET_VRING_BASE after two requests")
+
+    fe2 = t.enter(DirectFrontend.connect(tb.sockets[1]))
+    fe2.handshake(want_protocol=want)
+    fe2.set_features(scenarios.BLK_FEATURES | bit(direct.VHOST_USER_F_PROTOCOL_FEATURES))
+    expect_error(VhostUserError, fe2.command, SET_VRING_ENDIAN, struct.pack("<II", 0, 1),
+                 what="SET_VRING_ENDIAN with VERSION_1 acked")
+    check_eq(tb.vrings(1)[0]["endian"], None, "a VERSION_1 ring has no endianness set")
+
 
 SCENARIOS = {"blk": scenario_blk, "hostile": scenario_hostile, "fuzz": scenario_fuzz, "misbehave": scenario_misbehave,
-             "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state}
+             "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state,
+             "endian": scenario_endian}
 
 
 def main(t):

@@ -22,7 +22,8 @@ Y a healthy bystander; M (four sockets) and N (no BACKEND_SEND_FD) misbehave.
   deadline; while a request waits the channel reads nothing more (a
   CONFIG_CHANGE_MSG behind it is only seen after the reply) yet the device's
   main socket (device.config.get) and everything else keep working;
-- SHMEM_MAP (with its fd), SHMEM_UNMAP and IOTLB_MSG forwarded with their fields;
+- SHMEM_MAP (with its fd), SHMEM_UNMAP and IOTLB_MSG forwarded with their fields
+  (SHMEM ranges outside the GET_SHMEM_CONFIG regions refused with EINVAL);
 - in-band VRING_CALL / VRING_ERR signal the VMM's call / err eventfd; an
   unconfigured ring is refused (nonzero ack);
 - a burst of 1500 CONFIG_CHANGE_MSG (under the flood limit) becomes 1500
@@ -226,7 +227,7 @@ def main(t):
 
     pf_x = TB_DEFAULT_PF | PF_INBAND | PF_SHMEM
     X = t.enter(TestBackend([daemon.backend_socket("x.sock")], log_dir=d,
-                            args=["--protocol-features", hex(pf_x)]))
+                            args=["--protocol-features", hex(pf_x), "--shmem", "0,64K,0,1M"]))
     Y = t.enter(TestBackend([daemon.backend_socket("y.sock")], log_dir=d))
     M = t.enter(TestBackend([daemon.backend_socket("m%d.sock" % i) for i in range(3)], log_dir=d))
     R = [t.enter(TestBackend([daemon.backend_socket("r%d.sock" % i)], log_dir=d))
@@ -454,6 +455,18 @@ def main(t):
     check("fd" not in ev and not ev.get("_fds"), "SHMEM_UNMAP carries no fd")
     c.call("device.backend_reply", {"vm": "vm0", "device": "X", "token": ev["token"], "result": 22})
     check_eq(p.result(5).get("reply"), 22, "SHMEM_UNMAP answered 22 (EINVAL)")
+    # ranges outside the regions GET_SHMEM_CONFIG gave (0, 64K, 0, 1M) never reach the VMM
+    for shmid, off, length, why in ((3, (1 << 20) - 4096, 8192, "past the region's end"),
+                                    (0, 0, 4096, "an unused shmid (size 0)"),
+                                    (4, 0, 4096, "a shmid beyond nregions"),
+                                    (1, 0, 0, "an empty range"),
+                                    (1, (1 << 64) - 4096, 8192, "an offset that wraps")):
+        for cmd in ("shmem-map", "shmem-unmap"):
+            r = X.command({"cmd": cmd, "shmid": shmid, "shm_offset": "0x%x" % off,
+                           "len": length})
+            check_eq(r.get("reply"), 22, "%s of %s answered EINVAL by the daemon" % (cmd, why))
+    check(not any(e.get("event") == "device.backend_request" for e in c.events()),
+          "none of them was forwarded to the VMM")
     big = (1 << 60) + 0x1000
     p = AsyncCommand(X, {"cmd": "iotlb", "iova": "0x%x" % big, "size": 0x2000,
                          "uaddr": 0x7f0000001000, "perm": 3, "type": 1})

@@ -542,6 +542,10 @@ def main(t):
             raise TestFailure("FAILED: unknown part %s" % part)
 
     agent.stop()
+    # the daemon sees the close and tears the VM down asynchronously
+    deadline = time.monotonic() + 10
+    while c.call("vm.list")["vms"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     check_eq(c.call("vm.list")["vms"], [], "the VM went with its connection")
     daemon.stop()
 

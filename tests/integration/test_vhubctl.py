@@ -10,8 +10,8 @@ says through the Python client, and so are the exit codes: 0 success,
 Covered: daemon info; vm create (--linger-ms, --hold), attach, list,
 destroy; vm memory add (--memfd and a file), list, remove; device add, list,
 config get (hex, --base64, --json) and set, start (vrings from a file,
-eventfds made by vhubctl), stop, reset, net mtu and state save (-32005 on
-qemu-storage-daemon), state save/load/check through vhub-test-backend
+eventfds made by vhubctl), stop, reset, net mtu, state save, stop --no-drain
+and kick (-32005 on qemu-storage-daemon), state save/load/check through vhub-test-backend
 (pipes both ways); vm dirty-log start --save / stop; shared-object add,
 list, remove; events (--vm, all, table and JSON lines); call (raw params,
 fds, unknown method); --uid as root; $VHUB_SOCKET.
@@ -257,6 +257,12 @@ def main(t):
     ctl.run("vm", "dirty-log", "start", "vm0", expect=1)
     ctl.run("vm", "dirty-log", "stop", "vm0")
     ctl.run("vm", "dirty-log", "stop", "vm0", expect=1)
+    # qemu-storage-daemon has neither GET_VRING_BASE_SKIP_DRAIN nor INBAND_NOTIFICATIONS
+    _, err = ctl.run("device", "stop", "vm0", "blk0", "--no-drain", expect=1)
+    check("-32005" in err and "GET_VRING_BASE_SKIP_DRAIN" in err, "device stop --no-drain: -32005")
+    _, err = ctl.run("device", "kick", "vm0", "blk0", "0", expect=1)
+    check("-32005" in err and "INBAND_NOTIFICATIONS" in err, "device kick: -32005")
+    ctl.run("device", "kick", "vm0", "blk0", "x", expect=2)
     rows = table(ctl.run("device", "stop", "vm0", "blk0")[0])
     check_eq(rows, [["INDEX", "BASE"], ["0", "0"], ["1", "0"]], "device stop: every ring's base")
     ctl.run("device", "stop", "vm0", "blk0", expect=1)

@@ -106,7 +106,8 @@ def main(t):
                  "/usr/share/doc/vhub/control-api.md.gz", "/usr/share/doc/vhub/client-library.md.gz",
                  "/usr/share/doc/vhub/security.md.gz", "/usr/share/doc/vhub/copyright"],
         "libvhub-client0": [libdir + "/libvhub-client.so.0"],
-        "libvhub-client-dev": ["/usr/include/vhub/vhub-client.h", "/usr/include/vhub/vhub-json.h",
+        "libvhub-client-dev": ["/usr/include/vhub/vhub-client.h", "/usr/include/vhub/vhub-contract.h",
+                               "/usr/include/vhub/vhub-json.h",
                                libdir + "/libvhub-client.so", libdir + "/pkgconfig/vhub-client.pc"],
         "python3-vhub": ["/usr/lib/python3/dist-packages/vhub/%s.py" % m
                          for m in ("__init__", "aio", "client", "errors", "framing")],

@@ -13,6 +13,11 @@
 4. The installed vhubctl (loading the installed library), the installed
    Python package (imported from D) and the installed bash completion
    (completing commands, options, and the VM names the daemon lists).
+5. The contract's vocabulary comes with the library: contract-user.c,
+   compiled as strict ISO C from the installed headers alone, finds the
+   installed daemon's API version and error code and message in
+   <vhub/vhub-contract.h>; the headers also compile as C++ (with a C++
+   compiler at hand).  Every Markdown file of docs/ is installed.
 """
 
 import argparse
@@ -124,7 +129,29 @@ def build_example(args, destdir, dirs, out):
         argv.append("-fsanitize=" + args.sanitize)   # the installed library is instrumented
     argv += [os.path.join(contrib, s) for s in EXAMPLE_SOURCES] + flags
     sh(argv, "contrib's example VMM compiles against the installed library", env=env)
-    return env
+    return flags
+
+
+def build_contract_user(args, flags, out):
+    """tests/packaging/contract-user.c, strict ISO C, from the installed headers only."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contract-user.c")
+    argv = shlex.split(args.cc) + ["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O1",
+                                   "-o", out, src]
+    if args.sanitize != "none":
+        argv.append("-fsanitize=" + args.sanitize)
+    sh(argv + flags, "contract-user.c compiles (-std=c11 -pedantic -Werror) against the installed "
+       "headers")
+    cxx = shutil.which("c++")
+    if not cxx:
+        log("no C++ compiler: the headers' C++ check is not run")
+        return
+    probe = os.path.join(os.path.dirname(out), "headers.cc")
+    with open(probe, "w") as f:
+        f.write("#include <vhub/vhub-client.h>\n"
+                "int main() { return vhub_contract_error_message(VHUB_ERR_NO_VM) &&\n"
+                "    vhub_contract_event_name(VHUB_EV_FAILED) ? 0 : 1; }\n")
+    sh([cxx, "-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-fsyntax-only", probe]
+       + [f for f in flags if f.startswith("-I")], "the installed headers compile as C++17")
 
 
 def main(t):
@@ -138,6 +165,9 @@ def main(t):
     got, want = installed_tree(destdir), expected_tree(args.expected, dirs)
     check_eq(sorted(got - want), [], "installed but not in installed-files.txt")
     check_eq(sorted(want - got), [], "in installed-files.txt but not installed")
+    docs = {os.path.normpath(dirs["docdir"] + "/" + name)
+            for name in os.listdir(os.path.join(args.source_root, "docs")) if name.endswith(".md")}
+    check_eq(sorted(docs - got), [], "every Markdown file of docs/ is installed")
 
     libdir = destdir + dirs["libdir"]
     check_library(libdir, args.source_root)
@@ -154,7 +184,9 @@ def main(t):
                   "%s: %s is installed" % (page, md))
 
     example = os.path.join(tmp, "vhub-vmm-example")
-    build_example(args, destdir, dirs, example)
+    flags = build_example(args, destdir, dirs, example)
+    contract_user = os.path.join(tmp, "contract-user")
+    build_contract_user(args, flags, contract_user)
     env = dict(os.environ, LD_LIBRARY_PATH=libdir)
     env.pop("PYTHONPATH", None)
     ldd = sh(["ldd", example], "ldd of the example", env=env)
@@ -191,6 +223,9 @@ def main(t):
              env=env, timeout=60)
     check("verification: OK" in out and "all steps OK" in out,
           "the example verified every byte it wrote and read", out[-2000:])
+    out = sh([contract_user, control], "contract-user against the installed vhubd", env=env)
+    check("contract: OK" in out, "the installed headers' API version, error code and message "
+          "are the installed daemon's", out)
 
     pydir = destdir + dirs["pythondir"]
     code = ("import sys, vhub, vhub.aio; assert vhub.__file__.startswith(sys.argv[1]), vhub.__file__; "

@@ -7,5 +7,8 @@ direct   a synchronous vhost-user front-end (no vhubd)
 client   JSON-RPC client for vhubd's control socket (fds via SCM_RIGHTS)
 daemon   start/stop vhubd in a temp dir
 backends qemu-storage-daemon, virtiofsd, dpdk-testpmd launchers
+guest    a real Linux guest under QEMU (TCG): devices, console steps, checks
+guest_image  its kernel (Debian's, downloaded) and initramfs, cached
+qmp      QMP client with deadlines
 testing  exit codes (0/1/77), checks, temp dirs
 """

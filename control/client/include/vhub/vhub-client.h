@@ -53,6 +53,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The contract's vocabulary, installed beside this header and the same one
+ * the daemon is built with: error codes (enum vhub_err_code: VHUB_ERR_NO_VM,
+ * ...) and their messages, event names (VHUB_EV_*), VHUB_API_VERSION. */
+#include "vhub-contract.h"
+/* The contract's JSON conventions: u64 members and base64. */
 #include "vhub-json.h"
 
 #ifdef __cplusplus
@@ -68,37 +73,18 @@ struct vhub_client;
 #define VHUB_CLIENT_MAX_QUEUED_MESSAGES 65536u     /* responses + events queued */
 #define VHUB_CLIENT_MAX_PENDING_CALLS 4096u        /* vhub_client_call_async() in flight */
 
-/* The contract's error codes ("Errors"): JSON-RPC's own, then vhub's. */
-enum vhub_error_code {
-        VHUB_E_PARSE = -32700,
-        VHUB_E_INVALID_REQUEST = -32600,
-        VHUB_E_METHOD_NOT_FOUND = -32601,
-        VHUB_E_INVALID_PARAMS = -32602,
-        VHUB_E_INTERNAL = -32603,
-        VHUB_E_NO_SUCH_VM = -32001,
-        VHUB_E_NO_SUCH_DEVICE = -32002,
-        VHUB_E_EXISTS = -32003,
-        VHUB_E_WRONG_STATE = -32004,
-        VHUB_E_UNSUPPORTED = -32005,
-        VHUB_E_BACKEND = -32006,
-        VHUB_E_BACKEND_TIMEOUT = -32007,
-        VHUB_E_LIMIT = -32008,
-        VHUB_E_BAD_REGION = -32009,
-        VHUB_E_NOT_ALLOWED = -32010,
-        VHUB_E_RESTARTED = -32011,
-};
-
 /* A JSON-RPC error object, flattened.  Strings are truncated to fit and
  * always NUL-terminated; absent members are "". */
 struct vhub_client_error {
-        int code;               /* error.code: an enum vhub_error_code */
+        int code;               /* error.code: an enum vhub_err_code */
         char message[256];      /* error.message */
         char detail[512];       /* error.data.detail */
         char device[80];        /* error.data.device (-32006/-32007) */
         char request[64];       /* error.data.request (-32006/-32007) */
 };
 
-/* Name of a contract error code ("no such VM", ...), or NULL if unknown. */
+/* The contract's message for an error code ("no such VM", ...), or NULL if
+ * unknown: vhub_contract_error_message(), as a function of the library. */
 const char *vhub_client_error_code_name(int code);
 
 /*

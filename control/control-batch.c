@@ -1,0 +1,195 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A batch (a JSON array of requests on one line) is answered with one
+ * array once every element is answered.
+ *
+ * One line must not make the daemon build more than a connection may have
+ * queued (the output bound): each answer is serialized when it comes and
+ * counted, keeping room for a short -32008 for every element still to be
+ * answered.  Once an answer would not fit, it and every element after it is
+ * answered -32008 instead, and elements not run yet are not run.  A batch
+ * whose -32008s alone could not fit is refused whole before anything runs.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "control-internal.h"
+#include "vhub-log.h"
+
+struct control_batch {
+        struct control_conn *conn;
+        unsigned n;
+        unsigned remaining;        /* slots not answered yet, +1 while elements are run */
+        char **answers;            /* slot i: element i's response line, or NULL (none) */
+        size_t *lens;
+        size_t *refusal_lens;      /* what slot i's -32008 takes */
+        size_t bytes;              /* of the answers so far, with their commas */
+        size_t refusals_left;      /* room kept for the slots not answered yet */
+        size_t limit;
+        bool over;
+};
+
+/* The -32008 an element gets once the batch's answers would pass the bound. */
+static char *refusal_line(json_t *id, size_t limit, size_t *ret_len) {
+        char detail[128];
+        json_t *msg;
+        char *s;
+
+        snprintf(detail, sizeof(detail), "the batch's answers would pass the output bound of %zu bytes",
+                 limit);
+        msg = json_pack("{s:s, s:O, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", id ? id : json_null(),
+                        "error", "code", VHUB_ERR_LIMIT, "message", vhub_error_message(VHUB_ERR_LIMIT),
+                        "data", "detail", detail);
+        s = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
+        json_decref(msg);
+        *ret_len = s ? strlen(s) : 0;
+        return s;
+}
+
+static json_t *element_id(json_t *e) {
+        json_t *id = json_is_object(e) ? json_object_get(e, "id") : NULL;
+
+        return id ? id : json_null();
+}
+
+struct control_batch *control_batch_new(struct control_conn *c, json_t *elements, size_t limit,
+                                        struct vhub_error *err) {
+        struct control_batch *b = calloc(1, sizeof(*b));
+        size_t n = json_array_size(elements), need = 2;
+
+        if (!b || n > UINT_MAX - 1) {
+                free(b);
+                vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+                return NULL;
+        }
+        b->n = (unsigned)n;
+        b->limit = limit;
+        b->answers = calloc(n, sizeof(*b->answers));
+        b->lens = calloc(n, sizeof(*b->lens));
+        b->refusal_lens = calloc(n, sizeof(*b->refusal_lens));
+        if (!b->answers || !b->lens || !b->refusal_lens)
+                goto oom;
+        for (size_t i = 0; i < n; i++) {
+                char *s = refusal_line(element_id(json_array_get(elements, i)), limit, &b->refusal_lens[i]);
+
+                if (!s)
+                        goto oom;
+                free(s);
+                b->refusal_lens[i] += 1;  /* its comma */
+                need += b->refusal_lens[i];
+        }
+        if (need > limit) {
+                vhub_error_set(err, VHUB_ERR_LIMIT,
+                               "a batch of %zu calls could not be answered within the output bound of %zu bytes",
+                               n, limit);
+                control_batch_free(b);
+                return NULL;
+        }
+        b->refusals_left = need - 2;
+        b->bytes = 2;              /* [ ] */
+        b->remaining = b->n + 1;
+        b->conn = c;
+        control_conn_ref(c);
+        return b;
+
+oom:
+        control_batch_free(b);
+        vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        return NULL;
+}
+
+void control_batch_free(struct control_batch *b) {
+        if (!b)
+                return;
+        for (unsigned i = 0; b->answers && i < b->n; i++)
+                free(b->answers[i]);
+        free(b->answers);
+        free(b->lens);
+        free(b->refusal_lens);
+        if (b->conn)
+                control_conn_unref(b->conn);
+        free(b);
+}
+
+bool control_batch_over(const struct control_batch *b) {
+        return b->over;
+}
+
+static void batch_send(struct control_batch *b) {
+        static char open[] = "[", comma[] = ",", close[] = "]";
+        struct iovec *iov;
+        unsigned k = 0;
+
+        if (!b->conn->rpc)
+                return;
+        iov = calloc(2 * (size_t)b->n + 1, sizeof(*iov));
+        if (!iov) {
+                rpc_conn_close_after_flush(b->conn->rpc, "out of memory");
+                return;
+        }
+        for (unsigned i = 0; i < b->n; i++) {
+                if (!b->answers[i])
+                        continue;
+                iov[k] = (struct iovec){ k == 0 ? open : comma, 1 };
+                iov[k + 1] = (struct iovec){ b->answers[i], b->lens[i] };
+                k += 2;
+        }
+        if (k > 0) {
+                iov[k++] = (struct iovec){ close, 1 };
+                (void)rpc_conn_send_parts(b->conn->rpc, iov, k);
+                control_server_note_spike(b->conn->srv, b->bytes);
+        }
+        free(iov);
+}
+
+void control_batch_slot(struct control_batch *b, unsigned index, json_t *response) {
+        if (index < b->n) {
+                b->refusals_left -= b->refusal_lens[index];
+                if (response && !b->over) {
+                        char *s = json_dumps(response, JSON_COMPACT | JSON_ENCODE_ANY);
+                        size_t len = s ? strlen(s) : 0;
+
+                        if (s && b->bytes + len + 1 + b->refusals_left <= b->limit) {
+                                b->answers[index] = s;
+                                b->lens[index] = len;
+                                b->bytes += len + 1;
+                        } else {
+                                free(s);
+                                b->over = true;
+                                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                                              "control connection %llu: a batch of %u calls reached the output bound; the rest are answered -32008",
+                                              (unsigned long long)b->conn->id, b->n);
+                        }
+                }
+                if (response && !b->answers[index]) {
+                        b->answers[index] = refusal_line(json_object_get(response, "id"), b->limit,
+                                                         &b->lens[index]);
+                        b->bytes += b->lens[index] + 1;
+                }
+        }
+        json_decref(response);
+        if (--b->remaining > 0)
+                return;
+        batch_send(b);
+        control_batch_free(b);
+}
+
+void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element) {
+        json_t *id = json_is_object(element) ? json_object_get(element, "id") : json_null();
+        json_t *msg = NULL;
+
+        /* a notification is not answered, not even refused */
+        if (id) {
+                msg = json_pack("{s:O}", "id", id);
+                if (!msg) {
+                        control_batch_slot(b, index, NULL);
+                        return;
+                }
+        }
+        /* over already: the slot gets the -32008 built from the id */
+        control_batch_slot(b, index, msg);
+}
