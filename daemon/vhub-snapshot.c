@@ -353,10 +353,17 @@ int vhub_snap_check_header(const void *buf, size_t len, struct vhub_snap_doc *re
                 return fail(ret_why, "snapshot larger than this daemon accepts", -E2BIG);
         if (doc_crc(b, payload) != get_le32(b + 28))
                 return fail(ret_why, "snapshot checksum mismatch (corrupt or torn write)", -EBADMSG);
-        /* only now is the version trustworthy */
+        /* only now is the version trustworthy; the caller gets the numbers
+         * even when refusing, to name them in its log line */
+        if (ret)
+                *ret = (struct vhub_snap_doc) {
+                        .version = version,
+                        .compat = compat,
+                        .generation = get_le64(b + 16),
+                };
         if (compat > VHUB_SNAP_VERSION)
-                return fail(ret_why, "snapshot written for a newer daemon (its format needs a reader "
-                            "of a version this daemon is older than)", -EPROTONOSUPPORT);
+                return fail(ret_why, "snapshot written by a newer daemon: its format needs a reader "
+                            "newer than this one", -EPROTONOSUPPORT);
         if (ret)
                 *ret = (struct vhub_snap_doc) {
                         .version = version,
@@ -463,10 +470,12 @@ static int validate_tree(const struct vhub_snap_doc *doc, const char **ret_why) 
 }
 
 int vhub_snap_parse(const void *buf, size_t len, struct vhub_snap_doc *ret, const char **ret_why) {
-        struct vhub_snap_doc doc;
+        struct vhub_snap_doc doc = { 0 };
         int r;
 
         r = vhub_snap_check_header(buf, len, &doc, ret_why);
+        if (r == -EPROTONOSUPPORT)
+                *ret = doc;
         if (r < 0)
                 return r;
         r = validate_tree(&doc, ret_why);

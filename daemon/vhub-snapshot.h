@@ -125,7 +125,8 @@ struct vhub_snap_rec {
 /* Check a whole document: header, version, CRC, and every record of the
  * tree (lengths, kinds, values, depth).  On failure *ret_why (if given)
  * names the reason: -EBADMSG (corrupt or truncated), -EPROTONOSUPPORT
- * (written for a newer reader), -E2BIG (over VHUB_SNAP_MAX_SIZE). */
+ * (written for a newer reader: ret's version and compat are filled in for
+ * the log line), -E2BIG (over VHUB_SNAP_MAX_SIZE). */
 int vhub_snap_parse(const void *buf, size_t len, struct vhub_snap_doc *ret, const char **ret_why);
 /* Only the header and CRC (what a snapshot file uses to pick a slot). */
 int vhub_snap_check_header(const void *buf, size_t len, struct vhub_snap_doc *ret, const char **ret_why);
