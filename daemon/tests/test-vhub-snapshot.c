@@ -408,7 +408,7 @@ static void test_malformed(void) {
                                                    1, 2, 3, 4, 5, 6, 7, 8 }, 24 },
                 { "bad record inside a nest", { 1, 0, 1, 0, 9, 0, 0, 0, 2, 0, 4, 0, 1, 0, 0, 0, 7 }, 17 },
         };
-        uint8_t doc_buf[128];
+        uint8_t doc_buf[32 + 8 * (VHUB_SNAP_MAX_DEPTH + 2)];
         struct vhub_snap_doc doc;
 
         for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
