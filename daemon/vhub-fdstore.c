@@ -81,6 +81,7 @@ struct vhub_fdstore {
         bool files_valid;
 
         size_t n_stored, n_aliases, n_failed;
+        size_t names_bytes;                     /* sum of (name + ':') over STORED entries */
         struct vhub_fdstore_stats stats;
 
         struct vhub_snap_file alias_file;       /* fd < 0 until the first alias */
@@ -389,10 +390,21 @@ static bool send_again_later(int r) {
         return r == -EAGAIN || r == -ENOBUFS;
 }
 
+static void stored_add(struct vhub_fdstore *s, struct fds_entry *e) {
+        e->state = ENTRY_STORED;
+        s->n_stored++;
+        s->names_bytes += strlen(e->name) + 1;
+}
+
+static void stored_del(struct vhub_fdstore *s, struct fds_entry *e) {
+        s->n_stored--;
+        s->names_bytes -= strlen(e->name) + 1;
+}
+
 static void entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r) {
         if (e->state == ENTRY_STORED) {
                 files_remove(s, e);
-                s->n_stored--;
+                stored_del(s, e);
         }
         e->state = ENTRY_FAILED;
         s->n_failed++;
@@ -495,11 +507,14 @@ static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos)
                 r = -EXFULL;    /* systemd would drop it silently */
                 goto fail;
         }
+        if (s->names_bytes + strlen(e->name) + 1 > VHUB_FDSTORE_NAMES_BUDGET) {
+                r = -E2BIG;     /* the next exec would fail: LISTEN_FDNAMES too long */
+                goto fail;
+        }
         r = files_insert(s, e, pos);
         if (r < 0)
                 goto fail;
-        e->state = ENTRY_STORED;
-        s->n_stored++;
+        stored_add(s, e);
         r = msg_send(s, e, e->fd, MSG_PUSH, e->name);
         if (r < 0)
                 entry_set_failed(s, e, r);
@@ -749,7 +764,7 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
 
         if (e->state == ENTRY_STORED) {
                 files_remove(s, e);
-                s->n_stored--;
+                stored_del(s, e);
                 if (e->pending) {
                         /* never sent: nothing to remove */
                         TAILQ_REMOVE(&s->queue, e->pending, link);
@@ -774,12 +789,12 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
                 alias_attach(s, a, heir);
         }
         if (e->state == ENTRY_FAILED || !tell_manager) {
-                heir->state = e->state;
-                if (heir->state == ENTRY_FAILED)
+                if (e->state == ENTRY_FAILED) {
+                        heir->state = ENTRY_FAILED;
                         s->n_failed++;
-                else {
+                } else {
                         /* forgetting (restore abort): keep the index honest */
-                        s->n_stored++;
+                        stored_add(s, heir);
                         s->files_valid = false;
                 }
         } else {
@@ -838,6 +853,7 @@ void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_st
                 return;
         *ret = s->stats;
         ret->names = s->n_names;
+        ret->names_bytes = s->names_bytes;
         ret->stored = s->n_stored;
         ret->aliases = s->n_aliases;
         ret->failed = s->n_failed;
@@ -1041,8 +1057,7 @@ static int restore_register(struct vhub_fdstore_restore *r) {
                 k = entry_new(s, re->name, re->fd, &e);
                 if (k < 0)
                         return k;
-                e->state = ENTRY_STORED;
-                s->n_stored++;
+                stored_add(s, e);
                 s->files_valid = false;
         }
         if (s->alias_file.fd >= 0) {
@@ -1051,8 +1066,7 @@ static int restore_register(struct vhub_fdstore_restore *r) {
 
                 if (k < 0)
                         return k;
-                e->state = ENTRY_STORED;
-                s->n_stored++;
+                stored_add(s, e);
         }
         for (size_t i = 0; i < r->n; i++) {
                 struct restore_entry *re = &r->v[i];

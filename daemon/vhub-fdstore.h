@@ -43,6 +43,12 @@ struct vhub_fdstore_restore;
 #define VHUB_FDSTORE_ALIASES     "fdstore/aliases"
 #define VHUB_FDSTORE_DEFAULT_MAX 16384u
 #define VHUB_FDSTORE_DEFAULT_QUEUE 65536u
+/* systemd passes the names back in one environment variable,
+ * "LISTEN_FDNAMES=a:b:...", and the kernel refuses to exec a process with
+ * any single environment string over MAX_ARG_STRLEN (128 KiB): past that
+ * budget the next start would fail, so pushes past it fail here.  The
+ * socket units' names (e.g. "control") share it: a margin is kept. */
+#define VHUB_FDSTORE_NAMES_BUDGET (131072u - sizeof("LISTEN_FDNAMES=") - 1024u)
 
 /* systemd's rule for FDNAME= (fdname_is_valid): printable ASCII but ':',
  * at most 255 characters; empty names are refused here too. */
@@ -79,6 +85,7 @@ bool vhub_fdstore_degraded(const struct vhub_fdstore *s);
 
 struct vhub_fdstore_stats {
         size_t names;           /* tracked names (aliases included) */
+        size_t names_bytes;     /* of LISTEN_FDNAMES at the next start */
         size_t stored;          /* entries the manager holds or will hold (queued) */
         size_t aliases;
         size_t failed;          /* names whose fd the manager does not hold */

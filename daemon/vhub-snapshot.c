@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* The snapshot format: writer, strict reader, snapshot memfds.  See
  * vhub-snapshot.h and docs/restart.md ("The snapshot format"). */
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -9,7 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "vhub-fdstore.h"
+#include "vhub-fdstore.h"   /* VHUB_FDSTORE_NAME_MAX */
 #include "vhub-snapshot.h"
 
 /* ---- CRC-32C: a byte table (reflected polynomial 0x82F63B78), and the
@@ -107,30 +108,39 @@ uint32_t vhub_snap_crc32c(uint32_t crc, const void *buf, size_t len) {
 /* ---- little-endian fields */
 
 static void put_le16(uint8_t *p, uint16_t v) {
-        p[0] = (uint8_t) v;
-        p[1] = (uint8_t) (v >> 8);
+        v = htole16(v);
+        memcpy(p, &v, 2);
 }
 
 static void put_le32(uint8_t *p, uint32_t v) {
-        for (unsigned i = 0; i < 4; i++)
-                p[i] = (uint8_t) (v >> (8 * i));
+        v = htole32(v);
+        memcpy(p, &v, 4);
 }
 
 static void put_le64(uint8_t *p, uint64_t v) {
-        for (unsigned i = 0; i < 8; i++)
-                p[i] = (uint8_t) (v >> (8 * i));
+        v = htole64(v);
+        memcpy(p, &v, 8);
 }
 
 static uint16_t get_le16(const uint8_t *p) {
-        return (uint16_t) (p[0] | (p[1] << 8));
+        uint16_t v;
+
+        memcpy(&v, p, 2);
+        return le16toh(v);
 }
 
 static uint32_t get_le32(const uint8_t *p) {
-        return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
+        uint32_t v;
+
+        memcpy(&v, p, 4);
+        return le32toh(v);
 }
 
 static uint64_t get_le64(const uint8_t *p) {
-        return (uint64_t) get_le32(p) | (uint64_t) get_le32(p + 4) << 32;
+        uint64_t v;
+
+        memcpy(&v, p, 8);
+        return le64toh(v);
 }
 
 const char *vhub_snap_kind_to_string(unsigned kind) {
@@ -144,6 +154,8 @@ const char *vhub_snap_kind_to_string(unsigned kind) {
 }
 
 /* ---- writer */
+
+static int check_value(unsigned kind, const uint8_t *v, uint32_t len);
 
 void vhub_snap_writer_init(struct vhub_snap_writer *w) {
         *w = (struct vhub_snap_writer) { 0 };
@@ -164,6 +176,11 @@ void vhub_snap_writer_reset(struct vhub_snap_writer *w) {
 static uint8_t *writer_grow(struct vhub_snap_writer *w, size_t n) {
         size_t need;
 
+        /* the common case: room left in the buffer of the previous commit */
+        if (__builtin_expect(!w->error && w->buf && n <= w->cap - w->len, 1)) {
+                w->len += n;
+                return w->buf + w->len - n;
+        }
         if (w->error)
                 return NULL;
         if (n > VHUB_SNAP_MAX_SIZE || w->len + n > VHUB_SNAP_MAX_SIZE) {
@@ -283,14 +300,15 @@ int vhub_snap_put_bytes(struct vhub_snap_writer *w, uint32_t tag, const void *sr
 }
 
 int vhub_snap_put_fdname(struct vhub_snap_writer *w, uint32_t tag, const char *name) {
+        size_t n = name ? strlen(name) : 0;
         uint8_t *p;
 
         /* a name the fd store would refuse can never be found again */
-        if (!w->error && !vhub_fdstore_name_valid(name))
+        if (!w->error && (n == 0 || check_value(VHUB_SNAP_FDNAME, (const uint8_t *) name, (uint32_t) n) < 0))
                 return w->error = -EINVAL;
-        p = writer_record(w, tag, VHUB_SNAP_FDNAME, strlen(name));
+        p = writer_record(w, tag, VHUB_SNAP_FDNAME, n);
         if (p)
-                memcpy(p, name, strlen(name));
+                memcpy(p, name, n);
         return w->error;
 }
 

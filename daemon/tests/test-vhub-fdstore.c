@@ -475,7 +475,44 @@ static void test_failures(const char *dir) {
         close(b);
         close(c);
         close(d);
-        printf("ok: over the budget or with the manager gone: logged, counted, degraded while such an fd lives\n");
+        /* LISTEN_FDNAMES must stay under the kernel's 128 KiB per
+         * environment string, or the next start cannot exec: long names
+         * fail once their sum would pass it */
+        {
+                struct event_base *base = event_base_new();
+                enum { MANY = 600 };
+                int many[MANY], stored = 0;
+                char name[256];
+
+                mgr_open(&m, dir, "notify-names");
+                s = store_new(base, m.path, 0);
+                for (int i = 0; i < MANY; i++) {
+                        many[i] = efd();
+                        memset(name, 'n', 255);
+                        name[255] = 0;
+                        snprintf(name, 16, "%05d", i);
+                        name[5] = '/';
+                        CHECK_EQ(vhub_fdstore_push(s, many[i], name), 0);
+                        vhub_fdstore_get_stats(s, &st);
+                        if (st.failed == 0)
+                                stored++;
+                        mgr_pump(&m, base, 0);
+                }
+                vhub_fdstore_get_stats(s, &st);
+                CHECK(vhub_fdstore_degraded(s));
+                CHECK(st.names_bytes <= VHUB_FDSTORE_NAMES_BUDGET);
+                CHECK_EQ((size_t) stored, st.stored);
+                CHECK_EQ(st.stored, VHUB_FDSTORE_NAMES_BUDGET / 256);
+                printf("   %d names of 255 characters fit in LISTEN_FDNAMES (%zu bytes), the rest failed\n", stored,
+                       st.names_bytes);
+                vhub_fdstore_free(s);
+                mgr_close(&m);
+                for (int i = 0; i < MANY; i++)
+                        close(many[i]);
+                event_base_free(base);
+        }
+        printf("ok: over the budget (fds or LISTEN_FDNAMES bytes) or with the manager gone: logged, counted, "
+               "degraded while such an fd lives\n");
 }
 
 static int read_aliases(int table_fd, char out[][2][64], int max) {
