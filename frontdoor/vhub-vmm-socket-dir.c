@@ -30,11 +30,12 @@ struct vhub_vmm_socket {
         int vm_dir_fd;                  /* <vmm-dir>/<uid>/<vm> */
         char vm[VHUB_NAME_MAX + 1];
         char name[VHUB_NAME_MAX + sizeof(SOCKET_SUFFIX)];
-        dev_t dev;                      /* the inode bind() created, with its */
-        ino_t ino;                      /* ctime: a reused number is not it */
-        struct timespec ctime;
+        int inode_fd;                   /* O_PATH: the inode bind() created, held so
+                                         * that its number cannot be reused */
 };
 
+/* Only for inodes one of them holds open (a number is not reused meanwhile),
+ * or with the ctime as a second check. */
 static bool same_inode(const struct stat *a, const struct stat *b) {
         return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
                a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
@@ -207,14 +208,13 @@ static int bind_listen(struct vhub_vmm_socket *s, const char *path, struct vhub_
                 close(fd);
                 return r;
         }
-        if (fstatat(s->vm_dir_fd, s->name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISSOCK(st.st_mode)) {
+        s->inode_fd = openat(s->vm_dir_fd, s->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (s->inode_fd < 0 || fstat(s->inode_fd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
                 r = vhub_error_set(err, VHUB_ERR_INTERNAL, "%s vanished right after bind", path);
+                s->inode_fd = close_fd(s->inode_fd);
                 close(fd);
                 return r;
         }
-        s->dev = st.st_dev;
-        s->ino = st.st_ino;
-        s->ctime = st.st_ctim;
         return fd;
 }
 
@@ -262,6 +262,7 @@ static int create_below(struct vhub_vmm_socket *s, const char *path, struct vhub
 static struct vhub_vmm_socket *socket_free(struct vhub_vmm_socket *s) {
         if (!s)
                 return NULL;
+        close_fd(s->inode_fd);
         close_fd(s->vm_dir_fd);
         close_fd(s->uid_dir_fd);
         vhub_cred_done(&s->owner);
@@ -290,7 +291,7 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
         s = calloc(1, sizeof(*s));
         if (!s)
                 return -ENOMEM;
-        s->uid_dir_fd = s->vm_dir_fd = -1;
+        s->uid_dir_fd = s->vm_dir_fd = s->inode_fd = -1;
         snprintf(s->vm, sizeof(s->vm), "%s", vm);
         snprintf(s->name, sizeof(s->name), "%s" SOCKET_SUFFIX, device);
         if (vhub_cred_copy(owner, &s->owner) < 0) {
@@ -333,14 +334,14 @@ struct vhub_vmm_socket *vhub_vmm_socket_remove(struct vhub_vmm_socket *s) {
 
         if (!s)
                 return NULL;
-        ours = (struct stat){ .st_dev = s->dev, .st_ino = s->ino, .st_ctim = s->ctime };
         r = vhub_cred_enter(&s->owner, &scope);
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, s->vm, NULL, NULL, "cannot act as uid %u to remove %s: %s",
                               (unsigned)s->owner.uid, s->name, strerror(-r));
                 return socket_free(s);
         }
-        if (fstatat(s->vm_dir_fd, s->name, &now, AT_SYMLINK_NOFOLLOW) == 0 && same_inode(&ours, &now))
+        if (s->inode_fd >= 0 && fstat(s->inode_fd, &ours) == 0 &&
+            fstatat(s->vm_dir_fd, s->name, &now, AT_SYMLINK_NOFOLLOW) == 0 && same_inode(&ours, &now))
                 (void)unlinkat(s->vm_dir_fd, s->name, 0);
         /* other devices' sockets keep the VM's directory: ENOTEMPTY is fine */
         (void)unlinkat(s->uid_dir_fd, s->vm, AT_REMOVEDIR);

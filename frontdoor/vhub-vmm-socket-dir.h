@@ -20,7 +20,8 @@
  *     umask that makes the socket 0600 from the start (no chmod/chown
  *     window);
  *   - removal unlinks the name only while it still holds the inode bind()
- *     created, then the VM's directory if it is empty.
+ *     created -- held open (O_PATH) meanwhile, so that its number cannot
+ *     be reused by a replacement -- then the VM's directory if it is empty.
  *
  * The listening fd is returned; what listens on it is vhub-vmm-listener.
  */
