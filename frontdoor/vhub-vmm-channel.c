@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "vhub-vmm-channel.h"
@@ -222,8 +223,15 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
                          const struct vhub_vmm_channel_ops *ops, void *userdata,
                          struct vhub_vmm_channel **ret) {
         struct vhub_vmm_channel *ch;
-        int fl;
+        int fl, domain = 0, type = 0;
+        socklen_t len = sizeof(int);
 
+        /* the VMM may have sent anything: only a stream socket is a channel */
+        if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0 || domain != AF_UNIX ||
+            getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_STREAM) {
+                close(fd);
+                return -ENOTSOCK;
+        }
         fl = fcntl(fd, F_GETFL);
         if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
                 int r = -errno;

@@ -36,7 +36,8 @@ struct vhub_vmm_channel_ops {
 };
 
 /*
- * fd: the VMM's end of its socketpair, taken in every case.  timeout_ms
+ * fd: the VMM's end of its socketpair, taken in every case; anything but
+ * an AF_UNIX stream socket is -ENOTSOCK (a VMM may send any fd).  timeout_ms
  * bounds every awaited reply and a stalled write; max_pending the requests
  * awaiting replies (and queued unsent ones).
  */

@@ -251,7 +251,25 @@ static void test_broken_vmm(void) {
         CHECK_EQ(vhub_count_open_fds(), base_fds);
 }
 
+/* What SET_BACKEND_REQ_FD brought must be a stream socket. */
+static void test_not_a_channel(void) {
+        struct event_base *base = event_base_new();
+        int base_fds = vhub_count_open_fds();
+        struct vhub_vmm_channel *ch = NULL;
+        int sv[2];
+
+        CHECK_EQ(vhub_vmm_channel_new(base, test_memfd(4096), 100, 4, &ops, NULL, &ch), -ENOTSOCK);
+        CHECK_EQ(vhub_vmm_channel_new(base, test_eventfd(), 100, 4, &ops, NULL, &ch), -ENOTSOCK);
+        CHECK(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv) == 0);
+        close(sv[1]);
+        CHECK_EQ(vhub_vmm_channel_new(base, sv[0], 100, 4, &ops, NULL, &ch), -ENOTSOCK);
+        CHECK(ch == NULL);
+        CHECK_EQ(vhub_count_open_fds(), base_fds); /* taken and closed in every case */
+        event_base_free(base);
+}
+
 int main(void) {
+        test_not_a_channel();
         test_relay();
         test_refused_requests();
         test_silent_vmm();
