@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,20 @@ static bool same_inode(const struct stat *a, const struct stat *b) {
                a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
 }
 
+/* err filled with code and a sentence; returns -e (an errno that says what
+ * happened, which the contract code alone would not). */
+static int dir_fail(struct vhub_error *err, int code, int e, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+
+static int dir_fail(struct vhub_error *err, int code, int e, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        vhub_error_setv(err, code, fmt, ap);
+        va_end(ap);
+        return -e;
+}
+
 static int close_fd(int fd) {
         if (fd >= 0)
                 close(fd);
@@ -55,18 +70,18 @@ int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_
         int fd;
 
         if (!path || path[0] != '/')
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "--vmm-dir must be an absolute path");
+                return dir_fail(err, VHUB_ERR_INTERNAL, EINVAL, "--vmm-dir must be an absolute path");
         if (mkdir(path, 0755) < 0 && errno != EEXIST)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot create %s: %s", path, strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot create %s: %s", path, strerror(errno));
         fd = open(path, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot open %s: %s", path, strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot open %s: %s", path, strerror(errno));
         /* root creates the per-uid directories here: nobody else may write */
         if (fstat(fd, &st) < 0 || st.st_uid != geteuid() || (st.st_mode & 022)) {
                 close(fd);
-                return vhub_error_set(err, VHUB_ERR_INTERNAL,
-                                      "%s must be a directory of uid %u that only it can write",
-                                      path, (unsigned)geteuid());
+                return dir_fail(err, VHUB_ERR_INTERNAL, EPERM,
+                                "%s must be a directory of uid %u that only it can write", path,
+                                (unsigned)geteuid());
         }
         d = calloc(1, sizeof(*d));
         if (!d || !(d->path = strdup(path))) {
@@ -101,13 +116,14 @@ static int uid_dir_open(struct vhub_vmm_dir *d, const struct vhub_cred *owner, s
 
         snprintf(name, sizeof(name), "%u", (unsigned)owner->uid);
         if (mkdirat(d->fd, name, 0700) < 0 && errno != EEXIST)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot create %s/%s: %s", d->path, name,
-                                      strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot create %s/%s: %s", d->path, name,
+                                strerror(errno));
         fd = openat(d->fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "%s/%s: %s", d->path, name, strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno == ELOOP || errno == ENOTDIR ? EPERM : errno,
+                                "%s/%s: %s", d->path, name, strerror(errno));
         if (fstat(fd, &st) < 0) {
-                int r = vhub_error_set(err, VHUB_ERR_INTERNAL, "%s/%s: %s", d->path, name, strerror(errno));
+                int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "%s/%s: %s", d->path, name, strerror(errno));
 
                 close(fd);
                 return r;
@@ -115,21 +131,21 @@ static int uid_dir_open(struct vhub_vmm_dir *d, const struct vhub_cred *owner, s
         /* the owner's, or ours not handed over yet (a crash right after mkdirat) */
         if (st.st_uid != owner->uid && st.st_uid != geteuid()) {
                 close(fd);
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "%s/%s belongs to uid %u, not to uid %u",
-                                      d->path, name, (unsigned)st.st_uid, (unsigned)owner->uid);
+                return dir_fail(err, VHUB_ERR_INTERNAL, EPERM, "%s/%s belongs to uid %u, not to uid %u",
+                                d->path, name, (unsigned)st.st_uid, (unsigned)owner->uid);
         }
         /* on the fd: the object checked is the object changed */
         if ((st.st_uid != owner->uid || st.st_gid != owner->gid) &&
             fchown(fd, owner->uid, owner->gid) < 0) {
-                int r = vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot hand %s/%s to uid %u: %s", d->path,
-                                       name, (unsigned)owner->uid, strerror(errno));
+                int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot hand %s/%s to uid %u: %s", d->path,
+                                 name, (unsigned)owner->uid, strerror(errno));
 
                 close(fd);
                 return r;
         }
         if ((st.st_mode & 07777) != 0700 && fchmod(fd, 0700) < 0) {
-                int r = vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot make %s/%s private: %s", d->path,
-                                       name, strerror(errno));
+                int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot make %s/%s private: %s", d->path,
+                                 name, strerror(errno));
 
                 close(fd);
                 return r;
@@ -164,28 +180,26 @@ static int entry_make_room(int dir_fd, const char *name, const char *path, struc
         int pfd, r;
 
         if (fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
-                return errno == ENOENT ? 0 : vhub_error_set(err, VHUB_ERR_INTERNAL, "%s: %s", path, strerror(errno));
+                return errno == ENOENT ? 0 : dir_fail(err, VHUB_ERR_INTERNAL, errno, "%s: %s", path, strerror(errno));
         if (!S_ISSOCK(st.st_mode)) {
-                vhub_error_set(err, VHUB_ERR_EXISTS, "%s exists and is not a socket", path);
-                return -EEXIST;
+                return dir_fail(err, VHUB_ERR_EXISTS, EEXIST, "%s exists and is not a socket", path);
         }
         pfd = openat(dir_fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         if (pfd < 0)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "%s: %s", path, strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "%s: %s", path, strerror(errno));
         r = fstat(pfd, &now) < 0 || !same_inode(&st, &now) ? -ESTALE : socket_probe(pfd);
         close(pfd);
         if (r == 0 || r == -EAGAIN) {
-                vhub_error_set(err, VHUB_ERR_EXISTS, "a socket that is in use holds %s", path);
-                return -EADDRINUSE;
+                return dir_fail(err, VHUB_ERR_EXISTS, EADDRINUSE, "a socket that is in use holds %s", path);
         }
         if (r != -ECONNREFUSED)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot tell whether %s is in use: %s", path,
-                                      strerror(-r));
+                return dir_fail(err, VHUB_ERR_INTERNAL, -r, "cannot tell whether %s is in use: %s", path,
+                                strerror(-r));
         if (fstatat(dir_fd, name, &now, AT_SYMLINK_NOFOLLOW) < 0 || !same_inode(&st, &now))
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "%s changed while it was checked", path);
+                return dir_fail(err, VHUB_ERR_INTERNAL, ESTALE, "%s changed while it was checked", path);
         if (unlinkat(dir_fd, name, 0) < 0 && errno != ENOENT)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot remove the stale socket %s: %s", path,
-                                      strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot remove the stale socket %s: %s", path,
+                                strerror(errno));
         return 0;
 }
 
@@ -199,18 +213,18 @@ static int bind_listen(struct vhub_vmm_socket *s, const char *path, struct vhub_
         snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d/%s", s->vm_dir_fd, s->name);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "socket: %s", strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "socket: %s", strerror(errno));
         mask = umask(0177);
         r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
         umask(mask);
         if (r < 0 || listen(fd, VMM_SOCKET_BACKLOG) < 0) {
-                r = vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot listen on %s: %s", path, strerror(errno));
+                r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot listen on %s: %s", path, strerror(errno));
                 close(fd);
                 return r;
         }
         s->inode_fd = openat(s->vm_dir_fd, s->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         if (s->inode_fd < 0 || fstat(s->inode_fd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
-                r = vhub_error_set(err, VHUB_ERR_INTERNAL, "%s vanished right after bind", path);
+                r = dir_fail(err, VHUB_ERR_INTERNAL, ESTALE, "%s vanished right after bind", path);
                 s->inode_fd = close_fd(s->inode_fd);
                 close(fd);
                 return r;
@@ -223,22 +237,22 @@ static int vm_dir_open(struct vhub_vmm_socket *s, const char *path, struct vhub_
         int fd;
 
         if (mkdirat(s->uid_dir_fd, s->vm, 0700) < 0 && errno != EEXIST)
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot create the directory of %s: %s", path,
-                                      strerror(errno));
+                return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot create the directory of %s: %s", path,
+                                strerror(errno));
         fd = vhub_open_beneath(s->uid_dir_fd, s->vm, O_RDONLY | O_DIRECTORY);
         if (fd < 0) {
-                vhub_error_set(err, VHUB_ERR_INTERNAL, "the directory of %s: %s", path, strerror(-fd));
-                return -EPERM;
+                /* a symlink (ELOOP), or no directory (ENOTDIR): planted */
+                return dir_fail(err, VHUB_ERR_INTERNAL, fd == -ELOOP || fd == -ENOTDIR ? EPERM : -fd,
+                                "the directory of %s: %s", path, strerror(-fd));
         }
         if (fstat(fd, &st) < 0 || st.st_uid != s->owner.uid) {
                 close(fd);
-                vhub_error_set(err, VHUB_ERR_INTERNAL, "the directory of %s does not belong to uid %u", path,
-                               (unsigned)s->owner.uid);
-                return -EPERM;
+                return dir_fail(err, VHUB_ERR_INTERNAL, EPERM, "the directory of %s does not belong to uid %u",
+                                path, (unsigned)s->owner.uid);
         }
         if ((st.st_mode & 07777) != 0700 && fchmod(fd, 0700) < 0) {
-                int r = vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot make the directory of %s private: %s",
-                                       path, strerror(errno));
+                int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot make the directory of %s private: %s",
+                                 path, strerror(errno));
 
                 close(fd);
                 return r;
@@ -279,14 +293,13 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
         int fd, r;
 
         if (strlen(vm) > VHUB_NAME_MAX || strlen(device) > VHUB_NAME_MAX)
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "VM or device name too long");
+                return dir_fail(err, VHUB_ERR_PARAMS, ENAMETOOLONG, "VM or device name too long");
         /* what the VMM connects to must fit a sockaddr_un */
         if ((size_t)snprintf(path, sizeof(path), "%s/%u/%s/%s" SOCKET_SUFFIX, d->path, (unsigned)owner->uid,
                              vm, device) >= sizeof(path)) {
-                vhub_error_set(err, VHUB_ERR_PARAMS,
-                               "the front-door socket %s/%u/%s/%s" SOCKET_SUFFIX " would be longer than %zu bytes",
-                               d->path, (unsigned)owner->uid, vm, device, SUN_PATH_SIZE - 1);
-                return -ENAMETOOLONG;
+                return dir_fail(err, VHUB_ERR_PARAMS, ENAMETOOLONG,
+                                "the front-door socket %s/%u/%s/%s" SOCKET_SUFFIX " would be longer than %zu bytes",
+                                d->path, (unsigned)owner->uid, vm, device, SUN_PATH_SIZE - 1);
         }
         s = calloc(1, sizeof(*s));
         if (!s)
@@ -303,8 +316,8 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
                 goto fail;
         r = vhub_cred_enter(&s->owner, &scope);
         if (r < 0) {
-                vhub_error_set(err, VHUB_ERR_INTERNAL, "cannot act as uid %u: %s", (unsigned)owner->uid,
-                               strerror(-r));
+                dir_fail(err, VHUB_ERR_INTERNAL, -r, "cannot act as uid %u: %s", (unsigned)owner->uid,
+                         strerror(-r));
                 goto fail;
         }
         fd = create_below(s, path, err);

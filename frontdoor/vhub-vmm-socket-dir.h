@@ -51,11 +51,15 @@ struct vhub_vmm_socket;
  * the files are created with; copied).  vm and device are names the caller
  * validated ([A-Za-z0-9._-], not "." or "..").  Returns the listening fd
  * and fills *ret_sock and *ret_path (malloc'd: what the VMM connects to).
- * Errors, with err filled: -ENAMETOOLONG (-32602: the path would not fit a
- * sockaddr_un, so no VMM could connect), -EADDRINUSE / -EEXIST (-32003: a
- * live socket, or something that is no socket, holds the name), -EPERM
- * (-32603: a directory on the way is not the owner's, or a symlink), other
- * errnos (-32603).
+ * Errors, with err filled (the contract code in err->code):
+ *   -ENAMETOOLONG (-32602): the path would not fit a sockaddr_un, so no VMM
+ *                 could connect;
+ *   -EADDRINUSE, -EEXIST (-32003): a live socket, or something that is no
+ *                 socket, holds the name;
+ *   -EPERM (-32603): a directory on the way is a symlink, or not the
+ *                 owner's; or the daemon may not act as the owner;
+ *   other errnos (-32603): what the file system said.
+ * Nothing is left behind on failure but directories that were missing.
  */
 int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner, const char *vm,
                            const char *device, struct vhub_error *err,

@@ -149,7 +149,7 @@ static void test_vmm_dir(void) {
         CHECK(vhub_vmm_dir_open("relative/vmm", &err, &d) < 0);
         /* writable by others: root would create per-uid directories where anyone can plant things */
         CHECK(mkdir(at("open"), 0777) == 0 && chmod(at("open"), 0777) == 0);
-        CHECK(vhub_vmm_dir_open(at("open"), &err, &d) < 0);
+        CHECK_EQ(vhub_vmm_dir_open(at("open"), &err, &d), -EPERM);
         CHECK(strstr(err.detail, "that only it can write"));
         CHECK(symlink(at("vmm"), at("link")) == 0);
         CHECK(vhub_vmm_dir_open(at("link"), &err, &d) < 0);
@@ -277,7 +277,8 @@ static void test_planted(void) {
                  * admin's mistake, but it must not be followed) */
                 CHECK(symlink(at("outside"), at("vmm/%u", (unsigned)other)) == 0);
                 fd = create(d, other, "vm0", "blk0", &err, &s, &p);
-                CHECK(fd < 0 && s == NULL);
+                CHECK_EQ(fd, -EPERM);
+                CHECK(s == NULL);
                 CHECK(dir_is_empty(at("outside")));
                 CHECK(unlink(at("vmm/%u", (unsigned)other)) == 0);
 
@@ -285,7 +286,7 @@ static void test_planted(void) {
                 CHECK(mkdir(at("vmm/%u", (unsigned)other), 0700) == 0);
                 CHECK(chown(at("vmm/%u", (unsigned)other), user, user) == 0);
                 fd = create(d, other, "vm0", "blk0", &err, &s, &p);
-                CHECK(fd < 0);
+                CHECK_EQ(fd, -EPERM);
                 CHECK(strstr(err.detail, "belongs to uid"));
                 CHECK(dir_is_empty(at("vmm/%u", (unsigned)other)));
                 CHECK(rmdir(at("vmm/%u", (unsigned)other)) == 0);
@@ -301,7 +302,8 @@ static void test_planted(void) {
         if (as_root)
                 CHECK(lchown(at("vmm/%u/vmB", (unsigned)user), user, user) == 0);
         fd = create(d, user, "vmB", "blk0", &err, &s, &p);
-        CHECK(fd < 0 && s == NULL && p == NULL);
+        CHECK_EQ(fd, -EPERM);
+        CHECK(s == NULL && p == NULL);
         CHECK(dir_is_empty(at("outside")));
         CHECK(unlink(at("vmm/%u/vmB", (unsigned)user)) == 0);
 
@@ -309,7 +311,8 @@ static void test_planted(void) {
         if (as_root) {
                 CHECK(mkdir(at("vmm/%u/vmC", (unsigned)user), 0777) == 0);
                 fd = create(d, user, "vmC", "blk0", &err, &s, &p);
-                CHECK(fd < 0);
+                CHECK_EQ(fd, -EPERM);
+                CHECK_EQ(err.code, VHUB_ERR_INTERNAL);
                 CHECK(strstr(err.detail, "does not belong to uid"));
                 CHECK(dir_is_empty(at("vmm/%u/vmC", (unsigned)user)));
                 CHECK(rmdir(at("vmm/%u/vmC", (unsigned)user)) == 0);
