@@ -1,8 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
-#include <event2/event.h>
-#include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,8 +7,12 @@
 #include <unistd.h>
 
 #include "vhub-vmm-channel.h"
-#include "vhu-socket.h"
 #include "vmm-clock.h"
+#include "vmm-stream.h"
+
+/* Bytes of requests queued towards a VMM that does not read its channel:
+ * back-end requests are small, this is many of them. */
+#define CHANNEL_MAX_QUEUED_BYTES (64u << 10)
 
 struct awaited_reply {
         uint32_t request;
@@ -21,16 +22,9 @@ struct awaited_reply {
 };
 
 struct vhub_vmm_channel {
-        int fd;
-        struct event *ev_read;
-        struct event *ev_write;
-        struct event *ev_timer;
-        struct event *ev_lost;
-        struct vhu_reader reader;
-        struct vhu_writer writer;
+        struct vmm_stream stream;
         uint64_t protocol_features;
         uint64_t timeout_usec;
-        uint64_t write_deadline;     /* 0: the writer is not stalled */
 
         struct awaited_reply *awaited;  /* ring of max_pending */
         unsigned max_pending, head, count;
@@ -38,45 +32,12 @@ struct vhub_vmm_channel {
         const struct vhub_vmm_channel_ops *ops;
         void *userdata;
 
-        bool lost;
-        bool lost_timeout;
-        char lost_reason[200];
         bool dispatching;            /* inside a callback */
         bool free_requested;
 };
 
-static void chan_lose(struct vhub_vmm_channel *ch, bool timeout, const char *fmt, ...)
-        __attribute__((format(printf, 3, 4)));
-
-static void chan_lose(struct vhub_vmm_channel *ch, bool timeout, const char *fmt, ...) {
-        va_list ap;
-
-        if (ch->lost)
-                return;
-        ch->lost = true;
-        ch->lost_timeout = timeout;
-        va_start(ap, fmt);
-        vsnprintf(ch->lost_reason, sizeof(ch->lost_reason), fmt, ap);
-        va_end(ap);
-        event_del(ch->ev_read);
-        event_del(ch->ev_write);
-        evtimer_del(ch->ev_timer);
-        event_active(ch->ev_lost, 0, 0);
-}
-
 static void chan_free_now(struct vhub_vmm_channel *ch) {
-        if (ch->ev_read)
-                event_free(ch->ev_read);
-        if (ch->ev_write)
-                event_free(ch->ev_write);
-        if (ch->ev_timer)
-                event_free(ch->ev_timer);
-        if (ch->ev_lost)
-                event_free(ch->ev_lost);
-        vhu_reader_reset(&ch->reader);
-        vhu_writer_clear(&ch->writer);
-        if (ch->fd >= 0)
-                close(ch->fd);
+        vmm_stream_done(&ch->stream);
         free(ch->awaited);
         free(ch);
 }
@@ -89,9 +50,13 @@ static struct awaited_reply chan_pop(struct vhub_vmm_channel *ch) {
         return a;
 }
 
+static void chan_rearm(struct vhub_vmm_channel *ch) {
+        vmm_stream_rearm(&ch->stream, ch->count > 0 ? ch->awaited[ch->head].deadline : 0);
+}
+
 /* Every awaited request gets its on_answer(NULL), then the loss is told. */
-static void chan_lost_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_channel *ch = userdata;
+static void chan_on_lost(void *owner) {
+        struct vhub_vmm_channel *ch = owner;
 
         ch->dispatching = true;
         while (ch->count > 0 && !ch->free_requested) {
@@ -104,65 +69,20 @@ static void chan_lost_cb(evutil_socket_t fd, short what, void *userdata) {
                 chan_free_now(ch);
                 return;
         }
-        ch->ops->on_lost(ch->userdata, ch->lost_timeout, ch->lost_reason);
+        ch->ops->on_lost(ch->userdata, ch->stream.lost_timeout, ch->stream.lost_reason);
 }
 
-static void chan_rearm_timer(struct vhub_vmm_channel *ch) {
-        uint64_t deadline = ch->write_deadline;
-        struct timeval tv;
-
-        if (ch->lost)
-                return;
-        if (ch->count > 0 && (!deadline || ch->awaited[ch->head].deadline < deadline))
-                deadline = ch->awaited[ch->head].deadline;
-        if (!deadline) {
-                evtimer_del(ch->ev_timer);
-                return;
-        }
-        tv = vmm_timeval_until(deadline);
-        evtimer_add(ch->ev_timer, &tv);
-}
-
-static void chan_timer_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_channel *ch = userdata;
-        uint64_t now = vmm_now_usec();
-        unsigned ms = (unsigned)(ch->timeout_usec / 1000u);
+static void chan_on_timer(void *owner, uint64_t now) {
+        struct vhub_vmm_channel *ch = owner;
 
         if (ch->count > 0 && ch->awaited[ch->head].deadline <= now) {
-                chan_lose(ch, true, "the VMM did not answer %s on its back-end channel within %u ms",
-                          vhu_request_name(VHU_DIR_BACKEND, ch->awaited[ch->head].request), ms);
+                vmm_stream_lose(&ch->stream, true,
+                                "the VMM did not answer %s on its back-end channel within %llu ms",
+                                vhu_request_name(VHU_DIR_BACKEND, ch->awaited[ch->head].request),
+                                (unsigned long long)(ch->timeout_usec / 1000u));
                 return;
         }
-        if (ch->write_deadline && ch->write_deadline <= now) {
-                chan_lose(ch, true, "the VMM did not read its back-end channel for %u ms", ms);
-                return;
-        }
-        chan_rearm_timer(ch);
-}
-
-static void chan_after_write(struct vhub_vmm_channel *ch, int r) {
-        if (r == 0) {
-                event_del(ch->ev_write);
-                if (ch->write_deadline) {
-                        ch->write_deadline = 0;
-                        chan_rearm_timer(ch);
-                }
-        } else if (r == -EAGAIN) {
-                event_add(ch->ev_write, NULL);
-                if (!ch->write_deadline) {
-                        ch->write_deadline = vmm_now_usec() + ch->timeout_usec;
-                        chan_rearm_timer(ch);
-                }
-        } else {
-                chan_lose(ch, false, "cannot write to the VMM's back-end channel: %s", strerror(-r));
-        }
-}
-
-static void chan_write_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_channel *ch = userdata;
-
-        if (!ch->lost)
-                chan_after_write(ch, vhu_writer_flush(&ch->writer, ch->fd));
+        chan_rearm(ch);
 }
 
 /* The smallest payload the awaited reply has: read with its header at once. */
@@ -175,42 +95,42 @@ static uint32_t chan_reply_min_payload(const struct vhub_vmm_channel *ch) {
         return info ? info->reply_min_size : 0;
 }
 
-static void chan_read_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_channel *ch = userdata;
+/* One reply per wake-up (level-triggered: more fire it again). */
+static void chan_on_readable(void *owner) {
+        struct vhub_vmm_channel *ch = owner;
+        struct vmm_stream *s = &ch->stream;
         const char *why = NULL;
         struct awaited_reply a;
         struct vhu_msg m;
         int r;
 
-        if (ch->lost)
-                return;
         vhu_msg_init(&m);
-        r = vhu_reader_read_hint(&ch->reader, ch->fd, &m, chan_reply_min_payload(ch));
+        r = vhu_reader_read_hint(&s->reader, s->fd, &m, chan_reply_min_payload(ch));
         if (r == -EAGAIN)
                 return;
         if (r == 0) {
-                chan_lose(ch, false, "the VMM closed its back-end channel");
+                vmm_stream_lose(s, false, "the VMM closed its back-end channel");
                 return;
         }
         if (r < 0) {
-                chan_lose(ch, false, "%s on the VMM's back-end channel",
-                          r == -EPROTO ? "protocol violation in message framing" : strerror(-r));
+                vmm_stream_lose(s, false, "%s on the VMM's back-end channel",
+                                r == -EPROTO ? "protocol violation in message framing" : strerror(-r));
                 return;
         }
         if (ch->count == 0) {
-                chan_lose(ch, false, "unsolicited message %u on the VMM's back-end channel", m.hdr.request);
+                vmm_stream_lose(s, false, "unsolicited message %u on the VMM's back-end channel", m.hdr.request);
                 vhu_msg_clear(&m);
                 return;
         }
         a = ch->awaited[ch->head];
         if (vhu_validate_reply(VHU_DIR_BACKEND, a.request, a.flags, ch->protocol_features, &m, &why) < 0) {
-                chan_lose(ch, false, "bad reply to %s on the VMM's back-end channel: %s",
-                          vhu_request_name(VHU_DIR_BACKEND, a.request), why ? why : "invalid");
+                vmm_stream_lose(s, false, "bad reply to %s on the VMM's back-end channel: %s",
+                                vhu_request_name(VHU_DIR_BACKEND, a.request), why ? why : "invalid");
                 vhu_msg_clear(&m);
                 return;
         }
         chan_pop(ch);
-        chan_rearm_timer(ch);
+        chan_rearm(ch);
         ch->dispatching = true;
         ch->ops->on_answer(ch->userdata, a.tag, a.request, &m);
         ch->dispatching = false;
@@ -219,11 +139,17 @@ static void chan_read_cb(evutil_socket_t fd, short what, void *userdata) {
                 chan_free_now(ch);
 }
 
+static const struct vmm_stream_ops chan_stream_ops = {
+        .on_readable = chan_on_readable,
+        .on_timer = chan_on_timer,
+        .on_lost = chan_on_lost,
+};
+
 int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
                          const struct vhub_vmm_channel_ops *ops, void *userdata,
                          struct vhub_vmm_channel **ret) {
         struct vhub_vmm_channel *ch;
-        int fl, domain = 0, type = 0;
+        int domain = 0, type = 0, r;
         socklen_t len = sizeof(int);
 
         /* the VMM may have sent anything: only a stream socket is a channel */
@@ -232,34 +158,27 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
                 close(fd);
                 return -ENOTSOCK;
         }
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                int r = -errno;
-
-                close(fd);
-                return r;
-        }
         ch = calloc(1, sizeof(*ch));
         if (!ch) {
                 close(fd);
                 return -ENOMEM;
         }
-        ch->fd = fd;
         ch->ops = ops;
         ch->userdata = userdata;
         ch->timeout_usec = (uint64_t)timeout_ms * 1000u;
         ch->max_pending = max_pending ? max_pending : 1;
-        vhu_reader_init(&ch->reader);
-        vhu_writer_init(&ch->writer);
         ch->awaited = calloc(ch->max_pending, sizeof(*ch->awaited));
-        ch->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, chan_read_cb, ch);
-        ch->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, chan_write_cb, ch);
-        ch->ev_timer = evtimer_new(base, chan_timer_cb, ch);
-        ch->ev_lost = event_new(base, -1, 0, chan_lost_cb, ch);
-        if (!ch->awaited || !ch->ev_read || !ch->ev_write || !ch->ev_timer || !ch->ev_lost ||
-            event_add(ch->ev_read, NULL) < 0) {
-                chan_free_now(ch);
+        if (!ch->awaited) {
+                close(fd);
+                free(ch);
                 return -ENOMEM;
+        }
+        r = vmm_stream_init(&ch->stream, base, fd, "its back-end channel", CHANNEL_MAX_QUEUED_BYTES,
+                            timeout_ms, &chan_stream_ops, ch);
+        if (r < 0) {
+                free(ch->awaited);
+                free(ch);
+                return r;
         }
         *ret = ch;
         return 0;
@@ -270,11 +189,8 @@ struct vhub_vmm_channel *vhub_vmm_channel_free(struct vhub_vmm_channel *ch) {
                 return NULL;
         if (ch->dispatching) {
                 ch->free_requested = true;
-                ch->lost = true;
-                event_del(ch->ev_read);
-                event_del(ch->ev_write);
-                evtimer_del(ch->ev_timer);
-                event_del(ch->ev_lost);
+                ch->stream.lost = true;
+                vmm_stream_silence(&ch->stream);
                 return NULL;
         }
         chan_free_now(ch);
@@ -290,7 +206,7 @@ int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, 
         bool expects;
         int r;
 
-        if (ch->lost)
+        if (ch->stream.lost)
                 return -ENOTCONN;
         /* only what the VMM negotiated: request, flags, sizes, fds */
         if (vhu_validate_request(VHU_DIR_BACKEND, ch->protocol_features, m, &why) < 0)
@@ -302,11 +218,8 @@ int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, 
                 return -EINVAL;
         expects = vhu_request_expects_reply(VHU_DIR_BACKEND, m->hdr.request, m->hdr.flags,
                                             ch->protocol_features);
-        if ((expects && ch->count == ch->max_pending) || ch->writer.n_items >= ch->max_pending)
+        if ((expects && ch->count == ch->max_pending) || ch->stream.writer.n_items >= ch->max_pending)
                 return -ENOBUFS;
-        r = vhu_writer_send(&ch->writer, ch->fd, m);
-        if (r == -ENOMEM || r == -EMFILE || r == -EINVAL)
-                return r;
         if (expects) {
                 ch->awaited[(ch->head + ch->count) % ch->max_pending] = (struct awaited_reply){
                         .request = m->hdr.request,
@@ -315,10 +228,15 @@ int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, 
                         .deadline = vmm_now_usec() + ch->timeout_usec,
                 };
                 ch->count++;
-                if (ch->count == 1)
-                        chan_rearm_timer(ch);
         }
-        chan_after_write(ch, r);
+        r = vmm_stream_send(&ch->stream, m);
+        if (r < 0) {
+                if (expects)
+                        ch->count--; /* nothing went out: nothing is awaited */
+                return r;
+        }
+        if (expects && ch->count == 1)
+                chan_rearm(ch);
         return expects ? 1 : 0;
 }
 
@@ -327,5 +245,5 @@ unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch) {
 }
 
 bool vhub_vmm_channel_is_lost(const struct vhub_vmm_channel *ch) {
-        return ch->lost;
+        return ch->stream.lost;
 }

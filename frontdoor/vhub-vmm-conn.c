@@ -1,16 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
-#include <event2/event.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "vhub-vmm-conn.h"
-#include "vhu-socket.h"
 #include "vmm-clock.h"
+#include "vmm-stream.h"
 
 /* Requests read per wake-up: one busy VMM cannot starve the loop. */
 #define CONN_READ_BUDGET 16
@@ -27,16 +25,8 @@ struct pending_answer {
 };
 
 struct vhub_vmm_conn {
-        int fd;
-        struct event *ev_read;
-        struct event *ev_write;
-        struct event *ev_timer;
-        struct event *ev_lost;
-        struct vhu_reader reader;
-        struct vhu_writer writer;
+        struct vmm_stream stream;
         struct vhub_vmm_conn_limits limits;
-        uint64_t write_deadline;     /* 0: the writer is not stalled */
-        bool reading;                /* ev_read is armed */
 
         uint64_t offered_pf;
         uint64_t pf;                 /* acked by the VMM */
@@ -48,8 +38,6 @@ struct vhub_vmm_conn {
         const struct vhub_vmm_conn_ops *ops;
         void *userdata;
 
-        bool lost;
-        char lost_reason[256];
         bool dispatching;            /* inside ops->on_request */
         bool free_requested;         /* vhub_vmm_conn_free() called meanwhile */
 };
@@ -61,31 +49,6 @@ void vhub_vmm_conn_limits_default(struct vhub_vmm_conn_limits *l) {
                 .write_timeout_ms = 5000,
                 .answer_timeout_ms = 0,
         };
-}
-
-static void conn_lose(struct vhub_vmm_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void conn_lose(struct vhub_vmm_conn *c, const char *fmt, ...) {
-        va_list ap;
-
-        if (c->lost)
-                return;
-        c->lost = true;
-        va_start(ap, fmt);
-        vsnprintf(c->lost_reason, sizeof(c->lost_reason), fmt, ap);
-        va_end(ap);
-        event_del(c->ev_read);
-        event_del(c->ev_write);
-        evtimer_del(c->ev_timer);
-        c->reading = false;
-        /* reported from the loop, never inside the caller's stack */
-        event_active(c->ev_lost, 0, 0);
-}
-
-static void conn_lost_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_conn *c = userdata;
-
-        c->ops->on_lost(c->userdata, c->lost_reason);
 }
 
 static struct pending_answer *pending_at(const struct vhub_vmm_conn *c, unsigned i) {
@@ -103,80 +66,41 @@ static struct pending_answer *pending_find(const struct vhub_vmm_conn *c, uint64
         return pending_at(c, (unsigned)(id - first));
 }
 
-static void conn_rearm_timer(struct vhub_vmm_conn *c) {
-        uint64_t deadline = c->write_deadline;
-        struct timeval tv;
-
-        if (c->lost)
-                return;
-        /* the head is the oldest unanswered request (answered ones leave at once) */
-        if (c->count > 0 && pending_at(c, 0)->deadline &&
-            (!deadline || pending_at(c, 0)->deadline < deadline))
-                deadline = pending_at(c, 0)->deadline;
-        if (!deadline) {
-                evtimer_del(c->ev_timer);
-                return;
-        }
-        tv = vmm_timeval_until(deadline);
-        evtimer_add(c->ev_timer, &tv);
+/* The head is the oldest unanswered request (answered ones leave at once). */
+static void conn_rearm(struct vhub_vmm_conn *c) {
+        vmm_stream_rearm(&c->stream, c->count > 0 ? pending_at(c, 0)->deadline : 0);
 }
 
-static void conn_set_reading(struct vhub_vmm_conn *c, bool on) {
-        if (c->lost || c->reading == on)
+static void conn_on_timer(void *owner, uint64_t now) {
+        struct vhub_vmm_conn *c = owner;
+
+        if (c->count > 0 && pending_at(c, 0)->deadline && pending_at(c, 0)->deadline <= now) {
+                vmm_stream_lose(&c->stream, true, "%s from the VMM not answered within %u ms",
+                                vhu_request_name(VHU_DIR_FRONTEND, pending_at(c, 0)->request),
+                                c->limits.answer_timeout_ms);
                 return;
-        c->reading = on;
-        if (on)
-                event_add(c->ev_read, NULL); /* level-triggered: buffered requests fire it */
-        else
-                event_del(c->ev_read);
+        }
+        conn_rearm(c);
 }
 
-/* r: what vhu_writer_send()/vhu_writer_flush() returned. */
-static void conn_after_write(struct vhub_vmm_conn *c, int r) {
-        if (r == 0) {
-                event_del(c->ev_write);
-                if (c->write_deadline) {
-                        c->write_deadline = 0;
-                        conn_rearm_timer(c);
-                }
-                return;
-        }
-        if (r != -EAGAIN) {
-                conn_lose(c, "cannot write to the VMM: %s", strerror(-r));
-                return;
-        }
-        if (c->writer.n_bytes > c->limits.max_queued_bytes) {
-                conn_lose(c, "the VMM does not read its answers (%zu bytes queued)", c->writer.n_bytes);
-                return;
-        }
-        event_add(c->ev_write, NULL);
-        if (!c->write_deadline) {
-                c->write_deadline = vmm_now_usec() + (uint64_t)c->limits.write_timeout_ms * 1000u;
-                conn_rearm_timer(c);
-        }
-}
+static void conn_on_lost(void *owner) {
+        struct vhub_vmm_conn *c = owner;
 
-static void conn_write_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_conn *c = userdata;
-
-        if (!c->lost)
-                conn_after_write(c, vhu_writer_flush(&c->writer, c->fd));
+        c->ops->on_lost(c->userdata, c->stream.lost_reason);
 }
 
 static void conn_send(struct vhub_vmm_conn *c, const struct vhu_msg *m) {
-        int r = vhu_writer_send(&c->writer, c->fd, m);
+        int r = vmm_stream_send(&c->stream, m);
 
-        if (r == -ENOMEM || r == -EMFILE || r == -EINVAL)
-                conn_lose(c, "cannot queue an answer to the VMM: %s", strerror(-r));
-        else
-                conn_after_write(c, r);
+        if (r < 0)
+                vmm_stream_lose(&c->stream, false, "cannot queue an answer to the VMM: %s", strerror(-r));
 }
 
 /* The head was answered: drop it, send whatever was held behind it. */
 static void conn_pop_answered(struct vhub_vmm_conn *c) {
         c->head = (c->head + 1) % c->limits.max_pending;
         c->count--;
-        while (c->count > 0 && pending_at(c, 0)->held && !c->lost) {
+        while (c->count > 0 && pending_at(c, 0)->held && !c->stream.lost) {
                 struct pending_answer *p = pending_at(c, 0);
 
                 conn_send(c, p->held);
@@ -186,26 +110,8 @@ static void conn_pop_answered(struct vhub_vmm_conn *c) {
                 c->head = (c->head + 1) % c->limits.max_pending;
                 c->count--;
         }
-        if (c->count < c->limits.max_pending)
-                conn_set_reading(c, true);
-        conn_rearm_timer(c);
-}
-
-static void conn_timer_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_conn *c = userdata;
-        uint64_t now = vmm_now_usec();
-
-        if (c->count > 0 && pending_at(c, 0)->deadline && pending_at(c, 0)->deadline <= now) {
-                conn_lose(c, "%s from the VMM not answered within %u ms",
-                          vhu_request_name(VHU_DIR_FRONTEND, pending_at(c, 0)->request),
-                          c->limits.answer_timeout_ms);
-                return;
-        }
-        if (c->write_deadline && c->write_deadline <= now) {
-                conn_lose(c, "the VMM took none of its answers for %u ms", c->limits.write_timeout_ms);
-                return;
-        }
-        conn_rearm_timer(c);
+        vmm_stream_set_reading(&c->stream, true);
+        conn_rearm(c);
 }
 
 static void conn_free_now(struct vhub_vmm_conn *c) {
@@ -219,18 +125,7 @@ static void conn_free_now(struct vhub_vmm_conn *c) {
                 c->head = (c->head + 1) % c->limits.max_pending;
                 c->count--;
         }
-        if (c->ev_read)
-                event_free(c->ev_read);
-        if (c->ev_write)
-                event_free(c->ev_write);
-        if (c->ev_timer)
-                event_free(c->ev_timer);
-        if (c->ev_lost)
-                event_free(c->ev_lost);
-        vhu_reader_reset(&c->reader);
-        vhu_writer_clear(&c->writer);
-        if (c->fd >= 0)
-                close(c->fd);
+        vmm_stream_done(&c->stream);
         free(c->pending);
         free(c);
 }
@@ -238,13 +133,15 @@ static void conn_free_now(struct vhub_vmm_conn *c) {
 /* spec "Protocol features": the front-end acks a subset of the offer. */
 static bool conn_accept_protocol_features(struct vhub_vmm_conn *c, uint64_t acked) {
         if (acked & ~c->offered_pf) {
-                conn_lose(c, "the VMM acked protocol features 0x%llx beyond the 0x%llx offered",
-                          (unsigned long long)acked, (unsigned long long)c->offered_pf);
+                vmm_stream_lose(&c->stream, false,
+                                "the VMM acked protocol features 0x%llx beyond the 0x%llx offered",
+                                (unsigned long long)acked, (unsigned long long)c->offered_pf);
                 return false;
         }
         if (vhu_protocol_features_consistent(acked) != acked) {
-                conn_lose(c, "the VMM acked protocol features 0x%llx without what the spec requires with them",
-                          (unsigned long long)acked);
+                vmm_stream_lose(&c->stream, false,
+                                "the VMM acked protocol features 0x%llx without what the spec requires with them",
+                                (unsigned long long)acked);
                 return false;
         }
         c->pf = acked;
@@ -257,9 +154,9 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
         uint64_t id = 0;
 
         if (vhu_validate_request(VHU_DIR_FRONTEND, c->pf, m, &why) < 0) {
-                conn_lose(c, "bad request %s (%u) from the VMM: %s",
-                          vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), m->hdr.request,
-                          why ? why : "invalid");
+                vmm_stream_lose(&c->stream, false, "bad request %s (%u) from the VMM: %s",
+                                vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), m->hdr.request,
+                                why ? why : "invalid");
                 return;
         }
         if (m->hdr.request == VHU_REQ_SET_PROTOCOL_FEATURES &&
@@ -279,7 +176,7 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
                         p->deadline = vmm_now_usec() + (uint64_t)c->limits.answer_timeout_ms * 1000u;
                 c->count++;
                 if (c->count == 1)
-                        conn_rearm_timer(c);
+                        conn_rearm(c);
                 id = p->id;
         }
         c->dispatching = true;
@@ -287,37 +184,38 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
         c->dispatching = false;
 }
 
-static void conn_read_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_vmm_conn *c = userdata;
+static void conn_on_readable(void *owner) {
+        struct vhub_vmm_conn *c = owner;
 
         for (int budget = CONN_READ_BUDGET; budget > 0; budget--) {
                 struct vhu_msg m;
                 int r;
 
-                if (c->lost || c->free_requested)
+                if (c->stream.lost || c->free_requested)
                         break;
                 if (c->count >= c->limits.max_pending) {
                         /* back-pressure: the VMM waits for its answers */
-                        conn_set_reading(c, false);
+                        vmm_stream_set_reading(&c->stream, false);
                         break;
                 }
                 vhu_msg_init(&m);
-                r = vhu_reader_read(&c->reader, c->fd, &m);
+                r = vhu_reader_read(&c->stream.reader, c->stream.fd, &m);
                 if (r == -EAGAIN)
                         break;
                 if (r == 0) {
-                        conn_lose(c, "the VMM closed the connection");
+                        vmm_stream_lose(&c->stream, false, "the VMM closed the connection");
                         break;
                 }
                 if (r < 0) {
                         if (r == -EPROTO)
-                                conn_lose(c, "protocol violation in the VMM's message framing "
-                                             "(a payload beyond %u bytes, more than %u fds, or fds off a message's first byte)",
-                                          VHU_MAX_PAYLOAD, VHU_MAX_FDS);
+                                vmm_stream_lose(&c->stream, false,
+                                                "protocol violation in the VMM's message framing "
+                                                "(a payload beyond %u bytes, more than %u fds, or fds off a message's first byte)",
+                                                VHU_MAX_PAYLOAD, VHU_MAX_FDS);
                         else if (r == -ECONNRESET)
-                                conn_lose(c, "the VMM closed the connection inside a message");
+                                vmm_stream_lose(&c->stream, false, "the VMM closed the connection inside a message");
                         else
-                                conn_lose(c, "cannot read from the VMM: %s", strerror(-r));
+                                vmm_stream_lose(&c->stream, false, "cannot read from the VMM: %s", strerror(-r));
                         break;
                 }
                 conn_handle(c, &m);
@@ -327,24 +225,22 @@ static void conn_read_cb(evutil_socket_t fd, short what, void *userdata) {
                 conn_free_now(c);
 }
 
+static const struct vmm_stream_ops conn_stream_ops = {
+        .on_readable = conn_on_readable,
+        .on_timer = conn_on_timer,
+        .on_lost = conn_on_lost,
+};
+
 int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_conn_limits *limits,
                       const struct vhub_vmm_conn_ops *ops, void *userdata, struct vhub_vmm_conn **ret) {
         struct vhub_vmm_conn *c;
-        int fl;
+        int r;
 
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                int r = -errno;
-
-                close(fd);
-                return r;
-        }
         c = calloc(1, sizeof(*c));
         if (!c) {
                 close(fd);
                 return -ENOMEM;
         }
-        c->fd = fd;
         if (limits)
                 c->limits = *limits;
         else
@@ -354,19 +250,19 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
         c->ops = ops;
         c->userdata = userdata;
         c->next_id = 1;
-        vhu_reader_init(&c->reader);
-        vhu_writer_init(&c->writer);
         c->pending = calloc(c->limits.max_pending, sizeof(*c->pending));
-        c->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, conn_read_cb, c);
-        c->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, conn_write_cb, c);
-        c->ev_timer = evtimer_new(base, conn_timer_cb, c);
-        c->ev_lost = event_new(base, -1, 0, conn_lost_cb, c);
-        if (!c->pending || !c->ev_read || !c->ev_write || !c->ev_timer || !c->ev_lost ||
-            event_add(c->ev_read, NULL) < 0) {
-                conn_free_now(c);
+        if (!c->pending) {
+                close(fd);
+                free(c);
                 return -ENOMEM;
         }
-        c->reading = true;
+        r = vmm_stream_init(&c->stream, base, fd, "its connection", c->limits.max_queued_bytes,
+                            c->limits.write_timeout_ms, &conn_stream_ops, c);
+        if (r < 0) {
+                free(c->pending);
+                free(c);
+                return r;
+        }
         *ret = c;
         return 0;
 }
@@ -377,11 +273,8 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         if (c->dispatching) {
                 /* the read loop frees it when on_request returns */
                 c->free_requested = true;
-                c->lost = true;
-                event_del(c->ev_read);
-                event_del(c->ev_write);
-                evtimer_del(c->ev_timer);
-                event_del(c->ev_lost);
+                c->stream.lost = true;
+                vmm_stream_silence(&c->stream);
                 return NULL;
         }
         conn_free_now(c);
@@ -448,7 +341,7 @@ static int conn_answer_with(struct vhub_vmm_conn *c, uint64_t answer_id, bool ow
         const char *why = NULL;
         struct vhu_msg r;
 
-        if (c->lost)
+        if (c->stream.lost)
                 return -ENOTCONN;
         p = pending_find(c, answer_id);
         if (!p || p->held || pending_wants_reply(p) != own_reply)
@@ -488,11 +381,11 @@ int vhub_vmm_conn_ack(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_t stat
 }
 
 void vhub_vmm_conn_fail(struct vhub_vmm_conn *c, const char *reason) {
-        conn_lose(c, "%s", reason);
+        vmm_stream_lose(&c->stream, false, "%s", reason);
 }
 
 bool vhub_vmm_conn_is_lost(const struct vhub_vmm_conn *c) {
-        return c->lost;
+        return c->stream.lost;
 }
 
 unsigned vhub_vmm_conn_pending(const struct vhub_vmm_conn *c) {
