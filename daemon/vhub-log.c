@@ -134,7 +134,8 @@ static void log_to_journal(struct vhub_log_site site, int level, const struct vh
         int n = 0;
 
         vhub_log_format_message(about, msg, text, sizeof(text));
-#define FIELD(buf, ...) (iov[n++] = (struct iovec){ (buf), (size_t)snprintf((buf), sizeof(buf), __VA_ARGS__) })
+        /* each field into its own buffer, truncated if need be */
+#define FIELD(buf, ...) (snprintf((buf), sizeof(buf), __VA_ARGS__), iov[n++] = (struct iovec){ (buf), strlen(buf) })
         FIELD(f_msg, "MESSAGE=%s", text);
         FIELD(f_prio, "PRIORITY=%i", level);
         iov[n++] = (struct iovec){ (char *)"SYSLOG_IDENTIFIER=vhubd", strlen("SYSLOG_IDENTIFIER=vhubd") };
@@ -150,8 +151,6 @@ static void log_to_journal(struct vhub_log_site site, int level, const struct vh
         if (about && about->request)
                 FIELD(f_req, "VHOST_REQUEST=%s", about->request);
 #undef FIELD
-        for (int i = 0; i < n; i++) /* snprintf may have truncated */
-                iov[i].iov_len = strlen(iov[i].iov_base);
         sd_journal_sendv(iov, n);
 }
 
