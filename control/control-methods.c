@@ -9,6 +9,7 @@
  * pending slot for calls that wait on back-ends.  Then the function runs: it
  * calls the model and, unless it waits, sets the result.
  */
+#include <event2/event.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -273,13 +274,27 @@ static int m_vm_destroy(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
+/* A lingering VM's time left, in ms; false for a VM with an owner.  libevent
+ * gives the deadline in the clock event_base_gettimeofday_cached() reads. */
+static bool vm_linger_remaining_ms(struct vhub_vm *vm, uint64_t *ret) {
+        struct timeval deadline, now, left;
+
+        if (vm->owner_id != 0 || vm->destroying || !evtimer_pending(vm->linger_timer, &deadline) ||
+            event_base_gettimeofday_cached(vm->ctx->base, &now) < 0)
+                return false;
+        timersub(&deadline, &now, &left);
+        *ret = left.tv_sec < 0 ? 0 : (uint64_t)left.tv_sec * 1000 + (uint64_t)left.tv_usec / 1000;
+        return true;
+}
+
 static int m_vm_list(struct method_call *m, struct vhub_error *err) {
         json_t *vms = json_array();
         struct vhub_vm *vm;
 
         TAILQ_FOREACH(vm, &call_ctx(m)->vms, link) {
-                json_t *devs = json_array();
+                json_t *devs = json_array(), *o;
                 struct vhub_device *d;
+                uint64_t left;
 
                 if (!vm_visible(m->req->conn, vm)) {
                         json_decref(devs);
@@ -287,9 +302,11 @@ static int m_vm_list(struct method_call *m, struct vhub_error *err) {
                 }
                 TAILQ_FOREACH(d, &vm->devices, link)
                         json_array_append_new(devs, json_string(d->name));
-                json_array_append_new(vms, json_pack("{s:s, s:i, s:o, s:i}", "vm", vm->name, "uid",
-                                                     (int)vm->uid, "devices", devs, "regions",
-                                                     (int)vm->mem.n));
+                o = json_pack("{s:s, s:i, s:o, s:i}", "vm", vm->name, "uid", (int)vm->uid, "devices", devs,
+                              "regions", (int)vm->mem.n);
+                if (vm_linger_remaining_ms(vm, &left))  /* an extension (docs/control-api.md) */
+                        json_object_set_new(o, "linger_remaining_ms", vhub_json_u64(left));
+                json_array_append_new(vms, o);
         }
         return call_answer(m, json_pack("{s:o}", "vms", vms), err);
 }
@@ -299,7 +316,9 @@ static const struct param vm_list_result = R_OBJECT(
                    R("vm", PARAM_NAME, "its name"),
                    R_U64("uid", "the uid it belongs to"),
                    R_NAMES("devices", "its devices"),
-                   R_U64("regions", "how many memory regions it has")));
+                   R_U64("regions", "how many memory regions it has"),
+                   { .name = "linger_remaining_ms", .kind = PARAM_U64, .max = UINT64_MAX,
+                     .description = "an extension: a VM without an owner, how long it lingers still" }));
 
 static const struct param vm_memory_add_params[] = {
         { .name = "gpa", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
@@ -565,6 +584,8 @@ static int m_device_list(struct method_call *m, struct vhub_error *err) {
                                       "protocol_features", vhub_json_u64(d->protocol_features), "queues",
                                       (int)d->queues, "reconnects", (int)d->reconnects);
 
+                if (d->type[0])         /* an extension (docs/control-api.md) */
+                        json_object_set_new(o, "type", json_string(d->type));
                 json_array_append_new(devs, o);
         }
         return call_answer(m, json_pack("{s:o}", "devices", devs), err);
@@ -583,7 +604,9 @@ static const struct param device_list_result = R_OBJECT(
                    R_U64("acked_features", "what the last device.start acked"),
                    R_U64("protocol_features", "the protocol features negotiated"),
                    R_U64("queues", "the queue count"),
-                   R_U64("reconnects", "how many times it was restored after a loss")));
+                   R_U64("reconnects", "how many times it was restored after a loss"),
+                   { .name = "type", .kind = PARAM_NAME, .max = 31,
+                     .description = "an extension: the type device.add was given, if any" }));
 
 /* config space: offset + length at most VHU_MAX_CONFIG_SIZE (checked by the functions) */
 #define P_CONFIG_OFFSET(field_)                                                                    \

@@ -51,8 +51,10 @@ void device_set_state(struct vhub_device *d, enum vhub_device_state s);
 void device_mark_lost(struct vhub_device *d, const char *reason);
 int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
         __attribute__((format(printf, 4, 5)));
-void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* A line about d (its VM, uid and name), logged as from the caller. */
+#define device_log(d, level, request, ...) device_log_at(VHUB_LOG_SITE, (d), (level), (request), __VA_ARGS__)
+void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int level, const char *request,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 int device_open_backend_channel(struct vhub_device *d, int *ret_backend_end);
 void shadow_add(struct vhub_device *d, uint64_t id);
 void shadow_remove(struct vhub_device *d, uint64_t id);

@@ -50,16 +50,16 @@ static const struct vhub_bconn_ops device_bconn_ops = {
         .on_lost = device_on_lost,
 };
 
-void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...) {
-        char msg[800];
+void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int level, const char *request,
+                   const char *fmt, ...) {
+        const struct vhub_log_about about = {
+                .vm = d->vm->name, .device = d->name, .request = request, .has_uid = true, .uid = d->vm->uid,
+        };
         va_list ap;
 
-        if (level > vhub_log_get_level())
-                return;
         va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
+        vhub_logv_at(site, level, &about, fmt, ap);
         va_end(ap);
-        vhub_log_full(level, d->vm->name, d->name, request, "%s", msg);
 }
 
 int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...) {

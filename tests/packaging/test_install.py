@@ -247,7 +247,9 @@ def main(t):
               't vhubctl --so\n'
               't vhubctl device add --\n'
               't vhubctl device add vm0 d0 sock --mode ""\n'
-              't vhubctl --socket "$1" vm destroy ""\n')
+              't vhubctl --socket "$1" vm destroy ""\n'
+              't vhubctl help device st\n'
+              't vhubctl device stop vm0 d0 --no\n')
     out = sh(["bash", "-c", script, "bash", completion, control], "the installed bash completion",
              env=dict(env, PATH=os.path.dirname(vhubctl) + ":" + env["PATH"])).splitlines()
     check_eq(out[0], "memory", "completion: vhubctl vm me<TAB>")
@@ -256,6 +258,8 @@ def main(t):
           "completion: device add's options", out[2])
     check_eq(out[3], "client server", "completion: device add --mode <TAB>")
     check_eq(out[4], "completion-vm", "completion: VM names the daemon lists")
+    check_eq(out[5], "start state stop", "completion: vhubctl help device st<TAB>")
+    check_eq(out[6], "--no-drain", "completion: device stop's options")
 
     keeper.stdin.close()
     keeper.wait(10)
