@@ -9,6 +9,7 @@
  * pending slot for calls that wait on back-ends.  Then the function runs: it
  * calls the model and, unless it waits, sets the result.
  */
+#include <event2/event.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -297,9 +298,12 @@ static json_t *vm_device_names(const struct vhub_vm *vm) {
 
 static json_t *vm_json(const void *item) {
         const struct vhub_vm_info *vm = item;
+        json_t *o = json_pack("{s:s, s:i, s:o*, s:i}", "vm", vm->name, "uid", (int)vm->uid, "devices",
+                              vm_device_names(vm->vm), "regions", (int)vm->n_regions);
 
-        return json_pack("{s:s, s:i, s:o*, s:i}", "vm", vm->name, "uid", (int)vm->uid, "devices",
-                         vm_device_names(vm->vm), "regions", (int)vm->n_regions);
+        if (o && vm->lingering)  /* an extension (docs/control-api.md) */
+                json_object_set_new(o, "linger_remaining_ms", vhub_json_u64(vm->linger_remaining_ms));
+        return o;
 }
 
 static int m_vm_list(struct method_call *m, struct vhub_error *err) {
@@ -315,7 +319,9 @@ static const struct param vm_list_result = R_OBJECT(
                    R("vm", PARAM_NAME, "its name"),
                    R_U64("uid", "the uid it belongs to"),
                    R_NAMES("devices", "its devices"),
-                   R_U64("regions", "how many memory regions it has")));
+                   R_U64("regions", "how many memory regions it has"),
+                   { .name = "linger_remaining_ms", .kind = PARAM_U64, .max = UINT64_MAX,
+                     .description = "an extension: a VM without an owner, how long it lingers still" }));
 
 static const struct param vm_memory_add_params[] = {
         { .name = "gpa", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
@@ -575,11 +581,15 @@ static int m_device_remove(struct method_call *m, struct vhub_error *err) {
 static json_t *device_json(const void *item) {
         const struct vhub_device_info *d = item;
 
-        return json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:i, s:i}", "device", d->name, "state",
-                         vhub_device_state_to_string(d->state), "socket", d->socket, "features",
-                         vhub_json_u64(d->features), "acked_features", vhub_json_u64(d->acked_features),
-                         "protocol_features", vhub_json_u64(d->protocol_features), "queues", (int)d->queues,
-                         "reconnects", (int)d->reconnects);
+        json_t *o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:i, s:i}", "device", d->name, "state",
+                              vhub_device_state_to_string(d->state), "socket", d->socket, "features",
+                              vhub_json_u64(d->features), "acked_features", vhub_json_u64(d->acked_features),
+                              "protocol_features", vhub_json_u64(d->protocol_features), "queues",
+                              (int)d->queues, "reconnects", (int)d->reconnects);
+
+        if (o && d->type[0])    /* an extension (docs/control-api.md) */
+                json_object_set_new(o, "type", json_string(d->type));
+        return o;
 }
 
 static int m_device_list(struct method_call *m, struct vhub_error *err) {
@@ -603,7 +613,9 @@ static const struct param device_list_result = R_OBJECT(
                    R_U64("acked_features", "what the last device.start acked"),
                    R_U64("protocol_features", "the protocol features negotiated"),
                    R_U64("queues", "the queue count"),
-                   R_U64("reconnects", "how many times it was restored after a loss")));
+                   R_U64("reconnects", "how many times it was restored after a loss"),
+                   { .name = "type", .kind = PARAM_NAME, .max = 31,
+                     .description = "an extension: the type device.add was given, if any" }));
 
 /* config space: offset + length at most VHU_MAX_CONFIG_SIZE (checked by the functions) */
 #define P_CONFIG_OFFSET(field_)                                                                    \

@@ -27,6 +27,7 @@ struct vhub_backend_channel {
         const struct vhub_backend_channel_ops *ops;
         void *userdata;
         const char *vm, *device;      /* for log lines */
+        uid_t uid;
         uint64_t protocol_features;
         unsigned timeout_ms;
         int fd;
@@ -49,8 +50,12 @@ struct vhub_backend_channel {
         uint64_t refused;             /* requests refused in this FLOW_REFUSING spell */
 };
 
-#define chan_log(ch, level, request, ...) \
-        vhub_log_full((level), (ch)->vm, (ch)->device, (request), __VA_ARGS__)
+#define chan_log(ch, level, request_, ...)                                                       \
+        vhub_log_at(VHUB_LOG_SITE, (level),                                                     \
+                    &(const struct vhub_log_about){ .vm = (ch)->vm, .device = (ch)->device,      \
+                                                    .request = (request_), .has_uid = true,     \
+                                                    .uid = (ch)->uid },                         \
+                    __VA_ARGS__)
 
 static void channel_lost(struct vhub_backend_channel *ch, const char *reason) {
         ch->ops->on_lost(ch->userdata, reason);
@@ -286,6 +291,7 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         ch->userdata = userdata;
         ch->vm = p->vm;
         ch->device = p->device;
+        ch->uid = p->uid;
         ch->protocol_features = p->protocol_features;
         ch->timeout_ms = p->timeout_ms;
         ch->fd = fd;

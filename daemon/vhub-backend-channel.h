@@ -31,6 +31,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "vhu-message.h"
 
@@ -56,6 +57,7 @@ struct vhub_backend_channel_params {
         unsigned timeout_ms;          /* how long a deferred answer or a pause may last */
         uint64_t protocol_features;   /* negotiated: which requests are valid, whether acks are wanted */
         const char *vm, *device;      /* for log lines (borrowed: they outlive the channel) */
+        uid_t uid;                    /* the VM's, for log lines */
 };
 
 /* Takes fd (the daemon's end) in every case. */

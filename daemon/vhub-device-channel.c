@@ -253,6 +253,7 @@ int device_channel_open(struct vhub_device *d, int fd) {
                 .protocol_features = d->protocol_features,
                 .vm = d->vm->name,
                 .device = d->name,
+                .uid = d->vm->uid,
         };
 
         d->channel = vhub_backend_channel_free(d->channel);

@@ -8,6 +8,7 @@
 
 #include "vhub-device.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhu-message.h"
 
 struct vhub_vm;
@@ -134,8 +135,10 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
 }
 
 /* vhub-device.c: the device's life (add, remove, free) and what it holds */
-void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* A line about d (its VM, uid and name), logged as from the caller. */
+#define device_log(d, level, request, ...) device_log_at(VHUB_LOG_SITE, (d), (level), (request), __VA_ARGS__)
+void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int level, const char *request,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 /* Take the device out of its VM and free it (may free the VM: last). */
 void device_destroy(struct vhub_device *d);
 void shadow_add(struct vhub_device *d, uint64_t id);

@@ -32,16 +32,16 @@ const char *vhub_device_state_to_string(enum vhub_device_state s) {
         return (unsigned)s < _VHUB_DEV_STATE_MAX ? state_names[s] : "unknown";
 }
 
-void device_log(const struct vhub_device *d, int level, const char *request, const char *fmt, ...) {
-        char msg[800];
+void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int level, const char *request,
+                   const char *fmt, ...) {
+        const struct vhub_log_about about = {
+                .vm = d->vm->name, .device = d->name, .request = request, .has_uid = true, .uid = d->vm->uid,
+        };
         va_list ap;
 
-        if (level > vhub_log_get_level())
-                return;
         va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
+        vhub_logv_at(site, level, &about, fmt, ap);
         va_end(ap);
-        vhub_log_full(level, d->vm->name, d->name, request, "%s", msg);
 }
 
 bool vhub_device_is_removing(const struct vhub_device *d) {

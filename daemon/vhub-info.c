@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <event2/event.h>
 #include <stdio.h>
+#include <sys/time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,12 +37,26 @@ static void *info_array(size_t n, size_t size) {
         return calloc(n ? n : 1, size);
 }
 
+/* A lingering VM's time left, in ms; false for a VM with an owner.  libevent
+ * gives the deadline in the clock event_base_gettimeofday_cached() reads. */
+static bool vm_linger_remaining_ms(const struct vhub_vm *vm, uint64_t *ret) {
+        struct timeval deadline, now, left;
+
+        if (vm->owner || vm->destroying || !evtimer_pending(vm->linger_timer, &deadline) ||
+            event_base_gettimeofday_cached(vm->ctx->base, &now) < 0)
+                return false;
+        timersub(&deadline, &now, &left);
+        *ret = left.tv_sec < 0 ? 0 : (uint64_t)left.tv_sec * 1000 + (uint64_t)left.tv_usec / 1000;
+        return true;
+}
+
 static void vm_info(struct vhub_vm_info *i, struct vhub_vm *vm) {
         i->vm = vm;
         snprintf(i->name, sizeof(i->name), "%s", vm->name);
         i->uid = vm->uid;
         i->n_regions = vm->mem.n;
         i->n_devices = vm->n_devices;
+        i->lingering = vm_linger_remaining_ms(vm, &i->linger_remaining_ms);
 }
 
 int vhub_info_vms(const struct vhub_context *ctx, uid_t uid, struct vhub_vm_info **ret, size_t *ret_n) {
@@ -68,6 +84,7 @@ static void device_info(struct vhub_device_info *i, const struct vhub_device *d)
         i->protocol_features = d->protocol_features;
         i->queues = d->queues;
         i->reconnects = d->reconnects;
+        snprintf(i->type, sizeof(i->type), "%s", d->type);
 }
 
 int vhub_info_devices(const struct vhub_vm *vm, struct vhub_device_info **ret, size_t *ret_n) {

@@ -12,6 +12,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -38,6 +39,8 @@ struct vhub_vm_info {
         uid_t uid;
         size_t n_regions;
         unsigned n_devices;
+        bool lingering;                  /* no owner: waits for vm.attach */
+        uint64_t linger_remaining_ms;    /* when lingering */
 };
 
 /* The VMs uid sees (vhub_vm_visible_to()), none being destroyed, in
@@ -58,6 +61,7 @@ struct vhub_device_info {
         uint64_t protocol_features;      /* negotiated */
         unsigned queues;
         unsigned reconnects;
+        char type[32];                   /* informational, "" if none given */
 };
 
 /* The VM's devices, in the order they were added (one being removed too). */

@@ -26,7 +26,7 @@
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
 
-#define vm_log(vm, level, ...) vhub_log_full((level), (vm)->name, NULL, NULL, __VA_ARGS__)
+#define vm_log(vm, level, ...) vhub_log_vm((level), (vm), __VA_ARGS__)
 
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
         struct vhub_vm *vm;
@@ -398,8 +398,7 @@ void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
                                 snprintf(op->error.device, sizeof(op->error.device), "%s", dev->name);
                 } else if (op->phase == VHUB_MEM_PHASE_ROLLBACK && vhub_device_is_connected(dev)) {
                         /* it holds a table nobody else has: never leave that silently */
-                        vhub_log_full(LOG_ERR, vm->name, dev->name, NULL,
-                                      "memory rollback failed; failing the device");
+                        vhub_log_vm_device(LOG_ERR, vm, dev->name, "memory rollback failed; failing the device");
                         vhub_device_fail_now(dev, "memory table rollback failed; the back-end's table is unknown");
                         if (op->error.detail[0]) {
                                 size_t n = strlen(op->error.detail);
