@@ -38,6 +38,7 @@ struct fb_conn {
 
 struct fuzz_backend {
         int listen_fd;
+        int newest;             /* the slot accepted last, -1: none */
         enum fuzz_backend_flavour flavour;
         struct fb_conn conns[FB_MAX_CONNS];
 };
@@ -76,6 +77,7 @@ int fuzz_backend_new(const char *path, struct fuzz_backend **ret) {
                 return -ENOMEM;
         for (unsigned i = 0; i < FB_MAX_CONNS; i++)
                 b->conns[i].fd = b->conns[i].channel_fd = -1;
+        b->newest = -1;
         memcpy(sa.sun_path, path, strlen(path));
         b->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (b->listen_fd < 0 || bind(b->listen_fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 ||
@@ -243,6 +245,7 @@ static void accept_new(struct fuzz_backend *b) {
                 c->fd = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
                 if (c->fd < 0)
                         return;
+                b->newest = (int) i;
                 c->channel_fd = -1;
                 c->features = flavour_features(b->flavour);
                 c->offered_pf = flavour_pf(b->flavour);
@@ -250,6 +253,18 @@ static void accept_new(struct fuzz_backend *b) {
                 c->status = 0;
                 vhu_reader_init(&c->reader);
         }
+}
+
+void fuzz_backend_inject(struct fuzz_backend *b, bool channel, const void *bytes, size_t len) {
+        struct fb_conn *c;
+        int fd;
+
+        if (b->newest < 0)
+                return;
+        c = &b->conns[b->newest];
+        fd = channel ? c->channel_fd : c->fd;
+        if (fd >= 0)
+                (void) send(fd, bytes, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 void fuzz_backend_pump(struct fuzz_backend *b) {

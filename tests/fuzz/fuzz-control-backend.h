@@ -12,6 +12,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 
 struct fuzz_backend;
 
@@ -29,5 +30,11 @@ struct fuzz_backend *fuzz_backend_free(struct fuzz_backend *b);
 void fuzz_backend_set_flavour(struct fuzz_backend *b, enum fuzz_backend_flavour f);
 /* Accept, read and answer whatever is pending without blocking. */
 void fuzz_backend_pump(struct fuzz_backend *b);
+/*
+ * Send raw bytes as the newest connection's back-end (a hostile reply, a
+ * request out of turn), or on its back-end channel (channel true: a
+ * back-end request).  Nothing happens without such a connection.
+ */
+void fuzz_backend_inject(struct fuzz_backend *b, bool channel, const void *bytes, size_t len);
 /* Connections still open (the daemon closes its end when a device goes). */
 unsigned fuzz_backend_connections(const struct fuzz_backend *b);

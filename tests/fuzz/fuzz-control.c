@@ -16,6 +16,9 @@
  *            the back-end run until the calls so far are answered, and the
  *            next bytes come with (that byte & 7) fds.  ('\f' is not JSON
  *            whitespace, so it never needs to be part of a request.)
+ *            "\v" or "\a", a length byte L and L bytes: the back-end (\v)
+ *            or its back-end channel (\a) sends those bytes as they are,
+ *            so hostile replies and back-end requests are fuzzed too.
  *
  * After each input the connection closes, lingering VMs are destroyed, and
  * once the daemon is idle the process must hold exactly the fds it held
@@ -190,6 +193,35 @@ static void drain(int fd) {
                         fwrite(sink, 1, (size_t)n, stderr);
 }
 
+/* The length of the prefix of data[0..size) free of the bytes in reject. */
+static size_t strcspn_len(const uint8_t *data, size_t size, const char *reject) {
+        size_t n = 0;
+
+        while (n < size && (data[n] == 0 || !strchr(reject, data[n])))
+                n++;
+        return n;
+}
+
+/* Carry out the directive at data[off] (see the top); where to go on. */
+static size_t run_directive(struct fuzz_env *env, const uint8_t *data, size_t size, size_t off,
+                            unsigned *n_fds) {
+        uint8_t kind = data[off], arg = data[off + 1];
+        size_t len;
+
+        if (kind == '\f') {
+                /* a pause: let what was sent be answered */
+                run_loop(env, 40);
+                *n_fds = arg & 7;
+                return off + 2;
+        }
+        len = arg;
+        if (len > size - off - 2)
+                len = size - off - 2;
+        fuzz_backend_inject(env->backend, kind == '\a', data + off + 2, len);
+        run_loop(env, 10);
+        return off + 2 + len;
+}
+
 /* Destroy what outlived its connection (lingering VMs), let every device
  * and connection close; false if the fds held before the input (fds_before)
  * are not back within FUZZ_SETTLE_ROUNDS loop rounds. */
@@ -268,8 +300,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 abort();
         run_loop(env, 2);
         for (size_t off = 0; off < size;) {
-                const uint8_t *pause = memchr(data + off, '\f', size - off);
-                size_t end = pause ? (size_t)(pause - data) : size;
+                size_t end = off + strcspn_len(data + off, size - off, "\f\v\a");
 
                 /* in pieces, so the framing sees partial lines too */
                 while (off < end) {
@@ -285,13 +316,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         run_loop(env, 4);
                         drain(fd);
                 }
-                if (off >= size)
+                if (off + 1 >= size)
                         break;
-                /* a pause: let what was sent be answered */
-                run_loop(env, 40);
+                off = run_directive(env, data, size, off, &n_fds);
                 drain(fd);
-                n_fds = end + 1 < size ? data[end + 1] & 7 : 0;
-                off = end + 2;
         }
         /* the back-end answers within a few rounds: let calls complete */
         run_loop(env, 40);
