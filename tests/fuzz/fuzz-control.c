@@ -54,8 +54,13 @@
 
 #define FUZZ_MAX_FDS 7
 #define FUZZ_MAX_INPUT (1 << 20)
-/* loop rounds before the daemon counts as idle and the fd count must be back */
+/* Replies are due this soon: the back-end here answers at once, so only a
+ * request it cannot answer (a hostile input cut the stream) waits for it. */
+#define FUZZ_BACKEND_TIMEOUT_MS 30
+/* After an input: loop rounds at full speed, then real time in 1 ms steps
+ * (ten reply deadlines), before the daemon must have let go of everything. */
 #define FUZZ_SETTLE_ROUNDS 200
+#define FUZZ_SETTLE_MS (10 * FUZZ_BACKEND_TIMEOUT_MS)
 
 static void env_cleanup(void);
 
@@ -94,10 +99,9 @@ static struct fuzz_env *env_get(void) {
                 abort();
         /* as vhubd's main() does; the back-end here writes to VMM pipes too */
         signal(SIGPIPE, SIG_IGN);
-        vhub_log_setup(LOG_EMERG, false);
+        vhub_log_setup(getenv("FUZZ_CONTROL_VERBOSE") ? LOG_DEBUG : LOG_EMERG, false);
         vhub_config_init(&env->config);
-        /* the back-end answers at once: a deadline only fires on a real hang */
-        env->config.backend_timeout_ms = 2000;
+        env->config.backend_timeout_ms = FUZZ_BACKEND_TIMEOUT_MS;
         if (vhub_config_add_backend_dir(&env->config, env->backends) < 0)
                 abort();
         env->base = event_base_new();
@@ -179,8 +183,8 @@ static size_t expand_input(struct fuzz_env *env, const uint8_t *data, size_t siz
         return n;
 }
 
-/* Read the daemon's answers; FUZZ_CONTROL_VERBOSE=1 shows them (to see how
- * deep a corpus file gets). */
+/* Read the daemon's answers; FUZZ_CONTROL_VERBOSE=1 shows them, and the
+ * daemon's debug log (to see how deep a corpus file gets). */
 static void drain(int fd) {
         static int verbose = -1;
         char sink[4096];
@@ -224,7 +228,7 @@ static size_t run_directive(struct fuzz_env *env, const uint8_t *data, size_t si
 
 /* Destroy what outlived its connection (lingering VMs), let every device
  * and connection close; false if the fds held before the input (fds_before)
- * are not back within FUZZ_SETTLE_ROUNDS loop rounds. */
+ * are not back within FUZZ_SETTLE_ROUNDS rounds and FUZZ_SETTLE_MS. */
 static bool settle(struct fuzz_env *env, int fds_before) {
         struct vhub_vm *vm, *next;
 
@@ -233,10 +237,12 @@ static bool settle(struct fuzz_env *env, int fds_before) {
                 if (!vm->destroying)
                         vhub_vm_destroy(vm, NULL);
         }
-        for (int i = 0; i < FUZZ_SETTLE_ROUNDS; i++) {
+        for (int i = 0; i < FUZZ_SETTLE_ROUNDS + FUZZ_SETTLE_MS; i++) {
                 if (TAILQ_EMPTY(&env->ctx.vms) && fuzz_backend_connections(env->backend) == 0 &&
                     vhub_count_open_fds() == fds_before)
                         return true;
+                if (i >= FUZZ_SETTLE_ROUNDS)
+                        usleep(1000);
                 run_loop(env, 1);
         }
         return false;
