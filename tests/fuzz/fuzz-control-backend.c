@@ -236,23 +236,53 @@ static bool handle(struct fb_conn *c, struct vhu_msg *m) {
         return ok;
 }
 
-static void accept_new(struct fuzz_backend *b) {
-        for (unsigned i = 0; i < FB_MAX_CONNS; i++) {
-                struct fb_conn *c = &b->conns[i];
+/* Take fd (a new connection to the daemon) into a free slot. */
+static void conn_open(struct fuzz_backend *b, unsigned i, int fd) {
+        struct fb_conn *c = &b->conns[i];
 
-                if (c->fd >= 0)
-                        continue;
-                c->fd = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-                if (c->fd < 0)
+        b->newest = (int) i;
+        c->fd = fd;
+        c->channel_fd = -1;
+        c->features = flavour_features(b->flavour);
+        c->offered_pf = flavour_pf(b->flavour);
+        c->pf = 0;
+        c->status = 0;
+        vhu_reader_init(&c->reader);
+}
+
+static int free_slot(const struct fuzz_backend *b) {
+        for (unsigned i = 0; i < FB_MAX_CONNS; i++)
+                if (b->conns[i].fd < 0)
+                        return (int) i;
+        return -1;
+}
+
+static void accept_new(struct fuzz_backend *b) {
+        int i, fd;
+
+        while ((i = free_slot(b)) >= 0) {
+                fd = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                if (fd < 0)
                         return;
-                b->newest = (int) i;
-                c->channel_fd = -1;
-                c->features = flavour_features(b->flavour);
-                c->offered_pf = flavour_pf(b->flavour);
-                c->pf = 0;
-                c->status = 0;
-                vhu_reader_init(&c->reader);
+                conn_open(b, (unsigned) i, fd);
         }
+}
+
+void fuzz_backend_connect(struct fuzz_backend *b, const char *path) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int i = free_slot(b), fd;
+
+        if (i < 0 || strlen(path) >= sizeof(sa.sun_path))
+                return;
+        memcpy(sa.sun_path, path, strlen(path));
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                close(fd);
+                return;
+        }
+        conn_open(b, (unsigned) i, fd);
 }
 
 void fuzz_backend_inject(struct fuzz_backend *b, bool channel, const void *bytes, size_t len) {

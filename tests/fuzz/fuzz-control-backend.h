@@ -30,6 +30,9 @@ struct fuzz_backend *fuzz_backend_free(struct fuzz_backend *b);
 void fuzz_backend_set_flavour(struct fuzz_backend *b, enum fuzz_backend_flavour f);
 /* Accept, read and answer whatever is pending without blocking. */
 void fuzz_backend_pump(struct fuzz_backend *b);
+/* Connect to a daemon listening at path (a server-mode device) and serve
+ * that connection like an accepted one; nothing if path is not a socket. */
+void fuzz_backend_connect(struct fuzz_backend *b, const char *path);
 /*
  * Send raw bytes as the newest connection's back-end (a hostile reply, a
  * request out of turn), or on its back-end channel (channel true: a

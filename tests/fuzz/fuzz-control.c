@@ -14,7 +14,9 @@
  *            directory (whose name is random), so "@/blk.sock" is the
  *            back-end; "\f" and the byte after it are a pause: the loop and
  *            the back-end run until the calls so far are answered, and the
- *            next bytes come with (that byte & 7) fds.  ('\f' is not JSON
+ *            next bytes come with (that byte & 7) fds; with bit 3 of that
+ *            byte set the back-end first connects to "@/srv.sock" (a
+ *            server-mode device listening there).  ('\f' is not JSON
  *            whitespace, so it never needs to be part of a request.)
  *            "\v" or "\a", a length byte L and L bytes: the back-end (\v)
  *            or its back-end channel (\a) sends those bytes as they are,
@@ -73,6 +75,7 @@ struct fuzz_env {
         char dir[48];
         char backends[64];
         char backend_sock[96];
+        char server_sock[96];   /* where a server-mode device may listen */
         char sock[100];
         uint8_t *expanded;      /* the input with "@/" expanded */
 };
@@ -91,6 +94,7 @@ static struct fuzz_env *env_get(void) {
                 abort();
         snprintf(env->backends, sizeof(env->backends), "%s/backends", env->dir);
         snprintf(env->backend_sock, sizeof(env->backend_sock), "%s/blk.sock", env->backends);
+        snprintf(env->server_sock, sizeof(env->server_sock), "%s/srv.sock", env->backends);
         snprintf(env->sock, sizeof(env->sock), "%s/control.sock", env->dir);
         if (mkdir(env->backends, 0700) < 0)
                 abort();
@@ -213,6 +217,8 @@ static size_t run_directive(struct fuzz_env *env, const uint8_t *data, size_t si
         size_t len;
 
         if (kind == '\f') {
+                if (arg & 8)
+                        fuzz_backend_connect(env->backend, env->server_sock);
                 /* a pause: let what was sent be answered */
                 run_loop(env, 40);
                 *n_fds = arg & 7;
