@@ -49,7 +49,7 @@ for t in "${targets[@]}"; do
     tail -30 "$work/fuzz.log"
     exit 1
   }
-  grep -E '^#[0-9]+ +(INITED|DONE)|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' "$work/fuzz.log"
+  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' "$work/fuzz.log"
   nice -n 10 "$build/$bin" -merge=1 $extra "$src/$corpus" "$work/corpus" >"$work/merge.log" 2>&1
   grep -E 'MERGE-OUTER: [0-9]+ new files' "$work/merge.log" || tail -5 "$work/merge.log"
 done
