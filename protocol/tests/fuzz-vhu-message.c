@@ -6,8 +6,10 @@
  * Input layout (so the fuzzer also explores fd counts and negotiated
  * features, which travel outside the byte stream):
  *   byte 0      % 10: number of fds sent with each message (one more than a
- *               message may carry); / 10: the reader's payload hint in
- *               units of 8 bytes (0: plain vhu_reader_read)
+ *               message may carry); / 10 = m: m & 1 sends each message in
+ *               two halves, reading in between; m >> 1 is the reader's
+ *               payload hint in units of 16 bytes (0: plain
+ *               vhu_reader_read)
  *   bytes 1..8  negotiated protocol features (host byte order)
  *   bytes 9..   vhost-user wire bytes: as many messages as decode
  *
@@ -21,7 +23,9 @@
  * many real fds on its first byte, and vhu_reader_read() must hand back
  * exactly what vhu_msg_decode() saw (or -EPROTO where the stream breaks the
  * rules), end the stream the way it ends, and close every fd it does not
- * hand over.
+ * hand over.  Sent in halves, a half message must read as -EAGAIN and the
+ * rest complete it; fds on the second half of an odd-numbered message
+ * (not its first byte) must be -EPROTO.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -151,8 +155,60 @@ static bool same_message(const struct vhu_msg *got, const uint8_t *wire, size_t 
  * reader.  hint > 0 reads with vhu_reader_read_hint(): a hint longer than
  * the message may read into the next one, which must be -EPROTO.
  */
+static int reader_read(struct vhu_reader *r, int sockfd, struct vhu_msg *m, uint32_t hint) {
+        return hint ? vhu_reader_read_hint(r, sockfd, m, hint) : vhu_reader_read(r, sockfd, m);
+}
+
+/*
+ * Each message in two halves with a read after each: the first half is not
+ * a message yet (-EAGAIN), the second completes it.  Odd-numbered messages
+ * carry their fds on the second half, which is -EPROTO.  Returns how many
+ * messages were read whole; *ended is set once the reader failed.
+ */
+static unsigned check_halves(const uint8_t *wire, const struct stream_plan *p, unsigned n_fds,
+                             uint32_t hint, int sockfd, int peer, struct vhu_reader *reader,
+                             bool *ended) {
+        struct vhu_msg got;
+        unsigned i;
+
+        for (i = 0; i < p->n; i++) {
+                size_t cut = p->len[i] / 2;
+                bool late_fds = (i & 1) && n_fds > 0;
+                int k;
+
+                if (!send_whole(peer, wire + p->off[i], cut, late_fds ? 0 : n_fds))
+                        break;
+                vhu_msg_init(&got);
+                k = reader_read(reader, sockfd, &got, hint);
+                vhu_msg_clear(&got);
+                if (!late_fds && n_fds > VHU_MAX_FDS) {
+                        if (k != -EPROTO)
+                                abort();
+                        *ended = true;
+                        return i;
+                }
+                if (k != -EAGAIN)
+                        abort();
+                if (!send_whole(peer, wire + p->off[i] + cut, p->len[i] - cut, late_fds ? n_fds : 0))
+                        break;
+                vhu_msg_init(&got);
+                k = reader_read(reader, sockfd, &got, hint);
+                if (late_fds) {
+                        vhu_msg_clear(&got);
+                        if (k != -EPROTO)
+                                abort();
+                        *ended = true;
+                        return i;
+                }
+                if (k != 1 || !same_message(&got, wire + p->off[i], p->len[i], n_fds))
+                        abort();
+                vhu_msg_clear(&got);
+        }
+        return i;
+}
+
 static void check_socket(const uint8_t *wire, const struct stream_plan *p, unsigned n_fds,
-                         uint32_t hint) {
+                         uint32_t hint, bool halves) {
         int sv[2], sndbuf = 1 << 20, before = lowest_free_fd();
         struct vhu_reader reader;
         struct vhu_msg got;
@@ -163,19 +219,34 @@ static void check_socket(const uint8_t *wire, const struct stream_plan *p, unsig
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
                 abort();
         (void) setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-        while (sent < p->n && send_whole(sv[0], wire + p->off[sent], p->len[sent], n_fds))
-                sent++;
-        whole = sent == p->n &&
-                (p->tail_len == 0 || send_whole(sv[0], wire + p->tail_off, p->tail_len, 0));
-        shutdown(sv[0], SHUT_WR);
-
         vhu_reader_init(&reader);
+        if (halves) {
+                bool ended = false;
+
+                sent = check_halves(wire, p, n_fds, hint, sv[1], sv[0], &reader, &ended);
+                if (ended)
+                        k = 0;
+                else if (sent == p->n)
+                        k = 1;  /* all read: the end of the stream is checked below */
+                else
+                        k = 0;  /* the socket buffer is full: nothing more to check */
+                whole = k == 1 &&
+                        (p->tail_len == 0 || send_whole(sv[0], wire + p->tail_off, p->tail_len, 0));
+                shutdown(sv[0], SHUT_WR);
+                sent = 0;
+        } else {
+                while (sent < p->n && send_whole(sv[0], wire + p->off[sent], p->len[sent], n_fds))
+                        sent++;
+                whole = sent == p->n &&
+                        (p->tail_len == 0 || send_whole(sv[0], wire + p->tail_off, p->tail_len, 0));
+                shutdown(sv[0], SHUT_WR);
+        }
+
         for (unsigned i = 0; i < sent && k == 1; i++) {
                 bool more = i + 1 < sent || p->tail_len > 0;
 
                 vhu_msg_init(&got);
-                k = hint ? vhu_reader_read_hint(&reader, sv[1], &got, hint)
-                         : vhu_reader_read(&reader, sv[1], &got);
+                k = reader_read(&reader, sv[1], &got, hint);
                 if (n_fds > VHU_MAX_FDS) {
                         if (k != -EPROTO)
                                 abort();
@@ -191,8 +262,7 @@ static void check_socket(const uint8_t *wire, const struct stream_plan *p, unsig
         if (k == 1 && whole) {
                 /* everything sent was read: the end of the stream decides */
                 vhu_msg_init(&got);
-                k = hint ? vhu_reader_read_hint(&reader, sv[1], &got, hint)
-                         : vhu_reader_read(&reader, sv[1], &got);
+                k = reader_read(&reader, sv[1], &got, hint);
                 if (k != (p->tail_len == 0 ? 0 : p->tail == -EPROTO ? -EPROTO : -ECONNRESET))
                         abort();
                 vhu_msg_clear(&got);
@@ -209,12 +279,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const uint8_t *wire;
         unsigned n_fds;
         uint32_t hint;
+        bool halves;
         uint64_t pf;
 
         if (size < 9)
                 return 0;
         n_fds = data[0] % (VHU_MAX_FDS + 2);
-        hint = (uint32_t) (data[0] / (VHU_MAX_FDS + 2)) * 8;
+        halves = (data[0] / (VHU_MAX_FDS + 2)) & 1;
+        hint = (uint32_t) (data[0] / (VHU_MAX_FDS + 2) / 2) * 16;
         memcpy(&pf, data + 1, sizeof(pf));
         data += 9;
         size -= 9;
@@ -258,6 +330,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 plan.tail_off = (size_t) (data - wire);
                 plan.tail_len = size;
         }
-        check_socket(wire, &plan, n_fds, hint);
+        check_socket(wire, &plan, n_fds, hint, halves);
         return 0;
 }
