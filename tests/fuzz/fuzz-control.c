@@ -413,6 +413,7 @@ int main(int argc, char **argv) {
                 closedir(d);
         }
         printf("replayed %u inputs through the control server\n", count);
-        return 0;
+        /* a corpus named but empty (a wrong path) must not pass silently */
+        return argc > 1 && count == sizeof(seeds) / sizeof(seeds[0]) ? 1 : 0;
 }
 #endif
