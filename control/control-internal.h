@@ -13,6 +13,8 @@
 #include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
+#include "vhub-event.h"
+#include "vhub-owner.h"
 
 struct event;
 struct vhub_context;
@@ -23,7 +25,8 @@ struct control_conn {
         TAILQ_ENTRY(control_conn) link;
         struct control_server *srv;
         struct rpc_conn *rpc;        /* NULL once closed */
-        uint64_t id;                 /* owner id of the VMs it creates */
+        uint64_t id;
+        struct vhub_owner owner;     /* of the VMs it creates or attaches (vhub-owner.h) */
         uid_t uid;
         pid_t pid;
         struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
@@ -40,6 +43,8 @@ TAILQ_HEAD(control_conn_list, control_conn);
 
 struct control_server {
         struct vhub_context *ctx;
+        struct vhub_event_sink sink; /* the model's events, for the connections */
+        bool sink_added;
         int listen_fd;
         char *path;                  /* created by us; unlinked at free */
         struct event *ev_accept;
@@ -56,6 +61,7 @@ struct control_server {
         unsigned n_conns;
         uint64_t next_conn_id;
         struct control_server_options opts;
+        json_t *discover;            /* rpc.discover's document, built on first use */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -81,8 +87,8 @@ struct control_call {
         control_result_fn make_result; /* NULL: {} */
         void *data;                    /* for make_result */
         void (*free_data)(void *data);
-        int reply_fds[RPC_MAX_FDS_PER_MESSAGE]; /* make_result may attach fds (owned, closed after) */
-        unsigned n_reply_fds;
+        int *reply_fds;                /* make_result may attach fds: control_call_reply_fds() */
+        unsigned n_reply_fds;          /* those attached (owned, closed after sending) */
 };
 
 void control_conn_ref(struct control_conn *c);
@@ -112,23 +118,47 @@ void control_server_note_spike(struct control_server *s, size_t bytes);
 
 /* For calls into the model: allocate, then pass &cc->call; done answers. */
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
+/* A call that never reached the model (its method failed first): freed, nothing answered. */
+void control_call_drop(struct control_call *cc);
+/* For make_result: room for n fds in the answer, allocated for this call only.  The
+ * caller then moves fds into reply_fds[n_reply_fds++] (at most n).  0, or -ENOMEM. */
+int control_call_reply_fds(struct control_call *cc, unsigned n);
 
-/* The method table (control-methods.c). */
-void control_dispatch(struct control_req *req, const char *method, size_t method_len);
-/* The methods of control-methods-proto.c: true if it was one of them (answered). */
-bool control_proto_dispatch(struct control_req *req, const char *method, size_t method_len);
+/* ---- the method table (control-methods.c) ---- */
 
-/* One method: its name and handler (an error filled in err when < 0). */
+struct param;
+struct method_call;
+
+/* What dispatch does for a method before its function runs. */
+enum {
+        METHOD_VM = 1u << 0,          /* names a VM ("vm", "uid"): resolved under the caller's uid */
+        METHOD_VM_OPTIONAL = 1u << 1, /* the same, but "vm" may be left out */
+        METHOD_DEVICE = 1u << 2,      /* also names a device of that VM ("device"): resolved */
+        METHOD_WAITS = 1u << 3,       /* waits on back-ends: takes a pending slot, answers at completion */
+        METHOD_FDS_OUT = 1u << 4,     /* may answer with fds: refused inside a batch */
+};
+
 struct control_method {
         const char *name;
-        int (*handler)(struct control_req *req, struct vhub_error *err);
+        int (*fn)(struct method_call *m, struct vhub_error *err);
+        unsigned flags;
+        const struct param *params;     /* its own members, after "vm", "uid", "device" */
+        const struct param *result;     /* a PARAM_OBJECT describing the result; NULL: {} */
+        control_result_fn make_result;  /* METHOD_WAITS: builds the result at completion; NULL: {} */
+        const int *errors;              /* codes beyond those its flags imply; 0-terminated */
+        const char *summary;            /* one line, for rpc.discover */
 };
-/* Crypto, GPU, IOTLB and postcopy (control-methods-real.c); ends with a NULL name. */
-extern const struct control_method control_methods_real[];
 
 /* May the requesting uid make the daemon hold n more fds (the fd budget,
  * vhub-fd-budget.h)?  0, or -32008 in err. */
 int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err);
 
-/* Resolve the VM a request names (vm + optional uid), honouring isolation. */
-int control_req_vm(struct control_req *req, struct vhub_vm **ret, struct vhub_error *err);
+/* Every method, in the contract's order. */
+const struct control_method *control_methods(size_t *ret_n);
+/* The lists of members a method reads, in order ("vm" and "uid", "device", its own),
+ * NULL-terminated: room for 4. */
+void control_method_param_lists(const struct control_method *m, const struct param *lists[4]);
+void control_dispatch(struct control_req *req, const char *method, size_t method_len);
+
+/* rpc.discover's OpenRPC document (control-discover.c), generated from the table. */
+json_t *control_discover_build(void);

@@ -114,6 +114,61 @@ static int dirs_locate(const struct vhub_backend_dirs *dirs, const char *resolve
         return -ENOENT;
 }
 
+/*
+ * Why an absolute path does not resolve, found with the caller's rights (the
+ * caller's fs identity is in force): the deepest part of it that resolves,
+ * and the first name below that.  Only a name that would lie inside a
+ * back-end directory is described; anything else gets the answer a path
+ * outside them gets, so the reply says nothing about what exists there.
+ */
+enum unresolved {
+        UNRESOLVED_OUTSIDE,             /* or not known to be inside */
+        UNRESOLVED_INSIDE,              /* inside; it exists but does not resolve */
+        UNRESOLVED_MISSING_INSIDE,      /* inside, and there is no such name */
+};
+
+static bool in_backend_dirs(const struct vhub_backend_dirs *dirs, const char *resolved) {
+        for (size_t i = 0; i < dirs->n; i++)
+                if (strcmp(dirs->paths[i], resolved) == 0 || path_below(dirs->paths[i], resolved))
+                        return true;
+        return false;
+}
+
+static enum unresolved classify_unresolved(const struct vhub_backend_dirs *dirs, const char *path) {
+        char prefix[PATH_MAX], resolved[PATH_MAX], first[PATH_MAX];
+        size_t len = strlen(path), name_len;
+        const char *name;
+        struct stat st;
+
+        if (path[0] != '/' || len >= sizeof(prefix))
+                return UNRESOLVED_OUTSIDE;
+        memcpy(prefix, path, len + 1);
+        for (;;) {
+                char *slash = strrchr(prefix, '/');
+
+                if (!slash)
+                        return UNRESOLVED_OUTSIDE;
+                *slash = '\0';
+                name = path + (slash - prefix) + 1;
+                if (prefix[0] == '\0') {
+                        strcpy(resolved, "/");
+                        break;
+                }
+                if (realpath(prefix, resolved))
+                        break;
+        }
+        name_len = strcspn(name, "/");
+        if (name_len == 0 || (name_len == 1 && name[0] == '.') || (name_len == 2 && strncmp(name, "..", 2) == 0))
+                return UNRESOLVED_OUTSIDE;
+        if ((size_t)snprintf(first, sizeof(first), "%s/%.*s", strcmp(resolved, "/") ? resolved : "",
+                             (int)name_len, name) >= sizeof(first) ||
+            !in_backend_dirs(dirs, first))
+                return UNRESOLVED_OUTSIDE;
+        if (lstat(first, &st) < 0 && errno == ENOENT)
+                return UNRESOLVED_MISSING_INSIDE;
+        return UNRESOLVED_INSIDE;
+}
+
 /* ---- sockets through fds ---- */
 
 /* A new socket connected to the socket behind an O_PATH fd (with the
@@ -149,10 +204,21 @@ static int open_checked(struct vhub_backend_dirs *dirs, uid_t owner_uid, const c
         struct stat st;
         int dir_fd, fd;
 
-        if (!realpath(path, resolved))
+        if (!realpath(path, resolved)) {
+                int e = errno;
+
+                switch (classify_unresolved(dirs, path)) {
+                case UNRESOLVED_MISSING_INSIDE:
+                        return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "no such socket: %s", path);
+                case UNRESOLVED_INSIDE:
+                        return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
+                                              "back-end socket %s cannot be resolved: %s", path, strerror(e));
+                case UNRESOLVED_OUTSIDE:
+                        break;
+                }
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
-                                      "back-end socket %s cannot be resolved: %s", path,
-                                      strerror(errno));
+                                      "back-end socket %s is outside the back-end directories", path);
+        }
         if (dirs_locate(dirs, resolved, &dir_fd, &rel) < 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "back-end socket %s is outside the back-end directories", path);
@@ -346,9 +412,21 @@ static int listen_checked(struct vhub_backend_dirs *dirs, const struct vhub_cred
 
         if (path_split(path, dir, l->name) < 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "bad socket name in %s", path);
-        if (!realpath(dir, resolved_dir))
-                return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "directory of %s cannot be resolved: %s",
-                                      path, strerror(errno));
+        if (!realpath(dir, resolved_dir)) {
+                int e = errno;
+
+                switch (classify_unresolved(dirs, dir)) {
+                case UNRESOLVED_MISSING_INSIDE:
+                        return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "no such directory: %s", dir);
+                case UNRESOLVED_INSIDE:
+                        return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "directory of %s cannot be resolved: %s",
+                                              path, strerror(e));
+                case UNRESOLVED_OUTSIDE:
+                        break;
+                }
+                return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
+                                      "back-end socket %s is outside the back-end directories", path);
+        }
         if ((size_t)snprintf(full, sizeof(full), "%s/%s", strcmp(resolved_dir, "/") ? resolved_dir : "",
                              l->name) >= sizeof(full))
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "path too long");

@@ -34,24 +34,9 @@ int vhub_error_errno(int code) {
 }
 
 const char *vhub_error_message(int code) {
-        switch (code) {
-        case VHUB_ERR_PARSE:           return "parse error";
-        case VHUB_ERR_INVALID_REQUEST: return "invalid request";
-        case VHUB_ERR_NO_METHOD:       return "method not found";
-        case VHUB_ERR_PARAMS:          return "invalid params";
-        case VHUB_ERR_INTERNAL:        return "internal error";
-        case VHUB_ERR_NO_VM:           return "no such VM";
-        case VHUB_ERR_NO_DEVICE:       return "no such device";
-        case VHUB_ERR_EXISTS:          return "already exists";
-        case VHUB_ERR_STATE:           return "wrong state for this call";
-        case VHUB_ERR_UNSUPPORTED:     return "not supported by the back-end";
-        case VHUB_ERR_BACKEND:         return "back-end error";
-        case VHUB_ERR_TIMEOUT:         return "timed out waiting for the back-end";
-        case VHUB_ERR_LIMIT:           return "resource limit reached";
-        case VHUB_ERR_REGION:          return "bad memory region";
-        case VHUB_ERR_NOT_ALLOWED:     return "back-end not allowed";
-        default:                       return "error";
-        }
+        const char *m = vhub_contract_error_message(code);
+
+        return m ? m : "error";
 }
 
 int vhub_error_setv(struct vhub_error *e, int code, const char *fmt, va_list ap) {

@@ -1,31 +1,15 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Errors the daemon reports to its callers.  The codes are the control
- * contract's (shared/spec/control-api.md, "Errors"); the model only fills a
- * struct vhub_error, it never builds JSON.
+ * Errors the daemon reports to its callers.  The codes and their messages are
+ * the control contract's (vhub-contract.h, shared with the client library);
+ * the model only fills a struct vhub_error, it never builds JSON.
  */
 #pragma once
 
 #include <stdarg.h>
 #include <stddef.h>
 
-enum vhub_err_code {
-        VHUB_ERR_PARSE           = -32700,
-        VHUB_ERR_INVALID_REQUEST = -32600,
-        VHUB_ERR_NO_METHOD       = -32601,
-        VHUB_ERR_PARAMS          = -32602,
-        VHUB_ERR_INTERNAL        = -32603,
-        VHUB_ERR_NO_VM           = -32001,
-        VHUB_ERR_NO_DEVICE       = -32002,
-        VHUB_ERR_EXISTS          = -32003,
-        VHUB_ERR_STATE           = -32004,
-        VHUB_ERR_UNSUPPORTED     = -32005,
-        VHUB_ERR_BACKEND         = -32006,
-        VHUB_ERR_TIMEOUT         = -32007,
-        VHUB_ERR_LIMIT           = -32008,
-        VHUB_ERR_REGION          = -32009,
-        VHUB_ERR_NOT_ALLOWED     = -32010,
-};
+#include "vhub-contract.h"
 
 #define VHUB_NAME_MAX 64
 
@@ -48,5 +32,5 @@ int vhub_error_set_backend(struct vhub_error *e, int code, const char *device,
 void vhub_error_copy(struct vhub_error *dst, const struct vhub_error *src);
 /* The negative errno a contract code stands for (-EINVAL for unknown). */
 int vhub_error_errno(int code);
-/* The contract's short message for a code ("no such VM", ...). */
+/* The contract's short message for a code ("no such VM", ...; "error" if unknown). */
 const char *vhub_error_message(int code);

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: MIT */
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -6,6 +7,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+/* the caller's CODE_FILE/LINE/FUNC are sent instead of this file's */
+#define SD_JOURNAL_SUPPRESS_LOCATION
 #include <systemd/sd-journal.h>
 #include <time.h>
 #include <unistd.h>
@@ -85,53 +88,114 @@ bool vhub_log_stderr_is_journal(void) {
         return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
 }
 
-void vhub_log_full(int level, const char *vm, const char *device, const char *request,
-                   const char *fmt, ...) {
+/* msg names request as a whole word (not as the start of a longer name). */
+static bool names_request(const char *msg, const char *request) {
+        size_t n = strlen(request);
+
+        if (n == 0)
+                return true;
+        for (const char *p = strstr(msg, request); p; p = strstr(p + 1, request)) {
+                bool word_start = p == msg || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
+                bool word_end = !(isalnum((unsigned char)p[n]) || p[n] == '_');
+
+                if (word_start && word_end)
+                        return true;
+        }
+        return false;
+}
+
+char *vhub_log_format_message(const struct vhub_log_about *about, const char *msg, char *buf, size_t len) {
+        const char *vm = about ? about->vm : NULL, *dev = about ? about->device : NULL;
+        const char *req = about ? about->request : NULL;
+        bool tag = req && !names_request(msg, req);
+
+        if (vm && dev)
+                snprintf(buf, len, "%s/%s: %s%s%s%s", vm, dev, msg, tag ? " [" : "", tag ? req : "", tag ? "]" : "");
+        else if (vm || dev)
+                snprintf(buf, len, "%s: %s%s%s%s", vm ? vm : dev, msg, tag ? " [" : "", tag ? req : "",
+                         tag ? "]" : "");
+        else
+                snprintf(buf, len, "%s%s%s%s", msg, tag ? " [" : "", tag ? req : "", tag ? "]" : "");
+        return buf;
+}
+
+/* "../daemon/vhub-device.c" (as the build directory sees it) -> "daemon/vhub-device.c" */
+static const char *source_path(const char *file) {
+        while (strncmp(file, "../", 3) == 0 || strncmp(file, "./", 2) == 0)
+                file += file[0] == '.' && file[1] == '.' ? 3 : 2;
+        return file;
+}
+
+static void log_to_journal(struct vhub_log_site site, int level, const struct vhub_log_about *about,
+                           const char *msg) {
+        char f_msg[1200], f_prio[16], f_file[256], f_line[32], f_func[128];
+        char f_vm[96], f_uid[32], f_dev[96], f_req[96], text[1150];
+        struct iovec iov[11];
+        int n = 0;
+
+        vhub_log_format_message(about, msg, text, sizeof(text));
+        /* each field into its own buffer, truncated if need be */
+#define FIELD(buf, ...) (snprintf((buf), sizeof(buf), __VA_ARGS__), iov[n++] = (struct iovec){ (buf), strlen(buf) })
+        FIELD(f_msg, "MESSAGE=%s", text);
+        FIELD(f_prio, "PRIORITY=%i", level);
+        iov[n++] = (struct iovec){ (char *)"SYSLOG_IDENTIFIER=vhubd", strlen("SYSLOG_IDENTIFIER=vhubd") };
+        FIELD(f_file, "CODE_FILE=%s", source_path(site.file));
+        FIELD(f_line, "CODE_LINE=%d", site.line);
+        FIELD(f_func, "CODE_FUNC=%s", site.func);
+        if (about && about->vm)
+                FIELD(f_vm, "VM=%s", about->vm);
+        if (about && about->has_uid)
+                FIELD(f_uid, "UID=%u", (unsigned)about->uid);
+        if (about && about->device)
+                FIELD(f_dev, "DEVICE=%s", about->device);
+        if (about && about->request)
+                FIELD(f_req, "VHOST_REQUEST=%s", about->request);
+#undef FIELD
+        sd_journal_sendv(iov, n);
+}
+
+static void log_to_stderr(int level, const struct vhub_log_about *about, const char *msg) {
+        static const char *const prefix[] = {
+                "<0>", "<1>", "<2>", "error", "warning", "notice", "info", "debug",
+        };
+        struct timespec ts;
+        char ctx[240] = "";
+        size_t n = 0;
+
+        /* key=value context before the text, as scripts (and the tests) read it */
+        if (about && about->vm)
+                n += (size_t)snprintf(ctx + n, sizeof(ctx) - n, " vm=%s", about->vm);
+        if (about && about->has_uid && n < sizeof(ctx))
+                n += (size_t)snprintf(ctx + n, sizeof(ctx) - n, " uid=%u", (unsigned)about->uid);
+        if (about && about->device && n < sizeof(ctx))
+                n += (size_t)snprintf(ctx + n, sizeof(ctx) - n, " device=%s", about->device);
+        if (about && about->request && n < sizeof(ctx))
+                snprintf(ctx + n, sizeof(ctx) - n, " request=%s", about->request);
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        fprintf(stderr, "vhubd[%lld.%03ld] %s:%s %s\n", (long long)ts.tv_sec, ts.tv_nsec / 1000000,
+                prefix[level & 7], ctx, msg);
+}
+
+void vhub_logv_at(struct vhub_log_site site, int level, const struct vhub_log_about *about,
+                  const char *fmt, va_list ap) {
         char msg[1024];
-        va_list ap;
         int saved = errno;
 
         if (level > log_settings.max_level)
                 return;
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        if (log_settings.journal)
+                log_to_journal(site, level, about, msg);
+        else
+                log_to_stderr(level, about, msg);
+        errno = saved;
+}
+
+void vhub_log_at(struct vhub_log_site site, int level, const struct vhub_log_about *about,
+                 const char *fmt, ...) {
+        va_list ap;
 
         va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
+        vhub_logv_at(site, level, about, fmt, ap);
         va_end(ap);
-
-        if (log_settings.journal) {
-                char f_msg[1100], f_prio[16], f_vm[96], f_dev[96], f_req[96];
-                struct iovec iov[6];
-                int n = 0;
-
-                iov[n++] = (struct iovec){ f_msg, (size_t)snprintf(f_msg, sizeof(f_msg), "MESSAGE=%s", msg) };
-                iov[n++] = (struct iovec){ f_prio, (size_t)snprintf(f_prio, sizeof(f_prio), "PRIORITY=%i", level) };
-                iov[n++] = (struct iovec){ (char *)"SYSLOG_IDENTIFIER=vhubd", strlen("SYSLOG_IDENTIFIER=vhubd") };
-                if (vm)
-                        iov[n++] = (struct iovec){ f_vm, (size_t)snprintf(f_vm, sizeof(f_vm), "VM=%s", vm) };
-                if (device)
-                        iov[n++] = (struct iovec){ f_dev, (size_t)snprintf(f_dev, sizeof(f_dev), "DEVICE=%s", device) };
-                if (request)
-                        iov[n++] = (struct iovec){ f_req, (size_t)snprintf(f_req, sizeof(f_req), "VHOST_REQUEST=%s", request) };
-                for (int i = 0; i < n; i++) /* snprintf may have truncated */
-                        iov[i].iov_len = strlen(iov[i].iov_base);
-                sd_journal_sendv(iov, n);
-        } else {
-                static const char *const prefix[] = {
-                        "<0>", "<1>", "<2>", "error", "warning", "notice", "info", "debug",
-                };
-                struct timespec ts;
-                char ctx[200] = "";
-                int n = 0;
-
-                if (vm)
-                        n += snprintf(ctx + n, sizeof(ctx) - (size_t)n, " vm=%s", vm);
-                if (device && n < (int)sizeof(ctx))
-                        n += snprintf(ctx + n, sizeof(ctx) - (size_t)n, " device=%s", device);
-                if (request && n < (int)sizeof(ctx))
-                        snprintf(ctx + n, sizeof(ctx) - (size_t)n, " request=%s", request);
-                clock_gettime(CLOCK_MONOTONIC, &ts);
-                fprintf(stderr, "vhubd[%lld.%03ld] %s:%s %s\n", (long long)ts.tv_sec,
-                        ts.tv_nsec / 1000000, prefix[level & 7], ctx, msg);
-        }
-        errno = saved;
 }

@@ -51,8 +51,8 @@ static void vm_postcopy_finish(struct vhub_vm *vm, struct vhub_vm_batch *b) {
                 vm->postcopy = VHUB_VM_POSTCOPY_OFF;
                 break;
         }
-        vhub_log_full(b->failed ? LOG_WARNING : LOG_INFO, vm->name, NULL, NULL, "postcopy %s %s",
-                      step_names[b->postcopy_step], b->failed ? "failed" : "done");
+        vhub_log_vm(b->failed ? LOG_WARNING : LOG_INFO, vm, "postcopy %s %s", step_names[b->postcopy_step],
+                    b->failed ? "failed" : "done");
         if (b->failed) {
                 vhub_call_fail(call, &b->error);
         } else if (call) {

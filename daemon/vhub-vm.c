@@ -20,12 +20,13 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
 
-#define vm_log(vm, level, ...) vhub_log_full((level), (vm)->name, NULL, NULL, __VA_ARGS__)
+#define vm_log(vm, level, ...) vhub_log_vm((level), (vm), __VA_ARGS__)
 
 /* ---- names: hash lookups, never a walk over every VM or device ---- */
 
@@ -52,6 +53,22 @@ struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *na
                         return vm;
         }
         return NULL;
+}
+
+bool vhub_vm_visible_to(const struct vhub_vm *vm, uid_t uid) {
+        return vhub_uid_sees(uid, vm->uid);
+}
+
+const char *vhub_vm_name(const struct vhub_vm *vm) {
+        return vm->name;
+}
+
+uid_t vhub_vm_uid(const struct vhub_vm *vm) {
+        return vm->uid;
+}
+
+const struct vhub_owner *vhub_vm_owner(const struct vhub_vm *vm) {
+        return vm->owner;
 }
 
 static uint64_t device_name_hash(const struct vhub_vm *vm, const char *name) {
@@ -96,8 +113,8 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
 }
 
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
-                   struct vhub_vm **ret) {
+                   const struct vhub_owner *owner, const struct vhub_cred *cred,
+                   struct vhub_error *err, struct vhub_vm **ret) {
         struct vhub_vm *vm;
 
         if (vhub_vm_find(ctx, uid, name))
@@ -111,7 +128,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         vm->ctx = ctx;
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
-        vm->owner_id = owner_id;
+        vm->owner = owner;
         vm->linger_ms = linger_ms;
         vhub_mem_table_init(&vm->mem);
         vhub_shared_table_init(&vm->shared);
@@ -250,7 +267,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         struct vhub_event ev = { 0 };
         struct timeval tv;
 
-        vm->owner_id = 0;
+        vm->owner = NULL;
         if (vm->destroying)
                 return;
         if (vm->linger_ms == 0) {
@@ -258,8 +275,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
-        tv = (struct timeval){ .tv_sec = (time_t)(vm->linger_ms / 1000),
-                               .tv_usec = (suseconds_t)((vm->linger_ms % 1000) * 1000) };
+        tv = vhub_timeval_from_ms(vm->linger_ms);
         evtimer_add(vm->linger_timer, &tv);
         vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
                (unsigned long long)vm->linger_ms);
@@ -269,11 +285,11 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vhub_context_emit(vm->ctx, &ev);
 }
 
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err) {
         if (vm->destroying)
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
-        if (vm->owner_id != 0 && vm->owner_id != owner_id)
+        if (vm->owner && vm->owner != owner)
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
@@ -287,7 +303,7 @@ int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred
                 vm->cred = fresh;
         }
         evtimer_del(vm->linger_timer);
-        vm->owner_id = owner_id;
+        vm->owner = owner;
         vm_log(vm, LOG_INFO, "VM attached by a new connection");
         return 0;
 }
@@ -429,8 +445,7 @@ void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
                                 snprintf(op->error.device, sizeof(op->error.device), "%s", dev->name);
                 } else if (op->phase == VHUB_MEM_PHASE_ROLLBACK && vhub_device_is_connected(dev)) {
                         /* it holds a table nobody else has: never leave that silently */
-                        vhub_log_full(LOG_ERR, vm->name, dev->name, NULL,
-                                      "memory rollback failed; failing the device");
+                        vhub_log_vm_device(LOG_ERR, vm, dev->name, "memory rollback failed; failing the device");
                         vhub_device_fail_now(dev, "memory table rollback failed; the back-end's table is unknown");
                         if (op->error.detail[0]) {
                                 size_t n = strlen(op->error.detail);

@@ -4,7 +4,7 @@
  * other end of a socketpair that reads and writes raw lines and SCM_RIGHTS,
  * so the framing is checked from outside the library.
  */
-#include "vhub-client.h"
+#include <vhub/vhub-client.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -461,7 +461,7 @@ static void test_errors(void) {
         CHECK_EQ(vhub_client_call(c, "vm.destroy", json_pack("{s:s}", "vm", "nope"), NULL, 0, 5000, &r,
                                   NULL, NULL, &err),
                  -EREMOTEIO);
-        CHECK_EQ(err.code, VHUB_ERR_NO_SUCH_VM);
+        CHECK_EQ(err.code, VHUB_ERR_NO_VM);
         CHECK(err.detail[0] == '\0');
         CHECK_EQ(vhub_client_queued_responses(c), 0); /* the abandoned one was dropped */
 

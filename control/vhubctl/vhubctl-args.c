@@ -42,7 +42,7 @@ int ctl_args_parse(const struct ctl_command *cmd, int argc, char **argv, struct 
                         snprintf(errbuf, errlen, "unknown option '%s'", s);
                         return -EINVAL;
                 }
-                if (cmd->opts[k].has_arg) {
+                if (cmd->opts[k].arg) {
                         if (eq)
                                 val = eq + 1;
                         else if (i + 1 < argc)

@@ -25,8 +25,8 @@ static json_t *device_params(const struct ctl *ctl, const struct ctl_args *a) {
 
 int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
         const char *type = ctl_arg(a, "type"), *mode = ctl_arg(a, "mode"), *s;
-        char *socket_path = NULL, cwd[4096], hex[32], names[512];
-        uint64_t v, pf = 0;
+        char *socket_path = NULL, cwd[4096], features[1200];
+        uint64_t v;
         json_t *params, *res = NULL;
         int r;
 
@@ -67,12 +67,10 @@ int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
         r = ctl_query(ctl, "device.add", params, true, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
-        (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
-        ctl_fmt_protocol_features(pf, names, sizeof(names));
-        ctl_fmt_u64(json_object_get(res, "features"), hex, sizeof(hex));
-        printf("features           %s\n", hex);
-        ctl_fmt_u64(json_object_get(res, "protocol_features"), hex, sizeof(hex));
-        printf("protocol features  %s (%s)\n", hex, names);
+        ctl_fmt_features_line(json_object_get(res, "features"), false, type, features, sizeof(features));
+        printf("features           %s\n", features);
+        ctl_fmt_features_line(json_object_get(res, "protocol_features"), true, NULL, features, sizeof(features));
+        printf("protocol features  %s\n", features);
         printf("queues             %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(res, "queues")));
         printf("max mem slots      %" JSON_INTEGER_FORMAT "\n",
                json_integer_value(json_object_get(res, "max_mem_slots")));
@@ -84,21 +82,78 @@ int cmd_device_remove(struct ctl *ctl, const struct ctl_args *a) {
         return ctl_call_simple(ctl, "device.remove", device_params(ctl, a), NULL, 0);
 }
 
+/* One device, its features by name (`device list VM DEVICE`). */
+static void print_device(const json_t *d) {
+        const char *type = json_string_value(json_object_get(d, "type"));
+        char line[1200];
+
+        printf("device             %s\n", json_string_value(json_object_get(d, "device")) ?: "?");
+        printf("type               %s\n", type ? type : "-");
+        printf("state              %s\n", json_string_value(json_object_get(d, "state")) ?: "?");
+        printf("socket             %s\n", json_string_value(json_object_get(d, "socket")) ?: "?");
+        printf("queues             %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(d, "queues")));
+        printf("reconnects         %" JSON_INTEGER_FORMAT "\n",
+               json_integer_value(json_object_get(d, "reconnects")));
+        ctl_fmt_features_line(json_object_get(d, "features"), false, type, line, sizeof(line));
+        printf("features           %s\n", line);
+        ctl_fmt_features_line(json_object_get(d, "acked_features"), false, type, line, sizeof(line));
+        printf("acked features     %s\n", line);
+        ctl_fmt_features_line(json_object_get(d, "protocol_features"), true, NULL, line, sizeof(line));
+        printf("protocol features  %s\n", line);
+}
+
+/* `device list VM DEVICE`: that device alone (--json: the daemon's result
+ * with that one entry); a device the VM does not have is -32002, as the
+ * daemon answers for it. */
+static int device_list_one(struct ctl *ctl, const char *vm, const char *name) {
+        json_t *res = NULL, *d = NULL, *each, *one;
+        size_t i;
+        int r;
+
+        r = ctl_call(ctl, "device.list", ctl_vm_params(ctl, vm), true, NULL, 0, &res, NULL, NULL);
+        if (r != CTL_EXIT_OK)
+                return r;
+        json_array_foreach(json_object_get(res, "devices"), i, each)
+                if (!d && strcmp(json_string_value(json_object_get(each, "device")) ?: "", name) == 0)
+                        d = each;
+        if (!d) {
+                struct vhub_client_error e = { .code = VHUB_ERR_NO_DEVICE };
+
+                snprintf(e.message, sizeof(e.message), "%s", vhub_contract_error_message(e.code));
+                snprintf(e.detail, sizeof(e.detail), "no device %s in VM %s", name, vm);
+                ctl_print_error(ctl, "device.list", &e);
+                json_decref(res);
+                return CTL_EXIT_DAEMON_ERROR;
+        }
+        if (ctl->json) {
+                one = json_pack("{s:[O]}", "devices", d);
+                ctl_print_json(one);
+                json_decref(one);
+        } else {
+                print_device(d);
+        }
+        json_decref(res);
+        return CTL_EXIT_OK;
+}
+
 int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
         struct ctl_table t;
         json_t *res = NULL, *d;
         size_t i;
         int r;
 
+        if (a->n_pos > 1)
+                return device_list_one(ctl, a->pos[0], a->pos[1]);
         r = ctl_query(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
-        if (ctl_table_init(&t, 8, "DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
-                           "SOCKET") < 0) {
+        if (ctl_table_init(&t, 9, "DEVICE", "TYPE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED",
+                           "PROTOCOL", "SOCKET") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
         }
         json_array_foreach(json_object_get(res, "devices"), i, d) {
+                const char *type = json_string_value(json_object_get(d, "type"));
                 char q[16], rc[16], f[24], af[24], pf[24];
 
                 snprintf(q, sizeof(q), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(d, "queues")));
@@ -107,7 +162,7 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
                 ctl_fmt_u64(json_object_get(d, "features"), f, sizeof(f));
                 ctl_fmt_u64(json_object_get(d, "acked_features"), af, sizeof(af));
                 ctl_fmt_u64(json_object_get(d, "protocol_features"), pf, sizeof(pf));
-                ctl_table_add(&t, json_string_value(json_object_get(d, "device")),
+                ctl_table_add(&t, json_string_value(json_object_get(d, "device")), type && *type ? type : "-",
                               json_string_value(json_object_get(d, "state")), q, rc, f, af, pf,
                               json_string_value(json_object_get(d, "socket")));
         }
@@ -479,7 +534,7 @@ static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) 
         r = CTL_EXIT_OK;
         while (!done) {
                 struct pollfd pf[2] = {
-                        { .fd = vhub_client_fd(ctl->client), .events = POLLIN },
+                        { .fd = vhub_client_get_fd(ctl->client), .events = POLLIN },
                         { .fd = mine, .events = save ? POLLIN : POLLOUT },
                 };
                 int wait_ms, n;

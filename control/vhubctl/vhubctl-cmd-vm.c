@@ -14,25 +14,37 @@
 /* ---- daemon ---- */
 
 int cmd_daemon_info(struct ctl *ctl, const struct ctl_args *a) {
-        json_t *res = NULL;
-        uint64_t up = 0, pf = 0;
-        char names[512], hex[32];
+        json_t *res = NULL, *cap;
+        uint64_t up = 0;
+        char features[1200], *caps = NULL;
+        size_t len = 0, i;
+        FILE *f;
         int r;
 
         r = ctl_query(ctl, "daemon.info", json_object(), false, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
         (void)vhub_json_object_get_u64(res, "uptime_ms", &up);
-        (void)vhub_json_object_get_u64(res, "protocol_features", &pf);
-        ctl_fmt_protocol_features(pf, names, sizeof(names));
-        ctl_fmt_u64(json_object_get(res, "protocol_features"), hex, sizeof(hex));
+        ctl_fmt_features_line(json_object_get(res, "protocol_features"), true, NULL, features, sizeof(features));
+        f = open_memstream(&caps, &len);
+        if (f) {
+                json_array_foreach(json_object_get(res, "capabilities"), i, cap)
+                        fprintf(f, "%s%s", i ? "," : "", json_string_value(cap) ?: "?");
+                fclose(f);
+        }
         printf("version            %s\n", json_string_value(json_object_get(res, "version")) ?: "?");
+        printf("api version        %s\n", json_string_value(json_object_get(res, "api_version")) ?: "?");
         printf("pid                %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(res, "pid")));
+        printf("started at         %s\n", json_string_value(json_object_get(res, "started_at")) ?: "?");
         printf("uptime             %" PRIu64 ".%03" PRIu64 " s\n", up / 1000, up % 1000);
+        printf("restarts           %" JSON_INTEGER_FORMAT "\n",
+               json_integer_value(json_object_get(res, "restarts")));
         printf("vms                %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(res, "vms")));
         printf("devices            %" JSON_INTEGER_FORMAT "\n",
                json_integer_value(json_object_get(res, "devices")));
-        printf("protocol features  %s (%s)\n", hex, names);
+        printf("capabilities       %s\n", caps && *caps ? caps : "-");
+        printf("protocol features  %s\n", features);
+        free(caps);
         json_decref(res);
         return CTL_EXIT_OK;
 }
@@ -95,13 +107,14 @@ int cmd_vm_list(struct ctl *ctl, const struct ctl_args *a) {
         r = ctl_query(ctl, "vm.list", json_object(), false, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
-        if (ctl_table_init(&t, 4, "VM", "UID", "REGIONS", "DEVICES") < 0) {
+        if (ctl_table_init(&t, 5, "VM", "UID", "REGIONS", "LINGER", "DEVICES") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
         }
         json_array_foreach(json_object_get(res, "vms"), i, vm) {
                 json_t *devs = json_object_get(vm, "devices"), *d;
-                char uid[24], regions[24], *list = NULL;
+                char uid[24], regions[24], linger[32], *list = NULL;
+                uint64_t left;
                 size_t len = 0, k;
                 FILE *f;
 
@@ -117,7 +130,13 @@ int cmd_vm_list(struct ctl *ctl, const struct ctl_args *a) {
                 snprintf(uid, sizeof(uid), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(vm, "uid")));
                 snprintf(regions, sizeof(regions), "%" JSON_INTEGER_FORMAT,
                          json_integer_value(json_object_get(vm, "regions")));
-                ctl_table_add(&t, json_string_value(json_object_get(vm, "vm")), uid, regions,
+                /* linger_remaining_ms: only a VM without an owner has it (an extension) */
+                if (vhub_json_object_get_u64(vm, "linger_remaining_ms", &left) == 0)
+                        snprintf(linger, sizeof(linger), "%" PRIu64 ".%01" PRIu64 " s left", left / 1000,
+                                 left % 1000 / 100);
+                else
+                        snprintf(linger, sizeof(linger), "-");
+                ctl_table_add(&t, json_string_value(json_object_get(vm, "vm")), uid, regions, linger,
                               list && *list ? list : "-");
                 free(list);
         }

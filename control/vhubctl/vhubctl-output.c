@@ -14,7 +14,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "vhu-message.h"
 #include "vhubctl.h"
 
 /* ---- tables ---- */
@@ -143,25 +142,6 @@ void ctl_fmt_size(uint64_t size, char *buf, size_t len) {
                 snprintf(buf, len, "%" PRIu64 " %s", size, units[u]);
 }
 
-void ctl_fmt_protocol_features(uint64_t mask, char *buf, size_t len) {
-        size_t n = 0;
-
-        buf[0] = '\0';
-        for (unsigned bit = 0; bit < 64 && n < len; bit++) {
-                const char *name;
-                char unknown[16];
-
-                if (!(mask & (UINT64_C(1) << bit)))
-                        continue;
-                name = vhu_protocol_feature_name(bit);
-                if (!name) {
-                        snprintf(unknown, sizeof(unknown), "bit%u", bit);
-                        name = unknown;
-                }
-                n += (size_t)snprintf(buf + n, len - n, "%s%s", n ? "," : "", name);
-        }
-}
-
 int ctl_memfd(const char *name, uint64_t size) {
         char full[64];
         int fd;
@@ -231,7 +211,7 @@ int ctl_follow_events(struct ctl *ctl, int sigfd, uint64_t max_events) {
 
         for (;;) {
                 struct pollfd p[2] = {
-                        { .fd = vhub_client_fd(ctl->client), .events = POLLIN },
+                        { .fd = vhub_client_get_fd(ctl->client), .events = POLLIN },
                         { .fd = sigfd, .events = POLLIN },
                 };
                 json_t *ev = NULL;

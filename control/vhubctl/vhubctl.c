@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * vhubctl: command table, global options, help, and the one call path
- * every command goes through (ctl_call).
+ * vhubctl: global options, finding the command, help, and the one call
+ * path every command goes through (ctl_call).  The commands themselves are
+ * in vhubctl-commands.c.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -14,83 +15,6 @@
 
 #define DEFAULT_TIMEOUT_MS 60000
 
-static const struct ctl_opt_spec opts_vm_create[] = {
-        { "linger-ms", true, false }, { "hold", false, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_vm_attach[] = { { "hold", false, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_memory_add[] = {
-        { "memfd", true, false }, { "size", true, false }, { "offset", true, false },
-        { "uaddr", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_dirty_start[] = { { "save", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_so_add[] = { { "memfd", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_device_add[] = {
-        { "type", true, false }, { "mode", true, false }, { "queues", true, false },
-        { "reconnect-ms", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_device_start[] = {
-        { "features", true, false }, { "vrings", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_config_get[] = {
-        { "base64", false, false }, { "raw", false, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_config_set[] = {
-        { "base64", false, false }, { "file", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_state[] = { { "no-check", false, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_device_stop[] = { { "no-drain", false, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_events[] = {
-        { "vm", true, false }, { "count", true, false }, { NULL, false, false } };
-static const struct ctl_opt_spec opts_call[] = {
-        { "fd", true, true }, { "memfd", true, true }, { "eventfd", false, true }, { NULL, false, false } };
-
-static const struct ctl_command commands[] = {
-        { "daemon info", "", "version, pid, uptime, counts and protocol features of the daemon",
-          NULL, 0, 0, cmd_daemon_info },
-        { "vm create", "VM [--linger-ms N] [--hold]", "create a VM (needs --linger-ms or --hold to outlive vhubctl)",
-          opts_vm_create, 1, 1, cmd_vm_create },
-        { "vm attach", "VM [--hold]", "take over a lingering VM (restarts its linger time when vhubctl exits)",
-          opts_vm_attach, 1, 1, cmd_vm_attach },
-        { "vm destroy", "VM", "stop and remove every device, then the VM", NULL, 1, 1, cmd_vm_destroy },
-        { "vm list", "", "the VMs this uid may see (root: all)", NULL, 0, 0, cmd_vm_list },
-        { "vm memory add", "VM GPA (FILE | --memfd SIZE) [--size N] [--offset N] [--uaddr N]",
-          "add a guest RAM region backed by FILE or a new memfd", opts_memory_add, 2, 3, cmd_vm_memory_add },
-        { "vm memory remove", "VM GPA", "remove the region at GPA", NULL, 2, 2, cmd_vm_memory_remove },
-        { "vm memory list", "VM", "the VM's guest RAM regions", NULL, 1, 1, cmd_vm_memory_list },
-        { "vm dirty-log start", "VM [--save FILE]", "start dirty-page logging on every device",
-          opts_dirty_start, 1, 1, cmd_vm_dirty_log_start },
-        { "vm dirty-log stop", "VM", "stop dirty-page logging", NULL, 1, 1, cmd_vm_dirty_log_stop },
-        { "device add", "VM DEVICE SOCKET [--type T] [--mode client|server] [--queues N] [--reconnect-ms N]",
-          "connect a vhost-user back-end", opts_device_add, 3, 3, cmd_device_add },
-        { "device remove", "VM DEVICE", "stop and disconnect a device", NULL, 2, 2, cmd_device_remove },
-        { "device list", "VM", "the VM's devices and their states", NULL, 1, 1, cmd_device_list },
-        { "device start", "VM DEVICE --features F --vrings JSON|@FILE|-",
-          "start the vrings (for testing: vhubctl makes the eventfds)", opts_device_start, 2, 2, cmd_device_start },
-        { "device stop", "VM DEVICE [--no-drain]",
-          "stop every vring; prints their bases (--no-drain: suspend requests in flight)",
-          opts_device_stop, 2, 2, cmd_device_stop },
-        { "device kick", "VM DEVICE INDEX", "kick a ring in-band (VRING_KICK)", NULL, 3, 3, cmd_device_kick },
-        { "device reset", "VM DEVICE", "reset the device back to ready", NULL, 2, 2, cmd_device_reset },
-        { "device config get", "VM DEVICE OFFSET SIZE [--base64 | --raw]", "read config space (hex dump)",
-          opts_config_get, 4, 4, cmd_device_config_get },
-        { "device config set", "VM DEVICE OFFSET (HEX | --base64 B64 | --file FILE)", "write config space",
-          opts_config_set, 3, 4, cmd_device_config_set },
-        { "device net rarp", "VM DEVICE MAC", "ask the back-end to send a RARP for MAC", NULL, 3, 3,
-          cmd_device_net_rarp },
-        { "device net mtu", "VM DEVICE MTU", "tell the back-end the MTU", NULL, 3, 3, cmd_device_net_mtu },
-        { "device state save", "VM DEVICE FILE [--no-check]", "save the back-end's state into FILE",
-          opts_state, 3, 3, cmd_device_state_save },
-        { "device state load", "VM DEVICE FILE [--no-check]", "load the back-end's state from FILE",
-          opts_state, 3, 3, cmd_device_state_load },
-        { "device state check", "VM DEVICE", "ask the back-end whether the last transfer succeeded",
-          NULL, 2, 2, cmd_device_state_check },
-        { "device backend-reply", "VM DEVICE TOKEN RESULT", "answer a forwarded device.backend_request",
-          NULL, 4, 4, cmd_device_backend_reply },
-        { "shared-object add", "VM UUID (FILE | --memfd SIZE)", "export an fd to the VM's back-ends under UUID",
-          opts_so_add, 2, 3, cmd_shared_object_add },
-        { "shared-object remove", "VM UUID", "withdraw a shared object", NULL, 2, 2, cmd_shared_object_remove },
-        { "shared-object list", "VM", "the VM's shared objects", NULL, 1, 1, cmd_shared_object_list },
-        { "events", "[--vm VM] [--count N]", "print events until interrupted", opts_events, 0, 0, cmd_events },
-        { "call", "METHOD [PARAMS|@FILE|-] [--fd FILE]... [--memfd SIZE]... [--eventfd]...",
-          "send any request; prints the raw result", opts_call, 1, 2, cmd_call },
-};
-
-#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
-
 static void print_usage(FILE *f) {
         fprintf(f,
                 "Usage: vhubctl [OPTIONS] COMMAND [ARGS]\n"
@@ -101,19 +25,16 @@ static void print_usage(FILE *f) {
                 "  --json          print the daemon's JSON result (one line) instead of a table\n"
                 "  --uid N         (root) name a VM of another uid\n"
                 "  --timeout MS    give up on an answer after MS milliseconds (default %d, 0: never)\n"
-                "  -h, --help      this text; after a command, that command's usage\n"
+                "  -h, --help      this text; after a command, that command's help\n"
                 "  --version\n\n"
                 "Commands:\n",
                 DEFAULT_TIMEOUT_MS);
-        for (size_t i = 0; i < N_COMMANDS; i++)
-                fprintf(f, "  %-22s %s\n", commands[i].words, commands[i].summary);
+        for (size_t i = 0; i < ctl_n_commands; i++)
+                fprintf(f, "  %-22s %s\n", ctl_commands[i].words, ctl_commands[i].summary);
         fprintf(f, "\nExit status: 0 success, 1 the daemon answered with an error, 2 usage error,\n"
                    "3 cannot connect (or the connection was lost, or no answer in time), 4 local failure.\n"
-                   "See vhubctl(1).\n");
-}
-
-static void print_command_usage(FILE *f, const struct ctl_command *cmd) {
-        fprintf(f, "Usage: vhubctl %s%s%s\n", cmd->words, cmd->synopsis[0] ? " " : "", cmd->synopsis);
+                   "'vhubctl help COMMAND' (or 'vhubctl COMMAND --help') tells what a command does, with\n"
+                   "every option and an example.  See vhubctl(1).\n");
 }
 
 int ctl_fail(int code, const char *fmt, ...) {
@@ -136,7 +57,7 @@ int ctl_usage_error(const struct ctl *ctl, const char *fmt, ...) {
         va_end(ap);
         fputc('\n', stderr);
         if (ctl && ctl->cmd)
-                print_command_usage(stderr, ctl->cmd);
+                ctl_print_command_usage(stderr, ctl->cmd);
         else
                 fputs("Try 'vhubctl --help'.\n", stderr);
         return CTL_EXIT_USAGE;
@@ -171,7 +92,11 @@ json_t *ctl_vm_params(const struct ctl *ctl, const char *vm) {
 }
 
 void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhub_client_error *e) {
-        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, e->message[0] ? e->message : "error");
+        const char *known = vhub_contract_error_message(e->code);
+        /* the daemon always sends a message; an empty one is named from the code */
+        const char *message = e->message[0] ? e->message : known ? known : "error";
+
+        fprintf(stderr, "vhubctl: %s: error %d (%s)", method, e->code, message);
         if (e->detail[0])
                 fprintf(stderr, ": %s", e->detail);
         if (e->device[0] || e->request[0])
@@ -187,7 +112,7 @@ void ctl_print_error(const struct ctl *ctl, const char *method, const struct vhu
                         json_object_set_new(data, "device", json_string(e->device));
                 if (e->request[0])
                         json_object_set_new(data, "request", json_string(e->request));
-                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", e->message,
+                err = json_pack("{s:{s:i, s:s, s:o}}", "error", "code", e->code, "message", message,
                                 "data", data);
                 ctl_print_json(err);
                 json_decref(err);
@@ -323,8 +248,8 @@ static const struct ctl_command *find_command(char **words, int n_words, int *re
         const struct ctl_command *best = NULL;
         int best_used = 0;
 
-        for (size_t i = 0; i < N_COMMANDS; i++) {
-                const char *w = commands[i].words;
+        for (size_t i = 0; i < ctl_n_commands; i++) {
+                const char *w = ctl_commands[i].words;
                 int used = 0;
                 bool match = true;
 
@@ -340,7 +265,7 @@ static const struct ctl_command *find_command(char **words, int n_words, int *re
                         w += strspn(w, " ");
                 }
                 if (match && used > best_used) {
-                        best = &commands[i];
+                        best = &ctl_commands[i];
                         best_used = used;
                 }
         }
@@ -348,37 +273,57 @@ static const struct ctl_command *find_command(char **words, int n_words, int *re
         return best;
 }
 
-/* "vm memory" alone: list the commands that follow it; 0 if it is no group. */
-static unsigned group_usage(char **words, int n_words) {
+/* "vm memory" alone: list the commands that follow it on f; 0 if it is no group. */
+static unsigned group_usage(FILE *f, const char *header, char **words, int n_words) {
         unsigned n = 0;
 
-        for (size_t i = 0; i < N_COMMANDS && n_words > 0; i++) {
+        for (size_t i = 0; i < ctl_n_commands && n_words > 0; i++) {
+                const struct ctl_command *c = &ctl_commands[i];
                 size_t off = 0;
                 int k;
 
                 for (k = 0; k < n_words; k++) {
                         size_t len = strlen(words[k]);
 
-                        if (strncmp(commands[i].words + off, words[k], len) != 0 ||
-                            commands[i].words[off + len] != ' ')
+                        if (strncmp(c->words + off, words[k], len) != 0 || c->words[off + len] != ' ')
                                 break;
                         off += len + 1;
                 }
                 if (k < n_words)
                         continue;
                 if (n++ == 0)
-                        fprintf(stderr, "vhubctl: incomplete command; one of:\n");
-                fprintf(stderr, "  vhubctl %s%s%s\n", commands[i].words, commands[i].synopsis[0] ? " " : "",
-                        commands[i].synopsis);
+                        fputs(header, f);
+                fprintf(f, "  vhubctl %s%s%s\n", c->words, c->synopsis[0] ? " " : "", c->synopsis);
         }
         return n;
+}
+
+/* `vhubctl help [WORDS]` and `vhubctl WORDS --help`: the command's help, a
+ * group's commands, or (no words) the general usage; unknown words are a
+ * usage error. */
+static int help(char **words, int n_words) {
+        const struct ctl_command *cmd;
+        int used;
+
+        if (n_words == 0) {
+                print_usage(stdout);
+                return CTL_EXIT_OK;
+        }
+        cmd = find_command(words, n_words, &used);
+        if (cmd) {
+                ctl_print_command_help(stdout, cmd);
+                return CTL_EXIT_OK;
+        }
+        if (group_usage(stdout, "Commands:\n", words, n_words) > 0)
+                return CTL_EXIT_OK;
+        return ctl_usage_error(NULL, "no command '%s'", words[0]);
 }
 
 int main(int argc, char **argv) {
         struct ctl ctl = { .timeout_ms = DEFAULT_TIMEOUT_MS };
         const struct ctl_command *cmd;
         struct ctl_args args;
-        bool help = false, version = false, after_dashdash = false;
+        bool help_flag = false, version = false, after_dashdash = false;
         char **rest;
         int n_rest = 0, used, r;
         char err[256];
@@ -396,7 +341,7 @@ int main(int argc, char **argv) {
                         continue;
                 }
                 if (!after_dashdash) {
-                        r = take_global(&ctl, &i, argc, argv, &taken, &help, &version);
+                        r = take_global(&ctl, &i, argc, argv, &taken, &help_flag, &version);
                         if (r != 0) {
                                 free(rest);
                                 return r;
@@ -411,13 +356,11 @@ int main(int argc, char **argv) {
                 return CTL_EXIT_OK;
         }
         cmd = find_command(rest, n_rest, &used);
-        if (help) {
-                if (cmd)
-                        print_command_usage(stdout, cmd);
-                else
-                        print_usage(stdout);
+        if (help_flag) {
+                /* the command's words (its arguments may follow: they are not words) */
+                r = help(rest, n_rest);
                 free(rest);
-                return CTL_EXIT_OK;
+                return r;
         }
         if (n_rest == 0) {
                 print_usage(stderr);
@@ -425,18 +368,14 @@ int main(int argc, char **argv) {
                 return CTL_EXIT_USAGE;
         }
         if (strcmp(rest[0], "help") == 0) {
-                cmd = find_command(rest + 1, n_rest - 1, &used);
-                if (cmd)
-                        print_command_usage(stdout, cmd);
-                else
-                        print_usage(stdout);
+                r = help(rest + 1, n_rest - 1);
                 free(rest);
-                return CTL_EXIT_OK;
+                return r;
         }
         if (!cmd) {
                 /* a known group without its last word, or something unknown */
                 for (int k = n_rest; k > 0; k--)
-                        if (group_usage(rest, k) > 0) {
+                        if (group_usage(stderr, "vhubctl: incomplete command; one of:\n", rest, k) > 0) {
                                 free(rest);
                                 return CTL_EXIT_USAGE;
                         }

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * vhubctl: the operator's command-line client for vhubd's control API
- * (shared/spec/control-api.md).  One subcommand per method; readable tables
+ * (docs/control-api.md).  One subcommand per method; readable tables
  * by default, the daemon's JSON with --json.
  *
  * Every command returns an exit status (enum ctl_exit), never exits itself:
@@ -12,6 +12,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "vhub-client.h"
 
@@ -43,8 +44,9 @@ struct ctl {
 
 struct ctl_opt_spec {
         const char *name;               /* long name without "--" */
-        bool has_arg;
+        const char *arg;                /* its value as help names it ("N"); NULL: a flag */
         bool repeatable;
+        const char *help;               /* what it does, for `vhubctl help COMMAND` */
 };
 
 struct ctl_args {
@@ -63,10 +65,20 @@ struct ctl_command {
         const char *words;              /* "vm memory add" */
         const char *synopsis;           /* arguments, after the words */
         const char *summary;            /* one line for the command list */
+        const char *description;        /* what `vhubctl help COMMAND` says it does */
+        const char *example;            /* command lines, one per line */
         const struct ctl_opt_spec *opts;/* {NULL}-terminated, may be NULL */
         unsigned min_pos, max_pos;
         int (*run)(struct ctl *ctl, const struct ctl_args *a);
 };
+
+/* The command table (vhubctl-commands.c). */
+extern const struct ctl_command ctl_commands[];
+extern const size_t ctl_n_commands;
+/* "Usage: vhubctl WORDS SYNOPSIS" alone (usage errors). */
+void ctl_print_command_usage(FILE *f, const struct ctl_command *cmd);
+/* Usage, description, every option with its help, an example. */
+void ctl_print_command_help(FILE *f, const struct ctl_command *cmd);
 
 int ctl_args_parse(const struct ctl_command *cmd, int argc, char **argv, struct ctl_args *ret,
                    char *errbuf, size_t errlen);
@@ -131,8 +143,16 @@ void ctl_print_json(const json_t *v);
 void ctl_fmt_u64(const json_t *v, char *buf, size_t len);
 /* "64 MiB" when exact, else bytes. */
 void ctl_fmt_size(uint64_t size, char *buf, size_t len);
-/* Names of the set vhost-user protocol feature bits, comma-separated. */
+/* ---- feature names (vhubctl-features.c) ---- */
+
+/* A virtio feature bit's name: a generic one, else type's own ("blk", "net",
+ * ...; NULL: generic names only); NULL if it has none. */
+const char *ctl_virtio_feature_name(const char *type, unsigned bit);
+/* Names of the set bits, comma-separated ("bitN" for unnamed ones, "-" for none). */
+void ctl_fmt_virtio_features(const char *type, uint64_t mask, char *buf, size_t len);
 void ctl_fmt_protocol_features(uint64_t mask, char *buf, size_t len);
+/* "0x1f (NAME,NAME)" from a u64 JSON value ("?" if malformed). */
+void ctl_fmt_features_line(const json_t *v, bool protocol, const char *type, char *buf, size_t len);
 
 /* ---- signals for the commands that wait (events, --hold) ---- */
 

@@ -176,6 +176,64 @@ static void test_server_and_client(struct vhub_backend_dirs *dirs, const struct 
         CHECK_EQ(vhub_count_open_fds(), fds_before);
 }
 
+/* The -32010 detail for a path that does not resolve: "no such socket"
+ * only where the path lies inside a back-end directory; outside, the same
+ * answer whether or not anything is there. */
+static void check_detail(int r, const struct vhub_error *err, const char *before, const char *path,
+                         const char *after) {
+        char want[PATH_MAX + 128];
+
+        CHECK(r < 0);
+        CHECK_EQ(err->code, VHUB_ERR_NOT_ALLOWED);
+        snprintf(want, sizeof(want), "%s%s%s", before, path, after);
+        if (strcmp(err->detail, want) != 0) {
+                fprintf(stderr, "detail '%s', expected '%s'\n", err->detail, want);
+                CHECK(!"the expected detail");
+        }
+}
+
+static void test_unresolved_details(struct vhub_backend_dirs *dirs, const struct vhub_cred *me) {
+        static const char outside[] = " is outside the back-end directories";
+        struct vhub_backend_listener *l = NULL;
+        struct vhub_error err;
+        char *path = NULL;
+        uid_t uid = geteuid();
+        int fds_before = vhub_count_open_fds();
+        const char *p;
+
+#define OPEN(p_) (memset(&err, 0, sizeof(err)), vhub_backend_path_open(dirs, me, uid, (p_), &err))
+#define LISTEN(p_) (memset(&err, 0, sizeof(err)), vhub_backend_path_listen(dirs, me, uid, (p_), &err, &l, &path))
+        p = at("base/nothing.sock");
+        check_detail(OPEN(p), &err, "no such socket: ", p, "");
+        p = at("base/nodir/x.sock");
+        check_detail(OPEN(p), &err, "no such socket: ", p, "");
+        p = at("base/a/b/../../nothing.sock");
+        check_detail(OPEN(p), &err, "no such socket: ", p, "");
+        /* outside: missing or there, the same words */
+        p = at("outside/nothing.sock");
+        check_detail(OPEN(p), &err, "back-end socket ", p, outside);
+        p = at("outside/x.sock");
+        check_detail(OPEN(p), &err, "back-end socket ", p, outside);
+        p = at("base/link/nothing.sock");       /* a symlinked directory out */
+        check_detail(OPEN(p), &err, "back-end socket ", p, outside);
+        p = at("base/../outside/nothing.sock");
+        check_detail(OPEN(p), &err, "back-end socket ", p, outside);
+        check_detail(OPEN("/nonexistent-vhub-dir/x.sock"), &err, "back-end socket ", "/nonexistent-vhub-dir/x.sock", outside);
+        /* a name that is there but does not resolve (a dangling symlink) */
+        p = at("base/a/dangling");
+        check_detail(OPEN(p), &err, "back-end socket ", p, " cannot be resolved: No such file or directory");
+
+        /* server mode: the directory */
+        p = at("base/nodir");
+        check_detail(LISTEN(at("base/nodir/n.sock")), &err, "no such directory: ", p, "");
+        p = at("outside/nodir/n.sock");
+        check_detail(LISTEN(p), &err, "back-end socket ", p, outside);
+        CHECK(!l && !path);
+#undef OPEN
+#undef LISTEN
+        CHECK_EQ(vhub_count_open_fds(), fds_before);
+}
+
 static unsigned long long cap_eff(void) {
         char line[256];
         unsigned long long v = 0;
@@ -219,6 +277,15 @@ static void test_act_for_other_uid(struct vhub_backend_dirs *dirs) {
                                        &path) < 0);
         CHECK_EQ(err.code, VHUB_ERR_NOT_ALLOWED);
         CHECK_EQ(inode_of(at("base/rootonly/n.sock")), 0);
+        /* a name it cannot look up is not reported missing: it could not see that */
+        memset(&err, 0, sizeof(err));
+        CHECK(vhub_backend_path_open(dirs, &nobody, 65534, at("base/rootonly/none.sock"), &err) < 0);
+        CHECK_EQ(err.code, VHUB_ERR_NOT_ALLOWED);
+        CHECK(strstr(err.detail, "cannot be resolved: Permission denied"));
+        memset(&err, 0, sizeof(err));
+        CHECK(vhub_backend_path_listen(dirs, &nobody, 65534, at("base/rootonly/none/n.sock"), &err, &l,
+                                       &path) < 0);
+        CHECK(strstr(err.detail, "cannot be resolved: Permission denied"));
         fd = vhub_backend_path_listen(dirs, &nobody, 65534, at("base/mine/n.sock"), &err, &l, &path);
         CHECK(fd >= 0);
         CHECK(lstat(at("base/mine/n.sock"), &st) == 0 && st.st_uid == 65534 && st.st_gid == 65534);
@@ -257,6 +324,7 @@ int main(void) {
         CHECK(symlink("a", at("base/inlink")) == 0);
         CHECK(symlink("s.sock", at("base/a/flink")) == 0);
         CHECK(symlink(at("outside/x.sock"), at("base/a/flink-out")) == 0);
+        CHECK(symlink(at("outside/none"), at("base/a/dangling")) == 0);
 
         vhub_config_init(&cfg);
         CHECK(vhub_config_add_backend_dir(&cfg, at("base")) == 0);
@@ -264,6 +332,7 @@ int main(void) {
 
         test_open_beneath();
         test_server_and_client(dirs, &me);
+        test_unresolved_details(dirs, &me);
         if (geteuid() == 0) {
                 CHECK(mkdir(at("base/rootonly"), 0700) == 0);
                 CHECK(close(open(at("base/rootonly/f"), O_CREAT | O_WRONLY | O_CLOEXEC, 0600)) == 0);

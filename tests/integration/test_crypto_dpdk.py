@@ -7,7 +7,8 @@ rte_vhost crypto back-end over a software crypto device).
   unasked -- its log is checked too).  rte_vhost hands a device to the
   crypto library (which handles the session requests) only once its ring
   is ready, as a guest driver would have it: device.start with one ring.
-- device.crypto.session.create with AES-CBC-128: a positive session id; a
+- device.crypto.session.create with AES-CBC-128: a positive session id (the
+  result matches rpc.discover's schema); a
   second session gets another id; device.crypto.session.close closes it;
   closing it again is refused by the back-end (-32006, nothing else breaks).
 - An algorithm the crypto device rejects (ARC4): -32006 naming the request,
@@ -15,6 +16,8 @@ rte_vhost crypto back-end over a software crypto device).
 - Bad params (a 65-byte cipher key, a missing member): -32602.
 - A back-end without CRYPTO_SESSION (qemu-storage-daemon): -32005.
 - device.remove, vm.destroy, the daemon's fd count back to baseline.
+
+Needs Debian's python3-jsonschema.
 """
 
 import base64
@@ -33,6 +36,12 @@ from vhubtest.realpeers import CryptoBackend                       # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
 from vhubtest.virtq import Virtqueue                               # noqa: E402
 from vhubtest.vmm import Vmm                                       # noqa: E402
+
+try:
+    import jsonschema
+except ImportError:
+    sys.stdout.write("FAILED: this test needs python3-jsonschema (apt-get install python3-jsonschema)\n")
+    sys.exit(1)
 
 PF_CRYPTO_SESSION = 1 << 7
 # virtio-crypto values (include/uapi/linux/virtio_crypto.h)
@@ -82,9 +91,15 @@ def main(t):
     vmm.start_device("crypto0", VERSION_1, [vq])
     check_eq(vmm.device_state("crypto0")["state"], "running", "device running")
 
+    result_schema = [m for m in c.call("rpc.discover")["methods"]
+                     if m["name"] == "device.crypto.session.create"][0]["result"]["schema"]
+
     def create(params):
         p = dict({"vm": "vm0", "device": "crypto0"}, **params)
-        return u64(c.call("device.crypto.session.create", p)["session_id"])
+        res = c.call("device.crypto.session.create", p)
+        errors = [e.message for e in jsonschema.Draft7Validator(result_schema).iter_errors(res)]
+        check_eq(errors, [], "device.crypto.session.create's result matches rpc.discover's schema")
+        return u64(res["session_id"])
 
     def close(sid):
         return c.call("device.crypto.session.close", {"vm": "vm0", "device": "crypto0", "session_id": sid})

@@ -5,13 +5,17 @@ protocol feature PAGEFAULT): the test plays the migration destination.
 The VM's memory is there but its data pages have not arrived yet (holes in
 the memfd).  vm.postcopy.advise hands the VMM qemu-storage-daemon's
 userfaultfd; vm.postcopy.listen makes the back-end map the memory again
-with faults enabled and tells the VMM where (backend_uaddr per region).
+with faults enabled and, asked with `backend_regions: true` (an extension),
+tells the VMM where (backend_uaddr per region).
 Guest I/O then touches missing pages: the back-end faults, the test reads
 the fault from the userfaultfd, turns its address into a guest address with
 backend_uaddr, and places the page "from the source" with UFFDIO_COPY.
 
 - advise: one fd per device, a userfaultfd (anon_inode:[userfaultfd]).
-- listen: the region, mapped by the back-end somewhere else than the VMM.
+- listen with backend_regions: the region, mapped by the back-end somewhere
+  else than the VMM; the result matches rpc.discover's schema.
+- listen without it (a second postcopy round, the device stopped): exactly
+  {}, as the contract says.
 - A virtio-blk write whose data sits in two missing pages: both fault, are
   served, and the disk gets exactly the source's bytes.
 - A read into a missing page: it faults (the back-end writes it), is
@@ -19,6 +23,8 @@ backend_uaddr, and places the page "from the source" with UFFDIO_COPY.
 - While in postcopy: vm.memory.add -32004, listen again -32004, advise
   again -32004; a device without PAGEFAULT (virtiofsd) makes advise -32005.
 - vm.postcopy.end: {}; memory changes work again; fds back to baseline.
+
+Needs Debian's python3-jsonschema.
 """
 
 import ctypes
@@ -39,6 +45,12 @@ from vhubtest.memory import PAGE_SIZE, GuestMemory                 # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
 from vhubtest.virtq import Virtqueue                               # noqa: E402
 from vhubtest.vmm import Vmm                                       # noqa: E402
+
+try:
+    import jsonschema
+except ImportError:
+    sys.stdout.write("FAILED: this test needs python3-jsonschema (apt-get install python3-jsonschema)\n")
+    sys.exit(1)
 
 PF_PAGEFAULT = 1 << 8
 BLK_FEATURES = (1 << 32)
@@ -158,9 +170,13 @@ def main(t):
                      what="vm.memory.add during postcopy")
     check_eq(e.code, WRONG_STATE, "memory changes wait for postcopy to end")
 
-    res = c.call("vm.postcopy.listen", {"vm": "vm0"})
-    regs = res["devices"][0]["regions"]
+    res = c.call("vm.postcopy.listen", {"vm": "vm0", "backend_regions": True})
     log("listen: %r" % res)
+    listen_schema = [m for m in c.call("rpc.discover")["methods"]
+                     if m["name"] == "vm.postcopy.listen"][0]["result"]["schema"]
+    errors = [e.message for e in jsonschema.Draft7Validator(listen_schema).iter_errors(res)]
+    check_eq(errors, [], "listen's result with backend_regions matches rpc.discover's schema")
+    regs = res["devices"][0]["regions"]
     check_eq([(u64(r["gpa"]), u64(r["size"])) for r in regs], [(region.gpa, region.size)],
              "listen: the back-end's mapping of the region")
     backend_base = u64(regs[0]["backend_uaddr"])
@@ -202,6 +218,15 @@ def main(t):
     vq.wait_used(1, 10.0)
     check(mem.read(read_buf, 512) == disk[:512], "I/O after postcopy works")
 
+    # A second round, asking for no regions: the contract's {}.
+    vmm.stop_device("blk0")
+    res, fds = c.call_fds("vm.postcopy.advise", {"vm": "vm0"})
+    for fd in fds:
+        os.close(fd)
+    check_eq(len(res["devices"]), 1, "second round: advise")
+    check_eq(c.call("vm.postcopy.listen", {"vm": "vm0"}), {}, "listen without backend_regions: exactly {}")
+    check_eq(c.call("vm.postcopy.end", {"vm": "vm0"}), {}, "second round: end")
+
     # A back-end without PAGEFAULT.
     fs_sock = daemon.backend_socket("fs0.sock")
     shared = os.path.join(d, "shared")
@@ -214,7 +239,6 @@ def main(t):
     check_eq(e.data.get("detail", "").startswith("device fs0"), True, "the error names the device")
 
     vmm.remove_device("fs0")
-    vmm.stop_device("blk0")
     vmm.remove_device("blk0")
     vmm.destroy()
     daemon.check_fd_baseline(baseline)

@@ -15,6 +15,18 @@ and kick (-32005 on qemu-storage-daemon), state save/load/check through vhub-tes
 (pipes both ways); vm dirty-log start --save / stop; shared-object add,
 list, remove; events (--vm, all, table and JSON lines); call (raw params,
 fds, unknown method); --uid as root; $VHUB_SOCKET.
+
+Help: `vhubctl help COMMAND` and `COMMAND --help` print the same text for
+every command: its usage, a description, every option of its synopsis with
+what it does -- exactly the options vhubctl(1) gives the command -- and an
+example that runs that command.  Feature names: the virtio features of a
+blk device by their names (generic and blk's own, checked against this
+file's own table of the virtio spec's bits), the protocol features by the
+vhost-user spec's, unnamed bits as bitN, --json the numbers.  `vm list`'s
+LINGER counts down for a VM without an owner (linger_remaining_ms, an
+extension) and is - while one owns it; `device list`'s TYPE (type, an
+extension).  -32010: a missing socket inside the back-end directory says
+"no such socket", outside it the same words as an existing path there.
 """
 
 import base64
@@ -38,6 +50,25 @@ from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E40
 
 IMAGE_SIZE = 16 << 20
 LINGER_MS = 30000
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GLOBAL_OPTIONS = {"socket", "json", "uid", "timeout", "help", "version"}
+
+# The names vhubctl must print, from the specifications (an oracle of this
+# test's own, not vhubctl's table): virtio 1.3 "Reserved Feature Bits" plus
+# vhost's LOG_ALL and vhost-user's PROTOCOL_FEATURES; virtio-blk's bits; the
+# vhost-user protocol features.
+VIRTIO_GENERIC = {24: "NOTIFY_ON_EMPTY", 26: "LOG_ALL", 27: "ANY_LAYOUT", 28: "RING_INDIRECT_DESC",
+                  29: "EVENT_IDX", 30: "PROTOCOL_FEATURES", 32: "VERSION_1", 33: "ACCESS_PLATFORM",
+                  34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM", 37: "SR_IOV",
+                  38: "NOTIFICATION_DATA", 39: "NOTIF_CONFIG_DATA", 40: "RING_RESET", 41: "ADMIN_VQ"}
+VIRTIO_BLK = {0: "BARRIER", 1: "SIZE_MAX", 2: "SEG_MAX", 4: "GEOMETRY", 5: "RO", 6: "BLK_SIZE", 7: "SCSI",
+              9: "FLUSH", 10: "TOPOLOGY", 11: "CONFIG_WCE", 12: "MQ", 13: "DISCARD", 14: "WRITE_ZEROES",
+              15: "LIFETIME", 16: "SECURE_ERASE", 17: "ZONED"}
+PROTOCOL = ["MQ", "LOG_SHMFD", "RARP", "REPLY_ACK", "NET_MTU", "BACKEND_REQ", "CROSS_ENDIAN",
+            "CRYPTO_SESSION", "PAGEFAULT", "CONFIG", "BACKEND_SEND_FD", "HOST_NOTIFIER", "INFLIGHT_SHMFD",
+            "RESET_DEVICE", "INBAND_NOTIFICATIONS", "CONFIGURE_MEM_SLOTS", "STATUS", "XEN_MMAP",
+            "SHARED_OBJECT", "DEVICE_STATE", "GET_VRING_BASE_INFLIGHT", "GPA_ADDRESSES", "SHMEM",
+            "GET_VRING_BASE_SKIP_DRAIN"]
 
 
 def vhubctl_path():
@@ -91,6 +122,27 @@ def kv(out):
     return d
 
 
+def names(mask, table):
+    """'0x1f (A,B,bit5)' as vhubctl prints a mask."""
+    bits = [b for b in range(64) if mask >> b & 1]
+    return "%#x (%s)" % (mask, ",".join(table.get(b, "bit%d" % b) for b in bits) or "-")
+
+
+def man_options():
+    """{command words: its options} from the entries of docs/vhubctl.1: the
+    header lines of each entry (.TP and its .TQ), not the prose."""
+    def plain(line):
+        line = re.sub(r"\\f[BIRP]", "", line).replace("\\-", "-").replace('"', " ")
+        return " ".join(line.split()[1:])
+    with open(os.path.join(SRC, "docs", "vhubctl.1")) as f:
+        lines = f.read().splitlines()
+    heads = []
+    for i, line in enumerate(lines):
+        if line in (".TP", ".TQ") and i + 1 < len(lines) and lines[i + 1].startswith((".B ", ".BI ", ".BR ")):
+            heads.append(plain(lines[i + 1]))
+    return heads
+
+
 def wait_for_event(ctl, proc, trigger, timeout=10.0):
     """Repeat trigger() until proc (vhubctl events --count 1) exits: the
     subscription is only in place some time after the process starts."""
@@ -105,6 +157,52 @@ def wait_for_event(ctl, proc, trigger, timeout=10.0):
     out, err = proc.communicate()
     check_eq(proc.returncode, 0, "vhubctl events --count 1 exit code")
     return out.decode(), err.decode()
+
+
+def check_help(ctl):
+    """Every command's help, from `vhubctl --help`'s list: the same text
+    both ways, usage first, a description, each synopsis option explained,
+    the same options as vhubctl(1), and an example of the command itself."""
+    out, _ = ctl.run("--help")
+    commands = [m.group(1) for m in re.finditer(r"^  ([a-z][a-z -]*?[a-z])  +\S", out, re.M)]
+    check(len(commands) >= 30 and "device add" in commands and "events" in commands,
+          "vhubctl --help lists the commands (%d)" % len(commands))
+    man = man_options()
+    for words in commands:
+        text, _ = ctl.run("help", *words.split())
+        again, _ = ctl.run(*(words.split() + ["--help"]))
+        check_eq(again, text, "'%s --help' is 'help %s'" % (words, words))
+        lines = text.splitlines()
+        if not lines[0].startswith("Usage: vhubctl %s" % words) or lines[1] != "" or not lines[2].strip():
+            raise TestFailure("FAILED: help %s: usage line, then a description: %r" % (words, lines[:3]))
+        synopsis = set(re.findall(r"--([a-z][a-z-]*)", lines[0]))
+        section = text.split("\nOptions:\n", 1)[1].split("\n\n", 1)[0] if "\nOptions:\n" in text else ""
+        described = {}
+        for m in re.finditer(r"^  --([a-z][a-z-]*)(?: (\S+))?\s*(.*)$", section, re.M):
+            described[m.group(1)] = m.group(3) or "(on the next line)"
+        if set(described) != synopsis or not all(described.values()):
+            raise TestFailure("FAILED: help %s: options %s described, synopsis has %s"
+                              % (words, sorted(described), sorted(synopsis)))
+        entries = [h for h in man if h == words or h.startswith(words + " ")
+                   and not any(c != words and c.startswith(words + " ") and (h == c or h.startswith(c + " "))
+                               for c in commands)]
+        if not entries:
+            raise TestFailure("FAILED: vhubctl(1) has no entry for %s" % words)
+        in_man = set(re.findall(r"--([a-z][a-z-]*)", " ".join(entries))) - GLOBAL_OPTIONS
+        if in_man != synopsis:
+            raise TestFailure("FAILED: %s: vhubctl(1) names options %s, vhubctl help %s"
+                              % (words, sorted(in_man), sorted(synopsis)))
+        example = text.split("\nExample:\n", 1)[1] if "\nExample:\n" in text else ""
+        if not re.search(r"^  vhubctl (--\S+ (\S+ )?)*%s( |$)" % re.escape(words), example, re.M):
+            raise TestFailure("FAILED: help %s: no example of the command: %r" % (words, example))
+    log("ok: help of %d commands: usage, description, every option explained (as in vhubctl(1)), "
+        "an example" % len(commands))
+    out, _ = ctl.run("help", "vm", "memory")
+    check_eq(out.splitlines(), ["Commands:", "  vhubctl vm memory add VM GPA (FILE | --memfd SIZE) [--size N] "
+                                "[--offset N] [--uaddr N]", "  vhubctl vm memory remove VM GPA",
+                                "  vhubctl vm memory list VM"], "help of a group: its commands")
+    ctl.run("help", "no-such-command", expect=2)
+    check_eq(ctl.run("help")[0], ctl.run("--help")[0], "'help' alone is --help")
 
 
 def main(t):
@@ -143,6 +241,7 @@ def main(t):
     check("vm memory add" in out and "Exit status" in out, "--help lists commands and exit codes")
     out, _ = ctl.run("vm", "memory", "add", "--help")
     check(out.startswith("Usage: vhubctl vm memory add VM GPA"), "COMMAND --help prints its usage")
+    check_help(ctl)
     _, err = ctl.run("--socket", os.path.join(d, "no-such.sock"), "daemon", "info", socket=False, expect=3)
     check("cannot connect" in err, "no socket: 'cannot connect' on stderr")
     env = dict(os.environ, VHUB_SOCKET=daemon.control)
@@ -169,8 +268,34 @@ def main(t):
     ctl.run("vm", "attach", "vm0")      # lingering: attach works, then lingers again
 
     rows = table(ctl.run("vm", "list")[0])
-    check_eq(rows[0], ["VM", "UID", "REGIONS", "DEVICES"], "vm list header")
-    check_eq(rows[1:], [["vm0", str(uid), "0", "-"]], "vm list rows")
+    check_eq(rows[0], ["VM", "UID", "REGIONS", "LINGER", "DEVICES"], "vm list header")
+    check_eq(len(rows), 2, "vm list: one VM")
+    check_eq(rows[1][:3] + rows[1][4:], ["vm0", str(uid), "0", "-"], "vm list row")
+    m = re.fullmatch(r"(\d+)\.(\d) s left", rows[1][3])
+    check(m is not None and 0 < int(m.group(1)) * 1000 + int(m.group(2)) * 100 <= LINGER_MS,
+          "vm list: LINGER is the time left (%s)" % rows[1][3])
+    left1 = ctl.json("vm", "list")["vms"][0]["linger_remaining_ms"]
+    time.sleep(0.3)
+    left2 = c.call("vm.list")["vms"][0]["linger_remaining_ms"]
+    check(0 < left2 < left1 <= LINGER_MS, "linger_remaining_ms counts down (%d, then %d)" % (left1, left2))
+    # owned: no time left to show
+    p = ctl.spawn("vm", "attach", "vm0", "--hold")
+    deadline = time.monotonic() + 10
+    while "linger_remaining_ms" in c.call("vm.list")["vms"][0]:
+        check(time.monotonic() < deadline and p.poll() is None, "vm attach --hold takes the VM")
+        time.sleep(0.05)
+    check_eq(table(ctl.run("vm", "list")[0])[1][3], "-", "vm list: LINGER - while a connection owns it")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=10)
+    check_eq(p.returncode, 0, "vm attach --hold ends with 0 on SIGTERM")
+    deadline = time.monotonic() + 10
+    while "linger_remaining_ms" not in c.call("vm.list")["vms"][0]:
+        check(time.monotonic() < deadline, "the VM lingers again once its holder exits")
+        time.sleep(0.05)
+    c.call("vm.create", {"vm": "owned"})
+    owned = [v for v in c.call("vm.list")["vms"] if v["vm"] == "owned"][0]
+    check("linger_remaining_ms" not in owned, "vm.list: an owned VM has no linger_remaining_ms")
+    c.call("vm.destroy", {"vm": "owned"})
 
     # ---- memory: a memfd and a file
     ctl.run("vm", "memory", "add", "vm0", "0", "--memfd", "32M")
@@ -201,24 +326,56 @@ def main(t):
     out, _ = ctl.run("device", "add", "vm0", "blk0", sock, "--type", "blk")
     added = kv(out)
     check_eq(added.get("queues"), "2", "device add table: queues")
-    check(re.match(r"^0x[0-9a-f]+ \(.*REPLY_ACK.*\)$", added.get("protocol features", "")) is not None,
-          "device add table: protocol features with names", added.get("protocol features"))
     devs = ctl.json("device", "list", "vm0")["devices"]
-    check_eq([(x["device"], x["state"], x["queues"]) for x in devs], [("blk0", "ready", 2)],
-             "device list --json")
-    check_eq("%#x" % u64(devs[0]["features"]), added["features"], "device add features == device list features")
+    check_eq([(x["device"], x["state"], x["queues"], x["type"]) for x in devs], [("blk0", "ready", 2, "blk")],
+             "device list --json, with the type (an extension)")
+    feats, proto = u64(devs[0]["features"]), u64(devs[0]["protocol_features"])
+    check_eq(added["features"], names(feats, {**VIRTIO_BLK, **VIRTIO_GENERIC}),
+             "device add --type blk: the features in hex, then by name (generic and virtio-blk's)")
+    check("VERSION_1" in added["features"] and "SEG_MAX" in added["features"] and "bit" not in added["features"],
+          "qemu-storage-daemon's blk features all have names", added["features"])
+    check_eq(added["protocol features"], names(proto, dict(enumerate(PROTOCOL))),
+             "device add: the protocol features in hex, then by name")
+    check("REPLY_ACK" in added["protocol features"], "REPLY_ACK among them", added["protocol features"])
+    j = ctl.json("device", "list", "vm0", "blk0")
+    check_eq(j, {"devices": devs}, "device list VM DEVICE --json: the daemon's entry, numbers unchanged")
+    one = kv(ctl.run("device", "list", "vm0", "blk0")[0])
+    check_eq((one["device"], one["type"], one["state"], one["socket"]), ("blk0", "blk", "ready", sock),
+             "device list VM DEVICE: one field a line")
+    check_eq(one["features"], added["features"], "device list VM DEVICE: features by name")
+    check_eq(one["acked features"], "0x0 (-)", "device list VM DEVICE: nothing acked yet")
+    check_eq(one["protocol features"], added["protocol features"], "device list VM DEVICE: protocol features")
+    _, err = ctl.run("device", "list", "vm0", "nodev", expect=1)
+    check("-32002" in err and "nodev" in err, "device list VM DEVICE of a device the VM lacks: -32002", err.strip())
     rows = table(ctl.run("device", "list", "vm0")[0])
-    check_eq(rows[0], ["DEVICE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL", "SOCKET"],
-             "device list header")
-    check_eq(rows[1][:4], ["blk0", "ready", "2", "0"], "device list row")
-    check_eq(rows[1][4:7], ["%#x" % u64(devs[0][k]) for k in ("features", "acked_features", "protocol_features")],
+    check_eq(rows[0], ["DEVICE", "TYPE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
+                       "SOCKET"], "device list header")
+    check_eq(rows[1][:5], ["blk0", "blk", "ready", "2", "0"], "device list row, with the type")
+    check_eq(rows[1][5:8], ["%#x" % u64(devs[0][k]) for k in ("features", "acked_features", "protocol_features")],
              "device list: features, acked, protocol features in hex")
     check_eq(rows[1][-1], sock, "device list: socket")
-    check_eq(table(ctl.run("vm", "list")[0])[1], ["vm0", str(uid), "1", "blk0"], "vm list names the device")
+    vm_row = table(ctl.run("vm", "list")[0])[1]
+    check_eq(vm_row[:3] + vm_row[4:], ["vm0", str(uid), "1", "blk0"], "vm list names the device")
     _, err = ctl.run("device", "add", "vm0", "blk0", sock, expect=1)
     check("-32003" in err, "device add twice: -32003")
+
+    # -32010: outside the back-end directories the same words, there or not;
+    # inside, a missing socket is named as such
     _, err = ctl.run("device", "add", "vm0", "blk1", "/etc/passwd", expect=1)
-    check("-32010" in err, "a socket outside the back-end directories: -32010", err.strip())
+    check("-32010" in err and "/etc/passwd is outside the back-end directories" in err,
+          "a socket outside the back-end directories: -32010", err.strip())
+    missing_out = os.path.join(d, "no-such-dir", "x.sock")
+    _, err = ctl.run("device", "add", "vm0", "blk1", missing_out, expect=1)
+    check("-32010" in err and "%s is outside the back-end directories" % missing_out in err
+          and "no such" not in err, "a missing path outside: the same answer as an existing one", err.strip())
+    missing_in = daemon.backend_socket("not-there.sock")
+    _, err = ctl.run("device", "add", "vm0", "blk1", missing_in, expect=1)
+    check("-32010" in err and "no such socket: %s" % missing_in in err,
+          "a missing socket inside the back-end directory: 'no such socket'", err.strip())
+    _, err = ctl.run("device", "add", "vm0", "blk1", daemon.backend_socket("no-dir/s.sock"), "--mode", "server",
+                     expect=1)
+    check("-32010" in err and "no such directory: %s" % daemon.backend_socket("no-dir") in err,
+          "server mode in a missing directory inside: 'no such directory'", err.strip())
 
     # config space: capacity (le64 sectors) at offset 0
     out, _ = ctl.run("device", "config", "get", "vm0", "blk0", "0", "8")
@@ -281,6 +438,12 @@ def main(t):
         tb = t.enter(TestBackend(sockets=[s1, s2], args=["--queues", "1"], log_dir=d))
         feats = u64(ctl.json("device", "add", "vm0", "tb1", s1)["features"]) & ~(1 << 30)
         ctl.run("device", "add", "vm0", "tb2", s2)
+        # no --type: the generic bits by name, the device's own as bitN
+        one = kv(ctl.run("device", "list", "vm0", "tb1")[0])
+        check_eq((one["type"], one["features"]), ("-", names(feats | 1 << 30, VIRTIO_GENERIC)),
+                 "device list of an untyped device: generic names, bitN for the rest")
+        check_eq(table(ctl.run("device", "list", "vm0")[0])[2][:2], ["tb1", "-"], "device list: TYPE - if untyped")
+        check("type" not in c.call("device.list", {"vm": "vm0"})["devices"][1], "device.list: no type if none")
         one_ring = json.dumps(vrings[:1])
         ctl.run("device", "start", "vm0", "tb1", "--features", "%#x" % feats, "--vrings", one_ring)
         ctl.run("device", "state", "save", "vm0", "tb1", state, expect=1)    # running: -32004
@@ -380,7 +543,8 @@ def main(t):
     # ---- destroy
     ctl.run("vm", "destroy", "vm0")
     check_eq(c.call("vm.list")["vms"], [], "vm destroy: no VM left")
-    check_eq(table(ctl.run("vm", "list")[0]), [["VM", "UID", "REGIONS", "DEVICES"]], "vm list: header only")
+    check_eq(table(ctl.run("vm", "list")[0]), [["VM", "UID", "REGIONS", "LINGER", "DEVICES"]],
+             "vm list: header only")
     ctl.run("vm", "destroy", "vm0", expect=1)
     check_eq(ctl.json("daemon", "info")["vms"], 0, "daemon info --json: vms back to 0")
 

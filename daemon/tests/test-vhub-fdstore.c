@@ -1,0 +1,789 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The fd store client (daemon/vhub-fdstore.c) against a datagram socket
+ * playing the service manager: the exact messages and fds, names, a full
+ * manager queue (EAGAIN: nothing blocks, order kept, a queued push removed
+ * before it left is never sent), hard failures and the budget (degraded),
+ * fds sharing one open file (aliases, and moving the file when the stored
+ * name goes), and the restore side: take by name, stale names removed, the
+ * same name passed twice, LISTEN_* from the environment.
+ *
+ *   test-vhub-fdstore
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <linux/kcmp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "vhub-check.h"
+#include "vhub-fdstore.h"
+#include "vhub-log.h"
+#include "vhub-snapshot.h"
+
+/* ---- the manager's side: a bound datagram socket, and a store of its own
+ * applying what arrives (as systemd's service_add_fd_store() would) */
+
+#define MGR_MAX 4096
+
+struct mgr {
+        int sock;
+        char path[108];
+        char *names[MGR_MAX];
+        int fds[MGR_MAX];
+        size_t n;
+};
+
+static void mgr_open(struct mgr *m, const char *dir, const char *name) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int one = 1;
+
+        memset(m, 0, sizeof(*m));
+        snprintf(m->path, sizeof(m->path), "%s/%s", dir, name);
+        m->sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        CHECK(m->sock >= 0);
+        CHECK_EQ(setsockopt(m->sock, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+        strcpy(sa.sun_path, m->path);
+        CHECK_EQ(bind(m->sock, (struct sockaddr *) &sa, sizeof(sa)), 0);
+}
+
+static void mgr_close_store(struct mgr *m) {
+        for (size_t i = 0; i < m->n; i++) {
+                close(m->fds[i]);
+                free(m->names[i]);
+        }
+        m->n = 0;
+}
+
+static void mgr_close(struct mgr *m) {
+        mgr_close_store(m);
+        if (m->sock >= 0)
+                close(m->sock);
+        m->sock = -1;
+        unlink(m->path);
+}
+
+/* One datagram: its text and fd (-1 if none).  1, or 0 after timeout_ms. */
+static int mgr_recv(struct mgr *m, char *text, size_t size, int *ret_fd, int timeout_ms) {
+        union {
+                struct cmsghdr h;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * 4) + CMSG_SPACE(sizeof(struct ucred))];
+        } control;
+        struct iovec iov = { .iov_base = text, .iov_len = size - 1 };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                             .msg_controllen = sizeof(control.buf) };
+        struct pollfd p = { .fd = m->sock, .events = POLLIN };
+        bool have_creds = false;
+        ssize_t n;
+
+        *ret_fd = -1;
+        if (poll(&p, 1, timeout_ms) == 0)
+                return 0;
+        n = recvmsg(m->sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        CHECK(n >= 0);
+        CHECK(!(mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)));
+        text[n] = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                        CHECK_EQ(c->cmsg_len, CMSG_LEN(sizeof(int)));  /* one fd per message */
+                        memcpy(ret_fd, CMSG_DATA(c), sizeof(int));
+                } else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) {
+                        struct ucred uc;
+
+                        memcpy(&uc, CMSG_DATA(c), sizeof(uc));
+                        /* NotifyAccess=main: the manager checks the sender */
+                        CHECK_EQ(uc.pid, getpid());
+                        have_creds = true;
+                }
+        }
+        CHECK(have_creds);
+        return 1;
+}
+
+static bool same_file(int a, int b) {
+        return syscall(SYS_kcmp, getpid(), getpid(), KCMP_FILE, a, b) == 0;
+}
+
+static void mgr_apply(struct mgr *m, const char *text, int fd) {
+        const char *name = strstr(text, "FDNAME=");
+
+        CHECK(name);
+        name += strlen("FDNAME=");
+        if (strncmp(text, "FDSTOREREMOVE=1\n", 16) == 0) {
+                CHECK_EQ(fd, -1);
+                for (size_t i = 0; i < m->n; i++)
+                        if (strcmp(m->names[i], name) == 0) {
+                                close(m->fds[i]);
+                                free(m->names[i]);
+                                m->names[i] = m->names[m->n - 1];
+                                m->fds[i] = m->fds[m->n - 1];
+                                m->n--;
+                                i--;
+                        }
+                return;
+        }
+        CHECK(strncmp(text, "FDSTORE=1\nFDNAME=", 17) == 0);
+        CHECK(strstr(text, "\nFDPOLL=0"));
+        CHECK(fd >= 0);
+        *strstr(text, "\nFDPOLL=0") = 0;
+        /* systemd's same_fd(): a second fd of a stored file is dropped */
+        for (size_t i = 0; i < m->n; i++)
+                if (same_file(m->fds[i], fd)) {
+                        fprintf(stderr, "the manager would drop %s: same file as %s\n", name, m->names[i]);
+                        abort();
+                }
+        CHECK(m->n < MGR_MAX);
+        m->names[m->n] = strdup(name);
+        m->fds[m->n] = fd;
+        m->n++;
+}
+
+/* Receive and apply everything that arrives within timeout_ms of quiet,
+ * running the store's loop meanwhile; returns how many messages. */
+static int mgr_pump(struct mgr *m, struct event_base *base, int timeout_ms) {
+        char text[512];
+        int fd, n = 0;
+
+        for (;;) {
+                if (base)
+                        event_base_loop(base, EVLOOP_NONBLOCK);
+                if (!mgr_recv(m, text, sizeof(text), &fd, timeout_ms))
+                        return n;
+                mgr_apply(m, text, fd);
+                n++;
+        }
+}
+
+static int mgr_find(const struct mgr *m, const char *name) {
+        for (size_t i = 0; i < m->n; i++)
+                if (strcmp(m->names[i], name) == 0)
+                        return m->fds[i];
+        return -1;
+}
+
+static void expect_msg(struct mgr *m, const char *want, int want_file) {
+        char text[512];
+        int fd;
+
+        CHECK_EQ(mgr_recv(m, text, sizeof(text), &fd, 1000), 1);
+        if (strcmp(text, want) != 0) {
+                fprintf(stderr, "got \"%s\", expected \"%s\"\n", text, want);
+                abort();
+        }
+        if (want_file >= 0) {
+                CHECK(fd >= 0);
+                CHECK(same_file(fd, want_file));
+                close(fd);
+        } else
+                CHECK_EQ(fd, -1);
+}
+
+static void expect_quiet(struct mgr *m) {
+        char text[512];
+        int fd;
+
+        if (mgr_recv(m, text, sizeof(text), &fd, 50)) {
+                fprintf(stderr, "unexpected message \"%s\"\n", text);
+                abort();
+        }
+}
+
+static struct vhub_fdstore *store_new(struct event_base *base, const char *path, unsigned max_fds) {
+        struct vhub_fdstore_options o = { .notify_socket = path, .max_fds = max_fds };
+        struct vhub_fdstore *s = NULL;
+
+        CHECK_EQ(vhub_fdstore_new(base, &o, &s), 0);
+        CHECK(vhub_fdstore_enabled(s));
+        return s;
+}
+
+static int efd(void) {
+        int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+
+        CHECK(fd >= 0);
+        return fd;
+}
+
+/* ---- the tests */
+
+static void test_names(void) {
+        char long_name[300];
+
+        CHECK(vhub_fdstore_name_valid("vm/1000/vm0/region/3"));
+        CHECK(vhub_fdstore_name_valid("dev/0/vm-a/net.0/ring1.kick"));
+        CHECK(vhub_fdstore_name_valid("with space"));
+        CHECK(!vhub_fdstore_name_valid(""));
+        CHECK(!vhub_fdstore_name_valid(NULL));
+        CHECK(!vhub_fdstore_name_valid("a:b"));           /* LISTEN_FDNAMES separator */
+        CHECK(!vhub_fdstore_name_valid("a\nFDSTORE=1"));  /* would forge a field */
+        CHECK(!vhub_fdstore_name_valid("tab\there"));
+        CHECK(!vhub_fdstore_name_valid("del\x7f"));
+        CHECK(!vhub_fdstore_name_valid("\xc3\xa9"));
+        memset(long_name, 'x', sizeof(long_name));
+        long_name[255] = 0;
+        CHECK(vhub_fdstore_name_valid(long_name));
+        long_name[255] = 'x';
+        long_name[256] = 0;
+        CHECK(!vhub_fdstore_name_valid(long_name));
+        printf("ok: names follow systemd's fdname_is_valid() (and no empty name)\n");
+}
+
+static void test_disabled(void) {
+        struct vhub_fdstore_options o = { .disabled = true, .notify_socket = "/nonexistent" };
+        struct vhub_fdstore *s = NULL;
+        struct vhub_fdstore_stats st;
+        int fd = efd();
+
+        CHECK_EQ(vhub_fdstore_new(NULL, &o, &s), 0);
+        CHECK(!vhub_fdstore_enabled(s));
+        CHECK_EQ(vhub_fdstore_push(s, fd, "a"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, fd, "a:b"), -EINVAL);
+        CHECK_EQ(vhub_fdstore_push(s, -1, "a"), -EBADF);
+        CHECK_EQ(vhub_fdstore_remove(s, "a"), 0);
+        CHECK(!vhub_fdstore_degraded(s));
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.names, 0);
+        s = vhub_fdstore_free(s);
+        /* no $NOTIFY_SOCKET: disabled too */
+        unsetenv("NOTIFY_SOCKET");
+        CHECK_EQ(vhub_fdstore_new(NULL, NULL, &s), 0);
+        CHECK(!vhub_fdstore_enabled(s));
+        vhub_fdstore_free(s);
+        CHECK(!vhub_fdstore_enabled(NULL));
+        CHECK_EQ(vhub_fdstore_push(NULL, fd, "a"), 0);
+        close(fd);
+        /* a manager that is not there: the daemon learns it at start */
+        o = (struct vhub_fdstore_options) { .notify_socket = "/nonexistent/notify" };
+        CHECK_EQ(vhub_fdstore_new(NULL, &o, &s), -ENOENT);
+        o.notify_socket = "relative/path";
+        CHECK_EQ(vhub_fdstore_new(NULL, &o, &s), -EAFNOSUPPORT);
+        printf("ok: a disabled store accepts and ignores, still checking names\n");
+}
+
+static void test_messages(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int a = efd(), b = memfd_create("guest", MFD_CLOEXEC);
+
+        CHECK(b >= 0);
+        mgr_open(&m, dir, "notify");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_push(s, a, "dev/1000/vm0/blk0/ring0.kick"), 0);
+        expect_msg(&m, "FDSTORE=1\nFDNAME=dev/1000/vm0/blk0/ring0.kick\nFDPOLL=0", a);
+        CHECK_EQ(vhub_fdstore_push(s, b, "vm/1000/vm0/region/0"), 0);
+        expect_msg(&m, "FDSTORE=1\nFDNAME=vm/1000/vm0/region/0\nFDPOLL=0", b);
+        CHECK(vhub_fdstore_contains(s, "vm/1000/vm0/region/0"));
+        CHECK_EQ(vhub_fdstore_push(s, b, "vm/1000/vm0/region/0"), -EEXIST);
+        CHECK_EQ(vhub_fdstore_push(s, a, "fdstore/mine"), -EINVAL);
+        CHECK_EQ(vhub_fdstore_push(s, 999, "closed"), -EBADF);
+        CHECK_EQ(vhub_fdstore_remove(s, "vm/1000/vm0/region/0"), 0);
+        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=vm/1000/vm0/region/0", -1);
+        CHECK_EQ(vhub_fdstore_remove(s, "vm/1000/vm0/region/0"), -ENOENT);
+        CHECK(!vhub_fdstore_contains(s, "vm/1000/vm0/region/0"));
+        /* two eventfds share one anonymous inode but are different files */
+        {
+                int c = efd();
+
+                CHECK_EQ(vhub_fdstore_push(s, c, "dev/1000/vm0/blk0/ring0.call"), 0);
+                expect_msg(&m, "FDSTORE=1\nFDNAME=dev/1000/vm0/blk0/ring0.call\nFDPOLL=0", c);
+                CHECK_EQ(vhub_fdstore_remove(s, "dev/1000/vm0/blk0/ring0.call"), 0);
+                expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=dev/1000/vm0/blk0/ring0.call", -1);
+                close(c);
+        }
+        CHECK(!vhub_fdstore_degraded(s));
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+
+        /* the abstract namespace */
+        {
+                struct sockaddr_un sa = { .sun_family = AF_UNIX };
+                char name[64];
+                int one = 1;
+
+                snprintf(name, sizeof(name), "@vhub-test-fdstore-%d", getpid());
+                m.sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+                CHECK(m.sock >= 0);
+                CHECK_EQ(setsockopt(m.sock, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+                memcpy(sa.sun_path + 1, name + 1, strlen(name) - 1);
+                CHECK_EQ(bind(m.sock, (struct sockaddr *) &sa,
+                              (socklen_t) (offsetof(struct sockaddr_un, sun_path) + strlen(name))), 0);
+                m.n = 0;
+                m.path[0] = 0;
+                s = store_new(base, name, 0);
+                CHECK_EQ(vhub_fdstore_push(s, a, "ctl/conn/1"), 0);
+                expect_msg(&m, "FDSTORE=1\nFDNAME=ctl/conn/1\nFDPOLL=0", a);
+                vhub_fdstore_free(s);
+                close(m.sock);
+        }
+        close(a);
+        close(b);
+        event_base_free(base);
+        printf("ok: FDSTORE=1/FDNAME=/FDPOLL=0 with one fd, FDSTOREREMOVE=1, abstract sockets\n");
+}
+
+/* The manager does not read: pushes queue, nothing blocks, and everything
+ * arrives in order once it reads again. */
+static void test_full_queue(const char *dir) {
+        enum { N = 600 };
+        int fds[N], before = vhub_count_open_fds();
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        struct mgr m;
+        char name[64];
+
+        mgr_open(&m, dir, "notify-full");
+        s = store_new(base, m.path, 0);
+        for (int i = 0; i < N; i++) {
+                fds[i] = efd();
+                snprintf(name, sizeof(name), "dev/0/vm0/d%d/ring0.kick", i);
+                CHECK_EQ(vhub_fdstore_push(s, fds[i], name), 0);
+        }
+        vhub_fdstore_get_stats(s, &st);
+        printf("   %d pushes with the manager not reading: %zu queued, %llu would-blocks\n", N, st.queued,
+               (unsigned long long) st.send_retries);
+        CHECK(st.queued > 0);           /* the kernel queue holds max_dgram_qlen */
+        CHECK_EQ(st.stored, N);
+        CHECK(!vhub_fdstore_degraded(s));
+        /* a queued push removed before it left: never sent, nor its removal */
+        CHECK_EQ(vhub_fdstore_push(s, fds[0], "gone/before/sent"), 1);
+        {
+                int e = efd();
+
+                CHECK_EQ(vhub_fdstore_push(s, e, "gone/before/sent2"), 0);
+                CHECK_EQ(vhub_fdstore_remove(s, "gone/before/sent2"), 0);
+                close(e);
+        }
+        /* removing a queued name that left already: its removal queues behind */
+        CHECK_EQ(vhub_fdstore_remove(s, "dev/0/vm0/d0/ring0.kick"), 0);
+        mgr_pump(&m, base, 200);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.queued, 0);
+        /* d1..: stored; d0 removed, its file moved to its alias; the alias table */
+        CHECK_EQ(m.n, N + 1);
+        CHECK(mgr_find(&m, "dev/0/vm0/d0/ring0.kick") < 0);
+        CHECK(mgr_find(&m, "gone/before/sent2") < 0);
+        CHECK(same_file(mgr_find(&m, "gone/before/sent"), fds[0]));
+        for (int i = 1; i < N; i++) {
+                snprintf(name, sizeof(name), "dev/0/vm0/d%d/ring0.kick", i);
+                CHECK(same_file(mgr_find(&m, name), fds[i]));
+        }
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        for (int i = 0; i < N; i++)
+                close(fds[i]);
+        event_base_free(base);
+        CHECK_EQ(vhub_count_open_fds(), before);
+        printf("ok: a full manager queue: %d pushes queued without blocking, delivered once it reads, "
+               "a push removed while queued never sent, no dup left open\n", N);
+}
+
+/* Order is kept across the queue: a name pushed, removed and pushed again
+ * while queued ends up stored with its last file. */
+static void test_queue_order(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int a = efd(), b = efd(), filler[40];
+        char name[32];
+
+        mgr_open(&m, dir, "notify-order");
+        s = store_new(base, m.path, 0);
+        for (int i = 0; i < 40; i++) {
+                filler[i] = efd();
+                snprintf(name, sizeof(name), "f%d", i);
+                CHECK_EQ(vhub_fdstore_push(s, filler[i], name), 0);
+        }
+        CHECK_EQ(vhub_fdstore_push(s, a, "x"), 0);
+        mgr_pump(&m, base, 100);        /* x sent */
+        for (int i = 0; i < 40; i++) {
+                snprintf(name, sizeof(name), "f%d", i);
+                CHECK_EQ(vhub_fdstore_remove(s, name), 0);
+        }
+        CHECK_EQ(vhub_fdstore_remove(s, "x"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, b, "x"), 0);
+        mgr_pump(&m, base, 100);
+        CHECK_EQ(m.n, 1);
+        CHECK(same_file(mgr_find(&m, "x"), b));
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        for (int i = 0; i < 40; i++)
+                close(filler[i]);
+        close(a);
+        close(b);
+        event_base_free(base);
+        printf("ok: removals and pushes of one name keep their order through the queue\n");
+}
+
+static void test_failures(const char *dir) {
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int a = efd(), b = efd(), c = efd(), d = efd();
+
+        /* the budget (FileDescriptorStoreMax=): over it, failed here rather
+         * than dropped silently by systemd */
+        mgr_open(&m, dir, "notify-budget");
+        s = store_new(NULL, m.path, 3);
+        CHECK_EQ(vhub_fdstore_push(s, a, "a"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, b, "b"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, c, "c"), 0);
+        CHECK(!vhub_fdstore_degraded(s));
+        CHECK_EQ(vhub_fdstore_push(s, d, "d"), 0);
+        CHECK(vhub_fdstore_degraded(s));
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.failed, 1);
+        CHECK_EQ(st.push_failures, 1);
+        CHECK_EQ(mgr_pump(&m, NULL, 50), 3);
+        CHECK_EQ(vhub_fdstore_remove(s, "a"), 0);
+        CHECK(vhub_fdstore_degraded(s));        /* d is still not stored */
+        CHECK_EQ(vhub_fdstore_remove(s, "d"), 0);       /* nothing to tell the manager */
+        CHECK(!vhub_fdstore_degraded(s));
+        CHECK_EQ(mgr_pump(&m, NULL, 50), 1);
+        CHECK_EQ(m.n, 2);
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+
+        /* the manager went away: pushes fail for good, the daemon goes on */
+        mgr_open(&m, dir, "notify-gone");
+        s = store_new(NULL, m.path, 0);
+        CHECK_EQ(vhub_fdstore_push(s, a, "a"), 0);
+        mgr_close(&m);
+        CHECK_EQ(vhub_fdstore_push(s, b, "b"), 0);
+        CHECK(vhub_fdstore_degraded(s));
+        CHECK_EQ(vhub_fdstore_remove(s, "a"), 0);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.remove_failures, 1);
+        CHECK(vhub_fdstore_degraded(s));
+        CHECK_EQ(vhub_fdstore_remove(s, "b"), 0);
+        CHECK(!vhub_fdstore_degraded(s));
+        vhub_fdstore_free(s);
+        close(a);
+        close(b);
+        close(c);
+        close(d);
+        /* LISTEN_FDNAMES must stay under the kernel's 128 KiB per
+         * environment string, or the next start cannot exec: long names
+         * fail once their sum would pass it */
+        {
+                struct event_base *base = event_base_new();
+                enum { MANY = 600 };
+                int many[MANY], stored = 0;
+                char name[256];
+
+                mgr_open(&m, dir, "notify-names");
+                s = store_new(base, m.path, 0);
+                for (int i = 0; i < MANY; i++) {
+                        many[i] = efd();
+                        memset(name, 'n', 255);
+                        name[255] = 0;
+                        snprintf(name, 16, "%05d", i);
+                        name[5] = '/';
+                        CHECK_EQ(vhub_fdstore_push(s, many[i], name), 0);
+                        vhub_fdstore_get_stats(s, &st);
+                        if (st.failed == 0)
+                                stored++;
+                        mgr_pump(&m, base, 0);
+                }
+                vhub_fdstore_get_stats(s, &st);
+                CHECK(vhub_fdstore_degraded(s));
+                CHECK(st.names_bytes <= VHUB_FDSTORE_NAMES_BUDGET);
+                CHECK_EQ((size_t) stored, st.stored);
+                CHECK_EQ(st.stored, VHUB_FDSTORE_NAMES_BUDGET / 256);
+                printf("   %d names of 255 characters fit in LISTEN_FDNAMES (%zu bytes), the rest failed\n", stored,
+                       st.names_bytes);
+                vhub_fdstore_free(s);
+                mgr_close(&m);
+                for (int i = 0; i < MANY; i++)
+                        close(many[i]);
+                event_base_free(base);
+        }
+        printf("ok: over the budget (fds or LISTEN_FDNAMES bytes) or with the manager gone: logged, counted, "
+               "degraded while such an fd lives\n");
+}
+
+static int read_aliases(int table_fd, char out[][2][64], int max) {
+        struct vhub_snap_doc doc;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec rec;
+        void *buf;
+        size_t len;
+        int n = 0;
+
+        CHECK_EQ(vhub_snap_file_read(table_fd, &buf, &len, NULL), 0);
+        CHECK_EQ(vhub_snap_parse(buf, len, &doc, NULL), 0);
+        vhub_snap_doc_iter(&doc, &it);
+        while (vhub_snap_next(&it, &rec) > 0) {
+                struct vhub_snap_iter in;
+                struct vhub_snap_rec f;
+
+                CHECK(n < max);
+                CHECK_EQ(vhub_snap_enter(&rec, &in), 0);
+                while (vhub_snap_next(&in, &f) > 0)
+                        CHECK_EQ(vhub_snap_get_fdname(&f, out[n][f.tag - 1], 64), 0);
+                n++;
+        }
+        free(buf);
+        return n;
+}
+
+/* One memfd behind two regions (QEMU splits RAM around the PCI hole):
+ * systemd would keep one entry; the store records the other name. */
+static void test_aliases(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore *s;
+        struct mgr m;
+        char al[4][2][64];
+        int mem = memfd_create("ram", MFD_CLOEXEC), mem2 = dup(mem), table;
+
+        mgr_open(&m, dir, "notify-alias");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_push(s, mem, "vm/0/vm0/region/0"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, mem, "vm/0/vm0/region/1"), 1);   /* the same fd again */
+        CHECK_EQ(vhub_fdstore_push(s, mem2, "vm/0/vm0/region/2"), 1);  /* a dup */
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(m.n, 2);       /* the memfd and the alias table */
+        table = mgr_find(&m, VHUB_FDSTORE_ALIASES);
+        CHECK(table >= 0);
+        CHECK_EQ(read_aliases(table, al, 4), 2);
+        CHECK(strcmp(al[0][1], "vm/0/vm0/region/0") == 0 && strcmp(al[1][1], "vm/0/vm0/region/0") == 0);
+
+        /* the stored name goes: the file moves to an alias, the other alias
+         * follows it */
+        CHECK_EQ(vhub_fdstore_remove(s, "vm/0/vm0/region/0"), 0);
+        mgr_pump(&m, base, 50);
+        CHECK(mgr_find(&m, "vm/0/vm0/region/0") < 0);
+        {
+                int heir = mgr_find(&m, "vm/0/vm0/region/1") >= 0 ? 1 : 2, other = 3 - heir;
+                char heir_name[64], other_name[64];
+
+                snprintf(heir_name, sizeof(heir_name), "vm/0/vm0/region/%d", heir);
+                snprintf(other_name, sizeof(other_name), "vm/0/vm0/region/%d", other);
+                CHECK(same_file(mgr_find(&m, heir_name), mem));
+                CHECK_EQ(read_aliases(table, al, 4), 1);
+                CHECK(strcmp(al[0][0], other_name) == 0 && strcmp(al[0][1], heir_name) == 0);
+                CHECK_EQ(vhub_fdstore_remove(s, other_name), 0);
+                CHECK_EQ(read_aliases(table, al, 4), 0);
+                CHECK_EQ(vhub_fdstore_remove(s, heir_name), 0);
+        }
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(m.n, 1);       /* the (empty) alias table stays */
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        close(mem);
+        close(mem2);
+        event_base_free(base);
+        printf("ok: fds of one open file: one stored entry, the others aliases kept in the table, "
+               "the file moves when the stored name goes\n");
+}
+
+/* A whole cycle: a first daemon pushes, "dies", the manager hands the fds
+ * to a second one, which takes what its snapshot names. */
+static void test_restore(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_restore *r;
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int kick = efd(), call = efd(), ram = memfd_create("ram", MFD_CLOEXEC), spare = efd();
+        int fds[MGR_MAX], fa, fr0, fr1, fr2;
+        char *names[MGR_MAX];
+        size_t n;
+
+        mgr_open(&m, dir, "notify-restore");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_push(s, kick, "dev/0/vm0/b/ring0.kick"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, call, "dev/0/vm0/b/ring0.call"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, ram, "vm/0/vm0/region/0"), 0);
+        CHECK_EQ(vhub_fdstore_push(s, ram, "vm/0/vm0/region/1"), 1);
+        CHECK_EQ(vhub_fdstore_push(s, spare, "stale/one"), 0);
+        mgr_pump(&m, base, 50);
+        vhub_fdstore_free(s);           /* the first daemon is gone */
+        CHECK_EQ(m.n, 5);
+
+        /* systemd passes stored fds newest first */
+        n = m.n;
+        for (size_t i = 0; i < n; i++) {
+                fds[i] = fcntl(m.fds[n - 1 - i], F_DUPFD_CLOEXEC, 3);
+                names[i] = m.names[n - 1 - i];
+        }
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_restore_from(s, fds, names, n, &r), 0);
+        CHECK_EQ(vhub_fdstore_restore_count(r), 5);     /* 4 passed (the table is the store's) + 1 alias */
+        fa = vhub_fdstore_take(r, "dev/0/vm0/b/ring0.kick");
+        CHECK(fa >= 0 && same_file(fa, kick));
+        CHECK_EQ(vhub_fdstore_take(r, "dev/0/vm0/b/ring0.kick"), -ENOENT);
+        CHECK_EQ(vhub_fdstore_take(r, "no/such"), -ENOENT);
+        CHECK_EQ(vhub_fdstore_take(r, VHUB_FDSTORE_ALIASES), -ENOENT);
+        fr1 = vhub_fdstore_take(r, "vm/0/vm0/region/1");        /* an alias: a dup */
+        fr0 = vhub_fdstore_take(r, "vm/0/vm0/region/0");
+        CHECK(fr0 >= 0 && fr1 >= 0 && fr0 != fr1 && same_file(fr0, ram) && same_file(fr1, ram));
+        fr2 = vhub_fdstore_take(r, "dev/0/vm0/b/ring0.call");
+        CHECK(fr2 >= 0 && same_file(fr2, call));
+        /* "stale/one" is claimed by nobody */
+        CHECK_EQ(vhub_fdstore_restore_finish(r), 1);
+        mgr_pump(&m, base, 50);
+        CHECK(mgr_find(&m, "stale/one") < 0);
+        CHECK_EQ(m.n, 4);
+
+        /* the taken names are tracked as if pushed: a name in use is
+         * refused, an alias of a restored file is found, removal moves the
+         * file to the restored alias */
+        CHECK_EQ(vhub_fdstore_push(s, fa, "dev/0/vm0/b/ring0.kick"), -EEXIST);
+        CHECK_EQ(vhub_fdstore_push(s, fa, "dev/0/vm0/b/ring0.kick.again"), 1);
+        CHECK_EQ(vhub_fdstore_remove(s, "vm/0/vm0/region/0"), 0);
+        mgr_pump(&m, base, 50);
+        CHECK(mgr_find(&m, "vm/0/vm0/region/0") < 0);
+        CHECK(same_file(mgr_find(&m, "vm/0/vm0/region/1"), ram));
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.aliases, 1);
+        CHECK(!vhub_fdstore_degraded(s));
+        vhub_fdstore_free(s);
+        close(fa);
+        close(fr0);
+        close(fr1);
+        close(fr2);
+
+        /* the same name twice (a store that lost track): the claimed one
+         * stays, the extra copy is dropped */
+        mgr_close_store(&m);
+        {
+                int d1 = efd(), d2 = efd(), d1_copy = dup(d1);
+                int pfds[2] = { d1, d2 };
+                char *pnames[2] = { "d", "d" };
+                int got;
+
+                s = store_new(base, m.path, 0);
+                CHECK_EQ(vhub_fdstore_restore_from(s, pfds, pnames, 2, &r), 0);
+                got = vhub_fdstore_take(r, "d");
+                CHECK_EQ(got, d1);
+                CHECK_EQ(vhub_fdstore_take(r, "d"), -ENOENT);
+                CHECK_EQ(vhub_fdstore_restore_finish(r), 1);
+                expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d", -1);
+                expect_msg(&m, "FDSTORE=1\nFDNAME=d\nFDPOLL=0", d1_copy);
+                expect_quiet(&m);
+                CHECK_EQ(fcntl(d2, F_GETFD), -1);       /* the extra copy was closed */
+                vhub_fdstore_free(s);
+                close(got);
+                close(d1_copy);
+        }
+        /* giving up (a snapshot it cannot read) tells the manager nothing */
+        {
+                int e1 = efd();
+                int pfds[1] = { e1 };
+                char *pnames[1] = { "e" };
+
+                s = store_new(base, m.path, 0);
+                CHECK_EQ(vhub_fdstore_restore_from(s, pfds, pnames, 1, &r), 0);
+                vhub_fdstore_restore_abort(r);
+                expect_quiet(&m);
+                CHECK(!vhub_fdstore_contains(s, "e"));
+                vhub_fdstore_free(s);
+        }
+        /* without a store (socket activation only): take and close */
+        {
+                int e1 = efd(), e2 = efd();
+                int pfds[2] = { e1, e2 };
+                char *pnames[2] = { "control", "other" };
+
+                CHECK_EQ(vhub_fdstore_restore_from(NULL, pfds, pnames, 2, &r), 0);
+                CHECK_EQ(vhub_fdstore_take(r, "control"), e1);
+                CHECK_EQ(vhub_fdstore_restore_finish(r), 1);
+                CHECK_EQ(fcntl(e2, F_GETFD), -1);
+                close(e1);
+        }
+        mgr_close(&m);
+        close(kick);
+        close(call);
+        close(ram);
+        close(spare);
+        event_base_free(base);
+        printf("ok: restore: take by name (aliases as dups), stale names removed, a doubled name "
+               "repaired, abort silent\n");
+}
+
+/* LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES as systemd sets them, in a child so
+ * that fds 3 and 4 are free. */
+static void test_restore_env(void) {
+        pid_t pid = fork();
+        int status;
+
+        CHECK(pid >= 0);
+        if (pid == 0) {
+                struct vhub_fdstore_restore *r;
+                int a = efd(), b = memfd_create("m", MFD_CLOEXEC);
+                char spid[16];
+
+                a = fcntl(a, F_DUPFD_CLOEXEC, 100);
+                b = fcntl(b, F_DUPFD_CLOEXEC, 101);
+                CHECK(dup2(a, 3) == 3 && dup2(b, 4) == 4);      /* inherited: no CLOEXEC */
+                snprintf(spid, sizeof(spid), "%d", getpid());
+                setenv("LISTEN_PID", spid, 1);
+                setenv("LISTEN_FDS", "2", 1);
+                setenv("LISTEN_FDNAMES", "only-one-name", 1);
+                /* names that do not match the count: refused, nothing closed */
+                CHECK_EQ(vhub_fdstore_restore_from_env(NULL, &r), -EINVAL);
+                CHECK(fcntl(3, F_GETFD) >= 0 && fcntl(4, F_GETFD) >= 0);
+                setenv("LISTEN_PID", spid, 1);
+                setenv("LISTEN_FDS", "2", 1);
+                setenv("LISTEN_FDNAMES", "ctl/listen:vm/0/v/region/0", 1);
+                CHECK_EQ(vhub_fdstore_restore_from_env(NULL, &r), 0);
+                CHECK(!getenv("LISTEN_FDS") && !getenv("LISTEN_PID") && !getenv("LISTEN_FDNAMES"));
+                CHECK_EQ(vhub_fdstore_take(r, "vm/0/v/region/0"), 4);
+                CHECK_EQ(vhub_fdstore_take(r, "ctl/listen"), 3);
+                CHECK(fcntl(3, F_GETFD) & FD_CLOEXEC);  /* every fd O_CLOEXEC */
+                CHECK(same_file(3, a) && same_file(4, b));
+                CHECK_EQ(vhub_fdstore_restore_finish(r), 0);
+                /* LISTEN_PID of another process: not ours */
+                setenv("LISTEN_PID", "1", 1);
+                setenv("LISTEN_FDS", "2", 1);
+                CHECK_EQ(vhub_fdstore_restore_from_env(NULL, &r), 0);
+                CHECK_EQ(vhub_fdstore_restore_count(r), 0);
+                vhub_fdstore_restore_finish(r);
+                _exit(0);
+        }
+        CHECK_EQ(waitpid(pid, &status, 0), pid);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        printf("ok: LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES parsed by sd_listen_fds_with_names(), then unset\n");
+}
+
+int main(void) {
+        char dir[] = "/tmp/vhub-test-fdstore-XXXXXX";
+        struct rlimit rl;
+        int fds_before;
+
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        vhub_log_setup(LOG_ERR, false);
+        /* the full-queue test holds a few thousand fds */
+        CHECK_EQ(getrlimit(RLIMIT_NOFILE, &rl), 0);
+        rl.rlim_cur = rl.rlim_max;
+        (void) setrlimit(RLIMIT_NOFILE, &rl);
+        CHECK(mkdtemp(dir));
+        fds_before = vhub_count_open_fds();
+        test_names();
+        test_disabled();
+        test_messages(dir);
+        test_full_queue(dir);
+        test_queue_order(dir);
+        test_failures(dir);
+        test_aliases(dir);
+        test_restore(dir);
+        test_restore_env();
+        CHECK_EQ(vhub_count_open_fds(), fds_before);
+        printf("ok: no fd leaked\n");
+        rmdir(dir);
+        return 0;
+}

@@ -1,0 +1,1263 @@
+/* SPDX-License-Identifier: MIT */
+/* The daemon's side of systemd's fd store: see vhub-fdstore.h and
+ * docs/restart.md. */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <linux/kcmp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vhub-fdstore.h"
+#include "vhub-log.h"
+#include "vhub-snapshot.h"
+
+/* the alias table's records (in "fdstore/aliases") */
+enum {
+        TAG_ALIAS = 1,          /* nest: one alias */
+        TAG_ALIAS_NAME = 1,     /* fdname: the alias */
+        TAG_ALIAS_TARGET = 2,   /* fdname: the stored name it shares a file with */
+};
+
+enum entry_state {
+        ENTRY_STORED,   /* the manager holds it, or will once its message leaves the queue */
+        ENTRY_ALIAS,    /* its file is stored under entry->primary's name */
+        ENTRY_FAILED,   /* the manager does not hold it */
+};
+
+struct fds_msg;
+
+struct fds_entry {
+        struct fds_entry *hnext;                /* name hash chain */
+        struct fds_entry *primary;              /* ENTRY_ALIAS: whose file it shares */
+        struct fds_entry *first_alias;          /* a primary's aliases ... */
+        struct fds_entry *alias_next;           /* ... chained here */
+        struct fds_msg *pending;                /* its FDSTORE=1 still queued */
+        int fd;                                 /* the owner's number (borrowed) */
+        bool have_inode;
+        dev_t dev;
+        ino_t ino;
+        enum entry_state state;
+        uint32_t hash;
+        char name[];
+};
+
+struct fds_msg {
+        TAILQ_ENTRY(fds_msg) link;
+        struct fds_entry *entry;        /* a push: marked stored once sent */
+        int fd;                         /* a push: our own dup, closed once sent */
+        size_t len;
+        char text[];
+};
+
+TAILQ_HEAD(fds_queue, fds_msg);
+
+struct vhub_fdstore {
+        bool enabled;
+        int sock;
+        pid_t pid;
+        struct event *ev_write;
+        struct fds_queue queue;
+        size_t queued, max_queue;
+        unsigned max_fds;
+
+        struct fds_entry **buckets;
+        size_t n_buckets, n_names;
+
+        /* STORED primaries sorted by (dev, ino, kcmp order): finding the
+         * stored entry of an fd's open file costs O(log n) */
+        struct fds_entry **files;
+        size_t n_files, cap_files;
+        bool files_valid;
+
+        size_t n_stored, n_aliases, n_failed;
+        size_t names_bytes;                     /* sum of (name + ':') over STORED entries */
+        struct vhub_fdstore_stats stats;
+
+        struct vhub_snap_file alias_file;       /* fd < 0 until the first alias */
+        struct vhub_snap_writer alias_writer;
+        bool alias_file_failed;
+};
+
+bool vhub_fdstore_name_valid(const char *name) {
+        size_t n = 0;
+
+        if (!name || !*name)
+                return false;
+        for (const char *p = name; *p; p++, n++) {
+                /* control characters would break the newline-separated message */
+                if (*p < ' ' || *p >= 127 || *p == ':')
+                        return false;
+        }
+        return n <= VHUB_FDSTORE_NAME_MAX;
+}
+
+static bool name_reserved(const char *name) {
+        return strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) == 0;
+}
+
+static uint32_t name_hash(const char *name) {
+        uint32_t h = 2166136261u;
+
+        for (; *name; name++)
+                h = (h ^ (uint8_t) *name) * 16777619u;
+        return h;
+}
+
+/* ---- the name table */
+
+static struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
+        uint32_t h;
+
+        if (!s->n_buckets)
+                return NULL;
+        h = name_hash(name);
+        for (struct fds_entry *e = s->buckets[h & (s->n_buckets - 1)]; e; e = e->hnext)
+                if (e->hash == h && strcmp(e->name, name) == 0)
+                        return e;
+        return NULL;
+}
+
+static int table_grow(struct vhub_fdstore *s) {
+        size_t n = s->n_buckets ? s->n_buckets * 2 : 256;
+        struct fds_entry **b = calloc(n, sizeof(*b));
+
+        if (!b)
+                return -ENOMEM;
+        for (size_t i = 0; i < s->n_buckets; i++) {
+                struct fds_entry *e = s->buckets[i], *next;
+
+                for (; e; e = next) {
+                        next = e->hnext;
+                        e->hnext = b[e->hash & (n - 1)];
+                        b[e->hash & (n - 1)] = e;
+                }
+        }
+        free(s->buckets);
+        s->buckets = b;
+        s->n_buckets = n;
+        return 0;
+}
+
+static int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
+        size_t len = strlen(name);
+        struct fds_entry *e;
+        int r;
+
+        if (s->n_names >= s->n_buckets) {
+                r = table_grow(s);
+                if (r < 0)
+                        return r;
+        }
+        e = calloc(1, sizeof(*e) + len + 1);
+        if (!e)
+                return -ENOMEM;
+        memcpy(e->name, name, len + 1);
+        e->fd = fd;
+        e->hash = name_hash(name);
+        e->hnext = s->buckets[e->hash & (s->n_buckets - 1)];
+        s->buckets[e->hash & (s->n_buckets - 1)] = e;
+        s->n_names++;
+        *ret = e;
+        return 0;
+}
+
+static void entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e) {
+        struct fds_entry **pp = &s->buckets[e->hash & (s->n_buckets - 1)];
+
+        for (; *pp; pp = &(*pp)->hnext)
+                if (*pp == e) {
+                        *pp = e->hnext;
+                        break;
+                }
+        s->n_names--;
+        free(e);
+}
+
+/* ---- the file index */
+
+static int entry_inode(struct fds_entry *e) {
+        struct stat st;
+
+        if (e->have_inode)
+                return 0;
+        if (fstat(e->fd, &st) < 0)
+                return -errno;
+        e->dev = st.st_dev;
+        e->ino = st.st_ino;
+        e->have_inode = true;
+        return 0;
+}
+
+/* Order of (fd's file) against b's: *ret < 0, 0 (the same open file), > 0. */
+static int file_cmp(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
+                     const struct fds_entry *b, int *ret) {
+        long r;
+
+        if (dev != b->dev) {
+                *ret = dev < b->dev ? -1 : 1;
+                return 0;
+        }
+        if (ino != b->ino) {
+                *ret = ino < b->ino ? -1 : 1;
+                return 0;
+        }
+        /* same inode (all eventfds share one): only the kernel can tell
+         * whether it is the same open file, as systemd's same_fd() asks */
+        r = syscall(SYS_kcmp, s->pid, s->pid, KCMP_FILE, fd, b->fd);
+        if (r < 0)
+                return -errno;
+        *ret = r == 0 ? 0 : r == 1 ? -1 : 1;
+        return 0;
+}
+
+/* The first index whose file is not below fd's; *ret_same if it is fd's. */
+static int files_search(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
+                        size_t *ret_pos, bool *ret_same) {
+        size_t lo = 0, hi = s->n_files;
+        bool same = false;
+
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                int c = 0, r = file_cmp(s, fd, dev, ino, s->files[mid], &c);
+
+                if (r < 0)
+                        return r;
+                if (c > 0)
+                        lo = mid + 1;
+                else {
+                        hi = mid;
+                        same = c == 0;
+                }
+        }
+        *ret_pos = lo;
+        *ret_same = same && lo < s->n_files;
+        return 0;
+}
+
+static int files_reserve(struct vhub_fdstore *s, size_t n) {
+        struct fds_entry **f;
+        size_t cap;
+
+        if (n <= s->cap_files)
+                return 0;
+        cap = s->cap_files ? s->cap_files : 64;
+        while (cap < n)
+                cap *= 2;
+        f = realloc(s->files, cap * sizeof(*f));
+        if (!f)
+                return -ENOMEM;
+        s->files = f;
+        s->cap_files = cap;
+        return 0;
+}
+
+static int files_merge(const struct vhub_fdstore *s, struct fds_entry **a, struct fds_entry **tmp,
+                       size_t lo, size_t mid, size_t hi) {
+        size_t i = lo, j = mid, k = lo;
+
+        while (i < mid && j < hi) {
+                int c = 0, r = file_cmp(s, a[i]->fd, a[i]->dev, a[i]->ino, a[j], &c);
+
+                if (r < 0)
+                        return r;
+                tmp[k++] = c <= 0 ? a[i++] : a[j++];
+        }
+        while (i < mid)
+                tmp[k++] = a[i++];
+        while (j < hi)
+                tmp[k++] = a[j++];
+        memcpy(a + lo, tmp + lo, (hi - lo) * sizeof(*a));
+        return 0;
+}
+
+/* Build the index from every STORED primary (after a restore registered
+ * thousands at once: one sort instead of one insertion each). */
+static int files_rebuild(struct vhub_fdstore *s) {
+        struct fds_entry **tmp;
+        size_t n = 0;
+        int r;
+
+        r = files_reserve(s, s->n_stored + 1);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < s->n_buckets; i++)
+                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
+                        if (e->state != ENTRY_STORED)
+                                continue;
+                        r = entry_inode(e);
+                        if (r < 0) {
+                                log_error("fd store: %s (fd %d): %s (closed before it was removed?)",
+                                          e->name, e->fd, strerror(-r));
+                                return r;
+                        }
+                        s->files[n++] = e;
+                }
+        tmp = malloc((n ? n : 1) * sizeof(*tmp));
+        if (!tmp)
+                return -ENOMEM;
+        for (size_t width = 1; width < n; width *= 2)
+                for (size_t lo = 0; lo + width < n; lo += 2 * width) {
+                        size_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+
+                        r = files_merge(s, s->files, tmp, lo, lo + width, hi);
+                        if (r < 0) {
+                                free(tmp);
+                                return r;
+                        }
+                }
+        free(tmp);
+        s->n_files = n;
+        s->files_valid = true;
+        return 0;
+}
+
+static int files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+        int r = files_reserve(s, s->n_files + 1);
+
+        if (r < 0)
+                return r;
+        memmove(s->files + pos + 1, s->files + pos, (s->n_files - pos) * sizeof(*s->files));
+        s->files[pos] = e;
+        s->n_files++;
+        return 0;
+}
+
+static void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
+        size_t pos = s->n_files;
+        bool same = false;
+
+        if (!s->files_valid)
+                return;
+        if (files_search(s, e->fd, e->dev, e->ino, &pos, &same) < 0 || !same || s->files[pos] != e)
+                for (pos = 0; pos < s->n_files && s->files[pos] != e; pos++)
+                        ;
+        if (pos == s->n_files)
+                return;
+        memmove(s->files + pos, s->files + pos + 1, (s->n_files - pos - 1) * sizeof(*s->files));
+        s->n_files--;
+}
+
+/* ---- messages */
+
+static void msg_free(struct fds_msg *m) {
+        if (m->fd >= 0)
+                close(m->fd);
+        free(m);
+}
+
+static int sock_send(struct vhub_fdstore *s, const char *text, size_t len, int fd) {
+        union {
+                struct cmsghdr h;
+                uint8_t buf[CMSG_SPACE(sizeof(int))];
+        } control;
+        struct iovec iov = { .iov_base = (void *) text, .iov_len = len };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+        if (fd >= 0) {
+                struct cmsghdr *c;
+
+                memset(&control, 0, sizeof(control));
+                mh.msg_control = control.buf;
+                mh.msg_controllen = sizeof(control.buf);
+                c = CMSG_FIRSTHDR(&mh);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(c), &fd, sizeof(int));
+        }
+        /* the manager learns our pid from SCM_CREDENTIALS, which the kernel
+         * adds because its socket has SO_PASSCRED */
+        for (;;) {
+                if (sendmsg(s->sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+                        return 0;
+                if (errno != EINTR)
+                        return -errno;
+        }
+}
+
+static bool send_again_later(int r) {
+        return r == -EAGAIN || r == -ENOBUFS;
+}
+
+static void stored_add(struct vhub_fdstore *s, struct fds_entry *e) {
+        e->state = ENTRY_STORED;
+        s->n_stored++;
+        s->names_bytes += strlen(e->name) + 1;
+}
+
+static void stored_del(struct vhub_fdstore *s, struct fds_entry *e) {
+        s->n_stored--;
+        s->names_bytes -= strlen(e->name) + 1;
+}
+
+static void entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r) {
+        if (e->state == ENTRY_STORED) {
+                files_remove(s, e);
+                stored_del(s, e);
+        }
+        e->state = ENTRY_FAILED;
+        s->n_failed++;
+        s->stats.push_failures++;
+        log_warning("fd store: %s not stored (%s): it will not survive a restart",
+                    e->name, strerror(-r));
+}
+
+/* The queue's head went out (or failed for good): account for it. */
+static void msg_done(struct vhub_fdstore *s, struct fds_msg *m, int r) {
+        TAILQ_REMOVE(&s->queue, m, link);
+        s->queued--;
+        if (m->entry) {
+                m->entry->pending = NULL;
+                if (r < 0)
+                        entry_set_failed(s, m->entry, r);
+        } else if (r < 0) {
+                /* a stale name the next start removes */
+                s->stats.remove_failures++;
+                log_warning("fd store: could not send a removal (%s)", strerror(-r));
+        }
+        msg_free(m);
+}
+
+static void queue_drain(struct vhub_fdstore *s) {
+        struct fds_msg *m;
+
+        while ((m = TAILQ_FIRST(&s->queue))) {
+                int r = sock_send(s, m->text, m->len, m->fd);
+
+                if (send_again_later(r)) {
+                        s->stats.send_retries++;
+                        break;
+                }
+                msg_done(s, m, r);
+        }
+        if (TAILQ_FIRST(&s->queue) && s->ev_write)
+                event_add(s->ev_write, NULL);
+}
+
+static void write_cb(evutil_socket_t fd, short what, void *userdata) {
+        queue_drain(userdata);
+}
+
+/* Send now if nothing waits before it, else queue (with a dup of fd, so the
+ * owner may close its own at any time).  0 sent or queued, or < 0. */
+enum msg_kind { MSG_PUSH, MSG_REMOVE };
+
+static int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum msg_kind kind,
+                    const char *name) {
+        struct fds_msg *m;
+        char text[VHUB_FDSTORE_NAME_MAX + 64];
+        int len, r;
+
+        /* FDPOLL=0: the daemon alone decides when a stored fd goes (systemd
+         * would otherwise drop a back-end socket on its first hang-up) */
+        if (kind == MSG_PUSH)
+                len = snprintf(text, sizeof(text), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0", name);
+        else
+                len = snprintf(text, sizeof(text), "FDSTOREREMOVE=1\nFDNAME=%s", name);
+        if (len < 0 || (size_t) len >= sizeof(text))
+                return -EINVAL;
+        if (!TAILQ_FIRST(&s->queue)) {
+                r = sock_send(s, text, (size_t) len, fd);
+                if (!send_again_later(r))
+                        return r;
+                s->stats.send_retries++;
+        }
+        if (s->queued >= s->max_queue)
+                return -ENOBUFS;
+        m = malloc(sizeof(*m) + (size_t) len + 1);
+        if (!m)
+                return -ENOMEM;
+        m->entry = push_entry;
+        m->len = (size_t) len;
+        memcpy(m->text, text, (size_t) len + 1);
+        m->fd = -1;
+        if (fd >= 0) {
+                m->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+                if (m->fd < 0) {
+                        r = -errno;
+                        free(m);
+                        return r;
+                }
+        }
+        TAILQ_INSERT_TAIL(&s->queue, m, link);
+        s->queued++;
+        if (push_entry)
+                push_entry->pending = m;
+        if (s->ev_write)
+                event_add(s->ev_write, NULL);
+        return 0;
+}
+
+/* Hand e (a new primary whose file is not stored) to the manager. */
+static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+        int r;
+
+        if (s->n_stored >= s->max_fds) {
+                r = -EXFULL;    /* systemd would drop it silently */
+                goto fail;
+        }
+        if (s->names_bytes + strlen(e->name) + 1 > VHUB_FDSTORE_NAMES_BUDGET) {
+                r = -E2BIG;     /* the next exec would fail: LISTEN_FDNAMES too long */
+                goto fail;
+        }
+        r = files_insert(s, e, pos);
+        if (r < 0)
+                goto fail;
+        stored_add(s, e);
+        r = msg_send(s, e, e->fd, MSG_PUSH, e->name);
+        if (r < 0)
+                entry_set_failed(s, e, r);
+        return;
+fail:
+        e->state = ENTRY_FAILED;
+        s->n_failed++;
+        s->stats.push_failures++;
+        log_warning("fd store: %s not stored (%s): it will not survive a restart", e->name, strerror(-r));
+}
+
+/* ---- the alias table */
+
+static void aliases_write(struct vhub_fdstore *s) {
+        struct vhub_snap_writer *w = &s->alias_writer;
+        int r;
+
+        if (s->alias_file.fd < 0) {
+                struct fds_entry *e;
+                bool same;
+                size_t pos;
+
+                if (s->n_aliases == 0)
+                        return;
+                r = vhub_snap_file_create(VHUB_FDSTORE_ALIASES, &s->alias_file);
+                if (r >= 0)
+                        r = entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
+                if (r >= 0)
+                        r = entry_inode(e);
+                if (r >= 0)
+                        r = files_search(s, e->fd, e->dev, e->ino, &pos, &same);
+                if (r < 0) {
+                        s->alias_file_failed = true;
+                        log_warning("fd store: no alias table (%s): shared fds will not survive a restart",
+                                    strerror(-r));
+                        return;
+                }
+                entry_store(s, e, pos);
+        }
+        vhub_snap_writer_reset(w);
+        for (size_t i = 0; i < s->n_buckets; i++)
+                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
+                        if (e->state != ENTRY_ALIAS)
+                                continue;
+                        vhub_snap_begin(w, TAG_ALIAS);
+                        vhub_snap_put_fdname(w, TAG_ALIAS_NAME, e->name);
+                        vhub_snap_put_fdname(w, TAG_ALIAS_TARGET, e->primary->name);
+                        vhub_snap_end(w);
+                }
+        r = vhub_snap_file_commit(&s->alias_file, w);
+        s->alias_file_failed = r < 0;
+        if (r < 0)
+                log_warning("fd store: alias table not written (%s)", strerror(-r));
+}
+
+static void alias_attach(struct vhub_fdstore *s, struct fds_entry *e, struct fds_entry *primary) {
+        e->state = ENTRY_ALIAS;
+        e->primary = primary;
+        e->alias_next = primary->first_alias;
+        primary->first_alias = e;
+        s->n_aliases++;
+}
+
+static void alias_detach(struct vhub_fdstore *s, struct fds_entry *e) {
+        struct fds_entry **pp = &e->primary->first_alias;
+
+        for (; *pp; pp = &(*pp)->alias_next)
+                if (*pp == e) {
+                        *pp = e->alias_next;
+                        break;
+                }
+        e->primary = NULL;
+        e->alias_next = NULL;
+        s->n_aliases--;
+}
+
+/* ---- the public calls */
+
+int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options *o,
+                     struct vhub_fdstore **ret) {
+        const char *path = o && o->notify_socket ? o->notify_socket : getenv("NOTIFY_SOCKET");
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct vhub_fdstore *s;
+        const char *env_max;
+        socklen_t salen;
+        size_t n;
+        int r;
+
+        s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        s->sock = -1;
+        s->alias_file.fd = -1;
+        s->pid = getpid();
+        s->files_valid = true;
+        TAILQ_INIT(&s->queue);
+        vhub_snap_writer_init(&s->alias_writer);
+        s->max_queue = o && o->max_queue ? o->max_queue : VHUB_FDSTORE_DEFAULT_QUEUE;
+        s->max_fds = VHUB_FDSTORE_DEFAULT_MAX;
+        env_max = getenv("FDSTORE");
+        if (o && o->max_fds)
+                s->max_fds = o->max_fds;
+        else if (env_max && atoi(env_max) > 0)
+                s->max_fds = (unsigned) atoi(env_max);
+        if ((o && o->disabled) || !path || !*path) {
+                *ret = s;
+                return 0;
+        }
+
+        n = strlen(path);
+        if (path[0] == '@') {
+                if (n > sizeof(sa.sun_path)) {
+                        r = -EINVAL;
+                        goto fail;
+                }
+                sa.sun_path[0] = 0;
+                memcpy(sa.sun_path + 1, path + 1, n - 1);
+                salen = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + n);
+        } else if (path[0] == '/') {
+                if (n >= sizeof(sa.sun_path)) {
+                        r = -EINVAL;
+                        goto fail;
+                }
+                memcpy(sa.sun_path, path, n);
+                salen = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + n + 1);
+        } else {
+                r = -EAFNOSUPPORT;
+                goto fail;
+        }
+        s->sock = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (s->sock < 0) {
+                r = -errno;
+                goto fail;
+        }
+        /* connected: a full manager queue makes the socket unwritable, so
+         * the loop can wait for it (an unconnected sender can only retry) */
+        if (connect(s->sock, (struct sockaddr *) &sa, salen) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        if (syscall(SYS_kcmp, s->pid, s->pid, KCMP_FILE, s->sock, s->sock) != 0) {
+                r = -EOPNOTSUPP;
+                goto fail;
+        }
+        if (base) {
+                s->ev_write = event_new(base, s->sock, EV_WRITE, write_cb, s);
+                if (!s->ev_write) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+        }
+        s->enabled = true;
+        *ret = s;
+        return 0;
+fail:
+        vhub_fdstore_free(s);
+        return r;
+}
+
+struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
+        struct fds_msg *m;
+
+        if (!s)
+                return NULL;
+        while ((m = TAILQ_FIRST(&s->queue))) {
+                TAILQ_REMOVE(&s->queue, m, link);
+                msg_free(m);
+        }
+        for (size_t i = 0; i < s->n_buckets; i++) {
+                struct fds_entry *e = s->buckets[i], *next;
+
+                for (; e; e = next) {
+                        next = e->hnext;
+                        free(e);
+                }
+        }
+        free(s->buckets);
+        free(s->files);
+        if (s->ev_write)
+                event_free(s->ev_write);
+        if (s->sock >= 0)
+                close(s->sock);
+        vhub_snap_file_close(&s->alias_file);
+        vhub_snap_writer_done(&s->alias_writer);
+        free(s);
+        return NULL;
+}
+
+bool vhub_fdstore_enabled(const struct vhub_fdstore *s) {
+        return s && s->enabled;
+}
+
+static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
+        struct fds_entry *e;
+        struct stat st;
+        size_t pos;
+        bool same;
+        int r;
+
+        if (!vhub_fdstore_name_valid(name))
+                return -EINVAL;
+        if (fd < 0)
+                return -EBADF;
+        if (entry_find(s, name))
+                return -EEXIST;
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (!s->files_valid) {
+                r = files_rebuild(s);
+                if (r < 0)
+                        return r;
+        }
+        r = files_search(s, fd, st.st_dev, st.st_ino, &pos, &same);
+        if (r < 0)
+                return r;
+        r = entry_new(s, name, fd, &e);
+        if (r < 0)
+                return r;
+        e->dev = st.st_dev;
+        e->ino = st.st_ino;
+        e->have_inode = true;
+        s->stats.pushes++;
+        if (same) {
+                alias_attach(s, e, s->files[pos]);
+                aliases_write(s);
+                return 1;
+        }
+        entry_store(s, e, pos);
+        return 0;
+}
+
+int vhub_fdstore_push(struct vhub_fdstore *s, int fd, const char *name) {
+        /* names are checked even without a manager, so that a bad one shows
+         * in every test, not only under systemd */
+        if (!vhub_fdstore_name_valid(name) || name_reserved(name))
+                return -EINVAL;
+        if (fd < 0)
+                return -EBADF;
+        if (!vhub_fdstore_enabled(s))
+                return 0;
+        return push_internal(s, fd, name);
+}
+
+/* A primary leaves: its file goes to one of its aliases, if any. */
+static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager) {
+        struct fds_entry *heir = e->first_alias;
+
+        if (e->state == ENTRY_STORED) {
+                files_remove(s, e);
+                stored_del(s, e);
+                if (e->pending) {
+                        /* never sent: nothing to remove */
+                        TAILQ_REMOVE(&s->queue, e->pending, link);
+                        s->queued--;
+                        msg_free(e->pending);
+                        e->pending = NULL;
+                } else if (tell_manager && msg_send(s, NULL, -1, MSG_REMOVE, e->name) < 0) {
+                        s->stats.remove_failures++;
+                        log_warning("fd store: could not remove %s: it stays stale until the next start",
+                                    e->name);
+                }
+        } else if (e->state == ENTRY_FAILED)
+                s->n_failed--;
+        if (!heir)
+                return;
+        /* the heir becomes the stored one; the other aliases follow it */
+        if (entry_inode(heir) < 0)
+                s->files_valid = false;
+        alias_detach(s, heir);
+        for (struct fds_entry *a; (a = e->first_alias);) {
+                alias_detach(s, a);
+                alias_attach(s, a, heir);
+        }
+        if (e->state == ENTRY_FAILED || !tell_manager) {
+                if (e->state == ENTRY_FAILED) {
+                        heir->state = ENTRY_FAILED;
+                        s->n_failed++;
+                } else {
+                        /* forgetting (restore abort): keep the index honest */
+                        stored_add(s, heir);
+                        s->files_valid = false;
+                }
+        } else {
+                size_t pos;
+                bool same;
+
+                if (s->files_valid && files_search(s, heir->fd, heir->dev, heir->ino, &pos, &same) >= 0)
+                        entry_store(s, heir, pos);
+                else {
+                        s->files_valid = false;
+                        entry_store(s, heir, 0);
+                }
+        }
+        aliases_write(s);
+}
+
+static int remove_internal(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager) {
+        if (e->state == ENTRY_ALIAS) {
+                alias_detach(s, e);
+                entry_unlink_free(s, e);
+                aliases_write(s);
+                return 0;
+        }
+        primary_drop(s, e, tell_manager);
+        entry_unlink_free(s, e);
+        return 0;
+}
+
+int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name) {
+        struct fds_entry *e;
+
+        if (!vhub_fdstore_enabled(s))
+                return 0;
+        if (!name || name_reserved(name))
+                return -EINVAL;
+        e = entry_find(s, name);
+        if (!e)
+                return -ENOENT;
+        s->stats.removes++;
+        return remove_internal(s, e, true);
+}
+
+bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name) {
+        return vhub_fdstore_enabled(s) && name && entry_find(s, name);
+}
+
+bool vhub_fdstore_degraded(const struct vhub_fdstore *s) {
+        if (!vhub_fdstore_enabled(s))
+                return false;
+        return s->n_failed > 0 || (s->alias_file_failed && s->n_aliases > 0);
+}
+
+void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_stats *ret) {
+        *ret = (struct vhub_fdstore_stats) { 0 };
+        if (!s)
+                return;
+        *ret = s->stats;
+        ret->names = s->n_names;
+        ret->names_bytes = s->names_bytes;
+        ret->stored = s->n_stored;
+        ret->aliases = s->n_aliases;
+        ret->failed = s->n_failed;
+        ret->queued = s->queued;
+}
+
+int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
+        struct timespec start, now;
+
+        if (!vhub_fdstore_enabled(s))
+                return 0;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        for (;;) {
+                struct pollfd p = { .fd = s->sock, .events = POLLOUT };
+                long left;
+
+                queue_drain(s);
+                if (!TAILQ_FIRST(&s->queue))
+                        return 0;
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 +
+                                     (now.tv_nsec - start.tv_nsec) / 1000000);
+                if (left <= 0)
+                        return -ETIMEDOUT;
+                if (poll(&p, 1, (int) left) < 0 && errno != EINTR)
+                        return -errno;
+        }
+}
+
+/* ---- restore */
+
+struct restore_entry {
+        char *name;
+        int fd;                 /* -1 once taken or closed */
+        bool alias;             /* a dup made here for an alias name ... */
+        size_t target;          /* ... of this entry's fd */
+        bool duplicate;         /* a second fd under a name already seen */
+        bool taken;
+};
+
+struct vhub_fdstore_restore {
+        struct vhub_fdstore *store;     /* NULL: nothing is told to the manager */
+        struct restore_entry *v;
+        size_t n, cap;
+        size_t *index;                  /* open addressing over v, by name; SIZE_MAX = empty */
+        size_t n_index;
+};
+
+static int restore_add(struct vhub_fdstore_restore *r, const char *name, int fd, size_t *ret) {
+        char *copy;
+
+        if (r->n == r->cap) {
+                size_t cap = r->cap ? r->cap * 2 : 64;
+                struct restore_entry *v = realloc(r->v, cap * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                r->v = v;
+                r->cap = cap;
+        }
+        copy = strdup(name);
+        if (!copy)
+                return -ENOMEM;
+        r->v[r->n] = (struct restore_entry) { .name = copy, .fd = fd };
+        *ret = r->n++;
+        return 0;
+}
+
+static size_t *restore_slot(const struct vhub_fdstore_restore *r, const char *name) {
+        size_t i = name_hash(name) & (r->n_index - 1);
+
+        for (;; i = (i + 1) & (r->n_index - 1))
+                if (r->index[i] == SIZE_MAX || strcmp(r->v[r->index[i]].name, name) == 0)
+                        return &r->index[i];
+}
+
+static int restore_index(struct vhub_fdstore_restore *r, size_t want) {
+        size_t n = 64;
+
+        while (n < 2 * want)
+                n *= 2;
+        free(r->index);
+        r->index = malloc(n * sizeof(*r->index));
+        if (!r->index)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++)
+                r->index[i] = SIZE_MAX;
+        r->n_index = n;
+        for (size_t i = 0; i < r->n; i++) {
+                size_t *slot = restore_slot(r, r->v[i].name);
+
+                if (*slot == SIZE_MAX)
+                        *slot = i;
+                else
+                        r->v[i].duplicate = true;
+        }
+        return 0;
+}
+
+static struct restore_entry *restore_find(const struct vhub_fdstore_restore *r, const char *name) {
+        size_t *slot;
+
+        if (!r->n_index)
+                return NULL;
+        slot = restore_slot(r, name);
+        return *slot == SIZE_MAX ? NULL : &r->v[*slot];
+}
+
+static void restore_free(struct vhub_fdstore_restore *r) {
+        for (size_t i = 0; i < r->n; i++) {
+                if (r->v[i].fd >= 0)
+                        close(r->v[i].fd);
+                free(r->v[i].name);
+        }
+        free(r->v);
+        free(r->index);
+        free(r);
+}
+
+/* The store's own alias table came back: adopt it and add a dup of the
+ * target's fd for every alias whose target was passed. */
+static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry *table) {
+        struct vhub_fdstore *s = r->store;
+        struct vhub_snap_doc doc;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec rec;
+        const char *why = NULL;
+        size_t len, first_new = r->n;
+        void *buf = NULL;
+        int k, ret;
+
+        ret = vhub_snap_file_adopt(table->fd, &s->alias_file, &why);
+        if (ret < 0) {
+                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost", why);
+                return 0;
+        }
+        table->fd = -1;         /* the store's now */
+        table->taken = true;
+        if (s->alias_file.newest < 0)
+                return 0;
+        ret = vhub_snap_file_read(s->alias_file.fd, &buf, &len, &why);
+        if (ret >= 0)
+                ret = vhub_snap_parse(buf, len, &doc, &why);
+        if (ret < 0) {
+                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost", why);
+                free(buf);
+                return 0;
+        }
+        vhub_snap_doc_iter(&doc, &it);
+        while ((k = vhub_snap_next(&it, &rec)) > 0) {
+                char name[VHUB_FDSTORE_NAME_MAX + 1] = "", target[VHUB_FDSTORE_NAME_MAX + 1] = "";
+                struct vhub_snap_iter in;
+                struct vhub_snap_rec f;
+                struct restore_entry *t;
+                size_t idx, target_idx;
+                int fd;
+
+                if (rec.tag != TAG_ALIAS || vhub_snap_enter(&rec, &in) < 0)
+                        continue;
+                while (vhub_snap_next(&in, &f) > 0) {
+                        if (f.tag == TAG_ALIAS_NAME)
+                                (void) vhub_snap_get_fdname(&f, name, sizeof(name));
+                        else if (f.tag == TAG_ALIAS_TARGET)
+                                (void) vhub_snap_get_fdname(&f, target, sizeof(target));
+                }
+                t = restore_find(r, target);
+                if (!*name || !t || t->duplicate || t->fd < 0 || restore_find(r, name) || name_reserved(name))
+                        continue;
+                for (size_t i = first_new; i < r->n; i++)
+                        if (strcmp(r->v[i].name, name) == 0)
+                                goto next;
+                target_idx = (size_t) (t - r->v);
+                fd = fcntl(t->fd, F_DUPFD_CLOEXEC, 3);
+                if (fd < 0 || restore_add(r, name, fd, &idx) < 0) {
+                        if (fd >= 0)
+                                close(fd);
+                        free(buf);
+                        return -ENOMEM;
+                }
+                r->v[idx].alias = true;
+                r->v[idx].target = target_idx;
+        next:;
+        }
+        free(buf);
+        return 0;
+}
+
+/* Track every passed name in the store, as if pushed (the manager holds
+ * them); the file index is rebuilt at the next push. */
+static int restore_register(struct vhub_fdstore_restore *r) {
+        struct vhub_fdstore *s = r->store;
+
+        for (size_t i = 0; i < r->n; i++) {
+                struct restore_entry *re = &r->v[i];
+                struct fds_entry *e;
+                int k;
+
+                if (re->duplicate || re->taken || re->alias || !vhub_fdstore_name_valid(re->name) ||
+                    entry_find(s, re->name))
+                        continue;
+                k = entry_new(s, re->name, re->fd, &e);
+                if (k < 0)
+                        return k;
+                stored_add(s, e);
+                s->files_valid = false;
+        }
+        if (s->alias_file.fd >= 0) {
+                struct fds_entry *e;
+                int k = entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
+
+                if (k < 0)
+                        return k;
+                stored_add(s, e);
+        }
+        for (size_t i = 0; i < r->n; i++) {
+                struct restore_entry *re = &r->v[i];
+                struct fds_entry *e, *target;
+
+                if (!re->alias || entry_find(s, re->name))
+                        continue;
+                target = entry_find(s, r->v[re->target].name);
+                if (!target || target->state != ENTRY_STORED)
+                        continue;
+                if (entry_new(s, re->name, re->fd, &e) < 0)
+                        return -ENOMEM;
+                alias_attach(s, e, target);
+        }
+        return 0;
+}
+
+int vhub_fdstore_restore_from(struct vhub_fdstore *s, const int *fds, char *const *names, size_t n,
+                              struct vhub_fdstore_restore **ret) {
+        struct vhub_fdstore_restore *r;
+        struct restore_entry *table = NULL;
+        size_t table_idx = SIZE_MAX;
+        int k;
+
+        r = calloc(1, sizeof(*r));
+        if (!r)
+                return -ENOMEM;
+        r->store = vhub_fdstore_enabled(s) ? s : NULL;
+        for (size_t i = 0; i < n; i++) {
+                size_t idx;
+
+                k = restore_add(r, names[i] ? names[i] : "", fds[i], &idx);
+                if (k < 0)
+                        goto fail;
+        }
+        k = restore_index(r, r->n);
+        if (k < 0)
+                goto fail;
+        table = restore_find(r, VHUB_FDSTORE_ALIASES);
+        table_idx = table ? (size_t) (table - r->v) : SIZE_MAX;
+        if (r->store && table && r->store->alias_file.fd < 0) {
+                k = restore_aliases(r, table);
+                if (k >= 0)
+                        k = restore_index(r, r->n);
+                if (k >= 0)
+                        k = restore_register(r);
+                if (k < 0)
+                        goto fail;
+        } else if (r->store) {
+                k = restore_register(r);
+                if (k < 0)
+                        goto fail;
+        }
+        *ret = r;
+        return 0;
+fail:
+        /* the fds stay with the caller: nothing was closed, and the store
+         * forgets what it registered */
+        if (r->store) {
+                for (size_t i = 0; i < r->n; i++) {
+                        struct fds_entry *e = entry_find(r->store, r->v[i].name);
+
+                        if (e && !r->v[i].duplicate)
+                                remove_internal(r->store, e, false);
+                }
+                if (table_idx != SIZE_MAX && r->v[table_idx].taken)
+                        r->store->alias_file.fd = -1;
+        }
+        for (size_t i = 0; i < r->n; i++)
+                if (!r->v[i].alias)
+                        r->v[i].fd = -1;
+        restore_free(r);
+        return k;
+}
+
+int vhub_fdstore_restore_from_env(struct vhub_fdstore *s, struct vhub_fdstore_restore **ret) {
+        char **names = NULL;
+        int *fds, n, r;
+
+        n = sd_listen_fds_with_names(1, &names);
+        if (n < 0)
+                return n;
+        fds = calloc(n > 0 ? (size_t) n : 1, sizeof(*fds));
+        if (!fds) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (int i = 0; i < n; i++)
+                fds[i] = SD_LISTEN_FDS_START + i;
+        r = vhub_fdstore_restore_from(s, fds, names, (size_t) n, ret);
+out:
+        free(fds);
+        if (names) {
+                for (int i = 0; i < n; i++)
+                        free(names[i]);
+                free(names);
+        }
+        return r;
+}
+
+size_t vhub_fdstore_restore_count(const struct vhub_fdstore_restore *r) {
+        size_t n = 0;
+
+        for (size_t i = 0; i < r->n; i++)
+                if (r->v[i].fd >= 0 && !r->v[i].taken)
+                        n++;
+        return n;
+}
+
+const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size_t i) {
+        return i < r->n ? r->v[i].name : NULL;
+}
+
+int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
+        struct restore_entry *re;
+        int fd;
+
+        if (!name || name_reserved(name))
+                return -ENOENT;
+        re = restore_find(r, name);
+        if (!re || re->taken || re->fd < 0)
+                return -ENOENT;
+        re->taken = true;
+        fd = re->fd;
+        re->fd = -1;
+        return fd;
+}
+
+int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
+        struct vhub_fdstore *s = r->store;
+        int stale = 0;
+
+        /* untaken aliases first: dropping them moves no file */
+        for (int pass = 0; pass < 2; pass++)
+                for (size_t i = 0; i < r->n; i++) {
+                        struct restore_entry *re = &r->v[i];
+                        struct fds_entry *e;
+
+                        if (re->taken || re->duplicate || re->fd < 0 || re->alias != (pass == 0))
+                                continue;
+                        log_info("fd store: %s was passed back but nothing claimed it: closed", re->name);
+                        if (!re->alias)
+                                stale++;
+                        e = s ? entry_find(s, re->name) : NULL;
+                        if (e)
+                                remove_internal(s, e, true);
+                        else if (s && vhub_fdstore_name_valid(re->name))
+                                (void) msg_send(s, NULL, -1, MSG_REMOVE, re->name);
+                        close(re->fd);
+                        re->fd = -1;
+                }
+        /* the same name passed twice (a store that lost track): FDSTOREREMOVE
+         * drops every fd of a name, so the claimed one is stored again */
+        for (size_t i = 0; i < r->n; i++) {
+                struct restore_entry *re = &r->v[i];
+                struct fds_entry *e;
+
+                if (!re->duplicate)
+                        continue;
+                stale++;
+                log_warning("fd store: %s was passed back more than once: extra copies closed", re->name);
+                e = s ? entry_find(s, re->name) : NULL;
+                if (e && e->state == ENTRY_STORED && !e->pending) {
+                        int k = msg_send(s, NULL, -1, MSG_REMOVE, re->name);
+
+                        if (k >= 0)
+                                k = msg_send(s, e, e->fd, MSG_PUSH, e->name);
+                        if (k < 0)
+                                entry_set_failed(s, e, k);
+                }
+                if (re->fd >= 0)
+                        close(re->fd);
+                re->fd = -1;
+        }
+        restore_free(r);
+        return stale;
+}
+
+void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r) {
+        struct vhub_fdstore *s = r->store;
+
+        /* forget what was registered for fds that go away with the map */
+        for (size_t i = 0; s && i < r->n; i++) {
+                struct restore_entry *re = &r->v[i];
+                struct fds_entry *e;
+
+                if (re->taken || re->duplicate || re->fd < 0)
+                        continue;
+                e = entry_find(s, re->name);
+                if (e)
+                        remove_internal(s, e, false);
+        }
+        restore_free(r);
+}

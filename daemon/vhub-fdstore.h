@@ -1,0 +1,124 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The daemon's side of systemd's fd store (docs/restart.md): every fd the
+ * daemon holds is pushed to the service manager under a stable name as it is
+ * created (FDSTORE=1, FDNAME=, FDPOLL=0) and removed when it is closed
+ * (FDSTOREREMOVE=1), so that the next process gets them back
+ * (LISTEN_FDS/LISTEN_FDNAMES).  A leaf module: names are opaque strings.
+ *
+ * One connected, non-blocking datagram socket to $NOTIFY_SOCKET (a path, or
+ * "@name" in the abstract namespace).  Nothing here ever blocks the loop: a
+ * message the socket cannot take now (the manager's queue is full: EAGAIN)
+ * waits in an ordered queue, holding its own dup of the fd, until the socket
+ * is writable again.  A push that fails for good (over the budget, the
+ * manager gone, ...) is logged and counted, the daemon keeps the fd and
+ * keeps running, and the store is "degraded": that fd will not survive a
+ * restart, which the snapshot can say.
+ *
+ * The service manager keeps one entry per open file: a second fd for a file
+ * already stored (a dup, or the same fd passed twice over SCM_RIGHTS, e.g.
+ * one memfd behind two guest regions) would be silently dropped by systemd
+ * with its name.  The store detects that (kcmp) and records the name as an
+ * alias of the stored one, in an alias table it keeps in its own snapshot
+ * memfd ("fdstore/aliases"); after a restart take() hands out a dup for an
+ * alias.  Removing a name whose file other names share moves the file to
+ * one of them.
+ *
+ * Contract: an fd pushed under a name stays open under the same number until
+ * the name is removed (remove before close).
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct vhub_fdstore;
+struct vhub_fdstore_restore;
+
+#define VHUB_FDSTORE_NAME_MAX    255u
+/* names under this prefix belong to the store itself */
+#define VHUB_FDSTORE_RESERVED    "fdstore/"
+#define VHUB_FDSTORE_ALIASES     "fdstore/aliases"
+#define VHUB_FDSTORE_DEFAULT_MAX 16384u
+#define VHUB_FDSTORE_DEFAULT_QUEUE 65536u
+/* systemd passes the names back in one environment variable,
+ * "LISTEN_FDNAMES=a:b:...", and the kernel refuses to exec a process with
+ * any single environment string over MAX_ARG_STRLEN (128 KiB): past that
+ * budget the next start would fail, so pushes past it fail here.  The
+ * socket units' names (e.g. "control") share it: a margin is kept. */
+#define VHUB_FDSTORE_NAMES_BUDGET (131072u - sizeof("LISTEN_FDNAMES=") - 1024u)
+
+/* systemd's rule for FDNAME= (fdname_is_valid): printable ASCII but ':',
+ * at most 255 characters; empty names are refused here too. */
+bool vhub_fdstore_name_valid(const char *name);
+
+struct vhub_fdstore_options {
+        const char *notify_socket;      /* NULL: $NOTIFY_SOCKET */
+        bool disabled;                  /* --no-fd-store */
+        /* FileDescriptorStoreMax= of the unit: pushes past it fail here
+         * (systemd would drop them without telling).  0: $FDSTORE (set by
+         * systemd >= 254), else VHUB_FDSTORE_DEFAULT_MAX. */
+        unsigned max_fds;
+        size_t max_queue;               /* 0: VHUB_FDSTORE_DEFAULT_QUEUE */
+};
+
+/* A disabled store (no $NOTIFY_SOCKET, or o->disabled) is a valid object on
+ * which push/remove do nothing.  -EOPNOTSUPP: kcmp() is not available, so
+ * fds the manager would merge cannot be told apart. */
+int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options *o,
+                     struct vhub_fdstore **ret);
+struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s);
+bool vhub_fdstore_enabled(const struct vhub_fdstore *s);
+
+/* 0: pushed (or queued, or tracked as failed: see degraded); 1: the fd's
+ * file is already stored under another name, recorded as an alias.
+ * -EINVAL bad or reserved name, -EEXIST name in use, -EBADF, -ENOMEM. */
+int vhub_fdstore_push(struct vhub_fdstore *s, int fd, const char *name);
+/* 0, or -ENOENT if the name was not pushed. */
+int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name);
+bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name);
+/* True if some live fd is not in the manager's store (it will not survive
+ * a restart). */
+bool vhub_fdstore_degraded(const struct vhub_fdstore *s);
+
+struct vhub_fdstore_stats {
+        size_t names;           /* tracked names (aliases included) */
+        size_t names_bytes;     /* of LISTEN_FDNAMES at the next start */
+        size_t stored;          /* entries the manager holds or will hold (queued) */
+        size_t aliases;
+        size_t failed;          /* names whose fd the manager does not hold */
+        size_t queued;          /* messages waiting for the socket */
+        uint64_t pushes, removes, send_retries, push_failures, remove_failures;
+};
+void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_stats *ret);
+
+/* Send what is queued, waiting at most timeout_ms for the socket (planned
+ * shutdown only: this blocks).  0, or -ETIMEDOUT with messages left. */
+int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms);
+
+/* ---- restore: the fds the manager passed at start, by name */
+
+/* From LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES (sd_listen_fds_with_names;
+ * the variables are unset).  An empty map when none were passed.  s may be
+ * NULL or disabled (then nothing is sent to the manager).  On error nothing
+ * was closed. */
+int vhub_fdstore_restore_from_env(struct vhub_fdstore *s, struct vhub_fdstore_restore **ret);
+/* The same from explicit arrays (fds owned by the map on success). */
+int vhub_fdstore_restore_from(struct vhub_fdstore *s, const int *fds, char *const *names, size_t n,
+                              struct vhub_fdstore_restore **ret);
+/* Fds still in the map (neither taken nor the store's own). */
+size_t vhub_fdstore_restore_count(const struct vhub_fdstore_restore *r);
+/* The i-th name passed (0 <= i < total), or NULL past the end. */
+const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size_t i);
+/* The fd stored under name, now owned by the caller (and tracked by the
+ * store under the same name, as if pushed).  -ENOENT if absent or taken. */
+int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name);
+/* Close every fd nobody took and remove it from the manager's store (stale
+ * names); frees r.  Returns how many were stale. */
+int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r);
+/* Give up (a snapshot the daemon cannot read): frees r, tells the manager
+ * nothing, so the stored fds stay for a daemon that can.  Taken fds stay
+ * with their takers. */
+void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r);
