@@ -172,6 +172,56 @@ void vhub_fd_budget_vm_changed(struct vhub_vm *vm) {
         TAILQ_INSERT_TAIL(&vm->ctx->fd_ledger.marked, vm, fds_link);
 }
 
+void vhub_fd_ledger_listed_add(struct vhub_context *ctx, uid_t uid, int vms, int devices) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e = uid_usage(l, uid);
+
+        /* unsigned wrap-around adds a negative change */
+        l->listed.vms += (unsigned)vms;
+        l->listed.devices += (unsigned)devices;
+        if (e) {
+                e->listed.vms += (unsigned)vms;
+                e->listed.devices += (unsigned)devices;
+        }
+}
+
+/* A difference means a change that did not go through vhub-vm.c's counts:
+ * log it (the answer is the walk's). */
+static struct vhub_listed listed_verify(const struct vhub_context *ctx, uid_t uid, struct vhub_listed kept) {
+        struct vhub_listed walked = { 0 };
+        const struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (!vm->destroying && vhub_vm_visible_to(vm, uid)) {
+                        walked.vms++;
+                        walked.devices += vm->n_devices;
+                }
+        if (walked.vms == kept.vms && walked.devices == kept.devices)
+                return kept;
+        log_error("listed counts out of step for uid %u: %u VMs and %u devices, the ledger had %u and %u",
+                  (unsigned)uid, walked.vms, walked.devices, kept.vms, kept.devices);
+        if (getenv("VHUB_FD_LEDGER_ABORT"))
+                abort();
+        return walked;
+}
+
+struct vhub_listed vhub_fd_ledger_listed(const struct vhub_context *ctx, uid_t uid) {
+        const struct vhub_uid_usage *e;
+        struct vhub_listed kept = { 0 };
+
+        /* vhub_uid_sees(): root sees every uid's VMs, any other uid its own */
+        if (uid == 0) {
+                kept = ctx->fd_ledger.listed;
+        } else {
+                e = uid_usage(&ctx->fd_ledger, uid);
+                if (e)
+                        kept = e->listed;
+        }
+        if (vhub_log_get_level() >= LOG_DEBUG)
+                return listed_verify(ctx, uid, kept);
+        return kept;
+}
+
 /* Count the marked VMs again. */
 static void ledger_recount_marked(struct vhub_fd_ledger *l) {
         struct vhub_vm *vm;

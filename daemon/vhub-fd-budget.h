@@ -53,12 +53,20 @@ struct vhub_fd_budget {
         unsigned non_root;
 };
 
+/* What daemon.info answers: the VMs not being destroyed and their devices
+ * (those being removed included), kept as they change so that the answer
+ * does not walk every VM. */
+struct vhub_listed {
+        unsigned vms, devices;
+};
+
 /* One uid's entry in the ledger: it exists while the uid has a VM. */
 struct vhub_uid_usage {
         struct vhub_hash_node node;
         uid_t uid;
         unsigned vms;                   /* its VMs, those being destroyed included */
         unsigned fds;                   /* what its VMs hold, as last counted */
+        struct vhub_listed listed;      /* what daemon.info counts for it */
 };
 
 TAILQ_HEAD(vhub_vm_fd_marked, vhub_vm);
@@ -68,6 +76,7 @@ struct vhub_fd_ledger {
         struct vhub_hash uids;          /* uid -> struct vhub_uid_usage */
         unsigned total, non_root;       /* sums of the VMs' counts */
         struct vhub_vm_fd_marked marked;/* VMs to count again */
+        struct vhub_listed listed;      /* everyone's: what root sees */
 };
 
 /* What is held now: by one uid, by all non-root uids, by everyone. */
@@ -98,6 +107,12 @@ int vhub_fd_ledger_vm_added(struct vhub_context *ctx, struct vhub_vm *vm);
 void vhub_fd_ledger_vm_gone(struct vhub_context *ctx, struct vhub_vm *vm);
 /* How many VMs uid has (the per-uid VM limit). */
 unsigned vhub_fd_ledger_vms(const struct vhub_fd_ledger *l, uid_t uid);
+/* uid's listed counts change by vms and devices (vhub-vm.c: a VM created,
+ * destroyed or freed, a device linked or unlinked in a VM not being destroyed). */
+void vhub_fd_ledger_listed_add(struct vhub_context *ctx, uid_t uid, int vms, int devices);
+/* What uid sees (root: everyone's).  At --log-level debug also counted by
+ * walking every VM; a difference is logged (VHUB_FD_LEDGER_ABORT: aborts). */
+struct vhub_listed vhub_fd_ledger_listed(const struct vhub_context *ctx, uid_t uid);
 /* What vm holds may have changed: count it again at the next check. */
 void vhub_fd_budget_vm_changed(struct vhub_vm *vm);
 

@@ -93,6 +93,8 @@ void vhub_vm_link_device(struct vhub_vm *vm, struct vhub_device *d) {
         vhub_hash_insert(&vm->devices_by_name, &d->by_name, device_name_hash(vm, d->name));
         vm->n_devices++;
         vm->ctx->n_devices++;
+        if (!vm->destroying)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, 0, 1);
         vhub_fd_budget_vm_changed(vm);
 }
 
@@ -101,6 +103,8 @@ void vhub_vm_unlink_device(struct vhub_vm *vm, struct vhub_device *d) {
         vhub_hash_remove(&vm->devices_by_name, &d->by_name);
         vm->n_devices--;
         vm->ctx->n_devices--;
+        if (!vm->destroying)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, 0, -1);
         vhub_fd_budget_vm_changed(vm);
 }
 
@@ -147,6 +151,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         }
         TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
         vhub_hash_insert(&ctx->vms_by_name, &vm->by_name, vm_name_hash(ctx, uid, name));
+        vhub_fd_ledger_listed_add(ctx, uid, 1, 0);
         ctx->n_vms++;
         vhub_context_counts_changed(ctx);
         vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
@@ -197,6 +202,8 @@ void vhub_vm_free(struct vhub_vm *vm) {
         }
         TAILQ_REMOVE(&vm->ctx->vms, vm, link);
         vhub_hash_remove(&vm->ctx->vms_by_name, &vm->by_name);
+        if (!vm->destroying)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, -1, 0); /* its devices are gone */
         vhub_fd_ledger_vm_gone(vm->ctx, vm);
         vm->ctx->n_vms--;
         vhub_context_counts_changed(vm->ctx);
@@ -249,6 +256,7 @@ void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
                 return;
         }
         vm->destroying = true;
+        vhub_fd_ledger_listed_add(vm->ctx, vm->uid, -1, -(int)vm->n_devices); /* gone for lists */
         vm->destroy_call = call;
         evtimer_del(vm->linger_timer);
         if (vm->n_devices == 0) {

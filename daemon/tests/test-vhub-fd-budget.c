@@ -6,6 +6,7 @@
  * at the reserve, and the slack for fds that already arrived.  The ledger
  * of what each uid holds: sums per uid and in all as VMs change and go, a
  * change nobody marked found and healed at --log-level debug, no fd leaked.
+ * daemon.info's counts per uid, kept as VMs and devices come and go.
  *
  *   test-vhub-fd-budget
  */
@@ -19,6 +20,7 @@
 
 #include "vhub-check.h"
 #include "vhub-context.h"
+#include "vhub-device-internal.h"
 #include "vhub-fd-budget.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
@@ -208,11 +210,88 @@ static void test_ledger(void) {
         CHECK_EQ(vhub_count_open_fds(), fds_before);
 }
 
+/* A device with nothing behind it: no connection, no rings. */
+static struct vhub_device *bare_device(struct vhub_vm *vm, const char *name) {
+        struct vhub_device *d = calloc(1, sizeof(*d));
+
+        CHECK(d);
+        TAILQ_INIT(&d->ops);
+        d->vm = vm;
+        d->listen_fd = d->inflight_fd = -1;
+        d->state = VHUB_DEV_READY;
+        snprintf(d->name, sizeof(d->name), "%s", name);
+        vhub_vm_link_device(vm, d);
+        return d;
+}
+
+#define CHECK_LISTED(ctx, uid, v, d)                                                 \
+        do {                                                                         \
+                struct vhub_listed _l = vhub_fd_ledger_listed((ctx), (uid));         \
+                CHECK_EQ(_l.vms, (v));                                               \
+                CHECK_EQ(_l.devices, (d));                                           \
+        } while (0)
+
+/* daemon.info's counts, kept as VMs and devices come and go: per uid, root
+ * everyone's; a VM being destroyed is not counted, nor are its devices.  At
+ * debug level every answer is also walked (a difference aborts here). */
+static void test_listed(void) {
+        struct vhub_config cfg;
+        struct vhub_context ctx;
+        struct vhub_cred cred = { .uid = 1000 }, root = { .uid = 0 };
+        struct vhub_error err = { 0 };
+        struct vhub_device *d;
+        struct vhub_vm *a, *b, *r;
+
+        setenv("VHUB_FD_LEDGER_ABORT", "1", 1);
+        vhub_log_set_level(LOG_DEBUG);
+        vhub_config_init(&cfg);
+        CHECK(vhub_context_init(&ctx, event_base_new(), &cfg) == 0);
+
+        CHECK(vhub_vm_create(&ctx, 1000, "a", 0, 0, &cred, &err, &a) == 0);
+        CHECK(vhub_vm_create(&ctx, 1000, "b", 0, 0, &cred, &err, &b) == 0);
+        CHECK(vhub_vm_create(&ctx, 0, "r", 0, 0, &root, &err, &r) == 0);
+        bare_device(a, "d0");
+        bare_device(a, "d1");
+        bare_device(b, "d0");
+        d = bare_device(r, "d0");
+        CHECK_LISTED(&ctx, 1000, 2, 3);
+        CHECK_LISTED(&ctx, 1001, 0, 0);
+        CHECK_LISTED(&ctx, 0, 3, 4);
+
+        /* a device leaving a live VM */
+        vhub_vm_unlink_device(r, d);
+        free(d);
+        CHECK_LISTED(&ctx, 0, 3, 3);
+
+        /* a VM being destroyed is gone from the counts at once, its devices
+         * with it, though they are still being removed */
+        vhub_vm_destroy(a, NULL);
+        CHECK_LISTED(&ctx, 1000, 1, 1);
+        CHECK_LISTED(&ctx, 0, 2, 1);
+        event_base_loop(ctx.base, EVLOOP_NONBLOCK);
+        CHECK(vhub_vm_find(&ctx, 1000, "a") == NULL);
+        CHECK_LISTED(&ctx, 1000, 1, 1);
+
+        /* a VM freed without being destroyed (the daemon's exit) */
+        vhub_vm_free(b);
+        CHECK_LISTED(&ctx, 1000, 0, 0);
+        CHECK_LISTED(&ctx, 0, 1, 0);
+
+        vhub_context_done(&ctx);
+        CHECK_EQ(ctx.fd_ledger.listed.vms, 0);
+        CHECK_EQ(ctx.fd_ledger.listed.devices, 0);
+        event_base_free(ctx.base);
+        vhub_config_done(&cfg);
+        vhub_log_set_level(LOG_INFO);
+        unsetenv("VHUB_FD_LEDGER_ABORT");
+}
+
 int main(void) {
         test_split();
         test_raise();
         test_check();
         test_usage_add();
         test_ledger();
+        test_listed();
         return 0;
 }
