@@ -17,8 +17,11 @@
  * max_line bytes plus its '\n'), fds to the in_fds FIFO.  Each complete line
  * is parsed and handed to on_message with the fds it declares.
  *
- * Output: one out_msg per queued line, each with the dups of its fds; a
- * sendmsg() that carries fds always starts at the first byte of their line.
+ * Output: a line without fds goes out at once while nothing is queued;
+ * what the socket does not take is queued, lines without fds sharing
+ * chunks, a line with fds in an out_msg of its own with the dups of its
+ * fds.  A sendmsg() that carries fds always starts at the first byte of
+ * their line.
  */
 #include "rpc-conn.h"
 #include "vhu-scm.h"
@@ -438,12 +441,29 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
         }
 }
 
+/* Where a message is serialized: on the stack while it fits (most answers
+ * do), on the heap past that. */
+#define RPC_DUMP_STACK 4096u
+
 struct dump_buf {
-        char *p;
+        char *p;           /* stack, or malloc'd */
         size_t len;
         size_t cap;
         bool oom;
+        char stack[RPC_DUMP_STACK];
 };
+
+static void dump_init(struct dump_buf *d) {
+        d->p = d->stack;
+        d->len = 0;
+        d->cap = sizeof(d->stack);
+        d->oom = false;
+}
+
+static void dump_done(struct dump_buf *d) {
+        if (d->p != d->stack)
+                free(d->p);
+}
 
 static int dump_cb(const char *buf, size_t size, void *userdata) {
         struct dump_buf *d = userdata;
@@ -459,11 +479,13 @@ static int dump_cb(const char *buf, size_t size, void *userdata) {
                         }
                         cap *= 2;
                 }
-                p = realloc(d->p, cap);
+                p = d->p == d->stack ? malloc(cap) : realloc(d->p, cap);
                 if (!p) {
                         d->oom = true;
                         return -1;
                 }
+                if (d->p == d->stack)
+                        memcpy(p, d->stack, d->len);
                 d->p = p;
                 d->cap = cap;
         }
@@ -568,11 +590,69 @@ static int dup_fds(const int *fds, unsigned n, int **ret) {
         return 0;
 }
 
-int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
-        struct dump_buf d = { .cap = 256 };
+/*
+ * With nothing queued, a line without fds goes out at once, so an answer
+ * costs no queue chunk and no write event armed and disarmed around it.  (A
+ * line with fds is queued: its fds are dup'd and checked, -EBADF for the
+ * caller, before anything is sent.)  Only in OPEN: draining ends from the
+ * loop once the queue is empty.  Returns the bytes the socket took (0:
+ * queue it all), or -1 after a write error, which closes the connection
+ * from the loop as a failed flush does (nothing more goes out).
+ */
+static ssize_t out_send_now(struct rpc_conn *c, const char *data, size_t len) {
+        struct iovec iov = { (void *)data, len };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+        ssize_t n;
+
+        if (c->out_head || c->state != RPC_CONN_OPEN)
+                return 0;
+        do
+                n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (n < 0 && errno == EINTR);
+        if (n >= 0)
+                return n;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+        if (errno_is_peer_gone(errno))
+                set_reason(c, "peer closed");
+        else
+                set_reason(c, "write error: %s", strerror(errno));
+        schedule_close(c);
+        return -1;
+}
+
+/* Send what the socket takes now, queue the rest (fds: the caller's, dup'd).
+ * The caller checked the bound for the whole line. */
+static int out_line(struct rpc_conn *c, const char *data, size_t len, const int *fds, unsigned n_fds) {
         struct out_msg *m;
         int *dups = NULL;
         char *room;
+        int r;
+
+        if (n_fds == 0) {
+                ssize_t sent = out_send_now(c, data, len);
+
+                if (sent < 0 || (size_t)sent == len)
+                        return 0;
+                data += sent;
+                len -= (size_t)sent;
+        }
+        r = dup_fds(fds, n_fds, &dups);
+        if (r < 0)
+                return r;
+        room = out_room(c, len, n_fds > 0, &m);
+        if (!room) {
+                for (unsigned i = 0; i < n_fds; i++)
+                        close_fd(dups[i]);
+                free(dups);
+                return -ENOMEM;
+        }
+        memcpy(room, data, len);
+        return out_commit(c, m, len, dups, n_fds);
+}
+
+int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
+        struct dump_buf d;
         int r;
 
         if (!c || !msg || (n_fds > 0 && !fds) || n_fds > RPC_MAX_FDS_PER_MESSAGE)
@@ -582,9 +662,7 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
         if (!msg_declares_fds(msg, n_fds))
                 return -EINVAL;
 
-        d.p = malloc(d.cap);
-        if (!d.p)
-                return -ENOMEM;
+        dump_init(&d);
         if (json_dump_callback(msg, dump_cb, &d, JSON_COMPACT | JSON_ENCODE_ANY) < 0) {
                 r = d.oom ? -ENOMEM : -EINVAL;
                 goto out;
@@ -593,26 +671,15 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
                 r = -ENOMEM;
                 goto out;
         }
+        /* the bound is the queue's, but a line past it is refused either way */
         if (out_over_bound(c, d.len, n_fds)) {
                 schedule_close(c);
                 r = -ENOBUFS;
                 goto out;
         }
-        r = dup_fds(fds, n_fds, &dups);
-        if (r < 0)
-                goto out;
-        room = out_room(c, d.len, n_fds > 0, &m);
-        if (!room) {
-                for (unsigned i = 0; i < n_fds; i++)
-                        close_fd(dups[i]);
-                free(dups);
-                r = -ENOMEM;
-                goto out;
-        }
-        memcpy(room, d.p, d.len);
-        r = out_commit(c, m, d.len, dups, n_fds);
+        r = out_line(c, d.p, d.len, fds, n_fds);
 out:
-        free(d.p);
+        dump_done(&d);
         return r;
 }
 
