@@ -17,11 +17,8 @@
  * max_line bytes plus its '\n'), fds to the in_fds FIFO.  Each complete line
  * is parsed and handed to on_message with the fds it declares.
  *
- * Output: a line without fds goes out at once while nothing is queued;
- * what the socket does not take is queued, lines without fds sharing
- * chunks, a line with fds in an out_msg of its own with the dups of its
- * fds.  A sendmsg() that carries fds always starts at the first byte of
- * their line.
+ * Output: one out_msg per queued line, each with the dups of its fds; a
+ * sendmsg() that carries fds always starts at the first byte of their line.
  */
 #include "rpc-conn.h"
 #include "vhu-scm.h"
@@ -89,7 +86,8 @@ struct rpc_conn {
         struct ucred peer;
 
         struct event *read_ev;
-        struct event *write_ev;     /* added only while output is queued */
+        struct event *write_ev;     /* activated when output is queued; added
+                                     * (EPOLLOUT) only while the socket is full */
         struct event *close_ev;     /* activated to run on_close */
 
         /* input */
@@ -432,16 +430,22 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
                 schedule_close(c);
                 return;
         }
-        if (!c->out_head) {
-                event_del(c->write_ev);
-                if (c->state == RPC_CONN_DRAINING)
+        if (c->out_head) {
+                /* the socket is full: wait until it takes more */
+                if (event_add(c->write_ev, NULL) < 0) {
+                        set_reason(c, "cannot watch the socket for writing");
                         schedule_close(c);
-                else if (c->ops && c->ops->on_drained)
-                        c->ops->on_drained(c, c->userdata);
+                }
+                return;
         }
+        event_del(c->write_ev);
+        if (c->state == RPC_CONN_DRAINING)
+                schedule_close(c);
+        else if (c->ops && c->ops->on_drained)
+                c->ops->on_drained(c, c->userdata);
 }
 
-/* Where a message is serialized: on the stack while it fits (most answers
+/* Where a message is serialized: on the stack while it fits (most lines
  * do), on the heap past that. */
 #define RPC_DUMP_STACK 4096u
 
@@ -522,12 +526,14 @@ static bool out_over_bound(struct rpc_conn *c, size_t len, unsigned n_fds) {
 
 /* Where a line of len bytes ('\n' included) goes: the spare room of the
  * tail chunk when the line is small and carries no fds, else a new out_msg
- * (*ret_new; a chunk for a small line, exactly its size otherwise).  NULL
- * when out of memory.  out_commit() queues what was written there. */
+ * (*ret_new; a chunk for a small line behind others, exactly its size
+ * otherwise -- an answer to a lone request, the usual case, is a small
+ * allocation freed as soon as it is sent, not a chunk).  NULL when out of
+ * memory.  out_commit() queues what was written there. */
 static char *out_room(struct rpc_conn *c, size_t len, bool with_fds, struct out_msg **ret_new) {
         struct out_msg *t = c->out_tail, *m;
         bool small = !with_fds && len <= RPC_OUT_CHUNK / 2;
-        size_t cap = small ? RPC_OUT_CHUNK : len;
+        size_t cap = small && t ? RPC_OUT_CHUNK : len;
 
         *ret_new = NULL;
         if (small && t && t->n_fds == 0 && t->cap - t->len >= len)
@@ -557,12 +563,14 @@ static int out_commit(struct rpc_conn *c, struct out_msg *m, size_t len, int *fd
         }
         c->out_bytes += len;
         note_memory(c);
-        /* written from the loop, so a send never calls back into the owner */
-        if (event_add(c->write_ev, NULL) < 0) {
-                set_reason(c, "cannot watch the socket for writing");
-                schedule_close(c);
-                return -ENOMEM;
-        }
+        /* Written from the loop, so a send never calls back into the owner
+         * and a line follows whatever the caller's callback still does
+         * (an answer comes after the side effects of its request).  The
+         * socket usually takes it at once: write_cb runs after the current
+         * callback without being watched for EPOLLOUT, and arms that only
+         * if bytes are left. */
+        if (!event_pending(c->write_ev, EV_WRITE, NULL))
+                event_active(c->write_ev, EV_WRITE, 0);
         return 0;
 }
 
@@ -590,69 +598,11 @@ static int dup_fds(const int *fds, unsigned n, int **ret) {
         return 0;
 }
 
-/*
- * With nothing queued, a line without fds goes out at once, so an answer
- * costs no queue chunk and no write event armed and disarmed around it.  (A
- * line with fds is queued: its fds are dup'd and checked, -EBADF for the
- * caller, before anything is sent.)  Only in OPEN: draining ends from the
- * loop once the queue is empty.  Returns the bytes the socket took (0:
- * queue it all), or -1 after a write error, which closes the connection
- * from the loop as a failed flush does (nothing more goes out).
- */
-static ssize_t out_send_now(struct rpc_conn *c, const char *data, size_t len) {
-        struct iovec iov = { (void *)data, len };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-        ssize_t n;
-
-        if (c->out_head || c->state != RPC_CONN_OPEN)
-                return 0;
-        do
-                n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (n < 0 && errno == EINTR);
-        if (n >= 0)
-                return n;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
-        if (errno_is_peer_gone(errno))
-                set_reason(c, "peer closed");
-        else
-                set_reason(c, "write error: %s", strerror(errno));
-        schedule_close(c);
-        return -1;
-}
-
-/* Send what the socket takes now, queue the rest (fds: the caller's, dup'd).
- * The caller checked the bound for the whole line. */
-static int out_line(struct rpc_conn *c, const char *data, size_t len, const int *fds, unsigned n_fds) {
+int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
+        struct dump_buf d;
         struct out_msg *m;
         int *dups = NULL;
         char *room;
-        int r;
-
-        if (n_fds == 0) {
-                ssize_t sent = out_send_now(c, data, len);
-
-                if (sent < 0 || (size_t)sent == len)
-                        return 0;
-                data += sent;
-                len -= (size_t)sent;
-        }
-        r = dup_fds(fds, n_fds, &dups);
-        if (r < 0)
-                return r;
-        room = out_room(c, len, n_fds > 0, &m);
-        if (!room) {
-                for (unsigned i = 0; i < n_fds; i++)
-                        close_fd(dups[i]);
-                free(dups);
-                return -ENOMEM;
-        }
-        memcpy(room, data, len);
-        return out_commit(c, m, len, dups, n_fds);
-}
-
-int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
-        struct dump_buf d;
         int r;
 
         if (!c || !msg || (n_fds > 0 && !fds) || n_fds > RPC_MAX_FDS_PER_MESSAGE)
@@ -671,13 +621,24 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
                 r = -ENOMEM;
                 goto out;
         }
-        /* the bound is the queue's, but a line past it is refused either way */
         if (out_over_bound(c, d.len, n_fds)) {
                 schedule_close(c);
                 r = -ENOBUFS;
                 goto out;
         }
-        r = out_line(c, d.p, d.len, fds, n_fds);
+        r = dup_fds(fds, n_fds, &dups);
+        if (r < 0)
+                goto out;
+        room = out_room(c, d.len, n_fds > 0, &m);
+        if (!room) {
+                for (unsigned i = 0; i < n_fds; i++)
+                        close_fd(dups[i]);
+                free(dups);
+                r = -ENOMEM;
+                goto out;
+        }
+        memcpy(room, d.p, d.len);
+        r = out_commit(c, m, d.len, dups, n_fds);
 out:
         dump_done(&d);
         return r;

@@ -22,10 +22,8 @@
  * the owner calls rpc_conn_close_after_flush() (requests already read
  * still get their answers); otherwise it closes once the output is flushed.
  *
- * Output: rpc_conn_send() serializes compactly and appends '\n'; with
- * nothing queued a line without fds is sent at once, and what the socket
- * does not take is queued; a line with fds is queued with dups of them,
- * attached to the first byte of that line.  The queue is
+ * Output: rpc_conn_send() serializes compactly, appends '\n', dups the fds
+ * and queues them attached to the first byte of that line.  The queue is
  * bounded by limits.max_out_bytes: a peer that does not read falls behind,
  * and once the bound is passed the connection is closed (on_close runs from
  * the event loop, never from inside rpc_conn_send()).  Each queued line
@@ -100,10 +98,8 @@ gid_t rpc_conn_peer_gid(const struct rpc_conn *c);
 pid_t rpc_conn_peer_pid(const struct rpc_conn *c);
 
 /*
- * Send (or queue) one message.  If n_fds > 0 the caller has already put
- * "fds": n_fds into msg.  fds are dup'd; the caller keeps its own.  A
- * write error closes the connection from the loop (0 is returned: nothing
- * more goes out).  Returns 0, -ENOBUFS
+ * Queue one message.  If n_fds > 0 the caller has already put "fds": n_fds
+ * into msg.  fds are dup'd; the caller keeps its own.  Returns 0, -ENOBUFS
  * when the output bound is passed (the connection is then scheduled to
  * close), -ENOTCONN after close, -ENOMEM.  msg is not stolen.
  */
