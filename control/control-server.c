@@ -175,6 +175,7 @@ static void control_call_done(struct vhub_call *call) {
         free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
+        vhub_call_release(call);
         cc->conn->pending--;
         conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
@@ -207,6 +208,7 @@ int control_call_reply_fds(struct control_call *cc, unsigned n) {
 }
 
 void control_call_drop(struct control_call *cc) {
+        vhub_call_release(&cc->call);
         cc->conn->pending--;
         control_conn_unref(cc->conn);
         json_decref(cc->id);

@@ -343,6 +343,12 @@ void handshake_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t requ
 void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         release_handshake_sync(d, op);
         if (!op->restore) {
+                uint64_t *sizes = NULL;
+
+                /* device.add's answer lists the shared memory regions */
+                if (r == 0 && op->call && d->n_shmem &&
+                    !(sizes = vhub_call_own(op->call, d->n_shmem, sizeof(uint64_t))))
+                        r = device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
                 if (r < 0) {
                         d->destroy_pending = true;
                         op_complete_call(d, op, r);
@@ -357,9 +363,9 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         op->call->out.device_add.max_mem_slots = d->max_mem_slots;
                         op->call->out.device_add.has_shmem = d->shmem_sizes != NULL;
                         op->call->out.device_add.n_shmem = d->n_shmem;
-                        if (d->n_shmem)
-                                memcpy(op->call->out.device_add.shmem_sizes, d->shmem_sizes,
-                                       d->n_shmem * sizeof(uint64_t));
+                        if (sizes)
+                                memcpy(sizes, d->shmem_sizes, d->n_shmem * sizeof(uint64_t));
+                        op->call->out.device_add.shmem_sizes = sizes;
                 }
                 if (d->shmem_sizes)
                         device_log(d, LOG_INFO, REQ(VHU_REQ_GET_SHMEM_CONFIG),

@@ -575,15 +575,24 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 return;
         }
         if (op->call) {
+                struct vhub_vring_base *bases;
                 unsigned n = 0;
 
                 for (unsigned i = 0; i < d->queues; i++)
+                        n += d->vrings[i].configured;
+                /* sized to the rings that ran, not to the most a device may have */
+                bases = vhub_call_own(op->call, n, sizeof(*bases));
+                if (n && !bases)        /* the rings still stop below; the call fails */
+                        device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
+                n = 0;
+                for (unsigned i = 0; bases && i < d->queues; i++)
                         if (d->vrings[i].configured) {
-                                op->call->out.device_stop.vrings[n].index = i;
-                                op->call->out.device_stop.vrings[n].base = d->vrings[i].base;
-                                op->call->out.device_stop.vrings[n].inflight = stop_count_suspended(d, i);
+                                bases[n].index = i;
+                                bases[n].base = d->vrings[i].base;
+                                bases[n].inflight = stop_count_suspended(d, i);
                                 n++;
                         }
+                op->call->out.device_stop.vrings = bases;
                 op->call->out.device_stop.n_vrings = n;
         }
         for (unsigned i = 0; i < d->queues; i++) {
@@ -591,7 +600,7 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 d->vrings[i].configured = false;
         }
         device_set_state(d, VHUB_DEV_STOPPED, "rings stopped");
-        op_complete_call(d, op, 0);
+        op_complete_call(d, op, op->result);
 }
 
 void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {

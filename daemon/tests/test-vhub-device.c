@@ -427,6 +427,7 @@ static struct vhub_device *device_add(struct env *e, struct vhub_vm *vm, const c
         device_add_async(vm, name, f, &c);
         CHECK_EQ(call_wait(e, &c), 0);
         CHECK_EQ(c.call.out.device_add.queues, 2);
+        vhub_call_release(&c.call);
         d = vhub_vm_find_device(vm, name);
         CHECK(d && d->state == VHUB_DEV_READY);
         return d;
@@ -525,6 +526,7 @@ static void test_lifecycle(struct env *e) {
                 CHECK_EQ(d->state, VHUB_DEV_STOPPED);
                 CHECK_EQ(c.call.out.device_stop.n_vrings, 2);
                 CHECK_EQ(c.call.out.device_stop.vrings[1].base, 5);
+                vhub_call_release(&c.call);
 
                 /* the barrier device goes the same way */
                 p = device_add(e, vm, "plain", &plain);
