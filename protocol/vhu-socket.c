@@ -39,19 +39,24 @@ static void close_fds(int *fds, unsigned n) {
 }
 
 void vhu_reader_init(struct vhu_reader *r) {
-        vhu_msg_init(&r->msg);
+        memset(&r->hdr, 0, sizeof(r->hdr));
+        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
+                r->fds[i] = -1;
+        r->n_fds = 0;
+        r->partial = NULL;
         r->got = 0;
 }
 
 void vhu_reader_reset(struct vhu_reader *r) {
-        vhu_msg_clear(&r->msg);
-        r->got = 0;
+        close_fds(r->fds, r->n_fds);
+        free(r->partial);
+        vhu_reader_init(r);
 }
 
 /*
  * Collect the fds of one recvmsg() into the message.  Every fd the kernel
- * installed is either stored in r->msg (and so closed by a reset) or closed
- * here, whatever the outcome.
+ * installed is either stored in the reader (and so closed by a reset) or
+ * closed here, whatever the outcome.
  */
 static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_before) {
         int ret = 0;
@@ -69,8 +74,8 @@ static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_b
 
                         memcpy(&fd, data + i, sizeof(fd));
                         /* spec: fds ride on a message's first byte, at most 8. */
-                        if (ret == 0 && got_before == 0 && r->msg.n_fds < VHU_MAX_FDS)
-                                r->msg.fds[r->msg.n_fds++] = fd;
+                        if (ret == 0 && got_before == 0 && r->n_fds < VHU_MAX_FDS)
+                                r->fds[r->n_fds++] = fd;
                         else {
                                 close(fd);
                                 ret = -EPROTO;
@@ -82,17 +87,36 @@ static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_b
         return ret;
 }
 
-/* Move the finished message into ret and start the next one. */
+/* Hand the finished message (its payload is in ret already) and its fds
+ * over, and start the next one. */
 static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
-        ret->hdr = r->msg.hdr;
-        memcpy(ret->payload.raw, r->msg.payload.raw, r->msg.hdr.size);
-        memcpy(ret->fds, r->msg.fds, sizeof(ret->fds));
-        ret->n_fds = r->msg.n_fds;
+        ret->hdr = r->hdr;
+        memcpy(ret->fds, r->fds, sizeof(ret->fds));
+        ret->n_fds = r->n_fds;
 
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
-                r->msg.fds[i] = -1;
-        r->msg.n_fds = 0;
+                r->fds[i] = -1;
+        r->n_fds = 0;
         r->got = 0;
+}
+
+/* Payload bytes received so far. */
+static size_t reader_payload_got(const struct vhu_reader *r) {
+        return r->got > VHU_HEADER_SIZE ? r->got - VHU_HEADER_SIZE : 0;
+}
+
+/* The call returns with a payload half-read: keep its bytes until the next
+ * call, which may assemble into another *ret. */
+static int reader_stash(struct vhu_reader *r, const struct vhu_msg *ret) {
+        size_t n = reader_payload_got(r);
+
+        if (n == 0)
+                return 0;
+        r->partial = malloc(n);
+        if (!r->partial)
+                return -ENOMEM;
+        memcpy(r->partial, ret->payload.raw, n);
+        return 0;
 }
 
 int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, uint32_t min_payload) {
@@ -100,6 +124,11 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
 
         if (min_payload > VHU_MAX_PAYLOAD)
                 min_payload = VHU_MAX_PAYLOAD;
+        if (r->partial) {
+                memcpy(ret->payload.raw, r->partial, reader_payload_got(r));
+                free(r->partial);
+                r->partial = NULL;
+        }
         for (;;) {
                 VHU_SCM_BUF(control, VHU_MAX_FDS);
                 struct msghdr mh = { 0 };
@@ -109,24 +138,24 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
 
                 mh.msg_iovlen = 1;
                 if (r->got < VHU_HEADER_SIZE) {
-                        iov[0].iov_base = (uint8_t *) &r->msg.hdr + r->got;
+                        iov[0].iov_base = (uint8_t *) &r->hdr + r->got;
                         iov[0].iov_len = VHU_HEADER_SIZE - r->got;
                         /* a payload at least this long follows: take it in the
                          * same call without reaching into the next message */
                         if (min_payload > 0) {
-                                iov[1].iov_base = r->msg.payload.raw;
+                                iov[1].iov_base = ret->payload.raw;
                                 iov[1].iov_len = min_payload;
                                 mh.msg_iovlen = 2;
                         }
                 } else {
-                        size_t payload_got = r->got - VHU_HEADER_SIZE;
+                        size_t payload_got = reader_payload_got(r);
 
-                        if (payload_got == r->msg.hdr.size) {
+                        if (payload_got == r->hdr.size) {
                                 reader_complete(r, ret);
                                 return 1;
                         }
-                        iov[0].iov_base = r->msg.payload.raw + payload_got;
-                        iov[0].iov_len = r->msg.hdr.size - payload_got;
+                        iov[0].iov_base = ret->payload.raw + payload_got;
+                        iov[0].iov_len = r->hdr.size - payload_got;
                 }
 
                 mh.msg_iov = iov;
@@ -137,8 +166,12 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
-                        if (errno == EAGAIN || errno == EWOULDBLOCK)
+                        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                                err = reader_stash(r, ret);
+                                if (err < 0)
+                                        goto fail;
                                 return -EAGAIN;
+                        }
                         err = -errno;
                         goto fail;
                 }
@@ -156,9 +189,9 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
 
                 r->got += (size_t) n;
                 if (got_before < VHU_HEADER_SIZE && r->got >= VHU_HEADER_SIZE &&
-                    (r->msg.hdr.size > VHU_MAX_PAYLOAD ||
+                    (r->hdr.size > VHU_MAX_PAYLOAD ||
                      /* shorter than the caller promised: the read went past it */
-                     r->got - VHU_HEADER_SIZE > r->msg.hdr.size)) {
+                     r->got - VHU_HEADER_SIZE > r->hdr.size)) {
                         err = -EPROTO;
                         goto fail;
                 }

@@ -22,9 +22,18 @@
 
 #include "vhu-message.h"
 
+/*
+ * A message is assembled in the caller's *ret: the reader itself keeps the
+ * header, the fds and -- only while a payload is half-read between two
+ * calls -- the payload bytes so far, so that an idle reader is small (one
+ * per back-end connection and channel).
+ */
 struct vhu_reader {
-        struct vhu_msg msg;  /* the message being assembled; owns its fds */
-        size_t got;          /* bytes of header+payload received so far */
+        struct vhu_header hdr;      /* of the message being assembled */
+        int fds[VHU_MAX_FDS];       /* its fds (owned) */
+        unsigned n_fds;
+        uint8_t *partial;           /* payload bytes read so far, while a call left it half-read */
+        size_t got;                 /* bytes of header+payload received so far */
 };
 
 void vhu_reader_init(struct vhu_reader *r);
@@ -34,8 +43,11 @@ void vhu_reader_reset(struct vhu_reader *r);
 /*
  * Read from sockfd without blocking.  Returns:
  *   1        a whole message was moved into *ret (caller owns its fds; *ret
- *            must have been vhu_msg_init()ed or cleared);
+ *            must have been vhu_msg_init()ed or cleared; its payload is the
+ *            reader's scratch space during any call, whatever it returns);
  *   -EAGAIN  nothing more to read now;
+ *   -ENOMEM  no memory to keep a half-read payload until the next call
+ *            (the message is dropped);
  *   0        orderly EOF between messages;
  *   -ECONNRESET  EOF inside a message;
  *   -EPROTO  protocol violation (see above);

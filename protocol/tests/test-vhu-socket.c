@@ -389,7 +389,7 @@ static void test_ctrunc(void) {
                 vhu_msg_init(&got);
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EPROTO);
                 CHECK_EQ(got.n_fds, 0);     /* untouched */
-                CHECK_EQ(reader.msg.n_fds, 0);
+                CHECK_EQ(reader.n_fds, 0);
         }
         /* Exactly VHU_MAX_FDS is fine (even though SET_OWNER takes none: the
          * reader moves bytes and fds, the validator judges them). */
@@ -450,10 +450,10 @@ static void test_fds_not_on_first_byte(void) {
         vhu_reader_init(&reader);
         CHECK_EQ(send_raw(sv[0], wire, 4, &fd, 1), 4);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
-        CHECK_EQ(reader.msg.n_fds, 1);
+        CHECK_EQ(reader.n_fds, 1);
         CHECK_EQ(send_raw(sv[0], wire + 4, sizeof(wire) - 4, &fd, 1), (ssize_t) sizeof(wire) - 4);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EPROTO);
-        CHECK_EQ(reader.msg.n_fds, 0);
+        CHECK_EQ(reader.n_fds, 0);
 
         vhu_msg_forget_fds(&m);
         close(fd);
@@ -495,7 +495,7 @@ static void test_eof_and_limits(void) {
                 CHECK_EQ(send_raw(sv[0], wire, cut, &fd, 1), (ssize_t) cut);
                 close(sv[0]);
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -ECONNRESET);
-                CHECK_EQ(reader.msg.n_fds, 0);
+                CHECK_EQ(reader.n_fds, 0);
                 CHECK_EQ(reader.got, 0);
                 close(sv[1]);
         }
@@ -675,9 +675,70 @@ static void test_reader_hint(void) {
         CHECK_EQ(count_open_fds(), before);
 }
 
+/* A payload half-read when a call returns is kept by the reader until the
+ * next call, which may assemble into another message (the daemon reads
+ * into a fresh one on its stack each time); an idle reader keeps nothing. */
+static void test_partial_payload_across_calls(void) {
+        uint8_t wire[VHU_HEADER_SIZE + VHU_MAX_CONFIG_SIZE + 16];
+        uint8_t data[200];
+        struct vhu_reader reader;
+        struct vhu_msg m, got;
+        int sv[2], fd;
+        size_t len, off = 0;
+        int before = count_open_fds();
+
+        test_set_context("partial payload across calls");
+        CHECK_EQ(make_pair(sv), 0);
+        fd = make_memfd();
+        vhu_reader_init(&reader);
+        vhu_msg_init(&m);
+        for (unsigned i = 0; i < sizeof(data); i++)
+                data[i] = (uint8_t)(i * 7 + 1);
+        CHECK_EQ(vhu_msg_build_config(&m, VHU_REQ_SET_CONFIG, false, 0, sizeof(data), 0, data), 0);
+        m.fds[0] = fd;
+        m.n_fds = 1;
+        len = vhu_msg_encode(&m, wire, sizeof(wire));
+        CHECK(len > VHU_HEADER_SIZE + 200);
+        /* pieces of 37 bytes, each call with a message full of other bytes */
+        while (off < len) {
+                size_t k = len - off < 37 ? len - off : 37;
+
+                CHECK_EQ(send_raw(sv[0], wire + off, k, &fd, off == 0 ? 1 : 0), (ssize_t)k);
+                off += k;
+                vhu_msg_init(&got);
+                memset(got.payload.raw, 0xa5, sizeof(got.payload.raw));
+                if (off < len) {
+                        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+                        CHECK(off <= VHU_HEADER_SIZE || reader.partial != NULL);
+                }
+        }
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), 1);
+        CHECK(memcmp(&got.hdr, &m.hdr, sizeof(m.hdr)) == 0);
+        CHECK(memcmp(got.payload.raw, m.payload.raw, m.hdr.size) == 0);
+        CHECK(got.n_fds == 1 && same_file(got.fds[0], fd));
+        CHECK(reader.partial == NULL);
+        vhu_msg_clear(&got);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK(reader.partial == NULL);
+
+        /* dropped while half-read: its fd closed, its bytes freed */
+        CHECK_EQ(send_raw(sv[0], wire, VHU_HEADER_SIZE + 50, &fd, 1), VHU_HEADER_SIZE + 50);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK(reader.partial != NULL && reader.n_fds == 1);
+        vhu_reader_reset(&reader);
+        CHECK(reader.partial == NULL && reader.n_fds == 0);
+
+        vhu_msg_forget_fds(&m);
+        close(fd);
+        close(sv[0]);
+        close(sv[1]);
+        CHECK_EQ(count_open_fds(), before);
+}
+
 int main(void) {
         test_back_to_back_fds();
         test_partial_reads();
+        test_partial_payload_across_calls();
         test_partial_writes();
         test_writer_send();
         test_reader_hint();
