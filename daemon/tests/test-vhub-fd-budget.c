@@ -35,7 +35,11 @@ static void test_split(void) {
         vhub_fd_budget_split(&b, 512, 0);
         CHECK(b.limit == 512 && b.reserve == 64 && b.per_uid == 112 && b.non_root == 336);
 
-        vhub_fd_budget_split(&b, 65536, 0);     /* the unit's LimitNOFILE */
+        vhub_fd_budget_split(&b, 131072, 0);    /* the unit's LimitNOFILE */
+        CHECK(b.limit == 131072 && b.reserve == 16384 && b.per_uid == 28672);
+        CHECK(b.non_root == 86016);             /* 10,000 started devices: ~65,000 */
+
+        vhub_fd_budget_split(&b, 65536, 0);
         CHECK(b.limit == 65536 && b.reserve == 8192 && b.per_uid == 14336);
         CHECK(b.non_root == 65536 - 8192 - 14336);
 
