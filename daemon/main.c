@@ -23,6 +23,7 @@
 #include "vhub-signals.h"
 #include "vhub-time.h"
 #include "vhubd.h"
+#include "vhu-fd.h"
 
 struct daemon_main {
         struct vhub_config config;
@@ -88,18 +89,15 @@ static int log_level_from_file(const char *path, int *ret_level) {
         char buf[64];
         struct stat st;
         ssize_t n;
-        int fd, level;
-
+        int level;
         /* O_NONBLOCK: a FIFO put there must not stall the loop */
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+
         if (fd < 0)
                 return -errno;
-        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-                close(fd);
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
                 return -EINVAL;
-        }
         n = read(fd, buf, sizeof(buf) - 1);
-        close(fd);
         if (n < 0)
                 return -errno;
         while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))

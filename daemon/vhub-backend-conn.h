@@ -28,7 +28,7 @@ struct vhub_bconn_ops {
         void (*on_lost)(void *userdata, bool timeout, uint32_t request, const char *reason);
 };
 
-/* Takes ownership of fd (connected, any blocking mode). */
+/* Takes fd (connected, any blocking mode) in every case: closed on failure. */
 int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
                    const struct vhub_bconn_ops *ops, void *userdata, struct vhub_bconn **ret);
 /* Closes the socket; pending replies are dropped silently. NULL-safe. */

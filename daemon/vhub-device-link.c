@@ -54,6 +54,7 @@
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
 static void device_schedule_reconnect(struct vhub_device *d);
@@ -182,16 +183,12 @@ void device_set_state(struct vhub_device *d, enum vhub_device_state s, const cha
 
 /* ---- connecting ---- */
 
+/* fd taken in every case. */
 static int device_attach_connection(struct vhub_device *d, int fd) {
-        int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
-                               /* the largest op: a START of every ring (7 replies each) */
-                               VHUB_MAX_QUEUES * 8 + 64,
-                               &device_bconn_ops, d, &d->conn);
-        if (r < 0) {
-                close(fd);
-                return r;
-        }
-        return 0;
+        return vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
+                              /* the largest op: a START of every ring (7 replies each) */
+                              VHUB_MAX_QUEUES * 8 + 64,
+                              &device_bconn_ops, d, &d->conn);
 }
 
 static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
@@ -202,7 +199,7 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
         if (pfd < 0)
                 return pfd;
         fd = vhub_backend_path_connect(pfd, &d->vm->cred);
-        close(pfd);
+        vhu_safe_close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
@@ -425,7 +422,7 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 return;
         if (vhub_device_is_connected(d)) {
                 /* one back-end at a time */
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         if (d->conn)
@@ -494,7 +491,6 @@ void device_link_done(struct vhub_device *d) {
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
         device_stop_watching(d);
-        if (d->listen_fd >= 0)
-                close(d->listen_fd);
+        d->listen_fd = vhu_safe_close(d->listen_fd);
         d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
 }

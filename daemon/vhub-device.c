@@ -17,6 +17,7 @@
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static const char *const state_names[_VHUB_DEV_STATE_MAX] = {
         [VHUB_DEV_CONNECTING] = "connecting",
@@ -53,13 +54,9 @@ bool vhub_device_is_connected(const struct vhub_device *d) {
 }
 
 void vring_close_fds(struct vhub_vring *v) {
-        if (v->kick_fd >= 0)
-                close(v->kick_fd);
-        if (v->call_fd >= 0)
-                close(v->call_fd);
-        if (v->err_fd >= 0)
-                close(v->err_fd);
-        v->kick_fd = v->call_fd = v->err_fd = -1;
+        v->kick_fd = vhu_safe_close(v->kick_fd);
+        v->call_fd = vhu_safe_close(v->call_fd);
+        v->err_fd = vhu_safe_close(v->err_fd);
 }
 
 unsigned vring_fds_held(const struct vhub_vring *v) {
@@ -176,8 +173,7 @@ void vhub_device_free(struct vhub_device *d) {
                 vring_close_fds(&d->vrings[i]);
         free(d->vrings);
         free(d->shmem_sizes);
-        if (d->inflight_fd >= 0)
-                close(d->inflight_fd);
+        d->inflight_fd = vhu_safe_close(d->inflight_fd);
         free(d->shadow);
         free(d->socket_path);
         free(d);

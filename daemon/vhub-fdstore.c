@@ -21,6 +21,7 @@
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
+#include "vhu-fd.h"
 
 /* the alias table's records (in "fdstore/aliases") */
 enum {
@@ -351,8 +352,7 @@ static void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
 /* ---- messages */
 
 static void msg_free(struct fds_msg *m) {
-        if (m->fd >= 0)
-                close(m->fd);
+        vhu_safe_close(m->fd);
         free(m);
 }
 
@@ -695,8 +695,7 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
         free(s->files);
         if (s->ev_write)
                 event_free(s->ev_write);
-        if (s->sock >= 0)
-                close(s->sock);
+        s->sock = vhu_safe_close(s->sock);
         vhub_snap_file_close(&s->alias_file);
         vhub_snap_writer_done(&s->alias_writer);
         free(s);
@@ -964,8 +963,7 @@ static struct restore_entry *restore_find(const struct vhub_fdstore_restore *r, 
 
 static void restore_free(struct vhub_fdstore_restore *r) {
         for (size_t i = 0; i < r->n; i++) {
-                if (r->v[i].fd >= 0)
-                        close(r->v[i].fd);
+                r->v[i].fd = vhu_safe_close(r->v[i].fd);
                 free(r->v[i].name);
         }
         free(r->v);
@@ -985,13 +983,16 @@ static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry 
         void *buf = NULL;
         int k, ret;
 
-        ret = vhub_snap_file_adopt(table->fd, &s->alias_file, &why);
+        /* adopt takes what it is given: a copy, so that an unreadable table
+         * stays in the map and finish() removes it as stale */
+        ret = fcntl(table->fd, F_DUPFD_CLOEXEC, 3);
+        ret = ret < 0 ? -errno : vhub_snap_file_adopt(ret, &s->alias_file, &why);
         if (ret < 0) {
-                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost", why);
+                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost",
+                            why ? why : strerror(-ret));
                 return 0;
         }
-        table->fd = -1;         /* the store's now */
-        table->taken = true;
+        table->taken = true; /* the store has its copy; the map's closes with the map */
         if (s->alias_file.newest < 0)
                 return 0;
         ret = vhub_snap_file_read(s->alias_file.fd, &buf, &len, &why);
@@ -1028,8 +1029,7 @@ static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry 
                 target_idx = (size_t) (t - r->v);
                 fd = fcntl(t->fd, F_DUPFD_CLOEXEC, 3);
                 if (fd < 0 || restore_add(r, name, fd, &idx) < 0) {
-                        if (fd >= 0)
-                                close(fd);
+                        vhu_safe_close(fd);
                         free(buf);
                         return -ENOMEM;
                 }
@@ -1133,7 +1133,7 @@ fail:
                                 remove_internal(r->store, e, false);
                 }
                 if (table_idx != SIZE_MAX && r->v[table_idx].taken)
-                        r->store->alias_file.fd = -1;
+                        vhub_snap_file_close(&r->store->alias_file);
         }
         for (size_t i = 0; i < r->n; i++)
                 if (!r->v[i].alias)
@@ -1182,7 +1182,6 @@ const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size
 
 int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         struct restore_entry *re;
-        int fd;
 
         if (!name || name_reserved(name))
                 return -ENOENT;
@@ -1190,9 +1189,7 @@ int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         if (!re || re->taken || re->fd < 0)
                 return -ENOENT;
         re->taken = true;
-        fd = re->fd;
-        re->fd = -1;
-        return fd;
+        return VHU_TAKE_FD(re->fd);
 }
 
 int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
@@ -1215,8 +1212,7 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                                 remove_internal(s, e, true);
                         else if (s && vhub_fdstore_name_valid(re->name))
                                 (void) msg_send(s, NULL, -1, MSG_REMOVE, re->name);
-                        close(re->fd);
-                        re->fd = -1;
+                        re->fd = vhu_safe_close(re->fd);
                 }
         /* the same name passed twice (a store that lost track): FDSTOREREMOVE
          * drops every fd of a name, so the claimed one is stored again */
@@ -1237,9 +1233,7 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                         if (k < 0)
                                 entry_set_failed(s, e, k);
                 }
-                if (re->fd >= 0)
-                        close(re->fd);
-                re->fd = -1;
+                re->fd = vhu_safe_close(re->fd);
         }
         restore_free(r);
         return stale;

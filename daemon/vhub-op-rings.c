@@ -16,6 +16,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* ---- the VMM's eventfds ---- */
 
@@ -310,14 +311,12 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                 if (reply->n_fds == 1)
                         fd = vhu_msg_take_fd(reply, 0);
                 if (fd < 0 || reply->payload.inflight.mmap_size == 0) {
-                        if (fd >= 0)
-                                close(fd);
+                        vhu_safe_close(fd);
                         device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
                                         "back-end gave no inflight buffer");
                         return;
                 }
-                if (d->inflight_fd >= 0)
-                        close(d->inflight_fd);
+                vhu_safe_close(d->inflight_fd);
                 d->inflight_fd = fd;
                 d->inflight_size = reply->payload.inflight.mmap_size;
                 d->inflight_queue_size = reply->payload.inflight.queue_size;
@@ -603,9 +602,7 @@ void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         d->vrings[i].configured = false;
                 }
                 /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
-                if (d->inflight_fd >= 0)
-                        close(d->inflight_fd);
-                d->inflight_fd = -1;
+                d->inflight_fd = vhu_safe_close(d->inflight_fd);
                 d->acked_features = 0;
                 device_set_state(d, VHUB_DEV_READY, "reset");
         }

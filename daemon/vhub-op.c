@@ -15,6 +15,7 @@
 
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhu-fd.h"
 
 /* A u64 REPLY_ACK: 0 is success. */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
@@ -139,8 +140,8 @@ void op_free(struct vhub_op *op) {
         if (!op)
                 return;
         fd = op_owned_fd(op);
-        if (fd && *fd >= 0)
-                close(*fd);
+        if (fd)
+                *fd = vhu_safe_close(*fd);
         if (op_classes[op->kind].free)
                 op_classes[op->kind].free(op);
         free(op->restored);

@@ -9,6 +9,7 @@
 #include "vhub-log.h"
 #include "vhub-sd.h"
 #include "vhub-time.h"
+#include "vhu-fd.h"
 
 struct vhub_sd {
         struct event *ev_watchdog;
@@ -77,7 +78,7 @@ int vhub_sd_listen_fd(void) {
         /* close the ones we do not use */
         for (int i = 0; i < n; i++)
                 if (SD_LISTEN_FDS_START + i != fd)
-                        close(SD_LISTEN_FDS_START + i);
+                        vhu_safe_close(SD_LISTEN_FDS_START + i);
         if (names) {
                 for (int i = 0; i < n; i++)
                         free(names[i]);

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "vhub-socket-watch.h"
+#include "vhu-fd.h"
 
 struct vhub_socket_watch {
         LIST_ENTRY(vhub_socket_watch) link;
@@ -46,9 +47,7 @@ static void watcher_close(struct vhub_socket_watcher *w) {
         if (w->ev)
                 event_free(w->ev);
         w->ev = NULL;
-        if (w->fd >= 0)
-                close(w->fd);
-        w->fd = -1;
+        w->fd = vhu_safe_close(w->fd);
 }
 
 static int watcher_open(struct vhub_socket_watcher *w, void (*cb)(evutil_socket_t, short, void *)) {

@@ -23,6 +23,7 @@
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
+#include "vhu-fd.h"
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
 
@@ -109,9 +110,10 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         return 0;
 }
 
-static void mem_op_free(struct vhub_mem_op *op, bool owns_fd) {
-        if (owns_fd && op->region.fd >= 0)
-                close(op->region.fd);
+/* An addition owns its region's fd until the table takes it; a removal's
+ * region is a copy whose fd is -1. */
+static void mem_op_free(struct vhub_mem_op *op) {
+        vhu_safe_close(op->region.fd);
         free(op);
 }
 
@@ -134,7 +136,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
                 TAILQ_REMOVE(&vm->mem_ops, mop, link);
                 vhub_call_fail(mop->call, &err);
-                mem_op_free(mop, mop->kind == VHUB_MEM_OP_ADD);
+                mem_op_free(mop);
         }
         if (vm->log_batch) {
                 vhub_call_fail(vm->log_batch->call, &err);
@@ -158,8 +160,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vm_log(vm, LOG_INFO, "VM destroyed");
         event_free(vm->linger_timer);
         vhub_shared_table_done(&vm->shared);
-        if (vm->log_fd >= 0)
-                close(vm->log_fd);
+        vm->log_fd = vhu_safe_close(vm->log_fd);
         vhub_mem_table_done(&vm->mem);
         vhub_cred_done(&vm->cred);
         free(vm);
@@ -340,7 +341,6 @@ static void vm_mem_fanout(struct vhub_vm *vm, struct vhub_mem_op *op) {
 
 static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         struct vhub_call *call = op->call;
-        bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
         if (!op->failed) {
@@ -350,7 +350,6 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                                 vhub_error_set(&op->error, VHUB_ERR_INTERNAL, "out of memory");
                                 op->failed = true;
                         } else {
-                                owns_fd = false;
                                 vm_log(vm, LOG_INFO, "memory region gpa 0x%llx size 0x%llx added",
                                        (unsigned long long)op->region.gpa,
                                        (unsigned long long)op->region.size);
@@ -365,7 +364,7 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                 vhub_call_fail(call, &op->error);
         else
                 vhub_call_complete(call, 0);
-        mem_op_free(op, owns_fd);
+        mem_op_free(op);
 
         /* parked handshakes can sync now, then the next change may start */
         if (vm_resume_parked(vm))
@@ -451,7 +450,7 @@ static void vm_mem_queue_run(struct vhub_vm *vm) {
                         break;
                 TAILQ_REMOVE(&vm->mem_ops, op, link);
                 vhub_call_fail(op->call, &err);
-                mem_op_free(op, true);
+                mem_op_free(op);
         }
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);
@@ -538,16 +537,13 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
         op->kind = VHUB_MEM_OP_ADD;
         op->region = *region;
         op->region.id = ++vm->ctx->next_region_id;
+        op->region.fd = VHU_TAKE_FD(region->fd); /* the op owns it until commit */
         op->call = call;
-        region->fd = -1; /* the op owns it now */
         vm_mem_queue(vm, op);
         return;
 
 fail:
-        if (region->fd >= 0) {
-                close(region->fd);
-                region->fd = -1;
-        }
+        region->fd = vhu_safe_close(region->fd);
         vhub_call_fail(call, &err);
 }
 
@@ -606,9 +602,7 @@ fail:
 static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
 
 static void vm_log_close(struct vhub_vm *vm) {
-        if (vm->log_fd >= 0)
-                close(vm->log_fd);
-        vm->log_fd = -1;
+        vm->log_fd = vhu_safe_close(vm->log_fd);
         vm->log_size = 0;
 }
 
@@ -650,7 +644,7 @@ static void vm_batch_finish(struct vhub_vm *vm, struct vhub_vm_batch *b) {
                                         call->out.dirty_log.size = vm->log_size;
                                         vhub_call_complete(call, 0);
                                 } else {
-                                        close(fd);
+                                        vhu_safe_close(fd);
                                 }
                         }
                 }
@@ -732,13 +726,12 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
         fd = memfd_create("vhub-dirty-log", MFD_CLOEXEC);
         if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "cannot create the log memfd: %s", strerror(errno));
-                if (fd >= 0)
-                        close(fd);
+                vhu_safe_close(fd);
                 goto fail;
         }
         b = calloc(1, sizeof(*b));
         if (!b) {
-                close(fd);
+                vhu_safe_close(fd);
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }
@@ -786,7 +779,6 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
         vhub_uuid_format(uuid, u);
         r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
         if (r < 0) {
-                close(fd);
                 if (r == -EEXIST)
                         return vhub_error_set(err, VHUB_ERR_EXISTS, "shared object %s already exists", u);
                 if (r == -ENOSPC)

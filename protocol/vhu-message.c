@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhu-fd.h"
 #include "vhu-message.h"
 
 #define REQUEST_FLAGS_ALLOWED (VHU_FLAG_VERSION_MASK | VHU_FLAG_NEED_REPLY)
@@ -41,20 +42,14 @@ void vhu_msg_init(struct vhu_msg *m) {
 void vhu_msg_clear(struct vhu_msg *m) {
         unsigned n = m->n_fds < VHU_MAX_FDS ? m->n_fds : VHU_MAX_FDS;
 
-        for (unsigned i = 0; i < n; i++)
-                if (m->fds[i] >= 0)
-                        close(m->fds[i]);
+        vhu_close_many(m->fds, n);
         vhu_msg_init(m);
 }
 
 int vhu_msg_take_fd(struct vhu_msg *m, unsigned idx) {
-        int fd;
-
         if (idx >= m->n_fds || idx >= VHU_MAX_FDS)
                 return -1;
-        fd = m->fds[idx];
-        m->fds[idx] = -1;
-        return fd;
+        return VHU_TAKE_FD(m->fds[idx]);
 }
 
 void vhu_msg_forget_fds(struct vhu_msg *m) {

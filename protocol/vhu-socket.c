@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vhu-fd.h"
 #include "vhu-socket.h"
 #include "vhu-scm.h"
 
@@ -29,14 +30,6 @@ struct vhu_writer_item {
         bool fds_sent;
         uint8_t data[];
 };
-
-static void close_fds(int *fds, unsigned n) {
-        for (unsigned i = 0; i < n; i++)
-                if (fds[i] >= 0) {
-                        close(fds[i]);
-                        fds[i] = -1;
-                }
-}
 
 void vhu_reader_init(struct vhu_reader *r) {
         vhu_msg_init(&r->msg);
@@ -72,7 +65,7 @@ static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_b
                         if (ret == 0 && got_before == 0 && r->msg.n_fds < VHU_MAX_FDS)
                                 r->msg.fds[r->msg.n_fds++] = fd;
                         else {
-                                close(fd);
+                                vhu_safe_close(fd);
                                 ret = -EPROTO;
                         }
                 }
@@ -182,7 +175,7 @@ void vhu_writer_init(struct vhu_writer *w) {
 static struct vhu_writer_item *writer_item_free(struct vhu_writer_item *item) {
         if (!item)
                 return NULL;
-        close_fds(item->fds, item->n_fds);
+        vhu_close_many(item->fds, item->n_fds);
         free(item);
         return NULL;
 }
