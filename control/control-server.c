@@ -21,6 +21,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 void control_conn_ref(struct control_conn *c) {
         c->refs++;
@@ -170,8 +171,7 @@ static void control_call_done(struct vhub_call *call) {
         } else {
                 control_req_result(&req, json_object());
         }
-        for (unsigned i = 0; i < cc->n_reply_fds; i++)
-                close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        vhu_close_many(cc->reply_fds, cc->n_reply_fds); /* rpc_conn sent its own copies */
         free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
@@ -424,7 +424,7 @@ static void memory_policy_setup(void) {
 
 #define ACCEPT_RETRY_MS 200
 
-/* Tell a connection we will not serve why, and close it. */
+/* Tell a connection we will not serve why, and close it (fd taken). */
 static void refuse_connection(int fd, const char *detail) {
         json_t *msg = json_pack("{s:s, s:n, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", "error",
                                 "code", VHUB_ERR_LIMIT, "message", vhub_error_message(VHUB_ERR_LIMIT),
@@ -439,7 +439,7 @@ static void refuse_connection(int fd, const char *detail) {
         }
         free(line);
         json_decref(msg);
-        close(fd);
+        vhu_safe_close(fd);
 }
 
 static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -477,7 +477,7 @@ static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
 
         if (s->spare_fd < 0)
                 return false;
-        close(s->spare_fd);
+        s->spare_fd = vhu_safe_close(s->spare_fd);
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd >= 0) {
                 struct rlimit rl = { 0 };
@@ -518,7 +518,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 vhub_log_full(LOG_NOTICE, NULL, NULL, NULL, "accepting control connections again");
         }
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         if (s->n_conns >= s->opts.max_connections) {
@@ -537,7 +537,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         c->srv = s;
@@ -548,7 +548,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "refused a control connection: its credentials: %s", strerror(-r));
-                close(fd);
+                vhu_safe_close(fd);
                 free(c);
                 return;
         }
@@ -675,7 +675,8 @@ static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set)
         char dir[sizeof(sa.sun_path)];
         mode_t old_umask;
         char *slash;
-        int fd, r;
+        _cleanup_close_ int fd = -1;
+        int r;
 
         if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
@@ -692,11 +693,9 @@ static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set)
         if (fd < 0)
                 return -errno;
         /* a live daemon keeps its socket; a stale one is replaced */
-        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-                close(fd);
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
                 return -EADDRINUSE;
-        }
-        close(fd);
+        fd = vhu_safe_close(fd);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0)
                 return -errno;
@@ -707,11 +706,10 @@ static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set)
         if (r < 0 || chmod(path, mode) < 0 || (gid_set && chown(path, (uid_t)-1, gid) < 0) ||
             listen(fd, 64) < 0) {
                 r = -errno;
-                close(fd);
                 (void)unlink(path);
                 return r;
         }
-        return fd;
+        return VHU_TAKE_FD(fd);
 }
 
 int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
@@ -719,8 +717,10 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         struct control_server *s = calloc(1, sizeof(*s));
         int r;
 
-        if (!s)
+        if (!s) {
+                vhu_safe_close(o->listen_fd); /* taken in every case */
                 return -ENOMEM;
+        }
         memory_policy_setup();
         s->ctx = ctx;
         s->opts = *o;
@@ -736,8 +736,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         } else {
                 r = create_socket(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
-                        if (s->spare_fd >= 0)
-                                close(s->spare_fd);
+                        vhu_safe_close(s->spare_fd);
                         free(s);
                         return r;
                 }
@@ -782,11 +781,9 @@ struct control_server *control_server_free(struct control_server *s) {
                 event_free(s->ev_accept_retry);
         if (s->ev_trim)
                 event_free(s->ev_trim);
-        if (s->spare_fd >= 0)
-                close(s->spare_fd);
+        s->spare_fd = vhu_safe_close(s->spare_fd);
         json_decref(s->discover);
-        if (s->listen_fd >= 0)
-                close(s->listen_fd);
+        s->listen_fd = vhu_safe_close(s->listen_fd);
         if (s->path) {
                 (void)unlink(s->path);
                 free(s->path);

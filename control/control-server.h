@@ -16,7 +16,7 @@ struct control_server;
 
 struct control_server_options {
         const char *path;        /* socket to create (ignored if listen_fd >= 0) */
-        int listen_fd;           /* from socket activation, or -1 */
+        int listen_fd;           /* from socket activation (taken in every case), or -1 */
         mode_t mode;
         gid_t gid;
         bool gid_set;

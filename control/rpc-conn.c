@@ -21,6 +21,7 @@
  * sendmsg() that carries fds always starts at the first byte of their line.
  */
 #include "rpc-conn.h"
+#include "vhu-fd.h"
 #include "vhu-scm.h"
 
 #include <errno.h>
@@ -111,32 +112,20 @@ struct rpc_conn {
         bool free_pending;
 };
 
-static void close_fd(int fd) {
-        if (fd >= 0) {
-                int saved = errno;
-                (void) close(fd);
-                errno = saved;
-        }
-}
-
 void rpc_fds_clear(struct rpc_fds *f) {
         if (!f)
                 return;
-        for (unsigned i = 0; i < f->n; i++)
-                close_fd(f->fds[i]);
+        if (f->fds)
+                vhu_close_many(f->fds, f->n);
         free(f->fds);
         f->fds = NULL;
         f->n = 0;
 }
 
 int rpc_fds_take(struct rpc_fds *f, unsigned idx) {
-        int fd;
-
         if (!f || idx >= f->n || !f->fds)
                 return -1;
-        fd = f->fds[idx];
-        f->fds[idx] = -1;
-        return fd;
+        return VHU_TAKE_FD(f->fds[idx]);
 }
 
 void rpc_conn_limits_default(struct rpc_conn_limits *l) {
@@ -202,7 +191,7 @@ const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
 
 static void in_fds_close_all(struct rpc_conn *c) {
         for (unsigned i = 0; i < c->in_n; i++)
-                close_fd(c->in_fds[c->in_head + i]);
+                vhu_safe_close(c->in_fds[c->in_head + i]);
         c->in_head = 0;
         c->in_n = 0;
 }
@@ -260,7 +249,7 @@ static struct out_msg *out_msg_free(struct out_msg *m) {
         if (!m)
                 return NULL;
         for (unsigned i = 0; i < m->n_fds; i++)
-                close_fd(m->fds[i]);
+                vhu_safe_close(m->fds[i]);
         free(m->fds);
         free(m);
         return NULL;
@@ -363,7 +352,7 @@ static void out_consume(struct rpc_conn *c, size_t n) {
                 /* the line's first byte is out: its fds went with it */
                 if (m->n_fds > 0) {
                         for (unsigned i = 0; i < m->n_fds; i++)
-                                close_fd(m->fds[i]);
+                                vhu_safe_close(m->fds[i]);
                         c->out_fds -= m->n_fds;
                         m->n_fds = 0;
                 }
@@ -559,7 +548,7 @@ static int dup_fds(const int *fds, unsigned n, int **ret) {
                         int r = -errno;
 
                         while (i > 0)
-                                close_fd(dups[--i]);
+                                vhu_safe_close(dups[--i]);
                         free(dups);
                         return r;
                 }
@@ -604,7 +593,7 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
         room = out_room(c, d.len, n_fds > 0, &m);
         if (!room) {
                 for (unsigned i = 0; i < n_fds; i++)
-                        close_fd(dups[i]);
+                        vhu_safe_close(dups[i]);
                 free(dups);
                 r = -ENOMEM;
                 goto out;
@@ -939,7 +928,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                         int f;
 
                         memcpy(&f, p + i, sizeof(f));
-                        close_fd(f);
+                        vhu_safe_close(f);
                 }
         }
         if (mh.msg_flags & MSG_CTRUNC) {
@@ -996,7 +985,7 @@ static void really_free(struct rpc_conn *c) {
         c->processing = 0;
         in_drop(c);
         out_drop_all(c);
-        close_fd(c->fd);
+        vhu_safe_close(c->fd);
         free(c);
 }
 
@@ -1035,7 +1024,7 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         int flags, r;
 
         if (!base || fd < 0 || !ret) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -EINVAL;
         }
 
@@ -1052,13 +1041,13 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
                         l.max_out_fds = limits->max_out_fds;
         }
         if (l.max_line >= SIZE_MAX / 2) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -EINVAL;
         }
 
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -ENOMEM;
         }
         c->fd = fd;

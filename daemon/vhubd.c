@@ -6,6 +6,7 @@
 #include "vhub-config.h"
 #include "vhub-log.h"
 #include "vhubd.h"
+#include "vhu-fd.h"
 
 /* The JSON-RPC face's options, from the daemon's configuration. */
 static void control_options(const struct vhub_config *config, const struct vhubd_options *o,
@@ -32,6 +33,7 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
         memset(v, 0, sizeof(*v));
         r = vhub_context_init(&v->ctx, base, config);
         if (r < 0) {
+                vhu_safe_close(o->control_listen_fd); /* taken in every case */
                 log_error("cannot set up the daemon's state: %s", strerror(-r));
                 return r;
         }
