@@ -22,6 +22,7 @@
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
 #include "vhu-fd.h"
+#include "vhu-scm.h"
 
 /* the alias table's records (in "fdstore/aliases") */
 enum {
@@ -40,6 +41,8 @@ struct fds_msg;
 
 struct fds_entry {
         struct fds_entry *hnext;                /* name hash chain */
+        bool stash;                             /* a group's stash socket: the manager's
+                                                 * alone (fd -1), in no file index */
         struct fds_entry *primary;              /* ENTRY_ALIAS: whose file it shares */
         struct fds_entry *first_alias;          /* a primary's aliases ... */
         struct fds_entry *alias_next;           /* ... chained here */
@@ -62,6 +65,18 @@ struct fds_msg {
 };
 
 TAILQ_HEAD(fds_queue, fds_msg);
+
+/* A group: the fds of one owner object, stored as one stash socket under
+ * the group's name (docs/restart.md, "Groups"). */
+struct fds_group {
+        struct fds_group *hnext;
+        struct fds_group *dirty_next;   /* on s->dirty while its stash is out of date */
+        bool dirty;
+        int *fds;                       /* the members: their owners' numbers (borrowed) */
+        size_t n, cap;
+        uint32_t hash;
+        char name[];
+};
 
 struct vhub_fdstore {
         bool enabled;
@@ -88,6 +103,11 @@ struct vhub_fdstore {
         struct vhub_snap_file alias_file;       /* fd < 0 until the first alias */
         struct vhub_snap_writer alias_writer;
         bool alias_file_failed;
+
+        struct fds_group **gbuckets;
+        size_t n_gbuckets, n_groups, n_members;
+        struct fds_group *dirty;                /* stashes to rebuild at the next sync */
+        struct event *ev_sync;                  /* activated when a group changes */
 };
 
 bool vhub_fdstore_name_valid(const char *name) {
@@ -294,7 +314,7 @@ static int files_rebuild(struct vhub_fdstore *s) {
                 return r;
         for (size_t i = 0; i < s->n_buckets; i++)
                 for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
-                        if (e->state != ENTRY_STORED)
+                        if (e->state != ENTRY_STORED || e->stash)
                                 continue;
                         r = entry_inode(e);
                         if (r < 0) {
@@ -338,7 +358,7 @@ static void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
         size_t pos = s->n_files;
         bool same = false;
 
-        if (!s->files_valid)
+        if (!s->files_valid || e->stash)
                 return;
         if (files_search(s, e->fd, e->dev, e->ino, &pos, &same) < 0 || !same || s->files[pos] != e)
                 for (pos = 0; pos < s->n_files && s->files[pos] != e; pos++)
@@ -357,25 +377,12 @@ static void msg_free(struct fds_msg *m) {
 }
 
 static int sock_send(struct vhub_fdstore *s, const char *text, size_t len, int fd) {
-        union {
-                struct cmsghdr h;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
-        } control;
+        VHU_SCM_BUF(control, 1);
         struct iovec iov = { .iov_base = (void *) text, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 
-        if (fd >= 0) {
-                struct cmsghdr *c;
-
-                memset(&control, 0, sizeof(control));
-                mh.msg_control = control.buf;
-                mh.msg_controllen = sizeof(control.buf);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fd, sizeof(int));
-        }
+        if (fd >= 0)
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), &fd, 1);
         /* the manager learns our pid from SCM_CREDENTIALS, which the kernel
          * adds because its socket has SO_PASSCRED */
         for (;;) {
@@ -499,8 +506,10 @@ static int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd
         return 0;
 }
 
-/* Hand e (a new primary whose file is not stored) to the manager. */
-static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+/* Hand e (a new primary whose file is not stored) to the manager: its own
+ * fd, inserted at pos of the file index, or for a stash entry the stash
+ * socket fd (which the manager alone keeps: the caller closes its copy). */
+static void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd) {
         int r;
 
         if (s->n_stored >= s->max_fds) {
@@ -511,11 +520,13 @@ static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos)
                 r = -E2BIG;     /* the next exec would fail: LISTEN_FDNAMES too long */
                 goto fail;
         }
-        r = files_insert(s, e, pos);
-        if (r < 0)
-                goto fail;
+        if (!e->stash) {
+                r = files_insert(s, e, pos);
+                if (r < 0)
+                        goto fail;
+        }
         stored_add(s, e);
-        r = msg_send(s, e, e->fd, MSG_PUSH, e->name);
+        r = msg_send(s, e, fd, MSG_PUSH, e->name);
         if (r < 0)
                 entry_set_failed(s, e, r);
         return;
@@ -524,6 +535,10 @@ fail:
         s->n_failed++;
         s->stats.push_failures++;
         log_warning("fd store: %s not stored (%s): it will not survive a restart", e->name, strerror(-r));
+}
+
+static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+        entry_store_fd(s, e, pos, e->fd);
 }
 
 /* ---- the alias table */
@@ -593,6 +608,9 @@ static void alias_detach(struct vhub_fdstore *s, struct fds_entry *e) {
 
 /* ---- the public calls */
 
+static void sync_cb(evutil_socket_t fd, short what, void *userdata);
+static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name);
+
 int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options *o,
                      struct vhub_fdstore **ret) {
         const char *path = o && o->notify_socket ? o->notify_socket : getenv("NOTIFY_SOCKET");
@@ -661,7 +679,8 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
         }
         if (base) {
                 s->ev_write = event_new(base, s->sock, EV_WRITE, write_cb, s);
-                if (!s->ev_write) {
+                s->ev_sync = event_new(base, -1, 0, sync_cb, s);
+                if (!s->ev_write || !s->ev_sync) {
                         r = -ENOMEM;
                         goto fail;
                 }
@@ -693,6 +712,18 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
         }
         free(s->buckets);
         free(s->files);
+        for (size_t i = 0; i < s->n_gbuckets; i++) {
+                struct fds_group *g = s->gbuckets[i], *next;
+
+                for (; g; g = next) {
+                        next = g->hnext;
+                        free(g->fds);
+                        free(g);
+                }
+        }
+        free(s->gbuckets);
+        if (s->ev_sync)
+                event_free(s->ev_sync);
         if (s->ev_write)
                 event_free(s->ev_write);
         s->sock = vhu_safe_close(s->sock);
@@ -717,7 +748,7 @@ static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
                 return -EINVAL;
         if (fd < 0)
                 return -EBADF;
-        if (entry_find(s, name))
+        if (entry_find(s, name) || group_find(s, name))
                 return -EEXIST;
         if (fstat(fd, &st) < 0)
                 return -errno;
@@ -857,6 +888,8 @@ void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_st
         ret->aliases = s->n_aliases;
         ret->failed = s->n_failed;
         ret->queued = s->queued;
+        ret->groups = s->n_groups;
+        ret->group_members = s->n_members;
 }
 
 int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
@@ -864,6 +897,7 @@ int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
 
         if (!vhub_fdstore_enabled(s))
                 return 0;
+        vhub_fdstore_sync(s);
         clock_gettime(CLOCK_MONOTONIC, &start);
         for (;;) {
                 struct pollfd p = { .fd = s->sock, .events = POLLOUT };
@@ -880,6 +914,274 @@ int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
                 if (poll(&p, 1, (int) left) < 0 && errno != EINTR)
                         return -errno;
         }
+}
+
+
+/* ---- groups: an owner's fds in one stash socket under one short name
+ *
+ * The members are sent (SCM_RIGHTS, in order) into one end of a fresh
+ * SOCK_SEQPACKET socketpair, that end is closed, and the other -- whose
+ * queue now holds them -- is what the manager stores under the group's
+ * name.  LISTEN_FDNAMES then counts groups, not fds, and no two stored
+ * fds are ever the same open file (systemd's same_fd() has nothing to
+ * drop: an fd two owners share is simply in both stashes).  A change
+ * marks the group dirty; the stash is rebuilt once, after the loop's
+ * current callback (or at vhub_fdstore_sync()): removed, then pushed again.
+ */
+
+static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name) {
+        uint32_t h;
+
+        if (!s->n_gbuckets)
+                return NULL;
+        h = name_hash(name);
+        for (struct fds_group *g = s->gbuckets[h & (s->n_gbuckets - 1)]; g; g = g->hnext)
+                if (g->hash == h && strcmp(g->name, name) == 0)
+                        return g;
+        return NULL;
+}
+
+static int group_table_grow(struct vhub_fdstore *s) {
+        size_t n = s->n_gbuckets ? s->n_gbuckets * 2 : 256;
+        struct fds_group **b = calloc(n, sizeof(*b));
+
+        if (!b)
+                return -ENOMEM;
+        for (size_t i = 0; i < s->n_gbuckets; i++) {
+                struct fds_group *g = s->gbuckets[i], *next;
+
+                for (; g; g = next) {
+                        next = g->hnext;
+                        g->hnext = b[g->hash & (n - 1)];
+                        b[g->hash & (n - 1)] = g;
+                }
+        }
+        free(s->gbuckets);
+        s->gbuckets = b;
+        s->n_gbuckets = n;
+        return 0;
+}
+
+static int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
+        size_t len = strlen(name);
+        struct fds_group *g;
+        int r;
+
+        if (s->n_groups >= s->n_gbuckets) {
+                r = group_table_grow(s);
+                if (r < 0)
+                        return r;
+        }
+        g = calloc(1, sizeof(*g) + len + 1);
+        if (!g)
+                return -ENOMEM;
+        memcpy(g->name, name, len + 1);
+        g->hash = name_hash(name);
+        g->hnext = s->gbuckets[g->hash & (s->n_gbuckets - 1)];
+        s->gbuckets[g->hash & (s->n_gbuckets - 1)] = g;
+        s->n_groups++;
+        *ret = g;
+        return 0;
+}
+
+static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
+        struct fds_group **pp = &s->gbuckets[g->hash & (s->n_gbuckets - 1)];
+
+        for (; *pp; pp = &(*pp)->hnext)
+                if (*pp == g) {
+                        *pp = g->hnext;
+                        break;
+                }
+        s->n_groups--;
+        free(g->fds);
+        free(g);
+}
+
+static void group_mark_dirty(struct vhub_fdstore *s, struct fds_group *g) {
+        if (!g->dirty) {
+                g->dirty = true;
+                g->dirty_next = s->dirty;
+                s->dirty = g;
+        }
+        if (s->ev_sync)
+                event_active(s->ev_sync, EV_TIMEOUT, 0);
+}
+
+/* A stash holding the members: the end to store, or -errno. */
+static int group_make_stash(const struct fds_group *g) {
+        int sv[2];
+
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+                return -errno;
+        for (size_t i = 0; i < g->n; i += VHU_SCM_MAX_FDS) {
+                VHU_SCM_BUF(control, VHU_SCM_MAX_FDS);
+                size_t k = g->n - i < VHU_SCM_MAX_FDS ? g->n - i : VHU_SCM_MAX_FDS;
+                char byte = 0;
+                struct iovec iov = { &byte, 1 };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+                ssize_t n;
+
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), g->fds + i, k);
+                do
+                        n = sendmsg(sv[0], &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                while (n < 0 && errno == EINTR);
+                if (n != 1) {
+                        /* EBADF: a member closed before it left the group
+                         * (the owner's bug); ETOOMANYREFS: the in-flight
+                         * limit (RLIMIT_NOFILE without CAP_SYS_RESOURCE) */
+                        int r = n < 0 ? -errno : -EIO;
+
+                        vhu_safe_close(sv[0]);
+                        vhu_safe_close(sv[1]);
+                        return r;
+                }
+        }
+        vhu_safe_close(sv[0]);  /* the queue stays readable at the other end */
+        return sv[1];
+}
+
+/* Bring g's stash in line with its members: remove the stored one, push a
+ * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
+static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
+        struct fds_entry *e = entry_find(s, g->name);
+        int fd = -1, r;
+
+        if (e)
+                remove_internal(s, e, true);
+        if (g->n == 0) {
+                group_unlink_free(s, g);
+                return;
+        }
+        r = entry_new(s, g->name, -1, &e);
+        if (r < 0) {
+                log_warning("fd store: group %s not stored (%s): it will not survive a restart", g->name,
+                            strerror(-r));
+                return;
+        }
+        e->stash = true;
+        fd = group_make_stash(g);
+        if (fd < 0) {
+                e->state = ENTRY_FAILED;
+                s->n_failed++;
+                s->stats.push_failures++;
+                log_warning("fd store: group %s (%zu fds) not stored (%s): it will not survive a restart",
+                            g->name, g->n, strerror(-fd));
+                return;
+        }
+        entry_store_fd(s, e, 0, fd);
+        vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
+}
+
+void vhub_fdstore_sync(struct vhub_fdstore *s) {
+        struct fds_group *g;
+
+        if (!vhub_fdstore_enabled(s))
+                return;
+        while ((g = s->dirty)) {
+                s->dirty = g->dirty_next;
+                g->dirty_next = NULL;
+                g->dirty = false;
+                group_stash(s, g);
+        }
+}
+
+static void sync_cb(evutil_socket_t fd, short what, void *userdata) {
+        vhub_fdstore_sync(userdata);
+}
+
+static int group_check(const char *group, int fd) {
+        if (!vhub_fdstore_name_valid(group) || name_reserved(group))
+                return -EINVAL;
+        return fd < 0 ? -EBADF : 0;
+}
+
+int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
+        struct fds_group *g;
+        int r = group_check(group, fd);
+
+        if (r < 0 || !vhub_fdstore_enabled(s))
+                return r;
+        g = group_find(s, group);
+        if (!g) {
+                if (entry_find(s, group))
+                        return -EEXIST; /* a single fd's name */
+                r = group_new(s, group, &g);
+                if (r < 0)
+                        return r;
+        }
+        for (size_t i = 0; i < g->n; i++)
+                if (g->fds[i] == fd)
+                        return -EEXIST;
+        if (g->n == g->cap) {
+                size_t cap = g->cap ? g->cap * 2 : 4;
+                int *p = reallocarray(g->fds, cap, sizeof(*p));
+
+                if (!p) {
+                        if (g->n == 0 && !g->dirty)
+                                group_unlink_free(s, g);
+                        return -ENOMEM;
+                }
+                g->fds = p;
+                g->cap = cap;
+        }
+        g->fds[g->n++] = fd;
+        s->n_members++;
+        s->stats.pushes++;
+        group_mark_dirty(s, g);
+        return 0;
+}
+
+int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+        struct fds_group *g;
+        int r = group_check(group, fd);
+
+        if (r < 0 || !vhub_fdstore_enabled(s))
+                return r;
+        g = group_find(s, group);
+        for (size_t i = 0; g && i < g->n; i++) {
+                if (g->fds[i] != fd)
+                        continue;
+                /* the order is kept: it is the stash's, which a restore returns */
+                memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
+                g->n--;
+                s->n_members--;
+                s->stats.removes++;
+                group_mark_dirty(s, g);
+                return 0;
+        }
+        return -ENOENT;
+}
+
+size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group) {
+        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+
+        return g ? g->n : 0;
+}
+
+int vhub_fd_key_of(int fd, struct vhub_fd_key *ret) {
+        char path[64], line[128];
+        struct stat st;
+        FILE *f;
+
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        *ret = (struct vhub_fd_key){ .dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino };
+        /* every eventfd shares one anonymous inode: the kernel's own id
+         * (Linux >= 6.0 shows "eventfd-id:") tells them apart */
+        snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+        f = fopen(path, "re");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f)) {
+                unsigned long long id;
+
+                if (sscanf(line, "eventfd-id: %llu", &id) == 1) {
+                        ret->eventfd_id = (uint64_t)id + 1; /* 0 stays "none" */
+                        break;
+                }
+        }
+        fclose(f);
+        return 0;
 }
 
 /* ---- restore */
@@ -1190,6 +1492,91 @@ int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
                 return -ENOENT;
         re->taken = true;
         return VHU_TAKE_FD(re->fd);
+}
+
+int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
+                            struct vhub_fdstore_member **ret, size_t *ret_n) {
+        struct vhub_fdstore *s = r->store;
+        struct vhub_fdstore_member *m = NULL;
+        size_t n = 0, cap = 0;
+        int stash, k = 0;
+
+        stash = vhub_fdstore_take(r, group);
+        if (stash < 0)
+                return stash;
+        for (;;) {
+                int fds[VHU_SCM_MAX_FDS];
+                struct vhu_scm_received got;
+                char byte;
+                struct iovec iov = { &byte, 1 };
+                ssize_t x = vhu_scm_recv(stash, &iov, 1, VHU_SCM_MAX_FDS, fds, VHU_SCM_MAX_FDS, &got);
+
+                if (x == -EAGAIN || x == 0)
+                        break;  /* every message read (the writing end is closed: EOF) */
+                if (x < 0 || got.truncated || n + got.n_fds < n) {
+                        vhu_close_many(fds, got.n_fds);
+                        k = x < 0 ? (int)x : -EPROTO;
+                        break;
+                }
+                if (n + got.n_fds > cap) {
+                        size_t c = cap ? cap : 16;
+                        struct vhub_fdstore_member *p;
+
+                        while (c < n + got.n_fds)
+                                c *= 2;
+                        p = reallocarray(m, c, sizeof(*m));
+                        if (!p) {
+                                vhu_close_many(fds, got.n_fds);
+                                k = -ENOMEM;
+                                break;
+                        }
+                        m = p;
+                        cap = c;
+                }
+                for (unsigned i = 0; i < got.n_fds; i++) {
+                        m[n].fd = fds[i];
+                        if (vhub_fd_key_of(fds[i], &m[n].key) < 0)
+                                m[n].key = (struct vhub_fd_key){ 0 };
+                        n++;
+                }
+        }
+        vhu_safe_close(stash);
+        if (k < 0) {
+                for (size_t i = 0; i < n; i++)
+                        vhu_safe_close(m[i].fd);
+                free(m);
+                return k;
+        }
+        if (s) {
+                /* reading emptied the manager's stash too (one socket, one
+                 * queue): store the group again now, its members the
+                 * caller's fds, which stay open under these numbers */
+                struct fds_entry *e = entry_find(s, group);
+                struct fds_group *g = NULL;
+
+                if (e) {
+                        e->stash = true;
+                        e->fd = -1;     /* closed above */
+                }
+                if (group_new(s, group, &g) < 0 || (n > 0 && !(g->fds = malloc(n * sizeof(*g->fds))))) {
+                        if (g)
+                                group_unlink_free(s, g);
+                        if (e)
+                                remove_internal(s, e, true);
+                        log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
+                                    group);
+                } else {
+                        for (size_t i = 0; i < n; i++)
+                                g->fds[i] = m[i].fd;
+                        g->n = g->cap = n;
+                        s->n_members += n;
+                        group_mark_dirty(s, g);
+                        vhub_fdstore_sync(s);
+                }
+        }
+        *ret = m;
+        *ret_n = n;
+        return 0;
 }
 
 int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
