@@ -345,6 +345,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) closed: %s",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
         control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
+        vhub_fd_untrack(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         c->rpc = rpc_conn_free(c->rpc);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
@@ -560,6 +561,8 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id, "");
+        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
@@ -742,6 +745,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 }
                 s->listen_fd = r;
                 s->path = strdup(o->path);
+                /* an inherited one is the socket unit's to keep */
+                vhub_fd_track(ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
         }
         s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
         s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
@@ -783,6 +788,8 @@ struct control_server *control_server_free(struct control_server *s) {
                 event_free(s->ev_trim);
         s->spare_fd = vhu_safe_close(s->spare_fd);
         json_decref(s->discover);
+        if (s->path)
+                vhub_fd_untrack(s->ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
         s->listen_fd = vhu_safe_close(s->listen_fd);
         if (s->path) {
                 (void)unlink(s->path);
@@ -790,6 +797,31 @@ struct control_server *control_server_free(struct control_server *s) {
         }
         free(s);
         return NULL;
+}
+
+struct conn_visit {
+        const struct control_conn *c;
+        const struct vhub_fd_visitor *v;
+};
+
+static void conn_fd(int fd, const char *what, void *userdata) {
+        const struct conn_visit *cv = userdata;
+        unsigned long long id = (unsigned long long)cv->c->id;
+
+        if (what)
+                vhub_fd_visit(cv->v, fd, NULL, "ctl/conn/%llu/%s", id, what);
+        else
+                vhub_fd_visit(cv->v, fd, cv->c->fd_group, "ctl/conn/%llu", id);
+}
+
+void control_server_foreach_fd(const struct control_server *s, const struct vhub_fd_visitor *v) {
+        const struct control_conn *c;
+
+        vhub_fd_visit(v, s->listen_fd, s->path ? VHUB_FD_GROUP_LISTENER : NULL, "ctl/listen");
+        vhub_fd_visit(v, s->spare_fd, NULL, "ctl/spare");
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc)
+                        rpc_conn_foreach_fd(c->rpc, conn_fd, &(struct conn_visit){ c, v });
 }
 
 unsigned control_server_n_connections(const struct control_server *s) {

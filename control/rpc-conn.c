@@ -140,6 +140,18 @@ unsigned rpc_conn_fds_held(const struct rpc_conn *c) {
         return (c->fd >= 0 ? 1 : 0) + vhub_frame_in_queued_fds(&c->in) + c->out.n_fds;
 }
 
+int rpc_conn_fd(const struct rpc_conn *c) {
+        return c->fd;
+}
+
+void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char *what, void *userdata),
+                         void *userdata) {
+        if (c->fd >= 0)
+                fn(c->fd, NULL, userdata);
+        vhub_frame_in_foreach_fd(&c->in, fn, userdata);
+        vhub_frame_out_foreach_fd(&c->out, fn, userdata);
+}
+
 static size_t memory_now(const struct rpc_conn *c) {
         return vhub_frame_in_buffer_size(&c->in) + c->out.bytes;
 }

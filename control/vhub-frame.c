@@ -36,6 +36,11 @@ void vhub_frame_in_done(struct vhub_frame_in *f) {
         vhub_frame_in_init(f, f->max_line, f->max_fds);
 }
 
+void vhub_frame_in_foreach_fd(const struct vhub_frame_in *f, vhub_frame_fd_fn fn, void *userdata) {
+        for (unsigned i = 0; i < f->n_fds; i++)
+                fn(f->fds[f->fd_head + i], "in", userdata);
+}
+
 unsigned vhub_frame_in_queued_fds(const struct vhub_frame_in *f) {
         return f->n_fds;
 }
@@ -230,6 +235,12 @@ void vhub_frame_out_done(struct vhub_frame_out *o) {
 
 bool vhub_frame_out_pending(const struct vhub_frame_out *o) {
         return o->head != NULL;
+}
+
+void vhub_frame_out_foreach_fd(const struct vhub_frame_out *o, vhub_frame_fd_fn fn, void *userdata) {
+        for (const struct vhub_frame_chunk *k = o->head; k; k = k->next)
+                for (unsigned i = 0; i < k->n_fds; i++)
+                        fn(k->fds[i], "out", userdata);
 }
 
 struct encode_buf {

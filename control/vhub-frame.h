@@ -81,6 +81,12 @@ size_t vhub_frame_in_buffer_size(const struct vhub_frame_in *f);
 /* Close every queued fd (nothing will claim them). */
 void vhub_frame_in_drop_fds(struct vhub_frame_in *f);
 
+/* For the owner's inventory of its fds: fn(fd, "in", userdata) for each
+ * queued fd; vhub_frame_out_foreach_fd(): fn(fd, "out", userdata) for each
+ * dup waiting to go. */
+typedef void (*vhub_frame_fd_fn)(int fd, const char *what, void *userdata);
+void vhub_frame_in_foreach_fd(const struct vhub_frame_in *f, vhub_frame_fd_fn fn, void *userdata);
+
 struct vhub_frame_chunk;
 
 struct vhub_frame_out {
@@ -117,6 +123,7 @@ int vhub_frame_out_queue(struct vhub_frame_out *o, const struct iovec *parts, un
 int vhub_frame_out_flush(struct vhub_frame_out *o, int sockfd);
 
 bool vhub_frame_out_pending(const struct vhub_frame_out *o);
+void vhub_frame_out_foreach_fd(const struct vhub_frame_out *o, vhub_frame_fd_fn fn, void *userdata);
 
 /* Take back line seq if none of it was written: 0; -EBUSY if it is partly
  * written or shares its chunk; -ENOENT if it is out or unknown. */

@@ -331,3 +331,14 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
         free(ch);
         return NULL;
 }
+
+int vhub_backend_channel_fd(const struct vhub_backend_channel *ch) {
+        return ch->fd;
+}
+
+void vhub_backend_channel_foreach_fd(const struct vhub_backend_channel *ch, vhu_fd_fn fn, void *userdata) {
+        if (ch->fd >= 0)
+                fn(ch->fd, NULL, userdata);
+        vhu_reader_foreach_fd(&ch->reader, fn, userdata);
+        vhu_writer_foreach_fd(&ch->writer, fn, userdata);
+}

@@ -367,3 +367,10 @@ bool vhub_bconn_is_lost(const struct vhub_bconn *c) {
 int vhub_bconn_fd(const struct vhub_bconn *c) {
         return c->fd;
 }
+
+void vhub_bconn_foreach_fd(const struct vhub_bconn *c, vhu_fd_fn fn, void *userdata) {
+        if (c->fd >= 0)
+                fn(c->fd, NULL, userdata);
+        vhu_reader_foreach_fd(&c->reader, fn, userdata);
+        vhu_writer_foreach_fd(&c->writer, fn, userdata);
+}

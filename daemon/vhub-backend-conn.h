@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_bconn;
@@ -56,5 +57,8 @@ int vhub_bconn_send_awaiting(struct vhub_bconn *c, const struct vhu_msg *m, uint
 unsigned vhub_bconn_awaiting(const struct vhub_bconn *c);
 bool vhub_bconn_is_lost(const struct vhub_bconn *c);
 int vhub_bconn_fd(const struct vhub_bconn *c);
+/* Every fd c holds: its socket (what NULL), a partial reply's ("in") and
+ * the writer's dups ("out"). */
+void vhub_bconn_foreach_fd(const struct vhub_bconn *c, vhu_fd_fn fn, void *userdata);
 /* Declare the connection lost now (e.g. a semantic error in a reply). */
 void vhub_bconn_fail(struct vhub_bconn *c, bool timeout, uint32_t request, const char *reason);

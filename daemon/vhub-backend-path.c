@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "vhub-backend-path.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-path-beneath.h"
 #include "vhu-fd.h"
@@ -64,6 +65,11 @@ int vhub_backend_dirs_new(const struct vhub_config *cfg, struct vhub_backend_dir
 fail:
         vhub_backend_dirs_free(dirs);
         return -ENOMEM;
+}
+
+void vhub_backend_dirs_foreach_fd(const struct vhub_backend_dirs *dirs, const struct vhub_fd_visitor *v) {
+        for (size_t i = 0; dirs && i < dirs->n; i++)
+                vhub_fd_visit(v, dirs->fds[i], NULL, "daemon/backend-dir/%zu", i);
 }
 
 struct vhub_backend_dirs *vhub_backend_dirs_free(struct vhub_backend_dirs *dirs) {
@@ -482,6 +488,10 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
         *ret_listener = l;
         *ret_path = resolved;
         return fd;
+}
+
+int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l) {
+        return l ? l->dir_fd : -1;
 }
 
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,

@@ -255,7 +255,18 @@ int device_channel_open(struct vhub_device *d, int fd) {
                 .device = d->name,
                 .uid = d->vm->uid,
         };
+        int r;
 
+        device_channel_close(d);
+        r = vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
+        if (r < 0)
+                return r;
+        device_fd_track(d, vhub_backend_channel_fd(d->channel), "chan");
+        return 0;
+}
+
+void device_channel_close(struct vhub_device *d) {
+        if (d->channel)
+                device_fd_untrack(d, vhub_backend_channel_fd(d->channel), "chan");
         d->channel = vhub_backend_channel_free(d->channel);
-        return vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
 }

@@ -737,6 +737,22 @@ bool vhub_fdstore_enabled(const struct vhub_fdstore *s) {
         return s && s->enabled;
 }
 
+void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
+                             void (*fn)(int fd, const char *what, const char *stored_as, void *userdata),
+                             void *userdata) {
+        const struct fds_msg *m;
+
+        if (!s)
+                return;
+        if (s->sock >= 0)
+                fn(s->sock, "notify", NULL, userdata);
+        TAILQ_FOREACH(m, &s->queue, link)
+                if (m->fd >= 0)
+                        fn(m->fd, "queued", NULL, userdata);
+        if (s->alias_file.fd >= 0)
+                fn(s->alias_file.fd, "aliases", VHUB_FDSTORE_ALIASES, userdata);
+}
+
 static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
         struct fds_entry *e;
         struct stat st;
@@ -1576,6 +1592,33 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
         }
         *ret = m;
         *ret_n = n;
+        return 0;
+}
+
+int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group) {
+        struct fds_entry *e;
+        int stash = vhub_fdstore_take(r, group);
+
+        if (stash < 0)
+                return stash;
+        for (;;) {
+                int fds[VHU_SCM_MAX_FDS];
+                struct vhu_scm_received got;
+                char byte;
+                struct iovec iov = { &byte, 1 };
+                ssize_t x = vhu_scm_recv(stash, &iov, 1, VHU_SCM_MAX_FDS, fds, VHU_SCM_MAX_FDS, &got);
+
+                vhu_close_many(fds, got.n_fds);
+                if (x <= 0)
+                        break;
+        }
+        vhu_safe_close(stash);
+        e = r->store ? entry_find(r->store, group) : NULL;
+        if (e) {
+                e->stash = true;        /* its fd was the stash, closed above */
+                e->fd = -1;
+                remove_internal(r->store, e, true);
+        }
         return 0;
 }
 

@@ -136,6 +136,12 @@ struct vhub_fdstore_stats {
 };
 void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_stats *ret);
 
+/* The fds the store itself holds, for the daemon's inventory: what ("notify",
+ * "queued", "aliases") and the name it is stored under (NULL: none). */
+void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
+                             void (*fn)(int fd, const char *what, const char *stored_as, void *userdata),
+                             void *userdata);
+
 /* Send what is queued, waiting at most timeout_ms for the socket (planned
  * shutdown only: this blocks).  0, or -ETIMEDOUT with messages left. */
 int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms);
@@ -167,6 +173,11 @@ struct vhub_fdstore_member {
 };
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n);
+/* A group nobody restores: its fds closed now (what they hold -- a
+ * listening socket, a back-end's connection -- goes at once, not whenever
+ * the manager gets to the removal) and its name removed from the store.
+ * 0, or -ENOENT if the name was not passed, or taken. */
+int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group);
 /* Close every fd nobody took and remove it from the manager's store (stale
  * names); frees r.  Returns how many were stale. */
 int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r);

@@ -32,6 +32,10 @@ struct vhub_socket_watcher {
         LIST_HEAD(, vhub_socket_watch) watches;
 };
 
+int vhub_socket_watcher_fd(const struct vhub_socket_watcher *w) {
+        return w->fd;
+}
+
 /* Whether any watch that was not removed is in directory wd (wd < 0: in any). */
 static bool watcher_uses(const struct vhub_socket_watcher *w, int wd) {
         const struct vhub_socket_watch *x;

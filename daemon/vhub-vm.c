@@ -26,8 +26,56 @@
 #include "vhu-fd.h"
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
+static void vm_log_close(struct vhub_vm *vm);
 
 #define vm_log(vm, level, ...) vhub_log_vm((level), (vm), __VA_ARGS__)
+
+/* The VM's fds join and leave its groups as it takes and closes them
+ * (vhub-fd-track.h); fmt names them below "vm/<uid>/<vm>/". */
+#define vm_fd_track(vm, group, fd, fmt, ...)                                                     \
+        vhub_fd_track((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name, \
+                      ##__VA_ARGS__)
+#define vm_fd_untrack(vm, group, fd, fmt, ...)                                                   \
+        vhub_fd_untrack((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid,           \
+                        (vm)->name, ##__VA_ARGS__)
+#define vm_fd_visit(vm, v, fd, group, fmt, ...)                                                  \
+        vhub_fd_visit((v), (fd), (group), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name,       \
+                      ##__VA_ARGS__)
+
+static void vm_region_untrack(struct vhub_vm *vm, const struct vhub_region *r) {
+        vm_fd_untrack(vm, vm->fd_group, r->fd, "region/%llu", (unsigned long long)r->id);
+}
+
+static void vm_shared_untrack(struct vhub_vm *vm, const struct vhub_shared_object *o) {
+        char u[37];
+
+        if (o->fd < 0)
+                return;
+        vhub_uuid_format(o->uuid, u);
+        vm_fd_untrack(vm, vm->fd_group_shared, o->fd, "shared/%s", u);
+}
+
+void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *v) {
+        const struct vhub_mem_op *mop;
+        const struct vhub_device *d;
+        char u[37];
+
+        for (size_t i = 0; i < vm->mem.n; i++)
+                vm_fd_visit(vm, v, vm->mem.regions[i].fd, vm->fd_group, "region/%llu",
+                            (unsigned long long)vm->mem.regions[i].id);
+        TAILQ_FOREACH(mop, &vm->mem_ops, link)
+                vm_fd_visit(vm, v, mop->region.fd, NULL, "region/%llu", (unsigned long long)mop->region.id);
+        vm_fd_visit(vm, v, vm->log_fd, vm->fd_group, "log");
+        for (size_t i = 0; i < vm->shared.n; i++) {
+                vhub_uuid_format(vm->shared.objects[i].uuid, u);
+                vm_fd_visit(vm, v, vm->shared.objects[i].fd, vm->fd_group_shared, "shared/%s", u);
+        }
+        for (unsigned i = 0; vm->postcopy_batch && i < vm->postcopy_batch->n_postcopy; i++)
+                vm_fd_visit(vm, v, vm->postcopy_batch->postcopy[i].ufd, NULL, "postcopy/%s",
+                            vm->postcopy_batch->postcopy[i].device);
+        TAILQ_FOREACH(d, &vm->devices, link)
+                vhub_device_foreach_fd(d, v);
+}
 
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
         struct vhub_vm *vm;
@@ -86,6 +134,9 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         if (!vm)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         vm->ctx = ctx;
+        vm->id = ++ctx->next_vm_id;
+        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id, "");
+        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_VM, vm->id, "s");
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
         vm->owner = owner;
@@ -159,8 +210,12 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_context_counts_changed(vm->ctx);
         vm_log(vm, LOG_INFO, "VM destroyed");
         event_free(vm->linger_timer);
+        for (size_t i = 0; i < vm->shared.n; i++)
+                vm_shared_untrack(vm, &vm->shared.objects[i]);
         vhub_shared_table_done(&vm->shared);
-        vm->log_fd = vhu_safe_close(vm->log_fd);
+        vm_log_close(vm);
+        for (size_t i = 0; i < vm->mem.n; i++)
+                vm_region_untrack(vm, &vm->mem.regions[i]);
         vhub_mem_table_done(&vm->mem);
         vhub_cred_done(&vm->cred);
         free(vm);
@@ -350,11 +405,14 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                                 vhub_error_set(&op->error, VHUB_ERR_INTERNAL, "out of memory");
                                 op->failed = true;
                         } else {
+                                vm_fd_track(vm, vm->fd_group, vm->mem.regions[vm->mem.n - 1].fd,
+                                            "region/%llu", (unsigned long long)op->region.id);
                                 vm_log(vm, LOG_INFO, "memory region gpa 0x%llx size 0x%llx added",
                                        (unsigned long long)op->region.gpa,
                                        (unsigned long long)op->region.size);
                         }
                 } else {
+                        vm_region_untrack(vm, vhub_mem_table_find_gpa(&vm->mem, op->region.gpa));
                         vhub_mem_table_remove(&vm->mem, op->region.gpa, NULL);
                         vm_log(vm, LOG_INFO, "memory region gpa 0x%llx removed",
                                (unsigned long long)op->region.gpa);
@@ -602,6 +660,7 @@ fail:
 static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
 
 static void vm_log_close(struct vhub_vm *vm) {
+        vm_fd_untrack(vm, vm->fd_group, vm->log_fd, "log");
         vm->log_fd = vhu_safe_close(vm->log_fd);
         vm->log_size = 0;
 }
@@ -738,6 +797,7 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
         b->kind = VHUB_BATCH_LOG_START;
         b->call = call;
         vm->log_fd = fd;
+        vm_fd_track(vm, vm->fd_group, vm->log_fd, "log");
         vm->log_size = size;
         vm->logging = true;
         vm->log_batch = b;
@@ -786,6 +846,7 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
                                               vm->name, vm->ctx->config->limits.shared_objects_per_vm);
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         }
+        vm_fd_track(vm, vm->fd_group_shared, vhub_shared_table_find(&vm->shared, uuid)->fd, "shared/%s", u);
         vm_log(vm, LOG_DEBUG, "shared object %s exported by the VMM", u);
         return 0;
 }
@@ -801,6 +862,7 @@ int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhu
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "shared object %s was exported by device %s; only its exporter removes it",
                                       u, o->device->name);
+        vm_shared_untrack(vm, o);
         vhub_shared_table_remove(&vm->shared, uuid, NULL);
         return 0;
 }

@@ -36,6 +36,12 @@ void vhu_reader_init(struct vhu_reader *r) {
         r->got = 0;
 }
 
+void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userdata) {
+        for (unsigned i = 0; i < r->msg.n_fds && i < VHU_MAX_FDS; i++)
+                if (r->msg.fds[i] >= 0)
+                        fn(r->msg.fds[i], "in", userdata);
+}
+
 void vhu_reader_reset(struct vhu_reader *r) {
         vhu_msg_clear(&r->msg);
         r->got = 0;
@@ -162,6 +168,13 @@ void vhu_writer_clear(struct vhu_writer *w) {
 
 bool vhu_writer_pending(const struct vhu_writer *w) {
         return w->head != NULL;
+}
+
+void vhu_writer_foreach_fd(const struct vhu_writer *w, vhu_fd_fn fn, void *userdata) {
+        for (const struct vhu_writer_item *item = w->head; item; item = item->next)
+                for (unsigned i = 0; i < item->n_fds; i++)
+                        if (item->fds[i] >= 0)
+                                fn(item->fds[i], "out", userdata);
 }
 
 /* A message the writer can put on the wire: in bounds, every fd valid. */
@@ -308,9 +321,12 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                 if (n == 0)
                         return -EAGAIN; /* nothing taken: wait for writability */
 
-                /* The fds went with the first byte of this chunk. */
-                if (with_fds)
+                /* The fds went with the first byte of this chunk: the
+                 * kernel holds its own copies from here on */
+                if (with_fds) {
                         item->fds_sent = true;
+                        vhu_close_many(item->fds, item->n_fds);
+                }
                 item->off += (size_t) n;
                 w->n_bytes -= (size_t) n;
                 if (item->off == item->len)
