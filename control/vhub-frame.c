@@ -424,23 +424,22 @@ int vhub_frame_out_flush(struct vhub_frame_out *o, int sockfd) {
 }
 
 int vhub_frame_out_drop(struct vhub_frame_out *o, uint64_t seq) {
-        struct vhub_frame_chunk *prev = NULL;
+        struct vhub_frame_chunk *prev = NULL, *k = o->head;
 
         if (seq <= o->sent_seq)
                 return -ENOENT;
-        for (struct vhub_frame_chunk *k = o->head; k; prev = k, k = k->next) {
-                if (seq < k->first_seq || seq > k->last_seq)
-                        continue;
-                if (k->off > 0 || k->first_seq != k->last_seq)
-                        return -EBUSY;
-                if (prev)
-                        prev->next = k->next;
-                else
-                        o->head = k->next;
-                if (o->tail == k)
-                        o->tail = prev;
-                chunk_free(o, k);
-                return 0;
+        /* chunks hold ascending numbers: the one that could hold seq */
+        while (k && k->last_seq < seq) {
+                prev = k;
+                k = k->next;
         }
-        return -ENOENT;
+        if (!k || k->first_seq > seq)
+                return -ENOENT;
+        if (k->off > 0 || k->first_seq != k->last_seq)
+                return -EBUSY;
+        *(prev ? &prev->next : &o->head) = k->next;
+        if (o->tail == k)
+                o->tail = prev;
+        chunk_free(o, k);
+        return 0;
 }

@@ -337,8 +337,5 @@ int vhub_backend_channel_fd(const struct vhub_backend_channel *ch) {
 }
 
 void vhub_backend_channel_foreach_fd(const struct vhub_backend_channel *ch, vhu_fd_fn fn, void *userdata) {
-        if (ch->fd >= 0)
-                fn(ch->fd, NULL, userdata);
-        vhu_reader_foreach_fd(&ch->reader, fn, userdata);
-        vhu_writer_foreach_fd(&ch->writer, fn, userdata);
+        vhu_conn_foreach_fd(ch->fd, &ch->reader, &ch->writer, fn, userdata);
 }

@@ -369,8 +369,5 @@ int vhub_bconn_fd(const struct vhub_bconn *c) {
 }
 
 void vhub_bconn_foreach_fd(const struct vhub_bconn *c, vhu_fd_fn fn, void *userdata) {
-        if (c->fd >= 0)
-                fn(c->fd, NULL, userdata);
-        vhu_reader_foreach_fd(&c->reader, fn, userdata);
-        vhu_writer_foreach_fd(&c->writer, fn, userdata);
+        vhu_conn_foreach_fd(c->fd, &c->reader, &c->writer, fn, userdata);
 }

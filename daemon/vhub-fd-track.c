@@ -25,40 +25,24 @@ const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id, c
         return buf;
 }
 
-static void fd_note(struct vhub_context *ctx, bool opened, const char *group, int fd, const char *fmt,
-                    va_list ap) {
+void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...) {
         struct vhub_fdstore *store = vhub_context_fdstore(ctx);
         char name[VHUB_FD_NAME_MAX];
+        va_list ap;
         int r;
 
-        r = opened ? vhub_fdstore_group_add(store, group, fd) : vhub_fdstore_group_remove(store, group, fd);
+        if (fd < 0)
+                return;
+        r = kept ? vhub_fdstore_group_add(store, group, fd) : vhub_fdstore_group_remove(store, group, fd);
         if (r >= 0 && vhub_log_get_level() < LOG_DEBUG)
                 return;
+        va_start(ap, fmt);
         vsnprintf(name, sizeof(name), fmt, ap);
+        va_end(ap);
         if (r < 0)
                 log_warning("fd %d %s: fd-store group %s: %s", fd, name, group, strerror(-r));
         else
-                log_debug("fd %d %s: %s (group %s)", fd, opened ? "opened" : "closed", name, group);
-}
-
-void vhub_fd_track(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...) {
-        va_list ap;
-
-        if (fd < 0)
-                return;
-        va_start(ap, fmt);
-        fd_note(ctx, true, group, fd, fmt, ap);
-        va_end(ap);
-}
-
-void vhub_fd_untrack(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...) {
-        va_list ap;
-
-        if (fd < 0)
-                return;
-        va_start(ap, fmt);
-        fd_note(ctx, false, group, fd, fmt, ap);
-        va_end(ap);
+                log_debug("fd %d %s: %s (group %s)", fd, kept ? "opened" : "closed", name, group);
 }
 
 void vhub_fd_visit(const struct vhub_fd_visitor *v, int fd, const char *group, const char *fmt, ...) {

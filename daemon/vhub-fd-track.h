@@ -16,6 +16,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct vhub_context;
@@ -34,12 +35,12 @@ struct vhub_context;
 /* kind, id in base 36 and suffix ("" for none) into buf: "d1a3", "v7s". */
 const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id, const char *suffix);
 
-/* fd, named by fmt, is kept by its owner: it joins group. */
-void vhub_fd_track(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
-/* fd, named by fmt, is about to be closed or handed on: it leaves group. */
-void vhub_fd_untrack(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* fd (< 0: nothing), named by fmt, is kept by its owner (kept true: it
+ * joins group) or about to be closed or handed on (false: it leaves it). */
+void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...)
+        __attribute__((format(printf, 5, 6)));
+#define vhub_fd_track(ctx, group, fd, ...) vhub_fd_note((ctx), true, (group), (fd), __VA_ARGS__)
+#define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_note((ctx), false, (group), (fd), __VA_ARGS__)
 
 /* One fd an owner holds: its name, and its group (NULL: not stored, the
  * owner holds it only for a moment or makes it again at start). */

@@ -37,10 +37,28 @@ enum entry_state {
         ENTRY_FAILED,   /* the manager does not hold it */
 };
 
+/* A hash table of names whose nodes live in what they name (an entry, a
+ * group): one implementation for both. */
+struct name_node {
+        struct name_node *hnext;
+        uint32_t hash;
+        const char *name;                       /* the container's */
+};
+
+struct name_table {
+        struct name_node **buckets;
+        size_t n_buckets, n;
+};
+
+#define NAME_TABLE_FOREACH(t, node)                                                              \
+        for (size_t _b = 0; _b < (t)->n_buckets; _b++)                                           \
+                for (struct name_node *node = (t)->buckets[_b], *_next;                          \
+                     node && ((_next = node->hnext), true); node = _next)
+
 struct fds_msg;
 
 struct fds_entry {
-        struct fds_entry *hnext;                /* name hash chain */
+        struct name_node node;                  /* in s->names */
         bool stash;                             /* a group's stash socket: the manager's
                                                  * alone (fd -1), in no file index */
         struct fds_entry *primary;              /* ENTRY_ALIAS: whose file it shares */
@@ -52,7 +70,6 @@ struct fds_entry {
         dev_t dev;
         ino_t ino;
         enum entry_state state;
-        uint32_t hash;
         char name[];
 };
 
@@ -69,12 +86,11 @@ TAILQ_HEAD(fds_queue, fds_msg);
 /* A group: the fds of one owner object, stored as one stash socket under
  * the group's name (docs/restart.md, "Groups"). */
 struct fds_group {
-        struct fds_group *hnext;
+        struct name_node node;          /* in s->groups */
         struct fds_group *dirty_next;   /* on s->dirty while its stash is out of date */
         bool dirty;
         int *fds;                       /* the members: their owners' numbers (borrowed) */
         size_t n, cap;
-        uint32_t hash;
         char name[];
 };
 
@@ -87,8 +103,7 @@ struct vhub_fdstore {
         size_t queued, max_queue;
         unsigned max_fds;
 
-        struct fds_entry **buckets;
-        size_t n_buckets, n_names;
+        struct name_table names;                /* fds_entry: every tracked name */
 
         /* STORED primaries sorted by (dev, ino, kcmp order): finding the
          * stored entry of an fd's open file costs O(log n) */
@@ -104,8 +119,8 @@ struct vhub_fdstore {
         struct vhub_snap_writer alias_writer;
         bool alias_file_failed;
 
-        struct fds_group **gbuckets;
-        size_t n_gbuckets, n_groups, n_members;
+        struct name_table groups;               /* fds_group */
+        size_t n_members;
         struct fds_group *dirty;                /* stashes to rebuild at the next sync */
         struct event *ev_sync;                  /* activated when a group changes */
 };
@@ -135,73 +150,94 @@ static uint32_t name_hash(const char *name) {
         return h;
 }
 
-/* ---- the name table */
+/* ---- the name tables */
 
-static struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
+static struct name_node *name_table_find(const struct name_table *t, const char *name) {
         uint32_t h;
 
-        if (!s->n_buckets)
+        if (!t->n_buckets)
                 return NULL;
         h = name_hash(name);
-        for (struct fds_entry *e = s->buckets[h & (s->n_buckets - 1)]; e; e = e->hnext)
-                if (e->hash == h && strcmp(e->name, name) == 0)
-                        return e;
+        for (struct name_node *n = t->buckets[h & (t->n_buckets - 1)]; n; n = n->hnext)
+                if (n->hash == h && strcmp(n->name, name) == 0)
+                        return n;
         return NULL;
 }
 
-static int table_grow(struct vhub_fdstore *s) {
-        size_t n = s->n_buckets ? s->n_buckets * 2 : 256;
-        struct fds_entry **b = calloc(n, sizeof(*b));
+/* Room for one more node (the table doubles at one node per bucket). */
+static int name_table_reserve(struct name_table *t) {
+        size_t n = t->n_buckets ? t->n_buckets * 2 : 256;
+        struct name_node **b;
 
+        if (t->n < t->n_buckets)
+                return 0;
+        b = calloc(n, sizeof(*b));
         if (!b)
                 return -ENOMEM;
-        for (size_t i = 0; i < s->n_buckets; i++) {
-                struct fds_entry *e = s->buckets[i], *next;
-
-                for (; e; e = next) {
-                        next = e->hnext;
-                        e->hnext = b[e->hash & (n - 1)];
-                        b[e->hash & (n - 1)] = e;
-                }
+        NAME_TABLE_FOREACH(t, node) {
+                node->hnext = b[node->hash & (n - 1)];
+                b[node->hash & (n - 1)] = node;
         }
-        free(s->buckets);
-        s->buckets = b;
-        s->n_buckets = n;
+        free(t->buckets);
+        t->buckets = b;
+        t->n_buckets = n;
         return 0;
 }
 
-static int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
-        size_t len = strlen(name);
-        struct fds_entry *e;
-        int r;
+/* After name_table_reserve(). */
+static void name_table_link(struct name_table *t, struct name_node *node, const char *name) {
+        node->name = name;
+        node->hash = name_hash(name);
+        node->hnext = t->buckets[node->hash & (t->n_buckets - 1)];
+        t->buckets[node->hash & (t->n_buckets - 1)] = node;
+        t->n++;
+}
 
-        if (s->n_names >= s->n_buckets) {
-                r = table_grow(s);
-                if (r < 0)
-                        return r;
-        }
-        e = calloc(1, sizeof(*e) + len + 1);
+static void name_table_unlink(struct name_table *t, struct name_node *node) {
+        for (struct name_node **pp = &t->buckets[node->hash & (t->n_buckets - 1)]; *pp; pp = &(*pp)->hnext)
+                if (*pp == node) {
+                        *pp = node->hnext;
+                        t->n--;
+                        return;
+                }
+}
+
+/* A new container of `size` bytes whose name (a flexible array at
+ * name_at) is name, zeroed and linked into t through its node at node_at;
+ * NULL when out of memory. */
+static void *name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
+                            const char *name) {
+        size_t len = strlen(name);
+        char *p;
+
+        if (name_table_reserve(t) < 0 || !(p = calloc(1, size + len + 1)))
+                return NULL;
+        memcpy(p + name_at, name, len + 1);
+        name_table_link(t, (struct name_node *)(p + node_at), p + name_at);
+        return p;
+}
+
+static struct fds_entry *entry_of(struct name_node *node) {
+        return node ? (struct fds_entry *)((char *)node - offsetof(struct fds_entry, node)) : NULL;
+}
+
+static struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
+        return entry_of(name_table_find(&s->names, name));
+}
+
+static int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
+        struct fds_entry *e = name_table_new(&s->names, sizeof(*e), offsetof(struct fds_entry, node),
+                                             offsetof(struct fds_entry, name), name);
+
         if (!e)
                 return -ENOMEM;
-        memcpy(e->name, name, len + 1);
         e->fd = fd;
-        e->hash = name_hash(name);
-        e->hnext = s->buckets[e->hash & (s->n_buckets - 1)];
-        s->buckets[e->hash & (s->n_buckets - 1)] = e;
-        s->n_names++;
         *ret = e;
         return 0;
 }
 
 static void entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e) {
-        struct fds_entry **pp = &s->buckets[e->hash & (s->n_buckets - 1)];
-
-        for (; *pp; pp = &(*pp)->hnext)
-                if (*pp == e) {
-                        *pp = e->hnext;
-                        break;
-                }
-        s->n_names--;
+        name_table_unlink(&s->names, &e->node);
         free(e);
 }
 
@@ -312,8 +348,9 @@ static int files_rebuild(struct vhub_fdstore *s) {
         r = files_reserve(s, s->n_stored + 1);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < s->n_buckets; i++)
-                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
+        NAME_TABLE_FOREACH(&s->names, node) {
+                        struct fds_entry *e = entry_of(node);
+
                         if (e->state != ENTRY_STORED || e->stash)
                                 continue;
                         r = entry_inode(e);
@@ -570,8 +607,9 @@ static void aliases_write(struct vhub_fdstore *s) {
                 entry_store(s, e, pos);
         }
         vhub_snap_writer_reset(w);
-        for (size_t i = 0; i < s->n_buckets; i++)
-                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
+        NAME_TABLE_FOREACH(&s->names, node) {
+                        struct fds_entry *e = entry_of(node);
+
                         if (e->state != ENTRY_ALIAS)
                                 continue;
                         vhub_snap_begin(w, TAG_ALIAS);
@@ -609,6 +647,7 @@ static void alias_detach(struct vhub_fdstore *s, struct fds_entry *e) {
 /* ---- the public calls */
 
 static void sync_cb(evutil_socket_t fd, short what, void *userdata);
+static struct fds_group *group_of(struct name_node *node);
 static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name);
 
 int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options *o,
@@ -702,26 +741,17 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 TAILQ_REMOVE(&s->queue, m, link);
                 msg_free(m);
         }
-        for (size_t i = 0; i < s->n_buckets; i++) {
-                struct fds_entry *e = s->buckets[i], *next;
-
-                for (; e; e = next) {
-                        next = e->hnext;
-                        free(e);
-                }
-        }
-        free(s->buckets);
+        NAME_TABLE_FOREACH(&s->names, node)
+                free(entry_of(node));
+        free(s->names.buckets);
         free(s->files);
-        for (size_t i = 0; i < s->n_gbuckets; i++) {
-                struct fds_group *g = s->gbuckets[i], *next;
+        NAME_TABLE_FOREACH(&s->groups, node) {
+                struct fds_group *g = group_of(node);
 
-                for (; g; g = next) {
-                        next = g->hnext;
-                        free(g->fds);
-                        free(g);
-                }
+                free(g->fds);
+                free(g);
         }
-        free(s->gbuckets);
+        free(s->groups.buckets);
         if (s->ev_sync)
                 event_free(s->ev_sync);
         if (s->ev_write)
@@ -898,13 +928,13 @@ void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_st
         if (!s)
                 return;
         *ret = s->stats;
-        ret->names = s->n_names;
+        ret->names = s->names.n;
         ret->names_bytes = s->names_bytes;
         ret->stored = s->n_stored;
         ret->aliases = s->n_aliases;
         ret->failed = s->n_failed;
         ret->queued = s->queued;
-        ret->groups = s->n_groups;
+        ret->groups = s->groups.n;
         ret->group_members = s->n_members;
 }
 
@@ -945,70 +975,22 @@ int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
  * current callback (or at vhub_fdstore_sync()): removed, then pushed again.
  */
 
-static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name) {
-        uint32_t h;
-
-        if (!s->n_gbuckets)
-                return NULL;
-        h = name_hash(name);
-        for (struct fds_group *g = s->gbuckets[h & (s->n_gbuckets - 1)]; g; g = g->hnext)
-                if (g->hash == h && strcmp(g->name, name) == 0)
-                        return g;
-        return NULL;
+static struct fds_group *group_of(struct name_node *node) {
+        return node ? (struct fds_group *)((char *)node - offsetof(struct fds_group, node)) : NULL;
 }
 
-static int group_table_grow(struct vhub_fdstore *s) {
-        size_t n = s->n_gbuckets ? s->n_gbuckets * 2 : 256;
-        struct fds_group **b = calloc(n, sizeof(*b));
-
-        if (!b)
-                return -ENOMEM;
-        for (size_t i = 0; i < s->n_gbuckets; i++) {
-                struct fds_group *g = s->gbuckets[i], *next;
-
-                for (; g; g = next) {
-                        next = g->hnext;
-                        g->hnext = b[g->hash & (n - 1)];
-                        b[g->hash & (n - 1)] = g;
-                }
-        }
-        free(s->gbuckets);
-        s->gbuckets = b;
-        s->n_gbuckets = n;
-        return 0;
+static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name) {
+        return group_of(name_table_find(&s->groups, name));
 }
 
 static int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
-        size_t len = strlen(name);
-        struct fds_group *g;
-        int r;
-
-        if (s->n_groups >= s->n_gbuckets) {
-                r = group_table_grow(s);
-                if (r < 0)
-                        return r;
-        }
-        g = calloc(1, sizeof(*g) + len + 1);
-        if (!g)
-                return -ENOMEM;
-        memcpy(g->name, name, len + 1);
-        g->hash = name_hash(name);
-        g->hnext = s->gbuckets[g->hash & (s->n_gbuckets - 1)];
-        s->gbuckets[g->hash & (s->n_gbuckets - 1)] = g;
-        s->n_groups++;
-        *ret = g;
-        return 0;
+        *ret = name_table_new(&s->groups, sizeof(**ret), offsetof(struct fds_group, node),
+                              offsetof(struct fds_group, name), name);
+        return *ret ? 0 : -ENOMEM;
 }
 
 static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
-        struct fds_group **pp = &s->gbuckets[g->hash & (s->n_gbuckets - 1)];
-
-        for (; *pp; pp = &(*pp)->hnext)
-                if (*pp == g) {
-                        *pp = g->hnext;
-                        break;
-                }
-        s->n_groups--;
+        name_table_unlink(&s->groups, &g->node);
         free(g->fds);
         free(g);
 }
@@ -1105,20 +1087,24 @@ static void sync_cb(evutil_socket_t fd, short what, void *userdata) {
         vhub_fdstore_sync(userdata);
 }
 
-static int group_check(const char *group, int fd) {
+/* 1 if a change of group can be made, 0 if there is no store to make it
+ * in (names are checked all the same, so that a bad one shows in every
+ * test), or -errno. */
+static int group_check(const struct vhub_fdstore *s, const char *group, int fd) {
         if (!vhub_fdstore_name_valid(group) || name_reserved(group))
                 return -EINVAL;
-        return fd < 0 ? -EBADF : 0;
+        if (fd < 0)
+                return -EBADF;
+        return vhub_fdstore_enabled(s);
 }
 
 int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         struct fds_group *g;
-        int r = group_check(group, fd);
+        int r = group_check(s, group, fd);
 
-        if (r < 0 || !vhub_fdstore_enabled(s))
+        if (r <= 0)
                 return r;
-        g = group_find(s, group);
-        if (!g) {
+        if (!(g = group_find(s, group))) {
                 if (entry_find(s, group))
                         return -EEXIST; /* a single fd's name */
                 r = group_new(s, group, &g);
@@ -1148,12 +1134,11 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
 }
 
 int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
-        struct fds_group *g;
-        int r = group_check(group, fd);
+        int r = group_check(s, group, fd);
+        struct fds_group *g = r > 0 ? group_find(s, group) : NULL;
 
-        if (r < 0 || !vhub_fdstore_enabled(s))
+        if (r <= 0)
                 return r;
-        g = group_find(s, group);
         for (size_t i = 0; g && i < g->n; i++) {
                 if (g->fds[i] != fd)
                         continue;
@@ -1510,16 +1495,12 @@ int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         return VHU_TAKE_FD(re->fd);
 }
 
-int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
-                            struct vhub_fdstore_member **ret, size_t *ret_n) {
-        struct vhub_fdstore *s = r->store;
-        struct vhub_fdstore_member *m = NULL;
+/* Every fd a stash holds, in order, into *ret (malloc()ed) and *ret_n;
+ * the stash is closed.  -errno with nothing left open. */
+static int stash_read(int stash, int **ret, size_t *ret_n) {
         size_t n = 0, cap = 0;
-        int stash, k = 0;
+        int *v = NULL, k = 0;
 
-        stash = vhub_fdstore_take(r, group);
-        if (stash < 0)
-                return stash;
         for (;;) {
                 int fds[VHU_SCM_MAX_FDS];
                 struct vhu_scm_received got;
@@ -1529,39 +1510,65 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
 
                 if (x == -EAGAIN || x == 0)
                         break;  /* every message read (the writing end is closed: EOF) */
-                if (x < 0 || got.truncated || n + got.n_fds < n) {
+                if (x < 0 || got.truncated) {
                         vhu_close_many(fds, got.n_fds);
                         k = x < 0 ? (int)x : -EPROTO;
                         break;
                 }
                 if (n + got.n_fds > cap) {
                         size_t c = cap ? cap : 16;
-                        struct vhub_fdstore_member *p;
+                        int *p;
 
                         while (c < n + got.n_fds)
                                 c *= 2;
-                        p = reallocarray(m, c, sizeof(*m));
+                        p = reallocarray(v, c, sizeof(*v));
                         if (!p) {
                                 vhu_close_many(fds, got.n_fds);
                                 k = -ENOMEM;
                                 break;
                         }
-                        m = p;
+                        v = p;
                         cap = c;
                 }
-                for (unsigned i = 0; i < got.n_fds; i++) {
-                        m[n].fd = fds[i];
-                        if (vhub_fd_key_of(fds[i], &m[n].key) < 0)
-                                m[n].key = (struct vhub_fd_key){ 0 };
-                        n++;
-                }
+                memcpy(v + n, fds, got.n_fds * sizeof(*v));
+                n += got.n_fds;
         }
         vhu_safe_close(stash);
         if (k < 0) {
-                for (size_t i = 0; i < n; i++)
-                        vhu_safe_close(m[i].fd);
-                free(m);
+                if (v)
+                        vhu_close_many(v, n);
+                free(v);
                 return k;
+        }
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
+int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
+                            struct vhub_fdstore_member **ret, size_t *ret_n) {
+        struct vhub_fdstore *s = r->store;
+        struct vhub_fdstore_member *m;
+        int stash, *fds = NULL, k;
+        size_t n = 0;
+
+        stash = vhub_fdstore_take(r, group);
+        if (stash < 0)
+                return stash;
+        k = stash_read(stash, &fds, &n);
+        if (k < 0)
+                return k;
+        m = calloc(n ? n : 1, sizeof(*m));
+        if (!m) {
+                if (fds)
+                        vhu_close_many(fds, n);
+                free(fds);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < n; i++) {
+                m[i].fd = fds[i];
+                if (vhub_fd_key_of(fds[i], &m[i].key) < 0)
+                        m[i].key = (struct vhub_fd_key){ 0 };
         }
         if (s) {
                 /* reading emptied the manager's stash too (one socket, one
@@ -1572,24 +1579,23 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
 
                 if (e) {
                         e->stash = true;
-                        e->fd = -1;     /* closed above */
+                        e->fd = -1;     /* read and closed */
                 }
-                if (group_new(s, group, &g) < 0 || (n > 0 && !(g->fds = malloc(n * sizeof(*g->fds))))) {
-                        if (g)
-                                group_unlink_free(s, g);
+                if (group_new(s, group, &g) < 0) {
                         if (e)
                                 remove_internal(s, e, true);
                         log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
                                     group);
                 } else {
-                        for (size_t i = 0; i < n; i++)
-                                g->fds[i] = m[i].fd;
+                        g->fds = fds;   /* the group takes the array */
+                        fds = NULL;
                         g->n = g->cap = n;
                         s->n_members += n;
                         group_mark_dirty(s, g);
                         vhub_fdstore_sync(s);
                 }
         }
+        free(fds);
         *ret = m;
         *ret_n = n;
         return 0;
@@ -1597,22 +1603,14 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
 
 int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group) {
         struct fds_entry *e;
-        int stash = vhub_fdstore_take(r, group);
+        int stash = vhub_fdstore_take(r, group), *fds = NULL;
+        size_t n = 0;
 
         if (stash < 0)
                 return stash;
-        for (;;) {
-                int fds[VHU_SCM_MAX_FDS];
-                struct vhu_scm_received got;
-                char byte;
-                struct iovec iov = { &byte, 1 };
-                ssize_t x = vhu_scm_recv(stash, &iov, 1, VHU_SCM_MAX_FDS, fds, VHU_SCM_MAX_FDS, &got);
-
-                vhu_close_many(fds, got.n_fds);
-                if (x <= 0)
-                        break;
-        }
-        vhu_safe_close(stash);
+        if (stash_read(stash, &fds, &n) == 0 && fds)
+                vhu_close_many(fds, n);
+        free(fds);
         e = r->store ? entry_find(r->store, group) : NULL;
         if (e) {
                 e->stash = true;        /* its fd was the stash, closed above */

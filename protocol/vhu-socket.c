@@ -141,6 +141,14 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->n_bytes = 0;
 }
 
+void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
+                         void *userdata) {
+        if (sockfd >= 0)
+                fn(sockfd, NULL, userdata);
+        vhu_reader_foreach_fd(r, fn, userdata);
+        vhu_writer_foreach_fd(w, fn, userdata);
+}
+
 static struct vhu_writer_item *writer_item_free(struct vhu_writer_item *item) {
         if (!item)
                 return NULL;

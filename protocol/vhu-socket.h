@@ -70,6 +70,10 @@ void vhu_writer_init(struct vhu_writer *w);
 void vhu_writer_clear(struct vhu_writer *w);
 bool vhu_writer_pending(const struct vhu_writer *w);
 void vhu_writer_foreach_fd(const struct vhu_writer *w, vhu_fd_fn fn, void *userdata);
+/* A connection's: its socket (what NULL, if >= 0), then its reader's and
+ * writer's as above. */
+void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
+                         void *userdata);
 
 /* Queue m (encoded now; its fds dup'd).  -ENOMEM, -EMFILE, -EINVAL. */
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m);

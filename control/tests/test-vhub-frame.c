@@ -85,44 +85,47 @@ static void test_in_lines_and_fds(void) {
         printf("ok: lines and the fd FIFO\n");
 }
 
+/* A framer of these bounds reading from sv[0] of a new socketpair. */
+static void bounds_open(struct vhub_frame_in *f, int sv[2], size_t max_line, unsigned max_fds) {
+        pair(sv);
+        vhub_frame_in_init(f, max_line, max_fds);
+}
+
+static void bounds_close(struct vhub_frame_in *f, int sv[2]) {
+        vhub_frame_in_done(f);
+        close(sv[0]);
+        close(sv[1]);
+}
+
 static void test_in_bounds(void) {
         struct vhub_frame_in f;
         unsigned got = 0;
         int sv[2];
 
         /* more fds than the FIFO holds: those that fit stay queued, the rest closed */
-        pair(sv);
-        vhub_frame_in_init(&f, 64, 3);
+        bounds_open(&f, sv, 64, 3);
         send_with_fds(sv[1], "x", 5);
         CHECK_EQ(vhub_frame_in_read(&f, sv[0], &got), -ENOBUFS);
         CHECK_EQ(got, 3);
         CHECK_EQ(vhub_frame_in_queued_fds(&f), 3);
-        vhub_frame_in_done(&f);
-        close(sv[0]);
-        close(sv[1]);
+        bounds_close(&f, sv);
 
         /* a line over the limit: check() says so, and a full buffer is refused */
-        pair(sv);
-        vhub_frame_in_init(&f, 8, 4);
+        bounds_open(&f, sv, 8, 4);
         CHECK(write(sv[1], "0123456789abcdef", 16) == 16);
         CHECK(vhub_frame_in_read(&f, sv[0], NULL) == 9); /* max_line + 1 */
         CHECK_EQ(vhub_frame_in_next_line(&f, &(const char *){ NULL }, &(size_t){ 0 }), 0);
         CHECK_EQ(vhub_frame_in_check(&f), -EMSGSIZE);
         CHECK_EQ(vhub_frame_in_read(&f, sv[0], NULL), -EMSGSIZE);
-        vhub_frame_in_done(&f);
-        close(sv[0]);
-        close(sv[1]);
+        bounds_close(&f, sv);
 
         /* exactly max_line bytes and the newline: accepted */
-        pair(sv);
-        vhub_frame_in_init(&f, 8, 4);
+        bounds_open(&f, sv, 8, 4);
         CHECK(write(sv[1], "01234567\n", 9) == 9);
         CHECK(vhub_frame_in_read(&f, sv[0], NULL) == 9);
         expect_line(&f, "01234567");
         CHECK_EQ(vhub_frame_in_check(&f), 0);
-        vhub_frame_in_done(&f);
-        close(sv[0]);
-        close(sv[1]);
+        bounds_close(&f, sv);
         printf("ok: bounds\n");
 }
 
@@ -211,12 +214,12 @@ static void test_out(void) {
 }
 
 int main(void) {
-        int fds = vhub_count_open_fds();
+        void (*const tests[])(void) = { test_in_lines_and_fds, test_in_bounds, test_out };
+        const int open_before = vhub_count_open_fds();
 
-        test_in_lines_and_fds();
-        test_in_bounds();
-        test_out();
-        CHECK_EQ(vhub_count_open_fds(), fds);
+        for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)
+                tests[i]();
+        CHECK_EQ(vhub_count_open_fds(), open_before); /* nothing leaked */
         printf("PASS: test-vhub-frame\n");
         return 0;
 }

@@ -195,12 +195,11 @@ def check_inventory(pid, inv, what):
     return {g: next(iter(o)) for g, o in groups.items()}
 
 
-def build(t, daemon, d):
-    """Two VMs, their devices started; returns what must stay alive."""
-    c = daemon.client()
+def blk_vm(t, c, d, blk_sock):
+    """vm0 with guest memory and a qemu-storage-daemon device blk0, started;
+    returns its queue (which holds the ring's eventfds)."""
     img = os.path.join(d, "disk.img")
     scenarios.make_image(img, 8 << 20)
-    blk_sock = daemon.backend_socket("blk0.sock")
     t.enter(QsdBackend(img, blk_sock, num_queues=1, log_dir=d))
     mem = t.enter(GuestMemory(16 << 20))
     vmm = Vmm(c, "vm0")
@@ -209,6 +208,13 @@ def build(t, daemon, d):
     dev = vmm.add_device("blk0", blk_sock, type="blk")
     q = blk.BlkQueue(mem, index=0, size=64)
     vmm.start_device("blk0", scenarios.BLK_FEATURES & dev["features"], [q.vq])
+    return q
+
+
+def build(t, daemon, d):
+    """Two VMs, their devices started; returns what must stay alive."""
+    c = daemon.client()
+    q = blk_vm(t, c, d, daemon.backend_socket("blk0.sock"))
     obj = os.memfd_create("vhubt-shared", os.MFD_CLOEXEC)
     os.ftruncate(obj, 4096)
     c.call("shared_object.add", {"vm": "vm0", "uuid": UUID, "fd": 0}, fds=[obj])
@@ -243,7 +249,7 @@ def build(t, daemon, d):
                                                    efd.to_bytes(4, sys.byteorder))])
     os.close(efd)
     c.call("daemon.info")       # everything sent before this is read by now
-    return {"c": c, "q": q, "vq": vq, "raw": raw, "vmm": vmm, "tb": tb}
+    return {"c": c, "q": q, "vq": vq, "raw": raw, "tb": tb}
 
 
 def part_inventory(t):
@@ -326,17 +332,7 @@ def part_store(t):
     t.add_log("vhubd under the service manager", sm.log_path)
     control = managed_daemon(t, d, sm)
     c = t.enter(Client(control, timeout=10))
-    img = os.path.join(d, "disk.img")
-    scenarios.make_image(img, 8 << 20)
-    blk_sock = os.path.join(d, "backends", "blk0.sock")
-    t.enter(QsdBackend(img, blk_sock, num_queues=1, log_dir=d))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
-    dev = vmm.add_device("blk0", blk_sock, type="blk")
-    q = blk.BlkQueue(mem, index=0, size=64)
-    vmm.start_device("blk0", scenarios.BLK_FEATURES & dev["features"], [q.vq])
+    blk_vm(t, c, d, os.path.join(d, "backends", "blk0.sock"))
     c.call("daemon.info")
     inv = inventory(sm.pid, sm.log_path)
     groups = {}
