@@ -561,7 +561,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
-        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id, "");
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;

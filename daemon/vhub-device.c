@@ -253,7 +253,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         TAILQ_INIT(&d->ops);
         d->vm = vm;
         d->id = ++vm->ctx->next_device_id;
-        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id, "");
+        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);

@@ -9,7 +9,7 @@
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 
-const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id, const char *suffix) {
+const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id) {
         static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
         char rev[14];
         size_t n = 0, k = 0;
@@ -21,7 +21,7 @@ const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id, c
         buf[k++] = kind;
         while (n > 0)
                 buf[k++] = rev[--n];
-        snprintf(buf + k, VHUB_FD_GROUP_MAX - k, "%s", suffix ? suffix : "");
+        buf[k] = '\0';
         return buf;
 }
 

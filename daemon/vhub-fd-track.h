@@ -21,19 +21,21 @@
 
 struct vhub_context;
 
-/* A kind letter, up to 13 base-36 digits (2^64), a suffix letter, NUL. */
+/* A kind letter, up to 13 base-36 digits (2^64), NUL. */
 #define VHUB_FD_GROUP_MAX 16
 /* systemd's limit for an fd name (and so ours, for readable names too). */
 #define VHUB_FD_NAME_MAX 256
 
 /* The group kinds (docs/architecture.md): one letter each. */
 #define VHUB_FD_GROUP_DEVICE     'd'    /* a device: socket, channel, listener, inflight, rings */
-#define VHUB_FD_GROUP_VM         'v'    /* a VM: regions, dirty log; suffix 's': shared objects */
+#define VHUB_FD_GROUP_VM         'v'    /* a VM: regions, dirty log */
+#define VHUB_FD_GROUP_SHARED     'o'    /* a VM's shared objects (the VM's id) */
 #define VHUB_FD_GROUP_CONNECTION 'c'    /* a control connection's socket */
 #define VHUB_FD_GROUP_LISTENER   "L"    /* the control socket the daemon made */
 
-/* kind, id in base 36 and suffix ("" for none) into buf: "d1a3", "v7s". */
-const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id, const char *suffix);
+/* kind and id in base 36 into buf: "d1a3", "o7".  (A kind is a letter of
+ * its own, never a suffix: "v1s" would also be VM 64's.) */
+const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id);
 
 /* fd (< 0: nothing), named by fmt, is kept by its owner (kept true: it
  * joins group) or about to be closed or handed on (false: it leaves it). */

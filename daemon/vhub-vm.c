@@ -135,8 +135,8 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         vm->ctx = ctx;
         vm->id = ++ctx->next_vm_id;
-        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id, "");
-        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_VM, vm->id, "s");
+        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id);
+        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_SHARED, vm->id);
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
         vm->owner = owner;

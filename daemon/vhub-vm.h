@@ -83,7 +83,7 @@ struct vhub_vm {
         struct vhub_context *ctx;
         uint64_t id;                    /* daemon-unique, never reused */
         char fd_group[VHUB_FD_GROUP_MAX];        /* "v<id>": regions, dirty log */
-        char fd_group_shared[VHUB_FD_GROUP_MAX]; /* "v<id>s": the VMM's shared objects */
+        char fd_group_shared[VHUB_FD_GROUP_MAX]; /* "o<id>": the VMM's shared objects */
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
         struct vhub_cred cred;          /* whose rights its back-end paths are used with:

@@ -38,11 +38,9 @@ static bool name_is_ours(const char *name) {
         if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strncmp(name, VHUB_FDSTORE_RESERVED,
                                                                    strlen(VHUB_FDSTORE_RESERVED)) == 0)
                 return true;
-        if (n < 2 || !strchr("cdv", name[0]))
+        if (n < 2 || !strchr("cdvo", name[0]))
                 return false;
-        if (name[0] == VHUB_FD_GROUP_VM && name[n - 1] == 's')
-                n--;
-        return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") >= n - 1;
+        return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
 
 /*

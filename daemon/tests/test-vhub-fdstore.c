@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "vhub-check.h"
+#include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
@@ -951,7 +952,7 @@ static void test_group_budget(const char *dir) {
         struct vhub_fdstore_stats st;
         struct vhub_fdstore *s;
         size_t per_fd_names = 0;
-        char group[32];
+        char group[VHUB_FD_GROUP_MAX];
         struct mgr m;
         int fds[PER_DEVICE], ram = memfd_create("ram", MFD_CLOEXEC);
         unsigned sunk = 0;
@@ -966,7 +967,7 @@ static void test_group_budget(const char *dir) {
                 for (int i = 0; i < PER_DEVICE; i++) {
                         char name[128];
 
-                        snprintf(group, sizeof(group), "d%x", d);
+                        vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d);
                         CHECK_EQ(vhub_fdstore_group_add(s, group, fds[i]), 0);
                         /* what a name per fd would have cost */
                         per_fd_names += (size_t)snprintf(name, sizeof(name), "dev/1000/vm%u/dev%u/ring%d.kick",
@@ -977,16 +978,16 @@ static void test_group_budget(const char *dir) {
                         sunk += mgr_sink(&m, base, 0, 0);
                 }
         }
+        /* ids come from one counter per kind: the daemon's own names */
         for (unsigned v = 1; v <= VMS; v++) {
-                snprintf(group, sizeof(group), "v%x", v);
-                CHECK_EQ(vhub_fdstore_group_add(s, group, ram), 0);
-                snprintf(group, sizeof(group), "v%xs", v);
-                CHECK_EQ(vhub_fdstore_group_add(s, group, ram), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_VM, v), ram), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_SHARED, v), ram), 0);
         }
-        for (unsigned c = 1; c <= CONNS; c++) {
-                snprintf(group, sizeof(group), "c%x", c);
-                CHECK_EQ(vhub_fdstore_group_add(s, group, fds[0]), 0);
-        }
+        for (unsigned c = 1; c <= CONNS; c++)
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_CONNECTION, c),
+                                                fds[0]), 0);
+        CHECK(strcmp(vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, UINT64_MAX), "d3w5e11264sgsf") == 0);
+        CHECK(strcmp(vhub_fd_group(group, VHUB_FD_GROUP_SHARED, 36), "o10") == 0);
         vhub_fdstore_sync(s);
         vhub_fdstore_get_stats(s, &st);
         sunk += mgr_sink(&m, base, st.stored - sunk, 1000);

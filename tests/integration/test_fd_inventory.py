@@ -58,7 +58,7 @@ UUID = "5b1c8c1e-6a0c-4a54-9d3e-7d1f0a2b3c4d"
 OPENED = re.compile(r"debug: fd (\d+) (opened|closed): (\S+) \(group (\S+)\)$")
 ITEM = re.compile(r"debug: fd (\d+): (\S+) \((?:group (\S+)|not stored)\)$")
 COUNT = re.compile(r"debug: fd inventory: (\d+) fds$")
-GROUP = re.compile(r"^(L|[cdv][0-9a-z]+|v[0-9a-z]+s)$")
+GROUP = re.compile(r"^(L|[cdvo][0-9a-z]+)$")
 
 # what each kind of name must be in /proc/PID/fd
 KINDS = [
