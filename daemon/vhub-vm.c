@@ -43,7 +43,8 @@ static void vm_log_close(struct vhub_vm *vm);
                       ##__VA_ARGS__)
 
 static void vm_region_untrack(struct vhub_vm *vm, const struct vhub_region *r) {
-        vm_fd_untrack(vm, vm->fd_group, r->fd, "region/%llu", (unsigned long long)r->id);
+        if (r)
+                vm_fd_untrack(vm, vm->fd_group, r->fd, "region/%llu", (unsigned long long)r->id);
 }
 
 static void vm_shared_untrack(struct vhub_vm *vm, const struct vhub_shared_object *o) {
