@@ -23,7 +23,8 @@
  *   failed          given up: no connection, no retries
  *
  *   up -> disconnected          the loss: state_before_loss, the outage
- *                               begins, device.disconnected, the reconnect
+ *                               begins, the loss counted (device.stats),
+ *                               device.disconnected, the reconnect
  *                               scheduled (backoff from reconnect_ms again
  *                               if the last restore lasted)
  *   restoring -> disconnected   a failed attempt: counted, logged rate-limited,
@@ -32,7 +33,11 @@
  *   restoring -> up             restored: counters, device.reconnected
  *   outage -> not an outage     the socket watch and the retry timer stop
  *   -> failed                   the connection dropped, device.failed
- *   every change                logged "state a -> b (why)", counts (STATUS=)
+ *   connecting -> ready         device.added
+ *   ready, stopped -> running   device.started
+ *   running -> stopped, ready   device.stopped
+ *   every change                logged "state a -> b (why)", the time of
+ *                               the change (since_ms), counts (STATUS=)
  *
  * The file reads top to bottom: the state setter, connecting, loss,
  * reconnecting, restoring and giving up, server mode, start and stop.
