@@ -1187,7 +1187,8 @@ static const struct control_method methods[] = {
           .params = device_backend_reply_params, .summary = "Answer a forwarded device.backend_request." },
         { .name = "events.subscribe", .fn = m_events_subscribe, .flags = METHOD_VM_OPTIONAL,
           .errors = ERRORS(VHUB_ERR_LIMIT),
-          .summary = "Also receive the events of that VM (without vm: of every VM of the caller's uid; root: of every uid)." },
+          .summary = "Also receive the events of that VM (without vm: of every VM the caller may see; "
+                     "root: of every uid)." },
         { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
           .summary = "This document." },
         { .name = "device.stats", .fn = m_device_stats, .flags = METHOD_VM | METHOD_DEVICE,
