@@ -44,7 +44,9 @@ void vhubd_stop_faces(struct vhubd *v);
 /* The control socket's path if the daemon made it (NULL: inherited). */
 const char *vhubd_control_path(const struct vhubd *v);
 /* Every fd the process holds for the model and its faces, named by its
- * owner (vhub-fd-track.h); what is not here is libevent's or stdio. */
+ * owner (vhub-fd-track.h).  What is not here: stdin/out/err, libevent's
+ * own (its epoll instance, its signal pipe) and, when logging to the
+ * journal, libsystemd's journal socket -- none of them the daemon's to name. */
 void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor);
 /* Tear down every VM (pending calls complete), then the faces.  Idempotent. */
 void vhubd_done(struct vhubd *v);
