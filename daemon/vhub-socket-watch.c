@@ -13,6 +13,7 @@
 
 #include "vhub-hash.h"
 #include "vhub-socket-watch.h"
+#include "vhu-fd.h"
 
 /* A watched directory: inotify gives one wd per directory, shared by the
  * sockets in it, and the wd goes with the last of them. */
@@ -54,6 +55,10 @@ struct vhub_socket_watcher {
         struct vhub_hash dirs;          /* wd -> struct watch_dir */
 };
 
+int vhub_socket_watcher_fd(const struct vhub_socket_watcher *w) {
+        return w->fd;
+}
+
 static uint64_t name_hash(const struct vhub_socket_watcher *w, int wd, const char *name) {
         /* a file name is at most NAME_MAX bytes; a longer one never appears
          * (hashing its prefix keeps the lookup right, strcmp decides) */
@@ -86,9 +91,7 @@ static void watcher_close(struct vhub_socket_watcher *w) {
         if (w->ev)
                 event_free(w->ev);
         w->ev = NULL;
-        if (w->fd >= 0)
-                close(w->fd);
-        w->fd = -1;
+        w->fd = vhu_safe_close(w->fd);
 }
 
 static int watcher_open(struct vhub_socket_watcher *w, void (*cb)(evutil_socket_t, short, void *)) {
