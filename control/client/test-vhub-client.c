@@ -17,31 +17,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "test-tagged-fd.h"
 #include "vhub-check.h"
 #include "vhu-scm.h"
-
-/* ---- tagged fds: a pipe's read end holding a short string ---- */
-
-static int tagged_fd(const char *tag) {
-        int p[2];
-
-        CHECK(pipe2(p, O_CLOEXEC) == 0);
-        CHECK(write(p[1], tag, strlen(tag)) == (ssize_t)strlen(tag));
-        close(p[1]);
-        return p[0];
-}
-
-static void check_tag(int fd, const char *tag) {
-        char buf[64] = { 0 };
-        ssize_t n = read(fd, buf, sizeof(buf) - 1);
-
-        CHECK(n >= 0);
-        if (strcmp(buf, tag) != 0) {
-                fprintf(stderr, "fd %d holds '%s', expected '%s'\n", fd, buf, tag);
-                abort();
-        }
-        CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
-}
 
 /* ---- the fake daemon's side ---- */
 
