@@ -399,6 +399,8 @@ void tb_control_dispatch(const struct pollfd *p, size_t n);
 /* Deliver a deferred answer (a JSON object, stolen) to a waiting client. */
 struct json_t;
 void tb_control_answer(int client, uint64_t gen, struct json_t *answer);
+/* {"ok":false,"error":"..."}: the answer to a command that failed. */
+struct json_t *tb_error_answer(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* main.c: socket lifecycle */
 void tb_sock_drop_conn(struct tb_sock *s, const char *why);
