@@ -432,6 +432,17 @@ static int get_uuid(struct cmd_ctx *x, uint8_t uuid[16], bool generate) {
         return uuid_parse(s, uuid) < 0 ? -EINVAL : 0;
 }
 
+/* A shared-object request whose payload is the UUID alone; the answer
+ * names the UUID too. */
+static json_t *chan_request_uuid(struct cmd_ctx *x, uint32_t request, const uint8_t uuid[16]) {
+        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
+        uuid_unparse_lower(uuid, how.uuid);
+        json_t *a = chan_request(x, request, uuid, 16, NULL, 0, &how);
+        if (a)
+                json_object_set_new(a, "uuid", uuid_string(uuid));
+        return a;
+}
+
 static json_t *cmd_export(struct cmd_ctx *x) {
         uint8_t uuid[16], *fill = NULL;
         size_t fill_len = 0;
@@ -462,12 +473,7 @@ static json_t *cmd_export(struct cmd_ctx *x) {
                 json_object_set_new(a, "uuid", uuid_string(uuid));
                 return a;
         }
-        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
-        uuid_unparse_lower(uuid, how.uuid);
-        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid, 16, NULL, 0, &how);
-        if (a)
-                json_object_set_new(a, "uuid", uuid_string(uuid));
-        return a;
+        return chan_request_uuid(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid);
 }
 
 static json_t *cmd_remove(struct cmd_ctx *x) {
@@ -481,12 +487,7 @@ static json_t *cmd_remove(struct cmd_ctx *x) {
         if (e)
                 return e;
         /* an unknown UUID is still sent: the test may want exactly that */
-        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
-        uuid_unparse_lower(uuid, how.uuid);
-        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid, 16, NULL, 0, &how);
-        if (a)
-                json_object_set_new(a, "uuid", uuid_string(uuid));
-        return a;
+        return chan_request_uuid(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid);
 }
 
 static json_t *cmd_lookup(struct cmd_ctx *x) {
