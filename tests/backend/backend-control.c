@@ -14,8 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 #include <uuid/uuid.h>
 
@@ -45,22 +43,10 @@ static struct tb_control ctl_storage;
 
 int tb_control_open(const char *path) {
         struct tb_control *ctl = &ctl_storage;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        struct stat st;
+        int fd = tb_listen_unix(path, 8);
 
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        strcpy(sa.sun_path, path);
-        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
-                unlink(path);
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
-                return -errno;
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 8) < 0) {
-                int r = -errno;
-                close(fd);
-                return r;
-        }
+                return fd;
         memset(ctl, 0, sizeof(*ctl));
         ctl->listen_fd = fd;
         ctl->path = strdup(path);

@@ -310,6 +310,9 @@ void tb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 const char *tb_order_name(enum tb_order o);
 int tb_order_from_name(const char *s);
 int tb_memfd_new(const char *name, uint64_t size);
+/* A non-blocking listening socket at path (a stale socket there is
+ * replaced): the fd, or -errno. */
+int tb_listen_unix(const char *path, int backlog);
 uint64_t tb_sigbus_count(void);         /* SIGBUS faults survived */
 
 /* backend-conn.c */

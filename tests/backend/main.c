@@ -109,24 +109,31 @@ int tb_memfd_new(const char *name, uint64_t size) {
 
 /* ---- sockets ---- */
 
-static int sock_listen(struct tb_sock *s) {
+int tb_listen_unix(const char *path, int backlog) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         struct stat st;
 
-        if (strlen(s->path) >= sizeof(sa.sun_path))
+        if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
-        strcpy(sa.sun_path, s->path);
+        strcpy(sa.sun_path, path);
         /* a stale socket of a killed predecessor is fine to replace */
-        if (lstat(s->path, &st) == 0 && S_ISSOCK(st.st_mode))
-                unlink(s->path);
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+                unlink(path);
         int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 16) < 0) {
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, backlog) < 0) {
                 int r = -errno;
                 close(fd);
                 return r;
         }
+        return fd;
+}
+
+static int sock_listen(struct tb_sock *s) {
+        int fd = tb_listen_unix(s->path, 16);
+        if (fd < 0)
+                return fd;
         s->listen_fd = fd;
         return 0;
 }
