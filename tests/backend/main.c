@@ -208,6 +208,18 @@ static int parse_u64(const char *s, uint64_t *ret, int base) {
         return 0;
 }
 
+/* A count or a time in [min, max]; *ret untouched on failure. */
+static int parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret) {
+        uint64_t v;
+        int r = parse_u64(s, &v, 0);
+        if (r < 0)
+                return r;
+        if (v < min || v > max)
+                return -ERANGE;
+        *ret = (unsigned) v;
+        return 0;
+}
+
 /* "1M,0,64K": sizes by shmid, at most 256 (checked by nobody: tests want bad ones too). */
 static int parse_shmem(const char *arg, struct tb_options *o) {
         char *copy = strdup(arg), *save = NULL, *tok;
@@ -287,7 +299,6 @@ static int parse_args(int argc, char **argv) {
                 {}
         };
         struct tb_options *o = &tb.opt;
-        uint64_t v;
         int c, r;
 
         o->features = (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1) | (UINT64_C(1) << TB_VIRTIO_BLK_F_FLUSH) |
@@ -323,16 +334,10 @@ static int parse_args(int argc, char **argv) {
                         r = parse_u64(optarg, &o->protocol_features, 16);
                         break;
                 case OPT_QUEUES:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > TB_MAX_QUEUES))
-                                r = -ERANGE;
-                        o->queues = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, TB_MAX_QUEUES, &o->queues);
                         break;
                 case OPT_SLOTS:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > TB_MAX_MEM_SLOTS))
-                                r = -ERANGE;
-                        o->mem_slots = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, TB_MAX_MEM_SLOTS, &o->mem_slots);
                         break;
                 case OPT_COMPLETE:
                         r = tb_order_from_name(optarg);
@@ -342,25 +347,16 @@ static int parse_args(int argc, char **argv) {
                         }
                         break;
                 case OPT_DELAY:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && v > 600000)
-                                r = -ERANGE;
-                        o->delay_ms = (unsigned) v;
+                        r = parse_unsigned(optarg, 0, 600000, &o->delay_ms);
                         break;
                 case OPT_SEED:
                         r = parse_u64(optarg, &o->seed, 0);
                         break;
                 case OPT_FAIL_HS:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && v > 1000000)
-                                r = -ERANGE;
-                        o->fail_handshake = (unsigned) v;
+                        r = parse_unsigned(optarg, 0, 1000000, &o->fail_handshake);
                         break;
                 case OPT_RECONNECT:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > 60000))
-                                r = -ERANGE;
-                        o->reconnect_ms = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, 60000, &o->reconnect_ms);
                         break;
                 case OPT_SHMEM:
                         r = parse_shmem(optarg, o);
