@@ -299,7 +299,7 @@ static int parse_args(int argc, char **argv) {
                 {}
         };
         struct tb_options *o = &tb.opt;
-        int c, r;
+        int c, r, idx;
 
         o->features = (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1) | (UINT64_C(1) << TB_VIRTIO_BLK_F_FLUSH) |
                       (UINT64_C(1) << TB_VIRTIO_BLK_F_MQ) | (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
@@ -317,7 +317,7 @@ static int parse_args(int argc, char **argv) {
         o->reconnect_ms = 100;
         o->verbose = 1;
 
-        while ((c = getopt_long(argc, argv, "vqh", opts, NULL)) >= 0) {
+        while ((idx = -1, c = getopt_long(argc, argv, "vqh", opts, &idx)) >= 0) {
                 r = 0;
                 switch (c) {
                 case OPT_SOCKET:  r = add_path(&o->socket_paths, &o->n_socket_paths, optarg); break;
@@ -367,8 +367,10 @@ static int parse_args(int argc, char **argv) {
                 default:  usage(stderr); return -EINVAL;
                 }
                 if (r < 0) {
+                        /* the option's name from the table: argv[optind - 1] is the
+                         * value itself when it came as a separate argument */
                         fprintf(stderr, "vhub-test-backend: bad value for --%s: %s\n",
-                                argv[optind - 1] + 2, optarg ? optarg : "");
+                                idx >= 0 ? opts[idx].name : "?", optarg ? optarg : "");
                         return r;
                 }
         }
