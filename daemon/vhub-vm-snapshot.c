@@ -305,6 +305,18 @@ static void vm_discard(struct vhub_vm *vm) {
         free(vm);
 }
 
+/* What d's back-end has mapped is the committed table.  Not so after a
+ * crash in the middle of a memory change: the devices that applied it map
+ * a region the table does not hold (or lack one it holds). */
+static bool shadow_is_table(const struct vhub_device *d, const struct vhub_mem_table *t) {
+        if (d->n_shadow != t->n)
+                return false;
+        for (size_t i = 0; i < t->n; i++)
+                if (!vhub_device_shadow_has(d, t->regions[i].id))
+                        return false;
+        return true;
+}
+
 int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
                     int snap_fd, struct vhub_vm **ret, const char **why) {
         struct vhub_cred cred = { 0 };
@@ -371,6 +383,15 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
         while (k >= 0 && vhub_snap_next(&it, &x) > 0)
                 if (x.tag == VM_SHARED)
                         k = read_shared(vm, NULL, &x, true);
+        if (k >= 0) {
+                struct vhub_device *d;
+
+                /* a back-end out of line with the table is restored as lost:
+                 * the restore's handshake syncs it to the table */
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->mem_synced && d->conn && !shadow_is_table(d, &vm->mem))
+                                d->restore_lost = true;
+        }
         if (k < 0) {
                 *why = *why ? *why : "a record of the VM is malformed";
                 vhub_log_vm(LOG_ERR, vm, "cannot restore the VM: %s (%s)", *why, strerror(-k));

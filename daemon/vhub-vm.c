@@ -74,6 +74,12 @@ void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *
         TAILQ_FOREACH(mop, &vm->mem_ops, link)
                 vm_fd_visit(vm, v, mop->region.fd, NULL, "region/%llu", (unsigned long long)mop->region.id);
         vm_fd_visit(vm, v, vm->log_fd, vm->fd_group, "log");
+        if (vm->snap.fd >= 0) {
+                char snap[VHUB_FD_GROUP_MAX];
+
+                /* stored on its own, under its own name (vhub-commit.h) */
+                vm_fd_visit(vm, v, vm->snap.fd, vhub_fd_group(snap, VHUB_SNAP_GROUP_VM, vm->id), "snapshot");
+        }
         for (size_t i = 0; i < vm->shared.n; i++) {
                 vhub_uuid_format(vm->shared.objects[i].uuid, u);
                 vm_fd_visit(vm, v, vm->shared.objects[i].fd, vm->fd_group_shared, "shared/%s", u);

@@ -207,6 +207,7 @@ void vhubd_stop_faces(struct vhubd *v) {
 void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor) {
         if (v->ctx_ready)
                 vhub_context_foreach_fd(&v->ctx, visitor);
+        vhub_fd_visit(visitor, v->snap.fd, VHUB_SNAP_NAME_DAEMON, "daemon/snapshot");
         if (v->control)
                 control_server_foreach_fd(v->control, visitor);
 }

@@ -6,6 +6,9 @@ LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID at each start), real back-ends.
     test_restart.py planned     20 planned restarts (SIGTERM) during
                                 continuous verified I/O on qemu-storage-daemon
                                 (2 queues, 32 in flight per ring)
+    test_restart.py crash       20 SIGKILLs of vhubd: at rest, in the middle of
+                                a memory fan-out, of a device.start and of a
+                                reconnect (the test back-end holds a request)
 
 planned: the guest's virtio-blk driver (the vhubtest rings, writes of unique
 patterns and reads checked against the model) keeps 32 requests in flight on
@@ -20,6 +23,7 @@ data, every written extent reads back through the rings, the image equals
 the model, and daemon.info says restarts 20 with capability fd-store.
 """
 
+import collections
 import os
 import random
 import signal
@@ -28,16 +32,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import scenarios                                   # noqa: E402
+from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest.backends import QsdBackend                         # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.daemon import vhubd_path                           # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.servicemanager import ServiceManager               # noqa: E402
+from vhubtest.testbackend import TestBackend                     # noqa: E402
+from vhubtest.virtq import Virtqueue                             # noqa: E402
+from vhubtest.client import u64_json                             # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 from vhubtest.vmm import Vmm                                     # noqa: E402
 from test_reconnect_qsd import BlkRing, Workload                 # noqa: E402
 
+BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
 DEVICE_EVENTS = ("device.disconnected", "device.reconnected", "device.failed", "device.removed")
 
 
@@ -63,6 +71,11 @@ class Managed:
         """Restart as `systemctl restart` (SIGTERM) or a crash (SIGKILL), calling
         while_down() repeatedly until the new process is ready.  Returns the
         old process's exit code."""
+        if os.environ.get("VHUB_DUMP_STORE"):
+            for n in self.sm.names():
+                fd = self.sm.dup(n)
+                log("store: %s %d %s" % (n, os.fstat(fd).st_size, os.readlink("/proc/self/fd/%d" % fd)))
+                os.close(fd)
         self.sm.send_signal(sig)
         while self.sm.proc.poll() is None:
             if while_down:
@@ -179,7 +192,135 @@ def part_planned(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"planned": part_planned}
+def proc_fd_kinds(pid):
+    """What the process holds, by kind: sockets, eventfds, memfds by name..."""
+    kinds = collections.Counter()
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except FileNotFoundError:
+            continue
+        kinds[link.split("[")[0] if "[" in link else link] += 1
+    return kinds
+
+
+def expect_restarted(c, k, what):
+    """daemon.restarted is the first message after the restart."""
+    ev = c.wait_event(None, 10)
+    check_eq((ev.get("event"), ev.get("restarts")), ("daemon.restarted", k),
+             "crash %d (%s): the first message after it is daemon.restarted" % (k, what))
+
+
+def expect_loss_and_back(c, device, k, what):
+    ev = c.wait_event(lambda e: e.get("device") == device, 10)
+    check_eq(ev.get("event"), "device.disconnected",
+             "crash %d (%s): %s had a request in flight: lost" % (k, what, device))
+    ev = c.wait_event(lambda e: e.get("device") == device, 15)
+    check_eq(ev.get("event"), "device.reconnected",
+             "crash %d (%s): %s restored through the reconnect path" % (k, what, device))
+
+
+def part_crash(t):
+    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    rnd = random.Random(seed)
+    log("seed %d (VHUB_TEST_SEED)" % seed)
+    d = t.tmpdir()
+    m = Managed(t, d, extra=["--backend-timeout-ms", "3000"])
+    busy_tb = t.enter(TestBackend([m.socket("busy.sock")], args=["--queues", "1"], log_dir=d))
+    idle_tb = t.enter(TestBackend([m.socket("idle.sock")], args=["--queues", "1"], log_dir=d))
+    t.add_log("test back-end (busy)", busy_tb.log_path)
+    c = t.enter(Client(m.control, timeout=15))
+    mem = t.enter(GuestMemory(8 << 20))
+    mem1 = t.enter(GuestMemory(8 << 20))
+    busy = Vmm(c, "vm0")
+    busy.create()
+    busy.add_memory(mem)
+    busy.add_device("B", m.socket("busy.sock"), type="blk", reconnect_ms=50)
+    idle = Vmm(c, "vm1")
+    idle.create()
+    idle.add_memory(mem1)
+    idle.add_device("I", m.socket("idle.sock"), type="blk")
+    iq = blk.BlkQueue(mem1, index=0, size=16, max_io=4096)
+    idle.start_device("I", BLK1, [iq.vq])
+    bq = Virtqueue(mem, size=16)
+    extra_regions = []
+    had_inflight = False
+    c.events()
+    kinds = ["rest", "memory", "start", "reconnect"]
+    for k in range(1, 21):
+        kind = kinds[(k - 1) % 4] if k <= 4 else rnd.choice(kinds)
+        time.sleep(0.05)
+        at_rest = proc_fd_kinds(m.sm.pid)
+        idle_reqs = idle_tb.requests()
+        idle_list = idle.device_list()
+        pending = None
+        if kind == "memory":
+            n = busy_tb.requests().get("ADD_MEM_REG", 0)
+            busy_tb.misbehave("ADD_MEM_REG", "delay", delay_ms=400, count=1)
+            region = t.enter(GuestMemory(2 << 20, base=(1 << 32) + len(extra_regions) * (4 << 20)))
+            extra_regions.append(region)
+            r = region.regions[0]
+            pending = c.request("vm.memory.add", {"vm": "vm0", "gpa": u64_json(r.gpa),
+                                                  "size": u64_json(r.size), "fd": 0,
+                                                  "offset": 0, "uaddr": u64_json(r.uaddr)},
+                                fds=[r.fd])
+            busy_tb.wait_request("ADD_MEM_REG", count=n + 1)
+        elif kind == "start":
+            if busy.device_state("B")["state"] == "running":
+                busy.stop_device("B")
+                c.events()
+            n = busy_tb.requests().get("SET_VRING_KICK", 0)
+            busy_tb.misbehave("SET_VRING_KICK", "delay", delay_ms=400, count=1)
+            params, fds = busy.start_params("B", BLK1, [bq])
+            pending = c.request("device.start", params, fds=fds)
+            busy_tb.wait_request("SET_VRING_KICK", count=n + 1)
+        elif kind == "reconnect":
+            busy_tb.kill()
+            ev = c.wait_event(lambda e: e.get("device") == "B", 10)
+            check_eq(ev.get("event"), "device.disconnected", "crash %d: B lost before the crash" % k)
+            time.sleep(rnd.uniform(0, 0.1))
+        else:
+            time.sleep(rnd.uniform(0, 0.05))
+        m.restart(sig=signal.SIGKILL)
+        expect_restarted(c, k, kind)
+        if pending is not None:
+            resp = pending.response(10)
+            check_eq(resp.error and resp.error.get("code"), -32011,
+                     "crash %d (%s): the call in flight is answered -32011" % (k, kind))
+            expect_loss_and_back(c, "B", k, kind)
+        if kind == "reconnect":
+            busy_tb.start()
+            ev = c.wait_event(lambda e: e.get("device") == "B", 15)
+            check_eq(ev.get("event"), "device.reconnected",
+                     "crash %d: the outage went on in the new process and B came back" % k)
+        # the idle device: not a single message, same state
+        check_eq(idle_tb.requests(), idle_reqs, "crash %d (%s): the idle back-end got no message" % (k, kind))
+        check_eq(idle.device_list(), idle_list, "crash %d: the idle device is listed as before" % k)
+        check_eq(len(iq.read_sectors(0, 1)), 512, "crash %d: the idle device still serves its ring" % k)
+        idle_reqs = idle_tb.requests()
+        evs = [e for e in c.events() if e.get("device") == "I" or
+               (kind == "rest" and e.get("event") in DEVICE_EVENTS)]
+        check(not evs, "crash %d (%s): no event for devices that were idle" % (k, kind), evs)
+        time.sleep(0.1)
+        now = proc_fd_kinds(m.sm.pid)
+        extra = now - at_rest
+        if kind == "start" and not had_inflight and sum(extra.values()) == 1 and \
+                list(extra)[0].startswith("/memfd:"):
+            # the start in flight had got the back-end's inflight region,
+            # which a device keeps from then on (the restore's START uses it)
+            log("crash %d: B keeps the inflight region its interrupted start got: %s" % (k, list(extra)))
+            had_inflight = True
+            extra = collections.Counter()
+        check(not extra and not (at_rest - now),
+              "crash %d (%s): the new process holds the same fds at rest as the old one (%d)"
+              % (k, kind, sum(now.values())), (dict(extra), dict(at_rest - now)))
+    info = c.call("daemon.info")
+    check_eq(info["restarts"], 20, "daemon.info restarts after 20 crashes")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+PARTS = {"planned": part_planned, "crash": part_crash}
 
 
 def main(t):
