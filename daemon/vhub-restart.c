@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "control-server.h"
@@ -113,6 +114,28 @@ static bool vm_snapshot_name(const char *name) {
                strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
 
+/* The version numbers of the copy a snapshot file was refused for (the
+ * file reader does not hand out what it refuses), for the log line. */
+static void newer_numbers(int fd, struct vhub_snap_doc *ret) {
+        struct stat st;
+
+        if (fstat(fd, &st) < 0 || st.st_size < 2 * VHUB_SNAP_HEADER_SIZE)
+                return;
+        for (int i = 0; i < 2; i++) {
+                struct vhub_snap_doc doc = { 0 };
+                size_t slot = (size_t)st.st_size / 2;
+                size_t n = slot < VHUB_SNAP_MAX_SIZE ? slot : VHUB_SNAP_MAX_SIZE;
+                uint8_t *buf = malloc(n);
+
+                if (!buf)
+                        return;
+                if (pread(fd, buf, n, (off_t)(i * slot)) == (ssize_t)n &&
+                    vhub_snap_check_header(buf, n, &doc, NULL) == -EPROTONOSUPPORT && doc.compat > ret->compat)
+                        *ret = doc;
+                free(buf);
+        }
+}
+
 /* Take and check one snapshot: 0, or -errno after logging why. */
 static int load_one(struct vhub_fdstore_restore *r, const char *name, struct loaded *ret) {
         const char *why = NULL;
@@ -126,6 +149,8 @@ static int load_one(struct vhub_fdstore_restore *r, const char *name, struct loa
         k = vhub_snap_file_read(ret->fd, &ret->buf, &ret->len, &why);
         if (k >= 0)
                 k = vhub_snap_parse(ret->buf, ret->len, &ret->doc, &why);
+        if (k == -EPROTONOSUPPORT && !ret->buf)
+                newer_numbers(ret->fd, &ret->doc);
         if (k == -EPROTONOSUPPORT)
                 log_error("cannot restore the state of the earlier run: snapshot %s needs a newer vhubd "
                           "(format version %u, readable from version %u; this vhubd reads version %u): %s",

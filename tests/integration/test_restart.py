@@ -9,6 +9,12 @@ LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID at each start), real back-ends.
     test_restart.py crash       20 SIGKILLs of vhubd: at rest, in the middle of
                                 a memory fan-out, of a device.start and of a
                                 reconnect (the test back-end holds a request)
+    test_restart.py hygiene     100 restarts (every 10th a crash) with VMs,
+                                shared objects and devices coming and going:
+                                the store holds exactly the daemon's live groups
+    test_restart.py unreadable  a corrupt snapshot, then one that needs a newer
+                                format: vhubd says why and exits non-zero, the
+                                store untouched; the right bytes back: restored
 
 planned: the guest's virtio-blk driver (the vhubtest rings, writes of unique
 patterns and reads checked against the model) keeps 32 requests in flight on
@@ -320,7 +326,127 @@ def part_crash(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"planned": part_planned, "crash": part_crash}
+def part_hygiene(t):
+    from test_fd_inventory import inventory
+    d = t.tmpdir()
+    m = Managed(t, d, extra=["--log-level", "debug"])
+    disk = os.path.join(d, "disk.img")
+    scenarios.make_image(disk, 8 << 20)
+    qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    mem = t.enter(GuestMemory(8 << 20))
+    vmm = Vmm(c, "vm0")
+    vmm.create()
+    vmm.add_memory(mem)
+    vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    vmm.start_device("blk0", BLK1, [q.vq])
+    obj = os.memfd_create("shared-object", os.MFD_CLOEXEC)
+    os.ftruncate(obj, 4096)
+    uuid = "5b1c8c1e-6a0c-4a54-9d3e-7d1f0a2b3c4d"
+    c.call("shared_object.add", {"vm": "vm0", "uuid": uuid, "fd": 0}, fds=[obj])
+    os.close(obj)
+    extra = None
+    for k in range(1, 101):
+        # things come and go between restarts: their names must too
+        if k % 3 == 0:
+            if extra is None:
+                extra = t.enter(GuestMemory(2 << 20))
+                Vmm(c, "tmp").create()
+                Vmm(c, "tmp").add_memory(extra)
+            else:
+                Vmm(c, "tmp").destroy()
+                extra = None
+        if k % 7 == 0:
+            c2 = Client(m.control, timeout=10)
+            c2.call("daemon.info")
+            c2.close()
+        m.restart(sig=signal.SIGKILL if k % 10 == 0 else signal.SIGTERM)
+        c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+    check_eq(len(q.read_sectors(0, 1)), 512, "blk0 serves its ring after 100 restarts")
+    time.sleep(0.2)
+    inv = inventory(m.sm.pid, m.sm.log_path)
+    live = sorted({g for _, (name, g) in inv.items() if g})
+    check_eq(sorted(m.sm.names()), live, "after 100 restarts the store holds exactly the daemon's "
+             "live groups and snapshots (no stale name)")
+    check_eq(c.call("daemon.info")["restarts"], 100, "daemon.info restarts")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+def part_unreadable(t):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fuzz"))
+    gen = __import__("gen-corpus-snapshot")
+    d = t.tmpdir()
+    m = Managed(t, d)
+    disk = os.path.join(d, "disk.img")
+    scenarios.make_image(disk, 8 << 20)
+    qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    mem = t.enter(GuestMemory(8 << 20))
+    vmm = Vmm(c, "vm0")
+    vmm.create()
+    vmm.add_memory(mem)
+    vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    vmm.start_device("blk0", BLK1, [q.vq])
+    before = listing(c)
+    m.sm.send_signal(signal.SIGSTOP)    # nothing rewrites its snapshot from here on
+    sfd = m.sm.dup("s1")
+    good = os.pread(sfd, os.fstat(sfd).st_size, 0)
+    stored = {n: m.sm.dup(n) for n in m.sm.names()}
+
+    def same_store(what):
+        now = m.sm.names()
+        check_eq(sorted(now), sorted(stored), "%s: the store holds the same names" % what)
+        for n in now:
+            fd = m.sm.dup(n)
+            same = os.fstat(fd).st_ino == os.fstat(stored[n]).st_ino
+            os.close(fd)
+            check(same, "%s: %s is the same stored file" % (what, n))
+
+    def refused(what, why):
+        m.sm.send_signal(signal.SIGKILL)
+        m.sm.wait_exit()
+        m.sm.start(m.argv)
+        code = m.sm.wait_exit(10)
+        check(code not in (0, None), "%s: vhubd exits non-zero (%s)" % (what, code))
+        with open(m.sm.log_path, errors="replace") as f:
+            text = f.read()
+        check(why in text,
+              "%s: the log says why (%r)" % (what, why))
+        same_store(what)
+        check(qsd.alive, "%s: qsd did not lose its front-end" % what)
+
+    # 1: both copies of the VM's snapshot corrupt (a flipped byte in each slot)
+    slot = len(good) // 2
+    bad = bytearray(good)
+    bad[40] ^= 0xFF
+    bad[slot + 40] ^= 0xFF
+    os.pwrite(sfd, bytes(bad), 0)
+    refused("corrupt snapshot", "snapshot s1 is unreadable")
+    # 2: a snapshot written for a newer reader (compat 2) in both slots
+    newer = gen.doc(b"", generation=1 << 40, version=2, compat=2)
+    os.pwrite(sfd, newer + bytes(slot - len(newer)) + newer, 0)
+    refused("newer format", "snapshot s1 needs a newer vhubd (format version 2, readable from version 2; "
+            "this vhubd reads version 1)")
+    # the right bytes back: a daemon that can read it takes everything back
+    os.pwrite(sfd, good, 0)
+    os.close(sfd)
+    for fd in stored.values():
+        os.close(fd)
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    ev = c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+    check_eq(ev.get("restarts"), 1, "restored at last: daemon.restarted (restart 1)")
+    check_eq(listing(c), before, "every VM, device and region is back")
+    check_eq(len(q.read_sectors(0, 1)), 512, "blk0 serves its ring")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+PARTS = {"planned": part_planned, "crash": part_crash, "hygiene": part_hygiene,
+         "unreadable": part_unreadable}
 
 
 def main(t):
