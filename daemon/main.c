@@ -87,6 +87,7 @@ static void shutdown_cb(void *userdata, int sig) {
         if (m->stopping)
                 return;
         m->stopping = true;
+        vhub_sd_stopping(m->sd);
         if (vhub_commit_enabled(&m->vhubd.ctx)) {
                 log_info("signal %d (%s): stopping for a restart (the fd store keeps everything)", sig,
                          strsignal(sig));
@@ -95,7 +96,6 @@ static void shutdown_cb(void *userdata, int sig) {
                 restart_ready(m);       /* out of memory: write what is and go */
         }
         log_info("signal %d (%s): shutting down", sig, strsignal(sig));
-        vhub_sd_stopping(m->sd);
         vhubd_stop_faces(&m->vhubd);
         /* every VM stops its devices and closes its back-ends, in parallel */
         vhub_context_destroy_vms(&m->vhubd.ctx);

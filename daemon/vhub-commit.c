@@ -107,12 +107,16 @@ void vhub_commit_now(struct vhub_context *ctx) {
         }
 }
 
-void vhub_commit_all(struct vhub_context *ctx) {
+void vhub_commit_all_later(struct vhub_context *ctx) {
         struct vhub_vm *vm;
 
         TAILQ_FOREACH(vm, &ctx->vms, link)
                 vhub_changed(ctx, vm);
         vhub_changed(ctx, NULL);
+}
+
+void vhub_commit_all(struct vhub_context *ctx) {
+        vhub_commit_all_later(ctx);
         vhub_commit_now(ctx);
 }
 

@@ -32,6 +32,8 @@ bool vhub_commit_enabled(const struct vhub_context *ctx);
 void vhub_changed(struct vhub_context *ctx, struct vhub_vm *vm);
 /* Write every dirty snapshot now. */
 void vhub_commit_now(struct vhub_context *ctx);
+/* Mark everything dirty: written after the loop's current callback. */
+void vhub_commit_all_later(struct vhub_context *ctx);
 /* Mark everything dirty and write it (the planned restart's last step). */
 void vhub_commit_all(struct vhub_context *ctx);
 /* vm goes: off the dirty list, its snapshot out of the store and closed. */

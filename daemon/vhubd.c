@@ -190,8 +190,9 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
                 if (r > 0)
                         log_info("%d fds the service manager kept were stale (nothing names them): closed", r);
         }
-        /* the first snapshot of this run (the restart count, what came back) */
-        vhub_commit_all(&v->ctx);
+        /* the first snapshot of this run (the restart count, what came
+         * back), written once the loop runs: READY=1 goes first */
+        vhub_commit_all_later(&v->ctx);
         return 0;
 }
 
