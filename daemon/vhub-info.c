@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-info.h"
@@ -27,6 +28,8 @@ void vhub_info_daemon(const struct vhub_context *ctx, uid_t uid, struct vhub_dae
                 .protocol_features = VHUB_SUPPORTED_PROTOCOL_FEATURES,
                 .vms = listed.vms,
                 .devices = listed.devices,
+                .restarts = ctx->restarts,
+                .fd_store = vhub_commit_enabled(ctx),
         };
 }
 
