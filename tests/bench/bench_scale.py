@@ -43,7 +43,15 @@ At the most it reached:
 Knobs (environment): BENCH_SCALE_DEVICES (10000), BENCH_SCALE_PER_VM (4),
 BENCH_SCALE_PER_QSD (200), BENCH_SCALE_CHECKPOINTS ("1000,2000,5000"),
 BENCH_SCALE_CALLS (200), BENCH_SCALE_START (1; 0 adds devices without
-starting them: 2 fds each, so more of them fit).
+starting them: 2 fds each, so more of them fit), BENCH_SCALE_FDSTORE (0;
+1 runs both vhubds under the tests' played service manager with an fd store,
+as the systemd unit does: every change is committed to the restart
+snapshots and the fd store; then, at the end, the control latency with
+BENCH_SCALE_IDLE_CONNS (1000) more connections open, since the daemon's
+snapshot holds every connection, and a planned restart -- SIGTERM to exit,
+the start to READY=1, every device still there).  The played service
+manager is Python: its same_fd() check (as systemd's, one kcmp() per stored
+fd per push) makes building slow past a few thousand devices.
 """
 
 import json
@@ -59,7 +67,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from vhubtest.backends import QsdNullBackend              # noqa: E402
 from vhubtest.client import RpcError, u64_json            # noqa: E402
-from vhubtest.daemon import Daemon                        # noqa: E402
+from vhubtest.client import Client                        # noqa: E402
+from vhubtest.daemon import Daemon, vhubd_path            # noqa: E402
+from vhubtest.servicemanager import ServiceManager         # noqa: E402
 from vhubtest.testing import Skip, log, run               # noqa: E402
 
 DEVICES = int(os.environ.get("BENCH_SCALE_DEVICES", "10000"))
@@ -68,6 +78,8 @@ PER_QSD = int(os.environ.get("BENCH_SCALE_PER_QSD", "200"))
 CHECKPOINTS = [int(x) for x in os.environ.get("BENCH_SCALE_CHECKPOINTS", "1000,2000,5000").split(",") if x]
 CALLS = int(os.environ.get("BENCH_SCALE_CALLS", "200"))
 START = os.environ.get("BENCH_SCALE_START", "1") != "0"
+FDSTORE = os.environ.get("BENCH_SCALE_FDSTORE", "0") == "1"
+IDLE_CONNS = int(os.environ.get("BENCH_SCALE_IDLE_CONNS", "1000"))
 
 MiB = 1 << 20
 REGION_GPA = MiB               # the VM's region: [1 MiB, 2 MiB)
@@ -516,11 +528,89 @@ def restore_one_qsd(b, daemon):
     return r
 
 
+class ManagedDaemon:
+    """vhubd as the systemd unit runs it: under the tests' played service
+    manager, with an fd store (what Daemon offers the bench, and restart())."""
+
+    def __init__(self, t, d, extra_args=()):
+        self.workdir = d
+        self.control = os.path.join(d, "control.sock")
+        self.backend_dir = os.path.join(d, "backends")
+        os.makedirs(self.backend_dir, exist_ok=True)
+        self.sm = t.enter(ServiceManager(d, fd_store_max=16384))
+        t.add_log("vhubd under the service manager", self.sm.log_path)
+        self.argv = [vhubd_path(), "--control", self.control, "--backend-dir", self.backend_dir,
+                     "--log-level", "warning"] + list(extra_args)
+        self.sm.start(self.argv)
+        self.sm.wait_ready(timeout=30)
+
+    @property
+    def pid(self):
+        return self.sm.pid
+
+    def backend_socket(self, name):
+        return os.path.join(self.backend_dir, name)
+
+    def client(self, timeout=10.0):
+        return Client(self.control, timeout=timeout)
+
+    def restart(self):
+        """A planned restart (`systemctl restart`): ms from SIGTERM to the
+        exit, and from the start to READY=1."""
+        t0 = time.perf_counter()
+        self.sm.send_signal(15)
+        self.sm.wait_exit(timeout=120)
+        t1 = time.perf_counter()
+        self.sm.start(self.argv)
+        while not self.sm.ready:
+            if self.sm.proc.poll() is not None:
+                raise RuntimeError("vhubd exited (%s) instead of starting" % self.sm.proc.returncode)
+            time.sleep(0.001)
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, len(self.sm.names())
+
+
+def new_daemon(t, d, extra_args=()):
+    if FDSTORE:
+        return ManagedDaemon(t, d, extra_args)
+    return t.enter(Daemon(d, log_level="warning", extra_args=list(extra_args)))
+
+
+def restart_with_store(b, daemon):
+    """Control latency with many connections open (the daemon's snapshot
+    holds each), then a planned restart with every device."""
+    vm0 = b.vms[0]
+    before = [b.probe.timed("daemon.info") for _ in range(CALLS)]
+    idle = [RawClient(daemon.control) for _ in range(IDLE_CONNS)]
+    time.sleep(0.5)
+    during = [b.probe.timed("daemon.info") for _ in range(CALLS)]
+    for c in idle:
+        c.close()
+    log("daemon.info with the fd store: median %.3f ms (p90 %.3f) with 2 connections, %.3f ms (p90 %.3f) "
+        "with %d more open" % (statistics.median(before), pct(before, 90), statistics.median(during),
+                                pct(during, 90), IDLE_CONNS))
+    info = b.probe.call("daemon.info")
+    exit_ms, ready_ms, stored = daemon.restart()
+    t0 = time.perf_counter()
+    probe = RawClient(daemon.control)
+    after = probe.call("daemon.info")
+    first_ms = (time.perf_counter() - t0) * 1e3
+    devs = probe.call("device.list", {"vm": vm0})
+    states = sorted({d.get("state") for d in devs.get("devices", [])})
+    probe.close()
+    log("planned restart with %d devices in %d VMs (%d fds in the store's groups: %d names): SIGTERM to exit "
+        "%.0f ms, start to READY=1 %.0f ms (the played service manager's Python exec included); "
+        "first daemon.info after %.1f ms: %d VMs, %d devices (before: %d, %d), %s's devices %s"
+        % (len(b.devices), len(b.vms), fd_count(daemon.pid), stored, exit_ms, ready_ms, first_ms,
+           after["vms"], after["devices"], info["vms"], info["devices"], vm0, "/".join(states)))
+    return {"exit_ms": exit_ms, "ready_ms": ready_ms}
+
+
 def baseline_daemon(t):
     """A second vhubd with one VM like the first VM here (4 devices on a qsd
     of their own, started): the 1-VM figure, measured at the same moments."""
     d = t.tmpdir()
-    daemon = t.enter(Daemon(d, log_level="warning"))
+    daemon = new_daemon(t, d)
     c = daemon.client(timeout=60)
     b = Bench(t, daemon, c, None)   # its fleet: just the probe qsd
     vm = b.new_vm()
@@ -537,14 +627,15 @@ def main(t):
         # qsd processes inherit it (200 exports hold ~1,400 fds); vhubd raises its own
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     d = t.tmpdir()
-    daemon = t.enter(Daemon(d, log_level="warning",
-                            extra_args=["--max-vms-per-uid", str(DEVICES // PER_VM + 10)]))
+    daemon = new_daemon(t, d, ["--max-vms-per-uid", str(DEVICES // PER_VM + 10),
+                               "--max-connections", str(IDLE_CONNS + 64)])
     owner = daemon.client(timeout=60)
     probe = RawClient(daemon.control)
     t.defer(probe.close)
-    log("vhubd pid %d, fd limit %d (hard %d); target %d devices, %d per VM, %d exports per qsd, %s"
+    log("vhubd pid %d, fd limit %d (hard %d); target %d devices, %d per VM, %d exports per qsd, %s%s"
         % (daemon.pid, nofile_limit(daemon.pid), hard, DEVICES, PER_VM, PER_QSD,
-           "started with 2 rings" if START else "added, not started"))
+           "started with 2 rings" if START else "added, not started",
+           "; under a service manager with an fd store" if FDSTORE else ""))
     with open("/proc/loadavg") as f:
         log("load average at the start: %s" % f.read().strip())
     try:
@@ -577,6 +668,8 @@ def main(t):
     limit = check_limit(b, daemon) if b.limit_error else None
     vml = measure_vm_list(daemon)
     restore = restore_one_qsd(b, daemon)
+    if FDSTORE:
+        restart_with_store(b, daemon)
 
     log("")
     log("| devices | VMs | vhubd fds | VmRSS KiB | RssAnon KiB | RssShmem KiB | anon B/device | "
