@@ -557,6 +557,8 @@ class ManagedDaemon:
     def restart(self):
         """A planned restart (`systemctl restart`): ms from SIGTERM to the
         exit, and from the start to READY=1."""
+        with open(self.sm.log_path, "rb") as f:
+            self.log_mark = len(f.read())
         t0 = time.perf_counter()
         self.sm.send_signal(15)
         self.sm.wait_exit(timeout=120)
@@ -590,18 +592,49 @@ def restart_with_store(b, daemon):
         "with %d more open" % (statistics.median(before), pct(before, 90), statistics.median(during),
                                 pct(during, 90), IDLE_CONNS))
     info = b.probe.call("daemon.info")
+    fds_before = fd_count(daemon.pid)
+    # the played service manager (Python, one kcmp() per stored fd per
+    # push) falls behind the daemon's pushes: let it catch up first, else
+    # the restart measures its backlog (the daemon waits a bounded time for
+    # the store, then what is missing is restored as lost)
+    t0, last, since = time.perf_counter(), None, time.perf_counter()
+    while time.perf_counter() - since < 2.0 and time.perf_counter() - t0 < 120:
+        n = len(daemon.sm.names())
+        if n != last:
+            last, since = n, time.perf_counter()
+        time.sleep(0.1)
+    log("the service manager's store settled at %d names %.1f s after the last change"
+        % (last, time.perf_counter() - t0 - 2.0))
     exit_ms, ready_ms, stored = daemon.restart()
+    fds_ready = fd_count(daemon.pid)
     t0 = time.perf_counter()
     probe = RawClient(daemon.control)
     after = probe.call("daemon.info")
     first_ms = (time.perf_counter() - t0) * 1e3
     devs = probe.call("device.list", {"vm": vm0})
+    time.sleep(1.0)
+    kinds = {}
+    for fd in os.listdir("/proc/%d/fd" % daemon.pid):
+        try:
+            k = os.readlink("/proc/%d/fd/%s" % (daemon.pid, fd)).split(":")[0].split("[")[0]
+        except OSError:
+            continue
+        kinds[k] = kinds.get(k, 0) + 1
+    log("vhubd's fds: %d before the restart, %d a second after it (%s)"
+        % (fds_before, sum(kinds.values()), ", ".join("%s %d" % kv for kv in sorted(kinds.items()))))
     states = sorted({d.get("state") for d in devs.get("devices", [])})
     probe.close()
-    log("planned restart with %d devices in %d VMs (%d fds in the store's groups: %d names): SIGTERM to exit "
+    with open(daemon.sm.log_path, "rb") as f:
+        lines = f.read()[daemon.log_mark:].decode(errors="replace").splitlines()
+    bad = [x for x in lines if " warning: " in x or " error: " in x]
+    for x in bad[:10]:
+        log("  vhubd around the restart: %s" % x[:300])
+    if len(bad) > 10:
+        log("  ... %d warnings and errors in all" % len(bad))
+    log("planned restart with %d devices in %d VMs (vhubd held %d fds at READY=1; the store %d names): SIGTERM to exit "
         "%.0f ms, start to READY=1 %.0f ms (the played service manager's Python exec included); "
         "first daemon.info after %.1f ms: %d VMs, %d devices (before: %d, %d), %s's devices %s"
-        % (len(b.devices), len(b.vms), fd_count(daemon.pid), stored, exit_ms, ready_ms, first_ms,
+        % (len(b.devices), len(b.vms), fds_ready, stored, exit_ms, ready_ms, first_ms,
            after["vms"], after["devices"], info["vms"], info["devices"], vm0, "/".join(states)))
     return {"exit_ms": exit_ms, "ready_ms": ready_ms}
 
