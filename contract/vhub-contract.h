@@ -61,7 +61,9 @@ static inline const char *vhub_contract_error_message(int code) {
         X(RECONNECTED, "device.reconnected")                                            \
         X(FAILED, "device.failed")                                                      \
         X(LINGERING, "vm.lingering")                                                    \
-        X(BACKEND_REQUEST, "device.backend_request")
+        X(BACKEND_REQUEST, "device.backend_request")                                    \
+        X(VMM_CONNECTED, "device.vmm_connected")                                        \
+        X(VMM_DISCONNECTED, "device.vmm_disconnected")
 
 enum vhub_event_type {
 #define VHUB_CONTRACT_EVENT_ENUM(name, string) VHUB_EV_##name,

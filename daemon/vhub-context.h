@@ -20,6 +20,7 @@ struct vhub_backend_dirs;
 struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
+struct vhub_vmm_door;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
 
@@ -38,6 +39,7 @@ struct vhub_context {
         struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
+        const struct vhub_vmm_door *vmm_door;       /* the front door, if any (vhub-device-vmm.h) */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);

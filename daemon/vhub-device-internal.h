@@ -12,6 +12,7 @@
 #include "vhu-message.h"
 
 struct vhub_vm;
+struct vhub_vmm_request;
 
 enum vhub_op_kind {
         VHUB_OP_HANDSHAKE,
@@ -26,6 +27,9 @@ enum vhub_op_kind {
         VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
         VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
         VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
+        VHUB_OP_PASSTHROUGH,          /* one request of a front-door VMM (vhub-op-passthrough.c) */
+        VHUB_OP_VMM_RESTORE,          /* a restore replays the VMM's rings (vhub-op-vmm-restore.c) */
+        VHUB_OP_VMM_STOP,             /* the VMM left: its rings stopped, its memory gone */
         _VHUB_OP_MAX,
 };
 
@@ -38,6 +42,7 @@ struct vhub_op {
         bool running;
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */
+        bool restore_continues;       /* a restore HANDSHAKE with a START or VMM_RESTORE behind it */
         struct vhub_call *call;       /* NULL for internal ops */
         struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
         int result;                   /* first failure in this op */
@@ -46,6 +51,7 @@ struct vhub_op {
         bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
         uint64_t hs_features;         /* handshake: what the back-end offers now */
         uint64_t hs_pf_offer;
+        struct vhub_vmm_request *vmm_req;   /* PASSTHROUGH: the VMM's request (owned) */
         struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
         unsigned n_restored;
         bool restore_exact;
@@ -270,6 +276,12 @@ OP_KIND_FUNCS(get_shared);
 OP_KIND_REPLY(get_shared);
 OP_KIND_FUNCS(postcopy);
 OP_KIND_REPLY(postcopy);
+OP_KIND_FUNCS(passthrough);
+OP_KIND_REPLY(passthrough);
+OP_KIND_FUNCS(vmm_restore);
+OP_KIND_REPLY(vmm_restore);
+OP_KIND_FUNCS(vmm_stop);
+OP_KIND_REPLY(vmm_stop);
 
 /* The op kinds' own functions that free what an op holds (vhub-op-*.c). */
 void start_free(struct vhub_op *op);
@@ -277,6 +289,11 @@ unsigned start_fds(const struct vhub_op *op);
 void mem_sync_free(struct vhub_op *op);
 void single_free(struct vhub_op *op);
 void postcopy_free(struct vhub_op *op);
+void passthrough_free(struct vhub_op *op);
+unsigned passthrough_fds(const struct vhub_op *op);
+/* A loss took the back-end while op waited or ran: true if it stays queued
+ * (reset, to run again after the restore), false if it is done with. */
+bool passthrough_requeue(struct vhub_device *d, struct vhub_op *op);
 
 /* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);

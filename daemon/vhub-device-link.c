@@ -49,7 +49,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
@@ -102,6 +102,10 @@ static void device_emit(struct vhub_device *d, enum vhub_event_type type, const 
 
 /* What the rings looked like when the back-end went away (for device.reconnected). */
 static void device_snapshot_rings(struct vhub_device *d) {
+        if (dev_is_front_door(d)) {
+                vmm_snapshot_rings(d);
+                return;
+        }
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
@@ -173,6 +177,8 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
         } else if (from == VHUB_DEV_RESTORING && state_up(to)) {
                 device_outage_ends(d, c);
         }
+        if (dev_is_front_door(d))
+                vmm_state_changed(d, from, to);
         vhub_context_counts_changed(d->vm->ctx);
 }
 
@@ -262,17 +268,22 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 /* Queue what restores the device after a new connection. */
 static void device_queue_restore(struct vhub_device *d) {
         struct vhub_op *hs = op_new(VHUB_OP_HANDSHAKE, NULL);
+        /* then the rings: a START of the last device.start's, or a front-door
+         * device's VMM session replayed */
+        bool rings = dev_is_front_door(d) ? vmm_has_rings_to_restore(d)
+                                          : d->state_before_loss == VHUB_DEV_RUNNING;
         struct vhub_op *st = NULL;
 
-        if (d->state_before_loss == VHUB_DEV_RUNNING)
-                st = op_new(VHUB_OP_START, NULL);
-        if (!hs || (d->state_before_loss == VHUB_DEV_RUNNING && !st)) {
+        if (rings)
+                st = op_new(dev_is_front_door(d) ? VHUB_OP_VMM_RESTORE : VHUB_OP_START, NULL);
+        if (!hs || (rings && !st)) {
                 op_free(hs);
                 op_free(st);
                 device_mark_lost(d, "out of memory restoring the device");
                 return;
         }
         hs->restore = true;
+        hs->restore_continues = st != NULL;
         if (st)
                 st->restore = true;
         device_set_state(d, VHUB_DEV_RESTORING, "connected");

@@ -14,7 +14,7 @@
 
 #include "vhub-backend-conn.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
 
@@ -77,7 +77,7 @@ unsigned vhub_device_fds_held(const struct vhub_device *d) {
                 n += vring_fds_held(&d->vrings[i]);
         TAILQ_FOREACH(op, &d->ops, link)
                 n += op_fds_held(op);
-        return n;
+        return n + vmm_fds_held(d);
 }
 
 /* ---- memory shadow: what the back-end has mapped ---- */
@@ -171,6 +171,8 @@ void vhub_device_free(struct vhub_device *d) {
                 op_complete(d, op, op->result);
                 op_free(op);
         }
+        /* the front door's socket and VMM go before the back-end */
+        vmm_session_free(d);
         device_link_done(d);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 vring_close_fds(&d->vrings[i]);
@@ -217,7 +219,8 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;
-        d->face = p->face;
+        /* a front-door device is driven by its VMM, whoever added it */
+        d->face = p->vmm_socket ? VHUB_FACE_FRONT_DOOR : p->face;
         d->reconnect_ms = p->reconnect_ms;
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;
@@ -226,6 +229,8 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }
+        if (p->vmm_socket && vmm_session_new(d, &err) < 0)
+                goto fail;
         if (device_link_start(d, &err) < 0)
                 goto fail;
 

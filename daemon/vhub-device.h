@@ -27,6 +27,7 @@
 struct event;
 struct vhub_bconn;
 struct vhub_backend_channel;
+struct vhub_device_vmm;
 struct vhub_socket_watch;
 struct vhub_mem_op;
 struct vhub_vm;
@@ -150,6 +151,9 @@ struct vhub_device {
 
         struct vhub_op_list ops;
         unsigned n_ops;
+
+        /* a front-door device: its VMM's session (vhub-device-vmm.h); NULL otherwise */
+        struct vhub_device_vmm *vmm;
 };
 
 struct vhub_device_add_params {
@@ -160,6 +164,7 @@ struct vhub_device_add_params {
         enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
+        bool vmm_socket;              /* a front-door device: the front door drives it */
 };
 
 /* Creates the device in the VM and starts connecting; call completes after

@@ -108,6 +108,13 @@ static const struct op_class op_classes[_VHUB_OP_MAX] = {
                                  get_shared_complete, FD_AT(u.shared.fd) },
         [VHUB_OP_POSTCOPY] = { "postcopy", 0, postcopy_stage, postcopy_on_reply, postcopy_complete,
                                FD_AT(u.postcopy.ufd), postcopy_free, NULL },
+        /* the front door's (vhub-op-passthrough.c, vhub-op-vmm-restore.c) */
+        [VHUB_OP_PASSTHROUGH] = { "vmm-request", 0, passthrough_stage, passthrough_on_reply,
+                                  passthrough_complete, 0, passthrough_free, passthrough_fds },
+        [VHUB_OP_VMM_RESTORE] = { "vmm-restore", 0, vmm_restore_stage, vmm_restore_on_reply,
+                                  vmm_restore_complete },
+        [VHUB_OP_VMM_STOP] = { "vmm-stop", 0, vmm_stop_stage, vmm_stop_on_reply, vmm_stop_complete, 0,
+                               mem_sync_free, NULL },
 };
 
 /* The one fd the op may own, or NULL. */
@@ -176,6 +183,13 @@ struct vhub_op *device_submit(struct vhub_device *d, enum vhub_op_kind kind, str
 
         if (d->removing) {
                 vhub_error_set(&err, VHUB_ERR_NO_DEVICE, "device %s is being removed", d->name);
+                goto fail;
+        }
+        /* contract: the VMM drives a front-door device; only reads are others' */
+        if (d->vmm && kind != VHUB_OP_CONFIG_GET) {
+                vhub_error_set(&err, VHUB_ERR_STATE,
+                               "device %s is driven by its VMM through the front door; %s is the VMM's",
+                               d->name, op_classes[kind].name);
                 goto fail;
         }
         /* an outage (a restore attempt included) fails every call at once with

@@ -229,14 +229,49 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
-        tv = vhub_timeval_from_ms(vm->linger_ms);
-        evtimer_add(vm->linger_timer, &tv);
-        vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
-               (unsigned long long)vm->linger_ms);
+        if (vm->vmm_holds > 0) {
+                vm_log(vm, LOG_INFO, "owning connection closed; lingering while %u VMMs are connected, "
+                       "then for %llu ms", vm->vmm_holds, (unsigned long long)vm->linger_ms);
+        } else {
+                tv = vhub_timeval_from_ms(vm->linger_ms);
+                evtimer_add(vm->linger_timer, &tv);
+                vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
+                       (unsigned long long)vm->linger_ms);
+        }
         ev.type = VHUB_EV_LINGERING;
         ev.vm = vm;
         ev.linger_ms = vm->linger_ms;
         vhub_context_emit(vm->ctx, &ev);
+}
+
+void vhub_vm_vmm_hold(struct vhub_vm *vm) {
+        if (vm->vmm_holds++ > 0 || vm->owner || vm->destroying || !evtimer_pending(vm->linger_timer, NULL))
+                return;
+        evtimer_del(vm->linger_timer);
+        vm_log(vm, LOG_INFO, "a VMM connected: the linger timer waits while a VMM is connected");
+}
+
+void vhub_vm_vmm_release(struct vhub_vm *vm) {
+        struct timeval tv;
+
+        if (vm->vmm_holds > 0)
+                vm->vmm_holds--;
+        if (vm->vmm_holds > 0 || vm->owner || vm->destroying || vm->freeing || vm->linger_ms == 0)
+                return;
+        tv = vhub_timeval_from_ms(vm->linger_ms);
+        evtimer_add(vm->linger_timer, &tv);
+        vm_log(vm, LOG_INFO, "its last VMM left; lingering for %llu ms", (unsigned long long)vm->linger_ms);
+}
+
+int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, struct vhub_error *err) {
+        const struct vhub_device *d;
+
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (d->vmm && !d->removing)
+                        return vhub_error_set(err, VHUB_ERR_STATE,
+                                              "VM %s has front-door device %s, whose memory is its VMM's: no %s",
+                                              vm->name, d->name, what);
+        return 0;
 }
 
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
@@ -488,6 +523,8 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vhub_vm_check_no_front_door(vm, "vm.memory.add", &err) < 0)
+                goto fail;
         if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
                 /* back-ends registered the table with their userfaultfd at listen */
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
@@ -561,6 +598,8 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vhub_vm_check_no_front_door(vm, "vm.memory.remove", &err) < 0)
+                goto fail;
         if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
                                vm->name);
@@ -709,6 +748,9 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
                                vm->log_batch ? "changing" : "on");
                 goto fail;
         }
+        /* the VMM logs through its own SET_LOG_BASE */
+        if (vhub_vm_check_no_front_door(vm, "dirty logging through vm.dirty_log", &err) < 0)
+                goto fail;
         end = vhub_mem_table_end(&vm->mem);
         if (end == 0) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s has no memory to log", vm->name);

@@ -2,8 +2,11 @@
 #include <errno.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "control-server.h"
 #include "vhub-config.h"
+#include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhubd.h"
 
@@ -24,6 +27,21 @@ static void control_options(const struct vhub_config *config, const struct vhubd
         ret->limits.max_out_bytes = config->limits.max_output_bytes;
 }
 
+/* The front door (docs/front-door.md): its sockets under --vmm-dir, made
+ * when the first device asks for one. */
+static int frontdoor_init(struct vhubd *v, const struct vhub_config *config) {
+        struct vhub_frontdoor_options fo = { .backend_timeout_ms = config->backend_timeout_ms };
+        char *dir = config->vmm_dir ? NULL : vhub_frontdoor_default_dir();
+        int r;
+
+        fo.vmm_dir = config->vmm_dir ? config->vmm_dir : dir;
+        if (!fo.vmm_dir)
+                return -ENOMEM;
+        r = vhub_frontdoor_new(&v->ctx, &fo, &v->frontdoor);
+        free(dir);
+        return r;
+}
+
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o) {
         struct control_server_options co;
@@ -36,6 +54,11 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
                 return r;
         }
         v->ctx_ready = true;
+        r = frontdoor_init(v, config);
+        if (r < 0) {
+                log_error("cannot set up the front door: %s", strerror(-r));
+                return r;
+        }
         control_options(config, o, &co);
         r = control_server_new(&v->ctx, &co, &v->control);
         if (r < 0) {
@@ -49,6 +72,7 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
 void vhubd_stop_faces(struct vhubd *v) {
         if (v->control)
                 control_server_shutdown(v->control);
+        vhub_frontdoor_shutdown(v->frontdoor);
 }
 
 void vhubd_done(struct vhubd *v) {
@@ -58,4 +82,5 @@ void vhubd_done(struct vhubd *v) {
                 vhub_context_done(&v->ctx);
         v->ctx_ready = false;
         v->control = control_server_free(v->control);
+        v->frontdoor = vhub_frontdoor_free(v->frontdoor);
 }

@@ -3,9 +3,8 @@
  * The composition root: builds the daemon's object graph -- the model (one
  * struct vhub_context) and the faces that drive it (today the JSON-RPC
  * control server) -- and tears it down.  The only code besides main.c that
- * knows both daemon/'s model and control/; the model itself includes
- * nothing of a face.  A second face (the vhost-user front door) is wired
- * here too.
+ * knows both daemon/'s model and its faces (control/, frontdoor/); the
+ * model itself includes nothing of a face.
  */
 #pragma once
 
@@ -16,11 +15,13 @@
 struct event_base;
 struct control_server;
 struct vhub_config;
+struct vhub_frontdoor;
 
 struct vhubd {
         struct vhub_context ctx;
         bool ctx_ready;                  /* vhub_context_init() succeeded */
         struct control_server *control;  /* the JSON-RPC face */
+        struct vhub_frontdoor *frontdoor; /* the vhost-user front door */
 };
 
 struct vhubd_options {

@@ -38,6 +38,7 @@ struct vhub_vmm_conn {
         const struct vhub_vmm_conn_ops *ops;
         void *userdata;
 
+        bool face_paused;            /* vhub_vmm_conn_pause() */
         bool dispatching;            /* inside ops->on_request */
         bool free_requested;         /* vhub_vmm_conn_free() called meanwhile */
 };
@@ -110,7 +111,7 @@ static void conn_pop_answered(struct vhub_vmm_conn *c) {
                 c->head = (c->head + 1) % c->limits.max_pending;
                 c->count--;
         }
-        vmm_stream_set_reading(&c->stream, true);
+        vmm_stream_set_reading(&c->stream, !c->face_paused);
         conn_rearm(c);
 }
 
@@ -193,7 +194,7 @@ static void conn_on_readable(void *owner) {
 
                 if (c->stream.lost || c->free_requested)
                         break;
-                if (c->count >= c->limits.max_pending) {
+                if (c->face_paused || c->count >= c->limits.max_pending) {
                         /* back-pressure: the VMM waits for its answers */
                         vmm_stream_set_reading(&c->stream, false);
                         break;
@@ -378,6 +379,11 @@ int vhub_vmm_conn_reply_u64(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_
 
 int vhub_vmm_conn_ack(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_t status) {
         return conn_answer_with(c, answer_id, false, &status, sizeof(status), NULL, 0);
+}
+
+void vhub_vmm_conn_pause(struct vhub_vmm_conn *c, bool paused) {
+        c->face_paused = paused;
+        vmm_stream_set_reading(&c->stream, !paused && c->count < c->limits.max_pending);
 }
 
 void vhub_vmm_conn_fail(struct vhub_vmm_conn *c, const char *reason) {

@@ -109,6 +109,10 @@ int vhub_vmm_conn_reply_u64(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_
  * the VMM (QEMU reads a non-zero u64 as -EIO).  Same returns. */
 int vhub_vmm_conn_ack(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_t status);
 
+/* The face's own back-pressure: while paused nothing more is read (the VMM
+ * waits; nothing is dropped), whatever max_pending says. */
+void vhub_vmm_conn_pause(struct vhub_vmm_conn *c, bool paused);
+
 /* Close the connection now (e.g. a request the face cannot answer honestly);
  * on_lost follows from the loop with reason. */
 void vhub_vmm_conn_fail(struct vhub_vmm_conn *c, const char *reason);

@@ -1,0 +1,30 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The vhost-user front door, vhubd's second face (docs/front-door.md): the
+ * composition root creates it beside the JSON-RPC server and registers it
+ * on the model (vhub_context_set_vmm_door), which asks it for a socket for
+ * each device added with vmm_socket.  --vmm-dir is opened when the first
+ * such device comes, so a daemon that never uses the front door touches
+ * nothing there.
+ */
+#pragma once
+
+struct vhub_context;
+struct vhub_frontdoor;
+
+struct vhub_frontdoor_options {
+        const char *vmm_dir;               /* --vmm-dir (absolute; copied) */
+        unsigned backend_timeout_ms;       /* how long a VMM request may wait */
+};
+
+/* The contract's default --vmm-dir: $RUNTIME_DIRECTORY/vmm, else
+ * /run/vhub/vmm.  malloc'd; NULL when out of memory. */
+char *vhub_frontdoor_default_dir(void);
+
+int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_options *o,
+                       struct vhub_frontdoor **ret);
+/* Shutdown: every device's listener and VMM connection close (the model
+ * hears that each VMM left). */
+void vhub_frontdoor_shutdown(struct vhub_frontdoor *f);
+/* After the model is gone (every device told the face it went).  NULL-safe. */
+struct vhub_frontdoor *vhub_frontdoor_free(struct vhub_frontdoor *f);
