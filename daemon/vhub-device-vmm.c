@@ -393,8 +393,10 @@ static void vmm_deadline_cb(evutil_socket_t fd, short what, void *userdata) {
                 op_free(op);
         }
         if (expired && d->state != VHUB_DEV_FAILED) {
-                if (state_outage(d->state))
-                        s->outage_expired = true;
+                /* this outage (or the one the loss below begins) has shown the
+                 * back-end will not answer soon: the VMM's next requests are
+                 * answered at once until it is over */
+                s->outage_expired = true;
                 if (vhub_device_is_connected(d))
                         device_mark_lost(d, "a request of the VMM waited out the deadline");
         }

@@ -9,10 +9,16 @@
  * status, one kick per started ring -- then device.reconnected.  The VMM's
  * connection is not touched (docs/front-door.md, "Back-end loss").
  *
- * VMM_STOP, when the VMM left: GET_VRING_BASE of every started ring, the
- * VMM's memory removed from the back-end (with CONFIGURE_MEM_SLOTS; without
- * it the table stays mapped until the next VMM's SET_MEM_TABLE replaces it),
- * then the records go.  The back-end stays connected for the next VMM.
+ * VMM_STOP, when the VMM left: GET_VRING_BASE of every started ring, then
+ * the back-end is made ready for the next VMM, whose addresses are not this
+ * one's.  With RESET_DEVICE it is reset and the VMM's memory removed (with
+ * CONFIGURE_MEM_SLOTS; without it the table stays mapped until the next
+ * VMM's SET_MEM_TABLE replaces it), and it stays connected.  Without it a
+ * back-end keeps the old VMM's ring addresses, which libvhost-user maps
+ * again at every memory change (qemu-storage-daemon 7.2 panics on the next
+ * VMM's first ADD_MEM_REG): only a new connection is a clean slate, so the
+ * connection is dropped and restored (device.disconnected and
+ * device.reconnected say so).  Then the records go.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -211,13 +217,20 @@ int vmm_stop_stage(struct vhub_device *d, struct vhub_op *op) {
                 }
                 return OP_STAGE_NEXT;
         case 1:
+                if (!dev_has_pf(d, VHU_PF_RESET_DEVICE))
+                        return OP_STAGE_DONE; /* the connection is renewed instead */
+                vhu_msg_build_none(&m, VHU_REQ_RESET_DEVICE, device_need_reply(d));
+                if ((r = device_send(d, op, &m, 0)) < 0)
+                        return r;
+                return OP_STAGE_NEXT;
+        case 2:
                 /* without CONFIGURE_MEM_SLOTS there is no empty table to send */
                 if (!dev_has_pf(d, VHU_PF_CONFIGURE_MEM_SLOTS) || d->n_shadow == 0)
                         return OP_STAGE_DONE;
                 if ((r = mem_sync_prepare(d, op)) < 0 || (r = mem_sync_send(d, op)) < 0)
                         return r;
                 return OP_STAGE_NEXT;
-        case 2:
+        case 3:
                 mem_sync_commit_unacked(d, op);
                 return OP_STAGE_DONE;
         }
@@ -228,6 +241,10 @@ void vmm_stop_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t reque
                        struct vhu_msg *reply) {
         if (request == VHU_REQ_GET_VRING_BASE)
                 return; /* the ring stopped; nobody needs where */
+        if (request == VHU_REQ_RESET_DEVICE) {
+                op_check_ack(d, op, request, reply);
+                return;
+        }
         mem_sync_on_reply(d, op, request, tag, reply);
 }
 
@@ -237,6 +254,9 @@ void vmm_stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         d->vmm->leaving = false;
         if (r < 0 && vhub_device_is_connected(d))
                 device_mark_lost(d, op->error.detail[0] ? op->error.detail : "stopping the VMM's rings failed");
+        else if (!dev_has_pf(d, VHU_PF_RESET_DEVICE) && vhub_device_is_connected(d))
+                device_mark_lost(d, "the VMM left and the back-end has no RESET_DEVICE: "
+                                    "a new connection for the next VMM");
         vmm_records_clear(d);
         vmm_update_state(d, "the VMM left");
 }
