@@ -32,6 +32,7 @@ lifetime  a VM with linger_ms whose owner closed is held while a VMM is
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -51,6 +52,20 @@ E_STATE, E_PARAMS = -32004, -32602
 # never offered to the VMM (docs/front-door.md): PAGEFAULT, XEN_MMAP, SHARED_OBJECT, GPA_ADDRESSES
 MASKED = (1 << 8) | (1 << 17) | (1 << 18) | (1 << 21)
 VERSION_1, PROTOCOL_FEATURES, BLK_F_MQ, BLK_F_FLUSH = 1 << 32, 1 << 30, 1 << 12, 1 << 9
+
+
+def vhubctl(control):
+    exe = os.environ.get("VHUBCTL")
+    if not exe:
+        raise TestFailure("VHUBCTL is not set to the vhubctl binary")
+
+    def run_ctl(*args):
+        p = subprocess.run([exe, "--socket", control] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=30)
+        if p.returncode != 0:
+            raise TestFailure("FAILED: vhubctl %s: exit %d: %s" % (" ".join(args), p.returncode, p.stderr.decode()))
+        return p.stdout.decode()
+    return run_ctl
 
 
 def expect_code(code, fn, *args, what):
@@ -127,6 +142,24 @@ def scenario_rules(t):
 
     way.release("blk0")
     check(not os.path.exists(os.path.dirname(path)), "the VM's directory went with its last socket")
+
+    # vhubctl: the orchestrator's way (a VM that outlives it, then the device)
+    ctl = vhubctl(way.daemon.control)
+    ctl("vm", "create", "orch", "--linger-ms", "600000")
+    out = ctl("device", "add", "orch", "blk9", null.sockets[1], "--type", "blk", "--vmm-socket")
+    shown = [line.split(None, 2)[-1] for line in out.splitlines() if line.startswith("vmm socket")]
+    want = os.path.join(way.vmm_dir, str(os.getuid()), "orch", "blk9.sock")
+    check_eq(shown, [want], "vhubctl device add --vmm-socket prints the socket")
+    check(os.path.exists(want), "the socket outlives vhubctl (the VM lingers)")
+    rows = [line.split() for line in ctl("device", "list", "orch").splitlines()]
+    check_eq((rows[0][3], rows[1][3]), ("VMM", "waiting"), "vhubctl device list: the VMM column")
+    one = ctl("device", "list", "orch", "blk9")
+    check("vmm socket         %s" % want in one and "vmm                waiting" in one,
+          "vhubctl device list VM DEVICE: vmm socket and vmm", one)
+    with DirectFrontend.connect(want) as fe:
+        fe.get_features()   # answered: the session is up
+        check("vmm                connected" in ctl("device", "list", "orch", "blk9"),
+              "vhubctl shows the VMM connected")
 
 
 def scenario_io(t):
