@@ -165,6 +165,10 @@ void device_link_done(struct vhub_device *d);
 void device_drop_connection(struct vhub_device *d);
 /* Declare the back-end lost now (reported from the loop). */
 void device_mark_lost(struct vhub_device *d, const char *reason);
+/* The same for a back-end that did nothing wrong but needs a new
+ * connection (a front-door device whose VMM left): restored at once, not
+ * after the backoff of earlier losses. */
+void device_renew_link(struct vhub_device *d, const char *reason);
 /* A restore op succeeded: back to the state before the loss. */
 void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
                      bool exact);

@@ -237,6 +237,13 @@ void device_mark_lost(struct vhub_device *d, const char *reason) {
                 vhub_bconn_fail(d->conn, false, 0, reason);
 }
 
+void device_renew_link(struct vhub_device *d, const char *reason) {
+        /* not a failing back-end: no backoff, the first attempt at once */
+        d->restored_usec = 0;
+        d->reconnect_fast = 1;
+        device_mark_lost(d, reason);
+}
+
 /* Reported once per connection, from the loop (vhub-backend-conn.h). */
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *lost_reason) {
         struct vhub_device *d = userdata;

@@ -177,7 +177,8 @@ unsigned vmm_fds_held(const struct vhub_device *d) {
                 return 0;
         for (unsigned i = 0; s->rings && i < d->queues; i++)
                 n += (s->rings[i].kick_fd >= 0) + (s->rings[i].call_fd >= 0) + (s->rings[i].err_fd >= 0);
-        return n + (unsigned)s->mem.n + (s->log_fd >= 0);
+        /* and the face's: the listening socket, the VMM's connection and channel */
+        return n + (unsigned)s->mem.n + (s->log_fd >= 0) + (s->socket_path ? 1 : 0) + (s->connected ? 2 : 0);
 }
 
 /* ---- the VMM comes and goes ---- */

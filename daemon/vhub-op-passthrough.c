@@ -32,6 +32,7 @@
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
 #include "vhub-eventfd.h"
+#include "vhub-fd-budget.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -247,6 +248,21 @@ static void request_check(const struct vhub_device *d, struct vhub_vmm_request *
                 snprintf(q->close_why, sizeof(q->close_why),
                          "SET_LOG_BASE with an fd that is no memory file of the size it says");
         }
+}
+
+/* The daemon keeps a dup of what a VMM sends (regions, eventfds): like a
+ * JSON-RPC client, a VMM may make it hold no more than its uid's budget
+ * (vhub-fd-budget.h).  Past it the VMM is closed: nothing it sends next
+ * could be kept either. */
+static void fd_budget_check(const struct vhub_device *d, struct vhub_vmm_request *q) {
+        struct vhub_fd_usage u = { .uid = d->vm->uid };
+        struct vhub_error err = { 0 };
+
+        vhub_fd_usage_add_model(d->vm->ctx, &u);
+        if (vhub_fd_budget_check(&d->vm->ctx->fd_budget, &u, q->msg.n_fds, 0, &err) == 0)
+                return;
+        q->close = true;
+        snprintf(q->close_why, sizeof(q->close_why), "%s: %s", REQ(q->msg.hdr.request), err.detail);
 }
 
 /* ---- memory: the VMM's table, the back-end synced to it ---- */
@@ -962,6 +978,8 @@ void vhub_device_vmm_request(struct vhub_device *d, struct vhu_msg *m, struct vh
         q->deadline = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
         op->vmm_req = q;
         request_check(d, q);
+        if (!q->close && q->msg.n_fds > 0)
+                fd_budget_check(d, q);
         /*
          * The daemon's own answers need no back-end: in an outage they are
          * given at once.  Everything else is answered at once only when the

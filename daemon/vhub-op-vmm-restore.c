@@ -255,8 +255,8 @@ void vmm_stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r < 0 && vhub_device_is_connected(d))
                 device_mark_lost(d, op->error.detail[0] ? op->error.detail : "stopping the VMM's rings failed");
         else if (!dev_has_pf(d, VHU_PF_RESET_DEVICE) && vhub_device_is_connected(d))
-                device_mark_lost(d, "the VMM left and the back-end has no RESET_DEVICE: "
-                                    "a new connection for the next VMM");
+                device_renew_link(d, "the VMM left and the back-end has no RESET_DEVICE: "
+                                     "a new connection for the next VMM");
         vmm_records_clear(d);
         vmm_update_state(d, "the VMM left");
 }

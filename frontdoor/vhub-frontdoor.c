@@ -33,6 +33,14 @@ char *vhub_frontdoor_default_dir(void) {
         return strdup("/run/vhub/vmm");
 }
 
+int vhub_frontdoor_open_dir(struct vhub_frontdoor *f) {
+        struct vhub_error err = { 0 };
+
+        if (f->vmm_dir)
+                return 0;
+        return vhub_vmm_dir_open(f->vmm_dir_path, &err, &f->vmm_dir);
+}
+
 /* The model asks for a device's socket (vhub_vmm_door.open). */
 static int door_open(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
                      struct vhub_error *err, void **ret_face, const struct vhub_vmm_face_ops **ret_ops,

@@ -23,6 +23,9 @@ char *vhub_frontdoor_default_dir(void);
 
 int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_options *o,
                        struct vhub_frontdoor **ret);
+/* Open --vmm-dir now instead of at the first front-door device (a harness
+ * that counts the daemon's fds around each input).  0 or -errno. */
+int vhub_frontdoor_open_dir(struct vhub_frontdoor *f);
 /* Shutdown: every device's listener and VMM connection close (the model
  * hears that each VMM left). */
 void vhub_frontdoor_shutdown(struct vhub_frontdoor *f);
