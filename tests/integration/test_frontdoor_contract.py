@@ -27,6 +27,11 @@ outage    the back-end killed under a VMM with a ring running: GET_VRING_BASE
           restarted: restored (the VMM's rings replayed), I/O goes on.
 lifetime  a VM with linger_ms whose owner closed is held while a VMM is
           connected, and lingers from when the VMM left.
+budget    what a VMM makes the daemon keep (its regions' dups) counts against
+          its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
+          region after region is closed before the uid holds its budget,
+          every fd it left is closed, the uid's control connection still
+          answers and the next VMM is served.
 """
 
 import os
@@ -44,6 +49,7 @@ from vhubtest.blk import BlkQueue, pattern                     # noqa: E402
 from vhubtest.client import RpcError                           # noqa: E402
 from vhubtest.direct import BackendClosed, DirectFrontend      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
+from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
@@ -372,12 +378,72 @@ def scenario_lifetime(t):
     check(not os.path.exists(path), "with its front-door socket")
 
 
+BUDGET, UNPRIV = 24, 65534
+
+
+def scenario_budget(t):
+    way = ThroughVhubd(t, extra_args=["--max-fds-per-uid", str(BUDGET), "--control-mode", "0666"])
+    os.chmod(way.dir, 0o755)
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "n0.sock")], log_dir=way.dir))
+    os.chmod(null.sockets[0], 0o666)
+    agent = UnprivAgent(way.daemon.control, UNPRIV)
+    t.defer(agent.stop)
+    agent.connect()
+    agent.call("vm.create", {"vm": "vmu"})
+    path = agent.call("device.add", {"vm": "vmu", "device": "blk0", "socket": null.sockets[0],
+                                     "type": "blk", "vmm_socket": True})["vmm_socket"]
+    check_eq(path, os.path.join(way.vmm_dir, str(UNPRIV), "vmu", "blk0.sock"), "uid %d's front-door socket" % UNPRIV)
+    base = way.daemon.settled_fd_count(way.client)
+
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    slots = fe.max_mem_slots
+    check(slots is not None and slots > BUDGET,
+          "the back-end offers more slots (%s) than the uid's fd budget (%d)" % (slots, BUDGET))
+    mem = GuestMemory()
+    t.defer(mem.close)
+    added = 0
+    try:
+        while added < slots:
+            fe.add_mem_reg(mem.add_region(added << 20, 1 << 20))
+            added += 1
+        raise TestFailure("FAILED: a VMM made the daemon keep %d regions past a budget of %d fds"
+                          % (added, BUDGET))
+    except BackendClosed:
+        pass
+    log("the VMM was closed after %d regions (budget %d)" % (added, BUDGET))
+    check(0 < added < BUDGET, "regions kept before the VMM was closed: some, fewer than the budget", added)
+    fe.close()
+
+    def dev():
+        return agent.call("device.list", {"vm": "vmu"})["devices"][0]
+    deadline = time.monotonic() + 10
+    # the VMM gone; qsd has no RESET_DEVICE: the back-end renewed for the next
+    while (dev()["vmm"], dev()["state"]) != ("waiting", "ready") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_eq((dev()["vmm"], dev()["state"]), ("waiting", "ready"), "the device waits for the next VMM")
+    way.daemon.check_fd_baseline(base, "every fd the closed VMM left was closed")
+    with open(way.daemon.log_path) as f:
+        why = [line for line in f if "closing the VMM's connection" in line and "fd" in line]
+    check(why, "the daemon's log says why the VMM was closed")
+    log("vhubd: %s" % why[0].strip())
+    check_eq(agent.call("daemon.info")["pid"], way.daemon.pid, "the uid's control connection still answers")
+    with DirectFrontend.connect(path) as fe2:
+        fe2.handshake()
+        fe2.add_mem_reg(mem.regions[0])
+        check_eq(fe2.get_features(), agent.call("device.list", {"vm": "vmu"})["devices"][0]["features"],
+                 "the next VMM is served")
+    agent.call("device.remove", {"vm": "vmu", "device": "blk0"})
+    agent.stop()
+
+
 SCENARIOS = {
     "rules": scenario_rules,
     "io": scenario_io,
     "relay": scenario_relay,
     "outage": scenario_outage,
     "lifetime": scenario_lifetime,
+    "budget": scenario_budget,
 }
 
 
