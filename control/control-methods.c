@@ -25,6 +25,7 @@
 #include "vhub-time.h"
 #include "vhub-version.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* "uid" left out: the caller's own (outside the range a request may give). */
 #define UID_CALLER UINT64_MAX
@@ -383,10 +384,10 @@ static const struct param vm_memory_list_result = R_OBJECT(
 
 static json_t *result_dirty_log(struct control_call *cc) {
         if (control_call_reply_fds(cc, 1) < 0) {
-                close(cc->call.out.dirty_log.fd);
+                cc->call.out.dirty_log.fd = vhu_safe_close(cc->call.out.dirty_log.fd);
                 return NULL;
         }
-        cc->reply_fds[cc->n_reply_fds++] = cc->call.out.dirty_log.fd;
+        cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(cc->call.out.dirty_log.fd);
         return json_pack("{s:i, s:o}", "fd", 0, "size", vhub_json_u64(cc->call.out.dirty_log.size));
 }
 
@@ -442,8 +443,7 @@ static json_t *result_postcopy_advise(struct control_call *cc) {
                 json_array_append_new(devs, json_pack("{s:s, s:i}", "device", pd->device, "fd",
                                                       (int)cc->n_reply_fds));
                 /* the fd moves to the reply; closed after sending */
-                cc->reply_fds[cc->n_reply_fds++] = pd->ufd;
-                pd->ufd = -1;
+                cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(pd->ufd);
         }
         return json_pack("{s:o}", "devices", devs);
 }
@@ -637,6 +637,54 @@ static const struct param device_list_result = R_OBJECT(
                    { .name = "vmm", .kind = PARAM_ENUM, .values = vmm_states,
                      .description = "a front-door device: whether a VMM is connected" }));
 
+static int m_device_stats(struct method_call *m, struct vhub_error *err) {
+        struct vhub_device_stats_info st;
+        const struct vhub_device_stats *c = &st.counters;
+        json_t *res;
+
+        vhub_info_device_stats(m->dev, &st);
+        res = json_pack("{s:s, s:o, s:o, s:o, s:o, s:o, s:I, s:o, s:o, s:o}", "state",
+                        vhub_device_state_to_string(st.state), "since_ms", vhub_json_u64(st.since_usec / 1000),
+                        "requests", vhub_json_u64(c->requests), "replies", vhub_json_u64(c->replies),
+                        "timeouts", vhub_json_u64(c->timeouts), "losses", vhub_json_u64(c->losses),
+                        "reconnects", (json_int_t)st.reconnects, "backend_requests",
+                        vhub_json_u64(c->backend_requests), "handshake_us", vhub_json_u64(c->handshake_usec),
+                        /* an extension (docs/control-api.md) */
+                        "eventfd_skipped", vhub_json_u64(c->eventfd_skipped));
+        if (res && c->lost) {
+                char timestamp[VHUB_RFC3339_LEN];
+
+                vhub_format_rfc3339(c->last_loss_realtime_usec, timestamp);
+                json_object_set_new(res, "last_loss", json_pack("{s:s, s:s}", "reason", c->last_loss_reason,
+                                                                "timestamp", timestamp));
+        }
+        if (res && c->restored)
+                json_object_set_new(res, "restore_us", vhub_json_u64(c->restore_usec));
+        return call_answer(m, res, err);
+}
+
+static const struct param device_stats_result = R_OBJECT(
+        { .name = "state", .kind = PARAM_ENUM, .required = true, .values = device_states,
+          .description = "where it is in its life, as device.list says" },
+        R_U64("since_ms", "milliseconds in that state"),
+        R_U64("requests", "vhost-user requests sent to its back-end, every connection since device.add"),
+        R_U64("replies", "replies received from the back-end"),
+        R_U64("timeouts", "replies that missed --backend-timeout-ms (each a loss or a failed restore attempt)"),
+        R_U64("losses", "times the back-end was lost while the device was up"),
+        R_U64("reconnects", "times it was restored after a loss (device.list's reconnects)"),
+        { .name = "last_loss", .kind = PARAM_OBJECT,
+          .members = (const struct param[]){
+                  R("reason", PARAM_STRING, "why, as device.disconnected said"),
+                  R("timestamp", PARAM_TIMESTAMP, "when: device.disconnected's timestamp"),
+                  { 0 } },
+          .description = "the last loss, once there was one" },
+        R_U64("backend_requests", "requests the back-end sent on its channel (BACKEND_REQ)"),
+        R_U64("handshake_us", "the last successful handshake's duration (device.add's or a restore's); 0 before"),
+        { .name = "restore_us", .kind = PARAM_U64, .max = UINT64_MAX,
+          .description = "the last restore's duration, from the loss to device.reconnected, once there was one" },
+        R_U64("eventfd_skipped", "an extension: writes to the VMM's kick/call/err eventfds not done (counter "
+                                 "full and unread, or a broken fd)"));
+
 /* config space: offset + length at most VHU_MAX_CONFIG_SIZE (checked by the functions) */
 #define P_CONFIG_OFFSET(field_)                                                                    \
         { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,    \
@@ -821,11 +869,10 @@ static json_t *result_state_fd(struct control_call *cc) {
         /* a back-end that offers its own transfer channel: the VMM must use it */
         if (cc->call.out.state_fd.fd >= 0) {
                 if (control_call_reply_fds(cc, 1) < 0) {
-                        close(cc->call.out.state_fd.fd);
+                        cc->call.out.state_fd.fd = vhu_safe_close(cc->call.out.state_fd.fd);
                         return NULL;
                 }
-                cc->reply_fds[cc->n_reply_fds++] = cc->call.out.state_fd.fd;
-                cc->call.out.state_fd.fd = -1;
+                cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(cc->call.out.state_fd.fd);
                 return json_pack("{s:i}", "fd", 0);
         }
         return json_object();
@@ -837,7 +884,7 @@ static const struct param state_fd_result = R_OBJECT(
 
 static int device_state_transfer(struct method_call *m, bool load) {
         m->cc->call.out.state_fd.fd = -1;
-        vhub_device_state_fd(m->dev, load, params_steal_fd(&m->p.state_fd.fd), &m->cc->call);
+        vhub_device_state_fd(m->dev, load, VHU_TAKE_FD(m->p.state_fd.fd), &m->cc->call);
         return 0;
 }
 
@@ -946,7 +993,7 @@ static int m_device_gpu_set_socket(struct method_call *m, struct vhub_error *err
         /* the back-end speaks the vhost-user-gpu protocol on it */
         if (fstat(m->p.gpu.fd, &st) < 0 || !S_ISSOCK(st.st_mode))
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "'fd' must be a socket (the VMM's socketpair)");
-        vhub_device_gpu_set_socket(m->dev, params_steal_fd(&m->p.gpu.fd), &m->cc->call);
+        vhub_device_gpu_set_socket(m->dev, VHU_TAKE_FD(m->p.gpu.fd), &m->cc->call);
         return 0;
 }
 
@@ -1006,7 +1053,7 @@ static const struct param shared_object_add_params[] = {
 };
 
 static int m_shared_object_add(struct method_call *m, struct vhub_error *err) {
-        int r = vhub_vm_shared_add(m->vm, m->p.shared.uuid, params_steal_fd(&m->p.shared.fd), err);
+        int r = vhub_vm_shared_add(m->vm, m->p.shared.uuid, VHU_TAKE_FD(m->p.shared.fd), err);
 
         return r < 0 ? r : 0;
 }
@@ -1161,9 +1208,13 @@ static const struct control_method methods[] = {
           .params = device_backend_reply_params, .summary = "Answer a forwarded device.backend_request." },
         { .name = "events.subscribe", .fn = m_events_subscribe, .flags = METHOD_VM_OPTIONAL,
           .errors = ERRORS(VHUB_ERR_LIMIT),
-          .summary = "Also receive the events of that VM (without vm: of every VM of the caller's uid)." },
+          .summary = "Also receive the events of that VM (without vm: of every VM the caller may see; "
+                     "root: of every uid)." },
         { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
           .summary = "This document." },
+        { .name = "device.stats", .fn = m_device_stats, .flags = METHOD_VM | METHOD_DEVICE,
+          .result = &device_stats_result,
+          .summary = "The device's control-plane counters since device.add: requests, replies, losses, durations." },
         { .name = "device.crypto.session.create", .fn = m_device_crypto_session_create, .flags = DEVICE_CALL,
           .params = crypto_session_create_params, .result = &crypto_session_result,
           .make_result = result_crypto_session, .errors = ERRORS(DEVICE_ERRORS),

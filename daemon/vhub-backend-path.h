@@ -28,6 +28,10 @@ struct vhub_backend_dirs;
 
 int vhub_backend_dirs_new(const struct vhub_config *cfg, struct vhub_backend_dirs **ret);
 struct vhub_backend_dirs *vhub_backend_dirs_free(struct vhub_backend_dirs *dirs);
+struct vhub_fd_visitor;
+/* The directories' fds ("daemon/backend-dir/<i>", opened again at start:
+ * not stored).  NULL-safe. */
+void vhub_backend_dirs_foreach_fd(const struct vhub_backend_dirs *dirs, const struct vhub_fd_visitor *v);
 
 /*
  * Client mode: resolve and check path with cred's rights and open the
@@ -68,3 +72,5 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
  */
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
                                                          const struct vhub_cred *cred);
+/* The O_PATH fd of the directory l's socket is in (l keeps it). */
+int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l);

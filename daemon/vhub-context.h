@@ -17,6 +17,8 @@
 struct event_base;
 struct event;
 struct vhub_backend_dirs;
+struct vhub_fd_visitor;
+struct vhub_fdstore;
 struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
@@ -31,6 +33,8 @@ struct vhub_context {
         unsigned n_vms;
         unsigned n_devices;
         uint64_t next_region_id;
+        uint64_t next_vm_id;              /* never reused: they name fd-store groups */
+        uint64_t next_device_id;
         uint64_t next_token;
         uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
@@ -38,6 +42,8 @@ struct vhub_context {
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
         struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
+        struct vhub_fdstore *fdstore;               /* systemd's fd store (disabled without
+                                                     * $NOTIFY_SOCKET or with --no-fd-store) */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
         const struct vhub_vmm_door *vmm_door;       /* the front door, if any (vhub-device-vmm.h) */
         bool shutting_down;
@@ -47,7 +53,8 @@ struct vhub_context {
 };
 
 /* Also raises the soft RLIMIT_NOFILE to the hard limit and derives the fd
- * budget from it (vhub-fd-budget.h).  On failure nothing is left to free. */
+ * budget from it (vhub-fd-budget.h), and connects the fd store (unless
+ * --no-fd-store).  On failure nothing is left to free. */
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
@@ -57,7 +64,8 @@ void vhub_context_destroy_vms(struct vhub_context *ctx);
 /* In a fatal signal's handler: remove the sockets the daemon created (only
  * unlink(), async-signal-safe; the lists may be mid-change). */
 void vhub_context_crash_unlink(const struct vhub_context *ctx);
-/* Every sink gets ev (none once shutting down). */
+/* Every sink gets ev (none once shutting down), stamped with the time
+ * (unless ev has one) and its VM's uid. */
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
 void vhub_context_add_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);
 void vhub_context_remove_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);
@@ -77,4 +85,10 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
 /* For the faces, which read no field of the context. */
 struct event_base *vhub_context_base(const struct vhub_context *ctx);
 const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx);
+/* The fd store every owner's fds go to (vhub-fd-track.h); a disabled
+ * store, or NULL in a context that never had one, takes nothing. */
+struct vhub_fdstore *vhub_context_fdstore(const struct vhub_context *ctx);
+/* Every fd the model holds: the back-end directories', the socket
+ * watcher's, the fd store's own, and every VM's (vhub_vm_foreach_fd()). */
+void vhub_context_foreach_fd(const struct vhub_context *ctx, const struct vhub_fd_visitor *v);
 bool vhub_context_shutting_down(const struct vhub_context *ctx);

@@ -23,6 +23,7 @@
 #include "vhub-log.h"
 #include "vhub-shared-object.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* A handler answered or deferred the request itself. */
 #define BREQ_ANSWERED (-1)
@@ -141,8 +142,7 @@ void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd) {
         /* too late (the deadline answered) or not: the writer sent its own copy */
         if (d->channel)
                 (void)vhub_backend_channel_answer_deferred(d->channel, DEFER_LOOKUP, token, fd >= 0 ? 0 : 1, fd);
-        if (fd >= 0)
-                close(fd);
+        vhu_safe_close(fd);
 }
 
 /* A request the VMM must act on: the device.backend_request event, with
@@ -252,6 +252,7 @@ static void device_on_backend_request(void *userdata, struct vhub_backend_channe
         struct vhub_device *d = userdata;
         int value;
 
+        d->stats.backend_requests++;
         device_log(d, LOG_DEBUG, BREQ_NAME(m), "back-end request %s", BREQ_NAME(m));
         if (!h || !h->handle) {
                 vhub_backend_channel_answer(ch, m, 1, -1);
@@ -300,7 +301,18 @@ int device_channel_open(struct vhub_device *d, int fd) {
                 .device = d->name,
                 .uid = d->vm->uid,
         };
+        int r;
 
+        device_channel_close(d);
+        r = vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
+        if (r < 0)
+                return r;
+        device_fd_track(d, vhub_backend_channel_fd(d->channel), "chan");
+        return 0;
+}
+
+void device_channel_close(struct vhub_device *d) {
+        if (d->channel)
+                device_fd_untrack(d, vhub_backend_channel_fd(d->channel), "chan");
         d->channel = vhub_backend_channel_free(d->channel);
-        return vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
 }

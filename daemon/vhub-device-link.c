@@ -23,7 +23,8 @@
  *   failed          given up: no connection, no retries
  *
  *   up -> disconnected          the loss: state_before_loss, the outage
- *                               begins, device.disconnected, the reconnect
+ *                               begins, the loss counted (device.stats),
+ *                               device.disconnected, the reconnect
  *                               scheduled (backoff from reconnect_ms again
  *                               if the last restore lasted)
  *   restoring -> disconnected   a failed attempt: counted, logged rate-limited,
@@ -32,7 +33,11 @@
  *   restoring -> up             restored: counters, device.reconnected
  *   outage -> not an outage     the socket watch and the retry timer stop
  *   -> failed                   the connection dropped, device.failed
- *   every change                logged "state a -> b (why)", counts (STATUS=)
+ *   connecting -> ready         device.added
+ *   ready, stopped -> running   device.started
+ *   running -> stopped, ready   device.stopped
+ *   every change                logged "state a -> b (why)", the time of
+ *                               the change (since_ms), counts (STATUS=)
  *
  * The file reads top to bottom: the state setter, connecting, loss,
  * reconnecting, restoring and giving up, server mode, start and stop.
@@ -54,6 +59,7 @@
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
 static void device_schedule_reconnect(struct vhub_device *d);
@@ -97,6 +103,12 @@ static void device_emit(struct vhub_device *d, enum vhub_event_type type, const 
                 ev.vrings = c->vrings;
                 ev.n_vrings = c->n_vrings;
         }
+        /* the same time as device.stats' last_loss */
+        if (type == VHUB_EV_DISCONNECTED)
+                ev.timestamp_usec = d->stats.last_loss_realtime_usec;
+        /* the lifecycle events carry no reason */
+        if (type != VHUB_EV_DISCONNECTED && type != VHUB_EV_FAILED)
+                ev.reason = NULL;
         vhub_context_emit(d->vm->ctx, &ev);
 }
 
@@ -124,6 +136,10 @@ static void device_outage_begins(struct vhub_device *d, enum vhub_device_state f
         d->state_before_loss = from;
         d->outage_usec = vhub_now_usec();
         d->outage_failures = 0;
+        d->stats.losses++;
+        d->stats.lost = true;
+        d->stats.last_loss_realtime_usec = vhub_realtime_usec();
+        snprintf(d->stats.last_loss_reason, sizeof(d->stats.last_loss_reason), "%s", c->why ? c->why : "");
         vhub_log_ratelimit_reset(&d->reconnect_log);
         /* Only a restore that lasted starts the backoff over from
          * reconnect_ms: a back-end that dies again right after each restore
@@ -141,6 +157,8 @@ static void device_outage_ends(struct vhub_device *d, const struct state_change 
         vhub_log_ratelimit_reset(&d->reconnect_log);
         d->reconnects++;
         d->restored_usec = vhub_now_usec();
+        d->stats.restore_usec = d->restored_usec - d->outage_usec;
+        d->stats.restored = true;
         d->reconnect_fast = 0;
         device_emit(d, VHUB_EV_RECONNECTED, c);
 }
@@ -156,6 +174,7 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                    "state %s -> %s%s%s%s", vhub_device_state_to_string(from), vhub_device_state_to_string(to),
                    c->why ? " (" : "", c->why ? c->why : "", c->why ? ")" : "");
         d->state = to;
+        d->stats.state_since_usec = vhub_now_usec();
 
         if (state_outage(from) && !state_outage(to)) {
                 device_stop_watching(d);
@@ -176,6 +195,13 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                 device_emit(d, VHUB_EV_FAILED, c);
         } else if (from == VHUB_DEV_RESTORING && state_up(to)) {
                 device_outage_ends(d, c);
+        } else if (from == VHUB_DEV_CONNECTING && to == VHUB_DEV_READY) {
+                device_emit(d, VHUB_EV_DEVICE_ADDED, c);
+        } else if (to == VHUB_DEV_RUNNING) {
+                device_emit(d, VHUB_EV_DEVICE_STARTED, c);
+        } else if (from == VHUB_DEV_RUNNING) {
+                /* device.stop, or device.reset of a running device */
+                device_emit(d, VHUB_EV_DEVICE_STOPPED, c);
         }
         if (dev_is_front_door(d))
                 vmm_state_changed(d, from, to);
@@ -188,15 +214,16 @@ void device_set_state(struct vhub_device *d, enum vhub_device_state s, const cha
 
 /* ---- connecting ---- */
 
+/* fd taken in every case. */
 static int device_attach_connection(struct vhub_device *d, int fd) {
         int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
                                /* the largest op: a START of every ring (7 replies each) */
                                VHUB_MAX_QUEUES * 8 + 64,
                                &device_bconn_ops, d, &d->conn);
-        if (r < 0) {
-                close(fd);
+
+        if (r < 0)
                 return r;
-        }
+        device_fd_track(d, vhub_bconn_fd(d->conn), "sock");
         return 0;
 }
 
@@ -208,7 +235,7 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
         if (pfd < 0)
                 return pfd;
         fd = vhub_backend_path_connect(pfd, &d->vm->cred);
-        close(pfd);
+        vhu_safe_close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
@@ -222,8 +249,10 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
 }
 
 void device_drop_connection(struct vhub_device *d) {
+        if (d->conn)
+                device_fd_untrack(d, vhub_bconn_fd(d->conn), "sock");
         d->conn = vhub_bconn_free(d->conn);
-        d->channel = vhub_backend_channel_free(d->channel);
+        device_channel_close(d);
         /* a lost exporter's objects are gone: lookups must not reach it */
         vhub_shared_table_drop_device(&d->vm->shared, d);
         shadow_clear(d);
@@ -256,6 +285,8 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         /* a failed restore attempt is counted and logged rate-limited */
         if (d->state != VHUB_DEV_RESTORING || d->removing)
                 device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
+        if (timeout)
+                d->stats.timeouts++;
         device_drop_connection(d);
         vhub_error_set_backend(&err, timeout ? VHUB_ERR_TIMEOUT : VHUB_ERR_BACKEND, d->name, req,
                                "device %s: %s", d->name, reason);
@@ -443,7 +474,7 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 return;
         if (vhub_device_is_connected(d)) {
                 /* one back-end at a time */
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         if (d->conn)
@@ -479,6 +510,8 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         d->listen_fd = r;
         free(d->socket_path);
         d->socket_path = listen_path;
+        device_fd_track(d, d->listen_fd, "listen");
+        device_fd_track(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
         d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
         if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
@@ -512,7 +545,33 @@ void device_link_done(struct vhub_device *d) {
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
         device_stop_watching(d);
-        if (d->listen_fd >= 0)
-                close(d->listen_fd);
+        device_fd_untrack(d, d->listen_fd, "listen");
+        d->listen_fd = vhu_safe_close(d->listen_fd);
+        device_fd_untrack(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
         d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
+}
+
+struct link_visit {
+        const struct vhub_device *d;
+        const struct vhub_fd_visitor *v;
+        const char *what;       /* "sock", "chan" */
+};
+
+static void link_fd(int fd, const char *part, void *userdata) {
+        const struct link_visit *lv = userdata;
+
+        /* the connection's own fd is kept; what it holds for a moment is not */
+        if (part)
+                device_fd_visit(lv->d, lv->v, fd, NULL, "%s/%s", lv->what, part);
+        else
+                device_fd_visit(lv->d, lv->v, fd, lv->d->fd_group, "%s", lv->what);
+}
+
+void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v) {
+        if (d->conn)
+                vhub_bconn_foreach_fd(d->conn, link_fd, &(struct link_visit){ d, v, "sock" });
+        if (d->channel)
+                vhub_backend_channel_foreach_fd(d->channel, link_fd, &(struct link_visit){ d, v, "chan" });
+        device_fd_visit(d, v, d->listen_fd, d->fd_group, "listen");
+        device_fd_visit(d, v, vhub_backend_listener_dir_fd(d->listener), d->fd_group, "dirfd");
 }

@@ -91,7 +91,16 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err);
 int vmm_open(struct vhub_device *d, struct vhub_error *err);
 void vmm_session_free(struct vhub_device *d);
 unsigned vmm_fds_held(const struct vhub_device *d);
-void vmm_ring_close_fds(struct vhub_vmm_ring *r);
+/* The records' fds, each tracked as the device's (group d<id>, names
+ * dev/<uid>/<vm>/<dev>/vmm/...): fd is taken (-1: none), the old one closed. */
+enum vmm_ring_fd { VMM_RING_KICK, VMM_RING_CALL, VMM_RING_ERR };
+void vmm_ring_set_fd(struct vhub_device *d, uint32_t index, enum vmm_ring_fd which, int fd);
+void vmm_ring_close_fds(struct vhub_device *d, uint32_t index);
+void vmm_log_fd_set(struct vhub_device *d, int fd);
+/* The VMM's table becomes *t (taken: t is left empty); NULL: none. */
+void vmm_mem_replace(struct vhub_device *d, struct vhub_mem_table *t);
+/* Every fd of the records, named (vhub_device_foreach_fd()). */
+void vmm_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v);
 /* Forget the VMM's session (rings, memory, features, status...), closing its fds. */
 void vmm_records_clear(struct vhub_device *d);
 /* The device changed state (device_change_state()). */

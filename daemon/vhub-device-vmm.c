@@ -17,9 +17,11 @@
 
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* ---- the front door and the device ---- */
 
@@ -33,6 +35,10 @@ const char *vhub_device_name(const struct vhub_device *d) {
 
 const char *vhub_device_vm_name(const struct vhub_device *d) {
         return d->vm->name;
+}
+
+uint64_t vhub_device_id(const struct vhub_device *d) {
+        return d->id;
 }
 
 uid_t vhub_device_uid(const struct vhub_device *d) {
@@ -126,27 +132,80 @@ int vmm_open(struct vhub_device *d, struct vhub_error *err) {
         return 0;
 }
 
-void vmm_ring_close_fds(struct vhub_vmm_ring *r) {
-        if (r->kick_fd >= 0)
-                close(r->kick_fd);
-        if (r->call_fd >= 0)
-                close(r->call_fd);
-        if (r->err_fd >= 0)
-                close(r->err_fd);
-        r->kick_fd = r->call_fd = r->err_fd = -1;
+/*
+ * The records' fds are the device's (its fd-store group d<id>, named
+ * dev/<uid>/<vm>/<dev>/vmm/...): a restore replays them, so a restart of
+ * the daemon must keep them too (docs/architecture.md, "fd names and
+ * groups").  Every change goes through these.
+ */
+static const char *const ring_fd_names[] = { "kick", "call", "err" };
+
+static int *ring_fd_slot(struct vhub_vmm_ring *r, enum vmm_ring_fd which) {
+        return which == VMM_RING_KICK ? &r->kick_fd : which == VMM_RING_CALL ? &r->call_fd : &r->err_fd;
+}
+
+void vmm_ring_set_fd(struct vhub_device *d, uint32_t index, enum vmm_ring_fd which, int fd) {
+        int *slot = ring_fd_slot(&d->vmm->rings[index], which);
+
+        device_fd_untrack(d, *slot, "vmm/ring%u.%s", index, ring_fd_names[which]);
+        vhu_safe_close(*slot);
+        *slot = fd;
+        device_fd_track(d, *slot, "vmm/ring%u.%s", index, ring_fd_names[which]);
+}
+
+void vmm_ring_close_fds(struct vhub_device *d, uint32_t index) {
+        for (enum vmm_ring_fd w = VMM_RING_KICK; w <= VMM_RING_ERR; w++)
+                vmm_ring_set_fd(d, index, w, -1);
+}
+
+void vmm_log_fd_set(struct vhub_device *d, int fd) {
+        struct vhub_device_vmm *s = d->vmm;
+
+        device_fd_untrack(d, s->log_fd, "vmm/log");
+        vhu_safe_close(s->log_fd);
+        s->log_fd = fd;
+        device_fd_track(d, s->log_fd, "vmm/log");
+}
+
+void vmm_mem_replace(struct vhub_device *d, struct vhub_mem_table *t) {
+        struct vhub_device_vmm *s = d->vmm;
+
+        for (size_t i = 0; i < s->mem.n; i++)
+                device_fd_untrack(d, s->mem.regions[i].fd, "vmm/region/%llu",
+                                  (unsigned long long)s->mem.regions[i].id);
+        vhub_mem_table_done(&s->mem);
+        if (t) {
+                s->mem = *t;
+                vhub_mem_table_init(t); /* taken */
+        }
+        for (size_t i = 0; i < s->mem.n; i++)
+                device_fd_track(d, s->mem.regions[i].fd, "vmm/region/%llu",
+                                (unsigned long long)s->mem.regions[i].id);
+}
+
+void vmm_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v) {
+        const struct vhub_device_vmm *s = d->vmm;
+
+        for (unsigned i = 0; s->rings && i < d->queues; i++) {
+                device_fd_visit(d, v, s->rings[i].kick_fd, d->fd_group, "vmm/ring%u.kick", i);
+                device_fd_visit(d, v, s->rings[i].call_fd, d->fd_group, "vmm/ring%u.call", i);
+                device_fd_visit(d, v, s->rings[i].err_fd, d->fd_group, "vmm/ring%u.err", i);
+        }
+        for (size_t i = 0; i < s->mem.n; i++)
+                device_fd_visit(d, v, s->mem.regions[i].fd, d->fd_group, "vmm/region/%llu",
+                                (unsigned long long)s->mem.regions[i].id);
+        device_fd_visit(d, v, s->log_fd, d->fd_group, "vmm/log");
 }
 
 void vmm_records_clear(struct vhub_device *d) {
         struct vhub_device_vmm *s = d->vmm;
 
         for (unsigned i = 0; s->rings && i < d->queues; i++) {
-                vmm_ring_close_fds(&s->rings[i]);
+                vmm_ring_close_fds(d, i);
                 s->rings[i] = (struct vhub_vmm_ring){ .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
         }
-        vhub_mem_table_done(&s->mem);
-        if (s->log_fd >= 0)
-                close(s->log_fd);
-        s->log_fd = -1;
+        vmm_mem_replace(d, NULL);
+        vmm_log_fd_set(d, -1);
         s->log_set = s->features_set = s->status_set = s->mtu_set = s->inflight_set = false;
         s->n_config = s->next_config = 0;
         d->acked_features = 0;
@@ -177,8 +236,10 @@ unsigned vmm_fds_held(const struct vhub_device *d) {
                 return 0;
         for (unsigned i = 0; s->rings && i < d->queues; i++)
                 n += (s->rings[i].kick_fd >= 0) + (s->rings[i].call_fd >= 0) + (s->rings[i].err_fd >= 0);
-        /* and the face's: the listening socket, the VMM's connection and channel */
-        return n + (unsigned)s->mem.n + (s->log_fd >= 0) + (s->socket_path ? 1 : 0) + (s->connected ? 2 : 0);
+        /* and the face's for the device: its socket, the VMM's connection and channel */
+        if (s->face_ops && s->face_ops->fds_held)
+                n += s->face_ops->fds_held(s->face);
+        return n + (unsigned)s->mem.n + (s->log_fd >= 0);
 }
 
 /* ---- the VMM comes and goes ---- */

@@ -46,6 +46,10 @@ struct vhub_vmm_face_ops {
         /* The device is being freed: close the socket and the VMM's
          * connection, forget the device.  The model calls nothing after. */
         void (*gone)(void *face);
+        /* How many fds the face holds for the device (its socket, the VMM's
+         * connection and channel, what they queue): the fd budget counts
+         * them as the VM's uid's. */
+        unsigned (*fds_held)(const void *face);
 };
 
 /* The front door, as the composition root registers it. */
@@ -87,8 +91,10 @@ void vhub_device_vmm_relay_answered(struct vhub_device *d, uint64_t token, uint6
 
 /* What the device offers its VMM: the back-end's own offer, masked. */
 uint64_t vhub_device_vmm_protocol_features(const struct vhub_device *d);
-/* For the face's log lines and the socket's owner. */
+/* For the face's log lines, its fd names and fd-store group (the device's
+ * id: vhub-fd-track.h), and the socket's owner. */
 const char *vhub_device_name(const struct vhub_device *d);
+uint64_t vhub_device_id(const struct vhub_device *d);
 const char *vhub_device_vm_name(const struct vhub_device *d);
 uid_t vhub_device_uid(const struct vhub_device *d);
 unsigned vhub_device_backend_timeout_ms(const struct vhub_device *d);

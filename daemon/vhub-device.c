@@ -16,7 +16,9 @@
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static const char *const state_names[_VHUB_DEV_STATE_MAX] = {
         [VHUB_DEV_CONNECTING] = "connecting",
@@ -53,13 +55,55 @@ bool vhub_device_is_connected(const struct vhub_device *d) {
 }
 
 void vring_close_fds(struct vhub_vring *v) {
-        if (v->kick_fd >= 0)
-                close(v->kick_fd);
-        if (v->call_fd >= 0)
-                close(v->call_fd);
-        if (v->err_fd >= 0)
-                close(v->err_fd);
-        v->kick_fd = v->call_fd = v->err_fd = -1;
+        v->kick_fd = vhu_safe_close(v->kick_fd);
+        v->call_fd = vhu_safe_close(v->call_fd);
+        v->err_fd = vhu_safe_close(v->err_fd);
+}
+
+void device_ring_close(struct vhub_device *d, unsigned i) {
+        struct vhub_vring *v = &d->vrings[i];
+
+        device_fd_untrack(d, v->kick_fd, "ring%u.kick", i);
+        device_fd_untrack(d, v->call_fd, "ring%u.call", i);
+        device_fd_untrack(d, v->err_fd, "ring%u.err", i);
+        vring_close_fds(v);
+        v->configured = false;
+}
+
+void device_ring_commit(struct vhub_device *d, struct vhub_vring *src) {
+        struct vhub_vring *v = &d->vrings[src->index];
+
+        device_ring_close(d, src->index);
+        *v = *src;
+        src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
+        device_fd_track(d, v->kick_fd, "ring%u.kick", v->index);
+        device_fd_track(d, v->call_fd, "ring%u.call", v->index);
+        device_fd_track(d, v->err_fd, "ring%u.err", v->index);
+}
+
+void device_set_inflight(struct vhub_device *d, int fd) {
+        device_fd_untrack(d, d->inflight_fd, "inflight");
+        vhu_safe_close(d->inflight_fd);
+        d->inflight_fd = fd;
+        device_fd_track(d, d->inflight_fd, "inflight");
+}
+
+void vhub_device_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v) {
+        const struct vhub_op *op;
+
+        device_link_foreach_fd(d, v);
+        device_fd_visit(d, v, d->inflight_fd, d->fd_group, "inflight");
+        for (unsigned i = 0; d->vrings && i < d->queues; i++) {
+                const struct vhub_vring *r = &d->vrings[i];
+
+                device_fd_visit(d, v, r->kick_fd, d->fd_group, "ring%u.kick", i);
+                device_fd_visit(d, v, r->call_fd, d->fd_group, "ring%u.call", i);
+                device_fd_visit(d, v, r->err_fd, d->fd_group, "ring%u.err", i);
+        }
+        if (d->vmm)
+                vmm_foreach_fd(d, v);
+        TAILQ_FOREACH(op, &d->ops, link)
+                op_foreach_fd(d, op, v);
 }
 
 unsigned vring_fds_held(const struct vhub_vring *v) {
@@ -141,10 +185,21 @@ bool vhub_device_rings_in(const struct vhub_device *d, uint64_t gpa, uint64_t si
 
 /* ---- add / remove ---- */
 
+void device_announce_removed(struct vhub_device *d) {
+        struct vhub_event ev = { .type = VHUB_EV_DEVICE_REMOVED, .vm = d->vm, .device = d->name };
+
+        /* a device.add that failed never announced the device */
+        if (!d->handshaken || d->removed_announced)
+                return;
+        d->removed_announced = true;
+        vhub_context_emit(d->vm->ctx, &ev);
+}
+
 void device_destroy(struct vhub_device *d) {
         struct vhub_vm *vm = d->vm;
         struct vhub_context *ctx = vm->ctx;
 
+        device_announce_removed(d);
         TAILQ_REMOVE(&vm->devices, d, link);
         vm->n_devices--;
         ctx->n_devices--;
@@ -175,11 +230,10 @@ void vhub_device_free(struct vhub_device *d) {
         vmm_session_free(d);
         device_link_done(d);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
-                vring_close_fds(&d->vrings[i]);
+                device_ring_close(d, i);
         free(d->vrings);
         free(d->shmem_sizes);
-        if (d->inflight_fd >= 0)
-                close(d->inflight_fd);
+        device_set_inflight(d, -1);
         free(d->shadow);
         free(d->socket_path);
         free(d);
@@ -214,6 +268,8 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         }
         TAILQ_INIT(&d->ops);
         d->vm = vm;
+        d->id = ++vm->ctx->next_device_id;
+        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
@@ -224,6 +280,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->reconnect_ms = p->reconnect_ms;
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;
+        d->stats.state_since_usec = vhub_now_usec();
         d->socket_path = strdup(p->socket_path);
         if (!d->socket_path) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");

@@ -20,6 +20,7 @@
 #include "vhub-config.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
 #include "vhub-owner.h"
@@ -90,6 +91,23 @@ enum vhub_postcopy_step {
         VHUB_POSTCOPY_END,
 };
 
+/* Control-plane counters since the device was added (device.stats). */
+struct vhub_device_stats {
+        uint64_t requests;            /* front-end requests sent to its back-ends */
+        uint64_t replies;             /* replies received from them */
+        uint64_t timeouts;            /* replies that missed --backend-timeout-ms */
+        uint64_t losses;              /* outages: back-end lost while up */
+        uint64_t backend_requests;    /* requests read on the back-end channel */
+        uint64_t eventfd_skipped;     /* VMM eventfds not signalled (counter full, or broken) */
+        uint64_t handshake_usec;      /* the last successful handshake's duration */
+        uint64_t restore_usec;        /* the last restore's: loss to device.reconnected */
+        bool restored;                /* restore_usec is set */
+        bool lost;                    /* last_loss_* are set */
+        uint64_t last_loss_realtime_usec; /* CLOCK_REALTIME: device.disconnected's timestamp */
+        char last_loss_reason[160];
+        uint64_t state_since_usec;    /* CLOCK_MONOTONIC: when it entered its state */
+};
+
 /* The device's FIFO of operations; struct vhub_op is the engine's own
  * (vhub-device-internal.h). */
 struct vhub_op;
@@ -98,6 +116,8 @@ TAILQ_HEAD(vhub_op_list, vhub_op);
 struct vhub_device {
         TAILQ_ENTRY(vhub_device) link;
         struct vhub_vm *vm;
+        uint64_t id;                  /* daemon-unique, never reused */
+        char fd_group[VHUB_FD_GROUP_MAX]; /* "d<id>": the fd-store group of every fd it keeps */
         char name[VHUB_NAME_MAX + 1];
         char *socket_path;
         char type[32];
@@ -120,6 +140,8 @@ struct vhub_device {
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
         struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
+        struct vhub_device_stats stats;
+        bool removed_announced;       /* device.removed was emitted */
         uint64_t restored_usec;       /* when the last restore finished */
         uint64_t outage_usec;         /* when the current outage began */
         unsigned outage_failures;     /* restore attempts failed in it */
@@ -236,5 +258,11 @@ bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
 bool vhub_device_is_connected(const struct vhub_device *dev);
 /* The fds the device holds, its ops' included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);
+/* Every fd the device holds, named "dev/<uid>/<vm>/<device>/...": in its
+ * group the back-end socket ("sock"), channel ("chan"), server-mode
+ * listener ("listen") and its directory ("dirfd"), inflight memfd
+ * ("inflight") and ring eventfds ("ring<i>.kick|call|err"); without a
+ * group what it holds for a moment (its ops' fds, the transports' dups). */
+void vhub_device_foreach_fd(const struct vhub_device *dev, const struct vhub_fd_visitor *v);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
 bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

@@ -33,9 +33,11 @@
 #include "vhub-device-vmm-internal.h"
 #include "vhub-eventfd.h"
 #include "vhub-fd-budget.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 enum vmm_kind {
         VMM_OWN,
@@ -290,7 +292,7 @@ static int target_add(struct vhub_device *d, struct vhub_vmm_request *q, const s
                 return -errno;
         }
         if (vhub_mem_table_check_new(&q->target, &r, &err) < 0) {
-                close(r.fd);
+                r.fd = vhu_safe_close(r.fd);
                 snprintf(q->close_why, sizeof(q->close_why), "%s with a bad region: %s",
                          REQ(q->msg.hdr.request), err.detail);
                 return -EINVAL;
@@ -304,8 +306,7 @@ static int target_add(struct vhub_device *d, struct vhub_vmm_request *q, const s
         }
         if (!r.id)
                 r.id = ++d->vm->ctx->next_region_id;
-        if (vhub_mem_table_add(&q->target, &r) < 0) {
-                close(r.fd);
+        if (vhub_mem_table_add(&q->target, &r) < 0) { /* takes r.fd in every case */
                 snprintf(q->close_why, sizeof(q->close_why), "out of memory");
                 return -ENOMEM;
         }
@@ -376,9 +377,7 @@ static int target_build(struct vhub_device *d, struct vhub_vmm_request *q) {
 static void target_commit(struct vhub_device *d, struct vhub_vmm_request *q) {
         if (!q->has_target)
                 return;
-        vhub_mem_table_done(&d->vmm->mem);
-        d->vmm->mem = q->target;
-        vhub_mem_table_init(&q->target);
+        vmm_mem_replace(d, &q->target);
         q->has_target = false;
 }
 
@@ -425,13 +424,13 @@ static int dup_or_none(int fd) {
         return fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1;
 }
 
-static void ring_set_fd(struct vhub_vmm_ring *r, uint32_t request, uint64_t u64, int fd) {
-        int *slot = request == VHU_REQ_SET_VRING_KICK ? &r->kick_fd
-                    : request == VHU_REQ_SET_VRING_CALL ? &r->call_fd : &r->err_fd;
+static void ring_set_fd(struct vhub_device *d, uint32_t index, uint32_t request, uint64_t u64, int fd) {
+        struct vhub_vmm_ring *r = &d->vmm->rings[index];
 
-        if (*slot >= 0)
-                close(*slot);
-        *slot = dup_or_none(fd);
+        vmm_ring_set_fd(d, index,
+                        request == VHU_REQ_SET_VRING_KICK ? VMM_RING_KICK
+                        : request == VHU_REQ_SET_VRING_CALL ? VMM_RING_CALL : VMM_RING_ERR,
+                        dup_or_none(fd));
         switch (request) {
         case VHU_REQ_SET_VRING_KICK:
                 r->kick_set = true;
@@ -456,14 +455,12 @@ static void records_reset(struct vhub_device *d) {
         struct vhub_device_vmm *s = d->vmm;
 
         for (unsigned i = 0; i < d->queues; i++) {
-                vmm_ring_close_fds(&s->rings[i]);
+                vmm_ring_close_fds(d, i);
                 s->rings[i] = (struct vhub_vmm_ring){ .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
         }
         s->features_set = s->status_set = s->inflight_set = false;
         d->acked_features = 0;
-        if (d->inflight_fd >= 0)
-                close(d->inflight_fd);
-        d->inflight_fd = -1;
+        device_set_inflight(d, -1);
         if (d->state == VHUB_DEV_RUNNING || d->state == VHUB_DEV_STOPPED)
                 device_set_state(d, VHUB_DEV_READY, "reset by the VMM");
         else if (d->state == VHUB_DEV_DISCONNECTED || d->state == VHUB_DEV_RESTORING)
@@ -536,7 +533,7 @@ static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_m
         case VHU_REQ_SET_VRING_KICK:
         case VHU_REQ_SET_VRING_CALL:
         case VHU_REQ_SET_VRING_ERR:
-                ring_set_fd(ring, m->hdr.request, m->payload.u64, m->n_fds == 1 ? m->fds[0] : -1);
+                ring_set_fd(d, ring_index(m), m->hdr.request, m->payload.u64, m->n_fds == 1 ? m->fds[0] : -1);
                 if (m->hdr.request == VHU_REQ_SET_VRING_KICK)
                         vmm_update_state(d, "the VMM started a ring");
                 break;
@@ -549,9 +546,7 @@ static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_m
                 s->mtu = m->payload.u64;
                 break;
         case VHU_REQ_SET_LOG_BASE:
-                if (s->log_fd >= 0)
-                        close(s->log_fd);
-                s->log_fd = dup_or_none(m->n_fds == 1 ? m->fds[0] : -1);
+                vmm_log_fd_set(d, dup_or_none(m->n_fds == 1 ? m->fds[0] : -1));
                 s->log_set = s->log_fd >= 0;
                 s->log = m->payload.log;
                 break;
@@ -562,9 +557,7 @@ static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_m
 
                         if (fd < 0)
                                 break;
-                        if (d->inflight_fd >= 0)
-                                close(d->inflight_fd);
-                        d->inflight_fd = fd;
+                        device_set_inflight(d, fd);
                 }
                 s->inflight_set = true;
                 s->inflight = m->payload.inflight;
@@ -578,9 +571,7 @@ static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_m
 
                         if (fd < 0)
                                 break;
-                        if (d->inflight_fd >= 0)
-                                close(d->inflight_fd);
-                        d->inflight_fd = fd;
+                        device_set_inflight(d, fd);
                         d->inflight_size = reply->payload.inflight.mmap_size;
                         d->inflight_queue_size = m->payload.inflight.queue_size;
                         s->inflight_set = false;
@@ -947,6 +938,23 @@ unsigned passthrough_fds(const struct vhub_op *op) {
         if (!q)
                 return 0;
         return q->msg.n_fds + (q->reply ? q->reply->n_fds : 0) + (unsigned)q->target.n;
+}
+
+/* What the op holds for a moment (lost with it at a restart): the
+ * request's fds, the back-end's reply's, the memory table it would commit. */
+void passthrough_foreach_fd(const struct vhub_device *d, const struct vhub_op *op,
+                            const struct vhub_fd_visitor *v) {
+        const struct vhub_vmm_request *q = op->vmm_req;
+
+        if (!q)
+                return;
+        for (unsigned i = 0; i < q->msg.n_fds; i++)
+                device_fd_visit(d, v, q->msg.fds[i], NULL, "op/vmm-request/in%u", i);
+        for (unsigned i = 0; q->reply && i < q->reply->n_fds; i++)
+                device_fd_visit(d, v, q->reply->fds[i], NULL, "op/vmm-request/reply%u", i);
+        for (size_t i = 0; i < q->target.n; i++)
+                device_fd_visit(d, v, q->target.regions[i].fd, NULL, "op/vmm-request/region/%llu",
+                                (unsigned long long)q->target.regions[i].id);
 }
 
 /* ---- the call ---- */

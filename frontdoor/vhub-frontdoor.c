@@ -6,6 +6,7 @@
 
 #include "vhub-context.h"
 #include "vhub-device-vmm.h"
+#include "vhub-fd-track.h"
 #include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhub-vmm-device.h"
@@ -63,7 +64,7 @@ static int door_open(void *userdata, struct vhub_device *d, const struct vhub_cr
                                      &path);
         if (lfd < 0)
                 return lfd;
-        r = vhub_vmm_device_new(vhub_context_base(f->ctx), &f->devices, d, lfd, sock, owner->uid, &limits, &vd,
+        r = vhub_vmm_device_new(f->ctx, &f->devices, d, lfd, sock, owner->uid, &limits, &vd,
                                 ret_ops);
         if (r < 0) {
                 free(path);
@@ -92,6 +93,13 @@ int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_opt
         vhub_context_set_vmm_door(ctx, &f->door);
         *ret = f;
         return 0;
+}
+
+void vhub_frontdoor_foreach_fd(const struct vhub_frontdoor *f, const struct vhub_fd_visitor *v) {
+        /* opened again from --vmm-dir at start: no group */
+        if (f->vmm_dir)
+                vhub_fd_visit(v, vhub_vmm_dir_fd(f->vmm_dir), NULL, "daemon/vmm-dir");
+        vhub_vmm_device_list_foreach_fd(&f->devices, v);
 }
 
 void vhub_frontdoor_shutdown(struct vhub_frontdoor *f) {

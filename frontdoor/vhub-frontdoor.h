@@ -10,6 +10,7 @@
 #pragma once
 
 struct vhub_context;
+struct vhub_fd_visitor;
 struct vhub_frontdoor;
 
 struct vhub_frontdoor_options {
@@ -26,6 +27,9 @@ int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_opt
 /* Open --vmm-dir now instead of at the first front-door device (a harness
  * that counts the daemon's fds around each input).  0 or -errno. */
 int vhub_frontdoor_open_dir(struct vhub_frontdoor *f);
+/* Every fd the face holds: --vmm-dir's ("daemon/vmm-dir", opened again at
+ * start) and each device's (vhub_vmm_device_foreach_fd()). */
+void vhub_frontdoor_foreach_fd(const struct vhub_frontdoor *f, const struct vhub_fd_visitor *v);
 /* Shutdown: every device's listener and VMM connection close (the model
  * hears that each VMM left). */
 void vhub_frontdoor_shutdown(struct vhub_frontdoor *f);

@@ -9,6 +9,7 @@
 #include "vhub-vmm-conn.h"
 #include "vmm-clock.h"
 #include "vmm-stream.h"
+#include "vhu-fd.h"
 
 /* Requests read per wake-up: one busy VMM cannot starve the loop. */
 #define CONN_READ_BUDGET 16
@@ -239,7 +240,7 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
 
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return -ENOMEM;
         }
         if (limits)
@@ -253,7 +254,7 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
         c->next_id = 1;
         c->pending = calloc(c->limits.max_pending, sizeof(*c->pending));
         if (!c->pending) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 free(c);
                 return -ENOMEM;
         }
@@ -320,6 +321,7 @@ static int conn_answer(struct vhub_vmm_conn *c, struct pending_answer *p, struct
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 held->fds[i] = -1;
         held->n_fds = 0;
+        vhu_msg_own_fds(held);
         /* the caller's fds are borrowed: hold copies of our own */
         for (unsigned i = 0; i < r->n_fds; i++) {
                 held->fds[i] = fcntl(r->fds[i], F_DUPFD_CLOEXEC, 3);
@@ -396,4 +398,18 @@ bool vhub_vmm_conn_is_lost(const struct vhub_vmm_conn *c) {
 
 unsigned vhub_vmm_conn_pending(const struct vhub_vmm_conn *c) {
         return c->count;
+}
+
+int vhub_vmm_conn_fd(const struct vhub_vmm_conn *c) {
+        return c->stream.fd;
+}
+
+void vhub_vmm_conn_foreach_fd(const struct vhub_vmm_conn *c, vhu_fd_fn fn, void *userdata) {
+        vmm_stream_foreach_fd(&c->stream, fn, userdata);
+        for (unsigned i = 0; i < c->count; i++) {
+                const struct pending_answer *p = pending_at(c, i);
+
+                for (unsigned k = 0; p->held && k < p->held->n_fds; k++)
+                        fn(p->held->fds[k], "held", userdata);
+        }
 }

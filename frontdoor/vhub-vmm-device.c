@@ -12,6 +12,12 @@
  * the channel what the VMM negotiated.  Back-end requests the model relays
  * go out on that channel; each awaited answer comes back with its token.
  *
+ * Its fds -- the socket's (its directories, the inode bind() made, the
+ * listener), the VMM's connection and channel -- are named
+ * vmm/<uid>/<vm>/<device>/... and kept in the fd-store group f<device id>
+ * (docs/architecture.md, "fd names and groups"): tracked as each is taken
+ * and untracked before it is closed, here and only here.
+ *
  * Re-entrancy: a model call may end in the device being freed (its gone()),
  * from inside one of this object's callbacks; `busy` defers the free to the
  * callback's end.  Calls outlive their session: one answered after the VMM
@@ -24,11 +30,17 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
+#include "vhub-context.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-vmm-channel.h"
 #include "vhub-vmm-conn.h"
 #include "vhub-vmm-device.h"
 #include "vhub-vmm-listener.h"
+#include "vhu-fd.h"
+
+/* "vmm/<uid>/<vm>/<device>": VM and device names are at most 64 characters. */
+#define FD_NAME_PREFIX_MAX 160
 
 /* Back-end requests relayed to the VMM and awaiting its answer. */
 #define RELAY_MAX 16
@@ -39,8 +51,11 @@ TAILQ_HEAD(vmm_call_list, vmm_call);
 struct vhub_vmm_device {
         TAILQ_ENTRY(vhub_vmm_device) link;
         struct vhub_vmm_device_list *list;
+        struct vhub_context *ctx;
         struct event_base *base;
         struct vhub_device *dev;
+        char fd_group[VHUB_FD_GROUP_MAX];      /* f<device id> */
+        char fd_prefix[FD_NAME_PREFIX_MAX];    /* the names' start: kept, the device may go first */
         struct vhub_vmm_device_limits limits;
         struct vhub_vmm_socket *sock;
         struct vhub_vmm_listener *listener;
@@ -72,6 +87,101 @@ struct vmm_call {
 #define REQ(r) vhu_request_name(VHU_DIR_FRONTEND, (r))
 
 static void vd_free(struct vhub_vmm_device *vd);
+
+/* ---- its fds: names and the fd store ---- */
+
+static void vd_fd_note(const struct vhub_vmm_device *vd, bool kept, int fd, const char *what) {
+        vhub_fd_note(vd->ctx, kept, vd->fd_group, fd, "%s/%s", vd->fd_prefix, what);
+}
+
+static void socket_fd_track(int fd, const char *what, void *userdata) {
+        vd_fd_note(userdata, true, fd, what);
+}
+
+static void socket_fd_untrack(int fd, const char *what, void *userdata) {
+        vd_fd_note(userdata, false, fd, what);
+}
+
+/* Untracked, then freed or closed: each returns NULL for the member. */
+static struct vhub_vmm_channel *vd_channel_free(struct vhub_vmm_device *vd) {
+        if (vd->channel)
+                vd_fd_note(vd, false, vhub_vmm_channel_fd(vd->channel), "chan");
+        return vhub_vmm_channel_free(vd->channel);
+}
+
+static struct vhub_vmm_conn *vd_conn_free(struct vhub_vmm_device *vd) {
+        if (vd->conn)
+                vd_fd_note(vd, false, vhub_vmm_conn_fd(vd->conn), "conn");
+        return vhub_vmm_conn_free(vd->conn);
+}
+
+static struct vhub_vmm_listener *vd_listener_free(struct vhub_vmm_device *vd) {
+        if (vd->listener)
+                vd_fd_note(vd, false, vhub_vmm_listener_fd(vd->listener), "listen");
+        return vhub_vmm_listener_free(vd->listener);
+}
+
+static struct vhub_vmm_socket *vd_socket_remove(struct vhub_vmm_device *vd) {
+        struct vhub_vmm_socket *sock = vd->sock;
+
+        if (!sock)
+                return NULL;
+        vd->sock = NULL;
+        vhub_vmm_socket_foreach_fd(sock, socket_fd_untrack, vd);
+        return vhub_vmm_socket_remove(sock);
+}
+
+struct fd_visit {
+        const struct vhub_vmm_device *vd;
+        const struct vhub_fd_visitor *v;
+        const char *what;
+};
+
+/* A transport's socket is kept (its group); what it queues is held for a moment. */
+static void transport_fd_visit(int fd, const char *part, void *userdata) {
+        const struct fd_visit *fv = userdata;
+
+        if (part)
+                vhub_fd_visit(fv->v, fd, NULL, "%s/%s/%s", fv->vd->fd_prefix, fv->what, part);
+        else
+                vhub_fd_visit(fv->v, fd, fv->vd->fd_group, "%s/%s", fv->vd->fd_prefix, fv->what);
+}
+
+static void socket_fd_visit(int fd, const char *what, void *userdata) {
+        const struct fd_visit *fv = userdata;
+
+        vhub_fd_visit(fv->v, fd, fv->vd->fd_group, "%s/%s", fv->vd->fd_prefix, what);
+}
+
+void vhub_vmm_device_foreach_fd(const struct vhub_vmm_device *vd, const struct vhub_fd_visitor *v) {
+        if (vd->sock)
+                vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_visit, &(struct fd_visit){ vd, v, NULL });
+        if (vd->listener)
+                vhub_fd_visit(v, vhub_vmm_listener_fd(vd->listener), vd->fd_group, "%s/listen", vd->fd_prefix);
+        if (vd->conn)
+                vhub_vmm_conn_foreach_fd(vd->conn, transport_fd_visit, &(struct fd_visit){ vd, v, "conn" });
+        if (vd->channel)
+                vhub_vmm_channel_foreach_fd(vd->channel, transport_fd_visit, &(struct fd_visit){ vd, v, "chan" });
+}
+
+void vhub_vmm_device_list_foreach_fd(const struct vhub_vmm_device_list *list, const struct vhub_fd_visitor *v) {
+        const struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link)
+                vhub_vmm_device_foreach_fd(vd, v);
+}
+
+static void count_fd(const struct vhub_fd_info *info, void *userdata) {
+        (*(unsigned *)userdata)++;
+}
+
+/* vhub_vmm_face_ops.fds_held: what the fd budget counts as the VM's uid's. */
+static unsigned vd_fds_held(const void *face) {
+        unsigned n = 0;
+
+        vhub_vmm_device_foreach_fd(face, &(struct vhub_fd_visitor){ count_fd, &n });
+        return n;
+}
 
 static void vd_enter(struct vhub_vmm_device *vd) {
         vd->busy++;
@@ -119,7 +229,7 @@ static void channel_on_lost(void *userdata, bool timeout, const char *reason) {
         struct vhub_vmm_device *vd = userdata;
 
         vd_log(vd, LOG_WARNING, NULL, "the VMM's back-end channel is gone: %s", reason);
-        vd->channel = vhub_vmm_channel_free(vd->channel);
+        vd->channel = vd_channel_free(vd);
         vd_enter(vd);
         relay_fail_all(vd);
         vd_leave(vd);
@@ -156,13 +266,14 @@ static int channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m) {
         int fd = vhu_msg_take_fd(m, 0), r;
 
         if (vd->channel) {
-                vd->channel = vhub_vmm_channel_free(vd->channel);
+                vd->channel = vd_channel_free(vd);
                 relay_fail_all(vd);
         }
         r = vhub_vmm_channel_new(vd->base, fd, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops, vd,
                                  &vd->channel);
         if (r < 0)
                 return r;
+        vd_fd_note(vd, true, vhub_vmm_channel_fd(vd->channel), "chan");
         vhub_vmm_channel_set_protocol_features(vd->channel, vhub_vmm_conn_protocol_features(vd->conn));
         return 0;
 }
@@ -273,9 +384,9 @@ static void vd_end_session(struct vhub_vmm_device *vd) {
         TAILQ_INIT(&vd->calls);
         vd->n_calls = 0;
         vd->paused = false;
-        vd->channel = vhub_vmm_channel_free(vd->channel);
+        vd->channel = vd_channel_free(vd);
         relay_fail_all(vd);
-        vd->conn = vhub_vmm_conn_free(vd->conn);
+        vd->conn = vd_conn_free(vd);
         if (vd->listener)
                 vhub_vmm_listener_release(vd->listener);
         if (!vd->dead)
@@ -312,6 +423,7 @@ static void listener_on_connect(void *userdata, int fd) {
                 vhub_vmm_listener_release(vd->listener);
                 return;
         }
+        vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
         vhub_vmm_conn_offer_protocol_features(vd->conn, vhub_device_vmm_protocol_features(vd->dev));
         vd->session++;
         vd_enter(vd);
@@ -338,10 +450,10 @@ static void vd_free(struct vhub_vmm_device *vd) {
 
         TAILQ_FOREACH(c, &vd->calls, link)
                 c->vd = NULL;
-        vd->channel = vhub_vmm_channel_free(vd->channel);
-        vd->conn = vhub_vmm_conn_free(vd->conn);
-        vd->listener = vhub_vmm_listener_free(vd->listener);
-        vd->sock = vhub_vmm_socket_remove(vd->sock);
+        vd->channel = vd_channel_free(vd);
+        vd->conn = vd_conn_free(vd);
+        vd->listener = vd_listener_free(vd);
+        vd->sock = vd_socket_remove(vd);
         if (vd->list)
                 TAILQ_REMOVE(vd->list, vd, link);
         free(vd);
@@ -360,9 +472,10 @@ static void vd_gone(void *face) {
 static const struct vhub_vmm_face_ops face_ops = {
         .relay = vd_relay,
         .gone = vd_gone,
+        .fds_held = vd_fds_held,
 };
 
-int vhub_vmm_device_new(struct event_base *base, struct vhub_vmm_device_list *list,
+int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *list,
                         struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
                         const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
                         const struct vhub_vmm_face_ops **ret_ops) {
@@ -370,22 +483,28 @@ int vhub_vmm_device_new(struct event_base *base, struct vhub_vmm_device_list *li
         int r;
 
         if (!vd) {
-                close(listen_fd);
+                vhu_safe_close(listen_fd);
                 vhub_vmm_socket_remove(sock);
                 return -ENOMEM;
         }
-        vd->base = base;
+        vd->ctx = ctx;
+        vd->base = vhub_context_base(ctx);
         vd->dev = dev;
         vd->limits = *limits;
         if (vd->limits.max_requests == 0)
                 vd->limits.max_requests = 256;
+        vhub_fd_group(vd->fd_group, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev));
+        snprintf(vd->fd_prefix, sizeof(vd->fd_prefix), "vmm/%u/%s/%s", (unsigned)vhub_device_uid(dev),
+                 vhub_device_vm_name(dev), vhub_device_name(dev));
         vd->sock = sock;
+        vhub_vmm_socket_foreach_fd(sock, socket_fd_track, vd);
         TAILQ_INIT(&vd->calls);
-        r = vhub_vmm_listener_new(base, listen_fd, owner_uid, &listener_ops, vd, &vd->listener);
+        r = vhub_vmm_listener_new(vd->base, listen_fd, owner_uid, &listener_ops, vd, &vd->listener);
         if (r < 0) {
                 vd_free(vd);
                 return r;
         }
+        vd_fd_note(vd, true, vhub_vmm_listener_fd(vd->listener), "listen");
         vd->list = list;
         TAILQ_INSERT_TAIL(list, vd, link);
         *ret = vd;
@@ -397,7 +516,7 @@ void vhub_vmm_device_list_close(struct vhub_vmm_device_list *list) {
         struct vhub_vmm_device *vd;
 
         TAILQ_FOREACH(vd, list, link) {
-                vd->listener = vhub_vmm_listener_free(vd->listener);
+                vd->listener = vd_listener_free(vd);
                 /* telling the model frees no device: a VMM_STOP is only queued */
                 if (vd->conn)
                         vd_end_session(vd);

@@ -17,7 +17,8 @@
 #include "vhub-device-vmm.h"
 #include "vhub-vmm-socket-dir.h"
 
-struct event_base;
+struct vhub_context;
+struct vhub_fd_visitor;
 struct vhub_vmm_device;
 
 /* The face's devices (for shutdown); a device is on it until it is freed. */
@@ -34,10 +35,14 @@ struct vhub_vmm_device_limits {
  * name sock (taken in every case) removes when the device goes.  The
  * object registers nothing itself: the model calls it through *ret_ops.
  */
-int vhub_vmm_device_new(struct event_base *base, struct vhub_vmm_device_list *list,
+int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *list,
                         struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
                         const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
                         const struct vhub_vmm_face_ops **ret_ops);
+/* Every fd it holds, named (group f<device id>; what its transports queue
+ * has none). */
+void vhub_vmm_device_foreach_fd(const struct vhub_vmm_device *vd, const struct vhub_fd_visitor *v);
+void vhub_vmm_device_list_foreach_fd(const struct vhub_vmm_device_list *list, const struct vhub_fd_visitor *v);
 /* Shutdown: every device's listener and VMM connection close now (the model
  * is told each VMM left); a device keeps its object until it goes. */
 void vhub_vmm_device_list_close(struct vhub_vmm_device_list *list);

@@ -4,8 +4,9 @@
  * with the protocol library, apply any scripted misbehaviour, handle it, and
  * answer exactly as the spec and REPLY_ACK say (or, on purpose, not).
  *
- * Reply messages own their fds here (handlers dup what they keep); after the
- * writer has dup'd them for sending, vhu_msg_clear() closes ours.
+ * Reply messages own their fds here (handlers dup what they keep,
+ * vhu_msg_own_fds()); after the writer has dup'd them for sending,
+ * vhu_msg_clear() closes ours.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -109,6 +110,7 @@ static void conn_queue(struct tb_conn *c, struct vhu_msg *reply) {
                 tb_conn_fail(c, "queue reply: %s", strerror(-r));
                 return;
         }
+        c->sock->replies++;
         tb_conn_flush(c);
 }
 
@@ -311,6 +313,8 @@ static int handle_get_inflight(struct tb_conn *c, struct vhu_msg *m, struct vhu_
         r = vhu_msg_build_reply(reply, m, &out, sizeof(out), &fd, 1);
         if (r < 0)
                 close(fd);
+        else
+                vhu_msg_own_fds(reply);
         return r;
 }
 
@@ -327,6 +331,8 @@ static int handle_get_shared_object(struct tb_conn *c, struct vhu_msg *m, struct
                                     &fd, fd >= 0 ? 1 : 0);
         if (r < 0 && fd >= 0)
                 close(fd);
+        else if (r >= 0)
+                vhu_msg_own_fds(reply);
         return r;
 }
 
@@ -611,6 +617,7 @@ static void send_misbehaving(struct tb_conn *c, const struct tb_rule *rule, stru
                 break;
         }
         conn_send_raw(c, &hdr, reply->payload.raw, len, fds, n_fds);
+        c->sock->replies++;
         for (unsigned i = reply->n_fds; i < n_fds; i++)
                 close(fds[i]);
 }
