@@ -281,6 +281,22 @@ void op_refusef(struct vhub_op *op, int code, const char *fmt, ...) __attribute_
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                   const struct vhu_msg *reply);
 void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r);
+/* A restore's record of its rings, empty, room for every ring; exact until
+ * a ring says otherwise.  0, or op->result with its error set (out of memory). */
+int op_restored_begin(const struct vhub_device *d, struct vhub_op *op);
+/*
+ * A restore rebased ring index to used_idx: appended to op->restored (which
+ * has room for every ring) for device.reconnected.  Its outstanding requests
+ * are those counted at the loss if they were read then (the driver may have
+ * queued more since, which the restart picks up anyway), else avail_idx -
+ * used_idx now; more than one without inflight tracking or IN_ORDER
+ * (tracked false) makes the restore inexact.
+ */
+void op_restored_ring(struct vhub_op *op, uint32_t index, uint16_t used_idx, uint16_t avail_idx, bool loss_read,
+                      uint16_t loss_avail, uint16_t loss_used, bool tracked);
+/* A restore op failed: the device gives up, or the back-end (still
+ * connected) is dropped and the next attempt comes with the backoff. */
+void device_restore_failed(struct vhub_device *d, const struct vhub_op *op);
 
 /* The op kinds (vhub-op-*.c): stage, reply, completion. */
 int mem_sync_prepare(struct vhub_device *d, struct vhub_op *op);

@@ -266,6 +266,13 @@ void device_mark_lost(struct vhub_device *d, const char *reason) {
                 vhub_bconn_fail(d->conn, false, 0, reason);
 }
 
+void device_restore_failed(struct vhub_device *d, const struct vhub_op *op) {
+        if (op->give_up)
+                device_give_up(d, op->error.detail);
+        else if (vhub_device_is_connected(d))
+                device_mark_lost(d, op->error.detail); /* retried with backoff */
+}
+
 void device_renew_link(struct vhub_device *d, const char *reason) {
         /* not a failing back-end: no backoff, the first attempt at once */
         d->restored_usec = 0;

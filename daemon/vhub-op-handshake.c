@@ -337,10 +337,7 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 return;
         }
         if (r < 0) {
-                if (op->give_up)
-                        device_give_up(d, op->error.detail);
-                else if (vhub_device_is_connected(d))
-                        device_mark_lost(d, op->error.detail); /* retried with backoff */
+                device_restore_failed(d, op);
                 return;
         }
         if (!op->restore_continues)

@@ -187,18 +187,6 @@ static bool is_ring_request(uint32_t request) {
         }
 }
 
-static bool fd_is_eventfd(int fd) {
-        char path[64], target[64];
-        ssize_t n;
-
-        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-        n = readlink(path, target, sizeof(target) - 1);
-        if (n < 0)
-                return false;
-        target[n] = '\0';
-        return strcmp(target, "anon_inode:[eventfd]") == 0;
-}
-
 /* A memory file at least end bytes long (the inflight region, the log). */
 static bool fd_is_memory_file(int fd, uint64_t end) {
         struct stat st;
@@ -223,7 +211,7 @@ static void request_check(const struct vhub_device *d, struct vhub_vmm_request *
                 return;
         }
         if ((r == VHU_REQ_SET_VRING_KICK || r == VHU_REQ_SET_VRING_CALL || r == VHU_REQ_SET_VRING_ERR) &&
-            m->n_fds == 1 && !fd_is_eventfd(m->fds[0])) {
+            m->n_fds == 1 && !vhub_fd_is_eventfd(m->fds[0])) {
                 q->close = true;
                 snprintf(q->close_why, sizeof(q->close_why), "%s for ring %u with an fd that is no eventfd",
                          REQ(r), ring_index(m));

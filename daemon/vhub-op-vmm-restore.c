@@ -34,12 +34,9 @@
 static int restore_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool in_order = d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_IN_ORDER);
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->vmm->inflight_set && d->inflight_fd >= 0;
-        unsigned n = 0;
 
-        op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
-        if (!op->restored)
-                return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
-        op->restore_exact = true;
+        if (op_restored_begin(d, op) < 0)
+                return op->result;
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vmm_ring *r = &d->vmm->rings[i];
                 uint16_t used_idx, avail_idx;
@@ -60,15 +57,9 @@ static int restore_rebase(struct vhub_device *d, struct vhub_op *op) {
                                                "cannot read ring %u's indexes from the VMM's memory", i);
                 r->base = used_idx;
                 r->base_set = true;
-                op->restored[n].index = i;
-                op->restored[n].base = used_idx;
-                op->restored[n].outstanding = r->loss_read ? (uint16_t)(r->loss_avail - r->loss_used)
-                                                           : (uint16_t)(avail_idx - used_idx);
-                if (op->restored[n].outstanding > 1 && !inflight && !in_order)
-                        op->restore_exact = false;
-                n++;
+                op_restored_ring(op, i, used_idx, avail_idx, r->loss_read, r->loss_avail, r->loss_used,
+                                 inflight || in_order);
         }
-        op->n_restored = n;
         return 0;
 }
 
@@ -191,10 +182,7 @@ void vmm_restore_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t re
 
 void vmm_restore_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r < 0) {
-                if (op->give_up)
-                        device_give_up(d, op->error.detail);
-                else if (vhub_device_is_connected(d))
-                        device_mark_lost(d, op->error.detail); /* retried with backoff */
+                device_restore_failed(d, op);
                 return;
         }
         device_restored(d, op->restored, op->n_restored, op->restore_exact);

@@ -34,6 +34,27 @@ void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
         snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
 }
 
+int op_restored_begin(const struct vhub_device *d, struct vhub_op *op) {
+        free(op->restored);
+        op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
+        op->n_restored = 0;
+        op->restore_exact = true;
+        if (!op->restored)
+                return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
+        return 0;
+}
+
+void op_restored_ring(struct vhub_op *op, uint32_t index, uint16_t used_idx, uint16_t avail_idx, bool loss_read,
+                      uint16_t loss_avail, uint16_t loss_used, bool tracked) {
+        struct vhub_event_vring *v = &op->restored[op->n_restored++];
+
+        v->index = index;
+        v->base = used_idx;
+        v->outstanding = loss_read ? (uint16_t)(loss_avail - loss_used) : (uint16_t)(avail_idx - used_idx);
+        if (v->outstanding > 1 && !tracked)
+                op->restore_exact = false;
+}
+
 static void op_ack_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
                          struct vhu_msg *reply) {
         op_check_ack(d, op, request, reply);

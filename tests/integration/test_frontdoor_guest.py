@@ -36,17 +36,16 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_guest_direct as direct                              # noqa: E402
 from vhubtest import guest, guest_image                         # noqa: E402
-from vhubtest.backends import QsdBackend, QsdNullBackend, TestpmdBackend  # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
 from vhubtest.direct import DirectFrontend                      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                     # noqa: E402
-from vhubtest.guest import BlkDevice, Guest, NetDevice          # noqa: E402
+from vhubtest.guest import BlkDevice, Guest                     # noqa: E402
 from vhubtest.qmp import QmpTimeout                             # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
@@ -141,16 +140,32 @@ def through(name):
 SEQ_FIRST, SEQ_AREA = 1024, 64
 
 
-def scenario_blk_restart(t, image):
-    way = ThroughVhubd(t)
-    d = way.dir
-    img = blk_image(d)
-    model = bytearray(IMAGE_SIZE)
-    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
-    g = t.enter(Guest(d, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
+def blk_writer(t, image, way):
+    """qemu-storage-daemon (2 queues) through `way` as blk0 and a guest on it
+    with one O_DIRECT writer of numbered blocks, 32 written already.
+    Returns (image file, its model, qsd, guest)."""
+    img = blk_image(way.dir)
+    qsd = t.enter(QsdBackend(img, os.path.join(way.dir, "blk.sock"), num_queues=2, log_dir=way.dir))
+    g = t.enter(Guest(way.dir, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
     g.wait_ready()
     g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
     g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    return img, bytearray(IMAGE_SIZE), qsd, g
+
+
+def blk_writer_end(way, g, qsd, img, model, seq, what):
+    """The guest off, blk0 removed, qsd stopped; the image file holds the
+    writer's seq[0] blocks and nothing else."""
+    g.poweroff()
+    way.release("blk0")
+    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
+    guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
+    check_image(img, model, what)
+
+
+def scenario_blk_restart(t, image):
+    way = ThroughVhubd(t)
+    img, model, qsd, g = blk_writer(t, image, way)
     for i in range(RESTARTS):
         qsd.kill()
         qsd.start()
@@ -171,11 +186,7 @@ def scenario_blk_restart(t, image):
     check_eq(len(way.events("device.disconnected", "blk0")), RESTARTS, "device.disconnected events")
     check(not way.events("device.vmm_disconnected", "blk0"), "QEMU's connection stayed up throughout")
     g.run("kmsg-check")
-    g.poweroff()
-    way.release("blk0")
-    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
-    guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
-    check_image(img, model, "%d numbered blocks, zeros elsewhere" % seq[0])
+    blk_writer_end(way, g, qsd, img, model, seq, "%d numbered blocks, zeros elsewhere" % seq[0])
 
 
 PAR_FIRST, PAR_AREA, PAR_WRITERS = 2048, 128, 8
@@ -231,11 +242,7 @@ def scenario_tb_restart(t, image):
 
 def scenario_net_restart(t, image):
     way = ThroughVhubd(t)
-    d = way.dir
-    pmd = t.enter(TestpmdBackend(os.path.join(d, "net.sock"), queues=1, log_dir=d))
-    pmd.wait_forwarding()
-    g = t.enter(Guest(d, [NetDevice(way.socket(pmd.socket, "net0", "net"))], image))
-    g.wait_ready()
+    pmd, g = direct.net_guest(t, image, way)
     count = 10
     for round_ in range(2):
         r = g.run("net", "eth0", count)
@@ -261,14 +268,7 @@ TIMEOUT_MS = 2000
 def scenario_hung(t, image):
     way = ThroughVhubd(t, timeout_ms=TIMEOUT_MS)
     bound = TIMEOUT_MS / 1000.0 + 1.0
-    d = way.dir
-    img = blk_image(d)
-    model = bytearray(IMAGE_SIZE)
-    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
-    g = t.enter(Guest(d, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
-    g.wait_ready()
-    g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
-    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    img, model, qsd, g = blk_writer(t, image, way)
     qmp = g.qmp()
     check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status")
     os.kill(qsd.pid, signal.SIGSTOP)
@@ -305,11 +305,7 @@ def scenario_hung(t, image):
     seq = guest.parse_counts(r)
     check(seq[0] >= resumed + 64, "the guest wrote on after cont: %s blocks, no I/O error" % seq)
     g.run("kmsg-check")
-    g.poweroff()
-    way.release("blk0")
-    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
-    guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
-    check_image(img, model, "%d numbered blocks" % seq[0])
+    blk_writer_end(way, g, qsd, img, model, seq, "%d numbered blocks" % seq[0])
 
 
 # ---- the VMM leaves and comes back ----------------------------------------
@@ -395,16 +391,10 @@ def header(request, size, flags=1):
 
 def scenario_hostile(t, image):
     way = ThroughVhubd(t)
-    d = way.dir
-    img = blk_image(d)
-    model = bytearray(IMAGE_SIZE)
-    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
-    null = t.enter(QsdNullBackend([os.path.join(d, "null.sock")], log_dir=d))
-    g = t.enter(Guest(d, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
+    img, model, qsd, g = blk_writer(t, image, way)
+    # the hostile VMMs' device: a second one of the same VM
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "null.sock")], log_dir=way.dir))
     target = way.socket(null.socket, "blk1", "blk")
-    g.wait_ready()
-    g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
-    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
     fds0 = fd_targets(way)
 
     rnd = random.Random(11)
@@ -463,12 +453,8 @@ def scenario_hostile(t, image):
     check_no_fd_left(way, fds0, "the hostile VMMs left")
     g.stop_steps()
     seq = guest.parse_counts(g.result("blk-write"))
-    g.poweroff()
-    way.release("blk0")
     way.release("blk1")
-    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
-    guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
-    check_image(img, model, "the guest's blocks beside the hostile VMMs")
+    blk_writer_end(way, g, qsd, img, model, seq, "the guest's blocks beside the hostile VMMs")
 
 
 SCENARIOS = {

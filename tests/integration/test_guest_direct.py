@@ -161,12 +161,18 @@ def testpmd_port_counters(text):
     return tuple(int(x) for x in found[-1]) if found else None
 
 
-def scenario_net(t, image, way):
-    d = way.dir
-    pmd = t.enter(TestpmdBackend(os.path.join(d, "net.sock"), queues=1, log_dir=d))
+def net_guest(t, image, way):
+    """dpdk-testpmd (io forwarding, looped) and a guest whose eth0 leads to
+    it through `way` as net0: (testpmd, guest), the guest ready."""
+    pmd = t.enter(TestpmdBackend(os.path.join(way.dir, "net.sock"), queues=1, log_dir=way.dir))
     pmd.wait_forwarding()
-    g = t.enter(Guest(d, [NetDevice(way.socket(pmd.socket, "net0", "net"))], image))
+    g = t.enter(Guest(way.dir, [NetDevice(way.socket(pmd.socket, "net0", "net"))], image))
     g.wait_ready()
+    return pmd, g
+
+
+def scenario_net(t, image, way):
+    pmd, g = net_guest(t, image, way)
     count = 10
     r = g.run("net", "eth0", count)
     for line in r.log:
