@@ -171,15 +171,25 @@ void vhub_vmm_device_list_foreach_fd(const struct vhub_vmm_device_list *list, co
                 vhub_vmm_device_foreach_fd(vd, v);
 }
 
-static void count_fd(const struct vhub_fd_info *info, void *userdata) {
-        (*(unsigned *)userdata)++;
+static void count_fd(int fd, const char *what, void *userdata) {
+        if (fd >= 0)
+                (*(unsigned *)userdata)++;
 }
 
-/* vhub_vmm_face_ops.fds_held: what the fd budget counts as the VM's uid's. */
+/* vhub_vmm_face_ops.fds_held: what the fd budget counts as the VM's uid's.
+ * The budget is checked often: counted, never named. */
 static unsigned vd_fds_held(const void *face) {
+        const struct vhub_vmm_device *vd = face;
         unsigned n = 0;
 
-        vhub_vmm_device_foreach_fd(face, &(struct vhub_fd_visitor){ count_fd, &n });
+        if (vd->sock)
+                vhub_vmm_socket_foreach_fd(vd->sock, count_fd, &n);
+        if (vd->listener)
+                count_fd(vhub_vmm_listener_fd(vd->listener), NULL, &n);
+        if (vd->conn)
+                vhub_vmm_conn_foreach_fd(vd->conn, count_fd, &n);
+        if (vd->channel)
+                vhub_vmm_channel_foreach_fd(vd->channel, count_fd, &n);
         return n;
 }
 
