@@ -77,6 +77,8 @@ struct vhub_device_vmm {
         unsigned n_config, next_config;
 
         struct event *ev_deadline;    /* the earliest deadline of the VMM's queued requests */
+        struct event *ev_reopen;      /* after a restart: the socket made again from the loop */
+        bool had_vmm;                 /* restored: a VMM was connected when the daemon stopped */
         bool outage_expired;          /* a request waited out the deadline in this outage:
                                        * the rest are answered at once until it ends */
 };
@@ -90,6 +92,16 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err);
 /* The first handshake succeeded: ask the front door for the socket. */
 int vmm_open(struct vhub_device *d, struct vhub_error *err);
 void vmm_session_free(struct vhub_device *d);
+/*
+ * A daemon restart (docs/restart.md): a front-door device's VMM session is
+ * not carried -- its connection, channel and socket (group f<id>) are
+ * closed as stale, and the VMM (QEMU with reconnect=1) comes back.  Restore
+ * makes the session empty; restore_finish (from vhub_device_restore_finish())
+ * makes the socket again from the loop, says the VMM left, and renews the
+ * back-end's link as when a VMM leaves.  true: the link is dealt with.
+ */
+int vmm_session_restore(struct vhub_device *d, bool had_vmm);
+bool vmm_restore_finish(struct vhub_device *d);
 unsigned vmm_fds_held(const struct vhub_device *d);
 /* The records' fds, each tracked as the device's (group d<id>, names
  * dev/<uid>/<vm>/<dev>/vmm/...): fd is taken (-1: none), the old one closed. */

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
 #include "vhub-fd-track.h"
@@ -66,10 +67,46 @@ uint64_t vhub_device_vmm_protocol_features(const struct vhub_device *d) {
 }
 
 static void vmm_deadline_cb(evutil_socket_t fd, short what, void *userdata);
+static void vmm_reopen_cb(evutil_socket_t fd, short what, void *userdata);
+static void vmm_emit(struct vhub_device *d, enum vhub_event_type type);
+
+static int session_alloc(struct vhub_device *d) {
+        struct vhub_device_vmm *s = calloc(1, sizeof(*s));
+
+        if (!s)
+                return -ENOMEM;
+        s->d = d;
+        s->log_fd = -1;
+        vhub_mem_table_init(&s->mem);
+        s->ev_deadline = evtimer_new(d->vm->ctx->base, vmm_deadline_cb, d);
+        s->ev_reopen = evtimer_new(d->vm->ctx->base, vmm_reopen_cb, d);
+        if (!s->ev_deadline || !s->ev_reopen) {
+                if (s->ev_deadline)
+                        event_free(s->ev_deadline);
+                if (s->ev_reopen)
+                        event_free(s->ev_reopen);
+                free(s);
+                return -ENOMEM;
+        }
+        d->vmm = s;
+        return 0;
+}
+
+/* The session's ring records, once the device's queue count is known. */
+static int rings_alloc(struct vhub_device *d) {
+        struct vhub_device_vmm *s = d->vmm;
+
+        if (s->rings)
+                return 0;
+        s->rings = calloc(d->queues ? d->queues : 1, sizeof(*s->rings));
+        if (!s->rings)
+                return -ENOMEM;
+        for (unsigned i = 0; i < d->queues; i++)
+                s->rings[i].kick_fd = s->rings[i].call_fd = s->rings[i].err_fd = -1;
+        return 0;
+}
 
 int vmm_session_new(struct vhub_device *d, struct vhub_error *err) {
-        struct vhub_device_vmm *s;
-
         if (!d->vm->ctx->vmm_door)
                 return vhub_error_set(err, VHUB_ERR_UNSUPPORTED, "this daemon has no front door (vmm_socket)");
         /* contract: a front-door device's memory comes from its VMM */
@@ -78,18 +115,8 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err) {
                                       "VM %s has memory regions from vm.memory.add: a front-door device takes "
                                       "its memory from its VMM",
                                       d->vm->name);
-        s = calloc(1, sizeof(*s));
-        if (!s)
+        if (session_alloc(d) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        s->d = d;
-        s->log_fd = -1;
-        vhub_mem_table_init(&s->mem);
-        s->ev_deadline = evtimer_new(d->vm->ctx->base, vmm_deadline_cb, d);
-        if (!s->ev_deadline) {
-                free(s);
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        }
-        d->vmm = s;
         return 0;
 }
 
@@ -115,11 +142,8 @@ int vmm_open(struct vhub_device *d, struct vhub_error *err) {
         struct vhub_cred owner;
         int r;
 
-        s->rings = calloc(d->queues ? d->queues : 1, sizeof(*s->rings));
-        if (!s->rings)
+        if (rings_alloc(d) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        for (unsigned i = 0; i < d->queues; i++)
-                s->rings[i].kick_fd = s->rings[i].call_fd = s->rings[i].err_fd = -1;
         if (!door)
                 return vhub_error_set(err, VHUB_ERR_UNSUPPORTED, "this daemon has no front door (vmm_socket)");
         if (vmm_owner(d->vm, &owner) < 0)
@@ -222,6 +246,7 @@ void vmm_session_free(struct vhub_device *d) {
                 s->face_ops->gone(s->face);
         vmm_records_clear(d);
         event_free(s->ev_deadline);
+        event_free(s->ev_reopen);
         free(s->rings);
         free(s->socket_path);
         free(s);
@@ -242,6 +267,55 @@ unsigned vmm_fds_held(const struct vhub_device *d) {
         return n + (unsigned)s->mem.n + (s->log_fd >= 0);
 }
 
+/* ---- a restart of the daemon ---- */
+
+int vmm_session_restore(struct vhub_device *d, bool had_vmm) {
+        if (session_alloc(d) < 0 || rings_alloc(d) < 0)
+                return -ENOMEM; /* the session (if any) goes with the device */
+        d->vmm->had_vmm = had_vmm;
+        return 0;
+}
+
+/* The stale fds of the last run are closed by now (vhubd_init()): the
+ * socket's name is free for a new listener. */
+static void vmm_reopen_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_device *d = userdata;
+        struct vhub_error err = { 0 };
+        char reason[400];
+
+        if (d->removing || d->vmm->face || d->state == VHUB_DEV_FAILED)
+                return;
+        if (vmm_open(d, &err) < 0) {
+                snprintf(reason, sizeof(reason), "its front-door socket could not be made again: %s", err.detail);
+                device_give_up(d, reason);
+        }
+}
+
+bool vmm_restore_finish(struct vhub_device *d) {
+        struct vhub_device_vmm *s = d->vmm;
+        struct timeval now = { 0, 0 };
+
+        evtimer_add(s->ev_reopen, &now);
+        if (s->had_vmm) {
+                s->had_vmm = false;
+                device_log(d, LOG_INFO, NULL, "its VMM's connection did not survive the daemon's restart");
+                vmm_emit(d, VHUB_EV_VMM_DISCONNECTED);
+        }
+        if (d->state != VHUB_DEV_READY && d->state != VHUB_DEV_RUNNING && d->state != VHUB_DEV_STOPPED)
+                return false;   /* an outage or a failure goes on as for any device */
+        /* the back-end's rings and memory are a VMM's that is gone: a clean
+         * slate for the next, as when a VMM leaves (vmm_stop_complete()) */
+        if (d->state != VHUB_DEV_READY)
+                device_set_state(d, VHUB_DEV_READY, "its VMM's session did not survive the daemon's restart");
+        if (!d->conn) {
+                d->restore_lost = true; /* the device's own path: the loss is now */
+                return false;
+        }
+        device_renew_link(d, "its VMM's session did not survive the daemon's restart: a new connection "
+                             "for the next VMM");
+        return true;
+}
+
 /* ---- the VMM comes and goes ---- */
 
 static void vmm_emit(struct vhub_device *d, enum vhub_event_type type) {
@@ -256,6 +330,7 @@ void vhub_device_vmm_connected(struct vhub_device *d) {
         if (!s || s->connected)
                 return;
         s->connected = true;
+        vhub_changed(d->vm->ctx, d->vm); /* the snapshot says a VMM was connected */
         /* a connected VMM keeps a lingering VM (docs/front-door.md, "Lifetime") */
         vhub_vm_vmm_hold(d->vm);
         device_log(d, LOG_INFO, NULL, "VMM connected to %s", s->socket_path);
@@ -289,6 +364,7 @@ void vhub_device_vmm_disconnected(struct vhub_device *d) {
         if (!s || !s->connected)
                 return;
         s->connected = false;
+        vhub_changed(d->vm->ctx, d->vm);
         device_log(d, LOG_INFO, NULL, "VMM left %s; stopping the back-end's rings", s->socket_path);
         vmm_emit(d, VHUB_EV_VMM_DISCONNECTED);
         vmm_drop_queued(d);

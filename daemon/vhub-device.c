@@ -133,6 +133,15 @@ bool vhub_device_shadow_has(const struct vhub_device *d, uint64_t id) {
         return false;
 }
 
+bool vhub_device_shadow_is(const struct vhub_device *d, const struct vhub_mem_table *t) {
+        if (d->n_shadow != t->n)
+                return false;
+        for (size_t i = 0; i < t->n; i++)
+                if (!vhub_device_shadow_has(d, t->regions[i].id))
+                        return false;
+        return true;
+}
+
 void shadow_add(struct vhub_device *d, uint64_t id) {
         if (vhub_device_shadow_has(d, id))
                 return;

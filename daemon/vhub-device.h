@@ -137,6 +137,7 @@ struct vhub_device {
         struct event *ev_listen;
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
+        uint64_t reconnect_deadline_usec; /* CLOCK_MONOTONIC: the next attempt, while armed */
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
         struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
@@ -173,6 +174,11 @@ struct vhub_device {
 
         struct vhub_op_list ops;
         unsigned n_ops;
+
+        /* a restore, until vhub_device_restore_finish() */
+        bool restore_lost;            /* a request was in flight: lost now */
+        bool restore_reconnect_armed;
+        uint64_t restore_reconnect_left_ms;
 
         /* a front-door device: its VMM's session (vhub-device-vmm.h); NULL otherwise */
         struct vhub_device_vmm *vmm;
@@ -255,6 +261,8 @@ void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 /* A device being removed is gone for the faces (-32002). */
 bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
+/* Whether the back-end has mapped exactly the regions of t. */
+bool vhub_device_shadow_is(const struct vhub_device *dev, const struct vhub_mem_table *t);
 bool vhub_device_is_connected(const struct vhub_device *dev);
 /* The fds the device holds, its ops' included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);

@@ -394,18 +394,6 @@ const struct vhub_region *vmm_region_by_id(const struct vhub_device *d, uint64_t
         return vhub_mem_table_find_id(&d->vmm->mem, id);
 }
 
-/* Whether the back-end holds exactly the committed table (its shadow). */
-static bool shadow_matches_committed(const struct vhub_device *d) {
-        const struct vhub_mem_table *t = &d->vmm->mem;
-
-        if (d->n_shadow != t->n)
-                return false;
-        for (size_t i = 0; i < t->n; i++)
-                if (!vhub_device_shadow_has(d, t->regions[i].id))
-                        return false;
-        return true;
-}
-
 /* ---- records: what a restore replays ---- */
 
 static int dup_or_none(int fd) {
@@ -834,7 +822,7 @@ void passthrough_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         enum vmm_kind kind = request_kind(q->msg.hdr.request);
         uint32_t request = q->msg.hdr.request;
 
-        if (kind == VMM_MEMORY && r < 0 && vhub_device_is_connected(d) && !shadow_matches_committed(d))
+        if (kind == VMM_MEMORY && r < 0 && vhub_device_is_connected(d) && !vhub_device_shadow_is(d, &d->vmm->mem))
                 /* the back-end holds part of a change: a restore syncs it whole again */
                 device_mark_lost(d, "the back-end refused part of a memory change of the VMM");
         if (q->answered)

@@ -7,6 +7,7 @@
 #include "vhub-context.h"
 #include "vhub-device-vmm.h"
 #include "vhub-fd-track.h"
+#include "vhub-fdstore.h"
 #include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhub-vmm-device.h"
@@ -100,6 +101,24 @@ void vhub_frontdoor_foreach_fd(const struct vhub_frontdoor *f, const struct vhub
         if (f->vmm_dir)
                 vhub_fd_visit(v, vhub_vmm_dir_fd(f->vmm_dir), NULL, "daemon/vmm-dir");
         vhub_vmm_device_list_foreach_fd(&f->devices, v);
+}
+
+void vhub_frontdoor_restore(struct vhub_frontdoor *f, struct vhub_fdstore_restore *r) {
+        const char *name;
+        char group[VHUB_FD_GROUP_MAX];
+
+        (void)f;
+        for (size_t i = 0; (name = vhub_fdstore_restore_name(r, i)); i++) {
+                if (name[0] != VHUB_FD_GROUP_FRONTDOOR || name[1] == '\0')
+                        continue;
+                snprintf(group, sizeof(group), "%s", name);
+                if (vhub_fdstore_drop_group(r, group) == 0)
+                        log_info("front door: group %s of the earlier run closed (its VMM reconnects)", group);
+        }
+}
+
+void vhub_frontdoor_pause(struct vhub_frontdoor *f) {
+        vhub_vmm_device_list_pause(&f->devices);
 }
 
 void vhub_frontdoor_shutdown(struct vhub_frontdoor *f) {

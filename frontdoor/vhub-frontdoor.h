@@ -11,6 +11,7 @@
 
 struct vhub_context;
 struct vhub_fd_visitor;
+struct vhub_fdstore_restore;
 struct vhub_frontdoor;
 
 struct vhub_frontdoor_options {
@@ -30,6 +31,18 @@ int vhub_frontdoor_open_dir(struct vhub_frontdoor *f);
 /* Every fd the face holds: --vmm-dir's ("daemon/vmm-dir", opened again at
  * start) and each device's (vhub_vmm_device_foreach_fd()). */
 void vhub_frontdoor_foreach_fd(const struct vhub_frontdoor *f, const struct vhub_fd_visitor *v);
+/*
+ * A start that carries an earlier run's state (docs/restart.md): the front
+ * door carries nothing of it -- its VMMs' sessions are not in the
+ * snapshots -- so every group of its (f<device id>: a socket's directories,
+ * its listener, the VMM's connection and channel) is closed now, its
+ * listener with it, and the VMMs see their connections close.  The model
+ * makes each front-door device's socket again (vmm_restore_finish()).
+ */
+void vhub_frontdoor_restore(struct vhub_frontdoor *f, struct vhub_fdstore_restore *r);
+/* A planned restart: no more VMM requests are read (the VMMs' sessions are
+ * not carried: the next process closes their connections). */
+void vhub_frontdoor_pause(struct vhub_frontdoor *f);
 /* Shutdown: every device's listener and VMM connection close (the model
  * hears that each VMM left). */
 void vhub_frontdoor_shutdown(struct vhub_frontdoor *f);

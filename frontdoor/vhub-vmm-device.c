@@ -65,6 +65,7 @@ struct vhub_vmm_device {
         struct vmm_call_list calls;   /* requests the model has not answered */
         unsigned n_calls;
         bool paused;                  /* reading paused: too many requests in the model */
+        bool frozen;                  /* reading stopped for good: a planned restart */
         uint64_t relay_tokens[RELAY_MAX];   /* awaited on the channel, in order */
         unsigned relay_head, relay_count;
         uint32_t relay_tag;
@@ -297,7 +298,7 @@ static void call_forget(struct vmm_call *c) {
                 TAILQ_REMOVE(&vd->calls, c, link);
                 vd->n_calls--;
                 /* reading resumes once half the backlog is answered */
-                if (vd->paused && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
+                if (vd->paused && !vd->frozen && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
                         vd->paused = false;
                         vhub_vmm_conn_pause(vd->conn, false);
                 }
@@ -434,6 +435,8 @@ static void listener_on_connect(void *userdata, int fd) {
                 return;
         }
         vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
+        if (vd->frozen)
+                vhub_vmm_conn_pause(vd->conn, true);
         vhub_vmm_conn_offer_protocol_features(vd->conn, vhub_device_vmm_protocol_features(vd->dev));
         vd->session++;
         vd_enter(vd);
@@ -520,6 +523,16 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
         *ret = vd;
         *ret_ops = &face_ops;
         return 0;
+}
+
+void vhub_vmm_device_list_pause(struct vhub_vmm_device_list *list) {
+        struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link) {
+                vd->frozen = vd->paused = true;
+                if (vd->conn)
+                        vhub_vmm_conn_pause(vd->conn, true);
+        }
 }
 
 void vhub_vmm_device_list_close(struct vhub_vmm_device_list *list) {

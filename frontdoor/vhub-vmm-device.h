@@ -43,6 +43,8 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
  * has none). */
 void vhub_vmm_device_foreach_fd(const struct vhub_vmm_device *vd, const struct vhub_fd_visitor *v);
 void vhub_vmm_device_list_foreach_fd(const struct vhub_vmm_device_list *list, const struct vhub_fd_visitor *v);
+/* Every device's VMM is read no more, a VMM that connects later neither. */
+void vhub_vmm_device_list_pause(struct vhub_vmm_device_list *list);
 /* Shutdown: every device's listener and VMM connection close now (the model
  * is told each VMM left); a device keeps its object until it goes. */
 void vhub_vmm_device_list_close(struct vhub_vmm_device_list *list);

@@ -27,6 +27,13 @@ outage    the back-end killed under a VMM with a ring running: GET_VRING_BASE
           restarted: restored (the VMM's rings replayed), I/O goes on.
 lifetime  a VM with linger_ms whose owner closed is held while a VMM is
           connected, and lingers from when the VMM left.
+restart   vhubd under a service manager (the fd store), restarted as planned
+          (SIGTERM) and crashed (SIGKILL) with a VMM doing I/O through the
+          front door: the VMM's session is not carried -- its connection
+          closes, device.vmm_disconnected says so, the back-end gets a new
+          connection -- and the socket is there again at the same path: the
+          next VMM reads what the first wrote and writes on (the image checked);
+          a VM held only by its VMM lingers from the restart and goes.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
           its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
           region after region is closed before the uid holds its budget,
@@ -35,6 +42,7 @@ budget    what a VMM makes the daemon keep (its regions' dups) counts against
 """
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -46,11 +54,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import direct as vu                                # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend       # noqa: E402
 from vhubtest.blk import BlkQueue, pattern                     # noqa: E402
-from vhubtest.client import RpcError                           # noqa: E402
+from vhubtest.client import Client, RpcError                   # noqa: E402
 from vhubtest.direct import BackendClosed, DirectFrontend      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
 from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
+from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
@@ -378,6 +387,99 @@ def scenario_lifetime(t):
     check(not os.path.exists(path), "with its front-door socket")
 
 
+def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
+    """A VMM on path writes 8 blocks, vhubd is restarted with sig: the VMM's
+    connection closes, the device says so and waits on the same socket; the
+    next VMM reads those blocks and writes the disk's last one."""
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q])
+    for i in range(8):
+        q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    c.events()
+    code = m.restart(sig=sig)
+    check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
+    try:
+        fe.get_features()
+        raise TestFailure("FAILED: the VMM's session outlived a restart of vhubd")
+    except (BackendClosed, OSError):
+        log("ok: the VMM's connection closed with the restart (%s)" % signal.Signals(sig).name)
+    fe.close()
+    seen = []
+
+    def renewed():
+        seen.extend(e.get("event") for e in c.events())
+        return "device.vmm_disconnected" in seen and "device.reconnected" in seen
+    wait_until(renewed, 10.0, what="device.vmm_disconnected and the back-end renewed after the restart")
+    check_eq(seen[0], "daemon.restarted", "the first message after the restart")
+    log("ok: events after the restart: %s" % seen)
+    dev = [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
+    check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "waiting", "ready"),
+             "device.list after the restart: the same socket, waiting for the next VMM")
+    # the next VMM: a new session from scratch on the same socket
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    check(q2.read_sectors(salt * 64, 8) == pattern(salt * 64, 4096, salt=salt),
+          "the next VMM reads what the first wrote before the restart")
+    q2.write_sectors(disk - 8, pattern(disk - 8, 4096, salt=salt))
+    fe2.close()
+
+
+def scenario_restart(t):
+    from test_restart import Managed
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    vmm_dir = os.path.join(d, "vmm")
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug"])
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    null = t.enter(QsdNullBackend([m.socket("n0.sock")], log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    c.call("vm.create", {"vm": "vm0"})
+    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    check_eq(path, os.path.join(vmm_dir, str(os.getuid()), "vm0", "blk0.sock"), "the front-door socket")
+    # an orchestrator's VM: created, its device added, its owner gone -- its VMM holds it
+    c2 = Client(m.control, timeout=10)
+    c2.call("vm.create", {"vm": "held", "linger_ms": 1500})
+    held = c2.call("device.add", {"vm": "held", "device": "blk0", "socket": null.sockets[0], "type": "blk",
+                                  "vmm_socket": True})["vmm_socket"]
+    c2.close()
+    hvmm = DirectFrontend.connect(held)
+    hvmm.handshake()
+    time.sleep(2.0)
+    check_eq([v["vm"] for v in c.call("vm.list")["vms"] if v["vm"] == "held"], ["held"],
+             "a VM held by its VMM past linger_ms")
+    disk = 16 << 20 >> 9
+    for k, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
+        restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1)
+        if k == 0:
+            # its VMM's session did not survive: the VM lingers from the restart, and goes
+            vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
+            check("held" in vms and "linger_remaining_ms" in vms["held"],
+                  "the VM its VMM held lingers from the restart (%s)" % vms.get("held"))
+            hvmm.close()
+            wait_until(lambda: "held" not in [v["vm"] for v in c.call("vm.list")["vms"]], 5.0,
+                       what="the VM its VMM held to go after linger_ms")
+            check(not os.path.exists(held), "the VM its VMM held went after linger_ms, its socket with it")
+    with open(img, "rb") as f:
+        data = f.read()
+    for salt in (1, 2):
+        want = b"".join(pattern((salt * 8 + i) * 8, 4096, salt=salt) for i in range(8))
+        check(data[salt * 64 * 512:salt * 64 * 512 + len(want)] == want,
+              "the image holds the blocks written before restart %d" % salt)
+        check(data[(disk - 8) * 512:disk * 512] in (pattern(disk - 8, 4096, salt=1),
+                                                   pattern(disk - 8, 4096, salt=2)),
+              "the image holds a block written after a restart")
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    check(not os.path.exists(path), "device.remove removes the socket")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 BUDGET, UNPRIV = 24, 65534
 
 
@@ -444,6 +546,7 @@ SCENARIOS = {
     "outage": scenario_outage,
     "lifetime": scenario_lifetime,
     "budget": scenario_budget,
+    "restart": scenario_restart,
 }
 
 
