@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_guest_direct as direct                              # noqa: E402
 from vhubtest import guest, guest_image                         # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
+from vhubtest.client import Client                              # noqa: E402
 from vhubtest.direct import DirectFrontend                      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                     # noqa: E402
 from vhubtest.guest import BlkDevice, Guest                     # noqa: E402
@@ -355,6 +356,54 @@ def scenario_vmm_return(t, image):
     check_image(img, model, "the first guest's blocks, the pattern and its copies, the second guest's blocks")
 
 
+# ---- vhubd restarted under QEMU ---------------------------------------------
+
+class ThroughManagedVhubd(ThroughVhubd):
+    """ThroughVhubd with vhubd under a played service manager (the fd store,
+    docs/restart.md), so that it can be restarted under the guest."""
+
+    def __init__(self, t, vm="vm0"):
+        from test_restart import Managed
+        self.t = t
+        self.dir = t.tmpdir()
+        os.chmod(self.dir, 0o755)
+        self.vmm_dir = os.path.join(self.dir, "vmm")
+        self.vm = vm
+        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir])
+        self.client = t.enter(Client(self.managed.control, timeout=10))
+        self.client.call("vm.create", {"vm": vm})
+        self.sockets = {}
+        self.seen = []
+
+
+def scenario_vhubd_restart(t, image):
+    way = ThroughManagedVhubd(t)
+    d = way.dir
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
+    sock = way.socket(qsd.socket, "blk0", "blk")
+    g = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image))
+    g.wait_ready()
+    g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    for i, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
+        t0 = time.monotonic()
+        way.managed.restart(sig=sig)
+        way.wait_events("device.vmm_disconnected", i + 1, "blk0", timeout=10)
+        way.wait_events("device.vmm_connected", i + 2, "blk0", timeout=30)
+        log("restart %d (%s): QEMU reconnected %.1f s after the signal"
+            % (i + 1, signal.Signals(sig).name, time.monotonic() - t0))
+        p = wait_more(g, "blk-write", 32)
+        log("restart %d: the guest wrote on (block %s)" % (i + 1, p["n"]))
+    g.stop_steps()
+    r = g.result("blk-write")
+    seq = guest.parse_counts(r)
+    check(seq[0] >= 32 * 3, "one O_DIRECT writer through 2 restarts of vhubd: %s blocks, every one read "
+          "back, no I/O error in the guest's kernel log (%s)" % (seq, r["kmsg_errors"]))
+    g.run("kmsg-check")
+    blk_writer_end(way, g, qsd, img, bytearray(IMAGE_SIZE), seq, "%d numbered blocks" % seq[0])
+
+
 # ---- hostile VMMs ---------------------------------------------------------
 
 def connect(path):
@@ -467,6 +516,7 @@ SCENARIOS = {
     "hung": scenario_hung,
     "vmm-return": scenario_vmm_return,
     "hostile": scenario_hostile,
+    "vhubd-restart": scenario_vhubd_restart,
 }
 
 
