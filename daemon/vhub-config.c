@@ -38,6 +38,7 @@ void vhub_config_done(struct vhub_config *c) {
         free(c->backend_dirs);
         free(c->control_path);
         free(c->log_level_file);
+        free(c->vmm_dir);
         memset(c, 0, sizeof(*c));
 }
 
@@ -82,6 +83,8 @@ static void usage(FILE *f) {
                 "                           default /run/vhost-user)\n"
                 "  --backend-timeout-ms N   deadline for every back-end request (default 5000)\n"
                 "  --reconnect-max-ms N     cap of the reconnect backoff (default 2000)\n"
+                "  --vmm-dir DIR            where front-door sockets are made (default:\n"
+                "                           $RUNTIME_DIRECTORY/vmm, else /run/vhub/vmm)\n"
                 "  --log-level LEVEL        err, warning, notice, info (default), debug\n"
                 "  --log-level-file PATH    if it exists, its LEVEL overrides --log-level;\n"
                 "                           read at start and on SIGHUP\n"
@@ -99,7 +102,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
         enum {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
-                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE,
+                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE, OPT_VMM_DIR,
                 OPT_NO_FD_STORE,
         };
         static const struct option opts[] = {
@@ -111,6 +114,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "reconnect-max-ms", required_argument, NULL, OPT_RECONNECT_MAX },
                 { "log-level", required_argument, NULL, OPT_LOG },
                 { "log-level-file", required_argument, NULL, OPT_LOG_FILE },
+                { "vmm-dir", required_argument, NULL, OPT_VMM_DIR },
                 { "max-vms-per-uid", required_argument, NULL, OPT_MAX_VMS },
                 { "max-devices-per-vm", required_argument, NULL, OPT_MAX_DEVICES },
                 { "max-regions-per-vm", required_argument, NULL, OPT_MAX_REGIONS },
@@ -186,6 +190,16 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 return -EINVAL;
                         }
                         c->log_level = r;
+                        break;
+                case OPT_VMM_DIR:
+                        if (optarg[0] != '/') {
+                                fprintf(stderr, "vhubd: --vmm-dir wants an absolute path\n");
+                                return -EINVAL;
+                        }
+                        free(c->vmm_dir);
+                        c->vmm_dir = strdup(optarg);
+                        if (!c->vmm_dir)
+                                return -ENOMEM;
                         break;
                 case OPT_LOG_FILE:
                         free(c->log_level_file);

@@ -33,6 +33,7 @@ struct vhub_config {
         int log_level;
         char *log_level_file;        /* NULL: none; else read at start and on SIGHUP */
         unsigned reconnect_max_ms;   /* backoff cap */
+        char *vmm_dir;               /* --vmm-dir; NULL: the contract's default */
         bool no_fd_store;            /* --no-fd-store: keep nothing in systemd's fd store */
         struct vhub_limits limits;
 };

@@ -23,6 +23,7 @@ struct vhub_fdstore;
 struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
+struct vhub_vmm_door;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
 TAILQ_HEAD(vhub_vm_snap_list, vhub_vm);
@@ -46,6 +47,7 @@ struct vhub_context {
         struct vhub_fdstore *fdstore;               /* systemd's fd store (disabled without
                                                      * $NOTIFY_SOCKET or with --no-fd-store) */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
+        const struct vhub_vmm_door *vmm_door;       /* the front door, if any (vhub-device-vmm.h) */
         bool shutting_down;
         /* the restart snapshots (vhub-commit.h); ev_commit NULL: none kept */
         struct event *ev_commit;

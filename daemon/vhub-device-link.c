@@ -54,7 +54,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
@@ -114,6 +114,10 @@ static void device_emit(struct vhub_device *d, enum vhub_event_type type, const 
 
 /* What the rings looked like when the back-end went away (for device.reconnected). */
 static void device_snapshot_rings(struct vhub_device *d) {
+        if (dev_is_front_door(d)) {
+                vmm_snapshot_rings(d);
+                return;
+        }
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
@@ -200,6 +204,8 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                 /* device.stop, or device.reset of a running device */
                 device_emit(d, VHUB_EV_DEVICE_STOPPED, c);
         }
+        if (dev_is_front_door(d))
+                vmm_state_changed(d, from, to);
         vhub_context_counts_changed(d->vm->ctx);
 }
 
@@ -261,6 +267,20 @@ void device_mark_lost(struct vhub_device *d, const char *reason) {
                 vhub_bconn_fail(d->conn, false, 0, reason);
 }
 
+void device_restore_failed(struct vhub_device *d, const struct vhub_op *op) {
+        if (op->give_up)
+                device_give_up(d, op->error.detail);
+        else if (vhub_device_is_connected(d))
+                device_mark_lost(d, op->error.detail); /* retried with backoff */
+}
+
+void device_renew_link(struct vhub_device *d, const char *reason) {
+        /* not a failing back-end: no backoff, the first attempt at once */
+        d->restored_usec = 0;
+        d->reconnect_fast = 1;
+        device_mark_lost(d, reason);
+}
+
 /* Reported once per connection, from the loop (vhub-backend-conn.h). */
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *lost_reason) {
         struct vhub_device *d = userdata;
@@ -294,17 +314,22 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 /* Queue what restores the device after a new connection. */
 static void device_queue_restore(struct vhub_device *d) {
         struct vhub_op *hs = op_new(VHUB_OP_HANDSHAKE, NULL);
+        /* then the rings: a START of the last device.start's, or a front-door
+         * device's VMM session replayed */
+        bool rings = dev_is_front_door(d) ? vmm_has_rings_to_restore(d)
+                                          : d->state_before_loss == VHUB_DEV_RUNNING;
         struct vhub_op *st = NULL;
 
-        if (d->state_before_loss == VHUB_DEV_RUNNING)
-                st = op_new(VHUB_OP_START, NULL);
-        if (!hs || (d->state_before_loss == VHUB_DEV_RUNNING && !st)) {
+        if (rings)
+                st = op_new(dev_is_front_door(d) ? VHUB_OP_VMM_RESTORE : VHUB_OP_START, NULL);
+        if (!hs || (rings && !st)) {
                 op_free(hs);
                 op_free(st);
                 device_mark_lost(d, "out of memory restoring the device");
                 return;
         }
         hs->restore = true;
+        hs->restore_continues = st != NULL;
         if (st)
                 st->restore = true;
         device_set_state(d, VHUB_DEV_RESTORING, "connected");

@@ -23,7 +23,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-fd-claim.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-time.h"
@@ -69,6 +69,7 @@ enum {
         D_SHADOW,               /* region ids, u64 each */
         D_MEM_SYNCED,
         D_STATS,                /* nest: ST_* */
+        D_VMM_CONNECTED,        /* a front-door device's VMM was connected */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
@@ -175,6 +176,8 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
         vhub_snap_put_bool(w, D_BUSY, device_busy(d));
         vhub_snap_put_bool(w, D_REMOVING, d->removing);
+        if (d->vmm && d->vmm->connected)
+                vhub_snap_put_bool(w, D_VMM_CONNECTED, true);
         if (d->conn)
                 vhub_snap_put_fd(w, D_SOCK, s, g, vhub_bconn_fd(d->conn));
         if (d->channel)
@@ -263,7 +266,7 @@ struct device_rec {
         uint64_t id;
         char name[VHUB_NAME_MAX + 1];
         char *path;
-        bool busy, removing, has_listener;
+        bool busy, removing, has_listener, vmm_connected;
         bool has_sock, has_chan, has_listen, has_dirfd, has_inflight;
         struct vhub_fd_key sock, chan, listen, dirfd, inflight;
         struct vhub_backend_listener_state listener;
@@ -419,6 +422,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         break;
                 case D_BUSY: r = vhub_snap_get_bool(&x, &rec->busy); break;
                 case D_REMOVING: r = vhub_snap_get_bool(&x, &rec->removing); break;
+                case D_VMM_CONNECTED: r = vhub_snap_get_bool(&x, &rec->vmm_connected); break;
                 case D_SOCK: r = vhub_snap_get_key(&x, &rec->sock); rec->has_sock = true; break;
                 case D_CHAN: r = vhub_snap_get_key(&x, &rec->chan); rec->has_chan = true; break;
                 case D_LISTEN: r = vhub_snap_get_key(&x, &rec->listen); rec->has_listen = true; break;
@@ -571,6 +575,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         }
         if (k < 0 && !*why)
                 *why = "a device's link could not be made again";
+        /* a front-door device: its VMM's session is not carried (vmm_session_restore()) */
+        if (k >= 0 && d->handshaken && !rec.removing && d->state != VHUB_DEV_CONNECTING &&
+            d->face == VHUB_FACE_FRONT_DOOR && (k = vmm_session_restore(d, rec.vmm_connected)) < 0)
+                *why = "out of memory restoring a front-door device";
         /* a device.add or device.remove in flight: its call is answered
          * -32011, and the device goes (its connection closes) */
         if (k < 0 || !d->handshaken || rec.removing || d->state == VHUB_DEV_CONNECTING) {
@@ -598,6 +606,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
 }
 
 void vhub_device_restore_finish(struct vhub_device *d) {
+        if (d->vmm && vmm_restore_finish(d)) {
+                d->restore_lost = false;
+                return;
+        }
         if (d->state == VHUB_DEV_DISCONNECTED) {
                 /* the outage goes on where it was: a connection the restore
                  * attempt had made goes, the next attempt when it was due */

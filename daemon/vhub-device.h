@@ -28,6 +28,7 @@
 struct event;
 struct vhub_bconn;
 struct vhub_backend_channel;
+struct vhub_device_vmm;
 struct vhub_socket_watch;
 struct vhub_mem_op;
 struct vhub_vm;
@@ -178,6 +179,9 @@ struct vhub_device {
         bool restore_lost;            /* a request was in flight: lost now */
         bool restore_reconnect_armed;
         uint64_t restore_reconnect_left_ms;
+
+        /* a front-door device: its VMM's session (vhub-device-vmm.h); NULL otherwise */
+        struct vhub_device_vmm *vmm;
 };
 
 struct vhub_device_add_params {
@@ -188,6 +192,7 @@ struct vhub_device_add_params {
         enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
+        bool vmm_socket;              /* a front-door device: the front door drives it */
 };
 
 /* Creates the device in the VM and starts connecting; call completes after
@@ -256,6 +261,8 @@ void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 /* A device being removed is gone for the faces (-32002). */
 bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
+/* Whether the back-end has mapped exactly the regions of t. */
+bool vhub_device_shadow_is(const struct vhub_device *dev, const struct vhub_mem_table *t);
 bool vhub_device_is_connected(const struct vhub_device *dev);
 /* The fds the device holds, its ops' included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);

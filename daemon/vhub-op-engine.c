@@ -149,6 +149,9 @@ void device_run_head(struct vhub_device *d) {
         if (!vhub_device_is_connected(d) && op->kind != VHUB_OP_REMOVE) {
                 if (d->state == VHUB_DEV_CONNECTING)
                         return; /* the first connection is still being set up */
+                /* a VMM's request waits for the restore (its deadline bounds that) */
+                if (op->kind == VHUB_OP_PASSTHROUGH && d->state != VHUB_DEV_FAILED && !d->removing)
+                        return;
                 device_op_error(op, VHUB_ERR_BACKEND, NULL,
                                 d->state == VHUB_DEV_FAILED
                                         ? "device %s has failed; remove and add it again"
@@ -213,6 +216,9 @@ void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
         for (op = TAILQ_FIRST(&d->ops); op; op = next) {
                 next = TAILQ_NEXT(op, link);
                 if (op->kind == VHUB_OP_REMOVE)
+                        continue;
+                /* a VMM's request runs again after the restore */
+                if (op->kind == VHUB_OP_PASSTHROUGH && passthrough_requeue(d, op))
                         continue;
                 if (op->result == 0) {
                         vhub_error_copy(&op->error, err);

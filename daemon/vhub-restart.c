@@ -12,6 +12,7 @@
 #include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-fdstore.h"
+#include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-restart.h"
@@ -286,6 +287,8 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
         if (k < 0)
                 log_warning("the control connections' snapshot is malformed: some were not carried (%s)",
                             strerror(-k));
+        if (v->frontdoor)
+                vhub_frontdoor_restore(v->frontdoor, r);
         vhub_context_restore_finish(&v->ctx);
         state_free_loaded(rs);
         log_notice("state carried across the restart (restart %llu, down %llu ms): %u VMs, %u devices, "
@@ -333,6 +336,8 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
         rs->deadline_usec = vhub_now_usec() + (uint64_t)v->ctx.config->backend_timeout_ms * 1000;
         if (v->control)
                 control_server_pause(v->control);
+        if (v->frontdoor)
+                vhub_frontdoor_pause(v->frontdoor);
         rs->ev_poll = evtimer_new(v->ctx.base, poll_cb, v);
         if (!rs->ev_poll)
                 return -ENOMEM;

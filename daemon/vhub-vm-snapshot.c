@@ -305,18 +305,6 @@ static void vm_discard(struct vhub_vm *vm) {
         free(vm);
 }
 
-/* What d's back-end has mapped is the committed table.  Not so after a
- * crash in the middle of a memory change: the devices that applied it map
- * a region the table does not hold (or lack one it holds). */
-static bool shadow_is_table(const struct vhub_device *d, const struct vhub_mem_table *t) {
-        if (d->n_shadow != t->n)
-                return false;
-        for (size_t i = 0; i < t->n; i++)
-                if (!vhub_device_shadow_has(d, t->regions[i].id))
-                        return false;
-        return true;
-}
-
 int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
                     int snap_fd, struct vhub_vm **ret, const char **why) {
         struct vhub_cred cred = { 0 };
@@ -389,7 +377,7 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 /* a back-end out of line with the table is restored as lost:
                  * the restore's handshake syncs it to the table */
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->mem_synced && d->conn && !shadow_is_table(d, &vm->mem))
+                        if (d->mem_synced && d->conn && !vhub_device_shadow_is(d, &vm->mem))
                                 d->restore_lost = true;
         }
         if (k < 0) {
@@ -427,6 +415,12 @@ void vhub_vm_restore_finish(struct vhub_vm *vm) {
                 tv = vhub_timeval_from_ms(vm->restore_linger_left_ms);
                 evtimer_add(vm->linger_timer, &tv);
                 vm->linger_deadline_usec = vhub_now_usec() + vm->restore_linger_left_ms * 1000;
+        } else if (!vm->owner && vm->linger_ms > 0 && vm->vmm_holds == 0) {
+                /* held by a front-door VMM, whose session is not carried
+                 * (docs/front-door.md): it lingers from now, or until the
+                 * VMM comes back */
+                vhub_vm_vmm_hold(vm);
+                vhub_vm_vmm_release(vm);
         }
         vm->restore_linger = false;
 }

@@ -113,6 +113,8 @@ struct vhub_vm {
         enum vhub_vm_postcopy postcopy;
         struct vhub_vm_batch *postcopy_batch; /* a postcopy step in progress */
 
+        unsigned vmm_holds;             /* front-door devices with their VMM connected:
+                                         * the linger timer waits while any is */
         bool destroying;
         const char *destroy_reason;     /* vm.destroyed's (VHUB_VM_DESTROYED_*): vm.destroy's
                                          * unless the owner's close or the linger timer ended it */
@@ -206,6 +208,18 @@ void vhub_vm_batch_free(struct vhub_vm_batch *b);
 /* Shared objects the VMM exports. fd taken in every case. */
 int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struct vhub_error *err);
 int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhub_error *err);
+
+/*
+ * The front door (vhub-device-vmm.c): a VMM connected to one of the VM's
+ * devices holds a VM that has no owner connection -- its linger timer stops,
+ * and starts over from linger_ms when the last VMM left (docs/front-door.md,
+ * "Lifetime").
+ */
+void vhub_vm_vmm_hold(struct vhub_vm *vm);
+void vhub_vm_vmm_release(struct vhub_vm *vm);
+/* Whether a device of the VM is a front-door device (its memory is its VMM's:
+ * vm.memory.*, dirty logging and postcopy answer -32004). */
+int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, struct vhub_error *err);
 
 /* Callbacks from devices. */
 void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,
