@@ -30,7 +30,7 @@ struct control_conn {
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
         bool eof;                    /* the peer shut down its sending side */
-        bool sub_all;                /* events of every VM of its uid */
+        bool sub_all;                /* events of every VM of its uid (root: of every uid) */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
         size_t n_sub_vms;

@@ -579,7 +579,9 @@ static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
                 return true;
         if (!control_conn_sees_uid(c, vm->uid))
                 return false;
-        if (c->sub_all && c->uid == vm->uid)
+        /* contract: without a VM, every VM of the caller's uid -- for
+         * root, of every uid (control_conn_sees_uid() said it may) */
+        if (c->sub_all && (c->uid == 0 || c->uid == vm->uid))
                 return true;
         for (size_t i = 0; i < c->n_sub_vms; i++)
                 if (c->sub_uids[i] == vm->uid && strcmp(c->sub_vms[i], vm->name) == 0)

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Red team: events.subscribe without a VM, for root and for others.
+
+The contract (events.subscribe): "this connection also receives the events
+of that VM (or of all VMs of its uid; for root without `vm`: of every VM
+of every uid)".  conn_wants() in control-server.c matched a subscription
+without a VM only against the connection's own uid, so root's {} brought
+root's VMs' events and nothing of anyone else's -- an operator's monitor
+subscribed as root missed every other uid's device.disconnected.
+
+Checked both ways with vm.lingering (a VM of root's, of uid 4321's and of
+uid 65534's left by its connection): root's subscriber gets all three,
+uid 65534's subscriber its own only.  (The contract's vm.created /
+vm.destroyed and the events' uid and timestamp members are not
+implemented yet; they are not what this test is about.)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from redteam import OTHER, USER, need_root, run_as           # noqa: E402
+from vhubtest.client import Client                           # noqa: E402
+from vhubtest.daemon import Daemon                           # noqa: E402
+from vhubtest.testing import check, check_eq, log, run       # noqa: E402
+
+
+def vm_life(control, name):
+    """A VM created, left to linger, attached and destroyed."""
+    c = Client(control)
+    c.call("vm.create", {"vm": name, "linger_ms": 60000})
+    c.close()
+    c = Client(control)
+    c.call("vm.attach", {"vm": name})
+    c.call("vm.destroy", {"vm": name})
+    c.close()
+
+
+def seen(sub, timeout=0.5):
+    """(event, vm) of every event the subscriber got, in order."""
+    out = []
+    while True:
+        try:
+            ev = sub.wait_event(None, timeout)
+        except Exception:  # noqa: BLE001 - none within the time
+            return out
+        out.append((ev["event"], ev.get("vm")))
+
+
+def main(t):
+    need_root()
+    d = t.tmpdir(prefix="vhubrt-")
+    os.chmod(d, 0o755)
+    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"]))
+    t.add_log("vhubd", daemon.log_path)
+
+    root_sub = daemon.client()
+    root_sub.call("events.subscribe", {})
+
+    def user_part(r_fd, w_fd):
+        sub = Client(daemon.control)
+        sub.call("events.subscribe", {})
+        os.write(w_fd, b"s")
+        os.read(r_fd, 1)              # the others' VMs live and die meanwhile
+        vm_life(daemon.control, "mine")
+        got = seen(sub, 1.0)
+        os.write(w_fd, repr(got).encode() + b"\n")
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(run_as(USER, user_part, r2, w1))
+    check_eq(os.read(r1, 1), b"s", "uid %d subscribed" % USER)
+    vm_life(daemon.control, "roots")
+    check_eq(run_as(OTHER, vm_life, daemon.control, "others"), 0, "uid %d's VM lived and died" % OTHER)
+    os.write(w2, b"g")
+    user_seen = eval(os.fdopen(r1).readline())     # noqa: S307 - our own child's repr
+    os.waitpid(pid, 0)
+    root_seen = seen(root_sub, 1.0)
+    log("root's subscriber saw %s" % root_seen)
+    log("uid %d's subscriber saw %s" % (USER, user_seen))
+
+    check_eq(user_seen, [("vm.lingering", "mine")],
+             "uid %d's subscriber gets its own VM's event and nobody else's" % USER)
+    missing = ["uid %d's" % uid for uid, name in ((0, "roots"), (OTHER, "others"), (USER, "mine"))
+               if ("vm.lingering", name) not in root_seen]
+    check(not missing, "root's events.subscribe {} gets the events of every uid's VMs",
+          "missing: %s" % ", ".join(missing))
+
+
+run(main)
