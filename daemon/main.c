@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "control-server.h"
+#include "vhub-backend-path.h"
 #include "vhub-config.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
@@ -148,8 +149,9 @@ static void reload_cb(void *userdata, int sig) {
 }
 
 /* In a fatal signal's handler: remove the sockets a clean exit removes.
- * Only unlink() (async-signal-safe); the lists may be mid-change, and a
- * fault here just ends the process as the signal would have. */
+ * Only async-signal-safe calls (unlink, fstatat, unlinkat); the lists may
+ * be mid-change, and a fault here just ends the process as the signal
+ * would have. */
 static void crash_cleanup(void *userdata) {
         struct daemon_main *m = userdata;
         struct vhub_device *d;
@@ -159,10 +161,10 @@ static void crash_cleanup(void *userdata) {
                 return;
         if (m->control_path)
                 (void)unlink(m->control_path);
+        /* a server-mode socket never by its path: the uid owns directories on it */
         TAILQ_FOREACH(vm, &m->ctx.vms, link)
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->listen_fd >= 0 && d->socket_path)
-                                (void)unlink(d->socket_path);
+                        vhub_backend_listener_remove_in_crash(d->listener);
 }
 
 static const struct vhub_signals_ops signal_ops = {

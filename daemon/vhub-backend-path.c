@@ -501,6 +501,15 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
         return fd;
 }
 
+void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l) {
+        struct stat st;
+
+        if (!l || l->dir_fd < 0)
+                return;
+        st = (struct stat){ .st_dev = l->dev, .st_ino = l->ino, .st_ctim = l->ctime };
+        entry_remove_if_same(l->dir_fd, l->name, &st);
+}
+
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
                                                          const struct vhub_cred *cred) {
         struct vhub_cred_scope scope;
