@@ -55,15 +55,18 @@ static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
         ssize_t n;
 
+        /* One read per wake-up, never "until it is empty": the watched
+         * directories are the uids', and a uid can make events (a chmod
+         * loop) faster than they are handled.  What is left wakes the loop
+         * again after everything else had its turn. */
         w->dispatching = true;
-        while (!w->done_requested && (n = read(fd, buf, sizeof(buf))) > 0) {
-                for (char *p = buf; p < buf + n;) {
-                        const struct inotify_event *ie = (const struct inotify_event *)p;
+        n = read(fd, buf, sizeof(buf));
+        for (char *p = buf; n > 0 && p < buf + n && !w->done_requested;) {
+                const struct inotify_event *ie = (const struct inotify_event *)p;
 
-                        if (ie->len > 0)
-                                watch_notify(ctx, ie->wd, ie->name);
-                        p += sizeof(*ie) + ie->len;
-                }
+                if (ie->len > 0)
+                        watch_notify(ctx, ie->wd, ie->name);
+                p += sizeof(*ie) + ie->len;
         }
         w->dispatching = false;
         if (w->done_requested)
