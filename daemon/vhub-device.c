@@ -573,7 +573,7 @@ static void device_watch_socket(struct vhub_device *d) {
 
         if (d->watch_wd >= 0)
                 return;
-        wd = vhub_socket_watch_add(d->vm->ctx, d->socket_path);
+        wd = vhub_socket_watch_add(d->vm->ctx, d->socket_path, &d->vm->cred);
         if (wd < 0) {
                 device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
                            d->socket_path, strerror(-wd));

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "vhub-context.h"
+#include "vhub-cred.h"
 #include "vhub-device.h"
 #include "vhub-socket-watch.h"
 #include "vhub-vm.h"
@@ -98,18 +99,27 @@ static struct vhub_socket_watcher *watcher_get(struct vhub_context *ctx) {
         return w;
 }
 
-int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path) {
+int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path, const struct vhub_cred *cred) {
         struct vhub_socket_watcher *w = watcher_get(ctx);
+        struct vhub_cred_scope scope;
         char dir[PATH_MAX];
-        int wd;
+        int wd, r;
 
         if (!w)
                 return -ENOMEM;
         snprintf(dir, sizeof(dir), "%s", socket_path);
+        /* the path is the uid's: resolved (and read permission checked)
+         * with its identity, so that it cannot make the daemon watch what
+         * it could not watch itself */
+        r = vhub_cred_enter(cred, &scope);
+        if (r < 0)
+                return r;
         /* the same directory gives the same wd: count references */
         wd = inotify_add_watch(w->fd, dirname(dir), IN_CREATE | IN_MOVED_TO | IN_ATTRIB);
-        if (wd < 0)
-                return -errno;
+        r = wd < 0 ? -errno : 0;
+        vhub_cred_leave(&scope);
+        if (r < 0)
+                return r;
         for (size_t i = 0; i < w->n; i++)
                 if (w->watches[i].wd == wd) {
                         w->watches[i].refs++;

@@ -9,9 +9,13 @@
 #pragma once
 
 struct vhub_context;
+struct vhub_cred;
 
-/* Watch the directory of socket_path; returns the watch descriptor. */
-int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path);
+/* Watch the directory of socket_path, looked up with cred's rights (the
+ * VM's, as every other operation on its back-end paths): a directory that
+ * identity could not watch itself is not watched (-EACCES) and the device
+ * waits for its timed retries.  Returns the watch descriptor. */
+int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path, const struct vhub_cred *cred);
 /* Drop one reference to wd (from vhub_socket_watch_add). */
 void vhub_socket_watch_remove(struct vhub_context *ctx, int wd);
 /* Close the instance (context teardown). */

@@ -16,8 +16,8 @@ ROOTONLY -- a directory the uid could not watch (or even list) itself.
 The uid then puts d back.  From now on, whenever anything named x.sock is
 created in, moved into or changes attributes in ROOTONLY, the daemon
 reconnects the device at once, and the uid sees device.reconnected: an
-oracle on activity in root's private directory.  (With reconnect_ms one
-hour, nothing else reconnects it.)  It also lets any uid make root's
+oracle on activity in root's private directory.  (With reconnect_ms and
+--reconnect-max-ms one hour, nothing else reconnects it.)  It also lets any uid make root's
 inotify instance pin watches, and the kernel memory behind them, on
 arbitrary inodes.
 
@@ -79,7 +79,8 @@ def main(t):
     need_root()
     d = t.tmpdir(prefix="vhubrt-")
     os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"]))
+    # the backoff may reach an hour: only the watch can reconnect the device in this test
+    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666", "--reconnect-max-ms", "3600000"]))
     os.chmod(daemon.backend_dir, 0o755)
     t.add_log("vhubd", daemon.log_path)
 
@@ -126,7 +127,13 @@ def main(t):
         # while the back-end runs: d becomes the symlink to ROOTONLY
         run_as(USER, swap, real, link)
         tb.kill()
-        wait_until(lambda: inotify_watches(daemon.pid), 5.0, what="the daemon to watch for the socket")
+        root = Client(daemon.control)
+
+        def disconnected():
+            devs = root.call("device.list", {"vm": "v", "uid": USER})["devices"]
+            return devs and devs[0]["state"] == "disconnected"
+        wait_until(disconnected, 5.0, what="uid %d's device to be disconnected" % USER)
+        time.sleep(0.3)              # its first restore attempt failed: the watch is set by now
         watched = inotify_watches(daemon.pid)
         log("the daemon watches inodes %s; ROOTONLY is %d" % (sorted(watched), os.stat(rootonly).st_ino))
         # the uid puts its directory back and restarts its back-end there
