@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Red team: what one connection's waiting calls pin.
+
+A call that waits on a back-end keeps its request id (control_call_new():
+json_incref(req->id)) until it is answered.  An id may be any string, up
+to the line limit (1 MiB), and a connection may have --max-pending (256)
+calls waiting: 256 MiB per connection, held as long as the back-end takes
+-- a back-end of the uid's own that answers each request just inside
+--backend-timeout-ms keeps 256 queued device calls waiting for 256 times
+that (about 20 minutes at the default 5 s), no loss, no error.  Nothing
+counts it: the output bound is about answers, the line limit about one
+line; issue 15 asked for what one connection can pin to stay close to
+the output bound (at most 8 MiB with its input buffer).  One uid may also
+hold every connection (test_redteam_connections.py): 256 x 256 MiB.
+
+Measured: two connections of uid 65534, 255 device.config.get each with a
+1 MiB id, on its own device whose back-end does not answer GET_CONFIG:
+the daemon's RSS went from 3 MiB to 234 MiB within 12 s, and stays while
+the calls wait.
+
+The test: one connection of uid 65534, 64 such calls (each 1 MiB id) on
+its device whose back-end holds each GET_CONFIG for 3 s; while they wait
+the daemon's RSS must not have grown by more than 8 MiB -- the daemon
+either refuses ids it would have to keep at such a size or counts them.
+(Not checked under AddressSanitizer, whose allocator keeps freed memory.)
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from redteam import USER, need_root, run_as                 # noqa: E402
+from vhubtest.client import Client                          # noqa: E402
+from vhubtest.daemon import Daemon                          # noqa: E402
+from vhubtest.limits import rss_kib, sanitized              # noqa: E402
+from vhubtest.testbackend import TestBackend                # noqa: E402
+from vhubtest.testing import Skip, check, log, run          # noqa: E402
+
+CALLS = 64
+MIB = 1 << 20
+
+
+def vmm(control, sock, w_fd, r_fd):
+    """As USER: its VM and device, then CALLS waiting calls with 1 MiB ids
+    on one connection; holds it until told."""
+    c = Client(control)
+    c.call("vm.create", {"vm": "v"})
+    c.call("device.add", {"vm": "v", "device": "x", "socket": sock})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.connect(control)
+    os.write(w_fd, b"a")
+    os.read(r_fd, 1)                   # the back-end holds GET_CONFIG now
+    for i in range(CALLS):
+        req = {"jsonrpc": "2.0", "id": "%d-" % i + "x" * (MIB - 200), "method": "device.config.get",
+               "params": {"vm": "v", "device": "x", "offset": 0, "size": 4}}
+        s.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+    os.write(w_fd, b"s")
+    os.read(r_fd, 1)
+    s.close()
+    c.close()
+
+
+def main(t):
+    need_root()
+    d = t.tmpdir(prefix="vhubrt-")
+    os.chmod(d, 0o755)
+    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"], log_level="info"))
+    os.chmod(daemon.backend_dir, 0o755)
+    t.add_log("vhubd", daemon.log_path)
+    if sanitized(daemon.pid):
+        raise Skip("RSS says nothing under AddressSanitizer (its allocator keeps freed memory); "
+                   "the plain build checks it")
+    sock = daemon.backend_socket("x.sock")
+    tb = t.enter(TestBackend([sock], log_dir=d))
+    os.chmod(sock, 0o666)
+
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(run_as(USER, vmm, daemon.control, sock, w1, r2))
+    try:
+        check(os.read(r1, 1) == b"a", "uid %d has its VM and device" % USER)
+        # each GET_CONFIG answered after 3 s: inside the deadline, no loss
+        tb.misbehave("GET_CONFIG", "delay", delay_ms=3000)
+        before = rss_kib(daemon.pid)
+        os.write(w2, b"g")
+        check(os.read(r1, 1) == b"s", "uid %d sent %d calls" % (USER, CALLS))
+        time.sleep(2.0)
+        during = rss_kib(daemon.pid)
+        log("daemon RSS %d KiB before, %d KiB while %d calls with 1 MiB ids wait" % (before, during, CALLS))
+        check(during - before <= 8 * 1024,
+              "one connection's waiting calls pin at most 8 MiB of the daemon's memory",
+              "it grew by %d MiB" % ((during - before) // 1024))
+    finally:
+        os.write(w2, b"x")
+        os.waitpid(pid, 0)
+
+
+run(main)
