@@ -70,13 +70,17 @@ enum vhub_event_type {
         _VHUB_EV_MAX,
 };
 
-/* The event's name on the wire; NULL for a value outside the enum. */
+/* The event's name on the wire; NULL for a value outside the enum.  A
+ * switch, not a designated array: the header is installed with the client
+ * library and C++ users include it too. */
 static inline const char *vhub_contract_event_name(int type) {
-        static const char *const names[_VHUB_EV_MAX] = {
-#define VHUB_CONTRACT_EVENT_NAME(name, string) [VHUB_EV_##name] = (string),
-                VHUB_CONTRACT_EVENTS(VHUB_CONTRACT_EVENT_NAME)
-#undef VHUB_CONTRACT_EVENT_NAME
-        };
-
-        return type >= 0 && type < _VHUB_EV_MAX ? names[type] : NULL;
+        switch (type) {
+#define VHUB_CONTRACT_EVENT_CASE(name, string) \
+        case VHUB_EV_##name:                   \
+                return (string);
+                VHUB_CONTRACT_EVENTS(VHUB_CONTRACT_EVENT_CASE)
+#undef VHUB_CONTRACT_EVENT_CASE
+        default:
+                return NULL;
+        }
 }

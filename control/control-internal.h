@@ -13,6 +13,8 @@
 #include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
+#include "vhub-event.h"
+#include "vhub-owner.h"
 
 struct event;
 struct vhub_context;
@@ -23,7 +25,8 @@ struct control_conn {
         TAILQ_ENTRY(control_conn) link;
         struct control_server *srv;
         struct rpc_conn *rpc;        /* NULL once closed */
-        uint64_t id;                 /* owner id of the VMs it creates */
+        uint64_t id;
+        struct vhub_owner owner;     /* of the VMs it creates or attaches (vhub-owner.h) */
         uid_t uid;
         pid_t pid;
         struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
@@ -40,6 +43,8 @@ TAILQ_HEAD(control_conn_list, control_conn);
 
 struct control_server {
         struct vhub_context *ctx;
+        struct vhub_event_sink sink; /* the model's events, for the connections */
+        bool sink_added;
         int listen_fd;
         char *path;                  /* created by us; unlinked at free */
         struct event *ev_accept;
@@ -88,11 +93,6 @@ struct control_call {
 
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
-
-/* The one visibility rule: a connection sees the VMs of its own uid, root every uid's. */
-static inline bool control_conn_sees_uid(const struct control_conn *c, uid_t uid) {
-        return c->uid == 0 || c->uid == uid;
-}
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

@@ -20,6 +20,7 @@
 #include "vhub-fd-budget.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
+#include "vhub-info.h"
 #include "vhub-shared-object.h"
 #include "vhub-time.h"
 #include "vhub-version.h"
@@ -124,15 +125,25 @@ static struct vhub_context *call_ctx(const struct method_call *m) {
         return m->req->conn->srv->ctx;
 }
 
-/* A VM that is being destroyed is already gone for every method (-32001). */
-static bool vm_visible(const struct control_conn *c, const struct vhub_vm *vm) {
-        return !vm->destroying && control_conn_sees_uid(c, vm->uid);
-}
-
 /* A result built with json_pack: NULL only when memory ran out. */
 static int call_answer(struct method_call *m, json_t *result, struct vhub_error *err) {
         m->result = result;
         return result ? 0 : vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+}
+
+/* A list method's result, {key: [one object per item]}, from a snapshot of
+ * the model (vhub-info.h: r is what taking it returned); frees the items. */
+static int call_answer_list(struct method_call *m, int r, const char *key, void *items, size_t n,
+                            size_t size, json_t *(*item_json)(const void *item), struct vhub_error *err) {
+        json_t *list;
+
+        if (r < 0)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        list = json_array();
+        for (size_t i = 0; i < n; i++)
+                json_array_append_new(list, item_json((const char *)items + i * size));
+        free(items);
+        return call_answer(m, json_pack("{s:o}", key, list), err);
 }
 
 /* ---- members every method that names a VM or device has ---- */
@@ -191,27 +202,22 @@ static const char *const capabilities[] = {
 };
 
 static int m_daemon_info(struct method_call *m, struct vhub_error *err) {
-        const struct vhub_context *ctx = call_ctx(m);
         char started_at[VHUB_RFC3339_LEN];
-        unsigned vms = 0, devices = 0;
-        const struct vhub_vm *vm;
+        struct vhub_daemon_info info;
         json_t *caps = json_array();
 
-        TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm_visible(m->req->conn, vm)) {
-                        vms++;
-                        devices += vm->n_devices;
-                }
+        vhub_info_daemon(call_ctx(m), m->req->conn->uid, &info);
         for (size_t i = 0; capabilities[i]; i++)
                 json_array_append_new(caps, json_string(capabilities[i]));
-        vhub_format_rfc3339(ctx->start_realtime_usec, started_at);
+        vhub_format_rfc3339(info.started_realtime_usec, started_at);
         return call_answer(m, json_pack("{s:s, s:s, s:i, s:o, s:s, s:i, s:i, s:i, s:o, s:o}", "version",
                                         VHUB_VERSION, "api_version", VHUB_API_VERSION, "pid", (int)getpid(),
-                                        "uptime_ms", vhub_json_u64((vhub_now_usec() - ctx->start_usec) / 1000),
+                                        "uptime_ms", vhub_json_u64(info.uptime_usec / 1000),
                                         "started_at", started_at,
                                         /* 0 until the daemon carries its state across restarts */
-                                        "restarts", 0, "vms", vms, "devices", devices, "protocol_features",
-                                        vhub_json_u64(VHUB_SUPPORTED_PROTOCOL_FEATURES), "capabilities", caps),
+                                        "restarts", 0, "vms", info.vms, "devices", info.devices,
+                                        "protocol_features", vhub_json_u64(info.protocol_features),
+                                        "capabilities", caps),
                            err);
 }
 
@@ -255,16 +261,17 @@ static int m_vm_create(struct method_call *m, struct vhub_error *err) {
         struct vhub_vm *vm;
         int r;
 
-        if (!control_conn_sees_uid(c, uid))
+        if (!vhub_uid_sees(c->uid, uid))
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "only root may create a VM for another uid");
         /* the VM acts with its creator's credentials (back-end paths) */
-        r = vhub_vm_create(call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, c->id, &c->cred, err, &vm);
+        r = vhub_vm_create(call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, &c->owner, &c->cred, err,
+                           &vm);
         return r < 0 ? r : 0;
 }
 
 static int m_vm_attach(struct method_call *m, struct vhub_error *err) {
         /* the new owner's credentials replace the creator's */
-        int r = vhub_vm_attach(m->vm, m->req->conn->id, &m->req->conn->cred, err);
+        int r = vhub_vm_attach(m->vm, &m->req->conn->owner, &m->req->conn->cred, err);
 
         return r < 0 ? r : 0;
 }
@@ -274,41 +281,37 @@ static int m_vm_destroy(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-/* A lingering VM's time left, in ms; false for a VM with an owner.  libevent
- * gives the deadline in the clock event_base_gettimeofday_cached() reads. */
-static bool vm_linger_remaining_ms(struct vhub_vm *vm, uint64_t *ret) {
-        struct timeval deadline, now, left;
+/* The names of the VM's devices, for vm.list. */
+static json_t *vm_device_names(const struct vhub_vm *vm) {
+        struct vhub_device_info *devs;
+        json_t *names;
+        size_t n;
 
-        if (vm->owner_id != 0 || vm->destroying || !evtimer_pending(vm->linger_timer, &deadline) ||
-            event_base_gettimeofday_cached(vm->ctx->base, &now) < 0)
-                return false;
-        timersub(&deadline, &now, &left);
-        *ret = left.tv_sec < 0 ? 0 : (uint64_t)left.tv_sec * 1000 + (uint64_t)left.tv_usec / 1000;
-        return true;
+        if (vhub_info_devices(vm, &devs, &n) < 0)
+                return NULL;
+        names = json_array();
+        for (size_t i = 0; i < n; i++)
+                json_array_append_new(names, json_string(devs[i].name));
+        free(devs);
+        return names;
+}
+
+static json_t *vm_json(const void *item) {
+        const struct vhub_vm_info *vm = item;
+        json_t *o = json_pack("{s:s, s:i, s:o*, s:i}", "vm", vm->name, "uid", (int)vm->uid, "devices",
+                              vm_device_names(vm->vm), "regions", (int)vm->n_regions);
+
+        if (o && vm->lingering)  /* an extension (docs/control-api.md) */
+                json_object_set_new(o, "linger_remaining_ms", vhub_json_u64(vm->linger_remaining_ms));
+        return o;
 }
 
 static int m_vm_list(struct method_call *m, struct vhub_error *err) {
-        json_t *vms = json_array();
-        struct vhub_vm *vm;
+        struct vhub_vm_info *vms = NULL;
+        size_t n = 0;
+        int r = vhub_info_vms(call_ctx(m), m->req->conn->uid, &vms, &n);
 
-        TAILQ_FOREACH(vm, &call_ctx(m)->vms, link) {
-                json_t *devs = json_array(), *o;
-                struct vhub_device *d;
-                uint64_t left;
-
-                if (!vm_visible(m->req->conn, vm)) {
-                        json_decref(devs);
-                        continue;
-                }
-                TAILQ_FOREACH(d, &vm->devices, link)
-                        json_array_append_new(devs, json_string(d->name));
-                o = json_pack("{s:s, s:i, s:o, s:i}", "vm", vm->name, "uid", (int)vm->uid, "devices", devs,
-                              "regions", (int)vm->mem.n);
-                if (vm_linger_remaining_ms(vm, &left))  /* an extension (docs/control-api.md) */
-                        json_object_set_new(o, "linger_remaining_ms", vhub_json_u64(left));
-                json_array_append_new(vms, o);
-        }
-        return call_answer(m, json_pack("{s:o}", "vms", vms), err);
+        return call_answer_list(m, r, "vms", vms, n, sizeof(*vms), vm_json, err);
 }
 
 static const struct param vm_list_result = R_OBJECT(
@@ -354,17 +357,19 @@ static int m_vm_memory_remove(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
+static json_t *region_json(const void *item) {
+        const struct vhub_region_info *g = item;
+
+        return json_pack("{s:o, s:o, s:o, s:o}", "gpa", vhub_json_u64(g->gpa), "size", vhub_json_u64(g->size),
+                         "offset", vhub_json_u64(g->offset), "uaddr", vhub_json_u64(g->uaddr));
+}
+
 static int m_vm_memory_list(struct method_call *m, struct vhub_error *err) {
-        json_t *regions = json_array();
+        struct vhub_region_info *regions = NULL;
+        size_t n = 0;
+        int r = vhub_info_regions(m->vm, &regions, &n);
 
-        for (size_t i = 0; i < m->vm->mem.n; i++) {
-                const struct vhub_region *g = &m->vm->mem.regions[i];
-
-                json_array_append_new(regions, json_pack("{s:o, s:o, s:o, s:o}", "gpa", vhub_json_u64(g->gpa),
-                                                         "size", vhub_json_u64(g->size), "offset",
-                                                         vhub_json_u64(g->offset), "uaddr", vhub_json_u64(g->uaddr)));
-        }
-        return call_answer(m, json_pack("{s:o}", "regions", regions), err);
+        return call_answer_list(m, r, "regions", regions, n, sizeof(*regions), region_json, err);
 }
 
 static const struct param vm_memory_list_result = R_OBJECT(
@@ -557,6 +562,7 @@ static int m_device_add(struct method_call *m, struct vhub_error *err) {
                 .mode = device_mode_values[m->p.device_add.mode],
                 .queues = m->p.device_add.queues,
                 .reconnect_ms = m->p.device_add.reconnect_ms,
+                .face = VHUB_FACE_JSON_RPC,
         };
         /* its socket, channel, inflight fd... */
         int r = control_req_check_fds(m->req, VHUB_DEVICE_OWN_FDS, err);
@@ -572,23 +578,26 @@ static int m_device_remove(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
+static json_t *device_json(const void *item) {
+        const struct vhub_device_info *d = item;
+
+        json_t *o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:i, s:i}", "device", d->name, "state",
+                              vhub_device_state_to_string(d->state), "socket", d->socket, "features",
+                              vhub_json_u64(d->features), "acked_features", vhub_json_u64(d->acked_features),
+                              "protocol_features", vhub_json_u64(d->protocol_features), "queues",
+                              (int)d->queues, "reconnects", (int)d->reconnects);
+
+        if (o && d->type[0])    /* an extension (docs/control-api.md) */
+                json_object_set_new(o, "type", json_string(d->type));
+        return o;
+}
+
 static int m_device_list(struct method_call *m, struct vhub_error *err) {
-        json_t *devs = json_array();
-        struct vhub_device *d;
+        struct vhub_device_info *devs = NULL;
+        size_t n = 0;
+        int r = vhub_info_devices(m->vm, &devs, &n);
 
-        TAILQ_FOREACH(d, &m->vm->devices, link) {
-                json_t *o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:i, s:i}", "device", d->name,
-                                      "state", vhub_device_state_to_string(d->state), "socket",
-                                      d->socket_path, "features", vhub_json_u64(d->features),
-                                      "acked_features", vhub_json_u64(d->acked_features),
-                                      "protocol_features", vhub_json_u64(d->protocol_features), "queues",
-                                      (int)d->queues, "reconnects", (int)d->reconnects);
-
-                if (d->type[0])         /* an extension (docs/control-api.md) */
-                        json_object_set_new(o, "type", json_string(d->type));
-                json_array_append_new(devs, o);
-        }
-        return call_answer(m, json_pack("{s:o}", "devices", devs), err);
+        return call_answer_list(m, r, "devices", devs, n, sizeof(*devs), device_json, err);
 }
 
 static const char *const device_states[] = { "connecting", "ready", "running", "stopped",
@@ -994,18 +1003,20 @@ static int m_shared_object_remove(struct method_call *m, struct vhub_error *err)
         return r < 0 ? r : 0;
 }
 
+static json_t *shared_object_json(const void *item) {
+        const struct vhub_shared_object_info *o = item;
+        char u[37];
+
+        vhub_uuid_format(o->uuid, u);
+        return json_pack("{s:s, s:s}", "uuid", u, "owner", o->exporter[0] ? o->exporter : "vmm");
+}
+
 static int m_shared_object_list(struct method_call *m, struct vhub_error *err) {
-        json_t *objs = json_array();
+        struct vhub_shared_object_info *objs = NULL;
+        size_t n = 0;
+        int r = vhub_info_shared_objects(m->vm, &objs, &n);
 
-        for (size_t i = 0; i < m->vm->shared.n; i++) {
-                const struct vhub_shared_object *o = &m->vm->shared.objects[i];
-                char u[37];
-
-                vhub_uuid_format(o->uuid, u);
-                json_array_append_new(objs, json_pack("{s:s, s:s}", "uuid", u, "owner",
-                                                      o->device ? o->device->name : "vmm"));
-        }
-        return call_answer(m, json_pack("{s:o}", "objects", objs), err);
+        return call_answer_list(m, r, "objects", objs, n, sizeof(*objs), shared_object_json, err);
 }
 
 static const struct param shared_object_list_result = R_OBJECT(
@@ -1034,10 +1045,10 @@ static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
         if (!uids)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         c->sub_uids = uids;
-        names[c->n_sub_vms] = strdup(m->vm->name);
+        names[c->n_sub_vms] = strdup(vhub_vm_name(m->vm));
         if (!names[c->n_sub_vms])
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        uids[c->n_sub_vms] = m->vm->uid;
+        uids[c->n_sub_vms] = vhub_vm_uid(m->vm);
         c->n_sub_vms++;
         return 0;
 }
@@ -1198,12 +1209,12 @@ static int call_resolve(struct method_call *m, unsigned flags, struct vhub_error
                 return 0;
         /* another uid's VM is indistinguishable from one that does not exist */
         m->vm = vhub_vm_find(call_ctx(m), uid, m->p.vm);
-        if (!m->vm || !vm_visible(c, m->vm))
+        if (!m->vm || !vhub_vm_visible_to(m->vm, c->uid))
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "no such VM: %s", m->p.vm);
         if (!(flags & METHOD_DEVICE))
                 return 0;
         m->dev = vhub_vm_find_device(m->vm, m->p.device);
-        if (!m->dev || m->dev->removing)
+        if (!m->dev || vhub_device_is_removing(m->dev))
                 return vhub_error_set(err, VHUB_ERR_NO_DEVICE, "no such device: %s", m->p.device);
         return 0;
 }

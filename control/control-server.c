@@ -19,6 +19,7 @@
 #include "control-params.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 void control_conn_ref(struct control_conn *c) {
@@ -66,7 +67,7 @@ static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, uns
         struct vhub_fd_usage u;
 
         server_fd_usage(s, uid, &u);
-        return vhub_fd_budget_check(&s->ctx->fd_budget, &u, n, slack, err);
+        return vhub_fd_budget_check(vhub_context_fd_budget(s->ctx), &u, n, slack, err);
 }
 
 int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
@@ -78,7 +79,7 @@ int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error
  * Root may use half of the reserve for that, others a quarter of it; the
  * rest stays for the daemon itself. */
 static unsigned fd_slack(const struct control_server *s, uid_t uid) {
-        const struct vhub_fd_budget *b = &s->ctx->fd_budget;
+        const struct vhub_fd_budget *b = vhub_context_fd_budget(s->ctx);
 
         return uid == 0 ? b->reserve / 2 : b->reserve / 4;
 }
@@ -338,7 +339,6 @@ static void accept_resume(struct control_server *s);
 
 static void conn_close(struct control_conn *c, const char *reason) {
         struct control_server *s = c->srv;
-        struct vhub_vm *vm, *next;
 
         if (!c->rpc)
                 return;
@@ -350,15 +350,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
         s->n_conns--;
         accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
-        for (vm = TAILQ_FIRST(&s->ctx->vms); vm; vm = next) {
-                next = TAILQ_NEXT(vm, link);
-                if (vm->owner_id != c->id)
-                        continue;
-                /* nobody will be behind on its events: channels read again
-                 * (from the loop, once the owner is gone) */
-                vhub_context_events_drained(s->ctx, vm);
-                vhub_vm_owner_gone(vm);
-        }
+        vhub_context_owner_gone(s->ctx, &c->owner);
         control_conn_unref(c);
 }
 
@@ -370,15 +362,9 @@ static void conn_on_close(struct rpc_conn *rpc, const char *reason, void *userda
  * it read again. */
 static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         struct control_conn *c = userdata;
-        struct vhub_context *ctx = c->srv->ctx;
-        struct vhub_vm *vm;
 
         control_server_note_spike(c->srv, rpc_conn_take_peak_memory(rpc));
-        if (ctx->n_channels_paused == 0)
-                return;
-        TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm->owner_id == c->id)
-                        vhub_context_events_drained(ctx, vm);
+        vhub_context_owner_drained(c->srv->ctx, &c->owner);
 }
 
 static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
@@ -396,6 +382,13 @@ static const struct rpc_conn_ops conn_ops = {
         .on_drained = conn_on_drained,
 };
 
+static bool conn_congested(const struct vhub_owner *o);
+
+/* What the model may ask of a connection as the owner of VMs. */
+static const struct vhub_owner_ops conn_owner_ops = {
+        .congested = conn_congested,
+};
+
 /* ---- giving memory back ---- */
 
 /* A spike smaller than this is left to the allocator. */
@@ -410,7 +403,7 @@ static void trim_cb(evutil_socket_t fd, short what, void *userdata) {
 }
 
 void control_server_note_spike(struct control_server *s, size_t bytes) {
-        struct timeval tv = { .tv_sec = 0, .tv_usec = 100 * 1000 };
+        struct timeval tv = vhub_timeval_from_ms(100);
 
         if (bytes >= TRIM_SPIKE_BYTES && s->ev_trim && !evtimer_pending(s->ev_trim, NULL))
                 evtimer_add(s->ev_trim, &tv);
@@ -457,7 +450,7 @@ static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
  * accept() keeps failing: a busy loop) until a connection closes or the
  * retry timer fires. */
 static void accept_pause(struct control_server *s) {
-        struct timeval tv = { .tv_sec = 0, .tv_usec = ACCEPT_RETRY_MS * 1000 };
+        struct timeval tv = vhub_timeval_from_ms(ACCEPT_RETRY_MS);
 
         if (s->accept_paused)
                 return;
@@ -467,7 +460,7 @@ static void accept_pause(struct control_server *s) {
 }
 
 static void accept_resume(struct control_server *s) {
-        if (!s->accept_paused || s->ctx->shutting_down)
+        if (!s->accept_paused || vhub_context_shutting_down(s->ctx))
                 return;
         s->accept_paused = false;
         evtimer_del(s->ev_accept_retry);
@@ -550,6 +543,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         c->srv = s;
         c->refs = 1;
         c->id = ++s->next_conn_id;
+        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &conn_owner_ops };
         r = vhub_cred_from_socket(fd, &c->cred);
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
@@ -558,7 +552,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 free(c);
                 return;
         }
-        r = rpc_conn_new(s->ctx->base, fd, &s->opts.limits, &conn_ops, c, &c->rpc);
+        r = rpc_conn_new(vhub_context_base(s->ctx), fd, &s->opts.limits, &conn_ops, c, &c->rpc);
         if (r < 0) { /* rpc_conn_new closed fd */
                 vhub_cred_done(&c->cred);
                 free(c);
@@ -575,23 +569,25 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
 /* ---- events ---- */
 
 static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
-        if (vm->owner_id == c->id)
+        uid_t uid = vhub_vm_uid(vm);
+
+        if (vhub_vm_owner(vm) == &c->owner)
                 return true;
-        if (!control_conn_sees_uid(c, vm->uid))
+        if (!vhub_vm_visible_to(vm, c->uid))
                 return false;
         /* contract: without a VM, every VM of the caller's uid -- for
-         * root, of every uid (control_conn_sees_uid() said it may) */
-        if (c->sub_all && (c->uid == 0 || c->uid == vm->uid))
+         * root, of every uid (vhub_vm_visible_to() said it may) */
+        if (c->sub_all && (c->uid == 0 || c->uid == uid))
                 return true;
         for (size_t i = 0; i < c->n_sub_vms; i++)
-                if (c->sub_uids[i] == vm->uid && strcmp(c->sub_vms[i], vm->name) == 0)
+                if (c->sub_uids[i] == uid && strcmp(c->sub_vms[i], vhub_vm_name(vm)) == 0)
                         return true;
         return false;
 }
 
 static json_t *event_params(const struct vhub_event *ev) {
         json_t *p = json_pack("{s:s, s:s}", "event", vhub_event_type_to_string(ev->type), "vm",
-                              ev->vm->name);
+                              vhub_vm_name(ev->vm));
 
         if (ev->device)
                 json_object_set_new(p, "device", json_string(ev->device));
@@ -637,24 +633,19 @@ static json_t *event_params(const struct vhub_event *ev) {
         return p;
 }
 
-/* The VM's owner is behind on its events when its output queue holds a
- * quarter of the bound (bytes or fds): back-end channels pause there, far
- * from the bound at which the connection would be dropped. */
-static bool server_congested(void *userdata, const struct vhub_vm *vm) {
-        struct control_server *s = userdata;
+/* A connection is behind on its events when its output queue holds a
+ * quarter of the bound (bytes or fds): back-end channels of the VMs it owns
+ * pause there, far from the bound at which the connection would be dropped. */
+static bool conn_congested(const struct vhub_owner *o) {
+        const struct control_conn *c =
+                (const struct control_conn *)((const char *)o - offsetof(struct control_conn, owner));
         const struct rpc_conn_limits *l;
-        struct control_conn *c;
 
-        if (vm->owner_id == 0)
+        if (!c->rpc)
                 return false;
-        TAILQ_FOREACH(c, &s->conns, link) {
-                if (c->id != vm->owner_id || !c->rpc)
-                        continue;
-                l = rpc_conn_limits(c->rpc);
-                return rpc_conn_queued_bytes(c->rpc) >= l->max_out_bytes / 4 ||
-                       rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
-        }
-        return false;
+        l = rpc_conn_limits(c->rpc);
+        return rpc_conn_queued_bytes(c->rpc) >= l->max_out_bytes / 4 ||
+               rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
 }
 
 static void server_emit(void *userdata, const struct vhub_event *ev) {
@@ -755,16 +746,16 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 s->listen_fd = r;
                 s->path = strdup(o->path);
         }
-        s->ev_accept = event_new(ctx->base, s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
-        s->ev_accept_retry = evtimer_new(ctx->base, accept_retry_cb, s);
-        s->ev_trim = evtimer_new(ctx->base, trim_cb, s);
+        s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
+        s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
+        s->ev_trim = evtimer_new(vhub_context_base(ctx), trim_cb, s);
         if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
-        ctx->events.emit = server_emit;
-        ctx->events.congested = server_congested;
-        ctx->events.userdata = s;
+        s->sink = (struct vhub_event_sink){ .emit = server_emit, .userdata = s };
+        vhub_context_add_sink(ctx, &s->sink);
+        s->sink_added = true;
         *ret = s;
         return 0;
 }
@@ -785,10 +776,8 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
-        if (s->ctx->events.userdata == s) {
-                s->ctx->events.emit = NULL;
-                s->ctx->events.congested = NULL;
-        }
+        if (s->sink_added)
+                vhub_context_remove_sink(s->ctx, &s->sink);
         if (s->ev_accept)
                 event_free(s->ev_accept);
         if (s->ev_accept_retry)

@@ -15,22 +15,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "control-server.h"
-#include "vhub-backend-path.h"
 #include "vhub-config.h"
 #include "vhub-context.h"
-#include "vhub-device.h"
 #include "vhub-eventfd.h"
 #include "vhub-log.h"
 #include "vhub-sd.h"
 #include "vhub-signals.h"
-#include "vhub-vm.h"
+#include "vhub-time.h"
+#include "vhubd.h"
 
 struct daemon_main {
         struct vhub_config config;
-        struct vhub_context ctx;
+        struct vhubd vhubd;           /* the model and its faces */
         struct event_base *base;
-        struct control_server *server;
         struct vhub_sd *sd;
         struct vhub_signals *signals;
         struct event *ev_deadline;
@@ -45,11 +42,12 @@ static void update_status(void *userdata) {
         char status[128];
 
         if (m->stopping) {
-                if (m->ctx.n_vms == 0)
+                if (m->vhubd.ctx.n_vms == 0)
                         event_base_loopexit(m->base, NULL);
                 return;
         }
-        snprintf(status, sizeof(status), "%u VMs, %u devices", m->ctx.n_vms, m->ctx.n_devices);
+        snprintf(status, sizeof(status), "%u VMs, %u devices", m->vhubd.ctx.n_vms,
+                 m->vhubd.ctx.n_devices);
         if (m->sd)
                 vhub_sd_status(m->sd, status);
 }
@@ -63,7 +61,6 @@ static void deadline_cb(evutil_socket_t fd, short what, void *userdata) {
 
 static void shutdown_cb(void *userdata, int sig) {
         struct daemon_main *m = userdata;
-        struct vhub_vm *vm, *next;
         struct timeval tv;
 
         if (m->stopping)
@@ -71,19 +68,15 @@ static void shutdown_cb(void *userdata, int sig) {
         m->stopping = true;
         log_info("signal %d (%s): shutting down", sig, strsignal(sig));
         vhub_sd_stopping(m->sd);
-        control_server_shutdown(m->server);
+        vhubd_stop_faces(&m->vhubd);
         /* every VM stops its devices and closes its back-ends, in parallel */
-        for (vm = TAILQ_FIRST(&m->ctx.vms); vm; vm = next) {
-                next = TAILQ_NEXT(vm, link);
-                if (!vm->destroying)
-                        vhub_vm_destroy(vm, NULL);
-        }
-        if (m->ctx.n_vms == 0) {
+        vhub_context_destroy_vms(&m->vhubd.ctx);
+        if (m->vhubd.ctx.n_vms == 0) {
                 event_base_loopexit(m->base, NULL);
                 return;
         }
-        tv.tv_sec = m->config.backend_timeout_ms / 1000 + 1;
-        tv.tv_usec = (m->config.backend_timeout_ms % 1000) * 1000;
+        /* a second more than a back-end may take to answer its last stop */
+        tv = vhub_timeval_from_ms((uint64_t)m->config.backend_timeout_ms + 1000);
         m->ev_deadline = evtimer_new(m->base, deadline_cb, m);
         if (!m->ev_deadline || evtimer_add(m->ev_deadline, &tv) < 0)
                 event_base_loopexit(m->base, NULL);
@@ -154,17 +147,12 @@ static void reload_cb(void *userdata, int sig) {
  * would have. */
 static void crash_cleanup(void *userdata) {
         struct daemon_main *m = userdata;
-        struct vhub_device *d;
-        struct vhub_vm *vm;
 
         if (!m->crash_cleanup_armed)
                 return;
         if (m->control_path)
                 (void)unlink(m->control_path);
-        /* a server-mode socket never by its path: the uid owns directories on it */
-        TAILQ_FOREACH(vm, &m->ctx.vms, link)
-                TAILQ_FOREACH(d, &vm->devices, link)
-                        vhub_backend_listener_remove_in_crash(d->listener);
+        vhub_context_crash_unlink(&m->vhubd.ctx);
 }
 
 static const struct vhub_signals_ops signal_ops = {
@@ -195,7 +183,7 @@ static char *default_control_path(void) {
 
 int main(int argc, char **argv) {
         struct daemon_main m = { 0 };
-        struct control_server_options opts = { 0 };
+        struct vhubd_options opts = { .control_listen_fd = -1 };
         int r, ret = EXIT_FAILURE;
 
         vhub_config_init(&m.config);
@@ -217,15 +205,8 @@ int main(int argc, char **argv) {
                 log_error("cannot create the event loop");
                 goto out;
         }
-        if (vhub_context_init(&m.ctx, m.base, &m.config) < 0) {
-                log_error("out of memory");
-                goto out;
-        }
-        m.ctx.on_counts_changed = update_status;
-        m.ctx.counts_userdata = &m;
-
-        opts.listen_fd = vhub_sd_listen_fd();
-        if (opts.listen_fd < 0) {
+        opts.control_listen_fd = vhub_sd_listen_fd();
+        if (opts.control_listen_fd < 0) {
                 m.control_path = m.config.control_path ? strdup(m.config.control_path)
                                                         : default_control_path();
                 if (!m.control_path) {
@@ -233,21 +214,11 @@ int main(int argc, char **argv) {
                         goto out;
                 }
         }
-        opts.path = m.control_path;
-        opts.mode = m.config.control_mode;
-        opts.gid = m.config.control_gid;
-        opts.gid_set = m.config.control_gid_set;
-        opts.max_connections = m.config.limits.connections;
-        opts.max_pending = m.config.limits.pending_per_connection;
-        rpc_conn_limits_default(&opts.limits);
-        opts.limits.max_line = m.config.limits.max_line;
-        opts.limits.max_out_bytes = m.config.limits.max_output_bytes;
-        r = control_server_new(&m.ctx, &opts, &m.server);
-        if (r < 0) {
-                log_error("cannot set up the control socket %s: %s",
-                          m.control_path ? m.control_path : "(inherited)", strerror(-r));
+        opts.control_path = m.control_path;
+        if (vhubd_init(&m.vhubd, m.base, &m.config, &opts) < 0)
                 goto out;
-        }
+        m.vhubd.ctx.on_counts_changed = update_status;
+        m.vhubd.ctx.counts_userdata = &m;
         r = vhub_sd_new(m.base, &m.sd);
         if (r < 0) {
                 log_error("cannot set up the watchdog: %s", strerror(-r));
@@ -274,8 +245,7 @@ int main(int argc, char **argv) {
 
 out:
         m.crash_cleanup_armed = 0;
-        vhub_context_done(&m.ctx);
-        m.server = control_server_free(m.server);
+        vhubd_done(&m.vhubd);
         m.sd = vhub_sd_free(m.sd);
         /* last: a signal during the teardown still finds its handler */
         m.signals = vhub_signals_free(m.signals);

@@ -1,39 +1,86 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The back-end's request channel (SET_BACKEND_REQ_FD): the daemon keeps its
- * end of a socketpair, reads and validates every back-end request, acts on
- * it, and answers NEED_REPLY exactly once (a request with its own reply,
- * SHARED_OBJECT_LOOKUP, gets that reply and no extra ack).
+ * The back-end's request channel (SET_BACKEND_REQ_FD), as a transport: the
+ * daemon keeps its end of a socketpair, reads and validates every back-end
+ * request, hands it to its owner (ops->on_request), and sends the one answer
+ * each gets.  What a request does is the owner's business
+ * (vhub-device-channel.c); this file knows no device, VM or event.
  *
- * While a request waits for someone else -- an exporter device answering
- * GET_SHARED_OBJECT, or the VMM answering a forwarded request -- the channel
- * reads nothing more, so replies go back in order; a deadline bounds the
- * wait.  Everything else in the daemon keeps running meanwhile.
+ * Answers: vhub_backend_channel_answer() sends the request's own reply if
+ * it has one (SHARED_OBJECT_LOOKUP: u64 and maybe an fd), else the
+ * REPLY_ACK if the back-end asked for one, else nothing -- so every request
+ * is answered the one way the protocol allows, exactly once.  An owner that
+ * must wait for someone else (an exporter device, the VMM) defers the
+ * answer: the channel then reads nothing more, so answers go back in order,
+ * until the owner answers or the deadline passes, when the channel fails the
+ * request towards the back-end itself.
  *
- * Back-pressure: requests that become events for the VMM (CONFIG_CHANGE_MSG,
- * the forwarded ones, often carrying fds) must never make the daemon drop
- * the VMM's connection.  While the VM's owner is behind on its events
- * (vhub_context_events_congested()) the channel stops reading, so the
- * back-ends that flood wait, not the VMM; it reads again once the owner has
- * caught up.  If that takes longer than --backend-timeout-ms, the channel
- * reads on and refuses such requests (failing those that want a reply,
- * dropping the others, counted and logged) until the owner catches up.
+ * Back-pressure: before each request the channel asks ops->congested()
+ * whether the receiver of what the back-end sends (the VM's owner) is
+ * behind.  If so the channel stops reading, so a back-end that floods waits,
+ * not the receiver; vhub_backend_channel_drained() lets it read again.  If
+ * that takes longer than the deadline, the channel reads on and the owner
+ * refuses the requests meant for the receiver
+ * (vhub_backend_channel_refuse_stalled()) until it has caught up.
+ *
+ * A protocol violation, a flood, a write error or a back-end that does not
+ * read its answers is reported with ops->on_lost(); the owner then treats
+ * the back-end as lost and frees the channel.
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
-struct vhub_device;
+#include "vhu-message.h"
+
+struct event_base;
 struct vhub_backend_channel;
 
-/* Takes fd (the daemon's end). */
-int vhub_backend_channel_new(struct vhub_device *dev, int fd, struct vhub_backend_channel **ret);
+struct vhub_backend_channel_ops {
+        /* A validated request: answer it once, now or (deferred) later.  The
+         * callee may take fds from m; the rest are closed when it returns. */
+        void (*on_request)(void *userdata, struct vhub_backend_channel *ch, struct vhu_msg *m);
+        /* Optional: whether the receiver of the back-end's requests is behind. */
+        bool (*congested)(void *userdata);
+        /* Optional: the channel stopped (true) or resumed (false) reading for
+         * back-pressure; also false from vhub_backend_channel_free() of a
+         * paused channel. */
+        void (*paused)(void *userdata, bool paused);
+        /* The channel broke (reason: a sentence); called at most once per cause. */
+        void (*on_lost)(void *userdata, const char *reason);
+};
+
+struct vhub_backend_channel_params {
+        struct event_base *base;
+        unsigned timeout_ms;          /* how long a deferred answer or a pause may last */
+        uint64_t protocol_features;   /* negotiated: which requests are valid, whether acks are wanted */
+        const char *vm, *device;      /* for log lines (borrowed: they outlive the channel) */
+        uid_t uid;                    /* the VM's, for log lines */
+};
+
+/* Takes fd (the daemon's end) in every case. */
+int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd,
+                             const struct vhub_backend_channel_ops *ops, void *userdata,
+                             struct vhub_backend_channel **ret);
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch);
 
-/* The exporter answered a lookup this channel waits for (fd < 0: failed).
- * fd is taken. */
-void vhub_backend_channel_lookup_done(struct vhub_backend_channel *ch, uint64_t token, int fd);
-/* The VM's owner caught up on its events (or changed): read again. */
-void vhub_backend_channel_vmm_caught_up(struct vhub_backend_channel *ch);
-/* The VMM answered a forwarded request: 0, or -ENOENT (unknown or expired). */
-int vhub_backend_channel_reply(struct vhub_backend_channel *ch, uint64_t token, uint64_t result);
+/* Answer req (the request on_request got): value, with fd (>= 0: a copy
+ * is sent) if the request's own reply may carry one. */
+void vhub_backend_channel_answer(struct vhub_backend_channel *ch, const struct vhu_msg *req,
+                                 uint64_t value, int fd);
+/* req is answered later, with vhub_backend_channel_answer_deferred(tag,
+ * token): nothing more is read until then or the deadline. */
+void vhub_backend_channel_defer(struct vhub_backend_channel *ch, const struct vhu_msg *req,
+                                unsigned tag, uint64_t token);
+/* 0, or -ENOENT if the channel waits for no such tag and token (unknown, or
+ * failed at the deadline already).  fd is not taken. */
+int vhub_backend_channel_answer_deferred(struct vhub_backend_channel *ch, unsigned tag, uint64_t token,
+                                         uint64_t value, int fd);
+/* req is for the receiver, which has been behind for longer than the
+ * deadline: true when the channel refused it (answered 1) -- the owner does
+ * nothing more with it. */
+bool vhub_backend_channel_refuse_stalled(struct vhub_backend_channel *ch, const struct vhu_msg *req);
+/* The receiver caught up on what it was sent (or changed): read again. */
+void vhub_backend_channel_drained(struct vhub_backend_channel *ch);

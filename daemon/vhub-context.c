@@ -1,22 +1,27 @@
 /* SPDX-License-Identifier: MIT */
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "vhub-backend-path.h"
 #include "vhub-backend-channel.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-owner.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config) {
         char budget[160];
+        int r;
 
         memset(ctx, 0, sizeof(*ctx));
         ctx->base = base;
         ctx->config = config;
         TAILQ_INIT(&ctx->vms);
+        TAILQ_INIT(&ctx->sinks);
         ctx->start_usec = vhub_now_usec();
         vhub_fd_budget_setup(&ctx->fd_budget, config->limits.fds_per_uid);
         vhub_fd_budget_describe(&ctx->fd_budget, budget, sizeof(budget));
@@ -25,7 +30,13 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
                             config->limits.fds_per_uid, ctx->fd_budget.per_uid);
         log_info("%s", budget);
         ctx->start_realtime_usec = vhub_realtime_usec();
-        return vhub_backend_dirs_new(config, &ctx->backend_dirs);
+        ctx->socket_watcher = vhub_socket_watcher_new(base);
+        if (!ctx->socket_watcher)
+                return -ENOMEM;
+        r = vhub_backend_dirs_new(config, &ctx->backend_dirs);
+        if (r < 0)
+                ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
+        return r;
 }
 
 void vhub_context_done(struct vhub_context *ctx) {
@@ -34,17 +45,53 @@ void vhub_context_done(struct vhub_context *ctx) {
         ctx->shutting_down = true;
         while ((vm = TAILQ_FIRST(&ctx->vms)))
                 vhub_vm_free(vm);
-        vhub_socket_watch_done(ctx);
+        ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
         ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
 }
 
+void vhub_context_destroy_vms(struct vhub_context *ctx) {
+        struct vhub_vm *vm, *next;
+
+        for (vm = TAILQ_FIRST(&ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                if (!vm->destroying)
+                        vhub_vm_destroy(vm, NULL);
+        }
+}
+
+void vhub_context_crash_unlink(const struct vhub_context *ctx) {
+        const struct vhub_device *d;
+        const struct vhub_vm *vm;
+
+        /* a server-mode socket never by its path: the uid owns directories on it */
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        vhub_backend_listener_remove_in_crash(d->listener);
+}
+
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
-        if (ctx->events.emit && !ctx->shutting_down)
-                ctx->events.emit(ctx->events.userdata, ev);
+        struct vhub_event_sink *sink, *next;
+
+        if (ctx->shutting_down)
+                return;
+        for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
+                next = TAILQ_NEXT(sink, link);
+                sink->emit(sink->userdata, ev);
+        }
+}
+
+void vhub_context_add_sink(struct vhub_context *ctx, struct vhub_event_sink *sink) {
+        TAILQ_INSERT_TAIL(&ctx->sinks, sink, link);
+}
+
+void vhub_context_remove_sink(struct vhub_context *ctx, struct vhub_event_sink *sink) {
+        TAILQ_REMOVE(&ctx->sinks, sink, link);
 }
 
 bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm) {
-        return ctx->events.congested && ctx->events.congested(ctx->events.userdata, vm);
+        const struct vhub_owner *o = vm->owner;
+
+        return o && o->ops && o->ops->congested && o->ops->congested(o);
 }
 
 void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
@@ -54,7 +101,31 @@ void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm) {
                 return;
         TAILQ_FOREACH(d, &vm->devices, link)
                 if (d->channel)
-                        vhub_backend_channel_vmm_caught_up(d->channel);
+                        vhub_backend_channel_drained(d->channel);
+}
+
+void vhub_context_owner_drained(struct vhub_context *ctx, const struct vhub_owner *owner) {
+        struct vhub_vm *vm;
+
+        if (ctx->n_channels_paused == 0)
+                return;
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->owner == owner)
+                        vhub_context_events_drained(ctx, vm);
+}
+
+void vhub_context_owner_gone(struct vhub_context *ctx, const struct vhub_owner *owner) {
+        struct vhub_vm *vm, *next;
+
+        for (vm = TAILQ_FIRST(&ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                if (vm->owner != owner)
+                        continue;
+                /* nobody will be behind on its events: channels read again
+                 * (from the loop, once the owner is gone) */
+                vhub_context_events_drained(ctx, vm);
+                vhub_vm_owner_gone(vm);
+        }
 }
 
 void vhub_context_counts_changed(struct vhub_context *ctx) {
@@ -70,6 +141,27 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
                 if (vm->uid == uid)
                         n++;
         return n;
+}
+
+struct event_base *vhub_context_base(const struct vhub_context *ctx) {
+        return ctx->base;
+}
+
+const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx) {
+        return &ctx->fd_budget;
+}
+
+bool vhub_context_shutting_down(const struct vhub_context *ctx) {
+        return ctx->shutting_down;
+}
+
+const char *vhub_face_to_string(enum vhub_face f) {
+        static const char *const names[_VHUB_FACE_MAX] = {
+                [VHUB_FACE_JSON_RPC] = "json-rpc",
+                [VHUB_FACE_FRONT_DOOR] = "front-door",
+        };
+
+        return (unsigned)f < _VHUB_FACE_MAX ? names[f] : "unknown";
 }
 
 const char *vhub_event_type_to_string(enum vhub_event_type t) {

@@ -17,6 +17,7 @@
 struct event_base;
 struct event;
 struct vhub_backend_dirs;
+struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
 
@@ -32,11 +33,11 @@ struct vhub_context {
         uint64_t next_token;
         uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
-        struct vhub_event_sink events;
+        struct vhub_event_sink_list sinks;          /* one per face that listens */
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
-        struct vhub_socket_watcher *socket_watcher; /* see vhub-socket-watch.h */
+        struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
-        unsigned n_channels_paused;  /* back-end channels waiting for a VMM to read */
+        unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);
@@ -44,16 +45,36 @@ struct vhub_context {
 };
 
 /* Also raises the soft RLIMIT_NOFILE to the hard limit and derives the fd
- * budget from it (vhub-fd-budget.h). */
+ * budget from it (vhub-fd-budget.h).  On failure nothing is left to free. */
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
+/* Shutdown: every VM stops its devices and closes its back-ends, in
+ * parallel; each goes when its devices have (n_vms tells). */
+void vhub_context_destroy_vms(struct vhub_context *ctx);
+/* In a fatal signal's handler: remove the server-mode sockets the daemon
+ * created, relative to their directory fds and only if the name still
+ * holds the inode bind() created (fstatat, unlinkat: async-signal-safe; the
+ * lists may be mid-change).  Never by path: the uid owns directories on it. */
+void vhub_context_crash_unlink(const struct vhub_context *ctx);
+/* Every sink gets ev (none once shutting down). */
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
-/* Whether the VM's owner is behind on its events (events.congested). */
+void vhub_context_add_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);
+void vhub_context_remove_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);
+/* Whether the VM's owner is behind on its events (vhub_owner_ops.congested). */
 bool vhub_context_events_congested(struct vhub_context *ctx, const struct vhub_vm *vm);
 /* The owner of vm caught up on its events, or vm has a new owner (or none):
  * its paused back-end channels read again. */
 void vhub_context_events_drained(struct vhub_context *ctx, struct vhub_vm *vm);
+/* A face's connection caught up on its events: the channels of its VMs read again. */
+void vhub_context_owner_drained(struct vhub_context *ctx, const struct vhub_owner *owner);
+/* A face's connection is going: each VM it owns lingers or is destroyed
+ * (nothing here waits for back-ends); the model drops every pointer to it. */
+void vhub_context_owner_gone(struct vhub_context *ctx, const struct vhub_owner *owner);
 void vhub_context_counts_changed(struct vhub_context *ctx);
 /* Number of VMs owned by uid. */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
+/* For the faces, which read no field of the context. */
+struct event_base *vhub_context_base(const struct vhub_context *ctx);
+const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx);
+bool vhub_context_shutting_down(const struct vhub_context *ctx);

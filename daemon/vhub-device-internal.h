@@ -1,12 +1,106 @@
 /* SPDX-License-Identifier: MIT */
-/* Shared between the device's lifecycle code and its operations. */
+/*
+ * The device engine's own header: shared by the device's lifecycle, its
+ * link, the op engine and the op kinds (vhub-device*.c, vhub-op*.c).
+ * Nothing outside the model includes it; a face sees only vhub-device.h.
+ */
 #pragma once
 
 #include "vhub-device.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhu-message.h"
 
 struct vhub_vm;
+
+enum vhub_op_kind {
+        VHUB_OP_HANDSHAKE,
+        VHUB_OP_START,
+        VHUB_OP_STOP,
+        VHUB_OP_CONFIG_GET,
+        VHUB_OP_CONFIG_SET,
+        VHUB_OP_MEM_SYNC,
+        VHUB_OP_REMOVE,
+        VHUB_OP_SINGLE,               /* one request, acked: RARP, MTU, ... */
+        VHUB_OP_RESET,
+        VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
+        VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
+        VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
+        _VHUB_OP_MAX,
+};
+
+struct vhub_op {
+        TAILQ_ENTRY(vhub_op) link;
+        enum vhub_op_kind kind;
+        unsigned stage;
+        unsigned awaiting;            /* replies still due in this stage */
+        bool last_unconfirmed;        /* a request without a reply ended the stage */
+        bool running;
+        bool parked;                  /* waiting for the VM's memory queue */
+        bool restore;                 /* part of restoring after a reconnect */
+        struct vhub_call *call;       /* NULL for internal ops */
+        struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
+        int result;                   /* first failure in this op */
+        struct vhub_error error;
+        bool give_up;                 /* restore: the back-end refuses what it accepted */
+        bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
+        uint64_t hs_features;         /* handshake: what the back-end offers now */
+        uint64_t hs_pf_offer;
+        struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
+        unsigned n_restored;
+        bool restore_exact;
+        union {
+                struct {
+                        uint64_t features;
+                        unsigned n_vrings;
+                        struct vhub_vring *vrings;   /* owned until committed */
+                } start;
+                struct {
+                        bool skip_drain;             /* GET_VRING_BASE_SKIP_DRAIN */
+                } stop;
+                struct {
+                        uint32_t offset, size, flags;
+                        uint8_t data[VHU_MAX_CONFIG_SIZE];
+                } config;
+                struct {
+                        /* computed when the op starts, from shadow vs target */
+                        struct vhub_region *add;     /* copies; fds borrowed */
+                        size_t n_add;
+                        uint64_t *remove_ids;
+                        struct vhub_region *remove;  /* copies of what the back-end has */
+                        size_t n_remove;
+                        bool whole_table;            /* SET_MEM_TABLE path */
+                        uint64_t *target_ids;
+                        size_t n_target;
+                } mem;
+                struct {
+                        struct vhub_vm_batch *batch;
+                        bool enable;
+                } log;
+                struct {
+                        uint8_t uuid[16];
+                        char requester[VHUB_NAME_MAX + 1];
+                        uint64_t token;
+                        int fd;                      /* the exporter's answer (owned) */
+                } shared;
+                struct {
+                        uint32_t request;
+                        uint64_t u64;                /* what the reply said (per request) */
+                        uint8_t *payload;            /* owned; NULL when size is 0 */
+                        uint32_t size;
+                        int fd;                      /* owned, -1 if none */
+                } single;
+                struct {
+                        struct vhub_vm_batch *batch;
+                        enum vhub_postcopy_step step;
+                        int ufd;                     /* ADVISE: the back-end's userfaultfd (owned) */
+                        struct vhub_region *table;   /* LISTEN: copies of the VM's regions; fds borrowed */
+                        size_t n_table;
+                        uint64_t *backend_uaddr;     /* LISTEN: where the back-end mapped each */
+                } postcopy;
+        } u;
+};
+
 
 /* A restore that lasted this long counts as a recovery: the next loss
  * starts the reconnect backoff over from reconnect_ms. */
@@ -40,29 +134,59 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
         return (d->features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) != 0;
 }
 
-/* vhub-device.c */
-struct vhub_op *device_op_new(enum vhub_op_kind kind, struct vhub_call *call);
-void device_queue_op(struct vhub_device *d, struct vhub_op *op);
-int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
-/* A reply is awaited whatever m's flags say (vhub_bconn_send_awaiting). */
-int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
-bool device_need_reply(const struct vhub_device *d);
-void device_set_state(struct vhub_device *d, enum vhub_device_state s);
-void device_mark_lost(struct vhub_device *d, const char *reason);
-int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* vhub-device.c: the device's life (add, remove, free) and what it holds */
 /* A line about d (its VM, uid and name), logged as from the caller. */
 #define device_log(d, level, request, ...) device_log_at(VHUB_LOG_SITE, (d), (level), (request), __VA_ARGS__)
 void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int level, const char *request,
                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-int device_open_backend_channel(struct vhub_device *d, int *ret_backend_end);
+/* Take the device out of its VM and free it (may free the VM: last). */
+void device_destroy(struct vhub_device *d);
 void shadow_add(struct vhub_device *d, uint64_t id);
 void shadow_remove(struct vhub_device *d, uint64_t id);
 void shadow_clear(struct vhub_device *d);
 void vring_close_fds(struct vhub_vring *v);
+unsigned vring_fds_held(const struct vhub_vring *v);
+
+/* vhub-device-link.c: the link to the back-end and the state machine */
+/* The one writer of d->state; does each state's side work (the file's head). */
+void device_set_state(struct vhub_device *d, enum vhub_device_state s, const char *why);
+/* Connect (client mode) or listen (server mode) for a new device. */
+int device_link_start(struct vhub_device *d, struct vhub_error *err);
+/* device.remove: no more reconnects. */
+void device_link_stop_retrying(struct vhub_device *d);
+/* Everything the link holds, freed (vhub_device_free). */
+void device_link_done(struct vhub_device *d);
+void device_drop_connection(struct vhub_device *d);
+/* Declare the back-end lost now (reported from the loop). */
+void device_mark_lost(struct vhub_device *d, const char *reason);
+/* A restore op succeeded: back to the state before the loss. */
 void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
                      bool exact);
+/* The back-end came back but refuses what it accepted before. */
 void device_give_up(struct vhub_device *d, const char *reason);
+
+/* vhub-device-channel.c: what the back-end's requests do */
+/* The back-end channel on the daemon's end of the socketpair (fd taken). */
+int device_channel_open(struct vhub_device *d, int fd);
+/* The exporter answered a lookup d's back-end waits for (fd < 0: failed); fd taken. */
+void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd);
+
+/* vhub-op-engine.c: the op queue */
+void device_queue_op(struct vhub_device *d, struct vhub_op *op);
+void device_run_head(struct vhub_device *d);
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+/* A reply is awaited whatever m's flags say (vhub_bconn_send_awaiting). */
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag);
+bool device_need_reply(const struct vhub_device *d);
+int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+/* The connection's replies (vhub_bconn_ops.on_reply). */
+void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_msg *reply);
+/* Fail every op but REMOVE with err; ops keep their order. */
+void device_fail_ops(struct vhub_device *d, const struct vhub_error *err);
+/* The back-end is gone while the device is being added or removed: no
+ * restore; the device goes (or its removal finishes). */
+void device_ops_lost_for_good(struct vhub_device *d, const struct vhub_error *err);
 
 
 /* A front-end request's name, for logs and errors. */
@@ -85,7 +209,33 @@ static inline bool features_iommu(uint64_t features) {
  * business, counted and logged rate-limited, like any other failure. */
 int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what);
 
-/* vhub-op.c */
+/* vhub-op.c: what an op is -- the table of kinds, making and freeing ops,
+ * and the gate every model call on a device passes. */
+
+/* A device state as a bit of an op kind's allowed set. */
+#define DEV_STATE_BIT(s) (1u << (s))
+
+/* A new op of kind, holding call (NULL for one the model queues itself);
+ * a call on a device gets its op from device_submit() instead. */
+struct vhub_op *op_new(enum vhub_op_kind kind, struct vhub_call *call);
+/* Frees op and everything it still owns (the kind's free hook). */
+void op_free(struct vhub_op *op);
+/* fds op owns until it commits (the fd budget counts them). */
+unsigned op_fds_held(const struct vhub_op *op);
+/*
+ * Every model call on a device starts here: the device must not be being
+ * removed (-32002), nor be in an outage (-32006 at once: nothing waits
+ * behind a restore), and must be in a state op kind allows (-32004).
+ * Returns the new op holding call, which the caller fills (what it takes
+ * goes into the op at once, so op_free() releases it on every path) and
+ * queues with device_queue_op() or refuses with op_refuse(); NULL when the
+ * call has been failed.
+ */
+struct vhub_op *device_submit(struct vhub_device *d, enum vhub_op_kind kind, struct vhub_call *call);
+/* A submitted op's own checks failed: fail its call with err, free it. */
+void op_refuse(struct vhub_op *op, const struct vhub_error *err);
+/* The same with a new error: code and a sentence. */
+void op_refusef(struct vhub_op *op, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                   const struct vhu_msg *reply);
 void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r);
@@ -121,6 +271,13 @@ OP_KIND_REPLY(get_shared);
 OP_KIND_FUNCS(postcopy);
 OP_KIND_REPLY(postcopy);
 
+/* The op kinds' own functions that free what an op holds (vhub-op-*.c). */
+void start_free(struct vhub_op *op);
+unsigned start_fds(const struct vhub_op *op);
+void mem_sync_free(struct vhub_op *op);
+void single_free(struct vhub_op *op);
+void postcopy_free(struct vhub_op *op);
+
 /* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);
 void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
@@ -128,4 +285,3 @@ void op_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, ui
 const char *vhub_op_kind_to_string(enum vhub_op_kind kind);
 /* The op has ended (r < 0: failed); commit or undo its effects. */
 void op_complete(struct vhub_device *d, struct vhub_op *op, int r);
-void op_free(struct vhub_op *op);

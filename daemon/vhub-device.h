@@ -4,7 +4,7 @@
  *
  * Public states (the contract's device.list "state") are in
  * enum vhub_device_state.  Work on a device is a FIFO of operations
- * (struct vhub_op); one runs at a time, in stages; each stage queues its
+ * (struct vhub_op, private to the engine); one runs at a time, in stages; each stage queues its
  * vhost-user requests at once (pipelined) and the next stage starts when
  * every awaited reply has arrived.  Every awaited reply has a deadline
  * (--backend-timeout-ms).  All of it lives in the device and its ops --
@@ -22,10 +22,12 @@
 #include "vhub-event.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
+#include "vhub-owner.h"
 
 struct event;
 struct vhub_bconn;
 struct vhub_backend_channel;
+struct vhub_socket_watch;
 struct vhub_mem_op;
 struct vhub_vm;
 struct vhub_vm_batch;
@@ -49,16 +51,19 @@ struct vhub_vm_batch;
 _Static_assert(!(VHUB_SUPPORTED_PROTOCOL_FEATURES & VHU_PF_BIT(VHU_PF_GPA_ADDRESSES)),
                "bit 21 is never acked");
 
+/* The device state machine: vhub-device-link.c, docs/architecture.md. */
 enum vhub_device_state {
-        VHUB_DEV_CONNECTING,
+        VHUB_DEV_CONNECTING,          /* the first handshake (device.add) */
         VHUB_DEV_READY,
         VHUB_DEV_RUNNING,
         VHUB_DEV_STOPPED,
-        VHUB_DEV_DISCONNECTED,
+        VHUB_DEV_DISCONNECTED,        /* an outage: waiting to reconnect */
+        VHUB_DEV_RESTORING,           /* an outage: connected, restoring ("connecting") */
         VHUB_DEV_FAILED,
         _VHUB_DEV_STATE_MAX,
 };
 
+/* The contract's name (device.list "state"): restoring is "connecting". */
 const char *vhub_device_state_to_string(enum vhub_device_state s);
 
 enum vhub_device_mode {
@@ -78,100 +83,15 @@ struct vhub_vring {
         bool loss_read;
 };
 
-enum vhub_op_kind {
-        VHUB_OP_HANDSHAKE,
-        VHUB_OP_START,
-        VHUB_OP_STOP,
-        VHUB_OP_CONFIG_GET,
-        VHUB_OP_CONFIG_SET,
-        VHUB_OP_MEM_SYNC,
-        VHUB_OP_REMOVE,
-        VHUB_OP_SINGLE,               /* one request, acked: RARP, MTU, ... */
-        VHUB_OP_RESET,
-        VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
-        VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
-        VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
-        _VHUB_OP_MAX,
-};
-
 enum vhub_postcopy_step {
         VHUB_POSTCOPY_ADVISE,
         VHUB_POSTCOPY_LISTEN,
         VHUB_POSTCOPY_END,
 };
 
-struct vhub_op {
-        TAILQ_ENTRY(vhub_op) link;
-        enum vhub_op_kind kind;
-        unsigned stage;
-        unsigned awaiting;            /* replies still due in this stage */
-        bool last_unconfirmed;        /* a request without a reply ended the stage */
-        bool running;
-        bool parked;                  /* waiting for the VM's memory queue */
-        bool restore;                 /* part of restoring after a reconnect */
-        struct vhub_call *call;       /* NULL for internal ops */
-        struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
-        int result;                   /* first failure in this op */
-        struct vhub_error error;
-        bool give_up;                 /* restore: the back-end refuses what it accepted */
-        bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
-        uint64_t hs_features;         /* handshake: what the back-end offers now */
-        uint64_t hs_pf_offer;
-        struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
-        unsigned n_restored;
-        bool restore_exact;
-        union {
-                struct {
-                        uint64_t features;
-                        unsigned n_vrings;
-                        struct vhub_vring *vrings;   /* owned until committed */
-                } start;
-                struct {
-                        bool skip_drain;             /* GET_VRING_BASE_SKIP_DRAIN */
-                } stop;
-                struct {
-                        uint32_t offset, size, flags;
-                        uint8_t data[VHU_MAX_CONFIG_SIZE];
-                } config;
-                struct {
-                        /* computed when the op starts, from shadow vs target */
-                        struct vhub_region *add;     /* copies; fds borrowed */
-                        size_t n_add;
-                        uint64_t *remove_ids;
-                        struct vhub_region *remove;  /* copies of what the back-end has */
-                        size_t n_remove;
-                        bool whole_table;            /* SET_MEM_TABLE path */
-                        uint64_t *target_ids;
-                        size_t n_target;
-                } mem;
-                struct {
-                        struct vhub_vm_batch *batch;
-                        bool enable;
-                } log;
-                struct {
-                        uint8_t uuid[16];
-                        char requester[VHUB_NAME_MAX + 1];
-                        uint64_t token;
-                        int fd;                      /* the exporter's answer (owned) */
-                } shared;
-                struct {
-                        uint32_t request;
-                        uint64_t u64;                /* what the reply said (per request) */
-                        uint8_t *payload;            /* owned; NULL when size is 0 */
-                        uint32_t size;
-                        int fd;                      /* owned, -1 if none */
-                } single;
-                struct {
-                        struct vhub_vm_batch *batch;
-                        enum vhub_postcopy_step step;
-                        int ufd;                     /* ADVISE: the back-end's userfaultfd (owned) */
-                        struct vhub_region *table;   /* LISTEN: copies of the VM's regions; fds borrowed */
-                        size_t n_table;
-                        uint64_t *backend_uaddr;     /* LISTEN: where the back-end mapped each */
-                } postcopy;
-        } u;
-};
-
+/* The device's FIFO of operations; struct vhub_op is the engine's own
+ * (vhub-device-internal.h). */
+struct vhub_op;
 TAILQ_HEAD(vhub_op_list, vhub_op);
 
 struct vhub_device {
@@ -181,6 +101,7 @@ struct vhub_device {
         char *socket_path;
         char type[32];
         enum vhub_device_mode mode;
+        enum vhub_face face;          /* who drives it: only recorded, for the faces */
         unsigned reconnect_ms;
         unsigned requested_queues;    /* 0: what the back-end reports */
 
@@ -196,7 +117,7 @@ struct vhub_device {
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
-        int watch_wd;                 /* its socket's directory is watched while disconnected */
+        struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
         uint64_t restored_usec;       /* when the last restore finished */
         uint64_t outage_usec;         /* when the current outage began */
@@ -236,6 +157,7 @@ struct vhub_device_add_params {
         const char *socket_path;
         const char *type;             /* may be NULL */
         enum vhub_device_mode mode;
+        enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
 };
@@ -301,11 +223,13 @@ int vhub_device_queue_mem_sync(struct vhub_device *dev, struct vhub_mem_op *mem_
  * end, and with it the device (a failed device.add). */
 void vhub_device_resume_parked(struct vhub_device *dev);
 bool vhub_device_is_parked(const struct vhub_device *dev);
-/* The back-end's socket was (re)created: reconnect now if disconnected. */
-void vhub_device_socket_appeared(struct vhub_device *dev);
 /* Give up on the device now: FAILED, connection closed, event device.failed. */
 void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
+/* A device being removed is gone for the faces (-32002). */
+bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
 bool vhub_device_is_connected(const struct vhub_device *dev);
+/* The fds the device holds, its ops' included (the fd budget counts them). */
+unsigned vhub_device_fds_held(const struct vhub_device *dev);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
 bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

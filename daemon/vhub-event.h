@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include "vhub-contract.h" /* enum vhub_event_type and the names */
 
@@ -47,13 +48,19 @@ struct vhub_event {
         unsigned n_fds;
 };
 
+/*
+ * Where events go: each face that listens registers one sink with
+ * vhub_context_add_sink() (embedded in the face's own object) and removes
+ * it before it goes.  Every sink gets every event and decides itself who may
+ * see it (vhub_vm_visible_to()).  A sink may remove itself from inside
+ * emit(), no other sink.
+ */
 struct vhub_event_sink {
+        TAILQ_ENTRY(vhub_event_sink) link;   /* the context's list */
         void (*emit)(void *userdata, const struct vhub_event *ev);
-        /* Optional: the VM's owner is behind on its events (its connection's
-         * output queue is long).  Back-end channels of the VM stop reading
-         * until vhub_context_events_drained() says it caught up. */
-        bool (*congested)(void *userdata, const struct vhub_vm *vm);
         void *userdata;
 };
+
+TAILQ_HEAD(vhub_event_sink_list, vhub_event_sink);
 
 const char *vhub_event_type_to_string(enum vhub_event_type t);

@@ -62,45 +62,6 @@ static unsigned fd_if(int fd) {
         return fd >= 0 ? 1 : 0;
 }
 
-static unsigned vring_fds(const struct vhub_vring *v) {
-        return fd_if(v->kick_fd) + fd_if(v->call_fd) + fd_if(v->err_fd);
-}
-
-/* fds an op owns until it commits or ends */
-static unsigned op_fds(const struct vhub_op *op) {
-        unsigned n = 0;
-
-        switch (op->kind) {
-        case VHUB_OP_START:
-                for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
-                        n += vring_fds(&op->u.start.vrings[i]);
-                break;
-        case VHUB_OP_SINGLE:
-                n += fd_if(op->u.single.fd);
-                break;
-        case VHUB_OP_GET_SHARED:
-                n += fd_if(op->u.shared.fd);
-                break;
-        default:
-                break;
-        }
-        return n;
-}
-
-static unsigned device_fds(const struct vhub_device *d) {
-        const struct vhub_op *op;
-        unsigned n = 0;
-
-        n += d->conn ? 1 : 0;
-        n += d->channel ? 1 : 0;
-        n += fd_if(d->listen_fd) + fd_if(d->inflight_fd);
-        for (unsigned i = 0; d->vrings && i < d->queues; i++)
-                n += vring_fds(&d->vrings[i]);
-        TAILQ_FOREACH(op, &d->ops, link)
-                n += op_fds(op);
-        return n;
-}
-
 static unsigned vm_fds(const struct vhub_vm *vm) {
         const struct vhub_mem_op *mop;
         const struct vhub_device *d;
@@ -112,7 +73,7 @@ static unsigned vm_fds(const struct vhub_vm *vm) {
         for (size_t i = 0; i < vm->shared.n; i++)
                 n += fd_if(vm->shared.objects[i].fd);
         TAILQ_FOREACH(d, &vm->devices, link)
-                n += device_fds(d);
+                n += vhub_device_fds_held(d);
         return n;
 }
 

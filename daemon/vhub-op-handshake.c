@@ -9,7 +9,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
@@ -97,8 +96,7 @@ static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
                 if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, fds) < 0)
                         return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_SET_BACKEND_REQ_FD),
                                                "socketpair: %s", strerror(errno));
-                d->channel = vhub_backend_channel_free(d->channel);
-                channel_r = vhub_backend_channel_new(d, fds[0], &d->channel);
+                channel_r = device_channel_open(d, fds[0]);
                 if (channel_r < 0) {
                         close(fds[1]);
                         return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_SET_BACKEND_REQ_FD),
@@ -301,7 +299,7 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         return;
                 }
                 d->handshaken = true;
-                device_set_state(d, VHUB_DEV_READY);
+                device_set_state(d, VHUB_DEV_READY, "handshake done");
                 if (op->call) {
                         op->call->out.device_add.features = d->features;
                         op->call->out.device_add.protocol_features = d->protocol_features;

@@ -168,6 +168,14 @@ void mem_sync_commit_unacked(struct vhub_device *d, struct vhub_op *op) {
                 shadow_add(d, op->u.mem.add[i].id);
 }
 
+/* The handshake's sync and a fan-out member hold copies (fds borrowed). */
+void mem_sync_free(struct vhub_op *op) {
+        free(op->u.mem.add);
+        free(op->u.mem.remove);
+        free(op->u.mem.remove_ids);
+        free(op->u.mem.target_ids);
+}
+
 /* ---- mem sync (a member of a VM fan-out) ---- */
 
 int mem_sync_stage(struct vhub_device *d, struct vhub_op *op) {

@@ -227,6 +227,11 @@ void postcopy_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t reque
         }
 }
 
+void postcopy_free(struct vhub_op *op) {
+        free(op->u.postcopy.table);
+        free(op->u.postcopy.backend_uaddr);
+}
+
 void postcopy_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         struct vhub_postcopy_region *regions = NULL;
         unsigned n = 0;

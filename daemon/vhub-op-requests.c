@@ -3,10 +3,10 @@
  * The single-request ops: GET/SET_CONFIG, one acked request (RARP, MTU,
  * device state), and GET_SHARED_OBJECT for another device's lookup.
  */
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "vhub-backend-channel.h"
 #include "vhub-device-internal.h"
 #include "vhub-vm.h"
 
@@ -138,6 +138,10 @@ void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request
         }
 }
 
+void single_free(struct vhub_op *op) {
+        free(op->u.single.payload);
+}
+
 /* ---- GET_SHARED_OBJECT (this device exports what another looks up) ---- */
 
 int get_shared_stage(struct vhub_device *d, struct vhub_op *op) {
@@ -183,8 +187,8 @@ void get_shared_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
         if (fd >= 0)
                 op->u.shared.fd = -1; /* handed over below, or closed */
-        if (req && req->channel)
-                vhub_backend_channel_lookup_done(req->channel, op->u.shared.token, fd);
+        if (req)
+                device_shared_lookup_done(req, op->u.shared.token, fd);
         else if (fd >= 0)
                 close(fd);
 }

@@ -326,6 +326,21 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
         op_check_ack(d, op, request, reply);
 }
 
+/* The rings of a START not yet committed: the VMM's eventfds are the op's. */
+void start_free(struct vhub_op *op) {
+        for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
+                vring_close_fds(&op->u.start.vrings[i]);
+        free(op->u.start.vrings);
+}
+
+unsigned start_fds(const struct vhub_op *op) {
+        unsigned n = 0;
+
+        for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
+                n += vring_fds_held(&op->u.start.vrings[i]);
+        return n;
+}
+
 /* ---- stop ---- */
 
 /* GET_VRING_BASE to every configured ring (stopping it); the replies land in
@@ -511,7 +526,7 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
         }
         d->acked_features = op->u.start.features;
-        device_set_state(d, VHUB_DEV_RUNNING);
+        device_set_state(d, VHUB_DEV_RUNNING, "rings started");
         op_complete_call(d, op, 0);
 }
 
@@ -572,7 +587,7 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 vring_close_fds(&d->vrings[i]);
                 d->vrings[i].configured = false;
         }
-        device_set_state(d, VHUB_DEV_STOPPED);
+        device_set_state(d, VHUB_DEV_STOPPED, "rings stopped");
         op_complete_call(d, op, 0);
 }
 
@@ -592,7 +607,7 @@ void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         close(d->inflight_fd);
                 d->inflight_fd = -1;
                 d->acked_features = 0;
-                device_set_state(d, VHUB_DEV_READY);
+                device_set_state(d, VHUB_DEV_READY, "reset");
         }
         op_complete_call(d, op, r);
 }

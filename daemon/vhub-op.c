@@ -1,48 +1,20 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Device operations: what every op kind shares (freeing, REPLY_ACK checks,
- * answering the call) and the table of op kinds.  A stage queues its
+ * Device operations: the table of op kinds (the states a call may find the
+ * device in, each kind's hooks), the gate every call passes, and what every
+ * kind shares (REPLY_ACK checks, answering the call).  A stage queues its
  * requests at once; op_on_reply() records what each reply says;
  * op_complete() commits the op's effect on the model (or undoes it) and
  * answers its call.  The kinds themselves live in vhub-op-*.c.
  */
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
-
-void op_free(struct vhub_op *op) {
-        if (!op)
-                return;
-        if (op->kind == VHUB_OP_START && op->u.start.vrings) {
-                for (unsigned i = 0; i < op->u.start.n_vrings; i++)
-                        vring_close_fds(&op->u.start.vrings[i]);
-                free(op->u.start.vrings);
-        }
-        if (op->kind == VHUB_OP_MEM_SYNC || op->kind == VHUB_OP_HANDSHAKE) {
-                free(op->u.mem.add);
-                free(op->u.mem.remove);
-                free(op->u.mem.remove_ids);
-                free(op->u.mem.target_ids);
-        }
-        if (op->kind == VHUB_OP_SINGLE) {
-                if (op->u.single.fd >= 0)
-                        close(op->u.single.fd);
-                free(op->u.single.payload);
-        }
-        if (op->kind == VHUB_OP_POSTCOPY) {
-                if (op->u.postcopy.ufd >= 0)
-                        close(op->u.postcopy.ufd);
-                free(op->u.postcopy.table);
-                free(op->u.postcopy.backend_uaddr);
-        }
-        if (op->kind == VHUB_OP_GET_SHARED && op->u.shared.fd >= 0)
-                close(op->u.shared.fd);
-        free(op->restored);
-        free(op);
-}
 
 /* A u64 REPLY_ACK: 0 is success. */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
@@ -84,33 +56,172 @@ void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r) {
         vhub_call_complete(call, 0);
 }
 
-/* ---- the op kinds: stages, replies, completion ---- */
+/* ---- the op kinds ---- */
 
+/* The states a call may find a device in (the gate's outage check comes first). */
+#define UP (DEV_STATE_BIT(VHUB_DEV_READY) | DEV_STATE_BIT(VHUB_DEV_RUNNING) | DEV_STATE_BIT(VHUB_DEV_STOPPED))
+
+/*
+ * One row per op kind:
+ *   states     where a call may submit it (device_submit()); 0: only the
+ *              model queues it (a handshake, a VM's fan-out, a removal)
+ *   stage      queues one stage's requests: OP_STAGE_NEXT / WAIT / DONE, or < 0
+ *   on_reply   records what a reply says
+ *   complete   commits the op's effect on the model, or undoes it; answers the call
+ *   fd_at      where in the op the one fd it may own lies (0: none): -1
+ *              when made, closed when freed, counted by the fd budget
+ *   free       frees anything else it owns; fds counts the fds among that
+ */
 struct op_class {
         const char *name;
+        unsigned states;
         int (*stage)(struct vhub_device *d, struct vhub_op *op);
         void (*on_reply)(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
                          struct vhu_msg *reply);
         void (*complete)(struct vhub_device *d, struct vhub_op *op, int r);
+        size_t fd_at;
+        void (*free)(struct vhub_op *op);
+        unsigned (*fds)(const struct vhub_op *op);
 };
 
+#define FD_AT(member) offsetof(struct vhub_op, member)
+
 static const struct op_class op_classes[_VHUB_OP_MAX] = {
-        [VHUB_OP_HANDSHAKE]  = { "handshake", handshake_stage, handshake_on_reply, handshake_complete },
-        [VHUB_OP_START]      = { "start", start_stage, start_on_reply, start_complete },
-        [VHUB_OP_STOP]       = { "stop", stop_stage, stop_on_reply, stop_complete },
-        [VHUB_OP_CONFIG_GET] = { "config-get", config_stage, config_on_reply, config_get_complete },
-        [VHUB_OP_CONFIG_SET] = { "config-set", config_stage, config_on_reply, op_complete_call },
-        [VHUB_OP_MEM_SYNC]   = { "memory-sync", mem_sync_stage, mem_sync_on_reply, mem_sync_complete },
-        [VHUB_OP_REMOVE]     = { "remove", remove_stage, stop_on_reply, remove_complete },
-        [VHUB_OP_SINGLE]     = { "request", single_stage, single_on_reply, single_complete },
-        [VHUB_OP_RESET]      = { "reset", reset_stage, stop_on_reply, reset_complete },
-        [VHUB_OP_LOG]        = { "dirty-log", log_stage, op_ack_on_reply, log_complete },
-        [VHUB_OP_GET_SHARED] = { "get-shared-object", get_shared_stage, get_shared_on_reply, get_shared_complete },
-        [VHUB_OP_POSTCOPY]   = { "postcopy", postcopy_stage, postcopy_on_reply, postcopy_complete },
+        [VHUB_OP_HANDSHAKE] = { "handshake", 0, handshake_stage, handshake_on_reply, handshake_complete, 0,
+                                mem_sync_free, NULL },
+        [VHUB_OP_START] = { "start", DEV_STATE_BIT(VHUB_DEV_READY) | DEV_STATE_BIT(VHUB_DEV_STOPPED),
+                            start_stage, start_on_reply, start_complete, 0, start_free, start_fds },
+        [VHUB_OP_STOP] = { "stop", DEV_STATE_BIT(VHUB_DEV_RUNNING), stop_stage, stop_on_reply, stop_complete },
+        /* queued behind the first handshake, which gives it its answer */
+        [VHUB_OP_CONFIG_GET] = { "config-get", DEV_STATE_BIT(VHUB_DEV_CONNECTING) | UP, config_stage,
+                                 config_on_reply, config_get_complete },
+        [VHUB_OP_CONFIG_SET] = { "config-set", DEV_STATE_BIT(VHUB_DEV_CONNECTING) | UP, config_stage,
+                                 config_on_reply, op_complete_call },
+        [VHUB_OP_MEM_SYNC] = { "memory-sync", 0, mem_sync_stage, mem_sync_on_reply, mem_sync_complete, 0,
+                               mem_sync_free, NULL },
+        [VHUB_OP_REMOVE] = { "remove", 0, remove_stage, stop_on_reply, remove_complete },
+        [VHUB_OP_SINGLE] = { "request", UP, single_stage, single_on_reply, single_complete,
+                             FD_AT(u.single.fd), single_free, NULL },
+        [VHUB_OP_RESET] = { "reset", UP, reset_stage, stop_on_reply, reset_complete },
+        [VHUB_OP_LOG] = { "dirty-log", 0, log_stage, op_ack_on_reply, log_complete },
+        [VHUB_OP_GET_SHARED] = { "get-shared-object", 0, get_shared_stage, get_shared_on_reply,
+                                 get_shared_complete, FD_AT(u.shared.fd) },
+        [VHUB_OP_POSTCOPY] = { "postcopy", 0, postcopy_stage, postcopy_on_reply, postcopy_complete,
+                               FD_AT(u.postcopy.ufd), postcopy_free, NULL },
 };
+
+/* The one fd the op may own, or NULL. */
+static int *op_owned_fd(const struct vhub_op *op) {
+        size_t at = op_classes[op->kind].fd_at;
+
+        return at ? (int *)((char *)op + at) : NULL;
+}
 
 const char *vhub_op_kind_to_string(enum vhub_op_kind kind) {
         return (unsigned)kind < _VHUB_OP_MAX ? op_classes[kind].name : "unknown";
+}
+
+struct vhub_op *op_new(enum vhub_op_kind kind, struct vhub_call *call) {
+        struct vhub_op *op = calloc(1, sizeof(*op));
+
+        if (!op)
+                return NULL;
+        op->kind = kind;
+        op->call = call;
+        if (op_owned_fd(op))
+                *op_owned_fd(op) = -1;
+        return op;
+}
+
+void op_free(struct vhub_op *op) {
+        int *fd;
+
+        if (!op)
+                return;
+        fd = op_owned_fd(op);
+        if (fd && *fd >= 0)
+                close(*fd);
+        if (op_classes[op->kind].free)
+                op_classes[op->kind].free(op);
+        free(op->restored);
+        free(op);
+}
+
+unsigned op_fds_held(const struct vhub_op *op) {
+        const int *fd = op_owned_fd(op);
+
+        return (fd && *fd >= 0) + (op_classes[op->kind].fds ? op_classes[op->kind].fds(op) : 0);
+}
+
+/* "ready, running or stopped": the states of mask, for an error. */
+static void states_describe(unsigned mask, char *buf, size_t len) {
+        unsigned n = 0, total = (unsigned)__builtin_popcount(mask);
+        size_t off = 0;
+
+        buf[0] = '\0';
+        for (unsigned s = 0; s < _VHUB_DEV_STATE_MAX && off < len; s++) {
+                if (!(mask & DEV_STATE_BIT(s)))
+                        continue;
+                n++;
+                off += (size_t)snprintf(buf + off, len - off, "%s%s",
+                                        n == 1 ? "" : n == total ? " or " : ", ",
+                                        vhub_device_state_to_string((enum vhub_device_state)s));
+        }
+}
+
+struct vhub_op *device_submit(struct vhub_device *d, enum vhub_op_kind kind, struct vhub_call *call) {
+        unsigned states = op_classes[kind].states;
+        struct vhub_error err;
+        struct vhub_op *op;
+
+        if (d->removing) {
+                vhub_error_set(&err, VHUB_ERR_NO_DEVICE, "device %s is being removed", d->name);
+                goto fail;
+        }
+        /* an outage (a restore attempt included) fails every call at once with
+         * -32006, not -32004, and nothing waits behind a restore attempt */
+        if (d->state == VHUB_DEV_DISCONNECTED || d->state == VHUB_DEV_RESTORING ||
+            d->state == VHUB_DEV_FAILED) {
+                vhub_error_set_backend(&err, VHUB_ERR_BACKEND, d->name, NULL,
+                                       d->state == VHUB_DEV_FAILED
+                                               ? "device %s has failed; remove and add it again"
+                                               : "device %s is disconnected; its back-end is being reconnected",
+                                       d->name);
+                goto fail;
+        }
+        if (!(states & DEV_STATE_BIT(d->state))) {
+                char needs[80];
+
+                states_describe(states, needs, sizeof(needs));
+                vhub_error_set(&err, VHUB_ERR_STATE, "device %s is %s; %s needs %s", d->name,
+                               vhub_device_state_to_string(d->state), op_classes[kind].name, needs);
+                goto fail;
+        }
+        op = op_new(kind, call);
+        if (op)
+                return op;
+        vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+fail:
+        vhub_call_fail(call, &err);
+        return NULL;
+}
+
+void op_refuse(struct vhub_op *op, const struct vhub_error *err) {
+        struct vhub_call *call = op->call;
+
+        op->call = NULL;
+        op_free(op);
+        vhub_call_fail(call, err);
+}
+
+void op_refusef(struct vhub_op *op, int code, const char *fmt, ...) {
+        struct vhub_error err;
+        va_list ap;
+
+        va_start(ap, fmt);
+        vhub_error_setv(&err, code, fmt, ap);
+        va_end(ap);
+        op_refuse(op, &err);
 }
 
 int op_stage_send(struct vhub_device *d, struct vhub_op *op) {

@@ -8,6 +8,7 @@
 
 #include "vhub-log.h"
 #include "vhub-sd.h"
+#include "vhub-time.h"
 
 struct vhub_sd {
         struct event *ev_watchdog;
@@ -26,8 +27,7 @@ int vhub_sd_new(struct event_base *base, struct vhub_sd **ret) {
         if (!sd)
                 return -ENOMEM;
         if (sd_watchdog_enabled(0, &usec) > 0 && usec > 0) {
-                struct timeval tv = { .tv_sec = (time_t)(usec / 2 / 1000000),
-                                      .tv_usec = (suseconds_t)(usec / 2 % 1000000) };
+                struct timeval tv = vhub_timeval_from_usec(usec / 2);
 
                 sd->watchdog_usec = usec;
                 sd->ev_watchdog = event_new(base, -1, EV_PERSIST, watchdog_cb, sd);

@@ -1,58 +1,96 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
-#include <stdbool.h>
 #include <event2/event.h>
 #include <libgen.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/queue.h>
 #include <unistd.h>
 
-#include "vhub-context.h"
-#include "vhub-cred.h"
-#include "vhub-device.h"
 #include "vhub-socket-watch.h"
-#include "vhub-vm.h"
 
-struct vhub_dir_watch {
-        int wd;
-        unsigned refs;
+struct vhub_socket_watch {
+        LIST_ENTRY(vhub_socket_watch) link;
+        struct vhub_socket_watcher *w;
+        int wd;                         /* its directory's (shared by the sockets in it) */
+        char *name;                     /* the socket's file name in that directory */
+        vhub_socket_appeared_fn fn;
+        void *userdata;
+        bool removed;                   /* removed during a dispatch: freed after it */
 };
 
 struct vhub_socket_watcher {
-        int fd;
+        struct event_base *base;
+        int fd;                         /* -1 while nothing is watched */
         struct event *ev;
-        bool dispatching;       /* inside watch_cb: free only after it */
-        bool done_requested;
-        struct vhub_dir_watch *watches;
-        size_t n, cap;
+        bool dispatching;               /* inside watch_cb: removed watches wait */
+        LIST_HEAD(, vhub_socket_watch) watches;
 };
 
-/* Tell every disconnected device whose socket is name in directory wd. */
-static void watch_notify(struct vhub_context *ctx, int wd, const char *name) {
-        struct vhub_vm *vm;
+/* Whether any watch that was not removed is in directory wd (wd < 0: in any). */
+static bool watcher_uses(const struct vhub_socket_watcher *w, int wd) {
+        const struct vhub_socket_watch *x;
 
-        TAILQ_FOREACH(vm, &ctx->vms, link) {
-                struct vhub_device *d, *next;
+        LIST_FOREACH(x, &w->watches, link)
+                if (!x->removed && (wd < 0 || x->wd == wd))
+                        return true;
+        return false;
+}
 
-                for (d = TAILQ_FIRST(&vm->devices); d; d = next) {
-                        char copy[PATH_MAX];
+/* Nothing is watched any more: hold no fd for it. */
+static void watcher_close(struct vhub_socket_watcher *w) {
+        if (w->ev)
+                event_free(w->ev);
+        w->ev = NULL;
+        if (w->fd >= 0)
+                close(w->fd);
+        w->fd = -1;
+}
 
-                        next = TAILQ_NEXT(d, link);
-                        if (d->watch_wd != wd)
-                                continue;
-                        snprintf(copy, sizeof(copy), "%s", d->socket_path);
-                        if (strcmp(basename(copy), name) == 0)
-                                vhub_device_socket_appeared(d);
-                }
+static int watcher_open(struct vhub_socket_watcher *w, void (*cb)(evutil_socket_t, short, void *)) {
+        if (w->fd >= 0)
+                return 0;
+        w->fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        if (w->fd < 0)
+                return -errno;
+        w->ev = event_new(w->base, w->fd, EV_READ | EV_PERSIST, cb, w);
+        if (!w->ev || event_add(w->ev, NULL) < 0) {
+                watcher_close(w);
+                return -ENOMEM;
         }
+        return 0;
+}
+
+static void watch_free(struct vhub_socket_watch *x) {
+        struct vhub_socket_watcher *w = x->w;
+
+        LIST_REMOVE(x, link);
+        /* the directory's watch goes with the last socket in it */
+        if (w->fd >= 0 && !watcher_uses(w, x->wd))
+                (void)inotify_rm_watch(w->fd, x->wd);
+        free(x->name);
+        free(x);
+}
+
+/* Free what was removed during a dispatch; close the instance if idle. */
+static void watcher_sweep(struct vhub_socket_watcher *w) {
+        struct vhub_socket_watch *x, *next;
+
+        for (x = LIST_FIRST(&w->watches); x; x = next) {
+                next = LIST_NEXT(x, link);
+                if (x->removed)
+                        watch_free(x);
+        }
+        if (!watcher_uses(w, -1))
+                watcher_close(w);
 }
 
 static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
-        struct vhub_context *ctx = userdata;
-        struct vhub_socket_watcher *w = ctx->socket_watcher;
+        struct vhub_socket_watcher *w = userdata;
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
         ssize_t n;
 
@@ -62,115 +100,92 @@ static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
          * again after everything else had its turn. */
         w->dispatching = true;
         n = read(fd, buf, sizeof(buf));
-        for (char *p = buf; n > 0 && p < buf + n && !w->done_requested;) {
+        for (char *p = buf; n > 0 && p < buf + n;) {
                 const struct inotify_event *ie = (const struct inotify_event *)p;
+                struct vhub_socket_watch *x;
 
-                if (ie->len > 0)
-                        watch_notify(ctx, ie->wd, ie->name);
+                /* a callback may add watches (at the head) or remove any */
+                LIST_FOREACH(x, &w->watches, link)
+                        if (ie->len > 0 && !x->removed && x->wd == ie->wd && strcmp(x->name, ie->name) == 0)
+                                x->fn(x->userdata);
                 p += sizeof(*ie) + ie->len;
         }
         w->dispatching = false;
-        if (w->done_requested)
-                vhub_socket_watch_done(ctx);
+        watcher_sweep(w);
 }
 
-static struct vhub_socket_watcher *watcher_get(struct vhub_context *ctx) {
-        struct vhub_socket_watcher *w = ctx->socket_watcher;
+struct vhub_socket_watcher *vhub_socket_watcher_new(struct event_base *base) {
+        struct vhub_socket_watcher *w = calloc(1, sizeof(*w));
 
-        if (w) {
-                w->done_requested = false; /* wanted again before it went */
-                return w;
-        }
-        w = calloc(1, sizeof(*w));
         if (!w)
                 return NULL;
-        w->fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-        if (w->fd >= 0)
-                w->ev = event_new(ctx->base, w->fd, EV_READ | EV_PERSIST, watch_cb, ctx);
-        if (w->fd < 0 || !w->ev || event_add(w->ev, NULL) < 0) {
-                if (w->ev)
-                        event_free(w->ev);
-                if (w->fd >= 0)
-                        close(w->fd);
-                free(w);
-                return NULL;
-        }
-        ctx->socket_watcher = w;
+        w->base = base;
+        w->fd = -1;
+        LIST_INIT(&w->watches);
         return w;
 }
 
-int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path, const struct vhub_cred *cred) {
-        struct vhub_socket_watcher *w = watcher_get(ctx);
-        struct vhub_cred_scope scope;
-        char dir[PATH_MAX];
-        int wd, r;
-
+struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher *w) {
         if (!w)
-                return -ENOMEM;
-        snprintf(dir, sizeof(dir), "%s", socket_path);
-        /* the path is the uid's: resolved (and read permission checked)
-         * with its identity, so that it cannot make the daemon watch what
-         * it could not watch itself */
-        r = vhub_cred_enter(cred, &scope);
-        if (r < 0)
-                return r;
-        /* the same directory gives the same wd: count references */
-        wd = inotify_add_watch(w->fd, dirname(dir), IN_CREATE | IN_MOVED_TO | IN_ATTRIB);
-        r = wd < 0 ? -errno : 0;
-        vhub_cred_leave(&scope);
-        if (r < 0)
-                return r;
-        for (size_t i = 0; i < w->n; i++)
-                if (w->watches[i].wd == wd) {
-                        w->watches[i].refs++;
-                        return wd;
-                }
-        if (w->n == w->cap) {
-                size_t cap = w->cap ? w->cap * 2 : 8;
-                struct vhub_dir_watch *v = reallocarray(w->watches, cap, sizeof(*v));
-
-                if (!v) {
-                        inotify_rm_watch(w->fd, wd);
-                        return -ENOMEM;
-                }
-                w->watches = v;
-                w->cap = cap;
-        }
-        w->watches[w->n++] = (struct vhub_dir_watch){ .wd = wd, .refs = 1 };
-        return wd;
-}
-
-void vhub_socket_watch_remove(struct vhub_context *ctx, int wd) {
-        struct vhub_socket_watcher *w = ctx->socket_watcher;
-
-        if (!w || wd < 0)
-                return;
-        for (size_t i = 0; i < w->n; i++) {
-                if (w->watches[i].wd != wd)
-                        continue;
-                if (--w->watches[i].refs == 0) {
-                        inotify_rm_watch(w->fd, wd);
-                        w->watches[i] = w->watches[--w->n];
-                }
-                /* nothing is down any more: hold no fd for it */
-                if (w->n == 0)
-                        vhub_socket_watch_done(ctx);
-                return;
-        }
-}
-
-void vhub_socket_watch_done(struct vhub_context *ctx) {
-        struct vhub_socket_watcher *w = ctx->socket_watcher;
-
-        if (!w)
-                return;
-        if (w->dispatching) {
-                w->done_requested = true;
-                return;
-        }
-        event_free(w->ev);
-        close(w->fd);
-        free(w->watches);
+                return NULL;
+        while (!LIST_EMPTY(&w->watches))
+                watch_free(LIST_FIRST(&w->watches));
+        watcher_close(w);
         free(w);
-        ctx->socket_watcher = NULL;
+        return NULL;
+}
+
+int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path,
+                          vhub_socket_appeared_fn fn, void *userdata, struct vhub_socket_watch **ret) {
+        char dir[PATH_MAX], file[PATH_MAX];
+        struct vhub_socket_watch *x;
+        int r, wd;
+
+        r = watcher_open(w, watch_cb);
+        if (r < 0)
+                return r;
+        snprintf(dir, sizeof(dir), "%s", socket_path);
+        snprintf(file, sizeof(file), "%s", socket_path);
+        /* the same directory gives the same wd */
+        wd = inotify_add_watch(w->fd, dirname(dir), IN_CREATE | IN_MOVED_TO | IN_ATTRIB);
+        if (wd < 0) {
+                r = -errno;
+                goto fail;
+        }
+        x = calloc(1, sizeof(*x));
+        if (!x || !(x->name = strdup(basename(file)))) {
+                free(x);
+                if (!watcher_uses(w, wd))
+                        (void)inotify_rm_watch(w->fd, wd);
+                r = -ENOMEM;
+                goto fail;
+        }
+        x->w = w;
+        x->wd = wd;
+        x->fn = fn;
+        x->userdata = userdata;
+        LIST_INSERT_HEAD(&w->watches, x, link);
+        *ret = x;
+        return 0;
+
+fail:
+        if (!w->dispatching && !watcher_uses(w, -1))
+                watcher_close(w);
+        return r;
+}
+
+struct vhub_socket_watch *vhub_socket_watch_remove(struct vhub_socket_watch *x) {
+        struct vhub_socket_watcher *w;
+
+        if (!x)
+                return NULL;
+        w = x->w;
+        if (w->dispatching) {
+                x->removed = true;
+                return NULL;
+        }
+        watch_free(x);
+        if (!watcher_uses(w, -1))
+                watcher_close(w);
+        return NULL;
 }

@@ -1,22 +1,36 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * One inotify instance for the whole daemon, one watch per directory that
- * holds the socket of a disconnected client-mode device: when a back-end
- * re-creates its socket, its device reconnects at once instead of waiting
- * for the next timed attempt.  (An instance per device would run into the
- * per-uid limit of inotify instances with many devices down at once.)
+ * Watching for back-end sockets to be (re)created: one inotify instance for
+ * the whole daemon (an instance per device would run into the per-uid limit
+ * of inotify instances with many devices down at once), one watch per
+ * socket, each with its own callback.  A disconnected client-mode device
+ * watches its socket, so that when its back-end creates the socket again
+ * the device reconnects at once instead of waiting for its next timed
+ * attempt.
+ *
+ * A leaf: it knows paths and callbacks, nothing of devices.  The instance
+ * holds an fd only while something is watched.
  */
 #pragma once
 
-struct vhub_context;
-struct vhub_cred;
+struct event_base;
+struct vhub_socket_watcher;
+struct vhub_socket_watch;
 
-/* Watch the directory of socket_path, looked up with cred's rights (the
- * VM's, as every other operation on its back-end paths): a directory that
- * identity could not watch itself is not watched (-EACCES) and the device
- * waits for its timed retries.  Returns the watch descriptor. */
-int vhub_socket_watch_add(struct vhub_context *ctx, const char *socket_path, const struct vhub_cred *cred);
-/* Drop one reference to wd (from vhub_socket_watch_add). */
-void vhub_socket_watch_remove(struct vhub_context *ctx, int wd);
-/* Close the instance (context teardown). */
-void vhub_socket_watch_done(struct vhub_context *ctx);
+typedef void (*vhub_socket_appeared_fn)(void *userdata);
+
+/* No fd yet: the first watch opens the inotify instance. */
+struct vhub_socket_watcher *vhub_socket_watcher_new(struct event_base *base);
+/* Frees the watches left too; NULL-safe.  Not from inside a callback. */
+struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher *w);
+
+/* Call fn(userdata) whenever a file named like socket_path's last part is
+ * created in (or moved into, or changes attributes in) its directory.
+ * The directory is looked up with the caller's file-system identity (the
+ * caller enters the VM's credentials: -EACCES for a directory that uid
+ * could not watch itself).
+ * 0, or -errno (the directory cannot be watched: timed retries only). */
+int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path,
+                          vhub_socket_appeared_fn fn, void *userdata, struct vhub_socket_watch **ret);
+/* Stop watching; NULL-safe, allowed inside any watch's callback.  Returns NULL. */
+struct vhub_socket_watch *vhub_socket_watch_remove(struct vhub_socket_watch *watch);

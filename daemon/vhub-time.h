@@ -36,8 +36,13 @@ static inline void vhub_format_rfc3339(uint64_t realtime_usec, char buf[VHUB_RFC
         snprintf(buf + 19, VHUB_RFC3339_LEN - 19, ".%06uZ", (unsigned)(realtime_usec % 1000000u));
 }
 
+/* Every timer's timeval comes from one of these two. */
 static inline struct timeval vhub_timeval_from_usec(uint64_t usec) {
         struct timeval tv = { .tv_sec = (time_t)(usec / 1000000u),
                               .tv_usec = (suseconds_t)(usec % 1000000u) };
         return tv;
+}
+
+static inline struct timeval vhub_timeval_from_ms(uint64_t ms) {
+        return vhub_timeval_from_usec(ms * 1000u);
 }

@@ -20,6 +20,7 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
 
@@ -35,6 +36,22 @@ struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *na
                 if (vm->uid == uid && !vm->destroying && strcmp(vm->name, name) == 0)
                         return vm;
         return NULL;
+}
+
+bool vhub_vm_visible_to(const struct vhub_vm *vm, uid_t uid) {
+        return vhub_uid_sees(uid, vm->uid);
+}
+
+const char *vhub_vm_name(const struct vhub_vm *vm) {
+        return vm->name;
+}
+
+uid_t vhub_vm_uid(const struct vhub_vm *vm) {
+        return vm->uid;
+}
+
+const struct vhub_owner *vhub_vm_owner(const struct vhub_vm *vm) {
+        return vm->owner;
 }
 
 struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
@@ -55,8 +72,8 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
 }
 
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
-                   struct vhub_vm **ret) {
+                   const struct vhub_owner *owner, const struct vhub_cred *cred,
+                   struct vhub_error *err, struct vhub_vm **ret) {
         struct vhub_vm *vm;
 
         if (vhub_vm_find(ctx, uid, name))
@@ -70,7 +87,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         vm->ctx = ctx;
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
-        vm->owner_id = owner_id;
+        vm->owner = owner;
         vm->linger_ms = linger_ms;
         vhub_mem_table_init(&vm->mem);
         vhub_shared_table_init(&vm->shared);
@@ -204,7 +221,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         struct vhub_event ev = { 0 };
         struct timeval tv;
 
-        vm->owner_id = 0;
+        vm->owner = NULL;
         if (vm->destroying)
                 return;
         if (vm->linger_ms == 0) {
@@ -212,8 +229,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
-        tv = (struct timeval){ .tv_sec = (time_t)(vm->linger_ms / 1000),
-                               .tv_usec = (suseconds_t)((vm->linger_ms % 1000) * 1000) };
+        tv = vhub_timeval_from_ms(vm->linger_ms);
         evtimer_add(vm->linger_timer, &tv);
         vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
                (unsigned long long)vm->linger_ms);
@@ -223,11 +239,11 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vhub_context_emit(vm->ctx, &ev);
 }
 
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err) {
         if (vm->destroying)
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
-        if (vm->owner_id != 0 && vm->owner_id != owner_id)
+        if (vm->owner && vm->owner != owner)
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
@@ -241,7 +257,7 @@ int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred
                 vm->cred = fresh;
         }
         evtimer_del(vm->linger_timer);
-        vm->owner_id = owner_id;
+        vm->owner = owner;
         vm_log(vm, LOG_INFO, "VM attached by a new connection");
         return 0;
 }

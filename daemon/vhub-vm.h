@@ -21,6 +21,7 @@ struct event;
 struct vhub_call;
 struct vhub_context;
 struct vhub_device;
+struct vhub_owner;
 
 TAILQ_HEAD(vhub_device_list, vhub_device);
 
@@ -84,7 +85,7 @@ struct vhub_vm {
         struct vhub_cred cred;          /* whose rights its back-end paths are used with:
                                          * its creator's (root's, for a VM root made for
                                          * another uid) or its attacher's of the same uid */
-        uint64_t owner_id;              /* the control connection that owns it; 0: none */
+        const struct vhub_owner *owner; /* a face's connection (vhub-owner.h); NULL: none */
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
         struct event *linger_timer;
 
@@ -112,21 +113,41 @@ struct vhub_vm {
         struct vhub_call *destroy_call;
 };
 
-/* cred: the creating connection's peer (copied). */
+/* owner: the creating connection (borrowed, see vhub-owner.h); cred: its
+ * peer's credentials (copied). */
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
-                   uint64_t owner_id, const struct vhub_cred *cred, struct vhub_error *err,
-                   struct vhub_vm **ret);
+                   const struct vhub_owner *owner, const struct vhub_cred *cred,
+                   struct vhub_error *err, struct vhub_vm **ret);
+/* A VM being destroyed is not found: its name is free again. */
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name);
+
+/*
+ * The isolation rule, written once: a uid sees the VMs of its own uid, root
+ * those of every uid; another uid's VM is indistinguishable from one that
+ * does not exist.  Every face applies it to methods and events alike.  (A VM
+ * being destroyed no longer exists for lookups and lists -- vhub_vm_find(),
+ * vhub-info.h -- but its last events still reach whoever sees it.)
+ */
+static inline bool vhub_uid_sees(uid_t uid, uid_t vm_uid) {
+        return uid == 0 || uid == vm_uid;
+}
+bool vhub_vm_visible_to(const struct vhub_vm *vm, uid_t uid);
+
+/* For the faces, which read no field of a VM. */
+const char *vhub_vm_name(const struct vhub_vm *vm);
+uid_t vhub_vm_uid(const struct vhub_vm *vm);
+const struct vhub_owner *vhub_vm_owner(const struct vhub_vm *vm);
 /* Stop and remove every device, then free the VM; call (may be NULL) completes then. */
 void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call);
 /* Free now, no back-end traffic (shutdown of last resort). */
 void vhub_vm_free(struct vhub_vm *vm);
 
-/* The owning connection closed: linger, or destroy asynchronously. */
+/* The owning connection closed: linger, or destroy asynchronously
+ * (vhub_context_owner_gone() calls it for each VM of the owner). */
 void vhub_vm_owner_gone(struct vhub_vm *vm);
 /* A new connection of the same uid takes over a lingering VM; a peer of the
  * VM's own uid also brings its current credentials (cred, copied). */
-int vhub_vm_attach(struct vhub_vm *vm, uint64_t owner_id, const struct vhub_cred *cred,
+int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err);
 
 /* region->fd is taken in every case (closed on failure). */

@@ -3,7 +3,8 @@
  * What every vhost-user request may carry: payload sizes, fd counts, how it
  * is answered and the protocol feature it needs.  Sources: QEMU's
  * docs/interop/vhost-user.rst ("Front-end message types", "Back-end message
- * types") plus what real back-ends do (see /work/shared/backends.md).
+ * types") plus what real back-ends do (docs/protocol-coverage.md names
+ * the back-ends each request is tested with).
  * Request-specific rules that a size range cannot express (nregions vs size,
  * "no fd" bits, config size) live in vhu-message.c.
  */

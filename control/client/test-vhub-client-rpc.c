@@ -6,7 +6,7 @@
  * answers "slow" requests only after the next request, out of order.
  */
 #include "rpc-conn.h"
-#include "vhub-client.h"
+#include <vhub/vhub-client.h>
 
 #include <errno.h>
 #include <event2/event.h>

@@ -4,7 +4,7 @@
  * other end of a socketpair that reads and writes raw lines and SCM_RIGHTS,
  * so the framing is checked from outside the library.
  */
-#include "vhub-client.h"
+#include <vhub/vhub-client.h>
 
 #include <errno.h>
 #include <fcntl.h>

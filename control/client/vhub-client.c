@@ -1,11 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * vhub-client: blocking JSON-RPC client for vhubd's control socket.
- * See vhub-client.h for the API; framing follows control-api.md
- * "Transport and framing".
+ * vhub-client: the connection, JSON-RPC messages in and out, and the
+ * blocking calls.  See vhub/vhub-client.h for the API; the framing itself
+ * is vhub-client-frame.c's, the event-loop mode vhub-client-async.c's.
  */
-#include "vhub-client.h"
-#include "vhu-scm.h"
+#include "vhub-client-internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,46 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define READ_CHUNK (64u * 1024)
-#define ABANDONED_MAX 256u
-
-/* One received message with the fds it took from the fd queue. */
-struct client_msg {
-        struct client_msg *next;
-        json_t *msg;
-        int *fds;
-        unsigned n_fds;
-        uint64_t id;            /* responses only */
-};
-
-struct msg_queue {
-        struct client_msg *head, *tail;
-        unsigned n;
-};
-
-struct vhub_client {
-        int fd;
-        int error;              /* sticky -errno once broken */
-        uint64_t next_id;
-
-        char *in;               /* unparsed input: at most one partial line after parsing */
-        size_t in_len, in_size, scanned;
-
-        int fdq[VHUB_CLIENT_MAX_QUEUED_FDS]; /* received fds, arrival order */
-        unsigned fdq_len;
-
-        struct msg_queue responses, events;
-
-        bool has_proto_err;     /* an "id": null error broke the connection */
-        struct vhub_client_error proto_err;
-
-        uint64_t abandoned[ABANDONED_MAX];
-        unsigned n_abandoned;
-};
-
 /* ---- small helpers ---- */
 
-static int64_t now_ms(void) {
+int64_t client_now_ms(void) {
         struct timespec ts;
 
         clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -66,7 +28,7 @@ static int64_t now_ms(void) {
 }
 
 static int64_t deadline_from_timeout(int timeout_ms) {
-        return timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+        return timeout_ms < 0 ? -1 : client_now_ms() + timeout_ms;
 }
 
 /* Milliseconds left for poll(): -1 forever, 0 expired. */
@@ -75,22 +37,18 @@ static int deadline_remaining(int64_t deadline) {
 
         if (deadline < 0)
                 return -1;
-        left = deadline - now_ms();
+        left = deadline - client_now_ms();
         if (left <= 0)
                 return 0;
         return left > INT32_MAX ? INT32_MAX : (int)left;
 }
 
-static void close_fd_array(int *fds, unsigned n) {
-        for (unsigned i = 0; i < n; i++)
-                if (fds[i] >= 0)
-                        close(fds[i]);
-}
-
 void vhub_client_close_fds(int *fds, unsigned n) {
         if (!fds)
                 return;
-        close_fd_array(fds, n);
+        for (unsigned i = 0; i < n; i++)
+                if (fds[i] >= 0)
+                        close(fds[i]);
         free(fds);
 }
 
@@ -98,7 +56,7 @@ static void copy_str(char *dst, size_t size, const char *src) {
         snprintf(dst, size, "%s", src ? src : "");
 }
 
-static struct client_msg *client_msg_free(struct client_msg *m) {
+struct client_msg *client_msg_free(struct client_msg *m) {
         if (!m)
                 return NULL;
         json_decref(m->msg);
@@ -107,7 +65,7 @@ static struct client_msg *client_msg_free(struct client_msg *m) {
         return NULL;
 }
 
-static void msg_queue_push(struct msg_queue *q, struct client_msg *m) {
+static void msg_queue_push(struct client_msg_queue *q, struct client_msg *m) {
         m->next = NULL;
         if (q->tail)
                 q->tail->next = m;
@@ -118,7 +76,7 @@ static void msg_queue_push(struct msg_queue *q, struct client_msg *m) {
 }
 
 /* Unlink and return the first message matching (any id if !by_id). */
-static struct client_msg *msg_queue_take(struct msg_queue *q, bool by_id, uint64_t id) {
+struct client_msg *client_msg_queue_take(struct client_msg_queue *q, bool by_id, uint64_t id) {
         struct client_msg *prev = NULL;
 
         for (struct client_msg *m = q->head; m; prev = m, m = m->next) {
@@ -137,10 +95,10 @@ static struct client_msg *msg_queue_take(struct msg_queue *q, bool by_id, uint64
         return NULL;
 }
 
-static void msg_queue_clear(struct msg_queue *q) {
+static void msg_queue_clear(struct client_msg_queue *q) {
         struct client_msg *m;
 
-        while ((m = msg_queue_take(q, false, 0)))
+        while ((m = client_msg_queue_take(q, false, 0)))
                 client_msg_free(m);
 }
 
@@ -148,13 +106,14 @@ const char *vhub_client_error_code_name(int code) {
         return vhub_contract_error_message(code);
 }
 
-static void error_from_json(const json_t *error, struct vhub_client_error *ret) {
+void client_error_from_json(const json_t *error, struct vhub_client_error *ret) {
         const json_t *data;
 
         memset(ret, 0, sizeof(*ret));
         ret->code = (int)json_integer_value(json_object_get(error, "code"));
         copy_str(ret->message, sizeof(ret->message),
-                 json_string_value(json_object_get(error, "message")));
+                 json_is_object(error) ? json_string_value(json_object_get(error, "message"))
+                                       : "malformed error object");
         data = json_object_get(error, "data");
         copy_str(ret->detail, sizeof(ret->detail), json_string_value(json_object_get(data, "detail")));
         copy_str(ret->device, sizeof(ret->device), json_string_value(json_object_get(data, "device")));
@@ -244,15 +203,16 @@ struct vhub_client *vhub_client_free(struct vhub_client *c) {
                 return NULL;
         if (c->fd >= 0)
                 close(c->fd);
-        close_fd_array(c->fdq, c->fdq_len);
+        client_frame_in_done(&c->in);
+        client_frame_out_done(&c->out);
         msg_queue_clear(&c->responses);
         msg_queue_clear(&c->events);
-        free(c->in);
+        client_async_free_all(c);
         free(c);
         return NULL;
 }
 
-int vhub_client_fd(const struct vhub_client *c) {
+int vhub_client_get_fd(const struct vhub_client *c) {
         return c->fd;
 }
 
@@ -268,17 +228,15 @@ unsigned vhub_client_queued_events(const struct vhub_client *c) {
         return c->events.n;
 }
 
-/* The connection is unusable from now on: remember why, drop unclaimed fds
- * (nothing can claim them any more).  Queued messages stay fetchable. */
-static int client_break(struct vhub_client *c, int error) {
+int client_break(struct vhub_client *c, int error) {
         if (!c->error)
                 c->error = error;
-        close_fd_array(c->fdq, c->fdq_len);
-        c->fdq_len = 0;
+        client_frame_in_drop_fds(&c->in);
+        client_frame_out_done(&c->out);
         return c->error;
 }
 
-/* ---- input: bytes and fds to messages ---- */
+/* ---- input: lines and fds to messages ---- */
 
 static bool client_is_abandoned(struct vhub_client *c, uint64_t id, bool forget) {
         for (unsigned i = 0; i < c->n_abandoned; i++) {
@@ -295,8 +253,9 @@ static bool client_is_abandoned(struct vhub_client *c, uint64_t id, bool forget)
 }
 
 void vhub_client_abandon(struct vhub_client *c, uint64_t id) {
-        struct client_msg *m = msg_queue_take(&c->responses, true, id);
+        struct client_msg *m = client_msg_queue_take(&c->responses, true, id);
 
+        client_async_free(client_async_take(c, id));
         if (m) {
                 client_msg_free(m);
                 return;
@@ -305,18 +264,18 @@ void vhub_client_abandon(struct vhub_client *c, uint64_t id) {
                 return;
         /* Bounded: when full, the oldest abandoned id is forgotten and its
          * late response, if any, just stays queued. */
-        if (c->n_abandoned == ABANDONED_MAX) {
-                memmove(c->abandoned, c->abandoned + 1, sizeof(uint64_t) * (ABANDONED_MAX - 1));
+        if (c->n_abandoned == CLIENT_ABANDONED_MAX) {
+                memmove(c->abandoned, c->abandoned + 1, sizeof(uint64_t) * (CLIENT_ABANDONED_MAX - 1));
                 c->n_abandoned--;
         }
         c->abandoned[c->n_abandoned++] = id;
 }
 
-/* Take the fds that msg declares with "fds": N from the front of the queue. */
+/* The fds msg declares with "fds": N, from the front of the queue. */
 static int client_take_fds(struct vhub_client *c, const json_t *msg, int **ret_fds, unsigned *ret_n) {
         const json_t *v = json_is_object(msg) ? json_object_get(msg, "fds") : NULL;
         json_int_t n;
-        int *fds;
+        int r;
 
         *ret_fds = NULL;
         *ret_n = 0;
@@ -325,17 +284,11 @@ static int client_take_fds(struct vhub_client *c, const json_t *msg, int **ret_f
         if (!json_is_integer(v))
                 return -EBADMSG;
         n = json_integer_value(v);
-        if (n < 0 || n > VHUB_CLIENT_MAX_FDS_PER_MESSAGE || (unsigned)n > c->fdq_len)
+        if (n < 0 || n > VHUB_CLIENT_MAX_FDS_PER_MESSAGE)
                 return -EBADMSG;
-        if (n == 0)
-                return 0;
-        fds = malloc(sizeof(int) * (size_t)n);
-        if (!fds)
-                return -ENOMEM;
-        memcpy(fds, c->fdq, sizeof(int) * (size_t)n);
-        c->fdq_len -= (unsigned)n;
-        memmove(c->fdq, c->fdq + n, sizeof(int) * c->fdq_len);
-        *ret_fds = fds;
+        r = client_frame_in_take_fds(&c->in, (unsigned)n, ret_fds);
+        if (r < 0)
+                return r;
         *ret_n = (unsigned)n;
         return 0;
 }
@@ -361,7 +314,7 @@ static int client_dispatch_one(struct vhub_client *c, json_t *msg) {
                 vhub_client_close_fds(fds, n_fds);
                 if (!json_is_object(json_object_get(msg, "error")))
                         return -EBADMSG;
-                error_from_json(json_object_get(msg, "error"), &c->proto_err);
+                client_error_from_json(json_object_get(msg, "error"), &c->proto_err);
                 c->has_proto_err = true;
                 return -EPROTO;
         }
@@ -376,7 +329,9 @@ static int client_dispatch_one(struct vhub_client *c, json_t *msg) {
                 vhub_client_close_fds(fds, n_fds);
                 return -EBADMSG;
         }
-        if (id && client_is_abandoned(c, (uint64_t)json_integer_value(id), true)) {
+        if (id && ((uint64_t)json_integer_value(id) >= c->next_id ||
+                   client_is_abandoned(c, (uint64_t)json_integer_value(id), true))) {
+                /* never sent, or forgotten: nobody will claim it */
                 vhub_client_close_fds(fds, n_fds);
                 return 0;
         }
@@ -394,8 +349,16 @@ static int client_dispatch_one(struct vhub_client *c, json_t *msg) {
         m->fds = fds;
         m->n_fds = n_fds;
         if (id) {
+                struct client_async_call *a;
+
                 m->id = (uint64_t)json_integer_value(id);
-                msg_queue_push(&c->responses, m);
+                a = client_async_find(c, m->id);
+                if (!a)
+                        msg_queue_push(&c->responses, m);
+                else if (!a->reply)
+                        a->reply = m;   /* its callback runs at the next dispatch */
+                else
+                        client_msg_free(m); /* answered twice: the first answer counts */
         } else
                 msg_queue_push(&c->events, m);
         return 0;
@@ -431,116 +394,27 @@ static int client_dispatch_line(struct vhub_client *c, const char *line, size_t 
         return r;
 }
 
-/* Parse every complete line in the input buffer. */
-static int client_parse_input(struct vhub_client *c) {
-        size_t start = 0;
-        int r = 0;
-
-        for (;;) {
-                char *nl = memchr(c->in + c->scanned, '\n', c->in_len - c->scanned);
-
-                if (!nl) {
-                        c->scanned = c->in_len;
-                        break;
-                }
-                r = client_dispatch_line(c, c->in + start, (size_t)(nl - (c->in + start)));
-                start = (size_t)(nl - c->in) + 1;
-                c->scanned = start;
-                if (r < 0)
-                        break;
-        }
-        if (start > 0) {
-                memmove(c->in, c->in + start, c->in_len - start);
-                c->in_len -= start;
-                c->scanned -= start;
-        }
-        if (r < 0)
-                return r;
-        if (c->in_len > VHUB_CLIENT_MAX_LINE)
-                return -EMSGSIZE;
-        /* fds travel with the first byte of their line: fds left over with no
-         * partial line pending belong to no message. */
-        if (c->in_len == 0 && c->fdq_len > 0)
-                return -EBADMSG;
-        return 0;
-}
-
-/* One non-blocking recvmsg.  Returns bytes read (>0), 0 if nothing was
- * available, or the sticky error once broken (EOF included). */
-static int client_read_once(struct vhub_client *c) {
-        VHU_SCM_BUF(control, VHUB_CLIENT_MAX_FDS_PER_MESSAGE);
-        struct iovec iov;
-        struct msghdr mh = {
-                .msg_iov = &iov,
-                .msg_iovlen = 1,
-                .msg_control = control.buf,
-                .msg_controllen = sizeof(control.buf),
-        };
-        struct cmsghdr *cm;
-        bool overflow = false;
-        ssize_t n;
-        int r;
+int client_read_once(struct vhub_client *c) {
+        const char *line;
+        size_t len;
+        int n, r;
 
         if (c->error)
                 return c->error;
-
-        if (c->in_size - c->in_len < READ_CHUNK) {
-                size_t size = c->in_size ? c->in_size * 2 : 2 * READ_CHUNK;
-                char *p;
-
-                while (size - c->in_len < READ_CHUNK)
-                        size *= 2;
-                p = realloc(c->in, size);
-                if (!p)
-                        return client_break(c, -ENOMEM);
-                c->in = p;
-                c->in_size = size;
+        n = client_frame_in_read(&c->in, c->fd);
+        if (n < 0)
+                return client_break(c, n);
+        /* Every line is handed over, in order, before anything is judged:
+         * messages before a violation are still delivered. */
+        while (client_frame_in_next_line(&c->in, &line, &len) > 0) {
+                r = client_dispatch_line(c, line, len);
+                if (r < 0)
+                        return client_break(c, r);
         }
-        iov.iov_base = c->in + c->in_len;
-        iov.iov_len = c->in_size - c->in_len;
-
-        do
-                n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-        while (n < 0 && errno == EINTR);
-        if (n < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                        return 0;
-                return client_break(c, -errno);
-        }
-
-        for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
-                unsigned k;
-                int *p;
-
-                if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-                        continue;
-                k = (unsigned)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                p = (int *)(void *)CMSG_DATA(cm);
-                for (unsigned i = 0; i < k; i++) {
-                        int fd;
-
-                        memcpy(&fd, p + i, sizeof(fd));
-                        if (c->fdq_len < VHUB_CLIENT_MAX_QUEUED_FDS)
-                                c->fdq[c->fdq_len++] = fd;
-                        else {
-                                close(fd);
-                                overflow = true;
-                        }
-                }
-        }
-        if (overflow)
-                return client_break(c, -ENOBUFS);
-        if (mh.msg_flags & MSG_CTRUNC)
-                return client_break(c, -EPROTO); /* some fds were lost on the way */
-
-        if (n == 0)
-                return client_break(c, -ECONNRESET);
-
-        c->in_len += (size_t)n;
-        r = client_parse_input(c);
+        r = client_frame_in_check(&c->in);
         if (r < 0)
                 return client_break(c, r);
-        return (int)(n > INT32_MAX ? INT32_MAX : n);
+        return n;
 }
 
 /* Read everything the socket holds right now. */
@@ -552,7 +426,7 @@ static int client_read_available(struct vhub_client *c) {
         return r;
 }
 
-/* Wait until the socket is readable or the deadline passes: 1, 0 or -errno. */
+/* Wait until the socket is ready or the deadline passes: 1, 0 or -errno. */
 static int client_poll(struct vhub_client *c, short events, int64_t deadline, short *ret_revents) {
         struct pollfd p = { .fd = c->fd, .events = events };
         int r;
@@ -571,62 +445,9 @@ static int client_poll(struct vhub_client *c, short events, int64_t deadline, sh
 
 /* ---- output ---- */
 
-static int client_send_line(struct vhub_client *c, const char *buf, size_t len,
-                            const int *fds, unsigned n_fds, int64_t deadline) {
-        VHU_SCM_BUF(control, VHUB_CLIENT_MAX_FDS_PER_MESSAGE);
-        size_t off = 0;
-
-        while (off < len) {
-                struct iovec iov = { .iov_base = (char *)buf + off, .iov_len = len - off };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-                ssize_t n;
-
-                if (c->error)
-                        return c->error;
-                if (off == 0)
-                        vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds, n_fds);
-
-                n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-                if (n >= 0) {
-                        off += (size_t)n;
-                        continue;
-                }
-                if (errno == EINTR)
-                        continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                        short revents = 0;
-                        int r;
-
-                        r = client_poll(c, POLLIN | POLLOUT, deadline, &revents);
-                        if (r < 0)
-                                return client_break(c, r);
-                        if (r == 0) {
-                                /* Half a line on the wire can not be taken back. */
-                                if (off > 0)
-                                        return client_break(c, -ETIMEDOUT);
-                                return -ETIMEDOUT;
-                        }
-                        /* Keep reading while we wait, so a daemon blocked on
-                         * writing to us can go on reading from us. */
-                        if (revents & (POLLIN | POLLHUP | POLLERR)) {
-                                r = client_read_available(c);
-                                if (r < 0)
-                                        return r;
-                        }
-                        continue;
-                }
-                if (off > 0 || errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
-                        return client_break(c, -errno);
-                return -errno; /* nothing sent (e.g. a bad fd): still usable */
-        }
-        return 0;
-}
-
-static int client_send_request(struct vhub_client *c, const char *method, json_t *params,
-                               const int *fds, unsigned n_fds, int64_t deadline, uint64_t *ret_id) {
+int client_queue_request(struct vhub_client *c, const char *method, json_t *params,
+                         const int *fds, unsigned n_fds, uint64_t *ret_id, uint64_t *ret_seq) {
         json_t *msg = NULL;
-        char *buf = NULL;
-        size_t len;
         uint64_t id;
         int r;
 
@@ -635,16 +456,10 @@ static int client_send_request(struct vhub_client *c, const char *method, json_t
                 r = -EINVAL;
                 goto out;
         }
-        for (unsigned i = 0; i < n_fds; i++)
-                if (fds[i] < 0) {
-                        r = -EBADF;
-                        goto out;
-                }
         if (c->error) {
                 r = c->error;
                 goto out;
         }
-
         id = c->next_id;
         msg = json_pack("{s:s, s:I, s:s}", "jsonrpc", "2.0", "id", (json_int_t)id, "method", method);
         if (!msg) {
@@ -663,36 +478,71 @@ static int client_send_request(struct vhub_client *c, const char *method, json_t
                 r = -ENOMEM;
                 goto out;
         }
-
-        /* Compact encoding: no raw newline can appear inside the line. */
-        len = json_dumpb(msg, NULL, 0, JSON_COMPACT);
-        if (len == 0) {
-                r = -EINVAL;
-                goto out;
-        }
-        buf = malloc(len + 1);
-        if (!buf) {
-                r = -ENOMEM;
-                goto out;
-        }
-        if (json_dumpb(msg, buf, len, JSON_COMPACT) != len) {
-                r = -EINVAL;
-                goto out;
-        }
-        buf[len] = '\n';
-
-        c->next_id++;
-        r = client_send_line(c, buf, len + 1, fds, n_fds, deadline);
+        r = client_frame_out_queue(&c->out, msg, fds, n_fds, ret_seq);
         if (r < 0)
                 goto out;
-        if (ret_id)
-                *ret_id = id;
-        r = 0;
+        c->next_id++;
+        *ret_id = id;
 out:
         json_decref(params);
         json_decref(msg);
-        free(buf);
         return r;
+}
+
+int client_flush(struct vhub_client *c) {
+        int r;
+
+        if (c->error)
+                return c->error;
+        r = client_frame_out_flush(&c->out, c->fd);
+        if (r < 0)
+                return client_break(c, r);
+        return r;
+}
+
+/* Block until line seq (and everything queued before it) is written,
+ * reading meanwhile so that a daemon blocked on writing to us can go on
+ * reading from us. */
+static int client_send_wait(struct vhub_client *c, uint64_t seq, int64_t deadline) {
+        for (;;) {
+                short revents = 0;
+                int r = client_flush(c);
+
+                if (r < 0)
+                        return r;
+                if (c->out.sent_seq >= seq)
+                        return 0;
+                r = client_poll(c, POLLIN | POLLOUT, deadline, &revents);
+                if (r < 0)
+                        return client_break(c, r);
+                if (r == 0) {
+                        /* Half a line on the wire can not be taken back. */
+                        if (client_frame_out_drop(&c->out, seq) == -EBUSY)
+                                return client_break(c, -ETIMEDOUT);
+                        return -ETIMEDOUT;
+                }
+                if (revents & (POLLIN | POLLHUP | POLLERR)) {
+                        r = client_read_available(c);
+                        if (r < 0)
+                                return r;
+                }
+        }
+}
+
+static int client_send_request(struct vhub_client *c, const char *method, json_t *params,
+                               const int *fds, unsigned n_fds, int64_t deadline, uint64_t *ret_id) {
+        uint64_t id, seq;
+        int r;
+
+        r = client_queue_request(c, method, params, fds, n_fds, &id, &seq);
+        if (r < 0)
+                return r;
+        r = client_send_wait(c, seq, deadline);
+        if (r < 0)
+                return r;
+        if (ret_id)
+                *ret_id = id;
+        return 0;
 }
 
 int vhub_client_send_request(struct vhub_client *c, const char *method, json_t *params,
@@ -708,12 +558,8 @@ static int client_deliver_response(struct client_msg *m, json_t **ret_result, in
         json_t *result;
 
         if (error) {
-                if (ret_err) {
-                        error_from_json(error, ret_err);
-                        if (!json_is_object(error))
-                                copy_str(ret_err->message, sizeof(ret_err->message),
-                                         "malformed error object");
-                }
+                if (ret_err)
+                        client_error_from_json(error, ret_err);
                 client_msg_free(m);
                 return -EREMOTEIO;
         }
@@ -737,10 +583,10 @@ static int client_deliver_response(struct client_msg *m, json_t **ret_result, in
 static int client_wait_response(struct vhub_client *c, uint64_t id, int64_t deadline,
                                 json_t **ret_result, int **ret_fds, unsigned *ret_n_fds,
                                 struct vhub_client_error *ret_err) {
-        if (id == 0 || id >= c->next_id)
-                return -EINVAL; /* never sent: nothing will ever answer it */
+        if (id == 0 || id >= c->next_id || client_async_find(c, id))
+                return -EINVAL; /* nothing will ever answer it here */
         for (;;) {
-                struct client_msg *m = msg_queue_take(&c->responses, true, id);
+                struct client_msg *m = client_msg_queue_take(&c->responses, true, id);
                 int r;
 
                 if (m)
@@ -751,10 +597,8 @@ static int client_wait_response(struct vhub_client *c, uint64_t id, int64_t dead
                         return c->error;
                 }
                 r = client_read_once(c);
-                if (r > 0)
-                        continue;
-                if (r < 0)
-                        continue; /* broken: the loop reports it after a last look */
+                if (r != 0)
+                        continue; /* data, or broken: the loop reports it after a last look */
                 r = client_poll(c, POLLIN, deadline, NULL);
                 if (r < 0)
                         return r;
@@ -792,7 +636,7 @@ int vhub_client_next_event(struct vhub_client *c, int timeout_ms, json_t **ret_e
         int64_t deadline = deadline_from_timeout(timeout_ms);
 
         for (;;) {
-                struct client_msg *m = msg_queue_take(&c->events, false, 0);
+                struct client_msg *m = c->event_fn ? NULL : client_msg_queue_take(&c->events, false, 0);
                 int r;
 
                 if (m) {
@@ -819,6 +663,3 @@ int vhub_client_next_event(struct vhub_client *c, int timeout_ms, json_t **ret_e
                         return 0;
         }
 }
-
-/* ---- u64 and base64 helpers ---- */
-

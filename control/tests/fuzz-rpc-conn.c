@@ -8,8 +8,9 @@
  * h & 3 memfds ride with it.
  *
  * Built with -fsanitize=fuzzer (and -DRPC_FUZZ_LIBFUZZER) this is a libFuzzer
- * target; otherwise main() replays the files named on the command line, or,
- * with none, a fixed set of seeds and their pseudo-random mutations.
+ * target; otherwise main() replays a fixed set of seeds and their
+ * pseudo-random mutations, then every file named on the command line or
+ * inside a directory named there (the committed corpus, corpus-rpc-conn/).
  */
 #include "rpc-conn.h"
 #include "vhu-scm.h"
@@ -180,6 +181,29 @@ static void replay_file(const char *path) {
         LLVMFuzzerTestOneInput(buf, n);
 }
 
+/* A file, or every regular file in a directory; the number replayed. */
+static unsigned replay_path(const char *path) {
+        unsigned count = 0;
+        struct dirent *de;
+        DIR *d = opendir(path);
+
+        if (!d) {
+                replay_file(path);
+                return 1;
+        }
+        while ((de = readdir(d))) {
+                char file[4096];
+
+                if (de->d_name[0] == '.')
+                        continue;
+                snprintf(file, sizeof(file), "%s/%s", path, de->d_name);
+                replay_file(file);
+                count++;
+        }
+        closedir(d);
+        return count;
+}
+
 /* Seeds, several per input, cut into chunks (the first chunk of each seed
  * carrying its fds), then up to 7 byte-level mutations. */
 static void replay_builtin(void) {
@@ -213,13 +237,14 @@ static void replay_builtin(void) {
 }
 
 int main(int argc, char **argv) {
-        if (argc > 1)
-                for (int i = 1; i < argc; i++)
-                        replay_file(argv[i]);
-        else
-                replay_builtin();
-        fprintf(stderr, "fuzz-rpc-conn: %lu inputs, %lu messages delivered\n", total_inputs,
-                total_messages);
-        return 0;
+        unsigned from_files = 0;
+
+        replay_builtin();
+        for (int i = 1; i < argc; i++)
+                from_files += replay_path(argv[i]);
+        fprintf(stderr, "fuzz-rpc-conn: %lu inputs (%u from files), %lu messages delivered\n",
+                total_inputs, from_files, total_messages);
+        /* a corpus named but empty (a wrong path) must not pass silently */
+        return argc > 1 && from_files == 0 ? 1 : 0;
 }
 #endif

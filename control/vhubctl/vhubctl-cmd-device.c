@@ -534,7 +534,7 @@ static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) 
         r = CTL_EXIT_OK;
         while (!done) {
                 struct pollfd pf[2] = {
-                        { .fd = vhub_client_fd(ctl->client), .events = POLLIN },
+                        { .fd = vhub_client_get_fd(ctl->client), .events = POLLIN },
                         { .fd = mine, .events = save ? POLLIN : POLLOUT },
                 };
                 int wait_ms, n;

@@ -211,7 +211,7 @@ int ctl_follow_events(struct ctl *ctl, int sigfd, uint64_t max_events) {
 
         for (;;) {
                 struct pollfd p[2] = {
-                        { .fd = vhub_client_fd(ctl->client), .events = POLLIN },
+                        { .fd = vhub_client_get_fd(ctl->client), .events = POLLIN },
                         { .fd = sigfd, .events = POLLIN },
                 };
                 json_t *ev = NULL;

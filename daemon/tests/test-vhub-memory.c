@@ -21,16 +21,8 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 
+#include "vhub-check.h"
 #include "vhub-memory.h"
-
-#define CHECK(cond)                                                                   \
-        do {                                                                          \
-                if (!(cond)) {                                                        \
-                        fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__,        \
-                                __LINE__, #cond);                                     \
-                        exit(1);                                                      \
-                }                                                                     \
-        } while (0)
 
 #define KiB (UINT64_C(1) << 10)
 #define MiB (UINT64_C(1) << 20)

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""Write the seed corpus for fuzz-vhu-message into corpus/.
+"""Write the seed corpora of the protocol fuzz targets.
 
-Each seed is: 1 byte fd count, 8 bytes negotiated protocol features
-(little-endian), then vhost-user wire bytes (see fuzz-vhu-message.c).
+corpus/ (fuzz-vhu-message): each seed is 1 byte fd count (and reader
+hint), 8 bytes negotiated protocol features (little-endian), then
+vhost-user wire bytes.
+
+corpus-frontend-requests/ (fuzz-vhu-frontend-requests): 8 bytes of
+protocol features the back-end offers, then per message one byte fd count
+and its wire bytes: a VMM's session as a back-end receives it.
+
 Run from this directory; the output is committed, so this only needs
-re-running when seeds are added.  Crashers found by the fuzzer are
-committed as corpus/crash-* next to these.
+re-running when seeds are added.  The fuzzers' own findings are merged
+into the same directories (see docs/fuzzing.md); crashers are committed as
+crash-* next to these.
 """
 import os
 import struct
@@ -106,12 +113,63 @@ SEEDS = {
 }
 
 
-def main():
-    os.makedirs("corpus", exist_ok=True)
-    for name, data in SEEDS.items():
-        with open(os.path.join("corpus", name), "wb") as f:
+def fe(n_fds, request, payload=b"", need_reply=False):
+    """One front-end request as fuzz-vhu-frontend-requests reads it."""
+    return bytes([n_fds]) + msg(request, VERSION | (NEED_REPLY if need_reply else 0), payload)
+
+
+def session(pf, *reqs):
+    return struct.pack("<Q", pf) + b"".join(reqs)
+
+
+def state(index, num):
+    return struct.pack("<II", index, num)
+
+
+VRING_ADDR = struct.pack("<IIQQQQ", 0, 0, 0x10000, 0x11000, 0x12000, 0)
+INFLIGHT = struct.pack("<QQHHI", 8192, 0, 1, 256, 0)
+MEM_SINGLE = u64(0) + region(0)
+NEGOTIATE = (fe(0, 1), fe(0, 15), fe(0, 16, u64(ALL_PF)))
+
+FRONTEND_SEEDS = {
+    # QEMU's order for a blk device: handshake, memory, one ring, start, stop
+    "qemu-blk-session": session(ALL_PF, *NEGOTIATE, fe(0, 17), fe(0, 3), fe(1, 21, need_reply=True),
+                                fe(0, 36), fe(1, 37, MEM_SINGLE, True), fe(0, 24, struct.pack("<III", 0, 60, 0) + bytes(60)),
+                                fe(0, 2, u64(0x140000000), True), fe(0, 31, INFLIGHT), fe(1, 32, INFLIGHT),
+                                fe(0, 8, state(0, 256)), fe(0, 10, state(0, 0)), fe(0, 9, VRING_ADDR),
+                                fe(1, 13, u64(0)), fe(1, 14, u64(0)), fe(1, 12, u64(0)),
+                                fe(0, 18, state(0, 1)), fe(0, 39, u64(0xf), True), fe(0, 11, state(0, 0)),
+                                fe(0, 34)),
+    "mem-table-2": session(ALL_PF, *NEGOTIATE,
+                           fe(2, 5, struct.pack("<II", 2, 0) + region(0) + region(1 << 30), True),
+                           fe(0, 38, MEM_SINGLE, True)),
+    "migration": session(ALL_PF, *NEGOTIATE, fe(1, 6, struct.pack("<QQ", 0x10000, 0), True),
+                         fe(1, 42, struct.pack("<II", 0, 0)), fe(0, 43), fe(0, 40)),
+    "no-protocol-features": session(0, fe(0, 1), fe(0, 2, u64(0)), fe(0, 3), fe(1, 7),
+                                    fe(0, 8, state(0, 128)), fe(1, 12, u64(0x100 | 1)),
+                                    fe(0, 16, u64(1))),
+    "misc-requests": session(ALL_PF, *NEGOTIATE, fe(0, 19, u64(0x5254_0012_3456)), fe(0, 20, u64(1500)),
+                             fe(0, 22, struct.pack("<QQQBB6x", 0x1000, 0x1000, 0x7f0000001000, 3, 2), True),
+                             fe(0, 23, state(0, 1)), fe(0, 25, struct.pack("<III", 0, 4, 0) + bytes(4)),
+                             fe(0, 26, u64(0) * 4), fe(0, 27, u64(1)), fe(0, 28), fe(0, 29), fe(0, 30),
+                             fe(1, 33), fe(0, 35, state(0, 0)), fe(0, 41, UUID), fe(0, 44)),
+    "vring-call-fd-and-nofd-bit": session(ALL_PF, *NEGOTIATE, fe(1, 13, u64(0x100))),
+    "too-many-fds": session(ALL_PF, *NEGOTIATE, fe(9, 5, struct.pack("<II", 8, 0) +
+                                                   b"".join(region(i << 30) for i in range(8)))),
+}
+
+
+def write(directory, seeds):
+    os.makedirs(directory, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
-    print(f"wrote {len(SEEDS)} seeds")
+    print(f"wrote {len(seeds)} seeds into {directory}/")
+
+
+def main():
+    write("corpus", SEEDS)
+    write("corpus-frontend-requests", FRONTEND_SEEDS)
 
 
 if __name__ == "__main__":

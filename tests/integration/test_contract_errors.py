@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Every error code and bad-input case of the control contract
-(shared/spec/control-api.md), against the real vhubd and real back-ends.
+(docs/control-api.md), against the real vhubd and real back-ends.
 
 Each case asserts the error code, that error.data.detail is a sentence and,
 where a field is at fault, that the detail names it; for -32006/-32007 that

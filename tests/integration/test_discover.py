@@ -23,8 +23,10 @@
   limit, fd indexes reused or beyond the fds sent.
 - Every error code an answer carried is listed in that method's errors.
 - The contract's codes are the same three times: contract/vhub-contract.h
-  (daemon, C client, vhubctl), this test's CONTRACT_ERRORS and the Python
-  client's constants (vhubtest.client).
+  (daemon, C client library -- which installs it -- and vhubctl), this
+  test's CONTRACT_ERRORS and the Python package's constants
+  (python/vhub/errors.py, which the tests' vhubtest.client re-exports); the
+  package's messages (vhub.errors.CODE_NAMES) are the header's.
 - Methods marked x-vhub-answers-with-fds are refused inside a batch (-32602),
   the others are not.
 - Results of real calls (a qemu-storage-daemon device started and stopped,
@@ -49,7 +51,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import blk, client as client_module, scenarios          # noqa: E402
+from vhubtest import blk, scenarios                                    # noqa: E402
 from vhubtest.backends import QsdNullBackend                           # noqa: E402
 from vhubtest.client import (INVALID_PARAMS, METHOD_NOT_FOUND,          # noqa: E402
                              NO_SUCH_VM, RpcError, encode, u64)
@@ -58,6 +60,7 @@ from vhubtest.memory import GuestMemory                                # noqa: E
 from vhubtest.testbackend import TestBackend                           # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run    # noqa: E402
 from vhubtest.vmm import Vmm                                           # noqa: E402
+from vhub import errors as python_errors   # noqa: E402  (python/, put on sys.path by vhubtest.client)
 
 try:
     import jsonschema
@@ -185,9 +188,17 @@ def check_vocabulary():
         header = {int(code): message for code, message in
                   re.findall(r'X\([A-Z_]+, (-\d+), "([^"]*)"\)', f.read())}
     check_eq(set(header), CONTRACT_ERRORS, "contract/vhub-contract.h defines the contract's codes")
-    python = {v for k, v in vars(client_module).items()
+    source = os.path.join(REPO, "python", "vhub", "errors.py")
+    check_eq(os.path.realpath(python_errors.__file__), os.path.realpath(source),
+             "vhub.errors is the source tree's python/vhub/errors.py")
+    python = {v for k, v in vars(python_errors).items()
               if k.isupper() and isinstance(v, int) and -32768 <= v <= -32000}
-    check_eq(python, CONTRACT_ERRORS, "the Python client (vhubtest.client) has a constant for each")
+    check_eq(python, CONTRACT_ERRORS, "the Python package (python/vhub/errors.py) has a constant for each")
+    names = python_errors.CODE_NAMES
+    differ = {code: (names.get(code), header.get(code)) for code in set(names) | set(header)
+              if names.get(code) != header.get(code)}
+    check(not differ, "the Python package's messages (vhub.errors.CODE_NAMES) are the header's",
+          "code: (python, header) %s" % differ)
     return header
 
 

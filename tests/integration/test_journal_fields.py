@@ -146,7 +146,7 @@ def source_of(code_file):
 
 
 FUNC_DEF = re.compile(r"^[A-Za-z_][\w \*]*?\b(\w+)\(")
-LOG_CALL = re.compile(r"\b(device_log|vm_log|vhub_log_\w+|log_(full|error|warning|notice|info|debug))\(")
+LOG_CALL = re.compile(r"\b(\w+_log|vhub_log_\w+|log_(full|error|warning|notice|info|debug))\(")
 
 
 def enclosing_function(lines, lineno):
@@ -333,9 +333,10 @@ def scenario_journal(t, d):
     find(r"^jvm: VM created", 6)
     find(r"^jvm/jblk: device added", 6, DEV)
     lost = find(r"^jvm/jblk: back-end lost", 4, DEV)
-    check_eq(lost["CODE_FILE"].split("/")[-1], "vhub-device.c", "back-end lost: logged by vhub-device.c")
+    check_eq(lost["CODE_FILE"].split("/")[-1], "vhub-device-link.c", "back-end lost: logged by the link's file (vhub-device-link.c)")
     check_eq(lost["CODE_FUNC"], "device_on_lost", "back-end lost: CODE_FUNC")
-    find(r"^jvm/jblk: state ready -> failed$", 6, DEV)
+    find(r"^jvm/jblk: state ready -> disconnected \(", 6, DEV)
+    find(r"^jvm/jblk: device failed: ", 3, DEV)
     find(r"^jvm: VM destroyed", 6)
     others = [e for e in entries if "VM" not in e]
     check(others and all("UID" not in e for e in others),

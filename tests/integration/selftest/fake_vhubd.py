@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for vhubd that checks the harness, not the daemon.
 
-It serves the subset of shared/spec/control-api.md the through-vhubd tests
+It serves the subset of docs/control-api.md the through-vhubd tests
 use (daemon.info, vm.create/destroy/list, vm.memory.add/list, device.add/
 list/remove, device.config.get, device.start/stop), driving back-ends with
 vhubtest.direct.  Point VHUBD at it to check that test_blk_qsd.py & co.

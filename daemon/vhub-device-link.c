@@ -1,0 +1,510 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A device's link to its back-end, and the device's state machine.
+ *
+ * The link is one vhost-user connection (vhub_bconn) at a time: made by
+ * connecting (client mode) or accepted on the device's own socket (server
+ * mode).  When it is lost the device fails its queued ops and is restored on
+ * a new connection: a full handshake, the memory table and, if it ran, a
+ * START of every ring; in between it retries with a doubling delay.
+ *
+ * Every change of state goes through device_set_state(), which does the
+ * side work of leaving the old state and entering the new one (the table in
+ * docs/architecture.md, "The device state machine"):
+ *
+ *   connecting      the first handshake (device.add's); no restore
+ *   ready, running, stopped
+ *                   up: the ops that device.start/stop/reset queue move
+ *                   between them
+ *   disconnected    an outage: waiting to reconnect (client: a timer and a
+ *                   watch on the socket's directory; server: the accept)
+ *   restoring       an outage: connected again, the restore ops running
+ *                   (device.list says "connecting")
+ *   failed          given up: no connection, no retries
+ *
+ *   up -> disconnected          the loss: state_before_loss, the outage
+ *                               begins, device.disconnected, the reconnect
+ *                               scheduled (backoff from reconnect_ms again
+ *                               if the last restore lasted)
+ *   restoring -> disconnected   a failed attempt: counted, logged rate-limited,
+ *                               the next attempt scheduled (backoff doubles)
+ *   disconnected -> restoring   connected: the caller queues the restore
+ *   restoring -> up             restored: counters, device.reconnected
+ *   outage -> not an outage     the socket watch and the retry timer stop
+ *   -> failed                   the connection dropped, device.failed
+ *   every change                logged "state a -> b (why)", counts (STATUS=)
+ *
+ * The file reads top to bottom: the state setter, connecting, loss,
+ * reconnecting, restoring and giving up, server mode, start and stop.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "vhub-backend-channel.h"
+#include "vhub-backend-conn.h"
+#include "vhub-backend-path.h"
+#include "vhub-context.h"
+#include "vhub-cred.h"
+#include "vhub-device-internal.h"
+#include "vhub-log.h"
+#include "vhub-socket-watch.h"
+#include "vhub-time.h"
+#include "vhub-vm.h"
+
+static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
+static void device_schedule_reconnect(struct vhub_device *d);
+static void device_attempt_failed(struct vhub_device *d, const char *reason);
+static void device_stop_watching(struct vhub_device *d);
+
+static const struct vhub_bconn_ops device_bconn_ops = {
+        .on_reply = device_on_reply,
+        .on_lost = device_on_lost,
+};
+
+/* ---- the state setter ---- */
+
+/* What a change of state carries besides its reason: a restore's outcome. */
+struct state_change {
+        const char *why;
+        const struct vhub_event_vring *vrings;
+        unsigned n_vrings;
+        bool exact;
+};
+
+static bool state_up(enum vhub_device_state s) {
+        return s == VHUB_DEV_READY || s == VHUB_DEV_RUNNING || s == VHUB_DEV_STOPPED;
+}
+
+static bool state_outage(enum vhub_device_state s) {
+        return s == VHUB_DEV_DISCONNECTED || s == VHUB_DEV_RESTORING;
+}
+
+static void device_emit(struct vhub_device *d, enum vhub_event_type type, const struct state_change *c) {
+        struct vhub_event ev = {
+                .type = type,
+                .vm = d->vm,
+                .device = d->name,
+                .reason = c->why,
+        };
+
+        if (type == VHUB_EV_RECONNECTED) {
+                ev.reconnects = d->reconnects;
+                ev.exact = c->exact;
+                ev.vrings = c->vrings;
+                ev.n_vrings = c->n_vrings;
+        }
+        vhub_context_emit(d->vm->ctx, &ev);
+}
+
+/* What the rings looked like when the back-end went away (for device.reconnected). */
+static void device_snapshot_rings(struct vhub_device *d) {
+        for (unsigned i = 0; i < d->queues; i++) {
+                struct vhub_vring *v = &d->vrings[i];
+
+                /* with an IOMMU the ring addresses are IOVAs (no restore then) */
+                v->loss_read = v->configured && !features_iommu(d->acked_features) &&
+                               vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
+                               vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;
+        }
+}
+
+/* up -> disconnected: an outage begins. */
+static void device_outage_begins(struct vhub_device *d, enum vhub_device_state from,
+                                 const struct state_change *c) {
+        if (from == VHUB_DEV_RUNNING)
+                device_snapshot_rings(d);
+        d->state_before_loss = from;
+        d->outage_usec = vhub_now_usec();
+        d->outage_failures = 0;
+        vhub_log_ratelimit_reset(&d->reconnect_log);
+        /* Only a restore that lasted starts the backoff over from
+         * reconnect_ms: a back-end that dies again right after each restore
+         * keeps backing off. */
+        if (vhub_now_usec() - d->restored_usec >= DEVICE_RESTORE_STABLE_USEC)
+                d->reconnect_delay_ms = 0;
+        device_emit(d, VHUB_EV_DISCONNECTED, c);
+}
+
+/* restoring -> up: the outage is over. */
+static void device_outage_ends(struct vhub_device *d, const struct state_change *c) {
+        device_log(d, LOG_INFO, NULL, "back-end restored after %u failed attempts in %.1f s",
+                   d->outage_failures, (double)(vhub_now_usec() - d->outage_usec) / 1e6);
+        d->outage_failures = 0;
+        vhub_log_ratelimit_reset(&d->reconnect_log);
+        d->reconnects++;
+        d->restored_usec = vhub_now_usec();
+        d->reconnect_fast = 0;
+        device_emit(d, VHUB_EV_RECONNECTED, c);
+}
+
+static void device_change_state(struct vhub_device *d, enum vhub_device_state to,
+                                const struct state_change *c) {
+        enum vhub_device_state from = d->state;
+
+        if (from == to)
+                return;
+        /* the steps of every restore attempt: the outage's own lines tell */
+        device_log(d, state_outage(from) && state_outage(to) ? LOG_DEBUG : LOG_INFO, NULL,
+                   "state %s -> %s%s%s%s", vhub_device_state_to_string(from), vhub_device_state_to_string(to),
+                   c->why ? " (" : "", c->why ? c->why : "", c->why ? ")" : "");
+        d->state = to;
+
+        if (state_outage(from) && !state_outage(to)) {
+                device_stop_watching(d);
+                evtimer_del(d->ev_reconnect);
+        }
+        if (to == VHUB_DEV_DISCONNECTED) {
+                if (from == VHUB_DEV_RESTORING) {
+                        device_schedule_reconnect(d);
+                        device_attempt_failed(d, c->why);
+                } else {
+                        if (state_up(from))
+                                device_outage_begins(d, from, c);
+                        device_schedule_reconnect(d);
+                }
+        } else if (to == VHUB_DEV_FAILED) {
+                device_log(d, LOG_ERR, NULL, "device failed: %s", c->why);
+                device_drop_connection(d);
+                device_emit(d, VHUB_EV_FAILED, c);
+        } else if (from == VHUB_DEV_RESTORING && state_up(to)) {
+                device_outage_ends(d, c);
+        }
+        vhub_context_counts_changed(d->vm->ctx);
+}
+
+void device_set_state(struct vhub_device *d, enum vhub_device_state s, const char *why) {
+        device_change_state(d, s, &(struct state_change){ .why = why });
+}
+
+/* ---- connecting ---- */
+
+static int device_attach_connection(struct vhub_device *d, int fd) {
+        int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
+                               /* the largest op: a START of every ring (7 replies each) */
+                               VHUB_MAX_QUEUES * 8 + 64,
+                               &device_bconn_ops, d, &d->conn);
+        if (r < 0) {
+                close(fd);
+                return r;
+        }
+        return 0;
+}
+
+static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
+        int pfd, fd;
+
+        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->vm->cred, d->vm->uid,
+                                     d->socket_path, err);
+        if (pfd < 0)
+                return pfd;
+        fd = vhub_backend_path_connect(pfd, &d->vm->cred);
+        close(pfd);
+        /* the VM's uid could not connect to it itself */
+        if (fd == -EACCES || fd == -EPERM)
+                return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
+                                      "uid %u may not connect to back-end socket %s",
+                                      (unsigned)d->vm->cred.uid, d->socket_path);
+        if (fd < 0)
+                return vhub_error_set_backend(err, VHUB_ERR_BACKEND, d->name, NULL,
+                                              "cannot connect to back-end socket %s: %s",
+                                              d->socket_path, strerror(-fd));
+        return device_attach_connection(d, fd);
+}
+
+void device_drop_connection(struct vhub_device *d) {
+        d->conn = vhub_bconn_free(d->conn);
+        d->channel = vhub_backend_channel_free(d->channel);
+        /* a lost exporter's objects are gone: lookups must not reach it */
+        vhub_shared_table_drop_device(&d->vm->shared, d);
+        shadow_clear(d);
+        d->mem_synced = false;
+}
+
+/* ---- loss ---- */
+
+void device_mark_lost(struct vhub_device *d, const char *reason) {
+        if (d->conn)
+                vhub_bconn_fail(d->conn, false, 0, reason);
+}
+
+/* Reported once per connection, from the loop (vhub-backend-conn.h). */
+static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *lost_reason) {
+        struct vhub_device *d = userdata;
+        const char *req = request ? REQ(request) : NULL;
+        struct vhub_error err;
+        char reason[200];
+
+        /* the connection (which holds lost_reason) is freed below */
+        snprintf(reason, sizeof(reason), "%s", lost_reason);
+        /* a failed restore attempt is counted and logged rate-limited */
+        if (d->state != VHUB_DEV_RESTORING || d->removing)
+                device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
+        device_drop_connection(d);
+        vhub_error_set_backend(&err, timeout ? VHUB_ERR_TIMEOUT : VHUB_ERR_BACKEND, d->name, req,
+                               "device %s: %s", d->name, reason);
+        if (!d->handshaken || d->removing) {
+                /* device.add still pending, or being removed: no reconnect */
+                device_ops_lost_for_good(d, &err);
+                return;
+        }
+        device_fail_ops(d, &err);
+        device_set_state(d, VHUB_DEV_DISCONNECTED, reason);
+        if (d->reconnect_ms == 0)
+                device_set_state(d, VHUB_DEV_FAILED, "back-end lost and reconnect is disabled (reconnect_ms 0)");
+}
+
+/* ---- reconnecting ---- */
+
+/* Queue what restores the device after a new connection. */
+static void device_queue_restore(struct vhub_device *d) {
+        struct vhub_op *hs = op_new(VHUB_OP_HANDSHAKE, NULL);
+        struct vhub_op *st = NULL;
+
+        if (d->state_before_loss == VHUB_DEV_RUNNING)
+                st = op_new(VHUB_OP_START, NULL);
+        if (!hs || (d->state_before_loss == VHUB_DEV_RUNNING && !st)) {
+                op_free(hs);
+                op_free(st);
+                device_mark_lost(d, "out of memory restoring the device");
+                return;
+        }
+        hs->restore = true;
+        if (st)
+                st->restore = true;
+        device_set_state(d, VHUB_DEV_RESTORING, "connected");
+        TAILQ_INSERT_HEAD(&d->ops, hs, link);
+        d->n_ops++;
+        if (st) {
+                TAILQ_INSERT_AFTER(&d->ops, hs, st, link);
+                d->n_ops++;
+        }
+        device_run_head(d);
+}
+
+/* The reconnect timer; in server mode before the first handshake, the
+ * deadline for the first back-end to connect. */
+static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_device *d = userdata;
+        struct vhub_error err = { 0 };
+
+        if (!d->handshaken && d->mode == VHUB_DEV_MODE_SERVER && !d->conn) {
+                /* device.add in server mode: nobody connected in time */
+                vhub_error_set_backend(&err, VHUB_ERR_TIMEOUT, d->name, NULL,
+                                       "no back-end connected to %s within %u ms", d->socket_path,
+                                       d->vm->ctx->config->backend_timeout_ms);
+                device_ops_lost_for_good(d, &err);
+                return;
+        }
+        if (d->removing || d->state != VHUB_DEV_DISCONNECTED)
+                return;
+        if (d->mode == VHUB_DEV_MODE_SERVER)
+                return; /* the back-end comes to us */
+        if (device_connect_client(d, &err) < 0) {
+                device_schedule_reconnect(d);
+                device_attempt_failed(d, err.detail);
+                return;
+        }
+        /* connected: quick retries are for a socket not yet listening, not
+         * for a back-end that fails its handshake */
+        d->reconnect_fast = 0;
+        device_log(d, LOG_DEBUG, NULL, "connected to %s; restore attempt %u", d->socket_path,
+                   d->outage_failures + 1);
+        device_queue_restore(d);
+}
+
+/* The back-end's socket was (re)created: reconnect now if disconnected. */
+static void device_socket_appeared(void *userdata) {
+        struct vhub_device *d = userdata;
+
+        if (d->state != VHUB_DEV_DISCONNECTED || d->removing || d->mode != VHUB_DEV_MODE_CLIENT)
+                return;
+        device_log(d, LOG_DEBUG, NULL, "%s reappeared; reconnecting now", d->socket_path);
+        evtimer_del(d->ev_reconnect);
+        /* the name appears at bind(), a moment before the back-end listens:
+         * retry every millisecond for a while */
+        d->reconnect_fast = 200;
+        device_reconnect_cb(-1, 0, d);
+}
+
+static void device_watch_socket(struct vhub_device *d) {
+        struct vhub_cred_scope scope;
+        int r;
+
+        if (d->watch)
+                return;
+        /* the path is the uid's: resolved (and read permission checked)
+         * with the VM's identity, as every other operation on its back-end
+         * paths, so that it cannot make the daemon watch what it could not
+         * watch itself */
+        r = vhub_cred_enter(&d->vm->cred, &scope);
+        if (r == 0) {
+                r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared,
+                                          d, &d->watch);
+                vhub_cred_leave(&scope);
+        }
+        if (r < 0)
+                device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
+                           d->socket_path, strerror(-r));
+}
+
+static void device_stop_watching(struct vhub_device *d) {
+        d->watch = vhub_socket_watch_remove(d->watch);
+}
+
+/* The next attempt: reconnect_ms after the loss, doubling after each
+ * failed attempt up to --reconnect-max-ms; every millisecond for a while
+ * after the socket reappeared. */
+static void device_schedule_reconnect(struct vhub_device *d) {
+        unsigned cap = d->vm->ctx->config->reconnect_max_ms;
+        struct timeval tv;
+
+        if (d->mode == VHUB_DEV_MODE_SERVER)
+                return;
+        device_watch_socket(d);
+        if (d->reconnect_fast > 0) {
+                d->reconnect_fast--;
+                tv = vhub_timeval_from_ms(1);
+                evtimer_add(d->ev_reconnect, &tv);
+                return;
+        }
+        if (d->reconnect_delay_ms == 0)
+                d->reconnect_delay_ms = d->reconnect_ms;
+        else
+                d->reconnect_delay_ms = d->reconnect_delay_ms * 2 > cap ? cap : d->reconnect_delay_ms * 2;
+        if (d->reconnect_delay_ms > cap)
+                d->reconnect_delay_ms = cap;
+        tv = vhub_timeval_from_ms(d->reconnect_delay_ms);
+        evtimer_add(d->ev_reconnect, &tv);
+}
+
+/* A restore attempt failed (after device_schedule_reconnect(), so the next
+ * delay is known).  A back-end can make this happen every few ms: the first
+ * is logged, then a summary with the count at most every
+ * VHUB_LOG_RATELIMIT_USEC. */
+static void device_attempt_failed(struct vhub_device *d, const char *reason) {
+        unsigned long long suppressed;
+        char next[64] = "waiting for the back-end to connect";
+
+        d->outage_failures++;
+        if (!vhub_log_ratelimit(&d->reconnect_log, vhub_now_usec(), &suppressed))
+                return;
+        if (d->mode == VHUB_DEV_MODE_CLIENT)
+                snprintf(next, sizeof(next), "next in %u ms",
+                         d->reconnect_fast > 0 ? 1 : d->reconnect_delay_ms);
+        if (d->outage_failures == 1)
+                device_log(d, LOG_WARNING, NULL, "restore attempt 1 failed: %s; %s", reason, next);
+        else
+                device_log(d, LOG_WARNING, NULL,
+                           "restore still failing: %u failed attempts in %.1f s (%llu not logged); "
+                           "last: %s; %s", d->outage_failures,
+                           (double)(vhub_now_usec() - d->outage_usec) / 1e6, suppressed, reason, next);
+}
+
+/* ---- restoring and giving up ---- */
+
+/* The restore succeeded: back to the state before the loss. */
+void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
+                     bool exact) {
+        device_change_state(d, d->state_before_loss,
+                            &(struct state_change){ .why = "restored", .vrings = vrings, .n_vrings = n,
+                                                    .exact = exact });
+}
+
+/* The back-end came back but refuses what it accepted before. */
+void device_give_up(struct vhub_device *d, const char *reason) {
+        device_set_state(d, VHUB_DEV_FAILED, reason);
+}
+
+void vhub_device_fail_now(struct vhub_device *d, const char *reason) {
+        device_give_up(d, reason);
+}
+
+/* ---- server mode ---- */
+
+static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
+        struct vhub_device *d = userdata;
+        int fd;
+
+        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0)
+                return;
+        if (vhub_device_is_connected(d)) {
+                /* one back-end at a time */
+                close(fd);
+                return;
+        }
+        if (d->conn)
+                device_drop_connection(d);
+        if (device_attach_connection(d, fd) < 0)
+                return;
+        evtimer_del(d->ev_reconnect);
+        device_log(d, LOG_INFO, NULL, "back-end connected to %s", d->socket_path);
+        if (!d->handshaken) {
+                device_run_head(d); /* the add's handshake waits for this */
+                return;
+        }
+        if (d->state == VHUB_DEV_DISCONNECTED)
+                device_queue_restore(d);
+}
+
+/* Listen on the device's socket for its back-end; it must come within
+ * --backend-timeout-ms. */
+static int device_listen(struct vhub_device *d, struct vhub_error *err) {
+        struct vhub_vm *vm = d->vm;
+        char *listen_path = NULL;
+        struct timeval tv;
+        int r;
+
+        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &vm->cred, vm->uid, d->socket_path, err,
+                                     &d->listener, &listen_path);
+        if (r < 0) {
+                if (!err->code)
+                        vhub_error_set(err, VHUB_ERR_BACKEND, "cannot listen on %s: %s", d->socket_path,
+                                       strerror(-r));
+                return r;
+        }
+        d->listen_fd = r;
+        free(d->socket_path);
+        d->socket_path = listen_path;
+        d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
+        if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        tv = vhub_timeval_from_ms(vm->ctx->config->backend_timeout_ms);
+        evtimer_add(d->ev_reconnect, &tv); /* the first back-end must come in time */
+        return 0;
+}
+
+/* ---- start and stop ---- */
+
+int device_link_start(struct vhub_device *d, struct vhub_error *err) {
+        d->ev_reconnect = evtimer_new(d->vm->ctx->base, device_reconnect_cb, d);
+        if (!d->ev_reconnect)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        if (d->mode == VHUB_DEV_MODE_CLIENT)
+                return device_connect_client(d, err);
+        return device_listen(d, err);
+}
+
+void device_link_stop_retrying(struct vhub_device *d) {
+        if (d->ev_reconnect)
+                evtimer_del(d->ev_reconnect);
+        device_stop_watching(d);
+}
+
+/* The device is being freed: nothing here is used again. */
+void device_link_done(struct vhub_device *d) {
+        device_drop_connection(d);
+        if (d->ev_listen)
+                event_free(d->ev_listen);
+        if (d->ev_reconnect)
+                event_free(d->ev_reconnect);
+        device_stop_watching(d);
+        if (d->listen_fd >= 0)
+                close(d->listen_fd);
+        d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
+}

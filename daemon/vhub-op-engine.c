@@ -1,0 +1,234 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The op engine: a device's FIFO of ops.  One op runs at a time, in stages
+ * (op_stage_send() runs the kind's stage, vhub-op.c); a stage queues all its
+ * requests at once, and the op moves on when every awaited reply has come
+ * (routed here by the back-end connection, in order).  Without REPLY_ACK a
+ * GET_FEATURES barrier ends a stage whose last request has no reply of its
+ * own.  An op that ends commits or undoes its effect (op_complete()), then
+ * the next one runs.
+ *
+ * Re-entrancy: ending an op runs its completion, which answers a call (the
+ * face's done() runs in this stack) and may end the device (destroy_pending,
+ * acted on here, after the op is freed).
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "vhub-backend-conn.h"
+#include "vhub-device-internal.h"
+#include "vhub-log.h"
+
+int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...) {
+        va_list ap;
+
+        if (op->result < 0) /* keep the first failure */
+                return op->result;
+        va_start(ap, fmt);
+        op->result = vhub_error_setv(&op->error, code, fmt, ap);
+        va_end(ap);
+        op->error.request = request;
+        return op->result;
+}
+
+bool device_need_reply(const struct vhub_device *d) {
+        return dev_has_pf(d, VHU_PF_REPLY_ACK);
+}
+
+void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
+        TAILQ_INSERT_TAIL(&d->ops, op, link);
+        d->n_ops++;
+        device_run_head(d);
+}
+
+static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag,
+                           bool await) {
+        int r;
+
+        if (!d->conn)
+                return device_op_error(op, VHUB_ERR_BACKEND,
+                                       vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                       "device %s is not connected", d->name);
+        /* A request with a reply of its own never carries NEED_REPLY:
+         * libvhost-user echoes the flag in that reply, which would then not
+         * be exactly VERSION|REPLY. */
+        if (m->hdr.flags & VHU_FLAG_NEED_REPLY) {
+                const struct vhu_request_info *info = vhu_request_info(VHU_DIR_FRONTEND, m->hdr.request);
+
+                if (info && (info->reply == VHU_REPLY_ALWAYS ||
+                             (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
+                        m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        }
+        r = await ? vhub_bconn_send_awaiting(d->conn, m, tag) : vhub_bconn_send(d->conn, m, tag);
+        if (r < 0)
+                return device_op_error(op, VHUB_ERR_BACKEND,
+                                       vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                       "cannot send %s: %s",
+                                       vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                       strerror(-r));
+        if (r > 0) {
+                op->awaiting++;
+                op->last_unconfirmed = false;
+        } else {
+                op->last_unconfirmed = true;
+        }
+        device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), "sent %s%s",
+                   vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request), r > 0 ? " (reply due)" : "");
+        return 0;
+}
+
+int device_send(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, false);
+}
+
+int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag) {
+        return device_send_msg(d, op, m, tag, true);
+}
+
+/* End op: take it off the queue, let it commit or undo, and go on. */
+static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
+        TAILQ_REMOVE(&d->ops, op, link);
+        d->n_ops--;
+        op_complete(d, op, r);
+        op_free(op);
+        if (d->destroy_pending) {
+                device_destroy(d);
+                return;
+        }
+        device_run_head(d);
+}
+
+static void op_run(struct vhub_device *d, struct vhub_op *op) {
+        for (;;) {
+                int r;
+
+                op->awaiting = 0;
+                op->last_unconfirmed = false;
+                r = op_stage_send(d, op);
+                if (r < 0 || op->result < 0) {
+                        /* requests already queued in this stage are answered
+                         * later; wait for them so replies stay matched */
+                        if (op->awaiting > 0 && d->conn && !vhub_bconn_is_lost(d->conn))
+                                return;
+                        device_end_op(d, op, op->result < 0 ? op->result : r);
+                        return;
+                }
+                if (r == OP_STAGE_DONE) {
+                        device_end_op(d, op, 0);
+                        return;
+                }
+                if (op->parked)
+                        return;
+                if (op->last_unconfirmed) {
+                        /* No REPLY_ACK: a GET_FEATURES behind them proves the
+                         * back-end processed what came before (in order). */
+                        struct vhu_msg m;
+
+                        vhu_msg_build_none(&m, VHU_REQ_GET_FEATURES, false);
+                        if (device_send(d, op, &m, TAG(TAGK_BARRIER, 0)) < 0) {
+                                device_end_op(d, op, op->result);
+                                return;
+                        }
+                }
+                if (op->awaiting > 0 || r == OP_STAGE_WAIT)
+                        return;
+                op->stage++;
+        }
+}
+
+void device_run_head(struct vhub_device *d) {
+        struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        if (!op || op->running)
+                return;
+        if (!vhub_device_is_connected(d) && op->kind != VHUB_OP_REMOVE) {
+                if (d->state == VHUB_DEV_CONNECTING)
+                        return; /* the first connection is still being set up */
+                device_op_error(op, VHUB_ERR_BACKEND, NULL,
+                                d->state == VHUB_DEV_FAILED
+                                        ? "device %s has failed; remove and add it again"
+                                        : "device %s is disconnected; its back-end is being reconnected",
+                                d->name);
+                snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
+                op->running = true;
+                device_end_op(d, op, op->result);
+                return;
+        }
+        op->running = true;
+        op_run(d, op);
+}
+
+bool vhub_device_is_parked(const struct vhub_device *d) {
+        const struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        return op && op->running && op->parked;
+}
+
+void vhub_device_resume_parked(struct vhub_device *d) {
+        struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        if (op && op->running && op->parked) {
+                op->parked = false;
+                op_run(d, op);
+        }
+}
+
+void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_msg *reply) {
+        struct vhub_device *d = userdata;
+        struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        if (!op || !op->running || op->awaiting == 0) {
+                device_mark_lost(d, "reply from the back-end that nothing was waiting for");
+                return;
+        }
+        device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, request), "reply to %s",
+                   vhu_request_name(VHU_DIR_FRONTEND, request));
+        if (TAG_KIND(tag) != TAGK_BARRIER)
+                op_on_reply(d, op, request, tag, reply);
+        if (--op->awaiting > 0)
+                return;
+        if (op->result < 0) {
+                device_end_op(d, op, op->result);
+                return;
+        }
+        op->stage++;
+        op_run(d, op);
+}
+
+/* Fail every op but REMOVE with err; ops keep their order. */
+void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
+        struct vhub_op *op, *next;
+
+        for (op = TAILQ_FIRST(&d->ops); op; op = next) {
+                next = TAILQ_NEXT(op, link);
+                if (op->kind == VHUB_OP_REMOVE)
+                        continue;
+                if (op->result == 0) {
+                        vhub_error_copy(&op->error, err);
+                        op->result = vhub_error_errno(err->code);
+                }
+                TAILQ_REMOVE(&d->ops, op, link);
+                d->n_ops--;
+                op_complete(d, op, op->result);
+                op_free(op);
+        }
+}
+
+void device_ops_lost_for_good(struct vhub_device *d, const struct vhub_error *err) {
+        struct vhub_op *op;
+
+        device_fail_ops(d, err);
+        if (d->destroy_pending || !d->removing) {
+                device_destroy(d);
+                return;
+        }
+        /* a REMOVE waiting for replies (GET_VRING_BASE) that died with the
+         * connection: it is done, else it waits forever */
+        op = TAILQ_FIRST(&d->ops);
+        if (op && op->running && op->kind == VHUB_OP_REMOVE) {
+                device_end_op(d, op, 0);
+                return;
+        }
+        device_run_head(d);
+}
