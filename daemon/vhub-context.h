@@ -30,7 +30,6 @@ struct vhub_context {
         unsigned n_vms;
         unsigned n_devices;
         uint64_t next_region_id;
-        uint64_t next_token;
         uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink_list sinks;          /* one per face that listens */

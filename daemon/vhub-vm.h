@@ -87,6 +87,8 @@ struct vhub_vm {
                                          * another uid) or its attacher's of the same uid */
         const struct vhub_owner *owner; /* a face's connection (vhub-owner.h); NULL: none */
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
+        uint64_t next_token;            /* back-end requests forwarded or deferred: the VM's
+                                         * own count, so that no uid sees another's */
         struct event *linger_timer;
 
         struct vhub_mem_table mem;      /* committed regions */
