@@ -16,6 +16,10 @@
 #include "vhub-event.h"
 #include "vhub-owner.h"
 
+/* A string id is kept by its call until the call is answered (a call may
+ * wait on a back-end): longer ones are refused, not kept (-32600). */
+#define CONTROL_MAX_ID_BYTES 256
+
 struct event;
 struct vhub_context;
 struct vhub_vm;

@@ -216,7 +216,9 @@ void control_call_drop(struct control_call *cc) {
 /* ---- requests ---- */
 
 static bool valid_id(json_t *id) {
-        return json_is_string(id) || json_is_integer(id) || json_is_real(id) || json_is_null(id);
+        if (json_is_string(id))
+                return json_string_length(id) <= CONTROL_MAX_ID_BYTES;
+        return json_is_integer(id) || json_is_real(id) || json_is_null(id);
 }
 
 static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
@@ -240,7 +242,9 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
         params = json_object_get(msg, "params");
         if (id && !valid_id(id)) {
                 req.id = json_null();
-                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "'id' must be a string, number or null");
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST,
+                               "'id' must be a string of at most %d bytes, a number or null",
+                               CONTROL_MAX_ID_BYTES);
                 control_req_error(&req, &err);
                 return;
         }
