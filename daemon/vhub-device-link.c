@@ -198,17 +198,17 @@ static int device_attach_connection(struct vhub_device *d, int fd) {
 static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
         int pfd, fd;
 
-        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->vm->cred, d->vm->uid,
+        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->cred, d->vm->uid,
                                      d->socket_path, err);
         if (pfd < 0)
                 return pfd;
-        fd = vhub_backend_path_connect(pfd, &d->vm->cred);
+        fd = vhub_backend_path_connect(pfd, &d->cred);
         close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "uid %u may not connect to back-end socket %s",
-                                      (unsigned)d->vm->cred.uid, d->socket_path);
+                                      (unsigned)d->cred.uid, d->socket_path);
         if (fd < 0)
                 return vhub_error_set_backend(err, VHUB_ERR_BACKEND, d->name, NULL,
                                               "cannot connect to back-end socket %s: %s",
@@ -338,10 +338,10 @@ static void device_watch_socket(struct vhub_device *d) {
         if (d->watch)
                 return;
         /* the path is the uid's: resolved (and read permission checked)
-         * with the VM's identity, as every other operation on its back-end
-         * paths, so that it cannot make the daemon watch what it could not
-         * watch itself */
-        r = vhub_cred_enter(&d->vm->cred, &scope);
+         * with the device's identity, as every other operation on its
+         * back-end paths, so that it cannot make the daemon watch what it
+         * could not watch itself */
+        r = vhub_cred_enter(&d->cred, &scope);
         if (r == 0) {
                 r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared,
                                           d, &d->watch);
@@ -460,7 +460,7 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         struct timeval tv;
         int r;
 
-        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &vm->cred, vm->uid, d->socket_path, err,
+        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &d->cred, vm->uid, d->socket_path, err,
                                      &d->listener, &listen_path);
         if (r < 0) {
                 if (!err->code)
@@ -506,5 +506,5 @@ void device_link_done(struct vhub_device *d) {
         device_stop_watching(d);
         if (d->listen_fd >= 0)
                 close(d->listen_fd);
-        d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
+        d->listener = vhub_backend_listener_free(d->listener, &d->cred);
 }

@@ -180,6 +180,7 @@ void vhub_device_free(struct vhub_device *d) {
                 close(d->inflight_fd);
         free(d->shadow);
         free(d->socket_path);
+        vhub_cred_done(&d->cred);
         free(d);
 }
 
@@ -222,7 +223,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;
         d->socket_path = strdup(p->socket_path);
-        if (!d->socket_path) {
+        if (!d->socket_path || vhub_cred_copy(p->cred ? p->cred : &vm->cred, &d->cred) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }

@@ -18,6 +18,7 @@
 
 #include "vhub-call.h"
 #include "vhub-config.h"
+#include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
 #include "vhub-log.h"
@@ -102,6 +103,8 @@ struct vhub_device {
         char type[32];
         enum vhub_device_mode mode;
         enum vhub_face face;          /* who drives it: only recorded, for the faces */
+        struct vhub_cred cred;        /* whose rights its back-end paths are used with:
+                                       * its adder's (vhub_device_add_params.cred) */
         unsigned reconnect_ms;
         unsigned requested_queues;    /* 0: what the back-end reports */
 
@@ -160,6 +163,11 @@ struct vhub_device_add_params {
         enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
+        /* Whose rights its back-end paths are used with, for its whole life
+         * (connect, reconnects, bind, watch, removal): the peer that asks
+         * for it -- the VM's own uid, or root naming another uid's VM.
+         * Copied; NULL: the VM's (its creator's). */
+        const struct vhub_cred *cred;
 };
 
 /* Creates the device in the VM and starts connecting; call completes after
