@@ -10,12 +10,11 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/time.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "control-internal.h"
+#include "control-listen.h"
 #include "control-params.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
@@ -676,50 +675,6 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
 
 /* ---- listening socket ---- */
 
-static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        char dir[sizeof(sa.sun_path)];
-        mode_t old_umask;
-        char *slash;
-        int fd, r;
-
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-        snprintf(dir, sizeof(dir), "%s", path);
-        slash = strrchr(dir, '/');
-        if (slash && slash != dir) {
-                *slash = '\0';
-                /* 0755: clients traverse it; the socket's own mode guards access */
-                if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-        }
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return -errno;
-        /* a live daemon keeps its socket; a stale one is replaced */
-        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-                close(fd);
-                return -EADDRINUSE;
-        }
-        close(fd);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return -errno;
-        (void)unlink(path);
-        old_umask = umask(0177); /* never world-accessible, not even for a moment */
-        r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
-        umask(old_umask);
-        if (r < 0 || chmod(path, mode) < 0 || (gid_set && chown(path, (uid_t)-1, gid) < 0) ||
-            listen(fd, 64) < 0) {
-                r = -errno;
-                close(fd);
-                (void)unlink(path);
-                return r;
-        }
-        return fd;
-}
-
 int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
                        struct control_server **ret) {
         struct control_server *s = calloc(1, sizeof(*s));
@@ -740,7 +695,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                         (void)fcntl(s->listen_fd, F_SETFL, r | O_NONBLOCK);
                 (void)fcntl(s->listen_fd, F_SETFD, FD_CLOEXEC);
         } else {
-                r = create_socket(o->path, o->mode, o->gid, o->gid_set);
+                r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         if (s->spare_fd >= 0)
                                 close(s->spare_fd);
