@@ -14,6 +14,7 @@
 #include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-log.h"
 #include "vhub-owner.h"
 
 /* A string id is kept by its call until the call is answered (a call may
@@ -63,6 +64,7 @@ struct control_server {
         struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
+        struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
         uint64_t next_conn_id;
         struct control_server_options opts;
         json_t *discover;            /* rpc.discover's document, built on first use */

@@ -494,10 +494,46 @@ static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
         return fd >= 0;
 }
 
+/* Room for another connection of uid?  All together at most
+ * max_connections, of which non-root uids may hold all but an eighth (root
+ * can always connect), and one non-root uid at most its share (the others
+ * can too).  False with a sentence in detail. */
+static bool connection_admitted(const struct control_server *s, uid_t uid, char *detail, size_t len) {
+        unsigned max = s->opts.max_connections;
+        unsigned root_reserve = max > 1 ? (max / 8 > 1 ? max / 8 : 1) : 0;
+        unsigned per_uid = s->opts.max_connections_per_uid ? s->opts.max_connections_per_uid
+                                                            : (max / 4 > 1 ? max / 4 : 1);
+        unsigned by_uid = 0, non_root = 0;
+        const struct control_conn *c;
+
+        if (s->n_conns >= max) {
+                snprintf(detail, len, "too many control connections (%u, --max-connections)", max);
+                return false;
+        }
+        if (uid == 0)
+                return true;
+        TAILQ_FOREACH(c, &s->conns, link) {
+                non_root += c->uid != 0;
+                by_uid += c->uid == uid;
+        }
+        if (by_uid >= per_uid) {
+                snprintf(detail, len, "uid %u has %u control connections (--max-connections-per-uid)",
+                         (unsigned)uid, by_uid);
+                return false;
+        }
+        /* other uids' numbers stay out of the detail: no oracle on them */
+        if (non_root >= max - root_reserve) {
+                snprintf(detail, len, "the control connections non-root uids may hold are in use");
+                return false;
+        }
+        return true;
+}
+
 static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
         struct vhub_error err = { 0 };
         struct control_conn *c;
+        char detail[128];
         struct ucred cred;
         socklen_t len = sizeof(cred);
         int fd, r;
@@ -524,10 +560,15 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 close(fd);
                 return;
         }
-        if (s->n_conns >= s->opts.max_connections) {
-                refuse_connection(fd, "too many control connections");
-                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
-                              "refused a control connection: %u connections is the limit", s->n_conns);
+        if (!connection_admitted(s, cred.uid, detail, sizeof(detail))) {
+                unsigned long long left_out;
+
+                refuse_connection(fd, detail);
+                /* a uid can make this happen at will: rate-limited */
+                if (vhub_log_ratelimit(&s->refusal_log, vhub_now_usec(), &left_out))
+                        vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                      "refused a control connection of uid %u pid %d: %s (%llu refusals not logged)",
+                                      (unsigned)cred.uid, (int)cred.pid, detail, left_out);
                 return;
         }
         /* the connection is an fd of its uid's too */

@@ -32,11 +32,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #define RPC_DEFAULT_MAX_LINE        (1024u * 1024u)     /* spec: "longer than 1 MiB" */
+/* A client writes a line at once: one still incomplete after this long
+ * only pins memory (up to max_line per connection, for ever). */
+#define RPC_DEFAULT_LINE_TIMEOUT_MS 10000u
 #define RPC_DEFAULT_MAX_OUT_BYTES   (4u * 1024u * 1024u)
 #define RPC_DEFAULT_MAX_FDS_QUEUED  1024u
 /* Dup'd fds waiting in the output queue: a peer that does not read must not
@@ -88,6 +92,7 @@ struct rpc_conn {
         struct event *read_ev;
         struct event *write_ev;     /* added only while output is queued */
         struct event *close_ev;     /* activated to run on_close */
+        struct event *line_ev;      /* the partial line's deadline, pending while there is one */
 
         /* input */
         char *in_buf;
@@ -142,6 +147,7 @@ int rpc_fds_take(struct rpc_fds *f, unsigned idx) {
 void rpc_conn_limits_default(struct rpc_conn_limits *l) {
         *l = (struct rpc_conn_limits) {
                 .max_line = RPC_DEFAULT_MAX_LINE,
+                .line_timeout_ms = RPC_DEFAULT_LINE_TIMEOUT_MS,
                 .max_out_bytes = RPC_DEFAULT_MAX_OUT_BYTES,
                 .max_fds_queued = RPC_DEFAULT_MAX_FDS_QUEUED,
                 .max_out_fds = RPC_DEFAULT_MAX_OUT_FDS,
@@ -283,6 +289,8 @@ static void out_drop_all(struct rpc_conn *c) {
 /* Input is dropped once nothing can read it any more; while on_message runs
  * the line loop still points into in_buf, so it does this itself. */
 static void in_drop(struct rpc_conn *c) {
+        if (c->line_ev)
+                event_del(c->line_ev);
         if (c->processing)
                 return;
         in_fds_close_all(c);
@@ -806,6 +814,39 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
 
 static void really_free(struct rpc_conn *c);
 
+/* The partial line left in in_buf must be complete line_timeout_ms after
+ * its first byte was read: armed when one starts (nothing was pending, or
+ * a line just ended before it), dropped when none is left. */
+static void line_deadline_update(struct rpc_conn *c, bool line_ended) {
+        struct timeval tv = {
+                .tv_sec = c->limits.line_timeout_ms / 1000,
+                .tv_usec = (c->limits.line_timeout_ms % 1000) * 1000,
+        };
+
+        if (c->in_len == 0)
+                event_del(c->line_ev);
+        else if (line_ended || !evtimer_pending(c->line_ev, NULL))
+                evtimer_add(c->line_ev, &tv);
+}
+
+static void line_timeout_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct rpc_conn *c = userdata;
+        char detail[128];
+        int avail = 0;
+
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->in_len == 0)
+                return;
+        /* the rest may be in the socket already, its read event due in
+         * this same turn of the loop: that read decides */
+        if (ioctl(c->fd, FIONREAD, &avail) == 0 && avail > 0) {
+                line_deadline_update(c, true);
+                return;
+        }
+        snprintf(detail, sizeof(detail), "line not complete %u ms after its first byte",
+                 c->limits.line_timeout_ms);
+        framing_violation(c, detail);
+}
+
 /* Hands every complete line to handle_line().  Returns false if c was freed. */
 static bool process_lines(struct rpc_conn *c) {
         size_t start = 0;
@@ -838,6 +879,7 @@ static bool process_lines(struct rpc_conn *c) {
 
         memmove(c->in_buf, c->in_buf + start, c->in_len - start);
         c->in_len -= start;
+        line_deadline_update(c, start > 0);
 
         if (c->in_len > c->limits.max_line) {
                 char detail[128];
@@ -993,6 +1035,9 @@ static void really_free(struct rpc_conn *c) {
                 event_free(c->write_ev);
         if (c->close_ev)
                 event_free(c->close_ev);
+        if (c->line_ev)
+                event_free(c->line_ev);
+        c->line_ev = NULL;      /* in_drop() below looks */
         c->processing = 0;
         in_drop(c);
         out_drop_all(c);
@@ -1044,6 +1089,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         if (limits) {
                 if (limits->max_line)
                         l.max_line = limits->max_line;
+                if (limits->line_timeout_ms)
+                        l.line_timeout_ms = limits->line_timeout_ms;
                 if (limits->max_out_bytes)
                         l.max_out_bytes = limits->max_out_bytes;
                 if (limits->max_fds_queued)
@@ -1085,7 +1132,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         c->read_ev = event_new(base, fd, EV_READ | EV_PERSIST, read_cb, c);
         c->write_ev = event_new(base, fd, EV_WRITE | EV_PERSIST, write_cb, c);
         c->close_ev = event_new(base, -1, 0, close_cb, c);
-        if (!c->read_ev || !c->write_ev || !c->close_ev) {
+        c->line_ev = evtimer_new(base, line_timeout_cb, c);
+        if (!c->read_ev || !c->write_ev || !c->close_ev || !c->line_ev) {
                 r = -ENOMEM;
                 goto fail;
         }

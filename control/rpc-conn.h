@@ -8,6 +8,8 @@
  * join a FIFO in arrival order.  When a line is complete it is parsed; a
  * message declaring "fds": N takes N fds from the front of the FIFO.
  *   - line longer than limits.max_line  -> error -32600 id null, then close
+ *   - line not complete limits.line_timeout_ms after its first byte was
+ *     read (a partial line pins its bytes)  -> error -32600 id null, then close
  *   - invalid JSON                      -> error -32700 id null, keep going
  *   - fewer queued fds than declared when the line is complete, or fds
  *     queued while no partial line remains, or more than 253 fds declared,
@@ -55,6 +57,8 @@ int rpc_fds_take(struct rpc_fds *f, unsigned idx);
 
 struct rpc_conn_limits {
         size_t max_line;       /* default 1 MiB (the contract) */
+        unsigned line_timeout_ms; /* a line must be complete this long after its
+                                   * first byte was read (default 10 s) */
         size_t max_out_bytes;  /* bound of the output queue */
         unsigned max_fds_queued; /* fds received but not yet claimed */
         unsigned max_out_fds;    /* dup'd fds in the output queue (default 1024) */

@@ -686,6 +686,43 @@ static void test_oversize(void) {
         fx_fini(&f);
 }
 
+/* Runs the loop for about ms milliseconds of real time (timers). */
+static void pump_for(struct fixture *f, unsigned ms) {
+        for (unsigned i = 0; i < ms / 5; i++) {
+                pump(f);
+                usleep(5000);
+        }
+        pump(f);
+}
+
+/* A partial line must be complete line_timeout_ms after its first byte: a
+ * line finished in time restarts the clock for the next; one that is not
+ * gets -32600 id null and the connection closes. */
+static void test_line_timeout(void) {
+        struct rpc_conn_limits l;
+        struct fixture f;
+
+        rpc_conn_limits_default(&l);
+        CHECK(l.line_timeout_ms == 10000);
+        l.line_timeout_ms = 300;
+        fx_init(&f, &l);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",");
+        pump_for(&f, 150);
+        peer_send_str(&f, "\"id\":1,\"method\":\"x\"}\n{\"jsonrpc\"");  /* the next line starts */
+        pump_for(&f, 200);      /* 350 ms after the first byte, 200 after the second line's */
+        CHECK(f.n_msgs == 1 && msg_id(&f.msgs[0]) == 1);
+        CHECK(f.n_close == 0);
+        peer_send_str(&f, ":\"2.0\",\"id\":2,\"method\":\"x\"}\n");
+        pump_for(&f, 400);      /* nothing pending: no deadline */
+        CHECK(f.n_msgs == 2 && f.n_close == 0);
+        peer_send_str(&f, "{\"jsonrpc\":");
+        pump_for(&f, 400);
+        CHECK(f.n_msgs == 2);
+        expect_error_then_close(&f, -32600);
+        CHECK(strstr(f.reason, "not complete"));
+        fx_fini(&f);
+}
+
 /* The peer never reads: the queue hits its bound, the connection closes,
  * and on_close comes from the loop, not from rpc_conn_send(). */
 static void test_out_bound(void) {
@@ -1200,6 +1237,7 @@ static const struct {
         { "peercred", test_peercred },
         { "bad-socket", test_bad_socket },
         { "send-errors", test_send_errors },
+        { "line-timeout", test_line_timeout },
 };
 
 int main(int argc, char **argv) {
