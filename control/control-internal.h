@@ -25,6 +25,7 @@ struct event;
 struct vhub_context;
 struct vhub_vm;
 struct control_batch;
+struct batch_run;
 
 struct control_conn {
         TAILQ_ENTRY(control_conn) link;
@@ -38,6 +39,7 @@ struct control_conn {
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
         bool eof;                    /* the peer shut down its sending side */
+        struct batch_run *run;       /* a batch being run in slices (input paused meanwhile) */
         bool sub_all;                /* events of every VM of its uid (root: of every uid) */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
@@ -115,8 +117,12 @@ struct control_batch *control_batch_new(struct control_conn *c, json_t *elements
                                         struct vhub_error *err);
 void control_batch_free(struct control_batch *b);
 void control_batch_slot(struct control_batch *b, unsigned index, json_t *response);
+/* A notification's slot: its response counts against the bound as if it
+ * were sent (stolen, dropped). */
+void control_batch_slot_unanswered(struct control_batch *b, unsigned index, json_t *response);
 void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element);
-/* The answers reached the output bound: the rest are refused. */
+/* The answers reached the output bound: the rest are refused (notifications
+ * among them are not run). */
 bool control_batch_over(const struct control_batch *b);
 
 /* Memory went up by `bytes` for a moment: hand it back to the system soon. */

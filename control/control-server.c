@@ -43,7 +43,7 @@ static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsig
 
 /* A half-closed connection closes once every request it sent is answered. */
 static void conn_finish_if_answered(struct control_conn *c) {
-        if (c->eof && c->pending == 0 && c->rpc)
+        if (c->eof && c->pending == 0 && !c->run && c->rpc)
                 rpc_conn_close_after_flush(c->rpc, "peer closed");
 }
 
@@ -116,11 +116,10 @@ static void respond(struct control_conn *c, json_t *id, struct control_batch *b,
         if (b) {
                 /* fds cannot ride in a batch answer's slots; methods with fds
                  * in their result are refused inside batches beforehand */
-                if (!id) {
-                        json_decref(response);
-                        response = NULL;
-                }
-                control_batch_slot(b, index, response);
+                if (id)
+                        control_batch_slot(b, index, response);
+                else
+                        control_batch_slot_unanswered(b, index, response);
                 return;
         }
         if (id)
@@ -281,58 +280,144 @@ static unsigned element_fds(json_t *e) {
         return json_is_integer(n) ? (unsigned)json_integer_value(n) : 0;
 }
 
+/* ---- batches, run in slices ---- */
+
+/* A batch whose elements are being run: for at most RPC_SLICE_USEC at a
+ * time, the connection's input paused in between, so that one line of
+ * thousands of elements does not hold the loop (timers, the watchdog and
+ * every other connection would wait). */
+struct batch_run {
+        struct control_conn *conn;   /* a reference */
+        json_t *elements;            /* the array (a reference) */
+        struct rpc_fds fds;          /* the fds of the elements not run yet */
+        struct control_batch *b;
+        size_t next;                 /* the next element to run */
+        unsigned off;                /* where its fds start in fds */
+        struct event *ev;            /* the next slice, from the loop */
+};
+
+static void batch_run_free(struct batch_run *r) {
+        struct control_conn *c = r->conn;
+
+        c->run = NULL;
+        event_free(r->ev);
+        rpc_fds_clear(&r->fds);
+        json_decref(r->elements);
+        free(r);
+        if (c->rpc)
+                rpc_conn_resume_input(c->rpc);
+        conn_finish_if_answered(c);
+        control_conn_unref(c);
+}
+
+/* Element r->next: run, refused past the output bound, or (connection
+ * gone) left unanswered. */
+static void batch_run_one(struct batch_run *r) {
+        unsigned i = (unsigned)r->next++;
+        json_t *e = json_array_get(r->elements, i);
+        /* element i's fds follow those of the elements before it */
+        unsigned k = element_fds(e);
+        struct rpc_fds sub = { .fds = NULL, .n = 0 };
+
+        if (k > 0 && r->off + k <= r->fds.n) {
+                sub.fds = calloc(k, sizeof(int));
+                if (sub.fds) {
+                        for (unsigned j = 0; j < k; j++)
+                                sub.fds[j] = rpc_fds_take(&r->fds, r->off + j);
+                        sub.n = k;
+                }
+        }
+        r->off += k;
+        if (!r->conn->rpc)
+                control_batch_slot(r->b, i, NULL);
+        else if (!control_batch_over(r->b))
+                handle_request(r->conn, e, &sub, r->b, i);
+        /* past the output bound nothing more is run, notifications included */
+        else if (json_object_get(e, "id"))
+                control_batch_refuse(r->b, i, e);
+        else
+                control_batch_slot(r->b, i, NULL);
+        rpc_fds_clear(&sub);
+}
+
+static void batch_run_finish(struct batch_run *r) {
+        control_batch_slot(r->b, (unsigned)json_array_size(r->elements), NULL); /* drops the hold */
+        batch_run_free(r);
+}
+
+static void batch_run_slice(struct batch_run *r) {
+        static const struct timeval now = { 0, 0 };
+        uint64_t started = vhub_now_usec();
+        size_t n = json_array_size(r->elements);
+
+        while (r->next < n) {
+                batch_run_one(r);
+                if (r->next < n && r->conn->rpc && vhub_now_usec() - started >= RPC_SLICE_USEC) {
+                        /* a zero timer: the loop polls and runs what is due first */
+                        rpc_conn_pause_input(r->conn->rpc);
+                        evtimer_add(r->ev, &now);
+                        return;
+                }
+        }
+        batch_run_finish(r);
+}
+
+static void batch_run_cb(evutil_socket_t fd, short what, void *userdata) {
+        batch_run_slice(userdata);
+}
+
+/* The connection closed while its batch waited for its next slice: the
+ * rest is not run (nobody would get the answer). */
+static void batch_run_abort(struct batch_run *r) {
+        event_del(r->ev);
+        while (r->next < json_array_size(r->elements))
+                control_batch_slot(r->b, (unsigned)r->next++, NULL);
+        batch_run_finish(r);
+}
+
+static void batch_start(struct control_conn *c, json_t *msg, struct rpc_fds *fds) {
+        struct control_req req = { .conn = c, .id = json_null() };
+        struct vhub_error err = { 0 };
+        struct batch_run *r;
+
+        if (json_array_size(msg) == 0) {
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
+                control_req_error(&req, &err);
+                return;
+        }
+        r = calloc(1, sizeof(*r));
+        if (r)
+                r->ev = evtimer_new(vhub_context_base(c->srv->ctx), batch_run_cb, r);
+        if (!r || !r->ev) {
+                free(r);
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                control_req_error(&req, &err);
+                return;
+        }
+        r->b = control_batch_new(c, msg, c->srv->opts.limits.max_out_bytes, &err);
+        if (!r->b) {
+                event_free(r->ev);
+                free(r);
+                control_req_error(&req, &err);
+                return;
+        }
+        r->conn = c;
+        control_conn_ref(c);
+        r->elements = json_incref(msg);
+        r->fds = *fds;          /* moved: the elements take them as they run */
+        *fds = (struct rpc_fds){ .fds = NULL, .n = 0 };
+        c->run = r;
+        batch_run_slice(r);
+}
+
 static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
         struct control_conn *c = userdata;
 
         control_conn_ref(c);
-        if (json_is_array(msg)) {
-                struct control_server *s = c->srv;
-                size_t n = json_array_size(msg), i;
-                struct vhub_error err = { 0 };
-                struct control_batch *b;
-                unsigned off = 0;
-                json_t *e;
-
-                if (n == 0) {
-                        struct control_req req = { .conn = c, .id = json_null() };
-
-                        vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
-                        control_req_error(&req, &err);
-                        goto out;
-                }
-                b = control_batch_new(c, msg, s->opts.limits.max_out_bytes, &err);
-                if (!b) {
-                        struct control_req req = { .conn = c, .id = json_null() };
-
-                        control_req_error(&req, &err);
-                        goto out;
-                }
-                json_array_foreach(msg, i, e) {
-                        /* element i's fds follow those of the elements before it */
-                        unsigned k = element_fds(e);
-                        struct rpc_fds sub = { .fds = NULL, .n = 0 };
-
-                        if (k > 0 && off + k <= fds->n) {
-                                sub.fds = calloc(k, sizeof(int));
-                                if (sub.fds) {
-                                        for (unsigned j = 0; j < k; j++)
-                                                sub.fds[j] = rpc_fds_take(fds, off + j);
-                                        sub.n = k;
-                                }
-                        }
-                        off += k;
-                        /* past the output bound nothing more is run */
-                        if (control_batch_over(b) && json_object_get(e, "id"))
-                                control_batch_refuse(b, (unsigned)i, e);
-                        else
-                                handle_request(c, e, &sub, b, (unsigned)i);
-                        rpc_fds_clear(&sub);
-                }
-                control_batch_slot(b, (unsigned)n, NULL); /* drops the hold */
-        } else {
+        if (json_is_array(msg))
+                batch_start(c, msg, fds);
+        else
                 handle_request(c, msg, fds, NULL, 0);
-        }
-out:
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
         control_conn_unref(c);
@@ -349,6 +434,8 @@ static void conn_close(struct control_conn *c, const char *reason) {
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
         control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
         c->rpc = rpc_conn_free(c->rpc);
+        if (c->run)
+                batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
         accept_resume(s);   /* an fd is free again */

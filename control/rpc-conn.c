@@ -35,6 +35,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define RPC_DEFAULT_MAX_LINE        (1024u * 1024u)     /* spec: "longer than 1 MiB" */
@@ -93,6 +94,8 @@ struct rpc_conn {
         struct event *write_ev;     /* added only while output is queued */
         struct event *close_ev;     /* activated to run on_close */
         struct event *line_ev;      /* the partial line's deadline, pending while there is one */
+        struct event *resume_ev;    /* hands over the lines left in in_buf, from the loop */
+        bool paused;                /* rpc_conn_pause_input(): no lines handed over, nothing read */
 
         /* input */
         char *in_buf;
@@ -847,8 +850,31 @@ static void line_timeout_cb(evutil_socket_t fd, short what, void *userdata) {
         framing_violation(c, detail);
 }
 
-/* Hands every complete line to handle_line().  Returns false if c was freed. */
+static uint64_t now_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+/* Lines are left in in_buf (a slice ended, or the owner paused): nothing is
+ * read meanwhile, and no deadline runs for a line that cannot progress. */
+static void hold_input(struct rpc_conn *c) {
+        static const struct timeval now = { 0, 0 };
+
+        event_del(c->read_ev);
+        event_del(c->line_ev);
+        /* a zero timer, not event_active(): the loop polls every fd and
+         * runs every due timer before it comes back here */
+        if (!c->paused)
+                evtimer_add(c->resume_ev, &now);
+}
+
+/* Hands the complete lines to handle_line(), for at most RPC_SLICE_USEC.
+ * Returns false if c was freed. */
 static bool process_lines(struct rpc_conn *c) {
+        uint64_t started = now_usec();
+        bool held = false;
         size_t start = 0;
 
         c->processing++;
@@ -858,6 +884,10 @@ static bool process_lines(struct rpc_conn *c) {
 
                 if (!nl)
                         break;
+                if (c->paused || now_usec() - started >= RPC_SLICE_USEC) {
+                        held = true;
+                        break;
+                }
                 n = (size_t) (nl - (c->in_buf + start));
                 if (n > c->limits.max_line) {
                         framing_violation(c, "line longer than the limit");
@@ -879,6 +909,11 @@ static bool process_lines(struct rpc_conn *c) {
 
         memmove(c->in_buf, c->in_buf + start, c->in_len - start);
         c->in_len -= start;
+        if (held || c->paused) {
+                /* the checks below are for what is left once every line is handed over */
+                hold_input(c);
+                return true;
+        }
         line_deadline_update(c, start > 0);
 
         if (c->in_len > c->limits.max_line) {
@@ -942,7 +977,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
         unsigned n_fds = 0;
         ssize_t n;
 
-        if (c->state != RPC_CONN_OPEN || c->read_closed)
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->paused)
                 return;
         if (in_reserve(c) < 0) {
                 set_reason(c, "out of memory");
@@ -1026,6 +1061,38 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
         process_lines(c);
 }
 
+static void resume_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct rpc_conn *c = userdata;
+
+        if (c->state != RPC_CONN_OPEN || c->paused)
+                return;
+        if (!c->read_closed && event_add(c->read_ev, NULL) < 0) {
+                set_reason(c, "cannot watch the socket for reading");
+                schedule_close(c);
+                return;
+        }
+        process_lines(c);
+}
+
+void rpc_conn_pause_input(struct rpc_conn *c) {
+        if (!c || c->paused)
+                return;
+        c->paused = true;
+        event_del(c->read_ev);
+        event_del(c->resume_ev);
+        event_del(c->line_ev);
+}
+
+void rpc_conn_resume_input(struct rpc_conn *c) {
+        static const struct timeval now = { 0, 0 };
+
+        if (!c || !c->paused)
+                return;
+        c->paused = false;
+        if (c->state == RPC_CONN_OPEN)
+                evtimer_add(c->resume_ev, &now);
+}
+
 /* ---- life cycle ------------------------------------------------------- */
 
 static void really_free(struct rpc_conn *c) {
@@ -1038,6 +1105,8 @@ static void really_free(struct rpc_conn *c) {
         if (c->line_ev)
                 event_free(c->line_ev);
         c->line_ev = NULL;      /* in_drop() below looks */
+        if (c->resume_ev)
+                event_free(c->resume_ev);
         c->processing = 0;
         in_drop(c);
         out_drop_all(c);
@@ -1133,7 +1202,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         c->write_ev = event_new(base, fd, EV_WRITE | EV_PERSIST, write_cb, c);
         c->close_ev = event_new(base, -1, 0, close_cb, c);
         c->line_ev = evtimer_new(base, line_timeout_cb, c);
-        if (!c->read_ev || !c->write_ev || !c->close_ev || !c->line_ev) {
+        c->resume_ev = evtimer_new(base, resume_cb, c);
+        if (!c->read_ev || !c->write_ev || !c->close_ev || !c->line_ev || !c->resume_ev) {
                 r = -ENOMEM;
                 goto fail;
         }

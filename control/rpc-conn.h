@@ -16,7 +16,10 @@
  *     or a bad "fds" member            -> error -32600 id null, close,
  *                                         every queued fd closed
  * Each good message goes to ops->on_message with its fds (the callee owns
- * both).  Blank lines are ignored.  ops->admit_fds may refuse fds as they
+ * both).  Blank lines are ignored.  The lines of one read are handed over
+ * for at most RPC_SLICE_USEC (then the rest wait in the input buffer, and
+ * nothing more is read, until the loop has run everything else that is
+ * due), so that one peer's write cannot hold the loop.  ops->admit_fds may refuse fds as they
  * arrive (a budget): -32008 id null, then close as for a framing violation.
  *
  * EOF from the peer stops reading.  If the peer only shut down its sending
@@ -44,6 +47,9 @@ struct event_base;
 struct rpc_conn;
 
 #define RPC_MAX_FDS_PER_MESSAGE 253
+/* How long the lines of one read, or one message's work, may hold the loop
+ * before it gets its turn back (the control layer slices batches by it). */
+#define RPC_SLICE_USEC 10000
 
 /* The fds one message carried.  Owned: close with rpc_fds_clear(). */
 struct rpc_fds {
@@ -119,6 +125,14 @@ int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned 
 /* Send a JSON-RPC error object {jsonrpc, id, error:{code, message, data?}}. */
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
                         json_t *data);
+
+/* No more lines are handed over and nothing more is read until
+ * rpc_conn_resume_input() (e.g. while the owner works through one message
+ * in slices).  Output goes on. */
+void rpc_conn_pause_input(struct rpc_conn *c);
+/* Lines waiting in the input buffer are handed over again, from the loop
+ * (never from inside this call). */
+void rpc_conn_resume_input(struct rpc_conn *c);
 
 /* Stop reading, flush what is queued, then close (on_close follows). */
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason);

@@ -57,6 +57,9 @@ struct fixture {
 
         int fd_count_start;
 
+        unsigned slow_usec;     /* each message takes this long */
+        json_int_t pause_id;    /* rpc_conn_pause_input() at the message with this id */
+
         /* the optional ops */
         unsigned n_eof;
         unsigned n_drained;
@@ -124,6 +127,10 @@ static void on_message(struct rpc_conn *c, json_t *msg, struct rpc_fds *fds, voi
         r->msg = msg;
         r->fds = *fds;      /* moved to us */
         *fds = (struct rpc_fds) { NULL, 0 };
+        if (f->slow_usec)
+                usleep(f->slow_usec);
+        if (f->pause_id && json_integer_value(json_object_get(msg, "id")) == f->pause_id)
+                rpc_conn_pause_input(c);
 
         if (f->mode == MODE_ECHO || f->mode == MODE_CLOSE) {
                 json_t *reply = json_pack("{s:s, s:O, s:s}", "jsonrpc", "2.0", "id",
@@ -723,6 +730,72 @@ static void test_line_timeout(void) {
         fx_fini(&f);
 }
 
+static void note_msgs_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct fixture *f = userdata;
+
+        f->pin_len = f->n_msgs;  /* borrowed: how many were handed over when it ran */
+}
+
+/* One write of lines that take long to handle: a timer due meanwhile runs
+ * before the rest of them (the lines of a read are handed over for at most
+ * RPC_SLICE_USEC), and every line still arrives, in order. */
+static void test_slice(void) {
+        static const struct timeval now = { 0, 0 };
+        char buf[8192];
+        struct event *t;
+        struct fixture f;
+        size_t len = 0;
+
+        fx_init(&f, NULL);
+        f.slow_usec = 1000;     /* 100 lines: 10 slices */
+        for (int i = 1; i <= 100; i++)
+                len += (size_t)snprintf(buf + len, sizeof(buf) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"x\"}\n", i);
+        peer_send(&f, buf, len, NULL, 0);
+        t = evtimer_new(f.base, note_msgs_cb, &f);
+        CHECK(t && evtimer_add(t, &now) == 0);
+        for (int i = 0; i < 1000 && f.n_msgs < 100; i++)
+                event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        CHECK(f.n_msgs == 100);
+        CHECK(f.pin_len > 0 && f.pin_len < 100);
+        f.pin_len = 0;
+        for (unsigned i = 0; i < f.n_msgs; i++)
+                CHECK(msg_id(&f.msgs[i]) == (json_int_t)i + 1);
+        event_free(t);
+        fx_fini(&f);
+}
+
+/* The owner pauses input inside on_message: nothing more is handed over or
+ * read, no partial line's deadline runs, until it resumes -- and then from
+ * the loop, not from inside the call. */
+static void test_pause(void) {
+        struct rpc_conn_limits l;
+        struct fixture f;
+
+        rpc_conn_limits_default(&l);
+        l.line_timeout_ms = 100;
+        fx_init(&f, &l);
+        f.pause_id = 2;
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n"
+                          "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"x\"}\n"
+                          "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"x\"}\n");
+        pump(&f);
+        CHECK(f.n_msgs == 2);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\"");
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 2 && f.n_close == 0);
+        rpc_conn_resume_input(f.conn);
+        CHECK(f.n_msgs == 2);
+        pump(&f);
+        CHECK(f.n_msgs == 4 && msg_id(&f.msgs[2]) == 3 && msg_id(&f.msgs[3]) == 4);
+        CHECK(f.n_close == 0);
+        /* the partial line's deadline runs again */
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 4);
+        expect_error_then_close(&f, -32600);
+        fx_fini(&f);
+}
+
 /* The peer never reads: the queue hits its bound, the connection closes,
  * and on_close comes from the loop, not from rpc_conn_send(). */
 static void test_out_bound(void) {
@@ -1238,6 +1311,8 @@ static const struct {
         { "bad-socket", test_bad_socket },
         { "send-errors", test_send_errors },
         { "line-timeout", test_line_timeout },
+        { "slice", test_slice },
+        { "pause", test_pause },
 };
 
 int main(int argc, char **argv) {
