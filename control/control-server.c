@@ -49,13 +49,13 @@ static void conn_finish_if_answered(struct control_conn *c) {
 
 /* ---- the fd budget (vhub-fd-budget.h) ---- */
 
-/* What uid, the non-root uids and everyone make the daemon hold now: the
- * model's fds and the connections' own. */
-static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_usage *u) {
+/* The connections' fds (sockets, fds received and not claimed yet, dups
+ * queued for output), each its uid's: the sink's count_fds, so that the
+ * model's checks count them too (vhub_context_fd_usage()). */
+static void server_count_fds(void *userdata, struct vhub_fd_usage *u) {
+        struct control_server *s = userdata;
         struct control_conn *c;
 
-        *u = (struct vhub_fd_usage){ .uid = uid };
-        vhub_fd_usage_add_model(s->ctx, u);
         TAILQ_FOREACH(c, &s->conns, link)
                 if (c->rpc)
                         vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
@@ -63,10 +63,7 @@ static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_
 
 static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
                             struct vhub_error *err) {
-        struct vhub_fd_usage u;
-
-        server_fd_usage(s, uid, &u);
-        return vhub_fd_budget_check(vhub_context_fd_budget(s->ctx), &u, n, slack, err);
+        return vhub_context_check_fds(s->ctx, uid, n, slack, err);
 }
 
 int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
@@ -840,7 +837,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 control_server_free(s);
                 return -ENOMEM;
         }
-        s->sink = (struct vhub_event_sink){ .emit = server_emit, .userdata = s };
+        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = server_count_fds,
+                                            .userdata = s };
         vhub_context_add_sink(ctx, &s->sink);
         s->sink_added = true;
         *ret = s;

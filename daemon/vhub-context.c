@@ -151,6 +151,24 @@ const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *c
         return &ctx->fd_budget;
 }
 
+void vhub_context_fd_usage(struct vhub_context *ctx, uid_t uid, struct vhub_fd_usage *u) {
+        struct vhub_event_sink *sink;
+
+        *u = (struct vhub_fd_usage){ .uid = uid };
+        vhub_fd_usage_add_model(ctx, u);
+        TAILQ_FOREACH(sink, &ctx->sinks, link)
+                if (sink->count_fds)
+                        sink->count_fds(sink->userdata, u);
+}
+
+int vhub_context_check_fds(struct vhub_context *ctx, uid_t uid, unsigned n, unsigned slack,
+                           struct vhub_error *err) {
+        struct vhub_fd_usage u;
+
+        vhub_context_fd_usage(ctx, uid, &u);
+        return vhub_fd_budget_check(&ctx->fd_budget, &u, n, slack, err);
+}
+
 bool vhub_context_shutting_down(const struct vhub_context *ctx) {
         return ctx->shutting_down;
 }

@@ -76,4 +76,11 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
 /* For the faces, which read no field of the context. */
 struct event_base *vhub_context_base(const struct vhub_context *ctx);
 const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx);
+/* What uid, the non-root uids and everyone make the daemon hold now: the
+ * model's fds and every face's (its sink's count_fds). */
+void vhub_context_fd_usage(struct vhub_context *ctx, uid_t uid, struct vhub_fd_usage *u);
+/* May uid make the daemon hold n more fds (vhub_fd_budget_check() on the
+ * usage above)?  0, or -32008 in err. */
+int vhub_context_check_fds(struct vhub_context *ctx, uid_t uid, unsigned n, unsigned slack,
+                           struct vhub_error *err);
 bool vhub_context_shutting_down(const struct vhub_context *ctx);

@@ -75,6 +75,17 @@ static int breq_shared_remove(struct vhub_device *d, struct vhub_backend_channel
         return vhub_shared_table_remove(&d->vm->shared, m->payload.shared.uuid, d) < 0 ? 1 : 0;
 }
 
+/* An answer that carries an fd is queued with a dup of it until the
+ * back-end reads it: the VM's uid's to hold, within its fd budget. */
+static bool answer_fd_fits(struct vhub_device *d) {
+        struct vhub_error err = { 0 };
+
+        if (vhub_context_check_fds(d->vm->ctx, d->vm->uid, 1, 0, &err) == 0)
+                return true;
+        device_log(d, LOG_DEBUG, "SHARED_OBJECT_LOOKUP", "answered as failed: %s", err.detail);
+        return false;
+}
+
 static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m) {
         struct vhub_shared_object *o = vhub_shared_table_find(&d->vm->shared, m->payload.shared.uuid);
         uint64_t token;
@@ -86,6 +97,8 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
                 return 1;
         }
         if (!o->device) {
+                if (!answer_fd_fits(d))
+                        return 1;
                 vhub_backend_channel_answer(ch, m, 0, o->fd); /* the writer sends a copy */
                 return BREQ_ANSWERED;
         }
@@ -99,6 +112,10 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
 
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd) {
         /* too late (the deadline answered) or not: the writer sent its own copy */
+        if (fd >= 0 && d->channel && !answer_fd_fits(d)) {
+                close(fd);
+                fd = -1;
+        }
         if (d->channel)
                 (void)vhub_backend_channel_answer_deferred(d->channel, DEFER_LOOKUP, token, fd >= 0 ? 0 : 1, fd);
         if (fd >= 0)

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
@@ -70,8 +71,9 @@ unsigned vhub_device_fds_held(const struct vhub_device *d) {
         const struct vhub_op *op;
         unsigned n = 0;
 
-        n += d->conn ? 1 : 0;
-        n += d->channel ? 1 : 0;
+        /* the sockets, and the dups their queued messages hold */
+        n += d->conn ? 1 + vhub_bconn_queued_fds(d->conn) : 0;
+        n += d->channel ? 1 + vhub_backend_channel_queued_fds(d->channel) : 0;
         n += (d->listen_fd >= 0) + (d->inflight_fd >= 0);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 n += vring_fds_held(&d->vrings[i]);

@@ -237,7 +237,8 @@ void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
 bool vhub_device_is_connected(const struct vhub_device *dev);
-/* The fds the device holds, its ops' included (the fd budget counts them). */
+/* The fds the device holds, its ops' and the dups of the messages queued
+ * toward its back-end included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
 bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

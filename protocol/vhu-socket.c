@@ -177,6 +177,7 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->head = w->tail = NULL;
         w->n_items = 0;
         w->n_bytes = 0;
+        w->n_fds = 0;
 }
 
 static struct vhu_writer_item *writer_item_free(struct vhu_writer_item *item) {
@@ -195,6 +196,7 @@ static void writer_pop(struct vhu_writer *w) {
                 w->tail = NULL;
         w->n_items--;
         w->n_bytes -= item->len - item->off;
+        w->n_fds -= item->n_fds;
         writer_item_free(item);
 }
 
@@ -239,6 +241,7 @@ static void writer_link(struct vhu_writer *w, struct vhu_writer_item *item) {
         w->tail = item;
         w->n_items++;
         w->n_bytes += item->len;
+        w->n_fds += item->n_fds;
 }
 
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
@@ -352,9 +355,14 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                 if (n == 0)
                         return -EAGAIN; /* nothing taken: wait for writability */
 
-                /* The fds went with the first byte of this chunk. */
-                if (with_fds)
+                /* The fds went with the first byte of this chunk: the
+                 * kernel holds them now, the dups are not needed */
+                if (with_fds) {
                         item->fds_sent = true;
+                        close_fds(item->fds, item->n_fds);
+                        w->n_fds -= item->n_fds;
+                        item->n_fds = 0;
+                }
                 item->off += (size_t) n;
                 w->n_bytes -= (size_t) n;
                 if (item->off == item->len)
