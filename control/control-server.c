@@ -776,6 +776,26 @@ static bool conn_congested(const struct vhub_owner *o) {
                rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
 }
 
+/* An event's fds are queued to each connection that gets it, as dups held
+ * until it reads them: its uid's, within its fd budget.  The owner's are
+ * fds received on its behalf and may pass the budget as far as other
+ * received fds may (its VM's back-end channels pause long before, while it
+ * is behind); a subscriber that would pass it is dropped at once, its
+ * queue with it -- it does not read, and its uid must not eat into what
+ * the others share. */
+static bool conn_may_take_fds(struct control_server *s, struct control_conn *c,
+                              const struct vhub_event *ev) {
+        bool owner = vhub_vm_owner(ev->vm) == &c->owner;
+        struct vhub_error err = { 0 };
+        char reason[sizeof(err.detail) + 64];
+
+        if (server_check_fds(s, c->uid, ev->n_fds, owner ? fd_slack(s, c->uid) : 0, &err) == 0)
+                return true;
+        snprintf(reason, sizeof(reason), "an event's fds would pass the fd budget: %s", err.detail);
+        rpc_conn_abort(c->rpc, reason);
+        return false;
+}
+
 static void server_emit(void *userdata, const struct vhub_event *ev) {
         struct control_server *s = userdata;
         struct control_conn *c, *next;
@@ -793,6 +813,8 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
                 }
                 /* a client that does not read is dropped by rpc_conn's bound,
                  * never allowed to block the daemon or grow without limit */
+                if (ev->n_fds > 0 && !conn_may_take_fds(s, c, ev))
+                        continue;
                 conn_send(c, msg, ev->fds, ev->n_fds);
         }
         json_decref(msg);

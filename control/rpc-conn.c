@@ -353,6 +353,13 @@ static void start_draining(struct rpc_conn *c) {
                 schedule_close(c);
 }
 
+void rpc_conn_abort(struct rpc_conn *c, const char *reason) {
+        if (!c || c->state >= RPC_CONN_CLOSING)
+                return;
+        set_reason(c, "%s", reason ? reason : "closed");
+        schedule_close(c);
+}
+
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason) {
         if (!c || c->state != RPC_CONN_OPEN)
                 return;

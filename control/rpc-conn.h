@@ -134,6 +134,10 @@ void rpc_conn_pause_input(struct rpc_conn *c);
  * (never from inside this call). */
 void rpc_conn_resume_input(struct rpc_conn *c);
 
+/* Close now: what is queued is dropped (its fds closed), nothing more is
+ * read or written; on_close follows from the loop. */
+void rpc_conn_abort(struct rpc_conn *c, const char *reason);
+
 /* Stop reading, flush what is queued, then close (on_close follows). */
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason);
 
