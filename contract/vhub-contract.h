@@ -61,7 +61,13 @@ static inline const char *vhub_contract_error_message(int code) {
         X(RECONNECTED, "device.reconnected")                                            \
         X(FAILED, "device.failed")                                                      \
         X(LINGERING, "vm.lingering")                                                    \
-        X(BACKEND_REQUEST, "device.backend_request")
+        X(BACKEND_REQUEST, "device.backend_request")                                    \
+        X(VM_CREATED, "vm.created")                                                     \
+        X(VM_DESTROYED, "vm.destroyed")                                                 \
+        X(DEVICE_ADDED, "device.added")                                                 \
+        X(DEVICE_REMOVED, "device.removed")                                             \
+        X(DEVICE_STARTED, "device.started")                                             \
+        X(DEVICE_STOPPED, "device.stopped")
 
 enum vhub_event_type {
 #define VHUB_CONTRACT_EVENT_ENUM(name, string) VHUB_EV_##name,
@@ -69,6 +75,11 @@ enum vhub_event_type {
 #undef VHUB_CONTRACT_EVENT_ENUM
         _VHUB_EV_MAX,
 };
+
+/* vm.destroyed's "reason": what ended the VM. */
+#define VHUB_VM_DESTROYED_DESTROY        "destroy"          /* vm.destroy */
+#define VHUB_VM_DESTROYED_OWNER_CLOSED   "owner_closed"     /* its connection closed, no linger_ms */
+#define VHUB_VM_DESTROYED_LINGER_EXPIRED "linger_expired"   /* linger_ms passed without vm.attach */
 
 /* The event's name on the wire; NULL for a value outside the enum.  A
  * switch, not a designated array: the header is installed with the client

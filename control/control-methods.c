@@ -620,6 +620,54 @@ static const struct param device_list_result = R_OBJECT(
                    { .name = "type", .kind = PARAM_NAME, .max = 31,
                      .description = "an extension: the type device.add was given, if any" }));
 
+static int m_device_stats(struct method_call *m, struct vhub_error *err) {
+        struct vhub_device_stats_info st;
+        const struct vhub_device_stats *c = &st.counters;
+        json_t *res;
+
+        vhub_info_device_stats(m->dev, &st);
+        res = json_pack("{s:s, s:o, s:o, s:o, s:o, s:o, s:I, s:o, s:o, s:o}", "state",
+                        vhub_device_state_to_string(st.state), "since_ms", vhub_json_u64(st.since_usec / 1000),
+                        "requests", vhub_json_u64(c->requests), "replies", vhub_json_u64(c->replies),
+                        "timeouts", vhub_json_u64(c->timeouts), "losses", vhub_json_u64(c->losses),
+                        "reconnects", (json_int_t)st.reconnects, "backend_requests",
+                        vhub_json_u64(c->backend_requests), "handshake_us", vhub_json_u64(c->handshake_usec),
+                        /* an extension (docs/control-api.md) */
+                        "eventfd_skipped", vhub_json_u64(c->eventfd_skipped));
+        if (res && c->lost) {
+                char timestamp[VHUB_RFC3339_LEN];
+
+                vhub_format_rfc3339(c->last_loss_realtime_usec, timestamp);
+                json_object_set_new(res, "last_loss", json_pack("{s:s, s:s}", "reason", c->last_loss_reason,
+                                                                "timestamp", timestamp));
+        }
+        if (res && c->restored)
+                json_object_set_new(res, "restore_us", vhub_json_u64(c->restore_usec));
+        return call_answer(m, res, err);
+}
+
+static const struct param device_stats_result = R_OBJECT(
+        { .name = "state", .kind = PARAM_ENUM, .required = true, .values = device_states,
+          .description = "where it is in its life, as device.list says" },
+        R_U64("since_ms", "milliseconds in that state"),
+        R_U64("requests", "vhost-user requests sent to its back-end, every connection since device.add"),
+        R_U64("replies", "replies received from the back-end"),
+        R_U64("timeouts", "replies that missed --backend-timeout-ms (each a loss or a failed restore attempt)"),
+        R_U64("losses", "times the back-end was lost while the device was up"),
+        R_U64("reconnects", "times it was restored after a loss (device.list's reconnects)"),
+        { .name = "last_loss", .kind = PARAM_OBJECT,
+          .members = (const struct param[]){
+                  R("reason", PARAM_STRING, "why, as device.disconnected said"),
+                  R("timestamp", PARAM_TIMESTAMP, "when: device.disconnected's timestamp"),
+                  { 0 } },
+          .description = "the last loss, once there was one" },
+        R_U64("backend_requests", "requests the back-end sent on its channel (BACKEND_REQ)"),
+        R_U64("handshake_us", "the last successful handshake's duration (device.add's or a restore's); 0 before"),
+        { .name = "restore_us", .kind = PARAM_U64, .max = UINT64_MAX,
+          .description = "the last restore's duration, from the loss to device.reconnected, once there was one" },
+        R_U64("eventfd_skipped", "an extension: writes to the VMM's kick/call/err eventfds not done (counter "
+                                 "full and unread, or a broken fd)"));
+
 /* config space: offset + length at most VHU_MAX_CONFIG_SIZE (checked by the functions) */
 #define P_CONFIG_OFFSET(field_)                                                                    \
         { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,    \
@@ -1142,9 +1190,13 @@ static const struct control_method methods[] = {
           .params = device_backend_reply_params, .summary = "Answer a forwarded device.backend_request." },
         { .name = "events.subscribe", .fn = m_events_subscribe, .flags = METHOD_VM_OPTIONAL,
           .errors = ERRORS(VHUB_ERR_LIMIT),
-          .summary = "Also receive the events of that VM (without vm: of every VM of the caller's uid)." },
+          .summary = "Also receive the events of that VM (without vm: of every VM the caller may see; "
+                     "root: of every uid)." },
         { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
           .summary = "This document." },
+        { .name = "device.stats", .fn = m_device_stats, .flags = METHOD_VM | METHOD_DEVICE,
+          .result = &device_stats_result,
+          .summary = "The device's control-plane counters since device.add: requests, replies, losses, durations." },
         { .name = "device.crypto.session.create", .fn = m_device_crypto_session_create, .flags = DEVICE_CALL,
           .params = crypto_session_create_params, .result = &crypto_session_result,
           .make_result = result_crypto_session, .errors = ERRORS(DEVICE_ERRORS),

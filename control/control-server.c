@@ -703,9 +703,8 @@ static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
                 return true;
         if (!vhub_vm_visible_to(vm, c->uid))
                 return false;
-        /* contract: without a VM, every VM of the caller's uid -- for
-         * root, of every uid (vhub_vm_visible_to() said it may) */
-        if (c->sub_all && (c->uid == 0 || c->uid == uid))
+        /* every VM it may see: its uid's, root's every uid's */
+        if (c->sub_all)
                 return true;
         for (size_t i = 0; i < c->n_sub_vms; i++)
                 if (c->sub_uids[i] == uid && strcmp(c->sub_vms[i], vhub_vm_name(vm)) == 0)
@@ -714,14 +713,21 @@ static bool conn_wants(const struct control_conn *c, const struct vhub_vm *vm) {
 }
 
 static json_t *event_params(const struct vhub_event *ev) {
-        json_t *p = json_pack("{s:s, s:s}", "event", vhub_event_type_to_string(ev->type), "vm",
-                              vhub_vm_name(ev->vm));
+        char timestamp[VHUB_RFC3339_LEN];
+        json_t *p;
 
+        /* the model's time, not ours: every face says the same */
+        vhub_format_rfc3339(ev->timestamp_usec, timestamp);
+        p = json_pack("{s:s, s:s, s:I, s:s}", "event", vhub_event_type_to_string(ev->type), "timestamp",
+                      timestamp, "uid", (json_int_t)ev->uid, "vm", vhub_vm_name(ev->vm));
+        if (!p)
+                return NULL;
         if (ev->device)
                 json_object_set_new(p, "device", json_string(ev->device));
         switch (ev->type) {
         case VHUB_EV_DISCONNECTED:
         case VHUB_EV_FAILED:
+        case VHUB_EV_VM_DESTROYED:
                 json_object_set_new(p, "reason", json_string(ev->reason ? ev->reason : ""));
                 break;
         case VHUB_EV_RECONNECTED: {
@@ -808,6 +814,8 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
                 if (!msg) {
                         msg = json_pack("{s:s, s:s, s:o}", "jsonrpc", "2.0", "method", "event", "params",
                                         event_params(ev));
+                        if (!msg)
+                                return; /* out of memory: nobody gets this one */
                         if (ev->n_fds > 0)
                                 json_object_set_new(msg, "fds", json_integer(ev->n_fds));
                 }

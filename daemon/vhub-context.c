@@ -71,12 +71,19 @@ void vhub_context_crash_unlink(const struct vhub_context *ctx) {
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
         struct vhub_event_sink *sink, *next;
+        struct vhub_event stamped;
 
         if (ctx->shutting_down)
                 return;
+        /* stamped here, when it happens: every face sends the same time */
+        stamped = *ev;
+        if (!stamped.timestamp_usec)
+                stamped.timestamp_usec = vhub_realtime_usec();
+        if (ev->vm)
+                stamped.uid = ev->vm->uid;
         for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
                 next = TAILQ_NEXT(sink, link);
-                sink->emit(sink->userdata, ev);
+                sink->emit(sink->userdata, &stamped);
         }
 }
 

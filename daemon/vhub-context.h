@@ -56,7 +56,8 @@ void vhub_context_destroy_vms(struct vhub_context *ctx);
  * holds the inode bind() created (fstatat, unlinkat: async-signal-safe; the
  * lists may be mid-change).  Never by path: the uid owns directories on it. */
 void vhub_context_crash_unlink(const struct vhub_context *ctx);
-/* Every sink gets ev (none once shutting down). */
+/* Every sink gets ev (none once shutting down), stamped with the time
+ * (unless ev has one) and its VM's uid. */
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev);
 void vhub_context_add_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);
 void vhub_context_remove_sink(struct vhub_context *ctx, struct vhub_event_sink *sink);

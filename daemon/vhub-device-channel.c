@@ -225,6 +225,7 @@ static void device_on_backend_request(void *userdata, struct vhub_backend_channe
         struct vhub_device *d = userdata;
         int value;
 
+        d->stats.backend_requests++;
         device_log(d, LOG_DEBUG, BREQ_NAME(m), "back-end request %s", BREQ_NAME(m));
         if (!h || !h->handle) {
                 vhub_backend_channel_answer(ch, m, 1, -1);

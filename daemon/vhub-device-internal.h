@@ -36,6 +36,7 @@ struct vhub_op {
         unsigned awaiting;            /* replies still due in this stage */
         bool last_unconfirmed;        /* a request without a reply ended the stage */
         bool running;
+        uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */
         struct vhub_call *call;       /* NULL for internal ops */
@@ -141,6 +142,8 @@ void device_log_at(struct vhub_log_site site, const struct vhub_device *d, int l
                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 /* Take the device out of its VM and free it (may free the VM: last). */
 void device_destroy(struct vhub_device *d);
+/* device.removed, once, for a device whose device.added was emitted. */
+void device_announce_removed(struct vhub_device *d);
 void shadow_add(struct vhub_device *d, uint64_t id);
 void shadow_remove(struct vhub_device *d, uint64_t id);
 void shadow_clear(struct vhub_device *d);

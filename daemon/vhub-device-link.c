@@ -23,7 +23,8 @@
  *   failed          given up: no connection, no retries
  *
  *   up -> disconnected          the loss: state_before_loss, the outage
- *                               begins, device.disconnected, the reconnect
+ *                               begins, the loss counted (device.stats),
+ *                               device.disconnected, the reconnect
  *                               scheduled (backoff from reconnect_ms again
  *                               if the last restore lasted)
  *   restoring -> disconnected   a failed attempt: counted, logged rate-limited,
@@ -32,7 +33,11 @@
  *   restoring -> up             restored: counters, device.reconnected
  *   outage -> not an outage     the socket watch and the retry timer stop
  *   -> failed                   the connection dropped, device.failed
- *   every change                logged "state a -> b (why)", counts (STATUS=)
+ *   connecting -> ready         device.added
+ *   ready, stopped -> running   device.started
+ *   running -> stopped, ready   device.stopped
+ *   every change                logged "state a -> b (why)", the time of
+ *                               the change (since_ms), counts (STATUS=)
  *
  * The file reads top to bottom: the state setter, connecting, loss,
  * reconnecting, restoring and giving up, server mode, start and stop.
@@ -98,6 +103,12 @@ static void device_emit(struct vhub_device *d, enum vhub_event_type type, const 
                 ev.vrings = c->vrings;
                 ev.n_vrings = c->n_vrings;
         }
+        /* the same time as device.stats' last_loss */
+        if (type == VHUB_EV_DISCONNECTED)
+                ev.timestamp_usec = d->stats.last_loss_realtime_usec;
+        /* the lifecycle events carry no reason */
+        if (type != VHUB_EV_DISCONNECTED && type != VHUB_EV_FAILED)
+                ev.reason = NULL;
         vhub_context_emit(d->vm->ctx, &ev);
 }
 
@@ -121,6 +132,10 @@ static void device_outage_begins(struct vhub_device *d, enum vhub_device_state f
         d->state_before_loss = from;
         d->outage_usec = vhub_now_usec();
         d->outage_failures = 0;
+        d->stats.losses++;
+        d->stats.lost = true;
+        d->stats.last_loss_realtime_usec = vhub_realtime_usec();
+        snprintf(d->stats.last_loss_reason, sizeof(d->stats.last_loss_reason), "%s", c->why ? c->why : "");
         vhub_log_ratelimit_reset(&d->reconnect_log);
         /* Only a restore that lasted starts the backoff over from
          * reconnect_ms: a back-end that dies again right after each restore
@@ -138,6 +153,8 @@ static void device_outage_ends(struct vhub_device *d, const struct state_change 
         vhub_log_ratelimit_reset(&d->reconnect_log);
         d->reconnects++;
         d->restored_usec = vhub_now_usec();
+        d->stats.restore_usec = d->restored_usec - d->outage_usec;
+        d->stats.restored = true;
         d->reconnect_fast = 0;
         device_emit(d, VHUB_EV_RECONNECTED, c);
 }
@@ -153,6 +170,7 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                    "state %s -> %s%s%s%s", vhub_device_state_to_string(from), vhub_device_state_to_string(to),
                    c->why ? " (" : "", c->why ? c->why : "", c->why ? ")" : "");
         d->state = to;
+        d->stats.state_since_usec = vhub_now_usec();
 
         if (state_outage(from) && !state_outage(to)) {
                 device_stop_watching(d);
@@ -173,6 +191,13 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                 device_emit(d, VHUB_EV_FAILED, c);
         } else if (from == VHUB_DEV_RESTORING && state_up(to)) {
                 device_outage_ends(d, c);
+        } else if (from == VHUB_DEV_CONNECTING && to == VHUB_DEV_READY) {
+                device_emit(d, VHUB_EV_DEVICE_ADDED, c);
+        } else if (to == VHUB_DEV_RUNNING) {
+                device_emit(d, VHUB_EV_DEVICE_STARTED, c);
+        } else if (from == VHUB_DEV_RUNNING) {
+                /* device.stop, or device.reset of a running device */
+                device_emit(d, VHUB_EV_DEVICE_STOPPED, c);
         }
         vhub_context_counts_changed(d->vm->ctx);
 }
@@ -244,6 +269,8 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         /* a failed restore attempt is counted and logged rate-limited */
         if (d->state != VHUB_DEV_RESTORING || d->removing)
                 device_log(d, LOG_WARNING, req, "back-end lost: %s", reason);
+        if (timeout)
+                d->stats.timeouts++;
         device_drop_connection(d);
         vhub_error_set_backend(&err, timeout ? VHUB_ERR_TIMEOUT : VHUB_ERR_BACKEND, d->name, req,
                                "device %s: %s", d->name, reason);

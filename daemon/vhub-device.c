@@ -17,6 +17,7 @@
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 static const char *const state_names[_VHUB_DEV_STATE_MAX] = {
@@ -143,10 +144,21 @@ bool vhub_device_rings_in(const struct vhub_device *d, uint64_t gpa, uint64_t si
 
 /* ---- add / remove ---- */
 
+void device_announce_removed(struct vhub_device *d) {
+        struct vhub_event ev = { .type = VHUB_EV_DEVICE_REMOVED, .vm = d->vm, .device = d->name };
+
+        /* a device.add that failed never announced the device */
+        if (!d->handshaken || d->removed_announced)
+                return;
+        d->removed_announced = true;
+        vhub_context_emit(d->vm->ctx, &ev);
+}
+
 void device_destroy(struct vhub_device *d) {
         struct vhub_vm *vm = d->vm;
         struct vhub_context *ctx = vm->ctx;
 
+        device_announce_removed(d);
         TAILQ_REMOVE(&vm->devices, d, link);
         vm->n_devices--;
         ctx->n_devices--;
@@ -224,6 +236,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->reconnect_ms = p->reconnect_ms;
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;
+        d->stats.state_since_usec = vhub_now_usec();
         d->socket_path = strdup(p->socket_path);
         if (!d->socket_path || vhub_cred_copy(p->cred ? p->cred : &vm->cred, &d->cred) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");

@@ -90,6 +90,23 @@ enum vhub_postcopy_step {
         VHUB_POSTCOPY_END,
 };
 
+/* Control-plane counters since the device was added (device.stats). */
+struct vhub_device_stats {
+        uint64_t requests;            /* front-end requests sent to its back-ends */
+        uint64_t replies;             /* replies received from them */
+        uint64_t timeouts;            /* replies that missed --backend-timeout-ms */
+        uint64_t losses;              /* outages: back-end lost while up */
+        uint64_t backend_requests;    /* requests read on the back-end channel */
+        uint64_t eventfd_skipped;     /* VMM eventfds not signalled (counter full, or broken) */
+        uint64_t handshake_usec;      /* the last successful handshake's duration */
+        uint64_t restore_usec;        /* the last restore's: loss to device.reconnected */
+        bool restored;                /* restore_usec is set */
+        bool lost;                    /* last_loss_* are set */
+        uint64_t last_loss_realtime_usec; /* CLOCK_REALTIME: device.disconnected's timestamp */
+        char last_loss_reason[160];
+        uint64_t state_since_usec;    /* CLOCK_MONOTONIC: when it entered its state */
+};
+
 /* The device's FIFO of operations; struct vhub_op is the engine's own
  * (vhub-device-internal.h). */
 struct vhub_op;
@@ -122,6 +139,8 @@ struct vhub_device {
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
         struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
+        struct vhub_device_stats stats;
+        bool removed_announced;       /* device.removed was emitted */
         uint64_t restored_usec;       /* when the last restore finished */
         uint64_t outage_usec;         /* when the current outage began */
         unsigned outage_failures;     /* restore attempts failed in it */

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/queue.h>
+#include <sys/types.h>
 
 #include "vhub-contract.h" /* enum vhub_event_type and the names */
 
@@ -30,9 +31,14 @@ struct vhub_event_field {
 
 struct vhub_event {
         enum vhub_event_type type;
+        /* When it happened (CLOCK_REALTIME, us) and whose VM it is: stamped
+         * by vhub_context_emit() unless the emitter set the time itself (a
+         * loss's time is also device.stats' last_loss). */
+        uint64_t timestamp_usec;
+        uid_t uid;
         const struct vhub_vm *vm;
         const char *device;              /* NULL for VM events */
-        const char *reason;              /* disconnected, failed */
+        const char *reason;              /* disconnected, failed, vm.destroyed */
         /* reconnected */
         unsigned reconnects;
         bool exact;

@@ -101,6 +101,15 @@ int vhub_info_devices(const struct vhub_vm *vm, struct vhub_device_info **ret, s
         return 0;
 }
 
+void vhub_info_device_stats(const struct vhub_device *d, struct vhub_device_stats_info *ret) {
+        *ret = (struct vhub_device_stats_info){
+                .state = d->state,
+                .since_usec = vhub_now_usec() - d->stats.state_since_usec,
+                .reconnects = d->reconnects,
+                .counters = d->stats,
+        };
+}
+
 int vhub_info_regions(const struct vhub_vm *vm, struct vhub_region_info **ret, size_t *ret_n) {
         struct vhub_region_info *v = info_array(vm->mem.n, sizeof(*v));
 

@@ -67,6 +67,16 @@ struct vhub_device_info {
 /* The VM's devices, in the order they were added (one being removed too). */
 int vhub_info_devices(const struct vhub_vm *vm, struct vhub_device_info **ret, size_t *ret_n);
 
+/* device.stats: the device's counters (vhub-device.h) and where it is now. */
+struct vhub_device_stats_info {
+        enum vhub_device_state state;
+        uint64_t since_usec;             /* in that state */
+        unsigned reconnects;
+        struct vhub_device_stats counters;
+};
+
+void vhub_info_device_stats(const struct vhub_device *dev, struct vhub_device_stats_info *ret);
+
 struct vhub_region_info {
         uint64_t gpa, size, offset, uaddr;
 };

@@ -20,6 +20,7 @@
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 int device_op_error(struct vhub_op *op, int code, const char *request, const char *fmt, ...) {
@@ -83,6 +84,7 @@ static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu
                                        "cannot send %s: %s",
                                        vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
                                        strerror(-r));
+        d->stats.requests++;
         if (r > 0) {
                 op->awaiting++;
                 op->last_unconfirmed = false;
@@ -172,6 +174,7 @@ void device_run_head(struct vhub_device *d) {
                 return;
         }
         op->running = true;
+        op->started_usec = vhub_now_usec();
         op_run(d, op);
 }
 
@@ -194,6 +197,7 @@ void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_
         struct vhub_device *d = userdata;
         struct vhub_op *op = TAILQ_FIRST(&d->ops);
 
+        d->stats.replies++;
         if (!op || !op->running || op->awaiting == 0) {
                 device_mark_lost(d, "reply from the back-end that nothing was waiting for");
                 return;

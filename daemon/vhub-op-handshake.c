@@ -12,6 +12,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-time.h"
 #include "vhub-vm.h"
 
 static void release_handshake_sync(struct vhub_device *d, struct vhub_op *op) {
@@ -292,6 +293,8 @@ void handshake_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t requ
 
 void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         release_handshake_sync(d, op);
+        if (r == 0) /* device.stats: waiting for a memory change included */
+                d->stats.handshake_usec = vhub_now_usec() - op->started_usec;
         if (!op->restore) {
                 if (r < 0) {
                         d->destroy_pending = true;

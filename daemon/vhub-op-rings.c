@@ -26,6 +26,7 @@ int vring_signal(struct vhub_device *d, unsigned index, int fd, const char *what
 
         if (r == 0)
                 return 0;
+        d->stats.eventfd_skipped++;
         if (!vhub_log_ratelimit(&d->eventfd_failures, vhub_now_usec(), &suppressed))
                 return r;
         if (d->eventfd_failures.total > 1)
@@ -593,6 +594,8 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
 void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         d->destroy_pending = true;
+        /* before device.remove answers, as every event of a call */
+        device_announce_removed(d);
         op_complete_call(d, op, 0); /* a back-end that fails its last stop changes nothing */
 }
 

@@ -63,11 +63,19 @@ struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
         return NULL;
 }
 
+/* A VM's own events: vm.created, vm.lingering, vm.destroyed. */
+static void vm_emit(struct vhub_vm *vm, enum vhub_event_type type, const char *reason) {
+        struct vhub_event ev = { .type = type, .vm = vm, .reason = reason, .linger_ms = vm->linger_ms };
+
+        vhub_context_emit(vm->ctx, &ev);
+}
+
 static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_vm *vm = userdata;
 
         vm_log(vm, LOG_INFO, "linger time of %llu ms passed without vm.attach; destroying",
                (unsigned long long)vm->linger_ms);
+        vm->destroy_reason = VHUB_VM_DESTROYED_LINGER_EXPIRED;
         vhub_vm_destroy(vm, NULL);
 }
 
@@ -89,6 +97,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         vm->uid = uid;
         vm->owner = owner;
         vm->linger_ms = linger_ms;
+        vm->destroy_reason = VHUB_VM_DESTROYED_DESTROY;
         vhub_mem_table_init(&vm->mem);
         vhub_shared_table_init(&vm->shared);
         vm->log_fd = -1;
@@ -105,6 +114,8 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         ctx->n_vms++;
         vhub_context_counts_changed(ctx);
         vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
+        /* the creator gets it too: it is the owner */
+        vm_emit(vm, VHUB_EV_VM_CREATED, NULL);
         *ret = vm;
         return 0;
 }
@@ -146,6 +157,9 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 vhub_vm_batch_free(vm->postcopy_batch);
                 vm->postcopy_batch = NULL;
         }
+        /* after its devices' device.removed, before vm.destroy answers (at
+         * shutdown nobody is told: vhub_context_emit() sends nothing) */
+        vm_emit(vm, VHUB_EV_VM_DESTROYED, vm->destroy_reason);
         if (vm->destroy_call) {
                 struct vhub_call *c = vm->destroy_call;
 
@@ -218,7 +232,6 @@ void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
 }
 
 void vhub_vm_owner_gone(struct vhub_vm *vm) {
-        struct vhub_event ev = { 0 };
         struct timeval tv;
 
         vm->owner = NULL;
@@ -226,6 +239,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 return;
         if (vm->linger_ms == 0) {
                 vm_log(vm, LOG_INFO, "owning connection closed; destroying the VM");
+                vm->destroy_reason = VHUB_VM_DESTROYED_OWNER_CLOSED;
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
@@ -233,10 +247,7 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         evtimer_add(vm->linger_timer, &tv);
         vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
                (unsigned long long)vm->linger_ms);
-        ev.type = VHUB_EV_LINGERING;
-        ev.vm = vm;
-        ev.linger_ms = vm->linger_ms;
-        vhub_context_emit(vm->ctx, &ev);
+        vm_emit(vm, VHUB_EV_LINGERING, NULL);
 }
 
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,

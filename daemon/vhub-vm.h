@@ -110,6 +110,8 @@ struct vhub_vm {
         struct vhub_vm_batch *postcopy_batch; /* a postcopy step in progress */
 
         bool destroying;
+        const char *destroy_reason;     /* vm.destroyed's (VHUB_VM_DESTROYED_*): vm.destroy's
+                                         * unless the owner's close or the linger timer ended it */
         bool freeing;                   /* vhub_vm_free() is running: start nothing */
         unsigned holds;                 /* a loop over the devices is running: the last
                                          * device going does not free the VM yet */

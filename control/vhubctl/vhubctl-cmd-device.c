@@ -172,6 +172,62 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
         return CTL_EXIT_OK;
 }
 
+/* ---- counters ---- */
+
+/* A duration in microseconds: "850 us", "12.345 ms", "1.234 s". */
+static void fmt_usec(uint64_t us, char *buf, size_t len) {
+        if (us < 1000)
+                snprintf(buf, len, "%" PRIu64 " us", us);
+        else if (us < 1000000)
+                snprintf(buf, len, "%" PRIu64 ".%03" PRIu64 " ms", us / 1000, us % 1000);
+        else
+                snprintf(buf, len, "%" PRIu64 ".%03" PRIu64 " s", us / 1000000, us / 1000 % 1000);
+}
+
+static uint64_t stat_u64(const json_t *res, const char *key) {
+        uint64_t v = 0;
+
+        (void)vhub_json_object_get_u64(res, key, &v);
+        return v;
+}
+
+int cmd_device_stats(struct ctl *ctl, const struct ctl_args *a) {
+        const json_t *loss;
+        json_t *res = NULL;
+        char buf[64];
+        int r;
+
+        r = ctl_query(ctl, "device.stats", device_params(ctl, a), true, &res);
+        if (r != CTL_EXIT_OK || !res)
+                return r; /* an error, or --json already printed it */
+        fmt_usec(stat_u64(res, "since_ms") * 1000, buf, sizeof(buf));
+        printf("state              %s (for %s)\n", json_string_value(json_object_get(res, "state")) ?: "?", buf);
+        printf("requests           %" PRIu64 "\n", stat_u64(res, "requests"));
+        printf("replies            %" PRIu64 "\n", stat_u64(res, "replies"));
+        printf("timeouts           %" PRIu64 "\n", stat_u64(res, "timeouts"));
+        printf("losses             %" PRIu64 "\n", stat_u64(res, "losses"));
+        printf("reconnects         %" PRIu64 "\n", stat_u64(res, "reconnects"));
+        loss = json_object_get(res, "last_loss");
+        if (json_is_object(loss))
+                printf("last loss          %s: %s\n",
+                       json_string_value(json_object_get(loss, "timestamp")) ?: "?",
+                       json_string_value(json_object_get(loss, "reason")) ?: "?");
+        else
+                printf("last loss          -\n");
+        printf("backend requests   %" PRIu64 "\n", stat_u64(res, "backend_requests"));
+        fmt_usec(stat_u64(res, "handshake_us"), buf, sizeof(buf));
+        printf("handshake          %s\n", buf);
+        if (json_object_get(res, "restore_us"))
+                fmt_usec(stat_u64(res, "restore_us"), buf, sizeof(buf));
+        else
+                snprintf(buf, sizeof(buf), "-");
+        printf("restore            %s\n", buf);
+        if (json_object_get(res, "eventfd_skipped"))
+                printf("eventfd skipped    %" PRIu64 "\n", stat_u64(res, "eventfd_skipped"));
+        json_decref(res);
+        return CTL_EXIT_OK;
+}
+
 /* ---- start / stop / reset ---- */
 
 /* JSON text from a literal, @FILE, or "-" (stdin). */

@@ -18,9 +18,12 @@ int cmd_events(struct ctl *ctl, const struct ctl_args *a) {
 
         if (count && (r = ctl_get_u64(ctl, "--count", count, UINT32_MAX, &max)) != 0)
                 return r;
+        if (vm && ctl_flag(a, "all"))
+                return ctl_usage_error(ctl, "--vm and --all exclude each other");
         sigfd = ctl_signalfd();
         if (sigfd < 0)
                 return ctl_fail(CTL_EXIT_LOCAL, "signalfd: %s", strerror(-sigfd));
+        /* without vm the daemon sends every VM the caller sees (root: every uid's) */
         params = vm ? ctl_vm_params(ctl, vm) : json_object();
         /* without --vm, --uid has no meaning for the daemon: it is not sent */
         r = ctl_call(ctl, "events.subscribe", params, vm != NULL, NULL, 0, NULL, NULL, NULL);

@@ -74,7 +74,9 @@ static const struct ctl_opt_spec opts_device_stop[] = {
         END,
 };
 static const struct ctl_opt_spec opts_events[] = {
-        { "vm", "VM", false, "only this VM's events (default: every VM of the caller's uid; root: all)" },
+        { "vm", "VM", false, "only this VM's events" },
+        { "all", NULL, false,
+          "the events of every VM the caller may see: its uid's; root: every uid's (the default without --vm)" },
         { "count", "N", false, "exit after N events" },
         END,
 };
@@ -158,6 +160,13 @@ const struct ctl_command ctl_commands[] = {
           "type's own bits, and the protocol features.",
           "vhubctl device list vm0\nvhubctl device list vm0 blk0",
           NULL, 1, 2, cmd_device_list },
+        { "device stats", "VM DEVICE", "the device's counters: requests, losses, durations",
+          "The device's control-plane counters since it was added: its state and for how long, vhost-user "
+          "requests sent and replies received, timeouts, losses and restores, the last loss (when and "
+          "why), requests the back-end sent on its channel, the last handshake's and the last restore's "
+          "duration, and the VMM eventfd writes skipped (an eventfd whose counter was full).",
+          "vhubctl device stats vm0 blk0\nvhubctl --json device stats vm0 blk0",
+          NULL, 2, 2, cmd_device_stats },
         { "device start", "VM DEVICE --features F --vrings JSON|@FILE|-",
           "start the vrings (for testing: vhubctl makes the eventfds)",
           "Start the device's vrings with the features the driver acked.  The eventfds vhubctl makes are "
@@ -230,11 +239,14 @@ const struct ctl_command ctl_commands[] = {
           "Columns UUID, OWNER (vmm, or the device that exported it).",
           "vhubctl shared-object list vm0",
           NULL, 1, 1, cmd_shared_object_list },
-        { "events", "[--vm VM] [--count N]", "print events until interrupted",
+        { "events", "[--vm VM | --all] [--count N]", "print events until interrupted",
           "Subscribe and print events as they come, one line each (HH:MM:SS.mmm EVENT VM[/DEVICE] "
-          "KEY=JSON ...; with --json the event's params), until interrupted (exit 0), the daemon closes "
-          "the connection (exit 3), or --count events were printed.",
-          "vhubctl events --vm vm0\nvhubctl --json events | jq -c 'select(.event == \"device.disconnected\")'",
+          "KEY=JSON ...: the time the daemon stamped, in local time, then uid= and the other members; "
+          "with --json the event's params), until interrupted (exit 0), the daemon closes the connection "
+          "(exit 3), or --count events were printed.  Without --vm, every VM the caller may see: root "
+          "sees every uid's VMs come and go.",
+          "vhubctl events --vm vm0\nsudo vhubctl events --all\n"
+          "vhubctl --json events | jq -c 'select(.event == \"device.disconnected\")'",
           opts_events, 0, 0, cmd_events },
         { "call", "METHOD [PARAMS|@FILE|-] [--fd FILE]... [--memfd SIZE]... [--eventfd]...",
           "send any request; prints the raw result",

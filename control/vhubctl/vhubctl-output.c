@@ -177,7 +177,25 @@ int ctl_signalfd(void) {
         return fd < 0 ? -errno : fd;
 }
 
-/* "12:00:01.234 device.disconnected vm0/blk0 reason=..." */
+/* The event's RFC 3339 timestamp ("2026-12-03T10:00:00.123456Z"); false if
+ * it has none or another form. */
+static bool event_time(const json_t *params, struct timespec *ret) {
+        const char *s = json_string_value(json_object_get(params, "timestamp"));
+        struct tm tm = { 0 };
+        unsigned usec;
+        char z;
+        int n = 0;
+
+        if (!s || !(s = strptime(s, "%Y-%m-%dT%H:%M:%S", &tm)) ||
+            sscanf(s, ".%6u%c%n", &usec, &z, &n) != 2 || z != 'Z' || s[n] != '\0')
+                return false;
+        ret->tv_sec = timegm(&tm);
+        ret->tv_nsec = (long)usec * 1000;
+        return ret->tv_sec != (time_t)-1;
+}
+
+/* "12:00:01.234 device.disconnected vm0/blk0 uid=0 reason=...": the time the
+ * daemon stamped (ours for an event without one), in local time. */
 static void print_event_line(const json_t *params, unsigned n_fds) {
         const char *event = json_string_value(json_object_get(params, "event"));
         const char *vm = json_string_value(json_object_get(params, "vm"));
@@ -187,14 +205,16 @@ static void print_event_line(const json_t *params, unsigned n_fds) {
         const char *key;
         json_t *val;
 
-        clock_gettime(CLOCK_REALTIME, &ts);
+        if (!event_time(params, &ts))
+                clock_gettime(CLOCK_REALTIME, &ts);
         localtime_r(&ts.tv_sec, &tm);
         printf("%02d:%02d:%02d.%03ld %s %s%s%s", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
                event ? event : "?", vm ? vm : "-", dev ? "/" : "", dev ? dev : "");
         json_object_foreach((json_t *)params, key, val) {
                 char *s;
 
-                if (strcmp(key, "event") == 0 || strcmp(key, "vm") == 0 || strcmp(key, "device") == 0)
+                if (strcmp(key, "event") == 0 || strcmp(key, "vm") == 0 || strcmp(key, "device") == 0 ||
+                    strcmp(key, "timestamp") == 0)
                         continue;
                 s = json_dumps(val, JSON_COMPACT | JSON_ENCODE_ANY);
                 printf(" %s=%s", key, s ? s : "?");

@@ -184,6 +184,7 @@ int cmd_shared_object_list(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_add(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_remove(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_list(struct ctl *ctl, const struct ctl_args *a);
+int cmd_device_stats(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_start(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_stop(struct ctl *ctl, const struct ctl_args *a);
 int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a);

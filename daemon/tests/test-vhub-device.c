@@ -17,7 +17,10 @@
  *               commits; one fails on resume and frees its device while
  *               the next one is resumed (a use-after-free once)
  *
- * Every event goes to two sinks, which must see the same.  At the end the
+ * Lifecycle events (vm.created, device.added/started/stopped/removed,
+ * vm.destroyed), and device.stats' counts against what the fake back-ends
+ * received and answered.  Every event goes to two sinks, which must see
+ * the same, timestamps included (the model stamps an event once).  At the end the
  * process holds the fds it held at the start.
  *
  *   test-vhub-device
@@ -70,6 +73,7 @@ struct fake {
         unsigned max_mem_slots;
         unsigned connections;
         unsigned counts[_VHU_REQ_MAX];  /* requests received, all connections */
+        unsigned replies;               /* replies sent, all connections */
         uint32_t vring_base[2];         /* the last SET_VRING_BASE per ring */
         uint32_t stop_base;             /* what GET_VRING_BASE answers */
         uint32_t ignore;                /* a request left unanswered, once */
@@ -81,6 +85,21 @@ struct fake {
 
 static void fake_send(struct fake *f, struct vhu_msg *r) {
         CHECK_EQ(vhu_send_msg_blocking(f->fd, r, 1000), 0);
+        f->replies++;
+}
+
+static unsigned fake_requests(const struct fake *f) {
+        unsigned n = 0;
+
+        for (unsigned i = 0; i < _VHU_REQ_MAX; i++)
+                n += f->counts[i];
+        return n;
+}
+
+/* The device counted what its back-end saw (device.stats), once both are idle. */
+static void check_counted(const struct vhub_device *d, const struct fake *f) {
+        CHECK_EQ(d->stats.requests, fake_requests(f));
+        CHECK_EQ(d->stats.replies, f->replies);
 }
 
 static void fake_reply(struct fake *f, const struct vhu_msg *m) {
@@ -236,6 +255,8 @@ static void fake_release(struct fake *f) {
 
 struct seen_event {
         enum vhub_event_type type;
+        uint64_t timestamp_usec;
+        uid_t uid;
         char device[VHUB_NAME_MAX + 1];
         char reason[200];
         unsigned reconnects;
@@ -269,6 +290,8 @@ static void sink_emit(void *userdata, const struct vhub_event *ev) {
         CHECK(s->n < MAX_EVENTS);
         e = &s->events[s->n++];
         e->type = ev->type;
+        e->timestamp_usec = ev->timestamp_usec;
+        e->uid = ev->uid;
         snprintf(e->device, sizeof(e->device), "%s", ev->device ? ev->device : "");
         snprintf(e->reason, sizeof(e->reason), "%s", ev->reason ? ev->reason : "");
         e->reconnects = ev->reconnects;
@@ -494,13 +517,18 @@ static void test_lifecycle(struct env *e) {
         plain.features = UINT64_C(1) << VHU_VIRTIO_F_VERSION_1;
         plain.pf_offer = 0;
         {
+                unsigned from = e->sinks[0].n;
                 struct vhub_vm *vm = vm_new(e, "vm0");
 
+                CHECK_EQ(events_of(e, from, VHUB_EV_VM_CREATED, "", NULL), 1);
                 CHECK_EQ(memory_add(e, vm, 0, &mem), 0);
                 d = device_add(e, vm, "d0", &f);
                 CHECK_EQ(f.counts[VHU_REQ_SET_OWNER], 1);
                 CHECK_EQ(f.counts[VHU_REQ_ADD_MEM_REG], 1);
                 CHECK_EQ(d->protocol_features, PF);
+                CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_ADDED, "d0", NULL), 1);
+                check_counted(d, &f);
+                CHECK(d->stats.handshake_usec > 0);
 
                 /* start: every ring set up, then one kick each */
                 CHECK_EQ(device_start(e, d, kick), 0);
@@ -525,6 +553,10 @@ static void test_lifecycle(struct env *e) {
                 CHECK_EQ(d->state, VHUB_DEV_STOPPED);
                 CHECK_EQ(c.call.out.device_stop.n_vrings, 2);
                 CHECK_EQ(c.call.out.device_stop.vrings[1].base, 5);
+                CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_STARTED, "d0", NULL), 1);
+                CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_STOPPED, "d0", NULL), 1);
+                check_counted(d, &f);
+                CHECK_EQ(d->stats.losses + d->stats.timeouts + d->stats.backend_requests, 0);
 
                 /* the barrier device goes the same way */
                 p = device_add(e, vm, "plain", &plain);
@@ -534,9 +566,22 @@ static void test_lifecycle(struct env *e) {
                 CHECK(plain.counts[VHU_REQ_GET_FEATURES] >= 4); /* the offer and a barrier per stage */
                 CHECK_EQ(plain.counts[VHU_REQ_SET_VRING_ENABLE], 0);
 
+                check_counted(p, &plain);
                 vm_gone(e, vm);
                 /* the running device was stopped before its back-end was let go */
                 CHECK_EQ(plain.counts[VHU_REQ_GET_VRING_BASE], 2);
+                /* each device's end, then the VM's; every event stamped, with the VM's uid */
+                CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_REMOVED, "d0", NULL), 1);
+                CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_REMOVED, "plain", NULL), 1);
+                CHECK_EQ(events_of(e, from, VHUB_EV_VM_DESTROYED, "", NULL), 1);
+                CHECK_EQ(e->sinks[0].events[e->sinks[0].n - 1].type, VHUB_EV_VM_DESTROYED);
+                CHECK_EQ(strcmp(e->sinks[0].events[e->sinks[0].n - 1].reason, VHUB_VM_DESTROYED_DESTROY), 0);
+                for (unsigned i = from; i < e->sinks[0].n; i++) {
+                        CHECK(e->sinks[0].events[i].timestamp_usec > 0);
+                        CHECK(i == from || e->sinks[0].events[i].timestamp_usec >=
+                                                   e->sinks[0].events[i - 1].timestamp_usec);
+                        CHECK_EQ(e->sinks[0].events[i].uid, e->cred.uid);
+                }
         }
         CHECK_EQ(e->ctx.n_vms, 0);
         CHECK_EQ(e->ctx.n_devices, 0);
@@ -579,6 +624,12 @@ static void test_loss_and_restore(struct env *e) {
         CHECK_EQ(f.connections, 2);
         CHECK_EQ(f.vring_base[0], 3); /* restarted at the used index */
         CHECK_EQ(d->reconnects, 1);
+        CHECK_EQ(d->stats.losses, 1);
+        CHECK(d->stats.lost && d->stats.restored && d->stats.restore_usec > 0);
+        events_of(e, from, VHUB_EV_DISCONNECTED, "d1", &ev);
+        CHECK_EQ(ev->timestamp_usec, d->stats.last_loss_realtime_usec);
+        CHECK_EQ(strcmp(ev->reason, d->stats.last_loss_reason), 0);
+        check_counted(d, &f);
 
         /* a request left unanswered: -32007, the back-end is lost and restored */
         from = e->sinks[0].n;
@@ -598,6 +649,12 @@ static void test_loss_and_restore(struct env *e) {
         CHECK_EQ(f.connections, 4);
         CHECK_EQ(config_get(e, d, &c), 0);
         CHECK_EQ(d->reconnects, 3);
+        CHECK_EQ(d->stats.losses, 3);
+        CHECK_EQ(d->stats.timeouts, 1);
+        /* every reply but the one that broke the protocol (a loss, not a reply) */
+        CHECK_EQ(d->stats.requests, fake_requests(&f));
+        CHECK_EQ(d->stats.replies, f.replies - 1);
+        CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_STARTED, "d1", NULL), 0); /* a restore is not a start */
 
         vm_gone(e, vm);
         close(mem);
@@ -616,6 +673,7 @@ static void test_parked_handshakes(struct env *e) {
         struct vhub_region r2;
         struct vhub_device *db, *dc;
         struct vhub_vm *vm;
+        unsigned from;
 
         fake_start(&a, e->base, e->backends, "a");
         fake_start(&b, e->base, e->backends, "b");
@@ -642,8 +700,13 @@ static void test_parked_handshakes(struct env *e) {
         RUN_UNTIL(e, vhub_device_is_parked(db) && vhub_device_is_parked(dc));
         CHECK_EQ(b.counts[VHU_REQ_ADD_MEM_REG], 0);
 
+        from = e->sinks[0].n;
         fake_release(&a);
         RUN_UNTIL(e, mem_add.done && add_b.done && add_c.done);
+        /* a failed device.add announces nothing */
+        CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_ADDED, "B", NULL), 0);
+        CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_REMOVED, "B", NULL), 0);
+        CHECK_EQ(events_of(e, from, VHUB_EV_DEVICE_ADDED, "C", NULL), 1);
         CHECK_EQ(mem_add.call.result, 0);
         CHECK(add_b.call.result < 0);
         CHECK_EQ(add_b.call.error.code, VHUB_ERR_LIMIT);

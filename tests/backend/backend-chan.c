@@ -97,6 +97,7 @@ int tb_chan_send(struct tb_conn *c, uint32_t request, bool need_reply, const voi
         if (r < 0)
                 return r;
         c->chan_sent++;
+        c->sock->backend_requests++;
         tb_debug("sock%u: chan -> %s flags 0x%x", c->sock->index,
                  vhu_request_name(VHU_DIR_BACKEND, request), flags);
         tb_chan_flush(c);

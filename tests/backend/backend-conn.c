@@ -109,6 +109,7 @@ static void conn_queue(struct tb_conn *c, struct vhu_msg *reply) {
                 tb_conn_fail(c, "queue reply: %s", strerror(-r));
                 return;
         }
+        c->sock->replies++;
         tb_conn_flush(c);
 }
 
@@ -611,6 +612,7 @@ static void send_misbehaving(struct tb_conn *c, const struct tb_rule *rule, stru
                 break;
         }
         conn_send_raw(c, &hdr, reply->payload.raw, len, fds, n_fds);
+        c->sock->replies++;
         for (unsigned i = reply->n_fds; i < n_fds; i++)
                 close(fds[i]);
 }

@@ -275,13 +275,14 @@ static json_t *pf_names(uint64_t pf) {
 
 static json_t *sock_json(const struct tb_sock *s) {
         const struct tb_conn *c = s->conn;
-        json_t *o = json_pack("{s:i,s:s,s:s,s:b,s:I,s:I,s:I,s:I,s:I}",
+        json_t *o = json_pack("{s:i,s:s,s:s,s:b,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
                 "index", (int) s->index, "path", s->path,
                 "mode", s->connect_mode ? "connect" : "listen", "connected", c != NULL,
                 "connections", (json_int_t) s->connections,
                 "unknown_requests", (json_int_t) s->unknown_requests,
                 "protocol_errors", (json_int_t) s->protocol_errors,
-                "fetched", (json_int_t) s->fetched, "completed", (json_int_t) s->completed);
+                "fetched", (json_int_t) s->fetched, "completed", (json_int_t) s->completed,
+                "replies", (json_int_t) s->replies, "backend_requests", (json_int_t) s->backend_requests);
         json_object_set_new(o, "last_error", s->last_error[0] ? json_string(s->last_error) : json_null());
 
         json_t *reqs = json_object();

@@ -270,6 +270,9 @@ struct tb_sock {
         unsigned fail_handshake_left;
         uint64_t requests[_VHU_REQ_MAX];
         uint64_t unknown_requests, protocol_errors;
+        /* every connection's: replies sent, requests sent on the back-end
+         * channel (a front-end's counters can be checked against these) */
+        uint64_t replies, backend_requests;
         uint64_t fetched, completed;
         char last_error[160];
 

@@ -98,3 +98,14 @@ hostile = {
 for n, b in hostile.items():
     open(os.path.join(d, n), 'wb').write(b)
 print(len(hostile))
+
+# device.stats and the lifecycle events (built last: earlier seeds keep their ids)
+events = {
+ 'stats-lifecycle-events': seed(0, (0, req("events.subscribe", {})), *setup(),
+        (0, req("device.stats", dev())), (3, req("device.start", dev(features="0x100000000", vrings=[ring(0, 1, 2)]), fds=3)),
+        (0, req("device.stats", dev()) + req("device.stop", dev()) + req("device.stats", dev(uid=0))),
+        (0, req("device.remove", dev()) + req("device.stats", dev()) + req("vm.destroy", V))),
+}
+for n, b in events.items():
+    open(os.path.join(d, n), 'wb').write(b)
+print(len(events))

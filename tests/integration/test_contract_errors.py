@@ -532,6 +532,7 @@ ALL_METHODS_NAMING_A_VM = [
     ("shared_object.list", {}, 0),
     ("device.backend_reply", {"device": "d0", "token": 1, "result": 0}, 0),
     ("events.subscribe", {}, 0),
+    ("device.stats", {"device": "d0"}, 0),
 ]
 
 DEVICE_METHODS = [(m, p, n) for m, p, n in ALL_METHODS_NAMING_A_VM

@@ -173,6 +173,19 @@ def vm_names(client_or_list):
     return sorted((v["vm"], v["uid"]) for v in vms)
 
 
+def events_until(client, pred, timeout=5.0, got=None):
+    """Every event queued on client up to and including the first pred
+    accepts (got: those collected before, kept in order)."""
+    got = [] if got is None else got
+    deadline = time.monotonic() + timeout
+    while not any(pred(e) for e in got):
+        if time.monotonic() > deadline:
+            raise TestFailure("FAILED: no such event within %.1fs; got %r" % (timeout, got))
+        got += client.events()
+        time.sleep(0.01)
+    return got
+
+
 def same_error_modulo_name(a, b, name_a, name_b):
     """Two error dicts are identical once the VM names are swapped."""
     da = json.dumps(a, sort_keys=True).replace(name_a, "<VM>")
@@ -287,27 +300,49 @@ def isolation(t, d, daemon, c, fb, socks):
     info = agent.call("daemon.info")
     check_eq((info["vms"], info["devices"]), (1, 1), "uid %d: daemon.info counts its device" % USER)
 
-    # events: a subscriber of uid 65534 gets nothing of root's VMs
+    # events: a subscriber of uid 65534 gets nothing of root's VMs, whatever
+    # the event; root's subscription without vm gets every uid's
+    agent.events()          # its own VM's events so far (it owns vm0)
     agent.call("events.subscribe", {})
     sub = daemon.client()
     sub.call("events.subscribe", {})
     tmp = daemon.client()
     tmp.call("vm.create", {"vm": "rl", "linger_ms": 60000})
+    tmp.call("device.add", {"vm": "rl", "device": "d", "socket": socks[2]})
     tmp.close()
-    ev = sub.wait_event(lambda e: e["event"] == "vm.lingering" and e["vm"] == "rl", 5)
-    check_eq(ev["linger_ms"], 60000, "root's subscriber sees root's vm.lingering")
-    check_eq(agent.events(wait=0.3), [], "uid %d's subscriber sees no event of root's VMs" % USER)
+    got = events_until(sub, lambda e: e["event"] == "vm.lingering" and e["vm"] == "rl")
+    check_eq(got[-1]["linger_ms"], 60000, "root's subscriber sees root's vm.lingering")
+    agent.call("vm.create", {"vm": "uvm"})
+    agent.call("vm.destroy", {"vm": "uvm"})
     e = agent.error("vm.attach", {"vm": "rl"})
     check_error(e, NO_SUCH_VM, "uid %d: vm.attach of root's lingering VM" % USER)
     e = agent.error("vm.attach", {"vm": "rl", "uid": 0})
     check_error(e, NO_SUCH_VM, "uid %d: vm.attach of root's lingering VM with uid 0" % USER)
     c.call("vm.destroy", {"vm": "rl"})
-    sub.close()
+    got = events_until(sub, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "rl", got=got)
+    seen = [(e["event"], e["vm"], e["uid"], e.get("device"), e.get("reason")) for e in got]
+    check_eq([x for x in seen if x[1] in ("rl", "uvm")],
+             [("vm.created", "rl", 0, None, None), ("device.added", "rl", 0, "d", None),
+              ("vm.lingering", "rl", 0, None, None), ("vm.created", "uvm", USER, None, None),
+              ("vm.destroyed", "uvm", USER, None, "destroy"), ("device.removed", "rl", 0, "d", None),
+              ("vm.destroyed", "rl", 0, None, "destroy")],
+             "root's subscription without vm: root's VMs' events and uid %d's, each with its uid" % USER)
+    mine = agent.events(wait=0.3)
+    check_eq([(e["event"], e["vm"], e["uid"]) for e in mine],
+             [("vm.created", "uvm", USER), ("vm.destroyed", "uvm", USER)],
+             "uid %d's subscriber sees its own VM's events and no trace of root's VMs "
+             "(vm.created, device.added, vm.lingering, device.removed, vm.destroyed)" % USER)
 
     # the user's connection closes: its VM goes, root's stay
     agent.close("a")
     procs_wait(lambda: ("vm0", USER) not in vm_names(c), 5,
                "the user's vm0 destroyed with its connection")
+    got = events_until(sub, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "vm0")
+    check_eq([(e["event"], e["vm"], e["uid"], e.get("device"), e.get("reason")) for e in got],
+             [("device.removed", "vm0", USER, "blk1", None),
+              ("vm.destroyed", "vm0", USER, None, "owner_closed")],
+             "root's subscriber: uid %d's VM went with its connection (reason owner_closed)" % USER)
+    sub.close()
     check_eq(vm_names(c), [("rootonly", 0), ("vm0", 0)], "root's VMs survive the user's close")
     # and the user's device's back-end connection was closed: the export is free
     c.call("vm.create", {"vm": "probe"})
@@ -340,7 +375,15 @@ def limits_per_uid(t, d):
     daemon.stop()
 
 
+def brief(events):
+    return [(e["event"], e["vm"], e.get("device"), e.get("reason")) for e in events]
+
+
 def lifetime(t, d, daemon, c, fb, socks):
+    # every VM's life as a subscriber of the same uid sees it
+    watch = daemon.client()
+    watch.call("events.subscribe", {})
+    fb.reset(c)             # watch's connection is one fd more until the end
     # A VM is destroyed when its creating connection closes.
     own = daemon.client()
     own.call("vm.create", {"vm": "eph"})
@@ -349,13 +392,22 @@ def lifetime(t, d, daemon, c, fb, socks):
     os.close(m)
     own.call("device.add", {"vm": "eph", "device": "b", "socket": socks[3]})
     check(("eph", 0) in vm_names(c), "another connection of the same uid sees eph")
+    check_eq(brief(own.events()), [("vm.created", "eph", None, None), ("device.added", "eph", "b", None)],
+             "the creating connection gets vm.created and device.added")
     own.close()
     procs_wait(lambda: ("eph", 0) not in vm_names(c), 5, "eph destroyed when its connection closed")
     log("ok: the VM went away with its creating connection")
+    got = events_until(watch, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "eph")
+    check_eq(brief(got), [("vm.created", "eph", None, None), ("device.added", "eph", "b", None),
+                          ("device.removed", "eph", "b", None), ("vm.destroyed", "eph", None, "owner_closed")],
+             "a subscriber sees eph's whole life; vm.destroyed's reason: owner_closed")
     c.call("vm.create", {"vm": "probe"})
     c.call("device.add", {"vm": "probe", "device": "p", "socket": socks[3]}, timeout=5)
     log("ok: its back-end connection was closed: the qsd export accepts a new front-end")
     c.call("vm.destroy", {"vm": "probe"})
+    got = events_until(watch, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "probe")
+    check_eq(brief(got)[-2:], [("device.removed", "probe", "p", None), ("vm.destroyed", "probe", None, "destroy")],
+             "vm.destroy: the device's device.removed, then vm.destroyed with reason destroy")
     fb.after("a VM destroyed with its connection")
 
     # With linger_ms it survives; subscribers get vm.lingering; vm.attach takes it over.
@@ -367,7 +419,8 @@ def lifetime(t, d, daemon, c, fb, socks):
     other = daemon.client()
     expect_rpc(other, "vm.attach", {"vm": "lin"}, WRONG_STATE,
                what="vm.attach of a VM whose owner is connected")
-    check_eq(sub.events(), [], "no event before the owner closes")
+    check_eq(brief(sub.events()), [("vm.created", "lin", None, None), ("device.added", "lin", "b", None)],
+             "no event but vm.created and device.added before the owner closes")
     owner.close()
     t_close = time.monotonic()
     ev = sub.wait_event(lambda e: e["event"] == "vm.lingering" and e["vm"] == "lin", 5)
@@ -393,6 +446,9 @@ def lifetime(t, d, daemon, c, fb, socks):
     check(("lin", 0) in vm_names(c), "still there halfway through linger_ms")
     procs_wait(lambda: ("lin", 0) not in vm_names(c), 5, "lin destroyed after linger_ms")
     took = time.monotonic() - t_close
+    got = events_until(sub, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "lin")
+    check_eq(brief(got), [("device.removed", "lin", "b", None), ("vm.destroyed", "lin", None, "linger_expired")],
+             "lin's end: device.removed, then vm.destroyed with reason linger_expired")
     check(1.3 <= took < 3.5, "destroyed about linger_ms (1500) after the close", "%.2fs" % took)
     c.call("vm.create", {"vm": "probe"})
     c.call("device.add", {"vm": "probe", "device": "p", "socket": socks[3]}, timeout=5)
@@ -409,7 +465,14 @@ def lifetime(t, d, daemon, c, fb, socks):
     procs_wait(lambda: ("lin2", 0) in vm_names(c), 2, "lin2 lingers")
     c.call("vm.destroy", {"vm": "lin2"})
     expect_rpc(c, "vm.attach", {"vm": "lin2"}, NO_SUCH_VM, what="vm.attach of a destroyed VM")
+    got = events_until(watch, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "lin2")
+    check_eq(brief([e for e in got if e["vm"] == "lin2"]),
+             [("vm.created", "lin2", None, None), ("vm.lingering", "lin2", None, None),
+              ("vm.destroyed", "lin2", None, "destroy")],
+             "a lingering VM destroyed by vm.destroy: reason destroy")
     fb.after("vm.destroy of a lingering VM")
+    watch.close()
+    fb.reset(c)
 
 
 def main(t):

@@ -70,7 +70,8 @@ def part_rapid_kills(t, d, daemon, c, mem, seed):
 
     def collect():
         for e in c.events():
-            if e.get("device") == "blk0" and e.get("vm") == "vm-rapid":
+            if e.get("device") == "blk0" and e.get("vm") == "vm-rapid" and \
+                    e["event"] in ("device.disconnected", "device.reconnected"):
                 events.append(e)
     rnd = random.Random(seed)
     for _ in range(40):

@@ -30,6 +30,7 @@ extension).  -32010: a missing socket inside the back-end directory says
 """
 
 import base64
+import datetime
 import json
 import os
 import re
@@ -414,6 +415,20 @@ def main(t):
     ctl.run("vm", "dirty-log", "start", "vm0", expect=1)
     ctl.run("vm", "dirty-log", "stop", "vm0")
     ctl.run("vm", "dirty-log", "stop", "vm0", expect=1)
+    # device stats: the daemon's counters, the same both ways
+    st = c.call("device.stats", {"vm": "vm0", "device": "blk0"})
+    j = ctl.json("device", "stats", "vm0", "blk0")
+    check_eq({k: v for k, v in j.items() if k != "since_ms"}, {k: v for k, v in st.items() if k != "since_ms"},
+             "device stats --json: device.stats' result")
+    one = kv(ctl.run("device", "stats", "vm0", "blk0")[0])
+    check(one["state"].startswith("running (for ") and one["requests"] == str(st["requests"]) and
+          one["replies"] == str(st["replies"]) and one["losses"] == "0" and one["last loss"] == "-" and
+          one["restore"] == "-" and re.fullmatch(r"\d+(\.\d{3})? (us|ms|s)", one["handshake"]) is not None,
+          "device stats: one line per counter", one)
+    check(st["requests"] > 0 and st["replies"] > 0 and st["handshake_us"] > 0, "device stats: counted", st)
+    _, err = ctl.run("device", "stats", "vm0", "nodev", expect=1)
+    check("-32002" in err, "device stats of an unknown device: -32002")
+
     # qemu-storage-daemon has neither GET_VRING_BASE_SKIP_DRAIN nor INBAND_NOTIFICATIONS
     _, err = ctl.run("device", "stop", "vm0", "blk0", "--no-drain", expect=1)
     check("-32005" in err and "GET_VRING_BASE_SKIP_DRAIN" in err, "device stop --no-drain: -32005")
@@ -485,9 +500,29 @@ def main(t):
              "events --vm --json: one JSON object per line")
     p = ctl.spawn("events", "--count", "1")
     out, _ = wait_for_event(ctl, p, linger_once)
-    check(re.match(r"^\d\d:\d\d:\d\d\.\d{3} vm\.lingering vm0 linger_ms=%d$" % LINGER_MS,
+    check(re.match(r"^\d\d:\d\d:\d\d\.\d{3} vm\.lingering vm0 uid=0 linger_ms=%d$" % LINGER_MS,
                    out.strip()) is not None, "events table line", out.strip())
     ctl.run("events", "--vm", "nope", "--count", "1", expect=1)
+    # --all as root: every uid's VMs, here one root makes for uid 4242 (this
+    # test's connection owns it, not vhubctl's)
+    def other_uid():
+        c.call("vm.create", {"vm": "theirs", "uid": 4242})
+        c.call("vm.destroy", {"vm": "theirs", "uid": 4242})
+
+    before = time.time()
+    p = ctl.spawn("events", "--all", "--count", "2")
+    out, _ = wait_for_event(ctl, p, other_uid)
+    lines = out.strip().splitlines()
+    # (the subscription may start between a create and its destroy)
+    kinds = sorted(re.sub(r"^\d\d:\d\d:\d\d\.\d{3} ", "", x) for x in lines)
+    check(len(lines) == 2 and kinds == ["vm.created theirs uid=4242",
+                                        "vm.destroyed theirs uid=4242 reason=\"destroy\""],
+          "events --all as root: another uid's VM comes and goes, one line each", out)
+    stamped = datetime.datetime.strptime(lines[0][:12], "%H:%M:%S.%f").time()
+    lo, hi = (datetime.datetime.fromtimestamp(x).time() for x in (before - 1, time.time()))
+    check(lo <= stamped <= hi or lo > hi, "events: the line's time is the event's (local time)",
+          (lo, stamped, hi))
+    ctl.run("events", "--all", "--vm", "vm0", expect=2)
     # interrupted: exit 0
     p = ctl.spawn("events")
     time.sleep(0.3)

@@ -258,7 +258,7 @@ def main(t):
           "completion: device add's options", out[2])
     check_eq(out[3], "client server", "completion: device add --mode <TAB>")
     check_eq(out[4], "completion-vm", "completion: VM names the daemon lists")
-    check_eq(out[5], "start state stop", "completion: vhubctl help device st<TAB>")
+    check_eq(out[5], "start state stats stop", "completion: vhubctl help device st<TAB>")
     check_eq(out[6], "--no-drain", "completion: device stop's options")
 
     keeper.stdin.close()
