@@ -2,26 +2,20 @@
 
 Each attack runs as a uid that is not root: the file-system moves through
 run_as() (a forked child with that uid's credentials), the control calls
-through vhubtest.limits.UnprivAgent (a child process with its own
-connections).  Victims are files and directories of root's (or of another
-uid's) that the attacking uid cannot touch itself; snapshot() records what
-must not change.
+through Child (the same, talking to the test over two pipes) or
+vhubtest.limits.UnprivAgent (a child process with its own connections).
+Victims are files and directories of root's (or of another uid's) that the
+attacking uid cannot touch itself; vhubtest.victims.snapshot() records
+what must not change.
 """
 
-import hashlib
 import os
-import signal
-import socket
-import stat
-import struct
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import procs                              # noqa: E402
-from vhubtest.daemon import vhubd_path                  # noqa: E402
-from vhubtest.testing import Skip, TestFailure, check  # noqa: E402
+from vhubtest.daemon import Daemon                      # noqa: E402
+from vhubtest.testing import Skip, TestFailure          # noqa: E402
 
 USER = 65534        # the attacker (nobody)
 OTHER = 4321        # another unprivileged uid
@@ -73,91 +67,79 @@ def write_file(path, data, owner=0, mode=0o600):
     return path
 
 
-def snapshot(*paths):
-    """inode, owner, mode, size, mtime, content (files) and entries
-    (directories, recursively) of each path."""
-    snap = {}
+class Child:
+    """fn(*args, to_test, from_test) run as uid in a forked child (run_as()):
+    it writes to the test through to_test and reads from_test; the test
+    reads (read(), readline()) and writes (write()) the other ends, and
+    wait()s for it."""
 
-    def one(p):
+    def __init__(self, uid, fn, *args):
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(r1)
+                os.close(w2)
+                code = run_as(uid, fn, *args, w1, r2)
+            finally:
+                os._exit(code)     # never back into the test's own code
+        os.close(w1)
+        os.close(r2)
+        self.r = os.fdopen(r1, "rb", buffering=0)
+        self.w = w2
+
+    def read(self, n=1):
+        return self.r.read(n)
+
+    def readline(self):
+        """One line (bytes, without its newline)."""
+        line = b""
+        while not line.endswith(b"\n"):
+            c = self.r.read(1)
+            if not c:
+                break
+            line += c
+        return line.strip()
+
+    def write(self, data):
         try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            snap[p] = None
-            return
-        entry = (st.st_ino, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), stat.S_IFMT(st.st_mode),
-                 st.st_size, st.st_mtime_ns)
-        if stat.S_ISREG(st.st_mode):
-            with open(p, "rb") as f:
-                entry += (hashlib.sha256(f.read()).hexdigest(),)
-        snap[p] = entry
-        if stat.S_ISDIR(st.st_mode):
-            names = sorted(os.listdir(p))
-            snap[p + "/"] = names
-            for n in names:
-                one(os.path.join(p, n))
-    for p in paths:
-        one(p)
-    return snap
+            os.write(self.w, data)
+        except BrokenPipeError:
+            pass                # it is gone already; wait() says how
+
+    def wait(self):
+        """Tells it to finish (one byte) and waits; its exit status."""
+        self.write(b"x")
+        _, status = os.waitpid(self.pid, 0)
+        self.r.close()
+        os.close(self.w)
+        return os.waitstatus_to_exitcode(status)
 
 
-def check_unchanged(before, after, what):
-    changed = sorted(set(before) ^ set(after)) + \
-        sorted(k for k in set(before) & set(after) if before[k] != after[k])
-    check(not changed, "%s: exactly as before" % what,
-          "; ".join("%s: %s -> %s" % (k, before.get(k), after.get(k)) for k in changed[:6]))
+def workdir(t):
+    """Root's work directory for an attack, that every uid may traverse."""
+    need_root()
+    d = t.tmpdir(prefix="vhubrt-")
+    os.chmod(d, 0o755)
+    return d
 
 
-class NotifyListener:
-    """systemd's side of sd_notify(): a datagram socket that learns the
-    sender's pid (SO_PASSCRED); messages are (monotonic time, pid, fields)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(path)
-
-    def recv(self, timeout):
-        """One message, or None after timeout seconds."""
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-        except socket.timeout:
-            return None
-        pid = None
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("iII", payload[:12])[0]
-        fields = dict(line.partition("=")[::2] for line in data.decode().split("\n") if line)
-        return (time.monotonic(), pid, fields)
-
-    def wait_for(self, key, value, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = self.recv(deadline - time.monotonic())
-            if m and m[2].get(key) == value:
-                return m
-        raise TestFailure("FAILED: no %s=%s notification within %.1fs" % (key, value, timeout))
-
-    def close(self):
-        self.sock.close()
+def start_daemon(t, d, args=(), cls=Daemon, **kw):
+    """vhubd in d with a control socket every uid may connect to and a
+    back-end directory every uid may traverse; its log shown with the
+    test's."""
+    daemon = t.enter(cls(d, extra_args=["--control-mode", "0666"] + list(args), **kw))
+    os.chmod(daemon.backend_dir, 0o755)
+    t.add_log("vhubd", daemon.log_path)
+    return daemon
 
 
-def spawn_vhubd_watched(t, d, args, env, name="vhubd"):
-    """vhubd through `sh -c 'WATCHDOG_PID=$$ exec ...'` (the pid systemd
-    would know is the daemon's own), its log in d; killed at the end."""
-    log_path = os.path.join(d, name + ".log")
-    t.add_log(name + " log", log_path)
-    argv = ["sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", vhubd_path()] + list(args)
-    p = procs.spawn(argv, log_path=log_path, env=env)
-    t.defer(procs.reap, p, signal.SIGKILL)
-    return p
-
-
-def service_env(**extra):
-    """The environment without what a service manager would have set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                        "LISTEN_FDNAMES", "JOURNAL_STREAM", "RUNTIME_DIRECTORY")}
-    env.update(extra)
-    return env
+def limited_daemon(nofile):
+    """A Daemon class whose vhubd runs under prlimit --nofile (prlimit execs
+    it: the same pid)."""
+    class LimitedDaemon(Daemon):
+        def argv(self):
+            return ["prlimit", "--nofile=%d:%d" % (nofile, nofile), "--"] + super().argv()
+    return LimitedDaemon

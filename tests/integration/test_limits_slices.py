@@ -20,9 +20,7 @@ still run, in order ("end" comes, the connection stays).
 
 import json
 import os
-import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,41 +51,22 @@ def main(t):
     one = json.dumps({"jsonrpc": "2.0", "method": "vm.memory.list", "params": {"vm": "big"}},
                      separators=(",", ":")).encode() + b"\n"
     end = b'{"jsonrpc":"2.0","id":"end","method":"daemon.info"}\n'
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.connect(daemon.control)
-    s.settimeout(120)
-    order = []
-    lock = threading.Lock()
-
-    def read_end():
-        buf = b""
-        while b'"id":"end"' not in buf:
-            data = s.recv(1 << 16)
-            if not data:
-                break
-            buf += data
-        with lock:
-            order.append("end" if b'"id":"end"' in buf else "closed")
-
-    reader = threading.Thread(target=read_end)
-    reader.start()
+    busy = daemon.client()
     start = time.monotonic()
-    s.sendall(b" " * (1000 * 1024))
+    busy.send_raw(b" " * (1000 * 1024))
     time.sleep(0.5)
-    s.sendall(b"\n" + one * LINES + end)
+    busy.send_raw(b"\n" + one * LINES + end)
     time.sleep(0.2)
     other = daemon.client()
     check_eq(other.call("daemon.info", timeout=60)["pid"], daemon.pid, "another connection is served")
-    with lock:
-        order.append("other")
+    first = not busy.has_response("end")
     other.close()
-    reader.join(120)
-    log("order of the answers: %s; %d lines and \"end\" took %.1f s"
-        % (order, LINES, time.monotonic() - start))
-    check("end" in order, "the first connection's lines all ran and \"end\" was answered", order)
-    check_eq(order, ["other", "end"],
-             "the other connection was answered while the %d lines were still being run" % LINES)
-    s.close()
+    check_eq(busy.wait_response("end", 120).result["pid"], daemon.pid,
+             "the first connection's lines all ran and \"end\" was answered")
+    log("%d lines and \"end\" took %.1f s; the other connection was answered %s"
+        % (LINES, time.monotonic() - start, "first" if first else "after \"end\""))
+    check(first, "the other connection was answered while the %d lines were still being run" % LINES)
+    busy.close()
 
 
 run(main)

@@ -21,9 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import OTHER, USER, need_root, run_as           # noqa: E402
+from redteam import OTHER, USER, Child, run_as, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client, ClientError, RpcError    # noqa: E402
-from vhubtest.daemon import Daemon                           # noqa: E402
 from vhubtest.testing import check, log, run                 # noqa: E402
 
 MAX = 300
@@ -68,19 +67,10 @@ def other_served(control):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"], log_level="info"))
-    t.add_log("vhubd", daemon.log_path)
-
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(run_as(USER, hog, daemon.control, w1, r2))
+    daemon = start_daemon(t, workdir(t), log_level="info")
+    hogger = Child(USER, hog, daemon.control)
     try:
-        line = os.fdopen(r1).readline().split(" ", 1)
+        line = hogger.readline().decode().split(" ", 1)
         log("uid %d holds %s connections (then: %s)" % (USER, line[0], line[1].strip()))
         why = served(daemon.control)
         other = run_as(OTHER, other_served, daemon.control)
@@ -92,8 +82,7 @@ def main(t):
         check(not wrong, "root and uid %d are served while uid %d holds every connection it could get"
               % (OTHER, USER), "; ".join(wrong))
     finally:
-        os.write(w2, b"x")
-        os.waitpid(pid, 0)
+        hogger.wait()
 
 
 run(main)

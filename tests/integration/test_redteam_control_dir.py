@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, mkdir, need_root, write_file   # noqa: E402
+from redteam import USER, mkdir, workdir, write_file     # noqa: E402
 from test_identity import agent_python                   # noqa: E402
 from vhubtest import procs                               # noqa: E402
 from vhubtest.daemon import vhubd_path                   # noqa: E402
@@ -65,9 +65,7 @@ def drop():
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
+    d = workdir(t)
     ctl = mkdir(os.path.join(d, "ctl"), USER, 0o755)
     bdir = mkdir(os.path.join(d, "backends"), 0, 0o755)
     victim = write_file(os.path.join(d, "shadow"), "root:secret\n")

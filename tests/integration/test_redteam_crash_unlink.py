@@ -32,13 +32,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import (USER, check_unchanged, mkdir, need_root, run_as,  # noqa: E402
-                     snapshot, write_file)
+from redteam import USER, mkdir, run_as, workdir, write_file          # noqa: E402
 from vhubtest.daemon import Daemon                                   # noqa: E402
 from vhubtest.limits import UnprivAgent                              # noqa: E402
 from vhubtest.procs import wait_until                                # noqa: E402
 from vhubtest.testbackend import TestBackend                         # noqa: E402
 from vhubtest.testing import check, check_eq, log, run               # noqa: E402
+from vhubtest.victims import check_unchanged, snapshot               # noqa: E402
 
 
 def swap_for_symlink(d, target):
@@ -47,10 +47,8 @@ def swap_for_symlink(d, target):
 
 
 def main(t):
-    need_root()
+    d = workdir(t)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # SIGABRT would dump a core
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
     daemon = Daemon(d, extra_args=["--control-mode", "0666"])
     os.chmod(daemon.backend_dir, 0o755)
     t.add_log("vhubd", daemon.log_path)

@@ -31,9 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, need_root, run_as                # noqa: E402
+from redteam import USER, Child, limited_daemon, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client, ClientError, RpcError  # noqa: E402
-from vhubtest.daemon import Daemon                         # noqa: E402
 from vhubtest.limits import fd_count                       # noqa: E402
 from vhubtest.testbackend import TestBackend               # noqa: E402
 from vhubtest.testing import check, log, run               # noqa: E402
@@ -41,13 +40,6 @@ from vhubtest.testing import check, log, run               # noqa: E402
 NOFILE = 2048
 SUBSCRIBERS = 8
 MESSAGES = 1500
-
-
-class LimitedDaemon(Daemon):
-    """vhubd under prlimit --nofile (prlimit execs it: same pid)."""
-
-    def argv(self):
-        return ["prlimit", "--nofile=%d:%d" % (NOFILE, NOFILE), "--"] + super().argv()
 
 
 def attacker(control, sock, ready_w, done_r):
@@ -72,12 +64,8 @@ def attacker(control, sock, ready_w, done_r):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(LimitedDaemon(d, extra_args=["--control-mode", "0666"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d, cls=limited_daemon(NOFILE))
     sock = daemon.backend_socket("x.sock")
     tb = t.enter(TestBackend([sock], log_dir=d))
     os.chmod(sock, 0o666)      # the uid's back-end (root's socket: allowed for any uid)
@@ -86,17 +74,9 @@ def main(t):
     root.call("vm.create", {"vm": "rootvm"})
     base = daemon.settled_fd_count(root)
 
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(ready_r)
-        os.close(done_w)
-        os._exit(run_as(USER, attacker, daemon.control, sock, ready_w, done_r))
-    os.close(ready_w)
-    os.close(done_r)
+    uid = Child(USER, attacker, daemon.control, sock)
     try:
-        check(os.read(ready_r, 1) == b"r", "uid %d set up its VM, device and %d subscribers"
+        check(uid.read() == b"r", "uid %d set up its VM, device and %d subscribers"
               % (USER, SUBSCRIBERS))
         # the uid's back-end: VRING_HOST_NOTIFIER_MSG with a memfd, no reply
         # wanted, kept under the channel's 2000/s rate limit
@@ -129,8 +109,7 @@ def main(t):
             ok, why = False, "%s: %s" % (type(e).__name__, e)
         check(ok, "a new root connection is served", why)
     finally:
-        os.write(done_w, b"d")
-        os.waitpid(pid, 0)
+        uid.wait()
 
 
 run(main)

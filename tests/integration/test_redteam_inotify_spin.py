@@ -31,11 +31,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import (USER, NotifyListener, mkdir, need_root,   # noqa: E402
-                     run_as, service_env, spawn_vhubd_watched)
+from redteam import USER, Child, mkdir, workdir                 # noqa: E402
 from test_identity import agent_python                          # noqa: E402
 from vhubtest.client import Client, ClientError                 # noqa: E402
 from vhubtest.procs import wait_until                           # noqa: E402
+from vhubtest.sdnotify import start_watched                     # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import check, log, run                    # noqa: E402
 
@@ -73,30 +73,19 @@ def vmm(control, sock, w_fd, r_fd):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    control = os.path.join(d, "control.sock")
+    d = workdir(t)
     bdir = mkdir(os.path.join(d, "backends"), 0, 0o755)
     udir = mkdir(os.path.join(bdir, "u"), USER, 0o755)
-    n = NotifyListener(os.path.join(d, "notify.sock"))
-    t.defer(n.close)
-    p = spawn_vhubd_watched(t, d, ["--control", control, "--backend-dir", bdir, "--control-mode", "0666",
-                                   "--log-level", "info"],
-                            service_env(NOTIFY_SOCKET=n.path, WATCHDOG_USEC=str(WATCHDOG_USEC)))
-    n.wait_for("READY", "1")
+    p, n, control = start_watched(t, d, ["--control-mode", "0666", "--log-level", "info"], WATCHDOG_USEC)
+    n.wait_for("READY", value="1")
     wait_until(lambda: os.path.exists(control), 5.0, what="the control socket")
 
     sock = os.path.join(udir, "x.sock")
     tb = t.enter(TestBackend([sock], log_dir=d))
     os.chmod(sock, 0o666)
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(run_as(USER, vmm, control, sock, w1, r2))
+    uid = Child(USER, vmm, control, sock)
     try:
-        check(os.read(r1, 1) == b"a", "uid %d added its device" % USER)
+        check(uid.read() == b"a", "uid %d added its device" % USER)
         tb.kill()                                   # its back-end dies: the directory is watched
         os.chown(sock, USER, USER)                  # the stale socket, as the uid's own
         other = os.path.join(udir, "y")
@@ -110,7 +99,7 @@ def main(t):
 
         def watch():
             while not stop.is_set():
-                m = n.recv(0.2)
+                m = n.recv(0.2, quiet=True)
                 if m and m[2].get("WATCHDOG") == "1":
                     pings.append(m[0])
         th = threading.Thread(target=watch)
@@ -145,8 +134,7 @@ def main(t):
         check(not wrong, "the daemon keeps serving while uid %d chmods files in its own directory" % USER,
               "; ".join(wrong))
     finally:
-        os.write(w2, b"x")
-        os.waitpid(pid, 0)
+        uid.wait()
 
 
 run(main)

@@ -25,8 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, mkdir, need_root                     # noqa: E402
-from vhubtest.daemon import Daemon                             # noqa: E402
+from redteam import USER, mkdir, start_daemon, workdir         # noqa: E402
 from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, log, run                   # noqa: E402
@@ -35,12 +34,8 @@ NAME = "x\nvhubd[1.000] err: vm=prod uid=0 device=disk0 FORGED\x1b[2J"
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"], log_level="info"))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d, log_level="info")
     udir = mkdir(os.path.join(daemon.backend_dir, "u"), USER, 0o755)
     sock = os.path.join(udir, NAME)
     check(len(sock.encode()) <= 107, "the socket path fits a sockaddr_un (%d bytes)" % len(sock.encode()))

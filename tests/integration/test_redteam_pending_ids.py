@@ -33,9 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, need_root, run_as                 # noqa: E402
+from redteam import USER, Child, start_daemon, workdir     # noqa: E402
 from vhubtest.client import Client                          # noqa: E402
-from vhubtest.daemon import Daemon                          # noqa: E402
 from vhubtest.limits import rss_kib, sanitized              # noqa: E402
 from vhubtest.testbackend import TestBackend                # noqa: E402
 from vhubtest.testing import Skip, check, log, run          # noqa: E402
@@ -65,12 +64,8 @@ def vmm(control, sock, w_fd, r_fd):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"], log_level="info"))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d, log_level="info")
     if sanitized(daemon.pid):
         raise Skip("RSS says nothing under AddressSanitizer (its allocator keeps freed memory); "
                    "the plain build checks it")
@@ -78,18 +73,14 @@ def main(t):
     tb = t.enter(TestBackend([sock], log_dir=d))
     os.chmod(sock, 0o666)
 
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(run_as(USER, vmm, daemon.control, sock, w1, r2))
+    uid = Child(USER, vmm, daemon.control, sock)
     try:
-        check(os.read(r1, 1) == b"a", "uid %d has its VM and device" % USER)
+        check(uid.read() == b"a", "uid %d has its VM and device" % USER)
         # each GET_CONFIG answered after 3 s: inside the deadline, no loss
         tb.misbehave("GET_CONFIG", "delay", delay_ms=3000)
         before = rss_kib(daemon.pid)
-        os.write(w2, b"g")
-        check(os.read(r1, 1) == b"s", "uid %d sent %d calls" % (USER, CALLS))
+        uid.write(b"g")
+        check(uid.read() == b"s", "uid %d sent %d calls" % (USER, CALLS))
         time.sleep(2.0)
         during = rss_kib(daemon.pid)
         log("daemon RSS %d KiB before, %d KiB while %d calls with 1 MiB ids wait" % (before, during, CALLS))
@@ -97,8 +88,7 @@ def main(t):
               "one connection's waiting calls pin at most 8 MiB of the daemon's memory",
               "it grew by %d MiB" % ((during - before) // 1024))
     finally:
-        os.write(w2, b"x")
-        os.waitpid(pid, 0)
+        uid.wait()
 
 
 run(main)

@@ -35,9 +35,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, need_root, run_as                # noqa: E402
+from redteam import USER, Child, limited_daemon, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client, ClientError, RpcError  # noqa: E402
-from vhubtest.daemon import Daemon                         # noqa: E402
 from vhubtest.limits import fd_count                       # noqa: E402
 from vhubtest.testbackend import TestBackend               # noqa: E402
 from vhubtest.testing import check, log, run               # noqa: E402
@@ -45,13 +44,6 @@ from vhubtest.testing import check, log, run               # noqa: E402
 NOFILE = 4096
 REGIONS = 500
 DEVICES = 40
-
-
-class LimitedDaemon(Daemon):
-    """vhubd under prlimit --nofile (prlimit execs it: same pid)."""
-
-    def argv(self):
-        return ["prlimit", "--nofile=%d:%d" % (NOFILE, NOFILE), "--"] + super().argv()
 
 
 def attacker(control, socks, w_fd, r_fd):
@@ -72,12 +64,8 @@ def attacker(control, socks, w_fd, r_fd):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(LimitedDaemon(d, extra_args=["--control-mode", "0666", "--backend-timeout-ms", "10000"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d, ["--backend-timeout-ms", "10000"], cls=limited_daemon(NOFILE))
     socks = [daemon.backend_socket("s%d.sock" % i) for i in range(DEVICES)]
     tb = t.enter(TestBackend(socks, log_dir=d, args=["--mem-slots", "509"]))
     for i, s in enumerate(socks):
@@ -87,13 +75,9 @@ def main(t):
     root = daemon.client()
     root.call("vm.create", {"vm": "rootvm"})
     base = daemon.settled_fd_count(root)
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(run_as(USER, attacker, daemon.control, socks, w1, r2))
+    uid = Child(USER, attacker, daemon.control, socks)
     try:
-        check(os.read(r1, 1) == b"a", "uid %d made its VM and asked for %d devices" % (USER, DEVICES))
+        check(uid.read() == b"a", "uid %d made its VM and asked for %d devices" % (USER, DEVICES))
         time.sleep(1.5)
         held = fd_count(daemon.pid)
         budget = (NOFILE - NOFILE // 8) // 4
@@ -132,8 +116,7 @@ def main(t):
         check(not wrong, "uid %d's back-end that stops reading costs the daemon no more than the uid's "
               "budget, and root is served" % USER, "; ".join(wrong))
     finally:
-        os.write(w2, b"x")
-        os.waitpid(pid, 0)
+        uid.wait()
 
 
 run(main)

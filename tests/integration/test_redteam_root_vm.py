@@ -27,22 +27,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import (USER, check_unchanged, mkdir, need_root,   # noqa: E402
-                     snapshot)
+from redteam import USER, mkdir, start_daemon, workdir         # noqa: E402
 from vhubtest.client import BACKEND_NOT_ALLOWED                 # noqa: E402
-from vhubtest.daemon import Daemon                              # noqa: E402
 from vhubtest.limits import UnprivAgent                         # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import check, log, run                    # noqa: E402
+from vhubtest.victims import check_unchanged, snapshot          # noqa: E402
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666", "--backend-timeout-ms", "1000"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d, ["--backend-timeout-ms", "1000"])
     rootdir = mkdir(os.path.join(daemon.backend_dir, "rootdir"), 0, 0o700)
     rsock = os.path.join(rootdir, "r.sock")
     tb = t.enter(TestBackend([rsock], log_dir=d))

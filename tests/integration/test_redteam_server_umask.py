@@ -27,10 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import OTHER, USER, mkdir, need_root             # noqa: E402
+from redteam import OTHER, USER, mkdir, start_daemon, workdir  # noqa: E402
 from vhubtest.daemon import Daemon                            # noqa: E402
 from vhubtest.limits import UnprivAgent                       # noqa: E402
-from vhubtest.testbackend import TestBackend                  # noqa: E402
+from vhubtest.testbackend import TestBackend, TestBackendAs   # noqa: E402
 from vhubtest.testing import Skip, check, log, run            # noqa: E402
 
 
@@ -41,31 +41,11 @@ class UmaskDaemon(Daemon):
         return ["sh", "-c", 'umask 0000; exec "$@"', "sh"] + super().argv()
 
 
-class OtherTestBackend(TestBackend):
-    """vhub-test-backend running as uid OTHER, from a copy it can execute."""
-
-    def __init__(self, binary, **kw):
-        self._binary = binary
-        super().__init__(**kw)
-
-    @property
-    def binary(self):
-        return self._binary
-
-    def argv(self):
-        return [shutil.which("setpriv"), "--reuid", str(OTHER), "--regid", str(OTHER), "--clear-groups",
-                "--pdeathsig", "KILL", "--"] + super().argv()
-
-
 def main(t):
-    need_root()
+    d = workdir(t)
     if not shutil.which("setpriv"):
         raise Skip("setpriv is needed to run the back-end as another uid")
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(UmaskDaemon(d, extra_args=["--control-mode", "0666"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    daemon = start_daemon(t, d, cls=UmaskDaemon)
 
     udir = mkdir(os.path.join(daemon.backend_dir, "u"), USER, 0o755)
     sock = os.path.join(udir, "s.sock")
@@ -79,7 +59,7 @@ def main(t):
     check(agent.connect() == {}, "uid %d connects" % USER)
     agent.call("vm.create", {"vm": "v"})
     # uid 4321's back-end keeps trying to connect to uid 65534's socket
-    tb = t.enter(OtherTestBackend(binary, connect=[sock], log_dir=odir))
+    tb = t.enter(TestBackendAs(binary, OTHER, connect=[sock], log_dir=odir))
     add = agent.raw_call("device.add", {"vm": "v", "device": "s", "socket": sock, "mode": "server"})
     mode = oct(os.stat(sock).st_mode & 0o777) if os.path.exists(sock) else None
     log("device.add: %s; the socket's mode: %s" % (add, mode))

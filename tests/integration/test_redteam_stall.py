@@ -41,10 +41,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import (USER, NotifyListener, need_root, run_as,  # noqa: E402
-                     service_env, spawn_vhubd_watched)
+from redteam import USER, run_as, workdir                    # noqa: E402
 from vhubtest.client import Client                           # noqa: E402
 from vhubtest.procs import wait_until                        # noqa: E402
+from vhubtest.sdnotify import start_watched                   # noqa: E402
 from vhubtest.testing import check, log, run                 # noqa: E402
 
 WATCHDOG_USEC = 4000000
@@ -106,7 +106,7 @@ def flood(control, lines):
 
 def watch_pings(n, stop, pings):
     while not stop.is_set():
-        m = n.recv(0.2)
+        m = n.recv(0.2, quiet=True)
         if m and m[2].get("WATCHDOG") == "1":
             pings.append(m[0])
 
@@ -132,17 +132,9 @@ def phase(t, n, control, what, attack):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    control = os.path.join(d, "control.sock")
-    os.makedirs(os.path.join(d, "backends"))
-    n = NotifyListener(os.path.join(d, "notify.sock"))
-    t.defer(n.close)
-    env = service_env(NOTIFY_SOCKET=n.path, WATCHDOG_USEC=str(WATCHDOG_USEC))
-    p = spawn_vhubd_watched(t, d, ["--control", control, "--backend-dir", os.path.join(d, "backends"),
-                                   "--control-mode", "0666", "--log-level", "info"], env)
-    n.wait_for("READY", "1")
+    d = workdir(t)
+    p, n, control = start_watched(t, d, ["--control-mode", "0666", "--log-level", "info"], WATCHDOG_USEC)
+    n.wait_for("READY", value="1")
     wait_until(lambda: os.path.exists(control), 5.0, what="the control socket")
 
     check(run_as(USER, region_vm, control) == 0, "uid %d made a VM with %d regions" % (USER, REGIONS))

@@ -19,9 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import OTHER, USER, need_root, run_as           # noqa: E402
+from redteam import OTHER, USER, Child, run_as, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client                           # noqa: E402
-from vhubtest.daemon import Daemon                           # noqa: E402
 from vhubtest.testing import check, check_eq, log, run       # noqa: E402
 
 
@@ -48,16 +47,12 @@ def seen(sub, timeout=0.5):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"]))
-    t.add_log("vhubd", daemon.log_path)
+    daemon = start_daemon(t, workdir(t))
 
     root_sub = daemon.client()
     root_sub.call("events.subscribe", {})
 
-    def user_part(r_fd, w_fd):
+    def user_part(w_fd, r_fd):
         sub = Client(daemon.control)
         sub.call("events.subscribe", {})
         os.write(w_fd, b"s")
@@ -65,17 +60,13 @@ def main(t):
         vm_life(daemon.control, "mine")
         got = seen(sub, 1.0)
         os.write(w_fd, repr(got).encode() + b"\n")
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os._exit(run_as(USER, user_part, r2, w1))
-    check_eq(os.read(r1, 1), b"s", "uid %d subscribed" % USER)
+    uid = Child(USER, user_part)
+    check_eq(uid.read(), b"s", "uid %d subscribed" % USER)
     vm_life(daemon.control, "roots")
     check_eq(run_as(OTHER, vm_life, daemon.control, "others"), 0, "uid %d's VM lived and died" % OTHER)
-    os.write(w2, b"g")
-    user_seen = eval(os.fdopen(r1).readline())     # noqa: S307 - our own child's repr
-    os.waitpid(pid, 0)
+    uid.write(b"g")
+    user_seen = eval(uid.readline())     # noqa: S307 - our own child's repr
+    uid.wait()
     root_seen = seen(root_sub, 1.0)
     log("root's subscriber saw %s" % root_seen)
     log("uid %d's subscriber saw %s" % (USER, user_seen))

@@ -22,15 +22,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import OTHER, USER, need_root, run_as           # noqa: E402
+from redteam import OTHER, USER, Child, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client                           # noqa: E402
-from vhubtest.daemon import Daemon                           # noqa: E402
 from vhubtest.testbackend import TestBackend                 # noqa: E402
 from vhubtest.testing import check, check_eq, log, run       # noqa: E402
 
 
-def vmm(control, sock, w_fd, r_fd, n_events):
-    """As a uid: its VM and device; reports the tokens of its events."""
+def vmm(control, sock, w_fd, r_fd):
+    """As a uid: its VM and device; told a number, waits for that many more
+    events and reports the tokens of all its events; anything else ends it."""
     c = Client(control)
     c.call("vm.create", {"vm": "v"})
     c.call("device.add", {"vm": "v", "device": "x", "socket": sock})
@@ -38,7 +38,7 @@ def vmm(control, sock, w_fd, r_fd, n_events):
     tokens = []
     while True:
         cmd = os.read(r_fd, 64).strip()
-        if cmd == b"quit":
+        if not cmd.isdigit():
             break
         want = len(tokens) + int(cmd)
         while len(tokens) < want:
@@ -55,32 +55,22 @@ class Side:
         self.sock = daemon.backend_socket(name)
         self.tb = t.enter(TestBackend([self.sock], log_dir=daemon.workdir))
         os.chmod(self.sock, 0o666)
-        r1, self.w = os.pipe()
-        self.r, w1 = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            os._exit(run_as(uid, vmm, daemon.control, self.sock, w1, r1, 0))
-        self.out = os.fdopen(self.r)
-        check_eq(self.out.readline().strip(), "ready", "uid %d has its VM and device" % uid)
+        self.child = Child(uid, vmm, daemon.control, self.sock)
+        check_eq(self.child.readline(), b"ready", "uid %d has its VM and device" % uid)
 
     def requests(self, n):
         for _ in range(n):
             self.tb.host_notifier(queue=0, fd=False, need_reply=False)
-        os.write(self.w, b"%d\n" % n)
-        return [int(x) for x in self.out.readline().split()]
+        self.child.write(b"%d\n" % n)
+        return [int(x) for x in self.child.readline().split()]
 
     def stop(self):
-        os.write(self.w, b"quit\n")
-        os.waitpid(self.pid, 0)
+        self.child.wait()
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    d = workdir(t)
+    daemon = start_daemon(t, d)
     me = Side(t, daemon, USER, "me.sock")
     t.defer(me.stop)
     other = Side(t, daemon, OTHER, "other.sock")

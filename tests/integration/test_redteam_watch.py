@@ -32,9 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from redteam import USER, mkdir, need_root, run_as              # noqa: E402
+from redteam import USER, Child, mkdir, run_as, start_daemon, workdir  # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
-from vhubtest.daemon import Daemon                              # noqa: E402
 from vhubtest.procs import wait_until                           # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import check, check_eq, log, run          # noqa: E402
@@ -76,13 +75,9 @@ def swap(a, b):
 
 
 def main(t):
-    need_root()
-    d = t.tmpdir(prefix="vhubrt-")
-    os.chmod(d, 0o755)
+    d = workdir(t)
     # the backoff may reach an hour: only the watch can reconnect the device in this test
-    daemon = t.enter(Daemon(d, extra_args=["--control-mode", "0666", "--reconnect-max-ms", "3600000"]))
-    os.chmod(daemon.backend_dir, 0o755)
-    t.add_log("vhubd", daemon.log_path)
+    daemon = start_daemon(t, d, ["--reconnect-max-ms", "3600000"])
 
     udir = mkdir(os.path.join(daemon.backend_dir, "u"), USER, 0o755)
     real = mkdir(os.path.join(udir, "d"), USER, 0o755)
@@ -97,33 +92,23 @@ def main(t):
     os.chmod(sock, 0o666)
 
     # the uid's VMM: a connection of its own for the whole test
-    r, w = os.pipe()
-    r2, w2 = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.close(w2)
-
-        def vmm():
-            c = Client(daemon.control)
-            c.call("vm.create", {"vm": "v"})
-            c.call("device.add", {"vm": "v", "device": "x", "socket": sock, "reconnect_ms": 3600000})
-            os.write(w, b"added\n")
-            cmd = os.read(r2, 64)          # "wait": the test made the device lose its back-end
-            ev = None
-            try:
-                ev = c.wait_event(lambda e: e["event"] == "device.reconnected", float(cmd.split()[1]))
-            except Exception:  # noqa: BLE001 - no event within the time
-                pass
-            os.write(w, b"reconnected\n" if ev else b"quiet\n")
-            os.read(r2, 64)
-            c.close()
-        os._exit(run_as(USER, vmm))
-    os.close(w)
-    os.close(r2)
-    out = os.fdopen(r)
+    def vmm(w, r):
+        c = Client(daemon.control)
+        c.call("vm.create", {"vm": "v"})
+        c.call("device.add", {"vm": "v", "device": "x", "socket": sock, "reconnect_ms": 3600000})
+        os.write(w, b"added\n")
+        cmd = os.read(r, 64)          # "wait": the test made the device lose its back-end
+        ev = None
+        try:
+            ev = c.wait_event(lambda e: e["event"] == "device.reconnected", float(cmd.split()[1]))
+        except Exception:  # noqa: BLE001 - no event within the time
+            pass
+        os.write(w, b"reconnected\n" if ev else b"quiet\n")
+        os.read(r, 64)
+        c.close()
+    uid = Child(USER, vmm)
     try:
-        check_eq(out.readline().strip(), "added", "uid %d added its device" % USER)
+        check_eq(uid.readline(), b"added", "uid %d added its device" % USER)
         # while the back-end runs: d becomes the symlink to ROOTONLY
         run_as(USER, swap, real, link)
         tb.kill()
@@ -141,13 +126,12 @@ def main(t):
         tb.start()
         os.chmod(sock, 0o666)
         time.sleep(0.5)
-        os.write(w2, b"wait 3\n")
+        uid.write(b"wait 3\n")
         time.sleep(0.5)
         # root, in its own private directory
         with open(os.path.join(rootonly, "x.sock"), "w") as f:
             f.write("root's\n")
-        seen = out.readline().strip()
-        os.write(w2, b"done\n")
+        seen = uid.readline().decode()
         wrong = []
         if os.stat(rootonly).st_ino in watched:
             wrong.append("the daemon watched root's 0700 directory for uid %d" % USER)
@@ -157,11 +141,7 @@ def main(t):
         check(not wrong, "uid %d's reconnect watch stays out of root's private directory" % USER,
               "; ".join(wrong))
     finally:
-        try:
-            os.write(w2, b"done\n")
-        except OSError:
-            pass
-        os.waitpid(pid, 0)
+        uid.wait()
 
 
 run(main)
