@@ -14,6 +14,7 @@
 #include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-owner.h"
 
@@ -32,6 +33,7 @@ struct control_conn {
         struct control_server *srv;
         struct rpc_conn *rpc;        /* NULL once closed */
         uint64_t id;
+        char fd_group[VHUB_FD_GROUP_MAX]; /* "c<id>": its socket in the fd store */
         struct vhub_owner owner;     /* of the VMs it creates or attaches (vhub-owner.h) */
         uid_t uid;
         pid_t pid;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "control-listen.h"
+#include "vhu-fd.h"
 #include "vhub-log.h"
 
 /* Directories above --control's, at most (a loop guard). */
@@ -45,7 +46,7 @@ static int dir_check(int dfd, const char *dir) {
                         break;
                 }
                 if (fd != dfd)
-                        close(fd);
+                        vhu_safe_close(fd);
                 fd = parent;
                 if (fstat(fd, &up) < 0) {
                         r = -errno;
@@ -64,7 +65,7 @@ static int dir_check(int dfd, const char *dir) {
                 st = up;
         }
         if (fd != dfd)
-                close(fd);
+                vhu_safe_close(fd);
         return r;
 }
 
@@ -82,7 +83,8 @@ static int at_address(int dfd, const char *name, struct sockaddr_un *sa) {
 static int make_room(int dfd, const char *name, const char *path) {
         struct sockaddr_un sa;
         struct stat st;
-        int fd, r;
+        _cleanup_close_ int fd = -1;
+        int r;
 
         if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
                 return errno == ENOENT ? 0 : -errno;
@@ -97,7 +99,7 @@ static int make_room(int dfd, const char *name, const char *path) {
         if (fd < 0)
                 return -errno;
         r = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 || errno == EAGAIN ? -EADDRINUSE : 0;
-        close(fd);
+        fd = vhu_safe_close(fd);
         if (r < 0)
                 return r;
         if (unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
@@ -109,28 +111,26 @@ static int make_room(int dfd, const char *name, const char *path) {
 static int set_mode_and_group(int dfd, const char *name, mode_t mode, gid_t gid, bool gid_set) {
         char proc[64];
         struct stat st;
-        int pfd, r = 0;
+        _cleanup_close_ int pfd = -1;
 
         pfd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         if (pfd < 0)
                 return -errno;
-        if (fstat(pfd, &st) < 0 || !S_ISSOCK(st.st_mode) || st.st_uid != geteuid()) {
-                close(pfd);
+        if (fstat(pfd, &st) < 0 || !S_ISSOCK(st.st_mode) || st.st_uid != geteuid())
                 return -ESTALE;
-        }
         snprintf(proc, sizeof(proc), "/proc/self/fd/%d", pfd);
         if (chmod(proc, mode) < 0 || (gid_set && fchownat(pfd, "", (uid_t)-1, gid, AT_EMPTY_PATH) < 0))
-                r = -errno;
-        close(pfd);
-        return r;
+                return -errno;
+        return 0;
 }
 
 int control_listen_create(const char *path, mode_t mode, gid_t gid, bool gid_set) {
         char dir[PATH_MAX];
         struct sockaddr_un sa;
         const char *name, *slash = strrchr(path, '/');
+        _cleanup_close_ int dfd = -1, fd = -1;
         mode_t old_umask;
-        int dfd, fd = -1, r;
+        int r;
 
         if (!slash) {
                 snprintf(dir, sizeof(dir), ".");
@@ -153,31 +153,27 @@ int control_listen_create(const char *path, mode_t mode, gid_t gid, bool gid_set
                 return -errno;
         r = dir_check(dfd, dir);
         if (r < 0)
-                goto out;
+                return r;
         r = make_room(dfd, name, path);
         if (r < 0)
-                goto out;
+                return r;
         r = at_address(dfd, name, &sa);
         if (r < 0)
-                goto out;
+                return r;
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0) {
-                r = -errno;
-                goto out;
-        }
+        if (fd < 0)
+                return -errno;
         old_umask = umask(0177); /* never reachable by others, not even for a moment */
         r = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ? -errno : 0;
         umask(old_umask);
         if (r < 0)
-                goto out;
+                return r;
         r = set_mode_and_group(dfd, name, mode, gid, gid_set);
         if (r == 0 && listen(fd, 64) < 0)
                 r = -errno;
-        if (r < 0)
+        if (r < 0) {
                 (void)unlinkat(dfd, name, 0); /* ours: nobody else can change the directory */
-out:
-        if (r < 0 && fd >= 0)
-                close(fd);
-        close(dfd);
-        return r < 0 ? r : fd;
+                return r;
+        }
+        return VHU_TAKE_FD(fd);
 }

@@ -25,6 +25,7 @@
 #include "vhub-time.h"
 #include "vhub-version.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* "uid" left out: the caller's own (outside the range a request may give). */
 #define UID_CALLER UINT64_MAX
@@ -381,10 +382,10 @@ static const struct param vm_memory_list_result = R_OBJECT(
 
 static json_t *result_dirty_log(struct control_call *cc) {
         if (control_call_reply_fds(cc, 1) < 0) {
-                close(cc->call.out.dirty_log.fd);
+                cc->call.out.dirty_log.fd = vhu_safe_close(cc->call.out.dirty_log.fd);
                 return NULL;
         }
-        cc->reply_fds[cc->n_reply_fds++] = cc->call.out.dirty_log.fd;
+        cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(cc->call.out.dirty_log.fd);
         return json_pack("{s:i, s:o}", "fd", 0, "size", vhub_json_u64(cc->call.out.dirty_log.size));
 }
 
@@ -440,8 +441,7 @@ static json_t *result_postcopy_advise(struct control_call *cc) {
                 json_array_append_new(devs, json_pack("{s:s, s:i}", "device", pd->device, "fd",
                                                       (int)cc->n_reply_fds));
                 /* the fd moves to the reply; closed after sending */
-                cc->reply_fds[cc->n_reply_fds++] = pd->ufd;
-                pd->ufd = -1;
+                cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(pd->ufd);
         }
         return json_pack("{s:o}", "devices", devs);
 }
@@ -852,11 +852,10 @@ static json_t *result_state_fd(struct control_call *cc) {
         /* a back-end that offers its own transfer channel: the VMM must use it */
         if (cc->call.out.state_fd.fd >= 0) {
                 if (control_call_reply_fds(cc, 1) < 0) {
-                        close(cc->call.out.state_fd.fd);
+                        cc->call.out.state_fd.fd = vhu_safe_close(cc->call.out.state_fd.fd);
                         return NULL;
                 }
-                cc->reply_fds[cc->n_reply_fds++] = cc->call.out.state_fd.fd;
-                cc->call.out.state_fd.fd = -1;
+                cc->reply_fds[cc->n_reply_fds++] = VHU_TAKE_FD(cc->call.out.state_fd.fd);
                 return json_pack("{s:i}", "fd", 0);
         }
         return json_object();
@@ -868,7 +867,7 @@ static const struct param state_fd_result = R_OBJECT(
 
 static int device_state_transfer(struct method_call *m, bool load) {
         m->cc->call.out.state_fd.fd = -1;
-        vhub_device_state_fd(m->dev, load, params_steal_fd(&m->p.state_fd.fd), &m->cc->call);
+        vhub_device_state_fd(m->dev, load, VHU_TAKE_FD(m->p.state_fd.fd), &m->cc->call);
         return 0;
 }
 
@@ -977,7 +976,7 @@ static int m_device_gpu_set_socket(struct method_call *m, struct vhub_error *err
         /* the back-end speaks the vhost-user-gpu protocol on it */
         if (fstat(m->p.gpu.fd, &st) < 0 || !S_ISSOCK(st.st_mode))
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "'fd' must be a socket (the VMM's socketpair)");
-        vhub_device_gpu_set_socket(m->dev, params_steal_fd(&m->p.gpu.fd), &m->cc->call);
+        vhub_device_gpu_set_socket(m->dev, VHU_TAKE_FD(m->p.gpu.fd), &m->cc->call);
         return 0;
 }
 
@@ -1037,7 +1036,7 @@ static const struct param shared_object_add_params[] = {
 };
 
 static int m_shared_object_add(struct method_call *m, struct vhub_error *err) {
-        int r = vhub_vm_shared_add(m->vm, m->p.shared.uuid, params_steal_fd(&m->p.shared.fd), err);
+        int r = vhub_vm_shared_add(m->vm, m->p.shared.uuid, VHU_TAKE_FD(m->p.shared.fd), err);
 
         return r < 0 ? r : 0;
 }

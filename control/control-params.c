@@ -8,6 +8,7 @@
 
 #include "control-params.h"
 #include "vhub-shared-object.h"
+#include "vhu-fd.h"
 
 static bool valid_name(const char *s, size_t max) {
         size_t n = 0;
@@ -350,13 +351,9 @@ static void clear_value(const struct param *p, void *base) {
         void *dst = at(base, p->offset);
 
         switch (p->kind) {
-        case PARAM_FD: {
-                int fd = params_steal_fd(dst);
-
-                if (fd >= 0)
-                        close(fd);
+        case PARAM_FD:
+                *(int *)dst = vhu_safe_close(*(int *)dst);
                 break;
-        }
         case PARAM_BASE64: {
                 struct params_bytes *b = dst;
 

@@ -87,13 +87,8 @@ int params_read(json_t *params, const struct param *const *lists, void *base, st
 /* Close the fds still held (not moved out by the method), free arrays and bytes. */
 void params_clear(const struct param *const *lists, void *base);
 
-/* Take an fd out of a params struct: the caller owns it, params_clear() skips it. */
-static inline int params_steal_fd(int *fd) {
-        int r = *fd;
-
-        *fd = -1;
-        return r;
-}
+/* A method takes an fd out of its params with VHU_TAKE_FD(m->p.x.fd)
+ * (vhu-fd.h): the fd is the method's, params_clear() skips it. */
 
 /* Check the members of a JSON-RPC envelope (names only, no values). */
 int params_check_members_in(json_t *obj, const char *where, const char *const *allowed,

@@ -20,6 +20,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 void control_conn_ref(struct control_conn *c) {
         c->refs++;
@@ -165,8 +166,7 @@ static void control_call_done(struct vhub_call *call) {
         } else {
                 control_req_result(&req, json_object());
         }
-        for (unsigned i = 0; i < cc->n_reply_fds; i++)
-                close(cc->reply_fds[i]); /* rpc_conn sent its own copies */
+        vhu_close_many(cc->reply_fds, cc->n_reply_fds); /* rpc_conn sent its own copies */
         free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
@@ -430,6 +430,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) closed: %s",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid, reason);
         control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
+        vhub_fd_untrack(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         c->rpc = rpc_conn_free(c->rpc);
         if (c->run)
                 batch_run_abort(c->run);
@@ -511,7 +512,7 @@ static void memory_policy_setup(void) {
 
 #define ACCEPT_RETRY_MS 200
 
-/* Tell a connection we will not serve why, and close it. */
+/* Tell a connection we will not serve why, and close it (fd taken). */
 static void refuse_connection(int fd, const char *detail) {
         json_t *msg = json_pack("{s:s, s:n, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", "error",
                                 "code", VHUB_ERR_LIMIT, "message", vhub_error_message(VHUB_ERR_LIMIT),
@@ -526,7 +527,7 @@ static void refuse_connection(int fd, const char *detail) {
         }
         free(line);
         json_decref(msg);
-        close(fd);
+        vhu_safe_close(fd);
 }
 
 static void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -564,7 +565,7 @@ static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
 
         if (s->spare_fd < 0)
                 return false;
-        close(s->spare_fd);
+        s->spare_fd = vhu_safe_close(s->spare_fd);
         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd >= 0) {
                 struct rlimit rl = { 0 };
@@ -641,7 +642,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 vhub_log_full(LOG_NOTICE, NULL, NULL, NULL, "accepting control connections again");
         }
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         if (!connection_admitted(s, cred.uid, detail, sizeof(detail))) {
@@ -665,7 +666,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         c->srv = s;
@@ -676,7 +677,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "refused a control connection: its credentials: %s", strerror(-r));
-                close(fd);
+                vhu_safe_close(fd);
                 free(c);
                 return;
         }
@@ -688,6 +689,8 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
+        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
@@ -835,8 +838,10 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         struct control_server *s = calloc(1, sizeof(*s));
         int r;
 
-        if (!s)
+        if (!s) {
+                vhu_safe_close(o->listen_fd); /* taken in every case */
                 return -ENOMEM;
+        }
         memory_policy_setup();
         s->ctx = ctx;
         s->opts = *o;
@@ -852,13 +857,14 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         } else {
                 r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
-                        if (s->spare_fd >= 0)
-                                close(s->spare_fd);
+                        vhu_safe_close(s->spare_fd);
                         free(s);
                         return r;
                 }
                 s->listen_fd = r;
                 s->path = strdup(o->path);
+                /* an inherited one is the socket unit's to keep */
+                vhub_fd_track(ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
         }
         s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
         s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
@@ -899,17 +905,42 @@ struct control_server *control_server_free(struct control_server *s) {
                 event_free(s->ev_accept_retry);
         if (s->ev_trim)
                 event_free(s->ev_trim);
-        if (s->spare_fd >= 0)
-                close(s->spare_fd);
+        s->spare_fd = vhu_safe_close(s->spare_fd);
         json_decref(s->discover);
-        if (s->listen_fd >= 0)
-                close(s->listen_fd);
+        if (s->path)
+                vhub_fd_untrack(s->ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
+        s->listen_fd = vhu_safe_close(s->listen_fd);
         if (s->path) {
                 (void)unlink(s->path);
                 free(s->path);
         }
         free(s);
         return NULL;
+}
+
+struct conn_visit {
+        const struct control_conn *c;
+        const struct vhub_fd_visitor *v;
+};
+
+static void conn_fd(int fd, const char *what, void *userdata) {
+        const struct conn_visit *cv = userdata;
+        unsigned long long id = (unsigned long long)cv->c->id;
+
+        if (what)
+                vhub_fd_visit(cv->v, fd, NULL, "ctl/conn/%llu/%s", id, what);
+        else
+                vhub_fd_visit(cv->v, fd, cv->c->fd_group, "ctl/conn/%llu", id);
+}
+
+void control_server_foreach_fd(const struct control_server *s, const struct vhub_fd_visitor *v) {
+        const struct control_conn *c;
+
+        vhub_fd_visit(v, s->listen_fd, s->path ? VHUB_FD_GROUP_LISTENER : NULL, "ctl/listen");
+        vhub_fd_visit(v, s->spare_fd, NULL, "ctl/spare");
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc)
+                        rpc_conn_foreach_fd(c->rpc, conn_fd, &(struct conn_visit){ c, v });
 }
 
 unsigned control_server_n_connections(const struct control_server *s) {

@@ -13,15 +13,15 @@
  * on_close always runs from close_ev, never from inside an rpc_conn_*() call
  * or an on_message callback, and at most once.
  *
- * Input: bytes go to in_buf (at most max_line + 1 bytes: one line of
- * max_line bytes plus its '\n'), fds to the in_fds FIFO.  Each complete line
- * is parsed and handed to on_message with the fds it declares.
- *
- * Output: one out_msg per queued line, each with the dups of its fds; a
- * sendmsg() that carries fds always starts at the first byte of their line.
+ * The bytes and fds in both directions are vhub-frame's (one line buffer of
+ * at most max_line + 1 bytes, the fd FIFO, the output chunks with their
+ * dups), shared with the client library; this file adds the loop, the
+ * bounds and the JSON-RPC framing errors.  Each complete line is parsed and
+ * handed to on_message with the fds it declares.
  */
 #include "rpc-conn.h"
-#include "vhu-scm.h"
+#include "vhub-frame.h"
+#include "vhu-fd.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -48,11 +48,6 @@
  * pin an unbounded number of our fds either. */
 #define RPC_DEFAULT_MAX_OUT_FDS     1024u
 
-#define RPC_IN_BUF_MIN              4096u
-#define RPC_IN_BUF_KEEP             (64u * 1024u)  /* shrink back below this when idle */
-#define RPC_SEND_IOV_MAX            64
-#define RPC_OUT_CHUNK               (16u * 1024u)
-
 #define JSONRPC_PARSE_ERROR         (-32700)
 #define JSONRPC_INVALID_REQUEST     (-32600)
 #define JSONRPC_LIMIT_REACHED       (-32008)   /* the contract's "resource limit reached" */
@@ -62,19 +57,6 @@ enum rpc_conn_state {
         RPC_CONN_DRAINING,
         RPC_CONN_CLOSING,
         RPC_CONN_CLOSED,
-};
-
-/* Queued output: lines without fds share chunks of RPC_OUT_CHUNK bytes, so
- * what a connection pins is what it has to send, not an allocation per
- * line; a line with fds, or a big one, has an out_msg of its own. */
-struct out_msg {
-        struct out_msg *next;
-        int *fds;          /* dups, closed once the first byte is sent */
-        unsigned n_fds;
-        size_t len;        /* bytes of lines in data */
-        size_t cap;        /* room in data */
-        size_t off;        /* bytes already sent */
-        char data[];
 };
 
 struct rpc_conn {
@@ -94,23 +76,13 @@ struct rpc_conn {
         struct event *write_ev;     /* added only while output is queued */
         struct event *close_ev;     /* activated to run on_close */
         struct event *line_ev;      /* the partial line's deadline, pending while there is one */
-        struct event *resume_ev;    /* hands over the lines left in in_buf, from the loop */
+        struct event *resume_ev;    /* hands over the lines left in the input buffer, from the loop */
         bool paused;                /* rpc_conn_pause_input(): no lines handed over, nothing read */
 
-        /* input */
-        char *in_buf;
-        size_t in_len;
-        size_t in_cap;
-        int *in_fds;                /* valid fds are in_fds[in_head .. in_head + in_n) */
-        unsigned in_head;
-        unsigned in_n;
-        unsigned in_cap_fds;
-
-        /* output */
-        struct out_msg *out_head;
-        struct out_msg *out_tail;
-        size_t out_bytes;
-        unsigned out_fds;
+        struct vhub_frame_in in;
+        struct vhub_frame_out out;    /* small lines share chunks: a connection
+                                       * pins what it has to send, not an
+                                       * allocation per line */
 
         size_t peak_memory;         /* see rpc_conn_take_peak_memory() */
 
@@ -119,32 +91,20 @@ struct rpc_conn {
         bool free_pending;
 };
 
-static void close_fd(int fd) {
-        if (fd >= 0) {
-                int saved = errno;
-                (void) close(fd);
-                errno = saved;
-        }
-}
-
 void rpc_fds_clear(struct rpc_fds *f) {
         if (!f)
                 return;
-        for (unsigned i = 0; i < f->n; i++)
-                close_fd(f->fds[i]);
+        if (f->fds)
+                vhu_close_many(f->fds, f->n);
         free(f->fds);
         f->fds = NULL;
         f->n = 0;
 }
 
 int rpc_fds_take(struct rpc_fds *f, unsigned idx) {
-        int fd;
-
         if (!f || idx >= f->n || !f->fds)
                 return -1;
-        fd = f->fds[idx];
-        f->fds[idx] = -1;
-        return fd;
+        return VHU_TAKE_FD(f->fds[idx]);
 }
 
 void rpc_conn_limits_default(struct rpc_conn_limits *l) {
@@ -178,19 +138,35 @@ bool rpc_conn_read_closed(const struct rpc_conn *c) {
 }
 
 size_t rpc_conn_queued_bytes(const struct rpc_conn *c) {
-        return c->out_bytes;
+        return c->out.bytes;
 }
 
 unsigned rpc_conn_queued_fds(const struct rpc_conn *c) {
-        return c->out_fds;
+        return c->out.n_fds;
 }
 
 unsigned rpc_conn_fds_held(const struct rpc_conn *c) {
-        return (c->fd >= 0 ? 1 : 0) + c->in_n + c->out_fds;
+        return (c->fd >= 0 ? 1 : 0) + vhub_frame_in_queued_fds(&c->in) + c->out.n_fds;
+}
+
+int rpc_conn_fd(const struct rpc_conn *c) {
+        return c->fd;
+}
+
+void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char *what, void *userdata),
+                         void *userdata) {
+        if (c->fd >= 0)
+                fn(c->fd, NULL, userdata);
+        vhub_frame_in_foreach_fd(&c->in, fn, userdata);
+        vhub_frame_out_foreach_fd(&c->out, fn, userdata);
+}
+
+static size_t memory_now(const struct rpc_conn *c) {
+        return vhub_frame_in_buffer_size(&c->in) + c->out.bytes;
 }
 
 static void note_memory(struct rpc_conn *c) {
-        size_t n = c->in_cap + c->out_bytes;
+        size_t n = memory_now(c);
 
         if (n > c->peak_memory)
                 c->peak_memory = n;
@@ -199,92 +175,12 @@ static void note_memory(struct rpc_conn *c) {
 size_t rpc_conn_take_peak_memory(struct rpc_conn *c) {
         size_t peak = c->peak_memory;
 
-        c->peak_memory = c->in_cap + c->out_bytes;
+        c->peak_memory = memory_now(c);
         return peak;
 }
 
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
         return &c->limits;
-}
-
-/* ---- input fd FIFO ---------------------------------------------------- */
-
-static void in_fds_close_all(struct rpc_conn *c) {
-        for (unsigned i = 0; i < c->in_n; i++)
-                close_fd(c->in_fds[c->in_head + i]);
-        c->in_head = 0;
-        c->in_n = 0;
-}
-
-/* Appends fds; on failure (over max_fds_queued, -ENOMEM) the caller still
- * owns all of them. */
-static int in_fds_push(struct rpc_conn *c, const int *fds, unsigned n) {
-        if (n > c->limits.max_fds_queued - c->in_n)
-                return -EMFILE;
-        if (c->in_head > 0 && c->in_head + c->in_n + n > c->in_cap_fds) {
-                memmove(c->in_fds, c->in_fds + c->in_head, c->in_n * sizeof(int));
-                c->in_head = 0;
-        }
-        if (c->in_n + n > c->in_cap_fds) {
-                unsigned cap = c->in_cap_fds ? c->in_cap_fds : 16;
-                int *p;
-
-                while (cap < c->in_n + n)
-                        cap *= 2;
-                if (cap > c->limits.max_fds_queued)
-                        cap = c->limits.max_fds_queued;
-                p = realloc(c->in_fds, cap * sizeof(int));
-                if (!p)
-                        return -ENOMEM;
-                c->in_fds = p;
-                c->in_cap_fds = cap;
-        }
-        memcpy(c->in_fds + c->in_head + c->in_n, fds, n * sizeof(int));
-        c->in_n += n;
-        return 0;
-}
-
-/* Moves the first n queued fds into ret (n <= in_n). */
-static int in_fds_pop(struct rpc_conn *c, unsigned n, struct rpc_fds *ret) {
-        int *fds = NULL;
-
-        if (n > 0) {
-                fds = malloc(n * sizeof(int));
-                if (!fds)
-                        return -ENOMEM;
-                memcpy(fds, c->in_fds + c->in_head, n * sizeof(int));
-                c->in_head += n;
-                c->in_n -= n;
-                if (c->in_n == 0)
-                        c->in_head = 0;
-        }
-        ret->fds = fds;
-        ret->n = n;
-        return 0;
-}
-
-/* ---- output queue ----------------------------------------------------- */
-
-static struct out_msg *out_msg_free(struct out_msg *m) {
-        if (!m)
-                return NULL;
-        for (unsigned i = 0; i < m->n_fds; i++)
-                close_fd(m->fds[i]);
-        free(m->fds);
-        free(m);
-        return NULL;
-}
-
-static void out_drop_all(struct rpc_conn *c) {
-        while (c->out_head) {
-                struct out_msg *m = c->out_head;
-
-                c->out_head = m->next;
-                out_msg_free(m);
-        }
-        c->out_tail = NULL;
-        c->out_bytes = 0;
-        c->out_fds = 0;
 }
 
 /* ---- closing ---------------------------------------------------------- */
@@ -296,14 +192,7 @@ static void in_drop(struct rpc_conn *c) {
                 event_del(c->line_ev);
         if (c->processing)
                 return;
-        in_fds_close_all(c);
-        free(c->in_fds);
-        c->in_fds = NULL;
-        c->in_cap_fds = 0;
-        free(c->in_buf);
-        c->in_buf = NULL;
-        c->in_len = 0;
-        c->in_cap = 0;
+        vhub_frame_in_done(&c->in);
 }
 
 static void set_reason(struct rpc_conn *c, const char *fmt, ...)
@@ -325,7 +214,7 @@ static void schedule_close(struct rpc_conn *c) {
         event_del(c->read_ev);
         event_del(c->write_ev);
         in_drop(c);
-        out_drop_all(c);
+        vhub_frame_out_done(&c->out);
         event_active(c->close_ev, EV_TIMEOUT, 0);
 }
 
@@ -349,7 +238,7 @@ static void start_draining(struct rpc_conn *c) {
         c->state = RPC_CONN_DRAINING;
         event_del(c->read_ev);
         in_drop(c);
-        if (!c->out_head)
+        if (!vhub_frame_out_pending(&c->out))
                 schedule_close(c);
 }
 
@@ -373,71 +262,13 @@ static bool errno_is_peer_gone(int e) {
         return e == EPIPE || e == ECONNRESET;
 }
 
-static void out_consume(struct rpc_conn *c, size_t n) {
-        while (n > 0 && c->out_head) {
-                struct out_msg *m = c->out_head;
-                size_t left = m->len - m->off;
-
-                /* the line's first byte is out: its fds went with it */
-                if (m->n_fds > 0) {
-                        for (unsigned i = 0; i < m->n_fds; i++)
-                                close_fd(m->fds[i]);
-                        c->out_fds -= m->n_fds;
-                        m->n_fds = 0;
-                }
-                if (n < left) {
-                        m->off += n;
-                        c->out_bytes -= n;
-                        return;
-                }
-                n -= left;
-                c->out_bytes -= left;
-                c->out_head = m->next;
-                if (!c->out_head)
-                        c->out_tail = NULL;
-                out_msg_free(m);
-        }
-}
-
-/* Sends as much as the socket takes.  0 when done or blocked, -errno on a
- * write error (the caller closes). */
-static int out_flush(struct rpc_conn *c) {
-        while (c->out_head) {
-                VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
-                struct iovec iov[RPC_SEND_IOV_MAX];
-                struct msghdr mh = { .msg_iov = iov };
-                struct out_msg *m = c->out_head;
-                ssize_t n;
-                int iovcnt = 0;
-
-                /* fds only ever ride with their line's first byte */
-                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), m->fds, m->n_fds);
-                iov[iovcnt++] = (struct iovec) { m->data + m->off, m->len - m->off };
-                /* later lines may join this sendmsg() unless they carry fds */
-                for (m = m->next; m && m->n_fds == 0 && iovcnt < RPC_SEND_IOV_MAX; m = m->next)
-                        iov[iovcnt++] = (struct iovec) { m->data, m->len };
-                mh.msg_iovlen = iovcnt;
-
-                n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno == EAGAIN || errno == EWOULDBLOCK)
-                                return 0;
-                        return -errno;
-                }
-                out_consume(c, (size_t) n);
-        }
-        return 0;
-}
-
 static void write_cb(evutil_socket_t fd, short what, void *userdata) {
         struct rpc_conn *c = userdata;
         int r;
 
         if (c->state >= RPC_CONN_CLOSING)
                 return;
-        r = out_flush(c);
+        r = vhub_frame_out_flush(&c->out, c->fd);
         if (r < 0) {
                 /* when draining, keep the reason we were closing for */
                 if (c->state == RPC_CONN_OPEN && errno_is_peer_gone(-r))
@@ -447,47 +278,13 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
                 schedule_close(c);
                 return;
         }
-        if (!c->out_head) {
+        if (!vhub_frame_out_pending(&c->out)) {
                 event_del(c->write_ev);
                 if (c->state == RPC_CONN_DRAINING)
                         schedule_close(c);
                 else if (c->ops && c->ops->on_drained)
                         c->ops->on_drained(c, c->userdata);
         }
-}
-
-struct dump_buf {
-        char *p;
-        size_t len;
-        size_t cap;
-        bool oom;
-};
-
-static int dump_cb(const char *buf, size_t size, void *userdata) {
-        struct dump_buf *d = userdata;
-
-        if (size > d->cap - d->len) {
-                size_t cap = d->cap;
-                char *p;
-
-                while (size > cap - d->len) {
-                        if (cap > SIZE_MAX / 2) {
-                                d->oom = true;
-                                return -1;
-                        }
-                        cap *= 2;
-                }
-                p = realloc(d->p, cap);
-                if (!p) {
-                        d->oom = true;
-                        return -1;
-                }
-                d->p = p;
-                d->cap = cap;
-        }
-        memcpy(d->p + d->len, buf, size);
-        d->len += size;
-        return 0;
 }
 
 /* If the message is an object that carries fds, its "fds" must say so. */
@@ -505,55 +302,37 @@ static bool msg_declares_fds(json_t *msg, unsigned n_fds) {
 /* Past the output bound the connection is closed: a peer that does not
  * read is dropped, never waited for. */
 static bool out_over_bound(struct rpc_conn *c, size_t len, unsigned n_fds) {
-        if (n_fds > c->limits.max_out_fds - c->out_fds) {
+        if (n_fds > c->limits.max_out_fds - c->out.n_fds) {
                 set_reason(c, "client too slow: over %u fds queued for output", c->limits.max_out_fds);
                 return true;
         }
-        if (len > c->limits.max_out_bytes - c->out_bytes) {
+        if (len > c->limits.max_out_bytes - c->out.bytes) {
                 set_reason(c, "client too slow: output queue over %zu bytes", c->limits.max_out_bytes);
                 return true;
         }
         return false;
 }
 
-/* Where a line of len bytes ('\n' included) goes: the spare room of the
- * tail chunk when the line is small and carries no fds, else a new out_msg
- * (*ret_new; a chunk for a small line, exactly its size otherwise).  NULL
- * when out of memory.  out_commit() queues what was written there. */
-static char *out_room(struct rpc_conn *c, size_t len, bool with_fds, struct out_msg **ret_new) {
-        struct out_msg *t = c->out_tail, *m;
-        bool small = !with_fds && len <= RPC_OUT_CHUNK / 2;
-        size_t cap = small ? RPC_OUT_CHUNK : len;
+/* Queue one line (the parts, then '\n') with dups of fds, within the
+ * bounds; written from the loop, so a send never calls back into the owner. */
+static int out_queue(struct rpc_conn *c, const struct iovec *parts, unsigned n_parts, const int *fds,
+                     unsigned n_fds) {
+        size_t len = 1;
+        int r;
 
-        *ret_new = NULL;
-        if (small && t && t->n_fds == 0 && t->cap - t->len >= len)
-                return t->data + t->len;
-        m = malloc(sizeof(*m) + cap);
-        if (!m)
-                return NULL;
-        *m = (struct out_msg) { .cap = cap };
-        *ret_new = m;
-        return m->data;
-}
-
-/* Queue the line written where out_room() said (fds: dups, taken). */
-static int out_commit(struct rpc_conn *c, struct out_msg *m, size_t len, int *fds, unsigned n_fds) {
-        if (m) {
-                m->len = len;
-                m->fds = fds;
-                m->n_fds = n_fds;
-                if (c->out_tail)
-                        c->out_tail->next = m;
-                else
-                        c->out_head = m;
-                c->out_tail = m;
-                c->out_fds += n_fds;
-        } else {
-                c->out_tail->len += len;
+        for (unsigned i = 0; i < n_parts; i++) {
+                if (parts[i].iov_len > SIZE_MAX / 2 - len)
+                        return -EINVAL;
+                len += parts[i].iov_len;
         }
-        c->out_bytes += len;
+        if (out_over_bound(c, len, n_fds)) {
+                schedule_close(c);
+                return -ENOBUFS;
+        }
+        r = vhub_frame_out_queue(&c->out, parts, n_parts, fds, n_fds, NULL);
+        if (r < 0)
+                return r;
         note_memory(c);
-        /* written from the loop, so a send never calls back into the owner */
         if (event_add(c->write_ev, NULL) < 0) {
                 set_reason(c, "cannot watch the socket for writing");
                 schedule_close(c);
@@ -562,35 +341,9 @@ static int out_commit(struct rpc_conn *c, struct out_msg *m, size_t len, int *fd
         return 0;
 }
 
-static int dup_fds(const int *fds, unsigned n, int **ret) {
-        int *dups;
-
-        *ret = NULL;
-        if (n == 0)
-                return 0;
-        dups = malloc(n * sizeof(int));
-        if (!dups)
-                return -ENOMEM;
-        for (unsigned i = 0; i < n; i++) {
-                dups[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3);
-                if (dups[i] < 0) {
-                        int r = -errno;
-
-                        while (i > 0)
-                                close_fd(dups[--i]);
-                        free(dups);
-                        return r;
-                }
-        }
-        *ret = dups;
-        return 0;
-}
-
 int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
-        struct dump_buf d = { .cap = 256 };
-        struct out_msg *m;
-        int *dups = NULL;
-        char *room;
+        struct iovec line;
+        char *p;
         int r;
 
         if (!c || !msg || (n_fds > 0 && !fds) || n_fds > RPC_MAX_FDS_PER_MESSAGE)
@@ -599,68 +352,21 @@ int rpc_conn_send(struct rpc_conn *c, json_t *msg, const int *fds, unsigned n_fd
                 return -ENOTCONN;
         if (!msg_declares_fds(msg, n_fds))
                 return -EINVAL;
-
-        d.p = malloc(d.cap);
-        if (!d.p)
-                return -ENOMEM;
-        if (json_dump_callback(msg, dump_cb, &d, JSON_COMPACT | JSON_ENCODE_ANY) < 0) {
-                r = d.oom ? -ENOMEM : -EINVAL;
-                goto out;
-        }
-        if (dump_cb("\n", 1, &d) < 0) {
-                r = -ENOMEM;
-                goto out;
-        }
-        if (out_over_bound(c, d.len, n_fds)) {
-                schedule_close(c);
-                r = -ENOBUFS;
-                goto out;
-        }
-        r = dup_fds(fds, n_fds, &dups);
+        r = vhub_frame_encode(msg, &p, &line.iov_len);
         if (r < 0)
-                goto out;
-        room = out_room(c, d.len, n_fds > 0, &m);
-        if (!room) {
-                for (unsigned i = 0; i < n_fds; i++)
-                        close_fd(dups[i]);
-                free(dups);
-                r = -ENOMEM;
-                goto out;
-        }
-        memcpy(room, d.p, d.len);
-        r = out_commit(c, m, d.len, dups, n_fds);
-out:
-        free(d.p);
+                return r;
+        line.iov_base = p;
+        r = out_queue(c, &line, 1, fds, n_fds);
+        free(p);
         return r;
 }
 
 int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned n_parts) {
-        struct out_msg *m;
-        size_t len = 1, off = 0;
-        char *room;
-
         if (!c || (n_parts > 0 && !parts))
                 return -EINVAL;
         if (c->state >= RPC_CONN_CLOSING)
                 return -ENOTCONN;
-        for (unsigned i = 0; i < n_parts; i++) {
-                if (parts[i].iov_len > SIZE_MAX / 2 - len)
-                        return -EINVAL;
-                len += parts[i].iov_len;
-        }
-        if (out_over_bound(c, len, 0)) {
-                schedule_close(c);
-                return -ENOBUFS;
-        }
-        room = out_room(c, len, false, &m);
-        if (!room)
-                return -ENOMEM;
-        for (unsigned i = 0; i < n_parts; i++) {
-                memcpy(room + off, parts[i].iov_base, parts[i].iov_len);
-                off += parts[i].iov_len;
-        }
-        room[off] = '\n';
-        return out_commit(c, m, len, NULL, 0);
+        return out_queue(c, parts, n_parts, NULL, 0);
 }
 
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
@@ -700,7 +406,7 @@ static void send_error_detail(struct rpc_conn *c, int code, const char *message,
 static void refuse_and_close(struct rpc_conn *c, int code, const char *message, const char *detail) {
         if (c->state != RPC_CONN_OPEN)
                 return;
-        in_fds_close_all(c);
+        vhub_frame_in_drop_fds(&c->in);
         send_error_detail(c, code, message, detail);
         if (c->state != RPC_CONN_OPEN)
                 return;          /* the error overflowed the queue: closing already */
@@ -792,11 +498,11 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
                 framing_violation(c, detail);
                 return;
         }
-        if (need > c->in_n) {
+        if (need > vhub_frame_in_queued_fds(&c->in)) {
                 json_decref(msg);
                 snprintf(detail, sizeof(detail),
                          "message declares %u fds but only %u were received with it",
-                         need, c->in_n);
+                         need, vhub_frame_in_queued_fds(&c->in));
                 framing_violation(c, detail);
                 return;
         }
@@ -807,12 +513,13 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
                                   "a message must be a JSON object or an array of them");
                 return;
         }
-        if (in_fds_pop(c, need, &fds) < 0) {
+        if (vhub_frame_in_take_fds(&c->in, need, &fds.fds) < 0) {
                 json_decref(msg);
                 set_reason(c, "out of memory");
                 schedule_close(c);
                 return;
         }
+        fds.n = need;
 
         if (c->ops && c->ops->on_message)
                 c->ops->on_message(c, msg, &fds, c->userdata);
@@ -824,7 +531,7 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
 
 static void really_free(struct rpc_conn *c);
 
-/* The partial line left in in_buf must be complete line_timeout_ms after
+/* The partial line left in the input buffer must be complete line_timeout_ms after
  * its first byte was read: armed when one starts (nothing was pending, or
  * a line just ended before it), dropped when none is left. */
 static void line_deadline_update(struct rpc_conn *c, bool line_ended) {
@@ -833,7 +540,7 @@ static void line_deadline_update(struct rpc_conn *c, bool line_ended) {
                 .tv_usec = (c->limits.line_timeout_ms % 1000) * 1000,
         };
 
-        if (c->in_len == 0)
+        if (vhub_frame_in_pending_bytes(&c->in) == 0)
                 event_del(c->line_ev);
         else if (line_ended || !evtimer_pending(c->line_ev, NULL))
                 evtimer_add(c->line_ev, &tv);
@@ -844,7 +551,7 @@ static void line_timeout_cb(evutil_socket_t fd, short what, void *userdata) {
         char detail[128];
         int avail = 0;
 
-        if (c->state != RPC_CONN_OPEN || c->read_closed || c->in_len == 0)
+        if (c->state != RPC_CONN_OPEN || c->read_closed || vhub_frame_in_pending_bytes(&c->in) == 0)
                 return;
         /* the rest may be in the socket already, its read event due in
          * this same turn of the loop: that read decides */
@@ -864,7 +571,7 @@ static uint64_t now_usec(void) {
         return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
 }
 
-/* Lines are left in in_buf (a slice ended, or the owner paused): nothing is
+/* Lines are left in the input buffer (a slice ended, or the owner paused): nothing is
  * read meanwhile, and no deadline runs for a line that cannot progress. */
 static void hold_input(struct rpc_conn *c) {
         static const struct timeval now = { 0, 0 };
@@ -881,27 +588,26 @@ static void hold_input(struct rpc_conn *c) {
  * Returns false if c was freed. */
 static bool process_lines(struct rpc_conn *c) {
         uint64_t started = now_usec();
+        unsigned handed = 0;
         bool held = false;
-        size_t start = 0;
+        const char *line;
+        size_t n;
+        int r;
 
         c->processing++;
         while (c->state == RPC_CONN_OPEN && !c->free_pending) {
-                char *nl = memchr(c->in_buf + start, '\n', c->in_len - start);
-                size_t n;
-
-                if (!nl)
-                        break;
                 if (c->paused || now_usec() - started >= RPC_SLICE_USEC) {
-                        held = true;
+                        held = vhub_frame_in_pending_bytes(&c->in) > 0;
                         break;
                 }
-                n = (size_t) (nl - (c->in_buf + start));
+                if (vhub_frame_in_next_line(&c->in, &line, &n) <= 0)
+                        break;
+                handed++;
                 if (n > c->limits.max_line) {
                         framing_violation(c, "line longer than the limit");
                         break;
                 }
-                handle_line(c, c->in_buf + start, n);
-                start += n + 1;
+                handle_line(c, line, n);
         }
         c->processing--;
 
@@ -913,53 +619,27 @@ static bool process_lines(struct rpc_conn *c) {
                 in_drop(c);     /* deferred while on_message ran */
                 return true;
         }
-
-        memmove(c->in_buf, c->in_buf + start, c->in_len - start);
-        c->in_len -= start;
         if (held || c->paused) {
                 /* the checks below are for what is left once every line is handed over */
                 hold_input(c);
                 return true;
         }
-        line_deadline_update(c, start > 0);
+        line_deadline_update(c, handed > 0);
 
-        if (c->in_len > c->limits.max_line) {
+        r = vhub_frame_in_check(&c->in);
+        if (r == -EMSGSIZE) {
                 char detail[128];
 
-                snprintf(detail, sizeof(detail), "line longer than %zu bytes",
-                         c->limits.max_line);
+                snprintf(detail, sizeof(detail), "line longer than %zu bytes", c->limits.max_line);
                 framing_violation(c, detail);
-        } else if (c->in_len == 0 && c->in_n > 0) {
+        } else if (r == -EBADMSG) {
                 char detail[128];
 
                 snprintf(detail, sizeof(detail), "%u fds received that no message claims",
-                         c->in_n);
+                         vhub_frame_in_queued_fds(&c->in));
                 framing_violation(c, detail);
         }
         return true;
-}
-
-/* Room to read into: grow towards max_line + 1, shrink back when idle. */
-static int in_reserve(struct rpc_conn *c) {
-        size_t hard = c->limits.max_line + 1;
-        size_t want = c->in_cap;
-        char *p;
-
-        if (c->in_len == 0 && c->in_cap > RPC_IN_BUF_KEEP)
-                want = RPC_IN_BUF_MIN;
-        else if (c->in_cap - c->in_len < RPC_IN_BUF_MIN && c->in_cap < hard)
-                want = c->in_cap ? c->in_cap * 2 : RPC_IN_BUF_MIN;
-        if (want > hard)
-                want = hard;
-        if (want == c->in_cap && c->in_buf)
-                return 0;
-        p = realloc(c->in_buf, want);
-        if (!p)
-                return c->in_cap > c->in_len ? 0 : -ENOMEM;
-        c->in_buf = p;
-        c->in_cap = want;
-        note_memory(c);
-        return 0;
 }
 
 /* After EOF: did the peer close its socket (POLLHUP: nobody will read an
@@ -971,74 +651,46 @@ static bool peer_hung_up(const struct rpc_conn *c) {
 }
 
 static void read_cb(evutil_socket_t fd, short what, void *userdata) {
-        VHU_SCM_BUF(control, RPC_MAX_FDS_PER_MESSAGE);
         struct rpc_conn *c = userdata;
-        struct iovec iov;
-        struct msghdr mh = {
-                .msg_iov = &iov,
-                .msg_iovlen = 1,
-                .msg_control = control.buf,
-                .msg_controllen = sizeof(control.buf),
-        };
-        bool fds_ok = true;
         unsigned n_fds = 0;
         ssize_t n;
 
         if (c->state != RPC_CONN_OPEN || c->read_closed || c->paused)
                 return;
-        if (in_reserve(c) < 0) {
-                set_reason(c, "out of memory");
-                schedule_close(c);
+        /* every fd that arrives is queued or closed, whatever else happens */
+        n = vhub_frame_in_read(&c->in, c->fd, &n_fds);
+        note_memory(c);
+        if (n == -EAGAIN)
                 return;
-        }
-        iov = (struct iovec) { c->in_buf + c->in_len, c->in_cap - c->in_len };
-
-        n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-        if (n < 0) {
-                if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
-                        return;
-                if (errno_is_peer_gone(errno))
-                        set_reason(c, "peer closed");
-                else
-                        set_reason(c, "read error: %s", strerror(errno));
-                schedule_close(c);
-                return;
-        }
-
-        /* Every fd that arrived is queued or closed, whatever else happens. */
-        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
-                const int *p;
-                unsigned k;
-
-                if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
-                        continue;
-                p = (const int *) CMSG_DATA(cm);
-                k = (unsigned) ((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                if (fds_ok && in_fds_push(c, p, k) == 0) {
-                        n_fds += k;
-                        continue;
-                }
-                fds_ok = false;
-                for (unsigned i = 0; i < k; i++) {
-                        int f;
-
-                        memcpy(&f, p + i, sizeof(f));
-                        close_fd(f);
-                }
-        }
-        if (mh.msg_flags & MSG_CTRUNC) {
+        if (n == -EPROTO) {
                 /* room was made for the most one sendmsg() can carry: the
                  * kernel had no fd numbers left for them */
                 refuse_and_close(c, JSONRPC_LIMIT_REACHED, "resource limit reached",
                                  "fds lost on receipt: the daemon is out of fds");
                 return;
         }
-        if (!fds_ok) {
+        if (n == -ENOBUFS) {
                 char detail[128];
 
-                snprintf(detail, sizeof(detail), "more than %u fds queued",
-                         c->limits.max_fds_queued);
+                snprintf(detail, sizeof(detail), "more than %u fds queued", c->limits.max_fds_queued);
                 framing_violation(c, detail);
+                return;
+        }
+        if (n == -EMSGSIZE) {
+                char detail[128];
+
+                snprintf(detail, sizeof(detail), "line longer than %zu bytes", c->limits.max_line);
+                framing_violation(c, detail);
+                return;
+        }
+        if (n < 0) {
+                if (n == -ENOMEM)
+                        set_reason(c, "out of memory");
+                else if (errno_is_peer_gone((int)-n))
+                        set_reason(c, "peer closed");
+                else
+                        set_reason(c, "read error: %s", strerror((int)-n));
+                schedule_close(c);
                 return;
         }
         if (n_fds > 0 && c->ops && c->ops->admit_fds) {
@@ -1064,7 +716,6 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 start_draining(c);
                 return;
         }
-        c->in_len += (size_t) n;
         process_lines(c);
 }
 
@@ -1116,8 +767,8 @@ static void really_free(struct rpc_conn *c) {
                 event_free(c->resume_ev);
         c->processing = 0;
         in_drop(c);
-        out_drop_all(c);
-        close_fd(c->fd);
+        vhub_frame_out_done(&c->out);
+        vhu_safe_close(c->fd);
         free(c);
 }
 
@@ -1156,7 +807,7 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         int flags, r;
 
         if (!base || fd < 0 || !ret) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -EINVAL;
         }
 
@@ -1175,13 +826,13 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
                         l.max_out_fds = limits->max_out_fds;
         }
         if (l.max_line >= SIZE_MAX / 2) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -EINVAL;
         }
 
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close_fd(fd);
+                vhu_safe_close(fd);
                 return -ENOMEM;
         }
         c->fd = fd;
@@ -1190,6 +841,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         c->ops = ops;
         c->userdata = userdata;
         c->state = RPC_CONN_OPEN;
+        vhub_frame_in_init(&c->in, l.max_line, l.max_fds_queued);
+        vhub_frame_out_init(&c->out, true);
 
         r = socket_check(fd);
         if (r < 0)

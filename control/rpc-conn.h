@@ -150,6 +150,12 @@ unsigned rpc_conn_queued_fds(const struct rpc_conn *c);
 /* Every fd this connection holds: its socket, fds received and not yet
  * claimed by a message, and the copies waiting in the output queue. */
 unsigned rpc_conn_fds_held(const struct rpc_conn *c);
+/* Its socket (the connection keeps it). */
+int rpc_conn_fd(const struct rpc_conn *c);
+/* Those fds one by one: fn(fd, what, userdata), what NULL for the socket,
+ * "in" for a received fd no message claimed yet, "out" for a copy queued. */
+void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char *what, void *userdata),
+                         void *userdata);
 /* The most its input buffer and output queue held since the last call
  * (then it starts again from what they hold now): a big one is worth giving
  * back to the system once freed. */

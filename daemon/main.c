@@ -18,11 +18,13 @@
 #include "vhub-config.h"
 #include "vhub-context.h"
 #include "vhub-eventfd.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-sd.h"
 #include "vhub-signals.h"
 #include "vhub-time.h"
 #include "vhubd.h"
+#include "vhu-fd.h"
 
 struct daemon_main {
         struct vhub_config config;
@@ -88,18 +90,15 @@ static int log_level_from_file(const char *path, int *ret_level) {
         char buf[64];
         struct stat st;
         ssize_t n;
-        int fd, level;
-
+        int level;
         /* O_NONBLOCK: a FIFO put there must not stall the loop */
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+
         if (fd < 0)
                 return -errno;
-        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-                close(fd);
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
                 return -EINVAL;
-        }
         n = read(fd, buf, sizeof(buf) - 1);
-        close(fd);
         if (n < 0)
                 return -errno;
         while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
@@ -134,11 +133,32 @@ static void load_log_level(struct daemon_main *m, int report_level) {
                  path ? path : "--log-level");
 }
 
+static void inventory_fd(const struct vhub_fd_info *fd, void *userdata) {
+        unsigned *n = userdata;
+
+        (*n)++;
+        log_debug("fd %d: %s (%s%s)", fd->fd, fd->name, fd->group ? "group " : "not stored",
+                  fd->group ? fd->group : "");
+}
+
+/* At debug level, every fd the daemon holds with its owner's name (what is
+ * not listed is libevent's or stdio). */
+static void log_fd_inventory(struct daemon_main *m) {
+        unsigned n = 0;
+
+        if (vhub_log_get_level() < LOG_DEBUG)
+                return;
+        log_debug("fd inventory:");
+        vhubd_foreach_fd(&m->vhubd, &(struct vhub_fd_visitor){ inventory_fd, &n });
+        log_debug("fd inventory: %u fds", n);
+}
+
 static void reload_cb(void *userdata, int sig) {
         struct daemon_main *m = userdata;
 
         log_notice("signal %d (%s): reloading the log level", sig, strsignal(sig));
         load_log_level(m, LOG_NOTICE);
+        log_fd_inventory(m);
 }
 
 /* In a fatal signal's handler: remove the sockets a clean exit removes.
@@ -205,18 +225,15 @@ int main(int argc, char **argv) {
                 log_error("cannot create the event loop");
                 goto out;
         }
-        opts.control_listen_fd = vhub_sd_listen_fd();
-        if (opts.control_listen_fd < 0) {
-                m.control_path = m.config.control_path ? strdup(m.config.control_path)
-                                                        : default_control_path();
-                if (!m.control_path) {
-                        log_error("no control socket path: pass --control PATH or set XDG_RUNTIME_DIR");
-                        goto out;
-                }
-        }
+        /* used unless socket activation passes the control socket (vhubd_init) */
+        m.control_path = m.config.control_path ? strdup(m.config.control_path) : default_control_path();
         opts.control_path = m.control_path;
         if (vhubd_init(&m.vhubd, m.base, &m.config, &opts) < 0)
                 goto out;
+        if (!vhubd_control_path(&m.vhubd)) {
+                free(m.control_path);   /* inherited: not ours to unlink */
+                m.control_path = NULL;
+        }
         m.vhubd.ctx.on_counts_changed = update_status;
         m.vhubd.ctx.counts_userdata = &m;
         r = vhub_sd_new(m.base, &m.sd);

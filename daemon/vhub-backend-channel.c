@@ -9,6 +9,7 @@
 #include "vhub-backend-channel.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
+#include "vhu-fd.h"
 #include "vhu-socket.h"
 
 /* Unanswered replies queued towards a back-end that does not read. */
@@ -284,7 +285,7 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         struct vhub_backend_channel *ch = calloc(1, sizeof(*ch));
 
         if (!ch) {
-                close(fd);
+                vhu_safe_close(fd);
                 return -ENOMEM;
         }
         ch->ops = ops;
@@ -330,8 +331,15 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
                 channel_paused(ch, false);
         vhu_reader_reset(&ch->reader);
         vhu_writer_clear(&ch->writer);
-        if (ch->fd >= 0)
-                close(ch->fd);
+        ch->fd = vhu_safe_close(ch->fd);
         free(ch);
         return NULL;
+}
+
+int vhub_backend_channel_fd(const struct vhub_backend_channel *ch) {
+        return ch->fd;
+}
+
+void vhub_backend_channel_foreach_fd(const struct vhub_backend_channel *ch, vhu_fd_fn fn, void *userdata) {
+        vhu_conn_foreach_fd(ch->fd, &ch->reader, &ch->writer, fn, userdata);
 }

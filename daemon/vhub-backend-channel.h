@@ -34,6 +34,7 @@
 #include <sys/types.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_backend_channel;
@@ -86,3 +87,8 @@ int vhub_backend_channel_answer_deferred(struct vhub_backend_channel *ch, unsign
 bool vhub_backend_channel_refuse_stalled(struct vhub_backend_channel *ch, const struct vhu_msg *req);
 /* The receiver caught up on what it was sent (or changed): read again. */
 void vhub_backend_channel_drained(struct vhub_backend_channel *ch);
+/* The daemon's end of the socketpair (the channel keeps it). */
+int vhub_backend_channel_fd(const struct vhub_backend_channel *ch);
+/* Every fd ch holds: its socket (what NULL), a partial request's ("in"),
+ * the writer's dups ("out"). */
+void vhub_backend_channel_foreach_fd(const struct vhub_backend_channel *ch, vhu_fd_fn fn, void *userdata);

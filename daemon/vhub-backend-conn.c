@@ -9,6 +9,7 @@
 
 #include "vhub-backend-conn.h"
 #include "vhub-time.h"
+#include "vhu-fd.h"
 #include "vhu-socket.h"
 
 struct pending_reply {
@@ -152,8 +153,7 @@ static void bconn_free_now(struct vhub_bconn *c) {
                 event_free(c->ev_lost);
         vhu_reader_reset(&c->reader);
         vhu_writer_clear(&c->writer);
-        if (c->fd >= 0)
-                close(c->fd);
+        c->fd = vhu_safe_close(c->fd);
         free(c->pending);
         free(c);
 }
@@ -242,14 +242,19 @@ static void bconn_read_cb(evutil_socket_t fd, short what, void *userdata) {
 int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
                    const struct vhub_bconn_ops *ops, void *userdata, struct vhub_bconn **ret) {
         struct vhub_bconn *c;
-        int fl;
+        int fl, r;
 
         fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
-                return -errno;
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+                r = -errno;
+                vhu_safe_close(fd);
+                return r;
+        }
         c = calloc(1, sizeof(*c));
-        if (!c)
+        if (!c) {
+                vhu_safe_close(fd);
                 return -ENOMEM;
+        }
         c->fd = fd;
         c->base = base;
         c->ops = ops;
@@ -266,8 +271,7 @@ int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigne
         c->ev_lost = event_new(base, -1, 0, bconn_lost_cb, c);
         if (!c->pending || !c->ev_read || !c->ev_write || !c->ev_timer || !c->ev_lost ||
             event_add(c->ev_read, NULL) < 0) {
-                c->fd = -1; /* the caller still owns fd on failure */
-                bconn_free_now(c);
+                bconn_free_now(c); /* closes fd: it is taken in every case */
                 return -ENOMEM;
         }
         *ret = c;
@@ -370,4 +374,8 @@ bool vhub_bconn_is_lost(const struct vhub_bconn *c) {
 
 int vhub_bconn_fd(const struct vhub_bconn *c) {
         return c->fd;
+}
+
+void vhub_bconn_foreach_fd(const struct vhub_bconn *c, vhu_fd_fn fn, void *userdata) {
+        vhu_conn_foreach_fd(c->fd, &c->reader, &c->writer, fn, userdata);
 }

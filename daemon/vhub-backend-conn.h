@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_bconn;
@@ -28,7 +29,7 @@ struct vhub_bconn_ops {
         void (*on_lost)(void *userdata, bool timeout, uint32_t request, const char *reason);
 };
 
-/* Takes ownership of fd (connected, any blocking mode). */
+/* Takes fd (connected, any blocking mode) in every case: closed on failure. */
 int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
                    const struct vhub_bconn_ops *ops, void *userdata, struct vhub_bconn **ret);
 /* Closes the socket; pending replies are dropped silently. NULL-safe. */
@@ -61,5 +62,8 @@ bool vhub_bconn_write_pending(const struct vhub_bconn *c);
 unsigned vhub_bconn_queued_fds(const struct vhub_bconn *c);
 bool vhub_bconn_is_lost(const struct vhub_bconn *c);
 int vhub_bconn_fd(const struct vhub_bconn *c);
+/* Every fd c holds: its socket (what NULL), a partial reply's ("in") and
+ * the writer's dups ("out"). */
+void vhub_bconn_foreach_fd(const struct vhub_bconn *c, vhu_fd_fn fn, void *userdata);
 /* Declare the connection lost now (e.g. a semantic error in a reply). */
 void vhub_bconn_fail(struct vhub_bconn *c, bool timeout, uint32_t request, const char *reason);

@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include "vhub-backend-path.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-path-beneath.h"
+#include "vhu-fd.h"
 
 #define SUN_PATH_SIZE sizeof(((struct sockaddr_un *)NULL)->sun_path)
 
@@ -65,13 +67,17 @@ fail:
         return -ENOMEM;
 }
 
+void vhub_backend_dirs_foreach_fd(const struct vhub_backend_dirs *dirs, const struct vhub_fd_visitor *v) {
+        for (size_t i = 0; dirs && i < dirs->n; i++)
+                vhub_fd_visit(v, dirs->fds[i], NULL, "daemon/backend-dir/%zu", i);
+}
+
 struct vhub_backend_dirs *vhub_backend_dirs_free(struct vhub_backend_dirs *dirs) {
         if (!dirs)
                 return NULL;
         for (size_t i = 0; i < dirs->n; i++) {
                 free(dirs->paths[i]);
-                if (dirs->fds[i] >= 0)
-                        close(dirs->fds[i]);
+                dirs->fds[i] = vhu_safe_close(dirs->fds[i]);
         }
         free(dirs->paths);
         free(dirs->fds);
@@ -175,19 +181,15 @@ static enum unresolved classify_unresolved(const struct vhub_backend_dirs *dirs,
  * caller's current fs identity: the kernel checks write permission). */
 static int socket_connect_fd(int path_fd) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int fd;
+        _cleanup_close_ int fd = -1;
 
         snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d", path_fd);
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-                int r = -errno;
-
-                close(fd);
-                return r;
-        }
-        return fd;
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+                return -errno;
+        return VHU_TAKE_FD(fd);
 }
 
 static bool same_inode(const struct stat *a, const struct stat *b) {
@@ -202,7 +204,8 @@ static int open_checked(struct vhub_backend_dirs *dirs, uid_t owner_uid, const c
         char resolved[PATH_MAX];
         const char *rel;
         struct stat st;
-        int dir_fd, fd;
+        _cleanup_close_ int fd = -1;
+        int dir_fd;
 
         if (!realpath(path, resolved)) {
                 int e = errno;
@@ -226,17 +229,13 @@ static int open_checked(struct vhub_backend_dirs *dirs, uid_t owner_uid, const c
         if (fd < 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "back-end socket %s: %s", path,
                                       strerror(-fd));
-        if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
-                close(fd);
+        if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "%s is not a socket", path);
-        }
-        if (st.st_uid != owner_uid && st.st_uid != 0) {
-                close(fd);
+        if (st.st_uid != owner_uid && st.st_uid != 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "back-end socket %s is owned by uid %u, not by the caller or root",
                                       path, (unsigned)st.st_uid);
-        }
-        return fd;
+        return VHU_TAKE_FD(fd);
 }
 
 int vhub_backend_path_open(struct vhub_backend_dirs *dirs, const struct vhub_cred *cred,
@@ -281,7 +280,8 @@ int vhub_backend_path_connect(int path_fd, const struct vhub_cred *cred) {
 static int entry_make_room(int parent, const char *name, const struct vhub_cred *cred,
                            uid_t owner_uid, const char *path, struct vhub_error *err) {
         struct stat st, now;
-        int sfd, probe;
+        _cleanup_close_ int sfd = -1;
+        int probe;
 
         if (fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
                 return errno == ENOENT ? 0
@@ -296,15 +296,12 @@ static int entry_make_room(int parent, const char *name, const struct vhub_cred 
         sfd = openat(parent, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         if (sfd < 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "%s: %s", path, strerror(errno));
-        if (fstat(sfd, &now) < 0 || !same_inode(&st, &now)) {
-                close(sfd);
+        if (fstat(sfd, &now) < 0 || !same_inode(&st, &now))
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "%s changed while it was checked", path);
-        }
         probe = socket_connect_fd(sfd);
-        close(sfd);
+        sfd = vhu_safe_close(sfd);
         if (probe >= 0 || probe == -EAGAIN) {
-                if (probe >= 0)
-                        close(probe);
+                vhu_safe_close(probe);
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "a back-end listens on %s; it is not replaced", path);
         }
@@ -352,7 +349,7 @@ static int bind_listen(int parent, const char *name, uid_t creator, uid_t owner_
         umask(mask);
         if (r < 0) {
                 r = -errno;
-                close(fd);
+                vhu_safe_close(fd);
                 if (r == -EACCES || r == -EPERM)
                         return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "uid %u may not create %s: %s",
                                               (unsigned)creator, path, strerror(-r));
@@ -379,7 +376,7 @@ static int bind_listen(int parent, const char *name, uid_t creator, uid_t owner_
                 r = -errno;
                 goto fail_remove;
         }
-        close(sfd);
+        vhu_safe_close(sfd);
         l->dev = st.st_dev;
         l->ino = st.st_ino;
         l->ctime = st.st_ctim;
@@ -388,9 +385,8 @@ static int bind_listen(int parent, const char *name, uid_t creator, uid_t owner_
 fail_remove:
         entry_remove_if_same(parent, name, &st);
 fail_keep:
-        if (sfd >= 0)
-                close(sfd);
-        close(fd);
+        vhu_safe_close(sfd);
+        vhu_safe_close(fd);
         return r;
 }
 
@@ -459,7 +455,7 @@ static int listen_checked(struct vhub_backend_dirs *dirs, const struct vhub_cred
                 struct stat st = { .st_dev = l->dev, .st_ino = l->ino, .st_ctim = l->ctime };
 
                 entry_remove_if_same(l->dir_fd, l->name, &st);
-                close(fd);
+                vhu_safe_close(fd);
                 return -ENOMEM;
         }
         return fd;
@@ -491,8 +487,7 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
                             err, l, &resolved);
         vhub_cred_leave(&scope);
         if (fd < 0) {
-                if (l->dir_fd >= 0)
-                        close(l->dir_fd);
+                vhu_safe_close(l->dir_fd);
                 free(l);
                 return fd;
         }
@@ -508,6 +503,10 @@ void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l
                 return;
         st = (struct stat){ .st_dev = l->dev, .st_ino = l->ino, .st_ctim = l->ctime };
         entry_remove_if_same(l->dir_fd, l->name, &st);
+}
+
+int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l) {
+        return l ? l->dir_fd : -1;
 }
 
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
@@ -527,7 +526,7 @@ struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_lis
                 entry_remove_if_same(l->dir_fd, l->name, &st);
                 vhub_cred_leave(&scope);
         }
-        close(l->dir_fd);
+        vhu_safe_close(l->dir_fd);
         free(l);
         return NULL;
 }

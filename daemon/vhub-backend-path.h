@@ -28,6 +28,10 @@ struct vhub_backend_dirs;
 
 int vhub_backend_dirs_new(const struct vhub_config *cfg, struct vhub_backend_dirs **ret);
 struct vhub_backend_dirs *vhub_backend_dirs_free(struct vhub_backend_dirs *dirs);
+struct vhub_fd_visitor;
+/* The directories' fds ("daemon/backend-dir/<i>", opened again at start:
+ * not stored).  NULL-safe. */
+void vhub_backend_dirs_foreach_fd(const struct vhub_backend_dirs *dirs, const struct vhub_fd_visitor *v);
 
 /*
  * Client mode: resolve and check path with cred's rights and open the
@@ -77,3 +81,5 @@ struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_lis
  * path: the uid may have turned a directory on the way into a symlink.
  */
 void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l);
+/* The O_PATH fd of the directory l's socket is in (l keeps it). */
+int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "vhub-call.h"
+#include "vhu-fd.h"
 
 void vhub_call_complete(struct vhub_call *call, int r) {
         if (!call)
@@ -27,8 +28,7 @@ void vhub_postcopy_out_free(struct vhub_call *call) {
         for (unsigned i = 0; i < call->out.postcopy.n_devices; i++) {
                 struct vhub_postcopy_device *pd = &call->out.postcopy.devices[i];
 
-                if (pd->ufd >= 0)
-                        close(pd->ufd);
+                pd->ufd = vhu_safe_close(pd->ufd);
                 free(pd->regions);
         }
         free(call->out.postcopy.devices);

@@ -93,6 +93,8 @@ static void usage(FILE *f) {
                 "                           (default: a quarter of --max-connections)\n"
                 "  --max-fds-per-uid N      fds one non-root uid may make the daemon hold (default:\n"
                 "                           a quarter of RLIMIT_NOFILE once an eighth is reserved)\n"
+                "  --no-fd-store            keep no fd in the service manager's fd store\n"
+                "                           (used when $NOTIFY_SOCKET is set)\n"
                 "  -h, --help, --version\n");
 }
 
@@ -101,7 +103,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
                 OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE,
-                OPT_MAX_CONN_UID,
+                OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
         };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
@@ -120,6 +122,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
                 { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
                 { "max-fds-per-uid", required_argument, NULL, OPT_MAX_FDS },
+                { "no-fd-store", no_argument, NULL, OPT_NO_FD_STORE },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, OPT_VERSION },
                 {}
@@ -223,6 +226,9 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 c->limits.fds_per_uid = (unsigned)v;
                         else
                                 c->limits.max_line = v;
+                        break;
+                case OPT_NO_FD_STORE:
+                        c->no_fd_store = true;
                         break;
                 case 'h':
                         usage(stdout);

@@ -34,6 +34,7 @@ struct vhub_config {
         int log_level;
         char *log_level_file;        /* NULL: none; else read at start and on SIGHUP */
         unsigned reconnect_max_ms;   /* backoff cap */
+        bool no_fd_store;            /* --no-fd-store: keep nothing in systemd's fd store */
         struct vhub_limits limits;
 };
 

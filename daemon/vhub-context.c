@@ -7,6 +7,8 @@
 #include "vhub-backend-channel.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
+#include "vhub-fd-track.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-owner.h"
 #include "vhub-socket-watch.h"
@@ -152,6 +154,31 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
 
 struct event_base *vhub_context_base(const struct vhub_context *ctx) {
         return ctx->base;
+}
+
+struct vhub_fdstore *vhub_context_fdstore(const struct vhub_context *ctx) {
+        return ctx ? ctx->fdstore : NULL;
+}
+
+struct fdstore_visit {
+        const struct vhub_fd_visitor *v;
+};
+
+static void fdstore_fd(int fd, const char *what, const char *stored_as, void *userdata) {
+        const struct fdstore_visit *fv = userdata;
+
+        vhub_fd_visit(fv->v, fd, stored_as, "daemon/fd-store/%s", what);
+}
+
+void vhub_context_foreach_fd(const struct vhub_context *ctx, const struct vhub_fd_visitor *v) {
+        const struct vhub_vm *vm;
+
+        vhub_backend_dirs_foreach_fd(ctx->backend_dirs, v);
+        if (ctx->socket_watcher)
+                vhub_fd_visit(v, vhub_socket_watcher_fd(ctx->socket_watcher), NULL, "daemon/inotify");
+        vhub_fdstore_foreach_fd(ctx->fdstore, fdstore_fd, &(struct fdstore_visit){ v });
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                vhub_vm_foreach_fd(vm, v);
 }
 
 const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx) {

@@ -17,6 +17,8 @@
 struct event_base;
 struct event;
 struct vhub_backend_dirs;
+struct vhub_fd_visitor;
+struct vhub_fdstore;
 struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
@@ -30,12 +32,16 @@ struct vhub_context {
         unsigned n_vms;
         unsigned n_devices;
         uint64_t next_region_id;
+        uint64_t next_vm_id;              /* never reused: they name fd-store groups */
+        uint64_t next_device_id;
         uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink_list sinks;          /* one per face that listens */
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
         struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
+        struct vhub_fdstore *fdstore;               /* systemd's fd store (disabled without
+                                                     * $NOTIFY_SOCKET or with --no-fd-store) */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
         bool shutting_down;
         /* called when the model's counts change (systemd STATUS=) */
@@ -44,7 +50,8 @@ struct vhub_context {
 };
 
 /* Also raises the soft RLIMIT_NOFILE to the hard limit and derives the fd
- * budget from it (vhub-fd-budget.h).  On failure nothing is left to free. */
+ * budget from it (vhub-fd-budget.h), and connects the fd store (unless
+ * --no-fd-store).  On failure nothing is left to free. */
 int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct vhub_config *config);
 /* Tear down every VM (back-ends closed, fds released).  Completes pending calls. */
 void vhub_context_done(struct vhub_context *ctx);
@@ -84,4 +91,10 @@ void vhub_context_fd_usage(struct vhub_context *ctx, uid_t uid, struct vhub_fd_u
  * usage above)?  0, or -32008 in err. */
 int vhub_context_check_fds(struct vhub_context *ctx, uid_t uid, unsigned n, unsigned slack,
                            struct vhub_error *err);
+/* The fd store every owner's fds go to (vhub-fd-track.h); a disabled
+ * store, or NULL in a context that never had one, takes nothing. */
+struct vhub_fdstore *vhub_context_fdstore(const struct vhub_context *ctx);
+/* Every fd the model holds: the back-end directories', the socket
+ * watcher's, the fd store's own, and every VM's (vhub_vm_foreach_fd()). */
+void vhub_context_foreach_fd(const struct vhub_context *ctx, const struct vhub_fd_visitor *v);
 bool vhub_context_shutting_down(const struct vhub_context *ctx);

@@ -12,6 +12,7 @@
 
 #include "vhub-device-internal.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static bool is_eventfd(int fd) {
         char path[64], target[64];
@@ -28,11 +29,9 @@ static bool is_eventfd(int fd) {
 /* fds a start takes in every case: closed when no op took them. */
 static void vring_params_close(struct vhub_vring_params *vp, unsigned n) {
         for (unsigned i = 0; i < n; i++) {
-                struct vhub_vring tmp = { .kick_fd = vp[i].kick_fd, .call_fd = vp[i].call_fd,
-                                          .err_fd = vp[i].err_fd };
-
-                vring_close_fds(&tmp);
-                vp[i].kick_fd = vp[i].call_fd = vp[i].err_fd = -1;
+                vp[i].kick_fd = vhu_safe_close(vp[i].kick_fd);
+                vp[i].call_fd = vhu_safe_close(vp[i].call_fd);
+                vp[i].err_fd = vhu_safe_close(vp[i].err_fd);
         }
 }
 
@@ -54,12 +53,10 @@ static int start_take_rings(struct vhub_op *op, uint64_t features, struct vhub_v
                         .avail = vp[i].avail,
                         .used = vp[i].used,
                         .base = vp[i].base,
-                        .kick_fd = vp[i].kick_fd,
-                        .call_fd = vp[i].call_fd,
-                        .err_fd = vp[i].err_fd,
+                        .kick_fd = VHU_TAKE_FD(vp[i].kick_fd),
+                        .call_fd = VHU_TAKE_FD(vp[i].call_fd),
+                        .err_fd = VHU_TAKE_FD(vp[i].err_fd),
                 };
-        for (unsigned i = 0; i < n; i++)
-                vp[i].kick_fd = vp[i].call_fd = vp[i].err_fd = -1;
         return 0;
 }
 
@@ -250,8 +247,7 @@ static void queue_single(struct vhub_device *d, uint32_t request, unsigned featu
         struct vhub_op *op = device_submit(d, VHUB_OP_SINGLE, call);
 
         if (!op) {
-                if (fd >= 0)
-                        close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         single_queue(d, op, request, feature, payload, size, fd);
@@ -303,12 +299,12 @@ void vhub_device_state_fd(struct vhub_device *d, bool load, int fd, struct vhub_
         struct vhub_op *op = device_submit(d, VHUB_OP_SINGLE, call);
 
         if (!op) {
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
+        op->u.single.fd = fd; /* op_refuse() closes it */
         /* spec "Migrating back-end state": only the stopped phase exists */
         if (d->state == VHUB_DEV_RUNNING) {
-                close(fd);
                 op_refusef(op, VHUB_ERR_STATE, "device %s is running; stop it before transferring state",
                            d->name);
                 return;

@@ -23,6 +23,7 @@
 #include "vhub-log.h"
 #include "vhub-shared-object.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* A handler answered or deferred the request itself. */
 #define BREQ_ANSWERED (-1)
@@ -112,14 +113,11 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
 
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd) {
         /* too late (the deadline answered) or not: the writer sent its own copy */
-        if (fd >= 0 && d->channel && !answer_fd_fits(d)) {
-                close(fd);
-                fd = -1;
-        }
+        if (fd >= 0 && d->channel && !answer_fd_fits(d))
+                fd = vhu_safe_close(fd);
         if (d->channel)
                 (void)vhub_backend_channel_answer_deferred(d->channel, DEFER_LOOKUP, token, fd >= 0 ? 0 : 1, fd);
-        if (fd >= 0)
-                close(fd);
+        vhu_safe_close(fd);
 }
 
 /* A request the VMM must act on: the device.backend_request event, with
@@ -273,7 +271,18 @@ int device_channel_open(struct vhub_device *d, int fd) {
                 .device = d->name,
                 .uid = d->vm->uid,
         };
+        int r;
 
+        device_channel_close(d);
+        r = vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
+        if (r < 0)
+                return r;
+        device_fd_track(d, vhub_backend_channel_fd(d->channel), "chan");
+        return 0;
+}
+
+void device_channel_close(struct vhub_device *d) {
+        if (d->channel)
+                device_fd_untrack(d, vhub_backend_channel_fd(d->channel), "chan");
         d->channel = vhub_backend_channel_free(d->channel);
-        return vhub_backend_channel_new(&p, fd, &device_channel_ops, d, &d->channel);
 }

@@ -135,6 +135,19 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
         return (d->features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) != 0;
 }
 
+/* The device's fds: each joins the device's fd-store group as the device
+ * takes it and leaves it before it is closed (vhub-fd-track.h).  fmt names
+ * it below "dev/<uid>/<vm>/<device>/". */
+#define device_fd_track(d, fd, fmt, ...)                                                        \
+        vhub_fd_track((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,                    \
+                      (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__)
+#define device_fd_untrack(d, fd, fmt, ...)                                                      \
+        vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,                  \
+                        (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__)
+#define device_fd_visit(d, v, fd, group, fmt, ...)                                               \
+        vhub_fd_visit((v), (fd), (group), "dev/%u/%s/%s/" fmt, (unsigned)(d)->vm->uid,            \
+                      (d)->vm->name, (d)->name, ##__VA_ARGS__)
+
 /* vhub-device.c: the device's life (add, remove, free) and what it holds */
 /* A line about d (its VM, uid and name), logged as from the caller. */
 #define device_log(d, level, request, ...) device_log_at(VHUB_LOG_SITE, (d), (level), (request), __VA_ARGS__)
@@ -149,6 +162,15 @@ void shadow_remove(struct vhub_device *d, uint64_t id);
 void shadow_clear(struct vhub_device *d);
 void vring_close_fds(struct vhub_vring *v);
 unsigned vring_fds_held(const struct vhub_vring *v);
+/* d's ring i: its fds leave the device's group and are closed; the ring is
+ * not configured any more. */
+void device_ring_close(struct vhub_device *d, unsigned i);
+/* A START committed: ring src (taken from the op, whose fds are -1 after)
+ * becomes d's, its fds in the device's group. */
+void device_ring_commit(struct vhub_device *d, struct vhub_vring *src);
+/* The inflight memfd the back-end gave (fd taken; -1: none any more); the
+ * previous one leaves the group and is closed. */
+void device_set_inflight(struct vhub_device *d, int fd);
 
 /* vhub-device-link.c: the link to the back-end and the state machine */
 /* The one writer of d->state; does each state's side work (the file's head). */
@@ -160,6 +182,8 @@ void device_link_stop_retrying(struct vhub_device *d);
 /* Everything the link holds, freed (vhub_device_free). */
 void device_link_done(struct vhub_device *d);
 void device_drop_connection(struct vhub_device *d);
+/* The link's fds (socket, channel, listener and its directory). */
+void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v);
 /* Declare the back-end lost now (reported from the loop). */
 void device_mark_lost(struct vhub_device *d, const char *reason);
 /* A restore op succeeded: back to the state before the loss. */
@@ -171,6 +195,8 @@ void device_give_up(struct vhub_device *d, const char *reason);
 /* vhub-device-channel.c: what the back-end's requests do */
 /* The back-end channel on the daemon's end of the socketpair (fd taken). */
 int device_channel_open(struct vhub_device *d, int fd);
+/* The channel goes (a loss, a new handshake): its fd leaves the group. */
+void device_channel_close(struct vhub_device *d);
 /* The exporter answered a lookup d's back-end waits for (fd < 0: failed); fd taken. */
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd);
 
@@ -225,6 +251,9 @@ struct vhub_op *op_new(enum vhub_op_kind kind, struct vhub_call *call);
 void op_free(struct vhub_op *op);
 /* fds op owns until it commits (the fd budget counts them). */
 unsigned op_fds_held(const struct vhub_op *op);
+/* Those fds, for d's inventory (not stored: an op in flight at a restart
+ * is lost with them). */
+void op_foreach_fd(const struct vhub_device *d, const struct vhub_op *op, const struct vhub_fd_visitor *v);
 /*
  * Every model call on a device starts here: the device must not be being
  * removed (-32002), nor be in an outage (-32006 at once: nothing waits
@@ -277,6 +306,7 @@ OP_KIND_REPLY(postcopy);
 /* The op kinds' own functions that free what an op holds (vhub-op-*.c). */
 void start_free(struct vhub_op *op);
 unsigned start_fds(const struct vhub_op *op);
+void start_foreach_fd(const struct vhub_device *d, const struct vhub_op *op, const struct vhub_fd_visitor *v);
 void mem_sync_free(struct vhub_op *op);
 void single_free(struct vhub_op *op);
 void postcopy_free(struct vhub_op *op);

@@ -60,6 +60,7 @@
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static void device_on_lost(void *userdata, bool timeout, uint32_t request, const char *reason);
 static void device_schedule_reconnect(struct vhub_device *d);
@@ -208,15 +209,16 @@ void device_set_state(struct vhub_device *d, enum vhub_device_state s, const cha
 
 /* ---- connecting ---- */
 
+/* fd taken in every case. */
 static int device_attach_connection(struct vhub_device *d, int fd) {
         int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
                                /* the largest op: a START of every ring (7 replies each) */
                                VHUB_MAX_QUEUES * 8 + 64,
                                &device_bconn_ops, d, &d->conn);
-        if (r < 0) {
-                close(fd);
+
+        if (r < 0)
                 return r;
-        }
+        device_fd_track(d, vhub_bconn_fd(d->conn), "sock");
         return 0;
 }
 
@@ -228,7 +230,7 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
         if (pfd < 0)
                 return pfd;
         fd = vhub_backend_path_connect(pfd, &d->cred);
-        close(pfd);
+        vhu_safe_close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
@@ -242,8 +244,10 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
 }
 
 void device_drop_connection(struct vhub_device *d) {
+        if (d->conn)
+                device_fd_untrack(d, vhub_bconn_fd(d->conn), "sock");
         d->conn = vhub_bconn_free(d->conn);
-        d->channel = vhub_backend_channel_free(d->channel);
+        device_channel_close(d);
         /* a lost exporter's objects are gone: lookups must not reach it */
         vhub_shared_table_drop_device(&d->vm->shared, d);
         shadow_clear(d);
@@ -462,7 +466,7 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 return;
         if (vhub_device_is_connected(d)) {
                 /* one back-end at a time */
-                close(fd);
+                vhu_safe_close(fd);
                 return;
         }
         if (d->conn)
@@ -498,6 +502,8 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         d->listen_fd = r;
         free(d->socket_path);
         d->socket_path = listen_path;
+        device_fd_track(d, d->listen_fd, "listen");
+        device_fd_track(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
         d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
         if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
@@ -531,7 +537,33 @@ void device_link_done(struct vhub_device *d) {
         if (d->ev_reconnect)
                 event_free(d->ev_reconnect);
         device_stop_watching(d);
-        if (d->listen_fd >= 0)
-                close(d->listen_fd);
+        device_fd_untrack(d, d->listen_fd, "listen");
+        d->listen_fd = vhu_safe_close(d->listen_fd);
+        device_fd_untrack(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
         d->listener = vhub_backend_listener_free(d->listener, &d->cred);
+}
+
+struct link_visit {
+        const struct vhub_device *d;
+        const struct vhub_fd_visitor *v;
+        const char *what;       /* "sock", "chan" */
+};
+
+static void link_fd(int fd, const char *part, void *userdata) {
+        const struct link_visit *lv = userdata;
+
+        /* the connection's own fd is kept; what it holds for a moment is not */
+        if (part)
+                device_fd_visit(lv->d, lv->v, fd, NULL, "%s/%s", lv->what, part);
+        else
+                device_fd_visit(lv->d, lv->v, fd, lv->d->fd_group, "%s", lv->what);
+}
+
+void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v) {
+        if (d->conn)
+                vhub_bconn_foreach_fd(d->conn, link_fd, &(struct link_visit){ d, v, "sock" });
+        if (d->channel)
+                vhub_backend_channel_foreach_fd(d->channel, link_fd, &(struct link_visit){ d, v, "chan" });
+        device_fd_visit(d, v, d->listen_fd, d->fd_group, "listen");
+        device_fd_visit(d, v, vhub_backend_listener_dir_fd(d->listener), d->fd_group, "dirfd");
 }

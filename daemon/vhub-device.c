@@ -19,6 +19,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static const char *const state_names[_VHUB_DEV_STATE_MAX] = {
         [VHUB_DEV_CONNECTING] = "connecting",
@@ -55,13 +56,53 @@ bool vhub_device_is_connected(const struct vhub_device *d) {
 }
 
 void vring_close_fds(struct vhub_vring *v) {
-        if (v->kick_fd >= 0)
-                close(v->kick_fd);
-        if (v->call_fd >= 0)
-                close(v->call_fd);
-        if (v->err_fd >= 0)
-                close(v->err_fd);
-        v->kick_fd = v->call_fd = v->err_fd = -1;
+        v->kick_fd = vhu_safe_close(v->kick_fd);
+        v->call_fd = vhu_safe_close(v->call_fd);
+        v->err_fd = vhu_safe_close(v->err_fd);
+}
+
+void device_ring_close(struct vhub_device *d, unsigned i) {
+        struct vhub_vring *v = &d->vrings[i];
+
+        device_fd_untrack(d, v->kick_fd, "ring%u.kick", i);
+        device_fd_untrack(d, v->call_fd, "ring%u.call", i);
+        device_fd_untrack(d, v->err_fd, "ring%u.err", i);
+        vring_close_fds(v);
+        v->configured = false;
+}
+
+void device_ring_commit(struct vhub_device *d, struct vhub_vring *src) {
+        struct vhub_vring *v = &d->vrings[src->index];
+
+        device_ring_close(d, src->index);
+        *v = *src;
+        src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
+        device_fd_track(d, v->kick_fd, "ring%u.kick", v->index);
+        device_fd_track(d, v->call_fd, "ring%u.call", v->index);
+        device_fd_track(d, v->err_fd, "ring%u.err", v->index);
+}
+
+void device_set_inflight(struct vhub_device *d, int fd) {
+        device_fd_untrack(d, d->inflight_fd, "inflight");
+        vhu_safe_close(d->inflight_fd);
+        d->inflight_fd = fd;
+        device_fd_track(d, d->inflight_fd, "inflight");
+}
+
+void vhub_device_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v) {
+        const struct vhub_op *op;
+
+        device_link_foreach_fd(d, v);
+        device_fd_visit(d, v, d->inflight_fd, d->fd_group, "inflight");
+        for (unsigned i = 0; d->vrings && i < d->queues; i++) {
+                const struct vhub_vring *r = &d->vrings[i];
+
+                device_fd_visit(d, v, r->kick_fd, d->fd_group, "ring%u.kick", i);
+                device_fd_visit(d, v, r->call_fd, d->fd_group, "ring%u.call", i);
+                device_fd_visit(d, v, r->err_fd, d->fd_group, "ring%u.err", i);
+        }
+        TAILQ_FOREACH(op, &d->ops, link)
+                op_foreach_fd(d, op, v);
 }
 
 unsigned vring_fds_held(const struct vhub_vring *v) {
@@ -187,11 +228,10 @@ void vhub_device_free(struct vhub_device *d) {
         }
         device_link_done(d);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
-                vring_close_fds(&d->vrings[i]);
+                device_ring_close(d, i);
         free(d->vrings);
         free(d->shmem_sizes);
-        if (d->inflight_fd >= 0)
-                close(d->inflight_fd);
+        device_set_inflight(d, -1);
         free(d->shadow);
         free(d->socket_path);
         vhub_cred_done(&d->cred);
@@ -227,6 +267,8 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         }
         TAILQ_INIT(&d->ops);
         d->vm = vm;
+        d->id = ++vm->ctx->next_device_id;
+        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);

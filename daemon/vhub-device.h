@@ -21,6 +21,7 @@
 #include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
 #include "vhub-owner.h"
@@ -115,6 +116,8 @@ TAILQ_HEAD(vhub_op_list, vhub_op);
 struct vhub_device {
         TAILQ_ENTRY(vhub_device) link;
         struct vhub_vm *vm;
+        uint64_t id;                  /* daemon-unique, never reused */
+        char fd_group[VHUB_FD_GROUP_MAX]; /* "d<id>": the fd-store group of every fd it keeps */
         char name[VHUB_NAME_MAX + 1];
         char *socket_path;
         char type[32];
@@ -259,5 +262,11 @@ bool vhub_device_is_connected(const struct vhub_device *dev);
 /* The fds the device holds, its ops' and the dups of the messages queued
  * toward its back-end included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);
+/* Every fd the device holds, named "dev/<uid>/<vm>/<device>/...": in its
+ * group the back-end socket ("sock"), channel ("chan"), server-mode
+ * listener ("listen") and its directory ("dirfd"), inflight memfd
+ * ("inflight") and ring eventfds ("ring<i>.kick|call|err"); without a
+ * group what it holds for a moment (its ops' fds, the transports' dups). */
+void vhub_device_foreach_fd(const struct vhub_device *dev, const struct vhub_fd_visitor *v);
 /* Whether any configured ring of a running device lies in [gpa, gpa+size). */
 bool vhub_device_rings_in(const struct vhub_device *dev, uint64_t gpa, uint64_t size);

@@ -21,6 +21,8 @@
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
+#include "vhu-fd.h"
+#include "vhu-scm.h"
 
 /* the alias table's records (in "fdstore/aliases") */
 enum {
@@ -35,10 +37,30 @@ enum entry_state {
         ENTRY_FAILED,   /* the manager does not hold it */
 };
 
+/* A hash table of names whose nodes live in what they name (an entry, a
+ * group): one implementation for both. */
+struct name_node {
+        struct name_node *hnext;
+        uint32_t hash;
+        const char *name;                       /* the container's */
+};
+
+struct name_table {
+        struct name_node **buckets;
+        size_t n_buckets, n;
+};
+
+#define NAME_TABLE_FOREACH(t, node)                                                              \
+        for (size_t _b = 0; _b < (t)->n_buckets; _b++)                                           \
+                for (struct name_node *node = (t)->buckets[_b], *_next;                          \
+                     node && ((_next = node->hnext), true); node = _next)
+
 struct fds_msg;
 
 struct fds_entry {
-        struct fds_entry *hnext;                /* name hash chain */
+        struct name_node node;                  /* in s->names */
+        bool stash;                             /* a group's stash socket: the manager's
+                                                 * alone (fd -1), in no file index */
         struct fds_entry *primary;              /* ENTRY_ALIAS: whose file it shares */
         struct fds_entry *first_alias;          /* a primary's aliases ... */
         struct fds_entry *alias_next;           /* ... chained here */
@@ -48,7 +70,6 @@ struct fds_entry {
         dev_t dev;
         ino_t ino;
         enum entry_state state;
-        uint32_t hash;
         char name[];
 };
 
@@ -62,6 +83,17 @@ struct fds_msg {
 
 TAILQ_HEAD(fds_queue, fds_msg);
 
+/* A group: the fds of one owner object, stored as one stash socket under
+ * the group's name (docs/restart.md, "Groups"). */
+struct fds_group {
+        struct name_node node;          /* in s->groups */
+        struct fds_group *dirty_next;   /* on s->dirty while its stash is out of date */
+        bool dirty;
+        int *fds;                       /* the members: their owners' numbers (borrowed) */
+        size_t n, cap;
+        char name[];
+};
+
 struct vhub_fdstore {
         bool enabled;
         int sock;
@@ -71,8 +103,7 @@ struct vhub_fdstore {
         size_t queued, max_queue;
         unsigned max_fds;
 
-        struct fds_entry **buckets;
-        size_t n_buckets, n_names;
+        struct name_table names;                /* fds_entry: every tracked name */
 
         /* STORED primaries sorted by (dev, ino, kcmp order): finding the
          * stored entry of an fd's open file costs O(log n) */
@@ -87,6 +118,11 @@ struct vhub_fdstore {
         struct vhub_snap_file alias_file;       /* fd < 0 until the first alias */
         struct vhub_snap_writer alias_writer;
         bool alias_file_failed;
+
+        struct name_table groups;               /* fds_group */
+        size_t n_members;
+        struct fds_group *dirty;                /* stashes to rebuild at the next sync */
+        struct event *ev_sync;                  /* activated when a group changes */
 };
 
 bool vhub_fdstore_name_valid(const char *name) {
@@ -114,73 +150,94 @@ static uint32_t name_hash(const char *name) {
         return h;
 }
 
-/* ---- the name table */
+/* ---- the name tables */
 
-static struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
+static struct name_node *name_table_find(const struct name_table *t, const char *name) {
         uint32_t h;
 
-        if (!s->n_buckets)
+        if (!t->n_buckets)
                 return NULL;
         h = name_hash(name);
-        for (struct fds_entry *e = s->buckets[h & (s->n_buckets - 1)]; e; e = e->hnext)
-                if (e->hash == h && strcmp(e->name, name) == 0)
-                        return e;
+        for (struct name_node *n = t->buckets[h & (t->n_buckets - 1)]; n; n = n->hnext)
+                if (n->hash == h && strcmp(n->name, name) == 0)
+                        return n;
         return NULL;
 }
 
-static int table_grow(struct vhub_fdstore *s) {
-        size_t n = s->n_buckets ? s->n_buckets * 2 : 256;
-        struct fds_entry **b = calloc(n, sizeof(*b));
+/* Room for one more node (the table doubles at one node per bucket). */
+static int name_table_reserve(struct name_table *t) {
+        size_t n = t->n_buckets ? t->n_buckets * 2 : 256;
+        struct name_node **b;
 
+        if (t->n < t->n_buckets)
+                return 0;
+        b = calloc(n, sizeof(*b));
         if (!b)
                 return -ENOMEM;
-        for (size_t i = 0; i < s->n_buckets; i++) {
-                struct fds_entry *e = s->buckets[i], *next;
-
-                for (; e; e = next) {
-                        next = e->hnext;
-                        e->hnext = b[e->hash & (n - 1)];
-                        b[e->hash & (n - 1)] = e;
-                }
+        NAME_TABLE_FOREACH(t, node) {
+                node->hnext = b[node->hash & (n - 1)];
+                b[node->hash & (n - 1)] = node;
         }
-        free(s->buckets);
-        s->buckets = b;
-        s->n_buckets = n;
+        free(t->buckets);
+        t->buckets = b;
+        t->n_buckets = n;
         return 0;
 }
 
-static int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
-        size_t len = strlen(name);
-        struct fds_entry *e;
-        int r;
+/* After name_table_reserve(). */
+static void name_table_link(struct name_table *t, struct name_node *node, const char *name) {
+        node->name = name;
+        node->hash = name_hash(name);
+        node->hnext = t->buckets[node->hash & (t->n_buckets - 1)];
+        t->buckets[node->hash & (t->n_buckets - 1)] = node;
+        t->n++;
+}
 
-        if (s->n_names >= s->n_buckets) {
-                r = table_grow(s);
-                if (r < 0)
-                        return r;
-        }
-        e = calloc(1, sizeof(*e) + len + 1);
+static void name_table_unlink(struct name_table *t, struct name_node *node) {
+        for (struct name_node **pp = &t->buckets[node->hash & (t->n_buckets - 1)]; *pp; pp = &(*pp)->hnext)
+                if (*pp == node) {
+                        *pp = node->hnext;
+                        t->n--;
+                        return;
+                }
+}
+
+/* A new container of `size` bytes whose name (a flexible array at
+ * name_at) is name, zeroed and linked into t through its node at node_at;
+ * NULL when out of memory. */
+static void *name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
+                            const char *name) {
+        size_t len = strlen(name);
+        char *p;
+
+        if (name_table_reserve(t) < 0 || !(p = calloc(1, size + len + 1)))
+                return NULL;
+        memcpy(p + name_at, name, len + 1);
+        name_table_link(t, (struct name_node *)(p + node_at), p + name_at);
+        return p;
+}
+
+static struct fds_entry *entry_of(struct name_node *node) {
+        return node ? (struct fds_entry *)((char *)node - offsetof(struct fds_entry, node)) : NULL;
+}
+
+static struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
+        return entry_of(name_table_find(&s->names, name));
+}
+
+static int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
+        struct fds_entry *e = name_table_new(&s->names, sizeof(*e), offsetof(struct fds_entry, node),
+                                             offsetof(struct fds_entry, name), name);
+
         if (!e)
                 return -ENOMEM;
-        memcpy(e->name, name, len + 1);
         e->fd = fd;
-        e->hash = name_hash(name);
-        e->hnext = s->buckets[e->hash & (s->n_buckets - 1)];
-        s->buckets[e->hash & (s->n_buckets - 1)] = e;
-        s->n_names++;
         *ret = e;
         return 0;
 }
 
 static void entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e) {
-        struct fds_entry **pp = &s->buckets[e->hash & (s->n_buckets - 1)];
-
-        for (; *pp; pp = &(*pp)->hnext)
-                if (*pp == e) {
-                        *pp = e->hnext;
-                        break;
-                }
-        s->n_names--;
+        name_table_unlink(&s->names, &e->node);
         free(e);
 }
 
@@ -291,9 +348,10 @@ static int files_rebuild(struct vhub_fdstore *s) {
         r = files_reserve(s, s->n_stored + 1);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < s->n_buckets; i++)
-                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
-                        if (e->state != ENTRY_STORED)
+        NAME_TABLE_FOREACH(&s->names, node) {
+                        struct fds_entry *e = entry_of(node);
+
+                        if (e->state != ENTRY_STORED || e->stash)
                                 continue;
                         r = entry_inode(e);
                         if (r < 0) {
@@ -337,7 +395,7 @@ static void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
         size_t pos = s->n_files;
         bool same = false;
 
-        if (!s->files_valid)
+        if (!s->files_valid || e->stash)
                 return;
         if (files_search(s, e->fd, e->dev, e->ino, &pos, &same) < 0 || !same || s->files[pos] != e)
                 for (pos = 0; pos < s->n_files && s->files[pos] != e; pos++)
@@ -351,31 +409,17 @@ static void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
 /* ---- messages */
 
 static void msg_free(struct fds_msg *m) {
-        if (m->fd >= 0)
-                close(m->fd);
+        vhu_safe_close(m->fd);
         free(m);
 }
 
 static int sock_send(struct vhub_fdstore *s, const char *text, size_t len, int fd) {
-        union {
-                struct cmsghdr h;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
-        } control;
+        VHU_SCM_BUF(control, 1);
         struct iovec iov = { .iov_base = (void *) text, .iov_len = len };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 
-        if (fd >= 0) {
-                struct cmsghdr *c;
-
-                memset(&control, 0, sizeof(control));
-                mh.msg_control = control.buf;
-                mh.msg_controllen = sizeof(control.buf);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fd, sizeof(int));
-        }
+        if (fd >= 0)
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), &fd, 1);
         /* the manager learns our pid from SCM_CREDENTIALS, which the kernel
          * adds because its socket has SO_PASSCRED */
         for (;;) {
@@ -499,8 +543,10 @@ static int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd
         return 0;
 }
 
-/* Hand e (a new primary whose file is not stored) to the manager. */
-static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+/* Hand e (a new primary whose file is not stored) to the manager: its own
+ * fd, inserted at pos of the file index, or for a stash entry the stash
+ * socket fd (which the manager alone keeps: the caller closes its copy). */
+static void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd) {
         int r;
 
         if (s->n_stored >= s->max_fds) {
@@ -511,11 +557,13 @@ static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos)
                 r = -E2BIG;     /* the next exec would fail: LISTEN_FDNAMES too long */
                 goto fail;
         }
-        r = files_insert(s, e, pos);
-        if (r < 0)
-                goto fail;
+        if (!e->stash) {
+                r = files_insert(s, e, pos);
+                if (r < 0)
+                        goto fail;
+        }
         stored_add(s, e);
-        r = msg_send(s, e, e->fd, MSG_PUSH, e->name);
+        r = msg_send(s, e, fd, MSG_PUSH, e->name);
         if (r < 0)
                 entry_set_failed(s, e, r);
         return;
@@ -524,6 +572,10 @@ fail:
         s->n_failed++;
         s->stats.push_failures++;
         log_warning("fd store: %s not stored (%s): it will not survive a restart", e->name, strerror(-r));
+}
+
+static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+        entry_store_fd(s, e, pos, e->fd);
 }
 
 /* ---- the alias table */
@@ -555,8 +607,9 @@ static void aliases_write(struct vhub_fdstore *s) {
                 entry_store(s, e, pos);
         }
         vhub_snap_writer_reset(w);
-        for (size_t i = 0; i < s->n_buckets; i++)
-                for (struct fds_entry *e = s->buckets[i]; e; e = e->hnext) {
+        NAME_TABLE_FOREACH(&s->names, node) {
+                        struct fds_entry *e = entry_of(node);
+
                         if (e->state != ENTRY_ALIAS)
                                 continue;
                         vhub_snap_begin(w, TAG_ALIAS);
@@ -592,6 +645,10 @@ static void alias_detach(struct vhub_fdstore *s, struct fds_entry *e) {
 }
 
 /* ---- the public calls */
+
+static void sync_cb(evutil_socket_t fd, short what, void *userdata);
+static struct fds_group *group_of(struct name_node *node);
+static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name);
 
 int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options *o,
                      struct vhub_fdstore **ret) {
@@ -661,7 +718,8 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
         }
         if (base) {
                 s->ev_write = event_new(base, s->sock, EV_WRITE, write_cb, s);
-                if (!s->ev_write) {
+                s->ev_sync = event_new(base, -1, 0, sync_cb, s);
+                if (!s->ev_write || !s->ev_sync) {
                         r = -ENOMEM;
                         goto fail;
                 }
@@ -683,20 +741,22 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 TAILQ_REMOVE(&s->queue, m, link);
                 msg_free(m);
         }
-        for (size_t i = 0; i < s->n_buckets; i++) {
-                struct fds_entry *e = s->buckets[i], *next;
-
-                for (; e; e = next) {
-                        next = e->hnext;
-                        free(e);
-                }
-        }
-        free(s->buckets);
+        NAME_TABLE_FOREACH(&s->names, node)
+                free(entry_of(node));
+        free(s->names.buckets);
         free(s->files);
+        NAME_TABLE_FOREACH(&s->groups, node) {
+                struct fds_group *g = group_of(node);
+
+                free(g->fds);
+                free(g);
+        }
+        free(s->groups.buckets);
+        if (s->ev_sync)
+                event_free(s->ev_sync);
         if (s->ev_write)
                 event_free(s->ev_write);
-        if (s->sock >= 0)
-                close(s->sock);
+        s->sock = vhu_safe_close(s->sock);
         vhub_snap_file_close(&s->alias_file);
         vhub_snap_writer_done(&s->alias_writer);
         free(s);
@@ -705,6 +765,22 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
 
 bool vhub_fdstore_enabled(const struct vhub_fdstore *s) {
         return s && s->enabled;
+}
+
+void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
+                             void (*fn)(int fd, const char *what, const char *stored_as, void *userdata),
+                             void *userdata) {
+        const struct fds_msg *m;
+
+        if (!s)
+                return;
+        if (s->sock >= 0)
+                fn(s->sock, "notify", NULL, userdata);
+        TAILQ_FOREACH(m, &s->queue, link)
+                if (m->fd >= 0)
+                        fn(m->fd, "queued", NULL, userdata);
+        if (s->alias_file.fd >= 0)
+                fn(s->alias_file.fd, "aliases", VHUB_FDSTORE_ALIASES, userdata);
 }
 
 static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
@@ -718,7 +794,7 @@ static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
                 return -EINVAL;
         if (fd < 0)
                 return -EBADF;
-        if (entry_find(s, name))
+        if (entry_find(s, name) || group_find(s, name))
                 return -EEXIST;
         if (fstat(fd, &st) < 0)
                 return -errno;
@@ -852,12 +928,14 @@ void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_st
         if (!s)
                 return;
         *ret = s->stats;
-        ret->names = s->n_names;
+        ret->names = s->names.n;
         ret->names_bytes = s->names_bytes;
         ret->stored = s->n_stored;
         ret->aliases = s->n_aliases;
         ret->failed = s->n_failed;
         ret->queued = s->queued;
+        ret->groups = s->groups.n;
+        ret->group_members = s->n_members;
 }
 
 int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
@@ -865,6 +943,7 @@ int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
 
         if (!vhub_fdstore_enabled(s))
                 return 0;
+        vhub_fdstore_sync(s);
         clock_gettime(CLOCK_MONOTONIC, &start);
         for (;;) {
                 struct pollfd p = { .fd = s->sock, .events = POLLOUT };
@@ -881,6 +960,229 @@ int vhub_fdstore_flush(struct vhub_fdstore *s, int timeout_ms) {
                 if (poll(&p, 1, (int) left) < 0 && errno != EINTR)
                         return -errno;
         }
+}
+
+
+/* ---- groups: an owner's fds in one stash socket under one short name
+ *
+ * The members are sent (SCM_RIGHTS, in order) into one end of a fresh
+ * SOCK_SEQPACKET socketpair, that end is closed, and the other -- whose
+ * queue now holds them -- is what the manager stores under the group's
+ * name.  LISTEN_FDNAMES then counts groups, not fds, and no two stored
+ * fds are ever the same open file (systemd's same_fd() has nothing to
+ * drop: an fd two owners share is simply in both stashes).  A change
+ * marks the group dirty; the stash is rebuilt once, after the loop's
+ * current callback (or at vhub_fdstore_sync()): removed, then pushed again.
+ */
+
+static struct fds_group *group_of(struct name_node *node) {
+        return node ? (struct fds_group *)((char *)node - offsetof(struct fds_group, node)) : NULL;
+}
+
+static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name) {
+        return group_of(name_table_find(&s->groups, name));
+}
+
+static int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
+        *ret = name_table_new(&s->groups, sizeof(**ret), offsetof(struct fds_group, node),
+                              offsetof(struct fds_group, name), name);
+        return *ret ? 0 : -ENOMEM;
+}
+
+static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
+        name_table_unlink(&s->groups, &g->node);
+        free(g->fds);
+        free(g);
+}
+
+static void group_mark_dirty(struct vhub_fdstore *s, struct fds_group *g) {
+        if (!g->dirty) {
+                g->dirty = true;
+                g->dirty_next = s->dirty;
+                s->dirty = g;
+        }
+        if (s->ev_sync)
+                event_active(s->ev_sync, EV_TIMEOUT, 0);
+}
+
+/* A stash holding the members: the end to store, or -errno. */
+static int group_make_stash(const struct fds_group *g) {
+        int sv[2];
+
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+                return -errno;
+        for (size_t i = 0; i < g->n; i += VHU_SCM_MAX_FDS) {
+                VHU_SCM_BUF(control, VHU_SCM_MAX_FDS);
+                size_t k = g->n - i < VHU_SCM_MAX_FDS ? g->n - i : VHU_SCM_MAX_FDS;
+                char byte = 0;
+                struct iovec iov = { &byte, 1 };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+                ssize_t n;
+
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), g->fds + i, k);
+                do
+                        n = sendmsg(sv[0], &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                while (n < 0 && errno == EINTR);
+                if (n != 1) {
+                        /* EBADF: a member closed before it left the group
+                         * (the owner's bug); ETOOMANYREFS: the in-flight
+                         * limit (RLIMIT_NOFILE without CAP_SYS_RESOURCE) */
+                        int r = n < 0 ? -errno : -EIO;
+
+                        vhu_safe_close(sv[0]);
+                        vhu_safe_close(sv[1]);
+                        return r;
+                }
+        }
+        vhu_safe_close(sv[0]);  /* the queue stays readable at the other end */
+        return sv[1];
+}
+
+/* Bring g's stash in line with its members: remove the stored one, push a
+ * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
+static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
+        struct fds_entry *e = entry_find(s, g->name);
+        int fd = -1, r;
+
+        if (e)
+                remove_internal(s, e, true);
+        if (g->n == 0) {
+                group_unlink_free(s, g);
+                return;
+        }
+        r = entry_new(s, g->name, -1, &e);
+        if (r < 0) {
+                log_warning("fd store: group %s not stored (%s): it will not survive a restart", g->name,
+                            strerror(-r));
+                return;
+        }
+        e->stash = true;
+        fd = group_make_stash(g);
+        if (fd < 0) {
+                e->state = ENTRY_FAILED;
+                s->n_failed++;
+                s->stats.push_failures++;
+                log_warning("fd store: group %s (%zu fds) not stored (%s): it will not survive a restart",
+                            g->name, g->n, strerror(-fd));
+                return;
+        }
+        entry_store_fd(s, e, 0, fd);
+        vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
+}
+
+void vhub_fdstore_sync(struct vhub_fdstore *s) {
+        struct fds_group *g;
+
+        if (!vhub_fdstore_enabled(s))
+                return;
+        while ((g = s->dirty)) {
+                s->dirty = g->dirty_next;
+                g->dirty_next = NULL;
+                g->dirty = false;
+                group_stash(s, g);
+        }
+}
+
+static void sync_cb(evutil_socket_t fd, short what, void *userdata) {
+        vhub_fdstore_sync(userdata);
+}
+
+/* 1 if a change of group can be made, 0 if there is no store to make it
+ * in (names are checked all the same, so that a bad one shows in every
+ * test), or -errno. */
+static int group_check(const struct vhub_fdstore *s, const char *group, int fd) {
+        if (!vhub_fdstore_name_valid(group) || name_reserved(group))
+                return -EINVAL;
+        if (fd < 0)
+                return -EBADF;
+        return vhub_fdstore_enabled(s);
+}
+
+int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
+        struct fds_group *g;
+        int r = group_check(s, group, fd);
+
+        if (r <= 0)
+                return r;
+        if (!(g = group_find(s, group))) {
+                if (entry_find(s, group))
+                        return -EEXIST; /* a single fd's name */
+                r = group_new(s, group, &g);
+                if (r < 0)
+                        return r;
+        }
+        for (size_t i = 0; i < g->n; i++)
+                if (g->fds[i] == fd)
+                        return -EEXIST;
+        if (g->n == g->cap) {
+                size_t cap = g->cap ? g->cap * 2 : 4;
+                int *p = reallocarray(g->fds, cap, sizeof(*p));
+
+                if (!p) {
+                        if (g->n == 0 && !g->dirty)
+                                group_unlink_free(s, g);
+                        return -ENOMEM;
+                }
+                g->fds = p;
+                g->cap = cap;
+        }
+        g->fds[g->n++] = fd;
+        s->n_members++;
+        s->stats.pushes++;
+        group_mark_dirty(s, g);
+        return 0;
+}
+
+int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+        int r = group_check(s, group, fd);
+        struct fds_group *g = r > 0 ? group_find(s, group) : NULL;
+
+        if (r <= 0)
+                return r;
+        for (size_t i = 0; g && i < g->n; i++) {
+                if (g->fds[i] != fd)
+                        continue;
+                /* the order is kept: it is the stash's, which a restore returns */
+                memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
+                g->n--;
+                s->n_members--;
+                s->stats.removes++;
+                group_mark_dirty(s, g);
+                return 0;
+        }
+        return -ENOENT;
+}
+
+size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group) {
+        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+
+        return g ? g->n : 0;
+}
+
+int vhub_fd_key_of(int fd, struct vhub_fd_key *ret) {
+        char path[64], line[128];
+        struct stat st;
+        FILE *f;
+
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        *ret = (struct vhub_fd_key){ .dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino };
+        /* every eventfd shares one anonymous inode: the kernel's own id
+         * (Linux >= 6.0 shows "eventfd-id:") tells them apart */
+        snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+        f = fopen(path, "re");
+        if (!f)
+                return 0;
+        while (fgets(line, sizeof(line), f)) {
+                unsigned long long id;
+
+                if (sscanf(line, "eventfd-id: %llu", &id) == 1) {
+                        ret->eventfd_id = (uint64_t)id + 1; /* 0 stays "none" */
+                        break;
+                }
+        }
+        fclose(f);
+        return 0;
 }
 
 /* ---- restore */
@@ -964,8 +1266,7 @@ static struct restore_entry *restore_find(const struct vhub_fdstore_restore *r, 
 
 static void restore_free(struct vhub_fdstore_restore *r) {
         for (size_t i = 0; i < r->n; i++) {
-                if (r->v[i].fd >= 0)
-                        close(r->v[i].fd);
+                r->v[i].fd = vhu_safe_close(r->v[i].fd);
                 free(r->v[i].name);
         }
         free(r->v);
@@ -985,13 +1286,16 @@ static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry 
         void *buf = NULL;
         int k, ret;
 
-        ret = vhub_snap_file_adopt(table->fd, &s->alias_file, &why);
+        /* adopt takes what it is given: a copy, so that an unreadable table
+         * stays in the map and finish() removes it as stale */
+        ret = fcntl(table->fd, F_DUPFD_CLOEXEC, 3);
+        ret = ret < 0 ? -errno : vhub_snap_file_adopt(ret, &s->alias_file, &why);
         if (ret < 0) {
-                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost", why);
+                log_warning("fd store: alias table unreadable (%s): names sharing a file are lost",
+                            why ? why : strerror(-ret));
                 return 0;
         }
-        table->fd = -1;         /* the store's now */
-        table->taken = true;
+        table->taken = true; /* the store has its copy; the map's closes with the map */
         if (s->alias_file.newest < 0)
                 return 0;
         ret = vhub_snap_file_read(s->alias_file.fd, &buf, &len, &why);
@@ -1028,8 +1332,7 @@ static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry 
                 target_idx = (size_t) (t - r->v);
                 fd = fcntl(t->fd, F_DUPFD_CLOEXEC, 3);
                 if (fd < 0 || restore_add(r, name, fd, &idx) < 0) {
-                        if (fd >= 0)
-                                close(fd);
+                        vhu_safe_close(fd);
                         free(buf);
                         return -ENOMEM;
                 }
@@ -1133,7 +1436,7 @@ fail:
                                 remove_internal(r->store, e, false);
                 }
                 if (table_idx != SIZE_MAX && r->v[table_idx].taken)
-                        r->store->alias_file.fd = -1;
+                        vhub_snap_file_close(&r->store->alias_file);
         }
         for (size_t i = 0; i < r->n; i++)
                 if (!r->v[i].alias)
@@ -1182,7 +1485,6 @@ const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size
 
 int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         struct restore_entry *re;
-        int fd;
 
         if (!name || name_reserved(name))
                 return -ENOENT;
@@ -1190,9 +1492,132 @@ int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         if (!re || re->taken || re->fd < 0)
                 return -ENOENT;
         re->taken = true;
-        fd = re->fd;
-        re->fd = -1;
-        return fd;
+        return VHU_TAKE_FD(re->fd);
+}
+
+/* Every fd a stash holds, in order, into *ret (malloc()ed) and *ret_n;
+ * the stash is closed.  -errno with nothing left open. */
+static int stash_read(int stash, int **ret, size_t *ret_n) {
+        size_t n = 0, cap = 0;
+        int *v = NULL, k = 0;
+
+        for (;;) {
+                int fds[VHU_SCM_MAX_FDS];
+                struct vhu_scm_received got;
+                char byte;
+                struct iovec iov = { &byte, 1 };
+                ssize_t x = vhu_scm_recv(stash, &iov, 1, VHU_SCM_MAX_FDS, fds, VHU_SCM_MAX_FDS, &got);
+
+                if (x == -EAGAIN || x == 0)
+                        break;  /* every message read (the writing end is closed: EOF) */
+                if (x < 0 || got.truncated) {
+                        vhu_close_many(fds, got.n_fds);
+                        k = x < 0 ? (int)x : -EPROTO;
+                        break;
+                }
+                if (n + got.n_fds > cap) {
+                        size_t c = cap ? cap : 16;
+                        int *p;
+
+                        while (c < n + got.n_fds)
+                                c *= 2;
+                        p = reallocarray(v, c, sizeof(*v));
+                        if (!p) {
+                                vhu_close_many(fds, got.n_fds);
+                                k = -ENOMEM;
+                                break;
+                        }
+                        v = p;
+                        cap = c;
+                }
+                memcpy(v + n, fds, got.n_fds * sizeof(*v));
+                n += got.n_fds;
+        }
+        vhu_safe_close(stash);
+        if (k < 0) {
+                if (v)
+                        vhu_close_many(v, n);
+                free(v);
+                return k;
+        }
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
+int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
+                            struct vhub_fdstore_member **ret, size_t *ret_n) {
+        struct vhub_fdstore *s = r->store;
+        struct vhub_fdstore_member *m;
+        int stash, *fds = NULL, k;
+        size_t n = 0;
+
+        stash = vhub_fdstore_take(r, group);
+        if (stash < 0)
+                return stash;
+        k = stash_read(stash, &fds, &n);
+        if (k < 0)
+                return k;
+        m = calloc(n ? n : 1, sizeof(*m));
+        if (!m) {
+                if (fds)
+                        vhu_close_many(fds, n);
+                free(fds);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < n; i++) {
+                m[i].fd = fds[i];
+                if (vhub_fd_key_of(fds[i], &m[i].key) < 0)
+                        m[i].key = (struct vhub_fd_key){ 0 };
+        }
+        if (s) {
+                /* reading emptied the manager's stash too (one socket, one
+                 * queue): store the group again now, its members the
+                 * caller's fds, which stay open under these numbers */
+                struct fds_entry *e = entry_find(s, group);
+                struct fds_group *g = NULL;
+
+                if (e) {
+                        e->stash = true;
+                        e->fd = -1;     /* read and closed */
+                }
+                if (group_new(s, group, &g) < 0) {
+                        if (e)
+                                remove_internal(s, e, true);
+                        log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
+                                    group);
+                } else {
+                        g->fds = fds;   /* the group takes the array */
+                        fds = NULL;
+                        g->n = g->cap = n;
+                        s->n_members += n;
+                        group_mark_dirty(s, g);
+                        vhub_fdstore_sync(s);
+                }
+        }
+        free(fds);
+        *ret = m;
+        *ret_n = n;
+        return 0;
+}
+
+int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group) {
+        struct fds_entry *e;
+        int stash = vhub_fdstore_take(r, group), *fds = NULL;
+        size_t n = 0;
+
+        if (stash < 0)
+                return stash;
+        if (stash_read(stash, &fds, &n) == 0 && fds)
+                vhu_close_many(fds, n);
+        free(fds);
+        e = r->store ? entry_find(r->store, group) : NULL;
+        if (e) {
+                e->stash = true;        /* its fd was the stash, closed above */
+                e->fd = -1;
+                remove_internal(r->store, e, true);
+        }
+        return 0;
 }
 
 int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
@@ -1215,8 +1640,7 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                                 remove_internal(s, e, true);
                         else if (s && vhub_fdstore_name_valid(re->name))
                                 (void) msg_send(s, NULL, -1, MSG_REMOVE, re->name);
-                        close(re->fd);
-                        re->fd = -1;
+                        re->fd = vhu_safe_close(re->fd);
                 }
         /* the same name passed twice (a store that lost track): FDSTOREREMOVE
          * drops every fd of a name, so the claimed one is stored again */
@@ -1237,9 +1661,7 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                         if (k < 0)
                                 entry_set_failed(s, e, k);
                 }
-                if (re->fd >= 0)
-                        close(re->fd);
-                re->fd = -1;
+                re->fd = vhu_safe_close(re->fd);
         }
         restore_free(r);
         return stale;

@@ -24,8 +24,21 @@
  * alias.  Removing a name whose file other names share moves the file to
  * one of them.
  *
+ * Groups: the daemon's owners do not push their fds one by one.  Each owner
+ * object (a device, a VM's regions, a control connection...) has a short
+ * group name, and its fds travel together in a *stash*: a SOCK_SEQPACKET
+ * socket whose receive queue holds them (sent with SCM_RIGHTS), stored as
+ * one fd under the group's name.  LISTEN_FDNAMES, whose 128 KiB bound is
+ * what limits a store (docs/restart.md), then counts groups rather than
+ * fds, and since every stored fd is a fresh socket the manager never drops
+ * one as "the same file" (an fd two owners share is in both stashes).  A
+ * change rebuilds the group's stash once per loop iteration: remove, push.
+ * After a restart vhub_fdstore_take_group() reads a stash back: the fds in
+ * the order they were added, each with its identity key.
+ *
  * Contract: an fd pushed under a name stays open under the same number until
- * the name is removed (remove before close).
+ * the name is removed (remove before close); a group member until it left
+ * its group (vhub_fdstore_group_remove() before close).
  */
 #pragma once
 
@@ -78,6 +91,33 @@ bool vhub_fdstore_enabled(const struct vhub_fdstore *s);
 int vhub_fdstore_push(struct vhub_fdstore *s, int fd, const char *name);
 /* 0, or -ENOENT if the name was not pushed. */
 int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name);
+
+/* ---- groups (see the head of this file) */
+
+/* fd (the owner's, borrowed: open until removed) joins group, whose stash
+ * is rebuilt after the loop's current callback.  0 (also when disabled),
+ * -EINVAL bad or reserved name, -EBADF, -EEXIST (already a member, or the
+ * name of a single fd), -ENOMEM. */
+int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd);
+/* fd leaves group (an empty group is removed from the manager's store).
+ * 0, or -ENOENT if it is not a member. */
+int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd);
+/* Members of group (0 when disabled or unknown). */
+size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group);
+/* Rebuild every changed group's stash now (the loop does it on its own;
+ * this is for a commit that must know its fds are stored, and for tests). */
+void vhub_fdstore_sync(struct vhub_fdstore *s);
+
+/* What tells a group's fds apart after a restart: (st_dev, st_ino), unique
+ * for sockets, memfds, pipes and directories; every eventfd shares one
+ * anonymous inode, so theirs adds the kernel's eventfd id (+1; 0 where the
+ * kernel does not show "eventfd-id:" in fdinfo -- a stash keeps its order,
+ * which then tells them apart).  Two open files of one regular file (a
+ * hugetlbfs file opened twice) share a key: interchangeable for mapping. */
+struct vhub_fd_key {
+        uint64_t dev, ino, eventfd_id;
+};
+int vhub_fd_key_of(int fd, struct vhub_fd_key *ret);
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name);
 /* True if some live fd is not in the manager's store (it will not survive
  * a restart). */
@@ -90,9 +130,17 @@ struct vhub_fdstore_stats {
         size_t aliases;
         size_t failed;          /* names whose fd the manager does not hold */
         size_t queued;          /* messages waiting for the socket */
+        size_t groups;          /* groups with members (each one stored fd: its stash) */
+        size_t group_members;   /* fds in them */
         uint64_t pushes, removes, send_retries, push_failures, remove_failures;
 };
 void vhub_fdstore_get_stats(const struct vhub_fdstore *s, struct vhub_fdstore_stats *ret);
+
+/* The fds the store itself holds, for the daemon's inventory: what ("notify",
+ * "queued", "aliases") and the name it is stored under (NULL: none). */
+void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
+                             void (*fn)(int fd, const char *what, const char *stored_as, void *userdata),
+                             void *userdata);
 
 /* Send what is queued, waiting at most timeout_ms for the socket (planned
  * shutdown only: this blocks).  0, or -ETIMEDOUT with messages left. */
@@ -115,6 +163,21 @@ const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size
 /* The fd stored under name, now owned by the caller (and tracked by the
  * store under the same name, as if pushed).  -ENOENT if absent or taken. */
 int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name);
+/* A group's fds, in the order they were added, now the caller's (and the
+ * group is stored again at once with them as members: reading the stash
+ * emptied it).  *ret (malloc()ed, the caller frees it) and *ret_n; -ENOENT
+ * if the name was not passed, or taken. */
+struct vhub_fdstore_member {
+        int fd;
+        struct vhub_fd_key key;
+};
+int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
+                            struct vhub_fdstore_member **ret, size_t *ret_n);
+/* A group nobody restores: its fds closed now (what they hold -- a
+ * listening socket, a back-end's connection -- goes at once, not whenever
+ * the manager gets to the removal) and its name removed from the store.
+ * 0, or -ENOENT if the name was not passed, or taken. */
+int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group);
 /* Close every fd nobody took and remove it from the manager's store (stale
  * names); frees r.  Returns how many were stale. */
 int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "vhub-memory.h"
+#include "vhu-fd.h"
 
 void vhub_mem_table_init(struct vhub_mem_table *t) {
         memset(t, 0, sizeof(*t));
@@ -16,8 +17,7 @@ void vhub_mem_table_init(struct vhub_mem_table *t) {
 
 void vhub_mem_table_done(struct vhub_mem_table *t) {
         for (size_t i = 0; i < t->n; i++)
-                if (t->regions[i].fd >= 0)
-                        close(t->regions[i].fd);
+                t->regions[i].fd = vhu_safe_close(t->regions[i].fd);
         free(t->regions);
         vhub_mem_table_init(t);
 }
@@ -111,17 +111,20 @@ int vhub_mem_table_check_new(const struct vhub_mem_table *t, struct vhub_region 
         return 0;
 }
 
-int vhub_mem_table_add(struct vhub_mem_table *t, const struct vhub_region *r) {
+int vhub_mem_table_add(struct vhub_mem_table *t, struct vhub_region *r) {
         if (t->n == t->cap) {
                 size_t cap = t->cap ? t->cap * 2 : 8;
                 struct vhub_region *n = reallocarray(t->regions, cap, sizeof(*n));
 
-                if (!n)
+                if (!n) {
+                        r->fd = vhu_safe_close(r->fd);
                         return -ENOMEM;
+                }
                 t->regions = n;
                 t->cap = cap;
         }
-        t->regions[t->n++] = *r;
+        t->regions[t->n] = *r;
+        t->regions[t->n++].fd = VHU_TAKE_FD(r->fd);
         return 0;
 }
 
@@ -130,9 +133,9 @@ int vhub_mem_table_remove(struct vhub_mem_table *t, uint64_t gpa, int *ret_fd) {
                 if (t->regions[i].gpa != gpa)
                         continue;
                 if (ret_fd)
-                        *ret_fd = t->regions[i].fd;
-                else if (t->regions[i].fd >= 0)
-                        close(t->regions[i].fd);
+                        *ret_fd = VHU_TAKE_FD(t->regions[i].fd);
+                else
+                        vhu_safe_close(t->regions[i].fd);
                 memmove(&t->regions[i], &t->regions[i + 1], (t->n - i - 1) * sizeof(t->regions[0]));
                 t->n--;
                 return 0;

@@ -41,8 +41,9 @@ void vhub_mem_table_done(struct vhub_mem_table *t);
  */
 int vhub_mem_table_check_new(const struct vhub_mem_table *t, struct vhub_region *r,
                              struct vhub_error *err);
-/* Append r (taking its fd).  -ENOMEM. */
-int vhub_mem_table_add(struct vhub_mem_table *t, const struct vhub_region *r);
+/* Append r.  r->fd is taken in every case (-1 afterwards; closed on
+ * -ENOMEM). */
+int vhub_mem_table_add(struct vhub_mem_table *t, struct vhub_region *r);
 /* Remove the region starting at gpa; its fd moves to *ret_fd (or is closed if NULL). */
 int vhub_mem_table_remove(struct vhub_mem_table *t, uint64_t gpa, int *ret_fd);
 const struct vhub_region *vhub_mem_table_find_gpa(const struct vhub_mem_table *t, uint64_t gpa);

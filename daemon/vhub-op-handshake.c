@@ -14,6 +14,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static void release_handshake_sync(struct vhub_device *d, struct vhub_op *op) {
         if (!op->holds_handshake_sync)
@@ -99,7 +100,7 @@ static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
                                                "socketpair: %s", strerror(errno));
                 channel_r = device_channel_open(d, fds[0]);
                 if (channel_r < 0) {
-                        close(fds[1]);
+                        vhu_safe_close(fds[1]);
                         return device_op_error(op, VHUB_ERR_INTERNAL, REQ(VHU_REQ_SET_BACKEND_REQ_FD),
                                                "cannot set up the back-end channel: %s",
                                                strerror(-channel_r));
@@ -107,7 +108,7 @@ static int handshake_negotiate(struct vhub_device *d, struct vhub_op *op) {
                 vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_BACKEND_REQ_FD, ack, NULL, 0,
                               &fds[1], 1);
                 r = device_send(d, op, &m, 0);
-                close(fds[1]); /* the writer holds its own copy */
+                vhu_safe_close(fds[1]); /* the writer holds its own copy */
                 if (r < 0)
                         return r;
         }

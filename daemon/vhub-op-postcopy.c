@@ -25,6 +25,7 @@
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static void region_to_wire(const struct vhub_region *r, struct vhu_mem_region *w) {
         w->gpa = r->gpa;
@@ -251,10 +252,8 @@ void postcopy_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                                 };
                 }
         }
-        if (r == 0 && op->u.postcopy.step == VHUB_POSTCOPY_ADVISE) {
-                ufd = op->u.postcopy.ufd;
-                op->u.postcopy.ufd = -1;
-        }
+        if (r == 0 && op->u.postcopy.step == VHUB_POSTCOPY_ADVISE)
+                ufd = VHU_TAKE_FD(op->u.postcopy.ufd);
         /* a listen that failed half-way leaves the back-end's memory unknown:
          * a restore maps the VM's table again from scratch */
         if (r < 0 && op->u.postcopy.step == VHUB_POSTCOPY_LISTEN && vhub_device_is_connected(d) &&

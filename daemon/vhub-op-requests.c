@@ -9,6 +9,7 @@
 
 #include "vhub-device-internal.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* ---- config ---- */
 
@@ -130,8 +131,7 @@ void single_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request
                 return;
         }
         if (!(reply->payload.u64 & VHU_DEVICE_STATE_NOFD_MASK) && reply->n_fds == 1) {
-                if (op->u.single.fd >= 0)
-                        close(op->u.single.fd);
+                vhu_safe_close(op->u.single.fd);
                 /* the back-end's own channel: handed to the VMM in the result */
                 op->u.single.fd = vhu_msg_take_fd(reply, 0);
                 op->u.single.u64 = 1;
@@ -183,23 +183,20 @@ void config_get_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
 void get_shared_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         struct vhub_device *req = vhub_vm_find_device(d->vm, op->u.shared.requester);
-        int fd = r == 0 ? op->u.shared.fd : -1;
+        /* handed over below, or closed (op_free() closes a failed op's) */
+        int fd = r == 0 ? VHU_TAKE_FD(op->u.shared.fd) : -1;
 
-        if (fd >= 0)
-                op->u.shared.fd = -1; /* handed over below, or closed */
         if (req)
                 device_shared_lookup_done(req, op->u.shared.token, fd);
-        else if (fd >= 0)
-                close(fd);
+        else
+                vhu_safe_close(fd);
 }
 
 void single_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r == 0 && op->call && op->u.single.request == VHU_REQ_CREATE_CRYPTO_SESSION)
                 op->call->out.crypto_session.session_id = op->u.single.u64;
         if (r == 0 && op->call && op->u.single.request == VHU_REQ_SET_DEVICE_STATE_FD) {
-                op->call->out.state_fd.fd = op->u.single.u64 ? op->u.single.fd : -1;
-                if (op->u.single.u64)
-                        op->u.single.fd = -1;
+                op->call->out.state_fd.fd = op->u.single.u64 ? VHU_TAKE_FD(op->u.single.fd) : -1;
         }
         op_complete_call(d, op, r);
 }

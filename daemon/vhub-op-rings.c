@@ -16,6 +16,7 @@
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* ---- the VMM's eventfds ---- */
 
@@ -311,15 +312,12 @@ void start_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                 if (reply->n_fds == 1)
                         fd = vhu_msg_take_fd(reply, 0);
                 if (fd < 0 || reply->payload.inflight.mmap_size == 0) {
-                        if (fd >= 0)
-                                close(fd);
+                        vhu_safe_close(fd);
                         device_op_error(op, VHUB_ERR_BACKEND, REQ(request),
                                         "back-end gave no inflight buffer");
                         return;
                 }
-                if (d->inflight_fd >= 0)
-                        close(d->inflight_fd);
-                d->inflight_fd = fd;
+                device_set_inflight(d, fd);
                 d->inflight_size = reply->payload.inflight.mmap_size;
                 d->inflight_queue_size = reply->payload.inflight.queue_size;
                 return;
@@ -332,6 +330,16 @@ void start_free(struct vhub_op *op) {
         for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++)
                 vring_close_fds(&op->u.start.vrings[i]);
         free(op->u.start.vrings);
+}
+
+void start_foreach_fd(const struct vhub_device *d, const struct vhub_op *op, const struct vhub_fd_visitor *v) {
+        for (unsigned i = 0; op->u.start.vrings && i < op->u.start.n_vrings; i++) {
+                const struct vhub_vring *r = &op->u.start.vrings[i];
+
+                device_fd_visit(d, v, r->kick_fd, NULL, "op/start/ring%u.kick", r->index);
+                device_fd_visit(d, v, r->call_fd, NULL, "op/start/ring%u.call", r->index);
+                device_fd_visit(d, v, r->err_fd, NULL, "op/start/ring%u.err", r->index);
+        }
 }
 
 unsigned start_fds(const struct vhub_op *op) {
@@ -516,16 +524,10 @@ void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 op_complete_call(d, op, r);
                 return;
         }
-        for (unsigned i = 0; i < d->queues; i++) {
-                vring_close_fds(&d->vrings[i]);
-                d->vrings[i].configured = false;
-        }
-        for (unsigned i = 0; i < op->u.start.n_vrings; i++) {
-                struct vhub_vring *src = &op->u.start.vrings[i];
-
-                d->vrings[src->index] = *src;
-                src->kick_fd = src->call_fd = src->err_fd = -1; /* moved */
-        }
+        for (unsigned i = 0; i < d->queues; i++)
+                device_ring_close(d, i);
+        for (unsigned i = 0; i < op->u.start.n_vrings; i++)
+                device_ring_commit(d, &op->u.start.vrings[i]);
         d->acked_features = op->u.start.features;
         device_set_state(d, VHUB_DEV_RUNNING, "rings started");
         op_complete_call(d, op, 0);
@@ -584,10 +586,8 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         }
                 op->call->out.device_stop.n_vrings = n;
         }
-        for (unsigned i = 0; i < d->queues; i++) {
-                vring_close_fds(&d->vrings[i]);
-                d->vrings[i].configured = false;
-        }
+        for (unsigned i = 0; i < d->queues; i++)
+                device_ring_close(d, i);
         device_set_state(d, VHUB_DEV_STOPPED, "rings stopped");
         op_complete_call(d, op, 0);
 }
@@ -601,14 +601,10 @@ void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {
 
 void reset_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r == 0) {
-                for (unsigned i = 0; i < d->queues; i++) {
-                        vring_close_fds(&d->vrings[i]);
-                        d->vrings[i].configured = false;
-                }
+                for (unsigned i = 0; i < d->queues; i++)
+                        device_ring_close(d, i);
                 /* a fresh inflight buffer after a reset (spec: GET_INFLIGHT_FD) */
-                if (d->inflight_fd >= 0)
-                        close(d->inflight_fd);
-                d->inflight_fd = -1;
+                device_set_inflight(d, -1);
                 d->acked_features = 0;
                 device_set_state(d, VHUB_DEV_READY, "reset");
         }

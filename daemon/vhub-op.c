@@ -15,6 +15,8 @@
 
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-vm.h"
+#include "vhu-fd.h"
 
 /* A u64 REPLY_ACK: 0 is success. */
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
@@ -70,7 +72,8 @@ void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r) {
  *   complete   commits the op's effect on the model, or undoes it; answers the call
  *   fd_at      where in the op the one fd it may own lies (0: none): -1
  *              when made, closed when freed, counted by the fd budget
- *   free       frees anything else it owns; fds counts the fds among that
+ *   free       frees anything else it owns; fds counts the fds among that,
+ *              visit names them (vhub_device_foreach_fd())
  */
 struct op_class {
         const char *name;
@@ -82,6 +85,7 @@ struct op_class {
         size_t fd_at;
         void (*free)(struct vhub_op *op);
         unsigned (*fds)(const struct vhub_op *op);
+        void (*visit)(const struct vhub_device *d, const struct vhub_op *op, const struct vhub_fd_visitor *v);
 };
 
 #define FD_AT(member) offsetof(struct vhub_op, member)
@@ -90,7 +94,8 @@ static const struct op_class op_classes[_VHUB_OP_MAX] = {
         [VHUB_OP_HANDSHAKE] = { "handshake", 0, handshake_stage, handshake_on_reply, handshake_complete, 0,
                                 mem_sync_free, NULL },
         [VHUB_OP_START] = { "start", DEV_STATE_BIT(VHUB_DEV_READY) | DEV_STATE_BIT(VHUB_DEV_STOPPED),
-                            start_stage, start_on_reply, start_complete, 0, start_free, start_fds },
+                            start_stage, start_on_reply, start_complete, 0, start_free, start_fds,
+                            start_foreach_fd },
         [VHUB_OP_STOP] = { "stop", DEV_STATE_BIT(VHUB_DEV_RUNNING), stop_stage, stop_on_reply, stop_complete },
         /* queued behind the first handshake, which gives it its answer */
         [VHUB_OP_CONFIG_GET] = { "config-get", DEV_STATE_BIT(VHUB_DEV_CONNECTING) | UP, config_stage,
@@ -139,8 +144,8 @@ void op_free(struct vhub_op *op) {
         if (!op)
                 return;
         fd = op_owned_fd(op);
-        if (fd && *fd >= 0)
-                close(*fd);
+        if (fd)
+                *fd = vhu_safe_close(*fd);
         if (op_classes[op->kind].free)
                 op_classes[op->kind].free(op);
         free(op->restored);
@@ -151,6 +156,15 @@ unsigned op_fds_held(const struct vhub_op *op) {
         const int *fd = op_owned_fd(op);
 
         return (fd && *fd >= 0) + (op_classes[op->kind].fds ? op_classes[op->kind].fds(op) : 0);
+}
+
+void op_foreach_fd(const struct vhub_device *d, const struct vhub_op *op, const struct vhub_fd_visitor *v) {
+        const int *fd = op_owned_fd(op);
+
+        if (fd)
+                device_fd_visit(d, v, *fd, NULL, "op/%s", op_classes[op->kind].name);
+        if (op_classes[op->kind].visit)
+                op_classes[op->kind].visit(d, op, v);
 }
 
 /* "ready, running or stopped": the states of mask, for an error. */

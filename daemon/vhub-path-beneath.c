@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "vhub-path-beneath.h"
+#include "vhu-fd.h"
 
 /* Both ways refuse the same paths: absolute ones, "." and ".." components. */
 static bool rel_valid(const char *rel) {
@@ -35,7 +36,7 @@ static int refuse_symlink(int fd) {
         int r = fstat(fd, &st) < 0 ? -errno : S_ISLNK(st.st_mode) ? -ELOOP : 0;
 
         if (r < 0) {
-                close(fd);
+                vhu_safe_close(fd);
                 return r;
         }
         return fd;
@@ -63,7 +64,7 @@ int vhub_open_beneath_walk(int dir_fd, const char *rel, int flags) {
                                             : flags | O_NOFOLLOW | O_CLOEXEC);
                 r = -errno;
                 if (cur != dir_fd)
-                        close(cur);
+                        vhu_safe_close(cur);
                 if (fd < 0)
                         return r;
                 if (!next)

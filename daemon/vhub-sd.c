@@ -61,27 +61,3 @@ void vhub_sd_status(struct vhub_sd *sd, const char *status) {
 void vhub_sd_stopping(struct vhub_sd *sd) {
         sd_notify(0, "STOPPING=1\nSTATUS=shutting down");
 }
-
-int vhub_sd_listen_fd(void) {
-        char **names = NULL;
-        int n, fd = -1;
-
-        n = sd_listen_fds_with_names(1, &names);
-        if (n <= 0)
-                return -1;
-        for (int i = 0; i < n; i++)
-                if (names && names[i] && strcmp(names[i], "control") == 0)
-                        fd = SD_LISTEN_FDS_START + i;
-        if (fd < 0 && n == 1)
-                fd = SD_LISTEN_FDS_START;
-        /* close the ones we do not use */
-        for (int i = 0; i < n; i++)
-                if (SD_LISTEN_FDS_START + i != fd)
-                        close(SD_LISTEN_FDS_START + i);
-        if (names) {
-                for (int i = 0; i < n; i++)
-                        free(names[i]);
-                free(names);
-        }
-        return fd;
-}

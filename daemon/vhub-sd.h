@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* The systemd glue: readiness and status notifications, the watchdog, and
- * the control socket passed by socket activation. */
+/* The systemd glue: readiness and status notifications and the watchdog
+ * (the fds the service manager passes are vhubd.c's, through the fd store's
+ * restore map). */
 #pragma once
 
 #include <stdbool.h>
@@ -13,5 +14,3 @@ struct vhub_sd *vhub_sd_free(struct vhub_sd *sd);
 void vhub_sd_ready(struct vhub_sd *sd, const char *status);
 void vhub_sd_status(struct vhub_sd *sd, const char *status);
 void vhub_sd_stopping(struct vhub_sd *sd);
-/* The fd named "control" (or the only one) from LISTEN_FDS, or -1. */
-int vhub_sd_listen_fd(void);

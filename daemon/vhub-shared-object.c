@@ -7,6 +7,7 @@
 #include <uuid/uuid.h>
 
 #include "vhub-shared-object.h"
+#include "vhu-fd.h"
 
 void vhub_shared_table_init(struct vhub_shared_table *t) {
         memset(t, 0, sizeof(*t));
@@ -14,8 +15,7 @@ void vhub_shared_table_init(struct vhub_shared_table *t) {
 
 void vhub_shared_table_done(struct vhub_shared_table *t) {
         for (size_t i = 0; i < t->n; i++)
-                if (t->objects[i].fd >= 0)
-                        close(t->objects[i].fd);
+                t->objects[i].fd = vhu_safe_close(t->objects[i].fd);
         free(t->objects);
         vhub_shared_table_init(t);
 }
@@ -29,18 +29,25 @@ struct vhub_shared_object *vhub_shared_table_find(struct vhub_shared_table *t, c
 
 int vhub_shared_table_add(struct vhub_shared_table *t, const uint8_t uuid[16],
                           struct vhub_device *device, int fd, size_t max) {
+        int r = 0;
+
         if (vhub_shared_table_find(t, uuid))
-                return -EEXIST;
-        if (t->n >= max)
-                return -ENOSPC;
-        if (t->n == t->cap) {
+                r = -EEXIST;
+        else if (t->n >= max)
+                r = -ENOSPC;
+        else if (t->n == t->cap) {
                 size_t cap = t->cap ? t->cap * 2 : 8;
                 struct vhub_shared_object *n = reallocarray(t->objects, cap, sizeof(*n));
 
-                if (!n)
-                        return -ENOMEM;
-                t->objects = n;
-                t->cap = cap;
+                if (n) {
+                        t->objects = n;
+                        t->cap = cap;
+                } else
+                        r = -ENOMEM;
+        }
+        if (r < 0) {
+                vhu_safe_close(fd);
+                return r;
         }
         memcpy(t->objects[t->n].uuid, uuid, 16);
         t->objects[t->n].device = device;
@@ -50,8 +57,7 @@ int vhub_shared_table_add(struct vhub_shared_table *t, const uint8_t uuid[16],
 }
 
 static void remove_at(struct vhub_shared_table *t, size_t i) {
-        if (t->objects[i].fd >= 0)
-                close(t->objects[i].fd);
+        vhu_safe_close(t->objects[i].fd);
         t->objects[i] = t->objects[--t->n];
 }
 

@@ -27,7 +27,7 @@ struct vhub_shared_table {
 void vhub_shared_table_init(struct vhub_shared_table *t);
 void vhub_shared_table_done(struct vhub_shared_table *t);
 struct vhub_shared_object *vhub_shared_table_find(struct vhub_shared_table *t, const uint8_t uuid[16]);
-/* fd is taken on success (-1 for a device export).  -EEXIST, -ENOSPC, -ENOMEM. */
+/* fd (-1 for a device export) is taken in every case.  -EEXIST, -ENOSPC, -ENOMEM. */
 int vhub_shared_table_add(struct vhub_shared_table *t, const uint8_t uuid[16],
                           struct vhub_device *device, int fd, size_t max);
 /* Remove uuid if owner (device or NULL = VMM) matches: 0, -ENOENT, -EPERM. */

@@ -12,6 +12,7 @@
 
 #include "vhub-fdstore.h"   /* VHUB_FDSTORE_NAME_MAX */
 #include "vhub-snapshot.h"
+#include "vhu-fd.h"
 
 /* ---- CRC-32C: a byte table (reflected polynomial 0x82F63B78), and the
  * SSE4.2 instruction where the CPU has it: a VM's snapshot is a few KiB and
@@ -586,7 +587,7 @@ int vhub_snap_file_create(const char *name, struct vhub_snap_file *ret) {
         if (ftruncate(fd, 2 * VHUB_SNAP_SLOT_MIN) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
                 int r = -errno;
 
-                close(fd);
+                vhu_safe_close(fd);
                 return r;
         }
         *ret = (struct vhub_snap_file) {
@@ -599,9 +600,7 @@ int vhub_snap_file_create(const char *name, struct vhub_snap_file *ret) {
 }
 
 void vhub_snap_file_close(struct vhub_snap_file *f) {
-        if (f->fd >= 0)
-                close(f->fd);
-        f->fd = -1;
+        f->fd = vhu_safe_close(f->fd);
         f->newest = -1;
 }
 
@@ -745,11 +744,15 @@ int vhub_snap_file_adopt(int fd, struct vhub_snap_file *ret, const char **ret_wh
         int slot, r;
 
         r = file_slot_size(fd, &slot_size);
-        if (r < 0)
+        if (r < 0) {
+                vhu_safe_close(fd);
                 return fail(ret_why, "not a snapshot file (size is not two power-of-two slots)", r);
+        }
         r = file_find_newest(fd, slot_size, &slot, &gen, ret_why);
-        if (r < 0)
+        if (r < 0) {
+                vhu_safe_close(fd);
                 return r;
+        }
         *ret = (struct vhub_snap_file) {
                 .fd = fd,
                 .slot_size = slot_size,

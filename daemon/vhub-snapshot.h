@@ -166,7 +166,7 @@ struct vhub_snap_file {
 int vhub_snap_file_create(const char *name, struct vhub_snap_file *ret);
 /* Take over a snapshot file passed back by the service manager: checks the
  * layout and finds the newest valid copy (a file with no valid copy is
- * adopted too: newest = -1).  fd ownership moves into *ret on success. */
+ * adopted too: newest = -1).  fd is taken in every case (closed on failure). */
 int vhub_snap_file_adopt(int fd, struct vhub_snap_file *ret, const char **ret_why);
 void vhub_snap_file_close(struct vhub_snap_file *f);
 /* The generation the next commit must carry. */

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "vhub-socket-watch.h"
+#include "vhu-fd.h"
 
 struct vhub_socket_watch {
         LIST_ENTRY(vhub_socket_watch) link;
@@ -31,6 +32,10 @@ struct vhub_socket_watcher {
         LIST_HEAD(, vhub_socket_watch) watches;
 };
 
+int vhub_socket_watcher_fd(const struct vhub_socket_watcher *w) {
+        return w->fd;
+}
+
 /* Whether any watch that was not removed is in directory wd (wd < 0: in any). */
 static bool watcher_uses(const struct vhub_socket_watcher *w, int wd) {
         const struct vhub_socket_watch *x;
@@ -46,9 +51,7 @@ static void watcher_close(struct vhub_socket_watcher *w) {
         if (w->ev)
                 event_free(w->ev);
         w->ev = NULL;
-        if (w->fd >= 0)
-                close(w->fd);
-        w->fd = -1;
+        w->fd = vhu_safe_close(w->fd);
 }
 
 static int watcher_open(struct vhub_socket_watcher *w, void (*cb)(evutil_socket_t, short, void *)) {

@@ -32,5 +32,8 @@ struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher 
  * 0, or -errno (the directory cannot be watched: timed retries only). */
 int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path,
                           vhub_socket_appeared_fn fn, void *userdata, struct vhub_socket_watch **ret);
+/* The inotify fd (-1 while nothing is watched): made again when needed, so
+ * not stored. */
+int vhub_socket_watcher_fd(const struct vhub_socket_watcher *w);
 /* Stop watching; NULL-safe, allowed inside any watch's callback.  Returns NULL. */
 struct vhub_socket_watch *vhub_socket_watch_remove(struct vhub_socket_watch *watch);

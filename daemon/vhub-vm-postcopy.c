@@ -15,6 +15,7 @@
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-vm.h"
+#include "vhu-fd.h"
 
 static const char *const step_names[] = {
         [VHUB_POSTCOPY_ADVISE] = "advise",
@@ -26,8 +27,7 @@ void vhub_vm_batch_free(struct vhub_vm_batch *b) {
         if (!b)
                 return;
         for (unsigned i = 0; i < b->n_postcopy; i++) {
-                if (b->postcopy[i].ufd >= 0)
-                        close(b->postcopy[i].ufd);
+                b->postcopy[i].ufd = vhu_safe_close(b->postcopy[i].ufd);
                 free(b->postcopy[i].regions);
         }
         free(b->postcopy);
@@ -82,8 +82,7 @@ void vhub_vm_postcopy_device_done(struct vhub_vm *vm, struct vhub_vm_batch *b, s
                 pd->regions = regions;
                 pd->n_regions = n_regions;
         } else {
-                if (ufd >= 0)
-                        close(ufd);
+                vhu_safe_close(ufd);
                 free(regions);
         }
         if (--b->outstanding == 0)

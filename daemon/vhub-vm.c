@@ -23,10 +23,60 @@
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
+#include "vhu-fd.h"
 
 static void vm_mem_queue_run(struct vhub_vm *vm);
+static void vm_log_close(struct vhub_vm *vm);
 
 #define vm_log(vm, level, ...) vhub_log_vm((level), (vm), __VA_ARGS__)
+
+/* The VM's fds join and leave its groups as it takes and closes them
+ * (vhub-fd-track.h); fmt names them below "vm/<uid>/<vm>/". */
+#define vm_fd_track(vm, group, fd, fmt, ...)                                                     \
+        vhub_fd_track((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name, \
+                      ##__VA_ARGS__)
+#define vm_fd_untrack(vm, group, fd, fmt, ...)                                                   \
+        vhub_fd_untrack((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid,           \
+                        (vm)->name, ##__VA_ARGS__)
+#define vm_fd_visit(vm, v, fd, group, fmt, ...)                                                  \
+        vhub_fd_visit((v), (fd), (group), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name,       \
+                      ##__VA_ARGS__)
+
+static void vm_region_untrack(struct vhub_vm *vm, const struct vhub_region *r) {
+        if (r)
+                vm_fd_untrack(vm, vm->fd_group, r->fd, "region/%llu", (unsigned long long)r->id);
+}
+
+static void vm_shared_untrack(struct vhub_vm *vm, const struct vhub_shared_object *o) {
+        char u[37];
+
+        if (o->fd < 0)
+                return;
+        vhub_uuid_format(o->uuid, u);
+        vm_fd_untrack(vm, vm->fd_group_shared, o->fd, "shared/%s", u);
+}
+
+void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *v) {
+        const struct vhub_mem_op *mop;
+        const struct vhub_device *d;
+        char u[37];
+
+        for (size_t i = 0; i < vm->mem.n; i++)
+                vm_fd_visit(vm, v, vm->mem.regions[i].fd, vm->fd_group, "region/%llu",
+                            (unsigned long long)vm->mem.regions[i].id);
+        TAILQ_FOREACH(mop, &vm->mem_ops, link)
+                vm_fd_visit(vm, v, mop->region.fd, NULL, "region/%llu", (unsigned long long)mop->region.id);
+        vm_fd_visit(vm, v, vm->log_fd, vm->fd_group, "log");
+        for (size_t i = 0; i < vm->shared.n; i++) {
+                vhub_uuid_format(vm->shared.objects[i].uuid, u);
+                vm_fd_visit(vm, v, vm->shared.objects[i].fd, vm->fd_group_shared, "shared/%s", u);
+        }
+        for (unsigned i = 0; vm->postcopy_batch && i < vm->postcopy_batch->n_postcopy; i++)
+                vm_fd_visit(vm, v, vm->postcopy_batch->postcopy[i].ufd, NULL, "postcopy/%s",
+                            vm->postcopy_batch->postcopy[i].device);
+        TAILQ_FOREACH(d, &vm->devices, link)
+                vhub_device_foreach_fd(d, v);
+}
 
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
         struct vhub_vm *vm;
@@ -93,6 +143,9 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         if (!vm)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         vm->ctx = ctx;
+        vm->id = ++ctx->next_vm_id;
+        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id);
+        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_SHARED, vm->id);
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
         vm->owner = owner;
@@ -120,9 +173,10 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         return 0;
 }
 
-static void mem_op_free(struct vhub_mem_op *op, bool owns_fd) {
-        if (owns_fd && op->region.fd >= 0)
-                close(op->region.fd);
+/* An addition owns its region's fd until the table takes it; a removal's
+ * region is a copy whose fd is -1. */
+static void mem_op_free(struct vhub_mem_op *op) {
+        vhu_safe_close(op->region.fd);
         free(op);
 }
 
@@ -145,7 +199,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
                 TAILQ_REMOVE(&vm->mem_ops, mop, link);
                 vhub_call_fail(mop->call, &err);
-                mem_op_free(mop, mop->kind == VHUB_MEM_OP_ADD);
+                mem_op_free(mop);
         }
         if (vm->log_batch) {
                 vhub_call_fail(vm->log_batch->call, &err);
@@ -171,9 +225,12 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_context_counts_changed(vm->ctx);
         vm_log(vm, LOG_INFO, "VM destroyed");
         event_free(vm->linger_timer);
+        for (size_t i = 0; i < vm->shared.n; i++)
+                vm_shared_untrack(vm, &vm->shared.objects[i]);
         vhub_shared_table_done(&vm->shared);
-        if (vm->log_fd >= 0)
-                close(vm->log_fd);
+        vm_log_close(vm);
+        for (size_t i = 0; i < vm->mem.n; i++)
+                vm_region_untrack(vm, &vm->mem.regions[i]);
         vhub_mem_table_done(&vm->mem);
         vhub_cred_done(&vm->cred);
         free(vm);
@@ -359,7 +416,6 @@ static void vm_mem_fanout(struct vhub_vm *vm, struct vhub_mem_op *op) {
 
 static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         struct vhub_call *call = op->call;
-        bool owns_fd = op->kind == VHUB_MEM_OP_ADD;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
         if (!op->failed) {
@@ -369,12 +425,14 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                                 vhub_error_set(&op->error, VHUB_ERR_INTERNAL, "out of memory");
                                 op->failed = true;
                         } else {
-                                owns_fd = false;
+                                vm_fd_track(vm, vm->fd_group, vm->mem.regions[vm->mem.n - 1].fd,
+                                            "region/%llu", (unsigned long long)op->region.id);
                                 vm_log(vm, LOG_INFO, "memory region gpa 0x%llx size 0x%llx added",
                                        (unsigned long long)op->region.gpa,
                                        (unsigned long long)op->region.size);
                         }
                 } else {
+                        vm_region_untrack(vm, vhub_mem_table_find_gpa(&vm->mem, op->region.gpa));
                         vhub_mem_table_remove(&vm->mem, op->region.gpa, NULL);
                         vm_log(vm, LOG_INFO, "memory region gpa 0x%llx removed",
                                (unsigned long long)op->region.gpa);
@@ -384,7 +442,7 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                 vhub_call_fail(call, &op->error);
         else
                 vhub_call_complete(call, 0);
-        mem_op_free(op, owns_fd);
+        mem_op_free(op);
 
         /* parked handshakes can sync now, then the next change may start */
         if (vm_resume_parked(vm))
@@ -470,7 +528,7 @@ static void vm_mem_queue_run(struct vhub_vm *vm) {
                         break;
                 TAILQ_REMOVE(&vm->mem_ops, op, link);
                 vhub_call_fail(op->call, &err);
-                mem_op_free(op, true);
+                mem_op_free(op);
         }
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);
@@ -557,16 +615,13 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
         op->kind = VHUB_MEM_OP_ADD;
         op->region = *region;
         op->region.id = ++vm->ctx->next_region_id;
+        op->region.fd = VHU_TAKE_FD(region->fd); /* the op owns it until commit */
         op->call = call;
-        region->fd = -1; /* the op owns it now */
         vm_mem_queue(vm, op);
         return;
 
 fail:
-        if (region->fd >= 0) {
-                close(region->fd);
-                region->fd = -1;
-        }
+        region->fd = vhu_safe_close(region->fd);
         vhub_call_fail(call, &err);
 }
 
@@ -625,9 +680,8 @@ fail:
 static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
 
 static void vm_log_close(struct vhub_vm *vm) {
-        if (vm->log_fd >= 0)
-                close(vm->log_fd);
-        vm->log_fd = -1;
+        vm_fd_untrack(vm, vm->fd_group, vm->log_fd, "log");
+        vm->log_fd = vhu_safe_close(vm->log_fd);
         vm->log_size = 0;
 }
 
@@ -669,7 +723,7 @@ static void vm_batch_finish(struct vhub_vm *vm, struct vhub_vm_batch *b) {
                                         call->out.dirty_log.size = vm->log_size;
                                         vhub_call_complete(call, 0);
                                 } else {
-                                        close(fd);
+                                        vhu_safe_close(fd);
                                 }
                         }
                 }
@@ -751,19 +805,19 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
         fd = memfd_create("vhub-dirty-log", MFD_CLOEXEC);
         if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "cannot create the log memfd: %s", strerror(errno));
-                if (fd >= 0)
-                        close(fd);
+                vhu_safe_close(fd);
                 goto fail;
         }
         b = calloc(1, sizeof(*b));
         if (!b) {
-                close(fd);
+                vhu_safe_close(fd);
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }
         b->kind = VHUB_BATCH_LOG_START;
         b->call = call;
         vm->log_fd = fd;
+        vm_fd_track(vm, vm->fd_group, vm->log_fd, "log");
         vm->log_size = size;
         vm->logging = true;
         vm->log_batch = b;
@@ -805,7 +859,6 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
         vhub_uuid_format(uuid, u);
         r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
         if (r < 0) {
-                close(fd);
                 if (r == -EEXIST)
                         return vhub_error_set(err, VHUB_ERR_EXISTS, "shared object %s already exists", u);
                 if (r == -ENOSPC)
@@ -813,6 +866,7 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
                                               vm->name, vm->ctx->config->limits.shared_objects_per_vm);
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         }
+        vm_fd_track(vm, vm->fd_group_shared, vhub_shared_table_find(&vm->shared, uuid)->fd, "shared/%s", u);
         vm_log(vm, LOG_DEBUG, "shared object %s exported by the VMM", u);
         return 0;
 }
@@ -828,6 +882,7 @@ int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhu
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "shared object %s was exported by device %s; only its exporter removes it",
                                       u, o->device->name);
+        vm_shared_untrack(vm, o);
         vhub_shared_table_remove(&vm->shared, uuid, NULL);
         return 0;
 }

@@ -14,6 +14,7 @@
 #include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
+#include "vhub-fd-track.h"
 #include "vhub-memory.h"
 #include "vhub-shared-object.h"
 
@@ -80,6 +81,9 @@ enum vhub_vm_postcopy {
 struct vhub_vm {
         TAILQ_ENTRY(vhub_vm) link;
         struct vhub_context *ctx;
+        uint64_t id;                    /* daemon-unique, never reused */
+        char fd_group[VHUB_FD_GROUP_MAX];        /* "v<id>": regions, dirty log */
+        char fd_group_shared[VHUB_FD_GROUP_MAX]; /* "o<id>": the VMM's shared objects */
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
         struct vhub_cred cred;          /* its creator's (root's, for a VM root made for
@@ -137,6 +141,13 @@ static inline bool vhub_uid_sees(uid_t uid, uid_t vm_uid) {
         return uid == 0 || uid == vm_uid;
 }
 bool vhub_vm_visible_to(const struct vhub_vm *vm, uid_t uid);
+
+/* Every fd the VM holds, named "vm/<uid>/<vm>/...": in its groups the
+ * regions' fds ("region/<id>"), the dirty log ("log") and the VMM's shared
+ * objects ("shared/<uuid>"); without a group a region being added and the
+ * userfaultfds of a postcopy step on their way to the VMM; then each
+ * device's (vhub_device_foreach_fd()). */
+void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *v);
 
 /* For the faces, which read no field of a VM. */
 const char *vhub_vm_name(const struct vhub_vm *vm);

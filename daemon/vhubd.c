@@ -4,15 +4,21 @@
 
 #include "control-server.h"
 #include "vhub-config.h"
+#include "vhub-fd-track.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhubd.h"
+#include "vhu-fd.h"
+
+/* How long a clean exit waits for the fd store to take what is queued. */
+#define VHUBD_FDSTORE_FLUSH_MS 1000
 
 /* The JSON-RPC face's options, from the daemon's configuration. */
 static void control_options(const struct vhub_config *config, const struct vhubd_options *o,
-                            struct control_server_options *ret) {
+                            int listen_fd, struct control_server_options *ret) {
         *ret = (struct control_server_options){
                 .path = o->control_path,
-                .listen_fd = o->control_listen_fd,
+                .listen_fd = listen_fd,
                 .mode = config->control_mode,
                 .gid = config->control_gid,
                 .gid_set = config->control_gid_set,
@@ -25,31 +31,116 @@ static void control_options(const struct vhub_config *config, const struct vhubd
         ret->limits.max_out_bytes = config->limits.max_output_bytes;
 }
 
+/* A name the daemon itself gives fds in the store (vhub-fd-track.h): a
+ * kind letter and a base-36 id, "L", or the store's own "fdstore/...". */
+static bool name_is_ours(const char *name) {
+        size_t n = strlen(name);
+
+        if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strncmp(name, VHUB_FDSTORE_RESERVED,
+                                                                   strlen(VHUB_FDSTORE_RESERVED)) == 0)
+                return true;
+        if (n < 2 || !strchr("cdvo", name[0]))
+                return false;
+        return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
+}
+
+/*
+ * What the service manager passed (LISTEN_FDS/LISTEN_FDNAMES): the control
+ * socket of socket activation ("control", or the only fd a socket unit
+ * without FileDescriptorName= passed), and what the fd store kept of an
+ * earlier run (after a crash).  Nothing restores those yet (no snapshot is
+ * written): each group's fds are closed at once -- its back-ends see their
+ * connection go, the old control listener is gone before a new one is made
+ * at its path -- and every stale name is removed from the store before
+ * anything of this run is stored under it.  Returns the control socket or -1.
+ */
+static int take_passed_fds(struct vhubd *v) {
+        struct vhub_fdstore_restore *r;
+        const char *name, *other = NULL;
+        unsigned n_other = 0;
+        int fd, k;
+
+        k = vhub_fdstore_restore_from_env(v->fdstore, &r);
+        if (k < 0) {
+                log_warning("cannot read the fds the service manager passed: %s", strerror(-k));
+                return -1;
+        }
+        fd = vhub_fdstore_take(r, "control");
+        for (size_t i = 0; (name = vhub_fdstore_restore_name(r, i)); i++)
+                if (!name_is_ours(name)) {
+                        other = name;
+                        n_other++;
+                } else if (strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) != 0 &&
+                           vhub_fdstore_drop_group(r, name) == 0)
+                        log_info("fd store: group %s of an earlier run closed", name);
+        if (fd < 0 && n_other == 1)
+                fd = vhub_fdstore_take(r, other);
+        k = vhub_fdstore_restore_finish(r);
+        if (k > 0)
+                log_info("%d fds the service manager kept from an earlier run were closed", k);
+        return fd;
+}
+
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o) {
+        struct vhub_fdstore_options so = { .disabled = config->no_fd_store };
         struct control_server_options co;
-        int r;
+        int listen_fd = o->control_listen_fd, r;
 
         memset(v, 0, sizeof(*v));
         r = vhub_context_init(&v->ctx, base, config);
         if (r < 0) {
+                vhu_safe_close(listen_fd); /* taken in every case */
                 log_error("cannot set up the daemon's state: %s", strerror(-r));
                 return r;
         }
         v->ctx_ready = true;
-        control_options(config, o, &co);
+        r = vhub_fdstore_new(base, &so, &v->fdstore);
+        if (r < 0) {
+                /* serving without it beats not serving: only a restart is lost */
+                log_warning("cannot use the service manager's fd store (%s): fds will not survive a restart",
+                            strerror(-r));
+                so.disabled = true;
+                r = vhub_fdstore_new(base, &so, &v->fdstore);
+                if (r < 0) {
+                        vhu_safe_close(listen_fd);
+                        log_error("cannot set up the fd store: %s", strerror(-r));
+                        return r;
+                }
+        }
+        v->ctx.fdstore = v->fdstore;
+        if (vhub_fdstore_enabled(v->fdstore))
+                log_info("keeping fds in the service manager's fd store");
+        if (listen_fd < 0)
+                listen_fd = take_passed_fds(v);
+        if (listen_fd < 0 && !o->control_path) {
+                log_error("no control socket path: pass --control PATH or set XDG_RUNTIME_DIR");
+                return -EINVAL;
+        }
+        control_options(config, o, listen_fd, &co);
         r = control_server_new(&v->ctx, &co, &v->control);
         if (r < 0) {
                 log_error("cannot set up the control socket %s: %s",
-                          o->control_path ? o->control_path : "(inherited)", strerror(-r));
+                          listen_fd < 0 ? o->control_path : "(inherited)", strerror(-r));
                 return r;
         }
         return 0;
 }
 
+const char *vhubd_control_path(const struct vhubd *v) {
+        return v->control ? control_server_path(v->control) : NULL;
+}
+
 void vhubd_stop_faces(struct vhubd *v) {
         if (v->control)
                 control_server_shutdown(v->control);
+}
+
+void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor) {
+        if (v->ctx_ready)
+                vhub_context_foreach_fd(&v->ctx, visitor);
+        if (v->control)
+                control_server_foreach_fd(v->control, visitor);
 }
 
 void vhubd_done(struct vhubd *v) {
@@ -59,4 +150,9 @@ void vhubd_done(struct vhubd *v) {
                 vhub_context_done(&v->ctx);
         v->ctx_ready = false;
         v->control = control_server_free(v->control);
+        /* last: every owner above has taken its fds out of the store */
+        v->ctx.fdstore = NULL;
+        if (vhub_fdstore_flush(v->fdstore, VHUBD_FDSTORE_FLUSH_MS) < 0)
+                log_warning("the fd store did not take every removal before exit: the next start removes the rest");
+        v->fdstore = vhub_fdstore_free(v->fdstore);
 }

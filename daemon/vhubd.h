@@ -16,24 +16,37 @@
 struct event_base;
 struct control_server;
 struct vhub_config;
+struct vhub_fd_visitor;
+struct vhub_fdstore;
 
 struct vhubd {
         struct vhub_context ctx;
         bool ctx_ready;                  /* vhub_context_init() succeeded */
+        struct vhub_fdstore *fdstore;    /* systemd's fd store (the context borrows it) */
         struct control_server *control;  /* the JSON-RPC face */
 };
 
 struct vhubd_options {
-        const char *control_path;        /* the control socket to create, or */
-        int control_listen_fd;           /* a listening socket to use (taken; -1: none) */
+        const char *control_path;        /* the control socket to create (NULL: none), unless */
+        int control_listen_fd;           /* a listening socket to use (taken; -1: socket
+                                          * activation's, if the service manager passed one) */
 };
 
 /* Build the model and its faces on base with config (both borrowed, they
- * outlive v).  Logs what failed; -errno then, and vhubd_done() cleans up. */
+ * outlive v): the fd store (unless --no-fd-store; what it kept of an
+ * earlier run is closed), the context, the control socket.  Logs what
+ * failed; -errno then, and vhubd_done() cleans up. */
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o);
 /* Stop taking requests: every face closes its listening sockets and its
  * connections (shutdown; the model's VMs are torn down separately). */
 void vhubd_stop_faces(struct vhubd *v);
+/* The control socket's path if the daemon made it (NULL: inherited). */
+const char *vhubd_control_path(const struct vhubd *v);
+/* Every fd the process holds for the model and its faces, named by its
+ * owner (vhub-fd-track.h).  What is not here: stdin/out/err, libevent's
+ * own (its epoll instance, its signal pipe) and, when logging to the
+ * journal, libsystemd's journal socket -- none of them the daemon's to name. */
+void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor);
 /* Tear down every VM (pending calls complete), then the faces.  Idempotent. */
 void vhubd_done(struct vhubd *v);

@@ -319,6 +319,7 @@ static int conn_answer(struct vhub_vmm_conn *c, struct pending_answer *p, struct
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 held->fds[i] = -1;
         held->n_fds = 0;
+        vhu_msg_own_fds(held);
         /* the caller's fds are borrowed: hold copies of our own */
         for (unsigned i = 0; i < r->n_fds; i++) {
                 held->fds[i] = fcntl(r->fds[i], F_DUPFD_CLOEXEC, 3);

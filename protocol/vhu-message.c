@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhu-fd.h"
 #include "vhu-message.h"
 
 #define REQUEST_FLAGS_ALLOWED (VHU_FLAG_VERSION_MASK | VHU_FLAG_NEED_REPLY)
@@ -41,26 +42,25 @@ void vhu_msg_init(struct vhu_msg *m) {
 void vhu_msg_clear(struct vhu_msg *m) {
         unsigned n = m->n_fds < VHU_MAX_FDS ? m->n_fds : VHU_MAX_FDS;
 
-        for (unsigned i = 0; i < n; i++)
-                if (m->fds[i] >= 0)
-                        close(m->fds[i]);
+        if (!m->fds_borrowed)
+                vhu_close_many(m->fds, n);
         vhu_msg_init(m);
 }
 
 int vhu_msg_take_fd(struct vhu_msg *m, unsigned idx) {
-        int fd;
-
-        if (idx >= m->n_fds || idx >= VHU_MAX_FDS)
+        if (idx >= m->n_fds || idx >= VHU_MAX_FDS || m->fds_borrowed)
                 return -1;
-        fd = m->fds[idx];
-        m->fds[idx] = -1;
-        return fd;
+        return VHU_TAKE_FD(m->fds[idx]);
 }
 
 void vhu_msg_forget_fds(struct vhu_msg *m) {
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 m->fds[i] = -1;
         m->n_fds = 0;
+}
+
+void vhu_msg_own_fds(struct vhu_msg *m) {
+        m->fds_borrowed = false;
 }
 
 size_t vhu_msg_wire_size(const struct vhu_msg *m) {
@@ -438,6 +438,7 @@ static void fill_msg(struct vhu_msg *m, uint32_t request, uint32_t flags, const 
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 m->fds[i] = i < n_fds ? fds[i] : -1;
         m->n_fds = n_fds;
+        m->fds_borrowed = true;
 }
 
 static int check_buffers(const void *payload, uint32_t size, const int *fds, unsigned n_fds) {

@@ -3,8 +3,11 @@
  * One vhost-user message with the fds that travel with it, the table that
  * says what every request may carry, and strict encode / decode / validate.
  *
- * Ownership: a struct vhu_msg owns the fds in fds[0..n_fds).  Whoever keeps
- * one takes it with vhu_msg_take_fd(); vhu_msg_clear() closes the rest.
+ * Ownership: a message read from a socket owns the fds in fds[0..n_fds):
+ * whoever keeps one takes it with vhu_msg_take_fd(), vhu_msg_clear() closes
+ * the rest.  A message built from the caller's fds (vhu_msg_build*) only
+ * borrows them (fds_borrowed): vhu_msg_clear() leaves them open and nothing
+ * can be taken from it.  So every message is cleared the same way.
  * Functions return 0 (or a positive value) on success and -errno on failure;
  * they never log and never exit.
  */
@@ -44,6 +47,7 @@ struct vhu_msg {
         } payload;
         int fds[VHU_MAX_FDS];
         unsigned n_fds;
+        bool fds_borrowed;      /* built from fds someone else owns */
 };
 
 /* How the peer answers a request. */
@@ -89,21 +93,24 @@ uint64_t vhu_protocol_features_consistent(uint64_t pf);
 /* Message lifetime. */
 void vhu_msg_init(struct vhu_msg *m);                 /* zero, no fds */
 void vhu_msg_clear(struct vhu_msg *m);                /* close owned fds, re-init */
-int vhu_msg_take_fd(struct vhu_msg *m, unsigned idx); /* steal fds[idx], -1 if none */
+/* Steal fds[idx] of an owning message; -1 if none (or borrowed). */
+int vhu_msg_take_fd(struct vhu_msg *m, unsigned idx);
 size_t vhu_msg_wire_size(const struct vhu_msg *m);    /* header + payload bytes */
 
 /*
  * Build a request of direction dir: sets the header (version, plus
  * VHU_FLAG_NEED_REPLY if need_reply), copies size bytes of payload and the
- * fds.  The fds are borrowed, not dup'd: the message does not own them
- * (n_fds is set, but the caller must not vhu_msg_clear() a message it built
- * from fds it keeps -- use vhu_msg_forget_fds()).  Returns -EINVAL if the
- * table forbids that size or fd count, -EOPNOTSUPP for unknown requests.
+ * fds.  The fds are borrowed, not dup'd (fds_borrowed): vhu_msg_clear()
+ * leaves them to their owner.  Returns -EINVAL if the table forbids that
+ * size or fd count, -EOPNOTSUPP for unknown requests.
  */
 int vhu_msg_build(struct vhu_msg *m, enum vhu_direction dir, uint32_t request,
                   bool need_reply, const void *payload, uint32_t size,
                   const int *fds, unsigned n_fds);
-void vhu_msg_forget_fds(struct vhu_msg *m);           /* drop fds without closing */
+void vhu_msg_forget_fds(struct vhu_msg *m);           /* drop fds without closing (owned or not) */
+/* A message built from fds nobody else keeps takes them: vhu_msg_clear()
+ * closes them (a reply that carries a new memfd, say). */
+void vhu_msg_own_fds(struct vhu_msg *m);
 
 /* Convenience builders (front-end direction), same rules as vhu_msg_build. */
 int vhu_msg_build_u64(struct vhu_msg *m, uint32_t request, bool need_reply, uint64_t value);

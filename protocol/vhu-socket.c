@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vhu-fd.h"
 #include "vhu-socket.h"
 #include "vhu-scm.h"
 
@@ -30,56 +31,20 @@ struct vhu_writer_item {
         uint8_t data[];
 };
 
-static void close_fds(int *fds, unsigned n) {
-        for (unsigned i = 0; i < n; i++)
-                if (fds[i] >= 0) {
-                        close(fds[i]);
-                        fds[i] = -1;
-                }
-}
-
 void vhu_reader_init(struct vhu_reader *r) {
         vhu_msg_init(&r->msg);
         r->got = 0;
 }
 
+void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userdata) {
+        for (unsigned i = 0; i < r->msg.n_fds && i < VHU_MAX_FDS; i++)
+                if (r->msg.fds[i] >= 0)
+                        fn(r->msg.fds[i], "in", userdata);
+}
+
 void vhu_reader_reset(struct vhu_reader *r) {
         vhu_msg_clear(&r->msg);
         r->got = 0;
-}
-
-/*
- * Collect the fds of one recvmsg() into the message.  Every fd the kernel
- * installed is either stored in r->msg (and so closed by a reset) or closed
- * here, whatever the outcome.
- */
-static int reader_take_fds(struct vhu_reader *r, struct msghdr *mh, size_t got_before) {
-        int ret = 0;
-
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
-                size_t n;
-                int *data;
-
-                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                        continue;
-                n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-                data = (int *) (void *) CMSG_DATA(c);
-                for (size_t i = 0; i < n; i++) {
-                        int fd;
-
-                        memcpy(&fd, data + i, sizeof(fd));
-                        /* spec: fds ride on a message's first byte, at most 8. */
-                        if (ret == 0 && got_before == 0 && r->msg.n_fds < VHU_MAX_FDS)
-                                r->msg.fds[r->msg.n_fds++] = fd;
-                        else {
-                                close(fd);
-                                ret = -EPROTO;
-                        }
-                }
-        }
-        if (mh->msg_flags & MSG_CTRUNC)
-                ret = -EPROTO;
-        return ret;
 }
 
 /* Move the finished message into ret and start the next one. */
@@ -88,6 +53,7 @@ static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
         memcpy(ret->payload.raw, r->msg.payload.raw, r->msg.hdr.size);
         memcpy(ret->fds, r->msg.fds, sizeof(ret->fds));
         ret->n_fds = r->msg.n_fds;
+        ret->fds_borrowed = false; /* the caller's now */
 
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 r->msg.fds[i] = -1;
@@ -101,13 +67,11 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
         if (min_payload > VHU_MAX_PAYLOAD)
                 min_payload = VHU_MAX_PAYLOAD;
         for (;;) {
-                VHU_SCM_BUF(control, VHU_MAX_FDS);
-                struct msghdr mh = { 0 };
+                struct vhu_scm_received fds;
                 struct iovec iov[2];
-                size_t got_before = r->got;
+                size_t got_before = r->got, iovlen = 1;
                 ssize_t n;
 
-                mh.msg_iovlen = 1;
                 if (r->got < VHU_HEADER_SIZE) {
                         iov[0].iov_base = (uint8_t *) &r->msg.hdr + r->got;
                         iov[0].iov_len = VHU_HEADER_SIZE - r->got;
@@ -116,7 +80,7 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
                         if (min_payload > 0) {
                                 iov[1].iov_base = r->msg.payload.raw;
                                 iov[1].iov_len = min_payload;
-                                mh.msg_iovlen = 2;
+                                iovlen = 2;
                         }
                 } else {
                         size_t payload_got = r->got - VHU_HEADER_SIZE;
@@ -129,23 +93,21 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
                         iov[0].iov_len = r->msg.hdr.size - payload_got;
                 }
 
-                mh.msg_iov = iov;
-                mh.msg_control = control.buf;
-                mh.msg_controllen = sizeof(control.buf);
-
-                n = recvmsg(sockfd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+                /* spec: fds ride on a message's first byte, at most 8; any
+                 * other fd is a protocol error (and closed by the helper) */
+                n = vhu_scm_recv(sockfd, iov, iovlen, VHU_MAX_FDS, r->msg.fds + r->msg.n_fds,
+                                 got_before == 0 ? VHU_MAX_FDS - r->msg.n_fds : 0, &fds);
+                if (n == -EAGAIN)
+                        return -EAGAIN;
                 if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno == EAGAIN || errno == EWOULDBLOCK)
-                                return -EAGAIN;
-                        err = -errno;
+                        err = (int) n;
                         goto fail;
                 }
-
-                err = reader_take_fds(r, &mh, got_before);
-                if (err < 0)
+                r->msg.n_fds += fds.n_fds;
+                if (fds.n_closed > 0 || fds.truncated) {
+                        err = -EPROTO;
                         goto fail;
+                }
 
                 if (n == 0) {
                         if (r->got == 0)
@@ -180,10 +142,18 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->n_fds = 0;
 }
 
+void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
+                         void *userdata) {
+        if (sockfd >= 0)
+                fn(sockfd, NULL, userdata);
+        vhu_reader_foreach_fd(r, fn, userdata);
+        vhu_writer_foreach_fd(w, fn, userdata);
+}
+
 static struct vhu_writer_item *writer_item_free(struct vhu_writer_item *item) {
         if (!item)
                 return NULL;
-        close_fds(item->fds, item->n_fds);
+        vhu_close_many(item->fds, item->n_fds);
         free(item);
         return NULL;
 }
@@ -208,6 +178,13 @@ void vhu_writer_clear(struct vhu_writer *w) {
 
 bool vhu_writer_pending(const struct vhu_writer *w) {
         return w->head != NULL;
+}
+
+void vhu_writer_foreach_fd(const struct vhu_writer *w, vhu_fd_fn fn, void *userdata) {
+        for (const struct vhu_writer_item *item = w->head; item; item = item->next)
+                for (unsigned i = 0; i < item->n_fds; i++)
+                        if (item->fds[i] >= 0)
+                                fn(item->fds[i], "out", userdata);
 }
 
 /* A message the writer can put on the wire: in bounds, every fd valid. */
@@ -356,10 +333,11 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                         return -EAGAIN; /* nothing taken: wait for writability */
 
                 /* The fds went with the first byte of this chunk: the
-                 * kernel holds them now, the dups are not needed */
+                 * kernel holds its own copies from here on, the dups are
+                 * not needed (nor counted) any more */
                 if (with_fds) {
                         item->fds_sent = true;
-                        close_fds(item->fds, item->n_fds);
+                        vhu_close_many(item->fds, item->n_fds);
                         w->n_fds -= item->n_fds;
                         item->n_fds = 0;
                 }

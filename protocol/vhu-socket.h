@@ -30,6 +30,11 @@ struct vhu_reader {
 void vhu_reader_init(struct vhu_reader *r);
 /* Close any partial message's fds and start over. */
 void vhu_reader_reset(struct vhu_reader *r);
+/* For an owner's inventory of its fds: fn(fd, what, userdata) with what
+ * "in" for the fds of the message being assembled, "out" for the writer's
+ * dups waiting to be sent. */
+typedef void (*vhu_fd_fn)(int fd, const char *what, void *userdata);
+void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userdata);
 
 /*
  * Read from sockfd without blocking.  Returns:
@@ -65,6 +70,11 @@ void vhu_writer_init(struct vhu_writer *w);
 /* Drop everything queued, closing the dup'd fds. */
 void vhu_writer_clear(struct vhu_writer *w);
 bool vhu_writer_pending(const struct vhu_writer *w);
+void vhu_writer_foreach_fd(const struct vhu_writer *w, vhu_fd_fn fn, void *userdata);
+/* A connection's: its socket (what NULL, if >= 0), then its reader's and
+ * writer's as above. */
+void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
+                         void *userdata);
 
 /* Queue m (encoded now; its fds dup'd).  -ENOMEM, -EMFILE, -EINVAL. */
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m);

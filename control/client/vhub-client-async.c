@@ -105,7 +105,7 @@ void vhub_client_set_event_handler(struct vhub_client *c, vhub_client_event_fn f
 }
 
 short vhub_client_get_events(const struct vhub_client *c) {
-        return (short)(POLLIN | (client_frame_out_pending(&c->out) ? POLLOUT : 0));
+        return (short)(POLLIN | (vhub_frame_out_pending(&c->out) ? POLLOUT : 0));
 }
 
 /* Whether dispatch has work without reading anything: answers a blocking

@@ -6,11 +6,9 @@
 #pragma once
 
 #include "vhub/vhub-client.h"
-#include "vhub-client-frame.h"
+#include "vhub-frame.h"     /* the framing, shared with the daemon (control/) */
 
-_Static_assert(VHUB_CLIENT_MAX_FDS_PER_MESSAGE == CLIENT_FRAME_MAX_FDS, "fds per message");
-_Static_assert(VHUB_CLIENT_MAX_LINE == CLIENT_FRAME_MAX_LINE, "line limit");
-_Static_assert(VHUB_CLIENT_MAX_QUEUED_FDS == CLIENT_FRAME_MAX_QUEUED_FDS, "fd queue");
+_Static_assert(VHUB_CLIENT_MAX_FDS_PER_MESSAGE == VHUB_FRAME_MAX_FDS, "fds per message");
 
 #define CLIENT_ABANDONED_MAX 1024u /* ids whose answers are dropped on arrival */
 
@@ -46,8 +44,9 @@ struct vhub_client {
         int error;              /* sticky -errno once broken */
         uint64_t next_id;
 
-        struct client_frame_in in;
-        struct client_frame_out out;
+        struct vhub_frame_in in;        /* lines up to VHUB_CLIENT_MAX_LINE, fds
+                                         * up to VHUB_CLIENT_MAX_QUEUED_FDS */
+        struct vhub_frame_out out;      /* a line per chunk: one can be taken back */
 
         struct client_msg_queue responses, events;
 

@@ -2,7 +2,8 @@
 /*
  * vhub-client: the connection, JSON-RPC messages in and out, and the
  * blocking calls.  See vhub/vhub-client.h for the API; the framing itself
- * is vhub-client-frame.c's, the event-loop mode vhub-client-async.c's.
+ * is control/vhub-frame.c's (the daemon's too), the event-loop mode
+ * vhub-client-async.c's.
  */
 #include "vhub-client-internal.h"
 
@@ -158,6 +159,8 @@ int vhub_client_new_from_fd(int fd, struct vhub_client **ret) {
         }
         c->fd = fd;
         c->next_id = 1;
+        vhub_frame_in_init(&c->in, VHUB_CLIENT_MAX_LINE, VHUB_CLIENT_MAX_QUEUED_FDS);
+        vhub_frame_out_init(&c->out, false);
         *ret = c;
         return 0;
 }
@@ -203,8 +206,8 @@ struct vhub_client *vhub_client_free(struct vhub_client *c) {
                 return NULL;
         if (c->fd >= 0)
                 close(c->fd);
-        client_frame_in_done(&c->in);
-        client_frame_out_done(&c->out);
+        vhub_frame_in_done(&c->in);
+        vhub_frame_out_done(&c->out);
         msg_queue_clear(&c->responses);
         msg_queue_clear(&c->events);
         client_async_free_all(c);
@@ -231,8 +234,8 @@ unsigned vhub_client_queued_events(const struct vhub_client *c) {
 int client_break(struct vhub_client *c, int error) {
         if (!c->error)
                 c->error = error;
-        client_frame_in_drop_fds(&c->in);
-        client_frame_out_done(&c->out);
+        vhub_frame_in_drop_fds(&c->in);
+        vhub_frame_out_done(&c->out);
         return c->error;
 }
 
@@ -286,7 +289,7 @@ static int client_take_fds(struct vhub_client *c, const json_t *msg, int **ret_f
         n = json_integer_value(v);
         if (n < 0 || n > VHUB_CLIENT_MAX_FDS_PER_MESSAGE)
                 return -EBADMSG;
-        r = client_frame_in_take_fds(&c->in, (unsigned)n, ret_fds);
+        r = vhub_frame_in_take_fds(&c->in, (unsigned)n, ret_fds);
         if (r < 0)
                 return r;
         *ret_n = (unsigned)n;
@@ -397,24 +400,29 @@ static int client_dispatch_line(struct vhub_client *c, const char *line, size_t 
 int client_read_once(struct vhub_client *c) {
         const char *line;
         size_t len;
-        int n, r;
+        ssize_t n;
+        int r;
 
         if (c->error)
                 return c->error;
-        n = client_frame_in_read(&c->in, c->fd);
+        n = vhub_frame_in_read(&c->in, c->fd, NULL);
+        if (n == -EAGAIN)
+                return 0;
+        if (n == 0)
+                n = -ECONNRESET;
         if (n < 0)
-                return client_break(c, n);
+                return client_break(c, (int)n);
         /* Every line is handed over, in order, before anything is judged:
          * messages before a violation are still delivered. */
-        while (client_frame_in_next_line(&c->in, &line, &len) > 0) {
+        while (vhub_frame_in_next_line(&c->in, &line, &len) > 0) {
                 r = client_dispatch_line(c, line, len);
                 if (r < 0)
                         return client_break(c, r);
         }
-        r = client_frame_in_check(&c->in);
+        r = vhub_frame_in_check(&c->in);
         if (r < 0)
                 return client_break(c, r);
-        return n;
+        return n > INT32_MAX ? INT32_MAX : (int)n;
 }
 
 /* Read everything the socket holds right now. */
@@ -444,6 +452,21 @@ static int client_poll(struct vhub_client *c, short events, int64_t deadline, sh
 }
 
 /* ---- output ---- */
+
+/* msg as one line with dups of fds; *ret_seq (may be NULL) its number. */
+static int client_frame_queue(struct vhub_client *c, const json_t *msg, const int *fds, unsigned n_fds,
+                              uint64_t *ret_seq) {
+        struct iovec line;
+        char *p;
+        int r = vhub_frame_encode(msg, &p, &line.iov_len);
+
+        if (r < 0)
+                return r;
+        line.iov_base = p;
+        r = vhub_frame_out_queue(&c->out, &line, 1, fds, n_fds, ret_seq);
+        free(p);
+        return r;
+}
 
 int client_queue_request(struct vhub_client *c, const char *method, json_t *params,
                          const int *fds, unsigned n_fds, uint64_t *ret_id, uint64_t *ret_seq) {
@@ -478,7 +501,7 @@ int client_queue_request(struct vhub_client *c, const char *method, json_t *para
                 r = -ENOMEM;
                 goto out;
         }
-        r = client_frame_out_queue(&c->out, msg, fds, n_fds, ret_seq);
+        r = client_frame_queue(c, msg, fds, n_fds, ret_seq);
         if (r < 0)
                 goto out;
         c->next_id++;
@@ -494,7 +517,7 @@ int client_flush(struct vhub_client *c) {
 
         if (c->error)
                 return c->error;
-        r = client_frame_out_flush(&c->out, c->fd);
+        r = vhub_frame_out_flush(&c->out, c->fd);
         if (r < 0)
                 return client_break(c, r);
         return r;
@@ -517,7 +540,7 @@ static int client_send_wait(struct vhub_client *c, uint64_t seq, int64_t deadlin
                         return client_break(c, r);
                 if (r == 0) {
                         /* Half a line on the wire can not be taken back. */
-                        if (client_frame_out_drop(&c->out, seq) == -EBUSY)
+                        if (vhub_frame_out_drop(&c->out, seq) == -EBUSY)
                                 return client_break(c, -ETIMEDOUT);
                         return -ETIMEDOUT;
                 }

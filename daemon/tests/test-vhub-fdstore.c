@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "vhub-check.h"
+#include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
@@ -715,6 +716,299 @@ static void test_restore(const char *dir) {
                "repaired, abort silent\n");
 }
 
+/* The fds a stored stash holds, in order (read from a copy: the stash's
+ * queue is emptied by it, as a restore would). */
+static size_t stash_read(int stash, int *out, size_t max) {
+        size_t n = 0;
+
+        for (;;) {
+                union {
+                        struct cmsghdr h;
+                        uint8_t buf[CMSG_SPACE(sizeof(int) * 253)];
+                } control;
+                char byte;
+                struct iovec iov = { &byte, 1 };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                                     .msg_controllen = sizeof(control.buf) };
+                ssize_t k = recvmsg(stash, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+
+                if (k <= 0)
+                        return n;
+                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                        size_t m = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+
+                        CHECK(n + m <= max);
+                        memcpy(out + n, CMSG_DATA(c), m * sizeof(int));
+                        n += m;
+                }
+        }
+}
+
+/* Groups: one stored stash socket per group, rebuilt once per loop turn. */
+static void test_groups(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int a = efd(), b = efd(), c = memfd_create("ram", MFD_CLOEXEC), got[8], stash;
+        size_t n;
+
+        CHECK(c >= 0);
+        mgr_open(&m, dir, "notify-groups");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", a), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", b), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", c), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", c), -EEXIST);
+        CHECK_EQ(vhub_fdstore_group_add(s, "a:b", c), -EINVAL);
+        CHECK_EQ(vhub_fdstore_group_add(s, "fdstore/x", c), -EINVAL);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", -1), -EBADF);
+        /* the same eventfd in another group: both stashes hold it */
+        CHECK_EQ(vhub_fdstore_group_add(s, "d2", a), 0);
+        CHECK_EQ(vhub_fdstore_group_size(s, "d1"), 3);
+        /* nothing is sent before the loop turns: three adds, one push */
+        expect_quiet(&m);
+        CHECK_EQ(mgr_pump(&m, base, 50), 2);
+        CHECK_EQ(m.n, 2);
+        stash = mgr_find(&m, "d1");
+        CHECK(stash >= 0);
+        n = stash_read(stash, got, 8);
+        CHECK_EQ(n, 3);
+        CHECK(same_file(got[0], a) && same_file(got[1], b) && same_file(got[2], c));
+        for (size_t i = 0; i < n; i++)
+                close(got[i]);
+        CHECK_EQ(vhub_fdstore_push(s, a, "d1"), -EEXIST); /* a group's name */
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.groups, 2);
+        CHECK_EQ(st.group_members, 4);
+        CHECK_EQ(st.stored, 2);
+        CHECK_EQ(st.names_bytes, strlen("d1:d2:"));
+
+        /* a member leaves: remove, then the new stash (FDSTOREREMOVE drops
+         * every fd of the name: never two under one name) */
+        CHECK_EQ(vhub_fdstore_group_remove(s, "d1", b), 0);
+        CHECK_EQ(vhub_fdstore_group_remove(s, "d1", b), -ENOENT);
+        event_base_loop(base, EVLOOP_NONBLOCK);
+        {
+                char text[512];
+                int fd;
+
+                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
+                CHECK(strcmp(text, "FDSTOREREMOVE=1\nFDNAME=d1") == 0);
+                mgr_apply(&m, text, fd);
+                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
+                CHECK(strcmp(text, "FDSTORE=1\nFDNAME=d1\nFDPOLL=0") == 0);
+                mgr_apply(&m, text, fd);
+        }
+        n = stash_read(mgr_find(&m, "d1"), got, 8);
+        CHECK_EQ(n, 2);
+        CHECK(same_file(got[0], a) && same_file(got[1], c));
+        for (size_t i = 0; i < n; i++)
+                close(got[i]);
+        /* the last member leaves: the group goes */
+        CHECK_EQ(vhub_fdstore_group_remove(s, "d2", a), 0);
+        event_base_loop(base, EVLOOP_NONBLOCK);
+        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d2", -1);
+        mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d2", -1);
+        CHECK(mgr_find(&m, "d2") < 0);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.groups, 1);
+        CHECK(!vhub_fdstore_degraded(s));
+
+        /* a member closed before it left its group (an owner's bug): the
+         * stash cannot be made, the group is reported, nothing else breaks */
+        {
+                int e = efd(), x = fcntl(e, F_DUPFD_CLOEXEC, 900); /* a number nothing reuses here */
+
+                close(e);
+                CHECK(x >= 900);
+                CHECK_EQ(vhub_fdstore_group_add(s, "bad", x), 0);
+                close(x);
+                vhub_fdstore_sync(s);
+                CHECK(vhub_fdstore_degraded(s));
+                CHECK_EQ(vhub_fdstore_group_remove(s, "bad", x), 0);
+                vhub_fdstore_sync(s);
+                CHECK(!vhub_fdstore_degraded(s));
+        }
+        mgr_pump(&m, base, 50);
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        close(a);
+        close(b);
+        close(c);
+        event_base_free(base);
+        printf("ok: groups: one stash per group, in order, rebuilt once per loop turn, removed when empty\n");
+}
+
+/* A group comes back after a restart: its fds in order with their keys,
+ * and it is stored again at once (reading the stash emptied it). */
+static void test_group_restore(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_member *mem = NULL;
+        struct vhub_fdstore_restore *r;
+        struct vhub_fd_key ka, kb, kc;
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int a = efd(), b = efd(), c = memfd_create("ram", MFD_CLOEXEC), fds[4], got[8];
+        char *names[4];
+        size_t n;
+
+        CHECK_EQ(vhub_fd_key_of(a, &ka), 0);
+        CHECK_EQ(vhub_fd_key_of(b, &kb), 0);
+        CHECK_EQ(vhub_fd_key_of(c, &kc), 0);
+        /* every eventfd has the same inode; the kernel's id tells them apart */
+        CHECK(ka.dev == kb.dev && ka.ino == kb.ino);
+        CHECK(ka.eventfd_id != 0 && ka.eventfd_id != kb.eventfd_id);
+        CHECK_EQ(kc.eventfd_id, 0);
+        mgr_open(&m, dir, "notify-grestore");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "v1", c), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", a), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", b), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "d1", c), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "c1", b), 0);
+        mgr_pump(&m, base, 50);
+        vhub_fdstore_free(s);           /* the first daemon is gone */
+        CHECK_EQ(m.n, 3);
+
+        for (size_t i = 0; i < m.n; i++) {
+                fds[i] = fcntl(m.fds[m.n - 1 - i], F_DUPFD_CLOEXEC, 3);
+                names[i] = m.names[m.n - 1 - i];
+        }
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_restore_from(s, fds, names, m.n, &r), 0);
+        CHECK_EQ(vhub_fdstore_take_group(r, "d1", &mem, &n), 0);
+        CHECK_EQ(n, 3);
+        CHECK(same_file(mem[0].fd, a) && same_file(mem[1].fd, b) && same_file(mem[2].fd, c));
+        CHECK(memcmp(&mem[0].key, &ka, sizeof(ka)) == 0);
+        CHECK(memcmp(&mem[1].key, &kb, sizeof(kb)) == 0);
+        CHECK(memcmp(&mem[2].key, &kc, sizeof(kc)) == 0);
+        CHECK_EQ(vhub_fdstore_take_group(r, "d1", &(struct vhub_fdstore_member *){ NULL }, &n), -ENOENT);
+        CHECK_EQ(vhub_fdstore_group_size(s, "d1"), 3);
+        /* stored again at once: remove and push */
+        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+        mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+        {
+                char text[512];
+                int fd;
+
+                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
+                CHECK(strcmp(text, "FDSTORE=1\nFDNAME=d1\nFDPOLL=0") == 0);
+                mgr_apply(&m, text, fd);
+        }
+        n = stash_read(mgr_find(&m, "d1"), got, 8);
+        CHECK_EQ(n, 3);
+        CHECK(same_file(got[0], a) && same_file(got[1], b) && same_file(got[2], c));
+        for (size_t i = 0; i < n; i++)
+                close(got[i]);
+        /* "v1" and "c1" are claimed by nobody: stale */
+        CHECK_EQ(vhub_fdstore_restore_finish(r), 2);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(m.n, 1);
+        /* the members are the caller's: they leave the group as usual */
+        for (size_t i = 0; i < 3; i++)
+                CHECK_EQ(vhub_fdstore_group_remove(s, "d1", mem[i].fd), 0);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(m.n, 0);
+        for (size_t i = 0; i < 3; i++) {
+                close(mem[i].fd);
+                close(i == 0 ? a : i == 1 ? b : c);     /* the first daemon's copies */
+        }
+        free(mem);
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        event_base_free(base);
+        printf("ok: a group restored in order with its identity keys, stored again at once\n");
+}
+
+/* Take what arrives and close it at once (a manager that keeps nothing),
+ * running the store's loop meanwhile: until `want` messages came, or none
+ * did within timeout_ms (want 0: until none is waiting).  How many came. */
+static unsigned mgr_sink(struct mgr *m, struct event_base *base, size_t want, int timeout_ms) {
+        unsigned n = 0;
+
+        for (;;) {
+                char text[512];
+                int fd;
+
+                if (want && n >= want)
+                        return n;
+                event_base_loop(base, EVLOOP_NONBLOCK);
+                if (!mgr_recv(m, text, sizeof(text), &fd, timeout_ms))
+                        return n;
+                if (fd >= 0)
+                        close(fd);
+                n++;
+        }
+}
+
+/* issue 14's scale: 10,000 devices (each one group for its socket, channel,
+ * inflight fd and 2 rings' eventfds), 1,000 VMs (regions, shared objects),
+ * 256 control connections: the names systemd passes back stay within the
+ * LISTEN_FDNAMES budget, where a name per fd could not. */
+static void test_group_budget(const char *dir) {
+        enum { DEVICES = 10000, VMS = 1000, CONNS = 256, PER_DEVICE = 9 };
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        size_t per_fd_names = 0;
+        char group[VHUB_FD_GROUP_MAX];
+        struct mgr m;
+        int fds[PER_DEVICE], ram = memfd_create("ram", MFD_CLOEXEC);
+        unsigned sunk = 0;
+
+        CHECK(ram >= 0);
+        for (int i = 0; i < PER_DEVICE; i++)
+                fds[i] = efd();
+        mgr_open(&m, dir, "notify-budget");
+        /* as many as the daemon's unit would allow (FileDescriptorStoreMax=) */
+        s = store_new(base, m.path, 65536);
+        for (unsigned d = 1; d <= DEVICES; d++) {
+                for (int i = 0; i < PER_DEVICE; i++) {
+                        char name[128];
+
+                        vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d);
+                        CHECK_EQ(vhub_fdstore_group_add(s, group, fds[i]), 0);
+                        /* what a name per fd would have cost */
+                        per_fd_names += (size_t)snprintf(name, sizeof(name), "dev/1000/vm%u/dev%u/ring%d.kick",
+                                                         d / 10, d % 10, i) + 1;
+                }
+                if (d % 256 == 0) {
+                        vhub_fdstore_sync(s);
+                        sunk += mgr_sink(&m, base, 0, 0);
+                }
+        }
+        /* ids come from one counter per kind: the daemon's own names */
+        for (unsigned v = 1; v <= VMS; v++) {
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_VM, v), ram), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_SHARED, v), ram), 0);
+        }
+        for (unsigned c = 1; c <= CONNS; c++)
+                CHECK_EQ(vhub_fdstore_group_add(s, vhub_fd_group(group, VHUB_FD_GROUP_CONNECTION, c),
+                                                fds[0]), 0);
+        CHECK(strcmp(vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, UINT64_MAX), "d3w5e11264sgsf") == 0);
+        CHECK(strcmp(vhub_fd_group(group, VHUB_FD_GROUP_SHARED, 36), "o10") == 0);
+        vhub_fdstore_sync(s);
+        vhub_fdstore_get_stats(s, &st);
+        sunk += mgr_sink(&m, base, st.stored - sunk, 1000);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.failed, 0);
+        CHECK(!vhub_fdstore_degraded(s));
+        CHECK_EQ(st.stored, DEVICES + 2 * VMS + CONNS);
+        CHECK_EQ(st.group_members, DEVICES * PER_DEVICE + 2 * VMS + CONNS);
+        CHECK(st.names_bytes <= VHUB_FDSTORE_NAMES_BUDGET);
+        CHECK(per_fd_names > VHUB_FDSTORE_NAMES_BUDGET);
+        printf("ok: %u devices, %u VMs, %u connections: %zu fds in %zu groups, LISTEN_FDNAMES %zu bytes "
+               "(budget %u; a name per fd: %zu)\n", DEVICES, VMS, CONNS, st.group_members, st.groups,
+               st.names_bytes, (unsigned)VHUB_FDSTORE_NAMES_BUDGET, per_fd_names);
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        for (int i = 0; i < PER_DEVICE; i++)
+                close(fds[i]);
+        close(ram);
+        event_base_free(base);
+}
+
 /* LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES as systemd sets them, in a child so
  * that fds 3 and 4 are free. */
 static void test_restore_env(void) {
@@ -781,6 +1075,9 @@ int main(void) {
         test_failures(dir);
         test_aliases(dir);
         test_restore(dir);
+        test_groups(dir);
+        test_group_restore(dir);
+        test_group_budget(dir);
         test_restore_env();
         CHECK_EQ(vhub_count_open_fds(), fds_before);
         printf("ok: no fd leaked\n");

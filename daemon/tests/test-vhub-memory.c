@@ -78,6 +78,7 @@ static void add(struct vhub_mem_table *t, struct vhub_region r, uint64_t id) {
         expect_good(t, &r, "a region to add");
         r.id = id;
         CHECK(vhub_mem_table_add(t, &r) == 0);
+        CHECK(r.fd == -1); /* taken */
 }
 
 static void test_empty(void) {

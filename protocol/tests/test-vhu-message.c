@@ -1076,8 +1076,21 @@ static void test_lifetime(void) {
         vhu_msg_init(&m);
         CHECK_EQ(m.n_fds, 0);
         CHECK_EQ(vhu_msg_take_fd(&m, 0), -1);
+        CHECK(!m.fds_borrowed);                         /* a reader's message owns its fds */
         CHECK_EQ(vhu_msg_build_mem_table(&m, false, regions, fds, 3), 0);
         CHECK_EQ(vhu_msg_wire_size(&m), VHU_HEADER_SIZE + 8 + 3 * 32);
+        /* built: the fds are borrowed, nothing to take, clear leaves them */
+        CHECK(m.fds_borrowed);
+        CHECK_EQ(vhu_msg_take_fd(&m, 1), -1);
+        vhu_msg_clear(&m);
+        CHECK(!m.fds_borrowed);
+        for (int i = 0; i < 3; i++)
+                CHECK(fcntl(fds[i], F_GETFD) >= 0);
+
+        /* owned (as the reader hands them out): clear closes what was not taken */
+        for (int i = 0; i < 3; i++)
+                m.fds[i] = fds[i];
+        m.n_fds = 3;
         CHECK_EQ(vhu_msg_take_fd(&m, 1), fds[1]);
         CHECK_EQ(vhu_msg_take_fd(&m, 1), -1);
         CHECK_EQ(vhu_msg_take_fd(&m, 3), -1);
@@ -1092,7 +1105,6 @@ static void test_lifetime(void) {
         vhu_msg_clear(&m);                              /* twice is fine */
 
         CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, 0, test_fds[0]), 0);
-        vhu_msg_forget_fds(&m);
         vhu_msg_clear(&m);
         CHECK(fcntl(test_fds[0], F_GETFD) >= 0);        /* borrowed fds survive */
 }

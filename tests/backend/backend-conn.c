@@ -4,8 +4,9 @@
  * with the protocol library, apply any scripted misbehaviour, handle it, and
  * answer exactly as the spec and REPLY_ACK say (or, on purpose, not).
  *
- * Reply messages own their fds here (handlers dup what they keep); after the
- * writer has dup'd them for sending, vhu_msg_clear() closes ours.
+ * Reply messages own their fds here (handlers dup what they keep,
+ * vhu_msg_own_fds()); after the writer has dup'd them for sending,
+ * vhu_msg_clear() closes ours.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -312,6 +313,8 @@ static int handle_get_inflight(struct tb_conn *c, struct vhu_msg *m, struct vhu_
         r = vhu_msg_build_reply(reply, m, &out, sizeof(out), &fd, 1);
         if (r < 0)
                 close(fd);
+        else
+                vhu_msg_own_fds(reply);
         return r;
 }
 
@@ -328,6 +331,8 @@ static int handle_get_shared_object(struct tb_conn *c, struct vhu_msg *m, struct
                                     &fd, fd >= 0 ? 1 : 0);
         if (r < 0 && fd >= 0)
                 close(fd);
+        else if (r >= 0)
+                vhu_msg_own_fds(reply);
         return r;
 }
 

@@ -139,6 +139,8 @@ static int inflight_reply(const struct vhu_msg *m, struct vhu_msg *r) {
         ret = vhu_msg_build_reply(r, m, &in, sizeof(in), &fd, 1);
         if (ret < 0)
                 close(fd);
+        else
+                vhu_msg_own_fds(r); /* closed with the reply */
         return ret;
 }
 

@@ -104,6 +104,7 @@ static void read_file(const uint8_t *data, size_t n) {
                         read_doc(buf, len);
                         free(buf);
                 }
+                /* fd is taken whatever the outcome */
                 if (vhub_snap_file_adopt(fd, &f, &why) == 0) {
                         struct vhub_snap_writer w;
 
@@ -113,8 +114,8 @@ static void read_file(const uint8_t *data, size_t n) {
                         (void) vhub_snap_file_commit(&f, &w);
                         vhub_snap_writer_done(&w);
                         vhub_snap_file_close(&f);
-                        return;
                 }
+                return;
         }
         close(fd);
 }

@@ -1,0 +1,58 @@
+/* SPDX-License-Identifier: MIT */
+/* Naming and tracking the daemon's fds: see vhub-fd-track.h. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "vhub-context.h"
+#include "vhub-fd-track.h"
+#include "vhub-fdstore.h"
+#include "vhub-log.h"
+
+const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id) {
+        static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+        char rev[14];
+        size_t n = 0, k = 0;
+
+        do {
+                rev[n++] = digits[id % 36];
+                id /= 36;
+        } while (id > 0);
+        buf[k++] = kind;
+        while (n > 0)
+                buf[k++] = rev[--n];
+        buf[k] = '\0';
+        return buf;
+}
+
+void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...) {
+        struct vhub_fdstore *store = vhub_context_fdstore(ctx);
+        char name[VHUB_FD_NAME_MAX];
+        va_list ap;
+        int r;
+
+        if (fd < 0)
+                return;
+        r = kept ? vhub_fdstore_group_add(store, group, fd) : vhub_fdstore_group_remove(store, group, fd);
+        if (r >= 0 && vhub_log_get_level() < LOG_DEBUG)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(name, sizeof(name), fmt, ap);
+        va_end(ap);
+        if (r < 0)
+                log_warning("fd %d %s: fd-store group %s: %s", fd, name, group, strerror(-r));
+        else
+                log_debug("fd %d %s: %s (group %s)", fd, kept ? "opened" : "closed", name, group);
+}
+
+void vhub_fd_visit(const struct vhub_fd_visitor *v, int fd, const char *group, const char *fmt, ...) {
+        char name[VHUB_FD_NAME_MAX];
+        va_list ap;
+
+        if (fd < 0)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(name, sizeof(name), fmt, ap);
+        va_end(ap);
+        v->visit(&(struct vhub_fd_info){ .fd = fd, .name = name, .group = group }, v->userdata);
+}
