@@ -14,6 +14,7 @@
 
 #include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
+#include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
@@ -116,7 +117,8 @@ unsigned vhub_device_fds_held(const struct vhub_device *d) {
         /* the sockets, and the dups their queued messages hold */
         n += d->conn ? 1 + vhub_bconn_queued_fds(d->conn) : 0;
         n += d->channel ? 1 + vhub_backend_channel_queued_fds(d->channel) : 0;
-        n += (d->listen_fd >= 0) + (d->inflight_fd >= 0);
+        /* server mode: the listening socket and the directory it is in */
+        n += (d->listen_fd >= 0) + (vhub_backend_listener_dir_fd(d->listener) >= 0) + (d->inflight_fd >= 0);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 n += vring_fds_held(&d->vrings[i]);
         TAILQ_FOREACH(op, &d->ops, link)
