@@ -69,13 +69,18 @@ static int dir_check(int dfd, const char *dir) {
         return r;
 }
 
-/* "/proc/self/fd/<dfd>/<name>": bind and connect have no *at variant. */
-static int at_address(int dfd, const char *name, struct sockaddr_un *sa) {
+/* A new socket and the address of name in dfd for it,
+ * "/proc/self/fd/<dfd>/<name>": bind and connect have no *at variant.
+ * The socket, or -errno. */
+static int at_socket(int dfd, const char *name, struct sockaddr_un *sa) {
+        int fd;
+
         *sa = (struct sockaddr_un){ .sun_family = AF_UNIX };
         if ((size_t)snprintf(sa->sun_path, sizeof(sa->sun_path), "/proc/self/fd/%d/%s", dfd, name) >=
             sizeof(sa->sun_path))
                 return -ENAMETOOLONG;
-        return 0;
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        return fd < 0 ? -errno : fd;
 }
 
 /* A live daemon keeps its socket; a stale one (nobody listens) is removed;
@@ -92,12 +97,9 @@ static int make_room(int dfd, const char *name, const char *path) {
                 log_error("--control: %s exists and is not a socket", path);
                 return -EEXIST;
         }
-        r = at_address(dfd, name, &sa);
-        if (r < 0)
-                return r;
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        fd = at_socket(dfd, name, &sa);
         if (fd < 0)
-                return -errno;
+                return fd;
         r = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 || errno == EAGAIN ? -EADDRINUSE : 0;
         fd = vhu_safe_close(fd);
         if (r < 0)
@@ -157,12 +159,9 @@ int control_listen_create(const char *path, mode_t mode, gid_t gid, bool gid_set
         r = make_room(dfd, name, path);
         if (r < 0)
                 return r;
-        r = at_address(dfd, name, &sa);
-        if (r < 0)
-                return r;
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        fd = at_socket(dfd, name, &sa);
         if (fd < 0)
-                return -errno;
+                return fd;
         old_umask = umask(0177); /* never reachable by others, not even for a moment */
         r = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ? -errno : 0;
         umask(old_umask);
