@@ -204,6 +204,15 @@ static const char *check_request_shape(enum vhu_direction dir, const struct vhu_
         return check_backend_shape(info->request, p, n_fds);
 }
 
+/* The implementation's limits, the same for requests and replies. */
+static const char *check_limits(const struct vhu_msg *m) {
+        if (m->hdr.size > VHU_MAX_PAYLOAD)
+                return "payload larger than the implementation limit";
+        if (m->n_fds > VHU_MAX_FDS)
+                return "more fds than one message may carry";
+        return NULL;
+}
+
 int vhu_validate_request(enum vhu_direction dir, uint64_t protocol_features,
                          const struct vhu_msg *m, const char **ret_why) {
         const struct vhu_request_info *info;
@@ -227,14 +236,8 @@ int vhu_validate_request(enum vhu_direction dir, uint64_t protocol_features,
                 why = "unknown header flag bits";
                 goto fail;
         }
-        if (m->hdr.size > VHU_MAX_PAYLOAD) {
-                why = "payload larger than the implementation limit";
+        if ((why = check_limits(m)))
                 goto fail;
-        }
-        if (m->n_fds > VHU_MAX_FDS) {
-                why = "more fds than one message may carry";
-                goto fail;
-        }
         if (info->protocol_feature >= 0) {
                 uint64_t need = VHU_PF_BIT(info->protocol_feature) |
                                 vhu_protocol_feature_requires((unsigned) info->protocol_feature);
@@ -379,14 +382,8 @@ int vhu_validate_reply(enum vhu_direction dir, uint32_t request, uint32_t reques
                 why = "reply answers a different request";
                 goto fail;
         }
-        if (reply->hdr.size > VHU_MAX_PAYLOAD) {
-                why = "payload larger than the implementation limit";
+        if ((why = check_limits(reply)))
                 goto fail;
-        }
-        if (reply->n_fds > VHU_MAX_FDS) {
-                why = "more fds than one message may carry";
-                goto fail;
-        }
 
         if (has_own_reply(info, protocol_features)) {
                 min_size = info->reply_min_size;

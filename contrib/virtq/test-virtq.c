@@ -512,6 +512,20 @@ static void fill_pattern(uint8_t *p, size_t len, uint64_t sector) {
                 p[i] = (uint8_t)(sector * 31 + i * 7 + (i >> 9));
 }
 
+/* Submit reqs[*next..nreq) while the ring has room, notify, reap them all,
+ * and again until none is left: more requests than the ring holds at once. */
+static void blk_run_all(struct vhub_blk_queue *q, struct vhub_blk_req *reqs, unsigned *next, unsigned nreq) {
+        while (*next < nreq) {
+                int r;
+
+                while (*next < nreq && (r = vhub_blk_submit(q, &reqs[*next])) == 0)
+                        (*next)++;
+                CHECK(r == 0 || r == -ENOSPC);
+                CHECK_EQ(vhub_blk_notify(q), 0);
+                CHECK_EQ(vhub_blk_wait_all(q, 5000), 0);
+        }
+}
+
 static void test_blk(void) {
         enum { RING = 16, WRITES = 100 };
         struct vhub_guest_mem *mem;
@@ -556,15 +570,7 @@ static void test_blk(void) {
                 fill_pattern(vhub_guest_mem_at(mem, r->data_gpa, 1024), 1024, sector + i * 1000);
         }
         /* 37 is odd, so the WRITES sectors are all distinct */
-        while (next < nreq) {
-                int r;
-
-                while (next < nreq && (r = vhub_blk_submit(q, &reqs[next])) == 0)
-                        next++;
-                CHECK(r == 0 || r == -ENOSPC);
-                CHECK_EQ(vhub_blk_notify(q), 0);
-                CHECK_EQ(vhub_blk_wait_all(q, 5000), 0);
-        }
+        blk_run_all(q, reqs, &next, nreq);
         for (unsigned i = 0; i < WRITES; i++) {
                 CHECK(reqs[i].done);
                 CHECK_EQ(reqs[i].status, VHUB_BLK_S_OK);
@@ -592,15 +598,7 @@ static void test_blk(void) {
                                                     .data_len = 1024 };
                         nreq++;
                 }
-                while (next < nreq) {
-                        int r;
-
-                        while (next < nreq && (r = vhub_blk_submit(q, &reqs[next])) == 0)
-                                next++;
-                        CHECK(r == 0 || r == -ENOSPC);
-                        CHECK_EQ(vhub_blk_notify(q), 0);
-                        CHECK_EQ(vhub_blk_wait_all(q, 5000), 0);
-                }
+                blk_run_all(q, reqs, &next, nreq);
                 for (unsigned i = first_read; i < nreq; i++) {
                         struct vhub_blk_req *rd = &reqs[i];
                         struct vhub_blk_req *wr = &reqs[last_writer[rd->sector]];

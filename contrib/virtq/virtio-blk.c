@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 #include "virtio-blk.h"
+#include "virtq-clock.h"
 
 #include <endian.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define HDR_BYTES 16u
 #define STATUS_POISON 0xffu
@@ -152,15 +152,8 @@ int vhub_blk_process_completions(struct vhub_blk_queue *q) {
         }
 }
 
-static int64_t now_ms(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int vhub_blk_wait_all(struct vhub_blk_queue *q, int timeout_ms) {
-        int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+        int64_t deadline = timeout_ms < 0 ? -1 : virtq_now_ms() + timeout_ms;
 
         for (;;) {
                 int r = vhub_blk_process_completions(q);
@@ -171,7 +164,7 @@ int vhub_blk_wait_all(struct vhub_blk_queue *q, int timeout_ms) {
                 if (vhub_virtq_num_inflight(q->vq) == 0)
                         return 0;
                 if (deadline >= 0) {
-                        int64_t l = deadline - now_ms();
+                        int64_t l = deadline - virtq_now_ms();
 
                         if (l <= 0)
                                 return -ETIMEDOUT;

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include "virtq.h"
+#include "virtq-clock.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -7,7 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #define RING_ALIGN 4096u
@@ -265,15 +265,8 @@ int vhub_virtq_reap(struct vhub_virtq *vq, void **ret_cookie, uint32_t *ret_len)
         return 1;
 }
 
-static int64_t now_ms(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int vhub_virtq_wait_used(struct vhub_virtq *vq, int timeout_ms) {
-        int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+        int64_t deadline = timeout_ms < 0 ? -1 : virtq_now_ms() + timeout_ms;
 
         for (;;) {
                 struct pollfd p = { .fd = vq->call_fd, .events = POLLIN };
@@ -288,7 +281,7 @@ int vhub_virtq_wait_used(struct vhub_virtq *vq, int timeout_ms) {
                         return (int)pending;
                 }
                 if (deadline >= 0) {
-                        int64_t left = deadline - now_ms();
+                        int64_t left = deadline - virtq_now_ms();
 
                         if (left <= 0)
                                 return -ETIMEDOUT;

@@ -17,101 +17,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "test-peer.h"
+#include "test-tagged-fd.h"
 #include "vhub-check.h"
-#include "vhu-scm.h"
 
-/* A memfd holding a tag: it can be read any number of times (pread). */
-static int tagged_fd(const char *tag) {
-        int fd = memfd_create("tag", MFD_CLOEXEC);
-
-        CHECK(fd >= 0);
-        CHECK(pwrite(fd, tag, strlen(tag), 0) == (ssize_t)strlen(tag));
-        return fd;
-}
-
-static void check_tag(int fd, const char *tag) {
-        char buf[64] = { 0 };
-
-        CHECK(pread(fd, buf, sizeof(buf) - 1, 0) >= 0);
-        if (strcmp(buf, tag) != 0) {
-                fprintf(stderr, "fd %d holds '%s', expected '%s'\n", fd, buf, tag);
-                abort();
-        }
-        CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
-}
-
-/* ---- the peer: blocking reads of whole lines, raw writes ---- */
-
-struct peer {
-        int fd;
-        char *buf;
-        size_t len, size;
-        int fdq[512];
-        unsigned nfdq;
-};
-
-static json_t *peer_read(struct peer *p, int *fds, unsigned *n_fds) {
-        for (;;) {
-                char *nl = p->len ? memchr(p->buf, '\n', p->len) : NULL;
-
-                if (nl) {
-                        size_t linelen = (size_t)(nl - p->buf);
-                        json_error_t jerr;
-                        json_t *m = json_loadb(p->buf, linelen, 0, &jerr);
-                        json_int_t n = json_integer_value(json_object_get(m, "fds"));
-
-                        CHECK(m);
-                        memmove(p->buf, nl + 1, p->len - linelen - 1);
-                        p->len -= linelen + 1;
-                        CHECK(n >= 0 && (unsigned)n <= p->nfdq);
-                        if (fds)
-                                memcpy(fds, p->fdq, sizeof(int) * (size_t)n);
-                        else
-                                for (json_int_t i = 0; i < n; i++)
-                                        close(p->fdq[i]);
-                        p->nfdq -= (unsigned)n;
-                        memmove(p->fdq, p->fdq + n, sizeof(int) * p->nfdq);
-                        if (n_fds)
-                                *n_fds = (unsigned)n;
-                        return m;
-                }
-
-                VHU_SCM_BUF(ctl, 253);
-                struct iovec iov;
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
-                                     .msg_controllen = sizeof(ctl.buf) };
-                ssize_t r;
-
-                if (p->size - p->len < 65536) {
-                        p->size = p->size ? p->size * 2 : 1 << 17;
-                        p->buf = realloc(p->buf, p->size);
-                        CHECK(p->buf);
-                }
-                iov = (struct iovec){ .iov_base = p->buf + p->len, .iov_len = p->size - p->len };
-                r = recvmsg(p->fd, &mh, MSG_CMSG_CLOEXEC);
-                CHECK(r > 0);
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-                        unsigned k = (unsigned)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-
-                        memcpy(p->fdq + p->nfdq, CMSG_DATA(c), k * sizeof(int));
-                        p->nfdq += k;
-                }
-                p->len += (size_t)r;
-        }
-}
+/* ---- the peer (test-peer.h): blocking reads of whole lines, raw writes ---- */
 
 static void peer_send(struct peer *p, const int *fds, unsigned n, const char *fmt, ...)
         __attribute__((format(printf, 4, 5)));
 static void peer_send(struct peer *p, const int *fds, unsigned n, const char *fmt, ...) {
-        VHU_SCM_BUF(ctl, 253);
         char line[1024];
-        struct iovec iov = { .iov_base = line };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         va_list ap;
         int len;
 
@@ -119,21 +38,7 @@ static void peer_send(struct peer *p, const int *fds, unsigned n, const char *fm
         len = vsnprintf(line, sizeof(line), fmt, ap);
         va_end(ap);
         CHECK(len > 0 && (size_t)len < sizeof(line));
-        iov.iov_len = (size_t)len;
-        vhu_scm_attach(&mh, ctl.buf, sizeof(ctl.buf), fds, n);
-        CHECK(sendmsg(p->fd, &mh, MSG_NOSIGNAL) == len);
-}
-
-static json_int_t msg_id(const json_t *m) {
-        return json_integer_value(json_object_get(m, "id"));
-}
-
-static void peer_free(struct peer *p) {
-        for (unsigned i = 0; i < p->nfdq; i++)
-                close(p->fdq[i]);
-        if (p->fd >= 0)
-                close(p->fd);
-        free(p->buf);
+        peer_send_raw(p, line, (size_t)len, fds, n, 0);
 }
 
 static struct vhub_client *start(struct peer *p) {

@@ -10,36 +10,15 @@
 
 #include <errno.h>
 #include <event2/event.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "test-tagged-fd.h"
 #include "vhub-check.h"
-
-/* A memfd holding a tag: it can be read any number of times (pread). */
-static int tagged_fd(const char *tag) {
-        int fd = memfd_create("tag", MFD_CLOEXEC);
-
-        CHECK(fd >= 0);
-        CHECK(pwrite(fd, tag, strlen(tag), 0) == (ssize_t)strlen(tag));
-        return fd;
-}
-
-static void check_tag(int fd, const char *tag) {
-        char buf[64] = { 0 };
-
-        CHECK(pread(fd, buf, sizeof(buf) - 1, 0) >= 0);
-        if (strcmp(buf, tag) != 0) {
-                fprintf(stderr, "fd %d holds '%s', expected '%s'\n", fd, buf, tag);
-                abort();
-        }
-        CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
-}
 
 /* ---- server: rpc-conn in its own event loop ---- */
 

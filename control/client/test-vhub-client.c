@@ -17,91 +17,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "test-peer.h"
+#include "test-tagged-fd.h"
 #include "vhub-check.h"
-#include "vhu-scm.h"
 
-/* ---- tagged fds: a pipe's read end holding a short string ---- */
-
-static int tagged_fd(const char *tag) {
-        int p[2];
-
-        CHECK(pipe2(p, O_CLOEXEC) == 0);
-        CHECK(write(p[1], tag, strlen(tag)) == (ssize_t)strlen(tag));
-        close(p[1]);
-        return p[0];
-}
-
-static void check_tag(int fd, const char *tag) {
-        char buf[64] = { 0 };
-        ssize_t n = read(fd, buf, sizeof(buf) - 1);
-
-        CHECK(n >= 0);
-        if (strcmp(buf, tag) != 0) {
-                fprintf(stderr, "fd %d holds '%s', expected '%s'\n", fd, buf, tag);
-                abort();
-        }
-        CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
-}
-
-/* ---- the fake daemon's side ---- */
-
-struct srv {
-        int fd;
-        char buf[1 << 16];
-        size_t len;
-        int fdq[512];
-        unsigned nfdq;
-};
-
-/* Read one line (blocking) and the fds it declares; returns the parsed message. */
-static json_t *srv_read(struct srv *s, int *fds, unsigned *n_fds) {
-        for (;;) {
-                char *nl = memchr(s->buf, '\n', s->len);
-
-                if (nl) {
-                        size_t linelen = (size_t)(nl - s->buf);
-                        json_error_t jerr;
-                        json_t *m = json_loadb(s->buf, linelen, 0, &jerr);
-                        json_int_t n = 0;
-
-                        CHECK(m);
-                        memmove(s->buf, nl + 1, s->len - linelen - 1);
-                        s->len -= linelen + 1;
-                        if (json_object_get(m, "fds"))
-                                n = json_integer_value(json_object_get(m, "fds"));
-                        CHECK(n >= 0 && (unsigned)n <= s->nfdq);
-                        memcpy(fds, s->fdq, sizeof(int) * (size_t)n);
-                        s->nfdq -= (unsigned)n;
-                        memmove(s->fdq, s->fdq + n, sizeof(int) * s->nfdq);
-                        *n_fds = (unsigned)n;
-                        return m;
-                }
-
-                VHU_SCM_BUF(ctl, 253);
-                struct iovec iov = { s->buf + s->len, sizeof(s->buf) - s->len };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
-                                     .msg_controllen = sizeof(ctl.buf) };
-                ssize_t n;
-
-                CHECK(s->len < sizeof(s->buf));
-                n = recvmsg(s->fd, &mh, MSG_CMSG_CLOEXEC);
-                CHECK(n > 0);
-                CHECK(!(mh.msg_flags & MSG_CTRUNC));
-                for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
-                        unsigned k = (unsigned)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-
-                        CHECK(cm->cmsg_type == SCM_RIGHTS);
-                        /* fds ride on the first byte of their line */
-                        CHECK(s->len == 0 || s->buf[s->len - 1] == '\n');
-                        memcpy(s->fdq + s->nfdq, CMSG_DATA(cm), sizeof(int) * k);
-                        s->nfdq += k;
-                }
-                s->len += (size_t)n;
-        }
-}
+/* ---- the fake daemon's side: a struct peer (test-peer.h) ---- */
 
 /* Read a large request, draining without parsing it in one buffer. */
-static size_t srv_read_big_line(struct srv *s) {
+static size_t srv_read_big_line(struct peer *s) {
         size_t total = 0;
 
         for (;;) {
@@ -109,7 +32,8 @@ static size_t srv_read_big_line(struct srv *s) {
                 ssize_t n;
 
                 if (s->len == 0) {
-                        n = read(s->fd, s->buf, sizeof(s->buf));
+                        peer_reserve(s);
+                        n = read(s->fd, s->buf, s->size);
                         CHECK(n > 0);
                         s->len = (size_t)n;
                 }
@@ -127,37 +51,14 @@ static size_t srv_read_big_line(struct srv *s) {
         }
 }
 
-/* Send raw bytes, fds attached to the first byte; chunk > 0 splits the
- * bytes into writes of that size. */
-static void srv_send_raw(struct srv *s, const char *line, size_t len, const int *fds, unsigned n,
-                         size_t chunk) {
-        size_t off = 0;
-
-        if (chunk == 0)
-                chunk = len;
-        while (off < len) {
-                VHU_SCM_BUF(ctl, 253);
-                size_t l = len - off < chunk ? len - off : chunk;
-                struct iovec iov = { (char *)line + off, l };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-                ssize_t w;
-
-                if (off == 0)
-                        vhu_scm_attach(&mh, ctl.buf, sizeof(ctl.buf), fds, n);
-                w = sendmsg(s->fd, &mh, MSG_NOSIGNAL);
-                CHECK(w > 0);
-                off += (size_t)w;
-        }
-}
-
-static void srv_send(struct srv *s, const char *line, const int *fds, unsigned n) {
-        srv_send_raw(s, line, strlen(line), fds, n, 0);
+static void srv_send(struct peer *s, const char *line, const int *fds, unsigned n) {
+        peer_send_raw(s, line, strlen(line), fds, n, 0);
 }
 
 /* Send a formatted line, closing the fds passed afterwards (sent copies live on). */
-static void srv_sendf(struct srv *s, const int *fds, unsigned n, const char *fmt, ...)
+static void srv_sendf(struct peer *s, const int *fds, unsigned n, const char *fmt, ...)
         __attribute__((format(printf, 4, 5)));
-static void srv_sendf(struct srv *s, const int *fds, unsigned n, const char *fmt, ...) {
+static void srv_sendf(struct peer *s, const int *fds, unsigned n, const char *fmt, ...) {
         char line[4096];
         va_list ap;
 
@@ -169,21 +70,17 @@ static void srv_sendf(struct srv *s, const int *fds, unsigned n, const char *fmt
                 close(fds[i]);
 }
 
-static json_int_t msg_id(const json_t *m) {
-        return json_integer_value(json_object_get(m, "id"));
-}
-
 static const char *msg_method(const json_t *m) {
         return json_string_value(json_object_get(m, "method"));
 }
 
 /* ---- scenario plumbing ---- */
 
-typedef void (*srv_script)(struct srv *s);
+typedef void (*srv_script)(struct peer *s);
 
 struct scenario {
         pthread_t thread;
-        struct srv *srv;
+        struct peer *srv;
         srv_script script;
 };
 
@@ -210,18 +107,16 @@ static struct vhub_client *scenario_start(struct scenario *sc, srv_script script
 
 static void scenario_finish(struct scenario *sc) {
         CHECK(pthread_join(sc->thread, NULL) == 0);
-        for (unsigned i = 0; i < sc->srv->nfdq; i++)
-                close(sc->srv->fdq[i]);
-        close(sc->srv->fd);
+        peer_free(sc->srv);
         free(sc->srv);
 }
 
 /* ---- 1: fds both ways on one call ---- */
 
-static void script_fds(struct srv *s) {
+static void script_fds(struct peer *s) {
         int fds[8], out[2];
         unsigned n;
-        json_t *m = srv_read(s, fds, &n);
+        json_t *m = peer_read(s, fds, &n);
 
         CHECK(strcmp(msg_method(m), "vm.memory.add") == 0);
         CHECK_EQ(json_integer_value(json_object_get(m, "fds")), 2);
@@ -240,7 +135,7 @@ static void script_fds(struct srv *s) {
         json_decref(m);
 
         /* a request without fds carries no "fds" member and no params */
-        m = srv_read(s, fds, &n);
+        m = peer_read(s, fds, &n);
         CHECK_EQ(n, 0);
         CHECK(!json_object_get(m, "fds"));
         CHECK(!json_object_get(m, "params"));
@@ -280,13 +175,13 @@ static void test_fds_both_ways(void) {
 
 /* ---- 2: pipelined requests answered out of order, events in between ---- */
 
-static void script_out_of_order(struct srv *s) {
+static void script_out_of_order(struct peer *s) {
         json_int_t id[3];
         int fds[8], f[3];
         unsigned n;
 
         for (int i = 0; i < 3; i++) {
-                json_t *m = srv_read(s, fds, &n);
+                json_t *m = peer_read(s, fds, &n);
 
                 CHECK_EQ(n, 0);
                 id[i] = msg_id(m);
@@ -321,7 +216,7 @@ static void script_out_of_order(struct srv *s) {
                          "\n"
                          "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"result\":{\"n\":1}}\n",
                          (long long)id[1]);
-                srv_send_raw(s, line, strlen(line), &two[2], 1, 1);
+                peer_send_raw(s, line, strlen(line), &two[2], 1, 1);
                 close(two[2]);
         }
 }
@@ -396,12 +291,12 @@ static void test_out_of_order(void) {
 
 /* ---- 3: error objects, timeouts, abandoned ids ---- */
 
-static void script_errors(struct srv *s) {
+static void script_errors(struct peer *s) {
         int fds[8], f;
         unsigned n;
         json_t *m;
 
-        m = srv_read(s, fds, &n);
+        m = peer_read(s, fds, &n);
         f = tagged_fd("unused");
         /* an error response may carry fds: the library closes them */
         srv_sendf(s, &f, 1,
@@ -412,21 +307,21 @@ static void script_errors(struct srv *s) {
         json_decref(m);
 
         /* timed out by the client, answered late, waited for again */
-        m = srv_read(s, fds, &n);
+        m = peer_read(s, fds, &n);
         usleep(200 * 1000);
         srv_sendf(s, NULL, 0, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"result\":{\"late\":true}}\n",
                   (long long)msg_id(m));
         json_decref(m);
 
         /* vhub_client_call timed out: the late answer must be dropped */
-        m = srv_read(s, fds, &n);
+        m = peer_read(s, fds, &n);
         usleep(200 * 1000);
         f = tagged_fd("dropped");
         srv_sendf(s, &f, 1, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"fds\":1,\"result\":{}}\n",
                   (long long)msg_id(m));
         json_decref(m);
 
-        m = srv_read(s, fds, &n);
+        m = peer_read(s, fds, &n);
         srv_sendf(s, NULL, 0, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"error\":{\"code\":-32001,"
                               "\"message\":\"no such VM\"}}\n",
                   (long long)msg_id(m));
@@ -481,10 +376,10 @@ static void test_errors(void) {
 
 /* ---- 4: framing violations by the daemon break the connection ---- */
 
-static void script_missing_fd(struct srv *s) {
+static void script_missing_fd(struct peer *s) {
         int fds[8];
         unsigned n;
-        json_t *m = srv_read(s, fds, &n);
+        json_t *m = peer_read(s, fds, &n);
 
         /* declares an fd it never sends */
         srv_sendf(s, NULL, 0, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"fds\":1,\"result\":{}}\n",
@@ -492,20 +387,20 @@ static void script_missing_fd(struct srv *s) {
         json_decref(m);
 }
 
-static void script_stray_fd(struct srv *s) {
+static void script_stray_fd(struct peer *s) {
         int fds[8], f = tagged_fd("stray");
         unsigned n;
-        json_t *m = srv_read(s, fds, &n);
+        json_t *m = peer_read(s, fds, &n);
 
         /* a complete line carrying an fd it does not declare */
         srv_sendf(s, &f, 1, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"result\":{}}\n", (long long)msg_id(m));
         json_decref(m);
 }
 
-static void script_null_id(struct srv *s) {
+static void script_null_id(struct peer *s) {
         int fds[8];
         unsigned n;
-        json_t *m = srv_read(s, fds, &n);
+        json_t *m = peer_read(s, fds, &n);
 
         srv_sendf(s, NULL, 0, "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32600,"
                               "\"message\":\"invalid request\",\"data\":{\"detail\":\"fds\"}}}\n");
@@ -513,10 +408,10 @@ static void script_null_id(struct srv *s) {
         shutdown(s->fd, SHUT_WR);
 }
 
-static void script_garbage(struct srv *s) {
+static void script_garbage(struct peer *s) {
         int fds[8];
         unsigned n;
-        json_t *m = srv_read(s, fds, &n);
+        json_t *m = peer_read(s, fds, &n);
 
         srv_sendf(s, NULL, 0, "{\"jsonrpc\":\"2.0\",\"id\":%lld,\"result\":{}}\nnot json\n",
                   (long long)msg_id(m));
@@ -574,7 +469,7 @@ static void test_violations(void) {
 #define FLOOD_EVENTS 3000
 #define BIG_PARAM (4u << 20)
 
-static void script_flood(struct srv *s) {
+static void script_flood(struct peer *s) {
         char line[256];
         int fds[8];
         unsigned n;

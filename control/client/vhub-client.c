@@ -575,6 +575,18 @@ int vhub_client_send_request(struct vhub_client *c, const char *method, json_t *
 
 /* ---- waiting ---- */
 
+/* Free m, its fds going to the caller if ret_fds wants them (else they close
+ * with m, and *ret_n_fds is 0). */
+static void client_msg_free_giving_fds(struct client_msg *m, int **ret_fds, unsigned *ret_n_fds) {
+        if (ret_fds) {
+                *ret_fds = m->fds;
+                m->fds = NULL;
+        }
+        if (ret_n_fds)
+                *ret_n_fds = ret_fds ? m->n_fds : 0;
+        client_msg_free(m);
+}
+
 static int client_deliver_response(struct client_msg *m, json_t **ret_result, int **ret_fds,
                                    unsigned *ret_n_fds, struct vhub_client_error *ret_err) {
         const json_t *error = json_object_get(m->msg, "error");
@@ -593,13 +605,7 @@ static int client_deliver_response(struct client_msg *m, json_t **ret_result, in
         }
         if (ret_result)
                 *ret_result = json_incref(result);
-        if (ret_fds) {
-                *ret_fds = m->fds;
-                m->fds = NULL;
-        }
-        if (ret_n_fds)
-                *ret_n_fds = ret_fds ? m->n_fds : 0;
-        client_msg_free(m);
+        client_msg_free_giving_fds(m, ret_fds, ret_n_fds);
         return 0;
 }
 
@@ -665,13 +671,7 @@ int vhub_client_next_event(struct vhub_client *c, int timeout_ms, json_t **ret_e
                 if (m) {
                         if (ret_event)
                                 *ret_event = json_incref(m->msg);
-                        if (ret_fds) {
-                                *ret_fds = m->fds;
-                                m->fds = NULL;
-                        }
-                        if (ret_n_fds)
-                                *ret_n_fds = ret_fds ? m->n_fds : 0;
-                        client_msg_free(m);
+                        client_msg_free_giving_fds(m, ret_fds, ret_n_fds);
                         return 1;
                 }
                 if (c->error)

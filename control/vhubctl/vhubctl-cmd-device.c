@@ -21,6 +21,21 @@ static json_t *device_params(const struct ctl *ctl, const struct ctl_args *a) {
         return json_pack("{s:s, s:s}", "vm", a->pos[0], "device", a->pos[1]);
 }
 
+/* METHOD on the device with one number: the third argument (WHAT in a usage
+ * error), at most max, sent as member key. */
+static int device_call_number(struct ctl *ctl, const struct ctl_args *a, const char *method,
+                              const char *what, uint64_t max, const char *key) {
+        json_t *params;
+        uint64_t v;
+        int r;
+
+        if ((r = ctl_get_u64(ctl, what, a->pos[2], max, &v)) != 0)
+                return r;
+        params = device_params(ctl, a);
+        json_object_set_new(params, key, json_integer((json_int_t)v));
+        return ctl_call_simple(ctl, method, params, NULL, 0);
+}
+
 /* ---- add / remove / list ---- */
 
 int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
@@ -374,15 +389,7 @@ int cmd_device_reset(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_kick(struct ctl *ctl, const struct ctl_args *a) {
-        json_t *params;
-        uint64_t index;
-        int r;
-
-        if ((r = ctl_get_u64(ctl, "INDEX", a->pos[2], 255, &index)) != 0)
-                return r;
-        params = device_params(ctl, a);
-        json_object_set_new(params, "index", json_integer((json_int_t)index));
-        return ctl_call_simple(ctl, "device.kick", params, NULL, 0);
+        return device_call_number(ctl, a, "device.kick", "INDEX", 255, "index");
 }
 
 /* ---- config space ---- */
@@ -523,15 +530,7 @@ int cmd_device_net_rarp(struct ctl *ctl, const struct ctl_args *a) {
 }
 
 int cmd_device_net_mtu(struct ctl *ctl, const struct ctl_args *a) {
-        json_t *params;
-        uint64_t mtu;
-        int r;
-
-        if ((r = ctl_get_u64(ctl, "MTU", a->pos[2], 65535, &mtu)) != 0)
-                return r;
-        params = device_params(ctl, a);
-        json_object_set_new(params, "mtu", json_integer((json_int_t)mtu));
-        return ctl_call_simple(ctl, "device.net.mtu", params, NULL, 0);
+        return device_call_number(ctl, a, "device.net.mtu", "MTU", 65535, "mtu");
 }
 
 /* ---- device state ---- */

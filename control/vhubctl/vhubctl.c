@@ -37,25 +37,29 @@ static void print_usage(FILE *f) {
                    "every option and an example.  See vhubctl(1).\n");
 }
 
+/* "vhubctl: MESSAGE" on a line of its own on stderr */
+static void print_message(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
+static void print_message(const char *fmt, va_list ap) {
+        fputs("vhubctl: ", stderr);
+        vfprintf(stderr, fmt, ap);
+        fputc('\n', stderr);
+}
+
 int ctl_fail(int code, const char *fmt, ...) {
         va_list ap;
 
-        fputs("vhubctl: ", stderr);
         va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
+        print_message(fmt, ap);
         va_end(ap);
-        fputc('\n', stderr);
         return code;
 }
 
 int ctl_usage_error(const struct ctl *ctl, const char *fmt, ...) {
         va_list ap;
 
-        fputs("vhubctl: ", stderr);
         va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
+        print_message(fmt, ap);
         va_end(ap);
-        fputc('\n', stderr);
         if (ctl && ctl->cmd)
                 ctl_print_command_usage(stderr, ctl->cmd);
         else

@@ -124,11 +124,11 @@ class Client:
             fut.cancel()
 
     # ---- events ----
-    async def next_event(self, *, timeout=None):
-        """The next event (an Event), waiting up to timeout seconds (None:
-        forever).  Raises ConnectionClosed once the connection is gone and
-        nothing is queued."""
-        while not self._events:
+    async def _take_queued(self, queue, timeout, what):
+        """The first of queue (events or id-null errors), waiting up to
+        timeout seconds (None: forever) for one.  Raises ConnectionClosed once
+        the connection is gone and nothing is queued."""
+        while not queue:
             if self.closed:
                 raise self._closed_error()
             w = self._loop.create_future()
@@ -136,11 +136,17 @@ class Client:
             try:
                 await asyncio.wait_for(w, timeout)
             except asyncio.TimeoutError:
-                raise Timeout("no event within %.3fs" % timeout) from None
+                raise Timeout("no %s within %.3fs" % (what, timeout)) from None
             finally:
                 if w in self._event_waiters:
                     self._event_waiters.remove(w)
-        return self._events.popleft()
+        return queue.popleft()
+
+    async def next_event(self, *, timeout=None):
+        """The next event (an Event), waiting up to timeout seconds (None:
+        forever).  Raises ConnectionClosed once the connection is gone and
+        nothing is queued."""
+        return await self._take_queued(self._events, timeout, "event")
 
     async def events(self, predicate=None):
         """Async iterator over events in arrival order (those matching
@@ -161,19 +167,8 @@ class Client:
 
     async def wait_null_response(self, *, timeout=None):
         """The next id-null error response (the daemon refusing our framing)."""
-        while not self._null:
-            if self.closed:
-                raise self._closed_error()
-            w = self._loop.create_future()
-            self._event_waiters.append(w)
-            try:
-                await asyncio.wait_for(w, self.timeout if timeout is None else timeout)
-            except asyncio.TimeoutError:
-                raise Timeout("no id-null response") from None
-            finally:
-                if w in self._event_waiters:
-                    self._event_waiters.remove(w)
-        return self._null.popleft()
+        return await self._take_queued(self._null, self.timeout if timeout is None else timeout,
+                                       "id-null response")
 
     # ---- output ----
     def _queue(self, data, fds):

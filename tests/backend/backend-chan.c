@@ -28,16 +28,6 @@ static void pending_answer(struct tb_chan_pending *p, json_t *answer) {
         p->client = -1;
 }
 
-static json_t *error_answer(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static json_t *error_answer(const char *fmt, ...) {
-        char buf[256];
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(buf, sizeof(buf), fmt, ap);
-        va_end(ap);
-        return json_pack("{s:b,s:s}", "ok", 0, "error", buf);
-}
-
 static void pending_pop(struct tb_conn *c) {
         free(c->chan_pending[0].write_data);
         memmove(&c->chan_pending[0], &c->chan_pending[1],
@@ -47,7 +37,7 @@ static void pending_pop(struct tb_conn *c) {
 
 void tb_chan_close(struct tb_conn *c) {
         while (c->chan_n_pending > 0) {
-                pending_answer(&c->chan_pending[0], error_answer("back-end channel closed"));
+                pending_answer(&c->chan_pending[0], tb_error_answer("back-end channel closed"));
                 pending_pop(c);
         }
         vhu_reader_reset(&c->chan_reader);
@@ -195,8 +185,8 @@ static void chan_reply(struct tb_conn *c, struct vhu_msg *reply) {
         c->chan_replies++;
         if (vhu_validate_reply(VHU_DIR_BACKEND, p->request, p->flags, c->protocol_features,
                                reply, &why) < 0)
-                pending_answer(p, error_answer("invalid reply to %s: %s",
-                                               vhu_request_name(VHU_DIR_BACKEND, p->request), why));
+                pending_answer(p, tb_error_answer("invalid reply to %s: %s",
+                                                  vhu_request_name(VHU_DIR_BACKEND, p->request), why));
         else if (p->kind == TB_CHAN_LOOKUP)
                 pending_answer(p, lookup_report(p, reply));
         else {
@@ -237,8 +227,9 @@ void tb_chan_on_timer(struct tb_conn *c, uint64_t now) {
                 struct tb_chan_pending *p = &c->chan_pending[i];
                 /* stays queued: a late reply still has to be matched */
                 if (p->client >= 0 && p->deadline_ms <= now)
-                        pending_answer(p, error_answer("timeout waiting for the reply to %s",
-                                                       vhu_request_name(VHU_DIR_BACKEND, p->request)));
+                        pending_answer(p, tb_error_answer("timeout waiting for the reply to %s",
+                                                          vhu_request_name(VHU_DIR_BACKEND,
+                                                                           p->request)));
         }
 }
 

@@ -14,8 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 #include <uuid/uuid.h>
 
@@ -45,22 +43,10 @@ static struct tb_control ctl_storage;
 
 int tb_control_open(const char *path) {
         struct tb_control *ctl = &ctl_storage;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        struct stat st;
+        int fd = tb_listen_unix(path, 8);
 
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        strcpy(sa.sun_path, path);
-        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
-                unlink(path);
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
-                return -errno;
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 8) < 0) {
-                int r = -errno;
-                close(fd);
-                return r;
-        }
+                return fd;
         memset(ctl, 0, sizeof(*ctl));
         ctl->listen_fd = fd;
         ctl->path = strdup(path);
@@ -145,8 +131,7 @@ void tb_control_answer(int client, uint64_t gen, json_t *answer) {
 
 /* ---- JSON helpers ---- */
 
-static json_t *err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static json_t *err(const char *fmt, ...) {
+json_t *tb_error_answer(const char *fmt, ...) {
         char buf[256];
         va_list ap;
         va_start(ap, fmt);
@@ -344,7 +329,7 @@ struct cmd_ctx {
 
 static json_t *need_conn(struct cmd_ctx *x) {
         if (!x->conn || x->conn->dead)
-                return err("socket %u has no front-end connection", x->sock->index);
+                return tb_error_answer("socket %u has no front-end connection", x->sock->index);
         return NULL;
 }
 
@@ -353,7 +338,8 @@ static json_t *need_chan(struct cmd_ctx *x) {
         if (e)
                 return e;
         if (x->conn->chan_fd < 0)
-                return err("socket %u has no back-end channel (SET_BACKEND_REQ_FD)", x->sock->index);
+                return tb_error_answer("socket %u has no back-end channel (SET_BACKEND_REQ_FD)",
+                                       x->sock->index);
         return NULL;
 }
 
@@ -366,7 +352,7 @@ static json_t *chan_request(struct cmd_ctx *x, uint32_t request, const void *pay
         bool need_reply = get_bool(x->req, "need_reply", default_nr);
 
         if (get_u64(x->req, "timeout_ms", 5000, &timeout) < 0 || timeout > 600000)
-                return err("bad timeout_ms");
+                return tb_error_answer("bad timeout_ms");
         if (!how)
                 how = &local;
         how->client = x->client;
@@ -374,7 +360,8 @@ static json_t *chan_request(struct cmd_ctx *x, uint32_t request, const void *pay
         how->deadline_ms = tb_now_ms() + timeout;
         int r = tb_chan_send(x->conn, request, need_reply, payload, size, fds, n_fds, how);
         if (r < 0)
-                return err("sending %s: %s", vhu_request_name(VHU_DIR_BACKEND, request), strerror(-r));
+                return tb_error_answer("sending %s: %s", vhu_request_name(VHU_DIR_BACKEND, request),
+                                       strerror(-r));
         if (r == 0)
                 return json_pack("{s:b,s:s,s:b}", "ok", 1, "request",
                                  vhu_request_name(VHU_DIR_BACKEND, request), "sent", 1);
@@ -389,16 +376,16 @@ static json_t *cmd_misbehave(struct cmd_ctx *x) {
         int a;
 
         if (!rname || !aname)
-                return err("misbehave needs \"request\" and \"action\"");
+                return tb_error_answer("misbehave needs \"request\" and \"action\"");
         if (tb_request_from_name(VHU_DIR_FRONTEND, rname, &rule.request) < 0)
-                return err("unknown request %s", rname);
+                return tb_error_answer("unknown request %s", rname);
         if ((a = tb_action_from_name(aname)) < 0)
-                return err("unknown action %s", aname);
+                return tb_error_answer("unknown action %s", aname);
         rule.action = (enum tb_action) a;
         json_t *cnt = json_object_get(x->req, "count");
         if (cnt) {
                 if (!json_is_integer(cnt))
-                        return err("bad count");
+                        return tb_error_answer("bad count");
                 rule.count = json_integer_value(cnt) < 0 ? -1 : json_integer_value(cnt);
         }
         static const char *const arg_keys[] = { "arg", "delay_ms", "value", "flags" };
@@ -406,17 +393,17 @@ static json_t *cmd_misbehave(struct cmd_ctx *x) {
                 if (!json_object_get(x->req, arg_keys[i]))
                         continue;
                 if (get_u64(x->req, arg_keys[i], 0, &v) < 0)
-                        return err("bad %s", arg_keys[i]);
+                        return tb_error_answer("bad %s", arg_keys[i]);
                 rule.arg = v;
                 rule.has_arg = true;
         }
         if (rule.action == TB_ACT_DELAY && (!rule.has_arg || rule.arg > 600000))
-                return err("delay needs delay_ms (at most 600000)");
+                return tb_error_answer("delay needs delay_ms (at most 600000)");
         if (rule.action == TB_ACT_WRONG_REQUEST && rule.has_arg && rule.arg > UINT32_MAX)
-                return err("bad request number");
+                return tb_error_answer("bad request number");
         int r = tb_rule_add(x->sock, &rule);
         if (r < 0)
-                return err("too many rules");
+                return tb_error_answer("too many rules");
         return ok();
 }
 
@@ -431,6 +418,17 @@ static int get_uuid(struct cmd_ctx *x, uint8_t uuid[16], bool generate) {
         return uuid_parse(s, uuid) < 0 ? -EINVAL : 0;
 }
 
+/* A shared-object request whose payload is the UUID alone; the answer
+ * names the UUID too. */
+static json_t *chan_request_uuid(struct cmd_ctx *x, uint32_t request, const uint8_t uuid[16]) {
+        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
+        uuid_unparse_lower(uuid, how.uuid);
+        json_t *a = chan_request(x, request, uuid, 16, NULL, 0, &how);
+        if (a)
+                json_object_set_new(a, "uuid", uuid_string(uuid));
+        return a;
+}
+
 static json_t *cmd_export(struct cmd_ctx *x) {
         uint8_t uuid[16], *fill = NULL;
         size_t fill_len = 0;
@@ -439,11 +437,11 @@ static json_t *cmd_export(struct cmd_ctx *x) {
         struct tb_shared *o;
 
         if (get_uuid(x, uuid, true) < 0)
-                return err("bad uuid");
+                return tb_error_answer("bad uuid");
         if (get_u64(x->req, "size", 4096, &size) < 0)
-                return err("bad size");
+                return tb_error_answer("bad size");
         if (fs && !(fill = parse_hex(fs, &fill_len)))
-                return err("fill must be hex bytes");
+                return tb_error_answer("fill must be hex bytes");
         bool send = get_bool(x->req, "send", true);
         if (send) {
                 json_t *e = need_chan(x);
@@ -455,37 +453,27 @@ static json_t *cmd_export(struct cmd_ctx *x) {
         int r = tb_shared_export(x->sock, uuid, size, fill, fill_len, &o);
         free(fill);
         if (r < 0)
-                return err("export: %s", strerror(-r));
+                return tb_error_answer("export: %s", strerror(-r));
         if (!send) {
                 json_t *a = ok();
                 json_object_set_new(a, "uuid", uuid_string(uuid));
                 return a;
         }
-        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
-        uuid_unparse_lower(uuid, how.uuid);
-        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid, 16, NULL, 0, &how);
-        if (a)
-                json_object_set_new(a, "uuid", uuid_string(uuid));
-        return a;
+        return chan_request_uuid(x, VHU_BREQ_SHARED_OBJECT_ADD, uuid);
 }
 
 static json_t *cmd_remove(struct cmd_ctx *x) {
         uint8_t uuid[16];
         if (get_uuid(x, uuid, false) < 0)
-                return err("bad or missing uuid");
+                return tb_error_answer("bad or missing uuid");
         bool known = tb_shared_remove(x->sock, uuid) == 0;
         if (!get_bool(x->req, "send", true))
-                return known ? ok() : err("no such object");
+                return known ? ok() : tb_error_answer("no such object");
         json_t *e = need_chan(x);
         if (e)
                 return e;
         /* an unknown UUID is still sent: the test may want exactly that */
-        struct tb_chan_pending how = { .kind = TB_CHAN_PLAIN };
-        uuid_unparse_lower(uuid, how.uuid);
-        json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid, 16, NULL, 0, &how);
-        if (a)
-                json_object_set_new(a, "uuid", uuid_string(uuid));
-        return a;
+        return chan_request_uuid(x, VHU_BREQ_SHARED_OBJECT_REMOVE, uuid);
 }
 
 static json_t *cmd_lookup(struct cmd_ctx *x) {
@@ -498,16 +486,16 @@ static json_t *cmd_lookup(struct cmd_ctx *x) {
         if (e)
                 return e;
         if (get_uuid(x, uuid, false) < 0)
-                return err("bad or missing uuid");
+                return tb_error_answer("bad or missing uuid");
         if (get_u64(x->req, "read", 16, &read_len) < 0 || read_len > 4096)
-                return err("bad read (at most 4096)");
+                return tb_error_answer("bad read (at most 4096)");
         if (get_u64(x->req, "offset", 0, &off) < 0)
-                return err("bad offset");
+                return tb_error_answer("bad offset");
         how.read_len = read_len;
         how.write_offset = off;
         uuid_unparse_lower(uuid, how.uuid);
         if (ws && !(how.write_data = parse_hex(ws, &how.write_len)))
-                return err("write must be hex bytes");
+                return tb_error_answer("write must be hex bytes");
         json_t *a = chan_request(x, VHU_BREQ_SHARED_OBJECT_LOOKUP, uuid, 16, NULL, 0, &how);
         free(how.write_data);
         return a;
@@ -522,7 +510,7 @@ static json_t *cmd_host_notifier(struct cmd_ctx *x) {
                 return e;
         if (get_u64(x->req, "queue", 0, &q) < 0 || get_u64(x->req, "size", 4096, &size) < 0 ||
             get_u64(x->req, "offset", 0, &off) < 0 || size > (64u << 20))
-                return err("bad queue, size or offset");
+                return tb_error_answer("bad queue, size or offset");
         bool with_fd = get_bool(x->req, "fd", true);
         /* spec: no fd in the message means "de-register" (bit 8 set) */
         area = (struct vhu_vring_area) {
@@ -533,7 +521,7 @@ static json_t *cmd_host_notifier(struct cmd_ctx *x) {
         if (with_fd) {
                 fd = tb_memfd_new("vhub-tb-notifier", size ? size : 4096);
                 if (fd < 0)
-                        return err("memfd: %s", strerror(-fd));
+                        return tb_error_answer("memfd: %s", strerror(-fd));
         }
         json_t *a = chan_request(x, VHU_BREQ_VRING_HOST_NOTIFIER_MSG, &area, sizeof(area),
                                  &fd, with_fd ? 1 : 0, NULL);
@@ -555,14 +543,14 @@ static json_t *cmd_shmem(struct cmd_ctx *x, bool map) {
             get_u64(x->req, "len", 4096, &len) < 0 ||
             get_u64(x->req, "flags", VHU_SHMEM_MAP_F_WRITABLE, &flags) < 0 ||
             len > (64u << 20) || fd_off > (64u << 20))
-                return err("bad shmem parameters");
+                return tb_error_answer("bad shmem parameters");
         sm = (struct vhu_shmem_map) { .shmid = (uint8_t) shmid, .fd_offset = fd_off,
                                       .shm_offset = shm_off, .len = len, .flags = flags };
         if (!map)
                 return chan_request(x, VHU_BREQ_SHMEM_UNMAP, &sm, sizeof(sm), NULL, 0, NULL);
         int fd = tb_memfd_new("vhub-tb-shmem", fd_off + len);
         if (fd < 0)
-                return err("memfd: %s", strerror(-fd));
+                return tb_error_answer("memfd: %s", strerror(-fd));
         json_t *a = chan_request(x, VHU_BREQ_SHMEM_MAP, &sm, sizeof(sm), &fd, 1, NULL);
         close(fd);
         return a;
@@ -576,7 +564,7 @@ static json_t *cmd_iotlb(struct cmd_ctx *x) {
         if (get_u64(x->req, "iova", 0, &iova) < 0 || get_u64(x->req, "size", 0, &size) < 0 ||
             get_u64(x->req, "uaddr", 0, &uaddr) < 0 || get_u64(x->req, "perm", 1, &perm) < 0 ||
             get_u64(x->req, "type", VHU_IOTLB_MISS, &type) < 0 || perm > 255 || type > 255)
-                return err("bad iotlb parameters");
+                return tb_error_answer("bad iotlb parameters");
         struct vhu_iotlb m = { .iova = iova, .size = size, .uaddr = uaddr,
                                .perm = (uint8_t) perm, .type = (uint8_t) type };
         return chan_request(x, VHU_BREQ_IOTLB_MSG, &m, sizeof(m), NULL, 0, NULL);
@@ -588,7 +576,7 @@ static json_t *cmd_vring_notify(struct cmd_ctx *x, uint32_t request) {
         if (e)
                 return e;
         if (get_u64(x->req, "queue", 0, &q) < 0 || q > 255)
-                return err("bad queue");
+                return tb_error_answer("bad queue");
         struct vhu_vring_state st = { .index = (uint32_t) q, .num = 0 };
         return chan_request(x, request, &st, sizeof(st), NULL, 0, NULL);
 }
@@ -603,12 +591,12 @@ static json_t *cmd_backend_request(struct cmd_ctx *x) {
         if (e)
                 return e;
         if (!rname || tb_request_from_name(VHU_DIR_BACKEND, rname, &request) < 0)
-                return err("unknown back-end request %s", rname ? rname : "(none)");
+                return tb_error_answer("unknown back-end request %s", rname ? rname : "(none)");
         if (ps && !(payload = parse_hex(ps, &len)))
-                return err("payload must be hex bytes");
+                return tb_error_answer("payload must be hex bytes");
         if (len > VHU_MAX_PAYLOAD) {
                 free(payload);
-                return err("payload too large");
+                return tb_error_answer("payload too large");
         }
         json_t *a = chan_request(x, request, payload, (uint32_t) len, NULL, 0, NULL);
         free(payload);
@@ -623,13 +611,13 @@ static json_t *cmd_flood(struct cmd_ctx *x) {
         if (e)
                 return e;
         if (get_u64(x->req, "count", 1000, &count) < 0 || count > 1000000)
-                return err("bad count");
+                return tb_error_answer("bad count");
         bool garbage = kind && strcmp(kind, "garbage") == 0;
         if (kind && !garbage && strcmp(kind, "messages") != 0)
-                return err("kind is \"garbage\" or \"messages\"");
+                return tb_error_answer("kind is \"garbage\" or \"messages\"");
         int r = tb_chan_flood(x->conn, garbage, (unsigned) count, &bytes);
         if (r < 0)
-                return err("flood: %s", strerror(-r));
+                return tb_error_answer("flood: %s", strerror(-r));
         return json_pack("{s:b,s:i,s:I}", "ok", 1, "sent", r, "bytes", (json_int_t) bytes);
 }
 
@@ -639,11 +627,11 @@ static json_t *cmd_set_complete(struct cmd_ctx *x) {
         if (o) {
                 int r = tb_order_from_name(o);
                 if (r < 0)
-                        return err("order is fifo, reverse or random");
+                        return tb_error_answer("order is fifo, reverse or random");
                 tb.opt.order = (enum tb_order) r;
         }
         if (get_u64(x->req, "delay_ms", tb.opt.delay_ms, &d) < 0 || d > 600000)
-                return err("bad delay_ms");
+                return tb_error_answer("bad delay_ms");
         tb.opt.delay_ms = (unsigned) d;
         return ok();
 }
@@ -668,7 +656,7 @@ static json_t *run_command(struct cmd_ctx *x) {
         uint64_t si;
 
         if (!cmd)
-                return err("missing \"cmd\"");
+                return tb_error_answer("missing \"cmd\"");
         if (strcmp(cmd, "ping") == 0)
                 return ok();
         if (strcmp(cmd, "status") == 0)
@@ -681,7 +669,7 @@ static json_t *run_command(struct cmd_ctx *x) {
                 return cmd_set_complete(x);
 
         if (get_u64(x->req, "socket", 0, &si) < 0 || si >= tb.n_socks)
-                return err("bad socket index");
+                return tb_error_answer("bad socket index");
         x->sock = &tb.socks[si];
         x->conn = x->sock->conn;
 
@@ -701,7 +689,7 @@ static json_t *run_command(struct cmd_ctx *x) {
                 const char *rn = get_str(x->req, "request");
                 uint32_t r = 0;
                 if (rn && tb_request_from_name(VHU_DIR_FRONTEND, rn, &r) < 0)
-                        return err("unknown request %s", rn);
+                        return tb_error_answer("unknown request %s", rn);
                 tb_rules_clear(x->sock, r);
                 return ok();
         }
@@ -747,7 +735,7 @@ static json_t *run_command(struct cmd_ctx *x) {
                 return cmd_backend_request(x);
         if (strcmp(cmd, "flood") == 0)
                 return cmd_flood(x);
-        return err("unknown command %s", cmd);
+        return tb_error_answer("unknown command %s", cmd);
 }
 
 /* Run complete lines while no answer is outstanding. */
@@ -769,7 +757,7 @@ static void client_process(int idx) {
                 }
                 json_t *answer;
                 if (!json_is_object(req))
-                        answer = err("not a JSON object: %s", jerr.text);
+                        answer = tb_error_answer("not a JSON object: %s", jerr.text);
                 else {
                         struct cmd_ctx x = { .cl = cl, .client = idx, .req = req };
                         answer = run_command(&x);
@@ -795,7 +783,7 @@ static void client_read(int idx) {
                         return;
                 }
                 if (cl->in_len + (size_t) n > TB_MAX_CONTROL_LINE) {
-                        client_send(cl, err("control line too long"));
+                        client_send(cl, tb_error_answer("control line too long"));
                         cl->closing = true;
                         client_flush(cl);
                         return;

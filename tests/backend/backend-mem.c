@@ -163,38 +163,35 @@ bool tb_mem_mapped(const struct tb_mem *m, uint64_t gpa, uint64_t len) {
         return true;
 }
 
-/* Buffers may span adjacent regions: copy chunk by chunk. */
-int tb_mem_read(const struct tb_mem *m, uint64_t gpa, void *dst, size_t len) {
-        uint8_t *d = dst;
+/* Buffers may span adjacent regions: copy chunk by chunk, into guest
+ * memory if to_guest (buf is then only read), else out of it. */
+static int mem_copy(const struct tb_mem *m, uint64_t gpa, uint8_t *buf, size_t len, bool to_guest) {
         while (len > 0) {
                 uint64_t avail;
                 uint8_t *h = gpa_chunk(m, gpa, &avail);
                 if (!h)
                         return -EFAULT;
                 size_t n = len < avail ? len : avail;
-                memcpy(d, h, n);
-                d += n;
+                if (to_guest)
+                        memcpy(h, buf, n);
+                else
+                        memcpy(buf, h, n);
+                buf += n;
                 gpa += n;
                 len -= n;
         }
         return 0;
 }
 
+int tb_mem_read(const struct tb_mem *m, uint64_t gpa, void *dst, size_t len) {
+        return mem_copy(m, gpa, dst, len, false);
+}
+
 int tb_mem_write(struct tb_mem *m, uint64_t gpa, const void *src, size_t len) {
-        const uint8_t *s = src;
-        uint64_t start = gpa, total = len;
-        while (len > 0) {
-                uint64_t avail;
-                uint8_t *h = gpa_chunk(m, gpa, &avail);
-                if (!h)
-                        return -EFAULT;
-                size_t n = len < avail ? len : avail;
-                memcpy(h, s, n);
-                s += n;
-                gpa += n;
-                len -= n;
-        }
-        tb_mem_log_dirty(m, start, total);
+        int r = mem_copy(m, gpa, (uint8_t *) src, len, true);
+        if (r < 0)
+                return r;
+        tb_mem_log_dirty(m, gpa, len);
         return 0;
 }
 

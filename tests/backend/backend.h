@@ -310,6 +310,9 @@ void tb_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 const char *tb_order_name(enum tb_order o);
 int tb_order_from_name(const char *s);
 int tb_memfd_new(const char *name, uint64_t size);
+/* A non-blocking listening socket at path (a stale socket there is
+ * replaced): the fd, or -errno. */
+int tb_listen_unix(const char *path, int backlog);
 uint64_t tb_sigbus_count(void);         /* SIGBUS faults survived */
 
 /* backend-conn.c */
@@ -399,6 +402,8 @@ void tb_control_dispatch(const struct pollfd *p, size_t n);
 /* Deliver a deferred answer (a JSON object, stolen) to a waiting client. */
 struct json_t;
 void tb_control_answer(int client, uint64_t gen, struct json_t *answer);
+/* {"ok":false,"error":"..."}: the answer to a command that failed. */
+struct json_t *tb_error_answer(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* main.c: socket lifecycle */
 void tb_sock_drop_conn(struct tb_sock *s, const char *why);

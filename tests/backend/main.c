@@ -109,24 +109,31 @@ int tb_memfd_new(const char *name, uint64_t size) {
 
 /* ---- sockets ---- */
 
-static int sock_listen(struct tb_sock *s) {
+int tb_listen_unix(const char *path, int backlog) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         struct stat st;
 
-        if (strlen(s->path) >= sizeof(sa.sun_path))
+        if (strlen(path) >= sizeof(sa.sun_path))
                 return -ENAMETOOLONG;
-        strcpy(sa.sun_path, s->path);
+        strcpy(sa.sun_path, path);
         /* a stale socket of a killed predecessor is fine to replace */
-        if (lstat(s->path, &st) == 0 && S_ISSOCK(st.st_mode))
-                unlink(s->path);
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+                unlink(path);
         int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, 16) < 0) {
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(fd, backlog) < 0) {
                 int r = -errno;
                 close(fd);
                 return r;
         }
+        return fd;
+}
+
+static int sock_listen(struct tb_sock *s) {
+        int fd = tb_listen_unix(s->path, 16);
+        if (fd < 0)
+                return fd;
         s->listen_fd = fd;
         return 0;
 }
@@ -198,6 +205,18 @@ static int parse_u64(const char *s, uint64_t *ret, int base) {
         if (*end || s[0] == '-')
                 return -EINVAL;
         *ret = v;
+        return 0;
+}
+
+/* A count or a time in [min, max]; *ret untouched on failure. */
+static int parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret) {
+        uint64_t v;
+        int r = parse_u64(s, &v, 0);
+        if (r < 0)
+                return r;
+        if (v < min || v > max)
+                return -ERANGE;
+        *ret = (unsigned) v;
         return 0;
 }
 
@@ -280,8 +299,7 @@ static int parse_args(int argc, char **argv) {
                 {}
         };
         struct tb_options *o = &tb.opt;
-        uint64_t v;
-        int c, r;
+        int c, r, idx;
 
         o->features = (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1) | (UINT64_C(1) << TB_VIRTIO_BLK_F_FLUSH) |
                       (UINT64_C(1) << TB_VIRTIO_BLK_F_MQ) | (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
@@ -299,7 +317,7 @@ static int parse_args(int argc, char **argv) {
         o->reconnect_ms = 100;
         o->verbose = 1;
 
-        while ((c = getopt_long(argc, argv, "vqh", opts, NULL)) >= 0) {
+        while ((idx = -1, c = getopt_long(argc, argv, "vqh", opts, &idx)) >= 0) {
                 r = 0;
                 switch (c) {
                 case OPT_SOCKET:  r = add_path(&o->socket_paths, &o->n_socket_paths, optarg); break;
@@ -316,16 +334,10 @@ static int parse_args(int argc, char **argv) {
                         r = parse_u64(optarg, &o->protocol_features, 16);
                         break;
                 case OPT_QUEUES:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > TB_MAX_QUEUES))
-                                r = -ERANGE;
-                        o->queues = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, TB_MAX_QUEUES, &o->queues);
                         break;
                 case OPT_SLOTS:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > TB_MAX_MEM_SLOTS))
-                                r = -ERANGE;
-                        o->mem_slots = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, TB_MAX_MEM_SLOTS, &o->mem_slots);
                         break;
                 case OPT_COMPLETE:
                         r = tb_order_from_name(optarg);
@@ -335,25 +347,16 @@ static int parse_args(int argc, char **argv) {
                         }
                         break;
                 case OPT_DELAY:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && v > 600000)
-                                r = -ERANGE;
-                        o->delay_ms = (unsigned) v;
+                        r = parse_unsigned(optarg, 0, 600000, &o->delay_ms);
                         break;
                 case OPT_SEED:
                         r = parse_u64(optarg, &o->seed, 0);
                         break;
                 case OPT_FAIL_HS:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && v > 1000000)
-                                r = -ERANGE;
-                        o->fail_handshake = (unsigned) v;
+                        r = parse_unsigned(optarg, 0, 1000000, &o->fail_handshake);
                         break;
                 case OPT_RECONNECT:
-                        r = parse_u64(optarg, &v, 0);
-                        if (r == 0 && (v == 0 || v > 60000))
-                                r = -ERANGE;
-                        o->reconnect_ms = (unsigned) v;
+                        r = parse_unsigned(optarg, 1, 60000, &o->reconnect_ms);
                         break;
                 case OPT_SHMEM:
                         r = parse_shmem(optarg, o);
@@ -364,8 +367,10 @@ static int parse_args(int argc, char **argv) {
                 default:  usage(stderr); return -EINVAL;
                 }
                 if (r < 0) {
+                        /* the option's name from the table: argv[optind - 1] is the
+                         * value itself when it came as a separate argument */
                         fprintf(stderr, "vhub-test-backend: bad value for --%s: %s\n",
-                                argv[optind - 1] + 2, optarg ? optarg : "");
+                                idx >= 0 ? opts[idx].name : "?", optarg ? optarg : "");
                         return r;
                 }
         }

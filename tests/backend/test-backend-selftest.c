@@ -260,6 +260,14 @@ static void fe_backend_channel(struct fe *fe) {
         fe->chan = sv[0];
 }
 
+/* Hand the back-end the inflight buffer GET_INFLIGHT_FD described (inf). */
+static void fe_set_inflight(struct fe *fe, const struct vhu_inflight *inf, int inflight_fd) {
+        struct vhu_msg m;
+        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, false, inf, sizeof(*inf),
+                      &inflight_fd, 1);
+        fe_ok(fe, &m);
+}
+
 static void fe_close(struct fe *fe) {
         if (fe->sock >= 0)
                 close(fe->sock);
@@ -313,6 +321,16 @@ static void fe_start_queue(struct fe *fe, struct drv_q *q, uint16_t base) {
         vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_KICK, false, q->index, q->kick);
         fe_ok(fe, &m);
         fe_state_ok(fe, VHU_REQ_SET_VRING_ENABLE, q->index, 1);
+}
+
+/* Restore after a back-end crash, as a front-end does: a new back-end, the
+ * handshake, the inflight buffer handed back, and ring q restarted where
+ * its used index stands. */
+static void fe_restore(struct fe *fe, struct drv_q *q, const struct vhu_inflight *inf, int inflight_fd) {
+        backend_start();
+        fe_handshake(fe);
+        fe_set_inflight(fe, inf, inflight_fd);
+        fe_start_queue(fe, q, q_used_idx(q));
 }
 
 /* One request per slot; slots never share descriptors, buffers or sectors
@@ -623,8 +641,7 @@ int main(void) {
               "GET_INFLIGHT_FD reply: size %llu", (unsigned long long) inf.mmap_size);
         int inflight_fd = vhu_msg_take_fd(&r, 0);
         vhu_msg_clear(&r);
-        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, false, &inf, sizeof(inf), &inflight_fd, 1);
-        fe_ok(&fe, &m);
+        fe_set_inflight(&fe, &inf, inflight_fd);
 
         /* 2: control, shared objects, misbehaviour, refusals */
         test_control_and_shared_objects(&fe);
@@ -685,12 +702,7 @@ int main(void) {
 
                 /* restore, as a front-end does after a back-end crash */
                 fe_close(&fe);
-                backend_start();
-                fe_handshake(&fe);
-                vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, false, &inf, sizeof(inf),
-                              &inflight_fd, 1);
-                fe_ok(&fe, &m);
-                fe_start_queue(&fe, &q1, q_used_idx(&q1));
+                fe_restore(&fe, &q1, &inf, inflight_fd);
                 q_kick(&q1);
                 /* the restarted back-end found them in the inflight buffer */
                 fe.ctl = connect_unix(ctl_path);
@@ -763,12 +775,7 @@ int main(void) {
                 h = iq1->desc[h].next;
         }
         iq1->used_idx = (uint16_t) (iq1->used_idx - 5);
-        backend_start();
-        fe_handshake(&fe);
-        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_INFLIGHT_FD, false, &inf, sizeof(inf),
-                      &inflight_fd, 1);
-        fe_ok(&fe, &m);
-        fe_start_queue(&fe, &q1, q_used_idx(&q1));
+        fe_restore(&fe, &q1, &inf, inflight_fd);
         fe.ctl = connect_unix(ctl_path);
         json_t *jv = ctl(&fe, "{\"cmd\":\"vrings\"}");
         json_t *v1 = json_array_get(json_object_get(jv, "vrings"), 1);

@@ -3,7 +3,7 @@
 harness's own front-end (vhubtest.direct) and blk driver: an independent
 cross-check of the back-end, and of every scripted behaviour.
 
-    test_backend_scripted.py [blk] [hostile] [fuzz] [misbehave] [handshake] [channel] [state] [endian]
+    test_backend_scripted.py [blk] [options] [hostile] [fuzz] [misbehave] [handshake] [channel] [state] [endian]
 """
 
 import os
@@ -630,7 +630,24 @@ def scenario_endian(t):
     check_eq(tb.vrings(1)[0]["endian"], None, "a VERSION_1 ring has no endianness set")
 
 
-SCENARIOS = {"blk": scenario_blk, "hostile": scenario_hostile, "fuzz": scenario_fuzz, "misbehave": scenario_misbehave,
+def scenario_options(t):
+    """A bad option value is named from the option table, whichever way it was
+    written: argv[optind - 1] is the value itself in "--queues 0" (the message
+    once read past it into the environment)."""
+    import subprocess
+    exe = os.environ["VHUB_TEST_BACKEND"]
+    for args, name, value in ((["--queues", "0"], "queues", "0"), (["--queues=0"], "queues", "0"),
+                              (["--delay-ms", "x"], "delay-ms", "x"),
+                              (["--complete", "sideways"], "complete", "sideways")):
+        p = subprocess.run([exe, "--socket", "/nonexistent/s"] + args, capture_output=True,
+                           text=True, timeout=10, env={"PATH": "/usr/bin:/bin", "MARK": "=leak"})
+        check(p.returncode != 0, "%s: refused" % " ".join(args))
+        check_eq(p.stderr.strip().splitlines()[0],
+                 "vhub-test-backend: bad value for --%s: %s" % (name, value),
+                 "%s: the message names the option and its value" % " ".join(args))
+
+
+SCENARIOS = {"blk": scenario_blk, "options": scenario_options, "hostile": scenario_hostile, "fuzz": scenario_fuzz, "misbehave": scenario_misbehave,
              "handshake": scenario_handshake, "channel": scenario_channel, "state": scenario_state,
              "endian": scenario_endian}
 

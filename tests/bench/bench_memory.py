@@ -146,6 +146,15 @@ class Bench:
         vmm.destroy()
 
 
+def start_or_skip(rows, start):
+    """start() (a back-end), or None after logging why its rows are skipped."""
+    try:
+        return start()
+    except Skip as e:
+        log("SKIP %s: %s" % (rows, e))
+        return None
+
+
 def main(t):
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, log_level="warning"))
@@ -159,11 +168,7 @@ def main(t):
     vmm.destroy()
 
     socks = [daemon.backend_socket("q%d.sock" % i) for i in range(max(COUNTS))]
-    try:
-        qsd = QsdNullBackend(socks, log_dir=d)
-    except Skip as e:
-        log("SKIP qsd rows: %s" % e)
-        qsd = None
+    qsd = start_or_skip("qsd rows", lambda: QsdNullBackend(socks, log_dir=d))
     if qsd is not None:
         with qsd:
             b.backend_pids = [qsd.pid]
@@ -173,10 +178,9 @@ def main(t):
     for name, path, args in (("tb-add", "ADD/REM_MEM_REG", []),
                              ("tb-set", "SET_MEM_TABLE", ["--protocol-features",
                                                           hex(PF_NO_MEM_SLOTS)])):
-        try:
-            tb = TestBackend(tb_socks, args=args + ["-q"], log_dir=d)
-        except Skip as e:
-            log("SKIP %s rows: %s" % (name, e))
+        tb = start_or_skip("%s rows" % name,
+                           lambda: TestBackend(tb_socks, args=args + ["-q"], log_dir=d))
+        if tb is None:
             continue
         with tb:
             b.backend_pids = [tb.pid]
@@ -188,11 +192,8 @@ def main(t):
                         tb.misbehave(req, "delay", sock=i, delay_ms=DELAY_MS)
                 b.sweep("tb-delay", "ADD/REM +%dms" % DELAY_MS, tb_socks, COUNTS)
 
-    try:
-        pmd = TestpmdBackend(daemon.backend_socket("pmd.sock"), queues=1, log_dir=d)
-    except Skip as e:
-        log("SKIP testpmd row: %s" % e)
-        pmd = None
+    pmd_sock = daemon.backend_socket("pmd.sock")
+    pmd = start_or_skip("testpmd row", lambda: TestpmdBackend(pmd_sock, queues=1, log_dir=d))
     if pmd is not None:
         with pmd:
             b.backend_pids = [pmd.pid]
