@@ -46,6 +46,8 @@ struct control_conn {
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
         size_t n_sub_vms;
+        TAILQ_HEAD(control_call_list, control_call) calls; /* pending: their ids are in the
+                                                            * restart snapshot (-32011) */
 };
 
 TAILQ_HEAD(control_conn_list, control_conn);
@@ -90,6 +92,7 @@ typedef json_t *(*control_result_fn)(struct control_call *cc);
 /* A request waiting on the model: owns references to its connection. */
 struct control_call {
         struct vhub_call call;
+        TAILQ_ENTRY(control_call) link; /* in conn->calls */
         struct control_conn *conn;
         json_t *id;
         struct control_batch *batch;
@@ -100,6 +103,11 @@ struct control_call {
         int *reply_fds;                /* make_result may attach fds: control_call_reply_fds() */
         unsigned n_reply_fds;          /* those attached (owned, closed after sending) */
 };
+
+/* What a connection's rpc_conn and its VMs call (control-server.c); a
+ * restored connection uses them too (control-snapshot.c). */
+extern const struct rpc_conn_ops control_conn_ops;
+extern const struct vhub_owner_ops control_conn_owner_ops;
 
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);

@@ -210,13 +210,15 @@ static int m_daemon_info(struct method_call *m, struct vhub_error *err) {
         vhub_info_daemon(call_ctx(m), m->req->conn->uid, &info);
         for (size_t i = 0; capabilities[i]; i++)
                 json_array_append_new(caps, json_string(capabilities[i]));
+        /* its state is carried across restarts (the service manager's fd store) */
+        if (info.fd_store)
+                json_array_append_new(caps, json_string("fd-store"));
         vhub_format_rfc3339(info.started_realtime_usec, started_at);
         return call_answer(m, json_pack("{s:s, s:s, s:i, s:o, s:s, s:i, s:i, s:i, s:o, s:o}", "version",
                                         VHUB_VERSION, "api_version", VHUB_API_VERSION, "pid", (int)getpid(),
                                         "uptime_ms", vhub_json_u64(info.uptime_usec / 1000),
                                         "started_at", started_at,
-                                        /* 0 until the daemon carries its state across restarts */
-                                        "restarts", 0, "vms", info.vms, "devices", info.devices,
+                                        "restarts", (int)info.restarts, "vms", info.vms, "devices", info.devices,
                                         "protocol_features", vhub_json_u64(info.protocol_features),
                                         "capabilities", caps),
                            err);

@@ -16,6 +16,7 @@
 #include "control-internal.h"
 #include "control-listen.h"
 #include "control-params.h"
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
@@ -170,6 +171,8 @@ static void control_call_done(struct vhub_call *call) {
         free(cc->reply_fds);
         if (cc->free_data)
                 cc->free_data(cc->data);
+        TAILQ_REMOVE(&cc->conn->calls, cc, link);
+        vhub_changed(cc->conn->srv->ctx, NULL);
         cc->conn->pending--;
         conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
@@ -190,6 +193,9 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         cc->make_result = make_result;
         control_conn_ref(req->conn);
         req->conn->pending++;
+        /* in the snapshot before the model sends anything for it */
+        TAILQ_INSERT_TAIL(&req->conn->calls, cc, link);
+        vhub_changed(req->conn->srv->ctx, NULL);
         return cc;
 }
 
@@ -202,6 +208,7 @@ int control_call_reply_fds(struct control_call *cc, unsigned n) {
 }
 
 void control_call_drop(struct control_call *cc) {
+        TAILQ_REMOVE(&cc->conn->calls, cc, link);
         cc->conn->pending--;
         control_conn_unref(cc->conn);
         json_decref(cc->id);
@@ -417,6 +424,7 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
                 handle_request(c, msg, fds, NULL, 0);
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
+        vhub_changed(c->srv->ctx, NULL);        /* its subscriptions, what it owns */
         control_conn_unref(c);
 }
 
@@ -436,6 +444,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
                 batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
+        vhub_changed(s->ctx, NULL);
         accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         vhub_context_owner_gone(s->ctx, &c->owner);
@@ -462,7 +471,7 @@ static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
         conn_finish_if_answered(c);
 }
 
-static const struct rpc_conn_ops conn_ops = {
+const struct rpc_conn_ops control_conn_ops = {
         .on_message = conn_on_message,
         .on_close = conn_on_close,
         .on_eof = conn_on_eof,
@@ -473,7 +482,7 @@ static const struct rpc_conn_ops conn_ops = {
 static bool conn_congested(const struct vhub_owner *o);
 
 /* What the model may ask of a connection as the owner of VMs. */
-static const struct vhub_owner_ops conn_owner_ops = {
+const struct vhub_owner_ops control_conn_owner_ops = {
         .congested = conn_congested,
 };
 
@@ -671,8 +680,9 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->srv = s;
         c->refs = 1;
+        TAILQ_INIT(&c->calls);
         c->id = ++s->next_conn_id;
-        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &conn_owner_ops };
+        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
         r = vhub_cred_from_socket(fd, &c->cred);
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
@@ -681,7 +691,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 free(c);
                 return;
         }
-        r = rpc_conn_new(vhub_context_base(s->ctx), fd, &s->opts.limits, &conn_ops, c, &c->rpc);
+        r = rpc_conn_new(vhub_context_base(s->ctx), fd, &s->opts.limits, &control_conn_ops, c, &c->rpc);
         if (r < 0) { /* rpc_conn_new closed fd */
                 vhub_cred_done(&c->cred);
                 free(c);
@@ -693,6 +703,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
+        vhub_changed(s->ctx, NULL);
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
 }
@@ -848,7 +859,12 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->listen_fd = -1;
         s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
-        if (o->listen_fd >= 0) {
+        if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
+                /* the daemon's own, carried across a restart (group L) */
+                s->listen_fd = o->listen_fd;
+                s->path = strdup(o->path);
+                vhub_fd_track(ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
+        } else if (o->listen_fd >= 0) {
                 s->listen_fd = o->listen_fd;
                 r = fcntl(s->listen_fd, F_GETFL);
                 if (r >= 0)

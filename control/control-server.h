@@ -7,6 +7,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include "rpc-conn.h"
@@ -17,6 +18,8 @@ struct control_server;
 struct control_server_options {
         const char *path;        /* socket to create (ignored if listen_fd >= 0) */
         int listen_fd;           /* from socket activation (taken in every case), or -1 */
+        bool listen_fd_ours;     /* listen_fd is the one an earlier run made at path:
+                                  * carried across a restart, removed at the end */
         mode_t mode;
         gid_t gid;
         bool gid_set;
@@ -38,5 +41,23 @@ struct vhub_fd_visitor;
  * "ctl/conn/<id>" (group "c<id>") with what its framing holds for a moment
  * (".../in", ".../out"), and the spare "ctl/spare". */
 void control_server_foreach_fd(const struct control_server *s, const struct vhub_fd_visitor *v);
+/* A restart (docs/restart.md).  Read nothing more from anyone; whether
+ * any call is still waiting on the model; write what the connections'
+ * sockets take now (true: every output queue is empty). */
+void control_server_pause(struct control_server *s);
+bool control_server_busy(const struct control_server *s);
+bool control_server_flush_now(struct control_server *s);
+struct vhub_snap_writer;
+struct vhub_snap_iter;
+struct vhub_fdstore_restore;
+/* Its state for the daemon's snapshot: the connections with their
+ * credentials' source (the socket), subscriptions, the ids of requests in
+ * flight and the bytes read but not yet handled. */
+int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w);
+/* Take the connections back (their sockets claimed from r); each gets
+ * daemon.restarted {restarts, downtime_ms} first, then -32011 for every
+ * request that was in flight, and owns its VMs again. */
+int control_server_restore(struct control_server *s, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
+                           uint64_t restarts, uint64_t downtime_ms);
 /* The path of the socket this server created (NULL for an inherited one). */
 const char *control_server_path(const struct control_server *s);

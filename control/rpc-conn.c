@@ -751,6 +751,32 @@ void rpc_conn_resume_input(struct rpc_conn *c) {
                 evtimer_add(c->resume_ev, &now);
 }
 
+/* ---- a restart (docs/restart.md) -------------------------------------- */
+
+void rpc_conn_stop_reading(struct rpc_conn *c) {
+        if (c->read_ev)
+                event_del(c->read_ev);
+}
+
+size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
+        *ret = vhub_frame_in_pending(&c->in);
+        return vhub_frame_in_pending_bytes(&c->in);
+}
+
+int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n) {
+        int r = vhub_frame_in_push(&c->in, p, n);
+
+        if (r == 0)
+                note_memory(c);
+        return r;
+}
+
+int rpc_conn_flush_now(struct rpc_conn *c) {
+        if (c->state >= RPC_CONN_CLOSING)
+                return -ENOTCONN;
+        return vhub_frame_out_flush(&c->out, c->fd);
+}
+
 /* ---- life cycle ------------------------------------------------------- */
 
 static void really_free(struct rpc_conn *c) {

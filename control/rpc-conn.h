@@ -160,5 +160,15 @@ void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char
  * (then it starts again from what they hold now): a big one is worth giving
  * back to the system once freed. */
 size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
+/* A planned restart (docs/restart.md): read nothing more; the bytes read
+ * and not yet handled (a partial line: complete lines are handled as they
+ * arrive), valid until the next call on c; write what the socket takes now
+ * (0: all of it, 1: some is left, -errno). */
+void rpc_conn_stop_reading(struct rpc_conn *c);
+size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret);
+int rpc_conn_flush_now(struct rpc_conn *c);
+/* The next process: the bytes an earlier one had read, as if just read
+ * (they are a partial line).  0, -EMSGSIZE, -ENOMEM. */
+int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n);
 /* The bounds in force (defaults filled in). */
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c);

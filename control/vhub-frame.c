@@ -144,6 +144,28 @@ ssize_t vhub_frame_in_read(struct vhub_frame_in *f, int sockfd, unsigned *ret_fd
         return n;
 }
 
+int vhub_frame_in_push(struct vhub_frame_in *f, const void *p, size_t n) {
+        while (n > 0) {
+                size_t k;
+                int r = in_make_room(f);
+
+                if (r < 0)
+                        return r;
+                if (f->len == f->cap)
+                        return -EMSGSIZE;
+                k = f->cap - f->len < n ? f->cap - f->len : n;
+                memcpy(f->buf + f->len, p, k);
+                f->len += k;
+                p = (const char *)p + k;
+                n -= k;
+        }
+        return 0;
+}
+
+const char *vhub_frame_in_pending(const struct vhub_frame_in *f) {
+        return f->buf ? f->buf + f->start : "";
+}
+
 int vhub_frame_in_next_line(struct vhub_frame_in *f, const char **ret_line, size_t *ret_len) {
         char *nl;
 

@@ -60,6 +60,12 @@ void vhub_frame_in_done(struct vhub_frame_in *f);
  */
 ssize_t vhub_frame_in_read(struct vhub_frame_in *f, int sockfd, unsigned *ret_fds);
 
+/* Bytes as if read (a restart hands back what an earlier process had read
+ * and not yet handled): 0, -EMSGSIZE past max_line, -ENOMEM. */
+int vhub_frame_in_push(struct vhub_frame_in *f, const void *p, size_t n);
+/* The bytes received and not yet handed out (vhub_frame_in_pending_bytes() of them). */
+const char *vhub_frame_in_pending(const struct vhub_frame_in *f);
+
 /* The next complete line, without its '\n', valid until the next read: 1,
  * or 0 when no complete line is buffered. */
 int vhub_frame_in_next_line(struct vhub_frame_in *f, const char **ret_line, size_t *ret_len);

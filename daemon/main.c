@@ -15,11 +15,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "vhub-commit.h"
 #include "vhub-config.h"
 #include "vhub-context.h"
 #include "vhub-eventfd.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-restart.h"
 #include "vhub-sd.h"
 #include "vhub-signals.h"
 #include "vhub-time.h"
@@ -37,6 +39,8 @@ struct daemon_main {
         char *control_path;           /* the control socket we created; NULL if inherited */
         /* cleared before the teardown frees what the crash cleanup walks */
         volatile sig_atomic_t crash_cleanup_armed;
+        /* the fd store keeps everything: a crash is a restart, nothing is removed */
+        volatile sig_atomic_t crash_is_restart;
 };
 
 static void update_status(void *userdata) {
@@ -61,6 +65,21 @@ static void deadline_cb(evutil_socket_t fd, short what, void *userdata) {
         event_base_loopexit(m->base, NULL);
 }
 
+/* The planned restart's last step: every snapshot written and handed to
+ * the service manager with every fd, the process ends without closing or
+ * telling anyone anything (no vhost-user message, no event, no removal
+ * from the store, no unlink): the manager's copies keep every socket,
+ * eventfd and memfd open for the next process. */
+static void restart_ready(void *userdata) {
+        struct daemon_main *m = userdata;
+
+        vhub_restart_finish(&m->vhubd);
+        log_info("vhubd stopped for a restart: %u VMs and %u devices are kept by the service manager",
+                 m->vhubd.ctx.n_vms, m->vhubd.ctx.n_devices);
+        fflush(stderr);
+        _exit(EXIT_SUCCESS);
+}
+
 static void shutdown_cb(void *userdata, int sig) {
         struct daemon_main *m = userdata;
         struct timeval tv;
@@ -68,8 +87,15 @@ static void shutdown_cb(void *userdata, int sig) {
         if (m->stopping)
                 return;
         m->stopping = true;
-        log_info("signal %d (%s): shutting down", sig, strsignal(sig));
         vhub_sd_stopping(m->sd);
+        if (vhub_commit_enabled(&m->vhubd.ctx)) {
+                log_info("signal %d (%s): stopping for a restart (the fd store keeps everything)", sig,
+                         strsignal(sig));
+                if (vhub_restart_begin(&m->vhubd, restart_ready, m) == 0)
+                        return;
+                restart_ready(m);       /* out of memory: write what is and go */
+        }
+        log_info("signal %d (%s): shutting down", sig, strsignal(sig));
         vhubd_stop_faces(&m->vhubd);
         /* every VM stops its devices and closes its back-ends, in parallel */
         vhub_context_destroy_vms(&m->vhubd.ctx);
@@ -168,7 +194,7 @@ static void reload_cb(void *userdata, int sig) {
 static void crash_cleanup(void *userdata) {
         struct daemon_main *m = userdata;
 
-        if (!m->crash_cleanup_armed)
+        if (!m->crash_cleanup_armed || m->crash_is_restart)
                 return;
         if (m->control_path)
                 (void)unlink(m->control_path);
@@ -246,6 +272,7 @@ int main(int argc, char **argv) {
                 log_error("cannot watch signals: %s", strerror(-r));
                 goto out;
         }
+        m.crash_is_restart = vhub_commit_enabled(&m.vhubd.ctx);
         m.crash_cleanup_armed = 1;
         r = vhub_signals_crash_setup(crash_cleanup, &m);
         if (r < 0) {

@@ -509,6 +509,38 @@ int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l) {
         return l ? l->dir_fd : -1;
 }
 
+struct vhub_backend_listener *vhub_backend_listener_forget(struct vhub_backend_listener *l) {
+        if (!l)
+                return NULL;
+        vhu_safe_close(l->dir_fd);
+        free(l);
+        return NULL;
+}
+
+void vhub_backend_listener_get(const struct vhub_backend_listener *l, struct vhub_backend_listener_state *ret) {
+        *ret = (struct vhub_backend_listener_state){
+                .dev = (uint64_t)l->dev, .ino = (uint64_t)l->ino,
+                .ctime_sec = (int64_t)l->ctime.tv_sec, .ctime_nsec = (int64_t)l->ctime.tv_nsec,
+        };
+        snprintf(ret->name, sizeof(ret->name), "%s", l->name);
+}
+
+struct vhub_backend_listener *vhub_backend_listener_adopt(int dir_fd, const struct vhub_backend_listener_state *st) {
+        struct vhub_backend_listener *l;
+
+        if (dir_fd < 0 || !st->name[0] || strchr(st->name, '/') || !(l = calloc(1, sizeof(*l)))) {
+                vhu_safe_close(dir_fd);
+                return NULL;
+        }
+        l->dir_fd = dir_fd;
+        snprintf(l->name, sizeof(l->name), "%s", st->name);
+        l->dev = (dev_t)st->dev;
+        l->ino = (ino_t)st->ino;
+        l->ctime.tv_sec = (time_t)st->ctime_sec;
+        l->ctime.tv_nsec = (long)st->ctime_nsec;
+        return l;
+}
+
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
                                                          const struct vhub_cred *cred) {
         struct vhub_cred_scope scope;

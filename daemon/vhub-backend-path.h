@@ -16,6 +16,8 @@
  */
 #pragma once
 
+#include <stdint.h>
+
 #include <stdbool.h>
 #include <sys/types.h>
 
@@ -81,5 +83,16 @@ struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_lis
  * path: the uid may have turned a directory on the way into a symlink.
  */
 void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l);
+/* Free l without removing its socket (a restore that gave up on it). */
+struct vhub_backend_listener *vhub_backend_listener_forget(struct vhub_backend_listener *l);
+/* What a restart snapshot keeps of a listener, to take it back. */
+struct vhub_backend_listener_state {
+        char name[108];         /* in its directory */
+        uint64_t dev, ino;
+        int64_t ctime_sec, ctime_nsec;
+};
+void vhub_backend_listener_get(const struct vhub_backend_listener *l, struct vhub_backend_listener_state *ret);
+/* dir_fd (the directory's O_PATH fd) taken in every case; NULL on failure. */
+struct vhub_backend_listener *vhub_backend_listener_adopt(int dir_fd, const struct vhub_backend_listener_state *st);
 /* The O_PATH fd of the directory l's socket is in (l keeps it). */
 int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l);

@@ -5,6 +5,8 @@
 
 #include "vhub-backend-path.h"
 #include "vhub-backend-channel.h"
+#include "vhub-commit.h"
+#include "vhub-model-snapshot.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-fd-track.h"
@@ -81,8 +83,12 @@ void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
         stamped = *ev;
         if (!stamped.timestamp_usec)
                 stamped.timestamp_usec = vhub_realtime_usec();
-        if (ev->vm)
+        if (ev->vm) {
                 stamped.uid = ev->vm->uid;
+                /* what an event tells changed its VM (the context's own:
+                 * events carry it const for the sinks) */
+                vhub_changed(ctx, (struct vhub_vm *)ev->vm);
+        }
         for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
                 next = TAILQ_NEXT(sink, link);
                 sink->emit(sink->userdata, &stamped);
@@ -135,6 +141,42 @@ void vhub_context_owner_gone(struct vhub_context *ctx, const struct vhub_owner *
                 vhub_context_events_drained(ctx, vm);
                 vhub_vm_owner_gone(vm);
         }
+}
+
+void vhub_context_owner_restored(struct vhub_context *ctx, const struct vhub_owner *owner) {
+        struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                if (vm->restore_owned && vm->restore_owner_face == owner->face &&
+                    vm->restore_owner_id == owner->id) {
+                        vm->owner = owner;
+                        vm->restore_owned = false;
+                }
+}
+
+void vhub_context_restore_finish(struct vhub_context *ctx) {
+        struct vhub_vm *vm, *next;
+
+        ctx->restoring = false;
+        for (vm = TAILQ_FIRST(&ctx->vms); vm; vm = next) {
+                next = TAILQ_NEXT(vm, link);
+                vhub_vm_restore_finish(vm);
+        }
+        vhub_context_counts_changed(ctx);
+}
+
+bool vhub_context_busy(const struct vhub_context *ctx) {
+        const struct vhub_device *d;
+        const struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link) {
+                if (!TAILQ_EMPTY(&vm->mem_ops) || vm->log_batch || vm->postcopy_batch)
+                        return true;
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->n_ops > 0)
+                                return true;
+        }
+        return false;
 }
 
 void vhub_context_counts_changed(struct vhub_context *ctx) {

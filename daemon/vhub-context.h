@@ -13,6 +13,7 @@
 #include "vhub-config.h"
 #include "vhub-event.h"
 #include "vhub-fd-budget.h"
+#include "vhub-snapshot.h"
 
 struct event_base;
 struct event;
@@ -24,6 +25,7 @@ struct vhub_vm;
 struct vhub_socket_watcher;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
+TAILQ_HEAD(vhub_vm_snap_list, vhub_vm);
 
 struct vhub_context {
         struct event_base *base;
@@ -44,6 +46,15 @@ struct vhub_context {
                                                      * $NOTIFY_SOCKET or with --no-fd-store) */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
         bool shutting_down;
+        /* the restart snapshots (vhub-commit.h); ev_commit NULL: none kept */
+        struct event *ev_commit;
+        struct vhub_snap_writer snap_writer;        /* one buffer, reused by every write */
+        struct vhub_vm_snap_list snap_dirty;        /* VMs whose snapshot is out of date */
+        bool snap_daemon_dirty;
+        void (*commit_daemon)(void *userdata);      /* the root writes the daemon's */
+        void *commit_userdata;
+        bool restoring;              /* claiming stored fds: they are group members already */
+        uint64_t restarts;           /* restarts this state was carried across (daemon.info) */
         /* called when the model's counts change (systemd STATUS=) */
         void (*on_counts_changed)(void *userdata);
         void *counts_userdata;
@@ -78,6 +89,16 @@ void vhub_context_owner_drained(struct vhub_context *ctx, const struct vhub_owne
 /* A face's connection is going: each VM it owns lingers or is destroyed
  * (nothing here waits for back-ends); the model drops every pointer to it. */
 void vhub_context_owner_gone(struct vhub_context *ctx, const struct vhub_owner *owner);
+/* A restore: a face took back its connection owner (same face and id as
+ * in the snapshot): the VMs it owned are its again. */
+void vhub_context_owner_restored(struct vhub_context *ctx, const struct vhub_owner *owner);
+/* A restore is complete (every face took its connections back): devices
+ * that had a request in flight are lost now, outages go on, VMs whose
+ * owner did not come back linger or go (vhub-model-snapshot.h). */
+void vhub_context_restore_finish(struct vhub_context *ctx);
+/* Some op or memory change waits on a back-end (a planned restart waits
+ * until nothing does). */
+bool vhub_context_busy(const struct vhub_context *ctx);
 void vhub_context_counts_changed(struct vhub_context *ctx);
 /* Number of VMs owned by uid. */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);

@@ -6,11 +6,13 @@
  */
 #pragma once
 
+#include "vhub-commit.h"
 #include "vhub-device.h"
 #include "vhub-event.h"
 #include "vhub-log.h"
 #include "vhu-message.h"
 
+struct vhub_backend_listener;
 struct vhub_vm;
 
 enum vhub_op_kind {
@@ -139,11 +141,17 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
  * takes it and leaves it before it is closed (vhub-fd-track.h).  fmt names
  * it below "dev/<uid>/<vm>/<device>/". */
 #define device_fd_track(d, fd, fmt, ...)                                                        \
-        vhub_fd_track((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,                    \
-                      (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__)
+        do {                                                                                    \
+                vhub_fd_track((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,            \
+                              (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__);  \
+                vhub_changed((d)->vm->ctx, (d)->vm);                                            \
+        } while (0)
 #define device_fd_untrack(d, fd, fmt, ...)                                                      \
-        vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,                  \
-                        (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__)
+        do {                                                                                    \
+                vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,          \
+                                (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__); \
+                vhub_changed((d)->vm->ctx, (d)->vm);                                            \
+        } while (0)
 #define device_fd_visit(d, v, fd, group, fmt, ...)                                               \
         vhub_fd_visit((v), (fd), (group), "dev/%u/%s/%s/" fmt, (unsigned)(d)->vm->uid,            \
                       (d)->vm->name, (d)->name, ##__VA_ARGS__)
@@ -184,6 +192,13 @@ void device_link_done(struct vhub_device *d);
 void device_drop_connection(struct vhub_device *d);
 /* The link's fds (socket, channel, listener and its directory). */
 void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_visitor *v);
+/* A restore: the link on the stored connection (sock_fd, chan_fd: -1 for
+ * none; taken in every case), and server mode's listener back on its
+ * socket (listen_fd taken; l taken).  Nothing is sent. */
+int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
+                        struct vhub_backend_listener *l);
+/* A restored outage goes on: its socket watched, the next attempt in left_ms. */
+void device_link_resume_outage(struct vhub_device *d, unsigned left_ms);
 /* Declare the back-end lost now (reported from the loop). */
 void device_mark_lost(struct vhub_device *d, const char *reason);
 /* A restore op succeeded: back to the state before the loss. */

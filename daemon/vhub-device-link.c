@@ -172,6 +172,7 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                    c->why ? " (" : "", c->why ? c->why : "", c->why ? ")" : "");
         d->state = to;
         d->stats.state_since_usec = vhub_now_usec();
+        vhub_changed(d->vm->ctx, d->vm);
 
         if (state_outage(from) && !state_outage(to)) {
                 device_stop_watching(d);
@@ -411,6 +412,8 @@ static void device_schedule_reconnect(struct vhub_device *d) {
                 d->reconnect_delay_ms = cap;
         tv = vhub_timeval_from_ms(d->reconnect_delay_ms);
         evtimer_add(d->ev_reconnect, &tv);
+        d->reconnect_deadline_usec = vhub_now_usec() + (uint64_t)d->reconnect_delay_ms * 1000;
+        vhub_changed(d->vm->ctx, d->vm);
 }
 
 /* A restore attempt failed (after device_schedule_reconnect(), so the next
@@ -527,6 +530,49 @@ void device_link_stop_retrying(struct vhub_device *d) {
         if (d->ev_reconnect)
                 evtimer_del(d->ev_reconnect);
         device_stop_watching(d);
+}
+
+/* ---- a restore (vhub-device-snapshot.c) ---- */
+
+int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
+                        struct vhub_backend_listener *l) {
+        int r = 0;
+
+        d->ev_reconnect = evtimer_new(d->vm->ctx->base, device_reconnect_cb, d);
+        if (!d->ev_reconnect)
+                r = -ENOMEM;
+        if (r == 0 && sock_fd >= 0) {
+                r = device_attach_connection(d, VHU_TAKE_FD(sock_fd));
+                if (r == 0)
+                        vhub_bconn_set_protocol_features(d->conn, d->protocol_features);
+        }
+        if (r == 0 && chan_fd >= 0)
+                r = device_channel_open(d, VHU_TAKE_FD(chan_fd));
+        if (listen_fd >= 0 && l) {
+                d->listen_fd = VHU_TAKE_FD(listen_fd);
+                d->listener = l;
+                l = NULL;
+                device_fd_track(d, d->listen_fd, "listen");
+                device_fd_track(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
+                d->ev_listen = event_new(d->vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
+                if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
+                        r = r < 0 ? r : -ENOMEM;
+        }
+        vhu_safe_close(sock_fd);
+        vhu_safe_close(chan_fd);
+        vhu_safe_close(listen_fd);
+        vhub_backend_listener_forget(l);
+        return r;
+}
+
+void device_link_resume_outage(struct vhub_device *d, unsigned left_ms) {
+        struct timeval tv = vhub_timeval_from_ms(left_ms);
+
+        if (d->mode == VHUB_DEV_MODE_SERVER)
+                return; /* the back-end comes to us */
+        device_watch_socket(d);
+        evtimer_add(d->ev_reconnect, &tv);
+        d->reconnect_deadline_usec = vhub_now_usec() + (uint64_t)left_ms * 1000;
 }
 
 /* The device is being freed: nothing here is used again. */

@@ -139,6 +139,7 @@ struct vhub_device {
         struct event *ev_listen;
         struct event *ev_reconnect;   /* also the first-accept deadline in server mode */
         unsigned reconnect_delay_ms;
+        uint64_t reconnect_deadline_usec; /* CLOCK_MONOTONIC: the next attempt, while armed */
         unsigned reconnect_fast;      /* quick retries after the socket reappeared */
         struct vhub_socket_watch *watch; /* its socket, watched during an outage (client mode) */
         unsigned reconnects;          /* successful restores */
@@ -175,6 +176,11 @@ struct vhub_device {
 
         struct vhub_op_list ops;
         unsigned n_ops;
+
+        /* a restore, until vhub_device_restore_finish() */
+        bool restore_lost;            /* a request was in flight: lost now */
+        bool restore_reconnect_armed;
+        uint64_t restore_reconnect_left_ms;
 };
 
 struct vhub_device_add_params {

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* Naming and tracking the daemon's fds: see vhub-fd-track.h. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -34,6 +35,9 @@ void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd
         if (fd < 0)
                 return;
         r = kept ? vhub_fdstore_group_add(store, group, fd) : vhub_fdstore_group_remove(store, group, fd);
+        /* a restore's owners take back fds their group already holds */
+        if (r == -EEXIST && kept && ctx && ctx->restoring)
+                r = 0;
         if (r >= 0 && vhub_log_get_level() < LOG_DEBUG)
                 return;
         va_start(ap, fmt);

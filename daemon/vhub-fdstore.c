@@ -90,6 +90,7 @@ struct fds_group {
         struct fds_group *dirty_next;   /* on s->dirty while its stash is out of date */
         bool dirty;
         int *fds;                       /* the members: their owners' numbers (borrowed) */
+        struct vhub_fd_key *keys;       /* each member's identity, for the snapshot */
         size_t n, cap;
         char name[];
 };
@@ -749,6 +750,7 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 struct fds_group *g = group_of(node);
 
                 free(g->fds);
+                free(g->keys);
                 free(g);
         }
         free(s->groups.buckets);
@@ -992,6 +994,7 @@ static int group_new(struct vhub_fdstore *s, const char *name, struct fds_group 
 static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
         name_table_unlink(&s->groups, &g->node);
         free(g->fds);
+        free(g->keys);
         free(g);
 }
 
@@ -1117,15 +1120,21 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         if (g->n == g->cap) {
                 size_t cap = g->cap ? g->cap * 2 : 4;
                 int *p = reallocarray(g->fds, cap, sizeof(*p));
+                struct vhub_fd_key *k = p ? reallocarray(g->keys, cap, sizeof(*k)) : NULL;
 
-                if (!p) {
+                if (p)
+                        g->fds = p;
+                if (!k) {
                         if (g->n == 0 && !g->dirty)
                                 group_unlink_free(s, g);
                         return -ENOMEM;
                 }
-                g->fds = p;
+                g->keys = k;
                 g->cap = cap;
         }
+        /* computed once, as it joins: a snapshot names it by this key */
+        if (vhub_fd_key_of(fd, &g->keys[g->n]) < 0)
+                g->keys[g->n] = (struct vhub_fd_key){ 0 };
         g->fds[g->n++] = fd;
         s->n_members++;
         s->stats.pushes++;
@@ -1144,12 +1153,26 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
                         continue;
                 /* the order is kept: it is the stash's, which a restore returns */
                 memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
+                memmove(g->keys + i, g->keys + i + 1, (g->n - i - 1) * sizeof(*g->keys));
                 g->n--;
                 s->n_members--;
                 s->stats.removes++;
                 group_mark_dirty(s, g);
                 return 0;
         }
+        return -ENOENT;
+}
+
+int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
+                           struct vhub_fd_key *ret) {
+        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+
+        /* from the end: an owner's newest fds change most */
+        for (size_t i = g ? g->n : 0; i > 0; i--)
+                if (g->fds[i - 1] == fd) {
+                        *ret = g->keys[i - 1];
+                        return 0;
+                }
         return -ENOENT;
 }
 
@@ -1167,6 +1190,10 @@ int vhub_fd_key_of(int fd, struct vhub_fd_key *ret) {
         if (fstat(fd, &st) < 0)
                 return -errno;
         *ret = (struct vhub_fd_key){ .dev = (uint64_t)st.st_dev, .ino = (uint64_t)st.st_ino };
+        /* only an anonymous inode (no file type: eventfds among them) needs
+         * more: sockets, memfds and directories are told apart already */
+        if ((st.st_mode & S_IFMT) != 0)
+                return 0;
         /* every eventfd shares one anonymous inode: the kernel's own id
          * (Linux >= 6.0 shows "eventfd-id:") tells them apart */
         snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
@@ -1586,7 +1613,15 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                                 remove_internal(s, e, true);
                         log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
                                     group);
+                } else if (n > 0 && !(g->keys = calloc(n, sizeof(*g->keys)))) {
+                        group_unlink_free(s, g);
+                        if (e)
+                                remove_internal(s, e, true);
+                        log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
+                                    group);
                 } else {
+                        for (size_t i = 0; i < n; i++)
+                                g->keys[i] = m[i].key;
                         g->fds = fds;   /* the group takes the array */
                         fds = NULL;
                         g->n = g->cap = n;

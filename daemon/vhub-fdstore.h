@@ -118,6 +118,10 @@ struct vhub_fd_key {
         uint64_t dev, ino, eventfd_id;
 };
 int vhub_fd_key_of(int fd, struct vhub_fd_key *ret);
+/* The key fd had when it joined group (computed then, once): 0, or
+ * -ENOENT if it is not a member (or the store is disabled). */
+int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
+                           struct vhub_fd_key *ret);
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name);
 /* True if some live fd is not in the manager's store (it will not survive
  * a restart). */

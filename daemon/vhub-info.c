@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-info.h"
@@ -24,6 +25,8 @@ void vhub_info_daemon(const struct vhub_context *ctx, uid_t uid, struct vhub_dae
                 .uptime_usec = vhub_now_usec() - ctx->start_usec,
                 .started_realtime_usec = ctx->start_realtime_usec,
                 .protocol_features = VHUB_SUPPORTED_PROTOCOL_FEATURES,
+                .restarts = ctx->restarts,
+                .fd_store = vhub_commit_enabled(ctx),
         };
         TAILQ_FOREACH(vm, &ctx->vms, link)
                 if (vm_listed(vm, uid)) {

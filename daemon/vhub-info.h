@@ -29,6 +29,8 @@ struct vhub_daemon_info {
         uint64_t started_realtime_usec;  /* CLOCK_REALTIME, for people */
         unsigned vms, devices;           /* those the uid sees */
         uint64_t protocol_features;      /* what the daemon implements as a front-end */
+        uint64_t restarts;               /* restarts its state was carried across */
+        bool fd_store;                   /* it keeps its state in the fd store (restarts are safe) */
 };
 
 void vhub_info_daemon(const struct vhub_context *ctx, uid_t uid, struct vhub_daemon_info *ret);

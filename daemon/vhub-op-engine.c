@@ -110,6 +110,7 @@ static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
         d->n_ops--;
         op_complete(d, op, r);
         op_free(op);
+        vhub_changed(d->vm->ctx, d->vm);
         if (d->destroy_pending) {
                 device_destroy(d);
                 return;
@@ -175,6 +176,10 @@ void device_run_head(struct vhub_device *d) {
         }
         op->running = true;
         op->started_usec = vhub_now_usec();
+        /* the snapshot says "busy" before the first request is on the
+         * wire: a crash from here on is a loss for this device */
+        vhub_changed(d->vm->ctx, d->vm);
+        vhub_commit_now(d->vm->ctx);
         op_run(d, op);
 }
 

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "vhub-call.h"
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
@@ -33,11 +34,17 @@ static void vm_log_close(struct vhub_vm *vm);
 /* The VM's fds join and leave its groups as it takes and closes them
  * (vhub-fd-track.h); fmt names them below "vm/<uid>/<vm>/". */
 #define vm_fd_track(vm, group, fd, fmt, ...)                                                     \
-        vhub_fd_track((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name, \
-                      ##__VA_ARGS__)
+        do {                                                                                     \
+                vhub_fd_track((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid,     \
+                              (vm)->name, ##__VA_ARGS__);                                        \
+                vhub_changed((vm)->ctx, (vm));                                                   \
+        } while (0)
 #define vm_fd_untrack(vm, group, fd, fmt, ...)                                                   \
-        vhub_fd_untrack((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid,           \
-                        (vm)->name, ##__VA_ARGS__)
+        do {                                                                                     \
+                vhub_fd_untrack((vm)->ctx, (group), (fd), "vm/%u/%s/" fmt, (unsigned)(vm)->uid,   \
+                                (vm)->name, ##__VA_ARGS__);                                      \
+                vhub_changed((vm)->ctx, (vm));                                                   \
+        } while (0)
 #define vm_fd_visit(vm, v, fd, group, fmt, ...)                                                  \
         vhub_fd_visit((v), (fd), (group), "vm/%u/%s/" fmt, (unsigned)(vm)->uid, (vm)->name,       \
                       ##__VA_ARGS__)
@@ -67,6 +74,12 @@ void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *
         TAILQ_FOREACH(mop, &vm->mem_ops, link)
                 vm_fd_visit(vm, v, mop->region.fd, NULL, "region/%llu", (unsigned long long)mop->region.id);
         vm_fd_visit(vm, v, vm->log_fd, vm->fd_group, "log");
+        if (vm->snap.fd >= 0) {
+                char snap[VHUB_FD_GROUP_MAX];
+
+                /* stored on its own, under its own name (vhub-commit.h) */
+                vm_fd_visit(vm, v, vm->snap.fd, vhub_fd_group(snap, VHUB_SNAP_GROUP_VM, vm->id), "snapshot");
+        }
         for (size_t i = 0; i < vm->shared.n; i++) {
                 vhub_uuid_format(vm->shared.objects[i].uuid, u);
                 vm_fd_visit(vm, v, vm->shared.objects[i].fd, vm->fd_group_shared, "shared/%s", u);
@@ -129,6 +142,37 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
         vhub_vm_destroy(vm, NULL);
 }
 
+struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, const char *name,
+                              uint64_t linger_ms, const struct vhub_cred *cred) {
+        struct vhub_vm *vm = calloc(1, sizeof(*vm));
+
+        if (!vm)
+                return NULL;
+        vm->ctx = ctx;
+        vm->id = id;
+        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id);
+        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_SHARED, vm->id);
+        snprintf(vm->name, sizeof(vm->name), "%s", name);
+        vm->uid = uid;
+        vm->linger_ms = linger_ms;
+        vm->destroy_reason = VHUB_VM_DESTROYED_DESTROY;
+        vhub_mem_table_init(&vm->mem);
+        vhub_shared_table_init(&vm->shared);
+        vm->log_fd = -1;
+        vm->snap.fd = -1;
+        vm->snap.newest = -1;
+        TAILQ_INIT(&vm->mem_ops);
+        TAILQ_INIT(&vm->devices);
+        vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
+        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
+                if (vm->linger_timer)
+                        event_free(vm->linger_timer);
+                free(vm);
+                return NULL;
+        }
+        return vm;
+}
+
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
                    const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err, struct vhub_vm **ret) {
@@ -139,36 +183,17 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         if (vhub_context_count_vms(ctx, uid) >= ctx->config->limits.vms_per_uid)
                 return vhub_error_set(err, VHUB_ERR_LIMIT, "uid %u already has %u VMs (the limit)",
                                       (unsigned)uid, ctx->config->limits.vms_per_uid);
-        vm = calloc(1, sizeof(*vm));
+        vm = vhub_vm_alloc(ctx, ++ctx->next_vm_id, uid, name, linger_ms, cred);
         if (!vm)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        vm->ctx = ctx;
-        vm->id = ++ctx->next_vm_id;
-        vhub_fd_group(vm->fd_group, VHUB_FD_GROUP_VM, vm->id);
-        vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_SHARED, vm->id);
-        snprintf(vm->name, sizeof(vm->name), "%s", name);
-        vm->uid = uid;
         vm->owner = owner;
-        vm->linger_ms = linger_ms;
-        vm->destroy_reason = VHUB_VM_DESTROYED_DESTROY;
-        vhub_mem_table_init(&vm->mem);
-        vhub_shared_table_init(&vm->shared);
-        vm->log_fd = -1;
-        TAILQ_INIT(&vm->mem_ops);
-        TAILQ_INIT(&vm->devices);
-        vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
-        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
-                if (vm->linger_timer)
-                        event_free(vm->linger_timer);
-                free(vm);
-                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        }
         TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
         ctx->n_vms++;
         vhub_context_counts_changed(ctx);
         vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
         /* the creator gets it too: it is the owner */
         vm_emit(vm, VHUB_EV_VM_CREATED, NULL);
+        vhub_changed(ctx, vm);
         *ret = vm;
         return 0;
 }
@@ -223,6 +248,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         TAILQ_REMOVE(&vm->ctx->vms, vm, link);
         vm->ctx->n_vms--;
         vhub_context_counts_changed(vm->ctx);
+        vhub_commit_vm_gone(vm);
         vm_log(vm, LOG_INFO, "VM destroyed");
         event_free(vm->linger_timer);
         for (size_t i = 0; i < vm->shared.n; i++)
@@ -275,6 +301,7 @@ void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
         }
         vm->destroying = true;
         vm->destroy_call = call;
+        vhub_changed(vm->ctx, vm);
         evtimer_del(vm->linger_timer);
         if (vm->n_devices == 0) {
                 vhub_vm_free(vm);
@@ -302,6 +329,8 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         }
         tv = vhub_timeval_from_ms(vm->linger_ms);
         evtimer_add(vm->linger_timer, &tv);
+        vm->linger_deadline_usec = vhub_now_usec() + vm->linger_ms * 1000;
+        vhub_changed(vm->ctx, vm);
         vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
                (unsigned long long)vm->linger_ms);
         vm_emit(vm, VHUB_EV_LINGERING, NULL);
@@ -334,6 +363,7 @@ int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const str
         }
         evtimer_del(vm->linger_timer);
         vm->owner = owner;
+        vhub_changed(vm->ctx, vm);
         vm_log(vm, LOG_INFO, "VM attached by a new connection");
         return 0;
 }

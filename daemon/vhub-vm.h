@@ -16,7 +16,9 @@
 #include "vhub-error.h"
 #include "vhub-fd-track.h"
 #include "vhub-memory.h"
+#include "vhub-owner.h"
 #include "vhub-shared-object.h"
+#include "vhub-snapshot.h"
 
 struct event;
 struct vhub_call;
@@ -95,6 +97,7 @@ struct vhub_vm {
         uint64_t next_token;            /* back-end requests forwarded or deferred: the VM's
                                          * own count, so that no uid sees another's */
         struct event *linger_timer;
+        uint64_t linger_deadline_usec;  /* CLOCK_MONOTONIC: when it fires, while armed */
 
         struct vhub_mem_table mem;      /* committed regions */
         struct vhub_mem_op_list mem_ops;/* head is the active one once started */
@@ -120,6 +123,17 @@ struct vhub_vm {
         unsigned holds;                 /* a loop over the devices is running: the last
                                          * device going does not free the VM yet */
         struct vhub_call *destroy_call;
+
+        /* its restart snapshot (vhub-commit.h) */
+        struct vhub_snap_file snap;     /* fd -1 until the first write */
+        bool snap_dirty;
+        TAILQ_ENTRY(vhub_vm) snap_link; /* on ctx->snap_dirty */
+        /* a restore, until the faces have taken their connections back */
+        bool restore_owned;             /* it had an owner: face and id */
+        enum vhub_face restore_owner_face;
+        uint64_t restore_owner_id;
+        bool restore_linger;            /* its linger timer ran: this much was left */
+        uint64_t restore_linger_left_ms;
 };
 
 /* owner: the creating connection (borrowed, see vhub-owner.h); cred: its
@@ -127,6 +141,10 @@ struct vhub_vm {
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
                    const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err, struct vhub_vm **ret);
+/* A VM not yet in the context (a restore's, or vhub_vm_create()'s): NULL
+ * when out of memory. */
+struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, const char *name,
+                              uint64_t linger_ms, const struct vhub_cred *cred);
 /* A VM being destroyed is not found: its name is free again. */
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name);
 

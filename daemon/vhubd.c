@@ -3,10 +3,12 @@
 #include <string.h>
 
 #include "control-server.h"
+#include "vhub-commit.h"
 #include "vhub-config.h"
 #include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-restart.h"
 #include "vhubd.h"
 #include "vhu-fd.h"
 
@@ -36,10 +38,10 @@ static void control_options(const struct vhub_config *config, const struct vhubd
 static bool name_is_ours(const char *name) {
         size_t n = strlen(name);
 
-        if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strncmp(name, VHUB_FDSTORE_RESERVED,
-                                                                   strlen(VHUB_FDSTORE_RESERVED)) == 0)
+        if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strcmp(name, VHUB_SNAP_NAME_DAEMON) == 0 ||
+            strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) == 0)
                 return true;
-        if (n < 2 || !strchr("cdvo", name[0]))
+        if (n < 2 || !strchr("cdvos", name[0]))
                 return false;
         return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
@@ -48,46 +50,81 @@ static bool name_is_ours(const char *name) {
  * What the service manager passed (LISTEN_FDS/LISTEN_FDNAMES): the control
  * socket of socket activation ("control", or the only fd a socket unit
  * without FileDescriptorName= passed), and what the fd store kept of an
- * earlier run (after a crash).  Nothing restores those yet (no snapshot is
- * written): each group's fds are closed at once -- its back-ends see their
- * connection go, the old control listener is gone before a new one is made
- * at its path -- and every stale name is removed from the store before
- * anything of this run is stored under it.  Returns the control socket or -1.
+ * earlier run.  With the earlier run's snapshot ("S") every snapshot is
+ * read and checked first (one the daemon cannot read: a log line, the map
+ * aborted so that the store keeps everything, -errno: the start fails);
+ * then the model is rebuilt from them and *ret_carried is set (the faces
+ * follow in vhubd_init()).  Without one, each group of an earlier run is
+ * closed at once -- its back-ends see their connection go -- and its name
+ * removed.  *ret_control: the control socket (-1: none passed);
+ * *ret_listener: the daemon's own listener of the earlier run (-1: none).
  */
-static int take_passed_fds(struct vhubd *v) {
+static int take_passed_fds(struct vhubd *v, struct vhub_fdstore_restore **ret_r, int *ret_control,
+                           int *ret_listener) {
         struct vhub_fdstore_restore *r;
         const char *name, *other = NULL;
         unsigned n_other = 0;
         int fd, k;
 
+        *ret_r = NULL;
+        *ret_control = *ret_listener = -1;
         k = vhub_fdstore_restore_from_env(v->fdstore, &r);
         if (k < 0) {
                 log_warning("cannot read the fds the service manager passed: %s", strerror(-k));
-                return -1;
+                return 0;
+        }
+        k = vhub_restart_load(v, r);
+        if (k < 0) {
+                vhub_fdstore_restore_abort(r);
+                return k;
         }
         fd = vhub_fdstore_take(r, "control");
         for (size_t i = 0; (name = vhub_fdstore_restore_name(r, i)); i++)
                 if (!name_is_ours(name)) {
                         other = name;
                         n_other++;
-                } else if (strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) != 0 &&
+                } else if (k == 0 && strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) != 0 &&
                            vhub_fdstore_drop_group(r, name) == 0)
                         log_info("fd store: group %s of an earlier run closed", name);
         if (fd < 0 && n_other == 1)
                 fd = vhub_fdstore_take(r, other);
+        *ret_control = fd;
+        if (k > 0) {
+                struct vhub_fdstore_member *m = NULL;
+                size_t n = 0;
+
+                if (vhub_fdstore_take_group(r, VHUB_FD_GROUP_LISTENER, &m, &n) == 0 && n >= 1) {
+                        *ret_listener = m[0].fd;
+                        for (size_t i = 1; i < n; i++) {
+                                (void)vhub_fdstore_group_remove(v->fdstore, VHUB_FD_GROUP_LISTENER, m[i].fd);
+                                vhu_safe_close(m[i].fd);
+                        }
+                }
+                free(m);
+                k = vhub_restart_model(v, r);
+                if (k < 0) {
+                        vhub_fdstore_restore_abort(r);
+                        return k;
+                }
+                *ret_r = r;
+                return 0;
+        }
         k = vhub_fdstore_restore_finish(r);
         if (k > 0)
                 log_info("%d fds the service manager kept from an earlier run were closed", k);
-        return fd;
+        return 0;
 }
 
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o) {
         struct vhub_fdstore_options so = { .disabled = config->no_fd_store };
+        struct vhub_fdstore_restore *restore = NULL;
         struct control_server_options co;
-        int listen_fd = o->control_listen_fd, r;
+        int listen_fd = o->control_listen_fd, own_listener = -1, r;
 
         memset(v, 0, sizeof(*v));
+        v->snap.fd = -1;
+        v->snap.newest = -1;
         r = vhub_context_init(&v->ctx, base, config);
         if (r < 0) {
                 vhu_safe_close(listen_fd); /* taken in every case */
@@ -109,21 +146,54 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
                 }
         }
         v->ctx.fdstore = v->fdstore;
+        r = vhub_commit_setup(&v->ctx);
+        if (r < 0) {
+                vhu_safe_close(listen_fd);
+                log_error("cannot set up the restart snapshots: %s", strerror(-r));
+                return r;
+        }
+        v->ctx.commit_daemon = vhub_restart_commit_daemon;
+        v->ctx.commit_userdata = v;
         if (vhub_fdstore_enabled(v->fdstore))
                 log_info("keeping fds in the service manager's fd store");
-        if (listen_fd < 0)
-                listen_fd = take_passed_fds(v);
-        if (listen_fd < 0 && !o->control_path) {
+        if (listen_fd < 0) {
+                r = take_passed_fds(v, &restore, &listen_fd, &own_listener);
+                if (r < 0)
+                        return r;       /* logged; the store is untouched */
+        }
+        if (listen_fd < 0 && own_listener < 0 && !o->control_path) {
                 log_error("no control socket path: pass --control PATH or set XDG_RUNTIME_DIR");
                 return -EINVAL;
         }
         control_options(config, o, listen_fd, &co);
+        if (listen_fd < 0 && own_listener >= 0 && o->control_path) {
+                /* the socket the earlier run made at the same path: clients
+                 * queued in its backlog are accepted as if nothing happened */
+                co.listen_fd = own_listener;
+                co.listen_fd_ours = true;
+                own_listener = -1;
+        }
+        if (own_listener >= 0) {
+                (void)vhub_fdstore_group_remove(v->fdstore, VHUB_FD_GROUP_LISTENER, own_listener);
+                vhu_safe_close(own_listener);
+        }
         r = control_server_new(&v->ctx, &co, &v->control);
         if (r < 0) {
                 log_error("cannot set up the control socket %s: %s",
-                          listen_fd < 0 ? o->control_path : "(inherited)", strerror(-r));
+                          co.listen_fd < 0 ? o->control_path : "(inherited)", strerror(-r));
+                if (restore)
+                        vhub_fdstore_restore_abort(restore);
                 return r;
         }
+        if (restore) {
+                vhub_restart_faces(v, restore);
+                r = vhub_fdstore_restore_finish(restore);
+                if (r > 0)
+                        log_info("%d fds the service manager kept were stale (nothing names them): closed", r);
+        }
+        /* the first snapshot of this run (the restart count, what came
+         * back), written once the loop runs: READY=1 goes first */
+        vhub_commit_all_later(&v->ctx);
         return 0;
 }
 
@@ -139,6 +209,7 @@ void vhubd_stop_faces(struct vhubd *v) {
 void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor) {
         if (v->ctx_ready)
                 vhub_context_foreach_fd(&v->ctx, visitor);
+        vhub_fd_visit(visitor, v->snap.fd, VHUB_SNAP_NAME_DAEMON, "daemon/snapshot");
         if (v->control)
                 control_server_foreach_fd(v->control, visitor);
 }
@@ -150,6 +221,12 @@ void vhubd_done(struct vhubd *v) {
                 vhub_context_done(&v->ctx);
         v->ctx_ready = false;
         v->control = control_server_free(v->control);
+        vhub_commit_done(&v->ctx);
+        vhub_restart_free(v);
+        /* a clean exit: the next start has nothing to restore */
+        if (v->snap.fd >= 0)
+                (void)vhub_fdstore_remove(v->fdstore, VHUB_SNAP_NAME_DAEMON);
+        vhub_snap_file_close(&v->snap);
         /* last: every owner above has taken its fds out of the store */
         v->ctx.fdstore = NULL;
         if (vhub_fdstore_flush(v->fdstore, VHUBD_FDSTORE_FLUSH_MS) < 0)

@@ -19,11 +19,16 @@ struct vhub_config;
 struct vhub_fd_visitor;
 struct vhub_fdstore;
 
+struct vhub_restart_state;
+
 struct vhubd {
         struct vhub_context ctx;
         bool ctx_ready;                  /* vhub_context_init() succeeded */
         struct vhub_fdstore *fdstore;    /* systemd's fd store (the context borrows it) */
         struct control_server *control;  /* the JSON-RPC face */
+        struct vhub_snap_file snap;      /* the daemon's snapshot ("S"), fd -1 until written */
+        struct vhub_restart_state *restart; /* vhub-restart.c's: what a start read, a planned
+                                             * restart's progress */
 };
 
 struct vhubd_options {

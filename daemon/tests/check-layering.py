@@ -13,7 +13,7 @@ import re
 import sys
 
 # the process: main, the systemd glue, signals, and the wiring of the faces
-COMPOSITION_ROOT = {"main.c", "vhubd.c", "vhubd.h", "vhub-sd.c", "vhub-sd.h",
+COMPOSITION_ROOT = {"main.c", "vhubd.c", "vhubd.h", "vhub-restart.c", "vhub-restart.h", "vhub-sd.c", "vhub-sd.h",
                     "vhub-signals.c", "vhub-signals.h"}
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 

@@ -50,6 +50,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -298,21 +299,20 @@ class ServiceManager:
             env.pop(k, None)
         env["NOTIFY_SOCKET"] = self.notify_socket
         # every fd is first copied above the 3..n+2 it will take, so that
-        # moving one into place cannot overwrite another still to move
+        # moving one into place cannot overwrite another still to move.  The
+        # move is done by a small exec-in-place wrapper (python, not bash:
+        # bash marks the fds >= 10 its `exec N<&M` makes close-on-exec, so
+        # the 8th stored fd on would never reach the service)
         high = []
         try:
             for _, fd in passed:
                 high.append(_fcntl_dupfd(fd, n + 3 + 16))
-            redirs = " ".join("%d<&%d %d<&-" % (3 + i, h, h) for i, h in enumerate(high))
-            script = ""
             if n:
                 env["LISTEN_FDS"] = str(n)
                 env["LISTEN_FDNAMES"] = ":".join(name for name, _ in passed)
-                script = "exec %s; " % redirs
-            # LISTEN_PID must be the exec'ed daemon's pid: the shell's $$,
+            # LISTEN_PID must be the exec'ed daemon's pid: the wrapper's,
             # which exec keeps (setpriv, first in argv, execs in place too)
-            script += ('LISTEN_PID=$$; export LISTEN_PID; ' if n else '') + 'exec "$@"'
-            cmd = ["bash", "-c", script, "bash"] + list(argv)
+            cmd = [sys.executable, "-c", _MOVE_FDS, ",".join(str(h) for h in high)] + list(argv)
             if procs._SETPRIV:
                 cmd = [procs._SETPRIV, "--pdeathsig", "KILL", "--"] + cmd
             out = stdout if stdout is not None else open(self.log_path, "ab")
@@ -478,6 +478,23 @@ class ServiceManager:
 def _fcntl_dupfd(fd, lowest):
     import fcntl
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest)
+
+
+# argv[1]: the high fds to move to 3, 4, ... (comma-separated, may be
+# empty); then the command.  Sets LISTEN_PID (when fds are passed) to its own
+# pid and execs in place.
+_MOVE_FDS = """
+import os, sys
+high = [int(x) for x in sys.argv[1].split(",") if x]
+for i, h in enumerate(high):
+    os.dup2(h, 3 + i, inheritable=True)
+for h in high:
+    if h >= 3 + len(high):
+        os.close(h)
+if high:
+    os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 def have_bash():

@@ -1,0 +1,287 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The control face across a restart (docs/restart.md): each connection's
+ * record in the daemon's snapshot, and the connections taken back by the
+ * next process.  A connection is its socket (claimed from its fd-store
+ * group c<id>: its peer's credentials come with it, SO_PEERCRED being the
+ * socket's), its id (which owns VMs), its subscriptions, the ids of the
+ * requests it has in flight, and the bytes it sent that were read and not
+ * yet handled.  Its output is written out before a planned restart exits
+ * (a connection that does not read loses what was queued, as it would at
+ * the output bound); fds received on a line not yet complete are not kept.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "control-internal.h"
+#include "vhub-context.h"
+#include "vhub-fd-claim.h"
+#include "vhub-log.h"
+#include "vhub-snapshot.h"
+#include "vhub-time.h"
+#include "vhub-vm.h"
+#include "vhu-fd.h"
+
+enum { S_NEXT_CONN_ID = 1, S_CONN };
+enum { C_ID = 1, C_SOCK, C_SUB_ALL, C_SUB, C_PENDING, C_INPUT, C_EOF };
+enum { SUB_UID = 1, SUB_VM };
+
+void control_server_pause(struct control_server *s) {
+        struct control_conn *c;
+
+        if (s->ev_accept)
+                event_del(s->ev_accept);
+        if (s->ev_accept_retry)
+                evtimer_del(s->ev_accept_retry);
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc)
+                        rpc_conn_stop_reading(c->rpc);
+}
+
+bool control_server_busy(const struct control_server *s) {
+        const struct control_conn *c;
+
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->pending > 0)
+                        return true;
+        return false;
+}
+
+bool control_server_flush_now(struct control_server *s) {
+        struct control_conn *c;
+        bool all = true;
+
+        TAILQ_FOREACH(c, &s->conns, link)
+                if (c->rpc && rpc_conn_flush_now(c->rpc) == 1)
+                        all = false;
+        return all;
+}
+
+static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer *w) {
+        const struct control_call *cc;
+        const char *in;
+        size_t n;
+
+        vhub_snap_put_u64(w, C_ID, c->id);
+        vhub_snap_put_fd(w, C_SOCK, vhub_context_fdstore(c->srv->ctx), c->fd_group, rpc_conn_fd(c->rpc));
+        vhub_snap_put_bool(w, C_SUB_ALL, c->sub_all);
+        for (size_t i = 0; i < c->n_sub_vms; i++) {
+                vhub_snap_begin(w, C_SUB);
+                vhub_snap_put_u32(w, SUB_UID, (uint32_t)c->sub_uids[i]);
+                vhub_snap_put_str(w, SUB_VM, c->sub_vms[i]);
+                vhub_snap_end(w);
+        }
+        TAILQ_FOREACH(cc, &c->calls, link) {
+                char *id;
+
+                if (!cc->id)
+                        continue;       /* a notification: nothing to answer */
+                id = json_dumps(cc->id, JSON_COMPACT | JSON_ENCODE_ANY);
+                if (!id) {
+                        w->error = w->error ? w->error : -ENOMEM;
+                        continue;
+                }
+                vhub_snap_put_str(w, C_PENDING, id);
+                free(id);
+        }
+        n = rpc_conn_unhandled_input(c->rpc, &in);
+        if (n > 0)
+                vhub_snap_put_bytes(w, C_INPUT, in, n);
+        vhub_snap_put_bool(w, C_EOF, c->eof);
+}
+
+int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w) {
+        const struct control_conn *c;
+
+        vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
+        TAILQ_FOREACH(c, &s->conns, link) {
+                if (!c->rpc)
+                        continue;
+                vhub_snap_begin(w, S_CONN);
+                conn_serialize(c, w);
+                vhub_snap_end(w);
+        }
+        return w->error;
+}
+
+/* ---- restore ---- */
+
+static void send_restarted(struct control_conn *c, uint64_t restarts, uint64_t downtime_ms) {
+        char timestamp[VHUB_RFC3339_LEN];
+        json_t *msg;
+
+        vhub_format_rfc3339(vhub_realtime_usec(), timestamp);
+        msg = json_pack("{s:s, s:s, s:{s:s, s:s, s:I, s:I}}", "jsonrpc", "2.0", "method", "event", "params",
+                        "event", "daemon.restarted", "timestamp", timestamp, "restarts", (json_int_t)restarts,
+                        "downtime_ms", (json_int_t)downtime_ms);
+        if (msg)
+                (void)rpc_conn_send(c->rpc, msg, NULL, 0);
+        json_decref(msg);
+}
+
+static void send_restarted_error(struct control_conn *c, const char *id_text) {
+        json_t *id = json_loads(id_text, JSON_DECODE_ANY, NULL);
+        json_t *data;
+
+        if (!id)
+                return;
+        data = json_pack("{s:s}", "detail", "the daemon restarted while this request was in flight; "
+                                            "it may or may not have taken effect");
+        (void)rpc_conn_send_error(c->rpc, id, VHUB_ERR_RESTARTED, vhub_error_message(VHUB_ERR_RESTARTED),
+                                  data);
+        json_decref(id);
+}
+
+static int read_sub(struct control_conn *c, const struct vhub_snap_rec *rec) {
+        char name[VHUB_NAME_MAX + 1] = "";
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint32_t uid = 0;
+        char **names;
+        uid_t *uids;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                if (x.tag == SUB_UID)
+                        r = vhub_snap_get_u32(&x, &uid);
+                else if (x.tag == SUB_VM)
+                        r = vhub_snap_get_str(&x, name, sizeof(name));
+                else
+                        r = vhub_snap_unknown(&x);
+        }
+        if (r < 0 || !name[0])
+                return r < 0 ? r : -EBADMSG;
+        names = reallocarray(c->sub_vms, c->n_sub_vms + 1, sizeof(*names));
+        if (!names)
+                return -ENOMEM;
+        c->sub_vms = names;
+        uids = reallocarray(c->sub_uids, c->n_sub_vms + 1, sizeof(*uids));
+        if (!uids)
+                return -ENOMEM;
+        c->sub_uids = uids;
+        if (!(names[c->n_sub_vms] = strdup(name)))
+                return -ENOMEM;
+        uids[c->n_sub_vms++] = (uid_t)uid;
+        return 0;
+}
+
+static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec,
+                        uint64_t restarts, uint64_t downtime_ms) {
+        struct vhub_fd_key key = { 0 };
+        struct vhub_fd_claim claim;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        struct control_conn *c;
+        const void *input = NULL;
+        size_t n_input = 0;
+        uint64_t id = 0;
+        int k, fd;
+
+        k = vhub_snap_enter(rec, &it);
+        while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {
+                if (x.tag == C_ID)
+                        k = vhub_snap_get_u64(&x, &id);
+                else if (x.tag == C_SOCK)
+                        k = vhub_snap_get_key(&x, &key);
+                else if (x.tag == C_INPUT)
+                        k = vhub_snap_get_bytes(&x, &input, &n_input);
+                else if (x.tag > C_EOF)
+                        k = vhub_snap_unknown(&x);
+        }
+        if (k < 0 || id == 0)
+                return k < 0 ? k : -EBADMSG;
+        if (s->next_conn_id < id)
+                s->next_conn_id = id;
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->srv = s;
+        c->refs = 1;
+        c->id = id;
+        TAILQ_INIT(&c->calls);
+        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
+        vhub_fd_claim_open(r, vhub_context_fdstore(s->ctx), c->fd_group, &claim);
+        fd = vhub_fd_claim(&claim, &key);
+        vhub_fd_claim_close(&claim);
+        if (fd < 0) {
+                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                              "control connection %llu did not survive the restart (its socket was not passed back)",
+                              (unsigned long long)id);
+                free(c);
+                return 0;
+        }
+        k = vhub_cred_from_socket(fd, &c->cred);
+        if (k < 0) {
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
+                vhu_safe_close(fd);
+                free(c);
+                return 0;
+        }
+        k = rpc_conn_new(vhub_context_base(s->ctx), fd, &s->opts.limits, &control_conn_ops, c, &c->rpc);
+        if (k < 0) {
+                /* rpc_conn_new closed it: out of the group too */
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
+                vhub_cred_done(&c->cred);
+                free(c);
+                return k;
+        }
+        c->uid = rpc_conn_peer_uid(c->rpc);
+        c->pid = rpc_conn_peer_pid(c->rpc);
+        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
+        TAILQ_INSERT_TAIL(&s->conns, c, link);
+        s->n_conns++;
+
+        /* daemon.restarted first, then what was in flight */
+        send_restarted(c, restarts, downtime_ms);
+        k = vhub_snap_enter(rec, &it);
+        while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {
+                char idtext[1024];
+
+                if (x.tag == C_SUB_ALL)
+                        k = vhub_snap_get_bool(&x, &c->sub_all);
+                else if (x.tag == C_SUB)
+                        k = read_sub(c, &x);
+                else if (x.tag == C_EOF)
+                        k = vhub_snap_get_bool(&x, &c->eof);
+                else if (x.tag == C_PENDING && vhub_snap_get_str(&x, idtext, sizeof(idtext)) >= 0)
+                        send_restarted_error(c, idtext);
+        }
+        if (n_input > 0 && rpc_conn_restore_input(c->rpc, input, n_input) < 0)
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu: the %zu bytes it had sent and were not handled are lost",
+                              (unsigned long long)id, n_input);
+        if (c->eof)
+                rpc_conn_close_after_flush(c->rpc, "peer closed");
+        vhub_context_owner_restored(s->ctx, &c->owner);
+        vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) carried across the restart",
+                      (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
+        return k < 0 ? k : 0;
+}
+
+int control_server_restore(struct control_server *s, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
+                           uint64_t restarts, uint64_t downtime_ms) {
+        struct vhub_snap_rec x;
+        int k;
+
+        while ((k = vhub_snap_next(it, &x)) > 0) {
+                if (x.tag == S_NEXT_CONN_ID) {
+                        uint64_t v = 0;
+
+                        k = vhub_snap_get_u64(&x, &v);
+                        if (k >= 0 && s->next_conn_id < v)
+                                s->next_conn_id = v;
+                } else if (x.tag == S_CONN) {
+                        k = conn_restore(s, r, &x, restarts, downtime_ms);
+                } else {
+                        k = vhub_snap_unknown(&x);
+                }
+                if (k < 0)
+                        return k;
+        }
+        return k;
+}

@@ -1,0 +1,137 @@
+/* SPDX-License-Identifier: MIT */
+/* Writing the restart snapshots as the model changes: see vhub-commit.h. */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "vhub-commit.h"
+#include "vhub-context.h"
+#include "vhub-fdstore.h"
+#include "vhub-log.h"
+#include "vhub-model-snapshot.h"
+#include "vhub-snapshot.h"
+#include "vhub-vm.h"
+
+bool vhub_commit_enabled(const struct vhub_context *ctx) {
+        return ctx->ev_commit != NULL;
+}
+
+static void commit_cb(evutil_socket_t fd, short what, void *userdata) {
+        vhub_commit_now(userdata);
+}
+
+int vhub_commit_setup(struct vhub_context *ctx) {
+        TAILQ_INIT(&ctx->snap_dirty);
+        if (!vhub_fdstore_enabled(ctx->fdstore) || ctx->ev_commit)
+                return 0;
+        ctx->ev_commit = event_new(ctx->base, -1, 0, commit_cb, ctx);
+        if (!ctx->ev_commit)
+                return -ENOMEM;
+        vhub_snap_writer_init(&ctx->snap_writer);
+        return 0;
+}
+
+void vhub_commit_done(struct vhub_context *ctx) {
+        if (!ctx->ev_commit)
+                return;
+        event_free(ctx->ev_commit);
+        ctx->ev_commit = NULL;
+        vhub_snap_writer_done(&ctx->snap_writer);
+}
+
+void vhub_changed(struct vhub_context *ctx, struct vhub_vm *vm) {
+        if (!ctx || !ctx->ev_commit || ctx->shutting_down)
+                return;
+        if (!vm)
+                ctx->snap_daemon_dirty = true;
+        else if (!vm->snap_dirty && !vm->freeing) {
+                vm->snap_dirty = true;
+                TAILQ_INSERT_TAIL(&ctx->snap_dirty, vm, snap_link);
+        }
+        event_active(ctx->ev_commit, EV_TIMEOUT, 0);
+}
+
+/* The VM's snapshot file, made (and stored) the first time. */
+static int vm_snap_open(struct vhub_vm *vm) {
+        char name[VHUB_FD_GROUP_MAX];
+        int r;
+
+        if (vm->snap.fd >= 0)
+                return 0;
+        vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
+        r = vhub_snap_file_create(name, &vm->snap);
+        if (r < 0)
+                return r;
+        /* in the store before anything is written into it (the manager's
+         * copy is the same open file: what is written later is in it) */
+        r = vhub_fdstore_push(vm->ctx->fdstore, vm->snap.fd, name);
+        if (r < 0) {
+                vhub_snap_file_close(&vm->snap);
+                return r;
+        }
+        return 0;
+}
+
+static void vm_commit(struct vhub_vm *vm) {
+        struct vhub_snap_writer *w = &vm->ctx->snap_writer;
+        int r;
+
+        r = vm_snap_open(vm);
+        if (r >= 0) {
+                vhub_snap_writer_reset(w);
+                r = vhub_vm_serialize(vm, w);
+                if (r >= 0)
+                        r = vhub_snap_file_commit(&vm->snap, w);
+        }
+        if (r < 0)
+                log_warning("VM %s: its restart snapshot was not written: %s", vm->name, strerror(-r));
+}
+
+void vhub_commit_now(struct vhub_context *ctx) {
+        struct vhub_vm *vm;
+
+        if (!ctx->ev_commit)
+                return;
+        event_del(ctx->ev_commit);
+        /* what a snapshot names is in the store first */
+        vhub_fdstore_sync(ctx->fdstore);
+        while ((vm = TAILQ_FIRST(&ctx->snap_dirty))) {
+                TAILQ_REMOVE(&ctx->snap_dirty, vm, snap_link);
+                vm->snap_dirty = false;
+                vm_commit(vm);
+        }
+        if (ctx->snap_daemon_dirty && ctx->commit_daemon) {
+                ctx->snap_daemon_dirty = false;
+                ctx->commit_daemon(ctx->commit_userdata);
+        }
+}
+
+void vhub_commit_all_later(struct vhub_context *ctx) {
+        struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                vhub_changed(ctx, vm);
+        vhub_changed(ctx, NULL);
+}
+
+void vhub_commit_all(struct vhub_context *ctx) {
+        vhub_commit_all_later(ctx);
+        vhub_commit_now(ctx);
+}
+
+void vhub_commit_vm_gone(struct vhub_vm *vm) {
+        struct vhub_context *ctx = vm->ctx;
+        char name[VHUB_FD_GROUP_MAX];
+
+        if (vm->snap_dirty) {
+                TAILQ_REMOVE(&ctx->snap_dirty, vm, snap_link);
+                vm->snap_dirty = false;
+        }
+        if (vm->snap.fd < 0)
+                return;
+        vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
+        (void)vhub_fdstore_remove(ctx->fdstore, name);
+        vhub_snap_file_close(&vm->snap);
+        vhub_changed(ctx, NULL);
+}

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The model commits its state into the restart snapshots (docs/restart.md,
+ * "Snapshot files"): one snapshot memfd per VM ("s<id>" in the fd store),
+ * rewritten when that VM changes, and the daemon's own ("S", written by the
+ * composition root through ctx->commit_daemon, since it holds the faces).
+ *
+ * A change marks its VM (or the daemon) dirty; what is dirty is written
+ * once, after the loop's current callback, and at once when an op starts
+ * on a device (so that a snapshot never calls a device idle while one of
+ * its requests is on the wire).  Every write first brings the fd store's
+ * groups up to date: an fd is in the store before a snapshot names it.
+ * Nothing happens without an fd store (--no-fd-store, no $NOTIFY_SOCKET).
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct vhub_context;
+struct vhub_vm;
+
+/* The kind letter of a VM's snapshot in the fd store, and the daemon's name. */
+#define VHUB_SNAP_GROUP_VM      's'
+#define VHUB_SNAP_NAME_DAEMON   "S"
+
+/* Snapshots are kept (the fd store is enabled).  Sets up the deferred write. */
+int vhub_commit_setup(struct vhub_context *ctx);
+void vhub_commit_done(struct vhub_context *ctx);
+bool vhub_commit_enabled(const struct vhub_context *ctx);
+/* vm changed (NULL: the daemon's own state, its faces included). */
+void vhub_changed(struct vhub_context *ctx, struct vhub_vm *vm);
+/* Write every dirty snapshot now. */
+void vhub_commit_now(struct vhub_context *ctx);
+/* Mark everything dirty: written after the loop's current callback. */
+void vhub_commit_all_later(struct vhub_context *ctx);
+/* Mark everything dirty and write it (the planned restart's last step). */
+void vhub_commit_all(struct vhub_context *ctx);
+/* vm goes: off the dirty list, its snapshot out of the store and closed. */
+void vhub_commit_vm_gone(struct vhub_vm *vm);

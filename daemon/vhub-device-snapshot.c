@@ -1,0 +1,620 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A device in its VM's restart snapshot (vhub-model-snapshot.h): what
+ * device.list, device.stats and a restore need -- its identity and link,
+ * its state, what was negotiated, its rings and inflight region, the
+ * memory its back-end has mapped, its outage and backoff -- and each fd it
+ * keeps by the identity key it has in the device's fd-store group.
+ *
+ * A device is *busy* when an op runs on it (a request may be on the wire,
+ * or a stage pending): the snapshot is written as the op starts and after
+ * it ends (vhub-op-engine.c), so a snapshot that says busy is a device that
+ * had a request in flight at the crash; a planned restart lets ops finish
+ * first.  A busy device is restored as lost (the reconnect path, with its
+ * events); an idle one takes its connection back and nothing is sent.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vhub-backend-channel.h"
+#include "vhub-backend-conn.h"
+#include "vhub-backend-path.h"
+#include "vhub-context.h"
+#include "vhub-device-internal.h"
+#include "vhub-fd-claim.h"
+#include "vhub-model-snapshot.h"
+#include "vhub-time.h"
+#include "vhub-vm.h"
+#include "vhu-fd.h"
+
+enum {
+        D_ID = 1,
+        D_NAME,
+        D_PATH,
+        D_TYPE,
+        D_MODE,
+        D_FACE,
+        D_RECONNECT_MS,
+        D_REQUESTED_QUEUES,
+        D_STATE,
+        D_STATE_BEFORE_LOSS,
+        D_BUSY,
+        D_REMOVING,
+        D_SOCK,                 /* keys of its fds */
+        D_CHAN,
+        D_LISTEN,
+        D_DIRFD,
+        D_INFLIGHT,
+        D_LISTENER,             /* nest: LS_* */
+        D_RECONNECT_DELAY_MS,
+        D_RECONNECT_LEFT_MS,    /* only while a reconnect timer runs */
+        D_RECONNECTS,
+        D_OUTAGE_AGO_USEC,      /* times as "how long ago": CLOCK_MONOTONIC does */
+        D_OUTAGE_FAILURES,      /* not survive a reboot, and a restart is not one */
+        D_RESTORED_AGO_USEC,
+        D_HANDSHAKEN,
+        D_FEATURES,
+        D_PROTOCOL_FEATURES,
+        D_ACKED_FEATURES,
+        D_BACKEND_QUEUE_NUM,
+        D_QUEUES,
+        D_MAX_MEM_SLOTS,
+        D_RING,                 /* nest: R_* */
+        D_SHMEM_SIZES,          /* u64 each */
+        D_INFLIGHT_SIZE,
+        D_INFLIGHT_QUEUE_SIZE,
+        D_SHADOW,               /* region ids, u64 each */
+        D_MEM_SYNCED,
+        D_STATS,                /* nest: ST_* */
+};
+
+enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
+
+enum {
+        R_INDEX = 1,
+        R_CONFIGURED,
+        R_SIZE,
+        R_DESC,
+        R_AVAIL,
+        R_USED,
+        R_BASE,
+        R_KICK,
+        R_CALL,
+        R_ERR,
+        R_LOSS_AVAIL,
+        R_LOSS_USED,
+        R_LOSS_READ,
+};
+
+enum {
+        ST_REQUESTS = 1,
+        ST_REPLIES,
+        ST_TIMEOUTS,
+        ST_LOSSES,
+        ST_BACKEND_REQUESTS,
+        ST_EVENTFD_SKIPPED,
+        ST_HANDSHAKE_USEC,
+        ST_RESTORE_USEC,
+        ST_RESTORED,
+        ST_LOST,
+        ST_LAST_LOSS_REALTIME,
+        ST_LAST_LOSS_REASON,
+        ST_STATE_AGO_USEC,
+};
+
+static bool device_busy(const struct vhub_device *d) {
+        const struct vhub_op *op = TAILQ_FIRST(&d->ops);
+
+        return op && op->running;
+}
+
+static uint64_t ago(uint64_t then_usec) {
+        uint64_t now = vhub_now_usec();
+
+        return then_usec && then_usec <= now ? now - then_usec : 0;
+}
+
+static void put_u64_array(struct vhub_snap_writer *w, uint32_t tag, const uint64_t *v, size_t n) {
+        uint8_t *b;
+
+        if (n == 0)
+                return;
+        b = malloc(n * 8);
+        if (!b) {
+                w->error = w->error ? w->error : -ENOMEM;
+                return;
+        }
+        for (size_t i = 0; i < n; i++)
+                for (int k = 0; k < 8; k++)
+                        b[i * 8 + k] = (uint8_t)(v[i] >> (8 * k));
+        vhub_snap_put_bytes(w, tag, b, n * 8);
+        free(b);
+}
+
+/* *ret malloc()ed (NULL when empty). */
+static int get_u64_array(const struct vhub_snap_rec *rec, uint64_t **ret, size_t *ret_n) {
+        const uint8_t *p;
+        const void *raw;
+        size_t n;
+        uint64_t *v;
+        int r = vhub_snap_get_bytes(rec, &raw, &n);
+
+        if (r < 0)
+                return r;
+        if (n % 8)
+                return -EBADMSG;
+        p = raw;
+        v = n ? calloc(n / 8, sizeof(*v)) : NULL;
+        if (n && !v)
+                return -ENOMEM;
+        for (size_t i = 0; i < n / 8; i++)
+                for (int k = 7; k >= 0; k--)
+                        v[i] = (v[i] << 8) | p[i * 8 + (size_t)k];
+        free(*ret);
+        *ret = v;
+        *ret_n = n / 8;
+        return 0;
+}
+
+int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w) {
+        const struct vhub_fdstore *s = d->vm->ctx->fdstore;
+        const char *g = d->fd_group;
+
+        vhub_snap_put_u64(w, D_ID, d->id);
+        vhub_snap_put_str(w, D_NAME, d->name);
+        vhub_snap_put_str(w, D_PATH, d->socket_path);
+        vhub_snap_put_str(w, D_TYPE, d->type);
+        vhub_snap_put_u32(w, D_MODE, d->mode);
+        vhub_snap_put_u32(w, D_FACE, d->face);
+        vhub_snap_put_u32(w, D_RECONNECT_MS, d->reconnect_ms);
+        vhub_snap_put_u32(w, D_REQUESTED_QUEUES, d->requested_queues);
+        vhub_snap_put_u32(w, D_STATE, d->state);
+        vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
+        vhub_snap_put_bool(w, D_BUSY, device_busy(d));
+        vhub_snap_put_bool(w, D_REMOVING, d->removing);
+        if (d->conn)
+                vhub_snap_put_fd(w, D_SOCK, s, g, vhub_bconn_fd(d->conn));
+        if (d->channel)
+                vhub_snap_put_fd(w, D_CHAN, s, g, vhub_backend_channel_fd(d->channel));
+        vhub_snap_put_fd(w, D_LISTEN, s, g, d->listen_fd);
+        if (d->listener) {
+                struct vhub_backend_listener_state st;
+
+                vhub_snap_put_fd(w, D_DIRFD, s, g, vhub_backend_listener_dir_fd(d->listener));
+                vhub_backend_listener_get(d->listener, &st);
+                vhub_snap_begin(w, D_LISTENER);
+                vhub_snap_put_str(w, LS_NAME, st.name);
+                vhub_snap_put_u64(w, LS_DEV, st.dev);
+                vhub_snap_put_u64(w, LS_INO, st.ino);
+                vhub_snap_put_i64(w, LS_CTIME_SEC, st.ctime_sec);
+                vhub_snap_put_i64(w, LS_CTIME_NSEC, st.ctime_nsec);
+                vhub_snap_end(w);
+        }
+        vhub_snap_put_fd(w, D_INFLIGHT, s, g, d->inflight_fd);
+        vhub_snap_put_u32(w, D_RECONNECT_DELAY_MS, d->reconnect_delay_ms);
+        if (d->ev_reconnect && evtimer_pending(d->ev_reconnect, NULL)) {
+                uint64_t now = vhub_now_usec();
+
+                vhub_snap_put_u64(w, D_RECONNECT_LEFT_MS, d->reconnect_deadline_usec > now
+                                          ? (d->reconnect_deadline_usec - now + 999) / 1000 : 0);
+        }
+        vhub_snap_put_u32(w, D_RECONNECTS, d->reconnects);
+        vhub_snap_put_u64(w, D_OUTAGE_AGO_USEC, ago(d->outage_usec));
+        vhub_snap_put_u32(w, D_OUTAGE_FAILURES, d->outage_failures);
+        vhub_snap_put_u64(w, D_RESTORED_AGO_USEC, ago(d->restored_usec));
+        vhub_snap_put_bool(w, D_HANDSHAKEN, d->handshaken);
+        vhub_snap_put_u64(w, D_FEATURES, d->features);
+        vhub_snap_put_u64(w, D_PROTOCOL_FEATURES, d->protocol_features);
+        vhub_snap_put_u64(w, D_ACKED_FEATURES, d->acked_features);
+        vhub_snap_put_u32(w, D_BACKEND_QUEUE_NUM, d->backend_queue_num);
+        vhub_snap_put_u32(w, D_QUEUES, d->queues);
+        vhub_snap_put_u32(w, D_MAX_MEM_SLOTS, d->max_mem_slots);
+        for (unsigned i = 0; d->vrings && i < d->queues; i++) {
+                const struct vhub_vring *v = &d->vrings[i];
+
+                if (!v->configured && v->kick_fd < 0 && v->call_fd < 0 && v->err_fd < 0 && !v->loss_read)
+                        continue;
+                vhub_snap_begin(w, D_RING);
+                vhub_snap_put_u32(w, R_INDEX, i);
+                vhub_snap_put_bool(w, R_CONFIGURED, v->configured);
+                vhub_snap_put_u32(w, R_SIZE, v->size);
+                vhub_snap_put_u64(w, R_DESC, v->desc);
+                vhub_snap_put_u64(w, R_AVAIL, v->avail);
+                vhub_snap_put_u64(w, R_USED, v->used);
+                vhub_snap_put_u32(w, R_BASE, v->base);
+                vhub_snap_put_fd(w, R_KICK, s, g, v->kick_fd);
+                vhub_snap_put_fd(w, R_CALL, s, g, v->call_fd);
+                vhub_snap_put_fd(w, R_ERR, s, g, v->err_fd);
+                vhub_snap_put_u32(w, R_LOSS_AVAIL, v->loss_avail);
+                vhub_snap_put_u32(w, R_LOSS_USED, v->loss_used);
+                vhub_snap_put_bool(w, R_LOSS_READ, v->loss_read);
+                vhub_snap_end(w);
+        }
+        put_u64_array(w, D_SHMEM_SIZES, d->shmem_sizes, d->n_shmem);
+        vhub_snap_put_u64(w, D_INFLIGHT_SIZE, d->inflight_size);
+        vhub_snap_put_u32(w, D_INFLIGHT_QUEUE_SIZE, d->inflight_queue_size);
+        put_u64_array(w, D_SHADOW, d->shadow, d->n_shadow);
+        vhub_snap_put_bool(w, D_MEM_SYNCED, d->mem_synced);
+        vhub_snap_begin(w, D_STATS);
+        vhub_snap_put_u64(w, ST_REQUESTS, d->stats.requests);
+        vhub_snap_put_u64(w, ST_REPLIES, d->stats.replies);
+        vhub_snap_put_u64(w, ST_TIMEOUTS, d->stats.timeouts);
+        vhub_snap_put_u64(w, ST_LOSSES, d->stats.losses);
+        vhub_snap_put_u64(w, ST_BACKEND_REQUESTS, d->stats.backend_requests);
+        vhub_snap_put_u64(w, ST_EVENTFD_SKIPPED, d->stats.eventfd_skipped);
+        vhub_snap_put_u64(w, ST_HANDSHAKE_USEC, d->stats.handshake_usec);
+        vhub_snap_put_u64(w, ST_RESTORE_USEC, d->stats.restore_usec);
+        vhub_snap_put_bool(w, ST_RESTORED, d->stats.restored);
+        vhub_snap_put_bool(w, ST_LOST, d->stats.lost);
+        vhub_snap_put_u64(w, ST_LAST_LOSS_REALTIME, d->stats.last_loss_realtime_usec);
+        vhub_snap_put_str(w, ST_LAST_LOSS_REASON, d->stats.last_loss_reason);
+        vhub_snap_put_u64(w, ST_STATE_AGO_USEC, ago(d->stats.state_since_usec));
+        vhub_snap_end(w);
+        return w->error;
+}
+
+/* ---- restore ---- */
+
+/* What a device's record says, before anything is made of it. */
+struct device_rec {
+        uint64_t id;
+        char name[VHUB_NAME_MAX + 1];
+        char *path;
+        bool busy, removing, has_listener;
+        bool has_sock, has_chan, has_listen, has_dirfd, has_inflight;
+        struct vhub_fd_key sock, chan, listen, dirfd, inflight;
+        struct vhub_backend_listener_state listener;
+        bool reconnect_armed;
+        uint64_t reconnect_left_ms;
+};
+
+static int read_u32_max(const struct vhub_snap_rec *rec, uint32_t max, uint32_t *ret) {
+        int r = vhub_snap_get_u32(rec, ret);
+
+        return r < 0 ? r : *ret > max ? -EBADMSG : 0;
+}
+
+static int read_listener(const struct vhub_snap_rec *rec, struct vhub_backend_listener_state *st) {
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case LS_NAME: r = vhub_snap_get_str(&x, st->name, sizeof(st->name)); break;
+                case LS_DEV: r = vhub_snap_get_u64(&x, &st->dev); break;
+                case LS_INO: r = vhub_snap_get_u64(&x, &st->ino); break;
+                case LS_CTIME_SEC: r = vhub_snap_get_i64(&x, &st->ctime_sec); break;
+                case LS_CTIME_NSEC: r = vhub_snap_get_i64(&x, &st->ctime_nsec); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        return r;
+}
+
+static int read_ring(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
+        struct vhub_fd_key kick = { 0 }, call = { 0 }, err = { 0 };
+        struct vhub_vring v = { .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint32_t u = 0;
+        bool have_index = false;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case R_INDEX: r = vhub_snap_get_u32(&x, &v.index); have_index = true; break;
+                case R_CONFIGURED: r = vhub_snap_get_bool(&x, &v.configured); break;
+                case R_SIZE: r = vhub_snap_get_u32(&x, &v.size); break;
+                case R_DESC: r = vhub_snap_get_u64(&x, &v.desc); break;
+                case R_AVAIL: r = vhub_snap_get_u64(&x, &v.avail); break;
+                case R_USED: r = vhub_snap_get_u64(&x, &v.used); break;
+                case R_BASE: r = vhub_snap_get_u32(&x, &v.base); break;
+                case R_KICK: r = vhub_snap_get_key(&x, &kick); break;
+                case R_CALL: r = vhub_snap_get_key(&x, &call); break;
+                case R_ERR: r = vhub_snap_get_key(&x, &err); break;
+                case R_LOSS_AVAIL: r = read_u32_max(&x, UINT16_MAX, &u); v.loss_avail = (uint16_t)u; break;
+                case R_LOSS_USED: r = read_u32_max(&x, UINT16_MAX, &u); v.loss_used = (uint16_t)u; break;
+                case R_LOSS_READ: r = vhub_snap_get_bool(&x, &v.loss_read); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        if (r < 0)
+                return r;
+        if (!have_index || v.index >= d->queues)
+                return -EBADMSG;
+        /* a ring fd the store did not pass back: the ring cannot run as it
+         * did; a loss restores it (the restore's START needs its fds, so
+         * the device then fails: the VMM must start it again) */
+        v.kick_fd = vhub_fd_claim(claim, &kick);
+        v.call_fd = vhub_fd_claim(claim, &call);
+        v.err_fd = vhub_fd_claim(claim, &err);
+        if (v.kick_fd < 0)
+                v.kick_fd = -1;
+        if (v.call_fd < 0)
+                v.call_fd = -1;
+        if (v.err_fd < 0)
+                v.err_fd = -1;
+        if ((kick.ino && v.kick_fd < 0) || (call.ino && v.call_fd < 0) || (err.ino && v.err_fd < 0))
+                return -ENOENT;
+        d->vrings[v.index] = v;
+        return 0;
+}
+
+static int read_stats(struct vhub_device *d, const struct vhub_snap_rec *rec) {
+        struct vhub_device_stats *st = &d->stats;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint64_t a = 0;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case ST_REQUESTS: r = vhub_snap_get_u64(&x, &st->requests); break;
+                case ST_REPLIES: r = vhub_snap_get_u64(&x, &st->replies); break;
+                case ST_TIMEOUTS: r = vhub_snap_get_u64(&x, &st->timeouts); break;
+                case ST_LOSSES: r = vhub_snap_get_u64(&x, &st->losses); break;
+                case ST_BACKEND_REQUESTS: r = vhub_snap_get_u64(&x, &st->backend_requests); break;
+                case ST_EVENTFD_SKIPPED: r = vhub_snap_get_u64(&x, &st->eventfd_skipped); break;
+                case ST_HANDSHAKE_USEC: r = vhub_snap_get_u64(&x, &st->handshake_usec); break;
+                case ST_RESTORE_USEC: r = vhub_snap_get_u64(&x, &st->restore_usec); break;
+                case ST_RESTORED: r = vhub_snap_get_bool(&x, &st->restored); break;
+                case ST_LOST: r = vhub_snap_get_bool(&x, &st->lost); break;
+                case ST_LAST_LOSS_REALTIME: r = vhub_snap_get_u64(&x, &st->last_loss_realtime_usec); break;
+                case ST_LAST_LOSS_REASON:
+                        r = vhub_snap_get_str(&x, st->last_loss_reason, sizeof(st->last_loss_reason));
+                        break;
+                case ST_STATE_AGO_USEC:
+                        r = vhub_snap_get_u64(&x, &a);
+                        st->state_since_usec = vhub_now_usec() - a;
+                        break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        return r;
+}
+
+static uint64_t since(uint64_t ago_usec) {
+        uint64_t now = vhub_now_usec();
+
+        return ago_usec && ago_usec < now ? now - ago_usec : 0;
+}
+
+/* The record's scalars into d and rec; rings and stats after, once the
+ * number of queues is known. */
+static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhub_snap_iter *it) {
+        struct vhub_snap_iter again = *it;
+        struct vhub_snap_rec x;
+        uint32_t u;
+        uint64_t a;
+        int r = 0;
+        char buf[4096];
+
+        while ((r = vhub_snap_next(&again, &x)) > 0) {
+                u = 0;
+                a = 0;
+                switch (x.tag) {
+                case D_ID: r = vhub_snap_get_u64(&x, &rec->id); break;
+                case D_NAME: r = vhub_snap_get_str(&x, rec->name, sizeof(rec->name)); break;
+                case D_PATH:
+                        r = vhub_snap_get_str(&x, buf, sizeof(buf));
+                        if (r >= 0) {
+                                free(rec->path);
+                                rec->path = strdup(buf);
+                                r = rec->path ? 0 : -ENOMEM;
+                        }
+                        break;
+                case D_TYPE: r = vhub_snap_get_str(&x, d->type, sizeof(d->type)); break;
+                case D_MODE: r = read_u32_max(&x, VHUB_DEV_MODE_SERVER, &u); d->mode = u; break;
+                case D_FACE: r = read_u32_max(&x, _VHUB_FACE_MAX - 1, &u); d->face = u; break;
+                case D_RECONNECT_MS: r = vhub_snap_get_u32(&x, &u); d->reconnect_ms = u; break;
+                case D_REQUESTED_QUEUES: r = vhub_snap_get_u32(&x, &u); d->requested_queues = u; break;
+                case D_STATE: r = read_u32_max(&x, _VHUB_DEV_STATE_MAX - 1, &u); d->state = u; break;
+                case D_STATE_BEFORE_LOSS:
+                        r = read_u32_max(&x, _VHUB_DEV_STATE_MAX - 1, &u);
+                        d->state_before_loss = u;
+                        break;
+                case D_BUSY: r = vhub_snap_get_bool(&x, &rec->busy); break;
+                case D_REMOVING: r = vhub_snap_get_bool(&x, &rec->removing); break;
+                case D_SOCK: r = vhub_snap_get_key(&x, &rec->sock); rec->has_sock = true; break;
+                case D_CHAN: r = vhub_snap_get_key(&x, &rec->chan); rec->has_chan = true; break;
+                case D_LISTEN: r = vhub_snap_get_key(&x, &rec->listen); rec->has_listen = true; break;
+                case D_DIRFD: r = vhub_snap_get_key(&x, &rec->dirfd); rec->has_dirfd = true; break;
+                case D_INFLIGHT: r = vhub_snap_get_key(&x, &rec->inflight); rec->has_inflight = true; break;
+                case D_LISTENER: r = read_listener(&x, &rec->listener); rec->has_listener = true; break;
+                case D_RECONNECT_DELAY_MS: r = vhub_snap_get_u32(&x, &u); d->reconnect_delay_ms = u; break;
+                case D_RECONNECT_LEFT_MS:
+                        r = vhub_snap_get_u64(&x, &rec->reconnect_left_ms);
+                        rec->reconnect_armed = true;
+                        break;
+                case D_RECONNECTS: r = vhub_snap_get_u32(&x, &u); d->reconnects = u; break;
+                case D_OUTAGE_AGO_USEC: r = vhub_snap_get_u64(&x, &a); d->outage_usec = since(a); break;
+                case D_OUTAGE_FAILURES: r = vhub_snap_get_u32(&x, &u); d->outage_failures = u; break;
+                case D_RESTORED_AGO_USEC: r = vhub_snap_get_u64(&x, &a); d->restored_usec = since(a); break;
+                case D_HANDSHAKEN: r = vhub_snap_get_bool(&x, &d->handshaken); break;
+                case D_FEATURES: r = vhub_snap_get_u64(&x, &d->features); break;
+                case D_PROTOCOL_FEATURES: r = vhub_snap_get_u64(&x, &d->protocol_features); break;
+                case D_ACKED_FEATURES: r = vhub_snap_get_u64(&x, &d->acked_features); break;
+                case D_BACKEND_QUEUE_NUM: r = vhub_snap_get_u32(&x, &u); d->backend_queue_num = u; break;
+                case D_QUEUES: r = read_u32_max(&x, VHUB_MAX_QUEUES, &u); d->queues = u; break;
+                case D_MAX_MEM_SLOTS: r = vhub_snap_get_u32(&x, &u); d->max_mem_slots = u; break;
+                case D_SHMEM_SIZES: {
+                        size_t n = 0;
+
+                        r = get_u64_array(&x, &d->shmem_sizes, &n);
+                        d->n_shmem = (unsigned)n;
+                        break;
+                }
+                case D_INFLIGHT_SIZE: r = vhub_snap_get_u64(&x, &d->inflight_size); break;
+                case D_INFLIGHT_QUEUE_SIZE:
+                        r = read_u32_max(&x, UINT16_MAX, &u);
+                        d->inflight_queue_size = (uint16_t)u;
+                        break;
+                case D_SHADOW:
+                        r = get_u64_array(&x, &d->shadow, &d->n_shadow);
+                        d->cap_shadow = d->n_shadow;
+                        break;
+                case D_MEM_SYNCED: r = vhub_snap_get_bool(&x, &d->mem_synced); break;
+                case D_RING:
+                case D_STATS:
+                        break;  /* below */
+                default: r = vhub_snap_unknown(&x); break;
+                }
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        if (!rec->id || !rec->name[0] || !rec->path)
+                return -EBADMSG;
+        return 0;
+}
+
+int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
+                        struct vhub_device **ret, const char **why) {
+        struct vhub_context *ctx = vm->ctx;
+        struct device_rec rec = { 0 };
+        struct vhub_backend_listener *l = NULL;
+        struct vhub_fd_claim claim;
+        struct vhub_snap_iter again;
+        struct vhub_snap_rec x;
+        struct vhub_device *d;
+        int sock = -1, chan = -1, listen = -1, k;
+
+        *ret = NULL;
+        d = calloc(1, sizeof(*d));
+        if (!d)
+                return -ENOMEM;
+        TAILQ_INIT(&d->ops);
+        d->vm = vm;
+        d->listen_fd = -1;
+        d->inflight_fd = -1;
+        k = read_fields(d, &rec, it);
+        if (k < 0) {
+                *why = "a device record is malformed";
+                free(d->shmem_sizes);
+                free(d->shadow);
+                free(rec.path);
+                free(d);
+                return k;
+        }
+        d->id = rec.id;
+        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
+        snprintf(d->name, sizeof(d->name), "%s", rec.name);
+        d->socket_path = rec.path;
+        d->vrings = calloc(d->queues ? d->queues : 1, sizeof(*d->vrings));
+        for (unsigned i = 0; d->vrings && i < d->queues; i++)
+                d->vrings[i] = (struct vhub_vring){ .index = i, .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
+        if (!d->vrings) {
+                free(d->shmem_sizes);
+                free(d->shadow);
+                free(d->socket_path);
+                free(d);
+                return -ENOMEM;
+        }
+        if (ctx->next_device_id < d->id)
+                ctx->next_device_id = d->id;
+
+        vhub_fd_claim_open(r, ctx->fdstore, d->fd_group, &claim);
+        k = 0;
+        again = *it;
+        while (k >= 0 && vhub_snap_next(&again, &x) > 0) {
+                if (x.tag == D_RING)
+                        k = read_ring(d, &claim, &x);
+                else if (x.tag == D_STATS)
+                        k = read_stats(d, &x);
+        }
+        if (k == -ENOENT) {
+                device_log(d, LOG_WARNING, NULL, "a ring's eventfd was not passed back: restored as lost");
+                rec.busy = true;
+        } else if (k < 0) {
+                *why = "a ring record of a device is malformed";
+        }
+        if (rec.has_sock && (sock = vhub_fd_claim(&claim, &rec.sock)) < 0)
+                rec.busy = true;        /* its connection is gone: a loss */
+        if (rec.has_chan && (chan = vhub_fd_claim(&claim, &rec.chan)) < 0)
+                rec.busy = true;
+        if (rec.has_inflight) {
+                int fd = vhub_fd_claim(&claim, &rec.inflight);
+
+                d->inflight_fd = fd >= 0 ? fd : -1;
+        }
+        if (rec.has_listen && rec.has_dirfd && rec.has_listener) {
+                int dfd = vhub_fd_claim(&claim, &rec.dirfd);
+
+                listen = vhub_fd_claim(&claim, &rec.listen);
+                l = dfd >= 0 ? vhub_backend_listener_adopt(dfd, &rec.listener) : NULL;
+        }
+        /* what the device holds joins its group again (the fds are members
+         * already: ctx->restoring) */
+        for (unsigned i = 0; i < d->queues; i++) {
+                device_fd_track(d, d->vrings[i].kick_fd, "ring%u.kick", i);
+                device_fd_track(d, d->vrings[i].call_fd, "ring%u.call", i);
+                device_fd_track(d, d->vrings[i].err_fd, "ring%u.err", i);
+        }
+        device_fd_track(d, d->inflight_fd, "inflight");
+        vhub_fd_claim_close(&claim);
+
+        TAILQ_INSERT_TAIL(&vm->devices, d, link);
+        vm->n_devices++;
+        ctx->n_devices++;
+        if (k >= 0 || k == -ENOENT)
+                k = device_link_restore(d, sock, chan, listen, l);
+        else {
+                vhu_safe_close(sock);
+                vhu_safe_close(chan);
+                vhu_safe_close(listen);
+                vhub_backend_listener_forget(l);
+        }
+        if (k < 0 && !*why)
+                *why = "a device's link could not be made again";
+        /* a device.add or device.remove in flight: its call is answered
+         * -32011, and the device goes (its connection closes) */
+        if (k < 0 || !d->handshaken || rec.removing || d->state == VHUB_DEV_CONNECTING) {
+                if (k >= 0)
+                        device_log(d, LOG_INFO, NULL, "was being %s when the daemon stopped: removed",
+                                   rec.removing ? "removed" : "added");
+                d->handshaken = false;  /* never announced again */
+                TAILQ_REMOVE(&vm->devices, d, link);
+                vm->n_devices--;
+                ctx->n_devices--;
+                vhub_device_free(d);
+                return k < 0 ? k : 0;
+        }
+        d->restore_lost = rec.busy || d->state == VHUB_DEV_RESTORING;
+        d->restore_reconnect_left_ms = rec.reconnect_armed ? rec.reconnect_left_ms : 0;
+        d->restore_reconnect_armed = rec.reconnect_armed;
+        if (d->state == VHUB_DEV_RESTORING) {
+                /* connected again, the restore ops were running: start over */
+                d->state = VHUB_DEV_DISCONNECTED;
+        }
+        device_log(d, LOG_DEBUG, NULL, "restored: %s%s", vhub_device_state_to_string(d->state),
+                   d->restore_lost ? ", a request was in flight: lost" : "");
+        *ret = d;
+        return 0;
+}
+
+void vhub_device_restore_finish(struct vhub_device *d) {
+        if (d->state == VHUB_DEV_DISCONNECTED) {
+                /* the outage goes on where it was: a connection the restore
+                 * attempt had made goes, the next attempt when it was due */
+                if (d->conn)
+                        device_drop_connection(d);
+                device_link_resume_outage(d, d->restore_reconnect_armed ? (unsigned)d->restore_reconnect_left_ms : 0);
+        } else if (d->restore_lost) {
+                if (d->conn)
+                        device_mark_lost(d, "a request was in flight when the daemon stopped");
+                else {
+                        /* no connection came back: the loss is now */
+                        device_set_state(d, VHUB_DEV_DISCONNECTED,
+                                         "its connection did not survive the daemon's restart");
+                        if (d->reconnect_ms == 0)
+                                device_set_state(d, VHUB_DEV_FAILED,
+                                                 "back-end lost and reconnect is disabled (reconnect_ms 0)");
+                }
+        }
+        d->restore_lost = false;
+}

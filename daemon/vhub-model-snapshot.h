@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The model's objects write themselves into their VM's restart snapshot
+ * and are rebuilt from it (docs/restart.md, "What a snapshot holds").  Each
+ * object's record is written and read next to the object: the VM and its
+ * regions, dirty log and shared objects in vhub-vm-snapshot.c, a device
+ * with its link, rings and inflight fd in vhub-device-snapshot.c.  Tags
+ * are meaningful within their parent record.  Model-internal.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "vhub-snapshot.h"
+
+struct vhub_context;
+struct vhub_device;
+struct vhub_fdstore_restore;
+struct vhub_vm;
+
+int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w);
+/* Rebuild the VM of doc (read from its snapshot file, whose fd snap_fd is
+ * taken in every case), claiming its fds from r.  No back-end hears of
+ * it.  -EBADMSG with *why for a document that does not make a VM. */
+int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
+                    int snap_fd, struct vhub_vm **ret, const char **why);
+
+/* Once every face took its connections back (vhub_context_owner_restored()):
+ * its devices finish (vhub_device_restore_finish()), a VM whose owner did
+ * not come back lingers or goes, a lingering one's timer runs on with what
+ * was left, a vm.destroy in flight runs again.  vm may be freed. */
+void vhub_vm_restore_finish(struct vhub_vm *vm);
+
+int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w);
+/* A device of vm from its record (the iterator inside it).  0 and *ret
+ * (NULL: the device was in the middle of being added or removed and is
+ * gone: its fds closed), or -errno with *why. */
+int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
+                        struct vhub_device **ret, const char **why);
+/* The rest of a device's restore, once every VM and face is back: a device
+ * that had a request in flight is lost now (the reconnect path restores it,
+ * with its events); an outage goes on with its remaining backoff. */
+void vhub_device_restore_finish(struct vhub_device *d);

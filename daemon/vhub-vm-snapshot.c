@@ -1,0 +1,432 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A VM in its restart snapshot (vhub-model-snapshot.h): its identity and
+ * credentials, its owner (a face's connection, by the face's id) or its
+ * linger time left, the committed memory table, the dirty log, shared
+ * objects, and its devices (vhub-device-snapshot.c).  A memory change in
+ * flight is not in it: the table is the committed one, and the devices the
+ * change was running on are busy, so lost and restored against it.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vhub-context.h"
+#include "vhub-device.h"
+#include "vhub-fd-claim.h"
+#include "vhub-log.h"
+#include "vhub-model-snapshot.h"
+#include "vhub-time.h"
+#include "vhub-vm.h"
+#include "vhu-fd.h"
+
+enum {
+        VM_ID = 1,
+        VM_NAME,
+        VM_UID,
+        VM_GID,
+        VM_GROUPS,              /* u32 each */
+        VM_OWNER_FACE,          /* with VM_OWNER_ID: it had an owner */
+        VM_OWNER_ID,
+        VM_LINGER_MS,
+        VM_LINGER_LEFT_MS,      /* only while its linger timer runs */
+        VM_DESTROYING,
+        VM_POSTCOPY,
+        VM_REGION,              /* nest: RG_* */
+        VM_LOG,                 /* nest: LG_* */
+        VM_SHARED,              /* nest: SH_* */
+        VM_DEVICE,              /* nest: the device's (vhub-device-snapshot.c) */
+};
+
+enum { RG_ID = 1, RG_GPA, RG_SIZE, RG_OFFSET, RG_UADDR, RG_PAGE_SIZE, RG_FD };
+enum { LG_SIZE = 1, LG_FD };
+enum { SH_UUID = 1, SH_FD, SH_DEVICE };
+
+int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
+        const struct vhub_fdstore *s = vm->ctx->fdstore;
+        const struct vhub_device *d;
+
+        vhub_snap_put_u64(w, VM_ID, vm->id);
+        vhub_snap_put_str(w, VM_NAME, vm->name);
+        vhub_snap_put_u32(w, VM_UID, (uint32_t)vm->uid);
+        vhub_snap_put_u32(w, VM_GID, (uint32_t)vm->cred.gid);
+        if (vm->cred.n_groups > 0) {
+                uint8_t b[4 * 64];
+                size_t n = vm->cred.n_groups < 64 ? vm->cred.n_groups : 64;
+
+                for (size_t i = 0; i < n; i++)
+                        for (int k = 0; k < 4; k++)
+                                b[4 * i + (size_t)k] = (uint8_t)(vm->cred.groups[i] >> (8 * k));
+                vhub_snap_put_bytes(w, VM_GROUPS, b, 4 * n);
+        }
+        if (vm->owner) {
+                vhub_snap_put_u32(w, VM_OWNER_FACE, vm->owner->face);
+                vhub_snap_put_u64(w, VM_OWNER_ID, vm->owner->id);
+        }
+        vhub_snap_put_u64(w, VM_LINGER_MS, vm->linger_ms);
+        if (evtimer_pending(vm->linger_timer, NULL)) {
+                uint64_t now = vhub_now_usec();
+
+                vhub_snap_put_u64(w, VM_LINGER_LEFT_MS, vm->linger_deadline_usec > now
+                                          ? (vm->linger_deadline_usec - now + 999) / 1000 : 0);
+        }
+        vhub_snap_put_bool(w, VM_DESTROYING, vm->destroying);
+        vhub_snap_put_u32(w, VM_POSTCOPY, vm->postcopy);
+        for (size_t i = 0; i < vm->mem.n; i++) {
+                const struct vhub_region *r = &vm->mem.regions[i];
+
+                vhub_snap_begin(w, VM_REGION);
+                vhub_snap_put_u64(w, RG_ID, r->id);
+                vhub_snap_put_u64(w, RG_GPA, r->gpa);
+                vhub_snap_put_u64(w, RG_SIZE, r->size);
+                vhub_snap_put_u64(w, RG_OFFSET, r->offset);
+                vhub_snap_put_u64(w, RG_UADDR, r->uaddr);
+                vhub_snap_put_u64(w, RG_PAGE_SIZE, r->page_size);
+                vhub_snap_put_fd(w, RG_FD, s, vm->fd_group, r->fd);
+                vhub_snap_end(w);
+        }
+        if (vm->logging && vm->log_fd >= 0) {
+                vhub_snap_begin(w, VM_LOG);
+                vhub_snap_put_u64(w, LG_SIZE, vm->log_size);
+                vhub_snap_put_fd(w, LG_FD, s, vm->fd_group, vm->log_fd);
+                vhub_snap_end(w);
+        }
+        for (size_t i = 0; i < vm->shared.n; i++) {
+                const struct vhub_shared_object *o = &vm->shared.objects[i];
+
+                vhub_snap_begin(w, VM_SHARED);
+                vhub_snap_put_bytes(w, SH_UUID, o->uuid, sizeof(o->uuid));
+                if (o->device)
+                        vhub_snap_put_str(w, SH_DEVICE, o->device->name);
+                else
+                        vhub_snap_put_fd(w, SH_FD, s, vm->fd_group_shared, o->fd);
+                vhub_snap_end(w);
+        }
+        TAILQ_FOREACH(d, &vm->devices, link) {
+                vhub_snap_begin(w, VM_DEVICE);
+                vhub_device_serialize(d, w);
+                vhub_snap_end(w);
+        }
+        return w->error;
+}
+
+/* ---- restore ---- */
+
+static int read_region(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
+        struct vhub_region reg = { .fd = -1 };
+        struct vhub_fd_key key = { 0 };
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case RG_ID: r = vhub_snap_get_u64(&x, &reg.id); break;
+                case RG_GPA: r = vhub_snap_get_u64(&x, &reg.gpa); break;
+                case RG_SIZE: r = vhub_snap_get_u64(&x, &reg.size); break;
+                case RG_OFFSET: r = vhub_snap_get_u64(&x, &reg.offset); break;
+                case RG_UADDR: r = vhub_snap_get_u64(&x, &reg.uaddr); break;
+                case RG_PAGE_SIZE: r = vhub_snap_get_u64(&x, &reg.page_size); break;
+                case RG_FD: r = vhub_snap_get_key(&x, &key); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        if (r < 0)
+                return r;
+        if (!reg.id || !reg.size)
+                return -EBADMSG;
+        reg.fd = vhub_fd_claim(claim, &key);
+        if (reg.fd < 0) {
+                vhub_log_vm(LOG_WARNING, vm, "region %llu: its fd was not passed back: the region is gone",
+                            (unsigned long long)reg.id);
+                return 0;
+        }
+        if (vm->ctx->next_region_id < reg.id)
+                vm->ctx->next_region_id = reg.id;
+        return vhub_mem_table_add(&vm->mem, &reg);
+}
+
+static int read_log(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
+        struct vhub_fd_key key = { 0 };
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint64_t size = 0;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case LG_SIZE: r = vhub_snap_get_u64(&x, &size); break;
+                case LG_FD: r = vhub_snap_get_key(&x, &key); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        if (r < 0)
+                return r;
+        vm->log_fd = vhub_fd_claim(claim, &key);
+        if (vm->log_fd < 0) {
+                vm->log_fd = -1;
+                vhub_log_vm(LOG_WARNING, vm, "the dirty log's fd was not passed back: logging is off");
+                return 0;
+        }
+        vm->logging = true;
+        vm->log_size = size;
+        return 0;
+}
+
+/* A shared object: the VMM's now; a device's once the devices are back. */
+static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec,
+                       bool devices) {
+        struct vhub_fd_key key = { 0 };
+        char device[VHUB_NAME_MAX + 1] = "";
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        const void *uuid = NULL;
+        size_t n = 0;
+        int r = vhub_snap_enter(rec, &it), fd;
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case SH_UUID: r = vhub_snap_get_bytes(&x, &uuid, &n); break;
+                case SH_FD: r = vhub_snap_get_key(&x, &key); break;
+                case SH_DEVICE: r = vhub_snap_get_str(&x, device, sizeof(device)); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        if (r < 0)
+                return r;
+        if (!uuid || n != 16)
+                return -EBADMSG;
+        if (devices != (device[0] != '\0'))
+                return 0;
+        if (devices) {
+                struct vhub_device *d = vhub_vm_find_device(vm, device);
+
+                return d ? vhub_shared_table_add(&vm->shared, uuid, d, -1,
+                                                 vm->ctx->config->limits.shared_objects_per_vm) : 0;
+        }
+        fd = vhub_fd_claim(claim, &key);
+        if (fd < 0)
+                return 0;       /* not passed back: it is gone */
+        return vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
+}
+
+/* The VM's own records (not its children) into vm. */
+static int read_vm(struct vhub_vm *vm, const struct vhub_snap_doc *doc) {
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint32_t u = 0;
+        int r;
+
+        vhub_snap_doc_iter(doc, &it);
+        while ((r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case VM_OWNER_FACE:
+                        r = vhub_snap_get_u32(&x, &u);
+                        if (r >= 0 && u >= _VHUB_FACE_MAX)
+                                r = -EBADMSG;
+                        vm->restore_owner_face = u;
+                        vm->restore_owned = true;
+                        break;
+                case VM_OWNER_ID: r = vhub_snap_get_u64(&x, &vm->restore_owner_id); break;
+                case VM_LINGER_MS: r = vhub_snap_get_u64(&x, &vm->linger_ms); break;
+                case VM_LINGER_LEFT_MS:
+                        r = vhub_snap_get_u64(&x, &vm->restore_linger_left_ms);
+                        vm->restore_linger = true;
+                        break;
+                case VM_DESTROYING: r = vhub_snap_get_bool(&x, &vm->destroying); break;
+                case VM_POSTCOPY:
+                        r = vhub_snap_get_u32(&x, &u);
+                        if (r >= 0 && u > VHUB_VM_POSTCOPY_LISTENING)
+                                r = -EBADMSG;
+                        vm->postcopy = u;
+                        break;
+                default:
+                        break;  /* read by vhub_vm_restore(), or its children */
+                }
+                if (r < 0)
+                        return r;
+        }
+        return r;
+}
+
+/* Identity first: what the VM is called and whose it is. */
+static int read_identity(const struct vhub_snap_doc *doc, uint64_t *id, char *name, size_t name_size,
+                         struct vhub_cred *cred) {
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint32_t u = 0;
+        int r;
+
+        vhub_snap_doc_iter(doc, &it);
+        while ((r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case VM_ID: r = vhub_snap_get_u64(&x, id); break;
+                case VM_NAME: r = vhub_snap_get_str(&x, name, name_size); break;
+                case VM_UID: r = vhub_snap_get_u32(&x, &u); cred->uid = (uid_t)u; break;
+                case VM_GID: r = vhub_snap_get_u32(&x, &u); cred->gid = (gid_t)u; break;
+                case VM_GROUPS: {
+                        const uint8_t *p;
+                        const void *raw;
+                        size_t n;
+
+                        r = vhub_snap_get_bytes(&x, &raw, &n);
+                        if (r < 0 || n % 4)
+                                return -EBADMSG;
+                        p = raw;
+                        free(cred->groups);
+                        cred->groups = n ? calloc(n / 4, sizeof(gid_t)) : NULL;
+                        if (n && !cred->groups)
+                                return -ENOMEM;
+                        cred->n_groups = n / 4;
+                        for (size_t i = 0; i < n / 4; i++)
+                                cred->groups[i] = (gid_t)(p[4 * i] | p[4 * i + 1] << 8 | p[4 * i + 2] << 16 |
+                                                          (uint32_t)p[4 * i + 3] << 24);
+                        break;
+                }
+                default:
+                        r = x.tag <= VM_DEVICE ? 0 : vhub_snap_unknown(&x);
+                        break;
+                }
+                if (r < 0)
+                        return r;
+        }
+        return r < 0 ? r : *id && name[0] ? 0 : -EBADMSG;
+}
+
+/* A VM that never made it into the context: freed without a word. */
+static void vm_discard(struct vhub_vm *vm) {
+        event_free(vm->linger_timer);
+        vhub_snap_file_close(&vm->snap);
+        vhub_mem_table_done(&vm->mem);
+        vhub_shared_table_done(&vm->shared);
+        vhub_cred_done(&vm->cred);
+        free(vm);
+}
+
+/* What d's back-end has mapped is the committed table.  Not so after a
+ * crash in the middle of a memory change: the devices that applied it map
+ * a region the table does not hold (or lack one it holds). */
+static bool shadow_is_table(const struct vhub_device *d, const struct vhub_mem_table *t) {
+        if (d->n_shadow != t->n)
+                return false;
+        for (size_t i = 0; i < t->n; i++)
+                if (!vhub_device_shadow_has(d, t->regions[i].id))
+                        return false;
+        return true;
+}
+
+int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
+                    int snap_fd, struct vhub_vm **ret, const char **why) {
+        struct vhub_cred cred = { 0 };
+        struct vhub_fd_claim mem, shared;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        char name[VHUB_NAME_MAX + 1] = "";
+        struct vhub_vm *vm;
+        uint64_t id = 0;
+        int k;
+
+        *why = NULL;
+        k = read_identity(doc, &id, name, sizeof(name), &cred);
+        if (k < 0) {
+                vhub_cred_done(&cred);
+                vhu_safe_close(snap_fd);
+                *why = "the VM's identity is malformed";
+                return k;
+        }
+        vm = vhub_vm_alloc(ctx, id, cred.uid, name, 0, &cred);
+        vhub_cred_done(&cred);
+        if (!vm) {
+                vhu_safe_close(snap_fd);
+                return -ENOMEM;
+        }
+        k = vhub_snap_file_adopt(snap_fd, &vm->snap, why);
+        if (k >= 0)
+                k = read_vm(vm, doc);
+        if (k < 0) {
+                *why = *why ? *why : "the VM's record is malformed";
+                vm_discard(vm);
+                return k;
+        }
+        if (ctx->next_vm_id < id)
+                ctx->next_vm_id = id;
+        TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
+        ctx->n_vms++;
+
+        vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group, &mem);
+        vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group_shared, &shared);
+        vhub_snap_doc_iter(doc, &it);
+        while (k >= 0 && vhub_snap_next(&it, &x) > 0) {
+                if (x.tag == VM_REGION)
+                        k = read_region(vm, &mem, &x);
+                else if (x.tag == VM_LOG)
+                        k = read_log(vm, &mem, &x);
+                else if (x.tag == VM_SHARED)
+                        k = read_shared(vm, &shared, &x, false);
+        }
+        vhub_fd_claim_close(&mem);
+        vhub_fd_claim_close(&shared);
+        vhub_snap_doc_iter(doc, &it);
+        while (k >= 0 && vhub_snap_next(&it, &x) > 0) {
+                struct vhub_snap_iter dit;
+                struct vhub_device *d;
+
+                if (x.tag != VM_DEVICE)
+                        continue;
+                k = vhub_snap_enter(&x, &dit);
+                if (k >= 0)
+                        k = vhub_device_restore(vm, r, &dit, &d, why);
+        }
+        vhub_snap_doc_iter(doc, &it);
+        while (k >= 0 && vhub_snap_next(&it, &x) > 0)
+                if (x.tag == VM_SHARED)
+                        k = read_shared(vm, NULL, &x, true);
+        if (k >= 0) {
+                struct vhub_device *d;
+
+                /* a back-end out of line with the table is restored as lost:
+                 * the restore's handshake syncs it to the table */
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->mem_synced && d->conn && !shadow_is_table(d, &vm->mem))
+                                d->restore_lost = true;
+        }
+        if (k < 0) {
+                *why = *why ? *why : "a record of the VM is malformed";
+                vhub_log_vm(LOG_ERR, vm, "cannot restore the VM: %s (%s)", *why, strerror(-k));
+        }
+        vhub_log_vm(LOG_INFO, vm, "VM restored: %zu regions, %u devices", vm->mem.n, vm->n_devices);
+        *ret = vm;
+        return k;
+}
+
+void vhub_vm_restore_finish(struct vhub_vm *vm) {
+        struct vhub_device *d, *next;
+        struct timeval tv;
+
+        vm->holds++;
+        for (d = TAILQ_FIRST(&vm->devices); d; d = next) {
+                next = TAILQ_NEXT(d, link);
+                vhub_device_restore_finish(d);
+        }
+        vm->holds--;
+        if (vm->destroying) {
+                /* vm.destroy was running: it runs again (its call is answered -32011) */
+                vm->destroying = false;
+                vhub_vm_destroy(vm, NULL);
+                return;
+        }
+        if (vm->restore_owned) {
+                /* its connection did not come back */
+                vm->restore_owned = false;
+                vhub_vm_owner_gone(vm);
+                return;
+        }
+        if (!vm->owner && vm->restore_linger) {
+                tv = vhub_timeval_from_ms(vm->restore_linger_left_ms);
+                evtimer_add(vm->linger_timer, &tv);
+                vm->linger_deadline_usec = vhub_now_usec() + vm->restore_linger_left_ms * 1000;
+        }
+        vm->restore_linger = false;
+}
