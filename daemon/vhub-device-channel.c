@@ -104,7 +104,7 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
                 return BREQ_ANSWERED;
         }
         /* a device exports it: ask it now, answer when it does */
-        token = ++d->vm->next_token;
+        token = vhub_vm_new_token(d->vm);
         if (vhub_device_queue_get_shared(o->device, o->uuid, d->name, token) < 0)
                 return 1;
         vhub_backend_channel_defer(ch, m, DEFER_LOOKUP, token);
@@ -129,7 +129,7 @@ static int breq_forward(struct vhub_device *d, struct vhub_backend_channel *ch, 
                 .vm = d->vm,
                 .device = d->name,
                 .request = BREQ_NAME(m),
-                .token = ++d->vm->next_token,
+                .token = vhub_vm_new_token(d->vm),
                 .fds = m->fds,
                 .n_fds = m->n_fds,
         };

@@ -336,6 +336,12 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vm_emit(vm, VHUB_EV_LINGERING, NULL);
 }
 
+uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
+        vm->next_token++;
+        vhub_changed(vm->ctx, vm);
+        return vm->next_token;
+}
+
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err) {
         if (vm->destroying)

@@ -185,6 +185,12 @@ void vhub_vm_owner_gone(struct vhub_vm *vm);
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err);
 
+/* A back-end request token of vm's, never one it gave out before -- across
+ * restarts and crashes too: the count is in its snapshot, committed before
+ * anyone can see the token (after the current callback, before the loop
+ * writes to a socket). */
+uint64_t vhub_vm_new_token(struct vhub_vm *vm);
+
 /* region->fd is taken in every case (closed on failure). */
 void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);
 void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call);
