@@ -15,6 +15,10 @@
  * calls whose answers fit, and past the bound notifications are not run
  * either.  The -32008s' sizes are computed, never built: a batch of half a
  * million elements costs a pass over its ids until the bound is passed.
+ *
+ * Until it is answered a batch is in its connection's list, with the ids
+ * of its requests written out once: the restart snapshot names them, and
+ * the next process answers the batch with one array of -32011s.
  */
 #include <errno.h>
 #include <limits.h>
@@ -24,12 +28,14 @@
 #include <sys/uio.h>
 
 #include "control-internal.h"
+#include "vhub-commit.h"
 #include "vhub-log.h"
 
 /* How answers are serialized (and sized). */
 #define DUMP_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY)
 
 struct control_batch {
+        TAILQ_ENTRY(control_batch) link; /* in conn->batches */
         struct control_conn *conn;
         unsigned n;
         unsigned remaining;        /* slots not answered yet, +1 while elements are run */
@@ -40,6 +46,8 @@ struct control_batch {
         size_t refusals_left;      /* room kept for the slots not answered yet */
         size_t limit;
         bool over;
+        char *ids;                 /* control_batch_ids() */
+        size_t ids_len;
 };
 
 /* The -32008 an element gets once the batch's answers would pass the bound. */
@@ -71,6 +79,31 @@ static size_t refusal_len(json_t *e, size_t null_len) {
         return null_len - strlen("null") + json_dumpb(element_id(e), NULL, 0, DUMP_FLAGS) + 1;
 }
 
+/* The requests' ids, one a line (ids that cannot be answered left out). */
+static int batch_ids(json_t *elements, char **ret, size_t *ret_len) {
+        size_t len = 0, i;
+        json_t *e, *id;
+        char *p;
+
+        json_array_foreach(elements, i, e)
+                if ((id = json_is_object(e) ? json_object_get(e, "id") : NULL) && control_id_valid(id))
+                        len += json_dumpb(id, NULL, 0, DUMP_FLAGS) + 1;
+        *ret = NULL;
+        *ret_len = 0;
+        if (len == 0)
+                return 0;
+        p = malloc(len);
+        if (!p)
+                return -ENOMEM;
+        json_array_foreach(elements, i, e)
+                if ((id = json_is_object(e) ? json_object_get(e, "id") : NULL) && control_id_valid(id)) {
+                        *ret_len += json_dumpb(id, p + *ret_len, len - *ret_len, DUMP_FLAGS);
+                        p[(*ret_len)++] = '\n';
+                }
+        *ret = p;
+        return 0;
+}
+
 struct control_batch *control_batch_new(struct control_conn *c, json_t *elements, size_t limit,
                                         struct vhub_error *err) {
         struct control_batch *b = NULL;
@@ -98,7 +131,7 @@ struct control_batch *control_batch_new(struct control_conn *c, json_t *elements
         b->answers = calloc(n, sizeof(*b->answers));
         b->lens = calloc(n, sizeof(*b->lens));
         b->refusal_lens = calloc(n, sizeof(*b->refusal_lens));
-        if (!b->answers || !b->lens || !b->refusal_lens)
+        if (!b->answers || !b->lens || !b->refusal_lens || batch_ids(elements, &b->ids, &b->ids_len) < 0)
                 goto oom;
         for (size_t i = 0; i < n; i++)
                 b->refusal_lens[i] = refusal_len(json_array_get(elements, i), null_len);
@@ -107,6 +140,7 @@ struct control_batch *control_batch_new(struct control_conn *c, json_t *elements
         b->remaining = b->n + 1;
         b->conn = c;
         control_conn_ref(c);
+        TAILQ_INSERT_TAIL(&c->batches, b, link);
         return b;
 
 oom:
@@ -123,9 +157,23 @@ void control_batch_free(struct control_batch *b) {
         free(b->answers);
         free(b->lens);
         free(b->refusal_lens);
-        if (b->conn)
+        free(b->ids);
+        if (b->conn) {
+                /* answered (or nobody is left to answer): out of the snapshot */
+                TAILQ_REMOVE(&b->conn->batches, b, link);
+                vhub_changed(b->conn->srv->ctx, NULL);
                 control_conn_unref(b->conn);
+        }
         free(b);
+}
+
+const char *control_batch_ids(const struct control_batch *b, size_t *ret_len) {
+        *ret_len = b->ids_len;
+        return b->ids;
+}
+
+const struct control_batch *control_batch_next(const struct control_conn *c, const struct control_batch *b) {
+        return b ? TAILQ_NEXT(b, link) : TAILQ_FIRST(&c->batches);
 }
 
 bool control_batch_over(const struct control_batch *b) {

@@ -48,6 +48,9 @@ struct control_conn {
         size_t n_sub_vms;
         TAILQ_HEAD(control_call_list, control_call) calls; /* pending: their ids are in the
                                                             * restart snapshot (-32011) */
+        TAILQ_HEAD(control_batch_list, control_batch) batches; /* not answered yet: the ids of
+                                                                * their requests are in it
+                                                                * instead (one -32011 array) */
 };
 
 TAILQ_HEAD(control_conn_list, control_conn);
@@ -74,6 +77,8 @@ struct control_server {
         uint64_t next_conn_id;
         struct control_server_options opts;
         json_t *discover;            /* rpc.discover's document, built on first use */
+        bool paused;                 /* control_server_pause(): a planned restart accepts
+                                      * and reads nothing more */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -109,8 +114,18 @@ struct control_call {
 extern const struct rpc_conn_ops control_conn_ops;
 extern const struct vhub_owner_ops control_conn_owner_ops;
 
+/* A connection of s with that id, not open yet (no rpc): its owner and
+ * fd-store group named, one reference; NULL without memory. */
+struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id);
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
+/* Whether a request's id may be kept and answered (a string of at most
+ * CONTROL_MAX_ID_BYTES, a number or null). */
+bool control_id_valid(json_t *id);
+/* rpc_conn_ops.on_fds_lost (control-snapshot.c): a request an earlier
+ * process had read but not handled, whose fds stayed behind, is answered
+ * -32011 (each of a batch's requests, in one array). */
+void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);
@@ -131,6 +146,12 @@ void control_batch_slot(struct control_batch *b, unsigned index, json_t *respons
  * were sent (stolen, dropped). */
 void control_batch_slot_unanswered(struct control_batch *b, unsigned index, json_t *response);
 void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element);
+/* The ids of its requests (notifications have none), each compact JSON
+ * followed by '\n': answered -32011 by the next process if the daemon
+ * restarts before the batch is answered.  NULL with *ret_len 0: none. */
+const char *control_batch_ids(const struct control_batch *b, size_t *ret_len);
+/* c's batches not answered yet, in order: the first after b (NULL: the first). */
+const struct control_batch *control_batch_next(const struct control_conn *c, const struct control_batch *b);
 /* The answers reached the output bound: the rest are refused (notifications
  * among them are not run). */
 bool control_batch_over(const struct control_batch *b);

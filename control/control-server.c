@@ -27,6 +27,21 @@ void control_conn_ref(struct control_conn *c) {
         c->refs++;
 }
 
+struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id) {
+        struct control_conn *c = calloc(1, sizeof(*c));
+
+        if (!c)
+                return NULL;
+        c->srv = s;
+        c->refs = 1;
+        c->id = id;
+        TAILQ_INIT(&c->calls);
+        TAILQ_INIT(&c->batches);
+        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
+        return c;
+}
+
 void control_conn_unref(struct control_conn *c) {
         if (--c->refs > 0)
                 return;
@@ -217,7 +232,7 @@ void control_call_drop(struct control_call *cc) {
 
 /* ---- requests ---- */
 
-static bool valid_id(json_t *id) {
+bool control_id_valid(json_t *id) {
         if (json_is_string(id))
                 return json_string_length(id) <= CONTROL_MAX_ID_BYTES;
         return json_is_integer(id) || json_is_real(id) || json_is_null(id);
@@ -242,7 +257,7 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
         version = json_object_get(msg, "jsonrpc");
         method = json_object_get(msg, "method");
         params = json_object_get(msg, "params");
-        if (id && !valid_id(id)) {
+        if (id && !control_id_valid(id)) {
                 req.id = json_null();
                 vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST,
                                "'id' must be a string of at most %d bytes, a number or null",
@@ -477,6 +492,7 @@ const struct rpc_conn_ops control_conn_ops = {
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
+        .on_fds_lost = control_conn_fds_lost,
 };
 
 static bool conn_congested(const struct vhub_owner *o);
@@ -557,7 +573,7 @@ static void accept_pause(struct control_server *s) {
 }
 
 static void accept_resume(struct control_server *s) {
-        if (!s->accept_paused || vhub_context_shutting_down(s->ctx))
+        if (!s->accept_paused || s->paused || vhub_context_shutting_down(s->ctx))
                 return;
         s->accept_paused = false;
         evtimer_del(s->ev_accept_retry);
@@ -673,16 +689,11 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 refuse_connection(fd, err.detail);
                 return;
         }
-        c = calloc(1, sizeof(*c));
+        c = control_conn_alloc(s, ++s->next_conn_id);
         if (!c) {
                 vhu_safe_close(fd);
                 return;
         }
-        c->srv = s;
-        c->refs = 1;
-        TAILQ_INIT(&c->calls);
-        c->id = ++s->next_conn_id;
-        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
         r = vhub_cred_from_socket(fd, &c->cred);
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
@@ -699,7 +710,6 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
-        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;

@@ -78,6 +78,11 @@ struct rpc_conn {
         struct event *line_ev;      /* the partial line's deadline, pending while there is one */
         struct event *resume_ev;    /* hands over the lines left in the input buffer, from the loop */
         bool paused;                /* rpc_conn_pause_input(): no lines handed over, nothing read */
+        bool stopped;               /* rpc_conn_stop_reading(): the same, for good (a
+                                     * planned restart): no resume, no line deadline */
+        size_t carried;             /* bytes at the front of the input that an earlier
+                                     * process read (rpc_conn_restore_input()): the fds
+                                     * that came with them were not carried */
 
         struct vhub_frame_in in;
         struct vhub_frame_out out;    /* small lines share chunks: a connection
@@ -470,7 +475,7 @@ static bool line_is_blank(const char *p, size_t n) {
         return true;
 }
 
-static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
+static void handle_line(struct rpc_conn *c, const char *p, size_t n, bool carried) {
         struct rpc_fds fds = { NULL, 0 };
         json_error_t jerr;
         unsigned need;
@@ -496,6 +501,12 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
                 snprintf(detail, sizeof(detail),
                          "\"fds\" must be an integer from 0 to %d", RPC_MAX_FDS_PER_MESSAGE);
                 framing_violation(c, detail);
+                return;
+        }
+        if (carried && need > 0 && c->ops && c->ops->on_fds_lost) {
+                /* its fds stayed with the earlier process: whatever is
+                 * queued came after it, for the lines that follow */
+                c->ops->on_fds_lost(c, msg, c->userdata);
                 return;
         }
         if (need > vhub_frame_in_queued_fds(&c->in)) {
@@ -551,7 +562,7 @@ static void line_timeout_cb(evutil_socket_t fd, short what, void *userdata) {
         char detail[128];
         int avail = 0;
 
-        if (c->state != RPC_CONN_OPEN || c->read_closed || vhub_frame_in_pending_bytes(&c->in) == 0)
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->stopped || vhub_frame_in_pending_bytes(&c->in) == 0)
                 return;
         /* the rest may be in the socket already, its read event due in
          * this same turn of the loop: that read decides */
@@ -580,7 +591,7 @@ static void hold_input(struct rpc_conn *c) {
         event_del(c->line_ev);
         /* a zero timer, not event_active(): the loop polls every fd and
          * runs every due timer before it comes back here */
-        if (!c->paused)
+        if (!c->paused && !c->stopped)
                 evtimer_add(c->resume_ev, &now);
 }
 
@@ -591,23 +602,26 @@ static bool process_lines(struct rpc_conn *c) {
         unsigned handed = 0;
         bool held = false;
         const char *line;
+        bool carried;
         size_t n;
         int r;
 
         c->processing++;
         while (c->state == RPC_CONN_OPEN && !c->free_pending) {
-                if (c->paused || now_usec() - started >= RPC_SLICE_USEC) {
+                if (c->paused || c->stopped || now_usec() - started >= RPC_SLICE_USEC) {
                         held = vhub_frame_in_pending_bytes(&c->in) > 0;
                         break;
                 }
                 if (vhub_frame_in_next_line(&c->in, &line, &n) <= 0)
                         break;
                 handed++;
+                carried = c->carried > 0;
+                c->carried = c->carried > n + 1 ? c->carried - (n + 1) : 0;
                 if (n > c->limits.max_line) {
                         framing_violation(c, "line longer than the limit");
                         break;
                 }
-                handle_line(c, line, n);
+                handle_line(c, line, n, carried);
         }
         c->processing--;
 
@@ -619,7 +633,7 @@ static bool process_lines(struct rpc_conn *c) {
                 in_drop(c);     /* deferred while on_message ran */
                 return true;
         }
-        if (held || c->paused) {
+        if (held || c->paused || c->stopped) {
                 /* the checks below are for what is left once every line is handed over */
                 hold_input(c);
                 return true;
@@ -655,7 +669,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
         unsigned n_fds = 0;
         ssize_t n;
 
-        if (c->state != RPC_CONN_OPEN || c->read_closed || c->paused)
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->paused || c->stopped)
                 return;
         /* every fd that arrives is queued or closed, whatever else happens */
         n = vhub_frame_in_read(&c->in, c->fd, &n_fds);
@@ -722,7 +736,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
 static void resume_cb(evutil_socket_t fd, short what, void *userdata) {
         struct rpc_conn *c = userdata;
 
-        if (c->state != RPC_CONN_OPEN || c->paused)
+        if (c->state != RPC_CONN_OPEN || c->paused || c->stopped)
                 return;
         if (!c->read_closed && event_add(c->read_ev, NULL) < 0) {
                 set_reason(c, "cannot watch the socket for reading");
@@ -747,15 +761,19 @@ void rpc_conn_resume_input(struct rpc_conn *c) {
         if (!c || !c->paused)
                 return;
         c->paused = false;
-        if (c->state == RPC_CONN_OPEN)
+        if (c->state == RPC_CONN_OPEN && !c->stopped)
                 evtimer_add(c->resume_ev, &now);
 }
 
 /* ---- a restart (docs/restart.md) -------------------------------------- */
 
 void rpc_conn_stop_reading(struct rpc_conn *c) {
-        if (c->read_ev)
-                event_del(c->read_ev);
+        c->stopped = true;
+        event_del(c->read_ev);
+        /* lines held by a slice or a pause stay in the input for the next
+         * process, and a partial line has no deadline: it cannot progress */
+        event_del(c->resume_ev);
+        event_del(c->line_ev);
 }
 
 size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
@@ -764,11 +782,19 @@ size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
 }
 
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n) {
+        static const struct timeval now = { 0, 0 };
         int r = vhub_frame_in_push(&c->in, p, n);
 
-        if (r == 0)
-                note_memory(c);
-        return r;
+        if (r < 0)
+                return r;
+        note_memory(c);
+        /* complete lines among them (held by a slice when the earlier
+         * process stopped) are handed over from the loop, as a slice's
+         * rest would be: nothing new may come to wake the connection */
+        c->carried = vhub_frame_in_pending_bytes(&c->in);
+        if (c->state == RPC_CONN_OPEN && !c->paused && !c->stopped)
+                evtimer_add(c->resume_ev, &now);
+        return 0;
 }
 
 int rpc_conn_flush_now(struct rpc_conn *c) {

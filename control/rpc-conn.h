@@ -92,6 +92,11 @@ struct rpc_conn_ops {
                          void *userdata);
         /* Optional.  The output queue has just become empty. */
         void (*on_drained)(struct rpc_conn *c, void *userdata);
+        /* Optional.  A message that an earlier process had read (its line
+         * was carried by rpc_conn_restore_input()) declares fds, which
+         * stayed behind: msg (a new reference, the callee's) is not handed
+         * to on_message.  Unset: a framing violation, as for any missing fd. */
+        void (*on_fds_lost)(struct rpc_conn *c, json_t *msg, void *userdata);
 };
 
 void rpc_conn_limits_default(struct rpc_conn_limits *l);
@@ -160,15 +165,19 @@ void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char
  * (then it starts again from what they hold now): a big one is worth giving
  * back to the system once freed. */
 size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
-/* A planned restart (docs/restart.md): read nothing more; the bytes read
- * and not yet handled (a partial line: complete lines are handled as they
- * arrive), valid until the next call on c; write what the socket takes now
- * (0: all of it, 1: some is left, -errno). */
+/* A planned restart (docs/restart.md): read nothing more and hand over no
+ * line again (for good: rpc_conn_resume_input() does not undo it, and a
+ * partial line has no deadline any more); the bytes read and not yet
+ * handled (a partial line, and complete ones a slice or a pause held),
+ * valid until the next call on c; write what the socket takes now (0: all
+ * of it, 1: some is left, -errno). */
 void rpc_conn_stop_reading(struct rpc_conn *c);
 size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret);
 int rpc_conn_flush_now(struct rpc_conn *c);
-/* The next process: the bytes an earlier one had read, as if just read
- * (they are a partial line).  0, -EMSGSIZE, -ENOMEM. */
+/* The next process: the bytes an earlier one had read, as if just read:
+ * the complete lines among them are handed over from the loop (never from
+ * inside this call), before anything new is read; those that declare fds
+ * go to ops->on_fds_lost.  0, -EMSGSIZE, -ENOMEM. */
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n);
 /* The bounds in force (defaults filled in). */
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c);

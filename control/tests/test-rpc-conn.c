@@ -796,6 +796,117 @@ static void test_pause(void) {
         fx_fini(&f);
 }
 
+/* A planned restart stops a connection for good: lines a slice held stay
+ * held (the slice's resume timer was pending), an owner's resume (a batch
+ * that ends) does not hand them over, a partial line's deadline does not
+ * close it; what is left is the input the next process carries. */
+static void test_stop_reading(void) {
+        char buf[8192], rest[8192];
+        struct rpc_conn_limits l;
+        struct fixture f;
+        const char *in;
+        size_t len = 0, n;
+        unsigned had;
+
+        rpc_conn_limits_default(&l);
+        l.line_timeout_ms = 100;
+        fx_init(&f, &l);
+        f.slow_usec = 1000;     /* 100 lines: 10 slices */
+        for (int i = 1; i <= 100; i++)
+                len += (size_t)snprintf(buf + len, sizeof(buf) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"x\"}\n", i);
+        len += (size_t)snprintf(buf + len, sizeof(buf) - len, "{\"jsonrpc\":");
+        peer_send(&f, buf, len, NULL, 0);
+        for (int i = 0; i < 1000 && f.n_msgs == 0; i++)
+                event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        had = f.n_msgs;
+        CHECK(had > 0 && had < 100);
+        rpc_conn_stop_reading(f.conn);
+        pump_for(&f, 50);
+        CHECK(f.n_msgs == had);
+        rpc_conn_pause_input(f.conn);
+        rpc_conn_resume_input(f.conn);  /* a batch that ends */
+        pump_for(&f, 300);              /* past the partial line's deadline */
+        CHECK(f.n_msgs == had && f.n_close == 0);
+        peer_send_str(&f, "\"2.0\",\"id\":101,\"method\":\"x\"}\n"); /* not read */
+        pump_for(&f, 50);
+        CHECK(f.n_msgs == had && f.n_close == 0);
+        /* the lines not handed over, then the partial one, as read */
+        len = 0;
+        for (unsigned i = had + 1; i <= 100; i++)
+                len += (size_t)snprintf(rest + len, sizeof(rest) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%u,\"method\":\"x\"}\n", i);
+        len += (size_t)snprintf(rest + len, sizeof(rest) - len, "{\"jsonrpc\":");
+        n = rpc_conn_unhandled_input(f.conn, &in);
+        CHECK(n == len && memcmp(in, rest, len) == 0);
+        fx_fini(&f);
+
+        /* a partial line whose deadline was running when it stopped */
+        fx_init(&f, &l);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n{\"jsonrpc\":");
+        pump(&f);
+        CHECK(f.n_msgs == 1);
+        rpc_conn_stop_reading(f.conn);
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 1 && f.n_close == 0);
+        n = rpc_conn_unhandled_input(f.conn, &in);
+        CHECK(n == strlen("{\"jsonrpc\":") && memcmp(in, "{\"jsonrpc\":", n) == 0);
+        fx_fini(&f);
+}
+
+static unsigned n_fds_lost;
+static json_int_t fds_lost_id;
+
+static void on_fds_lost(struct rpc_conn *c, json_t *msg, void *userdata) {
+        struct fixture *f = userdata;
+
+        CHECK(!f->in_message);
+        n_fds_lost++;
+        fds_lost_id = json_integer_value(json_object_get(msg, "id"));
+        json_decref(msg);
+}
+
+static const struct rpc_conn_ops restore_ops = {
+        .on_message = on_message,
+        .on_close = on_close,
+        .on_fds_lost = on_fds_lost,
+};
+
+/* The next process: the carried input's complete lines are handed over
+ * from the loop (nothing new arrives to wake the connection up), never from
+ * inside rpc_conn_restore_input(); one that declares fds, which were not
+ * carried, goes to on_fds_lost and takes no fd that came later; the
+ * partial line is completed by what the peer sends next. */
+static void test_restore_input(void) {
+        static const char carried[] =
+                "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n"
+                "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"x\",\"fds\":1}\n"
+                "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"x\"}\n"
+                "{\"jsonrpc\":\"2.0\",";
+        struct fixture f;
+        int fd;
+
+        n_fds_lost = 0;
+        fx_init_ops(&f, NULL, &restore_ops);
+        CHECK(rpc_conn_restore_input(f.conn, carried, strlen(carried)) == 0);
+        CHECK(f.n_msgs == 0);
+        pump(&f);
+        CHECK(f.n_msgs == 2 && msg_id(&f.msgs[0]) == 1 && msg_id(&f.msgs[1]) == 3);
+        CHECK(n_fds_lost == 1 && fds_lost_id == 2);
+        CHECK(f.n_close == 0);
+        fd = make_memfd("later");
+        peer_send(&f, "\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"x\",\"fds\":1}\n",
+                  strlen("\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"x\",\"fds\":1}\n"),
+                  &fd, 1);
+        close(fd);
+        pump(&f);
+        CHECK(f.n_msgs == 4 && msg_id(&f.msgs[2]) == 4 && msg_id(&f.msgs[3]) == 5);
+        CHECK(f.msgs[2].fds.n == 0 && f.msgs[3].fds.n == 1);
+        check_memfd(f.msgs[3].fds.fds[0], "later");
+        CHECK(n_fds_lost == 1 && f.n_close == 0);
+        fx_fini(&f);
+}
+
 /* The peer never reads: the queue hits its bound, the connection closes,
  * and on_close comes from the loop, not from rpc_conn_send(). */
 static void test_out_bound(void) {
@@ -1313,6 +1424,8 @@ static const struct {
         { "line-timeout", test_line_timeout },
         { "slice", test_slice },
         { "pause", test_pause },
+        { "stop-reading", test_stop_reading },
+        { "restore-input", test_restore_input },
 };
 
 int main(int argc, char **argv) {
