@@ -64,6 +64,8 @@ struct fixture {
         unsigned n_eof;
         unsigned n_drained;
         unsigned admit_limit;   /* admit_fds refuses past this many held */
+        unsigned n_fds_lost;
+        json_int_t fds_lost_id; /* of the last message on_fds_lost got */
 };
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -854,15 +856,12 @@ static void test_stop_reading(void) {
         fx_fini(&f);
 }
 
-static unsigned n_fds_lost;
-static json_int_t fds_lost_id;
-
 static void on_fds_lost(struct rpc_conn *c, json_t *msg, void *userdata) {
         struct fixture *f = userdata;
 
         CHECK(!f->in_message);
-        n_fds_lost++;
-        fds_lost_id = json_integer_value(json_object_get(msg, "id"));
+        f->n_fds_lost++;
+        f->fds_lost_id = json_integer_value(json_object_get(msg, "id"));
         json_decref(msg);
 }
 
@@ -886,13 +885,12 @@ static void test_restore_input(void) {
         struct fixture f;
         int fd;
 
-        n_fds_lost = 0;
         fx_init_ops(&f, NULL, &restore_ops);
         CHECK(rpc_conn_restore_input(f.conn, carried, strlen(carried)) == 0);
         CHECK(f.n_msgs == 0);
         pump(&f);
         CHECK(f.n_msgs == 2 && msg_id(&f.msgs[0]) == 1 && msg_id(&f.msgs[1]) == 3);
-        CHECK(n_fds_lost == 1 && fds_lost_id == 2);
+        CHECK(f.n_fds_lost == 1 && f.fds_lost_id == 2);
         CHECK(f.n_close == 0);
         fd = make_memfd("later");
         peer_send(&f, "\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"x\",\"fds\":1}\n",
@@ -903,7 +901,7 @@ static void test_restore_input(void) {
         CHECK(f.n_msgs == 4 && msg_id(&f.msgs[2]) == 4 && msg_id(&f.msgs[3]) == 5);
         CHECK(f.msgs[2].fds.n == 0 && f.msgs[3].fds.n == 1);
         check_memfd(f.msgs[3].fds.fds[0], "later");
-        CHECK(n_fds_lost == 1 && f.n_close == 0);
+        CHECK(f.n_fds_lost == 1 && f.n_close == 0);
         fx_fini(&f);
 }
 
