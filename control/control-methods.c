@@ -575,6 +575,9 @@ static int m_device_add(struct method_call *m, struct vhub_error *err) {
                 .reconnect_ms = m->p.device_add.reconnect_ms,
                 .face = VHUB_FACE_JSON_RPC,
                 .vmm_socket = m->p.device_add.vmm_socket,
+                /* the asker's rights, never the VM creator's: root may have
+                 * created the VM for this uid */
+                .cred = &m->req->conn->cred,
         };
         /* its socket, channel, inflight fd... */
         int r = control_req_check_fds(m->req, VHUB_DEVICE_OWN_FDS, err);

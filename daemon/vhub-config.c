@@ -91,6 +91,9 @@ static void usage(FILE *f) {
                 "  --max-vms-per-uid N, --max-devices-per-vm N, --max-regions-per-vm N,\n"
                 "  --max-connections N, --max-pending N, --max-line-bytes N\n"
                 "                           resource limits\n"
+                "  --max-connections-per-uid N\n"
+                "                           control connections one non-root uid may hold\n"
+                "                           (default: a quarter of --max-connections)\n"
                 "  --max-fds-per-uid N      fds one non-root uid may make the daemon hold (default:\n"
                 "                           a quarter of RLIMIT_NOFILE once an eighth is reserved)\n"
                 "  --no-fd-store            keep no fd in the service manager's fd store\n"
@@ -103,7 +106,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
                 OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE, OPT_VMM_DIR,
-                OPT_NO_FD_STORE,
+                OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
         };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
@@ -119,6 +122,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "max-devices-per-vm", required_argument, NULL, OPT_MAX_DEVICES },
                 { "max-regions-per-vm", required_argument, NULL, OPT_MAX_REGIONS },
                 { "max-connections", required_argument, NULL, OPT_MAX_CONN },
+                { "max-connections-per-uid", required_argument, NULL, OPT_MAX_CONN_UID },
                 { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
                 { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
                 { "max-fds-per-uid", required_argument, NULL, OPT_MAX_FDS },
@@ -211,6 +215,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 case OPT_MAX_DEVICES:
                 case OPT_MAX_REGIONS:
                 case OPT_MAX_CONN:
+                case OPT_MAX_CONN_UID:
                 case OPT_MAX_PENDING:
                 case OPT_MAX_LINE:
                 case OPT_MAX_FDS:
@@ -227,6 +232,8 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 c->limits.regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
                         else if (o == OPT_MAX_CONN)
                                 c->limits.connections = (unsigned)v;
+                        else if (o == OPT_MAX_CONN_UID)
+                                c->limits.connections_per_uid = (unsigned)v;
                         else if (o == OPT_MAX_PENDING)
                                 c->limits.pending_per_connection = (unsigned)v;
                         else if (o == OPT_MAX_FDS)

@@ -14,6 +14,7 @@ struct vhub_limits {
         unsigned devices_per_vm;
         unsigned regions_per_vm;
         unsigned connections;
+        unsigned connections_per_uid;       /* one non-root uid's; 0: a quarter of connections */
         unsigned pending_per_connection;
         size_t max_line;
         size_t max_output_bytes;

@@ -44,7 +44,7 @@ enum {
  * relayed (no channel, not negotiated by the VMM).
  */
 static int breq_relay(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m, int fail) {
-        uint64_t token = ++d->vm->ctx->next_token;
+        uint64_t token = vhub_vm_new_token(d->vm);
         int r = vmm_relay(d, m, token);
 
         if (r < 0)
@@ -116,6 +116,17 @@ static int breq_shared_remove(struct vhub_device *d, struct vhub_backend_channel
         return vhub_shared_table_remove(&d->vm->shared, m->payload.shared.uuid, d) < 0 ? 1 : 0;
 }
 
+/* An answer that carries an fd is queued with a dup of it until the
+ * back-end reads it: the VM's uid's to hold, within its fd budget. */
+static bool answer_fd_fits(struct vhub_device *d) {
+        struct vhub_error err = { 0 };
+
+        if (vhub_context_check_fds(d->vm->ctx, d->vm->uid, 1, 0, &err) == 0)
+                return true;
+        device_log(d, LOG_DEBUG, "SHARED_OBJECT_LOOKUP", "answered as failed: %s", err.detail);
+        return false;
+}
+
 static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m) {
         struct vhub_shared_object *o = vhub_shared_table_find(&d->vm->shared, m->payload.shared.uuid);
         uint64_t token;
@@ -127,11 +138,13 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
                 return 1;
         }
         if (!o->device) {
+                if (!answer_fd_fits(d))
+                        return 1;
                 vhub_backend_channel_answer(ch, m, 0, o->fd); /* the writer sends a copy */
                 return BREQ_ANSWERED;
         }
         /* a device exports it: ask it now, answer when it does */
-        token = ++d->vm->ctx->next_token;
+        token = vhub_vm_new_token(d->vm);
         if (vhub_device_queue_get_shared(o->device, o->uuid, d->name, token) < 0)
                 return 1;
         vhub_backend_channel_defer(ch, m, DEFER_LOOKUP, token);
@@ -140,6 +153,8 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
 
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd) {
         /* too late (the deadline answered) or not: the writer sent its own copy */
+        if (fd >= 0 && d->channel && !answer_fd_fits(d))
+                fd = vhu_safe_close(fd);
         if (d->channel)
                 (void)vhub_backend_channel_answer_deferred(d->channel, DEFER_LOOKUP, token, fd >= 0 ? 0 : 1, fd);
         vhu_safe_close(fd);
@@ -162,7 +177,7 @@ static int breq_forward(struct vhub_device *d, struct vhub_backend_channel *ch, 
         /* the front door's VMM acts on it itself, through its channel */
         if (dev_is_front_door(d))
                 return breq_relay(d, ch, m, 1);
-        ev.token = ++d->vm->ctx->next_token;
+        ev.token = vhub_vm_new_token(d->vm);
 
         switch (m->hdr.request) {
         case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:

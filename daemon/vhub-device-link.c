@@ -55,6 +55,8 @@
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
+#include "vhub-cred.h"
+#include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
@@ -231,17 +233,17 @@ static int device_attach_connection(struct vhub_device *d, int fd) {
 static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
         int pfd, fd;
 
-        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->vm->cred, d->vm->uid,
+        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->cred, d->vm->uid,
                                      d->socket_path, err);
         if (pfd < 0)
                 return pfd;
-        fd = vhub_backend_path_connect(pfd, &d->vm->cred);
+        fd = vhub_backend_path_connect(pfd, &d->cred);
         vhu_safe_close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "uid %u may not connect to back-end socket %s",
-                                      (unsigned)d->vm->cred.uid, d->socket_path);
+                                      (unsigned)d->cred.uid, d->socket_path);
         if (fd < 0)
                 return vhub_error_set_backend(err, VHUB_ERR_BACKEND, d->name, NULL,
                                               "cannot connect to back-end socket %s: %s",
@@ -388,12 +390,21 @@ static void device_socket_appeared(void *userdata) {
 }
 
 static void device_watch_socket(struct vhub_device *d) {
+        struct vhub_cred_scope scope;
         int r;
 
         if (d->watch)
                 return;
-        r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared, d,
-                                  &d->watch);
+        /* the path is the uid's: resolved (and read permission checked)
+         * with the device's identity, as every other operation on its
+         * back-end paths, so that it cannot make the daemon watch what it
+         * could not watch itself */
+        r = vhub_cred_enter(&d->cred, &scope);
+        if (r == 0) {
+                r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared,
+                                          d, &d->watch);
+                vhub_cred_leave(&scope);
+        }
         if (r < 0)
                 device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
                            d->socket_path, strerror(-r));
@@ -509,7 +520,7 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         struct timeval tv;
         int r;
 
-        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &vm->cred, vm->uid, d->socket_path, err,
+        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &d->cred, vm->uid, d->socket_path, err,
                                      &d->listener, &listen_path);
         if (r < 0) {
                 if (!err->code)
@@ -601,7 +612,7 @@ void device_link_done(struct vhub_device *d) {
         device_fd_untrack(d, d->listen_fd, "listen");
         d->listen_fd = vhu_safe_close(d->listen_fd);
         device_fd_untrack(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
-        d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
+        d->listener = vhub_backend_listener_free(d->listener, &d->cred);
 }
 
 struct link_visit {

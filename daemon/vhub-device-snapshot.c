@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A device in its VM's restart snapshot (vhub-model-snapshot.h): what
- * device.list, device.stats and a restore need -- its identity and link,
+ * device.list, device.stats and a restore need -- its identity, the
+ * credentials it acts with (its adder's) and its link,
  * its state, what was negotiated, its rings and inflight region, the
  * memory its back-end has mapped, its outage and backoff -- and each fd it
  * keeps by the identity key it has in the device's fd-store group.
@@ -70,6 +71,8 @@ enum {
         D_MEM_SYNCED,
         D_STATS,                /* nest: ST_* */
         D_VMM_CONNECTED,        /* a front-door device's VMM was connected */
+        /* added within format 1 (an older reader skips it) */
+        D_CRED,                 /* nest: whose rights it acts with (vhub_snap_put_cred()) */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
@@ -172,6 +175,7 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_FACE, d->face);
         vhub_snap_put_u32(w, D_RECONNECT_MS, d->reconnect_ms);
         vhub_snap_put_u32(w, D_REQUESTED_QUEUES, d->requested_queues);
+        vhub_snap_put_cred(w, D_CRED, &d->cred);
         vhub_snap_put_u32(w, D_STATE, d->state);
         vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
         vhub_snap_put_bool(w, D_BUSY, device_busy(d));
@@ -266,7 +270,7 @@ struct device_rec {
         uint64_t id;
         char name[VHUB_NAME_MAX + 1];
         char *path;
-        bool busy, removing, has_listener, vmm_connected;
+        bool busy, removing, has_listener, vmm_connected, has_cred;
         bool has_sock, has_chan, has_listen, has_dirfd, has_inflight;
         struct vhub_fd_key sock, chan, listen, dirfd, inflight;
         struct vhub_backend_listener_state listener;
@@ -462,6 +466,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         d->cap_shadow = d->n_shadow;
                         break;
                 case D_MEM_SYNCED: r = vhub_snap_get_bool(&x, &d->mem_synced); break;
+                case D_CRED: r = vhub_snap_get_cred(&x, &d->cred); rec->has_cred = true; break;
                 case D_RING:
                 case D_STATS:
                         break;  /* below */
@@ -474,6 +479,9 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                 return r;
         if (!rec->id || !rec->name[0] || !rec->path)
                 return -EBADMSG;
+        /* an older writer's device acted with its VM's credentials */
+        if (!rec->has_cred)
+                return vhub_cred_copy(&d->vm->cred, &d->cred);
         return 0;
 }
 
@@ -499,6 +507,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         k = read_fields(d, &rec, it);
         if (k < 0) {
                 *why = "a device record is malformed";
+                vhub_cred_done(&d->cred);
                 free(d->shmem_sizes);
                 free(d->shadow);
                 free(rec.path);
@@ -513,6 +522,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 d->vrings[i] = (struct vhub_vring){ .index = i, .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
         if (!d->vrings) {
+                vhub_cred_done(&d->cred);
                 free(d->shmem_sizes);
                 free(d->shadow);
                 free(d->socket_path);

@@ -12,7 +12,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
+#include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
@@ -114,9 +116,11 @@ unsigned vhub_device_fds_held(const struct vhub_device *d) {
         const struct vhub_op *op;
         unsigned n = 0;
 
-        n += d->conn ? 1 : 0;
-        n += d->channel ? 1 : 0;
-        n += (d->listen_fd >= 0) + (d->inflight_fd >= 0);
+        /* the sockets, and the dups their queued messages hold */
+        n += d->conn ? 1 + vhub_bconn_queued_fds(d->conn) : 0;
+        n += d->channel ? 1 + vhub_backend_channel_queued_fds(d->channel) : 0;
+        /* server mode: the listening socket and the directory it is in */
+        n += (d->listen_fd >= 0) + (vhub_backend_listener_dir_fd(d->listener) >= 0) + (d->inflight_fd >= 0);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 n += vring_fds_held(&d->vrings[i]);
         TAILQ_FOREACH(op, &d->ops, link)
@@ -245,6 +249,7 @@ void vhub_device_free(struct vhub_device *d) {
         device_set_inflight(d, -1);
         free(d->shadow);
         free(d->socket_path);
+        vhub_cred_done(&d->cred);
         free(d);
 }
 
@@ -291,7 +296,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->state = VHUB_DEV_CONNECTING;
         d->stats.state_since_usec = vhub_now_usec();
         d->socket_path = strdup(p->socket_path);
-        if (!d->socket_path) {
+        if (!d->socket_path || vhub_cred_copy(p->cred ? p->cred : &vm->cred, &d->cred) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }

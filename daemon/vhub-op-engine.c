@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "vhub-backend-conn.h"
+#include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
@@ -61,6 +62,20 @@ static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu
                 if (info && (info->reply == VHU_REPLY_ALWAYS ||
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        }
+        /* Behind bytes the back-end has not read yet, the message waits
+         * holding dups of its fds: they are the VM's uid's to hold, within
+         * its fd budget (a back-end that stops reading would otherwise make
+         * the daemon hold a dup of every region's fd, per device). */
+        if (m->n_fds > 0 && vhub_bconn_write_pending(d->conn)) {
+                struct vhub_error budget = { 0 };
+
+                if (vhub_context_check_fds(d->vm->ctx, d->vm->uid, m->n_fds, 0, &budget) < 0)
+                        return device_op_error(op, VHUB_ERR_LIMIT,
+                                               vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                               "%s waits for a back-end that does not read: %s",
+                                               vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                               budget.detail);
         }
         r = await ? vhub_bconn_send_awaiting(d->conn, m, tag) : vhub_bconn_send(d->conn, m, tag);
         if (r < 0)

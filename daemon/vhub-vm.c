@@ -374,6 +374,12 @@ int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, stru
         return 0;
 }
 
+uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
+        vm->next_token++;
+        vhub_changed(vm->ctx, vm);
+        return vm->next_token;
+}
+
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err) {
         if (vm->destroying)
@@ -382,14 +388,22 @@ int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const str
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
-        /* root naming another uid's VM does not lend it root's rights */
+        /* root naming another uid's VM does not lend it root's rights; the
+         * uid's own devices act with its groups of now */
         if (cred->uid == vm->uid) {
+                struct vhub_device *d;
                 struct vhub_cred fresh;
 
                 if (vhub_cred_copy(cred, &fresh) < 0)
                         return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
                 vhub_cred_done(&vm->cred);
                 vm->cred = fresh;
+                TAILQ_FOREACH(d, &vm->devices, link) {
+                        if (d->cred.uid != cred->uid || vhub_cred_copy(cred, &fresh) < 0)
+                                continue;
+                        vhub_cred_done(&d->cred);
+                        d->cred = fresh;
+                }
         }
         evtimer_del(vm->linger_timer);
         vm->owner = owner;

@@ -88,11 +88,14 @@ struct vhub_vm {
         char fd_group_shared[VHUB_FD_GROUP_MAX]; /* "o<id>": the VMM's shared objects */
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
-        struct vhub_cred cred;          /* whose rights its back-end paths are used with:
-                                         * its creator's (root's, for a VM root made for
-                                         * another uid) or its attacher's of the same uid */
+        struct vhub_cred cred;          /* its creator's (root's, for a VM root made for
+                                         * another uid) or its attacher's of the same uid:
+                                         * for devices added without credentials of their
+                                         * own (each device acts with its adder's) */
         const struct vhub_owner *owner; /* a face's connection (vhub-owner.h); NULL: none */
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
+        uint64_t next_token;            /* back-end requests forwarded or deferred: the VM's
+                                         * own count, so that no uid sees another's */
         struct event *linger_timer;
         uint64_t linger_deadline_usec;  /* CLOCK_MONOTONIC: when it fires, while armed */
 
@@ -179,9 +182,16 @@ void vhub_vm_free(struct vhub_vm *vm);
  * (vhub_context_owner_gone() calls it for each VM of the owner). */
 void vhub_vm_owner_gone(struct vhub_vm *vm);
 /* A new connection of the same uid takes over a lingering VM; a peer of the
- * VM's own uid also brings its current credentials (cred, copied). */
+ * VM's own uid also brings its current credentials (cred, copied), to the
+ * VM and to the devices that act as that uid. */
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err);
+
+/* A back-end request token of vm's, never one it gave out before -- across
+ * restarts and crashes too: the count is in its snapshot, committed before
+ * anyone can see the token (after the current callback, before the loop
+ * writes to a socket). */
+uint64_t vhub_vm_new_token(struct vhub_vm *vm);
 
 /* region->fd is taken in every case (closed on failure). */
 void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);

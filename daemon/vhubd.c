@@ -27,6 +27,7 @@ static void control_options(const struct vhub_config *config, const struct vhubd
                 .gid = config->control_gid,
                 .gid_set = config->control_gid_set,
                 .max_connections = config->limits.connections,
+                .max_connections_per_uid = config->limits.connections_per_uid,
                 .max_pending = config->limits.pending_per_connection,
         };
         rpc_conn_limits_default(&ret->limits);
