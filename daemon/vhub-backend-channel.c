@@ -309,6 +309,7 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         ch->fd = fd;
         vhu_reader_init(&ch->reader);
         vhu_writer_init(&ch->writer);
+        vhu_writer_set_fds_hook(&ch->writer, ops->on_fds_changed, userdata);
         ch->rate_window_start = vhub_now_usec();
         ch->ev_read = event_new(p->base, fd, EV_READ | EV_PERSIST, channel_read_cb, ch);
         ch->ev_write = event_new(p->base, fd, EV_WRITE | EV_PERSIST, channel_write_cb, ch);
@@ -321,6 +322,10 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         }
         *ret = ch;
         return 0;
+}
+
+unsigned vhub_backend_channel_queued_fds(const struct vhub_backend_channel *ch) {
+        return ch->writer.n_fds;
 }
 
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch) {
@@ -337,6 +342,7 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
         if (ch->flow != FLOW_OPEN)
                 channel_paused(ch, false);
         vhu_reader_reset(&ch->reader);
+        vhu_writer_set_fds_hook(&ch->writer, NULL, NULL); /* its owner is going too */
         vhu_writer_clear(&ch->writer);
         ch->fd = vhu_safe_close(ch->fd);
         free(ch);

@@ -51,6 +51,9 @@ struct vhub_backend_channel_ops {
         void (*paused)(void *userdata, bool paused);
         /* The channel broke (reason: a sentence); called at most once per cause. */
         void (*on_lost)(void *userdata, const char *reason);
+        /* Optional: the dups its queued answers hold changed
+         * (vhub_backend_channel_queued_fds()); only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 struct vhub_backend_channel_params {
@@ -66,6 +69,8 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
                              const struct vhub_backend_channel_ops *ops, void *userdata,
                              struct vhub_backend_channel **ret);
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch);
+/* The dups its queued answers hold (the fd budget counts them). */
+unsigned vhub_backend_channel_queued_fds(const struct vhub_backend_channel *ch);
 
 /* Answer req (the request on_request got): value, with fd (>= 0: a copy
  * is sent) if the request's own reply may carry one. */

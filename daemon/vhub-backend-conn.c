@@ -167,6 +167,7 @@ static void bconn_free_now(struct vhub_bconn *c) {
         if (c->ev_lost)
                 event_free(c->ev_lost);
         vhu_reader_reset(&c->reader);
+        vhu_writer_set_fds_hook(&c->writer, NULL, NULL); /* its owner is going too */
         vhu_writer_clear(&c->writer);
         c->fd = vhu_safe_close(c->fd);
         free(c->pending);
@@ -282,6 +283,7 @@ int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigne
         c->pending = calloc(c->cap, sizeof(*c->pending));
         vhu_reader_init(&c->reader);
         vhu_writer_init(&c->writer);
+        vhu_writer_set_fds_hook(&c->writer, ops->on_fds_changed, userdata);
         c->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, bconn_read_cb, c);
         c->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, bconn_write_cb, c);
         c->ev_timer = evtimer_new(base, bconn_timer_cb, c);
@@ -377,6 +379,14 @@ int vhub_bconn_send_awaiting(struct vhub_bconn *c, const struct vhu_msg *m, uint
 
 unsigned vhub_bconn_awaiting(const struct vhub_bconn *c) {
         return c->count;
+}
+
+bool vhub_bconn_write_pending(const struct vhub_bconn *c) {
+        return vhu_writer_pending(&c->writer);
+}
+
+unsigned vhub_bconn_queued_fds(const struct vhub_bconn *c) {
+        return c->writer.n_fds;
 }
 
 bool vhub_bconn_is_lost(const struct vhub_bconn *c) {

@@ -170,17 +170,20 @@ static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
         ssize_t n;
 
+        /* One read per wake-up, never "until it is empty": the watched
+         * directories are the uids', and a uid can make events (a chmod
+         * loop) faster than they are handled.  What is left wakes the loop
+         * again after everything else had its turn. */
         w->dispatching = true;
-        while (w->n_watches > 0 && (n = read(fd, buf, sizeof(buf))) > 0) {
-                for (char *p = buf; p < buf + n;) {
-                        const struct inotify_event *ie = (const struct inotify_event *)p;
+        n = w->n_watches > 0 ? read(fd, buf, sizeof(buf)) : 0;
+        for (char *p = buf; n > 0 && p < buf + n;) {
+                const struct inotify_event *ie = (const struct inotify_event *)p;
 
-                        /* removed ones stay allocated until the sweep: the chain holds */
-                        for (struct vhub_socket_watch *x = watches_due(w, ie); x; x = x->due)
-                                if (!x->removed)
-                                        x->fn(x->userdata);
-                        p += sizeof(*ie) + ie->len;
-                }
+                /* removed ones stay allocated until the sweep: the chain holds */
+                for (struct vhub_socket_watch *x = watches_due(w, ie); x; x = x->due)
+                        if (!x->removed)
+                                x->fn(x->userdata);
+                p += sizeof(*ie) + ie->len;
         }
         w->dispatching = false;
         watcher_sweep(w);

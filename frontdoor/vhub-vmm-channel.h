@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_vmm_channel;
@@ -33,6 +34,9 @@ struct vhub_vmm_channel_ops {
         void (*on_answer)(void *userdata, uint32_t tag, uint32_t request, struct vhu_msg *reply);
         /* The channel is lost (after the on_answer(NULL) of every awaited request). */
         void (*on_lost)(void *userdata, bool timeout, const char *reason);
+        /* Optional: the fds it holds (a message half-read, dups of requests
+         * waiting to go) changed; only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 /*
@@ -61,3 +65,6 @@ void vhub_vmm_channel_set_protocol_features(struct vhub_vmm_channel *ch, uint64_
 int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, uint32_t tag);
 unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch);
 bool vhub_vmm_channel_is_lost(const struct vhub_vmm_channel *ch);
+/* Every fd it holds: the socket (what NULL), "in", "out" (vmm-stream). */
+int vhub_vmm_channel_fd(const struct vhub_vmm_channel *ch);
+void vhub_vmm_channel_foreach_fd(const struct vhub_vmm_channel *ch, vhu_fd_fn fn, void *userdata);

@@ -31,13 +31,33 @@ struct vhu_writer_item {
         uint8_t data[];
 };
 
-void vhu_reader_init(struct vhu_reader *r) {
+static void hook_call(const struct vhu_fds_hook *h) {
+        if (h->changed)
+                h->changed(h->userdata);
+}
+
+/* The message being assembled is gone (handed over or dropped). */
+static void reader_start_over(struct vhu_reader *r) {
+        bool had_fds = r->n_fds > 0;
+
         memset(&r->hdr, 0, sizeof(r->hdr));
         for (unsigned i = 0; i < VHU_MAX_FDS; i++)
                 r->fds[i] = -1;
         r->n_fds = 0;
         r->partial = NULL;
         r->got = 0;
+        if (had_fds)
+                hook_call(&r->hook);
+}
+
+void vhu_reader_init(struct vhu_reader *r) {
+        r->n_fds = 0;
+        r->hook = (struct vhu_fds_hook){ 0 };
+        reader_start_over(r);
+}
+
+void vhu_reader_set_fds_hook(struct vhu_reader *r, void (*changed)(void *userdata), void *userdata) {
+        r->hook = (struct vhu_fds_hook){ .changed = changed, .userdata = userdata };
 }
 
 void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userdata) {
@@ -49,7 +69,7 @@ void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userd
 void vhu_reader_reset(struct vhu_reader *r) {
         vhu_close_many(r->fds, r->n_fds);
         free(r->partial);
-        vhu_reader_init(r);
+        reader_start_over(r);
 }
 
 /* Hand the finished message (its payload is in ret already) and its fds
@@ -59,11 +79,7 @@ static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
         memcpy(ret->fds, r->fds, sizeof(ret->fds));
         ret->n_fds = r->n_fds;
         ret->fds_borrowed = false; /* the caller's now */
-
-        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
-                r->fds[i] = -1;
-        r->n_fds = 0;
-        r->got = 0;
+        reader_start_over(r);
 }
 
 /* Payload bytes received so far. */
@@ -137,6 +153,8 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
                         goto fail;
                 }
                 r->n_fds += fds.n_fds;
+                if (fds.n_fds > 0)
+                        hook_call(&r->hook);
                 if (fds.n_closed > 0 || fds.truncated) {
                         err = -EPROTO;
                         goto fail;
@@ -172,6 +190,12 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->head = w->tail = NULL;
         w->n_items = 0;
         w->n_bytes = 0;
+        w->n_fds = 0;
+        w->hook = (struct vhu_fds_hook){ 0 };
+}
+
+void vhu_writer_set_fds_hook(struct vhu_writer *w, void (*changed)(void *userdata), void *userdata) {
+        w->hook = (struct vhu_fds_hook){ .changed = changed, .userdata = userdata };
 }
 
 void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
@@ -198,13 +222,19 @@ static void writer_pop(struct vhu_writer *w) {
                 w->tail = NULL;
         w->n_items--;
         w->n_bytes -= item->len - item->off;
+        w->n_fds -= item->n_fds;
+        if (item->n_fds > 0)
+                hook_call(&w->hook);
         writer_item_free(item);
 }
 
 void vhu_writer_clear(struct vhu_writer *w) {
+        struct vhu_fds_hook hook = w->hook;
+
         while (w->head)
                 writer_pop(w);
         vhu_writer_init(w);
+        w->hook = hook;
 }
 
 bool vhu_writer_pending(const struct vhu_writer *w) {
@@ -249,6 +279,9 @@ static void writer_link(struct vhu_writer *w, struct vhu_writer_item *item) {
         w->tail = item;
         w->n_items++;
         w->n_bytes += item->len;
+        w->n_fds += item->n_fds;
+        if (item->n_fds > 0)
+                hook_call(&w->hook);
 }
 
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
@@ -363,10 +396,14 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                         return -EAGAIN; /* nothing taken: wait for writability */
 
                 /* The fds went with the first byte of this chunk: the
-                 * kernel holds its own copies from here on */
+                 * kernel holds its own copies from here on, the dups are
+                 * not needed (nor counted) any more */
                 if (with_fds) {
                         item->fds_sent = true;
                         vhu_close_many(item->fds, item->n_fds);
+                        w->n_fds -= item->n_fds;
+                        item->n_fds = 0;
+                        hook_call(&w->hook);
                 }
                 item->off += (size_t) n;
                 w->n_bytes -= (size_t) n;

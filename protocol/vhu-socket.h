@@ -28,15 +28,29 @@
  * calls -- the payload bytes so far, so that an idle reader is small (one
  * per back-end connection and channel).
  */
+/*
+ * An owner that counts the fds its reader or writer holds (a daemon's fd
+ * budget) is told each time that number changed, from inside the reader's
+ * and writer's own calls: the hook may only take note (it must not call
+ * into the reader or writer).
+ */
+struct vhu_fds_hook {
+        void (*changed)(void *userdata);
+        void *userdata;
+};
+
 struct vhu_reader {
         struct vhu_header hdr;      /* of the message being assembled */
         int fds[VHU_MAX_FDS];       /* its fds (owned) */
         unsigned n_fds;
         uint8_t *partial;           /* payload bytes read so far, while a call left it half-read */
         size_t got;                 /* bytes of header+payload received so far */
+        struct vhu_fds_hook hook;   /* kept across resets */
 };
 
+/* No hook; vhu_reader_set_fds_hook() after init. */
 void vhu_reader_init(struct vhu_reader *r);
+void vhu_reader_set_fds_hook(struct vhu_reader *r, void (*changed)(void *userdata), void *userdata);
 /* Close any partial message's fds and start over. */
 void vhu_reader_reset(struct vhu_reader *r);
 /* For an owner's inventory of its fds: fn(fd, what, userdata) with what
@@ -75,9 +89,12 @@ struct vhu_writer {
         struct vhu_writer_item *head, *tail;
         size_t n_items;
         size_t n_bytes;       /* bytes still to send */
+        unsigned n_fds;       /* dup'd fds held until their message's first byte is sent */
+        struct vhu_fds_hook hook;  /* told when n_fds changed; kept across clears */
 };
 
 void vhu_writer_init(struct vhu_writer *w);
+void vhu_writer_set_fds_hook(struct vhu_writer *w, void (*changed)(void *userdata), void *userdata);
 /* Drop everything queued, closing the dup'd fds. */
 void vhu_writer_clear(struct vhu_writer *w);
 bool vhu_writer_pending(const struct vhu_writer *w);

@@ -98,6 +98,7 @@ static void test_back_to_back_fds(void) {
         CHECK_EQ(vhu_msg_build_mem_table(&b, false, regions, table_fds, 3), 0);
         CHECK_EQ(vhu_writer_queue(&writer, &b), 0);
         CHECK_EQ(writer.n_items, 4);
+        CHECK_EQ(writer.n_fds, 1 + 1 + VHU_MAX_FDS + 3);  /* the dups it holds */
         CHECK(vhu_writer_pending(&writer));
         /* The writer dup'd the fds: the caller may close its own at once. */
         close(fa);
@@ -106,6 +107,7 @@ static void test_back_to_back_fds(void) {
         CHECK_EQ(vhu_writer_flush(&writer, sv[0]), 0);
         CHECK(!vhu_writer_pending(&writer));
         CHECK_EQ(writer.n_bytes, 0);
+        CHECK_EQ(writer.n_fds, 0);
 
         vhu_reader_init(&reader);
         vhu_msg_init(&got);
@@ -168,6 +170,22 @@ static void test_back_to_back_fds(void) {
 }
 
 /* A message written one byte at a time reassembles, fd included. */
+/* An owner's count of the fds a reader or writer holds, kept by its hook
+ * alone: after every call it must equal the real number (no change went
+ * unreported). */
+struct fds_watch {
+        const unsigned *n_fds;
+        unsigned seen;
+        unsigned calls;
+};
+
+static void fds_watch_hook(void *userdata) {
+        struct fds_watch *w = userdata;
+
+        w->seen = *w->n_fds;
+        w->calls++;
+}
+
 static void test_partial_reads(void) {
         uint8_t wire[VHU_HEADER_SIZE + 64];
         struct vhu_vring_addr addr = { .index = 1, .desc = 0x1000, .used = 0x2000, .avail = 0x3000 };
@@ -176,11 +194,14 @@ static void test_partial_reads(void) {
         int sv[2], fd;
         size_t len;
         int before = count_open_fds();
+        struct fds_watch watch = { 0 };
 
         test_set_context("partial reads");
         CHECK_EQ(make_pair(sv), 0);
         fd = make_memfd();
         vhu_reader_init(&reader);
+        watch.n_fds = &reader.n_fds;
+        vhu_reader_set_fds_hook(&reader, fds_watch_hook, &watch);
         vhu_msg_init(&got);
         vhu_msg_init(&m);
 
@@ -203,12 +224,25 @@ static void test_partial_reads(void) {
         len = vhu_msg_encode(&m, wire, sizeof(wire));
         for (size_t i = 0; i < len; i++) {
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+                CHECK_EQ(watch.seen, reader.n_fds);
                 CHECK_EQ(send_raw(sv[0], wire + i, 1, &fd, i == 0 ? 1 : 0), 1);
         }
+        CHECK_EQ(watch.calls, 1);       /* the fd arrived with the first byte */
+        CHECK_EQ(watch.seen, 1);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), 1);
+        CHECK_EQ(watch.seen, 0);        /* handed over with the message */
+        CHECK_EQ(watch.calls, 2);
         CHECK_EQ(got.payload.u64, 2);
         CHECK(got.n_fds == 1 && same_file(got.fds[0], fd));
         vhu_msg_clear(&got);
+
+        /* A reset with an fd held: closed, and reported. */
+        CHECK_EQ(send_raw(sv[0], wire, 1, &fd, 1), 1);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK_EQ(watch.seen, 1);
+        vhu_reader_reset(&reader);
+        CHECK_EQ(watch.seen, 0);
+        CHECK_EQ(watch.calls, 4);
 
         /* Header and payload split unevenly, two messages in one write. */
         {
@@ -250,11 +284,14 @@ static void test_partial_writes(void) {
         unsigned received = 0, eagains = 0, mid_message = 0, mid_message_with_fd = 0;
         size_t suffix_bytes[N_MSGS + 1];
         int before = count_open_fds();
+        struct fds_watch watch = { 0 };
 
         test_set_context("partial writes");
         CHECK_EQ(make_pair(sv), 0);
         CHECK_EQ(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
         vhu_writer_init(&writer);
+        watch.n_fds = &writer.n_fds;
+        vhu_writer_set_fds_hook(&writer, fds_watch_hook, &watch);
         vhu_reader_init(&reader);
         vhu_msg_init(&m);
         vhu_msg_init(&got);
@@ -277,9 +314,11 @@ static void test_partial_writes(void) {
                         CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
                 }
                 CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
+                CHECK_EQ(watch.seen, writer.n_fds);
         }
         vhu_msg_forget_fds(&m);
         CHECK_EQ(writer.n_items, N_MSGS);
+        CHECK_EQ(writer.n_fds, N_MSGS);
         suffix_bytes[N_MSGS] = 0;
         for (unsigned k = N_MSGS; k-- > 0;)
                 suffix_bytes[k] = suffix_bytes[k + 1] + VHU_HEADER_SIZE + (k % 2 == 0 ? 4000 : 8);
@@ -300,6 +339,9 @@ static void test_partial_writes(void) {
                 } else {
                         CHECK_EQ(r, 0);
                 }
+                /* a message whose first byte went out holds no dups any more */
+                CHECK(writer.n_fds <= writer.n_items && writer.n_fds + 1 >= writer.n_items);
+                CHECK_EQ(watch.seen, writer.n_fds);
                 for (;;) {
                         r = vhu_reader_read(&reader, sv[1], &got);
                         if (r != 1)
@@ -329,6 +371,7 @@ static void test_partial_writes(void) {
         CHECK(!vhu_writer_pending(&writer));
         CHECK_EQ(writer.n_items, 0);
         CHECK_EQ(writer.n_bytes, 0);
+        CHECK_EQ(writer.n_fds, 0);
 
         /* Clearing a writer with queued fds closes its dups. */
         for (unsigned i = 1; i < N_MSGS; i += 2) {
@@ -336,8 +379,19 @@ static void test_partial_writes(void) {
                 CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
         }
         vhu_msg_forget_fds(&m);
+        CHECK_EQ(writer.n_fds, N_MSGS / 2);
+        CHECK_EQ(watch.seen, N_MSGS / 2);
         vhu_writer_clear(&writer);
         CHECK(!vhu_writer_pending(&writer));
+        CHECK_EQ(writer.n_fds, 0);
+        CHECK_EQ(watch.seen, 0);
+        /* the hook stays across a clear */
+        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, 1, fds[1]), 0);
+        CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
+        vhu_msg_forget_fds(&m);
+        CHECK_EQ(watch.seen, 1);
+        vhu_writer_clear(&writer);
+        CHECK_EQ(watch.seen, 0);
 
         for (unsigned i = 0; i < N_MSGS; i++)
                 if (fds[i] >= 0)

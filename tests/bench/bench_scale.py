@@ -46,10 +46,12 @@ BENCH_SCALE_CALLS (200), BENCH_SCALE_START (1; 0 adds devices without
 starting them: 2 fds each, so more of them fit), BENCH_SCALE_FDSTORE (0;
 1 runs both vhubds under the tests' played service manager with an fd store,
 as the systemd unit does: every change is committed to the restart
-snapshots and the fd store; then, at the end, the control latency with
-BENCH_SCALE_IDLE_CONNS (1000) more connections open, since the daemon's
-snapshot holds every connection, and a planned restart -- SIGTERM to exit,
-the start to READY=1, every device still there).  The played service
+snapshots and the fd store; and at the end a planned restart -- SIGTERM to
+exit, the start to READY=1, every device still there),
+BENCH_SCALE_IDLE_CONNS (1000; 0: skipped): at the end, daemon.info and
+vm.memory.add with that many more connections open (the fd budget counts
+each connection's fds per check; with an fd store the daemon's snapshot
+holds every connection).  The played service
 manager is Python: its same_fd() check (as systemd's, one kcmp() per stored
 fd per push) makes building slow past a few thousand devices.
 """
@@ -578,19 +580,38 @@ def new_daemon(t, d, extra_args=()):
     return t.enter(Daemon(d, log_level="warning", extra_args=list(extra_args)))
 
 
-def restart_with_store(b, daemon):
-    """Control latency with many connections open (the daemon's snapshot
-    holds each), then a planned restart with every device."""
+def idle_connections(b, daemon):
+    """Control latency with IDLE_CONNS more connections open: the fd budget
+    counts every connection's fds per check, and with an fd store the
+    daemon's snapshot holds every connection."""
     vm0 = b.vms[0]
-    before = [b.probe.timed("daemon.info") for _ in range(CALLS)]
+    mem_add = {"vm": vm0, "gpa": u64_json(HOT_GPA), "size": 2 * MiB, "fd": 0}
+    mem_rem = {"vm": vm0, "gpa": u64_json(HOT_GPA)}
+
+    def sample():
+        info, add, cpu0 = [], [], cpu_s(daemon.pid)
+        for _ in range(CALLS):
+            info.append(b.probe.timed("daemon.info"))
+            add.append(b.probe.timed("vm.memory.add", mem_add, fds=[b.hot]))
+            b.probe.timed("vm.memory.remove", mem_rem)
+        return info, add, (cpu_s(daemon.pid) - cpu0) * 1e6 / CALLS
+
+    before = sample()
     idle = [RawClient(daemon.control) for _ in range(IDLE_CONNS)]
     time.sleep(0.5)
-    during = [b.probe.timed("daemon.info") for _ in range(CALLS)]
+    during = sample()
     for c in idle:
         c.close()
-    log("daemon.info with the fd store: median %.3f ms (p90 %.3f) with 2 connections, %.3f ms (p90 %.3f) "
-        "with %d more open" % (statistics.median(before), pct(before, 90), statistics.median(during),
-                                pct(during, 90), IDLE_CONNS))
+    log("with %d more connections open%s: daemon.info median %.3f ms (%.3f with 2 connections), "
+        "vm.memory.add %.3f ms (%.3f); vhubd CPU per daemon.info + add + remove %.0f us (%.0f)"
+        % (IDLE_CONNS, " (fd store)" if FDSTORE else "", statistics.median(during[0]),
+           statistics.median(before[0]), statistics.median(during[1]), statistics.median(before[1]),
+           during[2], before[2]))
+
+
+def restart_with_store(b, daemon):
+    """A planned restart with every device."""
+    vm0 = b.vms[0]
     info = b.probe.call("daemon.info")
     fds_before = fd_count(daemon.pid)
     # the played service manager (Python, one kcmp() per stored fd per
@@ -701,6 +722,8 @@ def main(t):
     limit = check_limit(b, daemon) if b.limit_error else None
     vml = measure_vm_list(daemon)
     restore = restore_one_qsd(b, daemon)
+    if IDLE_CONNS:
+        idle_connections(b, daemon)
     if FDSTORE:
         restart_with_store(b, daemon)
 
