@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <sys/resource.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-fd-budget.h"
@@ -64,10 +65,31 @@ static unsigned fd_if(int fd) {
         return fd >= 0 ? 1 : 0;
 }
 
+/*
+ * With the fd store (restart snapshots) a VM also holds its snapshot
+ * memfd, and a restart passes the new process one fd per stored group at
+ * once -- the VM's memory, its shared objects, each device and a
+ * front-door device's own -- on top of every fd it then takes back out of
+ * them: the budget keeps room for those, or a daemon filled to its limit
+ * runs out of fds restoring (the stashes read short, back-ends' sockets
+ * refused: devices lost).
+ */
+static unsigned vm_restart_fds(const struct vhub_vm *vm) {
+        const struct vhub_device *d;
+        unsigned n = 2 + (vm->shared.n > 0);   /* snapshot, memory, shared objects */
+
+        TAILQ_FOREACH(d, &vm->devices, link)
+                n += 1 + (d->vmm != NULL);
+        return n;
+}
+
 static unsigned vm_fds(const struct vhub_vm *vm) {
         const struct vhub_mem_op *mop;
         const struct vhub_device *d;
         unsigned n = (unsigned)vm->mem.n + fd_if(vm->log_fd);
+
+        if (vhub_commit_enabled(vm->ctx))
+                n += vm_restart_fds(vm);
 
         TAILQ_FOREACH(mop, &vm->mem_ops, link)
                 if (mop->kind == VHUB_MEM_OP_ADD)
