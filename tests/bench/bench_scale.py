@@ -71,6 +71,7 @@ from vhubtest.backends import QsdNullBackend              # noqa: E402
 from vhubtest.client import RpcError, u64_json            # noqa: E402
 from vhubtest.client import Client                        # noqa: E402
 from vhubtest.daemon import Daemon, vhubd_path            # noqa: E402
+from vhubtest.scenarios import idle_blk_start              # noqa: E402
 from vhubtest.servicemanager import ServiceManager         # noqa: E402
 from vhubtest.testing import Skip, log, run               # noqa: E402
 
@@ -87,7 +88,6 @@ MiB = 1 << 20
 REGION_GPA = MiB               # the VM's region: [1 MiB, 2 MiB)
 HOT_GPA = 0x100000000          # the probe's memory change: 2 MiB at 4 GiB
 RING = 128
-ACKED = (1 << 32) | (1 << 9) | (1 << 12)   # VERSION_1 | FLUSH | MQ
 LIMIT_REACHED = -32008
 
 
@@ -241,12 +241,7 @@ class Bench:
         t.defer(os.close, hot)
 
     def start_params(self, vm, dev, slot, fds):
-        vrings = []
-        for i in range(2):
-            gpa = REGION_GPA + (slot * 2 + i) * 0x4000
-            vrings.append({"index": i, "size": RING, "desc": gpa, "avail": gpa + 0x800,
-                           "used": gpa + 0x1000, "kick": 2 * i, "call": 2 * i + 1})
-        return {"vm": vm, "device": dev, "features": u64_json(ACKED), "vrings": vrings}
+        return idle_blk_start(vm, dev, slot, REGION_GPA, size=RING)
 
     def new_vm(self):
         vm = "vm%05d" % len(self.vms)

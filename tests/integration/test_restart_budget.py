@@ -25,26 +25,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest.backends import QsdNullBackend, require_binary     # noqa: E402
-from vhubtest.client import Client, RpcError, u64_json           # noqa: E402
+from vhubtest.client import Client, RpcError                     # noqa: E402
 from vhubtest.daemon import vhubd_path                           # noqa: E402
+from vhubtest.scenarios import idle_blk_start                    # noqa: E402
 from vhubtest.servicemanager import ServiceManager               # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
 LIMIT = 400
 PER_VM = 4
 MiB = 1 << 20
-RING = 128
-ACKED = (1 << 32) | (1 << 9) | (1 << 12)   # VERSION_1 | FLUSH | MQ
 LIMIT_REACHED = -32008
-
-
-def start_params(vm, dev, slot):
-    vrings = []
-    for i in range(2):
-        gpa = MiB + (slot * 2 + i) * 0x4000
-        vrings.append({"index": i, "size": RING, "desc": gpa, "avail": gpa + 0x800,
-                       "used": gpa + 0x1000, "kick": 2 * i, "call": 2 * i + 1})
-    return {"vm": vm, "device": dev, "features": u64_json(ACKED), "vrings": vrings}
 
 
 def fill(c, socks):
@@ -72,7 +62,7 @@ def fill(c, socks):
                 return devices
             fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(4)]
             try:
-                c.call("device.start", start_params(vm, dev, slot), fds=fds)
+                c.call("device.start", idle_blk_start(vm, dev, slot, MiB), fds=fds)
             except RpcError as e:
                 check_eq(e.code, LIMIT_REACHED, "only the fd budget refuses (%s)" % e)
                 c.call("device.remove", {"vm": vm, "device": dev})
