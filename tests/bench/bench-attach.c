@@ -81,6 +81,7 @@
 
 #include "vhu-message.h"
 #include "vhu-scm.h"
+#include "bench-proc.h"
 #include "vhub-client.h"
 
 #define MEM_SIZE (1u << 20)
@@ -89,51 +90,7 @@
 #define MAX_SEQ 64
 #define MAX_ROUNDS 100000
 
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
 static pid_t daemon_pid = -1, daemon2_pid = -1, qsd_pid = -1;
-static char workdir[64];
-
-static void stop_child(pid_t *pid) {
-        if (*pid > 0) {
-                kill(*pid, SIGTERM);
-                waitpid(*pid, NULL, 0);
-                *pid = -1;
-        }
-}
-
-static void cleanup(void) {
-        char cmd[128];
-
-        stop_child(&daemon_pid);
-        stop_child(&daemon2_pid);
-        stop_child(&qsd_pid);
-        if (workdir[0]) {
-                snprintf(cmd, sizeof(cmd), "rm -rf '%s'", workdir);
-                if (system(cmd) != 0)
-                        fprintf(stderr, "bench-attach: could not remove %s\n", workdir);
-                workdir[0] = '\0';
-        }
-}
-
-static void die(const char *fmt, ...) {
-        va_list ap;
-
-        va_start(ap, fmt);
-        fprintf(stderr, "bench-attach: ");
-        vfprintf(stderr, fmt, ap);
-        fprintf(stderr, "\n");
-        va_end(ap);
-        cleanup();
-        exit(1);
-}
-
-static uint64_t now_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t thread_cpu_ns(void) {
         struct timespec ts;
@@ -142,33 +99,34 @@ static uint64_t thread_cpu_ns(void) {
         return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* ns on a CPU of every thread of pid so far (schedstat's first field) */
-static uint64_t proc_cpu_ns(pid_t pid) {
-        char path[64], line[128];
-        uint64_t sum = 0;
-        FILE *f;
+static FILE *proc_open(pid_t pid, const char *name) {
+        char path[64];
 
-        /* vhubd and qsd: the main thread does the work; qsd's other threads
-         * (RCU, call_rcu) are idle here, and reading them all per run would
-         * cost more than it tells */
-        snprintf(path, sizeof(path), "/proc/%d/schedstat", (int)pid);
-        f = fopen(path, "r");
-        if (!f)
-                return 0;
-        if (fgets(line, sizeof(line), f))
-                sum = strtoull(line, NULL, 10);
-        fclose(f);
-        return sum;
+        snprintf(path, sizeof(path), "/proc/%d/%s", (int)pid, name);
+        return fopen(path, "r");
+}
+
+/* ns on a CPU of pid's main thread so far (schedstat's first field): in
+ * vhubd and qsd it does the work; qsd's other threads (RCU, call_rcu) are
+ * idle here, and reading them all per run would cost more than it tells */
+static uint64_t proc_cpu_ns(pid_t pid) {
+        FILE *f = proc_open(pid, "schedstat");
+        char line[128];
+        uint64_t ns = 0;
+
+        if (f && fgets(line, sizeof(line), f))
+                ns = strtoull(line, NULL, 10);
+        if (f)
+                fclose(f);
+        return ns;
 }
 
 /* context switches of pid's main thread so far: how often it slept and woke */
 static uint64_t proc_switches(pid_t pid) {
-        char path[64], line[128];
+        FILE *f = proc_open(pid, "status");
+        char line[128];
         uint64_t sum = 0;
-        FILE *f;
 
-        snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-        f = fopen(path, "r");
         if (!f)
                 return 0;
         while (fgets(line, sizeof(line), f))
@@ -184,52 +142,6 @@ static uint64_t self_switches(void) {
 
         getrusage(RUSAGE_THREAD, &ru);
         return (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
-}
-
-static pid_t spawn(char *const argv[], const char *log_path) {
-        pid_t pid = fork();
-
-        if (pid < 0)
-                die("fork: %s", strerror(errno));
-        if (pid == 0) {
-                int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-
-                prctl(PR_SET_PDEATHSIG, SIGKILL);
-                if (fd >= 0) {
-                        dup2(fd, 1);
-                        dup2(fd, 2);
-                }
-                execv(argv[0], argv);
-                _exit(127);
-        }
-        return pid;
-}
-
-/* qsd serves one front-end per export: wait for the file, never probe-connect */
-static void wait_for_socket_file(const char *path, pid_t pid, const char *what, bool probe) {
-        for (int i = 0; i < 1000; i++) {
-                struct stat st;
-
-                if (stat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-                        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-                        int fd;
-                        bool ok;
-
-                        if (!probe)
-                                return;
-                        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-                        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-                        ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-                        if (fd >= 0)
-                                close(fd);
-                        if (ok)
-                                return;
-                }
-                if (waitpid(pid, NULL, WNOHANG) == pid)
-                        die("%s exited before listening on %s", what, path);
-                usleep(10000);
-        }
-        die("%s did not listen on %s within 10 s", what, path);
 }
 
 /* ---- the guest: memory, rings, eventfds ---- */
@@ -251,7 +163,7 @@ static void guest_eventfds_new(struct guest *g) {
                 g->kick[i] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
                 g->call[i] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
                 if (g->kick[i] < 0 || g->call[i] < 0)
-                        die("eventfd: %s", strerror(errno));
+                        bench_die("eventfd: %s", strerror(errno));
         }
 }
 
@@ -302,7 +214,7 @@ static void raw_sendmsg(struct raw *r, const void *buf, size_t len, const int *f
         vhu_scm_attach(&mh, cbuf.buf, sizeof(cbuf.buf), fds, n_fds);
         n = sendmsg(r->fd, &mh, MSG_NOSIGNAL);
         if (n != (ssize_t)len)
-                die("raw: sendmsg: %s", n < 0 ? strerror(errno) : "short write");
+                bench_die("raw: sendmsg: %s", n < 0 ? strerror(errno) : "short write");
         r->sends++;
 }
 
@@ -342,13 +254,13 @@ static void raw_read_reply(struct raw *r) {
 
         n = recv(r->fd, &h, sizeof(h), MSG_WAITALL);
         if (n != (ssize_t)sizeof(h))
-                die("raw: reading the reply to %s: %s", vhu_request_name(VHU_DIR_FRONTEND, want),
+                bench_die("raw: reading the reply to %s: %s", vhu_request_name(VHU_DIR_FRONTEND, want),
                     n < 0 ? strerror(errno) : "EOF");
         if (h.request != want || !(h.flags & VHU_FLAG_REPLY) || h.size > sizeof(payload))
-                die("raw: reply %u (flags 0x%x, %u bytes) where %s's was due", h.request, h.flags,
+                bench_die("raw: reply %u (flags 0x%x, %u bytes) where %s's was due", h.request, h.flags,
                     h.size, vhu_request_name(VHU_DIR_FRONTEND, want));
         if (h.size && recv(r->fd, payload, h.size, MSG_WAITALL) != (ssize_t)h.size)
-                die("raw: reading %s's payload: %s", vhu_request_name(VHU_DIR_FRONTEND, want),
+                bench_die("raw: reading %s's payload: %s", vhu_request_name(VHU_DIR_FRONTEND, want),
                     strerror(errno));
         r->last_u64 = 0;
         if (h.size == sizeof(uint64_t))
@@ -364,13 +276,13 @@ static void raw_read_replies_at_once(struct raw *r) {
         ssize_t n = recv(r->fd, buf, len, MSG_WAITALL);
 
         if (n != (ssize_t)len)
-                die("raw: reading %u replies: %s", r->n_expect, n < 0 ? strerror(errno) : "EOF");
+                bench_die("raw: reading %u replies: %s", r->n_expect, n < 0 ? strerror(errno) : "EOF");
         for (size_t off = 0; off < len; off += 20) {
                 struct vhu_header h;
 
                 memcpy(&h, buf + off, sizeof(h));
                 if (h.request != r->expect[r->head] || !(h.flags & VHU_FLAG_REPLY) || h.size != 8)
-                        die("raw: reply %u (%u bytes) where %s's was due", h.request, h.size,
+                        bench_die("raw: reply %u (%u bytes) where %s's was due", h.request, h.size,
                             vhu_request_name(VHU_DIR_FRONTEND, r->expect[r->head]));
                 memcpy(&r->last_u64, buf + off + sizeof(h), sizeof(uint64_t));
                 r->head++;
@@ -403,7 +315,7 @@ static void raw_request(struct raw *r, struct vhu_msg *m, bool reply) {
         if (!reply)
                 return;
         if (r->head + r->n_expect >= MAX_SEQ)
-                die("raw: too many replies due");
+                bench_die("raw: too many replies due");
         r->expect[r->head + r->n_expect++] = m->hdr.request;
         if (r->path == PATH_EACH)
                 raw_drain(r);
@@ -412,7 +324,7 @@ static void raw_request(struct raw *r, struct vhu_msg *m, bool reply) {
 /* An acked request that must say 0. */
 static void raw_check_acks_zero(struct raw *r, const char *what) {
         if (r->last_u64 != 0)
-                die("raw: the back-end refused %s (%" PRIu64 ")", what, r->last_u64);
+                bench_die("raw: the back-end refused %s (%" PRIu64 ")", what, r->last_u64);
 }
 
 struct negotiated {
@@ -442,16 +354,16 @@ static uint64_t raw_attach(enum path path, const char *sock, const struct guest 
         memset(r, 0, sizeof(*r));
         r->path = path;
         snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
-        t0 = now_ns();
+        t0 = bench_now_ns();
         r->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (r->fd < 0 || connect(r->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-                die("raw: connect %s: %s", sock, strerror(errno));
+                bench_die("raw: connect %s: %s", sock, strerror(errno));
 
         /* the handshake, as vhub-op-handshake.c sends it (REPLY_ACK: every
          * request without a reply of its own asks for an ack) */
         features = raw_get_u64(r, VHU_REQ_GET_FEATURES);
         if (features != n->features)
-                die("raw: GET_FEATURES 0x%" PRIx64 ", vhubd saw 0x%" PRIx64, features, n->features);
+                bench_die("raw: GET_FEATURES 0x%" PRIx64 ", vhubd saw 0x%" PRIx64, features, n->features);
         (void)raw_get_u64(r, VHU_REQ_GET_PROTOCOL_FEATURES);
         vhu_msg_build_u64(&m, VHU_REQ_SET_PROTOCOL_FEATURES, false, pf);
         raw_request(r, &m, false);
@@ -460,7 +372,7 @@ static uint64_t raw_attach(enum path path, const char *sock, const struct guest 
         vhu_msg_build_none(&m, VHU_REQ_SET_OWNER, true);
         raw_request(r, &m, true);
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, chan) < 0)
-                die("socketpair: %s", strerror(errno));
+                bench_die("socketpair: %s", strerror(errno));
         vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_BACKEND_REQ_FD, true, NULL, 0, &chan[1], 1);
         raw_request(r, &m, true);
         vhu_msg_build_none(&m, VHU_REQ_GET_MAX_MEM_SLOTS, false);
@@ -474,7 +386,7 @@ static uint64_t raw_attach(enum path path, const char *sock, const struct guest 
                 raw_request(r, &m, true);
         }
         raw_barrier(r, W_STAGES7);
-        t_hs = now_ns();
+        t_hs = bench_now_ns();
 
         /* device.start, as vhub-op-rings.c sends it */
         vhu_msg_build_u64(&m, VHU_REQ_SET_FEATURES, true, n->acked | (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES));
@@ -511,11 +423,11 @@ static uint64_t raw_attach(enum path path, const char *sock, const struct guest 
                 uint64_t one = 1;
 
                 if (write(g->kick[i], &one, sizeof(one)) != sizeof(one))
-                        die("kick: %s", strerror(errno));
+                        bench_die("kick: %s", strerror(errno));
         }
         *ret_hs_ns = t_hs - t0;
         close(chan[0]);
-        return now_ns() - t0;
+        return bench_now_ns() - t0;
 }
 
 /* ---- through vhubd ---- */
@@ -527,7 +439,7 @@ static json_t *call_ok(struct vhub_client *c, const char *method, json_t *params
         int r = vhub_client_call(c, method, params, fds, n, 30000, &res, NULL, NULL, &err);
 
         if (r < 0)
-                die("%s failed: %s%s%s (%d %s)", method, strerror(-r), r == -EREMOTEIO ? ": " : "",
+                bench_die("%s failed: %s%s%s (%d %s)", method, strerror(-r), r == -EREMOTEIO ? ": " : "",
                     r == -EREMOTEIO ? err.detail : "", err.code, err.message);
         return res;
 }
@@ -569,22 +481,22 @@ static uint64_t vhubd_attach(struct vhub_client *c, const char *sock, const stru
                 fds[2 * i] = g->kick[i];
                 fds[2 * i + 1] = g->call[i];
         }
-        t0 = now_ns();
+        t0 = bench_now_ns();
         res = call_ok(c, "device.add", device_add_params(sock), NULL, 0);
-        t1 = now_ns();
+        t1 = bench_now_ns();
         if (ret_n) {
                 uint64_t v;
 
                 if (vhub_json_get_u64(json_object_get(res, "features"), &v) < 0)
-                        die("device.add: no features");
+                        bench_die("device.add: no features");
                 ret_n->features = v;
                 if (vhub_json_get_u64(json_object_get(res, "protocol_features"), &v) < 0)
-                        die("device.add: no protocol_features");
+                        bench_die("device.add: no protocol_features");
                 ret_n->protocol_features = v;
         }
         json_decref(res);
         json_decref(call_ok(c, "device.start", device_start_params(g, acked), fds, 2 * QUEUES));
-        t2 = now_ns();
+        t2 = bench_now_ns();
         *ret_add_ns = t1 - t0;
         return t2 - t0;
 }
@@ -605,7 +517,7 @@ static pid_t start_vhubd(const char *vhubd, const char *control, const char *bdi
         for (char *w = words ? strtok_r(words, " ", &save) : NULL; w && n < 20; w = strtok_r(NULL, " ", &save))
                 argv[n++] = w;
         if (n > 0) {
-                /* spawn() execs without a PATH search */
+                /* bench_spawn() execs without a PATH search */
                 static char resolved[256];
 
                 if (argv[0][0] != '/') {
@@ -622,9 +534,9 @@ static pid_t start_vhubd(const char *vhubd, const char *control, const char *bdi
         argv[n++] = (char *)level;
         argv[n] = NULL;
         unlink(control);
-        pid = spawn(argv, log);
+        pid = bench_spawn(argv, log);
         free(words);
-        wait_for_socket_file(control, pid, "vhubd", true);
+        bench_wait_for_socket(control, pid, "vhubd", true);
         return pid;
 }
 
@@ -635,7 +547,7 @@ static unsigned capture_sequence(const char *log, char seq[][40], unsigned max) 
         FILE *f = fopen(log, "r");
 
         if (!f)
-                die("open %s: %s", log, strerror(errno));
+                bench_die("open %s: %s", log, strerror(errno));
         while (fgets(line, sizeof(line), f)) {
                 const char *p;
 
@@ -673,7 +585,7 @@ static double pct_us(const uint64_t *v, unsigned n, double p) {
         double r;
 
         if (!s)
-                die("out of memory");
+                bench_die("out of memory");
         memcpy(s, v, n * sizeof(*s));
         qsort(s, n, sizeof(*s), cmp_u64);
         r = (double)s[(unsigned)(p * (n - 1) + 0.5)] / 1e3;
@@ -693,36 +605,11 @@ static double pct_d(double *v, unsigned n, double p) {
 }
 
 static void machine_line(const char *build_type) {
-        char cpu[128] = "unknown", la[64] = "";
-        struct utsname un;
-        FILE *f;
+        struct bench_machine m;
 
-        uname(&un);
-        f = fopen("/proc/cpuinfo", "r");
-        if (f) {
-                char line[256];
-
-                while (fgets(line, sizeof(line), f))
-                        if (strncmp(line, "model name", 10) == 0) {
-                                char *p = strchr(line, ':');
-
-                                if (p) {
-                                        snprintf(cpu, sizeof(cpu), "%s", p + 2);
-                                        cpu[strcspn(cpu, "\n")] = '\0';
-                                }
-                                break;
-                        }
-                fclose(f);
-        }
-        f = fopen("/proc/loadavg", "r");
-        if (f) {
-                if (!fgets(la, sizeof(la), f))
-                        la[0] = '\0';
-                la[strcspn(la, "\n")] = '\0';
-                fclose(f);
-        }
-        printf("# machine: %s, %ld CPUs, %s %s; vhubd build type %s; load average %s\n", cpu,
-               sysconf(_SC_NPROCESSORS_ONLN), un.sysname, un.release, build_type, la);
+        bench_machine(&m);
+        printf("# machine: %s, %ld CPUs, %s %s; vhubd build type %s; load average %s\n", m.cpu, m.n_cpus,
+               m.un.sysname, m.un.release, build_type, m.load);
 }
 
 int main(int argc, char **argv) {
@@ -747,6 +634,7 @@ int main(int argc, char **argv) {
         uint64_t dummy;
         int o;
 
+        bench_init("bench-attach");
         while ((o = getopt_long(argc, argv, "", opts, NULL)) >= 0) {
                 switch (o) {
                 case 'q': qsd = optarg; break;
@@ -773,26 +661,24 @@ int main(int argc, char **argv) {
                 return 77;
         }
         signal(SIGPIPE, SIG_IGN);
-        snprintf(workdir, sizeof(workdir), "/tmp/vhub-bench-attach-XXXXXX");
-        if (!mkdtemp(workdir))
-                die("mkdtemp: %s", strerror(errno));
-        snprintf(control, sizeof(control), "%s/control.sock", workdir);
-        snprintf(bdir, sizeof(bdir), "%s/backends", workdir);
+        bench_workdir_make();
+        snprintf(control, sizeof(control), "%s/control.sock", bench_workdir);
+        snprintf(bdir, sizeof(bdir), "%s/backends", bench_workdir);
         snprintf(sock, sizeof(sock), "%s/q0.sock", bdir);
-        snprintf(logp, sizeof(logp), "%s/vhubd.log", workdir);
-        snprintf(control2, sizeof(control2), "%s/control2.sock", workdir);
-        snprintf(logp2, sizeof(logp2), "%s/vhubd2.log", workdir);
-        snprintf(caplog, sizeof(caplog), "%s/vhubd-capture.log", workdir);
-        snprintf(qlog, sizeof(qlog), "%s/qsd.log", workdir);
+        snprintf(logp, sizeof(logp), "%s/vhubd.log", bench_workdir);
+        snprintf(control2, sizeof(control2), "%s/control2.sock", bench_workdir);
+        snprintf(logp2, sizeof(logp2), "%s/vhubd2.log", bench_workdir);
+        snprintf(caplog, sizeof(caplog), "%s/vhubd-capture.log", bench_workdir);
+        snprintf(qlog, sizeof(qlog), "%s/qsd.log", bench_workdir);
         if (mkdir(bdir, 0755) < 0)
-                die("mkdir: %s", strerror(errno));
+                bench_die("mkdir: %s", strerror(errno));
 
         g.memfd = memfd_create("bench-attach-ram", MFD_CLOEXEC);
         if (g.memfd < 0 || ftruncate(g.memfd, MEM_SIZE) < 0)
-                die("memfd: %s", strerror(errno));
+                bench_die("memfd: %s", strerror(errno));
         g.map = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g.memfd, 0);
         if (g.map == MAP_FAILED)
-                die("mmap: %s", strerror(errno));
+                bench_die("mmap: %s", strerror(errno));
         g.uaddr = (uint64_t)(uintptr_t)g.map;
         {
                 char exp[256];
@@ -802,14 +688,14 @@ int main(int argc, char **argv) {
                 snprintf(exp, sizeof(exp),
                          "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=%s,writable=on,"
                          "num-queues=%d", sock, QUEUES);
-                qsd_pid = spawn(qargv, qlog);
-                wait_for_socket_file(sock, qsd_pid, "qemu-storage-daemon", false);
+                qsd_pid = bench_spawn(qargv, qlog);
+                bench_wait_for_socket(sock, qsd_pid, "qemu-storage-daemon", false);
         }
 
         /* the capture: vhubd's own sequence, and what it negotiated */
         daemon_pid = start_vhubd(vhubd, control, bdir, "debug", caplog, NULL);
         if (vhub_client_connect(control, &c) < 0)
-                die("connect %s", control);
+                bench_die("connect %s", control);
         vm_setup(c, &g);
         guest_eventfds_new(&g);
         /* the driver acks VERSION_1 | FLUSH | MQ where offered (as test_blk_qsd.py) */
@@ -819,7 +705,7 @@ int main(int argc, char **argv) {
         vhubd_detach(c);
         guest_eventfds_close(&g);
         vhub_client_free(c);
-        stop_child(&daemon_pid);
+        bench_stop(&daemon_pid);
         usleep(gap_ms * 1000);
         n_cap = capture_sequence(caplog, cap_seq, MAX_SEQ);
         guest_eventfds_new(&g);
@@ -827,10 +713,10 @@ int main(int argc, char **argv) {
         close(raw.fd);
         guest_eventfds_close(&g);
         if (n_cap != raw.n_seq)
-                die("capture: vhubd sent %u requests, the raw front-end %u", n_cap, raw.n_seq);
+                bench_die("capture: vhubd sent %u requests, the raw front-end %u", n_cap, raw.n_seq);
         for (unsigned i = 0; i < n_cap; i++)
                 if (strcmp(cap_seq[i], raw.seq[i]) != 0)
-                        die("capture: request %u: vhubd sent %s, the raw front-end %s", i, cap_seq[i],
+                        bench_die("capture: request %u: vhubd sent %s, the raw front-end %s", i, cap_seq[i],
                             raw.seq[i]);
         usleep(gap_ms * 1000);
 
@@ -845,12 +731,12 @@ int main(int argc, char **argv) {
 
         daemon_pid = start_vhubd(vhubd, control, bdir, "warning", logp, getenv("BENCH_ATTACH_WRAPPER"));
         if (vhub_client_connect(control, &c) < 0)
-                die("connect %s", control);
+                bench_die("connect %s", control);
         vm_setup(c, &g);
         if (vhubd2) {
                 daemon2_pid = start_vhubd(vhubd2, control2, bdir, "warning", logp2, NULL);
                 if (vhub_client_connect(control2, &c2) < 0)
-                        die("connect %s", control2);
+                        bench_die("connect %s", control2);
                 vm_setup(c2, &g);
         }
         for (unsigned round = 0; round < warmup + runs; round++) {
@@ -924,7 +810,7 @@ int main(int argc, char **argv) {
                 double *ratio = malloc(runs * sizeof(double));
 
                 if (!ratio)
-                        die("out of memory");
+                        bench_die("out of memory");
                 static const unsigned pairs[][2] = {
                         { PATH_VHUBD, PATH_NEEDED }, { PATH_VHUBD, PATH_STAGES7 }, { PATH_VHUBD, PATH_EACH },
                         { PATH_VHUBD2, PATH_NEEDED }, { PATH_VHUBD, PATH_VHUBD2 },
@@ -953,7 +839,7 @@ int main(int argc, char **argv) {
                         printf("one more wait for qsd costs %.1f µs ((each - needed) / %u)\n",
                                (each - need) / d, d);
         }
-        cleanup();
+        bench_cleanup();
         close(g.memfd);
         munmap(g.map, MEM_SIZE);
         return 0;
