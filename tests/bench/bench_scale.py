@@ -48,7 +48,7 @@ starting them: 2 fds each, so more of them fit), BENCH_SCALE_FDSTORE (0;
 as the systemd unit does: every change is committed to the restart
 snapshots and the fd store; and at the end a planned restart -- SIGTERM to
 exit, the start to READY=1, every device still there),
-BENCH_SCALE_IDLE_CONNS (1000; 0: skipped): at the end, daemon.info and
+BENCH_SCALE_IDLE_CONNS (1000; 0: skipped): with the first VM, daemon.info and
 vm.memory.add with that many more connections open (the fd budget counts
 each connection's fds per check; with an fd store the daemon's snapshot
 holds every connection).  The played service
@@ -584,6 +584,9 @@ def idle_connections(b, daemon):
     mem_rem = {"vm": vm0, "gpa": u64_json(HOT_GPA)}
 
     def sample():
+        # answered, not refused (a refusal is quick: it would time nothing)
+        b.probe.call("vm.memory.add", mem_add, fds=[b.hot])
+        b.probe.call("vm.memory.remove", mem_rem)
         info, add, cpu0 = [], [], cpu_s(daemon.pid)
         for _ in range(CALLS):
             info.append(b.probe.timed("daemon.info"))
@@ -597,9 +600,9 @@ def idle_connections(b, daemon):
     during = sample()
     for c in idle:
         c.close()
-    log("with %d more connections open%s: daemon.info median %.3f ms (%.3f with 2 connections), "
+    log("at %d devices, with %d more connections open%s: daemon.info median %.3f ms (%.3f with 2 connections), "
         "vm.memory.add %.3f ms (%.3f); vhubd CPU per daemon.info + add + remove %.0f us (%.0f)"
-        % (IDLE_CONNS, " (fd store)" if FDSTORE else "", statistics.median(during[0]),
+        % (len(b.devices), IDLE_CONNS, " (fd store)" if FDSTORE else "", statistics.median(during[0]),
            statistics.median(before[0]), statistics.median(during[1]), statistics.median(before[1]),
            during[2], before[2]))
 
@@ -699,6 +702,10 @@ def main(t):
     cpu0, t0 = cpu_s(daemon.pid), time.perf_counter()
     ok = b.build_to(PER_VM)
     b.checkpoint("1 VM")
+    if IDLE_CONNS:
+        # here, not at the end: there the daemon is at its fd limit, and
+        # each connection is an fd
+        idle_connections(b, daemon)
     for cp in CHECKPOINTS:
         if not ok or cp >= DEVICES:
             break
@@ -717,8 +724,6 @@ def main(t):
     limit = check_limit(b, daemon) if b.limit_error else None
     vml = measure_vm_list(daemon)
     restore = restore_one_qsd(b, daemon)
-    if IDLE_CONNS:
-        idle_connections(b, daemon)
     if FDSTORE:
         restart_with_store(b, daemon)
 
