@@ -188,6 +188,7 @@ static void control_call_done(struct vhub_call *call) {
                 cc->free_data(cc->data);
         TAILQ_REMOVE(&cc->conn->calls, cc, link);
         vhub_changed(cc->conn->srv->ctx, NULL);
+        vhub_call_release(call);
         cc->conn->pending--;
         conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
@@ -224,6 +225,7 @@ int control_call_reply_fds(struct control_call *cc, unsigned n) {
 
 void control_call_drop(struct control_call *cc) {
         TAILQ_REMOVE(&cc->conn->calls, cc, link);
+        vhub_call_release(&cc->call);
         cc->conn->pending--;
         control_conn_unref(cc->conn);
         json_decref(cc->id);

@@ -73,7 +73,8 @@ struct rpc_conn {
         struct ucred peer;
 
         struct event *read_ev;
-        struct event *write_ev;     /* added only while output is queued */
+        struct event *write_ev;     /* activated when output is queued; added
+                                     * (EPOLLOUT) only while the socket is full */
         struct event *close_ev;     /* activated to run on_close */
         struct event *line_ev;      /* the partial line's deadline, pending while there is one */
         struct event *resume_ev;    /* hands over the lines left in the input buffer, from the loop */
@@ -283,13 +284,19 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
                 schedule_close(c);
                 return;
         }
-        if (!vhub_frame_out_pending(&c->out)) {
-                event_del(c->write_ev);
-                if (c->state == RPC_CONN_DRAINING)
+        if (vhub_frame_out_pending(&c->out)) {
+                /* the socket is full: wait until it takes more */
+                if (event_add(c->write_ev, NULL) < 0) {
+                        set_reason(c, "cannot watch the socket for writing");
                         schedule_close(c);
-                else if (c->ops && c->ops->on_drained)
-                        c->ops->on_drained(c, c->userdata);
+                }
+                return;
         }
+        event_del(c->write_ev);
+        if (c->state == RPC_CONN_DRAINING)
+                schedule_close(c);
+        else if (c->ops && c->ops->on_drained)
+                c->ops->on_drained(c, c->userdata);
 }
 
 /* If the message is an object that carries fds, its "fds" must say so. */
@@ -338,11 +345,14 @@ static int out_queue(struct rpc_conn *c, const struct iovec *parts, unsigned n_p
         if (r < 0)
                 return r;
         note_memory(c);
-        if (event_add(c->write_ev, NULL) < 0) {
-                set_reason(c, "cannot watch the socket for writing");
-                schedule_close(c);
-                return -ENOMEM;
-        }
+        /* Written from the loop, so a send never calls back into the owner
+         * and a line follows whatever the caller's callback still does
+         * (an answer comes after the side effects of its request).  The
+         * socket usually takes it at once: write_cb runs after the current
+         * callback without being watched for EPOLLOUT, and arms that only
+         * if bytes are left. */
+        if (!event_pending(c->write_ev, EV_WRITE, NULL))
+                event_active(c->write_ev, EV_WRITE, 0);
         return 0;
 }
 

@@ -355,11 +355,15 @@ int vhub_frame_out_queue(struct vhub_frame_out *o, const struct iovec *parts, un
         if (r < 0)
                 return r;
         /* a small line without fds joins the tail's spare room; anything
-         * else gets a chunk of its own (fds ride on its first byte) */
+         * else gets a chunk of its own (fds ride on its first byte): a
+         * chunk with room for more behind other lines, exactly its size
+         * when it is queued alone -- the usual answer, freed as soon as it
+         * is written, stays a small allocation instead of a 16 KiB one
+         * (large requests send glibc's malloc into its slow paths) */
         if (o->coalesce && n_fds == 0 && len <= OUT_CHUNK / 2 && t && t->n_fds == 0 && t->cap - t->len >= len) {
                 room = t->data + t->len;
         } else {
-                cap = o->coalesce && n_fds == 0 && len <= OUT_CHUNK / 2 ? OUT_CHUNK : len;
+                cap = o->coalesce && n_fds == 0 && len <= OUT_CHUNK / 2 && t ? OUT_CHUNK : len;
                 k = malloc(sizeof(*k) + cap);
                 if (!k) {
                         if (dups)

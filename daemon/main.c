@@ -36,6 +36,7 @@ struct daemon_main {
         struct vhub_signals *signals;
         struct event *ev_deadline;
         bool stopping;
+        unsigned status_vms, status_devices;  /* what STATUS= last said */
         char *control_path;           /* the control socket we created; NULL if inherited */
         /* cleared before the teardown frees what the crash cleanup walks */
         volatile sig_atomic_t crash_cleanup_armed;
@@ -52,10 +53,14 @@ static void update_status(void *userdata) {
                         event_base_loopexit(m->base, NULL);
                 return;
         }
-        snprintf(status, sizeof(status), "%u VMs, %u devices", m->vhubd.ctx.n_vms,
-                 m->vhubd.ctx.n_devices);
-        if (m->sd)
-                vhub_sd_status(m->sd, status);
+        /* called on every device state change too: say only what is new */
+        if (!m->sd || !vhub_sd_notifying(m->sd) ||
+            (m->vhubd.ctx.n_vms == m->status_vms && m->vhubd.ctx.n_devices == m->status_devices))
+                return;
+        m->status_vms = m->vhubd.ctx.n_vms;
+        m->status_devices = m->vhubd.ctx.n_devices;
+        snprintf(status, sizeof(status), "%u VMs, %u devices", m->status_vms, m->status_devices);
+        vhub_sd_status(m->sd, status);
 }
 
 static void deadline_cb(evutil_socket_t fd, short what, void *userdata) {

@@ -41,7 +41,8 @@ struct vhub_backend_channel {
         bool waiting;                 /* an answer is deferred: nothing is read */
         unsigned wait_tag;            /* the owner's: what it waits for */
         uint64_t wait_token;
-        struct vhu_msg wait_request;  /* header of the request being answered (no fds) */
+        struct vhu_header wait_hdr;   /* the request being answered (a header is all a
+                                       * reply needs; not a whole message: 4 KiB a device) */
 
         uint64_t rate_window_start;
         unsigned rate_count;
@@ -192,26 +193,36 @@ void vhub_backend_channel_defer(struct vhub_backend_channel *ch, const struct vh
         ch->waiting = true;
         ch->wait_tag = tag;
         ch->wait_token = token;
-        vhu_msg_init(&ch->wait_request);
-        ch->wait_request.hdr = req->hdr;
+        ch->wait_hdr = req->hdr;
         event_del(ch->ev_read);
         evtimer_add(ch->ev_deadline, &tv);
 }
 
+/* The request being answered, as the reply builders take it. */
+static void channel_waited_request(const struct vhub_backend_channel *ch, struct vhu_msg *ret) {
+        vhu_msg_init(ret);
+        ret->hdr = ch->wait_hdr;
+}
+
 static void channel_deadline_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_backend_channel *ch = userdata;
-        const char *name = vhu_request_name(VHU_DIR_BACKEND, ch->wait_request.hdr.request);
+        const char *name = vhu_request_name(VHU_DIR_BACKEND, ch->wait_hdr.request);
+        struct vhu_msg req;
 
         chan_log(ch, LOG_WARNING, name, "%s not answered in time; failing it towards the back-end", name);
-        vhub_backend_channel_answer(ch, &ch->wait_request, 1, -1);
+        channel_waited_request(ch, &req);
+        vhub_backend_channel_answer(ch, &req, 1, -1);
         channel_resume(ch);
 }
 
 int vhub_backend_channel_answer_deferred(struct vhub_backend_channel *ch, unsigned tag, uint64_t token,
                                          uint64_t value, int fd) {
+        struct vhu_msg req;
+
         if (!ch->waiting || ch->wait_tag != tag || ch->wait_token != token)
                 return -ENOENT;
-        vhub_backend_channel_answer(ch, &ch->wait_request, value, fd);
+        channel_waited_request(ch, &req);
+        vhub_backend_channel_answer(ch, &req, value, fd);
         channel_resume(ch);
         return 0;
 }
@@ -298,6 +309,7 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         ch->fd = fd;
         vhu_reader_init(&ch->reader);
         vhu_writer_init(&ch->writer);
+        vhu_writer_set_fds_hook(&ch->writer, ops->on_fds_changed, userdata);
         ch->rate_window_start = vhub_now_usec();
         ch->ev_read = event_new(p->base, fd, EV_READ | EV_PERSIST, channel_read_cb, ch);
         ch->ev_write = event_new(p->base, fd, EV_WRITE | EV_PERSIST, channel_write_cb, ch);
@@ -330,6 +342,7 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
         if (ch->flow != FLOW_OPEN)
                 channel_paused(ch, false);
         vhu_reader_reset(&ch->reader);
+        vhu_writer_set_fds_hook(&ch->writer, NULL, NULL); /* its owner is going too */
         vhu_writer_clear(&ch->writer);
         ch->fd = vhu_safe_close(ch->fd);
         free(ch);

@@ -51,6 +51,9 @@ struct vhub_backend_channel_ops {
         void (*paused)(void *userdata, bool paused);
         /* The channel broke (reason: a sentence); called at most once per cause. */
         void (*on_lost)(void *userdata, const char *reason);
+        /* Optional: the dups its queued answers hold changed
+         * (vhub_backend_channel_queued_fds()); only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 struct vhub_backend_channel_params {

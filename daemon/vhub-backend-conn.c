@@ -40,6 +40,8 @@ struct vhub_bconn {
         void *userdata;
 
         bool lost;
+        bool peer_gone;            /* a write found the peer closed: nothing more is
+                                    * written; the loss comes from the read side */
         bool lost_timeout;
         uint32_t lost_request;
         char lost_reason[200];
@@ -101,6 +103,19 @@ static void bconn_after_write(struct vhub_bconn *c, int r) {
                         c->write_deadline = vhub_now_usec() + c->timeout_usec;
                         bconn_rearm_timer(c);
                 }
+        } else if (r == -EPIPE || r == -ECONNRESET) {
+                /* The back-end closed.  What it answered before it did is
+                 * still to be read, in order: the read side reaches its EOF
+                 * after those replies and reports the loss naming the request
+                 * really left unanswered (several requests go out at once,
+                 * so a write can find the peer gone before the replies to
+                 * earlier ones are read).  Every awaited reply keeps its
+                 * deadline meanwhile. */
+                c->peer_gone = true;
+                vhu_writer_clear(&c->writer);
+                event_del(c->ev_write);
+                c->write_deadline = 0;
+                bconn_rearm_timer(c);
         } else {
                 char why[128];
 
@@ -111,7 +126,7 @@ static void bconn_after_write(struct vhub_bconn *c, int r) {
 }
 
 static void bconn_flush(struct vhub_bconn *c) {
-        if (!c->lost)
+        if (!c->lost && !c->peer_gone)
                 bconn_after_write(c, vhu_writer_flush(&c->writer, c->fd));
 }
 
@@ -152,6 +167,7 @@ static void bconn_free_now(struct vhub_bconn *c) {
         if (c->ev_lost)
                 event_free(c->ev_lost);
         vhu_reader_reset(&c->reader);
+        vhu_writer_set_fds_hook(&c->writer, NULL, NULL); /* its owner is going too */
         vhu_writer_clear(&c->writer);
         c->fd = vhu_safe_close(c->fd);
         free(c->pending);
@@ -261,10 +277,13 @@ int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigne
         c->userdata = userdata;
         c->timeout_usec = (uint64_t)timeout_ms * 1000u;
         c->max_pending = max_pending ? max_pending : 1;
-        c->cap = c->max_pending < 64 ? c->max_pending : 64;
+        /* most ops await a handful of replies: the ring grows when one
+         * awaits more (a device holds it all its life) */
+        c->cap = c->max_pending < 16 ? c->max_pending : 16;
         c->pending = calloc(c->cap, sizeof(*c->pending));
         vhu_reader_init(&c->reader);
         vhu_writer_init(&c->writer);
+        vhu_writer_set_fds_hook(&c->writer, ops->on_fds_changed, userdata);
         c->ev_read = event_new(base, fd, EV_READ | EV_PERSIST, bconn_read_cb, c);
         c->ev_write = event_new(base, fd, EV_WRITE | EV_PERSIST, bconn_write_cb, c);
         c->ev_timer = evtimer_new(base, bconn_timer_cb, c);
@@ -327,7 +346,9 @@ static int bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t ta
                 c->cap = cap;
                 c->head = 0;
         }
-        r = vhu_writer_send(&c->writer, c->fd, m);
+        /* a closed peer takes nothing more; it is awaited like the rest, so
+         * that the loss, from the read side, names what was left unanswered */
+        r = c->peer_gone ? 0 : vhu_writer_send(&c->writer, c->fd, m);
         if (r == -ENOMEM || r == -EINVAL)
                 return r;
         if (expects) {

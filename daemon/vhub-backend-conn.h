@@ -27,6 +27,9 @@ struct vhub_bconn_ops {
         /* The connection is lost.  timeout is true when a deadline passed;
          * request is the request whose reply was awaited (0 if none). */
         void (*on_lost)(void *userdata, bool timeout, uint32_t request, const char *reason);
+        /* Optional: the dups the writer holds for messages waiting to go
+         * changed (vhub_bconn_queued_fds()); only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 /* Takes fd (connected, any blocking mode) in every case: closed on failure. */

@@ -207,6 +207,16 @@ static int open_checked(struct vhub_backend_dirs *dirs, uid_t owner_uid, const c
         _cleanup_close_ int fd = -1;
         int dir_fd;
 
+        /* The usual path names a socket below a back-end directory through
+         * no symlink: openat2 alone resolves it (RESOLVE_NO_SYMLINKS, so it
+         * is what realpath() would give).  Anything else -- a symlink on the
+         * way, a missing name -- takes the long way below, which resolves it
+         * and says why it is refused. */
+        if (dirs_locate(dirs, path, &dir_fd, &rel) == 0) {
+                fd = vhub_open_beneath(dir_fd, rel, O_PATH);
+                if (fd >= 0)
+                        goto opened;
+        }
         if (!realpath(path, resolved)) {
                 int e = errno;
 
@@ -229,6 +239,7 @@ static int open_checked(struct vhub_backend_dirs *dirs, uid_t owner_uid, const c
         if (fd < 0)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "back-end socket %s: %s", path,
                                       strerror(-fd));
+opened:
         if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED, "%s is not a socket", path);
         if (st.st_uid != owner_uid && st.st_uid != 0)

@@ -16,6 +16,21 @@ void vhub_call_complete(struct vhub_call *call, int r) {
         call->done(call);
 }
 
+void *vhub_call_own(struct vhub_call *call, size_t n, size_t size) {
+        if (n == 0)
+                return NULL;
+        free(call->owned);
+        call->owned = calloc(n, size);
+        return call->owned;
+}
+
+void vhub_call_release(struct vhub_call *call) {
+        if (!call)
+                return;
+        free(call->owned);
+        call->owned = NULL;
+}
+
 void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e) {
         if (!call)
                 return;

@@ -5,7 +5,11 @@
  * daemon completes it exactly once (vhub_call_complete), from the event
  * loop, with a result and either an error or the call's outputs.  The model
  * keeps the pointer only while the call is pending; the control layer frees
- * it in done().
+ * it in done(), after vhub_call_release().
+ *
+ * Outputs sized by the device (its rings, its shared memory regions) point
+ * into memory the call owns: a pending call is a few hundred bytes, not the
+ * largest output any device could have.
  */
 #pragma once
 
@@ -53,6 +57,7 @@ struct vhub_call {
         vhub_call_done_fn done;
         int result;                    /* 0 or -errno */
         struct vhub_error error;       /* when result < 0 */
+        void *owned;                   /* what an output points into: vhub_call_release() */
         union {
                 struct {
                         uint64_t features;
@@ -62,11 +67,11 @@ struct vhub_call {
                         bool has_shmem;        /* SHMEM negotiated */
                         char vmm_socket[108];  /* a front-door device's socket, else "" */
                         unsigned n_shmem;
-                        uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];
+                        const uint64_t *shmem_sizes;   /* n_shmem of them (owned) */
                 } device_add;
                 struct {
                         unsigned n_vrings;
-                        struct vhub_vring_base vrings[VHUB_MAX_QUEUES];
+                        struct vhub_vring_base *vrings; /* n_vrings of them (owned) */
                 } device_stop;
                 struct {
                         uint32_t size;
@@ -93,6 +98,11 @@ struct vhub_call {
 
 /* Record the outcome and run done().  r < 0 requires call->error filled. */
 void vhub_call_complete(struct vhub_call *call, int r);
+/* An array of n outputs of size bytes each for the call to own (NULL for n
+ * 0, or out of memory: then the caller fails the call).  At most one. */
+void *vhub_call_own(struct vhub_call *call, size_t n, size_t size);
+/* Free what the call owns; NULL-safe, idempotent. */
+void vhub_call_release(struct vhub_call *call);
 /* Close the fds and free what out.postcopy holds (NULL-safe, idempotent). */
 void vhub_postcopy_out_free(struct vhub_call *call);
 /* Frees what out.vmm_request holds (NULL-safe, idempotent). */

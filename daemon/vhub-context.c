@@ -34,12 +34,25 @@ int vhub_context_init(struct vhub_context *ctx, struct event_base *base, struct 
                             config->limits.fds_per_uid, ctx->fd_budget.per_uid);
         log_info("%s", budget);
         ctx->start_realtime_usec = vhub_realtime_usec();
+        /* memset left both tables without buckets: done() on them is a no-op */
+        if (vhub_fd_ledger_init(&ctx->fd_ledger) < 0 || vhub_hash_init(&ctx->vms_by_name) < 0) {
+                r = -ENOMEM;
+                goto fail;
+        }
         ctx->socket_watcher = vhub_socket_watcher_new(base);
-        if (!ctx->socket_watcher)
-                return -ENOMEM;
+        if (!ctx->socket_watcher) {
+                r = -ENOMEM;
+                goto fail;
+        }
         r = vhub_backend_dirs_new(config, &ctx->backend_dirs);
         if (r < 0)
-                ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
+                goto fail;
+        return 0;
+
+fail:
+        ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
+        vhub_hash_done(&ctx->vms_by_name);
+        vhub_fd_ledger_done(&ctx->fd_ledger);
         return r;
 }
 
@@ -51,6 +64,8 @@ void vhub_context_done(struct vhub_context *ctx) {
                 vhub_vm_free(vm);
         ctx->socket_watcher = vhub_socket_watcher_free(ctx->socket_watcher);
         ctx->backend_dirs = vhub_backend_dirs_free(ctx->backend_dirs);
+        vhub_hash_done(&ctx->vms_by_name);
+        vhub_fd_ledger_done(&ctx->fd_ledger);
 }
 
 void vhub_context_destroy_vms(struct vhub_context *ctx) {
@@ -185,13 +200,7 @@ void vhub_context_counts_changed(struct vhub_context *ctx) {
 }
 
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid) {
-        const struct vhub_vm *vm;
-        unsigned n = 0;
-
-        TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm->uid == uid)
-                        n++;
-        return n;
+        return vhub_fd_ledger_vms(&ctx->fd_ledger, uid);
 }
 
 struct event_base *vhub_context_base(const struct vhub_context *ctx) {

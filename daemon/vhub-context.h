@@ -41,6 +41,8 @@ struct vhub_context {
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink_list sinks;          /* one per face that listens */
         struct vhub_fd_budget fd_budget;            /* from RLIMIT_NOFILE at init */
+        struct vhub_fd_ledger fd_ledger;            /* what each uid holds (vhub-fd-budget.h) */
+        struct vhub_hash vms_by_name;               /* (uid, name) -> VM (vhub_vm_find) */
         struct vhub_socket_watcher *socket_watcher; /* back-end sockets re-created (vhub-socket-watch.h) */
         struct vhub_backend_dirs *backend_dirs;     /* see vhub-backend-path.h */
         struct vhub_fdstore *fdstore;               /* systemd's fd store (disabled without
@@ -102,7 +104,7 @@ void vhub_context_restore_finish(struct vhub_context *ctx);
  * until nothing does). */
 bool vhub_context_busy(const struct vhub_context *ctx);
 void vhub_context_counts_changed(struct vhub_context *ctx);
-/* Number of VMs owned by uid. */
+/* Number of VMs owned by uid (those being destroyed included). */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
 /* For the faces, which read no field of the context. */
 struct event_base *vhub_context_base(const struct vhub_context *ctx);

@@ -305,6 +305,7 @@ static const struct vhub_backend_channel_ops device_channel_ops = {
         .congested = device_channel_congested,
         .paused = device_channel_paused,
         .on_lost = device_channel_lost,
+        .on_fds_changed = vhub_device_fds_changed,
 };
 
 int device_channel_open(struct vhub_device *d, int fd) {

@@ -71,6 +71,7 @@ static void device_stop_watching(struct vhub_device *d);
 static const struct vhub_bconn_ops device_bconn_ops = {
         .on_reply = device_on_reply,
         .on_lost = device_on_lost,
+        .on_fds_changed = vhub_device_fds_changed,
 };
 
 /* ---- the state setter ---- */
@@ -219,11 +220,13 @@ void device_set_state(struct vhub_device *d, enum vhub_device_state s, const cha
 
 /* fd taken in every case. */
 static int device_attach_connection(struct vhub_device *d, int fd) {
-        int r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
-                               /* the largest op: a START of every ring (7 replies each) */
-                               VHUB_MAX_QUEUES * 8 + 64,
-                               &device_bconn_ops, d, &d->conn);
+        int r;
 
+        vhub_fd_budget_vm_changed(d->vm);
+        r = vhub_bconn_new(d->vm->ctx->base, fd, d->vm->ctx->config->backend_timeout_ms,
+                           /* the largest op: a START of every ring (7 replies each) */
+                           VHUB_MAX_QUEUES * 8 + 64,
+                           &device_bconn_ops, d, &d->conn);
         if (r < 0)
                 return r;
         device_fd_track(d, vhub_bconn_fd(d->conn), "sock");
@@ -252,6 +255,7 @@ static int device_connect_client(struct vhub_device *d, struct vhub_error *err) 
 }
 
 void device_drop_connection(struct vhub_device *d) {
+        vhub_fd_budget_vm_changed(d->vm);
         if (d->conn)
                 device_fd_untrack(d, vhub_bconn_fd(d->conn), "sock");
         d->conn = vhub_bconn_free(d->conn);

@@ -572,9 +572,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         device_fd_track(d, d->inflight_fd, "inflight");
         vhub_fd_claim_close(&claim);
 
-        TAILQ_INSERT_TAIL(&vm->devices, d, link);
-        vm->n_devices++;
-        ctx->n_devices++;
+        vhub_vm_link_device(vm, d);
         if (k >= 0 || k == -ENOENT)
                 k = device_link_restore(d, sock, chan, listen, l);
         else {

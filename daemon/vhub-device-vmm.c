@@ -324,6 +324,10 @@ static void vmm_emit(struct vhub_device *d, enum vhub_event_type type) {
         vhub_context_emit(d->vm->ctx, &ev);
 }
 
+void vhub_device_vmm_fds_changed(struct vhub_device *d) {
+        vhub_device_fds_changed(d);
+}
+
 void vhub_device_vmm_connected(struct vhub_device *d) {
         struct vhub_device_vmm *s = d->vmm;
 
@@ -331,6 +335,7 @@ void vhub_device_vmm_connected(struct vhub_device *d) {
                 return;
         s->connected = true;
         vhub_changed(d->vm->ctx, d->vm); /* the snapshot says a VMM was connected */
+        vhub_fd_budget_vm_changed(d->vm);
         /* a connected VMM keeps a lingering VM (docs/front-door.md, "Lifetime") */
         vhub_vm_vmm_hold(d->vm);
         device_log(d, LOG_INFO, NULL, "VMM connected to %s", s->socket_path);
@@ -365,6 +370,7 @@ void vhub_device_vmm_disconnected(struct vhub_device *d) {
                 return;
         s->connected = false;
         vhub_changed(d->vm->ctx, d->vm);
+        vhub_fd_budget_vm_changed(d->vm);       /* the session's records go */
         device_log(d, LOG_INFO, NULL, "VMM left %s; stopping the back-end's rings", s->socket_path);
         vmm_emit(d, VHUB_EV_VMM_DISCONNECTED);
         vmm_drop_queued(d);

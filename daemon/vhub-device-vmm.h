@@ -70,6 +70,9 @@ struct vhub_vmm_door {
 /* door is borrowed (NULL: no front door; device.add vmm_socket answers -32005). */
 void vhub_context_set_vmm_door(struct vhub_context *ctx, const struct vhub_vmm_door *door);
 
+/* What the face holds for d changed (its socket, the VMM's connection and
+ * channel, what they queue): the fd budget counts d's VM again. */
+void vhub_device_vmm_fds_changed(struct vhub_device *d);
 /* A VMM connected to d's socket (a new session): device.vmm_connected. */
 void vhub_device_vmm_connected(struct vhub_device *d);
 /*

@@ -112,6 +112,12 @@ unsigned vring_fds_held(const struct vhub_vring *v) {
         return (v->kick_fd >= 0) + (v->call_fd >= 0) + (v->err_fd >= 0);
 }
 
+void vhub_device_fds_changed(void *dev) {
+        struct vhub_device *d = dev;
+
+        vhub_fd_budget_vm_changed(d->vm);
+}
+
 unsigned vhub_device_fds_held(const struct vhub_device *d) {
         const struct vhub_op *op;
         unsigned n = 0;
@@ -213,9 +219,7 @@ void device_destroy(struct vhub_device *d) {
         struct vhub_context *ctx = vm->ctx;
 
         device_announce_removed(d);
-        TAILQ_REMOVE(&vm->devices, d, link);
-        vm->n_devices--;
-        ctx->n_devices--;
+        vhub_vm_unlink_device(vm, d);
         device_log(d, LOG_INFO, NULL, "device removed");
         vhub_device_free(d);
         vhub_context_counts_changed(ctx);
@@ -305,9 +309,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         if (device_link_start(d, &err) < 0)
                 goto fail;
 
-        TAILQ_INSERT_TAIL(&vm->devices, d, link);
-        vm->n_devices++;
-        vm->ctx->n_devices++;
+        vhub_vm_link_device(vm, d);
         vhub_context_counts_changed(vm->ctx);
         device_log(d, LOG_INFO, NULL, "device added (%s mode, socket %s)",
                    p->mode == VHUB_DEV_MODE_SERVER ? "server" : "client", d->socket_path);
@@ -341,6 +343,7 @@ void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
                 return;
         }
         d->removing = true;
+        vhub_fd_budget_vm_changed(d->vm);   /* queued ops are cancelled below */
         device_link_stop_retrying(d);
         /* cancel everything not yet running; a running op finishes (bounded
          * by the back-end timeout) so that replies stay matched */

@@ -21,6 +21,7 @@
 #include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
+#include "vhub-hash.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-memory.h"
@@ -116,6 +117,7 @@ TAILQ_HEAD(vhub_op_list, vhub_op);
 
 struct vhub_device {
         TAILQ_ENTRY(vhub_device) link;
+        struct vhub_hash_node by_name;  /* in vm->devices_by_name */
         struct vhub_vm *vm;
         uint64_t id;                  /* daemon-unique, never reused */
         char fd_group[VHUB_FD_GROUP_MAX]; /* "d<id>": the fd-store group of every fd it keeps */
@@ -275,6 +277,11 @@ bool vhub_device_is_connected(const struct vhub_device *dev);
 /* The fds the device holds, its ops' and the dups of the messages queued
  * toward its back-end included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);
+/* What the device holds changed outside the model's own calls (a writer's
+ * queued dups went out, a front door's connection received fds): the fd
+ * budget counts its VM again.  dev is a struct vhub_device *, void for use
+ * as a leaf's hook. */
+void vhub_device_fds_changed(void *dev);
 /* Every fd the device holds, named "dev/<uid>/<vm>/<device>/...": in its
  * group the back-end socket ("sock"), channel ("chan"), server-mode
  * listener ("listen") and its directory ("dirfd"), inflight memfd

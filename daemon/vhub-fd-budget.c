@@ -1,11 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/resource.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-fd-budget.h"
+#include "vhub-log.h"
 #include "vhub-vm.h"
 
 /* The reserve: an eighth of the limit, at least this many. */
@@ -62,10 +65,31 @@ static unsigned fd_if(int fd) {
         return fd >= 0 ? 1 : 0;
 }
 
+/*
+ * With the fd store (restart snapshots) a VM also holds its snapshot
+ * memfd, and a restart passes the new process one fd per stored group at
+ * once -- the VM's memory, its shared objects, each device and a
+ * front-door device's own -- on top of every fd it then takes back out of
+ * them: the budget keeps room for those, or a daemon filled to its limit
+ * runs out of fds restoring (the stashes read short, back-ends' sockets
+ * refused: devices lost).
+ */
+static unsigned vm_restart_fds(const struct vhub_vm *vm) {
+        const struct vhub_device *d;
+        unsigned n = 2 + (vm->shared.n > 0);   /* snapshot, memory, shared objects */
+
+        TAILQ_FOREACH(d, &vm->devices, link)
+                n += 1 + (d->vmm != NULL);
+        return n;
+}
+
 static unsigned vm_fds(const struct vhub_vm *vm) {
         const struct vhub_mem_op *mop;
         const struct vhub_device *d;
         unsigned n = (unsigned)vm->mem.n + fd_if(vm->log_fd);
+
+        if (vhub_commit_enabled(vm->ctx))
+                n += vm_restart_fds(vm);
 
         TAILQ_FOREACH(mop, &vm->mem_ops, link)
                 if (mop->kind == VHUB_MEM_OP_ADD)
@@ -85,11 +109,189 @@ void vhub_fd_usage_add(struct vhub_fd_usage *u, uid_t holder_uid, unsigned n) {
                 u->by_uid += n;
 }
 
-void vhub_fd_usage_add_model(const struct vhub_context *ctx, struct vhub_fd_usage *u) {
+/* ---- the ledger ---- */
+
+int vhub_fd_ledger_init(struct vhub_fd_ledger *l) {
+        l->total = l->non_root = 0;
+        TAILQ_INIT(&l->marked);
+        return vhub_hash_init(&l->uids);
+}
+
+void vhub_fd_ledger_done(struct vhub_fd_ledger *l) {
+        vhub_hash_done(&l->uids);
+}
+
+static uint64_t uid_hash(const struct vhub_fd_ledger *l, uid_t uid) {
+        return vhub_hash_bytes(&l->uids, &uid, sizeof(uid));
+}
+
+static struct vhub_uid_usage *uid_usage(const struct vhub_fd_ledger *l, uid_t uid) {
+        uint64_t hash = uid_hash(l, uid);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&l->uids, hash); n; n = vhub_hash_next(n, hash)) {
+                struct vhub_uid_usage *e = vhub_hash_entry(n, struct vhub_uid_usage, node);
+
+                if (e->uid == uid)
+                        return e;
+        }
+        return NULL;
+}
+
+unsigned vhub_fd_ledger_vms(const struct vhub_fd_ledger *l, uid_t uid) {
+        const struct vhub_uid_usage *e = uid_usage(l, uid);
+
+        return e ? e->vms : 0;
+}
+
+int vhub_fd_ledger_vm_added(struct vhub_context *ctx, struct vhub_vm *vm) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e = uid_usage(l, vm->uid);
+
+        if (!e) {
+                e = calloc(1, sizeof(*e));
+                if (!e)
+                        return -ENOMEM;
+                e->uid = vm->uid;
+                vhub_hash_insert(&l->uids, &e->node, uid_hash(l, vm->uid));
+        }
+        e->vms++;
+        vm->fds_counted = 0;
+        vm->fds_marked = false;
+        return 0;
+}
+
+/* Move vm's part of the sums from what it was counted at to n. */
+static void ledger_set_vm(struct vhub_fd_ledger *l, struct vhub_uid_usage *e, struct vhub_vm *vm,
+                          unsigned n) {
+        e->fds = e->fds - vm->fds_counted + n;
+        l->total = l->total - vm->fds_counted + n;
+        if (vm->uid != 0)
+                l->non_root = l->non_root - vm->fds_counted + n;
+        vm->fds_counted = n;
+}
+
+void vhub_fd_ledger_vm_gone(struct vhub_context *ctx, struct vhub_vm *vm) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e = uid_usage(l, vm->uid);
+
+        if (vm->fds_marked) {
+                TAILQ_REMOVE(&l->marked, vm, fds_link);
+                vm->fds_marked = false;
+        }
+        if (!e)
+                return;
+        ledger_set_vm(l, e, vm, 0);  /* everything it held is closed with it */
+        if (--e->vms == 0) {
+                vhub_hash_remove(&l->uids, &e->node);
+                free(e);
+        }
+}
+
+void vhub_fd_budget_vm_changed(struct vhub_vm *vm) {
+        if (!vm || vm->fds_marked)
+                return;
+        vm->fds_marked = true;
+        TAILQ_INSERT_TAIL(&vm->ctx->fd_ledger.marked, vm, fds_link);
+}
+
+void vhub_fd_ledger_listed_add(struct vhub_context *ctx, uid_t uid, int vms, int devices) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e = uid_usage(l, uid);
+
+        /* unsigned wrap-around adds a negative change */
+        l->listed.vms += (unsigned)vms;
+        l->listed.devices += (unsigned)devices;
+        if (e) {
+                e->listed.vms += (unsigned)vms;
+                e->listed.devices += (unsigned)devices;
+        }
+}
+
+/* A difference means a change that did not go through vhub-vm.c's counts:
+ * log it (the answer is the walk's). */
+static struct vhub_listed listed_verify(const struct vhub_context *ctx, uid_t uid, struct vhub_listed kept) {
+        struct vhub_listed walked = { 0 };
         const struct vhub_vm *vm;
 
         TAILQ_FOREACH(vm, &ctx->vms, link)
-                vhub_fd_usage_add(u, vm->uid, vm_fds(vm));
+                if (!vm->destroying && vhub_vm_visible_to(vm, uid)) {
+                        walked.vms++;
+                        walked.devices += vm->n_devices;
+                }
+        if (walked.vms == kept.vms && walked.devices == kept.devices)
+                return kept;
+        log_error("listed counts out of step for uid %u: %u VMs and %u devices, the ledger had %u and %u",
+                  (unsigned)uid, walked.vms, walked.devices, kept.vms, kept.devices);
+        if (getenv("VHUB_FD_LEDGER_ABORT"))
+                abort();
+        return walked;
+}
+
+struct vhub_listed vhub_fd_ledger_listed(const struct vhub_context *ctx, uid_t uid) {
+        const struct vhub_uid_usage *e;
+        struct vhub_listed kept = { 0 };
+
+        /* vhub_uid_sees(): root sees every uid's VMs, any other uid its own */
+        if (uid == 0) {
+                kept = ctx->fd_ledger.listed;
+        } else {
+                e = uid_usage(&ctx->fd_ledger, uid);
+                if (e)
+                        kept = e->listed;
+        }
+        if (vhub_log_get_level() >= LOG_DEBUG)
+                return listed_verify(ctx, uid, kept);
+        return kept;
+}
+
+/* Count the marked VMs again. */
+static void ledger_recount_marked(struct vhub_fd_ledger *l) {
+        struct vhub_vm *vm;
+
+        while ((vm = TAILQ_FIRST(&l->marked))) {
+                struct vhub_uid_usage *e = uid_usage(l, vm->uid);
+
+                TAILQ_REMOVE(&l->marked, vm, fds_link);
+                vm->fds_marked = false;
+                if (e)
+                        ledger_set_vm(l, e, vm, vm_fds(vm));
+        }
+}
+
+/* --log-level debug: count everything and compare; a difference is a
+ * change nobody marked (logged, and the ledger counted again). */
+static void ledger_verify(struct vhub_context *ctx, uid_t uid) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        const struct vhub_uid_usage *e = uid_usage(l, uid);
+        struct vhub_fd_usage full = { .uid = uid };
+        struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                vhub_fd_usage_add(&full, vm->uid, vm_fds(vm));
+        if (full.total == l->total && full.non_root == l->non_root && full.by_uid == (e ? e->fds : 0))
+                return;
+        log_error("fd ledger out of step (a change to what a VM holds was not marked): counted %u in all, "
+                  "%u for non-root uids, %u for uid %u; the ledger had %u, %u, %u",
+                  full.total, full.non_root, full.by_uid, (unsigned)uid, l->total, l->non_root,
+                  e ? e->fds : 0);
+        if (getenv("VHUB_FD_LEDGER_ABORT"))
+                abort();
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                vhub_fd_budget_vm_changed(vm);
+        ledger_recount_marked(l);
+}
+
+void vhub_fd_usage_add_model(struct vhub_context *ctx, struct vhub_fd_usage *u) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        const struct vhub_uid_usage *e;
+
+        ledger_recount_marked(l);
+        if (vhub_log_get_level() >= LOG_DEBUG)
+                ledger_verify(ctx, u->uid);
+        e = uid_usage(l, u->uid);
+        u->total += l->total;
+        u->non_root += l->non_root;
+        u->by_uid += e ? e->fds : 0;
 }
 
 int vhub_fd_budget_check(const struct vhub_fd_budget *b, const struct vhub_fd_usage *u, unsigned n,

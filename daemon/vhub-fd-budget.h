@@ -16,21 +16,31 @@
  *
  * Root is not limited per uid, only by limit - reserve.
  *
- * What a uid "holds" is counted from the objects that hold fds, when it is
- * needed (an fd-carrying request, a new connection, fds arriving): its VMs'
+ * What a uid "holds" is counted from the objects that hold fds: its VMs'
  * regions, shared objects, dirty log, devices' sockets, ring eventfds and
- * inflight fds, fds ops own until they commit (vhub_fd_usage_add_model()),
- * and its control connections with the fds queued on them (the control
- * layer adds those).
+ * inflight fds, fds ops own until they commit, and its control connections
+ * with the fds queued on them (the control layer adds those).
+ *
+ * The model's part is kept in a ledger, so that a check costs the same with
+ * one VM or thousands: each VM's count is kept with the VM, and per uid and
+ * overall as sums of those.  Code that may change what a VM holds marks it
+ * (vhub_fd_budget_vm_changed(), cheap, any number of times); the next check
+ * counts the marked VMs again (O(their objects)) and updates the sums.  A
+ * VM that was changed and not marked is counted right again the next time
+ * it is marked: a miss is never cumulative.  At --log-level debug every
+ * check also counts everything and logs a difference.
  */
 #pragma once
 
 #include <stdbool.h>
+#include <sys/queue.h>
 #include <sys/types.h>
 
 #include "vhub-error.h"
+#include "vhub-hash.h"
 
 struct vhub_context;
+struct vhub_vm;
 
 /* What a device holds of its own once it runs: its socket, the back-end
  * channel, a server-mode listening socket and its directory's fd, the
@@ -42,6 +52,32 @@ struct vhub_fd_budget {
         unsigned reserve;
         unsigned per_uid;
         unsigned non_root;
+};
+
+/* What daemon.info answers: the VMs not being destroyed and their devices
+ * (those being removed included), kept as they change so that the answer
+ * does not walk every VM. */
+struct vhub_listed {
+        unsigned vms, devices;
+};
+
+/* One uid's entry in the ledger: it exists while the uid has a VM. */
+struct vhub_uid_usage {
+        struct vhub_hash_node node;
+        uid_t uid;
+        unsigned vms;                   /* its VMs, those being destroyed included */
+        unsigned fds;                   /* what its VMs hold, as last counted */
+        struct vhub_listed listed;      /* what daemon.info counts for it */
+};
+
+TAILQ_HEAD(vhub_vm_fd_marked, vhub_vm);
+
+/* What the model holds, per uid and in all. */
+struct vhub_fd_ledger {
+        struct vhub_hash uids;          /* uid -> struct vhub_uid_usage */
+        unsigned total, non_root;       /* sums of the VMs' counts */
+        struct vhub_vm_fd_marked marked;/* VMs to count again */
+        struct vhub_listed listed;      /* everyone's: what root sees */
 };
 
 /* What is held now: by one uid, by all non-root uids, by everyone. */
@@ -63,8 +99,27 @@ void vhub_fd_budget_split(struct vhub_fd_budget *b, unsigned limit, unsigned per
 /* The split as one sentence, for the startup log. */
 void vhub_fd_budget_describe(const struct vhub_fd_budget *b, char *buf, size_t len);
 
-/* Count what the model holds into u (u->uid selects the uid; zero u first). */
-void vhub_fd_usage_add_model(const struct vhub_context *ctx, struct vhub_fd_usage *u);
+/* -ENOMEM. */
+int vhub_fd_ledger_init(struct vhub_fd_ledger *l);
+/* After every VM is gone. */
+void vhub_fd_ledger_done(struct vhub_fd_ledger *l);
+/* A VM joins its uid's entry (made now: -ENOMEM) / leaves it for good. */
+int vhub_fd_ledger_vm_added(struct vhub_context *ctx, struct vhub_vm *vm);
+void vhub_fd_ledger_vm_gone(struct vhub_context *ctx, struct vhub_vm *vm);
+/* How many VMs uid has (the per-uid VM limit). */
+unsigned vhub_fd_ledger_vms(const struct vhub_fd_ledger *l, uid_t uid);
+/* uid's listed counts change by vms and devices (vhub-vm.c: a VM created,
+ * destroyed or freed, a device linked or unlinked in a VM not being destroyed). */
+void vhub_fd_ledger_listed_add(struct vhub_context *ctx, uid_t uid, int vms, int devices);
+/* What uid sees (root: everyone's).  At --log-level debug also counted by
+ * walking every VM; a difference is logged (VHUB_FD_LEDGER_ABORT: aborts). */
+struct vhub_listed vhub_fd_ledger_listed(const struct vhub_context *ctx, uid_t uid);
+/* What vm holds may have changed: count it again at the next check. */
+void vhub_fd_budget_vm_changed(struct vhub_vm *vm);
+
+/* Count what the model holds into u (u->uid selects the uid; zero u first):
+ * the marked VMs are counted again first. */
+void vhub_fd_usage_add_model(struct vhub_context *ctx, struct vhub_fd_usage *u);
 /* Count n fds held on behalf of holder_uid (a control connection's). */
 void vhub_fd_usage_add(struct vhub_fd_usage *u, uid_t holder_uid, unsigned n);
 

@@ -19,20 +19,18 @@ static bool vm_listed(const struct vhub_vm *vm, uid_t uid) {
 }
 
 void vhub_info_daemon(const struct vhub_context *ctx, uid_t uid, struct vhub_daemon_info *ret) {
-        const struct vhub_vm *vm;
+        /* kept per uid as VMs and devices come and go: no walk over every VM */
+        struct vhub_listed listed = vhub_fd_ledger_listed(ctx, uid);
 
         *ret = (struct vhub_daemon_info){
                 .uptime_usec = vhub_now_usec() - ctx->start_usec,
                 .started_realtime_usec = ctx->start_realtime_usec,
                 .protocol_features = VHUB_SUPPORTED_PROTOCOL_FEATURES,
+                .vms = listed.vms,
+                .devices = listed.devices,
                 .restarts = ctx->restarts,
                 .fd_store = vhub_commit_enabled(ctx),
         };
-        TAILQ_FOREACH(vm, &ctx->vms, link)
-                if (vm_listed(vm, uid)) {
-                        ret->vms++;
-                        ret->devices += vm->n_devices;
-                }
 }
 
 /* Room for n items (at least one, so that a list of none is not NULL). */

@@ -19,6 +19,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-context.h"
 #include "vhub-device-internal.h"
+#include "vhub-fd-budget.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -40,6 +41,7 @@ bool device_need_reply(const struct vhub_device *d) {
 }
 
 void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
+        vhub_fd_budget_vm_changed(d->vm);   /* an op may own fds (START's rings) */
         TAILQ_INSERT_TAIL(&d->ops, op, link);
         d->n_ops++;
         device_run_head(d);
@@ -106,6 +108,7 @@ int device_send_awaiting(struct vhub_device *d, struct vhub_op *op, struct vhu_m
 
 /* End op: take it off the queue, let it commit or undo, and go on. */
 static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
+        vhub_fd_budget_vm_changed(d->vm);   /* its fds move into the device or close */
         TAILQ_REMOVE(&d->ops, op, link);
         d->n_ops--;
         op_complete(d, op, r);
@@ -119,6 +122,7 @@ static void device_end_op(struct vhub_device *d, struct vhub_op *op, int r) {
 }
 
 static void op_run(struct vhub_device *d, struct vhub_op *op) {
+        vhub_fd_budget_vm_changed(d->vm);   /* a stage may open fds (the back-end channel) */
         for (;;) {
                 int r;
 
@@ -212,6 +216,7 @@ void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_
         }
         device_log(d, LOG_DEBUG, vhu_request_name(VHU_DIR_FRONTEND, request), "reply to %s",
                    vhu_request_name(VHU_DIR_FRONTEND, request));
+        vhub_fd_budget_vm_changed(d->vm);   /* a reply may hand over an fd */
         if (TAG_KIND(tag) != TAGK_BARRIER)
                 op_on_reply(d, op, request, tag, reply);
         if (--op->awaiting > 0)
@@ -228,6 +233,7 @@ void device_on_reply(void *userdata, uint32_t request, uint32_t tag, struct vhu_
 void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
         struct vhub_op *op, *next;
 
+        vhub_fd_budget_vm_changed(d->vm);
         for (op = TAILQ_FIRST(&d->ops); op; op = next) {
                 next = TAILQ_NEXT(op, link);
                 if (op->kind == VHUB_OP_REMOVE)

@@ -202,6 +202,45 @@ static int handshake_check(struct vhub_device *d, struct vhub_op *op) {
         return 0;
 }
 
+/* The VM's memory table goes out with the negotiation's requests (one
+ * round trip fewer) when its size cannot be what makes the handshake fail:
+ * at most this many regions, which every back-end takes (SET_MEM_TABLE's
+ * limit).  More regions wait for GET_MAX_MEM_SLOTS' answer first. */
+#define HANDSHAKE_EARLY_SYNC_REGIONS VHU_MEM_TABLE_MAX_REGIONS
+
+/* Hold the VM's memory queue and send the table the device must map. */
+static int handshake_sync_begin(struct vhub_device *d, struct vhub_op *op) {
+        int r;
+
+        d->vm->handshake_syncs++;
+        op->holds_handshake_sync = true;
+        r = mem_sync_prepare(d, op);
+        if (r < 0)
+                return r;
+        return mem_sync_send(d, op);
+}
+
+/* Stage 2's memory table, sent before the replies that stage 3 checks:
+ * only while no memory change is running (else stage 3 parks as before) and
+ * for a table that fits any back-end.  Whether it went is op->u.mem.target_ids. */
+static int handshake_sync_early(struct vhub_device *d, struct vhub_op *op) {
+        const struct vhub_region **target;
+        size_t n;
+
+        if (vhub_vm_memory_busy(d->vm))
+                return 0;
+        if (vhub_vm_memory_target(d->vm, &target, &n) < 0)
+                return 0; /* stage 3 tries again and reports it */
+        free(target);
+        if (n > HANDSHAKE_EARLY_SYNC_REGIONS)
+                return 0;
+        /* mem_sync_prepare() checks against the slots; until GET_MAX_MEM_SLOTS
+         * answers (handshake_on_reply() checks again then) any back-end has these */
+        if (d->max_mem_slots < HANDSHAKE_EARLY_SYNC_REGIONS)
+                d->max_mem_slots = HANDSHAKE_EARLY_SYNC_REGIONS;
+        return handshake_sync_begin(d, op);
+}
+
 int handshake_stage(struct vhub_device *d, struct vhub_op *op) {
         struct vhu_msg m;
         int r;
@@ -218,8 +257,18 @@ int handshake_stage(struct vhub_device *d, struct vhub_op *op) {
                 return device_send(d, op, &m, 0) < 0 ? op->result : OP_STAGE_WAIT;
         case 2:
                 r = handshake_negotiate(d, op);
+                if (r < 0)
+                        return r;
+                /* the back-end takes requests in order: the table needs
+                 * none of the replies due, only the negotiated features */
+                r = handshake_sync_early(d, op);
                 return r < 0 ? r : OP_STAGE_NEXT;
         case 3:
+                if (op->u.mem.target_ids) {
+                        /* the table went with stage 2 */
+                        r = handshake_check(d, op);
+                        return r < 0 ? r : OP_STAGE_NEXT;
+                }
                 /* park before the check: a resumed stage runs again, and
                  * handshake_check() allocates the vrings (once) */
                 if (vhub_vm_memory_busy(d->vm)) {
@@ -229,12 +278,7 @@ int handshake_stage(struct vhub_device *d, struct vhub_op *op) {
                 r = handshake_check(d, op);
                 if (r < 0)
                         return r;
-                d->vm->handshake_syncs++;
-                op->holds_handshake_sync = true;
-                r = mem_sync_prepare(d, op);
-                if (r < 0)
-                        return r;
-                r = mem_sync_send(d, op);
+                r = handshake_sync_begin(d, op);
                 return r < 0 ? r : OP_STAGE_NEXT;
         case 4:
                 mem_sync_commit_unacked(d, op);
@@ -278,6 +322,12 @@ void handshake_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t requ
                 d->max_mem_slots = reply->payload.u64 > VHUB_DAEMON_MEM_SLOTS
                                            ? VHUB_DAEMON_MEM_SLOTS
                                            : (unsigned)reply->payload.u64;
+                /* a table sent early (stage 2) must fit too; this reply
+                 * comes before the table's, so this is the error reported */
+                if (op->u.mem.target_ids && op->u.mem.n_target > d->max_mem_slots)
+                        device_op_error(op, VHUB_ERR_LIMIT, NULL,
+                                        "VM %s has %zu memory regions; device %s takes at most %u",
+                                        d->vm->name, op->u.mem.n_target, d->name, d->max_mem_slots);
                 break;
         case VHU_REQ_GET_SHMEM_CONFIG:
                 handshake_on_shmem_config(d, op, &reply->payload.shmem_config);
@@ -298,6 +348,12 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (r == 0) /* device.stats: waiting for a memory change included */
                 d->stats.handshake_usec = vhub_now_usec() - op->started_usec;
         if (!op->restore) {
+                uint64_t *sizes = NULL;
+
+                /* device.add's answer lists the shared memory regions */
+                if (r == 0 && op->call && d->n_shmem &&
+                    !(sizes = vhub_call_own(op->call, d->n_shmem, sizeof(uint64_t))))
+                        r = device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
                 if (r < 0) {
                         d->destroy_pending = true;
                         op_complete_call(d, op, r);
@@ -322,9 +378,9 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                                 snprintf(op->call->out.device_add.vmm_socket,
                                          sizeof(op->call->out.device_add.vmm_socket), "%s",
                                          d->vmm->socket_path);
-                        if (d->n_shmem)
-                                memcpy(op->call->out.device_add.shmem_sizes, d->shmem_sizes,
-                                       d->n_shmem * sizeof(uint64_t));
+                        if (sizes)
+                                memcpy(sizes, d->shmem_sizes, d->n_shmem * sizeof(uint64_t));
+                        op->call->out.device_add.shmem_sizes = sizes;
                 }
                 if (d->shmem_sizes)
                         device_log(d, LOG_INFO, REQ(VHU_REQ_GET_SHMEM_CONFIG),

@@ -945,6 +945,7 @@ void vhub_device_vmm_request(struct vhub_device *d, struct vhu_msg *m, struct vh
         struct vhub_error err = { 0 };
         struct vhub_op *op = NULL;
 
+        vhub_fd_budget_vm_changed(d->vm);       /* m's fds are the model's now, or closed */
         if (!s || d->removing || !s->connected) {
                 vhub_error_set(&err, d->removing ? VHUB_ERR_NO_DEVICE : VHUB_ERR_STATE,
                                "device %s has no VMM session", d->name);

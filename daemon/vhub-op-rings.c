@@ -231,8 +231,16 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                                       sizeof(inf), NULL, 0);
                         if ((r = device_send(d, op, &m, 0)) < 0)
                                 return r;
+                        return OP_STAGE_NEXT; /* SET_INFLIGHT_FD needs its answer */
                 }
-                return OP_STAGE_NEXT;
+                /* Nothing up to DRIVER_OK needs an answer to what came
+                 * before: the back-end takes them in order, so they go in
+                 * one round trip, and stage 4's kicks follow every ack
+                 * (an enable must be acked before the first kick).  If any
+                 * is refused, rings may have started: start_complete()
+                 * drops the connection (stage >= 1), as for a ring. */
+                op->stage = 1;
+                /* fallthrough */
         case 1:
                 if (dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0) {
                         struct vhu_inflight inf = {
@@ -250,28 +258,23 @@ int start_stage(struct vhub_device *d, struct vhub_op *op) {
                 for (unsigned i = 0; i < n; i++)
                         if (v[i].configured && (r = send_vring(d, op, &v[i])) < 0)
                                 return r;
-                return OP_STAGE_NEXT;
-        case 2:
-                if (!dev_protocol_features_on(d))
-                        return OP_STAGE_NEXT;
                 /* spec "Ring states": rings start disabled once PROTOCOL_FEATURES is on */
-                for (unsigned i = 0; i < n; i++) {
+                for (unsigned i = 0; dev_protocol_features_on(d) && i < n; i++) {
                         if (!v[i].configured)
                                 continue;
                         vhu_msg_build_state(&m, VHU_REQ_SET_VRING_ENABLE, ack, v[i].index, 1);
                         if ((r = device_send(d, op, &m, TAG(TAGK_VRING, v[i].index))) < 0)
                                 return r;
                 }
-                return OP_STAGE_NEXT;
-        case 3:
-                if (!dev_has_pf(d, VHU_PF_STATUS))
-                        return OP_STAGE_NEXT;
-                /* DPDK's vhost starts nothing before DRIVER_OK */
-                vhu_msg_build_u64(&m, VHU_REQ_SET_STATUS, ack,
-                                  VHU_STATUS_ACKNOWLEDGE | VHU_STATUS_DRIVER |
-                                          VHU_STATUS_FEATURES_OK | VHU_STATUS_DRIVER_OK);
-                if ((r = device_send(d, op, &m, 0)) < 0)
-                        return r;
+                if (dev_has_pf(d, VHU_PF_STATUS)) {
+                        /* DPDK's vhost starts nothing before DRIVER_OK */
+                        vhu_msg_build_u64(&m, VHU_REQ_SET_STATUS, ack,
+                                          VHU_STATUS_ACKNOWLEDGE | VHU_STATUS_DRIVER |
+                                                  VHU_STATUS_FEATURES_OK | VHU_STATUS_DRIVER_OK);
+                        if ((r = device_send(d, op, &m, 0)) < 0)
+                                return r;
+                }
+                op->stage = 3; /* the kicks are next, once all of it is answered */
                 return OP_STAGE_NEXT;
         case 4:
                 /* one kick per ring, so a kick the driver wrote before the
@@ -561,21 +564,30 @@ void stop_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 return;
         }
         if (op->call) {
+                struct vhub_vring_base *bases;
                 unsigned n = 0;
 
                 for (unsigned i = 0; i < d->queues; i++)
+                        n += d->vrings[i].configured;
+                /* sized to the rings that ran, not to the most a device may have */
+                bases = vhub_call_own(op->call, n, sizeof(*bases));
+                if (n && !bases)        /* the rings still stop below; the call fails */
+                        device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
+                n = 0;
+                for (unsigned i = 0; bases && i < d->queues; i++)
                         if (d->vrings[i].configured) {
-                                op->call->out.device_stop.vrings[n].index = i;
-                                op->call->out.device_stop.vrings[n].base = d->vrings[i].base;
-                                op->call->out.device_stop.vrings[n].inflight = stop_count_suspended(d, i);
+                                bases[n].index = i;
+                                bases[n].base = d->vrings[i].base;
+                                bases[n].inflight = stop_count_suspended(d, i);
                                 n++;
                         }
+                op->call->out.device_stop.vrings = bases;
                 op->call->out.device_stop.n_vrings = n;
         }
         for (unsigned i = 0; i < d->queues; i++)
                 device_ring_close(d, i);
         device_set_state(d, VHUB_DEV_STOPPED, "rings stopped");
-        op_complete_call(d, op, 0);
+        op_complete_call(d, op, op->result);
 }
 
 void remove_complete(struct vhub_device *d, struct vhub_op *op, int r) {

@@ -13,6 +13,7 @@
 struct vhub_sd {
         struct event *ev_watchdog;
         uint64_t watchdog_usec;
+        bool notifying;                 /* $NOTIFY_SOCKET was set at start */
 };
 
 static void watchdog_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -26,6 +27,8 @@ int vhub_sd_new(struct event_base *base, struct vhub_sd **ret) {
 
         if (!sd)
                 return -ENOMEM;
+        /* sd_notify() is called with unset_environment 0: it stays set */
+        sd->notifying = getenv("NOTIFY_SOCKET") != NULL;
         if (sd_watchdog_enabled(0, &usec) > 0 && usec > 0) {
                 struct timeval tv = vhub_timeval_from_usec(usec / 2);
 
@@ -55,7 +58,12 @@ void vhub_sd_ready(struct vhub_sd *sd, const char *status) {
 }
 
 void vhub_sd_status(struct vhub_sd *sd, const char *status) {
-        sd_notifyf(0, "STATUS=%s", status);
+        if (sd->notifying)
+                sd_notifyf(0, "STATUS=%s", status);
+}
+
+bool vhub_sd_notifying(const struct vhub_sd *sd) {
+        return sd->notifying;
 }
 
 void vhub_sd_stopping(struct vhub_sd *sd) {

@@ -11,39 +11,79 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
+#include "vhub-hash.h"
 #include "vhub-socket-watch.h"
 #include "vhu-fd.h"
 
+/* A watched directory: inotify gives one wd per directory, shared by the
+ * sockets in it, and the wd goes with the last of them. */
+struct watch_dir {
+        struct vhub_hash_node node;     /* in w->dirs, by wd */
+        int wd;
+        unsigned n_watches;
+};
+
 struct vhub_socket_watch {
-        LIST_ENTRY(vhub_socket_watch) link;
+        struct vhub_hash_node node;     /* in w->by_name, by (wd, name), while not removed */
+        LIST_ENTRY(vhub_socket_watch) link;  /* in w->watches, or w->removed */
+        struct vhub_socket_watch *due;  /* next in a dispatch's list of callbacks to run */
         struct vhub_socket_watcher *w;
-        int wd;                         /* its directory's (shared by the sockets in it) */
+        struct watch_dir *dir;
         char *name;                     /* the socket's file name in that directory */
         vhub_socket_appeared_fn fn;
         void *userdata;
         bool removed;                   /* removed during a dispatch: freed after it */
 };
 
+LIST_HEAD(watch_list, vhub_socket_watch);
+
+/*
+ * An event finds its watches by (directory, name) in a hash table: a
+ * back-end restarting with many sockets creates them one by one, and with
+ * many devices down at once a walk over every watch per event made the
+ * restore quadratic.
+ */
 struct vhub_socket_watcher {
         struct event_base *base;
         int fd;                         /* -1 while nothing is watched */
         struct event *ev;
         bool dispatching;               /* inside watch_cb: removed watches wait */
-        LIST_HEAD(, vhub_socket_watch) watches;
+        unsigned n_watches;             /* not removed */
+        struct watch_list watches;
+        struct watch_list removed;      /* removed during a dispatch */
+        struct vhub_hash by_name;       /* (wd, name) -> watch */
+        struct vhub_hash dirs;          /* wd -> struct watch_dir */
 };
 
 int vhub_socket_watcher_fd(const struct vhub_socket_watcher *w) {
         return w->fd;
 }
 
-/* Whether any watch that was not removed is in directory wd (wd < 0: in any). */
-static bool watcher_uses(const struct vhub_socket_watcher *w, int wd) {
-        const struct vhub_socket_watch *x;
+static uint64_t name_hash(const struct vhub_socket_watcher *w, int wd, const char *name) {
+        /* a file name is at most NAME_MAX bytes; a longer one never appears
+         * (hashing its prefix keeps the lookup right, strcmp decides) */
+        char key[sizeof(int) + NAME_MAX];
+        size_t len = strnlen(name, NAME_MAX);
 
-        LIST_FOREACH(x, &w->watches, link)
-                if (!x->removed && (wd < 0 || x->wd == wd))
-                        return true;
-        return false;
+        memcpy(key, &wd, sizeof(wd));
+        memcpy(key + sizeof(wd), name, len);
+        return vhub_hash_bytes(&w->by_name, key, sizeof(wd) + len);
+}
+
+static uint64_t dir_hash(const struct vhub_socket_watcher *w, int wd) {
+        return vhub_hash_bytes(&w->dirs, &wd, sizeof(wd));
+}
+
+static struct watch_dir *dir_find(const struct vhub_socket_watcher *w, int wd) {
+        uint64_t hash = dir_hash(w, wd);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&w->dirs, hash); n; n = vhub_hash_next(n, hash)) {
+                struct watch_dir *d = vhub_hash_entry(n, struct watch_dir, node);
+
+                if (d->wd == wd)
+                        return d;
+        }
+        return NULL;
 }
 
 /* Nothing is watched any more: hold no fd for it. */
@@ -68,28 +108,61 @@ static int watcher_open(struct vhub_socket_watcher *w, void (*cb)(evutil_socket_
         return 0;
 }
 
-static void watch_free(struct vhub_socket_watch *x) {
+/* One socket fewer in d's directory; the directory's watch goes with the last. */
+static void dir_put(struct vhub_socket_watcher *w, struct watch_dir *d) {
+        if (--d->n_watches > 0)
+                return;
+        if (w->fd >= 0)
+                (void)inotify_rm_watch(w->fd, d->wd);
+        vhub_hash_remove(&w->dirs, &d->node);
+        free(d);
+}
+
+/* Stop x firing: out of the lookup and its directory's count. */
+static void watch_unlink(struct vhub_socket_watch *x) {
         struct vhub_socket_watcher *w = x->w;
 
+        vhub_hash_remove(&w->by_name, &x->node);
+        dir_put(w, x->dir);
+        x->dir = NULL;
+        w->n_watches--;
+        x->removed = true;
+}
+
+static void watch_free(struct vhub_socket_watch *x) {
         LIST_REMOVE(x, link);
-        /* the directory's watch goes with the last socket in it */
-        if (w->fd >= 0 && !watcher_uses(w, x->wd))
-                (void)inotify_rm_watch(w->fd, x->wd);
         free(x->name);
         free(x);
 }
 
 /* Free what was removed during a dispatch; close the instance if idle. */
 static void watcher_sweep(struct vhub_socket_watcher *w) {
-        struct vhub_socket_watch *x, *next;
-
-        for (x = LIST_FIRST(&w->watches); x; x = next) {
-                next = LIST_NEXT(x, link);
-                if (x->removed)
-                        watch_free(x);
-        }
-        if (!watcher_uses(w, -1))
+        while (!LIST_EMPTY(&w->removed))
+                watch_free(LIST_FIRST(&w->removed));
+        if (w->n_watches == 0)
                 watcher_close(w);
+}
+
+/* The watches this event is for, chained through ->due: collected before
+ * any callback runs, since a callback may add or remove watches (the table
+ * may grow or shrink under a walk). */
+static struct vhub_socket_watch *watches_due(struct vhub_socket_watcher *w, const struct inotify_event *ie) {
+        struct vhub_socket_watch *due = NULL, **tail = &due;
+        uint64_t hash;
+
+        if (ie->len == 0)
+                return NULL;            /* about the directory itself */
+        hash = name_hash(w, ie->wd, ie->name);
+        for (struct vhub_hash_node *n = vhub_hash_first(&w->by_name, hash); n; n = vhub_hash_next(n, hash)) {
+                struct vhub_socket_watch *x = vhub_hash_entry(n, struct vhub_socket_watch, node);
+
+                if (x->dir->wd == ie->wd && strcmp(x->name, ie->name) == 0) {
+                        x->due = NULL;
+                        *tail = x;
+                        tail = &x->due;
+                }
+        }
+        return due;
 }
 
 static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -102,14 +175,13 @@ static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
          * loop) faster than they are handled.  What is left wakes the loop
          * again after everything else had its turn. */
         w->dispatching = true;
-        n = read(fd, buf, sizeof(buf));
+        n = w->n_watches > 0 ? read(fd, buf, sizeof(buf)) : 0;
         for (char *p = buf; n > 0 && p < buf + n;) {
                 const struct inotify_event *ie = (const struct inotify_event *)p;
-                struct vhub_socket_watch *x;
 
-                /* a callback may add watches (at the head) or remove any */
-                LIST_FOREACH(x, &w->watches, link)
-                        if (ie->len > 0 && !x->removed && x->wd == ie->wd && strcmp(x->name, ie->name) == 0)
+                /* removed ones stay allocated until the sweep: the chain holds */
+                for (struct vhub_socket_watch *x = watches_due(w, ie); x; x = x->due)
+                        if (!x->removed)
                                 x->fn(x->userdata);
                 p += sizeof(*ie) + ie->len;
         }
@@ -125,15 +197,27 @@ struct vhub_socket_watcher *vhub_socket_watcher_new(struct event_base *base) {
         w->base = base;
         w->fd = -1;
         LIST_INIT(&w->watches);
+        LIST_INIT(&w->removed);
+        if (vhub_hash_init(&w->by_name) < 0 || vhub_hash_init(&w->dirs) < 0) {
+                vhub_hash_done(&w->by_name);
+                free(w);
+                return NULL;
+        }
         return w;
 }
 
 struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher *w) {
+        struct vhub_socket_watch *x;
+
         if (!w)
                 return NULL;
-        while (!LIST_EMPTY(&w->watches))
-                watch_free(LIST_FIRST(&w->watches));
-        watcher_close(w);
+        while ((x = LIST_FIRST(&w->watches))) {
+                watch_unlink(x);
+                watch_free(x);
+        }
+        watcher_sweep(w);
+        vhub_hash_done(&w->by_name);
+        vhub_hash_done(&w->dirs);
         free(w);
         return NULL;
 }
@@ -141,7 +225,8 @@ struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher 
 int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path,
                           vhub_socket_appeared_fn fn, void *userdata, struct vhub_socket_watch **ret) {
         char dir[PATH_MAX], file[PATH_MAX];
-        struct vhub_socket_watch *x;
+        struct vhub_socket_watch *x = NULL;
+        struct watch_dir *d;
         int r, wd;
 
         r = watcher_open(w, watch_cb);
@@ -155,24 +240,37 @@ int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path
                 r = -errno;
                 goto fail;
         }
+        d = dir_find(w, wd);
+        if (!d) {
+                d = calloc(1, sizeof(*d));
+                if (!d) {
+                        (void)inotify_rm_watch(w->fd, wd);  /* no socket of ours is in it */
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                d->wd = wd;
+                vhub_hash_insert(&w->dirs, &d->node, dir_hash(w, wd));
+        }
+        d->n_watches++;
         x = calloc(1, sizeof(*x));
         if (!x || !(x->name = strdup(basename(file)))) {
                 free(x);
-                if (!watcher_uses(w, wd))
-                        (void)inotify_rm_watch(w->fd, wd);
+                dir_put(w, d);
                 r = -ENOMEM;
                 goto fail;
         }
         x->w = w;
-        x->wd = wd;
+        x->dir = d;
         x->fn = fn;
         x->userdata = userdata;
         LIST_INSERT_HEAD(&w->watches, x, link);
+        vhub_hash_insert(&w->by_name, &x->node, name_hash(w, wd, x->name));
+        w->n_watches++;
         *ret = x;
         return 0;
 
 fail:
-        if (!w->dispatching && !watcher_uses(w, -1))
+        if (!w->dispatching && w->n_watches == 0)
                 watcher_close(w);
         return r;
 }
@@ -180,15 +278,18 @@ fail:
 struct vhub_socket_watch *vhub_socket_watch_remove(struct vhub_socket_watch *x) {
         struct vhub_socket_watcher *w;
 
-        if (!x)
+        if (!x || x->removed)
                 return NULL;
         w = x->w;
+        watch_unlink(x);
         if (w->dispatching) {
-                x->removed = true;
+                /* the dispatch may still hold it in its due chain */
+                LIST_REMOVE(x, link);
+                LIST_INSERT_HEAD(&w->removed, x, link);
                 return NULL;
         }
         watch_free(x);
-        if (!watcher_uses(w, -1))
+        if (w->n_watches == 0)
                 watcher_close(w);
         return NULL;
 }

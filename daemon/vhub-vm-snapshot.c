@@ -287,16 +287,6 @@ static int read_identity(const struct vhub_snap_doc *doc, uint64_t *id, char *na
         return *id && name[0] ? 0 : -EBADMSG;
 }
 
-/* A VM that never made it into the context: freed without a word. */
-static void vm_discard(struct vhub_vm *vm) {
-        event_free(vm->linger_timer);
-        vhub_snap_file_close(&vm->snap);
-        vhub_mem_table_done(&vm->mem);
-        vhub_shared_table_done(&vm->shared);
-        vhub_cred_done(&vm->cred);
-        free(vm);
-}
-
 int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
                     int snap_fd, struct vhub_vm **ret, const char **why) {
         struct vhub_cred cred = { 0 };
@@ -328,13 +318,16 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 k = read_vm(vm, doc);
         if (k < 0) {
                 *why = *why ? *why : "the VM's record is malformed";
-                vm_discard(vm);
+                vhub_vm_discard(vm);
+                return k;
+        }
+        k = vhub_vm_link(vm);
+        if (k < 0) {
+                vhub_vm_discard(vm);
                 return k;
         }
         if (ctx->next_vm_id < id)
                 ctx->next_vm_id = id;
-        TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
-        ctx->n_vms++;
 
         vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group, &mem);
         vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group_shared, &shared);

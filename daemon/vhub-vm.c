@@ -91,13 +91,30 @@ void vhub_vm_foreach_fd(const struct vhub_vm *vm, const struct vhub_fd_visitor *
                 vhub_device_foreach_fd(d, v);
 }
 
-struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
-        struct vhub_vm *vm;
+/* ---- names: hash lookups, never a walk over every VM or device ---- */
 
-        /* a VM being torn down is gone for its uid: its name can be used again */
-        TAILQ_FOREACH(vm, &ctx->vms, link)
+/* A VM's key: its uid and name (names are per uid). */
+static uint64_t vm_name_hash(const struct vhub_context *ctx, uid_t uid, const char *name) {
+        uint8_t key[sizeof(uint32_t) + VHUB_NAME_MAX];
+        uint32_t u = (uint32_t)uid;
+        size_t len = strnlen(name, VHUB_NAME_MAX);
+
+        memcpy(key, &u, sizeof(u));
+        memcpy(key + sizeof(u), name, len);
+        return vhub_hash_bytes(&ctx->vms_by_name, key, sizeof(u) + len);
+}
+
+struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name) {
+        uint64_t hash = vm_name_hash(ctx, uid, name);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&ctx->vms_by_name, hash); n;
+             n = vhub_hash_next(n, hash)) {
+                struct vhub_vm *vm = vhub_hash_entry(n, struct vhub_vm, by_name);
+
+                /* a VM being torn down is gone for its uid: its name can be used again */
                 if (vm->uid == uid && !vm->destroying && strcmp(vm->name, name) == 0)
                         return vm;
+        }
         return NULL;
 }
 
@@ -117,13 +134,41 @@ const struct vhub_owner *vhub_vm_owner(const struct vhub_vm *vm) {
         return vm->owner;
 }
 
-struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
-        struct vhub_device *d;
+static uint64_t device_name_hash(const struct vhub_vm *vm, const char *name) {
+        return vhub_hash_bytes(&vm->devices_by_name, name, strnlen(name, VHUB_NAME_MAX));
+}
 
-        TAILQ_FOREACH(d, &vm->devices, link)
+struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name) {
+        uint64_t hash = device_name_hash(vm, name);
+
+        for (struct vhub_hash_node *n = vhub_hash_first(&vm->devices_by_name, hash); n;
+             n = vhub_hash_next(n, hash)) {
+                struct vhub_device *d = vhub_hash_entry(n, struct vhub_device, by_name);
+
                 if (strcmp(d->name, name) == 0)
                         return d;
+        }
         return NULL;
+}
+
+void vhub_vm_link_device(struct vhub_vm *vm, struct vhub_device *d) {
+        TAILQ_INSERT_TAIL(&vm->devices, d, link);
+        vhub_hash_insert(&vm->devices_by_name, &d->by_name, device_name_hash(vm, d->name));
+        vm->n_devices++;
+        vm->ctx->n_devices++;
+        if (vm->listed)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, 0, 1);
+        vhub_fd_budget_vm_changed(vm);
+}
+
+void vhub_vm_unlink_device(struct vhub_vm *vm, struct vhub_device *d) {
+        TAILQ_REMOVE(&vm->devices, d, link);
+        vhub_hash_remove(&vm->devices_by_name, &d->by_name);
+        vm->n_devices--;
+        vm->ctx->n_devices--;
+        if (vm->listed)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, 0, -1);
+        vhub_fd_budget_vm_changed(vm);
 }
 
 /* A VM's own events: vm.created, vm.lingering, vm.destroyed. */
@@ -164,13 +209,43 @@ struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, 
         TAILQ_INIT(&vm->mem_ops);
         TAILQ_INIT(&vm->devices);
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
-        if (!vm->linger_timer || vhub_cred_copy(cred, &vm->cred) < 0) {
+        if (!vm->linger_timer || vhub_hash_init(&vm->devices_by_name) < 0 ||
+            vhub_cred_copy(cred, &vm->cred) < 0) {
                 if (vm->linger_timer)
                         event_free(vm->linger_timer);
+                vhub_hash_done(&vm->devices_by_name);
+                vhub_cred_done(&vm->cred);
                 free(vm);
                 return NULL;
         }
         return vm;
+}
+
+void vhub_vm_discard(struct vhub_vm *vm) {
+        event_free(vm->linger_timer);
+        vhub_snap_file_close(&vm->snap);
+        vhub_mem_table_done(&vm->mem);
+        vhub_shared_table_done(&vm->shared);
+        vhub_cred_done(&vm->cred);
+        vhub_hash_done(&vm->devices_by_name);
+        free(vm);
+}
+
+int vhub_vm_link(struct vhub_vm *vm) {
+        struct vhub_context *ctx = vm->ctx;
+        int r = vhub_fd_ledger_vm_added(ctx, vm);
+
+        if (r < 0)
+                return r;
+        TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
+        vhub_hash_insert(&ctx->vms_by_name, &vm->by_name, vm_name_hash(ctx, vm->uid, vm->name));
+        /* a restored VM may be in the middle of vm.destroy: not listed */
+        vm->listed = !vm->destroying;
+        if (vm->listed)
+                vhub_fd_ledger_listed_add(ctx, vm->uid, 1, 0);
+        ctx->n_vms++;
+        vhub_fd_budget_vm_changed(vm);
+        return 0;
 }
 
 int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64_t linger_ms,
@@ -187,8 +262,10 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         if (!vm)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
         vm->owner = owner;
-        TAILQ_INSERT_TAIL(&ctx->vms, vm, link);
-        ctx->n_vms++;
+        if (vhub_vm_link(vm) < 0) {
+                vhub_vm_discard(vm);
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        }
         vhub_context_counts_changed(ctx);
         vm_log(vm, LOG_INFO, "VM created (uid %u)", (unsigned)uid);
         /* the creator gets it too: it is the owner */
@@ -216,9 +293,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s was destroyed", vm->name);
         /* devices first: their ops may point at the memory ops */
         while ((d = TAILQ_FIRST(&vm->devices))) {
-                TAILQ_REMOVE(&vm->devices, d, link);
-                vm->n_devices--;
-                vm->ctx->n_devices--;
+                vhub_vm_unlink_device(vm, d);
                 vhub_device_free(d);
         }
         while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
@@ -246,6 +321,9 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 vhub_call_complete(c, 0);
         }
         TAILQ_REMOVE(&vm->ctx->vms, vm, link);
+        vhub_hash_remove(&vm->ctx->vms_by_name, &vm->by_name);
+        if (vm->listed)
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, -1, 0); /* its devices are gone */
         vm->ctx->n_vms--;
         vhub_context_counts_changed(vm->ctx);
         vhub_commit_vm_gone(vm);
@@ -259,6 +337,10 @@ void vhub_vm_free(struct vhub_vm *vm) {
                 vm_region_untrack(vm, &vm->mem.regions[i]);
         vhub_mem_table_done(&vm->mem);
         vhub_cred_done(&vm->cred);
+        vhub_hash_done(&vm->devices_by_name);
+        /* last: closing what it held marks it changed (vm_log_close()), and
+         * a VM left marked would be counted after it is freed */
+        vhub_fd_ledger_vm_gone(vm->ctx, vm);
         free(vm);
 }
 
@@ -300,6 +382,11 @@ void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
                 return;
         }
         vm->destroying = true;
+        if (vm->listed) {
+                /* gone for lists */
+                vhub_fd_ledger_listed_add(vm->ctx, vm->uid, -1, -(int)vm->n_devices);
+                vm->listed = false;
+        }
         vm->destroy_call = call;
         vhub_changed(vm->ctx, vm);
         evtimer_del(vm->linger_timer);
@@ -492,6 +579,7 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
         struct vhub_call *call = op->call;
 
         TAILQ_REMOVE(&vm->mem_ops, op, link);
+        vhub_fd_budget_vm_changed(vm);  /* the region's fd: into the table, or closed */
         if (!op->failed) {
                 if (op->kind == VHUB_MEM_OP_ADD) {
                         /* commit: the table takes the fd */
@@ -603,6 +691,7 @@ static void vm_mem_queue_run(struct vhub_vm *vm) {
                 TAILQ_REMOVE(&vm->mem_ops, op, link);
                 vhub_call_fail(op->call, &err);
                 mem_op_free(op);
+                vhub_fd_budget_vm_changed(vm);
         }
         op->phase = VHUB_MEM_PHASE_APPLY;
         vm_mem_fanout(vm, op);
@@ -693,6 +782,7 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
         op->region.id = ++vm->ctx->next_region_id;
         op->region.fd = VHU_TAKE_FD(region->fd); /* the op owns it until commit */
         op->call = call;
+        vhub_fd_budget_vm_changed(vm);
         vm_mem_queue(vm, op);
         return;
 
@@ -758,6 +848,7 @@ fail:
 static void vm_log_fanout(struct vhub_vm *vm, struct vhub_vm_batch *b, bool enable);
 
 static void vm_log_close(struct vhub_vm *vm) {
+        vhub_fd_budget_vm_changed(vm);
         vm_fd_untrack(vm, vm->fd_group, vm->log_fd, "log");
         vm->log_fd = vhu_safe_close(vm->log_fd);
         vm->log_size = 0;
@@ -899,6 +990,7 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
         b->call = call;
         vm->log_fd = fd;
         vm_fd_track(vm, vm->fd_group, vm->log_fd, "log");
+        vhub_fd_budget_vm_changed(vm);
         vm->log_size = size;
         vm->logging = true;
         vm->log_batch = b;
@@ -938,6 +1030,7 @@ int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struc
         int r;
 
         vhub_uuid_format(uuid, u);
+        vhub_fd_budget_vm_changed(vm);
         r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
         if (r < 0) {
                 if (r == -EEXIST)
@@ -965,5 +1058,6 @@ int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhu
                                       u, o->device->name);
         vm_shared_untrack(vm, o);
         vhub_shared_table_remove(&vm->shared, uuid, NULL);
+        vhub_fd_budget_vm_changed(vm);
         return 0;
 }

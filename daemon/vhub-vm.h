@@ -14,6 +14,7 @@
 #include "vhub-call.h"
 #include "vhub-cred.h"
 #include "vhub-error.h"
+#include "vhub-hash.h"
 #include "vhub-fd-track.h"
 #include "vhub-memory.h"
 #include "vhub-owner.h"
@@ -82,6 +83,7 @@ enum vhub_vm_postcopy {
 
 struct vhub_vm {
         TAILQ_ENTRY(vhub_vm) link;
+        struct vhub_hash_node by_name;  /* in ctx->vms_by_name */
         struct vhub_context *ctx;
         uint64_t id;                    /* daemon-unique, never reused */
         char fd_group[VHUB_FD_GROUP_MAX];        /* "v<id>": regions, dirty log */
@@ -105,6 +107,12 @@ struct vhub_vm {
 
         struct vhub_device_list devices;
         unsigned n_devices;
+        struct vhub_hash devices_by_name;
+
+        /* the fd budget's ledger (vhub-fd-budget.h) */
+        unsigned fds_counted;           /* what it held when last counted */
+        bool fds_marked;                /* in ctx->fd_ledger.marked */
+        TAILQ_ENTRY(vhub_vm) fds_link;
 
         struct vhub_shared_table shared;  /* UUID -> exporter */
 
@@ -119,6 +127,7 @@ struct vhub_vm {
         unsigned vmm_holds;             /* front-door devices with their VMM connected:
                                          * the linger timer waits while any is */
         bool destroying;
+        bool listed;                    /* in daemon.info's counts: linked, not being destroyed */
         const char *destroy_reason;     /* vm.destroyed's (VHUB_VM_DESTROYED_*): vm.destroy's
                                          * unless the owner's close or the linger timer ended it */
         bool freeing;                   /* vhub_vm_free() is running: start nothing */
@@ -147,6 +156,11 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
  * when out of memory. */
 struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, const char *name,
                               uint64_t linger_ms, const struct vhub_cred *cred);
+/* It joins the context: the list, the lookup by name, the fd ledger and
+ * daemon.info's counts (unless it is being destroyed).  0 or -ENOMEM. */
+int vhub_vm_link(struct vhub_vm *vm);
+/* A VM from vhub_vm_alloc() that never joined the context (or failed to). */
+void vhub_vm_discard(struct vhub_vm *vm);
 /* A VM being destroyed is not found: its name is free again. */
 struct vhub_vm *vhub_vm_find(struct vhub_context *ctx, uid_t uid, const char *name);
 
@@ -198,6 +212,9 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
 void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *call);
 
 struct vhub_device *vhub_vm_find_device(struct vhub_vm *vm, const char *name);
+/* A device joins the VM (its list, its name, the counts) / leaves it. */
+void vhub_vm_link_device(struct vhub_vm *vm, struct vhub_device *dev);
+void vhub_vm_unlink_device(struct vhub_vm *vm, struct vhub_device *dev);
 
 /* Dirty logging: a log memfd covering the VM's memory, one bit per 4 KiB. */
 void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call);

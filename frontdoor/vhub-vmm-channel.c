@@ -140,10 +140,18 @@ static void chan_on_readable(void *owner) {
                 chan_free_now(ch);
 }
 
+static void chan_on_fds_changed(void *owner) {
+        struct vhub_vmm_channel *ch = owner;
+
+        if (ch->ops->on_fds_changed)
+                ch->ops->on_fds_changed(ch->userdata);
+}
+
 static const struct vmm_stream_ops chan_stream_ops = {
         .on_readable = chan_on_readable,
         .on_timer = chan_on_timer,
         .on_lost = chan_on_lost,
+        .on_fds_changed = chan_on_fds_changed,
 };
 
 int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,

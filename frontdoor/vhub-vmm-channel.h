@@ -34,6 +34,9 @@ struct vhub_vmm_channel_ops {
         void (*on_answer)(void *userdata, uint32_t tag, uint32_t request, struct vhu_msg *reply);
         /* The channel is lost (after the on_answer(NULL) of every awaited request). */
         void (*on_lost)(void *userdata, bool timeout, const char *reason);
+        /* Optional: the fds it holds (a message half-read, dups of requests
+         * waiting to go) changed; only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 /*

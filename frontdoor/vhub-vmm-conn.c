@@ -227,10 +227,18 @@ static void conn_on_readable(void *owner) {
                 conn_free_now(c);
 }
 
+static void conn_on_fds_changed(void *owner) {
+        struct vhub_vmm_conn *c = owner;
+
+        if (c->ops->on_fds_changed)
+                c->ops->on_fds_changed(c->userdata);
+}
+
 static const struct vmm_stream_ops conn_stream_ops = {
         .on_readable = conn_on_readable,
         .on_timer = conn_on_timer,
         .on_lost = conn_on_lost,
+        .on_fds_changed = conn_on_fds_changed,
 };
 
 int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_conn_limits *limits,

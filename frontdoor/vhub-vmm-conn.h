@@ -67,6 +67,9 @@ struct vhub_vmm_conn_ops {
         void (*on_request)(void *userdata, struct vhu_msg *m, uint64_t answer_id);
         /* The connection is lost; reason is a sentence for the log. */
         void (*on_lost)(void *userdata, const char *reason);
+        /* Optional: the fds it holds (a message half-read, dups of answers
+         * waiting to go) changed; only take note. */
+        void (*on_fds_changed)(void *userdata);
 };
 
 /* What an answer id wants. */

@@ -91,8 +91,18 @@ static void vd_free(struct vhub_vmm_device *vd);
 
 /* ---- its fds: names and the fd store ---- */
 
+/* What the face holds for its device changed: the fd budget counts the
+ * device's VM again (vd_fds_held()). */
+static void vd_fds_changed(void *userdata) {
+        const struct vhub_vmm_device *vd = userdata;
+
+        if (!vd->dead && vd->dev)
+                vhub_device_vmm_fds_changed(vd->dev);
+}
+
 static void vd_fd_note(const struct vhub_vmm_device *vd, bool kept, int fd, const char *what) {
         vhub_fd_note(vd->ctx, kept, vd->fd_group, fd, "%s/%s", vd->fd_prefix, what);
+        vd_fds_changed((void *)vd);
 }
 
 static void socket_fd_track(int fd, const char *what, void *userdata) {
@@ -249,6 +259,7 @@ static void channel_on_lost(void *userdata, bool timeout, const char *reason) {
 static const struct vhub_vmm_channel_ops channel_ops = {
         .on_answer = channel_on_answer,
         .on_lost = channel_on_lost,
+        .on_fds_changed = vd_fds_changed,
 };
 
 static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
@@ -416,6 +427,7 @@ static void conn_on_lost(void *userdata, const char *reason) {
 static const struct vhub_vmm_conn_ops conn_ops = {
         .on_request = conn_on_request,
         .on_lost = conn_on_lost,
+        .on_fds_changed = vd_fds_changed,
 };
 
 /* ---- the listener ---- */

@@ -150,6 +150,8 @@ int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const
         };
         vhu_reader_init(&s->reader);
         vhu_writer_init(&s->writer);
+        vhu_reader_set_fds_hook(&s->reader, ops->on_fds_changed, owner);
+        vhu_writer_set_fds_hook(&s->writer, ops->on_fds_changed, owner);
         fl = fcntl(fd, F_GETFL);
         if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
                 int r = -errno;
@@ -178,6 +180,9 @@ void vmm_stream_done(struct vmm_stream *s) {
                 event_free(s->ev_timer);
         if (s->ev_lost)
                 event_free(s->ev_lost);
+        /* its owner is going: it counts what it held itself */
+        vhu_reader_set_fds_hook(&s->reader, NULL, NULL);
+        vhu_writer_set_fds_hook(&s->writer, NULL, NULL);
         vhu_reader_reset(&s->reader);
         vhu_writer_clear(&s->writer);
         if (s->fd >= 0)

@@ -27,6 +27,9 @@ struct vmm_stream_ops {
          * checks its own (and rearms with vmm_stream_rearm). */
         void (*on_timer)(void *owner, uint64_t now);
         void (*on_lost)(void *owner);
+        /* Optional: the fds the reader (a message half-read) or the writer
+         * (dups waiting to go) holds changed; only take note. */
+        void (*on_fds_changed)(void *owner);
 };
 
 struct vmm_stream {

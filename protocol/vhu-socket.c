@@ -31,34 +31,74 @@ struct vhu_writer_item {
         uint8_t data[];
 };
 
-void vhu_reader_init(struct vhu_reader *r) {
-        vhu_msg_init(&r->msg);
+static void hook_call(const struct vhu_fds_hook *h) {
+        if (h->changed)
+                h->changed(h->userdata);
+}
+
+/* The message being assembled is gone (handed over or dropped). */
+static void reader_start_over(struct vhu_reader *r) {
+        bool had_fds = r->n_fds > 0;
+
+        memset(&r->hdr, 0, sizeof(r->hdr));
+        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
+                r->fds[i] = -1;
+        r->n_fds = 0;
+        r->partial = NULL;
         r->got = 0;
+        if (had_fds)
+                hook_call(&r->hook);
+}
+
+void vhu_reader_init(struct vhu_reader *r) {
+        r->n_fds = 0;
+        r->hook = (struct vhu_fds_hook){ 0 };
+        reader_start_over(r);
+}
+
+void vhu_reader_set_fds_hook(struct vhu_reader *r, void (*changed)(void *userdata), void *userdata) {
+        r->hook = (struct vhu_fds_hook){ .changed = changed, .userdata = userdata };
 }
 
 void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userdata) {
-        for (unsigned i = 0; i < r->msg.n_fds && i < VHU_MAX_FDS; i++)
-                if (r->msg.fds[i] >= 0)
-                        fn(r->msg.fds[i], "in", userdata);
+        for (unsigned i = 0; i < r->n_fds && i < VHU_MAX_FDS; i++)
+                if (r->fds[i] >= 0)
+                        fn(r->fds[i], "in", userdata);
 }
 
 void vhu_reader_reset(struct vhu_reader *r) {
-        vhu_msg_clear(&r->msg);
-        r->got = 0;
+        vhu_close_many(r->fds, r->n_fds);
+        free(r->partial);
+        reader_start_over(r);
 }
 
-/* Move the finished message into ret and start the next one. */
+/* Hand the finished message (its payload is in ret already) and its fds
+ * over, and start the next one. */
 static void reader_complete(struct vhu_reader *r, struct vhu_msg *ret) {
-        ret->hdr = r->msg.hdr;
-        memcpy(ret->payload.raw, r->msg.payload.raw, r->msg.hdr.size);
-        memcpy(ret->fds, r->msg.fds, sizeof(ret->fds));
-        ret->n_fds = r->msg.n_fds;
+        ret->hdr = r->hdr;
+        memcpy(ret->fds, r->fds, sizeof(ret->fds));
+        ret->n_fds = r->n_fds;
         ret->fds_borrowed = false; /* the caller's now */
+        reader_start_over(r);
+}
 
-        for (unsigned i = 0; i < VHU_MAX_FDS; i++)
-                r->msg.fds[i] = -1;
-        r->msg.n_fds = 0;
-        r->got = 0;
+/* Payload bytes received so far. */
+static size_t reader_payload_got(const struct vhu_reader *r) {
+        return r->got > VHU_HEADER_SIZE ? r->got - VHU_HEADER_SIZE : 0;
+}
+
+/* The call returns with a payload half-read: keep its bytes until the next
+ * call, which may assemble into another *ret. */
+static int reader_stash(struct vhu_reader *r, const struct vhu_msg *ret) {
+        size_t n = reader_payload_got(r);
+
+        if (n == 0)
+                return 0;
+        r->partial = malloc(n);
+        if (!r->partial)
+                return -ENOMEM;
+        memcpy(r->partial, ret->payload.raw, n);
+        return 0;
 }
 
 int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, uint32_t min_payload) {
@@ -66,6 +106,11 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
 
         if (min_payload > VHU_MAX_PAYLOAD)
                 min_payload = VHU_MAX_PAYLOAD;
+        if (r->partial) {
+                memcpy(ret->payload.raw, r->partial, reader_payload_got(r));
+                free(r->partial);
+                r->partial = NULL;
+        }
         for (;;) {
                 struct vhu_scm_received fds;
                 struct iovec iov[2];
@@ -73,37 +118,43 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
                 ssize_t n;
 
                 if (r->got < VHU_HEADER_SIZE) {
-                        iov[0].iov_base = (uint8_t *) &r->msg.hdr + r->got;
+                        iov[0].iov_base = (uint8_t *) &r->hdr + r->got;
                         iov[0].iov_len = VHU_HEADER_SIZE - r->got;
                         /* a payload at least this long follows: take it in the
                          * same call without reaching into the next message */
                         if (min_payload > 0) {
-                                iov[1].iov_base = r->msg.payload.raw;
+                                iov[1].iov_base = ret->payload.raw;
                                 iov[1].iov_len = min_payload;
                                 iovlen = 2;
                         }
                 } else {
-                        size_t payload_got = r->got - VHU_HEADER_SIZE;
+                        size_t payload_got = reader_payload_got(r);
 
-                        if (payload_got == r->msg.hdr.size) {
+                        if (payload_got == r->hdr.size) {
                                 reader_complete(r, ret);
                                 return 1;
                         }
-                        iov[0].iov_base = r->msg.payload.raw + payload_got;
-                        iov[0].iov_len = r->msg.hdr.size - payload_got;
+                        iov[0].iov_base = ret->payload.raw + payload_got;
+                        iov[0].iov_len = r->hdr.size - payload_got;
                 }
 
                 /* spec: fds ride on a message's first byte, at most 8; any
                  * other fd is a protocol error (and closed by the helper) */
-                n = vhu_scm_recv(sockfd, iov, iovlen, VHU_MAX_FDS, r->msg.fds + r->msg.n_fds,
-                                 got_before == 0 ? VHU_MAX_FDS - r->msg.n_fds : 0, &fds);
-                if (n == -EAGAIN)
+                n = vhu_scm_recv(sockfd, iov, iovlen, VHU_MAX_FDS, r->fds + r->n_fds,
+                                 got_before == 0 ? VHU_MAX_FDS - r->n_fds : 0, &fds);
+                if (n == -EAGAIN) {
+                        err = reader_stash(r, ret);
+                        if (err < 0)
+                                goto fail;
                         return -EAGAIN;
+                }
                 if (n < 0) {
                         err = (int) n;
                         goto fail;
                 }
-                r->msg.n_fds += fds.n_fds;
+                r->n_fds += fds.n_fds;
+                if (fds.n_fds > 0)
+                        hook_call(&r->hook);
                 if (fds.n_closed > 0 || fds.truncated) {
                         err = -EPROTO;
                         goto fail;
@@ -118,9 +169,9 @@ int vhu_reader_read_hint(struct vhu_reader *r, int sockfd, struct vhu_msg *ret, 
 
                 r->got += (size_t) n;
                 if (got_before < VHU_HEADER_SIZE && r->got >= VHU_HEADER_SIZE &&
-                    (r->msg.hdr.size > VHU_MAX_PAYLOAD ||
+                    (r->hdr.size > VHU_MAX_PAYLOAD ||
                      /* shorter than the caller promised: the read went past it */
-                     r->got - VHU_HEADER_SIZE > r->msg.hdr.size)) {
+                     r->got - VHU_HEADER_SIZE > r->hdr.size)) {
                         err = -EPROTO;
                         goto fail;
                 }
@@ -140,6 +191,11 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->n_items = 0;
         w->n_bytes = 0;
         w->n_fds = 0;
+        w->hook = (struct vhu_fds_hook){ 0 };
+}
+
+void vhu_writer_set_fds_hook(struct vhu_writer *w, void (*changed)(void *userdata), void *userdata) {
+        w->hook = (struct vhu_fds_hook){ .changed = changed, .userdata = userdata };
 }
 
 void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
@@ -167,13 +223,18 @@ static void writer_pop(struct vhu_writer *w) {
         w->n_items--;
         w->n_bytes -= item->len - item->off;
         w->n_fds -= item->n_fds;
+        if (item->n_fds > 0)
+                hook_call(&w->hook);
         writer_item_free(item);
 }
 
 void vhu_writer_clear(struct vhu_writer *w) {
+        struct vhu_fds_hook hook = w->hook;
+
         while (w->head)
                 writer_pop(w);
         vhu_writer_init(w);
+        w->hook = hook;
 }
 
 bool vhu_writer_pending(const struct vhu_writer *w) {
@@ -219,6 +280,8 @@ static void writer_link(struct vhu_writer *w, struct vhu_writer_item *item) {
         w->n_items++;
         w->n_bytes += item->len;
         w->n_fds += item->n_fds;
+        if (item->n_fds > 0)
+                hook_call(&w->hook);
 }
 
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
@@ -340,6 +403,7 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                         vhu_close_many(item->fds, item->n_fds);
                         w->n_fds -= item->n_fds;
                         item->n_fds = 0;
+                        hook_call(&w->hook);
                 }
                 item->off += (size_t) n;
                 w->n_bytes -= (size_t) n;

@@ -22,12 +22,35 @@
 
 #include "vhu-message.h"
 
-struct vhu_reader {
-        struct vhu_msg msg;  /* the message being assembled; owns its fds */
-        size_t got;          /* bytes of header+payload received so far */
+/*
+ * A message is assembled in the caller's *ret: the reader itself keeps the
+ * header, the fds and -- only while a payload is half-read between two
+ * calls -- the payload bytes so far, so that an idle reader is small (one
+ * per back-end connection and channel).
+ */
+/*
+ * An owner that counts the fds its reader or writer holds (a daemon's fd
+ * budget) is told each time that number changed, from inside the reader's
+ * and writer's own calls: the hook may only take note (it must not call
+ * into the reader or writer).
+ */
+struct vhu_fds_hook {
+        void (*changed)(void *userdata);
+        void *userdata;
 };
 
+struct vhu_reader {
+        struct vhu_header hdr;      /* of the message being assembled */
+        int fds[VHU_MAX_FDS];       /* its fds (owned) */
+        unsigned n_fds;
+        uint8_t *partial;           /* payload bytes read so far, while a call left it half-read */
+        size_t got;                 /* bytes of header+payload received so far */
+        struct vhu_fds_hook hook;   /* kept across resets */
+};
+
+/* No hook; vhu_reader_set_fds_hook() after init. */
 void vhu_reader_init(struct vhu_reader *r);
+void vhu_reader_set_fds_hook(struct vhu_reader *r, void (*changed)(void *userdata), void *userdata);
 /* Close any partial message's fds and start over. */
 void vhu_reader_reset(struct vhu_reader *r);
 /* For an owner's inventory of its fds: fn(fd, what, userdata) with what
@@ -39,8 +62,11 @@ void vhu_reader_foreach_fd(const struct vhu_reader *r, vhu_fd_fn fn, void *userd
 /*
  * Read from sockfd without blocking.  Returns:
  *   1        a whole message was moved into *ret (caller owns its fds; *ret
- *            must have been vhu_msg_init()ed or cleared);
+ *            must have been vhu_msg_init()ed or cleared; its payload is the
+ *            reader's scratch space during any call, whatever it returns);
  *   -EAGAIN  nothing more to read now;
+ *   -ENOMEM  no memory to keep a half-read payload until the next call
+ *            (the message is dropped);
  *   0        orderly EOF between messages;
  *   -ECONNRESET  EOF inside a message;
  *   -EPROTO  protocol violation (see above);
@@ -64,9 +90,11 @@ struct vhu_writer {
         size_t n_items;
         size_t n_bytes;       /* bytes still to send */
         unsigned n_fds;       /* dup'd fds held until their message's first byte is sent */
+        struct vhu_fds_hook hook;  /* told when n_fds changed; kept across clears */
 };
 
 void vhu_writer_init(struct vhu_writer *w);
+void vhu_writer_set_fds_hook(struct vhu_writer *w, void (*changed)(void *userdata), void *userdata);
 /* Drop everything queued, closing the dup'd fds. */
 void vhu_writer_clear(struct vhu_writer *w);
 bool vhu_writer_pending(const struct vhu_writer *w);

@@ -1389,6 +1389,31 @@ static void test_out_chunks(void) {
         close(fd);      /* made before the fixture counted its fds */
 }
 
+/* A line is written from the loop, after the callback that sent it has
+ * returned (an answer follows what its request did), and its small
+ * allocation goes once it is sent. */
+static void test_send_deferred(void) {
+        struct fixture f;
+        json_t *msg = json_pack("{s:s, s:i, s:s}", "jsonrpc", "2.0", "id", 5, "result", "later");
+        json_t *m;
+
+        CHECK(msg);
+        fx_init_ops(&f, NULL, &ext_ops);
+        CHECK(rpc_conn_send(f.conn, msg, NULL, 0) == 0);
+        CHECK(rpc_conn_send(f.conn, msg, NULL, 0) == 0);
+        CHECK(peer_recv_some(&f, 1) == -EAGAIN);        /* nothing written from inside the call */
+        CHECK(rpc_conn_queued_bytes(f.conn) > 0);
+        pump(&f);
+        CHECK(rpc_conn_queued_bytes(f.conn) == 0 && f.n_drained >= 1);
+        for (int i = 0; i < 2; i++) {
+                m = peer_read_msg(&f);
+                CHECK(json_integer_value(json_object_get(m, "id")) == 5);
+                json_decref(m);
+        }
+        json_decref(msg);
+        fx_fini(&f);
+}
+
 static const struct {
         const char *name;
         void (*run)(void);
@@ -1396,6 +1421,7 @@ static const struct {
         { "half-close", test_half_close },
         { "admit-fds", test_admit_fds },
         { "out-chunks", test_out_chunks },
+        { "send-deferred", test_send_deferred },
         { "split", test_split },
         { "many", test_many },
         { "fds-in", test_fds_in },

@@ -193,16 +193,19 @@ static void test_out(void) {
         CHECK_EQ(vhub_frame_out_queue(&o, NULL, 0, &(int){ -1 }, 1, NULL), -EBADF);
         vhub_frame_out_done(&o);
 
-        /* coalesced: small lines share a chunk, which cannot give one back */
+        /* coalesced: a line queued alone has an allocation of its size;
+         * small lines behind it share a chunk, which cannot give one back */
         vhub_frame_out_init(&o, true);
         queue_json(&o, "[1]", NULL, 0, &s1);
-        queue_json(&o, "[2]", NULL, 0, &s2);
         CHECK(o.head == o.tail);
-        CHECK_EQ(vhub_frame_out_drop(&o, s2), -EBUSY);
+        queue_json(&o, "[2]", NULL, 0, &s2);
+        CHECK(o.head != o.tail);
+        queue_json(&o, "[3]", NULL, 0, &s3);
+        CHECK_EQ(vhub_frame_out_drop(&o, s3), -EBUSY); /* shares [2]'s chunk */
         CHECK_EQ(vhub_frame_out_flush(&o, sv[0]), 0);
-        CHECK_EQ(o.sent_seq, s2);
+        CHECK_EQ(o.sent_seq, s3);
         read_all(sv[1], buf, sizeof(buf), NULL);
-        CHECK(strcmp(buf, "[1]\n[2]\n") == 0);
+        CHECK(strcmp(buf, "[1]\n[2]\n[3]\n") == 0);
 
         /* a peer gone: -EPIPE, never SIGPIPE */
         close(sv[1]);

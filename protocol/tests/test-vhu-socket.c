@@ -170,6 +170,22 @@ static void test_back_to_back_fds(void) {
 }
 
 /* A message written one byte at a time reassembles, fd included. */
+/* An owner's count of the fds a reader or writer holds, kept by its hook
+ * alone: after every call it must equal the real number (no change went
+ * unreported). */
+struct fds_watch {
+        const unsigned *n_fds;
+        unsigned seen;
+        unsigned calls;
+};
+
+static void fds_watch_hook(void *userdata) {
+        struct fds_watch *w = userdata;
+
+        w->seen = *w->n_fds;
+        w->calls++;
+}
+
 static void test_partial_reads(void) {
         uint8_t wire[VHU_HEADER_SIZE + 64];
         struct vhu_vring_addr addr = { .index = 1, .desc = 0x1000, .used = 0x2000, .avail = 0x3000 };
@@ -178,11 +194,14 @@ static void test_partial_reads(void) {
         int sv[2], fd;
         size_t len;
         int before = count_open_fds();
+        struct fds_watch watch = { 0 };
 
         test_set_context("partial reads");
         CHECK_EQ(make_pair(sv), 0);
         fd = make_memfd();
         vhu_reader_init(&reader);
+        watch.n_fds = &reader.n_fds;
+        vhu_reader_set_fds_hook(&reader, fds_watch_hook, &watch);
         vhu_msg_init(&got);
         vhu_msg_init(&m);
 
@@ -205,12 +224,25 @@ static void test_partial_reads(void) {
         len = vhu_msg_encode(&m, wire, sizeof(wire));
         for (size_t i = 0; i < len; i++) {
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+                CHECK_EQ(watch.seen, reader.n_fds);
                 CHECK_EQ(send_raw(sv[0], wire + i, 1, &fd, i == 0 ? 1 : 0), 1);
         }
+        CHECK_EQ(watch.calls, 1);       /* the fd arrived with the first byte */
+        CHECK_EQ(watch.seen, 1);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), 1);
+        CHECK_EQ(watch.seen, 0);        /* handed over with the message */
+        CHECK_EQ(watch.calls, 2);
         CHECK_EQ(got.payload.u64, 2);
         CHECK(got.n_fds == 1 && same_file(got.fds[0], fd));
         vhu_msg_clear(&got);
+
+        /* A reset with an fd held: closed, and reported. */
+        CHECK_EQ(send_raw(sv[0], wire, 1, &fd, 1), 1);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK_EQ(watch.seen, 1);
+        vhu_reader_reset(&reader);
+        CHECK_EQ(watch.seen, 0);
+        CHECK_EQ(watch.calls, 4);
 
         /* Header and payload split unevenly, two messages in one write. */
         {
@@ -252,11 +284,14 @@ static void test_partial_writes(void) {
         unsigned received = 0, eagains = 0, mid_message = 0, mid_message_with_fd = 0;
         size_t suffix_bytes[N_MSGS + 1];
         int before = count_open_fds();
+        struct fds_watch watch = { 0 };
 
         test_set_context("partial writes");
         CHECK_EQ(make_pair(sv), 0);
         CHECK_EQ(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
         vhu_writer_init(&writer);
+        watch.n_fds = &writer.n_fds;
+        vhu_writer_set_fds_hook(&writer, fds_watch_hook, &watch);
         vhu_reader_init(&reader);
         vhu_msg_init(&m);
         vhu_msg_init(&got);
@@ -279,6 +314,7 @@ static void test_partial_writes(void) {
                         CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
                 }
                 CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
+                CHECK_EQ(watch.seen, writer.n_fds);
         }
         vhu_msg_forget_fds(&m);
         CHECK_EQ(writer.n_items, N_MSGS);
@@ -305,6 +341,7 @@ static void test_partial_writes(void) {
                 }
                 /* a message whose first byte went out holds no dups any more */
                 CHECK(writer.n_fds <= writer.n_items && writer.n_fds + 1 >= writer.n_items);
+                CHECK_EQ(watch.seen, writer.n_fds);
                 for (;;) {
                         r = vhu_reader_read(&reader, sv[1], &got);
                         if (r != 1)
@@ -343,9 +380,18 @@ static void test_partial_writes(void) {
         }
         vhu_msg_forget_fds(&m);
         CHECK_EQ(writer.n_fds, N_MSGS / 2);
+        CHECK_EQ(watch.seen, N_MSGS / 2);
         vhu_writer_clear(&writer);
         CHECK(!vhu_writer_pending(&writer));
         CHECK_EQ(writer.n_fds, 0);
+        CHECK_EQ(watch.seen, 0);
+        /* the hook stays across a clear */
+        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, 1, fds[1]), 0);
+        CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
+        vhu_msg_forget_fds(&m);
+        CHECK_EQ(watch.seen, 1);
+        vhu_writer_clear(&writer);
+        CHECK_EQ(watch.seen, 0);
 
         for (unsigned i = 0; i < N_MSGS; i++)
                 if (fds[i] >= 0)
@@ -397,7 +443,7 @@ static void test_ctrunc(void) {
                 vhu_msg_init(&got);
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EPROTO);
                 CHECK_EQ(got.n_fds, 0);     /* untouched */
-                CHECK_EQ(reader.msg.n_fds, 0);
+                CHECK_EQ(reader.n_fds, 0);
         }
         /* Exactly VHU_MAX_FDS is fine (even though SET_OWNER takes none: the
          * reader moves bytes and fds, the validator judges them). */
@@ -458,10 +504,10 @@ static void test_fds_not_on_first_byte(void) {
         vhu_reader_init(&reader);
         CHECK_EQ(send_raw(sv[0], wire, 4, &fd, 1), 4);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
-        CHECK_EQ(reader.msg.n_fds, 1);
+        CHECK_EQ(reader.n_fds, 1);
         CHECK_EQ(send_raw(sv[0], wire + 4, sizeof(wire) - 4, &fd, 1), (ssize_t) sizeof(wire) - 4);
         CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EPROTO);
-        CHECK_EQ(reader.msg.n_fds, 0);
+        CHECK_EQ(reader.n_fds, 0);
 
         vhu_msg_forget_fds(&m);
         close(fd);
@@ -503,7 +549,7 @@ static void test_eof_and_limits(void) {
                 CHECK_EQ(send_raw(sv[0], wire, cut, &fd, 1), (ssize_t) cut);
                 close(sv[0]);
                 CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -ECONNRESET);
-                CHECK_EQ(reader.msg.n_fds, 0);
+                CHECK_EQ(reader.n_fds, 0);
                 CHECK_EQ(reader.got, 0);
                 close(sv[1]);
         }
@@ -683,9 +729,70 @@ static void test_reader_hint(void) {
         CHECK_EQ(count_open_fds(), before);
 }
 
+/* A payload half-read when a call returns is kept by the reader until the
+ * next call, which may assemble into another message (the daemon reads
+ * into a fresh one on its stack each time); an idle reader keeps nothing. */
+static void test_partial_payload_across_calls(void) {
+        uint8_t wire[VHU_HEADER_SIZE + VHU_MAX_CONFIG_SIZE + 16];
+        uint8_t data[200];
+        struct vhu_reader reader;
+        struct vhu_msg m, got;
+        int sv[2], fd;
+        size_t len, off = 0;
+        int before = count_open_fds();
+
+        test_set_context("partial payload across calls");
+        CHECK_EQ(make_pair(sv), 0);
+        fd = make_memfd();
+        vhu_reader_init(&reader);
+        vhu_msg_init(&m);
+        for (unsigned i = 0; i < sizeof(data); i++)
+                data[i] = (uint8_t)(i * 7 + 1);
+        CHECK_EQ(vhu_msg_build_config(&m, VHU_REQ_SET_CONFIG, false, 0, sizeof(data), 0, data), 0);
+        m.fds[0] = fd;
+        m.n_fds = 1;
+        len = vhu_msg_encode(&m, wire, sizeof(wire));
+        CHECK(len > VHU_HEADER_SIZE + 200);
+        /* pieces of 37 bytes, each call with a message full of other bytes */
+        while (off < len) {
+                size_t k = len - off < 37 ? len - off : 37;
+
+                CHECK_EQ(send_raw(sv[0], wire + off, k, &fd, off == 0 ? 1 : 0), (ssize_t)k);
+                off += k;
+                vhu_msg_init(&got);
+                memset(got.payload.raw, 0xa5, sizeof(got.payload.raw));
+                if (off < len) {
+                        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+                        CHECK(off <= VHU_HEADER_SIZE || reader.partial != NULL);
+                }
+        }
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), 1);
+        CHECK(memcmp(&got.hdr, &m.hdr, sizeof(m.hdr)) == 0);
+        CHECK(memcmp(got.payload.raw, m.payload.raw, m.hdr.size) == 0);
+        CHECK(got.n_fds == 1 && same_file(got.fds[0], fd));
+        CHECK(reader.partial == NULL);
+        vhu_msg_clear(&got);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK(reader.partial == NULL);
+
+        /* dropped while half-read: its fd closed, its bytes freed */
+        CHECK_EQ(send_raw(sv[0], wire, VHU_HEADER_SIZE + 50, &fd, 1), VHU_HEADER_SIZE + 50);
+        CHECK_EQ(vhu_reader_read(&reader, sv[1], &got), -EAGAIN);
+        CHECK(reader.partial != NULL && reader.n_fds == 1);
+        vhu_reader_reset(&reader);
+        CHECK(reader.partial == NULL && reader.n_fds == 0);
+
+        vhu_msg_forget_fds(&m);
+        close(fd);
+        close(sv[0]);
+        close(sv[1]);
+        CHECK_EQ(count_open_fds(), before);
+}
+
 int main(void) {
         test_back_to_back_fds();
         test_partial_reads();
+        test_partial_payload_across_calls();
         test_partial_writes();
         test_writer_send();
         test_reader_hint();

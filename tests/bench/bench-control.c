@@ -39,100 +39,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench-proc.h"
 #include "vhub-client.h"
 
 #define REGION_SIZE (2u << 20)
 
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
 static pid_t daemon_pid = -1, qsd_pid = -1;
-static char workdir[64];
-
-static void cleanup(void) {
-        char cmd[128];
-
-        if (daemon_pid > 0) {
-                kill(daemon_pid, SIGTERM);
-                waitpid(daemon_pid, NULL, 0);
-                daemon_pid = -1;
-        }
-        if (qsd_pid > 0) {
-                kill(qsd_pid, SIGTERM);
-                waitpid(qsd_pid, NULL, 0);
-                qsd_pid = -1;
-        }
-        if (workdir[0]) {
-                snprintf(cmd, sizeof(cmd), "rm -rf '%s'", workdir);
-                if (system(cmd) != 0)
-                        fprintf(stderr, "bench-control: could not remove %s\n", workdir);
-                workdir[0] = '\0';
-        }
-}
-
-static void die(const char *fmt, ...) {
-        va_list ap;
-
-        va_start(ap, fmt);
-        fprintf(stderr, "bench-control: ");
-        vfprintf(stderr, fmt, ap);
-        fprintf(stderr, "\n");
-        va_end(ap);
-        cleanup();
-        exit(1);
-}
-
-static uint64_t now_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static pid_t spawn(char *const argv[], const char *log_path) {
-        pid_t pid = fork();
-
-        if (pid < 0)
-                die("fork: %s", strerror(errno));
-        if (pid == 0) {
-                int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-
-                prctl(PR_SET_PDEATHSIG, SIGKILL);
-                if (fd >= 0) {
-                        dup2(fd, 1);
-                        dup2(fd, 2);
-                }
-                execv(argv[0], argv);
-                _exit(127);
-        }
-        return pid;
-}
-
-static bool socket_listening(const char *path) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        bool ok;
-
-        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-        ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-        if (fd >= 0)
-                close(fd);
-        return ok;
-}
-
-/* qsd serves one front-end per export: wait for the file, never probe-connect */
-static void wait_for_path(const char *path, pid_t pid, const char *what) {
-        for (int i = 0; i < 1000; i++) {
-                struct stat st;
-
-                if (stat(path, &st) == 0 && S_ISSOCK(st.st_mode) &&
-                    (strstr(what, "qemu") ? true : socket_listening(path)))
-                        return;
-                if (waitpid(pid, NULL, WNOHANG) == pid)
-                        die("%s exited before listening on %s", what, path);
-                usleep(10000);
-        }
-        die("%s did not listen on %s within 10 s", what, path);
-}
 
 /* ---- measurements ---- */
 
@@ -167,29 +79,29 @@ static void call_ok(struct worker *w, const char *method, json_t *params, const 
         int r = vhub_client_call(w->c, method, params, fds, n, 30000, &res, NULL, NULL, &err);
 
         if (r < 0)
-                die("client %u: %s failed: %s%s%s (%d %s)", w->index, method, strerror(-r),
+                bench_die("client %u: %s failed: %s%s%s (%d %s)", w->index, method, strerror(-r),
                     r == -EREMOTEIO ? ": " : "", r == -EREMOTEIO ? err.detail : "", err.code,
                     err.message);
         json_decref(res);
 }
 
 static void one_op(struct worker *w, bool timed) {
-        uint64_t t0 = now_ns(), t1;
+        uint64_t t0 = bench_now_ns(), t1;
 
         if (w->sc == SC_INFO) {
                 call_ok(w, "daemon.info", NULL, NULL, 0);
                 if (timed)
-                        w->lat[w->n_lat++] = now_ns() - t0;
+                        w->lat[w->n_lat++] = bench_now_ns() - t0;
                 return;
         }
         call_ok(w, "vm.memory.add",
                 json_pack("{s:s, s:i, s:i, s:i}", "vm", w->vm, "gpa", 0x100000, "size", REGION_SIZE, "fd", 0),
                 &w->memfd, 1);
-        t1 = now_ns();
+        t1 = bench_now_ns();
         call_ok(w, "vm.memory.remove", json_pack("{s:s, s:i}", "vm", w->vm, "gpa", 0x100000), NULL, 0);
         if (timed) {
                 w->lat[w->n_lat++] = t1 - t0;
-                w->lat[w->n_lat++] = now_ns() - t1;
+                w->lat[w->n_lat++] = bench_now_ns() - t1;
         }
 }
 
@@ -200,10 +112,10 @@ static void *worker_main(void *p) {
         for (unsigned i = 0; i < w->warmup; i++)
                 one_op(w, false);
         pthread_barrier_wait(w->barrier);
-        w->t_start = now_ns();
+        w->t_start = bench_now_ns();
         for (unsigned i = 0; i < ops; i++)
                 one_op(w, true);
-        w->t_end = now_ns();
+        w->t_end = bench_now_ns();
         return NULL;
 }
 
@@ -228,7 +140,7 @@ static struct result run(enum scenario sc, unsigned clients, unsigned calls_per_
         struct result res;
 
         if (!w)
-                die("out of memory");
+                bench_die("out of memory");
         pthread_barrier_init(&barrier, NULL, clients);
         for (unsigned i = 0; i < clients; i++) {
                 int r;
@@ -242,16 +154,16 @@ static struct result run(enum scenario sc, unsigned clients, unsigned calls_per_
                 w[i].memfd = -1;
                 w[i].lat = calloc(calls_per_client + 2, sizeof(uint64_t));
                 if (!w[i].lat)
-                        die("out of memory");
+                        bench_die("out of memory");
                 snprintf(w[i].vm, sizeof(w[i].vm), "bench%u", i);
                 snprintf(w[i].socket, sizeof(w[i].socket), "%s/q%u.sock", backend_dir, i);
                 r = vhub_client_connect(control, &w[i].c);
                 if (r < 0)
-                        die("connect %s: %s", control, strerror(-r));
+                        bench_die("connect %s: %s", control, strerror(-r));
                 if (sc != SC_INFO) {
                         w[i].memfd = memfd_create("bench", MFD_CLOEXEC);
                         if (w[i].memfd < 0 || ftruncate(w[i].memfd, REGION_SIZE) < 0)
-                                die("memfd: %s", strerror(errno));
+                                bench_die("memfd: %s", strerror(errno));
                         call_ok(&w[i], "vm.create", json_pack("{s:s}", "vm", w[i].vm), NULL, 0);
                         if (sc == SC_MEM_DEVICE)
                                 call_ok(&w[i], "device.add",
@@ -262,13 +174,13 @@ static struct result run(enum scenario sc, unsigned clients, unsigned calls_per_
         }
         for (unsigned i = 0; i < clients; i++)
                 if (pthread_create(&w[i].thread, NULL, worker_main, &w[i]) != 0)
-                        die("pthread_create failed");
+                        bench_die("pthread_create failed");
         for (unsigned i = 0; i < clients; i++)
                 pthread_join(w[i].thread, NULL);
 
         all = calloc((size_t)clients * (calls_per_client + 2), sizeof(uint64_t));
         if (!all)
-                die("out of memory");
+                bench_die("out of memory");
         for (unsigned i = 0; i < clients; i++) {
                 memcpy(all + n, w[i].lat, w[i].n_lat * sizeof(uint64_t));
                 n += w[i].n_lat;
@@ -306,11 +218,11 @@ int main(int argc, char **argv) {
         };
         const char *vhubd, *qsd = "/usr/bin/qemu-storage-daemon", *build_type = "unknown";
         unsigned calls = 20000, many = 64;
-        char control[128], bdir[128], logp[160], qsock[160], qlog[160], cpu[128] = "unknown";
-        struct utsname un;
-        FILE *f;
+        char control[128], bdir[128], logp[160], qsock[160], qlog[160];
+        struct bench_machine m;
         int o;
 
+        bench_init("bench-control");
         while ((o = getopt_long(argc, argv, "", opts, NULL)) >= 0) {
                 switch (o) {
                 case 'n':
@@ -339,51 +251,26 @@ int main(int argc, char **argv) {
         vhubd = argv[optind];
         signal(SIGPIPE, SIG_IGN);
 
-        snprintf(workdir, sizeof(workdir), "/tmp/vhub-bench-XXXXXX");
-        if (!mkdtemp(workdir))
-                die("mkdtemp: %s", strerror(errno));
-        snprintf(control, sizeof(control), "%s/control.sock", workdir);
-        snprintf(bdir, sizeof(bdir), "%s/backends", workdir);
-        snprintf(logp, sizeof(logp), "%s/vhubd.log", workdir);
+        bench_workdir_make();
+        snprintf(control, sizeof(control), "%s/control.sock", bench_workdir);
+        snprintf(bdir, sizeof(bdir), "%s/backends", bench_workdir);
+        snprintf(logp, sizeof(logp), "%s/vhubd.log", bench_workdir);
         if (mkdir(bdir, 0755) < 0)
-                die("mkdir: %s", strerror(errno));
+                bench_die("mkdir: %s", strerror(errno));
         {
                 char *const dargv[] = { (char *)vhubd, "--control", control, "--backend-dir", bdir,
                                         "--log-level", "warning", "--max-vms-per-uid", "1024",
                                         "--max-connections", "1024", NULL };
 
-                daemon_pid = spawn(dargv, logp);
+                daemon_pid = bench_spawn(dargv, logp);
         }
-        wait_for_path(control, daemon_pid, "vhubd");
+        bench_wait_for_socket(control, daemon_pid, "vhubd", true);
 
-        uname(&un);
-        f = fopen("/proc/cpuinfo", "r");
-        if (f) {
-                char line[256];
-
-                while (fgets(line, sizeof(line), f))
-                        if (strncmp(line, "model name", 10) == 0) {
-                                char *p = strchr(line, ':');
-
-                                if (p) {
-                                        snprintf(cpu, sizeof(cpu), "%s", p + 2);
-                                        cpu[strcspn(cpu, "\n")] = '\0';
-                                }
-                                break;
-                        }
-                fclose(f);
-        }
+        bench_machine(&m);
         printf("# vhubd control-call benchmark\n");
-        f = fopen("/proc/loadavg", "r");
-        if (f) {
-                char la[64] = "";
-
-                if (fgets(la, sizeof(la), f))
-                        printf("# load average before the run: %s", la);
-                fclose(f);
-        }
-        printf("# machine: %s, %ld CPUs, %s %s; vhubd build type: %s\n", cpu,
-               sysconf(_SC_NPROCESSORS_ONLN), un.sysname, un.release, build_type);
+        printf("# load average before the run: %s\n", m.load);
+        printf("# machine: %s, %ld CPUs, %s %s; vhubd build type: %s\n", m.cpu, m.n_cpus, m.un.sysname,
+               m.un.release, build_type);
         printf("# every call timed separately, after a warm-up; \"calls\": timed calls in all; "
                "calls/s: all clients together over wall time\n");
         printf("%-45s %7s %8s %10s %10s %10s %12s\n", "scenario", "clients", "calls", "median_us",
@@ -403,7 +290,7 @@ int main(int argc, char **argv) {
                         }
                         qargv = calloc(2 + 4 * (size_t)nexp, sizeof(char *));
                         if (!qargv)
-                                die("out of memory");
+                                bench_die("out of memory");
                         qargv[k++] = (char *)qsd;
                         for (unsigned i = 0; i < nexp; i++) {
                                 char *a, *b;
@@ -413,16 +300,16 @@ int main(int argc, char **argv) {
                                              "type=vhost-user-blk,id=e%u,node-name=n%u,addr.type=unix,"
                                              "addr.path=%s/q%u.sock,writable=on,num-queues=1",
                                              i, i, bdir, i) < 0)
-                                        die("out of memory");
+                                        bench_die("out of memory");
                                 qargv[k++] = "--blockdev";
                                 qargv[k++] = a;
                                 qargv[k++] = "--export";
                                 qargv[k++] = b;
                         }
-                        snprintf(qlog, sizeof(qlog), "%s/qsd.log", workdir);
-                        qsd_pid = spawn(qargv, qlog);
+                        snprintf(qlog, sizeof(qlog), "%s/qsd.log", bench_workdir);
+                        qsd_pid = bench_spawn(qargv, qlog);
                         snprintf(qsock, sizeof(qsock), "%s/q%u.sock", bdir, nexp - 1);
-                        wait_for_path(qsock, qsd_pid, "qemu-storage-daemon");
+                        bench_wait_for_socket(qsock, qsd_pid, "qemu-storage-daemon", false);
                 }
                 for (int k = 0; k < 2; k++) {
                         unsigned per = k == 0 ? calls : calls / many * 4;
@@ -436,6 +323,6 @@ int main(int argc, char **argv) {
                         fflush(stdout);
                 }
         }
-        cleanup();
+        bench_cleanup();
         return 0;
 }

@@ -5,7 +5,8 @@ plays systemd's part.
     test_systemd.py notify     NOTIFY_SOCKET + watchdog: READY=1 only once the
                                control socket accepts (and sent by the main pid,
                                as NotifyAccess=main wants), STATUS= follows the
-                               VM/device counts, WATCHDOG=1 at half of
+                               VM/device counts (once per change: a device's
+                               state changes send none), WATCHDOG=1 at half of
                                WATCHDOG_USEC, none for another WATCHDOG_PID,
                                STOPPING=1 on SIGTERM, exit 0
     test_systemd.py activate   socket activation through Debian's
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import procs                                          # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.daemon import vhubd_path                              # noqa: E402
+from vhubtest.testbackend import TestBackend                        # noqa: E402
 from vhubtest.sdnotify import NotifyListener, spawn_vhubd, start_watched  # noqa: E402
 from vhubtest.sdnotify import service_env as base_env              # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
@@ -81,8 +83,17 @@ def scenario_notify(t):
     c.call("vm.create", {"vm": "vm0"})
     m = n.wait_for("STATUS", value="1 VMs, 0 devices")
     check(m[1] == p.pid, "STATUS after vm.create: 1 VMs, 0 devices")
+    # a device: its state changes (connecting, ready) leave the counts as
+    # they are, so they send no STATUS of their own
+    t.enter(TestBackend([os.path.join(d, "backends", "b0.sock")], log_dir=d))
+    seen = len(n.messages)
+    c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": os.path.join(d, "backends", "b0.sock")})
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
     c.call("vm.destroy", {"vm": "vm0"})
     n.wait_for("STATUS", value="0 VMs, 0 devices")
+    statuses = [f["STATUS"] for _, _, f in n.messages[seen:] if "STATUS" in f]
+    check_eq(statuses, ["1 VMs, 1 devices", "1 VMs, 0 devices", "0 VMs, 0 devices"],
+             "STATUS once per change of the counts (device.add, device.remove, vm.destroy)")
     log("ok: STATUS back to 0 VMs after vm.destroy")
 
     # WATCHDOG=1 at about WATCHDOG_USEC/2 from the event loop

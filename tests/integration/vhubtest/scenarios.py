@@ -9,12 +9,26 @@ import os
 import stat
 
 from . import blk, fs, net
+from .client import u64_json
 from .testing import check, check_eq, log
 
 # Features the harness acks (each must be in the back-end's offer).
 BLK_FEATURES = ((1 << 32) | (1 << blk.VIRTIO_BLK_F_FLUSH) | (1 << blk.VIRTIO_BLK_F_MQ))
 NET_FEATURES = (1 << 32) | (1 << net.VIRTIO_NET_F_MQ)
 FS_FEATURES = 1 << 32
+
+
+def idle_blk_start(vm, device, slot, region_gpa, queues=2, size=128):
+    """device.start's params for a blk device whose rings nobody drives:
+    `queues` rings of `size` in the VM's region, 16 KiB each from region_gpa
+    on (slot picks the device's place), kick and call the call's fds 2i and
+    2i+1 -- for tests and benchmarks that need many started devices."""
+    vrings = []
+    for i in range(queues):
+        gpa = region_gpa + (slot * queues + i) * 0x4000
+        vrings.append({"index": i, "size": size, "desc": gpa, "avail": gpa + 0x800,
+                       "used": gpa + 0x1000, "kick": 2 * i, "call": 2 * i + 1})
+    return {"vm": vm, "device": device, "features": u64_json(BLK_FEATURES), "vrings": vrings}
 
 
 def make_image(path, size, seed=b"vhub"):
