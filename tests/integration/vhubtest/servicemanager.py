@@ -429,6 +429,13 @@ class ServiceManager:
 
     # ---- the store
 
+    def put(self, name, fd):
+        """Store a dup of fd under name, as if a process had pushed it with
+        FDPOLL=0 (a store carried from another run: an upgrade test)."""
+        with self.lock:
+            self.store.insert(0, StoredFd(name, _fcntl_dupfd(fd, 3), False))
+            self.lock.notify_all()
+
     def names(self):
         """Stored names in the order a start passes them (newest first)."""
         with self.lock:
