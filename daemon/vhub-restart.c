@@ -333,10 +333,12 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
         rs->deadline_usec = vhub_now_usec() + (uint64_t)v->ctx.config->backend_timeout_ms * 1000;
         if (v->control)
                 control_server_pause(v->control);
+        vhub_context_pause_channels(&v->ctx);
         rs->ev_poll = evtimer_new(v->ctx.base, poll_cb, v);
         if (!rs->ev_poll)
                 return -ENOMEM;
-        log_info("planned restart: reading no more requests; waiting for those in flight");
+        log_info("planned restart: reading no more requests (control connections, back-end channels); "
+                 "waiting for those in flight");
         return evtimer_add(rs->ev_poll, &tv) < 0 ? -ENOMEM : 0;
 }
 

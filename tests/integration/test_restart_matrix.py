@@ -37,6 +37,7 @@ the three back-ends together cost about 10 s.
 import mmap
 import os
 import re
+import signal
 import sys
 import time
 import uuid as uuidlib
@@ -47,7 +48,7 @@ from vhubtest import blk, fs, net, scenarios                    # noqa: E402
 from vhubtest.backends import TestpmdBackend, VirtiofsdBackend  # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
 from vhubtest.memory import GuestMemory                         # noqa: E402
-from vhubtest.testbackend import TestBackend                    # noqa: E402
+from vhubtest.testbackend import AsyncCommand, TestBackend      # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 from vhubtest.vmm import Vmm                                    # noqa: E402
 from test_restart import DEVICE_EVENTS, Managed, listing        # noqa: E402
@@ -350,7 +351,72 @@ def part_shared(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"testpmd": part_testpmd, "virtiofsd": part_virtiofsd, "shared": part_shared}
+def log_text(m):
+    with open(m.sm.log_path, errors="replace") as f:
+        return f.read()
+
+
+def part_channel(t):
+    """A back-end request sent while a planned restart is under way waits
+    in the channel's socket for the next process, which handles it: a
+    VRING_HOST_NOTIFIER_MSG (answered once the VMM replies) sent after the
+    old process stopped reading -- it holds the restart open with a
+    device.config.get whose GET_CONFIG the back-end S answers late -- is
+    forwarded by the new process after daemon.restarted, and the VMM's
+    device.backend_reply reaches the back-end: exactly one reply.  (Read by
+    the old process instead, the event would reach a VMM whose connection
+    is no longer read, and the request would be lost with the restart.)"""
+    d = t.tmpdir()
+    m = Managed(t, d, extra=["--backend-timeout-ms", "5000"])
+    X = t.enter(TestBackend([m.socket("X.sock")], log_dir=d))
+    S = t.enter(TestBackend([m.socket("S.sock")], log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    vmm = Vmm(c, "vm0")
+    vmm.create()
+    vmm.add_device("X", X.socket)
+    vmm.add_device("S", S.socket)
+    X.wait_connected()
+    vmm.config_get("S", 0, 4)
+    # a marker through the connection: what came before it is read
+    X.config_change()
+    c.wait_event(lambda e: e.get("event") == "device.config_changed", 5)
+    c.events()
+    for k in (1, 2):
+        replies0 = X.conn()["chan"]["replies"]
+        n = S.requests().get("GET_CONFIG", 0)
+        S.misbehave("GET_CONFIG", "delay", delay_ms=800, count=1)
+        slow = c.request("device.config.get", {"vm": "vm0", "device": "S", "offset": 0, "size": 4})
+        S.wait_request("GET_CONFIG", count=n + 1)
+        m.sm.send_signal(signal.SIGTERM)
+        mark = "planned restart: reading no more requests"
+        m.sm.wait_for(lambda: log_text(m).count(mark) >= k, 5, "the old vhubd to stop reading")
+        p = AsyncCommand(X, {"cmd": "host-notifier", "queue": 1, "size": 4096, "offset": 0})
+        check_eq(m.sm.wait_exit(10), 0, "round %d: the old vhubd exits 0" % k)
+        resp = slow.response(5)
+        check(resp.error is None, "round %d: the call in flight was answered before the exit" % k,
+              resp.error)
+        m.sm.start(m.argv)
+        m.sm.wait_ready()
+        ev = c.wait_event(None, 10)
+        check_eq((ev.get("event"), ev.get("restarts")), ("daemon.restarted", k),
+                 "round %d: daemon.restarted first: the request was not read by the old process" % k)
+        ev = c.wait_event(lambda e: e.get("event") == "device.backend_request", 10)
+        check_eq((ev.get("device"), ev.get("request")), ("X", "VRING_HOST_NOTIFIER_MSG"),
+                 "round %d: the new process forwards X's request" % k)
+        for fd in ev.get("_fds", []):
+            os.close(fd)
+        check(not p.done(), "round %d: X waits for the VMM's answer" % k)
+        c.call("device.backend_reply", {"vm": "vm0", "device": "X", "token": ev["token"], "result": 0})
+        a = p.result(5)
+        check(a.get("ok") and a.get("reply") == 0, "round %d: the VMM's reply reaches X" % k, a)
+        check_eq(X.conn()["chan"]["replies"], replies0 + 1, "round %d: exactly one reply" % k)
+    check_eq(c.call("daemon.info")["restarts"], 2, "daemon.info restarts")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+PARTS = {"testpmd": part_testpmd, "virtiofsd": part_virtiofsd, "shared": part_shared,
+         "channel": part_channel}
 
 
 def main(t):
