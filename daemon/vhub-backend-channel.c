@@ -347,7 +347,17 @@ void vhub_backend_channel_stop_reading(struct vhub_backend_channel *ch) {
 }
 
 bool vhub_backend_channel_busy(const struct vhub_backend_channel *ch) {
-        return ch->waiting || ch->writer.n_items > 0 || ch->reader.got > 0;
+        return ch->writer.n_items > 0 || ch->reader.got > 0;
+}
+
+bool vhub_backend_channel_deferred(const struct vhub_backend_channel *ch, unsigned *tag, uint64_t *token,
+                                   struct vhu_header *hdr) {
+        if (!ch->waiting)
+                return false;
+        *tag = ch->wait_tag;
+        *token = ch->wait_token;
+        *hdr = ch->wait_request.hdr;
+        return true;
 }
 
 int vhub_backend_channel_fd(const struct vhub_backend_channel *ch) {

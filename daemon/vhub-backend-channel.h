@@ -89,9 +89,12 @@ void vhub_backend_channel_drained(struct vhub_backend_channel *ch);
  * to its end and handled), for good -- what the back-end sends from now on
  * waits in the socket for the next process. */
 void vhub_backend_channel_stop_reading(struct vhub_backend_channel *ch);
-/* Whether the channel still has something to finish: a deferred answer, a
- * request partly read, answers not yet written. */
+/* Whether the channel still has something to finish: a request partly
+ * read, answers not yet written (a deferred answer: see below). */
 bool vhub_backend_channel_busy(const struct vhub_backend_channel *ch);
+/* The answer deferred, if one is: its tag, token and the request's header. */
+bool vhub_backend_channel_deferred(const struct vhub_backend_channel *ch, unsigned *tag, uint64_t *token,
+                                   struct vhu_header *hdr);
 /* The daemon's end of the socketpair (the channel keeps it). */
 int vhub_backend_channel_fd(const struct vhub_backend_channel *ch);
 /* Every fd ch holds: its socket (what NULL), a partial request's ("in"),

@@ -173,7 +173,7 @@ bool vhub_context_busy(const struct vhub_context *ctx) {
                 if (!TAILQ_EMPTY(&vm->mem_ops) || vm->log_batch || vm->postcopy_batch)
                         return true;
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->n_ops > 0 || (d->channel && vhub_backend_channel_busy(d->channel)))
+                        if (d->n_ops > 0 || vhub_device_channel_busy(d))
                                 return true;
         }
         return false;

@@ -69,9 +69,11 @@ enum {
         D_SHADOW,               /* region ids, u64 each */
         D_MEM_SYNCED,
         D_STATS,                /* nest: ST_* */
+        D_CHAN_WAIT,            /* nest: CW_*: a back-end request waiting for the VMM */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
+enum { CW_TOKEN = 1, CW_REQUEST, CW_FLAGS, CW_SIZE };
 
 enum {
         R_INDEX = 1,
@@ -238,6 +240,19 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_INFLIGHT_QUEUE_SIZE, d->inflight_queue_size);
         put_u64_array(w, D_SHADOW, d->shadow, d->n_shadow);
         vhub_snap_put_bool(w, D_MEM_SYNCED, d->mem_synced);
+        {
+                struct vhu_header hdr;
+                uint64_t token;
+
+                if (device_channel_owner_wait(d, &token, &hdr)) {
+                        vhub_snap_begin(w, D_CHAN_WAIT);
+                        vhub_snap_put_u64(w, CW_TOKEN, token);
+                        vhub_snap_put_u32(w, CW_REQUEST, hdr.request);
+                        vhub_snap_put_u32(w, CW_FLAGS, hdr.flags);
+                        vhub_snap_put_u32(w, CW_SIZE, hdr.size);
+                        vhub_snap_end(w);
+                }
+        }
         vhub_snap_begin(w, D_STATS);
         vhub_snap_put_u64(w, ST_REQUESTS, d->stats.requests);
         vhub_snap_put_u64(w, ST_REPLIES, d->stats.replies);
@@ -257,6 +272,35 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
 }
 
 /* ---- restore ---- */
+
+/* A back-end request that waited for the VMM's device.backend_reply when
+ * a planned restart began: the channel waits for it again (the VMM has the
+ * event and its token).  A malformed record: the request is not waited for
+ * (the back-end's own timeout applies), nothing else is refused for it. */
+static void read_chan_wait(struct vhub_device *d, const struct vhub_snap_rec *rec) {
+        uint32_t request = 0, flags = 0, size = 0;
+        struct vhu_header hdr;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        uint64_t token = 0;
+        int r = vhub_snap_enter(rec, &it);
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case CW_TOKEN: r = vhub_snap_get_u64(&x, &token); break;
+                case CW_REQUEST: r = vhub_snap_get_u32(&x, &request); break;
+                case CW_FLAGS: r = vhub_snap_get_u32(&x, &flags); break;
+                case CW_SIZE: r = vhub_snap_get_u32(&x, &size); break;
+                default: r = vhub_snap_unknown(&x); break;
+                }
+        }
+        hdr = (struct vhu_header){ .request = request, .flags = flags, .size = size };
+        if (r < 0 || token == 0 || !vhu_request_info(VHU_DIR_BACKEND, request)) {
+                device_log(d, LOG_WARNING, NULL, "a back-end request waiting for the VMM could not be carried");
+                return;
+        }
+        device_channel_restore_owner_wait(d, token, &hdr);
+}
 
 /* What a device's record says, before anything is made of it. */
 struct device_rec {
@@ -460,6 +504,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                 case D_MEM_SYNCED: r = vhub_snap_get_bool(&x, &d->mem_synced); break;
                 case D_RING:
                 case D_STATS:
+                case D_CHAN_WAIT:
                         break;  /* below */
                 default: r = vhub_snap_unknown(&x); break;
                 }
@@ -584,6 +629,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 vhub_device_free(d);
                 return k < 0 ? k : 0;
         }
+        again = *it;
+        while (vhub_snap_next(&again, &x) > 0)
+                if (x.tag == D_CHAN_WAIT)
+                        read_chan_wait(d, &x);
         d->restore_lost = rec.busy || d->state == VHUB_DEV_RESTORING;
         d->restore_reconnect_left_ms = rec.reconnect_armed ? rec.reconnect_left_ms : 0;
         d->restore_reconnect_armed = rec.reconnect_armed;

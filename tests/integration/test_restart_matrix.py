@@ -365,7 +365,11 @@ def part_channel(t):
     forwarded by the new process after daemon.restarted, and the VMM's
     device.backend_reply reaches the back-end: exactly one reply.  (Read by
     the old process instead, the event would reach a VMM whose connection
-    is no longer read, and the request would be lost with the restart.)"""
+    is no longer read, and the request would be lost with the restart.)
+    Then a request forwarded before the restart began, its event already
+    with the VMM: the channel's wait is carried in the device's snapshot and
+    the VMM's device.backend_reply to the new process reaches the back-end,
+    once."""
     d = t.tmpdir()
     m = Managed(t, d, extra=["--backend-timeout-ms", "5000"])
     X = t.enter(TestBackend([m.socket("X.sock")], log_dir=d))
@@ -410,7 +414,31 @@ def part_channel(t):
         a = p.result(5)
         check(a.get("ok") and a.get("reply") == 0, "round %d: the VMM's reply reaches X" % k, a)
         check_eq(X.conn()["chan"]["replies"], replies0 + 1, "round %d: exactly one reply" % k)
-    check_eq(c.call("daemon.info")["restarts"], 2, "daemon.info restarts")
+    # a request already forwarded when the restart begins: the VMM has the
+    # event and its token, the old process cannot read its answer any more
+    # (its connection is not read): the wait is carried, and the VMM's
+    # device.backend_reply to the new process reaches the back-end
+    for k in (3, 4):
+        replies0 = X.conn()["chan"]["replies"]
+        p = AsyncCommand(X, {"cmd": "host-notifier", "queue": 1, "size": 4096, "offset": 0})
+        ev = c.wait_event(lambda e: e.get("event") == "device.backend_request", 5)
+        for fd in ev.get("_fds", []):
+            os.close(fd)
+        t0 = time.monotonic()
+        code = m.restart()
+        check_eq(code, 0, "round %d: the old vhubd exits 0" % k)
+        check(time.monotonic() - t0 < 2.0, "round %d: the restart did not wait for the VMM's "
+              "answer (it could not read it): %.0f ms" % (k, (time.monotonic() - t0) * 1000))
+        ev2 = c.wait_event(None, 10)
+        check_eq((ev2.get("event"), ev2.get("restarts")), ("daemon.restarted", k),
+                 "round %d: daemon.restarted" % k)
+        check(not p.done(), "round %d: X still waits for the VMM's answer" % k)
+        c.call("device.backend_reply", {"vm": "vm0", "device": "X", "token": ev["token"], "result": 7})
+        a = p.result(5)
+        check(a.get("ok") and a.get("reply") == 7,
+              "round %d: the VMM's reply to the new process reaches X (the wait was carried)" % k, a)
+        check_eq(X.conn()["chan"]["replies"], replies0 + 1, "round %d: exactly one reply" % k)
+    check_eq(c.call("daemon.info")["restarts"], 4, "daemon.info restarts")
     c.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
