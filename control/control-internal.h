@@ -66,6 +66,8 @@ struct control_server {
         uint64_t next_conn_id;
         struct control_server_options opts;
         json_t *discover;            /* rpc.discover's document, built on first use */
+        bool carry_output;           /* a planned restart's last snapshot: output not
+                                      * written goes into it (control-snapshot.c) */
 };
 
 /* One request being handled (a batch element or a lone request). */

@@ -345,10 +345,13 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
 void vhub_restart_finish(struct vhubd *v) {
         struct vhub_restart_state *rs = state(v);
 
-        /* what is queued for the VMMs goes out first (bounded: a client
-         * that does not read loses it, as at its output bound) */
+        /* what is queued for the VMMs goes out first (bounded: what a
+         * client does not read in time is carried in the snapshot) */
         for (int i = 0; v->control && i < 500 && !control_server_flush_now(v->control); i++)
                 usleep(1000);
+        /* the rest is carried in the last snapshot */
+        if (v->control)
+                control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
         vhub_commit_all(&v->ctx);
