@@ -185,6 +185,10 @@ def part_planned(t):
         check(not c.closed, "restart %d: the VMM's connection stays open" % k)
         check_eq(listing(c), before, "restart %d: VMs, devices, regions, shared objects listed as before" % k)
         check(qsd.alive and qsd.pid == qsd_pid, "restart %d: qsd is the same process" % k)
+        with m.sm.lock:
+            ready = [lines for _, _, lines in m.sm.messages if "READY=1" in lines][-1]
+        check("STATUS=1 VMs, 1 devices" in ready,
+              "restart %d: READY=1 says what came back (STATUS=1 VMs, 1 devices)" % k, ready)
         log("restart %d: %.0f ms SIGTERM to ready, %d requests completed meanwhile"
             % (k, dt * 1000, wl.completed - done0))
     wl.run_for(0.2)
