@@ -62,6 +62,8 @@ static inline const char *vhub_contract_error_message(int code) {
         X(FAILED, "device.failed")                                                      \
         X(LINGERING, "vm.lingering")                                                    \
         X(BACKEND_REQUEST, "device.backend_request")                                    \
+        X(VMM_CONNECTED, "device.vmm_connected")                                        \
+        X(VMM_DISCONNECTED, "device.vmm_disconnected")                                  \
         X(VM_CREATED, "vm.created")                                                     \
         X(VM_DESTROYED, "vm.destroyed")                                                 \
         X(DEVICE_ADDED, "device.added")                                                 \

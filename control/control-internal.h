@@ -15,12 +15,18 @@
 #include "vhub-error.h"
 #include "vhub-event.h"
 #include "vhub-fd-track.h"
+#include "vhub-log.h"
 #include "vhub-owner.h"
+
+/* A string id is kept by its call until the call is answered (a call may
+ * wait on a back-end): longer ones are refused, not kept (-32600). */
+#define CONTROL_MAX_ID_BYTES 256
 
 struct event;
 struct vhub_context;
 struct vhub_vm;
 struct control_batch;
+struct batch_run;
 
 struct control_conn {
         TAILQ_ENTRY(control_conn) link;
@@ -35,12 +41,16 @@ struct control_conn {
         unsigned refs;               /* 1 for the connection + 1 per pending call */
         unsigned pending;            /* calls waiting on the model */
         bool eof;                    /* the peer shut down its sending side */
-        bool sub_all;                /* events of every VM of its uid */
+        struct batch_run *run;       /* a batch being run in slices (input paused meanwhile) */
+        bool sub_all;                /* events of every VM of its uid (root: of every uid) */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
         size_t n_sub_vms;
         TAILQ_HEAD(control_call_list, control_call) calls; /* pending: their ids are in the
                                                             * restart snapshot (-32011) */
+        TAILQ_HEAD(control_batch_list, control_batch) batches; /* not answered yet: the ids of
+                                                                * their requests are in it
+                                                                * instead (one -32011 array) */
 };
 
 TAILQ_HEAD(control_conn_list, control_conn);
@@ -63,9 +73,12 @@ struct control_server {
         struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
+        struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
         uint64_t next_conn_id;
         struct control_server_options opts;
         json_t *discover;            /* rpc.discover's document, built on first use */
+        bool paused;                 /* control_server_pause(): a planned restart accepts
+                                      * and reads nothing more */
         bool carry_output;           /* a planned restart's last snapshot: output not
                                       * written goes into it (control-snapshot.c) */
 };
@@ -103,8 +116,18 @@ struct control_call {
 extern const struct rpc_conn_ops control_conn_ops;
 extern const struct vhub_owner_ops control_conn_owner_ops;
 
+/* A connection of s with that id, not open yet (no rpc): its owner and
+ * fd-store group named, one reference; NULL without memory. */
+struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id);
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
+/* Whether a request's id may be kept and answered (a string of at most
+ * CONTROL_MAX_ID_BYTES, a number or null). */
+bool control_id_valid(json_t *id);
+/* rpc_conn_ops.on_fds_lost (control-snapshot.c): a request an earlier
+ * process had read but not handled, whose fds stayed behind, is answered
+ * -32011 (each of a batch's requests, in one array). */
+void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);
@@ -121,8 +144,18 @@ struct control_batch *control_batch_new(struct control_conn *c, json_t *elements
                                         struct vhub_error *err);
 void control_batch_free(struct control_batch *b);
 void control_batch_slot(struct control_batch *b, unsigned index, json_t *response);
+/* A notification's slot: its response counts against the bound as if it
+ * were sent (stolen, dropped). */
+void control_batch_slot_unanswered(struct control_batch *b, unsigned index, json_t *response);
 void control_batch_refuse(struct control_batch *b, unsigned index, json_t *element);
-/* The answers reached the output bound: the rest are refused. */
+/* The ids of its requests (notifications have none), each compact JSON
+ * followed by '\n': answered -32011 by the next process if the daemon
+ * restarts before the batch is answered.  NULL with *ret_len 0: none. */
+const char *control_batch_ids(const struct control_batch *b, size_t *ret_len);
+/* c's batches not answered yet, in order: the first after b (NULL: the first). */
+const struct control_batch *control_batch_next(const struct control_conn *c, const struct control_batch *b);
+/* The answers reached the output bound: the rest are refused (notifications
+ * among them are not run). */
 bool control_batch_over(const struct control_batch *b);
 
 /* Memory went up by `bytes` for a moment: hand it back to the system soon. */

@@ -55,6 +55,7 @@ struct method_params {
                         const char *socket, *type;
                         unsigned mode;
                         uint32_t queues, reconnect_ms;
+                        bool vmm_socket;
                 } device_add;
                 struct {
                         uint32_t offset, size;
@@ -199,6 +200,7 @@ static const char *const capabilities[] = {
         "gpu-socket",       /* device.gpu.set_socket */
         "iotlb",            /* device.iotlb.*, rings at IOVAs */
         "postcopy",         /* vm.postcopy.* */
+        "front-door",       /* device.add vmm_socket: unmodified VMMs through vhubd */
         NULL,
 };
 
@@ -526,6 +528,9 @@ static const struct param device_add_params[] = {
         { .name = "reconnect_ms", .kind = PARAM_U32, .max = MAX_RECONNECT_MS, .def = 100,
           .offset = AT(device_add.reconnect_ms),
           .description = "delay before the first reconnect after a loss (default 100; 0: never, the device fails)" },
+        { .name = "vmm_socket", .kind = PARAM_BOOL, .offset = AT(device_add.vmm_socket),
+          .description = "a front-door device: the daemon also listens on a socket of its own, where an "
+                         "unmodified VMM connects as if to the back-end (default false)" },
         { 0 },
 };
 
@@ -537,6 +542,8 @@ static json_t *result_device_add(struct control_call *cc) {
                                 (int)cc->call.out.device_add.max_mem_slots);
         json_t *sizes;
 
+        if (res && cc->call.out.device_add.vmm_socket[0])
+                json_object_set_new(res, "vmm_socket", json_string(cc->call.out.device_add.vmm_socket));
         /* contract: `shmem` only where SHMEM is negotiated (GET_SHMEM_CONFIG) */
         if (!res || !cc->call.out.device_add.has_shmem)
                 return res;
@@ -554,7 +561,9 @@ static const struct param device_add_result = R_OBJECT(
         R_U64("max_mem_slots", "how many memory regions the back-end takes"),
         { .name = "shmem", .kind = PARAM_ARRAY, .max = VHU_MAX_SHMEM_REGIONS,
           .items = &(const struct param){ .kind = PARAM_U64, .max = UINT64_MAX },
-          .description = "where SHMEM is negotiated: the back-end's shared-memory region sizes (GET_SHMEM_CONFIG)" });
+          .description = "where SHMEM is negotiated: the back-end's shared-memory region sizes (GET_SHMEM_CONFIG)" },
+        { .name = "vmm_socket", .kind = PARAM_STRING,
+          .description = "with vmm_socket: true, the socket the VMM connects to" });
 
 static int m_device_add(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_add_params p = {
@@ -565,6 +574,10 @@ static int m_device_add(struct method_call *m, struct vhub_error *err) {
                 .queues = m->p.device_add.queues,
                 .reconnect_ms = m->p.device_add.reconnect_ms,
                 .face = VHUB_FACE_JSON_RPC,
+                .vmm_socket = m->p.device_add.vmm_socket,
+                /* the asker's rights, never the VM creator's: root may have
+                 * created the VM for this uid */
+                .cred = &m->req->conn->cred,
         };
         /* its socket, channel, inflight fd... */
         int r = control_req_check_fds(m->req, VHUB_DEVICE_OWN_FDS, err);
@@ -591,6 +604,11 @@ static json_t *device_json(const void *item) {
 
         if (o && d->type[0])    /* an extension (docs/control-api.md) */
                 json_object_set_new(o, "type", json_string(d->type));
+        /* contract: front-door devices carry vmm_socket and vmm */
+        if (o && d->front_door) {
+                json_object_set_new(o, "vmm_socket", json_string(d->vmm_socket));
+                json_object_set_new(o, "vmm", json_string(d->vmm_connected ? "connected" : "waiting"));
+        }
         return o;
 }
 
@@ -602,6 +620,7 @@ static int m_device_list(struct method_call *m, struct vhub_error *err) {
         return call_answer_list(m, r, "devices", devs, n, sizeof(*devs), device_json, err);
 }
 
+static const char *const vmm_states[] = { "connected", "waiting", NULL };
 static const char *const device_states[] = { "connecting", "ready", "running", "stopped",
                                              "disconnected", "failed", NULL };
 
@@ -617,7 +636,11 @@ static const struct param device_list_result = R_OBJECT(
                    R_U64("queues", "the queue count"),
                    R_U64("reconnects", "how many times it was restored after a loss"),
                    { .name = "type", .kind = PARAM_NAME, .max = 31,
-                     .description = "an extension: the type device.add was given, if any" }));
+                     .description = "an extension: the type device.add was given, if any" },
+                   { .name = "vmm_socket", .kind = PARAM_STRING,
+                     .description = "a front-door device: the socket its VMM connects to" },
+                   { .name = "vmm", .kind = PARAM_ENUM, .values = vmm_states,
+                     .description = "a front-door device: whether a VMM is connected" }));
 
 static int m_device_stats(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_stats_info st;
@@ -1136,8 +1159,10 @@ static const struct control_method methods[] = {
           .summary = "The VM's memory regions." },
         { .name = "device.add", .fn = m_device_add, .flags = METHOD_VM | METHOD_WAITS, .params = device_add_params,
           .result = &device_add_result, .make_result = result_device_add,
-          .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_UNSUPPORTED, VHUB_ERR_NOT_ALLOWED, BACKEND_ERRORS),
-          .summary = "Connect a back-end, negotiate, set the owner and the memory table." },
+          .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, VHUB_ERR_NOT_ALLOWED,
+                           BACKEND_ERRORS),
+          .summary = "Connect a back-end, negotiate, set the owner and the memory table; with vmm_socket, "
+                     "open the front door for an unmodified VMM." },
         { .name = "device.remove", .fn = m_device_remove, .flags = DEVICE_CALL,
           .summary = "Stop a device if it runs, cancel reconnects, remove it." },
         { .name = "device.list", .fn = m_device_list, .flags = METHOD_VM, .result = &device_list_result,

@@ -10,12 +10,11 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/time.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "control-internal.h"
+#include "control-listen.h"
 #include "control-params.h"
 #include "vhub-commit.h"
 #include "vhub-context.h"
@@ -26,6 +25,21 @@
 
 void control_conn_ref(struct control_conn *c) {
         c->refs++;
+}
+
+struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id) {
+        struct control_conn *c = calloc(1, sizeof(*c));
+
+        if (!c)
+                return NULL;
+        c->srv = s;
+        c->refs = 1;
+        c->id = id;
+        TAILQ_INIT(&c->calls);
+        TAILQ_INIT(&c->batches);
+        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
+        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
+        return c;
 }
 
 void control_conn_unref(struct control_conn *c) {
@@ -46,19 +60,19 @@ static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsig
 
 /* A half-closed connection closes once every request it sent is answered. */
 static void conn_finish_if_answered(struct control_conn *c) {
-        if (c->eof && c->pending == 0 && c->rpc)
+        if (c->eof && c->pending == 0 && !c->run && c->rpc)
                 rpc_conn_close_after_flush(c->rpc, "peer closed");
 }
 
 /* ---- the fd budget (vhub-fd-budget.h) ---- */
 
-/* What uid, the non-root uids and everyone make the daemon hold now: the
- * model's fds and the connections' own. */
-static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_usage *u) {
+/* The connections' fds (sockets, fds received and not claimed yet, dups
+ * queued for output), each its uid's: the sink's count_fds, so that the
+ * model's checks count them too (vhub_context_fd_usage()). */
+static void server_count_fds(void *userdata, struct vhub_fd_usage *u) {
+        struct control_server *s = userdata;
         struct control_conn *c;
 
-        *u = (struct vhub_fd_usage){ .uid = uid };
-        vhub_fd_usage_add_model(s->ctx, u);
         TAILQ_FOREACH(c, &s->conns, link)
                 if (c->rpc)
                         vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
@@ -66,10 +80,7 @@ static void server_fd_usage(struct control_server *s, uid_t uid, struct vhub_fd_
 
 static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
                             struct vhub_error *err) {
-        struct vhub_fd_usage u;
-
-        server_fd_usage(s, uid, &u);
-        return vhub_fd_budget_check(vhub_context_fd_budget(s->ctx), &u, n, slack, err);
+        return vhub_context_check_fds(s->ctx, uid, n, slack, err);
 }
 
 int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
@@ -119,11 +130,10 @@ static void respond(struct control_conn *c, json_t *id, struct control_batch *b,
         if (b) {
                 /* fds cannot ride in a batch answer's slots; methods with fds
                  * in their result are refused inside batches beforehand */
-                if (!id) {
-                        json_decref(response);
-                        response = NULL;
-                }
-                control_batch_slot(b, index, response);
+                if (id)
+                        control_batch_slot(b, index, response);
+                else
+                        control_batch_slot_unanswered(b, index, response);
                 return;
         }
         if (id)
@@ -222,8 +232,10 @@ void control_call_drop(struct control_call *cc) {
 
 /* ---- requests ---- */
 
-static bool valid_id(json_t *id) {
-        return json_is_string(id) || json_is_integer(id) || json_is_real(id) || json_is_null(id);
+bool control_id_valid(json_t *id) {
+        if (json_is_string(id))
+                return json_string_length(id) <= CONTROL_MAX_ID_BYTES;
+        return json_is_integer(id) || json_is_real(id) || json_is_null(id);
 }
 
 static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
@@ -245,9 +257,11 @@ static void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *
         version = json_object_get(msg, "jsonrpc");
         method = json_object_get(msg, "method");
         params = json_object_get(msg, "params");
-        if (id && !valid_id(id)) {
+        if (id && !control_id_valid(id)) {
                 req.id = json_null();
-                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "'id' must be a string, number or null");
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST,
+                               "'id' must be a string of at most %d bytes, a number or null",
+                               CONTROL_MAX_ID_BYTES);
                 control_req_error(&req, &err);
                 return;
         }
@@ -285,58 +299,144 @@ static unsigned element_fds(json_t *e) {
         return json_is_integer(n) ? (unsigned)json_integer_value(n) : 0;
 }
 
+/* ---- batches, run in slices ---- */
+
+/* A batch whose elements are being run: for at most RPC_SLICE_USEC at a
+ * time, the connection's input paused in between, so that one line of
+ * thousands of elements does not hold the loop (timers, the watchdog and
+ * every other connection would wait). */
+struct batch_run {
+        struct control_conn *conn;   /* a reference */
+        json_t *elements;            /* the array (a reference) */
+        struct rpc_fds fds;          /* the fds of the elements not run yet */
+        struct control_batch *b;
+        size_t next;                 /* the next element to run */
+        unsigned off;                /* where its fds start in fds */
+        struct event *ev;            /* the next slice, from the loop */
+};
+
+static void batch_run_free(struct batch_run *r) {
+        struct control_conn *c = r->conn;
+
+        c->run = NULL;
+        event_free(r->ev);
+        rpc_fds_clear(&r->fds);
+        json_decref(r->elements);
+        free(r);
+        if (c->rpc)
+                rpc_conn_resume_input(c->rpc);
+        conn_finish_if_answered(c);
+        control_conn_unref(c);
+}
+
+/* Element r->next: run, refused past the output bound, or (connection
+ * gone) left unanswered. */
+static void batch_run_one(struct batch_run *r) {
+        unsigned i = (unsigned)r->next++;
+        json_t *e = json_array_get(r->elements, i);
+        /* element i's fds follow those of the elements before it */
+        unsigned k = element_fds(e);
+        struct rpc_fds sub = { .fds = NULL, .n = 0 };
+
+        if (k > 0 && r->off + k <= r->fds.n) {
+                sub.fds = calloc(k, sizeof(int));
+                if (sub.fds) {
+                        for (unsigned j = 0; j < k; j++)
+                                sub.fds[j] = rpc_fds_take(&r->fds, r->off + j);
+                        sub.n = k;
+                }
+        }
+        r->off += k;
+        if (!r->conn->rpc)
+                control_batch_slot(r->b, i, NULL);
+        else if (!control_batch_over(r->b))
+                handle_request(r->conn, e, &sub, r->b, i);
+        /* past the output bound nothing more is run, notifications included */
+        else if (json_object_get(e, "id"))
+                control_batch_refuse(r->b, i, e);
+        else
+                control_batch_slot(r->b, i, NULL);
+        rpc_fds_clear(&sub);
+}
+
+static void batch_run_finish(struct batch_run *r) {
+        control_batch_slot(r->b, (unsigned)json_array_size(r->elements), NULL); /* drops the hold */
+        batch_run_free(r);
+}
+
+static void batch_run_slice(struct batch_run *r) {
+        static const struct timeval now = { 0, 0 };
+        uint64_t started = vhub_now_usec();
+        size_t n = json_array_size(r->elements);
+
+        while (r->next < n) {
+                batch_run_one(r);
+                if (r->next < n && r->conn->rpc && vhub_now_usec() - started >= RPC_SLICE_USEC) {
+                        /* a zero timer: the loop polls and runs what is due first */
+                        rpc_conn_pause_input(r->conn->rpc);
+                        evtimer_add(r->ev, &now);
+                        return;
+                }
+        }
+        batch_run_finish(r);
+}
+
+static void batch_run_cb(evutil_socket_t fd, short what, void *userdata) {
+        batch_run_slice(userdata);
+}
+
+/* The connection closed while its batch waited for its next slice: the
+ * rest is not run (nobody would get the answer). */
+static void batch_run_abort(struct batch_run *r) {
+        event_del(r->ev);
+        while (r->next < json_array_size(r->elements))
+                control_batch_slot(r->b, (unsigned)r->next++, NULL);
+        batch_run_finish(r);
+}
+
+static void batch_start(struct control_conn *c, json_t *msg, struct rpc_fds *fds) {
+        struct control_req req = { .conn = c, .id = json_null() };
+        struct vhub_error err = { 0 };
+        struct batch_run *r;
+
+        if (json_array_size(msg) == 0) {
+                vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
+                control_req_error(&req, &err);
+                return;
+        }
+        r = calloc(1, sizeof(*r));
+        if (r)
+                r->ev = evtimer_new(vhub_context_base(c->srv->ctx), batch_run_cb, r);
+        if (!r || !r->ev) {
+                free(r);
+                vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
+                control_req_error(&req, &err);
+                return;
+        }
+        r->b = control_batch_new(c, msg, c->srv->opts.limits.max_out_bytes, &err);
+        if (!r->b) {
+                event_free(r->ev);
+                free(r);
+                control_req_error(&req, &err);
+                return;
+        }
+        r->conn = c;
+        control_conn_ref(c);
+        r->elements = json_incref(msg);
+        r->fds = *fds;          /* moved: the elements take them as they run */
+        *fds = (struct rpc_fds){ .fds = NULL, .n = 0 };
+        c->run = r;
+        batch_run_slice(r);
+}
+
 static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
         struct control_conn *c = userdata;
 
         control_conn_ref(c);
-        if (json_is_array(msg)) {
-                struct control_server *s = c->srv;
-                size_t n = json_array_size(msg), i;
-                struct vhub_error err = { 0 };
-                struct control_batch *b;
-                unsigned off = 0;
-                json_t *e;
-
-                if (n == 0) {
-                        struct control_req req = { .conn = c, .id = json_null() };
-
-                        vhub_error_set(&err, VHUB_ERR_INVALID_REQUEST, "empty batch");
-                        control_req_error(&req, &err);
-                        goto out;
-                }
-                b = control_batch_new(c, msg, s->opts.limits.max_out_bytes, &err);
-                if (!b) {
-                        struct control_req req = { .conn = c, .id = json_null() };
-
-                        control_req_error(&req, &err);
-                        goto out;
-                }
-                json_array_foreach(msg, i, e) {
-                        /* element i's fds follow those of the elements before it */
-                        unsigned k = element_fds(e);
-                        struct rpc_fds sub = { .fds = NULL, .n = 0 };
-
-                        if (k > 0 && off + k <= fds->n) {
-                                sub.fds = calloc(k, sizeof(int));
-                                if (sub.fds) {
-                                        for (unsigned j = 0; j < k; j++)
-                                                sub.fds[j] = rpc_fds_take(fds, off + j);
-                                        sub.n = k;
-                                }
-                        }
-                        off += k;
-                        /* past the output bound nothing more is run */
-                        if (control_batch_over(b) && json_object_get(e, "id"))
-                                control_batch_refuse(b, (unsigned)i, e);
-                        else
-                                handle_request(c, e, &sub, b, (unsigned)i);
-                        rpc_fds_clear(&sub);
-                }
-                control_batch_slot(b, (unsigned)n, NULL); /* drops the hold */
-        } else {
+        if (json_is_array(msg))
+                batch_start(c, msg, fds);
+        else
                 handle_request(c, msg, fds, NULL, 0);
-        }
-out:
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
         vhub_changed(c->srv->ctx, NULL);        /* its subscriptions, what it owns */
@@ -355,6 +455,8 @@ static void conn_close(struct control_conn *c, const char *reason) {
         control_server_note_spike(s, rpc_conn_take_peak_memory(c->rpc));
         vhub_fd_untrack(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         c->rpc = rpc_conn_free(c->rpc);
+        if (c->run)
+                batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
         vhub_changed(s->ctx, NULL);
@@ -390,6 +492,7 @@ const struct rpc_conn_ops control_conn_ops = {
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
+        .on_fds_lost = control_conn_fds_lost,
 };
 
 static bool conn_congested(const struct vhub_owner *o);
@@ -470,7 +573,7 @@ static void accept_pause(struct control_server *s) {
 }
 
 static void accept_resume(struct control_server *s) {
-        if (!s->accept_paused || vhub_context_shutting_down(s->ctx))
+        if (!s->accept_paused || s->paused || vhub_context_shutting_down(s->ctx))
                 return;
         s->accept_paused = false;
         evtimer_del(s->ev_accept_retry);
@@ -501,10 +604,46 @@ static bool accept_refuse_with_spare(struct control_server *s, int lfd) {
         return fd >= 0;
 }
 
+/* Room for another connection of uid?  All together at most
+ * max_connections, of which non-root uids may hold all but an eighth (root
+ * can always connect), and one non-root uid at most its share (the others
+ * can too).  False with a sentence in detail. */
+static bool connection_admitted(const struct control_server *s, uid_t uid, char *detail, size_t len) {
+        unsigned max = s->opts.max_connections;
+        unsigned root_reserve = max > 1 ? (max / 8 > 1 ? max / 8 : 1) : 0;
+        unsigned per_uid = s->opts.max_connections_per_uid ? s->opts.max_connections_per_uid
+                                                            : (max / 4 > 1 ? max / 4 : 1);
+        unsigned by_uid = 0, non_root = 0;
+        const struct control_conn *c;
+
+        if (s->n_conns >= max) {
+                snprintf(detail, len, "too many control connections (%u, --max-connections)", max);
+                return false;
+        }
+        if (uid == 0)
+                return true;
+        TAILQ_FOREACH(c, &s->conns, link) {
+                non_root += c->uid != 0;
+                by_uid += c->uid == uid;
+        }
+        if (by_uid >= per_uid) {
+                snprintf(detail, len, "uid %u has %u control connections (--max-connections-per-uid)",
+                         (unsigned)uid, by_uid);
+                return false;
+        }
+        /* other uids' numbers stay out of the detail: no oracle on them */
+        if (non_root >= max - root_reserve) {
+                snprintf(detail, len, "the control connections non-root uids may hold are in use");
+                return false;
+        }
+        return true;
+}
+
 static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
         struct vhub_error err = { 0 };
         struct control_conn *c;
+        char detail[128];
         struct ucred cred;
         socklen_t len = sizeof(cred);
         int fd, r;
@@ -531,10 +670,15 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 vhu_safe_close(fd);
                 return;
         }
-        if (s->n_conns >= s->opts.max_connections) {
-                refuse_connection(fd, "too many control connections");
-                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
-                              "refused a control connection: %u connections is the limit", s->n_conns);
+        if (!connection_admitted(s, cred.uid, detail, sizeof(detail))) {
+                unsigned long long left_out;
+
+                refuse_connection(fd, detail);
+                /* a uid can make this happen at will: rate-limited */
+                if (vhub_log_ratelimit(&s->refusal_log, vhub_now_usec(), &left_out))
+                        vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                      "refused a control connection of uid %u pid %d: %s (%llu refusals not logged)",
+                                      (unsigned)cred.uid, (int)cred.pid, detail, left_out);
                 return;
         }
         /* the connection is an fd of its uid's too */
@@ -545,16 +689,11 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 refuse_connection(fd, err.detail);
                 return;
         }
-        c = calloc(1, sizeof(*c));
+        c = control_conn_alloc(s, ++s->next_conn_id);
         if (!c) {
                 vhu_safe_close(fd);
                 return;
         }
-        c->srv = s;
-        c->refs = 1;
-        TAILQ_INIT(&c->calls);
-        c->id = ++s->next_conn_id;
-        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
         r = vhub_cred_from_socket(fd, &c->cred);
         if (r < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
@@ -571,7 +710,6 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
-        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
@@ -668,6 +806,26 @@ static bool conn_congested(const struct vhub_owner *o) {
                rpc_conn_queued_fds(c->rpc) >= l->max_out_fds / 4;
 }
 
+/* An event's fds are queued to each connection that gets it, as dups held
+ * until it reads them: its uid's, within its fd budget.  The owner's are
+ * fds received on its behalf and may pass the budget as far as other
+ * received fds may (its VM's back-end channels pause long before, while it
+ * is behind); a subscriber that would pass it is dropped at once, its
+ * queue with it -- it does not read, and its uid must not eat into what
+ * the others share. */
+static bool conn_may_take_fds(struct control_server *s, struct control_conn *c,
+                              const struct vhub_event *ev) {
+        bool owner = vhub_vm_owner(ev->vm) == &c->owner;
+        struct vhub_error err = { 0 };
+        char reason[sizeof(err.detail) + 64];
+
+        if (server_check_fds(s, c->uid, ev->n_fds, owner ? fd_slack(s, c->uid) : 0, &err) == 0)
+                return true;
+        snprintf(reason, sizeof(reason), "an event's fds would pass the fd budget: %s", err.detail);
+        rpc_conn_abort(c->rpc, reason);
+        return false;
+}
+
 static void server_emit(void *userdata, const struct vhub_event *ev) {
         struct control_server *s = userdata;
         struct control_conn *c, *next;
@@ -687,54 +845,14 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
                 }
                 /* a client that does not read is dropped by rpc_conn's bound,
                  * never allowed to block the daemon or grow without limit */
+                if (ev->n_fds > 0 && !conn_may_take_fds(s, c, ev))
+                        continue;
                 conn_send(c, msg, ev->fds, ev->n_fds);
         }
         json_decref(msg);
 }
 
 /* ---- listening socket ---- */
-
-static int create_socket(const char *path, mode_t mode, gid_t gid, bool gid_set) {
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        char dir[sizeof(sa.sun_path)];
-        mode_t old_umask;
-        char *slash;
-        _cleanup_close_ int fd = -1;
-        int r;
-
-        if (strlen(path) >= sizeof(sa.sun_path))
-                return -ENAMETOOLONG;
-        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-        snprintf(dir, sizeof(dir), "%s", path);
-        slash = strrchr(dir, '/');
-        if (slash && slash != dir) {
-                *slash = '\0';
-                /* 0755: clients traverse it; the socket's own mode guards access */
-                if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-        }
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return -errno;
-        /* a live daemon keeps its socket; a stale one is replaced */
-        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
-                return -EADDRINUSE;
-        fd = vhu_safe_close(fd);
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0)
-                return -errno;
-        (void)unlink(path);
-        old_umask = umask(0177); /* never world-accessible, not even for a moment */
-        r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
-        umask(old_umask);
-        if (r < 0 || chmod(path, mode) < 0 || (gid_set && chown(path, (uid_t)-1, gid) < 0) ||
-            listen(fd, 64) < 0) {
-                r = -errno;
-                (void)unlink(path);
-                return r;
-        }
-        return VHU_TAKE_FD(fd);
-}
 
 int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
                        struct control_server **ret) {
@@ -763,7 +881,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                         (void)fcntl(s->listen_fd, F_SETFL, r | O_NONBLOCK);
                 (void)fcntl(s->listen_fd, F_SETFD, FD_CLOEXEC);
         } else {
-                r = create_socket(o->path, o->mode, o->gid, o->gid_set);
+                r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         vhu_safe_close(s->spare_fd);
                         free(s);
@@ -781,7 +899,8 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 control_server_free(s);
                 return -ENOMEM;
         }
-        s->sink = (struct vhub_event_sink){ .emit = server_emit, .userdata = s };
+        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = server_count_fds,
+                                            .userdata = s };
         vhub_context_add_sink(ctx, &s->sink);
         s->sink_added = true;
         *ret = s;

@@ -23,7 +23,8 @@ struct control_server_options {
         mode_t mode;
         gid_t gid;
         bool gid_set;
-        unsigned max_connections;
+        unsigned max_connections;          /* all together; an eighth is kept for root */
+        unsigned max_connections_per_uid;  /* one non-root uid; 0: a quarter of max_connections */
         unsigned max_pending;    /* calls waiting on back-ends, per connection */
         struct rpc_conn_limits limits;
 };

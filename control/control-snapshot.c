@@ -8,7 +8,11 @@
  * requests it has in flight, and the bytes it sent that were read and not
  * yet handled.  Its output is written out before a planned restart exits
  * (a connection that does not read loses what was queued, as it would at
- * the output bound); fds received on a line not yet complete are not kept.
+ * the output bound); fds received with input not yet handled are not kept:
+ * a carried request that declares fds is answered -32011.  A batch not
+ * answered yet (running in slices, or waiting for some of its calls) is
+ * recorded as the ids of its requests: the next process answers it with
+ * one array of -32011s.  A planned restart waits for both (control_server_busy()).
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -18,6 +22,7 @@
 #include <string.h>
 
 #include "control-internal.h"
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-fd-claim.h"
 #include "vhub-log.h"
@@ -27,7 +32,13 @@
 #include "vhu-fd.h"
 
 enum { S_NEXT_CONN_ID = 1, S_CONN };
-enum { C_ID = 1, C_SOCK, C_SUB_ALL, C_SUB, C_PENDING, C_INPUT, C_EOF, C_OUTPUT };
+enum {
+        C_ID = 1, C_SOCK, C_SUB_ALL, C_SUB, C_PENDING, C_INPUT, C_EOF,
+        /* added within format 1 (an older reader skips them) */
+        C_BATCH,                /* bytes: a batch's ids (control_batch_ids()) */
+        C_OUTPUT,               /* bytes: output not written at a planned restart */
+        _C_TAG_NEXT
+};
 
 /* What a planned restart carries of the connections' unwritten output, all
  * together (the daemon's snapshot is one document, VHUB_SNAP_MAX_SIZE at
@@ -38,6 +49,7 @@ enum { SUB_UID = 1, SUB_VM };
 void control_server_pause(struct control_server *s) {
         struct control_conn *c;
 
+        s->paused = true;
         if (s->ev_accept)
                 event_del(s->ev_accept);
         if (s->ev_accept_retry)
@@ -50,8 +62,10 @@ void control_server_pause(struct control_server *s) {
 bool control_server_busy(const struct control_server *s) {
         const struct control_conn *c;
 
+        /* a batch running in slices is requests in flight too: it
+         * finishes (its answer is written before the process exits) */
         TAILQ_FOREACH(c, &s->conns, link)
-                if (c->pending > 0)
+                if (c->pending > 0 || c->run)
                         return true;
         return false;
 }
@@ -93,6 +107,7 @@ static void conn_serialize_output(const struct control_conn *c, struct vhub_snap
 }
 
 static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer *w) {
+        const struct control_batch *b;
         const struct control_call *cc;
         const char *in;
         size_t n;
@@ -109,8 +124,8 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
         TAILQ_FOREACH(cc, &c->calls, link) {
                 char *id;
 
-                if (!cc->id)
-                        continue;       /* a notification: nothing to answer */
+                if (!cc->id || cc->batch)
+                        continue;       /* a notification: nothing to answer; a batch's: below */
                 id = json_dumps(cc->id, JSON_COMPACT | JSON_ENCODE_ANY);
                 if (!id) {
                         w->error = w->error ? w->error : -ENOMEM;
@@ -118,6 +133,12 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
                 }
                 vhub_snap_put_str(w, C_PENDING, id);
                 free(id);
+        }
+        for (b = control_batch_next(c, NULL); b; b = control_batch_next(c, b)) {
+                const char *ids = control_batch_ids(b, &n);
+
+                if (n > 0)
+                        vhub_snap_put_bytes(w, C_BATCH, ids, n);
         }
         n = rpc_conn_unhandled_input(c->rpc, &in);
         if (n > 0)
@@ -157,17 +178,72 @@ static void send_restarted(struct control_conn *c, uint64_t restarts, uint64_t d
         json_decref(msg);
 }
 
-static void send_restarted_error(struct control_conn *c, const char *id_text) {
-        json_t *id = json_loads(id_text, JSON_DECODE_ANY, NULL);
-        json_t *data;
+/* The -32011 response to id (not stolen).  A batch's are shorter than the
+ * -32008 each element could have got (control-batch.c), which the batch was
+ * admitted for: its answer fits in the output bound. */
+static json_t *restarted_error(json_t *id, bool batch) {
+        return json_pack("{s:s, s:O, s:{s:i, s:s, s:{s:s}}}", "jsonrpc", "2.0", "id", id, "error", "code",
+                         VHUB_ERR_RESTARTED, "message", vhub_error_message(VHUB_ERR_RESTARTED), "data",
+                         "detail", batch ? "it may or may not have taken effect"
+                                         : "the daemon restarted while this request was in flight; "
+                                           "it may or may not have taken effect");
+}
 
-        if (!id)
-                return;
-        data = json_pack("{s:s}", "detail", "the daemon restarted while this request was in flight; "
-                                            "it may or may not have taken effect");
-        (void)rpc_conn_send_error(c->rpc, id, VHUB_ERR_RESTARTED, vhub_error_message(VHUB_ERR_RESTARTED),
-                                  data);
-        json_decref(id);
+/* -32011 to each of ids (an array; stolen): alone, or as a batch's answer
+ * (nothing when none has an id: a batch of notifications). */
+static void send_restarted_errors(struct control_conn *c, json_t *ids, bool batch) {
+        json_t *answer = batch ? json_array() : NULL;
+        json_t *id, *e;
+        size_t i;
+
+        json_array_foreach(ids, i, id) {
+                e = restarted_error(id, batch);
+                if (!batch) {
+                        if (e)
+                                (void)rpc_conn_send(c->rpc, e, NULL, 0);
+                } else if (answer) {
+                        json_array_append(answer, e);
+                }
+                json_decref(e);
+        }
+        if (answer && json_array_size(answer) > 0)
+                (void)rpc_conn_send(c->rpc, answer, NULL, 0);
+        json_decref(answer);
+        json_decref(ids);
+}
+
+/* The ids written one a line (C_PENDING: one; C_BATCH: a batch's). */
+static void send_restarted_text(struct control_conn *c, const char *text, size_t n, bool batch) {
+        json_t *ids = json_array();
+        const char *end = text + n, *nl;
+
+        for (; ids && text < end; text = nl + 1) {
+                nl = memchr(text, '\n', (size_t)(end - text));
+                if (!nl)
+                        nl = end;
+                json_array_append_new(ids, json_loadb(text, (size_t)(nl - text), JSON_DECODE_ANY, NULL));
+        }
+        if (ids)
+                send_restarted_errors(c, ids, batch);
+}
+
+void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata) {
+        struct control_conn *c = userdata;
+        json_t *ids = json_array(), *id, *e;
+        size_t i;
+
+        vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                      "control connection %llu: a request read before the restart declares fds, which were not "
+                      "carried: answered -32011", (unsigned long long)c->id);
+        if (json_is_object(msg) && (id = json_object_get(msg, "id")) && control_id_valid(id))
+                json_array_append(ids, id);
+        json_array_foreach(json_is_array(msg) ? msg : NULL, i, e)
+                if ((id = json_is_object(e) ? json_object_get(e, "id") : NULL) && control_id_valid(id))
+                        json_array_append(ids, id);
+        if (ids)
+                send_restarted_errors(c, ids, json_is_array(msg));
+        json_decref(msg);
+        vhub_changed(c->srv->ctx, NULL);        /* the line is out of its input */
 }
 
 static int read_sub(struct control_conn *c, const struct vhub_snap_rec *rec) {
@@ -225,22 +301,16 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                         k = vhub_snap_get_bytes(&x, &input, &n_input);
                 else if (x.tag == C_OUTPUT)
                         k = vhub_snap_get_bytes(&x, &output, &n_output);
-                else if (x.tag > C_OUTPUT)
+                else if (x.tag >= _C_TAG_NEXT)
                         k = vhub_snap_unknown(&x);
         }
         if (k < 0 || id == 0)
                 return k < 0 ? k : -EBADMSG;
         if (s->next_conn_id < id)
                 s->next_conn_id = id;
-        c = calloc(1, sizeof(*c));
+        c = control_conn_alloc(s, id);
         if (!c)
                 return -ENOMEM;
-        c->srv = s;
-        c->refs = 1;
-        c->id = id;
-        TAILQ_INIT(&c->calls);
-        c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
-        vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         vhub_fd_claim_open(r, vhub_context_fdstore(s->ctx), c->fd_group, &claim);
         fd = vhub_fd_claim(&claim, &key);
         vhub_fd_claim_close(&claim);
@@ -282,7 +352,11 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         send_restarted(c, restarts, downtime_ms);
         k = vhub_snap_enter(rec, &it);
         while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {
-                char idtext[1024];
+                /* an id is at most CONTROL_MAX_ID_BYTES, each written as
+                 * \uXXXX at worst, in quotes */
+                char idtext[CONTROL_MAX_ID_BYTES * 6 + 3];
+                const void *text;
+                size_t n;
 
                 if (x.tag == C_SUB_ALL)
                         k = vhub_snap_get_bool(&x, &c->sub_all);
@@ -291,11 +365,17 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                 else if (x.tag == C_EOF)
                         k = vhub_snap_get_bool(&x, &c->eof);
                 else if (x.tag == C_PENDING && vhub_snap_get_str(&x, idtext, sizeof(idtext)) >= 0)
-                        send_restarted_error(c, idtext);
+                        send_restarted_text(c, idtext, strlen(idtext), false);
+                else if (x.tag == C_BATCH && vhub_snap_get_bytes(&x, &text, &n) >= 0)
+                        send_restarted_text(c, text, n, true);
         }
         if (n_input > 0 && rpc_conn_restore_input(c->rpc, input, n_input) < 0)
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: the %zu bytes it had sent and were not handled are lost",
+                              (unsigned long long)id, n_input);
+        else if (n_input > 0)
+                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                              "control connection %llu: the %zu bytes it had sent and were not handled are carried",
                               (unsigned long long)id, n_input);
         if (c->eof)
                 rpc_conn_close_after_flush(c->rpc, "peer closed");

@@ -32,11 +32,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define RPC_DEFAULT_MAX_LINE        (1024u * 1024u)     /* spec: "longer than 1 MiB" */
+/* A client writes a line at once: one still incomplete after this long
+ * only pins memory (up to max_line per connection, for ever). */
+#define RPC_DEFAULT_LINE_TIMEOUT_MS 10000u
 #define RPC_DEFAULT_MAX_OUT_BYTES   (4u * 1024u * 1024u)
 #define RPC_DEFAULT_MAX_FDS_QUEUED  1024u
 /* Dup'd fds waiting in the output queue: a peer that does not read must not
@@ -70,6 +75,14 @@ struct rpc_conn {
         struct event *read_ev;
         struct event *write_ev;     /* added only while output is queued */
         struct event *close_ev;     /* activated to run on_close */
+        struct event *line_ev;      /* the partial line's deadline, pending while there is one */
+        struct event *resume_ev;    /* hands over the lines left in the input buffer, from the loop */
+        bool paused;                /* rpc_conn_pause_input(): no lines handed over, nothing read */
+        bool stopped;               /* rpc_conn_stop_reading(): the same, for good (a
+                                     * planned restart): no resume, no line deadline */
+        size_t carried;             /* bytes at the front of the input that an earlier
+                                     * process read (rpc_conn_restore_input()): the fds
+                                     * that came with them were not carried */
 
         struct vhub_frame_in in;
         struct vhub_frame_out out;    /* small lines share chunks: a connection
@@ -102,6 +115,7 @@ int rpc_fds_take(struct rpc_fds *f, unsigned idx) {
 void rpc_conn_limits_default(struct rpc_conn_limits *l) {
         *l = (struct rpc_conn_limits) {
                 .max_line = RPC_DEFAULT_MAX_LINE,
+                .line_timeout_ms = RPC_DEFAULT_LINE_TIMEOUT_MS,
                 .max_out_bytes = RPC_DEFAULT_MAX_OUT_BYTES,
                 .max_fds_queued = RPC_DEFAULT_MAX_FDS_QUEUED,
                 .max_out_fds = RPC_DEFAULT_MAX_OUT_FDS,
@@ -179,6 +193,8 @@ const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
 /* Input is dropped once nothing can read it any more; while on_message runs
  * the line loop still points into in_buf, so it does this itself. */
 static void in_drop(struct rpc_conn *c) {
+        if (c->line_ev)
+                event_del(c->line_ev);
         if (c->processing)
                 return;
         vhub_frame_in_done(&c->in);
@@ -229,6 +245,13 @@ static void start_draining(struct rpc_conn *c) {
         in_drop(c);
         if (!vhub_frame_out_pending(&c->out))
                 schedule_close(c);
+}
+
+void rpc_conn_abort(struct rpc_conn *c, const char *reason) {
+        if (!c || c->state >= RPC_CONN_CLOSING)
+                return;
+        set_reason(c, "%s", reason ? reason : "closed");
+        schedule_close(c);
 }
 
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason) {
@@ -452,7 +475,7 @@ static bool line_is_blank(const char *p, size_t n) {
         return true;
 }
 
-static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
+static void handle_line(struct rpc_conn *c, const char *p, size_t n, bool carried) {
         struct rpc_fds fds = { NULL, 0 };
         json_error_t jerr;
         unsigned need;
@@ -478,6 +501,12 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
                 snprintf(detail, sizeof(detail),
                          "\"fds\" must be an integer from 0 to %d", RPC_MAX_FDS_PER_MESSAGE);
                 framing_violation(c, detail);
+                return;
+        }
+        if (carried && need > 0 && c->ops && c->ops->on_fds_lost) {
+                /* its fds stayed with the earlier process: whatever is
+                 * queued came after it, for the lines that follow */
+                c->ops->on_fds_lost(c, msg, c->userdata);
                 return;
         }
         if (need > vhub_frame_in_queued_fds(&c->in)) {
@@ -513,20 +542,86 @@ static void handle_line(struct rpc_conn *c, const char *p, size_t n) {
 
 static void really_free(struct rpc_conn *c);
 
-/* Hands every complete line to handle_line().  Returns false if c was freed. */
+/* The partial line left in the input buffer must be complete line_timeout_ms after
+ * its first byte was read: armed when one starts (nothing was pending, or
+ * a line just ended before it), dropped when none is left. */
+static void line_deadline_update(struct rpc_conn *c, bool line_ended) {
+        struct timeval tv = {
+                .tv_sec = c->limits.line_timeout_ms / 1000,
+                .tv_usec = (c->limits.line_timeout_ms % 1000) * 1000,
+        };
+
+        if (vhub_frame_in_pending_bytes(&c->in) == 0)
+                event_del(c->line_ev);
+        else if (line_ended || !evtimer_pending(c->line_ev, NULL))
+                evtimer_add(c->line_ev, &tv);
+}
+
+static void line_timeout_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct rpc_conn *c = userdata;
+        char detail[128];
+        int avail = 0;
+
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->stopped || vhub_frame_in_pending_bytes(&c->in) == 0)
+                return;
+        /* the rest may be in the socket already, its read event due in
+         * this same turn of the loop: that read decides */
+        if (ioctl(c->fd, FIONREAD, &avail) == 0 && avail > 0) {
+                line_deadline_update(c, true);
+                return;
+        }
+        snprintf(detail, sizeof(detail), "line not complete %u ms after its first byte",
+                 c->limits.line_timeout_ms);
+        framing_violation(c, detail);
+}
+
+static uint64_t now_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+/* Lines are left in the input buffer (a slice ended, or the owner paused): nothing is
+ * read meanwhile, and no deadline runs for a line that cannot progress. */
+static void hold_input(struct rpc_conn *c) {
+        static const struct timeval now = { 0, 0 };
+
+        event_del(c->read_ev);
+        event_del(c->line_ev);
+        /* a zero timer, not event_active(): the loop polls every fd and
+         * runs every due timer before it comes back here */
+        if (!c->paused && !c->stopped)
+                evtimer_add(c->resume_ev, &now);
+}
+
+/* Hands the complete lines to handle_line(), for at most RPC_SLICE_USEC.
+ * Returns false if c was freed. */
 static bool process_lines(struct rpc_conn *c) {
+        uint64_t started = now_usec();
+        unsigned handed = 0;
+        bool held = false;
         const char *line;
+        bool carried;
         size_t n;
         int r;
 
         c->processing++;
-        while (c->state == RPC_CONN_OPEN && !c->free_pending &&
-               vhub_frame_in_next_line(&c->in, &line, &n) > 0) {
+        while (c->state == RPC_CONN_OPEN && !c->free_pending) {
+                if (c->paused || c->stopped || now_usec() - started >= RPC_SLICE_USEC) {
+                        held = vhub_frame_in_pending_bytes(&c->in) > 0;
+                        break;
+                }
+                if (vhub_frame_in_next_line(&c->in, &line, &n) <= 0)
+                        break;
+                handed++;
+                carried = c->carried > 0;
+                c->carried = c->carried > n + 1 ? c->carried - (n + 1) : 0;
                 if (n > c->limits.max_line) {
                         framing_violation(c, "line longer than the limit");
                         break;
                 }
-                handle_line(c, line, n);
+                handle_line(c, line, n, carried);
         }
         c->processing--;
 
@@ -538,6 +633,13 @@ static bool process_lines(struct rpc_conn *c) {
                 in_drop(c);     /* deferred while on_message ran */
                 return true;
         }
+        if (held || c->paused || c->stopped) {
+                /* the checks below are for what is left once every line is handed over */
+                hold_input(c);
+                return true;
+        }
+        line_deadline_update(c, handed > 0);
+
         r = vhub_frame_in_check(&c->in);
         if (r == -EMSGSIZE) {
                 char detail[128];
@@ -567,7 +669,7 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
         unsigned n_fds = 0;
         ssize_t n;
 
-        if (c->state != RPC_CONN_OPEN || c->read_closed)
+        if (c->state != RPC_CONN_OPEN || c->read_closed || c->paused || c->stopped)
                 return;
         /* every fd that arrives is queued or closed, whatever else happens */
         n = vhub_frame_in_read(&c->in, c->fd, &n_fds);
@@ -631,11 +733,47 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
         process_lines(c);
 }
 
+static void resume_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct rpc_conn *c = userdata;
+
+        if (c->state != RPC_CONN_OPEN || c->paused || c->stopped)
+                return;
+        if (!c->read_closed && event_add(c->read_ev, NULL) < 0) {
+                set_reason(c, "cannot watch the socket for reading");
+                schedule_close(c);
+                return;
+        }
+        process_lines(c);
+}
+
+void rpc_conn_pause_input(struct rpc_conn *c) {
+        if (!c || c->paused)
+                return;
+        c->paused = true;
+        event_del(c->read_ev);
+        event_del(c->resume_ev);
+        event_del(c->line_ev);
+}
+
+void rpc_conn_resume_input(struct rpc_conn *c) {
+        static const struct timeval now = { 0, 0 };
+
+        if (!c || !c->paused)
+                return;
+        c->paused = false;
+        if (c->state == RPC_CONN_OPEN && !c->stopped)
+                evtimer_add(c->resume_ev, &now);
+}
+
 /* ---- a restart (docs/restart.md) -------------------------------------- */
 
 void rpc_conn_stop_reading(struct rpc_conn *c) {
-        if (c->read_ev)
-                event_del(c->read_ev);
+        c->stopped = true;
+        event_del(c->read_ev);
+        /* lines held by a slice or a pause stay in the input for the next
+         * process, and a partial line has no deadline: it cannot progress */
+        event_del(c->resume_ev);
+        event_del(c->line_ev);
 }
 
 size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
@@ -644,11 +782,19 @@ size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
 }
 
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n) {
+        static const struct timeval now = { 0, 0 };
         int r = vhub_frame_in_push(&c->in, p, n);
 
-        if (r == 0)
-                note_memory(c);
-        return r;
+        if (r < 0)
+                return r;
+        note_memory(c);
+        /* complete lines among them (held by a slice when the earlier
+         * process stopped) are handed over from the loop, as a slice's
+         * rest would be: nothing new may come to wake the connection */
+        c->carried = vhub_frame_in_pending_bytes(&c->in);
+        if (c->state == RPC_CONN_OPEN && !c->paused && !c->stopped)
+                evtimer_add(c->resume_ev, &now);
+        return 0;
 }
 
 ssize_t rpc_conn_unsent_output(const struct rpc_conn *c, char **ret) {
@@ -682,6 +828,11 @@ static void really_free(struct rpc_conn *c) {
                 event_free(c->write_ev);
         if (c->close_ev)
                 event_free(c->close_ev);
+        if (c->line_ev)
+                event_free(c->line_ev);
+        c->line_ev = NULL;      /* in_drop() below looks */
+        if (c->resume_ev)
+                event_free(c->resume_ev);
         c->processing = 0;
         in_drop(c);
         vhub_frame_out_done(&c->out);
@@ -733,6 +884,8 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         if (limits) {
                 if (limits->max_line)
                         l.max_line = limits->max_line;
+                if (limits->line_timeout_ms)
+                        l.line_timeout_ms = limits->line_timeout_ms;
                 if (limits->max_out_bytes)
                         l.max_out_bytes = limits->max_out_bytes;
                 if (limits->max_fds_queued)
@@ -776,7 +929,9 @@ int rpc_conn_new(struct event_base *base, int fd, const struct rpc_conn_limits *
         c->read_ev = event_new(base, fd, EV_READ | EV_PERSIST, read_cb, c);
         c->write_ev = event_new(base, fd, EV_WRITE | EV_PERSIST, write_cb, c);
         c->close_ev = event_new(base, -1, 0, close_cb, c);
-        if (!c->read_ev || !c->write_ev || !c->close_ev) {
+        c->line_ev = evtimer_new(base, line_timeout_cb, c);
+        c->resume_ev = evtimer_new(base, resume_cb, c);
+        if (!c->read_ev || !c->write_ev || !c->close_ev || !c->line_ev || !c->resume_ev) {
                 r = -ENOMEM;
                 goto fail;
         }

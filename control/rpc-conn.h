@@ -8,13 +8,18 @@
  * join a FIFO in arrival order.  When a line is complete it is parsed; a
  * message declaring "fds": N takes N fds from the front of the FIFO.
  *   - line longer than limits.max_line  -> error -32600 id null, then close
+ *   - line not complete limits.line_timeout_ms after its first byte was
+ *     read (a partial line pins its bytes)  -> error -32600 id null, then close
  *   - invalid JSON                      -> error -32700 id null, keep going
  *   - fewer queued fds than declared when the line is complete, or fds
  *     queued while no partial line remains, or more than 253 fds declared,
  *     or a bad "fds" member            -> error -32600 id null, close,
  *                                         every queued fd closed
  * Each good message goes to ops->on_message with its fds (the callee owns
- * both).  Blank lines are ignored.  ops->admit_fds may refuse fds as they
+ * both).  Blank lines are ignored.  The lines of one read are handed over
+ * for at most RPC_SLICE_USEC (then the rest wait in the input buffer, and
+ * nothing more is read, until the loop has run everything else that is
+ * due), so that one peer's write cannot hold the loop.  ops->admit_fds may refuse fds as they
  * arrive (a budget): -32008 id null, then close as for a framing violation.
  *
  * EOF from the peer stops reading.  If the peer only shut down its sending
@@ -42,6 +47,9 @@ struct event_base;
 struct rpc_conn;
 
 #define RPC_MAX_FDS_PER_MESSAGE 253
+/* How long the lines of one read, or one message's work, may hold the loop
+ * before it gets its turn back (the control layer slices batches by it). */
+#define RPC_SLICE_USEC 10000
 
 /* The fds one message carried.  Owned: close with rpc_fds_clear(). */
 struct rpc_fds {
@@ -55,6 +63,8 @@ int rpc_fds_take(struct rpc_fds *f, unsigned idx);
 
 struct rpc_conn_limits {
         size_t max_line;       /* default 1 MiB (the contract) */
+        unsigned line_timeout_ms; /* a line must be complete this long after its
+                                   * first byte was read (default 10 s) */
         size_t max_out_bytes;  /* bound of the output queue */
         unsigned max_fds_queued; /* fds received but not yet claimed */
         unsigned max_out_fds;    /* dup'd fds in the output queue (default 1024) */
@@ -82,6 +92,11 @@ struct rpc_conn_ops {
                          void *userdata);
         /* Optional.  The output queue has just become empty. */
         void (*on_drained)(struct rpc_conn *c, void *userdata);
+        /* Optional.  A message that an earlier process had read (its line
+         * was carried by rpc_conn_restore_input()) declares fds, which
+         * stayed behind: msg (a new reference, the callee's) is not handed
+         * to on_message.  Unset: a framing violation, as for any missing fd. */
+        void (*on_fds_lost)(struct rpc_conn *c, json_t *msg, void *userdata);
 };
 
 void rpc_conn_limits_default(struct rpc_conn_limits *l);
@@ -116,6 +131,18 @@ int rpc_conn_send_parts(struct rpc_conn *c, const struct iovec *parts, unsigned 
 int rpc_conn_send_error(struct rpc_conn *c, json_t *id, int code, const char *message,
                         json_t *data);
 
+/* No more lines are handed over and nothing more is read until
+ * rpc_conn_resume_input() (e.g. while the owner works through one message
+ * in slices).  Output goes on. */
+void rpc_conn_pause_input(struct rpc_conn *c);
+/* Lines waiting in the input buffer are handed over again, from the loop
+ * (never from inside this call). */
+void rpc_conn_resume_input(struct rpc_conn *c);
+
+/* Close now: what is queued is dropped (its fds closed), nothing more is
+ * read or written; on_close follows from the loop. */
+void rpc_conn_abort(struct rpc_conn *c, const char *reason);
+
 /* Stop reading, flush what is queued, then close (on_close follows). */
 void rpc_conn_close_after_flush(struct rpc_conn *c, const char *reason);
 
@@ -138,15 +165,19 @@ void rpc_conn_foreach_fd(const struct rpc_conn *c, void (*fn)(int fd, const char
  * (then it starts again from what they hold now): a big one is worth giving
  * back to the system once freed. */
 size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
-/* A planned restart (docs/restart.md): read nothing more; the bytes read
- * and not yet handled (a partial line: complete lines are handled as they
- * arrive), valid until the next call on c; write what the socket takes now
- * (0: all of it, 1: some is left, -errno). */
+/* A planned restart (docs/restart.md): read nothing more and hand over no
+ * line again (for good: rpc_conn_resume_input() does not undo it, and a
+ * partial line has no deadline any more); the bytes read and not yet
+ * handled (a partial line, and complete ones a slice or a pause held),
+ * valid until the next call on c; write what the socket takes now (0: all
+ * of it, 1: some is left, -errno). */
 void rpc_conn_stop_reading(struct rpc_conn *c);
 size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret);
 int rpc_conn_flush_now(struct rpc_conn *c);
-/* The next process: the bytes an earlier one had read, as if just read
- * (they are a partial line).  0, -EMSGSIZE, -ENOMEM. */
+/* The next process: the bytes an earlier one had read, as if just read:
+ * the complete lines among them are handed over from the loop (never from
+ * inside this call), before anything new is read; those that declare fds
+ * go to ops->on_fds_lost.  0, -EMSGSIZE, -ENOMEM. */
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n);
 /* Output not written yet (a planned restart carries it): as
  * vhub_frame_out_unsent().  The next process queues it before anything

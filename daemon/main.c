@@ -188,8 +188,9 @@ static void reload_cb(void *userdata, int sig) {
 }
 
 /* In a fatal signal's handler: remove the sockets a clean exit removes.
- * Only unlink() (async-signal-safe); the lists may be mid-change, and a
- * fault here just ends the process as the signal would have. */
+ * Only async-signal-safe calls (unlink, fstatat, unlinkat); the lists may
+ * be mid-change, and a fault here just ends the process as the signal
+ * would have. */
 static void crash_cleanup(void *userdata) {
         struct daemon_main *m = userdata;
 

@@ -320,6 +320,10 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
         return 0;
 }
 
+unsigned vhub_backend_channel_queued_fds(const struct vhub_backend_channel *ch) {
+        return ch->writer.n_fds;
+}
+
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch) {
         if (!ch)
                 return NULL;

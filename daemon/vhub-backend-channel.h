@@ -66,6 +66,8 @@ int vhub_backend_channel_new(const struct vhub_backend_channel_params *p, int fd
                              const struct vhub_backend_channel_ops *ops, void *userdata,
                              struct vhub_backend_channel **ret);
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch);
+/* The dups its queued answers hold (the fd budget counts them). */
+unsigned vhub_backend_channel_queued_fds(const struct vhub_backend_channel *ch);
 
 /* Answer req (the request on_request got): value, with fd (>= 0: a copy
  * is sent) if the request's own reply may carry one. */

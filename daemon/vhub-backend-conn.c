@@ -360,6 +360,14 @@ unsigned vhub_bconn_awaiting(const struct vhub_bconn *c) {
         return c->count;
 }
 
+bool vhub_bconn_write_pending(const struct vhub_bconn *c) {
+        return vhu_writer_pending(&c->writer);
+}
+
+unsigned vhub_bconn_queued_fds(const struct vhub_bconn *c) {
+        return c->writer.n_fds;
+}
+
 bool vhub_bconn_is_lost(const struct vhub_bconn *c) {
         return c->lost;
 }

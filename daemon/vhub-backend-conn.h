@@ -55,6 +55,11 @@ int vhub_bconn_send(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag)
  */
 int vhub_bconn_send_awaiting(struct vhub_bconn *c, const struct vhu_msg *m, uint32_t tag);
 unsigned vhub_bconn_awaiting(const struct vhub_bconn *c);
+/* Bytes wait to be written: a message sent now waits behind them, holding
+ * dups of its fds until its first byte goes. */
+bool vhub_bconn_write_pending(const struct vhub_bconn *c);
+/* The dups waiting messages hold (the fd budget counts them). */
+unsigned vhub_bconn_queued_fds(const struct vhub_bconn *c);
 bool vhub_bconn_is_lost(const struct vhub_bconn *c);
 int vhub_bconn_fd(const struct vhub_bconn *c);
 /* Every fd c holds: its socket (what NULL), a partial reply's ("in") and

@@ -333,6 +333,7 @@ static int bind_listen(int parent, const char *name, uid_t creator, uid_t owner_
                        const char *path, struct vhub_backend_listener *l, struct vhub_error *err) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         struct stat st;
+        mode_t mask;
         int fd, sfd = -1, r;
 
         if ((size_t)snprintf(sa.sun_path, sizeof(sa.sun_path), "/proc/self/fd/%d/%s", parent, name) >=
@@ -341,7 +342,12 @@ static int bind_listen(int parent, const char *name, uid_t creator, uid_t owner_
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
-        if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        /* 0700 whatever umask the daemon was started with: only its owner
+         * (and root) may connect and be the VM's back-end */
+        mask = umask(0077);
+        r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+        umask(mask);
+        if (r < 0) {
                 r = -errno;
                 vhu_safe_close(fd);
                 if (r == -EACCES || r == -EPERM)
@@ -488,6 +494,15 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
         *ret_listener = l;
         *ret_path = resolved;
         return fd;
+}
+
+void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l) {
+        struct stat st;
+
+        if (!l || l->dir_fd < 0)
+                return;
+        st = (struct stat){ .st_dev = l->dev, .st_ino = l->ino, .st_ctim = l->ctime };
+        entry_remove_if_same(l->dir_fd, l->name, &st);
 }
 
 int vhub_backend_listener_dir_fd(const struct vhub_backend_listener *l) {

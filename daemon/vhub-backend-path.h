@@ -74,6 +74,15 @@ int vhub_backend_path_listen(struct vhub_backend_dirs *dirs, const struct vhub_c
  */
 struct vhub_backend_listener *vhub_backend_listener_free(struct vhub_backend_listener *l,
                                                          const struct vhub_cred *cred);
+/*
+ * For a fatal signal's handler: remove the socket the same way -- relative
+ * to the directory fd, only if the name still holds the inode bind()
+ * created -- with nothing but async-signal-safe calls (fstatat, unlinkat)
+ * and the daemon's own rights (the name checked is in the directory that
+ * was checked, so that is no more than the uid could do).  Never by its
+ * path: the uid may have turned a directory on the way into a symlink.
+ */
+void vhub_backend_listener_remove_in_crash(const struct vhub_backend_listener *l);
 /* Free l without removing its socket (a restore that gave up on it). */
 struct vhub_backend_listener *vhub_backend_listener_forget(struct vhub_backend_listener *l);
 /* What a restart snapshot keeps of a listener, to take it back. */

@@ -5,6 +5,7 @@
 
 #include "vhub-call.h"
 #include "vhu-fd.h"
+#include "vhu-message.h"
 
 void vhub_call_complete(struct vhub_call *call, int r) {
         if (!call)
@@ -34,4 +35,12 @@ void vhub_postcopy_out_free(struct vhub_call *call) {
         free(call->out.postcopy.devices);
         call->out.postcopy.devices = NULL;
         call->out.postcopy.n_devices = 0;
+}
+
+void vhub_vmm_answer_done(struct vhub_vmm_answer *a) {
+        if (!a || !a->msg)
+                return;
+        vhu_msg_clear(a->msg);
+        free(a->msg);
+        a->msg = NULL;
 }

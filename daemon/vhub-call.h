@@ -16,6 +16,8 @@
 #include "vhub-error.h"
 #include "vhost-user.h"
 
+struct vhu_msg;
+
 struct vhub_call;
 typedef void (*vhub_call_done_fn)(struct vhub_call *call);
 
@@ -39,6 +41,14 @@ struct vhub_postcopy_device {
         struct vhub_postcopy_region *regions;
 };
 
+/* The answer to a front-door VMM's request (vhub-device-vmm.h). */
+struct vhub_vmm_answer {
+        bool close;                    /* no honest answer: close the VMM's connection */
+        char why[320];                 /* when close: for the log */
+        struct vhu_msg *msg;           /* else: its payload (a u64 for an ack) and fds;
+                                        * owned by the call: vhub_vmm_answer_done() */
+};
+
 struct vhub_call {
         vhub_call_done_fn done;
         int result;                    /* 0 or -errno */
@@ -50,6 +60,7 @@ struct vhub_call {
                         unsigned queues;
                         unsigned max_mem_slots;
                         bool has_shmem;        /* SHMEM negotiated */
+                        char vmm_socket[108];  /* a front-door device's socket, else "" */
                         unsigned n_shmem;
                         uint64_t shmem_sizes[VHU_MAX_SHMEM_REGIONS];
                 } device_add;
@@ -71,6 +82,7 @@ struct vhub_call {
                 struct {
                         uint64_t session_id;
                 } crypto_session;
+                struct vhub_vmm_answer vmm_request;
                 struct {
                         /* owned by the call: vhub_postcopy_out_free() */
                         unsigned n_devices;
@@ -83,5 +95,7 @@ struct vhub_call {
 void vhub_call_complete(struct vhub_call *call, int r);
 /* Close the fds and free what out.postcopy holds (NULL-safe, idempotent). */
 void vhub_postcopy_out_free(struct vhub_call *call);
+/* Frees what out.vmm_request holds (NULL-safe, idempotent). */
+void vhub_vmm_answer_done(struct vhub_vmm_answer *a);
 /* Fail with a contract error. */
 void vhub_call_fail(struct vhub_call *call, const struct vhub_error *e);

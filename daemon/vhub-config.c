@@ -38,6 +38,7 @@ void vhub_config_done(struct vhub_config *c) {
         free(c->backend_dirs);
         free(c->control_path);
         free(c->log_level_file);
+        free(c->vmm_dir);
         memset(c, 0, sizeof(*c));
 }
 
@@ -82,12 +83,17 @@ static void usage(FILE *f) {
                 "                           default /run/vhost-user)\n"
                 "  --backend-timeout-ms N   deadline for every back-end request (default 5000)\n"
                 "  --reconnect-max-ms N     cap of the reconnect backoff (default 2000)\n"
+                "  --vmm-dir DIR            where front-door sockets are made (default:\n"
+                "                           $RUNTIME_DIRECTORY/vmm, else /run/vhub/vmm)\n"
                 "  --log-level LEVEL        err, warning, notice, info (default), debug\n"
                 "  --log-level-file PATH    if it exists, its LEVEL overrides --log-level;\n"
                 "                           read at start and on SIGHUP\n"
                 "  --max-vms-per-uid N, --max-devices-per-vm N, --max-regions-per-vm N,\n"
                 "  --max-connections N, --max-pending N, --max-line-bytes N\n"
                 "                           resource limits\n"
+                "  --max-connections-per-uid N\n"
+                "                           control connections one non-root uid may hold\n"
+                "                           (default: a quarter of --max-connections)\n"
                 "  --max-fds-per-uid N      fds one non-root uid may make the daemon hold (default:\n"
                 "                           a quarter of RLIMIT_NOFILE once an eighth is reserved)\n"
                 "  --no-fd-store            keep no fd in the service manager's fd store\n"
@@ -99,8 +105,8 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
         enum {
                 OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
                 OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
-                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE,
-                OPT_NO_FD_STORE,
+                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE, OPT_VMM_DIR,
+                OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
         };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
@@ -111,10 +117,12 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 { "reconnect-max-ms", required_argument, NULL, OPT_RECONNECT_MAX },
                 { "log-level", required_argument, NULL, OPT_LOG },
                 { "log-level-file", required_argument, NULL, OPT_LOG_FILE },
+                { "vmm-dir", required_argument, NULL, OPT_VMM_DIR },
                 { "max-vms-per-uid", required_argument, NULL, OPT_MAX_VMS },
                 { "max-devices-per-vm", required_argument, NULL, OPT_MAX_DEVICES },
                 { "max-regions-per-vm", required_argument, NULL, OPT_MAX_REGIONS },
                 { "max-connections", required_argument, NULL, OPT_MAX_CONN },
+                { "max-connections-per-uid", required_argument, NULL, OPT_MAX_CONN_UID },
                 { "max-pending", required_argument, NULL, OPT_MAX_PENDING },
                 { "max-line-bytes", required_argument, NULL, OPT_MAX_LINE },
                 { "max-fds-per-uid", required_argument, NULL, OPT_MAX_FDS },
@@ -187,6 +195,16 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                         }
                         c->log_level = r;
                         break;
+                case OPT_VMM_DIR:
+                        if (optarg[0] != '/') {
+                                fprintf(stderr, "vhubd: --vmm-dir wants an absolute path\n");
+                                return -EINVAL;
+                        }
+                        free(c->vmm_dir);
+                        c->vmm_dir = strdup(optarg);
+                        if (!c->vmm_dir)
+                                return -ENOMEM;
+                        break;
                 case OPT_LOG_FILE:
                         free(c->log_level_file);
                         c->log_level_file = strdup(optarg);
@@ -197,6 +215,7 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 case OPT_MAX_DEVICES:
                 case OPT_MAX_REGIONS:
                 case OPT_MAX_CONN:
+                case OPT_MAX_CONN_UID:
                 case OPT_MAX_PENDING:
                 case OPT_MAX_LINE:
                 case OPT_MAX_FDS:
@@ -213,6 +232,8 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                                 c->limits.regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
                         else if (o == OPT_MAX_CONN)
                                 c->limits.connections = (unsigned)v;
+                        else if (o == OPT_MAX_CONN_UID)
+                                c->limits.connections_per_uid = (unsigned)v;
                         else if (o == OPT_MAX_PENDING)
                                 c->limits.pending_per_connection = (unsigned)v;
                         else if (o == OPT_MAX_FDS)

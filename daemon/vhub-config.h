@@ -14,6 +14,7 @@ struct vhub_limits {
         unsigned devices_per_vm;
         unsigned regions_per_vm;
         unsigned connections;
+        unsigned connections_per_uid;       /* one non-root uid's; 0: a quarter of connections */
         unsigned pending_per_connection;
         size_t max_line;
         size_t max_output_bytes;
@@ -33,6 +34,7 @@ struct vhub_config {
         int log_level;
         char *log_level_file;        /* NULL: none; else read at start and on SIGHUP */
         unsigned reconnect_max_ms;   /* backoff cap */
+        char *vmm_dir;               /* --vmm-dir; NULL: the contract's default */
         bool no_fd_store;            /* --no-fd-store: keep nothing in systemd's fd store */
         struct vhub_limits limits;
 };

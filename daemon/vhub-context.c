@@ -67,10 +67,10 @@ void vhub_context_crash_unlink(const struct vhub_context *ctx) {
         const struct vhub_device *d;
         const struct vhub_vm *vm;
 
+        /* a server-mode socket never by its path: the uid owns directories on it */
         TAILQ_FOREACH(vm, &ctx->vms, link)
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->listen_fd >= 0 && d->socket_path)
-                                (void)unlink(d->socket_path);
+                        vhub_backend_listener_remove_in_crash(d->listener);
 }
 
 void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
@@ -235,6 +235,24 @@ void vhub_context_foreach_fd(const struct vhub_context *ctx, const struct vhub_f
 
 const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx) {
         return &ctx->fd_budget;
+}
+
+void vhub_context_fd_usage(struct vhub_context *ctx, uid_t uid, struct vhub_fd_usage *u) {
+        struct vhub_event_sink *sink;
+
+        *u = (struct vhub_fd_usage){ .uid = uid };
+        vhub_fd_usage_add_model(ctx, u);
+        TAILQ_FOREACH(sink, &ctx->sinks, link)
+                if (sink->count_fds)
+                        sink->count_fds(sink->userdata, u);
+}
+
+int vhub_context_check_fds(struct vhub_context *ctx, uid_t uid, unsigned n, unsigned slack,
+                           struct vhub_error *err) {
+        struct vhub_fd_usage u;
+
+        vhub_context_fd_usage(ctx, uid, &u);
+        return vhub_fd_budget_check(&ctx->fd_budget, &u, n, slack, err);
 }
 
 bool vhub_context_shutting_down(const struct vhub_context *ctx) {

@@ -23,6 +23,7 @@ struct vhub_fdstore;
 struct vhub_owner;
 struct vhub_vm;
 struct vhub_socket_watcher;
+struct vhub_vmm_door;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
 TAILQ_HEAD(vhub_vm_snap_list, vhub_vm);
@@ -36,7 +37,6 @@ struct vhub_context {
         uint64_t next_region_id;
         uint64_t next_vm_id;              /* never reused: they name fd-store groups */
         uint64_t next_device_id;
-        uint64_t next_token;
         uint64_t start_usec;              /* CLOCK_MONOTONIC: uptime */
         uint64_t start_realtime_usec;     /* CLOCK_REALTIME: daemon.info's started_at */
         struct vhub_event_sink_list sinks;          /* one per face that listens */
@@ -46,6 +46,7 @@ struct vhub_context {
         struct vhub_fdstore *fdstore;               /* systemd's fd store (disabled without
                                                      * $NOTIFY_SOCKET or with --no-fd-store) */
         unsigned n_channels_paused;  /* back-end channels waiting for an owner to read */
+        const struct vhub_vmm_door *vmm_door;       /* the front door, if any (vhub-device-vmm.h) */
         bool shutting_down;
         /* the restart snapshots (vhub-commit.h); ev_commit NULL: none kept */
         struct event *ev_commit;
@@ -70,8 +71,10 @@ void vhub_context_done(struct vhub_context *ctx);
 /* Shutdown: every VM stops its devices and closes its back-ends, in
  * parallel; each goes when its devices have (n_vms tells). */
 void vhub_context_destroy_vms(struct vhub_context *ctx);
-/* In a fatal signal's handler: remove the sockets the daemon created (only
- * unlink(), async-signal-safe; the lists may be mid-change). */
+/* In a fatal signal's handler: remove the server-mode sockets the daemon
+ * created, relative to their directory fds and only if the name still
+ * holds the inode bind() created (fstatat, unlinkat: async-signal-safe; the
+ * lists may be mid-change).  Never by path: the uid owns directories on it. */
 void vhub_context_crash_unlink(const struct vhub_context *ctx);
 /* Every sink gets ev (none once shutting down), stamped with the time
  * (unless ev has one) and its VM's uid. */
@@ -107,6 +110,13 @@ unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);
 /* For the faces, which read no field of the context. */
 struct event_base *vhub_context_base(const struct vhub_context *ctx);
 const struct vhub_fd_budget *vhub_context_fd_budget(const struct vhub_context *ctx);
+/* What uid, the non-root uids and everyone make the daemon hold now: the
+ * model's fds and every face's (its sink's count_fds). */
+void vhub_context_fd_usage(struct vhub_context *ctx, uid_t uid, struct vhub_fd_usage *u);
+/* May uid make the daemon hold n more fds (vhub_fd_budget_check() on the
+ * usage above)?  0, or -32008 in err. */
+int vhub_context_check_fds(struct vhub_context *ctx, uid_t uid, unsigned n, unsigned slack,
+                           struct vhub_error *err);
 /* The fd store every owner's fds go to (vhub-fd-track.h); a disabled
  * store, or NULL in a context that never had one, takes nothing. */
 struct vhub_fdstore *vhub_context_fdstore(const struct vhub_context *ctx);

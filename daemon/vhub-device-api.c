@@ -11,20 +11,9 @@
 #include <unistd.h>
 
 #include "vhub-device-internal.h"
+#include "vhub-eventfd.h"
 #include "vhub-vm.h"
 #include "vhu-fd.h"
-
-static bool is_eventfd(int fd) {
-        char path[64], target[64];
-        ssize_t n;
-
-        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-        n = readlink(path, target, sizeof(target) - 1);
-        if (n < 0)
-                return false;
-        target[n] = '\0';
-        return strcmp(target, "anon_inode:[eventfd]") == 0;
-}
 
 /* fds a start takes in every case: closed when no op took them. */
 static void vring_params_close(struct vhub_vring_params *vp, unsigned n) {
@@ -81,11 +70,11 @@ static int start_check_ring(struct vhub_device *d, uint64_t features, unsigned i
                                       i, d->name);
         /* the daemon writes to them (the start kick, in-band calls): a
          * full blocking pipe in their place would stall the loop */
-        if ((v->kick_fd >= 0 && !is_eventfd(v->kick_fd)) || !is_eventfd(v->call_fd) ||
-            (v->err_fd >= 0 && !is_eventfd(v->err_fd)))
+        if ((v->kick_fd >= 0 && !vhub_fd_is_eventfd(v->kick_fd)) || !vhub_fd_is_eventfd(v->call_fd) ||
+            (v->err_fd >= 0 && !vhub_fd_is_eventfd(v->err_fd)))
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "vrings[%u].%s must be an eventfd", i,
-                                      v->kick_fd >= 0 && !is_eventfd(v->kick_fd) ? "kick"
-                                      : !is_eventfd(v->call_fd)                  ? "call"
+                                      v->kick_fd >= 0 && !vhub_fd_is_eventfd(v->kick_fd) ? "kick"
+                                      : !vhub_fd_is_eventfd(v->call_fd)                  ? "call"
                                                                                  : "err");
         if (v->desc % 16 || v->avail % 2 || v->used % 4)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,

@@ -19,7 +19,7 @@
 
 #include "vhub-backend-channel.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-shared-object.h"
 #include "vhub-vm.h"
@@ -36,12 +36,50 @@ enum {
 
 #define BREQ_NAME(m) vhu_request_name(VHU_DIR_BACKEND, (m)->hdr.request)
 
+/*
+ * A front-door device's back-end request goes to its VMM's back-end channel
+ * (docs/front-door.md): the VMM's answer comes back through
+ * vhub_device_vmm_relay_answered() as a deferred one.  Returns the value to
+ * answer with now, or BREQ_ANSWERED; fail: the value when it could not be
+ * relayed (no channel, not negotiated by the VMM).
+ */
+static int breq_relay(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m, int fail) {
+        uint64_t token = vhub_vm_new_token(d->vm);
+        int r = vmm_relay(d, m, token);
+
+        if (r < 0)
+                return fail;
+        if (r == 0)
+                return 0; /* sent; the VMM answers nothing */
+        vhub_backend_channel_defer(ch, m, DEFER_OWNER, token);
+        return BREQ_ANSWERED;
+}
+
 /* CONFIG_CHANGE_MSG: the VMM should raise a config interrupt. */
 static int breq_config_change(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m) {
         struct vhub_event ev = { .type = VHUB_EV_CONFIG_CHANGED, .vm = d->vm, .device = d->name };
 
         vhub_context_emit(d->vm->ctx, &ev);
+        if (dev_is_front_door(d))
+                return breq_relay(d, ch, m, 1);
         return 0;
+}
+
+/* In-band VRING_CALL / VRING_ERR of a front-door device: relayed if its VMM
+ * negotiated in-band notifications, else its eventfd is signalled. */
+static int breq_vmm_vring_signal(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m) {
+        uint32_t i = m->payload.state.index;
+        bool call = m->hdr.request == VHU_BREQ_VRING_CALL;
+        const struct vhub_vmm_ring *r = i < d->queues ? &d->vmm->rings[i] : NULL;
+        int efd = r ? (call ? r->call_fd : r->err_fd) : -1;
+        int v = breq_relay(d, ch, m, -1);
+
+        if (v != -1)
+                return v;
+        if (efd < 0)
+                return 1;
+        v = vring_signal(d, i, efd, call ? "call" : "err");
+        return v < 0 && v != -EAGAIN ? 1 : 0;
 }
 
 /* VRING_CALL / VRING_ERR: an in-band notification -- signal the VMM's
@@ -54,6 +92,8 @@ static int breq_vring_signal(struct vhub_device *d, struct vhub_backend_channel 
         int efd = ok ? (call ? d->vrings[i].call_fd : d->vrings[i].err_fd) : -1;
         int r;
 
+        if (dev_is_front_door(d))
+                return breq_vmm_vring_signal(d, ch, m);
         if (efd >= 0 && (r = vring_signal(d, i, efd, call ? "call" : "err")) < 0 && r != -EAGAIN)
                 ok = false;
         return ok && efd >= 0 ? 0 : 1;
@@ -76,6 +116,17 @@ static int breq_shared_remove(struct vhub_device *d, struct vhub_backend_channel
         return vhub_shared_table_remove(&d->vm->shared, m->payload.shared.uuid, d) < 0 ? 1 : 0;
 }
 
+/* An answer that carries an fd is queued with a dup of it until the
+ * back-end reads it: the VM's uid's to hold, within its fd budget. */
+static bool answer_fd_fits(struct vhub_device *d) {
+        struct vhub_error err = { 0 };
+
+        if (vhub_context_check_fds(d->vm->ctx, d->vm->uid, 1, 0, &err) == 0)
+                return true;
+        device_log(d, LOG_DEBUG, "SHARED_OBJECT_LOOKUP", "answered as failed: %s", err.detail);
+        return false;
+}
+
 static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m) {
         struct vhub_shared_object *o = vhub_shared_table_find(&d->vm->shared, m->payload.shared.uuid);
         uint64_t token;
@@ -87,11 +138,13 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
                 return 1;
         }
         if (!o->device) {
+                if (!answer_fd_fits(d))
+                        return 1;
                 vhub_backend_channel_answer(ch, m, 0, o->fd); /* the writer sends a copy */
                 return BREQ_ANSWERED;
         }
         /* a device exports it: ask it now, answer when it does */
-        token = ++d->vm->ctx->next_token;
+        token = vhub_vm_new_token(d->vm);
         if (vhub_device_queue_get_shared(o->device, o->uuid, d->name, token) < 0)
                 return 1;
         vhub_backend_channel_defer(ch, m, DEFER_LOOKUP, token);
@@ -100,6 +153,8 @@ static int breq_shared_lookup(struct vhub_device *d, struct vhub_backend_channel
 
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd) {
         /* too late (the deadline answered) or not: the writer sent its own copy */
+        if (fd >= 0 && d->channel && !answer_fd_fits(d))
+                fd = vhu_safe_close(fd);
         if (d->channel)
                 (void)vhub_backend_channel_answer_deferred(d->channel, DEFER_LOOKUP, token, fd >= 0 ? 0 : 1, fd);
         vhu_safe_close(fd);
@@ -114,11 +169,15 @@ static int breq_forward(struct vhub_device *d, struct vhub_backend_channel *ch, 
                 .vm = d->vm,
                 .device = d->name,
                 .request = BREQ_NAME(m),
-                .token = ++d->vm->ctx->next_token,
                 .fds = m->fds,
                 .n_fds = m->n_fds,
         };
         unsigned n = 0;
+
+        /* the front door's VMM acts on it itself, through its channel */
+        if (dev_is_front_door(d))
+                return breq_relay(d, ch, m, 1);
+        ev.token = vhub_vm_new_token(d->vm);
 
         switch (m->hdr.request) {
         case VHU_BREQ_VRING_HOST_NOTIFIER_MSG:
@@ -214,7 +273,8 @@ static void device_on_backend_request(void *userdata, struct vhub_backend_channe
                 vhub_backend_channel_answer(ch, m, 1, -1);
                 return;
         }
-        if (h->for_owner && vhub_backend_channel_refuse_stalled(ch, m))
+        /* a front-door device's requests go to its VMM, not the VM's owner */
+        if (h->for_owner && !dev_is_front_door(d) && vhub_backend_channel_refuse_stalled(ch, m))
                 return;
         value = h->handle(d, ch, m);
         if (value != BREQ_ANSWERED)

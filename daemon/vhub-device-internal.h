@@ -14,6 +14,7 @@
 
 struct vhub_backend_listener;
 struct vhub_vm;
+struct vhub_vmm_request;
 
 enum vhub_op_kind {
         VHUB_OP_HANDSHAKE,
@@ -28,6 +29,9 @@ enum vhub_op_kind {
         VHUB_OP_LOG,                  /* dirty logging on/off (a VM batch member) */
         VHUB_OP_GET_SHARED,           /* GET_SHARED_OBJECT for another device's lookup */
         VHUB_OP_POSTCOPY,             /* POSTCOPY_ADVISE/LISTEN/END (a VM batch member) */
+        VHUB_OP_PASSTHROUGH,          /* one request of a front-door VMM (vhub-op-passthrough.c) */
+        VHUB_OP_VMM_RESTORE,          /* a restore replays the VMM's rings (vhub-op-vmm-restore.c) */
+        VHUB_OP_VMM_STOP,             /* the VMM left: its rings stopped, its memory gone */
         _VHUB_OP_MAX,
 };
 
@@ -41,6 +45,7 @@ struct vhub_op {
         uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */
+        bool restore_continues;       /* a restore HANDSHAKE with a START or VMM_RESTORE behind it */
         struct vhub_call *call;       /* NULL for internal ops */
         struct vhub_mem_op *mem_op;   /* MEM_SYNC of a VM fan-out */
         int result;                   /* first failure in this op */
@@ -49,6 +54,7 @@ struct vhub_op {
         bool holds_handshake_sync;    /* counted in vm->handshake_syncs */
         uint64_t hs_features;         /* handshake: what the back-end offers now */
         uint64_t hs_pf_offer;
+        struct vhub_vmm_request *vmm_req;   /* PASSTHROUGH: the VMM's request (owned) */
         struct vhub_event_vring *restored;  /* restore START: per-ring outcome */
         unsigned n_restored;
         bool restore_exact;
@@ -201,6 +207,10 @@ int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int lis
 void device_link_resume_outage(struct vhub_device *d, unsigned left_ms);
 /* Declare the back-end lost now (reported from the loop). */
 void device_mark_lost(struct vhub_device *d, const char *reason);
+/* The same for a back-end that did nothing wrong but needs a new
+ * connection (a front-door device whose VMM left): restored at once, not
+ * after the backoff of earlier losses. */
+void device_renew_link(struct vhub_device *d, const char *reason);
 /* A restore op succeeded: back to the state before the loss. */
 void device_restored(struct vhub_device *d, const struct vhub_event_vring *vrings, unsigned n,
                      bool exact);
@@ -291,6 +301,22 @@ void op_refusef(struct vhub_op *op, int code, const char *fmt, ...) __attribute_
 void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
                   const struct vhu_msg *reply);
 void op_complete_call(struct vhub_device *d, struct vhub_op *op, int r);
+/* A restore's record of its rings, empty, room for every ring; exact until
+ * a ring says otherwise.  0, or op->result with its error set (out of memory). */
+int op_restored_begin(const struct vhub_device *d, struct vhub_op *op);
+/*
+ * A restore rebased ring index to used_idx: appended to op->restored (which
+ * has room for every ring) for device.reconnected.  Its outstanding requests
+ * are those counted at the loss if they were read then (the driver may have
+ * queued more since, which the restart picks up anyway), else avail_idx -
+ * used_idx now; more than one without inflight tracking or IN_ORDER
+ * (tracked false) makes the restore inexact.
+ */
+void op_restored_ring(struct vhub_op *op, uint32_t index, uint16_t used_idx, uint16_t avail_idx, bool loss_read,
+                      uint16_t loss_avail, uint16_t loss_used, bool tracked);
+/* A restore op failed: the device gives up, or the back-end (still
+ * connected) is dropped and the next attempt comes with the backoff. */
+void device_restore_failed(struct vhub_device *d, const struct vhub_op *op);
 
 /* The op kinds (vhub-op-*.c): stage, reply, completion. */
 int mem_sync_prepare(struct vhub_device *d, struct vhub_op *op);
@@ -322,6 +348,12 @@ OP_KIND_FUNCS(get_shared);
 OP_KIND_REPLY(get_shared);
 OP_KIND_FUNCS(postcopy);
 OP_KIND_REPLY(postcopy);
+OP_KIND_FUNCS(passthrough);
+OP_KIND_REPLY(passthrough);
+OP_KIND_FUNCS(vmm_restore);
+OP_KIND_REPLY(vmm_restore);
+OP_KIND_FUNCS(vmm_stop);
+OP_KIND_REPLY(vmm_stop);
 
 /* The op kinds' own functions that free what an op holds (vhub-op-*.c). */
 void start_free(struct vhub_op *op);
@@ -330,6 +362,13 @@ void start_foreach_fd(const struct vhub_device *d, const struct vhub_op *op, con
 void mem_sync_free(struct vhub_op *op);
 void single_free(struct vhub_op *op);
 void postcopy_free(struct vhub_op *op);
+void passthrough_free(struct vhub_op *op);
+unsigned passthrough_fds(const struct vhub_op *op);
+void passthrough_foreach_fd(const struct vhub_device *d, const struct vhub_op *op,
+                            const struct vhub_fd_visitor *v);
+/* A loss took the back-end while op waited or ran: true if it stays queued
+ * (reset, to run again after the restore), false if it is done with. */
+bool passthrough_requeue(struct vhub_device *d, struct vhub_op *op);
 
 /* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);

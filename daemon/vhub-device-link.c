@@ -54,6 +54,8 @@
 #include "vhub-backend-conn.h"
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
+#include "vhub-device-vmm-internal.h"
+#include "vhub-cred.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-socket-watch.h"
@@ -114,6 +116,10 @@ static void device_emit(struct vhub_device *d, enum vhub_event_type type, const 
 
 /* What the rings looked like when the back-end went away (for device.reconnected). */
 static void device_snapshot_rings(struct vhub_device *d) {
+        if (dev_is_front_door(d)) {
+                vmm_snapshot_rings(d);
+                return;
+        }
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
@@ -200,6 +206,8 @@ static void device_change_state(struct vhub_device *d, enum vhub_device_state to
                 /* device.stop, or device.reset of a running device */
                 device_emit(d, VHUB_EV_DEVICE_STOPPED, c);
         }
+        if (dev_is_front_door(d))
+                vmm_state_changed(d, from, to);
         vhub_context_counts_changed(d->vm->ctx);
 }
 
@@ -225,17 +233,17 @@ static int device_attach_connection(struct vhub_device *d, int fd) {
 static int device_connect_client(struct vhub_device *d, struct vhub_error *err) {
         int pfd, fd;
 
-        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->vm->cred, d->vm->uid,
+        pfd = vhub_backend_path_open(d->vm->ctx->backend_dirs, &d->cred, d->vm->uid,
                                      d->socket_path, err);
         if (pfd < 0)
                 return pfd;
-        fd = vhub_backend_path_connect(pfd, &d->vm->cred);
+        fd = vhub_backend_path_connect(pfd, &d->cred);
         vhu_safe_close(pfd);
         /* the VM's uid could not connect to it itself */
         if (fd == -EACCES || fd == -EPERM)
                 return vhub_error_set(err, VHUB_ERR_NOT_ALLOWED,
                                       "uid %u may not connect to back-end socket %s",
-                                      (unsigned)d->vm->cred.uid, d->socket_path);
+                                      (unsigned)d->cred.uid, d->socket_path);
         if (fd < 0)
                 return vhub_error_set_backend(err, VHUB_ERR_BACKEND, d->name, NULL,
                                               "cannot connect to back-end socket %s: %s",
@@ -259,6 +267,20 @@ void device_drop_connection(struct vhub_device *d) {
 void device_mark_lost(struct vhub_device *d, const char *reason) {
         if (d->conn)
                 vhub_bconn_fail(d->conn, false, 0, reason);
+}
+
+void device_restore_failed(struct vhub_device *d, const struct vhub_op *op) {
+        if (op->give_up)
+                device_give_up(d, op->error.detail);
+        else if (vhub_device_is_connected(d))
+                device_mark_lost(d, op->error.detail); /* retried with backoff */
+}
+
+void device_renew_link(struct vhub_device *d, const char *reason) {
+        /* not a failing back-end: no backoff, the first attempt at once */
+        d->restored_usec = 0;
+        d->reconnect_fast = 1;
+        device_mark_lost(d, reason);
 }
 
 /* Reported once per connection, from the loop (vhub-backend-conn.h). */
@@ -294,17 +316,22 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 /* Queue what restores the device after a new connection. */
 static void device_queue_restore(struct vhub_device *d) {
         struct vhub_op *hs = op_new(VHUB_OP_HANDSHAKE, NULL);
+        /* then the rings: a START of the last device.start's, or a front-door
+         * device's VMM session replayed */
+        bool rings = dev_is_front_door(d) ? vmm_has_rings_to_restore(d)
+                                          : d->state_before_loss == VHUB_DEV_RUNNING;
         struct vhub_op *st = NULL;
 
-        if (d->state_before_loss == VHUB_DEV_RUNNING)
-                st = op_new(VHUB_OP_START, NULL);
-        if (!hs || (d->state_before_loss == VHUB_DEV_RUNNING && !st)) {
+        if (rings)
+                st = op_new(dev_is_front_door(d) ? VHUB_OP_VMM_RESTORE : VHUB_OP_START, NULL);
+        if (!hs || (rings && !st)) {
                 op_free(hs);
                 op_free(st);
                 device_mark_lost(d, "out of memory restoring the device");
                 return;
         }
         hs->restore = true;
+        hs->restore_continues = st != NULL;
         if (st)
                 st->restore = true;
         device_set_state(d, VHUB_DEV_RESTORING, "connected");
@@ -363,12 +390,21 @@ static void device_socket_appeared(void *userdata) {
 }
 
 static void device_watch_socket(struct vhub_device *d) {
+        struct vhub_cred_scope scope;
         int r;
 
         if (d->watch)
                 return;
-        r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared, d,
-                                  &d->watch);
+        /* the path is the uid's: resolved (and read permission checked)
+         * with the device's identity, as every other operation on its
+         * back-end paths, so that it cannot make the daemon watch what it
+         * could not watch itself */
+        r = vhub_cred_enter(&d->cred, &scope);
+        if (r == 0) {
+                r = vhub_socket_watch_add(d->vm->ctx->socket_watcher, d->socket_path, device_socket_appeared,
+                                          d, &d->watch);
+                vhub_cred_leave(&scope);
+        }
         if (r < 0)
                 device_log(d, LOG_DEBUG, NULL, "cannot watch the directory of %s (%s); timed retries only",
                            d->socket_path, strerror(-r));
@@ -484,7 +520,7 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         struct timeval tv;
         int r;
 
-        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &vm->cred, vm->uid, d->socket_path, err,
+        r = vhub_backend_path_listen(vm->ctx->backend_dirs, &d->cred, vm->uid, d->socket_path, err,
                                      &d->listener, &listen_path);
         if (r < 0) {
                 if (!err->code)
@@ -576,7 +612,7 @@ void device_link_done(struct vhub_device *d) {
         device_fd_untrack(d, d->listen_fd, "listen");
         d->listen_fd = vhu_safe_close(d->listen_fd);
         device_fd_untrack(d, vhub_backend_listener_dir_fd(d->listener), "dirfd");
-        d->listener = vhub_backend_listener_free(d->listener, &d->vm->cred);
+        d->listener = vhub_backend_listener_free(d->listener, &d->cred);
 }
 
 struct link_visit {

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A device in its VM's restart snapshot (vhub-model-snapshot.h): what
- * device.list, device.stats and a restore need -- its identity and link,
+ * device.list, device.stats and a restore need -- its identity, the
+ * credentials it acts with (its adder's) and its link,
  * its state, what was negotiated, its rings and inflight region, the
  * memory its back-end has mapped, its outage and backoff -- and each fd it
  * keeps by the identity key it has in the device's fd-store group.
@@ -23,7 +24,7 @@
 #include "vhub-backend-conn.h"
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-fd-claim.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-time.h"
@@ -69,6 +70,9 @@ enum {
         D_SHADOW,               /* region ids, u64 each */
         D_MEM_SYNCED,
         D_STATS,                /* nest: ST_* */
+        D_VMM_CONNECTED,        /* a front-door device's VMM was connected */
+        /* added within format 1 (an older reader skips it) */
+        D_CRED,                 /* nest: whose rights it acts with (vhub_snap_put_cred()) */
         D_CHAN_WAIT,            /* nest: CW_*: a back-end request waiting for the VMM */
 };
 
@@ -173,10 +177,13 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_FACE, d->face);
         vhub_snap_put_u32(w, D_RECONNECT_MS, d->reconnect_ms);
         vhub_snap_put_u32(w, D_REQUESTED_QUEUES, d->requested_queues);
+        vhub_snap_put_cred(w, D_CRED, &d->cred);
         vhub_snap_put_u32(w, D_STATE, d->state);
         vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
         vhub_snap_put_bool(w, D_BUSY, device_busy(d));
         vhub_snap_put_bool(w, D_REMOVING, d->removing);
+        if (d->vmm && d->vmm->connected)
+                vhub_snap_put_bool(w, D_VMM_CONNECTED, true);
         if (d->conn)
                 vhub_snap_put_fd(w, D_SOCK, s, g, vhub_bconn_fd(d->conn));
         if (d->channel)
@@ -307,7 +314,7 @@ struct device_rec {
         uint64_t id;
         char name[VHUB_NAME_MAX + 1];
         char *path;
-        bool busy, removing, has_listener;
+        bool busy, removing, has_listener, vmm_connected, has_cred;
         bool has_sock, has_chan, has_listen, has_dirfd, has_inflight;
         struct vhub_fd_key sock, chan, listen, dirfd, inflight;
         struct vhub_backend_listener_state listener;
@@ -463,6 +470,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         break;
                 case D_BUSY: r = vhub_snap_get_bool(&x, &rec->busy); break;
                 case D_REMOVING: r = vhub_snap_get_bool(&x, &rec->removing); break;
+                case D_VMM_CONNECTED: r = vhub_snap_get_bool(&x, &rec->vmm_connected); break;
                 case D_SOCK: r = vhub_snap_get_key(&x, &rec->sock); rec->has_sock = true; break;
                 case D_CHAN: r = vhub_snap_get_key(&x, &rec->chan); rec->has_chan = true; break;
                 case D_LISTEN: r = vhub_snap_get_key(&x, &rec->listen); rec->has_listen = true; break;
@@ -502,6 +510,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         d->cap_shadow = d->n_shadow;
                         break;
                 case D_MEM_SYNCED: r = vhub_snap_get_bool(&x, &d->mem_synced); break;
+                case D_CRED: r = vhub_snap_get_cred(&x, &d->cred); rec->has_cred = true; break;
                 case D_RING:
                 case D_STATS:
                 case D_CHAN_WAIT:
@@ -515,6 +524,9 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                 return r;
         if (!rec->id || !rec->name[0] || !rec->path)
                 return -EBADMSG;
+        /* an older writer's device acted with its VM's credentials */
+        if (!rec->has_cred)
+                return vhub_cred_copy(&d->vm->cred, &d->cred);
         return 0;
 }
 
@@ -540,6 +552,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         k = read_fields(d, &rec, it);
         if (k < 0) {
                 *why = "a device record is malformed";
+                vhub_cred_done(&d->cred);
                 free(d->shmem_sizes);
                 free(d->shadow);
                 free(rec.path);
@@ -554,6 +567,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 d->vrings[i] = (struct vhub_vring){ .index = i, .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
         if (!d->vrings) {
+                vhub_cred_done(&d->cred);
                 free(d->shmem_sizes);
                 free(d->shadow);
                 free(d->socket_path);
@@ -616,6 +630,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         }
         if (k < 0 && !*why)
                 *why = "a device's link could not be made again";
+        /* a front-door device: its VMM's session is not carried (vmm_session_restore()) */
+        if (k >= 0 && d->handshaken && !rec.removing && d->state != VHUB_DEV_CONNECTING &&
+            d->face == VHUB_FACE_FRONT_DOOR && (k = vmm_session_restore(d, rec.vmm_connected)) < 0)
+                *why = "out of memory restoring a front-door device";
         /* a device.add or device.remove in flight: its call is answered
          * -32011, and the device goes (its connection closes) */
         if (k < 0 || !d->handshaken || rec.removing || d->state == VHUB_DEV_CONNECTING) {
@@ -647,6 +665,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
 }
 
 void vhub_device_restore_finish(struct vhub_device *d) {
+        if (d->vmm && vmm_restore_finish(d)) {
+                d->restore_lost = false;
+                return;
+        }
         if (d->state == VHUB_DEV_DISCONNECTED) {
                 /* the outage goes on where it was: a connection the restore
                  * attempt had made goes, the next attempt when it was due */

@@ -12,9 +12,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "vhub-backend-channel.h"
 #include "vhub-backend-conn.h"
+#include "vhub-backend-path.h"
 #include "vhub-context.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -100,6 +102,8 @@ void vhub_device_foreach_fd(const struct vhub_device *d, const struct vhub_fd_vi
                 device_fd_visit(d, v, r->call_fd, d->fd_group, "ring%u.call", i);
                 device_fd_visit(d, v, r->err_fd, d->fd_group, "ring%u.err", i);
         }
+        if (d->vmm)
+                vmm_foreach_fd(d, v);
         TAILQ_FOREACH(op, &d->ops, link)
                 op_foreach_fd(d, op, v);
 }
@@ -112,14 +116,16 @@ unsigned vhub_device_fds_held(const struct vhub_device *d) {
         const struct vhub_op *op;
         unsigned n = 0;
 
-        n += d->conn ? 1 : 0;
-        n += d->channel ? 1 : 0;
-        n += (d->listen_fd >= 0) + (d->inflight_fd >= 0);
+        /* the sockets, and the dups their queued messages hold */
+        n += d->conn ? 1 + vhub_bconn_queued_fds(d->conn) : 0;
+        n += d->channel ? 1 + vhub_backend_channel_queued_fds(d->channel) : 0;
+        /* server mode: the listening socket and the directory it is in */
+        n += (d->listen_fd >= 0) + (vhub_backend_listener_dir_fd(d->listener) >= 0) + (d->inflight_fd >= 0);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 n += vring_fds_held(&d->vrings[i]);
         TAILQ_FOREACH(op, &d->ops, link)
                 n += op_fds_held(op);
-        return n;
+        return n + vmm_fds_held(d);
 }
 
 /* ---- memory shadow: what the back-end has mapped ---- */
@@ -129,6 +135,15 @@ bool vhub_device_shadow_has(const struct vhub_device *d, uint64_t id) {
                 if (d->shadow[i] == id)
                         return true;
         return false;
+}
+
+bool vhub_device_shadow_is(const struct vhub_device *d, const struct vhub_mem_table *t) {
+        if (d->n_shadow != t->n)
+                return false;
+        for (size_t i = 0; i < t->n; i++)
+                if (!vhub_device_shadow_has(d, t->regions[i].id))
+                        return false;
+        return true;
 }
 
 void shadow_add(struct vhub_device *d, uint64_t id) {
@@ -224,6 +239,8 @@ void vhub_device_free(struct vhub_device *d) {
                 op_complete(d, op, op->result);
                 op_free(op);
         }
+        /* the front door's socket and VMM go before the back-end */
+        vmm_session_free(d);
         device_link_done(d);
         for (unsigned i = 0; d->vrings && i < d->queues; i++)
                 device_ring_close(d, i);
@@ -232,6 +249,7 @@ void vhub_device_free(struct vhub_device *d) {
         device_set_inflight(d, -1);
         free(d->shadow);
         free(d->socket_path);
+        vhub_cred_done(&d->cred);
         free(d);
 }
 
@@ -271,16 +289,19 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         snprintf(d->name, sizeof(d->name), "%s", p->name);
         snprintf(d->type, sizeof(d->type), "%s", p->type ? p->type : "");
         d->mode = p->mode;
-        d->face = p->face;
+        /* a front-door device is driven by its VMM, whoever added it */
+        d->face = p->vmm_socket ? VHUB_FACE_FRONT_DOOR : p->face;
         d->reconnect_ms = p->reconnect_ms;
         d->requested_queues = p->queues;
         d->state = VHUB_DEV_CONNECTING;
         d->stats.state_since_usec = vhub_now_usec();
         d->socket_path = strdup(p->socket_path);
-        if (!d->socket_path) {
+        if (!d->socket_path || vhub_cred_copy(p->cred ? p->cred : &vm->cred, &d->cred) < 0) {
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "out of memory");
                 goto fail;
         }
+        if (p->vmm_socket && vmm_session_new(d, &err) < 0)
+                goto fail;
         if (device_link_start(d, &err) < 0)
                 goto fail;
 

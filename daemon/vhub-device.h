@@ -18,6 +18,7 @@
 
 #include "vhub-call.h"
 #include "vhub-config.h"
+#include "vhub-cred.h"
 #include "vhub-error.h"
 #include "vhub-event.h"
 #include "vhub-fd-track.h"
@@ -28,6 +29,7 @@
 struct event;
 struct vhub_bconn;
 struct vhub_backend_channel;
+struct vhub_device_vmm;
 struct vhub_socket_watch;
 struct vhub_mem_op;
 struct vhub_vm;
@@ -122,6 +124,8 @@ struct vhub_device {
         char type[32];
         enum vhub_device_mode mode;
         enum vhub_face face;          /* who drives it: only recorded, for the faces */
+        struct vhub_cred cred;        /* whose rights its back-end paths are used with:
+                                       * its adder's (vhub_device_add_params.cred) */
         unsigned reconnect_ms;
         unsigned requested_queues;    /* 0: what the back-end reports */
 
@@ -178,6 +182,9 @@ struct vhub_device {
         bool restore_lost;            /* a request was in flight: lost now */
         bool restore_reconnect_armed;
         uint64_t restore_reconnect_left_ms;
+
+        /* a front-door device: its VMM's session (vhub-device-vmm.h); NULL otherwise */
+        struct vhub_device_vmm *vmm;
 };
 
 struct vhub_device_add_params {
@@ -188,6 +195,12 @@ struct vhub_device_add_params {
         enum vhub_face face;          /* the face that adds it drives it */
         unsigned queues;              /* 0: default */
         unsigned reconnect_ms;
+        bool vmm_socket;              /* a front-door device: the front door drives it */
+        /* Whose rights its back-end paths are used with, for its whole life
+         * (connect, reconnects, bind, watch, removal): the peer that asks
+         * for it -- the VM's own uid, or root naming another uid's VM.
+         * Copied; NULL: the VM's (its creator's). */
+        const struct vhub_cred *cred;
 };
 
 /* Creates the device in the VM and starts connecting; call completes after
@@ -258,8 +271,11 @@ void vhub_device_fail_now(struct vhub_device *dev, const char *reason);
 /* A device being removed is gone for the faces (-32002). */
 bool vhub_device_is_removing(const struct vhub_device *dev);
 bool vhub_device_shadow_has(const struct vhub_device *dev, uint64_t region_id);
+/* Whether the back-end has mapped exactly the regions of t. */
+bool vhub_device_shadow_is(const struct vhub_device *dev, const struct vhub_mem_table *t);
 bool vhub_device_is_connected(const struct vhub_device *dev);
-/* The fds the device holds, its ops' included (the fd budget counts them). */
+/* The fds the device holds, its ops' and the dups of the messages queued
+ * toward its back-end included (the fd budget counts them). */
 unsigned vhub_device_fds_held(const struct vhub_device *dev);
 /* Every fd the device holds, named "dev/<uid>/<vm>/<device>/...": in its
  * group the back-end socket ("sock"), channel ("chan"), server-mode

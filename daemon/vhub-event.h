@@ -13,6 +13,7 @@
 
 #include "vhub-contract.h" /* enum vhub_event_type and the names */
 
+struct vhub_fd_usage;
 struct vhub_vm;
 
 struct vhub_event_vring {
@@ -64,6 +65,10 @@ struct vhub_event {
 struct vhub_event_sink {
         TAILQ_ENTRY(vhub_event_sink) link;   /* the context's list */
         void (*emit)(void *userdata, const struct vhub_event *ev);
+        /* Optional: add the fds the face holds on behalf of uids (its
+         * connections and what is queued on them) to u with
+         * vhub_fd_usage_add(), for the fd budget (vhub_context_fd_usage()). */
+        void (*count_fds)(void *userdata, struct vhub_fd_usage *u);
         void *userdata;
 };
 

@@ -4,6 +4,8 @@
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,4 +77,16 @@ int vhub_eventfd_signal(int fd) {
                 (void)guard_set(0); /* disarmed: no SIGALRM later */
         /* only a write that waited can be interrupted: the counter was full */
         return r == -EINTR ? -EAGAIN : r;
+}
+
+bool vhub_fd_is_eventfd(int fd) {
+        char path[64], target[64];
+        ssize_t n;
+
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n = readlink(path, target, sizeof(target) - 1);
+        if (n < 0)
+                return false;
+        target[n] = '\0';
+        return strcmp(target, "anon_inode:[eventfd]") == 0;
 }

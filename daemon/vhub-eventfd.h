@@ -8,6 +8,8 @@
  */
 #pragma once
 
+#include <stdbool.h>
+
 /* Installs the no-op SIGALRM handler (without SA_RESTART) that the write
  * guard needs.  Call once at startup; until then writes are guarded by the
  * poll() check alone.  Returns 0 or -errno. */
@@ -18,3 +20,6 @@ int vhub_eventfd_guard_setup(void);
  * lost, nothing was written); other -errno: the write failed.  Never blocks
  * for longer than a few milliseconds, whatever the peer does meanwhile. */
 int vhub_eventfd_signal(int fd);
+
+/* Whether fd is an eventfd (a peer may send any fd where one is due). */
+bool vhub_fd_is_eventfd(int fd);

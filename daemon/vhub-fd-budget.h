@@ -33,8 +33,9 @@
 struct vhub_context;
 
 /* What a device holds of its own once it runs: its socket, the back-end
- * channel, a server-mode listening socket, the inflight fd. */
-#define VHUB_DEVICE_OWN_FDS 4
+ * channel, a server-mode listening socket and its directory's fd, the
+ * inflight fd. */
+#define VHUB_DEVICE_OWN_FDS 5
 
 struct vhub_fd_budget {
         unsigned limit;

@@ -31,6 +31,8 @@ struct vhub_context;
 #define VHUB_FD_GROUP_VM         'v'    /* a VM: regions, dirty log */
 #define VHUB_FD_GROUP_SHARED     'o'    /* a VM's shared objects (the VM's id) */
 #define VHUB_FD_GROUP_CONNECTION 'c'    /* a control connection's socket */
+#define VHUB_FD_GROUP_FRONTDOOR  'f'    /* a front-door device's socket, its VMM's connection
+                                         * and channel (the device's id) */
 #define VHUB_FD_GROUP_LISTENER   "L"    /* the control socket the daemon made */
 
 /* kind and id in base 36 into buf: "d1a3", "o7".  (A kind is a letter of

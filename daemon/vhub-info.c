@@ -8,7 +8,7 @@
 
 #include "vhub-commit.h"
 #include "vhub-context.h"
-#include "vhub-device.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-info.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -88,6 +88,11 @@ static void device_info(struct vhub_device_info *i, const struct vhub_device *d)
         i->queues = d->queues;
         i->reconnects = d->reconnects;
         snprintf(i->type, sizeof(i->type), "%s", d->type);
+        i->front_door = d->vmm != NULL;
+        if (d->vmm) {
+                snprintf(i->vmm_socket, sizeof(i->vmm_socket), "%s", d->vmm->socket_path ? d->vmm->socket_path : "");
+                i->vmm_connected = d->vmm->connected;
+        }
 }
 
 int vhub_info_devices(const struct vhub_vm *vm, struct vhub_device_info **ret, size_t *ret_n) {

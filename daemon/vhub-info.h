@@ -64,6 +64,9 @@ struct vhub_device_info {
         unsigned queues;
         unsigned reconnects;
         char type[32];                   /* informational, "" if none given */
+        bool front_door;                 /* added with vmm_socket: its VMM drives it */
+        char vmm_socket[VHUB_SOCKET_PATH_MAX]; /* front door: where the VMM connects ("" before) */
+        bool vmm_connected;              /* front door: a VMM is attached, else it waits for one */
 };
 
 /* The VM's devices, in the order they were added (one being removed too). */

@@ -176,14 +176,34 @@ static void log_to_stderr(int level, const struct vhub_log_about *about, const c
                 prefix[level & 7], ctx, msg);
 }
 
+/* Clients choose some of what is logged (a socket path may hold any byte
+ * but NUL): a newline would start a line of theirs on stderr, an escape
+ * sequence would drive the reader's terminal.  Control bytes become \xNN. */
+static void escape_controls(const char *in, char *out, size_t len) {
+        size_t o = 0;
+
+        for (const unsigned char *p = (const unsigned char *)in; *p && o + 1 < len; p++) {
+                if (*p >= 0x20 && *p != 0x7f) {
+                        out[o++] = (char)*p;
+                        continue;
+                }
+                if (len - o < 5)
+                        break;
+                snprintf(out + o, len - o, "\\x%02x", *p);
+                o += 4;
+        }
+        out[o] = '\0';
+}
+
 void vhub_logv_at(struct vhub_log_site site, int level, const struct vhub_log_about *about,
                   const char *fmt, va_list ap) {
-        char msg[1024];
+        char raw[1024], msg[1024];
         int saved = errno;
 
         if (level > log_settings.max_level)
                 return;
-        vsnprintf(msg, sizeof(msg), fmt, ap);
+        vsnprintf(raw, sizeof(raw), fmt, ap);
+        escape_controls(raw, msg, sizeof(msg));
         if (log_settings.journal)
                 log_to_journal(site, level, about, msg);
         else

@@ -12,12 +12,22 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "vhub-cred.h"
 #include "vhub-snapshot.h"
 
 struct vhub_context;
 struct vhub_device;
 struct vhub_fdstore_restore;
 struct vhub_vm;
+
+/* Credentials (vhub-cred-snapshot.c): a VM's groups as one record of its
+ * own, a device's whole credentials as a nest.  A reader fails a record
+ * that lacks the uid or the gid rather than leave root's zeros in place. */
+#define VHUB_SNAP_MAX_GROUPS 64
+void vhub_snap_put_groups(struct vhub_snap_writer *w, uint32_t tag, const struct vhub_cred *c);
+int vhub_snap_get_groups(const struct vhub_snap_rec *rec, struct vhub_cred *c);
+void vhub_snap_put_cred(struct vhub_snap_writer *w, uint32_t tag, const struct vhub_cred *c);
+int vhub_snap_get_cred(const struct vhub_snap_rec *rec, struct vhub_cred *ret);
 
 int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w);
 /* Rebuild the VM of doc (read from its snapshot file, whose fd snap_fd is

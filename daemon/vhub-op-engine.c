@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "vhub-backend-conn.h"
+#include "vhub-context.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
@@ -61,6 +62,20 @@ static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu
                 if (info && (info->reply == VHU_REPLY_ALWAYS ||
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        }
+        /* Behind bytes the back-end has not read yet, the message waits
+         * holding dups of its fds: they are the VM's uid's to hold, within
+         * its fd budget (a back-end that stops reading would otherwise make
+         * the daemon hold a dup of every region's fd, per device). */
+        if (m->n_fds > 0 && vhub_bconn_write_pending(d->conn)) {
+                struct vhub_error budget = { 0 };
+
+                if (vhub_context_check_fds(d->vm->ctx, d->vm->uid, m->n_fds, 0, &budget) < 0)
+                        return device_op_error(op, VHUB_ERR_LIMIT,
+                                               vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                               "%s waits for a back-end that does not read: %s",
+                                               vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                               budget.detail);
         }
         r = await ? vhub_bconn_send_awaiting(d->conn, m, tag) : vhub_bconn_send(d->conn, m, tag);
         if (r < 0)
@@ -149,6 +164,9 @@ void device_run_head(struct vhub_device *d) {
         if (!vhub_device_is_connected(d) && op->kind != VHUB_OP_REMOVE) {
                 if (d->state == VHUB_DEV_CONNECTING)
                         return; /* the first connection is still being set up */
+                /* a VMM's request waits for the restore (its deadline bounds that) */
+                if (op->kind == VHUB_OP_PASSTHROUGH && d->state != VHUB_DEV_FAILED && !d->removing)
+                        return;
                 device_op_error(op, VHUB_ERR_BACKEND, NULL,
                                 d->state == VHUB_DEV_FAILED
                                         ? "device %s has failed; remove and add it again"
@@ -213,6 +231,9 @@ void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
         for (op = TAILQ_FIRST(&d->ops); op; op = next) {
                 next = TAILQ_NEXT(op, link);
                 if (op->kind == VHUB_OP_REMOVE)
+                        continue;
+                /* a VMM's request runs again after the restore */
+                if (op->kind == VHUB_OP_PASSTHROUGH && passthrough_requeue(d, op))
                         continue;
                 if (op->result == 0) {
                         vhub_error_copy(&op->error, err);

@@ -4,13 +4,14 @@
  * memory slots, then the memory table -- on device.add and on every restore.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "vhub-backend-conn.h"
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-log.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -304,6 +305,12 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 }
                 d->handshaken = true;
                 device_set_state(d, VHUB_DEV_READY, "handshake done");
+                /* a front-door device: its socket, now that its offer is known */
+                if (dev_is_front_door(d) && vmm_open(d, &op->error) < 0) {
+                        d->destroy_pending = true;
+                        op_complete_call(d, op, vhub_error_errno(op->error.code));
+                        return;
+                }
                 if (op->call) {
                         op->call->out.device_add.features = d->features;
                         op->call->out.device_add.protocol_features = d->protocol_features;
@@ -311,6 +318,10 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         op->call->out.device_add.max_mem_slots = d->max_mem_slots;
                         op->call->out.device_add.has_shmem = d->shmem_sizes != NULL;
                         op->call->out.device_add.n_shmem = d->n_shmem;
+                        if (dev_is_front_door(d))
+                                snprintf(op->call->out.device_add.vmm_socket,
+                                         sizeof(op->call->out.device_add.vmm_socket), "%s",
+                                         d->vmm->socket_path);
                         if (d->n_shmem)
                                 memcpy(op->call->out.device_add.shmem_sizes, d->shmem_sizes,
                                        d->n_shmem * sizeof(uint64_t));
@@ -326,12 +337,9 @@ void handshake_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                 return;
         }
         if (r < 0) {
-                if (op->give_up)
-                        device_give_up(d, op->error.detail);
-                else if (vhub_device_is_connected(d))
-                        device_mark_lost(d, op->error.detail); /* retried with backoff */
+                device_restore_failed(d, op);
                 return;
         }
-        if (d->state_before_loss != VHUB_DEV_RUNNING)
+        if (!op->restore_continues)
                 device_restored(d, NULL, 0, true);
 }

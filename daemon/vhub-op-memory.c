@@ -8,18 +8,30 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vhub-device-internal.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-vm.h"
+
+/* The table the back-end must hold: the VM's, or a front-door device's own
+ * (its VMM's, docs/front-door.md). */
+static int device_memory_target(const struct vhub_device *d, const struct vhub_op *op,
+                                const struct vhub_region ***ret_regions, size_t *ret_n) {
+        if (dev_is_front_door(d))
+                return vmm_memory_target(d, op, ret_regions, ret_n);
+        return vhub_vm_memory_target(d->vm, ret_regions, ret_n);
+}
+
+static const struct vhub_region *device_region_by_id(const struct vhub_device *d, uint64_t id) {
+        return dev_is_front_door(d) ? vmm_region_by_id(d, id) : vhub_vm_region_by_id(d->vm, id);
+}
 
 /* ---- memory sync: make the back-end's table equal to the VM's target ---- */
 
 int mem_sync_prepare(struct vhub_device *d, struct vhub_op *op) {
         const struct vhub_region **target;
-        struct vhub_vm *vm = d->vm;
         size_t n;
         int r;
 
-        r = vhub_vm_memory_target(vm, &target, &n);
+        r = device_memory_target(d, op, &target, &n);
         if (r < 0)
                 return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
         op->u.mem.target_ids = calloc(n ? n : 1, sizeof(uint64_t));
@@ -62,7 +74,7 @@ int mem_sync_prepare(struct vhub_device *d, struct vhub_op *op) {
                 for (size_t k = 0; !keep && k < n; k++)
                         keep = target[k]->id == d->shadow[i];
                 if (!keep) {
-                        const struct vhub_region *reg = vhub_vm_region_by_id(vm, d->shadow[i]);
+                        const struct vhub_region *reg = device_region_by_id(d, d->shadow[i]);
 
                         op->u.mem.remove_ids[op->u.mem.n_remove] = d->shadow[i];
                         if (reg)

@@ -95,7 +95,6 @@ static uint16_t start_queue_size(struct vhub_vring *v, unsigned n) {
 static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool in_order = d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_IN_ORDER);
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
-        unsigned n = 0;
 
         /* the rings are behind IOVAs the daemon cannot resolve: their
          * indexes cannot be read, so the rings cannot be restarted right */
@@ -105,10 +104,8 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
                                        "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
                                        d->name);
         }
-        op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
-        if (!op->restored)
-                return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
-        op->restore_exact = true;
+        if (op_restored_begin(d, op) < 0)
+                return op->result;
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
                 uint16_t used_idx, avail_idx;
@@ -124,17 +121,9 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
                                                "cannot read ring %u's indexes from guest memory: %s", i,
                                                strerror(-r));
                 v->base = used_idx;
-                op->restored[n].index = i;
-                op->restored[n].base = used_idx;
-                /* counted when the back-end was lost: the driver may have
-                 * queued more since, which the restart picks up anyway */
-                op->restored[n].outstanding = v->loss_read ? (uint16_t)(v->loss_avail - v->loss_used)
-                                                           : (uint16_t)(avail_idx - used_idx);
-                if (op->restored[n].outstanding > 1 && !inflight && !in_order)
-                        op->restore_exact = false;
-                n++;
+                op_restored_ring(op, i, used_idx, avail_idx, v->loss_read, v->loss_avail, v->loss_used,
+                                 inflight || in_order);
         }
-        op->n_restored = n;
         return 0;
 }
 
@@ -507,10 +496,7 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 void start_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         if (op->restore) {
                 if (r < 0) {
-                        if (op->give_up)
-                                device_give_up(d, op->error.detail);
-                        else if (vhub_device_is_connected(d))
-                                device_mark_lost(d, op->error.detail);
+                        device_restore_failed(d, op);
                         return;
                 }
                 device_restored(d, op->restored, op->n_restored, op->restore_exact);

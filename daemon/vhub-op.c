@@ -34,6 +34,27 @@ void op_check_ack(struct vhub_device *d, struct vhub_op *op, uint32_t request,
         snprintf(op->error.device, sizeof(op->error.device), "%s", d->name);
 }
 
+int op_restored_begin(const struct vhub_device *d, struct vhub_op *op) {
+        free(op->restored);
+        op->restored = calloc(d->queues ? d->queues : 1, sizeof(*op->restored));
+        op->n_restored = 0;
+        op->restore_exact = true;
+        if (!op->restored)
+                return device_op_error(op, VHUB_ERR_INTERNAL, NULL, "out of memory");
+        return 0;
+}
+
+void op_restored_ring(struct vhub_op *op, uint32_t index, uint16_t used_idx, uint16_t avail_idx, bool loss_read,
+                      uint16_t loss_avail, uint16_t loss_used, bool tracked) {
+        struct vhub_event_vring *v = &op->restored[op->n_restored++];
+
+        v->index = index;
+        v->base = used_idx;
+        v->outstanding = loss_read ? (uint16_t)(loss_avail - loss_used) : (uint16_t)(avail_idx - used_idx);
+        if (v->outstanding > 1 && !tracked)
+                op->restore_exact = false;
+}
+
 static void op_ack_on_reply(struct vhub_device *d, struct vhub_op *op, uint32_t request, uint32_t tag,
                          struct vhu_msg *reply) {
         op_check_ack(d, op, request, reply);
@@ -113,6 +134,14 @@ static const struct op_class op_classes[_VHUB_OP_MAX] = {
                                  get_shared_complete, FD_AT(u.shared.fd) },
         [VHUB_OP_POSTCOPY] = { "postcopy", 0, postcopy_stage, postcopy_on_reply, postcopy_complete,
                                FD_AT(u.postcopy.ufd), postcopy_free, NULL },
+        /* the front door's (vhub-op-passthrough.c, vhub-op-vmm-restore.c) */
+        [VHUB_OP_PASSTHROUGH] = { "vmm-request", 0, passthrough_stage, passthrough_on_reply,
+                                  passthrough_complete, 0, passthrough_free, passthrough_fds,
+                                  passthrough_foreach_fd },
+        [VHUB_OP_VMM_RESTORE] = { "vmm-restore", 0, vmm_restore_stage, vmm_restore_on_reply,
+                                  vmm_restore_complete },
+        [VHUB_OP_VMM_STOP] = { "vmm-stop", 0, vmm_stop_stage, vmm_stop_on_reply, vmm_stop_complete, 0,
+                               mem_sync_free, NULL },
 };
 
 /* The one fd the op may own, or NULL. */
@@ -190,6 +219,13 @@ struct vhub_op *device_submit(struct vhub_device *d, enum vhub_op_kind kind, str
 
         if (d->removing) {
                 vhub_error_set(&err, VHUB_ERR_NO_DEVICE, "device %s is being removed", d->name);
+                goto fail;
+        }
+        /* contract: the VMM drives a front-door device; only reads are others' */
+        if (d->vmm && kind != VHUB_OP_CONFIG_GET) {
+                vhub_error_set(&err, VHUB_ERR_STATE,
+                               "device %s is driven by its VMM through the front door; %s is the VMM's",
+                               d->name, op_classes[kind].name);
                 goto fail;
         }
         /* an outage (a restore attempt included) fails every call at once with

@@ -12,6 +12,7 @@
 #include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-fdstore.h"
+#include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-restart.h"
@@ -27,7 +28,8 @@ enum {
         S_NEXT_VM_ID,
         S_NEXT_DEVICE_ID,
         S_NEXT_REGION_ID,
-        S_NEXT_TOKEN,
+        S_NEXT_TOKEN,           /* written by the first format's daemons: back-end request
+                                 * tokens are each VM's own now (its VM_NEXT_TOKEN) */
         S_START_USEC,           /* CLOCK_MONOTONIC (one clock for every process of a boot) */
         S_START_REALTIME_USEC,
         S_WRITTEN_USEC,         /* CLOCK_MONOTONIC: the downtime is counted from here */
@@ -89,7 +91,6 @@ void vhub_restart_commit_daemon(void *userdata) {
                 vhub_snap_put_u64(w, S_NEXT_VM_ID, ctx->next_vm_id);
                 vhub_snap_put_u64(w, S_NEXT_DEVICE_ID, ctx->next_device_id);
                 vhub_snap_put_u64(w, S_NEXT_REGION_ID, ctx->next_region_id);
-                vhub_snap_put_u64(w, S_NEXT_TOKEN, ctx->next_token);
                 vhub_snap_put_u64(w, S_START_USEC, ctx->start_usec);
                 vhub_snap_put_u64(w, S_START_REALTIME_USEC, ctx->start_realtime_usec);
                 vhub_snap_put_u64(w, S_WRITTEN_USEC, vhub_now_usec());
@@ -217,7 +218,7 @@ int vhub_restart_load(struct vhubd *v, struct vhub_fdstore_restore *r) {
 int vhub_restart_model(struct vhubd *v, struct vhub_fdstore_restore *r) {
         struct vhub_restart_state *rs = v->restart;
         struct vhub_context *ctx = &v->ctx;
-        uint64_t restarts = 0, written = 0, u;
+        uint64_t restarts = 0, written = 0, shared_token = 0, u;
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
         const char *why = NULL;
@@ -232,7 +233,7 @@ int vhub_restart_model(struct vhubd *v, struct vhub_fdstore_restore *r) {
                 case S_NEXT_VM_ID: k = vhub_snap_get_u64(&x, &ctx->next_vm_id); break;
                 case S_NEXT_DEVICE_ID: k = vhub_snap_get_u64(&x, &ctx->next_device_id); break;
                 case S_NEXT_REGION_ID: k = vhub_snap_get_u64(&x, &ctx->next_region_id); break;
-                case S_NEXT_TOKEN: k = vhub_snap_get_u64(&x, &ctx->next_token); break;
+                case S_NEXT_TOKEN: k = vhub_snap_get_u64(&x, &shared_token); break;
                 case S_START_USEC:
                         k = vhub_snap_get_u64(&x, &u);
                         if (k >= 0 && u && u <= vhub_now_usec())
@@ -269,6 +270,10 @@ int vhub_restart_model(struct vhubd *v, struct vhub_fdstore_restore *r) {
                 if (k < 0 && !vm)
                         log_error("VM snapshot %s: cannot restore it: %s (%s)", rs->vms[i].name,
                                   why ? why : "", strerror(-k));
+                /* a snapshot of the shared counter's time: no token of it is
+                 * given out again, to whichever VM */
+                if (vm && vm->next_token < shared_token)
+                        vm->next_token = shared_token;
         }
         return 0;
 }
@@ -286,6 +291,8 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
         if (k < 0)
                 log_warning("the control connections' snapshot is malformed: some were not carried (%s)",
                             strerror(-k));
+        if (v->frontdoor)
+                vhub_frontdoor_restore(v->frontdoor, r);
         vhub_context_restore_finish(&v->ctx);
         state_free_loaded(rs);
         log_notice("state carried across the restart (restart %llu, down %llu ms): %u VMs, %u devices, "
@@ -333,6 +340,8 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
         rs->deadline_usec = vhub_now_usec() + (uint64_t)v->ctx.config->backend_timeout_ms * 1000;
         if (v->control)
                 control_server_pause(v->control);
+        if (v->frontdoor)
+                vhub_frontdoor_pause(v->frontdoor);
         vhub_context_pause_channels(&v->ctx);
         rs->ev_poll = evtimer_new(v->ctx.base, poll_cb, v);
         if (!rs->ev_poll)

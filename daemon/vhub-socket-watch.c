@@ -97,19 +97,21 @@ static void watch_cb(evutil_socket_t fd, short what, void *userdata) {
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
         ssize_t n;
 
+        /* One read per wake-up, never "until it is empty": the watched
+         * directories are the uids', and a uid can make events (a chmod
+         * loop) faster than they are handled.  What is left wakes the loop
+         * again after everything else had its turn. */
         w->dispatching = true;
-        while (watcher_uses(w, -1) && (n = read(fd, buf, sizeof(buf))) > 0) {
-                for (char *p = buf; p < buf + n;) {
-                        const struct inotify_event *ie = (const struct inotify_event *)p;
-                        struct vhub_socket_watch *x;
+        n = read(fd, buf, sizeof(buf));
+        for (char *p = buf; n > 0 && p < buf + n;) {
+                const struct inotify_event *ie = (const struct inotify_event *)p;
+                struct vhub_socket_watch *x;
 
-                        /* a callback may add watches (at the head) or remove any */
-                        LIST_FOREACH(x, &w->watches, link)
-                                if (ie->len > 0 && !x->removed && x->wd == ie->wd &&
-                                    strcmp(x->name, ie->name) == 0)
-                                        x->fn(x->userdata);
-                        p += sizeof(*ie) + ie->len;
-                }
+                /* a callback may add watches (at the head) or remove any */
+                LIST_FOREACH(x, &w->watches, link)
+                        if (ie->len > 0 && !x->removed && x->wd == ie->wd && strcmp(x->name, ie->name) == 0)
+                                x->fn(x->userdata);
+                p += sizeof(*ie) + ie->len;
         }
         w->dispatching = false;
         watcher_sweep(w);

@@ -26,6 +26,9 @@ struct vhub_socket_watcher *vhub_socket_watcher_free(struct vhub_socket_watcher 
 
 /* Call fn(userdata) whenever a file named like socket_path's last part is
  * created in (or moved into, or changes attributes in) its directory.
+ * The directory is looked up with the caller's file-system identity (the
+ * caller enters the device's credentials: -EACCES for a directory that uid
+ * could not watch itself).
  * 0, or -errno (the directory cannot be watched: timed retries only). */
 int vhub_socket_watch_add(struct vhub_socket_watcher *w, const char *socket_path,
                           vhub_socket_appeared_fn fn, void *userdata, struct vhub_socket_watch **ret);

@@ -145,7 +145,8 @@ void vhub_vm_postcopy(struct vhub_vm *vm, unsigned step, struct vhub_call *call)
                 vhub_error_set(&err, VHUB_ERR_INTERNAL, "unknown postcopy step %u", step);
                 goto fail;
         }
-        if (vm_postcopy_check(vm, step, &err) < 0)
+        if (vhub_vm_check_no_front_door(vm, "postcopy through vm.postcopy", &err) < 0 ||
+            vm_postcopy_check(vm, step, &err) < 0)
                 goto fail;
         b = calloc(1, sizeof(*b));
         if (!b || !(b->postcopy = calloc(vm->n_devices ? vm->n_devices : 1, sizeof(*b->postcopy)))) {

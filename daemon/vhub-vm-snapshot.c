@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A VM in its restart snapshot (vhub-model-snapshot.h): its identity and
- * credentials, its owner (a face's connection, by the face's id) or its
+ * credentials, its back-end request token counter, its owner (a face's connection, by the face's id) or its
  * linger time left, the committed memory table, the dirty log, shared
  * objects, and its devices (vhub-device-snapshot.c).  A memory change in
  * flight is not in it: the table is the committed one, and the devices the
@@ -38,6 +38,11 @@ enum {
         VM_LOG,                 /* nest: LG_* */
         VM_SHARED,              /* nest: SH_* */
         VM_DEVICE,              /* nest: the device's (vhub-device-snapshot.c) */
+        /* added within format 1 (an older reader skips them) */
+        VM_CRED_UID,            /* its credentials' uid, when not VM_UID (root's, for a VM
+                                 * root made for another uid); VM_GID and VM_GROUPS go with it */
+        VM_NEXT_TOKEN,          /* the last back-end request token it gave out */
+        _VM_TAG_NEXT
 };
 
 enum { RG_ID = 1, RG_GPA, RG_SIZE, RG_OFFSET, RG_UADDR, RG_PAGE_SIZE, RG_FD };
@@ -51,16 +56,11 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
         vhub_snap_put_u64(w, VM_ID, vm->id);
         vhub_snap_put_str(w, VM_NAME, vm->name);
         vhub_snap_put_u32(w, VM_UID, (uint32_t)vm->uid);
+        if (vm->cred.uid != vm->uid)
+                vhub_snap_put_u32(w, VM_CRED_UID, (uint32_t)vm->cred.uid);
         vhub_snap_put_u32(w, VM_GID, (uint32_t)vm->cred.gid);
-        if (vm->cred.n_groups > 0) {
-                uint8_t b[4 * 64];
-                size_t n = vm->cred.n_groups < 64 ? vm->cred.n_groups : 64;
-
-                for (size_t i = 0; i < n; i++)
-                        for (int k = 0; k < 4; k++)
-                                b[4 * i + (size_t)k] = (uint8_t)(vm->cred.groups[i] >> (8 * k));
-                vhub_snap_put_bytes(w, VM_GROUPS, b, 4 * n);
-        }
+        vhub_snap_put_groups(w, VM_GROUPS, &vm->cred);
+        vhub_snap_put_u64(w, VM_NEXT_TOKEN, vm->next_token);
         if (vm->owner) {
                 vhub_snap_put_u32(w, VM_OWNER_FACE, vm->owner->face);
                 vhub_snap_put_u64(w, VM_OWNER_ID, vm->owner->id);
@@ -235,6 +235,7 @@ static int read_vm(struct vhub_vm *vm, const struct vhub_snap_doc *doc) {
                         vm->restore_linger = true;
                         break;
                 case VM_DESTROYING: r = vhub_snap_get_bool(&x, &vm->destroying); break;
+                case VM_NEXT_TOKEN: r = vhub_snap_get_u64(&x, &vm->next_token); break;
                 case VM_POSTCOPY:
                         r = vhub_snap_get_u32(&x, &u);
                         if (r >= 0 && u > VHUB_VM_POSTCOPY_LISTENING)
@@ -252,9 +253,11 @@ static int read_vm(struct vhub_vm *vm, const struct vhub_snap_doc *doc) {
 
 /* Identity first: what the VM is called and whose it is. */
 static int read_identity(const struct vhub_snap_doc *doc, uint64_t *id, char *name, size_t name_size,
-                         struct vhub_cred *cred) {
+                         uid_t *uid, struct vhub_cred *cred) {
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
+        bool have_cred_uid = false;
+        uid_t cred_uid = 0;
         uint32_t u = 0;
         int r;
 
@@ -265,33 +268,22 @@ static int read_identity(const struct vhub_snap_doc *doc, uint64_t *id, char *na
                 case VM_NAME: r = vhub_snap_get_str(&x, name, name_size); break;
                 case VM_UID: r = vhub_snap_get_u32(&x, &u); cred->uid = (uid_t)u; break;
                 case VM_GID: r = vhub_snap_get_u32(&x, &u); cred->gid = (gid_t)u; break;
-                case VM_GROUPS: {
-                        const uint8_t *p;
-                        const void *raw;
-                        size_t n;
-
-                        r = vhub_snap_get_bytes(&x, &raw, &n);
-                        if (r < 0 || n % 4)
-                                return -EBADMSG;
-                        p = raw;
-                        free(cred->groups);
-                        cred->groups = n ? calloc(n / 4, sizeof(gid_t)) : NULL;
-                        if (n && !cred->groups)
-                                return -ENOMEM;
-                        cred->n_groups = n / 4;
-                        for (size_t i = 0; i < n / 4; i++)
-                                cred->groups[i] = (gid_t)(p[4 * i] | p[4 * i + 1] << 8 | p[4 * i + 2] << 16 |
-                                                          (uint32_t)p[4 * i + 3] << 24);
-                        break;
-                }
+                case VM_CRED_UID: r = vhub_snap_get_u32(&x, &u); cred_uid = (uid_t)u; have_cred_uid = true; break;
+                case VM_GROUPS: r = vhub_snap_get_groups(&x, cred); break;
                 default:
-                        r = x.tag <= VM_DEVICE ? 0 : vhub_snap_unknown(&x);
+                        r = x.tag < _VM_TAG_NEXT ? 0 : vhub_snap_unknown(&x);
                         break;
                 }
                 if (r < 0)
                         return r;
         }
-        return r < 0 ? r : *id && name[0] ? 0 : -EBADMSG;
+        if (r < 0)
+                return r;
+        *uid = cred->uid;
+        /* without VM_CRED_UID (an older writer, or the VM's own): its uid's */
+        if (have_cred_uid)
+                cred->uid = cred_uid;
+        return *id && name[0] ? 0 : -EBADMSG;
 }
 
 /* A VM that never made it into the context: freed without a word. */
@@ -304,18 +296,6 @@ static void vm_discard(struct vhub_vm *vm) {
         free(vm);
 }
 
-/* What d's back-end has mapped is the committed table.  Not so after a
- * crash in the middle of a memory change: the devices that applied it map
- * a region the table does not hold (or lack one it holds). */
-static bool shadow_is_table(const struct vhub_device *d, const struct vhub_mem_table *t) {
-        if (d->n_shadow != t->n)
-                return false;
-        for (size_t i = 0; i < t->n; i++)
-                if (!vhub_device_shadow_has(d, t->regions[i].id))
-                        return false;
-        return true;
-}
-
 int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, const struct vhub_snap_doc *doc,
                     int snap_fd, struct vhub_vm **ret, const char **why) {
         struct vhub_cred cred = { 0 };
@@ -325,17 +305,18 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
         char name[VHUB_NAME_MAX + 1] = "";
         struct vhub_vm *vm;
         uint64_t id = 0;
+        uid_t uid = 0;
         int k;
 
         *why = NULL;
-        k = read_identity(doc, &id, name, sizeof(name), &cred);
+        k = read_identity(doc, &id, name, sizeof(name), &uid, &cred);
         if (k < 0) {
                 vhub_cred_done(&cred);
                 vhu_safe_close(snap_fd);
                 *why = "the VM's identity is malformed";
                 return k;
         }
-        vm = vhub_vm_alloc(ctx, id, cred.uid, name, 0, &cred);
+        vm = vhub_vm_alloc(ctx, id, uid, name, 0, &cred);
         vhub_cred_done(&cred);
         if (!vm) {
                 vhu_safe_close(snap_fd);
@@ -386,7 +367,7 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 /* a back-end out of line with the table is restored as lost:
                  * the restore's handshake syncs it to the table */
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->mem_synced && d->conn && !shadow_is_table(d, &vm->mem))
+                        if (d->mem_synced && d->conn && !vhub_device_shadow_is(d, &vm->mem))
                                 d->restore_lost = true;
         }
         if (k < 0) {
@@ -424,6 +405,12 @@ void vhub_vm_restore_finish(struct vhub_vm *vm) {
                 tv = vhub_timeval_from_ms(vm->restore_linger_left_ms);
                 evtimer_add(vm->linger_timer, &tv);
                 vm->linger_deadline_usec = vhub_now_usec() + vm->restore_linger_left_ms * 1000;
+        } else if (!vm->owner && vm->linger_ms > 0 && vm->vmm_holds == 0) {
+                /* held by a front-door VMM, whose session is not carried
+                 * (docs/front-door.md): it lingers from now, or until the
+                 * VMM comes back */
+                vhub_vm_vmm_hold(vm);
+                vhub_vm_vmm_release(vm);
         }
         vm->restore_linger = false;
 }

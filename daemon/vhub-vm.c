@@ -315,9 +315,16 @@ void vhub_vm_destroy(struct vhub_vm *vm, struct vhub_call *call) {
         }
 }
 
-void vhub_vm_owner_gone(struct vhub_vm *vm) {
-        struct timeval tv;
+/* The linger timer starts: linger_ms from now (the snapshot keeps what is left). */
+static void vm_linger_start(struct vhub_vm *vm) {
+        struct timeval tv = vhub_timeval_from_ms(vm->linger_ms);
 
+        evtimer_add(vm->linger_timer, &tv);
+        vm->linger_deadline_usec = vhub_now_usec() + vm->linger_ms * 1000;
+        vhub_changed(vm->ctx, vm);
+}
+
+void vhub_vm_owner_gone(struct vhub_vm *vm) {
         vm->owner = NULL;
         if (vm->destroying)
                 return;
@@ -327,13 +334,50 @@ void vhub_vm_owner_gone(struct vhub_vm *vm) {
                 vhub_vm_destroy(vm, NULL);
                 return;
         }
-        tv = vhub_timeval_from_ms(vm->linger_ms);
-        evtimer_add(vm->linger_timer, &tv);
-        vm->linger_deadline_usec = vhub_now_usec() + vm->linger_ms * 1000;
-        vhub_changed(vm->ctx, vm);
-        vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
-               (unsigned long long)vm->linger_ms);
+        if (vm->vmm_holds > 0) {
+                vhub_changed(vm->ctx, vm);
+                vm_log(vm, LOG_INFO, "owning connection closed; lingering while %u VMMs are connected, "
+                       "then for %llu ms", vm->vmm_holds, (unsigned long long)vm->linger_ms);
+        } else {
+                vm_linger_start(vm);
+                vm_log(vm, LOG_INFO, "owning connection closed; lingering for %llu ms",
+                       (unsigned long long)vm->linger_ms);
+        }
         vm_emit(vm, VHUB_EV_LINGERING, NULL);
+}
+
+void vhub_vm_vmm_hold(struct vhub_vm *vm) {
+        if (vm->vmm_holds++ > 0 || vm->owner || vm->destroying || !evtimer_pending(vm->linger_timer, NULL))
+                return;
+        evtimer_del(vm->linger_timer);
+        vhub_changed(vm->ctx, vm);
+        vm_log(vm, LOG_INFO, "a VMM connected: the linger timer waits while a VMM is connected");
+}
+
+void vhub_vm_vmm_release(struct vhub_vm *vm) {
+        if (vm->vmm_holds > 0)
+                vm->vmm_holds--;
+        if (vm->vmm_holds > 0 || vm->owner || vm->destroying || vm->freeing || vm->linger_ms == 0)
+                return;
+        vm_linger_start(vm);
+        vm_log(vm, LOG_INFO, "its last VMM left; lingering for %llu ms", (unsigned long long)vm->linger_ms);
+}
+
+int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, struct vhub_error *err) {
+        const struct vhub_device *d;
+
+        TAILQ_FOREACH(d, &vm->devices, link)
+                if (d->vmm && !d->removing)
+                        return vhub_error_set(err, VHUB_ERR_STATE,
+                                              "VM %s has front-door device %s, whose memory is its VMM's: no %s",
+                                              vm->name, d->name, what);
+        return 0;
+}
+
+uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
+        vm->next_token++;
+        vhub_changed(vm->ctx, vm);
+        return vm->next_token;
 }
 
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
@@ -344,14 +388,22 @@ int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const str
                 return vhub_error_set(err, VHUB_ERR_STATE,
                                       "VM %s is owned by a live connection; only a lingering VM can be attached",
                                       vm->name);
-        /* root naming another uid's VM does not lend it root's rights */
+        /* root naming another uid's VM does not lend it root's rights; the
+         * uid's own devices act with its groups of now */
         if (cred->uid == vm->uid) {
+                struct vhub_device *d;
                 struct vhub_cred fresh;
 
                 if (vhub_cred_copy(cred, &fresh) < 0)
                         return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
                 vhub_cred_done(&vm->cred);
                 vm->cred = fresh;
+                TAILQ_FOREACH(d, &vm->devices, link) {
+                        if (d->cred.uid != cred->uid || vhub_cred_copy(cred, &fresh) < 0)
+                                continue;
+                        vhub_cred_done(&d->cred);
+                        d->cred = fresh;
+                }
         }
         evtimer_del(vm->linger_timer);
         vm->owner = owner;
@@ -587,6 +639,8 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vhub_vm_check_no_front_door(vm, "vm.memory.add", &err) < 0)
+                goto fail;
         if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
                 /* back-ends registered the table with their userfaultfd at listen */
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
@@ -657,6 +711,8 @@ void vhub_vm_memory_remove(struct vhub_vm *vm, uint64_t gpa, struct vhub_call *c
                 vhub_error_set(&err, VHUB_ERR_NO_VM, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        if (vhub_vm_check_no_front_door(vm, "vm.memory.remove", &err) < 0)
+                goto fail;
         if (vm->postcopy != VHUB_VM_POSTCOPY_OFF) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is in postcopy; end it before changing memory",
                                vm->name);
@@ -804,6 +860,9 @@ void vhub_vm_dirty_log_start(struct vhub_vm *vm, struct vhub_call *call) {
                                vm->log_batch ? "changing" : "on");
                 goto fail;
         }
+        /* the VMM logs through its own SET_LOG_BASE */
+        if (vhub_vm_check_no_front_door(vm, "dirty logging through vm.dirty_log", &err) < 0)
+                goto fail;
         end = vhub_mem_table_end(&vm->mem);
         if (end == 0) {
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s has no memory to log", vm->name);

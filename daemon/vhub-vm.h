@@ -88,11 +88,14 @@ struct vhub_vm {
         char fd_group_shared[VHUB_FD_GROUP_MAX]; /* "o<id>": the VMM's shared objects */
         char name[VHUB_NAME_MAX + 1];
         uid_t uid;
-        struct vhub_cred cred;          /* whose rights its back-end paths are used with:
-                                         * its creator's (root's, for a VM root made for
-                                         * another uid) or its attacher's of the same uid */
+        struct vhub_cred cred;          /* its creator's (root's, for a VM root made for
+                                         * another uid) or its attacher's of the same uid:
+                                         * for devices added without credentials of their
+                                         * own (each device acts with its adder's) */
         const struct vhub_owner *owner; /* a face's connection (vhub-owner.h); NULL: none */
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
+        uint64_t next_token;            /* back-end requests forwarded or deferred: the VM's
+                                         * own count, so that no uid sees another's */
         struct event *linger_timer;
         uint64_t linger_deadline_usec;  /* CLOCK_MONOTONIC: when it fires, while armed */
 
@@ -113,6 +116,8 @@ struct vhub_vm {
         enum vhub_vm_postcopy postcopy;
         struct vhub_vm_batch *postcopy_batch; /* a postcopy step in progress */
 
+        unsigned vmm_holds;             /* front-door devices with their VMM connected:
+                                         * the linger timer waits while any is */
         bool destroying;
         const char *destroy_reason;     /* vm.destroyed's (VHUB_VM_DESTROYED_*): vm.destroy's
                                          * unless the owner's close or the linger timer ended it */
@@ -177,9 +182,16 @@ void vhub_vm_free(struct vhub_vm *vm);
  * (vhub_context_owner_gone() calls it for each VM of the owner). */
 void vhub_vm_owner_gone(struct vhub_vm *vm);
 /* A new connection of the same uid takes over a lingering VM; a peer of the
- * VM's own uid also brings its current credentials (cred, copied). */
+ * VM's own uid also brings its current credentials (cred, copied), to the
+ * VM and to the devices that act as that uid. */
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err);
+
+/* A back-end request token of vm's, never one it gave out before -- across
+ * restarts and crashes too: the count is in its snapshot, committed before
+ * anyone can see the token (after the current callback, before the loop
+ * writes to a socket). */
+uint64_t vhub_vm_new_token(struct vhub_vm *vm);
 
 /* region->fd is taken in every case (closed on failure). */
 void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);
@@ -206,6 +218,18 @@ void vhub_vm_batch_free(struct vhub_vm_batch *b);
 /* Shared objects the VMM exports. fd taken in every case. */
 int vhub_vm_shared_add(struct vhub_vm *vm, const uint8_t uuid[16], int fd, struct vhub_error *err);
 int vhub_vm_shared_remove(struct vhub_vm *vm, const uint8_t uuid[16], struct vhub_error *err);
+
+/*
+ * The front door (vhub-device-vmm.c): a VMM connected to one of the VM's
+ * devices holds a VM that has no owner connection -- its linger timer stops,
+ * and starts over from linger_ms when the last VMM left (docs/front-door.md,
+ * "Lifetime").
+ */
+void vhub_vm_vmm_hold(struct vhub_vm *vm);
+void vhub_vm_vmm_release(struct vhub_vm *vm);
+/* Whether a device of the VM is a front-door device (its memory is its VMM's:
+ * vm.memory.*, dirty logging and postcopy answer -32004). */
+int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, struct vhub_error *err);
 
 /* Callbacks from devices. */
 void vhub_vm_device_synced(struct vhub_vm *vm, struct vhub_device *dev, int r,

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "control-server.h"
@@ -7,6 +8,7 @@
 #include "vhub-config.h"
 #include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
+#include "vhub-frontdoor.h"
 #include "vhub-log.h"
 #include "vhub-restart.h"
 #include "vhubd.h"
@@ -25,11 +27,27 @@ static void control_options(const struct vhub_config *config, const struct vhubd
                 .gid = config->control_gid,
                 .gid_set = config->control_gid_set,
                 .max_connections = config->limits.connections,
+                .max_connections_per_uid = config->limits.connections_per_uid,
                 .max_pending = config->limits.pending_per_connection,
         };
         rpc_conn_limits_default(&ret->limits);
         ret->limits.max_line = config->limits.max_line;
         ret->limits.max_out_bytes = config->limits.max_output_bytes;
+}
+
+/* The front door (docs/front-door.md): its sockets under --vmm-dir, made
+ * when the first device asks for one. */
+static int frontdoor_init(struct vhubd *v, const struct vhub_config *config) {
+        struct vhub_frontdoor_options fo = { .backend_timeout_ms = config->backend_timeout_ms };
+        char *dir = config->vmm_dir ? NULL : vhub_frontdoor_default_dir();
+        int r;
+
+        fo.vmm_dir = config->vmm_dir ? config->vmm_dir : dir;
+        if (!fo.vmm_dir)
+                return -ENOMEM;
+        r = vhub_frontdoor_new(&v->ctx, &fo, &v->frontdoor);
+        free(dir);
+        return r;
 }
 
 /* A name the daemon itself gives fds in the store (vhub-fd-track.h): a
@@ -40,7 +58,7 @@ static bool name_is_ours(const char *name) {
         if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strcmp(name, VHUB_SNAP_NAME_DAEMON) == 0 ||
             strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) == 0)
                 return true;
-        if (n < 2 || !strchr("cdvos", name[0]))
+        if (n < 2 || !strchr("cdfvos", name[0]))
                 return false;
         return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
@@ -155,6 +173,12 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
         v->ctx.commit_userdata = v;
         if (vhub_fdstore_enabled(v->fdstore))
                 log_info("keeping fds in the service manager's fd store");
+        r = frontdoor_init(v, config);
+        if (r < 0) {
+                vhu_safe_close(listen_fd);
+                log_error("cannot set up the front door: %s", strerror(-r));
+                return r;
+        }
         if (listen_fd < 0) {
                 r = take_passed_fds(v, &restore, &listen_fd, &own_listener);
                 if (r < 0)
@@ -203,6 +227,7 @@ const char *vhubd_control_path(const struct vhubd *v) {
 void vhubd_stop_faces(struct vhubd *v) {
         if (v->control)
                 control_server_shutdown(v->control);
+        vhub_frontdoor_shutdown(v->frontdoor);
 }
 
 void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visitor) {
@@ -211,6 +236,8 @@ void vhubd_foreach_fd(const struct vhubd *v, const struct vhub_fd_visitor *visit
         vhub_fd_visit(visitor, v->snap.fd, VHUB_SNAP_NAME_DAEMON, "daemon/snapshot");
         if (v->control)
                 control_server_foreach_fd(v->control, visitor);
+        if (v->frontdoor)
+                vhub_frontdoor_foreach_fd(v->frontdoor, visitor);
 }
 
 void vhubd_done(struct vhubd *v) {
@@ -220,6 +247,7 @@ void vhubd_done(struct vhubd *v) {
                 vhub_context_done(&v->ctx);
         v->ctx_ready = false;
         v->control = control_server_free(v->control);
+        v->frontdoor = vhub_frontdoor_free(v->frontdoor);
         vhub_commit_done(&v->ctx);
         vhub_restart_free(v);
         /* a clean exit: the next start has nothing to restore */

@@ -18,6 +18,7 @@ struct control_server;
 struct vhub_config;
 struct vhub_fd_visitor;
 struct vhub_fdstore;
+struct vhub_frontdoor;
 
 struct vhub_restart_state;
 
@@ -26,6 +27,7 @@ struct vhubd {
         bool ctx_ready;                  /* vhub_context_init() succeeded */
         struct vhub_fdstore *fdstore;    /* systemd's fd store (the context borrows it) */
         struct control_server *control;  /* the JSON-RPC face */
+        struct vhub_frontdoor *frontdoor; /* the vhost-user front door */
         struct vhub_snap_file snap;      /* the daemon's snapshot ("S"), fd -1 until written */
         struct vhub_restart_state *restart; /* vhub-restart.c's: what a start read, a planned
                                              * restart's progress */
@@ -39,7 +41,7 @@ struct vhubd_options {
 
 /* Build the model and its faces on base with config (both borrowed, they
  * outlive v): the fd store (unless --no-fd-store; what it kept of an
- * earlier run is closed), the context, the control socket.  Logs what
+ * earlier run is closed), the context, the front door, the control socket.  Logs what
  * failed; -errno then, and vhubd_done() cleans up. */
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o);

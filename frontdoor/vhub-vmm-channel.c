@@ -9,6 +9,7 @@
 #include "vhub-vmm-channel.h"
 #include "vmm-clock.h"
 #include "vmm-stream.h"
+#include "vhu-fd.h"
 
 /* Bytes of requests queued towards a VMM that does not read its channel:
  * back-end requests are small, this is many of them. */
@@ -155,12 +156,12 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
         /* the VMM may have sent anything: only a stream socket is a channel */
         if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0 || domain != AF_UNIX ||
             getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_STREAM) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return -ENOTSOCK;
         }
         ch = calloc(1, sizeof(*ch));
         if (!ch) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return -ENOMEM;
         }
         ch->ops = ops;
@@ -169,7 +170,7 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
         ch->max_pending = max_pending ? max_pending : 1;
         ch->awaited = calloc(ch->max_pending, sizeof(*ch->awaited));
         if (!ch->awaited) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 free(ch);
                 return -ENOMEM;
         }
@@ -246,4 +247,12 @@ unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch) {
 
 bool vhub_vmm_channel_is_lost(const struct vhub_vmm_channel *ch) {
         return ch->stream.lost;
+}
+
+int vhub_vmm_channel_fd(const struct vhub_vmm_channel *ch) {
+        return ch->stream.fd;
+}
+
+void vhub_vmm_channel_foreach_fd(const struct vhub_vmm_channel *ch, vhu_fd_fn fn, void *userdata) {
+        vmm_stream_foreach_fd(&ch->stream, fn, userdata);
 }

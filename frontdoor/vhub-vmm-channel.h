@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_vmm_channel;
@@ -61,3 +62,6 @@ void vhub_vmm_channel_set_protocol_features(struct vhub_vmm_channel *ch, uint64_
 int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, uint32_t tag);
 unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch);
 bool vhub_vmm_channel_is_lost(const struct vhub_vmm_channel *ch);
+/* Every fd it holds: the socket (what NULL), "in", "out" (vmm-stream). */
+int vhub_vmm_channel_fd(const struct vhub_vmm_channel *ch);
+void vhub_vmm_channel_foreach_fd(const struct vhub_vmm_channel *ch, vhu_fd_fn fn, void *userdata);

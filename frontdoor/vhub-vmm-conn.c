@@ -9,6 +9,7 @@
 #include "vhub-vmm-conn.h"
 #include "vmm-clock.h"
 #include "vmm-stream.h"
+#include "vhu-fd.h"
 
 /* Requests read per wake-up: one busy VMM cannot starve the loop. */
 #define CONN_READ_BUDGET 16
@@ -38,6 +39,7 @@ struct vhub_vmm_conn {
         const struct vhub_vmm_conn_ops *ops;
         void *userdata;
 
+        bool face_paused;            /* vhub_vmm_conn_pause() */
         bool dispatching;            /* inside ops->on_request */
         bool free_requested;         /* vhub_vmm_conn_free() called meanwhile */
 };
@@ -110,7 +112,7 @@ static void conn_pop_answered(struct vhub_vmm_conn *c) {
                 c->head = (c->head + 1) % c->limits.max_pending;
                 c->count--;
         }
-        vmm_stream_set_reading(&c->stream, true);
+        vmm_stream_set_reading(&c->stream, !c->face_paused);
         conn_rearm(c);
 }
 
@@ -193,7 +195,7 @@ static void conn_on_readable(void *owner) {
 
                 if (c->stream.lost || c->free_requested)
                         break;
-                if (c->count >= c->limits.max_pending) {
+                if (c->face_paused || c->count >= c->limits.max_pending) {
                         /* back-pressure: the VMM waits for its answers */
                         vmm_stream_set_reading(&c->stream, false);
                         break;
@@ -238,7 +240,7 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
 
         c = calloc(1, sizeof(*c));
         if (!c) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return -ENOMEM;
         }
         if (limits)
@@ -252,7 +254,7 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
         c->next_id = 1;
         c->pending = calloc(c->limits.max_pending, sizeof(*c->pending));
         if (!c->pending) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 free(c);
                 return -ENOMEM;
         }
@@ -381,6 +383,11 @@ int vhub_vmm_conn_ack(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_t stat
         return conn_answer_with(c, answer_id, false, &status, sizeof(status), NULL, 0);
 }
 
+void vhub_vmm_conn_pause(struct vhub_vmm_conn *c, bool paused) {
+        c->face_paused = paused;
+        vmm_stream_set_reading(&c->stream, !paused && c->count < c->limits.max_pending);
+}
+
 void vhub_vmm_conn_fail(struct vhub_vmm_conn *c, const char *reason) {
         vmm_stream_lose(&c->stream, false, "%s", reason);
 }
@@ -391,4 +398,18 @@ bool vhub_vmm_conn_is_lost(const struct vhub_vmm_conn *c) {
 
 unsigned vhub_vmm_conn_pending(const struct vhub_vmm_conn *c) {
         return c->count;
+}
+
+int vhub_vmm_conn_fd(const struct vhub_vmm_conn *c) {
+        return c->stream.fd;
+}
+
+void vhub_vmm_conn_foreach_fd(const struct vhub_vmm_conn *c, vhu_fd_fn fn, void *userdata) {
+        vmm_stream_foreach_fd(&c->stream, fn, userdata);
+        for (unsigned i = 0; i < c->count; i++) {
+                const struct pending_answer *p = pending_at(c, i);
+
+                for (unsigned k = 0; p->held && k < p->held->n_fds; k++)
+                        fn(p->held->fds[k], "held", userdata);
+        }
 }

@@ -41,6 +41,7 @@
 #include <stdint.h>
 
 #include "vhu-message.h"
+#include "vhu-socket.h"
 
 struct event_base;
 struct vhub_vmm_conn;
@@ -109,9 +110,18 @@ int vhub_vmm_conn_reply_u64(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_
  * the VMM (QEMU reads a non-zero u64 as -EIO).  Same returns. */
 int vhub_vmm_conn_ack(struct vhub_vmm_conn *c, uint64_t answer_id, uint64_t status);
 
+/* The face's own back-pressure: while paused nothing more is read (the VMM
+ * waits; nothing is dropped), whatever max_pending says. */
+void vhub_vmm_conn_pause(struct vhub_vmm_conn *c, bool paused);
+
 /* Close the connection now (e.g. a request the face cannot answer honestly);
  * on_lost follows from the loop with reason. */
 void vhub_vmm_conn_fail(struct vhub_vmm_conn *c, const char *reason);
 bool vhub_vmm_conn_is_lost(const struct vhub_vmm_conn *c);
 /* Requests whose answers have not gone out yet (unanswered, or held behind one). */
 unsigned vhub_vmm_conn_pending(const struct vhub_vmm_conn *c);
+/* Every fd it holds, for its owner's inventory: the socket (what NULL),
+ * a partial message's ("in"), answers queued to go ("out") and answers
+ * held behind earlier ones ("held"; vhu_fd_fn of vhu-socket.h). */
+int vhub_vmm_conn_fd(const struct vhub_vmm_conn *c);
+void vhub_vmm_conn_foreach_fd(const struct vhub_vmm_conn *c, vhu_fd_fn fn, void *userdata);

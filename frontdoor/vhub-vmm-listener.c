@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "vhub-vmm-listener.h"
+#include "vhu-fd.h"
 
 /* Connections accepted per wake-up: refusals cannot starve the loop. */
 #define LISTENER_ACCEPT_BUDGET 8
@@ -31,12 +32,12 @@ static void listener_free_now(struct vhub_vmm_listener *l) {
         if (l->ev_resume)
                 event_free(l->ev_resume);
         if (l->fd >= 0)
-                close(l->fd);
+                l->fd = vhu_safe_close(l->fd);
         free(l);
 }
 
 static void listener_refuse(struct vhub_vmm_listener *l, int fd, enum vhub_vmm_refusal why, uid_t uid) {
-        close(fd);
+        fd = vhu_safe_close(fd);
         if (l->ops->on_refused)
                 l->ops->on_refused(l->userdata, why, uid);
 }
@@ -99,12 +100,12 @@ int vhub_vmm_listener_new(struct event_base *base, int listen_fd, uid_t owner_ui
         if (fl < 0 || fcntl(listen_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
                 int r = -errno;
 
-                close(listen_fd);
+                listen_fd = vhu_safe_close(listen_fd);
                 return r;
         }
         l = calloc(1, sizeof(*l));
         if (!l) {
-                close(listen_fd);
+                listen_fd = vhu_safe_close(listen_fd);
                 return -ENOMEM;
         }
         l->fd = listen_fd;
@@ -140,4 +141,8 @@ void vhub_vmm_listener_release(struct vhub_vmm_listener *l) {
 
 bool vhub_vmm_listener_busy(const struct vhub_vmm_listener *l) {
         return l->busy;
+}
+
+int vhub_vmm_listener_fd(const struct vhub_vmm_listener *l) {
+        return l->fd;
 }

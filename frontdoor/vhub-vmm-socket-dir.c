@@ -13,6 +13,7 @@
 #include "vhub-log.h"
 #include "vhub-path-beneath.h"
 #include "vhub-vmm-socket-dir.h"
+#include "vhu-fd.h"
 
 #define SUN_PATH_SIZE sizeof(((struct sockaddr_un *)NULL)->sun_path)
 #define SOCKET_SUFFIX ".sock"
@@ -56,12 +57,6 @@ static int dir_fail(struct vhub_error *err, int code, int e, const char *fmt, ..
         return -e;
 }
 
-static int close_fd(int fd) {
-        if (fd >= 0)
-                close(fd);
-        return -1;
-}
-
 /* ---- <vmm-dir> ---- */
 
 int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_dir **ret) {
@@ -78,7 +73,7 @@ int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_
                 return dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot open %s: %s", path, strerror(errno));
         /* root creates the per-uid directories here: nobody else may write */
         if (fstat(fd, &st) < 0 || st.st_uid != geteuid() || (st.st_mode & 022)) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return dir_fail(err, VHUB_ERR_INTERNAL, EPERM,
                                 "%s must be a directory of uid %u that only it can write", path,
                                 (unsigned)geteuid());
@@ -86,7 +81,7 @@ int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_
         d = calloc(1, sizeof(*d));
         if (!d || !(d->path = strdup(path))) {
                 free(d);
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return -ENOMEM;
         }
         d->fd = fd;
@@ -97,7 +92,7 @@ int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_
 struct vhub_vmm_dir *vhub_vmm_dir_free(struct vhub_vmm_dir *d) {
         if (!d)
                 return NULL;
-        close_fd(d->fd);
+        d->fd = vhu_safe_close(d->fd);
         free(d->path);
         free(d);
         return NULL;
@@ -105,6 +100,10 @@ struct vhub_vmm_dir *vhub_vmm_dir_free(struct vhub_vmm_dir *d) {
 
 const char *vhub_vmm_dir_path(const struct vhub_vmm_dir *d) {
         return d->path;
+}
+
+int vhub_vmm_dir_fd(const struct vhub_vmm_dir *d) {
+        return d->fd;
 }
 
 /* ---- <uid>: created and handed over by the daemon itself ---- */
@@ -125,12 +124,12 @@ static int uid_dir_open(struct vhub_vmm_dir *d, const struct vhub_cred *owner, s
         if (fstat(fd, &st) < 0) {
                 int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "%s/%s: %s", d->path, name, strerror(errno));
 
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         /* the owner's, or ours not handed over yet (a crash right after mkdirat) */
         if (st.st_uid != owner->uid && st.st_uid != geteuid()) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return dir_fail(err, VHUB_ERR_INTERNAL, EPERM, "%s/%s belongs to uid %u, not to uid %u",
                                 d->path, name, (unsigned)st.st_uid, (unsigned)owner->uid);
         }
@@ -140,14 +139,14 @@ static int uid_dir_open(struct vhub_vmm_dir *d, const struct vhub_cred *owner, s
                 int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot hand %s/%s to uid %u: %s", d->path,
                                  name, (unsigned)owner->uid, strerror(errno));
 
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         if ((st.st_mode & 07777) != 0700 && fchmod(fd, 0700) < 0) {
                 int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot make %s/%s private: %s", d->path,
                                  name, strerror(errno));
 
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         return fd;
@@ -166,7 +165,7 @@ static int socket_probe(int path_fd) {
                 return -errno;
         if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
                 r = -errno;
-        close(fd);
+        fd = vhu_safe_close(fd);
         return r;
 }
 
@@ -188,7 +187,7 @@ static int entry_make_room(int dir_fd, const char *name, const char *path, struc
         if (pfd < 0)
                 return dir_fail(err, VHUB_ERR_INTERNAL, errno, "%s: %s", path, strerror(errno));
         r = fstat(pfd, &now) < 0 || !same_inode(&st, &now) ? -ESTALE : socket_probe(pfd);
-        close(pfd);
+        pfd = vhu_safe_close(pfd);
         if (r == 0 || r == -EAGAIN) {
                 return dir_fail(err, VHUB_ERR_EXISTS, EADDRINUSE, "a socket that is in use holds %s", path);
         }
@@ -219,14 +218,14 @@ static int bind_listen(struct vhub_vmm_socket *s, const char *path, struct vhub_
         umask(mask);
         if (r < 0 || listen(fd, VMM_SOCKET_BACKLOG) < 0) {
                 r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot listen on %s: %s", path, strerror(errno));
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         s->inode_fd = openat(s->vm_dir_fd, s->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
         if (s->inode_fd < 0 || fstat(s->inode_fd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
                 r = dir_fail(err, VHUB_ERR_INTERNAL, ESTALE, "%s vanished right after bind", path);
-                s->inode_fd = close_fd(s->inode_fd);
-                close(fd);
+                s->inode_fd = vhu_safe_close(s->inode_fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         return fd;
@@ -246,7 +245,7 @@ static int vm_dir_open(struct vhub_vmm_socket *s, const char *path, struct vhub_
                                 "the directory of %s: %s", path, strerror(-fd));
         }
         if (fstat(fd, &st) < 0 || st.st_uid != s->owner.uid) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return dir_fail(err, VHUB_ERR_INTERNAL, EPERM, "the directory of %s does not belong to uid %u",
                                 path, (unsigned)s->owner.uid);
         }
@@ -254,7 +253,7 @@ static int vm_dir_open(struct vhub_vmm_socket *s, const char *path, struct vhub_
                 int r = dir_fail(err, VHUB_ERR_INTERNAL, errno, "cannot make the directory of %s private: %s",
                                  path, strerror(errno));
 
-                close(fd);
+                fd = vhu_safe_close(fd);
                 return r;
         }
         return fd;
@@ -276,9 +275,9 @@ static int create_below(struct vhub_vmm_socket *s, const char *path, struct vhub
 static struct vhub_vmm_socket *socket_free(struct vhub_vmm_socket *s) {
         if (!s)
                 return NULL;
-        close_fd(s->inode_fd);
-        close_fd(s->vm_dir_fd);
-        close_fd(s->uid_dir_fd);
+        s->inode_fd = vhu_safe_close(s->inode_fd);
+        s->vm_dir_fd = vhu_safe_close(s->vm_dir_fd);
+        s->uid_dir_fd = vhu_safe_close(s->uid_dir_fd);
         vhub_cred_done(&s->owner);
         free(s);
         return NULL;
@@ -328,7 +327,7 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
         }
         *ret_path = strdup(path);
         if (!*ret_path) {
-                close(fd);
+                fd = vhu_safe_close(fd);
                 vhub_vmm_socket_remove(s);
                 return -ENOMEM;
         }
@@ -338,6 +337,13 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
 fail:
         socket_free(s);
         return r;
+}
+
+void vhub_vmm_socket_foreach_fd(const struct vhub_vmm_socket *s,
+                                void (*fn)(int fd, const char *what, void *userdata), void *userdata) {
+        fn(s->uid_dir_fd, "dir/uid", userdata);
+        fn(s->vm_dir_fd, "dir/vm", userdata);
+        fn(s->inode_fd, "inode", userdata);
 }
 
 struct vhub_vmm_socket *vhub_vmm_socket_remove(struct vhub_vmm_socket *s) {

@@ -41,6 +41,8 @@ struct vhub_vmm_dir;
 int vhub_vmm_dir_open(const char *path, struct vhub_error *err, struct vhub_vmm_dir **ret);
 struct vhub_vmm_dir *vhub_vmm_dir_free(struct vhub_vmm_dir *d);
 const char *vhub_vmm_dir_path(const struct vhub_vmm_dir *d);
+/* Its O_PATH directory fd (for the owner's inventory). */
+int vhub_vmm_dir_fd(const struct vhub_vmm_dir *d);
 
 /* One front-door socket the daemon created, to remove it (only it) later. */
 struct vhub_vmm_socket;
@@ -71,3 +73,8 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
  * listening fd is not touched.
  */
 struct vhub_vmm_socket *vhub_vmm_socket_remove(struct vhub_vmm_socket *s);
+/* What the socket's object holds open until it goes: fn(fd, what) with
+ * "dir/uid", "dir/vm" (the directories it was made in, which its removal
+ * uses) and "inode" (O_PATH, the inode bind() made). */
+void vhub_vmm_socket_foreach_fd(const struct vhub_vmm_socket *s,
+                                void (*fn)(int fd, const char *what, void *userdata), void *userdata);

@@ -9,6 +9,7 @@
 
 #include "vmm-clock.h"
 #include "vmm-stream.h"
+#include "vhu-fd.h"
 
 void vmm_stream_silence(struct vmm_stream *s) {
         if (s->ev_read)
@@ -120,6 +121,10 @@ int vmm_stream_send(struct vmm_stream *s, const struct vhu_msg *m) {
         return 0;
 }
 
+void vmm_stream_foreach_fd(const struct vmm_stream *s, vhu_fd_fn fn, void *userdata) {
+        vhu_conn_foreach_fd(s->fd, &s->reader, &s->writer, fn, userdata);
+}
+
 void vmm_stream_set_reading(struct vmm_stream *s, bool on) {
         if (s->lost || s->reading == on)
                 return;
@@ -176,7 +181,7 @@ void vmm_stream_done(struct vmm_stream *s) {
         vhu_reader_reset(&s->reader);
         vhu_writer_clear(&s->writer);
         if (s->fd >= 0)
-                close(s->fd);
+                s->fd = vhu_safe_close(s->fd);
         s->ev_read = s->ev_write = s->ev_timer = s->ev_lost = NULL;
         s->fd = -1;
 }

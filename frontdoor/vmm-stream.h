@@ -73,3 +73,6 @@ void vmm_stream_set_reading(struct vmm_stream *s, bool on);
 /* The owner's next deadline (0: none): the timer fires at the earlier of
  * it and the write deadline. */
 void vmm_stream_rearm(struct vmm_stream *s, uint64_t owner_deadline);
+/* Its socket (what NULL), a partial message's fds ("in"), the writer's
+ * dups waiting to go ("out"): vhu_conn_foreach_fd(). */
+void vmm_stream_foreach_fd(const struct vmm_stream *s, vhu_fd_fn fn, void *userdata);

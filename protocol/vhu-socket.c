@@ -139,6 +139,7 @@ void vhu_writer_init(struct vhu_writer *w) {
         w->head = w->tail = NULL;
         w->n_items = 0;
         w->n_bytes = 0;
+        w->n_fds = 0;
 }
 
 void vhu_conn_foreach_fd(int sockfd, const struct vhu_reader *r, const struct vhu_writer *w, vhu_fd_fn fn,
@@ -165,6 +166,7 @@ static void writer_pop(struct vhu_writer *w) {
                 w->tail = NULL;
         w->n_items--;
         w->n_bytes -= item->len - item->off;
+        w->n_fds -= item->n_fds;
         writer_item_free(item);
 }
 
@@ -216,6 +218,7 @@ static void writer_link(struct vhu_writer *w, struct vhu_writer_item *item) {
         w->tail = item;
         w->n_items++;
         w->n_bytes += item->len;
+        w->n_fds += item->n_fds;
 }
 
 int vhu_writer_queue(struct vhu_writer *w, const struct vhu_msg *m) {
@@ -330,10 +333,13 @@ int vhu_writer_flush(struct vhu_writer *w, int sockfd) {
                         return -EAGAIN; /* nothing taken: wait for writability */
 
                 /* The fds went with the first byte of this chunk: the
-                 * kernel holds its own copies from here on */
+                 * kernel holds its own copies from here on, the dups are
+                 * not needed (nor counted) any more */
                 if (with_fds) {
                         item->fds_sent = true;
                         vhu_close_many(item->fds, item->n_fds);
+                        w->n_fds -= item->n_fds;
+                        item->n_fds = 0;
                 }
                 item->off += (size_t) n;
                 w->n_bytes -= (size_t) n;

@@ -63,6 +63,7 @@ struct vhu_writer {
         struct vhu_writer_item *head, *tail;
         size_t n_items;
         size_t n_bytes;       /* bytes still to send */
+        unsigned n_fds;       /* dup'd fds held until their message's first byte is sent */
 };
 
 void vhu_writer_init(struct vhu_writer *w);

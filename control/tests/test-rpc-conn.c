@@ -57,10 +57,15 @@ struct fixture {
 
         int fd_count_start;
 
+        unsigned slow_usec;     /* each message takes this long */
+        json_int_t pause_id;    /* rpc_conn_pause_input() at the message with this id */
+
         /* the optional ops */
         unsigned n_eof;
         unsigned n_drained;
         unsigned admit_limit;   /* admit_fds refuses past this many held */
+        unsigned n_fds_lost;
+        json_int_t fds_lost_id; /* of the last message on_fds_lost got */
 };
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -124,6 +129,10 @@ static void on_message(struct rpc_conn *c, json_t *msg, struct rpc_fds *fds, voi
         r->msg = msg;
         r->fds = *fds;      /* moved to us */
         *fds = (struct rpc_fds) { NULL, 0 };
+        if (f->slow_usec)
+                usleep(f->slow_usec);
+        if (f->pause_id && json_integer_value(json_object_get(msg, "id")) == f->pause_id)
+                rpc_conn_pause_input(c);
 
         if (f->mode == MODE_ECHO || f->mode == MODE_CLOSE) {
                 json_t *reply = json_pack("{s:s, s:O, s:s}", "jsonrpc", "2.0", "id",
@@ -686,6 +695,216 @@ static void test_oversize(void) {
         fx_fini(&f);
 }
 
+/* Runs the loop for about ms milliseconds of real time (timers). */
+static void pump_for(struct fixture *f, unsigned ms) {
+        for (unsigned i = 0; i < ms / 5; i++) {
+                pump(f);
+                usleep(5000);
+        }
+        pump(f);
+}
+
+/* A partial line must be complete line_timeout_ms after its first byte: a
+ * line finished in time restarts the clock for the next; one that is not
+ * gets -32600 id null and the connection closes. */
+static void test_line_timeout(void) {
+        struct rpc_conn_limits l;
+        struct fixture f;
+
+        rpc_conn_limits_default(&l);
+        CHECK(l.line_timeout_ms == 10000);
+        l.line_timeout_ms = 300;
+        fx_init(&f, &l);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",");
+        pump_for(&f, 150);
+        peer_send_str(&f, "\"id\":1,\"method\":\"x\"}\n{\"jsonrpc\"");  /* the next line starts */
+        pump_for(&f, 200);      /* 350 ms after the first byte, 200 after the second line's */
+        CHECK(f.n_msgs == 1 && msg_id(&f.msgs[0]) == 1);
+        CHECK(f.n_close == 0);
+        peer_send_str(&f, ":\"2.0\",\"id\":2,\"method\":\"x\"}\n");
+        pump_for(&f, 400);      /* nothing pending: no deadline */
+        CHECK(f.n_msgs == 2 && f.n_close == 0);
+        peer_send_str(&f, "{\"jsonrpc\":");
+        pump_for(&f, 400);
+        CHECK(f.n_msgs == 2);
+        expect_error_then_close(&f, -32600);
+        CHECK(strstr(f.reason, "not complete"));
+        fx_fini(&f);
+}
+
+static void note_msgs_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct fixture *f = userdata;
+
+        f->pin_len = f->n_msgs;  /* borrowed: how many were handed over when it ran */
+}
+
+/* One write of lines that take long to handle: a timer due meanwhile runs
+ * before the rest of them (the lines of a read are handed over for at most
+ * RPC_SLICE_USEC), and every line still arrives, in order. */
+static void test_slice(void) {
+        static const struct timeval now = { 0, 0 };
+        char buf[8192];
+        struct event *t;
+        struct fixture f;
+        size_t len = 0;
+
+        fx_init(&f, NULL);
+        f.slow_usec = 1000;     /* 100 lines: 10 slices */
+        for (int i = 1; i <= 100; i++)
+                len += (size_t)snprintf(buf + len, sizeof(buf) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"x\"}\n", i);
+        peer_send(&f, buf, len, NULL, 0);
+        t = evtimer_new(f.base, note_msgs_cb, &f);
+        CHECK(t && evtimer_add(t, &now) == 0);
+        for (int i = 0; i < 1000 && f.n_msgs < 100; i++)
+                event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        CHECK(f.n_msgs == 100);
+        CHECK(f.pin_len > 0 && f.pin_len < 100);
+        f.pin_len = 0;
+        for (unsigned i = 0; i < f.n_msgs; i++)
+                CHECK(msg_id(&f.msgs[i]) == (json_int_t)i + 1);
+        event_free(t);
+        fx_fini(&f);
+}
+
+/* The owner pauses input inside on_message: nothing more is handed over or
+ * read, no partial line's deadline runs, until it resumes -- and then from
+ * the loop, not from inside the call. */
+static void test_pause(void) {
+        struct rpc_conn_limits l;
+        struct fixture f;
+
+        rpc_conn_limits_default(&l);
+        l.line_timeout_ms = 100;
+        fx_init(&f, &l);
+        f.pause_id = 2;
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n"
+                          "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"x\"}\n"
+                          "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"x\"}\n");
+        pump(&f);
+        CHECK(f.n_msgs == 2);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\"");
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 2 && f.n_close == 0);
+        rpc_conn_resume_input(f.conn);
+        CHECK(f.n_msgs == 2);
+        pump(&f);
+        CHECK(f.n_msgs == 4 && msg_id(&f.msgs[2]) == 3 && msg_id(&f.msgs[3]) == 4);
+        CHECK(f.n_close == 0);
+        /* the partial line's deadline runs again */
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 4);
+        expect_error_then_close(&f, -32600);
+        fx_fini(&f);
+}
+
+/* A planned restart stops a connection for good: lines a slice held stay
+ * held (the slice's resume timer was pending), an owner's resume (a batch
+ * that ends) does not hand them over, a partial line's deadline does not
+ * close it; what is left is the input the next process carries. */
+static void test_stop_reading(void) {
+        char buf[8192], rest[8192];
+        struct rpc_conn_limits l;
+        struct fixture f;
+        const char *in;
+        size_t len = 0, n;
+        unsigned had;
+
+        rpc_conn_limits_default(&l);
+        l.line_timeout_ms = 100;
+        fx_init(&f, &l);
+        f.slow_usec = 1000;     /* 100 lines: 10 slices */
+        for (int i = 1; i <= 100; i++)
+                len += (size_t)snprintf(buf + len, sizeof(buf) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"x\"}\n", i);
+        len += (size_t)snprintf(buf + len, sizeof(buf) - len, "{\"jsonrpc\":");
+        peer_send(&f, buf, len, NULL, 0);
+        for (int i = 0; i < 1000 && f.n_msgs == 0; i++)
+                event_base_loop(f.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+        had = f.n_msgs;
+        CHECK(had > 0 && had < 100);
+        rpc_conn_stop_reading(f.conn);
+        pump_for(&f, 50);
+        CHECK(f.n_msgs == had);
+        rpc_conn_pause_input(f.conn);
+        rpc_conn_resume_input(f.conn);  /* a batch that ends */
+        pump_for(&f, 300);              /* past the partial line's deadline */
+        CHECK(f.n_msgs == had && f.n_close == 0);
+        peer_send_str(&f, "\"2.0\",\"id\":101,\"method\":\"x\"}\n"); /* not read */
+        pump_for(&f, 50);
+        CHECK(f.n_msgs == had && f.n_close == 0);
+        /* the lines not handed over, then the partial one, as read */
+        len = 0;
+        for (unsigned i = had + 1; i <= 100; i++)
+                len += (size_t)snprintf(rest + len, sizeof(rest) - len,
+                                        "{\"jsonrpc\":\"2.0\",\"id\":%u,\"method\":\"x\"}\n", i);
+        len += (size_t)snprintf(rest + len, sizeof(rest) - len, "{\"jsonrpc\":");
+        n = rpc_conn_unhandled_input(f.conn, &in);
+        CHECK(n == len && memcmp(in, rest, len) == 0);
+        fx_fini(&f);
+
+        /* a partial line whose deadline was running when it stopped */
+        fx_init(&f, &l);
+        peer_send_str(&f, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n{\"jsonrpc\":");
+        pump(&f);
+        CHECK(f.n_msgs == 1);
+        rpc_conn_stop_reading(f.conn);
+        pump_for(&f, 300);
+        CHECK(f.n_msgs == 1 && f.n_close == 0);
+        n = rpc_conn_unhandled_input(f.conn, &in);
+        CHECK(n == strlen("{\"jsonrpc\":") && memcmp(in, "{\"jsonrpc\":", n) == 0);
+        fx_fini(&f);
+}
+
+static void on_fds_lost(struct rpc_conn *c, json_t *msg, void *userdata) {
+        struct fixture *f = userdata;
+
+        CHECK(!f->in_message);
+        f->n_fds_lost++;
+        f->fds_lost_id = json_integer_value(json_object_get(msg, "id"));
+        json_decref(msg);
+}
+
+static const struct rpc_conn_ops restore_ops = {
+        .on_message = on_message,
+        .on_close = on_close,
+        .on_fds_lost = on_fds_lost,
+};
+
+/* The next process: the carried input's complete lines are handed over
+ * from the loop (nothing new arrives to wake the connection up), never from
+ * inside rpc_conn_restore_input(); one that declares fds, which were not
+ * carried, goes to on_fds_lost and takes no fd that came later; the
+ * partial line is completed by what the peer sends next. */
+static void test_restore_input(void) {
+        static const char carried[] =
+                "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}\n"
+                "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"x\",\"fds\":1}\n"
+                "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"x\"}\n"
+                "{\"jsonrpc\":\"2.0\",";
+        struct fixture f;
+        int fd;
+
+        fx_init_ops(&f, NULL, &restore_ops);
+        CHECK(rpc_conn_restore_input(f.conn, carried, strlen(carried)) == 0);
+        CHECK(f.n_msgs == 0);
+        pump(&f);
+        CHECK(f.n_msgs == 2 && msg_id(&f.msgs[0]) == 1 && msg_id(&f.msgs[1]) == 3);
+        CHECK(f.n_fds_lost == 1 && f.fds_lost_id == 2);
+        CHECK(f.n_close == 0);
+        fd = make_memfd("later");
+        peer_send(&f, "\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"x\",\"fds\":1}\n",
+                  strlen("\"id\":4,\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":5,\"method\":\"x\",\"fds\":1}\n"),
+                  &fd, 1);
+        close(fd);
+        pump(&f);
+        CHECK(f.n_msgs == 4 && msg_id(&f.msgs[2]) == 4 && msg_id(&f.msgs[3]) == 5);
+        CHECK(f.msgs[2].fds.n == 0 && f.msgs[3].fds.n == 1);
+        check_memfd(f.msgs[3].fds.fds[0], "later");
+        CHECK(f.n_fds_lost == 1 && f.n_close == 0);
+        fx_fini(&f);
+}
+
 /* The peer never reads: the queue hits its bound, the connection closes,
  * and on_close comes from the loop, not from rpc_conn_send(). */
 static void test_out_bound(void) {
@@ -1200,6 +1419,11 @@ static const struct {
         { "peercred", test_peercred },
         { "bad-socket", test_bad_socket },
         { "send-errors", test_send_errors },
+        { "line-timeout", test_line_timeout },
+        { "slice", test_slice },
+        { "pause", test_pause },
+        { "stop-reading", test_stop_reading },
+        { "restore-input", test_restore_input },
 };
 
 int main(int argc, char **argv) {

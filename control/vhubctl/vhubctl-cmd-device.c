@@ -79,6 +79,8 @@ int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
                 }
                 json_object_set_new(params, "reconnect_ms", json_integer((json_int_t)v));
         }
+        if (ctl_flag(a, "vmm-socket"))
+                json_object_set_new(params, "vmm_socket", json_true());
         r = ctl_query(ctl, "device.add", params, true, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
@@ -89,6 +91,8 @@ int cmd_device_add(struct ctl *ctl, const struct ctl_args *a) {
         printf("queues             %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(res, "queues")));
         printf("max mem slots      %" JSON_INTEGER_FORMAT "\n",
                json_integer_value(json_object_get(res, "max_mem_slots")));
+        if ((s = json_string_value(json_object_get(res, "vmm_socket"))))
+                printf("vmm socket         %s\n", s);
         json_decref(res);
         return CTL_EXIT_OK;
 }
@@ -106,6 +110,10 @@ static void print_device(const json_t *d) {
         printf("type               %s\n", type ? type : "-");
         printf("state              %s\n", json_string_value(json_object_get(d, "state")) ?: "?");
         printf("socket             %s\n", json_string_value(json_object_get(d, "socket")) ?: "?");
+        if (json_object_get(d, "vmm_socket")) {
+                printf("vmm socket         %s\n", json_string_value(json_object_get(d, "vmm_socket")) ?: "?");
+                printf("vmm                %s\n", json_string_value(json_object_get(d, "vmm")) ?: "?");
+        }
         printf("queues             %" JSON_INTEGER_FORMAT "\n", json_integer_value(json_object_get(d, "queues")));
         printf("reconnects         %" JSON_INTEGER_FORMAT "\n",
                json_integer_value(json_object_get(d, "reconnects")));
@@ -162,13 +170,14 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
         r = ctl_query(ctl, "device.list", ctl_vm_params(ctl, a->pos[0]), true, &res);
         if (r != CTL_EXIT_OK || !res)
                 return r; /* an error, or --json already printed it */
-        if (ctl_table_init(&t, 9, "DEVICE", "TYPE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED",
-                           "PROTOCOL", "SOCKET") < 0) {
+        if (ctl_table_init(&t, 10, "DEVICE", "TYPE", "STATE", "VMM", "QUEUES", "RECONNECTS", "FEATURES",
+                           "ACKED", "PROTOCOL", "SOCKET") < 0) {
                 json_decref(res);
                 return ctl_fail(CTL_EXIT_LOCAL, "out of memory");
         }
         json_array_foreach(json_object_get(res, "devices"), i, d) {
                 const char *type = json_string_value(json_object_get(d, "type"));
+                const char *vmm = json_string_value(json_object_get(d, "vmm"));
                 char q[16], rc[16], f[24], af[24], pf[24];
 
                 snprintf(q, sizeof(q), "%" JSON_INTEGER_FORMAT, json_integer_value(json_object_get(d, "queues")));
@@ -178,8 +187,8 @@ int cmd_device_list(struct ctl *ctl, const struct ctl_args *a) {
                 ctl_fmt_u64(json_object_get(d, "acked_features"), af, sizeof(af));
                 ctl_fmt_u64(json_object_get(d, "protocol_features"), pf, sizeof(pf));
                 ctl_table_add(&t, json_string_value(json_object_get(d, "device")), type && *type ? type : "-",
-                              json_string_value(json_object_get(d, "state")), q, rc, f, af, pf,
-                              json_string_value(json_object_get(d, "socket")));
+                              json_string_value(json_object_get(d, "state")), vmm ? vmm : "-", q, rc, f, af,
+                              pf, json_string_value(json_object_get(d, "socket")));
         }
         ctl_table_print(&t);
         ctl_table_done(&t);

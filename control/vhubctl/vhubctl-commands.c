@@ -45,6 +45,9 @@ static const struct ctl_opt_spec opts_device_add[] = {
         { "queues", "N", false, "the virtqueues the VMM will use (default: what the back-end reports)" },
         { "reconnect-ms", "N", false,
           "delay before the first reconnect after a loss (default 100; 0: never, the device fails)" },
+        { "vmm-socket", NULL, false,
+          "a front-door device: the daemon also listens on a socket of its own where an unmodified "
+          "VMM (QEMU, cloud-hypervisor) connects as if to the back-end; prints its path" },
         END,
 };
 static const struct ctl_opt_spec opts_device_start[] = {
@@ -140,24 +143,29 @@ const struct ctl_command ctl_commands[] = {
           "Stop dirty-page logging on every device of the VM.",
           "vhubctl vm dirty-log stop vm0",
           NULL, 1, 1, cmd_vm_dirty_log_stop },
-        { "device add", "VM DEVICE SOCKET [--type T] [--mode client|server] [--queues N] [--reconnect-ms N]",
+        { "device add",
+          "VM DEVICE SOCKET [--type T] [--mode client|server] [--queues N] [--reconnect-ms N] [--vmm-socket]",
           "connect a vhost-user back-end",
           "Connect to (client mode) or listen on (server mode) the back-end socket, negotiate and set up "
           "the device.  Prints the back-end's virtio features (named for --type's device type) and the "
           "negotiated protocol features, in hex and by name, the number of queues and of memory slots.  "
           "SOCKET must lie in one of the daemon's back-end directories (-32010 otherwise; inside them, "
-          "a socket that does not exist is named as such).",
+          "a socket that does not exist is named as such).  With --vmm-socket, also the socket a VMM "
+          "connects to (the front door: docs/front-door.md); the VM must outlive vhubctl, so create it "
+          "with `vm create --linger-ms`.",
           "vhubctl device add vm0 blk0 /run/vhost-user/blk0.sock --type blk\n"
-          "vhubctl device add vm0 net0 /run/vhost-user/net0.sock --type net --mode server --queues 4",
+          "vhubctl device add vm0 net0 /run/vhost-user/net0.sock --type net --mode server --queues 4\n"
+          "vhubctl device add vm0 blk0 /run/vhost-user/blk0.sock --type blk --vmm-socket",
           opts_device_add, 3, 3, cmd_device_add },
         { "device remove", "VM DEVICE", "stop and disconnect a device",
           "Stop the device if it runs, cancel a pending reconnect and disconnect it.",
           "vhubctl device remove vm0 blk0",
           NULL, 2, 2, cmd_device_remove },
         { "device list", "VM [DEVICE]", "the VM's devices and their states",
-          "Columns DEVICE, TYPE, STATE, QUEUES, RECONNECTS, FEATURES, ACKED, PROTOCOL (hex), SOCKET.  "
+          "Columns DEVICE, TYPE, STATE, VMM, QUEUES, RECONNECTS, FEATURES, ACKED, PROTOCOL (hex), SOCKET.  "
+          "VMM is a front-door device's: connected, or waiting for its VMM (- for the others).  "
           "With DEVICE, that device alone, its features also by name: the generic virtio bits, its "
-          "type's own bits, and the protocol features.",
+          "type's own bits, and the protocol features; a front-door device's VMM socket too.",
           "vhubctl device list vm0\nvhubctl device list vm0 blk0",
           NULL, 1, 2, cmd_device_list },
         { "device stats", "VM DEVICE", "the device's counters: requests, losses, durations",

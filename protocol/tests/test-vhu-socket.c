@@ -98,6 +98,7 @@ static void test_back_to_back_fds(void) {
         CHECK_EQ(vhu_msg_build_mem_table(&b, false, regions, table_fds, 3), 0);
         CHECK_EQ(vhu_writer_queue(&writer, &b), 0);
         CHECK_EQ(writer.n_items, 4);
+        CHECK_EQ(writer.n_fds, 1 + 1 + VHU_MAX_FDS + 3);  /* the dups it holds */
         CHECK(vhu_writer_pending(&writer));
         /* The writer dup'd the fds: the caller may close its own at once. */
         close(fa);
@@ -106,6 +107,7 @@ static void test_back_to_back_fds(void) {
         CHECK_EQ(vhu_writer_flush(&writer, sv[0]), 0);
         CHECK(!vhu_writer_pending(&writer));
         CHECK_EQ(writer.n_bytes, 0);
+        CHECK_EQ(writer.n_fds, 0);
 
         vhu_reader_init(&reader);
         vhu_msg_init(&got);
@@ -280,6 +282,7 @@ static void test_partial_writes(void) {
         }
         vhu_msg_forget_fds(&m);
         CHECK_EQ(writer.n_items, N_MSGS);
+        CHECK_EQ(writer.n_fds, N_MSGS);
         suffix_bytes[N_MSGS] = 0;
         for (unsigned k = N_MSGS; k-- > 0;)
                 suffix_bytes[k] = suffix_bytes[k + 1] + VHU_HEADER_SIZE + (k % 2 == 0 ? 4000 : 8);
@@ -300,6 +303,8 @@ static void test_partial_writes(void) {
                 } else {
                         CHECK_EQ(r, 0);
                 }
+                /* a message whose first byte went out holds no dups any more */
+                CHECK(writer.n_fds <= writer.n_items && writer.n_fds + 1 >= writer.n_items);
                 for (;;) {
                         r = vhu_reader_read(&reader, sv[1], &got);
                         if (r != 1)
@@ -329,6 +334,7 @@ static void test_partial_writes(void) {
         CHECK(!vhu_writer_pending(&writer));
         CHECK_EQ(writer.n_items, 0);
         CHECK_EQ(writer.n_bytes, 0);
+        CHECK_EQ(writer.n_fds, 0);
 
         /* Clearing a writer with queued fds closes its dups. */
         for (unsigned i = 1; i < N_MSGS; i += 2) {
@@ -336,8 +342,10 @@ static void test_partial_writes(void) {
                 CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
         }
         vhu_msg_forget_fds(&m);
+        CHECK_EQ(writer.n_fds, N_MSGS / 2);
         vhu_writer_clear(&writer);
         CHECK(!vhu_writer_pending(&writer));
+        CHECK_EQ(writer.n_fds, 0);
 
         for (unsigned i = 0; i < N_MSGS; i++)
                 if (fds[i] >= 0)

@@ -50,6 +50,7 @@
 #include "vhub-config.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhub-frontdoor.h"
 #include "vhubd.h"
 #include "vhu-scm.h"
 
@@ -106,12 +107,18 @@ static struct fuzz_env *env_get(void) {
         env->config.backend_timeout_ms = FUZZ_BACKEND_TIMEOUT_MS;
         if (vhub_config_add_backend_dir(&env->config, env->backends) < 0)
                 abort();
+        /* a front-door device's socket: under the fuzzer's own directory, never /run */
+        if (asprintf(&env->config.vmm_dir, "%s/vmm", env->dir) < 0)
+                abort();
         env->base = event_base_new();
         o.control_path = env->sock;
         env->config.control_mode = 0600;
         env->config.limits.connections = 16;
         env->config.limits.pending_per_connection = 64;
         if (vhubd_init(&env->vhubd, env->base, &env->config, &o) < 0)
+                abort();
+        /* its fd open from the start: the fd count around each input holds still */
+        if (vhub_frontdoor_open_dir(env->vhubd.frontdoor) < 0)
                 abort();
         if (fuzz_backend_new(env->backend_sock, &env->backend) < 0)
                 abort();
@@ -251,6 +258,14 @@ static void env_cleanup(void) {
         unlink(env->backend_sock);
         free(env->expanded);
         event_base_free(env->base);
+        {
+                char vmm[128];
+
+                snprintf(vmm, sizeof(vmm), "%s/vmm/%u", env->dir, (unsigned)getuid());
+                rmdir(vmm);
+                snprintf(vmm, sizeof(vmm), "%s/vmm", env->dir);
+                rmdir(vmm);
+        }
         vhub_config_done(&env->config);
         rmdir(env->backends);
         rmdir(env->dir);

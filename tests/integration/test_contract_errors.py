@@ -478,7 +478,8 @@ def request_objects(t, daemon, c, fb):
         check(r.id in (obj["id"], None), "%s: id echoed or null" % what)
         check_error(r.error, INVALID_REQUEST, what)
         fb.after(what)
-    for what, idv in (("id an object", {"a": 1}), ("id an array", [1]), ("id a boolean", True)):
+    for what, idv in (("id an object", {"a": 1}), ("id an array", [1]), ("id a boolean", True),
+                      ("id a string of 257 bytes (a call keeps its id: at most 256)", "i" * 257)):
         c.send_raw(encode({"jsonrpc": "2.0", "id": idv, "method": "daemon.info"}))
         r = c.wait_null_response(5)
         check_error(r.error, INVALID_REQUEST, what)
@@ -486,6 +487,8 @@ def request_objects(t, daemon, c, fb):
     # string ids are echoed exactly
     c.send_raw(encode({"jsonrpc": "2.0", "id": "abc-1", "method": "daemon.info"}))
     check_eq(c.wait_response("abc-1", 5).result["pid"], daemon.pid, "a string id is echoed")
+    c.send_raw(encode({"jsonrpc": "2.0", "id": "i" * 256, "method": "daemon.info"}))
+    check_eq(c.wait_response("i" * 256, 5).result["pid"], daemon.pid, "a 256-byte string id is echoed")
 
     for what, params in (("params an array", ["vm0"]), ("params a string", "vm0"),
                          ("params a number", 5), ("params null", None)):

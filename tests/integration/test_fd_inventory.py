@@ -8,8 +8,9 @@ every fd its owners' visitors yield, with its name and fd-store group.
 Against real back-ends (qemu-storage-daemon in client mode, the test
 back-end in server mode with its channel and inflight fd), two VMs with
 regions, a shared object, dirty logging, started rings, a lingering VM,
-a second control connection and an fd queued on a connection's unfinished
-line:
+a second control connection, an fd queued on a connection's unfinished
+line, and a front-door device with a VMM attached (the harness's
+front-end: its regions, a started ring, its back-end channel):
 
 - /proc/PID/fd holds exactly the inventory plus stdin/out/err and
   libevent's own (its epoll instance and its signal pipe, which the daemon
@@ -29,7 +30,8 @@ line:
   group's fds in order (the same open files as the daemon's: kcmp), empty
   groups are removed, --no-fd-store stores nothing, and a daemon killed
   with groups stored starts again, closes them (its back-end sees the
-  connection go) and removes them from the store.
+  connection go) and removes them from the store (a front-door device's
+  face's group too).
 """
 
 import ctypes
@@ -43,9 +45,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                             # noqa: E402
+from vhubtest import direct as vu                                # noqa: E402
 from vhubtest.backends import QsdBackend                         # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.daemon import Daemon, vhubd_path                   # noqa: E402
+from vhubtest.direct import BackendClosed, DirectFrontend        # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
 from vhubtest.servicemanager import ServiceManager               # noqa: E402
@@ -57,8 +61,9 @@ from vhubtest.vmm import Vmm                                     # noqa: E402
 UUID = "5b1c8c1e-6a0c-4a54-9d3e-7d1f0a2b3c4d"
 OPENED = re.compile(r"debug: fd (\d+) (opened|closed): (\S+) \(group (\S+)\)$")
 ITEM = re.compile(r"debug: fd (\d+): (\S+) \((?:group (\S+)|not stored)\)$")
-COUNT = re.compile(r"debug: fd inventory: (\d+) fds$")
-GROUP = re.compile(r"^(L|S|[cdvos][0-9a-z]+)$")
+# multi-line: the daemon may log more right after its inventory
+COUNT = re.compile(r"debug: fd inventory: (\d+) fds$", re.M)
+GROUP = re.compile(r"^(L|S|[cdfvos][0-9a-z]+)$")
 
 # what each kind of name must be in /proc/PID/fd
 KINDS = [
@@ -68,6 +73,11 @@ KINDS = [
     (re.compile(r"^dev/\d+/[^/]+/[^/]+/ring\d+\.(kick|call|err)$"), "anon_inode:[eventfd]"),
     (re.compile(r"^dev/\d+/[^/]+/[^/]+/(sock|chan|listen)$"), "socket:["),
     (re.compile(r"^dev/\d+/[^/]+/[^/]+/dirfd$"), "/"),
+    (re.compile(r"^dev/\d+/[^/]+/[^/]+/vmm/(region/\d+|log)$"), "/memfd:"),
+    (re.compile(r"^dev/\d+/[^/]+/[^/]+/vmm/ring\d+\.(kick|call|err)$"), "anon_inode:[eventfd]"),
+    (re.compile(r"^vmm/\d+/[^/]+/[^/]+/(listen|conn|chan)$"), "socket:["),
+    (re.compile(r"^vmm/\d+/[^/]+/[^/]+/(dir/uid|dir/vm|inode)$"), "/"),
+    (re.compile(r"^daemon/vmm-dir$"), "/"),
     (re.compile(r"^ctl/(listen|conn/\d+)$"), "socket:["),
     (re.compile(r"^ctl/spare$"), "/dev/null"),
     (re.compile(r"^ctl/conn/\d+/(in|out)$"), ""),
@@ -154,10 +164,11 @@ def check_libevent(extra, what):
 
 
 def owner_of(name):
-    """The object a name says holds the fd: a device, a VM (its shared
-    objects apart), a control connection or the listener."""
+    """The object a name says holds the fd: a device, a front-door device's
+    face, a VM (its shared objects apart), a control connection or the
+    listener."""
     parts = name.split("/")
-    if name.startswith("dev/"):
+    if name.startswith(("dev/", "vmm/")):
         return "/".join(parts[:4])
     if name.startswith("vm/"):
         return "/".join(parts[:3]) + ("/" + parts[3] if parts[3] in ("shared", "snapshot") else "")
@@ -249,13 +260,34 @@ def build(t, daemon, d):
     raw.sendmsg([b'{"jsonrpc":"2.0","id":1,'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    efd.to_bytes(4, sys.byteorder))])
     os.close(efd)
+    fdoor = front_door_vm(t, c, d)
     c.call("daemon.info")       # everything sent before this is read by now
-    return {"c": c, "q": q, "vq": vq, "raw": raw, "tb": tb}
+    return {"c": c, "q": q, "vq": vq, "raw": raw, "tb": tb, "fdoor": fdoor}
+
+
+def front_door_vm(t, c, d):
+    """vm2 with a front-door device to qemu-storage-daemon and a VMM on its
+    socket: regions, a started ring and a back-end channel."""
+    img = os.path.join(d, "fd.img")
+    scenarios.make_image(img, 8 << 20)
+    qsd = t.enter(QsdBackend(img, os.path.join(d, "backends", "fd0.sock"), num_queues=1, log_dir=d))
+    Vmm(c, "vm2").create()
+    path = c.call("device.add", {"vm": "vm2", "device": "fd0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    fe = DirectFrontend.connect(path)
+    fe.handshake(vu.SUPPORTED_PROTOCOL_FEATURES | (1 << vu.PF_BACKEND_REQ))
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    fe.command(vu.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+    theirs.close()
+    mem = t.enter(GuestMemory(4 << 20))
+    q = blk.BlkQueue(mem, index=0, size=64)
+    fe.setup(mem, (1 << 32) & fe.features, [q.vq])
+    return {"fe": fe, "channel": mine, "q": q, "path": path}
 
 
 def part_inventory(t):
     d = t.tmpdir()
-    daemon = t.enter(Daemon(d))
+    daemon = t.enter(Daemon(d, extra_args=["--vmm-dir", os.path.join(d, "vmm")]))
     c0 = daemon.client()
     c0.call("daemon.info")
     inv0 = inventory(daemon.pid, daemon.log_path)
@@ -272,9 +304,15 @@ def part_inventory(t):
     for want in ("vm/0/vm0/log", "vm/0/vm0/shared/" + UUID, "dev/0/vm0/blk0/sock", "dev/0/vm0/blk0/chan",
                  "dev/0/vm0/blk0/ring0.kick", "dev/0/vm0/blk0/ring0.call", "dev/0/vm1/s0/listen",
                  "dev/0/vm1/s0/dirfd", "dev/0/vm1/s0/sock", "dev/0/vm1/s0/chan", "dev/0/vm1/s0/inflight",
-                 "dev/0/vm1/s0/ring0.kick", "ctl/listen", "ctl/spare"):
+                 "dev/0/vm1/s0/ring0.kick", "ctl/listen", "ctl/spare",
+                 "dev/0/vm2/fd0/sock", "dev/0/vm2/fd0/vmm/ring0.kick", "dev/0/vm2/fd0/vmm/ring0.call",
+                 "vmm/0/vm2/fd0/listen", "vmm/0/vm2/fd0/conn", "vmm/0/vm2/fd0/chan", "vmm/0/vm2/fd0/dir/uid",
+                 "vmm/0/vm2/fd0/dir/vm", "vmm/0/vm2/fd0/inode", "daemon/vmm-dir"):
         check(want in names, "the inventory names %s" % want)
     check(any(re.match(r"^vm/0/vm1/region/\d+$", n) for n in names), "vm1's region is named")
+    check(any(re.match(r"^dev/0/vm2/fd0/vmm/region/\d+$", n) for n in names), "the VMM's region is named")
+    check_eq(len({g for n, g in inv.values() if n.startswith(("dev/0/vm2/fd0/", "vmm/0/vm2/fd0/"))}), 2,
+             "a front-door device's fds: the device's group and its face's")
     check(any(re.match(r"^ctl/conn/\d+/in$", n) for n in names), "the unfinished line's fd is named")
     transient = [n for n, g in inv.values() if g is None and not n.startswith(("daemon/", "ctl/spare"))]
     check_eq([n for n in transient if not n.endswith("/in")], [], "only the queued fd is held for a moment")
@@ -286,8 +324,12 @@ def part_inventory(t):
     live["raw"].close()
     live["c"].call("vm.destroy", {"vm": "vm0"})
     live["c"].call("vm.destroy", {"vm": "vm1"})
+    live["c"].call("vm.destroy", {"vm": "vm2"})
+    live["fdoor"]["fe"].close()
+    live["fdoor"]["channel"].close()
     live["c"].close()
-    idle = sorted(n for n, g in inv0.values() if not n.startswith("ctl/conn/"))
+    # --vmm-dir stays open once the first front-door device opened it
+    idle = sorted([n for n, g in inv0.values() if not n.startswith("ctl/conn/")] + ["daemon/vmm-dir"])
     inv_end = {}
 
     def back_to_idle():
@@ -331,9 +373,10 @@ def part_store(t):
     d = t.tmpdir()
     sm = t.enter(ServiceManager(d, fd_store_max=1024))
     t.add_log("vhubd under the service manager", sm.log_path)
-    control = managed_daemon(t, d, sm)
+    control = managed_daemon(t, d, sm, extra=["--vmm-dir", os.path.join(d, "vmm")])
     c = t.enter(Client(control, timeout=10))
     q = blk_vm(t, c, d, os.path.join(d, "backends", "blk0.sock"))
+    fdoor = front_door_vm(t, c, d)
     c.call("daemon.info")
     inv = inventory(sm.pid, sm.log_path)
     groups = {}
@@ -368,12 +411,34 @@ def part_store(t):
     sm.wait_ready()
     check_eq(vmm.device_state("blk0")["state"], "running", "blk0 is back, running")
 
+    # the front-door device's VMM session did not survive: its connection
+    # is closed, and the device's socket opened again for the next VMM
+    try:
+        fdoor["fe"].get_features()
+        check(False, "the VMM's connection outlived the crash")
+    except (BackendClosed, OSError):
+        log("ok: the VMM's connection closed with the crashed daemon")
+    def fd0():
+        return c.call("device.list", {"vm": "vm2"})["devices"][0]
+    wait_until(lambda: fd0()["state"] == "ready", 5.0, what="vm2's device to have a new back-end connection")
+    renewed = fd0()["reconnects"]
+    with DirectFrontend.connect(fdoor["path"]) as fe:
+        check_eq(fe.get_features(), fdoor["fe"].features, "a new VMM on the same socket is served")
+    # it left: its back-end gets a new connection for the next (settled before the inventory)
+    wait_until(lambda: (fd0()["vmm"], fd0()["state"], fd0()["reconnects"]) == ("waiting", "ready", renewed + 1),
+               5.0, what="vm2's device to wait for its next VMM")
+    fdoor["fe"].close()
+    fdoor["channel"].close()
+
     # a crash with groups stored: the next start takes every group back
     # (test_restart.py checks what comes back); the store holds the same
     # groups, and the restarted daemon's own inventory is in them
     old_groups = sorted(sm.names())
+    check(any(g.startswith("f") for g in old_groups), "a front-door device's face has its group again",
+          old_groups)
     c2 = t.enter(Client(control, timeout=10))
-    check_eq([v["vm"] for v in c2.call("vm.list")["vms"]], ["vm0"], "the restarted daemon has vm0 back")
+    check_eq(sorted(v["vm"] for v in c2.call("vm.list")["vms"]), ["vm0", "vm2"],
+             "the restarted daemon has vm0 and vm2 back")
     inv2 = inventory(sm.pid, sm.log_path)
     groups2 = sorted({g for _, (name, g) in inv2.items() if g})
     wait_until(lambda: sorted(sm.names()) == groups2, 5.0,

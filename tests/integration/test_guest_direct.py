@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """A real Linux guest under QEMU (TCG) connected straight to the real
 back-ends: the control run for every front-door test (docs/testing-guests.md).
+test_frontdoor_guest.py runs the same scenarios with QEMU pointed at vhubd's
+front door instead (`way`: vhubtest.frontdoor).
 
     test_guest_direct.py [blk] [fs] [net]   (default: all)
 
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import guest, guest_image                        # noqa: E402
 from vhubtest.backends import QsdBackend, TestpmdBackend, VirtiofsdBackend  # noqa: E402
+from vhubtest.frontdoor import Direct                          # noqa: E402
 from vhubtest.guest import BlkDevice, FsDevice, Guest, NetDevice  # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
 
@@ -46,8 +49,8 @@ def last_progress_n(g, step):
                default=0)
 
 
-def scenario_blk(t, image):
-    d = t.tmpdir()
+def scenario_blk(t, image, way):
+    d = way.dir
     img = os.path.join(d, "disk.img")
     pattern = os.urandom(PATTERN_BLOCKS * BLOCK)
     with open(img, "wb") as f:
@@ -55,7 +58,7 @@ def scenario_blk(t, image):
         f.write(pattern)
     model = bytearray(IMAGE_SIZE)
     qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
-    g = t.enter(Guest(d, [BlkDevice(qsd.socket, num_queues=2)], image))
+    g = t.enter(Guest(d, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
     ready = g.wait_ready()
     check_eq(ready["cpus"], "2", "guest vCPUs")
     first = g.first_io()
@@ -109,6 +112,7 @@ def scenario_blk(t, image):
     check_eq(r.int("bytes"), THR_MIB << 20, "blk-throughput bytes written and read")
 
     g.poweroff()
+    way.release("blk0")
     check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code on SIGTERM")
     with open(img, "rb") as f:
         disk = f.read()
@@ -128,15 +132,15 @@ def scenario_blk(t, image):
           "blocks differing: %s" % bad[:10])
 
 
-def scenario_fs(t, image):
-    d = t.tmpdir()
+def scenario_fs(t, image, way):
+    d = way.dir
     share = os.path.join(d, "share")
     os.mkdir(share)
     content = os.urandom(256 << 10)
     with open(os.path.join(share, "from-host.bin"), "wb") as f:
         f.write(content)
     vfs = t.enter(VirtiofsdBackend(os.path.join(d, "fs.sock"), share, log_dir=d))
-    g = t.enter(Guest(d, [FsDevice(vfs.socket, tag="fs0")], image))
+    g = t.enter(Guest(d, [FsDevice(way.socket(vfs.socket, "fs0", "fs"), tag="fs0")], image))
     g.wait_ready()
     r = g.run("fs", "fs0", "from-host.bin", hashlib.sha256(content).hexdigest(), "from-guest.txt")
     check_eq(r.int("size"), len(content), "size of the host file in the guest")
@@ -147,7 +151,8 @@ def scenario_fs(t, image):
     check(written == content + b"vhubtest guest wrote this\n",
           "host sees the guest's file: the host file's %d bytes + the guest's line" % len(content),
           "got %d bytes" % len(written))
-    check_eq(vfs.wait_exit(10), 0, "virtiofsd exit code once QEMU left")
+    way.release("fs0")
+    check_eq(vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
 
 
 def testpmd_port_counters(text):
@@ -156,12 +161,18 @@ def testpmd_port_counters(text):
     return tuple(int(x) for x in found[-1]) if found else None
 
 
-def scenario_net(t, image):
-    d = t.tmpdir()
-    pmd = t.enter(TestpmdBackend(os.path.join(d, "net.sock"), queues=1, log_dir=d))
+def net_guest(t, image, way):
+    """dpdk-testpmd (io forwarding, looped) and a guest whose eth0 leads to
+    it through `way` as net0: (testpmd, guest), the guest ready."""
+    pmd = t.enter(TestpmdBackend(os.path.join(way.dir, "net.sock"), queues=1, log_dir=way.dir))
     pmd.wait_forwarding()
-    g = t.enter(Guest(d, [NetDevice(pmd.socket)], image))
+    g = t.enter(Guest(way.dir, [NetDevice(way.socket(pmd.socket, "net0", "net"))], image))
     g.wait_ready()
+    return pmd, g
+
+
+def scenario_net(t, image, way):
+    pmd, g = net_guest(t, image, way)
     count = 10
     r = g.run("net", "eth0", count)
     for line in r.log:
@@ -175,6 +186,7 @@ def scenario_net(t, image):
           "twice: looped inside and back from testpmd (Icmp6InEchos +%s)" % (count, r["in_echos"]))
     check_eq((r.int("rx_errors"), r.int("tx_errors")), (0, 0), "eth0 rx/tx errors")
     g.poweroff()
+    way.release("net0")
     check_eq(pmd.stop(), 0, "dpdk-testpmd exit code on SIGTERM")
     counters = testpmd_port_counters(pmd.log_text())
     check(counters is not None and min(counters) >= count,
@@ -189,7 +201,7 @@ def main(t):
     image = guest_image.prepare()
     for name in names:
         log("==== guest-direct-%s" % name)
-        SCENARIOS[name](t, image)
+        SCENARIOS[name](t, image, Direct(t))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ over its own stale socket; the socket is created owned by USER, and removing
 the device never removes a socket that replaced the daemon's.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -47,8 +46,9 @@ from test_identity import agent_python                                   # noqa:
 from vhubtest.client import (BACKEND_ERROR, BACKEND_NOT_ALLOWED,           # noqa: E402
                              RpcError)
 from vhubtest.daemon import Daemon                                        # noqa: E402
-from vhubtest.testbackend import TestBackend                              # noqa: E402
+from vhubtest.testbackend import TestBackend, TestBackendAs               # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.victims import check_unchanged, snapshot                    # noqa: E402
 
 USER = 65534       # the VMM's uid (nobody)
 OTHER = 4321       # another unprivileged uid, owner of a private directory
@@ -193,20 +193,9 @@ class Swapper:
         return (int(out[0]), int(out[1])) if len(out) == 2 else (0, 0)
 
 
-class UserTestBackend(TestBackend):
+def UserTestBackend(binary, **kw):
     """vhub-test-backend running as USER (groups [GROUP]), from a copy USER can execute."""
-
-    def __init__(self, binary, **kw):
-        self._binary = binary
-        super().__init__(**kw)
-
-    @property
-    def binary(self):
-        return self._binary
-
-    def argv(self):
-        return [shutil.which("setpriv"), "--reuid", str(USER), "--regid", str(USER),
-                "--groups", str(GROUP), "--pdeathsig", "KILL", "--"] + super().argv()
+    return TestBackendAs(binary, USER, groups=[GROUP], **kw)
 
 
 def stale_socket(path, owner=0, mode=None):
@@ -225,36 +214,6 @@ def mkdir(path, owner, group, mode):
     os.chown(path, owner, group)
     os.chmod(path, mode)
     return path
-
-
-def snapshot(*paths):
-    """Everything that must not change: each path's inode, owner, mode, size,
-    mtime, a regular file's content and a directory's entries (recursively)."""
-    snap = {}
-
-    def one(p):
-        st = os.lstat(p)
-        entry = (st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode, st.st_size,
-                 st.st_mtime_ns, st.st_nlink)
-        if stat.S_ISREG(st.st_mode):
-            with open(p, "rb") as f:
-                entry += (hashlib.sha256(f.read()).hexdigest(),)
-        snap[p] = entry
-        if stat.S_ISDIR(st.st_mode):
-            names = sorted(os.listdir(p))
-            snap[p + "/"] = names
-            for n in names:
-                one(os.path.join(p, n))
-    for p in paths:
-        one(p)
-    return snap
-
-
-def check_unchanged(before, after, what):
-    changed = sorted(set(before) ^ set(after)) + \
-        sorted(k for k in set(before) & set(after) if before[k] != after[k])
-    check(not changed, "%s: exactly as before" % what,
-          "; ".join("%s: %s -> %s" % (k, before.get(k), after.get(k)) for k in changed[:6]))
 
 
 class World:

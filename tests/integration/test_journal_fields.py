@@ -42,6 +42,7 @@ from vhubtest import procs                                          # noqa: E402
 from vhubtest.backends import QsdBackend                            # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.daemon import vhubd_path                              # noqa: E402
+from vhubtest.sdnotify import service_env as base_env              # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -219,14 +220,6 @@ def terminate(p):
         return p.wait(10)
     except subprocess.TimeoutExpired:
         raise TestFailure("FAILED: vhubd did not exit within 10s of SIGTERM")
-
-
-def base_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                        "LISTEN_FDNAMES", "JOURNAL_STREAM", "RUNTIME_DIRECTORY")}
-    env.update(extra)
-    return env
 
 
 def vm_lifecycle(t, d, control, p, what, with_device):

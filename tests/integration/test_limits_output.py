@@ -16,7 +16,11 @@ A VM with 512 regions makes every vm.memory.list answer about 40 KB.
   with small ones (120 bytes, ~30000 lines): the daemon holds at most 8 MiB
   per client (RSS growth / 8), every client is still connected (under the
   bound), and once they go the RSS is back within 8 MiB of the baseline;
-- a client pushed past the bound is still dropped.
+- a client pushed past the bound is still dropped;
+- notifications: a batch's notifications count as if they were answered,
+  so 200 vm.memory.list notifications (~8 MB of answers) pass the bound:
+  a vm.create notification after them is not run, the call after it is
+  answered -32008.
 
 Under AddressSanitizer (tests/run-all.sh's second build) the RSS bounds are
 logged, not checked: its allocator keeps freed memory in quarantine; every
@@ -134,6 +138,24 @@ def amplification(daemon, c):
     s.close()
 
 
+def notifications(daemon, c):
+    note = json.dumps({"jsonrpc": "2.0", "method": "vm.memory.list", "params": {"vm": "big"}},
+                      separators=(",", ":")).encode()
+    late = json.dumps({"jsonrpc": "2.0", "method": "vm.create", "params": {"vm": "late"}},
+                      separators=(",", ":")).encode()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.connect(daemon.control)
+    s.sendall(b"[" + b",".join([note] * 200 + [late, request(1, "daemon.info")]) + b"]\n")
+    answer, closed = read_line(s)
+    check(not closed, "a batch of notifications past the bound: the connection stays")
+    arr = json.loads(answer)
+    check_eq([(r["id"], r.get("error", {}).get("code")) for r in arr], [(1, -32008)],
+             "only the call is answered, -32008: the notifications' answers filled the bound")
+    check("late" not in [v["vm"] for v in c.call("vm.list")["vms"]],
+          "the notification past the bound (vm.create) was not run")
+    s.close()
+
+
 def slow_round(daemon, what, one, make_requests):
     """N_SLOW clients ask for ~3.8 MiB of answers of `one` bytes each, never
     read, and leave a 1 MiB line unfinished; returns k (answers each)."""
@@ -220,9 +242,11 @@ def main(t):
     daemon = t.enter(Daemon(d, log_level="info"))
     c = daemon.client()
     fill_vm(c, "big")
-    which = sys.argv[1:] or ["amplification", "slow"]
+    which = sys.argv[1:] or ["amplification", "notifications", "slow"]
     if "amplification" in which:
         amplification(daemon, c)
+    if "notifications" in which:
+        notifications(daemon, c)
     if "slow" in which:
         slow_readers(daemon, c)
 

@@ -3,26 +3,31 @@
 format version (issue 10: "a newer daemon reads the previous version's
 snapshots"; docs/restart.md, "The snapshot format").
 
-fixtures/restart-v<N>/ holds the snapshot files (the memfds' whole contents,
-both slots) that vhubd of format version N left in the fd store at a planned
-restart of SCENARIO below: "S" (the daemon and its control connections) and
-one "s<id>" per VM.  Two checks:
+fixtures/restart-v<N>[.<n>]/ holds the snapshot files (the memfds' whole
+contents, both slots) that vhubd left in the fd store at a planned restart of
+the scenario below: "S" (the daemon and its control connections) and one
+"s<id>" per VM.  restart-v<N> is what the first writer of format version N
+wrote; restart-v<N>.<n> what a later writer of the same version wrote after
+records were added or dropped that every reader of that version copes with
+(restart-v1.1: h-redteam's device credentials and per-VM token count added,
+the daemon-wide token count dropped).  Two checks:
 
-  read    vhubd started with a store holding only those snapshot files (as
-          after an upgrade from that version, the other fds aside) reads
-          them: READY=1, "restoring the state of the earlier run", restarts
-          counts on from the fixture's, both VMs back under their names with
-          their owner, devices and linger state; nothing malformed.  Fds the
-          fixture names but the store does not hold are "gone", as the
-          restore treats any fd not passed back (regions dropped, the device
-          lost and retrying, the VMM's shared object dropped).
+  read    vhubd started with a store holding only one fixture's snapshot
+          files (as after an upgrade from the daemon that wrote them, the
+          other fds aside) reads them -- every fixture kept: READY=1,
+          "restoring the state of the earlier run", restarts counts on from
+          the fixture's, both VMs back under their names with their owner,
+          devices and linger state; nothing malformed.  Fds the fixture names
+          but the store does not hold are "gone", as the restore treats any
+          fd not passed back (regions dropped, the device lost and retrying,
+          the VMM's shared object dropped).
   shape   the snapshots today's vhubd writes for the same scenario have the
-          same record tree as the fixture of today's version: every record's
-          tag path, kind, flags and fixed length (values differ: paths, fd
-          keys, clocks).  A writer that adds, drops or retypes a record
-          without a version bump fails here; with a bump, keep this
-          directory (the read check then covers the previous version) and
-          write the new version's fixture beside it:
+          same record tree as the newest fixture of today's version: every
+          record's tag path, kind, flags and fixed length (values differ:
+          paths, fd keys, clocks).  A writer that adds, drops or retypes a
+          record fails here until it bumps the version (a change an older
+          reader would misread) or says why readers of the version cope, and
+          adds its own fixture beside the others:
 
               python3 tests/integration/test_restart_fixture.py write
 
@@ -67,8 +72,22 @@ LINGER_MS = 600000
 S_RESTARTS = 1          # the daemon's snapshot: restarts carried so far
 
 
-def fixture_dir(version):
-    return os.path.join(FIXTURES, "restart-v%d" % version)
+def fixtures():
+    """[(version, generation, directory)], oldest first: restart-v<version>
+    is a version's first writer, restart-v<version>.<n> a later writer of
+    the same version (records added or dropped that a reader of that version
+    copes with)."""
+    out = []
+    for name in os.listdir(FIXTURES):
+        m = re.fullmatch(r"restart-v(\d+)(?:\.(\d+))?", name)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2) or 0), os.path.join(FIXTURES, name)))
+    return sorted(out)
+
+
+def newest_fixture(version):
+    mine = [f for f in fixtures() if f[0] == version]
+    return mine[-1] if mine else None
 
 
 def newest_doc(data):
@@ -170,8 +189,7 @@ def produce(t):
     return files
 
 
-def load(version):
-    d = fixture_dir(version)
+def load(d):
     out = {}
     for f in sorted(os.listdir(d)):
         if f.endswith(".snap"):
@@ -181,21 +199,28 @@ def load(version):
 
 
 def part_write(t):
+    """Write today's writer's snapshots as the next fixture of its version
+    (restart-v<version> if there is none yet, else restart-v<version>.<n+1>)."""
     files = produce(t)
-    d = fixture_dir(FORMAT_VERSION)
-    os.makedirs(d, exist_ok=True)
+    last = newest_fixture(FORMAT_VERSION)
+    name = "restart-v%d" % FORMAT_VERSION if last is None else \
+        "restart-v%d.%d" % (FORMAT_VERSION, last[1] + 1)
+    d = os.path.join(FIXTURES, name)
+    os.makedirs(d)
     for name, data in files.items():
         with open(os.path.join(d, name + ".snap"), "wb") as f:
             f.write(data)
-        log("wrote %s.snap: %d bytes" % (name, len(data)))
+        log("wrote %s: %d bytes" % (os.path.join(d, name + ".snap"), len(data)))
 
 
 def part_shape(t):
-    fixture = load(FORMAT_VERSION)
-    check(fixture, "a fixture of today's format version %d exists (%s)"
-          % (FORMAT_VERSION, fixture_dir(FORMAT_VERSION)))
+    newest = newest_fixture(FORMAT_VERSION)
+    check(newest is not None, "a fixture of today's format version %d exists" % FORMAT_VERSION)
+    fixture = load(newest[2])
+    log("comparing with %s" % os.path.basename(newest[2]))
     today = produce(t)
     check_eq(sorted(today), sorted(fixture), "the same snapshot files as the fixture")
+    diffs = []
     for name in sorted(fixture):
         fv, fc, _, fpay = newest_doc(fixture[name])
         tv, tc, _, tpay = newest_doc(today[name])
@@ -203,25 +228,30 @@ def part_shape(t):
         want, got = shape(fpay), shape(tpay)
         if want != got:
             import difflib
-            diff = "\n".join(difflib.unified_diff([repr(x) for x in want], [repr(x) for x in got],
-                                                  "fixture", "today", lineterm="", n=1))
-            raise TestFailure("%s: the record tree changed without a format version bump "
-                              "(bump VHUB_SNAP_VERSION, keep fixtures/restart-v%d for the read "
-                              "check and write the new version's fixture):\n%s"
-                              % (name, FORMAT_VERSION, diff))
-        log("ok: %s: %d records, the same tree as the fixture of version %d"
-            % (name, len(got), FORMAT_VERSION))
+            diffs.append("%s:\n%s" % (name, "\n".join(difflib.unified_diff(
+                [repr(x) for x in want], [repr(x) for x in got], "fixture", "today", lineterm="", n=1))))
+        else:
+            log("ok: %s: %d records, the same tree as %s" % (name, len(got), os.path.basename(newest[2])))
+    if diffs:
+        raise TestFailure("the record tree changed since %s.  A change a reader of version %d would "
+                          "misread: bump VHUB_SNAP_VERSION (and compat).  Records added or dropped "
+                          "that every reader of version %d copes with: say so in docs/restart.md.  "
+                          "Either way keep the fixtures there are (the read check reads them all) "
+                          "and add today's with `test_restart_fixture.py write`:\n%s"
+                          % (os.path.basename(newest[2]), FORMAT_VERSION, FORMAT_VERSION,
+                             "\n".join(diffs)))
 
 
 def part_read(t):
-    versions = sorted(int(n.split("-v")[1]) for n in os.listdir(FIXTURES) if n.startswith("restart-v"))
-    check(versions, "fixtures of snapshot versions exist")
-    for version in versions:
-        read_one(t, version)
+    found = fixtures()
+    check(found, "fixtures of snapshot versions exist")
+    for version, generation, d in found:
+        read_one(t, version, d)
 
 
-def read_one(t, version):
-    files = load(version)
+def read_one(t, version, directory):
+    files = load(directory)
+    version = os.path.basename(directory)[len("restart-v"):]
     daemon_doc = doc_summary(newest_doc(files["S"])[3])
     restarts = daemon_doc[S_RESTARTS][0]
     d = t.tmpdir()
@@ -229,7 +259,7 @@ def read_one(t, version):
     backends = os.path.join(d, "backends")
     os.makedirs(backends)
     sm = t.enter(ServiceManager(d))
-    t.add_log("vhubd reading the version %d fixture" % version, sm.log_path)
+    t.add_log("vhubd reading the version %s fixture" % version, sm.log_path)
     for name, data in files.items():
         fd = os.memfd_create("vhub-snapshot", os.MFD_CLOEXEC)
         os.write(fd, data)
@@ -241,29 +271,29 @@ def read_one(t, version):
     with open(sm.log_path, errors="replace") as f:
         text = f.read()
     check("restoring the state of the earlier run (a planned restart, restart %d, 2 VMs)"
-          % (restarts + 1) in text, "version %d: vhubd reads the fixture's snapshots" % version)
+          % (restarts + 1) in text, "version %s: vhubd reads the fixture's snapshots" % version)
     for bad in ("malformed", "cannot restore", "unreadable", "needs a newer"):
-        check(bad not in text, "version %d: the log says nothing is %r" % (version, bad))
+        check(bad not in text, "version %s: the log says nothing is %r" % (version, bad))
     c = t.enter(Client(control, timeout=10))
     info = c.call("daemon.info")
-    check_eq(info["restarts"], restarts + 1, "version %d: restarts counts on from the fixture's"
+    check_eq(info["restarts"], restarts + 1, "version %s: restarts counts on from the fixture's"
              % version)
     vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
-    check_eq(sorted(vms), ["vm0", "vm1"], "version %d: both VMs are back" % version)
-    check_eq(vms["vm0"]["devices"], ["blk0", "blk1"], "version %d: vm0's devices" % version)
-    check_eq(vms["vm0"]["uid"], 0, "version %d: vm0's owner uid" % version)
-    check_eq(vms["vm0"]["regions"], 0, "version %d: vm0's region, whose fd the store does not "
+    check_eq(sorted(vms), ["vm0", "vm1"], "version %s: both VMs are back" % version)
+    check_eq(vms["vm0"]["devices"], ["blk0", "blk1"], "version %s: vm0's devices" % version)
+    check_eq(vms["vm0"]["uid"], 0, "version %s: vm0's owner uid" % version)
+    check_eq(vms["vm0"]["regions"], 0, "version %s: vm0's region, whose fd the store does not "
              "hold, is gone" % version)
     c.call("vm.attach", {"vm": "vm0"})
     devs = {x["device"]: x for x in c.call("device.list", {"vm": "vm0"})["devices"]}
     check(devs["blk0"]["socket"].endswith("/backends/blk0.sock"),
-          "version %d: blk0's socket path as the fixture names it" % version, devs["blk0"])
-    log("version %d: devices after the restore: %s" % (version, {n: x["state"] for n, x in devs.items()}))
+          "version %s: blk0's socket path as the fixture names it" % version, devs["blk0"])
+    log("version %s: devices after the restore: %s" % (version, {n: x["state"] for n, x in devs.items()}))
     c.call("vm.attach", {"vm": "vm1"})
     c.call("vm.destroy", {"vm": "vm1"})
     c.call("vm.destroy", {"vm": "vm0"})
     c.close()
-    check_eq(sm.stop_unit(), 0, "version %d: systemctl stop: vhubd exits 0" % version)
+    check_eq(sm.stop_unit(), 0, "version %s: systemctl stop: vhubd exits 0" % version)
 
 
 PARTS = {"read": part_read, "shape": part_shape, "write": part_write}

@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -37,83 +36,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import procs                                          # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.daemon import vhubd_path                              # noqa: E402
+from vhubtest.sdnotify import NotifyListener, spawn_vhubd, start_watched  # noqa: E402
+from vhubtest.sdnotify import service_env as base_env              # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WATCHDOG_USEC = 2000000
 
 
-class NotifyListener:
-    """The daemon side of sd_notify(): a datagram socket that also learns
-    the sender's pid (SO_PASSCRED), as systemd does for NotifyAccess=main."""
-
-    def __init__(self, path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(path)
-        self.messages = []      # (monotonic time, pid, {key: value})
-
-    def recv(self, timeout):
-        """One message, or None after timeout seconds."""
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-        except socket.timeout:
-            return None
-        pid = None
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("iII", payload[:12])[0]
-        fields = {}
-        for line in data.decode().split("\n"):
-            if line:
-                k, _, v = line.partition("=")
-                fields[k] = v
-        m = (time.monotonic(), pid, fields)
-        self.messages.append(m)
-        log("notify from pid %s: %s" % (pid, data.decode().replace("\n", " | ")))
-        return m
-
-    def wait_for(self, key, timeout=10.0, value=None):
-        """The next message carrying key (and value, if given)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TestFailure("FAILED: no %s%s notification within %.1fs"
-                                  % (key, "" if value is None else "=" + value, timeout))
-            m = self.recv(left)
-            if m and key in m[2] and (value is None or m[2][key] == value):
-                return m
-
-    def close(self):
-        self.sock.close()
-
-
-def spawn_vhubd(t, d, args, env, name="vhubd"):
-    """vhubd through `sh -c 'WATCHDOG_PID=$$ exec ...'`: the pid systemd would
-    know is the daemon's own (setpriv and sh both exec in place)."""
-    log_path = os.path.join(d, name + ".log")
-    t.add_log(name + " log", log_path)
-    argv = ["sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh", vhubd_path()] + list(args)
-    p = procs.spawn(argv, log_path=log_path, env=env)
-    t.defer(procs.reap, p, signal.SIGKILL)
-    return p, log_path
-
-
 def connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.connect(path)
     return s
-
-
-def base_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                        "LISTEN_FDNAMES", "JOURNAL_STREAM", "RUNTIME_DIRECTORY")}
-    env.update(extra)
-    return env
 
 
 def terminate(p, timeout=10.0):
@@ -128,13 +62,7 @@ def terminate(p, timeout=10.0):
 
 def scenario_notify(t):
     d = t.tmpdir()
-    control = os.path.join(d, "control.sock")
-    os.makedirs(os.path.join(d, "backends"))
-    n = NotifyListener(os.path.join(d, "notify.sock"))
-    t.defer(n.close)
-    env = base_env(NOTIFY_SOCKET=n.path, WATCHDOG_USEC=str(WATCHDOG_USEC))
-    p, _ = spawn_vhubd(t, d, ["--control", control, "--backend-dir", os.path.join(d, "backends"),
-                              "--log-level", "debug"], env)
+    p, n, control = start_watched(t, d, ["--log-level", "debug"], WATCHDOG_USEC)
 
     first = n.recv(10.0)
     check(first is not None, "a first notification arrives")

@@ -349,10 +349,10 @@ def main(t):
     _, err = ctl.run("device", "list", "vm0", "nodev", expect=1)
     check("-32002" in err and "nodev" in err, "device list VM DEVICE of a device the VM lacks: -32002", err.strip())
     rows = table(ctl.run("device", "list", "vm0")[0])
-    check_eq(rows[0], ["DEVICE", "TYPE", "STATE", "QUEUES", "RECONNECTS", "FEATURES", "ACKED", "PROTOCOL",
-                       "SOCKET"], "device list header")
-    check_eq(rows[1][:5], ["blk0", "blk", "ready", "2", "0"], "device list row, with the type")
-    check_eq(rows[1][5:8], ["%#x" % u64(devs[0][k]) for k in ("features", "acked_features", "protocol_features")],
+    check_eq(rows[0], ["DEVICE", "TYPE", "STATE", "VMM", "QUEUES", "RECONNECTS", "FEATURES", "ACKED",
+                       "PROTOCOL", "SOCKET"], "device list header")
+    check_eq(rows[1][:6], ["blk0", "blk", "ready", "-", "2", "0"], "device list row, with the type")
+    check_eq(rows[1][6:9], ["%#x" % u64(devs[0][k]) for k in ("features", "acked_features", "protocol_features")],
              "device list: features, acked, protocol features in hex")
     check_eq(rows[1][-1], sock, "device list: socket")
     vm_row = table(ctl.run("vm", "list")[0])[1]

@@ -319,22 +319,24 @@ class ServiceManager:
             if procs._SETPRIV:
                 cmd = [procs._SETPRIV, "--pdeathsig", "KILL", "--"] + cmd
             out = stdout if stdout is not None else open(self.log_path, "ab")
-            try:
-                self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=out,
-                                             stderr=subprocess.STDOUT if stdout is None else None,
-                                             env=env, pass_fds=high, close_fds=True)
-            finally:
-                if stdout is None:
-                    out.close()
+            # under the lock: the service may notify before Popen returns,
+            # and the reader, waiting for the lock, then knows its pid
+            with self.lock:
+                try:
+                    self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=out,
+                                                 stderr=subprocess.STDOUT if stdout is None else None,
+                                                 env=env, pass_fds=high, close_fds=True)
+                finally:
+                    if stdout is None:
+                        out.close()
+                self.main_pid = self.proc.pid
+                self.ready = self.stopping = False
+                self.starts += 1
         finally:
             for h in high:
                 os.close(h)
         procs._children.append(self.proc)
         procs._install_sigterm()
-        with self.lock:
-            self.main_pid = self.proc.pid
-            self.ready = self.stopping = False
-            self.starts += 1
         log("service manager: started %s (pid %d) with %d fds passed" % (os.path.basename(argv[0]),
                                                                          self.proc.pid, n))
         return self.proc

@@ -19,6 +19,7 @@ sends any object and returns the answer.
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import time
@@ -317,3 +318,24 @@ class AsyncCommand:
         self.sock.close()
         self.answer = json.loads(self.buf.split(b"\n", 1)[0])
         return self.answer
+
+
+class TestBackendAs(TestBackend):
+    """vhub-test-backend running as uid (setpriv: with groups as its
+    supplementary groups, none by default; killed with its parent), from
+    binary, a copy that uid can execute."""
+
+    def __init__(self, binary, uid, groups=(), **kw):
+        self._binary = binary
+        self.uid = uid
+        self.groups = list(groups)
+        super().__init__(**kw)
+
+    @property
+    def binary(self):
+        return self._binary
+
+    def argv(self):
+        groups = ["--groups", ",".join(map(str, self.groups))] if self.groups else ["--clear-groups"]
+        return [shutil.which("setpriv"), "--reuid", str(self.uid), "--regid", str(self.uid)] + groups + \
+            ["--pdeathsig", "KILL", "--"] + super().argv()

@@ -1,0 +1,556 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * One front-door device: the VMM's connection and back-end channel on one
+ * side, the model's device on the other (docs/front-door.md, "The face").
+ *
+ * Every request the transport validated goes to vhub_device_vmm_request()
+ * with a call of its own; the model completes it in order (the transport
+ * sends answers in request order anyway) with the payload to answer, or
+ * with "close": no honest answer exists, the VMM reconnects.  Two requests
+ * touch the face itself: SET_BACKEND_REQ_FD opens the VMM's channel (not
+ * forwarded: the back-end keeps the daemon's), SET_PROTOCOL_FEATURES tells
+ * the channel what the VMM negotiated.  Back-end requests the model relays
+ * go out on that channel; each awaited answer comes back with its token.
+ *
+ * Its fds -- the socket's (its directories, the inode bind() made, the
+ * listener), the VMM's connection and channel -- are named
+ * vmm/<uid>/<vm>/<device>/... and kept in the fd-store group f<device id>
+ * (docs/architecture.md, "fd names and groups"): tracked as each is taken
+ * and untracked before it is closed, here and only here.
+ *
+ * Re-entrancy: a model call may end in the device being freed (its gone()),
+ * from inside one of this object's callbacks; `busy` defers the free to the
+ * callback's end.  Calls outlive their session: one answered after the VMM
+ * left (or after a new one came) is dropped.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <unistd.h>
+
+#include "vhub-context.h"
+#include "vhub-fd-track.h"
+#include "vhub-log.h"
+#include "vhub-vmm-channel.h"
+#include "vhub-vmm-conn.h"
+#include "vhub-vmm-device.h"
+#include "vhub-vmm-listener.h"
+#include "vhu-fd.h"
+
+/* "vmm/<uid>/<vm>/<device>": VM and device names are at most 64 characters. */
+#define FD_NAME_PREFIX_MAX 160
+
+/* Back-end requests relayed to the VMM and awaiting its answer. */
+#define RELAY_MAX 16
+
+struct vmm_call;
+TAILQ_HEAD(vmm_call_list, vmm_call);
+
+struct vhub_vmm_device {
+        TAILQ_ENTRY(vhub_vmm_device) link;
+        struct vhub_vmm_device_list *list;
+        struct vhub_context *ctx;
+        struct event_base *base;
+        struct vhub_device *dev;
+        char fd_group[VHUB_FD_GROUP_MAX];      /* f<device id> */
+        char fd_prefix[FD_NAME_PREFIX_MAX];    /* the names' start: kept, the device may go first */
+        struct vhub_vmm_device_limits limits;
+        struct vhub_vmm_socket *sock;
+        struct vhub_vmm_listener *listener;
+        struct vhub_vmm_conn *conn;
+        struct vhub_vmm_channel *channel;
+        uint64_t session;             /* one per VMM connection */
+        struct vmm_call_list calls;   /* requests the model has not answered */
+        unsigned n_calls;
+        bool paused;                  /* reading paused: too many requests in the model */
+        bool frozen;                  /* reading stopped for good: a planned restart */
+        uint64_t relay_tokens[RELAY_MAX];   /* awaited on the channel, in order */
+        unsigned relay_head, relay_count;
+        uint32_t relay_tag;
+        unsigned busy;                /* inside a callback: gone() defers the free */
+        bool dead;                    /* the model let go of it */
+};
+
+struct vmm_call {
+        struct vhub_call call;        /* completed by the model */
+        TAILQ_ENTRY(vmm_call) link;
+        struct vhub_vmm_device *vd;   /* NULL once the device went */
+        uint64_t session;
+        uint64_t answer_id;           /* 0: the VMM waits for nothing */
+        uint32_t request;
+};
+
+#define vd_log(vd, level, request, ...)                                                          \
+        vhub_log_full((level), vhub_device_vm_name((vd)->dev), vhub_device_name((vd)->dev), (request), \
+                      __VA_ARGS__)
+#define REQ(r) vhu_request_name(VHU_DIR_FRONTEND, (r))
+
+static void vd_free(struct vhub_vmm_device *vd);
+
+/* ---- its fds: names and the fd store ---- */
+
+static void vd_fd_note(const struct vhub_vmm_device *vd, bool kept, int fd, const char *what) {
+        vhub_fd_note(vd->ctx, kept, vd->fd_group, fd, "%s/%s", vd->fd_prefix, what);
+}
+
+static void socket_fd_track(int fd, const char *what, void *userdata) {
+        vd_fd_note(userdata, true, fd, what);
+}
+
+static void socket_fd_untrack(int fd, const char *what, void *userdata) {
+        vd_fd_note(userdata, false, fd, what);
+}
+
+/* Untracked, then freed or closed: each returns NULL for the member. */
+static struct vhub_vmm_channel *vd_channel_free(struct vhub_vmm_device *vd) {
+        if (vd->channel)
+                vd_fd_note(vd, false, vhub_vmm_channel_fd(vd->channel), "chan");
+        return vhub_vmm_channel_free(vd->channel);
+}
+
+static struct vhub_vmm_conn *vd_conn_free(struct vhub_vmm_device *vd) {
+        if (vd->conn)
+                vd_fd_note(vd, false, vhub_vmm_conn_fd(vd->conn), "conn");
+        return vhub_vmm_conn_free(vd->conn);
+}
+
+static struct vhub_vmm_listener *vd_listener_free(struct vhub_vmm_device *vd) {
+        if (vd->listener)
+                vd_fd_note(vd, false, vhub_vmm_listener_fd(vd->listener), "listen");
+        return vhub_vmm_listener_free(vd->listener);
+}
+
+static struct vhub_vmm_socket *vd_socket_remove(struct vhub_vmm_device *vd) {
+        struct vhub_vmm_socket *sock = vd->sock;
+
+        if (!sock)
+                return NULL;
+        vd->sock = NULL;
+        vhub_vmm_socket_foreach_fd(sock, socket_fd_untrack, vd);
+        return vhub_vmm_socket_remove(sock);
+}
+
+struct fd_visit {
+        const struct vhub_vmm_device *vd;
+        const struct vhub_fd_visitor *v;
+        const char *what;
+};
+
+/* A transport's socket is kept (its group); what it queues is held for a moment. */
+static void transport_fd_visit(int fd, const char *part, void *userdata) {
+        const struct fd_visit *fv = userdata;
+
+        if (part)
+                vhub_fd_visit(fv->v, fd, NULL, "%s/%s/%s", fv->vd->fd_prefix, fv->what, part);
+        else
+                vhub_fd_visit(fv->v, fd, fv->vd->fd_group, "%s/%s", fv->vd->fd_prefix, fv->what);
+}
+
+static void socket_fd_visit(int fd, const char *what, void *userdata) {
+        const struct fd_visit *fv = userdata;
+
+        vhub_fd_visit(fv->v, fd, fv->vd->fd_group, "%s/%s", fv->vd->fd_prefix, what);
+}
+
+void vhub_vmm_device_foreach_fd(const struct vhub_vmm_device *vd, const struct vhub_fd_visitor *v) {
+        if (vd->sock)
+                vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_visit, &(struct fd_visit){ vd, v, NULL });
+        if (vd->listener)
+                vhub_fd_visit(v, vhub_vmm_listener_fd(vd->listener), vd->fd_group, "%s/listen", vd->fd_prefix);
+        if (vd->conn)
+                vhub_vmm_conn_foreach_fd(vd->conn, transport_fd_visit, &(struct fd_visit){ vd, v, "conn" });
+        if (vd->channel)
+                vhub_vmm_channel_foreach_fd(vd->channel, transport_fd_visit, &(struct fd_visit){ vd, v, "chan" });
+}
+
+void vhub_vmm_device_list_foreach_fd(const struct vhub_vmm_device_list *list, const struct vhub_fd_visitor *v) {
+        const struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link)
+                vhub_vmm_device_foreach_fd(vd, v);
+}
+
+static void count_fd(int fd, const char *what, void *userdata) {
+        if (fd >= 0)
+                (*(unsigned *)userdata)++;
+}
+
+/* vhub_vmm_face_ops.fds_held: what the fd budget counts as the VM's uid's.
+ * The budget is checked often: counted, never named. */
+static unsigned vd_fds_held(const void *face) {
+        const struct vhub_vmm_device *vd = face;
+        unsigned n = 0;
+
+        if (vd->sock)
+                vhub_vmm_socket_foreach_fd(vd->sock, count_fd, &n);
+        if (vd->listener)
+                count_fd(vhub_vmm_listener_fd(vd->listener), NULL, &n);
+        if (vd->conn)
+                vhub_vmm_conn_foreach_fd(vd->conn, count_fd, &n);
+        if (vd->channel)
+                vhub_vmm_channel_foreach_fd(vd->channel, count_fd, &n);
+        return n;
+}
+
+static void vd_enter(struct vhub_vmm_device *vd) {
+        vd->busy++;
+}
+
+/* false: vd is gone (freed here), the caller returns at once. */
+static bool vd_leave(struct vhub_vmm_device *vd) {
+        if (--vd->busy > 0 || !vd->dead)
+                return !vd->dead;
+        vd_free(vd);
+        return false;
+}
+
+/* ---- the VMM's back-end channel ---- */
+
+/* Every relayed request still awaited gets a failure: the VMM will not answer. */
+static void relay_fail_all(struct vhub_vmm_device *vd) {
+        while (vd->relay_count > 0) {
+                uint64_t token = vd->relay_tokens[vd->relay_head];
+
+                vd->relay_head = (vd->relay_head + 1) % RELAY_MAX;
+                vd->relay_count--;
+                if (!vd->dead)
+                        vhub_device_vmm_relay_answered(vd->dev, token, 1);
+        }
+}
+
+static void channel_on_answer(void *userdata, uint32_t tag, uint32_t request, struct vhu_msg *reply) {
+        struct vhub_vmm_device *vd = userdata;
+        uint64_t token;
+
+        if (vd->relay_count == 0)
+                return;
+        token = vd->relay_tokens[vd->relay_head];
+        vd->relay_head = (vd->relay_head + 1) % RELAY_MAX;
+        vd->relay_count--;
+        vd_enter(vd);
+        /* a u64: 0 is success; none (a closed or silent channel) is a failure */
+        vhub_device_vmm_relay_answered(vd->dev, token,
+                                       reply && reply->hdr.size == sizeof(uint64_t) ? reply->payload.u64 : 1);
+        vd_leave(vd);
+}
+
+static void channel_on_lost(void *userdata, bool timeout, const char *reason) {
+        struct vhub_vmm_device *vd = userdata;
+
+        vd_log(vd, LOG_WARNING, NULL, "the VMM's back-end channel is gone: %s", reason);
+        vd->channel = vd_channel_free(vd);
+        vd_enter(vd);
+        relay_fail_all(vd);
+        vd_leave(vd);
+}
+
+static const struct vhub_vmm_channel_ops channel_ops = {
+        .on_answer = channel_on_answer,
+        .on_lost = channel_on_lost,
+};
+
+static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
+        struct vhub_vmm_device *vd = face;
+        struct vhu_msg out;
+        int r;
+
+        if (!vd->conn || !vd->channel || vhub_vmm_channel_is_lost(vd->channel))
+                return -ENOTCONN;
+        out = *m;
+        /* an answer is asked for only where the VMM negotiated acks */
+        if (!(vhub_vmm_conn_protocol_features(vd->conn) & VHU_PF_BIT(VHU_PF_REPLY_ACK)))
+                out.hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        if ((out.hdr.flags & VHU_FLAG_NEED_REPLY) && vd->relay_count == RELAY_MAX)
+                return -ENOBUFS;
+        r = vhub_vmm_channel_send(vd->channel, &out, ++vd->relay_tag);
+        if (r > 0) {
+                vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
+                vd->relay_count++;
+        }
+        return r;
+}
+
+/* SET_BACKEND_REQ_FD: the VMM's channel replaces any earlier one. */
+static int channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m) {
+        int fd = vhu_msg_take_fd(m, 0), r;
+
+        if (vd->channel) {
+                vd->channel = vd_channel_free(vd);
+                relay_fail_all(vd);
+        }
+        r = vhub_vmm_channel_new(vd->base, fd, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops, vd,
+                                 &vd->channel);
+        if (r < 0)
+                return r;
+        vd_fd_note(vd, true, vhub_vmm_channel_fd(vd->channel), "chan");
+        vhub_vmm_channel_set_protocol_features(vd->channel, vhub_vmm_conn_protocol_features(vd->conn));
+        return 0;
+}
+
+/* ---- the VMM's requests ---- */
+
+static void call_forget(struct vmm_call *c) {
+        struct vhub_vmm_device *vd = c->vd;
+
+        if (vd) {
+                TAILQ_REMOVE(&vd->calls, c, link);
+                vd->n_calls--;
+                /* reading resumes once half the backlog is answered */
+                if (vd->paused && !vd->frozen && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
+                        vd->paused = false;
+                        vhub_vmm_conn_pause(vd->conn, false);
+                }
+        }
+        vhub_vmm_answer_done(&c->call.out.vmm_request);
+        free(c);
+}
+
+/* The model answered: the answer goes to the VMM, if the same VMM still waits. */
+static void call_done(struct vhub_call *call) {
+        struct vmm_call *c = (struct vmm_call *)((char *)call - offsetof(struct vmm_call, call));
+        struct vhub_vmm_device *vd = c->vd;
+        const struct vhub_vmm_answer *a = &call->out.vmm_request;
+        int r = 0;
+
+        if (!vd || !vd->conn || c->session != vd->session || vhub_vmm_conn_is_lost(vd->conn)) {
+                call_forget(c);
+                return;
+        }
+        /* a request the VMM waits for nothing for can still close it */
+        if (call->result < 0) {
+                vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", call->error.detail);
+                vhub_vmm_conn_fail(vd->conn, call->error.detail);
+        } else if (a->close || !a->msg) {
+                vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", a->why);
+                vhub_vmm_conn_fail(vd->conn, a->why);
+        } else if (c->answer_id == 0) {
+                /* nothing to send */
+        } else if (vhub_vmm_conn_answer_kind(vd->conn, c->answer_id) == VHUB_VMM_ANSWER_REPLY) {
+                r = vhub_vmm_conn_reply(vd->conn, c->answer_id, a->msg->payload.raw, a->msg->hdr.size,
+                                        a->msg->fds, a->msg->n_fds);
+        } else {
+                r = vhub_vmm_conn_ack(vd->conn, c->answer_id,
+                                      a->msg->hdr.size == sizeof(uint64_t) ? a->msg->payload.u64 : 1);
+        }
+        if (r < 0) {
+                char why[200];
+
+                snprintf(why, sizeof(why), "cannot answer %s as the VMM expects it: %s", REQ(c->request),
+                         strerror(-r));
+                vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", why);
+                vhub_vmm_conn_fail(vd->conn, why);
+        }
+        call_forget(c);
+}
+
+static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_id) {
+        struct vhub_vmm_device *vd = userdata;
+        struct vmm_call *c;
+
+        vd_log(vd, LOG_DEBUG, REQ(m->hdr.request), "VMM request %s%s", REQ(m->hdr.request),
+               answer_id ? " (answer due)" : "");
+        if (m->hdr.request == VHU_REQ_SET_PROTOCOL_FEATURES && vd->channel)
+                vhub_vmm_channel_set_protocol_features(vd->channel, vhub_vmm_conn_protocol_features(vd->conn));
+        if (m->hdr.request == VHU_REQ_SET_BACKEND_REQ_FD) {
+                int r = channel_open(vd, m);
+
+                if (r < 0) {
+                        vd_log(vd, LOG_WARNING, REQ(m->hdr.request), "closing the VMM's connection: "
+                               "its back-end channel: %s", strerror(-r));
+                        vhub_vmm_conn_fail(vd->conn, "SET_BACKEND_REQ_FD with an fd that is no stream socket");
+                        return;
+                }
+        }
+        c = calloc(1, sizeof(*c));
+        if (!c) {
+                vhub_vmm_conn_fail(vd->conn, "out of memory");
+                return;
+        }
+        c->call.done = call_done;
+        c->vd = vd;
+        c->session = vd->session;
+        c->answer_id = answer_id;
+        c->request = m->hdr.request;
+        TAILQ_INSERT_TAIL(&vd->calls, c, link);
+        vd->n_calls++;
+        if (!vd->paused && vd->n_calls >= vd->limits.max_requests) {
+                /* the VMM waits (nothing is dropped) while the back-end catches up */
+                vd->paused = true;
+                vhub_vmm_conn_pause(vd->conn, true);
+        }
+        vd_enter(vd);
+        vhub_device_vmm_request(vd->dev, m, &c->call); /* takes m's fds; may answer at once */
+        vd_leave(vd);
+}
+
+/* The VMM's session is over: everything of it goes, the model is told. */
+static void vd_end_session(struct vhub_vmm_device *vd) {
+        struct vmm_call *c;
+
+        vd->session++; /* answers still due are dropped */
+        TAILQ_FOREACH(c, &vd->calls, link)
+                c->vd = NULL;
+        TAILQ_INIT(&vd->calls);
+        vd->n_calls = 0;
+        vd->paused = false;
+        vd->channel = vd_channel_free(vd);
+        relay_fail_all(vd);
+        vd->conn = vd_conn_free(vd);
+        if (vd->listener)
+                vhub_vmm_listener_release(vd->listener);
+        if (!vd->dead)
+                vhub_device_vmm_disconnected(vd->dev);
+}
+
+static void conn_on_lost(void *userdata, const char *reason) {
+        struct vhub_vmm_device *vd = userdata;
+
+        vd_log(vd, LOG_INFO, NULL, "VMM connection closed: %s", reason);
+        vd_enter(vd);
+        vd_end_session(vd);
+        vd_leave(vd);
+}
+
+static const struct vhub_vmm_conn_ops conn_ops = {
+        .on_request = conn_on_request,
+        .on_lost = conn_on_lost,
+};
+
+/* ---- the listener ---- */
+
+static void listener_on_connect(void *userdata, int fd) {
+        struct vhub_vmm_device *vd = userdata;
+        struct vhub_vmm_conn_limits l;
+        int r;
+
+        vhub_vmm_conn_limits_default(&l);
+        /* a safety net: the model answers within --backend-timeout-ms itself */
+        l.answer_timeout_ms = 2 * vd->limits.backend_timeout_ms + 1000;
+        r = vhub_vmm_conn_new(vd->base, fd, &l, &conn_ops, vd, &vd->conn);
+        if (r < 0) {
+                vd_log(vd, LOG_WARNING, NULL, "cannot take the VMM's connection: %s", strerror(-r));
+                vhub_vmm_listener_release(vd->listener);
+                return;
+        }
+        vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
+        if (vd->frozen)
+                vhub_vmm_conn_pause(vd->conn, true);
+        vhub_vmm_conn_offer_protocol_features(vd->conn, vhub_device_vmm_protocol_features(vd->dev));
+        vd->session++;
+        vd_enter(vd);
+        vhub_device_vmm_connected(vd->dev);
+        vd_leave(vd);
+}
+
+static void listener_on_refused(void *userdata, enum vhub_vmm_refusal why, uid_t peer_uid) {
+        struct vhub_vmm_device *vd = userdata;
+
+        vd_log(vd, LOG_INFO, NULL, "refused a connection from uid %d: %s", (int)peer_uid,
+               why == VHUB_VMM_REFUSED_BUSY ? "a VMM is attached already" : "not the VM's uid");
+}
+
+static const struct vhub_vmm_listener_ops listener_ops = {
+        .on_connect = listener_on_connect,
+        .on_refused = listener_on_refused,
+};
+
+/* ---- life ---- */
+
+static void vd_free(struct vhub_vmm_device *vd) {
+        struct vmm_call *c;
+
+        TAILQ_FOREACH(c, &vd->calls, link)
+                c->vd = NULL;
+        vd->channel = vd_channel_free(vd);
+        vd->conn = vd_conn_free(vd);
+        vd->listener = vd_listener_free(vd);
+        vd->sock = vd_socket_remove(vd);
+        if (vd->list)
+                TAILQ_REMOVE(vd->list, vd, link);
+        free(vd);
+}
+
+/* The model frees the device: nothing of it is called again. */
+static void vd_gone(void *face) {
+        struct vhub_vmm_device *vd = face;
+
+        vd->dead = true;
+        vd->relay_count = 0; /* the back-end's channel goes with the device */
+        if (vd->busy == 0)
+                vd_free(vd);
+}
+
+static const struct vhub_vmm_face_ops face_ops = {
+        .relay = vd_relay,
+        .gone = vd_gone,
+        .fds_held = vd_fds_held,
+};
+
+int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *list,
+                        struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
+                        const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
+                        const struct vhub_vmm_face_ops **ret_ops) {
+        struct vhub_vmm_device *vd = calloc(1, sizeof(*vd));
+        int r;
+
+        if (!vd) {
+                vhu_safe_close(listen_fd);
+                vhub_vmm_socket_remove(sock);
+                return -ENOMEM;
+        }
+        vd->ctx = ctx;
+        vd->base = vhub_context_base(ctx);
+        vd->dev = dev;
+        vd->limits = *limits;
+        if (vd->limits.max_requests == 0)
+                vd->limits.max_requests = 256;
+        vhub_fd_group(vd->fd_group, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev));
+        snprintf(vd->fd_prefix, sizeof(vd->fd_prefix), "vmm/%u/%s/%s", (unsigned)vhub_device_uid(dev),
+                 vhub_device_vm_name(dev), vhub_device_name(dev));
+        vd->sock = sock;
+        vhub_vmm_socket_foreach_fd(sock, socket_fd_track, vd);
+        TAILQ_INIT(&vd->calls);
+        r = vhub_vmm_listener_new(vd->base, listen_fd, owner_uid, &listener_ops, vd, &vd->listener);
+        if (r < 0) {
+                vd_free(vd);
+                return r;
+        }
+        vd_fd_note(vd, true, vhub_vmm_listener_fd(vd->listener), "listen");
+        vd->list = list;
+        TAILQ_INSERT_TAIL(list, vd, link);
+        *ret = vd;
+        *ret_ops = &face_ops;
+        return 0;
+}
+
+void vhub_vmm_device_list_pause(struct vhub_vmm_device_list *list) {
+        struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link) {
+                vd->frozen = vd->paused = true;
+                if (vd->conn)
+                        vhub_vmm_conn_pause(vd->conn, true);
+        }
+}
+
+void vhub_vmm_device_list_close(struct vhub_vmm_device_list *list) {
+        struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link) {
+                vd->listener = vd_listener_free(vd);
+                /* telling the model frees no device: a VMM_STOP is only queued */
+                if (vd->conn)
+                        vd_end_session(vd);
+        }
+}
+
+void vhub_vmm_device_list_free(struct vhub_vmm_device_list *list) {
+        struct vhub_vmm_device *vd;
+
+        while ((vd = TAILQ_FIRST(list))) {
+                vd->dead = true;
+                vd_free(vd);
+        }
+}

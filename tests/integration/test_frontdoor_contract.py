@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""The front door's contract, with the harness's own Python VMM on the
+socket instead of QEMU (docs/front-door.md; the guest tests are
+test_frontdoor_guest.py).
+
+    test_frontdoor_contract.py rules|io|relay|outage|lifetime
+
+rules     device.add vmm_socket: the result's socket, device.list's vmm_socket
+          and vmm; -32004 for vm.memory.* and dirty logging on its VM, for
+          device.start/stop/reset/config.set on it, and for vmm_socket on a VM
+          with vm.memory regions; device.config.get works; a path too long for
+          a socket is -32602; daemon.info names "front-door"; device.remove
+          removes the socket and the VM's directory.
+io        a VMM's handshake is answered from the back-end's offer (protocol
+          features masked), its memory and rings reach qemu-storage-daemon
+          with its own addresses and eventfds, blk data checked in the image;
+          vmm_connected / vmm_disconnected; the back-end gets a new
+          connection for the next VMM (no RESET_DEVICE).
+relay     the test back-end's CONFIG_CHANGE_MSG, host notifier (with its fd)
+          and in-band VRING_CALL reach the VMM's back-end channel and the
+          VMM's answers come back; without a channel the back-end gets a
+          failure; RESET_DEVICE keeps the back-end connected when the VMM goes.
+outage    the back-end killed under a VMM with a ring running: GET_VRING_BASE
+          answered within --backend-timeout-ms from the used index in guest
+          memory, later requests at once, GET_INFLIGHT_FD closes the VMM;
+          the VMM's connection is never closed for anything else; the back-end
+          restarted: restored (the VMM's rings replayed), I/O goes on.
+lifetime  a VM with linger_ms whose owner closed is held while a VMM is
+          connected, and lingers from when the VMM left.
+restart   vhubd under a service manager (the fd store), restarted as planned
+          (SIGTERM) and crashed (SIGKILL) with a VMM doing I/O through the
+          front door: the VMM's session is not carried -- its connection
+          closes, device.vmm_disconnected says so, the back-end gets a new
+          connection -- and the socket is there again at the same path: the
+          next VMM reads what the first wrote and writes on (the image checked);
+          a VM held only by its VMM lingers from the restart and goes.
+budget    what a VMM makes the daemon keep (its regions' dups) counts against
+          its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
+          region after region is closed before the uid holds its budget,
+          every fd it left is closed, the uid's control connection still
+          answers and the next VMM is served.
+"""
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vhubtest import direct as vu                                # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend       # noqa: E402
+from vhubtest.blk import BlkQueue, pattern                     # noqa: E402
+from vhubtest.client import Client, RpcError                   # noqa: E402
+from vhubtest.direct import BackendClosed, DirectFrontend      # noqa: E402
+from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
+from vhubtest.limits import UnprivAgent                        # noqa: E402
+from vhubtest.memory import GuestMemory                        # noqa: E402
+from vhubtest.procs import wait_until                          # noqa: E402
+from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+
+E_STATE, E_PARAMS = -32004, -32602
+# never offered to the VMM (docs/front-door.md): PAGEFAULT, XEN_MMAP, SHARED_OBJECT, GPA_ADDRESSES
+MASKED = (1 << 8) | (1 << 17) | (1 << 18) | (1 << 21)
+VERSION_1, PROTOCOL_FEATURES, BLK_F_MQ, BLK_F_FLUSH = 1 << 32, 1 << 30, 1 << 12, 1 << 9
+
+
+def vhubctl(control):
+    exe = os.environ.get("VHUBCTL")
+    if not exe:
+        raise TestFailure("VHUBCTL is not set to the vhubctl binary")
+
+    def run_ctl(*args):
+        p = subprocess.run([exe, "--socket", control] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=30)
+        if p.returncode != 0:
+            raise TestFailure("FAILED: vhubctl %s: exit %d: %s" % (" ".join(args), p.returncode, p.stderr.decode()))
+        return p.stdout.decode()
+    return run_ctl
+
+
+def expect_code(code, fn, *args, what):
+    try:
+        fn(*args)
+    except RpcError as e:
+        check_eq(e.code, code, "%s answers" % what)
+        return e
+    raise TestFailure("FAILED: %s did not fail" % what)
+
+
+def blk_image(d, size=16 << 20):
+    img = os.path.join(d, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(size)
+    return img
+
+
+def vmm_start(path, mem, queues, features=VERSION_1 | BLK_F_FLUSH, want=vu.SUPPORTED_PROTOCOL_FEATURES):
+    """A VMM (the harness's front-end) on a front-door socket, its rings started."""
+    fe = DirectFrontend.connect(path)
+    fe.handshake(want)
+    fe.setup(mem, features, [q.vq for q in queues])
+    return fe
+
+
+def scenario_rules(t):
+    way = ThroughVhubd(t)
+    c = way.client
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "n0.sock"), os.path.join(way.dir, "n1.sock")],
+                                  log_dir=way.dir))
+    check("front-door" in c.call("daemon.info")["capabilities"], "daemon.info capabilities name front-door")
+    path = way.socket(null.sockets[0], "blk0", "blk")
+    d = way.device("blk0")
+    check_eq((d["vmm_socket"], d["vmm"]), (path, "waiting"), "device.list vmm_socket, vmm")
+
+    mem = GuestMemory(1 << 20)
+    t.defer(mem.close)
+    r = mem.regions[0]
+    expect_code(E_STATE, c.call, "vm.memory.add", {"vm": "vm0", "gpa": 0, "size": r.size, "fd": 0}, [r.fd],
+                what="vm.memory.add on a VM with a front-door device")
+    expect_code(E_STATE, c.call, "vm.memory.remove", {"vm": "vm0", "gpa": 0},
+                what="vm.memory.remove on a VM with a front-door device")
+    expect_code(E_STATE, c.call, "vm.dirty_log.start", {"vm": "vm0"},
+                what="vm.dirty_log.start on a VM with a front-door device")
+    dev = {"vm": "vm0", "device": "blk0"}
+    expect_code(E_STATE, c.call, "device.stop", dev, what="device.stop of a front-door device")
+    expect_code(E_STATE, c.call, "device.reset", dev, what="device.reset of a front-door device")
+    expect_code(E_STATE, c.call, "device.config.set", dict(dev, offset=32, data="AQ=="),
+                what="device.config.set of a front-door device")
+    efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    for fd in efds:
+        t.defer(os.close, fd)
+    expect_code(E_STATE, c.call, "device.start",
+                dict(dev, features=VERSION_1, vrings=[{"index": 0, "size": 8, "desc": 0, "avail": 4096,
+                                                       "used": 8192, "kick": 0, "call": 1}]),
+                efds, what="device.start of a front-door device")
+    got = c.call("device.config.get", dict(dev, offset=0, size=8))
+    check("data" in got, "device.config.get of a front-door device works (the capacity: %s)" % got["data"])
+
+    # a VM with regions of its own cannot take a front-door device, and the reverse
+    c.call("vm.create", {"vm": "vm1"})
+    c.call("vm.memory.add", {"vm": "vm1", "gpa": 0, "size": r.size, "fd": 0}, [r.fd])
+    expect_code(E_STATE, c.call, "device.add", {"vm": "vm1", "device": "blk1", "socket": null.sockets[1],
+                                               "vmm_socket": True},
+                what="device.add vmm_socket on a VM with vm.memory regions")
+    long_vm = "v" * 64
+    c.call("vm.create", {"vm": long_vm})
+    expect_code(E_PARAMS, c.call, "device.add", {"vm": long_vm, "device": "d" * 64, "socket": null.sockets[1],
+                                                "vmm_socket": True},
+                what="a front-door socket path longer than a sockaddr_un holds")
+    check_eq([x["device"] for x in c.call("device.list", {"vm": long_vm})["devices"]], [],
+             "the refused device is not left behind")
+
+    way.release("blk0")
+    check(not os.path.exists(os.path.dirname(path)), "the VM's directory went with its last socket")
+
+    # vhubctl: the orchestrator's way (a VM that outlives it, then the device)
+    ctl = vhubctl(way.daemon.control)
+    ctl("vm", "create", "orch", "--linger-ms", "600000")
+    out = ctl("device", "add", "orch", "blk9", null.sockets[1], "--type", "blk", "--vmm-socket")
+    shown = [line.split(None, 2)[-1] for line in out.splitlines() if line.startswith("vmm socket")]
+    want = os.path.join(way.vmm_dir, str(os.getuid()), "orch", "blk9.sock")
+    check_eq(shown, [want], "vhubctl device add --vmm-socket prints the socket")
+    check(os.path.exists(want), "the socket outlives vhubctl (the VM lingers)")
+    rows = [line.split() for line in ctl("device", "list", "orch").splitlines()]
+    check_eq((rows[0][3], rows[1][3]), ("VMM", "waiting"), "vhubctl device list: the VMM column")
+    one = ctl("device", "list", "orch", "blk9")
+    check("vmm socket         %s" % want in one and "vmm                waiting" in one,
+          "vhubctl device list VM DEVICE: vmm socket and vmm", one)
+    with DirectFrontend.connect(want) as fe:
+        fe.get_features()   # answered: the session is up
+        check("vmm                connected" in ctl("device", "list", "orch", "blk9"),
+              "vhubctl shows the VMM connected")
+
+
+def scenario_io(t):
+    way = ThroughVhubd(t)
+    img = blk_image(way.dir)
+    qsd = t.enter(QsdBackend(img, os.path.join(way.dir, "blk.sock"), num_queues=2, log_dir=way.dir))
+    path = way.socket(qsd.socket, "blk0", "blk")
+    added = way.device("blk0")
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = [BlkQueue(mem, index=i, size=64) for i in range(2)]
+    fe = DirectFrontend.connect(path)
+    feats = fe.handshake()
+    check_eq(feats, added["features"], "GET_FEATURES: what qemu-storage-daemon offered")
+    check_eq(fe.protocol_offered, added["protocol_features"] & ~MASKED,
+             "GET_PROTOCOL_FEATURES: the negotiated set without PAGEFAULT/XEN_MMAP/SHARED_OBJECT/GPA")
+    check_eq(fe.queue_num, 2, "GET_QUEUE_NUM: the export's queues")
+    way.wait_events("device.vmm_connected", 1, "blk0")
+    fe.setup(mem, VERSION_1 | BLK_F_FLUSH | BLK_F_MQ, [x.vq for x in q])
+    check_eq(way.device("blk0")["state"], "running", "device.list state once the VMM started its rings")
+    for i in range(32):
+        data = pattern(i * 8, 4096, salt=3)
+        q[i % 2].write_sectors(i * 8, data)
+        check(q[(i + 1) % 2].read_sectors(i * 8, 8) == data, "block %d written on ring %d, read on the other" % (i, i % 2)) \
+            if i % 8 == 0 else q[(i + 1) % 2].read_sectors(i * 8, 8)
+    with open(img, "rb") as f:
+        disk = f.read(32 * 4096)
+    check(disk == b"".join(pattern(i * 8, 4096, salt=3) for i in range(32)),
+          "the image file holds the VMM's 32 blocks: its rings and memory reached the back-end as sent")
+    bases = fe.stop_rings()
+    check_eq(bases, {0: q[0].vq.avail_idx, 1: q[1].vq.avail_idx}, "GET_VRING_BASE relayed: each ring's next index")
+    check_eq(way.device("blk0")["state"], "stopped", "device.list state once the VMM stopped its rings")
+    fe.close()
+    way.wait_events("device.vmm_disconnected", 1, "blk0")
+    lost = way.wait_events("device.disconnected", 1, "blk0")[0]
+    check("RESET_DEVICE" in lost["reason"], "the VMM left: a new connection for the next (%s)" % lost["reason"])
+    way.wait_events("device.reconnected", 1, "blk0")
+    # the next VMM starts from scratch on a clean back-end
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = [BlkQueue(mem2, index=0, size=64)]
+    fe2 = vmm_start(path, mem2, q2)
+    check(q2[0].read_sectors(0, 8) == pattern(0, 4096, salt=3), "the next VMM reads the first VMM's block")
+    # SIGTERM with the VMM attached and its ring running: a clean exit
+    # (0, no leak under ASan), the VMM sees its connection close
+    check_eq(way.daemon.stop(), 0, "vhubd exit code on SIGTERM with a VMM attached")
+    try:
+        fe2.get_features()
+        raise TestFailure("FAILED: the VMM's connection outlived vhubd")
+    except (BackendClosed, OSError):
+        log("ok: the VMM's connection closed with vhubd")
+    check(not os.path.exists(path), "no front-door socket left behind")
+    fe2.close()
+    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
+
+
+class Channel:
+    """The VMM's end of its back-end channel: reads one request, answers it."""
+
+    def __init__(self, fe):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        fe.command(vu.SET_BACKEND_REQ_FD, b"", [b.fileno()])
+        b.close()
+        self.sock = a
+        self.sock.settimeout(5)
+
+    def serve(self, result=0):
+        """The next back-end request: (request, flags, payload, fds); answered if asked."""
+        msg, anc, _, _ = self.sock.recvmsg(4096 + 12, socket.CMSG_SPACE(8 * 4))
+        fds = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack("%di" % (len(data) // 4), data[:len(data) // 4 * 4]))
+        req, flags, size = struct.unpack("<III", msg[:12])
+        if flags & 0x8:
+            self.sock.sendall(struct.pack("<IIIQ", req, 1 | 0x4, 8, result))
+        return req, flags, msg[12:12 + size], fds
+
+
+def scenario_relay(t):
+    way = ThroughVhubd(t, timeout_ms=1000)
+    tb = t.enter(TestBackend([os.path.join(way.dir, "tb.sock")], log_dir=way.dir,
+                             args=["--protocol-features", "0xdfe2b"]))   # + INBAND_NOTIFICATIONS
+    path = way.socket(tb.socket, "blk0", "blk")
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = [BlkQueue(mem, index=0, size=64)]
+    channel_pf = sum(1 << b for b in (vu.PF_BACKEND_REQ, vu.PF_BACKEND_SEND_FD, vu.PF_HOST_NOTIFIER, 14))
+    fe = vmm_start(path, mem, q, features=VERSION_1, want=vu.SUPPORTED_PROTOCOL_FEATURES | channel_pf)
+    check_eq(fe.protocol_features & channel_pf, channel_pf,
+             "the VMM negotiated BACKEND_REQ, BACKEND_SEND_FD, HOST_NOTIFIER, INBAND_NOTIFICATIONS")
+    # without a channel: the back-end hears a failure, the VM's owner the event
+    r = tb.config_change(need_reply=True)
+    check_eq(r["reply"], 1, "CONFIG_CHANGE_MSG without a VMM channel: the back-end gets a failure")
+    way.wait_events("device.config_changed", 1, "blk0")
+    ch = Channel(fe)
+    pending = AsyncCommand(tb, {"cmd": "config-change", "socket": 0, "need_reply": True})
+    req, flags, _, _ = ch.serve(0)
+    check_eq((req, bool(flags & 0x8)), (2, True), "CONFIG_CHANGE_MSG reached the VMM's channel with NEED_REPLY")
+    check_eq(pending.result()["reply"], 0, "the VMM's answer went back to the back-end")
+    way.wait_events("device.config_changed", 2, "blk0")
+    pending = AsyncCommand(tb, {"cmd": "host-notifier", "socket": 0, "queue": 0, "fd": True, "need_reply": True})
+    req, _, payload, fds = ch.serve(7)
+    check_eq((req, len(fds), struct.unpack("<QQQ", payload)[1]), (3, 1, 4096),
+             "VRING_HOST_NOTIFIER_MSG reached the VMM with its fd and area")
+    check(os.fstat(fds[0]).st_size >= 4096, "the notifier's fd is the back-end's memfd")
+    for fd in fds:
+        os.close(fd)
+    check_eq(pending.result()["reply"], 7, "the VMM's failure (7) went back to the back-end as it was")
+    pending = AsyncCommand(tb, {"cmd": "vring-call", "socket": 0, "queue": 0, "need_reply": True})
+    req, _, payload, _ = ch.serve(0)
+    check_eq((req, struct.unpack("<II", payload)[0]), (4, 0), "in-band VRING_CALL relayed for ring 0")
+    check_eq(pending.result()["reply"], 0, "its answer went back")
+    # a VMM that does not answer: the back-end gets a failure at the deadline
+    pending = AsyncCommand(tb, {"cmd": "config-change", "socket": 0, "need_reply": True})
+    ch.sock.recv(4096)
+    check_eq(pending.result(timeout=10)["reply"], 1, "a VMM silent on its channel: the back-end's request fails")
+    # RESET_DEVICE: the back-end stays connected when the VMM goes
+    conns = tb.connections(0)
+    fe.close()
+    way.wait_events("device.vmm_disconnected", 1, "blk0")
+    tb.wait_request("RESET_DEVICE", 1)
+    time.sleep(0.3)
+    check_eq((tb.connections(0), way.events("device.disconnected", "blk0")), (conns, []),
+             "the VMM left: RESET_DEVICE, the back-end kept its connection")
+    check_eq(tb.vrings(0)[0]["started"], False, "the back-end's ring was stopped")
+    way.release("blk0")
+
+
+TIMEOUT_MS = 1000
+
+
+def scenario_outage(t):
+    way = ThroughVhubd(t, timeout_ms=TIMEOUT_MS)
+    img = blk_image(way.dir)
+    tb = t.enter(TestBackend([os.path.join(way.dir, "tb.sock")], log_dir=way.dir,
+                             args=["--disk", img, "--disk-size", str(16 << 20), "--queues", "1"]))
+    path = way.socket(tb.socket, "blk0", "blk")
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q], features=VERSION_1 | BLK_F_FLUSH,
+                   want=vu.SUPPORTED_PROTOCOL_FEATURES | (1 << vu.PF_INFLIGHT_SHMFD))
+    for i in range(8):
+        q.write_sectors(i * 8, pattern(i * 8, 4096))
+    used = q.vq.used_idx
+    tb.kill()   # not restarted yet
+    way.wait_events("device.disconnected", 1, "blk0")
+    t0 = time.monotonic()
+    base = fe.get_vring_base(0)
+    took = time.monotonic() - t0
+    check(took <= TIMEOUT_MS / 1000.0 + 0.5,
+          "GET_VRING_BASE with the back-end gone answered in %.2fs (--backend-timeout-ms %d)" % (took, TIMEOUT_MS))
+    check_eq(base, used, "its base: the used index in guest memory")
+    t0 = time.monotonic()
+    fe.set_vring_num(0, 64)
+    fe.set_vring_base(0, base)
+    check(time.monotonic() - t0 < 0.5, "once a deadline ran out, the outage's next requests are answered at once")
+    check_eq(fe.get_features(), way.device("blk0")["features"], "GET_FEATURES answered from the device's state")
+    # the ring starts again in the records: the restore replays it
+    fe.set_vring_kick(0, q.vq.kick_fd)
+    tb.start()
+    ev = way.wait_events("device.reconnected", 1, "blk0")[0]
+    check_eq([v["index"] for v in ev["vrings"]], [0], "restored: the VMM's ring replayed (%s)" % ev["vrings"])
+    for i in range(8, 16):
+        q.write_sectors(i * 8, pattern(i * 8, 4096))
+    check(q.read_sectors(0, 8) == pattern(0, 4096), "I/O goes on after the restore, data intact")
+    check_eq(way.events("device.vmm_disconnected", "blk0"), [], "the VMM's connection stayed up")
+    # no honest answer: GET_INFLIGHT_FD with the back-end gone closes the VMM
+    tb.kill()
+    way.wait_events("device.disconnected", 2, "blk0")
+    fe.send(vu.GET_INFLIGHT_FD, struct.pack("<QQHHI", 0, 0, 1, 64, 0))
+    t0 = time.monotonic()
+    try:
+        fe.recv_reply(vu.GET_INFLIGHT_FD)
+        raise TestFailure("FAILED: GET_INFLIGHT_FD answered with the back-end gone")
+    except BackendClosed:
+        pass
+    check(time.monotonic() - t0 <= TIMEOUT_MS / 1000.0 + 0.5,
+          "GET_INFLIGHT_FD without the back-end: vhubd closed the VMM's connection in %.2fs"
+          % (time.monotonic() - t0))
+    way.wait_events("device.vmm_disconnected", 1, "blk0")
+    fe.close()
+    tb.start()
+    way.wait_events("device.reconnected", 2, "blk0")
+    way.release("blk0")
+
+
+def scenario_lifetime(t):
+    way = ThroughVhubd(t, vm="held", linger_ms=400)
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "n0.sock")], log_dir=way.dir))
+    path = way.socket(null.sockets[0], "blk0", "blk")
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    way.wait_events("device.vmm_connected", 1, "blk0")
+    other = way.daemon.client()
+    way.client.close()      # the owner goes: the VM would linger 400 ms
+    time.sleep(1.0)
+    vms = other.call("vm.list")["vms"]
+    check_eq([v["vm"] for v in vms], ["held"], "a connected VMM holds the VM beyond linger_ms")
+    check("linger_remaining_ms" not in vms[0], "it is not counting down: %s" % vms[0])
+    fe.close()
+    time.sleep(0.15)
+    vms = other.call("vm.list")["vms"]
+    check(vms and "linger_remaining_ms" in vms[0], "its VMM left: the VM lingers again (%s)" % vms)
+    deadline = time.monotonic() + 5
+    while other.call("vm.list")["vms"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_eq(other.call("vm.list")["vms"], [], "linger_ms after the VMM left, the VM is gone")
+    check(not os.path.exists(path), "with its front-door socket")
+
+
+def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
+    """A VMM on path writes 8 blocks, vhubd is restarted with sig: the VMM's
+    connection closes, the device says so and waits on the same socket; the
+    next VMM reads those blocks and writes the disk's last one."""
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q])
+    for i in range(8):
+        q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    c.events()
+    code = m.restart(sig=sig)
+    check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
+    try:
+        fe.get_features()
+        raise TestFailure("FAILED: the VMM's session outlived a restart of vhubd")
+    except (BackendClosed, OSError):
+        log("ok: the VMM's connection closed with the restart (%s)" % signal.Signals(sig).name)
+    fe.close()
+    seen = []
+
+    def renewed():
+        seen.extend(e.get("event") for e in c.events())
+        return "device.vmm_disconnected" in seen and "device.reconnected" in seen
+    wait_until(renewed, 10.0, what="device.vmm_disconnected and the back-end renewed after the restart")
+    check_eq(seen[0], "daemon.restarted", "the first message after the restart")
+    log("ok: events after the restart: %s" % seen)
+    dev = [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
+    check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "waiting", "ready"),
+             "device.list after the restart: the same socket, waiting for the next VMM")
+    # the next VMM: a new session from scratch on the same socket
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    check(q2.read_sectors(salt * 64, 8) == pattern(salt * 64, 4096, salt=salt),
+          "the next VMM reads what the first wrote before the restart")
+    q2.write_sectors(disk - 8, pattern(disk - 8, 4096, salt=salt))
+    fe2.close()
+
+
+def scenario_restart(t):
+    from test_restart import Managed
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    vmm_dir = os.path.join(d, "vmm")
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug"])
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    null = t.enter(QsdNullBackend([m.socket("n0.sock")], log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    c.call("vm.create", {"vm": "vm0"})
+    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    check_eq(path, os.path.join(vmm_dir, str(os.getuid()), "vm0", "blk0.sock"), "the front-door socket")
+    # an orchestrator's VM: created, its device added, its owner gone -- its VMM holds it
+    c2 = Client(m.control, timeout=10)
+    c2.call("vm.create", {"vm": "held", "linger_ms": 1500})
+    held = c2.call("device.add", {"vm": "held", "device": "blk0", "socket": null.sockets[0], "type": "blk",
+                                  "vmm_socket": True})["vmm_socket"]
+    c2.close()
+    hvmm = DirectFrontend.connect(held)
+    hvmm.handshake()
+    time.sleep(2.0)
+    check_eq([v["vm"] for v in c.call("vm.list")["vms"] if v["vm"] == "held"], ["held"],
+             "a VM held by its VMM past linger_ms")
+    disk = 16 << 20 >> 9
+    for k, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
+        restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1)
+        if k == 0:
+            # its VMM's session did not survive: the VM lingers from the restart, and goes
+            vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
+            check("held" in vms and "linger_remaining_ms" in vms["held"],
+                  "the VM its VMM held lingers from the restart (%s)" % vms.get("held"))
+            hvmm.close()
+            wait_until(lambda: "held" not in [v["vm"] for v in c.call("vm.list")["vms"]], 5.0,
+                       what="the VM its VMM held to go after linger_ms")
+            check(not os.path.exists(held), "the VM its VMM held went after linger_ms, its socket with it")
+    with open(img, "rb") as f:
+        data = f.read()
+    for salt in (1, 2):
+        want = b"".join(pattern((salt * 8 + i) * 8, 4096, salt=salt) for i in range(8))
+        check(data[salt * 64 * 512:salt * 64 * 512 + len(want)] == want,
+              "the image holds the blocks written before restart %d" % salt)
+        check(data[(disk - 8) * 512:disk * 512] in (pattern(disk - 8, 4096, salt=1),
+                                                   pattern(disk - 8, 4096, salt=2)),
+              "the image holds a block written after a restart")
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    check(not os.path.exists(path), "device.remove removes the socket")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+BUDGET, UNPRIV = 24, 65534
+
+
+def scenario_budget(t):
+    way = ThroughVhubd(t, extra_args=["--max-fds-per-uid", str(BUDGET), "--control-mode", "0666"])
+    os.chmod(way.dir, 0o755)
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "n0.sock")], log_dir=way.dir))
+    os.chmod(null.sockets[0], 0o666)
+    agent = UnprivAgent(way.daemon.control, UNPRIV)
+    t.defer(agent.stop)
+    agent.connect()
+    agent.call("vm.create", {"vm": "vmu"})
+    path = agent.call("device.add", {"vm": "vmu", "device": "blk0", "socket": null.sockets[0],
+                                     "type": "blk", "vmm_socket": True})["vmm_socket"]
+    check_eq(path, os.path.join(way.vmm_dir, str(UNPRIV), "vmu", "blk0.sock"), "uid %d's front-door socket" % UNPRIV)
+    base = way.daemon.settled_fd_count(way.client)
+
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    slots = fe.max_mem_slots
+    check(slots is not None and slots > BUDGET,
+          "the back-end offers more slots (%s) than the uid's fd budget (%d)" % (slots, BUDGET))
+    mem = GuestMemory()
+    t.defer(mem.close)
+    added = 0
+    try:
+        while added < slots:
+            fe.add_mem_reg(mem.add_region(added << 20, 1 << 20))
+            added += 1
+        raise TestFailure("FAILED: a VMM made the daemon keep %d regions past a budget of %d fds"
+                          % (added, BUDGET))
+    except BackendClosed:
+        pass
+    log("the VMM was closed after %d regions (budget %d)" % (added, BUDGET))
+    check(0 < added < BUDGET, "regions kept before the VMM was closed: some, fewer than the budget", added)
+    fe.close()
+
+    def dev():
+        return agent.call("device.list", {"vm": "vmu"})["devices"][0]
+    deadline = time.monotonic() + 10
+    # the VMM gone; qsd has no RESET_DEVICE: the back-end renewed for the next
+    while (dev()["vmm"], dev()["state"]) != ("waiting", "ready") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_eq((dev()["vmm"], dev()["state"]), ("waiting", "ready"), "the device waits for the next VMM")
+    way.daemon.check_fd_baseline(base, "every fd the closed VMM left was closed")
+    with open(way.daemon.log_path) as f:
+        why = [line for line in f if "closing the VMM's connection" in line and "fd" in line]
+    check(why, "the daemon's log says why the VMM was closed")
+    log("vhubd: %s" % why[0].strip())
+    check_eq(agent.call("daemon.info")["pid"], way.daemon.pid, "the uid's control connection still answers")
+    with DirectFrontend.connect(path) as fe2:
+        fe2.handshake()
+        fe2.add_mem_reg(mem.regions[0])
+        check_eq(fe2.get_features(), agent.call("device.list", {"vm": "vmu"})["devices"][0]["features"],
+                 "the next VMM is served")
+    agent.call("device.remove", {"vm": "vmu", "device": "blk0"})
+    agent.stop()
+
+
+SCENARIOS = {
+    "rules": scenario_rules,
+    "io": scenario_io,
+    "relay": scenario_relay,
+    "outage": scenario_outage,
+    "lifetime": scenario_lifetime,
+    "budget": scenario_budget,
+    "restart": scenario_restart,
+}
+
+
+def main(t):
+    for name in sys.argv[1:] or list(SCENARIOS):
+        log("==== frontdoor-%s" % name)
+        SCENARIOS[name](t)
+
+
+if __name__ == "__main__":
+    run(main)

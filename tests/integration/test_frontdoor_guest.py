@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Unmodified QEMU booting a real Linux guest through vhubd's front door
+(docs/front-door.md): QEMU's vhost-user sockets are vhubd's, vhubd is the
+front-end of the real back-ends.  test_guest_direct.py is the control: the
+same guest, steps and host-side checks with QEMU straight on the back-ends.
+
+    test_frontdoor_guest.py SCENARIO...
+
+blk, fs, net    test_guest_direct's scenarios through vhubd, plus vhubd's own
+                checks: the socket's place and modes, device.list's vmm
+                state, vmm_connected/vmm_disconnected, no fd left behind.
+blk-restart     qemu-storage-daemon SIGKILLed and restarted 5 times while the
+                guest writes and reads numbered blocks one at a time with
+                O_DIRECT: no I/O error in the guest, every block verified in
+                the guest and in the image file.
+tb-restart      the project's test back-end (INFLIGHT_SHMFD, completions out of
+                order and late) killed 5 times under 8 parallel O_DIRECT
+                writers: no error, all verified, every restore exact.
+net-restart     dpdk-testpmd killed and restarted: the guest's traffic resumes.
+hung            qemu-storage-daemon SIGSTOPped while QMP `stop` makes QEMU ask
+                for the rings' bases: QMP answers within the back-end timeout
+                plus a second, the monitor answers throughout; after SIGCONT
+                and `cont` the guest's I/O goes on.
+vmm-return      QEMU killed; a new QEMU (reconnect=1) boots the guest again on
+                the same socket: served, the first guest's data intact.
+hostile         VMMs that send garbage, break the protocol, flood without
+                reading or connect twice, beside a guest doing I/O on another
+                device of the VM: each is closed, everyone else is served.
+"""
+
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import test_guest_direct as direct                              # noqa: E402
+from vhubtest import guest, guest_image                         # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
+from vhubtest.client import Client                              # noqa: E402
+from vhubtest.direct import DirectFrontend                      # noqa: E402
+from vhubtest.frontdoor import ThroughVhubd                     # noqa: E402
+from vhubtest.guest import BlkDevice, Guest                     # noqa: E402
+from vhubtest.qmp import QmpTimeout                             # noqa: E402
+from vhubtest.testbackend import TestBackend                    # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+
+IMAGE_SIZE = 64 << 20
+BLOCK = guest.BLOCK
+RESTARTS = 5
+
+
+def blk_image(d, size=IMAGE_SIZE):
+    img = os.path.join(d, "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(size)
+    return img
+
+
+def read_image(img):
+    with open(img, "rb") as f:
+        return f.read()
+
+
+def check_image(img, model, what):
+    disk = read_image(img)
+    check_eq(len(disk), len(model), "image size")
+    bad = [i for i in range(len(disk) // BLOCK) if disk[i * BLOCK:(i + 1) * BLOCK] != model[i * BLOCK:(i + 1) * BLOCK]]
+    check(not bad, "image file equals the model: %s" % what, "blocks differing: %s" % bad[:10])
+
+
+def last_n(g, step):
+    return direct.last_progress_n(g, step)
+
+
+def wait_more(g, step, more, timeout=60.0):
+    """Until every writer of `step` reported `more` blocks beyond now."""
+    at = last_n(g, step)
+    return g.wait_progress(step, lambda p: int(p.get("n", 0)) >= at + more, timeout=timeout)
+
+
+def fd_targets(way):
+    """What vhubd's fds are (sockets by kind only: a renewed back-end
+    connection is a new socket of the same kind)."""
+    return sorted(re.sub(r"socket:\[\d+\]", "socket", l.split(" -> ", 1)[1]) for l in way.daemon.fd_list())
+
+
+def check_no_fd_left(way, before, what):
+    """vhubd holds what it held before, plus --vmm-dir (opened for the first
+    front-door device, kept)."""
+    want = sorted(before + ([way.vmm_dir] if way.vmm_dir not in before else []))
+    deadline = time.monotonic() + 5
+    while fd_targets(way) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_eq(fd_targets(way), want, "vhubd's fds after %s" % what)
+
+
+def vmm_session_checks(way, device, sessions=1):
+    """What vhubd says of a front-door device once its VMM is gone."""
+    con = way.events("device.vmm_connected", device)
+    gone = way.wait_events("device.vmm_disconnected", sessions, device, timeout=10)
+    check(len(con) == sessions and len(gone) == sessions,
+          "%s: %d device.vmm_connected and device.vmm_disconnected event(s)" % (device, sessions),
+          (len(con), len(gone)))
+    d = way.device(device)
+    check_eq((d["vmm"], d["vmm_socket"]), ("waiting", way.sockets[device]),
+             "device.list of %s once its VMM left: vmm, vmm_socket" % device)
+
+
+def through(name):
+    """test_guest_direct's scenario through vhubd, and vhubd's own checks."""
+    def scenario(t, image):
+        way = ThroughVhubd(t)
+        fds0 = fd_targets(way)
+        dev = {"blk": "blk0", "fs": "fs0", "net": "net0"}[name]
+        orig_release = way.release
+
+        def release(device):
+            # before the device goes: the VMM left; without RESET_DEVICE the
+            # back-end got a new connection for the next VMM (virtiofsd
+            # exits then, as when QEMU leaves it)
+            vmm_session_checks(way, device)
+            lost = way.wait_events("device.disconnected", 1, device, timeout=10)
+            check(len(lost) == 1 and "RESET_DEVICE" in lost[0]["reason"],
+                  "the VMM left: one device.disconnected, the back-end renewed (%s)" % lost[0]["reason"])
+            orig_release(device)
+        way.release = release
+        direct.SCENARIOS[name](t, image, way)
+        check_no_fd_left(way, fds0, "device.remove of %s" % dev)
+    return scenario
+
+
+# ---- back-end restarts under a real guest ----------------------------------
+
+SEQ_FIRST, SEQ_AREA = 1024, 64
+
+
+def blk_writer(t, image, way):
+    """qemu-storage-daemon (2 queues) through `way` as blk0 and a guest on it
+    with one O_DIRECT writer of numbered blocks, 32 written already.
+    Returns (image file, its model, qsd, guest)."""
+    img = blk_image(way.dir)
+    qsd = t.enter(QsdBackend(img, os.path.join(way.dir, "blk.sock"), num_queues=2, log_dir=way.dir))
+    g = t.enter(Guest(way.dir, [BlkDevice(way.socket(qsd.socket, "blk0", "blk"), num_queues=2)], image))
+    g.wait_ready()
+    g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    return img, bytearray(IMAGE_SIZE), qsd, g
+
+
+def blk_writer_end(way, g, qsd, img, model, seq, what):
+    """The guest off, blk0 removed, qsd stopped; the image file holds the
+    writer's seq[0] blocks and nothing else."""
+    g.poweroff()
+    way.release("blk0")
+    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
+    guest.blk_write_model(model, SEQ_FIRST, SEQ_AREA, seq)
+    check_image(img, model, what)
+
+
+def scenario_blk_restart(t, image):
+    way = ThroughVhubd(t)
+    img, model, qsd, g = blk_writer(t, image, way)
+    for i in range(RESTARTS):
+        qsd.kill()
+        qsd.start()
+        ev = way.wait_events("device.reconnected", i + 1, "blk0")[i]
+        log("restart %d: device.reconnected reconnects=%s exact=%s vrings=%s"
+            % (i + 1, ev["reconnects"], ev["exact"], ev["vrings"]))
+        check_eq(ev["reconnects"], i + 1, "device.reconnected's running total")
+        p = wait_more(g, "blk-write", 32)
+        log("restart %d: the guest wrote on, block %s" % (i + 1, p["n"]))
+    g.stop_steps()
+    r = g.result("blk-write")   # every block read back and compared; kmsg_errors=0
+    seq = guest.parse_counts(r)
+    check(seq[0] >= 32 * (RESTARTS + 1), "one O_DIRECT writer through %d restarts: %s blocks, no I/O "
+          "error in the guest's kernel log (%s)" % (RESTARTS, seq, r["kmsg_errors"]))
+    dev = way.device("blk0")
+    check_eq((dev["state"], dev["reconnects"], dev["vmm"]), ("running", RESTARTS, "connected"),
+             "device.list: state, reconnects, vmm")
+    check_eq(len(way.events("device.disconnected", "blk0")), RESTARTS, "device.disconnected events")
+    check(not way.events("device.vmm_disconnected", "blk0"), "QEMU's connection stayed up throughout")
+    g.run("kmsg-check")
+    blk_writer_end(way, g, qsd, img, model, seq, "%d numbered blocks, zeros elsewhere" % seq[0])
+
+
+PAR_FIRST, PAR_AREA, PAR_WRITERS = 2048, 128, 8
+
+
+def scenario_tb_restart(t, image):
+    way = ThroughVhubd(t)
+    d = way.dir
+    img = blk_image(d)
+    model = bytearray(IMAGE_SIZE)
+    # the guest uses 2 queues (2 vCPUs); completions late and out of order
+    tb = t.enter(TestBackend([os.path.join(d, "tb.sock")], log_dir=d,
+                             args=["--disk", img, "--disk-size", str(IMAGE_SIZE), "--queues", "2",
+                                   "--complete", "random", "--delay-ms", "20", "--seed", "7"]))
+    g = t.enter(Guest(d, [BlkDevice(way.socket(tb.socket, "blk0", "blk"), num_queues=2)], image))
+    g.wait_ready()
+    conn = tb.conn(0)
+    check(conn["inflight"] is not None, "QEMU set up the inflight region through vhubd: %s" % conn["inflight"])
+    g.begin("blk-write", "/dev/vda", PAR_WRITERS, PAR_FIRST, PAR_AREA, 0)
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    outstanding = 0
+    for i in range(RESTARTS):
+        # killed with requests in flight (held 10-30 ms each, completed out of order)
+        in_flight = 0
+        deadline = time.monotonic() + 5
+        while in_flight == 0 and time.monotonic() < deadline:
+            in_flight = sum(v["in_flight"] for v in tb.vrings(0))
+        tb.kill()
+        tb.start()
+        ev = way.wait_events("device.reconnected", i + 1, "blk0")[i]
+        out = sum(v["outstanding"] for v in ev["vrings"])
+        outstanding += out
+        log("restart %d: exact=%s, %d requests outstanding at the loss: %s" % (i + 1, ev["exact"], out, ev["vrings"]))
+        check(ev["exact"], "restore %d is exact (INFLIGHT_SHMFD)" % (i + 1))
+        p = wait_more(g, "blk-write", 32)
+        log("restart %d: the writers wrote on (a writer at block %s)" % (i + 1, p["n"]))
+    g.stop_steps()
+    r = g.result("blk-write", timeout=90)
+    counts = guest.parse_counts(r)
+    check(len(counts) == PAR_WRITERS and min(counts) >= 32,
+          "%d parallel O_DIRECT writers through %d kills: %s blocks each, all read back and compared, "
+          "no kernel error" % (PAR_WRITERS, RESTARTS, counts))
+    check(outstanding > 0, "the back-end was killed with requests in flight: %d outstanding over the "
+          "restores, resubmitted from the inflight region and each completed once" % outstanding)
+    check_eq(way.device("blk0")["reconnects"], RESTARTS, "device.list reconnects")
+    check(not way.events("device.vmm_disconnected", "blk0"), "QEMU's connection stayed up throughout")
+    g.poweroff()
+    way.release("blk0")
+    check_eq(tb.stop(), 0, "vhub-test-backend exit code")
+    guest.blk_write_model(model, PAR_FIRST, PAR_AREA, counts)
+    check_image(img, model, "%d writers' numbered blocks, zeros elsewhere" % PAR_WRITERS)
+
+
+def scenario_net_restart(t, image):
+    way = ThroughVhubd(t)
+    pmd, g = direct.net_guest(t, image, way)
+    count = 10
+    for round_ in range(2):
+        r = g.run("net", "eth0", count)
+        check(r.int("tx") >= count and r.int("rx") >= count and r.int("in_echos") >= 2 * count,
+              "round %d: the guest's frames went out and came back through testpmd (tx %s, rx %s, "
+              "Icmp6InEchos +%s)" % (round_ + 1, r["tx"], r["rx"], r["in_echos"]))
+        if round_ == 0:
+            pmd.kill()
+            pmd.start()
+            pmd.wait_forwarding()
+            ev = way.wait_events("device.reconnected", 1, "net0")[0]
+            log("testpmd restarted: device.reconnected %s" % ev)
+    g.poweroff()
+    way.release("net0")
+    check_eq(pmd.stop(), 0, "dpdk-testpmd exit code")
+
+
+# ---- a hung back-end ------------------------------------------------------
+
+TIMEOUT_MS = 2000
+
+
+def scenario_hung(t, image):
+    way = ThroughVhubd(t, timeout_ms=TIMEOUT_MS)
+    bound = TIMEOUT_MS / 1000.0 + 1.0
+    img, model, qsd, g = blk_writer(t, image, way)
+    qmp = g.qmp()
+    check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status")
+    os.kill(qsd.pid, signal.SIGSTOP)
+    t.defer(lambda: qsd.alive and os.kill(qsd.pid, signal.SIGCONT))
+    log("qemu-storage-daemon SIGSTOPped; QMP stop (QEMU sends GET_VRING_BASE for every ring)")
+    t0 = time.monotonic()
+    try:
+        qmp.execute("stop", timeout=bound)
+    except QmpTimeout:
+        raise TestFailure("FAILED: QMP stop did not answer within %.1fs with the back-end hung" % bound)
+    took = time.monotonic() - t0
+    check(took <= bound, "QMP stop answered in %.2fs (back-end timeout %d ms + 1 s)" % (took, TIMEOUT_MS))
+    qmp.wait_event("STOP", timeout=bound)
+    # the monitor answers throughout the outage: restore attempts keep failing meanwhile
+    worst, end = 0.0, time.monotonic() + 3 * TIMEOUT_MS / 1000.0
+    while time.monotonic() < end:
+        t1 = time.monotonic()
+        check_eq(qmp.execute("query-status", timeout=bound)["status"], "paused", "QMP query-status") \
+            if worst == 0.0 else qmp.execute("query-status", timeout=bound)
+        worst = max(worst, time.monotonic() - t1)
+        time.sleep(0.1)
+    check(worst <= bound, "QMP query-status answered within %.2fs each while the back-end stayed hung" % worst)
+    dev = way.device("blk0")
+    check(dev["state"] in ("disconnected", "connecting"), "vhubd has the back-end as lost: %s" % dev["state"])
+    os.kill(qsd.pid, signal.SIGCONT)
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=30)[0]
+    log("qemu-storage-daemon resumed: device.reconnected %s" % ev)
+    qmp.execute("cont", timeout=bound)
+    qmp.wait_event("RESUME", timeout=bound)
+    resumed = last_n(g, "blk-write")
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= resumed + 64)
+    g.stop_steps()
+    r = g.result("blk-write")
+    seq = guest.parse_counts(r)
+    check(seq[0] >= resumed + 64, "the guest wrote on after cont: %s blocks, no I/O error" % seq)
+    g.run("kmsg-check")
+    blk_writer_end(way, g, qsd, img, model, seq, "%d numbered blocks" % seq[0])
+
+
+# ---- the VMM leaves and comes back ----------------------------------------
+
+def scenario_vmm_return(t, image):
+    way = ThroughVhubd(t)
+    d = way.dir
+    img = blk_image(d)
+    model = bytearray(IMAGE_SIZE)
+    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
+    sock = way.socket(qsd.socket, "blk0", "blk")
+    g1 = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image, name="guest1"))
+    g1.wait_ready()
+    r = g1.run("blk-write", "/dev/vda", 2, 1024, 64, 48)
+    first = guest.parse_counts(r)
+    guest.blk_write_model(model, 1024, 64, first)
+    # the guest's writes are on the disk (O_DIRECT); QEMU dies without a word
+    g1.kill()
+    way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
+    # qemu-storage-daemon has no RESET_DEVICE: a new connection makes it forget
+    # the old QEMU's rings (docs/front-door.md, "The VMM leaves")
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=10)[0]
+    check_eq((ev["reconnects"], ev["vrings"]), (1, []), "the back-end renewed for the next VMM, no ring to restore")
+    dev = way.device("blk0")
+    check_eq((dev["vmm"], dev["state"]), ("waiting", "stopped"), "QEMU killed: vmm, state (rings stopped)")
+    g2 = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image, name="guest2"))
+    g2.wait_ready()
+    way.wait_events("device.vmm_connected", 2, "blk0", timeout=10)
+    check_eq(way.device("blk0")["vmm"], "connected", "device.list vmm with the new QEMU")
+    pattern = os.urandom(64 * BLOCK)
+    with open(img, "r+b") as f:     # the host's data, read by the new guest
+        f.seek(0)
+        f.write(pattern)
+    model[0:len(pattern)] = pattern
+    r = g2.run("blk-basic", "/dev/vda", 0, 256, 512, 64, hashlib.sha256(pattern).hexdigest())
+    check_eq(r.int("queues"), 2, "the new guest's blk-mq queues")
+    model[256 * BLOCK:(256 + 64) * BLOCK] = pattern
+    model[512 * BLOCK:(512 + 64) * BLOCK] = pattern
+    r = g2.run("blk-write", "/dev/vda", 2, 2048, 64, 48)
+    second = guest.parse_counts(r)
+    guest.blk_write_model(model, 2048, 64, second)
+    g2.poweroff()
+    vmm_session_checks(way, "blk0", sessions=2)
+    way.wait_events("device.reconnected", 2, "blk0", timeout=10)
+    way.release("blk0")
+    check_eq(qsd.stop(), 0, "qemu-storage-daemon exit code")
+    check_image(img, model, "the first guest's blocks, the pattern and its copies, the second guest's blocks")
+
+
+# ---- vhubd restarted under QEMU ---------------------------------------------
+
+class ThroughManagedVhubd(ThroughVhubd):
+    """ThroughVhubd with vhubd under a played service manager (the fd store,
+    docs/restart.md), so that it can be restarted under the guest."""
+
+    def __init__(self, t, vm="vm0"):
+        from test_restart import Managed
+        self.t = t
+        self.dir = t.tmpdir()
+        os.chmod(self.dir, 0o755)
+        self.vmm_dir = os.path.join(self.dir, "vmm")
+        self.vm = vm
+        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir])
+        self.client = t.enter(Client(self.managed.control, timeout=10))
+        self.client.call("vm.create", {"vm": vm})
+        self.sockets = {}
+        self.seen = []
+
+
+def scenario_vhubd_restart(t, image):
+    way = ThroughManagedVhubd(t)
+    d = way.dir
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
+    sock = way.socket(qsd.socket, "blk0", "blk")
+    g = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image))
+    g.wait_ready()
+    g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
+    g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
+    for i, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
+        t0 = time.monotonic()
+        way.managed.restart(sig=sig)
+        way.wait_events("device.vmm_disconnected", i + 1, "blk0", timeout=10)
+        way.wait_events("device.vmm_connected", i + 2, "blk0", timeout=30)
+        log("restart %d (%s): QEMU reconnected %.1f s after the signal"
+            % (i + 1, signal.Signals(sig).name, time.monotonic() - t0))
+        p = wait_more(g, "blk-write", 32)
+        log("restart %d: the guest wrote on (block %s)" % (i + 1, p["n"]))
+    g.stop_steps()
+    r = g.result("blk-write")
+    seq = guest.parse_counts(r)
+    check(seq[0] >= 32 * 3, "one O_DIRECT writer through 2 restarts of vhubd: %s blocks, every one read "
+          "back, no I/O error in the guest's kernel log (%s)" % (seq, r["kmsg_errors"]))
+    g.run("kmsg-check")
+    blk_writer_end(way, g, qsd, img, bytearray(IMAGE_SIZE), seq, "%d numbered blocks" % seq[0])
+
+
+# ---- hostile VMMs ---------------------------------------------------------
+
+def connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.connect(path)
+    return s
+
+
+def wait_closed(s, timeout=10.0, what="vhubd closes the connection"):
+    """Reads (and drops) what comes until EOF; the bytes it read."""
+    s.settimeout(timeout)
+    got = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        except socket.timeout:
+            raise TestFailure("FAILED: %s within %.0fs" % (what, timeout))
+        if not chunk:
+            break
+        got += len(chunk)
+    else:
+        raise TestFailure("FAILED: %s within %.0fs" % (what, timeout))
+    log("ok: %s (%d bytes read before EOF)" % (what, got))
+    s.close()
+    return got
+
+
+def header(request, size, flags=1):
+    return struct.pack("<III", request, flags, size)
+
+
+def scenario_hostile(t, image):
+    way = ThroughVhubd(t)
+    img, model, qsd, g = blk_writer(t, image, way)
+    # the hostile VMMs' device: a second one of the same VM
+    null = t.enter(QsdNullBackend([os.path.join(way.dir, "null.sock")], log_dir=way.dir))
+    target = way.socket(null.socket, "blk1", "blk")
+    fds0 = fd_targets(way)
+
+    rnd = random.Random(11)
+    s = connect(target)
+    s.sendall(bytes(rnd.getrandbits(8) for _ in range(4096)))
+    wait_closed(s, what="garbage bytes: vhubd closes the VMM")
+    s = connect(target)
+    s.sendall(header(9999, 0))
+    wait_closed(s, what="an unknown request: vhubd closes the VMM")
+    s = connect(target)
+    s.sendall(header(1, 0) + header(8, 8) + struct.pack("<II", 200, 256))   # SET_VRING_NUM of ring 200
+    wait_closed(s, what="a ring beyond the device's queues: vhubd closes the VMM")
+    s = connect(target)
+    s.sendall(header(16, 8) + struct.pack("<Q", 1 << 63))                     # acks what was not offered
+    wait_closed(s, what="protocol features beyond the offer: vhubd closes the VMM")
+
+    # one VMM at a time: a second one is accepted and closed at once
+    first = connect(target)
+    first.sendall(header(1, 0))
+    first.settimeout(5)
+    check_eq(len(first.recv(20)), 20, "the first VMM gets its GET_FEATURES answer")
+    second = connect(target)
+    wait_closed(second, what="a second VMM while one is attached: refused")
+    first.close()
+    way.wait_events("device.vmm_disconnected", 5, "blk1", timeout=10)
+
+    # a flood it never reads: the answers pile up to vhubd's bound, then it is dropped
+    s = connect(target)
+    s.setblocking(False)
+    burst = header(1, 0) * 4096
+    sent, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 20:
+        try:
+            sent += s.send(burst)
+        except BlockingIOError:
+            time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    else:
+        raise TestFailure("FAILED: a VMM flooding GET_FEATURES and reading nothing was not dropped in 20 s")
+    s.close()
+    log("ok: a VMM that floods and never reads was dropped after %d bytes of requests (%.1fs)"
+        % (sent, time.monotonic() - t0))
+
+    # everyone else was served meanwhile: the guest, the control socket, and blk1's next VMM
+    p = wait_more(g, "blk-write", 32)
+    log("ok: the guest on blk0 wrote on throughout (block %s)" % p["n"])
+    t1 = time.monotonic()
+    way.client.call("daemon.info")
+    check(time.monotonic() - t1 < 1.0, "the control socket answers at once")
+    with DirectFrontend.connect(target) as fe:
+        feats = fe.get_features()
+        fe.handshake()
+        check_eq(feats, way.device("blk1")["features"], "a well-behaved VMM on blk1 is served its features")
+    way.wait_events("device.vmm_disconnected", 7, "blk1", timeout=10)
+    check_no_fd_left(way, fds0, "the hostile VMMs left")
+    g.stop_steps()
+    seq = guest.parse_counts(g.result("blk-write"))
+    way.release("blk1")
+    blk_writer_end(way, g, qsd, img, model, seq, "the guest's blocks beside the hostile VMMs")
+
+
+SCENARIOS = {
+    "blk": through("blk"),
+    "fs": through("fs"),
+    "net": through("net"),
+    "blk-restart": scenario_blk_restart,
+    "tb-restart": scenario_tb_restart,
+    "net-restart": scenario_net_restart,
+    "hung": scenario_hung,
+    "vmm-return": scenario_vmm_return,
+    "hostile": scenario_hostile,
+    "vhubd-restart": scenario_vhubd_restart,
+}
+
+
+def main(t):
+    names = sys.argv[1:] or list(SCENARIOS)
+    image = guest_image.prepare()
+    for name in names:
+        log("==== frontdoor-guest-%s" % name)
+        SCENARIOS[name](t, image)
+
+
+if __name__ == "__main__":
+    run(main)
