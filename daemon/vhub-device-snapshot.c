@@ -14,6 +14,7 @@
  * first.  A busy device is restored as lost (the reconnect path, with its
  * events); an idle one takes its connection back and nothing is sent.
  */
+#include <endian.h>
 #include <errno.h>
 #include <event2/event.h>
 #include <stdio.h>
@@ -73,11 +74,10 @@ enum {
         D_VMM_CONNECTED,        /* a front-door device's VMM was connected */
         /* added within format 1 (an older reader skips it) */
         D_CRED,                 /* nest: whose rights it acts with (vhub_snap_put_cred()) */
-        D_CHAN_WAIT,            /* nest: CW_*: a back-end request waiting for the VMM */
+        D_CHAN_WAIT,            /* bytes: a back-end request waiting for the VMM (chan_wait_put()) */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
-enum { CW_TOKEN = 1, CW_REQUEST, CW_FLAGS, CW_SIZE };
 
 enum {
         R_INDEX = 1,
@@ -165,6 +165,55 @@ static int get_u64_array(const struct vhub_snap_rec *rec, uint64_t **ret, size_t
         return 0;
 }
 
+/* A back-end request that waits for the VMM's device.backend_reply when a
+ * planned restart begins, as 20 bytes: token (u64), then the request's
+ * header -- request, flags, size (u32 each), all little-endian. */
+#define CHAN_WAIT_SIZE 20
+
+static void chan_wait_put(const struct vhub_device *d, struct vhub_snap_writer *w) {
+        uint8_t buf[CHAN_WAIT_SIZE];
+        struct vhu_header hdr;
+        uint32_t h[3];
+        uint64_t token;
+
+        if (!device_channel_owner_wait(d, &token, &hdr))
+                return;
+        token = htole64(token);
+        h[0] = htole32(hdr.request);
+        h[1] = htole32(hdr.flags);
+        h[2] = htole32(hdr.size);
+        memcpy(buf, &token, sizeof(token));
+        memcpy(buf + 8, h, sizeof(h));
+        vhub_snap_put_bytes(w, D_CHAN_WAIT, buf, sizeof(buf));
+}
+
+/* ... and the channel of the next process waits for that reply again (the
+ * VMM has the event and its token).  A malformed record: the request is
+ * not waited for (the back-end's own timeout applies), nothing else is
+ * refused for it. */
+static void chan_wait_restore(struct vhub_device *d, const struct vhub_snap_rec *rec) {
+        const uint8_t *p = NULL;
+        struct vhu_header hdr;
+        uint64_t token = 0;
+        uint32_t h[3];
+        size_t n = 0;
+
+        if (vhub_snap_get_bytes(rec, (const void **)&p, &n) >= 0 && n == CHAN_WAIT_SIZE) {
+                memcpy(&token, p, sizeof(token));
+                memcpy(h, p + 8, sizeof(h));
+                token = le64toh(token);
+        }
+        if (token != 0) {
+                hdr = (struct vhu_header){ .request = le32toh(h[0]), .flags = le32toh(h[1]),
+                                           .size = le32toh(h[2]) };
+                if (vhu_request_info(VHU_DIR_BACKEND, hdr.request)) {
+                        device_channel_restore_owner_wait(d, token, &hdr);
+                        return;
+                }
+        }
+        device_log(d, LOG_WARNING, NULL, "a back-end request waiting for the VMM could not be carried");
+}
+
 int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w) {
         const struct vhub_fdstore *s = d->vm->ctx->fdstore;
         const char *g = d->fd_group;
@@ -247,19 +296,7 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_INFLIGHT_QUEUE_SIZE, d->inflight_queue_size);
         put_u64_array(w, D_SHADOW, d->shadow, d->n_shadow);
         vhub_snap_put_bool(w, D_MEM_SYNCED, d->mem_synced);
-        {
-                struct vhu_header hdr;
-                uint64_t token;
-
-                if (device_channel_owner_wait(d, &token, &hdr)) {
-                        vhub_snap_begin(w, D_CHAN_WAIT);
-                        vhub_snap_put_u64(w, CW_TOKEN, token);
-                        vhub_snap_put_u32(w, CW_REQUEST, hdr.request);
-                        vhub_snap_put_u32(w, CW_FLAGS, hdr.flags);
-                        vhub_snap_put_u32(w, CW_SIZE, hdr.size);
-                        vhub_snap_end(w);
-                }
-        }
+        chan_wait_put(d, w);
         vhub_snap_begin(w, D_STATS);
         vhub_snap_put_u64(w, ST_REQUESTS, d->stats.requests);
         vhub_snap_put_u64(w, ST_REPLIES, d->stats.replies);
@@ -280,34 +317,6 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
 
 /* ---- restore ---- */
 
-/* A back-end request that waited for the VMM's device.backend_reply when
- * a planned restart began: the channel waits for it again (the VMM has the
- * event and its token).  A malformed record: the request is not waited for
- * (the back-end's own timeout applies), nothing else is refused for it. */
-static void read_chan_wait(struct vhub_device *d, const struct vhub_snap_rec *rec) {
-        uint32_t request = 0, flags = 0, size = 0;
-        struct vhu_header hdr;
-        struct vhub_snap_iter it;
-        struct vhub_snap_rec x;
-        uint64_t token = 0;
-        int r = vhub_snap_enter(rec, &it);
-
-        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case CW_TOKEN: r = vhub_snap_get_u64(&x, &token); break;
-                case CW_REQUEST: r = vhub_snap_get_u32(&x, &request); break;
-                case CW_FLAGS: r = vhub_snap_get_u32(&x, &flags); break;
-                case CW_SIZE: r = vhub_snap_get_u32(&x, &size); break;
-                default: r = vhub_snap_unknown(&x); break;
-                }
-        }
-        hdr = (struct vhu_header){ .request = request, .flags = flags, .size = size };
-        if (r < 0 || token == 0 || !vhu_request_info(VHU_DIR_BACKEND, request)) {
-                device_log(d, LOG_WARNING, NULL, "a back-end request waiting for the VMM could not be carried");
-                return;
-        }
-        device_channel_restore_owner_wait(d, token, &hdr);
-}
 
 /* What a device's record says, before anything is made of it. */
 struct device_rec {
@@ -650,7 +659,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         again = *it;
         while (vhub_snap_next(&again, &x) > 0)
                 if (x.tag == D_CHAN_WAIT)
-                        read_chan_wait(d, &x);
+                        chan_wait_restore(d, &x);
         d->restore_lost = rec.busy || d->state == VHUB_DEV_RESTORING;
         d->restore_reconnect_left_ms = rec.reconnect_armed ? rec.reconnect_left_ms : 0;
         d->restore_reconnect_armed = rec.reconnect_armed;

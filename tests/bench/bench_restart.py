@@ -174,14 +174,9 @@ def part_gap(t):
     m = Managed(t, d, extra=["--log-level", "notice"])
     disk_bytes = 256 << 20
     img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(disk_bytes)
+    scenarios.make_image(img, disk_bytes)
     qsd = t.enter(QsdBackend(img, m.socket("blk0.sock"), num_queues=2, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 16 << 20)
     dev = vmm.add_device("blk0", qsd.socket, type="blk")
     rings = [BlkRing(mem, i) for i in range(2)]
     for r in rings:

@@ -74,6 +74,30 @@ class Managed:
     def socket(self, name):
         return os.path.join(self.backends, name)
 
+    def vmm(self, t, mem_bytes, vm="vm0"):
+        """A VMM's connection with a VM of mem_bytes of guest memory:
+        (client, memory, Vmm)."""
+        c = t.enter(Client(self.control, timeout=10))
+        mem = t.enter(GuestMemory(mem_bytes))
+        vmm = Vmm(c, vm)
+        vmm.create()
+        vmm.add_memory(mem)
+        return c, mem, vmm
+
+    def finish(self, c, vmm, device, vqs, removed=None):
+        """The end of a test: the device stopped and removed (removed()
+        then), the VM destroyed, the rings and the connection closed; then
+        `systemctl stop`, and vhubd exits 0."""
+        vmm.stop_device(device)
+        vmm.remove_device(device)
+        if removed:
+            removed()
+        vmm.destroy()
+        for vq in vqs:
+            vq.close()
+        c.close()
+        check_eq(self.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
     def restart(self, sig=signal.SIGTERM, while_down=None):
         """Restart as `systemctl restart` (SIGTERM) or a crash (SIGKILL), calling
         while_down() repeatedly until the new process is ready.  Returns the
@@ -158,11 +182,7 @@ def part_planned(t):
         f.truncate(disk_bytes)
     qsd = t.enter(QsdBackend(img, m.socket("blk0.sock"), num_queues=2, log_dir=d))
     t.add_log("qsd", qsd.log_path)
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 16 << 20)
     dev = vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     features = scenarios.BLK_FEATURES & dev["features"]
     rings = [BlkRing(mem, i) for i in range(2)]
@@ -348,11 +368,7 @@ def part_hygiene(t):
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 8 << 20)
     vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("blk0", BLK1, [q.vq])
@@ -397,11 +413,7 @@ def part_unreadable(t):
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 8 << 20)
     vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("blk0", BLK1, [q.vq])

@@ -50,7 +50,7 @@ from vhubtest.client import Client                               # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.servicemanager import ServiceManager               # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
-from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run_parts  # noqa: E402
 from vhubtest.vmm import Vmm                                     # noqa: E402
 from test_restart import Managed                                 # noqa: E402
 
@@ -296,15 +296,5 @@ def read_one(t, version, directory):
     check_eq(sm.stop_unit(), 0, "version %s: systemctl stop: vhubd exits 0" % version)
 
 
-PARTS = {"read": part_read, "shape": part_shape, "write": part_write}
-
-
-def main(t):
-    mode = sys.argv[1] if len(sys.argv) > 1 else "read"
-    if mode not in PARTS:
-        raise SystemExit("usage: test_restart_fixture.py [%s]" % "|".join(PARTS))
-    PARTS[mode](t)
-
-
 if __name__ == "__main__":
-    run(main)
+    run_parts({"read": part_read, "shape": part_shape, "write": part_write}, "read")

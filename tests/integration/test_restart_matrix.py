@@ -47,9 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import blk, fs, net, scenarios                    # noqa: E402
 from vhubtest.backends import TestpmdBackend, VirtiofsdBackend  # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
-from vhubtest.memory import GuestMemory                         # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend      # noqa: E402
-from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run_parts  # noqa: E402
 from vhubtest.vmm import Vmm                                    # noqa: E402
 from test_restart import DEVICE_EVENTS, Managed, listing        # noqa: E402
 
@@ -153,11 +152,7 @@ def part_testpmd(t):
     sock = m.socket("net0.sock")
     pmd = t.enter(TestpmdBackend(sock, queues=1, log_dir=d))
     t.add_log("testpmd", pmd.log_path)
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 16 << 20)
     vmm.add_device("net0", sock, type="net", queues=2)
     p = net.NetQueuePair(mem, pair=0, size=256)
     vmm.start_device("net0", 1 << 32, p.vqs)
@@ -196,31 +191,17 @@ def part_testpmd(t):
     loop.drain()
     log("ok: %d frames looped through testpmd across %d restarts (%d sent meanwhile)"
         % (len(loop.got), RESTARTS, loop.seq - sent0))
-    vmm.stop_device("net0")
-    vmm.remove_device("net0")
-    vmm.destroy()
-    for vq in p.vqs:
-        vq.close()
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    m.finish(c, vmm, "net0", p.vqs)
 
 
 def part_virtiofsd(t):
     d = t.tmpdir()
-    share = os.path.join(d, "share")
-    os.mkdir(share)
-    content = os.urandom(100000)
-    with open(os.path.join(share, "data.bin"), "wb") as f:
-        f.write(content)
+    share, content = fs.make_share(d)
     m = Managed(t, d)
     sock = m.socket("fs0.sock")
     vfs = t.enter(VirtiofsdBackend(sock, share, log_dir=d))
     t.add_log("virtiofsd", vfs.log_path)
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 16 << 20)
     vmm.add_device("fs0", sock, type="fs")
     fsdev = fs.FsDevice(mem)
     vmm.start_device("fs0", scenarios.FS_FEATURES, fsdev.vqs)
@@ -253,14 +234,8 @@ def part_virtiofsd(t):
         "opened before them" % (served[0], RESTARTS))
     _, _, data = fsdev.read_file("data.bin", len(content) + 4096)
     check(data == content, "a new LOOKUP+OPEN+READ after the restarts returns the file")
-    vmm.stop_device("fs0")
-    vmm.remove_device("fs0")
-    check_eq(vfs.wait_exit(5), 0, "virtiofsd exits 0 only once vhubd closes its connection")
-    vmm.destroy()
-    for vq in fsdev.vqs:
-        vq.close()
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    m.finish(c, vmm, "fs0", fsdev.vqs, removed=lambda: check_eq(
+        vfs.wait_exit(5), 0, "virtiofsd exits 0 only once vhubd closes its connection"))
 
 
 def part_shared(t):
@@ -270,12 +245,8 @@ def part_shared(t):
     B = t.enter(TestBackend([m.socket("B.sock")], args=["--queues", "1"], log_dir=d))
     t.add_log("test back-end A", A.log_path)
     t.add_log("test back-end B", B.log_path)
-    c = t.enter(Client(m.control, timeout=10))
+    c, mem, vmm = m.vmm(t, 8 << 20)
     watcher = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
     watcher.call("events.subscribe", {"vm": "vm0"})
     vmm.add_device("A", A.socket)
     vmm.add_device("B", B.socket)
@@ -443,16 +414,6 @@ def part_channel(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"testpmd": part_testpmd, "virtiofsd": part_virtiofsd, "shared": part_shared,
-         "channel": part_channel}
-
-
-def main(t):
-    mode = sys.argv[1] if len(sys.argv) > 1 else "shared"
-    if mode not in PARTS:
-        raise SystemExit("usage: test_restart_matrix.py [%s]" % "|".join(PARTS))
-    PARTS[mode](t)
-
-
 if __name__ == "__main__":
-    run(main)
+    run_parts({"testpmd": part_testpmd, "virtiofsd": part_virtiofsd, "shared": part_shared,
+               "channel": part_channel}, "shared")
