@@ -22,6 +22,7 @@ targets=(
   "vhu-frontend-requests|protocol/tests/fuzz-vhu-frontend-requests|protocol/tests/corpus-frontend-requests|"
   "rpc-conn|control/tests/fuzz-rpc-conn-libfuzzer|control/tests/corpus-rpc-conn|"
   "control|tests/fuzz/fuzz-control-libfuzzer|tests/fuzz/corpus-control|-dict=$src/tests/fuzz/control.dict"
+  "vmm-conn|frontdoor/tests/fuzz-vmm-conn|frontdoor/tests/corpus-vmm-conn|"
 )
 
 declare -A seconds
