@@ -79,6 +79,8 @@ struct control_server {
         json_t *discover;            /* rpc.discover's document, built on first use */
         bool paused;                 /* control_server_pause(): a planned restart accepts
                                       * and reads nothing more */
+        bool carry_output;           /* a planned restart's last snapshot: output not
+                                      * written goes into it (control-snapshot.c) */
 };
 
 /* One request being handled (a batch element or a lone request). */

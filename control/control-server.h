@@ -47,6 +47,9 @@ void control_server_foreach_fd(const struct control_server *s, const struct vhub
 void control_server_pause(struct control_server *s);
 bool control_server_busy(const struct control_server *s);
 bool control_server_flush_now(struct control_server *s);
+/* The planned restart's last snapshot: what the connections have not
+ * written yet goes into it, and the next process writes it first. */
+void control_server_carry_output(struct control_server *s);
 struct vhub_snap_writer;
 struct vhub_snap_iter;
 struct vhub_fdstore_restore;

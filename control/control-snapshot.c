@@ -34,10 +34,16 @@
 enum { S_NEXT_CONN_ID = 1, S_CONN };
 enum {
         C_ID = 1, C_SOCK, C_SUB_ALL, C_SUB, C_PENDING, C_INPUT, C_EOF,
-        /* added within format 1 (an older reader skips it) */
+        /* added within format 1 (an older reader skips them) */
         C_BATCH,                /* bytes: a batch's ids (control_batch_ids()) */
+        C_OUTPUT,               /* bytes: output not written at a planned restart */
         _C_TAG_NEXT
 };
+
+/* What a planned restart carries of the connections' unwritten output, all
+ * together (the daemon's snapshot is one document, VHUB_SNAP_MAX_SIZE at
+ * most): past it a connection's output is lost, as at its output bound. */
+#define CARRY_OUTPUT_MAX (16u << 20)
 enum { SUB_UID = 1, SUB_VM };
 
 void control_server_pause(struct control_server *s) {
@@ -64,6 +70,10 @@ bool control_server_busy(const struct control_server *s) {
         return false;
 }
 
+void control_server_carry_output(struct control_server *s) {
+        s->carry_output = true;
+}
+
 bool control_server_flush_now(struct control_server *s) {
         struct control_conn *c;
         bool all = true;
@@ -72,6 +82,28 @@ bool control_server_flush_now(struct control_server *s) {
                 if (c->rpc && rpc_conn_flush_now(c->rpc) == 1)
                         all = false;
         return all;
+}
+
+/* The output c has not written, into the snapshot (a planned restart's
+ * last one); *budget: what may still be carried. */
+static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w, size_t *budget) {
+        char *out = NULL;
+        ssize_t n = rpc_conn_unsent_output(c->rpc, &out);
+
+        if (n > 0 && (size_t)n <= *budget) {
+                vhub_snap_put_bytes(w, C_OUTPUT, out, (size_t)n);
+                *budget -= (size_t)n;
+                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                              "control connection %llu: %zd bytes of output it has not read yet are carried "
+                              "across the restart", (unsigned long long)c->id, n);
+        } else if (n != 0) {
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu: its output not yet written is lost with the restart (%s)",
+                              (unsigned long long)c->id,
+                              n == -EBUSY ? "it carries fds" : n > 0 ? "over what a restart carries" :
+                              strerror((int)-n));
+        }
+        free(out);
 }
 
 static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer *w) {
@@ -116,6 +148,7 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
 
 int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w) {
         const struct control_conn *c;
+        size_t budget = CARRY_OUTPUT_MAX;
 
         vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
         TAILQ_FOREACH(c, &s->conns, link) {
@@ -123,6 +156,8 @@ int control_server_serialize(const struct control_server *s, struct vhub_snap_wr
                         continue;
                 vhub_snap_begin(w, S_CONN);
                 conn_serialize(c, w);
+                if (s->carry_output)
+                        conn_serialize_output(c, w, &budget);
                 vhub_snap_end(w);
         }
         return w->error;
@@ -251,8 +286,8 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
         struct control_conn *c;
-        const void *input = NULL;
-        size_t n_input = 0;
+        const void *input = NULL, *output = NULL;
+        size_t n_input = 0, n_output = 0;
         uint64_t id = 0;
         int k, fd;
 
@@ -264,6 +299,8 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                         k = vhub_snap_get_key(&x, &key);
                 else if (x.tag == C_INPUT)
                         k = vhub_snap_get_bytes(&x, &input, &n_input);
+                else if (x.tag == C_OUTPUT)
+                        k = vhub_snap_get_bytes(&x, &output, &n_output);
                 else if (x.tag >= _C_TAG_NEXT)
                         k = vhub_snap_unknown(&x);
         }
@@ -305,7 +342,13 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
 
-        /* daemon.restarted first, then what was in flight */
+        /* what the earlier process had not written goes out first (the rest
+         * of a line partly written among it), then daemon.restarted, then
+         * what was in flight */
+        if (n_output > 0 && rpc_conn_restore_output(c->rpc, output, n_output) < 0)
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu: the %zu bytes of output carried across the restart are lost",
+                              (unsigned long long)id, n_output);
         send_restarted(c, restarts, downtime_ms);
         k = vhub_snap_enter(rec, &it);
         while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {

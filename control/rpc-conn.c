@@ -807,6 +807,22 @@ int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n) {
         return 0;
 }
 
+ssize_t rpc_conn_unsent_output(const struct rpc_conn *c, char **ret) {
+        return vhub_frame_out_unsent(&c->out, ret);
+}
+
+int rpc_conn_restore_output(struct rpc_conn *c, const void *p, size_t n) {
+        int r;
+
+        if (c->state >= RPC_CONN_CLOSING)
+                return -ENOTCONN;
+        r = vhub_frame_out_queue_raw(&c->out, p, n);
+        if (r < 0)
+                return r;
+        note_memory(c);
+        return n > 0 && event_add(c->write_ev, NULL) < 0 ? -ENOMEM : 0;
+}
+
 int rpc_conn_flush_now(struct rpc_conn *c) {
         if (c->state >= RPC_CONN_CLOSING)
                 return -ENOTCONN;

@@ -179,5 +179,10 @@ int rpc_conn_flush_now(struct rpc_conn *c);
  * inside this call), before anything new is read; those that declare fds
  * go to ops->on_fds_lost.  0, -EMSGSIZE, -ENOMEM. */
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n);
+/* Output not written yet (a planned restart carries it): as
+ * vhub_frame_out_unsent().  The next process queues it before anything
+ * else: 0, -ENOTCONN, -ENOMEM. */
+ssize_t rpc_conn_unsent_output(const struct rpc_conn *c, char **ret);
+int rpc_conn_restore_output(struct rpc_conn *c, const void *p, size_t n);
 /* The bounds in force (defaults filled in). */
 const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c);

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* The control API's "JSON line + fd FIFO" framing: see vhub-frame.h. */
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -446,6 +447,49 @@ int vhub_frame_out_flush(struct vhub_frame_out *o, int sockfd) {
                 }
                 out_consume(o, (size_t)n);
         }
+        return 0;
+}
+
+ssize_t vhub_frame_out_unsent(const struct vhub_frame_out *o, char **ret) {
+        size_t n = 0;
+        char *p;
+
+        *ret = NULL;
+        if (o->n_fds > 0)
+                return -EBUSY;
+        if (o->bytes == 0)
+                return 0;
+        if (o->bytes > SSIZE_MAX || !(p = malloc(o->bytes)))
+                return -ENOMEM;
+        for (const struct vhub_frame_chunk *k = o->head; k; k = k->next) {
+                memcpy(p + n, k->data + k->off, k->len - k->off);
+                n += k->len - k->off;
+        }
+        *ret = p;
+        return (ssize_t)n;
+}
+
+int vhub_frame_out_queue_raw(struct vhub_frame_out *o, const void *p, size_t n) {
+        struct vhub_frame_chunk *k;
+
+        if (n == 0 || !p)
+                return n == 0 ? 0 : -EINVAL;
+        if (n > SIZE_MAX / 2)
+                return -EINVAL;
+        k = malloc(sizeof(*k) + n);
+        if (!k)
+                return -ENOMEM;
+        /* one "line" for the numbering: never dropped (its numbers are
+         * taken before any line queued after it) */
+        *k = (struct vhub_frame_chunk){ .cap = n, .len = n, .first_seq = o->next_seq, .last_seq = o->next_seq };
+        memcpy(k->data, p, n);
+        o->next_seq++;
+        if (o->tail)
+                o->tail->next = k;
+        else
+                o->head = k;
+        o->tail = k;
+        o->bytes += n;
         return 0;
 }
 

@@ -131,6 +131,15 @@ int vhub_frame_out_flush(struct vhub_frame_out *o, int sockfd);
 bool vhub_frame_out_pending(const struct vhub_frame_out *o);
 void vhub_frame_out_foreach_fd(const struct vhub_frame_out *o, vhub_frame_fd_fn fn, void *userdata);
 
+/* A restart (docs/restart.md): the bytes queued and not yet written, in
+ * order (the rest of a line partly written first), copied into *ret
+ * (malloc()ed; NULL when there are none): their number, -EBUSY when some
+ * line carries fds (bytes alone cannot carry them), -ENOMEM. */
+ssize_t vhub_frame_out_unsent(const struct vhub_frame_out *o, char **ret);
+/* ... and the next process queues them as they are (no '\n' added): 0,
+ * -EINVAL, -ENOMEM. */
+int vhub_frame_out_queue_raw(struct vhub_frame_out *o, const void *p, size_t n);
+
 /* Take back line seq if none of it was written: 0; -EBUSY if it is partly
  * written or shares its chunk; -ENOENT if it is out or unknown. */
 int vhub_frame_out_drop(struct vhub_frame_out *o, uint64_t seq);

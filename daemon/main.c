@@ -286,7 +286,13 @@ int main(int argc, char **argv) {
         }
         log_info("vhubd listening on %s (back-end timeout %u ms)",
                  m.control_path ? m.control_path : "an inherited socket", m.config.backend_timeout_ms);
-        vhub_sd_ready(m.sd, "0 VMs, 0 devices");
+        {
+                /* after a restart the model is back already: say so */
+                char status[128];
+
+                snprintf(status, sizeof(status), "%u VMs, %u devices", m.vhubd.ctx.n_vms, m.vhubd.ctx.n_devices);
+                vhub_sd_ready(m.sd, status);
+        }
 
         event_base_dispatch(m.base);
         ret = EXIT_SUCCESS;

@@ -50,6 +50,8 @@ struct vhub_backend_channel {
         enum channel_flow flow;
         struct event *ev_flow;        /* how long a pause may last */
         uint64_t refused;             /* requests refused in this FLOW_REFUSING spell */
+
+        bool stopped;                 /* a planned restart: no new request is read */
 };
 
 #define chan_log(ch, level, request_, ...)                                                       \
@@ -111,7 +113,7 @@ void vhub_backend_channel_answer(struct vhub_backend_channel *ch, const struct v
 /* Read again (requests may already sit in the socket), unless a wait or
  * a pause still holds the channel. */
 static void channel_read_again(struct vhub_backend_channel *ch) {
-        if (ch->waiting || ch->flow == FLOW_PAUSED)
+        if (ch->waiting || ch->flow == FLOW_PAUSED || (ch->stopped && ch->reader.got == 0))
                 return;
         event_add(ch->ev_read, NULL);
         event_active(ch->ev_read, EV_READ, 0);
@@ -247,6 +249,12 @@ static void channel_read_cb(evutil_socket_t fd, short what, void *userdata) {
         for (int budget = 64; budget > 0 && !ch->waiting; budget--) {
                 const char *why = NULL;
 
+                /* stopped: a request begun is read to its end, no other */
+                if (ch->stopped && ch->reader.got == 0) {
+                        event_del(ch->ev_read);
+                        return;
+                }
+
                 /* checked before every request: each may be for the receiver */
                 if (ch->flow == FLOW_OPEN && ch->ops->congested && ch->ops->congested(ch->userdata)) {
                         channel_pause(ch);
@@ -347,6 +355,26 @@ struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_chann
         ch->fd = vhu_safe_close(ch->fd);
         free(ch);
         return NULL;
+}
+
+void vhub_backend_channel_stop_reading(struct vhub_backend_channel *ch) {
+        ch->stopped = true;
+        if (ch->reader.got == 0)
+                event_del(ch->ev_read);
+}
+
+bool vhub_backend_channel_busy(const struct vhub_backend_channel *ch) {
+        return ch->writer.n_items > 0 || ch->reader.got > 0;
+}
+
+bool vhub_backend_channel_deferred(const struct vhub_backend_channel *ch, unsigned *tag, uint64_t *token,
+                                   struct vhu_header *hdr) {
+        if (!ch->waiting)
+                return false;
+        *tag = ch->wait_tag;
+        *token = ch->wait_token;
+        *hdr = ch->wait_request.hdr;
+        return true;
 }
 
 int vhub_backend_channel_fd(const struct vhub_backend_channel *ch) {

@@ -90,6 +90,16 @@ int vhub_backend_channel_answer_deferred(struct vhub_backend_channel *ch, unsign
 bool vhub_backend_channel_refuse_stalled(struct vhub_backend_channel *ch, const struct vhu_msg *req);
 /* The receiver caught up on what it was sent (or changed): read again. */
 void vhub_backend_channel_drained(struct vhub_backend_channel *ch);
+/* A planned restart: read no new request (a request partly read is read
+ * to its end and handled), for good -- what the back-end sends from now on
+ * waits in the socket for the next process. */
+void vhub_backend_channel_stop_reading(struct vhub_backend_channel *ch);
+/* Whether the channel still has something to finish: a request partly
+ * read, answers not yet written (a deferred answer: see below). */
+bool vhub_backend_channel_busy(const struct vhub_backend_channel *ch);
+/* The answer deferred, if one is: its tag, token and the request's header. */
+bool vhub_backend_channel_deferred(const struct vhub_backend_channel *ch, unsigned *tag, uint64_t *token,
+                                   struct vhu_header *hdr);
 /* The daemon's end of the socketpair (the channel keeps it). */
 int vhub_backend_channel_fd(const struct vhub_backend_channel *ch);
 /* Every fd ch holds: its socket (what NULL), a partial request's ("in"),

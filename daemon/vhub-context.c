@@ -188,10 +188,20 @@ bool vhub_context_busy(const struct vhub_context *ctx) {
                 if (!TAILQ_EMPTY(&vm->mem_ops) || vm->log_batch || vm->postcopy_batch)
                         return true;
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->n_ops > 0)
+                        if (d->n_ops > 0 || vhub_device_channel_busy(d))
                                 return true;
         }
         return false;
+}
+
+void vhub_context_pause_channels(struct vhub_context *ctx) {
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        if (d->channel)
+                                vhub_backend_channel_stop_reading(d->channel);
 }
 
 void vhub_context_counts_changed(struct vhub_context *ctx) {

@@ -100,9 +100,12 @@ void vhub_context_owner_restored(struct vhub_context *ctx, const struct vhub_own
  * that had a request in flight are lost now, outages go on, VMs whose
  * owner did not come back linger or go (vhub-model-snapshot.h). */
 void vhub_context_restore_finish(struct vhub_context *ctx);
-/* Some op or memory change waits on a back-end (a planned restart waits
- * until nothing does). */
+/* Some op or memory change waits on a back-end, or a back-end channel has
+ * a request to finish (a planned restart waits until nothing does). */
 bool vhub_context_busy(const struct vhub_context *ctx);
+/* A planned restart: no back-end channel reads a new request (what the
+ * back-ends send waits in their sockets for the next process). */
+void vhub_context_pause_channels(struct vhub_context *ctx);
 void vhub_context_counts_changed(struct vhub_context *ctx);
 /* Number of VMs owned by uid (those being destroyed included). */
 unsigned vhub_context_count_vms(const struct vhub_context *ctx, uid_t uid);

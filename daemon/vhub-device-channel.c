@@ -327,6 +327,36 @@ int device_channel_open(struct vhub_device *d, int fd) {
         return 0;
 }
 
+bool vhub_device_channel_busy(const struct vhub_device *d) {
+        struct vhu_header hdr;
+        uint64_t token;
+        unsigned tag;
+
+        if (!d->channel)
+                return false;
+        /* a wait for the VMM is carried across a planned restart (the VMM
+         * cannot answer while the control connections are not read); a
+         * lookup waits for an exporter, which answers */
+        return vhub_backend_channel_busy(d->channel) ||
+               (vhub_backend_channel_deferred(d->channel, &tag, &token, &hdr) && tag != DEFER_OWNER);
+}
+
+bool device_channel_owner_wait(const struct vhub_device *d, uint64_t *token, struct vhu_header *hdr) {
+        unsigned tag;
+
+        return d->channel && vhub_backend_channel_deferred(d->channel, &tag, token, hdr) && tag == DEFER_OWNER;
+}
+
+void device_channel_restore_owner_wait(struct vhub_device *d, uint64_t token, const struct vhu_header *hdr) {
+        struct vhu_msg m;
+
+        if (!d->channel)
+                return;
+        vhu_msg_init(&m);
+        m.hdr = *hdr;
+        vhub_backend_channel_defer(d->channel, &m, DEFER_OWNER, token);
+}
+
 void device_channel_close(struct vhub_device *d) {
         if (d->channel)
                 device_fd_untrack(d, vhub_backend_channel_fd(d->channel), "chan");

@@ -222,6 +222,11 @@ void device_give_up(struct vhub_device *d, const char *reason);
 int device_channel_open(struct vhub_device *d, int fd);
 /* The channel goes (a loss, a new handshake): its fd leaves the group. */
 void device_channel_close(struct vhub_device *d);
+/* A request of the back-end waits for the VMM's device.backend_reply: its
+ * token and header (what a planned restart carries). */
+bool device_channel_owner_wait(const struct vhub_device *d, uint64_t *token, struct vhu_header *hdr);
+/* ... and the next process waits for that reply again (full deadline). */
+void device_channel_restore_owner_wait(struct vhub_device *d, uint64_t token, const struct vhu_header *hdr);
 /* The exporter answered a lookup d's back-end waits for (fd < 0: failed); fd taken. */
 void device_shared_lookup_done(struct vhub_device *d, uint64_t token, int fd);
 

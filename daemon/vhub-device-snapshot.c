@@ -14,6 +14,7 @@
  * first.  A busy device is restored as lost (the reconnect path, with its
  * events); an idle one takes its connection back and nothing is sent.
  */
+#include <endian.h>
 #include <errno.h>
 #include <event2/event.h>
 #include <stdio.h>
@@ -73,6 +74,7 @@ enum {
         D_VMM_CONNECTED,        /* a front-door device's VMM was connected */
         /* added within format 1 (an older reader skips it) */
         D_CRED,                 /* nest: whose rights it acts with (vhub_snap_put_cred()) */
+        D_CHAN_WAIT,            /* bytes: a back-end request waiting for the VMM (chan_wait_put()) */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
@@ -163,6 +165,55 @@ static int get_u64_array(const struct vhub_snap_rec *rec, uint64_t **ret, size_t
         return 0;
 }
 
+/* A back-end request that waits for the VMM's device.backend_reply when a
+ * planned restart begins, as 20 bytes: token (u64), then the request's
+ * header -- request, flags, size (u32 each), all little-endian. */
+#define CHAN_WAIT_SIZE 20
+
+static void chan_wait_put(const struct vhub_device *d, struct vhub_snap_writer *w) {
+        uint8_t buf[CHAN_WAIT_SIZE];
+        struct vhu_header hdr;
+        uint32_t h[3];
+        uint64_t token;
+
+        if (!device_channel_owner_wait(d, &token, &hdr))
+                return;
+        token = htole64(token);
+        h[0] = htole32(hdr.request);
+        h[1] = htole32(hdr.flags);
+        h[2] = htole32(hdr.size);
+        memcpy(buf, &token, sizeof(token));
+        memcpy(buf + 8, h, sizeof(h));
+        vhub_snap_put_bytes(w, D_CHAN_WAIT, buf, sizeof(buf));
+}
+
+/* ... and the channel of the next process waits for that reply again (the
+ * VMM has the event and its token).  A malformed record: the request is
+ * not waited for (the back-end's own timeout applies), nothing else is
+ * refused for it. */
+static void chan_wait_restore(struct vhub_device *d, const struct vhub_snap_rec *rec) {
+        const uint8_t *p = NULL;
+        struct vhu_header hdr;
+        uint64_t token = 0;
+        uint32_t h[3];
+        size_t n = 0;
+
+        if (vhub_snap_get_bytes(rec, (const void **)&p, &n) >= 0 && n == CHAN_WAIT_SIZE) {
+                memcpy(&token, p, sizeof(token));
+                memcpy(h, p + 8, sizeof(h));
+                token = le64toh(token);
+        }
+        if (token != 0) {
+                hdr = (struct vhu_header){ .request = le32toh(h[0]), .flags = le32toh(h[1]),
+                                           .size = le32toh(h[2]) };
+                if (vhu_request_info(VHU_DIR_BACKEND, hdr.request)) {
+                        device_channel_restore_owner_wait(d, token, &hdr);
+                        return;
+                }
+        }
+        device_log(d, LOG_WARNING, NULL, "a back-end request waiting for the VMM could not be carried");
+}
+
 int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w) {
         const struct vhub_fdstore *s = d->vm->ctx->fdstore;
         const char *g = d->fd_group;
@@ -245,6 +296,7 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_INFLIGHT_QUEUE_SIZE, d->inflight_queue_size);
         put_u64_array(w, D_SHADOW, d->shadow, d->n_shadow);
         vhub_snap_put_bool(w, D_MEM_SYNCED, d->mem_synced);
+        chan_wait_put(d, w);
         vhub_snap_begin(w, D_STATS);
         vhub_snap_put_u64(w, ST_REQUESTS, d->stats.requests);
         vhub_snap_put_u64(w, ST_REPLIES, d->stats.replies);
@@ -264,6 +316,7 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
 }
 
 /* ---- restore ---- */
+
 
 /* What a device's record says, before anything is made of it. */
 struct device_rec {
@@ -469,6 +522,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                 case D_CRED: r = vhub_snap_get_cred(&x, &d->cred); rec->has_cred = true; break;
                 case D_RING:
                 case D_STATS:
+                case D_CHAN_WAIT:
                         break;  /* below */
                 default: r = vhub_snap_unknown(&x); break;
                 }
@@ -600,6 +654,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 vhub_device_free(d);
                 return k < 0 ? k : 0;
         }
+        again = *it;
+        while (vhub_snap_next(&again, &x) > 0)
+                if (x.tag == D_CHAN_WAIT)
+                        chan_wait_restore(d, &x);
         d->restore_lost = rec.busy || d->state == VHUB_DEV_RESTORING;
         d->restore_reconnect_left_ms = rec.reconnect_armed ? rec.reconnect_left_ms : 0;
         d->restore_reconnect_armed = rec.reconnect_armed;

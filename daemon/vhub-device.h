@@ -243,6 +243,8 @@ void vhub_device_state_fd(struct vhub_device *dev, bool load, int fd, struct vhu
 void vhub_device_check_state(struct vhub_device *dev, struct vhub_call *call);
 /* Answer a forwarded back-end request: 0, or -ENOENT for an unknown/expired token. */
 int vhub_device_backend_reply(struct vhub_device *dev, uint64_t token, uint64_t result);
+/* The back-end channel has a request to finish (a planned restart waits). */
+bool vhub_device_channel_busy(const struct vhub_device *dev);
 int vhub_device_queue_log(struct vhub_device *dev, struct vhub_vm_batch *batch, bool enable);
 /* Ask this (exporting) device for a shared object on behalf of requester. */
 int vhub_device_queue_get_shared(struct vhub_device *dev, const uint8_t uuid[16],

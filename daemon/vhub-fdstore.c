@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1572,6 +1574,55 @@ static int stash_read(int stash, int **ret, size_t *ret_n) {
         return 0;
 }
 
+/* The fds of a stash holding one message (a group of up to
+ * VHU_SCM_MAX_FDS fds), peeked: the message stays in the queue, which is
+ * the manager's copy's too, so the stored group stays valid as it is and
+ * a restart pushes nothing for it (with a thousand devices, re-storing
+ * every group kept the manager busy for seconds after each start).  The
+ * stash is closed.  -EAGAIN (stash still open) where the queue holds
+ * another number of messages: the caller reads it. */
+static int stash_peek(int stash, int **ret, size_t *ret_n) {
+        VHU_SCM_BUF(control, VHU_SCM_MAX_FDS);
+        char byte;
+        struct iovec iov = { &byte, 1 };
+        struct msghdr mh = {
+                .msg_iov = &iov,
+                .msg_iovlen = 1,
+                .msg_control = control.buf,
+                .msg_controllen = sizeof(control.buf),
+        };
+        struct cmsghdr *c;
+        size_t n = 0;
+        int queued = 0, *v;
+        ssize_t x;
+
+        /* SIOCINQ of a SOCK_SEQPACKET unix socket: every queued byte, one
+         * a message here */
+        if (ioctl(stash, SIOCINQ, &queued) < 0 || queued != 1)
+                return -EAGAIN;
+        do
+                x = recvmsg(stash, &mh, MSG_PEEK | MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        while (x < 0 && errno == EINTR);
+        if (x != 1)
+                return -EAGAIN;
+        c = CMSG_FIRSTHDR(&mh);
+        if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        v = malloc((n ? n : 1) * sizeof(*v));
+        if (!v || (mh.msg_flags & MSG_CTRUNC)) {
+                if (n)
+                        vhu_close_many((int *)(void *)CMSG_DATA(c), n);
+                free(v);
+                return v ? -EPROTO : -ENOMEM;
+        }
+        if (n)
+                memcpy(v, CMSG_DATA(c), n * sizeof(*v));
+        vhu_safe_close(stash);
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n) {
         struct vhub_fdstore *s = r->store;
@@ -1579,10 +1630,17 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
         int stash, *fds = NULL, k;
         size_t n = 0;
 
+        bool peeked;
+
         stash = vhub_fdstore_take(r, group);
         if (stash < 0)
                 return stash;
-        k = stash_read(stash, &fds, &n);
+        k = stash_peek(stash, &fds, &n);
+        peeked = k == 0;
+        if (k == -EAGAIN)
+                k = stash_read(stash, &fds, &n);
+        else if (k < 0)
+                vhu_safe_close(stash);
         if (k < 0)
                 return k;
         m = calloc(n ? n : 1, sizeof(*m));
@@ -1598,9 +1656,9 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         m[i].key = (struct vhub_fd_key){ 0 };
         }
         if (s) {
-                /* reading emptied the manager's stash too (one socket, one
-                 * queue): store the group again now, its members the
-                 * caller's fds, which stay open under these numbers */
+                /* a stash read (not peeked) is empty in the manager too (one
+                 * socket, one queue): store the group again now, its members
+                 * the caller's fds, which stay open under these numbers */
                 struct fds_entry *e = entry_find(s, group);
                 struct fds_group *g = NULL;
 
@@ -1626,8 +1684,10 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         fds = NULL;
                         g->n = g->cap = n;
                         s->n_members += n;
-                        group_mark_dirty(s, g);
-                        vhub_fdstore_sync(s);
+                        if (!peeked || !e || e->state != ENTRY_STORED) {
+                                group_mark_dirty(s, g);
+                                vhub_fdstore_sync(s);
+                        }
                 }
         }
         free(fds);

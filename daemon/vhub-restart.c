@@ -342,20 +342,25 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
                 control_server_pause(v->control);
         if (v->frontdoor)
                 vhub_frontdoor_pause(v->frontdoor);
+        vhub_context_pause_channels(&v->ctx);
         rs->ev_poll = evtimer_new(v->ctx.base, poll_cb, v);
         if (!rs->ev_poll)
                 return -ENOMEM;
-        log_info("planned restart: reading no more requests; waiting for those in flight");
+        log_info("planned restart: reading no more requests (control connections, back-end channels); "
+                 "waiting for those in flight");
         return evtimer_add(rs->ev_poll, &tv) < 0 ? -ENOMEM : 0;
 }
 
 void vhub_restart_finish(struct vhubd *v) {
         struct vhub_restart_state *rs = state(v);
 
-        /* what is queued for the VMMs goes out first (bounded: a client
-         * that does not read loses it, as at its output bound) */
+        /* what is queued for the VMMs goes out first (bounded: what a
+         * client does not read in time is carried in the snapshot) */
         for (int i = 0; v->control && i < 500 && !control_server_flush_now(v->control); i++)
                 usleep(1000);
+        /* the rest is carried in the last snapshot */
+        if (v->control)
+                control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
         vhub_commit_all(&v->ctx);

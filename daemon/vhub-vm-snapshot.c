@@ -175,9 +175,10 @@ static int read_log(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struc
         return 0;
 }
 
-/* A shared object: the VMM's now; a device's once the devices are back. */
-static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec,
-                       bool devices) {
+/* A shared object, the VMM's or a device's, read once the devices are back
+ * and in the snapshot's order, so that shared_object.list lists them as
+ * before the restart. */
+static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
         struct vhub_fd_key key = { 0 };
         char device[VHUB_NAME_MAX + 1] = "";
         struct vhub_snap_iter it;
@@ -198,9 +199,7 @@ static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const st
                 return r;
         if (!uuid || n != 16)
                 return -EBADMSG;
-        if (devices != (device[0] != '\0'))
-                return 0;
-        if (devices) {
+        if (device[0]) {
                 struct vhub_device *d = vhub_vm_find_device(vm, device);
 
                 return d ? vhub_shared_table_add(&vm->shared, uuid, d, -1,
@@ -330,18 +329,14 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 ctx->next_vm_id = id;
 
         vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group, &mem);
-        vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group_shared, &shared);
         vhub_snap_doc_iter(doc, &it);
         while (k >= 0 && vhub_snap_next(&it, &x) > 0) {
                 if (x.tag == VM_REGION)
                         k = read_region(vm, &mem, &x);
                 else if (x.tag == VM_LOG)
                         k = read_log(vm, &mem, &x);
-                else if (x.tag == VM_SHARED)
-                        k = read_shared(vm, &shared, &x, false);
         }
         vhub_fd_claim_close(&mem);
-        vhub_fd_claim_close(&shared);
         vhub_snap_doc_iter(doc, &it);
         while (k >= 0 && vhub_snap_next(&it, &x) > 0) {
                 struct vhub_snap_iter dit;
@@ -353,10 +348,12 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 if (k >= 0)
                         k = vhub_device_restore(vm, r, &dit, &d, why);
         }
+        vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group_shared, &shared);
         vhub_snap_doc_iter(doc, &it);
         while (k >= 0 && vhub_snap_next(&it, &x) > 0)
                 if (x.tag == VM_SHARED)
-                        k = read_shared(vm, NULL, &x, true);
+                        k = read_shared(vm, &shared, &x);
+        vhub_fd_claim_close(&shared);
         if (k >= 0) {
                 struct vhub_device *d;
 

@@ -216,8 +216,68 @@ static void test_out(void) {
         printf("ok: output\n");
 }
 
+/* A planned restart carries what was not written: the rest of a line
+ * partly written first, byte for byte, and the next process queues it
+ * before its own lines; output with fds is not carried. */
+static void test_out_carry(void) {
+        enum { BIG = 300000 };
+        const size_t total = BIG + 1 + 2 * 8;
+        struct vhub_frame_out o, next;
+        char *big = malloc(BIG), *got = malloc(total + 1), *unsent = NULL;
+        struct iovec part = { big, BIG };
+        size_t have = 0;
+        int sv[2], efd, r;
+        ssize_t n;
+
+        CHECK(big && got);
+        memset(big, 'a', BIG);
+        pair(sv);
+        vhub_frame_out_init(&o, true);
+        CHECK_EQ(vhub_frame_out_unsent(&o, &unsent), 0);
+        CHECK(unsent == NULL);
+        CHECK_EQ(vhub_frame_out_queue(&o, &part, 1, NULL, 0, NULL), 0);
+        queue_json(&o, "{\"n\":2}", NULL, 0, NULL);
+        /* the socket takes part of the big line: the process stops here */
+        CHECK_EQ(vhub_frame_out_flush(&o, sv[0]), 1);
+        n = vhub_frame_out_unsent(&o, &unsent);
+        CHECK(n > 8 && (size_t)n == o.bytes && (size_t)n < BIG + 1 + 8);
+        vhub_frame_out_done(&o);
+        /* the next process: the carried bytes, then its own line */
+        vhub_frame_out_init(&next, true);
+        CHECK_EQ(vhub_frame_out_queue_raw(&next, unsent, (size_t)n), 0);
+        free(unsent);
+        queue_json(&next, "{\"n\":3}", NULL, 0, NULL);
+        do {
+                ssize_t k;
+
+                r = vhub_frame_out_flush(&next, sv[0]);
+                CHECK(r >= 0);
+                while ((k = recv(sv[1], got + have, total - have, MSG_DONTWAIT)) > 0)
+                        have += (size_t)k;
+        } while (r == 1 || have < total);
+        CHECK_EQ(have, total);
+        for (size_t i = 0; i < BIG; i++)
+                CHECK(got[i] == 'a');
+        got[total] = '\0';
+        CHECK(strcmp(got + BIG, "\n{\"n\":2}\n{\"n\":3}\n") == 0);
+        vhub_frame_out_done(&next);
+
+        vhub_frame_out_init(&o, true);
+        CHECK((efd = eventfd(0, EFD_CLOEXEC)) >= 0);
+        queue_json(&o, "{\"fds\":1}", &efd, 1, NULL);
+        close(efd);
+        CHECK_EQ(vhub_frame_out_unsent(&o, &unsent), -EBUSY);
+        CHECK(unsent == NULL);
+        vhub_frame_out_done(&o);
+        close(sv[0]);
+        close(sv[1]);
+        free(big);
+        free(got);
+        printf("ok: output carried across a restart (the rest of a line partly written first)\n");
+}
+
 int main(void) {
-        void (*const tests[])(void) = { test_in_lines_and_fds, test_in_bounds, test_out };
+        void (*const tests[])(void) = { test_in_lines_and_fds, test_in_bounds, test_out, test_out_carry };
         const int open_before = vhub_count_open_fds();
 
         for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)

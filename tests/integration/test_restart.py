@@ -32,6 +32,7 @@ the model, and daemon.info says restarts 20 with capability fd-store.
 import collections
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -73,6 +74,30 @@ class Managed:
     def socket(self, name):
         return os.path.join(self.backends, name)
 
+    def vmm(self, t, mem_bytes, vm="vm0"):
+        """A VMM's connection with a VM of mem_bytes of guest memory:
+        (client, memory, Vmm)."""
+        c = t.enter(Client(self.control, timeout=10))
+        mem = t.enter(GuestMemory(mem_bytes))
+        vmm = Vmm(c, vm)
+        vmm.create()
+        vmm.add_memory(mem)
+        return c, mem, vmm
+
+    def finish(self, c, vmm, device, vqs, removed=None):
+        """The end of a test: the device stopped and removed (removed()
+        then), the VM destroyed, the rings and the connection closed; then
+        `systemctl stop`, and vhubd exits 0."""
+        vmm.stop_device(device)
+        vmm.remove_device(device)
+        if removed:
+            removed()
+        vmm.destroy()
+        for vq in vqs:
+            vq.close()
+        c.close()
+        check_eq(self.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
     def restart(self, sig=signal.SIGTERM, while_down=None):
         """Restart as `systemctl restart` (SIGTERM) or a crash (SIGKILL), calling
         while_down() repeatedly until the new process is ready.  Returns the
@@ -90,9 +115,19 @@ class Managed:
                 time.sleep(0.001)
         code = self.sm.wait_exit()
         self.sm.start(self.argv)
+        end = time.monotonic() + 30
         while not self.sm.ready:
             if self.sm.proc.poll() is not None:
                 raise TestFailure("vhubd exited (%s) instead of starting" % self.sm.proc.returncode)
+            if time.monotonic() > end:
+                where = {}
+                for f in ("wchan", "syscall", "stat"):
+                    try:
+                        with open("/proc/%d/%s" % (self.sm.pid, f)) as fh:
+                            where[f] = fh.read().strip()
+                    except OSError as e:
+                        where[f] = str(e)
+                raise TestFailure("vhubd (pid %d) sent no READY=1 within 30 s: %s" % (self.sm.pid, where))
             if while_down:
                 while_down()
             else:
@@ -147,11 +182,7 @@ def part_planned(t):
         f.truncate(disk_bytes)
     qsd = t.enter(QsdBackend(img, m.socket("blk0.sock"), num_queues=2, log_dir=d))
     t.add_log("qsd", qsd.log_path)
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 16 << 20)
     dev = vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     features = scenarios.BLK_FEATURES & dev["features"]
     rings = [BlkRing(mem, i) for i in range(2)]
@@ -174,6 +205,10 @@ def part_planned(t):
         check(not c.closed, "restart %d: the VMM's connection stays open" % k)
         check_eq(listing(c), before, "restart %d: VMs, devices, regions, shared objects listed as before" % k)
         check(qsd.alive and qsd.pid == qsd_pid, "restart %d: qsd is the same process" % k)
+        with m.sm.lock:
+            ready = [lines for _, _, lines in m.sm.messages if "READY=1" in lines][-1]
+        check("STATUS=1 VMs, 1 devices" in ready,
+              "restart %d: READY=1 says what came back (STATUS=1 VMs, 1 devices)" % k, ready)
         log("restart %d: %.0f ms SIGTERM to ready, %d requests completed meanwhile"
             % (k, dt * 1000, wl.completed - done0))
     wl.run_for(0.2)
@@ -333,11 +368,7 @@ def part_hygiene(t):
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 8 << 20)
     vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("blk0", BLK1, [q.vq])
@@ -382,11 +413,7 @@ def part_unreadable(t):
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    c, mem, vmm = m.vmm(t, 8 << 20)
     vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("blk0", BLK1, [q.vq])
@@ -445,8 +472,65 @@ def part_unreadable(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def part_output(t):
+    """A VMM that does not read its answers during a planned restart: what
+    the old process could not write within its 0.5 s is carried in the
+    snapshot and written first by the next process -- every request gets
+    its one answer, in order, the lines whole, then daemon.restarted."""
+    import json
+    import socket
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=10))
+    Vmm(c, "vm0").create()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    t.defer(raw.close)
+    raw.connect(m.control)
+    n = 3000
+    # each answer is vm.list's (~100 bytes) plus framing: far more than the
+    # socket buffers hold, far less than the output bound (4 MiB)
+    lines = b"".join(json.dumps({"jsonrpc": "2.0", "id": i, "method": "vm.list"}).encode() + b"\n"
+                     for i in range(n))
+    raw.sendall(lines)
+    time.sleep(0.5)                 # the daemon reads and answers; nobody reads
+    code = m.restart()
+    check_eq(code, 0, "the old vhubd exits 0")
+    buf = b""
+    answers, restarted_at = [], None
+    end = time.monotonic() + 5
+    while len(answers) < n and time.monotonic() < end:
+        raw.settimeout(max(0.1, end - time.monotonic()))
+        try:
+            chunk = raw.recv(1 << 20)
+        except socket.timeout:
+            break
+        check(chunk, "the connection stays open")
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            msg = json.loads(line)          # every line whole
+            if msg.get("method") == "event":
+                if msg["params"].get("event") == "daemon.restarted":
+                    restarted_at = len(answers)
+                continue
+            check("result" in msg and msg["result"]["vms"][0]["vm"] == "vm0",
+                  "answer %s is vm.list's" % msg.get("id"), msg)
+            answers.append(msg["id"])
+    check_eq(answers, list(range(n)), "every request answered once, in order")
+    check(restarted_at is not None and 0 < restarted_at,
+          "daemon.restarted follows the answers the old process had queued (after %s)" % restarted_at)
+    with open(m.sm.log_path, errors="replace") as f:
+        carried = re.findall(r"(\d+) bytes of output it has not read yet are carried", f.read())
+    check(carried and int(carried[-1]) > 0, "the old process carried unwritten output (%s bytes)"
+          % (carried[-1] if carried else "no"))
+    log("ok: %d answers, %s bytes of them carried across the restart, daemon.restarted after answer %d"
+        % (n, carried[-1], restarted_at))
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 PARTS = {"planned": part_planned, "crash": part_crash, "hygiene": part_hygiene,
-         "unreadable": part_unreadable}
+         "unreadable": part_unreadable, "output": part_output}
 
 
 def main(t):

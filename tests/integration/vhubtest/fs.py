@@ -169,6 +169,17 @@ class FsDevice:
         return nodeid, attr, data
 
 
+def make_share(d, size=100000):
+    """A directory d/share holding data.bin of size random bytes: (its
+    path, the bytes)."""
+    share = os.path.join(d, "share")
+    os.mkdir(share)
+    content = os.urandom(size)
+    with open(os.path.join(share, "data.bin"), "wb") as f:
+        f.write(content)
+    return share, content
+
+
 def is_dir(attr):
     return stat.S_ISDIR(attr["mode"])
 

@@ -312,7 +312,10 @@ class ServiceManager:
                 env["LISTEN_FDNAMES"] = ":".join(name for name, _ in passed)
             # LISTEN_PID must be the exec'ed daemon's pid: the wrapper's,
             # which exec keeps (setpriv, first in argv, execs in place too)
-            cmd = [sys.executable, "-c", _MOVE_FDS, ",".join(str(h) for h in high)] + list(argv)
+            # -I -S: no site module (it costs ~45 ms of interpreter start
+            # here, inside every measured restart); the wrapper needs os only
+            cmd = [sys.executable, "-I", "-S", "-c", _MOVE_FDS,
+                   ",".join(str(h) for h in high)] + list(argv)
             if procs._SETPRIV:
                 cmd = [procs._SETPRIV, "--pdeathsig", "KILL", "--"] + cmd
             out = stdout if stdout is not None else open(self.log_path, "ab")
@@ -430,6 +433,13 @@ class ServiceManager:
             self.lock.notify_all()
 
     # ---- the store
+
+    def put(self, name, fd):
+        """Store a dup of fd under name, as if a process had pushed it with
+        FDPOLL=0 (a store carried from another run: an upgrade test)."""
+        with self.lock:
+            self.store.insert(0, StoredFd(name, _fcntl_dupfd(fd, 3), False))
+            self.lock.notify_all()
 
     def names(self):
         """Stored names in the order a start passes them (newest first)."""

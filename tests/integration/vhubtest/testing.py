@@ -103,6 +103,17 @@ class TestContext:
             print_log(path, title)
 
 
+def run_parts(parts, default):
+    """run() a test file made of parts ({name: fn(t)}): the one argv[1]
+    names, else default."""
+    def main(t):
+        mode = sys.argv[1] if len(sys.argv) > 1 else default
+        if mode not in parts:
+            raise SystemExit("usage: %s [%s]" % (os.path.basename(sys.argv[0]), "|".join(parts)))
+        parts[mode](t)
+    run(main)
+
+
 def run(main, name=None):
     """Run main(TestContext) and exit with the test protocol's code."""
     name = name or os.path.basename(sys.argv[0])
