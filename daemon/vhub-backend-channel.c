@@ -373,7 +373,7 @@ bool vhub_backend_channel_deferred(const struct vhub_backend_channel *ch, unsign
                 return false;
         *tag = ch->wait_tag;
         *token = ch->wait_token;
-        *hdr = ch->wait_request.hdr;
+        *hdr = ch->wait_hdr;
         return true;
 }
 
