@@ -361,10 +361,9 @@ def part_crash(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-def part_hygiene(t):
-    from test_fd_inventory import inventory
-    d = t.tmpdir()
-    m = Managed(t, d, extra=["--log-level", "debug"])
+def one_blk_device(t, m, d):
+    """vm0 with 8 MiB of memory and blk0, a started one-ring qsd device:
+    (qsd, control client, memory, Vmm, the ring's BlkQueue)."""
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
@@ -372,6 +371,14 @@ def part_hygiene(t):
     vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("blk0", BLK1, [q.vq])
+    return qsd, c, mem, vmm, q
+
+
+def part_hygiene(t):
+    from test_fd_inventory import inventory
+    d = t.tmpdir()
+    m = Managed(t, d, extra=["--log-level", "debug"])
+    qsd, c, mem, vmm, q = one_blk_device(t, m, d)
     obj = os.memfd_create("shared-object", os.MFD_CLOEXEC)
     os.ftruncate(obj, 4096)
     uuid = "5b1c8c1e-6a0c-4a54-9d3e-7d1f0a2b3c4d"
@@ -410,13 +417,7 @@ def part_unreadable(t):
     gen = __import__("gen-corpus-snapshot")
     d = t.tmpdir()
     m = Managed(t, d)
-    disk = os.path.join(d, "disk.img")
-    scenarios.make_image(disk, 8 << 20)
-    qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=1, log_dir=d))
-    c, mem, vmm = m.vmm(t, 8 << 20)
-    vmm.add_device("blk0", m.socket("blk0.sock"), type="blk")
-    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
-    vmm.start_device("blk0", BLK1, [q.vq])
+    qsd, c, mem, vmm, q = one_blk_device(t, m, d)
     before = listing(c)
     m.sm.send_signal(signal.SIGSTOP)    # nothing rewrites its snapshot from here on
     sfd = m.sm.dup("s1")
