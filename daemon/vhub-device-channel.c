@@ -27,6 +27,9 @@
 
 /* A handler answered or deferred the request itself. */
 #define BREQ_ANSWERED (-1)
+/* breq_relay()'s fail value: not relayed (no VMM channel, not negotiated);
+ * distinct from BREQ_ANSWERED and from every answer value */
+#define BREQ_NOT_RELAYED (-2)
 
 /* What a deferred answer waits for (vhub_backend_channel_defer()'s tag). */
 enum {
@@ -72,9 +75,10 @@ static int breq_vmm_vring_signal(struct vhub_device *d, struct vhub_backend_chan
         bool call = m->hdr.request == VHU_BREQ_VRING_CALL;
         const struct vhub_vmm_ring *r = i < d->queues ? &d->vmm->rings[i] : NULL;
         int efd = r ? (call ? r->call_fd : r->err_fd) : -1;
-        int v = breq_relay(d, ch, m, -1);
+        int v = breq_relay(d, ch, m, BREQ_NOT_RELAYED);
 
-        if (v != -1)
+        /* relayed: the VMM's answer is the back-end's (never two answers) */
+        if (v != BREQ_NOT_RELAYED)
                 return v;
         if (efd < 0)
                 return 1;
