@@ -473,6 +473,12 @@ static void ring_stopped(struct vhub_device *d, uint32_t index, uint32_t base) {
         vmm_update_state(d, "rings stopped by the VMM");
 }
 
+/* One of a ring's u32 records, as the VMM set it (what a restore replays). */
+static void ring_record(bool *ret_set, uint32_t *ret_value, uint32_t value) {
+        *ret_set = true;
+        *ret_value = value;
+}
+
 /* Record the effect of a set request that the back-end took, or that the
  * daemon acks for a restore to replay (reply NULL then). */
 static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_msg *reply) {
@@ -487,24 +493,20 @@ static void record(struct vhub_device *d, struct vhub_op *op, const struct vhu_m
                 d->acked_features = m->payload.u64;
                 break;
         case VHU_REQ_SET_VRING_NUM:
-                ring->num_set = true;
-                ring->num = m->payload.state.num;
+                ring_record(&ring->num_set, &ring->num, m->payload.state.num);
                 break;
         case VHU_REQ_SET_VRING_BASE:
-                ring->base_set = true;
-                ring->base = m->payload.state.num;
+                ring_record(&ring->base_set, &ring->base, m->payload.state.num);
                 break;
         case VHU_REQ_SET_VRING_ADDR:
                 ring->addr_set = true;
                 ring->addr = m->payload.addr;
                 break;
         case VHU_REQ_SET_VRING_ENDIAN:
-                ring->endian_set = true;
-                ring->endian = m->payload.state.num;
+                ring_record(&ring->endian_set, &ring->endian, m->payload.state.num);
                 break;
         case VHU_REQ_SET_VRING_ENABLE:
-                ring->enable_set = true;
-                ring->enable = m->payload.state.num;
+                ring_record(&ring->enable_set, &ring->enable, m->payload.state.num);
                 break;
         case VHU_REQ_SET_VRING_KICK:
         case VHU_REQ_SET_VRING_CALL:
