@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from vhubtest.agent import drop_to                      # noqa: E402
 from vhubtest.daemon import Daemon                      # noqa: E402
 from vhubtest.testing import Skip, TestFailure          # noqa: E402
 
@@ -30,14 +31,11 @@ def run_as(uid, fn, *args, gid=None):
     """fn(*args) in a forked child with uid's credentials (no groups);
     returns what it returned (an int exit status, 0..255) or raises if it
     raised."""
-    gid = uid if gid is None else gid
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            drop_to(uid, gid)()
             r = fn(*args)
             code = 0 if r is None else int(r)
         except BaseException as e:  # noqa: BLE001 - reported through the status

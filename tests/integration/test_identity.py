@@ -21,7 +21,6 @@ linger_ms.
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -31,8 +30,8 @@ from test_contract_errors import (ALL_METHODS_NAMING_A_VM, FakeListener,      # 
                                   FdBaseline, check_error, expect_rpc, memfd,
                                   procs_wait)
 from vhubtest.backends import QsdNullBackend                                  # noqa: E402
-from vhubtest.client import RpcError                                          # noqa: E402
 from vhubtest.daemon import Daemon                                            # noqa: E402
+from vhubtest.limits import UnprivAgent                                       # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run     # noqa: E402
 
 USER = 65534       # nobody
@@ -42,131 +41,6 @@ NO_SUCH_VM = -32001
 WRONG_STATE = -32004
 BACKEND_ERROR = -32006
 NOT_ALLOWED = -32010
-
-# The unprivileged side: one process, several connections, driven line by
-# line over stdin/stdout so the test can interleave it with root's calls.
-AGENT = r'''
-import json, os, sys, time
-from vhubtest.client import Client, RpcError
-conns = {}
-out = sys.stdout
-for line in sys.stdin:
-    cmd = json.loads(line)
-    op = cmd["op"]
-    try:
-        if op == "whoami":
-            res = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
-                   "groups": os.getgroups(), "resuid": list(os.getresuid())}
-        elif op == "connect":
-            conns[cmd["conn"]] = Client(cmd["path"])
-            res = {}
-        elif op == "close":
-            conns.pop(cmd["conn"]).close()
-            res = {}
-        elif op == "call":
-            fds = [os.memfd_create("agent", os.MFD_CLOEXEC) for _ in range(cmd.get("memfds", 0))]
-            for fd in fds:
-                os.ftruncate(fd, cmd.get("memfd_size", 65536))
-            fds += [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(cmd.get("eventfds", 0))]
-            try:
-                res = {"result": conns[cmd["conn"]].call(cmd["method"], cmd.get("params"),
-                                                         fds=fds, timeout=cmd.get("timeout", 10))}
-            except RpcError as e:
-                res = {"error": {"code": e.code, "message": e.message, "data": e.data}}
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        elif op == "events":
-            time.sleep(cmd.get("wait", 0))
-            res = {"events": conns[cmd["conn"]].events()}
-        else:
-            res = {"fatal": "unknown op %s" % op}
-    except Exception as e:
-        res = {"fatal": "%s: %s" % (type(e).__name__, e)}
-    out.write(json.dumps(res) + "\n")
-    out.flush()
-'''
-
-
-def agent_python():
-    """A python3 the unprivileged uid can execute (this one may live under /root)."""
-    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        path = os.path.realpath(cand)
-        if os.path.isfile(path) and accessible_by(path, USER):
-            return cand
-    raise Skip("no python3 executable by uid %d" % USER)
-
-
-def accessible_by(path, uid):
-    """Every directory on the way is searchable and the file executable by others."""
-    parts = os.path.abspath(path).split("/")
-    for i in range(2, len(parts)):
-        st = os.stat("/".join(parts[:i]) or "/")
-        if not (st.st_uid == uid and st.st_mode & 0o100) and not st.st_mode & 0o001:
-            return False
-    return bool(os.stat(path).st_mode & 0o001)
-
-
-class Agent:
-    """A child process running as USER, speaking the AGENT protocol."""
-
-    def __init__(self, control, uid=USER, gid=USER):
-        def drop():
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-        env = {"PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
-               "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"}
-        self.control = control
-        self.p = subprocess.Popen([agent_python(), "-c", AGENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env=env, cwd="/", preexec_fn=drop,
-                                  close_fds=True)
-
-    def cmd(self, **kw):
-        self.p.stdin.write((json.dumps(kw) + "\n").encode())
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise TestFailure("FAILED: the unprivileged agent died (exit %s)" % self.p.poll())
-        res = json.loads(line)
-        if "fatal" in res:
-            raise TestFailure("FAILED: agent %s: %s" % (kw, res["fatal"]))
-        return res
-
-    def connect(self, conn="a"):
-        return self.cmd(op="connect", conn=conn, path=self.control)
-
-    def close(self, conn="a"):
-        return self.cmd(op="close", conn=conn)
-
-    def call(self, method, params=None, conn="a", **kw):
-        """The result; raises RpcError on an error response."""
-        res = self.cmd(op="call", conn=conn, method=method, params=params, **kw)
-        if "error" in res:
-            e = res["error"]
-            raise RpcError(e["code"], e["message"], e["data"])
-        return res["result"]
-
-    def error(self, method, params, conn="a", **kw):
-        """The error dict of a call that must fail."""
-        res = self.cmd(op="call", conn=conn, method=method, params=params, **kw)
-        if "error" not in res:
-            raise TestFailure("FAILED: %s %s as uid %d: expected an error, got %r"
-                              % (method, params, USER, res))
-        return res["error"]
-
-    def events(self, conn="a", wait=0):
-        return self.cmd(op="events", conn=conn, wait=wait)["events"]
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.stdin.close()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-
 
 def vm_names(client_or_list):
     vms = client_or_list if isinstance(client_or_list, list) else client_or_list.call("vm.list")["vms"]
@@ -194,7 +68,7 @@ def same_error_modulo_name(a, b, name_a, name_b):
 
 
 def isolation(t, d, daemon, c, fb, socks):
-    agent = Agent(daemon.control)
+    agent = UnprivAgent(daemon.control, uid=USER)
     t.defer(agent.stop)
     who = agent.cmd(op="whoami")
     check_eq(who["resuid"], [USER, USER, USER], "the agent runs as uid %d (real, effective, saved)" % USER)
@@ -247,7 +121,8 @@ def isolation(t, d, daemon, c, fb, socks):
 
     # its own vm0 beside root's vm0
     agent.call("vm.create", {"vm": "vm0"})
-    agent.call("vm.memory.add", {"vm": "vm0", "gpa": 0x100000, "size": 65536, "fd": 0}, memfds=1)
+    agent.call("vm.memory.add", {"vm": "vm0", "gpa": 0x100000, "size": 65536, "fd": 0},
+               memfds=1, memfd_size=65536)
     check_eq(agent.call("vm.list")["vms"],
              [{"vm": "vm0", "uid": USER, "devices": [], "regions": 1}],
              "uid %d: vm.list shows exactly its own vm0" % USER)
@@ -363,7 +238,7 @@ def limits_per_uid(t, d):
     os.chmod(wd, 0o755)
     daemon = t.enter(Daemon(wd, extra_args=["--control-mode", "0666", "--max-vms-per-uid", "1"]))
     c = daemon.client()
-    agent = Agent(daemon.control)
+    agent = UnprivAgent(daemon.control, uid=USER)
     t.defer(agent.stop)
     agent.connect("a")
     c.call("vm.create", {"vm": "r1"})

@@ -42,9 +42,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_contract_errors import FakeListener, FdBaseline, check_error   # noqa: E402
-from test_identity import agent_python                                   # noqa: E402
-from vhubtest.client import (BACKEND_ERROR, BACKEND_NOT_ALLOWED,           # noqa: E402
-                             RpcError)
+from vhubtest.agent import AgentProcess, child_env, drop_to, python_for  # noqa: E402
+from vhubtest.client import BACKEND_ERROR, BACKEND_NOT_ALLOWED            # noqa: E402
 from vhubtest.daemon import Daemon                                        # noqa: E402
 from vhubtest.testbackend import TestBackend, TestBackendAs               # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
@@ -122,43 +121,15 @@ print("%d %d" % (n, fails), flush=True)
 '''
 
 
-def drop_to_user():
-    os.setgroups([GROUP])
-    os.setresgid(USER, USER, USER)
-    os.setresuid(USER, USER, USER)
-
-
-def user_env():
-    return {"PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
-            "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"}
-
-
-class Agent:
+class Agent(AgentProcess):
     """A VMM process running as USER (groups [GROUP]) on its own connection."""
 
     def __init__(self, control):
-        self.p = subprocess.Popen([agent_python(), "-c", AGENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env=user_env(), cwd="/",
-                                  preexec_fn=drop_to_user, close_fds=True)
+        super().__init__(AGENT, USER, groups=[GROUP])
         self.cmd(op="connect", path=control)
 
-    def cmd(self, **kw):
-        self.p.stdin.write((json.dumps(kw) + "\n").encode())
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise TestFailure("FAILED: the agent (uid %d) died (exit %s)" % (USER, self.p.poll()))
-        res = json.loads(line)
-        if "fatal" in res:
-            raise TestFailure("FAILED: agent %s: %s" % (kw.get("op"), res["fatal"]))
-        return res
-
     def call(self, method, params):
-        res = self.cmd(op="call", method=method, params=params)
-        if "error" in res:
-            e = res["error"]
-            raise RpcError(e["code"], e["message"], e["data"])
-        return res["result"]
+        return self.result(self.cmd(op="call", method=method, params=params))
 
     def error(self, what, method, params):
         res = self.cmd(op="call", method=method, params=params)
@@ -166,22 +137,13 @@ class Agent:
             raise TestFailure("FAILED: %s: expected an error, got %r" % (what, res))
         return res["error"]
 
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.stdin.close()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-
 
 class Swapper:
     """USER exchanging two of its names (a directory and a symlink) in a loop."""
 
     def __init__(self, a, b):
-        self.p = subprocess.Popen([agent_python(), "-c", SWAPPER, a, b], stdout=subprocess.PIPE,
-                                  env=user_env(), cwd="/", preexec_fn=drop_to_user,
+        self.p = subprocess.Popen([python_for(USER), "-c", SWAPPER, a, b], stdout=subprocess.PIPE,
+                                  env=child_env(), cwd="/", preexec_fn=drop_to(USER, groups=[GROUP]),
                                   close_fds=True)
         check_eq(self.p.stdout.readline().strip(), b"ready", "the swap loop runs as uid %d" % USER)
 

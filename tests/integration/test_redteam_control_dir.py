@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from redteam import USER, mkdir, workdir, write_file     # noqa: E402
-from test_identity import agent_python                   # noqa: E402
+from vhubtest.agent import drop_to, python_for           # noqa: E402
 from vhubtest import procs                               # noqa: E402
 from vhubtest.daemon import vhubd_path                   # noqa: E402
 from vhubtest.testing import check, log, run             # noqa: E402
@@ -58,12 +58,6 @@ while True:
 '''
 
 
-def drop():
-    os.setgroups([])
-    os.setresgid(USER, USER, USER)
-    os.setresuid(USER, USER, USER)
-
-
 def main(t):
     d = workdir(t)
     ctl = mkdir(os.path.join(d, "ctl"), USER, 0o755)
@@ -74,8 +68,8 @@ def main(t):
     log_path = os.path.join(d, "vhubd.log")
     t.add_log("vhubd", log_path)
 
-    renamer = subprocess.Popen([agent_python(), "-c", RENAMER, path, victim], stdout=subprocess.PIPE,
-                               cwd="/", preexec_fn=drop, close_fds=True)
+    renamer = subprocess.Popen([python_for(USER), "-c", RENAMER, path, victim], stdout=subprocess.PIPE,
+                               cwd="/", preexec_fn=drop_to(USER), close_fds=True)
     t.defer(lambda: (renamer.kill(), renamer.wait()))
     check(renamer.stdout.readline().strip() == b"ready", "uid %d renames symlinks onto %s" % (USER, path))
 

@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from redteam import USER, Child, mkdir, workdir                 # noqa: E402
-from test_identity import agent_python                          # noqa: E402
+from vhubtest.agent import drop_to, python_for                  # noqa: E402
 from vhubtest.client import Client, ClientError                 # noqa: E402
 from vhubtest.procs import wait_until                           # noqa: E402
 from vhubtest.sdnotify import start_watched                     # noqa: E402
@@ -54,12 +54,6 @@ while time.monotonic() < end:
     n += 2000
 print(n, flush=True)
 '''
-
-
-def drop():
-    os.setgroups([])
-    os.setresgid(USER, USER, USER)
-    os.setresuid(USER, USER, USER)
 
 
 def vmm(control, sock, w_fd, r_fd):
@@ -104,8 +98,8 @@ def main(t):
                     pings.append(m[0])
         th = threading.Thread(target=watch)
         th.start()
-        attacker = subprocess.Popen([agent_python(), "-c", CHMODDER, sock, other, str(ATTACK_S)],
-                                    stdout=subprocess.PIPE, cwd="/", preexec_fn=drop, close_fds=True)
+        attacker = subprocess.Popen([python_for(USER), "-c", CHMODDER, sock, other, str(ATTACK_S)],
+                                    stdout=subprocess.PIPE, cwd="/", preexec_fn=drop_to(USER), close_fds=True)
         t.defer(lambda: attacker.poll() is None and attacker.kill())
         time.sleep(1.0)
         answered = None

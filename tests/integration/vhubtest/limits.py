@@ -8,13 +8,10 @@
     a.pin_shared_objects(...)          # as many shared objects as it can
 """
 
-import json
 import os
-import subprocess
-import sys
 import time
 
-from .client import RpcError
+from .agent import PACKAGE_DIR, AgentProcess, reachable_by
 from .testing import Skip, TestFailure
 
 
@@ -70,14 +67,14 @@ def fd_count(pid):
 # The unprivileged side: one process, several connections, driven line by
 # line over stdin/stdout.  "pin" loops inside the agent (hundreds of calls).
 AGENT = r'''
-import json, os, sys
+import json, os, sys, time
 from vhubtest.client import Client, RpcError, ClientError
 conns = {}
 out = sys.stdout
 
-def memfd():
+def memfd(size=4096):
     fd = os.memfd_create("vhubt-pin", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 4096)
+    os.ftruncate(fd, size)
     return fd
 
 def call(conn, method, params, fds=(), timeout=10):
@@ -90,7 +87,10 @@ for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
     try:
-        if op == "connect":
+        if op == "whoami":
+            res = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+                   "groups": os.getgroups(), "resuid": list(os.getresuid())}
+        elif op == "connect":
             try:
                 conns[cmd["conn"]] = Client(cmd["path"])
                 res = {}
@@ -100,14 +100,19 @@ for line in sys.stdin:
             conns.pop(cmd["conn"]).close()
             res = {}
         elif op == "call":
-            fds = [memfd() for _ in range(cmd.get("memfds", 0))]
+            fds = [memfd(cmd.get("memfd_size", 4096)) for _ in range(cmd.get("memfds", 0))]
+            fds += [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(cmd.get("eventfds", 0))]
             try:
-                res = call(cmd["conn"], cmd["method"], cmd.get("params"), fds)
+                res = call(cmd["conn"], cmd["method"], cmd.get("params"), fds,
+                           cmd.get("timeout", 10))
             except ClientError as e:
                 res = {"closed": str(e)}
             finally:
                 for fd in fds:
                     os.close(fd)
+        elif op == "events":
+            time.sleep(cmd.get("wait", 0))
+            res = {"events": conns[cmd["conn"]].events()}
         elif op == "hoard":
             # one line that never ends, its fds sent in chunks: they all
             # queue up in the daemon waiting for the line's end
@@ -194,57 +199,17 @@ for line in sys.stdin:
 '''
 
 
-def _accessible_by(path, uid):
-    """Every directory on the way is searchable and the file readable by uid."""
-    parts = os.path.abspath(path).split("/")
-    for i in range(2, len(parts) + 1):
-        st = os.stat("/".join(parts[:i]) or "/")
-        if st.st_uid != uid and not st.st_mode & 0o005:
-            return False
-    return True
-
-
-def _python_for(uid):
-    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        path = os.path.realpath(cand)
-        if os.path.isfile(path) and _accessible_by(path, uid):
-            return cand
-    raise Skip("no python3 executable by uid %d" % uid)
-
-
-class UnprivAgent:
+class UnprivAgent(AgentProcess):
     """A child process running as uid/gid, talking to vhubd over its own
     connections, driven by one JSON command per line."""
 
     def __init__(self, control, uid=65534, gid=None):
-        gid = uid if gid is None else gid
         if os.geteuid() != 0:
             raise Skip("the limit tests need root to run a client as another uid")
-        pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if not _accessible_by(os.path.join(pkg, "vhubtest", "client.py"), uid):
-            raise Skip("uid %d cannot read the test package under %s" % (uid, pkg))
-
-        def drop():
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-        env = {"PYTHONPATH": pkg, "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"}
-        self.uid = uid
+        if not reachable_by(os.path.join(PACKAGE_DIR, "vhubtest", "client.py"), uid, 0o4):
+            raise Skip("uid %d cannot read the test package under %s" % (uid, PACKAGE_DIR))
         self.control = control
-        self.p = subprocess.Popen([_python_for(uid), "-c", AGENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env=env, cwd="/", preexec_fn=drop,
-                                  close_fds=True)
-
-    def cmd(self, **kw):
-        self.p.stdin.write((json.dumps(kw) + "\n").encode())
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise TestFailure("FAILED: the agent of uid %d died (exit %s)" % (self.uid, self.p.poll()))
-        res = json.loads(line)
-        if "fatal" in res:
-            raise TestFailure("FAILED: agent %s: %s" % (kw, res["fatal"]))
-        return res
+        super().__init__(AGENT, uid, gid)
 
     def connect(self, conn="a"):
         return self.cmd(op="connect", conn=conn, path=self.control)
@@ -258,10 +223,19 @@ class UnprivAgent:
         if "closed" in res:
             raise TestFailure("FAILED: uid %d's connection %s closed during %s: %s"
                               % (self.uid, conn, method, res["closed"]))
-        if "error" in res:
-            e = res["error"]
-            raise RpcError(e["code"], e["message"], e["data"])
-        return res["result"]
+        return self.result(res)
+
+    def error(self, method, params, conn="a", **kw):
+        """The error dict of a call that must fail."""
+        res = self.cmd(op="call", conn=conn, method=method, params=params, **kw)
+        if "error" not in res:
+            raise TestFailure("FAILED: %s %s as uid %d: expected an error, got %r"
+                              % (method, params, self.uid, res))
+        return res["error"]
+
+    def events(self, conn="a", wait=0):
+        """The events the connection received so far (after `wait` seconds)."""
+        return self.cmd(op="events", conn=conn, wait=wait)["events"]
 
     def raw_call(self, method, params=None, conn="a", **kw):
         """The agent's answer as it is: {"result"}, {"error"} or {"closed"}."""
@@ -274,12 +248,3 @@ class UnprivAgent:
     def pin_shared_objects(self, vms, per_vm, prefix="pin", conn="a"):
         return self.cmd(op="pin", conn=conn, vms=vms, per_vm=per_vm, prefix=prefix,
                         path=self.control)
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.stdin.close()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
