@@ -52,6 +52,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import direct as vu                                # noqa: E402
+from vhubtest import scenarios                                   # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend       # noqa: E402
 from vhubtest.blk import BlkQueue, pattern                     # noqa: E402
 from vhubtest.client import Client, RpcError                   # noqa: E402
@@ -93,10 +94,7 @@ def expect_code(code, fn, *args, what):
 
 
 def blk_image(d, size=16 << 20):
-    img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(size)
-    return img
+    return scenarios.sparse_image(os.path.join(d, "disk.img"), size)
 
 
 def vmm_start(path, mem, queues, features=VERSION_1 | BLK_F_FLUSH, want=vu.SUPPORTED_PROTOCOL_FEATURES):

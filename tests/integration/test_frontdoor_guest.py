@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_guest_direct as direct                              # noqa: E402
-from vhubtest import guest, guest_image                         # noqa: E402
+from vhubtest import guest, guest_image, scenarios              # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
 from vhubtest.direct import DirectFrontend                      # noqa: E402
@@ -57,10 +57,7 @@ RESTARTS = 5
 
 
 def blk_image(d, size=IMAGE_SIZE):
-    img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(size)
-    return img
+    return scenarios.sparse_image(os.path.join(d, "disk.img"), size)
 
 
 def read_image(img):

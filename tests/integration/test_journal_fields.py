@@ -38,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vhubtest import procs                                          # noqa: E402
+from vhubtest import procs, scenarios                               # noqa: E402
 from vhubtest.backends import QsdBackend                            # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.daemon import vhubd_path                              # noqa: E402
@@ -231,9 +231,7 @@ def vm_lifecycle(t, d, control, p, what, with_device):
     c.call("vm.memory.add", {"vm": VM, "uid": OTHER_UID, "gpa": 0, "size": 1 << 20, "fd": 0}, fds=[ram])
     os.close(ram)
     if with_device:
-        img = os.path.join(d, "disk.img")
-        with open(img, "wb") as f:
-            f.truncate(1 << 20)
+        img = scenarios.sparse_image(os.path.join(d, "disk.img"), 1 << 20)
         sock = os.path.join(d, "backends", DEV + ".sock")
         qsd = t.enter(QsdBackend(img, sock, num_queues=1, log_dir=d))
         c.call("device.add", {"vm": VM, "uid": OTHER_UID, "device": DEV, "socket": sock, "type": "blk",

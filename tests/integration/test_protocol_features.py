@@ -75,9 +75,7 @@ class Setup:
     def __init__(self, t, tb_args=(), device="blk0", add=True):
         self.t = t
         self.d = t.tmpdir()
-        self.img = os.path.join(self.d, "disk.img")
-        with open(self.img, "wb") as f:
-            f.truncate(DISK)
+        self.img = scenarios.sparse_image(os.path.join(self.d, "disk.img"), DISK)
         self.daemon = t.enter(Daemon(self.d))
         t.add_log("vhubd", self.daemon.log_path)
         self.c = self.daemon.client()
@@ -530,9 +528,7 @@ def qsd(t):
     """qemu-storage-daemon 7.2 offers none of bits 20-23 nor INBAND: each
     request for them is -32005 and the device keeps working."""
     d = t.tmpdir()
-    img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(DISK)
+    img = scenarios.sparse_image(os.path.join(d, "disk.img"), DISK)
     daemon = t.enter(Daemon(d))
     c = daemon.client()
     baseline = daemon.settled_fd_count(c)

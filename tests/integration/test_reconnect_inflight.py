@@ -53,9 +53,7 @@ def main(t):
     log("%d in flight per ring, %d kills, seed %d (VHUB_TEST_SEED)" % (DEPTH, KILLS, seed))
     d = t.tmpdir()
     disk_bytes = 64 << 20
-    img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(disk_bytes)
+    img = scenarios.sparse_image(os.path.join(d, "disk.img"), disk_bytes)
     daemon = t.enter(Daemon(d))
     c = daemon.client()
     baseline = daemon.settled_fd_count(c)

@@ -51,9 +51,7 @@ BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
 
 def part_rapid_kills(t, d, daemon, c, mem, seed):
     disk_bytes = 16 << 20
-    img = os.path.join(d, "rapid.img")
-    with open(img, "wb") as f:
-        f.truncate(disk_bytes)
+    img = scenarios.sparse_image(os.path.join(d, "rapid.img"), disk_bytes)
     sock = daemon.backend_socket("rapid.sock")
     qsd = ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=3000, iops_write=3000)
     t.add_log("qsd (rapid kills)", qsd.log_path)

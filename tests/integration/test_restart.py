@@ -177,9 +177,7 @@ def part_planned(t):
     d = t.tmpdir()
     m = Managed(t, d)
     disk_bytes = 64 << 20
-    img = os.path.join(d, "disk.img")
-    with open(img, "wb") as f:
-        f.truncate(disk_bytes)
+    img = scenarios.sparse_image(os.path.join(d, "disk.img"), disk_bytes)
     qsd = t.enter(QsdBackend(img, m.socket("blk0.sock"), num_queues=2, log_dir=d))
     t.add_log("qsd", qsd.log_path)
     c, mem, vmm = m.vmm(t, 16 << 20)

@@ -300,9 +300,7 @@ def main(t):
 
     # ---- memory: a memfd and a file
     ctl.run("vm", "memory", "add", "vm0", "0", "--memfd", "32M")
-    ram = os.path.join(d, "ram.bin")
-    with open(ram, "wb") as f:
-        f.truncate(2 << 20)
+    ram = scenarios.sparse_image(os.path.join(d, "ram.bin"), 2 << 20)
     ctl.run("vm", "memory", "add", "vm0", "0x10000000", ram, "--offset", "1M", "--uaddr", "0x7f0000000000")
     regs = ctl.json("vm", "memory", "list", "vm0")["regions"]
     want = [{"gpa": 0, "size": 32 << 20, "offset": 0, "uaddr": 0},

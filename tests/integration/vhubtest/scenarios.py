@@ -31,6 +31,13 @@ def idle_blk_start(vm, device, slot, region_gpa, queues=2, size=128):
     return {"vm": vm, "device": device, "features": u64_json(BLK_FEATURES), "vrings": vrings}
 
 
+def sparse_image(path, size):
+    """A raw image of size zero bytes (sparse: nothing written); returns path."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def make_image(path, size, seed=b"vhub"):
     """A raw image of pseudo-random bytes; returns its initial content."""
     data = os.urandom(size)
