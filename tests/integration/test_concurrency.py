@@ -28,10 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_contract_errors import FdBaseline, memfd                  # noqa: E402
 from vhubtest.backends import QsdNullBackend                         # noqa: E402
 from vhubtest.client import u64                                      # noqa: E402
+from vhubtest.contract import FdBaseline                             # noqa: E402
 from vhubtest.daemon import Daemon                                   # noqa: E402
+from vhubtest.memory import memfd                                    # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
 CLIENTS = 64

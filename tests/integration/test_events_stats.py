@@ -45,10 +45,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_contract_errors import FakeListener, expect_rpc                   # noqa: E402
 from vhubtest import blk, scenarios                                        # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend                   # noqa: E402
 from vhubtest.client import RpcError                                       # noqa: E402
+from vhubtest.contract import FakeListener, expect_rpc                     # noqa: E402
 from vhubtest.daemon import Daemon                                         # noqa: E402
 from vhubtest.events import wait_event                                     # noqa: E402
 from vhubtest.memory import GuestMemory                                    # noqa: E402

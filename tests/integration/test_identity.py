@@ -26,12 +26,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_contract_errors import (ALL_METHODS_NAMING_A_VM, FakeListener,      # noqa: E402
-                                  FdBaseline, check_error, expect_rpc, memfd,
-                                  procs_wait)
 from vhubtest.backends import QsdNullBackend                                  # noqa: E402
+from vhubtest.contract import (ALL_METHODS_NAMING_A_VM, FakeListener,         # noqa: E402
+                               FdBaseline, check_error, expect_rpc)
 from vhubtest.daemon import Daemon                                            # noqa: E402
 from vhubtest.limits import UnprivAgent                                       # noqa: E402
+from vhubtest.memory import memfd                                             # noqa: E402
+from vhubtest.procs import wait_until                                         # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run     # noqa: E402
 
 USER = 65534       # nobody
@@ -210,8 +211,8 @@ def isolation(t, d, daemon, c, fb, socks):
 
     # the user's connection closes: its VM goes, root's stay
     agent.close("a")
-    procs_wait(lambda: ("vm0", USER) not in vm_names(c), 5,
-               "the user's vm0 destroyed with its connection")
+    wait_until(lambda: ("vm0", USER) not in vm_names(c), 5,
+               what="the user's vm0 destroyed with its connection")
     got = events_until(sub, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "vm0")
     check_eq([(e["event"], e["vm"], e["uid"], e.get("device"), e.get("reason")) for e in got],
              [("device.removed", "vm0", USER, "blk1", None),
@@ -270,7 +271,7 @@ def lifetime(t, d, daemon, c, fb, socks):
     check_eq(brief(own.events()), [("vm.created", "eph", None, None), ("device.added", "eph", "b", None)],
              "the creating connection gets vm.created and device.added")
     own.close()
-    procs_wait(lambda: ("eph", 0) not in vm_names(c), 5, "eph destroyed when its connection closed")
+    wait_until(lambda: ("eph", 0) not in vm_names(c), 5, what="eph destroyed when its connection closed")
     log("ok: the VM went away with its creating connection")
     got = events_until(watch, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "eph")
     check_eq(brief(got), [("vm.created", "eph", None, None), ("device.added", "eph", "b", None),
@@ -319,7 +320,7 @@ def lifetime(t, d, daemon, c, fb, socks):
     sub.wait_event(lambda e: e["event"] == "vm.lingering" and e["vm"] == "lin", 5)
     time.sleep(0.7)
     check(("lin", 0) in vm_names(c), "still there halfway through linger_ms")
-    procs_wait(lambda: ("lin", 0) not in vm_names(c), 5, "lin destroyed after linger_ms")
+    wait_until(lambda: ("lin", 0) not in vm_names(c), 5, what="lin destroyed after linger_ms")
     took = time.monotonic() - t_close
     got = events_until(sub, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "lin")
     check_eq(brief(got), [("device.removed", "lin", "b", None), ("vm.destroyed", "lin", None, "linger_expired")],
@@ -337,7 +338,7 @@ def lifetime(t, d, daemon, c, fb, socks):
     owner = daemon.client()
     owner.call("vm.create", {"vm": "lin2", "linger_ms": 60000})
     owner.close()
-    procs_wait(lambda: ("lin2", 0) in vm_names(c), 2, "lin2 lingers")
+    wait_until(lambda: ("lin2", 0) in vm_names(c), 2, what="lin2 lingers")
     c.call("vm.destroy", {"vm": "lin2"})
     expect_rpc(c, "vm.attach", {"vm": "lin2"}, NO_SUCH_VM, what="vm.attach of a destroyed VM")
     got = events_until(watch, lambda e: e["event"] == "vm.destroyed" and e["vm"] == "lin2")

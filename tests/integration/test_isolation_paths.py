@@ -41,9 +41,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_contract_errors import FakeListener, FdBaseline, check_error   # noqa: E402
 from vhubtest.agent import AgentProcess, child_env, drop_to, python_for  # noqa: E402
 from vhubtest.client import BACKEND_ERROR, BACKEND_NOT_ALLOWED            # noqa: E402
+from vhubtest.contract import FakeListener, FdBaseline, check_error       # noqa: E402
 from vhubtest.daemon import Daemon                                        # noqa: E402
 from vhubtest.testbackend import TestBackend, TestBackendAs               # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402

@@ -42,6 +42,7 @@ from vhubtest import procs, scenarios                               # noqa: E402
 from vhubtest.backends import QsdBackend                            # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.daemon import vhubd_path                              # noqa: E402
+from vhubtest.memory import memfd                                   # noqa: E402
 from vhubtest.sdnotify import service_env as base_env              # noqa: E402
 from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
 
@@ -196,12 +197,6 @@ def check_location(entries):
 
 def named(msg, request):
     return re.search(r"(?<![A-Za-z0-9_])%s(?![A-Za-z0-9_])" % re.escape(request), msg) is not None
-
-
-def memfd(size):
-    fd = os.memfd_create("vhubt-journal", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def connect(path, p, what):

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest.client import LIMIT_REACHED, Client  # noqa: E402
 from vhubtest.daemon import Daemon                  # noqa: E402
 from vhubtest.limits import UnprivAgent, fd_count, idle_ticks  # noqa: E402
+from vhubtest.memory import memfd                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run  # noqa: E402
 
 NOFILE = 512
@@ -58,12 +59,6 @@ class LimitedDaemon(Daemon):
 
     def argv(self):
         return ["prlimit", "--nofile=%d:%d" % (self.nofile, self.nofile), "--"] + super().argv()
-
-
-def memfd(size):
-    fd = os.memfd_create("vhubt-limits", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def check_limit_error(err, what):

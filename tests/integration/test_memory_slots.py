@@ -37,7 +37,7 @@ from vhubtest.backends import TestpmdBackend                                  # 
 from vhubtest.client import (BAD_REGION, INVALID_PARAMS, LIMIT_REACHED,       # noqa: E402
                              WRONG_STATE, u64_json)
 from vhubtest.daemon import Daemon                                            # noqa: E402
-from vhubtest.memory import GuestMemory                                       # noqa: E402
+from vhubtest.memory import GuestMemory, memfd                                # noqa: E402
 from vhubtest.testbackend import TestBackend                                  # noqa: E402
 from vhubtest.testing import check, check_eq, log, run                        # noqa: E402
 from vhubtest.vmm import Vmm                                                  # noqa: E402
@@ -54,12 +54,6 @@ def memory_add(vmm, gpa, size, fd, offset=None, uaddr=None):
     if uaddr is not None:
         params["uaddr"] = u64_json(uaddr)
     return vmm.c.call("vm.memory.add", params, fds=[fd])
-
-
-def memfd(size, name="vhubtest-bad"):
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
 def part_qsd_32(t, d, daemon, c):

@@ -20,6 +20,13 @@ import struct
 PAGE_SIZE = mmap.PAGESIZE
 
 
+def memfd(size, name="vhubtest"):
+    """A memfd (MFD_CLOEXEC) of size zero bytes; the caller owns it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
 def align_up(value, align):
     if align <= 0 or align & (align - 1):
         raise ValueError("alignment must be a power of two: %r" % align)
