@@ -52,10 +52,7 @@ class Backend:
             raise RuntimeError("%s already running" % self.name)
         if self.listens:
             for s in self.sockets:
-                try:
-                    os.unlink(s)
-                except FileNotFoundError:
-                    pass
+                procs.unlink_if_exists(s)
         with open(self.log_path, "ab") as f:
             f.write(b"==== start %d: %s\n" % (self.starts, " ".join(self.argv()).encode()))
         self.proc = procs.spawn(self.argv(), log_path=self.log_path, env=self.env())

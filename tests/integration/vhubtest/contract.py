@@ -18,6 +18,7 @@ import threading
 import time
 
 from .client import BACKEND_ERROR, BACKEND_TIMEOUT, RpcError
+from .procs import unlink_if_exists
 from .testing import TestFailure, check, check_eq, log
 
 # vhost-user front-end request names (the spec's, without VHOST_USER_)
@@ -111,10 +112,7 @@ class FakeListener:
     def __init__(self, path, mode="none", owner=None):
         self.path = path
         self.mode = mode
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.bind(path)
         self.sock.listen(64)
@@ -191,10 +189,7 @@ class FakeListener:
             self._conns = []
         self.sock.close()
         closing([self._stop_r, self._stop_w])
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(self.path)
 
     def __enter__(self):
         return self

@@ -17,6 +17,8 @@ import socket
 import struct
 import time
 
+from .procs import unlink_if_exists
+
 # ---- request numbers (spec: "Front-end message types") ----
 GET_FEATURES = 1
 SET_FEATURES = 2
@@ -150,10 +152,7 @@ class DirectFrontend:
     @classmethod
     def listen(cls, path, accept_timeout=10.0, timeout=5.0):
         """Listen on `path` (server mode; e.g. testpmd client=1) and accept one."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        unlink_if_exists(path)
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             ls.bind(path)

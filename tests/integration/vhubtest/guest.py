@@ -209,10 +209,7 @@ class Guest:
 
     def start(self, timeout=20.0):
         for p in (self.console_path, self.qmp_path):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+            procs.unlink_if_exists(p)
         argv = self.argv()
         with open(self.log_path, "ab") as f:
             f.write(("==== %s\n" % " ".join(shlex.quote(a) for a in argv)).encode())

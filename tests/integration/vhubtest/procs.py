@@ -91,6 +91,15 @@ def wait_until(pred, timeout, interval=0.005, what="condition"):
         time.sleep(interval)
 
 
+def unlink_if_exists(path):
+    """os.unlink, for a path that may be gone already (a stale socket, a
+    listener's own at its close)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def unix_listening(path):
     """True if some process has a listening unix socket bound to `path`.
 

@@ -472,10 +472,7 @@ class ServiceManager:
         self.release_store()
         self.sock.close()
         if not self.notify_socket.startswith("@"):
-            try:
-                os.unlink(self.notify_socket)
-            except FileNotFoundError:
-                pass
+            procs.unlink_if_exists(self.notify_socket)
 
     def __enter__(self):
         return self
