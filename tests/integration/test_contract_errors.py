@@ -38,7 +38,7 @@ from vhubtest.client import (ALREADY_EXISTS, BACKEND_ERROR,              # noqa:
                              ConnectionClosed, RpcError, encode, u64)
 from vhubtest.contract import (ALL_METHODS_NAMING_A_VM, FakeListener,  # noqa: E402
                                FdBaseline, check_error, closing, expect_rpc,
-                               names_field)
+                               half_closed_session, names_field)
 from vhubtest.daemon import Daemon                                     # noqa: E402
 from vhubtest.memory import GuestMemory, memfd                         # noqa: E402
 from vhubtest.procs import wait_until                                  # noqa: E402
@@ -243,19 +243,8 @@ def framing(t, daemon, c, fb):
 def half_close(t, daemon, c, fb):
     """A client that sends its requests and shuts down its writing side still
     gets the answers, then EOF."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.connect(daemon.control)
-    s.sendall(raw_request("daemon.info", req_id=1) + raw_request("vm.list", req_id=2))
-    s.shutdown(socket.SHUT_WR)
-    s.settimeout(5)
-    buf = b""
-    while True:
-        data = s.recv(65536)
-        if not data:
-            break
-        buf += data
-    s.close()
-    msgs = [json.loads(x) for x in buf.split(b"\n") if x.strip()]
+    msgs, _ = half_closed_session(daemon.control, [raw_request("daemon.info", req_id=1),
+                                                   raw_request("vm.list", req_id=2)], timeout=5)
     check_eq(sorted(m.get("id") for m in msgs), [1, 2],
              "both requests answered after the client's SHUT_WR, then EOF")
     check(all("result" in m for m in msgs), "... with results")

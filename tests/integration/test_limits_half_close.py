@@ -29,34 +29,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest.backends import QsdNullBackend       # noqa: E402
+from vhubtest.client import request_line           # noqa: E402
+from vhubtest.contract import half_closed_session  # noqa: E402
 from vhubtest.daemon import Daemon                 # noqa: E402
 from vhubtest.testbackend import TestBackend       # noqa: E402
 from vhubtest.testing import check, check_eq, log, run  # noqa: E402
-
-
-def line(req_id, method, params=None):
-    msg = {"jsonrpc": "2.0", "id": req_id, "method": method}
-    if params is not None:
-        msg["params"] = params
-    return json.dumps(msg, separators=(",", ":"))
-
-
-def half_closed_session(path, lines, timeout=10.0):
-    """Send every line, SHUT_WR, read until the daemon closes; (answers, seconds)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    s.connect(path)
-    start = time.monotonic()
-    s.sendall(("\n".join(lines) + "\n").encode())
-    s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while True:
-        data = s.recv(65536)
-        if not data:
-            break
-        buf += data
-    s.close()
-    return [json.loads(x) for x in buf.split(b"\n") if x.strip()], time.monotonic() - start
 
 
 def check_session(answers, what):
@@ -73,9 +50,9 @@ def check_session(answers, what):
 
 
 def session_lines(vm, dev, sock):
-    return [line(1, "vm.attach", {"vm": vm}),
-            line(2, "device.add", {"vm": vm, "device": dev, "socket": sock}),
-            line(3, "device.list", {"vm": vm})]
+    return [request_line(1, "vm.attach", {"vm": vm}),
+            request_line(2, "device.add", {"vm": vm, "device": dev, "socket": sock}),
+            request_line(3, "device.list", {"vm": vm})]
 
 
 def main(t):
@@ -100,10 +77,10 @@ def main(t):
 
     socat = shutil.which("socat")
     if socat:
-        inp = "\n".join(session_lines("vm1", "blk1", socks[1])) + "\n"
+        inp = b"".join(session_lines("vm1", "blk1", socks[1]))
         start = time.monotonic()
         p = subprocess.run([socat, "-t", "5", "-", "UNIX-CONNECT:%s" % daemon.control],
-                           input=inp.encode(), stdout=subprocess.PIPE, timeout=30)
+                           input=inp, stdout=subprocess.PIPE, timeout=30)
         secs = time.monotonic() - start
         answers = [json.loads(x) for x in p.stdout.split(b"\n") if x.strip()]
         check_session(answers, "the documented socat example")
@@ -126,11 +103,10 @@ def main(t):
     tb.misbehave("GET_FEATURES", "delay", delay_ms=3000, count=1)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.connect(daemon.control)
-    s.sendall((line(1, "vm.create", {"vm": "gone"}) + "\n").encode())
+    s.sendall(request_line(1, "vm.create", {"vm": "gone"}))
     s.settimeout(5)
     check(b'"result"' in s.recv(4096), "vm.create on the closing connection")
-    s.sendall((line(2, "device.add", {"vm": "gone", "device": "g", "socket": tb.sockets[0]})
-               + "\n").encode())
+    s.sendall(request_line(2, "device.add", {"vm": "gone", "device": "g", "socket": tb.sockets[0]}))
     time.sleep(0.1)
     s.close()
     deadline = time.monotonic() + 2

@@ -16,7 +16,8 @@ if _SRC_PY not in [os.path.abspath(p) for p in sys.path]:
 from vhub.client import Client, Pending, Response, default_socket_path  # noqa: E402
 from vhub.errors import *                                            # noqa: E402,F401,F403
 from vhub.errors import __all__ as _errors_all                       # noqa: E402
-from vhub.framing import MAX_FDS_PER_MSG, U53, Event, encode, u64, u64_json  # noqa: E402
+from vhub.framing import (MAX_FDS_PER_MSG, U53, Event, encode, request_line,  # noqa: E402
+                          u64, u64_json)
 
 __all__ = (["Client", "Pending", "Response", "Event", "default_socket_path", "MAX_FDS_PER_MSG",
             "U53", "encode", "u64", "u64_json"] + list(_errors_all))

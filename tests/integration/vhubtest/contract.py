@@ -83,6 +83,25 @@ def closing(fds):
             pass
 
 
+def half_closed_session(path, lines, timeout=10.0):
+    """Send every line (bytes, each ending in a newline), SHUT_WR, read until
+    the daemon closes; (the messages it sent, seconds)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    s.connect(path)
+    start = time.monotonic()
+    s.sendall(b"".join(lines))
+    s.shutdown(socket.SHUT_WR)
+    buf = b""
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    s.close()
+    return [json.loads(x) for x in buf.split(b"\n") if x.strip()], time.monotonic() - start
+
+
 class FdBaseline:
     """The daemon's fd count must return to `base` after every case."""
 
