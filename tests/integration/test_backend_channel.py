@@ -56,11 +56,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import scenarios                                        # noqa: E402
 from vhubtest.client import INVALID_PARAMS, NO_SUCH_VM, RpcError  # noqa: E402
 from vhubtest.daemon import Daemon                                     # noqa: E402
-from vhubtest.memory import GuestMemory                                # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend  # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run   # noqa: E402
 from vhubtest.virtq import Virtqueue                                   # noqa: E402
-from vhubtest.vmm import Vmm                                           # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                           # noqa: E402
 
 TIMEOUT_MS = 500
 TB_DEFAULT_PF = 0xdbe2b
@@ -236,10 +235,7 @@ def main(t):
     P = t.enter(TestBackend([daemon.backend_socket("p.sock")], log_dir=d))
     N = t.enter(TestBackend([daemon.backend_socket("n.sock")], log_dir=d,
                             args=["--protocol-features", hex(TB_DEFAULT_PF & ~PF_BACKEND_SEND_FD)]))
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
     info = vmm.add_device("X", X.socket)
     for bit, name in ((PF_INBAND, "INBAND_NOTIFICATIONS"), (PF_SHMEM, "SHMEM")):
         check(info["protocol_features"] & bit, "X: %s negotiated" % name)

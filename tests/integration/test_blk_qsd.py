@@ -18,9 +18,8 @@ from vhubtest import blk, scenarios                           # noqa: E402
 from vhubtest.backends import QsdBackend                       # noqa: E402
 from vhubtest.client import u64                                # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 IMAGE_SIZE = 16 << 20
 
@@ -38,10 +37,7 @@ def main(t):
 
     sock = daemon.backend_socket("blk0.sock")
     qsd = t.enter(QsdBackend(img, sock, num_queues=2, log_dir=d))
-    mem = t.enter(GuestMemory(32 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 32 << 20)
     regs = vmm.memory_list()
     r = mem.regions[0]
     check_eq(regs, [{"gpa": r.gpa, "size": r.size, "offset": r.offset, "uaddr": r.uaddr}],

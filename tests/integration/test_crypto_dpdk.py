@@ -31,12 +31,11 @@ from vhubtest.client import (BACKEND_ERROR, INVALID_PARAMS, NOT_SUPPORTED,  # no
                              RpcError, u64)
 from vhubtest.daemon import Daemon                                 # noqa: E402
 from vhubtest.events import wait_event                             # noqa: E402
-from vhubtest.memory import GuestMemory                            # noqa: E402
 from vhubtest.procs import wait_until                              # noqa: E402
 from vhubtest.realpeers import CryptoBackend                       # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
 from vhubtest.virtq import Virtqueue                               # noqa: E402
-from vhubtest.vmm import Vmm                                       # noqa: E402
+from vhubtest.vmm import vm_with_memory                            # noqa: E402
 
 try:
     import jsonschema
@@ -70,10 +69,7 @@ def main(t):
     crypto = CryptoBackend(sock, log_dir=d)
     t.add_log("vhost-crypto", crypto.log_path)
     t.enter(crypto)
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
 
     dev = vmm.add_device("crypto0", sock, type="crypto", queues=1)
     log("device.add: features %#x protocol_features %#x queues %r"

@@ -20,10 +20,9 @@ from vhubtest import blk, scenarios                               # noqa: E402
 from vhubtest.backends import QsdBackend, TestpmdBackend           # noqa: E402
 from vhubtest.client import RpcError                               # noqa: E402
 from vhubtest.daemon import Daemon                                 # noqa: E402
-from vhubtest.memory import GuestMemory                            # noqa: E402
 from vhubtest.testbackend import TestBackend                       # noqa: E402
 from vhubtest.testing import check, check_eq, log, run             # noqa: E402
-from vhubtest.vmm import Vmm                                       # noqa: E402
+from vhubtest.vmm import vm_with_memory                            # noqa: E402
 
 
 def expect_error(fn, code, what):
@@ -40,10 +39,7 @@ def main(t):
     daemon = t.enter(Daemon(d))
     c = daemon.client()
     baseline = daemon.settled_fd_count(c)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
 
     # -- net: RARP and MTU through testpmd
     sock = daemon.backend_socket("net0.sock")

@@ -22,9 +22,8 @@ from vhubtest import blk, scenarios                           # noqa: E402
 from vhubtest.backends import QsdBackend    # noqa: E402
 from vhubtest.client import RpcError, u64                      # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import check, check_eq, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                   # noqa: E402
 
 PAGE = 4096
 RAM = 32 << 20
@@ -50,10 +49,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
     sock = daemon.backend_socket("blk0.sock")
     t.enter(QsdBackend(img, sock, num_queues=1, log_dir=d))
-    mem = t.enter(GuestMemory(RAM))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, RAM)
     dev = vmm.add_device("blk0", sock, type="blk")
     check(dev["protocol_features"] & (1 << 1), "LOG_SHMFD negotiated with qemu-storage-daemon")
     q = blk.BlkQueue(mem, index=0, size=64)

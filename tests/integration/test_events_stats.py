@@ -54,7 +54,7 @@ from vhubtest.events import wait_event                                     # noq
 from vhubtest.memory import GuestMemory                                    # noqa: E402
 from vhubtest.testbackend import TestBackend                               # noqa: E402
 from vhubtest.testing import check, check_eq, log, run                     # noqa: E402
-from vhubtest.vmm import Vmm                                               # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                               # noqa: E402
 
 TIMEOUT_MS = 1000
 BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
@@ -206,10 +206,7 @@ def stats_test_backend(t, d, daemon, c):
                      log_dir=d)
     t.add_log("test back-end", tb.log_path)
     t.enter(tb)
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "st")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20, vm="st")
     t0 = time.monotonic()
     vmm.add_device("t", sock, type="blk")
     took_us = (time.monotonic() - t0) * 1e6
@@ -296,10 +293,7 @@ def stats_qsd(t, d, daemon, c):
     qsd = QsdBackend(img, sock, num_queues=1, log_dir=d)
     t.add_log("qemu-storage-daemon", qsd.log_path)
     t.enter(qsd)
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "q")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20, vm="q")
     vmm.add_device("b", sock, type="blk", reconnect_ms=50)
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("b", BLK1, [q.vq])

@@ -56,7 +56,7 @@ from vhubtest.servicemanager import ServiceManager               # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.testing import check, check_eq, log, run          # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
-from vhubtest.vmm import Vmm                                     # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                     # noqa: E402
 
 UUID = "5b1c8c1e-6a0c-4a54-9d3e-7d1f0a2b3c4d"
 OPENED = re.compile(r"debug: fd (\d+) (opened|closed): (\S+) \(group (\S+)\)$")
@@ -213,10 +213,7 @@ def blk_vm(t, c, d, blk_sock):
     img = os.path.join(d, "disk.img")
     scenarios.make_image(img, 8 << 20)
     t.enter(QsdBackend(img, blk_sock, num_queues=1, log_dir=d))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", blk_sock, type="blk")
     q = blk.BlkQueue(mem, index=0, size=64)
     vmm.start_device("blk0", scenarios.BLK_FEATURES & dev["features"], [q.vq])

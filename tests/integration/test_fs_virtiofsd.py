@@ -17,9 +17,8 @@ from vhubtest import fs, scenarios                             # noqa: E402
 from vhubtest.backends import VirtiofsdBackend                 # noqa: E402
 from vhubtest.client import NOT_SUPPORTED, RpcError            # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 
 def main(t):
@@ -36,10 +35,7 @@ def main(t):
 
     sock = daemon.backend_socket("fs0.sock")
     vfs = t.enter(VirtiofsdBackend(sock, share, log_dir=d))
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
 
     dev = vmm.add_device("fs0", sock, type="fs")
     log("device.add: features %#x protocol_features %#x queues %r"

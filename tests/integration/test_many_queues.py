@@ -15,10 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk                                       # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check_eq, run              # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 QUEUES = 64
 
@@ -31,10 +30,7 @@ def main(t):
     s = daemon.backend_socket("tb.sock")
     t.enter(TestBackend(sockets=[s], args=["--queues", str(QUEUES), "--disk-size", str(4 << 20)],
                         log_dir=d))
-    mem = t.enter(GuestMemory(64 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 64 << 20)
     dev = vmm.add_device("tb", s, type="blk")
     check_eq(dev["queues"], QUEUES, "device.add queues (the back-end's GET_QUEUE_NUM)")
     qs = [blk.BlkQueue(mem, index=i, size=16, max_io=4096) for i in range(QUEUES)]

@@ -44,7 +44,7 @@ from vhubtest.daemon import Daemon                                              
 from vhubtest.memory import GuestMemory                                           # noqa: E402
 from vhubtest.testbackend import TestBackend                                      # noqa: E402
 from vhubtest.testing import check, check_eq, log, run                            # noqa: E402
-from vhubtest.vmm import Vmm                                                      # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                                      # noqa: E402
 
 MiB = 1 << 20
 TIMEOUT_MS = 500
@@ -78,10 +78,7 @@ def part_races(t, d, daemon, c):
     img = os.path.join(d, "qx.img")
     scenarios.make_image(img, 4 * MiB)
     qsd = t.enter(QsdFileExports([img], [daemon.backend_socket("qx.sock")], log_dir=d))
-    mem = t.enter(GuestMemory(4 * MiB))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 * MiB)
     vmm.add_device("tb0", tb.sockets[0], type="blk")
     vmm.add_device("tb1", tb.sockets[1], type="blk")
     present = [0, 1]
@@ -231,10 +228,7 @@ def part_hung(t, d, daemon, c):
         scenarios.make_image(img, 4 * MiB)
     q_ok = t.enter(QsdFileExports([imgs[0]], [daemon.backend_socket("qok.sock")], log_dir=d))
     q_hung = t.enter(QsdFileExports([imgs[1]], [daemon.backend_socket("qhung.sock")], log_dir=d))
-    mem = t.enter(GuestMemory(8 * MiB))
-    vmm = Vmm(c, "vmh")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 8 * MiB, vm="vmh")
     vmm.add_device("h0", tb.sockets[0], type="blk")
     vmm.add_device("qok", q_ok.socket, type="blk")
     vmm.add_device("qhung", q_hung.socket, type="blk")
@@ -322,10 +316,7 @@ def part_hung(t, d, daemon, c):
 
 def part_serialized(t, d, daemon, c):
     tb = t.enter(TestBackend([daemon.backend_socket("s%d.sock" % i) for i in range(3)], log_dir=d))
-    mem = t.enter(GuestMemory(2 * MiB))
-    vmm = Vmm(c, "vms")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 2 * MiB, vm="vms")
     for i in range(3):
         vmm.add_device("s%d" % i, tb.sockets[i], type="blk")
 

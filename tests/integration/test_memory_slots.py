@@ -40,7 +40,7 @@ from vhubtest.daemon import Daemon                                            # 
 from vhubtest.memory import GuestMemory, memfd                                # noqa: E402
 from vhubtest.testbackend import TestBackend                                  # noqa: E402
 from vhubtest.testing import check, check_eq, log, run                        # noqa: E402
-from vhubtest.vmm import Vmm                                                  # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                                  # noqa: E402
 
 MiB = 1 << 20
 HOT_BASE = 0x40000000
@@ -62,10 +62,7 @@ def part_qsd_32(t, d, daemon, c):
     qsd = t.enter(QsdFileExports([img], [daemon.backend_socket("blk0.sock")], log_dir=d))
     tb = t.enter(TestBackend([daemon.backend_socket("tb0.sock")], args=["--mem-slots", "64"],
                              log_dir=d))
-    mem = t.enter(GuestMemory(4 * MiB))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 * MiB)
     dev = vmm.add_device("blk0", qsd.socket, type="blk")
     check_eq(dev["max_mem_slots"], 32, "blk0 (qsd) max_mem_slots")
     dev = vmm.add_device("tb0", tb.socket, type="blk")
@@ -229,10 +226,7 @@ def part_testpmd_8(t, d, daemon, c):
     check("8" in detail(e), "the detail says 8", detail(e))
     v9.destroy()
 
-    mem = t.enter(GuestMemory(8 * MiB))
-    vmm = Vmm(c, "vm1")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 8 * MiB, vm="vm1")
     dev = vmm.add_device("net0", pmd.socket, type="net", queues=2)
     check_eq(dev["max_mem_slots"], 8, "net0 (testpmd) max_mem_slots")
     vmm.add_device("tb1", tb.socket, type="blk")
@@ -282,10 +276,7 @@ def part_testpmd_8(t, d, daemon, c):
 def part_daemon_cap(t, d, daemon, c):
     tb = t.enter(TestBackend([daemon.backend_socket("tb2.sock")], args=["--mem-slots", "509"],
                              log_dir=d))
-    mem = t.enter(GuestMemory(4096))
-    vmm = Vmm(c, "vmbig")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4096, vm="vmbig")
     dev = vmm.add_device("tb2", tb.socket, type="blk")
     check_eq(dev["max_mem_slots"], 509, "tb2 max_mem_slots")
     t0 = time.monotonic()

@@ -17,9 +17,8 @@ from vhubtest import net, scenarios                            # noqa: E402
 from vhubtest.backends import TestpmdBackend                   # noqa: E402
 from vhubtest.client import NOT_SUPPORTED, RpcError            # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 
 def main(t):
@@ -31,10 +30,7 @@ def main(t):
 
     sock = daemon.backend_socket("net0.sock")
     pmd = t.enter(TestpmdBackend(sock, queues=2, log_dir=d))
-    mem = t.enter(GuestMemory(32 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 32 << 20)
 
     dev = vmm.add_device("net0", sock, type="net", queues=4)
     log("device.add: features %#x protocol_features %#x queues %r"

@@ -41,7 +41,7 @@ from vhubtest.events import poll_event, wait_event                   # noqa: E40
 from vhubtest.memory import GuestMemory                              # noqa: E402
 from vhubtest.testbackend import TestBackend                         # noqa: E402
 from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
-from vhubtest.vmm import Vmm                                         # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                         # noqa: E402
 
 PF = {"MQ": 0, "REPLY_ACK": 3, "BACKEND_REQ": 5, "CROSS_ENDIAN": 6, "INFLIGHT_SHMFD": 12,
       "INBAND_NOTIFICATIONS": 14, "GET_VRING_BASE_INFLIGHT": 20, "GPA_ADDRESSES": 21,
@@ -328,10 +328,7 @@ def negotiation(t):
                  "INBAND_NOTIFICATIONS", "INFLIGHT_SHMFD"):
         check(has(info_pf, name), "daemon.info protocol_features has %s" % name)
     check(not has(info_pf, "GPA_ADDRESSES"), "daemon.info protocol_features lacks bit 21")
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
 
     no12 = TB_DEFAULT_PF & ~bit("INFLIGHT_SHMFD")
     cases = [
@@ -534,10 +531,7 @@ def qsd(t):
     baseline = daemon.settled_fd_count(c)
     q = t.enter(QsdBackend(img, daemon.backend_socket("qsd.sock"), num_queues=2, log_dir=d))
     t.add_log("qemu-storage-daemon", q.log_path)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", q.socket, type="blk")
     for name in ("GET_VRING_BASE_INFLIGHT", "GPA_ADDRESSES", "SHMEM", "GET_VRING_BASE_SKIP_DRAIN",
                  "INBAND_NOTIFICATIONS", "INFLIGHT_SHMFD"):

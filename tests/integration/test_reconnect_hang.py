@@ -35,10 +35,9 @@ from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdNullBackend                   # noqa: E402
 from vhubtest.client import BACKEND_ERROR, BACKEND_TIMEOUT, RpcError  # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 TIMEOUT_MS = 500
 
@@ -201,10 +200,7 @@ def main(t):
     daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))
     c = daemon.client()
     baseline = daemon.settled_fd_count(c)
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 8 << 20)
     part_hang(t, d, daemon, c, vmm, mem)
     tb, q, img = part_fail_handshake(t, d, c, vmm, mem, daemon.backend_socket("t.sock"))
     part_fewer_features(t, c, vmm, tb, q, img)

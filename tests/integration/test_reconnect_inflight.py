@@ -38,10 +38,9 @@ from test_reconnect_qsd import (BlkRing, Workload, check_recovered_and_finish,  
                                 kill_and_restore)
 from vhubtest import scenarios                                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 VHU_PF_INFLIGHT_SHMFD = 12
 KILLS = 20
@@ -64,10 +63,7 @@ def main(t):
                                    "--seed", str(seed & 0x7fffffff)], log_dir=d)
     t.add_log("test back-end", tb.log_path)
     t.enter(tb)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", sock, type="blk")
     check(dev["protocol_features"] & (1 << VHU_PF_INFLIGHT_SHMFD), "INFLIGHT_SHMFD negotiated")
     features = scenarios.BLK_FEATURES & dev["features"]

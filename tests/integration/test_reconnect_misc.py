@@ -44,10 +44,9 @@ from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdNullBackend                   # noqa: E402
 from vhubtest.client import BACKEND_ERROR, RpcError            # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                   # noqa: E402
 
 TIMEOUT_MS = 1000
 BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
@@ -269,10 +268,7 @@ def main(t):
     c = daemon.client()
     baseline = daemon.settled_fd_count(c)
     log("daemon fd baseline: %d" % baseline)
-    mem = t.enter(GuestMemory(8 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 8 << 20)
     part_remove_during_outage(t, d, daemon, c, vmm, mem)
     part_reconnect_disabled(t, d, daemon, c, vmm, mem)
     part_memory_during_outage(t, d, daemon, c, vmm, mem)

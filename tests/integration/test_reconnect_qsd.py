@@ -56,9 +56,8 @@ from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdBackend                        # noqa: E402
 from vhubtest.events import no_event, poll_event                # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 EXTENT = 1024                  # every request moves one 1 KiB extent
 EXTENT_SECTORS = EXTENT // blk.SECTOR_SIZE
@@ -496,10 +495,7 @@ def main(t):
     qsd = ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=iops[0], iops_write=iops[1])
     t.add_log("qsd", qsd.log_path)
     t.enter(qsd)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", sock, type="blk")
     features = scenarios.BLK_FEATURES & dev["features"]
     check_eq(features, scenarios.BLK_FEATURES, "qsd offers VERSION_1|FLUSH|MQ")

@@ -37,10 +37,9 @@ from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import net                                       # noqa: E402
 from vhubtest.backends import TestpmdBackend                   # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 VIRTIO_F_IN_ORDER = 35
 KILLS = 2
@@ -88,10 +87,7 @@ def main(t):
     server = mode == "server"
     pmd = TestpmdBackend(sock, queues=1, client=server, log_dir=d)
     t.add_log("testpmd", pmd.log_path)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     if server:
         # device.add answers once the back-end has connected and shaken hands
         pend = c.request("device.add", {"vm": "vm0", "device": "net0", "socket": sock,

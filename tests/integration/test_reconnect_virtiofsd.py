@@ -41,10 +41,9 @@ from vhubtest.events import no_event, wait_event                # noqa: E402
 from vhubtest import fs, scenarios                             # noqa: E402
 from vhubtest.backends import VirtiofsdBackend                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 EIO = 5
 
@@ -106,10 +105,7 @@ def main(t):
     vfs = VirtiofsdBackend(sock, share, log_dir=d)
     t.add_log("virtiofsd", vfs.log_path)
     t.enter(vfs)
-    mem = t.enter(GuestMemory(16 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 16 << 20)
     vmm.add_device("fs0", sock, type="fs")
     fsdev = fs.FsDevice(mem)
     vmm.start_device("fs0", scenarios.FS_FEATURES, fsdev.vqs)

@@ -49,7 +49,7 @@ from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
 from vhubtest.client import u64_json                             # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
-from vhubtest.vmm import Vmm                                     # noqa: E402
+from vhubtest.vmm import Vmm, vm_with_memory                     # noqa: E402
 from test_reconnect_qsd import BlkRing, Workload                 # noqa: E402
 
 BLK1 = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
@@ -78,10 +78,7 @@ class Managed:
         """A VMM's connection with a VM of mem_bytes of guest memory:
         (client, memory, Vmm)."""
         c = t.enter(Client(self.control, timeout=10))
-        mem = t.enter(GuestMemory(mem_bytes))
-        vmm = Vmm(c, vm)
-        vmm.create()
-        vmm.add_memory(mem)
+        mem, vmm = vm_with_memory(t, c, mem_bytes, vm)
         return c, mem, vmm
 
     def finish(self, c, vmm, device, vqs, removed=None):

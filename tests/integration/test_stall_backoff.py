@@ -38,10 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.events import no_event, wait_event               # noqa: E402
-from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
 from vhubtest.testing import check, check_eq, log, run         # noqa: E402
-from vhubtest.vmm import Vmm                                   # noqa: E402
+from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 RECONNECT_MS = 100
 CAP_MS = 1600
@@ -117,10 +116,7 @@ def main(t):
     c = daemon.client()
     sock = daemon.backend_socket("a.sock")
     tb = t.enter(TestBackend([sock], log_dir=d))
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
     vmm.add_device("A", sock, reconnect_ms=RECONNECT_MS)
 
     # ---- outage 1: every attempt connects and fails its handshake ----

@@ -39,11 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import blk, scenarios                                # noqa: E402
 from vhubtest.client import ClientError                            # noqa: E402
 from vhubtest.daemon import Daemon                                 # noqa: E402
-from vhubtest.memory import GuestMemory                            # noqa: E402
 from vhubtest.testbackend import TestBackend, TestBackendError     # noqa: E402
 from vhubtest.testing import check, check_eq, log, run             # noqa: E402
 from vhubtest.virtq import Virtqueue                               # noqa: E402
-from vhubtest.vmm import Vmm                                       # noqa: E402
+from vhubtest.vmm import vm_with_memory                            # noqa: E402
 
 TB_DEFAULT_PF = 0xdbe2b       # vhub-test-backend's default protocol features
 PF_INBAND = 1 << 14
@@ -195,10 +194,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
     X = t.enter(TestBackend([daemon.backend_socket("x.sock")], log_dir=d,
                             args=["--protocol-features", hex(TB_DEFAULT_PF | PF_INBAND)]))
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
     info = vmm.add_device("X", X.socket)
     check(info["protocol_features"] & PF_INBAND, "X: INBAND_NOTIFICATIONS negotiated")
 

@@ -31,11 +31,10 @@ from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest.client import BACKEND_ERROR, RpcError              # noqa: E402
 from vhubtest.daemon import Daemon                               # noqa: E402
 from vhubtest.events import no_event, wait_event                 # noqa: E402
-from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.testing import check, check_eq, log, run           # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
-from vhubtest.vmm import Vmm                                     # noqa: E402
+from vhubtest.vmm import vm_with_memory                          # noqa: E402
 
 TB_FEATURES = 0x140001200       # the test back-end's default offer
 F_RING_PACKED = 1 << 34
@@ -72,10 +71,7 @@ def main(t):
     P = t.enter(TestBackend([daemon.backend_socket("p.sock")], log_dir=d,
                             args=["--queues", "1", "--features",
                                   hex(TB_FEATURES | F_RING_PACKED)]))
-    mem = t.enter(GuestMemory(4 << 20))
-    vmm = Vmm(c, "vm0")
-    vmm.create()
-    vmm.add_memory(mem)
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
 
     # ---- split ----
     vmm.add_device("X", X.socket)

@@ -12,7 +12,6 @@ Fds travel as SCM_RIGHTS with the message.  Every send uses MSG_NOSIGNAL
 """
 
 import errno
-import os
 import socket
 import struct
 import time

@@ -3,6 +3,7 @@
     vmm = Vmm(client, "vm0")
     vmm.create()
     vmm.add_memory(mem)                      # vm.memory.add per region, fd attached
+    mem, vmm = vm_with_memory(t, client, 16 << 20)   # the three steps above
     info = vmm.add_device("blk0", sock)      # device.add; u64 fields parsed
     vmm.start_device("blk0", features, vqs)  # device.start, kick/call fds attached
     bases = vmm.stop_device("blk0")          # {index: base}
@@ -12,6 +13,7 @@
 import base64
 
 from .client import u64, u64_json
+from .memory import GuestMemory
 
 
 class Vmm:
@@ -89,3 +91,12 @@ class Vmm:
             if v["vm"] == self.vm:
                 return v
         return None
+
+
+def vm_with_memory(t, client, mem_bytes, vm="vm0"):
+    """A VM created with mem_bytes of guest memory (closed by t): (GuestMemory, Vmm)."""
+    mem = t.enter(GuestMemory(mem_bytes))
+    vmm = Vmm(client, vm)
+    vmm.create()
+    vmm.add_memory(mem)
+    return mem, vmm
