@@ -42,21 +42,25 @@ void vhub_config_done(struct vhub_config *c) {
         memset(c, 0, sizeof(*c));
 }
 
-int vhub_config_add_backend_dir(struct vhub_config *c, const char *dir) {
-        char resolved[PATH_MAX];
-        char **v;
+static int backend_dirs_append(struct vhub_config *c, const char *dir) {
+        char **v = reallocarray(c->backend_dirs, c->n_backend_dirs + 1, sizeof(*v));
 
-        if (!realpath(dir, resolved))
-                return -errno;
-        v = reallocarray(c->backend_dirs, c->n_backend_dirs + 1, sizeof(*v));
         if (!v)
                 return -ENOMEM;
         c->backend_dirs = v;
-        v[c->n_backend_dirs] = strdup(resolved);
+        v[c->n_backend_dirs] = strdup(dir);
         if (!v[c->n_backend_dirs])
                 return -ENOMEM;
         c->n_backend_dirs++;
         return 0;
+}
+
+int vhub_config_add_backend_dir(struct vhub_config *c, const char *dir) {
+        char resolved[PATH_MAX];
+
+        if (!realpath(dir, resolved))
+                return -errno;
+        return backend_dirs_append(c, resolved);
 }
 
 static int parse_unsigned(const char *s, unsigned long max, unsigned long *ret) {
@@ -101,13 +105,178 @@ static void usage(FILE *f) {
                 "  -h, --help, --version\n");
 }
 
+/* An option's string: a copy replaces the one before. */
+static int set_string(char **slot, const char *value) {
+        char *copy = strdup(value);
+
+        if (!copy)
+                return -ENOMEM;
+        free(*slot);
+        *slot = copy;
+        return 0;
+}
+
+static int parse_control_mode(struct vhub_config *c, const char *arg) {
+        unsigned long v;
+
+        if (parse_unsigned(arg, 07777, &v) < 0 || arg[0] != '0') {
+                fprintf(stderr, "vhubd: --control-mode wants an octal mode like 0660\n");
+                return -EINVAL;
+        }
+        c->control_mode = (mode_t)strtoul(arg, NULL, 8);
+        return 0;
+}
+
+/* A group name, or a numeric gid. */
+static int parse_control_group(struct vhub_config *c, const char *arg) {
+        struct group *g = getgrnam(arg);
+        unsigned long v;
+
+        if (g)
+                c->control_gid = g->gr_gid;
+        else if (parse_unsigned(arg, UINT32_MAX - 1, &v) == 0)
+                c->control_gid = (gid_t)v;
+        else {
+                fprintf(stderr, "vhubd: no such group: %s\n", arg);
+                return -EINVAL;
+        }
+        c->control_gid_set = true;
+        return 0;
+}
+
+/* --backend-timeout-ms, --reconnect-max-ms: 1 ms to an hour. */
+static int parse_ms(const char *option, const char *arg, unsigned *ret) {
+        unsigned long v;
+
+        if (parse_unsigned(arg, 3600000, &v) < 0 || v == 0) {
+                fprintf(stderr, "vhubd: --%s wants 1..3600000\n", option);
+                return -EINVAL;
+        }
+        *ret = (unsigned)v;
+        return 0;
+}
+
+static int parse_vmm_dir(struct vhub_config *c, const char *arg) {
+        if (arg[0] != '/') {
+                fprintf(stderr, "vhubd: --vmm-dir wants an absolute path\n");
+                return -EINVAL;
+        }
+        return set_string(&c->vmm_dir, arg);
+}
+
+enum {
+        OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
+        OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
+        OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE, OPT_VMM_DIR,
+        OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
+};
+
+/* --max-*: a resource limit, 1 up to the option's own ceiling. */
+static int parse_limit(struct vhub_limits *l, int o, const char *arg) {
+        unsigned long max = o == OPT_MAX_LINE ? 64ul << 20 : o == OPT_MAX_FDS ? 1ul << 30 : 1000000;
+        unsigned long v;
+
+        if (parse_unsigned(arg, max, &v) < 0 || v == 0) {
+                fprintf(stderr, "vhubd: bad value for a limit: %s\n", arg);
+                return -EINVAL;
+        }
+        switch (o) {
+        case OPT_MAX_VMS:
+                l->vms_per_uid = (unsigned)v;
+                break;
+        case OPT_MAX_DEVICES:
+                l->devices_per_vm = (unsigned)v;
+                break;
+        case OPT_MAX_REGIONS:
+                l->regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
+                break;
+        case OPT_MAX_CONN:
+                l->connections = (unsigned)v;
+                break;
+        case OPT_MAX_CONN_UID:
+                l->connections_per_uid = (unsigned)v;
+                break;
+        case OPT_MAX_PENDING:
+                l->pending_per_connection = (unsigned)v;
+                break;
+        case OPT_MAX_FDS:
+                l->fds_per_uid = (unsigned)v;
+                break;
+        default: /* OPT_MAX_LINE */
+                l->max_line = v;
+                break;
+        }
+        return 0;
+}
+
+/* Without --backend-dir: /run/vhost-user, kept even before it exists. */
+static int backend_dir_default(struct vhub_config *c) {
+        int r = vhub_config_add_backend_dir(c, "/run/vhost-user");
+
+        if (r == -ENOENT)
+                r = backend_dirs_append(c, "/run/vhost-user");
+        return r;
+}
+
+/* One option; 1 when the process is done (--help, --version). */
+static int parse_option(struct vhub_config *c, int o, const char *arg) {
+        int r;
+
+        switch (o) {
+        case OPT_CONTROL:
+                return set_string(&c->control_path, arg);
+        case OPT_MODE:
+                return parse_control_mode(c, arg);
+        case OPT_GROUP:
+                return parse_control_group(c, arg);
+        case OPT_BACKEND_DIR:
+                r = vhub_config_add_backend_dir(c, arg);
+                if (r < 0) {
+                        fprintf(stderr, "vhubd: --backend-dir %s: %s\n", arg, strerror(-r));
+                        return -EINVAL;
+                }
+                return 0;
+        case OPT_TIMEOUT:
+                return parse_ms("backend-timeout-ms", arg, &c->backend_timeout_ms);
+        case OPT_RECONNECT_MAX:
+                return parse_ms("reconnect-max-ms", arg, &c->reconnect_max_ms);
+        case OPT_LOG:
+                r = vhub_log_level_from_string(arg);
+                if (r < 0) {
+                        fprintf(stderr, "vhubd: bad --log-level %s\n", arg);
+                        return -EINVAL;
+                }
+                c->log_level = r;
+                return 0;
+        case OPT_VMM_DIR:
+                return parse_vmm_dir(c, arg);
+        case OPT_LOG_FILE:
+                return set_string(&c->log_level_file, arg);
+        case OPT_MAX_VMS:
+        case OPT_MAX_DEVICES:
+        case OPT_MAX_REGIONS:
+        case OPT_MAX_CONN:
+        case OPT_MAX_CONN_UID:
+        case OPT_MAX_PENDING:
+        case OPT_MAX_LINE:
+        case OPT_MAX_FDS:
+                return parse_limit(&c->limits, o, arg);
+        case OPT_NO_FD_STORE:
+                c->no_fd_store = true;
+                return 0;
+        case 'h':
+                usage(stdout);
+                return 1;
+        case OPT_VERSION:
+                printf("vhubd %s\n", VHUB_VERSION);
+                return 1;
+        default:
+                usage(stderr);
+                return -EINVAL;
+        }
+}
+
 int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
-        enum {
-                OPT_CONTROL = 256, OPT_MODE, OPT_GROUP, OPT_BACKEND_DIR, OPT_TIMEOUT, OPT_LOG,
-                OPT_RECONNECT_MAX, OPT_MAX_VMS, OPT_MAX_DEVICES, OPT_MAX_REGIONS, OPT_MAX_CONN,
-                OPT_MAX_PENDING, OPT_MAX_LINE, OPT_MAX_FDS, OPT_VERSION, OPT_LOG_FILE, OPT_VMM_DIR,
-                OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
-        };
         static const struct option opts[] = {
                 { "control", required_argument, NULL, OPT_CONTROL },
                 { "control-mode", required_argument, NULL, OPT_MODE },
@@ -132,149 +301,18 @@ int vhub_config_parse_args(struct vhub_config *c, int argc, char **argv) {
                 {}
         };
         bool dirs_given = false;
-        unsigned long v, max;
         int o, r;
 
         optind = 1;
         while ((o = getopt_long(argc, argv, "h", opts, NULL)) >= 0) {
-                switch (o) {
-                case OPT_CONTROL:
-                        free(c->control_path);
-                        c->control_path = strdup(optarg);
-                        if (!c->control_path)
-                                return -ENOMEM;
-                        break;
-                case OPT_MODE:
-                        if (parse_unsigned(optarg, 07777, &v) < 0 || optarg[0] != '0') {
-                                fprintf(stderr, "vhubd: --control-mode wants an octal mode like 0660\n");
-                                return -EINVAL;
-                        }
-                        c->control_mode = (mode_t)strtoul(optarg, NULL, 8);
-                        break;
-                case OPT_GROUP: {
-                        struct group *g = getgrnam(optarg);
-
-                        if (g)
-                                c->control_gid = g->gr_gid;
-                        else if (parse_unsigned(optarg, UINT32_MAX - 1, &v) == 0)
-                                c->control_gid = (gid_t)v;
-                        else {
-                                fprintf(stderr, "vhubd: no such group: %s\n", optarg);
-                                return -EINVAL;
-                        }
-                        c->control_gid_set = true;
-                        break;
-                }
-                case OPT_BACKEND_DIR:
-                        r = vhub_config_add_backend_dir(c, optarg);
-                        if (r < 0) {
-                                fprintf(stderr, "vhubd: --backend-dir %s: %s\n", optarg, strerror(-r));
-                                return -EINVAL;
-                        }
-                        dirs_given = true;
-                        break;
-                case OPT_TIMEOUT:
-                        if (parse_unsigned(optarg, 3600000, &v) < 0 || v == 0) {
-                                fprintf(stderr, "vhubd: --backend-timeout-ms wants 1..3600000\n");
-                                return -EINVAL;
-                        }
-                        c->backend_timeout_ms = (unsigned)v;
-                        break;
-                case OPT_RECONNECT_MAX:
-                        if (parse_unsigned(optarg, 3600000, &v) < 0 || v == 0) {
-                                fprintf(stderr, "vhubd: --reconnect-max-ms wants 1..3600000\n");
-                                return -EINVAL;
-                        }
-                        c->reconnect_max_ms = (unsigned)v;
-                        break;
-                case OPT_LOG:
-                        r = vhub_log_level_from_string(optarg);
-                        if (r < 0) {
-                                fprintf(stderr, "vhubd: bad --log-level %s\n", optarg);
-                                return -EINVAL;
-                        }
-                        c->log_level = r;
-                        break;
-                case OPT_VMM_DIR:
-                        if (optarg[0] != '/') {
-                                fprintf(stderr, "vhubd: --vmm-dir wants an absolute path\n");
-                                return -EINVAL;
-                        }
-                        free(c->vmm_dir);
-                        c->vmm_dir = strdup(optarg);
-                        if (!c->vmm_dir)
-                                return -ENOMEM;
-                        break;
-                case OPT_LOG_FILE:
-                        free(c->log_level_file);
-                        c->log_level_file = strdup(optarg);
-                        if (!c->log_level_file)
-                                return -ENOMEM;
-                        break;
-                case OPT_MAX_VMS:
-                case OPT_MAX_DEVICES:
-                case OPT_MAX_REGIONS:
-                case OPT_MAX_CONN:
-                case OPT_MAX_CONN_UID:
-                case OPT_MAX_PENDING:
-                case OPT_MAX_LINE:
-                case OPT_MAX_FDS:
-                        max = o == OPT_MAX_LINE ? 64ul << 20 : o == OPT_MAX_FDS ? 1ul << 30 : 1000000;
-                        if (parse_unsigned(optarg, max, &v) < 0 || v == 0) {
-                                fprintf(stderr, "vhubd: bad value for a limit: %s\n", optarg);
-                                return -EINVAL;
-                        }
-                        if (o == OPT_MAX_VMS)
-                                c->limits.vms_per_uid = (unsigned)v;
-                        else if (o == OPT_MAX_DEVICES)
-                                c->limits.devices_per_vm = (unsigned)v;
-                        else if (o == OPT_MAX_REGIONS)
-                                c->limits.regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
-                        else if (o == OPT_MAX_CONN)
-                                c->limits.connections = (unsigned)v;
-                        else if (o == OPT_MAX_CONN_UID)
-                                c->limits.connections_per_uid = (unsigned)v;
-                        else if (o == OPT_MAX_PENDING)
-                                c->limits.pending_per_connection = (unsigned)v;
-                        else if (o == OPT_MAX_FDS)
-                                c->limits.fds_per_uid = (unsigned)v;
-                        else
-                                c->limits.max_line = v;
-                        break;
-                case OPT_NO_FD_STORE:
-                        c->no_fd_store = true;
-                        break;
-                case 'h':
-                        usage(stdout);
-                        return 1;
-                case OPT_VERSION:
-                        printf("vhubd %s\n", VHUB_VERSION);
-                        return 1;
-                default:
-                        usage(stderr);
-                        return -EINVAL;
-                }
+                r = parse_option(c, o, optarg);
+                if (r != 0)
+                        return r;
+                dirs_given |= o == OPT_BACKEND_DIR;
         }
         if (optind < argc) {
                 fprintf(stderr, "vhubd: unexpected argument %s\n", argv[optind]);
                 return -EINVAL;
         }
-        if (!dirs_given) {
-                r = vhub_config_add_backend_dir(c, "/run/vhost-user");
-                if (r < 0 && r != -ENOENT)
-                        return r;
-                if (r == -ENOENT) {
-                        /* keep the default even before the directory exists */
-                        char **vv = reallocarray(c->backend_dirs, c->n_backend_dirs + 1, sizeof(*vv));
-
-                        if (!vv)
-                                return -ENOMEM;
-                        c->backend_dirs = vv;
-                        vv[c->n_backend_dirs] = strdup("/run/vhost-user");
-                        if (!vv[c->n_backend_dirs])
-                                return -ENOMEM;
-                        c->n_backend_dirs++;
-                }
-        }
-        return 0;
+        return dirs_given ? 0 : backend_dir_default(c);
 }
