@@ -557,144 +557,192 @@ static int64_t mono_ms(void) {
  * start the transfer before the daemon answers, and a full pipe must never
  * block the answer).  --timeout bounds inactivity, not the whole transfer.
  */
-static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) {
-        const char *method = save ? "device.state.save" : "device.state.load";
-        struct vhub_client_error e = { 0 };
-        int p[2] = { -1, -1 }, file = -1, mine, theirs, r;
-        bool answered = false, done = false;
-        char buf[65536];
-        size_t buf_len = 0, buf_off = 0;
-        bool file_eof = false;
-        int64_t last = mono_ms();
-        uint64_t id, moved = 0;
+struct state_xfer {
+        struct ctl *ctl;
+        const char *method;
+        const char *path;
+        bool save;
+        int file;               /* the state file */
+        int mine;               /* our end of the pipe; -1 once it is done */
+        uint64_t id;            /* the request's */
+        bool sent, answered;
+        int64_t last;           /* mono_ms() of the last activity */
+        uint64_t moved;         /* bytes through the pipe */
+        char buf[65536];        /* load: read from the file, not yet into the pipe */
+        size_t buf_len, buf_off;
+        bool file_eof;
+};
+
+/* A step of the transfer: go on, or done (the answer came, the pipe is
+ * finished); anything else is the command's exit code. */
+#define XFER_GO_ON (-1)
+#define XFER_DONE (-2)
+
+static void xfer_close_pipe(struct state_xfer *x) {
+        if (x->mine >= 0)
+                close(x->mine);
+        x->mine = -1;
+}
+
+/* Open the file and the pipe, send the request with the back-end's end. */
+static int xfer_start(struct state_xfer *x, const struct ctl_args *a) {
+        int p[2], theirs, r;
         json_t *params;
+
+        x->file = x->save ? open(x->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)
+                          : open(x->path, O_RDONLY | O_CLOEXEC);
+        if (x->file < 0)
+                return ctl_fail(CTL_EXIT_LOCAL, "cannot open %s: %s", x->path, strerror(errno));
+        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+                return ctl_fail(CTL_EXIT_LOCAL, "pipe: %s", strerror(errno));
+        /* save: the back-end writes into p[1], we read p[0]; load: the reverse */
+        x->mine = x->save ? p[0] : p[1];
+        theirs = x->save ? p[1] : p[0];
+        params = device_params(x->ctl, a);
+        json_object_set_new(params, "fd", json_integer(0));
+        if (x->ctl->uid_set)
+                json_object_set_new(params, "uid", json_integer(x->ctl->uid));
+        r = vhub_client_send_request(x->ctl->client, x->method, params, &theirs, 1, &x->id);
+        close(theirs);  /* only the back-end may hold that end, or EOF never comes */
+        if (r < 0)
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: %s", x->method, strerror(-r));
+        x->sent = true;
+        x->last = mono_ms();
+        return CTL_EXIT_OK;
+}
+
+/* Has the daemon answered?  Its error ends the transfer. */
+static int xfer_check_answer(struct state_xfer *x) {
+        struct vhub_client_error e = { 0 };
+        int q;
+
+        if (x->answered)
+                return XFER_GO_ON;
+        q = vhub_client_wait_response(x->ctl->client, x->id, 0, NULL, NULL, NULL, &e);
+        if (q == 0) {
+                x->answered = true;
+                x->last = mono_ms();
+        } else if (q == -EREMOTEIO) {
+                ctl_print_error(x->ctl, x->method, &e);
+                return CTL_EXIT_DAEMON_ERROR;
+        } else if (q != -ETIMEDOUT) {
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: %s", x->method, strerror(-q));
+        }
+        return XFER_GO_ON;
+}
+
+/* load: refill the buffer from the file; at its end, EOF for the back-end. */
+static int xfer_refill(struct state_xfer *x) {
+        if (x->save || x->mine < 0)
+                return XFER_GO_ON;
+        if (x->buf_off == x->buf_len && !x->file_eof) {
+                ssize_t k = read(x->file, x->buf, sizeof(x->buf));
+
+                if (k < 0)
+                        return ctl_fail(CTL_EXIT_LOCAL, "reading %s: %s", x->path, strerror(errno));
+                x->buf_off = 0;
+                x->buf_len = (size_t)k;
+                x->file_eof = k == 0;
+        }
+        if (x->file_eof && x->buf_off == x->buf_len)
+                xfer_close_pipe(x);     /* EOF for the back-end */
+        return XFER_GO_ON;
+}
+
+/* Our end of the pipe is ready: save moves pipe to file, load buffer to pipe. */
+static int xfer_move(struct state_xfer *x) {
+        ssize_t k;
+
+        x->last = mono_ms();
+        if (x->save) {
+                k = read(x->mine, x->buf, sizeof(x->buf));
+                if (k == 0)
+                        xfer_close_pipe(x);
+                else if (k > 0 && write(x->file, x->buf, (size_t)k) != k)
+                        return ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", x->path, strerror(errno));
+                else if (k > 0)
+                        x->moved += (uint64_t)k;
+                return XFER_GO_ON;
+        }
+        k = write(x->mine, x->buf + x->buf_off, x->buf_len - x->buf_off);
+        if (k < 0 && errno == EPIPE)
+                return ctl_fail(CTL_EXIT_DAEMON_ERROR, "%s: the back-end closed its end after %" PRIu64 " bytes",
+                                x->method, x->moved);
+        if (k > 0) {
+                x->buf_off += (size_t)k;
+                x->moved += (uint64_t)k;
+        }
+        return XFER_GO_ON;
+}
+
+/* One turn: the answer, the file, then a wait for the daemon or the pipe. */
+static int xfer_step(struct state_xfer *x) {
+        struct pollfd pf[2] = {
+                { .fd = vhub_client_get_fd(x->ctl->client), .events = POLLIN },
+                { .fd = -1, .events = x->save ? POLLIN : POLLOUT },
+        };
+        int timeout_ms = x->ctl->timeout_ms, wait_ms, n, r;
+        bool had_pipe = x->mine >= 0;
+
+        r = xfer_check_answer(x);
+        if (r != XFER_GO_ON)
+                return r;
+        if (x->answered && x->mine < 0)
+                return XFER_DONE;
+        r = xfer_refill(x);
+        if (r != XFER_GO_ON || (had_pipe && x->mine < 0))
+                return r;       /* load: the pipe just closed; look for the answer again */
+        pf[1].fd = x->mine;
+        wait_ms = timeout_ms < 0 ? -1 : (int)(x->last + timeout_ms - mono_ms());
+        if (timeout_ms >= 0 && wait_ms <= 0)
+                return ctl_fail(CTL_EXIT_CONNECT, "%s: nothing happened for %d ms", x->method, timeout_ms);
+        n = poll(pf, 2, wait_ms);
+        if (n < 0 && errno != EINTR)
+                return ctl_fail(CTL_EXIT_LOCAL, "poll: %s", strerror(errno));
+        if (n <= 0)
+                return XFER_GO_ON;
+        if (pf[0].revents)
+                x->last = mono_ms();
+        if (x->mine >= 0 && pf[1].revents)
+                return xfer_move(x);
+        return XFER_GO_ON;
+}
+
+/* Close what is open; a failed save leaves no half-written file behind. */
+static int xfer_finish(struct state_xfer *x, int r) {
+        xfer_close_pipe(x);
+        if (x->sent && !x->answered)
+                vhub_client_abandon(x->ctl->client, x->id);
+        if (x->file >= 0 && close(x->file) < 0 && r == CTL_EXIT_OK)
+                r = ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", x->path, strerror(errno));
+        if (r != CTL_EXIT_OK && x->save && x->sent)
+                (void)unlink(x->path);
+        return r;
+}
+
+static int state_transfer(struct ctl *ctl, const struct ctl_args *a, bool save) {
+        struct state_xfer x = {
+                .ctl = ctl, .save = save, .path = a->pos[2], .file = -1, .mine = -1,
+                .method = save ? "device.state.save" : "device.state.load",
+        };
+        int r;
 
         r = ctl_connect(ctl);
         if (r != CTL_EXIT_OK)
                 return r;
-        file = save ? open(a->pos[2], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)
-                    : open(a->pos[2], O_RDONLY | O_CLOEXEC);
-        if (file < 0)
-                return ctl_fail(CTL_EXIT_LOCAL, "cannot open %s: %s", a->pos[2], strerror(errno));
-        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
-                r = ctl_fail(CTL_EXIT_LOCAL, "pipe: %s", strerror(errno));
-                close(file);
+        r = xfer_start(&x, a);
+        if (r == CTL_EXIT_OK) {
+                do
+                        r = xfer_step(&x);
+                while (r == XFER_GO_ON);
+                if (r == XFER_DONE)
+                        r = CTL_EXIT_OK;
+        }
+        r = xfer_finish(&x, r);
+        if (r != CTL_EXIT_OK)
                 return r;
-        }
-        /* save: the back-end writes into p[1], we read p[0]; load: the reverse */
-        mine = save ? p[0] : p[1];
-        theirs = save ? p[1] : p[0];
-        params = device_params(ctl, a);
-        json_object_set_new(params, "fd", json_integer(0));
-        if (ctl->uid_set)
-                json_object_set_new(params, "uid", json_integer(ctl->uid));
-        r = vhub_client_send_request(ctl->client, method, params, &theirs, 1, &id);
-        close(theirs);  /* only the back-end may hold that end, or EOF never comes */
-        if (r < 0) {
-                close(mine);
-                close(file);
-                return ctl_fail(CTL_EXIT_CONNECT, "%s: %s", method, strerror(-r));
-        }
-        r = CTL_EXIT_OK;
-        while (!done) {
-                struct pollfd pf[2] = {
-                        { .fd = vhub_client_get_fd(ctl->client), .events = POLLIN },
-                        { .fd = mine, .events = save ? POLLIN : POLLOUT },
-                };
-                int wait_ms, n;
-
-                if (!answered) {
-                        int q = vhub_client_wait_response(ctl->client, id, 0, NULL, NULL, NULL, &e);
-
-                        if (q == 0) {
-                                answered = true;
-                                last = mono_ms();
-                        } else if (q == -EREMOTEIO) {
-                                ctl_print_error(ctl, method, &e);
-                                r = CTL_EXIT_DAEMON_ERROR;
-                                break;
-                        } else if (q != -ETIMEDOUT) {
-                                r = ctl_fail(CTL_EXIT_CONNECT, "%s: %s", method, strerror(-q));
-                                break;
-                        }
-                }
-                if (answered && mine < 0)
-                        break;
-                /* load: refill from the file */
-                if (!save && mine >= 0 && buf_off == buf_len && !file_eof) {
-                        ssize_t k = read(file, buf, sizeof(buf));
-
-                        if (k < 0) {
-                                r = ctl_fail(CTL_EXIT_LOCAL, "reading %s: %s", a->pos[2], strerror(errno));
-                                break;
-                        }
-                        buf_off = 0;
-                        buf_len = (size_t)k;
-                        file_eof = k == 0;
-                }
-                if (!save && mine >= 0 && file_eof && buf_off == buf_len) {
-                        close(mine);    /* EOF for the back-end */
-                        mine = -1;
-                        continue;
-                }
-                pf[1].fd = mine;
-                wait_ms = ctl->timeout_ms < 0 ? -1 : (int)(last + ctl->timeout_ms - mono_ms());
-                if (ctl->timeout_ms >= 0 && wait_ms <= 0) {
-                        r = ctl_fail(CTL_EXIT_CONNECT, "%s: nothing happened for %d ms", method, ctl->timeout_ms);
-                        break;
-                }
-                n = poll(pf, 2, wait_ms);
-                if (n < 0 && errno != EINTR) {
-                        r = ctl_fail(CTL_EXIT_LOCAL, "poll: %s", strerror(errno));
-                        break;
-                }
-                if (n <= 0)
-                        continue;
-                if (pf[0].revents)
-                        last = mono_ms();
-                if (mine >= 0 && pf[1].revents) {
-                        ssize_t k;
-
-                        last = mono_ms();
-                        if (save) {
-                                k = read(mine, buf, sizeof(buf));
-                                if (k == 0) {
-                                        close(mine);
-                                        mine = -1;
-                                } else if (k > 0 && write(file, buf, (size_t)k) != k) {
-                                        r = ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", a->pos[2], strerror(errno));
-                                        break;
-                                } else if (k > 0) {
-                                        moved += (uint64_t)k;
-                                }
-                        } else {
-                                k = write(mine, buf + buf_off, buf_len - buf_off);
-                                if (k < 0 && errno == EPIPE) {
-                                        r = ctl_fail(CTL_EXIT_DAEMON_ERROR,
-                                                     "%s: the back-end closed its end after %" PRIu64 " bytes",
-                                                     method, moved);
-                                        break;
-                                }
-                                if (k > 0) {
-                                        buf_off += (size_t)k;
-                                        moved += (uint64_t)k;
-                                }
-                        }
-                }
-        }
-        if (mine >= 0)
-                close(mine);
-        if (!answered)
-                vhub_client_abandon(ctl->client, id);
-        if (close(file) < 0 && r == CTL_EXIT_OK)
-                r = ctl_fail(CTL_EXIT_LOCAL, "writing %s: %s", a->pos[2], strerror(errno));
-        if (r != CTL_EXIT_OK) {
-                if (save)
-                        (void)unlink(a->pos[2]);        /* no half-written state left behind */
-                return r;
-        }
         if (!ctl->json)
-                printf("%s %" PRIu64 " bytes of device state\n", save ? "saved" : "loaded", moved);
+                printf("%s %" PRIu64 " bytes of device state\n", save ? "saved" : "loaded", x.moved);
         if (ctl_flag(a, "no-check")) {
                 if (ctl->json)
                         ctl_print_json(NULL);
