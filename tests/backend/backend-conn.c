@@ -418,42 +418,12 @@ static int handle_check_device_state(struct tb_conn *c, struct vhu_msg *m, struc
         return reply_u64(reply, m, result == 0 ? 0 : 1);
 }
 
-/* Returns 0, -errno (a refusal), or TB_CLOSE; fills reply for requests
- * that always have their own answer. */
-static int process(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) {
+/* The requests that set up, start, kick and stop one ring (by its index). */
+static int process_ring(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) {
         const struct vhu_vring_state *st = &m->payload.state;
         struct tb_vq *vq;
-        const char *why = NULL;
-        int r;
 
         switch (m->hdr.request) {
-        case VHU_REQ_GET_FEATURES:
-                return reply_u64(reply, m, tb.opt.features);
-        case VHU_REQ_SET_FEATURES:
-                return handle_set_features(c, m->payload.u64);
-        case VHU_REQ_SET_OWNER:
-                return 0;
-        case VHU_REQ_RESET_OWNER:
-                /* spec: deprecated; "disable all rings" */
-                stop_all_rings(c, false);
-                return 0;
-        case VHU_REQ_GET_PROTOCOL_FEATURES:
-                return reply_u64(reply, m, tb.opt.protocol_features);
-        case VHU_REQ_SET_PROTOCOL_FEATURES:
-                return handle_set_protocol_features(c, m->payload.u64);
-        case VHU_REQ_SET_MEM_TABLE:
-                return handle_mem_table(c, m);
-        case VHU_REQ_ADD_MEM_REG:
-                return handle_add_mem_reg(c, m);
-        case VHU_REQ_REM_MEM_REG:
-                return tb_mem_remove(&c->mem, &m->payload.mem_single.region);
-        case VHU_REQ_SET_LOG_BASE:
-                if (!tb_conn_has_pf(c, VHU_PF_LOG_SHMFD) || m->n_fds == 0)
-                        return 0;
-                return tb_mem_set_log(&c->mem, m->fds[0], m->payload.log.mmap_size,
-                                      m->payload.log.mmap_offset);
-        case VHU_REQ_SET_LOG_FD:
-                return 0;       /* the fd closes with the message */
         case VHU_REQ_SET_VRING_NUM:
                 vq = vq_by_index(c, st->index);
                 return vq ? tb_vq_set_num(vq, st->num) : -EINVAL;
@@ -491,6 +461,70 @@ static int process(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) 
                 return vhu_msg_build_reply(reply, m, &(struct vhu_vring_state) {
                                 .index = st->index, .num = base }, sizeof(*st), NULL, 0);
         }
+        case VHU_REQ_SET_VRING_ENABLE:
+                vq = vq_by_index(c, st->index);
+                if (!vq || st->num > 1)
+                        return -EINVAL;
+                vq->enabled = st->num;
+                if (vq->enabled && vq->started)
+                        tb_vq_kick(c, vq);
+                return 0;
+        case VHU_REQ_VRING_KICK:
+                vq = vq_by_index(c, st->index);
+                if (!vq)
+                        return -EINVAL;
+                if (!vq->started)
+                        return tb_vq_start(c, vq);
+                tb_vq_kick(c, vq);
+                return 0;
+        default:
+                return -EOPNOTSUPP;
+        }
+}
+
+/* Returns 0, -errno (a refusal), or TB_CLOSE; fills reply for requests
+ * that always have their own answer. */
+static int process(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) {
+        const struct vhu_vring_state *st = &m->payload.state;
+        const char *why = NULL;
+        int r;
+
+        switch (m->hdr.request) {
+        case VHU_REQ_GET_FEATURES:
+                return reply_u64(reply, m, tb.opt.features);
+        case VHU_REQ_SET_FEATURES:
+                return handle_set_features(c, m->payload.u64);
+        case VHU_REQ_SET_OWNER:
+                return 0;
+        case VHU_REQ_RESET_OWNER:
+                /* spec: deprecated; "disable all rings" */
+                stop_all_rings(c, false);
+                return 0;
+        case VHU_REQ_GET_PROTOCOL_FEATURES:
+                return reply_u64(reply, m, tb.opt.protocol_features);
+        case VHU_REQ_SET_PROTOCOL_FEATURES:
+                return handle_set_protocol_features(c, m->payload.u64);
+        case VHU_REQ_SET_MEM_TABLE:
+                return handle_mem_table(c, m);
+        case VHU_REQ_ADD_MEM_REG:
+                return handle_add_mem_reg(c, m);
+        case VHU_REQ_REM_MEM_REG:
+                return tb_mem_remove(&c->mem, &m->payload.mem_single.region);
+        case VHU_REQ_SET_LOG_BASE:
+                if (!tb_conn_has_pf(c, VHU_PF_LOG_SHMFD) || m->n_fds == 0)
+                        return 0;
+                return tb_mem_set_log(&c->mem, m->fds[0], m->payload.log.mmap_size,
+                                      m->payload.log.mmap_offset);
+        case VHU_REQ_SET_LOG_FD:
+                return 0;       /* the fd closes with the message */
+        case VHU_REQ_SET_VRING_NUM:
+        case VHU_REQ_SET_VRING_ADDR:
+        case VHU_REQ_SET_VRING_BASE:
+        case VHU_REQ_GET_VRING_BASE:
+        case VHU_REQ_GET_VRING_BASE_SKIP_DRAIN:
+        case VHU_REQ_SET_VRING_ENABLE:
+        case VHU_REQ_VRING_KICK:
+                return process_ring(c, m, reply);
         case VHU_REQ_SET_VRING_ENDIAN:
                 return handle_set_vring_endian(c, st);
         case VHU_REQ_GET_SHMEM_CONFIG:
@@ -501,14 +535,6 @@ static int process(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) 
                 return handle_vring_fd(c, m);
         case VHU_REQ_GET_QUEUE_NUM:
                 return reply_u64(reply, m, tb.opt.queues);
-        case VHU_REQ_SET_VRING_ENABLE:
-                vq = vq_by_index(c, st->index);
-                if (!vq || st->num > 1)
-                        return -EINVAL;
-                vq->enabled = st->num;
-                if (vq->enabled && vq->started)
-                        tb_vq_kick(c, vq);
-                return 0;
         case VHU_REQ_SET_BACKEND_REQ_FD:
                 tb_chan_set(c, vhu_msg_take_fd(m, 0));
                 return 0;
@@ -531,14 +557,6 @@ static int process(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *reply) 
                 c->status = 0;
                 c->features = 0;
                 c->features_set = false;
-                return 0;
-        case VHU_REQ_VRING_KICK:
-                vq = vq_by_index(c, st->index);
-                if (!vq)
-                        return -EINVAL;
-                if (!vq->started)
-                        return tb_vq_start(c, vq);
-                tb_vq_kick(c, vq);
                 return 0;
         case VHU_REQ_GET_MAX_MEM_SLOTS:
                 return reply_u64(reply, m, tb.opt.mem_slots);
