@@ -271,12 +271,100 @@ static int add_path(char ***v, unsigned *n, const char *p) {
         return 0;
 }
 
+enum {
+        OPT_SOCKET = 0x100, OPT_CONNECT, OPT_CONTROL, OPT_DISK, OPT_DISK_SIZE,
+        OPT_FEATURES, OPT_PFEATURES, OPT_QUEUES, OPT_SLOTS, OPT_COMPLETE,
+        OPT_DELAY, OPT_SEED, OPT_FAIL_HS, OPT_RECONNECT, OPT_SHMEM,
+};
+
+/* The defaults: a virtio-blk device with every protocol feature the
+ * daemon uses, two queues, FIFO completion. */
+static void options_default(struct tb_options *o) {
+        o->features = (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1) | (UINT64_C(1) << TB_VIRTIO_BLK_F_FLUSH) |
+                      (UINT64_C(1) << TB_VIRTIO_BLK_F_MQ) | (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
+        o->protocol_features =
+                VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_REPLY_ACK) |
+                VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |
+                VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |
+                VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |
+                VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |
+                VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE);
+        o->queues = 2;
+        o->mem_slots = 32;
+        o->order = TB_ORDER_FIFO;
+        o->seed = (uint64_t) time(NULL) ^ ((uint64_t) getpid() << 32);
+        o->reconnect_ms = 100;
+        o->verbose = 1;
+}
+
+/* One option's value into o; -errno when it is bad. */
+static int parse_option(struct tb_options *o, int c, const char *arg) {
+        int r = 0;
+
+        switch (c) {
+        case OPT_SOCKET:  r = add_path(&o->socket_paths, &o->n_socket_paths, arg); break;
+        case OPT_CONNECT: r = add_path(&o->connect_paths, &o->n_connect_paths, arg); break;
+        case OPT_CONTROL: free(o->control_path); o->control_path = strdup(arg); break;
+        case OPT_DISK:    free(o->disk_path); o->disk_path = strdup(arg); break;
+        case OPT_DISK_SIZE:
+                r = parse_u64(arg, &o->disk_size, 0);
+                break;
+        case OPT_FEATURES:
+                r = parse_u64(arg, &o->features, 16);
+                break;
+        case OPT_PFEATURES:
+                r = parse_u64(arg, &o->protocol_features, 16);
+                break;
+        case OPT_QUEUES:
+                r = parse_unsigned(arg, 1, TB_MAX_QUEUES, &o->queues);
+                break;
+        case OPT_SLOTS:
+                r = parse_unsigned(arg, 1, TB_MAX_MEM_SLOTS, &o->mem_slots);
+                break;
+        case OPT_COMPLETE:
+                r = tb_order_from_name(arg);
+                if (r >= 0) {
+                        o->order = (enum tb_order) r;
+                        r = 0;
+                }
+                break;
+        case OPT_DELAY:
+                r = parse_unsigned(arg, 0, 600000, &o->delay_ms);
+                break;
+        case OPT_SEED:
+                r = parse_u64(arg, &o->seed, 0);
+                break;
+        case OPT_FAIL_HS:
+                r = parse_unsigned(arg, 0, 1000000, &o->fail_handshake);
+                break;
+        case OPT_RECONNECT:
+                r = parse_unsigned(arg, 1, 60000, &o->reconnect_ms);
+                break;
+        case OPT_SHMEM:
+                r = parse_shmem(arg, o);
+                break;
+        case 'v': o->verbose++; break;
+        case 'q': o->verbose--; break;
+        case 'h': usage(stdout); exit(EXIT_SUCCESS);
+        default:  return -EINVAL;   /* getopt returns only the table's values here */
+        }
+        return r;
+}
+
+/* What the options must say together. */
+static int options_check(const struct tb_options *o) {
+        if (o->n_socket_paths + o->n_connect_paths == 0) {
+                fprintf(stderr, "vhub-test-backend: need at least one --socket or --connect\n");
+                return -EINVAL;
+        }
+        if (o->n_socket_paths + o->n_connect_paths > TB_MAX_SOCKETS) {
+                fprintf(stderr, "vhub-test-backend: at most %d sockets\n", TB_MAX_SOCKETS);
+                return -EINVAL;
+        }
+        return 0;
+}
+
 static int parse_args(int argc, char **argv) {
-        enum {
-                OPT_SOCKET = 0x100, OPT_CONNECT, OPT_CONTROL, OPT_DISK, OPT_DISK_SIZE,
-                OPT_FEATURES, OPT_PFEATURES, OPT_QUEUES, OPT_SLOTS, OPT_COMPLETE,
-                OPT_DELAY, OPT_SEED, OPT_FAIL_HS, OPT_RECONNECT, OPT_SHMEM,
-        };
         static const struct option opts[] = {
                 { "socket",            required_argument, NULL, OPT_SOCKET },
                 { "connect",           required_argument, NULL, OPT_CONNECT },
@@ -301,71 +389,13 @@ static int parse_args(int argc, char **argv) {
         struct tb_options *o = &tb.opt;
         int c, r, idx;
 
-        o->features = (UINT64_C(1) << VHU_VIRTIO_F_VERSION_1) | (UINT64_C(1) << TB_VIRTIO_BLK_F_FLUSH) |
-                      (UINT64_C(1) << TB_VIRTIO_BLK_F_MQ) | (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
-        o->protocol_features =
-                VHU_PF_BIT(VHU_PF_MQ) | VHU_PF_BIT(VHU_PF_LOG_SHMFD) | VHU_PF_BIT(VHU_PF_REPLY_ACK) |
-                VHU_PF_BIT(VHU_PF_BACKEND_REQ) | VHU_PF_BIT(VHU_PF_CONFIG) |
-                VHU_PF_BIT(VHU_PF_BACKEND_SEND_FD) | VHU_PF_BIT(VHU_PF_HOST_NOTIFIER) |
-                VHU_PF_BIT(VHU_PF_INFLIGHT_SHMFD) | VHU_PF_BIT(VHU_PF_RESET_DEVICE) |
-                VHU_PF_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_PF_BIT(VHU_PF_STATUS) |
-                VHU_PF_BIT(VHU_PF_SHARED_OBJECT) | VHU_PF_BIT(VHU_PF_DEVICE_STATE);
-        o->queues = 2;
-        o->mem_slots = 32;
-        o->order = TB_ORDER_FIFO;
-        o->seed = (uint64_t) time(NULL) ^ ((uint64_t) getpid() << 32);
-        o->reconnect_ms = 100;
-        o->verbose = 1;
-
+        options_default(o);
         while ((idx = -1, c = getopt_long(argc, argv, "vqh", opts, &idx)) >= 0) {
-                r = 0;
-                switch (c) {
-                case OPT_SOCKET:  r = add_path(&o->socket_paths, &o->n_socket_paths, optarg); break;
-                case OPT_CONNECT: r = add_path(&o->connect_paths, &o->n_connect_paths, optarg); break;
-                case OPT_CONTROL: free(o->control_path); o->control_path = strdup(optarg); break;
-                case OPT_DISK:    free(o->disk_path); o->disk_path = strdup(optarg); break;
-                case OPT_DISK_SIZE:
-                        r = parse_u64(optarg, &o->disk_size, 0);
-                        break;
-                case OPT_FEATURES:
-                        r = parse_u64(optarg, &o->features, 16);
-                        break;
-                case OPT_PFEATURES:
-                        r = parse_u64(optarg, &o->protocol_features, 16);
-                        break;
-                case OPT_QUEUES:
-                        r = parse_unsigned(optarg, 1, TB_MAX_QUEUES, &o->queues);
-                        break;
-                case OPT_SLOTS:
-                        r = parse_unsigned(optarg, 1, TB_MAX_MEM_SLOTS, &o->mem_slots);
-                        break;
-                case OPT_COMPLETE:
-                        r = tb_order_from_name(optarg);
-                        if (r >= 0) {
-                                o->order = (enum tb_order) r;
-                                r = 0;
-                        }
-                        break;
-                case OPT_DELAY:
-                        r = parse_unsigned(optarg, 0, 600000, &o->delay_ms);
-                        break;
-                case OPT_SEED:
-                        r = parse_u64(optarg, &o->seed, 0);
-                        break;
-                case OPT_FAIL_HS:
-                        r = parse_unsigned(optarg, 0, 1000000, &o->fail_handshake);
-                        break;
-                case OPT_RECONNECT:
-                        r = parse_unsigned(optarg, 1, 60000, &o->reconnect_ms);
-                        break;
-                case OPT_SHMEM:
-                        r = parse_shmem(optarg, o);
-                        break;
-                case 'v': o->verbose++; break;
-                case 'q': o->verbose--; break;
-                case 'h': usage(stdout); exit(EXIT_SUCCESS);
-                default:  usage(stderr); return -EINVAL;
+                if (c == '?') {         /* getopt said what it did not know */
+                        usage(stderr);
+                        return -EINVAL;
                 }
+                r = parse_option(o, c, optarg);
                 if (r < 0) {
                         /* the option's name from the table: argv[optind - 1] is the
                          * value itself when it came as a separate argument */
@@ -378,14 +408,9 @@ static int parse_args(int argc, char **argv) {
                 fprintf(stderr, "vhub-test-backend: unexpected argument %s\n", argv[optind]);
                 return -EINVAL;
         }
-        if (o->n_socket_paths + o->n_connect_paths == 0) {
-                fprintf(stderr, "vhub-test-backend: need at least one --socket or --connect\n");
-                return -EINVAL;
-        }
-        if (o->n_socket_paths + o->n_connect_paths > TB_MAX_SOCKETS) {
-                fprintf(stderr, "vhub-test-backend: at most %d sockets\n", TB_MAX_SOCKETS);
-                return -EINVAL;
-        }
+        r = options_check(o);
+        if (r < 0)
+                return r;
         if (o->seed == 0)
                 o->seed = 1;        /* xorshift needs a nonzero state */
         tb.rng = o->seed;
