@@ -612,7 +612,18 @@ static void machine_line(const char *build_type) {
                m.un.sysname, m.un.release, build_type, m.load);
 }
 
-int main(int argc, char **argv) {
+/* What the command line asks for. */
+struct conf {
+        const char *vhubd, *vhubd2, *qsd, *build_type;
+        unsigned runs, warmup, gap_ms, n_paths;
+};
+
+/* The files in the bench's work directory. */
+struct files {
+        char control[128], control2[128], bdir[128], sock[160], log[160], log2[160], qsd_log[160], capture_log[160];
+};
+
+static int parse_conf(int argc, char **argv, struct conf *cf) {
         static const struct option opts[] = {
                 { "qsd", required_argument, NULL, 'q' },
                 { "runs", required_argument, NULL, 'n' },
@@ -622,180 +633,175 @@ int main(int argc, char **argv) {
                 { "compare", required_argument, NULL, 'c' },
                 {}
         };
-        const char *vhubd, *vhubd2 = NULL, *qsd = "/usr/bin/qemu-storage-daemon", *build_type = "unknown";
-        unsigned runs = 200, warmup = 10, gap_ms = 10, n_cap, n_paths;
-        char control[128], control2[128], bdir[128], sock[160], logp[160], logp2[160], qlog[160], caplog[160];
-        char cap_seq[MAX_SEQ][40];
-        static struct samples s[_PATH_MAX];
-        struct negotiated neg = { 0 };
-        struct vhub_client *c, *c2 = NULL;
-        struct guest g = { .memfd = -1 };
-        struct raw raw;
-        uint64_t dummy;
         int o;
 
-        bench_init("bench-attach");
+        *cf = (struct conf){ .qsd = "/usr/bin/qemu-storage-daemon", .build_type = "unknown",
+                             .runs = 200, .warmup = 10, .gap_ms = 10 };
         while ((o = getopt_long(argc, argv, "", opts, NULL)) >= 0) {
                 switch (o) {
-                case 'q': qsd = optarg; break;
-                case 'n': runs = (unsigned)strtoul(optarg, NULL, 0); break;
-                case 'w': warmup = (unsigned)strtoul(optarg, NULL, 0); break;
-                case 'g': gap_ms = (unsigned)strtoul(optarg, NULL, 0); break;
-                case 'b': build_type = optarg; break;
-                case 'c': vhubd2 = optarg; break;
+                case 'q': cf->qsd = optarg; break;
+                case 'n': cf->runs = (unsigned)strtoul(optarg, NULL, 0); break;
+                case 'w': cf->warmup = (unsigned)strtoul(optarg, NULL, 0); break;
+                case 'g': cf->gap_ms = (unsigned)strtoul(optarg, NULL, 0); break;
+                case 'b': cf->build_type = optarg; break;
+                case 'c': cf->vhubd2 = optarg; break;
                 default:
                         fprintf(stderr, "usage: bench-attach VHUBD [--qsd PATH] [--runs N] [--warmup N] "
                                         "[--gap-ms N] [--build-type T] [--compare VHUBD2]\n");
                         return 2;
                 }
         }
-        if (optind + 1 != argc || runs < 1 || runs > MAX_ROUNDS) {
+        if (optind + 1 != argc || cf->runs < 1 || cf->runs > MAX_ROUNDS) {
                 fprintf(stderr, "usage: bench-attach VHUBD [--qsd PATH] [--runs 1..%u] [--warmup N] "
                                 "[--gap-ms N] [--build-type T] [--compare VHUBD2]\n", MAX_ROUNDS);
                 return 2;
         }
-        vhubd = argv[optind];
-        n_paths = vhubd2 ? _PATH_MAX : PATH_VHUBD2;
-        if (access(qsd, X_OK) != 0) {
-                printf("bench-attach: skipped: %s not installed\n", qsd);
-                return 77;
-        }
-        signal(SIGPIPE, SIG_IGN);
-        bench_workdir_make();
-        snprintf(control, sizeof(control), "%s/control.sock", bench_workdir);
-        snprintf(bdir, sizeof(bdir), "%s/backends", bench_workdir);
-        snprintf(sock, sizeof(sock), "%s/q0.sock", bdir);
-        snprintf(logp, sizeof(logp), "%s/vhubd.log", bench_workdir);
-        snprintf(control2, sizeof(control2), "%s/control2.sock", bench_workdir);
-        snprintf(logp2, sizeof(logp2), "%s/vhubd2.log", bench_workdir);
-        snprintf(caplog, sizeof(caplog), "%s/vhubd-capture.log", bench_workdir);
-        snprintf(qlog, sizeof(qlog), "%s/qsd.log", bench_workdir);
-        if (mkdir(bdir, 0755) < 0)
-                bench_die("mkdir: %s", strerror(errno));
+        cf->vhubd = argv[optind];
+        cf->n_paths = cf->vhubd2 ? _PATH_MAX : PATH_VHUBD2;
+        return 0;
+}
 
-        g.memfd = memfd_create("bench-attach-ram", MFD_CLOEXEC);
-        if (g.memfd < 0 || ftruncate(g.memfd, MEM_SIZE) < 0)
+static void files_name(struct files *f) {
+        snprintf(f->control, sizeof(f->control), "%s/control.sock", bench_workdir);
+        snprintf(f->bdir, sizeof(f->bdir), "%s/backends", bench_workdir);
+        snprintf(f->sock, sizeof(f->sock), "%s/q0.sock", f->bdir);
+        snprintf(f->log, sizeof(f->log), "%s/vhubd.log", bench_workdir);
+        snprintf(f->control2, sizeof(f->control2), "%s/control2.sock", bench_workdir);
+        snprintf(f->log2, sizeof(f->log2), "%s/vhubd2.log", bench_workdir);
+        snprintf(f->capture_log, sizeof(f->capture_log), "%s/vhubd-capture.log", bench_workdir);
+        snprintf(f->qsd_log, sizeof(f->qsd_log), "%s/qsd.log", bench_workdir);
+}
+
+/* The guest's RAM: one memfd, mapped here as a VMM would. */
+static void guest_memory_map(struct guest *g) {
+        g->memfd = memfd_create("bench-attach-ram", MFD_CLOEXEC);
+        if (g->memfd < 0 || ftruncate(g->memfd, MEM_SIZE) < 0)
                 bench_die("memfd: %s", strerror(errno));
-        g.map = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g.memfd, 0);
-        if (g.map == MAP_FAILED)
+        g->map = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g->memfd, 0);
+        if (g->map == MAP_FAILED)
                 bench_die("mmap: %s", strerror(errno));
-        g.uaddr = (uint64_t)(uintptr_t)g.map;
-        {
-                char exp[256];
-                char *const qargv[] = { (char *)qsd, "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                                        "--export", exp, NULL };
+        g->uaddr = (uint64_t)(uintptr_t)g->map;
+}
 
-                snprintf(exp, sizeof(exp),
-                         "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=%s,writable=on,"
-                         "num-queues=%d", sock, QUEUES);
-                qsd_pid = bench_spawn(qargv, qlog);
-                bench_wait_for_socket(sock, qsd_pid, "qemu-storage-daemon", false);
-        }
+/* qemu-storage-daemon exporting a null block device at sock. */
+static void qsd_start(const char *qsd, const char *sock, const char *log) {
+        char exp[256];
+        char *const qargv[] = { (char *)qsd, "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                                "--export", exp, NULL };
 
-        /* the capture: vhubd's own sequence, and what it negotiated */
-        daemon_pid = start_vhubd(vhubd, control, bdir, "debug", caplog, NULL);
-        if (vhub_client_connect(control, &c) < 0)
-                bench_die("connect %s", control);
-        vm_setup(c, &g);
-        guest_eventfds_new(&g);
+        snprintf(exp, sizeof(exp),
+                 "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=%s,writable=on,"
+                 "num-queues=%d", sock, QUEUES);
+        qsd_pid = bench_spawn(qargv, log);
+        bench_wait_for_socket(sock, qsd_pid, "qemu-storage-daemon", false);
+}
+
+/*
+ * The capture: vhubd's own request sequence at debug level, and what it
+ * negotiated; the raw front-end must send the same requests in the same
+ * order (raw->seq), or the comparison means nothing.  Returns their number.
+ */
+static unsigned capture_check(const struct conf *cf, const struct files *f, struct guest *g,
+                              struct negotiated *neg, struct raw *raw) {
+        char cap_seq[MAX_SEQ][40];
+        struct vhub_client *c;
+        uint64_t dummy;
+        unsigned n_cap;
+
+        daemon_pid = start_vhubd(cf->vhubd, f->control, f->bdir, "debug", f->capture_log, NULL);
+        if (vhub_client_connect(f->control, &c) < 0)
+                bench_die("connect %s", f->control);
+        vm_setup(c, g);
+        guest_eventfds_new(g);
         /* the driver acks VERSION_1 | FLUSH | MQ where offered (as test_blk_qsd.py) */
-        neg.acked = (UINT64_C(1) << 32) | (UINT64_C(1) << 9) | (UINT64_C(1) << 12);
-        (void)vhubd_attach(c, sock, &g, neg.acked, &dummy, &neg);
-        neg.acked &= neg.features;
+        neg->acked = (UINT64_C(1) << 32) | (UINT64_C(1) << 9) | (UINT64_C(1) << 12);
+        (void)vhubd_attach(c, f->sock, g, neg->acked, &dummy, neg);
+        neg->acked &= neg->features;
         vhubd_detach(c);
-        guest_eventfds_close(&g);
+        guest_eventfds_close(g);
         vhub_client_free(c);
         bench_stop(&daemon_pid);
-        usleep(gap_ms * 1000);
-        n_cap = capture_sequence(caplog, cap_seq, MAX_SEQ);
-        guest_eventfds_new(&g);
-        (void)raw_attach(PATH_EACH, sock, &g, &neg, &raw, &dummy);
-        close(raw.fd);
-        guest_eventfds_close(&g);
-        if (n_cap != raw.n_seq)
-                bench_die("capture: vhubd sent %u requests, the raw front-end %u", n_cap, raw.n_seq);
+        usleep(cf->gap_ms * 1000);
+        n_cap = capture_sequence(f->capture_log, cap_seq, MAX_SEQ);
+        guest_eventfds_new(g);
+        (void)raw_attach(PATH_EACH, f->sock, g, neg, raw, &dummy);
+        close(raw->fd);
+        guest_eventfds_close(g);
+        if (n_cap != raw->n_seq)
+                bench_die("capture: vhubd sent %u requests, the raw front-end %u", n_cap, raw->n_seq);
         for (unsigned i = 0; i < n_cap; i++)
-                if (strcmp(cap_seq[i], raw.seq[i]) != 0)
+                if (strcmp(cap_seq[i], raw->seq[i]) != 0)
                         bench_die("capture: request %u: vhubd sent %s, the raw front-end %s", i, cap_seq[i],
-                            raw.seq[i]);
-        usleep(gap_ms * 1000);
+                            raw->seq[i]);
+        usleep(cf->gap_ms * 1000);
+        return n_cap;
+}
 
-        machine_line(build_type);
-        printf("# sequence check: the raw front-end sends the %u requests vhubd sent, in its order:\n#  ",
-               n_cap);
-        for (unsigned i = 0; i < n_cap; i++)
-                printf(" %s", raw.seq[i]);
-        printf("\n# features offered 0x%" PRIx64 ", protocol features 0x%" PRIx64 ", driver acks 0x%" PRIx64
-               "; %u runs per path after %u warm-up rounds, interleaved, %u ms apart\n",
-               neg.features, neg.protocol_features, neg.acked, runs, warmup, gap_ms);
+/* A vhubd the measured rounds attach through, with its VM set up. */
+static struct vhub_client *measured_vhubd(const char *vhubd, const char *control, const char *bdir,
+                                          const char *log, const char *wrapper, pid_t *ret_pid,
+                                          const struct guest *g) {
+        struct vhub_client *c;
 
-        daemon_pid = start_vhubd(vhubd, control, bdir, "warning", logp, getenv("BENCH_ATTACH_WRAPPER"));
+        *ret_pid = start_vhubd(vhubd, control, bdir, "warning", log, wrapper);
         if (vhub_client_connect(control, &c) < 0)
                 bench_die("connect %s", control);
-        vm_setup(c, &g);
-        if (vhubd2) {
-                daemon2_pid = start_vhubd(vhubd2, control2, bdir, "warning", logp2, NULL);
-                if (vhub_client_connect(control2, &c2) < 0)
-                        bench_die("connect %s", control2);
-                vm_setup(c2, &g);
+        vm_setup(c, g);
+        return c;
+}
+
+/* One attach and detach along path p; counted into x unless a warm-up. */
+static void measure_path(enum path p, struct vhub_client *const clients[2], const char *sock, struct guest *g,
+                         const struct negotiated *neg, struct raw *raw, struct samples *x) {
+        bool through = p == PATH_VHUBD || p == PATH_VHUBD2;
+        pid_t dpid = p == PATH_VHUBD2 ? daemon2_pid : daemon_pid;
+        struct vhub_client *cc = clients[p == PATH_VHUBD2];
+        uint64_t c0, v0, q0, sc0, sv0, sq0, wall, part;
+
+        guest_eventfds_new(g);
+        sc0 = self_switches();
+        sv0 = proc_switches(dpid);
+        sq0 = proc_switches(qsd_pid);
+        c0 = thread_cpu_ns();
+        v0 = proc_cpu_ns(dpid);
+        q0 = proc_cpu_ns(qsd_pid);
+        if (through)
+                wall = vhubd_attach(cc, sock, g, neg->acked, &part, NULL);
+        else
+                wall = raw_attach(p, sock, g, neg, raw, &part);
+        if (x) {
+                x->cpu_client += thread_cpu_ns() - c0;
+                x->cpu_vhubd += through ? proc_cpu_ns(dpid) - v0 : 0;
+                x->cpu_qsd += proc_cpu_ns(qsd_pid) - q0;
+                x->sw_client += self_switches() - sc0;
+                x->sw_vhubd += through ? proc_switches(dpid) - sv0 : 0;
+                x->sw_qsd += proc_switches(qsd_pid) - sq0;
+                x->wall[x->n] = wall;
+                x->part[x->n] = part;
+                x->round_trips = through ? 0 : raw->round_trips;
+                x->sends = through ? 0 : raw->sends;
+                x->n++;
         }
-        for (unsigned round = 0; round < warmup + runs; round++) {
-                for (unsigned k = 0; k < n_paths; k++) {
-                        enum path p = (enum path)((round + k) % n_paths);
-                        bool through = p == PATH_VHUBD || p == PATH_VHUBD2;
-                        pid_t dpid = p == PATH_VHUBD2 ? daemon2_pid : daemon_pid;
-                        struct vhub_client *cc = p == PATH_VHUBD2 ? c2 : c;
-                        uint64_t c0, v0, q0, sc0, sv0, sq0, wall, part;
+        if (through)
+                vhubd_detach(cc);
+        else
+                close(raw->fd);
+        guest_eventfds_close(g);
+}
 
-                        guest_eventfds_new(&g);
-                        sc0 = self_switches();
-                        sv0 = proc_switches(dpid);
-                        sq0 = proc_switches(qsd_pid);
-                        c0 = thread_cpu_ns();
-                        v0 = proc_cpu_ns(dpid);
-                        q0 = proc_cpu_ns(qsd_pid);
-                        if (through)
-                                wall = vhubd_attach(cc, sock, &g, neg.acked, &part, NULL);
-                        else
-                                wall = raw_attach(p, sock, &g, &neg, &raw, &part);
-                        if (round >= warmup) {
-                                struct samples *x = &s[p];
-
-                                x->cpu_client += thread_cpu_ns() - c0;
-                                x->cpu_vhubd += through ? proc_cpu_ns(dpid) - v0 : 0;
-                                x->cpu_qsd += proc_cpu_ns(qsd_pid) - q0;
-                                x->sw_client += self_switches() - sc0;
-                                x->sw_vhubd += through ? proc_switches(dpid) - sv0 : 0;
-                                x->sw_qsd += proc_switches(qsd_pid) - sq0;
-                                x->wall[x->n] = wall;
-                                x->part[x->n] = part;
-                                x->round_trips = through ? 0 : raw.round_trips;
-                                x->sends = through ? 0 : raw.sends;
-                                x->n++;
-                        }
-                        if (through)
-                                vhubd_detach(cc);
-                        else
-                                close(raw.fd);
-                        guest_eventfds_close(&g);
-                        usleep(gap_ms * 1000);
-                }
-        }
-        vhub_client_free(c);
-        vhub_client_free(c2);
-
+static void print_table(const struct conf *cf, const struct samples *s) {
         printf("\n| path | waits for the back-end / sendmsg() | median µs | p10 – p90 µs | min – max µs | "
                "first part median µs | client CPU µs | vhubd CPU µs | qsd CPU µs | "
                "context switches client / vhubd / qsd |\n");
         printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-        for (unsigned p = 0; p < n_paths; p++) {
-                struct samples *x = &s[p];
+        for (unsigned p = 0; p < cf->n_paths; p++) {
+                const struct samples *x = &s[p];
                 char rt[32];
 
                 snprintf(rt, sizeof(rt), "%u / %u", x->round_trips, x->sends);
                 printf("| %s | %s | %.0f | %.0f – %.0f | %.0f – %.0f | %.0f | %.1f | %.1f | %.1f | "
                        "%.1f / %.1f / %.1f |\n",
-                       p == PATH_VHUBD2 ? vhubd2 : path_name[p],
+                       p == PATH_VHUBD2 ? cf->vhubd2 : path_name[p],
                        p == PATH_VHUBD || p == PATH_VHUBD2 ? "-" : rt, pct_us(x->wall, x->n, 0.5),
                        pct_us(x->wall, x->n, 0.1), pct_us(x->wall, x->n, 0.9), pct_us(x->wall, x->n, 0),
                        pct_us(x->wall, x->n, 1), pct_us(x->part, x->n, 0.5),
@@ -805,40 +811,95 @@ int main(int argc, char **argv) {
         }
         printf("\n(first part: vhubd = device.add's answer; raw = up to ADD_MEM_REG sent (acked for "
                "stages7 and each))\n");
-        {
-                /* ratios per round: each round's vhubd run against the same round's raw runs */
-                double *ratio = malloc(runs * sizeof(double));
+}
 
-                if (!ratio)
-                        bench_die("out of memory");
-                static const unsigned pairs[][2] = {
-                        { PATH_VHUBD, PATH_NEEDED }, { PATH_VHUBD, PATH_STAGES7 }, { PATH_VHUBD, PATH_EACH },
-                        { PATH_VHUBD2, PATH_NEEDED }, { PATH_VHUBD, PATH_VHUBD2 },
-                };
+/* Ratios per round: each round's vhubd run against the same round's raw runs. */
+static void print_ratios(const struct conf *cf, const struct samples *s) {
+        static const unsigned pairs[][2] = {
+                { PATH_VHUBD, PATH_NEEDED }, { PATH_VHUBD, PATH_STAGES7 }, { PATH_VHUBD, PATH_EACH },
+                { PATH_VHUBD2, PATH_NEEDED }, { PATH_VHUBD, PATH_VHUBD2 },
+        };
+        unsigned runs = cf->runs;
+        double *ratio = malloc(runs * sizeof(double));
 
-                for (unsigned k = 0; k < sizeof(pairs) / sizeof(pairs[0]); k++) {
-                        unsigned a = pairs[k][0], b = pairs[k][1];
+        if (!ratio)
+                bench_die("out of memory");
+        for (unsigned k = 0; k < sizeof(pairs) / sizeof(pairs[0]); k++) {
+                unsigned a = pairs[k][0], b = pairs[k][1];
 
-                        if (a >= n_paths || b >= n_paths)
-                                continue;
-                        for (unsigned i = 0; i < runs; i++)
-                                ratio[i] = (double)s[a].wall[i] / (double)s[b].wall[i];
-                        printf("%s / %s per round: median %.2fx (p10 – p90 %.2f – %.2fx); "
-                               "of medians %.2fx\n",
-                               path_name[a], path_name[b], pct_d(ratio, runs, 0.5), pct_d(ratio, runs, 0.1),
-                               pct_d(ratio, runs, 0.9),
-                               pct_us(s[a].wall, runs, 0.5) / pct_us(s[b].wall, runs, 0.5));
+                if (a >= cf->n_paths || b >= cf->n_paths)
+                        continue;
+                for (unsigned i = 0; i < runs; i++)
+                        ratio[i] = (double)s[a].wall[i] / (double)s[b].wall[i];
+                printf("%s / %s per round: median %.2fx (p10 – p90 %.2f – %.2fx); "
+                       "of medians %.2fx\n",
+                       path_name[a], path_name[b], pct_d(ratio, runs, 0.5), pct_d(ratio, runs, 0.1),
+                       pct_d(ratio, runs, 0.9),
+                       pct_us(s[a].wall, runs, 0.5) / pct_us(s[b].wall, runs, 0.5));
+        }
+        free(ratio);
+}
+
+static void print_wait_cost(const struct conf *cf, const struct samples *s) {
+        double each = pct_us(s[PATH_EACH].wall, cf->runs, 0.5), need = pct_us(s[PATH_NEEDED].wall, cf->runs, 0.5);
+        unsigned d = s[PATH_EACH].round_trips - s[PATH_NEEDED].round_trips;
+
+        if (d > 0)
+                printf("one more wait for qsd costs %.1f µs ((each - needed) / %u)\n", (each - need) / d, d);
+}
+
+int main(int argc, char **argv) {
+        static struct samples s[_PATH_MAX];
+        struct vhub_client *clients[2] = { NULL, NULL };
+        struct negotiated neg = { 0 };
+        struct guest g = { .memfd = -1 };
+        struct files f;
+        struct conf cf;
+        struct raw raw;
+        unsigned n_cap;
+
+        bench_init("bench-attach");
+        if (parse_conf(argc, argv, &cf) != 0)
+                return 2;
+        if (access(cf.qsd, X_OK) != 0) {
+                printf("bench-attach: skipped: %s not installed\n", cf.qsd);
+                return 77;
+        }
+        signal(SIGPIPE, SIG_IGN);
+        bench_workdir_make();
+        files_name(&f);
+        if (mkdir(f.bdir, 0755) < 0)
+                bench_die("mkdir: %s", strerror(errno));
+        guest_memory_map(&g);
+        qsd_start(cf.qsd, f.sock, f.qsd_log);
+        n_cap = capture_check(&cf, &f, &g, &neg, &raw);
+
+        machine_line(cf.build_type);
+        printf("# sequence check: the raw front-end sends the %u requests vhubd sent, in its order:\n#  ",
+               n_cap);
+        for (unsigned i = 0; i < n_cap; i++)
+                printf(" %s", raw.seq[i]);
+        printf("\n# features offered 0x%" PRIx64 ", protocol features 0x%" PRIx64 ", driver acks 0x%" PRIx64
+               "; %u runs per path after %u warm-up rounds, interleaved, %u ms apart\n",
+               neg.features, neg.protocol_features, neg.acked, cf.runs, cf.warmup, cf.gap_ms);
+
+        clients[0] = measured_vhubd(cf.vhubd, f.control, f.bdir, f.log, getenv("BENCH_ATTACH_WRAPPER"),
+                                    &daemon_pid, &g);
+        if (cf.vhubd2)
+                clients[1] = measured_vhubd(cf.vhubd2, f.control2, f.bdir, f.log2, NULL, &daemon2_pid, &g);
+        for (unsigned round = 0; round < cf.warmup + cf.runs; round++)
+                for (unsigned k = 0; k < cf.n_paths; k++) {
+                        enum path p = (enum path)((round + k) % cf.n_paths);
+
+                        measure_path(p, clients, f.sock, &g, &neg, &raw, round >= cf.warmup ? &s[p] : NULL);
+                        usleep(cf.gap_ms * 1000);
                 }
-                free(ratio);
-        }
-        {
-                double each = pct_us(s[PATH_EACH].wall, runs, 0.5), need = pct_us(s[PATH_NEEDED].wall, runs, 0.5);
-                unsigned d = s[PATH_EACH].round_trips - s[PATH_NEEDED].round_trips;
+        vhub_client_free(clients[0]);
+        vhub_client_free(clients[1]);
 
-                if (d > 0)
-                        printf("one more wait for qsd costs %.1f µs ((each - needed) / %u)\n",
-                               (each - need) / d, d);
-        }
+        print_table(&cf, s);
+        print_ratios(&cf, s);
+        print_wait_cost(&cf, s);
         bench_cleanup();
         close(g.memfd);
         munmap(g.map, MEM_SIZE);
