@@ -600,23 +600,8 @@ static void test_control_and_shared_objects(struct fe *fe) {
 
 /* ---- phases ---- */
 
-int main(void) {
-        struct fe fe = { .sock = -1, .chan = -1, .ctl = -1 };
-        struct drv_q q0, q1;
-        struct vhu_msg m, r;
-        unsigned order[MAX_SLOTS], n_order = 0;
-        uint64_t t0 = now_ms();
-
-        backend_bin = getenv("VHUB_TEST_BACKEND");
-        if (getenv("VHUB_SELFTEST_SEED"))
-                seed = (unsigned) strtoul(getenv("VHUB_SELFTEST_SEED"), NULL, 0);
-        unsigned driver_seed = seed * 7919u + 12345u;
-        if (!backend_bin || access(backend_bin, X_OK) < 0) {
-                printf("SKIP: VHUB_TEST_BACKEND not set or not executable\n");
-                return 77;
-        }
-        signal(SIGPIPE, SIG_IGN);
-        setvbuf(stdout, NULL, _IOLBF, 0);
+/* The work directory's paths and the guest's RAM (a memfd mapped here). */
+static void setup_guest(void) {
         snprintf(tmpdir, sizeof(tmpdir), "/tmp/vhub-tb-selftest-XXXXXX");
         CHECK(mkdtemp(tmpdir), "mkdtemp: %m");
         snprintf(sock_path, sizeof(sock_path), "%s/blk.sock", tmpdir);
@@ -627,110 +612,87 @@ int main(void) {
         CHECK(mem_fd >= 0 && ftruncate(mem_fd, MEM_SIZE) == 0, "guest memfd: %m");
         mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mem_fd, 0);
         CHECK(mem != MAP_FAILED, "mmap guest: %m");
+}
 
-        /* 1: handshake, memory, inflight buffer */
+/* 1: the back-end started, handshake, memory and channel, and the inflight
+ * buffer it makes; returns the buffer's fd (*inf its layout). */
+static int phase_setup(struct fe *fe, struct vhu_inflight *inf) {
+        struct vhu_msg m, r;
+        int inflight_fd;
+
         backend_start();
-        fe_handshake(&fe);
-        fe_backend_channel(&fe);
-        struct vhu_inflight inf = { .num_queues = 2, .queue_size = QSIZE };
-        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_GET_INFLIGHT_FD, false, &inf, sizeof(inf), NULL, 0);
-        fe_call(&fe, &m, &r);
+        fe_handshake(fe);
+        fe_backend_channel(fe);
+        *inf = (struct vhu_inflight){ .num_queues = 2, .queue_size = QSIZE };
+        vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_GET_INFLIGHT_FD, false, inf, sizeof(*inf), NULL, 0);
+        fe_call(fe, &m, &r);
         CHECK(r.n_fds == 1, "GET_INFLIGHT_FD without fd");
-        inf = r.payload.inflight;
-        CHECK(inf.mmap_size == 2 * (16 + 16 * QSIZE) && inf.num_queues == 2 && inf.queue_size == QSIZE,
-              "GET_INFLIGHT_FD reply: size %llu", (unsigned long long) inf.mmap_size);
-        int inflight_fd = vhu_msg_take_fd(&r, 0);
+        *inf = r.payload.inflight;
+        CHECK(inf->mmap_size == 2 * (16 + 16 * QSIZE) && inf->num_queues == 2 && inf->queue_size == QSIZE,
+              "GET_INFLIGHT_FD reply: size %llu", (unsigned long long) inf->mmap_size);
+        inflight_fd = vhu_msg_take_fd(&r, 0);
         vhu_msg_clear(&r);
-        fe_set_inflight(&fe, &inf, inflight_fd);
+        fe_set_inflight(fe, inf, inflight_fd);
+        return inflight_fd;
+}
 
-        /* 2: control, shared objects, misbehaviour, refusals */
-        test_control_and_shared_objects(&fe);
+/* 3: writes, then reads, out of order, on ring 0; stopped at the end. */
+static void phase_out_of_order(struct fe *fe, struct drv_q *q0, uint64_t t0) {
+        unsigned order[MAX_SLOTS], n_order = 0, inversions = 0;
+        struct vhu_msg m, r;
 
-        /* 3: writes, then reads, out of order */
-        int disk_fd = open(disk_path, O_RDONLY | O_CLOEXEC);
-        CHECK(disk_fd >= 0, "open disk: %m");
-        q_init(&q0, 0);
-        q_init(&q1, 1);
-        fe_start_queue(&fe, &q0, 0);
+        fe_start_queue(fe, q0, 0);
         for (unsigned s = 0; s < N_PHASE1; s++)
-                q_submit(&q0, s, (uint16_t) (3 * s), true, s * 8);
-        q_kick(&q0);
-        q_wait_all(&q0, 0, N_PHASE1, order, &n_order);
-        unsigned inversions = 0;
+                q_submit(q0, s, (uint16_t) (3 * s), true, s * 8);
+        q_kick(q0);
+        q_wait_all(q0, 0, N_PHASE1, order, &n_order);
         for (unsigned i = 1; i < n_order; i++)
                 inversions += order[i] < order[i - 1];
         CHECK(inversions > 0, "writes completed in submission order: not out of order");
         for (unsigned s = N_PHASE1; s < 2 * N_PHASE1; s++)
-                q_submit(&q0, s, (uint16_t) (3 * s), false, (s - N_PHASE1) * 8);
-        q_kick(&q0);
-        q_wait_all(&q0, N_PHASE1, 2 * N_PHASE1, NULL, NULL);
+                q_submit(q0, s, (uint16_t) (3 * s), false, (s - N_PHASE1) * 8);
+        q_kick(q0);
+        q_wait_all(q0, N_PHASE1, 2 * N_PHASE1, NULL, NULL);
         for (unsigned s = 0; s < 2 * N_PHASE1; s++)
                 slot_verify(s);
         /* stop: everything fetched has completed, base is the next avail */
         vhu_msg_build_state(&m, VHU_REQ_GET_VRING_BASE, false, 0, 0);
-        fe_call(&fe, &m, &r);
+        fe_call(fe, &m, &r);
         CHECK(r.payload.state.num == 2 * N_PHASE1, "GET_VRING_BASE %u", r.payload.state.num);
         vhu_msg_clear(&r);
         printf("phase 1: %u writes + %u reads, %u inversions in completion order (%llu ms)\n",
                N_PHASE1, N_PHASE1, inversions, (unsigned long long) (now_ms() - t0));
+}
 
-        /* 4: SIGKILL with requests in flight; restart; restore; exactly once */
-        unsigned first = 2 * N_PHASE1, next = first, last = first + N_PHASE2;
-        unsigned resubmit_cycles = 0;
-        long long resubmitted = 0;
-        fe_start_queue(&fe, &q1, 0);
-        srand(driver_seed);
-        for (unsigned cycle = 0; cycle < KILL_CYCLES; cycle++) {
-                unsigned batch = (last - first) / (KILL_CYCLES + 1);
-                for (unsigned k = 0; k < batch && next < last; k++, next++) {
-                        unsigned i = next - first;
-                        bool write = i % 4 != 3;
-                        uint64_t sector = write ? 1024 + (uint64_t) i * 8 : ((i / 4) % N_PHASE1) * 8;
-                        q_submit(&q1, next, (uint16_t) (3 * i), write, sector);
-                        if (k % 8 == 7)
-                                q_kick(&q1);
-                }
-                q_kick(&q1);
-                msleep(2 + (unsigned) (rand() % 28));
-                q_reap(&q1, NULL, NULL);
-                backend_kill();
-                unsigned outstanding = 0;
-                q_reap(&q1, NULL, NULL);
-                for (unsigned s = first; s < next; s++)
-                        outstanding += slots[s].completed == 0;
-                resubmit_cycles += outstanding > 0;
+/* Phase 2's request `slot` (the i-th from first): three writes of every
+ * four, the fourth reading back what phase 1 wrote. */
+static void q_submit_phase2(struct drv_q *q, unsigned slot, unsigned first) {
+        unsigned i = slot - first;
+        bool write = i % 4 != 3;
+        uint64_t sector = write ? 1024 + (uint64_t) i * 8 : ((i / 4) % N_PHASE1) * 8;
 
-                /* restore, as a front-end does after a back-end crash */
-                fe_close(&fe);
-                fe_restore(&fe, &q1, &inf, inflight_fd);
-                q_kick(&q1);
-                /* the restarted back-end found them in the inflight buffer */
-                fe.ctl = connect_unix(ctl_path);
-                json_t *j = ctl(&fe, "{\"cmd\":\"vrings\"}");
-                long long n = json_integer_value(json_object_get(
-                        json_array_get(json_object_get(j, "vrings"), 1), "resubmitted"));
-                json_decref(j);
-                CHECK(n <= outstanding, "resubmitted %lld, only %u outstanding", n, outstanding);
-                resubmitted += n;
-                printf("cycle %u: killed with %u of %u requests outstanding, %lld resubmitted\n",
-                       cycle, outstanding, next - first, n);
-        }
-        while (next < last) {
-                unsigned i = next - first;
-                bool write = i % 4 != 3;
-                uint64_t sector = write ? 1024 + (uint64_t) i * 8 : ((i / 4) % N_PHASE1) * 8;
-                q_submit(&q1, next++, (uint16_t) (3 * i), write, sector);
-        }
-        q_kick(&q1);
-        q_wait_all(&q1, first, last, NULL, NULL);
-        msleep(50);             /* nothing more may arrive */
-        q_reap(&q1, NULL, NULL);
-        CHECK(q_used_idx(&q1) == N_PHASE2, "used idx %u after %u requests", q_used_idx(&q1), N_PHASE2);
-        for (unsigned s = first; s < last; s++)
-                slot_verify(s);
-        /* the disk itself holds every write */
+        q_submit(q, slot, (uint16_t) (3 * i), write, sector);
+}
+
+/* The inflight buffer's queue 1 (mapped read-write when writable). */
+static struct vhu_inflight_queue_split *inflight_queue1(const struct vhu_inflight *inf, int fd, bool writable,
+                                                        void **ret_map) {
+        void *map = mmap(NULL, inf->mmap_size, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, 0);
+
+        CHECK(map != MAP_FAILED, "mmap inflight: %m");
+        *ret_map = map;
+        return (void *) ((uint8_t *) map + 16 + 16 * QSIZE);
+}
+
+/* After phase 4's kills: the disk itself holds every write, the inflight buffer is clean. */
+static void check_after_kills(unsigned first, const struct vhu_inflight *inf, int inflight_fd) {
+        int disk_fd = open(disk_path, O_RDONLY | O_CLOEXEC);
+        struct vhu_inflight_queue_split *iq1;
         uint8_t buf[BLOCK];
-        for (unsigned s = first; s < last; s++) {
+        void *map;
+
+        CHECK(disk_fd >= 0, "open disk: %m");
+        for (unsigned s = first; s < first + N_PHASE2; s++) {
                 if (!slots[s].write)
                         continue;
                 CHECK(pread(disk_fd, buf, BLOCK, (off_t) slots[s].sector * 512) == BLOCK, "pread: %m");
@@ -738,47 +700,105 @@ int main(void) {
                         CHECK(buf[i] == pattern(slots[s].sector, i), "disk sector %llu byte %u",
                               (unsigned long long) slots[s].sector, i);
         }
-        CHECK(resubmit_cycles > 0, "no kill ever hit a request in flight");
-        CHECK(resubmitted > 0, "no restarted back-end ever resubmitted an inflight request");
-
-        /* the inflight buffer is clean again */
-        struct vhu_inflight_queue_split *iq = mmap(NULL, inf.mmap_size, PROT_READ, MAP_SHARED,
-                                                   inflight_fd, 0);
-        CHECK(iq != MAP_FAILED, "mmap inflight: %m");
-        struct vhu_inflight_queue_split *iq1 = (void *) ((uint8_t *) iq + 16 + 16 * QSIZE);
+        close(disk_fd);
+        iq1 = inflight_queue1(inf, inflight_fd, false, &map);
         CHECK(iq1->version == 1 && iq1->desc_num == QSIZE && iq1->used_idx == N_PHASE2,
               "inflight queue 1 header: version %u desc_num %u used_idx %u", iq1->version,
               iq1->desc_num, iq1->used_idx);
         for (unsigned i = 0; i < QSIZE; i++)
                 CHECK(iq1->desc[i].inflight == 0, "inflight entry %u still set", i);
-        munmap(iq, inf.mmap_size);
+        munmap(map, inf->mmap_size);
+}
 
+/* 4: SIGKILL with requests in flight; restart; restore; exactly once.
+ * Returns the first slot of the phase. */
+static unsigned phase_kill_restore(struct fe *fe, struct drv_q *q1, const struct vhu_inflight *inf,
+                                   int inflight_fd, unsigned driver_seed, uint64_t t0) {
+        unsigned first = 2 * N_PHASE1, next = first, last = first + N_PHASE2;
+        unsigned resubmit_cycles = 0;
+        long long resubmitted = 0;
+
+        fe_start_queue(fe, q1, 0);
+        srand(driver_seed);
+        for (unsigned cycle = 0; cycle < KILL_CYCLES; cycle++) {
+                unsigned batch = (last - first) / (KILL_CYCLES + 1), outstanding = 0;
+                long long n;
+                json_t *j;
+
+                for (unsigned k = 0; k < batch && next < last; k++, next++) {
+                        q_submit_phase2(q1, next, first);
+                        if (k % 8 == 7)
+                                q_kick(q1);
+                }
+                q_kick(q1);
+                msleep(2 + (unsigned) (rand() % 28));
+                q_reap(q1, NULL, NULL);
+                backend_kill();
+                q_reap(q1, NULL, NULL);
+                for (unsigned s = first; s < next; s++)
+                        outstanding += slots[s].completed == 0;
+                resubmit_cycles += outstanding > 0;
+
+                /* restore, as a front-end does after a back-end crash */
+                fe_close(fe);
+                fe_restore(fe, q1, inf, inflight_fd);
+                q_kick(q1);
+                /* the restarted back-end found them in the inflight buffer */
+                fe->ctl = connect_unix(ctl_path);
+                j = ctl(fe, "{\"cmd\":\"vrings\"}");
+                n = json_integer_value(json_object_get(
+                        json_array_get(json_object_get(j, "vrings"), 1), "resubmitted"));
+                json_decref(j);
+                CHECK(n <= outstanding, "resubmitted %lld, only %u outstanding", n, outstanding);
+                resubmitted += n;
+                printf("cycle %u: killed with %u of %u requests outstanding, %lld resubmitted\n",
+                       cycle, outstanding, next - first, n);
+        }
+        while (next < last)
+                q_submit_phase2(q1, next++, first);
+        q_kick(q1);
+        q_wait_all(q1, first, last, NULL, NULL);
+        msleep(50);             /* nothing more may arrive */
+        q_reap(q1, NULL, NULL);
+        CHECK(q_used_idx(q1) == N_PHASE2, "used idx %u after %u requests", q_used_idx(q1), N_PHASE2);
+        for (unsigned s = first; s < last; s++)
+                slot_verify(s);
+        check_after_kills(first, inf, inflight_fd);
+        CHECK(resubmit_cycles > 0, "no kill ever hit a request in flight");
+        CHECK(resubmitted > 0, "no restarted back-end ever resubmitted an inflight request");
         printf("phase 2: %u requests over %u SIGKILLs (%u with requests in flight), %lld resubmitted, "
                "each completed exactly once (%llu ms)\n", N_PHASE2, KILL_CYCLES, resubmit_cycles, resubmitted,
                (unsigned long long) (now_ms() - t0));
+        return first;
+}
 
-        /*
-         * 5: the spec's "last batch" fix-up, deterministically: make the
-         * buffer look like a crash right after the used idx was bumped for a
-         * batch of the last 5 completions, before their inflight flags were
-         * cleared.  The restarted back-end must clear them, not resubmit.
-         */
+/*
+ * 5: the spec's "last batch" fix-up, deterministically: make the
+ * buffer look like a crash right after the used idx was bumped for a
+ * batch of the last 5 completions, before their inflight flags were
+ * cleared.  The restarted back-end must clear them, not resubmit.
+ */
+static void phase_last_batch(struct fe *fe, struct drv_q *q1, const struct vhu_inflight *inf, int inflight_fd,
+                             unsigned first) {
+        struct vhu_inflight_queue_split *iq1;
+        json_t *jv, *v1;
+        void *map;
+        uint16_t h;
+
         backend_kill();
-        fe_close(&fe);
-        iq = mmap(NULL, inf.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, inflight_fd, 0);
-        CHECK(iq != MAP_FAILED, "mmap inflight: %m");
-        iq1 = (void *) ((uint8_t *) iq + 16 + 16 * QSIZE);
-        uint16_t h = iq1->last_batch_head;
+        fe_close(fe);
+        iq1 = inflight_queue1(inf, inflight_fd, true, &map);
+        h = iq1->last_batch_head;
         for (unsigned k = 0; k < 5; k++) {
                 CHECK(h < QSIZE && slots[first + h / 3].completed == 1, "batch list head %u", h);
                 iq1->desc[h].inflight = 1;
                 h = iq1->desc[h].next;
         }
         iq1->used_idx = (uint16_t) (iq1->used_idx - 5);
-        fe_restore(&fe, &q1, &inf, inflight_fd);
-        fe.ctl = connect_unix(ctl_path);
-        json_t *jv = ctl(&fe, "{\"cmd\":\"vrings\"}");
-        json_t *v1 = json_array_get(json_object_get(jv, "vrings"), 1);
+        fe_restore(fe, q1, inf, inflight_fd);
+        fe->ctl = connect_unix(ctl_path);
+        jv = ctl(fe, "{\"cmd\":\"vrings\"}");
+        v1 = json_array_get(json_object_get(jv, "vrings"), 1);
         CHECK(json_integer_value(json_object_get(v1, "resubmitted")) == 0 &&
               json_integer_value(json_object_get(v1, "last_avail")) == N_PHASE2,
               "fix-up: resubmitted %lld, last avail %lld",
@@ -786,22 +806,55 @@ int main(void) {
               (long long) json_integer_value(json_object_get(v1, "last_avail")));
         json_decref(jv);
         msleep(50);
-        CHECK(q_reap(&q1, NULL, NULL) == 0 && q_used_idx(&q1) == N_PHASE2, "completions after the fix-up");
+        CHECK(q_reap(q1, NULL, NULL) == 0 && q_used_idx(q1) == N_PHASE2, "completions after the fix-up");
         CHECK(iq1->used_idx == N_PHASE2, "fix-up left used_idx %u", iq1->used_idx);
         for (unsigned i = 0; i < QSIZE; i++)
                 CHECK(iq1->desc[i].inflight == 0, "fix-up left entry %u inflight", i);
-        munmap(iq, inf.mmap_size);
+        munmap(map, inf->mmap_size);
         printf("phase 3: last-batch fix-up after a crash mid-completion: nothing resubmitted\n");
+}
 
-        /* a clean exit on SIGTERM */
-        kill(backend_pid, SIGTERM);
+/* A clean exit on SIGTERM. */
+static void backend_stop_checked(void) {
         int status;
+
+        kill(backend_pid, SIGTERM);
         waitpid(backend_pid, &status, 0);
         backend_pid = -1;
         CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "exit status on SIGTERM: 0x%x", status);
+}
+
+int main(void) {
+        struct fe fe = { .sock = -1, .chan = -1, .ctl = -1 };
+        struct vhu_inflight inf;
+        struct drv_q q0, q1;
+        uint64_t t0 = now_ms();
+        unsigned driver_seed, first;
+        int inflight_fd;
+
+        backend_bin = getenv("VHUB_TEST_BACKEND");
+        if (getenv("VHUB_SELFTEST_SEED"))
+                seed = (unsigned) strtoul(getenv("VHUB_SELFTEST_SEED"), NULL, 0);
+        driver_seed = seed * 7919u + 12345u;
+        if (!backend_bin || access(backend_bin, X_OK) < 0) {
+                printf("SKIP: VHUB_TEST_BACKEND not set or not executable\n");
+                return 77;
+        }
+        signal(SIGPIPE, SIG_IGN);
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        setup_guest();
+
+        inflight_fd = phase_setup(&fe, &inf);
+        /* 2: control, shared objects, misbehaviour, refusals */
+        test_control_and_shared_objects(&fe);
+        q_init(&q0, 0);
+        q_init(&q1, 1);
+        phase_out_of_order(&fe, &q0, t0);
+        first = phase_kill_restore(&fe, &q1, &inf, inflight_fd, driver_seed, t0);
+        phase_last_batch(&fe, &q1, &inf, inflight_fd, first);
+        backend_stop_checked();
 
         fe_close(&fe);
-        close(disk_fd);
         close(inflight_fd);
         close(q0.kick);
         close(q0.call);
