@@ -656,11 +656,9 @@ static void test_sizes_and_fds(void) {
         }
 }
 
-static void test_request_rules(void) {
+static void test_mem_table_rules(void) {
         struct vhu_mem_region regions[VHU_MEM_TABLE_MAX_REGIONS + 1];
         struct vhu_msg m, saved;
-        uint8_t data[VHU_MAX_CONFIG_SIZE + 1] = { 0 };
-        int fd_minus = -1;
 
         for (unsigned i = 0; i <= VHU_MEM_TABLE_MAX_REGIONS; i++) {
                 regions[i] = sample_region;
@@ -705,6 +703,12 @@ static void test_request_rules(void) {
         CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, true,
                                saved.payload.raw, 8 + 32 * 2, test_fds, 1), -EINVAL);
         CHECK(memcmp(&m, &saved, sizeof(m)) == 0);
+}
+
+static void test_vring_fd_rules(void) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
 
         test_set_context("SET_VRING_KICK/CALL/ERR rules");
         for (uint32_t req = VHU_REQ_SET_VRING_KICK; req <= VHU_REQ_SET_VRING_ERR; req++) {
@@ -726,6 +730,13 @@ static void test_request_rules(void) {
         }
         CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_NUM, false, 0, -1), -EINVAL);
         vhu_msg_forget_fds(&m);
+}
+
+static void test_config_rules(void) {
+        struct vhu_msg m, saved;
+        uint8_t data[VHU_MAX_CONFIG_SIZE + 1] = { 0 };
+
+        vhu_msg_init(&m);
 
         test_set_context("GET_CONFIG/SET_CONFIG rules");
         CHECK_EQ(vhu_msg_build_config(&m, VHU_REQ_GET_CONFIG, false, 0, VHU_MAX_CONFIG_SIZE, 0, NULL), 0);
@@ -764,6 +775,12 @@ static void test_request_rules(void) {
                 CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_CONFIG, VHU_VERSION, ALL_PF,
                                             &r, NULL), 0);
         }
+}
+
+static void test_inflight_rules(void) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
 
         test_set_context("GET_INFLIGHT_FD / SET_INFLIGHT_FD: 24 bytes, not 20");
         {
@@ -781,6 +798,12 @@ static void test_request_rules(void) {
                 CHECK_REJECTED(VHU_DIR_FRONTEND, ALL_PF, &m);
                 vhu_msg_forget_fds(&m);
         }
+}
+
+static void test_log_base_rules(void) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
 
         test_set_context("SET_LOG_BASE and LOG_SHMFD");
         {
@@ -808,6 +831,12 @@ static void test_request_rules(void) {
                 CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_LOG_BASE, VHU_VERSION,
                                      VHU_PF_BIT(VHU_PF_REPLY_ACK), &r);
         }
+}
+
+static void test_rem_mem_reg_rules(void) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
 
         test_set_context("REM_MEM_REG with a stray fd");
         CHECK_EQ(vhu_msg_build_mem_single(&m, VHU_REQ_REM_MEM_REG, false, &sample_region, test_fds[0]), 0);
@@ -816,6 +845,12 @@ static void test_request_rules(void) {
         CHECK_EQ(vhu_msg_build_mem_single(&m, VHU_REQ_ADD_MEM_REG, false, &sample_region, -1), -EINVAL);
         CHECK_EQ(vhu_msg_build_mem_single(&m, VHU_REQ_SET_MEM_TABLE, false, &sample_region, -1), -EINVAL);
         vhu_msg_forget_fds(&m);
+}
+
+static void test_small_request_rules(void) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
 
         test_set_context("small request-specific rules");
         CHECK_EQ(vhu_msg_build_state(&m, VHU_REQ_VRING_KICK, false, 0, 1), -EINVAL);
@@ -838,6 +873,15 @@ static void test_request_rules(void) {
                 CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, false, &ds,
                                        sizeof(ds), test_fds, 1), -EINVAL);
         }
+}
+
+static void test_builder_errors(void) {
+        struct vhu_msg m, saved;
+        uint8_t data[VHU_MAX_CONFIG_SIZE + 1] = { 0 };
+        int fd_minus = -1;
+
+        vhu_msg_init(&m);
+        CHECK_EQ(vhu_msg_build_config(&saved, VHU_REQ_SET_CONFIG, false, 0, 60, 1, data), 0);
 
         test_set_context("builder argument errors");
         CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, 0, false, NULL, 0, NULL, 0), -EOPNOTSUPP);
@@ -862,6 +906,7 @@ static void test_backend_rules(void) {
         struct vhu_msg m;
 
         vhu_msg_init(&m);
+
         test_set_context("back-end fds need BACKEND_SEND_FD");
         CHECK_EQ(build_valid_request(VHU_DIR_BACKEND, VHU_BREQ_VRING_HOST_NOTIFIER_MSG, false, &m), 0);
         CHECK_EQ(vhu_validate_request(VHU_DIR_BACKEND, ALL_PF, &m, NULL), 0);
@@ -1161,7 +1206,14 @@ int main(void) {
         test_decode_errors();
         test_header_flags();
         test_sizes_and_fds();
-        test_request_rules();
+        test_mem_table_rules();
+        test_vring_fd_rules();
+        test_config_rules();
+        test_inflight_rules();
+        test_log_base_rules();
+        test_rem_mem_reg_rules();
+        test_small_request_rules();
+        test_builder_errors();
         test_backend_rules();
         test_reply_rules();
         test_lifetime();
