@@ -50,6 +50,7 @@ import stat
 import struct
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,7 +213,9 @@ def is_event(name, device, request=None):
                       and (request is None or e.get("request") == request))
 
 
-def main(t):
+def setup(t):
+    """vhubd, the test back-ends (X answers everything, the others misbehave
+    or linger), vm0 with every device and memory, vm1 empty."""
     d = t.tmpdir()
     extra = ["--backend-timeout-ms", str(TIMEOUT_MS)]
     other_uid = os.getuid() == 0
@@ -250,8 +253,13 @@ def main(t):
     X.wait_connected()
     vmm1 = Vmm(c, "vm1")
     vmm1.create()
+    return types.SimpleNamespace(daemon=daemon, c=c, baseline=baseline, other_uid=other_uid, mem=mem,
+                                 vmm=vmm, vmm1=vmm1, X=X, M=M, N=N, P=P, R=R, L=L)
 
-    # ---- CONFIG_CHANGE_MSG -> device.config_changed ----
+
+def part_config_changed(t, w):
+    """CONFIG_CHANGE_MSG -> device.config_changed"""
+    daemon, other_uid, X, c = w.daemon, w.other_uid, w.X, w.c
     sub_vm = daemon.client()
     sub_vm.call("events.subscribe", {"vm": "vm0"})
     sub_all = daemon.client()
@@ -295,8 +303,16 @@ def main(t):
     if nobody:
         check_eq([m for m in nobody.read(0.2) if "id" not in m], [],
                  "no event on uid %d's connection" % NOBODY)
+    w.bystander = bystander
+    w.nobody = nobody
+    w.sub_all = sub_all
+    w.sub_other = sub_other
+    w.sub_vm = sub_vm
 
-    # ---- VRING_HOST_NOTIFIER_MSG round trips ----
+
+def part_host_notifier(t, w):
+    """VRING_HOST_NOTIFIER_MSG round trips"""
+    X, c = w.X, w.c
     def host_notifier(result, queue=1, **kw):
         replies0 = X.conn()["chan"]["replies"]
         p = AsyncCommand(X, dict({"cmd": "host-notifier", "queue": queue}, **kw))
@@ -333,8 +349,12 @@ def main(t):
     check(ev["token"] != tok0, "each request has its own token")
     ev = host_notifier(0, queue=1, fd=False)
     check("fd" not in ev and not ev.get("_fds"), "VRING_HOST_NOTIFIER_MSG without fd: none in the event", ev)
+    w.tok0 = tok0
 
-    # ---- tokens that answer nothing ----
+
+def part_tokens(t, w):
+    """tokens that answer nothing"""
+    X, tok0, c = w.X, w.tok0, w.c
     ch0 = X.conn()["chan"]
     for token, what in ((tok0, "an answered token"), (987654321, "an unknown token"),
                         ("0x%x" % (1 << 60), "an unknown hex token")):
@@ -353,8 +373,12 @@ def main(t):
     check(not p.done(), "X still waits after the reply naming Y")
     c.call("device.backend_reply", {"vm": "vm0", "device": "X", "token": ev["token"], "result": 0})
     check_eq(p.result(5).get("reply"), 0, "X's own token still answers it")
+    w.ch0 = ch0
 
-    # ---- no reply: the back-end is answered at the deadline ----
+
+def part_no_reply(t, w):
+    """no reply: the back-end is answered at the deadline"""
+    X, c, vmm, ch0 = w.X, w.c, w.vmm, w.ch0
     p = AsyncCommand(X, {"cmd": "host-notifier", "queue": 1, "timeout_ms": 5000})
     ev = c.wait_event(is_event("device.backend_request", "X", "VRING_HOST_NOTIFIER_MSG"), 5)
     for fd in ev.get("_fds", []):
@@ -428,7 +452,10 @@ def main(t):
     check(ch["replies"] == 0 and ch["unexpected"] == 0,
           "nothing reached the new connection's channel", ch)
 
-    # ---- SHMEM_MAP / SHMEM_UNMAP / IOTLB_MSG ----
+
+def part_shmem_iotlb(t, w):
+    """SHMEM_MAP / SHMEM_UNMAP / IOTLB_MSG"""
+    X, c = w.X, w.c
     p = AsyncCommand(X, {"cmd": "shmem-map", "shmid": 3, "shm_offset": 0x10000,
                          "fd_offset": 4096, "len": 8192, "flags": 1})
     ev = c.wait_event(is_event("device.backend_request", "X", "SHMEM_MAP"), 5)
@@ -474,7 +501,10 @@ def main(t):
     c.call("device.backend_reply", {"vm": "vm0", "device": "X", "token": ev["token"], "result": 0})
     check_eq(p.result(5).get("reply"), 0, "IOTLB_MSG answered 0")
 
-    # ---- in-band VRING_CALL / VRING_ERR ----
+
+def part_inband_calls(t, w):
+    """in-band VRING_CALL / VRING_ERR"""
+    mem, vmm, c, X = w.mem, w.vmm, w.c, w.X
     vq = Virtqueue(mem, size=64, index=0)
     err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     t.defer(os.close, err_fd)
@@ -503,7 +533,10 @@ def main(t):
     log("ok: VRING_CALL without NEED_REPLY signalled the call eventfd")
     vmm.stop_device("X")
 
-    # ---- a burst below the flood limit: every request handled, nothing lost ----
+
+def part_burst(t, w):
+    """a burst below the flood limit: every request handled, nothing lost"""
+    c, X, vmm, sub_vm, sub_all = w.c, w.X, w.vmm, w.sub_vm, w.sub_all
     c.events()
     time.sleep(1.0)  # a fresh one-second window on X's channel
     a = X.flood(kind="messages", count=1500)
@@ -518,7 +551,10 @@ def main(t):
     for conn in (sub_vm, sub_all):
         conn.events()
 
-    # ---- a misbehaving channel: the device is lost, the rest runs ----
+
+def part_misbehaving(t, w):
+    """a misbehaving channel: the device is lost, the rest runs"""
+    c, vmm, M, N, R, P, daemon, X = w.c, w.vmm, w.M, w.N, w.R, w.P, w.daemon, w.X
     def lost(dev, action, what):
         action()
         ev = c.wait_event(is_event("device.disconnected", dev), 5)
@@ -575,7 +611,10 @@ def main(t):
     check_eq(X.config_change().get("reply"), 0, "X's channel still served")
     c.wait_event(is_event("device.config_changed", "X"), 5)
 
-    # ---- a lingering VM: nobody to ask, then the new owner answers ----
+
+def part_lingering(t, w):
+    """a lingering VM: nobody to ask, then the new owner answers"""
+    daemon, L, sub_all = w.daemon, w.L, w.sub_all
     owner = daemon.client()
     Vmm(owner, "vm2").create(linger_ms=10000)
     Vmm(owner, "vm2").add_device("L", L.socket)
@@ -599,7 +638,12 @@ def main(t):
     owner.call("vm.destroy", {"vm": "vm2"})
     owner.close()
 
-    # ---- clean up: every fd back ----
+
+def part_cleanup(t, w):
+    """clean up: every fd back"""
+    sub_vm, sub_all, sub_other, bystander = w.sub_vm, w.sub_all, w.sub_other, w.bystander
+    nobody, vmm, vmm1 = w.nobody, w.vmm, w.vmm1
+    daemon, baseline = w.daemon, w.baseline
     for conn in (sub_vm, sub_all, sub_other, bystander):
         conn.close()
     if nobody:
@@ -607,6 +651,20 @@ def main(t):
     vmm.destroy()
     vmm1.destroy()
     daemon.check_fd_baseline(baseline)
+
+
+def main(t):
+    w = setup(t)
+    part_config_changed(t, w)
+    part_host_notifier(t, w)
+    part_tokens(t, w)
+    part_no_reply(t, w)
+    part_shmem_iotlb(t, w)
+    part_inband_calls(t, w)
+    part_burst(t, w)
+    part_misbehaving(t, w)
+    part_lingering(t, w)
+    part_cleanup(t, w)
 
 
 if __name__ == "__main__":
