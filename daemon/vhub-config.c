@@ -3,6 +3,7 @@
 #include <getopt.h>
 #include <grp.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -171,41 +172,41 @@ enum {
         OPT_MAX_CONN_UID, OPT_NO_FD_STORE,
 };
 
-/* --max-*: a resource limit, 1 up to the option's own ceiling. */
-static int parse_limit(struct vhub_limits *l, int o, const char *arg) {
-        unsigned long max = o == OPT_MAX_LINE ? 64ul << 20 : o == OPT_MAX_FDS ? 1ul << 30 : 1000000;
-        unsigned long v;
+/* --max-*: the limit each sets (an unsigned of struct vhub_limits) and its ceiling. */
+static const struct limit_option {
+        int option;
+        size_t offset;
+        unsigned long max;
+} limit_options[] = {
+        { OPT_MAX_VMS, offsetof(struct vhub_limits, vms_per_uid), 1000000 },
+        { OPT_MAX_DEVICES, offsetof(struct vhub_limits, devices_per_vm), 1000000 },
+        { OPT_MAX_REGIONS, offsetof(struct vhub_limits, regions_per_vm), 1000000 },
+        { OPT_MAX_CONN, offsetof(struct vhub_limits, connections), 1000000 },
+        { OPT_MAX_CONN_UID, offsetof(struct vhub_limits, connections_per_uid), 1000000 },
+        { OPT_MAX_PENDING, offsetof(struct vhub_limits, pending_per_connection), 1000000 },
+        { OPT_MAX_FDS, offsetof(struct vhub_limits, fds_per_uid), 1ul << 30 },
+};
 
+/* A --max-* option: 1 up to its ceiling. */
+static int parse_limit(struct vhub_limits *l, int o, const char *arg) {
+        unsigned long max = 64ul << 20, v;      /* --max-line-bytes, a size_t */
+        const struct limit_option *lo = NULL;
+
+        for (size_t i = 0; i < sizeof(limit_options) / sizeof(limit_options[0]); i++)
+                if (limit_options[i].option == o)
+                        lo = &limit_options[i];
+        if (lo)
+                max = lo->max;
         if (parse_unsigned(arg, max, &v) < 0 || v == 0) {
                 fprintf(stderr, "vhubd: bad value for a limit: %s\n", arg);
                 return -EINVAL;
         }
-        switch (o) {
-        case OPT_MAX_VMS:
-                l->vms_per_uid = (unsigned)v;
-                break;
-        case OPT_MAX_DEVICES:
-                l->devices_per_vm = (unsigned)v;
-                break;
-        case OPT_MAX_REGIONS:
-                l->regions_per_vm = v > VHUB_DAEMON_MEM_SLOTS ? VHUB_DAEMON_MEM_SLOTS : (unsigned)v;
-                break;
-        case OPT_MAX_CONN:
-                l->connections = (unsigned)v;
-                break;
-        case OPT_MAX_CONN_UID:
-                l->connections_per_uid = (unsigned)v;
-                break;
-        case OPT_MAX_PENDING:
-                l->pending_per_connection = (unsigned)v;
-                break;
-        case OPT_MAX_FDS:
-                l->fds_per_uid = (unsigned)v;
-                break;
-        default: /* OPT_MAX_LINE */
+        if (!lo)
                 l->max_line = v;
-                break;
-        }
+        else
+                *(unsigned *)((char *)l + lo->offset) = (unsigned)v;
+        if (l->regions_per_vm > VHUB_DAEMON_MEM_SLOTS)
+                l->regions_per_vm = VHUB_DAEMON_MEM_SLOTS;
         return 0;
 }
 

@@ -303,11 +303,8 @@ def part_config_changed(t, w):
     if nobody:
         check_eq([m for m in nobody.read(0.2) if "id" not in m], [],
                  "no event on uid %d's connection" % NOBODY)
-    w.bystander = bystander
-    w.nobody = nobody
-    w.sub_all = sub_all
-    w.sub_other = sub_other
-    w.sub_vm = sub_vm
+    vars(w).update(sub_vm=sub_vm, sub_all=sub_all, sub_other=sub_other, bystander=bystander,
+                   nobody=nobody)
 
 
 def part_host_notifier(t, w):
