@@ -40,6 +40,7 @@ import os
 import select
 import sys
 import time
+import types
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,9 @@ def chan(tb):
     return tb.conn()["chan"]
 
 
-def main(t):
+def setup(t):
+    """vhubd with vm0 and its devices on the test back-end: A exports, B imports,
+    C is a bystander, R is removed, K killed; D is for a second VM."""
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))
     c = daemon.client()
@@ -113,8 +116,13 @@ def main(t):
     for tb in (A, B, C, R, K):
         tb.wait_connected()
     check_eq(objects(c, "vm0"), {}, "shared_object.list of a fresh VM")
+    return types.SimpleNamespace(A=A, B=B, C=C, D=D, K=K, R=R, backend=backend, baseline=baseline,
+                                 c=c, daemon=daemon, vmm=vmm)
 
-    # ---- a device's export, looked up by another device ----
+
+def part_device_export(t, w):
+    """A device's export, looked up by another device."""
+    A, c, B = w.A, w.c, w.B
     ua = A.export(size=4096, fill="a1")
     check_eq(objects(c, "vm0"), {ua: "A"}, "shared_object.list after A's SHARED_OBJECT_ADD")
     r = B.lookup(ua, read=16, write="c0ffee", offset=8)
@@ -141,8 +149,12 @@ def main(t):
     check_eq(r["data"], "5eed5eed" + "a1" * 4,
              "a write into A's memfd is what B's next lookup reads")
     check_eq(A.shared_objects()[0]["lookups"], 2, "A answered GET_SHARED_OBJECT once per lookup")
+    vars(w).update(ua=ua)
 
-    # ---- the VMM's export ----
+
+def part_vmm_export(t, w):
+    """The VMM's export."""
+    c, ua, B, C = w.c, w.ua, w.B, w.C
     uv = str(uuidlib.uuid4())
     vfd = memfd_with(b"\x7e" * 64 + b"VMM-OBJECT")
     vmap = mmap.mmap(vfd, 4096)
@@ -161,8 +173,13 @@ def main(t):
         ch = chan(tb)
         check(ch["unexpected"] == 0 and ch["pending"] == 0,
               "%s: every lookup got exactly its own reply (no extra ack)" % n, ch)
+    vars(w).update(uv=uv)
 
-    # ---- a second VM: its own table ----
+
+def part_second_vm(t, w):
+    """A second VM: its own table."""
+    c, D, ua, uv = w.c, w.D, w.ua, w.uv
+    B = w.B
     vmm1 = Vmm(c, "vm1")
     vmm1.create()
     vmm1.add_device("D", D.socket)
@@ -181,8 +198,13 @@ def main(t):
              "vm1's own object under vm0's UUID: D gets vm1's fd")
     check_eq(B.lookup(uv, read=4)["data"], b"WXYZ".hex(), "vm0's B still gets vm0's fd")
     c.call("shared_object.remove", {"vm": "vm1", "uuid": uv})
+    vars(w).update(ud=ud, vmm1=vmm1)
 
-    # ---- device requests that must change nothing ----
+
+def part_requests_change_nothing(t, w):
+    """Device requests that must change nothing."""
+    B, ua, uv, D = w.B, w.ua, w.uv, w.D
+    c, A = w.c, w.A
     a = B.command({"cmd": "export", "uuid": ua, "fill": "bb"})
     check(a["reply"] != 0, "B's SHARED_OBJECT_ADD of A's UUID: nonzero ack", a)
     a = B.command({"cmd": "export", "uuid": uv, "fill": "bb"})
@@ -212,20 +234,30 @@ def main(t):
     log("ok: SHARED_OBJECT_ADD / REMOVE without NEED_REPLY act without an ack")
     check_lookup_fails(B, str(uuidlib.uuid4()), "lookup of an unknown UUID")
 
-    # ---- an exporter refusing GET_SHARED_OBJECT ----
+
+def part_exporter_refuses(t, w):
+    """An exporter refusing GET_SHARED_OBJECT."""
+    A, B, ua, vmm = w.A, w.B, w.ua, w.vmm
     A.misbehave("GET_SHARED_OBJECT", "refuse", count=1)
     check_lookup_fails(B, ua, "lookup while the exporter refuses GET_SHARED_OBJECT")
     check_eq(vmm.device_state("A")["state"], "ready", "a refusing exporter stays connected")
     check_eq(B.lookup(ua, read=4)["data"], "5eed5eed", "the next lookup works again")
 
-    # ---- lookups in parallel, and an exporter looking up its own object ----
+
+def part_parallel_lookups(t, w):
+    """Lookups in parallel, and an exporter looking up its own object."""
+    B, C, A, ua = w.B, w.C, w.A, w.ua
     par = [AsyncCommand(tb, {"cmd": "lookup", "uuid": ua, "read": 4}) for tb in (B, C, A)]
     for n, p in zip("BCA", par):
         r = p.result(5)
         check(r.get("ok") and r["result"] == 0 and r["data"] == "5eed5eed",
               "parallel lookup by %s served" % n, r)
 
-    # ---- the importer goes away while its lookup waits for the exporter ----
+
+def part_importer_gone(t, w):
+    """The importer goes away while its lookup waits for the exporter."""
+    A, C, ua, vmm = w.A, w.C, w.ua, w.vmm
+    daemon, B = w.daemon, w.B
     A.misbehave("GET_SHARED_OBJECT", "delay", delay_ms=300, count=1)
     asked = A.requests().get("GET_SHARED_OBJECT", 0)
     p = AsyncCommand(C, {"cmd": "lookup", "uuid": ua, "read": 4, "timeout_ms": 3000})
@@ -239,7 +271,10 @@ def main(t):
     vmm.add_device("C", C.socket)
     C.wait_connected(connections=2)
 
-    # ---- the VMM's shared_object.add / remove errors ----
+
+def part_vmm_add_remove_errors(t, w):
+    """The VMM's shared_object.add / remove errors."""
+    c, uv, ua, B = w.c, w.uv, w.ua, w.B
     dup = memfd_with(b"dup")
     try:
         e = expect_error(RpcError, c.call, "shared_object.add",
@@ -279,7 +314,10 @@ def main(t):
     check_eq(objects(c, "vm0"), {ua: "A", uv: "vmm"}, "list unchanged by the failed calls")
     check_eq(B.lookup(ua, read=4)["data"], "5eed5eed", "A's object still served after them")
 
-    # ---- exporter removed with device.remove (once with a lookup in flight) ----
+
+def part_exporter_removed(t, w):
+    """Exporter removed with device.remove (once with a lookup in flight)."""
+    R, B, vmm, c = w.R, w.B, w.vmm, w.c
     ur = R.export(fill="55")
     check_eq(B.lookup(ur, read=2)["data"], "5555", "R's object served")
     R.misbehave("GET_SHARED_OBJECT", "delay", delay_ms=200, count=1)
@@ -293,7 +331,11 @@ def main(t):
     check(ur not in objects(c, "vm0"), "device.remove drops R's objects from the list")
     check_lookup_fails(B, ur, "lookup of a removed device's object")
 
-    # ---- exporter killed ----
+
+def part_exporter_killed(t, w):
+    """Exporter killed."""
+    K, B, c, ua = w.K, w.B, w.c, w.ua
+    uv, vmm = w.uv, w.vmm
     uk = K.export(fill="4b")
     check_eq(B.lookup(uk, read=2)["data"], "4b4b", "K's object served")
     K.misbehave("GET_SHARED_OBJECT", "silence", count=1)
@@ -312,7 +354,11 @@ def main(t):
     check_lookup_fails(B, uk, "lookup of a killed exporter's object")
     check_eq(vmm.device_state("K")["state"], "disconnected", "K stays disconnected")
 
-    # ---- exporter hung: the lookup fails at the deadline, the rest runs ----
+
+def part_exporter_hung(t, w):
+    """Exporter hung: the lookup fails at the deadline, the rest runs."""
+    A, B, ua, vmm = w.A, w.B, w.ua, w.vmm
+    c, uv = w.c, w.uv
     A.sigstop()
     t.defer(lambda: A.alive and A.sigcont())
     stall = AsyncCommand(B, {"cmd": "lookup", "socket": 0, "uuid": ua, "timeout_ms": 8000})
@@ -351,7 +397,10 @@ def main(t):
     check_lookup_fails(B, ua, "lookup after the exporter came back (it has not exported again)")
     check_eq(vmm.config_get("B", 0, 8), vmm.config_get("B", 0, 8), "B still served")
 
-    # ---- the per-VM limit (1024 by default) counts every exporter ----
+
+def part_vm_limit(t, w):
+    """The per-VM limit (1024 by default) counts every exporter."""
+    c, B = w.c, w.B
     have = len(objects(c, "vm0"))
     lim_fd = memfd_with(b"limit")
     try:
@@ -372,7 +421,11 @@ def main(t):
     check(a["reply"] != 0, "a device's SHARED_OBJECT_ADD at the limit: nonzero ack", a)
     check_eq(len(objects(c, "vm0")), have + added, "nothing added at the limit")
 
-    # ---- vm.destroy while a lookup waits for its exporter ----
+
+def part_destroy_during_lookup(t, w):
+    """Vm.destroy while a lookup waits for its exporter."""
+    backend, vmm1, ud, D = w.backend, w.vmm1, w.ud, w.D
+    daemon, vmm = w.daemon, w.vmm
     E = backend("E")
     vmm1.add_device("E", E.socket)
     E.wait_connected()
@@ -386,12 +439,33 @@ def main(t):
     check(daemon.alive and vmm.config_get("B", 0, 8) is not None,
           "vhubd survives vm.destroy with a lookup in flight")
 
-    # ---- vm.destroy drops the VMM's objects ----
+
+def part_destroy_drops_vmm_objects(t, w):
+    """Vm.destroy drops the VMM's objects."""
+    vmm, c, daemon, baseline = w.vmm, w.c, w.daemon, w.baseline
     vmm.destroy()
     vmm.create()
     check_eq(objects(c, "vm0"), {}, "a re-created vm0 has no objects")
     vmm.destroy()
     daemon.check_fd_baseline(baseline)
+
+
+def main(t):
+    w = setup(t)
+    part_device_export(t, w)
+    part_vmm_export(t, w)
+    part_second_vm(t, w)
+    part_requests_change_nothing(t, w)
+    part_exporter_refuses(t, w)
+    part_parallel_lookups(t, w)
+    part_importer_gone(t, w)
+    part_vmm_add_remove_errors(t, w)
+    part_exporter_removed(t, w)
+    part_exporter_killed(t, w)
+    part_exporter_hung(t, w)
+    part_vm_limit(t, w)
+    part_destroy_during_lookup(t, w)
+    part_destroy_drops_vmm_objects(t, w)
 
 
 if __name__ == "__main__":
