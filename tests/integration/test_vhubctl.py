@@ -39,6 +39,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,14 +207,19 @@ def check_help(ctl):
     check_eq(ctl.run("help")[0], ctl.run("--help")[0], "'help' alone is --help")
 
 
-def main(t):
+def setup(t):
+    """vhubd, a control connection of the test's own, and vhubctl pointed at it."""
     d = t.tmpdir()
     daemon = t.enter(Daemon(d))
     c = daemon.client()
     ctl = Ctl(daemon.control)
     uid = os.getuid()
+    return types.SimpleNamespace(c=c, ctl=ctl, d=d, daemon=daemon, uid=uid)
 
-    # ---- daemon info
+
+def part_daemon_info(t, w):
+    """Daemon info."""
+    ctl, daemon, c = w.ctl, w.daemon, w.c
     out, _ = ctl.run("daemon", "info")
     info = kv(out)
     check_eq(info.get("pid"), str(daemon.pid), "daemon info table: pid")
@@ -226,7 +232,10 @@ def main(t):
     check(info["protocol features"].startswith("%#x " % u64(j["protocol_features"])),
           "daemon info table: protocol features in hex, then by name")
 
-    # ---- usage errors (2) and connection errors (3), before anything exists
+
+def part_usage_errors(t, w):
+    """Usage errors (2) and connection errors (3), before anything exists."""
+    ctl, d, daemon = w.ctl, w.d, w.daemon
     ctl.run(expect=2)
     ctl.run("bogus", expect=2)
     ctl.run("vm", expect=2)
@@ -251,7 +260,10 @@ def main(t):
     env = dict(os.environ, VHUB_SOCKET=os.path.join(d, "nothing-here.sock"))
     ctl.run("daemon", "info", socket=False, env=env, expect=3)
 
-    # ---- VMs
+
+def part_vms(t, w):
+    """VMs."""
+    ctl, c, uid = w.ctl, w.c, w.uid
     _, err = ctl.run("vm", "create", "vm0", "--linger-ms", str(LINGER_MS))
     vms = c.call("vm.list")["vms"]
     check_eq([(v["vm"], v["uid"]) for v in vms], [("vm0", uid)],
@@ -298,7 +310,10 @@ def main(t):
     check("linger_remaining_ms" not in owned, "vm.list: an owned VM has no linger_remaining_ms")
     c.call("vm.destroy", {"vm": "owned"})
 
-    # ---- memory: a memfd and a file
+
+def part_memory(t, w):
+    """Memory: a memfd and a file."""
+    ctl, d, c = w.ctl, w.d, w.c
     ctl.run("vm", "memory", "add", "vm0", "0", "--memfd", "32M")
     ram = scenarios.sparse_image(os.path.join(d, "ram.bin"), 2 << 20)
     ctl.run("vm", "memory", "add", "vm0", "0x10000000", ram, "--offset", "1M", "--uaddr", "0x7f0000000000")
@@ -316,8 +331,12 @@ def main(t):
     ctl.run("vm", "memory", "remove", "vm0", "0x10000000")
     check_eq(len(c.call("vm.memory.list", {"vm": "vm0"})["regions"]), 1, "vm memory remove")
     ctl.run("vm", "memory", "remove", "vm0", "0x10000000", expect=1)
+    vars(w).update(ram=ram)
 
-    # ---- a device on a real qemu-storage-daemon
+
+def part_qsd_device(t, w):
+    """A device on a real qemu-storage-daemon."""
+    d, daemon, ctl, uid = w.d, w.daemon, w.ctl, w.uid
     img = os.path.join(d, "disk.img")
     scenarios.make_image(img, IMAGE_SIZE)
     sock = daemon.backend_socket("blk0.sock")
@@ -393,7 +412,10 @@ def main(t):
     ctl.run("device", "config", "set", "vm0", "blk0", "32", "01")     # writeback: SET_CONFIG answered
     ctl.run("device", "config", "set", "vm0", "blk0", "32", "zz", expect=2)
 
-    # ---- start (vhubctl makes the eventfds), dirty log, stop, reset
+
+def part_start_stop(t, w):
+    """Start (vhubctl makes the eventfds), dirty log, stop, reset."""
+    d, ctl, c = w.d, w.ctl, w.c
     vrings = [{"index": 0, "size": 64, "desc": "0x100000", "avail": "0x101000", "used": "0x102000"},
               {"index": 1, "size": 64, "desc": "0x110000", "avail": "0x111000", "used": "0x112000"}]
     vrings_file = os.path.join(d, "vrings.json")
@@ -444,8 +466,13 @@ def main(t):
     state = os.path.join(d, "blk0.state")
     _, err = ctl.run("device", "state", "save", "vm0", "blk0", state, expect=1)
     check("-32005" in err and not os.path.exists(state), "device state save unsupported: -32005, no file left")
+    vars(w).update(state=state, vrings=vrings)
 
-    # ---- device state through vhub-test-backend (DEVICE_STATE): a pipe each way
+
+def part_device_state(t, w):
+    """Device state through vhub-test-backend (DEVICE_STATE): a pipe each way."""
+    daemon, d, ctl, c = w.daemon, w.d, w.ctl, w.c
+    vrings, state = w.vrings, w.state
     if os.environ.get("VHUB_TEST_BACKEND"):
         s1, s2 = daemon.backend_socket("tb1.sock"), daemon.backend_socket("tb2.sock")
         tb = t.enter(TestBackend(sockets=[s1, s2], args=["--queues", "1"], log_dir=d))
@@ -478,7 +505,10 @@ def main(t):
     else:
         log("VHUB_TEST_BACKEND not set: device state save/load through vhubctl not exercised")
 
-    # ---- shared objects
+
+def part_shared_objects(t, w):
+    """Shared objects."""
+    ctl, ram = w.ctl, w.ram
     uuid = "12345678-1234-1234-1234-123456789abc"
     ctl.run("shared-object", "add", "vm0", uuid, "--memfd", "4K")
     check_eq(table(ctl.run("shared-object", "list", "vm0")[0]), [["UUID", "OWNER"], [uuid, "vmm"]],
@@ -487,7 +517,10 @@ def main(t):
     ctl.run("shared-object", "remove", "vm0", uuid)
     check_eq(ctl.json("shared-object", "list", "vm0"), {"objects": []}, "shared-object list --json")
 
-    # ---- events: --vm in JSON lines, all VMs as a table
+
+def part_events(t, w):
+    """Events: --vm in JSON lines, all VMs as a table."""
+    ctl, c = w.ctl, w.c
     def linger_once():
         ctl.run("vm", "attach", "vm0")  # its connection closes: vm.lingering
 
@@ -528,12 +561,18 @@ def main(t):
     p.communicate(timeout=10)
     check_eq(p.returncode, 0, "events ends with 0 on SIGINT")
 
-    # ---- device remove
+
+def part_device_remove(t, w):
+    """Device remove."""
+    ctl = w.ctl
     ctl.run("device", "remove", "vm0", "blk0")
     check_eq(table(ctl.run("device", "list", "vm0")[0])[1:], [], "device list empty after device remove")
     ctl.run("device", "remove", "vm0", "blk0", expect=1)
 
-    # ---- call: the raw escape hatch
+
+def part_call(t, w):
+    """Call: the raw escape hatch."""
+    ctl, daemon, c = w.ctl, w.daemon, w.c
     out, _ = ctl.run("call", "daemon.info")
     check_eq(json.loads(out)["pid"], daemon.pid, "call daemon.info: pretty JSON result")
     ctl.run("call", "vm.memory.add", '{"vm":"vm0","gpa":"0x40000000","size":4096,"fd":0}', "--memfd", "4096")
@@ -542,7 +581,10 @@ def main(t):
     check("-32601" in err, "call of an unknown method: -32601")
     ctl.run("call", "vm.list", "{not json", expect=2)
 
-    # ---- --hold: the VM lives as long as vhubctl
+
+def part_hold(t, w):
+    """--hold: the VM lives as long as vhubctl."""
+    ctl, c = w.ctl, w.c
     p = ctl.spawn("vm", "create", "held", "--hold")
     deadline = time.monotonic() + 10
     while "held" not in [v["vm"] for v in c.call("vm.list")["vms"]]:
@@ -556,7 +598,10 @@ def main(t):
         check(time.monotonic() < deadline, "the held VM goes with its vhubctl")
         time.sleep(0.05)
 
-    # ---- --uid: root names another uid's VM
+
+def part_uid(t, w):
+    """--uid: root names another uid's VM."""
+    uid, ctl = w.uid, w.ctl
     if uid == 0:
         other = 4242
         ctl.run("--uid", str(other), "vm", "create", "vm0", "--linger-ms", "10000")
@@ -573,13 +618,34 @@ def main(t):
     else:
         log("not root: --uid cases skipped")
 
-    # ---- destroy
+
+def part_destroy(t, w):
+    """Destroy."""
+    ctl, c = w.ctl, w.c
     ctl.run("vm", "destroy", "vm0")
     check_eq(c.call("vm.list")["vms"], [], "vm destroy: no VM left")
     check_eq(table(ctl.run("vm", "list")[0]), [["VM", "UID", "REGIONS", "LINGER", "DEVICES"]],
              "vm list: header only")
     ctl.run("vm", "destroy", "vm0", expect=1)
     check_eq(ctl.json("daemon", "info")["vms"], 0, "daemon info --json: vms back to 0")
+
+
+def main(t):
+    w = setup(t)
+    part_daemon_info(t, w)
+    part_usage_errors(t, w)
+    part_vms(t, w)
+    part_memory(t, w)
+    part_qsd_device(t, w)
+    part_start_stop(t, w)
+    part_device_state(t, w)
+    part_shared_objects(t, w)
+    part_events(t, w)
+    part_device_remove(t, w)
+    part_call(t, w)
+    part_hold(t, w)
+    part_uid(t, w)
+    part_destroy(t, w)
 
 
 run(main)
