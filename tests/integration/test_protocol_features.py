@@ -40,7 +40,7 @@ from vhubtest.daemon import Daemon                                   # noqa: E40
 from vhubtest.events import poll_event, wait_event                   # noqa: E402
 from vhubtest.memory import GuestMemory                              # noqa: E402
 from vhubtest.testbackend import TestBackend                         # noqa: E402
-from vhubtest.testing import check, check_eq, expect_error, log, run  # noqa: E402
+from vhubtest.testing import check, check_eq, expect_error, log, run, run_seed  # noqa: E402
 from vhubtest.vmm import Vmm, vm_with_memory                         # noqa: E402
 
 PF = {"MQ": 0, "REPLY_ACK": 3, "BACKEND_REQ": 5, "CROSS_ENDIAN": 6, "INFLIGHT_SHMFD": 12,
@@ -142,7 +142,7 @@ def check_quiet(wl, seconds, what):
 def skip_drain(t):
     """device.stop drain:false with requests in flight, then device.start:
     every suspended request completes exactly once, with its data."""
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     log("seed %d (VHUB_TEST_SEED)" % seed)
     pf = TB_DEFAULT_PF | bit("GET_VRING_BASE_INFLIGHT") | bit("GET_VRING_BASE_SKIP_DRAIN")
     s = Setup(t, ["--queues", "2", "--complete", "random", "--delay-ms", "150",

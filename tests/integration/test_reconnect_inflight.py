@@ -30,7 +30,6 @@ in flight, in counter order, and continues at used + inflight.  So:
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +38,7 @@ from test_reconnect_qsd import (BlkRing, Workload, check_recovered_and_finish,  
 from vhubtest import scenarios                                 # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
-from vhubtest.testing import check, check_eq, log, run         # noqa: E402
+from vhubtest.testing import check, check_eq, log, run, run_seed  # noqa: E402
 from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 VHU_PF_INFLIGHT_SHMFD = 12
@@ -48,7 +47,7 @@ DEPTH = 32
 
 
 def main(t):
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     log("%d in flight per ring, %d kills, seed %d (VHUB_TEST_SEED)" % (DEPTH, KILLS, seed))
     d = t.tmpdir()
     disk_bytes = 64 << 20

@@ -56,7 +56,7 @@ from vhubtest import blk, scenarios                            # noqa: E402
 from vhubtest.backends import QsdBackend                        # noqa: E402
 from vhubtest.events import no_event, poll_event                # noqa: E402
 from vhubtest.daemon import Daemon                             # noqa: E402
-from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run, run_seed  # noqa: E402
 from vhubtest.vmm import vm_with_memory                        # noqa: E402
 
 EXTENT = 1024                  # every request moves one 1 KiB extent
@@ -480,7 +480,7 @@ def main(t):
     if mode not in ("depth1", "depth32"):
         raise SystemExit("usage: test_reconnect_qsd.py [depth1|depth32]")
     depth, kills = (1, 20) if mode == "depth1" else (32, 10)
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     log("mode %s: %d in flight per ring, %d kills, seed %d (VHUB_TEST_SEED)" % (mode, depth,
                                                                                 kills, seed))
     d = t.tmpdir()

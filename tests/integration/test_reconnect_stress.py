@@ -42,7 +42,7 @@ from vhubtest.daemon import Daemon                             # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.procs import wait_until                          # noqa: E402
 from vhubtest.testbackend import TestBackend                   # noqa: E402
-from vhubtest.testing import check, check_eq, log, run         # noqa: E402
+from vhubtest.testing import check, check_eq, log, run, run_seed  # noqa: E402
 from vhubtest.vmm import Vmm                                   # noqa: E402
 
 TIMEOUT_MS = 1000
@@ -230,7 +230,7 @@ def part_server_mode(t, d, daemon, c, mem):
 
 
 def main(t):
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     log("seed %d (VHUB_TEST_SEED)" % seed)
     d = t.tmpdir()
     daemon = t.enter(Daemon(d, extra_args=["--backend-timeout-ms", str(TIMEOUT_MS)]))

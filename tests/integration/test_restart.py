@@ -48,7 +48,7 @@ from vhubtest.servicemanager import ServiceManager               # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
 from vhubtest.client import u64_json                             # noqa: E402
-from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run, run_seed  # noqa: E402
 from vhubtest.vmm import Vmm, vm_with_memory                     # noqa: E402
 from test_reconnect_qsd import BlkRing, Workload                 # noqa: E402
 
@@ -168,7 +168,7 @@ def wait_restarted(c, wl, k):
 
 
 def part_planned(t):
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     rnd = random.Random(seed)
     log("seed %d (VHUB_TEST_SEED)" % seed)
     d = t.tmpdir()
@@ -257,7 +257,7 @@ def expect_loss_and_back(c, device, k, what):
 
 
 def part_crash(t):
-    seed = int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+    seed = run_seed()
     rnd = random.Random(seed)
     log("seed %d (VHUB_TEST_SEED)" % seed)
     d = t.tmpdir()

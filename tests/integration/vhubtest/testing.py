@@ -34,6 +34,12 @@ class TestFailure(AssertionError):
     pass
 
 
+def run_seed():
+    """The run's random seed: $VHUB_TEST_SEED, else one from the time and
+    pid (the caller logs it, so a failing run can be replayed)."""
+    return int(os.environ.get("VHUB_TEST_SEED", str(int(time.time()) ^ os.getpid())))
+
+
 def log(msg):
     sys.stdout.write("%s\n" % msg)
     sys.stdout.flush()

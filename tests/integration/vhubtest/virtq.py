@@ -193,6 +193,16 @@ class Virtqueue:
             out.append((head, token, length))
         return out
 
+    def _nap(self, left):
+        """Wait a few ms at most (never past `left` seconds): on the call
+        eventfd, a hint, or asleep without one."""
+        if self.call_fd is not None:
+            r, _, _ = select.select([self.call_fd], [], [], min(left, 0.005))
+            if r:
+                self.drain_call()
+        else:
+            time.sleep(min(left, 0.001))
+
     def wait_for_used(self, timeout):
         """Wait (without reaping) until an unreaped used entry exists; bool."""
         deadline = time.monotonic() + timeout
@@ -202,12 +212,7 @@ class Virtqueue:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.call_fd is not None:
-                r, _, _ = select.select([self.call_fd], [], [], min(left, 0.005))
-                if r:
-                    self.drain_call()
-            else:
-                time.sleep(min(left, 0.001))
+            self._nap(left)
 
     def wait_used(self, count=1, timeout=5.0):
         """Reap until `count` entries were collected; return them.
@@ -227,12 +232,7 @@ class Virtqueue:
                     "queue %d: %d of %d completions after %.1fs (avail %d, used %d, last_used %d)"
                     % (self.index, len(got), count, timeout, self._avail_idx,
                        self.used_idx, self._last_used))
-            if self.call_fd is not None:
-                r, _, _ = select.select([self.call_fd], [], [], min(left, 0.005))
-                if r:
-                    self.drain_call()
-            else:
-                time.sleep(min(left, 0.001))
+            self._nap(left)
 
     def close(self):
         for fd in (self.kick_fd, self.call_fd):
