@@ -66,9 +66,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
 
     sock = daemon.backend_socket("crypto0.sock")
-    crypto = CryptoBackend(sock, log_dir=d)
-    t.add_log("vhost-crypto", crypto.log_path)
-    t.enter(crypto)
+    crypto = t.enter_logged("vhost-crypto", CryptoBackend(sock, log_dir=d))
     mem, vmm = vm_with_memory(t, c, 4 << 20)
 
     dev = vmm.add_device("crypto0", sock, type="crypto", queues=1)

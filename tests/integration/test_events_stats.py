@@ -202,10 +202,9 @@ def check_matches(c, tb, what):
 
 def stats_test_backend(t, d, daemon, c):
     sock = daemon.backend_socket("tb.sock")
-    tb = TestBackend([sock], args=["--queues", "1", "--protocol-features", "%x" % TB_PROTOCOL_FEATURES],
-                     log_dir=d)
-    t.add_log("test back-end", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end",
+                        TestBackend([sock], args=["--queues", "1", "--protocol-features", "%x" % TB_PROTOCOL_FEATURES],
+                                    log_dir=d))
     mem, vmm = vm_with_memory(t, c, 4 << 20, vm="st")
     t0 = time.monotonic()
     vmm.add_device("t", sock, type="blk")
@@ -290,9 +289,7 @@ def stats_qsd(t, d, daemon, c):
     img = os.path.join(d, "disk.img")
     scenarios.make_image(img, 4 << 20)
     sock = daemon.backend_socket("qsd.sock")
-    qsd = QsdBackend(img, sock, num_queues=1, log_dir=d)
-    t.add_log("qemu-storage-daemon", qsd.log_path)
-    t.enter(qsd)
+    qsd = t.enter_logged("qemu-storage-daemon", QsdBackend(img, sock, num_queues=1, log_dir=d))
     mem, vmm = vm_with_memory(t, c, 4 << 20, vm="q")
     vmm.add_device("b", sock, type="blk", reconnect_ms=50)
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)

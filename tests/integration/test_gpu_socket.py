@@ -57,9 +57,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
 
     sock = daemon.backend_socket("gpu0.sock")
-    gpu = GpuBackend(sock, log_dir=d)
-    t.add_log("vhost-user-gpu", gpu.log_path)
-    t.enter(gpu)
+    gpu = t.enter_logged("vhost-user-gpu", GpuBackend(sock, log_dir=d))
     vmm = Vmm(c, "vm0")
     vmm.create()
     dev = vmm.add_device("gpu0", sock, type="gpu")

@@ -61,9 +61,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
 
     sock = daemon.backend_socket("net0.sock")
-    pmd = TestpmdBackend(sock, queues=1, log_dir=d, extra_vdev="iommu-support=1")
-    t.add_log("testpmd", pmd.log_path)
-    t.enter(pmd)
+    pmd = t.enter_logged("testpmd", TestpmdBackend(sock, queues=1, log_dir=d, extra_vdev="iommu-support=1"))
     mem = t.enter(GuestMemory(16 << 20))
     region = mem.regions[0]
     vmm = Vmm(c, "vm0")

@@ -135,9 +135,7 @@ def main(t):
     with open(image, "wb") as f:
         f.write(disk)
     sock = daemon.backend_socket("blk0.sock")
-    qsd = QsdBackend(image, sock, num_queues=1, log_dir=d)
-    t.add_log("qsd", qsd.log_path)
-    t.enter(qsd)
+    qsd = t.enter_logged("qsd", QsdBackend(image, sock, num_queues=1, log_dir=d))
 
     mem = t.enter(GuestMemory(8 << 20))
     region = mem.regions[0]

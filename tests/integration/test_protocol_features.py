@@ -346,9 +346,8 @@ def negotiation(t):
     tbs = {}
     for name, offer, want, unwanted in cases:
         sock = daemon.backend_socket("%s.sock" % name)
-        tb = TestBackend([sock], args=["--protocol-features", "%x" % offer], log_dir=d)
-        t.add_log("test back-end %s" % name, tb.log_path)
-        t.enter(tb)
+        tb = t.enter_logged("test back-end %s" % name,
+                            TestBackend([sock], args=["--protocol-features", "%x" % offer], log_dir=d))
         tbs[name] = tb
         dev = vmm.add_device(name, sock, type="blk")
         neg = dev["protocol_features"]

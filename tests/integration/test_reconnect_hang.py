@@ -147,9 +147,8 @@ def part_hang(t, d, daemon, c, vmm, mem):
 
 def part_fail_handshake(t, d, c, vmm, mem, sock):
     img = os.path.join(d, "tb.img")
-    tb = TestBackend([sock], args=["--disk", img, "--queues", "1"], log_dir=d)
-    t.add_log("test back-end", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end",
+                        TestBackend([sock], args=["--disk", img, "--queues", "1"], log_dir=d))
     vmm.add_device("T", sock, type="blk")
     q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
     vmm.start_device("T", scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ), [q.vq])

@@ -57,11 +57,10 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
 
     sock = daemon.backend_socket("tb0.sock")
-    tb = TestBackend([sock], args=["--disk", img, "--disk-size", str(disk_bytes), "--queues", "2",
-                                   "--complete", "random", "--delay-ms", "4",
-                                   "--seed", str(seed & 0x7fffffff)], log_dir=d)
-    t.add_log("test back-end", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end",
+                        TestBackend([sock], args=["--disk", img, "--disk-size", str(disk_bytes), "--queues", "2",
+                                                  "--complete", "random", "--delay-ms", "4",
+                                                  "--seed", str(seed & 0x7fffffff)], log_dir=d))
     mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", sock, type="blk")
     check(dev["protocol_features"] & (1 << VHU_PF_INFLIGHT_SHMFD), "INFLIGHT_SHMFD negotiated")

@@ -61,9 +61,7 @@ def start_one_ring(vmm, mem, device):
 
 def part_remove_during_outage(t, d, daemon, c, vmm, mem):
     sock = daemon.backend_socket("r.sock")
-    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
-    t.add_log("test back-end (remove)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (remove)", TestBackend([sock], args=["--queues", "1"], log_dir=d))
     vmm.add_device("R", sock, type="blk", reconnect_ms=300)
     q = start_one_ring(vmm, mem, "R")
     tb.kill()
@@ -107,9 +105,8 @@ def part_remove_during_outage(t, d, daemon, c, vmm, mem):
 
 def part_reconnect_disabled(t, d, daemon, c, vmm, mem):
     sock = daemon.backend_socket("z.sock")
-    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
-    t.add_log("test back-end (reconnect_ms 0)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (reconnect_ms 0)",
+                        TestBackend([sock], args=["--queues", "1"], log_dir=d))
     vmm.add_device("Z", sock, type="blk", reconnect_ms=0)
     q = start_one_ring(vmm, mem, "Z")
     tb.kill()
@@ -189,9 +186,7 @@ def region_set(regs):
 
 def part_memory_during_outage(t, d, daemon, c, vmm, mem):
     sock = daemon.backend_socket("m.sock")
-    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
-    t.add_log("test back-end (memory)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (memory)", TestBackend([sock], args=["--queues", "1"], log_dir=d))
     vmm.add_device("M", sock, type="blk")
     q = start_one_ring(vmm, mem, "M")
     check_eq(region_set(tb.regions(0)), [(r.gpa, r.size) for r in mem.regions],
@@ -234,9 +229,7 @@ def part_memory_during_outage(t, d, daemon, c, vmm, mem):
 
 def part_states(t, d, daemon, c, vmm, mem):
     socks = [daemon.backend_socket("s.sock"), daemon.backend_socket("y.sock")]
-    qsd = QsdNullBackend(socks, size=1 << 20, log_dir=d)
-    t.add_log("qsd (two exports)", qsd.log_path)
-    t.enter(qsd)
+    qsd = t.enter_logged("qsd (two exports)", QsdNullBackend(socks, size=1 << 20, log_dir=d))
     vmm.add_device("S", socks[0], type="blk")
     vmm.add_device("Y", socks[1], type="blk")
     q = start_one_ring(vmm, mem, "S")

@@ -492,9 +492,8 @@ def main(t):
 
     sock = daemon.backend_socket("blk0.sock")
     iops = (3000, 3000) if depth == 1 else (4000, 1500)
-    qsd = ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=iops[0], iops_write=iops[1])
-    t.add_log("qsd", qsd.log_path)
-    t.enter(qsd)
+    qsd = t.enter_logged("qsd",
+                         ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=iops[0], iops_write=iops[1]))
     mem, vmm = vm_with_memory(t, c, 16 << 20)
     dev = vmm.add_device("blk0", sock, type="blk")
     features = scenarios.BLK_FEATURES & dev["features"]

@@ -53,9 +53,8 @@ def part_rapid_kills(t, d, daemon, c, mem, seed):
     disk_bytes = 16 << 20
     img = scenarios.sparse_image(os.path.join(d, "rapid.img"), disk_bytes)
     sock = daemon.backend_socket("rapid.sock")
-    qsd = ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=3000, iops_write=3000)
-    t.add_log("qsd (rapid kills)", qsd.log_path)
-    t.enter(qsd)
+    qsd = t.enter_logged("qsd (rapid kills)",
+                         ThrottledQsd(img, sock, num_queues=2, log_dir=d, iops_read=3000, iops_write=3000))
     vmm = Vmm(c, "vm-rapid")
     vmm.create()
     vmm.add_memory(mem)
@@ -111,9 +110,8 @@ def part_rapid_kills(t, d, daemon, c, mem, seed):
 
 def part_loss_in_call(t, d, daemon, c, mem):
     sock = daemon.backend_socket("call.sock")
-    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
-    t.add_log("test back-end (loss in a call)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (loss in a call)",
+                        TestBackend([sock], args=["--queues", "1"], log_dir=d))
     vmm = Vmm(c, "vm-call")
     vmm.create()
     vmm.add_memory(mem)
@@ -150,9 +148,7 @@ def part_loss_in_call(t, d, daemon, c, mem):
 
 def part_hang_in_memory_change(t, d, daemon, c, mem):
     sock = daemon.backend_socket("mem.sock")
-    tb = TestBackend([sock], args=["--queues", "1"], log_dir=d)
-    t.add_log("test back-end (memory hang)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (memory hang)", TestBackend([sock], args=["--queues", "1"], log_dir=d))
     vmm = Vmm(c, "vm-mem")
     vmm.create()
     vmm.add_memory(mem)
@@ -197,9 +193,7 @@ def part_server_mode(t, d, daemon, c, mem):
                                     "mode": "server", "type": "blk"})
     wait_until(lambda: os.path.exists(sock), 5.0, what="vhubd to listen on %s" % sock)
     args = ["--queues", "1", "--reconnect-ms", "20"]
-    tb = TestBackend(connect=[sock], args=args, log_dir=d)
-    t.add_log("test back-end (server mode)", tb.log_path)
-    t.enter(tb)
+    tb = t.enter_logged("test back-end (server mode)", TestBackend(connect=[sock], args=args, log_dir=d))
     pend.result(5.0)
     q = blk.BlkQueue(mem, size=16, max_io=4096)
     vmm.start_device("S", BLK1, [q.vq])

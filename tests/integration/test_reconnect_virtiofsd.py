@@ -102,9 +102,7 @@ def main(t):
     baseline = daemon.settled_fd_count(c)
 
     sock = daemon.backend_socket("fs0.sock")
-    vfs = VirtiofsdBackend(sock, share, log_dir=d)
-    t.add_log("virtiofsd", vfs.log_path)
-    t.enter(vfs)
+    vfs = t.enter_logged("virtiofsd", VirtiofsdBackend(sock, share, log_dir=d))
     mem, vmm = vm_with_memory(t, c, 16 << 20)
     vmm.add_device("fs0", sock, type="fs")
     fsdev = fs.FsDevice(mem)

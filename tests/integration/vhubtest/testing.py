@@ -103,6 +103,12 @@ class TestContext:
     def add_log(self, title, path):
         self._logs.append((title, path))
 
+    def enter_logged(self, title, proc):
+        """enter() a back-end whose log (proc.log_path) is printed under
+        title if the test fails; returns it, started."""
+        self.add_log(title, proc.log_path)
+        return self.enter(proc)
+
     def print_logs(self):
         from .procs import print_log
         for title, path in self._logs:
