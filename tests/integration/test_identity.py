@@ -68,15 +68,19 @@ def same_error_modulo_name(a, b, name_a, name_b):
     return da == db
 
 
-def isolation(t, d, daemon, c, fb, socks):
+def isolation_agent(t, daemon):
+    """The unprivileged client: uid USER, no supplementary groups, connected."""
     agent = UnprivAgent(daemon.control, uid=USER)
     t.defer(agent.stop)
     who = agent.cmd(op="whoami")
     check_eq(who["resuid"], [USER, USER, USER], "the agent runs as uid %d (real, effective, saved)" % USER)
     check_eq(who["groups"], [], "the agent has no supplementary groups")
     agent.connect("a")
+    return agent
 
-    # root's world: vm0 with a region and a device, and rootonly
+
+def root_world(agent, c, fb, socks):
+    """Root's world: vm0 with a region and a device, and rootonly."""
     c.call("vm.create", {"vm": "vm0"})
     c.call("vm.create", {"vm": "rootonly"})
     m = memfd(1 << 20)
@@ -92,8 +96,11 @@ def isolation(t, d, daemon, c, fb, socks):
              "uid %d: daemon.info counts none of root's VMs and devices" % USER)
     rinfo = c.call("daemon.info")
     check_eq((rinfo["vms"], rinfo["devices"]), (2, 1), "root: daemon.info counts root's VMs")
+    return root_mem
 
-    # every method naming root's VMs answers -32001, exactly as a VM that does not exist
+
+def root_vms_invisible(agent, c, fb, socks, root_mem):
+    """Every method naming root's VMs answers -32001, exactly as a VM that does not exist."""
     for method, params, nfds in ALL_METHODS_NAMING_A_VM:
         if "socket" in params:
             params = dict(params, socket=socks[2])
@@ -120,7 +127,9 @@ def isolation(t, d, daemon, c, fb, socks):
     check(e["code"] in (NO_SUCH_VM, -32602), "uid %d cannot create a VM for root" % USER, e)
     check_eq(vm_names(c), [("rootonly", 0), ("vm0", 0)], "... nothing was created")
 
-    # its own vm0 beside root's vm0
+
+def own_vm0_beside_roots(agent, c, root_mem):
+    """Its own vm0 beside root's vm0."""
     agent.call("vm.create", {"vm": "vm0"})
     agent.call("vm.memory.add", {"vm": "vm0", "gpa": 0x100000, "size": 65536, "fd": 0},
                memfds=1, memfd_size=65536)
@@ -138,7 +147,9 @@ def isolation(t, d, daemon, c, fb, socks):
     check_eq((info["vms"], info["devices"]), (1, 0), "uid %d: daemon.info counts its one VM" % USER)
     check_eq(c.call("daemon.info")["vms"], 3, "root: daemon.info counts every VM")
 
-    # root names the user's VM with "uid"
+
+def root_names_user_vm(agent, c):
+    """Root names the user's VM with "uid"."""
     regs = c.call("vm.memory.list", {"vm": "vm0", "uid": USER})["regions"]
     check_eq([(r["gpa"], r["size"]) for r in regs], [(0x100000, 65536)],
              "root names the user's vm0 with \"uid\": %d" % USER)
@@ -149,8 +160,10 @@ def isolation(t, d, daemon, c, fb, socks):
           "root may create a VM for uid %d, and that uid sees it" % USER)
     c.call("vm.destroy", {"vm": "made-by-root", "uid": USER})
 
-    # back-end sockets: root's or its own are fine if the uid may connect to
-    # them itself; another uid's is not
+
+def user_backend_sockets(agent, daemon, c, socks):
+    """Back-end sockets: root's or its own are fine if the uid may connect to them itself; another
+    uid's is not."""
     os.chmod(socks[1], 0o755)
     e = agent.error("device.add", {"vm": "vm0", "device": "blk1", "socket": socks[1]})
     check_error(e, NOT_ALLOWED, "uid %d: device.add to root's socket it may not write (0755)" % USER)
@@ -176,8 +189,10 @@ def isolation(t, d, daemon, c, fb, socks):
     info = agent.call("daemon.info")
     check_eq((info["vms"], info["devices"]), (1, 1), "uid %d: daemon.info counts its device" % USER)
 
-    # events: a subscriber of uid 65534 gets nothing of root's VMs, whatever
-    # the event; root's subscription without vm gets every uid's
+
+def events_isolated(agent, daemon, c, socks):
+    """Events: a subscriber of uid 65534 gets nothing of root's VMs, whatever the event; root's
+    subscription without vm gets every uid's."""
     agent.events()          # its own VM's events so far (it owns vm0)
     agent.call("events.subscribe", {})
     sub = daemon.client()
@@ -208,8 +223,11 @@ def isolation(t, d, daemon, c, fb, socks):
              [("vm.created", "uvm", USER), ("vm.destroyed", "uvm", USER)],
              "uid %d's subscriber sees its own VM's events and no trace of root's VMs "
              "(vm.created, device.added, vm.lingering, device.removed, vm.destroyed)" % USER)
+    return sub
 
-    # the user's connection closes: its VM goes, root's stay
+
+def user_closes(agent, c, sub, socks, fb):
+    """The user's connection closes: its VM goes, root's stay."""
     agent.close("a")
     wait_until(lambda: ("vm0", USER) not in vm_names(c), 5,
                what="the user's vm0 destroyed with its connection")
@@ -230,6 +248,17 @@ def isolation(t, d, daemon, c, fb, socks):
     agent.stop()
     check_eq(agent.p.returncode, 0, "the agent exited cleanly")
     fb.reset(c)
+
+
+def isolation(t, d, daemon, c, fb, socks):
+    agent = isolation_agent(t, daemon)
+    root_mem = root_world(agent, c, fb, socks)
+    root_vms_invisible(agent, c, fb, socks, root_mem)
+    own_vm0_beside_roots(agent, c, root_mem)
+    root_names_user_vm(agent, c)
+    user_backend_sockets(agent, daemon, c, socks)
+    sub = events_isolated(agent, daemon, c, socks)
+    user_closes(agent, c, sub, socks, fb)
 
 
 def limits_per_uid(t, d):
