@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +151,8 @@ class Service:
                 pass
 
 
-def main(t):
+def setup(t):
+    """A service manager with a fd store of 64 and the test service started under it."""
     if not os.path.exists("/usr/lib/x86_64-linux-gnu/libsystemd.so.0") and not shutil.which("systemd-notify"):
         raise Skip("libsystemd is not installed")
     d = t.tmpdir()
@@ -162,8 +164,12 @@ def main(t):
     hello = svc.start()
     check_eq(hello["n"], 0, "a first start passes no fds")
     check_eq(hello["pid"], sm.pid, "the service's pid is the one the manager started (sh and setpriv exec)")
+    return types.SimpleNamespace(d=d, fds_before=fds_before, sm=sm, svc=svc)
 
-    # readiness and status from the main pid
+
+def part_notify_and_store(t, w):
+    """Readiness, status, pushes, a duplicate and removals."""
+    svc, sm = w.svc, w.sm
     check_eq(svc.cmd("raw READY=1\\nSTATUS=up"), 1, "sd_notify returns 1")
     sm.wait_ready()
     check_eq(sm.status, "up", "STATUS= recorded")
@@ -191,7 +197,10 @@ def main(t):
     check_eq(sm.names(), ["stored", "backend/conn", "ram/0"], "invalid removal ignored, stray fd not stored")
     check(any("FDSTOREREMOVE=1 without a valid FDNAME" in w for w in sm.warnings), "the invalid removal was noted")
 
-    # FDPOLL: without FDPOLL=0 a hang-up drops the fd
+
+def part_fdpoll(t, w):
+    """FDPOLL."""
+    svc, sm = w.svc, w.sm
     svc.cmd("socket polled poll")
     sm.wait_for(lambda: "polled" in sm.names(), what="a polled fd stored")
     svc.cmd("hangup polled")
@@ -202,8 +211,10 @@ def main(t):
     check("unpolled" in sm.names(), "with FDPOLL=0 a hang-up keeps the fd")
     svc.cmd("remove unpolled")
 
-    # NotifyAccess=main with systemd's own tool: its own pid is refused,
-    # --pid=<main pid> (root may send another pid's credentials) is heard
+
+def part_notify_access(t, w):
+    """NotifyAccess=main."""
+    svc, sm = w.svc, w.sm
     tool = shutil.which("systemd-notify")
     if tool:
         svc.cmd("exec %s --status=from-the-tool" % tool)
@@ -214,8 +225,10 @@ def main(t):
             sm.wait_for(lambda: sm.status == "as-main", what="systemd-notify --pid=MAINPID heard")
             log("ok: systemd-notify --pid=<main pid> is heard, its own pid is not")
 
-    # a planned restart: the new process gets the store, through the real
-    # sd_listen_fds_with_names(), and the very same files
+
+def part_restarts(t, w):
+    """Restarts: planned, and after a crash."""
+    sm, svc = w.sm, w.svc
     stored = sm.names()
     code = sm.restart(sig=signal.SIGTERM, argv=[sys.executable, svc.path], stdin=subprocess.PIPE,
                       stdout=subprocess.PIPE)
@@ -238,7 +251,10 @@ def main(t):
     check_eq(hello["listen"][0][0], "after.crash", "after a crash the newest push comes first")
     check_eq(svc.cmd("read after.crash"), 3, "the eventfd came back with its counter")
 
-    # FileDescriptorStoreMax=: past it, fds are closed and names lost
+
+def part_store_limit_and_stop(t, w):
+    """The store's limit, and a stop."""
+    sm, svc = w.sm, w.svc
     n = sm.count()
     check_eq(svc.cmd("many %d full- 10" % (64 - n + 5)), 64 - n + 5, "pushed past the limit")
     sm.wait_for(lambda: any("store full" in w for w in sm.warnings), what="the store full")
@@ -252,8 +268,10 @@ def main(t):
     svc.send("exit 0")
     sm.wait_exit()
 
-    # the kernel's limit on one environment string (128 KiB) applies to
-    # LISTEN_FDNAMES as under systemd: the next exec fails
+
+def part_env_limit(t, w):
+    """LISTEN_FDNAMES past the kernel's limit."""
+    d = w.d
     sm2 = t.enter(ServiceManager(d, fd_store_max=4096, name="big"))
     svc2 = Service(sm2, d)
     t.defer(svc2.close_pipes)
@@ -263,8 +281,12 @@ def main(t):
     sm2.terminate()
     e = expect_error(OSError, sm2.start, [sys.executable, svc2.path], what="exec with LISTEN_FDNAMES of 150 KB")
     check_eq(e.errno, 7, "E2BIG, as systemd's exec of the service would get")
+    vars(w).update(sm2=sm2, svc2=svc2)
 
-    # an abstract NOTIFY_SOCKET ("@...")
+
+def part_abstract_socket(t, w):
+    """An abstract NOTIFY_SOCKET."""
+    d = w.d
     sm3 = t.enter(ServiceManager(d, abstract=True, name="abstract"))
     svc3 = Service(sm3, d)
     t.defer(svc3.close_pipes)
@@ -276,8 +298,12 @@ def main(t):
     check_eq(svc3.cmd("read snap/daemon"), "beta", "restart over an abstract socket")
     svc3.send("exit 0")
     sm3.wait_exit()
+    vars(w).update(sm3=sm3, svc3=svc3)
 
-    # socket units' fds come first: compare with systemd-socket-activate
+
+def part_socket_units(t, w):
+    """Socket units' fds."""
+    d, svc = w.d, w.svc
     activate = shutil.which("systemd-socket-activate")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(os.path.join(d, "ctl.sock"))
@@ -322,8 +348,14 @@ def main(t):
         log("ok: the harness's LISTEN_* for a socket unit match systemd-socket-activate's")
     else:
         log("note: systemd-socket-activate not installed, the comparison was not made")
+    vars(w).update(listener=listener, sm4=sm4, svc4=svc4)
 
-    # nothing left open in the harness
+
+def part_nothing_left_open(t, w):
+    """Nothing left open."""
+    sm, sm2, sm3, sm4 = w.sm, w.sm2, w.sm3, w.sm4
+    svc, svc2, svc3, svc4 = w.svc, w.svc2, w.svc3, w.svc4
+    listener, fds_before = w.listener, w.fds_before
     for s in (sm, sm2, sm3, sm4):
         s.close()
     svc.close_pipes()
@@ -334,6 +366,19 @@ def main(t):
     fds_after = len(os.listdir("/proc/self/fd"))
     check_eq(fds_after, fds_before, "the harness leaves no fd open")
     check_eq([p for p in procs._children if p.poll() is None], [], "no service process left")
+
+
+def main(t):
+    w = setup(t)
+    part_notify_and_store(t, w)
+    part_fdpoll(t, w)
+    part_notify_access(t, w)
+    part_restarts(t, w)
+    part_store_limit_and_stop(t, w)
+    part_env_limit(t, w)
+    part_abstract_socket(t, w)
+    part_socket_units(t, w)
+    part_nothing_left_open(t, w)
 
 
 run(main)
