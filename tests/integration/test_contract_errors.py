@@ -315,11 +315,8 @@ def fresh_fds(n):
     return [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(n)]
 
 
-def params_cases(t, daemon, c, fb):
-    c.call("vm.create", {"vm": "vm0"})
-    fb.reset(c)
-
-    # unknown members, top level and nested; the call had no effect
+def params_unknown_members(c, fb):
+    """Unknown members, top level and nested; the call had no effect."""
     expect_rpc(c, "vm.create", {"vm": "u1", "bogus": 1}, INVALID_PARAMS, field="bogus")
     check(all(v["vm"] != "u1" for v in c.call("vm.list")["vms"]),
           "a refused vm.create created nothing")
@@ -332,7 +329,9 @@ def params_cases(t, daemon, c, fb):
     os.close(m)
     fb.after("unknown members")
 
-    # missing required members
+
+def params_missing_members(c, fb):
+    """Missing required members."""
     expect_rpc(c, "vm.create", {}, INVALID_PARAMS, field="vm")
     expect_rpc(c, "vm.memory.list", {}, INVALID_PARAMS, field="vm")
     m = memfd(65536)
@@ -345,8 +344,9 @@ def params_cases(t, daemon, c, fb):
     expect_rpc(c, "device.add", {"vm": "vm0", "socket": "/x.sock"}, INVALID_PARAMS, field="device")
     fb.after("missing members")
 
-    # wrong types
-    sock = daemon.backend_socket("none.sock")
+
+def params_wrong_types(c, fb, sock):
+    """Wrong types."""
     for params, field in (
             ({"vm": 5}, "vm"), ({"vm": None}, "vm"), ({"vm": ["vm1"]}, "vm"),
             ({"vm": "t1", "linger_ms": "100"}, "linger_ms"),
@@ -372,7 +372,9 @@ def params_cases(t, daemon, c, fb):
              "refused device.adds added nothing")
     fb.after("wrong types")
 
-    # names: 1-64 of [A-Za-z0-9._-]
+
+def params_bad_names(c, fb, sock):
+    """Names: 1-64 of [A-Za-z0-9._-]."""
     for bad in ("", "a" * 65, "a/b", "/", "a b", "vm\u00e9", "a\nb", "a:b", "*"):
         expect_rpc(c, "vm.create", {"vm": bad}, INVALID_PARAMS, field="vm",
                    what="vm.create with name %r" % bad[:70])
@@ -388,7 +390,9 @@ def params_cases(t, daemon, c, fb):
     log("ok: names of 1 and 64 characters of [A-Za-z0-9._-] are accepted")
     fb.after("bad names")
 
-    # u64: an integer or a "0x..." string; nothing else
+
+def params_u64(c, fb):
+    """U64: an integer or a "0x..." string; nothing else."""
     for bad in ("0xZZ", "0x", "0x-1", "0x 1", " 0x1000", "4096", "1e3", "0x" + "1" * 17,
                 -4096, 4096.0, 4096.5, True, None, [4096], {"v": 1}):
         m = memfd(65536)
@@ -435,7 +439,9 @@ def params_cases(t, daemon, c, fb):
     c.call("vm.memory.remove", {"vm": "vm0", "gpa": "0x20000000000000"})
     fb.after("malformed u64s")
 
-    # fd indexes
+
+def params_fd_indexes(c, fb):
+    """Fd indexes."""
     m = memfd(65536)
     expect_rpc(c, "vm.memory.add", {"vm": "vm0", "gpa": 0, "size": 65536, "fd": 1},
                INVALID_PARAMS, field="fd", fds=[m], what="fd index 1 with 1 fd")
@@ -450,8 +456,10 @@ def params_cases(t, daemon, c, fb):
     os.close(m)
     fb.after("fd index out of range")
 
-    # fds a request carried but did not use are closed when it completes,
-    # whether it succeeded or failed
+
+def params_unused_fds_closed(c, fb):
+    """Fds a request carried but did not use are closed when it completes, whether it succeeded or
+    failed."""
     m = memfd(65536)
     rd, w = os.pipe2(os.O_CLOEXEC)
     c.call("vm.memory.add", {"vm": "vm0", "gpa": 0, "size": 65536, "fd": 0}, fds=[m, w])
@@ -470,6 +478,19 @@ def params_cases(t, daemon, c, fb):
     os.close(rd)
     c.call("vm.memory.remove", {"vm": "vm0", "gpa": 0})
     fb.after("unused fds")
+
+
+def params_cases(t, daemon, c, fb):
+    c.call("vm.create", {"vm": "vm0"})
+    fb.reset(c)
+    sock = daemon.backend_socket("none.sock")
+    params_unknown_members(c, fb)
+    params_missing_members(c, fb)
+    params_wrong_types(c, fb, sock)
+    params_bad_names(c, fb, sock)
+    params_u64(c, fb)
+    params_fd_indexes(c, fb)
+    params_unused_fds_closed(c, fb)
 
 
 def missing_things(t, daemon, c, fb):
