@@ -100,7 +100,8 @@ def raw_request(method, params=None, req_id=1, **top):
 
 # ------------------------------------------------------------- framing
 
-def framing(t, daemon, c, fb):
+def framing_lines(daemon, c, fb):
+    """Lines: invalid JSON, a value that is no request, blank lines, the 1 MiB limit."""
     # -32700: invalid JSON, id null; the connection stays usable.
     for bad in (b'{"jsonrpc":"2.0","id":1,"method":\n',
                 b'{"jsonrpc":"2.0","id":2,"method":"daemon.info"} trailing\n',
@@ -162,6 +163,9 @@ def framing(t, daemon, c, fb):
     over.close()
     fb.after("an unterminated oversized line")
 
+
+def framing_fds(daemon, c, fb):
+    """The fds that ride with the lines: counted, claimed, limited, split across sends."""
     # fds: more declared than sent -> -32600 id null, closed, queued fds closed.
     for declared, sent in ((3, 1), (1, 0), (2, 1), (254, 1)):
         x = daemon.client()
@@ -238,6 +242,11 @@ def framing(t, daemon, c, fb):
              "fds split from their line, and two lines' fds in one sendmsg, went to the right requests")
     c.call("vm.destroy", {"vm": "fr"})
     fb.after("fds split across sends")
+
+
+def framing(t, daemon, c, fb):
+    framing_lines(daemon, c, fb)
+    framing_fds(daemon, c, fb)
 
 
 def half_close(t, daemon, c, fb):
