@@ -23,9 +23,8 @@
  *     build/tests/bench/bench-wakeup [--round-trips N]
  *     meson test -C build --benchmark --suite bench -v wakeup
  */
-#include <errno.h>
+#include <err.h>
 #include <getopt.h>
-#include <stdarg.h>
 #include <sched.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -37,18 +36,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-static void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void bench_die(const char *fmt, ...) {
-        va_list ap;
-
-        fprintf(stderr, "bench-wakeup: ");
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-        fprintf(stderr, "\n");
-        exit(1);
-}
 
 static uint64_t clock_ns(clockid_t id) {
         struct timespec ts;
@@ -63,7 +50,7 @@ static void pin(int cpu) {
         CPU_ZERO(&set);
         CPU_SET(cpu, &set);
         if (sched_setaffinity(0, sizeof(set), &set) < 0)
-                bench_die("sched_setaffinity(%d): %s", cpu, strerror(errno));
+                err(1, "sched_setaffinity(%d)", cpu);
 }
 
 /* One byte from fd: polled for up to poll_ns first (0: straight to sleep). */
@@ -79,12 +66,12 @@ static void recv_one(int fd, uint64_t poll_ns) {
                 } while (clock_ns(CLOCK_MONOTONIC) < end);
         }
         if (recv(fd, &b, 1, 0) != 1)
-                bench_die("recv: %s", strerror(errno));
+                err(1, "recv");
 }
 
 static void send_one(int fd) {
         if (send(fd, "x", 1, MSG_NOSIGNAL) != 1)
-                bench_die("send: %s", strerror(errno));
+                err(1, "send");
 }
 
 struct figures {
@@ -98,10 +85,10 @@ static struct figures ping_pong(int cpu_a, int cpu_b, uint64_t poll_ns, unsigned
         pid_t pid;
 
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-                bench_die("socketpair: %s", strerror(errno));
+                err(1, "socketpair");
         pid = fork();
         if (pid < 0)
-                bench_die("fork: %s", strerror(errno));
+                err(1, "fork");
         if (pid == 0) {
                 close(sv[0]);
                 pin(cpu_b);
@@ -128,7 +115,7 @@ static struct figures ping_pong(int cpu_a, int cpu_b, uint64_t poll_ns, unsigned
         f.cpu_us = (double)(clock_ns(CLOCK_THREAD_CPUTIME_ID) - c0) / 1e3 / (n - 100);
         close(sv[0]);
         if (waitpid(pid, NULL, 0) != pid)
-                bench_die("waitpid: %s", strerror(errno));
+                err(1, "waitpid");
         return f;
 }
 

@@ -161,12 +161,12 @@ def pct(v, p):
 def main(t):
     d = t.tmpdir()
     compare = os.environ.get("VHUBD_COMPARE")
-    mem = GuestMemory(4 << 20)
-    rings = [Virtqueue(mem, size=128, index=i) for i in range(2)]
+    mem = t.enter(GuestMemory(4 << 20))
+    rings = []
+    for i in range(2):
+        rings.append(Virtqueue(mem, size=128, index=i))
+        t.defer(rings[-1].close)
     with contextlib.ExitStack() as stack:
-        stack.callback(mem.close)
-        for vq in rings:
-            stack.callback(vq.close)
         socks = [os.path.join(d, "e%d.sock" % i) for i in range(3 if compare else 2)]
         qsd = stack.enter_context(QsdNullBackend(socks, num_queues=2, log_dir=d))
         paths = [Path("direct", socks[0], qsd.pid)]
