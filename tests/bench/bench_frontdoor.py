@@ -2,11 +2,11 @@
 """A VMM's device setup through vhubd's front door against straight to the back-end.
 
 Not a pass/fail test.  The VMM is the harness's synchronous front-end
-(vhubtest.direct), sending what QEMU 7.2 sends when a 2-queue
-vhost-user-blk device starts -- SET_FEATURES, ADD_MEM_REG, per ring
-SET_VRING_NUM / BASE / ADDR / CALL / KICK / ENABLE (14 requests, every one
-with REPLY_ACK awaited before the next, as QEMU does) -- and stops it (two
-GET_VRING_BASE).  The handshake before it is untimed.  Paths, run
+(vhubtest.direct), sending its model of QEMU 7.2's start of a 2-queue
+vhost-user-blk device, the same as bench_guest.py's "vmm setup" --
+SET_FEATURES, ADD_MEM_REG, per ring SET_VRING_NUM / BASE / ADDR / CALL /
+KICK / ENABLE (14 requests, every one with REPLY_ACK awaited before the
+next) -- and its stop (two GET_VRING_BASE).  The handshake before it is untimed.  Paths, run
 interleaved (round k starts with path k mod the number of paths):
 
   direct    the VMM on the back-end's own socket
