@@ -161,128 +161,141 @@ struct chain {
         uint32_t used_len;
 };
 
-static void test_wraparound_out_of_order(void) {
-        enum { SIZE = 8, ROUNDS = 200 };
-        struct vhub_guest_mem *mem;
+enum { WRAP_SIZE = 8, WRAP_ROUNDS = 200 };
+
+/* The driver's chains and the device's view of them, round after round. */
+struct wrap_test {
         struct vhub_virtq *vq;
         struct fake_dev dev;
-        struct chain chains[ROUNDS * 4];
-        struct chain *by_head[SIZE] = { 0 };
-        uint16_t popped[SIZE];
-        unsigned n_chains = 0, n_popped = 0, completed = 0;
+        struct chain chains[WRAP_ROUNDS * 4];
+        struct chain *by_head[WRAP_SIZE];
+        uint16_t popped[WRAP_SIZE];        /* taken by the device, not completed */
+        unsigned n_chains, n_popped, completed;
+        unsigned seed;
+};
+
+/* driver: add up to `want` chains of 1-3 buffers while they fit */
+static void wrap_driver_add(struct wrap_test *w, unsigned want) {
+        for (unsigned k = 0; k < want; k++) {
+                struct chain *c = &w->chains[w->n_chains];
+                int head;
+
+                w->seed = w->seed * 1103515245 + 12345;
+                c->n = 1 + (w->seed >> 16) % 3;
+                for (unsigned b = 0; b < c->n; b++) {
+                        c->bufs[b].gpa = GPA_BASE + 0x10000 + (uint64_t)w->n_chains * 64 + b * 16;
+                        c->bufs[b].len = 16 + b;
+                        c->bufs[b].device_writable = b == c->n - 1 || (w->seed >> 20) % 2;
+                }
+                head = vhub_virtq_add(w->vq, c->bufs, c->n, c);
+                if (head == -ENOSPC) {
+                        CHECK(vhub_virtq_num_free(w->vq) < c->n);
+                        break;
+                }
+                CHECK(head >= 0 && head < WRAP_SIZE);
+                CHECK(w->by_head[head] == NULL); /* a head is never reused while in flight */
+                c->head = head;
+                c->outstanding = true;
+                w->by_head[head] = c;
+                w->n_chains++;
+        }
+}
+
+/* device: take everything, check each chain as the driver built it */
+static void wrap_device_take(struct wrap_test *w) {
+        for (uint16_t head; dev_pop(&w->dev, &head);) {
+                struct vhub_virtq_buf seen[WRAP_SIZE];
+                unsigned n = dev_chain(&w->dev, head, seen, WRAP_SIZE);
+                struct chain *c = w->by_head[head];
+
+                CHECK(c && c->outstanding);
+                CHECK_EQ(n, c->n);
+                for (unsigned b = 0; b < n; b++) {
+                        CHECK_EQ(seen[b].gpa, c->bufs[b].gpa);
+                        CHECK_EQ(seen[b].len, c->bufs[b].len);
+                        CHECK_EQ(seen[b].device_writable, c->bufs[b].device_writable);
+                }
+                w->popped[w->n_popped++] = head;
+        }
+}
+
+/* device: complete all but `keep` of them, newest first (out of order) */
+static void wrap_device_complete(struct wrap_test *w, unsigned keep) {
+        while (w->n_popped > keep) {
+                uint16_t head = w->popped[--w->n_popped];
+
+                w->by_head[head]->used_len = 1000 + head;
+                dev_push(&w->dev, head, w->by_head[head]->used_len);
+        }
+}
+
+/* driver: reap by the used index; cookies name the chains */
+static void wrap_driver_reap(struct wrap_test *w) {
+        for (;;) {
+                void *cookie;
+                uint32_t len;
+                int r = vhub_virtq_reap(w->vq, &cookie, &len);
+                struct chain *c;
+
+                CHECK(r >= 0);
+                if (r == 0)
+                        break;
+                c = cookie;
+                CHECK(c->outstanding);
+                CHECK_EQ(len, c->used_len);
+                c->outstanding = false;
+                w->by_head[c->head] = NULL;
+                w->completed++;
+        }
+}
+
+static void test_wraparound_out_of_order(void) {
+        struct wrap_test w = { .seed = 12345 };
         const uint16_t base = 65530;
-        unsigned seed = 12345;
+        struct vhub_guest_mem *mem;
+        struct vhub_virtq *vq;
 
         CHECK_EQ(vhub_guest_mem_new("test", GPA_BASE, MEM_SIZE, &mem), 0);
-        CHECK_EQ(vhub_virtq_new(mem, 3, SIZE, base, &vq), 0);
+        CHECK_EQ(vhub_virtq_new(mem, 3, WRAP_SIZE, base, &vq), 0);
         CHECK_EQ(vhub_virtq_index(vq), 3);
         CHECK_EQ(le16toh(vhub_virtq_avail(vq)->idx), base);
         CHECK_EQ(le16toh(vhub_virtq_used(vq)->idx), base);
-        dev_init(&dev, mem, vq);
+        w.vq = vq;
+        dev_init(&w.dev, mem, vq);
 
-        for (unsigned round = 0; round < ROUNDS; round++) {
-                /* driver: add chains of 1-3 buffers while they fit */
-                unsigned want = 1 + round % 4;
+        for (unsigned round = 0; round < WRAP_ROUNDS; round++) {
+                uint16_t head;
 
-                for (unsigned k = 0; k < want; k++) {
-                        struct chain *c = &chains[n_chains];
-                        int head;
-
-                        seed = seed * 1103515245 + 12345;
-                        c->n = 1 + (seed >> 16) % 3;
-                        for (unsigned b = 0; b < c->n; b++) {
-                                c->bufs[b].gpa = GPA_BASE + 0x10000 + (uint64_t)n_chains * 64 + b * 16;
-                                c->bufs[b].len = 16 + b;
-                                c->bufs[b].device_writable = b == c->n - 1 || (seed >> 20) % 2;
-                        }
-                        head = vhub_virtq_add(vq, c->bufs, c->n, c);
-                        if (head == -ENOSPC) {
-                                CHECK(vhub_virtq_num_free(vq) < c->n);
-                                break;
-                        }
-                        CHECK(head >= 0 && head < SIZE);
-                        CHECK(by_head[head] == NULL); /* a head is never reused while in flight */
-                        c->head = head;
-                        c->outstanding = true;
-                        by_head[head] = c;
-                        n_chains++;
-                }
+                wrap_driver_add(&w, 1 + round % 4);
                 /* nothing is visible before publish */
-                {
-                        uint16_t head;
-
-                        if (round == 0)
-                                CHECK(!dev_pop(&dev, &head));
-                }
+                if (round == 0)
+                        CHECK(!dev_pop(&w.dev, &head));
                 vhub_virtq_publish(vq);
                 CHECK_EQ(le16toh(vhub_virtq_avail(vq)->idx), vhub_virtq_next_avail(vq));
-
-                /* device: take everything, check each chain as the driver built it */
-                for (uint16_t head; dev_pop(&dev, &head);) {
-                        struct vhub_virtq_buf seen[SIZE];
-                        unsigned n = dev_chain(&dev, head, seen, SIZE);
-                        struct chain *c = by_head[head];
-
-                        CHECK(c && c->outstanding);
-                        CHECK_EQ(n, c->n);
-                        for (unsigned b = 0; b < n; b++) {
-                                CHECK_EQ(seen[b].gpa, c->bufs[b].gpa);
-                                CHECK_EQ(seen[b].len, c->bufs[b].len);
-                                CHECK_EQ(seen[b].device_writable, c->bufs[b].device_writable);
-                        }
-                        popped[n_popped++] = head;
-                }
-
-                /* device: complete some of them, newest first (out of order);
-                 * every third round leaves one behind for later */
-                {
-                        unsigned keep = round % 3 == 0 && n_popped > 1 ? 1 : 0;
-
-                        while (n_popped > keep) {
-                                uint16_t head = popped[--n_popped];
-
-                                by_head[head]->used_len = 1000 + head;
-                                dev_push(&dev, head, by_head[head]->used_len);
-                        }
-                }
-
-                /* driver: reap by the used index; cookies name the chains */
-                for (;;) {
-                        void *cookie;
-                        uint32_t len;
-                        int r = vhub_virtq_reap(vq, &cookie, &len);
-                        struct chain *c;
-
-                        CHECK(r >= 0);
-                        if (r == 0)
-                                break;
-                        c = cookie;
-                        CHECK(c->outstanding);
-                        CHECK_EQ(len, c->used_len);
-                        c->outstanding = false;
-                        by_head[c->head] = NULL;
-                        completed++;
-                }
-                CHECK_EQ(vhub_virtq_num_inflight(vq), n_popped);
-                CHECK_EQ((uint16_t)(vhub_virtq_last_used(vq) - base), completed % 65536);
+                wrap_device_take(&w);
+                /* every third round leaves one behind for later */
+                wrap_device_complete(&w, round % 3 == 0 && w.n_popped > 1 ? 1 : 0);
+                wrap_driver_reap(&w);
+                CHECK_EQ(vhub_virtq_num_inflight(vq), w.n_popped);
+                CHECK_EQ((uint16_t)(vhub_virtq_last_used(vq) - base), w.completed % 65536);
         }
 
         /* drain */
-        while (n_popped > 0)
-                dev_push(&dev, popped[--n_popped], 0);
+        while (w.n_popped > 0)
+                dev_push(&w.dev, w.popped[--w.n_popped], 0);
         while (vhub_virtq_reap(vq, NULL, NULL) == 1)
-                completed++;
+                w.completed++;
 
-        CHECK_EQ(completed, n_chains);
-        CHECK_EQ(vhub_virtq_total_added(vq), n_chains);
-        CHECK(n_chains > SIZE * 4);
-        CHECK_EQ(vhub_virtq_num_free(vq), SIZE);
+        CHECK_EQ(w.completed, w.n_chains);
+        CHECK_EQ(vhub_virtq_total_added(vq), w.n_chains);
+        CHECK(w.n_chains > WRAP_SIZE * 4);
+        CHECK_EQ(vhub_virtq_num_free(vq), WRAP_SIZE);
         CHECK_EQ(vhub_virtq_num_inflight(vq), 0);
         /* the 16-bit indexes wrapped past 65535 */
-        CHECK_EQ(vhub_virtq_next_avail(vq), (uint16_t)(base + n_chains));
+        CHECK_EQ(vhub_virtq_next_avail(vq), (uint16_t)(base + w.n_chains));
         CHECK(vhub_virtq_next_avail(vq) < base);
         CHECK_EQ(vhub_virtq_last_used(vq), vhub_virtq_next_avail(vq));
-        CHECK_EQ(dev.last_avail, vhub_virtq_next_avail(vq));
+        CHECK_EQ(w.dev.last_avail, vhub_virtq_next_avail(vq));
 
         vhub_virtq_free(vq);
         vhub_guest_mem_free(mem);
