@@ -274,12 +274,81 @@ static void test_partial_reads(void) {
 }
 
 /* A small send buffer and a long queue: flush resumes mid-message, fds go once. */
+/*
+ * Even messages: 4000-byte crypto sessions numbered in their first byte,
+ * with an fd attached (the writer and reader move bytes and fds; only the
+ * validator would object) so that messages split by the kernel carry fds
+ * too; odd ones: SET_VRING_CALL with an fd.  fds[i] is message i's.
+ */
+static void queue_numbered_messages(struct vhu_writer *writer, const struct fds_watch *watch, int *fds,
+                                    unsigned n) {
+        static uint8_t payload[VHU_MAX_PAYLOAD];
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
+        for (unsigned i = 0; i < n; i++) {
+                fds[i] = -1;
+                if (i % 2 == 0) {
+                        memset(payload, (int) i, 4000);
+                        CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_CREATE_CRYPTO_SESSION,
+                                               false, payload, 4000, NULL, 0), 0);
+                        fds[i] = make_memfd();
+                        m.fds[0] = fds[i];
+                        m.n_fds = 1;
+                } else {
+                        fds[i] = make_memfd();
+                        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
+                }
+                CHECK_EQ(vhu_writer_queue(writer, &m), 0);
+                CHECK_EQ(watch->seen, writer->n_fds);
+        }
+        vhu_msg_forget_fds(&m);
+}
+
+/* Message i of queue_numbered_messages(), as the reader got it. */
+static void check_numbered_message(const struct vhu_msg *got, unsigned i, const int *fds) {
+        if (i % 2 == 0) {
+                CHECK_EQ(got->hdr.request, VHU_REQ_CREATE_CRYPTO_SESSION);
+                CHECK_EQ(got->hdr.size, 4000);
+                CHECK_EQ(got->payload.raw[0], i);
+                CHECK_EQ(got->payload.raw[3999], i);
+        } else {
+                CHECK_EQ(got->hdr.request, VHU_REQ_SET_VRING_CALL);
+                CHECK_EQ(got->payload.u64, i);
+        }
+        CHECK(got->n_fds == 1 && same_file(got->fds[0], fds[i]));
+}
+
+/* Clearing a writer with queued fds closes its dups; the hook stays across a clear. */
+static void check_clear_closes_dups(struct vhu_writer *writer, const struct fds_watch *watch, const int *fds,
+                                    unsigned n) {
+        struct vhu_msg m;
+
+        vhu_msg_init(&m);
+        for (unsigned i = 1; i < n; i += 2) {
+                CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
+                CHECK_EQ(vhu_writer_queue(writer, &m), 0);
+        }
+        vhu_msg_forget_fds(&m);
+        CHECK_EQ(writer->n_fds, n / 2);
+        CHECK_EQ(watch->seen, n / 2);
+        vhu_writer_clear(writer);
+        CHECK(!vhu_writer_pending(writer));
+        CHECK_EQ(writer->n_fds, 0);
+        CHECK_EQ(watch->seen, 0);
+        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, 1, fds[1]), 0);
+        CHECK_EQ(vhu_writer_queue(writer, &m), 0);
+        vhu_msg_forget_fds(&m);
+        CHECK_EQ(watch->seen, 1);
+        vhu_writer_clear(writer);
+        CHECK_EQ(watch->seen, 0);
+}
+
 static void test_partial_writes(void) {
         enum { N_MSGS = 64 };
-        static uint8_t payload[VHU_MAX_PAYLOAD];
         struct vhu_reader reader;
         struct vhu_writer writer;
-        struct vhu_msg m, got;
+        struct vhu_msg got;
         int sv[2], fds[N_MSGS], sndbuf = 1; /* the kernel rounds up to its minimum */
         unsigned received = 0, eagains = 0, mid_message = 0, mid_message_with_fd = 0;
         size_t suffix_bytes[N_MSGS + 1];
@@ -293,30 +362,9 @@ static void test_partial_writes(void) {
         watch.n_fds = &writer.n_fds;
         vhu_writer_set_fds_hook(&writer, fds_watch_hook, &watch);
         vhu_reader_init(&reader);
-        vhu_msg_init(&m);
         vhu_msg_init(&got);
 
-        /* Even messages: 4000-byte crypto sessions numbered in their first
-         * byte, with an fd attached (the writer and reader move bytes and
-         * fds; only the validator would object) so that messages split by
-         * the kernel carry fds too; odd ones: SET_VRING_CALL with an fd. */
-        for (unsigned i = 0; i < N_MSGS; i++) {
-                fds[i] = -1;
-                if (i % 2 == 0) {
-                        memset(payload, (int) i, 4000);
-                        CHECK_EQ(vhu_msg_build(&m, VHU_DIR_FRONTEND, VHU_REQ_CREATE_CRYPTO_SESSION,
-                                               false, payload, 4000, NULL, 0), 0);
-                        fds[i] = make_memfd();
-                        m.fds[0] = fds[i];
-                        m.n_fds = 1;
-                } else {
-                        fds[i] = make_memfd();
-                        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
-                }
-                CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
-                CHECK_EQ(watch.seen, writer.n_fds);
-        }
-        vhu_msg_forget_fds(&m);
+        queue_numbered_messages(&writer, &watch, fds, N_MSGS);
         CHECK_EQ(writer.n_items, N_MSGS);
         CHECK_EQ(writer.n_fds, N_MSGS);
         suffix_bytes[N_MSGS] = 0;
@@ -346,17 +394,7 @@ static void test_partial_writes(void) {
                         r = vhu_reader_read(&reader, sv[1], &got);
                         if (r != 1)
                                 break;
-                        if (received % 2 == 0) {
-                                CHECK_EQ(got.hdr.request, VHU_REQ_CREATE_CRYPTO_SESSION);
-                                CHECK_EQ(got.hdr.size, 4000);
-                                CHECK_EQ(got.payload.raw[0], received);
-                                CHECK_EQ(got.payload.raw[3999], received);
-                                CHECK(got.n_fds == 1 && same_file(got.fds[0], fds[received]));
-                        } else {
-                                CHECK_EQ(got.hdr.request, VHU_REQ_SET_VRING_CALL);
-                                CHECK_EQ(got.payload.u64, received);
-                                CHECK(got.n_fds == 1 && same_file(got.fds[0], fds[received]));
-                        }
+                        check_numbered_message(&got, received, fds);
                         vhu_msg_clear(&got);
                         received++;
                 }
@@ -373,25 +411,7 @@ static void test_partial_writes(void) {
         CHECK_EQ(writer.n_bytes, 0);
         CHECK_EQ(writer.n_fds, 0);
 
-        /* Clearing a writer with queued fds closes its dups. */
-        for (unsigned i = 1; i < N_MSGS; i += 2) {
-                CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, i, fds[i]), 0);
-                CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
-        }
-        vhu_msg_forget_fds(&m);
-        CHECK_EQ(writer.n_fds, N_MSGS / 2);
-        CHECK_EQ(watch.seen, N_MSGS / 2);
-        vhu_writer_clear(&writer);
-        CHECK(!vhu_writer_pending(&writer));
-        CHECK_EQ(writer.n_fds, 0);
-        CHECK_EQ(watch.seen, 0);
-        /* the hook stays across a clear */
-        CHECK_EQ(vhu_msg_build_vring_fd(&m, VHU_REQ_SET_VRING_CALL, false, 1, fds[1]), 0);
-        CHECK_EQ(vhu_writer_queue(&writer, &m), 0);
-        vhu_msg_forget_fds(&m);
-        CHECK_EQ(watch.seen, 1);
-        vhu_writer_clear(&writer);
-        CHECK_EQ(watch.seen, 0);
+        check_clear_closes_dups(&writer, &watch, fds, N_MSGS);
 
         for (unsigned i = 0; i < N_MSGS; i++)
                 if (fds[i] >= 0)
