@@ -969,9 +969,121 @@ static void test_backend_rules(void) {
         vhu_msg_forget_fds(&m);
 }
 
+static void reply_rules_shared_object(struct vhu_msg *r) {
+        test_set_context("GET_SHARED_OBJECT reply: UUID or u64");
+        r->hdr.request = VHU_REQ_GET_SHARED_OBJECT;
+        for (uint32_t size = 0; size <= 24; size++) {
+                r->hdr.size = size;
+                if (size == 8 || size == 16)
+                        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT,
+                                                    VHU_VERSION, ALL_PF, r, NULL), 0);
+                else
+                        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION,
+                                             ALL_PF, r);
+        }
+        r->hdr.size = 16;
+        r->n_fds = 1;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+        r->fds[1] = test_fds[1];
+        r->n_fds = 2;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION, ALL_PF, r);
+}
+
+static void reply_rules_device_state_fd(struct vhu_msg *r) {
+        test_set_context("SET_DEVICE_STATE_FD reply");
+        r->hdr.request = VHU_REQ_SET_DEVICE_STATE_FD;
+        r->hdr.size = 8;
+        r->payload.u64 = 0;
+        r->n_fds = 1;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+        r->payload.u64 = VHU_DEVICE_STATE_NOFD_MASK;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF, r);
+        r->n_fds = 0;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+}
+
+static void reply_rules_shmem_config(struct vhu_msg *r) {
+        test_set_context("GET_SHMEM_CONFIG reply");
+        r->hdr.request = VHU_REQ_GET_SHMEM_CONFIG;
+        r->hdr.size = sizeof(struct vhu_shmem_config);
+        memset(&r->payload.shmem_config, 0, sizeof(r->payload.shmem_config));
+        r->payload.shmem_config.nregions = VHU_MAX_SHMEM_REGIONS;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+        r->payload.shmem_config.nregions = VHU_MAX_SHMEM_REGIONS + 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->payload.shmem_config.nregions = 1;
+        r->hdr.size = 16;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->hdr.size = sizeof(struct vhu_shmem_config) + 8;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->hdr.size = sizeof(struct vhu_shmem_config);
+        /* sizes by shmid; 0 is an unused shmid below a used one */
+        r->payload.shmem_config.nregions = 3;
+        r->payload.shmem_config.memory_sizes[0] = UINT64_C(1) << 30;
+        r->payload.shmem_config.memory_sizes[1] = 0;
+        r->payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+        r->payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN + 1;  /* not page-sized */
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->payload.shmem_config.memory_sizes[2] = 512;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
+        r->payload.shmem_config.memory_sizes[3] = VHU_SHMEM_SIZE_ALIGN;      /* beyond nregions */
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->payload.shmem_config.memory_sizes[3] = 0;
+        r->payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 0;
+        r->payload.shmem_config.nregions = 0;                                /* none at all */
+        memset(r->payload.shmem_config.memory_sizes, 0, sizeof(r->payload.shmem_config.memory_sizes));
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
+                                    r, NULL), 0);
+        r->n_fds = 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, r);
+        r->n_fds = 0;
+}
+
+static void reply_rules_postcopy_mem_table(struct vhu_msg *r) {
+        const uint32_t need = VHU_VERSION | VHU_FLAG_NEED_REPLY;
+
+        test_set_context("postcopy mem table replies");
+        r->hdr.request = VHU_REQ_SET_MEM_TABLE;
+        r->hdr.size = 8 + 2 * 32;
+        r->payload.mem_table.nregions = 2;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, r, NULL), 0);
+        r->payload.mem_table.nregions = 3;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, r);
+        r->hdr.size = 8 + 2 * 32 + 1;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, r);
+        r->hdr.request = VHU_REQ_ADD_MEM_REG;
+        r->hdr.size = 40;
+        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_ADD_MEM_REG, need, ALL_PF, r, NULL), 0);
+        r->hdr.size = 16;
+        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_ADD_MEM_REG, need, ALL_PF, r);
+}
+
+static void reply_rules_reply_ack(struct vhu_msg *r) {
+        const uint32_t need = VHU_VERSION | VHU_FLAG_NEED_REPLY;
+
+        test_set_context("REPLY_ACK replies must be a u64");
+        r->hdr.request = VHU_REQ_SET_VRING_NUM;
+        for (uint32_t size = 0; size <= 16; size++) {
+                r->hdr.size = size;
+                if (size == 8)
+                        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_VRING_NUM, need,
+                                                    ALL_PF, r, NULL), 0);
+                else
+                        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_VRING_NUM, need, ALL_PF, r);
+        }
+}
+
 static void test_reply_rules(void) {
         struct vhu_msg m, r;
-        const uint32_t need = VHU_VERSION | VHU_FLAG_NEED_REPLY;
 
         vhu_msg_init(&m);
         vhu_msg_init(&r);
@@ -1009,105 +1121,11 @@ static void test_reply_rules(void) {
                                     &r, NULL), 0);
         r.n_fds = 0;
         CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_POSTCOPY_ADVISE, VHU_VERSION, ALL_PF, &r);
-
-        test_set_context("GET_SHARED_OBJECT reply: UUID or u64");
-        r.hdr.request = VHU_REQ_GET_SHARED_OBJECT;
-        for (uint32_t size = 0; size <= 24; size++) {
-                r.hdr.size = size;
-                if (size == 8 || size == 16)
-                        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT,
-                                                    VHU_VERSION, ALL_PF, &r, NULL), 0);
-                else
-                        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION,
-                                             ALL_PF, &r);
-        }
-        r.hdr.size = 16;
-        r.n_fds = 1;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-        r.fds[1] = test_fds[1];
-        r.n_fds = 2;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHARED_OBJECT, VHU_VERSION, ALL_PF, &r);
-
-        test_set_context("SET_DEVICE_STATE_FD reply");
-        r.hdr.request = VHU_REQ_SET_DEVICE_STATE_FD;
-        r.hdr.size = 8;
-        r.payload.u64 = 0;
-        r.n_fds = 1;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-        r.payload.u64 = VHU_DEVICE_STATE_NOFD_MASK;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF, &r);
-        r.n_fds = 0;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_DEVICE_STATE_FD, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-
-        test_set_context("GET_SHMEM_CONFIG reply");
-        r.hdr.request = VHU_REQ_GET_SHMEM_CONFIG;
-        r.hdr.size = sizeof(struct vhu_shmem_config);
-        memset(&r.payload.shmem_config, 0, sizeof(r.payload.shmem_config));
-        r.payload.shmem_config.nregions = VHU_MAX_SHMEM_REGIONS;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-        r.payload.shmem_config.nregions = VHU_MAX_SHMEM_REGIONS + 1;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.payload.shmem_config.nregions = 1;
-        r.hdr.size = 16;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.hdr.size = sizeof(struct vhu_shmem_config) + 8;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.hdr.size = sizeof(struct vhu_shmem_config);
-        /* sizes by shmid; 0 is an unused shmid below a used one */
-        r.payload.shmem_config.nregions = 3;
-        r.payload.shmem_config.memory_sizes[0] = UINT64_C(1) << 30;
-        r.payload.shmem_config.memory_sizes[1] = 0;
-        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN + 1;  /* not page-sized */
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.payload.shmem_config.memory_sizes[2] = 512;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.payload.shmem_config.memory_sizes[2] = VHU_SHMEM_SIZE_ALIGN;
-        r.payload.shmem_config.memory_sizes[3] = VHU_SHMEM_SIZE_ALIGN;      /* beyond nregions */
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.payload.shmem_config.memory_sizes[3] = 0;
-        r.payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 1;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.payload.shmem_config.memory_sizes[VHU_MAX_SHMEM_REGIONS - 1] = 0;
-        r.payload.shmem_config.nregions = 0;                                /* none at all */
-        memset(r.payload.shmem_config.memory_sizes, 0, sizeof(r.payload.shmem_config.memory_sizes));
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF,
-                                    &r, NULL), 0);
-        r.n_fds = 1;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_GET_SHMEM_CONFIG, VHU_VERSION, ALL_PF, &r);
-        r.n_fds = 0;
-
-        test_set_context("postcopy mem table replies");
-        r.hdr.request = VHU_REQ_SET_MEM_TABLE;
-        r.hdr.size = 8 + 2 * 32;
-        r.payload.mem_table.nregions = 2;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, &r, NULL), 0);
-        r.payload.mem_table.nregions = 3;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, &r);
-        r.hdr.size = 8 + 2 * 32 + 1;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_MEM_TABLE, need, ALL_PF, &r);
-        r.hdr.request = VHU_REQ_ADD_MEM_REG;
-        r.hdr.size = 40;
-        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_ADD_MEM_REG, need, ALL_PF, &r, NULL), 0);
-        r.hdr.size = 16;
-        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_ADD_MEM_REG, need, ALL_PF, &r);
-
-        test_set_context("REPLY_ACK replies must be a u64");
-        r.hdr.request = VHU_REQ_SET_VRING_NUM;
-        for (uint32_t size = 0; size <= 16; size++) {
-                r.hdr.size = size;
-                if (size == 8)
-                        CHECK_EQ(vhu_validate_reply(VHU_DIR_FRONTEND, VHU_REQ_SET_VRING_NUM, need,
-                                                    ALL_PF, &r, NULL), 0);
-                else
-                        CHECK_REPLY_REJECTED(VHU_DIR_FRONTEND, VHU_REQ_SET_VRING_NUM, need, ALL_PF, &r);
-        }
+        reply_rules_shared_object(&r);
+        reply_rules_device_state_fd(&r);
+        reply_rules_shmem_config(&r);
+        reply_rules_postcopy_mem_table(&r);
+        reply_rules_reply_ack(&r);
 }
 
 static void test_lifetime(void) {
