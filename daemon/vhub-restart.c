@@ -364,6 +364,11 @@ void vhub_restart_finish(struct vhubd *v) {
         if (rs)
                 rs->planned = true;
         vhub_commit_all(&v->ctx);
+        /* a connection over what a restart carries was left out of it:
+         * closed now, where its client sees it (its group's removal goes
+         * with the flush) */
+        if (v->control)
+                control_server_close_uncarried(v->control);
         if (vhub_fdstore_flush(v->fdstore, 1000) < 0)
                 log_warning("planned restart: the service manager did not take every stored fd in time");
 }

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""What one uid can make a restart carry, and a restart short of fds
+(docs/restart.md "What a restart carries", "A start short of fds"; vhubd
+under the service manager of vhubtest/servicemanager.py, as in
+test_restart.py).
+
+    test_restart_limits.py carry-cap   one uid fills the daemon's snapshot
+                                       with the input of many connections:
+                                       its own connections are closed,
+                                       everyone else's state is carried
+    test_restart_limits.py fd-count    the restarted process holds exactly
+                                       the fds the old one held (no stash
+                                       end or copy left over per group)
+    test_restart_limits.py nofile      a start under an RLIMIT_NOFILE too
+                                       low for the stored fds fails, says
+                                       why, keeps the store; with the limit
+                                       back every device comes back
+
+carry-cap: a planned restart carries each control connection's input read
+and not handled, its batches' ids and the output it has not read, in the
+daemon's snapshot, one document of at most 64 MiB.  uid 65534 opens 64
+connections (its --max-connections-per-uid) and sends each a partial line
+of almost 1 MiB (the line bound): 64 MiB of carried input.  root and uid
+65533 each have a half-written request on their connection.  After a
+planned restart: root's and 65533's connections get daemon.restarted, the
+other half of their request completes it and it is answered (their half
+was carried); uid 65534's connections that did not fit its share were
+closed (their client sees the connection end), those that fit carried.
+Before the bound the last snapshot did not fit: the new process took an
+older one back, without the half requests (the second half was a parse
+error) -- or no connection at all.
+"""
+
+import collections
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_restart import BLK1, Managed, proc_fd_kinds               # noqa: E402
+from vhubtest import blk                                            # noqa: E402
+from vhubtest.client import Client                                  # noqa: E402
+from vhubtest.memory import GuestMemory                             # noqa: E402
+from vhubtest.testbackend import TestBackend                        # noqa: E402
+from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
+from vhubtest.vmm import Vmm                                        # noqa: E402
+
+ATTACKER = 65534
+OTHER = 65533
+LINE_MAX = 1024 * 1024
+
+
+def connect_as(uid, path, n):
+    """n connections to path made by uid (SO_PEERCRED says uid), made in a
+    forked child and handed back."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            parent.close()
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                s.connect(path)
+                socket.send_fds(child, [b"x"], [s.fileno()])
+                s.close()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported through the status
+            sys.stderr.write("connect_as(%d): %s: %s\n" % (uid, type(e).__name__, e))
+        finally:
+            os._exit(code)
+    child.close()
+    out = []
+    try:
+        for _ in range(n):
+            _, fds, _, _ = socket.recv_fds(parent, 1, 1)
+            check(len(fds) == 1, "uid %d's connection %d made" % (uid, len(out)))
+            out.append(socket.socket(fileno=fds[0]))
+    finally:
+        parent.close()
+        _, status = os.waitpid(pid, 0)
+    check_eq(os.waitstatus_to_exitcode(status), 0, "uid %d made its %d connections" % (uid, n))
+    return out
+
+
+class Lines:
+    """Every line the daemon writes to a raw connection, and whether it
+    ended, read by a thread."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lines = []
+        self.closed = False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                with self.lock:
+                    self.closed = True
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                with self.lock:
+                    self.lines.append(json.loads(line))
+
+    def wait(self, pred, timeout, what):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                if pred(self.lines, self.closed):
+                    return list(self.lines), self.closed
+            time.sleep(0.02)
+        with self.lock:
+            raise TestFailure("FAILED: %s within %.0f s (lines %s, closed %s)"
+                              % (what, timeout, self.lines[-3:], self.closed))
+
+
+def restarted(lines):
+    return [m for m in lines if m.get("params", {}).get("event") == "daemon.restarted"]
+
+
+def part_carry_cap(t, sig=signal.SIGTERM):
+    if os.geteuid() != 0:
+        raise Skip("needs root to connect as other uids")
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--control-mode", "0666"])
+    root = t.enter(Client(m.control, timeout=15))
+    Vmm(root, "vm0").create()
+
+    # the victims: root's raw connection and another uid's, each with half
+    # of a request written
+    half = [b'{"jsonrpc":"2.0","id":"mine","meth', b'od":"daemon.info"}\n']
+    victims = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)]
+    victims[0].connect(m.control)
+    victims += connect_as(OTHER, m.control, 1)
+    for s in victims:
+        t.defer(s.close)
+    # the attacker: 64 connections, each a line of almost LINE_MAX that
+    # never ends
+    hoard = connect_as(ATTACKER, m.control, 64)
+    for s in hoard:
+        t.defer(s.close)
+    readers = [Lines(s) for s in victims + hoard]
+    root.call("daemon.info")            # every connection accepted
+    for s in victims:
+        s.sendall(half[0])
+    # together a little over the snapshot's 64 MiB (the bound is LINE_MAX
+    # bytes before the '\n')
+    head = b'{"jsonrpc":"2.0","id":1,"method":"vm.list","params":{"pad":"'
+    chunk = head + b"x" * (LINE_MAX - 8 - len(head))
+    started = time.monotonic()
+    for s in hoard:
+        s.sendall(chunk)
+    log("uid %d sent %d partial lines of %d bytes (%d MiB) in %.1f s"
+        % (ATTACKER, len(hoard), len(chunk), len(hoard) * len(chunk) >> 20, time.monotonic() - started))
+    time.sleep(0.5)                     # read by the daemon: nothing answers a partial line
+    check(time.monotonic() - started < 8, "the partial lines are younger than their 10 s deadline")
+    check(not any(r.lines or r.closed for r in readers), "no answer to a partial line, no connection closed yet")
+    if sig == signal.SIGKILL:
+        # a request handled: the daemon's snapshot is written again, with
+        # every connection's input (the crash restores from it)
+        root.call("daemon.info")
+        time.sleep(0.1)
+        m.restart(sig=sig)
+    else:
+        code = m.restart()
+        check_eq(code, 0, "the old vhubd exits 0 (planned restart)")
+    for s in victims:
+        s.sendall(half[1])
+    for who, r in zip(("root", "uid %d" % OTHER), readers[:2]):
+        lines, _ = r.wait(lambda ls, closed: any(x.get("id") == "mine" for x in ls) or closed, 10,
+                          "%s's half request answered" % who)
+        check(restarted(lines) and lines[0] is restarted(lines)[0],
+              "%s's connection was carried: daemon.restarted first" % who, lines[:2])
+        answer = [x for x in lines if x.get("id") == "mine"]
+        check(answer and "result" in answer[0] and answer[0]["result"].get("restarts") == 1,
+              "%s's half request, carried across the restart, completed and answered" % who,
+              lines[-2:])
+    # the attacker's connections: each either carried or closed, the closed
+    # ones seen closed by their client, and not all of them carried
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(r.closed or restarted(r.lines) for r in readers[2:]):
+        time.sleep(0.05)
+    closed = [r for r in readers[2:] if r.closed and not restarted(r.lines)]
+    carried = [r for r in readers[2:] if restarted(r.lines) and not r.closed]
+    log("uid %d: %d connections carried, %d closed" % (ATTACKER, len(carried), len(closed)))
+    check_eq(len(closed) + len(carried), len(hoard), "each of uid %d's connections carried or closed" % ATTACKER)
+    check(closed, "uid %d's connections past its share were closed" % ATTACKER)
+    if sig == signal.SIGTERM:
+        told = [r for r in closed if any(x.get("error", {}).get("code") == -32008 for x in r.lines)]
+        check_eq(len(told), len(closed), "each closed connection was told why first (-32008)")
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    check("over what a restart carries" in text and "uid %d" % ATTACKER in text,
+          "the log says which connections were closed and why")
+    check("snapshot was not written" not in text, "every snapshot was written")
+    info = root.call("daemon.info")
+    check_eq(info["restarts"], 1, "root's client connection was carried too")
+    root.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+def blk_devices(t, m, c, d, n):
+    """n VMs, each with a started one-ring device on its own test back-end
+    (whose rings, inflight fd, memory, channel... are stored groups)."""
+    out = []
+    for i in range(n):
+        sock = m.socket("b%d.sock" % i)
+        t.enter(TestBackend([sock], args=["--queues", "1"], log_dir=d))
+        mem = t.enter(GuestMemory(2 << 20))
+        vmm = Vmm(c, "vm%d" % i)
+        vmm.create()
+        vmm.add_memory(mem)
+        vmm.add_device("D", sock, type="blk")
+        q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+        vmm.start_device("D", BLK1, [q.vq])
+        out.append((vmm, mem, q))
+    return out
+
+
+def part_fd_count(t):
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=15))
+    devs = blk_devices(t, m, c, d, 6)
+    # a VM whose memory is one group of more fds than one stash message
+    # carries (253): read back, not peeked, and stored again
+    mem = t.enter(GuestMemory(4096))
+    for i in range(1, 300):
+        mem.add_region(i * 65536, 4096)
+    big = Vmm(c, "big")
+    big.create()
+    big.add_memory(mem)
+    other = t.enter(Client(m.control, timeout=15))
+    other.call("events.subscribe", {})
+    time.sleep(0.3)
+    before = proc_fd_kinds(m.sm.pid)
+    groups = len(m.sm.names())
+    log("before: %d fds, %d stored groups" % (sum(before.values()), groups))
+    for k, sig in enumerate([signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL], 1):
+        m.restart(sig=sig)
+        for vmm, _, q in devs:
+            check_eq(len(q.read_sectors(0, 1)), 512, "restart %d: %s's device serves its ring" % (k, vmm.vm))
+        time.sleep(0.3)
+        now = proc_fd_kinds(m.sm.pid)
+        check(now == before, "restart %d (%s): the new process holds exactly the fds the old one held (%d)"
+              % (k, signal.Signals(sig).name, sum(now.values())), (dict(now - before), dict(before - now)))
+        check_eq(len(m.sm.names()), groups, "restart %d: the store holds as many groups as before" % k)
+    c.close()
+    other.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+PARTS = {"carry-cap": part_carry_cap, "carry-cap-crash": lambda t: part_carry_cap(t, signal.SIGKILL),
+         "fd-count": part_fd_count}
+
+
+def main(t):
+    mode = sys.argv[1] if len(sys.argv) > 1 else "carry-cap"
+    if mode not in PARTS:
+        raise SystemExit("usage: test_restart_limits.py [%s]" % "|".join(PARTS))
+    try:
+        PARTS[mode](t)
+    finally:
+        if os.environ.get("VHUB_PRINT_LOGS"):
+            t.print_logs()
+
+
+if __name__ == "__main__":
+    run(main)
