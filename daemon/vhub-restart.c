@@ -293,6 +293,10 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
                             strerror(-k));
         if (v->frontdoor)
                 vhub_frontdoor_restore(v->frontdoor, r);
+        /* connections' groups short of fds: the start fails before the
+         * model acts on anything it restored (vhubd.c) */
+        if (vhub_fdstore_restore_short_of_fds(r, NULL) > 0)
+                return -EMFILE;
         vhub_context_restore_finish(&v->ctx);
         state_free_loaded(rs);
         log_notice("state carried across the restart (restart %llu, down %llu ms): %u VMs, %u devices, "

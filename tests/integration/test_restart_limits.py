@@ -8,6 +8,8 @@ test_restart.py).
                                        with the input of many connections:
                                        its own connections are closed,
                                        everyone else's state is carried
+    test_restart_limits.py carry-cap-crash  the same, restored after a
+                                       SIGKILL
     test_restart_limits.py fd-count    the restarted process holds exactly
                                        the fds the old one held (no stash
                                        end or copy left over per group)
@@ -250,6 +252,26 @@ def part_fd_count(t):
     big = Vmm(c, "big")
     big.create()
     big.add_memory(mem)
+    # a shared object of vm0 (its own group)
+    obj = os.memfd_create("vhubt-shared", os.MFD_CLOEXEC)
+    os.ftruncate(obj, 4096)
+    c.call("shared_object.add", {"vm": "vm0", "uuid": "8d5d7a8e-7c1b-4e5b-9a86-3a1c2d9f0e11", "fd": 0}, fds=[obj])
+    os.close(obj)
+    # a lingering VM (its connection gone) with a server-mode device: its
+    # listener and directory are in its group
+    other = t.enter(Client(m.control, timeout=15))
+    mem1 = t.enter(GuestMemory(2 << 20))
+    lingering = Vmm(other, "lingering")
+    lingering.create(linger_ms=60000)
+    lingering.add_memory(mem1)
+    srv = m.socket("srv.sock")
+    pend = other.request("device.add", {"vm": "lingering", "device": "S", "socket": srv, "mode": "server"})
+    end = time.monotonic() + 5
+    while not os.path.exists(srv) and time.monotonic() < end:
+        time.sleep(0.01)
+    t.enter(TestBackend(connect=[srv], log_dir=d, control=os.path.join(d, "srv.ctl")))
+    pend.result(5.0)
+    other.close()
     other = t.enter(Client(m.control, timeout=15))
     other.call("events.subscribe", {})
     time.sleep(0.3)
@@ -270,7 +292,94 @@ def part_fd_count(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"carry-cap": part_carry_cap, "carry-cap-crash": lambda t: part_carry_cap(t, signal.SIGKILL),
+def stash_sizes(sm):
+    """How many fds each stored group's stash holds, by name (peeked: the
+    stash keeps them)."""
+    import array
+    import fcntl
+    import termios
+    out = {}
+    for name in sm.names():
+        fd = sm.dup(name)
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            if s.type != socket.SOCK_SEQPACKET:
+                continue
+            queued = array.array("i", [0])
+            fcntl.ioctl(s.fileno(), termios.FIONREAD, queued)
+            _, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(253 * 4), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, kind, data in anc
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(data), 4)]
+            for f in fds:
+                os.close(f)
+            out[name] = (queued[0], len(fds))
+        finally:
+            s.close()
+    return out
+
+
+def part_nofile(t):
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=15))
+    devs = blk_devices(t, m, c, d, 8)
+    # a group of more fds than one stash message carries: read to be taken
+    # back (which empties it), so read only when every fd gets a number
+    mem = t.enter(GuestMemory(4096))
+    for i in range(1, 300):
+        mem.add_region(i * 65536, 4096)
+    big = Vmm(c, "big")
+    big.create()
+    big.add_memory(mem)
+    regions = big.memory_list()
+    time.sleep(0.3)
+    c.events()
+    before = proc_fd_kinds(m.sm.pid)
+    total = sum(before.values())
+    names = sorted(m.sm.names())
+    sizes = stash_sizes(m.sm)
+    limit = total - 20
+    log("at rest: %d fds in %d stored groups; the next start gets RLIMIT_NOFILE %d" % (total, len(names), limit))
+
+    # systemctl restart into a unit whose LimitNOFILE= is too low for what
+    # the store holds
+    m.sm.send_signal(signal.SIGTERM)
+    check_eq(m.sm.wait_exit(), 0, "the old vhubd exits 0 (planned restart)")
+    m.sm.start(["prlimit", "--nofile=%d:%d" % (limit, limit), "--"] + m.argv)
+    try:
+        code = m.sm.wait_exit(30)
+    except Exception:
+        raise TestFailure("FAILED: vhubd short of fds did not exit (ready: %s)" % m.sm.ready)
+    check(code != 0, "vhubd short of fds for what the store holds exits non-zero (%d)" % code)
+    check(not m.sm.ready, "... without READY=1")
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    check("RLIMIT_NOFILE" in text and "LimitNOFILE" in text and "stored fds are kept" in text,
+          "its log says it is short of fds, the limit, and that the store is kept")
+    check_eq(sorted(m.sm.names()), names, "the store holds the same groups")
+    check_eq(stash_sizes(m.sm), sizes, "... each with every fd it held")
+
+    # the limit back: everything comes back, as if the failed start had not been
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    check_eq(c.wait_event(None, 10).get("event"), "daemon.restarted", "the VMM's connection is carried")
+    for vmm, _, q in devs:
+        check_eq(vmm.device_state("D")["state"], "running", "%s's device is running" % vmm.vm)
+        check_eq(len(q.read_sectors(0, 1)), 512, "%s's device serves its ring" % vmm.vm)
+    check_eq(big.memory_list(), regions, "the VM of 300 regions has them all")
+    time.sleep(0.3)
+    now = proc_fd_kinds(m.sm.pid)
+    check(now == before, "the process holds the fds the one before the failed start held",
+          (dict(now - before), dict(before - now)))
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+PARTS = {"nofile": part_nofile, "carry-cap": part_carry_cap, "carry-cap-crash": lambda t: part_carry_cap(t, signal.SIGKILL),
          "fd-count": part_fd_count}
 
 
