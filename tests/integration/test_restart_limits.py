@@ -40,12 +40,13 @@ import resource
 import signal
 import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from test_backend_channel import connect_as                          # noqa: E402
 from test_restart import BLK1, Managed, proc_fd_kinds               # noqa: E402
+from test_restart_carry import RawReader                            # noqa: E402
 from vhubtest import blk                                            # noqa: E402
 from vhubtest.client import Client                                  # noqa: E402
 from vhubtest.memory import GuestMemory                             # noqa: E402
@@ -58,81 +59,29 @@ OTHER = 65533
 LINE_MAX = 1024 * 1024
 
 
-def connect_as(uid, path, n):
-    """n connections to path made by uid (SO_PEERCRED says uid), made in a
-    forked child and handed back."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            parent.close()
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            for _ in range(n):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                s.connect(path)
-                socket.send_fds(child, [b"x"], [s.fileno()])
-                s.close()
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - reported through the status
-            sys.stderr.write("connect_as(%d): %s: %s\n" % (uid, type(e).__name__, e))
-        finally:
-            os._exit(code)
-    child.close()
-    out = []
-    try:
-        for _ in range(n):
-            _, fds, _, _ = socket.recv_fds(parent, 1, 1)
-            check(len(fds) == 1, "uid %d's connection %d made" % (uid, len(out)))
-            out.append(socket.socket(fileno=fds[0]))
-    finally:
-        parent.close()
-        _, status = os.waitpid(pid, 0)
-    check_eq(os.waitstatus_to_exitcode(status), 0, "uid %d made its %d connections" % (uid, n))
+def connections_as(uid, path, n):
+    """n connections to path whose SO_PEERCRED is uid."""
+    out = [socket.socket(fileno=connect_as(path, uid).detach()) for _ in range(n)]
+    log("uid %d made %d connections" % (uid, n))
     return out
 
 
-class Lines:
-    """Every line the daemon writes to a raw connection, and whether it
-    ended, read by a thread."""
+def ended(reader):
+    """Whether the daemon ended a RawReader's connection."""
+    return not reader.thread.is_alive()
 
-    def __init__(self, sock):
-        self.sock = sock
-        self.lines = []
-        self.closed = False
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
 
-    def _loop(self):
-        buf = b""
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except OSError:
-                data = b""
-            if not data:
-                with self.lock:
-                    self.closed = True
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                with self.lock:
-                    self.lines.append(json.loads(line))
-
-    def wait(self, pred, timeout, what):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                if pred(self.lines, self.closed):
-                    return list(self.lines), self.closed
-            time.sleep(0.02)
-        with self.lock:
-            raise TestFailure("FAILED: %s within %.0f s (lines %s, closed %s)"
-                              % (what, timeout, self.lines[-3:], self.closed))
+def wait_lines(reader, pred, timeout, what):
+    """reader's lines once pred(lines, ended) holds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with reader.lock:
+            lines = list(reader.lines)
+        if pred(lines, ended(reader)):
+            return lines
+        time.sleep(0.02)
+    raise TestFailure("FAILED: %s within %.0f s (lines %s, ended %s)"
+                      % (what, timeout, reader.lines[-3:], ended(reader)))
 
 
 def restarted(lines):
@@ -153,15 +102,15 @@ def part_carry_cap(t, sig=signal.SIGTERM):
     half = [b'{"jsonrpc":"2.0","id":"mine","meth', b'od":"daemon.info"}\n']
     victims = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)]
     victims[0].connect(m.control)
-    victims += connect_as(OTHER, m.control, 1)
+    victims += connections_as(OTHER, m.control, 1)
     for s in victims:
         t.defer(s.close)
     # the attacker: 64 connections, each a line of almost LINE_MAX that
     # never ends
-    hoard = connect_as(ATTACKER, m.control, 64)
+    hoard = connections_as(ATTACKER, m.control, 64)
     for s in hoard:
         t.defer(s.close)
-    readers = [Lines(s) for s in victims + hoard]
+    readers = [RawReader(s) for s in victims + hoard]
     root.call("daemon.info")            # every connection accepted
     for s in victims:
         s.sendall(half[0])
@@ -176,7 +125,7 @@ def part_carry_cap(t, sig=signal.SIGTERM):
         % (ATTACKER, len(hoard), len(chunk), len(hoard) * len(chunk) >> 20, time.monotonic() - started))
     time.sleep(0.5)                     # read by the daemon: nothing answers a partial line
     check(time.monotonic() - started < 8, "the partial lines are younger than their 10 s deadline")
-    check(not any(r.lines or r.closed for r in readers), "no answer to a partial line, no connection closed yet")
+    check(not any(r.lines or ended(r) for r in readers), "no answer to a partial line, no connection closed yet")
     if sig == signal.SIGKILL:
         # a request handled: the daemon's snapshot is written again, with
         # every connection's input (the crash restores from it)
@@ -189,8 +138,8 @@ def part_carry_cap(t, sig=signal.SIGTERM):
     for s in victims:
         s.sendall(half[1])
     for who, r in zip(("root", "uid %d" % OTHER), readers[:2]):
-        lines, _ = r.wait(lambda ls, closed: any(x.get("id") == "mine" for x in ls) or closed, 10,
-                          "%s's half request answered" % who)
+        lines = wait_lines(r, lambda ls, closed: any(x.get("id") == "mine" for x in ls) or closed, 10,
+                           "%s's half request answered" % who)
         check(restarted(lines) and lines[0] is restarted(lines)[0],
               "%s's connection was carried: daemon.restarted first" % who, lines[:2])
         answer = [x for x in lines if x.get("id") == "mine"]
@@ -200,10 +149,10 @@ def part_carry_cap(t, sig=signal.SIGTERM):
     # the attacker's connections: each either carried or closed, the closed
     # ones seen closed by their client, and not all of them carried
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(r.closed or restarted(r.lines) for r in readers[2:]):
+    while time.monotonic() < deadline and not all(ended(r) or restarted(r.lines) for r in readers[2:]):
         time.sleep(0.05)
-    closed = [r for r in readers[2:] if r.closed and not restarted(r.lines)]
-    carried = [r for r in readers[2:] if restarted(r.lines) and not r.closed]
+    closed = [r for r in readers[2:] if ended(r) and not restarted(r.lines)]
+    carried = [r for r in readers[2:] if restarted(r.lines) and not ended(r)]
     log("uid %d: %d connections carried, %d closed" % (ATTACKER, len(carried), len(closed)))
     check_eq(len(closed) + len(carried), len(hoard), "each of uid %d's connections carried or closed" % ATTACKER)
     check(closed, "uid %d's connections past its share were closed" % ATTACKER)
@@ -239,19 +188,30 @@ def blk_devices(t, m, c, d, n):
     return out
 
 
-def part_fd_count(t):
-    d = t.tmpdir()
-    m = Managed(t, d)
-    c = t.enter(Client(m.control, timeout=15))
-    devs = blk_devices(t, m, c, d, 6)
-    # a VM whose memory is one group of more fds than one stash message
-    # carries (253): read back, not peeked, and stored again
+def big_vm(t, c):
+    """VM "big" with 300 one-page regions (one memfd each): its memory's
+    group is more fds than one stash message carries (253)."""
     mem = t.enter(GuestMemory(4096))
     for i in range(1, 300):
         mem.add_region(i * 65536, 4096)
     big = Vmm(c, "big")
     big.create()
     big.add_memory(mem)
+    return big
+
+
+def managed_vms(t, n):
+    """vhubd under the service manager with n VMs of a started device each
+    and VM "big": (Managed, workdir, client, [(Vmm, memory, queue)], big)."""
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=15))
+    return m, d, c, blk_devices(t, m, c, d, n), big_vm(t, c)
+
+
+def part_fd_count(t):
+    # big's memory group is read back, not peeked, and stored again
+    m, d, c, devs, _ = managed_vms(t, 6)
     # a shared object of vm0 (its own group)
     obj = os.memfd_create("vhubt-shared", os.MFD_CLOEXEC)
     os.ftruncate(obj, 4096)
@@ -259,12 +219,9 @@ def part_fd_count(t):
     os.close(obj)
     # a lingering VM (its connection gone) with a server-mode device: its
     # listener and directory are in its group
-    other = t.enter(Client(m.control, timeout=15))
-    mem1 = t.enter(GuestMemory(2 << 20))
-    lingering = Vmm(other, "lingering")
-    lingering.create(linger_ms=60000)
-    lingering.add_memory(mem1)
     srv = m.socket("srv.sock")
+    other = t.enter(Client(m.control, timeout=15))
+    Vmm(other, "lingering").create(linger_ms=60000)
     pend = other.request("device.add", {"vm": "lingering", "device": "S", "socket": srv, "mode": "server"})
     end = time.monotonic() + 5
     while not os.path.exists(srv) and time.monotonic() < end:
@@ -323,18 +280,9 @@ def stash_sizes(sm):
 
 
 def part_nofile(t):
-    d = t.tmpdir()
-    m = Managed(t, d)
-    c = t.enter(Client(m.control, timeout=15))
-    devs = blk_devices(t, m, c, d, 8)
-    # a group of more fds than one stash message carries: read to be taken
-    # back (which empties it), so read only when every fd gets a number
-    mem = t.enter(GuestMemory(4096))
-    for i in range(1, 300):
-        mem.add_region(i * 65536, 4096)
-    big = Vmm(c, "big")
-    big.create()
-    big.add_memory(mem)
+    # big's memory group is read to be taken back (which empties it): read
+    # only when every fd gets a number
+    m, _, c, devs, big = managed_vms(t, 8)
     regions = big.memory_list()
     time.sleep(0.3)
     c.events()
@@ -379,20 +327,15 @@ def part_nofile(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
-PARTS = {"nofile": part_nofile, "carry-cap": part_carry_cap, "carry-cap-crash": lambda t: part_carry_cap(t, signal.SIGKILL),
-         "fd-count": part_fd_count}
-
-
-def main(t):
-    mode = sys.argv[1] if len(sys.argv) > 1 else "carry-cap"
-    if mode not in PARTS:
-        raise SystemExit("usage: test_restart_limits.py [%s]" % "|".join(PARTS))
-    try:
-        PARTS[mode](t)
-    finally:
-        if os.environ.get("VHUB_PRINT_LOGS"):
-            t.print_logs()
+PARTS = {
+    "carry-cap": part_carry_cap,
+    "carry-cap-crash": lambda t: part_carry_cap(t, signal.SIGKILL),
+    "fd-count": part_fd_count,
+    "nofile": part_nofile,
+}
 
 
 if __name__ == "__main__":
-    run(main)
+    if len(sys.argv) != 2 or sys.argv[1] not in PARTS:
+        raise SystemExit("usage: test_restart_limits.py %s" % "|".join(PARTS))
+    run(PARTS[sys.argv[1]])
