@@ -204,7 +204,7 @@ def managed_vms(t, n):
     """vhubd under the service manager with n VMs of a started device each
     and VM "big": (Managed, workdir, client, [(Vmm, memory, queue)], big)."""
     d = t.tmpdir()
-    m = Managed(t, d)
+    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm")])
     c = t.enter(Client(m.control, timeout=15))
     return m, d, c, blk_devices(t, m, c, d, n), big_vm(t, c)
 
@@ -229,6 +229,11 @@ def part_fd_count(t):
     t.enter(TestBackend(connect=[srv], log_dir=d, control=os.path.join(d, "srv.ctl")))
     pend.result(5.0)
     other.close()
+    # a front-door device waiting for its VMM (its socket, its directory)
+    fdoor = m.socket("fdoor.sock")
+    t.enter(TestBackend([fdoor], log_dir=d, control=os.path.join(d, "fdoor.ctl")))
+    Vmm(c, "fdoor").create()
+    c.call("device.add", {"vm": "fdoor", "device": "F", "socket": fdoor, "type": "blk", "vmm_socket": True})
     other = t.enter(Client(m.control, timeout=15))
     other.call("events.subscribe", {})
     time.sleep(0.3)
