@@ -88,6 +88,27 @@ def restarted(lines):
     return [m for m in lines if m.get("params", {}).get("event") == "daemon.restarted"]
 
 
+def wait_snapshot_holds(sm, nbytes, poke, timeout=20):
+    """Until both slots of the daemon's snapshot file hold a document of
+    nbytes or more (the older of the two was then written whole), poke()
+    making the daemon write it again."""
+    end = time.monotonic() + timeout
+    while True:
+        fd = sm.dup("S")
+        try:
+            slot = os.fstat(fd).st_size // 2
+            sizes = [int.from_bytes(os.pread(fd, 4, i * slot + 24), "little") for i in (0, 1)]
+        finally:
+            os.close(fd)
+        if min(sizes) >= nbytes:
+            return
+        if time.monotonic() > end:
+            raise TestFailure("FAILED: the daemon's snapshot holds documents of %s bytes, not %d, after %d s"
+                              % (sizes, nbytes, timeout))
+        poke()
+        time.sleep(0.05)
+
+
 def part_carry_cap(t, sig=signal.SIGTERM):
     if os.geteuid() != 0:
         raise Skip("needs root to connect as other uids")
@@ -127,10 +148,10 @@ def part_carry_cap(t, sig=signal.SIGTERM):
     check(time.monotonic() - started < 8, "the partial lines are younger than their 10 s deadline")
     check(not any(r.lines or ended(r) for r in readers), "no answer to a partial line, no connection closed yet")
     if sig == signal.SIGKILL:
-        # a request handled: the daemon's snapshot is written again, with
-        # every connection's input (the crash restores from it)
-        root.call("daemon.info")
-        time.sleep(0.1)
+        # requests handled: the daemon's snapshot is written again, with
+        # every connection's input; the crash restores from a copy written
+        # whole (one may be cut by the SIGKILL: the other slot's is read)
+        wait_snapshot_holds(m.sm, 8 << 20, lambda: root.call("daemon.info"))
         m.restart(sig=sig)
     else:
         code = m.restart()
@@ -166,6 +187,11 @@ def part_carry_cap(t, sig=signal.SIGTERM):
     check("snapshot was not written" not in text, "every snapshot was written")
     info = root.call("daemon.info")
     check_eq(info["restarts"], 1, "root's client connection was carried too")
+    # the store keeps the groups of the connections carried, not of those closed
+    conns = len(carried) + len(victims) + 1
+    m.sm.wait_for(lambda: len([n for n in m.sm.names() if n.startswith("c")]) == conns, 5,
+                  "the store to hold the %d carried connections' groups only" % conns)
+    log("ok: the store holds the groups of the %d connections carried, none of those closed" % conns)
     root.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
