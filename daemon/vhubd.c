@@ -64,19 +64,6 @@ static bool name_is_ours(const char *name) {
         return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
 
-/*
- * What the service manager passed (LISTEN_FDS/LISTEN_FDNAMES): the control
- * socket of socket activation ("control", or the only fd a socket unit
- * without FileDescriptorName= passed), and what the fd store kept of an
- * earlier run.  With the earlier run's snapshot ("S") every snapshot is
- * read and checked first (one the daemon cannot read: a log line, the map
- * aborted so that the store keeps everything, -errno: the start fails);
- * then the model is rebuilt from them and *ret_carried is set (the faces
- * follow in vhubd_init()).  Without one, each group of an earlier run is
- * closed at once -- its back-ends see their connection go -- and its name
- * removed.  *ret_control: the control socket (-1: none passed);
- * *ret_listener: the daemon's own listener of the earlier run (-1: none).
- */
 /* Some of the state the store kept could not be taken back for want of fd
  * numbers (RLIMIT_NOFILE lower than what the earlier run held, e.g. a
  * lower LimitNOFILE= after an upgrade): going on would lose those VMs'
@@ -102,6 +89,19 @@ static int restore_short_of_fds(struct vhubd *v, struct vhub_fdstore_restore *r)
         return -EMFILE;
 }
 
+/*
+ * What the service manager passed (LISTEN_FDS/LISTEN_FDNAMES): the control
+ * socket of socket activation ("control", or the only fd a socket unit
+ * without FileDescriptorName= passed), and what the fd store kept of an
+ * earlier run.  With the earlier run's snapshot ("S") every snapshot is
+ * read and checked first (one the daemon cannot read: a log line, the map
+ * aborted so that the store keeps everything, -errno: the start fails);
+ * then the model is rebuilt from them and *ret_carried is set (the faces
+ * follow in vhubd_init()).  Without one, each group of an earlier run is
+ * closed at once -- its back-ends see their connection go -- and its name
+ * removed.  *ret_control: the control socket (-1: none passed);
+ * *ret_listener: the daemon's own listener of the earlier run (-1: none).
+ */
 static int take_passed_fds(struct vhubd *v, struct vhub_fdstore_restore **ret_r, int *ret_control,
                            int *ret_listener) {
         struct vhub_fdstore_restore *r;
@@ -151,7 +151,7 @@ static int take_passed_fds(struct vhubd *v, struct vhub_fdstore_restore **ret_r,
                 }
                 k = restore_short_of_fds(v, r);
                 if (k < 0) {
-                        vhu_safe_close(*ret_listener);
+                        *ret_listener = vhu_safe_close(*ret_listener);
                         return k;
                 }
                 *ret_r = r;
