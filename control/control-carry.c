@@ -97,28 +97,49 @@ static struct carry_uid *uid_usage(struct control_carry *b, uid_t uid) {
         return u;
 }
 
-const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n) {
-        size_t extra = n > b->guaranteed ? n - b->guaranteed : 0;
+/* Why a record of n bytes of uid's does not fit (NULL: it does); *ret_u:
+ * uid's use of the pool (NULL for root, or a record within its guarantee). */
+static const char *carry_check(struct control_carry *b, uid_t uid, size_t n, size_t extra,
+                               struct carry_uid **ret_u) {
         struct carry_uid *u;
 
+        *ret_u = NULL;
         if (n > CARRY_CONN_MAX)
                 return "over what a restart carries of one connection";
         if (extra == 0)
                 return NULL;
-        if (uid == 0) {
-                if (b->used_root + b->used_non_root + extra > b->pool)
-                        return "over what a restart carries of all connections";
-                b->used_root += extra;
-                return NULL;
-        }
+        if (uid == 0)
+                return b->used_root + b->used_non_root + extra > b->pool
+                               ? "over what a restart carries of all connections" : NULL;
         u = uid_usage(b, uid);
         if (!u)
                 return "over what a restart carries (out of memory counting it)";
+        *ret_u = u;
         if (u->used + extra > b->per_uid)
                 return "over what a restart carries of one uid's connections";
         if (b->used_non_root + extra > b->non_root || b->used_root + b->used_non_root + extra > b->pool)
                 return "over what a restart carries of non-root uids' connections";
-        u->used += extra;
-        b->used_non_root += extra;
+        return NULL;
+}
+
+const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n) {
+        struct carry_uid *u;
+
+        return carry_check(b, uid, n, n > b->guaranteed ? n - b->guaranteed : 0, &u);
+}
+
+const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n) {
+        size_t extra = n > b->guaranteed ? n - b->guaranteed : 0;
+        struct carry_uid *u;
+        const char *why = carry_check(b, uid, n, extra, &u);
+
+        if (why || extra == 0)
+                return why;
+        if (uid == 0) {
+                b->used_root += extra;
+        } else {
+                u->used += extra;
+                b->used_non_root += extra;
+        }
         return NULL;
 }

@@ -140,6 +140,9 @@ struct control_carry;
 struct control_carry *control_carry_new(const struct control_server *s);
 void control_carry_free(struct control_carry *b);
 const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n);
+/* The same question, nothing counted (a record that will be at least n
+ * bytes: not worth writing if this refuses it). */
+const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

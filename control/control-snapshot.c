@@ -140,18 +140,31 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
         vhub_snap_put_bool(w, C_EOF, c->eof);
 }
 
-/* c's record written (from mark on) or taken back out, as the budget says. */
-static void conn_carry(struct control_conn *c, struct control_carry *b, struct vhub_snap_writer *w,
-                       size_t mark, unsigned depth) {
-        const char *why = NULL;
-        size_t n = w->len - mark;
+/* What c's record holds at least: its input and its batches' ids. */
+static size_t conn_least_bytes(const struct control_conn *c) {
+        const struct control_batch *b;
+        const char *in;
+        size_t n = rpc_conn_unhandled_input(c->rpc, &in), ids;
 
-        if (w->error == -E2BIG)
+        for (b = control_batch_next(c, NULL); b; b = control_batch_next(c, b)) {
+                (void)control_batch_ids(b, &ids);
+                n += ids;
+        }
+        return n;
+}
+
+/* c's record written (from mark on) or taken back out, as the budget says
+ * (why: refused before it was written, n its least size). */
+static void conn_carry(struct control_conn *c, struct control_carry *b, struct vhub_snap_writer *w,
+                       size_t mark, unsigned depth, const char *why, size_t n) {
+        if (!why && w->error == -E2BIG) {
                 why = "over what a restart carries of all connections";
-        else if (w->error)
+        } else if (!why && w->error) {
                 return;         /* the document fails anyway: logged by its writer */
-        else if (b)
+        } else if (!why && b) {
+                n = w->len - mark;
                 why = control_carry_admit(b, c->uid, n);
+        }
         if (why) {
                 /* the writer's state as it was before the record (the
                  * buffer keeps what it grew to, for the next commit) */
@@ -178,21 +191,28 @@ int control_server_serialize(struct control_server *s, struct vhub_snap_writer *
 
         vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
         TAILQ_FOREACH(c, &s->conns, link) {
-                size_t mark = w->len;
+                size_t mark = w->len, least;
                 unsigned depth = w->depth;
+                const char *why;
 
                 if (!c->rpc)
                         continue;
                 if (w->error)
                         break;
-                vhub_snap_begin(w, S_CONN);
-                conn_serialize(c, w);
-                if (s->carry_output)
-                        conn_serialize_output(c, w);
-                vhub_snap_end(w);
+                /* a record sure not to fit is not written (a uid's hoard
+                 * would otherwise be copied at every commit) */
+                least = conn_least_bytes(c);
+                why = b ? control_carry_refuses(b, c->uid, least) : NULL;
+                if (!why) {
+                        vhub_snap_begin(w, S_CONN);
+                        conn_serialize(c, w);
+                        if (s->carry_output)
+                                conn_serialize_output(c, w);
+                        vhub_snap_end(w);
+                }
                 /* without memory for the budget every record is carried,
                  * as before it: the document's own bound still holds */
-                conn_carry(c, b, w, mark, depth);
+                conn_carry(c, b, w, mark, depth, why, least);
         }
         control_carry_free(b);
         return w->error;

@@ -25,10 +25,15 @@ int main(void) {
         struct control_carry *b = budget(256);
         unsigned carried = 0;
 
+        /* asking counts nothing */
+        for (int i = 0; i < 64; i++)
+                CHECK(control_carry_refuses(b, 65534, MIB) == NULL);
+        CHECK(control_carry_refuses(b, 65534, 9 * MIB) != NULL);
         /* one uid's 1 MiB records: 8 MiB of the 32 MiB pool, then no more */
         for (int i = 0; i < 64; i++)
                 carried += control_carry_admit(b, 65534, MIB) == NULL;
         CHECK(carried == 8);
+        CHECK(control_carry_refuses(b, 65534, MIB) != NULL);
         /* its small records still fit: they are guaranteed */
         CHECK(control_carry_admit(b, 65534, 64 * KIB) == NULL);
         /* two more uids take as much; a fourth finds the non-root part
