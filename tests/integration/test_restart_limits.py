@@ -310,22 +310,12 @@ def stash_sizes(sm):
     return out
 
 
-def part_nofile(t):
-    # big's memory group is read to be taken back (which empties it): read
-    # only when every fd gets a number
-    m, _, c, devs, big = managed_vms(t, 8)
-    regions = big.memory_list()
-    time.sleep(0.3)
-    c.events()
-    before = proc_fd_kinds(m.sm.pid)
-    total = sum(before.values())
+def fail_start_short_of_fds(m, limit):
+    """systemctl restart into a unit whose LimitNOFILE= (limit) is too low
+    for what the store holds: the start fails, says why, and leaves the
+    store as it was, stash by stash."""
     names = sorted(m.sm.names())
     sizes = stash_sizes(m.sm)
-    limit = total - 20
-    log("at rest: %d fds in %d stored groups; the next start gets RLIMIT_NOFILE %d" % (total, len(names), limit))
-
-    # systemctl restart into a unit whose LimitNOFILE= is too low for what
-    # the store holds
     m.sm.send_signal(signal.SIGTERM)
     check_eq(m.sm.wait_exit(), 0, "the old vhubd exits 0 (planned restart)")
     m.sm.start(["prlimit", "--nofile=%d:%d" % (limit, limit), "--"] + m.argv)
@@ -341,6 +331,22 @@ def part_nofile(t):
           "its log says it is short of fds, the limit, and that the store is kept")
     check_eq(sorted(m.sm.names()), names, "the store holds the same groups")
     check_eq(stash_sizes(m.sm), sizes, "... each with every fd it held")
+
+
+def part_nofile(t):
+    # big's memory group is read to be taken back (which empties it): read
+    # only when every fd gets a number
+    m, _, c, devs, big = managed_vms(t, 8)
+    regions = big.memory_list()
+    time.sleep(0.3)
+    c.events()
+    before = proc_fd_kinds(m.sm.pid)
+    total = sum(before.values())
+    limit = total - 20
+    log("at rest: %d fds in %d stored groups; the next start gets RLIMIT_NOFILE %d"
+        % (total, len(m.sm.names()), limit))
+
+    fail_start_short_of_fds(m, limit)
 
     # the limit back: everything comes back, as if the failed start had not been
     m.sm.start(m.argv)
