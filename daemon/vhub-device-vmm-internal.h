@@ -102,6 +102,25 @@ void vmm_session_free(struct vhub_device *d);
  */
 int vmm_session_restore(struct vhub_device *d, bool had_vmm);
 bool vmm_restore_finish(struct vhub_device *d);
+/* Whose files the socket and its directories are (the VM's uid). */
+int vmm_owner(const struct vhub_vm *vm, struct vhub_cred *ret);
+
+/* vhub-device-vmm-snapshot.c: a VMM session carried across a planned
+ * restart (docs/restart.md, "Front-door devices") */
+struct vhub_fd_claim;
+struct vhub_fdstore_restore;
+struct vhub_snap_rec;
+struct vhub_snap_writer;
+/* Write the session as record tag when it can be carried whole (the face
+ * says it is at rest); false: nothing written. */
+bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint32_t tag);
+/* The records from rec, their fds claimed from the device's group (the
+ * session exists, empty).  < 0: the records are cleared, not carried. */
+int vmm_carry_restore(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec);
+/* The face takes its socket and the VMM's connection back (vhub_vmm_door.adopt)
+ * once the device is in its VM; the VMM is connected again.  < 0: the
+ * records are cleared, and the VMM's connection closes as after a crash. */
+int vmm_carry_adopt(struct vhub_device *d, struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec);
 unsigned vmm_fds_held(const struct vhub_device *d);
 /* The records' fds, each tracked as the device's (group d<id>, names
  * dev/<uid>/<vm>/<dev>/vmm/...): fd is taken (-1: none), the old one closed. */

@@ -32,6 +32,9 @@
 
 struct vhub_context;
 struct vhub_device;
+struct vhub_fdstore_restore;
+struct vhub_snap_rec;
+struct vhub_snap_writer;
 
 /* What the model asks of one device's front door (the face's object). */
 struct vhub_vmm_face_ops {
@@ -50,6 +53,16 @@ struct vhub_vmm_face_ops {
          * connection and channel, what they queue): the fd budget counts
          * them as the VM's uid's. */
         unsigned (*fds_held)(const void *face);
+        /*
+         * A restart of the daemon (docs/restart.md, "Front-door devices"):
+         * whether the VMM's session can be carried whole -- the VMM is read
+         * no more (a planned restart), every request of it answered and
+         * sent, nothing half-read, nothing awaited on its channel -- and
+         * then save writes what the face needs to take it back (its fds by
+         * key, what the VMM negotiated with it) for vhub_vmm_door.adopt.
+         */
+        bool (*at_rest)(const void *face);
+        void (*save)(const void *face, struct vhub_snap_writer *w);
 };
 
 /* The front door, as the composition root registers it. */
@@ -64,6 +77,16 @@ struct vhub_vmm_door {
         int (*open)(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
                     struct vhub_error *err, void **ret_face, const struct vhub_vmm_face_ops **ret_ops,
                     char **ret_path);
+        /*
+         * A restart carried d's VMM session: take back the socket, listener,
+         * the VMM's connection and channel from the fd-store group f<device
+         * id> in r, as rec (what face_ops.save wrote) names them, and go on
+         * reading the VMM.  Same returns as open; on failure nothing of the
+         * group is kept.
+         */
+        int (*adopt)(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
+                     struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec, void **ret_face,
+                     const struct vhub_vmm_face_ops **ret_ops, char **ret_path);
         void *userdata;
 };
 

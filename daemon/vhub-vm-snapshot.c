@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "vhub-context.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-device.h"
 #include "vhub-fd-claim.h"
 #include "vhub-log.h"
@@ -358,9 +359,11 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 struct vhub_device *d;
 
                 /* a back-end out of line with the table is restored as lost:
-                 * the restore's handshake syncs it to the table */
+                 * the restore's handshake syncs it to the table (a front-door
+                 * device's is its VMM's, empty unless its session was carried) */
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->mem_synced && d->conn && !vhub_device_shadow_is(d, &vm->mem))
+                        if (d->mem_synced && d->conn &&
+                            !vhub_device_shadow_is(d, d->vmm ? &d->vmm->mem : &vm->mem))
                                 d->restore_lost = true;
         }
         if (k < 0) {

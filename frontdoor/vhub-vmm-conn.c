@@ -291,6 +291,18 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         return NULL;
 }
 
+bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c) {
+        return vmm_stream_at_rest(&c->stream) && c->count == 0 && !c->free_requested;
+}
+
+int vhub_vmm_conn_resume(struct vhub_vmm_conn *c, uint64_t acked) {
+        /* the rules SET_PROTOCOL_FEATURES met when the VMM sent it */
+        if ((acked & ~c->offered_pf) || vhu_protocol_features_consistent(acked) != acked)
+                return -EPROTO;
+        c->pf = acked;
+        return 0;
+}
+
 void vhub_vmm_conn_offer_protocol_features(struct vhub_vmm_conn *c, uint64_t offer) {
         c->offered_pf = offer;
 }

@@ -29,11 +29,15 @@ lifetime  a VM with linger_ms whose owner closed is held while a VMM is
           connected, and lingers from when the VMM left.
 restart   vhubd under a service manager (the fd store), restarted as planned
           (SIGTERM) and crashed (SIGKILL) with a VMM doing I/O through the
-          front door: the VMM's session is not carried -- its connection
-          closes, device.vmm_disconnected says so, the back-end gets a new
-          connection -- and the socket is there again at the same path: the
-          next VMM reads what the first wrote and writes on (the image checked);
-          a VM held only by its VMM lingers from the restart and goes.
+          front door.  Planned: the VMM's session is carried -- the same
+          connection and rings go on (blocks read back, more written), no
+          device.vmm_disconnected, the back-end keeps its connection, a VM
+          held only by its VMM stays held.  Crash: the session is not
+          carried -- its connection closes, device.vmm_disconnected says so,
+          the back-end gets a new connection -- and the socket is there again
+          at the same path: the next VMM reads what the first wrote and writes
+          on (the image checked); a VM held only by its VMM lingers from the
+          restart and goes.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
           its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
           region after region is closed before the uid holds its budget,
@@ -395,9 +399,12 @@ def scenario_lifetime(t):
 
 
 def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
-    """A VMM on path writes 8 blocks, vhubd is restarted with sig: the VMM's
-    connection closes, the device says so and waits on the same socket; the
-    next VMM reads those blocks and writes the disk's last one."""
+    """A VMM on path writes 8 blocks, vhubd is restarted with sig.  Planned
+    (SIGTERM): the VMM's session is carried -- the same connection goes on
+    with the same rings, reads those blocks back and writes 8 more, and
+    nothing says it left.  Crash (SIGKILL): its connection closes, the
+    device says so and waits on the same socket; the next VMM reads those
+    blocks and writes the disk's last one."""
     mem = GuestMemory(4 << 20)
     t.defer(mem.close)
     q = BlkQueue(mem, index=0, size=64)
@@ -407,11 +414,35 @@ def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
     c.events()
     code = m.restart(sig=sig)
     check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
+    if sig == signal.SIGTERM:
+        features = fe.get_features()
+        check(features & (1 << 32), "the carried session answers GET_FEATURES on the same connection (0x%x)"
+              % features)
+        for i in range(8):
+            k = salt * 8 + i
+            check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+                  "block %d, written before the restart, read back on the same ring after it" % k)
+            q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+        seen = [e.get("event") for e in c.events()]
+        wait_until(lambda: seen.extend(e.get("event") for e in c.events()) or "daemon.restarted" in seen, 5.0,
+                   what="daemon.restarted on the control connection")
+        check_eq(seen[0], "daemon.restarted", "the first message after the restart")
+        check("device.vmm_disconnected" not in seen and "device.reconnected" not in seen,
+              "nothing says the VMM left or the back-end was renewed: %s" % seen)
+        dev = [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
+        check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "connected", "running"),
+                 "device.list after the restart: the same VMM, still running")
+        log("ok: the VMM's session was carried across the planned restart (events: %s)" % seen)
+        fe.close()
+        wait_until(lambda: [x for x in c.call("device.list", {"vm": vm_name})["devices"]
+                            if x["device"] == "blk0"][0]["vmm"] == "waiting", 5.0,
+                   what="the carried VMM's leaving to be seen")
+        return
     try:
         fe.get_features()
-        raise TestFailure("FAILED: the VMM's session outlived a restart of vhubd")
+        raise TestFailure("FAILED: the VMM's session outlived a crash of vhubd")
     except (BackendClosed, OSError):
-        log("ok: the VMM's connection closed with the restart (%s)" % signal.Signals(sig).name)
+        log("ok: the VMM's connection closed with the crash (%s)" % signal.Signals(sig).name)
     fe.close()
     seen = []
 
@@ -464,10 +495,17 @@ def scenario_restart(t):
     for k, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
         restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1)
         if k == 0:
-            # its VMM's session did not survive: the VM lingers from the restart, and goes
+            # its VMM's session was carried: it still holds the VM
+            time.sleep(2.0)
+            vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
+            check("held" in vms and "linger_remaining_ms" not in vms["held"],
+                  "the VM its carried VMM holds does not linger after the planned restart (%s)" % vms.get("held"))
+            hvmm.get_features()
+        if k == 1:
+            # a crash: its VMM's session did not survive, the VM lingers from the restart, and goes
             vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
             check("held" in vms and "linger_remaining_ms" in vms["held"],
-                  "the VM its VMM held lingers from the restart (%s)" % vms.get("held"))
+                  "the VM its VMM held lingers from the crash restart (%s)" % vms.get("held"))
             hvmm.close()
             wait_until(lambda: "held" not in [v["vm"] for v in c.call("vm.list")["vms"]], 5.0,
                        what="the VM its VMM held to go after linger_ms")
@@ -478,9 +516,11 @@ def scenario_restart(t):
         want = b"".join(pattern((salt * 8 + i) * 8, 4096, salt=salt) for i in range(8))
         check(data[salt * 64 * 512:salt * 64 * 512 + len(want)] == want,
               "the image holds the blocks written before restart %d" % salt)
-        check(data[(disk - 8) * 512:disk * 512] in (pattern(disk - 8, 4096, salt=1),
-                                                   pattern(disk - 8, 4096, salt=2)),
-              "the image holds a block written after a restart")
+    after = b"".join(pattern((8 + i + 16) * 8, 4096, salt=1) for i in range(8))
+    check(data[(8 + 16) * 8 * 512:(8 + 16) * 8 * 512 + len(after)] == after,
+          "the image holds the blocks the carried VMM wrote after the planned restart")
+    check(data[(disk - 8) * 512:disk * 512] == pattern(disk - 8, 4096, salt=2),
+          "the image holds the block the next VMM wrote after the crash")
     c.call("device.remove", {"vm": "vm0", "device": "blk0"})
     check(not os.path.exists(path), "device.remove removes the socket")
     c.close()
