@@ -23,6 +23,14 @@ hung            qemu-storage-daemon SIGSTOPped while QMP `stop` makes QEMU ask
                 and `cont` the guest's I/O goes on.
 vmm-return      QEMU killed; a new QEMU (reconnect=1) boots the guest again on
                 the same socket: served, the first guest's data intact.
+vhubd-carry     vhubd restarted as planned (SIGTERM, a played service manager)
+                5 times under one O_DIRECT writer: QEMU's vhost-user session is
+                carried -- its sockets are the same, its log silent, vhubd sees
+                no vmm_disconnected and no new connection -- the guest's
+                longest I/O pause across each restart is measured.
+vhubd-restart   vhubd crashed (SIGKILL) twice under the same writer: the
+                session is not carried, QEMU (reconnect=1) comes back; no
+                error, every block verified; the pause is measured.
 hostile         VMMs that send garbage, break the protocol, flood without
                 reading or connect twice, beside a guest doing I/O on another
                 device of the VM: each is closed, everyone else is served.
@@ -376,7 +384,83 @@ class ThroughManagedVhubd(ThroughVhubd):
         self.seen = []
 
 
-def scenario_vhubd_restart(t, image):
+class IoWatch:
+    """The guest's O_DIRECT completions seen from the host: step blk-write's
+    writer 0 writes its numbered blocks one at a time into slot n % area of
+    its area and reads each back before the next, so block n appearing in
+    the image file is its I/O completing.  A thread polls for the next
+    block every millisecond and keeps the time each one appeared: the
+    longest gap between two of them is the guest's longest I/O pause."""
+
+    def __init__(self, img, first=None, area=None):
+        import threading
+        self.fd = os.open(img, os.O_RDONLY | os.O_CLOEXEC)
+        self.first = SEQ_FIRST if first is None else first
+        self.area = SEQ_AREA if area is None else area
+        self.times = []     # (monotonic time, n)
+        self.n = -1
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _seen(self, n):
+        off = (self.first + n % self.area) * BLOCK
+        return os.pread(self.fd, BLOCK, off) == guest.blk_block(0, n)
+
+    def _run(self):
+        while not self.stopping:
+            while self._seen(self.n + 1):
+                self.n += 1
+                self.times.append((time.monotonic(), self.n))
+            time.sleep(0.001)
+
+    def stop(self):
+        if self.fd < 0:
+            return
+        self.stopping = True
+        self.thread.join()
+        os.close(self.fd)
+        self.fd = -1
+
+    def longest_gap(self, t0, t1):
+        """The longest time without a completion that overlaps [t0, t1]
+        (ms), and the completions it lies between."""
+        best = (0.0, None, None)
+        for (a, na), (b, nb) in zip(self.times, self.times[1:]):
+            if b >= t0 and a <= t1 and (b - a) * 1000 > best[0]:
+                best = ((b - a) * 1000, na, nb)
+        return best
+
+    def gaps(self, t0, t1):
+        """Every gap between completions inside [t0, t1], ms."""
+        return [(b - a) * 1000 for (a, _), (b, _) in zip(self.times, self.times[1:]) if a >= t0 and b <= t1]
+
+
+def qemu_sockets(g):
+    """QEMU's connected sockets, by inode: a reconnect makes a new one."""
+    found = set()
+    for fd in os.listdir("/proc/%d/fd" % g.pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (g.pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
+def qemu_log(g):
+    with open(g.log_path, errors="replace") as f:
+        return f.read()
+
+
+# What QEMU 7.2 logs when its vhost-user connection goes and comes back.
+QEMU_VHOST_LOSS = re.compile(r"vhost|Failed to (read|write) msg|[Dd]isconnect|[Rr]econnect")
+
+CARRY_RESTARTS = 5
+
+
+def vhubd_rig(t, image):
     way = ThroughManagedVhubd(t)
     d = way.dir
     img = blk_image(d)
@@ -384,24 +468,86 @@ def scenario_vhubd_restart(t, image):
     sock = way.socket(qsd.socket, "blk0", "blk")
     g = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image))
     g.wait_ready()
+    watch = IoWatch(img)
+    t.defer(watch.stop)
     g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
     g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
-    for i, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
-        t0 = time.monotonic()
-        way.managed.restart(sig=sig)
-        way.wait_events("device.vmm_disconnected", i + 1, "blk0", timeout=10)
-        way.wait_events("device.vmm_connected", i + 2, "blk0", timeout=30)
-        log("restart %d (%s): QEMU reconnected %.1f s after the signal"
-            % (i + 1, signal.Signals(sig).name, time.monotonic() - t0))
-        p = wait_more(g, "blk-write", 32)
-        log("restart %d: the guest wrote on (block %s)" % (i + 1, p["n"]))
+    return way, img, qsd, g, watch
+
+
+def baseline_gap(watch, seconds=3.0):
+    """The longest gap between completions with nothing happening."""
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    gaps = watch.gaps(t0, time.monotonic())
+    check(len(gaps) >= 10, "the guest completes blocks steadily (%d in %.0f s)" % (len(gaps), seconds))
+    return max(gaps), sorted(gaps)[len(gaps) // 2]
+
+
+def vhubd_rig_end(way, g, qsd, img, watch, restarts, what):
     g.stop_steps()
     r = g.result("blk-write")
     seq = guest.parse_counts(r)
-    check(seq[0] >= 32 * 3, "one O_DIRECT writer through 2 restarts of vhubd: %s blocks, every one read "
-          "back, no I/O error in the guest's kernel log (%s)" % (seq, r["kmsg_errors"]))
+    check(seq[0] >= 32 * (restarts + 1), "one O_DIRECT writer through %d %s: %s blocks, every one read "
+          "back, no I/O error in the guest's kernel log (%s)" % (restarts, what, seq, r["kmsg_errors"]))
     g.run("kmsg-check")
+    watch.stop()
     blk_writer_end(way, g, qsd, img, bytearray(IMAGE_SIZE), seq, "%d numbered blocks" % seq[0])
+
+
+def scenario_vhubd_carry(t, image):
+    """Planned restarts of vhubd (SIGTERM) under a guest: QEMU's vhost-user
+    session is carried, QEMU notices nothing."""
+    way, img, qsd, g, watch = vhubd_rig(t, image)
+    socks0 = qemu_sockets(g)
+    log0 = len(qemu_log(g))
+    base_max, base_median = baseline_gap(watch)
+    log("no restart: longest gap between completions %.1f ms (median %.1f ms)" % (base_max, base_median))
+    pauses = []
+    for i in range(CARRY_RESTARTS):
+        t0 = time.monotonic()
+        code = way.managed.restart(sig=signal.SIGTERM)
+        t1 = time.monotonic()
+        check_eq(code, 0, "restart %d: the old vhubd's exit on SIGTERM" % (i + 1))
+        p = wait_more(g, "blk-write", 32)
+        gap, na, nb = watch.longest_gap(t0, t1)
+        pauses.append(gap)
+        log("restart %d: SIGTERM to the new vhubd's READY=1 %.0f ms; the guest's longest pause across it "
+            "%.1f ms (blocks %s..%s); it wrote on (block %s)" % (i + 1, (t1 - t0) * 1000, gap, na, nb, p["n"]))
+    check_eq(way.events("device.vmm_disconnected", "blk0"), [], "vhubd saw QEMU's session go on: no "
+             "device.vmm_disconnected")
+    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "one device.vmm_connected: no new accept")
+    check_eq(way.events("device.reconnected", "blk0"), [], "the back-end kept its connection: no "
+             "device.reconnected")
+    dev = way.device("blk0")
+    check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list after the restarts")
+    check_eq(qemu_sockets(g), socks0, "QEMU's sockets are the ones it had before the restarts (no reconnect)")
+    lines = [l for l in qemu_log(g)[log0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+    check_eq(lines, [], "QEMU's log says nothing of its vhost-user connection during the restarts")
+    log("planned restarts: the guest's longest I/O pause across each: %s ms (without a restart: longest "
+        "%.1f ms, median %.1f ms)" % (", ".join("%.1f" % x for x in pauses), base_max, base_median))
+    vhubd_rig_end(way, g, qsd, img, watch, CARRY_RESTARTS, "planned restarts of vhubd")
+
+
+def scenario_vhubd_restart(t, image):
+    """Crashes of vhubd (SIGKILL) under a guest: the session cannot be
+    carried, QEMU (reconnect=1) comes back; the guest pauses, no error."""
+    way, img, qsd, g, watch = vhubd_rig(t, image)
+    log0 = len(qemu_log(g))
+    for i in range(2):
+        t0 = time.monotonic()
+        code = way.managed.restart(sig=signal.SIGKILL)
+        check_eq(code, -signal.SIGKILL, "crash %d: the old vhubd's exit" % (i + 1))
+        way.wait_events("device.vmm_disconnected", i + 1, "blk0", timeout=10)
+        way.wait_events("device.vmm_connected", i + 2, "blk0", timeout=30)
+        t_back = time.monotonic()
+        p = wait_more(g, "blk-write", 32)
+        gap, na, nb = watch.longest_gap(t0, t_back)
+        log("crash %d: QEMU reconnected %.1f s after the signal; the guest's longest pause across it %.1f ms "
+            "(blocks %s..%s); it wrote on (block %s)" % (i + 1, t_back - t0, gap, na, nb, p["n"]))
+    lines = [l for l in qemu_log(g)[log0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+    log("QEMU's log of its reconnects: %s" % lines)
+    vhubd_rig_end(way, g, qsd, img, watch, 2, "crashes of vhubd")
 
 
 # ---- hostile VMMs ---------------------------------------------------------
@@ -517,6 +663,7 @@ SCENARIOS = {
     "vmm-return": scenario_vmm_return,
     "hostile": scenario_hostile,
     "vhubd-restart": scenario_vhubd_restart,
+    "vhubd-carry": scenario_vhubd_carry,
 }
 
 
