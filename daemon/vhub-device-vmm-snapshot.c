@@ -21,6 +21,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
@@ -44,6 +45,8 @@ enum {
         V_REGION,               /* nest: RG_* */
         V_RING,                 /* nest: VR_* */
         V_FACE,                 /* nest: the face's (frontdoor/) */
+        V_CONFIG,               /* bytes: a GET_CONFIG answer kept for an outage,
+                                 * u32 offset, then the config bytes (little-endian) */
 };
 
 enum { RG_ID = 1, RG_GPA, RG_SIZE, RG_OFFSET, RG_UADDR, RG_PAGE_SIZE, RG_FD };
@@ -166,6 +169,16 @@ bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint
                 vhub_snap_put_fd(w, VR_ERR, st, g, r->err_fd);
                 vhub_snap_end(w);
         }
+        for (unsigned i = 0; i < s->n_config; i++) {
+                /* oldest first: read back in order, the newest is the last */
+                unsigned k = (s->next_config + VMM_CONFIG_CACHE - s->n_config + i) % VMM_CONFIG_CACHE;
+                uint8_t b[4 + VHU_MAX_CONFIG_SIZE];
+
+                for (int j = 0; j < 4; j++)
+                        b[j] = (uint8_t)(s->config[k].offset >> (8 * j));
+                memcpy(b + 4, s->config[k].data, s->config[k].size);
+                vhub_snap_put_bytes(w, V_CONFIG, b, 4 + s->config[k].size);
+        }
         vhub_snap_begin(w, V_FACE);
         s->face_ops->save(s->face, w);
         vhub_snap_end(w);
@@ -174,6 +187,27 @@ bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint
 }
 
 /* ---- restore ---- */
+
+static int read_config(struct vhub_device_vmm *s, const struct vhub_snap_rec *x) {
+        const uint8_t *b;
+        const void *raw;
+        size_t n;
+        unsigned k = s->next_config;
+        int r = vhub_snap_get_bytes(x, &raw, &n);
+
+        if (r < 0)
+                return r;
+        if (n < 4 || n - 4 > VHU_MAX_CONFIG_SIZE)
+                return -EBADMSG;
+        b = raw;
+        s->config[k].offset = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+        s->config[k].size = (uint32_t)(n - 4);
+        memcpy(s->config[k].data, b + 4, n - 4);
+        s->next_config = (k + 1) % VMM_CONFIG_CACHE;
+        if (s->n_config < VMM_CONFIG_CACHE)
+                s->n_config++;
+        return 0;
+}
 
 /* An fd the record names by key: claimed from the device's group, or
  * -ENOENT (the record is not carried then). */
@@ -306,6 +340,7 @@ int vmm_carry_restore(struct vhub_device *d, struct vhub_fd_claim *claim, const 
                         break;
                 case V_REGION: r = read_region(&t, claim, &x); break;
                 case V_RING: r = read_vmm_ring(d, claim, &x); break;
+                case V_CONFIG: r = read_config(s, &x); break;
                 case V_FACE: break;     /* vmm_carry_adopt() */
                 default: r = vhub_snap_unknown(&x); break;
                 }

@@ -398,7 +398,17 @@ def scenario_lifetime(t):
     check(not os.path.exists(path), "with its front-door socket")
 
 
-def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
+def wait_event(c, name, timeout=10.0):
+    found = []
+
+    def seen():
+        found.extend(e for e in c.events() if e.get("event") == name)
+        return found
+    wait_until(seen, timeout, what=name)
+    return found[0]
+
+
+def restart_one(t, m, c, path, vm_name, sig, img, disk, salt, qsd):
     """A VMM on path writes 8 blocks, vhubd is restarted with sig.  Planned
     (SIGTERM): the VMM's session is carried -- the same connection goes on
     with the same rings, reads those blocks back and writes 8 more, and
@@ -411,6 +421,7 @@ def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
     fe = vmm_start(path, mem, [q])
     for i in range(8):
         q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    config = fe.get_config(0, 8)
     c.events()
     code = m.restart(sig=sig)
     check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
@@ -433,6 +444,19 @@ def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
         check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "connected", "running"),
                  "device.list after the restart: the same VMM, still running")
         log("ok: the VMM's session was carried across the planned restart (events: %s)" % seen)
+        # the carried records are what a back-end loss replays: the config
+        # answered from them during the outage, the rings restored
+        qsd.kill()
+        check_eq(fe.get_config(0, 8), config, "GET_CONFIG during an outage after the restart: the answer "
+                 "kept before it")
+        qsd.start()
+        ev = wait_event(c, "device.reconnected")
+        check(ev["vrings"] and ev["vrings"][0]["index"] == 0, "the back-end restored with the VMM's carried "
+              "ring: %s" % ev)
+        for i in range(8):
+            k = salt * 8 + i
+            check(q.read_sectors((k + 16) * 8, 8) == pattern((k + 16) * 8, 4096, salt=salt),
+                  "block %d read back through the restored ring" % (k + 16))
         fe.close()
         wait_until(lambda: [x for x in c.call("device.list", {"vm": vm_name})["devices"]
                             if x["device"] == "blk0"][0]["vmm"] == "waiting", 5.0,
@@ -471,7 +495,7 @@ def scenario_restart(t):
     d = t.tmpdir()
     os.chmod(d, 0o755)
     vmm_dir = os.path.join(d, "vmm")
-    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug"])
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "1000"])
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
     null = t.enter(QsdNullBackend([m.socket("n0.sock")], log_dir=d))
@@ -493,7 +517,7 @@ def scenario_restart(t):
              "a VM held by its VMM past linger_ms")
     disk = 16 << 20 >> 9
     for k, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
-        restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1)
+        restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1, qsd=qsd)
         if k == 0:
             # its VMM's session was carried: it still holds the VM
             time.sleep(2.0)
