@@ -658,7 +658,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         }
         if (k < 0 && !*why)
                 *why = "a device's link could not be made again";
-        /* a front-door device: its VMM's session is not carried (vmm_session_restore()) */
+        /* a front-door device: its VMM's session, carried or not (vmm_session_restore()) */
         if (k >= 0 && d->handshaken && !rec.removing && d->state != VHUB_DEV_CONNECTING &&
             d->face == VHUB_FACE_FRONT_DOOR && (k = vmm_session_restore(d, rec.vmm_connected)) < 0)
                 *why = "out of memory restoring a front-door device";

@@ -93,12 +93,16 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err);
 int vmm_open(struct vhub_device *d, struct vhub_error *err);
 void vmm_session_free(struct vhub_device *d);
 /*
- * A daemon restart (docs/restart.md): a front-door device's VMM session is
- * not carried -- its connection, channel and socket (group f<id>) are
- * closed as stale, and the VMM (QEMU with reconnect=1) comes back.  Restore
- * makes the session empty; restore_finish (from vhub_device_restore_finish())
- * makes the socket again from the loop, says the VMM left, and renews the
- * back-end's link as when a VMM leaves.  true: the link is dealt with.
+ * A daemon restart (docs/restart.md, "Front-door devices"): a session a
+ * planned restart left at rest is carried whole (vmm_carry_restore(),
+ * vmm_carry_adopt() below).  Any other -- every crash -- is not: its
+ * connection, channel and socket (group f<id>) are closed as stale, and
+ * the VMM (QEMU with reconnect=1) comes back.  Restore makes the session
+ * (empty unless carried; had_vmm: a VMM was connected and is not carried);
+ * restore_finish (from vhub_device_restore_finish()) then makes the socket
+ * again from the loop, says the VMM left, and renews the back-end's link as
+ * when a VMM leaves -- nothing for a carried session.  true: the link is
+ * dealt with.
  */
 int vmm_session_restore(struct vhub_device *d, bool had_vmm);
 bool vmm_restore_finish(struct vhub_device *d);

@@ -402,9 +402,9 @@ void vhub_vm_restore_finish(struct vhub_vm *vm) {
                 evtimer_add(vm->linger_timer, &tv);
                 vm->linger_deadline_usec = vhub_now_usec() + vm->restore_linger_left_ms * 1000;
         } else if (!vm->owner && vm->linger_ms > 0 && vm->vmm_holds == 0) {
-                /* held by a front-door VMM, whose session is not carried
-                 * (docs/front-door.md): it lingers from now, or until the
-                 * VMM comes back */
+                /* held by a front-door VMM whose session was not carried
+                 * (a crash: docs/front-door.md): it lingers from now, or
+                 * until the VMM comes back; a carried VMM holds it still */
                 vhub_vm_vmm_hold(vm);
                 vhub_vm_vmm_release(vm);
         }
