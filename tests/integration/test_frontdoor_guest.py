@@ -24,10 +24,12 @@ hung            qemu-storage-daemon SIGSTOPped while QMP `stop` makes QEMU ask
 vmm-return      QEMU killed; a new QEMU (reconnect=1) boots the guest again on
                 the same socket: served, the first guest's data intact.
 vhubd-carry     vhubd restarted as planned (SIGTERM, a played service manager)
-                5 times under one O_DIRECT writer: QEMU's vhost-user session is
-                carried -- its sockets are the same, its log silent, vhubd sees
-                no vmm_disconnected and no new connection -- the guest's
-                longest I/O pause across each restart is measured.
+                5 times under one O_DIRECT writer on blk0, beside fs0
+                (virtiofsd): QEMU's vhost-user sessions are carried -- its
+                sockets are the same, its log silent, vhubd sees no
+                vmm_disconnected and no new connection, virtiofsd lives and
+                fs0 works afterwards -- and the guest's longest I/O pause
+                across each restart is measured.
 vhubd-restart   vhubd crashed (SIGKILL) twice under the same writer: the
                 session is not carried, QEMU (reconnect=1) comes back; no
                 error, every block verified; the pause is measured.
@@ -50,11 +52,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_guest_direct as direct                              # noqa: E402
 from vhubtest import guest, guest_image                         # noqa: E402
-from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend, VirtiofsdBackend  # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
 from vhubtest.direct import DirectFrontend                      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                     # noqa: E402
-from vhubtest.guest import BlkDevice, Guest                     # noqa: E402
+from vhubtest.guest import BlkDevice, FsDevice, Guest           # noqa: E402
 from vhubtest.qmp import QmpTimeout                             # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
@@ -460,13 +462,20 @@ QEMU_VHOST_LOSS = re.compile(r"vhost|Failed to (read|write) msg|[Dd]isconnect|[R
 CARRY_RESTARTS = 5
 
 
-def vhubd_rig(t, image):
+def vhubd_rig(t, image, fs=None):
+    """blk0 (qemu-storage-daemon, 2 queues) through a vhubd under a played
+    service manager, a guest writing numbered blocks on it; with fs (a
+    FsShare), fs0 through the same vhubd to its virtiofsd too."""
     way = ThroughManagedVhubd(t)
     d = way.dir
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
     sock = way.socket(qsd.socket, "blk0", "blk")
-    g = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image))
+    devices = [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")]
+    if fs:
+        fs.vfs = t.enter(VirtiofsdBackend(os.path.join(d, "fs.sock"), fs.share, log_dir=d))
+        devices.append(FsDevice(way.socket(fs.vfs.socket, "fs0", "fs"), tag="fs0"))
+    g = t.enter(Guest(d, devices, image))
     g.wait_ready()
     watch = IoWatch(img)
     t.defer(watch.stop)
@@ -495,10 +504,33 @@ def vhubd_rig_end(way, g, qsd, img, watch, restarts, what):
     blk_writer_end(way, g, qsd, img, bytearray(IMAGE_SIZE), seq, "%d numbered blocks" % seq[0])
 
 
+class FsShare:
+    """A directory virtiofsd shares, with a host file the guest reads."""
+
+    def __init__(self, t):
+        self.share = os.path.join(t.tmpdir(), "share")
+        os.mkdir(self.share)
+        self.content = os.urandom(256 << 10)
+        with open(os.path.join(self.share, "from-host.bin"), "wb") as f:
+            f.write(self.content)
+        self.vfs = None
+
+    def guest_checks(self, g):
+        r = g.run("fs", "fs0", "from-host.bin", hashlib.sha256(self.content).hexdigest(), "from-guest.txt")
+        check_eq(r.int("size"), len(self.content), "size of the host file read in the guest through fs0")
+
+    def host_checks(self):
+        with open(os.path.join(self.share, "from-guest.txt"), "rb") as f:
+            written = f.read()
+        check(written == self.content + b"vhubtest guest wrote this\n",
+              "the host sees the file the guest wrote through fs0 after the restarts")
+
+
 def scenario_vhubd_carry(t, image):
     """Planned restarts of vhubd (SIGTERM) under a guest: QEMU's vhost-user
-    session is carried, QEMU notices nothing."""
-    way, img, qsd, g, watch = vhubd_rig(t, image)
+    sessions are carried (blk0 under I/O, fs0 idle), QEMU notices nothing."""
+    fs = FsShare(t)
+    way, img, qsd, g, watch = vhubd_rig(t, image, fs)
     socks0 = qemu_sockets(g)
     log0 = len(qemu_log(g))
     base_max, base_median = baseline_gap(watch)
@@ -514,19 +546,27 @@ def scenario_vhubd_carry(t, image):
         pauses.append(gap)
         log("restart %d: SIGTERM to the new vhubd's READY=1 %.0f ms; the guest's longest pause across it "
             "%.1f ms (blocks %s..%s); it wrote on (block %s)" % (i + 1, (t1 - t0) * 1000, gap, na, nb, p["n"]))
-    check_eq(way.events("device.vmm_disconnected", "blk0"), [], "vhubd saw QEMU's session go on: no "
-             "device.vmm_disconnected")
-    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "one device.vmm_connected: no new accept")
-    check_eq(way.events("device.reconnected", "blk0"), [], "the back-end kept its connection: no "
-             "device.reconnected")
-    dev = way.device("blk0")
-    check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list after the restarts")
+    for name in ("blk0", "fs0"):
+        check_eq(way.events("device.vmm_disconnected", name), [], "vhubd saw QEMU's %s session go on: no "
+                 "device.vmm_disconnected" % name)
+        check_eq(len(way.events("device.vmm_connected", name)), 1, "%s: one device.vmm_connected, no new "
+                 "accept" % name)
+        check_eq(way.events("device.reconnected", name), [], "%s's back-end kept its connection: no "
+                 "device.reconnected" % name)
+        dev = way.device(name)
+        check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list of %s after the restarts"
+                 % name)
+    check(fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
+    fs.guest_checks(g)
     check_eq(qemu_sockets(g), socks0, "QEMU's sockets are the ones it had before the restarts (no reconnect)")
     lines = [l for l in qemu_log(g)[log0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
     check_eq(lines, [], "QEMU's log says nothing of its vhost-user connection during the restarts")
     log("planned restarts: the guest's longest I/O pause across each: %s ms (without a restart: longest "
         "%.1f ms, median %.1f ms)" % (", ".join("%.1f" % x for x in pauses), base_max, base_median))
     vhubd_rig_end(way, g, qsd, img, watch, CARRY_RESTARTS, "planned restarts of vhubd")
+    fs.host_checks()
+    way.release("fs0")
+    check_eq(fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
 
 
 def scenario_vhubd_restart(t, image):
