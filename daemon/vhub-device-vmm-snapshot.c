@@ -20,6 +20,7 @@
  * closes the VMM's connection, which is what it did anyway.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,14 +43,12 @@ enum {
         V_INFLIGHT_OFFSET,
         V_INFLIGHT_QUEUES,
         V_INFLIGHT_QUEUE_SIZE,
-        V_REGION,               /* nest: RG_* */
+        V_REGION,               /* nest: vhub_snap_put_region() */
         V_RING,                 /* nest: VR_* */
         V_FACE,                 /* nest: the face's (frontdoor/) */
         V_CONFIG,               /* bytes: a GET_CONFIG answer kept for an outage,
                                  * u32 offset, then the config bytes (little-endian) */
 };
-
-enum { RG_ID = 1, RG_GPA, RG_SIZE, RG_OFFSET, RG_UADDR, RG_PAGE_SIZE, RG_FD };
 
 enum {
         VR_INDEX = 1,
@@ -104,6 +103,62 @@ static void ring_set_flags(struct vhub_vmm_ring *r, uint32_t f) {
         r->base_from_state = f & RF_BASE_FROM_STATE;
 }
 
+/* A ring record's plain fields, by tag (the writer and the reader share them). */
+struct ring_field {
+        uint32_t tag;
+        size_t off;
+};
+
+#define ARRAY_N(a) (sizeof(a) / sizeof((a)[0]))
+#define RING_AT(member) offsetof(struct vhub_vmm_ring, member)
+
+static const struct ring_field ring_u32[] = {
+        { VR_NUM, RING_AT(num) },          { VR_BASE, RING_AT(base) },
+        { VR_ENDIAN, RING_AT(endian) },    { VR_ENABLE, RING_AT(enable) },
+        { VR_ADDR_FLAGS, RING_AT(addr.flags) },
+};
+
+static const struct ring_field ring_u64[] = {
+        { VR_DESC, RING_AT(addr.desc) },   { VR_USED, RING_AT(addr.used) },
+        { VR_AVAIL, RING_AT(addr.avail) }, { VR_LOG, RING_AT(addr.log) },
+        { VR_KICK_U64, RING_AT(kick_u64) }, { VR_CALL_U64, RING_AT(call_u64) },
+        { VR_ERR_U64, RING_AT(err_u64) },
+};
+
+/* VR_KICK, VR_CALL, VR_ERR follow enum vmm_ring_fd's order */
+static const uint32_t ring_fd_tag[] = { VR_KICK, VR_CALL, VR_ERR };
+_Static_assert(VR_CALL - VR_KICK == VMM_RING_CALL && VR_ERR - VR_KICK == VMM_RING_ERR && VMM_RING_KICK == 0,
+               "ring fd tags in enum vmm_ring_fd's order");
+
+static const struct ring_field *field_find(const struct ring_field *t, size_t n, uint32_t tag) {
+        for (size_t i = 0; i < n; i++)
+                if (t[i].tag == tag)
+                        return &t[i];
+        return NULL;
+}
+
+static void *field_at(struct vhub_vmm_ring *r, size_t off) {
+        return (char *)r + off;
+}
+
+static uint32_t field_u32(const struct vhub_vmm_ring *r, size_t off) {
+        uint32_t v;
+
+        memcpy(&v, (const char *)r + off, sizeof(v));
+        return v;
+}
+
+static uint64_t field_u64(const struct vhub_vmm_ring *r, size_t off) {
+        uint64_t v;
+
+        memcpy(&v, (const char *)r + off, sizeof(v));
+        return v;
+}
+
+static int ring_fd_of(const struct vhub_vmm_ring *r, enum vmm_ring_fd which) {
+        return which == VMM_RING_KICK ? r->kick_fd : which == VMM_RING_CALL ? r->call_fd : r->err_fd;
+}
+
 bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint32_t tag) {
         const struct vhub_device_vmm *s = d->vmm;
         const struct vhub_fdstore *st = d->vm->ctx->fdstore;
@@ -130,19 +185,8 @@ bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint
                 vhub_snap_put_u32(w, V_INFLIGHT_QUEUES, s->inflight.num_queues);
                 vhub_snap_put_u32(w, V_INFLIGHT_QUEUE_SIZE, s->inflight.queue_size);
         }
-        for (size_t i = 0; i < s->mem.n; i++) {
-                const struct vhub_region *r = &s->mem.regions[i];
-
-                vhub_snap_begin(w, V_REGION);
-                vhub_snap_put_u64(w, RG_ID, r->id);
-                vhub_snap_put_u64(w, RG_GPA, r->gpa);
-                vhub_snap_put_u64(w, RG_SIZE, r->size);
-                vhub_snap_put_u64(w, RG_OFFSET, r->offset);
-                vhub_snap_put_u64(w, RG_UADDR, r->uaddr);
-                vhub_snap_put_u64(w, RG_PAGE_SIZE, r->page_size);
-                vhub_snap_put_fd(w, RG_FD, st, g, r->fd);
-                vhub_snap_end(w);
-        }
+        for (size_t i = 0; i < s->mem.n; i++)
+                vhub_snap_put_region(w, V_REGION, st, g, &s->mem.regions[i]);
         for (unsigned i = 0; s->rings && i < d->queues; i++) {
                 const struct vhub_vmm_ring *r = &s->rings[i];
                 uint32_t f = ring_flags(r);
@@ -152,21 +196,12 @@ bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint
                 vhub_snap_begin(w, V_RING);
                 vhub_snap_put_u32(w, VR_INDEX, i);
                 vhub_snap_put_u32(w, VR_SET, f);
-                vhub_snap_put_u32(w, VR_NUM, r->num);
-                vhub_snap_put_u32(w, VR_BASE, r->base);
-                vhub_snap_put_u32(w, VR_ENDIAN, r->endian);
-                vhub_snap_put_u32(w, VR_ENABLE, r->enable);
-                vhub_snap_put_u32(w, VR_ADDR_FLAGS, r->addr.flags);
-                vhub_snap_put_u64(w, VR_DESC, r->addr.desc);
-                vhub_snap_put_u64(w, VR_USED, r->addr.used);
-                vhub_snap_put_u64(w, VR_AVAIL, r->addr.avail);
-                vhub_snap_put_u64(w, VR_LOG, r->addr.log);
-                vhub_snap_put_u64(w, VR_KICK_U64, r->kick_u64);
-                vhub_snap_put_u64(w, VR_CALL_U64, r->call_u64);
-                vhub_snap_put_u64(w, VR_ERR_U64, r->err_u64);
-                vhub_snap_put_fd(w, VR_KICK, st, g, r->kick_fd);
-                vhub_snap_put_fd(w, VR_CALL, st, g, r->call_fd);
-                vhub_snap_put_fd(w, VR_ERR, st, g, r->err_fd);
+                for (size_t k = 0; k < ARRAY_N(ring_u32); k++)
+                        vhub_snap_put_u32(w, ring_u32[k].tag, field_u32(r, ring_u32[k].off));
+                for (size_t k = 0; k < ARRAY_N(ring_u64); k++)
+                        vhub_snap_put_u64(w, ring_u64[k].tag, field_u64(r, ring_u64[k].off));
+                for (enum vmm_ring_fd k = VMM_RING_KICK; k <= VMM_RING_ERR; k++)
+                        vhub_snap_put_fd(w, ring_fd_tag[k], st, g, ring_fd_of(r, k));
                 vhub_snap_end(w);
         }
         for (unsigned i = 0; i < s->n_config; i++) {
@@ -225,30 +260,14 @@ static int claim_key(struct vhub_fd_claim *claim, const struct vhub_snap_rec *x,
         return 0;
 }
 
+/* A region of the VMM's table; its memfd must come back, else nothing is
+ * carried (the back-end maps it). */
 static int read_region(struct vhub_mem_table *t, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
-        struct vhub_region rg = { .fd = -1 };
-        struct vhub_snap_iter it;
-        struct vhub_snap_rec x;
-        int r = vhub_snap_enter(rec, &it);
+        struct vhub_region rg;
+        int r = vhub_snap_get_region(rec, claim, &rg);
 
-        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case RG_ID: r = vhub_snap_get_u64(&x, &rg.id); break;
-                case RG_GPA: r = vhub_snap_get_u64(&x, &rg.gpa); break;
-                case RG_SIZE: r = vhub_snap_get_u64(&x, &rg.size); break;
-                case RG_OFFSET: r = vhub_snap_get_u64(&x, &rg.offset); break;
-                case RG_UADDR: r = vhub_snap_get_u64(&x, &rg.uaddr); break;
-                case RG_PAGE_SIZE: r = vhub_snap_get_u64(&x, &rg.page_size); break;
-                case RG_FD: r = claim_key(claim, &x, &rg.fd); break;
-                default: r = vhub_snap_unknown(&x); break;
-                }
-        }
-        if (r >= 0 && (rg.fd < 0 || rg.size == 0 || rg.id == 0))
-                r = -EBADMSG;
-        if (r < 0) {
-                vhu_safe_close(rg.fd);
-                return r;
-        }
+        if (r < 0 || rg.fd < 0)
+                return r < 0 ? r : rg.fd;
         return vhub_mem_table_add(t, &rg); /* takes the fd */
 }
 
@@ -257,51 +276,37 @@ static int read_vmm_ring(struct vhub_device *d, struct vhub_fd_claim *claim, con
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
         uint32_t index = UINT32_MAX, f = 0;
-        int r = vhub_snap_enter(rec, &it);
+        int fds[] = { -1, -1, -1 }, r = vhub_snap_enter(rec, &it);   /* enum vmm_ring_fd */
+        const struct ring_field *rf;
 
         while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case VR_INDEX: r = vhub_snap_get_u32(&x, &index); break;
-                case VR_SET: r = vhub_snap_get_u32(&x, &f); break;
-                case VR_NUM: r = vhub_snap_get_u32(&x, &v.num); break;
-                case VR_BASE: r = vhub_snap_get_u32(&x, &v.base); break;
-                case VR_ENDIAN: r = vhub_snap_get_u32(&x, &v.endian); break;
-                case VR_ENABLE: r = vhub_snap_get_u32(&x, &v.enable); break;
-                case VR_ADDR_FLAGS: r = vhub_snap_get_u32(&x, &v.addr.flags); break;
-                case VR_DESC: r = vhub_snap_get_u64(&x, &v.addr.desc); break;
-                case VR_USED: r = vhub_snap_get_u64(&x, &v.addr.used); break;
-                case VR_AVAIL: r = vhub_snap_get_u64(&x, &v.addr.avail); break;
-                case VR_LOG: r = vhub_snap_get_u64(&x, &v.addr.log); break;
-                case VR_KICK_U64: r = vhub_snap_get_u64(&x, &v.kick_u64); break;
-                case VR_CALL_U64: r = vhub_snap_get_u64(&x, &v.call_u64); break;
-                case VR_ERR_U64: r = vhub_snap_get_u64(&x, &v.err_u64); break;
-                case VR_KICK: r = claim_key(claim, &x, &v.kick_fd); break;
-                case VR_CALL: r = claim_key(claim, &x, &v.call_fd); break;
-                case VR_ERR: r = claim_key(claim, &x, &v.err_fd); break;
-                default: r = vhub_snap_unknown(&x); break;
-                }
+                if (x.tag == VR_INDEX)
+                        r = vhub_snap_get_u32(&x, &index);
+                else if (x.tag == VR_SET)
+                        r = vhub_snap_get_u32(&x, &f);
+                else if ((rf = field_find(ring_u32, ARRAY_N(ring_u32), x.tag)))
+                        r = vhub_snap_get_u32(&x, (uint32_t *)field_at(&v, rf->off));
+                else if ((rf = field_find(ring_u64, ARRAY_N(ring_u64), x.tag)))
+                        r = vhub_snap_get_u64(&x, (uint64_t *)field_at(&v, rf->off));
+                else if (x.tag >= VR_KICK && x.tag <= VR_ERR)
+                        r = claim_key(claim, &x, &fds[x.tag - VR_KICK]);
+                else
+                        r = vhub_snap_unknown(&x);
         }
         if (r >= 0 && !vmm_ring_ok(d, index))
                 r = -EBADMSG;
         if (r < 0) {
-                vhu_safe_close(v.kick_fd);
-                vhu_safe_close(v.call_fd);
-                vhu_safe_close(v.err_fd);
+                for (enum vmm_ring_fd k = VMM_RING_KICK; k <= VMM_RING_ERR; k++)
+                        vhu_safe_close(fds[k]);
                 return r;
         }
         ring_set_flags(&v, f);
         v.addr.index = index;
-        {
-                int kick = v.kick_fd, call = v.call_fd, err = v.err_fd;
-
-                v.kick_fd = v.call_fd = v.err_fd = -1;
-                vmm_ring_close_fds(d, index);
-                d->vmm->rings[index] = v;
-                /* tracked as the device's again (members already: restoring) */
-                vmm_ring_set_fd(d, index, VMM_RING_KICK, kick);
-                vmm_ring_set_fd(d, index, VMM_RING_CALL, call);
-                vmm_ring_set_fd(d, index, VMM_RING_ERR, err);
-        }
+        vmm_ring_close_fds(d, index);
+        d->vmm->rings[index] = v;
+        /* tracked as the device's again (members already: restoring) */
+        for (enum vmm_ring_fd k = VMM_RING_KICK; k <= VMM_RING_ERR; k++)
+                vmm_ring_set_fd(d, index, k, fds[k]);
         return 0;
 }
 
