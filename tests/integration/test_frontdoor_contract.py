@@ -37,7 +37,9 @@ restart   vhubd under a service manager (the fd store), restarted as planned
           the back-end gets a new connection -- and the socket is there again
           at the same path: the next VMM reads what the first wrote and writes
           on (the image checked); a VM held only by its VMM lingers from the
-          restart and goes.
+          restart and goes.  A planned restart while vhubd holds half of a
+          VMM's message does not carry that session: it closes as after a
+          crash, and the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
           its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
           region after region is closed before the uid holds its budget,
@@ -490,6 +492,40 @@ def restart_one(t, m, c, path, vm_name, sig, img, disk, salt, qsd):
     fe2.close()
 
 
+def restart_half_read(t, m, c, path, vm_name):
+    """A planned restart while vhubd holds half of a VMM's message: the
+    session is not at rest, so it is not carried -- the VMM's connection
+    closes, device.vmm_disconnected says so -- and the next VMM is served."""
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q])
+    c.events()
+    # GET_FEATURES' header, cut after 6 of its 12 bytes: vhubd reads them and waits
+    fe.sock.sendall(struct.pack("<III", 1, 1, 0)[:6])
+    time.sleep(0.2)
+    check_eq(m.restart(sig=signal.SIGTERM), 0, "the old vhubd's exit")
+    fe.sock.settimeout(5)
+    try:
+        got = fe.sock.recv(64)
+    except OSError:
+        got = b""
+    check_eq(got, b"", "the VMM whose message was half-read sees its connection close")
+    fe.close()
+    seen = []
+
+    def left():
+        seen.extend(e.get("event") for e in c.events())
+        return "device.vmm_disconnected" in seen
+    wait_until(left, 10.0, what="device.vmm_disconnected after a planned restart that could not carry the VMM")
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    fe2 = vmm_start(path, mem2, [])
+    fe2.get_features()
+    fe2.close()
+    log("ok: a half-read message at a planned restart: the VMM's connection closed, the next one served")
+
+
 def scenario_restart(t):
     from test_restart import Managed
     d = t.tmpdir()
@@ -534,6 +570,7 @@ def scenario_restart(t):
             wait_until(lambda: "held" not in [v["vm"] for v in c.call("vm.list")["vms"]], 5.0,
                        what="the VM its VMM held to go after linger_ms")
             check(not os.path.exists(held), "the VM its VMM held went after linger_ms, its socket with it")
+    restart_half_read(t, m, c, path, "vm0")
     with open(img, "rb") as f:
         data = f.read()
     for salt in (1, 2):
