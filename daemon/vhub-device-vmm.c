@@ -329,6 +329,15 @@ static void vmm_emit(struct vhub_device *d, enum vhub_event_type type) {
         vhub_context_emit(d->vm->ctx, &ev);
 }
 
+void vhub_device_vmm_changed(struct vhub_device *d) {
+        vhub_changed(d->vm->ctx, d->vm);
+}
+
+void vhub_device_vmm_commit_now(struct vhub_device *d) {
+        vhub_changed(d->vm->ctx, d->vm);
+        vhub_commit_now(d->vm->ctx);
+}
+
 void vhub_device_vmm_fds_changed(struct vhub_device *d) {
         vhub_device_fds_changed(d);
 }

@@ -61,8 +61,8 @@ struct vhub_vmm_face_ops {
          * then save writes what the face needs to take it back (its fds by
          * key, what the VMM negotiated with it) for vhub_vmm_door.adopt.
          */
-        bool (*at_rest)(const void *face);
-        void (*save)(const void *face, struct vhub_snap_writer *w);
+        bool (*at_rest)(void *face);
+        void (*save)(void *face, struct vhub_snap_writer *w);
 };
 
 /* The front door, as the composition root registers it. */
@@ -96,6 +96,12 @@ void vhub_context_set_vmm_door(struct vhub_context *ctx, const struct vhub_vmm_d
 /* What the face holds for d changed (its socket, the VMM's connection and
  * channel, what they queue): the fd budget counts d's VM again. */
 void vhub_device_vmm_fds_changed(struct vhub_device *d);
+/* The VMM's session may be at rest again (every request answered): d's VM
+ * is written again, so that a crash can carry the session. */
+void vhub_device_vmm_changed(struct vhub_device *d);
+/* Write d's VM's snapshot now (the face is about to take bytes from the
+ * VMM, and the last one says the session is at rest). */
+void vhub_device_vmm_commit_now(struct vhub_device *d);
 /* A VMM connected to d's socket (a new session): device.vmm_connected. */
 void vhub_device_vmm_connected(struct vhub_device *d);
 /*

@@ -188,6 +188,7 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
 
 static void conn_on_readable(void *owner) {
         struct vhub_vmm_conn *c = owner;
+        bool told = false;
 
         for (int budget = CONN_READ_BUDGET; budget > 0; budget--) {
                 struct vhu_msg m;
@@ -199,6 +200,12 @@ static void conn_on_readable(void *owner) {
                         /* back-pressure: the VMM waits for its answers */
                         vmm_stream_set_reading(&c->stream, false);
                         break;
+                }
+                if (!told && c->ops->on_before_read) {
+                        told = true;
+                        c->ops->on_before_read(c->userdata);
+                        if (c->stream.lost || c->free_requested)
+                                break;
                 }
                 vhu_msg_init(&m);
                 r = vhu_reader_read(&c->stream.reader, c->stream.fd, &m);

@@ -70,6 +70,10 @@ struct vhub_vmm_conn_ops {
         /* Optional: the fds it holds (a message half-read, dups of answers
          * waiting to go) changed; only take note. */
         void (*on_fds_changed)(void *userdata);
+        /* Optional: bytes are about to be taken from the VMM's socket (once
+         * per wake-up, before the first): a restart's snapshot that carries
+         * the session must stop saying it is at rest first. */
+        void (*on_before_read)(void *userdata);
 };
 
 /* What an answer id wants. */

@@ -73,6 +73,8 @@ struct vhub_vmm_device {
         uint32_t relay_tag;
         unsigned busy;                /* inside a callback: gone() defers the free */
         bool dead;                    /* the model let go of it */
+        bool rest_saved;              /* the last snapshot written carries the session */
+        bool leaving_rest;            /* a snapshot saying it is not at rest is being written */
 };
 
 struct vmm_call {
@@ -218,6 +220,20 @@ static bool vd_leave(struct vhub_vmm_device *vd) {
         return false;
 }
 
+/*
+ * The session is about to leave its rest (bytes taken from the VMM, a
+ * request relayed that it will answer): a snapshot that carries it must
+ * not stay the last one written, or a crash now would resume the VMM's
+ * stream in the wrong place.  So that one is replaced first, at once.
+ */
+static void vd_leave_rest(struct vhub_vmm_device *vd) {
+        if (!vd->rest_saved || vd->dead)
+                return;
+        vd->leaving_rest = true;
+        vhub_device_vmm_commit_now(vd->dev);
+        vd->leaving_rest = false;
+}
+
 /* ---- the VMM's back-end channel ---- */
 
 /* Every relayed request still awaited gets a failure: the VMM will not answer. */
@@ -277,6 +293,8 @@ static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
                 out.hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         if ((out.hdr.flags & VHU_FLAG_NEED_REPLY) && vd->relay_count == RELAY_MAX)
                 return -ENOBUFS;
+        if (out.hdr.flags & VHU_FLAG_NEED_REPLY)
+                vd_leave_rest(vd);      /* an answer will be owed to this process */
         r = vhub_vmm_channel_send(vd->channel, &out, ++vd->relay_tag);
         if (r > 0) {
                 vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
@@ -310,6 +328,9 @@ static void call_forget(struct vmm_call *c) {
         if (vd) {
                 TAILQ_REMOVE(&vd->calls, c, link);
                 vd->n_calls--;
+                /* perhaps at rest again: written so that a crash carries it */
+                if (vd->n_calls == 0 && !vd->dead)
+                        vhub_device_vmm_changed(vd->dev);
                 /* reading resumes once half the backlog is answered */
                 if (vd->paused && !vd->frozen && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
                         vd->paused = false;
@@ -426,10 +447,15 @@ static void conn_on_lost(void *userdata, const char *reason) {
         vd_leave(vd);
 }
 
+static void conn_on_before_read(void *userdata) {
+        vd_leave_rest(userdata);
+}
+
 static const struct vhub_vmm_conn_ops conn_ops = {
         .on_request = conn_on_request,
         .on_lost = conn_on_lost,
         .on_fds_changed = vd_fds_changed,
+        .on_before_read = conn_on_before_read,
 };
 
 /* ---- the listener ---- */
@@ -510,15 +536,16 @@ enum {
         F_PROTOCOL_FEATURES,
 };
 
-/* A planned restart stopped reading the VMM (frozen); what it sent is all
- * answered and gone, nothing half-read, nothing awaited on its channel: the
- * sockets alone hold the session. */
-static bool vd_at_rest(const void *face) {
-        const struct vhub_vmm_device *vd = face;
+/* What the VMM sent is all answered and gone, nothing half-read, nothing
+ * awaited on its channel: the sockets alone hold the session.  Asked as its
+ * VM's snapshot is written, which then carries the session or not. */
+static bool vd_at_rest(void *face) {
+        struct vhub_vmm_device *vd = face;
 
-        return vd->frozen && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
-               vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
-               (!vd->channel || vhub_vmm_channel_at_rest(vd->channel));
+        vd->rest_saved = !vd->leaving_rest && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
+                         vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
+                         (!vd->channel || vhub_vmm_channel_at_rest(vd->channel));
+        return vd->rest_saved;
 }
 
 struct socket_save {
@@ -533,7 +560,7 @@ static void socket_fd_save(int fd, const char *what, void *userdata) {
         vhub_snap_put_fd(ss->w, tag, vhub_context_fdstore(ss->vd->ctx), ss->vd->fd_group, fd);
 }
 
-static void vd_save(const void *face, struct vhub_snap_writer *w) {
+static void vd_save(void *face, struct vhub_snap_writer *w) {
         const struct vhub_vmm_device *vd = face;
         const struct vhub_fdstore *st = vhub_context_fdstore(vd->ctx);
 
