@@ -769,6 +769,7 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 return r;
         }
         vd->session++;
+        vd->rest_saved = true;  /* the snapshot it came from carries the session */
         *ret = vd;
         *ret_ops = &face_ops;
         return 0;
