@@ -415,6 +415,17 @@ def device_of(c, vm_name):
     return [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
 
 
+def vmm_writes(t, path, salt):
+    """A VMM started on path with one ring, its 8 blocks of `salt` written."""
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q])
+    for i in range(8):
+        q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    return fe, q
+
+
 def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     """A VMM on path writes 8 blocks, vhubd is restarted with sig while the
     VMM is idle (its session at rest): the session is carried -- the same
@@ -422,12 +433,7 @@ def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     writes 8 more, and nothing says it left.  With qsd: the back-end is then
     lost and comes back -- GET_CONFIG answered meanwhile from the carried
     records, the ring restored from them."""
-    mem = GuestMemory(4 << 20)
-    t.defer(mem.close)
-    q = BlkQueue(mem, index=0, size=64)
-    fe = vmm_start(path, mem, [q])
-    for i in range(8):
-        q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    fe, q = vmm_writes(t, path, salt)
     config = fe.get_config(0, 8)
     time.sleep(0.1)     # the snapshot that says the session is at rest is written
     c.events()
@@ -473,12 +479,7 @@ def restart_in_flight(t, m, c, path, vm_name, qsd, hvmm, salt, disk):
     neither is carried -- both connections close, device.vmm_disconnected
     says so, the back-end is renewed -- and the socket is there again at the
     same path: the next VMM reads what the first wrote and writes on."""
-    mem = GuestMemory(4 << 20)
-    t.defer(mem.close)
-    q = BlkQueue(mem, index=0, size=64)
-    fe = vmm_start(path, mem, [q])
-    for i in range(8):
-        q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    fe, q = vmm_writes(t, path, salt)
     time.sleep(0.1)
     c.events()
     os.kill(qsd.pid, signal.SIGSTOP)
