@@ -42,6 +42,9 @@ struct control_conn {
         unsigned pending;            /* calls waiting on the model */
         bool eof;                    /* the peer shut down its sending side */
         struct batch_run *run;       /* a batch being run in slices (input paused meanwhile) */
+        const char *uncarried;       /* why the last snapshot left it out (control-carry.c),
+                                      * NULL while it is carried */
+        size_t carry_bytes;          /* its record's size in that snapshot */
         bool sub_all;                /* events of every VM of its uid (root: of every uid) */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
@@ -128,6 +131,18 @@ bool control_id_valid(json_t *id);
  * process had read but not handled, whose fds stayed behind, is answered
  * -32011 (each of a batch's requests, in one array). */
 void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
+
+/* What a restart may carry of the connections (control-carry.c): one
+ * budget per snapshot of the daemon's.  control_carry_admit() counts a
+ * record of n bytes of a connection of uid: NULL if it fits, else why not
+ * (a static sentence; nothing counted). */
+struct control_carry;
+struct control_carry *control_carry_new(const struct control_server *s);
+void control_carry_free(struct control_carry *b);
+const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n);
+/* The same question, nothing counted (a record that will be at least n
+ * bytes: not worth writing if this refuses it). */
+const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

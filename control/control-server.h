@@ -55,8 +55,12 @@ struct vhub_snap_iter;
 struct vhub_fdstore_restore;
 /* Its state for the daemon's snapshot: the connections with their
  * credentials' source (the socket), subscriptions, the ids of requests in
- * flight and the bytes read but not yet handled. */
-int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w);
+ * flight and the bytes read but not yet handled.  A connection whose record
+ * is over what a restart carries (control-carry.c) is left out and marked. */
+int control_server_serialize(struct control_server *s, struct vhub_snap_writer *w);
+/* A planned restart, after its last snapshot: the connections it left out
+ * are told (-32008) and closed, so that their clients see it now. */
+void control_server_close_uncarried(struct control_server *s);
 /* Take the connections back (their sockets claimed from r); each gets
  * daemon.restarted {restarts, downtime_ms} first, then -32011 for every
  * request that was in flight, and owns its VMs again. */

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "control-internal.h"
 #include "vhub-commit.h"
@@ -40,10 +41,6 @@ enum {
         _C_TAG_NEXT
 };
 
-/* What a planned restart carries of the connections' unwritten output, all
- * together (the daemon's snapshot is one document, VHUB_SNAP_MAX_SIZE at
- * most): past it a connection's output is lost, as at its output bound. */
-#define CARRY_OUTPUT_MAX (16u << 20)
 enum { SUB_UID = 1, SUB_VM };
 
 void control_server_pause(struct control_server *s) {
@@ -85,23 +82,20 @@ bool control_server_flush_now(struct control_server *s) {
 }
 
 /* The output c has not written, into the snapshot (a planned restart's
- * last one); *budget: what may still be carried. */
-static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w, size_t *budget) {
+ * last one; its size counts in the connection's record, control-carry.c). */
+static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w) {
         char *out = NULL;
         ssize_t n = rpc_conn_unsent_output(c->rpc, &out);
 
-        if (n > 0 && (size_t)n <= *budget) {
+        if (n > 0) {
                 vhub_snap_put_bytes(w, C_OUTPUT, out, (size_t)n);
-                *budget -= (size_t)n;
                 vhub_log_full(LOG_INFO, NULL, NULL, NULL,
                               "control connection %llu: %zd bytes of output it has not read yet are carried "
                               "across the restart", (unsigned long long)c->id, n);
         } else if (n != 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its output not yet written is lost with the restart (%s)",
-                              (unsigned long long)c->id,
-                              n == -EBUSY ? "it carries fds" : n > 0 ? "over what a restart carries" :
-                              strerror((int)-n));
+                              (unsigned long long)c->id, n == -EBUSY ? "it carries fds" : strerror((int)-n));
         }
         free(out);
 }
@@ -146,21 +140,108 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
         vhub_snap_put_bool(w, C_EOF, c->eof);
 }
 
-int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w) {
-        const struct control_conn *c;
-        size_t budget = CARRY_OUTPUT_MAX;
+/* What c's record holds at least: its input and its batches' ids. */
+static size_t conn_least_bytes(const struct control_conn *c) {
+        const struct control_batch *b;
+        const char *in;
+        size_t n = rpc_conn_unhandled_input(c->rpc, &in), ids;
+
+        for (b = control_batch_next(c, NULL); b; b = control_batch_next(c, b)) {
+                (void)control_batch_ids(b, &ids);
+                n += ids;
+        }
+        return n;
+}
+
+/* c's record written (from mark on) or taken back out, as the budget says
+ * (why: refused before it was written, n its least size). */
+static void conn_carry(struct control_conn *c, struct control_carry *b, struct vhub_snap_writer *w,
+                       size_t mark, unsigned depth, const char *why, size_t n) {
+        if (!why && w->error == -E2BIG) {
+                why = "over what a restart carries of all connections";
+        } else if (!why && w->error) {
+                return;         /* the document fails anyway: logged by its writer */
+        } else if (!why && b) {
+                n = w->len - mark;
+                why = control_carry_admit(b, c->uid, n);
+        }
+        if (why) {
+                /* the writer's state as it was before the record (the
+                 * buffer keeps what it grew to, for the next commit) */
+                w->len = mark;
+                w->depth = depth;
+                w->error = 0;
+                if (!c->uncarried)
+                        vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                      "control connection %llu (uid %u pid %d): its state (%zu bytes or more) is %s: "
+                                      "a restart now would close it", (unsigned long long)c->id, (unsigned)c->uid,
+                                      (int)c->pid, n, why);
+        } else if (c->uncarried) {
+                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                              "control connection %llu (uid %u pid %d): its state fits what a restart carries again",
+                              (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
+        }
+        c->uncarried = why;
+        c->carry_bytes = n;
+}
+
+int control_server_serialize(struct control_server *s, struct vhub_snap_writer *w) {
+        struct control_carry *b = control_carry_new(s);
+        struct control_conn *c;
 
         vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
         TAILQ_FOREACH(c, &s->conns, link) {
+                size_t mark = w->len, least;
+                unsigned depth = w->depth;
+                const char *why;
+
                 if (!c->rpc)
                         continue;
-                vhub_snap_begin(w, S_CONN);
-                conn_serialize(c, w);
-                if (s->carry_output)
-                        conn_serialize_output(c, w, &budget);
-                vhub_snap_end(w);
+                if (w->error)
+                        break;
+                /* a record sure not to fit is not written (a uid's hoard
+                 * would otherwise be copied at every commit) */
+                least = conn_least_bytes(c);
+                why = b ? control_carry_refuses(b, c->uid, least) : NULL;
+                if (!why) {
+                        vhub_snap_begin(w, S_CONN);
+                        conn_serialize(c, w);
+                        if (s->carry_output)
+                                conn_serialize_output(c, w);
+                        vhub_snap_end(w);
+                }
+                /* without memory for the budget every record is carried,
+                 * as before it: the document's own bound still holds */
+                conn_carry(c, b, w, mark, depth, why, least);
         }
+        control_carry_free(b);
         return w->error;
+}
+
+void control_server_close_uncarried(struct control_server *s) {
+        struct control_conn *c;
+
+        TAILQ_FOREACH(c, &s->conns, link) {
+                json_t *data;
+                int fd;
+
+                if (!c->rpc || !c->uncarried || rpc_conn_is_closing(c->rpc))
+                        continue;
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu (uid %u pid %d) closed before the restart: its state "
+                              "(%zu bytes or more) is %s", (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid,
+                              c->carry_bytes, c->uncarried);
+                data = json_pack("{s:s}", "detail", c->uncarried);
+                (void)rpc_conn_send_error(c->rpc, NULL, VHUB_ERR_LIMIT, vhub_error_message(VHUB_ERR_LIMIT), data);
+                json_decref(data);
+                (void)rpc_conn_flush_now(c->rpc);
+                /* the manager's copy of the socket is the same socket: its
+                 * client sees the end now, not when the next process drops
+                 * the group it does not claim */
+                fd = rpc_conn_fd(c->rpc);
+                (void)shutdown(fd, SHUT_RDWR);
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
+        }
 }
 
 /* ---- restore ---- */

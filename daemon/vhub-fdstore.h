@@ -177,6 +177,10 @@ struct vhub_fdstore_member {
 };
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n);
+/* How many groups take_group() could not take for want of fd numbers
+ * (EMFILE/ENFILE: their stashes are left as they were), and the first's
+ * name in *ret_first (NULL: none). */
+unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r, const char **ret_first);
 /* A group nobody restores: its fds closed now (what they hold -- a
  * listening socket, a back-end's connection -- goes at once, not whenever
  * the manager gets to the removal) and its name removed from the store.
@@ -189,3 +193,8 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r);
  * nothing, so the stored fds stay for a daemon that can.  Taken fds stay
  * with their takers. */
 void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r);
+/* Give up after part of the state was taken back (the process then ends
+ * without a teardown): as abort, and what the takers changed in their
+ * groups is not stored; only the stashes take_group() had to read (and so
+ * empty) go back to the manager, within timeout_ms. */
+int vhub_fdstore_restore_give_up(struct vhub_fdstore_restore *r, int timeout_ms);
