@@ -17,6 +17,7 @@
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-owner.h"
+#include "vhub-snapshot.h"
 
 /* A string id is kept by its call until the call is answered (a call may
  * wait on a back-end): longer ones are refused, not kept (-32600). */
@@ -51,6 +52,9 @@ struct control_conn {
         TAILQ_HEAD(control_batch_list, control_batch) batches; /* not answered yet: the ids of
                                                                 * their requests are in it
                                                                 * instead (one -32011 array) */
+        struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
+        bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
+        TAILQ_ENTRY(control_conn) snap_link;
 };
 
 TAILQ_HEAD(control_conn_list, control_conn);
@@ -73,6 +77,7 @@ struct control_server {
         struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
+        TAILQ_HEAD(, control_conn) snap_dirty; /* records to write (control_conn_changed()) */
         struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
         uint64_t next_conn_id;
         struct control_server_options opts;
@@ -81,6 +86,7 @@ struct control_server {
                                       * and reads nothing more */
         bool carry_output;           /* a planned restart's last snapshot: output not
                                       * written goes into it (control-snapshot.c) */
+        size_t carry_budget;         /* ... so much more of it, all connections together */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -128,6 +134,11 @@ bool control_id_valid(json_t *id);
  * process had read but not handled, whose fds stayed behind, is answered
  * -32011 (each of a batch's requests, in one array). */
 void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
+/* c's restart record is out of date (a request read or answered, a batch
+ * done...): written at the next commit, on its own (control-snapshot.c). */
+void control_conn_changed(struct control_conn *c);
+/* c is closed: its record out of the store. */
+void control_conn_snapshot_gone(struct control_conn *c);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

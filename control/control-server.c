@@ -37,6 +37,8 @@ struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id) {
         c->id = id;
         TAILQ_INIT(&c->calls);
         TAILQ_INIT(&c->batches);
+        c->snap.fd = -1;
+        c->snap.newest = -1;
         c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
         vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         return c;
@@ -50,6 +52,7 @@ void control_conn_unref(struct control_conn *c) {
         free(c->sub_vms);
         free(c->sub_uids);
         vhub_cred_done(&c->cred);
+        vhub_snap_file_close(&c->snap);
         free(c);
 }
 
@@ -187,7 +190,7 @@ static void control_call_done(struct vhub_call *call) {
         if (cc->free_data)
                 cc->free_data(cc->data);
         TAILQ_REMOVE(&cc->conn->calls, cc, link);
-        vhub_changed(cc->conn->srv->ctx, NULL);
+        control_conn_changed(cc->conn);
         vhub_call_release(call);
         cc->conn->pending--;
         conn_finish_if_answered(cc->conn);
@@ -211,7 +214,7 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         req->conn->pending++;
         /* in the snapshot before the model sends anything for it */
         TAILQ_INSERT_TAIL(&req->conn->calls, cc, link);
-        vhub_changed(req->conn->srv->ctx, NULL);
+        control_conn_changed(req->conn);
         return cc;
 }
 
@@ -441,7 +444,7 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
                 handle_request(c, msg, fds, NULL, 0);
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
-        vhub_changed(c->srv->ctx, NULL);        /* its subscriptions, what it owns */
+        control_conn_changed(c);        /* the line is out of its input */
         control_conn_unref(c);
 }
 
@@ -461,7 +464,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
                 batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
-        vhub_changed(s->ctx, NULL);
+        control_conn_snapshot_gone(c);
         accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         vhub_context_owner_gone(s->ctx, &c->owner);
@@ -485,6 +488,7 @@ static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
         struct control_conn *c = userdata;
 
         c->eof = true;
+        control_conn_changed(c);
         conn_finish_if_answered(c);
 }
 
@@ -715,7 +719,8 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
-        vhub_changed(s->ctx, NULL);
+        control_conn_changed(c);        /* its record, before anything is read */
+        vhub_changed(s->ctx, NULL);     /* the connection counter */
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
 }
@@ -871,6 +876,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->listen_fd = -1;
         s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
+        TAILQ_INIT(&s->snap_dirty);
         if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
                 /* the daemon's own, carried across a restart (group L) */
                 s->listen_fd = o->listen_fd;
@@ -966,9 +972,14 @@ void control_server_foreach_fd(const struct control_server *s, const struct vhub
 
         vhub_fd_visit(v, s->listen_fd, s->path ? VHUB_FD_GROUP_LISTENER : NULL, "ctl/listen");
         vhub_fd_visit(v, s->spare_fd, NULL, "ctl/spare");
-        TAILQ_FOREACH(c, &s->conns, link)
+        TAILQ_FOREACH(c, &s->conns, link) {
+                char snap[VHUB_FD_GROUP_MAX];
+
                 if (c->rpc)
                         rpc_conn_foreach_fd(c->rpc, conn_fd, &(struct conn_visit){ c, v });
+                vhub_fd_visit(v, c->snap.fd, vhub_fd_group(snap, VHUB_SNAP_GROUP_CONN, c->id),
+                              "ctl/conn/%llu/snapshot", (unsigned long long)c->id);
+        }
 }
 
 unsigned control_server_n_connections(const struct control_server *s) {

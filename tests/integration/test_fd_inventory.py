@@ -443,8 +443,8 @@ def part_store(t):
     groups2 = sorted({g for _, (name, g) in inv2.items() if g})
     wait_until(lambda: sorted(sm.names()) == groups2, 5.0,
                what="the store to hold the restarted daemon's groups %s (it holds %s)" % (groups2, sm.names()))
-    check_eq(sorted(sm.names()), sorted(set(old_groups) | {"c2"}),
-             "the groups before the crash are all back, and the new connection's c2")
+    check_eq(sorted(sm.names()), sorted(set(old_groups) | {"c2", "k2"}),
+             "the groups before the crash are all back, and the new connection's c2 and record k2")
     c.close()
     c2.close()
     check_eq(sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")

@@ -453,11 +453,14 @@ def part_unreadable(t):
     bad[slot + 40] ^= 0xFF
     os.pwrite(sfd, bytes(bad), 0)
     refused("corrupt snapshot", "snapshot s1 is unreadable")
-    # 2: a snapshot written for a newer reader (compat 2) in both slots
-    newer = gen.doc(b"", generation=1 << 40, version=2, compat=2)
+    # 2: a snapshot written for a newer reader (compat: the next version) in both slots
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "daemon",
+                           "vhub-snapshot.h")) as f:
+        reads = int(re.search(r"#define VHUB_SNAP_VERSION\s+(\d+)u", f.read()).group(1))
+    newer = gen.doc(b"", generation=1 << 40, version=reads + 1, compat=reads + 1)
     os.pwrite(sfd, newer + bytes(slot - len(newer)) + newer, 0)
-    refused("newer format", "snapshot s1 needs a newer vhubd (format version 2, readable from version 2; "
-            "this vhubd reads version 1)")
+    refused("newer format", "snapshot s1 needs a newer vhubd (format version %d, readable from version %d; "
+            "this vhubd reads version %d)" % (reads + 1, reads + 1, reads))
     # the right bytes back: a daemon that can read it takes everything back
     os.pwrite(sfd, good, 0)
     os.close(sfd)

@@ -5,8 +5,9 @@ snapshots"; docs/restart.md, "The snapshot format").
 
 fixtures/restart-v<N>[.<n>]/ holds the snapshot files (the memfds' whole
 contents, both slots) that vhubd left in the fd store at a planned restart of
-the scenario below: "S" (the daemon and its control connections) and one
-"s<id>" per VM.  restart-v<N> is what the first writer of format version N
+the scenario below: "S" (the daemon; in format 1 its control connections
+too), one "s<id>" per VM and, since format 2, one "k<id>" per control
+connection.  restart-v<N> is what the first writer of format version N
 wrote; restart-v<N>.<n> what a later writer of the same version wrote after
 records were added or dropped that every reader of that version copes with
 (restart-v1.1: h-redteam's device credentials and per-VM token count added,
@@ -177,11 +178,13 @@ def produce(t):
     check_eq(m.sm.wait_exit(), 0, "the planned restart's old vhubd exits 0")
     files = {}
     for name in m.sm.names():
-        if name == "S" or (name.startswith("s") and name[1:].isalnum()):
+        if name == "S" or (name[:1] in "sk" and name[1:].isalnum()):
             fd = m.sm.dup(name)
             files[name] = os.pread(fd, os.fstat(fd).st_size, 0)
             os.close(fd)
-    check_eq(sorted(files), ["S", "s1", "s2"], "the store holds the daemon's and two VMs' snapshots")
+    # since format 2 each control connection's record is a file of its own
+    check_eq(sorted(files), ["S", "k1", "k2", "s1", "s2"],
+             "the store holds the daemon's, two VMs' and two connections' snapshots")
     m.sm.release_store()
     c.close()
     watcher.close()

