@@ -32,9 +32,16 @@
  * what limits a store (docs/restart.md), then counts groups rather than
  * fds, and since every stored fd is a fresh socket the manager never drops
  * one as "the same file" (an fd two owners share is in both stashes).  A
- * change rebuilds the group's stash once per loop iteration: remove, push.
+ * change is applied once per loop iteration: a new member is appended to
+ * the stored stash through its writing end, kept while the group changes
+ * (the manager hears nothing); a member that leaves stays in it as a dead
+ * fd, unless it is a socket; a stash is compacted (rebuilt: remove, push)
+ * when it holds too many dead fds or appended messages, shortly after a
+ * removal, and whenever appending cannot be used (see vhub-fdstore.c).
  * After a restart vhub_fdstore_take_group() reads a stash back: the fds in
- * the order they were added, each with its identity key.
+ * the order they were added, dead ones included, each with its identity
+ * key: the owners claim theirs by key and the rest are closed
+ * (vhub-fd-claim.h).
  *
  * Contract: an fd pushed under a name stays open under the same number until
  * the name is removed (remove before close); a group member until it left

@@ -20,20 +20,24 @@ time (the timings are tests/bench/bench_restart.py's):
           listed and still served.
 """
 
+import fcntl
 import os
+import re
 import signal
 import struct
 import sys
+import termios
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                              # noqa: E402
-from vhubtest.backends import QsdBackend                         # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend         # noqa: E402
 from vhubtest.client import Client, u64_json                     # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run_parts     # noqa: E402
-from test_restart import BLK1, Managed, listing                  # noqa: E402
+from vhubtest.vmm import Vmm                                     # noqa: E402
+from test_restart import Managed, listing                        # noqa: E402
 
 IDLE = 200
 
@@ -119,5 +123,106 @@ def part_idle(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def stash_messages(m, group):
+    """How many messages the stored stash of group holds (one byte each:
+    SIOCINQ), read on the manager's copy without taking anything (the
+    manager takes pushes in its own time: a compaction's new stash may not be
+    there yet)."""
+    wait_until(lambda: group in m.sm.names(), 5.0, what="the store to hold group %s" % group)
+    fd = m.sm.dup(group)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+
+
+def part_churn(t):
+    d = t.tmpdir()
+    disk = os.path.join(d, "disk.img")
+    scenarios.make_image(disk, 8 << 20)
+    m = Managed(t, d)
+    qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=2, log_dir=d))
+    null = t.enter(QsdNullBackend([m.socket("x.sock"), m.socket("y.sock")], log_dir=d))
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    vm_group = "v1"
+    keep = t.enter(GuestMemory(4 << 20, base=1 << 32))
+    hot = t.enter(GuestMemory(2 << 20, base=2 << 32)).regions[0]
+
+    def hot_add():
+        vmm.add_region(hot)
+
+    def hot_remove():
+        c.call("vm.memory.remove", {"vm": "vm0", "gpa": u64_json(hot.gpa)})
+
+    # the VM's group: its first region stored, then 100 regions added and
+    # removed (appended, left dead, compacted at the bound and by the sweep)
+    most = 0
+    for i in range(100):
+        hot_add()
+        hot_remove()
+        most = max(most, stash_messages(m, vm_group))
+    log("the VM's stash held up to %d messages during the churn" % most)
+    check(most > 1, "regions added to a stored group are appended to its stash", most)
+    vmm.add_memory(keep)
+    dev = vmm.add_device("blk0", qsd.socket, type="blk")
+    features = scenarios.BLK_FEATURES & dev["features"]
+    q0 = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    q1 = blk.BlkQueue(keep, index=1, size=16, max_io=4096)
+    vmm.start_device("blk0", features, [q0.vq, q1.vq])
+    for i in range(100):
+        hot_add()
+        hot_remove()
+        if i % 30 == 29:
+            # the rings' eventfds leave the device's group and come back
+            vmm.stop_device("blk0")
+            q0.vq.reset(0)
+            q1.vq.reset(0)
+            vmm.start_device("blk0", features, [q0.vq, q1.vq])
+    for i in range(30):
+        c.call("device.add", {"vm": "vm0", "device": "x", "socket": null.sockets[0], "type": "blk"})
+        c.call("device.remove", {"vm": "vm0", "device": "x"})
+    data = {0: os.urandom(4096), 1: os.urandom(4096)}
+    q0.write_sectors(0, data[0])
+    q1.write_sectors(8, data[1])
+
+    def served(what):
+        check_eq(q0.read_sectors(0, 8), data[0], "%s: ring 0 (in the first region) reads back" % what)
+        check_eq(q1.read_sectors(8, 8), data[1], "%s: ring 1 (in a region added mid-churn) reads back" % what)
+
+    served("before the restarts")
+    before = listing(c)
+    # restarts while the stash holds appended messages and dead fds
+    for sig, what in ((signal.SIGTERM, "planned restart"), (signal.SIGKILL, "crash")):
+        for _ in range(3):
+            hot_add()
+            hot_remove()
+        hot_add()
+        n = stash_messages(m, vm_group)
+        log("%s with the VM's stash holding %d messages" % (what, n))
+        check(n > 1, "%s: the VM's stash holds appended messages when it happens" % what, n)
+        code = m.restart(sig=sig)
+        check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "%s: the old vhubd's exit" % what)
+        c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        hot_remove()
+        check_eq(listing(c), before, "%s: every region and device is listed as before" % what)
+        served("after the " + what)
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    dead = re.findall(r"fd store: (\d+) fds of group %s that no snapshot names were closed" % vm_group, text)
+    log("dead fds a restore found in the VM's stash (and closed): %s" % dead)
+    check(dead, "a restore met dead fds in a stash (the form under test) and closed them")
+    for bad in ("could not be stored", "cannot be read back", "not stored", "gone"):
+        check(bad not in text, "the log says nothing is %r" % bad)
+    # a device started now gets every region's fd from this process: its
+    # ring in the region added mid-churn is served
+    dev = vmm.add_device("y", null.sockets[1], type="blk")
+    qy = blk.BlkQueue(keep, index=0, size=16, max_io=4096)
+    vmm.start_device("y", scenarios.BLK_FEATURES & dev["features"] & ~(1 << blk.VIRTIO_BLK_F_MQ), [qy.vq])
+    check_eq(len(qy.read_sectors(0, 1)), 512, "a device started after the restarts is served in that region")
+    vmm.stop_device("y")
+    vmm.remove_device("y")
+    m.finish(c, vmm, "blk0", [q0.vq, q1.vq, qy.vq])
+
+
 if __name__ == "__main__":
-    run_parts({"idle": part_idle}, "idle")
+    run_parts({"idle": part_idle, "churn": part_churn}, "idle")
