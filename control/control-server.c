@@ -59,6 +59,8 @@ void control_conn_unref(struct control_conn *c) {
 static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         if (c->rpc)
                 (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
+        if (n_fds > 0)
+                control_conn_fds_changed(c);    /* their dups queued */
 }
 
 /* A half-closed connection closes once every request it sent is answered. */
@@ -68,18 +70,6 @@ static void conn_finish_if_answered(struct control_conn *c) {
 }
 
 /* ---- the fd budget (vhub-fd-budget.h) ---- */
-
-/* The connections' fds (sockets, fds received and not claimed yet, dups
- * queued for output), each its uid's: the sink's count_fds, so that the
- * model's checks count them too (vhub_context_fd_usage()). */
-static void server_count_fds(void *userdata, struct vhub_fd_usage *u) {
-        struct control_server *s = userdata;
-        struct control_conn *c;
-
-        TAILQ_FOREACH(c, &s->conns, link)
-                if (c->rpc)
-                        vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
-}
 
 static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
                             struct vhub_error *err) {
@@ -107,6 +97,7 @@ static int conn_admit_fds(struct rpc_conn *rpc, unsigned n, char *detail, size_t
         int r;
 
         /* the n fds are queued on rpc already: counted in the usage */
+        control_conn_fds_changed(c);
         r = server_check_fds(c->srv, c->uid, 0, fd_slack(c->srv, c->uid), &err);
         if (r < 0)
                 snprintf(detail, len, "%u fds refused: %s", n, err.detail);
@@ -438,6 +429,7 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
         struct control_conn *c = userdata;
 
         control_conn_ref(c);
+        control_conn_fds_changed(c);    /* its fds are the request's now, not its input's */
         if (json_is_array(msg))
                 batch_start(c, msg, fds);
         else
@@ -465,6 +457,7 @@ static void conn_close(struct control_conn *c, const char *reason) {
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
         control_conn_snapshot_gone(c);
+        control_conn_fds_gone(c);
         accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         vhub_context_owner_gone(s->ctx, &c->owner);
@@ -481,6 +474,7 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         struct control_conn *c = userdata;
 
         control_server_note_spike(c->srv, rpc_conn_take_peak_memory(rpc));
+        control_conn_fds_changed(c);    /* the fds queued for it are written */
         vhub_context_owner_drained(c->srv->ctx, &c->owner);
 }
 
@@ -720,6 +714,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
         control_conn_changed(c);        /* its record, before anything is read */
+        control_conn_fds_changed(c);    /* its socket */
         vhub_changed(s->ctx, NULL);     /* the connection counter */
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
@@ -864,6 +859,7 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
 int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
                        struct control_server **ret) {
         struct control_server *s = calloc(1, sizeof(*s));
+        bool fds_ok;
         int r;
 
         if (!s) {
@@ -877,6 +873,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
         TAILQ_INIT(&s->snap_dirty);
+        fds_ok = control_fds_init(s) == 0;
         if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
                 /* the daemon's own, carried across a restart (group L) */
                 s->listen_fd = o->listen_fd;
@@ -892,6 +889,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         vhu_safe_close(s->spare_fd);
+                        control_fds_done(s);
                         free(s);
                         return r;
                 }
@@ -903,11 +901,12 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
         s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
         s->ev_trim = evtimer_new(vhub_context_base(ctx), trim_cb, s);
-        if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
+        if (!fds_ok || !s->ev_accept || !s->ev_accept_retry || !s->ev_trim ||
+            event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
-        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = server_count_fds,
+        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = control_server_count_fds,
                                             .userdata = s };
         vhub_context_add_sink(ctx, &s->sink);
         s->sink_added = true;
@@ -931,6 +930,7 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
+        control_fds_done(s);
         if (s->sink_added)
                 vhub_context_remove_sink(s->ctx, &s->sink);
         if (s->ev_accept)

@@ -389,6 +389,7 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
+        control_conn_fds_changed(c);    /* its socket */
 
         /* what the earlier process had not written goes out first (the rest
          * of a line partly written among it), then daemon.restarted, then
