@@ -474,8 +474,11 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         struct control_conn *c = userdata;
 
         control_server_note_spike(c->srv, rpc_conn_take_peak_memory(rpc));
-        control_conn_fds_changed(c);    /* the fds queued for it are written */
         vhub_context_owner_drained(c->srv->ctx, &c->owner);
+}
+
+static void conn_on_fds_dropped(struct rpc_conn *rpc, void *userdata) {
+        control_conn_fds_changed(userdata);
 }
 
 static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
@@ -492,6 +495,7 @@ const struct rpc_conn_ops control_conn_ops = {
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
+        .on_fds_dropped = conn_on_fds_dropped,
         .on_fds_lost = control_conn_fds_lost,
 };
 

@@ -92,6 +92,11 @@ struct rpc_conn_ops {
                          void *userdata);
         /* Optional.  The output queue has just become empty. */
         void (*on_drained)(struct rpc_conn *c, void *userdata);
+        /* Optional.  rpc_conn_fds_held() went down by itself: fds queued
+         * for output written, or fds dropped as the connection is refused
+         * or closed.  Called from wherever that happens, rpc_conn_send()
+         * included: it must only take note, never call back into c. */
+        void (*on_fds_dropped)(struct rpc_conn *c, void *userdata);
         /* Optional.  A message that an earlier process had read (its line
          * was carried by rpc_conn_restore_input()) declares fds, which
          * stayed behind: msg (a new reference, the callee's) is not handed
