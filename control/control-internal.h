@@ -15,7 +15,6 @@
 #include "vhub-error.h"
 #include "vhub-event.h"
 #include "vhub-fd-track.h"
-#include "vhub-hash.h"
 #include "vhub-log.h"
 #include "vhub-owner.h"
 #include "vhub-snapshot.h"
@@ -29,7 +28,6 @@ struct vhub_context;
 struct vhub_vm;
 struct control_batch;
 struct batch_run;
-struct control_fd_uid;
 struct vhub_fd_usage;
 
 struct control_conn {
@@ -56,9 +54,9 @@ struct control_conn {
                                                                 * their requests are in it
                                                                 * instead (one -32011 array) */
         unsigned fds_counted;        /* its fds as last counted (control-fds.c) */
+        bool fds_counting;           /* ... into the fd ledger */
         bool fds_marked;             /* ... to count again: in srv->fds_marked */
         TAILQ_ENTRY(control_conn) fds_link;
-        struct control_fd_uid *fd_uid; /* its uid's entry, once counted */
         struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
         bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
         TAILQ_ENTRY(control_conn) snap_link;
@@ -85,9 +83,7 @@ struct control_server {
         struct control_conn_list conns;
         unsigned n_conns;
         TAILQ_HEAD(, control_conn) snap_dirty; /* records to write (control_conn_changed()) */
-        /* the connections' fds, counted as they change (control-fds.c) */
-        unsigned fds_total, fds_non_root;
-        struct vhub_hash fd_uids;    /* uid -> struct control_fd_uid */
+        /* connections whose fds the fd ledger counts again (control-fds.c) */
         TAILQ_HEAD(, control_conn) fds_marked;
         struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
         uint64_t next_conn_id;
@@ -145,11 +141,10 @@ bool control_id_valid(json_t *id);
  * process had read but not handled, whose fds stayed behind, is answered
  * -32011 (each of a batch's requests, in one array). */
 void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
-/* The connections' fds for the budget (control-fds.c): -ENOMEM; a
- * connection's count may have changed (fds arrived, taken, queued for
- * output, written); it is closed (its count out); the sink's count_fds. */
-int control_fds_init(struct control_server *s);
-void control_fds_done(struct control_server *s);
+/* The connections' fds for the budget (control-fds.c): a connection's
+ * count may have changed (fds arrived, taken, queued for output, written
+ * or dropped); it is closed (its count out); the sink's count_fds. */
+void control_fds_init(struct control_server *s);
 void control_conn_fds_changed(struct control_conn *c);
 void control_conn_fds_gone(struct control_conn *c);
 void control_server_count_fds(void *userdata, struct vhub_fd_usage *u);

@@ -863,7 +863,6 @@ static void server_emit(void *userdata, const struct vhub_event *ev) {
 int control_server_new(struct vhub_context *ctx, const struct control_server_options *o,
                        struct control_server **ret) {
         struct control_server *s = calloc(1, sizeof(*s));
-        bool fds_ok;
         int r;
 
         if (!s) {
@@ -877,7 +876,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
         TAILQ_INIT(&s->snap_dirty);
-        fds_ok = control_fds_init(s) == 0;
+        control_fds_init(s);
         if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
                 /* the daemon's own, carried across a restart (group L) */
                 s->listen_fd = o->listen_fd;
@@ -893,7 +892,6 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         vhu_safe_close(s->spare_fd);
-                        control_fds_done(s);
                         free(s);
                         return r;
                 }
@@ -905,8 +903,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
         s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
         s->ev_trim = evtimer_new(vhub_context_base(ctx), trim_cb, s);
-        if (!fds_ok || !s->ev_accept || !s->ev_accept_retry || !s->ev_trim ||
-            event_add(s->ev_accept, NULL) < 0) {
+        if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
@@ -934,7 +931,6 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
-        control_fds_done(s);
         if (s->sink_added)
                 vhub_context_remove_sink(s->ctx, &s->sink);
         if (s->ev_accept)

@@ -73,27 +73,37 @@ static struct vhub_restart_state *state(struct vhubd *v) {
 void vhub_restart_commit_daemon(void *userdata) {
         struct vhubd *v = userdata;
         struct vhub_context *ctx = &v->ctx;
-        struct vhub_snap_writer *w;
-        int r;
+        struct vhub_snap_writer *w = &ctx->snap_writer;
+        int r = 0;
 
         /* the faces are not back yet: the snapshot of the last run stays */
         if (ctx->restoring)
                 return;
-        w = vhub_commit_writer(ctx);
-        vhub_snap_put_u64(w, S_RESTARTS, ctx->restarts);
-        vhub_snap_put_u64(w, S_NEXT_VM_ID, ctx->next_vm_id);
-        vhub_snap_put_u64(w, S_NEXT_DEVICE_ID, ctx->next_device_id);
-        vhub_snap_put_u64(w, S_NEXT_REGION_ID, ctx->next_region_id);
-        vhub_snap_put_u64(w, S_START_USEC, ctx->start_usec);
-        vhub_snap_put_u64(w, S_START_REALTIME_USEC, ctx->start_realtime_usec);
-        vhub_snap_put_u64(w, S_WRITTEN_USEC, vhub_now_usec());
-        vhub_snap_put_bool(w, S_PLANNED, v->restart && v->restart->planned);
-        if (v->control) {
-                vhub_snap_begin(w, S_CONTROL);
-                control_server_serialize(v->control, w);
-                vhub_snap_end(w);
+        if (v->snap.fd < 0) {
+                r = vhub_snap_file_create(VHUB_SNAP_NAME_DAEMON, &v->snap);
+                if (r >= 0) {
+                        r = vhub_fdstore_push(v->fdstore, v->snap.fd, VHUB_SNAP_NAME_DAEMON);
+                        if (r < 0)
+                                vhub_snap_file_close(&v->snap);
+                }
         }
-        r = vhub_commit_file(ctx, &v->snap, VHUB_SNAP_NAME_DAEMON, false);
+        if (r >= 0) {
+                vhub_snap_writer_reset(w);
+                vhub_snap_put_u64(w, S_RESTARTS, ctx->restarts);
+                vhub_snap_put_u64(w, S_NEXT_VM_ID, ctx->next_vm_id);
+                vhub_snap_put_u64(w, S_NEXT_DEVICE_ID, ctx->next_device_id);
+                vhub_snap_put_u64(w, S_NEXT_REGION_ID, ctx->next_region_id);
+                vhub_snap_put_u64(w, S_START_USEC, ctx->start_usec);
+                vhub_snap_put_u64(w, S_START_REALTIME_USEC, ctx->start_realtime_usec);
+                vhub_snap_put_u64(w, S_WRITTEN_USEC, vhub_now_usec());
+                vhub_snap_put_bool(w, S_PLANNED, v->restart && v->restart->planned);
+                if (v->control) {
+                        vhub_snap_begin(w, S_CONTROL);
+                        control_server_serialize(v->control, w);
+                        vhub_snap_end(w);
+                }
+                r = vhub_snap_file_commit(&v->snap, w);
+        }
         if (r < 0)
                 log_warning("the daemon's restart snapshot was not written: %s", strerror(-r));
 }

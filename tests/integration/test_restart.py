@@ -236,14 +236,9 @@ def part_planned(t):
 def seqpacket_inodes():
     """The inodes of the unix SOCK_SEQPACKET sockets (Type 0005 in
     /proc/net/unix)."""
-    out = set()
     with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if len(cols) >= 7 and cols[4] == "0005":
-                out.add(cols[6])
-    return out
+        rows = [line.split() for line in f][1:]
+    return {r[6] for r in rows if len(r) >= 7 and r[4] == "0005"}
 
 
 def proc_fd_kinds(pid):

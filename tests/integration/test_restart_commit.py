@@ -35,9 +35,10 @@ from vhubtest.backends import QsdBackend, QsdNullBackend         # noqa: E402
 from vhubtest.client import Client, u64_json                     # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
-from vhubtest.testing import TestFailure, check, check_eq, log, run_parts     # noqa: E402
+from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
 from vhubtest.vmm import Vmm                                     # noqa: E402
 from test_restart import Managed, listing                        # noqa: E402
+from test_restart_fixture import newest_doc                      # noqa: E402
 
 IDLE = 200
 
@@ -47,21 +48,10 @@ def generation(m, name):
     snapshot file `name` (the manager's copy: what a restart would read)."""
     fd = m.sm.dup(name)
     try:
-        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        _, _, gen, payload = newest_doc(os.pread(fd, os.fstat(fd).st_size, 0))
     finally:
         os.close(fd)
-    slot = len(data) // 2
-    best = None
-    for i in range(2):
-        d = data[i * slot:(i + 1) * slot]
-        if d[:8] != b"VHUBSNAP":
-            continue
-        _, _, _, gen, plen, _ = struct.unpack_from("<HHIQII", d, 8)
-        if best is None or gen > best[0]:
-            best = (gen, plen)
-    if best is None:
-        raise TestFailure("snapshot %s holds no document" % name)
-    return best
+    return gen, len(payload)
 
 
 def records(m):
@@ -69,12 +59,18 @@ def records(m):
     return {n: generation(m, n) for n in m.sm.names() if n[:1] == "k" and n[1:].isalnum()}
 
 
-def part_idle(t):
+def daemon_with_qsd(t, queues):
+    """vhubd under the service manager and a qemu-storage-daemon on an 8 MiB
+    image at backends/blk0.sock: (tmpdir, Managed, QsdBackend)."""
     d = t.tmpdir()
     disk = os.path.join(d, "disk.img")
     scenarios.make_image(disk, 8 << 20)
     m = Managed(t, d)
-    qsd = t.enter(QsdBackend(disk, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    return d, m, t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=queues, log_dir=d))
+
+
+def part_idle(t):
+    d, m, qsd = daemon_with_qsd(t, 1)
     c, mem, vmm = m.vmm(t, 8 << 20)
     _, s_alone = generation(m, "S")
     idle = []
@@ -137,11 +133,7 @@ def stash_messages(m, group):
 
 
 def part_churn(t):
-    d = t.tmpdir()
-    disk = os.path.join(d, "disk.img")
-    scenarios.make_image(disk, 8 << 20)
-    m = Managed(t, d)
-    qsd = t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=2, log_dir=d))
+    d, m, qsd = daemon_with_qsd(t, 2)
     null = t.enter(QsdNullBackend([m.socket("x.sock"), m.socket("y.sock")], log_dir=d))
     c, mem, vmm = m.vmm(t, 8 << 20)
     vm_group = "v1"
