@@ -36,7 +36,6 @@ from vhubtest.client import Client, u64_json                     # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
 from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
-from vhubtest.vmm import Vmm                                     # noqa: E402
 from test_restart import Managed, listing                        # noqa: E402
 from test_restart_fixture import newest_doc                      # noqa: E402
 
