@@ -44,6 +44,9 @@ struct control_conn {
         unsigned pending;            /* calls waiting on the model */
         bool eof;                    /* the peer shut down its sending side */
         struct batch_run *run;       /* a batch being run in slices (input paused meanwhile) */
+        const char *uncarried;       /* why the last snapshot left it out (control-carry.c),
+                                      * NULL while it is carried */
+        size_t carry_bytes;          /* its record's size in that snapshot */
         bool sub_all;                /* events of every VM of its uid (root: of every uid) */
         char **sub_vms;              /* events of these VMs (of sub_uid) */
         uid_t *sub_uids;
@@ -58,6 +61,7 @@ struct control_conn {
         bool fds_marked;             /* ... to count again: in srv->fds_marked */
         TAILQ_ENTRY(control_conn) fds_link;
         struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
+        size_t carry_charged;        /* ... as srv->carry counts it */
         bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
         TAILQ_ENTRY(control_conn) snap_link;
 };
@@ -83,6 +87,7 @@ struct control_server {
         struct control_conn_list conns;
         unsigned n_conns;
         TAILQ_HEAD(, control_conn) snap_dirty; /* records to write (control_conn_changed()) */
+        struct control_carry *carry; /* what their records carry (NULL without memory: no bound) */
         /* connections whose fds the fd ledger counts again (control-fds.c) */
         TAILQ_HEAD(, control_conn) fds_marked;
         struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
@@ -93,7 +98,6 @@ struct control_server {
                                       * and reads nothing more */
         bool carry_output;           /* a planned restart's last snapshot: output not
                                       * written goes into it (control-snapshot.c) */
-        size_t carry_budget;         /* ... so much more of it, all connections together */
 };
 
 /* One request being handled (a batch element or a lone request). */
@@ -153,6 +157,21 @@ void control_server_count_fds(void *userdata, struct vhub_fd_usage *u);
 void control_conn_changed(struct control_conn *c);
 /* c is closed: its record out of the store. */
 void control_conn_snapshot_gone(struct control_conn *c);
+
+/* What a restart may carry of the connections (control-carry.c): one
+ * budget, kept as the connections' records are written (each its own
+ * snapshot file).  control_carry_admit() counts a record of n bytes of a
+ * connection of uid: NULL if it fits, else why not (a static sentence;
+ * nothing counted); control_carry_release() gives back what a record of n
+ * bytes was counted (b NULL: nothing). */
+struct control_carry;
+struct control_carry *control_carry_new(const struct control_server *s);
+void control_carry_free(struct control_carry *b);
+const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n);
+/* The same question, nothing counted (a record that will be at least n
+ * bytes: not worth writing if this refuses it). */
+const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n);
+void control_carry_release(struct control_carry *b, uid_t uid, size_t n);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

@@ -477,6 +477,12 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         vhub_context_owner_drained(c->srv->ctx, &c->owner);
 }
 
+/* Its record holds the bytes read and not handled (a partial line too):
+ * rewritten after each read, as after each message. */
+static void conn_on_input(struct rpc_conn *rpc, void *userdata) {
+        control_conn_changed(userdata);
+}
+
 static void conn_on_fds_dropped(struct rpc_conn *rpc, void *userdata) {
         control_conn_fds_changed(userdata);
 }
@@ -496,6 +502,7 @@ const struct rpc_conn_ops control_conn_ops = {
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
         .on_fds_dropped = conn_on_fds_dropped,
+        .on_input = conn_on_input,
         .on_fds_lost = control_conn_fds_lost,
 };
 
@@ -877,6 +884,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         TAILQ_INIT(&s->conns);
         TAILQ_INIT(&s->snap_dirty);
         control_fds_init(s);
+        s->carry = control_carry_new(s);        /* NULL: records are not bounded, as before the bound */
         if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
                 /* the daemon's own, carried across a restart (group L) */
                 s->listen_fd = o->listen_fd;
@@ -892,6 +900,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         vhu_safe_close(s->spare_fd);
+                        control_carry_free(s->carry);
                         free(s);
                         return r;
                 }
@@ -931,6 +940,7 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
+        control_carry_free(s->carry);
         if (s->sink_added)
                 vhub_context_remove_sink(s->ctx, &s->sink);
         if (s->ev_accept)

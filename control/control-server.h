@@ -61,8 +61,13 @@ struct vhub_fdstore_restore;
  * rewrites that record only. */
 int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w);
 /* ctx->commit_faces: write the records of the connections that changed
- * (all: of every connection). */
+ * (all: of every connection).  A connection whose record is over what a
+ * restart carries (control-carry.c) has none (its file removed) and is
+ * marked. */
 void control_server_commit(struct control_server *s, bool all);
+/* A planned restart, after its last snapshot: the connections it left out
+ * are told (-32008) and closed, so that their clients see it now. */
+void control_server_close_uncarried(struct control_server *s);
 /* Take the connections back (their sockets claimed from r); each gets
  * daemon.restarted {restarts, downtime_ms} first, then -32011 for every
  * request that was in flight, and owns its VMs again.  _restore() reads the

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "control-internal.h"
 #include "vhub-commit.h"
@@ -40,10 +41,6 @@ enum {
         _C_TAG_NEXT
 };
 
-/* What a planned restart carries of the connections' unwritten output, all
- * together (the daemon's snapshot is one document, VHUB_SNAP_MAX_SIZE at
- * most): past it a connection's output is lost, as at its output bound. */
-#define CARRY_OUTPUT_MAX (16u << 20)
 enum { SUB_UID = 1, SUB_VM };
 
 void control_server_pause(struct control_server *s) {
@@ -72,7 +69,6 @@ bool control_server_busy(const struct control_server *s) {
 
 void control_server_carry_output(struct control_server *s) {
         s->carry_output = true;
-        s->carry_budget = CARRY_OUTPUT_MAX;
 }
 
 bool control_server_flush_now(struct control_server *s) {
@@ -86,23 +82,20 @@ bool control_server_flush_now(struct control_server *s) {
 }
 
 /* The output c has not written, into the snapshot (a planned restart's
- * last one); *budget: what may still be carried. */
-static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w, size_t *budget) {
+ * last one; its size counts in the connection's record, control-carry.c). */
+static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w) {
         char *out = NULL;
         ssize_t n = rpc_conn_unsent_output(c->rpc, &out);
 
-        if (n > 0 && (size_t)n <= *budget) {
+        if (n > 0) {
                 vhub_snap_put_bytes(w, C_OUTPUT, out, (size_t)n);
-                *budget -= (size_t)n;
                 vhub_log_full(LOG_INFO, NULL, NULL, NULL,
                               "control connection %llu: %zd bytes of output it has not read yet are carried "
                               "across the restart", (unsigned long long)c->id, n);
         } else if (n != 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its output not yet written is lost with the restart (%s)",
-                              (unsigned long long)c->id,
-                              n == -EBUSY ? "it carries fds" : n > 0 ? "over what a restart carries" :
-                              strerror((int)-n));
+                              (unsigned long long)c->id, n == -EBUSY ? "it carries fds" : strerror((int)-n));
         }
         free(out);
 }
@@ -147,6 +140,51 @@ static void conn_serialize(const struct control_conn *c, struct vhub_snap_writer
         vhub_snap_put_bool(w, C_EOF, c->eof);
 }
 
+/* What c's record holds at least: its input and its batches' ids. */
+static size_t conn_least_bytes(const struct control_conn *c) {
+        const struct control_batch *b;
+        const char *in;
+        size_t n = rpc_conn_unhandled_input(c->rpc, &in), ids;
+
+        for (b = control_batch_next(c, NULL); b; b = control_batch_next(c, b)) {
+                (void)control_batch_ids(b, &ids);
+                n += ids;
+        }
+        return n;
+}
+
+/* c's record written (from mark on) or taken back out, as the budget says
+ * (why: refused before it was written, n its least size). */
+static void conn_carry(struct control_conn *c, struct control_carry *b, struct vhub_snap_writer *w,
+                       size_t mark, unsigned depth, const char *why, size_t n) {
+        if (!why && w->error == -E2BIG) {
+                why = "over what a restart carries of all connections";
+        } else if (!why && w->error) {
+                return;         /* the document fails anyway: logged by its writer */
+        } else if (!why && b) {
+                n = w->len - mark;
+                why = control_carry_admit(b, c->uid, n);
+        }
+        if (why) {
+                /* the writer's state as it was before the record (the
+                 * buffer keeps what it grew to, for the next commit) */
+                w->len = mark;
+                w->depth = depth;
+                w->error = 0;
+                if (!c->uncarried)
+                        vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                                      "control connection %llu (uid %u pid %d): its state (%zu bytes or more) is %s: "
+                                      "a restart now would close it", (unsigned long long)c->id, (unsigned)c->uid,
+                                      (int)c->pid, n, why);
+        } else if (c->uncarried) {
+                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                              "control connection %llu (uid %u pid %d): its state fits what a restart carries again",
+                              (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
+        }
+        c->uncarried = why;
+        c->carry_bytes = n;
+}
+
 int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w) {
         vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
         return w->error;
@@ -169,19 +207,43 @@ void control_conn_snapshot_gone(struct control_conn *c) {
                 TAILQ_REMOVE(&c->srv->snap_dirty, c, snap_link);
                 c->snap_dirty = false;
         }
+        control_carry_release(c->srv->carry, c->uid, c->carry_charged);
+        c->carry_charged = 0;
         vhub_commit_file_gone(c->srv->ctx, &c->snap, vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id));
 }
 
+/* c's record, budgeted (control-carry.c) as it is written: what it was
+ * charged goes back first; a record over the budget is not written and its
+ * file goes (a restart does not carry the connection: the next process
+ * leaves its socket's group unclaimed; a planned restart closes it first,
+ * control_server_close_uncarried()). */
 static void conn_commit(struct control_conn *c) {
         struct control_server *s = c->srv;
         struct vhub_snap_writer *w = vhub_commit_writer(s->ctx);
+        size_t least = conn_least_bytes(c);
         char name[VHUB_FD_GROUP_MAX];
+        const char *why;
         int r;
 
-        conn_serialize(c, w);
-        if (s->carry_output)
-                conn_serialize_output(c, w, &s->carry_budget);
-        r = vhub_commit_file(s->ctx, &c->snap, vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id), false);
+        vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id);
+        control_carry_release(s->carry, c->uid, c->carry_charged);
+        c->carry_charged = 0;
+        /* a record sure not to fit is not written (a uid's hoard would
+         * otherwise be copied at every commit) */
+        why = s->carry ? control_carry_refuses(s->carry, c->uid, least) : NULL;
+        if (!why) {
+                conn_serialize(c, w);
+                if (s->carry_output)
+                        conn_serialize_output(c, w);
+        }
+        conn_carry(c, s->carry, w, 0, 0, why, least);
+        if (c->uncarried) {
+                vhub_commit_file_gone(s->ctx, &c->snap, name);
+                return;
+        }
+        if (s->carry && !w->error)
+                c->carry_charged = w->len;      /* what control_carry_admit() counted */
+        r = vhub_commit_file(s->ctx, &c->snap, name, false);
         if (r < 0)
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its restart record was not written: %s",
@@ -199,6 +261,32 @@ void control_server_commit(struct control_server *s, bool all) {
                 c->snap_dirty = false;
                 if (c->rpc)
                         conn_commit(c);
+        }
+}
+
+void control_server_close_uncarried(struct control_server *s) {
+        struct control_conn *c;
+
+        TAILQ_FOREACH(c, &s->conns, link) {
+                json_t *data;
+                int fd;
+
+                if (!c->rpc || !c->uncarried || rpc_conn_is_closing(c->rpc))
+                        continue;
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu (uid %u pid %d) closed before the restart: its state "
+                              "(%zu bytes or more) is %s", (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid,
+                              c->carry_bytes, c->uncarried);
+                data = json_pack("{s:s}", "detail", c->uncarried);
+                (void)rpc_conn_send_error(c->rpc, NULL, VHUB_ERR_LIMIT, vhub_error_message(VHUB_ERR_LIMIT), data);
+                json_decref(data);
+                (void)rpc_conn_flush_now(c->rpc);
+                /* the manager's copy of the socket is the same socket: its
+                 * client sees the end now, not when the next process drops
+                 * the group it does not claim */
+                fd = rpc_conn_fd(c->rpc);
+                (void)shutdown(fd, SHUT_RDWR);
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
         }
 }
 

@@ -764,7 +764,8 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 start_draining(c);
                 return;
         }
-        process_lines(c);
+        if (process_lines(c) && c->state == RPC_CONN_OPEN && c->ops && c->ops->on_input)
+                c->ops->on_input(c, c->userdata);
 }
 
 static void resume_cb(evutil_socket_t fd, short what, void *userdata) {

@@ -97,6 +97,10 @@ struct rpc_conn_ops {
          * or closed.  Called from wherever that happens, rpc_conn_send()
          * included: it must only take note, never call back into c. */
         void (*on_fds_dropped)(struct rpc_conn *c, void *userdata);
+        /* Optional.  Bytes were read and every complete line among them
+         * handed over: what rpc_conn_unhandled_input() holds changed (a
+         * partial line grew), though no message came of it. */
+        void (*on_input)(struct rpc_conn *c, void *userdata);
         /* Optional.  A message that an earlier process had read (its line
          * was carried by rpc_conn_restore_input()) declares fds, which
          * stayed behind: msg (a new reference, the callee's) is not handed

@@ -259,8 +259,15 @@ int main(int argc, char **argv) {
         /* used unless socket activation passes the control socket (vhubd_init) */
         m.control_path = m.config.control_path ? strdup(m.config.control_path) : default_control_path();
         opts.control_path = m.control_path;
-        if (vhubd_init(&m.vhubd, m.base, &m.config, &opts) < 0)
+        if (vhubd_init(&m.vhubd, m.base, &m.config, &opts) < 0) {
+                if (m.vhubd.keep_store) {
+                        /* the earlier run's state is in the model: no
+                         * teardown (it would close it for the next try) */
+                        fflush(stderr);
+                        _exit(EXIT_FAILURE);
+                }
                 goto out;
+        }
         if (!vhubd_control_path(&m.vhubd)) {
                 free(m.control_path);   /* inherited: not ours to unlink */
                 m.control_path = NULL;

@@ -3,6 +3,7 @@
  * docs/restart.md. */
 #include <errno.h>
 #include <event2/event.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/kcmp.h>
 #include <poll.h>
@@ -13,6 +14,7 @@
 #include <sys/ioctl.h>
 #include <sys/queue.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -97,8 +99,11 @@ TAILQ_HEAD(fds_queue, fds_msg);
  * stash is compacted -- rebuilt with the members alone, as before -- once
  * it holds STASH_DEAD_MAX dead fds or STASH_APPENDS_MAX appended messages,
  * and by the sweep, STASH_SWEEP_MS after a removal (what a dead fd holds,
- * guest memory, is let go soon); the sweep also closes the writing end of
- * a group unchanged for STASH_IDLE_MS.  Only where every fd's identity key
+ * guest memory, is let go soon); a group unchanged for STASH_IDLE_MS is
+ * settled -- compacted into one message if it was appended to, its
+ * writing end closed -- and a planned restart settles every group
+ * (vhub_fdstore_settle()): a start peeks a stash of one message and pushes
+ * nothing, where one of several is read and stored again.  Only where every fd's identity key
  * is exact (the kernel shows eventfd ids): a restore tells the live
  * members from the dead ones by key, no longer by their order.
  */
@@ -1202,6 +1207,25 @@ static void sync_cb(evutil_socket_t fd, short what, void *userdata) {
         vhub_fdstore_sync(userdata);
 }
 
+/* g stops changing: its stash as one message of its members (a restart
+ * peeks it and pushes nothing; a stash of several messages is read, and so
+ * stored again, by every start), its writing end closed. */
+static void group_settle(struct vhub_fdstore *s, struct fds_group *g) {
+        if (g->appends > 0 || g->dead > 0)
+                group_stash(s, g);
+        group_cool(s, g);
+}
+
+void vhub_fdstore_settle(struct vhub_fdstore *s) {
+        struct fds_group *g;
+
+        if (!vhub_fdstore_enabled(s))
+                return;
+        vhub_fdstore_sync(s);
+        while ((g = TAILQ_FIRST(&s->hot)))
+                group_settle(s, g);
+}
+
 static void sweep_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_fdstore *s = userdata;
         uint64_t now = vhub_now_usec();
@@ -1209,12 +1233,12 @@ static void sweep_cb(evutil_socket_t fd, short what, void *userdata) {
 
         for (g = TAILQ_FIRST(&s->hot); g; g = next) {
                 next = TAILQ_NEXT(g, hot_link);
-                if (g->dead > 0) {
+                if (now - g->changed_usec >= STASH_IDLE_MS * 1000ull && !g->dirty) {
+                        group_settle(s, g);
+                } else if (g->dead > 0) {
                         /* compacted: what the dead fds hold goes now */
                         g->rebuild = true;
                         group_mark_dirty(s, g);
-                } else if (now - g->changed_usec >= STASH_IDLE_MS * 1000ull && !g->dirty) {
-                        group_cool(s, g);
                 }
         }
         vhub_fdstore_sync(s);
@@ -1402,6 +1426,8 @@ struct vhub_fdstore_restore {
         size_t n, cap;
         size_t *index;                  /* open addressing over v, by name; SIZE_MAX = empty */
         size_t n_index;
+        unsigned short_of_fds;          /* groups take_group() had no fd numbers for */
+        char first_short[32];           /* its name (a group name is shorter) */
 };
 
 static int restore_add(struct vhub_fdstore_restore *r, const char *name, int fd, size_t *ret) {
@@ -1711,8 +1737,10 @@ static int stash_read(int stash, int **ret, size_t *ret_n) {
                 if (x == -EAGAIN || x == 0)
                         break;  /* every message read (the writing end is closed: EOF) */
                 if (x < 0 || got.truncated) {
+                        /* room was made for the most a message carries:
+                         * the kernel had no fd numbers left for the rest */
                         vhu_close_many(fds, got.n_fds);
-                        k = x < 0 ? (int)x : -EPROTO;
+                        k = x < 0 ? (int)x : -EMFILE;
                         break;
                 }
                 if (n + got.n_fds > cap) {
@@ -1781,10 +1809,12 @@ static int stash_peek(int stash, int **ret, size_t *ret_n) {
                 n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         v = malloc((n ? n : 1) * sizeof(*v));
         if (!v || (mh.msg_flags & MSG_CTRUNC)) {
+                /* truncated with room for the most a message carries: the
+                 * kernel had no fd numbers left (the message stays queued) */
                 if (n)
                         vhu_close_many((int *)(void *)CMSG_DATA(c), n);
                 free(v);
-                return v ? -EPROTO : -ENOMEM;
+                return v ? -EMFILE : -ENOMEM;
         }
         if (n)
                 memcpy(v, CMSG_DATA(c), n * sizeof(*v));
@@ -1792,6 +1822,50 @@ static int stash_peek(int stash, int **ret, size_t *ret_n) {
         *ret = v;
         *ret_n = n;
         return 0;
+}
+
+/* Fd numbers this process may still open (0 if it cannot even tell). */
+static size_t fds_free(void) {
+        struct rlimit rl;
+        struct dirent *de;
+        size_t open_now = 0;
+        DIR *d;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+                return 0;
+        d = opendir("/proc/self/fd");
+        if (!d)
+                return 0;
+        while ((de = readdir(d)))
+                open_now += de->d_name[0] != '.';
+        closedir(d);
+        return rl.rlim_cur > open_now ? (size_t)(rl.rlim_cur - open_now) : 0;
+}
+
+/* A stash of several messages is emptied as it is read, for the manager
+ * too: read only if every fd it can hold gets a number, else a shortage
+ * half-way through would lose the group. */
+static int stash_read_all_or_nothing(int stash, int **ret, size_t *ret_n) {
+        int queued = 0;
+
+        if (ioctl(stash, SIOCINQ, &queued) < 0)
+                queued = 1;
+        if (fds_free() < (size_t)queued * VHU_SCM_MAX_FDS + 16) {
+                vhu_safe_close(stash);  /* our copy: the manager's keeps the queue */
+                return -EMFILE;
+        }
+        return stash_read(stash, ret, ret_n);
+}
+
+static void note_short_of_fds(struct vhub_fdstore_restore *r, const char *group) {
+        if (r->short_of_fds++ == 0)
+                snprintf(r->first_short, sizeof(r->first_short), "%s", group);
+}
+
+unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r, const char **ret_first) {
+        if (ret_first)
+                *ret_first = r->short_of_fds ? r->first_short : NULL;
+        return r->short_of_fds;
 }
 
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
@@ -1809,9 +1883,11 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
         k = stash_peek(stash, &fds, &n);
         peeked = k == 0;
         if (k == -EAGAIN)
-                k = stash_read(stash, &fds, &n);
+                k = stash_read_all_or_nothing(stash, &fds, &n);
         else if (k < 0)
                 vhu_safe_close(stash);
+        if (k == -EMFILE || k == -ENFILE)
+                note_short_of_fds(r, group);
         if (k < 0)
                 return k;
         m = calloc(n ? n : 1, sizeof(*m));
@@ -1855,10 +1931,11 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         fds = NULL;
                         g->n = g->cap = n;
                         s->n_members += n;
-                        if (!peeked || !e || e->state != ENTRY_STORED) {
-                                group_mark_dirty(s, g);
-                                vhub_fdstore_sync(s);
-                        }
+                        /* this group alone, now: other groups a restore
+                         * changed wait for the loop (a start that gives up
+                         * must not store them, vhub_fdstore_restore_give_up()) */
+                        if (!peeked || !e || e->state != ENTRY_STORED)
+                                group_stash(s, g);
                 }
         }
         free(fds);
@@ -1931,6 +2008,24 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
         }
         restore_free(r);
         return stale;
+}
+
+int vhub_fdstore_restore_give_up(struct vhub_fdstore_restore *r, int timeout_ms) {
+        struct vhub_fdstore *s = r->store;
+        struct fds_group *g;
+
+        vhub_fdstore_restore_abort(r);
+        if (!s)
+                return 0;
+        /* what the restore changed in its groups stays out of the store:
+         * the manager keeps the earlier run's stashes as they were */
+        while ((g = s->dirty)) {
+                s->dirty = g->dirty_next;
+                g->dirty_next = NULL;
+                g->dirty = false;
+        }
+        /* what is queued: the stashes take_group() had to read, stored again */
+        return vhub_fdstore_flush(s, timeout_ms);
 }
 
 void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r) {

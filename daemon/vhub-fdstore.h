@@ -114,6 +114,10 @@ size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group);
 /* Rebuild every changed group's stash now (the loop does it on its own;
  * this is for a commit that must know its fds are stored, and for tests). */
 void vhub_fdstore_sync(struct vhub_fdstore *s);
+/* Sync, then every group's stash as one message of its members (those
+ * appended to compacted), no writing end kept: a planned restart's last
+ * step, so that the next start peeks every stash and pushes nothing. */
+void vhub_fdstore_settle(struct vhub_fdstore *s);
 
 /* What tells a group's fds apart after a restart: (st_dev, st_ino), unique
  * for sockets, memfds, pipes and directories; every eventfd shares one
@@ -184,6 +188,10 @@ struct vhub_fdstore_member {
 };
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n);
+/* How many groups take_group() could not take for want of fd numbers
+ * (EMFILE/ENFILE: their stashes are left as they were), and the first's
+ * name in *ret_first (NULL: none). */
+unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r, const char **ret_first);
 /* A group nobody restores: its fds closed now (what they hold -- a
  * listening socket, a back-end's connection -- goes at once, not whenever
  * the manager gets to the removal) and its name removed from the store.
@@ -196,3 +204,8 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r);
  * nothing, so the stored fds stay for a daemon that can.  Taken fds stay
  * with their takers. */
 void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r);
+/* Give up after part of the state was taken back (the process then ends
+ * without a teardown): as abort, and what the takers changed in their
+ * groups is not stored; only the stashes take_group() had to read (and so
+ * empty) go back to the manager, within timeout_ms. */
+int vhub_fdstore_restore_give_up(struct vhub_fdstore_restore *r, int timeout_ms);

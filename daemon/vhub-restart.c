@@ -344,6 +344,10 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
                             strerror(-k));
         if (v->frontdoor)
                 vhub_frontdoor_restore(v->frontdoor, r);
+        /* connections' groups short of fds: the start fails before the
+         * model acts on anything it restored (vhubd.c) */
+        if (vhub_fdstore_restore_short_of_fds(r, NULL) > 0)
+                return -EMFILE;
         vhub_context_restore_finish(&v->ctx);
         state_free_loaded(rs);
         log_notice("state carried across the restart (restart %llu, down %llu ms): %u VMs, %u devices, "
@@ -414,7 +418,14 @@ void vhub_restart_finish(struct vhubd *v) {
                 control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
+        /* stashes of one message: the next start peeks them, pushes nothing */
+        vhub_fdstore_settle(v->fdstore);
         vhub_commit_all(&v->ctx);
+        /* a connection over what a restart carries was left out of it:
+         * closed now, where its client sees it (its group's removal goes
+         * with the flush) */
+        if (v->control)
+                control_server_close_uncarried(v->control);
         if (vhub_fdstore_flush(v->fdstore, 1000) < 0)
                 log_warning("planned restart: the service manager did not take every stored fd in time");
 }

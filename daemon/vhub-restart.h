@@ -27,7 +27,8 @@ int vhub_restart_load(struct vhubd *v, struct vhub_fdstore_restore *r);
 /* Rebuild the model from what vhub_restart_load() read (before the faces). */
 int vhub_restart_model(struct vhubd *v, struct vhub_fdstore_restore *r);
 /* The faces' part, once they exist: connections carried, then every
- * device's and VM's restore finished. */
+ * device's and VM's restore finished.  -EMFILE, with nothing finished, if
+ * some group could not be taken back for want of fds (the start fails). */
 int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r);
 /* Whether the last start carried a state (daemon.restarted was sent). */
 bool vhub_restart_carried(const struct vhubd *v);
@@ -37,7 +38,8 @@ bool vhub_restart_carried(const struct vhubd *v);
  * flight, write every snapshot, then done() is called: the process exits
  * without closing or telling anyone anything. */
 int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *userdata);
-/* Write every snapshot and hand the store what is queued (the last step). */
+/* Write every snapshot, close the control connections left out of it (over
+ * what a restart carries) and hand the store what is queued (the last step). */
 void vhub_restart_finish(struct vhubd *v);
 /* What the above hold (vhubd_done()). */
 void vhub_restart_free(struct vhubd *v);

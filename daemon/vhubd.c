@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "control-server.h"
 #include "vhub-commit.h"
@@ -63,6 +64,31 @@ static bool name_is_ours(const char *name) {
         return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
 }
 
+/* Some of the state the store kept could not be taken back for want of fd
+ * numbers (RLIMIT_NOFILE lower than what the earlier run held, e.g. a
+ * lower LimitNOFILE= after an upgrade): going on would lose those VMs'
+ * devices and connections for good.  So the start fails, saying why, with
+ * the store as it was (what was re-stored already is flushed to it), and
+ * Restart=on-failure tries again -- with the limit raised, everything comes
+ * back.  -EMFILE if so (v->keep_store set), else 0. */
+static int restore_short_of_fds(struct vhubd *v, struct vhub_fdstore_restore *r) {
+        const char *first = NULL;
+        unsigned n = vhub_fdstore_restore_short_of_fds(r, &first);
+        struct rlimit rl = { 0 };
+
+        if (n == 0)
+                return 0;
+        (void)getrlimit(RLIMIT_NOFILE, &rl);
+        log_error("cannot restore the state of the earlier run: out of fds (RLIMIT_NOFILE %llu) -- %u fd-store "
+                  "groups could not be taken back (the first: %s); the stored fds are kept for the next start: "
+                  "raise LimitNOFILE= (or the hard limit) above what the earlier run held",
+                  (unsigned long long)rl.rlim_cur, n, first ? first : "?");
+        if (vhub_fdstore_restore_give_up(r, VHUBD_FDSTORE_FLUSH_MS) < 0)
+                log_warning("the fd store did not take every group stored again before exit");
+        v->keep_store = true;
+        return -EMFILE;
+}
+
 /*
  * What the service manager passed (LISTEN_FDS/LISTEN_FDNAMES): the control
  * socket of socket activation ("control", or the only fd a socket unit
@@ -121,6 +147,11 @@ static int take_passed_fds(struct vhubd *v, struct vhub_fdstore_restore **ret_r,
                 k = vhub_restart_model(v, r);
                 if (k < 0) {
                         vhub_fdstore_restore_abort(r);
+                        return k;
+                }
+                k = restore_short_of_fds(v, r);
+                if (k < 0) {
+                        *ret_listener = vhu_safe_close(*ret_listener);
                         return k;
                 }
                 *ret_r = r;
@@ -205,12 +236,18 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
         if (r < 0) {
                 log_error("cannot set up the control socket %s: %s",
                           co.listen_fd < 0 ? o->control_path : "(inherited)", strerror(-r));
-                if (restore)
-                        vhub_fdstore_restore_abort(restore);
+                if (restore) {
+                        /* the model holds the earlier run's state: a
+                         * teardown would close it for good */
+                        (void)vhub_fdstore_restore_give_up(restore, VHUBD_FDSTORE_FLUSH_MS);
+                        v->keep_store = true;
+                }
                 return r;
         }
         if (restore) {
-                vhub_restart_faces(v, restore);
+                r = vhub_restart_faces(v, restore);
+                if (r == -EMFILE)
+                        return restore_short_of_fds(v, restore);
                 r = vhub_fdstore_restore_finish(restore);
                 if (r > 0)
                         log_info("%d fds the service manager kept were stale (nothing names them): closed", r);

@@ -31,6 +31,9 @@ struct vhubd {
         struct vhub_snap_file snap;      /* the daemon's snapshot ("S"), fd -1 until written */
         struct vhub_restart_state *restart; /* vhub-restart.c's: what a start read, a planned
                                              * restart's progress */
+        bool keep_store;                 /* a start that took state back failed: exit
+                                          * without tearing anything down (the store
+                                          * keeps it all for the next try) */
 };
 
 struct vhubd_options {
@@ -42,7 +45,9 @@ struct vhubd_options {
 /* Build the model and its faces on base with config (both borrowed, they
  * outlive v): the fd store (unless --no-fd-store; what it kept of an
  * earlier run is closed), the context, the front door, the control socket.  Logs what
- * failed; -errno then, and vhubd_done() cleans up. */
+ * failed; -errno then, and vhubd_done() cleans up -- unless v->keep_store:
+ * then the process must end without it (_exit), since a teardown would
+ * close what the earlier run left in the store. */
 int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *config,
                const struct vhubd_options *o);
 /* Stop taking requests: every face closes its listening sockets and its

@@ -225,6 +225,10 @@ def part_credentials(t):
     agent.call("device.add", {"vm": "t", "device": "u", "socket": usock, "reconnect_ms": 20})
     check_eq(user_tb.connections(0), 1, "uid %d's device is connected to its own back-end" % USER)
 
+    # root owns the VM: its device.added comes to root's connection, which
+    # may be after the agent's answer (it was the first message after the
+    # restart once, under load)
+    root.wait_event(lambda e: e.get("event") == "device.added" and e.get("device") == "u", 10)
     root.events()
     check_eq(m.restart(), 0, "the old vhubd exits 0")
     ev = root.wait_event(None, 10)

@@ -1,0 +1,165 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * What a restart may carry of the control connections (docs/restart.md,
+ * "What a restart carries"): every connection's record (its unhandled
+ * input, its batches' and calls' ids, its subscriptions and, at a planned
+ * restart, its unwritten output) goes into the daemon's snapshot, one
+ * document of at most VHUB_SNAP_MAX_SIZE.  Without a bound, one uid's
+ * connections (each a line of up to --max-line-bytes, 4 MiB of output)
+ * would make the document too big to write, and the next process would
+ * take an older one back: everyone's carried state lost for one uid.
+ *
+ * So the records are budgeted as the daemon budgets connections and fds:
+ *
+ *   guaranteed  every connection's record up to CARRY_GUARANTEED bytes
+ *               always fits (what an ordinary connection carries), so no
+ *               uid can take that from another
+ *   pool        what is left of CARRY_TOTAL, for records above that, of
+ *               which one non-root uid may use a quarter and non-root uids
+ *               together all but root's quarter
+ *   per record  at most CARRY_CONN_MAX
+ *
+ * A record over its bound is left out of the snapshot: at a planned
+ * restart its connection is closed before the process exits (its client
+ * sees it end); at a crash the next process closes it (nothing claims its
+ * socket).  Since each connection's record is a snapshot file of its own
+ * (format 2), the budget is kept as records are written: a record gives
+ * back what it was counted before it is counted again (first come, first
+ * carried), and when its connection closes.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "control-internal.h"
+#include "vhub-snapshot.h"
+
+/* Room for the rest of the daemon's document, which is small (counters). */
+#define CARRY_TOTAL             (VHUB_SNAP_MAX_SIZE / 4 * 3)
+/* Ids, subscriptions, a partial line of an ordinary request. */
+#define CARRY_GUARANTEED        (64u << 10)
+/* A line at the default bound and the whole output bound, with room. */
+#define CARRY_CONN_MAX          (8u << 20)
+
+struct carry_uid {
+        uid_t uid;
+        size_t used;
+};
+
+struct control_carry {
+        size_t guaranteed;      /* per record, always */
+        size_t per_uid;         /* of the pool: one non-root uid */
+        size_t non_root;        /* of the pool: every non-root uid */
+        size_t pool;
+        size_t used_root, used_non_root;
+        struct carry_uid *uids; /* non-root uids' use of the pool */
+        size_t n_uids, cap_uids;
+};
+
+struct control_carry *control_carry_new(const struct control_server *s) {
+        struct control_carry *b = calloc(1, sizeof(*b));
+        size_t conns = s->opts.max_connections > s->n_conns ? s->opts.max_connections : s->n_conns;
+
+        if (!b)
+                return NULL;
+        if (conns == 0)
+                conns = 1;
+        /* at most a third of the total is guaranteed, the rest pooled */
+        b->guaranteed = CARRY_TOTAL / 3 / conns;
+        if (b->guaranteed > CARRY_GUARANTEED)
+                b->guaranteed = CARRY_GUARANTEED;
+        b->pool = CARRY_TOTAL - b->guaranteed * conns;
+        b->per_uid = b->pool / 4;
+        b->non_root = b->pool - b->per_uid;
+        return b;
+}
+
+void control_carry_free(struct control_carry *b) {
+        if (!b)
+                return;
+        free(b->uids);
+        free(b);
+}
+
+static struct carry_uid *uid_usage(struct control_carry *b, uid_t uid) {
+        struct carry_uid *u;
+
+        for (size_t i = 0; i < b->n_uids; i++)
+                if (b->uids[i].uid == uid)
+                        return &b->uids[i];
+        if (b->n_uids == b->cap_uids) {
+                size_t cap = b->cap_uids ? b->cap_uids * 2 : 8;
+
+                u = reallocarray(b->uids, cap, sizeof(*u));
+                if (!u)
+                        return NULL;
+                b->uids = u;
+                b->cap_uids = cap;
+        }
+        u = &b->uids[b->n_uids++];
+        *u = (struct carry_uid){ .uid = uid };
+        return u;
+}
+
+/* Why a record of n bytes of uid's does not fit (NULL: it does); *ret_u:
+ * uid's use of the pool (NULL for root, or a record within its guarantee). */
+static const char *carry_check(struct control_carry *b, uid_t uid, size_t n, size_t extra,
+                               struct carry_uid **ret_u) {
+        struct carry_uid *u;
+
+        *ret_u = NULL;
+        if (n > CARRY_CONN_MAX)
+                return "over what a restart carries of one connection";
+        if (extra == 0)
+                return NULL;
+        if (uid == 0)
+                return b->used_root + b->used_non_root + extra > b->pool
+                               ? "over what a restart carries of all connections" : NULL;
+        u = uid_usage(b, uid);
+        if (!u)
+                return "over what a restart carries (out of memory counting it)";
+        *ret_u = u;
+        if (u->used + extra > b->per_uid)
+                return "over what a restart carries of one uid's connections";
+        if (b->used_non_root + extra > b->non_root || b->used_root + b->used_non_root + extra > b->pool)
+                return "over what a restart carries of non-root uids' connections";
+        return NULL;
+}
+
+const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n) {
+        struct carry_uid *u;
+
+        return carry_check(b, uid, n, n > b->guaranteed ? n - b->guaranteed : 0, &u);
+}
+
+void control_carry_release(struct control_carry *b, uid_t uid, size_t n) {
+        struct carry_uid *u;
+        size_t extra;
+
+        if (!b || n <= b->guaranteed)
+                return;
+        extra = n - b->guaranteed;
+        if (uid == 0) {
+                b->used_root -= extra;
+                return;
+        }
+        u = uid_usage(b, uid);  /* there: it was counted */
+        if (u)
+                u->used -= extra;
+        b->used_non_root -= extra;
+}
+
+const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n) {
+        size_t extra = n > b->guaranteed ? n - b->guaranteed : 0;
+        struct carry_uid *u;
+        const char *why = carry_check(b, uid, n, extra, &u);
+
+        if (why || extra == 0)
+                return why;
+        if (uid == 0) {
+                b->used_root += extra;
+        } else {
+                u->used += extra;
+                b->used_non_root += extra;
+        }
+        return NULL;
+}
