@@ -75,6 +75,8 @@ enum {
         /* added within format 1 (an older reader skips it) */
         D_CRED,                 /* nest: whose rights it acts with (vhub_snap_put_cred()) */
         D_CHAN_WAIT,            /* bytes: a back-end request waiting for the VMM (chan_wait_put()) */
+        D_VMM_SESSION,          /* nest: a front-door VMM's session carried whole
+                                 * (vhub-device-vmm-snapshot.c); not critical */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
@@ -297,6 +299,8 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         put_u64_array(w, D_SHADOW, d->shadow, d->n_shadow);
         vhub_snap_put_bool(w, D_MEM_SYNCED, d->mem_synced);
         chan_wait_put(d, w);
+        if (d->vmm)
+                (void)vmm_carry_put(d, w, D_VMM_SESSION);
         vhub_snap_begin(w, D_STATS);
         vhub_snap_put_u64(w, ST_REQUESTS, d->stats.requests);
         vhub_snap_put_u64(w, ST_REPLIES, d->stats.replies);
@@ -523,6 +527,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                 case D_RING:
                 case D_STATS:
                 case D_CHAN_WAIT:
+                case D_VMM_SESSION:
                         break;  /* below */
                 default: r = vhub_snap_unknown(&x); break;
                 }
@@ -546,8 +551,9 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         struct vhub_backend_listener *l = NULL;
         struct vhub_fd_claim claim;
         struct vhub_snap_iter again;
-        struct vhub_snap_rec x;
+        struct vhub_snap_rec x, vmm_rec;
         struct vhub_device *d;
+        bool vmm_carried = false;
         int sock = -1, chan = -1, listen = -1, k;
 
         *ret = NULL;
@@ -624,6 +630,21 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 device_fd_track(d, d->vrings[i].err_fd, "ring%u.err", i);
         }
         device_fd_track(d, d->inflight_fd, "inflight");
+        /* a front-door VMM's session carried whole: its records' fds are the
+         * device's group's (the face takes its own below) */
+        if (k >= 0 && d->face == VHUB_FACE_FRONT_DOOR && d->handshaken && !rec.removing &&
+            d->state != VHUB_DEV_CONNECTING) {
+                again = *it;
+                while (!vmm_carried && vhub_snap_next(&again, &x) > 0)
+                        if (x.tag == D_VMM_SESSION) {
+                                vmm_rec = x;
+                                vmm_carried = vmm_session_restore(d, false) >= 0 &&
+                                              vmm_carry_restore(d, &claim, &vmm_rec) >= 0;
+                                if (!vmm_carried)
+                                        device_log(d, LOG_WARNING, NULL, "its VMM's session record cannot "
+                                                   "be read: the VMM's connection closes");
+                        }
+        }
         vhub_fd_claim_close(&claim);
 
         vhub_vm_link_device(vm, d);
@@ -637,10 +658,14 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         }
         if (k < 0 && !*why)
                 *why = "a device's link could not be made again";
-        /* a front-door device: its VMM's session is not carried (vmm_session_restore()) */
+        /* a front-door device: its VMM's session, carried or not (vmm_session_restore()) */
         if (k >= 0 && d->handshaken && !rec.removing && d->state != VHUB_DEV_CONNECTING &&
             d->face == VHUB_FACE_FRONT_DOOR && (k = vmm_session_restore(d, rec.vmm_connected)) < 0)
                 *why = "out of memory restoring a front-door device";
+        if (k >= 0 && vmm_carried && d->vmm && vmm_carry_adopt(d, r, &vmm_rec) < 0) {
+                device_log(d, LOG_WARNING, NULL, "its VMM's connection could not be taken back: it closes");
+                d->vmm->had_vmm = rec.vmm_connected;
+        }
         /* a device.add or device.remove in flight: its call is answered
          * -32011, and the device goes (its connection closes) */
         if (k < 0 || !d->handshaken || rec.removing || d->state == VHUB_DEV_CONNECTING) {

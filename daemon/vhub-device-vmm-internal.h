@@ -93,15 +93,38 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err);
 int vmm_open(struct vhub_device *d, struct vhub_error *err);
 void vmm_session_free(struct vhub_device *d);
 /*
- * A daemon restart (docs/restart.md): a front-door device's VMM session is
- * not carried -- its connection, channel and socket (group f<id>) are
- * closed as stale, and the VMM (QEMU with reconnect=1) comes back.  Restore
- * makes the session empty; restore_finish (from vhub_device_restore_finish())
- * makes the socket again from the loop, says the VMM left, and renews the
- * back-end's link as when a VMM leaves.  true: the link is dealt with.
+ * A daemon restart (docs/restart.md, "Front-door devices"): a session a
+ * planned restart left at rest is carried whole (vmm_carry_restore(),
+ * vmm_carry_adopt() below).  Any other -- every crash -- is not: its
+ * connection, channel and socket (group f<id>) are closed as stale, and
+ * the VMM (QEMU with reconnect=1) comes back.  Restore makes the session
+ * (empty unless carried; had_vmm: a VMM was connected and is not carried);
+ * restore_finish (from vhub_device_restore_finish()) then makes the socket
+ * again from the loop, says the VMM left, and renews the back-end's link as
+ * when a VMM leaves -- nothing for a carried session.  true: the link is
+ * dealt with.
  */
 int vmm_session_restore(struct vhub_device *d, bool had_vmm);
 bool vmm_restore_finish(struct vhub_device *d);
+/* Whose files the socket and its directories are (the VM's uid). */
+int vmm_owner(const struct vhub_vm *vm, struct vhub_cred *ret);
+
+/* vhub-device-vmm-snapshot.c: a VMM session carried across a planned
+ * restart (docs/restart.md, "Front-door devices") */
+struct vhub_fd_claim;
+struct vhub_fdstore_restore;
+struct vhub_snap_rec;
+struct vhub_snap_writer;
+/* Write the session as record tag when it can be carried whole (the face
+ * says it is at rest); false: nothing written. */
+bool vmm_carry_put(const struct vhub_device *d, struct vhub_snap_writer *w, uint32_t tag);
+/* The records from rec, their fds claimed from the device's group (the
+ * session exists, empty).  < 0: the records are cleared, not carried. */
+int vmm_carry_restore(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec);
+/* The face takes its socket and the VMM's connection back (vhub_vmm_door.adopt)
+ * once the device is in its VM; the VMM is connected again.  < 0: the
+ * records are cleared, and the VMM's connection closes as after a crash. */
+int vmm_carry_adopt(struct vhub_device *d, struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec);
 unsigned vmm_fds_held(const struct vhub_device *d);
 /* The records' fds, each tracked as the device's (group d<id>, names
  * dev/<uid>/<vm>/<dev>/vmm/...): fd is taken (-1: none), the old one closed. */

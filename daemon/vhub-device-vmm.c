@@ -124,7 +124,7 @@ int vmm_session_new(struct vhub_device *d, struct vhub_error *err) {
  * made for another uid has root's credentials: that uid with its primary
  * group then (the directories are 0700 and the socket 0600, so the group
  * grants nothing). */
-static int vmm_owner(const struct vhub_vm *vm, struct vhub_cred *ret) {
+int vmm_owner(const struct vhub_vm *vm, struct vhub_cred *ret) {
         struct passwd pw, *found = NULL;
         char buf[1024];
 
@@ -270,9 +270,10 @@ unsigned vmm_fds_held(const struct vhub_device *d) {
 /* ---- a restart of the daemon ---- */
 
 int vmm_session_restore(struct vhub_device *d, bool had_vmm) {
-        if (session_alloc(d) < 0 || rings_alloc(d) < 0)
+        if ((!d->vmm && session_alloc(d) < 0) || rings_alloc(d) < 0)
                 return -ENOMEM; /* the session (if any) goes with the device */
-        d->vmm->had_vmm = had_vmm;
+        /* a session carried whole (vmm_carry_adopt()) is no VMM that left */
+        d->vmm->had_vmm = had_vmm && !d->vmm->face;
         return 0;
 }
 
@@ -295,6 +296,10 @@ bool vmm_restore_finish(struct vhub_device *d) {
         struct vhub_device_vmm *s = d->vmm;
         struct timeval now = { 0, 0 };
 
+        /* its VMM's session came back whole: the device goes on as any
+         * carried device (an outage or a loss then replays the records) */
+        if (s->face)
+                return false;
         evtimer_add(s->ev_reopen, &now);
         if (s->had_vmm) {
                 s->had_vmm = false;
@@ -322,6 +327,15 @@ static void vmm_emit(struct vhub_device *d, enum vhub_event_type type) {
         struct vhub_event ev = { .type = type, .vm = d->vm, .device = d->name };
 
         vhub_context_emit(d->vm->ctx, &ev);
+}
+
+void vhub_device_vmm_changed(struct vhub_device *d) {
+        vhub_changed(d->vm->ctx, d->vm);
+}
+
+void vhub_device_vmm_commit_now(struct vhub_device *d) {
+        vhub_changed(d->vm->ctx, d->vm);
+        vhub_commit_now(d->vm->ctx);
 }
 
 void vhub_device_vmm_fds_changed(struct vhub_device *d) {

@@ -32,6 +32,9 @@
 
 struct vhub_context;
 struct vhub_device;
+struct vhub_fdstore_restore;
+struct vhub_snap_rec;
+struct vhub_snap_writer;
 
 /* What the model asks of one device's front door (the face's object). */
 struct vhub_vmm_face_ops {
@@ -50,6 +53,16 @@ struct vhub_vmm_face_ops {
          * connection and channel, what they queue): the fd budget counts
          * them as the VM's uid's. */
         unsigned (*fds_held)(const void *face);
+        /*
+         * A restart of the daemon (docs/restart.md, "Front-door devices"):
+         * whether the VMM's session can be carried whole -- the VMM is read
+         * no more (a planned restart), every request of it answered and
+         * sent, nothing half-read, nothing awaited on its channel -- and
+         * then save writes what the face needs to take it back (its fds by
+         * key, what the VMM negotiated with it) for vhub_vmm_door.adopt.
+         */
+        bool (*at_rest)(void *face);
+        void (*save)(void *face, struct vhub_snap_writer *w);
 };
 
 /* The front door, as the composition root registers it. */
@@ -64,6 +77,16 @@ struct vhub_vmm_door {
         int (*open)(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
                     struct vhub_error *err, void **ret_face, const struct vhub_vmm_face_ops **ret_ops,
                     char **ret_path);
+        /*
+         * A restart carried d's VMM session: take back the socket, listener,
+         * the VMM's connection and channel from the fd-store group f<device
+         * id> in r, as rec (what face_ops.save wrote) names them, and go on
+         * reading the VMM.  Same returns as open; on failure nothing of the
+         * group is kept.
+         */
+        int (*adopt)(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
+                     struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec, void **ret_face,
+                     const struct vhub_vmm_face_ops **ret_ops, char **ret_path);
         void *userdata;
 };
 
@@ -73,6 +96,12 @@ void vhub_context_set_vmm_door(struct vhub_context *ctx, const struct vhub_vmm_d
 /* What the face holds for d changed (its socket, the VMM's connection and
  * channel, what they queue): the fd budget counts d's VM again. */
 void vhub_device_vmm_fds_changed(struct vhub_device *d);
+/* The VMM's session may be at rest again (every request answered): d's VM
+ * is written again, so that a crash can carry the session. */
+void vhub_device_vmm_changed(struct vhub_device *d);
+/* Write d's VM's snapshot now (the face is about to take bytes from the
+ * VMM, and the last one says the session is at rest). */
+void vhub_device_vmm_commit_now(struct vhub_device *d);
 /* A VMM connected to d's socket (a new session): device.vmm_connected. */
 void vhub_device_vmm_connected(struct vhub_device *d);
 /*

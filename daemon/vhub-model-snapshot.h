@@ -29,6 +29,17 @@ int vhub_snap_get_groups(const struct vhub_snap_rec *rec, struct vhub_cred *c);
 void vhub_snap_put_cred(struct vhub_snap_writer *w, uint32_t tag, const struct vhub_cred *c);
 int vhub_snap_get_cred(const struct vhub_snap_rec *rec, struct vhub_cred *ret);
 
+/* A memory region as a nest record (the VM's regions, a front-door VMM's:
+ * vhub-vm-snapshot.c): its fd by its key in group.  The reader fills *ret,
+ * its fd claimed from claim (-ENOENT there when it did not come back: the
+ * caller decides); -EBADMSG for a region without id or size. */
+struct vhub_fd_claim;
+struct vhub_fdstore;
+struct vhub_region;
+void vhub_snap_put_region(struct vhub_snap_writer *w, uint32_t tag, const struct vhub_fdstore *s,
+                          const char *group, const struct vhub_region *r);
+int vhub_snap_get_region(const struct vhub_snap_rec *rec, struct vhub_fd_claim *claim, struct vhub_region *ret);
+
 int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w);
 /* Rebuild the VM of doc (read from its snapshot file, whose fd snap_fd is
  * taken in every case), claiming its fds from r.  No back-end hears of

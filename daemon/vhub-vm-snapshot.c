@@ -9,11 +9,13 @@
  */
 #include <errno.h>
 #include <event2/event.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "vhub-context.h"
+#include "vhub-device-vmm-internal.h"
 #include "vhub-device.h"
 #include "vhub-fd-claim.h"
 #include "vhub-log.h"
@@ -74,19 +76,8 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
         }
         vhub_snap_put_bool(w, VM_DESTROYING, vm->destroying);
         vhub_snap_put_u32(w, VM_POSTCOPY, vm->postcopy);
-        for (size_t i = 0; i < vm->mem.n; i++) {
-                const struct vhub_region *r = &vm->mem.regions[i];
-
-                vhub_snap_begin(w, VM_REGION);
-                vhub_snap_put_u64(w, RG_ID, r->id);
-                vhub_snap_put_u64(w, RG_GPA, r->gpa);
-                vhub_snap_put_u64(w, RG_SIZE, r->size);
-                vhub_snap_put_u64(w, RG_OFFSET, r->offset);
-                vhub_snap_put_u64(w, RG_UADDR, r->uaddr);
-                vhub_snap_put_u64(w, RG_PAGE_SIZE, r->page_size);
-                vhub_snap_put_fd(w, RG_FD, s, vm->fd_group, r->fd);
-                vhub_snap_end(w);
-        }
+        for (size_t i = 0; i < vm->mem.n; i++)
+                vhub_snap_put_region(w, VM_REGION, s, vm->fd_group, &vm->mem.regions[i]);
         if (vm->logging && vm->log_fd >= 0) {
                 vhub_snap_begin(w, VM_LOG);
                 vhub_snap_put_u64(w, LG_SIZE, vm->log_size);
@@ -114,30 +105,59 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
 
 /* ---- restore ---- */
 
-static int read_region(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
-        struct vhub_region reg = { .fd = -1 };
+/* Every field of a region record but RG_FD is a u64 of struct vhub_region:
+ * where, by tag (RG_ID .. RG_PAGE_SIZE). */
+static const size_t region_u64[] = {
+        [RG_ID] = offsetof(struct vhub_region, id),
+        [RG_GPA] = offsetof(struct vhub_region, gpa),
+        [RG_SIZE] = offsetof(struct vhub_region, size),
+        [RG_OFFSET] = offsetof(struct vhub_region, offset),
+        [RG_UADDR] = offsetof(struct vhub_region, uaddr),
+        [RG_PAGE_SIZE] = offsetof(struct vhub_region, page_size),
+};
+
+void vhub_snap_put_region(struct vhub_snap_writer *w, uint32_t tag, const struct vhub_fdstore *s,
+                          const char *group, const struct vhub_region *r) {
+        vhub_snap_begin(w, tag);
+        for (uint32_t t = RG_ID; t <= RG_PAGE_SIZE; t++) {
+                uint64_t v;
+
+                memcpy(&v, (const char *)r + region_u64[t], sizeof(v));
+                vhub_snap_put_u64(w, t, v);
+        }
+        vhub_snap_put_fd(w, RG_FD, s, group, r->fd);
+        vhub_snap_end(w);
+}
+
+int vhub_snap_get_region(const struct vhub_snap_rec *rec, struct vhub_fd_claim *claim, struct vhub_region *ret) {
         struct vhub_fd_key key = { 0 };
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
         int r = vhub_snap_enter(rec, &it);
 
+        *ret = (struct vhub_region){ .fd = -1 };
         while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case RG_ID: r = vhub_snap_get_u64(&x, &reg.id); break;
-                case RG_GPA: r = vhub_snap_get_u64(&x, &reg.gpa); break;
-                case RG_SIZE: r = vhub_snap_get_u64(&x, &reg.size); break;
-                case RG_OFFSET: r = vhub_snap_get_u64(&x, &reg.offset); break;
-                case RG_UADDR: r = vhub_snap_get_u64(&x, &reg.uaddr); break;
-                case RG_PAGE_SIZE: r = vhub_snap_get_u64(&x, &reg.page_size); break;
-                case RG_FD: r = vhub_snap_get_key(&x, &key); break;
-                default: r = vhub_snap_unknown(&x); break;
-                }
+                if (x.tag >= RG_ID && x.tag <= RG_PAGE_SIZE)
+                        r = vhub_snap_get_u64(&x, (uint64_t *)((char *)ret + region_u64[x.tag]));
+                else if (x.tag == RG_FD)
+                        r = vhub_snap_get_key(&x, &key);
+                else
+                        r = vhub_snap_unknown(&x);
         }
         if (r < 0)
                 return r;
-        if (!reg.id || !reg.size)
+        if (!ret->id || !ret->size)
                 return -EBADMSG;
-        reg.fd = vhub_fd_claim(claim, &key);
+        ret->fd = vhub_fd_claim(claim, &key);
+        return 0;
+}
+
+static int read_region(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
+        struct vhub_region reg;
+        int r = vhub_snap_get_region(rec, claim, &reg);
+
+        if (r < 0)
+                return r;
         if (reg.fd < 0) {
                 vhub_log_vm(LOG_WARNING, vm, "region %llu: its fd was not passed back: the region is gone",
                             (unsigned long long)reg.id);
@@ -358,9 +378,11 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 struct vhub_device *d;
 
                 /* a back-end out of line with the table is restored as lost:
-                 * the restore's handshake syncs it to the table */
+                 * the restore's handshake syncs it to the table (a front-door
+                 * device's is its VMM's, empty unless its session was carried) */
                 TAILQ_FOREACH(d, &vm->devices, link)
-                        if (d->mem_synced && d->conn && !vhub_device_shadow_is(d, &vm->mem))
+                        if (d->mem_synced && d->conn &&
+                            !vhub_device_shadow_is(d, d->vmm ? &d->vmm->mem : &vm->mem))
                                 d->restore_lost = true;
         }
         if (k < 0) {
@@ -399,9 +421,9 @@ void vhub_vm_restore_finish(struct vhub_vm *vm) {
                 evtimer_add(vm->linger_timer, &tv);
                 vm->linger_deadline_usec = vhub_now_usec() + vm->restore_linger_left_ms * 1000;
         } else if (!vm->owner && vm->linger_ms > 0 && vm->vmm_holds == 0) {
-                /* held by a front-door VMM, whose session is not carried
-                 * (docs/front-door.md): it lingers from now, or until the
-                 * VMM comes back */
+                /* held by a front-door VMM whose session was not carried
+                 * (a crash: docs/front-door.md): it lingers from now, or
+                 * until the VMM comes back; a carried VMM holds it still */
                 vhub_vm_vmm_hold(vm);
                 vhub_vm_vmm_release(vm);
         }

@@ -76,6 +76,28 @@ static int door_open(void *userdata, struct vhub_device *d, const struct vhub_cr
         return 0;
 }
 
+/* A restart carried d's VMM session (vhub_vmm_door.adopt). */
+static int door_adopt(void *userdata, struct vhub_device *d, const struct vhub_cred *owner,
+                      struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec, void **ret_face,
+                      const struct vhub_vmm_face_ops **ret_ops, char **ret_path) {
+        struct vhub_frontdoor *f = userdata;
+        const struct vhub_vmm_device_limits limits = { .backend_timeout_ms = f->backend_timeout_ms };
+        struct vhub_vmm_device *vd;
+        int k;
+
+        k = vhub_frontdoor_open_dir(f);
+        if (k < 0) {
+                log_error("front door: --vmm-dir %s: %s", f->vmm_dir_path, strerror(-k));
+                return k;
+        }
+        k = vhub_vmm_device_adopt(f->ctx, &f->devices, d, f->vmm_dir, owner, r, rec, &limits, &vd, ret_ops,
+                                  ret_path);
+        if (k < 0)
+                return k;
+        *ret_face = vd;
+        return 0;
+}
+
 int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_options *o,
                        struct vhub_frontdoor **ret) {
         struct vhub_frontdoor *f = calloc(1, sizeof(*f));
@@ -90,7 +112,7 @@ int vhub_frontdoor_new(struct vhub_context *ctx, const struct vhub_frontdoor_opt
                 return -ENOMEM;
         }
         TAILQ_INIT(&f->devices);
-        f->door = (struct vhub_vmm_door){ .open = door_open, .userdata = f };
+        f->door = (struct vhub_vmm_door){ .open = door_open, .adopt = door_adopt, .userdata = f };
         vhub_context_set_vmm_door(ctx, &f->door);
         *ret = f;
         return 0;
@@ -107,11 +129,13 @@ void vhub_frontdoor_restore(struct vhub_frontdoor *f, struct vhub_fdstore_restor
         const char *name;
         char group[VHUB_FD_GROUP_MAX];
 
-        (void)f;
         for (size_t i = 0; (name = vhub_fdstore_restore_name(r, i)); i++) {
                 if (name[0] != VHUB_FD_GROUP_FRONTDOOR || name[1] == '\0')
                         continue;
                 snprintf(group, sizeof(group), "%s", name);
+                /* a session carried whole: its device took the group back */
+                if (vhub_vmm_device_list_has_group(&f->devices, group))
+                        continue;
                 if (vhub_fdstore_drop_group(r, group) == 0)
                         log_info("front door: group %s of the earlier run closed (its VMM reconnects)", group);
         }

@@ -32,16 +32,17 @@ int vhub_frontdoor_open_dir(struct vhub_frontdoor *f);
  * start) and each device's (vhub_vmm_device_foreach_fd()). */
 void vhub_frontdoor_foreach_fd(const struct vhub_frontdoor *f, const struct vhub_fd_visitor *v);
 /*
- * A start that carries an earlier run's state (docs/restart.md): the front
- * door carries nothing of it -- its VMMs' sessions are not in the
- * snapshots -- so every group of its (f<device id>: a socket's directories,
- * its listener, the VMM's connection and channel) is closed now, its
- * listener with it, and the VMMs see their connections close.  The model
- * makes each front-door device's socket again (vmm_restore_finish()).
+ * A start that carries an earlier run's state (docs/restart.md): a device
+ * whose VMM's session the snapshot carried whole (a planned restart) took
+ * its group back already (vhub_vmm_door.adopt, from the model's restore).
+ * Every other group of the front door's (f<device id>: a socket's
+ * directories, its listener, the VMM's connection and channel) is closed
+ * now, and those VMMs see their connections close; the model makes each
+ * such device's socket again (vmm_restore_finish()).
  */
 void vhub_frontdoor_restore(struct vhub_frontdoor *f, struct vhub_fdstore_restore *r);
-/* A planned restart: no more VMM requests are read (the VMMs' sessions are
- * not carried: the next process closes their connections). */
+/* A planned restart: no more VMM requests are read, and none that connects
+ * later: a session at rest then is carried (vhub_vmm_face_ops.at_rest). */
 void vhub_frontdoor_pause(struct vhub_frontdoor *f);
 /* Shutdown: every device's listener and VMM connection close (the model
  * hears that each VMM left). */

@@ -249,6 +249,10 @@ int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, 
         return expects ? 1 : 0;
 }
 
+bool vhub_vmm_channel_at_rest(const struct vhub_vmm_channel *ch) {
+        return vmm_stream_at_rest(&ch->stream) && ch->count == 0 && !ch->free_requested;
+}
+
 unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch) {
         return ch->count;
 }

@@ -63,6 +63,8 @@ void vhub_vmm_channel_set_protocol_features(struct vhub_vmm_channel *ch, uint64_
  * lost.
  */
 int vhub_vmm_channel_send(struct vhub_vmm_channel *ch, const struct vhu_msg *m, uint32_t tag);
+/* No reply awaited, nothing half-read or queued: a restart can carry it. */
+bool vhub_vmm_channel_at_rest(const struct vhub_vmm_channel *ch);
 unsigned vhub_vmm_channel_awaiting(const struct vhub_vmm_channel *ch);
 bool vhub_vmm_channel_is_lost(const struct vhub_vmm_channel *ch);
 /* Every fd it holds: the socket (what NULL), "in", "out" (vmm-stream). */

@@ -188,6 +188,7 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
 
 static void conn_on_readable(void *owner) {
         struct vhub_vmm_conn *c = owner;
+        bool told = false;
 
         for (int budget = CONN_READ_BUDGET; budget > 0; budget--) {
                 struct vhu_msg m;
@@ -199,6 +200,12 @@ static void conn_on_readable(void *owner) {
                         /* back-pressure: the VMM waits for its answers */
                         vmm_stream_set_reading(&c->stream, false);
                         break;
+                }
+                if (!told && c->ops->on_before_read) {
+                        told = true;
+                        c->ops->on_before_read(c->userdata);
+                        if (c->stream.lost || c->free_requested)
+                                break;
                 }
                 vhu_msg_init(&m);
                 r = vhu_reader_read(&c->stream.reader, c->stream.fd, &m);
@@ -289,6 +296,18 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         }
         conn_free_now(c);
         return NULL;
+}
+
+bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c) {
+        return vmm_stream_at_rest(&c->stream) && c->count == 0 && !c->free_requested;
+}
+
+int vhub_vmm_conn_resume(struct vhub_vmm_conn *c, uint64_t acked) {
+        /* the rules SET_PROTOCOL_FEATURES met when the VMM sent it */
+        if ((acked & ~c->offered_pf) || vhu_protocol_features_consistent(acked) != acked)
+                return -EPROTO;
+        c->pf = acked;
+        return 0;
 }
 
 void vhub_vmm_conn_offer_protocol_features(struct vhub_vmm_conn *c, uint64_t offer) {

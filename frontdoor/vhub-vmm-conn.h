@@ -70,6 +70,10 @@ struct vhub_vmm_conn_ops {
         /* Optional: the fds it holds (a message half-read, dups of answers
          * waiting to go) changed; only take note. */
         void (*on_fds_changed)(void *userdata);
+        /* Optional: bytes are about to be taken from the VMM's socket (once
+         * per wake-up, before the first): a restart's snapshot that carries
+         * the session must stop saying it is at rest first. */
+        void (*on_before_read)(void *userdata);
 };
 
 /* What an answer id wants. */
@@ -95,6 +99,16 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c);
  * not allow (vhu_protocol_features_consistent()), loses the connection.
  */
 void vhub_vmm_conn_offer_protocol_features(struct vhub_vmm_conn *c, uint64_t offer);
+/*
+ * A restart of the daemon carries a VMM's session (docs/restart.md): only a
+ * connection at rest -- no request unanswered, no message half-read, no
+ * answer queued -- is carried, so that the socket alone holds the rest.
+ * The next process makes a connection on the same socket with the same
+ * offer and resumes it with what the VMM had acked: -EPROTO for a set that
+ * SET_PROTOCOL_FEATURES would have refused (nothing changed then).
+ */
+bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c);
+int vhub_vmm_conn_resume(struct vhub_vmm_conn *c, uint64_t acked);
 /* What the VMM acked with SET_PROTOCOL_FEATURES (0 before it did). */
 uint64_t vhub_vmm_conn_protocol_features(const struct vhub_vmm_conn *c);
 

@@ -31,8 +31,10 @@
 #include <unistd.h>
 
 #include "vhub-context.h"
+#include "vhub-fd-claim.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-snapshot.h"
 #include "vhub-vmm-channel.h"
 #include "vhub-vmm-conn.h"
 #include "vhub-vmm-device.h"
@@ -71,6 +73,8 @@ struct vhub_vmm_device {
         uint32_t relay_tag;
         unsigned busy;                /* inside a callback: gone() defers the free */
         bool dead;                    /* the model let go of it */
+        bool rest_saved;              /* the last snapshot written carries the session */
+        bool leaving_rest;            /* a snapshot saying it is not at rest is being written */
 };
 
 struct vmm_call {
@@ -216,6 +220,20 @@ static bool vd_leave(struct vhub_vmm_device *vd) {
         return false;
 }
 
+/*
+ * The session is about to leave its rest (bytes taken from the VMM, a
+ * request relayed that it will answer): a snapshot that carries it must
+ * not stay the last one written, or a crash now would resume the VMM's
+ * stream in the wrong place.  So that one is replaced first, at once.
+ */
+static void vd_leave_rest(struct vhub_vmm_device *vd) {
+        if (!vd->rest_saved || vd->dead)
+                return;
+        vd->leaving_rest = true;
+        vhub_device_vmm_commit_now(vd->dev);
+        vd->leaving_rest = false;
+}
+
 /* ---- the VMM's back-end channel ---- */
 
 /* Every relayed request still awaited gets a failure: the VMM will not answer. */
@@ -275,6 +293,8 @@ static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
                 out.hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         if ((out.hdr.flags & VHU_FLAG_NEED_REPLY) && vd->relay_count == RELAY_MAX)
                 return -ENOBUFS;
+        if (out.hdr.flags & VHU_FLAG_NEED_REPLY)
+                vd_leave_rest(vd);      /* an answer will be owed to this process */
         r = vhub_vmm_channel_send(vd->channel, &out, ++vd->relay_tag);
         if (r > 0) {
                 vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
@@ -308,6 +328,9 @@ static void call_forget(struct vmm_call *c) {
         if (vd) {
                 TAILQ_REMOVE(&vd->calls, c, link);
                 vd->n_calls--;
+                /* perhaps at rest again: written so that a crash carries it */
+                if (vd->n_calls == 0 && !vd->dead)
+                        vhub_device_vmm_changed(vd->dev);
                 /* reading resumes once half the backlog is answered */
                 if (vd->paused && !vd->frozen && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
                         vd->paused = false;
@@ -424,10 +447,15 @@ static void conn_on_lost(void *userdata, const char *reason) {
         vd_leave(vd);
 }
 
+static void conn_on_before_read(void *userdata) {
+        vd_leave_rest(userdata);
+}
+
 static const struct vhub_vmm_conn_ops conn_ops = {
         .on_request = conn_on_request,
         .on_lost = conn_on_lost,
         .on_fds_changed = vd_fds_changed,
+        .on_before_read = conn_on_before_read,
 };
 
 /* ---- the listener ---- */
@@ -494,24 +522,70 @@ static void vd_gone(void *face) {
                 vd_free(vd);
 }
 
+/* ---- a restart of the daemon carries the VMM's session ---- */
+
+/* The face's record in the device's carried session (vhub_vmm_face_ops.save):
+ * its fds by key in group f<device id>, what the VMM acked. */
+enum {
+        F_LISTEN = 1,
+        F_CONN,
+        F_CHAN,
+        F_UID_DIR,
+        F_VM_DIR,
+        F_INODE,
+        F_PROTOCOL_FEATURES,
+};
+
+/* What the VMM sent is all answered and gone, nothing half-read, nothing
+ * awaited on its channel: the sockets alone hold the session.  Asked as its
+ * VM's snapshot is written, which then carries the session or not. */
+static bool vd_at_rest(void *face) {
+        struct vhub_vmm_device *vd = face;
+
+        vd->rest_saved = !vd->leaving_rest && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
+                         vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
+                         (!vd->channel || vhub_vmm_channel_at_rest(vd->channel));
+        return vd->rest_saved;
+}
+
+struct socket_save {
+        const struct vhub_vmm_device *vd;
+        struct vhub_snap_writer *w;
+};
+
+static void socket_fd_save(int fd, const char *what, void *userdata) {
+        const struct socket_save *ss = userdata;
+        uint32_t tag = strcmp(what, "dir/uid") == 0 ? F_UID_DIR : strcmp(what, "dir/vm") == 0 ? F_VM_DIR : F_INODE;
+
+        vhub_snap_put_fd(ss->w, tag, vhub_context_fdstore(ss->vd->ctx), ss->vd->fd_group, fd);
+}
+
+static void vd_save(void *face, struct vhub_snap_writer *w) {
+        const struct vhub_vmm_device *vd = face;
+        const struct vhub_fdstore *st = vhub_context_fdstore(vd->ctx);
+
+        vhub_snap_put_fd(w, F_LISTEN, st, vd->fd_group, vhub_vmm_listener_fd(vd->listener));
+        vhub_snap_put_fd(w, F_CONN, st, vd->fd_group, vhub_vmm_conn_fd(vd->conn));
+        if (vd->channel)
+                vhub_snap_put_fd(w, F_CHAN, st, vd->fd_group, vhub_vmm_channel_fd(vd->channel));
+        vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_save, &(struct socket_save){ vd, w });
+        vhub_snap_put_u64(w, F_PROTOCOL_FEATURES, vhub_vmm_conn_protocol_features(vd->conn));
+}
+
 static const struct vhub_vmm_face_ops face_ops = {
         .relay = vd_relay,
         .gone = vd_gone,
         .fds_held = vd_fds_held,
+        .at_rest = vd_at_rest,
+        .save = vd_save,
 };
 
-int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *list,
-                        struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
-                        const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
-                        const struct vhub_vmm_face_ops **ret_ops) {
+static struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_device *dev,
+                                        const struct vhub_vmm_device_limits *limits) {
         struct vhub_vmm_device *vd = calloc(1, sizeof(*vd));
-        int r;
 
-        if (!vd) {
-                vhu_safe_close(listen_fd);
-                vhub_vmm_socket_remove(sock);
-                return -ENOMEM;
-        }
+        if (!vd)
+                return NULL;
         vd->ctx = ctx;
         vd->base = vhub_context_base(ctx);
         vd->dev = dev;
@@ -521,9 +595,24 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
         vhub_fd_group(vd->fd_group, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev));
         snprintf(vd->fd_prefix, sizeof(vd->fd_prefix), "vmm/%u/%s/%s", (unsigned)vhub_device_uid(dev),
                  vhub_device_vm_name(dev), vhub_device_name(dev));
+        TAILQ_INIT(&vd->calls);
+        return vd;
+}
+
+int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *list,
+                        struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
+                        const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
+                        const struct vhub_vmm_face_ops **ret_ops) {
+        struct vhub_vmm_device *vd = vd_alloc(ctx, dev, limits);
+        int r;
+
+        if (!vd) {
+                vhu_safe_close(listen_fd);
+                vhub_vmm_socket_remove(sock);
+                return -ENOMEM;
+        }
         vd->sock = sock;
         vhub_vmm_socket_foreach_fd(sock, socket_fd_track, vd);
-        TAILQ_INIT(&vd->calls);
         r = vhub_vmm_listener_new(vd->base, listen_fd, owner_uid, &listener_ops, vd, &vd->listener);
         if (r < 0) {
                 vd_free(vd);
@@ -535,6 +624,15 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
         *ret = vd;
         *ret_ops = &face_ops;
         return 0;
+}
+
+bool vhub_vmm_device_list_has_group(const struct vhub_vmm_device_list *list, const char *group) {
+        const struct vhub_vmm_device *vd;
+
+        TAILQ_FOREACH(vd, list, link)
+                if (strcmp(vd->fd_group, group) == 0)
+                        return true;
+        return false;
 }
 
 void vhub_vmm_device_list_pause(struct vhub_vmm_device_list *list) {
@@ -565,4 +663,114 @@ void vhub_vmm_device_list_free(struct vhub_vmm_device_list *list) {
                 vd->dead = true;
                 vd_free(vd);
         }
+}
+
+/* The fds the face's record names, claimed from its group. */
+struct carried_fds {
+        int listen, conn, chan, uid_dir, vm_dir, inode;
+        uint64_t protocol_features;
+};
+
+static int read_carried(struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec, struct carried_fds *c) {
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        struct vhub_fd_key key;
+        int r = vhub_snap_enter(rec, &it), *slot;
+
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                switch (x.tag) {
+                case F_LISTEN: slot = &c->listen; break;
+                case F_CONN: slot = &c->conn; break;
+                case F_CHAN: slot = &c->chan; break;
+                case F_UID_DIR: slot = &c->uid_dir; break;
+                case F_VM_DIR: slot = &c->vm_dir; break;
+                case F_INODE: slot = &c->inode; break;
+                case F_PROTOCOL_FEATURES: r = vhub_snap_get_u64(&x, &c->protocol_features); continue;
+                default: r = vhub_snap_unknown(&x); continue;
+                }
+                r = vhub_snap_get_key(&x, &key);
+                if (r >= 0 && *slot < 0 && (r = vhub_fd_claim(claim, &key)) >= 0)
+                        *slot = r;
+        }
+        if (r >= 0 && (c->listen < 0 || c->conn < 0 || c->uid_dir < 0 || c->vm_dir < 0 || c->inode < 0))
+                r = -ENOENT;
+        return r;
+}
+
+int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list *list, struct vhub_device *dev,
+                          struct vhub_vmm_dir *dir, const struct vhub_cred *owner,
+                          struct vhub_fdstore_restore *fr, const struct vhub_snap_rec *rec,
+                          const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
+                          const struct vhub_vmm_face_ops **ret_ops, char **ret_path) {
+        struct carried_fds c = { -1, -1, -1, -1, -1, -1, 0 };
+        struct vhub_vmm_conn_limits l;
+        struct vhub_vmm_device *vd = vd_alloc(ctx, dev, limits);
+        struct vhub_fd_claim claim;
+        int r;
+
+        *ret_path = NULL;
+        if (!vd)
+                return -ENOMEM;
+        vhub_fd_claim_open(fr, vhub_context_fdstore(ctx), vd->fd_group, &claim);
+        r = read_carried(&claim, rec, &c);
+        vhub_fd_claim_close(&claim);    /* what the record does not name goes */
+        if (r < 0) {
+                vhu_safe_close(c.listen);
+                vhu_safe_close(c.conn);
+                vhu_safe_close(c.chan);
+                vhu_safe_close(c.uid_dir);
+                vhu_safe_close(c.vm_dir);
+                vhu_safe_close(c.inode);
+                free(vd);
+                return r;
+        }
+        vd->list = list;
+        TAILQ_INSERT_TAIL(list, vd, link);
+        /* each part is the object's as soon as it exists: vd_free() undoes any prefix */
+        r = vhub_vmm_socket_adopt(dir, owner, vhub_device_vm_name(dev), vhub_device_name(dev), c.uid_dir,
+                                  c.vm_dir, c.inode, &vd->sock, ret_path);
+        if (r >= 0) {
+                vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_track, vd);
+                r = vhub_vmm_listener_new(vd->base, c.listen, owner->uid, &listener_ops, vd, &vd->listener);
+        } else {
+                vhu_safe_close(c.listen);
+        }
+        if (r >= 0) {
+                vd_fd_note(vd, true, vhub_vmm_listener_fd(vd->listener), "listen");
+                vhub_vmm_listener_hold(vd->listener);   /* its VMM is attached */
+                vhub_vmm_conn_limits_default(&l);
+                l.answer_timeout_ms = 2 * vd->limits.backend_timeout_ms + 1000;
+                r = vhub_vmm_conn_new(vd->base, c.conn, &l, &conn_ops, vd, &vd->conn);
+        } else {
+                vhu_safe_close(c.conn);
+        }
+        if (r >= 0) {
+                vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
+                vhub_vmm_conn_offer_protocol_features(vd->conn, vhub_device_vmm_protocol_features(dev));
+                r = vhub_vmm_conn_resume(vd->conn, c.protocol_features);
+        }
+        if (r >= 0 && c.chan >= 0) {
+                r = vhub_vmm_channel_new(vd->base, c.chan, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops,
+                                         vd, &vd->channel);
+                c.chan = -1;
+                if (r >= 0) {
+                        vd_fd_note(vd, true, vhub_vmm_channel_fd(vd->channel), "chan");
+                        vhub_vmm_channel_set_protocol_features(vd->channel, c.protocol_features);
+                }
+        }
+        vhu_safe_close(c.chan);
+        if (r < 0) {
+                vd->dead = true;
+                vd_free(vd);
+                if (*ret_path) {
+                        free(*ret_path);
+                        *ret_path = NULL;
+                }
+                return r;
+        }
+        vd->session++;
+        vd->rest_saved = true;  /* the snapshot it came from carries the session */
+        *ret = vd;
+        *ret_ops = &face_ops;
+        return 0;
 }

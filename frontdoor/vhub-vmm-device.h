@@ -39,6 +39,24 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
                         struct vhub_device *dev, int listen_fd, struct vhub_vmm_socket *sock, uid_t owner_uid,
                         const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
                         const struct vhub_vmm_face_ops **ret_ops);
+/*
+ * A device whose VMM's session a restart of the daemon carried
+ * (docs/restart.md, "Front-door devices"): its socket, listener, the VMM's
+ * connection and channel taken back from the fd-store group f<device id> in
+ * r as rec (what face_ops.save wrote) names them, the VMM attached and read
+ * again.  Every member of the group not named goes.  0, or -errno with
+ * nothing kept (-ENOENT: an fd was not passed back; -EPROTO: the acked
+ * protocol features are no longer offered).  *ret_path is malloc'd.
+ */
+struct vhub_fdstore_restore;
+struct vhub_snap_rec;
+int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list *list, struct vhub_device *dev,
+                          struct vhub_vmm_dir *dir, const struct vhub_cred *owner,
+                          struct vhub_fdstore_restore *fr, const struct vhub_snap_rec *rec,
+                          const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
+                          const struct vhub_vmm_face_ops **ret_ops, char **ret_path);
+/* Whether one of the devices has group as its fd-store group. */
+bool vhub_vmm_device_list_has_group(const struct vhub_vmm_device_list *list, const char *group);
 /* Every fd it holds, named (group f<device id>; what its transports queue
  * has none). */
 void vhub_vmm_device_foreach_fd(const struct vhub_vmm_device *vd, const struct vhub_fd_visitor *v);

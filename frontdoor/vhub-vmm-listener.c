@@ -139,6 +139,10 @@ void vhub_vmm_listener_release(struct vhub_vmm_listener *l) {
         l->busy = false;
 }
 
+void vhub_vmm_listener_hold(struct vhub_vmm_listener *l) {
+        l->busy = true;
+}
+
 bool vhub_vmm_listener_busy(const struct vhub_vmm_listener *l) {
         return l->busy;
 }

@@ -49,6 +49,9 @@ struct vhub_vmm_listener *vhub_vmm_listener_free(struct vhub_vmm_listener *l);
 
 /* The attached VMM left: the next connection is handed over. */
 void vhub_vmm_listener_release(struct vhub_vmm_listener *l);
+/* A VMM is attached that no connect handed over (one carried across a
+ * restart of the daemon): busy until vhub_vmm_listener_release(). */
+void vhub_vmm_listener_hold(struct vhub_vmm_listener *l);
 bool vhub_vmm_listener_busy(const struct vhub_vmm_listener *l);
 /* The listening socket (for its owner's inventory). */
 int vhub_vmm_listener_fd(const struct vhub_vmm_listener *l);

@@ -67,6 +67,16 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
                            const char *device, struct vhub_error *err,
                            struct vhub_vmm_socket **ret_sock, char **ret_path);
 /*
+ * A socket an earlier run of the daemon made (docs/restart.md, "Front-door
+ * devices"), from the fds it held: the <uid> and <vm> directories and the
+ * socket's O_PATH inode (all taken in every case, closed on failure).  They
+ * are checked as creation checks them (the owner's directories, a socket).
+ * 0 with *ret_sock and *ret_path (malloc'd) filled, or -errno.
+ */
+int vhub_vmm_socket_adopt(struct vhub_vmm_dir *d, const struct vhub_cred *owner, const char *vm,
+                          const char *device, int uid_dir_fd, int vm_dir_fd, int inode_fd,
+                          struct vhub_vmm_socket **ret_sock, char **ret_path);
+/*
  * Remove the socket's name if it still holds the socket created (never a
  * replacement), then the VM's directory if nothing else is left in it; all
  * with the owner's identity.  Frees s; NULL-safe; returns NULL.  The

@@ -121,6 +121,10 @@ int vmm_stream_send(struct vmm_stream *s, const struct vhu_msg *m) {
         return 0;
 }
 
+bool vmm_stream_at_rest(const struct vmm_stream *s) {
+        return !s->lost && s->reader.got == 0 && !vhu_writer_pending(&s->writer);
+}
+
 void vmm_stream_foreach_fd(const struct vmm_stream *s, vhu_fd_fn fn, void *userdata) {
         vhu_conn_foreach_fd(s->fd, &s->reader, &s->writer, fn, userdata);
 }

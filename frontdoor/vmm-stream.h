@@ -76,6 +76,9 @@ void vmm_stream_set_reading(struct vmm_stream *s, bool on);
 /* The owner's next deadline (0: none): the timer fires at the earlier of
  * it and the write deadline. */
 void vmm_stream_rearm(struct vmm_stream *s, uint64_t owner_deadline);
+/* Nothing half-read, nothing queued to send, not lost: the socket alone
+ * holds the session (a restart of the daemon can carry it). */
+bool vmm_stream_at_rest(const struct vmm_stream *s);
 /* Its socket (what NULL), a partial message's fds ("in"), the writer's
  * dups waiting to go ("out"): vhu_conn_foreach_fd(). */
 void vmm_stream_foreach_fd(const struct vmm_stream *s, vhu_fd_fn fn, void *userdata);

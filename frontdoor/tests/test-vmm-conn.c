@@ -11,6 +11,7 @@
  *
  *   test-vmm-conn
  */
+#include <fcntl.h>
 #include <stdlib.h>
 
 #include "vhub-vmm-conn.h"
@@ -722,6 +723,65 @@ static void test_fail(void) {
         CHECK_EQ(vhub_count_open_fds(), base_fds);
 }
 
+/*
+ * A restart of the daemon carries the session only while the connection is
+ * at rest; the next process's connection on the same socket resumes it with
+ * what the VMM acked (docs/restart.md, "Front-door devices").
+ */
+static void test_carry(void) {
+        int base_fds = vhub_count_open_fds();
+        const uint64_t acked = PF(MQ) | PF(REPLY_ACK) | PF(CONFIG);
+        struct vhu_vring_state st = { 0, 64 };
+        uint8_t raw[VHU_HEADER_SIZE + sizeof(st)];
+        struct vhu_header h = { VHU_REQ_SET_VRING_NUM, PLAIN, sizeof(st) };
+        struct face f;
+        int fd;
+
+        face_setup(&f, NULL);
+        SEND_SEEN(&f, vmm_send_u64(f.vmm, VHU_REQ_SET_PROTOCOL_FEATURES, PLAIN, acked));
+        CHECK(vhub_vmm_conn_at_rest(f.conn));
+        /* a request the face has not answered: not at rest */
+        f.defer = true;
+        SEND_SEEN(&f, vmm_send(f.vmm, VHU_REQ_GET_FEATURES, PLAIN, NULL, 0, NULL, 0));
+        CHECK(!vhub_vmm_conn_at_rest(f.conn));
+        CHECK_EQ(vhub_vmm_conn_reply_u64(f.conn, f.log[1].answer_id, BLK_FEATURES), 0);
+        CHECK(vhub_vmm_conn_at_rest(f.conn));
+        CHECK_EQ(expect_u64(&f, VHU_REQ_GET_FEATURES), BLK_FEATURES);
+        /* a message half-read: not at rest until it is whole */
+        memcpy(raw, &h, sizeof(h));
+        memcpy(raw + VHU_HEADER_SIZE, &st, sizeof(st));
+        vmm_send_raw(f.vmm, raw, VHU_HEADER_SIZE + 2, NULL, 0);
+        test_loop_for(f.base, 20);
+        CHECK_EQ(f.n, 2);
+        CHECK(!vhub_vmm_conn_at_rest(f.conn));
+        SEND_SEEN(&f, vmm_send_raw(f.vmm, raw + VHU_HEADER_SIZE + 2, sizeof(raw) - VHU_HEADER_SIZE - 2, NULL, 0));
+        CHECK_EQ(f.log[2].request, VHU_REQ_SET_VRING_NUM);
+        CHECK(vhub_vmm_conn_at_rest(f.conn));
+        /* the next process: a new connection on the same socket */
+        vhub_vmm_conn_pause(f.conn, true);
+        vmm_send_state(f.vmm, VHU_REQ_SET_VRING_NUM, NEED, 1, 32);      /* waits in the socket */
+        fd = fcntl(vhub_vmm_conn_fd(f.conn), F_DUPFD_CLOEXEC, 3);
+        CHECK(fd >= 0);
+        f.conn = vhub_vmm_conn_free(f.conn);
+        CHECK_EQ(vhub_vmm_conn_new(f.base, fd, NULL, &face_ops, &f, &f.conn), 0);
+        vhub_vmm_conn_offer_protocol_features(f.conn, acked & ~PF(CONFIG));
+        CHECK_EQ(vhub_vmm_conn_resume(f.conn, acked), -EPROTO);          /* beyond the offer */
+        vhub_vmm_conn_offer_protocol_features(f.conn, OFFER);
+        CHECK_EQ(vhub_vmm_conn_resume(f.conn, PF(INBAND_NOTIFICATIONS)), -EPROTO); /* without REPLY_ACK */
+        CHECK_EQ(vhub_vmm_conn_protocol_features(f.conn), 0);
+        CHECK_EQ(vhub_vmm_conn_resume(f.conn, acked), 0);
+        CHECK_EQ(vhub_vmm_conn_protocol_features(f.conn), acked);
+        /* the request that waited is read whole, under the acked set: an ack is due */
+        LOOP_UNTIL(f.base, f.n > 3 || f.lost);
+        CHECK(!f.lost);
+        CHECK_EQ(f.log[3].request, VHU_REQ_SET_VRING_NUM);
+        CHECK_EQ(f.log[3].kind, VHUB_VMM_ANSWER_ACK);
+        CHECK_EQ(vhub_vmm_conn_ack(f.conn, f.log[3].answer_id, 0), 0);
+        CHECK_EQ(expect_u64(&f, VHU_REQ_SET_VRING_NUM), 0);
+        face_teardown(&f);
+        CHECK_EQ(vhub_count_open_fds(), base_fds);
+}
+
 int main(void) {
         test_qemu_handshake();
         test_reply_ack();
@@ -732,6 +792,7 @@ int main(void) {
         test_answer_deadline();
         test_free_inside_callback();
         test_fail();
+        test_carry();
         printf("vmm-conn: all passed\n");
         return 0;
 }

@@ -413,24 +413,27 @@ def part_store(t):
     sm.wait_ready()
     check_eq(vmm.device_state("blk0")["state"], "running", "blk0 is back, running")
 
-    # the front-door device's VMM session did not survive: its connection
-    # is closed, and the device's socket opened again for the next VMM
-    try:
-        fdoor["fe"].get_features()
-        check(False, "the VMM's connection outlived the crash")
-    except (BackendClosed, OSError):
-        log("ok: the VMM's connection closed with the crashed daemon")
+    # the front-door device's VMM session, at rest when the daemon was
+    # killed, is carried across the crash (h-vmmcarry, docs/restart.md
+    # "Front-door devices"): the VMM is answered on its connection; then it
+    # leaves, and the device's socket serves the next VMM
+    check_eq(fdoor["fe"].get_features(), fdoor["fe"].features,
+             "the VMM's session, at rest at the crash, is carried: answered on its connection")
     def fd0():
         return c.call("device.list", {"vm": "vm2"})["devices"][0]
-    wait_until(lambda: fd0()["state"] == "ready", 5.0, what="vm2's device to have a new back-end connection")
+    fdoor["fe"].close()
+    fdoor["channel"].close()
+    wait_until(lambda: fd0()["vmm"] == "waiting", 5.0, what="vm2's device to wait for its next VMM")
     renewed = fd0()["reconnects"]
     with DirectFrontend.connect(fdoor["path"]) as fe:
         check_eq(fe.get_features(), fdoor["fe"].features, "a new VMM on the same socket is served")
     # it left: its back-end gets a new connection for the next (settled before the inventory)
-    wait_until(lambda: (fd0()["vmm"], fd0()["state"], fd0()["reconnects"]) == ("waiting", "ready", renewed + 1),
-               5.0, what="vm2's device to wait for its next VMM")
-    fdoor["fe"].close()
-    fdoor["channel"].close()
+    # (settled: the device waits for its next VMM, its back-end link
+    # renewed or not -- a carried session's departure stops the device)
+    settled = lambda: fd0()["vmm"] == "waiting" and fd0()["state"] in ("ready", "stopped")  # noqa: E731
+    wait_until(settled, 5.0, what="vm2's device to wait for its next VMM again")
+    log("vm2's device after its VMMs left: %s, %d reconnects (%d before)"
+        % (fd0()["state"], fd0()["reconnects"], renewed))
 
     # a crash with groups stored: the next start takes every group back
     # (test_restart.py checks what comes back); the store holds the same

@@ -27,13 +27,20 @@ outage    the back-end killed under a VMM with a ring running: GET_VRING_BASE
           restarted: restored (the VMM's rings replayed), I/O goes on.
 lifetime  a VM with linger_ms whose owner closed is held while a VMM is
           connected, and lingers from when the VMM left.
-restart   vhubd under a service manager (the fd store), restarted as planned
-          (SIGTERM) and crashed (SIGKILL) with a VMM doing I/O through the
-          front door: the VMM's session is not carried -- its connection
-          closes, device.vmm_disconnected says so, the back-end gets a new
-          connection -- and the socket is there again at the same path: the
-          next VMM reads what the first wrote and writes on (the image checked);
-          a VM held only by its VMM lingers from the restart and goes.
+restart   vhubd under a service manager (the fd store) restarted under VMMs
+          doing I/O through the front door.  Planned (SIGTERM) and crashed
+          (SIGKILL) with the VMMs idle: their sessions are carried -- the same
+          connection and rings go on (blocks read back, more written), no
+          device.vmm_disconnected, the back-end keeps its connection, a VM
+          held only by its VMM stays held; after the planned one the back-end
+          is lost and restored from the carried records.  Crashed with one
+          VMM's request in flight and another's message half-read: neither
+          is carried -- their connections close, device.vmm_disconnected, the
+          back-end renewed -- and the socket is there again at the same path:
+          the next VMM reads what the first wrote and writes on (the image
+          checked); the VM held only by its VMM lingers from the crash and
+          goes.  Planned with half of a VMM's message read: not carried
+          either, the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
           its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
           region after region is closed before the uid holds its budget,
@@ -394,45 +401,163 @@ def scenario_lifetime(t):
     check(not os.path.exists(path), "with its front-door socket")
 
 
-def restart_one(t, m, c, path, vm_name, sig, img, disk, salt):
-    """A VMM on path writes 8 blocks, vhubd is restarted with sig: the VMM's
-    connection closes, the device says so and waits on the same socket; the
-    next VMM reads those blocks and writes the disk's last one."""
+def wait_event(c, name, timeout=10.0):
+    found = []
+
+    def seen():
+        found.extend(e for e in c.events() if e.get("event") == name)
+        return found
+    wait_until(seen, timeout, what=name)
+    return found[0]
+
+
+def device_of(c, vm_name):
+    return [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
+
+
+def vmm_writes(t, path, salt):
+    """A VMM started on path with one ring, its 8 blocks of `salt` written."""
     mem = GuestMemory(4 << 20)
     t.defer(mem.close)
     q = BlkQueue(mem, index=0, size=64)
     fe = vmm_start(path, mem, [q])
     for i in range(8):
         q.write_sectors((salt * 8 + i) * 8, pattern((salt * 8 + i) * 8, 4096, salt=salt))
+    return fe, q
+
+
+def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
+    """A VMM on path writes 8 blocks, vhubd is restarted with sig while the
+    VMM is idle (its session at rest): the session is carried -- the same
+    connection goes on with the same rings, reads those blocks back and
+    writes 8 more, and nothing says it left.  With qsd: the back-end is then
+    lost and comes back -- GET_CONFIG answered meanwhile from the carried
+    records, the ring restored from them."""
+    fe, q = vmm_writes(t, path, salt)
+    config = fe.get_config(0, 8)
+    time.sleep(0.1)     # the snapshot that says the session is at rest is written
     c.events()
     code = m.restart(sig=sig)
     check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
-    try:
-        fe.get_features()
-        raise TestFailure("FAILED: the VMM's session outlived a restart of vhubd")
-    except (BackendClosed, OSError):
-        log("ok: the VMM's connection closed with the restart (%s)" % signal.Signals(sig).name)
+    features = fe.get_features()
+    check(features & (1 << 32), "the carried session answers GET_FEATURES on the same connection (0x%x)" % features)
+    for i in range(8):
+        k = salt * 8 + i
+        check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written before the restart, read back on the same ring after it" % k)
+        q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+    seen = [e.get("event") for e in c.events()]
+    wait_until(lambda: seen.extend(e.get("event") for e in c.events()) or "daemon.restarted" in seen, 5.0,
+               what="daemon.restarted on the control connection")
+    check_eq(seen[0], "daemon.restarted", "the first message after the restart")
+    check("device.vmm_disconnected" not in seen and "device.reconnected" not in seen,
+          "nothing says the VMM left or the back-end was renewed: %s" % seen)
+    dev = device_of(c, vm_name)
+    check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "connected", "running"),
+             "device.list after the restart: the same VMM, still running")
+    log("ok: the VMM's session was carried across the %s (events: %s)"
+        % ("planned restart" if sig == signal.SIGTERM else "crash", seen))
+    if qsd:
+        qsd.kill()
+        check_eq(fe.get_config(0, 8), config, "GET_CONFIG during an outage after the restart: the answer "
+                 "kept before it")
+        qsd.start()
+        ev = wait_event(c, "device.reconnected")
+        check(ev["vrings"] and ev["vrings"][0]["index"] == 0, "the back-end restored with the VMM's carried "
+              "ring: %s" % ev)
+        for i in range(8):
+            k = salt * 8 + i
+            check(q.read_sectors((k + 16) * 8, 8) == pattern((k + 16) * 8, 4096, salt=salt),
+                  "block %d read back through the restored ring" % (k + 16))
     fe.close()
+    wait_until(lambda: device_of(c, vm_name)["vmm"] == "waiting", 5.0, what="the carried VMM's leaving to be seen")
+
+
+def restart_in_flight(t, m, c, path, vm_name, qsd, hvmm, salt, disk):
+    """A crash while a VMM's request is in flight (its back-end stopped) and
+    while another VMM's message is half-read: neither session is at rest,
+    neither is carried -- both connections close, device.vmm_disconnected
+    says so, the back-end is renewed -- and the socket is there again at the
+    same path: the next VMM reads what the first wrote and writes on."""
+    fe, q = vmm_writes(t, path, salt)
+    time.sleep(0.1)
+    c.events()
+    os.kill(qsd.pid, signal.SIGSTOP)
+    try:
+        # GET_CONFIG, relayed to a back-end that does not answer; and half
+        # of GET_FEATURES' header from the other VMM
+        fe.sock.sendall(struct.pack("<III", 24, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8))
+        hvmm.sock.sendall(struct.pack("<III", 1, 1, 0)[:6])
+        time.sleep(0.3)
+        check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
+    finally:
+        os.kill(qsd.pid, signal.SIGCONT)
+    for who, vmm in (("the VMM with a request in flight", fe), ("the VMM with half a message read", hvmm)):
+        vmm.sock.settimeout(5)
+        try:
+            got = vmm.sock.recv(4096)
+        except OSError:
+            got = b""
+        check_eq(got, b"", "%s sees its connection close at the crash" % who)
+        vmm.close()
     seen = []
 
     def renewed():
         seen.extend(e.get("event") for e in c.events())
-        return "device.vmm_disconnected" in seen and "device.reconnected" in seen
-    wait_until(renewed, 10.0, what="device.vmm_disconnected and the back-end renewed after the restart")
+        return seen.count("device.vmm_disconnected") >= 1 and "device.reconnected" in seen
+    wait_until(renewed, 10.0, what="device.vmm_disconnected and the back-end renewed after the crash")
     check_eq(seen[0], "daemon.restarted", "the first message after the restart")
-    log("ok: events after the restart: %s" % seen)
-    dev = [x for x in c.call("device.list", {"vm": vm_name})["devices"] if x["device"] == "blk0"][0]
+    log("ok: events after the crash: %s" % seen)
+    dev = device_of(c, vm_name)
     check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "waiting", "ready"),
-             "device.list after the restart: the same socket, waiting for the next VMM")
+             "device.list after the crash: the same socket, waiting for the next VMM")
     # the next VMM: a new session from scratch on the same socket
     mem2 = GuestMemory(4 << 20)
     t.defer(mem2.close)
     q2 = BlkQueue(mem2, index=0, size=64)
     fe2 = vmm_start(path, mem2, [q2])
     check(q2.read_sectors(salt * 64, 8) == pattern(salt * 64, 4096, salt=salt),
-          "the next VMM reads what the first wrote before the restart")
+          "the next VMM reads what the first wrote before the crash")
     q2.write_sectors(disk - 8, pattern(disk - 8, 4096, salt=salt))
     fe2.close()
+
+
+def restart_half_read(t, m, c, path, vm_name):
+    """A planned restart while vhubd holds half of a VMM's message: the
+    session is not at rest, so it is not carried -- the VMM's connection
+    closes, device.vmm_disconnected says so -- and the next VMM is served."""
+    mem = GuestMemory(4 << 20)
+    t.defer(mem.close)
+    q = BlkQueue(mem, index=0, size=64)
+    fe = vmm_start(path, mem, [q])
+    c.events()
+    # GET_FEATURES' header, cut after 6 of its 12 bytes: vhubd reads them and waits
+    fe.sock.sendall(struct.pack("<III", 1, 1, 0)[:6])
+    time.sleep(0.2)
+    check_eq(m.restart(sig=signal.SIGTERM), 0, "the old vhubd's exit")
+    fe.sock.settimeout(5)
+    try:
+        got = fe.sock.recv(64)
+    except OSError:
+        got = b""
+    check_eq(got, b"", "the VMM whose message was half-read sees its connection close")
+    fe.close()
+    seen = []
+
+    def left():
+        seen.extend(e.get("event") for e in c.events())
+        return "device.vmm_disconnected" in seen
+    wait_until(left, 10.0, what="device.vmm_disconnected after a planned restart that could not carry the VMM")
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    fe2 = vmm_start(path, mem2, [])
+    fe2.get_features()
+    fe2.close()
+    log("ok: a half-read message at a planned restart: the VMM's connection closed, the next one served")
+
+
+def held_vms(c):
+    return {v["vm"]: v for v in c.call("vm.list")["vms"]}
 
 
 def scenario_restart(t):
@@ -440,7 +565,7 @@ def scenario_restart(t):
     d = t.tmpdir()
     os.chmod(d, 0o755)
     vmm_dir = os.path.join(d, "vmm")
-    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug"])
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "1000"])
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
     null = t.enter(QsdNullBackend([m.socket("n0.sock")], log_dir=d))
@@ -458,29 +583,36 @@ def scenario_restart(t):
     hvmm = DirectFrontend.connect(held)
     hvmm.handshake()
     time.sleep(2.0)
-    check_eq([v["vm"] for v in c.call("vm.list")["vms"] if v["vm"] == "held"], ["held"],
-             "a VM held by its VMM past linger_ms")
+    check_eq([v for v in held_vms(c) if v == "held"], ["held"], "a VM held by its VMM past linger_ms")
     disk = 16 << 20 >> 9
-    for k, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
-        restart_one(t, m, c, path, "vm0", sig, img, disk, salt=k + 1)
-        if k == 0:
-            # its VMM's session did not survive: the VM lingers from the restart, and goes
-            vms = {v["vm"]: v for v in c.call("vm.list")["vms"]}
-            check("held" in vms and "linger_remaining_ms" in vms["held"],
-                  "the VM its VMM held lingers from the restart (%s)" % vms.get("held"))
-            hvmm.close()
-            wait_until(lambda: "held" not in [v["vm"] for v in c.call("vm.list")["vms"]], 5.0,
-                       what="the VM its VMM held to go after linger_ms")
-            check(not os.path.exists(held), "the VM its VMM held went after linger_ms, its socket with it")
+    for salt, sig in ((1, signal.SIGTERM), (2, signal.SIGKILL)):
+        restart_carried(t, m, c, path, "vm0", sig, salt, qsd=qsd if sig == signal.SIGTERM else None)
+        time.sleep(2.0)
+        vms = held_vms(c)
+        check("held" in vms and "linger_remaining_ms" not in vms["held"],
+              "the VM its carried VMM holds does not linger after the %s (%s)"
+              % (signal.Signals(sig).name, vms.get("held")))
+        hvmm.get_features()
+    restart_in_flight(t, m, c, path, "vm0", qsd, hvmm, 5, disk)   # blocks 40-47: after 1's and 2's
+    # its VMM's session did not survive: the VM lingers from the crash, and goes
+    vms = held_vms(c)
+    check("held" in vms and "linger_remaining_ms" in vms["held"],
+          "the VM its VMM held lingers from the crash (%s)" % vms.get("held"))
+    wait_until(lambda: "held" not in held_vms(c), 5.0, what="the VM its VMM held to go after linger_ms")
+    check(not os.path.exists(held), "the VM its VMM held went after linger_ms, its socket with it")
+    restart_half_read(t, m, c, path, "vm0")
     with open(img, "rb") as f:
         data = f.read()
-    for salt in (1, 2):
+    for salt in (1, 2, 5):
         want = b"".join(pattern((salt * 8 + i) * 8, 4096, salt=salt) for i in range(8))
         check(data[salt * 64 * 512:salt * 64 * 512 + len(want)] == want,
               "the image holds the blocks written before restart %d" % salt)
-        check(data[(disk - 8) * 512:disk * 512] in (pattern(disk - 8, 4096, salt=1),
-                                                   pattern(disk - 8, 4096, salt=2)),
-              "the image holds a block written after a restart")
+    for salt in (1, 2):
+        after = b"".join(pattern((salt * 8 + i + 16) * 8, 4096, salt=salt) for i in range(8))
+        check(data[(salt * 8 + 16) * 8 * 512:(salt * 8 + 16) * 8 * 512 + len(after)] == after,
+              "the image holds the blocks the carried VMM wrote after restart %d" % salt)
+    check(data[(disk - 8) * 512:disk * 512] == pattern(disk - 8, 4096, salt=5),
+          "the image holds the block the next VMM wrote after the crash")
     c.call("device.remove", {"vm": "vm0", "device": "blk0"})
     check(not os.path.exists(path), "device.remove removes the socket")
     c.close()

@@ -23,6 +23,18 @@ hung            qemu-storage-daemon SIGSTOPped while QMP `stop` makes QEMU ask
                 and `cont` the guest's I/O goes on.
 vmm-return      QEMU killed; a new QEMU (reconnect=1) boots the guest again on
                 the same socket: served, the first guest's data intact.
+vhubd-carry     vhubd restarted as planned (SIGTERM, a played service manager)
+                5 times under one O_DIRECT writer on blk0, beside fs0
+                (virtiofsd): QEMU's vhost-user sessions are carried -- its
+                sockets are the same, its log silent, vhubd sees no
+                vmm_disconnected and no new connection, virtiofsd lives and
+                fs0 works afterwards -- and the guest's longest I/O pause
+                across each restart is measured.
+vhubd-restart   the same with vhubd crashed (SIGKILL) 3 times: QEMU is idle
+                on its connections, so its sessions are at rest in the last
+                snapshot and carried too.  (The fallback -- a crash with a
+                VMM's request in flight or its message half-read -- is
+                test_frontdoor_contract's `restart`.)
 hostile         VMMs that send garbage, break the protocol, flood without
                 reading or connect twice, beside a guest doing I/O on another
                 device of the VM: each is closed, everyone else is served.
@@ -42,11 +54,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_guest_direct as direct                              # noqa: E402
 from vhubtest import guest, guest_image                         # noqa: E402
-from vhubtest.backends import QsdBackend, QsdNullBackend        # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend, VirtiofsdBackend  # noqa: E402
 from vhubtest.client import Client                              # noqa: E402
 from vhubtest.direct import DirectFrontend                      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                     # noqa: E402
-from vhubtest.guest import BlkDevice, Guest                     # noqa: E402
+from vhubtest.guest import BlkDevice, FsDevice, Guest           # noqa: E402
 from vhubtest.qmp import QmpTimeout                             # noqa: E402
 from vhubtest.testbackend import TestBackend                    # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
@@ -376,32 +388,201 @@ class ThroughManagedVhubd(ThroughVhubd):
         self.seen = []
 
 
-def scenario_vhubd_restart(t, image):
+class IoWatch:
+    """The guest's O_DIRECT completions seen from the host: step blk-write's
+    writer 0 writes its numbered blocks one at a time into slot n % area of
+    its area and reads each back before the next, so block n appearing in
+    the image file is its I/O completing.  A thread polls for the next
+    block every millisecond and keeps the time each one appeared: the
+    longest gap between two of them is the guest's longest I/O pause."""
+
+    def __init__(self, img, first=None, area=None):
+        import threading
+        self.fd = os.open(img, os.O_RDONLY | os.O_CLOEXEC)
+        self.first = SEQ_FIRST if first is None else first
+        self.area = SEQ_AREA if area is None else area
+        self.times = []     # (monotonic time, n)
+        self.n = -1
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _seen(self, n):
+        off = (self.first + n % self.area) * BLOCK
+        return os.pread(self.fd, BLOCK, off) == guest.blk_block(0, n)
+
+    def _run(self):
+        while not self.stopping:
+            while self._seen(self.n + 1):
+                self.n += 1
+                self.times.append((time.monotonic(), self.n))
+            time.sleep(0.001)
+
+    def stop(self):
+        if self.fd < 0:
+            return
+        self.stopping = True
+        self.thread.join()
+        os.close(self.fd)
+        self.fd = -1
+
+    def longest_gap(self, t0, t1):
+        """The longest time without a completion that overlaps [t0, t1]
+        (ms), and the completions it lies between."""
+        best = (0.0, None, None)
+        for (a, na), (b, nb) in zip(self.times, self.times[1:]):
+            if b >= t0 and a <= t1 and (b - a) * 1000 > best[0]:
+                best = ((b - a) * 1000, na, nb)
+        return best
+
+    def gaps(self, t0, t1):
+        """Every gap between completions inside [t0, t1], ms."""
+        return [(b - a) * 1000 for (a, _), (b, _) in zip(self.times, self.times[1:]) if a >= t0 and b <= t1]
+
+
+def qemu_sockets(g):
+    """QEMU's connected sockets, by inode: a reconnect makes a new one."""
+    found = set()
+    for fd in os.listdir("/proc/%d/fd" % g.pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (g.pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
+def qemu_log(g):
+    with open(g.log_path, errors="replace") as f:
+        return f.read()
+
+
+# What QEMU 7.2 logs when its vhost-user connection goes and comes back.
+QEMU_VHOST_LOSS = re.compile(r"vhost|Failed to (read|write) msg|[Dd]isconnect|[Rr]econnect")
+
+CARRY_RESTARTS = 5
+
+
+def vhubd_rig(t, image, fs=None):
+    """blk0 (qemu-storage-daemon, 2 queues) through a vhubd under a played
+    service manager, a guest writing numbered blocks on it; with fs (a
+    FsShare), fs0 through the same vhubd to its virtiofsd too."""
     way = ThroughManagedVhubd(t)
     d = way.dir
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
     sock = way.socket(qsd.socket, "blk0", "blk")
-    g = t.enter(Guest(d, [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")], image))
+    devices = [BlkDevice(sock, num_queues=2, chardev_opts=",reconnect=1")]
+    if fs:
+        fs.vfs = t.enter(VirtiofsdBackend(os.path.join(d, "fs.sock"), fs.share, log_dir=d))
+        devices.append(FsDevice(way.socket(fs.vfs.socket, "fs0", "fs"), tag="fs0"))
+    g = t.enter(Guest(d, devices, image))
     g.wait_ready()
+    watch = IoWatch(img)
+    t.defer(watch.stop)
     g.begin("blk-write", "/dev/vda", 1, SEQ_FIRST, SEQ_AREA, 0)
     g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= 32)
-    for i, sig in enumerate((signal.SIGTERM, signal.SIGKILL)):
-        t0 = time.monotonic()
-        way.managed.restart(sig=sig)
-        way.wait_events("device.vmm_disconnected", i + 1, "blk0", timeout=10)
-        way.wait_events("device.vmm_connected", i + 2, "blk0", timeout=30)
-        log("restart %d (%s): QEMU reconnected %.1f s after the signal"
-            % (i + 1, signal.Signals(sig).name, time.monotonic() - t0))
-        p = wait_more(g, "blk-write", 32)
-        log("restart %d: the guest wrote on (block %s)" % (i + 1, p["n"]))
+    return way, img, qsd, g, watch
+
+
+def baseline_gap(watch, seconds=3.0):
+    """The longest gap between completions with nothing happening."""
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    gaps = watch.gaps(t0, time.monotonic())
+    check(len(gaps) >= 10, "the guest completes blocks steadily (%d in %.0f s)" % (len(gaps), seconds))
+    return max(gaps), sorted(gaps)[len(gaps) // 2]
+
+
+def vhubd_rig_end(way, g, qsd, img, watch, restarts, what):
     g.stop_steps()
     r = g.result("blk-write")
     seq = guest.parse_counts(r)
-    check(seq[0] >= 32 * 3, "one O_DIRECT writer through 2 restarts of vhubd: %s blocks, every one read "
-          "back, no I/O error in the guest's kernel log (%s)" % (seq, r["kmsg_errors"]))
+    check(seq[0] >= 32 * (restarts + 1), "one O_DIRECT writer through %d %s: %s blocks, every one read "
+          "back, no I/O error in the guest's kernel log (%s)" % (restarts, what, seq, r["kmsg_errors"]))
     g.run("kmsg-check")
+    watch.stop()
     blk_writer_end(way, g, qsd, img, bytearray(IMAGE_SIZE), seq, "%d numbered blocks" % seq[0])
+
+
+class FsShare:
+    """A directory virtiofsd shares, with a host file the guest reads."""
+
+    def __init__(self, t):
+        self.share = os.path.join(t.tmpdir(), "share")
+        os.mkdir(self.share)
+        self.content = os.urandom(256 << 10)
+        with open(os.path.join(self.share, "from-host.bin"), "wb") as f:
+            f.write(self.content)
+        self.vfs = None
+
+    def guest_checks(self, g):
+        r = g.run("fs", "fs0", "from-host.bin", hashlib.sha256(self.content).hexdigest(), "from-guest.txt")
+        check_eq(r.int("size"), len(self.content), "size of the host file read in the guest through fs0")
+
+    def host_checks(self):
+        with open(os.path.join(self.share, "from-guest.txt"), "rb") as f:
+            written = f.read()
+        check(written == self.content + b"vhubtest guest wrote this\n",
+              "the host sees the file the guest wrote through fs0 after the restarts")
+
+
+def carried_restarts(t, image, sig, restarts):
+    """vhubd restarted `restarts` times with sig under a guest whose QEMU is
+    idle on its vhost-user connections (every request answered): QEMU's
+    sessions are carried (blk0 under I/O, fs0 idle), QEMU notices nothing."""
+    fs = FsShare(t)
+    way, img, qsd, g, watch = vhubd_rig(t, image, fs)
+    socks0 = qemu_sockets(g)
+    log0 = len(qemu_log(g))
+    base_max, base_median = baseline_gap(watch)
+    log("no restart: longest gap between completions %.1f ms (median %.1f ms)" % (base_max, base_median))
+    pauses = []
+    what, whats = ("planned restart", "planned restarts") if sig == signal.SIGTERM else ("crash", "crashes")
+    for i in range(restarts):
+        t0 = time.monotonic()
+        code = way.managed.restart(sig=sig)
+        t1 = time.monotonic()
+        check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "%s %d: the old vhubd's exit" % (what, i + 1))
+        p = wait_more(g, "blk-write", 32)
+        gap, na, nb = watch.longest_gap(t0, t1)
+        pauses.append(gap)
+        log("%s %d: signal to the new vhubd's READY=1 %.0f ms; the guest's longest pause across it "
+            "%.1f ms (blocks %s..%s); it wrote on (block %s)" % (what, i + 1, (t1 - t0) * 1000, gap, na, nb, p["n"]))
+    for name in ("blk0", "fs0"):
+        check_eq(way.events("device.vmm_disconnected", name), [], "vhubd saw QEMU's %s session go on: no "
+                 "device.vmm_disconnected" % name)
+        check_eq(len(way.events("device.vmm_connected", name)), 1, "%s: one device.vmm_connected, no new "
+                 "accept" % name)
+        check_eq(way.events("device.reconnected", name), [], "%s's back-end kept its connection: no "
+                 "device.reconnected" % name)
+        dev = way.device(name)
+        check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list of %s after the restarts"
+                 % name)
+    check(fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
+    fs.guest_checks(g)
+    check_eq(qemu_sockets(g), socks0, "QEMU's sockets are the ones it had before the restarts (no reconnect)")
+    lines = [l for l in qemu_log(g)[log0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+    check_eq(lines, [], "QEMU's log says nothing of its vhost-user connection during the restarts")
+    log("%s: the guest's longest I/O pause across each: %s ms (without a restart: longest "
+        "%.1f ms, median %.1f ms)" % (whats, ", ".join("%.1f" % x for x in pauses), base_max, base_median))
+    vhubd_rig_end(way, g, qsd, img, watch, restarts, "%s of vhubd" % whats)
+    fs.host_checks()
+    way.release("fs0")
+    check_eq(fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
+
+
+def scenario_vhubd_carry(t, image):
+    """Planned restarts of vhubd (SIGTERM) under a guest: carried."""
+    carried_restarts(t, image, signal.SIGTERM, CARRY_RESTARTS)
+
+
+def scenario_vhubd_restart(t, image):
+    """Crashes of vhubd (SIGKILL) under a guest whose QEMU is idle on its
+    connections: the snapshot says its sessions are at rest, so they are
+    carried as by a planned restart."""
+    carried_restarts(t, image, signal.SIGKILL, 3)
 
 
 # ---- hostile VMMs ---------------------------------------------------------
@@ -517,6 +698,7 @@ SCENARIOS = {
     "vmm-return": scenario_vmm_return,
     "hostile": scenario_hostile,
     "vhubd-restart": scenario_vhubd_restart,
+    "vhubd-carry": scenario_vhubd_carry,
 }
 
 
