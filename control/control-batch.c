@@ -161,7 +161,7 @@ void control_batch_free(struct control_batch *b) {
         if (b->conn) {
                 /* answered (or nobody is left to answer): out of the snapshot */
                 TAILQ_REMOVE(&b->conn->batches, b, link);
-                vhub_changed(b->conn->srv->ctx, NULL);
+                control_conn_changed(b->conn);
                 control_conn_unref(b->conn);
         }
         free(b);

@@ -22,7 +22,10 @@
  * A record over its bound is left out of the snapshot: at a planned
  * restart its connection is closed before the process exits (its client
  * sees it end); at a crash the next process closes it (nothing claims its
- * socket).  Records are admitted in the connections' order.
+ * socket).  Since each connection's record is a snapshot file of its own
+ * (format 2), the budget is kept as records are written: a record gives
+ * back what it was counted before it is counted again (first come, first
+ * carried), and when its connection closes.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -126,6 +129,23 @@ const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n) 
         struct carry_uid *u;
 
         return carry_check(b, uid, n, n > b->guaranteed ? n - b->guaranteed : 0, &u);
+}
+
+void control_carry_release(struct control_carry *b, uid_t uid, size_t n) {
+        struct carry_uid *u;
+        size_t extra;
+
+        if (!b || n <= b->guaranteed)
+                return;
+        extra = n - b->guaranteed;
+        if (uid == 0) {
+                b->used_root -= extra;
+                return;
+        }
+        u = uid_usage(b, uid);  /* there: it was counted */
+        if (u)
+                u->used -= extra;
+        b->used_non_root -= extra;
 }
 
 const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n) {

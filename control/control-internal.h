@@ -17,6 +17,7 @@
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
 #include "vhub-owner.h"
+#include "vhub-snapshot.h"
 
 /* A string id is kept by its call until the call is answered (a call may
  * wait on a back-end): longer ones are refused, not kept (-32600). */
@@ -27,6 +28,7 @@ struct vhub_context;
 struct vhub_vm;
 struct control_batch;
 struct batch_run;
+struct vhub_fd_usage;
 
 struct control_conn {
         TAILQ_ENTRY(control_conn) link;
@@ -54,6 +56,14 @@ struct control_conn {
         TAILQ_HEAD(control_batch_list, control_batch) batches; /* not answered yet: the ids of
                                                                 * their requests are in it
                                                                 * instead (one -32011 array) */
+        unsigned fds_counted;        /* its fds as last counted (control-fds.c) */
+        bool fds_counting;           /* ... into the fd ledger */
+        bool fds_marked;             /* ... to count again: in srv->fds_marked */
+        TAILQ_ENTRY(control_conn) fds_link;
+        struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
+        size_t carry_charged;        /* ... as srv->carry counts it */
+        bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
+        TAILQ_ENTRY(control_conn) snap_link;
 };
 
 TAILQ_HEAD(control_conn_list, control_conn);
@@ -76,6 +86,10 @@ struct control_server {
         struct event *ev_trim;       /* malloc_trim() after a spike, coalesced */
         struct control_conn_list conns;
         unsigned n_conns;
+        TAILQ_HEAD(, control_conn) snap_dirty; /* records to write (control_conn_changed()) */
+        struct control_carry *carry; /* what their records carry (NULL without memory: no bound) */
+        /* connections whose fds the fd ledger counts again (control-fds.c) */
+        TAILQ_HEAD(, control_conn) fds_marked;
         struct vhub_log_ratelimit refusal_log; /* connections refused past a limit */
         uint64_t next_conn_id;
         struct control_server_options opts;
@@ -131,11 +145,25 @@ bool control_id_valid(json_t *id);
  * process had read but not handled, whose fds stayed behind, is answered
  * -32011 (each of a batch's requests, in one array). */
 void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata);
+/* The connections' fds for the budget (control-fds.c): a connection's
+ * count may have changed (fds arrived, taken, queued for output, written
+ * or dropped); it is closed (its count out); the sink's count_fds. */
+void control_fds_init(struct control_server *s);
+void control_conn_fds_changed(struct control_conn *c);
+void control_conn_fds_gone(struct control_conn *c);
+void control_server_count_fds(void *userdata, struct vhub_fd_usage *u);
+/* c's restart record is out of date (a request read or answered, a batch
+ * done...): written at the next commit, on its own (control-snapshot.c). */
+void control_conn_changed(struct control_conn *c);
+/* c is closed: its record out of the store. */
+void control_conn_snapshot_gone(struct control_conn *c);
 
 /* What a restart may carry of the connections (control-carry.c): one
- * budget per snapshot of the daemon's.  control_carry_admit() counts a
- * record of n bytes of a connection of uid: NULL if it fits, else why not
- * (a static sentence; nothing counted). */
+ * budget, kept as the connections' records are written (each its own
+ * snapshot file).  control_carry_admit() counts a record of n bytes of a
+ * connection of uid: NULL if it fits, else why not (a static sentence;
+ * nothing counted); control_carry_release() gives back what a record of n
+ * bytes was counted (b NULL: nothing). */
 struct control_carry;
 struct control_carry *control_carry_new(const struct control_server *s);
 void control_carry_free(struct control_carry *b);
@@ -143,6 +171,7 @@ const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n);
 /* The same question, nothing counted (a record that will be at least n
  * bytes: not worth writing if this refuses it). */
 const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n);
+void control_carry_release(struct control_carry *b, uid_t uid, size_t n);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

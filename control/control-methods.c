@@ -1103,6 +1103,7 @@ static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
         char **names;
         uid_t *uids;
 
+        control_conn_changed(c);        /* its record holds its subscriptions */
         if (!m->vm) {
                 c->sub_all = true;
                 return 0;

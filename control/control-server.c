@@ -37,6 +37,8 @@ struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id) {
         c->id = id;
         TAILQ_INIT(&c->calls);
         TAILQ_INIT(&c->batches);
+        c->snap.fd = -1;
+        c->snap.newest = -1;
         c->owner = (struct vhub_owner){ .face = VHUB_FACE_JSON_RPC, .id = c->id, .ops = &control_conn_owner_ops };
         vhub_fd_group(c->fd_group, VHUB_FD_GROUP_CONNECTION, c->id);
         return c;
@@ -50,12 +52,15 @@ void control_conn_unref(struct control_conn *c) {
         free(c->sub_vms);
         free(c->sub_uids);
         vhub_cred_done(&c->cred);
+        vhub_snap_file_close(&c->snap);
         free(c);
 }
 
 static void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         if (c->rpc)
                 (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
+        if (n_fds > 0)
+                control_conn_fds_changed(c);    /* their dups queued */
 }
 
 /* A half-closed connection closes once every request it sent is answered. */
@@ -65,18 +70,6 @@ static void conn_finish_if_answered(struct control_conn *c) {
 }
 
 /* ---- the fd budget (vhub-fd-budget.h) ---- */
-
-/* The connections' fds (sockets, fds received and not claimed yet, dups
- * queued for output), each its uid's: the sink's count_fds, so that the
- * model's checks count them too (vhub_context_fd_usage()). */
-static void server_count_fds(void *userdata, struct vhub_fd_usage *u) {
-        struct control_server *s = userdata;
-        struct control_conn *c;
-
-        TAILQ_FOREACH(c, &s->conns, link)
-                if (c->rpc)
-                        vhub_fd_usage_add(u, c->uid, rpc_conn_fds_held(c->rpc));
-}
 
 static int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
                             struct vhub_error *err) {
@@ -104,6 +97,7 @@ static int conn_admit_fds(struct rpc_conn *rpc, unsigned n, char *detail, size_t
         int r;
 
         /* the n fds are queued on rpc already: counted in the usage */
+        control_conn_fds_changed(c);
         r = server_check_fds(c->srv, c->uid, 0, fd_slack(c->srv, c->uid), &err);
         if (r < 0)
                 snprintf(detail, len, "%u fds refused: %s", n, err.detail);
@@ -187,7 +181,7 @@ static void control_call_done(struct vhub_call *call) {
         if (cc->free_data)
                 cc->free_data(cc->data);
         TAILQ_REMOVE(&cc->conn->calls, cc, link);
-        vhub_changed(cc->conn->srv->ctx, NULL);
+        control_conn_changed(cc->conn);
         vhub_call_release(call);
         cc->conn->pending--;
         conn_finish_if_answered(cc->conn);
@@ -211,7 +205,7 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         req->conn->pending++;
         /* in the snapshot before the model sends anything for it */
         TAILQ_INSERT_TAIL(&req->conn->calls, cc, link);
-        vhub_changed(req->conn->srv->ctx, NULL);
+        control_conn_changed(req->conn);
         return cc;
 }
 
@@ -435,13 +429,14 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
         struct control_conn *c = userdata;
 
         control_conn_ref(c);
+        control_conn_fds_changed(c);    /* its fds are the request's now, not its input's */
         if (json_is_array(msg))
                 batch_start(c, msg, fds);
         else
                 handle_request(c, msg, fds, NULL, 0);
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
-        vhub_changed(c->srv->ctx, NULL);        /* its subscriptions, what it owns */
+        control_conn_changed(c);        /* the line is out of its input */
         control_conn_unref(c);
 }
 
@@ -461,7 +456,8 @@ static void conn_close(struct control_conn *c, const char *reason) {
                 batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
-        vhub_changed(s->ctx, NULL);
+        control_conn_snapshot_gone(c);
+        control_conn_fds_gone(c);
         accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         vhub_context_owner_gone(s->ctx, &c->owner);
@@ -481,10 +477,21 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         vhub_context_owner_drained(c->srv->ctx, &c->owner);
 }
 
+/* Its record holds the bytes read and not handled (a partial line too):
+ * rewritten after each read, as after each message. */
+static void conn_on_input(struct rpc_conn *rpc, void *userdata) {
+        control_conn_changed(userdata);
+}
+
+static void conn_on_fds_dropped(struct rpc_conn *rpc, void *userdata) {
+        control_conn_fds_changed(userdata);
+}
+
 static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
         struct control_conn *c = userdata;
 
         c->eof = true;
+        control_conn_changed(c);
         conn_finish_if_answered(c);
 }
 
@@ -494,6 +501,8 @@ const struct rpc_conn_ops control_conn_ops = {
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
         .on_drained = conn_on_drained,
+        .on_fds_dropped = conn_on_fds_dropped,
+        .on_input = conn_on_input,
         .on_fds_lost = control_conn_fds_lost,
 };
 
@@ -715,7 +724,9 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
-        vhub_changed(s->ctx, NULL);
+        control_conn_changed(c);        /* its record, before anything is read */
+        control_conn_fds_changed(c);    /* its socket */
+        vhub_changed(s->ctx, NULL);     /* the connection counter */
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
 }
@@ -871,6 +882,9 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
         s->listen_fd = -1;
         s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         TAILQ_INIT(&s->conns);
+        TAILQ_INIT(&s->snap_dirty);
+        control_fds_init(s);
+        s->carry = control_carry_new(s);        /* NULL: records are not bounded, as before the bound */
         if (o->listen_fd >= 0 && o->listen_fd_ours && o->path) {
                 /* the daemon's own, carried across a restart (group L) */
                 s->listen_fd = o->listen_fd;
@@ -886,6 +900,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 r = control_listen_create(o->path, o->mode, o->gid, o->gid_set);
                 if (r < 0) {
                         vhu_safe_close(s->spare_fd);
+                        control_carry_free(s->carry);
                         free(s);
                         return r;
                 }
@@ -901,7 +916,7 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 control_server_free(s);
                 return -ENOMEM;
         }
-        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = server_count_fds,
+        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = control_server_count_fds,
                                             .userdata = s };
         vhub_context_add_sink(ctx, &s->sink);
         s->sink_added = true;
@@ -925,6 +940,7 @@ struct control_server *control_server_free(struct control_server *s) {
         if (!s)
                 return NULL;
         control_server_shutdown(s);
+        control_carry_free(s->carry);
         if (s->sink_added)
                 vhub_context_remove_sink(s->ctx, &s->sink);
         if (s->ev_accept)
@@ -966,9 +982,14 @@ void control_server_foreach_fd(const struct control_server *s, const struct vhub
 
         vhub_fd_visit(v, s->listen_fd, s->path ? VHUB_FD_GROUP_LISTENER : NULL, "ctl/listen");
         vhub_fd_visit(v, s->spare_fd, NULL, "ctl/spare");
-        TAILQ_FOREACH(c, &s->conns, link)
+        TAILQ_FOREACH(c, &s->conns, link) {
+                char snap[VHUB_FD_GROUP_MAX];
+
                 if (c->rpc)
                         rpc_conn_foreach_fd(c->rpc, conn_fd, &(struct conn_visit){ c, v });
+                vhub_fd_visit(v, c->snap.fd, vhub_fd_group(snap, VHUB_SNAP_GROUP_CONN, c->id),
+                              "ctl/conn/%llu/snapshot", (unsigned long long)c->id);
+        }
 }
 
 unsigned control_server_n_connections(const struct control_server *s) {

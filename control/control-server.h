@@ -52,19 +52,32 @@ bool control_server_flush_now(struct control_server *s);
 void control_server_carry_output(struct control_server *s);
 struct vhub_snap_writer;
 struct vhub_snap_iter;
+struct vhub_snap_doc;
 struct vhub_fdstore_restore;
-/* Its state for the daemon's snapshot: the connections with their
- * credentials' source (the socket), subscriptions, the ids of requests in
- * flight and the bytes read but not yet handled.  A connection whose record
- * is over what a restart carries (control-carry.c) is left out and marked. */
-int control_server_serialize(struct control_server *s, struct vhub_snap_writer *w);
+/* Its part of the daemon's snapshot: the connection counter.  Each
+ * connection's record (its socket, whence its credentials; subscriptions,
+ * the ids of requests in flight, the bytes read but not yet handled) is a
+ * snapshot file of its own, "k<id>", so that a call on one connection
+ * rewrites that record only. */
+int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w);
+/* ctx->commit_faces: write the records of the connections that changed
+ * (all: of every connection).  A connection whose record is over what a
+ * restart carries (control-carry.c) has none (its file removed) and is
+ * marked. */
+void control_server_commit(struct control_server *s, bool all);
 /* A planned restart, after its last snapshot: the connections it left out
  * are told (-32008) and closed, so that their clients see it now. */
 void control_server_close_uncarried(struct control_server *s);
 /* Take the connections back (their sockets claimed from r); each gets
  * daemon.restarted {restarts, downtime_ms} first, then -32011 for every
- * request that was in flight, and owns its VMs again. */
+ * request that was in flight, and owns its VMs again.  _restore() reads the
+ * daemon snapshot's part (the counter; the connections themselves in
+ * format version 1), _restore_conn() one connection's record file (name,
+ * read into doc; fd taken: written on, or out of the store when the
+ * connection is not carried). */
 int control_server_restore(struct control_server *s, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
                            uint64_t restarts, uint64_t downtime_ms);
+int control_server_restore_conn(struct control_server *s, struct vhub_fdstore_restore *r, const char *name,
+                                const struct vhub_snap_doc *doc, int fd, uint64_t restarts, uint64_t downtime_ms);
 /* The path of the socket this server created (NULL for an inherited one). */
 const char *control_server_path(const struct control_server *s);

@@ -185,37 +185,83 @@ static void conn_carry(struct control_conn *c, struct control_carry *b, struct v
         c->carry_bytes = n;
 }
 
-int control_server_serialize(struct control_server *s, struct vhub_snap_writer *w) {
-        struct control_carry *b = control_carry_new(s);
+int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w) {
+        vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
+        return w->error;
+}
+
+void control_conn_changed(struct control_conn *c) {
+        struct control_server *s = c->srv;
+
+        if (c->snap_dirty || !c->rpc || !vhub_commit_enabled(s->ctx))
+                return;
+        c->snap_dirty = true;
+        TAILQ_INSERT_TAIL(&s->snap_dirty, c, snap_link);
+        vhub_changed_face(s->ctx);
+}
+
+void control_conn_snapshot_gone(struct control_conn *c) {
+        char name[VHUB_FD_GROUP_MAX];
+
+        if (c->snap_dirty) {
+                TAILQ_REMOVE(&c->srv->snap_dirty, c, snap_link);
+                c->snap_dirty = false;
+        }
+        control_carry_release(c->srv->carry, c->uid, c->carry_charged);
+        c->carry_charged = 0;
+        vhub_commit_file_gone(c->srv->ctx, &c->snap, vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id));
+}
+
+/* c's record, budgeted (control-carry.c) as it is written: what it was
+ * charged goes back first; a record over the budget is not written and its
+ * file goes (a restart does not carry the connection: the next process
+ * leaves its socket's group unclaimed; a planned restart closes it first,
+ * control_server_close_uncarried()). */
+static void conn_commit(struct control_conn *c) {
+        struct control_server *s = c->srv;
+        struct vhub_snap_writer *w = vhub_commit_writer(s->ctx);
+        size_t least = conn_least_bytes(c);
+        char name[VHUB_FD_GROUP_MAX];
+        const char *why;
+        int r;
+
+        vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id);
+        control_carry_release(s->carry, c->uid, c->carry_charged);
+        c->carry_charged = 0;
+        /* a record sure not to fit is not written (a uid's hoard would
+         * otherwise be copied at every commit) */
+        why = s->carry ? control_carry_refuses(s->carry, c->uid, least) : NULL;
+        if (!why) {
+                conn_serialize(c, w);
+                if (s->carry_output)
+                        conn_serialize_output(c, w);
+        }
+        conn_carry(c, s->carry, w, 0, 0, why, least);
+        if (c->uncarried) {
+                vhub_commit_file_gone(s->ctx, &c->snap, name);
+                return;
+        }
+        if (s->carry && !w->error)
+                c->carry_charged = w->len;      /* what control_carry_admit() counted */
+        r = vhub_commit_file(s->ctx, &c->snap, name, false);
+        if (r < 0)
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu: its restart record was not written: %s",
+                              (unsigned long long)c->id, strerror(-r));
+}
+
+void control_server_commit(struct control_server *s, bool all) {
         struct control_conn *c;
 
-        vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
-        TAILQ_FOREACH(c, &s->conns, link) {
-                size_t mark = w->len, least;
-                unsigned depth = w->depth;
-                const char *why;
-
-                if (!c->rpc)
-                        continue;
-                if (w->error)
-                        break;
-                /* a record sure not to fit is not written (a uid's hoard
-                 * would otherwise be copied at every commit) */
-                least = conn_least_bytes(c);
-                why = b ? control_carry_refuses(b, c->uid, least) : NULL;
-                if (!why) {
-                        vhub_snap_begin(w, S_CONN);
-                        conn_serialize(c, w);
-                        if (s->carry_output)
-                                conn_serialize_output(c, w);
-                        vhub_snap_end(w);
-                }
-                /* without memory for the budget every record is carried,
-                 * as before it: the document's own bound still holds */
-                conn_carry(c, b, w, mark, depth, why, least);
+        if (all)
+                TAILQ_FOREACH(c, &s->conns, link)
+                        control_conn_changed(c);
+        while ((c = TAILQ_FIRST(&s->snap_dirty))) {
+                TAILQ_REMOVE(&s->snap_dirty, c, snap_link);
+                c->snap_dirty = false;
+                if (c->rpc)
+                        conn_commit(c);
         }
-        control_carry_free(b);
-        return w->error;
 }
 
 void control_server_close_uncarried(struct control_server *s) {
@@ -324,7 +370,7 @@ void control_conn_fds_lost(struct rpc_conn *rpc, json_t *msg, void *userdata) {
         if (ids)
                 send_restarted_errors(c, ids, json_is_array(msg));
         json_decref(msg);
-        vhub_changed(c->srv->ctx, NULL);        /* the line is out of its input */
+        control_conn_changed(c);        /* the line is out of its input */
 }
 
 static int read_sub(struct control_conn *c, const struct vhub_snap_rec *rec) {
@@ -360,19 +406,23 @@ static int read_sub(struct control_conn *c, const struct vhub_snap_rec *rec) {
         return 0;
 }
 
-static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r, const struct vhub_snap_rec *rec,
-                        uint64_t restarts, uint64_t downtime_ms) {
+/* A connection's record: the records of start (a S_CONN nest of the
+ * daemon's snapshot in format 1, a "k<id>" file's document since); the
+ * file (snap: fd -1 in format 1) is the connection's once it is carried,
+ * else out of the store. */
+static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r, const struct vhub_snap_iter *start,
+                        struct vhub_snap_file *snap, const char *snap_name, uint64_t restarts,
+                        uint64_t downtime_ms) {
         struct vhub_fd_key key = { 0 };
         struct vhub_fd_claim claim;
-        struct vhub_snap_iter it;
+        struct vhub_snap_iter it = *start;
         struct vhub_snap_rec x;
         struct control_conn *c;
         const void *input = NULL, *output = NULL;
         size_t n_input = 0, n_output = 0;
         uint64_t id = 0;
-        int k, fd;
+        int k = 0, fd;
 
-        k = vhub_snap_enter(rec, &it);
         while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {
                 if (x.tag == C_ID)
                         k = vhub_snap_get_u64(&x, &id);
@@ -402,10 +452,14 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                 free(c);
                 return 0;
         }
+        /* its record goes on in the same file (stored already) */
+        c->snap = *snap;
+        *snap = (struct vhub_snap_file){ .fd = -1, .newest = -1 };
         k = vhub_cred_from_socket(fd, &c->cred);
         if (k < 0) {
                 (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
                 vhu_safe_close(fd);
+                vhub_commit_file_gone(s->ctx, &c->snap, snap_name);
                 free(c);
                 return 0;
         }
@@ -414,6 +468,7 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                 /* rpc_conn_new closed it: out of the group too */
                 (void)vhub_fdstore_group_remove(vhub_context_fdstore(s->ctx), c->fd_group, fd);
                 vhub_cred_done(&c->cred);
+                vhub_commit_file_gone(s->ctx, &c->snap, snap_name);
                 free(c);
                 return k;
         }
@@ -422,6 +477,7 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;
+        control_conn_fds_changed(c);    /* its socket */
 
         /* what the earlier process had not written goes out first (the rest
          * of a line partly written among it), then daemon.restarted, then
@@ -431,7 +487,7 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                               "control connection %llu: the %zu bytes of output carried across the restart are lost",
                               (unsigned long long)id, n_output);
         send_restarted(c, restarts, downtime_ms);
-        k = vhub_snap_enter(rec, &it);
+        it = *start;
         while (k >= 0 && (k = vhub_snap_next(&it, &x)) > 0) {
                 /* an id is at most CONTROL_MAX_ID_BYTES, each written as
                  * \uXXXX at worst, in quotes */
@@ -479,12 +535,39 @@ int control_server_restore(struct control_server *s, struct vhub_fdstore_restore
                         if (k >= 0 && s->next_conn_id < v)
                                 s->next_conn_id = v;
                 } else if (x.tag == S_CONN) {
-                        k = conn_restore(s, r, &x, restarts, downtime_ms);
+                        /* format 1: every connection in the daemon's snapshot */
+                        struct vhub_snap_file none = { .fd = -1, .newest = -1 };
+                        struct vhub_snap_iter cit;
+
+                        k = vhub_snap_enter(&x, &cit);
+                        if (k >= 0)
+                                k = conn_restore(s, r, &cit, &none, NULL, restarts, downtime_ms);
                 } else {
                         k = vhub_snap_unknown(&x);
                 }
                 if (k < 0)
                         return k;
         }
+        return k;
+}
+
+int control_server_restore_conn(struct control_server *s, struct vhub_fdstore_restore *r, const char *name,
+                                const struct vhub_snap_doc *doc, int fd, uint64_t restarts, uint64_t downtime_ms) {
+        struct vhub_snap_file snap = { .fd = -1, .newest = -1 };
+        struct vhub_snap_iter it;
+        const char *why = NULL;
+        int k;
+
+        k = vhub_snap_file_adopt(fd, &snap, &why);
+        if (k < 0) {
+                /* it was read a moment ago: a new file is made at the next commit */
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL, "snapshot %s cannot be written again (%s)", name,
+                              why ? why : strerror(-k));
+                (void)vhub_fdstore_remove(vhub_context_fdstore(s->ctx), name);
+        }
+        vhub_snap_doc_iter(doc, &it);
+        k = conn_restore(s, r, &it, &snap, name, restarts, downtime_ms);
+        /* not carried: its record goes */
+        vhub_commit_file_gone(s->ctx, &snap, name);
         return k;
 }

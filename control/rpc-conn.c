@@ -193,12 +193,19 @@ const struct rpc_conn_limits *rpc_conn_limits(const struct rpc_conn *c) {
 
 /* Input is dropped once nothing can read it any more; while on_message runs
  * the line loop still points into in_buf, so it does this itself. */
+static void fds_dropped(struct rpc_conn *c);
+
 static void in_drop(struct rpc_conn *c) {
+        bool had_fds;
+
         if (c->line_ev)
                 event_del(c->line_ev);
         if (c->processing)
                 return;
+        had_fds = vhub_frame_in_queued_fds(&c->in) > 0;
         vhub_frame_in_done(&c->in);
+        if (had_fds)
+                fds_dropped(c);
 }
 
 static void set_reason(struct rpc_conn *c, const char *fmt, ...)
@@ -213,6 +220,12 @@ static void set_reason(struct rpc_conn *c, const char *fmt, ...) {
 
 /* Stops all I/O and lets the event loop run on_close.  The reason must have
  * been set with set_reason() (or be kept from the DRAINING state). */
+static void fds_dropped(struct rpc_conn *c) {
+        /* not from really_free(): the owner is freeing c */
+        if (c->ops && c->ops->on_fds_dropped && c->read_ev)
+                c->ops->on_fds_dropped(c, c->userdata);
+}
+
 static void schedule_close(struct rpc_conn *c) {
         if (c->state >= RPC_CONN_CLOSING)
                 return;
@@ -220,7 +233,12 @@ static void schedule_close(struct rpc_conn *c) {
         event_del(c->read_ev);
         event_del(c->write_ev);
         in_drop(c);
-        vhub_frame_out_done(&c->out);
+        if (c->out.n_fds > 0) {
+                vhub_frame_out_done(&c->out);
+                fds_dropped(c);
+        } else {
+                vhub_frame_out_done(&c->out);
+        }
         event_active(c->close_ev, EV_TIMEOUT, 0);
 }
 
@@ -270,11 +288,14 @@ static bool errno_is_peer_gone(int e) {
 
 static void write_cb(evutil_socket_t fd, short what, void *userdata) {
         struct rpc_conn *c = userdata;
+        unsigned fds_before = c->out.n_fds;
         int r;
 
         if (c->state >= RPC_CONN_CLOSING)
                 return;
         r = vhub_frame_out_flush(&c->out, c->fd);
+        if (c->out.n_fds < fds_before)
+                fds_dropped(c);
         if (r < 0) {
                 /* when draining, keep the reason we were closing for */
                 if (c->state == RPC_CONN_OPEN && errno_is_peer_gone(-r))
@@ -421,7 +442,10 @@ static void send_error_detail(struct rpc_conn *c, int code, const char *message,
 static void refuse_and_close(struct rpc_conn *c, int code, const char *message, const char *detail) {
         if (c->state != RPC_CONN_OPEN)
                 return;
-        vhub_frame_in_drop_fds(&c->in);
+        if (vhub_frame_in_queued_fds(&c->in) > 0) {
+                vhub_frame_in_drop_fds(&c->in);
+                fds_dropped(c);
+        }
         send_error_detail(c, code, message, detail);
         if (c->state != RPC_CONN_OPEN)
                 return;          /* the error overflowed the queue: closing already */
@@ -740,7 +764,8 @@ static void read_cb(evutil_socket_t fd, short what, void *userdata) {
                 start_draining(c);
                 return;
         }
-        process_lines(c);
+        if (process_lines(c) && c->state == RPC_CONN_OPEN && c->ops && c->ops->on_input)
+                c->ops->on_input(c, c->userdata);
 }
 
 static void resume_cb(evutil_socket_t fd, short what, void *userdata) {
@@ -834,6 +859,7 @@ int rpc_conn_flush_now(struct rpc_conn *c) {
 static void really_free(struct rpc_conn *c) {
         if (c->read_ev)
                 event_free(c->read_ev);
+        c->read_ev = NULL;      /* fds_dropped() looks: the owner is not told */
         if (c->write_ev)
                 event_free(c->write_ev);
         if (c->close_ev)

@@ -92,6 +92,15 @@ struct rpc_conn_ops {
                          void *userdata);
         /* Optional.  The output queue has just become empty. */
         void (*on_drained)(struct rpc_conn *c, void *userdata);
+        /* Optional.  rpc_conn_fds_held() went down by itself: fds queued
+         * for output written, or fds dropped as the connection is refused
+         * or closed.  Called from wherever that happens, rpc_conn_send()
+         * included: it must only take note, never call back into c. */
+        void (*on_fds_dropped)(struct rpc_conn *c, void *userdata);
+        /* Optional.  Bytes were read and every complete line among them
+         * handed over: what rpc_conn_unhandled_input() holds changed (a
+         * partial line grew), though no message came of it. */
+        void (*on_input)(struct rpc_conn *c, void *userdata);
         /* Optional.  A message that an earlier process had read (its line
          * was carried by rpc_conn_restore_input()) declares fds, which
          * stayed behind: msg (a new reference, the callee's) is not handed

@@ -52,38 +52,61 @@ void vhub_changed(struct vhub_context *ctx, struct vhub_vm *vm) {
         event_active(ctx->ev_commit, EV_TIMEOUT, 0);
 }
 
-/* The VM's snapshot file, made (and stored) the first time. */
-static int vm_snap_open(struct vhub_vm *vm) {
-        char name[VHUB_FD_GROUP_MAX];
+void vhub_changed_face(struct vhub_context *ctx) {
+        if (!ctx || !ctx->ev_commit || ctx->shutting_down)
+                return;
+        ctx->snap_faces_dirty = true;
+        event_active(ctx->ev_commit, EV_TIMEOUT, 0);
+}
+
+struct vhub_snap_writer *vhub_commit_writer(struct vhub_context *ctx) {
+        vhub_snap_writer_reset(&ctx->snap_writer);
+        return &ctx->snap_writer;
+}
+
+int vhub_commit_file(struct vhub_context *ctx, struct vhub_snap_file *f, const char *name, bool skip_empty) {
+        struct vhub_snap_writer *w = &ctx->snap_writer;
         int r;
 
-        if (vm->snap.fd >= 0)
-                return 0;
-        vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
-        r = vhub_snap_file_create(name, &vm->snap);
-        if (r < 0)
-                return r;
-        /* in the store before anything is written into it (the manager's
-         * copy is the same open file: what is written later is in it) */
-        r = vhub_fdstore_push(vm->ctx->fdstore, vm->snap.fd, name);
-        if (r < 0) {
-                vhub_snap_file_close(&vm->snap);
-                return r;
+        if (w->error)
+                return w->error;
+        if (f->fd < 0) {
+                if (skip_empty && w->len == 0)
+                        return 0;
+                r = vhub_snap_file_create(name, f);
+                if (r < 0)
+                        return r;
+                /* in the store before anything is written into it (the
+                 * manager's copy is the same open file: what is written
+                 * later is in it) */
+                r = vhub_fdstore_push(ctx->fdstore, f->fd, name);
+                if (r < 0) {
+                        vhub_snap_file_close(f);
+                        return r;
+                }
         }
-        return 0;
+        r = vhub_snap_file_commit(f, w);
+        if (r >= 0 && vhub_log_get_level() >= LOG_DEBUG)
+                log_debug("snapshot %s written: %zu bytes, generation %llu", name,
+                          w->len, (unsigned long long)f->generation);
+        return r;
+}
+
+void vhub_commit_file_gone(struct vhub_context *ctx, struct vhub_snap_file *f, const char *name) {
+        if (f->fd < 0)
+                return;
+        (void)vhub_fdstore_remove(ctx->fdstore, name);
+        vhub_snap_file_close(f);
 }
 
 static void vm_commit(struct vhub_vm *vm) {
-        struct vhub_snap_writer *w = &vm->ctx->snap_writer;
+        char name[VHUB_FD_GROUP_MAX];
         int r;
 
-        r = vm_snap_open(vm);
-        if (r >= 0) {
-                vhub_snap_writer_reset(w);
-                r = vhub_vm_serialize(vm, w);
-                if (r >= 0)
-                        r = vhub_snap_file_commit(&vm->snap, w);
-        }
+        vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
+        r = vhub_vm_serialize(vm, vhub_commit_writer(vm->ctx));
+        if (r >= 0)
+                r = vhub_commit_file(vm->ctx, &vm->snap, name, false);
         if (r < 0)
                 log_warning("VM %s: its restart snapshot was not written: %s", vm->name, strerror(-r));
 }
@@ -105,6 +128,12 @@ void vhub_commit_now(struct vhub_context *ctx) {
                 ctx->snap_daemon_dirty = false;
                 ctx->commit_daemon(ctx->commit_userdata);
         }
+        if (ctx->snap_faces_dirty && ctx->commit_faces) {
+                bool all = ctx->snap_faces_all;
+
+                ctx->snap_faces_dirty = ctx->snap_faces_all = false;
+                ctx->commit_faces(ctx->commit_userdata, all);
+        }
 }
 
 void vhub_commit_all_later(struct vhub_context *ctx) {
@@ -113,6 +142,9 @@ void vhub_commit_all_later(struct vhub_context *ctx) {
         TAILQ_FOREACH(vm, &ctx->vms, link)
                 vhub_changed(ctx, vm);
         vhub_changed(ctx, NULL);
+        if (ctx->ev_commit && !ctx->shutting_down)
+                ctx->snap_faces_all = true;
+        vhub_changed_face(ctx);
 }
 
 void vhub_commit_all(struct vhub_context *ctx) {
@@ -131,7 +163,6 @@ void vhub_commit_vm_gone(struct vhub_vm *vm) {
         if (vm->snap.fd < 0)
                 return;
         vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
-        (void)vhub_fdstore_remove(ctx->fdstore, name);
-        vhub_snap_file_close(&vm->snap);
+        vhub_commit_file_gone(ctx, &vm->snap, name);
         vhub_changed(ctx, NULL);
 }

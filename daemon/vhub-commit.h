@@ -22,14 +22,33 @@ struct vhub_vm;
 
 /* The kind letter of a VM's snapshot in the fd store, and the daemon's name. */
 #define VHUB_SNAP_GROUP_VM      's'
+#define VHUB_SNAP_GROUP_CONN    'k'     /* a control connection's record (format 2) */
 #define VHUB_SNAP_NAME_DAEMON   "S"
 
 /* Snapshots are kept (the fd store is enabled).  Sets up the deferred write. */
 int vhub_commit_setup(struct vhub_context *ctx);
 void vhub_commit_done(struct vhub_context *ctx);
 bool vhub_commit_enabled(const struct vhub_context *ctx);
-/* vm changed (NULL: the daemon's own state, its faces included). */
+/* vm changed (NULL: the daemon's own state). */
 void vhub_changed(struct vhub_context *ctx, struct vhub_vm *vm);
+/* A face's own snapshot file is out of date (a control connection's record,
+ * kept apart so that a call on one connection rewrites that connection's
+ * record only): the face keeps track of which, and writes them through
+ * ctx->commit_faces at the next commit. */
+void vhub_changed_face(struct vhub_context *ctx);
+
+struct vhub_snap_file;
+struct vhub_snap_writer;
+/* The writer every snapshot is serialized with, reset for a new document. */
+struct vhub_snap_writer *vhub_commit_writer(struct vhub_context *ctx);
+/* Commit what was serialized into vhub_commit_writer() to f, which is made
+ * and stored under name the first time (in the store before anything is
+ * written into it); with skip_empty an empty document makes no file (there
+ * is nothing for a restart to carry).  0 or -errno (logged by the caller);
+ * at --log-level debug each write is logged with its size. */
+int vhub_commit_file(struct vhub_context *ctx, struct vhub_snap_file *f, const char *name, bool skip_empty);
+/* f's owner goes: its name out of the store and the file closed. */
+void vhub_commit_file_gone(struct vhub_context *ctx, struct vhub_snap_file *f, const char *name);
 /* Write every dirty snapshot now. */
 void vhub_commit_now(struct vhub_context *ctx);
 /* Mark everything dirty: written after the loop's current callback. */

@@ -55,7 +55,10 @@ struct vhub_context {
         struct vhub_snap_writer snap_writer;        /* one buffer, reused by every write */
         struct vhub_vm_snap_list snap_dirty;        /* VMs whose snapshot is out of date */
         bool snap_daemon_dirty;
+        bool snap_faces_dirty;                      /* a face's own snapshot files (vhub_changed_face()) */
+        bool snap_faces_all;                        /* ... every one of them */
         void (*commit_daemon)(void *userdata);      /* the root writes the daemon's */
+        void (*commit_faces)(void *userdata, bool all); /* and has the faces write theirs */
         void *commit_userdata;
         bool restoring;              /* claiming stored fds: they are group members already */
         uint64_t restarts;           /* restarts this state was carried across (daemon.info) */

@@ -287,6 +287,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         TAILQ_INIT(&d->ops);
         d->vm = vm;
         d->id = ++vm->ctx->next_device_id;
+        vhub_changed(vm->ctx, NULL);    /* the id counter (the daemon's snapshot) */
         vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
         d->listen_fd = -1;
         d->inflight_fd = -1;

@@ -72,7 +72,9 @@ static unsigned fd_if(int fd) {
  * front-door device's own -- on top of every fd it then takes back out of
  * them: the budget keeps room for those, or a daemon filled to its limit
  * runs out of fds restoring (the stashes read short, back-ends' sockets
- * refused: devices lost).
+ * refused: devices lost).  While it runs the same room holds the writing
+ * end a group keeps while it changes (vhub-fdstore.c, STASH_*): one per
+ * group, and never at the same time as the stash passed at a start.
  */
 static unsigned vm_restart_fds(const struct vhub_vm *vm) {
         const struct vhub_device *d;
@@ -113,12 +115,22 @@ void vhub_fd_usage_add(struct vhub_fd_usage *u, uid_t holder_uid, unsigned n) {
 
 int vhub_fd_ledger_init(struct vhub_fd_ledger *l) {
         l->total = l->non_root = 0;
+        l->face_total = l->face_non_root = 0;
+        l->done = false;
         TAILQ_INIT(&l->marked);
         return vhub_hash_init(&l->uids);
 }
 
 void vhub_fd_ledger_done(struct vhub_fd_ledger *l) {
+        /* the VMs are gone; what is left is the faces', whose connections
+         * close after the model: they count nothing more from here */
+        for (size_t b = 0; b < l->uids.n_buckets; b++)
+                for (struct vhub_hash_node *n = l->uids.buckets[b], *next; n; n = next) {
+                        next = n->next;
+                        free(vhub_hash_entry(n, struct vhub_uid_usage, node));
+                }
         vhub_hash_done(&l->uids);
+        l->done = true;
 }
 
 static uint64_t uid_hash(const struct vhub_fd_ledger *l, uid_t uid) {
@@ -143,17 +155,34 @@ unsigned vhub_fd_ledger_vms(const struct vhub_fd_ledger *l, uid_t uid) {
         return e ? e->vms : 0;
 }
 
-int vhub_fd_ledger_vm_added(struct vhub_context *ctx, struct vhub_vm *vm) {
-        struct vhub_fd_ledger *l = &ctx->fd_ledger;
-        struct vhub_uid_usage *e = uid_usage(l, vm->uid);
+/* uid's entry, made now if it has none (NULL without memory). */
+static struct vhub_uid_usage *uid_entry(struct vhub_fd_ledger *l, uid_t uid) {
+        struct vhub_uid_usage *e = uid_usage(l, uid);
 
         if (!e) {
                 e = calloc(1, sizeof(*e));
                 if (!e)
-                        return -ENOMEM;
-                e->uid = vm->uid;
-                vhub_hash_insert(&l->uids, &e->node, uid_hash(l, vm->uid));
+                        return NULL;
+                e->uid = uid;
+                vhub_hash_insert(&l->uids, &e->node, uid_hash(l, uid));
         }
+        return e;
+}
+
+/* e goes once nothing of its uid is counted any more. */
+static void uid_entry_release(struct vhub_fd_ledger *l, struct vhub_uid_usage *e) {
+        if (e->vms > 0 || e->face_holders > 0)
+                return;
+        vhub_hash_remove(&l->uids, &e->node);
+        free(e);
+}
+
+int vhub_fd_ledger_vm_added(struct vhub_context *ctx, struct vhub_vm *vm) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e = uid_entry(l, vm->uid);
+
+        if (!e)
+                return -ENOMEM;
         e->vms++;
         vm->fds_counted = 0;
         vm->fds_marked = false;
@@ -181,10 +210,35 @@ void vhub_fd_ledger_vm_gone(struct vhub_context *ctx, struct vhub_vm *vm) {
         if (!e)
                 return;
         ledger_set_vm(l, e, vm, 0);  /* everything it held is closed with it */
-        if (--e->vms == 0) {
-                vhub_hash_remove(&l->uids, &e->node);
-                free(e);
-        }
+        e->vms--;
+        uid_entry_release(l, e);
+}
+
+int vhub_fd_ledger_face_set(struct vhub_context *ctx, uid_t uid, unsigned was, unsigned now, int holders) {
+        struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        struct vhub_uid_usage *e;
+
+        if (l->done)
+                return 0;
+        e = uid_entry(l, uid);
+        if (!e)
+                return -ENOMEM;
+        e->face_fds = e->face_fds - was + now;
+        e->face_holders += (unsigned)holders;   /* unsigned wrap-around subtracts */
+        l->face_total = l->face_total - was + now;
+        if (uid != 0)
+                l->face_non_root = l->face_non_root - was + now;
+        uid_entry_release(l, e);
+        return 0;
+}
+
+void vhub_fd_usage_add_faces(const struct vhub_context *ctx, struct vhub_fd_usage *u) {
+        const struct vhub_fd_ledger *l = &ctx->fd_ledger;
+        const struct vhub_uid_usage *e = l->done ? NULL : uid_usage(l, u->uid);
+
+        u->total += l->face_total;
+        u->non_root += l->face_non_root;
+        u->by_uid += e ? e->face_fds : 0;
 }
 
 void vhub_fd_budget_vm_changed(struct vhub_vm *vm) {

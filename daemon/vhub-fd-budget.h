@@ -68,6 +68,8 @@ struct vhub_uid_usage {
         unsigned vms;                   /* its VMs, those being destroyed included */
         unsigned fds;                   /* what its VMs hold, as last counted */
         struct vhub_listed listed;      /* what daemon.info counts for it */
+        unsigned face_fds;              /* what the faces hold for it (its connections) */
+        unsigned face_holders;          /* the faces' objects counted into face_fds */
 };
 
 TAILQ_HEAD(vhub_vm_fd_marked, vhub_vm);
@@ -76,6 +78,8 @@ TAILQ_HEAD(vhub_vm_fd_marked, vhub_vm);
 struct vhub_fd_ledger {
         struct vhub_hash uids;          /* uid -> struct vhub_uid_usage */
         unsigned total, non_root;       /* sums of the VMs' counts */
+        unsigned face_total, face_non_root; /* sums of what the faces hold */
+        bool done;                      /* vhub_fd_ledger_done(): the faces close after it */
         struct vhub_vm_fd_marked marked;/* VMs to count again */
         struct vhub_listed listed;      /* everyone's: what root sees */
 };
@@ -122,6 +126,18 @@ void vhub_fd_budget_vm_changed(struct vhub_vm *vm);
 void vhub_fd_usage_add_model(struct vhub_context *ctx, struct vhub_fd_usage *u);
 /* Count n fds held on behalf of holder_uid (a control connection's). */
 void vhub_fd_usage_add(struct vhub_fd_usage *u, uid_t holder_uid, unsigned n);
+
+/* What one of a face's objects holds for uid (a control connection: its
+ * socket, fds received and not taken yet, dups queued for it) went from
+ * was to now, kept in the ledger as the face counts it, so that a check
+ * does not ask the face to walk its objects.  holders: +1 when the object
+ * is counted for the first time, -1 when it goes (now 0); uid's entry
+ * lives while it has VMs or such objects.  -ENOMEM (nothing changed) when
+ * the entry cannot be made. */
+int vhub_fd_ledger_face_set(struct vhub_context *ctx, uid_t uid, unsigned was, unsigned now, int holders);
+/* Add what the ledger keeps of the faces' fds into u (a sink's count_fds,
+ * once the face has brought its counts up to date). */
+void vhub_fd_usage_add_faces(const struct vhub_context *ctx, struct vhub_fd_usage *u);
 
 /*
  * May u->uid make the daemon hold n more fds?  slack lets fds that have

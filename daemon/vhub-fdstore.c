@@ -13,6 +13,7 @@
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/queue.h>
+#include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -25,6 +26,7 @@
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
+#include "vhub-time.h"
 #include "vhu-fd.h"
 #include "vhu-scm.h"
 
@@ -87,17 +89,49 @@ struct fds_msg {
 
 TAILQ_HEAD(fds_queue, fds_msg);
 
+/*
+ * How a stored stash follows its group's changes without the manager (each
+ * message to it wakes it, and a rebuild is three datagrams' worth of work):
+ * the stash's writing end is kept while the group changes, and a member
+ * added is sent into it (one sendmsg()); a member removed stays in the
+ * stash as a dead one (nothing sent: a restore closes what no snapshot
+ * claims), unless it is a socket, whose peer must see it close now.  The
+ * stash is compacted -- rebuilt with the members alone, as before -- once
+ * it holds STASH_DEAD_MAX dead fds or STASH_APPENDS_MAX appended messages,
+ * and by the sweep, STASH_SWEEP_MS after a removal (what a dead fd holds,
+ * guest memory, is let go soon); a group unchanged for STASH_IDLE_MS is
+ * settled -- compacted into one message if it was appended to, its
+ * writing end closed -- and a planned restart settles every group
+ * (vhub_fdstore_settle()): a start peeks a stash of one message and pushes
+ * nothing, where one of several is read and stored again.  Only where every fd's identity key
+ * is exact (the kernel shows eventfd ids): a restore tells the live
+ * members from the dead ones by key, no longer by their order.
+ */
+#define STASH_DEAD_MAX     32u
+#define STASH_APPENDS_MAX  32u
+#define STASH_SWEEP_MS     250u
+#define STASH_IDLE_MS      1000u
+
 /* A group: the fds of one owner object, stored as one stash socket under
  * the group's name (docs/restart.md, "Groups"). */
 struct fds_group {
         struct name_node node;          /* in s->groups */
         struct fds_group *dirty_next;   /* on s->dirty while its stash is out of date */
         bool dirty;
+        bool rebuild;                   /* the next sync rebuilds the stash */
         int *fds;                       /* the members: their owners' numbers (borrowed) */
         struct vhub_fd_key *keys;       /* each member's identity, for the snapshot */
         size_t n, cap;
+        int wend;                       /* the stored stash's writing end, or -1 */
+        size_t unsent;                  /* the last members, not in the stash yet */
+        size_t dead;                    /* fds in the stash that are members no more */
+        size_t appends;                 /* messages sent into the stash since it was built */
+        uint64_t changed_usec;          /* its last change (the sweep) */
+        TAILQ_ENTRY(fds_group) hot_link; /* on s->hot while it keeps wend */
         char name[];
 };
+
+TAILQ_HEAD(fds_group_list, fds_group);
 
 struct vhub_fdstore {
         bool enabled;
@@ -128,6 +162,9 @@ struct vhub_fdstore {
         size_t n_members;
         struct fds_group *dirty;                /* stashes to rebuild at the next sync */
         struct event *ev_sync;                  /* activated when a group changes */
+        bool exact_keys;                        /* eventfds have ids: stashes may hold dead fds */
+        struct fds_group_list hot;              /* groups keeping their stash's writing end */
+        struct event *ev_sweep;                 /* compacts them, closes idle writing ends */
 };
 
 bool vhub_fdstore_name_valid(const char *name) {
@@ -652,6 +689,8 @@ static void alias_detach(struct vhub_fdstore *s, struct fds_entry *e) {
 /* ---- the public calls */
 
 static void sync_cb(evutil_socket_t fd, short what, void *userdata);
+static void sweep_cb(evutil_socket_t fd, short what, void *userdata);
+static bool eventfd_ids_shown(void);
 static struct fds_group *group_of(struct name_node *node);
 static struct fds_group *group_find(const struct vhub_fdstore *s, const char *name);
 
@@ -673,6 +712,7 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
         s->pid = getpid();
         s->files_valid = true;
         TAILQ_INIT(&s->queue);
+        TAILQ_INIT(&s->hot);
         vhub_snap_writer_init(&s->alias_writer);
         s->max_queue = o && o->max_queue ? o->max_queue : VHUB_FDSTORE_DEFAULT_QUEUE;
         s->max_fds = VHUB_FDSTORE_DEFAULT_MAX;
@@ -724,11 +764,13 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
         if (base) {
                 s->ev_write = event_new(base, s->sock, EV_WRITE, write_cb, s);
                 s->ev_sync = event_new(base, -1, 0, sync_cb, s);
-                if (!s->ev_write || !s->ev_sync) {
+                s->ev_sweep = evtimer_new(base, sweep_cb, s);
+                if (!s->ev_write || !s->ev_sync || !s->ev_sweep) {
                         r = -ENOMEM;
                         goto fail;
                 }
         }
+        s->exact_keys = eventfd_ids_shown();
         s->enabled = true;
         *ret = s;
         return 0;
@@ -753,6 +795,7 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
         NAME_TABLE_FOREACH(&s->groups, node) {
                 struct fds_group *g = group_of(node);
 
+                vhu_safe_close(g->wend);
                 free(g->fds);
                 free(g->keys);
                 free(g);
@@ -760,6 +803,8 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
         free(s->groups.buckets);
         if (s->ev_sync)
                 event_free(s->ev_sync);
+        if (s->ev_sweep)
+                event_free(s->ev_sweep);
         if (s->ev_write)
                 event_free(s->ev_write);
         s->sock = vhu_safe_close(s->sock);
@@ -776,6 +821,7 @@ bool vhub_fdstore_enabled(const struct vhub_fdstore *s) {
 void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
                              void (*fn)(int fd, const char *what, const char *stored_as, void *userdata),
                              void *userdata) {
+        const struct fds_group *g;
         const struct fds_msg *m;
 
         if (!s)
@@ -787,6 +833,8 @@ void vhub_fdstore_foreach_fd(const struct vhub_fdstore *s,
                         fn(m->fd, "queued", NULL, userdata);
         if (s->alias_file.fd >= 0)
                 fn(s->alias_file.fd, "aliases", VHUB_FDSTORE_ALIASES, userdata);
+        TAILQ_FOREACH(g, &s->hot, hot_link)
+                fn(g->wend, "stash", NULL, userdata);
 }
 
 static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
@@ -992,14 +1040,33 @@ static struct fds_group *group_find(const struct vhub_fdstore *s, const char *na
 static int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
         *ret = name_table_new(&s->groups, sizeof(**ret), offsetof(struct fds_group, node),
                               offsetof(struct fds_group, name), name);
+        if (*ret)
+                (*ret)->wend = -1;
         return *ret ? 0 : -ENOMEM;
 }
 
+/* g no longer follows its stash by appending: the writing end closed (a
+ * stored stash keeps what was sent into it). */
+static void group_cool(struct vhub_fdstore *s, struct fds_group *g) {
+        if (g->wend < 0)
+                return;
+        TAILQ_REMOVE(&s->hot, g, hot_link);
+        g->wend = vhu_safe_close(g->wend);
+}
+
 static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
+        group_cool(s, g);
         name_table_unlink(&s->groups, &g->node);
         free(g->fds);
         free(g->keys);
         free(g);
+}
+
+static void sweep_arm(struct vhub_fdstore *s) {
+        struct timeval tv = { 0, STASH_SWEEP_MS * 1000 };
+
+        if (s->ev_sweep && !evtimer_pending(s->ev_sweep, NULL))
+                evtimer_add(s->ev_sweep, &tv);
 }
 
 static void group_mark_dirty(struct vhub_fdstore *s, struct fds_group *g) {
@@ -1012,36 +1079,49 @@ static void group_mark_dirty(struct vhub_fdstore *s, struct fds_group *g) {
                 event_active(s->ev_sync, EV_TIMEOUT, 0);
 }
 
-/* A stash holding the members: the end to store, or -errno. */
-static int group_make_stash(const struct fds_group *g) {
-        int sv[2];
+/* Send fds into a stash's writing end, VHU_SCM_MAX_FDS a message: the
+ * number of messages, or -errno (EBADF: a member closed before it left the
+ * group, the owner's bug; ETOOMANYREFS: the in-flight limit, RLIMIT_NOFILE
+ * without CAP_SYS_RESOURCE; EAGAIN: the stash's queue is full). */
+static int stash_send(int wend, const int *fds, size_t n_fds) {
+        int msgs = 0;
 
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
-                return -errno;
-        for (size_t i = 0; i < g->n; i += VHU_SCM_MAX_FDS) {
+        for (size_t i = 0; i < n_fds; i += VHU_SCM_MAX_FDS, msgs++) {
                 VHU_SCM_BUF(control, VHU_SCM_MAX_FDS);
-                size_t k = g->n - i < VHU_SCM_MAX_FDS ? g->n - i : VHU_SCM_MAX_FDS;
+                size_t k = n_fds - i < VHU_SCM_MAX_FDS ? n_fds - i : VHU_SCM_MAX_FDS;
                 char byte = 0;
                 struct iovec iov = { &byte, 1 };
                 struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
                 ssize_t n;
 
-                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), g->fds + i, k);
+                vhu_scm_attach(&mh, control.buf, sizeof(control.buf), fds + i, k);
                 do
-                        n = sendmsg(sv[0], &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                        n = sendmsg(wend, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
                 while (n < 0 && errno == EINTR);
-                if (n != 1) {
-                        /* EBADF: a member closed before it left the group
-                         * (the owner's bug); ETOOMANYREFS: the in-flight
-                         * limit (RLIMIT_NOFILE without CAP_SYS_RESOURCE) */
-                        int r = n < 0 ? -errno : -EIO;
-
-                        vhu_safe_close(sv[0]);
-                        vhu_safe_close(sv[1]);
-                        return r;
-                }
+                if (n != 1)
+                        return n < 0 ? -errno : -EIO;
         }
-        vhu_safe_close(sv[0]);  /* the queue stays readable at the other end */
+        return msgs;
+}
+
+/* A stash holding the members: the end to store, or -errno; *ret_wend the
+ * writing end (kept to append to), or -1 where appending is not used. */
+static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group *g, int *ret_wend) {
+        int sv[2], r;
+
+        *ret_wend = -1;
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+                return -errno;
+        r = stash_send(sv[0], g->fds, g->n);
+        if (r < 0) {
+                vhu_safe_close(sv[0]);
+                vhu_safe_close(sv[1]);
+                return r;
+        }
+        if (s->exact_keys && s->ev_sweep)
+                *ret_wend = sv[0];
+        else
+                vhu_safe_close(sv[0]);  /* the queue stays readable at the other end */
         return sv[1];
 }
 
@@ -1049,8 +1129,11 @@ static int group_make_stash(const struct fds_group *g) {
  * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
 static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         struct fds_entry *e = entry_find(s, g->name);
-        int fd = -1, r;
+        int fd = -1, wend = -1, r;
 
+        group_cool(s, g);
+        g->rebuild = false;
+        g->unsent = g->dead = g->appends = 0;
         if (e)
                 remove_internal(s, e, true);
         if (g->n == 0) {
@@ -1064,7 +1147,7 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
                 return;
         }
         e->stash = true;
-        fd = group_make_stash(g);
+        fd = group_make_stash(s, g, &wend);
         if (fd < 0) {
                 e->state = ENTRY_FAILED;
                 s->n_failed++;
@@ -1075,6 +1158,35 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         }
         entry_store_fd(s, e, 0, fd);
         vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
+        if (wend >= 0 && e->state == ENTRY_STORED) {
+                g->wend = wend;
+                TAILQ_INSERT_TAIL(&s->hot, g, hot_link);
+                sweep_arm(s);
+        } else {
+                vhu_safe_close(wend);
+        }
+}
+
+/* Bring g's stored stash up to date by appending its new members, if it
+ * can (see STASH_*): true, else the caller rebuilds it. */
+static bool group_append(struct vhub_fdstore *s, struct fds_group *g) {
+        struct fds_entry *e;
+        int r;
+
+        if (g->rebuild || g->wend < 0 || g->n == 0 || g->dead > STASH_DEAD_MAX ||
+            g->appends >= STASH_APPENDS_MAX)
+                return false;
+        e = entry_find(s, g->name);
+        if (!e || !e->stash || e->state != ENTRY_STORED)
+                return false;
+        if (g->unsent == 0)
+                return true;    /* removals only: they stay in the stash, dead */
+        r = stash_send(g->wend, g->fds + g->n - g->unsent, g->unsent);
+        if (r < 0)
+                return false;   /* a message may have gone in: a rebuild is exact */
+        g->appends += (size_t)r;
+        g->unsent = 0;
+        return true;
 }
 
 void vhub_fdstore_sync(struct vhub_fdstore *s) {
@@ -1086,12 +1198,67 @@ void vhub_fdstore_sync(struct vhub_fdstore *s) {
                 s->dirty = g->dirty_next;
                 g->dirty_next = NULL;
                 g->dirty = false;
-                group_stash(s, g);
+                if (!group_append(s, g))
+                        group_stash(s, g);
         }
 }
 
 static void sync_cb(evutil_socket_t fd, short what, void *userdata) {
         vhub_fdstore_sync(userdata);
+}
+
+/* g stops changing: its stash as one message of its members (a restart
+ * peeks it and pushes nothing; a stash of several messages is read, and so
+ * stored again, by every start), its writing end closed. */
+static void group_settle(struct vhub_fdstore *s, struct fds_group *g) {
+        if (g->appends > 0 || g->dead > 0)
+                group_stash(s, g);
+        group_cool(s, g);
+}
+
+void vhub_fdstore_settle(struct vhub_fdstore *s) {
+        struct fds_group *g;
+
+        if (!vhub_fdstore_enabled(s))
+                return;
+        vhub_fdstore_sync(s);
+        while ((g = TAILQ_FIRST(&s->hot)))
+                group_settle(s, g);
+}
+
+static void sweep_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_fdstore *s = userdata;
+        uint64_t now = vhub_now_usec();
+        struct fds_group *g, *next;
+
+        for (g = TAILQ_FIRST(&s->hot); g; g = next) {
+                next = TAILQ_NEXT(g, hot_link);
+                if (now - g->changed_usec >= STASH_IDLE_MS * 1000ull && !g->dirty) {
+                        group_settle(s, g);
+                } else if (g->dead > 0) {
+                        /* compacted: what the dead fds hold goes now */
+                        g->rebuild = true;
+                        group_mark_dirty(s, g);
+                }
+        }
+        vhub_fdstore_sync(s);
+        /* a compaction keeps the writing end: the next sweep closes it */
+        if (!TAILQ_EMPTY(&s->hot))
+                sweep_arm(s);
+}
+
+/* Whether the kernel shows an eventfd's id (Linux >= 6.0): then every
+ * member's identity key is exact, and a stash may hold dead fds. */
+static bool eventfd_ids_shown(void) {
+        struct vhub_fd_key key = { 0 };
+        int fd = eventfd(0, EFD_CLOEXEC);
+        bool shown;
+
+        if (fd < 0)
+                return false;
+        shown = vhub_fd_key_of(fd, &key) == 0 && key.eventfd_id != 0;
+        vhu_safe_close(fd);
+        return shown;
 }
 
 /* 1 if a change of group can be made, 0 if there is no store to make it
@@ -1140,10 +1307,27 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         if (vhub_fd_key_of(fd, &g->keys[g->n]) < 0)
                 g->keys[g->n] = (struct vhub_fd_key){ 0 };
         g->fds[g->n++] = fd;
+        g->unsent++;
+        g->changed_usec = vhub_now_usec();
         s->n_members++;
         s->stats.pushes++;
         group_mark_dirty(s, g);
         return 0;
+}
+
+/* Whether member i may stay in the stash as a dead fd when it leaves (see
+ * STASH_*): not a socket (its peer must see it close when the daemon
+ * closes it), and no live member shares its key (a restore claims by key). */
+static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i) {
+        struct stat st;
+
+        if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0 || S_ISSOCK(st.st_mode))
+                return false;
+        for (size_t j = 0; j < g->n; j++)
+                if (j != i && g->keys[j].dev == g->keys[i].dev && g->keys[j].ino == g->keys[i].ino &&
+                    g->keys[j].eventfd_id == g->keys[i].eventfd_id)
+                        return false;
+        return true;
 }
 
 int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
@@ -1155,6 +1339,15 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
         for (size_t i = 0; g && i < g->n; i++) {
                 if (g->fds[i] != fd)
                         continue;
+                if (i >= g->n - g->unsent) {
+                        g->unsent--;    /* never sent */
+                } else if (may_leave_dead(s, g, i)) {
+                        g->dead++;
+                        sweep_arm(s);
+                } else {
+                        g->rebuild = true;
+                }
+                g->changed_usec = vhub_now_usec();
                 /* the order is kept: it is the stash's, which a restore returns */
                 memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
                 memmove(g->keys + i, g->keys + i + 1, (g->n - i - 1) * sizeof(*g->keys));

@@ -32,9 +32,16 @@
  * what limits a store (docs/restart.md), then counts groups rather than
  * fds, and since every stored fd is a fresh socket the manager never drops
  * one as "the same file" (an fd two owners share is in both stashes).  A
- * change rebuilds the group's stash once per loop iteration: remove, push.
+ * change is applied once per loop iteration: a new member is appended to
+ * the stored stash through its writing end, kept while the group changes
+ * (the manager hears nothing); a member that leaves stays in it as a dead
+ * fd, unless it is a socket; a stash is compacted (rebuilt: remove, push)
+ * when it holds too many dead fds or appended messages, shortly after a
+ * removal, and whenever appending cannot be used (see vhub-fdstore.c).
  * After a restart vhub_fdstore_take_group() reads a stash back: the fds in
- * the order they were added, each with its identity key.
+ * the order they were added, dead ones included, each with its identity
+ * key: the owners claim theirs by key and the rest are closed
+ * (vhub-fd-claim.h).
  *
  * Contract: an fd pushed under a name stays open under the same number until
  * the name is removed (remove before close); a group member until it left
@@ -107,6 +114,10 @@ size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group);
 /* Rebuild every changed group's stash now (the loop does it on its own;
  * this is for a commit that must know its fds are stored, and for tests). */
 void vhub_fdstore_sync(struct vhub_fdstore *s);
+/* Sync, then every group's stash as one message of its members (those
+ * appended to compacted), no writing end kept: a planned restart's last
+ * step, so that the next start peeks every stash and pushes nothing. */
+void vhub_fdstore_settle(struct vhub_fdstore *s);
 
 /* What tells a group's fds apart after a restart: (st_dev, st_ino), unique
  * for sockets, memfds, pipes and directories; every eventfd shares one

@@ -292,8 +292,10 @@ static int target_add(struct vhub_device *d, struct vhub_vmm_request *q, const s
                     same_file(c->fd, r.fd))
                         r.id = c->id;
         }
-        if (!r.id)
+        if (!r.id) {
                 r.id = ++d->vm->ctx->next_region_id;
+                vhub_changed(d->vm->ctx, NULL); /* the id counter (the daemon's snapshot) */
+        }
         if (vhub_mem_table_add(&q->target, &r) < 0) { /* takes r.fd in every case */
                 snprintf(q->close_why, sizeof(q->close_why), "out of memory");
                 return -ENOMEM;

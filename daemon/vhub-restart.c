@@ -50,6 +50,8 @@ struct vhub_restart_state {
         struct loaded daemon;
         struct loaded *vms;
         size_t n_vms;
+        struct loaded *conns;   /* the control connections' records ("k<id>", format 2) */
+        size_t n_conns;
         bool carried;
         uint64_t downtime_ms;
         /* a planned restart */
@@ -106,13 +108,51 @@ void vhub_restart_commit_daemon(void *userdata) {
                 log_warning("the daemon's restart snapshot was not written: %s", strerror(-r));
 }
 
+void vhub_restart_commit_faces(void *userdata, bool all) {
+        struct vhubd *v = userdata;
+
+        if (v->ctx.restoring)
+                return;
+        if (v->control)
+                control_server_commit(v->control, all);
+}
+
 /* ---- a start ---- */
 
-static bool vm_snapshot_name(const char *name) {
+static bool snapshot_name(const char *name, char kind) {
         size_t n = strlen(name);
 
-        return n >= 2 && name[0] == VHUB_SNAP_GROUP_VM &&
-               strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
+        return n >= 2 && name[0] == kind && strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;
+}
+
+static int load_one(struct vhub_fdstore_restore *r, const char *name, struct loaded *ret);
+
+/* Load every snapshot of one kind the map holds into *ret. */
+static int load_kind(struct vhub_fdstore_restore *r, char kind, struct loaded **ret, size_t *n_ret) {
+        const char *name;
+        int k = 0;
+
+        for (size_t i = 0; k >= 0 && (name = vhub_fdstore_restore_name(r, i)); i++) {
+                struct loaded *p;
+
+                if (!snapshot_name(name, kind))
+                        continue;
+                p = reallocarray(*ret, *n_ret + 1, sizeof(*p));
+                if (!p)
+                        return -ENOMEM;
+                *ret = p;
+                k = load_one(r, name, &p[*n_ret]);
+                (*n_ret)++;
+        }
+        return k;
+}
+
+/* Connections in the order they were made (the map's is the store's). */
+static int by_conn_id(const void *a, const void *b) {
+        unsigned long long x = strtoull(((const struct loaded *)a)->name + 1, NULL, 36);
+        unsigned long long y = strtoull(((const struct loaded *)b)->name + 1, NULL, 36);
+
+        return x < y ? -1 : x > y;
 }
 
 /* The version numbers of the copy a snapshot file was refused for (the
@@ -175,6 +215,11 @@ static void state_free_loaded(struct vhub_restart_state *rs) {
         free(rs->vms);
         rs->vms = NULL;
         rs->n_vms = 0;
+        for (size_t i = 0; i < rs->n_conns; i++)
+                loaded_free(&rs->conns[i]);
+        free(rs->conns);
+        rs->conns = NULL;
+        rs->n_conns = 0;
 }
 
 int vhub_restart_load(struct vhubd *v, struct vhub_fdstore_restore *r) {
@@ -193,20 +238,12 @@ int vhub_restart_load(struct vhubd *v, struct vhub_fdstore_restore *r) {
         if (!rs)
                 return -ENOMEM;
         k = load_one(r, VHUB_SNAP_NAME_DAEMON, &rs->daemon);
-        for (size_t i = 0; k >= 0 && (name = vhub_fdstore_restore_name(r, i)); i++) {
-                struct loaded *p;
-
-                if (!vm_snapshot_name(name))
-                        continue;
-                p = reallocarray(rs->vms, rs->n_vms + 1, sizeof(*p));
-                if (!p) {
-                        k = -ENOMEM;
-                        break;
-                }
-                rs->vms = p;
-                k = load_one(r, name, &rs->vms[rs->n_vms]);
-                rs->n_vms++;
-        }
+        if (k >= 0)
+                k = load_kind(r, VHUB_SNAP_GROUP_VM, &rs->vms, &rs->n_vms);
+        if (k >= 0)
+                k = load_kind(r, VHUB_SNAP_GROUP_CONN, &rs->conns, &rs->n_conns);
+        if (k >= 0 && rs->n_conns > 1)
+                qsort(rs->conns, rs->n_conns, sizeof(*rs->conns), by_conn_id);
         if (k < 0) {
                 /* nothing of the store was touched: ours are only copies */
                 state_free_loaded(rs);
@@ -288,6 +325,20 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
         while (v->control && vhub_snap_next(&it, &x) > 0)
                 if (x.tag == S_CONTROL && (k = vhub_snap_enter(&x, &cit)) >= 0)
                         k = control_server_restore(v->control, r, &cit, v->ctx.restarts, rs->downtime_ms);
+        for (size_t i = 0; i < rs->n_conns; i++) {
+                struct loaded *l = &rs->conns[i];
+                int kc;
+
+                if (!v->control) {
+                        /* nobody to carry them: their records go */
+                        (void)vhub_fdstore_remove(v->fdstore, l->name);
+                        continue;
+                }
+                kc = control_server_restore_conn(v->control, r, l->name, &l->doc, VHU_TAKE_FD(l->fd),
+                                                 v->ctx.restarts, rs->downtime_ms);
+                if (kc < 0 && k >= 0)
+                        k = kc;
+        }
         if (k < 0)
                 log_warning("the control connections' snapshot is malformed: some were not carried (%s)",
                             strerror(-k));
@@ -367,6 +418,8 @@ void vhub_restart_finish(struct vhubd *v) {
                 control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
+        /* stashes of one message: the next start peeks them, pushes nothing */
+        vhub_fdstore_settle(v->fdstore);
         vhub_commit_all(&v->ctx);
         /* a connection over what a restart carries was left out of it:
          * closed now, where its client sees it (its group's removal goes

@@ -15,6 +15,9 @@ struct vhub_fdstore_restore;
 
 /* ctx->commit_daemon: write the daemon's snapshot (v is the userdata). */
 void vhub_restart_commit_daemon(void *userdata);
+/* ctx->commit_faces: have the faces write their own (the control
+ * connections' records; all: every one). */
+void vhub_restart_commit_faces(void *userdata, bool all);
 
 /* The snapshots a start was passed, read and checked before anything is
  * taken: 1 (there is a state to restore), 0 (none: a first start), or

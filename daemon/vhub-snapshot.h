@@ -40,8 +40,11 @@
 #include <stdint.h>
 
 #define VHUB_SNAP_MAGIC         "VHUBSNAP"
-#define VHUB_SNAP_VERSION       1u      /* the format version this code writes and reads */
-#define VHUB_SNAP_COMPAT        1u      /* the oldest reader that can read what it writes */
+/* 2: a control connection's record is a file of its own ("k<id>"), no
+ * longer a record in the daemon's: a reader of version 1 would carry none
+ * of them (their sockets closed, their VMs left ownerless) */
+#define VHUB_SNAP_VERSION       2u      /* the format version this code writes and reads */
+#define VHUB_SNAP_COMPAT        2u      /* the oldest reader that can read what it writes */
 #define VHUB_SNAP_HEADER_SIZE   32u
 #define VHUB_SNAP_RECORD_HEADER 8u
 #define VHUB_SNAP_MAX_SIZE      (64u << 20)     /* one document, header included */

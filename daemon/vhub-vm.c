@@ -271,6 +271,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
         /* the creator gets it too: it is the owner */
         vm_emit(vm, VHUB_EV_VM_CREATED, NULL);
         vhub_changed(ctx, vm);
+        vhub_changed(ctx, NULL);        /* the id counter (the daemon's snapshot) */
         *ret = vm;
         return 0;
 }
@@ -780,6 +781,7 @@ void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct v
         op->kind = VHUB_MEM_OP_ADD;
         op->region = *region;
         op->region.id = ++vm->ctx->next_region_id;
+        vhub_changed(vm->ctx, NULL);    /* the id counter (the daemon's snapshot) */
         op->region.fd = VHU_TAKE_FD(region->fd); /* the op owns it until commit */
         op->call = call;
         vhub_fd_budget_vm_changed(vm);

@@ -201,6 +201,7 @@ int vhubd_init(struct vhubd *v, struct event_base *base, struct vhub_config *con
                 return r;
         }
         v->ctx.commit_daemon = vhub_restart_commit_daemon;
+        v->ctx.commit_faces = vhub_restart_commit_faces;
         v->ctx.commit_userdata = v;
         if (vhub_fdstore_enabled(v->fdstore))
                 log_info("keeping fds in the service manager's fd store");

@@ -290,6 +290,40 @@ static void test_listed(void) {
         unsetenv("VHUB_FD_LEDGER_ABORT");
 }
 
+/* What the faces hold (a connection's fds), kept in the ledger as they
+ * change: per uid and in all, an entry kept while a uid has VMs or counted
+ * connections, and nothing counted once the ledger is done. */
+static void test_faces(void) {
+        struct vhub_context ctx;
+        struct vhub_fd_usage u;
+
+        memset(&ctx, 0, sizeof(ctx));
+        CHECK(vhub_fd_ledger_init(&ctx.fd_ledger) == 0);
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 1000, 0, 3, 1), 0);      /* a connection: 3 fds */
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 1000, 0, 1, 1), 0);      /* another: its socket */
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 0, 0, 2, 1), 0);         /* root's */
+        u = (struct vhub_fd_usage){ .uid = 1000 };
+        vhub_fd_usage_add_faces(&ctx, &u);
+        CHECK_EQ(u.total, 6);
+        CHECK_EQ(u.non_root, 4);
+        CHECK_EQ(u.by_uid, 4);
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 1000, 3, 1, 0), 0);      /* two written */
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 1000, 1, 0, -1), 0);     /* one closed */
+        u = (struct vhub_fd_usage){ .uid = 1000 };
+        vhub_fd_usage_add_faces(&ctx, &u);
+        CHECK_EQ(u.total, 3);
+        CHECK_EQ(u.by_uid, 1);
+        CHECK_EQ(ctx.fd_ledger.uids.n, 2);
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 1000, 1, 0, -1), 0);     /* its last: the entry goes */
+        CHECK_EQ(ctx.fd_ledger.uids.n, 1);
+        CHECK_EQ(vhub_fd_ledger_vms(&ctx.fd_ledger, 1000), 0);
+        /* done with root's connection still counted (faces close after the
+         * model): its entry is freed, later changes count nothing */
+        vhub_fd_ledger_done(&ctx.fd_ledger);
+        CHECK_EQ(vhub_fd_ledger_face_set(&ctx, 0, 2, 0, -1), 0);
+        printf("ok: the faces' fds kept in the ledger per uid and in all; entries go with their last holder\n");
+}
+
 int main(void) {
         test_split();
         test_raise();
@@ -297,5 +331,6 @@ int main(void) {
         test_usage_add();
         test_ledger();
         test_listed();
+        test_faces();
         return 0;
 }

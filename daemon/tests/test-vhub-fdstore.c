@@ -784,10 +784,15 @@ static void test_groups(const char *dir) {
         CHECK_EQ(st.stored, 2);
         CHECK_EQ(st.names_bytes, strlen("d1:d2:"));
 
-        /* a member leaves: remove, then the new stash (FDSTOREREMOVE drops
-         * every fd of the name: never two under one name) */
+        /* a member leaves (an eventfd): nothing is sent, it stays in the
+         * stash as a dead fd (a restore claims members by key) ... */
         CHECK_EQ(vhub_fdstore_group_remove(s, "d1", b), 0);
         CHECK_EQ(vhub_fdstore_group_remove(s, "d1", b), -ENOENT);
+        event_base_loop(base, EVLOOP_NONBLOCK);
+        expect_quiet(&m);
+        /* ... until the sweep compacts the stash: remove, then the new one
+         * (FDSTOREREMOVE drops every fd of the name: never two under one) */
+        usleep(400 * 1000);
         event_base_loop(base, EVLOOP_NONBLOCK);
         {
                 char text[512];
@@ -799,6 +804,38 @@ static void test_groups(const char *dir) {
                 CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
                 CHECK(strcmp(text, "FDSTORE=1\nFDNAME=d1\nFDPOLL=0") == 0);
                 mgr_apply(&m, text, fd);
+        }
+        /* a member joins a stored group: appended into the stash through
+         * its kept writing end, nothing sent to the manager */
+        {
+                int d = efd(), sp[2];
+
+                CHECK_EQ(vhub_fdstore_group_add(s, "d1", d), 0);
+                event_base_loop(base, EVLOOP_NONBLOCK);
+                expect_quiet(&m);
+                /* a socket leaving is not left in the stash (its peer must
+                 * see it close): the stash is rebuilt at once */
+                CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, "d1", sp[0]), 0);
+                event_base_loop(base, EVLOOP_NONBLOCK);
+                expect_quiet(&m);
+                /* the manager's stash (read here, as a restore would):
+                 * the compacted message, then the appended ones */
+                n = stash_read(mgr_find(&m, "d1"), got, 8);
+                CHECK_EQ(n, 4);
+                CHECK(same_file(got[0], a) && same_file(got[1], c) && same_file(got[2], d) &&
+                      same_file(got[3], sp[0]));
+                for (size_t i = 0; i < n; i++)
+                        close(got[i]);
+                CHECK_EQ(vhub_fdstore_group_remove(s, "d1", sp[0]), 0);
+                CHECK_EQ(vhub_fdstore_group_remove(s, "d1", d), 0);
+                event_base_loop(base, EVLOOP_NONBLOCK);
+                expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+                mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+                CHECK_EQ(mgr_pump(&m, base, 50), 1);
+                close(sp[0]);
+                close(sp[1]);
+                close(d);
         }
         n = stash_read(mgr_find(&m, "d1"), got, 8);
         CHECK_EQ(n, 2);
@@ -837,7 +874,8 @@ static void test_groups(const char *dir) {
         close(b);
         close(c);
         event_base_free(base);
-        printf("ok: groups: one stash per group, in order, rebuilt once per loop turn, removed when empty\n");
+        printf("ok: groups: one stash per group, in order, rebuilt once per loop turn, appended to, dead fds "
+               "compacted by the sweep, a socket leaving rebuilt at once, removed when empty\n");
 }
 
 /* A group comes back after a restart: its fds in order with their keys,

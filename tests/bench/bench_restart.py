@@ -20,14 +20,20 @@ keeping the snapshots costs normal operation.  docs/performance.md,
                                    GAP_SECONDS without restarts, then over the
                                    same time with a planned restart every
                                    GAP_EVERY seconds; interleaved, GAP_ROUNDS.
-    bench_restart.py commit        vm.memory.add + vm.memory.remove of a 2 MiB
+    bench_restart.py commit [IDLE] vm.memory.add + vm.memory.remove of a 2 MiB
                                    memfd, and device.add + device.remove of a
                                    qsd null-co export, on a vhubd with the fd
                                    store and snapshots against one with
                                    --no-fd-store (both under the service
                                    manager); interleaved rounds, the median of
                                    each round, then the median and the range
-                                   of those.
+                                   of those.  With IDLE, that many idle
+                                   control connections are open to each
+                                   daemon meanwhile (connected, silent).
+                                   With $BENCH_RESTART_BASELINE (another
+                                   vhubd binary, e.g. an earlier commit's),
+                                   a third daemon runs it with snapshots,
+                                   interleaved with the other two.
     bench_restart.py               all three
 
 The harness starts vhubd through a small Python wrapper that moves the
@@ -43,6 +49,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -250,11 +257,22 @@ def part_gap(t):
     m.sm.stop_unit()
 
 
-def part_commit(t):
+def part_commit(t, idle=0):
     daemons = {}
-    for name, extra in (("snapshots", []), ("--no-fd-store", ["--no-fd-store"])):
+    kinds = [("snapshots", [], None), ("--no-fd-store", ["--no-fd-store"], None)]
+    baseline = os.environ.get("BENCH_RESTART_BASELINE")
+    if baseline:
+        kinds.append(("baseline", [], baseline))
+    for name, extra, binary in kinds:
         d = t.tmpdir()
-        m = Managed(t, d, extra=["--log-level", "warning"] + extra)
+        mine = os.environ.get("VHUBD")
+        if binary:
+            os.environ["VHUBD"] = binary
+        try:
+            m = Managed(t, d, extra=["--log-level", "warning", "--max-connections", str(idle + 64)] + extra)
+        finally:
+            if binary:
+                os.environ["VHUBD"] = mine
         qsd = t.enter(QsdNullBackend([m.socket("e0.sock"), m.socket("e1.sock")], log_dir=d))
         daemons[name] = (m, qsd)
     # the calls are made from a process of their own: the service manager
@@ -262,6 +280,24 @@ def part_commit(t):
     # (FDSTORE=1 and FDSTOREREMOVE=1 at every change of a group) must not
     # take the GIL from the client being timed -- under systemd that work
     # is PID 1's
+    held = []
+    for m, qsd in daemons.values():
+        for _ in range(idle):
+            x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            x.connect(m.control)
+            held.append(x)
+    if idle:
+        # the manager played here takes each push in its own time (its
+        # same_fd() check is O(stored) and in Python): the rounds start once
+        # every daemon's store has settled, not while it is still filling
+        for m, qsd in daemons.values():
+            last, since = -1, time.monotonic()
+            while time.monotonic() - since < 1.0:
+                n = len(m.sm.names())
+                if n != last:
+                    last, since = n, time.monotonic()
+                time.sleep(0.1)
+            log("%s: %d names stored with %d idle connections" % (m.argv[0], last, idle))
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -282,16 +318,20 @@ def part_commit(t):
         raise RuntimeError("the client process failed (status %d)" % status)
     res = pickle.loads(data)
     log("")
-    log("| call | snapshots: median (range) ms | --no-fd-store: median (range) ms |")
-    log("|---|---:|---:|")
+    names = list(daemons)
+    log("| call | %s |" % " | ".join("%s: median (range) ms" % n for n in names))
+    log("|---|%s" % ("---:|" * len(names)))
     for w in ("memory.add", "memory.remove", "device.add", "device.remove"):
         cells = []
-        for name in ("snapshots", "--no-fd-store"):
+        for name in names:
             v = res[(name, w)]
             cells.append("%.3f (%.3f-%.3f)" % (statistics.median(v), min(v), max(v)))
-        log("| %s | %s | %s |" % (w, cells[0], cells[1]))
-    log("(%d rounds of %d calls each, interleaved; each figure a round's median)"
-        % (COMMIT_ROUNDS, COMMIT_ITER))
+        log("| %s | %s |" % (w, " | ".join(cells)))
+    log("(%d rounds of %d calls each, interleaved; each figure a round's median; %d idle control "
+        "connections open to each daemon; load average %s)"
+        % (COMMIT_ROUNDS, COMMIT_ITER, idle, " ".join("%.2f" % x for x in os.getloadavg())))
+    for x in held:
+        x.close()
     for m, qsd in daemons.values():
         m.sm.stop_unit()
 
@@ -366,9 +406,9 @@ def main(t):
     if mode in ("gap", "all"):
         part_gap(t)
     if mode in ("commit", "all"):
-        part_commit(t)
+        part_commit(t, int(args[1]) if mode == "commit" and len(args) > 1 else 0)
     if mode not in ("time", "gap", "commit", "all"):
-        raise SystemExit("usage: bench_restart.py [time [N...]|gap|commit]")
+        raise SystemExit("usage: bench_restart.py [time [N...]|gap|commit [IDLE]]")
 
 
 if __name__ == "__main__":

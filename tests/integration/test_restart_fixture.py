@@ -5,8 +5,9 @@ snapshots"; docs/restart.md, "The snapshot format").
 
 fixtures/restart-v<N>[.<n>]/ holds the snapshot files (the memfds' whole
 contents, both slots) that vhubd left in the fd store at a planned restart of
-the scenario below: "S" (the daemon and its control connections) and one
-"s<id>" per VM.  restart-v<N> is what the first writer of format version N
+the scenario below: "S" (the daemon; in format 1 its control connections
+too), one "s<id>" per VM and, since format 2, one "k<id>" per control
+connection.  restart-v<N> is what the first writer of format version N
 wrote; restart-v<N>.<n> what a later writer of the same version wrote after
 records were added or dropped that every reader of that version copes with
 (restart-v1.1: h-redteam's device credentials and per-VM token count added,
@@ -31,6 +32,16 @@ the daemon-wide token count dropped).  Two checks:
 
               python3 tests/integration/test_restart_fixture.py write
 
+A third, run by hand with an earlier build (not registered: the suite
+builds one tree):
+
+  upgrade VHUBD_PREVIOUS=<an earlier vhubd> test_restart_fixture.py upgrade:
+          a planned restart from it into today's vhubd carries a started qsd
+          device serving I/O and two connections; a restart back into it is
+          refused when today's format is newer than it reads (exit non-zero,
+          the log says why, the store untouched) and today's takes the state
+          back again.
+
 The scenario: vm0 (linger_ms 10 min) with an 8 MiB region, a test back-end
 device blk0 started with one ring, a second device blk1, the VMM's shared
 object and one blk1 exported; vm1 (linger_ms 10 min) whose owner connection
@@ -48,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
-from vhubtest.servicemanager import ServiceManager               # noqa: E402
+from vhubtest.servicemanager import ServiceError, ServiceManager  # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run_parts  # noqa: E402
 from vhubtest.vmm import Vmm                                     # noqa: E402
@@ -177,11 +188,13 @@ def produce(t):
     check_eq(m.sm.wait_exit(), 0, "the planned restart's old vhubd exits 0")
     files = {}
     for name in m.sm.names():
-        if name == "S" or (name.startswith("s") and name[1:].isalnum()):
+        if name == "S" or (name[:1] in "sk" and name[1:].isalnum()):
             fd = m.sm.dup(name)
             files[name] = os.pread(fd, os.fstat(fd).st_size, 0)
             os.close(fd)
-    check_eq(sorted(files), ["S", "s1", "s2"], "the store holds the daemon's and two VMs' snapshots")
+    # since format 2 each control connection's record is a file of its own
+    check_eq(sorted(files), ["S", "k1", "k2", "s1", "s2"],
+             "the store holds the daemon's, two VMs' and two connections' snapshots")
     m.sm.release_store()
     c.close()
     watcher.close()
@@ -296,5 +309,68 @@ def read_one(t, version, directory):
     check_eq(sm.stop_unit(), 0, "version %s: systemctl stop: vhubd exits 0" % version)
 
 
+def part_upgrade(t):
+    """Run by hand with an earlier build: VHUBD_PREVIOUS=<its vhubd>.  A
+    planned restart from it into today's vhubd carries everything (a
+    started qsd device serving I/O, the VMM's and a subscriber's
+    connections); when today's format is newer than what it reads, a
+    restart back into it is refused (exit non-zero, the log says why, the
+    store untouched) and today's takes the state back again."""
+    from test_restart import listing, one_blk_device
+    previous = os.environ.get("VHUBD_PREVIOUS")
+    check(previous and os.access(previous, os.X_OK), "VHUBD_PREVIOUS names an earlier vhubd", previous)
+    today = os.environ["VHUBD"]
+    d = t.tmpdir()
+    os.environ["VHUBD"] = previous
+    try:
+        m = Managed(t, d)
+    finally:
+        os.environ["VHUBD"] = today
+    _, c, _, vmm, q = one_blk_device(t, m, d)
+    watcher = t.enter(Client(m.control, timeout=10))
+    watcher.call("events.subscribe", {})
+    data = os.urandom(4096)
+    q.write_sectors(0, data)
+    before = listing(c)
+
+    def carried(k, what):
+        for x in (c, watcher):
+            ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+            check_eq(ev.get("restarts"), k, "%s: both connections carried (daemon.restarted)" % what)
+        check_eq(listing(c), before, "%s: everything listed as before" % what)
+        check_eq(q.read_sectors(0, 8), data, "%s: the device serves its ring, the data there" % what)
+
+    m.argv[0] = today
+    m.restart()
+    carried(1, "from the earlier build to today's")
+    stored = sorted(m.sm.names())
+    m.sm.send_signal(signal.SIGTERM)
+    check_eq(m.sm.wait_exit(), 0, "today's vhubd: a planned restart exits 0")
+    m.sm.start([previous] + m.argv[1:])
+    try:
+        code = m.sm.wait_exit(5)
+    except ServiceError:
+        code = None     # still running: it reads today's format
+    if code is None:
+        m.sm.wait_ready()
+        carried(2, "back into the earlier build (it reads today's format)")
+        m.restart()
+        carried(3, "today's again")
+    else:
+        with open(m.sm.log_path, errors="replace") as f:
+            text = f.read()
+        check(code != 0 and "needs a newer vhubd" in text,
+              "back into the earlier build: refused (exit %s), the log says why" % code)
+        check_eq(sorted(m.sm.names()), stored, "back into the earlier build: the store untouched")
+        m.sm.start(m.argv)
+        m.sm.wait_ready()
+        carried(2, "today's again after the refusal")
+    vmm.stop_device("blk0")
+    vmm.remove_device("blk0")
+    vmm.destroy()
+    q.vq.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 if __name__ == "__main__":
-    run_parts({"read": part_read, "shape": part_shape, "write": part_write}, "read")
+    run_parts({"read": part_read, "shape": part_shape, "write": part_write, "upgrade": part_upgrade}, "read")

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""What keeping the restart state costs a call (issue 10: "a memory change
+or a device.add does not get measurably slower"; docs/restart.md, "Snapshot
+files" and "fd names and groups"), checked on what the daemon writes, not on
+time (the timings are tests/bench/bench_restart.py's):
+
+  idle    a call on one connection rewrites that connection's record only:
+          with 200 idle connections open (each subscribed, so that each has
+          state of its own), 60 calls on another (vm.memory.add/remove of a
+          memfd, device.add/remove of a qsd export, daemon.info) leave every
+          idle connection's record file at the generation it had, and the
+          daemon's snapshot "S" (counters) the same small size it has with no
+          connection; the caller's own record did change (the check can see
+          a write).  Then a planned restart carries every connection.
+  churn   a restart after many fd-store updates restores every fd: a started
+          qsd device on 2 rings, regions added and removed 200 times (the
+          VM's group updated by appends and removals, compacted now and
+          then), a device added and removed 30 times, a planned restart, a
+          crash, then real I/O on both rings and every region that is left
+          listed and still served.
+"""
+
+import fcntl
+import os
+import re
+import signal
+import struct
+import sys
+import termios
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vhubtest import blk, scenarios                              # noqa: E402
+from vhubtest.backends import QsdBackend, QsdNullBackend         # noqa: E402
+from vhubtest.client import Client, u64_json                     # noqa: E402
+from vhubtest.memory import GuestMemory                          # noqa: E402
+from vhubtest.procs import wait_until                            # noqa: E402
+from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
+from test_restart import Managed, listing                        # noqa: E402
+from test_restart_fixture import newest_doc                      # noqa: E402
+
+IDLE = 200
+
+
+def generation(m, name):
+    """The newest valid copy's generation and payload length in the stored
+    snapshot file `name` (the manager's copy: what a restart would read)."""
+    fd = m.sm.dup(name)
+    try:
+        _, _, gen, payload = newest_doc(os.pread(fd, os.fstat(fd).st_size, 0))
+    finally:
+        os.close(fd)
+    return gen, len(payload)
+
+
+def records(m):
+    """{name: (generation, payload length)} of every connection record."""
+    return {n: generation(m, n) for n in m.sm.names() if n[:1] == "k" and n[1:].isalnum()}
+
+
+def daemon_with_qsd(t, queues):
+    """vhubd under the service manager and a qemu-storage-daemon on an 8 MiB
+    image at backends/blk0.sock: (tmpdir, Managed, QsdBackend)."""
+    d = t.tmpdir()
+    disk = os.path.join(d, "disk.img")
+    scenarios.make_image(disk, 8 << 20)
+    m = Managed(t, d)
+    return d, m, t.enter(QsdBackend(disk, m.socket("blk0.sock"), num_queues=queues, log_dir=d))
+
+
+def part_idle(t):
+    d, m, qsd = daemon_with_qsd(t, 1)
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    _, s_alone = generation(m, "S")
+    idle = []
+    for _ in range(IDLE):
+        x = t.enter(Client(m.control, timeout=10))
+        x.call("events.subscribe", {})
+        idle.append(x)
+    # the manager takes the pushes in its own time
+    wait_until(lambda: len(records(m)) == IDLE + 1, 10.0, what="a record file per connection in the store")
+    before = records(m)
+    mine = sorted(before, key=lambda n: int(n[1:], 36))[0]
+    s_gen, s_len = generation(m, "S")
+    check_eq(s_len, s_alone, "the daemon's snapshot does not grow with the connections")
+    hot = GuestMemory(2 << 20, base=1 << 32).regions[0]
+    add = {"vm": "vm0", "gpa": u64_json(hot.gpa), "size": hot.size, "fd": 0, "uaddr": u64_json(hot.uaddr)}
+    for i in range(20):
+        c.call("vm.memory.add", add, fds=[hot.fd])
+        c.call("vm.memory.remove", {"vm": "vm0", "gpa": u64_json(hot.gpa)})
+        if i % 2 == 0:
+            c.call("device.add", {"vm": "vm0", "device": "x", "socket": qsd.sockets[0], "type": "blk"})
+            c.call("device.remove", {"vm": "vm0", "device": "x"})
+        else:
+            c.call("daemon.info")
+            c.call("vm.list")
+    after = records(m)
+    changed = sorted(n for n in before if after.get(n) != before[n])
+    check(mine in changed, "the calling connection's own record was written (%s)" % mine,
+          (before[mine], after.get(mine)))
+    check_eq([n for n in changed if n != mine], [],
+             "no idle connection's record was rewritten by 60 calls on another")
+    s_gen2, s_len2 = generation(m, "S")
+    log("the daemon's snapshot: %d bytes, generation %d -> %d (the counters it holds: regions, devices)"
+        % (s_len2, s_gen, s_gen2))
+    check_eq(s_len2, s_alone, "the daemon's snapshot holds no connection")
+
+    m.restart()
+    for x in idle + [c]:
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "every connection is carried (daemon.restarted)")
+    check_eq(sorted(records(m)), sorted(before), "every connection's record is back in the store")
+    check_eq(idle[7].call("daemon.info")["restarts"], 1, "an idle connection is served after the restart")
+    for x in idle:
+        x.close()
+    vmm.destroy()
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+def stash_messages(m, group):
+    """How many messages the stored stash of group holds (one byte each:
+    SIOCINQ), read on the manager's copy without taking anything (the
+    manager takes pushes in its own time: a compaction's new stash may not be
+    there yet)."""
+    wait_until(lambda: group in m.sm.names(), 5.0, what="the store to hold group %s" % group)
+    fd = m.sm.dup(group)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+
+
+def part_churn(t):
+    d, m, qsd = daemon_with_qsd(t, 2)
+    null = t.enter(QsdNullBackend([m.socket("x.sock"), m.socket("y.sock")], log_dir=d))
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    vm_group = "v1"
+    keep = t.enter(GuestMemory(4 << 20, base=1 << 32))
+    hot = t.enter(GuestMemory(2 << 20, base=2 << 32)).regions[0]
+
+    def hot_add():
+        vmm.add_region(hot)
+
+    def hot_remove():
+        c.call("vm.memory.remove", {"vm": "vm0", "gpa": u64_json(hot.gpa)})
+
+    # the VM's group: its first region stored, then 100 regions added and
+    # removed (appended, left dead, compacted at the bound and by the sweep)
+    most = 0
+    for i in range(100):
+        hot_add()
+        hot_remove()
+        most = max(most, stash_messages(m, vm_group))
+    log("the VM's stash held up to %d messages during the churn" % most)
+    check(most > 1, "regions added to a stored group are appended to its stash", most)
+    vmm.add_memory(keep)
+    dev = vmm.add_device("blk0", qsd.socket, type="blk")
+    features = scenarios.BLK_FEATURES & dev["features"]
+    q0 = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    q1 = blk.BlkQueue(keep, index=1, size=16, max_io=4096)
+    vmm.start_device("blk0", features, [q0.vq, q1.vq])
+    for i in range(100):
+        hot_add()
+        hot_remove()
+        if i % 30 == 29:
+            # the rings' eventfds leave the device's group and come back
+            vmm.stop_device("blk0")
+            q0.vq.reset(0)
+            q1.vq.reset(0)
+            vmm.start_device("blk0", features, [q0.vq, q1.vq])
+    for i in range(30):
+        c.call("device.add", {"vm": "vm0", "device": "x", "socket": null.sockets[0], "type": "blk"})
+        c.call("device.remove", {"vm": "vm0", "device": "x"})
+    data = {0: os.urandom(4096), 1: os.urandom(4096)}
+    q0.write_sectors(0, data[0])
+    q1.write_sectors(8, data[1])
+
+    def served(what):
+        check_eq(q0.read_sectors(0, 8), data[0], "%s: ring 0 (in the first region) reads back" % what)
+        check_eq(q1.read_sectors(8, 8), data[1], "%s: ring 1 (in a region added mid-churn) reads back" % what)
+
+    served("before the restarts")
+    before = listing(c)
+    # restarts while the stash holds appended messages and dead fds
+    for sig, what in ((signal.SIGTERM, "planned restart"), (signal.SIGKILL, "crash")):
+        for _ in range(3):
+            hot_add()
+            hot_remove()
+        hot_add()
+        n = stash_messages(m, vm_group)
+        log("%s with the VM's stash holding %d messages" % (what, n))
+        check(n > 1, "%s: the VM's stash holds appended messages when it happens" % what, n)
+        code = m.restart(sig=sig)
+        check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "%s: the old vhubd's exit" % what)
+        c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        hot_remove()
+        check_eq(listing(c), before, "%s: every region and device is listed as before" % what)
+        served("after the " + what)
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    dead = re.findall(r"fd store: (\d+) fds of group %s that no snapshot names were closed" % vm_group, text)
+    log("dead fds a restore found in the VM's stash (and closed): %s" % dead)
+    check(dead, "a restore met dead fds in a stash (the form under test) and closed them")
+    for bad in ("could not be stored", "cannot be read back", "not stored", "gone"):
+        check(bad not in text, "the log says nothing is %r" % bad)
+    # a device started now gets every region's fd from this process: its
+    # ring in the region added mid-churn is served
+    dev = vmm.add_device("y", null.sockets[1], type="blk")
+    qy = blk.BlkQueue(keep, index=0, size=16, max_io=4096)
+    vmm.start_device("y", scenarios.BLK_FEATURES & dev["features"] & ~(1 << blk.VIRTIO_BLK_F_MQ), [qy.vq])
+    check_eq(len(qy.read_sectors(0, 1)), 512, "a device started after the restarts is served in that region")
+    vmm.stop_device("y")
+    vmm.remove_device("y")
+    m.finish(c, vmm, "blk0", [q0.vq, q1.vq, qy.vq])
+
+
+if __name__ == "__main__":
+    run_parts({"idle": part_idle, "churn": part_churn}, "idle")
