@@ -16,6 +16,14 @@ over each phase, and the bytes of the connections' records written
     bench_trickle.py [CONNS [PREFIX_KIB [SECONDS]]]   (default 16 512 4)
     meson test -C build --benchmark --suite bench -v trickle
 
+The same for a front-door VMM (its session leaves "at rest" before each
+message is read and comes back once it is answered: a VM snapshot write
+each way): a VMM floods GET_FEATURES (one at a time, from another process)
+on the front door of a VM with DEVICES devices; root's device.list of
+another VM is timed as above, and the VM snapshots written counted.
+
+    bench_trickle.py vmm [DEVICES [SECONDS]]           (default 64 4)
+
 Needs root (to connect as another uid).
 """
 
@@ -43,13 +51,15 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def record_bytes(path):
-    """Bytes of control connections' records written, per the debug log."""
-    total = 0
+def record_bytes(path, kind="k"):
+    """Bytes of the snapshots of kind (k: control connections' records, s:
+    VMs') written, per the debug log; and how many."""
+    total = n = 0
     with open(path, errors="replace") as f:
-        for m in re.finditer(r"snapshot k\w+ written: (\d+) bytes", f.read()):
+        for m in re.finditer(r"snapshot %s\w+ written: (\d+) bytes" % kind, f.read()):
             total += int(m.group(1))
-    return total
+            n += 1
+    return total if kind == "k" else (total, n)
 
 
 def timed_calls(client, until):
@@ -68,7 +78,65 @@ def phase(name, pid, calls, cpu0):
            cpu_seconds(pid) - cpu0))
 
 
+def vmm_flood(path, until):
+    """A VMM's GET_FEATURES one after the other until `until` (run in a
+    child process): how many."""
+    from vhubtest.direct import DirectFrontend
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    n = 0
+    while time.monotonic() < until:
+        fe.get_features()
+        n += 1
+    fe.close()
+    return n
+
+
+def main_vmm(t, devices, seconds):
+    from vhubtest.backends import QsdNullBackend
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
+    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices)], log_dir=d))
+    root = t.enter(Client(m.control, timeout=30))
+    Vmm(root, "vm0").create()
+    root.call("vm.create", {"vm": "flood"})
+    path = None
+    for i in range(devices):
+        r = root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": null.sockets[i],
+                                     "type": "blk", "vmm_socket": True})
+        path = path or r["vmm_socket"]
+    pid = root.call("daemon.info")["pid"]
+    cpu0 = cpu_seconds(pid)
+    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+    until = time.monotonic() + seconds + 0.5
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(rfd)
+        try:
+            os.write(wfd, b"%d" % vmm_flood(path, until))
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    time.sleep(0.5)
+    before = record_bytes(m.sm.log_path, "s")
+    cpu0 = cpu_seconds(pid)
+    calls = timed_calls(root, until)
+    phase("vmm-flood", pid, calls, cpu0)
+    after = record_bytes(m.sm.log_path, "s")
+    n = int(os.read(rfd, 64) or b"0")
+    os.close(rfd)
+    os.waitpid(child, 0)
+    log("a VMM of a VM with %d devices: %d GET_FEATURES in %.1f s; VM snapshots written meanwhile: %d (%d KiB)"
+        % (devices, n, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+
+
 def main(t):
+    if sys.argv[1:2] == ["vmm"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_vmm(t, *(args + [64, 4][len(args):])[:2])
+        return
     if os.geteuid() != 0:
         raise Skip("needs root to connect as another uid")
     args = [int(a) for a in sys.argv[1:]]
