@@ -32,6 +32,7 @@ import re
 import socket
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
@@ -163,7 +164,6 @@ def main(t):
     sent = 0
     cpu0 = cpu_seconds(pid)
     until = time.monotonic() + seconds
-    import threading
 
     def trickle():
         nonlocal sent

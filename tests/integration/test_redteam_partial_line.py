@@ -36,11 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_backend_channel import connect_as                          # noqa: E402
-from test_restart import Managed                                    # noqa: E402
 from test_restart_carry import RawReader                            # noqa: E402
-from test_restart_limits import ended, newest_record, restarted, wait_lines  # noqa: E402
-from vhubtest.client import Client                                  # noqa: E402
-from vhubtest.testing import Skip, TestFailure, check, check_eq, log, run  # noqa: E402
+from test_restart_limits import ended, managed_for_all, newest_record, restarted, wait_lines  # noqa: E402
+from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
 ATTACKER = 65534
 OTHER = 65533
@@ -82,12 +80,7 @@ def wait_record(m, name, pred, poke, what):
 
 
 def main(t):
-    if os.geteuid() != 0:
-        raise Skip("needs root to connect as other uids")
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    m = Managed(t, d, extra=["--control-mode", "0666"])
-    root = t.enter(Client(m.control, timeout=15))
+    m, root = managed_for_all(t)
     root.call("daemon.info")
     m.sm.wait_for(lambda: records(m.sm), 5, "root's connection's record")
 

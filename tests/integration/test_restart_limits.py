@@ -134,13 +134,20 @@ def wait_records_hold(sm, data, n, poke, timeout=20):
         time.sleep(0.05)
 
 
-def part_carry_cap(t, sig=signal.SIGTERM):
+def managed_for_all(t):
+    """vhubd under the service manager whose control socket every uid may
+    connect to (root only: the tests connect as other uids), and root's
+    client: (Managed, Client)."""
     if os.geteuid() != 0:
         raise Skip("needs root to connect as other uids")
     d = t.tmpdir()
     os.chmod(d, 0o755)
     m = Managed(t, d, extra=["--control-mode", "0666"])
-    root = t.enter(Client(m.control, timeout=15))
+    return m, t.enter(Client(m.control, timeout=15))
+
+
+def part_carry_cap(t, sig=signal.SIGTERM):
+    m, root = managed_for_all(t)
     Vmm(root, "vm0").create()
 
     # the victims: root's raw connection and another uid's, each with half
