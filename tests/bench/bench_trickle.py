@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A long partial line fed in small writes (red team, issue 10): what the
 daemon's restart records of control connections cost while one uid trickles
-its lines, and what other uids' calls see meanwhile.  docs/performance.md,
-"Partial lines under the fd store", has the figures.  Not a pass/fail test.
+its lines, and what other uids' calls see meanwhile.  docs/restart.md has
+the figures ("What a restart carries of the control connections", and "A
+VMM's flood of tiny requests").  Not a pass/fail test.
 
 vhubd under the service manager (the fd store and snapshots on).  uid 65534
 opens CONNS connections and sends each PREFIX bytes of a line that never
