@@ -202,6 +202,7 @@ def accept_at_emfile(t, d):
     daemon = t.enter(LimitedDaemon(d, NOFILE))
     root = daemon.client()
     check_eq(root.call("daemon.info")["pid"], daemon.pid, "daemon up")
+    at_rest = daemon.settled_fd_count(root)
 
     # a limit below every fd the daemon holds: accept() fails and giving up
     # the spare fd does not help; the daemon must wait, not spin
@@ -226,7 +227,11 @@ def accept_at_emfile(t, d):
           "the waiting connection is accepted and answered once fds are free again", line[:200])
 
     # the limit exactly at the lowest free fd: the spare fd is given up for
-    # a moment and the new connection is told why
+    # a moment and the new connection is told why.  First the waiting
+    # connection's fd must be gone from the daemon (it closes it when it
+    # reads the EOF: under ASan on a loaded machine, later than a 0.1 s
+    # settle), or the limit would leave room for one more connection
+    daemon.wait_fd_count(at_rest)
     daemon.settled_fd_count(root)
     set_nofile(daemon.pid, lowest_free_fd(daemon.pid))
     line = raw_answer(daemon.control)

@@ -168,10 +168,14 @@ def slow_round(daemon, what, one, make_requests):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.connect(daemon.control)
         s.sendall(make_requests(k))
-        # and a line that never ends: the input buffer grows to 1 MiB
-        s.sendall(b'{"jsonrpc":"2.0","id":"x","method":"daemon.info","pad":"' + b"p" * (MiB - 100))
         clients.append(s)
-    held = settle_rss(pid, settle=0.5)
+    # and a line that never ends: the input buffer grows to 1 MiB.  Sent
+    # after every client's requests, and ended within ~5 s: a partial line
+    # must be complete 10 s after its first byte (rpc-conn's line deadline),
+    # and under ASan on a loaded machine the requests alone took longer
+    for s in clients:
+        s.sendall(b'{"jsonrpc":"2.0","id":"x","method":"daemon.info","pad":"' + b"p" * (MiB - 100))
+    held = settle_rss(pid, settle=0.5, timeout=4.0)
     per = (held - base) / N_SLOW
     log("%s: %d clients that never read: RSS %d KiB -> %d KiB, %.0f KiB per client"
         % (what, N_SLOW, base, held, per))
