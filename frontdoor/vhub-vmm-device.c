@@ -574,12 +574,15 @@ enum {
  * VM's snapshot is written, which then carries the session or not. */
 static bool vd_at_rest(void *face) {
         struct vhub_vmm_device *vd = face;
+        bool was = vd->rest_saved;
 
         vd->rest_saved = !vd->leaving_rest && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
                          vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
                          (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
                          /* settled; a planned restart's last snapshot does not wait */
                          (vd->frozen || !evtimer_pending(vd->ev_rest, NULL));
+        if (vd->rest_saved && !was)
+                vd_log(vd, LOG_DEBUG, NULL, "the VM's snapshot carries the VMM's session (at rest)");
         return vd->rest_saved;
 }
 

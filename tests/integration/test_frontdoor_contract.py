@@ -424,6 +424,22 @@ def vmm_writes(t, path, salt):
     return fe, q
 
 
+AT_REST = b"the VM's snapshot carries the VMM's session (at rest)"
+
+
+def at_rest_count(m):
+    with open(m.sm.log_path, "rb") as f:
+        return f.read().count(AT_REST)
+
+
+def wait_at_rest(m, before):
+    """Until the VMM's session, idle after its last request, is in a
+    snapshot written since `before` (the daemon waits 20 ms of rest first;
+    under load longer): a crash then carries it."""
+    wait_until(lambda: at_rest_count(m) > before, 10.0, what="a snapshot carrying the idle VMM's session")
+    time.sleep(0.05)    # its write, right after the line
+
+
 def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     """A VMM on path writes 8 blocks, vhubd is restarted with sig while the
     VMM is idle (its session at rest): the session is carried -- the same
@@ -432,8 +448,9 @@ def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     lost and comes back -- GET_CONFIG answered meanwhile from the carried
     records, the ring restored from them."""
     fe, q = vmm_writes(t, path, salt)
+    rested = at_rest_count(m)
     config = fe.get_config(0, 8)
-    time.sleep(0.1)     # the snapshot that says the session is at rest is written
+    wait_at_rest(m, rested)
     c.events()
     code = m.restart(sig=sig)
     check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
