@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <event2/event.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -142,7 +141,7 @@ void vmm_stream_set_reading(struct vmm_stream *s, bool on) {
 int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
                     size_t max_queued_bytes, unsigned write_timeout_ms,
                     const struct vmm_stream_ops *ops, void *owner) {
-        int fl;
+        int r;
 
         *s = (struct vmm_stream){
                 .fd = fd,
@@ -156,10 +155,8 @@ int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const
         vhu_writer_init(&s->writer);
         vhu_reader_set_fds_hook(&s->reader, ops->on_fds_changed, owner);
         vhu_writer_set_fds_hook(&s->writer, ops->on_fds_changed, owner);
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                int r = -errno;
-
+        r = vhu_set_nonblocking(fd);
+        if (r < 0) {
                 vmm_stream_done(s);
                 return r;
         }
