@@ -27,7 +27,6 @@ struct vhub_vmm_channel {
         uint64_t protocol_features;
         uint64_t timeout_usec;
 
-        struct awaited_reply *awaited;  /* ring of max_pending */
         unsigned max_pending, head, count;
 
         const struct vhub_vmm_channel_ops *ops;
@@ -35,11 +34,12 @@ struct vhub_vmm_channel {
 
         bool dispatching;            /* inside a callback */
         bool free_requested;
+
+        struct awaited_reply awaited[];  /* ring of max_pending */
 };
 
 static void chan_free_now(struct vhub_vmm_channel *ch) {
         vmm_stream_done(&ch->stream);
-        free(ch->awaited);
         free(ch);
 }
 
@@ -167,7 +167,10 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
                 fd = vhu_safe_close(fd);
                 return -ENOTSOCK;
         }
-        ch = calloc(1, sizeof(*ch));
+        if (max_pending == 0)
+                max_pending = 1;
+        /* the ring comes with the channel: one allocation to undo */
+        ch = calloc(1, sizeof(*ch) + (size_t)max_pending * sizeof(ch->awaited[0]));
         if (!ch) {
                 fd = vhu_safe_close(fd);
                 return -ENOMEM;
@@ -175,17 +178,10 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
         ch->ops = ops;
         ch->userdata = userdata;
         ch->timeout_usec = (uint64_t)timeout_ms * 1000u;
-        ch->max_pending = max_pending ? max_pending : 1;
-        ch->awaited = calloc(ch->max_pending, sizeof(*ch->awaited));
-        if (!ch->awaited) {
-                fd = vhu_safe_close(fd);
-                free(ch);
-                return -ENOMEM;
-        }
+        ch->max_pending = max_pending;
         r = vmm_stream_init(&ch->stream, base, fd, "its back-end channel", CHANNEL_MAX_QUEUED_BYTES,
                             timeout_ms, &chan_stream_ops, ch);
         if (r < 0) {
-                free(ch->awaited);
                 free(ch);
                 return r;
         }
