@@ -608,11 +608,14 @@ uint64_t vhub_snap_file_next_generation(const struct vhub_snap_file *f) {
         return f->generation + 1;
 }
 
-static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
-        const uint8_t *p = buf;
+/* All len bytes at off, read into rbuf or written from wbuf (the other is
+ * NULL); EINTR is retried, and a file that ends midway is -EIO. */
+static int pio_all(int fd, void *rbuf, const void *wbuf, size_t len, off_t off) {
+        size_t done = 0;
 
-        while (len) {
-                ssize_t n = pwrite(fd, p, len, off);
+        while (done < len) {
+                ssize_t n = rbuf ? pread(fd, (uint8_t *) rbuf + done, len - done, off)
+                                 : pwrite(fd, (const uint8_t *) wbuf + done, len - done, off);
 
                 if (n < 0) {
                         if (errno == EINTR)
@@ -621,31 +624,18 @@ static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
                 }
                 if (n == 0)
                         return -EIO;
-                p += n;
-                len -= (size_t) n;
+                done += (size_t) n;
                 off += n;
         }
         return 0;
 }
 
+static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
+        return pio_all(fd, NULL, buf, len, off);
+}
+
 static int pread_all(int fd, void *buf, size_t len, off_t off) {
-        uint8_t *p = buf;
-
-        while (len) {
-                ssize_t n = pread(fd, p, len, off);
-
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (n == 0)
-                        return -EIO;
-                p += n;
-                len -= (size_t) n;
-                off += n;
-        }
-        return 0;
+        return pio_all(fd, buf, NULL, len, off);
 }
 
 /* The file's slot size from its length, or -EBADMSG. */
