@@ -251,36 +251,30 @@ int vhub_snap_end(struct vhub_snap_writer *w) {
         return 0;
 }
 
-int vhub_snap_put_u64(struct vhub_snap_writer *w, uint32_t tag, uint64_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_U64, 8);
+/* A scalar record: its size bytes of v, little-endian. */
+static int writer_put_scalar(struct vhub_snap_writer *w, uint32_t tag, unsigned kind, size_t size,
+                             uint64_t v) {
+        uint8_t *p = writer_record(w, tag, kind, size);
 
-        if (p)
-                put_le64(p, v);
+        for (size_t i = 0; p && i < size; i++)
+                p[i] = (uint8_t) (v >> (8 * i));
         return w->error;
+}
+
+int vhub_snap_put_u64(struct vhub_snap_writer *w, uint32_t tag, uint64_t v) {
+        return writer_put_scalar(w, tag, VHUB_SNAP_U64, 8, v);
 }
 
 int vhub_snap_put_i64(struct vhub_snap_writer *w, uint32_t tag, int64_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_I64, 8);
-
-        if (p)
-                put_le64(p, (uint64_t) v);
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_I64, 8, (uint64_t) v);
 }
 
 int vhub_snap_put_u32(struct vhub_snap_writer *w, uint32_t tag, uint32_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_U32, 4);
-
-        if (p)
-                put_le32(p, v);
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_U32, 4, v);
 }
 
 int vhub_snap_put_bool(struct vhub_snap_writer *w, uint32_t tag, bool v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_BOOL, 1);
-
-        if (p)
-                *p = v ? 1 : 0;
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_BOOL, 1, v ? 1 : 0);
 }
 
 int vhub_snap_put_str(struct vhub_snap_writer *w, uint32_t tag, const char *s) {
