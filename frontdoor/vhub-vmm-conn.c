@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +27,7 @@ struct pending_answer {
 };
 
 struct vhub_vmm_conn {
-        struct vmm_stream stream;
+        struct vmm_stream stream;    /* first: vmm_stream_new_owner() */
         struct vhub_vmm_conn_limits limits;
 
         uint64_t offered_pf;
@@ -44,6 +45,8 @@ struct vhub_vmm_conn {
 
         struct pending_answer pending[];  /* ring of limits.max_pending */
 };
+
+_Static_assert(offsetof(struct vhub_vmm_conn, stream) == 0, "the stream comes first");
 
 void vhub_vmm_conn_limits_default(struct vhub_vmm_conn_limits *l) {
         *l = (struct vhub_vmm_conn_limits){
@@ -266,22 +269,16 @@ int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_con
                 vhub_vmm_conn_limits_default(&l);
         if (l.max_pending == 0)
                 l.max_pending = 1;
-        /* the ring comes with the connection: one allocation to undo */
-        c = calloc(1, sizeof(*c) + (size_t)l.max_pending * sizeof(c->pending[0]));
-        if (!c) {
-                fd = vhu_safe_close(fd);
-                return -ENOMEM;
-        }
+        /* the ring comes with the connection */
+        c = vmm_stream_new_owner(sizeof(*c) + (size_t)l.max_pending * sizeof(c->pending[0]), base, fd,
+                                 "its connection", l.max_queued_bytes, l.write_timeout_ms,
+                                 &conn_stream_ops, &r);
+        if (!c)
+                return r;
         c->limits = l;
         c->ops = ops;
         c->userdata = userdata;
         c->next_id = 1;
-        r = vmm_stream_init(&c->stream, base, fd, "its connection", l.max_queued_bytes,
-                            l.write_timeout_ms, &conn_stream_ops, c);
-        if (r < 0) {
-                free(c);
-                return r;
-        }
         *ret = c;
         return 0;
 }
@@ -292,8 +289,7 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         if (c->dispatching) {
                 /* the read loop frees it when on_request returns */
                 c->free_requested = true;
-                c->stream.lost = true;
-                vmm_stream_silence(&c->stream);
+                vmm_stream_abandon(&c->stream);
                 return NULL;
         }
         conn_free_now(c);

@@ -60,14 +60,28 @@ struct vmm_stream {
 int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
                     size_t max_queued_bytes, unsigned write_timeout_ms,
                     const struct vmm_stream_ops *ops, void *owner);
+/*
+ * The setup the VMM's connection and its channel share: an owner of size
+ * bytes, zeroed, whose first member is its stream, started on fd as
+ * vmm_stream_init() does (fd taken in every case).  Returns the owner, or
+ * NULL with *error set (nothing left to undo).  The owner fills in the rest
+ * before it returns to the loop: no callback runs before that.
+ */
+void *vmm_stream_new_owner(size_t size, struct event_base *base, int fd, const char *what,
+                           size_t max_queued_bytes, unsigned write_timeout_ms,
+                           const struct vmm_stream_ops *ops, int *error);
 /* Events freed, reader and writer dropped (their fds closed), socket closed. */
 void vmm_stream_done(struct vmm_stream *s);
 
 /* Record the loss (the first one wins) and report it from the loop. */
 void vmm_stream_lose(struct vmm_stream *s, bool timeout, const char *fmt, ...)
         __attribute__((format(printf, 3, 4)));
-/* Stop reading and writing without a report (the owner is going away). */
+/* Stop reading and writing without a report (the owner is going away);
+ * only a started stream (vmm_stream_init() succeeded). */
 void vmm_stream_silence(struct vmm_stream *s);
+/* The same, and lost: the owner is going from inside one of its callbacks
+ * and frees itself when that returns; meanwhile nothing more is sent. */
+void vmm_stream_abandon(struct vmm_stream *s);
 
 /* Send m (fds borrowed; dup'd if it has to wait); failures lose the stream.
  * Returns vhu_writer's -ENOMEM/-EMFILE/-EINVAL (nothing sent), else 0. */
