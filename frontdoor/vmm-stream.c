@@ -11,7 +11,7 @@
 #include "vmm-stream.h"
 #include "vhu-fd.h"
 
-/* Only a started stream is silenced: its events are all there. */
+/* A stream is only ever silenced once started: its events are all there. */
 void vmm_stream_silence(struct vmm_stream *s) {
         event_del(s->ev_read);
         event_del(s->ev_write);
@@ -141,9 +141,10 @@ void vmm_stream_set_reading(struct vmm_stream *s, bool on) {
                 event_del(s->ev_read);
 }
 
-int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
-                    size_t max_queued_bytes, unsigned write_timeout_ms,
-                    const struct vmm_stream_ops *ops, void *owner) {
+/* fd taken in every case; on failure s holds nothing (vmm_stream_done()). */
+static int stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
+                       size_t max_queued_bytes, unsigned write_timeout_ms,
+                       const struct vmm_stream_ops *ops, void *owner) {
         int r;
 
         *s = (struct vmm_stream){
@@ -185,7 +186,7 @@ void *vmm_stream_new_owner(size_t size, struct event_base *base, int fd, const c
                 *error = -ENOMEM;
                 return NULL;
         }
-        *error = vmm_stream_init(s, base, fd, what, max_queued_bytes, write_timeout_ms, ops, s);
+        *error = stream_init(s, base, fd, what, max_queued_bytes, write_timeout_ms, ops, s);
         if (*error < 0) {
                 free(s);
                 return NULL;

@@ -54,16 +54,10 @@ struct vmm_stream {
 };
 
 /*
- * fd is taken in every case (closed on failure): a connected AF_UNIX
- * stream socket, made non-blocking here.  Reading starts at once.
- */
-int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
-                    size_t max_queued_bytes, unsigned write_timeout_ms,
-                    const struct vmm_stream_ops *ops, void *owner);
-/*
  * The setup the VMM's connection and its channel share: an owner of size
- * bytes, zeroed, whose first member is its stream, started on fd as
- * vmm_stream_init() does (fd taken in every case).  Returns the owner, or
+ * bytes, zeroed, whose first member is its stream, started on fd: a
+ * connected AF_UNIX stream socket, made non-blocking here, taken in every
+ * case (closed on failure); reading starts at once.  Returns the owner, or
  * NULL with *error set (nothing left to undo).  The owner fills in the rest
  * before it returns to the loop: no callback runs before that.
  */
@@ -76,8 +70,7 @@ void vmm_stream_done(struct vmm_stream *s);
 /* Record the loss (the first one wins) and report it from the loop. */
 void vmm_stream_lose(struct vmm_stream *s, bool timeout, const char *fmt, ...)
         __attribute__((format(printf, 3, 4)));
-/* Stop reading and writing without a report (the owner is going away);
- * only a started stream (vmm_stream_init() succeeded). */
+/* Stop reading and writing without a report (the owner is going away). */
 void vmm_stream_silence(struct vmm_stream *s);
 /* The same, and lost: the owner is going from inside one of its callbacks
  * and frees itself when that returns; meanwhile nothing more is sent. */
