@@ -24,7 +24,10 @@ void control_fds_init(struct control_server *s) {
 }
 
 void control_conn_fds_changed(struct control_conn *c) {
-        if (c->fds_marked)
+        /* closed: counted at 0 by control_conn_fds_gone(), and freed with
+         * its last reference -- an answer to its call completing later
+         * (nothing is sent) must not mark it again */
+        if (c->fds_marked || !c->rpc)
                 return;
         c->fds_marked = true;
         TAILQ_INSERT_TAIL(&c->srv->fds_marked, c, fds_link);

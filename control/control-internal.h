@@ -63,6 +63,8 @@ struct control_conn {
         struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
         size_t carry_charged;        /* ... as srv->carry counts it */
         bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
+        bool snap_mid_line;          /* ... without its partial line, over the bound */
+        size_t snap_input;           /* ... the input bytes it holds */
         TAILQ_ENTRY(control_conn) snap_link;
 };
 
@@ -155,6 +157,9 @@ void control_server_count_fds(void *userdata, struct vhub_fd_usage *u);
 /* c's restart record is out of date (a request read or answered, a batch
  * done...): written at the next commit, on its own (control-snapshot.c). */
 void control_conn_changed(struct control_conn *c);
+/* Whether c's last record holds its input as it is now (only a partial
+ * line it leaves out grew since): no need to write it again. */
+bool control_conn_input_recorded(const struct control_conn *c);
 /* c is closed: its record out of the store. */
 void control_conn_snapshot_gone(struct control_conn *c);
 

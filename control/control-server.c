@@ -477,10 +477,12 @@ static void conn_on_drained(struct rpc_conn *rpc, void *userdata) {
         vhub_context_owner_drained(c->srv->ctx, &c->owner);
 }
 
-/* Its record holds the bytes read and not handled (a partial line too):
- * rewritten after each read, as after each message. */
+/* Its record holds the bytes read and not handled (a partial line of
+ * ordinary size too): rewritten after each read, as after each message,
+ * unless a long partial line only grew (left out of the record). */
 static void conn_on_input(struct rpc_conn *rpc, void *userdata) {
-        control_conn_changed(userdata);
+        if (!control_conn_input_recorded(userdata))
+                control_conn_changed(userdata);
 }
 
 static void conn_on_fds_dropped(struct rpc_conn *rpc, void *userdata) {

@@ -816,6 +816,10 @@ size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret) {
         return vhub_frame_in_pending_bytes(&c->in);
 }
 
+size_t rpc_conn_partial_input(const struct rpc_conn *c) {
+        return vhub_frame_in_partial_bytes(&c->in);
+}
+
 int rpc_conn_restore_input(struct rpc_conn *c, const void *p, size_t n) {
         static const struct timeval now = { 0, 0 };
         int r = vhub_frame_in_push(&c->in, p, n);

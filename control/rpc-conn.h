@@ -182,6 +182,8 @@ size_t rpc_conn_take_peak_memory(struct rpc_conn *c);
  * of it, 1: some is left, -errno). */
 void rpc_conn_stop_reading(struct rpc_conn *c);
 size_t rpc_conn_unhandled_input(const struct rpc_conn *c, const char **ret);
+/* The last of those bytes that are a partial line (no '\n' yet). */
+size_t rpc_conn_partial_input(const struct rpc_conn *c);
 int rpc_conn_flush_now(struct rpc_conn *c);
 /* The next process: the bytes an earlier one had read, as if just read:
  * the complete lines among them are handed over from the loop (never from

@@ -50,6 +50,15 @@ size_t vhub_frame_in_pending_bytes(const struct vhub_frame_in *f) {
         return f->len - f->start;
 }
 
+size_t vhub_frame_in_partial_bytes(const struct vhub_frame_in *f) {
+        /* no '\n' in [start, scanned): only the rest is searched, which
+         * is nothing once vhub_frame_in_next_line() found no line */
+        size_t from = f->scanned > f->start ? f->scanned : f->start;
+        const char *nl = f->len > from ? memrchr(f->buf + from, '\n', f->len - from) : NULL;
+
+        return nl ? f->len - (size_t)(nl - f->buf) - 1 : f->len - f->start;
+}
+
 size_t vhub_frame_in_buffer_size(const struct vhub_frame_in *f) {
         return f->cap;
 }

@@ -82,6 +82,8 @@ int vhub_frame_in_check(const struct vhub_frame_in *f);
 unsigned vhub_frame_in_queued_fds(const struct vhub_frame_in *f);
 /* Bytes received and not yet handed out as lines. */
 size_t vhub_frame_in_pending_bytes(const struct vhub_frame_in *f);
+/* Of those, the bytes after the last '\n' (a partial line). */
+size_t vhub_frame_in_partial_bytes(const struct vhub_frame_in *f);
 /* The buffer's allocated size. */
 size_t vhub_frame_in_buffer_size(const struct vhub_frame_in *f);
 /* Close every queued fd (nothing will claim them). */

@@ -369,6 +369,9 @@ void passthrough_foreach_fd(const struct vhub_device *d, const struct vhub_op *o
 /* A loss took the back-end while op waited or ran: true if it stays queued
  * (reset, to run again after the restore), false if it is done with. */
 bool passthrough_requeue(struct vhub_device *d, struct vhub_op *op);
+/* A VMM's request the daemon answers itself (GET_FEATURES...): nothing of
+ * it goes to the back-end or changes the model. */
+bool passthrough_is_own(const struct vhub_op *op);
 
 /* the dispatch (vhub-op.c) */
 int op_stage_send(struct vhub_device *d, struct vhub_op *op);

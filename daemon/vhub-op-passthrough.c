@@ -821,6 +821,10 @@ static bool vring_base_reply_ok(const struct vhub_device *d, const struct vhub_v
         return (st->num & 0x7fff) < r->num && ((st->num >> 16) & 0x7fff) < r->num;
 }
 
+bool passthrough_is_own(const struct vhub_op *op) {
+        return request_kind(op->vmm_req->msg.hdr.request) == VMM_OWN;
+}
+
 void passthrough_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         struct vhub_vmm_request *q = op->vmm_req;
         enum vmm_kind kind = request_kind(q->msg.hdr.request);

@@ -24,6 +24,7 @@
  * left (or after a new one came) is dropped.
  */
 #include <errno.h>
+#include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,16 @@
 
 /* Back-end requests relayed to the VMM and awaiting its answer. */
 #define RELAY_MAX 16
+/*
+ * How long a session stays at rest before a snapshot says so.  Leaving rest
+ * costs a VM snapshot write at once (vd_leave_rest()), coming back another:
+ * a VMM answered one tiny request at a time had two written per request
+ * (tests/bench/bench_trickle.py vmm: ~2 per GET_FEATURES, other VMs'
+ * device.list 7 times slower).  Once it waits this long, a VMM that keeps
+ * sending costs neither while it does, one that pauses between requests
+ * two per pause; a crash within it falls back, as when not at rest.
+ */
+#define REST_SETTLE_USEC 20000
 
 struct vmm_call;
 TAILQ_HEAD(vmm_call_list, vmm_call);
@@ -75,6 +86,7 @@ struct vhub_vmm_device {
         bool dead;                    /* the model let go of it */
         bool rest_saved;              /* the last snapshot written carries the session */
         bool leaving_rest;            /* a snapshot saying it is not at rest is being written */
+        struct event *ev_rest;        /* pending: at rest for less than REST_SETTLE_USEC */
 };
 
 struct vmm_call {
@@ -226,6 +238,21 @@ static bool vd_leave(struct vhub_vmm_device *vd) {
  * not stay the last one written, or a crash now would resume the VMM's
  * stream in the wrong place.  So that one is replaced first, at once.
  */
+/* Nothing owed either way any more: at rest, once it stays so a moment. */
+static void vd_settle(struct vhub_vmm_device *vd) {
+        static const struct timeval settle = { 0, REST_SETTLE_USEC };
+
+        if (!vd->dead && evtimer_add(vd->ev_rest, &settle) < 0)
+                vhub_device_vmm_changed(vd->dev);       /* no timer: written now, as before */
+}
+
+static void rest_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_vmm_device *vd = userdata;
+
+        if (!vd->dead)
+                vhub_device_vmm_changed(vd->dev);       /* the snapshot says it is at rest */
+}
+
 static void vd_leave_rest(struct vhub_vmm_device *vd) {
         if (!vd->rest_saved || vd->dead)
                 return;
@@ -245,6 +272,8 @@ static void relay_fail_all(struct vhub_vmm_device *vd) {
                 vd->relay_count--;
                 if (!vd->dead)
                         vhub_device_vmm_relay_answered(vd->dev, token, 1);
+                if (vd->relay_count == 0)
+                        vd_settle(vd);
         }
 }
 
@@ -261,6 +290,8 @@ static void channel_on_answer(void *userdata, uint32_t tag, uint32_t request, st
         /* a u64: 0 is success; none (a closed or silent channel) is a failure */
         vhub_device_vmm_relay_answered(vd->dev, token,
                                        reply && reply->hdr.size == sizeof(uint64_t) ? reply->payload.u64 : 1);
+        if (vd->relay_count == 0)
+                vd_settle(vd);
         vd_leave(vd);
 }
 
@@ -329,8 +360,8 @@ static void call_forget(struct vmm_call *c) {
                 TAILQ_REMOVE(&vd->calls, c, link);
                 vd->n_calls--;
                 /* perhaps at rest again: written so that a crash carries it */
-                if (vd->n_calls == 0 && !vd->dead)
-                        vhub_device_vmm_changed(vd->dev);
+                if (vd->n_calls == 0)
+                        vd_settle(vd);
                 /* reading resumes once half the backlog is answered */
                 if (vd->paused && !vd->frozen && vd->conn && vd->n_calls <= vd->limits.max_requests / 2) {
                         vd->paused = false;
@@ -509,6 +540,8 @@ static void vd_free(struct vhub_vmm_device *vd) {
         vd->sock = vd_socket_remove(vd);
         if (vd->list)
                 TAILQ_REMOVE(vd->list, vd, link);
+        if (vd->ev_rest)
+                event_free(vd->ev_rest);
         free(vd);
 }
 
@@ -544,7 +577,9 @@ static bool vd_at_rest(void *face) {
 
         vd->rest_saved = !vd->leaving_rest && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
                          vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
-                         (!vd->channel || vhub_vmm_channel_at_rest(vd->channel));
+                         (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
+                         /* settled; a planned restart's last snapshot does not wait */
+                         (vd->frozen || !evtimer_pending(vd->ev_rest, NULL));
         return vd->rest_saved;
 }
 
@@ -588,6 +623,11 @@ static struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_de
                 return NULL;
         vd->ctx = ctx;
         vd->base = vhub_context_base(ctx);
+        vd->ev_rest = evtimer_new(vd->base, rest_cb, vd);
+        if (!vd->ev_rest) {
+                free(vd);
+                return NULL;
+        }
         vd->dev = dev;
         vd->limits = *limits;
         if (vd->limits.max_requests == 0)

@@ -129,6 +129,34 @@ static void test_in_bounds(void) {
         printf("ok: bounds\n");
 }
 
+/* The partial line's length, before and after the complete lines were
+ * taken, and with lines held back (as a paused connection's are). */
+static void test_in_partial(void) {
+        struct vhub_frame_in f;
+
+        vhub_frame_in_init(&f, 64, 4);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 0);
+        CHECK_EQ(vhub_frame_in_push(&f, "abc", 3), 0);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 3);
+        CHECK_EQ(vhub_frame_in_push(&f, "\nde\nfgh", 7), 0);
+        CHECK_EQ(vhub_frame_in_pending_bytes(&f), 10);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 3);   /* lines held: only "fgh" */
+        expect_line(&f, "abc");
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 3);
+        expect_line(&f, "de");
+        CHECK_EQ(vhub_frame_in_next_line(&f, &(const char *){ NULL }, &(size_t){ 0 }), 0);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 3);
+        CHECK_EQ(vhub_frame_in_push(&f, "ij", 2), 0);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 5);   /* scanned already: not searched again */
+        CHECK_EQ(vhub_frame_in_push(&f, "\n", 1), 0);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 0);
+        expect_line(&f, "fghij");
+        CHECK_EQ(vhub_frame_in_pending_bytes(&f), 0);
+        CHECK_EQ(vhub_frame_in_partial_bytes(&f), 0);
+        vhub_frame_in_done(&f);
+        printf("ok: partial\n");
+}
+
 static void queue_json(struct vhub_frame_out *o, const char *text, const int *fds, unsigned n,
                        uint64_t *ret_seq) {
         json_t *msg = json_loads(text, 0, NULL);
@@ -277,7 +305,8 @@ static void test_out_carry(void) {
 }
 
 int main(void) {
-        void (*const tests[])(void) = { test_in_lines_and_fds, test_in_bounds, test_out, test_out_carry };
+        void (*const tests[])(void) = { test_in_lines_and_fds, test_in_bounds, test_in_partial, test_out,
+                                                test_out_carry };
         const int open_before = vhub_count_open_fds();
 
         for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++)

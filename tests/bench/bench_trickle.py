@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""A long partial line fed in small writes (red team, issue 10): what the
+daemon's restart records of control connections cost while one uid trickles
+its lines, and what other uids' calls see meanwhile.  docs/restart.md has
+the figures ("What a restart carries of the control connections", and "A
+VMM's flood of tiny requests").  Not a pass/fail test.
+
+vhubd under the service manager (the fd store and snapshots on).  uid 65534
+opens CONNS connections and sends each PREFIX bytes of a line that never
+ends, then one byte more to each in turn for SECONDS (under a line's 10 s
+deadline).  Root's client times `device.list` of its VM all along; before
+the trickle the same number of calls is timed with nobody trickling.
+Reported: the calls' median and 99th percentile and the daemon's CPU time
+over each phase, and the bytes of the connections' records written
+(the daemon's debug log).
+
+    bench_trickle.py [CONNS [PREFIX_KIB [SECONDS]]]   (default 16 512 4)
+    meson test -C build --benchmark --suite bench -v trickle
+
+The same for a front-door VMM (its session leaves "at rest" before each
+message is read and comes back once it is answered: a VM snapshot write
+each way): a VMM floods GET_FEATURES (one at a time, from another process)
+on the front door of a VM with DEVICES devices; root's device.list of
+another VM is timed as above, and the VM snapshots written counted.
+
+    bench_trickle.py vmm [DEVICES [SECONDS]]           (default 64 4)
+
+Needs root (to connect as another uid).
+"""
+
+import os
+import re
+import socket
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+
+from test_backend_channel import connect_as             # noqa: E402
+from test_restart import Managed                        # noqa: E402
+from vhubtest.client import Client                      # noqa: E402
+from vhubtest.testing import Skip, log, run             # noqa: E402
+from vhubtest.vmm import Vmm                            # noqa: E402
+
+ATTACKER = 65534
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def record_bytes(path, kind="k"):
+    """Bytes of the snapshots of kind (k: control connections' records, s:
+    VMs') written, per the debug log; and how many."""
+    total = n = 0
+    with open(path, errors="replace") as f:
+        for m in re.finditer(r"snapshot %s\w+ written: (\d+) bytes" % kind, f.read()):
+            total += int(m.group(1))
+            n += 1
+    return total if kind == "k" else (total, n)
+
+
+def timed_calls(client, until):
+    out = []
+    while time.monotonic() < until:
+        t0 = time.perf_counter()
+        client.call("device.list", {"vm": "vm0"})
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def phase(name, pid, calls, cpu0):
+    calls.sort()
+    log("%-9s device.list: %5d calls, median %7.0f us, p99 %8.0f us, max %8.0f us; vhubd CPU %.2f s"
+        % (name, len(calls), statistics.median(calls), calls[int(len(calls) * 0.99)], calls[-1],
+           cpu_seconds(pid) - cpu0))
+
+
+def vmm_flood(path, until):
+    """A VMM's GET_FEATURES one after the other until `until` (run in a
+    child process): how many."""
+    from vhubtest.direct import DirectFrontend
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    n = 0
+    while time.monotonic() < until:
+        fe.get_features()
+        n += 1
+    fe.close()
+    return n
+
+
+def main_vmm(t, devices, seconds):
+    from vhubtest.backends import QsdNullBackend
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
+    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices)], log_dir=d))
+    root = t.enter(Client(m.control, timeout=30))
+    Vmm(root, "vm0").create()
+    root.call("vm.create", {"vm": "flood"})
+    path = None
+    for i in range(devices):
+        r = root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": null.sockets[i],
+                                     "type": "blk", "vmm_socket": True})
+        path = path or r["vmm_socket"]
+    pid = root.call("daemon.info")["pid"]
+    cpu0 = cpu_seconds(pid)
+    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+    until = time.monotonic() + seconds + 0.5
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(rfd)
+        try:
+            os.write(wfd, b"%d" % vmm_flood(path, until))
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    time.sleep(0.5)
+    before = record_bytes(m.sm.log_path, "s")
+    cpu0 = cpu_seconds(pid)
+    calls = timed_calls(root, until)
+    phase("vmm-flood", pid, calls, cpu0)
+    after = record_bytes(m.sm.log_path, "s")
+    n = int(os.read(rfd, 64) or b"0")
+    os.close(rfd)
+    os.waitpid(child, 0)
+    log("a VMM of a VM with %d devices: %d GET_FEATURES in %.1f s; VM snapshots written meanwhile: %d (%d KiB)"
+        % (devices, n, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+
+
+def main(t):
+    if sys.argv[1:2] == ["vmm"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_vmm(t, *(args + [64, 4][len(args):])[:2])
+        return
+    if os.geteuid() != 0:
+        raise Skip("needs root to connect as another uid")
+    args = [int(a) for a in sys.argv[1:]]
+    conns, prefix_kib, seconds = (args + [16, 512, 4][len(args):])[:3]
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--control-mode", "0666", "--log-level", "debug"])
+    root = t.enter(Client(m.control, timeout=30))
+    Vmm(root, "vm0").create()
+    pid = root.call("daemon.info")["pid"]
+
+    cpu0 = cpu_seconds(pid)
+    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+
+    hoard = [socket.socket(fileno=connect_as(m.control, ATTACKER).detach()) for _ in range(conns)]
+    for s in hoard:
+        t.defer(s.close)
+    root.call("daemon.info")
+    head = b'{"jsonrpc":"2.0","id":1,"method":"vm.list","params":{"pad":"'
+    for s in hoard:
+        s.sendall(head + b"x" * (prefix_kib * 1024 - len(head)))
+    time.sleep(0.3)
+    before = record_bytes(m.sm.log_path)
+    sent = 0
+    cpu0 = cpu_seconds(pid)
+    until = time.monotonic() + seconds
+
+    def trickle():
+        nonlocal sent
+        while time.monotonic() < until:
+            for s in hoard:
+                s.send(b"x")
+                sent += 1
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=trickle)
+    th.start()
+    calls = timed_calls(root, until)
+    th.join()
+    phase("trickle", pid, calls, cpu0)
+    time.sleep(0.3)
+    log("uid %d: %d connections, %d KiB each, %d bytes trickled; connections' records written: %d MiB"
+        % (ATTACKER, conns, prefix_kib, sent, (record_bytes(m.sm.log_path) - before) >> 20))
+
+
+if __name__ == "__main__":
+    run(main)
