@@ -1,6 +1,5 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
-#include <fcntl.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -258,11 +257,10 @@ static void bconn_read_cb(evutil_socket_t fd, short what, void *userdata) {
 int vhub_bconn_new(struct event_base *base, int fd, unsigned timeout_ms, unsigned max_pending,
                    const struct vhub_bconn_ops *ops, void *userdata, struct vhub_bconn **ret) {
         struct vhub_bconn *c;
-        int fl, r;
+        int r;
 
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                r = -errno;
+        r = vhu_set_nonblocking(fd);
+        if (r < 0) {
                 vhu_safe_close(fd);
                 return r;
         }

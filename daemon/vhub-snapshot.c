@@ -251,36 +251,30 @@ int vhub_snap_end(struct vhub_snap_writer *w) {
         return 0;
 }
 
-int vhub_snap_put_u64(struct vhub_snap_writer *w, uint32_t tag, uint64_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_U64, 8);
+/* A scalar record: its size bytes of v, little-endian. */
+static int writer_put_scalar(struct vhub_snap_writer *w, uint32_t tag, unsigned kind, size_t size,
+                             uint64_t v) {
+        uint8_t *p = writer_record(w, tag, kind, size);
 
-        if (p)
-                put_le64(p, v);
+        for (size_t i = 0; p && i < size; i++)
+                p[i] = (uint8_t) (v >> (8 * i));
         return w->error;
+}
+
+int vhub_snap_put_u64(struct vhub_snap_writer *w, uint32_t tag, uint64_t v) {
+        return writer_put_scalar(w, tag, VHUB_SNAP_U64, 8, v);
 }
 
 int vhub_snap_put_i64(struct vhub_snap_writer *w, uint32_t tag, int64_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_I64, 8);
-
-        if (p)
-                put_le64(p, (uint64_t) v);
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_I64, 8, (uint64_t) v);
 }
 
 int vhub_snap_put_u32(struct vhub_snap_writer *w, uint32_t tag, uint32_t v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_U32, 4);
-
-        if (p)
-                put_le32(p, v);
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_U32, 4, v);
 }
 
 int vhub_snap_put_bool(struct vhub_snap_writer *w, uint32_t tag, bool v) {
-        uint8_t *p = writer_record(w, tag, VHUB_SNAP_BOOL, 1);
-
-        if (p)
-                *p = v ? 1 : 0;
-        return w->error;
+        return writer_put_scalar(w, tag, VHUB_SNAP_BOOL, 1, v ? 1 : 0);
 }
 
 int vhub_snap_put_str(struct vhub_snap_writer *w, uint32_t tag, const char *s) {
@@ -608,11 +602,14 @@ uint64_t vhub_snap_file_next_generation(const struct vhub_snap_file *f) {
         return f->generation + 1;
 }
 
-static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
-        const uint8_t *p = buf;
+/* All len bytes at off, read into rbuf or written from wbuf (the other is
+ * NULL); EINTR is retried, and a file that ends midway is -EIO. */
+static int pio_all(int fd, void *rbuf, const void *wbuf, size_t len, off_t off) {
+        size_t done = 0;
 
-        while (len) {
-                ssize_t n = pwrite(fd, p, len, off);
+        while (done < len) {
+                ssize_t n = rbuf ? pread(fd, (uint8_t *) rbuf + done, len - done, off)
+                                 : pwrite(fd, (const uint8_t *) wbuf + done, len - done, off);
 
                 if (n < 0) {
                         if (errno == EINTR)
@@ -621,31 +618,18 @@ static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
                 }
                 if (n == 0)
                         return -EIO;
-                p += n;
-                len -= (size_t) n;
+                done += (size_t) n;
                 off += n;
         }
         return 0;
 }
 
+static int pwrite_all(int fd, const void *buf, size_t len, off_t off) {
+        return pio_all(fd, NULL, buf, len, off);
+}
+
 static int pread_all(int fd, void *buf, size_t len, off_t off) {
-        uint8_t *p = buf;
-
-        while (len) {
-                ssize_t n = pread(fd, p, len, off);
-
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (n == 0)
-                        return -EIO;
-                p += n;
-                len -= (size_t) n;
-                off += n;
-        }
-        return 0;
+        return pio_all(fd, buf, NULL, len, off);
 }
 
 /* The file's slot size from its length, or -EBADMSG. */

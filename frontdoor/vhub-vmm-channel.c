@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,11 +24,10 @@ struct awaited_reply {
 };
 
 struct vhub_vmm_channel {
-        struct vmm_stream stream;
+        struct vmm_stream stream;       /* first: vmm_stream_new_owner() */
         uint64_t protocol_features;
         uint64_t timeout_usec;
 
-        struct awaited_reply *awaited;  /* ring of max_pending */
         unsigned max_pending, head, count;
 
         const struct vhub_vmm_channel_ops *ops;
@@ -35,11 +35,14 @@ struct vhub_vmm_channel {
 
         bool dispatching;            /* inside a callback */
         bool free_requested;
+
+        struct awaited_reply awaited[];  /* ring of max_pending */
 };
+
+_Static_assert(offsetof(struct vhub_vmm_channel, stream) == 0, "the stream comes first");
 
 static void chan_free_now(struct vhub_vmm_channel *ch) {
         vmm_stream_done(&ch->stream);
-        free(ch->awaited);
         free(ch);
 }
 
@@ -167,28 +170,18 @@ int vhub_vmm_channel_new(struct event_base *base, int fd, unsigned timeout_ms, u
                 fd = vhu_safe_close(fd);
                 return -ENOTSOCK;
         }
-        ch = calloc(1, sizeof(*ch));
-        if (!ch) {
-                fd = vhu_safe_close(fd);
-                return -ENOMEM;
-        }
+        if (max_pending == 0)
+                max_pending = 1;
+        /* the ring comes with the channel */
+        ch = vmm_stream_new_owner(sizeof(*ch) + (size_t)max_pending * sizeof(ch->awaited[0]), base, fd,
+                                  "its back-end channel", CHANNEL_MAX_QUEUED_BYTES, timeout_ms,
+                                  &chan_stream_ops, &r);
+        if (!ch)
+                return r;
         ch->ops = ops;
         ch->userdata = userdata;
         ch->timeout_usec = (uint64_t)timeout_ms * 1000u;
-        ch->max_pending = max_pending ? max_pending : 1;
-        ch->awaited = calloc(ch->max_pending, sizeof(*ch->awaited));
-        if (!ch->awaited) {
-                fd = vhu_safe_close(fd);
-                free(ch);
-                return -ENOMEM;
-        }
-        r = vmm_stream_init(&ch->stream, base, fd, "its back-end channel", CHANNEL_MAX_QUEUED_BYTES,
-                            timeout_ms, &chan_stream_ops, ch);
-        if (r < 0) {
-                free(ch->awaited);
-                free(ch);
-                return r;
-        }
+        ch->max_pending = max_pending;
         *ret = ch;
         return 0;
 }
@@ -198,8 +191,7 @@ struct vhub_vmm_channel *vhub_vmm_channel_free(struct vhub_vmm_channel *ch) {
                 return NULL;
         if (ch->dispatching) {
                 ch->free_requested = true;
-                ch->stream.lost = true;
-                vmm_stream_silence(&ch->stream);
+                vmm_stream_abandon(&ch->stream);
                 return NULL;
         }
         chan_free_now(ch);

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,13 +27,12 @@ struct pending_answer {
 };
 
 struct vhub_vmm_conn {
-        struct vmm_stream stream;
+        struct vmm_stream stream;    /* first: vmm_stream_new_owner() */
         struct vhub_vmm_conn_limits limits;
 
         uint64_t offered_pf;
         uint64_t pf;                 /* acked by the VMM */
 
-        struct pending_answer *pending;  /* ring of limits.max_pending */
         unsigned head, count;
         uint64_t next_id;
 
@@ -42,7 +42,11 @@ struct vhub_vmm_conn {
         bool face_paused;            /* vhub_vmm_conn_pause() */
         bool dispatching;            /* inside ops->on_request */
         bool free_requested;         /* vhub_vmm_conn_free() called meanwhile */
+
+        struct pending_answer pending[];  /* ring of limits.max_pending */
 };
+
+_Static_assert(offsetof(struct vhub_vmm_conn, stream) == 0, "the stream comes first");
 
 void vhub_vmm_conn_limits_default(struct vhub_vmm_conn_limits *l) {
         *l = (struct vhub_vmm_conn_limits){
@@ -53,19 +57,25 @@ void vhub_vmm_conn_limits_default(struct vhub_vmm_conn_limits *l) {
         };
 }
 
-static struct pending_answer *pending_at(const struct vhub_vmm_conn *c, unsigned i) {
-        return &c->pending[(c->head + i) % c->limits.max_pending];
+/* The ring slot of the i-th oldest pending request (0: the head). */
+static unsigned pending_slot(const struct vhub_vmm_conn *c, unsigned i) {
+        return (c->head + i) % c->limits.max_pending;
 }
 
-static struct pending_answer *pending_find(const struct vhub_vmm_conn *c, uint64_t id) {
+static struct pending_answer *pending_at(struct vhub_vmm_conn *c, unsigned i) {
+        return &c->pending[pending_slot(c, i)];
+}
+
+/* Where the request answer id names stands among the pending, or -ENOENT. */
+static int pending_find(const struct vhub_vmm_conn *c, uint64_t id) {
         uint64_t first;
 
         if (c->count == 0 || id == 0)
-                return NULL;
-        first = pending_at(c, 0)->id;
+                return -ENOENT;
+        first = c->pending[c->head].id;
         if (id < first || id - first >= c->count)
-                return NULL;
-        return pending_at(c, (unsigned)(id - first));
+                return -ENOENT;
+        return (int)(id - first);
 }
 
 /* The head is the oldest unanswered request (answered ones leave at once). */
@@ -128,7 +138,6 @@ static void conn_free_now(struct vhub_vmm_conn *c) {
                 c->count--;
         }
         vmm_stream_done(&c->stream);
-        free(c->pending);
         free(c);
 }
 
@@ -250,36 +259,26 @@ static const struct vmm_stream_ops conn_stream_ops = {
 
 int vhub_vmm_conn_new(struct event_base *base, int fd, const struct vhub_vmm_conn_limits *limits,
                       const struct vhub_vmm_conn_ops *ops, void *userdata, struct vhub_vmm_conn **ret) {
+        struct vhub_vmm_conn_limits l;
         struct vhub_vmm_conn *c;
         int r;
 
-        c = calloc(1, sizeof(*c));
-        if (!c) {
-                fd = vhu_safe_close(fd);
-                return -ENOMEM;
-        }
         if (limits)
-                c->limits = *limits;
+                l = *limits;
         else
-                vhub_vmm_conn_limits_default(&c->limits);
-        if (c->limits.max_pending == 0)
-                c->limits.max_pending = 1;
+                vhub_vmm_conn_limits_default(&l);
+        if (l.max_pending == 0)
+                l.max_pending = 1;
+        /* the ring comes with the connection */
+        c = vmm_stream_new_owner(sizeof(*c) + (size_t)l.max_pending * sizeof(c->pending[0]), base, fd,
+                                 "its connection", l.max_queued_bytes, l.write_timeout_ms,
+                                 &conn_stream_ops, &r);
+        if (!c)
+                return r;
+        c->limits = l;
         c->ops = ops;
         c->userdata = userdata;
         c->next_id = 1;
-        c->pending = calloc(c->limits.max_pending, sizeof(*c->pending));
-        if (!c->pending) {
-                fd = vhu_safe_close(fd);
-                free(c);
-                return -ENOMEM;
-        }
-        r = vmm_stream_init(&c->stream, base, fd, "its connection", c->limits.max_queued_bytes,
-                            c->limits.write_timeout_ms, &conn_stream_ops, c);
-        if (r < 0) {
-                free(c->pending);
-                free(c);
-                return r;
-        }
         *ret = c;
         return 0;
 }
@@ -290,8 +289,7 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         if (c->dispatching) {
                 /* the read loop frees it when on_request returns */
                 c->free_requested = true;
-                c->stream.lost = true;
-                vmm_stream_silence(&c->stream);
+                vmm_stream_abandon(&c->stream);
                 return NULL;
         }
         conn_free_now(c);
@@ -325,7 +323,8 @@ static bool pending_wants_reply(const struct pending_answer *p) {
 }
 
 enum vhub_vmm_answer_kind vhub_vmm_conn_answer_kind(const struct vhub_vmm_conn *c, uint64_t answer_id) {
-        const struct pending_answer *p = pending_find(c, answer_id);
+        int i = pending_find(c, answer_id);
+        const struct pending_answer *p = i < 0 ? NULL : &c->pending[pending_slot(c, (unsigned)i)];
 
         if (!p || p->held)
                 return VHUB_VMM_ANSWER_NONE;
@@ -370,10 +369,12 @@ static int conn_answer_with(struct vhub_vmm_conn *c, uint64_t answer_id, bool ow
         struct pending_answer *p;
         const char *why = NULL;
         struct vhu_msg r;
+        int at;
 
         if (c->stream.lost)
                 return -ENOTCONN;
-        p = pending_find(c, answer_id);
+        at = pending_find(c, answer_id);
+        p = at < 0 ? NULL : pending_at(c, (unsigned)at);
         if (!p || p->held || pending_wants_reply(p) != own_reply)
                 return -ENOENT;
         if (size > VHU_MAX_PAYLOAD || n_fds > VHU_MAX_FDS || (size && !payload) || (n_fds && !fds))
@@ -434,7 +435,7 @@ int vhub_vmm_conn_fd(const struct vhub_vmm_conn *c) {
 void vhub_vmm_conn_foreach_fd(const struct vhub_vmm_conn *c, vhu_fd_fn fn, void *userdata) {
         vmm_stream_foreach_fd(&c->stream, fn, userdata);
         for (unsigned i = 0; i < c->count; i++) {
-                const struct pending_answer *p = pending_at(c, i);
+                const struct pending_answer *p = &c->pending[pending_slot(c, i)];
 
                 for (unsigned k = 0; p->held && k < p->held->n_fds; k++)
                         fn(p->held->fds[k], "held", userdata);

@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <event2/event.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -94,12 +93,10 @@ int vhub_vmm_listener_new(struct event_base *base, int listen_fd, uid_t owner_ui
                           const struct vhub_vmm_listener_ops *ops, void *userdata,
                           struct vhub_vmm_listener **ret) {
         struct vhub_vmm_listener *l;
-        int fl;
+        int r;
 
-        fl = fcntl(listen_fd, F_GETFL);
-        if (fl < 0 || fcntl(listen_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                int r = -errno;
-
+        r = vhu_set_nonblocking(listen_fd);
+        if (r < 0) {
                 listen_fd = vhu_safe_close(listen_fd);
                 return r;
         }

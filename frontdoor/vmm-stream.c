@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 #include <errno.h>
 #include <event2/event.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -11,16 +11,18 @@
 #include "vmm-stream.h"
 #include "vhu-fd.h"
 
+/* A stream is only ever silenced once started: its events are all there. */
 void vmm_stream_silence(struct vmm_stream *s) {
-        if (s->ev_read)
-                event_del(s->ev_read);
-        if (s->ev_write)
-                event_del(s->ev_write);
-        if (s->ev_timer)
-                evtimer_del(s->ev_timer);
-        if (s->ev_lost)
-                event_del(s->ev_lost); /* a loss not reported yet stays unreported */
+        event_del(s->ev_read);
+        event_del(s->ev_write);
+        evtimer_del(s->ev_timer);
+        event_del(s->ev_lost); /* a loss not reported yet stays unreported */
         s->reading = false;
+}
+
+void vmm_stream_abandon(struct vmm_stream *s) {
+        s->lost = true;
+        vmm_stream_silence(s);
 }
 
 void vmm_stream_lose(struct vmm_stream *s, bool timeout, const char *fmt, ...) {
@@ -139,10 +141,11 @@ void vmm_stream_set_reading(struct vmm_stream *s, bool on) {
                 event_del(s->ev_read);
 }
 
-int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
-                    size_t max_queued_bytes, unsigned write_timeout_ms,
-                    const struct vmm_stream_ops *ops, void *owner) {
-        int fl;
+/* fd taken in every case; on failure s holds nothing (vmm_stream_done()). */
+static int stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
+                       size_t max_queued_bytes, unsigned write_timeout_ms,
+                       const struct vmm_stream_ops *ops, void *owner) {
+        int r;
 
         *s = (struct vmm_stream){
                 .fd = fd,
@@ -156,10 +159,8 @@ int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const
         vhu_writer_init(&s->writer);
         vhu_reader_set_fds_hook(&s->reader, ops->on_fds_changed, owner);
         vhu_writer_set_fds_hook(&s->writer, ops->on_fds_changed, owner);
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-                int r = -errno;
-
+        r = vhu_set_nonblocking(fd);
+        if (r < 0) {
                 vmm_stream_done(s);
                 return r;
         }
@@ -173,6 +174,24 @@ int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const
         }
         s->reading = true;
         return 0;
+}
+
+void *vmm_stream_new_owner(size_t size, struct event_base *base, int fd, const char *what,
+                           size_t max_queued_bytes, unsigned write_timeout_ms,
+                           const struct vmm_stream_ops *ops, int *error) {
+        struct vmm_stream *s = calloc(1, size); /* the owner, its stream first */
+
+        if (!s) {
+                fd = vhu_safe_close(fd);
+                *error = -ENOMEM;
+                return NULL;
+        }
+        *error = stream_init(s, base, fd, what, max_queued_bytes, write_timeout_ms, ops, s);
+        if (*error < 0) {
+                free(s);
+                return NULL;
+        }
+        return s;
 }
 
 void vmm_stream_done(struct vmm_stream *s) {

@@ -54,12 +54,16 @@ struct vmm_stream {
 };
 
 /*
- * fd is taken in every case (closed on failure): a connected AF_UNIX
- * stream socket, made non-blocking here.  Reading starts at once.
+ * The setup the VMM's connection and its channel share: an owner of size
+ * bytes, zeroed, whose first member is its stream, started on fd: a
+ * connected AF_UNIX stream socket, made non-blocking here, taken in every
+ * case (closed on failure); reading starts at once.  Returns the owner, or
+ * NULL with *error set (nothing left to undo).  The owner fills in the rest
+ * before it returns to the loop: no callback runs before that.
  */
-int vmm_stream_init(struct vmm_stream *s, struct event_base *base, int fd, const char *what,
-                    size_t max_queued_bytes, unsigned write_timeout_ms,
-                    const struct vmm_stream_ops *ops, void *owner);
+void *vmm_stream_new_owner(size_t size, struct event_base *base, int fd, const char *what,
+                           size_t max_queued_bytes, unsigned write_timeout_ms,
+                           const struct vmm_stream_ops *ops, int *error);
 /* Events freed, reader and writer dropped (their fds closed), socket closed. */
 void vmm_stream_done(struct vmm_stream *s);
 
@@ -68,6 +72,9 @@ void vmm_stream_lose(struct vmm_stream *s, bool timeout, const char *fmt, ...)
         __attribute__((format(printf, 3, 4)));
 /* Stop reading and writing without a report (the owner is going away). */
 void vmm_stream_silence(struct vmm_stream *s);
+/* The same, and lost: the owner is going from inside one of its callbacks
+ * and frees itself when that returns; meanwhile nothing more is sent. */
+void vmm_stream_abandon(struct vmm_stream *s);
 
 /* Send m (fds borrowed; dup'd if it has to wait); failures lose the stream.
  * Returns vhu_writer's -ENOMEM/-EMFILE/-EINVAL (nothing sent), else 0. */

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <unistd.h>
 
@@ -43,6 +44,16 @@ static inline int vhu_safe_close(int fd) {
 static inline void vhu_close_many(int *fds, size_t n) {
         for (size_t i = 0; i < n; i++)
                 fds[i] = vhu_safe_close(fds[i]);
+}
+
+/* Make fd non-blocking.  The flag is on the open file description: whoever
+ * shares it (a peer that passed it) sees the change.  Returns 0 or -errno. */
+static inline int vhu_set_nonblocking(int fd) {
+        int fl = fcntl(fd, F_GETFL);
+
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+                return -errno;
+        return 0;
 }
 
 static inline void vhu_closep(int *fd) {
