@@ -371,14 +371,14 @@ class ThroughManagedVhubd(ThroughVhubd):
     """ThroughVhubd with vhubd under a played service manager (the fd store,
     docs/restart.md), so that it can be restarted under the guest."""
 
-    def __init__(self, t, vm="vm0"):
+    def __init__(self, t, vm="vm0", extra=()):
         from test_restart import Managed
         self.t = t
         self.dir = t.tmpdir()
         os.chmod(self.dir, 0o755)
         self.vmm_dir = os.path.join(self.dir, "vmm")
         self.vm = vm
-        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir])
+        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir] + list(extra))
         self.client = t.enter(Client(self.managed.control, timeout=10))
         self.client.call("vm.create", {"vm": vm})
         self.sockets = {}
@@ -461,11 +461,12 @@ QEMU_VHOST_LOSS = re.compile(r"vhost|Failed to (read|write) msg|[Dd]isconnect|[R
 CARRY_RESTARTS = 5
 
 
-def vhubd_rig(t, image, fs=None):
+def vhubd_rig(t, image, fs=None, extra=()):
     """blk0 (qemu-storage-daemon, 2 queues) through a vhubd under a played
-    service manager, a guest writing numbered blocks on it; with fs (a
-    FsShare), fs0 through the same vhubd to its virtiofsd too."""
-    way = ThroughManagedVhubd(t)
+    service manager (with vhubd's `extra` arguments), a guest writing
+    numbered blocks on it; with fs (a FsShare), fs0 through the same vhubd
+    to its virtiofsd too."""
+    way = ThroughManagedVhubd(t, extra=extra)
     d = way.dir
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
@@ -582,6 +583,127 @@ def scenario_vhubd_restart(t, image):
     carried_restarts(t, image, signal.SIGKILL, 3)
 
 
+# ---- vhubd crashed with QEMU's request in flight: the fallback -------------
+
+FALLBACK_TIMEOUT_MS = 3000
+
+
+class VhubdLog:
+    """vhubd's log under the played service manager (every process of it,
+    appended), read from a mark on."""
+
+    def __init__(self, way):
+        self.path = way.managed.sm.log_path
+        self.start = os.path.getsize(self.path)
+
+    def text(self):
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace")
+
+    def wait(self, pattern, timeout, what):
+        """The first line matching pattern written since the mark."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text())
+            if m:
+                return m.group(0)
+            if time.monotonic() > deadline:
+                raise TestFailure("FAILED: vhubd's log says %s within %.0fs" % (what, timeout))
+            time.sleep(0.005)
+
+
+def scenario_vhubd_fallback(t, image):
+    """vhubd crashed (SIGKILL) while QEMU waits for its answer: the guest
+    switches blk0's cache to write back, QEMU sends SET_CONFIG (its vCPU
+    thread waits for the REPLY_ACK holding QEMU's big lock: QMP waits too),
+    vhubd relays it to a SIGSTOPped qemu-storage-daemon.  The last snapshot
+    says blk0's session is not at rest, so the next vhubd cannot carry it:
+    it closes QEMU's connection (QEMU goes on), device.vmm_disconnected, and
+    QEMU (reconnect=1) connects again by itself, sets the device up from
+    scratch and restarts its rings; the guest's writer goes on, every block
+    verified.  fs0 (virtiofsd), idle on the same VM, is carried."""
+    bound = FALLBACK_TIMEOUT_MS / 1000.0 + 1.0
+    fs = FsShare(t)
+    way, img, qsd, g, watch = vhubd_rig(t, image, fs, extra=["--log-level", "debug",
+                                                              "--backend-timeout-ms", str(FALLBACK_TIMEOUT_MS)])
+    qmp = g.qmp()
+    check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status")
+    socks0 = qemu_sockets(g)
+    qlog0 = len(qemu_log(g))
+    base_max, base_median = baseline_gap(watch)
+    log("no crash: longest gap between completions %.1f ms (median %.1f ms)" % (base_max, base_median))
+    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "QEMU connected to blk0 once")
+    vlog = VhubdLog(way)
+    os.kill(qsd.pid, signal.SIGSTOP)
+    t.defer(lambda: qsd.alive and os.kill(qsd.pid, signal.SIGCONT))
+    t_ask = time.monotonic()
+    g.begin("sh", "echo 'write back' > /sys/block/vda/cache_type; cat /sys/block/vda/cache_type")
+    # vhubd wrote the VM's snapshot ("not at rest") before it read QEMU's
+    # request; this line comes once it took SET_CONFIG, the answer owed
+    # waiting for the stopped back-end: QEMU's request is in flight
+    line = vlog.wait(r"device=blk0 request=SET_CONFIG VMM request SET_CONFIG \(answer due\)", 30,
+                     "it took QEMU's SET_CONFIG, the back-end stopped")
+    t_taken = time.monotonic()
+    log("vhubd, %.0f ms after the guest was asked: %s" % ((t_taken - t_ask) * 1000, line))
+    status = qmp.send("query-status")     # QEMU's big lock is held: answered once SET_CONFIG ends
+    t_kill = time.monotonic()
+    code = way.managed.restart(sig=signal.SIGKILL)
+    t_ready = time.monotonic()
+    check_eq(code, -signal.SIGKILL, "the old vhubd's exit")
+    # the back-end's deadline runs from the relay, after t_ask: the old
+    # process died with the request unanswered (no outage answer from it)
+    check(t_kill - t_ask < FALLBACK_TIMEOUT_MS / 1000.0,
+          "vhubd was killed %.0f ms after the guest's config write, before the back-end timeout (%d ms) could "
+          "answer QEMU" % ((t_kill - t_ask) * 1000, FALLBACK_TIMEOUT_MS))
+    os.kill(qsd.pid, signal.SIGCONT)
+    try:
+        got = qmp.answer(status, timeout=max(0.0, t_kill + bound - time.monotonic()))
+    except QmpTimeout:
+        raise TestFailure("FAILED: QMP query-status did not answer within %.1fs of the crash (vhubd crashed with "
+                          "QEMU's SET_CONFIG in flight)" % bound)
+    t_qmp = time.monotonic()
+    check(t_qmp - t_kill <= bound and got["status"] == "running",
+          "QMP answered %.2fs after the crash (back-end timeout %d ms + 1 s), the guest running"
+          % (t_qmp - t_kill, FALLBACK_TIMEOUT_MS), got)
+    gone = way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
+    log("the new vhubd could not carry QEMU's blk0 session: %s" % gone[0])
+    way.wait_events("device.vmm_connected", 2, "blk0", timeout=10)
+    t_back = time.monotonic()
+    order = [e["event"] for e in way.events(device="blk0")
+             if e["event"] in ("device.vmm_connected", "device.vmm_disconnected")]
+    check_eq(order, ["device.vmm_connected", "device.vmm_disconnected", "device.vmm_connected"],
+             "blk0's VMM events: QEMU's session closed by the new vhubd, then QEMU back by itself")
+    p = wait_more(g, "blk-write", 64)
+    t_on = time.monotonic()
+    r = g.result("sh")
+    log("the guest's config write: rc=%s, %s" % (r["rc"], r.log))
+    gap, na, nb = watch.longest_gap(t_kill, t_on)
+    socks = qemu_sockets(g)
+    check(socks - socks0, "QEMU reconnected blk0 on a new socket of its own")
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=10)[-1]
+    log("blk0's back-end renewed for the new session: device.reconnected %s" % ev)
+    for name, want in (("blk0", ("running", "connected")), ("fs0", ("running", "connected"))):
+        dev = way.device(name)
+        check_eq((dev["state"], dev["vmm"]), want, "device.list of %s after the crash" % name)
+    check_eq(way.events("device.vmm_disconnected", "fs0"), [], "fs0's session, at rest, was carried: no "
+             "device.vmm_disconnected")
+    check(fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
+    said = [l for l in qemu_log(g)[qlog0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+    log("QEMU's log across the crash: %s" % (" | ".join(said) or "nothing"))
+    log("figures: SIGKILL to the new vhubd's READY=1 %.0f ms; QMP answered %.0f ms after the SIGKILL; QEMU back "
+        "(device.vmm_connected seen) %.0f ms after READY=1; the guest's longest I/O pause across the crash "
+        "%.0f ms (blocks %s..%s; without a crash: longest %.1f ms, median %.1f ms); the writer went on to block %s"
+        % ((t_ready - t_kill) * 1000, (t_qmp - t_kill) * 1000, (t_back - t_ready) * 1000, gap, na, nb,
+           base_max, base_median, p["n"]))
+    fs.guest_checks(g)
+    vhubd_rig_end(way, g, qsd, img, watch, 1, "crash with QEMU's SET_CONFIG in flight")
+    fs.host_checks()
+    way.release("fs0")
+    check_eq(fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
+
+
 # ---- hostile VMMs ---------------------------------------------------------
 
 def connect(path):
@@ -696,6 +818,7 @@ SCENARIOS = {
     "hostile": scenario_hostile,
     "vhubd-restart": scenario_vhubd_restart,
     "vhubd-carry": scenario_vhubd_carry,
+    "vhubd-fallback": scenario_vhubd_fallback,
 }
 
 
