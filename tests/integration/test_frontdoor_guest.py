@@ -636,6 +636,7 @@ def scenario_vhubd_fallback(t, image):
     log("no crash: longest gap between completions %.1f ms (median %.1f ms)" % (base_max, base_median))
     check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "QEMU connected to blk0 once")
     vlog = VhubdLog(way)
+    t_sigstop = time.monotonic()
     os.kill(qsd.pid, signal.SIGSTOP)
     t.defer(lambda: qsd.alive and os.kill(qsd.pid, signal.SIGCONT))
     t_ask = time.monotonic()
@@ -647,7 +648,15 @@ def scenario_vhubd_fallback(t, image):
                      "it took QEMU's SET_CONFIG, the back-end stopped")
     t_taken = time.monotonic()
     log("vhubd, %.0f ms after the guest was asked: %s" % ((t_taken - t_ask) * 1000, line))
-    status = qmp.send("query-status")     # QEMU's big lock is held: answered once SET_CONFIG ends
+    # QEMU's vCPU thread waits for the answer holding QEMU's big lock: QMP
+    # answers only once SET_CONFIG ends
+    status = qmp.send("query-status")
+    try:
+        qmp.answer(status, timeout=0.3)
+        raise TestFailure("FAILED: QMP answered while QEMU's SET_CONFIG was in flight: QEMU was not waiting "
+                          "for vhubd")
+    except QmpTimeout:
+        log("ok: QEMU waits for vhubd's answer (QMP silent for 0.3 s)")
     t_kill = time.monotonic()
     code = way.managed.restart(sig=signal.SIGKILL)
     t_ready = time.monotonic()
@@ -680,6 +689,7 @@ def scenario_vhubd_fallback(t, image):
     r = g.result("sh")
     log("the guest's config write: rc=%s, %s" % (r["rc"], r.log))
     gap, na, nb = watch.longest_gap(t_kill, t_on)
+    t_next = min(tt for tt, _ in watch.times if tt > t_kill)
     socks = qemu_sockets(g)
     check(socks - socks0, "QEMU reconnected blk0 on a new socket of its own")
     ev = way.wait_events("device.reconnected", 1, "blk0", timeout=10)[-1]
@@ -693,10 +703,11 @@ def scenario_vhubd_fallback(t, image):
     said = [l for l in qemu_log(g)[qlog0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
     log("QEMU's log across the crash: %s" % (" | ".join(said) or "nothing"))
     log("figures: SIGKILL to the new vhubd's READY=1 %.0f ms; QMP answered %.0f ms after the SIGKILL; QEMU back "
-        "(device.vmm_connected seen) %.0f ms after READY=1; the guest's longest I/O pause across the crash "
-        "%.0f ms (blocks %s..%s; without a crash: longest %.1f ms, median %.1f ms); the writer went on to block %s"
-        % ((t_ready - t_kill) * 1000, (t_qmp - t_kill) * 1000, (t_back - t_ready) * 1000, gap, na, nb,
-           base_max, base_median, p["n"]))
+        "(device.vmm_connected seen) %.0f ms after READY=1; SIGKILL to the guest's next completed block %.0f ms; "
+        "its longest I/O pause %.0f ms (blocks %s..%s), of which %.0f ms before the SIGKILL with the back-end "
+        "stopped (without a crash: longest %.1f ms, median %.1f ms); the writer went on to block %s"
+        % ((t_ready - t_kill) * 1000, (t_qmp - t_kill) * 1000, (t_back - t_ready) * 1000, (t_next - t_kill) * 1000,
+           gap, na, nb, (t_kill - t_sigstop) * 1000, base_max, base_median, p["n"]))
     fs.guest_checks(g)
     vhubd_rig_end(way, g, qsd, img, watch, 1, "crash with QEMU's SET_CONFIG in flight")
     fs.host_checks()
