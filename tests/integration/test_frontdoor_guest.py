@@ -669,12 +669,13 @@ def scenario_vhubd_fallback(t, image):
     code = way.managed.restart(sig=signal.SIGKILL)
     t_ready = time.monotonic()
     check_eq(code, -signal.SIGKILL, "the old vhubd's exit")
-    # the back-end's deadline runs from the relay, after t_ask: the old
-    # process died with the request unanswered (no outage answer from it)
-    check(t_kill - t_ask < FALLBACK_TIMEOUT_MS / 1000.0,
-          "vhubd was killed %.0f ms after the guest's config write, before the back-end timeout (%d ms) could "
-          "answer QEMU" % ((t_kill - t_ask) * 1000, FALLBACK_TIMEOUT_MS))
     os.kill(qsd.pid, signal.SIGCONT)
+    # the old process died with the request unanswered: its back-end
+    # deadline had not answered it from the records
+    old_run = vlog.text().split("restoring the state of the earlier run")[0]
+    check("SET_CONFIG from the VMM waited" not in old_run,
+          "the old vhubd died with QEMU's SET_CONFIG unanswered (killed %.0f ms after it took it)"
+          % ((t_kill - t_taken) * 1000))
     try:
         got = qmp.answer(status, timeout=max(0.0, t_kill + bound - time.monotonic()))
     except QmpTimeout:
