@@ -40,6 +40,10 @@ vhubd-fallback  vhubd crashed with QEMU's SET_CONFIG in flight (the guest's
                 block verified; fs0 beside it is carried.  (The half-read
                 message is test_frontdoor_contract's `restart`: QEMU writes
                 each message whole.)
+vhubd-carry-busy  the same request in flight at a planned restart (SIGTERM):
+                the old vhubd lets it finish (answered from its state at the
+                back-end timeout), its last snapshot finds the session at
+                rest, and it is carried: QEMU keeps its sockets.
 vhubd-fallback-stop  pending, not in the suite: the same crash in the middle
                 of QEMU's device stop (QMP `stop`, GET_VRING_BASE in
                 flight); QEMU 7.2 never sets the disk up again.
@@ -622,69 +626,120 @@ class VhubdLog:
             time.sleep(0.005)
 
 
+class HeldRequest:
+    """blk0 (qemu-storage-daemon) and fs0 (virtiofsd) through a vhubd under a
+    played service manager, a guest writing numbered blocks on blk0; hold()
+    then puts QEMU's SET_CONFIG in flight: qemu-storage-daemon SIGSTOPped,
+    the guest switches blk0's cache to write back (qsd's disk starts write
+    through), QEMU's vCPU thread sends SET_CONFIG and waits for its
+    REPLY_ACK holding QEMU's big lock (QMP waits too), vhubd relays it to
+    the stopped back-end."""
+
+    def __init__(self, t, image):
+        self.t = t
+        self.bound = FALLBACK_TIMEOUT_MS / 1000.0 + 1.0
+        self.fs = FsShare(t)
+        self.way, self.img, self.qsd, self.g, self.watch = vhubd_rig(
+            t, image, self.fs, extra=["--log-level", "debug", "--backend-timeout-ms", str(FALLBACK_TIMEOUT_MS)])
+        self.qmp = self.g.qmp()
+        check_eq(self.qmp.execute("query-status")["status"], "running", "QMP query-status")
+        self.socks0 = qemu_sockets(self.g)
+        self.qlog0 = len(qemu_log(self.g))
+        self.base_max, self.base_median = baseline_gap(self.watch)
+        log("no restart: longest gap between completions %.1f ms (median %.1f ms)" % (self.base_max,
+                                                                                      self.base_median))
+        check_eq(len(self.way.events("device.vmm_connected", "blk0")), 1, "QEMU connected to blk0 once")
+
+    def hold(self):
+        """Until QEMU's SET_CONFIG waits on vhubd; the QMP command sent
+        meanwhile (answered once SET_CONFIG ends)."""
+        self.vlog = VhubdLog(self.way)
+        self.t_sigstop = time.monotonic()
+        os.kill(self.qsd.pid, signal.SIGSTOP)
+        self.t.defer(lambda: self.qsd.alive and os.kill(self.qsd.pid, signal.SIGCONT))
+        t_ask = time.monotonic()
+        self.g.begin("sh", "echo 'write back' > /sys/block/vda/cache_type; cat /sys/block/vda/cache_type")
+        # vhubd wrote the VM's snapshot ("not at rest") before it read
+        # QEMU's request; this line comes once it took SET_CONFIG, the
+        # answer owed waiting for the stopped back-end
+        line = self.vlog.wait(r"device=blk0 request=SET_CONFIG VMM request SET_CONFIG \(answer due\)", 30,
+                              "it took QEMU's SET_CONFIG, the back-end stopped")
+        self.t_taken = time.monotonic()
+        log("vhubd, %.0f ms after the guest was asked: %s" % ((self.t_taken - t_ask) * 1000, line))
+        status = self.qmp.send("query-status")
+        try:
+            self.qmp.answer(status, timeout=0.3)
+            raise TestFailure("FAILED: QMP answered while QEMU's SET_CONFIG was in flight: QEMU was not "
+                              "waiting for vhubd")
+        except QmpTimeout:
+            log("ok: QEMU waits for vhubd's answer (QMP silent for 0.3 s)")
+        return status
+
+    def restart(self, sig):
+        """vhubd restarted with sig, then the back-end resumed: the times
+        (signal, new process ready) and the old run's log."""
+        t_sig = time.monotonic()
+        code = self.way.managed.restart(sig=sig)
+        t_ready = time.monotonic()
+        check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
+        os.kill(self.qsd.pid, signal.SIGCONT)
+        return t_sig, t_ready, self.vlog.text().split("restoring the state of the earlier run")[0]
+
+    def answered(self, status, t0, what):
+        """QMP's answer to `status`, due within the bound from t0."""
+        try:
+            got = self.qmp.answer(status, timeout=max(0.0, t0 + self.bound - time.monotonic()))
+        except QmpTimeout:
+            raise TestFailure("FAILED: QMP did not answer within %.1fs of %s" % (self.bound, what))
+        t_qmp = time.monotonic()
+        check(t_qmp - t0 <= self.bound and got["status"] == "running",
+              "QMP answered %.2fs after %s (back-end timeout %d ms + 1 s), the guest running"
+              % (t_qmp - t0, what, FALLBACK_TIMEOUT_MS), got)
+        return t_qmp
+
+    def writer_on(self, t_sig):
+        """The guest's writer goes on; the figures across the restart."""
+        p = wait_more(self.g, "blk-write", 64)
+        gap, na, nb = self.watch.longest_gap(t_sig, time.monotonic())
+        t_next = min(tt for tt, _ in self.watch.times if tt > t_sig)
+        r = self.g.result("sh")
+        log("the guest's config write: rc=%s, %s" % (r["rc"], r.log))
+        return p, gap, na, nb, t_next
+
+    def end(self, what):
+        for name in ("blk0", "fs0"):
+            dev = self.way.device(name)
+            check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list of %s afterwards" % name)
+        check_eq(self.way.events("device.vmm_disconnected", "fs0"), [], "fs0's session, at rest, was carried: "
+                 "no device.vmm_disconnected")
+        check(self.fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
+        said = [l for l in qemu_log(self.g)[self.qlog0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+        log("QEMU's log across the restart: %s" % (" | ".join(said) or "nothing"))
+        self.fs.guest_checks(self.g)
+        vhubd_rig_end(self.way, self.g, self.qsd, self.img, self.watch, 1, what)
+        self.fs.host_checks()
+        self.way.release("fs0")
+        check_eq(self.fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
+
+
 def scenario_vhubd_fallback(t, image):
-    """vhubd crashed (SIGKILL) while QEMU waits for its answer: the guest
-    switches blk0's cache to write back, QEMU sends SET_CONFIG (its vCPU
-    thread waits for the REPLY_ACK holding QEMU's big lock: QMP waits too),
-    vhubd relays it to a SIGSTOPped qemu-storage-daemon.  The last snapshot
-    says blk0's session is not at rest, so the next vhubd cannot carry it:
-    it closes QEMU's connection (QEMU goes on), device.vmm_disconnected, and
-    QEMU (reconnect=1) connects again by itself, sets the device up from
-    scratch and restarts its rings; the guest's writer goes on, every block
-    verified.  fs0 (virtiofsd), idle on the same VM, is carried."""
-    bound = FALLBACK_TIMEOUT_MS / 1000.0 + 1.0
-    fs = FsShare(t)
-    way, img, qsd, g, watch = vhubd_rig(t, image, fs, extra=["--log-level", "debug",
-                                                              "--backend-timeout-ms", str(FALLBACK_TIMEOUT_MS)])
-    qmp = g.qmp()
-    check_eq(qmp.execute("query-status")["status"], "running", "QMP query-status")
-    socks0 = qemu_sockets(g)
-    qlog0 = len(qemu_log(g))
-    base_max, base_median = baseline_gap(watch)
-    log("no crash: longest gap between completions %.1f ms (median %.1f ms)" % (base_max, base_median))
-    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "QEMU connected to blk0 once")
-    vlog = VhubdLog(way)
-    t_sigstop = time.monotonic()
-    os.kill(qsd.pid, signal.SIGSTOP)
-    t.defer(lambda: qsd.alive and os.kill(qsd.pid, signal.SIGCONT))
-    t_ask = time.monotonic()
-    g.begin("sh", "echo 'write back' > /sys/block/vda/cache_type; cat /sys/block/vda/cache_type")
-    # vhubd wrote the VM's snapshot ("not at rest") before it read QEMU's
-    # request; this line comes once it took SET_CONFIG, the answer owed
-    # waiting for the stopped back-end: QEMU's request is in flight
-    line = vlog.wait(r"device=blk0 request=SET_CONFIG VMM request SET_CONFIG \(answer due\)", 30,
-                     "it took QEMU's SET_CONFIG, the back-end stopped")
-    t_taken = time.monotonic()
-    log("vhubd, %.0f ms after the guest was asked: %s" % ((t_taken - t_ask) * 1000, line))
-    # QEMU's vCPU thread waits for the answer holding QEMU's big lock: QMP
-    # answers only once SET_CONFIG ends
-    status = qmp.send("query-status")
-    try:
-        qmp.answer(status, timeout=0.3)
-        raise TestFailure("FAILED: QMP answered while QEMU's SET_CONFIG was in flight: QEMU was not waiting "
-                          "for vhubd")
-    except QmpTimeout:
-        log("ok: QEMU waits for vhubd's answer (QMP silent for 0.3 s)")
-    t_kill = time.monotonic()
-    code = way.managed.restart(sig=signal.SIGKILL)
-    t_ready = time.monotonic()
-    check_eq(code, -signal.SIGKILL, "the old vhubd's exit")
-    os.kill(qsd.pid, signal.SIGCONT)
+    """vhubd crashed (SIGKILL) with QEMU's SET_CONFIG in flight (HeldRequest).
+    The last snapshot says blk0's session is not at rest, so the next vhubd
+    cannot carry it: it closes QEMU's connection (QEMU goes on),
+    device.vmm_disconnected, and QEMU (reconnect=1) connects again by
+    itself, sets the device up from scratch and restarts its rings; the
+    guest's writer goes on, every block verified.  fs0, idle on the same
+    VM, is carried."""
+    h = HeldRequest(t, image)
+    way, g = h.way, h.g
+    status = h.hold()
+    t_kill, t_ready, old_run = h.restart(signal.SIGKILL)
     # the old process died with the request unanswered: its back-end
     # deadline had not answered it from the records
-    old_run = vlog.text().split("restoring the state of the earlier run")[0]
     check("SET_CONFIG from the VMM waited" not in old_run,
           "the old vhubd died with QEMU's SET_CONFIG unanswered (killed %.0f ms after it took it)"
-          % ((t_kill - t_taken) * 1000))
-    try:
-        got = qmp.answer(status, timeout=max(0.0, t_kill + bound - time.monotonic()))
-    except QmpTimeout:
-        raise TestFailure("FAILED: QMP query-status did not answer within %.1fs of the crash (vhubd crashed with "
-                          "QEMU's SET_CONFIG in flight)" % bound)
-    t_qmp = time.monotonic()
-    check(t_qmp - t_kill <= bound and got["status"] == "running",
-          "QMP answered %.2fs after the crash (back-end timeout %d ms + 1 s), the guest running"
-          % (t_qmp - t_kill, FALLBACK_TIMEOUT_MS), got)
+          % ((t_kill - h.t_taken) * 1000))
+    t_qmp = h.answered(status, t_kill, "the crash")
     gone = way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
     log("the new vhubd could not carry QEMU's blk0 session: %s" % gone[0])
     way.wait_events("device.vmm_connected", 2, "blk0", timeout=10)
@@ -693,35 +748,47 @@ def scenario_vhubd_fallback(t, image):
              if e["event"] in ("device.vmm_connected", "device.vmm_disconnected")]
     check_eq(order, ["device.vmm_connected", "device.vmm_disconnected", "device.vmm_connected"],
              "blk0's VMM events: QEMU's session closed by the new vhubd, then QEMU back by itself")
-    p = wait_more(g, "blk-write", 64)
-    t_on = time.monotonic()
-    r = g.result("sh")
-    log("the guest's config write: rc=%s, %s" % (r["rc"], r.log))
-    gap, na, nb = watch.longest_gap(t_kill, t_on)
-    t_next = min(tt for tt, _ in watch.times if tt > t_kill)
-    socks = qemu_sockets(g)
-    check(socks - socks0, "QEMU reconnected blk0 on a new socket of its own")
+    p, gap, na, nb, t_next = h.writer_on(t_kill)
+    check(qemu_sockets(g) - h.socks0, "QEMU reconnected blk0 on a new socket of its own")
     ev = way.wait_events("device.reconnected", 1, "blk0", timeout=10)[-1]
     log("blk0's back-end renewed for the new session: device.reconnected %s" % ev)
-    for name, want in (("blk0", ("running", "connected")), ("fs0", ("running", "connected"))):
-        dev = way.device(name)
-        check_eq((dev["state"], dev["vmm"]), want, "device.list of %s after the crash" % name)
-    check_eq(way.events("device.vmm_disconnected", "fs0"), [], "fs0's session, at rest, was carried: no "
-             "device.vmm_disconnected")
-    check(fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
-    said = [l for l in qemu_log(g)[qlog0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
-    log("QEMU's log across the crash: %s" % (" | ".join(said) or "nothing"))
     log("figures: SIGKILL to the new vhubd's READY=1 %.0f ms; QMP answered %.0f ms after the SIGKILL; QEMU back "
         "(device.vmm_connected seen) %.0f ms after READY=1; SIGKILL to the guest's next completed block %.0f ms; "
         "its longest I/O pause %.0f ms (blocks %s..%s), of which %.0f ms before the SIGKILL with the back-end "
         "stopped (without a crash: longest %.1f ms, median %.1f ms); the writer went on to block %s"
         % ((t_ready - t_kill) * 1000, (t_qmp - t_kill) * 1000, (t_back - t_ready) * 1000, (t_next - t_kill) * 1000,
-           gap, na, nb, (t_kill - t_sigstop) * 1000, base_max, base_median, p["n"]))
-    fs.guest_checks(g)
-    vhubd_rig_end(way, g, qsd, img, watch, 1, "crash with QEMU's SET_CONFIG in flight")
-    fs.host_checks()
-    way.release("fs0")
-    check_eq(fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
+           gap, na, nb, (t_kill - h.t_sigstop) * 1000, h.base_max, h.base_median, p["n"]))
+    h.end("crash with QEMU's SET_CONFIG in flight")
+
+
+def scenario_vhubd_carry_busy(t, image):
+    """vhubd restarted as planned (SIGTERM) with QEMU's SET_CONFIG in flight
+    (HeldRequest): the old process lets the request finish -- answered from
+    the daemon's state at the back-end timeout -- before its last snapshot,
+    which then finds the session at rest: carried.  QEMU keeps its sockets,
+    no device.vmm_disconnected; the back-end, lost at the deadline, is
+    restored after SIGCONT, and the guest's writer goes on."""
+    h = HeldRequest(t, image)
+    way, g = h.way, h.g
+    status = h.hold()
+    t_term, t_ready, old_run = h.restart(signal.SIGTERM)
+    check("SET_CONFIG from the VMM waited" in old_run,
+          "the old vhubd answered QEMU's SET_CONFIG (from its state, at the back-end timeout) before it exited")
+    t_qmp = h.answered(status, h.t_taken, "vhubd took QEMU's SET_CONFIG")
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=30)[-1]
+    log("blk0's back-end restored by the new vhubd: device.reconnected %s" % ev)
+    p, gap, na, nb, t_next = h.writer_on(t_term)
+    check_eq(way.events("device.vmm_disconnected", "blk0"), [], "QEMU's blk0 session was carried: no "
+             "device.vmm_disconnected")
+    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "blk0: one device.vmm_connected, no new accept")
+    check_eq(qemu_sockets(g), h.socks0, "QEMU's sockets are the ones it had before the restart (no reconnect)")
+    log("figures: SIGTERM to the new vhubd's READY=1 %.0f ms (the old one waited for QEMU's request); QMP "
+        "answered %.0f ms after vhubd took SET_CONFIG; SIGTERM to the guest's next completed block %.0f ms; its "
+        "longest I/O pause %.0f ms (blocks %s..%s; without a restart: longest %.1f ms, median %.1f ms); the writer "
+        "went on to block %s"
+        % ((t_ready - t_term) * 1000, (t_qmp - h.t_taken) * 1000, (t_next - t_term) * 1000, gap, na, nb,
+           h.base_max, h.base_median, p["n"]))
+    h.end("planned restart with QEMU's SET_CONFIG in flight")
 
 
 def scenario_vhubd_fallback_stop(t, image):
@@ -883,6 +950,7 @@ SCENARIOS = {
     "vhubd-restart": scenario_vhubd_restart,
     "vhubd-carry": scenario_vhubd_carry,
     "vhubd-fallback": scenario_vhubd_fallback,
+    "vhubd-carry-busy": scenario_vhubd_carry_busy,
     "vhubd-fallback-stop": scenario_vhubd_fallback_stop,   # pending: not in the suite
 }
 
