@@ -38,6 +38,15 @@ a device would write: driver area {0, 1 (DISABLE)}, device area {0x8003,
         path): device.disconnected, then device.failed naming
         VIRTIO_F_RING_PACKED (before the fix: device.reconnected); S sees no
         event and still reads; P's back-end gets no SET_VRING_BASE.
+
+    test_reconnect_packed.py frontdoor
+        The front door (the harness's VMM on a front-door socket, a packed
+        ring started): the back-end killed and started again, the restore
+        finds the started packed ring in the VMM's records and the device
+        fails naming packed rings (the new back-end gets no SET_VRING_BASE);
+        on another device, the VMM's GET_VRING_BASE of its packed ring during
+        an outage has no honest answer: the VMM's connection is closed.
+        (What the front door did before this fix too: coverage.)
 """
 
 import os
@@ -48,6 +57,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                              # noqa: E402
+from vhubtest import direct as vu                                # noqa: E402
+from vhubtest.direct import BackendClosed, DirectFrontend        # noqa: E402
+from vhubtest.frontdoor import ThroughVhubd                      # noqa: E402
 from vhubtest.client import Client, u64_json                     # noqa: E402
 from vhubtest.daemon import Daemon                               # noqa: E402
 from vhubtest.events import no_event, wait_event                 # noqa: E402
@@ -206,7 +218,50 @@ def part_vhubd(t):
     m.finish(c, vmm, "S", [])
 
 
-PARTS = {"backend": part_backend, "vhubd": part_vhubd}
+def part_frontdoor(t):
+    way = ThroughVhubd(t, timeout_ms=1000)
+    tb = packed_backend(t, way.dir, os.path.join(way.dir, "p.sock"))
+    mem = t.enter(GuestMemory(4 << 20))
+
+    # a VMM's started packed ring in the records at the restore: the device fails
+    fe = vmm_packed(way.socket(tb.socket, "blk0", "blk"), packed_ring(t, mem))
+    tb.kill()
+    way.wait_events("device.disconnected", 1, "blk0")
+    tb.start()
+    ev = way.wait_events("device.failed", 1, "blk0")[0]
+    check("packed" in ev.get("reason", ""), "front door: the restore fails naming packed rings", ev)
+    check_eq(way.device("blk0")["state"], "failed", "front door: blk0 failed")
+    check_eq(way.events("device.reconnected", "blk0"), [], "front door: blk0 not restored")
+    check_eq(tb.requests().get("SET_VRING_BASE"), None, "front door: the new back-end got no SET_VRING_BASE")
+    fe.close()
+    way.release("blk0")
+
+    # GET_VRING_BASE of a started packed ring during an outage: no honest
+    # answer, the VMM is closed (its records go with it)
+    fe = vmm_packed(way.socket(tb.socket, "blk1", "blk"), packed_ring(t, mem))
+    tb.kill()
+    way.wait_events("device.disconnected", 1, "blk1")
+    try:
+        base = fe.get_vring_base(0)
+        check(False, "front door: GET_VRING_BASE of a packed ring without the back-end is not answered",
+              "answered %#x" % base)
+    except BackendClosed:
+        log("front door: GET_VRING_BASE of a packed ring during the outage closed the VMM")
+    way.wait_events("device.vmm_disconnected", 1, "blk1")
+    fe.close()
+    way.release("blk1")
+
+
+def vmm_packed(path, vq):
+    """A VMM (the harness's front-end) on a front-door socket, a packed ring started."""
+    fe = DirectFrontend.connect(path)
+    fe.handshake(vu.SUPPORTED_PROTOCOL_FEATURES)
+    acked = fe.setup(vq.mem, vu.bit(vu.VIRTIO_F_VERSION_1) | F_RING_PACKED, [vq])
+    check(acked & F_RING_PACKED, "the VMM acked RING_PACKED through the front door")
+    return fe
+
+
+PARTS = {"backend": part_backend, "vhubd": part_vhubd, "frontdoor": part_frontdoor}
 
 
 def main(t):
