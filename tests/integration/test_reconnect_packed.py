@@ -65,7 +65,7 @@ from vhubtest.daemon import Daemon                               # noqa: E402
 from vhubtest.events import no_event, wait_event                 # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
-from vhubtest.testing import check, check_eq, log, run           # noqa: E402
+from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
 from vhubtest.vmm import Vmm, vm_with_memory                     # noqa: E402
 
@@ -261,15 +261,5 @@ def vmm_packed(path, vq):
     return fe
 
 
-PARTS = {"backend": part_backend, "vhubd": part_vhubd, "frontdoor": part_frontdoor}
-
-
-def main(t):
-    mode = sys.argv[1] if len(sys.argv) > 1 else "backend"
-    if mode not in PARTS:
-        raise SystemExit("usage: test_reconnect_packed.py [%s]" % "|".join(PARTS))
-    PARTS[mode](t)
-
-
 if __name__ == "__main__":
-    run(main)
+    run_parts({"backend": part_backend, "vhubd": part_vhubd, "frontdoor": part_frontdoor}, "backend")
