@@ -60,7 +60,7 @@ from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest import direct as vu                                # noqa: E402
 from vhubtest.direct import BackendClosed, DirectFrontend        # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                      # noqa: E402
-from vhubtest.client import Client, u64_json                     # noqa: E402
+from vhubtest.client import Client                               # noqa: E402
 from vhubtest.daemon import Daemon                               # noqa: E402
 from vhubtest.events import no_event, wait_event                 # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
