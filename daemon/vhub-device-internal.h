@@ -270,7 +270,7 @@ static inline bool features_packed(uint64_t features) {
 }
 
 /*
- * vhub-op-rings.c: whether rings that ran with the driver's features can be
+ * vhub-op-rings.c: whether d's rings, as the driver acked them, can be
  * restarted after a loss at a position read from guest memory.  Not behind
  * an IOMMU (the addresses are IOVAs the daemon cannot resolve), nor packed
  * (spec "Vring descriptor indices for packed virtqueues": the position is
@@ -278,7 +278,7 @@ static inline bool features_packed(uint64_t features) {
  * holds descriptors flagged by wrap counters and event suppression areas,
  * no index).  false with why (the device.failed reason) filled.
  */
-bool rings_restorable(const struct vhub_device *d, uint64_t features, char *why, size_t len);
+bool rings_restorable(const struct vhub_device *d, char *why, size_t len);
 
 /* vhub-op-rings.c: adds 1 to one of ring index's eventfds (what: "kick",
  * "call", "err") without ever blocking.  A full counter (-EAGAIN) means the

@@ -328,7 +328,7 @@ void device_give_up_if_lost(struct vhub_device *d) {
          * front-door device's VMM may stop them meanwhile: its restore
          * decides, vhub-op-vmm-restore.c.) */
         else if (!dev_is_front_door(d) && d->state_before_loss == VHUB_DEV_RUNNING &&
-                 !rings_restorable(d, d->acked_features, why, sizeof(why)))
+                 !rings_restorable(d, why, sizeof(why)))
                 device_give_up(d, why);
 }
 

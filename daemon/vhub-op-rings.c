@@ -91,11 +91,11 @@ static uint16_t start_queue_size(struct vhub_vring *v, unsigned n) {
         return (uint16_t)(max > 0xffff ? 0xffff : max);
 }
 
-bool rings_restorable(const struct vhub_device *d, uint64_t features, char *why, size_t len) {
-        if (features_iommu(features))
+bool rings_restorable(const struct vhub_device *d, char *why, size_t len) {
+        if (features_iommu(d->acked_features))
                 snprintf(why, len, "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
                          d->name);
-        else if (features_packed(features))
+        else if (features_packed(d->acked_features))
                 /* The packed inflight region (inflight_info_packed) would
                  * say where the back-end was, but no back-end here writes
                  * one (docs/reconnect.md, "Packed rings"). */
@@ -116,7 +116,7 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         /* A loss fails such a device at once (device_give_up_if_lost());
          * this is for an outage a vhubd without that check left behind in
          * its snapshot: never a ring started from a base that is not one. */
-        if (!rings_restorable(d, d->acked_features, why, sizeof(why))) {
+        if (!rings_restorable(d, why, sizeof(why))) {
                 op->give_up = true;
                 return device_op_error(op, VHUB_ERR_BACKEND, NULL, "%s", why);
         }
