@@ -146,8 +146,6 @@ void vmm_snapshot_rings(struct vhub_device *d);
 bool vmm_has_rings_to_restore(const struct vhub_device *d);
 /* A guest-memory read at the VMM's own address (its table). */
 int vmm_read_guest(const struct vhub_device *d, uint64_t uaddr, void *buf, size_t len);
-/* Whether [uaddr, uaddr+len) of the VMM's address space is in one region of its table. */
-bool vmm_holds(const struct vhub_device *d, uint64_t uaddr, size_t len);
 /* The next deadline of the queued requests (re)arms the timer. */
 void vmm_rearm_deadline(struct vhub_device *d);
 /* A back-end request for the VMM: relayed on its channel (the token comes back), or not. */

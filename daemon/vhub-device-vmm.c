@@ -455,34 +455,22 @@ bool vmm_has_rings_to_restore(const struct vhub_device *d) {
 }
 
 /* The VMM's regions are in its own address space: the rings' addresses
- * are looked up by uaddr. */
-static const struct vhub_region *vmm_region_of(const struct vhub_device *d, uint64_t uaddr, size_t len) {
+ * are looked up by uaddr.  pread, never a mapping (vhub_mem_table_read). */
+int vmm_read_guest(const struct vhub_device *d, uint64_t uaddr, void *buf, size_t len) {
         const struct vhub_mem_table *t = &d->vmm->mem;
+        ssize_t n;
 
         for (size_t i = 0; i < t->n; i++) {
                 const struct vhub_region *r = &t->regions[i];
 
-                if (uaddr >= r->uaddr && uaddr - r->uaddr < r->size && len <= r->size - (uaddr - r->uaddr))
-                        return r;
+                if (uaddr < r->uaddr || uaddr - r->uaddr >= r->size || len > r->size - (uaddr - r->uaddr))
+                        continue;
+                n = pread(r->fd, buf, len, (off_t)(r->offset + (uaddr - r->uaddr)));
+                if (n < 0)
+                        return -errno;
+                return (size_t)n == len ? 0 : -EIO;
         }
-        return NULL;
-}
-
-bool vmm_holds(const struct vhub_device *d, uint64_t uaddr, size_t len) {
-        return vmm_region_of(d, uaddr, len) != NULL;
-}
-
-/* pread, never a mapping (vhub_mem_table_read). */
-int vmm_read_guest(const struct vhub_device *d, uint64_t uaddr, void *buf, size_t len) {
-        const struct vhub_region *r = vmm_region_of(d, uaddr, len);
-        ssize_t n;
-
-        if (!r)
-                return -ERANGE;
-        n = pread(r->fd, buf, len, (off_t)(r->offset + (uaddr - r->uaddr)));
-        if (n < 0)
-                return -errno;
-        return (size_t)n == len ? 0 : -EIO;
+        return -ERANGE;
 }
 
 int vmm_relay(struct vhub_device *d, const struct vhu_msg *m, uint64_t token) {

@@ -251,11 +251,14 @@ static void request_check(const struct vhub_device *d, struct vhub_vmm_request *
  */
 static void ring_addr_check(const struct vhub_device *d, struct vhub_vmm_request *q) {
         const struct vhu_vring_addr *a = &q->msg.payload.addr;
+        uint8_t desc[16], area[4];
 
         if (q->close || q->msg.hdr.request != VHU_REQ_SET_VRING_ADDR || features_iommu(d->acked_features))
                 return;
-        /* a descriptor, and the flags and index of the driver and device areas */
-        if (vmm_holds(d, a->desc, 16) && vmm_holds(d, a->avail, 4) && vmm_holds(d, a->used, 4))
+        /* a descriptor, and the flags and index of the driver and device
+         * areas: what a restore reads (vmm_read_guest) */
+        if (vmm_read_guest(d, a->desc, desc, sizeof(desc)) == 0 &&
+            vmm_read_guest(d, a->avail, area, sizeof(area)) == 0 && vmm_read_guest(d, a->used, area, sizeof(area)) == 0)
                 return;
         q->close = true;
         snprintf(q->close_why, sizeof(q->close_why), "SET_VRING_ADDR for ring %u outside the VMM's memory table",
