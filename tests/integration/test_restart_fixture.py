@@ -12,7 +12,8 @@ wrote; restart-v<N>.<n> what a later writer of the same version wrote after
 records were added or dropped that every reader of that version copes with
 (restart-v1.1: h-redteam's device credentials and per-VM token count added,
 the daemon-wide token count dropped; restart-v2.1: a planned stop writes the
-connections' records inline in S again, compat 1, and no k<id> files).  Two checks:
+connections' records inline in S again, compat 1, and no k<id> files).  The
+checks:
 
   read    vhubd started with a store holding only one fixture's snapshot
           files (as after an upgrade from the daemon that wrote them, the
@@ -33,7 +34,12 @@ connections' records inline in S again, compat 1, and no k<id> files).  Two chec
 
               python3 tests/integration/test_restart_fixture.py write
 
-A third, registered as restart-upgrade:
+  both    (restart-format-both) a store holding a connection's record both
+          inline in S and in its file k<id> (a stop or a start cut short
+          between the two writes): the file wins, each connection carried
+          once.
+
+And, registered as restart-upgrade:
 
   upgrade the binaries themselves: vhubd built at the last commit of format 1
           (vhubtest/previous.py: from this tree's git history into a cache
@@ -403,5 +409,63 @@ def part_upgrade(t):
     log("upgrade and downgrade: %.1f s in all" % (time.monotonic() - started))
 
 
+def part_both(t):
+    """A connection's record both inline in S and in its own file k<id>: a
+    planned stop cut short between writing S and removing the files, or (as
+    here) a start that carried the records from an inline S, wrote their
+    files and crashed before it rewrote S.  The file is as new as the inline
+    copy or newer, so it wins: each connection is carried once, from its
+    file (a subscription made after the inline S was written is kept)."""
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=10))
+    watcher = t.enter(Client(m.control, timeout=10))
+    Vmm(c, "vm0").create(linger_ms=LINGER_MS)
+    m.sm.send_signal(signal.SIGTERM)
+    check_eq(m.sm.wait_exit(), 0, "a planned stop exits 0")
+    check_eq(snapshot_names(m), ["S", "s1"], "the planned stop left S (records inline) and the VM's")
+    fd = m.sm.dup("S")
+    inline_s = os.pread(fd, os.fstat(fd).st_size, 0)
+    os.close(fd)
+    check_eq(newest_doc(inline_s)[:2], (FORMAT_VERSION, 1), "the planned stop's S: compat 1")
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    for x in (c, watcher):
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "both connections carried from the inline records")
+    # a change the inline S does not hold, in the watcher's own file
+    watcher.call("events.subscribe", {})
+    watcher.call("daemon.info")
+    m.sm.wait_for(lambda: {"k1", "k2"} <= set(m.sm.names()), 10, "both connections' files")
+    check_eq(stored_header(m, "S"), (FORMAT_VERSION, 2), "the start rewrote S without the records")
+    m.sm.kill()
+    # the crash came before S was rewritten: the planned stop's S is back
+    m.sm.remove("S")
+    fd = os.memfd_create("vhub-snapshot", os.MFD_CLOEXEC)
+    os.write(fd, inline_s)
+    m.sm.put("S", fd)
+    os.close(fd)
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    for x in (c, watcher):
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "both connections carried (the inline S's count)")
+    Vmm(c, "vm1").create(linger_ms=LINGER_MS)
+    ev = watcher.wait_event(lambda e: e.get("event") == "vm.created", 10)
+    check_eq(ev.get("vm"), "vm1", "the watcher's subscription, in its file only, was carried")
+    check_eq(len([e for e in c.events() + watcher.events() if e.get("event") == "daemon.restarted"]), 0,
+             "each connection carried once: no second daemon.restarted")
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    check_eq(text.count("its own record file is read, not its copy in the daemon's snapshot"), 2,
+             "the log says both inline copies were left to the files")
+    check("did not survive" not in text, "no connection was lost")
+    check_eq(sorted(v["vm"] for v in c.call("vm.list")["vms"]), ["vm0", "vm1"], "the VMs")
+    c.close()
+    watcher.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 if __name__ == "__main__":
-    run_parts({"read": part_read, "shape": part_shape, "write": part_write, "upgrade": part_upgrade}, "read")
+    run_parts({"read": part_read, "shape": part_shape, "write": part_write, "upgrade": part_upgrade,
+               "both": part_both}, "read")
