@@ -102,6 +102,8 @@ struct control_server {
                                       * written goes into it (control-snapshot.c) */
         bool records_inline;         /* ... and the records are in the daemon's
                                       * snapshot, their files gone (a downgrade) */
+        bool unfiled;                /* records carried inline may not have their
+                                      * files in the manager's hands yet */
 };
 
 /* One request being handled (a batch element or a lone request). */

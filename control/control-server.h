@@ -68,6 +68,12 @@ int control_server_serialize_inline(struct control_server *s, struct vhub_snap_w
 /* Once the daemon's snapshot holds the records inline: their files leave
  * the store, and a change of a connection marks the daemon's snapshot. */
 void control_server_records_inline(struct control_server *s);
+/* Whether connections were carried from inline records since the last
+ * control_server_filed(): their files are written, but until the manager
+ * holds them the daemon's snapshot keeps the records too (a change of a
+ * connection marks it meanwhile). */
+bool control_server_unfiled(const struct control_server *s);
+void control_server_filed(struct control_server *s);
 /* ctx->commit_faces: write the records of the connections that changed
  * (all: of every connection).  A connection whose record is over what a
  * restart carries (control-carry.c) has none (its file removed) and is

@@ -245,6 +245,14 @@ int control_server_serialize_inline(struct control_server *s, struct vhub_snap_w
         return w->error;
 }
 
+bool control_server_unfiled(const struct control_server *s) {
+        return s->unfiled;
+}
+
+void control_server_filed(struct control_server *s) {
+        s->unfiled = false;
+}
+
 void control_server_records_inline(struct control_server *s) {
         struct control_conn *c;
         char name[VHUB_FD_GROUP_MAX];
@@ -262,10 +270,10 @@ void control_server_records_inline(struct control_server *s) {
 void control_conn_changed(struct control_conn *c) {
         struct control_server *s = c->srv;
 
-        if (s->records_inline) {
+        if (s->records_inline || s->unfiled)
                 vhub_changed(s->ctx, NULL);     /* its record is in the daemon's snapshot */
+        if (s->records_inline)
                 return;
-        }
         if (c->snap_dirty || !c->rpc || !vhub_commit_enabled(s->ctx))
                 return;
         c->snap_dirty = true;
@@ -608,8 +616,10 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
         /* carried from the daemon's snapshot (format 1, or a planned stop's):
          * its own file is written before a daemon's snapshot that no longer
          * holds it (vhub_restart_commit_daemon()) */
-        if (c->snap.fd < 0)
+        if (c->snap.fd < 0) {
+                s->unfiled = true;
                 control_conn_changed(c);
+        }
         vhub_context_owner_restored(s->ctx, &c->owner);
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) carried across the restart",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);

@@ -78,17 +78,28 @@ static struct vhub_restart_state *state(struct vhubd *v) {
 static int commit_daemon(struct vhubd *v) {
         struct vhub_context *ctx = &v->ctx;
         struct vhub_snap_writer *w = &ctx->snap_writer;
-        bool conns_inline = v->restart && v->restart->conns_inline;
+        bool oldest = v->restart && v->restart->conns_inline, conns_inline = oldest;
         int r = 0;
 
         /* the faces are not back yet: the snapshot of the last run stays */
         if (ctx->restoring)
                 return 0;
         /* connections carried from inline records get their own files
-         * before a snapshot that no longer holds them (a crash in between
-         * would lose them); the records go first (same writer) */
-        if (v->control && !conns_inline)
+         * before a snapshot that no longer holds them, and S keeps them
+         * while a file's push is still queued (a crash would lose it);
+         * the records go first (same writer) */
+        if (v->control && !conns_inline) {
                 control_server_commit(v->control, false);
+                if (control_server_unfiled(v->control)) {
+                        struct vhub_fdstore_stats st;
+
+                        vhub_fdstore_get_stats(v->fdstore, &st);
+                        if (st.queued > 0)
+                                conns_inline = true;
+                        else
+                                control_server_filed(v->control);
+                }
+        }
         if (v->snap.fd < 0) {
                 r = vhub_snap_file_create(VHUB_SNAP_NAME_DAEMON, &v->snap);
                 if (r >= 0) {
@@ -99,7 +110,10 @@ static int commit_daemon(struct vhubd *v) {
         }
         if (r >= 0) {
                 vhub_snap_writer_reset(w);
-                if (conns_inline)
+                /* a running daemon's S stays format 2 even inline: a
+                 * record may leave a long partial line out (C_MID_LINE),
+                 * which a version-1 reader would not know */
+                if (oldest)
                         w->compat = VHUB_SNAP_COMPAT_V1;
                 vhub_snap_put_u64(w, S_RESTARTS, ctx->restarts);
                 vhub_snap_put_u64(w, S_NEXT_VM_ID, ctx->next_vm_id);
