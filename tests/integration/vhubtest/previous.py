@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 
-from .testing import Skip, log
+from .testing import Skip, log, user_cache_dir
 
 SOURCE_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 # The last main commit whose vhubd writes and reads snapshot format 1 (main
@@ -32,12 +32,7 @@ FORMAT_1_COMMIT = "08a404f7bd16960dc344e7a064bb4800043b32d7"
 
 
 def cache_dir():
-    d = os.environ.get("VHUB_PREVIOUS_CACHE")
-    if not d:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(base, "vhub-previous")
-    os.makedirs(d, exist_ok=True)
-    return d
+    return user_cache_dir("VHUB_PREVIOUS_CACHE", "vhub-previous")
 
 
 def _git(*args):
@@ -52,7 +47,7 @@ def _check_history(commit):
         raise Skip("the source tree %s has no git history: cannot build vhubd at %s" % (SOURCE_ROOT, commit))
     if _git("cat-file", "-e", commit + "^{commit}").returncode != 0:
         raise Skip("the source tree's git history lacks commit %s (a shallow clone?): cannot build "
-                   "the format-1 vhubd" % commit)
+                   "vhubd at it" % commit)
 
 
 def vhubd(commit):
