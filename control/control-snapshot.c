@@ -102,8 +102,8 @@ static void conn_serialize_output(const struct control_conn *c, struct vhub_snap
                 vhub_snap_put_bytes(w, C_OUTPUT, out, (size_t)n);
                 if (!quiet)
                         vhub_log_full(LOG_INFO, NULL, NULL, NULL,
-                              "control connection %llu: %zd bytes of output it has not read yet are carried "
-                                      "across the restart", (unsigned long long)c->id, n);
+                                      "control connection %llu: %zd bytes of output it has not read yet are "
+                                      "carried across the restart", (unsigned long long)c->id, n);
         } else if (n != 0 && !quiet) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its output not yet written is lost with the restart (%s)",
@@ -660,7 +660,6 @@ int control_server_restore(struct control_server *s, struct vhub_fdstore_restore
                         /* format 1: every connection in the daemon's snapshot */
                         struct vhub_snap_file none = { .fd = -1, .newest = -1 };
                         struct vhub_snap_iter cit;
-
                         uint64_t id;
 
                         k = vhub_snap_enter(&x, &cit);
