@@ -256,9 +256,10 @@ void device_ops_lost_for_good(struct vhub_device *d, const struct vhub_error *er
 
 /* vhub-op-rings.c: a ring's SET_VRING_ADDR (user addresses of its parts,
  * each inside one region); -ERANGE if a part lies outside the VM's memory.
- * With iova (VIRTIO_F_IOMMU_PLATFORM acked) the addresses are I/O virtual
- * addresses the back-end translates through its IOTLB: sent as given. */
-int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
+ * With VIRTIO_F_IOMMU_PLATFORM in features the addresses are I/O virtual
+ * addresses the back-end translates through its IOTLB: sent as given; with
+ * RING_PACKED "avail"/"used" are the 4-byte event suppression areas. */
+int vring_addr(const struct vhub_vm *vm, uint64_t features, uint32_t index, uint32_t size, uint64_t desc,
                uint64_t avail, uint64_t used, struct vhu_vring_addr *ret);
 
 static inline bool features_iommu(uint64_t features) {

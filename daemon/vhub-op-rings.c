@@ -143,10 +143,13 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         return 0;
 }
 
-/* The used ring's gpa doubles as the log address. */
-int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
+/* The used ring's gpa doubles as the log address.  A packed ring's
+ * "avail" and "used" are its driver and device event suppression areas:
+ * 4 bytes each (virtio "Event Suppression Structure Format"). */
+int vring_addr(const struct vhub_vm *vm, uint64_t features, uint32_t index, uint32_t size, uint64_t desc,
                       uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
         struct vhu_vring_addr a = { .index = index, .log = used };
+        bool iova = features_iommu(features), packed = features_packed(features);
 
         /* spec "IOMMU support": the back-end resolves them with IOTLB
          * updates (or asks with a miss); QEMU sends the IOVAs too */
@@ -158,8 +161,8 @@ int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t siz
                 return 0;
         }
         if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, packed ? 4 : 6 + (uint64_t)size * 2, &a.avail) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, packed ? 4 : 6 + (uint64_t)size * 8, &a.used) < 0)
                 return -ERANGE;
         *ret = a;
         return 0;
@@ -189,7 +192,7 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
         struct vhu_msg m;
         int r;
 
-        if (vring_addr(d->vm, features_iommu(op->restore ? d->acked_features : op->u.start.features),
+        if (vring_addr(d->vm, op->restore ? d->acked_features : op->u.start.features,
                        v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
@@ -498,7 +501,7 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 
                         if (!v->configured)
                                 continue;
-                        if (vring_addr(d->vm, features_iommu(d->acked_features), i, v->size, v->desc,
+                        if (vring_addr(d->vm, d->acked_features, i, v->size, v->desc,
                                        v->avail, v->used, &a) < 0)
                                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                                        "ring %u does not lie inside the VM's memory", i);

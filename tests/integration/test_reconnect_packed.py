@@ -47,6 +47,17 @@ a device would write: driver area {0, 1 (DISABLE)}, device area {0x8003,
         on another device, the VMM's GET_VRING_BASE of its packed ring during
         an outage has no honest answer: the VMM's connection is closed.
         (What the front door did before this fix too: coverage.)
+
+    test_reconnect_packed.py base
+        device.start of packed rings takes a packed ring's position as
+        device.stop gives it (a u32: indexes in bits 0-14 and 16-30, wrap
+        counters in bits 15 and 31; before: capped at 65535), and without a
+        `base` starts the ring at index 0 with both wrap counters 1
+        (0x80008000, virtio's initial wrap counters; before: 0, a lap behind
+        the driver); a packed base with an index beyond the ring and a split
+        base over 65535 are refused (-32602); a packed ring's event areas are
+        4 bytes each, so a ring whose device area ends a region starts
+        (before: -32009, checked as a split ring's 6 + 8 * size bytes).
 """
 
 import os
@@ -60,12 +71,12 @@ from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest import direct as vu                                # noqa: E402
 from vhubtest.direct import BackendClosed, DirectFrontend        # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                      # noqa: E402
-from vhubtest.client import Client                               # noqa: E402
+from vhubtest.client import Client, RpcError                     # noqa: E402
 from vhubtest.daemon import Daemon                               # noqa: E402
 from vhubtest.events import no_event, wait_event                 # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
-from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
+from vhubtest.testing import check, check_eq, expect_error, log, run_parts  # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
 from vhubtest.vmm import Vmm, vm_with_memory                     # noqa: E402
 
@@ -261,5 +272,50 @@ def vmm_packed(path, vq):
     return fe
 
 
+def part_base(t):
+    d = t.tmpdir()
+    daemon = t.enter(Daemon(d))
+    c = daemon.client()
+    P = packed_backend(t, d, daemon.backend_socket("p.sock"))
+    mem, vmm = vm_with_memory(t, c, 4 << 20)
+
+    def start(name, features, vq, base, expect_error_code=None):
+        vmm.add_device(name, P.socket, type="blk", reconnect_ms=0)
+        params, fds = vmm.start_params(name, features, [vq])
+        if base is None:
+            del params["vrings"][0]["base"]
+        else:
+            params["vrings"][0]["base"] = base
+        if expect_error_code is None:
+            c.call("device.start", params, fds=fds)
+            got = P.vrings()[0]["set_base"]
+            vmm.stop_device(name)
+        else:
+            e = expect_error(RpcError, c.call, "device.start", params, fds=fds, what="%s: base %#x" % (name, base))
+            check_eq(e.code, expect_error_code, "%s: base %#x refused as invalid params (%s)" % (name, base, e.message))
+            got = None
+        vmm.remove_device(name)
+        return got
+
+    vq = packed_ring(t, mem)
+    check_eq(start("P1", PACKED, vq, None), 0x80008000,
+             "a packed ring started without a base: index 0, both wrap counters 1")
+    check_eq(start("P2", PACKED, vq, 0x80058005), 0x80058005,
+             "a packed ring's base as device.stop gives it reaches the back-end whole")
+    start("P3", PACKED, vq, 0x80408000, -32602)     # used index 64 of a 64-entry ring
+    start("P4", PACKED, vq, 0x0040, -32602)         # avail index 64
+    check_eq(start("S1", SPLIT, vq, None), 0, "a split ring without a base starts at 0")
+    start("S2", SPLIT, vq, 0x10000, -32602)
+
+    # a packed ring whose device event area is the region's last 4 bytes
+    edge = Virtqueue(mem, size=64, index=0)
+    t.defer(edge.close)
+    edge.used = (4 << 20) - 4
+    check_eq(start("P5", PACKED, edge, None), 0x80008000,
+             "a packed ring's 4-byte device area at the region's end is inside it")
+    vmm.destroy()
+
+
 if __name__ == "__main__":
-    run_parts({"backend": part_backend, "vhubd": part_vhubd, "frontdoor": part_frontdoor}, "backend")
+    run_parts({"backend": part_backend, "vhubd": part_vhubd, "frontdoor": part_frontdoor, "base": part_base},
+              "backend")
