@@ -296,8 +296,25 @@ struct vhub_vmm_conn *vhub_vmm_conn_free(struct vhub_vmm_conn *c) {
         return NULL;
 }
 
+bool vhub_vmm_conn_quiet(const struct vhub_vmm_conn *c, unsigned awaited) {
+        if (!vmm_stream_at_rest(&c->stream) || c->count != awaited || c->free_requested)
+                return false;
+        for (unsigned i = 0; i < c->count; i++)
+                if (c->pending[pending_slot(c, i)].held)
+                        return false;   /* an answer given and not sent */
+        return true;
+}
+
 bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c) {
-        return vmm_stream_at_rest(&c->stream) && c->count == 0 && !c->free_requested;
+        return vhub_vmm_conn_quiet(c, 0);
+}
+
+void vhub_vmm_conn_redo(struct vhub_vmm_conn *c, struct vhu_msg *m) {
+        if (c->stream.lost || c->free_requested || c->dispatching || c->count >= c->limits.max_pending)
+                return;
+        conn_handle(c, m);
+        if (c->free_requested)
+                conn_free_now(c);
 }
 
 int vhub_vmm_conn_resume(struct vhub_vmm_conn *c, uint64_t acked) {

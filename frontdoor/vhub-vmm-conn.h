@@ -108,6 +108,22 @@ void vhub_vmm_conn_offer_protocol_features(struct vhub_vmm_conn *c, uint64_t off
  * SET_PROTOCOL_FEATURES would have refused (nothing changed then).
  */
 bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c);
+/*
+ * A crash may carry a session busy with requests the face took and has not
+ * answered (docs/restart.md, "A crash with VMM requests in flight"): nothing
+ * half-read, nothing queued or held to go out, exactly `awaited` answers
+ * owed -- the socket and those requests hold the rest.
+ */
+bool vhub_vmm_conn_quiet(const struct vhub_vmm_conn *c, unsigned awaited);
+/*
+ * A request the earlier process had taken from this connection and not
+ * answered, carried in its snapshot: handled again as if just read
+ * (validated, an answer id issued if one is owed, ops->on_request).  m keeps
+ * its fds (it should carry none).  Never from inside ops->on_request; the
+ * connection may be freed from inside it, as from a read (use nothing of
+ * it after, but through the owner's pointer).
+ */
+void vhub_vmm_conn_redo(struct vhub_vmm_conn *c, struct vhu_msg *m);
 int vhub_vmm_conn_resume(struct vhub_vmm_conn *c, uint64_t acked);
 /* What the VMM acked with SET_PROTOCOL_FEATURES (0 before it did). */
 uint64_t vhub_vmm_conn_protocol_features(const struct vhub_vmm_conn *c);

@@ -57,6 +57,12 @@
  * two per pause; a crash within it falls back, as when not at rest.
  */
 #define REST_SETTLE_USEC 20000
+/*
+ * Requests in flight a crash may carry (docs/restart.md, "A crash with VMM
+ * requests in flight"): QEMU's device stop has its rings' SET_VRING_ENABLEs
+ * and the first GET_VRING_BASE in flight at once.
+ */
+#define CARRY_MAX 8
 
 struct vmm_call;
 TAILQ_HEAD(vmm_call_list, vmm_call);
@@ -77,6 +83,13 @@ struct vhub_vmm_device {
         uint64_t session;             /* one per VMM connection */
         struct vmm_call_list calls;   /* requests the model has not answered */
         unsigned n_calls;
+        unsigned n_carried;           /* of them, those a snapshot may carry (each call's copy) */
+        unsigned n_owed;              /* of them, those owing the VMM an answer */
+        uint64_t call_seq;            /* the last call's */
+        uint64_t saved_seq;           /* the last call the last snapshot written knew of */
+        struct vhu_msg *redo[CARRY_MAX];    /* adopted: carried requests, handled again from the loop */
+        unsigned n_redo;
+        struct event *ev_redo;
         bool paused;                  /* reading paused: too many requests in the model */
         bool frozen;                  /* reading stopped for good: a planned restart */
         uint64_t relay_tokens[RELAY_MAX];   /* awaited on the channel, in order */
@@ -96,6 +109,8 @@ struct vmm_call {
         uint64_t session;
         uint64_t answer_id;           /* 0: the VMM waits for nothing */
         uint32_t request;
+        uint64_t seq;
+        struct vhu_msg *carried;      /* the request as read (no fds): a crash may carry it */
 };
 
 #define vd_log(vd, level, request, ...)                                                          \
@@ -261,6 +276,15 @@ static void vd_leave_rest(struct vhub_vmm_device *vd) {
         vd->leaving_rest = false;
 }
 
+/* Carried requests not handled again yet: dropped with their session. */
+static void vd_redo_drop(struct vhub_vmm_device *vd) {
+        while (vd->n_redo > 0) {
+                vd->n_redo--;
+                free(vd->redo[vd->n_redo]);
+                vd->redo[vd->n_redo] = NULL;
+        }
+}
+
 /* ---- the VMM's back-end channel ---- */
 
 /* Every relayed request still awaited gets a failure: the VMM will not answer. */
@@ -359,6 +383,8 @@ static void call_forget(struct vmm_call *c) {
         if (vd) {
                 TAILQ_REMOVE(&vd->calls, c, link);
                 vd->n_calls--;
+                vd->n_carried -= c->carried != NULL;
+                vd->n_owed -= c->answer_id != 0;
                 /* perhaps at rest again: written so that a crash carries it */
                 if (vd->n_calls == 0)
                         vd_settle(vd);
@@ -369,6 +395,7 @@ static void call_forget(struct vmm_call *c) {
                 }
         }
         vhub_vmm_answer_done(&c->call.out.vmm_request);
+        free(c->carried);
         free(c);
 }
 
@@ -383,6 +410,10 @@ static void call_done(struct vhub_call *call) {
                 call_forget(c);
                 return;
         }
+        /* a snapshot carrying this request must not outlive its answer (a
+         * crash would handle it again, and the VMM get two): replaced first */
+        if (c->carried && c->answer_id != 0)
+                vd_leave_rest(vd);
         /* a request the VMM waits for nothing for can still close it */
         if (call->result < 0) {
                 vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", call->error.detail);
@@ -410,9 +441,43 @@ static void call_done(struct vhub_call *call) {
         call_forget(c);
 }
 
+/*
+ * Requests a crash may carry and the next process handle again (docs/
+ * restart.md, "A crash with VMM requests in flight"): read whole, no fds,
+ * and handling one twice changes nothing -- set requests whose record is
+ * the value they set, and queries answered from the back-end or the
+ * records (GET_VRING_BASE records its ring stopped only with its answer,
+ * in the same callback).  SET_CONFIG is not: its effect is the back-end's
+ * own, which no record replays.
+ */
+static bool request_carriable(const struct vhu_msg *m) {
+        if (m->n_fds > 0)
+                return false;
+        switch (m->hdr.request) {
+        case VHU_REQ_SET_FEATURES:
+        case VHU_REQ_SET_VRING_NUM:
+        case VHU_REQ_SET_VRING_BASE:
+        case VHU_REQ_SET_VRING_ADDR:
+        case VHU_REQ_SET_VRING_ENDIAN:
+        case VHU_REQ_SET_VRING_ENABLE:
+        case VHU_REQ_SET_STATUS:
+        case VHU_REQ_NET_SET_MTU:
+        case VHU_REQ_GET_VRING_BASE:
+        case VHU_REQ_GET_STATUS:
+        case VHU_REQ_GET_CONFIG:
+        case VHU_REQ_VRING_KICK:
+                return true;
+        default:
+                return false;
+        }
+}
+
+static bool vd_carriable(const struct vhub_vmm_device *vd);
+
 static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_id) {
         struct vhub_vmm_device *vd = userdata;
-        struct vmm_call *c;
+        struct vmm_call *c, *last;
+        uint64_t seq;
 
         vd_log(vd, LOG_DEBUG, REQ(m->hdr.request), "VMM request %s%s", REQ(m->hdr.request),
                answer_id ? " (answer due)" : "");
@@ -438,6 +503,16 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
         c->session = vd->session;
         c->answer_id = answer_id;
         c->request = m->hdr.request;
+        c->seq = seq = ++vd->call_seq;
+        /* carried only behind requests all carried (their order is the VMM's) */
+        if (vd->n_carried == vd->n_calls && vd->n_calls < CARRY_MAX && request_carriable(m) &&
+            (c->carried = malloc(sizeof(*c->carried)))) {
+                vhu_msg_init(c->carried);
+                c->carried->hdr = m->hdr;
+                memcpy(c->carried->payload.raw, m->payload.raw, m->hdr.size);
+                vd->n_carried++;
+        }
+        vd->n_owed += answer_id != 0;
         TAILQ_INSERT_TAIL(&vd->calls, c, link);
         vd->n_calls++;
         if (!vd->paused && vd->n_calls >= vd->limits.max_requests) {
@@ -447,7 +522,18 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
         }
         vd_enter(vd);
         vhub_device_vmm_request(vd->dev, m, &c->call); /* takes m's fds; may answer at once */
-        vd_leave(vd);
+        if (!vd_leave(vd))
+                return;
+        /* still in flight and carried: a snapshot says so before anything
+         * else happens (the op's start wrote one if it ran at once) */
+        last = TAILQ_LAST(&vd->calls, vmm_call_list);
+        if (!last || last->seq != seq || !last->carried)
+                return;
+        if ((!vd->rest_saved || vd->saved_seq < seq) && vd_carriable(vd))
+                vhub_device_vmm_commit_now(vd->dev);
+        if (vd->rest_saved && vd->saved_seq >= seq)
+                vd_log(vd, LOG_DEBUG, REQ(last->request), "%s in flight: the VM's snapshot carries it",
+                       REQ(last->request));
 }
 
 /* The VMM's session is over: everything of it goes, the model is told. */
@@ -458,7 +544,8 @@ static void vd_end_session(struct vhub_vmm_device *vd) {
         TAILQ_FOREACH(c, &vd->calls, link)
                 c->vd = NULL;
         TAILQ_INIT(&vd->calls);
-        vd->n_calls = 0;
+        vd->n_calls = vd->n_carried = vd->n_owed = 0;
+        vd_redo_drop(vd);
         vd->paused = false;
         vd->channel = vd_channel_free(vd);
         relay_fail_all(vd);
@@ -488,6 +575,34 @@ static const struct vhub_vmm_conn_ops conn_ops = {
         .on_fds_changed = vd_fds_changed,
         .on_before_read = conn_on_before_read,
 };
+
+/*
+ * An adopted session's requests in flight, handled again in the order the
+ * VMM sent them, from the loop: after the restore has marked the device lost
+ * (vhub_device_restore_finish()), so that they wait for its back-end's
+ * restore as any request in an outage.  The VMM's connection is read again
+ * only after them.
+ */
+static void redo_cb(evutil_socket_t fd, short what, void *userdata) {
+        struct vhub_vmm_device *vd = userdata;
+
+        vd_enter(vd);
+        while (vd->n_redo > 0 && vd->conn && !vd->dead) {
+                struct vhu_msg *m = vd->redo[0];
+
+                vd->n_redo--;
+                memmove(vd->redo, vd->redo + 1, vd->n_redo * sizeof(vd->redo[0]));
+                vd->redo[vd->n_redo] = NULL;
+                vd_log(vd, LOG_INFO, REQ(m->hdr.request), "%s from the VMM, in flight at the daemon's restart: "
+                       "handled again", REQ(m->hdr.request));
+                vhub_vmm_conn_redo(vd->conn, m);
+                free(m);
+        }
+        vd_redo_drop(vd);
+        if (vd->conn && !vd->paused && !vd->frozen)
+                vhub_vmm_conn_pause(vd->conn, false);
+        vd_leave(vd);
+}
 
 /* ---- the listener ---- */
 
@@ -542,6 +657,9 @@ static void vd_free(struct vhub_vmm_device *vd) {
                 TAILQ_REMOVE(vd->list, vd, link);
         if (vd->ev_rest)
                 event_free(vd->ev_rest);
+        if (vd->ev_redo)
+                event_free(vd->ev_redo);
+        vd_redo_drop(vd);
         free(vd);
 }
 
@@ -567,23 +685,41 @@ enum {
         F_VM_DIR,
         F_INODE,
         F_PROTOCOL_FEATURES,
+        F_REQUEST,      /* bytes: a request in flight, header and payload, in order */
 };
 
 /* What the VMM sent is all answered and gone, nothing half-read, nothing
  * awaited on its channel: the sockets alone hold the session.  Asked as its
  * VM's snapshot is written, which then carries the session or not. */
+/* Or busy only with requests it carries (docs/restart.md, "A crash with VMM
+ * requests in flight"): each read whole, without fds, handled again by the
+ * next process; the connection owes their answers and nothing else. */
+static bool vd_carriable(const struct vhub_vmm_device *vd) {
+        return !vd->leaving_rest && !vd->dead && vd->n_carried == vd->n_calls &&
+               vd->n_calls + vd->n_redo <= CARRY_MAX && vd->relay_count == 0 && vd->conn && vd->listener &&
+               vd->sock && vhub_vmm_conn_quiet(vd->conn, vd->n_owed) &&
+               (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
+               /* settled; a planned restart's last snapshot does not wait */
+               (vd->frozen || !evtimer_pending(vd->ev_rest, NULL));
+}
+
 static bool vd_at_rest(void *face) {
         struct vhub_vmm_device *vd = face;
         bool was = vd->rest_saved;
 
-        vd->rest_saved = !vd->leaving_rest && !vd->dead && vd->n_calls == 0 && vd->relay_count == 0 && vd->conn &&
-                         vd->listener && vd->sock && vhub_vmm_conn_at_rest(vd->conn) &&
-                         (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
-                         /* settled; a planned restart's last snapshot does not wait */
-                         (vd->frozen || !evtimer_pending(vd->ev_rest, NULL));
+        vd->rest_saved = vd_carriable(vd);
         if (vd->rest_saved && !was)
-                vd_log(vd, LOG_DEBUG, NULL, "the VM's snapshot carries the VMM's session (at rest)");
+                vd_log(vd, LOG_DEBUG, NULL, "the VM's snapshot carries the VMM's session (%s)",
+                       vd->n_calls + vd->n_redo ? "requests in flight" : "at rest");
         return vd->rest_saved;
+}
+
+static void put_request(struct vhub_snap_writer *w, const struct vhu_msg *m) {
+        uint8_t b[sizeof(m->hdr) + VHU_MAX_PAYLOAD];
+
+        memcpy(b, &m->hdr, sizeof(m->hdr));
+        memcpy(b + sizeof(m->hdr), m->payload.raw, m->hdr.size);
+        vhub_snap_put_bytes(w, F_REQUEST, b, sizeof(m->hdr) + m->hdr.size);
 }
 
 struct socket_save {
@@ -599,8 +735,9 @@ static void socket_fd_save(int fd, const char *what, void *userdata) {
 }
 
 static void vd_save(void *face, struct vhub_snap_writer *w) {
-        const struct vhub_vmm_device *vd = face;
+        struct vhub_vmm_device *vd = face;
         const struct vhub_fdstore *st = vhub_context_fdstore(vd->ctx);
+        const struct vmm_call *c;
 
         vhub_snap_put_fd(w, F_LISTEN, st, vd->fd_group, vhub_vmm_listener_fd(vd->listener));
         vhub_snap_put_fd(w, F_CONN, st, vd->fd_group, vhub_vmm_conn_fd(vd->conn));
@@ -608,6 +745,12 @@ static void vd_save(void *face, struct vhub_snap_writer *w) {
                 vhub_snap_put_fd(w, F_CHAN, st, vd->fd_group, vhub_vmm_channel_fd(vd->channel));
         vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_save, &(struct socket_save){ vd, w });
         vhub_snap_put_u64(w, F_PROTOCOL_FEATURES, vhub_vmm_conn_protocol_features(vd->conn));
+        /* in the VMM's order: those not handled again yet came last */
+        TAILQ_FOREACH(c, &vd->calls, link)
+                put_request(w, c->carried);
+        for (unsigned i = 0; i < vd->n_redo; i++)
+                put_request(w, vd->redo[i]);
+        vd->saved_seq = vd->call_seq;
 }
 
 static const struct vhub_vmm_face_ops face_ops = {
@@ -627,7 +770,12 @@ static struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_de
         vd->ctx = ctx;
         vd->base = vhub_context_base(ctx);
         vd->ev_rest = evtimer_new(vd->base, rest_cb, vd);
-        if (!vd->ev_rest) {
+        vd->ev_redo = evtimer_new(vd->base, redo_cb, vd);
+        if (!vd->ev_rest || !vd->ev_redo) {
+                if (vd->ev_rest)
+                        event_free(vd->ev_rest);
+                if (vd->ev_redo)
+                        event_free(vd->ev_redo);
                 free(vd);
                 return NULL;
         }
@@ -712,7 +860,34 @@ void vhub_vmm_device_list_free(struct vhub_vmm_device_list *list) {
 struct carried_fds {
         int listen, conn, chan, uid_dir, vm_dir, inode;
         uint64_t protocol_features;
+        struct vhu_msg *req[CARRY_MAX];     /* requests in flight, in order */
+        unsigned n_req;
 };
+
+/* A request in flight as put_request() wrote it: a header, its payload whole. */
+static int read_request(const struct vhub_snap_rec *x, struct carried_fds *c) {
+        struct vhu_msg *m;
+        const void *raw;
+        size_t n;
+        int r = vhub_snap_get_bytes(x, &raw, &n);
+
+        if (r < 0)
+                return r;
+        if (c->n_req == CARRY_MAX || n < sizeof(m->hdr))
+                return -EBADMSG;
+        m = malloc(sizeof(*m));
+        if (!m)
+                return -ENOMEM;
+        vhu_msg_init(m);
+        memcpy(&m->hdr, raw, sizeof(m->hdr));
+        if (m->hdr.size > VHU_MAX_PAYLOAD || n - sizeof(m->hdr) != m->hdr.size) {
+                free(m);
+                return -EBADMSG;
+        }
+        memcpy(m->payload.raw, (const uint8_t *)raw + sizeof(m->hdr), m->hdr.size);
+        c->req[c->n_req++] = m;
+        return 0;
+}
 
 static int read_carried(struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec, struct carried_fds *c) {
         struct vhub_snap_iter it;
@@ -729,6 +904,7 @@ static int read_carried(struct vhub_fd_claim *claim, const struct vhub_snap_rec 
                 case F_VM_DIR: slot = &c->vm_dir; break;
                 case F_INODE: slot = &c->inode; break;
                 case F_PROTOCOL_FEATURES: r = vhub_snap_get_u64(&x, &c->protocol_features); continue;
+                case F_REQUEST: r = read_request(&x, c); continue;
                 default: r = vhub_snap_unknown(&x); continue;
                 }
                 r = vhub_snap_get_key(&x, &key);
@@ -745,7 +921,7 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                           struct vhub_fdstore_restore *fr, const struct vhub_snap_rec *rec,
                           const struct vhub_vmm_device_limits *limits, struct vhub_vmm_device **ret,
                           const struct vhub_vmm_face_ops **ret_ops, char **ret_path) {
-        struct carried_fds c = { -1, -1, -1, -1, -1, -1, 0 };
+        struct carried_fds c = { -1, -1, -1, -1, -1, -1, 0, { NULL }, 0 };
         struct vhub_vmm_conn_limits l;
         struct vhub_vmm_device *vd = vd_alloc(ctx, dev, limits);
         struct vhub_fd_claim claim;
@@ -764,9 +940,16 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 vhu_safe_close(c.uid_dir);
                 vhu_safe_close(c.vm_dir);
                 vhu_safe_close(c.inode);
+                for (unsigned i = 0; i < c.n_req; i++)
+                        free(c.req[i]);
+                event_free(vd->ev_rest);
+                event_free(vd->ev_redo);
                 free(vd);
                 return r;
         }
+        /* the object's from here: vd_free() drops them */
+        memcpy(vd->redo, c.req, sizeof(c.req));
+        vd->n_redo = c.n_req;
         vd->list = list;
         TAILQ_INSERT_TAIL(list, vd, link);
         /* each part is the object's as soon as it exists: vd_free() undoes any prefix */
@@ -813,6 +996,16 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
         }
         vd->session++;
         vd->rest_saved = true;  /* the snapshot it came from carries the session */
+        if (vd->n_redo > 0) {
+                static const struct timeval now = { 0, 0 };
+
+                /* nothing of the VMM is read before them */
+                vhub_vmm_conn_pause(vd->conn, true);
+                if (evtimer_add(vd->ev_redo, &now) < 0)
+                        redo_cb(-1, 0, vd);
+                vd_log(vd, LOG_INFO, NULL, "%u request%s of the VMM in flight at the daemon's restart: "
+                       "handled again once the device is restored", vd->n_redo, vd->n_redo == 1 ? "" : "s");
+        }
         *ret = vd;
         *ret_ops = &face_ops;
         return 0;

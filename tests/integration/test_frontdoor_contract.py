@@ -34,7 +34,9 @@ restart   vhubd under a service manager (the fd store) restarted under VMMs
           device.vmm_disconnected, the back-end keeps its connection, a VM
           held only by its VMM stays held; after the planned one the back-end
           is lost and restored from the carried records.  Crashed with one
-          VMM's request in flight and another's message half-read: neither
+          VMM's GET_CONFIG in flight (its back-end stopped): carried, answered
+          by the next process from the restored back-end.  Crashed with one
+          VMM's SET_CONFIG in flight and another's message half-read: neither
           is carried -- their connections close, device.vmm_disconnected, the
           back-end renewed -- and the socket is there again at the same path:
           the next VMM reads what the first wrote and writes on (the image
@@ -490,10 +492,63 @@ def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     wait_until(lambda: device_of(c, vm_name)["vmm"] == "waiting", 5.0, what="the carried VMM's leaving to be seen")
 
 
+IN_FLIGHT_CARRIED = b"GET_CONFIG in flight: the VM's snapshot carries it"
+
+
+def restart_carried_busy(t, m, c, path, vm_name, qsd, salt):
+    """A crash while a VMM's GET_CONFIG is in flight (its back-end stopped,
+    the request relayed and unanswered), once the VM's snapshot says it
+    carries it: the next process adopts the VMM's connection, restores the
+    back-end as lost and handles GET_CONFIG again -- the VMM gets one answer,
+    the right one, on the same connection, nothing says it left, and its
+    ring goes on (blocks read back, more written)."""
+    fe, q = vmm_writes(t, path, salt)
+    config = fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    with open(m.sm.log_path, "rb") as f:
+        carried0 = f.read().count(IN_FLIGHT_CARRIED)
+    c.events()
+    os.kill(qsd.pid, signal.SIGSTOP)
+    try:
+        fe.send(vu.GET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(8))
+
+        def carried():
+            with open(m.sm.log_path, "rb") as f:
+                return f.read().count(IN_FLIGHT_CARRIED) > carried0
+        wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
+        check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
+    finally:
+        os.kill(qsd.pid, signal.SIGCONT)
+    fe.sock.settimeout(10)
+    r = fe.recv_reply(vu.GET_CONFIG)
+    check_eq(r[12:], config, "GET_CONFIG, in flight at the crash, answered once by the next process, on the "
+             "same connection, with the back-end's config")
+    features = fe.get_features()
+    check(features & (1 << 32), "the same connection goes on: GET_FEATURES answered (0x%x)" % features)
+    for i in range(8):
+        k = salt * 8 + i
+        check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written before the crash, read back on the same ring after it" % k)
+        q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+    seen = []
+
+    def restored():
+        seen.extend(e.get("event") for e in c.events())
+        return "device.reconnected" in seen
+    wait_until(restored, 10.0, what="the back-end restored after the crash")
+    check("device.vmm_disconnected" not in seen, "nothing says the VMM left: %s" % seen)
+    dev = device_of(c, vm_name)
+    check_eq((dev["vmm_socket"], dev["vmm"], dev["state"]), (path, "connected", "running"),
+             "device.list after the crash: the same VMM, running")
+    log("ok: a GET_CONFIG in flight carried across a crash (events: %s)" % seen)
+    fe.close()
+    wait_until(lambda: device_of(c, vm_name)["vmm"] == "waiting", 5.0, what="the carried VMM's leaving to be seen")
+
+
 def restart_in_flight(t, m, c, path, vm_name, qsd, hvmm, salt, disk):
-    """A crash while a VMM's request is in flight (its back-end stopped) and
-    while another VMM's message is half-read: neither session is at rest,
-    neither is carried -- both connections close, device.vmm_disconnected
+    """A crash while a VMM's request that cannot be carried is in flight
+    (SET_CONFIG, its back-end stopped) and while another VMM's message is
+    half-read: neither session is carried -- both connections close, device.vmm_disconnected
     says so, the back-end is renewed -- and the socket is there again at the
     same path: the next VMM reads what the first wrote and writes on."""
     fe, q = vmm_writes(t, path, salt)
@@ -501,9 +556,11 @@ def restart_in_flight(t, m, c, path, vm_name, qsd, hvmm, salt, disk):
     c.events()
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
-        # GET_CONFIG, relayed to a back-end that does not answer; and half
-        # of GET_FEATURES' header from the other VMM
-        fe.sock.sendall(struct.pack("<III", 24, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8))
+        # SET_CONFIG (NEED_REPLY), relayed to a back-end that does not
+        # answer -- a request a crash does not carry: its effect is the
+        # back-end's own, which no record replays (GET_CONFIG would be
+        # carried); and half of GET_FEATURES' header from the other VMM
+        fe.sock.sendall(struct.pack("<III", 25, 1 | 8, 20) + struct.pack("<III", 0, 8, 0) + bytes(8))
         hvmm.sock.sendall(struct.pack("<III", 1, 1, 0)[:6])
         time.sleep(0.3)
         check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
@@ -610,6 +667,8 @@ def scenario_restart(t):
               "the VM its carried VMM holds does not linger after the %s (%s)"
               % (signal.Signals(sig).name, vms.get("held")))
         hvmm.get_features()
+    restart_carried_busy(t, m, c, path, "vm0", qsd, 6)            # blocks 48-55, then 64-71
+    hvmm.get_features()
     restart_in_flight(t, m, c, path, "vm0", qsd, hvmm, 5, disk)   # blocks 40-47: after 1's and 2's
     # its VMM's session did not survive: the VM lingers from the crash, and goes
     vms = held_vms(c)
@@ -620,11 +679,11 @@ def scenario_restart(t):
     restart_half_read(t, m, c, path, "vm0")
     with open(img, "rb") as f:
         data = f.read()
-    for salt in (1, 2, 5):
+    for salt in (1, 2, 5, 6):
         want = b"".join(pattern((salt * 8 + i) * 8, 4096, salt=salt) for i in range(8))
         check(data[salt * 64 * 512:salt * 64 * 512 + len(want)] == want,
               "the image holds the blocks written before restart %d" % salt)
-    for salt in (1, 2):
+    for salt in (1, 2, 6):
         after = b"".join(pattern((salt * 8 + i + 16) * 8, 4096, salt=salt) for i in range(8))
         check(data[(salt * 8 + 16) * 8 * 512:(salt * 8 + 16) * 8 * 512 + len(after)] == after,
               "the image holds the blocks the carried VMM wrote after restart %d" % salt)
