@@ -699,8 +699,10 @@ static bool vd_carriable(const struct vhub_vmm_device *vd) {
                vd->n_calls + vd->n_redo <= CARRY_MAX && vd->relay_count == 0 && vd->conn && vd->listener &&
                vd->sock && vhub_vmm_conn_quiet(vd->conn, vd->n_owed) &&
                (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
-               /* settled; a planned restart's last snapshot does not wait */
-               (vd->frozen || !evtimer_pending(vd->ev_rest, NULL));
+               /* settled; a planned restart's last snapshot does not wait,
+                * nor do requests in flight (their op's start writes one
+                * anyway: QEMU's stop asks for each ring's base in turn) */
+               (vd->frozen || vd->n_calls + vd->n_redo > 0 || !evtimer_pending(vd->ev_rest, NULL));
 }
 
 static bool vd_at_rest(void *face) {
