@@ -310,8 +310,14 @@ bool vhub_vmm_conn_at_rest(const struct vhub_vmm_conn *c) {
 }
 
 void vhub_vmm_conn_redo(struct vhub_vmm_conn *c, struct vhu_msg *m) {
-        if (c->stream.lost || c->free_requested || c->dispatching || c->count >= c->limits.max_pending)
+        if (c->stream.lost || c->free_requested || c->dispatching)
                 return;
+        if (c->count >= c->limits.max_pending) {
+                /* never left unanswered: the VMM reconnects instead */
+                vmm_stream_lose(&c->stream, false, "more requests carried across a restart than %u",
+                                c->limits.max_pending);
+                return;
+        }
         conn_handle(c, m);
         if (c->free_requested)
                 conn_free_now(c);

@@ -689,11 +689,11 @@ enum {
 };
 
 /* What the VMM sent is all answered and gone, nothing half-read, nothing
- * awaited on its channel: the sockets alone hold the session.  Asked as its
- * VM's snapshot is written, which then carries the session or not. */
-/* Or busy only with requests it carries (docs/restart.md, "A crash with VMM
- * requests in flight"): each read whole, without fds, handled again by the
- * next process; the connection owes their answers and nothing else. */
+ * awaited on its channel: the sockets alone hold the session.  Or it is busy
+ * only with requests it carries (docs/restart.md, "A crash with VMM requests
+ * in flight"): each read whole, without fds, handled again by the next
+ * process; the connection owes their answers and nothing else.  Asked as
+ * its VM's snapshot is written, which then carries the session or not. */
 static bool vd_carriable(const struct vhub_vmm_device *vd) {
         return !vd->leaving_rest && !vd->dead && vd->n_carried == vd->n_calls &&
                vd->n_calls + vd->n_redo <= CARRY_MAX && vd->relay_count == 0 && vd->conn && vd->listener &&

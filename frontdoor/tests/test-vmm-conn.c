@@ -782,6 +782,54 @@ static void test_carry(void) {
         CHECK_EQ(vhub_count_open_fds(), base_fds);
 }
 
+/*
+ * A crash may carry a session busy with requests (docs/restart.md, "A crash
+ * with VMM requests in flight"): the connection is quiet with exactly those
+ * answers owed, and the next process handles each again as if just read --
+ * an answer id of its own, one answer to the VMM.
+ */
+static void test_carry_busy(void) {
+        int base_fds = vhub_count_open_fds();
+        const uint64_t acked = PF(MQ) | PF(REPLY_ACK) | PF(CONFIG);
+        struct vhu_msg redo, r;
+        struct face f;
+        int fd;
+
+        face_setup(&f, NULL);
+        SEND_SEEN(&f, vmm_send_u64(f.vmm, VHU_REQ_SET_PROTOCOL_FEATURES, PLAIN, acked));
+        f.defer = true;
+        SEND_SEEN(&f, vmm_send_state(f.vmm, VHU_REQ_SET_VRING_ENABLE, PLAIN, 0, 0));   /* nothing owed */
+        SEND_SEEN(&f, vmm_send_state(f.vmm, VHU_REQ_GET_VRING_BASE, PLAIN, 0, 0));
+        SEND_SEEN(&f, vmm_send_state(f.vmm, VHU_REQ_SET_VRING_ENABLE, NEED, 1, 0));    /* an ack owed */
+        CHECK(vhub_vmm_conn_quiet(f.conn, 2));
+        CHECK(!vhub_vmm_conn_quiet(f.conn, 1));
+        CHECK(!vhub_vmm_conn_at_rest(f.conn));
+        /* an answer given behind one not given yet: held, not quiet any more */
+        CHECK_EQ(vhub_vmm_conn_ack(f.conn, f.log[3].answer_id, 0), 0);
+        CHECK(!vhub_vmm_conn_quiet(f.conn, 2));
+        CHECK(!vhub_vmm_conn_quiet(f.conn, 1));
+        /* the next process: the same socket, GET_VRING_BASE carried and handled again */
+        fd = fcntl(vhub_vmm_conn_fd(f.conn), F_DUPFD_CLOEXEC, 3);
+        CHECK(fd >= 0);
+        f.conn = vhub_vmm_conn_free(f.conn);
+        CHECK_EQ(vhub_vmm_conn_new(f.base, fd, NULL, &face_ops, &f, &f.conn), 0);
+        vhub_vmm_conn_offer_protocol_features(f.conn, OFFER);
+        CHECK_EQ(vhub_vmm_conn_resume(f.conn, acked), 0);
+        vhu_msg_init(&redo);
+        redo.hdr = (struct vhu_header){ VHU_REQ_GET_VRING_BASE, PLAIN, sizeof(redo.payload.state) };
+        redo.payload.state = (struct vhu_vring_state){ 0, 0 };
+        f.defer = false;
+        vhub_vmm_conn_redo(f.conn, &redo);
+        CHECK_EQ(f.n, 5);
+        CHECK_EQ(f.log[4].request, VHU_REQ_GET_VRING_BASE);
+        CHECK_EQ(f.log[4].kind, VHUB_VMM_ANSWER_REPLY);
+        expect_answer(&f, VHU_REQ_GET_VRING_BASE, &r);
+        CHECK_EQ(r.payload.state.num, 100);
+        CHECK(vhub_vmm_conn_at_rest(f.conn));
+        face_teardown(&f);
+        CHECK_EQ(vhub_count_open_fds(), base_fds);
+}
+
 int main(void) {
         test_qemu_handshake();
         test_reply_ack();
@@ -793,6 +841,7 @@ int main(void) {
         test_free_inside_callback();
         test_fail();
         test_carry();
+        test_carry_busy();
         printf("vmm-conn: all passed\n");
         return 0;
 }
