@@ -101,8 +101,12 @@ void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
         if (ev->vm) {
                 stamped.uid = ev->vm->uid;
                 /* what an event tells changed its VM (the context's own:
-                 * events carry it const for the sinks) */
-                vhub_changed(ctx, (struct vhub_vm *)ev->vm);
+                 * events carry it const for the sinks) -- but a back-end's
+                 * CONFIG_CHANGE_MSG, which changes nothing a snapshot
+                 * records and which a back-end sends at will: one VM
+                 * snapshot per message, on the loop every VM shares */
+                if (ev->type != VHUB_EV_CONFIG_CHANGED)
+                        vhub_changed(ctx, (struct vhub_vm *)ev->vm);
         }
         for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
                 next = TAILQ_NEXT(sink, link);

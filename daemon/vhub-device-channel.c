@@ -47,7 +47,7 @@ enum {
  * relayed (no channel, not negotiated by the VMM).
  */
 static int breq_relay(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m, int fail) {
-        uint64_t token = vhub_vm_new_token(d->vm);
+        uint64_t token = vhub_vm_new_relay_token(d->vm);
         int r = vmm_relay(d, m, token);
 
         if (r < 0)

@@ -468,6 +468,10 @@ uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
         return vm->next_token;
 }
 
+uint64_t vhub_vm_new_relay_token(struct vhub_vm *vm) {
+        return ++vm->next_token;
+}
+
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err) {
         if (vm->destroying)

@@ -206,6 +206,13 @@ int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const str
  * anyone can see the token (after the current callback, before the loop
  * writes to a socket). */
 uint64_t vhub_vm_new_token(struct vhub_vm *vm);
+/* A token that pairs a front-door VMM's answer with its back-end's request
+ * (vhub-device-channel.c: never sent out): from the same count, but the VM
+ * is not marked changed for it -- a back-end's flood of relayed requests
+ * had the VM's snapshot written per request.  The one snapshot record that
+ * names it (a device's wait for the answer) is in the same document as the
+ * count, which is past it by then. */
+uint64_t vhub_vm_new_relay_token(struct vhub_vm *vm);
 
 /* region->fd is taken in every case (closed on failure). */
 void vhub_vm_memory_add(struct vhub_vm *vm, struct vhub_region *region, struct vhub_call *call);

@@ -25,6 +25,14 @@ another VM is timed as above, and the VM snapshots written counted.
 
     bench_trickle.py vmm [DEVICES [SECONDS]]           (default 64 4)
 
+The same for a front-door device's back-end (the project's test back-end)
+sending CONFIG_CHANGE_MSG (no NEED_REPLY) one after the other on its
+channel, in a VM of DEVICES front-door devices (the others on
+qemu-storage-daemon): each relayed request took a token that had the VM's
+snapshot written.
+
+    bench_trickle.py breq [DEVICES [SECONDS]]          (default 64 4)
+
 Needs root (to connect as another uid).
 """
 
@@ -134,7 +142,57 @@ def main_vmm(t, devices, seconds):
         % (devices, n, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
 
 
+def main_breq(t, devices, seconds):
+    from vhubtest.backends import QsdNullBackend
+    from vhubtest.testbackend import TestBackend
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
+    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices - 1)], log_dir=d))
+    tb = t.enter(TestBackend([m.socket("tb.sock")], log_dir=d))
+    root = t.enter(Client(m.control, timeout=30))
+    Vmm(root, "vm0").create()
+    root.call("vm.create", {"vm": "flood"})
+    for i, s in enumerate([tb.socket] + null.sockets):
+        root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": s, "type": "blk",
+                                 "vmm_socket": True})
+    pid = root.call("daemon.info")["pid"]
+    cpu0 = cpu_seconds(pid)
+    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+    until = time.monotonic() + seconds + 0.5
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        # the back-end's control connection is the child's while it floods
+        os.close(rfd)
+        n = 0
+        try:
+            while time.monotonic() < until:
+                tb.config_change(need_reply=False)
+                n += 1
+                time.sleep(0.0002)  # one a wake-up of the daemon: a burst is read 64 at a time
+            os.write(wfd, b"%d" % n)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    time.sleep(0.5)
+    before = record_bytes(m.sm.log_path, "s")
+    cpu0 = cpu_seconds(pid)
+    calls = timed_calls(root, until)
+    phase("breq", pid, calls, cpu0)
+    after = record_bytes(m.sm.log_path, "s")
+    sent = int(os.read(rfd, 64) or b"0")
+    os.close(rfd)
+    os.waitpid(child, 0)
+    log("a back-end of a VM with %d front-door devices: %d CONFIG_CHANGE_MSG in %.1f s; VM snapshots written "
+        "meanwhile: %d (%d KiB)" % (devices, sent, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+
+
 def main(t):
+    if sys.argv[1:2] == ["breq"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_breq(t, *(args + [64, 4][len(args):])[:2])
+        return
     if sys.argv[1:2] == ["vmm"]:
         args = [int(a) for a in sys.argv[2:]]
         main_vmm(t, *(args + [64, 4][len(args):])[:2])
