@@ -33,6 +33,13 @@ snapshot written.
 
     bench_trickle.py breq [DEVICES [SECONDS]]          (default 64 4)
 
+And uid 65534 opening and closing control connections one after the other
+(each one's socket is a group and its record a snapshot file: pushed to
+the service manager as it is accepted, removed as it closes), against the
+same with --no-fd-store (no store, no records):
+
+    bench_trickle.py churn [SECONDS]                   (default 4)
+
 Needs root (to connect as another uid).
 """
 
@@ -188,7 +195,66 @@ def main_breq(t, devices, seconds):
         "meanwhile: %d (%d KiB)" % (devices, sent, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
 
 
+def churn(path, until):
+    """uid ATTACKER's connections opened and closed one after the other
+    until `until` (run in a child process): how many."""
+    os.setgroups([])
+    os.setgid(ATTACKER)
+    os.setuid(ATTACKER)
+    n = 0
+    while time.monotonic() < until:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+            except OSError:
+                continue        # refused over its uid's connections: the close is not seen yet
+        n += 1
+    return n
+
+
+def main_churn(t, seconds):
+    if os.geteuid() != 0:
+        raise Skip("needs root to connect as another uid")
+    for store in (True, False):
+        d = t.tmpdir()
+        os.chmod(d, 0o755)
+        m = Managed(t, d, extra=["--control-mode", "0666"] + ([] if store else ["--no-fd-store"]))
+        root = t.enter(Client(m.control, timeout=30))
+        Vmm(root, "vm0").create()
+        pid = root.call("daemon.info")["pid"]
+        cpu0 = cpu_seconds(pid)
+        phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+        messages = len(m.sm.messages)
+        until = time.monotonic() + seconds
+        rfd, wfd = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(rfd)
+            try:
+                os.write(wfd, b"%d" % churn(m.control, until))
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        cpu0 = cpu_seconds(pid)
+        calls = timed_calls(root, until)
+        cpu = cpu_seconds(pid) - cpu0
+        phase("churn", pid, calls, cpu0)
+        n = int(os.read(rfd, 64) or b"0")
+        os.close(rfd)
+        os.waitpid(child, 0)
+        time.sleep(0.3)
+        log("%s: uid %d opened and closed %d connections in %.1f s (vhubd CPU per connection ~%.0f us); "
+            "messages to the service manager: %d" % ("fd store" if store else "--no-fd-store", ATTACKER, n,
+                                                     seconds, cpu * 1e6 / max(n, 1), len(m.sm.messages) - messages))
+        root.close()
+        m.sm.stop_unit()
+
+
 def main(t):
+    if sys.argv[1:2] == ["churn"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_churn(t, *(args + [4][len(args):])[:1])
+        return
     if sys.argv[1:2] == ["breq"]:
         args = [int(a) for a in sys.argv[2:]]
         main_breq(t, *(args + [64, 4][len(args):])[:2])
