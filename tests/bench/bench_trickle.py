@@ -25,6 +25,13 @@ another VM is timed as above, and the VM snapshots written counted.
 
     bench_trickle.py vmm [DEVICES [SECONDS]]           (default 64 4)
 
+The same VMM sending SET_BACKEND_REQ_FD (a new channel each time) one after
+the other instead: each replaces a socket of its device's fd-store group,
+which is rebuilt through the service manager (a socket's peer must see it
+close when the daemon closes it: it cannot stay in the stash).
+
+    bench_trickle.py vmm-channel [DEVICES [SECONDS]]   (default 64 4)
+
 The same for a front-door device's back-end (the project's test back-end)
 sending CONFIG_CHANGE_MSG (no NEED_REPLY) one after the other on its
 channel, in a VM of DEVICES front-door devices (the others on
@@ -95,21 +102,27 @@ def phase(name, pid, calls, cpu0):
            cpu_seconds(pid) - cpu0))
 
 
-def vmm_flood(path, until):
-    """A VMM's GET_FEATURES one after the other until `until` (run in a
-    child process): how many."""
-    from vhubtest.direct import DirectFrontend
-    fe = DirectFrontend.connect(path)
-    fe.handshake()
+def vmm_flood(path, until, channels=False):
+    """A VMM's GET_FEATURES (or SET_BACKEND_REQ_FD) one after the other
+    until `until` (run in a child process): how many."""
+    from vhubtest import direct as vu
+    fe = vu.DirectFrontend.connect(path)
+    fe.handshake(vu.SUPPORTED_PROTOCOL_FEATURES | (1 << vu.PF_BACKEND_REQ))
     n = 0
     while time.monotonic() < until:
-        fe.get_features()
+        if channels:
+            a, b = socket.socketpair()
+            fe.command(vu.SET_BACKEND_REQ_FD, b"", [b.fileno()])
+            a.close()
+            b.close()
+        else:
+            fe.get_features()
         n += 1
     fe.close()
     return n
 
 
-def main_vmm(t, devices, seconds):
+def main_vmm(t, devices, seconds, channels=False):
     from vhubtest.backends import QsdNullBackend
     d = t.tmpdir()
     os.chmod(d, 0o755)
@@ -132,21 +145,25 @@ def main_vmm(t, devices, seconds):
     if child == 0:
         os.close(rfd)
         try:
-            os.write(wfd, b"%d" % vmm_flood(path, until))
+            os.write(wfd, b"%d" % vmm_flood(path, until, channels))
         finally:
             os._exit(0)
     os.close(wfd)
     time.sleep(0.5)
     before = record_bytes(m.sm.log_path, "s")
+    messages = len(m.sm.messages)
     cpu0 = cpu_seconds(pid)
     calls = timed_calls(root, until)
     phase("vmm-flood", pid, calls, cpu0)
+    messages = len(m.sm.messages) - messages
     after = record_bytes(m.sm.log_path, "s")
     n = int(os.read(rfd, 64) or b"0")
     os.close(rfd)
     os.waitpid(child, 0)
-    log("a VMM of a VM with %d devices: %d GET_FEATURES in %.1f s; VM snapshots written meanwhile: %d (%d KiB)"
-        % (devices, n, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+    log("a VMM of a VM with %d devices: %d %s in %.1f s; VM snapshots written meanwhile: %d (%d KiB); "
+        "messages to the service manager: %d" % (devices, n, "SET_BACKEND_REQ_FD" if channels else "GET_FEATURES",
+                                                 seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10,
+                                                 messages))
 
 
 def main_breq(t, devices, seconds):
@@ -259,9 +276,9 @@ def main(t):
         args = [int(a) for a in sys.argv[2:]]
         main_breq(t, *(args + [64, 4][len(args):])[:2])
         return
-    if sys.argv[1:2] == ["vmm"]:
+    if sys.argv[1:2] in (["vmm"], ["vmm-channel"]):
         args = [int(a) for a in sys.argv[2:]]
-        main_vmm(t, *(args + [64, 4][len(args):])[:2])
+        main_vmm(t, *(args + [64, 4][len(args):])[:2], channels=sys.argv[1] == "vmm-channel")
         return
     if os.geteuid() != 0:
         raise Skip("needs root to connect as another uid")
