@@ -47,7 +47,7 @@ enum {
  * relayed (no channel, not negotiated by the VMM).
  */
 static int breq_relay(struct vhub_device *d, struct vhub_backend_channel *ch, struct vhu_msg *m, int fail) {
-        uint64_t token = vhub_vm_new_relay_token(d->vm);
+        uint64_t token = vhub_vm_new_token(d->vm);
         int r = vmm_relay(d, m, token);
 
         if (r < 0)
@@ -214,9 +214,12 @@ static int breq_forward(struct vhub_device *d, struct vhub_backend_channel *ch, 
         ev.fields[n++] = (struct vhub_event_field){ "need_reply", need_reply };
         ev.n_fields = n;
         vhub_context_emit(d->vm->ctx, &ev);
-        /* without NEED_REPLY the back-end waits for nothing */
-        if (need_reply)
+        /* without NEED_REPLY the back-end waits for nothing; a wait is
+         * in the device's record (the event marked nothing) */
+        if (need_reply) {
                 vhub_backend_channel_defer(ch, m, DEFER_OWNER, ev.token);
+                vhub_changed(d->vm->ctx, d->vm);
+        }
         return BREQ_ANSWERED;
 }
 

@@ -62,7 +62,8 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
                 vhub_snap_put_u32(w, VM_CRED_UID, (uint32_t)vm->cred.uid);
         vhub_snap_put_u32(w, VM_GID, (uint32_t)vm->cred.gid);
         vhub_snap_put_groups(w, VM_GROUPS, &vm->cred);
-        vhub_snap_put_u64(w, VM_NEXT_TOKEN, vm->next_token);
+        /* the count reserved ahead: the next process starts past every token given out */
+        vhub_snap_put_u64(w, VM_NEXT_TOKEN, vm->token_reserved > vm->next_token ? vm->token_reserved : vm->next_token);
         if (vm->owner) {
                 vhub_snap_put_u32(w, VM_OWNER_FACE, vm->owner->face);
                 vhub_snap_put_u64(w, VM_OWNER_ID, vm->owner->id);

@@ -463,13 +463,12 @@ int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, stru
 }
 
 uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
-        vm->next_token++;
-        vhub_changed(vm->ctx, vm);
+        if (++vm->next_token > vm->token_reserved) {
+                /* a restored VM's starts at 0: its first token reserves */
+                vm->token_reserved = vm->next_token + VHUB_VM_TOKEN_RESERVE;
+                vhub_changed(vm->ctx, vm);
+        }
         return vm->next_token;
-}
-
-uint64_t vhub_vm_new_relay_token(struct vhub_vm *vm) {
-        return ++vm->next_token;
 }
 
 int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const struct vhub_cred *cred,

@@ -72,7 +72,9 @@ def main(t):
               ("in-band VRING_CALL with NEED_REPLY to the front-door device (no VMM: a failure)",
                lambda: tb.vring_call(0, need_reply=True)),
               ("CONFIG_CHANGE_MSG to a device without a front door (an event for its VM's owner)",
-               lambda: tb.config_change(sock=1, need_reply=False))]
+               lambda: tb.config_change(sock=1, need_reply=False)),
+              ("IOTLB_MSG without NEED_REPLY to a device without a front door (device.backend_request, "
+               "need_reply false)", lambda: tb.iotlb(sock=1, need_reply=False, iova=4096, size=4096))]
     for what, send in floods:
         gen0 = settled(m, name)
         for _ in range(REQUESTS):
@@ -84,9 +86,23 @@ def main(t):
             % (REQUESTS, what, gen1 - gen0, gen0, gen1))
         check(gen1 - gen0 <= 4, "a back-end's channel requests do not have its VM's snapshot written per request",
               gen1 - gen0)
-    plain = [e for e in c.events() if e.get("event") == "device.config_changed" and e.get("device") == "plain"]
+    events = c.events()
+    plain = [e for e in events if e.get("event") == "device.config_changed" and e.get("device") == "plain"]
     check_eq(len(plain), REQUESTS, "the VM's owner got each CONFIG_CHANGE_MSG of the device without a front door "
              "as device.config_changed")
+    tokens = [e["token"] for e in events if e.get("event") == "device.backend_request" and e.get("device") == "plain"]
+    check_eq((len(tokens), len(set(tokens))), (REQUESTS, REQUESTS),
+             "the VM's owner got each IOTLB_MSG as device.backend_request, each with a token of its own")
+    # a request awaiting the owner's answer: its token was saved before the
+    # event went out, and a crash keeps it from being given out again
+    pending = AsyncCommand(tb, {"cmd": "iotlb", "socket": 1, "need_reply": True, "iova": 4096, "size": 4096})
+    ev = []
+    wait_until(lambda: ev.extend(e for e in c.events() if e.get("event") == "device.backend_request") or ev, 5.0,
+               what="the awaited IOTLB_MSG's event")
+    check(ev[0]["need_reply"] and ev[0]["token"] > max(tokens), "the awaited request's token is a new one",
+          (ev[0], max(tokens)))
+    c.call("device.backend_reply", {"vm": "flood", "device": "plain", "token": ev[0]["token"], "result": 0})
+    check_eq(pending.result()["reply"], 0, "the owner's answer reached the back-end")
 
     # the relay itself still works: a VMM with a channel answers
     fe = DirectFrontend.connect(path)
