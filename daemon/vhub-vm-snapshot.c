@@ -43,7 +43,7 @@ enum {
         /* added within format 1 (an older reader skips them) */
         VM_CRED_UID,            /* its credentials' uid, when not VM_UID (root's, for a VM
                                  * root made for another uid); VM_GID and VM_GROUPS go with it */
-        VM_NEXT_TOKEN,          /* the last back-end request token it gave out */
+        VM_NEXT_TOKEN,          /* no back-end request token it gave out is past it */
         _VM_TAG_NEXT
 };
 
