@@ -129,7 +129,7 @@ struct fds_group {
         size_t dead;                    /* fds in the stash that are members no more */
         size_t appends;                 /* messages sent into the stash since it was built */
         uint64_t changed_usec;          /* its last change (the sweep) */
-        uint64_t stashed_usec;          /* its stash's last rebuild */
+        uint64_t rebuilt_usec;          /* its stash's last rebuild (0: first pushed as it is) */
         TAILQ_ENTRY(fds_group) hot_link; /* on s->hot while it keeps wend */
         char name[];
 };
@@ -1132,6 +1132,8 @@ static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group
  * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
 static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         struct fds_entry *e = entry_find(s, g->name);
+        /* a rebuild, not a first push (may_leave_dead()) */
+        uint64_t rebuilt_usec = e ? vhub_now_usec() : 0;
         int fd = -1, wend = -1, r;
 
         group_cool(s, g);
@@ -1161,7 +1163,7 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         }
         entry_store_fd(s, e, 0, fd);
         vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
-        g->stashed_usec = vhub_now_usec();
+        g->rebuilt_usec = rebuilt_usec;
         if (wend >= 0 && e->state == ENTRY_STORED) {
                 g->wend = wend;
                 TAILQ_INSERT_TAIL(&s->hot, g, hot_link);
@@ -1322,16 +1324,17 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
 /* Whether member i may stay in the stash as a dead fd when it leaves (see
  * STASH_*): no live member shares its key (a restore claims by key), and
  * not a socket -- its peer must see it close when the daemon closes it --
- * unless the stash was rebuilt less than STASH_SWEEP_MS ago: then the
- * sweep compacts it soon (a peer churning sockets -- a VMM sending
- * SET_BACKEND_REQ_FD, reconnecting -- had its group rebuilt through the
- * manager per socket; now once per sweep, or per STASH_DEAD_MAX). */
+ * unless the stash was rebuilt (not first pushed) less than
+ * STASH_SWEEP_MS ago: then the sweep compacts it soon (a peer churning
+ * sockets -- a VMM sending SET_BACKEND_REQ_FD, reconnecting -- had its
+ * group rebuilt through the manager per socket; now once per sweep, or per
+ * STASH_DEAD_MAX). */
 static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i) {
         struct stat st;
 
         if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0)
                 return false;
-        if (S_ISSOCK(st.st_mode) && vhub_now_usec() - g->stashed_usec >= STASH_SWEEP_MS * 1000ull)
+        if (S_ISSOCK(st.st_mode) && vhub_now_usec() - g->rebuilt_usec >= STASH_SWEEP_MS * 1000ull)
                 return false;
         for (size_t j = 0; j < g->n; j++)
                 if (j != i && g->keys[j].dev == g->keys[i].dev && g->keys[j].ino == g->keys[i].ino &&
