@@ -217,7 +217,8 @@ void vhub_device_free(struct vhub_device *dev);
 struct vhub_vring_params {
         uint32_t index, size;
         uint64_t desc, avail, used;
-        uint32_t base;
+        uint32_t base;                /* split: <= 0xffff; packed: both indexes and wrap counters */
+        bool base_given;              /* absent: index 0 (a packed ring's at its initial wrap counters) */
         int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case; kick
                                        * may be -1 with INBAND_NOTIFICATIONS */
 };
