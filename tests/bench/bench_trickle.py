@@ -122,94 +122,91 @@ def vmm_flood(path, until, channels=False):
     return n
 
 
-def main_vmm(t, devices, seconds, channels=False):
-    from vhubtest.backends import QsdNullBackend
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
-    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices)], log_dir=d))
-    root = t.enter(Client(m.control, timeout=30))
-    Vmm(root, "vm0").create()
-    root.call("vm.create", {"vm": "flood"})
-    path = None
-    for i in range(devices):
-        r = root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": null.sockets[i],
-                                     "type": "blk", "vmm_socket": True})
-        path = path or r["vmm_socket"]
-    pid = root.call("daemon.info")["pid"]
-    cpu0 = cpu_seconds(pid)
-    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
-    until = time.monotonic() + seconds + 0.5
+def in_child(fn):
+    """fn() run in a child process; returns what collects the number it
+    returns (waiting for the child)."""
     rfd, wfd = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(rfd)
         try:
-            os.write(wfd, b"%d" % vmm_flood(path, until, channels))
+            os.write(wfd, b"%d" % fn())
         finally:
             os._exit(0)
     os.close(wfd)
-    time.sleep(0.5)
-    before = record_bytes(m.sm.log_path, "s")
-    messages = len(m.sm.messages)
-    cpu0 = cpu_seconds(pid)
-    calls = timed_calls(root, until)
-    phase("vmm-flood", pid, calls, cpu0)
-    messages = len(m.sm.messages) - messages
-    after = record_bytes(m.sm.log_path, "s")
-    n = int(os.read(rfd, 64) or b"0")
-    os.close(rfd)
-    os.waitpid(child, 0)
-    log("a VMM of a VM with %d devices: %d %s in %.1f s; VM snapshots written meanwhile: %d (%d KiB); "
-        "messages to the service manager: %d" % (devices, n, "SET_BACKEND_REQ_FD" if channels else "GET_FEATURES",
-                                                 seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10,
-                                                 messages))
+
+    def collect():
+        n = int(os.read(rfd, 64) or b"0")
+        os.close(rfd)
+        os.waitpid(child, 0)
+        return n
+    return collect
 
 
-def main_breq(t, devices, seconds):
+def flood_vm(t, devices, test_backend=False):
+    """vhubd with vm0 (whose device.list is timed) and VM "flood" of
+    front-door devices on qemu-storage-daemon, the first on the project's
+    test back-end if test_backend: (Managed, root's client, the first
+    device's VMM socket, the test back-end or None)."""
     from vhubtest.backends import QsdNullBackend
     from vhubtest.testbackend import TestBackend
     d = t.tmpdir()
     os.chmod(d, 0o755)
     m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
-    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices - 1)], log_dir=d))
-    tb = t.enter(TestBackend([m.socket("tb.sock")], log_dir=d))
+    tb = t.enter(TestBackend([m.socket("tb.sock")], log_dir=d)) if test_backend else None
+    sockets = [tb.socket] if tb else []
+    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices - len(sockets))], log_dir=d))
     root = t.enter(Client(m.control, timeout=30))
     Vmm(root, "vm0").create()
     root.call("vm.create", {"vm": "flood"})
-    for i, s in enumerate([tb.socket] + null.sockets):
-        root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": s, "type": "blk",
-                                 "vmm_socket": True})
+    paths = [root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": s, "type": "blk",
+                                      "vmm_socket": True})["vmm_socket"]
+             for i, s in enumerate(sockets + null.sockets)]
+    return m, root, paths[0], tb
+
+
+def flood_phases(m, root, seconds, name, flood):
+    """device.list timed idle, then while flood(until) runs in a child:
+    (what flood returned, VM snapshots written, their KiB, messages to the
+    service manager)."""
     pid = root.call("daemon.info")["pid"]
     cpu0 = cpu_seconds(pid)
     phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
     until = time.monotonic() + seconds + 0.5
-    rfd, wfd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        # the back-end's control connection is the child's while it floods
-        os.close(rfd)
-        n = 0
-        try:
-            while time.monotonic() < until:
-                tb.config_change(need_reply=False)
-                n += 1
-                time.sleep(0.0002)  # one a wake-up of the daemon: a burst is read 64 at a time
-            os.write(wfd, b"%d" % n)
-        finally:
-            os._exit(0)
-    os.close(wfd)
+    collect = in_child(lambda: flood(until))
     time.sleep(0.5)
     before = record_bytes(m.sm.log_path, "s")
+    messages = len(m.sm.messages)
     cpu0 = cpu_seconds(pid)
-    calls = timed_calls(root, until)
-    phase("breq", pid, calls, cpu0)
+    phase(name, pid, timed_calls(root, until), cpu0)
     after = record_bytes(m.sm.log_path, "s")
-    sent = int(os.read(rfd, 64) or b"0")
-    os.close(rfd)
-    os.waitpid(child, 0)
+    return collect(), after[1] - before[1], (after[0] - before[0]) >> 10, len(m.sm.messages) - messages
+
+
+def main_vmm(t, devices, seconds, channels=False):
+    m, root, path, _ = flood_vm(t, devices)
+    n, snaps, kib, messages = flood_phases(m, root, seconds, "vmm-flood",
+                                           lambda until: vmm_flood(path, until, channels))
+    log("a VMM of a VM with %d devices: %d %s in %.1f s; VM snapshots written meanwhile: %d (%d KiB); "
+        "messages to the service manager: %d" % (devices, n, "SET_BACKEND_REQ_FD" if channels else "GET_FEATURES",
+                                                 seconds + 0.5, snaps, kib, messages))
+
+
+def main_breq(t, devices, seconds):
+    m, root, _, tb = flood_vm(t, devices, test_backend=True)
+
+    def flood(until):
+        # the back-end's control connection is the child's while it floods
+        n = 0
+        while time.monotonic() < until:
+            tb.config_change(need_reply=False)
+            n += 1
+            time.sleep(0.0002)  # one a wake-up of the daemon: a burst is read 64 at a time
+        return n
+
+    n, snaps, kib, _ = flood_phases(m, root, seconds, "breq", flood)
     log("a back-end of a VM with %d front-door devices: %d CONFIG_CHANGE_MSG in %.1f s; VM snapshots written "
-        "meanwhile: %d (%d KiB)" % (devices, sent, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+        "meanwhile: %d (%d KiB)" % (devices, n, seconds + 0.5, snaps, kib))
 
 
 def churn(path, until):
@@ -243,22 +240,12 @@ def main_churn(t, seconds):
         phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
         messages = len(m.sm.messages)
         until = time.monotonic() + seconds
-        rfd, wfd = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(rfd)
-            try:
-                os.write(wfd, b"%d" % churn(m.control, until))
-            finally:
-                os._exit(0)
-        os.close(wfd)
+        collect = in_child(lambda: churn(m.control, until))
         cpu0 = cpu_seconds(pid)
         calls = timed_calls(root, until)
         cpu = cpu_seconds(pid) - cpu0
         phase("churn", pid, calls, cpu0)
-        n = int(os.read(rfd, 64) or b"0")
-        os.close(rfd)
-        os.waitpid(child, 0)
+        n = collect()
         time.sleep(0.3)
         log("%s: uid %d opened and closed %d connections in %.1f s (vhubd CPU per connection ~%.0f us); "
             "messages to the service manager: %d" % ("fd store" if store else "--no-fd-store", ATTACKER, n,

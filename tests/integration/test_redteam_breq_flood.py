@@ -54,6 +54,13 @@ def settled(m, name):
     return last[-1][0]
 
 
+def finish(m, *conns):
+    """The VMM's and the client's connections closed, then `systemctl stop`."""
+    for x in conns:
+        x.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 def main(t):
     d = t.tmpdir()
     m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm")])
@@ -122,9 +129,7 @@ def main(t):
     req, _, _, _ = ch.serve(0)
     check_eq(pending.result()["reply"], 0, "after the crash a relayed request is answered by the VMM again")
     log("ok: the relay works before and after a crash")
-    fe.close()
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    finish(m, fe, c)
 
 
 if __name__ == "__main__":

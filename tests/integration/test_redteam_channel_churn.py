@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_frontdoor_contract import Channel                        # noqa: E402
-from test_redteam_breq_flood import settled                         # noqa: E402
+from test_redteam_breq_flood import finish, settled                 # noqa: E402
 from test_redteam_vmm_flood import vm_snapshot                      # noqa: E402
 from test_restart import Managed                                    # noqa: E402
 from test_restart_limits import newest_record                       # noqa: E402
@@ -126,9 +126,7 @@ def main(t):
     check("fds of group f" in text and "that no snapshot names were closed" in text,
           "the dead sockets left in the stash were closed by the restore")
     log("ok: the session and its last channel carried across a crash right after a churn")
-    fe.close()
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    finish(m, fe, c)
 
 
 if __name__ == "__main__":
