@@ -330,6 +330,12 @@ static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
         if (r > 0) {
                 vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
                 vd->relay_count++;
+        } else if (r == 0 && !vhub_vmm_channel_at_rest(vd->channel)) {
+                /* not all written (the VMM does not read its channel): what
+                 * waits in the writer would be lost with a crash that
+                 * carries the session; nothing else may write the snapshot
+                 * soon (a relay's token costs none) */
+                vd_leave_rest(vd);
         }
         return r;
 }

@@ -27,6 +27,7 @@ past it.  Now a relay takes its token without a snapshot of its own.
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -44,6 +45,7 @@ from vhubtest.testbackend import AsyncCommand, TestBackend          # noqa: E402
 from vhubtest.testing import check, check_eq, log, run              # noqa: E402
 
 REQUESTS = 200
+RELAYS = 12
 
 
 def settled(m, name):
@@ -129,7 +131,47 @@ def main(t):
     req, _, _, _ = ch.serve(0)
     check_eq(pending.result()["reply"], 0, "after the crash a relayed request is answered by the VMM again")
     log("ok: the relay works before and after a crash")
+    unread_channel(m, tb, fe, name)
     finish(m, fe, c)
+
+
+def unread_channel(m, tb, fe, name):
+    """A VMM that does not read its channel: relays the daemon could not
+    write wait in its writer.  A crash then must not carry the session as
+    if at rest (a relay's token writes no snapshot any more): they would be
+    lost -- an in-band VRING_CALL is an interrupt.  Either every relay
+    reaches the VMM after the crash, or its session falls back."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)    # the least: a few messages
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    fe.command(vu.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+    theirs.close()
+    for _ in range(RELAYS):
+        tb.config_change(need_reply=False)
+        time.sleep(0.01)    # one at a time: not a flood of the channel
+    settled(m, name)
+    check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
+    mine.settimeout(2)
+    got = b""
+    try:
+        while len(got) < RELAYS * 12:
+            x = mine.recv(4096)
+            if not x:
+                break
+            got += x
+    except socket.timeout:
+        pass
+    try:
+        fe.get_features()
+        carried = True
+    except (vu.BackendClosed, OSError):
+        carried = False
+    log("a channel the VMM does not read: %d relays sent, %d bytes read after the crash, session %s"
+        % (RELAYS, len(got), "carried" if carried else "fell back"))
+    check(not carried or len(got) == RELAYS * 12,
+          "relays waiting for a VMM that does not read its channel are not lost by a carried session",
+          (len(got), carried))
+    mine.close()
 
 
 if __name__ == "__main__":
