@@ -710,9 +710,7 @@ void vhub_device_restore_finish(struct vhub_device *d) {
                         /* no connection came back: the loss is now */
                         device_set_state(d, VHUB_DEV_DISCONNECTED,
                                          "its connection did not survive the daemon's restart");
-                        if (d->reconnect_ms == 0)
-                                device_set_state(d, VHUB_DEV_FAILED,
-                                                 "back-end lost and reconnect is disabled (reconnect_ms 0)");
+                        device_give_up_if_lost(d);
                 }
         }
         d->restore_lost = false;
