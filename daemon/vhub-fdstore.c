@@ -25,6 +25,7 @@
 
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-snapshot.h"
 #include "vhub-time.h"
 #include "vhu-fd.h"
@@ -804,12 +805,9 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 free(g);
         }
         free(s->groups.buckets);
-        if (s->ev_sync)
-                event_free(s->ev_sync);
-        if (s->ev_sweep)
-                event_free(s->ev_sweep);
-        if (s->ev_write)
-                event_free(s->ev_write);
+        vhub_event_freep(&s->ev_sync);
+        vhub_event_freep(&s->ev_sweep);
+        vhub_event_freep(&s->ev_write);
         s->sock = vhu_safe_close(s->sock);
         vhub_snap_file_close(&s->alias_file);
         vhub_snap_writer_done(&s->alias_writer);

@@ -35,6 +35,7 @@
 #include "vhub-fd-claim.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-snapshot.h"
 #include "vhub-vmm-channel.h"
 #include "vhub-vmm-conn.h"
@@ -546,8 +547,7 @@ static void vd_free(struct vhub_vmm_device *vd) {
         vd->sock = vd_socket_remove(vd);
         if (vd->list)
                 TAILQ_REMOVE(vd->list, vd, link);
-        if (vd->ev_rest)
-                event_free(vd->ev_rest);
+        vhub_event_freep(&vd->ev_rest);
         free(vd);
 }
 
