@@ -457,26 +457,17 @@ static void call_done(struct vhub_call *call) {
  * in the same callback).  SET_CONFIG is not: its effect is the back-end's
  * own, which no record replays.
  */
+static const uint32_t carriable[] = {
+        VHU_REQ_SET_FEATURES,   VHU_REQ_SET_VRING_NUM,   VHU_REQ_SET_VRING_BASE, VHU_REQ_SET_VRING_ADDR,
+        VHU_REQ_SET_VRING_ENDIAN, VHU_REQ_SET_VRING_ENABLE, VHU_REQ_SET_STATUS,  VHU_REQ_NET_SET_MTU,
+        VHU_REQ_GET_VRING_BASE, VHU_REQ_GET_STATUS,      VHU_REQ_GET_CONFIG,     VHU_REQ_VRING_KICK,
+};
+
 static bool request_carriable(const struct vhu_msg *m) {
-        if (m->n_fds > 0)
-                return false;
-        switch (m->hdr.request) {
-        case VHU_REQ_SET_FEATURES:
-        case VHU_REQ_SET_VRING_NUM:
-        case VHU_REQ_SET_VRING_BASE:
-        case VHU_REQ_SET_VRING_ADDR:
-        case VHU_REQ_SET_VRING_ENDIAN:
-        case VHU_REQ_SET_VRING_ENABLE:
-        case VHU_REQ_SET_STATUS:
-        case VHU_REQ_NET_SET_MTU:
-        case VHU_REQ_GET_VRING_BASE:
-        case VHU_REQ_GET_STATUS:
-        case VHU_REQ_GET_CONFIG:
-        case VHU_REQ_VRING_KICK:
-                return true;
-        default:
-                return false;
-        }
+        for (size_t i = 0; m->n_fds == 0 && i < sizeof(carriable) / sizeof(carriable[0]); i++)
+                if (carriable[i] == m->hdr.request)
+                        return true;
+        return false;
 }
 
 static bool vd_carriable(const struct vhub_vmm_device *vd);

@@ -444,6 +444,18 @@ def wait_at_rest(m, before):
     time.sleep(0.05)    # its write, right after the line
 
 
+def carried_vmm_goes_on(fe, q, salt, what):
+    """The carried session answers on the same connection, and its ring
+    reads back the 8 blocks of `salt` and writes 8 more."""
+    features = fe.get_features()
+    check(features & (1 << 32), "the carried session answers GET_FEATURES on the same connection (0x%x)" % features)
+    for i in range(8):
+        k = salt * 8 + i
+        check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written before the %s, read back on the same ring after it" % (k, what))
+        q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+
+
 def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     """A VMM on path writes 8 blocks, vhubd is restarted with sig while the
     VMM is idle (its session at rest): the session is carried -- the same
@@ -458,13 +470,7 @@ def restart_carried(t, m, c, path, vm_name, sig, salt, qsd=None):
     c.events()
     code = m.restart(sig=sig)
     check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
-    features = fe.get_features()
-    check(features & (1 << 32), "the carried session answers GET_FEATURES on the same connection (0x%x)" % features)
-    for i in range(8):
-        k = salt * 8 + i
-        check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written before the restart, read back on the same ring after it" % k)
-        q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+    carried_vmm_goes_on(fe, q, salt, "restart")
     seen = [e.get("event") for e in c.events()]
     wait_until(lambda: seen.extend(e.get("event") for e in c.events()) or "daemon.restarted" in seen, 5.0,
                what="daemon.restarted on the control connection")
@@ -523,13 +529,7 @@ def restart_carried_busy(t, m, c, path, vm_name, qsd, salt):
     r = fe.recv_reply(vu.GET_CONFIG)
     check_eq(r[12:], config, "GET_CONFIG, in flight at the crash, answered once by the next process, on the "
              "same connection, with the back-end's config")
-    features = fe.get_features()
-    check(features & (1 << 32), "the same connection goes on: GET_FEATURES answered (0x%x)" % features)
-    for i in range(8):
-        k = salt * 8 + i
-        check(q.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written before the crash, read back on the same ring after it" % k)
-        q.write_sectors((k + 16) * 8, pattern((k + 16) * 8, 4096, salt=salt))
+    carried_vmm_goes_on(fe, q, salt, "crash")
     seen = []
 
     def restored():
