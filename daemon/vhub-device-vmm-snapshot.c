@@ -8,13 +8,13 @@
  * the next process takes the VMM's connection back where this one stopped
  * reading it, and the VMM notices nothing.
  *
- * Written only when the session can be carried whole: a planned restart
- * has stopped reading the VMM at a message boundary, every request of it
- * is answered and sent, nothing waits on its channel (the face says so:
- * vhub_vmm_face_ops.at_rest).  Any other snapshot -- every one a crash can
- * leave -- has no such record, and the next process closes the VMM's
- * connection as before (it reconnects): after a crash a message may have
- * been half-read, or an answer owed, that no snapshot recorded.
+ * Written only when the session can be carried whole: the VMM's stream is
+ * at a message boundary, every request of it is answered and sent or one
+ * the face carries to handle again, nothing waits on its channel (the face
+ * says so: vhub_vmm_face_ops.at_rest).  Any other snapshot has no such
+ * record, and the next process closes the VMM's connection as before (it
+ * reconnects): a message may have been half-read, or an answer owed, that
+ * no snapshot recorded.
  *
  * The record is not critical: a daemon that does not know it skips it and
  * closes the VMM's connection, which is what it did anyway.

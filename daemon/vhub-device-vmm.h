@@ -55,11 +55,13 @@ struct vhub_vmm_face_ops {
         unsigned (*fds_held)(const void *face);
         /*
          * A restart of the daemon (docs/restart.md, "Front-door devices"):
-         * whether the VMM's session can be carried whole -- the VMM is read
-         * no more (a planned restart), every request of it answered and
-         * sent, nothing half-read, nothing awaited on its channel -- and
-         * then save writes what the face needs to take it back (its fds by
-         * key, what the VMM negotiated with it) for vhub_vmm_door.adopt.
+         * whether the VMM's session can be carried whole -- nothing
+         * half-read, nothing queued to go out, nothing awaited on its
+         * channel, and every request of it answered, or in flight and one
+         * the face carries to handle again ("A crash with VMM requests in
+         * flight") -- and then save writes what the face needs to take it
+         * back (its fds by key, what the VMM negotiated with it, those
+         * requests) for vhub_vmm_door.adopt.
          */
         bool (*at_rest)(void *face);
         void (*save)(void *face, struct vhub_snap_writer *w);
