@@ -327,6 +327,11 @@ fail:
         vhub_call_fail(call, &err);
 }
 
+void device_changed(struct vhub_device *d) {
+        if (!device_being_added(d))
+                vhub_changed(d->vm->ctx, d->vm);
+}
+
 void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {
         struct vhub_op *op, *next;
         struct vhub_error err;

@@ -199,8 +199,9 @@ void device_run_head(struct vhub_device *d) {
         op->running = true;
         op->started_usec = vhub_now_usec();
         /* the snapshot says "busy" before the first request is on the
-         * wire: a crash from here on is a loss for this device */
-        if (!op_unrecorded(op)) {
+         * wire: a crash from here on is a loss for this device (a
+         * device.add's handshake: a removal, whatever the snapshot says) */
+        if (!op_unrecorded(op) && !(op->kind == VHUB_OP_HANDSHAKE && device_being_added(d))) {
                 vhub_changed(d->vm->ctx, d->vm);
                 vhub_commit_now(d->vm->ctx);
         }
