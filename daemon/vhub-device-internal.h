@@ -172,9 +172,10 @@ void device_changed(struct vhub_device *d);
                               (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__);  \
                 device_changed(d);                                                              \
         } while (0)
+/* (every fd a device untracks, it closes right after) */
 #define device_fd_untrack(d, fd, fmt, ...)                                                      \
         do {                                                                                    \
-                vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,          \
+                vhub_fd_untrack_closing((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,  \
                                 (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__); \
                 device_changed(d);                                                              \
         } while (0)

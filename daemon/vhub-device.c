@@ -288,7 +288,10 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->vm = vm;
         d->id = ++vm->ctx->next_device_id;
         vhub_changed(vm->ctx, NULL);    /* the id counter (the daemon's snapshot) */
-        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
+        /* its fds join its VM's stored group (appended to its stash): a
+         * group of its own would cost a push to the manager, and its walk
+         * over every stored fd, per device.add (docs/restart.md) */
+        snprintf(d->fd_group, sizeof(d->fd_group), "%s", vm->fd_group);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);

@@ -45,6 +45,11 @@ void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd
         __attribute__((format(printf, 5, 6)));
 #define vhub_fd_track(ctx, group, fd, ...) vhub_fd_note((ctx), true, (group), (fd), __VA_ARGS__)
 #define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_note((ctx), false, (group), (fd), __VA_ARGS__)
+/* fd leaves group and its owner closes it right after (never hands it on):
+ * a connected socket may then stay in its stash, shut down
+ * (vhub_fdstore_group_close()). */
+void vhub_fd_untrack_closing(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
 
 /* One fd an owner holds: its name, and its group (NULL: not stored, the
  * owner holds it only for a moment or makes it again at start). */

@@ -1315,13 +1315,26 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         return 0;
 }
 
+/* A connected socket (not a listener: a back-end would go on connecting
+ * to it, queued, until it closes), which shutdown() ends for its peer. */
+static bool socket_connected(int fd) {
+        int listening = 0;
+        socklen_t len = sizeof(listening);
+
+        return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && !listening;
+}
+
 /* Whether member i may stay in the stash as a dead fd when it leaves (see
  * STASH_*): not a socket (its peer must see it close when the daemon
- * closes it), and no live member shares its key (a restore claims by key). */
-static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i) {
+ * closes it) unless the owner closes it right after (closing) and it is a
+ * connected socket, which the caller then shuts down; and no live member
+ * shares its key (a restore claims by key). */
+static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i, bool closing) {
         struct stat st;
 
-        if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0 || S_ISSOCK(st.st_mode))
+        if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0)
+                return false;
+        if (S_ISSOCK(st.st_mode) && !(closing && socket_connected(g->fds[i])))
                 return false;
         for (size_t j = 0; j < g->n; j++)
                 if (j != i && g->keys[j].dev == g->keys[i].dev && g->keys[j].ino == g->keys[i].ino &&
@@ -1330,7 +1343,7 @@ static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group 
         return true;
 }
 
-int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+static int group_leave(struct vhub_fdstore *s, const char *group, int fd, bool closing) {
         int r = group_check(s, group, fd);
         struct fds_group *g = r > 0 ? group_find(s, group) : NULL;
 
@@ -1341,7 +1354,11 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
                         continue;
                 if (i >= g->n - g->unsent) {
                         g->unsent--;    /* never sent */
-                } else if (may_leave_dead(s, g, i)) {
+                } else if (may_leave_dead(s, g, i, closing)) {
+                        /* the stash keeps the open file: its peer sees the
+                         * end now, as the close would have shown it */
+                        if (closing)
+                                (void)shutdown(fd, SHUT_RDWR);
                         g->dead++;
                         sweep_arm(s);
                 } else {
@@ -1358,6 +1375,14 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
                 return 0;
         }
         return -ENOENT;
+}
+
+int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+        return group_leave(s, group, fd, false);
+}
+
+int vhub_fdstore_group_close(struct vhub_fdstore *s, const char *group, int fd) {
+        return group_leave(s, group, fd, true);
 }
 
 int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,

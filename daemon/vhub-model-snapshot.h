@@ -54,11 +54,13 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
 void vhub_vm_restore_finish(struct vhub_vm *vm);
 
 int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w);
-/* A device of vm from its record (the iterator inside it).  0 and *ret
+/* A device of vm from its record (the iterator inside it), its fds claimed
+ * from its own group (taken from r) or, where its record says its fds are
+ * in its VM's group, from vm_claim (that group's, open).  0 and *ret
  * (NULL: the device was in the middle of being added or removed and is
  * gone: its fds closed), or -errno with *why. */
-int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
-                        struct vhub_device **ret, const char **why);
+int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_fd_claim *vm_claim,
+                        struct vhub_snap_iter *it, struct vhub_device **ret, const char **why);
 /* The rest of a device's restore, once every VM and face is back: a device
  * that had a request in flight is lost now (the reconnect path restores it,
  * with its events); an outage goes on with its remaining backoff. */
