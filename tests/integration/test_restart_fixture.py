@@ -11,7 +11,8 @@ connection.  restart-v<N> is what the first writer of format version N
 wrote; restart-v<N>.<n> what a later writer of the same version wrote after
 records were added or dropped that every reader of that version copes with
 (restart-v1.1: h-redteam's device credentials and per-VM token count added,
-the daemon-wide token count dropped).  Two checks:
+the daemon-wide token count dropped; restart-v2.1: h-devadd's D_VM_GROUP, a
+device whose fds are in its VM's group).  Two checks:
 
   read    vhubd started with a store holding only one fixture's snapshot
           files (as after an upgrade from the daemon that wrote them, the
