@@ -42,6 +42,7 @@ struct vhub_op {
         unsigned awaiting;            /* replies still due in this stage */
         bool last_unconfirmed;        /* a request without a reply ended the stage */
         bool running;
+        bool on_wire;                 /* it sent a request: its VM's snapshot said "busy" first */
         uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */

@@ -8,7 +8,8 @@
  * keeps by the identity key it has in the device's fd-store group.
  *
  * A device is *busy* when an op runs on it (a request may be on the wire,
- * or a stage pending): the snapshot is written as the op starts and after
+ * or a stage pending): the snapshot is written as the op sends its first
+ * request (vhub-op-engine.c: op_said_busy()) and after
  * it ends (vhub-op-engine.c), so a snapshot that says busy is a device that
  * had a request in flight at the crash; a planned restart lets ops finish
  * first.  A busy device is restored as lost (the reconnect path, with its

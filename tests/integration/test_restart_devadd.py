@@ -8,10 +8,12 @@ and stores, not on time:
 
   commits  a device.add (a qemu-storage-daemon export) writes its VM's
            snapshot once -- when its handshake's result is decided, before
-           the answer -- and pushes nothing to the service manager: its fds
-           are appended to the VM's stored group (no FDSTORE=1 of a group of
-           its own, no d<id> in the store); a device.remove pushes nothing
-           either, and its back-end (the test back-end, which counts its
+           the answer -- and so does its device.remove (never started: no
+           request goes to the back-end, so no "busy" snapshot before the
+           first), and neither pushes anything to the service manager: the
+           device's fds are appended to the VM's stored group (no FDSTORE=1
+           of a group of its own, no d<id> in the store), and at its
+           removal its back-end (the test back-end, which counts its
            connections) sees the connection end at once, although the
            stash still holds the socket until its compaction.  A crash in
            the middle of a device.add (the test back-end holds ADD_MEM_REG):
@@ -72,14 +74,19 @@ def part_commits(t):
     vmm.add_region(hot)     # the VM's group changes: its stash is appended to from here
 
     since = len(m.sm.messages)
-    writes = []
+    writes, removes = [], []
     for i in range(10):
         g0, _ = generation(m, "s1")
         c.call("device.add", {"vm": "vm0", "device": "x", "socket": null.sockets[0], "type": "blk"})
         g1, _ = generation(m, "s1")
         c.call("device.remove", {"vm": "vm0", "device": "x"})
+        g2, _ = generation(m, "s1")
         writes.append(g1 - g0)
+        removes.append(g2 - g1)
     check_eq(writes, [1] * 10, "each device.add wrote its VM's snapshot once (generations)")
+    # its removal sends the back-end nothing (never started): no "busy"
+    # snapshot before it, one after
+    check_eq(removes, [1] * 10, "each device.remove of a device never started wrote it once")
     got = pushes(m, since)
     log("pushes to the manager during 10 device.add + device.remove: %s" % got)
     check_eq([n for n in got if n is None or not n.startswith("v")], [],
