@@ -9,9 +9,9 @@
  *
  * A device is *busy* when an op runs on it (a request may be on the wire,
  * or a stage pending): the snapshot is written as the op sends its first
- * request (vhub-op-engine.c: op_said_busy()) and after
- * it ends (vhub-op-engine.c), so a snapshot that says busy is a device that
- * had a request in flight at the crash; a planned restart lets ops finish
+ * request and after it ends (vhub-op-engine.c, op_said_busy()), so a
+ * snapshot that says busy is a device that may have had a request in
+ * flight at the crash; a planned restart lets ops finish
  * first.  A busy device is restored as lost (the reconnect path, with its
  * events); an idle one takes its connection back and nothing is sent.
  */
