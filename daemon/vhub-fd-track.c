@@ -26,62 +26,30 @@ const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id) {
         return buf;
 }
 
-enum fd_change { FD_LEAVES, FD_KEPT, FD_CLOSING };
-
-/* fd joins or leaves group: 0 or -errno, and whether to log it (*ret_log). */
-static int fd_change(struct vhub_context *ctx, enum fd_change how, const char *group, int fd, bool *ret_log) {
+void vhub_fd_change(struct vhub_context *ctx, enum vhub_fd_change how, const char *group, int fd,
+                    const char *fmt, ...) {
         struct vhub_fdstore *store = vhub_context_fdstore(ctx);
-        int r = how == FD_KEPT ? vhub_fdstore_group_add(store, group, fd)
-                : how == FD_CLOSING ? vhub_fdstore_group_close(store, group, fd)
-                : vhub_fdstore_group_remove(store, group, fd);
+        char name[VHUB_FD_NAME_MAX];
+        va_list ap;
+        int r;
 
+        if (fd < 0)
+                return;
+        r = how == VHUB_FD_KEPT ? vhub_fdstore_group_add(store, group, fd)
+            : how == VHUB_FD_CLOSING ? vhub_fdstore_group_close(store, group, fd)
+            : vhub_fdstore_group_remove(store, group, fd);
         /* a restore's owners take back fds their group already holds */
-        if (r == -EEXIST && how == FD_KEPT && ctx && ctx->restoring)
+        if (r == -EEXIST && how == VHUB_FD_KEPT && ctx && ctx->restoring)
                 r = 0;
-        *ret_log = r < 0 || vhub_log_get_level() >= LOG_DEBUG;
-        return r;
-}
-
-static void fd_log(int r, enum fd_change how, const char *group, int fd, const char *name) {
+        if (r >= 0 && vhub_log_get_level() < LOG_DEBUG)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(name, sizeof(name), fmt, ap);
+        va_end(ap);
         if (r < 0)
                 log_warning("fd %d %s: fd-store group %s: %s", fd, name, group, strerror(-r));
         else
-                log_debug("fd %d %s: %s (group %s)", fd, how == FD_KEPT ? "opened" : "closed", name, group);
-}
-
-void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...) {
-        enum fd_change how = kept ? FD_KEPT : FD_LEAVES;
-        char name[VHUB_FD_NAME_MAX];
-        bool log;
-        va_list ap;
-        int r;
-
-        if (fd < 0)
-                return;
-        r = fd_change(ctx, how, group, fd, &log);
-        if (!log)
-                return;
-        va_start(ap, fmt);
-        vsnprintf(name, sizeof(name), fmt, ap);
-        va_end(ap);
-        fd_log(r, how, group, fd, name);
-}
-
-void vhub_fd_untrack_closing(struct vhub_context *ctx, const char *group, int fd, const char *fmt, ...) {
-        char name[VHUB_FD_NAME_MAX];
-        bool log;
-        va_list ap;
-        int r;
-
-        if (fd < 0)
-                return;
-        r = fd_change(ctx, FD_CLOSING, group, fd, &log);
-        if (!log)
-                return;
-        va_start(ap, fmt);
-        vsnprintf(name, sizeof(name), fmt, ap);
-        va_end(ap);
-        fd_log(r, FD_CLOSING, group, fd, name);
+                log_debug("fd %d %s: %s (group %s)", fd, how == VHUB_FD_KEPT ? "opened" : "closed", name, group);
 }
 
 void vhub_fd_visit(const struct vhub_fd_visitor *v, int fd, const char *group, const char *fmt, ...) {
