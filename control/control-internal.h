@@ -100,6 +100,10 @@ struct control_server {
                                       * and reads nothing more */
         bool carry_output;           /* a planned restart's last snapshot: output not
                                       * written goes into it (control-snapshot.c) */
+        bool records_inline;         /* ... and the records are in the daemon's
+                                      * snapshot, their files gone (a downgrade) */
+        bool unfiled;                /* records carried inline may not have their
+                                      * files in the manager's hands yet */
 };
 
 /* One request being handled (a batch element or a lone request). */

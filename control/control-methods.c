@@ -750,8 +750,13 @@ static const struct param vring_members[] = {
           .offset = VRING(index), .description = "the ring's index" },
         { .name = "size", .kind = PARAM_U32, .required = true, .max = 32768, .offset = VRING(size),
           .description = "its size (a power of 2)" },
-        { .name = "base", .kind = PARAM_U32, .max = 65535, .offset = VRING(base),
-          .description = "the next avail index (default 0)" },
+        /* a packed ring's position is a u32: spec "Vring descriptor indices for
+         * packed virtqueues" (what device.stop answers for it) */
+        { .name = "base", .kind = PARAM_U32, .max = UINT32_MAX, .offset = VRING(base),
+          .given = PARAM_GIVEN(struct vhub_vring_params, base_given),
+          .description = "the next avail index (default 0); split rings: at most 65535; packed rings: "
+                         "bits 0-14 the next avail index, bit 15 its wrap counter, bits 16-30 the next used "
+                         "index, bit 31 its wrap counter (default 0x80008000: index 0, wrap counters 1)" },
         { .name = "desc", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = VRING(desc),
           .description = "guest-physical address of the descriptor table" },
         { .name = "avail", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = VRING(avail),

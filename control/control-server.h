@@ -60,6 +60,20 @@ struct vhub_fdstore_restore;
  * snapshot file of its own, "k<id>", so that a call on one connection
  * rewrites that record only. */
 int control_server_serialize(const struct control_server *s, struct vhub_snap_writer *w);
+/* The same part as version 1 wrote it, for a planned stop's last snapshot
+ * (a restart into a version-1 vhubd carries every connection): the counter
+ * and each carried connection's record (S_CONN), the bytes its file holds
+ * since the last control_server_commit(). */
+int control_server_serialize_inline(struct control_server *s, struct vhub_snap_writer *w);
+/* Once the daemon's snapshot holds the records inline: their files leave
+ * the store, and a change of a connection marks the daemon's snapshot. */
+void control_server_records_inline(struct control_server *s);
+/* Whether connections were carried from inline records since the last
+ * control_server_filed(): their files are written, but until the manager
+ * holds them the daemon's snapshot keeps the records too (a change of a
+ * connection marks it meanwhile). */
+bool control_server_unfiled(const struct control_server *s);
+void control_server_filed(struct control_server *s);
 /* ctx->commit_faces: write the records of the connections that changed
  * (all: of every connection).  A connection whose record is over what a
  * restart carries (control-carry.c) has none (its file removed) and is
@@ -72,11 +86,13 @@ void control_server_close_uncarried(struct control_server *s);
  * daemon.restarted {restarts, downtime_ms} first, then -32011 for every
  * request that was in flight, and owns its VMs again.  _restore() reads the
  * daemon snapshot's part (the counter; the connections themselves in
- * format version 1), _restore_conn() one connection's record file (name,
+ * format version 1 and at a planned stop: those whose ids are in filed,
+ * sorted, are left to their own files, which are as new or newer),
+ * _restore_conn() one connection's record file (name,
  * read into doc; fd taken: written on, or out of the store when the
  * connection is not carried). */
 int control_server_restore(struct control_server *s, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
-                           uint64_t restarts, uint64_t downtime_ms);
+                           const uint64_t *filed, size_t n_filed, uint64_t restarts, uint64_t downtime_ms);
 int control_server_restore_conn(struct control_server *s, struct vhub_fdstore_restore *r, const char *name,
                                 const struct vhub_snap_doc *doc, int fd, uint64_t restarts, uint64_t downtime_ms);
 /* The path of the socket this server created (NULL for an inherited one). */

@@ -92,17 +92,19 @@ bool control_server_flush_now(struct control_server *s) {
 }
 
 /* The output c has not written, into the snapshot (a planned restart's
- * last one; its size counts in the connection's record, control-carry.c). */
-static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w) {
+ * last one; its size counts in the connection's record, control-carry.c);
+ * said in the log once (quiet: the same bytes again, inline). */
+static void conn_serialize_output(const struct control_conn *c, struct vhub_snap_writer *w, bool quiet) {
         char *out = NULL;
         ssize_t n = rpc_conn_unsent_output(c->rpc, &out);
 
         if (n > 0) {
                 vhub_snap_put_bytes(w, C_OUTPUT, out, (size_t)n);
-                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
-                              "control connection %llu: %zd bytes of output it has not read yet are carried "
-                              "across the restart", (unsigned long long)c->id, n);
-        } else if (n != 0) {
+                if (!quiet)
+                        vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                                      "control connection %llu: %zd bytes of output it has not read yet are "
+                                      "carried across the restart", (unsigned long long)c->id, n);
+        } else if (n != 0 && !quiet) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its output not yet written is lost with the restart (%s)",
                               (unsigned long long)c->id, n == -EBUSY ? "it carries fds" : strerror((int)-n));
@@ -225,9 +227,53 @@ int control_server_serialize(const struct control_server *s, struct vhub_snap_wr
         return w->error;
 }
 
+int control_server_serialize_inline(struct control_server *s, struct vhub_snap_writer *w) {
+        struct control_conn *c;
+
+        vhub_snap_put_u64(w, S_NEXT_CONN_ID, s->next_conn_id);
+        /* what conn_commit() wrote into each file a moment ago (the budget
+         * admitted it there: the sum fits the document) */
+        TAILQ_FOREACH(c, &s->conns, link) {
+                if (!c->rpc || c->uncarried)
+                        continue;
+                vhub_snap_begin(w, S_CONN);
+                conn_serialize(c, w);
+                if (s->carry_output)
+                        conn_serialize_output(c, w, true);
+                vhub_snap_end(w);
+        }
+        return w->error;
+}
+
+bool control_server_unfiled(const struct control_server *s) {
+        return s->unfiled;
+}
+
+void control_server_filed(struct control_server *s) {
+        s->unfiled = false;
+}
+
+void control_server_records_inline(struct control_server *s) {
+        struct control_conn *c;
+        char name[VHUB_FD_GROUP_MAX];
+
+        s->records_inline = true;
+        TAILQ_FOREACH(c, &s->conns, link) {
+                if (c->snap_dirty) {
+                        TAILQ_REMOVE(&s->snap_dirty, c, snap_link);
+                        c->snap_dirty = false;
+                }
+                vhub_commit_file_gone(s->ctx, &c->snap, vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id));
+        }
+}
+
 void control_conn_changed(struct control_conn *c) {
         struct control_server *s = c->srv;
 
+        if (s->records_inline || s->unfiled)
+                vhub_changed(s->ctx, NULL);     /* its record is in the daemon's snapshot */
+        if (s->records_inline)
+                return;
         if (c->snap_dirty || !c->rpc || !vhub_commit_enabled(s->ctx))
                 return;
         c->snap_dirty = true;
@@ -245,6 +291,8 @@ void control_conn_snapshot_gone(struct control_conn *c) {
         control_carry_release(c->srv->carry, c->uid, c->carry_charged);
         c->carry_charged = 0;
         vhub_commit_file_gone(c->srv->ctx, &c->snap, vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id));
+        if (c->srv->records_inline)
+                vhub_changed(c->srv->ctx, NULL);
 }
 
 /* c's record, budgeted (control-carry.c) as it is written: what it was
@@ -269,7 +317,7 @@ static void conn_commit(struct control_conn *c) {
         if (!why) {
                 conn_serialize(c, w);
                 if (s->carry_output)
-                        conn_serialize_output(c, w);
+                        conn_serialize_output(c, w, false);
         }
         conn_carry(c, s->carry, w, 0, 0, why, least);
         if (c->uncarried) {
@@ -288,6 +336,8 @@ static void conn_commit(struct control_conn *c) {
 void control_server_commit(struct control_server *s, bool all) {
         struct control_conn *c;
 
+        if (s->records_inline)
+                return;         /* the daemon's snapshot holds them */
         if (all)
                 TAILQ_FOREACH(c, &s->conns, link)
                         control_conn_changed(c);
@@ -563,14 +613,39 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                               (unsigned long long)id, n_input);
         if (c->eof)
                 rpc_conn_close_after_flush(c->rpc, "peer closed");
+        /* carried from the daemon's snapshot (format 1, or a planned stop's):
+         * its own file is written before a daemon's snapshot that no longer
+         * holds it (vhub_restart_commit_daemon()) */
+        if (c->snap.fd < 0) {
+                s->unfiled = true;
+                control_conn_changed(c);
+        }
         vhub_context_owner_restored(s->ctx, &c->owner);
         vhub_log_full(LOG_INFO, NULL, NULL, NULL, "control connection %llu (uid %u pid %d) carried across the restart",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);
         return k < 0 ? k : 0;
 }
 
+/* The C_ID of a connection's record (0: none). */
+static uint64_t record_id(const struct vhub_snap_iter *start) {
+        struct vhub_snap_iter it = *start;
+        struct vhub_snap_rec x;
+        uint64_t id = 0;
+
+        while (vhub_snap_next(&it, &x) > 0)
+                if (x.tag == C_ID && vhub_snap_get_u64(&x, &id) >= 0)
+                        break;
+        return id;
+}
+
+static int cmp_id(const void *a, const void *b) {
+        uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+        return x < y ? -1 : x > y;
+}
+
 int control_server_restore(struct control_server *s, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
-                           uint64_t restarts, uint64_t downtime_ms) {
+                           const uint64_t *filed, size_t n_filed, uint64_t restarts, uint64_t downtime_ms) {
         struct vhub_snap_rec x;
         int k;
 
@@ -585,10 +660,21 @@ int control_server_restore(struct control_server *s, struct vhub_fdstore_restore
                         /* format 1: every connection in the daemon's snapshot */
                         struct vhub_snap_file none = { .fd = -1, .newest = -1 };
                         struct vhub_snap_iter cit;
+                        uint64_t id;
 
                         k = vhub_snap_enter(&x, &cit);
-                        if (k >= 0)
-                                k = conn_restore(s, r, &cit, &none, NULL, restarts, downtime_ms);
+                        if (k < 0)
+                                break;
+                        id = record_id(&cit);
+                        if (n_filed > 0 && bsearch(&id, filed, n_filed, sizeof(*filed), cmp_id)) {
+                                /* its file is as new as this record or newer
+                                 * (docs/restart.md, "Versions") */
+                                vhub_log_full(LOG_INFO, NULL, NULL, NULL,
+                                              "control connection %llu: its own record file is read, not its "
+                                              "copy in the daemon's snapshot", (unsigned long long)id);
+                                continue;
+                        }
+                        k = conn_restore(s, r, &cit, &none, NULL, restarts, downtime_ms);
                 } else {
                         k = vhub_snap_unknown(&x);
                 }

@@ -24,6 +24,14 @@ static void vring_params_close(struct vhub_vring_params *vp, unsigned n) {
         }
 }
 
+/* spec "Vring descriptor indices for packed virtqueues": a packed ring
+ * starts at index 0 with both wrap counters 1 (virtio 1.1 "Driver and
+ * Device Ring Wrap Counters": each "initialized to 1"); 0 would start the
+ * back-end a lap behind the driver's first descriptors. */
+static uint32_t start_default_base(uint64_t features) {
+        return features_packed(features) ? UINT32_C(0x80008000) : 0;
+}
+
 /* The rings move into the op at once: whatever happens next, op_free()
  * closes their fds unless the start commits them. */
 static int start_take_rings(struct vhub_op *op, uint64_t features, struct vhub_vring_params *vp,
@@ -41,7 +49,7 @@ static int start_take_rings(struct vhub_op *op, uint64_t features, struct vhub_v
                         .desc = vp[i].desc,
                         .avail = vp[i].avail,
                         .used = vp[i].used,
-                        .base = vp[i].base,
+                        .base = vp[i].base_given ? vp[i].base : start_default_base(features),
                         .kick_fd = VHU_TAKE_FD(vp[i].kick_fd),
                         .call_fd = VHU_TAKE_FD(vp[i].call_fd),
                         .err_fd = VHU_TAKE_FD(vp[i].err_fd),
@@ -58,8 +66,18 @@ static int start_check_ring(struct vhub_device *d, uint64_t features, unsigned i
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "vrings[%u].index %u is out of range or repeated",
                                       i, v->index);
         seen[v->index] = true;
-        if (v->size == 0 || v->size > 32768 || (v->size & (v->size - 1)))
-                return vhub_error_set(err, VHUB_ERR_PARAMS, "vrings[%u].size must be a power of 2 up to 32768", i);
+        /* virtio "Packed Virtqueues": any size up to 32768; a split ring's
+         * is a power of 2 */
+        if (v->size == 0 || v->size > 32768 || (!features_packed(features) && (v->size & (v->size - 1))))
+                return vhub_error_set(err, VHUB_ERR_PARAMS, "vrings[%u].size must be %s up to 32768", i,
+                                      features_packed(features) ? "1" : "a power of 2");
+        if (!features_packed(features) && v->base > 0xffff)
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "vrings[%u].base 0x%x is no split ring index (at most 65535)", i, v->base);
+        if (features_packed(features) && ((v->base & 0x7fff) >= v->size || ((v->base >> 16) & 0x7fff) >= v->size))
+                return vhub_error_set(err, VHUB_ERR_PARAMS,
+                                      "vrings[%u].base 0x%x: a packed ring's avail and used indexes (bits 0-14, 16-30) must be below its size %u",
+                                      i, v->base, v->size);
         if (v->call_fd < 0)
                 return vhub_error_set(err, VHUB_ERR_PARAMS, "vrings[%u] needs a call fd", i);
         /* spec SET_VRING_KICK "invalid FD flag": no kick fd, the VMM
@@ -76,10 +94,11 @@ static int start_check_ring(struct vhub_device *d, uint64_t features, unsigned i
                                       v->kick_fd >= 0 && !vhub_fd_is_eventfd(v->kick_fd) ? "kick"
                                       : !vhub_fd_is_eventfd(v->call_fd)                  ? "call"
                                                                                  : "err");
-        if (v->desc % 16 || v->avail % 2 || v->used % 4)
+        if (v->desc % 16 || v->avail % (features_packed(features) ? 4 : 2) || v->used % 4)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
-                                      "vrings[%u]: desc must be 16-, avail 2- and used 4-byte aligned", i);
-        if (vring_addr(d->vm, features_iommu(features), v->index, v->size, v->desc, v->avail, v->used,
+                                      "vrings[%u]: desc must be 16-, avail %d- and used 4-byte aligned", i,
+                                      features_packed(features) ? 4 : 2);
+        if (vring_addr(d->vm, features, v->index, v->size, v->desc, v->avail, v->used,
                        &dummy) < 0)
                 return vhub_error_set(err, VHUB_ERR_REGION,
                                       "vrings[%u]: desc, avail and used must each lie inside one memory region", i);

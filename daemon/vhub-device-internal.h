@@ -238,6 +238,9 @@ void device_restored(struct vhub_device *d, const struct vhub_event_vring *vring
                      bool exact);
 /* The back-end came back but refuses what it accepted before. */
 void device_give_up(struct vhub_device *d, const char *reason);
+/* Just disconnected: fails the device now if no reconnect can bring it
+ * back (reconnect_ms 0, running rings that cannot be restarted). */
+void device_give_up_if_lost(struct vhub_device *d);
 
 /* vhub-device-channel.c: what the back-end's requests do */
 /* The back-end channel on the daemon's end of the socketpair (fd taken). */
@@ -275,14 +278,30 @@ void device_ops_lost_for_good(struct vhub_device *d, const struct vhub_error *er
 
 /* vhub-op-rings.c: a ring's SET_VRING_ADDR (user addresses of its parts,
  * each inside one region); -ERANGE if a part lies outside the VM's memory.
- * With iova (VIRTIO_F_IOMMU_PLATFORM acked) the addresses are I/O virtual
- * addresses the back-end translates through its IOTLB: sent as given. */
-int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
+ * With VIRTIO_F_IOMMU_PLATFORM in features the addresses are I/O virtual
+ * addresses the back-end translates through its IOTLB: sent as given; with
+ * RING_PACKED "avail"/"used" are the 4-byte event suppression areas. */
+int vring_addr(const struct vhub_vm *vm, uint64_t features, uint32_t index, uint32_t size, uint64_t desc,
                uint64_t avail, uint64_t used, struct vhu_vring_addr *ret);
 
 static inline bool features_iommu(uint64_t features) {
         return (features & (UINT64_C(1) << VHU_VIRTIO_F_ACCESS_PLATFORM)) != 0;
 }
+
+static inline bool features_packed(uint64_t features) {
+        return (features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)) != 0;
+}
+
+/*
+ * vhub-op-rings.c: whether d's rings, as the driver acked them, can be
+ * restarted after a loss at a position read from guest memory.  Not behind
+ * an IOMMU (the addresses are IOVAs the daemon cannot resolve), nor packed
+ * (spec "Vring descriptor indices for packed virtqueues": the position is
+ * an index and a wrap counter the back-end keeps to itself; guest memory
+ * holds descriptors flagged by wrap counters and event suppression areas,
+ * no index).  false with why (the device.failed reason) filled.
+ */
+bool rings_restorable(const struct vhub_device *d, char *why, size_t len);
 
 /* vhub-op-rings.c: adds 1 to one of ring index's eventfds (what: "kick",
  * "call", "err") without ever blocking.  A full counter (-EAGAIN) means the

@@ -124,8 +124,10 @@ static void device_snapshot_rings(struct vhub_device *d) {
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vring *v = &d->vrings[i];
 
-                /* with an IOMMU the ring addresses are IOVAs (no restore then) */
+                /* with an IOMMU the ring addresses are IOVAs, and a packed
+                 * ring has no indexes there (no restore then) */
                 v->loss_read = v->configured && !features_iommu(d->acked_features) &&
+                               !features_packed(d->acked_features) &&
                                vhub_mem_table_read(&d->vm->mem, v->used + 2, &v->loss_used, 2) == 0 &&
                                vhub_mem_table_read(&d->vm->mem, v->avail + 2, &v->loss_avail, 2) == 0;
         }
@@ -311,8 +313,23 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
         }
         device_fail_ops(d, &err);
         device_set_state(d, VHUB_DEV_DISCONNECTED, reason);
+        device_give_up_if_lost(d);
+}
+
+void device_give_up_if_lost(struct vhub_device *d) {
+        char why[200];
+
+        if (d->state != VHUB_DEV_DISCONNECTED)
+                return;
         if (d->reconnect_ms == 0)
-                device_set_state(d, VHUB_DEV_FAILED, "back-end lost and reconnect is disabled (reconnect_ms 0)");
+                device_give_up(d, "back-end lost and reconnect is disabled (reconnect_ms 0)");
+        /* A running device comes back running, its rings restarted where
+         * they stopped: no use reconnecting if that cannot be known.  (A
+         * front-door device's VMM may stop them meanwhile: its restore
+         * decides, vhub-op-vmm-restore.c.) */
+        else if (!dev_is_front_door(d) && d->state_before_loss == VHUB_DEV_RUNNING &&
+                 !rings_restorable(d, why, sizeof(why)))
+                device_give_up(d, why);
 }
 
 /* ---- reconnecting ---- */

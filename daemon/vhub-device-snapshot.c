@@ -238,8 +238,13 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
         vhub_snap_put_bool(w, D_BUSY, device_busy(d));
         vhub_snap_put_bool(w, D_REMOVING, d->removing);
-        if (strcmp(d->fd_group, d->vm->fd_group) == 0)
+        if (strcmp(d->fd_group, d->vm->fd_group) == 0) {
                 vhub_snap_put_bool(w, D_VM_GROUP, true);
+                /* a format-1 vhubd would look for its fds in d<id> and lose
+                 * them: it must refuse the VM instead (a planned stop moves
+                 * them there first: vhub_devices_own_groups()) */
+                w->compat = VHUB_SNAP_COMPAT;
+        }
         if (d->vmm && d->vmm->connected)
                 vhub_snap_put_bool(w, D_VMM_CONNECTED, true);
         if (d->conn)
@@ -730,9 +735,7 @@ void vhub_device_restore_finish(struct vhub_device *d) {
                         /* no connection came back: the loss is now */
                         device_set_state(d, VHUB_DEV_DISCONNECTED,
                                          "its connection did not survive the daemon's restart");
-                        if (d->reconnect_ms == 0)
-                                device_set_state(d, VHUB_DEV_FAILED,
-                                                 "back-end lost and reconnect is disabled (reconnect_ms 0)");
+                        device_give_up_if_lost(d);
                 }
         }
         d->restore_lost = false;

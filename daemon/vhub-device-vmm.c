@@ -427,12 +427,13 @@ void vmm_update_state(struct vhub_device *d, const char *why) {
 }
 
 void vmm_snapshot_rings(struct vhub_device *d) {
-        bool iova = features_iommu(d->acked_features);
+        /* behind an IOMMU: IOVAs; packed: no indexes there */
+        bool unreadable = features_iommu(d->acked_features) || features_packed(d->acked_features);
 
         for (unsigned i = 0; i < d->queues; i++) {
                 struct vhub_vmm_ring *r = &d->vmm->rings[i];
 
-                r->loss_read = r->started && !iova &&
+                r->loss_read = r->started && !unreadable &&
                                vmm_read_guest(d, r->addr.used + 2, &r->loss_used, 2) == 0 &&
                                vmm_read_guest(d, r->addr.avail + 2, &r->loss_avail, 2) == 0;
         }

@@ -17,7 +17,9 @@
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-model-snapshot.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhu-fd.h"
@@ -328,6 +330,80 @@ fail:
         if (d)
                 vhub_device_free(d);
         vhub_call_fail(call, &err);
+}
+
+struct group_fds {
+        const char *group;
+        int *fds;
+        size_t n, cap;
+        bool failed;
+};
+
+static void collect_group_fd(const struct vhub_fd_info *info, void *userdata) {
+        struct group_fds *g = userdata;
+
+        if (g->failed || !info->group || strcmp(info->group, g->group) != 0)
+                return;
+        if (g->n == g->cap) {
+                size_t cap = g->cap ? g->cap * 2 : 16;
+                int *p = reallocarray(g->fds, cap, sizeof(*p));
+
+                if (!p) {
+                        g->failed = true;
+                        return;
+                }
+                g->fds = p;
+                g->cap = cap;
+        }
+        g->fds[g->n++] = info->fd;
+}
+
+/* d's fds, in its VM's group, move to a group of its own (d<id>). */
+static int device_own_group(struct vhub_device *d) {
+        struct vhub_fdstore *s = d->vm->ctx->fdstore;
+        struct group_fds g = { .group = d->fd_group };
+        char own[VHUB_FD_GROUP_MAX];
+        size_t i;
+        int r = 0;
+
+        vhub_device_foreach_fd(d, &(struct vhub_fd_visitor){ .visit = collect_group_fd, .userdata = &g });
+        if (g.failed) {
+                free(g.fds);
+                return -ENOMEM;
+        }
+        vhub_fd_group(own, VHUB_FD_GROUP_DEVICE, d->id);
+        for (i = 0; i < g.n && r >= 0; i++)
+                r = vhub_fdstore_group_add(s, own, g.fds[i]);
+        if (r < 0) {
+                /* the fds stay in the VM's group: its snapshot says so */
+                for (size_t j = 0; j + 1 < i; j++)
+                        (void)vhub_fdstore_group_remove(s, own, g.fds[j]);
+                free(g.fds);
+                return r;
+        }
+        /* in both groups until here: never in neither */
+        for (i = 0; i < g.n; i++)
+                (void)vhub_fdstore_group_remove(s, d->fd_group, g.fds[i]);
+        snprintf(d->fd_group, sizeof(d->fd_group), "%s", own);
+        vhub_changed(d->vm->ctx, d->vm);
+        free(g.fds);
+        return 0;
+}
+
+void vhub_devices_own_groups(struct vhub_context *ctx) {
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        int r;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link) {
+                        if (strcmp(d->fd_group, vm->fd_group) != 0)
+                                continue;
+                        r = device_own_group(d);
+                        if (r < 0)
+                                device_log(d, LOG_WARNING, NULL, "its fds stay in its VM's fd-store group (%s): "
+                                           "a vhubd of format 1 will not take its VM back", strerror(-r));
+                }
 }
 
 void device_changed(struct vhub_device *d) {

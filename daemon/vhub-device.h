@@ -121,8 +121,8 @@ struct vhub_device {
         struct vhub_vm *vm;
         uint64_t id;                  /* daemon-unique, never reused */
         char fd_group[VHUB_FD_GROUP_MAX]; /* the fd-store group of every fd it keeps: its VM's
-                                           * ("v<vm id>"), or "d<id>" for a device an earlier
-                                           * daemon added (restored as it was) */
+                                           * ("v<vm id>") from its device.add, "d<id>" once a
+                                           * planned stop moved it (vhub_devices_own_groups()) */
         char name[VHUB_NAME_MAX + 1];
         char *socket_path;
         char type[32];
@@ -219,7 +219,8 @@ void vhub_device_free(struct vhub_device *dev);
 struct vhub_vring_params {
         uint32_t index, size;
         uint64_t desc, avail, used;
-        uint32_t base;
+        uint32_t base;                /* split: <= 0xffff; packed: both indexes and wrap counters */
+        bool base_given;              /* absent: index 0 (a packed ring's at its initial wrap counters) */
         int kick_fd, call_fd, err_fd; /* taken by vhub_device_start in every case; kick
                                        * may be -1 with INBAND_NOTIFICATIONS */
 };

@@ -61,6 +61,13 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
  * gone: its fds closed), or -errno with *why. */
 int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_fd_claim *vm_claim,
                         struct vhub_snap_iter *it, struct vhub_device **ret, const char **why);
+/* A planned stop writes the oldest format that can express its state
+ * (docs/restart.md, "Versions"): the devices whose fds are in their VM's
+ * fd-store group (every one added since the last start) move them into
+ * groups of their own, as a format-1 vhubd looks for them -- a push per
+ * device, which the stop can afford and a device.add could not.  Their
+ * VMs are marked changed; the store is synced by the next commit. */
+void vhub_devices_own_groups(struct vhub_context *ctx);
 /* The rest of a device's restore, once every VM and face is back: a device
  * that had a request in flight is lost now (the reconnect path restores it,
  * with its events); an outage goes on with its remaining backoff. */

@@ -606,7 +606,7 @@ static void state_vring_base(struct vhub_device *d, struct vhub_op *op) {
                 return;
         }
         if (features_iommu(d->acked_features) ||
-            (d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED))) {
+            features_packed(d->acked_features)) {
                 answer_close(d, op, "GET_VRING_BASE of ring %u without the back-end: %s rings cannot be read here",
                              index, features_iommu(d->acked_features) ? "IOMMU" : "packed");
                 return;
@@ -741,7 +741,7 @@ static void rebase_after_state_answer(struct vhub_device *d, struct vhu_msg *m) 
                 return;
         r->base_from_state = false;
         if (m->payload.state.num != r->base || features_iommu(d->acked_features) ||
-            (d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)) || !r->addr_set ||
+            features_packed(d->acked_features) || !r->addr_set ||
             vmm_read_guest(d, r->addr.used + 2, &used, sizeof(used)) < 0 || used == m->payload.state.num)
                 return;
         device_log(d, LOG_WARNING, REQ(VHU_REQ_SET_VRING_BASE),
@@ -816,7 +816,7 @@ static bool vring_base_reply_ok(const struct vhub_device *d, const struct vhub_v
 
         if (st->index != ring_index(&q->msg))
                 return false;
-        if (!(d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)))
+        if (!features_packed(d->acked_features))
                 return st->num <= 0xffff;
         return (st->num & 0x7fff) < r->num && ((st->num >> 16) & 0x7fff) < r->num;
 }

@@ -91,18 +91,34 @@ static uint16_t start_queue_size(struct vhub_vring *v, unsigned n) {
         return (uint16_t)(max > 0xffff ? 0xffff : max);
 }
 
+bool rings_restorable(const struct vhub_device *d, char *why, size_t len) {
+        if (features_iommu(d->acked_features))
+                snprintf(why, len, "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
+                         d->name);
+        else if (features_packed(d->acked_features))
+                /* The packed inflight region (inflight_info_packed) would
+                 * say where the back-end was, but no back-end here writes
+                 * one (docs/reconnect.md, "Packed rings"). */
+                snprintf(why, len,
+                         "device %s ran with VIRTIO_F_RING_PACKED: its rings cannot be restored (a packed "
+                         "ring's position is not in guest memory)", d->name);
+        else
+                return true;
+        return false;
+}
+
 /* After a loss: restart every ring at the used index in guest memory. */
 static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         bool in_order = d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_IN_ORDER);
         bool inflight = dev_has_pf(d, VHU_PF_INFLIGHT_SHMFD) && d->inflight_fd >= 0;
+        char why[200];
 
-        /* the rings are behind IOVAs the daemon cannot resolve: their
-         * indexes cannot be read, so the rings cannot be restarted right */
-        if (features_iommu(d->acked_features)) {
+        /* A loss fails such a device at once (device_give_up_if_lost());
+         * this is for an outage a vhubd without that check left behind in
+         * its snapshot: never a ring started from a base that is not one. */
+        if (!rings_restorable(d, why, sizeof(why))) {
                 op->give_up = true;
-                return device_op_error(op, VHUB_ERR_BACKEND, NULL,
-                                       "device %s ran with VIRTIO_F_IOMMU_PLATFORM: its rings cannot be restored",
-                                       d->name);
+                return device_op_error(op, VHUB_ERR_BACKEND, NULL, "%s", why);
         }
         if (op_restored_begin(d, op) < 0)
                 return op->result;
@@ -127,10 +143,13 @@ static int start_rebase(struct vhub_device *d, struct vhub_op *op) {
         return 0;
 }
 
-/* The used ring's gpa doubles as the log address. */
-int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t size, uint64_t desc,
+/* The used ring's gpa doubles as the log address.  A packed ring's
+ * "avail" and "used" are its driver and device event suppression areas:
+ * 4 bytes each (virtio "Event Suppression Structure Format"). */
+int vring_addr(const struct vhub_vm *vm, uint64_t features, uint32_t index, uint32_t size, uint64_t desc,
                       uint64_t avail, uint64_t used, struct vhu_vring_addr *ret) {
         struct vhu_vring_addr a = { .index = index, .log = used };
+        bool iova = features_iommu(features), packed = features_packed(features);
 
         /* spec "IOMMU support": the back-end resolves them with IOTLB
          * updates (or asks with a miss); QEMU sends the IOVAs too */
@@ -142,8 +161,8 @@ int vring_addr(const struct vhub_vm *vm, bool iova, uint32_t index, uint32_t siz
                 return 0;
         }
         if (vhub_mem_table_gpa_to_uaddr(&vm->mem, desc, (uint64_t)size * 16, &a.desc) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, 6 + (uint64_t)size * 2, &a.avail) < 0 ||
-            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, 6 + (uint64_t)size * 8, &a.used) < 0)
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, avail, packed ? 4 : 6 + (uint64_t)size * 2, &a.avail) < 0 ||
+            vhub_mem_table_gpa_to_uaddr(&vm->mem, used, packed ? 4 : 6 + (uint64_t)size * 8, &a.used) < 0)
                 return -ERANGE;
         *ret = a;
         return 0;
@@ -173,7 +192,7 @@ static int send_vring(struct vhub_device *d, struct vhub_op *op, const struct vh
         struct vhu_msg m;
         int r;
 
-        if (vring_addr(d->vm, features_iommu(op->restore ? d->acked_features : op->u.start.features),
+        if (vring_addr(d->vm, op->restore ? d->acked_features : op->u.start.features,
                        v->index, v->size, v->desc, v->avail, v->used, &a) < 0)
                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                        "ring %u does not lie inside the VM's memory", v->index);
@@ -378,7 +397,7 @@ int stop_stage(struct vhub_device *d, struct vhub_op *op) {
  * bits 16-30 the next used index and bit 31 its wrap counter; a packed
  * ring's indexes are positions in the ring, so below its size. */
 static bool vring_base_valid(const struct vhub_device *d, const struct vhub_vring *v, uint32_t num) {
-        if (!(d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)))
+        if (!features_packed(d->acked_features))
                 return num <= 0xffff;
         return (num & 0x7fff) < v->size && ((num >> 16) & 0x7fff) < v->size;
 }
@@ -482,7 +501,7 @@ int log_stage(struct vhub_device *d, struct vhub_op *op) {
 
                         if (!v->configured)
                                 continue;
-                        if (vring_addr(d->vm, features_iommu(d->acked_features), i, v->size, v->desc,
+                        if (vring_addr(d->vm, d->acked_features, i, v->size, v->desc,
                                        v->avail, v->used, &a) < 0)
                                 return device_op_error(op, VHUB_ERR_REGION, REQ(VHU_REQ_SET_VRING_ADDR),
                                                        "ring %u does not lie inside the VM's memory", i);
@@ -536,7 +555,10 @@ static int32_t stop_count_suspended(struct vhub_device *d, unsigned i) {
         unsigned count = 0;
         int r;
 
-        if (!dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT) || d->inflight_fd < 0)
+        /* a packed ring's region is inflight_info_packed, and its used
+         * position is not in guest memory: not counted */
+        if (!dev_has_pf(d, VHU_PF_GET_VRING_BASE_INFLIGHT) || d->inflight_fd < 0 ||
+            features_packed(d->acked_features))
                 return -1;
         r = vhub_mem_table_read(&d->vm->mem, v->used + 2, &used_idx, sizeof(used_idx));
         if (r == 0)

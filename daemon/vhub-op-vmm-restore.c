@@ -45,7 +45,7 @@ static int restore_rebase(struct vhub_device *d, struct vhub_op *op) {
                         continue;
                 /* rings behind IOVAs or packed rings: their indexes cannot be read */
                 if (features_iommu(d->acked_features) ||
-                    (d->acked_features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED))) {
+                    features_packed(d->acked_features)) {
                         op->give_up = true;
                         return device_op_error(op, VHUB_ERR_BACKEND, NULL,
                                                "device %s ran %s rings: they cannot be restored", d->name,

@@ -56,6 +56,8 @@ struct vhub_restart_state {
         uint64_t downtime_ms;
         /* a planned restart */
         bool planned;
+        bool conns_inline;      /* its last snapshot holds the connections' records
+                                 * (the oldest format that can: a downgrade works) */
         struct event *ev_poll;
         uint64_t deadline_usec;
         void (*done)(void *userdata);
@@ -70,15 +72,34 @@ static struct vhub_restart_state *state(struct vhubd *v) {
 
 /* ---- writing ---- */
 
-void vhub_restart_commit_daemon(void *userdata) {
-        struct vhubd *v = userdata;
+/* The daemon's snapshot: in format 2 (its connections' records in their
+ * own files), or with them inline, as format 1 wrote it, at a planned
+ * stop's end (docs/restart.md, "Versions"). */
+static int commit_daemon(struct vhubd *v) {
         struct vhub_context *ctx = &v->ctx;
         struct vhub_snap_writer *w = &ctx->snap_writer;
+        bool oldest = v->restart && v->restart->conns_inline, conns_inline = oldest;
         int r = 0;
 
         /* the faces are not back yet: the snapshot of the last run stays */
         if (ctx->restoring)
-                return;
+                return 0;
+        /* connections carried from inline records get their own files
+         * before a snapshot that no longer holds them, and S keeps them
+         * while a file's push is still queued (a crash would lose it);
+         * the records go first (same writer) */
+        if (v->control && !conns_inline) {
+                control_server_commit(v->control, false);
+                if (control_server_unfiled(v->control)) {
+                        struct vhub_fdstore_stats st;
+
+                        vhub_fdstore_get_stats(v->fdstore, &st);
+                        if (st.queued > 0)
+                                conns_inline = true;
+                        else
+                                control_server_filed(v->control);
+                }
+        }
         if (v->snap.fd < 0) {
                 r = vhub_snap_file_create(VHUB_SNAP_NAME_DAEMON, &v->snap);
                 if (r >= 0) {
@@ -89,6 +110,11 @@ void vhub_restart_commit_daemon(void *userdata) {
         }
         if (r >= 0) {
                 vhub_snap_writer_reset(w);
+                /* a running daemon's S stays format 2 even inline: a
+                 * record may leave a long partial line out (C_MID_LINE),
+                 * which a version-1 reader would not know */
+                if (oldest)
+                        w->compat = VHUB_SNAP_COMPAT_V1;
                 vhub_snap_put_u64(w, S_RESTARTS, ctx->restarts);
                 vhub_snap_put_u64(w, S_NEXT_VM_ID, ctx->next_vm_id);
                 vhub_snap_put_u64(w, S_NEXT_DEVICE_ID, ctx->next_device_id);
@@ -99,11 +125,20 @@ void vhub_restart_commit_daemon(void *userdata) {
                 vhub_snap_put_bool(w, S_PLANNED, v->restart && v->restart->planned);
                 if (v->control) {
                         vhub_snap_begin(w, S_CONTROL);
-                        control_server_serialize(v->control, w);
+                        if (conns_inline)
+                                control_server_serialize_inline(v->control, w);
+                        else
+                                control_server_serialize(v->control, w);
                         vhub_snap_end(w);
                 }
                 r = vhub_snap_file_commit(&v->snap, w);
         }
+        return r;
+}
+
+void vhub_restart_commit_daemon(void *userdata) {
+        int r = commit_daemon(userdata);
+
         if (r < 0)
                 log_warning("the daemon's restart snapshot was not written: %s", strerror(-r));
 }
@@ -319,12 +354,23 @@ int vhub_restart_faces(struct vhubd *v, struct vhub_fdstore_restore *r) {
         struct vhub_restart_state *rs = v->restart;
         struct vhub_snap_iter it, cit;
         struct vhub_snap_rec x;
+        uint64_t *filed;
         int k = 0;
 
+        /* a connection both inline in S and in its own file (a planned stop
+         * cut short between the two, or a start cut short before it
+         * rewrote S): the file is as new or newer, and wins */
+        filed = rs->n_conns ? calloc(rs->n_conns, sizeof(*filed)) : NULL;
+        if (rs->n_conns && !filed)
+                return -ENOMEM;
+        for (size_t i = 0; i < rs->n_conns; i++)
+                filed[i] = strtoull(rs->conns[i].name + 1, NULL, 36);        /* sorted: by_conn_id() */
         vhub_snap_doc_iter(&rs->daemon.doc, &it);
         while (v->control && vhub_snap_next(&it, &x) > 0)
                 if (x.tag == S_CONTROL && (k = vhub_snap_enter(&x, &cit)) >= 0)
-                        k = control_server_restore(v->control, r, &cit, v->ctx.restarts, rs->downtime_ms);
+                        k = control_server_restore(v->control, r, &cit, filed, rs->n_conns, v->ctx.restarts,
+                                                   rs->downtime_ms);
+        free(filed);
         for (size_t i = 0; i < rs->n_conns; i++) {
                 struct loaded *l = &rs->conns[i];
                 int kc;
@@ -406,6 +452,28 @@ int vhub_restart_begin(struct vhubd *v, void (*done)(void *userdata), void *user
         return evtimer_add(rs->ev_poll, &tv) < 0 ? -ENOMEM : 0;
 }
 
+/* The last snapshot again, in the oldest format that holds the state: the
+ * connections' records inline in S (compat 1) -- the bytes their files got
+ * from the commit just made --, and only then their files out of the
+ * store.  A restart into a version-1 vhubd then carries everything; a
+ * crash between the two leaves both, and a reader takes the files. */
+static void write_oldest_format(struct vhubd *v, struct vhub_restart_state *rs) {
+        int r;
+
+        rs->conns_inline = true;
+        r = commit_daemon(v);
+        if (r < 0) {
+                /* S as the commit above wrote it stays the newest copy */
+                rs->conns_inline = false;
+                log_warning("planned restart: the daemon's snapshot in the format a version-1 vhubd reads was "
+                            "not written (%s): the connections' records stay in their own files, and only a "
+                            "vhubd of format 2 or newer can take this state back", strerror(-r));
+                return;
+        }
+        if (v->control)
+                control_server_records_inline(v->control);
+}
+
 void vhub_restart_finish(struct vhubd *v) {
         struct vhub_restart_state *rs = state(v);
 
@@ -418,9 +486,14 @@ void vhub_restart_finish(struct vhubd *v) {
                 control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
+        /* devices in their VMs' groups: in groups of their own, as format 1
+         * has them (pushed by the settle, before the commit names them) */
+        vhub_devices_own_groups(&v->ctx);
         /* stashes of one message: the next start peeks them, pushes nothing */
         vhub_fdstore_settle(v->fdstore);
         vhub_commit_all(&v->ctx);
+        if (rs)
+                write_oldest_format(v, rs);
         /* a connection over what a restart carries was left out of it:
          * closed now, where its client sees it (its group's removal goes
          * with the flush) */

@@ -172,6 +172,7 @@ void vhub_snap_writer_reset(struct vhub_snap_writer *w) {
         w->len = VHUB_SNAP_HEADER_SIZE;     /* the header is filled in by finish */
         w->depth = 0;
         w->error = 0;
+        w->compat = 0;
 }
 
 static uint8_t *writer_grow(struct vhub_snap_writer *w, size_t n) {
@@ -327,7 +328,7 @@ int vhub_snap_finish(struct vhub_snap_writer *w, uint64_t generation,
         payload = w->len - VHUB_SNAP_HEADER_SIZE;
         memcpy(w->buf, VHUB_SNAP_MAGIC, 8);
         put_le16(w->buf + 8, VHUB_SNAP_VERSION);
-        put_le16(w->buf + 10, VHUB_SNAP_COMPAT);
+        put_le16(w->buf + 10, w->compat ? w->compat : VHUB_SNAP_COMPAT);
         put_le32(w->buf + 12, VHUB_SNAP_HEADER_SIZE);
         put_le64(w->buf + 16, generation);
         put_le32(w->buf + 24, (uint32_t) payload);

@@ -45,6 +45,11 @@
  * of them (their sockets closed, their VMs left ownerless) */
 #define VHUB_SNAP_VERSION       2u      /* the format version this code writes and reads */
 #define VHUB_SNAP_COMPAT        2u      /* the oldest reader that can read what it writes */
+/* The compat of a document version 2 did not change (docs/restart.md,
+ * "Versions"): a VM's, and the daemon's at a planned stop, which holds the
+ * connections' records again as version 1 did, so that a restart into a
+ * version-1 vhubd carries everything (a downgrade). */
+#define VHUB_SNAP_COMPAT_V1     1u
 #define VHUB_SNAP_HEADER_SIZE   32u
 #define VHUB_SNAP_RECORD_HEADER 8u
 #define VHUB_SNAP_MAX_SIZE      (64u << 20)     /* one document, header included */
@@ -79,11 +84,12 @@ struct vhub_snap_writer {
         size_t open[VHUB_SNAP_MAX_DEPTH];  /* offsets of the NEST records being written */
         unsigned depth;
         int error;                          /* sticky: first failure, or 0 */
+        unsigned compat;                    /* this document's; 0 (reset): VHUB_SNAP_COMPAT */
 };
 
 void vhub_snap_writer_init(struct vhub_snap_writer *w);
 void vhub_snap_writer_done(struct vhub_snap_writer *w);
-/* Start a new document in the same buffer. */
+/* Start a new document in the same buffer (compat back to the default). */
 void vhub_snap_writer_reset(struct vhub_snap_writer *w);
 
 /* Each returns the writer's sticky error (0 while all is well). */

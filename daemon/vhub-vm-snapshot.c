@@ -55,6 +55,9 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
         const struct vhub_fdstore *s = vm->ctx->fdstore;
         const struct vhub_device *d;
 
+        /* version 2 changed the daemon's snapshot, not a VM's: a version-1
+         * vhubd reads it (a downgrade, docs/restart.md "Versions") */
+        w->compat = VHUB_SNAP_COMPAT_V1;
         vhub_snap_put_u64(w, VM_ID, vm->id);
         vhub_snap_put_str(w, VM_NAME, vm->name);
         vhub_snap_put_u32(w, VM_UID, (uint32_t)vm->uid);

@@ -440,10 +440,16 @@ static int process_ring(struct tb_conn *c, struct vhu_msg *m, struct vhu_msg *re
         }
         case VHU_REQ_SET_VRING_BASE:
                 vq = vq_by_index(c, st->index);
-                if (!vq || st->num > 0xffff)
+                /* spec "Vring descriptor indices": a split ring's is 16
+                 * bits; a packed ring's carries its indexes (below the
+                 * ring's size) and wrap counters in bits 15 and 31 */
+                if (!vq || (!(c->features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)) && st->num > 0xffff) ||
+                    ((c->features & (UINT64_C(1) << VHU_VIRTIO_F_RING_PACKED)) &&
+                     ((st->num & 0x7fff) >= vq->num || ((st->num >> 16) & 0x7fff) >= vq->num)))
                         return -EINVAL;
                 if (vq->started)
                         return -EBUSY;
+                vq->set_base = st->num;
                 vq->last_avail = (uint16_t) st->num;
                 return 0;
         case VHU_REQ_GET_VRING_BASE:

@@ -234,6 +234,7 @@ static json_t *vrings_json(const struct tb_conn *c) {
                 json_object_set_new(o, "ignored_fd", json_boolean(vq->ignored_fd >= 0));
                 json_object_set_new(o, "inflight", json_boolean(vq->inflight != NULL));
                 json_object_set_new(o, "suspended", json_integer((json_int_t) vq->suspended));
+                json_object_set_new(o, "set_base", json_integer((json_int_t) vq->set_base));
                 json_object_set_new(o, "endian", !vq->endian_set ? json_null()
                                                  : json_string(vq->big_endian ? "big" : "little"));
                 json_object_set_new(o, "broken", vq->broken[0] ? json_string(vq->broken) : json_null());

@@ -152,6 +152,7 @@ struct tb_vq {
         bool addr_set;
         uint16_t last_avail;    /* next avail index to fetch */
         uint16_t used_idx;      /* our copy of used->idx */
+        uint32_t set_base;      /* the last SET_VRING_BASE as sent (a packed ring's: both wrap counters) */
         int kick_fd, call_fd, err_fd;
         int ignored_fd;         /* misbehaviour "ignore-fd": held open, never read or written */
         bool kick_ignored;      /* ... and it was the kick fd: the ring is polled instead */

@@ -16,6 +16,8 @@ blk-restart     qemu-storage-daemon SIGKILLed and restarted 5 times while the
 tb-restart      the project's test back-end (INFLIGHT_SHMFD, completions out of
                 order and late) killed 5 times under 8 parallel O_DIRECT
                 writers: no error, all verified, every restore exact.
+net-packed      net with packed virtqueues (virtio-net-pci packed=on): the guest's
+                driver and testpmd's vhost PMD do packed rings through vhubd.
 net-restart     dpdk-testpmd killed and restarted: the guest's traffic resumes.
 hung            qemu-storage-daemon SIGSTOPped while QMP `stop` makes QEMU ask
                 for the rings' bases: QMP answers within the back-end timeout
@@ -127,7 +129,7 @@ def through(name):
     def scenario(t, image):
         way = ThroughVhubd(t)
         fds0 = fd_targets(way)
-        dev = {"blk": "blk0", "fs": "fs0", "net": "net0"}[name]
+        dev = {"blk": "blk0", "fs": "fs0", "net": "net0", "net-packed": "net0"}[name]
         orig_release = way.release
 
         def release(device):
@@ -688,6 +690,7 @@ SCENARIOS = {
     "blk": through("blk"),
     "fs": through("fs"),
     "net": through("net"),
+    "net-packed": through("net-packed"),
     "blk-restart": scenario_blk_restart,
     "tb-restart": scenario_tb_restart,
     "net-restart": scenario_net_restart,

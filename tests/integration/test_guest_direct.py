@@ -161,22 +161,27 @@ def testpmd_port_counters(text):
     return tuple(int(x) for x in found[-1]) if found else None
 
 
-def net_guest(t, image, way):
+def net_guest(t, image, way, packed=False):
     """dpdk-testpmd (io forwarding, looped) and a guest whose eth0 leads to
-    it through `way` as net0: (testpmd, guest), the guest ready."""
+    it through `way` as net0 (with packed virtqueues offered if packed):
+    (testpmd, guest), the guest ready."""
     pmd = t.enter(TestpmdBackend(os.path.join(way.dir, "net.sock"), queues=1, log_dir=way.dir))
     pmd.wait_forwarding()
-    g = t.enter(Guest(way.dir, [NetDevice(way.socket(pmd.socket, "net0", "net"))], image))
+    g = t.enter(Guest(way.dir, [NetDevice(way.socket(pmd.socket, "net0", "net"), packed=packed)], image))
     g.wait_ready()
     return pmd, g
 
 
-def scenario_net(t, image, way):
-    pmd, g = net_guest(t, image, way)
+def scenario_net(t, image, way, packed=False):
+    pmd, g = net_guest(t, image, way, packed)
     count = 10
     r = g.run("net", "eth0", count)
     for line in r.log:
         log("  %s" % line)
+    check_eq(r["packed"], "1" if packed else "0",
+             "the guest's driver acked packed virtqueues (VIRTIO_F_RING_PACKED): %s" % packed)
+    if packed:
+        way.check_acked("net0", 1 << 34, "VIRTIO_F_RING_PACKED")
     check(r.int("tx") >= count, "guest eth0 tx_packets moved by >= %d (%s)" % (count, r["tx"]))
     check(r.int("rx") >= count, "guest eth0 rx_packets moved by >= %d: io forwarding looped "
           "the frames back (%s)" % (count, r["rx"]))
@@ -193,7 +198,13 @@ def scenario_net(t, image, way):
           "testpmd's port received and sent >= %d frames %s" % (count, counters), counters)
 
 
-SCENARIOS = {"blk": scenario_blk, "fs": scenario_fs, "net": scenario_net}
+def scenario_net_packed(t, image, way):
+    """net with packed virtqueues: the guest's virtio-net driver and
+    dpdk-testpmd's vhost PMD both do packed rings; the same traffic checks."""
+    scenario_net(t, image, way, packed=True)
+
+
+SCENARIOS = {"blk": scenario_blk, "fs": scenario_fs, "net": scenario_net, "net-packed": scenario_net_packed}
 
 
 def main(t):

@@ -11,8 +11,9 @@ connection.  restart-v<N> is what the first writer of format version N
 wrote; restart-v<N>.<n> what a later writer of the same version wrote after
 records were added or dropped that every reader of that version copes with
 (restart-v1.1: h-redteam's device credentials and per-VM token count added,
-the daemon-wide token count dropped; restart-v2.1: h-devadd's D_VM_GROUP, a
-device whose fds are in its VM's group).  Two checks:
+the daemon-wide token count dropped; restart-v2.1: a planned stop writes the
+connections' records inline in S again, compat 1, and no k<id> files).  The
+checks:
 
   read    vhubd started with a store holding only one fixture's snapshot
           files (as after an upgrade from the daemon that wrote them, the
@@ -33,15 +34,27 @@ device whose fds are in its VM's group).  Two checks:
 
               python3 tests/integration/test_restart_fixture.py write
 
-A third, run by hand with an earlier build (not registered: the suite
-builds one tree):
+  both    (restart-format-both) a store holding a connection's record both
+          inline in S and in its file k<id> (a stop or a start cut short
+          between the two writes): the file wins, each connection carried
+          once.
 
-  upgrade VHUBD_PREVIOUS=<an earlier vhubd> test_restart_fixture.py upgrade:
-          a planned restart from it into today's vhubd carries a started qsd
-          device serving I/O and two connections; a restart back into it is
-          refused when today's format is newer than it reads (exit non-zero,
-          the log says why, the store untouched) and today's takes the state
-          back again.
+  filing  (restart-format-filing) a crash just after a start that carried
+          the records inline: every connection carried again (S keeps the
+          records until their new files' pushes left the daemon's queue).
+
+And, registered as restart-upgrade:
+
+  upgrade the binaries themselves: vhubd built at the last commit of format 1
+          (vhubtest/previous.py: from this tree's git history into a cache
+          outside it, once; a checkout without that history is a skip
+          saying so; $VHUBD_PREVIOUS names another earlier build instead)
+          -> today's -> the format-1 vhubd -> today's, planned restarts
+          carrying a started qsd device serving I/O and two connections.
+          The way back works because a planned stop writes the oldest
+          format that holds the state (the connections' records inline in
+          S, compat 1, their k<id> files removed: docs/restart.md,
+          "Versions").
 
 The scenario: vm0 (linger_ms 10 min) with an 8 MiB region, a test back-end
 device blk0 started with one ring, a second device blk1, the VMM's shared
@@ -54,10 +67,12 @@ import re
 import signal
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                              # noqa: E402
+from vhubtest.backends import QsdNullBackend                     # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.servicemanager import ServiceError, ServiceManager  # noqa: E402
@@ -193,9 +208,11 @@ def produce(t):
             fd = m.sm.dup(name)
             files[name] = os.pread(fd, os.fstat(fd).st_size, 0)
             os.close(fd)
-    # since format 2 each control connection's record is a file of its own
-    check_eq(sorted(files), ["S", "k1", "k2", "s1", "s2"],
-             "the store holds the daemon's, two VMs' and two connections' snapshots")
+    # since format 2 each control connection's record is a file of its own,
+    # but a planned stop puts them back inline in S, as format 1 did (a
+    # downgrade carries them) and removes the files (restart-v2.1 on)
+    check_eq(sorted(files), ["S", "s1", "s2"],
+             "the store holds the daemon's and two VMs' snapshots, the connections' records inline")
     m.sm.release_store()
     c.close()
     watcher.close()
@@ -310,16 +327,36 @@ def read_one(t, version, directory):
     check_eq(sm.stop_unit(), 0, "version %s: systemctl stop: vhubd exits 0" % version)
 
 
+def snapshot_names(m):
+    """The snapshot files in the store: S, s<id>, k<id>."""
+    return sorted(n for n in m.sm.names() if n == "S" or (n[:1] in "sk" and n[1:].isalnum()))
+
+
+def stored_header(m, name):
+    """(version, compat) of the newest document of a stored snapshot file."""
+    fd = m.sm.dup(name)
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    return newest_doc(data)[:2]
+
+
 def part_upgrade(t):
-    """Run by hand with an earlier build: VHUBD_PREVIOUS=<its vhubd>.  A
-    planned restart from it into today's vhubd carries everything (a
-    started qsd device serving I/O, the VMM's and a subscriber's
-    connections); when today's format is newer than what it reads, a
-    restart back into it is refused (exit non-zero, the log says why, the
-    store untouched) and today's takes the state back again."""
+    """Upgrade and downgrade across snapshot formats with the binaries
+    themselves: vhubd built at the last commit of format 1
+    (vhubtest.previous; $VHUBD_PREVIOUS names another earlier build) ->
+    today's -> the format-1 vhubd -> today's, each a planned restart
+    (`systemctl restart`) carrying a started qsd device serving I/O (its
+    data read back) and two connections (daemon.restarted on both, the
+    listing as before).  The downgrade works because a planned stop writes
+    the oldest format that holds the state (docs/restart.md, "Versions")."""
     from test_restart import listing, one_blk_device
-    previous = os.environ.get("VHUBD_PREVIOUS")
-    check(previous and os.access(previous, os.X_OK), "VHUBD_PREVIOUS names an earlier vhubd", previous)
+    from vhubtest import previous as prev
+    started = time.monotonic()
+    previous = os.environ.get("VHUBD_PREVIOUS") or prev.vhubd(prev.FORMAT_1_COMMIT)
+    check(os.access(previous, os.X_OK), "an earlier vhubd to run", previous)
+    log("built or found the earlier vhubd in %.1f s" % (time.monotonic() - started))
     today = os.environ["VHUBD"]
     d = t.tmpdir()
     os.environ["VHUBD"] = previous
@@ -341,37 +378,145 @@ def part_upgrade(t):
         check_eq(listing(c), before, "%s: everything listed as before" % what)
         check_eq(q.read_sectors(0, 8), data, "%s: the device serves its ring, the data there" % what)
 
-    m.argv[0] = today
-    m.restart()
-    carried(1, "from the earlier build to today's")
-    stored = sorted(m.sm.names())
+    def restart_into(binary, k, what):
+        m.argv[0] = binary
+        try:
+            m.restart()
+        except TestFailure:
+            with open(m.sm.log_path, errors="replace") as f:
+                log("".join(f.readlines()[-20:]))
+            raise
+        carried(k, what)
+
+    restart_into(today, 1, "from the format-1 vhubd to today's")
+    # a device today's vhubd adds keeps its fds in its VM's fd-store group
+    # (h-devadd); the planned stop moves them into a group of its own, where
+    # the format-1 vhubd looks for them
+    null = t.enter(QsdNullBackend([m.socket("x.sock")], log_dir=d))
+    vmm.add_device("blk1", null.sockets[0], type="blk")
+    before = listing(c)
+    # today's planned stop: the oldest format that holds the state
     m.sm.send_signal(signal.SIGTERM)
     check_eq(m.sm.wait_exit(), 0, "today's vhubd: a planned restart exits 0")
+    check_eq([n for n in snapshot_names(m) if n.startswith("k")], [],
+             "today's planned stop: no connection's record file left in the store")
+    check_eq(stored_header(m, "S"), (FORMAT_VERSION, 1),
+             "today's planned stop: the daemon's snapshot is readable by format 1")
     m.sm.start([previous] + m.argv[1:])
     try:
-        code = m.sm.wait_exit(5)
+        m.sm.wait_ready()
     except ServiceError:
-        code = None     # still running: it reads today's format
-    if code is None:
-        m.sm.wait_ready()
-        carried(2, "back into the earlier build (it reads today's format)")
-        m.restart()
-        carried(3, "today's again")
-    else:
         with open(m.sm.log_path, errors="replace") as f:
-            text = f.read()
-        check(code != 0 and "needs a newer vhubd" in text,
-              "back into the earlier build: refused (exit %s), the log says why" % code)
-        check_eq(sorted(m.sm.names()), stored, "back into the earlier build: the store untouched")
-        m.sm.start(m.argv)
-        m.sm.wait_ready()
-        carried(2, "today's again after the refusal")
+            log("".join(f.readlines()[-20:]))
+        raise TestFailure("the format-1 vhubd did not start on today's planned stop's store")
+    m.argv[0] = previous
+    carried(2, "back into the format-1 vhubd (a downgrade)")
+    restart_into(today, 3, "today's again")
     vmm.stop_device("blk0")
     vmm.remove_device("blk0")
+    vmm.remove_device("blk1")
     vmm.destroy()
     q.vq.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    log("upgrade and downgrade: %.1f s in all" % (time.monotonic() - started))
+
+
+def part_both(t):
+    """A connection's record both inline in S and in its own file k<id>: a
+    planned stop cut short between writing S and removing the files, or (as
+    here) a start that carried the records from an inline S, wrote their
+    files and crashed before it rewrote S.  The file is as new as the inline
+    copy or newer, so it wins: each connection is carried once, from its
+    file (a subscription made after the inline S was written is kept)."""
+    d = t.tmpdir()
+    m = Managed(t, d)
+    c = t.enter(Client(m.control, timeout=10))
+    watcher = t.enter(Client(m.control, timeout=10))
+    Vmm(c, "vm0").create(linger_ms=LINGER_MS)
+    m.sm.send_signal(signal.SIGTERM)
+    check_eq(m.sm.wait_exit(), 0, "a planned stop exits 0")
+    check_eq(snapshot_names(m), ["S", "s1"], "the planned stop left S (records inline) and the VM's")
+    fd = m.sm.dup("S")
+    inline_s = os.pread(fd, os.fstat(fd).st_size, 0)
+    os.close(fd)
+    check_eq(newest_doc(inline_s)[:2], (FORMAT_VERSION, 1), "the planned stop's S: compat 1")
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    for x in (c, watcher):
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "both connections carried from the inline records")
+    # a change the inline S does not hold, in the watcher's own file
+    watcher.call("events.subscribe", {})
+    watcher.call("daemon.info")
+    m.sm.wait_for(lambda: {"k1", "k2"} <= set(m.sm.names()), 10, "both connections' files")
+    check_eq(stored_header(m, "S"), (FORMAT_VERSION, 2), "the start rewrote S without the records")
+    m.sm.kill()
+    # the crash came before S was rewritten: the planned stop's S is back
+    m.sm.remove("S")
+    fd = os.memfd_create("vhub-snapshot", os.MFD_CLOEXEC)
+    os.write(fd, inline_s)
+    m.sm.put("S", fd)
+    os.close(fd)
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    for x in (c, watcher):
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), 1, "both connections carried (the inline S's count)")
+    Vmm(c, "vm1").create(linger_ms=LINGER_MS)
+    ev = watcher.wait_event(lambda e: e.get("event") == "vm.created", 10)
+    check_eq(ev.get("vm"), "vm1", "the watcher's subscription, in its file only, was carried")
+    check_eq(len([e for e in c.events() + watcher.events() if e.get("event") == "daemon.restarted"]), 0,
+             "each connection carried once: no second daemon.restarted")
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    check_eq(text.count("its own record file is read, not its copy in the daemon's snapshot"), 2,
+             "the log says both inline copies were left to the files")
+    check("did not survive" not in text, "no connection was lost")
+    check_eq(sorted(v["vm"] for v in c.call("vm.list")["vms"]), ["vm0", "vm1"], "the VMs")
+    c.close()
+    watcher.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
+FILING_CONNS = 48
+
+
+def part_filing(t):
+    """A crash just after a start that carried the connections from a planned
+    stop's inline records: the next process files each record again (a new
+    k<id> memfd pushed), and the manager takes the pushes in its own time.
+    The daemon's snapshot keeps the records inline until the store's queue
+    is empty, so a crash meanwhile carries every connection (before: the
+    first S without them came at once, and about half of 48 connections
+    whose files were still queued were lost)."""
+    d = t.tmpdir()
+    m = Managed(t, d)
+    conns = [t.enter(Client(m.control, timeout=10)) for _ in range(FILING_CONNS)]
+    for x in conns:
+        x.call("daemon.info")
+    m.sm.send_signal(signal.SIGTERM)
+    check_eq(m.sm.wait_exit(), 0, "a planned stop exits 0")
+    check_eq(stored_header(m, "S"), (FORMAT_VERSION, 1), "the planned stop's S holds the records")
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    # crash at the first S the new process writes
+    m.sm.wait_for(lambda: stored_header(m, "S")[1] == 2, 10, "the new process's first S")
+    filed = len([n for n in m.sm.names() if n[:1] == "k"])
+    m.sm.kill()
+    log("the crash came with %d of %d connections' files in the store" % (filed, FILING_CONNS))
+    m.sm.start(m.argv)
+    m.sm.wait_ready()
+    # (restart 1's daemon.restarted may not have been written before the
+    # crash: output is carried by a planned restart only)
+    for i, x in enumerate(conns):
+        ev = x.wait_event(lambda e: e.get("event") == "daemon.restarted" and e.get("restarts") == 2, 10)
+        check(ev, "connection %d carried by the start after the crash" % i)
+    check_eq(conns[0].call("daemon.info")["restarts"], 2, "served after both")
+    for x in conns:
+        x.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
 if __name__ == "__main__":
-    run_parts({"read": part_read, "shape": part_shape, "write": part_write, "upgrade": part_upgrade}, "read")
+    run_parts({"read": part_read, "shape": part_shape, "write": part_write, "upgrade": part_upgrade,
+               "both": part_both, "filing": part_filing}, "read")

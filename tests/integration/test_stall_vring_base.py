@@ -15,9 +15,12 @@ index, 31 its wrap counter, each index a position below the ring size.
    largest valid value, 0xffff, is answered as base 65535.
 2. packed ring (RING_PACKED offered by the back-end and acked by the VMM; no
    I/O: only the stop's answer matters): 0xffffffff (index 0x7fff beyond the
-   64-entry ring) and 0x00400000 (used index 64) are violations; 0x80038005
-   (avail 5, wrap 1, used 3, wrap 1) is answered as base 2147713029 -- the
-   whole unsigned value, not a negative number.
+   64-entry ring) and 0x00400000 (used index 64) are violations: device.stop
+   fails the same way, and the device, lost while running with packed rings
+   that cannot be restarted where they stopped, fails (device.failed naming
+   VIRTIO_F_RING_PACKED; test_reconnect_packed.py); each case on a device of
+   its own.  0x80038005 (avail 5, wrap 1, used 3, wrap 1) is answered as base
+   2147713029 -- the whole unsigned value, not a negative number.
 3. another client is answered throughout; the daemon's fds are back at the
    baseline at the end.
 """
@@ -41,9 +44,10 @@ F_RING_PACKED = 1 << 34
 SPLIT = scenarios.BLK_FEATURES & ~(1 << blk.VIRTIO_BLK_F_MQ)
 
 
-def stop_fails(c, vmm, other, tb, name, num, what):
+def stop_fails(c, vmm, other, tb, name, num, what, then="device.reconnected"):
     """GET_VRING_BASE answered with num: device.stop must fail, the device
-    must be lost and restored."""
+    must be lost and restored (then: device.reconnected) or fail
+    (device.failed)."""
     tb.misbehave("GET_VRING_BASE", "refuse", count=1, arg=num)
     try:
         res = vmm.c.call("device.stop", {"vm": vmm.vm, "device": name})
@@ -56,8 +60,15 @@ def stop_fails(c, vmm, other, tb, name, num, what):
         log("%s: %s" % (what, e))
     ev = wait_event(c, "device.disconnected", name)
     check("0x%x" % num in ev.get("reason", ""), "%s: device.disconnected names it" % what, ev)
-    ev = wait_event(c, "device.reconnected", name)
-    check_eq(vmm.device_state(name)["state"], "running", "%s: restored, running" % what)
+    if then == "device.reconnected":
+        ev = wait_event(c, "device.reconnected", name)
+        check_eq(vmm.device_state(name)["state"], "running", "%s: restored, running" % what)
+    else:
+        ev = wait_event(c, "device.failed", name)
+        check("VIRTIO_F_RING_PACKED" in ev.get("reason", ""), "%s: device.failed names packed rings" % what,
+              ev)
+        check_eq(vmm.device_state(name)["state"], "failed", "%s: failed" % what)
+        no_event(c, "device.reconnected", name)
     check("pid" in other.call("daemon.info", timeout=3), "%s: another client is answered" % what)
 
 
@@ -87,13 +98,20 @@ def main(t):
     no_event(c, "device.disconnected", "X")
 
     # ---- packed ----
-    info = vmm.add_device("P", P.socket)
-    check(info["features"] & F_RING_PACKED, "P offers RING_PACKED")
     vq = Virtqueue(mem, size=64, index=0)
     t.defer(vq.close)
-    vmm.start_device("P", SPLIT | F_RING_PACKED, [vq])
-    for num in (0xffffffff, 0x00400000):
-        stop_fails(c, vmm, other, P, "P", num, "packed ring, GET_VRING_BASE 0x%x" % num)
+
+    def packed_device(name):
+        info = vmm.add_device(name, P.socket)
+        check(info["features"] & F_RING_PACKED, "%s offers RING_PACKED" % name)
+        vmm.start_device(name, SPLIT | F_RING_PACKED, [vq])
+
+    for k, num in enumerate((0xffffffff, 0x00400000)):
+        packed_device("P%d" % k)
+        stop_fails(c, vmm, other, P, "P%d" % k, num, "packed ring, GET_VRING_BASE 0x%x" % num,
+                   then="device.failed")
+        vmm.remove_device("P%d" % k)
+    packed_device("P")
     P.misbehave("GET_VRING_BASE", "refuse", count=1, arg=0x80038005)
     check_eq(vmm.stop_device("P"), {0: 0x80038005},
              "packed ring: GET_VRING_BASE 0x80038005 answered as the unsigned value")

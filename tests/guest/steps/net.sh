@@ -20,6 +20,9 @@ until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] &&
 	[ "$i" -lt 100 ] || step_fail "no carrier or no link-local address on $ifc after 10 s"
 	sleep 0.1
 done
+# the virtio features the driver acked: a string of 0/1, bit N at N+1
+feat=$(cat "/sys/class/net/$ifc/device/features" 2>/dev/null)
+packed=$(printf '%s' "$feat" | cut -c35)
 stats=/sys/class/net/$ifc/statistics
 snmp6() { grep "^$1 " /proc/net/snmp6 | tr -s ' ' | cut -d' ' -f2; }
 tx0=$(cat $stats/tx_packets) rx0=$(cat $stats/rx_packets) echos0=$(snmp6 Icmp6InEchos)
@@ -32,4 +35,4 @@ while read -r l; do guest_say "GUEST-LOG $STEP $l"; done </tmp/ping.out
 ip link set "$ifc" down
 errors=$(kmsg_error_count)
 [ "$errors" -eq 0 ] || { kmsg_error_log; step_fail "kernel log has $errors error lines"; }
-step_ok "tx=$((tx1 - tx0)) rx=$((rx1 - rx0)) in_echos=$((echos1 - echos0)) ping_rc=$ping_rc rx_errors=$(cat $stats/rx_errors) tx_errors=$(cat $stats/tx_errors)"
+step_ok "packed=${packed:-?} tx=$((tx1 - tx0)) rx=$((rx1 - rx0)) in_echos=$((echos1 - echos0)) ping_rc=$ping_rc rx_errors=$(cat $stats/rx_errors) tx_errors=$(cat $stats/tx_errors)"

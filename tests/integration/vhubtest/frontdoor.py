@@ -20,7 +20,7 @@ import os
 import stat
 import time
 
-from .client import Timeout
+from .client import Timeout, u64
 from .daemon import Daemon
 from .testing import TestFailure, check, check_eq, log
 
@@ -38,6 +38,9 @@ class Direct:
 
     def release(self, device):
         pass
+
+    def check_acked(self, device, bit, name):
+        """What the driver acked is seen in the guest only (no daemon here)."""
 
 
 class ThroughVhubd:
@@ -108,6 +111,11 @@ class ThroughVhubd:
                 self.seen.append(self.client.wait_event(None, timeout=min(left, 1.0)))
             except Timeout:
                 pass
+
+    def check_acked(self, device, bit, name):
+        """The driver's features, as vhubd relayed them to the back-end."""
+        acked = u64(self.device(device)["acked_features"])
+        check(acked & bit, "%s: device.list's acked_features has %s (0x%x)" % (device, name, acked))
 
     def release(self, device):
         """device.remove: vhubd closes the back-end (virtiofsd then exits)."""

@@ -94,18 +94,20 @@ class FsDevice(Device):
 class NetDevice(Device):
     """-netdev vhost-user + virtio-net-pci; the guest's eth0.
 
-    vectors=0: with MSI-X, QEMU 7.2 under TCG segfaults in vhost_net_start."""
+    vectors=0: with MSI-X, QEMU 7.2 under TCG segfaults in vhost_net_start.
+    packed: offer packed virtqueues (VIRTIO_F_RING_PACKED) to the guest."""
     kind = "net"
 
-    def __init__(self, socket_path, dev_id="net0", mac="52:54:00:00:00:01", chardev_opts=""):
+    def __init__(self, socket_path, dev_id="net0", mac="52:54:00:00:00:01", chardev_opts="", packed=False):
         super().__init__(socket_path, dev_id, chardev_opts)
         self.mac = mac
+        self.packed = packed
 
     def qemu_args(self):
         return self.chardev_args() + [
             "-netdev", "vhost-user,id=%s,chardev=chr-%s" % (self.id, self.id),
-            "-device", "virtio-net-pci,id=dev-%s,netdev=%s,mac=%s,vectors=0"
-            % (self.id, self.id, self.mac)]
+            "-device", "virtio-net-pci,id=dev-%s,netdev=%s,mac=%s,vectors=0%s"
+            % (self.id, self.id, self.mac, ",packed=on" if self.packed else "")]
 
 
 # ---- what the guest says ---------------------------------------------------

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 
-from .testing import Skip, log
+from .testing import Skip, log, user_cache_dir
 
 GUEST_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                           "..", "..", "guest"))
@@ -57,12 +57,7 @@ class GuestImage:
 
 
 def cache_dir():
-    d = os.environ.get("VHUB_GUEST_CACHE")
-    if not d:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(base, "vhub-guest")
-    os.makedirs(d, exist_ok=True)
-    return d
+    return user_cache_dir("VHUB_GUEST_CACHE", "vhub-guest")
 
 
 def prepare(cache=None):

@@ -441,6 +441,15 @@ class ServiceManager:
             self.store.insert(0, StoredFd(name, _fcntl_dupfd(fd, 3), False))
             self.lock.notify_all()
 
+    def remove(self, name):
+        """Drop every stored fd of that name, as FDSTOREREMOVE=1 would (a
+        test rearranging a store between two starts)."""
+        with self.lock:
+            for e in [e for e in self.store if e.name == name]:
+                self.store.remove(e)
+                os.close(e.fd)
+            self.lock.notify_all()
+
     def names(self):
         """Stored names in the order a start passes them (newest first)."""
         with self.lock:

@@ -34,6 +34,17 @@ class TestFailure(AssertionError):
     pass
 
 
+def user_cache_dir(env, name):
+    """A cache kept across runs and build dirs: $<env>, else
+    $XDG_CACHE_HOME/<name>, else ~/.cache/<name> (made if missing)."""
+    d = os.environ.get(env)
+    if not d:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, name)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def run_seed():
     """The run's random seed: $VHUB_TEST_SEED, else one from the time and
     pid (the caller logs it, so a failing run can be replayed)."""
