@@ -65,8 +65,12 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
  * (docs/restart.md, "Versions"): the devices whose fds are in their VM's
  * fd-store group (every one added since the last start) move them into
  * groups of their own, as a format-1 vhubd looks for them -- a push per
- * device, which the stop can afford and a device.add could not.  Their
- * VMs are marked changed; the store is synced by the next commit. */
+ * device, which the stop can afford and a device.add could not.  The fds
+ * leave their VMs' groups only once the manager took the new ones (a
+ * blocking flush, at most VHUB_OWN_GROUPS_FLUSH_MS); else they all stay
+ * (their VMs' snapshots then refuse a format-1 reader).  Their VMs are
+ * marked changed. */
+#define VHUB_OWN_GROUPS_FLUSH_MS 5000
 void vhub_devices_own_groups(struct vhub_context *ctx);
 /* The rest of a device's restore, once every VM and face is back: a device
  * that had a request in flight is lost now (the reconnect path restores it,
