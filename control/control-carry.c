@@ -25,12 +25,15 @@
  * socket).  Since each connection's record is a snapshot file of its own
  * (format 2), the budget is kept as records are written: a record gives
  * back what it was counted before it is counted again (first come, first
- * carried), and when its connection closes.
+ * carried), and when its connection closes.  Each non-root uid whose
+ * records use the pool has an entry, found by hash (a write costs the same
+ * with one uid or thousands), and gone when its use drops to zero.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "control-internal.h"
+#include "vhub-hash.h"
 #include "vhub-snapshot.h"
 
 /* Room for the rest of the daemon's document, which is small (counters). */
@@ -40,7 +43,9 @@
 /* A line at the default bound and the whole output bound, with room. */
 #define CARRY_CONN_MAX          (8u << 20)
 
+/* A non-root uid's use of the pool: in the table while it is above zero. */
 struct carry_uid {
+        struct vhub_hash_node node;
         uid_t uid;
         size_t used;
 };
@@ -51,8 +56,7 @@ struct control_carry {
         size_t non_root;        /* of the pool: every non-root uid */
         size_t pool;
         size_t used_root, used_non_root;
-        struct carry_uid *uids; /* non-root uids' use of the pool */
-        size_t n_uids, cap_uids;
+        struct vhub_hash uids;  /* uid -> struct carry_uid */
 };
 
 struct control_carry *control_carry_new(const struct control_server *s) {
@@ -61,6 +65,10 @@ struct control_carry *control_carry_new(const struct control_server *s) {
 
         if (!b)
                 return NULL;
+        if (vhub_hash_init(&b->uids) < 0) {
+                free(b);
+                return NULL;
+        }
         if (conns == 0)
                 conns = 1;
         /* at most a third of the total is guaranteed, the rest pooled */
@@ -76,37 +84,45 @@ struct control_carry *control_carry_new(const struct control_server *s) {
 void control_carry_free(struct control_carry *b) {
         if (!b)
                 return;
-        free(b->uids);
+        /* records still counted (the server closes every connection first) */
+        for (size_t i = 0; i < b->uids.n_buckets; i++) {
+                struct vhub_hash_node *node = b->uids.buckets[i], *next;
+
+                for (; node; node = next) {
+                        next = node->next;
+                        free(vhub_hash_entry(node, struct carry_uid, node));
+                }
+        }
+        vhub_hash_done(&b->uids);
         free(b);
 }
 
-static struct carry_uid *uid_usage(struct control_carry *b, uid_t uid) {
-        struct carry_uid *u;
-
-        for (size_t i = 0; i < b->n_uids; i++)
-                if (b->uids[i].uid == uid)
-                        return &b->uids[i];
-        if (b->n_uids == b->cap_uids) {
-                size_t cap = b->cap_uids ? b->cap_uids * 2 : 8;
-
-                u = reallocarray(b->uids, cap, sizeof(*u));
-                if (!u)
-                        return NULL;
-                b->uids = u;
-                b->cap_uids = cap;
-        }
-        u = &b->uids[b->n_uids++];
-        *u = (struct carry_uid){ .uid = uid };
-        return u;
+size_t control_carry_uids(const struct control_carry *b) {
+        return b ? b->uids.n : 0;
 }
 
-/* Why a record of n bytes of uid's does not fit (NULL: it does); *ret_u:
- * uid's use of the pool (NULL for root, or a record within its guarantee). */
-static const char *carry_check(struct control_carry *b, uid_t uid, size_t n, size_t extra,
-                               struct carry_uid **ret_u) {
-        struct carry_uid *u;
+/* uid's use of the pool; NULL: none (it uses nothing of it). */
+static struct carry_uid *uid_find(const struct control_carry *b, uid_t uid, uint64_t hash) {
+        struct vhub_hash_node *node;
 
-        *ret_u = NULL;
+        for (node = vhub_hash_first(&b->uids, hash); node; node = vhub_hash_next(node, hash)) {
+                struct carry_uid *u = vhub_hash_entry(node, struct carry_uid, node);
+
+                if (u->uid == uid)
+                        return u;
+        }
+        return NULL;
+}
+
+static uint64_t uid_hash(const struct control_carry *b, uid_t uid) {
+        return vhub_hash_bytes(&b->uids, &uid, sizeof(uid));
+}
+
+/* Why a record of n bytes of uid's, extra of them from the pool, does not
+ * fit (NULL: it does). */
+static const char *carry_check(const struct control_carry *b, uid_t uid, size_t n, size_t extra) {
+        const struct carry_uid *u;
+
         if (n > CARRY_CONN_MAX)
                 return "over what a restart carries of one connection";
         if (extra == 0)
@@ -114,11 +130,8 @@ static const char *carry_check(struct control_carry *b, uid_t uid, size_t n, siz
         if (uid == 0)
                 return b->used_root + b->used_non_root + extra > b->pool
                                ? "over what a restart carries of all connections" : NULL;
-        u = uid_usage(b, uid);
-        if (!u)
-                return "over what a restart carries (out of memory counting it)";
-        *ret_u = u;
-        if (u->used + extra > b->per_uid)
+        u = uid_find(b, uid, uid_hash(b, uid));
+        if ((u ? u->used : 0) + extra > b->per_uid)
                 return "over what a restart carries of one uid's connections";
         if (b->used_non_root + extra > b->non_root || b->used_root + b->used_non_root + extra > b->pool)
                 return "over what a restart carries of non-root uids' connections";
@@ -126,9 +139,7 @@ static const char *carry_check(struct control_carry *b, uid_t uid, size_t n, siz
 }
 
 const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n) {
-        struct carry_uid *u;
-
-        return carry_check(b, uid, n, n > b->guaranteed ? n - b->guaranteed : 0, &u);
+        return carry_check(b, uid, n, n > b->guaranteed ? n - b->guaranteed : 0);
 }
 
 void control_carry_release(struct control_carry *b, uid_t uid, size_t n) {
@@ -142,24 +153,36 @@ void control_carry_release(struct control_carry *b, uid_t uid, size_t n) {
                 b->used_root -= extra;
                 return;
         }
-        u = uid_usage(b, uid);  /* there: it was counted */
-        if (u)
-                u->used -= extra;
         b->used_non_root -= extra;
+        u = uid_find(b, uid, uid_hash(b, uid));        /* there: it was counted */
+        if (u && (u->used -= extra) == 0) {
+                vhub_hash_remove(&b->uids, &u->node);
+                free(u);
+        }
 }
 
 const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n) {
         size_t extra = n > b->guaranteed ? n - b->guaranteed : 0;
+        const char *why = carry_check(b, uid, n, extra);
         struct carry_uid *u;
-        const char *why = carry_check(b, uid, n, extra, &u);
+        uint64_t hash;
 
         if (why || extra == 0)
                 return why;
         if (uid == 0) {
                 b->used_root += extra;
-        } else {
-                u->used += extra;
-                b->used_non_root += extra;
+                return NULL;
         }
+        hash = uid_hash(b, uid);
+        u = uid_find(b, uid, hash);
+        if (!u) {
+                u = calloc(1, sizeof(*u));
+                if (!u)
+                        return "over what a restart carries (out of memory counting it)";
+                u->uid = uid;
+                vhub_hash_insert(&b->uids, &u->node, hash);
+        }
+        u->used += extra;
+        b->used_non_root += extra;
         return NULL;
 }

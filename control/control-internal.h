@@ -181,6 +181,9 @@ const char *control_carry_admit(struct control_carry *b, uid_t uid, size_t n);
  * bytes: not worth writing if this refuses it). */
 const char *control_carry_refuses(struct control_carry *b, uid_t uid, size_t n);
 void control_carry_release(struct control_carry *b, uid_t uid, size_t n);
+/* How many uids it keeps an entry for: those whose records use the pool
+ * now (an entry goes when its uid's use drops to zero). */
+size_t control_carry_uids(const struct control_carry *b);
 
 /* Answer a request: result (stolen) or error. */
 void control_req_result(struct control_req *req, json_t *result);

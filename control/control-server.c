@@ -19,6 +19,7 @@
 #include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhu-fd.h"
@@ -315,7 +316,7 @@ static void batch_run_free(struct batch_run *r) {
         struct control_conn *c = r->conn;
 
         c->run = NULL;
-        event_free(r->ev);
+        vhub_event_freep(&r->ev);
         rpc_fds_clear(&r->fds);
         json_decref(r->elements);
         free(r);
@@ -411,7 +412,7 @@ static void batch_start(struct control_conn *c, json_t *msg, struct rpc_fds *fds
         }
         r->b = control_batch_new(c, msg, c->srv->opts.limits.max_out_bytes, &err);
         if (!r->b) {
-                event_free(r->ev);
+                vhub_event_freep(&r->ev);
                 free(r);
                 control_req_error(&req, &err);
                 return;
@@ -945,12 +946,9 @@ struct control_server *control_server_free(struct control_server *s) {
         control_carry_free(s->carry);
         if (s->sink_added)
                 vhub_context_remove_sink(s->ctx, &s->sink);
-        if (s->ev_accept)
-                event_free(s->ev_accept);
-        if (s->ev_accept_retry)
-                event_free(s->ev_accept_retry);
-        if (s->ev_trim)
-                event_free(s->ev_trim);
+        vhub_event_freep(&s->ev_accept);
+        vhub_event_freep(&s->ev_accept_retry);
+        vhub_event_freep(&s->ev_trim);
         s->spare_fd = vhu_safe_close(s->spare_fd);
         json_decref(s->discover);
         if (s->path)

@@ -22,6 +22,7 @@
 #include "rpc-conn.h"
 #include "vhub-frame.h"
 #include "vhu-fd.h"
+#include "vhub-loop.h"
 
 #include <errno.h>
 #include <event2/event.h>
@@ -861,18 +862,11 @@ int rpc_conn_flush_now(struct rpc_conn *c) {
 /* ---- life cycle ------------------------------------------------------- */
 
 static void really_free(struct rpc_conn *c) {
-        if (c->read_ev)
-                event_free(c->read_ev);
-        c->read_ev = NULL;      /* fds_dropped() looks: the owner is not told */
-        if (c->write_ev)
-                event_free(c->write_ev);
-        if (c->close_ev)
-                event_free(c->close_ev);
-        if (c->line_ev)
-                event_free(c->line_ev);
-        c->line_ev = NULL;      /* in_drop() below looks */
-        if (c->resume_ev)
-                event_free(c->resume_ev);
+        vhub_event_freep(&c->read_ev);      /* fds_dropped() looks: the owner is not told */
+        vhub_event_freep(&c->write_ev);
+        vhub_event_freep(&c->close_ev);
+        vhub_event_freep(&c->line_ev);      /* in_drop() below looks */
+        vhub_event_freep(&c->resume_ev);
         c->processing = 0;
         in_drop(c);
         vhub_frame_out_done(&c->out);

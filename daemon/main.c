@@ -21,6 +21,7 @@
 #include "vhub-eventfd.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-restart.h"
 #include "vhub-sd.h"
 #include "vhub-signals.h"
@@ -311,8 +312,7 @@ out:
         m.sd = vhub_sd_free(m.sd);
         /* last: a signal during the teardown still finds its handler */
         m.signals = vhub_signals_free(m.signals);
-        if (m.ev_deadline)
-                event_free(m.ev_deadline);
+        vhub_event_freep(&m.ev_deadline);
         if (m.base)
                 event_base_free(m.base);
         free(m.control_path);

@@ -8,6 +8,7 @@
 
 #include "vhub-backend-channel.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-time.h"
 #include "vhu-fd.h"
 #include "vhu-socket.h"
@@ -339,14 +340,10 @@ unsigned vhub_backend_channel_queued_fds(const struct vhub_backend_channel *ch) 
 struct vhub_backend_channel *vhub_backend_channel_free(struct vhub_backend_channel *ch) {
         if (!ch)
                 return NULL;
-        if (ch->ev_read)
-                event_free(ch->ev_read);
-        if (ch->ev_write)
-                event_free(ch->ev_write);
-        if (ch->ev_deadline)
-                event_free(ch->ev_deadline);
-        if (ch->ev_flow)
-                event_free(ch->ev_flow);
+        vhub_event_freep(&ch->ev_read);
+        vhub_event_freep(&ch->ev_write);
+        vhub_event_freep(&ch->ev_deadline);
+        vhub_event_freep(&ch->ev_flow);
         if (ch->flow != FLOW_OPEN)
                 channel_paused(ch, false);
         vhu_reader_reset(&ch->reader);

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "vhub-backend-conn.h"
+#include "vhub-loop.h"
 #include "vhub-time.h"
 #include "vhu-fd.h"
 #include "vhu-socket.h"
@@ -157,14 +158,10 @@ static void bconn_timer_cb(evutil_socket_t fd, short what, void *userdata) {
 }
 
 static void bconn_free_now(struct vhub_bconn *c) {
-        if (c->ev_read)
-                event_free(c->ev_read);
-        if (c->ev_write)
-                event_free(c->ev_write);
-        if (c->ev_timer)
-                event_free(c->ev_timer);
-        if (c->ev_lost)
-                event_free(c->ev_lost);
+        vhub_event_freep(&c->ev_read);
+        vhub_event_freep(&c->ev_write);
+        vhub_event_freep(&c->ev_timer);
+        vhub_event_freep(&c->ev_lost);
         vhu_reader_reset(&c->reader);
         vhu_writer_set_fds_hook(&c->writer, NULL, NULL); /* its owner is going too */
         vhu_writer_clear(&c->writer);

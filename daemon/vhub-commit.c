@@ -9,6 +9,7 @@
 #include "vhub-context.h"
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-snapshot.h"
 #include "vhub-vm.h"
@@ -35,8 +36,7 @@ int vhub_commit_setup(struct vhub_context *ctx) {
 void vhub_commit_done(struct vhub_context *ctx) {
         if (!ctx->ev_commit)
                 return;
-        event_free(ctx->ev_commit);
-        ctx->ev_commit = NULL;
+        vhub_event_freep(&ctx->ev_commit);
         vhub_snap_writer_done(&ctx->snap_writer);
 }
 

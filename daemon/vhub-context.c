@@ -101,8 +101,14 @@ void vhub_context_emit(struct vhub_context *ctx, const struct vhub_event *ev) {
         if (ev->vm) {
                 stamped.uid = ev->vm->uid;
                 /* what an event tells changed its VM (the context's own:
-                 * events carry it const for the sinks) */
-                vhub_changed(ctx, (struct vhub_vm *)ev->vm);
+                 * events carry it const for the sinks) -- but a back-end's
+                 * requests, which it sends at will (one VM snapshot per
+                 * message, on the loop every VM shares) and which change
+                 * nothing a snapshot records: a config change, a request
+                 * forwarded to the owner (an awaited one's token and wait
+                 * mark the VM themselves, vhub_vm_new_token()) */
+                if (ev->type != VHUB_EV_CONFIG_CHANGED && ev->type != VHUB_EV_BACKEND_REQUEST)
+                        vhub_changed(ctx, (struct vhub_vm *)ev->vm);
         }
         for (sink = TAILQ_FIRST(&ctx->sinks); sink; sink = next) {
                 next = TAILQ_NEXT(sink, link);

@@ -214,9 +214,12 @@ static int breq_forward(struct vhub_device *d, struct vhub_backend_channel *ch, 
         ev.fields[n++] = (struct vhub_event_field){ "need_reply", need_reply };
         ev.n_fields = n;
         vhub_context_emit(d->vm->ctx, &ev);
-        /* without NEED_REPLY the back-end waits for nothing */
-        if (need_reply)
+        /* without NEED_REPLY the back-end waits for nothing; a wait is
+         * in the device's record (the event marked nothing) */
+        if (need_reply) {
                 vhub_backend_channel_defer(ch, m, DEFER_OWNER, ev.token);
+                vhub_changed(d->vm->ctx, d->vm);
+        }
         return BREQ_ANSWERED;
 }
 

@@ -58,6 +58,7 @@
 #include "vhub-cred.h"
 #include "vhub-device-internal.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-socket-watch.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
@@ -625,10 +626,8 @@ void device_link_resume_outage(struct vhub_device *d, unsigned left_ms) {
 /* The device is being freed: nothing here is used again. */
 void device_link_done(struct vhub_device *d) {
         device_drop_connection(d);
-        if (d->ev_listen)
-                event_free(d->ev_listen);
-        if (d->ev_reconnect)
-                event_free(d->ev_reconnect);
+        vhub_event_freep(&d->ev_listen);
+        vhub_event_freep(&d->ev_reconnect);
         device_stop_watching(d);
         device_fd_untrack(d, d->listen_fd, "listen");
         d->listen_fd = vhu_safe_close(d->listen_fd);

@@ -347,54 +347,48 @@ struct device_rec {
         uint64_t reconnect_left_ms;
 };
 
-static int read_u32_max(const struct vhub_snap_rec *rec, uint32_t max, uint32_t *ret) {
-        int r = vhub_snap_get_u32(rec, ret);
-
-        return r < 0 ? r : *ret > max ? -EBADMSG : 0;
-}
+#define LS(type, member) VHUB_SNAP_FIELD(type, struct vhub_backend_listener_state, member)
+static const struct vhub_snap_field listener_fields[] = {
+        [LS_NAME] = LS(STR, name),               [LS_DEV] = LS(U64, dev),
+        [LS_INO] = LS(U64, ino),                 [LS_CTIME_SEC] = LS(I64, ctime_sec),
+        [LS_CTIME_NSEC] = LS(I64, ctime_nsec),
+};
 
 static int read_listener(const struct vhub_snap_rec *rec, struct vhub_backend_listener_state *st) {
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
         int r = vhub_snap_enter(rec, &it);
 
-        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case LS_NAME: r = vhub_snap_get_str(&x, st->name, sizeof(st->name)); break;
-                case LS_DEV: r = vhub_snap_get_u64(&x, &st->dev); break;
-                case LS_INO: r = vhub_snap_get_u64(&x, &st->ino); break;
-                case LS_CTIME_SEC: r = vhub_snap_get_i64(&x, &st->ctime_sec); break;
-                case LS_CTIME_NSEC: r = vhub_snap_get_i64(&x, &st->ctime_nsec); break;
-                default: r = vhub_snap_unknown(&x); break;
-                }
-        }
+        while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0)
+                if ((r = VHUB_SNAP_GET_FIELD(listener_fields, &x, st)) == 0)
+                        r = vhub_snap_unknown(&x);
         return r;
 }
+
+#define RING(type, member) VHUB_SNAP_FIELD(type, struct vhub_vring, member)
+static const struct vhub_snap_field ring_fields[] = {
+        [R_CONFIGURED] = RING(BOOL, configured), [R_SIZE] = RING(U32, size), [R_BASE] = RING(U32, base),
+        [R_DESC] = RING(U64, desc), [R_AVAIL] = RING(U64, avail), [R_USED] = RING(U64, used),
+        [R_LOSS_AVAIL] = RING(U16, loss_avail), [R_LOSS_USED] = RING(U16, loss_used),
+        [R_LOSS_READ] = RING(BOOL, loss_read),
+};
 
 static int read_ring(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
         struct vhub_fd_key kick = { 0 }, call = { 0 }, err = { 0 };
         struct vhub_vring v = { .kick_fd = -1, .call_fd = -1, .err_fd = -1 };
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
-        uint32_t u = 0;
         bool have_index = false;
         int r = vhub_snap_enter(rec, &it);
 
         while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
+                if ((r = VHUB_SNAP_GET_FIELD(ring_fields, &x, &v)) != 0)
+                        continue;
                 switch (x.tag) {
                 case R_INDEX: r = vhub_snap_get_u32(&x, &v.index); have_index = true; break;
-                case R_CONFIGURED: r = vhub_snap_get_bool(&x, &v.configured); break;
-                case R_SIZE: r = vhub_snap_get_u32(&x, &v.size); break;
-                case R_DESC: r = vhub_snap_get_u64(&x, &v.desc); break;
-                case R_AVAIL: r = vhub_snap_get_u64(&x, &v.avail); break;
-                case R_USED: r = vhub_snap_get_u64(&x, &v.used); break;
-                case R_BASE: r = vhub_snap_get_u32(&x, &v.base); break;
                 case R_KICK: r = vhub_snap_get_key(&x, &kick); break;
                 case R_CALL: r = vhub_snap_get_key(&x, &call); break;
                 case R_ERR: r = vhub_snap_get_key(&x, &err); break;
-                case R_LOSS_AVAIL: r = read_u32_max(&x, UINT16_MAX, &u); v.loss_avail = (uint16_t)u; break;
-                case R_LOSS_USED: r = read_u32_max(&x, UINT16_MAX, &u); v.loss_used = (uint16_t)u; break;
-                case R_LOSS_READ: r = vhub_snap_get_bool(&x, &v.loss_read); break;
                 default: r = vhub_snap_unknown(&x); break;
                 }
         }
@@ -420,6 +414,17 @@ static int read_ring(struct vhub_device *d, struct vhub_fd_claim *claim, const s
         return 0;
 }
 
+#define ST(type, member) VHUB_SNAP_FIELD(type, struct vhub_device_stats, member)
+static const struct vhub_snap_field stats_fields[] = {
+        [ST_REQUESTS] = ST(U64, requests),                 [ST_REPLIES] = ST(U64, replies),
+        [ST_TIMEOUTS] = ST(U64, timeouts),                 [ST_LOSSES] = ST(U64, losses),
+        [ST_BACKEND_REQUESTS] = ST(U64, backend_requests), [ST_EVENTFD_SKIPPED] = ST(U64, eventfd_skipped),
+        [ST_HANDSHAKE_USEC] = ST(U64, handshake_usec),     [ST_RESTORE_USEC] = ST(U64, restore_usec),
+        [ST_RESTORED] = ST(BOOL, restored),                [ST_LOST] = ST(BOOL, lost),
+        [ST_LAST_LOSS_REALTIME] = ST(U64, last_loss_realtime_usec),
+        [ST_LAST_LOSS_REASON] = ST(STR, last_loss_reason),
+};
+
 static int read_stats(struct vhub_device *d, const struct vhub_snap_rec *rec) {
         struct vhub_device_stats *st = &d->stats;
         struct vhub_snap_iter it;
@@ -428,26 +433,12 @@ static int read_stats(struct vhub_device *d, const struct vhub_snap_rec *rec) {
         int r = vhub_snap_enter(rec, &it);
 
         while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case ST_REQUESTS: r = vhub_snap_get_u64(&x, &st->requests); break;
-                case ST_REPLIES: r = vhub_snap_get_u64(&x, &st->replies); break;
-                case ST_TIMEOUTS: r = vhub_snap_get_u64(&x, &st->timeouts); break;
-                case ST_LOSSES: r = vhub_snap_get_u64(&x, &st->losses); break;
-                case ST_BACKEND_REQUESTS: r = vhub_snap_get_u64(&x, &st->backend_requests); break;
-                case ST_EVENTFD_SKIPPED: r = vhub_snap_get_u64(&x, &st->eventfd_skipped); break;
-                case ST_HANDSHAKE_USEC: r = vhub_snap_get_u64(&x, &st->handshake_usec); break;
-                case ST_RESTORE_USEC: r = vhub_snap_get_u64(&x, &st->restore_usec); break;
-                case ST_RESTORED: r = vhub_snap_get_bool(&x, &st->restored); break;
-                case ST_LOST: r = vhub_snap_get_bool(&x, &st->lost); break;
-                case ST_LAST_LOSS_REALTIME: r = vhub_snap_get_u64(&x, &st->last_loss_realtime_usec); break;
-                case ST_LAST_LOSS_REASON:
-                        r = vhub_snap_get_str(&x, st->last_loss_reason, sizeof(st->last_loss_reason));
-                        break;
-                case ST_STATE_AGO_USEC:
-                        r = vhub_snap_get_u64(&x, &a);
+                if ((r = VHUB_SNAP_GET_FIELD(stats_fields, &x, st)) != 0)
+                        continue;
+                if (x.tag != ST_STATE_AGO_USEC) {
+                        r = vhub_snap_unknown(&x);
+                } else if ((r = vhub_snap_get_u64(&x, &a)) >= 0) {
                         st->state_since_usec = vhub_now_usec() - a;
-                        break;
-                default: r = vhub_snap_unknown(&x); break;
                 }
         }
         return r;
@@ -459,22 +450,60 @@ static uint64_t since(uint64_t ago_usec) {
         return ago_usec && ago_usec < now ? now - ago_usec : 0;
 }
 
+/* The device's scalars, by tag (the rest: read_fields()). */
+#define DEV(type, member, ...) VHUB_SNAP_FIELD(type, struct vhub_device, member, __VA_ARGS__)
+static const struct vhub_snap_field device_fields[] = {
+        [D_TYPE] = DEV(STR, type),
+        [D_MODE] = DEV(U32, mode, VHUB_SNAP_UPTO(VHUB_DEV_MODE_SERVER)),
+        [D_FACE] = DEV(U32, face, VHUB_SNAP_UPTO(_VHUB_FACE_MAX - 1)),
+        [D_RECONNECT_MS] = DEV(U32, reconnect_ms),
+        [D_REQUESTED_QUEUES] = DEV(U32, requested_queues),
+        [D_STATE] = DEV(U32, state, VHUB_SNAP_UPTO(_VHUB_DEV_STATE_MAX - 1)),
+        [D_STATE_BEFORE_LOSS] = DEV(U32, state_before_loss, VHUB_SNAP_UPTO(_VHUB_DEV_STATE_MAX - 1)),
+        [D_RECONNECT_DELAY_MS] = DEV(U32, reconnect_delay_ms),
+        [D_RECONNECTS] = DEV(U32, reconnects),
+        [D_OUTAGE_FAILURES] = DEV(U32, outage_failures),
+        [D_HANDSHAKEN] = DEV(BOOL, handshaken),
+        [D_FEATURES] = DEV(U64, features),
+        [D_PROTOCOL_FEATURES] = DEV(U64, protocol_features),
+        [D_ACKED_FEATURES] = DEV(U64, acked_features),
+        [D_BACKEND_QUEUE_NUM] = DEV(U32, backend_queue_num),
+        [D_QUEUES] = DEV(U32, queues, VHUB_SNAP_UPTO(VHUB_MAX_QUEUES)),
+        [D_MAX_MEM_SLOTS] = DEV(U32, max_mem_slots),
+        [D_INFLIGHT_SIZE] = DEV(U64, inflight_size),
+        [D_INFLIGHT_QUEUE_SIZE] = DEV(U16, inflight_queue_size),
+        [D_MEM_SYNCED] = DEV(BOOL, mem_synced),
+};
+
+/* What the record says before anything is made of it, by tag. */
+#define REC(type, member, ...) VHUB_SNAP_FIELD(type, struct device_rec, member, __VA_ARGS__)
+static const struct vhub_snap_field record_fields[] = {
+        [D_ID] = REC(U64, id),
+        [D_NAME] = REC(STR, name),
+        [D_BUSY] = REC(BOOL, busy),
+        [D_REMOVING] = REC(BOOL, removing),
+        [D_VMM_CONNECTED] = REC(BOOL, vmm_connected),
+        [D_RECONNECT_LEFT_MS] = REC(U64, reconnect_left_ms, VHUB_SNAP_SEEN(struct device_rec, reconnect_armed)),
+};
+
 /* The record's scalars into d and rec; rings and stats after, once the
  * number of queues is known. */
 static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhub_snap_iter *it) {
         struct vhub_snap_iter again = *it;
         struct vhub_snap_rec x;
-        uint32_t u;
         uint64_t a;
         int r = 0;
         char buf[4096];
 
         while ((r = vhub_snap_next(&again, &x)) > 0) {
-                u = 0;
+                if ((r = VHUB_SNAP_GET_FIELD(device_fields, &x, d)) != 0 ||
+                    (r = VHUB_SNAP_GET_FIELD(record_fields, &x, rec)) != 0) {
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
                 a = 0;
                 switch (x.tag) {
-                case D_ID: r = vhub_snap_get_u64(&x, &rec->id); break;
-                case D_NAME: r = vhub_snap_get_str(&x, rec->name, sizeof(rec->name)); break;
                 case D_PATH:
                         r = vhub_snap_get_str(&x, buf, sizeof(buf));
                         if (r >= 0) {
@@ -483,41 +512,14 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                                 r = rec->path ? 0 : -ENOMEM;
                         }
                         break;
-                case D_TYPE: r = vhub_snap_get_str(&x, d->type, sizeof(d->type)); break;
-                case D_MODE: r = read_u32_max(&x, VHUB_DEV_MODE_SERVER, &u); d->mode = u; break;
-                case D_FACE: r = read_u32_max(&x, _VHUB_FACE_MAX - 1, &u); d->face = u; break;
-                case D_RECONNECT_MS: r = vhub_snap_get_u32(&x, &u); d->reconnect_ms = u; break;
-                case D_REQUESTED_QUEUES: r = vhub_snap_get_u32(&x, &u); d->requested_queues = u; break;
-                case D_STATE: r = read_u32_max(&x, _VHUB_DEV_STATE_MAX - 1, &u); d->state = u; break;
-                case D_STATE_BEFORE_LOSS:
-                        r = read_u32_max(&x, _VHUB_DEV_STATE_MAX - 1, &u);
-                        d->state_before_loss = u;
-                        break;
-                case D_BUSY: r = vhub_snap_get_bool(&x, &rec->busy); break;
-                case D_REMOVING: r = vhub_snap_get_bool(&x, &rec->removing); break;
-                case D_VMM_CONNECTED: r = vhub_snap_get_bool(&x, &rec->vmm_connected); break;
                 case D_SOCK: r = vhub_snap_get_key(&x, &rec->sock); rec->has_sock = true; break;
                 case D_CHAN: r = vhub_snap_get_key(&x, &rec->chan); rec->has_chan = true; break;
                 case D_LISTEN: r = vhub_snap_get_key(&x, &rec->listen); rec->has_listen = true; break;
                 case D_DIRFD: r = vhub_snap_get_key(&x, &rec->dirfd); rec->has_dirfd = true; break;
                 case D_INFLIGHT: r = vhub_snap_get_key(&x, &rec->inflight); rec->has_inflight = true; break;
                 case D_LISTENER: r = read_listener(&x, &rec->listener); rec->has_listener = true; break;
-                case D_RECONNECT_DELAY_MS: r = vhub_snap_get_u32(&x, &u); d->reconnect_delay_ms = u; break;
-                case D_RECONNECT_LEFT_MS:
-                        r = vhub_snap_get_u64(&x, &rec->reconnect_left_ms);
-                        rec->reconnect_armed = true;
-                        break;
-                case D_RECONNECTS: r = vhub_snap_get_u32(&x, &u); d->reconnects = u; break;
                 case D_OUTAGE_AGO_USEC: r = vhub_snap_get_u64(&x, &a); d->outage_usec = since(a); break;
-                case D_OUTAGE_FAILURES: r = vhub_snap_get_u32(&x, &u); d->outage_failures = u; break;
                 case D_RESTORED_AGO_USEC: r = vhub_snap_get_u64(&x, &a); d->restored_usec = since(a); break;
-                case D_HANDSHAKEN: r = vhub_snap_get_bool(&x, &d->handshaken); break;
-                case D_FEATURES: r = vhub_snap_get_u64(&x, &d->features); break;
-                case D_PROTOCOL_FEATURES: r = vhub_snap_get_u64(&x, &d->protocol_features); break;
-                case D_ACKED_FEATURES: r = vhub_snap_get_u64(&x, &d->acked_features); break;
-                case D_BACKEND_QUEUE_NUM: r = vhub_snap_get_u32(&x, &u); d->backend_queue_num = u; break;
-                case D_QUEUES: r = read_u32_max(&x, VHUB_MAX_QUEUES, &u); d->queues = u; break;
-                case D_MAX_MEM_SLOTS: r = vhub_snap_get_u32(&x, &u); d->max_mem_slots = u; break;
                 case D_SHMEM_SIZES: {
                         size_t n = 0;
 
@@ -525,16 +527,10 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         d->n_shmem = (unsigned)n;
                         break;
                 }
-                case D_INFLIGHT_SIZE: r = vhub_snap_get_u64(&x, &d->inflight_size); break;
-                case D_INFLIGHT_QUEUE_SIZE:
-                        r = read_u32_max(&x, UINT16_MAX, &u);
-                        d->inflight_queue_size = (uint16_t)u;
-                        break;
                 case D_SHADOW:
                         r = get_u64_array(&x, &d->shadow, &d->n_shadow);
                         d->cap_shadow = d->n_shadow;
                         break;
-                case D_MEM_SYNCED: r = vhub_snap_get_bool(&x, &d->mem_synced); break;
                 case D_CRED: r = vhub_snap_get_cred(&x, &d->cred); rec->has_cred = true; break;
                 case D_VM_GROUP: r = vhub_snap_get_bool(&x, &rec->vm_group); break;
                 case D_RING:

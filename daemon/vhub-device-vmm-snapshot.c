@@ -310,39 +310,35 @@ static int read_vmm_ring(struct vhub_device *d, struct vhub_fd_claim *claim, con
         return 0;
 }
 
+/* The session's plain records, by tag (a size or a record present: its
+ * request was made). */
+#define SESSION(type, member, ...) VHUB_SNAP_FIELD(type, struct vhub_device_vmm, member, __VA_ARGS__)
+#define SESSION_SEEN(flag) VHUB_SNAP_SEEN(struct vhub_device_vmm, flag)
+static const struct vhub_snap_field session_fields[] = {
+        [V_FEATURES] = SESSION(U64, features, SESSION_SEEN(features_set)),
+        [V_STATUS] = SESSION(U64, status, SESSION_SEEN(status_set)),
+        [V_MTU] = SESSION(U64, mtu, SESSION_SEEN(mtu_set)),
+        [V_LOG_SIZE] = SESSION(U64, log.mmap_size, SESSION_SEEN(log_set)),
+        [V_LOG_OFFSET] = SESSION(U64, log.mmap_offset),
+        [V_INFLIGHT_SIZE] = SESSION(U64, inflight.mmap_size, SESSION_SEEN(inflight_set)),
+        [V_INFLIGHT_OFFSET] = SESSION(U64, inflight.mmap_offset),
+        [V_INFLIGHT_QUEUES] = SESSION(U16, inflight.num_queues),
+        [V_INFLIGHT_QUEUE_SIZE] = SESSION(U16, inflight.queue_size),
+};
+
 int vmm_carry_restore(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
         struct vhub_device_vmm *s = d->vmm;
         struct vhub_mem_table t;
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
-        uint32_t u = 0;
         int log_fd = -1, r = vhub_snap_enter(rec, &it);
 
         vhub_mem_table_init(&t);
         while (r >= 0 && (r = vhub_snap_next(&it, &x)) > 0) {
-                u = 0;
+                if ((r = VHUB_SNAP_GET_FIELD(session_fields, &x, s)) != 0)
+                        continue;
                 switch (x.tag) {
-                case V_FEATURES: r = vhub_snap_get_u64(&x, &s->features); s->features_set = true; break;
-                case V_STATUS: r = vhub_snap_get_u64(&x, &s->status); s->status_set = true; break;
-                case V_MTU: r = vhub_snap_get_u64(&x, &s->mtu); s->mtu_set = true; break;
-                case V_LOG_SIZE: r = vhub_snap_get_u64(&x, &s->log.mmap_size); s->log_set = true; break;
-                case V_LOG_OFFSET: r = vhub_snap_get_u64(&x, &s->log.mmap_offset); break;
                 case V_LOG_FD: r = claim_key(claim, &x, &log_fd); break;
-                case V_INFLIGHT_SIZE:
-                        r = vhub_snap_get_u64(&x, &s->inflight.mmap_size);
-                        s->inflight_set = true;
-                        break;
-                case V_INFLIGHT_OFFSET: r = vhub_snap_get_u64(&x, &s->inflight.mmap_offset); break;
-                case V_INFLIGHT_QUEUES:
-                        r = vhub_snap_get_u32(&x, &u);
-                        s->inflight.num_queues = (uint16_t)u;
-                        r = r < 0 ? r : u > UINT16_MAX ? -EBADMSG : 0;
-                        break;
-                case V_INFLIGHT_QUEUE_SIZE:
-                        r = vhub_snap_get_u32(&x, &u);
-                        s->inflight.queue_size = (uint16_t)u;
-                        r = r < 0 ? r : u > UINT16_MAX ? -EBADMSG : 0;
-                        break;
                 case V_REGION: r = read_region(&t, claim, &x); break;
                 case V_RING: r = read_vmm_ring(d, claim, &x); break;
                 case V_CONFIG: r = read_config(s, &x); break;

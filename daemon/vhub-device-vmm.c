@@ -20,6 +20,7 @@
 #include "vhub-device-vmm-internal.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhu-fd.h"
@@ -81,10 +82,8 @@ static int session_alloc(struct vhub_device *d) {
         s->ev_deadline = evtimer_new(d->vm->ctx->base, vmm_deadline_cb, d);
         s->ev_reopen = evtimer_new(d->vm->ctx->base, vmm_reopen_cb, d);
         if (!s->ev_deadline || !s->ev_reopen) {
-                if (s->ev_deadline)
-                        event_free(s->ev_deadline);
-                if (s->ev_reopen)
-                        event_free(s->ev_reopen);
+                vhub_event_freep(&s->ev_deadline);
+                vhub_event_freep(&s->ev_reopen);
                 free(s);
                 return -ENOMEM;
         }
@@ -245,8 +244,8 @@ void vmm_session_free(struct vhub_device *d) {
         if (s->face_ops)
                 s->face_ops->gone(s->face);
         vmm_records_clear(d);
-        event_free(s->ev_deadline);
-        event_free(s->ev_reopen);
+        vhub_event_freep(&s->ev_deadline);
+        vhub_event_freep(&s->ev_reopen);
         free(s->rings);
         free(s->socket_path);
         free(s);

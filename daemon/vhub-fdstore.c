@@ -25,6 +25,7 @@
 
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-snapshot.h"
 #include "vhub-time.h"
 #include "vhu-fd.h"
@@ -95,7 +96,9 @@ TAILQ_HEAD(fds_queue, fds_msg);
  * the stash's writing end is kept while the group changes, and a member
  * added is sent into it (one sendmsg()); a member removed stays in the
  * stash as a dead one (nothing sent: a restore closes what no snapshot
- * claims), unless it is a socket, whose peer must see it close now.  The
+ * claims), unless it is a socket, whose peer must see it close now (or
+ * by the sweep, if the stash was rebuilt less than STASH_SWEEP_MS ago: a
+ * peer churning sockets costs a rebuild a sweep, not one a socket).  The
  * stash is compacted -- rebuilt with the members alone, as before -- once
  * it holds STASH_DEAD_MAX dead fds or STASH_APPENDS_MAX appended messages,
  * and by the sweep, STASH_SWEEP_MS after a removal (what a dead fd holds,
@@ -133,6 +136,7 @@ struct fds_group {
         size_t dead;                    /* fds in the stash that are members no more */
         size_t appends;                 /* messages sent into the stash since it was built */
         uint64_t changed_usec;          /* its last change (the sweep) */
+        uint64_t rebuilt_usec;          /* its stash's last rebuild (0: first pushed as it is) */
         TAILQ_ENTRY(fds_group) hot_link; /* on s->hot while it keeps wend */
         char name[];
 };
@@ -808,12 +812,9 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 free(g);
         }
         free(s->groups.buckets);
-        if (s->ev_sync)
-                event_free(s->ev_sync);
-        if (s->ev_sweep)
-                event_free(s->ev_sweep);
-        if (s->ev_write)
-                event_free(s->ev_write);
+        vhub_event_freep(&s->ev_sync);
+        vhub_event_freep(&s->ev_sweep);
+        vhub_event_freep(&s->ev_write);
         s->sock = vhu_safe_close(s->sock);
         vhub_snap_file_close(&s->alias_file);
         vhub_snap_writer_done(&s->alias_writer);
@@ -1188,6 +1189,8 @@ static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group
  * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
 static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         struct fds_entry *e = entry_find(s, g->name);
+        /* a rebuild, not a first push (may_leave_dead()) */
+        uint64_t rebuilt_usec = e ? vhub_now_usec() : 0;
         int fd = -1, wend = -1, r;
 
         group_cool(s, g);
@@ -1217,6 +1220,7 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         }
         entry_store_fd(s, e, 0, fd);
         vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
+        g->rebuilt_usec = rebuilt_usec;
         if (wend >= 0 && e->state == ENTRY_STORED) {
                 g->wend = wend;
                 TAILQ_INSERT_TAIL(&s->hot, g, hot_link);
@@ -1387,16 +1391,23 @@ static bool socket_connected(int fd) {
 }
 
 /* Whether member i may stay in the stash as a dead fd when it leaves (see
- * STASH_*): not a socket (its peer must see it close when the daemon
- * closes it) unless the owner closes it right after (closing) and it is a
- * connected socket, which the caller then shuts down; and no live member
- * shares its key (a restore claims by key). */
+ * STASH_*): no live member shares its key (a restore claims by key), and
+ * not a socket -- its peer must see it close when the daemon closes it --
+ * unless the owner closes it right after (closing) and it is connected:
+ * the caller shuts it down, so its peer sees the end at once (a device's
+ * connection and channel at its removal: no compaction per device.remove);
+ * or unless the stash was rebuilt (not first pushed) less than
+ * STASH_SWEEP_MS ago: then the sweep compacts it soon (a peer churning
+ * sockets -- a VMM sending SET_BACKEND_REQ_FD, reconnecting -- had its
+ * group rebuilt through the manager per socket; now once per sweep, or per
+ * STASH_DEAD_MAX). */
 static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i, bool closing) {
         struct stat st;
 
         if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0)
                 return false;
-        if (S_ISSOCK(st.st_mode) && !(closing && socket_connected(g->fds[i])))
+        if (S_ISSOCK(st.st_mode) && !(closing && socket_connected(g->fds[i])) &&
+            vhub_now_usec() - g->rebuilt_usec >= STASH_SWEEP_MS * 1000ull)
                 return false;
         for (size_t j = 0; j < g->n; j++)
                 if (j != i && g->keys[j].dev == g->keys[i].dev && g->keys[j].ino == g->keys[i].ino &&

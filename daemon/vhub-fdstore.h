@@ -35,7 +35,8 @@
  * change is applied once per loop iteration: a new member is appended to
  * the stored stash through its writing end, kept while the group changes
  * (the manager hears nothing); a member that leaves stays in it as a dead
- * fd, unless it is a socket; a stash is compacted (rebuilt: remove, push)
+ * fd, unless it is a socket (then, within 250 ms of the stash's last
+ * rebuild, until the sweep); a stash is compacted (rebuilt: remove, push)
  * when it holds too many dead fds or appended messages, shortly after a
  * removal, and whenever appending cannot be used (see vhub-fdstore.c).
  * After a restart vhub_fdstore_take_group() reads a stash back: the fds in

@@ -240,6 +240,31 @@ static void request_check(const struct vhub_device *d, struct vhub_vmm_request *
         }
 }
 
+/*
+ * A ring's addresses are the VMM's own, translated through its memory table
+ * (unless behind an IOMMU: IOVAs): each area must be in it when the ring is
+ * set, or the back-end could not reach it (libvhost-user drops its
+ * connection at once: "Invalid vring_addr message") and no restore could
+ * read the ring.  QEMU 7.2 sends such addresses when it restarts a disk on
+ * a connection it never set up again (docs/front-door.md, "Not done").
+ * Checked as the request runs: the table is the one of the requests before.
+ */
+static void ring_addr_check(const struct vhub_device *d, struct vhub_vmm_request *q) {
+        const struct vhu_vring_addr *a = &q->msg.payload.addr;
+        uint8_t desc[16], area[4];
+
+        if (q->close || q->msg.hdr.request != VHU_REQ_SET_VRING_ADDR || features_iommu(d->acked_features))
+                return;
+        /* a descriptor, and the flags and index of the driver and device
+         * areas: what a restore reads (vmm_read_guest) */
+        if (vmm_read_guest(d, a->desc, desc, sizeof(desc)) == 0 &&
+            vmm_read_guest(d, a->avail, area, sizeof(area)) == 0 && vmm_read_guest(d, a->used, area, sizeof(area)) == 0)
+                return;
+        q->close = true;
+        snprintf(q->close_why, sizeof(q->close_why), "SET_VRING_ADDR for ring %u outside the VMM's memory table",
+                 a->index);
+}
+
 /* The daemon keeps a dup of what a VMM sends (regions, eventfds): like a
  * JSON-RPC client, a VMM may make it hold no more than its uid's budget
  * (vhub-fd-budget.h).  Past it the VMM is closed: nothing it sends next
@@ -642,6 +667,7 @@ void passthrough_answer_from_state(struct vhub_device *d, struct vhub_op *op) {
 
         if (q->answered)
                 return;
+        ring_addr_check(d, q);
         if (q->close) {
                 answer_close(d, op, "%s", q->close_why);
                 return;
@@ -787,6 +813,9 @@ int passthrough_stage(struct vhub_device *d, struct vhub_op *op) {
         case VMM_FORWARD:
                 break;
         }
+        ring_addr_check(d, q);
+        if (q->close)
+                return OP_STAGE_DONE; /* answered with close */
         return forward(d, op) < 0 ? op->result : OP_STAGE_NEXT;
 }
 

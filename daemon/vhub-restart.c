@@ -14,6 +14,7 @@
 #include "vhub-fdstore.h"
 #include "vhub-frontdoor.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-model-snapshot.h"
 #include "vhub-restart.h"
 #include "vhub-snapshot.h"
@@ -509,8 +510,7 @@ void vhub_restart_free(struct vhubd *v) {
         if (!rs)
                 return;
         state_free_loaded(rs);
-        if (rs->ev_poll)
-                event_free(rs->ev_poll);
+        vhub_event_freep(&rs->ev_poll);
         free(rs);
         v->restart = NULL;
 }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-sd.h"
 #include "vhub-time.h"
 
@@ -47,8 +48,7 @@ int vhub_sd_new(struct event_base *base, struct vhub_sd **ret) {
 struct vhub_sd *vhub_sd_free(struct vhub_sd *sd) {
         if (!sd)
                 return NULL;
-        if (sd->ev_watchdog)
-                event_free(sd->ev_watchdog);
+        vhub_event_freep(&sd->ev_watchdog);
         free(sd);
         return NULL;
 }

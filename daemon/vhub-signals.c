@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-signals.h"
 #include "vhub-time.h"
 
@@ -89,7 +90,7 @@ static int watch(struct vhub_signals *s, struct event_base *base, int sig) {
         if (!ev)
                 return -ENOMEM;
         if (evsignal_add(ev, NULL) < 0) {
-                event_free(ev);
+                vhub_event_freep(&ev);
                 return -EINVAL;
         }
         s->events[s->n_events++] = ev;
@@ -134,7 +135,7 @@ struct vhub_signals *vhub_signals_free(struct vhub_signals *s) {
         if (!s)
                 return NULL;
         for (size_t i = 0; i < s->n_events; i++)
-                event_free(s->events[i]);
+                vhub_event_freep(&s->events[i]);
         free(s->events);
         free(s);
         return NULL;

@@ -512,32 +512,82 @@ int vhub_snap_enter(const struct vhub_snap_rec *rec, struct vhub_snap_iter *ret)
         return 0;
 }
 
-int vhub_snap_get_u64(const struct vhub_snap_rec *rec, uint64_t *ret) {
-        if (rec->kind != VHUB_SNAP_U64 || rec->len != 8)
-                return -EBADMSG;
-        *ret = get_le64(rec->value);
+/* Records into fields (vhub_snap_get_field()'s rows; the typed getters are
+ * rows of their own, at offset 0 of what they fill). */
+
+/* v into the field of type at at, in the host's order. */
+static void field_store(void *at, uint8_t type, uint64_t v) {
+        uint32_t u32 = (uint32_t) v;
+        uint16_t u16 = (uint16_t) v;
+        bool b = v != 0;
+
+        switch (type) {
+        case VHUB_SNAP_FIELD_U32: memcpy(at, &u32, sizeof(u32)); break;
+        case VHUB_SNAP_FIELD_U16: memcpy(at, &u16, sizeof(u16)); break;
+        case VHUB_SNAP_FIELD_BOOL: memcpy(at, &b, sizeof(b)); break;
+        default: memcpy(at, &v, sizeof(v)); break;     /* U64, I64 */
+        }
+}
+
+static int get_text(const struct vhub_snap_rec *rec, unsigned kind, char *buf, size_t size);
+
+/* rec into the field f names in obj (its seen flag set): 0, or -EBADMSG
+ * (another kind, over its bound), -ENAMETOOLONG, the field left as it was. */
+static int field_read(const struct vhub_snap_field *f, const struct vhub_snap_rec *rec, void *obj) {
+        static const unsigned kind_of[] = {
+                [VHUB_SNAP_FIELD_U64] = VHUB_SNAP_U64,   [VHUB_SNAP_FIELD_I64] = VHUB_SNAP_I64,
+                [VHUB_SNAP_FIELD_U32] = VHUB_SNAP_U32,   [VHUB_SNAP_FIELD_U16] = VHUB_SNAP_U32,
+                [VHUB_SNAP_FIELD_BOOL] = VHUB_SNAP_BOOL,
+        };
+        char *at = (char *) obj + f->off;
+        uint64_t v = 0;
+        int r;
+
+        if (f->type == VHUB_SNAP_FIELD_STR) {
+                r = get_text(rec, VHUB_SNAP_STR, at, f->size);
+                if (r < 0)
+                        return r;
+        } else {
+                /* the parser checked the value's size, but a record a
+                 * caller made up is not trusted either */
+                if (rec->kind != kind_of[f->type] || check_value(rec->kind, rec->value, rec->len) < 0)
+                        return -EBADMSG;
+                for (uint32_t i = rec->len; i > 0; i--)
+                        v = v << 8 | rec->value[i - 1];         /* little-endian */
+                if ((f->bounded && v > f->max) || (f->type == VHUB_SNAP_FIELD_U16 && v > UINT16_MAX))
+                        return -EBADMSG;
+                field_store(at, f->type, v);
+        }
+        if (f->seen)
+                *(bool *) ((char *) obj + f->seen - 1) = true;
         return 0;
+}
+
+int vhub_snap_get_field(const struct vhub_snap_field *t, size_t n, const struct vhub_snap_rec *rec, void *obj) {
+        int r;
+
+        if (rec->tag >= n || t[rec->tag].type == VHUB_SNAP_FIELD_NONE)
+                return 0;
+        r = field_read(&t[rec->tag], rec, obj);
+        return r < 0 ? r : 1;
+}
+
+#define GETTER(type_) (&(const struct vhub_snap_field){ .type = VHUB_SNAP_FIELD_##type_ })
+
+int vhub_snap_get_u64(const struct vhub_snap_rec *rec, uint64_t *ret) {
+        return field_read(GETTER(U64), rec, ret);
 }
 
 int vhub_snap_get_i64(const struct vhub_snap_rec *rec, int64_t *ret) {
-        if (rec->kind != VHUB_SNAP_I64 || rec->len != 8)
-                return -EBADMSG;
-        *ret = (int64_t) get_le64(rec->value);
-        return 0;
+        return field_read(GETTER(I64), rec, ret);
 }
 
 int vhub_snap_get_u32(const struct vhub_snap_rec *rec, uint32_t *ret) {
-        if (rec->kind != VHUB_SNAP_U32 || rec->len != 4)
-                return -EBADMSG;
-        *ret = get_le32(rec->value);
-        return 0;
+        return field_read(GETTER(U32), rec, ret);
 }
 
 int vhub_snap_get_bool(const struct vhub_snap_rec *rec, bool *ret) {
-        if (rec->kind != VHUB_SNAP_BOOL || rec->len != 1 || rec->value[0] > 1)
-                return -EBADMSG;
-        *ret = rec->value[0] == 1;
-        return 0;
+        return field_read(GETTER(BOOL), rec, ret);
 }
 
 static int get_text(const struct vhub_snap_rec *rec, unsigned kind, char *buf, size_t size) {

@@ -159,6 +159,57 @@ int vhub_snap_get_str(const struct vhub_snap_rec *rec, char *buf, size_t size);
 int vhub_snap_get_fdname(const struct vhub_snap_rec *rec, char *buf, size_t size);
 int vhub_snap_get_bytes(const struct vhub_snap_rec *rec, const void **ret, size_t *ret_len);
 
+/*
+ * A record read into a field of an object by a table, so that a new
+ * serialized field is one row.  A table is indexed by tag (its rows
+ * designated: [D_ID] = VHUB_SNAP_FIELD(U64, struct vhub_device, id)); a tag
+ * without a row is the caller's.  The row macro checks at compile time that
+ * the member is as big as the type says.
+ */
+enum vhub_snap_field_type {
+        VHUB_SNAP_FIELD_NONE = 0,       /* no row */
+        VHUB_SNAP_FIELD_U64,            /* a U64 record into a uint64_t */
+        VHUB_SNAP_FIELD_I64,            /* an I64 record into an int64_t */
+        VHUB_SNAP_FIELD_U32,            /* a U32 record into a 4-byte unsigned or enum */
+        VHUB_SNAP_FIELD_U16,            /* a U32 record up to UINT16_MAX into a uint16_t */
+        VHUB_SNAP_FIELD_BOOL,           /* a BOOL record into a bool */
+        VHUB_SNAP_FIELD_STR,            /* a STR record into a char array, NUL-terminated */
+};
+
+struct vhub_snap_field {
+        uint8_t type;                   /* enum vhub_snap_field_type */
+        bool bounded;                   /* U32: a value above max is -EBADMSG */
+        uint32_t max;
+        size_t off, size;               /* the member (STR: the array) */
+        size_t seen;                    /* 1 + the offset of a bool set when read; 0: none */
+};
+
+#define VHUB_SNAP_FIELD_SIZE_U64        8
+#define VHUB_SNAP_FIELD_SIZE_I64        8
+#define VHUB_SNAP_FIELD_SIZE_U32        4
+#define VHUB_SNAP_FIELD_SIZE_U16        2
+#define VHUB_SNAP_FIELD_SIZE_BOOL       sizeof(bool)
+#define VHUB_SNAP_FIELD_SIZE_STR        0       /* any */
+/* sizeof(member) of struct obj, which must be size (0: any) or not compile */
+#define VHUB_SNAP_MEMBER_SIZE(obj, member, size)                                       \
+        (sizeof(((obj *)0)->member) +                                                   \
+         0 * sizeof(char[(size) == 0 || (size) == sizeof(((obj *)0)->member) ? 1 : -1]))
+/* The row: a record of type_ into member of struct obj; then optionally
+ * VHUB_SNAP_UPTO(max), VHUB_SNAP_SEEN(obj, flag). */
+#define VHUB_SNAP_FIELD(type_, obj, member, ...)                                       \
+        { .type = VHUB_SNAP_FIELD_##type_, .off = offsetof(obj, member),               \
+          .size = VHUB_SNAP_MEMBER_SIZE(obj, member, VHUB_SNAP_FIELD_SIZE_##type_), __VA_ARGS__ }
+#define VHUB_SNAP_UPTO(m)               .bounded = true, .max = (m)
+#define VHUB_SNAP_SEEN(obj, flag)       .seen = 1 + offsetof(obj, flag) + 0 * VHUB_SNAP_MEMBER_SIZE(obj, flag, sizeof(bool))
+
+/* rec into obj by table t of n rows: 1 (read; its seen flag set), 0 (no
+ * row for its tag: obj untouched), -EBADMSG (another kind, over its bound),
+ * -ENAMETOOLONG (a string longer than its array); on failure the field is
+ * left as it was. */
+int vhub_snap_get_field(const struct vhub_snap_field *t, size_t n, const struct vhub_snap_rec *rec, void *obj);
+#define VHUB_SNAP_GET_FIELD(table, rec, obj) \
+        vhub_snap_get_field(table, sizeof(table) / sizeof((table)[0]), rec, obj)
+
 /* ---- snapshot files (memfds) */
 
 struct vhub_snap_file {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "vhub-hash.h"
+#include "vhub-loop.h"
 #include "vhub-socket-watch.h"
 #include "vhu-fd.h"
 
@@ -88,9 +89,7 @@ static struct watch_dir *dir_find(const struct vhub_socket_watcher *w, int wd) {
 
 /* Nothing is watched any more: hold no fd for it. */
 static void watcher_close(struct vhub_socket_watcher *w) {
-        if (w->ev)
-                event_free(w->ev);
-        w->ev = NULL;
+        vhub_event_freep(&w->ev);
         w->fd = vhu_safe_close(w->fd);
 }
 

@@ -43,7 +43,7 @@ enum {
         /* added within format 1 (an older reader skips them) */
         VM_CRED_UID,            /* its credentials' uid, when not VM_UID (root's, for a VM
                                  * root made for another uid); VM_GID and VM_GROUPS go with it */
-        VM_NEXT_TOKEN,          /* the last back-end request token it gave out */
+        VM_NEXT_TOKEN,          /* no back-end request token it gave out is past it */
         _VM_TAG_NEXT
 };
 
@@ -65,7 +65,8 @@ int vhub_vm_serialize(const struct vhub_vm *vm, struct vhub_snap_writer *w) {
                 vhub_snap_put_u32(w, VM_CRED_UID, (uint32_t)vm->cred.uid);
         vhub_snap_put_u32(w, VM_GID, (uint32_t)vm->cred.gid);
         vhub_snap_put_groups(w, VM_GROUPS, &vm->cred);
-        vhub_snap_put_u64(w, VM_NEXT_TOKEN, vm->next_token);
+        /* the count reserved ahead: the next process starts past every token given out */
+        vhub_snap_put_u64(w, VM_NEXT_TOKEN, vm->token_reserved > vm->next_token ? vm->token_reserved : vm->next_token);
         if (vm->owner) {
                 vhub_snap_put_u32(w, VM_OWNER_FACE, vm->owner->face);
                 vhub_snap_put_u64(w, VM_OWNER_ID, vm->owner->id);
@@ -234,43 +235,30 @@ static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const st
         return vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
 }
 
-/* The VM's own records (not its children) into vm. */
+/* The VM's own records (not its children), by tag. */
+#define VM(type, member, ...) VHUB_SNAP_FIELD(type, struct vhub_vm, member, __VA_ARGS__)
+static const struct vhub_snap_field vm_fields[] = {
+        [VM_OWNER_FACE] = VM(U32, restore_owner_face, VHUB_SNAP_UPTO(_VHUB_FACE_MAX - 1),
+                             VHUB_SNAP_SEEN(struct vhub_vm, restore_owned)),
+        [VM_OWNER_ID] = VM(U64, restore_owner_id),
+        [VM_LINGER_MS] = VM(U64, linger_ms),
+        [VM_LINGER_LEFT_MS] = VM(U64, restore_linger_left_ms, VHUB_SNAP_SEEN(struct vhub_vm, restore_linger)),
+        [VM_DESTROYING] = VM(BOOL, destroying),
+        [VM_NEXT_TOKEN] = VM(U64, next_token),
+        [VM_POSTCOPY] = VM(U32, postcopy, VHUB_SNAP_UPTO(VHUB_VM_POSTCOPY_LISTENING)),
+};
+
+/* The VM's own records into vm (the rest are read by vhub_vm_restore(), or
+ * its children). */
 static int read_vm(struct vhub_vm *vm, const struct vhub_snap_doc *doc) {
         struct vhub_snap_iter it;
         struct vhub_snap_rec x;
-        uint32_t u = 0;
         int r;
 
         vhub_snap_doc_iter(doc, &it);
-        while ((r = vhub_snap_next(&it, &x)) > 0) {
-                switch (x.tag) {
-                case VM_OWNER_FACE:
-                        r = vhub_snap_get_u32(&x, &u);
-                        if (r >= 0 && u >= _VHUB_FACE_MAX)
-                                r = -EBADMSG;
-                        vm->restore_owner_face = u;
-                        vm->restore_owned = true;
-                        break;
-                case VM_OWNER_ID: r = vhub_snap_get_u64(&x, &vm->restore_owner_id); break;
-                case VM_LINGER_MS: r = vhub_snap_get_u64(&x, &vm->linger_ms); break;
-                case VM_LINGER_LEFT_MS:
-                        r = vhub_snap_get_u64(&x, &vm->restore_linger_left_ms);
-                        vm->restore_linger = true;
-                        break;
-                case VM_DESTROYING: r = vhub_snap_get_bool(&x, &vm->destroying); break;
-                case VM_NEXT_TOKEN: r = vhub_snap_get_u64(&x, &vm->next_token); break;
-                case VM_POSTCOPY:
-                        r = vhub_snap_get_u32(&x, &u);
-                        if (r >= 0 && u > VHUB_VM_POSTCOPY_LISTENING)
-                                r = -EBADMSG;
-                        vm->postcopy = u;
-                        break;
-                default:
-                        break;  /* read by vhub_vm_restore(), or its children */
-                }
-                if (r < 0)
+        while ((r = vhub_snap_next(&it, &x)) > 0)
+                if ((r = VHUB_SNAP_GET_FIELD(vm_fields, &x, vm)) < 0)
                         return r;
-        }
         return r;
 }
 

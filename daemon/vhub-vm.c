@@ -21,6 +21,7 @@
 #include "vhub-context.h"
 #include "vhub-device.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhost-user.h"
@@ -211,8 +212,7 @@ struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, 
         vm->linger_timer = evtimer_new(ctx->base, vm_linger_expired, vm);
         if (!vm->linger_timer || vhub_hash_init(&vm->devices_by_name) < 0 ||
             vhub_cred_copy(cred, &vm->cred) < 0) {
-                if (vm->linger_timer)
-                        event_free(vm->linger_timer);
+                vhub_event_freep(&vm->linger_timer);
                 vhub_hash_done(&vm->devices_by_name);
                 vhub_cred_done(&vm->cred);
                 free(vm);
@@ -222,7 +222,7 @@ struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, 
 }
 
 void vhub_vm_discard(struct vhub_vm *vm) {
-        event_free(vm->linger_timer);
+        vhub_event_freep(&vm->linger_timer);
         vhub_snap_file_close(&vm->snap);
         vhub_mem_table_done(&vm->mem);
         vhub_shared_table_done(&vm->shared);
@@ -329,7 +329,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         vhub_context_counts_changed(vm->ctx);
         vhub_commit_vm_gone(vm);
         vm_log(vm, LOG_INFO, "VM destroyed");
-        event_free(vm->linger_timer);
+        vhub_event_freep(&vm->linger_timer);
         for (size_t i = 0; i < vm->shared.n; i++)
                 vm_shared_untrack(vm, &vm->shared.objects[i]);
         vhub_shared_table_done(&vm->shared);
@@ -463,8 +463,11 @@ int vhub_vm_check_no_front_door(const struct vhub_vm *vm, const char *what, stru
 }
 
 uint64_t vhub_vm_new_token(struct vhub_vm *vm) {
-        vm->next_token++;
-        vhub_changed(vm->ctx, vm);
+        if (++vm->next_token > vm->token_reserved) {
+                /* a restored VM's starts at 0: its first token reserves */
+                vm->token_reserved = vm->next_token + VHUB_VM_TOKEN_RESERVE;
+                vhub_changed(vm->ctx, vm);
+        }
         return vm->next_token;
 }
 

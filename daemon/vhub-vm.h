@@ -98,6 +98,7 @@ struct vhub_vm {
         uint64_t linger_ms;             /* 0: destroyed when its connection closes */
         uint64_t next_token;            /* back-end requests forwarded or deferred: the VM's
                                          * own count, so that no uid sees another's */
+        uint64_t token_reserved;        /* no token goes past it: what its snapshot holds */
         struct event *linger_timer;
         uint64_t linger_deadline_usec;  /* CLOCK_MONOTONIC: when it fires, while armed */
 
@@ -202,9 +203,12 @@ int vhub_vm_attach(struct vhub_vm *vm, const struct vhub_owner *owner, const str
                    struct vhub_error *err);
 
 /* A back-end request token of vm's, never one it gave out before -- across
- * restarts and crashes too: the count is in its snapshot, committed before
- * anyone can see the token (after the current callback, before the loop
- * writes to a socket). */
+ * restarts and crashes too: its snapshot holds a count no token went past,
+ * committed before anyone can see the token (after the current callback,
+ * before the loop writes to a socket).  That count is reserved ahead, so
+ * that the VM's snapshot is written once per VHUB_VM_TOKEN_RESERVE tokens,
+ * not per token: a back-end sends requests at will (docs/restart.md). */
+#define VHUB_VM_TOKEN_RESERVE 1024u
 uint64_t vhub_vm_new_token(struct vhub_vm *vm);
 
 /* region->fd is taken in every case (closed on failure). */

@@ -35,6 +35,7 @@
 #include "vhub-fd-claim.h"
 #include "vhub-fd-track.h"
 #include "vhub-log.h"
+#include "vhub-loop.h"
 #include "vhub-snapshot.h"
 #include "vhub-vmm-channel.h"
 #include "vhub-vmm-conn.h"
@@ -330,6 +331,12 @@ static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
         if (r > 0) {
                 vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
                 vd->relay_count++;
+        } else if (r == 0 && !vhub_vmm_channel_at_rest(vd->channel)) {
+                /* not all written (the VMM does not read its channel): what
+                 * waits in the writer would be lost with a crash that
+                 * carries the session; nothing else may write the snapshot
+                 * soon (a relay's token costs none) */
+                vd_leave_rest(vd);
         }
         return r;
 }
@@ -540,8 +547,7 @@ static void vd_free(struct vhub_vmm_device *vd) {
         vd->sock = vd_socket_remove(vd);
         if (vd->list)
                 TAILQ_REMOVE(vd->list, vd, link);
-        if (vd->ev_rest)
-                event_free(vd->ev_rest);
+        vhub_event_freep(&vd->ev_rest);
         free(vd);
 }
 

@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "vhub-loop.h"
 #include "vhub-vmm-listener.h"
 #include "vhu-fd.h"
 
@@ -26,10 +27,8 @@ struct vhub_vmm_listener {
 };
 
 static void listener_free_now(struct vhub_vmm_listener *l) {
-        if (l->ev_accept)
-                event_free(l->ev_accept);
-        if (l->ev_resume)
-                event_free(l->ev_resume);
+        vhub_event_freep(&l->ev_accept);
+        vhub_event_freep(&l->ev_resume);
         if (l->fd >= 0)
                 l->fd = vhu_safe_close(l->fd);
         free(l);

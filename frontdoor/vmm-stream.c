@@ -10,6 +10,7 @@
 #include "vmm-clock.h"
 #include "vmm-stream.h"
 #include "vhu-fd.h"
+#include "vhub-loop.h"
 
 /* A stream is only ever silenced once started: its events are all there. */
 void vmm_stream_silence(struct vmm_stream *s) {
@@ -195,14 +196,10 @@ void *vmm_stream_new_owner(size_t size, struct event_base *base, int fd, const c
 }
 
 void vmm_stream_done(struct vmm_stream *s) {
-        if (s->ev_read)
-                event_free(s->ev_read);
-        if (s->ev_write)
-                event_free(s->ev_write);
-        if (s->ev_timer)
-                event_free(s->ev_timer);
-        if (s->ev_lost)
-                event_free(s->ev_lost);
+        vhub_event_freep(&s->ev_read);
+        vhub_event_freep(&s->ev_write);
+        vhub_event_freep(&s->ev_timer);
+        vhub_event_freep(&s->ev_lost);
         /* its owner is going: it counts what it held itself */
         vhu_reader_set_fds_hook(&s->reader, NULL, NULL);
         vhu_writer_set_fds_hook(&s->writer, NULL, NULL);

@@ -32,11 +32,22 @@ ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_check
 UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
         run_suite "$asan" -Db_sanitize=address,undefined -Db_lundef=false || status=1
 
-python3 - "$plain/meson-logs/testlog.json" "$asan/meson-logs/testlog.json" <<'PY' || status=1
+# restart-upgrade builds the format-1 vhubd from this tree's git history:
+# a checkout without that history (an exported tree, a shallow clone) cannot
+# run it.  Only then is its skip accepted, and said so; any other skip fails.
+format1=$(PYTHONPATH=tests/integration python3 -c 'from vhubtest.previous import FORMAT_1_COMMIT; print(FORMAT_1_COMMIT)')
+no_history=""
+if ! git -C . cat-file -e "$format1^{commit}" 2>/dev/null; then
+        no_history="restart-upgrade"
+        echo "NOTE: no git history of $format1 here: restart-upgrade cannot build the format-1 vhubd; its skip is accepted"
+fi
+
+python3 - "$no_history" "$plain/meson-logs/testlog.json" "$asan/meson-logs/testlog.json" <<'PY' || status=1
 import json, sys
 passed = failed = skipped = 0
-skips, fails = [], []
-for path in sys.argv[1:]:
+skips, fails, accepted = [], [], []
+may_skip = set(sys.argv[1].split()) if sys.argv[1] else set()
+for path in sys.argv[2:]:
     try:
         lines = open(path).read().splitlines()
     except OSError:
@@ -51,12 +62,16 @@ for path in sys.argv[1:]:
         res = t.get("result")
         if res in ("OK", "EXPECTEDFAIL"):
             passed += 1
+        elif res == "SKIP" and t["name"].split(" / ")[-1] in may_skip:
+            accepted.append(name)
         elif res == "SKIP":
             skipped += 1
             skips.append(name)
         else:
             failed += 1
             fails.append(f"{name} ({res})")
+if accepted:
+    print(f"SKIPPED, accepted (no git history to build from) ({len(accepted)}): " + ", ".join(accepted))
 if skips:
     print(f"SKIPPED ({len(skips)}): " + ", ".join(skips))
 if fails:

@@ -3,7 +3,8 @@
  * What a restart carries of the control connections (control/control-carry.c):
  * every record up to the guaranteed size fits whatever others carry, one
  * non-root uid gets at most a quarter of the pool, non-root uids together
- * leave root its quarter, and no record is over the per-connection bound.
+ * leave root its quarter, and no record is over the per-connection bound;
+ * a uid's entry goes when its records no longer use the pool.
  */
 #include "control-internal.h"
 #include "vhub-check.h"
@@ -64,6 +65,37 @@ int main(void) {
         for (int i = 0; i < 4096; i++)
                 CHECK(control_carry_admit(b, 65534, 4 * KIB) == NULL);
         control_carry_free(b);
+
+        /* many uids' connections come and go: each uid above its guarantee
+         * has an entry while its records use the pool, none after */
+        b = budget(256);
+        for (int round = 0; round < 3; round++) {
+                for (uid_t u = 2000; u < 2400; u++)
+                        CHECK(control_carry_admit(b, u, 80 * KIB) == NULL);
+                CHECK(control_carry_uids(b) == 400);
+                /* a refused record and a guaranteed one make no entry */
+                CHECK(control_carry_refuses(b, 5000, MIB) == NULL);
+                CHECK(control_carry_admit(b, 5001, 9 * MIB) != NULL);
+                CHECK(control_carry_admit(b, 5002, 4 * KIB) == NULL);
+                CHECK(control_carry_uids(b) == 400);
+                for (uid_t u = 2000; u < 2400; u++)
+                        control_carry_release(b, u, 80 * KIB);
+                control_carry_release(b, 5002, 4 * KIB);
+                CHECK(control_carry_uids(b) == 0);
+        }
+        /* a uid's entry stays while any of its records uses the pool */
+        CHECK(control_carry_admit(b, 3000, MIB) == NULL);
+        CHECK(control_carry_admit(b, 3000, MIB) == NULL);
+        control_carry_release(b, 3000, MIB);
+        CHECK(control_carry_uids(b) == 1);
+        control_carry_release(b, 3000, MIB);
+        CHECK(control_carry_uids(b) == 0);
+        /* what was given back is there again: the uid's whole share */
+        carried = 0;
+        while (carried < 64 && control_carry_admit(b, 3000, MIB) == NULL)
+                carried++;
+        CHECK(carried == 8);
+        control_carry_free(b);      /* with entries left: freed (valgrind) */
 
         printf("ok\n");
         return 0;

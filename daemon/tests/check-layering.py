@@ -6,7 +6,8 @@
 - a face includes none of the model's private headers (*-internal.h);
 - the front door's transport (frontdoor/vhub-vmm-{conn,channel,listener},
   vmm-stream: what a hostile VMM talks to) includes nothing of the model;
-- protocol/ includes nothing of the project outside itself.
+- protocol/ includes nothing of the project outside itself;
+- loop/ (libevent helpers every layer shares) includes nothing of the project.
 
 Usage: check-layering.py SOURCE_ROOT.  Prints each violation; exit 1 if any.
 """
@@ -63,6 +64,10 @@ def main(root):
         for h in includes(os.path.join(protocol, f)):
             if h not in protocol_headers:
                 bad.append("protocol/%s includes %s, which is not protocol/'s" % (f, h))
+    loop = os.path.join(root, "loop")
+    for f in sources(loop):
+        for h in includes(os.path.join(loop, f)):
+            bad.append("loop/%s includes %s: it must include nothing of the project" % (f, h))
     for b in bad:
         print(b)
     print("%d violations" % len(bad))

@@ -813,8 +813,6 @@ static void test_groups(const char *dir) {
                 CHECK_EQ(vhub_fdstore_group_add(s, "d1", d), 0);
                 event_base_loop(base, EVLOOP_NONBLOCK);
                 expect_quiet(&m);
-                /* a socket leaving is not left in the stash (its peer must
-                 * see it close): the stash is rebuilt at once */
                 CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
                 CHECK_EQ(vhub_fdstore_group_add(s, "d1", sp[0]), 0);
                 event_base_loop(base, EVLOOP_NONBLOCK);
@@ -827,6 +825,32 @@ static void test_groups(const char *dir) {
                       same_file(got[3], sp[0]));
                 for (size_t i = 0; i < n; i++)
                         close(got[i]);
+                /* a socket is not left in the stash (its peer must see it
+                 * close), unless the stash was rebuilt less than 250 ms
+                 * ago (the sweep's compaction above): a peer churning
+                 * sockets gets a rebuild per sweep, not per socket */
+                {
+                        int sq[2];
+
+                        CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sq), 0);
+                        CHECK_EQ(vhub_fdstore_group_add(s, "d1", sq[0]), 0);
+                        event_base_loop(base, EVLOOP_NONBLOCK);
+                        CHECK_EQ(vhub_fdstore_group_remove(s, "d1", sq[0]), 0);
+                        close(sq[0]);
+                        event_base_loop(base, EVLOOP_NONBLOCK);
+                        expect_quiet(&m);
+                        /* the sweep: compacted, and the peer sees the end */
+                        usleep(400 * 1000);
+                        event_base_loop(base, EVLOOP_NONBLOCK);
+                        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+                        mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
+                        CHECK_EQ(mgr_pump(&m, base, 50), 1);
+                        CHECK_EQ(read(sq[1], got, 1), 0);
+                        close(sq[1]);
+                }
+                /* 250 ms after the last rebuild: a socket leaving has the
+                 * stash rebuilt at once */
+                usleep(300 * 1000);
                 CHECK_EQ(vhub_fdstore_group_remove(s, "d1", sp[0]), 0);
                 CHECK_EQ(vhub_fdstore_group_remove(s, "d1", d), 0);
                 event_base_loop(base, EVLOOP_NONBLOCK);
@@ -875,7 +899,8 @@ static void test_groups(const char *dir) {
         close(c);
         event_base_free(base);
         printf("ok: groups: one stash per group, in order, rebuilt once per loop turn, appended to, dead fds "
-               "compacted by the sweep, a socket leaving rebuilt at once, removed when empty\n");
+               "compacted by the sweep, a socket leaving rebuilt at once (by the sweep within 250 ms of a "
+               "rebuild), removed when empty\n");
 }
 
 /* A group comes back after a restart: its fds in order with their keys,

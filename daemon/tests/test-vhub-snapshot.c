@@ -690,6 +690,97 @@ static void test_fixture(const char *path) {
         printf("ok: the version-1 fixture %s reads\n", path);
 }
 
+/* Records read into an object by a field table (vhub_snap_get_field()). */
+struct fields {
+        uint64_t u64;
+        int64_t i64;
+        uint32_t u32, bounded;
+        enum { E_A, E_B, E_C } e;
+        uint16_t u16;
+        bool b, seen;
+        char str[8];
+};
+
+#define F(type, member, ...) VHUB_SNAP_FIELD(type, struct fields, member, __VA_ARGS__)
+static const struct vhub_snap_field field_table[] = {
+        [1] = F(U64, u64), [2] = F(I64, i64), [3] = F(U32, u32),
+        [4] = F(U32, bounded, VHUB_SNAP_UPTO(7), VHUB_SNAP_SEEN(struct fields, seen)),
+        [5] = F(U32, e, VHUB_SNAP_UPTO(E_C)), [6] = F(U16, u16), [7] = F(BOOL, b), [8] = F(STR, str),
+        /* [9]: no row; 10 is past the table */
+};
+
+/* Each record of a one-level document of w through the table into f: what
+ * vhub_snap_get_field() returned, one after another, into ret[]. */
+static void read_fields(struct vhub_snap_writer *w, struct fields *f, int *ret, size_t n) {
+        struct vhub_snap_doc doc;
+        struct vhub_snap_iter it;
+        struct vhub_snap_rec x;
+        const void *buf;
+        size_t len, i = 0;
+
+        CHECK_EQ(vhub_snap_finish(w, 1, &buf, &len), 0);
+        CHECK_EQ(vhub_snap_parse(buf, len, &doc, NULL), 0);
+        vhub_snap_doc_iter(&doc, &it);
+        while (vhub_snap_next(&it, &x) > 0) {
+                CHECK(i < n);
+                ret[i++] = VHUB_SNAP_GET_FIELD(field_table, &x, f);
+        }
+        CHECK_EQ(i, n);
+        vhub_snap_writer_reset(w);
+}
+
+static void test_field_table(void) {
+        struct vhub_snap_writer w;
+        struct fields f = { .u16 = 5 }, was;
+        int r[10];
+
+        vhub_snap_writer_init(&w);
+        vhub_snap_put_u64(&w, 1, UINT64_MAX - 1);
+        vhub_snap_put_i64(&w, 2, -42);
+        vhub_snap_put_u32(&w, 3, 0xdeadbeef);
+        vhub_snap_put_u32(&w, 4, 7);
+        vhub_snap_put_u32(&w, 5, E_C);
+        vhub_snap_put_u32(&w, 6, UINT16_MAX);
+        vhub_snap_put_bool(&w, 7, true);
+        vhub_snap_put_str(&w, 8, "seven..");
+        vhub_snap_put_u64(&w, 9, 1);
+        vhub_snap_put_u64(&w, 10, 1);
+        read_fields(&w, &f, r, 10);
+        for (int i = 0; i < 8; i++)
+                CHECK_EQ(r[i], 1);
+        CHECK_EQ(r[8], 0);
+        CHECK_EQ(r[9], 0);
+        CHECK_EQ(f.u64, UINT64_MAX - 1);
+        CHECK_EQ(f.i64, -42);
+        CHECK_EQ(f.u32, 0xdeadbeef);
+        CHECK_EQ(f.bounded, 7);
+        CHECK(f.seen);
+        CHECK_EQ(f.e, E_C);
+        CHECK_EQ(f.u16, UINT16_MAX);
+        CHECK(f.b);
+        CHECK(strcmp(f.str, "seven..") == 0);
+        printf("ok: a field table reads each type into its member\n");
+
+        /* bad records: the field stays as it was, nothing seen */
+        memset(&f, 0, sizeof(f));
+        f.u16 = 5;
+        f.bounded = 3;
+        memcpy(&was, &f, sizeof(f));
+        vhub_snap_put_u32(&w, 4, 8);            /* over its bound */
+        vhub_snap_put_u32(&w, 5, E_C + 1);
+        vhub_snap_put_u32(&w, 6, UINT16_MAX + 1u);
+        vhub_snap_put_u64(&w, 3, 1);            /* another kind */
+        vhub_snap_put_bool(&w, 1, true);
+        vhub_snap_put_str(&w, 8, "eight...");   /* longer than its array */
+        read_fields(&w, &f, r, 6);
+        for (int i = 0; i < 5; i++)
+                CHECK_EQ(r[i], -EBADMSG);
+        CHECK_EQ(r[5], -ENAMETOOLONG);
+        CHECK(memcmp(&f, &was, sizeof(f)) == 0);
+        vhub_snap_writer_done(&w);
+        printf("ok: a field table refuses another kind, a value over its bound, a long string\n");
+}
+
 int main(int argc, char **argv) {
         int fds_before = vhub_count_open_fds();
 
@@ -701,6 +792,7 @@ int main(int argc, char **argv) {
         test_corruption();
         test_malformed();
         test_writer_errors();
+        test_field_table();
         test_file();
         if (argc > 1)
                 test_fixture(argv[1]);

@@ -25,6 +25,28 @@ another VM is timed as above, and the VM snapshots written counted.
 
     bench_trickle.py vmm [DEVICES [SECONDS]]           (default 64 4)
 
+The same VMM sending SET_BACKEND_REQ_FD (a new channel each time) one after
+the other instead: each replaces a socket of its device's fd-store group,
+which is rebuilt through the service manager (a socket's peer must see it
+close when the daemon closes it: it cannot stay in the stash).
+
+    bench_trickle.py vmm-channel [DEVICES [SECONDS]]   (default 64 4)
+
+The same for a front-door device's back-end (the project's test back-end)
+sending CONFIG_CHANGE_MSG (no NEED_REPLY) one after the other on its
+channel, in a VM of DEVICES front-door devices (the others on
+qemu-storage-daemon): each relayed request took a token that had the VM's
+snapshot written.
+
+    bench_trickle.py breq [DEVICES [SECONDS]]          (default 64 4)
+
+And uid 65534 opening and closing control connections one after the other
+(each one's socket is a group and its record a snapshot file: pushed to
+the service manager as it is accepted, removed as it closes), against the
+same with --no-fd-store (no store, no records):
+
+    bench_trickle.py churn [SECONDS]                   (default 4)
+
 Needs root (to connect as another uid).
 """
 
@@ -80,64 +102,170 @@ def phase(name, pid, calls, cpu0):
            cpu_seconds(pid) - cpu0))
 
 
-def vmm_flood(path, until):
-    """A VMM's GET_FEATURES one after the other until `until` (run in a
-    child process): how many."""
-    from vhubtest.direct import DirectFrontend
-    fe = DirectFrontend.connect(path)
-    fe.handshake()
+def vmm_flood(path, until, channels=False):
+    """A VMM's GET_FEATURES (or SET_BACKEND_REQ_FD) one after the other
+    until `until` (run in a child process): how many."""
+    from vhubtest import direct as vu
+    fe = vu.DirectFrontend.connect(path)
+    fe.handshake(vu.SUPPORTED_PROTOCOL_FEATURES | (1 << vu.PF_BACKEND_REQ))
     n = 0
     while time.monotonic() < until:
-        fe.get_features()
+        if channels:
+            a, b = socket.socketpair()
+            fe.command(vu.SET_BACKEND_REQ_FD, b"", [b.fileno()])
+            a.close()
+            b.close()
+        else:
+            fe.get_features()
         n += 1
     fe.close()
     return n
 
 
-def main_vmm(t, devices, seconds):
-    from vhubtest.backends import QsdNullBackend
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
-    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices)], log_dir=d))
-    root = t.enter(Client(m.control, timeout=30))
-    Vmm(root, "vm0").create()
-    root.call("vm.create", {"vm": "flood"})
-    path = None
-    for i in range(devices):
-        r = root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": null.sockets[i],
-                                     "type": "blk", "vmm_socket": True})
-        path = path or r["vmm_socket"]
-    pid = root.call("daemon.info")["pid"]
-    cpu0 = cpu_seconds(pid)
-    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
-    until = time.monotonic() + seconds + 0.5
+def in_child(fn):
+    """fn() run in a child process; returns what collects the number it
+    returns (waiting for the child)."""
     rfd, wfd = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(rfd)
         try:
-            os.write(wfd, b"%d" % vmm_flood(path, until))
+            os.write(wfd, b"%d" % fn())
         finally:
             os._exit(0)
     os.close(wfd)
+
+    def collect():
+        n = int(os.read(rfd, 64) or b"0")
+        os.close(rfd)
+        os.waitpid(child, 0)
+        return n
+    return collect
+
+
+def flood_vm(t, devices, test_backend=False):
+    """vhubd with vm0 (whose device.list is timed) and VM "flood" of
+    front-door devices on qemu-storage-daemon, the first on the project's
+    test back-end if test_backend: (Managed, root's client, the first
+    device's VMM socket, the test back-end or None)."""
+    from vhubtest.backends import QsdNullBackend
+    from vhubtest.testbackend import TestBackend
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    m = Managed(t, d, extra=["--vmm-dir", os.path.join(d, "vmm"), "--log-level", "debug"])
+    tb = t.enter(TestBackend([m.socket("tb.sock")], log_dir=d)) if test_backend else None
+    sockets = [tb.socket] if tb else []
+    null = t.enter(QsdNullBackend([m.socket("n%d.sock" % i) for i in range(devices - len(sockets))], log_dir=d))
+    root = t.enter(Client(m.control, timeout=30))
+    Vmm(root, "vm0").create()
+    root.call("vm.create", {"vm": "flood"})
+    paths = [root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": s, "type": "blk",
+                                      "vmm_socket": True})["vmm_socket"]
+             for i, s in enumerate(sockets + null.sockets)]
+    return m, root, paths[0], tb
+
+
+def flood_phases(m, root, seconds, name, flood):
+    """device.list timed idle, then while flood(until) runs in a child:
+    (what flood returned, VM snapshots written, their KiB, messages to the
+    service manager)."""
+    pid = root.call("daemon.info")["pid"]
+    cpu0 = cpu_seconds(pid)
+    phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+    until = time.monotonic() + seconds + 0.5
+    collect = in_child(lambda: flood(until))
     time.sleep(0.5)
     before = record_bytes(m.sm.log_path, "s")
+    messages = len(m.sm.messages)
     cpu0 = cpu_seconds(pid)
-    calls = timed_calls(root, until)
-    phase("vmm-flood", pid, calls, cpu0)
+    phase(name, pid, timed_calls(root, until), cpu0)
     after = record_bytes(m.sm.log_path, "s")
-    n = int(os.read(rfd, 64) or b"0")
-    os.close(rfd)
-    os.waitpid(child, 0)
-    log("a VMM of a VM with %d devices: %d GET_FEATURES in %.1f s; VM snapshots written meanwhile: %d (%d KiB)"
-        % (devices, n, seconds + 0.5, after[1] - before[1], (after[0] - before[0]) >> 10))
+    return collect(), after[1] - before[1], (after[0] - before[0]) >> 10, len(m.sm.messages) - messages
+
+
+def main_vmm(t, devices, seconds, channels=False):
+    m, root, path, _ = flood_vm(t, devices)
+    n, snaps, kib, messages = flood_phases(m, root, seconds, "vmm-flood",
+                                           lambda until: vmm_flood(path, until, channels))
+    log("a VMM of a VM with %d devices: %d %s in %.1f s; VM snapshots written meanwhile: %d (%d KiB); "
+        "messages to the service manager: %d" % (devices, n, "SET_BACKEND_REQ_FD" if channels else "GET_FEATURES",
+                                                 seconds + 0.5, snaps, kib, messages))
+
+
+def main_breq(t, devices, seconds):
+    m, root, _, tb = flood_vm(t, devices, test_backend=True)
+
+    def flood(until):
+        # the back-end's control connection is the child's while it floods
+        n = 0
+        while time.monotonic() < until:
+            tb.config_change(need_reply=False)
+            n += 1
+            time.sleep(0.0002)  # one a wake-up of the daemon: a burst is read 64 at a time
+        return n
+
+    n, snaps, kib, _ = flood_phases(m, root, seconds, "breq", flood)
+    log("a back-end of a VM with %d front-door devices: %d CONFIG_CHANGE_MSG in %.1f s; VM snapshots written "
+        "meanwhile: %d (%d KiB)" % (devices, n, seconds + 0.5, snaps, kib))
+
+
+def churn(path, until):
+    """uid ATTACKER's connections opened and closed one after the other
+    until `until` (run in a child process): how many."""
+    os.setgroups([])
+    os.setgid(ATTACKER)
+    os.setuid(ATTACKER)
+    n = 0
+    while time.monotonic() < until:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+            except OSError:
+                continue        # refused over its uid's connections: the close is not seen yet
+        n += 1
+    return n
+
+
+def main_churn(t, seconds):
+    if os.geteuid() != 0:
+        raise Skip("needs root to connect as another uid")
+    for store in (True, False):
+        d = t.tmpdir()
+        os.chmod(d, 0o755)
+        m = Managed(t, d, extra=["--control-mode", "0666"] + ([] if store else ["--no-fd-store"]))
+        root = t.enter(Client(m.control, timeout=30))
+        Vmm(root, "vm0").create()
+        pid = root.call("daemon.info")["pid"]
+        cpu0 = cpu_seconds(pid)
+        phase("idle", pid, timed_calls(root, time.monotonic() + seconds), cpu0)
+        messages = len(m.sm.messages)
+        until = time.monotonic() + seconds
+        collect = in_child(lambda: churn(m.control, until))
+        cpu0 = cpu_seconds(pid)
+        calls = timed_calls(root, until)
+        cpu = cpu_seconds(pid) - cpu0
+        phase("churn", pid, calls, cpu0)
+        n = collect()
+        time.sleep(0.3)
+        log("%s: uid %d opened and closed %d connections in %.1f s (vhubd CPU per connection ~%.0f us); "
+            "messages to the service manager: %d" % ("fd store" if store else "--no-fd-store", ATTACKER, n,
+                                                     seconds, cpu * 1e6 / max(n, 1), len(m.sm.messages) - messages))
+        root.close()
+        m.sm.stop_unit()
 
 
 def main(t):
-    if sys.argv[1:2] == ["vmm"]:
+    if sys.argv[1:2] == ["churn"]:
         args = [int(a) for a in sys.argv[2:]]
-        main_vmm(t, *(args + [64, 4][len(args):])[:2])
+        main_churn(t, *(args + [4][len(args):])[:1])
+        return
+    if sys.argv[1:2] == ["breq"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_breq(t, *(args + [64, 4][len(args):])[:2])
+        return
+    if sys.argv[1:2] in (["vmm"], ["vmm-channel"]):
+        args = [int(a) for a in sys.argv[2:]]
+        main_vmm(t, *(args + [64, 4][len(args):])[:2], channels=sys.argv[1] == "vmm-channel")
         return
     if os.geteuid() != 0:
         raise Skip("needs root to connect as another uid")

@@ -24,11 +24,23 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* Every record also goes through a field table (vhub_snap_get_field()) with
+ * a row of each type, a bounded one and a seen flag, by its tag. */
+struct fields { uint64_t u64; int64_t i64; uint32_t u32, bounded; uint16_t u16; bool b, seen; char str[16]; };
+
+static const struct vhub_snap_field field_table[] = {
+        [1] = VHUB_SNAP_FIELD(U64, struct fields, u64),   [2] = VHUB_SNAP_FIELD(I64, struct fields, i64),
+        [3] = VHUB_SNAP_FIELD(U32, struct fields, u32),   [5] = VHUB_SNAP_FIELD(U16, struct fields, u16),
+        [6] = VHUB_SNAP_FIELD(BOOL, struct fields, b),    [7] = VHUB_SNAP_FIELD(STR, struct fields, str),
+        [4] = VHUB_SNAP_FIELD(U32, struct fields, bounded, VHUB_SNAP_UPTO(7), VHUB_SNAP_SEEN(struct fields, seen)),
+};
+
 static void walk(struct vhub_snap_iter *it, unsigned *budget) {
         struct vhub_snap_rec rec;
 
         while (*budget > 0 && vhub_snap_next(it, &rec) > 0) {
                 char text[300];
+                struct fields fields = { 0 };
                 struct vhub_snap_iter in;
                 const void *p;
                 uint64_t u64;
@@ -39,6 +51,7 @@ static void walk(struct vhub_snap_iter *it, unsigned *budget) {
 
                 (*budget)--;
                 (void) vhub_snap_unknown(&rec);
+                (void) VHUB_SNAP_GET_FIELD(field_table, &rec, &fields);
                 (void) vhub_snap_get_u64(&rec, &u64);
                 (void) vhub_snap_get_i64(&rec, &i64);
                 (void) vhub_snap_get_u32(&rec, &u32);

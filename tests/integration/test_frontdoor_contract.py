@@ -41,6 +41,8 @@ restart   vhubd under a service manager (the fd store) restarted under VMMs
           checked); the VM held only by its VMM lingers from the crash and
           goes.  Planned with half of a VMM's message read: not carried
           either, the next VMM is served.
+unmapped  a VMM giving a ring addresses outside its memory table is closed,
+          the back-end never gets them; the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
           its VM's uid's --max-fds-per-uid: a VMM of uid 65534's VM adding
           region after region is closed before the uid holds its budget,
@@ -634,6 +636,51 @@ def scenario_restart(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def scenario_unmapped(t):
+    """A VMM that gives a ring addresses outside its memory table (QEMU 7.2
+    does, restarting a disk on a connection it never set up again:
+    docs/front-door.md, "Not done") is closed, the reason in vhubd's log;
+    qemu-storage-daemon never gets the addresses (libvhost-user would drop
+    its connection: "Invalid vring_addr message"), and the next VMM is
+    served with data."""
+    way = ThroughVhubd(t)
+    img = blk_image(way.dir)
+    qsd = t.enter(QsdBackend(img, os.path.join(way.dir, "blk.sock"), num_queues=1, log_dir=way.dir))
+    path = way.socket(qsd.socket, "blk0", "blk")
+    mem = GuestMemory(1 << 20)
+    t.defer(mem.close)
+    fe = DirectFrontend.connect(path)
+    fe.handshake()
+    fe.set_features(VERSION_1 | BLK_F_FLUSH | PROTOCOL_FEATURES)
+    fe.set_memory(mem)
+    fe.set_vring_num(0, 64)
+    fe.set_vring_base(0, 0)
+    outside = mem.regions[0].uaddr + mem.regions[0].size + (1 << 30)
+    try:
+        fe.set_vring_addr(0, outside, outside + 0x1000, outside + 0x800)
+        raise TestFailure("FAILED: vhubd took ring addresses outside the VMM's memory table")
+    except BackendClosed:
+        log("ok: ring addresses outside the VMM's memory table: vhubd closed the VMM")
+    fe.close()
+    way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
+    with open(way.daemon.log_path) as f:
+        why = [line for line in f if "closing the VMM's connection" in line and "SET_VRING_ADDR" in line]
+    check(why, "vhubd's log says why it closed the VMM")
+    log("vhubd: %s" % why[0].strip())
+    with open(qsd.log_path, errors="replace") as f:
+        panics = [line for line in f if "vu_panic" in line]
+    check_eq(panics, [], "qemu-storage-daemon never got the addresses")
+    # the next VMM on the same socket: its ring reaches the back-end
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q])
+    q.write_sectors(8, pattern(8, 4096, salt=9))
+    check(q.read_sectors(8, 8) == pattern(8, 4096, salt=9), "the next VMM writes and reads a block")
+    fe2.close()
+    way.release("blk0")
+
+
 BUDGET, UNPRIV = 24, 65534
 
 
@@ -701,6 +748,7 @@ SCENARIOS = {
     "lifetime": scenario_lifetime,
     "budget": scenario_budget,
     "restart": scenario_restart,
+    "unmapped": scenario_unmapped,
 }
 
 

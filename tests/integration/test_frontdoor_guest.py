@@ -34,9 +34,21 @@ vhubd-carry     vhubd restarted as planned (SIGTERM, a played service manager)
                 across each restart is measured.
 vhubd-restart   the same with vhubd crashed (SIGKILL) 3 times: QEMU is idle
                 on its connections, so its sessions are at rest in the last
-                snapshot and carried too.  (The fallback -- a crash with a
-                VMM's request in flight or its message half-read -- is
-                test_frontdoor_contract's `restart`.)
+                snapshot and carried too.
+vhubd-fallback  vhubd crashed with QEMU's SET_CONFIG in flight (the guest's
+                cache_type write, qemu-storage-daemon SIGSTOPped): blk0's
+                session cannot be carried; QEMU's connection closes, it
+                reconnects by itself and the guest's writer goes on, every
+                block verified; fs0 beside it is carried.  (The half-read
+                message is test_frontdoor_contract's `restart`: QEMU writes
+                each message whole.)
+vhubd-carry-busy  the same request in flight at a planned restart (SIGTERM):
+                the old vhubd lets it finish (answered from its state at the
+                back-end timeout), its last snapshot finds the session at
+                rest, and it is carried: QEMU keeps its sockets.
+vhubd-fallback-stop  pending, not in the suite: the same crash in the middle
+                of QEMU's device stop (QMP `stop`, GET_VRING_BASE in
+                flight); QEMU 7.2 never sets the disk up again.
 hostile         VMMs that send garbage, break the protocol, flood without
                 reading or connect twice, beside a guest doing I/O on another
                 device of the VM: each is closed, everyone else is served.
@@ -373,14 +385,14 @@ class ThroughManagedVhubd(ThroughVhubd):
     """ThroughVhubd with vhubd under a played service manager (the fd store,
     docs/restart.md), so that it can be restarted under the guest."""
 
-    def __init__(self, t, vm="vm0"):
+    def __init__(self, t, vm="vm0", extra=()):
         from test_restart import Managed
         self.t = t
         self.dir = t.tmpdir()
         os.chmod(self.dir, 0o755)
         self.vmm_dir = os.path.join(self.dir, "vmm")
         self.vm = vm
-        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir])
+        self.managed = Managed(t, self.dir, extra=["--vmm-dir", self.vmm_dir, "--backend-dir", self.dir] + list(extra))
         self.client = t.enter(Client(self.managed.control, timeout=10))
         self.client.call("vm.create", {"vm": vm})
         self.sockets = {}
@@ -463,11 +475,12 @@ QEMU_VHOST_LOSS = re.compile(r"vhost|Failed to (read|write) msg|[Dd]isconnect|[R
 CARRY_RESTARTS = 5
 
 
-def vhubd_rig(t, image, fs=None):
+def vhubd_rig(t, image, fs=None, extra=()):
     """blk0 (qemu-storage-daemon, 2 queues) through a vhubd under a played
-    service manager, a guest writing numbered blocks on it; with fs (a
-    FsShare), fs0 through the same vhubd to its virtiofsd too."""
-    way = ThroughManagedVhubd(t)
+    service manager (with vhubd's `extra` arguments), a guest writing
+    numbered blocks on it; with fs (a FsShare), fs0 through the same vhubd
+    to its virtiofsd too."""
+    way = ThroughManagedVhubd(t, extra=extra)
     d = way.dir
     img = blk_image(d)
     qsd = t.enter(QsdBackend(img, os.path.join(d, "blk.sock"), num_queues=2, log_dir=d))
@@ -582,6 +595,246 @@ def scenario_vhubd_restart(t, image):
     connections: the snapshot says its sessions are at rest, so they are
     carried as by a planned restart."""
     carried_restarts(t, image, signal.SIGKILL, 3)
+
+
+# ---- vhubd crashed with QEMU's request in flight: the fallback -------------
+
+FALLBACK_TIMEOUT_MS = 3000
+
+
+class VhubdLog:
+    """vhubd's log under the played service manager (every process of it,
+    appended), read from a mark on."""
+
+    def __init__(self, way):
+        self.path = way.managed.sm.log_path
+        self.start = os.path.getsize(self.path)
+
+    def text(self):
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace")
+
+    def wait(self, pattern, timeout, what):
+        """The first line matching pattern written since the mark."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text())
+            if m:
+                return m.group(0)
+            if time.monotonic() > deadline:
+                raise TestFailure("FAILED: vhubd's log says %s within %.0fs" % (what, timeout))
+            time.sleep(0.005)
+
+
+class HeldRequest:
+    """blk0 (qemu-storage-daemon) and fs0 (virtiofsd) through a vhubd under a
+    played service manager, a guest writing numbered blocks on blk0; hold()
+    then puts QEMU's SET_CONFIG in flight: qemu-storage-daemon SIGSTOPped,
+    the guest switches blk0's cache to write back (qsd's disk starts write
+    through), QEMU's vCPU thread sends SET_CONFIG and waits for its
+    REPLY_ACK holding QEMU's big lock (QMP waits too), vhubd relays it to
+    the stopped back-end."""
+
+    def __init__(self, t, image):
+        self.t = t
+        self.bound = FALLBACK_TIMEOUT_MS / 1000.0 + 1.0
+        self.fs = FsShare(t)
+        self.way, self.img, self.qsd, self.g, self.watch = vhubd_rig(
+            t, image, self.fs, extra=["--log-level", "debug", "--backend-timeout-ms", str(FALLBACK_TIMEOUT_MS)])
+        self.qmp = self.g.qmp()
+        check_eq(self.qmp.execute("query-status")["status"], "running", "QMP query-status")
+        self.socks0 = qemu_sockets(self.g)
+        self.qlog0 = len(qemu_log(self.g))
+        self.base_max, self.base_median = baseline_gap(self.watch)
+        log("no restart: longest gap between completions %.1f ms (median %.1f ms)" % (self.base_max,
+                                                                                      self.base_median))
+        check_eq(len(self.way.events("device.vmm_connected", "blk0")), 1, "QEMU connected to blk0 once")
+
+    def hold(self):
+        """Until QEMU's SET_CONFIG waits on vhubd; the QMP command sent
+        meanwhile (answered once SET_CONFIG ends)."""
+        self.vlog = VhubdLog(self.way)
+        self.t_sigstop = time.monotonic()
+        os.kill(self.qsd.pid, signal.SIGSTOP)
+        self.t.defer(lambda: self.qsd.alive and os.kill(self.qsd.pid, signal.SIGCONT))
+        t_ask = time.monotonic()
+        self.g.begin("sh", "echo 'write back' > /sys/block/vda/cache_type; cat /sys/block/vda/cache_type")
+        # vhubd wrote the VM's snapshot ("not at rest") before it read
+        # QEMU's request; this line comes once it took SET_CONFIG, the
+        # answer owed waiting for the stopped back-end
+        line = self.vlog.wait(r"device=blk0 request=SET_CONFIG VMM request SET_CONFIG \(answer due\)", 30,
+                              "it took QEMU's SET_CONFIG, the back-end stopped")
+        self.t_taken = time.monotonic()
+        log("vhubd, %.0f ms after the guest was asked: %s" % ((self.t_taken - t_ask) * 1000, line))
+        status = self.qmp.send("query-status")
+        try:
+            self.qmp.answer(status, timeout=0.3)
+            raise TestFailure("FAILED: QMP answered while QEMU's SET_CONFIG was in flight: QEMU was not "
+                              "waiting for vhubd")
+        except QmpTimeout:
+            log("ok: QEMU waits for vhubd's answer (QMP silent for 0.3 s)")
+        return status
+
+    def restart(self, sig):
+        """vhubd restarted with sig, then the back-end resumed: the times
+        (signal, new process ready) and the old run's log."""
+        t_sig = time.monotonic()
+        code = self.way.managed.restart(sig=sig)
+        t_ready = time.monotonic()
+        check_eq(code, 0 if sig == signal.SIGTERM else -signal.SIGKILL, "the old vhubd's exit")
+        os.kill(self.qsd.pid, signal.SIGCONT)
+        return t_sig, t_ready, self.vlog.text().split("restoring the state of the earlier run")[0]
+
+    def answered(self, status, t0, what):
+        """QMP's answer to `status`, due within the bound from t0."""
+        try:
+            got = self.qmp.answer(status, timeout=max(0.0, t0 + self.bound - time.monotonic()))
+        except QmpTimeout:
+            raise TestFailure("FAILED: QMP did not answer within %.1fs of %s" % (self.bound, what))
+        t_qmp = time.monotonic()
+        check(t_qmp - t0 <= self.bound and got["status"] == "running",
+              "QMP answered %.2fs after %s (back-end timeout %d ms + 1 s), the guest running"
+              % (t_qmp - t0, what, FALLBACK_TIMEOUT_MS), got)
+        return t_qmp
+
+    def writer_on(self, t_sig):
+        """The guest's writer goes on; the figures across the restart."""
+        p = wait_more(self.g, "blk-write", 64)
+        gap, na, nb = self.watch.longest_gap(t_sig, time.monotonic())
+        t_next = min(tt for tt, _ in self.watch.times if tt > t_sig)
+        r = self.g.result("sh")
+        log("the guest's config write: rc=%s, %s" % (r["rc"], r.log))
+        return p, gap, na, nb, t_next
+
+    def end(self, what):
+        for name in ("blk0", "fs0"):
+            dev = self.way.device(name)
+            check_eq((dev["state"], dev["vmm"]), ("running", "connected"), "device.list of %s afterwards" % name)
+        check_eq(self.way.events("device.vmm_disconnected", "fs0"), [], "fs0's session, at rest, was carried: "
+                 "no device.vmm_disconnected")
+        check(self.fs.vfs.alive, "virtiofsd did not exit: its front-end never left")
+        said = [l for l in qemu_log(self.g)[self.qlog0:].splitlines() if QEMU_VHOST_LOSS.search(l)]
+        log("QEMU's log across the restart: %s" % (" | ".join(said) or "nothing"))
+        self.fs.guest_checks(self.g)
+        vhubd_rig_end(self.way, self.g, self.qsd, self.img, self.watch, 1, what)
+        self.fs.host_checks()
+        self.way.release("fs0")
+        check_eq(self.fs.vfs.wait_exit(10), 0, "virtiofsd exit code once its front-end left")
+
+
+def scenario_vhubd_fallback(t, image):
+    """vhubd crashed (SIGKILL) with QEMU's SET_CONFIG in flight (HeldRequest).
+    The last snapshot says blk0's session is not at rest, so the next vhubd
+    cannot carry it: it closes QEMU's connection (QEMU goes on),
+    device.vmm_disconnected, and QEMU (reconnect=1) connects again by
+    itself, sets the device up from scratch and restarts its rings; the
+    guest's writer goes on, every block verified.  fs0, idle on the same
+    VM, is carried."""
+    h = HeldRequest(t, image)
+    way, g = h.way, h.g
+    status = h.hold()
+    t_kill, t_ready, old_run = h.restart(signal.SIGKILL)
+    # the old process died with the request unanswered: its back-end
+    # deadline had not answered it from the records
+    check("SET_CONFIG from the VMM waited" not in old_run,
+          "the old vhubd died with QEMU's SET_CONFIG unanswered (killed %.0f ms after it took it)"
+          % ((t_kill - h.t_taken) * 1000))
+    t_qmp = h.answered(status, t_kill, "the crash")
+    gone = way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
+    log("the new vhubd could not carry QEMU's blk0 session: %s" % gone[0])
+    way.wait_events("device.vmm_connected", 2, "blk0", timeout=10)
+    t_back = time.monotonic()
+    order = [e["event"] for e in way.events(device="blk0")
+             if e["event"] in ("device.vmm_connected", "device.vmm_disconnected")]
+    check_eq(order, ["device.vmm_connected", "device.vmm_disconnected", "device.vmm_connected"],
+             "blk0's VMM events: QEMU's session closed by the new vhubd, then QEMU back by itself")
+    p, gap, na, nb, t_next = h.writer_on(t_kill)
+    check(qemu_sockets(g) - h.socks0, "QEMU reconnected blk0 on a new socket of its own")
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=10)[-1]
+    log("blk0's back-end renewed for the new session: device.reconnected %s" % ev)
+    log("figures: SIGKILL to the new vhubd's READY=1 %.0f ms; QMP answered %.0f ms after the SIGKILL; QEMU back "
+        "(device.vmm_connected seen) %.0f ms after READY=1; SIGKILL to the guest's next completed block %.0f ms; "
+        "its longest I/O pause %.0f ms (blocks %s..%s), of which %.0f ms before the SIGKILL with the back-end "
+        "stopped (without a crash: longest %.1f ms, median %.1f ms); the writer went on to block %s"
+        % ((t_ready - t_kill) * 1000, (t_qmp - t_kill) * 1000, (t_back - t_ready) * 1000, (t_next - t_kill) * 1000,
+           gap, na, nb, (t_kill - h.t_sigstop) * 1000, h.base_max, h.base_median, p["n"]))
+    h.end("crash with QEMU's SET_CONFIG in flight")
+
+
+def scenario_vhubd_carry_busy(t, image):
+    """vhubd restarted as planned (SIGTERM) with QEMU's SET_CONFIG in flight
+    (HeldRequest): the old process lets the request finish -- answered from
+    the daemon's state at the back-end timeout -- before its last snapshot,
+    which then finds the session at rest: carried.  QEMU keeps its sockets,
+    no device.vmm_disconnected; the back-end, lost at the deadline, is
+    restored after SIGCONT, and the guest's writer goes on."""
+    h = HeldRequest(t, image)
+    way, g = h.way, h.g
+    status = h.hold()
+    t_term, t_ready, old_run = h.restart(signal.SIGTERM)
+    check("SET_CONFIG from the VMM waited" in old_run,
+          "the old vhubd answered QEMU's SET_CONFIG (from its state, at the back-end timeout) before it exited")
+    t_qmp = h.answered(status, h.t_taken, "vhubd took QEMU's SET_CONFIG")
+    ev = way.wait_events("device.reconnected", 1, "blk0", timeout=30)[-1]
+    log("blk0's back-end restored by the new vhubd: device.reconnected %s" % ev)
+    p, gap, na, nb, t_next = h.writer_on(t_term)
+    check_eq(way.events("device.vmm_disconnected", "blk0"), [], "QEMU's blk0 session was carried: no "
+             "device.vmm_disconnected")
+    check_eq(len(way.events("device.vmm_connected", "blk0")), 1, "blk0: one device.vmm_connected, no new accept")
+    check_eq(qemu_sockets(g), h.socks0, "QEMU's sockets are the ones it had before the restart (no reconnect)")
+    log("figures: SIGTERM to the new vhubd's READY=1 %.0f ms (the old one waited for QEMU's request); QMP "
+        "answered %.0f ms after vhubd took SET_CONFIG; SIGTERM to the guest's next completed block %.0f ms; its "
+        "longest I/O pause %.0f ms (blocks %s..%s; without a restart: longest %.1f ms, median %.1f ms); the writer "
+        "went on to block %s"
+        % ((t_ready - t_term) * 1000, (t_qmp - h.t_taken) * 1000, (t_next - t_term) * 1000, gap, na, nb,
+           h.base_max, h.base_median, p["n"]))
+    h.end("planned restart with QEMU's SET_CONFIG in flight")
+
+
+def scenario_vhubd_fallback_stop(t, image):
+    """Pending (not in the suite): vhubd crashed while QEMU stops blk0 (QMP
+    `stop`, GET_VRING_BASE relayed to a SIGSTOPped qemu-storage-daemon).
+    The fallback closes QEMU's connection in the middle of its device stop;
+    QEMU 7.2 then connects again but never sets the device up again (no
+    handshake, no memory table: its trace shows no vhost_dev_cleanup), and
+    after `cont` the guest's disk stays dead -- as it does with QEMU straight
+    on a qemu-storage-daemon killed at the same point.  Passes once a crash
+    carries a session with a request in flight (docs/front-door.md, "Not
+    done")."""
+    bound = FALLBACK_TIMEOUT_MS / 1000.0 + 1.0
+    way, img, qsd, g, watch = vhubd_rig(t, image, extra=["--log-level", "debug",
+                                                          "--backend-timeout-ms", str(FALLBACK_TIMEOUT_MS)])
+    qmp = g.qmp()
+    vlog = VhubdLog(way)
+    os.kill(qsd.pid, signal.SIGSTOP)
+    t.defer(lambda: qsd.alive and os.kill(qsd.pid, signal.SIGCONT))
+    t_stop = time.monotonic()
+    stop = qmp.send("stop")
+    # QEMU disables the rings (relayed to the stopped back-end, awaited),
+    # then asks for the first ring's base: an answer owed, in flight
+    vlog.wait(r"device=blk0 request=GET_VRING_BASE VMM request GET_VRING_BASE \(answer due\)", bound,
+              "it took QEMU's GET_VRING_BASE, the back-end stopped")
+    check_eq(way.managed.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
+    os.kill(qsd.pid, signal.SIGCONT)
+    try:
+        qmp.answer(stop, timeout=max(0.0, t_stop + bound - time.monotonic()))
+    except QmpTimeout:
+        raise TestFailure("FAILED: QMP stop did not answer within %.1fs across the crash" % bound)
+    qmp.wait_event("STOP", timeout=bound)
+    way.wait_events("device.vmm_disconnected", 1, "blk0", timeout=10)
+    way.wait_events("device.vmm_connected", 2, "blk0", timeout=10)
+    way.wait_events("device.reconnected", 1, "blk0", timeout=30)
+    resumed = last_n(g, "blk-write")
+    qmp.execute("cont", timeout=bound)
+    qmp.wait_event("RESUME", timeout=bound)
+    try:
+        g.wait_progress("blk-write", lambda p: int(p.get("n", 0)) >= resumed + 64, timeout=30)
+    except TestFailure:
+        raise TestFailure("FAILED: the guest's writer did not go on after cont: QEMU did not set blk0 up again "
+                          "after vhubd closed its connection in the middle of its device stop")
+    vhubd_rig_end(way, g, qsd, img, watch, 1, "crash with QEMU's GET_VRING_BASE in flight")
 
 
 # ---- hostile VMMs ---------------------------------------------------------
@@ -699,6 +952,9 @@ SCENARIOS = {
     "hostile": scenario_hostile,
     "vhubd-restart": scenario_vhubd_restart,
     "vhubd-carry": scenario_vhubd_carry,
+    "vhubd-fallback": scenario_vhubd_fallback,
+    "vhubd-carry-busy": scenario_vhubd_carry_busy,
+    "vhubd-fallback-stop": scenario_vhubd_fallback_stop,   # pending: not in the suite
 }
 
 

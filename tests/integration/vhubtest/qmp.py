@@ -3,6 +3,7 @@
     q = Qmp(path)                          # greeting + qmp_capabilities
     q.execute("query-status")              # -> {"running": True, ...}
     q.execute("stop", timeout=3.0)         # QmpTimeout if no answer in time
+    sent = q.send("stop"); ...; q.answer(sent, timeout=3.0)   # answered late
     q.events                               # every event seen so far
 
 Every wait has a deadline: a QEMU whose main loop is blocked (a hung
@@ -48,12 +49,23 @@ class Qmp:
     def execute(self, cmd, args=None, timeout=10.0):
         """Run cmd; its "return" value, QmpError on an error, QmpTimeout
         when no answer came within timeout seconds."""
+        return self.answer(self.send(cmd, args), timeout)
+
+    def send(self, cmd, args=None):
+        """Send cmd without waiting (a command QEMU answers late, while the
+        test does something else); answer() waits for its answer."""
         msg_id = self._next_id
         self._next_id += 1
         msg = {"execute": cmd, "id": msg_id}
         if args:
             msg["arguments"] = args
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        return (msg_id, cmd)
+
+    def answer(self, sent, timeout=10.0):
+        """The "return" value of a command send() sent (QmpError,
+        QmpTimeout as execute())."""
+        msg_id, cmd = sent
         deadline = time.monotonic() + timeout
         while True:
             m = self._read_message(deadline, cmd)
