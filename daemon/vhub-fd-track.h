@@ -39,12 +39,25 @@ struct vhub_context;
  * its own, never a suffix: "v1s" would also be VM 64's.) */
 const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id);
 
-/* fd (< 0: nothing), named by fmt, is kept by its owner (kept true: it
- * joins group) or about to be closed or handed on (false: it leaves it). */
-void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...)
-        __attribute__((format(printf, 5, 6)));
-#define vhub_fd_track(ctx, group, fd, ...) vhub_fd_note((ctx), true, (group), (fd), __VA_ARGS__)
-#define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_note((ctx), false, (group), (fd), __VA_ARGS__)
+/* What happens to an fd, for its group in the fd store. */
+enum vhub_fd_change {
+        VHUB_FD_LEAVES,         /* about to be closed or handed on: it leaves its group */
+        VHUB_FD_KEPT,           /* kept by its owner: it joins its group */
+        VHUB_FD_CLOSING,        /* leaves its group, closed right after (never handed on):
+                                 * a connected socket may then stay in its stash, shut
+                                 * down (vhub_fdstore_group_close()) */
+};
+
+/* fd (< 0: nothing), named by fmt, changes as how says. */
+void vhub_fd_change(struct vhub_context *ctx, enum vhub_fd_change how, const char *group, int fd,
+                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* kept true: it joins group; false: it leaves it. */
+#define vhub_fd_note(ctx, kept, group, fd, ...)                                                  \
+        vhub_fd_change((ctx), (kept) ? VHUB_FD_KEPT : VHUB_FD_LEAVES, (group), (fd), __VA_ARGS__)
+#define vhub_fd_track(ctx, group, fd, ...) vhub_fd_change((ctx), VHUB_FD_KEPT, (group), (fd), __VA_ARGS__)
+#define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_change((ctx), VHUB_FD_LEAVES, (group), (fd), __VA_ARGS__)
+#define vhub_fd_untrack_closing(ctx, group, fd, ...)                                             \
+        vhub_fd_change((ctx), VHUB_FD_CLOSING, (group), (fd), __VA_ARGS__)
 
 /* One fd an owner holds: its name, and its group (NULL: not stored, the
  * owner holds it only for a moment or makes it again at start). */
