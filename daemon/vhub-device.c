@@ -254,6 +254,8 @@ void vhub_device_free(struct vhub_device *d) {
         free(d->shadow);
         free(d->socket_path);
         vhub_cred_done(&d->cred);
+        if (d->id)
+                vhub_fd_group_own(d->vm->ctx, VHUB_FD_GROUP_DEVICE, d->id, 0, false);
         free(d);
 }
 
@@ -278,6 +280,11 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        /* before anything is made: what it would store must fit its uid's share */
+        if (vhub_fd_store_check(vm->ctx, vm->uid,
+                                VHUB_DEVICE_STORE_ENTRIES + (p->vmm_socket ? VHUB_FRONTDOOR_STORE_ENTRIES : 0),
+                                &err) < 0)
+                goto fail;
         d = calloc(1, sizeof(*d));
         op = op_new(VHUB_OP_HANDSHAKE, call);
         if (!d || !op) {
@@ -289,6 +296,7 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->id = ++vm->ctx->next_device_id;
         vhub_changed(vm->ctx, NULL);    /* the id counter (the daemon's snapshot) */
         vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
+        vhub_fd_group_own(vm->ctx, VHUB_FD_GROUP_DEVICE, d->id, vm->uid, true);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
