@@ -35,12 +35,12 @@ int vhub_fdstore_share_init(struct vhub_fdstore_share *sh, unsigned max) {
         return 0;
 }
 
+/* Free every record, then the table (not vhub_hash_remove(): a removal
+ * may shrink the bucket array under the walk). */
 static void hash_free_all(struct vhub_hash *h) {
         for (size_t b = 0; b < h->n_buckets; b++)
-                while (h->buckets[b]) {
-                        struct vhub_hash_node *n = h->buckets[b];
-
-                        vhub_hash_remove(h, n);
+                for (struct vhub_hash_node *n = h->buckets[b], *next; n; n = next) {
+                        next = n->next;
                         free(n);        /* the node is each record's first member */
                 }
         vhub_hash_done(h);
