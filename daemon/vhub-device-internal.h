@@ -42,6 +42,7 @@ struct vhub_op {
         unsigned awaiting;            /* replies still due in this stage */
         bool last_unconfirmed;        /* a request without a reply ended the stage */
         bool running;
+        bool on_wire;                 /* it sent a request: its VM's snapshot said "busy" first */
         uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */
@@ -143,6 +144,26 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
         return (d->features & (UINT64_C(1) << VHU_F_PROTOCOL_FEATURES)) != 0;
 }
 
+/*
+ * A device.add whose handshake is not decided yet (connected, never
+ * handshaken): its VM's snapshot does not follow its steps.  A crash before
+ * the answer removes it whatever the last snapshot says of it -- a restore
+ * removes a device that never finished its handshake (the call is answered
+ * -32011), and closes what a snapshot does not name -- so the VM's document
+ * is written once, when the handshake's result is decided (the state
+ * change to ready marks it, before the answer is queued), not at the op's
+ * start, nor at each fd the handshake adds.  A server-mode device waiting
+ * for its back-end is not connected: its listener is written at once (a
+ * restore removes its socket file).
+ */
+static inline bool device_being_added(const struct vhub_device *d) {
+        return !d->handshaken && d->conn != NULL;
+}
+
+/* What the device changed is written with its VM's snapshot (unless it is
+ * being added: above). */
+void device_changed(struct vhub_device *d);
+
 /* The device's fds: each joins the device's fd-store group as the device
  * takes it and leaves it before it is closed (vhub-fd-track.h).  fmt names
  * it below "dev/<uid>/<vm>/<device>/". */
@@ -150,13 +171,14 @@ static inline bool dev_protocol_features_on(const struct vhub_device *d) {
         do {                                                                                    \
                 vhub_fd_track((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,            \
                               (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__);  \
-                vhub_changed((d)->vm->ctx, (d)->vm);                                            \
+                device_changed(d);                                                              \
         } while (0)
+/* (every fd a device untracks, it closes right after) */
 #define device_fd_untrack(d, fd, fmt, ...)                                                      \
         do {                                                                                    \
-                vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,          \
+                vhub_fd_untrack_closing((d)->vm->ctx, (d)->fd_group, (fd), "dev/%u/%s/%s/" fmt,  \
                                 (unsigned)(d)->vm->uid, (d)->vm->name, (d)->name, ##__VA_ARGS__); \
-                vhub_changed((d)->vm->ctx, (d)->vm);                                            \
+                device_changed(d);                                                              \
         } while (0)
 #define device_fd_visit(d, v, fd, group, fmt, ...)                                               \
         vhub_fd_visit((v), (fd), (group), "dev/%u/%s/%s/" fmt, (unsigned)(d)->vm->uid,            \

@@ -8,9 +8,10 @@
  * keeps by the identity key it has in the device's fd-store group.
  *
  * A device is *busy* when an op runs on it (a request may be on the wire,
- * or a stage pending): the snapshot is written as the op starts and after
- * it ends (vhub-op-engine.c), so a snapshot that says busy is a device that
- * had a request in flight at the crash; a planned restart lets ops finish
+ * or a stage pending): the snapshot is written as the op sends its first
+ * request and after it ends (vhub-op-engine.c, op_said_busy()), so a
+ * snapshot that says busy is a device that may have had a request in
+ * flight at the crash; a planned restart lets ops finish
  * first.  A busy device is restored as lost (the reconnect path, with its
  * events); an idle one takes its connection back and nothing is sent.
  */
@@ -77,6 +78,10 @@ enum {
         D_CHAN_WAIT,            /* bytes: a back-end request waiting for the VMM (chan_wait_put()) */
         D_VMM_SESSION,          /* nest: a front-door VMM's session carried whole
                                  * (vhub-device-vmm-snapshot.c); not critical */
+        D_VM_GROUP,             /* bool: its fds are in its VM's group v<vm id>, not d<id>
+                                 * (a device.add since h-devadd: no push of a group of its
+                                 * own); not critical: an older reader restores the device
+                                 * as lost (its fds unclaimed), docs/restart.md */
 };
 
 enum { LS_NAME = 1, LS_DEV, LS_INO, LS_CTIME_SEC, LS_CTIME_NSEC };
@@ -233,6 +238,13 @@ int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *
         vhub_snap_put_u32(w, D_STATE_BEFORE_LOSS, d->state_before_loss);
         vhub_snap_put_bool(w, D_BUSY, device_busy(d));
         vhub_snap_put_bool(w, D_REMOVING, d->removing);
+        if (strcmp(d->fd_group, d->vm->fd_group) == 0) {
+                vhub_snap_put_bool(w, D_VM_GROUP, true);
+                /* a format-1 vhubd would look for its fds in d<id> and lose
+                 * them: it must refuse the VM instead (a planned stop moves
+                 * them there first: vhub_devices_own_groups()) */
+                w->compat = VHUB_SNAP_COMPAT;
+        }
         if (d->vmm && d->vmm->connected)
                 vhub_snap_put_bool(w, D_VMM_CONNECTED, true);
         if (d->conn)
@@ -327,7 +339,7 @@ struct device_rec {
         uint64_t id;
         char name[VHUB_NAME_MAX + 1];
         char *path;
-        bool busy, removing, has_listener, vmm_connected, has_cred;
+        bool busy, removing, has_listener, vmm_connected, has_cred, vm_group;
         bool has_sock, has_chan, has_listen, has_dirfd, has_inflight;
         struct vhub_fd_key sock, chan, listen, dirfd, inflight;
         struct vhub_backend_listener_state listener;
@@ -520,6 +532,7 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
                         d->cap_shadow = d->n_shadow;
                         break;
                 case D_CRED: r = vhub_snap_get_cred(&x, &d->cred); rec->has_cred = true; break;
+                case D_VM_GROUP: r = vhub_snap_get_bool(&x, &rec->vm_group); break;
                 case D_RING:
                 case D_STATS:
                 case D_CHAN_WAIT:
@@ -540,12 +553,12 @@ static int read_fields(struct vhub_device *d, struct device_rec *rec, struct vhu
         return 0;
 }
 
-int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
-                        struct vhub_device **ret, const char **why) {
+int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_fd_claim *vm_claim,
+                        struct vhub_snap_iter *it, struct vhub_device **ret, const char **why) {
         struct vhub_context *ctx = vm->ctx;
         struct device_rec rec = { 0 };
         struct vhub_backend_listener *l = NULL;
-        struct vhub_fd_claim claim;
+        struct vhub_fd_claim own = { 0 }, *claim = &own;
         struct vhub_snap_iter again;
         struct vhub_snap_rec x, vmm_rec;
         struct vhub_device *d;
@@ -571,7 +584,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 return k;
         }
         d->id = rec.id;
-        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
+        if (rec.vm_group)
+                snprintf(d->fd_group, sizeof(d->fd_group), "%s", vm->fd_group);
+        else
+                vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
         snprintf(d->name, sizeof(d->name), "%s", rec.name);
         d->socket_path = rec.path;
         d->vrings = calloc(d->queues ? d->queues : 1, sizeof(*d->vrings));
@@ -589,12 +605,16 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 ctx->next_device_id = d->id;
         vhub_fd_group_own(ctx, VHUB_FD_GROUP_DEVICE, d->id, vm->uid, true);
 
-        vhub_fd_claim_open(r, ctx->fdstore, d->fd_group, &claim);
+        /* its VM's group is the VM's restore's to take and to close */
+        if (rec.vm_group)
+                claim = vm_claim;
+        else
+                vhub_fd_claim_open(r, ctx->fdstore, d->fd_group, &own);
         k = 0;
         again = *it;
         while (k >= 0 && vhub_snap_next(&again, &x) > 0) {
                 if (x.tag == D_RING)
-                        k = read_ring(d, &claim, &x);
+                        k = read_ring(d, claim, &x);
                 else if (x.tag == D_STATS)
                         k = read_stats(d, &x);
         }
@@ -604,19 +624,19 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         } else if (k < 0) {
                 *why = "a ring record of a device is malformed";
         }
-        if (rec.has_sock && (sock = vhub_fd_claim(&claim, &rec.sock)) < 0)
+        if (rec.has_sock && (sock = vhub_fd_claim(claim, &rec.sock)) < 0)
                 rec.busy = true;        /* its connection is gone: a loss */
-        if (rec.has_chan && (chan = vhub_fd_claim(&claim, &rec.chan)) < 0)
+        if (rec.has_chan && (chan = vhub_fd_claim(claim, &rec.chan)) < 0)
                 rec.busy = true;
         if (rec.has_inflight) {
-                int fd = vhub_fd_claim(&claim, &rec.inflight);
+                int fd = vhub_fd_claim(claim, &rec.inflight);
 
                 d->inflight_fd = fd >= 0 ? fd : -1;
         }
         if (rec.has_listen && rec.has_dirfd && rec.has_listener) {
-                int dfd = vhub_fd_claim(&claim, &rec.dirfd);
+                int dfd = vhub_fd_claim(claim, &rec.dirfd);
 
-                listen = vhub_fd_claim(&claim, &rec.listen);
+                listen = vhub_fd_claim(claim, &rec.listen);
                 l = dfd >= 0 ? vhub_backend_listener_adopt(dfd, &rec.listener) : NULL;
         }
         /* what the device holds joins its group again (the fds are members
@@ -636,13 +656,14 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                         if (x.tag == D_VMM_SESSION) {
                                 vmm_rec = x;
                                 vmm_carried = vmm_session_restore(d, false) >= 0 &&
-                                              vmm_carry_restore(d, &claim, &vmm_rec) >= 0;
+                                              vmm_carry_restore(d, claim, &vmm_rec) >= 0;
                                 if (!vmm_carried)
                                         device_log(d, LOG_WARNING, NULL, "its VMM's session record cannot "
                                                    "be read: the VMM's connection closes");
                         }
         }
-        vhub_fd_claim_close(&claim);
+        if (claim == &own)
+                vhub_fd_claim_close(&own);
 
         vhub_vm_link_device(vm, d);
         if (k >= 0 || k == -ENOENT)

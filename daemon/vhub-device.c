@@ -17,7 +17,9 @@
 #include "vhub-backend-path.h"
 #include "vhub-context.h"
 #include "vhub-device-vmm-internal.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
+#include "vhub-model-snapshot.h"
 #include "vhub-time.h"
 #include "vhub-vm.h"
 #include "vhu-fd.h"
@@ -280,10 +282,12 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
-        /* before anything is made: what it would store must fit its uid's share */
+        /* before anything is made: what it would store must fit its uid's
+         * share (its fds join its VM's group, a new entry only if the VM
+         * has none stored yet; a front door's group is one more) */
         if (vhub_fd_store_check(vm->ctx, vm->uid,
-                                VHUB_DEVICE_STORE_ENTRIES + (p->vmm_socket ? VHUB_FRONTDOOR_STORE_ENTRIES : 0),
-                                &err) < 0)
+                                (vhub_fdstore_contains(vm->ctx->fdstore, vm->fd_group) ? 0 : 1) +
+                                (p->vmm_socket ? VHUB_FRONTDOOR_STORE_ENTRIES : 0), &err) < 0)
                 goto fail;
         d = calloc(1, sizeof(*d));
         op = op_new(VHUB_OP_HANDSHAKE, call);
@@ -295,8 +299,10 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
         d->vm = vm;
         d->id = ++vm->ctx->next_device_id;
         vhub_changed(vm->ctx, NULL);    /* the id counter (the daemon's snapshot) */
-        vhub_fd_group(d->fd_group, VHUB_FD_GROUP_DEVICE, d->id);
-        vhub_fd_group_own(vm->ctx, VHUB_FD_GROUP_DEVICE, d->id, vm->uid, true);
+        /* its fds join its VM's stored group (appended to its stash): a
+         * group of its own would cost a push to the manager, and its walk
+         * over every stored fd, per device.add (docs/restart.md) */
+        snprintf(d->fd_group, sizeof(d->fd_group), "%s", vm->fd_group);
         d->listen_fd = -1;
         d->inflight_fd = -1;
         snprintf(d->name, sizeof(d->name), "%s", p->name);
@@ -333,6 +339,130 @@ fail:
         if (d)
                 vhub_device_free(d);
         vhub_call_fail(call, &err);
+}
+
+struct group_fds {
+        const char *group;
+        int *fds;
+        size_t n, cap;
+        bool failed;
+};
+
+static void collect_group_fd(const struct vhub_fd_info *info, void *userdata) {
+        struct group_fds *g = userdata;
+
+        if (g->failed || !info->group || strcmp(info->group, g->group) != 0)
+                return;
+        if (g->n == g->cap) {
+                size_t cap = g->cap ? g->cap * 2 : 16;
+                int *p = reallocarray(g->fds, cap, sizeof(*p));
+
+                if (!p) {
+                        g->failed = true;
+                        return;
+                }
+                g->fds = p;
+                g->cap = cap;
+        }
+        g->fds[g->n++] = info->fd;
+}
+
+/* A device moving out of its VM's fd-store group (vhub_devices_own_groups()). */
+struct device_move {
+        struct vhub_device *d;
+        struct group_fds g;
+        char own[VHUB_FD_GROUP_MAX];
+};
+
+/* m's fds join the device's own group too (stored with the next sync);
+ * on failure none does. */
+static int move_begin(struct vhub_fdstore *s, struct device_move *m) {
+        size_t i;
+        int r = 0;
+
+        vhub_device_foreach_fd(m->d, &(struct vhub_fd_visitor){ .visit = collect_group_fd, .userdata = &m->g });
+        if (m->g.failed)
+                return -ENOMEM;
+        vhub_fd_group(m->own, VHUB_FD_GROUP_DEVICE, m->d->id);
+        for (i = 0; i < m->g.n && r >= 0; i++)
+                r = vhub_fdstore_group_add(s, m->own, m->g.fds[i]);
+        if (r < 0)
+                for (size_t j = 0; j + 1 < i; j++)
+                        (void)vhub_fdstore_group_remove(s, m->own, m->g.fds[j]);
+        return r;
+}
+
+/* Stored in its own group: out of its VM's, and its snapshot says so. */
+static void move_end(struct vhub_fdstore *s, struct device_move *m) {
+        for (size_t i = 0; i < m->g.n; i++)
+                (void)vhub_fdstore_group_remove(s, m->d->fd_group, m->g.fds[i]);
+        snprintf(m->d->fd_group, sizeof(m->d->fd_group), "%s", m->own);
+        vhub_changed(m->d->vm->ctx, m->d->vm);
+}
+
+/* Its own group could not be stored in time: it stays in its VM's. */
+static void move_undo(struct vhub_fdstore *s, struct device_move *m) {
+        for (size_t i = 0; i < m->g.n; i++)
+                (void)vhub_fdstore_group_remove(s, m->own, m->g.fds[i]);
+}
+
+void vhub_devices_own_groups(struct vhub_context *ctx) {
+        struct vhub_fdstore *s = vhub_context_fdstore(ctx);
+        struct device_move *moves = NULL, *p;
+        size_t n = 0, cap = 0;
+        struct vhub_device *d;
+        struct vhub_vm *vm;
+        int r;
+
+        TAILQ_FOREACH(vm, &ctx->vms, link)
+                TAILQ_FOREACH(d, &vm->devices, link) {
+                        if (strcmp(d->fd_group, vm->fd_group) != 0)
+                                continue;
+                        if (n == cap) {
+                                cap = cap ? cap * 2 : 16;
+                                p = reallocarray(moves, cap, sizeof(*moves));
+                                if (!p) {
+                                        r = -ENOMEM;
+                                        goto undo;
+                                }
+                                moves = p;
+                        }
+                        moves[n] = (struct device_move){ .d = d, .g.group = d->fd_group };
+                        r = move_begin(s, &moves[n]);
+                        if (r < 0) {
+                                free(moves[n].g.fds);
+                                goto undo;
+                        }
+                        n++;
+                }
+        if (n == 0)
+                return;
+        /* in both groups until the manager holds the new ones: never in
+         * neither, whatever happens now */
+        vhub_fdstore_sync(s);
+        r = vhub_fdstore_flush(s, VHUB_OWN_GROUPS_FLUSH_MS);
+        if (r < 0)
+                goto undo;
+        for (size_t i = 0; i < n; i++) {
+                move_end(s, &moves[i]);
+                free(moves[i].g.fds);
+        }
+        log_info("planned restart: %zu devices in groups of their own, as a vhubd of format 1 has them", n);
+        free(moves);
+        return;
+undo:
+        for (size_t i = 0; i < n; i++) {
+                move_undo(s, &moves[i]);
+                free(moves[i].g.fds);
+        }
+        free(moves);
+        log_warning("planned restart: %zu devices stay in their VMs' fd-store groups (%s): a vhubd of format 1 "
+                    "will not take those VMs back (their snapshots say so)", n, strerror(-r));
+}
+
+void device_changed(struct vhub_device *d) {
+        if (!device_being_added(d))
+                vhub_changed(d->vm->ctx, d->vm);
 }
 
 void vhub_device_remove(struct vhub_device *d, struct vhub_call *call) {

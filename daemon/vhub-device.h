@@ -120,7 +120,9 @@ struct vhub_device {
         struct vhub_hash_node by_name;  /* in vm->devices_by_name */
         struct vhub_vm *vm;
         uint64_t id;                  /* daemon-unique, never reused */
-        char fd_group[VHUB_FD_GROUP_MAX]; /* "d<id>": the fd-store group of every fd it keeps */
+        char fd_group[VHUB_FD_GROUP_MAX]; /* the fd-store group of every fd it keeps: its VM's
+                                           * ("v<vm id>") from its device.add, "d<id>" once a
+                                           * planned stop moved it (vhub_devices_own_groups()) */
         char name[VHUB_NAME_MAX + 1];
         char *socket_path;
         char type[32];

@@ -61,7 +61,8 @@ int vhub_fd_store_check(struct vhub_context *ctx, uid_t uid, unsigned n, struct 
                               "(what this makes would not survive a restart)");
 }
 
-void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...) {
+void vhub_fd_change(struct vhub_context *ctx, enum vhub_fd_change how, const char *group, int fd,
+                    const char *fmt, ...) {
         struct vhub_fdstore *store = vhub_context_fdstore(ctx);
         char name[VHUB_FD_NAME_MAX];
         va_list ap;
@@ -69,9 +70,11 @@ void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd
 
         if (fd < 0)
                 return;
-        r = kept ? vhub_fdstore_group_add(store, group, fd) : vhub_fdstore_group_remove(store, group, fd);
+        r = how == VHUB_FD_KEPT ? vhub_fdstore_group_add(store, group, fd)
+            : how == VHUB_FD_CLOSING ? vhub_fdstore_group_close(store, group, fd)
+            : vhub_fdstore_group_remove(store, group, fd);
         /* a restore's owners take back fds their group already holds */
-        if (r == -EEXIST && kept && ctx && ctx->restoring)
+        if (r == -EEXIST && how == VHUB_FD_KEPT && ctx && ctx->restoring)
                 r = 0;
         if (r >= 0 && vhub_log_get_level() < LOG_DEBUG)
                 return;
@@ -81,7 +84,7 @@ void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd
         if (r < 0)
                 log_warning("fd %d %s: fd-store group %s: %s", fd, name, group, strerror(-r));
         else
-                log_debug("fd %d %s: %s (group %s)", fd, kept ? "opened" : "closed", name, group);
+                log_debug("fd %d %s: %s (group %s)", fd, how == VHUB_FD_KEPT ? "opened" : "closed", name, group);
 }
 
 void vhub_fd_visit(const struct vhub_fd_visitor *v, int fd, const char *group, const char *fmt, ...) {

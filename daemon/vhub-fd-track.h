@@ -39,9 +39,8 @@ struct vhub_error;
 
 /* What each owner object may store (its groups and snapshot file), charged
  * against its uid's share of the store before it is made. */
-#define VHUB_VM_STORE_ENTRIES         3u        /* v, o, s */
-#define VHUB_DEVICE_STORE_ENTRIES     1u        /* d */
-#define VHUB_FRONTDOOR_STORE_ENTRIES  1u        /* f, on top of the device's */
+#define VHUB_VM_STORE_ENTRIES         3u        /* v, o, s (a device's fds join v) */
+#define VHUB_FRONTDOOR_STORE_ENTRIES  1u        /* f */
 #define VHUB_CONNECTION_STORE_ENTRIES 2u        /* c, k */
 
 /* kind and id in base 36 into buf: "d1a3", "o7".  (A kind is a letter of
@@ -57,12 +56,25 @@ void vhub_fd_group_own(struct vhub_context *ctx, char kind, uint64_t id, uid_t u
  * used up: what it made would not survive a restart). */
 int vhub_fd_store_check(struct vhub_context *ctx, uid_t uid, unsigned n, struct vhub_error *err);
 
-/* fd (< 0: nothing), named by fmt, is kept by its owner (kept true: it
- * joins group) or about to be closed or handed on (false: it leaves it). */
-void vhub_fd_note(struct vhub_context *ctx, bool kept, const char *group, int fd, const char *fmt, ...)
-        __attribute__((format(printf, 5, 6)));
-#define vhub_fd_track(ctx, group, fd, ...) vhub_fd_note((ctx), true, (group), (fd), __VA_ARGS__)
-#define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_note((ctx), false, (group), (fd), __VA_ARGS__)
+/* What happens to an fd, for its group in the fd store. */
+enum vhub_fd_change {
+        VHUB_FD_LEAVES,         /* about to be closed or handed on: it leaves its group */
+        VHUB_FD_KEPT,           /* kept by its owner: it joins its group */
+        VHUB_FD_CLOSING,        /* leaves its group, closed right after (never handed on):
+                                 * a connected socket may then stay in its stash, shut
+                                 * down (vhub_fdstore_group_close()) */
+};
+
+/* fd (< 0: nothing), named by fmt, changes as how says. */
+void vhub_fd_change(struct vhub_context *ctx, enum vhub_fd_change how, const char *group, int fd,
+                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+/* kept true: it joins group; false: it leaves it. */
+#define vhub_fd_note(ctx, kept, group, fd, ...)                                                  \
+        vhub_fd_change((ctx), (kept) ? VHUB_FD_KEPT : VHUB_FD_LEAVES, (group), (fd), __VA_ARGS__)
+#define vhub_fd_track(ctx, group, fd, ...) vhub_fd_change((ctx), VHUB_FD_KEPT, (group), (fd), __VA_ARGS__)
+#define vhub_fd_untrack(ctx, group, fd, ...) vhub_fd_change((ctx), VHUB_FD_LEAVES, (group), (fd), __VA_ARGS__)
+#define vhub_fd_untrack_closing(ctx, group, fd, ...)                                             \
+        vhub_fd_change((ctx), VHUB_FD_CLOSING, (group), (fd), __VA_ARGS__)
 
 /* One fd an owner holds: its name, and its group (NULL: not stored, the
  * owner holds it only for a moment or makes it again at start). */

@@ -128,6 +128,12 @@ struct fds_group {
         int *fds;                       /* the members: their owners' numbers (borrowed) */
         struct vhub_fd_key *keys;       /* each member's identity, for the snapshot */
         size_t n, cap;
+        /* fd -> its position + 1 (0: empty), open addressing, n_at a power
+         * of two at least twice n (0: none, the members are searched): a
+         * VM's group holds its devices' fds too, and each commit of the VM
+         * looks every one of them up (vhub_fdstore_group_key()) */
+        uint32_t *at;
+        size_t n_at;
         int wend;                       /* the stored stash's writing end, or -1 */
         size_t unsent;                  /* the last members, not in the stash yet */
         size_t dead;                    /* fds in the stash that are members no more */
@@ -835,6 +841,7 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 vhu_safe_close(g->wend);
                 free(g->fds);
                 free(g->keys);
+                free(g->at);
                 free(g);
         }
         free(s->groups.buckets);
@@ -1128,7 +1135,59 @@ static void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
         name_table_unlink(&s->groups, &g->node);
         free(g->fds);
         free(g->keys);
+        free(g->at);
         free(g);
+}
+
+static size_t fd_slot(int fd, size_t n_at) {
+        return ((uint32_t)fd * 2654435761u) & (n_at - 1);
+}
+
+static void group_index_put(struct fds_group *g, size_t i) {
+        size_t k = fd_slot(g->fds[i], g->n_at);
+
+        while (g->at[k])
+                k = (k + 1) & (g->n_at - 1);
+        g->at[k] = (uint32_t)i + 1;
+}
+
+/* The index made again for the members as they are now (after a member
+ * left: the later ones moved down).  Without memory for it the members are
+ * searched one by one (group_pos()). */
+static void group_index(struct fds_group *g) {
+        size_t n_at = g->n_at ? g->n_at : 16;
+
+        while (n_at < 2 * g->n)
+                n_at *= 2;
+        if (n_at != g->n_at) {
+                uint32_t *at = realloc(g->at, n_at * sizeof(*at));
+
+                if (!at) {
+                        free(g->at);
+                        g->at = NULL;
+                        g->n_at = 0;
+                        return;
+                }
+                g->at = at;
+                g->n_at = n_at;
+        }
+        memset(g->at, 0, g->n_at * sizeof(*g->at));
+        for (size_t i = 0; i < g->n; i++)
+                group_index_put(g, i);
+}
+
+/* Where fd is among g's members, or -1. */
+static ssize_t group_pos(const struct fds_group *g, int fd) {
+        if (!g->n_at) {
+                for (size_t i = g->n; i > 0; i--)
+                        if (g->fds[i - 1] == fd)
+                                return (ssize_t)i - 1;
+                return -1;
+        }
+        for (size_t k = fd_slot(fd, g->n_at); g->at[k]; k = (k + 1) & (g->n_at - 1))
+                if (g->fds[g->at[k] - 1] == fd)
+                        return (ssize_t)g->at[k] - 1;
+        return -1;
 }
 
 static void sweep_arm(struct vhub_fdstore *s) {
@@ -1357,9 +1416,8 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
                 if (r < 0)
                         return r;
         }
-        for (size_t i = 0; i < g->n; i++)
-                if (g->fds[i] == fd)
-                        return -EEXIST;
+        if (group_pos(g, fd) >= 0)
+                return -EEXIST;
         if (g->n == g->cap) {
                 size_t cap = g->cap ? g->cap * 2 : 4;
                 int *p = reallocarray(g->fds, cap, sizeof(*p));
@@ -1379,6 +1437,10 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         if (vhub_fd_key_of(fd, &g->keys[g->n]) < 0)
                 g->keys[g->n] = (struct vhub_fd_key){ 0 };
         g->fds[g->n++] = fd;
+        if (g->n_at >= 2 * g->n)
+                group_index_put(g, g->n - 1);
+        else
+                group_index(g);
         g->unsent++;
         g->changed_usec = vhub_now_usec();
         s->n_members++;
@@ -1387,20 +1449,33 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         return 0;
 }
 
+/* A connected socket (not a listener: a back-end would go on connecting
+ * to it, queued, until it closes), which shutdown() ends for its peer. */
+static bool socket_connected(int fd) {
+        int listening = 0;
+        socklen_t len = sizeof(listening);
+
+        return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && !listening;
+}
+
 /* Whether member i may stay in the stash as a dead fd when it leaves (see
  * STASH_*): no live member shares its key (a restore claims by key), and
  * not a socket -- its peer must see it close when the daemon closes it --
- * unless the stash was rebuilt (not first pushed) less than
+ * unless the owner closes it right after (closing) and it is connected:
+ * the caller shuts it down, so its peer sees the end at once (a device's
+ * connection and channel at its removal: no compaction per device.remove);
+ * or unless the stash was rebuilt (not first pushed) less than
  * STASH_SWEEP_MS ago: then the sweep compacts it soon (a peer churning
  * sockets -- a VMM sending SET_BACKEND_REQ_FD, reconnecting -- had its
  * group rebuilt through the manager per socket; now once per sweep, or per
  * STASH_DEAD_MAX). */
-static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i) {
+static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group *g, size_t i, bool closing) {
         struct stat st;
 
         if (g->wend < 0 || !s->exact_keys || fstat(g->fds[i], &st) < 0)
                 return false;
-        if (S_ISSOCK(st.st_mode) && vhub_now_usec() - g->rebuilt_usec >= STASH_SWEEP_MS * 1000ull)
+        if (S_ISSOCK(st.st_mode) && !(closing && socket_connected(g->fds[i])) &&
+            vhub_now_usec() - g->rebuilt_usec >= STASH_SWEEP_MS * 1000ull)
                 return false;
         for (size_t j = 0; j < g->n; j++)
                 if (j != i && g->keys[j].dev == g->keys[i].dev && g->keys[j].ino == g->keys[i].ino &&
@@ -1409,18 +1484,23 @@ static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group 
         return true;
 }
 
-int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+static int group_leave(struct vhub_fdstore *s, const char *group, int fd, bool closing) {
         int r = group_check(s, group, fd);
         struct fds_group *g = r > 0 ? group_find(s, group) : NULL;
+        ssize_t at = g ? group_pos(g, fd) : -1;
 
         if (r <= 0)
                 return r;
-        for (size_t i = 0; g && i < g->n; i++) {
-                if (g->fds[i] != fd)
-                        continue;
+        if (at >= 0) {
+                size_t i = (size_t)at;
+
                 if (i >= g->n - g->unsent) {
                         g->unsent--;    /* never sent */
-                } else if (may_leave_dead(s, g, i)) {
+                } else if (may_leave_dead(s, g, i, closing)) {
+                        /* the stash keeps the open file: its peer sees the
+                         * end now, as the close would have shown it */
+                        if (closing)
+                                (void)shutdown(fd, SHUT_RDWR);
                         g->dead++;
                         sweep_arm(s);
                 } else {
@@ -1431,6 +1511,7 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
                 memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
                 memmove(g->keys + i, g->keys + i + 1, (g->n - i - 1) * sizeof(*g->keys));
                 g->n--;
+                group_index(g);
                 s->n_members--;
                 s->stats.removes++;
                 group_mark_dirty(s, g);
@@ -1439,17 +1520,23 @@ int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd)
         return -ENOENT;
 }
 
+int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd) {
+        return group_leave(s, group, fd, false);
+}
+
+int vhub_fdstore_group_close(struct vhub_fdstore *s, const char *group, int fd) {
+        return group_leave(s, group, fd, true);
+}
+
 int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
                            struct vhub_fd_key *ret) {
         const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+        ssize_t at = g ? group_pos(g, fd) : -1;
 
-        /* from the end: an owner's newest fds change most */
-        for (size_t i = g ? g->n : 0; i > 0; i--)
-                if (g->fds[i - 1] == fd) {
-                        *ret = g->keys[i - 1];
-                        return 0;
-                }
-        return -ENOENT;
+        if (at < 0)
+                return -ENOENT;
+        *ret = g->keys[at];
+        return 0;
 }
 
 size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group) {
@@ -2009,6 +2096,7 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         g->fds = fds;   /* the group takes the array */
                         fds = NULL;
                         g->n = g->cap = n;
+                        group_index(g);
                         s->n_members += n;
                         /* this group alone, now: other groups a restore
                          * changed wait for the loop (a start that gives up

@@ -111,6 +111,13 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd);
 /* fd leaves group (an empty group is removed from the manager's store).
  * 0, or -ENOENT if it is not a member. */
 int vhub_fdstore_group_remove(struct vhub_fdstore *s, const char *group, int fd);
+/* As vhub_fdstore_group_remove(), for an fd its owner closes right after:
+ * then a connected socket may stay in the stash dead too (no compaction,
+ * so no message to the manager, for a device's connection that goes): it
+ * is shut down here, both ways, so that its peer sees the end now, as at
+ * the close, while the stash holds the open file until the next
+ * compaction.  A listening socket still makes the stash compacted. */
+int vhub_fdstore_group_close(struct vhub_fdstore *s, const char *group, int fd);
 /* Members of group (0 when disabled or unknown). */
 size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group);
 /* Rebuild every changed group's stash now (the loop does it on its own;

@@ -54,11 +54,24 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
 void vhub_vm_restore_finish(struct vhub_vm *vm);
 
 int vhub_device_serialize(const struct vhub_device *d, struct vhub_snap_writer *w);
-/* A device of vm from its record (the iterator inside it).  0 and *ret
+/* A device of vm from its record (the iterator inside it), its fds claimed
+ * from its own group (taken from r) or, where its record says its fds are
+ * in its VM's group, from vm_claim (that group's, open).  0 and *ret
  * (NULL: the device was in the middle of being added or removed and is
  * gone: its fds closed), or -errno with *why. */
-int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_snap_iter *it,
-                        struct vhub_device **ret, const char **why);
+int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, struct vhub_fd_claim *vm_claim,
+                        struct vhub_snap_iter *it, struct vhub_device **ret, const char **why);
+/* A planned stop writes the oldest format that can express its state
+ * (docs/restart.md, "Versions"): the devices whose fds are in their VM's
+ * fd-store group (every one added since the last start) move them into
+ * groups of their own, as a format-1 vhubd looks for them -- a push per
+ * device, which the stop can afford and a device.add could not.  The fds
+ * leave their VMs' groups only once the manager took the new ones (a
+ * blocking flush, at most VHUB_OWN_GROUPS_FLUSH_MS); else they all stay
+ * (their VMs' snapshots then refuse a format-1 reader).  Their VMs are
+ * marked changed. */
+#define VHUB_OWN_GROUPS_FLUSH_MS 5000
+void vhub_devices_own_groups(struct vhub_context *ctx);
 /* The rest of a device's restore, once every VM and face is back: a device
  * that had a request in flight is lost now (the reconnect path restores it,
  * with its events); an outage goes on with its remaining backoff. */

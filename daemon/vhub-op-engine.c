@@ -47,6 +47,24 @@ void device_queue_op(struct vhub_device *d, struct vhub_op *op) {
         device_run_head(d);
 }
 
+static bool op_unrecorded(const struct vhub_op *op);
+
+/*
+ * The snapshot says "busy" before an op's first request is on the wire: a
+ * crash from then on is a loss for this device.  Not before: an op that
+ * sends nothing (the removal of a device that was never started, a stage
+ * with nothing to do) changes nothing a back-end saw until it ends, and
+ * its end is written as any change.  Nor for a device.add's handshake: a
+ * crash before its answer removes the device whatever the snapshot says
+ * (device_being_added()).
+ */
+static void op_said_busy(struct vhub_device *d, const struct vhub_op *op) {
+        if (op_unrecorded(op) || (op->kind == VHUB_OP_HANDSHAKE && device_being_added(d)))
+                return;
+        vhub_changed(d->vm->ctx, d->vm);
+        vhub_commit_now(d->vm->ctx);
+}
+
 static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag,
                            bool await) {
         int r;
@@ -64,6 +82,10 @@ static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu
                 if (info && (info->reply == VHU_REPLY_ALWAYS ||
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
+        }
+        if (!op->on_wire) {
+                op->on_wire = true;
+                op_said_busy(d, op);
         }
         /* Behind bytes the back-end has not read yet, the message waits
          * holding dups of its fds: they are the VM's uid's to hold, within
@@ -198,13 +220,7 @@ void device_run_head(struct vhub_device *d) {
         }
         op->running = true;
         op->started_usec = vhub_now_usec();
-        /* the snapshot says "busy" before the first request is on the
-         * wire: a crash from here on is a loss for this device */
-        if (!op_unrecorded(op)) {
-                vhub_changed(d->vm->ctx, d->vm);
-                vhub_commit_now(d->vm->ctx);
-        }
-        op_run(d, op);
+        op_run(d, op);      /* the snapshot says "busy" at its first request (op_said_busy()) */
 }
 
 bool vhub_device_is_parked(const struct vhub_device *d) {

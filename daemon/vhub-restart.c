@@ -487,6 +487,9 @@ void vhub_restart_finish(struct vhubd *v) {
                 control_server_carry_output(v->control);
         if (rs)
                 rs->planned = true;
+        /* devices in their VMs' groups: in groups of their own, as format 1
+         * has them (pushed by the settle, before the commit names them) */
+        vhub_devices_own_groups(&v->ctx);
         /* stashes of one message: the next start peeks them, pushes nothing */
         vhub_fdstore_settle(v->fdstore);
         vhub_commit_all(&v->ctx);

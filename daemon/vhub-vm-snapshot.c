@@ -347,7 +347,8 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                 else if (x.tag == VM_LOG)
                         k = read_log(vm, &mem, &x);
         }
-        vhub_fd_claim_close(&mem);
+        /* open until the devices are back: those added since h-devadd
+         * keep their fds in the VM's group */
         vhub_snap_doc_iter(doc, &it);
         while (k >= 0 && vhub_snap_next(&it, &x) > 0) {
                 struct vhub_snap_iter dit;
@@ -357,8 +358,9 @@ int vhub_vm_restore(struct vhub_context *ctx, struct vhub_fdstore_restore *r, co
                         continue;
                 k = vhub_snap_enter(&x, &dit);
                 if (k >= 0)
-                        k = vhub_device_restore(vm, r, &dit, &d, why);
+                        k = vhub_device_restore(vm, r, &mem, &dit, &d, why);
         }
+        vhub_fd_claim_close(&mem);
         vhub_fd_claim_open(r, ctx->fdstore, vm->fd_group_shared, &shared);
         vhub_snap_doc_iter(doc, &it);
         while (k >= 0 && vhub_snap_next(&it, &x) > 0)

@@ -19,9 +19,10 @@ front-end: its regions, a started ring, its back-end channel):
   regions, log, shared objects and inflight, eventfds for rings, sockets
   for connections, channels and listeners, directories for dirfds);
 - names are systemd's FDNAME= (at most 255 printable characters, no ':')
-  and say their owner; every fd of one device, VM or connection is in that
-  owner's group, no two owners share one, and what is held only for a
-  moment (the unfinished line's fd) has none;
+  and say their owner; every fd of one VM (its devices' included, since
+  h-devadd) or connection is in that owner's group, no two owners share
+  one, and what is held only for a moment (the unfinished line's fd) has
+  none;
 - replaying the opened/closed lines gives exactly the stored part of the
   inventory (the hooks and the visitors agree), and after everything is
   torn down the inventory is back to the first one;
@@ -175,6 +176,16 @@ def owner_of(name):
     return name
 
 
+def grouped_with(name):
+    """The object whose fd-store group holds the fd: its owner's, except
+    that a device's fds are in its VM's group (since h-devadd: a
+    device.add appends to a stored stash rather than pushing one)."""
+    o = owner_of(name)
+    if o.startswith("dev/"):
+        return "vm/" + "/".join(o.split("/")[1:3])
+    return o
+
+
 def check_inventory(pid, inv, what):
     """Every fd open and of its name's kind, every name valid, one group per
     owner and one owner per group; returns {group: owner}."""
@@ -194,7 +205,7 @@ def check_inventory(pid, inv, what):
             continue
         if not GROUP.match(group):
             bad.append("%s's group %s is no group name" % (name, group))
-        groups.setdefault(group, set()).add(owner_of(name))
+        groups.setdefault(group, set()).add(grouped_with(name))
     owners = {}
     for group, os_ in groups.items():
         if len(os_) != 1:
@@ -383,20 +394,21 @@ def part_store(t):
     wait_until(lambda: sorted(sm.names()) == sorted(groups), 5.0,
                what="the store to hold one stash per group %s (it holds %s)" % (sorted(groups), sm.names()))
     # a group's stash holds its fds in the order they joined: the log's
+    # (vm0's group: its region, then its device's fds, appended)
     order = [int(m.group(1)) for m in OPENED.finditer(log_text(sm.log_path))
-             if m.group(2) == "opened" and m.group(4) == "d1"]
-    stash = socket.socket(fileno=sm.dup("d1"))
+             if m.group(2) == "opened" and m.group(4) == "v1"]
+    stash = socket.socket(fileno=sm.dup("v1"))
     got = stash_fds(stash)
     stash.close()
     try:
-        check_eq(len(got), len(groups["d1"]), "device d1's stash holds its fds")
+        check_eq(len(got), len(groups["v1"]), "vm0's stash holds its region's and its device's fds")
         check(all(same_file(os.getpid(), g, sm.pid, fd) for g, fd in zip(got, order[-len(got):])),
               "... the daemon's open files, in the order they joined")
     finally:
         for fd in got:
             os.close(fd)
     log("stored groups: %s" % sorted(sm.names()))
-    # reading d1's stash emptied the manager's copy too (one queue): a stop
+    # reading v1's stash emptied the manager's copy too (one queue): a stop
     # and a start change the group (the stopped rings' fds stay in the stash,
     # dead; the new ones are appended), and the store's sweep compacts it --
     # stores it again whole -- within a quarter of a second

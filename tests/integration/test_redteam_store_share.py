@@ -4,8 +4,8 @@ fd store, and then nobody else's survived a restart.
 
 The store holds at most FileDescriptorStoreMax= entries (16,384 in the
 unit), one per group and snapshot file: a VM is up to three (v<id>, o<id>,
-s<id>), a device one (d<id>), a front-door device two (d<id>, f<id>), a
-control connection two (c<id>, k<id>).  Without a per-uid share a
+s<id>; its devices' fds are in v<id>), a front-door device one more
+(f<id>), a control connection two (c<id>, k<id>).  Without a per-uid share a
 non-root uid at the default limits held ~8,500 entries: two such uids
 filled the store, and every push after that failed ("not stored: it will
 not survive a restart") -- root's VMs and devices included.

@@ -72,6 +72,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                              # noqa: E402
+from vhubtest.backends import QsdNullBackend                     # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.servicemanager import ServiceError, ServiceManager  # noqa: E402
@@ -388,6 +389,12 @@ def part_upgrade(t):
         carried(k, what)
 
     restart_into(today, 1, "from the format-1 vhubd to today's")
+    # a device today's vhubd adds keeps its fds in its VM's fd-store group
+    # (h-devadd); the planned stop moves them into a group of its own, where
+    # the format-1 vhubd looks for them
+    null = t.enter(QsdNullBackend([m.socket("x.sock")], log_dir=d))
+    vmm.add_device("blk1", null.sockets[0], type="blk")
+    before = listing(c)
     # today's planned stop: the oldest format that holds the state
     m.sm.send_signal(signal.SIGTERM)
     check_eq(m.sm.wait_exit(), 0, "today's vhubd: a planned restart exits 0")
@@ -407,6 +414,7 @@ def part_upgrade(t):
     restart_into(today, 3, "today's again")
     vmm.stop_device("blk0")
     vmm.remove_device("blk0")
+    vmm.remove_device("blk1")
     vmm.destroy()
     q.vq.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")

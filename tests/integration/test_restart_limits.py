@@ -300,8 +300,8 @@ def part_fd_count(t):
     other.call("events.subscribe", {})
     time.sleep(0.3)
     before = proc_fd_kinds(m.sm.pid)
-    groups = len(m.sm.names())
-    log("before: %d fds, %d stored groups" % (sum(before.values()), groups))
+    groups = sorted(m.sm.names())
+    log("before: %d fds, %d stored groups" % (sum(before.values()), len(groups)))
     for k, sig in enumerate([signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL], 1):
         m.restart(sig=sig)
         for vmm, _, q in devs:
@@ -310,7 +310,20 @@ def part_fd_count(t):
         now = proc_fd_kinds(m.sm.pid)
         check(now == before, "restart %d (%s): the new process holds exactly the fds the old one held (%d)"
               % (k, signal.Signals(sig).name, sum(now.values())), (dict(now - before), dict(before - now)))
-        check_eq(len(m.sm.names()), groups, "restart %d: the store holds as many groups as before" % k)
+        names = sorted(m.sm.names())
+        if k == 1:
+            # the first planned stop moved the 8 devices, whose fds the
+            # process that added them kept in their VMs' groups, into groups
+            # of their own, as a format-1 vhubd has them (docs/restart.md,
+            # "Versions"): 8 d<id> more, and the groups of the two VMs that
+            # held nothing else gone
+            added = [n for n in names if n not in groups]
+            gone = [n for n in groups if n not in names]
+            check_eq((len(added), all(n[:1] == "d" for n in added), len(gone), all(n[:1] == "v" for n in gone)),
+                     (8, True, 2, True), "restart 1: each device in a group of its own (added %s, gone %s)"
+                     % (added, gone))
+            groups = names
+        check_eq(names, groups, "restart %d: the store holds the same groups" % k)
     c.close()
     other.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
