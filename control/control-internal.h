@@ -38,6 +38,7 @@ struct control_conn {
         char fd_group[VHUB_FD_GROUP_MAX]; /* "c<id>": its socket in the fd store */
         struct vhub_owner owner;     /* of the VMs it creates or attaches (vhub-owner.h) */
         uid_t uid;
+        bool owns_entries;           /* its store entries count for uid (control_conn_own_entries) */
         pid_t pid;
         struct vhub_cred cred;       /* uid, gid, groups: what its VMs act with */
         unsigned refs;               /* 1 for the connection + 1 per pending call */
@@ -144,6 +145,9 @@ extern const struct vhub_owner_ops control_conn_owner_ops;
 struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id);
 void control_conn_ref(struct control_conn *c);
 void control_conn_unref(struct control_conn *c);
+/* c's store entries (its group, its record) count for c->uid's share of
+ * the fd store (own, once c->uid is known), or for nobody. */
+void control_conn_own_entries(struct control_conn *c, bool own);
 /* Whether a request's id may be kept and answered (a string of at most
  * CONTROL_MAX_ID_BYTES, a number or null). */
 bool control_id_valid(json_t *id);

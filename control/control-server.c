@@ -45,9 +45,17 @@ struct control_conn *control_conn_alloc(struct control_server *s, uint64_t id) {
         return c;
 }
 
+void control_conn_own_entries(struct control_conn *c, bool own) {
+        vhub_fd_group_own(c->srv->ctx, VHUB_FD_GROUP_CONNECTION, c->id, c->uid, own);
+        vhub_fd_group_own(c->srv->ctx, VHUB_SNAP_GROUP_CONN, c->id, c->uid, own);
+        c->owns_entries = own;
+}
+
 void control_conn_unref(struct control_conn *c) {
         if (--c->refs > 0)
                 return;
+        if (c->owns_entries)
+                control_conn_own_entries(c, false);
         for (size_t i = 0; i < c->n_sub_vms; i++)
                 free(c->sub_vms[i]);
         free(c->sub_vms);
@@ -629,6 +637,7 @@ static bool connection_admitted(const struct control_server *s, uid_t uid, char 
                                                             : (max / 4 > 1 ? max / 4 : 1);
         unsigned by_uid = 0, non_root = 0;
         const struct control_conn *c;
+        struct vhub_error err = { 0 };
 
         if (s->n_conns >= max) {
                 snprintf(detail, len, "too many control connections (%u, --max-connections)", max);
@@ -650,6 +659,12 @@ static bool connection_admitted(const struct control_server *s, uid_t uid, char 
                 snprintf(detail, len, "the control connections non-root uids may hold are in use");
                 return false;
         }
+        /* what it stores (its group, its record) must fit uid's share of
+         * the fd store: past it, it would not survive a restart */
+        if (vhub_fd_store_check(s->ctx, uid, VHUB_CONNECTION_STORE_ENTRIES, &err) < 0) {
+                snprintf(detail, len, "%s", err.detail);
+                return false;
+        }
         return true;
 }
 
@@ -657,7 +672,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
         struct vhub_error err = { 0 };
         struct control_conn *c;
-        char detail[128];
+        char detail[256];
         struct ucred cred;
         socklen_t len = sizeof(cred);
         int fd, r;
@@ -724,6 +739,7 @@ static void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         }
         c->uid = rpc_conn_peer_uid(c->rpc);
         c->pid = rpc_conn_peer_pid(c->rpc);
+        control_conn_own_entries(c, true);
         vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         TAILQ_INSERT_TAIL(&s->conns, c, link);
         s->n_conns++;

@@ -603,6 +603,7 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         }
         if (ctx->next_device_id < d->id)
                 ctx->next_device_id = d->id;
+        vhub_fd_group_own(ctx, VHUB_FD_GROUP_DEVICE, d->id, vm->uid, true);
 
         /* its VM's group is the VM's restore's to take and to close */
         if (rec.vm_group)

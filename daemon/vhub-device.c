@@ -256,6 +256,8 @@ void vhub_device_free(struct vhub_device *d) {
         free(d->shadow);
         free(d->socket_path);
         vhub_cred_done(&d->cred);
+        if (d->id)
+                vhub_fd_group_own(d->vm->ctx, VHUB_FD_GROUP_DEVICE, d->id, 0, false);
         free(d);
 }
 
@@ -280,6 +282,13 @@ void vhub_device_add(struct vhub_vm *vm, const struct vhub_device_add_params *p,
                 vhub_error_set(&err, VHUB_ERR_STATE, "VM %s is being destroyed", vm->name);
                 goto fail;
         }
+        /* before anything is made: what it would store must fit its uid's
+         * share (its fds join its VM's group, a new entry only if the VM
+         * has none stored yet; a front door's group is one more) */
+        if (vhub_fd_store_check(vm->ctx, vm->uid,
+                                (vhub_fdstore_contains(vm->ctx->fdstore, vm->fd_group) ? 0 : 1) +
+                                (p->vmm_socket ? VHUB_FRONTDOOR_STORE_ENTRIES : 0), &err) < 0)
+                goto fail;
         d = calloc(1, sizeof(*d));
         op = op_new(VHUB_OP_HANDSHAKE, call);
         if (!d || !op) {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "vhub-context.h"
+#include "vhub-error.h"
 #include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
 #include "vhub-log.h"
@@ -24,6 +25,40 @@ const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id) {
                 buf[k++] = rev[--n];
         buf[k] = '\0';
         return buf;
+}
+
+void vhub_fd_group_own(struct vhub_context *ctx, char kind, uint64_t id, uid_t uid, bool own) {
+        struct vhub_fdstore *store = vhub_context_fdstore(ctx);
+        char name[VHUB_FD_GROUP_MAX];
+        int r;
+
+        vhub_fd_group(name, kind, id);
+        if (!own) {
+                vhub_fdstore_disown(store, name);
+                return;
+        }
+        r = vhub_fdstore_own(store, name, uid);
+        if (r < 0)
+                log_warning("fd-store entry %s: not counted for uid %u: %s", name, (unsigned)uid, strerror(-r));
+}
+
+int vhub_fd_store_check(struct vhub_context *ctx, uid_t uid, unsigned n, struct vhub_error *err) {
+        const struct vhub_fdstore *store = vhub_context_fdstore(ctx);
+        unsigned per_uid, non_root, held;
+
+        if (vhub_fdstore_share_check(store, uid, n) == 0)
+                return 0;
+        vhub_fdstore_share_limits(store, &per_uid, &non_root);
+        held = vhub_fdstore_stored_by(store, uid);
+        if (held + n > per_uid)
+                return vhub_error_set(err, VHUB_ERR_LIMIT,
+                                      "uid %u holds %u of the %u fd-store entries one uid may have; "
+                                      "this needs %u more (it would not survive a restart)",
+                                      (unsigned)uid, held, per_uid, n);
+        /* other uids' numbers stay out of the detail */
+        return vhub_error_set(err, VHUB_ERR_LIMIT,
+                              "the fd-store entries non-root uids may hold are in use "
+                              "(what this makes would not survive a restart)");
 }
 
 void vhub_fd_change(struct vhub_context *ctx, enum vhub_fd_change how, const char *group, int fd,

@@ -18,8 +18,10 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct vhub_context;
+struct vhub_error;
 
 /* A kind letter, up to 13 base-36 digits (2^64), NUL. */
 #define VHUB_FD_GROUP_MAX 16
@@ -35,9 +37,24 @@ struct vhub_context;
                                          * and channel (the device's id) */
 #define VHUB_FD_GROUP_LISTENER   "L"    /* the control socket the daemon made */
 
+/* What each owner object may store (its groups and snapshot file), charged
+ * against its uid's share of the store before it is made. */
+#define VHUB_VM_STORE_ENTRIES         3u        /* v, o, s (a device's fds join v) */
+#define VHUB_FRONTDOOR_STORE_ENTRIES  1u        /* f */
+#define VHUB_CONNECTION_STORE_ENTRIES 2u        /* c, k */
+
 /* kind and id in base 36 into buf: "d1a3", "o7".  (A kind is a letter of
  * its own, never a suffix: "v1s" would also be VM 64's.) */
 const char *vhub_fd_group(char buf[VHUB_FD_GROUP_MAX], char kind, uint64_t id);
+
+/* The store entry named kind+id (a group, or a snapshot file) counts for
+ * uid's share of the fd store from now on (own), or is nobody's (!own: its
+ * owner object goes).  See vhub-fdstore-share.h. */
+void vhub_fd_group_own(struct vhub_context *ctx, char kind, uint64_t id, uid_t uid, bool own);
+/* Before making an object that will store n more entries for uid: 0, or
+ * -32008 in err (uid's share of the fd store, or the non-root uids', is
+ * used up: what it made would not survive a restart). */
+int vhub_fd_store_check(struct vhub_context *ctx, uid_t uid, unsigned n, struct vhub_error *err);
 
 /* What happens to an fd, for its group in the fd store. */
 enum vhub_fd_change {

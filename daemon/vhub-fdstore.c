@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "vhub-fdstore.h"
+#include "vhub-fdstore-share.h"
 #include "vhub-log.h"
 #include "vhub-loop.h"
 #include "vhub-snapshot.h"
@@ -77,6 +78,8 @@ struct fds_entry {
         dev_t dev;
         ino_t ino;
         enum entry_state state;
+        bool counted;                           /* STORED: counts for owner's share */
+        uid_t owner;
         char name[];
 };
 
@@ -163,6 +166,7 @@ struct vhub_fdstore {
         size_t n_stored, n_aliases, n_failed;
         size_t names_bytes;                     /* sum of (name + ':') over STORED entries */
         struct vhub_fdstore_stats stats;
+        struct vhub_fdstore_share share;        /* each uid's part of max_fds */
 
         struct vhub_snap_file alias_file;       /* fd < 0 until the first alias */
         struct vhub_snap_writer alias_writer;
@@ -486,15 +490,30 @@ static bool send_again_later(int r) {
         return r == -EAGAIN || r == -ENOBUFS;
 }
 
+/* A STORED entry whose name has an owner counts for the owner's share. */
+static void entry_count(struct vhub_fdstore *s, struct fds_entry *e) {
+        uid_t uid;
+
+        if (e->counted || !vhub_fdstore_share_owner(&s->share, e->name, &uid) ||
+            vhub_fdstore_share_count(&s->share, uid, +1) < 0)
+                return;
+        e->counted = true;
+        e->owner = uid;
+}
+
 static void stored_add(struct vhub_fdstore *s, struct fds_entry *e) {
         e->state = ENTRY_STORED;
         s->n_stored++;
         s->names_bytes += strlen(e->name) + 1;
+        entry_count(s, e);
 }
 
 static void stored_del(struct vhub_fdstore *s, struct fds_entry *e) {
         s->n_stored--;
         s->names_bytes -= strlen(e->name) + 1;
+        if (e->counted)
+                (void)vhub_fdstore_share_count(&s->share, e->owner, -1);
+        e->counted = false;
 }
 
 static void entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r) {
@@ -599,10 +618,18 @@ static int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd
  * fd, inserted at pos of the file index, or for a stash entry the stash
  * socket fd (which the manager alone keeps: the caller closes its copy). */
 static void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd) {
+        uid_t uid;
         int r;
 
         if (s->n_stored >= s->max_fds) {
                 r = -EXFULL;    /* systemd would drop it silently */
+                goto fail;
+        }
+        /* what an owner's calls were not refused for (a VM's regions, a
+         * burst of connections before their groups were stored) still
+         * stops at its share: the rest of the store stays everyone else's */
+        if (vhub_fdstore_share_owner(&s->share, e->name, &uid) && vhub_fdstore_share_room(&s->share, uid, 1) < 0) {
+                r = -EDQUOT;
                 goto fail;
         }
         if (s->names_bytes + strlen(e->name) + 1 > VHUB_FDSTORE_NAMES_BUDGET) {
@@ -731,6 +758,12 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
                 s->max_fds = o->max_fds;
         else if (env_max && atoi(env_max) > 0)
                 s->max_fds = (unsigned) atoi(env_max);
+        r = vhub_fdstore_share_init(&s->share, s->max_fds);
+        if (r < 0) {
+                vhub_snap_writer_done(&s->alias_writer);
+                free(s);
+                return r;
+        }
         if ((o && o->disabled) || !path || !*path) {
                 *ret = s;
                 return 0;
@@ -818,6 +851,7 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
         s->sock = vhu_safe_close(s->sock);
         vhub_snap_file_close(&s->alias_file);
         vhub_snap_writer_done(&s->alias_writer);
+        vhub_fdstore_share_done(&s->share);
         free(s);
         return NULL;
 }
@@ -973,6 +1007,40 @@ int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name) {
                 return -ENOENT;
         s->stats.removes++;
         return remove_internal(s, e, true);
+}
+
+int vhub_fdstore_own(struct vhub_fdstore *s, const char *name, uid_t uid) {
+        struct fds_entry *e;
+        int r;
+
+        if (!vhub_fdstore_enabled(s))
+                return 0;
+        r = vhub_fdstore_share_own(&s->share, name, uid);
+        if (r < 0)
+                return r;
+        /* stored before its owner came back (a restart): counted now */
+        e = entry_find(s, name);
+        if (e && e->state == ENTRY_STORED)
+                entry_count(s, e);
+        return 0;
+}
+
+void vhub_fdstore_disown(struct vhub_fdstore *s, const char *name) {
+        if (vhub_fdstore_enabled(s))
+                vhub_fdstore_share_disown(&s->share, name);
+}
+
+int vhub_fdstore_share_check(const struct vhub_fdstore *s, uid_t uid, unsigned n) {
+        return vhub_fdstore_enabled(s) ? vhub_fdstore_share_room(&s->share, uid, n) : 0;
+}
+
+unsigned vhub_fdstore_stored_by(const struct vhub_fdstore *s, uid_t uid) {
+        return vhub_fdstore_enabled(s) ? vhub_fdstore_share_stored(&s->share, uid) : 0;
+}
+
+void vhub_fdstore_share_limits(const struct vhub_fdstore *s, unsigned *per_uid, unsigned *non_root) {
+        *per_uid = s->share.per_uid;
+        *non_root = s->share.non_root;
 }
 
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name) {

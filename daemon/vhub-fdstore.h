@@ -53,6 +53,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct event_base;
 struct vhub_fdstore;
@@ -142,6 +143,23 @@ int vhub_fd_key_of(int fd, struct vhub_fd_key *ret);
 int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
                            struct vhub_fd_key *ret);
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name);
+
+/* ---- each uid's share of the store (vhub-fdstore-share.h) */
+
+/* What is stored under name counts for uid's share (an owner object names
+ * its groups and snapshot files as it is made, before anything is pushed).
+ * 0 (also when disabled), -ENOMEM. */
+int vhub_fdstore_own(struct vhub_fdstore *s, const char *name, uid_t uid);
+/* The owner goes: name is nobody's (what is stored still counts until removed). */
+void vhub_fdstore_disown(struct vhub_fdstore *s, const char *name);
+/* May uid store n more entries?  0 (also when disabled, and for root), or
+ * -EDQUOT: a push past it fails ("not stored"), so a call that would make
+ * them is refused before it makes anything. */
+int vhub_fdstore_share_check(const struct vhub_fdstore *s, uid_t uid, unsigned n);
+/* How many entries stored now count for uid. */
+unsigned vhub_fdstore_stored_by(const struct vhub_fdstore *s, uid_t uid);
+/* The split: what one non-root uid, and all of them, may hold. */
+void vhub_fdstore_share_limits(const struct vhub_fdstore *s, unsigned *per_uid, unsigned *non_root);
 /* True if some live fd is not in the manager's store (it will not survive
  * a restart). */
 bool vhub_fdstore_degraded(const struct vhub_fdstore *s);

@@ -188,6 +188,14 @@ static void vm_linger_expired(evutil_socket_t fd, short what, void *userdata) {
         vhub_vm_destroy(vm, NULL);
 }
 
+/* A VM's store entries (its two groups, its snapshot file) count for its
+ * uid's share of the fd store (VHUB_VM_STORE_ENTRIES). */
+static void vm_own_entries(struct vhub_vm *vm, bool own) {
+        vhub_fd_group_own(vm->ctx, VHUB_FD_GROUP_VM, vm->id, vm->uid, own);
+        vhub_fd_group_own(vm->ctx, VHUB_FD_GROUP_SHARED, vm->id, vm->uid, own);
+        vhub_fd_group_own(vm->ctx, VHUB_SNAP_GROUP_VM, vm->id, vm->uid, own);
+}
+
 struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, const char *name,
                               uint64_t linger_ms, const struct vhub_cred *cred) {
         struct vhub_vm *vm = calloc(1, sizeof(*vm));
@@ -200,6 +208,7 @@ struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, 
         vhub_fd_group(vm->fd_group_shared, VHUB_FD_GROUP_SHARED, vm->id);
         snprintf(vm->name, sizeof(vm->name), "%s", name);
         vm->uid = uid;
+        vm_own_entries(vm, true);
         vm->linger_ms = linger_ms;
         vm->destroy_reason = VHUB_VM_DESTROYED_DESTROY;
         vhub_mem_table_init(&vm->mem);
@@ -215,6 +224,7 @@ struct vhub_vm *vhub_vm_alloc(struct vhub_context *ctx, uint64_t id, uid_t uid, 
                 vhub_event_freep(&vm->linger_timer);
                 vhub_hash_done(&vm->devices_by_name);
                 vhub_cred_done(&vm->cred);
+                vm_own_entries(vm, false);
                 free(vm);
                 return NULL;
         }
@@ -228,6 +238,7 @@ void vhub_vm_discard(struct vhub_vm *vm) {
         vhub_shared_table_done(&vm->shared);
         vhub_cred_done(&vm->cred);
         vhub_hash_done(&vm->devices_by_name);
+        vm_own_entries(vm, false);
         free(vm);
 }
 
@@ -252,12 +263,16 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
                    const struct vhub_owner *owner, const struct vhub_cred *cred,
                    struct vhub_error *err, struct vhub_vm **ret) {
         struct vhub_vm *vm;
+        int r;
 
         if (vhub_vm_find(ctx, uid, name))
                 return vhub_error_set(err, VHUB_ERR_EXISTS, "VM %s already exists", name);
         if (vhub_context_count_vms(ctx, uid) >= ctx->config->limits.vms_per_uid)
                 return vhub_error_set(err, VHUB_ERR_LIMIT, "uid %u already has %u VMs (the limit)",
                                       (unsigned)uid, ctx->config->limits.vms_per_uid);
+        r = vhub_fd_store_check(ctx, uid, VHUB_VM_STORE_ENTRIES, err);
+        if (r < 0)
+                return r;
         vm = vhub_vm_alloc(ctx, ++ctx->next_vm_id, uid, name, linger_ms, cred);
         if (!vm)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
@@ -342,6 +357,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         /* last: closing what it held marks it changed (vm_log_close()), and
          * a VM left marked would be counted after it is freed */
         vhub_fd_ledger_vm_gone(vm->ctx, vm);
+        vm_own_entries(vm, false);
         free(vm);
 }
 

@@ -656,6 +656,7 @@ static void vd_free(struct vhub_vmm_device *vd) {
         vhub_event_freep(&vd->ev_rest);
         vhub_event_freep(&vd->ev_redo);
         vd_redo_drop(vd);
+        vhub_fd_group_own(vd->ctx, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(vd->dev), 0, false);
         free(vd);
 }
 
@@ -780,6 +781,8 @@ static struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_de
         if (vd->limits.max_requests == 0)
                 vd->limits.max_requests = 256;
         vhub_fd_group(vd->fd_group, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev));
+        /* its group counts for the VM's uid's share of the fd store */
+        vhub_fd_group_own(ctx, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev), vhub_device_uid(dev), true);
         snprintf(vd->fd_prefix, sizeof(vd->fd_prefix), "vmm/%u/%s/%s", (unsigned)vhub_device_uid(dev),
                  vhub_device_vm_name(dev), vhub_device_name(dev));
         TAILQ_INIT(&vd->calls);
@@ -940,6 +943,7 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                         free(c.req[i]);
                 vhub_event_freep(&vd->ev_rest);
                 vhub_event_freep(&vd->ev_redo);
+                vhub_fd_group_own(ctx, VHUB_FD_GROUP_FRONTDOOR, vhub_device_id(dev), 0, false);
                 free(vd);
                 return r;
         }

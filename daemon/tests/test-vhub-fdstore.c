@@ -31,6 +31,7 @@
 #include "vhub-check.h"
 #include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
+#include "vhub-fdstore-share.h"
 #include "vhub-log.h"
 #include "vhub-snapshot.h"
 
@@ -1126,6 +1127,125 @@ static void test_group_budget(const char *dir) {
         event_base_free(base);
 }
 
+/* Each uid's share of the store: the split, entries counted as they are
+ * stored and removed (whoever owns them, whenever the owner said so), a
+ * push past a non-root uid's share failing for it alone, root unbounded. */
+static void test_share(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore_stats st;
+        struct vhub_fdstore *s;
+        unsigned per_uid, non_root;
+        char group[VHUB_FD_GROUP_MAX];
+        struct mgr m;
+        int fd = efd(), snap = efd();
+
+        mgr_open(&m, dir, "notify-share");
+        s = store_new(base, m.path, 16);
+        vhub_fdstore_share_limits(s, &per_uid, &non_root);
+        CHECK_EQ(per_uid, 4);
+        CHECK_EQ(non_root, 12);
+        /* uid 1000's six devices: four fit its share, two are not stored */
+        for (unsigned d = 1; d <= 6; d++) {
+                vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d);
+                CHECK_EQ(vhub_fdstore_own(s, group, 1000), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, group, fd), 0);
+                if (d == 4)
+                        vhub_fdstore_sync(s);   /* d1..d4 stored first */
+        }
+        vhub_fdstore_sync(s);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 4);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.stored, 4);
+        CHECK_EQ(st.failed, 2);
+        CHECK_EQ(m.n, 4);
+        CHECK_EQ(vhub_fdstore_share_check(s, 1000, 1), -EDQUOT);
+        /* root's part is kept, and root is not bounded by a share */
+        CHECK_EQ(vhub_fdstore_share_check(s, 0, 12), 0);
+        for (unsigned d = 7; d <= 10; d++) {
+                vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d);
+                CHECK_EQ(vhub_fdstore_own(s, group, 0), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, group, fd), 0);
+        }
+        vhub_fdstore_sync(s);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 0), 4);
+        CHECK_EQ(m.n, 8);
+        /* a removal gives the entry back; an owner gone (disowned) keeps
+         * counting what it left stored until that is removed */
+        CHECK_EQ(vhub_fdstore_group_remove(s, vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, 1), fd), 0);
+        vhub_fdstore_sync(s);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 3);
+        CHECK_EQ(vhub_fdstore_share_check(s, 1000, 1), 0);
+        CHECK_EQ(vhub_fdstore_share_check(s, 1000, 2), -EDQUOT);
+        vhub_fdstore_disown(s, vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, 2));
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 3);
+        CHECK_EQ(vhub_fdstore_group_remove(s, group, fd), 0);
+        vhub_fdstore_sync(s);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 2);
+        /* the failed ones go without touching the count */
+        for (unsigned d = 5; d <= 6; d++)
+                CHECK_EQ(vhub_fdstore_group_remove(s, vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d), fd), 0);
+        vhub_fdstore_sync(s);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 2);
+        vhub_fdstore_get_stats(s, &st);
+        CHECK_EQ(st.failed, 0);
+        /* the non-root uids together: uid 1000 holds 2, uid 2000 4, uid
+         * 3000 4 -> a fourth uid may add 2, not 3 (root's quarter) */
+        for (unsigned d = 13; d <= 20; d++) {
+                vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d);
+                CHECK_EQ(vhub_fdstore_own(s, group, d <= 16 ? 2000 : 3000), 0);
+                CHECK_EQ(vhub_fdstore_group_add(s, group, fd), 0);
+        }
+        vhub_fdstore_sync(s);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 2000), 4);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 3000), 4);
+        CHECK_EQ(vhub_fdstore_share_check(s, 4000, 2), 0);
+        CHECK_EQ(vhub_fdstore_share_check(s, 4000, 3), -EDQUOT);
+        /* a name stored before its owner came back (a restart's): counted
+         * when it is owned; one nobody owns counts for nobody */
+        CHECK_EQ(vhub_fdstore_push(s, snap, "s1"), 0);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 2);
+        CHECK_EQ(vhub_fdstore_own(s, "s1", 1000), 0);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 3);
+        CHECK_EQ(vhub_fdstore_own(s, "s1", 1000), 0);   /* twice: counted once */
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 3);
+        CHECK_EQ(vhub_fdstore_remove(s, "s1"), 0);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000), 2);
+        vhub_fdstore_disown(s, "s1");
+        for (unsigned d = 3; d <= 20; d++)
+                if (d < 5 || d > 6)
+                        (void)vhub_fdstore_group_remove(s, vhub_fd_group(group, VHUB_FD_GROUP_DEVICE, d), fd);
+        vhub_fdstore_sync(s);
+        mgr_pump(&m, base, 50);
+        CHECK_EQ(vhub_fdstore_stored_by(s, 1000) + vhub_fdstore_stored_by(s, 2000) +
+                 vhub_fdstore_stored_by(s, 3000) + vhub_fdstore_stored_by(s, 0), 0);
+        CHECK_EQ(m.n, 0);
+        vhub_fdstore_free(s);
+        mgr_close(&m);
+        /* the split of the smallest stores */
+        {
+                struct vhub_fdstore_share sh;
+
+                CHECK_EQ(vhub_fdstore_share_init(&sh, 1), 0);
+                CHECK_EQ(sh.per_uid, 1);
+                CHECK_EQ(sh.non_root, 0);
+                CHECK_EQ(vhub_fdstore_share_room(&sh, 1000, 1), -EDQUOT);
+                CHECK_EQ(vhub_fdstore_share_room(&sh, 0, 1), 0);
+                vhub_fdstore_share_done(&sh);
+                CHECK_EQ(vhub_fdstore_share_init(&sh, 16384), 0);
+                CHECK_EQ(sh.per_uid, 4096);
+                CHECK_EQ(sh.non_root, 12288);
+                vhub_fdstore_share_done(&sh);
+        }
+        close(fd);
+        close(snap);
+        event_base_free(base);
+        printf("ok: each uid's share of the store: a quarter per non-root uid, root's quarter kept, "
+               "counted as entries are stored and removed\n");
+}
+
 /* LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES as systemd sets them, in a child so
  * that fds 3 and 4 are free. */
 static void test_restore_env(void) {
@@ -1196,6 +1316,7 @@ int main(void) {
         test_group_restore(dir);
         test_group_restore_big(dir);
         test_group_budget(dir);
+        test_share(dir);
         test_restore_env();
         CHECK_EQ(vhub_count_open_fds(), fds_before);
         printf("ok: no fd leaked\n");
