@@ -1166,7 +1166,7 @@ static const struct control_method methods[] = {
         { .name = "device.add", .fn = m_device_add, .flags = METHOD_VM | METHOD_WAITS, .params = device_add_params,
           .result = &device_add_result, .make_result = result_device_add,
           .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, VHUB_ERR_NOT_ALLOWED,
-                           BACKEND_ERRORS),
+                           VHUB_ERR_LIMIT, BACKEND_ERRORS),
           .summary = "Connect a back-end, negotiate, set the owner and the memory table; with vmm_socket, "
                      "open the front door for an unmodified VMM." },
         { .name = "device.remove", .fn = m_device_remove, .flags = DEVICE_CALL,
