@@ -374,8 +374,8 @@ struct device_move {
         char own[VHUB_FD_GROUP_MAX];
 };
 
-/* m's fds join the device's own group too (stored with the next sync);
- * on failure none does. */
+/* m's fds join the device's own group too (stored with the next sync),
+ * which counts for its VM's uid; on failure none does. */
 static int move_begin(struct vhub_fdstore *s, struct device_move *m) {
         size_t i;
         int r = 0;
@@ -384,11 +384,14 @@ static int move_begin(struct vhub_fdstore *s, struct device_move *m) {
         if (m->g.failed)
                 return -ENOMEM;
         vhub_fd_group(m->own, VHUB_FD_GROUP_DEVICE, m->d->id);
+        vhub_fd_group_own(m->d->vm->ctx, VHUB_FD_GROUP_DEVICE, m->d->id, m->d->vm->uid, true);
         for (i = 0; i < m->g.n && r >= 0; i++)
                 r = vhub_fdstore_group_add(s, m->own, m->g.fds[i]);
-        if (r < 0)
+        if (r < 0) {
                 for (size_t j = 0; j + 1 < i; j++)
                         (void)vhub_fdstore_group_remove(s, m->own, m->g.fds[j]);
+                vhub_fd_group_own(m->d->vm->ctx, VHUB_FD_GROUP_DEVICE, m->d->id, 0, false);
+        }
         return r;
 }
 
@@ -404,17 +407,37 @@ static void move_end(struct vhub_fdstore *s, struct device_move *m) {
 static void move_undo(struct vhub_fdstore *s, struct device_move *m) {
         for (size_t i = 0; i < m->g.n; i++)
                 (void)vhub_fdstore_group_remove(s, m->own, m->g.fds[i]);
+        vhub_fd_group_own(m->d->vm->ctx, VHUB_FD_GROUP_DEVICE, m->d->id, 0, false);
+}
+
+/* Whether the store takes n more entries for vm's uid: its share and the
+ * store's room (a push past either fails, and a device whose group failed
+ * must stay in its VM's). */
+static bool move_fits(struct vhub_fdstore *s, const struct vhub_vm *vm, unsigned n) {
+        return vhub_fdstore_share_check(s, vm->uid, n) == 0 && vhub_fdstore_room(s) >= n;
 }
 
 void vhub_devices_own_groups(struct vhub_context *ctx) {
         struct vhub_fdstore *s = vhub_context_fdstore(ctx);
         struct device_move *moves = NULL, *p;
-        size_t n = 0, cap = 0;
+        size_t n = 0, cap = 0, moved = 0, kept = 0;
         struct vhub_device *d;
         struct vhub_vm *vm;
         int r;
 
-        TAILQ_FOREACH(vm, &ctx->vms, link)
+        TAILQ_FOREACH(vm, &ctx->vms, link) {
+                unsigned k = 0;
+
+                TAILQ_FOREACH(d, &vm->devices, link)
+                        k += strcmp(d->fd_group, vm->fd_group) == 0;
+                /* the VM's devices move together or not at all: one that
+                 * stays keeps the VM's snapshot compat 2 anyway */
+                if (k == 0)
+                        continue;
+                if (!move_fits(s, vm, k)) {
+                        kept += k;
+                        continue;
+                }
                 TAILQ_FOREACH(d, &vm->devices, link) {
                         if (strcmp(d->fd_group, vm->fd_group) != 0)
                                 continue;
@@ -435,19 +458,36 @@ void vhub_devices_own_groups(struct vhub_context *ctx) {
                         }
                         n++;
                 }
+                /* stored (and counted for the uid) before the next VM's check */
+                vhub_fdstore_sync(s);
+        }
+        if (kept > 0)
+                log_warning("planned restart: %zu devices stay in their VMs' fd-store groups (their uids' share or "
+                            "the store has no room for groups of their own): a vhubd of format 1 will not take "
+                            "those VMs back", kept);
         if (n == 0)
                 return;
         /* in both groups until the manager holds the new ones: never in
          * neither, whatever happens now */
-        vhub_fdstore_sync(s);
         r = vhub_fdstore_flush(s, VHUB_OWN_GROUPS_FLUSH_MS);
         if (r < 0)
                 goto undo;
         for (size_t i = 0; i < n; i++) {
-                move_end(s, &moves[i]);
+                /* a push that failed or was refused: the device stays */
+                if (vhub_fdstore_held(s, moves[i].own)) {
+                        move_end(s, &moves[i]);
+                        moved++;
+                } else {
+                        move_undo(s, &moves[i]);
+                }
                 free(moves[i].g.fds);
         }
-        log_info("planned restart: %zu devices in groups of their own, as a vhubd of format 1 has them", n);
+        if (moved < n)
+                log_warning("planned restart: %zu devices stay in their VMs' fd-store groups (the manager did not "
+                            "take their own)", n - moved);
+        if (moved > 0)
+                log_info("planned restart: %zu devices in groups of their own, as a vhubd of format 1 has them",
+                         moved);
         free(moves);
         return;
 undo:

@@ -1025,6 +1025,16 @@ int vhub_fdstore_own(struct vhub_fdstore *s, const char *name, uid_t uid) {
         return 0;
 }
 
+bool vhub_fdstore_held(const struct vhub_fdstore *s, const char *name) {
+        const struct fds_entry *e = vhub_fdstore_enabled(s) ? entry_find(s, name) : NULL;
+
+        return e && e->state == ENTRY_STORED && !e->pending;
+}
+
+unsigned vhub_fdstore_room(const struct vhub_fdstore *s) {
+        return s->n_stored < s->max_fds ? (unsigned)(s->max_fds - s->n_stored) : 0;
+}
+
 void vhub_fdstore_disown(struct vhub_fdstore *s, const char *name) {
         if (vhub_fdstore_enabled(s))
                 vhub_fdstore_share_disown(&s->share, name);

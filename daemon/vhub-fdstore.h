@@ -143,6 +143,11 @@ int vhub_fd_key_of(int fd, struct vhub_fd_key *ret);
 int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
                            struct vhub_fd_key *ret);
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name);
+/* Whether the manager holds name: stored and its message sent (after a
+ * flush: it reached the manager; false if its push failed or was refused). */
+bool vhub_fdstore_held(const struct vhub_fdstore *s, const char *name);
+/* How many more entries the store takes (max_fds less what is stored). */
+unsigned vhub_fdstore_room(const struct vhub_fdstore *s);
 
 /* ---- each uid's share of the store (vhub-fdstore-share.h) */
 

@@ -59,7 +59,7 @@ DEVICE_EVENTS = ("device.disconnected", "device.reconnected", "device.failed", "
 class Managed:
     """vhubd as a systemd service with the fd store."""
 
-    def __init__(self, t, d, extra=(), fd_store_max=4096):
+    def __init__(self, t, d, extra=(), fd_store_max=4096, env=None):
         self.d = d
         self.control = os.path.join(d, "control.sock")
         self.backends = os.path.join(d, "backends")
@@ -68,7 +68,7 @@ class Managed:
         t.add_log("vhubd under the service manager", self.sm.log_path)
         self.argv = [vhubd_path(), "--control", self.control, "--backend-dir", self.backends,
                      "--log-level", "info"] + list(extra)
-        self.sm.start(self.argv)
+        self.sm.start(self.argv, env=env)
         self.sm.wait_ready()
 
     def socket(self, name):
