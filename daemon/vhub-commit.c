@@ -104,10 +104,13 @@ static void vm_commit(struct vhub_vm *vm) {
         int r;
 
         vhub_fd_group(name, VHUB_SNAP_GROUP_VM, vm->id);
+        vm->snap_serial++;
         r = vhub_vm_serialize(vm, vhub_commit_writer(vm->ctx));
         if (r >= 0)
                 r = vhub_commit_file(vm->ctx, &vm->snap, name, false);
-        if (r < 0)
+        if (r >= 0)
+                vm->snap_stored = vm->snap_serial;
+        else
                 log_warning("VM %s: its restart snapshot was not written: %s", vm->name, strerror(-r));
 }
 

@@ -337,6 +337,14 @@ void vhub_device_vmm_commit_now(struct vhub_device *d) {
         vhub_commit_now(d->vm->ctx);
 }
 
+uint64_t vhub_device_vmm_snapshot_serial(const struct vhub_device *d) {
+        return d->vm->snap_serial;
+}
+
+uint64_t vhub_device_vmm_snapshot_stored(const struct vhub_device *d) {
+        return d->vm->snap_stored;
+}
+
 void vhub_device_vmm_fds_changed(struct vhub_device *d) {
         vhub_device_fds_changed(d);
 }

@@ -104,6 +104,12 @@ void vhub_device_vmm_changed(struct vhub_device *d);
 /* Write d's VM's snapshot now (the face is about to take bytes from the
  * VMM, and the last one says the session is at rest). */
 void vhub_device_vmm_commit_now(struct vhub_device *d);
+/* d's VM's snapshot serializations are numbered: the one being written (or
+ * last written), and the last whose write succeeded -- the fd store's copy;
+ * older than the other when a write failed.  A face told the first as it is
+ * asked at_rest() knows whether what it said is what a crash would find. */
+uint64_t vhub_device_vmm_snapshot_serial(const struct vhub_device *d);
+uint64_t vhub_device_vmm_snapshot_stored(const struct vhub_device *d);
 /* A VMM connected to d's socket (a new session): device.vmm_connected. */
 void vhub_device_vmm_connected(struct vhub_device *d);
 /*

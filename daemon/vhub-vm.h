@@ -139,6 +139,9 @@ struct vhub_vm {
         /* its restart snapshot (vhub-commit.h) */
         struct vhub_snap_file snap;     /* fd -1 until the first write */
         bool snap_dirty;
+        uint64_t snap_serial;           /* serializations begun (the last's number) */
+        uint64_t snap_stored;           /* the last one written whole: the store's copy
+                                         * (an older one's when a write failed) */
         TAILQ_ENTRY(vhub_vm) snap_link; /* on ctx->snap_dirty */
         /* a restore, until the faces have taken their connections back */
         bool restore_owned;             /* it had an owner: face and id */

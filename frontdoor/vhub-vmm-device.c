@@ -98,7 +98,9 @@ struct vhub_vmm_device {
         uint32_t relay_tag;
         unsigned busy;                /* inside a callback: gone() defers the free */
         bool dead;                    /* the model let go of it */
-        bool rest_saved;              /* the last snapshot written carries the session */
+        bool rest_saved;              /* the last snapshot serialized carries the session */
+        uint64_t rest_serial;         /* that one's serial (vhub_device_vmm_snapshot_serial()) */
+        bool rest_older;              /* the fd store's copy before it carries the session */
         bool leaving_rest;            /* a snapshot saying it is not at rest is being written */
         struct event *ev_rest;        /* pending: at rest for less than REST_SETTLE_USEC */
 };
@@ -248,12 +250,6 @@ static bool vd_leave(struct vhub_vmm_device *vd) {
         return false;
 }
 
-/*
- * The session is about to leave its rest (bytes taken from the VMM, a
- * request relayed that it will answer): a snapshot that carries it must
- * not stay the last one written, or a crash now would resume the VMM's
- * stream in the wrong place.  So that one is replaced first, at once.
- */
 /* Nothing owed either way any more: at rest, once it stays so a moment. */
 static void vd_settle(struct vhub_vmm_device *vd) {
         static const struct timeval settle = { 0, REST_SETTLE_USEC };
@@ -269,12 +265,44 @@ static void rest_cb(evutil_socket_t fd, short what, void *userdata) {
                 vhub_device_vmm_changed(vd->dev);       /* the snapshot says it is at rest */
 }
 
-static void vd_leave_rest(struct vhub_vmm_device *vd) {
-        if (!vd->rest_saved || vd->dead)
-                return;
+/*
+ * Whether the VM's snapshot a crash would find -- the last one written
+ * whole -- carries the session: the last one serialized if its write
+ * succeeded, else the copy before it.  One serialized after the last
+ * at_rest() asked nothing of the face: it does not carry the session.
+ */
+static bool vd_rest_stored(const struct vhub_vmm_device *vd) {
+        uint64_t stored = vhub_device_vmm_snapshot_stored(vd->dev);
+
+        if (stored == vd->rest_serial)
+                return vd->rest_saved;
+        return stored < vd->rest_serial && vd->rest_older;
+}
+
+/*
+ * The session is about to leave its rest (bytes taken from the VMM, a
+ * request relayed that it will answer, the answer to a request a snapshot
+ * carries): a snapshot that carries it must not stay the one a crash would
+ * find, or the next process would resume the VMM's stream in the wrong
+ * place, or answer a request again.  So that one is replaced first, at
+ * once.  false: it could not be (the write failed: ENOSPC, EFBIG...): the
+ * VMM's connection is closed instead, nothing more happens on it, and a
+ * crash now hands the next process either the requests still unanswered
+ * or a connection already closed.
+ */
+static bool vd_leave_rest(struct vhub_vmm_device *vd) {
+        if (vd->dead || !vd_rest_stored(vd))
+                return true;
         vd->leaving_rest = true;
         vhub_device_vmm_commit_now(vd->dev);
         vd->leaving_rest = false;
+        if (!vd_rest_stored(vd))
+                return true;
+        vd_log(vd, LOG_WARNING, NULL, "closing the VMM's connection: the VM's snapshot that carries its session "
+               "could not be replaced");
+        if (vd->conn)
+                vhub_vmm_conn_fail(vd->conn, "the VM's snapshot that carries the session could not be replaced");
+        return false;
 }
 
 /* Carried requests not handled again yet: dropped with their session. */
@@ -349,8 +377,9 @@ static int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
                 out.hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         if ((out.hdr.flags & VHU_FLAG_NEED_REPLY) && vd->relay_count == RELAY_MAX)
                 return -ENOBUFS;
-        if (out.hdr.flags & VHU_FLAG_NEED_REPLY)
-                vd_leave_rest(vd);      /* an answer will be owed to this process */
+        /* an answer will be owed to this process */
+        if ((out.hdr.flags & VHU_FLAG_NEED_REPLY) && !vd_leave_rest(vd))
+                return -ENOTCONN;
         r = vhub_vmm_channel_send(vd->channel, &out, ++vd->relay_tag);
         if (r > 0) {
                 vd->relay_tokens[(vd->relay_head + vd->relay_count) % RELAY_MAX] = token;
@@ -418,9 +447,12 @@ static void call_done(struct vhub_call *call) {
                 return;
         }
         /* a snapshot carrying this request must not outlive its answer (a
-         * crash would handle it again, and the VMM get two): replaced first */
-        if (c->carried && c->answer_id != 0)
-                vd_leave_rest(vd);
+         * crash would handle it again, and the VMM get two): replaced first,
+         * else no answer (the connection is closed) */
+        if (c->carried && c->answer_id != 0 && !vd_leave_rest(vd)) {
+                call_forget(c);
+                return;
+        }
         /* a request the VMM waits for nothing for can still close it */
         if (call->result < 0) {
                 vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", call->error.detail);
@@ -544,6 +576,9 @@ static void vd_end_session(struct vhub_vmm_device *vd) {
         TAILQ_INIT(&vd->calls);
         vd->n_calls = vd->n_carried = vd->n_owed = 0;
         vd_redo_drop(vd);
+        /* a snapshot carrying it names a connection closed, or unanswered
+         * requests: nothing the next session must replace */
+        vd->rest_saved = vd->rest_older = false;
         vd->paused = false;
         vd->channel = vd_channel_free(vd);
         relay_fail_all(vd);
@@ -564,7 +599,7 @@ static void conn_on_lost(void *userdata, const char *reason) {
 }
 
 static void conn_on_before_read(void *userdata) {
-        vd_leave_rest(userdata);
+        vd_leave_rest(userdata);        /* false: the connection is lost, nothing is read */
 }
 
 static const struct vhub_vmm_conn_ops conn_ops = {
@@ -706,6 +741,8 @@ static bool vd_at_rest(void *face) {
         struct vhub_vmm_device *vd = face;
         bool was = vd->rest_saved;
 
+        vd->rest_older = vd_rest_stored(vd);
+        vd->rest_serial = vhub_device_vmm_snapshot_serial(vd->dev);
         vd->rest_saved = vd_carriable(vd);
         if (vd->rest_saved && !was)
                 vd_log(vd, LOG_DEBUG, NULL, "the VM's snapshot carries the VMM's session (%s)",
@@ -995,7 +1032,9 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 return r;
         }
         vd->session++;
-        vd->rest_saved = true;  /* the snapshot it came from carries the session */
+        /* the snapshot it came from carries the session */
+        vd->rest_saved = true;
+        vd->rest_serial = vhub_device_vmm_snapshot_stored(dev);
         if (vd->n_redo > 0) {
                 static const struct timeval now = { 0, 0 };
 

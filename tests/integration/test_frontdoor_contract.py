@@ -43,6 +43,14 @@ restart   vhubd under a service manager (the fd store) restarted under VMMs
           checked); the VM held only by its VMM lingers from the crash and
           goes.  Planned with half of a VMM's message read: not carried
           either, the next VMM is served.
+restart-write-fail
+          a VMM's GET_CONFIG in flight carried by the VM's snapshot (its
+          back-end stopped), then every snapshot write fails (vhubd's
+          RLIMIT_FSIZE set to 0: EFBIG) as the back-end answers: the snapshot
+          that would drop the request cannot replace the one carrying it, so
+          vhubd closes the VMM's connection instead of answering; crashed
+          then, the next process does not answer it either (never twice), the
+          device waits for the next VMM, which reads what the first wrote.
 unmapped  a VMM giving a ring addresses outside its memory table is closed,
           the back-end never gets them; the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
@@ -630,6 +638,98 @@ def restart_half_read(t, m, c, path, vm_name):
     log("ok: a half-read message at a planned restart: the VMM's connection closed, the next one served")
 
 
+GET_CONFIG_REPLY = 12 + 12 + 8     # a header, then the config payload's head and 8 bytes
+
+
+def recv_until(fe, want, timeout):
+    """What the VMM receives until `want` bytes, its connection's end or
+    `timeout`: (bytes, closed)."""
+    got, end = b"", time.monotonic() + timeout
+    while len(got) < want:
+        left = end - time.monotonic()
+        if left <= 0:
+            return got, False
+        fe.sock.settimeout(left)
+        try:
+            b = fe.sock.recv(4096)
+        except socket.timeout:
+            return got, False
+        except OSError:
+            return got, True
+        if not b:
+            return got, True
+        got += b
+    return got, False
+
+
+def scenario_restart_write_fail(t):
+    """A request a snapshot carries is never answered while that snapshot
+    may be the newest stored one: a crash would hand it to the next process,
+    which answers it again.  Here the write that drops it fails (every
+    write: vhubd's RLIMIT_FSIZE is 0, its pwrite() gets EFBIG; SIGXFSZ is
+    ignored) as the back-end answers: the VMM's connection is closed
+    instead, and the crash that follows answers nothing either."""
+    import resource
+    from test_restart import Managed
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    vmm_dir = os.path.join(d, "vmm")
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "5000"])
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    c.call("vm.create", {"vm": "vm0"})
+    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    salt = 3
+    fe, q = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    with open(m.sm.log_path, "rb") as f:
+        carried0 = f.read().count(IN_FLIGHT_CARRIED)
+    pid = m.sm.pid
+    os.kill(qsd.pid, signal.SIGSTOP)
+    try:
+        fe.send(vu.GET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(8))
+
+        def carried():
+            with open(m.sm.log_path, "rb") as f:
+                return f.read().count(IN_FLIGHT_CARRIED) > carried0
+        wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
+        time.sleep(0.05)    # its write, right after the line
+        # from here every snapshot write fails (and every log line: the
+        # log is a file too); the stored snapshot is the one carrying GET_CONFIG
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    finally:
+        os.kill(qsd.pid, signal.SIGCONT)
+    got, closed = recv_until(fe, GET_CONFIG_REPLY, 10.0)
+    log("before the crash the VMM received %d bytes%s" % (len(got), ", then its connection closed" if closed else ""))
+    check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit (every write still failing)")
+    if not closed:
+        more, closed = recv_until(fe, 2 * GET_CONFIG_REPLY - len(got), 10.0)
+        got += more
+    check(len(got) < 2 * GET_CONFIG_REPLY, "GET_CONFIG answered twice: by the old vhubd, though its snapshot "
+          "still carried the request, and by the next process after the crash (%d bytes)" % len(got))
+    check_eq((got, closed), (b"", True), "the VMM's connection closed without an answer: its answer could not "
+             "be sent once a failed write left the snapshot carrying it the newest")
+    fe.close()
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash")
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    for i in range(8):
+        k = salt * 8 + i
+        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written by the first VMM, read by the next one after the crash" % k)
+    fe2.close()
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
+
+
 def held_vms(c):
     return {v["vm"]: v for v in c.call("vm.list")["vms"]}
 
@@ -807,6 +907,7 @@ SCENARIOS = {
     "lifetime": scenario_lifetime,
     "budget": scenario_budget,
     "restart": scenario_restart,
+    "restart-write-fail": scenario_restart_write_fail,
     "unmapped": scenario_unmapped,
 }
 
