@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "vhub-vmm-conn.h"
@@ -195,6 +196,15 @@ static void conn_handle(struct vhub_vmm_conn *c, struct vhu_msg *m) {
         c->dispatching = false;
 }
 
+/* Whether the VMM's socket holds bytes to read now (or an error to report):
+ * peeked, nothing taken. */
+static bool conn_bytes_wait(const struct vhub_vmm_conn *c) {
+        uint8_t b;
+        ssize_t n = recv(c->stream.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+
+        return n > 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 static void conn_on_readable(void *owner) {
         struct vhub_vmm_conn *c = owner;
         bool told = false;
@@ -210,7 +220,11 @@ static void conn_on_readable(void *owner) {
                         vmm_stream_set_reading(&c->stream, false);
                         break;
                 }
-                if (!told && c->ops->on_before_read) {
+                /* before the first bytes, and again before each message that
+                 * waits after one (handling it may have written a snapshot
+                 * that carries the session again); not where there is
+                 * nothing to take (that would undo such a snapshot) */
+                if (c->ops->on_before_read && (!told || conn_bytes_wait(c))) {
                         told = true;
                         c->ops->on_before_read(c->userdata);
                         if (c->stream.lost || c->free_requested)

@@ -71,8 +71,10 @@ struct vhub_vmm_conn_ops {
          * waiting to go) changed; only take note. */
         void (*on_fds_changed)(void *userdata);
         /* Optional: bytes are about to be taken from the VMM's socket (once
-         * per wake-up, before the first): a restart's snapshot that carries
-         * the session must stop saying it is at rest first. */
+         * per wake-up, before the first, and again before each later
+         * message: handling the one before may have written a snapshot that
+         * carries the session): a restart's snapshot that carries the
+         * session must stop saying it is at rest first. */
         void (*on_before_read)(void *userdata);
 };
 

@@ -51,6 +51,12 @@ restart-write-fail
           vhubd closes the VMM's connection instead of answering; crashed
           then, the next process does not answer it either (never twice), the
           device waits for the next VMM, which reads what the first wrote.
+restart-read-on
+          a VMM's GET_CONFIG (carried, its back-end stopped) and GET_FEATURES
+          (not carried) sent together, read in one wake-up; vhubd crashed: the
+          VMM gets both answers or its connection closes -- never a carried
+          session that lost GET_FEATURES (the snapshot carrying GET_CONFIG
+          must not stay the one a crash finds once the next one is read).
 unmapped  a VMM giving a ring addresses outside its memory table is closed,
           the back-end never gets them; the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
@@ -730,6 +736,79 @@ def scenario_restart_write_fail(t):
     log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
 
 
+def scenario_restart_read_on(t):
+    """Two requests in the VMM's socket at once, read in one wake-up: GET_CONFIG,
+    which a crash carries (relayed to a stopped back-end, in flight), then
+    GET_FEATURES, which it does not (it waits behind GET_CONFIG).  The
+    snapshot written once GET_CONFIG is read carries the session at the
+    stream's place after it; reading GET_FEATURES must replace it first, or
+    a crash hands the next process a session whose GET_FEATURES is gone --
+    the VMM then waits for its answer forever.  Crashed there: the VMM gets
+    both answers, in order, or its connection closes."""
+    from test_restart import Managed
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    vmm_dir = os.path.join(d, "vmm")
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "5000"])
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    c.call("vm.create", {"vm": "vm0"})
+    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    salt = 4
+    fe, q = vmm_writes(t, path, salt)
+    config = fe.get_config(0, 8)
+    features = fe.get_features()
+    wait_at_rest(m, at_rest_count(m))
+    with open(m.sm.log_path, "rb") as f:
+        carried0 = f.read().count(IN_FLIGHT_CARRIED)
+    os.kill(qsd.pid, signal.SIGSTOP)
+    try:
+        get_config = struct.pack("<III", vu.GET_CONFIG, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8)
+        get_features = struct.pack("<III", vu.GET_FEATURES, 1, 0)
+        fe.sock.sendall(get_config + get_features)
+
+        def carried():
+            with open(m.sm.log_path, "rb") as f:
+                return f.read().count(IN_FLIGHT_CARRIED) > carried0
+        wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
+        # GET_FEATURES was read in the same wake-up, right after
+        wait_until(lambda: b"VMM request GET_FEATURES (answer due)" in open(m.sm.log_path, "rb").read()
+                   .rsplit(IN_FLIGHT_CARRIED, 1)[-1], 10.0, what="vhubd reading GET_FEATURES")
+        time.sleep(0.1)
+        check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
+    finally:
+        os.kill(qsd.pid, signal.SIGCONT)
+    want = GET_CONFIG_REPLY + 12 + 8
+    got, closed = recv_until(fe, want, 10.0)
+    log("after the crash the VMM received %d bytes%s" % (len(got), ", then its connection closed" if closed else ""))
+    if closed:
+        check_eq(got, b"", "a connection closed at the crash answered nothing first")
+        mem2 = GuestMemory(4 << 20)
+        t.defer(mem2.close)
+        q2 = BlkQueue(mem2, index=0, size=64)
+        wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+                   what="the device to wait for the next VMM after the crash")
+        fe2 = vmm_start(path, mem2, [q2])
+        check(q2.read_sectors(salt * 64, 8) == pattern(salt * 64, 4096, salt=salt),
+              "the next VMM reads what the first wrote before the crash")
+        fe2.close()
+    else:
+        check_eq(len(got), want, "GET_CONFIG and GET_FEATURES, both in flight at the crash, both answered "
+                 "(GET_FEATURES was read after the snapshot carrying the session was written)")
+        check_eq(got[:12 + 12], struct.pack("<III", vu.GET_CONFIG, 1 | 4, 20) + struct.pack("<III", 0, 8, 0),
+                 "GET_CONFIG's reply first")
+        check_eq(got[12 + 12:GET_CONFIG_REPLY], config, "GET_CONFIG's reply: the back-end's config")
+        check_eq(struct.unpack("<IIIQ", got[GET_CONFIG_REPLY:]), (vu.GET_FEATURES, 1 | 4, 8, features),
+                 "GET_FEATURES' reply")
+        carried_vmm_goes_on(fe, q, salt, "crash")
+    fe.close()
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 def held_vms(c):
     return {v["vm"]: v for v in c.call("vm.list")["vms"]}
 
@@ -908,6 +987,7 @@ SCENARIOS = {
     "budget": scenario_budget,
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
+    "restart-read-on": scenario_restart_read_on,
     "unmapped": scenario_unmapped,
 }
 
