@@ -645,6 +645,39 @@ def restart_half_read(t, m, c, path, vm_name):
 
 
 GET_CONFIG_REPLY = 12 + 12 + 8     # a header, then the config payload's head and 8 bytes
+GET_CONFIG_8 = struct.pack("<III", vu.GET_CONFIG, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8)
+
+
+def carry_rig(t, backend_timeout_ms=5000):
+    """vhubd under a service manager (--vmm-dir <d>/vmm), VM vm0 with blk0 on
+    qemu-storage-daemon (the image <d>/disk.img) behind a front-door socket:
+    (managed, qsd, client, socket path, d)."""
+    from test_restart import Managed
+    d = t.tmpdir()
+    os.chmod(d, 0o755)
+    vmm_dir = os.path.join(d, "vmm")
+    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms",
+                             str(backend_timeout_ms)])
+    img = blk_image(d)
+    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    c = t.enter(Client(m.control, timeout=10))
+    c.call("vm.create", {"vm": "vm0"})
+    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
+                                 "vmm_socket": True})["vmm_socket"]
+    return m, qsd, c, path, d
+
+
+def send_carried(m, fe, data):
+    """The VMM sends data, GET_CONFIG first (its back-end stopped: in
+    flight), until vhubd's log says the VM's snapshot carries it."""
+    with open(m.sm.log_path, "rb") as f:
+        carried0 = f.read().count(IN_FLIGHT_CARRIED)
+    fe.sock.sendall(data)
+
+    def carried():
+        with open(m.sm.log_path, "rb") as f:
+            return f.read().count(IN_FLIGHT_CARRIED) > carried0
+    wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
 
 
 def recv_until(fe, want, timeout):
@@ -676,32 +709,15 @@ def scenario_restart_write_fail(t):
     ignored) as the back-end answers: the VMM's connection is closed
     instead, and the crash that follows answers nothing either."""
     import resource
-    from test_restart import Managed
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    vmm_dir = os.path.join(d, "vmm")
-    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "5000"])
-    img = blk_image(d)
-    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    c.call("vm.create", {"vm": "vm0"})
-    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
-                                 "vmm_socket": True})["vmm_socket"]
+    m, qsd, c, path, _ = carry_rig(t)
     salt = 3
     fe, q = vmm_writes(t, path, salt)
     fe.get_config(0, 8)
     wait_at_rest(m, at_rest_count(m))
-    with open(m.sm.log_path, "rb") as f:
-        carried0 = f.read().count(IN_FLIGHT_CARRIED)
     pid = m.sm.pid
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
-        fe.send(vu.GET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(8))
-
-        def carried():
-            with open(m.sm.log_path, "rb") as f:
-                return f.read().count(IN_FLIGHT_CARRIED) > carried0
-        wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
+        send_carried(m, fe, GET_CONFIG_8)
         time.sleep(0.05)    # its write, right after the line
         # from here every snapshot write fails (and every log line: the
         # log is a file too); the stored snapshot is the one carrying GET_CONFIG
@@ -745,34 +761,15 @@ def scenario_restart_read_on(t):
     a crash hands the next process a session whose GET_FEATURES is gone --
     the VMM then waits for its answer forever.  Crashed there: the VMM gets
     both answers, in order, or its connection closes."""
-    from test_restart import Managed
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    vmm_dir = os.path.join(d, "vmm")
-    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "5000"])
-    img = blk_image(d)
-    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    c.call("vm.create", {"vm": "vm0"})
-    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
-                                 "vmm_socket": True})["vmm_socket"]
+    m, qsd, c, path, _ = carry_rig(t)
     salt = 4
     fe, q = vmm_writes(t, path, salt)
     config = fe.get_config(0, 8)
     features = fe.get_features()
     wait_at_rest(m, at_rest_count(m))
-    with open(m.sm.log_path, "rb") as f:
-        carried0 = f.read().count(IN_FLIGHT_CARRIED)
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
-        get_config = struct.pack("<III", vu.GET_CONFIG, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8)
-        get_features = struct.pack("<III", vu.GET_FEATURES, 1, 0)
-        fe.sock.sendall(get_config + get_features)
-
-        def carried():
-            with open(m.sm.log_path, "rb") as f:
-                return f.read().count(IN_FLIGHT_CARRIED) > carried0
-        wait_until(carried, 10.0, what="vhubd's snapshot carrying the VMM's GET_CONFIG in flight")
+        send_carried(m, fe, GET_CONFIG_8 + struct.pack("<III", vu.GET_FEATURES, 1, 0))
         # GET_FEATURES was read in the same wake-up, right after
         wait_until(lambda: b"VMM request GET_FEATURES (answer due)" in open(m.sm.log_path, "rb").read()
                    .rsplit(IN_FLIGHT_CARRIED, 1)[-1], 10.0, what="vhubd reading GET_FEATURES")
@@ -814,19 +811,10 @@ def held_vms(c):
 
 
 def scenario_restart(t):
-    from test_restart import Managed
-    d = t.tmpdir()
-    os.chmod(d, 0o755)
-    vmm_dir = os.path.join(d, "vmm")
-    m = Managed(t, d, extra=["--vmm-dir", vmm_dir, "--log-level", "debug", "--backend-timeout-ms", "1000"])
-    img = blk_image(d)
-    qsd = t.enter(QsdBackend(img, m.socket("blk.sock"), num_queues=1, log_dir=d))
+    m, qsd, c, path, d = carry_rig(t, backend_timeout_ms=1000)
+    img = os.path.join(d, "disk.img")
     null = t.enter(QsdNullBackend([m.socket("n0.sock")], log_dir=d))
-    c = t.enter(Client(m.control, timeout=10))
-    c.call("vm.create", {"vm": "vm0"})
-    path = c.call("device.add", {"vm": "vm0", "device": "blk0", "socket": qsd.socket, "type": "blk",
-                                 "vmm_socket": True})["vmm_socket"]
-    check_eq(path, os.path.join(vmm_dir, str(os.getuid()), "vm0", "blk0.sock"), "the front-door socket")
+    check_eq(path, os.path.join(d, "vmm", str(os.getuid()), "vm0", "blk0.sock"), "the front-door socket")
     # an orchestrator's VM: created, its device added, its owner gone -- its VMM holds it
     c2 = Client(m.control, timeout=10)
     c2.call("vm.create", {"vm": "held", "linger_ms": 1500})
