@@ -12,6 +12,7 @@
  * face's done() runs in this stack) and may end the device (destroy_pending,
  * acted on here, after the op is freed).
  */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -56,13 +57,20 @@ static bool op_unrecorded(const struct vhub_op *op);
  * with nothing to do) changes nothing a back-end saw until it ends, and
  * its end is written as any change.  Nor for a device.add's handshake: a
  * crash before its answer removes the device whatever the snapshot says
- * (device_being_added()).
+ * (device_being_added()).  -EIO: that write failed -- the stored snapshot
+ * still says idle, and a crash would restore the device as if the back-end
+ * had seen nothing -- so nothing is sent: the op fails instead.
  */
-static void op_said_busy(struct vhub_device *d, const struct vhub_op *op) {
+static int op_said_busy(struct vhub_device *d, const struct vhub_op *op) {
+        struct vhub_vm *vm = d->vm;
+        uint64_t serial = vm->snap_serial;
+
         if (op_unrecorded(op) || (op->kind == VHUB_OP_HANDSHAKE && device_being_added(d)))
-                return;
-        vhub_changed(d->vm->ctx, d->vm);
-        vhub_commit_now(d->vm->ctx);
+                return 0;
+        vhub_changed(vm->ctx, vm);
+        vhub_commit_now(vm->ctx);
+        /* written (no fd store: nothing is), and not stored */
+        return vm->snap_serial != serial && vm->snap_stored != vm->snap_serial ? -EIO : 0;
 }
 
 static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu_msg *m, uint32_t tag,
@@ -83,9 +91,14 @@ static int device_send_msg(struct vhub_device *d, struct vhub_op *op, struct vhu
                              (info->reply == VHU_REPLY_IF_LOG_SHMFD && dev_has_pf(d, VHU_PF_LOG_SHMFD))))
                         m->hdr.flags &= ~VHU_FLAG_NEED_REPLY;
         }
+        /* (not on the wire while that write fails: a later send tries again) */
         if (!op->on_wire) {
+                if (op_said_busy(d, op) < 0)
+                        return device_op_error(op, VHUB_ERR_INTERNAL,
+                                               vhu_request_name(VHU_DIR_FRONTEND, m->hdr.request),
+                                               "the VM's restart snapshot could not be written to say the "
+                                               "device is busy: nothing was sent to its back-end");
                 op->on_wire = true;
-                op_said_busy(d, op);
         }
         /* Behind bytes the back-end has not read yet, the message waits
          * holding dups of its fds: they are the VM's uid's to hold, within

@@ -18,10 +18,20 @@ time (the timings are tests/bench/bench_restart.py's):
           then), a device added and removed 30 times, a planned restart, a
           crash, then real I/O on both rings and every region that is left
           listed and still served.
+  busy-fail
+          an op's first request goes to the back-end only once the VM's
+          snapshot says the device is busy: with every snapshot write failing
+          (vhubd's RLIMIT_FSIZE set to 0: EFBIG), device.stop of a running
+          qsd device is refused (-32603) and sends nothing; crashed then, the
+          device is restored running, as its client was told, and its ring
+          still serves I/O.  (Before, GET_VRING_BASE went out and stopped the
+          ring while the stored snapshot said running and idle: restored
+          running, its ring stopped in the back-end, the I/O never answered.)
 """
 
 import fcntl
 import os
+import resource
 import re
 import signal
 import struct
@@ -32,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend         # noqa: E402
-from vhubtest.client import Client, u64_json                     # noqa: E402
+from vhubtest.client import Client, RpcError, u64_json           # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
 from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
@@ -219,5 +229,35 @@ def part_churn(t):
     m.finish(c, vmm, "blk0", [q0.vq, q1.vq, qy.vq])
 
 
+def part_busy_fail(t):
+    d, m, qsd = daemon_with_qsd(t, 1)
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    dev = vmm.add_device("blk0", qsd.socket, type="blk")
+    features = scenarios.BLK_FEATURES & dev["features"] & ~(1 << blk.VIRTIO_BLK_F_MQ)
+    q0 = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    vmm.start_device("blk0", features, [q0.vq])
+    data = os.urandom(4096)
+    q0.write_sectors(0, data)
+    check_eq(q0.read_sectors(0, 8), data, "the ring serves I/O before")
+    # every write of a snapshot fails from here (and of the log: a file too)
+    resource.prlimit(m.sm.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    try:
+        told = "stopped (vrings %s)" % vmm.stop_device("blk0")
+    except RpcError as e:
+        told = "refused: %d %s" % (e.code, e.message)
+    check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit (every write still failing)")
+    c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+    state = [x for x in c.call("device.list", {"vm": "vm0"})["devices"] if x["device"] == "blk0"][0]["state"]
+    log("device.stop with every snapshot write failing: %s; restored %s" % (told, state))
+    check(told.startswith("refused: -32603"), "device.stop is refused when the VM's snapshot cannot say the device "
+          "is busy (nothing sent to the back-end)", told)
+    check_eq(state, "running", "restored as its client was told: running")
+    data2 = os.urandom(4096)
+    q0.write_sectors(8, data2, timeout=10.0)
+    check_eq(q0.read_sectors(0, 8, timeout=10.0) + q0.read_sectors(8, 8, timeout=10.0), data + data2,
+             "the restored ring still serves I/O")
+    m.finish(c, vmm, "blk0", [q0.vq])
+
+
 if __name__ == "__main__":
-    run_parts({"idle": part_idle, "churn": part_churn}, "idle")
+    run_parts({"idle": part_idle, "churn": part_churn, "busy-fail": part_busy_fail}, "idle")
