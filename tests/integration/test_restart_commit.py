@@ -230,7 +230,7 @@ def part_churn(t):
 
 
 def part_busy_fail(t):
-    d, m, qsd = daemon_with_qsd(t, 1)
+    _, m, qsd = daemon_with_qsd(t, 1)
     c, mem, vmm = m.vmm(t, 8 << 20)
     dev = vmm.add_device("blk0", qsd.socket, type="blk")
     features = scenarios.BLK_FEATURES & dev["features"] & ~(1 << blk.VIRTIO_BLK_F_MQ)
