@@ -51,6 +51,8 @@ struct face {
         int kept_fd;                  /* an fd taken from a request */
         bool lost;
         char reason[256];
+        unsigned before_read;         /* on_before_read calls ... */
+        unsigned seen_at[8];          /* ... with how many requests seen before each */
 };
 
 static void face_answer(struct face *f, const struct vhu_msg *m, uint64_t id) {
@@ -150,9 +152,18 @@ static void face_on_lost(void *userdata, const char *reason) {
         snprintf(f->reason, sizeof(f->reason), "%s", reason);
 }
 
+static void face_on_before_read(void *userdata) {
+        struct face *f = userdata;
+
+        if (f->before_read < sizeof(f->seen_at) / sizeof(f->seen_at[0]))
+                f->seen_at[f->before_read] = f->n;
+        f->before_read++;
+}
+
 static const struct vhub_vmm_conn_ops face_ops = {
         .on_request = face_on_request,
         .on_lost = face_on_lost,
+        .on_before_read = face_on_before_read,
 };
 
 static void face_setup(struct face *f, const struct vhub_vmm_conn_limits *limits) {
@@ -830,6 +841,34 @@ static void test_carry_busy(void) {
         CHECK_EQ(vhub_count_open_fds(), base_fds);
 }
 
+/*
+ * The face hears before bytes are taken: once per wake-up before the first
+ * message, and again before each later message the same wake-up reads
+ * (handling the one before may have written a snapshot that carries the
+ * session) -- not when nothing more waits.
+ */
+static void test_before_read(void) {
+        int base_fds = vhub_count_open_fds();
+        struct face f;
+
+        face_setup(&f, NULL);
+        f.defer = true;
+        /* two messages in the socket before the loop runs: one wake-up */
+        vmm_send_state(f.vmm, VHU_REQ_SET_VRING_ENABLE, PLAIN, 0, 1);
+        vmm_send_state(f.vmm, VHU_REQ_SET_VRING_ENABLE, PLAIN, 1, 1);
+        LOOP_UNTIL(f.base, f.n == 2 || f.lost);
+        CHECK(!f.lost);
+        CHECK_EQ(f.before_read, 2);
+        CHECK_EQ(f.seen_at[0], 0);
+        CHECK_EQ(f.seen_at[1], 1);       /* after the first was handled */
+        /* the next message, in a wake-up of its own: heard once more */
+        SEND_SEEN(&f, vmm_send_state(f.vmm, VHU_REQ_SET_VRING_ENABLE, PLAIN, 0, 0));
+        CHECK_EQ(f.before_read, 3);
+        CHECK_EQ(f.seen_at[2], 2);
+        face_teardown(&f);
+        CHECK_EQ(vhub_count_open_fds(), base_fds);
+}
+
 int main(void) {
         test_qemu_handshake();
         test_reply_ack();
@@ -842,6 +881,7 @@ int main(void) {
         test_fail();
         test_carry();
         test_carry_busy();
+        test_before_read();
         printf("vmm-conn: all passed\n");
         return 0;
 }
