@@ -140,10 +140,18 @@ def vmm_session_checks(way, device, sessions=1):
              "device.list of %s once its VMM left: vmm, vmm_socket" % device)
 
 
+THROUGH_TIMEOUT_MS = 30000
+
+
 def through(name):
     """test_guest_direct's scenario through vhubd, and vhubd's own checks."""
     def scenario(t, image):
-        way = ThroughVhubd(t)
+        # a deadline far above any real back-end's reply time: these tests
+        # compare the guest's I/O with the direct run (whose QEMU waits for
+        # ever); under load on 2 vCPUs testpmd's first SET_MEM_TABLE of 512 MiB
+        # took over the 5 s default once, which the daemon rightly took for a
+        # lost back-end. Deadlines have their own tests (hung-*, fallback-*).
+        way = ThroughVhubd(t, timeout_ms=THROUGH_TIMEOUT_MS)
         fds0 = fd_targets(way)
         dev = {"blk": "blk0", "fs": "fs0", "net": "net0", "net-packed": "net0"}[name]
         orig_release = way.release
