@@ -85,7 +85,7 @@ from vhubtest.direct import BackendClosed, DirectFrontend      # noqa: E402
 from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
 from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
-from vhubtest.procs import wait_until                          # noqa: E402
+from vhubtest.procs import fail_file_writes, wait_until        # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
@@ -708,7 +708,6 @@ def scenario_restart_write_fail(t):
     write: vhubd's RLIMIT_FSIZE is 0, its pwrite() gets EFBIG; SIGXFSZ is
     ignored) as the back-end answers: the VMM's connection is closed
     instead, and the crash that follows answers nothing either."""
-    import resource
     m, qsd, c, path, _ = carry_rig(t)
     salt = 3
     fe, q = vmm_writes(t, path, salt)
@@ -721,7 +720,7 @@ def scenario_restart_write_fail(t):
         time.sleep(0.05)    # its write, right after the line
         # from here every snapshot write fails (and every log line: the
         # log is a file too); the stored snapshot is the one carrying GET_CONFIG
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+        fail_file_writes(pid)
     finally:
         os.kill(qsd.pid, signal.SIGCONT)
     got, closed = recv_until(fe, GET_CONFIG_REPLY, 10.0)

@@ -31,7 +31,6 @@ time (the timings are tests/bench/bench_restart.py's):
 
 import fcntl
 import os
-import resource
 import re
 import signal
 import struct
@@ -44,7 +43,7 @@ from vhubtest import blk, scenarios                              # noqa: E402
 from vhubtest.backends import QsdBackend, QsdNullBackend         # noqa: E402
 from vhubtest.client import Client, RpcError, u64_json           # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
-from vhubtest.procs import wait_until                            # noqa: E402
+from vhubtest.procs import fail_file_writes, wait_until          # noqa: E402
 from vhubtest.testing import check, check_eq, log, run_parts     # noqa: E402
 from test_restart import Managed, listing                        # noqa: E402
 from test_restart_fixture import newest_doc                      # noqa: E402
@@ -240,7 +239,7 @@ def part_busy_fail(t):
     q0.write_sectors(0, data)
     check_eq(q0.read_sectors(0, 8), data, "the ring serves I/O before")
     # every write of a snapshot fails from here (and of the log: a file too)
-    resource.prlimit(m.sm.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    fail_file_writes(m.sm.pid)
     try:
         told = "stopped (vrings %s)" % vmm.stop_device("blk0")
     except RpcError as e:

@@ -9,6 +9,7 @@ atexit run.
 
 import atexit
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,15 @@ def wait_until(pred, timeout, interval=0.005, what="condition"):
         if time.monotonic() > deadline:
             raise TimeoutError("timed out after %.1fs waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def fail_file_writes(pid):
+    """From now on every write of process pid's to a regular file fails
+    (EFBIG: its RLIMIT_FSIZE soft limit is 0; vhubd ignores the SIGXFSZ) --
+    its snapshot memfds' and its log file's alike.  A fault injected in the
+    kernel's own path, not a hook in the daemon."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, hard))
 
 
 def unlink_if_exists(path):
