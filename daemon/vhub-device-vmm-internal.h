@@ -78,6 +78,9 @@ struct vhub_device_vmm {
 
         struct event *ev_deadline;    /* the earliest deadline of the VMM's queued requests */
         struct event *ev_reopen;      /* after a restart: the socket made again from the loop */
+        uint64_t reopen_until_usec;   /* until then a name still in use is tried again: the
+                                       * manager may not have dropped the earlier run's
+                                       * listener yet (its FDSTOREREMOVE is asynchronous) */
         bool had_vmm;                 /* restored: a VMM was connected when the daemon stopped */
         bool outage_expired;          /* a request waited out the deadline in this outage:
                                        * the rest are answered at once until it ends */

@@ -276,16 +276,32 @@ int vmm_session_restore(struct vhub_device *d, bool had_vmm) {
         return 0;
 }
 
-/* The stale fds of the last run are closed by now (vhubd_init()): the
- * socket's name is free for a new listener. */
+/* how often a restored device tries its socket's name again while the
+ * manager may still hold the earlier run's listener */
+#define VMM_REOPEN_RETRY_MS 50
+
+/* The stale fds of the last run are closed by now (vhubd_init()), and the
+ * earlier run's socket removed where a failed adoption knew it (its inode);
+ * a listener the manager still holds (its stash not dropped yet) leaves the
+ * name in use a moment: tried again until reopen_until_usec. */
 static void vmm_reopen_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_device *d = userdata;
         struct vhub_error err = { 0 };
         char reason[400];
+        int r;
 
         if (d->removing || d->vmm->face || d->state == VHUB_DEV_FAILED)
                 return;
-        if (vmm_open(d, &err) < 0) {
+        r = vmm_open(d, &err);
+        if (r == -EADDRINUSE && vhub_now_usec() < d->vmm->reopen_until_usec) {
+                struct timeval later = { 0, VMM_REOPEN_RETRY_MS * 1000 };
+
+                device_log(d, LOG_DEBUG, NULL, "front-door socket: %s (the earlier run's listener, not "
+                           "dropped by the service manager yet?): tried again", err.detail);
+                evtimer_add(d->vmm->ev_reopen, &later);
+                return;
+        }
+        if (r < 0) {
                 snprintf(reason, sizeof(reason), "its front-door socket could not be made again: %s", err.detail);
                 device_give_up(d, reason);
         }
@@ -299,6 +315,7 @@ bool vmm_restore_finish(struct vhub_device *d) {
          * carried device (an outage or a loss then replays the records) */
         if (s->face)
                 return false;
+        s->reopen_until_usec = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
         evtimer_add(s->ev_reopen, &now);
         if (s->had_vmm) {
                 s->had_vmm = false;

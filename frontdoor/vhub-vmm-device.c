@@ -166,6 +166,20 @@ static struct vhub_vmm_listener *vd_listener_free(struct vhub_vmm_device *vd) {
         return vhub_vmm_listener_free(vd->listener);
 }
 
+/* An fd a restore claimed from the group (a member already) that the
+ * object does not take: it leaves the group, then closes.  -1. */
+static int claimed_close(struct vhub_vmm_device *vd, int fd, const char *what) {
+        if (fd >= 0)
+                vd_fd_note(vd, false, fd, what);
+        return vhu_safe_close(fd);
+}
+
+/* Such an fd a constructor that failed closed: its number leaves the group
+ * (a removal makes no system call, and nothing was opened since). */
+static void claimed_gone(struct vhub_vmm_device *vd, int fd, const char *what) {
+        vd_fd_note(vd, false, fd, what);
+}
+
 static struct vhub_vmm_socket *vd_socket_remove(struct vhub_vmm_device *vd) {
         struct vhub_vmm_socket *sock = vd->sock;
 
@@ -970,12 +984,27 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
         r = read_carried(&claim, rec, &c);
         vhub_fd_claim_close(&claim);    /* what the record does not name goes */
         if (r < 0) {
-                vhu_safe_close(c.listen);
-                vhu_safe_close(c.conn);
-                vhu_safe_close(c.chan);
-                vhu_safe_close(c.uid_dir);
-                vhu_safe_close(c.vm_dir);
-                vhu_safe_close(c.inode);
+                /* what was claimed is a member of the group since the
+                 * restore: it leaves it as it closes, or the group would
+                 * keep the stale listener stored (and its name "in use") */
+                vd->dead = true;
+                c.listen = claimed_close(vd, c.listen, "listen");
+                c.conn = claimed_close(vd, c.conn, "conn");
+                c.chan = claimed_close(vd, c.chan, "chan");
+                /* the socket the earlier run made goes too: the next VMM's
+                 * is made at once, even while the manager still holds the
+                 * old listener (the name is ours: the inode says so) */
+                if (c.uid_dir >= 0 && c.vm_dir >= 0 && c.inode >= 0 &&
+                    vhub_vmm_socket_adopt(dir, owner, vhub_device_vm_name(dev), vhub_device_name(dev),
+                                          c.uid_dir, c.vm_dir, c.inode, &vd->sock, ret_path) >= 0) {
+                        vd->sock = vd_socket_remove(vd);
+                        free(*ret_path);
+                        *ret_path = NULL;
+                        c.uid_dir = c.vm_dir = c.inode = -1;
+                }
+                c.uid_dir = claimed_close(vd, c.uid_dir, "dir/uid");
+                c.vm_dir = claimed_close(vd, c.vm_dir, "dir/vm");
+                c.inode = claimed_close(vd, c.inode, "inode");
                 for (unsigned i = 0; i < c.n_req; i++)
                         free(c.req[i]);
                 vhub_event_freep(&vd->ev_rest);
@@ -995,8 +1024,13 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
         if (r >= 0) {
                 vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_track, vd);
                 r = vhub_vmm_listener_new(vd->base, c.listen, owner->uid, &listener_ops, vd, &vd->listener);
+                if (r < 0)
+                        claimed_gone(vd, c.listen, "listen");
         } else {
-                vhu_safe_close(c.listen);
+                claimed_close(vd, c.uid_dir, "dir/uid");
+                claimed_close(vd, c.vm_dir, "dir/vm");
+                claimed_close(vd, c.inode, "inode");
+                claimed_close(vd, c.listen, "listen");
         }
         if (r >= 0) {
                 vd_fd_note(vd, true, vhub_vmm_listener_fd(vd->listener), "listen");
@@ -1004,8 +1038,10 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 vhub_vmm_conn_limits_default(&l);
                 l.answer_timeout_ms = 2 * vd->limits.backend_timeout_ms + 1000;
                 r = vhub_vmm_conn_new(vd->base, c.conn, &l, &conn_ops, vd, &vd->conn);
+                if (r < 0)
+                        claimed_gone(vd, c.conn, "conn");
         } else {
-                vhu_safe_close(c.conn);
+                claimed_close(vd, c.conn, "conn");
         }
         if (r >= 0) {
                 vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
@@ -1015,13 +1051,15 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
         if (r >= 0 && c.chan >= 0) {
                 r = vhub_vmm_channel_new(vd->base, c.chan, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops,
                                          vd, &vd->channel);
+                if (r < 0)
+                        claimed_gone(vd, c.chan, "chan");
                 c.chan = -1;
                 if (r >= 0) {
                         vd_fd_note(vd, true, vhub_vmm_channel_fd(vd->channel), "chan");
                         vhub_vmm_channel_set_protocol_features(vd->channel, c.protocol_features);
                 }
         }
-        vhu_safe_close(c.chan);
+        claimed_close(vd, c.chan, "chan");
         if (r < 0) {
                 vd->dead = true;
                 vd_free(vd);

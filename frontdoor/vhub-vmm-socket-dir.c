@@ -339,6 +339,13 @@ fail:
         return r;
 }
 
+/* A socket adopt() could not take: its fds stay the caller's. */
+static int adopt_fail(struct vhub_vmm_socket *s, int r) {
+        s->uid_dir_fd = s->vm_dir_fd = s->inode_fd = -1;
+        socket_free(s);
+        return r;
+}
+
 int vhub_vmm_socket_adopt(struct vhub_vmm_dir *d, const struct vhub_cred *owner, const char *vm,
                           const char *device, int uid_dir_fd, int vm_dir_fd, int inode_fd,
                           struct vhub_vmm_socket **ret_sock, char **ret_path) {
@@ -346,36 +353,28 @@ int vhub_vmm_socket_adopt(struct vhub_vmm_dir *d, const struct vhub_cred *owner,
         char path[SUN_PATH_SIZE];
         struct stat st;
 
-        if (!s) {
-                vhu_safe_close(uid_dir_fd);
-                vhu_safe_close(vm_dir_fd);
-                vhu_safe_close(inode_fd);
+        if (!s)
                 return -ENOMEM;
-        }
-        /* the object's from here: socket_free() closes them */
         s->uid_dir_fd = uid_dir_fd;
         s->vm_dir_fd = vm_dir_fd;
         s->inode_fd = inode_fd;
         if (strlen(vm) > VHUB_NAME_MAX || strlen(device) > VHUB_NAME_MAX ||
             (size_t)snprintf(path, sizeof(path), "%s/%u/%s/%s" SOCKET_SUFFIX, d->path, (unsigned)owner->uid, vm,
-                             device) >= sizeof(path)) {
-                socket_free(s);
-                return -EINVAL;
-        }
+                             device) >= sizeof(path))
+                return adopt_fail(s, -EINVAL);
         snprintf(s->vm, sizeof(s->vm), "%s", vm);
         snprintf(s->name, sizeof(s->name), "%s" SOCKET_SUFFIX, device);
         /* what the earlier run held, checked as it made them: two directories
          * of the owner's and the socket's inode */
         if (fstat(vm_dir_fd, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_uid != owner->uid ||
             fstat(uid_dir_fd, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_uid != owner->uid ||
-            fstat(inode_fd, &st) < 0 || !S_ISSOCK(st.st_mode)) {
-                socket_free(s);
-                return -ESTALE;
-        }
-        if (vhub_cred_copy(owner, &s->owner) < 0 || !(*ret_path = strdup(path))) {
-                socket_free(s);
-                return -ENOMEM;
-        }
+            fstat(inode_fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+                return adopt_fail(s, -ESTALE);
+        if (vhub_cred_copy(owner, &s->owner) < 0)
+                return adopt_fail(s, -ENOMEM);
+        if (!(*ret_path = strdup(path)))
+                return adopt_fail(s, -ENOMEM);
+        /* the object's from here: socket_free() closes them */
         *ret_sock = s;
         return 0;
 }

@@ -69,7 +69,7 @@ int vhub_vmm_socket_create(struct vhub_vmm_dir *d, const struct vhub_cred *owner
 /*
  * A socket an earlier run of the daemon made (docs/restart.md, "Front-door
  * devices"), from the fds it held: the <uid> and <vm> directories and the
- * socket's O_PATH inode (all taken in every case, closed on failure).  They
+ * socket's O_PATH inode (taken on success; on failure still the caller's).  They
  * are checked as creation checks them (the owner's directories, a socket).
  * 0 with *ret_sock and *ret_path (malloc'd) filled, or -errno.
  */

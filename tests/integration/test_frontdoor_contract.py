@@ -751,6 +751,63 @@ def scenario_restart_write_fail(t):
     log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
 
 
+def scenario_restart_conn_gone(t):
+    """A crash carries the VMM's session (at rest), but the store no longer
+    holds its connection: the manager is made to drop it from the front
+    door's stash between the two processes, as a failed snapshot write that
+    closed the connection and a compaction of the stash before the crash
+    leave it (the race frontdoor-restart-write-fail lost under ASan).  The
+    next process cannot take the session back: what it claimed of the group
+    leaves it as it closes, and the earlier run's socket is made anew, so
+    the next VMM connects and reads what the first one wrote.  Before, the
+    claimed fds closed still members of the group: the manager kept the old
+    listener, its name stayed "in use" and the device failed."""
+    m, qsd, c, path, _ = carry_rig(t)
+    salt = 5
+    fe, q = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    groups = [n for n in m.sm.names() if n.startswith("f")]
+    check_eq(len(groups), 1, "one front-door group in the store (%s)" % groups)
+
+    def vmm_conn(fd):
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return False        # a directory or the socket's O_PATH inode
+        try:
+            # accepted on the socket vhubd bound (by a /proc/self/fd path):
+            # its name ends as path does; the listener accepts, a channel has none
+            return (s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0 and
+                    isinstance(s.getsockname(), str) and s.getsockname().endswith("/" + os.path.basename(path)))
+        finally:
+            s.close()
+    dropped = []
+    check_eq(m.restart(sig=signal.SIGKILL, before_start=lambda: dropped.append(m.sm.stash_drop(groups[0], vmm_conn))),
+             -signal.SIGKILL, "the old vhubd's exit")
+    check_eq(dropped, [1], "the VMM's connection dropped from the stash")
+    got, closed = recv_until(fe, 1, 10.0)
+    check_eq((got, closed), (b"", True), "the VMM's connection, not taken back, closed")
+    fe.close()
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    for i in range(8):
+        k = salt * 8 + i
+        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written by the first VMM, read by the next one after the crash" % k)
+    fe2.close()
+    stale = [l for l in open(m.sm.log_path, "rb").read().splitlines() if b"not stored (Bad file descriptor)" in l]
+    check_eq(stale, [], "no group stored with an fd closed before it left")
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    log("ok: a session the store could not give back whole: its socket made again, the next VMM served")
+
+
 def scenario_restart_read_on(t):
     """Two requests in the VMM's socket at once, read in one wake-up: GET_CONFIG,
     which a crash carries (relayed to a stopped back-end, in flight), then
@@ -975,6 +1032,7 @@ SCENARIOS = {
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
     "restart-read-on": scenario_restart_read_on,
+    "restart-conn-gone": scenario_restart_conn_gone,
     "unmapped": scenario_unmapped,
 }
 

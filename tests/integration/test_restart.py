@@ -95,10 +95,12 @@ class Managed:
         c.close()
         check_eq(self.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
-    def restart(self, sig=signal.SIGTERM, while_down=None):
+    def restart(self, sig=signal.SIGTERM, while_down=None, before_start=None):
         """Restart as `systemctl restart` (SIGTERM) or a crash (SIGKILL), calling
-        while_down() repeatedly until the new process is ready.  Returns the
-        old process's exit code."""
+        while_down() repeatedly until the new process is ready, and
+        before_start() once between the old process's exit and the new one's
+        start (the store as the manager keeps it then).  Returns the old
+        process's exit code."""
         if os.environ.get("VHUB_DUMP_STORE"):
             for n in self.sm.names():
                 fd = self.sm.dup(n)
@@ -111,6 +113,8 @@ class Managed:
             else:
                 time.sleep(0.001)
         code = self.sm.wait_exit()
+        if before_start:
+            before_start()
         self.sm.start(self.argv)
         end = time.monotonic() + 30
         while not self.sm.ready:

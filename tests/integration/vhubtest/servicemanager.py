@@ -40,6 +40,7 @@ docs/restart.md):
   (no job queued) releases it.
 """
 
+import array
 import ctypes
 import errno
 import os
@@ -449,6 +450,50 @@ class ServiceManager:
                 self.store.remove(e)
                 os.close(e.fd)
             self.lock.notify_all()
+
+    def stash_drop(self, name, drop):
+        """Fault injection between two starts: the stored stash `name` (a
+        SOCK_SEQPACKET socket whose queue holds a group's fds, docs/restart.md
+        "Groups") is replaced by one holding its fds but those for which
+        drop(fd) is true, in one message, as the daemon's own compaction
+        would leave it.  Returns how many were dropped."""
+        with self.lock:
+            e = [e for e in self.store if e.name == name][0]
+            kept, dropped = [], 0
+            stash = socket.socket(fileno=os.dup(e.fd))
+            try:
+                while True:
+                    try:
+                        data, anc, _, _ = stash.recvmsg(1, socket.CMSG_SPACE(253 * 4),
+                                                        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                    except BlockingIOError:
+                        break
+                    if not data and not anc:
+                        break           # its writing end closed (the daemon that held it is gone)
+                    for level, kind, payload in anc:
+                        if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                            continue
+                        fds = array.array("i")
+                        fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                        for fd in fds:
+                            if drop(fd):
+                                os.close(fd)
+                                dropped += 1
+                            else:
+                                kept.append(fd)
+            finally:
+                stash.close()
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            b.setblocking(False)    # as the daemon makes its stashes
+            a.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", kept))])
+            a.close()
+            for fd in kept:
+                os.close(fd)
+            os.close(e.fd)
+            e.fd = _fcntl_dupfd(b.fileno(), 3)
+            b.close()
+            self.lock.notify_all()
+            return dropped
 
     def names(self):
         """Stored names in the order a start passes them (newest first)."""
