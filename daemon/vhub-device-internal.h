@@ -43,6 +43,10 @@ struct vhub_op {
         bool last_unconfirmed;        /* a request without a reply ended the stage */
         bool running;
         bool on_wire;                 /* it sent a request: its VM's snapshot said "busy" first */
+        /* a VMM's request waits for the turn's commit to say "busy" (op_wait_turn()) */
+        struct vhub_commit_wait busy_wait;
+        struct vhub_device *busy_dev;
+        uint64_t busy_serial;         /* its VM's snapshot serial as it began to wait */
         uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */

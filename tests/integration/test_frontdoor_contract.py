@@ -55,8 +55,12 @@ restart-read-on
           a VMM's GET_CONFIG (carried, its back-end stopped) and GET_FEATURES
           (not carried) sent together, read in one wake-up; vhubd crashed: the
           VMM gets both answers or its connection closes -- never a carried
-          session that lost GET_FEATURES (the snapshot carrying GET_CONFIG
-          must not stay the one a crash finds once the next one is read).
+          session that lost GET_FEATURES (the turn's commit sees both: it
+          carries neither).
+restart-read-on-later
+          the same with GET_FEATURES sent once the snapshot carrying
+          GET_CONFIG is written (another wake-up): that snapshot must not stay
+          the one a crash finds once GET_FEATURES is read.
 unmapped  a VMM giving a ring addresses outside its memory table is closed,
           the back-end never gets them; the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
@@ -808,15 +812,20 @@ def scenario_restart_conn_gone(t):
     log("ok: a session the store could not give back whole: its socket made again, the next VMM served")
 
 
-def scenario_restart_read_on(t):
-    """Two requests in the VMM's socket at once, read in one wake-up: GET_CONFIG,
-    which a crash carries (relayed to a stopped back-end, in flight), then
-    GET_FEATURES, which it does not (it waits behind GET_CONFIG).  The
-    snapshot written once GET_CONFIG is read carries the session at the
-    stream's place after it; reading GET_FEATURES must replace it first, or
-    a crash hands the next process a session whose GET_FEATURES is gone --
-    the VMM then waits for its answer forever.  Crashed there: the VMM gets
-    both answers, in order, or its connection closes."""
+READ_FEATURES = b"VMM request GET_FEATURES (answer due)"
+
+
+def scenario_restart_read_on(t, later=False):
+    """Two requests: GET_CONFIG, which a crash carries (relayed to a stopped
+    back-end, in flight), then GET_FEATURES, which it does not (it waits
+    behind GET_CONFIG).  Sent at once they are read in one wake-up, and the
+    turn's commit (the one GET_CONFIG's op waits for) sees both: it must not
+    carry the session.  Sent later (`later`), GET_FEATURES comes once the
+    snapshot carrying GET_CONFIG at the stream's place after it is written:
+    reading GET_FEATURES must replace that first, or a crash hands the next
+    process a session whose GET_FEATURES is gone -- the VMM then waits for
+    its answer forever.  Crashed there: the VMM gets both answers, in
+    order, or its connection closes."""
     m, qsd, c, path, _ = carry_rig(t)
     salt = 4
     fe, q = vmm_writes(t, path, salt)
@@ -825,10 +834,15 @@ def scenario_restart_read_on(t):
     wait_at_rest(m, at_rest_count(m))
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
-        send_carried(m, fe, GET_CONFIG_8 + struct.pack("<III", vu.GET_FEATURES, 1, 0))
-        # GET_FEATURES was read in the same wake-up, right after
-        wait_until(lambda: b"VMM request GET_FEATURES (answer due)" in open(m.sm.log_path, "rb").read()
-                   .rsplit(IN_FLIGHT_CARRIED, 1)[-1], 10.0, what="vhubd reading GET_FEATURES")
+        with open(m.sm.log_path, "rb") as f:
+            read0 = f.read().count(READ_FEATURES)
+        if later:
+            send_carried(m, fe, GET_CONFIG_8)
+            fe.sock.sendall(struct.pack("<III", vu.GET_FEATURES, 1, 0))
+        else:
+            fe.sock.sendall(GET_CONFIG_8 + struct.pack("<III", vu.GET_FEATURES, 1, 0))
+        wait_until(lambda: open(m.sm.log_path, "rb").read().count(READ_FEATURES) > read0, 10.0,
+                   what="vhubd reading GET_FEATURES")
         time.sleep(0.1)
         check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
     finally:
@@ -1032,6 +1046,7 @@ SCENARIOS = {
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
     "restart-read-on": scenario_restart_read_on,
+    "restart-read-on-later": lambda t: scenario_restart_read_on(t, later=True),
     "restart-conn-gone": scenario_restart_conn_gone,
     "unmapped": scenario_unmapped,
 }
