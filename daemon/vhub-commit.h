@@ -6,9 +6,11 @@
  * composition root through ctx->commit_daemon, since it holds the faces).
  *
  * A change marks its VM (or the daemon) dirty; what is dirty is written
- * once, after the loop's current callback, and at once when an op sends
- * its first request to a device's back-end (so that a snapshot never calls
- * a device idle while one of its requests is on the wire).  Every write first brings the fd store's
+ * once, after the loop's current callback (the turn's commit, below), and
+ * at once when an op sends its first request to a device's back-end (so
+ * that a snapshot never calls a device idle while one of its requests is
+ * on the wire) -- but for a front-door VMM's request, which waits for the
+ * turn's commit instead.  Every write first brings the fd store's
  * groups up to date: an fd is in the store before a snapshot names it.
  * Nothing happens without an fd store (--no-fd-store, no $NOTIFY_SOCKET).
  */

@@ -58,7 +58,8 @@ static bool op_unrecorded(const struct vhub_op *op);
  * with nothing to do) changes nothing a back-end saw until it ends, and
  * its end is written as any change.  Nor for a device.add's handshake: a
  * crash before its answer removes the device whatever the snapshot says
- * (device_being_added()).  -EIO: that write failed -- the stored snapshot
+ * (device_being_added()).  A VMM's request waits for the turn's commit
+ * instead (op_wait_turn()).  -EIO: that write failed -- the stored snapshot
  * still says idle, and a crash would restore the device as if the back-end
  * had seen nothing -- so nothing is sent: the op fails instead.
  */

@@ -105,9 +105,9 @@ def timed_calls(client, until):
 
 def phase(name, pid, calls, cpu0):
     calls.sort()
-    log("%-9s device.list: %5d calls, median %7.0f us, p99 %8.0f us, max %8.0f us; vhubd CPU %.2f s"
-        % (name, len(calls), statistics.median(calls), calls[int(len(calls) * 0.99)], calls[-1],
-           cpu_seconds(pid) - cpu0))
+    log("%-9s device.list: %5d calls, median %7.0f us, mean %7.0f us, p99 %8.0f us, max %8.0f us; vhubd CPU "
+        "%.2f s" % (name, len(calls), statistics.median(calls), statistics.mean(calls), calls[int(len(calls) * 0.99)],
+                    calls[-1], cpu_seconds(pid) - cpu0))
 
 
 def vmm_flood(path, until, channels=False):
