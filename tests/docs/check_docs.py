@@ -22,6 +22,9 @@ machine can check.
 - docs/performance.md: every "benchmark `NAME`" and every name on a
   `meson test --benchmark` line is a benchmark, every tests/bench/ file it
   names exists, every benchmark is named there.
+- docs/protocol-coverage.md: every request of protocol/'s tables (front-end
+  and back-end) has its row, under its number, and every protocol feature
+  of protocol/vhost-user.h under its bit.
 - docs/fuzzing.md and tests/fuzz/fuzz-campaign.sh: every fuzz target
   (a source defining LLVMFuzzerTestOneInput) is in fuzzing.md's table and
   in the campaign script, and the corpus directories both name exist.
@@ -328,6 +331,33 @@ def check_performance(root, build, files):
        % (len(benches), len(paths)))
 
 
+# ------------------------------------------------------------ protocol coverage
+
+def check_protocol_coverage(root):
+    doc = read(root, "docs/protocol-coverage.md")
+    header = read(root, "protocol/vhost-user.h")
+    table = read(root, "protocol/vhu-request-table.c")
+    sections = re.split(r"^## ", doc, flags=re.M)
+    front = next((x for x in sections if x.startswith("Front-end requests")), "")
+    back = next((x for x in sections if x.startswith("Back-end requests")), "")
+    feats = next((x for x in sections if x.startswith("Protocol features")), "")
+    numbers = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(VHU_B?REQ_\w+)\s*=\s*(\d+)", header)}
+    split = table.index("backend_requests[")
+    n = 0
+    for part, section, what in ((table[:split], front, "front-end"), (table[split:], back, "back-end")):
+        for enum, name in re.findall(r'ENTRY\((VHU_B?REQ_\w+), "([A-Z_]+)"', part):
+            n += 1
+            if not re.search(r"^\| %d \| %s \|" % (numbers.get(enum, -1), name), section, re.M):
+                problem("docs/protocol-coverage.md has no %s request row '| %s | %s |'"
+                        % (what, numbers.get(enum, "?"), name))
+    bits = re.findall(r"\bVHU_PF_(\w+)\s*=\s*(\d+)", header)
+    for name, bit in bits:
+        if not re.search(r"^\| %s \| %s \|" % (bit, name), feats, re.M):
+            problem("docs/protocol-coverage.md has no protocol feature row '| %s | %s |'" % (bit, name))
+    ok("docs/protocol-coverage.md has a row for each of protocol/'s %d requests and %d protocol features"
+       % (n, len(bits)))
+
+
 # ------------------------------------------------------------ fuzzing
 
 def check_fuzzing(root, files):
@@ -369,6 +399,7 @@ def main():
     check_architecture(root, files)
     check_test_names(root, a.build_root, files, info["capabilities"])
     check_performance(root, a.build_root, files)
+    check_protocol_coverage(root)
     check_fuzzing(root, files)
     if problems:
         print("FAIL: %d problems in the docs (above)" % len(problems))
