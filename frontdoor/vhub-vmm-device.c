@@ -463,6 +463,21 @@ static void call_drop_held(struct vmm_call *c) {
         free(c);
 }
 
+/* The calls leave vd: those the model still holds find no device when
+ * done, the held ones go (their answers with them). */
+static void vd_calls_let_go(struct vhub_vmm_device *vd) {
+        struct vmm_call *c;
+
+        while ((c = TAILQ_FIRST(&vd->calls))) {
+                TAILQ_REMOVE(&vd->calls, c, link);
+                if (c->held)
+                        call_drop_held(c);
+                else
+                        c->vd = NULL;
+        }
+        vd->n_held = 0;
+}
+
 static void call_answer(struct vmm_call *c);
 static void vd_turn_committed(struct vhub_commit_wait *w);
 
@@ -657,17 +672,9 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
 
 /* The VMM's session is over: everything of it goes, the model is told. */
 static void vd_end_session(struct vhub_vmm_device *vd) {
-        struct vmm_call *c;
-
         vd->session++; /* answers still due are dropped */
-        while ((c = TAILQ_FIRST(&vd->calls))) {
-                TAILQ_REMOVE(&vd->calls, c, link);
-                if (c->held)
-                        call_drop_held(c);
-                else
-                        c->vd = NULL;
-        }
-        vd->n_calls = vd->n_carried = vd->n_owed = vd->n_held = 0;
+        vd_calls_let_go(vd);
+        vd->n_calls = vd->n_carried = vd->n_owed = 0;
         vd_redo_drop(vd);
         /* a snapshot carrying it names a connection closed, or unanswered
          * requests: nothing the next session must replace */
@@ -771,16 +778,8 @@ static const struct vhub_vmm_listener_ops listener_ops = {
 /* ---- life ---- */
 
 static void vd_free(struct vhub_vmm_device *vd) {
-        struct vmm_call *c;
-
         vhub_commit_wait_cancel(&vd->turn_wait);
-        while ((c = TAILQ_FIRST(&vd->calls))) {
-                TAILQ_REMOVE(&vd->calls, c, link);
-                if (c->held)
-                        call_drop_held(c);
-                else
-                        c->vd = NULL;
-        }
+        vd_calls_let_go(vd);
         vd->channel = vd_channel_free(vd);
         vd->conn = vd_conn_free(vd);
         vd->listener = vd_listener_free(vd);
