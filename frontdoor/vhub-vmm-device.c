@@ -555,6 +555,8 @@ static void vd_turn_committed(struct vhub_commit_wait *w) {
                 (struct vhub_vmm_device *)((char *)w - offsetof(struct vhub_vmm_device, turn_wait));
         struct vmm_call *c, *last;
 
+        if (vd->dead)
+                return;         /* its device is gone: vd_free() drops what it holds */
         vd_enter(vd);
         if (vd->n_held > 0 && vd_rest_stored(vd) && vd->conn) {
                 vd_log(vd, LOG_WARNING, NULL, "closing the VMM's connection: the VM's snapshot that carries its "
@@ -576,7 +578,7 @@ static void vd_turn_committed(struct vhub_commit_wait *w) {
         }
         vd->n_held = 0;
         last = TAILQ_LAST(&vd->calls, vmm_call_list);
-        if (!vd->dead && last && last->carried && last->seq > vd->logged_seq && vd->saved_seq >= last->seq &&
+        if (last && last->carried && last->seq > vd->logged_seq && vd->saved_seq >= last->seq &&
             vd_rest_stored(vd)) {
                 vd->logged_seq = last->seq;
                 vd_log(vd, LOG_DEBUG, REQ(last->request), "%s in flight: the VM's snapshot carries it",

@@ -62,10 +62,15 @@ def vm_snapshot(sm):
     return names[0]
 
 
+AT_REST = b"the VM's snapshot carries the VMM's session (at rest)"
+
+
 def writes(m, name):
-    """VM snapshot `name`'s writes so far, per vhubd's debug log."""
+    """VM snapshot `name`'s writes so far, per vhubd's debug log, and the
+    sessions found at rest by one (a VMM that paused 20 ms)."""
     with open(m.sm.log_path, "rb") as f:
-        return len(re.findall(rb"snapshot %s written: " % name.encode(), f.read()))
+        text = f.read()
+    return len(re.findall(rb"snapshot %s written: " % name.encode(), text)), text.count(AT_REST)
 
 
 def main_config(t):
@@ -89,8 +94,9 @@ def main_config(t):
         """rounds of send() (the VMMs' requests, then their answers read):
         how many requests, the VM's snapshot writes meanwhile."""
         for fe in fes:
-            fe.get_config(0, 8)         # every session carried, busy with nothing
-        w0 = writes(m, name)
+            fe.get_config(0, 8)
+        time.sleep(0.1)                 # every session found at rest (20 ms) before
+        w0, rest0 = writes(m, name)
         n = 0
         for _ in range(rounds):
             sent = send()
@@ -98,10 +104,14 @@ def main_config(t):
                 for _ in range(k):
                     check_eq(fe.recv_reply(vu.GET_CONFIG)[12:], config, "%s: GET_CONFIG answered" % what)
                 n += k
-        w = writes(m, name) - w0
-        log("%s: %d GET_CONFIG, the VM's snapshot written %d times (%.2f per request)" % (what, n, w, w / n))
-        check(w <= n * bound, "%s: the VM's snapshot is written at most %.2f times per GET_CONFIG on average "
-              "(%d writes, %d requests)" % (what, bound, w, n))
+        w, rests = writes(m, name)
+        w, rests = w - w0, rests - rest0
+        log("%s: %d GET_CONFIG, the VM's snapshot written %d times (%.2f per request); sessions at rest "
+            "meanwhile: %d" % (what, n, w, w / n, rests))
+        # a VMM this test's process left idle 20 ms (a loaded machine) costs
+        # the two writes of a pause (docs/restart.md): not the flood's
+        check(w <= n * bound + 2 * rests, "%s: the VM's snapshot is written at most %.2f times per GET_CONFIG "
+              "on average (%d writes, %d requests, %d pauses)" % (what, bound, w, n, rests))
 
     def together():
         for fe in fes:
