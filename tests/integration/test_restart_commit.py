@@ -32,7 +32,10 @@ time (the timings are tests/bench/bench_restart.py's):
           it is stored: with every write failing, device.add (qsd stopped:
           it would hang in its handshake), events.subscribe and a batch
           [device.add, vm.list] are each refused -32603 at once and nobody
-          connects to qsd's socket; crashed then, the next process answers
+          connects to qsd's socket; a batch of 18,000 vm.lists, longer than
+          a slice, runs its first slice and refuses every element after it
+          -32603 (its record could not be stored when it outlived a turn of
+          the loop); crashed then, the next process answers
           none of them again (its record never named them) and serves the
           connection and another client (device.add on the same qsd).
           (Before, device.add went to qsd and was never answered: not before
@@ -69,6 +72,7 @@ from test_restart_fixture import doc_summary, newest_doc         # noqa: E402
 IDLE = 200
 C_PENDING = 5           # a connection's record: the id of a call in flight (control-snapshot.c)
 INTERNAL, RESTARTED = -32603, -32011
+SLICED = 18000          # vm.lists in a batch line of 1 MiB at most: longer than a slice
 
 
 def generation(m, name):
@@ -289,7 +293,7 @@ class Lines:
         self.buf = b""
 
     def send(self, msg):
-        self.s.sendall(json.dumps(msg).encode() + b"\n")
+        self.s.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
 
     def until(self, req_id):
         """The messages received up to the response to req_id, inclusive."""
@@ -369,6 +373,19 @@ def part_conn_fail(t):
              "the batch: each element refused")
     check_eq(unix_peers(qsd.sockets[0]), 0, "nobody connected to the back-end's socket")
     check_eq(c.call("device.list", {"vm": "vm0"})["devices"], [], "no device in the model")
+    # a batch that outlives its first slice (vm.lists that take longer
+    # than rpc-conn's 10 ms slice): from the next slice on, each -32603
+    c.send([{"jsonrpc": "2.0", "id": i, "method": "vm.list"} for i in range(SLICED)])
+    c.send(req("ping-sliced", "vm.list"))
+    got = c.until("ping-sliced")
+    arrays = [x for x in got if isinstance(x, list)]
+    check_eq(len(arrays), 1, "the long batch is answered")
+    codes = [code(x) for x in arrays[0]]
+    ran = codes.index(INTERNAL) if INTERNAL in codes else len(codes)
+    log("the long batch: %d of %d elements ran (its first slice), the rest refused" % (ran, len(codes)))
+    check(0 < ran < SLICED, "the long batch ran in more than one slice (the check needs that)", ran)
+    check_eq(codes, [None] * ran + [INTERNAL] * (SLICED - ran),
+             "the elements of its first slice answered, each after it -32603")
 
     check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit (every write still failing)")
     os.kill(qsd.pid, signal.SIGCONT)
