@@ -582,20 +582,34 @@ void device_link_stop_retrying(struct vhub_device *d) {
 
 /* ---- a restore (vhub-device-snapshot.c) ---- */
 
+/* A restore's fds are members of the device's group already: one the
+ * device does not keep leaves it before it is closed -- or, closed by a
+ * constructor that failed (they take their fd in every case), right after
+ * (a removal makes no system call). */
+#define link_fd_gone(d, fd) vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%s/%s/(restore)", \
+                                            (d)->vm->name, (d)->name)
+
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l) {
-        int r = 0;
+        int r = 0, fd;
 
         d->ev_reconnect = evtimer_new(d->vm->ctx->base, device_reconnect_cb, d);
         if (!d->ev_reconnect)
                 r = -ENOMEM;
         if (r == 0 && sock_fd >= 0) {
-                r = device_attach_connection(d, VHU_TAKE_FD(sock_fd));
+                fd = VHU_TAKE_FD(sock_fd);
+                r = device_attach_connection(d, fd);
                 if (r == 0)
                         vhub_bconn_set_protocol_features(d->conn, d->protocol_features);
+                else
+                        link_fd_gone(d, fd);
         }
-        if (r == 0 && chan_fd >= 0)
-                r = device_channel_open(d, VHU_TAKE_FD(chan_fd));
+        if (r == 0 && chan_fd >= 0) {
+                fd = VHU_TAKE_FD(chan_fd);
+                r = device_channel_open(d, fd);
+                if (r < 0)
+                        link_fd_gone(d, fd);
+        }
         if (listen_fd >= 0 && l) {
                 d->listen_fd = VHU_TAKE_FD(listen_fd);
                 d->listener = l;
@@ -606,9 +620,13 @@ int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int lis
                 if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                         r = r < 0 ? r : -ENOMEM;
         }
+        link_fd_gone(d, sock_fd);
         vhu_safe_close(sock_fd);
+        link_fd_gone(d, chan_fd);
         vhu_safe_close(chan_fd);
+        link_fd_gone(d, listen_fd);
         vhu_safe_close(listen_fd);
+        link_fd_gone(d, vhub_backend_listener_dir_fd(l));
         vhub_backend_listener_forget(l);
         return r;
 }
