@@ -383,7 +383,7 @@ static void send_restarted(struct control_conn *c, uint64_t restarts, uint64_t d
 
         vhub_format_rfc3339(vhub_realtime_usec(), timestamp);
         msg = json_pack("{s:s, s:s, s:{s:s, s:s, s:I, s:I}}", "jsonrpc", "2.0", "method", "event", "params",
-                        "event", "daemon.restarted", "timestamp", timestamp, "restarts", (json_int_t)restarts,
+                        "event", vhub_contract_event_name(VHUB_EV_DAEMON_RESTARTED), "timestamp", timestamp, "restarts", (json_int_t)restarts,
                         "downtime_ms", (json_int_t)downtime_ms);
         if (msg)
                 (void)rpc_conn_send(c->rpc, msg, NULL, 0);

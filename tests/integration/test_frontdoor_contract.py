@@ -702,6 +702,29 @@ def recv_until(fe, want, timeout):
     return got, False
 
 
+def next_vmm_reads_then_stop(t, m, c, path, salt):
+    """After a crash whose session was not taken back: the device waits for
+    the next VMM (not failed), which connects to path and reads the 8 blocks
+    of `salt` the first one wrote; no fd-store group was left holding an fd
+    closed before it left (the store would keep a stale stash).  Then the
+    device is removed and the unit stopped."""
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash (not failed)")
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    for i in range(8):
+        k = salt * 8 + i
+        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written by the first VMM, read by the next one after the crash" % k)
+    fe2.close()
+    check_eq(m.sm.stale_member_lines(), [], "no fd-store group stored with an fd closed before it left")
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 def scenario_restart_write_fail(t):
     """A request a snapshot carries is never answered while that snapshot
     may be the newest stored one: a crash would hand it to the next process,
@@ -735,20 +758,7 @@ def scenario_restart_write_fail(t):
     check_eq((got, closed), (b"", True), "the VMM's connection closed without an answer: its answer could not "
              "be sent once a failed write left the snapshot carrying it the newest")
     fe.close()
-    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
-               what="the device to wait for the next VMM after the crash")
-    mem2 = GuestMemory(4 << 20)
-    t.defer(mem2.close)
-    q2 = BlkQueue(mem2, index=0, size=64)
-    fe2 = vmm_start(path, mem2, [q2])
-    for i in range(8):
-        k = salt * 8 + i
-        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written by the first VMM, read by the next one after the crash" % k)
-    fe2.close()
-    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
 
 
@@ -790,21 +800,7 @@ def scenario_restart_conn_gone(t):
     got, closed = recv_until(fe, 1, 10.0)
     check_eq((got, closed), (b"", True), "the VMM's connection, not taken back, closed")
     fe.close()
-    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
-               what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
-    mem2 = GuestMemory(4 << 20)
-    t.defer(mem2.close)
-    q2 = BlkQueue(mem2, index=0, size=64)
-    fe2 = vmm_start(path, mem2, [q2])
-    for i in range(8):
-        k = salt * 8 + i
-        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written by the first VMM, read by the next one after the crash" % k)
-    fe2.close()
-    check_eq(m.sm.stale_member_lines(), [], "no group stored with an fd closed before it left")
-    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a session the store could not give back whole: its socket made again, the next VMM served")
 
 
@@ -837,21 +833,9 @@ def scenario_restart_ring_gone(t):
     wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
                what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
     store_matches_daemon(m, "after the crash")
-    mem2 = GuestMemory(4 << 20)
-    t.defer(mem2.close)
-    q2 = BlkQueue(mem2, index=0, size=64)
-    fe2 = vmm_start(path, mem2, [q2])
-    for i in range(8):
-        k = salt * 8 + i
-        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written by the first VMM, read by the next one after the crash" % k)
-    fe2.close()
-    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0, what="the device to wait for a VMM again")
     check_eq(m.restart(sig=signal.SIGTERM), 0, "a second restart (planned): the old vhubd's exit")
     store_matches_daemon(m, "after a second restart")
-    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a carried ring the store could not give back whole: the session fell back, the group consistent")
 
 
