@@ -29,7 +29,7 @@ from vhubtest.client import Client                               # noqa: E402
 from vhubtest.servicemanager import eventfd_id                   # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.procs import wait_until                            # noqa: E402
-from vhubtest.testing import check, check_eq, log, run          # noqa: E402
+from vhubtest.testing import check_eq, log, run_parts            # noqa: E402
 from vhubtest.vmm import Vmm                                     # noqa: E402
 from test_fd_inventory import check_libevent, inventory, unaccounted  # noqa: E402
 from test_restart import BLK1, Managed, one_blk_device           # noqa: E402
@@ -149,19 +149,5 @@ def part_listener_half(t):
     log("ok: half a listener passed back: the half closed out of its group, the back-ends kept")
 
 
-PARTS = {"ring-gone": part_ring_gone, "listener-half": part_listener_half}
-
-
-def main(t):
-    mode = sys.argv[1] if len(sys.argv) > 1 else "ring-gone"
-    if mode not in PARTS:
-        raise SystemExit("usage: test_restart_claims.py [%s]" % "|".join(PARTS))
-    try:
-        PARTS[mode](t)
-    finally:
-        if os.environ.get("VHUB_PRINT_LOGS"):
-            t.print_logs()
-
-
 if __name__ == "__main__":
-    run(main)
+    run_parts({"ring-gone": part_ring_gone, "listener-half": part_listener_half}, "ring-gone")
