@@ -68,6 +68,7 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 static void device_schedule_reconnect(struct vhub_device *d);
 static void device_attempt_failed(struct vhub_device *d, const char *reason);
 static void device_stop_watching(struct vhub_device *d);
+static void device_listen_again(struct vhub_device *d);
 
 static const struct vhub_bconn_ops device_bconn_ops = {
         .on_reply = device_on_reply,
@@ -380,6 +381,10 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
                 device_ops_lost_for_good(d, &err);
                 return;
         }
+        if (d->relisten_until_usec && !d->removing && !d->listener) {
+                device_listen_again(d);
+                return;
+        }
         if (d->removing || d->state != VHUB_DEV_DISCONNECTED)
                 return;
         if (d->mode == VHUB_DEV_MODE_SERVER)
@@ -534,12 +539,10 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 device_queue_restore(d);
 }
 
-/* Listen on the device's socket for its back-end; it must come within
- * --backend-timeout-ms. */
-static int device_listen(struct vhub_device *d, struct vhub_error *err) {
+/* Listen on the device's socket (its fds tracked, accepting). */
+static int device_listen_on(struct vhub_device *d, struct vhub_error *err) {
         struct vhub_vm *vm = d->vm;
         char *listen_path = NULL;
-        struct timeval tv;
         int r;
 
         r = vhub_backend_path_listen(vm->ctx->backend_dirs, &d->cred, vm->uid, d->socket_path, err,
@@ -558,9 +561,54 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
         if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        tv = vhub_timeval_from_ms(vm->ctx->config->backend_timeout_ms);
+        return 0;
+}
+
+/* Listen for the device's back-end; it must come within --backend-timeout-ms. */
+static int device_listen(struct vhub_device *d, struct vhub_error *err) {
+        struct timeval tv;
+        int r = device_listen_on(d, err);
+
+        if (r < 0)
+                return r;
+        tv = vhub_timeval_from_ms(d->vm->ctx->config->backend_timeout_ms);
         evtimer_add(d->ev_reconnect, &tv); /* the first back-end must come in time */
         return 0;
+}
+
+/* how often a restored server-mode device tries its socket's name again */
+#define DEVICE_RELISTEN_RETRY_MS 50
+
+/* A restored server-mode device whose listener did not come back whole
+ * (docs/restart.md, "A group missing a member"): its socket made again at
+ * its path.  The earlier run's listener, out of the group, may be held by
+ * the manager a moment yet (the stash's rebuild is asynchronous): the name
+ * is then "in use", tried again until relisten_until_usec. */
+static void device_listen_again(struct vhub_device *d) {
+        struct timeval later = { 0, DEVICE_RELISTEN_RETRY_MS * 1000 };
+        struct vhub_error err = { 0 };
+
+        if (device_listen_on(d, &err) >= 0) {
+                d->relisten_until_usec = 0;
+                device_log(d, LOG_INFO, NULL, "listens again on %s (its listener did not survive the restart)",
+                           d->socket_path);
+                return;
+        }
+        if (d->listen_fd < 0 && vhub_now_usec() < d->relisten_until_usec) {
+                device_log(d, LOG_DEBUG, NULL, "its socket: %s: tried again", err.detail);
+                evtimer_add(d->ev_reconnect, &later);
+                return;
+        }
+        d->relisten_until_usec = 0;
+        device_log(d, LOG_WARNING, NULL, "its socket could not be made again after the restart: %s: "
+                   "no back-end can connect to it", err.detail);
+}
+
+void device_link_relisten(struct vhub_device *d) {
+        static const struct timeval now = { 0, 0 };
+
+        d->relisten_until_usec = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
+        evtimer_add(d->ev_reconnect, &now);
 }
 
 /* ---- start and stop ---- */

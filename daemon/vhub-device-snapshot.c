@@ -647,12 +647,13 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 else if (!l)
                         vhub_fd_claim_drop(claim, dfd);
                 if (!l) {
-                        /* half a listener is none: the back-end's next
-                         * connection finds no one (device_link_restore()) */
+                        /* half a listener is none: the socket is made again
+                         * (vhub_device_restore_finish()) */
                         device_log(d, LOG_WARNING, NULL, "its back-end listener was not passed back whole");
                         listen = vhub_fd_claim_drop(claim, listen);
                 }
         }
+        d->restore_relisten = d->mode == VHUB_DEV_MODE_SERVER && !l;
         /* what the device holds joins its group again (the fds are members
          * already: ctx->restoring) */
         for (unsigned i = 0; i < d->queues; i++) {
@@ -731,6 +732,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
 }
 
 void vhub_device_restore_finish(struct vhub_device *d) {
+        if (d->restore_relisten) {
+                d->restore_relisten = false;
+                device_link_relisten(d);
+        }
         if (d->vmm && vmm_restore_finish(d)) {
                 d->restore_lost = false;
                 return;

@@ -11,8 +11,10 @@ open by nobody, leaks.
     test_restart_claims.py ring-gone   a started device's ring: its call
                                        eventfd gone from the store
     test_restart_claims.py listener-half
-                                       a server-mode device: its listener's
-                                       directory gone from the store
+                                       two server-mode devices: one's
+                                       listener's directory, the other's
+                                       listening socket gone from the store;
+                                       each makes its socket again
 """
 
 import os
@@ -97,10 +99,18 @@ def is_dir(fd):
     return stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
+def listener_inodes(m, inv):
+    """The inodes of the listening sockets the daemon's devices hold now."""
+    return sorted(int(os.readlink("/proc/%d/fd/%d" % (m.sm.pid, fd))[len("socket:["):-1])
+                  for fd, (name, _) in inv.items() if name.startswith("dev/") and name.endswith("/listen"))
+
+
 def part_listener_half(t):
     """Two server-mode devices, each in its own VM: A's listener's directory
-    and B's listening socket gone from the store.  Each keeps its connected
-    back-end; the half of the listener that came back leaves the group."""
+    and B's listening socket gone from the store.  The half of each
+    listener that came back leaves the group as it closes, each device keeps
+    its connected back-end and makes its socket again, where a new back-end
+    connects; the stashes then hold the new listeners, not the old ones."""
     d = t.tmpdir()
     m = Managed(t, d, extra=["--log-level", "debug", "--backend-timeout-ms", "3000"])
     c = t.enter(Client(m.control, timeout=15))
@@ -122,22 +132,39 @@ def part_listener_half(t):
         dropped["a"] = m.sm.stash_drop(group["a"], is_dir)
         dropped["b"] = m.sm.stash_drop(group["b"], is_listener)
 
+    c.events()
     m.restart(sig=signal.SIGKILL, before_start=drop_halves)
     check_eq(dropped, {"a": 1, "b": 1}, "A's listener's directory and B's listening socket dropped")
     c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
     for vm in ("a", "b"):
         check_eq(Vmm(c, vm).device_state("S")["state"], "ready", "%s's device kept its back-end" % vm)
+
+    def listening_again():
+        with open(m.sm.log_path, "rb") as f:
+            return f.read().count(b"listens again on") >= 2
+    wait_until(listening_again, 10.0, what="both devices to make their sockets again")
+    for vm in ("a", "b"):
+        backends[vm].kill()
+        ev = c.wait_event(lambda e: e.get("vm") == vm and e.get("device") == "S", 10)
+        check_eq(ev.get("event"), "device.disconnected", "%s's back-end gone" % vm)
+        backends[vm].start()
+        ev = c.wait_event(lambda e: e.get("vm") == vm and e.get("device") == "S", 15)
+        check_eq(ev.get("event"), "device.reconnected", "%s's device: a new back-end connected to the socket "
+                 "made again" % vm)
     store_matches_daemon(m, "after the restart")
-    listening = []
+    live = listener_inodes(m, inventory(m.sm.pid, m.sm.log_path))
+    check_eq(len(live), 2, "both devices listen")
+    stashed = []
 
     def look():
         # what the devices' stashes hold (rewritten whole, nothing dropped)
-        m.sm.stash_drop_groups(lambda fd: listening.append(is_listener(fd)))
+        m.sm.stash_drop_groups(lambda fd: is_listener(fd) and stashed.append(os.fstat(fd).st_ino))
 
     m.restart(sig=signal.SIGKILL, before_start=look)
     # a listener that left its group is out of its stash (a socket leaving
-    # compacts it): the manager no longer holds the earlier run's socket
-    check_eq(sum(listening), 0, "no device's stash holds a listening socket (%d fds looked at)" % len(listening))
+    # compacts it): the manager holds the devices' new listeners, not the
+    # earlier run's (whose names would stay in use)
+    check_eq(sorted(stashed), live, "the devices' stashes hold exactly their live listeners")
     c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
     for vm in ("a", "b"):
         check_eq(Vmm(c, vm).device_state("S")["state"], "ready", "%s's device after a second restart" % vm)
@@ -146,7 +173,7 @@ def part_listener_half(t):
         Vmm(c, vm).destroy()
     c.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
-    log("ok: half a listener passed back: the half closed out of its group, the back-ends kept")
+    log("ok: half a listener passed back: the half closed out of its group, the socket made again")
 
 
 if __name__ == "__main__":
