@@ -57,6 +57,7 @@
 #include "vhub-device-vmm-internal.h"
 #include "vhub-cred.h"
 #include "vhub-device-internal.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-loop.h"
 #include "vhub-socket-watch.h"
@@ -634,8 +635,10 @@ void device_link_stop_retrying(struct vhub_device *d) {
  * device does not keep leaves it before it is closed -- or, closed by a
  * constructor that failed (they take their fd in every case), right after
  * (a removal makes no system call). */
-#define link_fd_gone(d, fd) vhub_fd_untrack((d)->vm->ctx, (d)->fd_group, (fd), "dev/%s/%s/(restore)", \
-                                            (d)->vm->name, (d)->name)
+static void link_fd_gone(struct vhub_device *d, int fd) {
+        if (fd >= 0)
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(d->vm->ctx), d->fd_group, fd);
+}
 
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l) {
