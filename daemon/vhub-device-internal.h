@@ -227,6 +227,9 @@ void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_vi
 /* A restore: the link on the stored connection (sock_fd, chan_fd: -1 for
  * none; taken in every case), and server mode's listener back on its
  * socket (listen_fd taken; l taken).  Nothing is sent. */
+/* After a restore that gave a server-mode device no listener: its socket
+ * made again from the loop (tried until the back-end deadline). */
+void device_link_relisten(struct vhub_device *d);
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l);
 /* A restored outage goes on: its socket watched, the next attempt in left_ms. */

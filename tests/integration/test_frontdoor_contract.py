@@ -90,6 +90,7 @@ from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
 from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.procs import fail_file_writes, wait_until        # noqa: E402
+from vhubtest.servicemanager import eventfd_id                 # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
@@ -722,9 +723,7 @@ def next_vmm_reads_then_stop(t, m, c, path, salt):
         check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
               "block %d, written by the first VMM, read by the next one after the crash" % k)
     fe2.close()
-    with open(m.sm.log_path, "rb") as f:
-        stale = [l for l in f.read().splitlines() if b"not stored (Bad file descriptor)" in l]
-    check_eq(stale, [], "no fd-store group stored with an fd closed before it left")
+    check_eq(m.sm.stale_member_lines(), [], "no fd-store group stored with an fd closed before it left")
     c.call("device.remove", {"vm": "vm0", "device": "blk0"})
     c.close()
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
@@ -807,6 +806,41 @@ def scenario_restart_conn_gone(t):
     fe.close()
     next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a session the store could not give back whole: its socket made again, the next VMM served")
+
+
+def scenario_restart_ring_gone(t):
+    """A crash carries the VMM's session (at rest), but the store gives its
+    ring back only in part: the manager drops the ring's call eventfd from
+    the stored groups between the two processes.  The next process cannot
+    carry the session: the ring's fds it did claim leave the group as they
+    close, the VMM's connection closes (the fallback, docs/restart.md), the
+    next VMM reads what the first one wrote, and the store holds exactly
+    the live fds.  Before, the claimed kick closed still a member of the
+    device's group (or leaked, the device's own copy)."""
+    from test_restart_claims import store_matches_daemon
+    m, qsd, c, path, _ = carry_rig(t)
+    salt = 6
+    fe, q = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    call = eventfd_id(q.vq.call_fd)
+    dropped = {}
+
+    def drop_call():
+        dropped.update(m.sm.stash_drop_groups(lambda fd: eventfd_id(fd) == call, kinds="dvf"))
+
+    check_eq(m.restart(sig=signal.SIGKILL, before_start=drop_call), -signal.SIGKILL, "the old vhubd's exit")
+    check(dropped, "the VMM's ring's call eventfd dropped from the store", dropped)
+    got, closed = recv_until(fe, 1, 10.0)
+    check_eq((got, closed), (b"", True), "the VMM's connection, its session not taken back, closed")
+    fe.close()
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
+    store_matches_daemon(m, "after the crash")
+    check_eq(m.restart(sig=signal.SIGTERM), 0, "a second restart (planned): the old vhubd's exit")
+    store_matches_daemon(m, "after a second restart")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
+    log("ok: a carried ring the store could not give back whole: the session fell back, the group consistent")
 
 
 READ_FEATURES = b"VMM request GET_FEATURES (answer due)"
@@ -1045,6 +1079,7 @@ SCENARIOS = {
     "restart-read-on": scenario_restart_read_on,
     "restart-read-on-later": lambda t: scenario_restart_read_on(t, later=True),
     "restart-conn-gone": scenario_restart_conn_gone,
+    "restart-ring-gone": scenario_restart_ring_gone,
     "unmapped": scenario_unmapped,
 }
 
