@@ -26,6 +26,7 @@
 #include "vhub-vmm-device.h"
 #include "vhub-vmm-listener.h"
 #include "vhu-fd.h"
+
 #include "vhub-vmm-device-internal.h"
 
 /* ---- the VMM's back-end channel ---- */
