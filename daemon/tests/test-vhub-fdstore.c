@@ -202,34 +202,35 @@ static void expect_quiet(struct mgr *m) {
         }
 }
 
+/* The next message is the push (or the removal) of name, applied. */
+static void expect_applied(struct mgr *m, bool push, const char *name) {
+        char want[128], text[512];
+        int fd;
+
+        if (push)
+                snprintf(want, sizeof(want), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0", name);
+        else
+                snprintf(want, sizeof(want), "FDSTOREREMOVE=1\nFDNAME=%s", name);
+        CHECK_EQ(mgr_recv(m, text, sizeof(text), &fd, 1000), 1);
+        if (strcmp(text, want) != 0) {
+                fprintf(stderr, "got \"%s\", expected \"%s\"\n", text, want);
+                abort();
+        }
+        CHECK_EQ(fd >= 0, push);
+        mgr_apply(m, text, fd);
+}
+
 /* A rebuild of group's stash, applied: its members stored under the
  * alternate name first, the old stash removed, the new one pushed, the
  * copy removed (vhub-fdstore.c, group_stash()). */
 static void expect_rebuild(struct mgr *m, const char *group) {
-        char want[128], alt[32], text[512];
-        int fd;
+        char alt[32];
 
         snprintf(alt, sizeof(alt), "%s%s", group, VHUB_FDSTORE_GROUP_ALT);
-        snprintf(want, sizeof(want), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0", alt);
-        CHECK_EQ(mgr_recv(m, text, sizeof(text), &fd, 1000), 1);
-        if (strcmp(text, want) != 0) {
-                fprintf(stderr, "got \"%s\", expected \"%s\"\n", text, want);
-                abort();
-        }
-        mgr_apply(m, text, fd);
-        snprintf(want, sizeof(want), "FDSTOREREMOVE=1\nFDNAME=%s", group);
-        expect_msg(m, want, -1);
-        mgr_apply(m, want, -1);
-        snprintf(want, sizeof(want), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0", group);
-        CHECK_EQ(mgr_recv(m, text, sizeof(text), &fd, 1000), 1);
-        if (strcmp(text, want) != 0) {
-                fprintf(stderr, "got \"%s\", expected \"%s\"\n", text, want);
-                abort();
-        }
-        mgr_apply(m, text, fd);
-        snprintf(want, sizeof(want), "FDSTOREREMOVE=1\nFDNAME=%s", alt);
-        expect_msg(m, want, -1);
-        mgr_apply(m, want, -1);
+        expect_applied(m, true, alt);
+        expect_applied(m, false, group);
+        expect_applied(m, true, group);
+        expect_applied(m, false, alt);
 }
 
 static struct vhub_fdstore *store_new(struct event_base *base, const char *path, unsigned max_fds) {
@@ -749,30 +750,38 @@ static void test_restore(const char *dir) {
 
 /* The fds a stored stash holds, in order (read from a copy: the stash's
  * queue is emptied by it, as a restore would). */
-static size_t stash_read(int stash, int *out, size_t max) {
+/* One message of a stash (flags: MSG_PEEK leaves it queued): its fds
+ * into out, how many, or -1 if none is queued. */
+static ssize_t stash_recv(int stash, int flags, int *out, size_t max) {
+        union {
+                struct cmsghdr h;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * 253)];
+        } control;
+        char byte;
+        struct iovec iov = { &byte, 1 };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                             .msg_controllen = sizeof(control.buf) };
         size_t n = 0;
 
-        for (;;) {
-                union {
-                        struct cmsghdr h;
-                        uint8_t buf[CMSG_SPACE(sizeof(int) * 253)];
-                } control;
-                char byte;
-                struct iovec iov = { &byte, 1 };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                                     .msg_controllen = sizeof(control.buf) };
-                ssize_t k = recvmsg(stash, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (recvmsg(stash, &mh, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0)
+                return -1;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                size_t m = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 
-                if (k <= 0)
-                        return n;
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-                        size_t m = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-
-                        CHECK(n + m <= max);
-                        memcpy(out + n, CMSG_DATA(c), m * sizeof(int));
-                        n += m;
-                }
+                CHECK(n + m <= max);
+                memcpy(out + n, CMSG_DATA(c), m * sizeof(int));
+                n += m;
         }
+        return (ssize_t)n;
+}
+
+static size_t stash_read(int stash, int *out, size_t max) {
+        size_t n = 0;
+        ssize_t k;
+
+        while ((k = stash_recv(stash, 0, out + n, max - n)) >= 0)
+                n += (size_t)k;
+        return n;
 }
 
 /* Groups: one stored stash socket per group, rebuilt once per loop turn. */
@@ -1050,28 +1059,11 @@ static void test_group_restore_big(const char *dir) {
 /* The members of the stash stored under name, peeked (the stash is left
  * as it is), are exactly want[0..n) in order. */
 static bool mgr_stash_holds(const struct mgr *m, const char *name, const int *want, size_t n) {
-        union {
-                struct cmsghdr h;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * 16)];
-        } control;
-        char byte;
-        struct iovec iov = { &byte, 1 };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                             .msg_controllen = sizeof(control.buf) };
-        struct cmsghdr *c;
-        int stash = mgr_find(m, name), got[16];
-        size_t k = 0;
-        bool same;
+        int stash = mgr_find(m, name), got[253];
+        ssize_t k = stash >= 0 ? stash_recv(stash, MSG_PEEK, got, 253) : -1;
+        bool same = k == (ssize_t)n;
 
-        if (stash < 0 || recvmsg(stash, &mh, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC) != 1)
-                return false;
-        c = CMSG_FIRSTHDR(&mh);
-        if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-                k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        if (k)
-                memcpy(got, CMSG_DATA(c), k * sizeof(int));
-        same = k == n;
-        for (size_t i = 0; i < k; i++) {
+        for (ssize_t i = 0; i < k; i++) {
                 same = same && same_file(got[i], want[i]);
                 close(got[i]);
         }
