@@ -69,7 +69,8 @@ static inline const char *vhub_contract_error_message(int code) {
         X(DEVICE_ADDED, "device.added")                                                 \
         X(DEVICE_REMOVED, "device.removed")                                             \
         X(DEVICE_STARTED, "device.started")                                             \
-        X(DEVICE_STOPPED, "device.stopped")
+        X(DEVICE_STOPPED, "device.stopped")                                             \
+        X(DAEMON_RESTARTED, "daemon.restarted")
 
 enum vhub_event_type {
 #define VHUB_CONTRACT_EVENT_ENUM(name, string) VHUB_EV_##name,

@@ -18,7 +18,10 @@
  *
  * Until it is answered a batch is in its connection's list, with the ids
  * of its requests written out once: the restart snapshot names them, and
- * the next process answers the batch with one array of -32011s.
+ * the next process answers the batch with one array of -32011s.  A batch
+ * whose record could not be stored when that mattered (an element that
+ * waits on back-ends, a slice after the first) runs nothing more: a crash
+ * would leave it unanswered.
  */
 #include <errno.h>
 #include <limits.h>
@@ -48,6 +51,8 @@ struct control_batch {
         bool over;
         char *ids;                 /* control_batch_ids() */
         size_t ids_len;
+        uint64_t since;            /* conn->snap_serial when it came */
+        bool unrecorded;           /* a record naming it could not be stored */
 };
 
 /* The -32008 an element gets once the batch's answers would pass the bound. */
@@ -139,6 +144,7 @@ struct control_batch *control_batch_new(struct control_conn *c, json_t *elements
         b->bytes = 2;              /* [ ] */
         b->remaining = b->n + 1;
         b->conn = c;
+        b->since = c->snap_serial;
         control_conn_ref(c);
         TAILQ_INSERT_TAIL(&c->batches, b, link);
         return b;
@@ -178,6 +184,21 @@ const struct control_batch *control_batch_next(const struct control_conn *c, con
 
 bool control_batch_over(const struct control_batch *b) {
         return b->over;
+}
+
+int control_batch_record(struct control_batch *b) {
+        if (!b->unrecorded && (b->ids_len == 0 || control_conn_record(b->conn, b->since) >= 0))
+                return 0;       /* (no ids: a batch of notifications, nobody waits) */
+        if (!b->unrecorded)
+                vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
+                              "control connection %llu: a batch of %u calls could not be recorded for a restart: "
+                              "its calls not run yet are refused", (unsigned long long)b->conn->id, b->n);
+        b->unrecorded = true;
+        return -EIO;
+}
+
+bool control_batch_unrecorded(const struct control_batch *b) {
+        return b->unrecorded;
 }
 
 static void batch_send(struct control_batch *b) {

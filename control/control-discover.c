@@ -261,6 +261,10 @@ static json_t *errors_of(const struct control_method *m) {
 
         codes[n++] = VHUB_ERR_PARAMS;
         codes[n++] = VHUB_ERR_INTERNAL;
+        /* any call can be in flight at a crash-restart: one that waits on
+         * back-ends or carries fds on its own, any other inside a batch
+         * still running (control-snapshot.c answers them -32011) */
+        codes[n++] = VHUB_ERR_RESTARTED;
         if (m->flags & (METHOD_VM | METHOD_VM_OPTIONAL))
                 codes[n++] = VHUB_ERR_NO_VM;
         if (m->flags & METHOD_DEVICE)

@@ -64,6 +64,8 @@ struct control_conn {
         struct vhub_snap_file snap;  /* its restart record "k<id>" (control-snapshot.c) */
         size_t carry_charged;        /* ... as srv->carry counts it */
         bool snap_dirty;             /* ... out of date: in srv->snap_dirty */
+        uint64_t snap_serial;        /* ... writes of it tried */
+        uint64_t snap_stored;        /* ... the last of them that was stored */
         bool snap_mid_line;          /* ... without its partial line, over the bound */
         size_t snap_input;           /* ... the input bytes it holds */
         TAILQ_ENTRY(control_conn) snap_link;
@@ -128,6 +130,7 @@ struct control_call {
         json_t *id;
         struct control_batch *batch;
         unsigned batch_index;
+        uint64_t since;                /* conn->snap_serial when it was added */
         control_result_fn make_result; /* NULL: {} */
         void *data;                    /* for make_result */
         void (*free_data)(void *data);
@@ -170,6 +173,14 @@ void control_conn_changed(struct control_conn *c);
 bool control_conn_input_recorded(const struct control_conn *c);
 /* c is closed: its record out of the store. */
 void control_conn_snapshot_gone(struct control_conn *c);
+/* Whether a record of c written after its write number `since` is stored
+ * (so: its calls, batches and subscriptions as they are now); if not, c's
+ * record is written at once.  0 (also when no record is written: no fd
+ * store, or the records are in the daemon's snapshot), or -EIO: that write
+ * failed -- a crash would not answer or keep what it lacks, so the caller
+ * refuses the request (CONTROL_UNRECORDED). */
+int control_conn_record(struct control_conn *c, uint64_t since);
+#define CONTROL_UNRECORDED "the daemon could not record this request for a restart"
 
 /* What a restart may carry of the connections (control-carry.c): one
  * budget, kept as the connections' records are written (each its own
@@ -217,12 +228,21 @@ const struct control_batch *control_batch_next(const struct control_conn *c, con
 /* The answers reached the output bound: the rest are refused (notifications
  * among them are not run). */
 bool control_batch_over(const struct control_batch *b);
+/* b's ids are in its connection's stored record (written now if not).  0,
+ * or -EIO: b is unrecorded from then on -- its elements not run yet are
+ * each refused -32603 (notifications: not run). */
+int control_batch_record(struct control_batch *b);
+bool control_batch_unrecorded(const struct control_batch *b);
 
 /* Memory went up by `bytes` for a moment: hand it back to the system soon. */
 void control_server_note_spike(struct control_server *s, size_t bytes);
 
 /* For calls into the model: allocate, then pass &cc->call; done answers. */
 struct control_call *control_call_new(struct control_req *req, control_result_fn make_result);
+/* Before the model sees cc: its id is in its connection's stored record (a
+ * batch element's: its batch's ids, control_batch_record()).  0, or -EIO:
+ * not stored, cc is refused (-32603) and dropped. */
+int control_call_record(struct control_call *cc);
 /* A call that never reached the model (its method failed first): freed, nothing answered. */
 void control_call_drop(struct control_call *cc);
 /* For make_result: room for n fds in the answer, allocated for this call only.  The

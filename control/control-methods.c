@@ -1103,16 +1103,10 @@ static const struct param shared_object_list_result = R_OBJECT(
 
 /* ---- events ---- */
 
-static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
-        struct control_conn *c = m->req->conn;
+static int subscribe_vm(struct control_conn *c, struct method_call *m, struct vhub_error *err) {
         char **names;
         uid_t *uids;
 
-        control_conn_changed(c);        /* its record holds its subscriptions */
-        if (!m->vm) {
-                c->sub_all = true;
-                return 0;
-        }
         if (c->n_sub_vms >= 1024)
                 return vhub_error_set(err, VHUB_ERR_LIMIT, "too many subscriptions on this connection");
         names = reallocarray(c->sub_vms, c->n_sub_vms + 1, sizeof(*names));
@@ -1129,6 +1123,33 @@ static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
         uids[c->n_sub_vms] = vhub_vm_uid(m->vm);
         c->n_sub_vms++;
         return 0;
+}
+
+static int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
+        struct control_conn *c = m->req->conn;
+        uint64_t since = c->snap_serial;
+        size_t n_sub_vms = c->n_sub_vms;
+        bool sub_all = c->sub_all;
+        int r = 0;
+
+        control_conn_changed(c);        /* its record holds its subscriptions */
+        if (m->vm)
+                r = subscribe_vm(c, m, err);
+        else
+                c->sub_all = true;
+        if (r < 0)
+                return r;
+        /* one a crash would lose is refused (and so are the rest of a
+         * batch whose record could not be stored either) */
+        if (control_conn_record(c, since) >= 0)
+                return 0;
+        if (m->req->batch)
+                (void)control_batch_record(m->req->batch);
+        c->sub_all = sub_all;
+        while (c->n_sub_vms > n_sub_vms)
+                free(c->sub_vms[--c->n_sub_vms]);
+        control_conn_changed(c);
+        return vhub_error_set(err, VHUB_ERR_INTERNAL, CONTROL_UNRECORDED);
 }
 
 /* ---- the table ---- */
@@ -1312,7 +1333,12 @@ static int call_wait(struct method_call *m, control_result_fn make_result, struc
                                       "this connection already has %u calls waiting on back-ends (the limit)",
                                       c->pending);
         m->cc = control_call_new(m->req, make_result);
-        return m->cc ? 0 : vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        if (!m->cc)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
+        /* a crash from now on answers it -32011 only if its record says so */
+        if (control_call_record(m->cc) < 0)
+                return vhub_error_set(err, VHUB_ERR_INTERNAL, CONTROL_UNRECORDED);
+        return 0;
 }
 
 void control_dispatch(struct control_req *req, const char *name, size_t name_len) {

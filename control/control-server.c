@@ -212,10 +212,20 @@ struct control_call *control_call_new(struct control_req *req, control_result_fn
         cc->make_result = make_result;
         control_conn_ref(req->conn);
         req->conn->pending++;
-        /* in the snapshot before the model sends anything for it */
+        /* in the snapshot before the model sends anything for it
+         * (control_call_record()) */
+        cc->since = req->conn->snap_serial;
         TAILQ_INSERT_TAIL(&req->conn->calls, cc, link);
         control_conn_changed(req->conn);
         return cc;
+}
+
+int control_call_record(struct control_call *cc) {
+        if (cc->batch)
+                return control_batch_record(cc->batch);
+        if (!cc->id)
+                return 0;       /* a notification: nobody waits for its answer */
+        return control_conn_record(cc->conn, cc->since);
 }
 
 int control_call_reply_fds(struct control_call *cc, unsigned n) {
@@ -228,6 +238,7 @@ int control_call_reply_fds(struct control_call *cc, unsigned n) {
 
 void control_call_drop(struct control_call *cc) {
         TAILQ_REMOVE(&cc->conn->calls, cc, link);
+        control_conn_changed(cc->conn);
         vhub_call_release(&cc->call);
         cc->conn->pending--;
         control_conn_unref(cc->conn);
@@ -334,8 +345,24 @@ static void batch_run_free(struct batch_run *r) {
         control_conn_unref(c);
 }
 
-/* Element r->next: run, refused past the output bound, or (connection
- * gone) left unanswered. */
+/* Element i of a batch its connection's record could not name: -32603,
+ * not run (a crash would answer neither it nor the batch). */
+static void batch_refuse_unrecorded(struct batch_run *r, unsigned i, json_t *e) {
+        json_t *id = json_is_object(e) ? json_object_get(e, "id") : json_null();
+        struct control_req req = { .conn = r->conn, .batch = r->b, .batch_index = i };
+        struct vhub_error err = { 0 };
+
+        if (!id) {
+                control_batch_slot(r->b, i, NULL);      /* a notification: not run */
+                return;
+        }
+        req.id = control_id_valid(id) ? id : json_null();
+        vhub_error_set(&err, VHUB_ERR_INTERNAL, CONTROL_UNRECORDED);
+        control_req_error(&req, &err);
+}
+
+/* Element r->next: run, refused past the output bound or unrecorded, or
+ * (connection gone) left unanswered. */
 static void batch_run_one(struct batch_run *r) {
         unsigned i = (unsigned)r->next++;
         json_t *e = json_array_get(r->elements, i);
@@ -354,13 +381,15 @@ static void batch_run_one(struct batch_run *r) {
         r->off += k;
         if (!r->conn->rpc)
                 control_batch_slot(r->b, i, NULL);
-        else if (!control_batch_over(r->b))
-                handle_request(r->conn, e, &sub, r->b, i);
         /* past the output bound nothing more is run, notifications included */
-        else if (json_object_get(e, "id"))
+        else if (control_batch_over(r->b) && json_object_get(e, "id"))
                 control_batch_refuse(r->b, i, e);
-        else
+        else if (control_batch_over(r->b))
                 control_batch_slot(r->b, i, NULL);
+        else if (control_batch_unrecorded(r->b))
+                batch_refuse_unrecorded(r, i, e);
+        else
+                handle_request(r->conn, e, &sub, r->b, i);
         rpc_fds_clear(&sub);
 }
 
@@ -387,7 +416,13 @@ static void batch_run_slice(struct batch_run *r) {
 }
 
 static void batch_run_cb(evutil_socket_t fd, short what, void *userdata) {
-        batch_run_slice(userdata);
+        struct batch_run *r = userdata;
+
+        /* it outlived a turn of the loop: a crash from here on must answer
+         * it, so its ids are stored before more of it runs */
+        if (r->conn->rpc)
+                (void)control_batch_record(r->b);
+        batch_run_slice(r);
 }
 
 /* The connection closed while its batch waited for its next slice: the
@@ -436,6 +471,7 @@ static void batch_start(struct control_conn *c, json_t *msg, struct rpc_fds *fds
 
 static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
         struct control_conn *c = userdata;
+        uint64_t serial = c->snap_serial;
 
         control_conn_ref(c);
         control_conn_fds_changed(c);    /* its fds are the request's now, not its input's */
@@ -445,7 +481,11 @@ static void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *f
                 handle_request(c, msg, fds, NULL, 0);
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
-        control_conn_changed(c);        /* the line is out of its input */
+        /* the line is out of its input (unless a record written while it
+         * was handled says so already: a call that waits writes one, and
+         * what changed since is dirty again) */
+        if (c->snap_serial == serial)
+                control_conn_changed(c);
         control_conn_unref(c);
 }
 

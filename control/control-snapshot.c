@@ -309,6 +309,7 @@ static void conn_commit(struct control_conn *c) {
         int r;
 
         vhub_fd_group(name, VHUB_SNAP_GROUP_CONN, c->id);
+        c->snap_serial++;
         control_carry_release(s->carry, c->uid, c->carry_charged);
         c->carry_charged = 0;
         /* a record sure not to fit is not written (a uid's hoard would
@@ -321,16 +322,33 @@ static void conn_commit(struct control_conn *c) {
         }
         conn_carry(c, s->carry, w, 0, 0, why, least);
         if (c->uncarried) {
+                /* as good as stored: a restart closes it, nothing waits */
                 vhub_commit_file_gone(s->ctx, &c->snap, name);
+                c->snap_stored = c->snap_serial;
                 return;
         }
         if (s->carry && !w->error)
                 c->carry_charged = w->len;      /* what control_carry_admit() counted */
         r = vhub_commit_file(s->ctx, &c->snap, name, false);
-        if (r < 0)
+        if (r >= 0)
+                c->snap_stored = c->snap_serial;
+        else
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "control connection %llu: its restart record was not written: %s",
                               (unsigned long long)c->id, strerror(-r));
+}
+
+int control_conn_record(struct control_conn *c, uint64_t since) {
+        uint64_t tried = c->snap_serial;
+
+        if (c->snap_stored > since)
+                return 0;
+        /* with what is dirty elsewhere, in the order a commit keeps */
+        control_conn_changed(c);
+        vhub_commit_now(c->srv->ctx);
+        if (c->snap_serial == tried)
+                return 0;       /* nothing writes its record (no fd store, inline) */
+        return c->snap_stored > since ? 0 : -EIO;
 }
 
 void control_server_commit(struct control_server *s, bool all) {
@@ -383,7 +401,7 @@ static void send_restarted(struct control_conn *c, uint64_t restarts, uint64_t d
 
         vhub_format_rfc3339(vhub_realtime_usec(), timestamp);
         msg = json_pack("{s:s, s:s, s:{s:s, s:s, s:I, s:I}}", "jsonrpc", "2.0", "method", "event", "params",
-                        "event", "daemon.restarted", "timestamp", timestamp, "restarts", (json_int_t)restarts,
+                        "event", vhub_contract_event_name(VHUB_EV_DAEMON_RESTARTED), "timestamp", timestamp, "restarts", (json_int_t)restarts,
                         "downtime_ms", (json_int_t)downtime_ms);
         if (msg)
                 (void)rpc_conn_send(c->rpc, msg, NULL, 0);

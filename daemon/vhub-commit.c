@@ -18,12 +18,41 @@ bool vhub_commit_enabled(const struct vhub_context *ctx) {
         return ctx->ev_commit != NULL;
 }
 
+/* The turn's commit; then what waited for it (queued before it began). */
 static void commit_cb(evutil_socket_t fd, short what, void *userdata) {
-        vhub_commit_now(userdata);
+        struct vhub_context *ctx = userdata;
+        uint64_t turn = ctx->commit_turn++;
+        struct vhub_commit_wait *w;
+
+        vhub_commit_now(ctx);
+        while ((w = TAILQ_FIRST(&ctx->commit_waits)) && w->turn <= turn) {
+                TAILQ_REMOVE(&ctx->commit_waits, w, link);
+                w->ctx = NULL;
+                w->run(w);
+        }
+        /* (vhub_commit_now() left it active for them) */
+        if (TAILQ_EMPTY(&ctx->commit_waits) && TAILQ_EMPTY(&ctx->snap_dirty) && !ctx->snap_daemon_dirty &&
+            !ctx->snap_faces_dirty)
+                event_del(ctx->ev_commit);
+}
+
+void vhub_commit_after(struct vhub_context *ctx, struct vhub_commit_wait *w) {
+        w->ctx = ctx;
+        w->turn = ctx->commit_turn;
+        TAILQ_INSERT_TAIL(&ctx->commit_waits, w, link);
+        event_active(ctx->ev_commit, EV_TIMEOUT, 0);
+}
+
+void vhub_commit_wait_cancel(struct vhub_commit_wait *w) {
+        if (!vhub_commit_waiting(w))
+                return;
+        TAILQ_REMOVE(&w->ctx->commit_waits, w, link);
+        w->ctx = NULL;
 }
 
 int vhub_commit_setup(struct vhub_context *ctx) {
         TAILQ_INIT(&ctx->snap_dirty);
+        TAILQ_INIT(&ctx->commit_waits);
         if (!vhub_fdstore_enabled(ctx->fdstore) || ctx->ev_commit)
                 return 0;
         ctx->ev_commit = event_new(ctx->base, -1, 0, commit_cb, ctx);
@@ -34,8 +63,12 @@ int vhub_commit_setup(struct vhub_context *ctx) {
 }
 
 void vhub_commit_done(struct vhub_context *ctx) {
+        struct vhub_commit_wait *w;
+
         if (!ctx->ev_commit)
                 return;
+        while ((w = TAILQ_FIRST(&ctx->commit_waits)))
+                vhub_commit_wait_cancel(w);
         vhub_event_freep(&ctx->ev_commit);
         vhub_snap_writer_done(&ctx->snap_writer);
 }
@@ -137,6 +170,9 @@ void vhub_commit_now(struct vhub_context *ctx) {
                 ctx->snap_faces_dirty = ctx->snap_faces_all = false;
                 ctx->commit_faces(ctx->commit_userdata, all);
         }
+        /* what waits for a commit runs from the loop (commit_cb()) */
+        if (!TAILQ_EMPTY(&ctx->commit_waits))
+                event_active(ctx->ev_commit, EV_TIMEOUT, 0);
 }
 
 void vhub_commit_all_later(struct vhub_context *ctx) {

@@ -6,9 +6,11 @@
  * composition root through ctx->commit_daemon, since it holds the faces).
  *
  * A change marks its VM (or the daemon) dirty; what is dirty is written
- * once, after the loop's current callback, and at once when an op sends
- * its first request to a device's back-end (so that a snapshot never calls
- * a device idle while one of its requests is on the wire).  Every write first brings the fd store's
+ * once, after the loop's current callback (the turn's commit, below), and
+ * at once when an op sends its first request to a device's back-end (so
+ * that a snapshot never calls a device idle while one of its requests is
+ * on the wire) -- but for a front-door VMM's request, which waits for the
+ * turn's commit instead.  Every write first brings the fd store's
  * groups up to date: an fd is in the store before a snapshot names it.
  * Nothing happens without an fd store (--no-fd-store, no $NOTIFY_SOCKET).
  */
@@ -16,6 +18,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
 struct vhub_context;
 struct vhub_vm;
@@ -57,3 +60,30 @@ void vhub_commit_all_later(struct vhub_context *ctx);
 void vhub_commit_all(struct vhub_context *ctx);
 /* vm goes: off the dirty list, its snapshot out of the store and closed. */
 void vhub_commit_vm_gone(struct vhub_vm *vm);
+
+/*
+ * The turn's commit: what is dirty is written once after the loop's current
+ * callbacks (every message read and reply taken in this wake-up), and what
+ * waits for it runs then, in the order it was queued -- a VMM's request
+ * that goes to the back-end once a snapshot says its device is busy, an
+ * answer that goes out once a snapshot no longer carries its request.  A
+ * flood of VMM requests then costs one write per turn and VM, not several
+ * per request (docs/restart.md, "A VMM's flood of tiny requests").  A
+ * commit made at once (vhub_commit_now()) counts for the snapshots but runs
+ * none of them: they run from the loop, never inside the caller's stack.
+ * The owner checks, when run, whether the write it waited for was stored
+ * (vm->snap_stored); it cancels the wait before it goes.
+ */
+struct vhub_commit_wait {
+        TAILQ_ENTRY(vhub_commit_wait) link;
+        struct vhub_context *ctx;               /* non-NULL: queued */
+        uint64_t turn;
+        void (*run)(struct vhub_commit_wait *w);
+};
+/* Queue w (not queued yet) for the turn's commit; only with commits enabled. */
+void vhub_commit_after(struct vhub_context *ctx, struct vhub_commit_wait *w);
+/* w will not run (NULL or not queued: nothing). */
+void vhub_commit_wait_cancel(struct vhub_commit_wait *w);
+static inline bool vhub_commit_waiting(const struct vhub_commit_wait *w) {
+        return w && w->ctx;
+}

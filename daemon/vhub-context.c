@@ -190,6 +190,9 @@ bool vhub_context_busy(const struct vhub_context *ctx) {
         const struct vhub_device *d;
         const struct vhub_vm *vm;
 
+        /* a VMM's answer held for the turn's commit (vhub_commit_after()) */
+        if (vhub_commit_enabled(ctx) && !TAILQ_EMPTY(&ctx->commit_waits))
+                return true;
         TAILQ_FOREACH(vm, &ctx->vms, link) {
                 if (!TAILQ_EMPTY(&vm->mem_ops) || vm->log_batch || vm->postcopy_batch)
                         return true;

@@ -27,6 +27,7 @@ struct vhub_vmm_door;
 
 TAILQ_HEAD(vhub_vm_list, vhub_vm);
 TAILQ_HEAD(vhub_vm_snap_list, vhub_vm);
+TAILQ_HEAD(vhub_commit_wait_list, vhub_commit_wait);
 
 struct vhub_context {
         struct event_base *base;
@@ -57,6 +58,8 @@ struct vhub_context {
         bool snap_daemon_dirty;
         bool snap_faces_dirty;                      /* a face's own snapshot files (vhub_changed_face()) */
         bool snap_faces_all;                        /* ... every one of them */
+        struct vhub_commit_wait_list commit_waits;  /* what waits for the turn's commit */
+        uint64_t commit_turn;                       /* turns' commits run so far (commit_cb()) */
         void (*commit_daemon)(void *userdata);      /* the root writes the daemon's */
         void (*commit_faces)(void *userdata, bool all); /* and has the faces write theirs */
         void *commit_userdata;

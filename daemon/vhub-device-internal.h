@@ -43,6 +43,10 @@ struct vhub_op {
         bool last_unconfirmed;        /* a request without a reply ended the stage */
         bool running;
         bool on_wire;                 /* it sent a request: its VM's snapshot said "busy" first */
+        /* a VMM's request waits for the turn's commit to say "busy" (op_wait_turn()) */
+        struct vhub_commit_wait busy_wait;
+        struct vhub_device *busy_dev;
+        uint64_t busy_serial;         /* its VM's snapshot serial as it began to wait */
         uint64_t started_usec;        /* CLOCK_MONOTONIC: when it started running */
         bool parked;                  /* waiting for the VM's memory queue */
         bool restore;                 /* part of restoring after a reconnect */
@@ -223,6 +227,9 @@ void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_vi
 /* A restore: the link on the stored connection (sock_fd, chan_fd: -1 for
  * none; taken in every case), and server mode's listener back on its
  * socket (listen_fd taken; l taken).  Nothing is sent. */
+/* After a restore that gave a server-mode device no listener: its socket
+ * made again from the loop (tried until the back-end deadline). */
+void device_link_relisten(struct vhub_device *d);
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l);
 /* A restored outage goes on: its socket watched, the next attempt in left_ms. */

@@ -57,6 +57,7 @@
 #include "vhub-device-vmm-internal.h"
 #include "vhub-cred.h"
 #include "vhub-device-internal.h"
+#include "vhub-fdstore.h"
 #include "vhub-log.h"
 #include "vhub-loop.h"
 #include "vhub-socket-watch.h"
@@ -68,6 +69,7 @@ static void device_on_lost(void *userdata, bool timeout, uint32_t request, const
 static void device_schedule_reconnect(struct vhub_device *d);
 static void device_attempt_failed(struct vhub_device *d, const char *reason);
 static void device_stop_watching(struct vhub_device *d);
+static void device_listen_again(struct vhub_device *d);
 
 static const struct vhub_bconn_ops device_bconn_ops = {
         .on_reply = device_on_reply,
@@ -380,6 +382,10 @@ static void device_reconnect_cb(evutil_socket_t fd, short what, void *userdata) 
                 device_ops_lost_for_good(d, &err);
                 return;
         }
+        if (d->relisten_until_usec && !d->removing && !d->listener) {
+                device_listen_again(d);
+                return;
+        }
         if (d->removing || d->state != VHUB_DEV_DISCONNECTED)
                 return;
         if (d->mode == VHUB_DEV_MODE_SERVER)
@@ -534,12 +540,10 @@ static void device_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 device_queue_restore(d);
 }
 
-/* Listen on the device's socket for its back-end; it must come within
- * --backend-timeout-ms. */
-static int device_listen(struct vhub_device *d, struct vhub_error *err) {
+/* Listen on the device's socket (its fds tracked, accepting). */
+static int device_listen_on(struct vhub_device *d, struct vhub_error *err) {
         struct vhub_vm *vm = d->vm;
         char *listen_path = NULL;
-        struct timeval tv;
         int r;
 
         r = vhub_backend_path_listen(vm->ctx->backend_dirs, &d->cred, vm->uid, d->socket_path, err,
@@ -558,9 +562,54 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         d->ev_listen = event_new(vm->ctx->base, d->listen_fd, EV_READ | EV_PERSIST, device_accept_cb, d);
         if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                 return vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
-        tv = vhub_timeval_from_ms(vm->ctx->config->backend_timeout_ms);
+        return 0;
+}
+
+/* Listen for the device's back-end; it must come within --backend-timeout-ms. */
+static int device_listen(struct vhub_device *d, struct vhub_error *err) {
+        struct timeval tv;
+        int r = device_listen_on(d, err);
+
+        if (r < 0)
+                return r;
+        tv = vhub_timeval_from_ms(d->vm->ctx->config->backend_timeout_ms);
         evtimer_add(d->ev_reconnect, &tv); /* the first back-end must come in time */
         return 0;
+}
+
+/* how often a restored server-mode device tries its socket's name again */
+#define DEVICE_RELISTEN_RETRY_MS 50
+
+/* A restored server-mode device whose listener did not come back whole
+ * (docs/restart.md, "A group missing a member"): its socket made again at
+ * its path.  The earlier run's listener, out of the group, may be held by
+ * the manager a moment yet (the stash's rebuild is asynchronous): the name
+ * is then "in use", tried again until relisten_until_usec. */
+static void device_listen_again(struct vhub_device *d) {
+        struct timeval later = { 0, DEVICE_RELISTEN_RETRY_MS * 1000 };
+        struct vhub_error err = { 0 };
+
+        if (device_listen_on(d, &err) >= 0) {
+                d->relisten_until_usec = 0;
+                device_log(d, LOG_INFO, NULL, "listens again on %s (its listener did not survive the restart)",
+                           d->socket_path);
+                return;
+        }
+        if (d->listen_fd < 0 && vhub_now_usec() < d->relisten_until_usec) {
+                device_log(d, LOG_DEBUG, NULL, "its socket: %s: tried again", err.detail);
+                evtimer_add(d->ev_reconnect, &later);
+                return;
+        }
+        d->relisten_until_usec = 0;
+        device_log(d, LOG_WARNING, NULL, "its socket could not be made again after the restart: %s: "
+                   "no back-end can connect to it", err.detail);
+}
+
+void device_link_relisten(struct vhub_device *d) {
+        static const struct timeval now = { 0, 0 };
+
+        d->relisten_until_usec = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
+        evtimer_add(d->ev_reconnect, &now);
 }
 
 /* ---- start and stop ---- */
@@ -582,20 +631,36 @@ void device_link_stop_retrying(struct vhub_device *d) {
 
 /* ---- a restore (vhub-device-snapshot.c) ---- */
 
+/* A restore's fds are members of the device's group already: one the
+ * device does not keep leaves it before it is closed -- or, closed by a
+ * constructor that failed (they take their fd in every case), right after
+ * (a removal makes no system call). */
+static void link_fd_gone(struct vhub_device *d, int fd) {
+        if (fd >= 0)
+                (void)vhub_fdstore_group_remove(vhub_context_fdstore(d->vm->ctx), d->fd_group, fd);
+}
+
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l) {
-        int r = 0;
+        int r = 0, fd;
 
         d->ev_reconnect = evtimer_new(d->vm->ctx->base, device_reconnect_cb, d);
         if (!d->ev_reconnect)
                 r = -ENOMEM;
         if (r == 0 && sock_fd >= 0) {
-                r = device_attach_connection(d, VHU_TAKE_FD(sock_fd));
+                fd = VHU_TAKE_FD(sock_fd);
+                r = device_attach_connection(d, fd);
                 if (r == 0)
                         vhub_bconn_set_protocol_features(d->conn, d->protocol_features);
+                else
+                        link_fd_gone(d, fd);
         }
-        if (r == 0 && chan_fd >= 0)
-                r = device_channel_open(d, VHU_TAKE_FD(chan_fd));
+        if (r == 0 && chan_fd >= 0) {
+                fd = VHU_TAKE_FD(chan_fd);
+                r = device_channel_open(d, fd);
+                if (r < 0)
+                        link_fd_gone(d, fd);
+        }
         if (listen_fd >= 0 && l) {
                 d->listen_fd = VHU_TAKE_FD(listen_fd);
                 d->listener = l;
@@ -606,9 +671,13 @@ int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int lis
                 if (!d->ev_listen || event_add(d->ev_listen, NULL) < 0)
                         r = r < 0 ? r : -ENOMEM;
         }
+        link_fd_gone(d, sock_fd);
         vhu_safe_close(sock_fd);
+        link_fd_gone(d, chan_fd);
         vhu_safe_close(chan_fd);
+        link_fd_gone(d, listen_fd);
         vhu_safe_close(listen_fd);
+        link_fd_gone(d, vhub_backend_listener_dir_fd(l));
         vhub_backend_listener_forget(l);
         return r;
 }

@@ -408,8 +408,13 @@ static int read_ring(struct vhub_device *d, struct vhub_fd_claim *claim, const s
                 v.call_fd = -1;
         if (v.err_fd < 0)
                 v.err_fd = -1;
-        if ((kick.ino && v.kick_fd < 0) || (call.ino && v.call_fd < 0) || (err.ino && v.err_fd < 0))
+        if ((kick.ino && v.kick_fd < 0) || (call.ino && v.call_fd < 0) || (err.ino && v.err_fd < 0)) {
+                /* what came back of the ring goes too (members already) */
+                vhub_fd_claim_drop(claim, v.kick_fd);
+                vhub_fd_claim_drop(claim, v.call_fd);
+                vhub_fd_claim_drop(claim, v.err_fd);
                 return -ENOENT;
+        }
         d->vrings[v.index] = v;
         return 0;
 }
@@ -637,8 +642,18 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 int dfd = vhub_fd_claim(claim, &rec.dirfd);
 
                 listen = vhub_fd_claim(claim, &rec.listen);
-                l = dfd >= 0 ? vhub_backend_listener_adopt(dfd, &rec.listener) : NULL;
+                if (dfd >= 0 && listen >= 0 && !(l = vhub_backend_listener_adopt(dfd, &rec.listener)))
+                        vhub_fd_claim_gone(claim, dfd);        /* adopt() closed it */
+                else if (!l)
+                        vhub_fd_claim_drop(claim, dfd);
+                if (!l) {
+                        /* half a listener is none: the socket is made again
+                         * (vhub_device_restore_finish()) */
+                        device_log(d, LOG_WARNING, NULL, "its back-end listener was not passed back whole");
+                        listen = vhub_fd_claim_drop(claim, listen);
+                }
         }
+        d->restore_relisten = d->mode == VHUB_DEV_MODE_SERVER && !l;
         /* what the device holds joins its group again (the fds are members
          * already: ctx->restoring) */
         for (unsigned i = 0; i < d->queues; i++) {
@@ -669,9 +684,11 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
         if (k >= 0 || k == -ENOENT)
                 k = device_link_restore(d, sock, chan, listen, l);
         else {
-                vhu_safe_close(sock);
-                vhu_safe_close(chan);
-                vhu_safe_close(listen);
+                /* claimed, so members of the group: out of it, then closed */
+                vhub_fd_claim_drop(claim, sock);
+                vhub_fd_claim_drop(claim, chan);
+                vhub_fd_claim_drop(claim, listen);
+                vhub_fd_claim_gone(claim, vhub_backend_listener_dir_fd(l));
                 vhub_backend_listener_forget(l);
         }
         if (k < 0 && !*why)
@@ -715,6 +732,10 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
 }
 
 void vhub_device_restore_finish(struct vhub_device *d) {
+        if (d->restore_relisten) {
+                d->restore_relisten = false;
+                device_link_relisten(d);
+        }
         if (d->vmm && vmm_restore_finish(d)) {
                 d->restore_lost = false;
                 return;

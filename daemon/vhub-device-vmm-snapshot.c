@@ -255,7 +255,7 @@ static int claim_key(struct vhub_fd_claim *claim, const struct vhub_snap_rec *x,
         r = vhub_fd_claim(claim, &key);
         if (r < 0)
                 return r;
-        vhu_safe_close(*ret);
+        vhub_fd_claim_drop(claim, *ret);       /* named twice: the last one */
         *ret = r;
         return 0;
 }
@@ -264,11 +264,14 @@ static int claim_key(struct vhub_fd_claim *claim, const struct vhub_snap_rec *x,
  * carried (the back-end maps it). */
 static int read_region(struct vhub_mem_table *t, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
         struct vhub_region rg;
-        int r = vhub_snap_get_region(rec, claim, &rg);
+        int r = vhub_snap_get_region(rec, claim, &rg), fd = rg.fd;
 
-        if (r < 0 || rg.fd < 0)
-                return r < 0 ? r : rg.fd;
-        return vhub_mem_table_add(t, &rg); /* takes the fd */
+        if (r < 0 || fd < 0)
+                return r < 0 ? r : fd;
+        r = vhub_mem_table_add(t, &rg); /* takes the fd: closed on failure */
+        if (r < 0)
+                vhub_fd_claim_gone(claim, fd);
+        return r;
 }
 
 static int read_vmm_ring(struct vhub_device *d, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
@@ -296,8 +299,9 @@ static int read_vmm_ring(struct vhub_device *d, struct vhub_fd_claim *claim, con
         if (r >= 0 && !vmm_ring_ok(d, index))
                 r = -EBADMSG;
         if (r < 0) {
+                /* claimed, so members of the group: out of it, then closed */
                 for (enum vmm_ring_fd k = VMM_RING_KICK; k <= VMM_RING_ERR; k++)
-                        vhu_safe_close(fds[k]);
+                        vhub_fd_claim_drop(claim, fds[k]);
                 return r;
         }
         ring_set_flags(&v, f);

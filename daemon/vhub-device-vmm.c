@@ -354,6 +354,17 @@ void vhub_device_vmm_commit_now(struct vhub_device *d) {
         vhub_commit_now(d->vm->ctx);
 }
 
+bool vhub_device_vmm_commit_after(struct vhub_device *d, struct vhub_commit_wait *w) {
+        struct vhub_context *ctx = d->vm->ctx;
+
+        if (!vhub_commit_enabled(ctx) || ctx->shutting_down)
+                return false;
+        vhub_changed(ctx, d->vm);
+        if (!vhub_commit_waiting(w))
+                vhub_commit_after(ctx, w);
+        return true;
+}
+
 uint64_t vhub_device_vmm_snapshot_serial(const struct vhub_device *d) {
         return d->vm->snap_serial;
 }

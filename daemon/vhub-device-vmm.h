@@ -104,6 +104,10 @@ void vhub_device_vmm_changed(struct vhub_device *d);
 /* Write d's VM's snapshot now (the face is about to take bytes from the
  * VMM, and the last one says the session is at rest). */
 void vhub_device_vmm_commit_now(struct vhub_device *d);
+/* d's VM is written at the turn's commit, and w runs after it
+ * (vhub_commit_after(); not queued twice).  false: no snapshots are kept. */
+struct vhub_commit_wait;
+bool vhub_device_vmm_commit_after(struct vhub_device *d, struct vhub_commit_wait *w);
 /* d's VM's snapshot serializations are numbered: the one being written (or
  * last written), and the last whose write succeeded -- the fd store's copy;
  * older than the other when a write failed.  A face told the first as it is

@@ -186,6 +186,9 @@ struct vhub_device {
         bool restore_lost;            /* a request was in flight: lost now */
         bool restore_reconnect_armed;
         uint64_t restore_reconnect_left_ms;
+        bool restore_relisten;        /* server mode, no listener came back whole */
+        uint64_t relisten_until_usec; /* then its socket is made again, tried until this
+                                       * (CLOCK_MONOTONIC; 0: not trying) */
 
         /* a front-door device: its VMM's session (vhub-device-vmm.h); NULL otherwise */
         struct vhub_device_vmm *vmm;

@@ -42,14 +42,23 @@ int vhub_fd_claim(struct vhub_fd_claim *c, const struct vhub_fd_key *key) {
         return -ENOENT;
 }
 
+void vhub_fd_claim_gone(struct vhub_fd_claim *c, int fd) {
+        if (fd >= 0)
+                (void)vhub_fdstore_group_remove(c->store, c->group, fd);
+}
+
+int vhub_fd_claim_drop(struct vhub_fd_claim *c, int fd) {
+        vhub_fd_claim_gone(c, fd);
+        return vhu_safe_close(fd);
+}
+
 size_t vhub_fd_claim_close(struct vhub_fd_claim *c) {
         size_t n = 0;
 
         for (size_t i = 0; i < c->n; i++) {
                 if (c->m[i].fd < 0)
                         continue;
-                (void)vhub_fdstore_group_remove(c->store, c->group, c->m[i].fd);
-                c->m[i].fd = vhu_safe_close(c->m[i].fd);
+                c->m[i].fd = vhub_fd_claim_drop(c, c->m[i].fd);
                 n++;
         }
         if (n > 0)

@@ -30,6 +30,14 @@ void vhub_fd_claim_open(struct vhub_fdstore_restore *r, struct vhub_fdstore *s, 
                         struct vhub_fd_claim *ret);
 /* The member whose key is key, now the caller's: the fd, or -ENOENT. */
 int vhub_fd_claim(struct vhub_fd_claim *c, const struct vhub_fd_key *key);
+/* A claimed fd its owner does not keep (fd < 0: nothing): it leaves the
+ * group, then it is closed -- the group must never hold a closed member
+ * (its stash could not be rebuilt, and a later fd of the same number would
+ * be stored under it).  Also after vhub_fd_claim_close().  Returns -1. */
+int vhub_fd_claim_drop(struct vhub_fd_claim *c, int fd);
+/* Such an fd a constructor that failed has closed already (taken in every
+ * case): its number leaves the group (a removal makes no system call). */
+void vhub_fd_claim_gone(struct vhub_fd_claim *c, int fd);
 /* Every member not claimed leaves the group and is closed; returns how many. */
 size_t vhub_fd_claim_close(struct vhub_fd_claim *c);
 

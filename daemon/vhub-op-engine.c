@@ -14,6 +14,7 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -57,7 +58,8 @@ static bool op_unrecorded(const struct vhub_op *op);
  * with nothing to do) changes nothing a back-end saw until it ends, and
  * its end is written as any change.  Nor for a device.add's handshake: a
  * crash before its answer removes the device whatever the snapshot says
- * (device_being_added()).  -EIO: that write failed -- the stored snapshot
+ * (device_being_added()).  A VMM's request waits for the turn's commit
+ * instead (op_wait_turn()).  -EIO: that write failed -- the stored snapshot
  * still says idle, and a crash would restore the device as if the back-end
  * had seen nothing -- so nothing is sent: the op fails instead.
  */
@@ -210,6 +212,39 @@ static void op_run(struct vhub_device *d, struct vhub_op *op) {
         }
 }
 
+/* The turn's commit ran (vhub-commit.h): a snapshot stored since the op
+ * began to wait says its device is busy; else (that write failed) its
+ * first send tries again and fails the op as before (op_said_busy()). */
+static void op_turn_committed(struct vhub_commit_wait *w) {
+        struct vhub_op *op = (struct vhub_op *)((char *)w - offsetof(struct vhub_op, busy_wait));
+        struct vhub_device *d = op->busy_dev;
+
+        if (d->vm->snap_stored > op->busy_serial)
+                op->on_wire = true;
+        op_run(d, op);
+}
+
+/*
+ * A VMM's request for the back-end waits for the turn's commit instead of
+ * writing its VM's snapshot at its first send: every request read, and
+ * every op started, in this wake-up -- other VMMs' of the same VM, a
+ * VMM's next one behind an answer -- shares that one write.  Running from
+ * here on, it says "busy" in any snapshot serialized.
+ */
+static bool op_wait_turn(struct vhub_device *d, struct vhub_op *op) {
+        struct vhub_context *ctx = d->vm->ctx;
+
+        if (op->kind != VHUB_OP_PASSTHROUGH || passthrough_is_own(op) || op->on_wire ||
+            !vhub_commit_enabled(ctx) || ctx->shutting_down)
+                return false;
+        op->busy_dev = d;
+        op->busy_serial = d->vm->snap_serial;
+        op->busy_wait.run = op_turn_committed;
+        vhub_changed(ctx, d->vm);
+        vhub_commit_after(ctx, &op->busy_wait);
+        return true;
+}
+
 void device_run_head(struct vhub_device *d) {
         struct vhub_op *op = TAILQ_FIRST(&d->ops);
 
@@ -233,6 +268,8 @@ void device_run_head(struct vhub_device *d) {
         }
         op->running = true;
         op->started_usec = vhub_now_usec();
+        if (op_wait_turn(d, op))
+                return;
         op_run(d, op);      /* the snapshot says "busy" at its first request (op_said_busy()) */
 }
 
@@ -284,6 +321,7 @@ void device_fail_ops(struct vhub_device *d, const struct vhub_error *err) {
                 next = TAILQ_NEXT(op, link);
                 if (op->kind == VHUB_OP_REMOVE)
                         continue;
+                vhub_commit_wait_cancel(&op->busy_wait);
                 /* a VMM's request runs again after the restore */
                 if (op->kind == VHUB_OP_PASSTHROUGH && passthrough_requeue(d, op))
                         continue;

@@ -172,6 +172,7 @@ void op_free(struct vhub_op *op) {
 
         if (!op)
                 return;
+        vhub_commit_wait_cancel(&op->busy_wait);
         fd = op_owned_fd(op);
         if (fd)
                 *fd = vhu_safe_close(*fd);

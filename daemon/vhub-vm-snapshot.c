@@ -158,7 +158,7 @@ int vhub_snap_get_region(const struct vhub_snap_rec *rec, struct vhub_fd_claim *
 
 static int read_region(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
         struct vhub_region reg;
-        int r = vhub_snap_get_region(rec, claim, &reg);
+        int r = vhub_snap_get_region(rec, claim, &reg), fd;
 
         if (r < 0)
                 return r;
@@ -169,7 +169,11 @@ static int read_region(struct vhub_vm *vm, struct vhub_fd_claim *claim, const st
         }
         if (vm->ctx->next_region_id < reg.id)
                 vm->ctx->next_region_id = reg.id;
-        return vhub_mem_table_add(&vm->mem, &reg);
+        fd = reg.fd;
+        r = vhub_mem_table_add(&vm->mem, &reg);
+        if (r < 0)
+                vhub_fd_claim_gone(claim, fd);  /* closed by the table */
+        return r;
 }
 
 static int read_log(struct vhub_vm *vm, struct vhub_fd_claim *claim, const struct vhub_snap_rec *rec) {
@@ -232,7 +236,10 @@ static int read_shared(struct vhub_vm *vm, struct vhub_fd_claim *claim, const st
         fd = vhub_fd_claim(claim, &key);
         if (fd < 0)
                 return 0;       /* not passed back: it is gone */
-        return vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
+        r = vhub_shared_table_add(&vm->shared, uuid, NULL, fd, vm->ctx->config->limits.shared_objects_per_vm);
+        if (r < 0)
+                vhub_fd_claim_gone(claim, fd);  /* closed by the table */
+        return r;
 }
 
 /* The VM's own records (not its children), by tag. */

@@ -31,6 +31,7 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
+#include "vhub-commit.h"
 #include "vhub-context.h"
 #include "vhub-fd-claim.h"
 #include "vhub-fd-track.h"
@@ -103,6 +104,11 @@ struct vhub_vmm_device {
         bool rest_older;              /* the fd store's copy before it carries the session */
         bool leaving_rest;            /* a snapshot saying it is not at rest is being written */
         struct event *ev_rest;        /* pending: at rest for less than REST_SETTLE_USEC */
+        /* the turn's commit (vhub-commit.h): answers held until it dropped
+         * their requests, a request it carries to log */
+        struct vhub_commit_wait turn_wait;
+        unsigned n_held;              /* of the calls, those answered by the model, held */
+        uint64_t logged_seq;          /* the last call logged carried in flight */
 };
 
 struct vmm_call {
@@ -114,6 +120,7 @@ struct vmm_call {
         uint32_t request;
         uint64_t seq;
         struct vhu_msg *carried;      /* the request as read (no fds): a crash may carry it */
+        bool held;                    /* answered by the model: goes out after the turn's commit */
 };
 
 #define vd_log(vd, level, request, ...)                                                          \
@@ -449,24 +456,66 @@ static void call_forget(struct vmm_call *c) {
         free(c);
 }
 
+/* A held call's answer will not go out (its session ended): it goes. */
+static void call_drop_held(struct vmm_call *c) {
+        vhub_vmm_answer_done(&c->call.out.vmm_request);
+        free(c->carried);
+        free(c);
+}
+
+/* The calls leave vd: those the model still holds find no device when
+ * done, the held ones go (their answers with them). */
+static void vd_calls_let_go(struct vhub_vmm_device *vd) {
+        struct vmm_call *c;
+
+        while ((c = TAILQ_FIRST(&vd->calls))) {
+                TAILQ_REMOVE(&vd->calls, c, link);
+                if (c->held)
+                        call_drop_held(c);
+                else
+                        c->vd = NULL;
+        }
+        vd->n_held = 0;
+}
+
+static void call_answer(struct vmm_call *c);
+static void vd_turn_committed(struct vhub_commit_wait *w);
+
 /* The model answered: the answer goes to the VMM, if the same VMM still waits. */
 static void call_done(struct vhub_call *call) {
         struct vmm_call *c = (struct vmm_call *)((char *)call - offsetof(struct vmm_call, call));
         struct vhub_vmm_device *vd = c->vd;
-        const struct vhub_vmm_answer *a = &call->out.vmm_request;
-        int r = 0;
 
         if (!vd || !vd->conn || c->session != vd->session || vhub_vmm_conn_is_lost(vd->conn)) {
                 call_forget(c);
                 return;
         }
         /* a snapshot carrying this request must not outlive its answer (a
-         * crash would handle it again, and the VMM get two): replaced first,
-         * else no answer (the connection is closed) */
+         * crash would handle it again, and the VMM get two): one that drops
+         * it is written first -- the turn's commit, which the other requests
+         * read and answered in this wake-up share (vd_turn_committed());
+         * an answer behind a held one waits with it (the VMM's order) */
+        if (!vd->dead && (vd->n_held > 0 || (c->carried && c->answer_id != 0 && vd_rest_stored(vd))) &&
+            vhub_device_vmm_commit_after(vd->dev, &vd->turn_wait)) {
+                c->held = true;
+                vd->n_held++;
+                return;
+        }
+        /* (no snapshots to wait for: at once, as before) */
         if (c->carried && c->answer_id != 0 && !vd_leave_rest(vd)) {
                 call_forget(c);
                 return;
         }
+        call_answer(c);
+}
+
+/* The answer the model gave goes to the VMM (or closes its connection). */
+static void call_answer(struct vmm_call *c) {
+        struct vhub_vmm_device *vd = c->vd;
+        struct vhub_call *call = &c->call;
+        const struct vhub_vmm_answer *a = &call->out.vmm_request;
+        int r = 0;
+
         /* a request the VMM waits for nothing for can still close it */
         if (call->result < 0) {
                 vd_log(vd, LOG_WARNING, REQ(c->request), "closing the VMM's connection: %s", call->error.detail);
@@ -492,6 +541,50 @@ static void call_done(struct vhub_call *call) {
                 vhub_vmm_conn_fail(vd->conn, why);
         }
         call_forget(c);
+}
+
+/*
+ * The turn's commit ran (vhub-commit.h).  The answers held for it go out,
+ * in order, if it replaced the snapshot carrying their requests; if that
+ * write failed the VMM's connection is closed instead and they are
+ * dropped, as in vd_leave_rest().  A request it carries in flight is
+ * logged so.
+ */
+static void vd_turn_committed(struct vhub_commit_wait *w) {
+        struct vhub_vmm_device *vd =
+                (struct vhub_vmm_device *)((char *)w - offsetof(struct vhub_vmm_device, turn_wait));
+        struct vmm_call *c, *last;
+
+        if (vd->dead)
+                return;         /* its device is gone: vd_free() drops what it holds */
+        vd_enter(vd);
+        if (vd->n_held > 0 && vd_rest_stored(vd) && vd->conn) {
+                vd_log(vd, LOG_WARNING, NULL, "closing the VMM's connection: the VM's snapshot that carries its "
+                       "session could not be replaced");
+                vhub_vmm_conn_fail(vd->conn, "the VM's snapshot that carries the session could not be replaced");
+        }
+        while (vd->n_held > 0) {
+                TAILQ_FOREACH(c, &vd->calls, link)
+                        if (c->held)
+                                break;
+                if (!c)
+                        break;
+                c->held = false;
+                vd->n_held--;
+                if (vd->conn && !vhub_vmm_conn_is_lost(vd->conn))
+                        call_answer(c);
+                else
+                        call_forget(c);
+        }
+        vd->n_held = 0;
+        last = TAILQ_LAST(&vd->calls, vmm_call_list);
+        if (last && last->carried && last->seq > vd->logged_seq && vd->saved_seq >= last->seq &&
+            vd_rest_stored(vd)) {
+                vd->logged_seq = last->seq;
+                vd_log(vd, LOG_DEBUG, REQ(last->request), "%s in flight: the VM's snapshot carries it",
+                       REQ(last->request));
+        }
+        vd_leave(vd);
 }
 
 /*
@@ -568,26 +661,21 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
         vhub_device_vmm_request(vd->dev, m, &c->call); /* takes m's fds; may answer at once */
         if (!vd_leave(vd))
                 return;
-        /* still in flight and carried: a snapshot says so before anything
-         * else happens (the op's start wrote one if it ran at once) */
+        /* still in flight and carried: the turn's commit says so, the one
+         * its op waits for if it goes to the back-end (vhub-op-engine.c),
+         * shared by every request read in this wake-up; a crash before it
+         * falls back */
         last = TAILQ_LAST(&vd->calls, vmm_call_list);
         if (!last || last->seq != seq || !last->carried)
                 return;
         if ((!vd->rest_saved || vd->saved_seq < seq) && vd_carriable(vd))
-                vhub_device_vmm_commit_now(vd->dev);
-        if (vd->rest_saved && vd->saved_seq >= seq)
-                vd_log(vd, LOG_DEBUG, REQ(last->request), "%s in flight: the VM's snapshot carries it",
-                       REQ(last->request));
+                vhub_device_vmm_commit_after(vd->dev, &vd->turn_wait);
 }
 
 /* The VMM's session is over: everything of it goes, the model is told. */
 static void vd_end_session(struct vhub_vmm_device *vd) {
-        struct vmm_call *c;
-
         vd->session++; /* answers still due are dropped */
-        TAILQ_FOREACH(c, &vd->calls, link)
-                c->vd = NULL;
-        TAILQ_INIT(&vd->calls);
+        vd_calls_let_go(vd);
         vd->n_calls = vd->n_carried = vd->n_owed = 0;
         vd_redo_drop(vd);
         /* a snapshot carrying it names a connection closed, or unanswered
@@ -692,10 +780,8 @@ static const struct vhub_vmm_listener_ops listener_ops = {
 /* ---- life ---- */
 
 static void vd_free(struct vhub_vmm_device *vd) {
-        struct vmm_call *c;
-
-        TAILQ_FOREACH(c, &vd->calls, link)
-                c->vd = NULL;
+        vhub_commit_wait_cancel(&vd->turn_wait);
+        vd_calls_let_go(vd);
         vd->channel = vd_channel_free(vd);
         vd->conn = vd_conn_free(vd);
         vd->listener = vd_listener_free(vd);
@@ -741,7 +827,7 @@ enum {
  * process; the connection owes their answers and nothing else.  Asked as
  * its VM's snapshot is written, which then carries the session or not. */
 static bool vd_carriable(const struct vhub_vmm_device *vd) {
-        return !vd->leaving_rest && !vd->dead && vd->n_carried == vd->n_calls &&
+        return !vd->leaving_rest && !vd->dead && vd->n_held == 0 && vd->n_carried == vd->n_calls &&
                vd->n_calls + vd->n_redo <= CARRY_MAX && vd->relay_count == 0 && vd->conn && vd->listener &&
                vd->sock && vhub_vmm_conn_quiet(vd->conn, vd->n_owed) &&
                (!vd->channel || vhub_vmm_channel_at_rest(vd->channel)) &&
@@ -820,6 +906,7 @@ static struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_de
         vd->ctx = ctx;
         vd->base = vhub_context_base(ctx);
         vd->ev_rest = evtimer_new(vd->base, rest_cb, vd);
+        vd->turn_wait.run = vd_turn_committed;
         vd->ev_redo = evtimer_new(vd->base, redo_cb, vd);
         if (!vd->ev_rest || !vd->ev_redo) {
                 vhub_event_freep(&vd->ev_rest);

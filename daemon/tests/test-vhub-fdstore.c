@@ -29,6 +29,8 @@
 #include <unistd.h>
 
 #include "vhub-check.h"
+#include "vhub-commit.h"
+#include "vhub-context.h"
 #include "vhub-fd-track.h"
 #include "vhub-fdstore.h"
 #include "vhub-fdstore-share.h"
@@ -1421,6 +1423,99 @@ static void test_restore_env(void) {
         printf("ok: LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES parsed by sd_listen_fds_with_names(), then unset\n");
 }
 
+/* ---- the turn's commit (vhub-commit.h): what waits for it runs after it,
+ * from the loop, in order; a commit made at once runs none of it ---- */
+
+struct turn_wait {
+        struct vhub_commit_wait w;
+        struct turn_log *log;
+        int id;
+        struct turn_wait *queue_next;   /* queued when this one runs */
+};
+
+struct turn_log {
+        struct vhub_context *ctx;
+        unsigned commits;               /* the daemon's snapshot "written" */
+        int order[8];
+        unsigned commits_seen[8];       /* commits made before each ran */
+        unsigned n;
+};
+
+static void turn_commit_daemon(void *userdata) {
+        ((struct turn_log *)userdata)->commits++;
+}
+
+static void turn_run(struct vhub_commit_wait *w) {
+        struct turn_wait *t = (struct turn_wait *)w;
+        struct turn_log *log = t->log;
+
+        CHECK(!vhub_commit_waiting(w));
+        CHECK(log->n < 8);
+        log->commits_seen[log->n] = log->commits;
+        log->order[log->n++] = t->id;
+        if (t->queue_next) {
+                /* the next turn's: its change is written first */
+                vhub_changed(log->ctx, NULL);
+                vhub_commit_after(log->ctx, &t->queue_next->w);
+        }
+}
+
+static void test_commit_turn(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_context ctx = { .base = base };
+        struct turn_log log = { .ctx = &ctx };
+        struct turn_wait w[5];
+        struct mgr m;
+
+        for (int i = 0; i < 5; i++)
+                w[i] = (struct turn_wait){ .w.run = turn_run, .log = &log, .id = i + 1 };
+        w[0].queue_next = &w[2];
+        mgr_open(&m, dir, "notify-turn");
+        ctx.fdstore = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_commit_setup(&ctx), 0);
+        CHECK(vhub_commit_enabled(&ctx));
+        ctx.commit_daemon = turn_commit_daemon;
+        ctx.commit_userdata = &log;
+
+        vhub_changed(&ctx, NULL);
+        vhub_commit_after(&ctx, &w[0].w);
+        vhub_commit_after(&ctx, &w[1].w);
+        vhub_commit_after(&ctx, &w[3].w);
+        CHECK(vhub_commit_waiting(&w[3].w));
+        vhub_commit_wait_cancel(&w[3].w);
+        CHECK(!vhub_commit_waiting(&w[3].w));
+        vhub_commit_wait_cancel(&w[3].w);      /* not queued: nothing */
+        /* at once: written, but nothing waiting runs inside it */
+        vhub_commit_now(&ctx);
+        CHECK_EQ(log.commits, 1u);
+        CHECK_EQ(log.n, 0u);
+        /* the turn: one commit (nothing dirty is written again), then 1 and 2
+         * in order; 3, queued by 1, waits for the next turn's commit */
+        CHECK_EQ(event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK), 0);
+        CHECK(log.n >= 2);
+        CHECK_EQ(log.order[0], 1);
+        CHECK_EQ(log.order[1], 2);
+        CHECK_EQ(log.commits_seen[0], 1u);
+        CHECK_EQ(log.commits_seen[1], 1u);
+        while (log.n < 3)
+                CHECK_EQ(event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK), 0);
+        CHECK_EQ(log.order[2], 3);
+        CHECK_EQ(log.commits_seen[2], 2u);     /* its own turn's commit came first */
+        /* a wait cancelled before its turn never runs; a pending one goes
+         * with the commits (vhub_commit_done()) */
+        vhub_commit_after(&ctx, &w[4].w);
+        vhub_commit_done(&ctx);
+        CHECK(!vhub_commit_waiting(&w[4].w));
+        CHECK(event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK) >= 0);
+        CHECK_EQ(log.n, 3u);
+        CHECK_EQ(log.commits, 2u);
+        ctx.fdstore = vhub_fdstore_free(ctx.fdstore);
+        mgr_close(&m);
+        event_base_free(base);
+        printf("ok: the turn's commit runs what waits for it after it, in order, from the loop only; "
+               "a wait queued meanwhile waits for the next turn's; a cancelled one never runs\n");
+}
+
 int main(void) {
         char dir[] = "/tmp/vhub-test-fdstore-XXXXXX";
         struct rlimit rl;
@@ -1449,6 +1544,7 @@ int main(void) {
         test_group_budget(dir);
         test_share(dir);
         test_restore_env();
+        test_commit_turn(dir);
         CHECK_EQ(vhub_count_open_fds(), fds_before);
         printf("ok: no fd leaked\n");
         rmdir(dir);

@@ -32,6 +32,14 @@ close when the daemon closes it: it cannot stay in the stash).
 
     bench_trickle.py vmm-channel [DEVICES [SECONDS]]   (default 64 4)
 
+VMMS front-door VMMs of one VM (each device on qemu-storage-daemon)
+flooding GET_CONFIG, a request the back-end answers and the VM's snapshot
+carries while in flight: each VMM sends its next as soon as it has the
+answer (all from one child process).  Root's device.list of another VM is
+timed as above; the VM snapshots written and GET_CONFIGs answered counted.
+
+    bench_trickle.py vmm-config [VMMS [SECONDS]]       (default 64 4)
+
 The same for a front-door device's back-end (the project's test back-end)
 sending CONFIG_CHANGE_MSG (no NEED_REPLY) one after the other on its
 channel, in a VM of DEVICES front-door devices (the others on
@@ -97,9 +105,9 @@ def timed_calls(client, until):
 
 def phase(name, pid, calls, cpu0):
     calls.sort()
-    log("%-9s device.list: %5d calls, median %7.0f us, p99 %8.0f us, max %8.0f us; vhubd CPU %.2f s"
-        % (name, len(calls), statistics.median(calls), calls[int(len(calls) * 0.99)], calls[-1],
-           cpu_seconds(pid) - cpu0))
+    log("%-9s device.list: %5d calls, median %7.0f us, mean %7.0f us, p99 %8.0f us, max %8.0f us; vhubd CPU "
+        "%.2f s" % (name, len(calls), statistics.median(calls), statistics.mean(calls), calls[int(len(calls) * 0.99)],
+                    calls[-1], cpu_seconds(pid) - cpu0))
 
 
 def vmm_flood(path, until, channels=False):
@@ -119,6 +127,39 @@ def vmm_flood(path, until, channels=False):
             fe.get_features()
         n += 1
     fe.close()
+    return n
+
+
+def vmm_config_flood(paths, until):
+    """Each VMM's GET_CONFIG, the next as soon as the answer is in, until
+    `until` (run in a child process): how many answered."""
+    import selectors
+    import struct
+    from vhubtest import direct as vu
+    msg = struct.pack("<III", vu.GET_CONFIG, 1, 20) + struct.pack("<III", 0, 8, 0) + bytes(8)
+    reply = 12 + 20
+    sel = selectors.DefaultSelector()
+    fes = []
+    for p in paths:
+        fe = vu.DirectFrontend.connect(p)
+        fe.handshake()
+        fes.append(fe)
+    for fe in fes:
+        fe.sock.setblocking(False)
+        fe.sock.sendall(msg)
+        sel.register(fe.sock, selectors.EVENT_READ, [fe, b""])
+    n = 0
+    while time.monotonic() < until:
+        for key, _ in sel.select(0.1):
+            fe, buf = key.data
+            buf += fe.sock.recv(4096)
+            while len(buf) >= reply:
+                buf = buf[reply:]
+                n += 1
+                fe.sock.sendall(msg)
+            key.data[1] = buf
+    for fe in fes:
+        fe.close()
     return n
 
 
@@ -162,7 +203,7 @@ def flood_vm(t, devices, test_backend=False):
     paths = [root.call("device.add", {"vm": "flood", "device": "d%d" % i, "socket": s, "type": "blk",
                                       "vmm_socket": True})["vmm_socket"]
              for i, s in enumerate(sockets + null.sockets)]
-    return m, root, paths[0], tb
+    return m, root, paths, tb
 
 
 def flood_phases(m, root, seconds, name, flood):
@@ -184,12 +225,20 @@ def flood_phases(m, root, seconds, name, flood):
 
 
 def main_vmm(t, devices, seconds, channels=False):
-    m, root, path, _ = flood_vm(t, devices)
+    m, root, paths, _ = flood_vm(t, devices)
     n, snaps, kib, messages = flood_phases(m, root, seconds, "vmm-flood",
-                                           lambda until: vmm_flood(path, until, channels))
+                                           lambda until: vmm_flood(paths[0], until, channels))
     log("a VMM of a VM with %d devices: %d %s in %.1f s; VM snapshots written meanwhile: %d (%d KiB); "
         "messages to the service manager: %d" % (devices, n, "SET_BACKEND_REQ_FD" if channels else "GET_FEATURES",
                                                  seconds + 0.5, snaps, kib, messages))
+
+
+def main_vmm_config(t, vmms, seconds):
+    m, root, paths, _ = flood_vm(t, vmms)
+    n, snaps, kib, _ = flood_phases(m, root, seconds, "vmm-config",
+                                    lambda until: vmm_config_flood(paths, until))
+    log("%d VMMs of one VM: %d GET_CONFIG answered in %.1f s; VM snapshots written meanwhile: %d (%d KiB, "
+        "%.2f per request)" % (vmms, n, seconds + 0.5, snaps, kib, snaps / max(n, 1)))
 
 
 def main_breq(t, devices, seconds):
@@ -258,6 +307,10 @@ def main(t):
     if sys.argv[1:2] == ["churn"]:
         args = [int(a) for a in sys.argv[2:]]
         main_churn(t, *(args + [4][len(args):])[:1])
+        return
+    if sys.argv[1:2] == ["vmm-config"]:
+        args = [int(a) for a in sys.argv[2:]]
+        main_vmm_config(t, *(args + [64, 4][len(args):])[:2])
         return
     if sys.argv[1:2] == ["breq"]:
         args = [int(a) for a in sys.argv[2:]]

@@ -23,6 +23,7 @@ targets=(
   "rpc-conn|control/tests/fuzz-rpc-conn-libfuzzer|control/tests/corpus-rpc-conn|"
   "control|tests/fuzz/fuzz-control-libfuzzer|tests/fuzz/corpus-control|-dict=$src/tests/fuzz/control.dict"
   "vmm-conn|frontdoor/tests/fuzz-vmm-conn|frontdoor/tests/corpus-vmm-conn|"
+  "snapshot|tests/fuzz/fuzz-snapshot-libfuzzer|tests/fuzz/corpus-snapshot|"
 )
 
 declare -A seconds

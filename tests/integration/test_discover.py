@@ -21,7 +21,11 @@
   a fraction), integers beyond 2^63-1 (a parse error), strings ending in a
   newline (Python's `$` matches before it), non-ASCII strings against a byte
   limit, fd indexes reused or beyond the fds sent.
-- Every error code an answer carried is listed in that method's errors.
+- Every error code an answer carried is listed in that method's errors, and
+  every method lists -32011 (any call can be in flight at a crash-restart:
+  alone if it waits on back-ends or carries fds, else inside a batch).
+- contract/vhub-contract.h's event names are the contract's, daemon.restarted
+  included.
 - The contract's codes are the same three times: contract/vhub-contract.h
   (daemon, C client library -- which installs it -- and vhubctl), this
   test's CONTRACT_ERRORS and the Python package's constants
@@ -88,6 +92,15 @@ NOT_YET_IMPLEMENTED = set()
 
 # The contract's error codes ("Errors").
 CONTRACT_ERRORS = {-32700, -32600, -32601, -32602, -32603} | set(range(-32011, -32000))
+RESTARTED = -32011
+
+# The contract's events ("Events").
+CONTRACT_EVENTS = {
+    "device.config_changed", "device.disconnected", "device.reconnected", "device.failed",
+    "vm.lingering", "vm.created", "vm.destroyed", "device.added", "device.removed",
+    "device.started", "device.stopped", "device.vmm_connected", "device.vmm_disconnected",
+    "daemon.restarted", "device.backend_request",
+}
 
 # The shape OpenRPC 1.2 requires of what this document uses (written from the
 # specification's object definitions; extensions are "x-" members).
@@ -165,6 +178,10 @@ def check_shape(doc, info):
         V.check_schema(m["x-vhub-params"])
         if not all(e["code"] in CONTRACT_ERRORS for e in m["errors"]):
             problems.append("%s: an error code outside the contract" % m["name"])
+        # any call can be in flight at a crash-restart (alone, or in a batch
+        # still running): the next process answers it -32011
+        if RESTARTED not in {e["code"] for e in m["errors"]}:
+            problems.append("%s: -32011 is not among its errors" % m["name"])
         # the params list and the whole-object schema say the same
         whole = m["x-vhub-params"]
         if whole.get("additionalProperties") is not False:
@@ -188,6 +205,9 @@ def check_vocabulary():
         header = {int(code): message for code, message in
                   re.findall(r'X\([A-Z_]+, (-\d+), "([^"]*)"\)', f.read())}
     check_eq(set(header), CONTRACT_ERRORS, "contract/vhub-contract.h defines the contract's codes")
+    with open(os.path.join(REPO, "contract", "vhub-contract.h")) as f:
+        events = set(re.findall(r'X\([A-Z_]+, "([a-z_]+\.[a-z_.]+)"\)', f.read()))
+    check_eq(sorted(events), sorted(CONTRACT_EVENTS), "contract/vhub-contract.h names the contract's events")
     source = os.path.join(REPO, "python", "vhub", "errors.py")
     check_eq(os.path.realpath(python_errors.__file__), os.path.realpath(source),
              "vhub.errors is the source tree's python/vhub/errors.py")

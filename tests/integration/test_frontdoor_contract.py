@@ -55,8 +55,12 @@ restart-read-on
           a VMM's GET_CONFIG (carried, its back-end stopped) and GET_FEATURES
           (not carried) sent together, read in one wake-up; vhubd crashed: the
           VMM gets both answers or its connection closes -- never a carried
-          session that lost GET_FEATURES (the snapshot carrying GET_CONFIG
-          must not stay the one a crash finds once the next one is read).
+          session that lost GET_FEATURES (the turn's commit sees both: it
+          carries neither).
+restart-read-on-later
+          the same with GET_FEATURES sent once the snapshot carrying
+          GET_CONFIG is written (another wake-up): that snapshot must not stay
+          the one a crash finds once GET_FEATURES is read.
 unmapped  a VMM giving a ring addresses outside its memory table is closed,
           the back-end never gets them; the next VMM is served.
 budget    what a VMM makes the daemon keep (its regions' dups) counts against
@@ -86,6 +90,7 @@ from vhubtest.frontdoor import ThroughVhubd                    # noqa: E402
 from vhubtest.limits import UnprivAgent                        # noqa: E402
 from vhubtest.memory import GuestMemory                        # noqa: E402
 from vhubtest.procs import fail_file_writes, wait_until        # noqa: E402
+from vhubtest.servicemanager import eventfd_id                 # noqa: E402
 from vhubtest.testbackend import AsyncCommand, TestBackend     # noqa: E402
 from vhubtest.testing import TestFailure, check, check_eq, log, run  # noqa: E402
 
@@ -701,6 +706,29 @@ def recv_until(fe, want, timeout):
     return got, False
 
 
+def next_vmm_reads_then_stop(t, m, c, path, salt):
+    """After a crash whose session was not taken back: the device waits for
+    the next VMM (not failed), which connects to path and reads the 8 blocks
+    of `salt` the first one wrote; no fd-store group was left holding an fd
+    closed before it left (the store would keep a stale stash).  Then the
+    device is removed and the unit stopped."""
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash (not failed)")
+    mem2 = GuestMemory(4 << 20)
+    t.defer(mem2.close)
+    q2 = BlkQueue(mem2, index=0, size=64)
+    fe2 = vmm_start(path, mem2, [q2])
+    for i in range(8):
+        k = salt * 8 + i
+        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
+              "block %d, written by the first VMM, read by the next one after the crash" % k)
+    fe2.close()
+    check_eq(m.sm.stale_member_lines(), [], "no fd-store group stored with an fd closed before it left")
+    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 def scenario_restart_write_fail(t):
     """A request a snapshot carries is never answered while that snapshot
     may be the newest stored one: a crash would hand it to the next process,
@@ -734,20 +762,7 @@ def scenario_restart_write_fail(t):
     check_eq((got, closed), (b"", True), "the VMM's connection closed without an answer: its answer could not "
              "be sent once a failed write left the snapshot carrying it the newest")
     fe.close()
-    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
-               what="the device to wait for the next VMM after the crash")
-    mem2 = GuestMemory(4 << 20)
-    t.defer(mem2.close)
-    q2 = BlkQueue(mem2, index=0, size=64)
-    fe2 = vmm_start(path, mem2, [q2])
-    for i in range(8):
-        k = salt * 8 + i
-        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written by the first VMM, read by the next one after the crash" % k)
-    fe2.close()
-    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
 
 
@@ -789,34 +804,59 @@ def scenario_restart_conn_gone(t):
     got, closed = recv_until(fe, 1, 10.0)
     check_eq((got, closed), (b"", True), "the VMM's connection, not taken back, closed")
     fe.close()
-    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
-               what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
-    mem2 = GuestMemory(4 << 20)
-    t.defer(mem2.close)
-    q2 = BlkQueue(mem2, index=0, size=64)
-    fe2 = vmm_start(path, mem2, [q2])
-    for i in range(8):
-        k = salt * 8 + i
-        check(q2.read_sectors(k * 8, 8) == pattern(k * 8, 4096, salt=salt),
-              "block %d, written by the first VMM, read by the next one after the crash" % k)
-    fe2.close()
-    stale = [l for l in open(m.sm.log_path, "rb").read().splitlines() if b"not stored (Bad file descriptor)" in l]
-    check_eq(stale, [], "no group stored with an fd closed before it left")
-    c.call("device.remove", {"vm": "vm0", "device": "blk0"})
-    c.close()
-    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a session the store could not give back whole: its socket made again, the next VMM served")
 
 
-def scenario_restart_read_on(t):
-    """Two requests in the VMM's socket at once, read in one wake-up: GET_CONFIG,
-    which a crash carries (relayed to a stopped back-end, in flight), then
-    GET_FEATURES, which it does not (it waits behind GET_CONFIG).  The
-    snapshot written once GET_CONFIG is read carries the session at the
-    stream's place after it; reading GET_FEATURES must replace it first, or
-    a crash hands the next process a session whose GET_FEATURES is gone --
-    the VMM then waits for its answer forever.  Crashed there: the VMM gets
-    both answers, in order, or its connection closes."""
+def scenario_restart_ring_gone(t):
+    """A crash carries the VMM's session (at rest), but the store gives its
+    ring back only in part: the manager drops the ring's call eventfd from
+    the stored groups between the two processes.  The next process cannot
+    carry the session: the ring's fds it did claim leave the group as they
+    close, the VMM's connection closes (the fallback, docs/restart.md), the
+    next VMM reads what the first one wrote, and the store holds exactly
+    the live fds.  Before, the claimed kick closed still a member of the
+    device's group (or leaked, the device's own copy)."""
+    from test_restart_claims import store_matches_daemon
+    m, qsd, c, path, _ = carry_rig(t)
+    salt = 6
+    fe, q = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    call = eventfd_id(q.vq.call_fd)
+    dropped = {}
+
+    def drop_call():
+        dropped.update(m.sm.stash_drop_groups(lambda fd: eventfd_id(fd) == call, kinds="dvf"))
+
+    check_eq(m.restart(sig=signal.SIGKILL, before_start=drop_call), -signal.SIGKILL, "the old vhubd's exit")
+    check(dropped, "the VMM's ring's call eventfd dropped from the store", dropped)
+    got, closed = recv_until(fe, 1, 10.0)
+    check_eq((got, closed), (b"", True), "the VMM's connection, its session not taken back, closed")
+    fe.close()
+    wait_until(lambda: device_of(c, "vm0")["vmm"] == "waiting", 10.0,
+               what="the device to wait for the next VMM after the crash (not failed: %s)" % device_of(c, "vm0"))
+    store_matches_daemon(m, "after the crash")
+    check_eq(m.restart(sig=signal.SIGTERM), 0, "a second restart (planned): the old vhubd's exit")
+    store_matches_daemon(m, "after a second restart")
+    next_vmm_reads_then_stop(t, m, c, path, salt)
+    log("ok: a carried ring the store could not give back whole: the session fell back, the group consistent")
+
+
+READ_FEATURES = b"VMM request GET_FEATURES (answer due)"
+
+
+def scenario_restart_read_on(t, later=False):
+    """Two requests: GET_CONFIG, which a crash carries (relayed to a stopped
+    back-end, in flight), then GET_FEATURES, which it does not (it waits
+    behind GET_CONFIG).  Sent at once they are read in one wake-up, and the
+    turn's commit (the one GET_CONFIG's op waits for) sees both: it must not
+    carry the session.  Sent later (`later`), GET_FEATURES comes once the
+    snapshot carrying GET_CONFIG at the stream's place after it is written:
+    reading GET_FEATURES must replace that first, or a crash hands the next
+    process a session whose GET_FEATURES is gone -- the VMM then waits for
+    its answer forever.  Crashed there: the VMM gets both answers, in
+    order, or its connection closes."""
     m, qsd, c, path, _ = carry_rig(t)
     salt = 4
     fe, q = vmm_writes(t, path, salt)
@@ -825,10 +865,15 @@ def scenario_restart_read_on(t):
     wait_at_rest(m, at_rest_count(m))
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
-        send_carried(m, fe, GET_CONFIG_8 + struct.pack("<III", vu.GET_FEATURES, 1, 0))
-        # GET_FEATURES was read in the same wake-up, right after
-        wait_until(lambda: b"VMM request GET_FEATURES (answer due)" in open(m.sm.log_path, "rb").read()
-                   .rsplit(IN_FLIGHT_CARRIED, 1)[-1], 10.0, what="vhubd reading GET_FEATURES")
+        with open(m.sm.log_path, "rb") as f:
+            read0 = f.read().count(READ_FEATURES)
+        if later:
+            send_carried(m, fe, GET_CONFIG_8)
+            fe.sock.sendall(struct.pack("<III", vu.GET_FEATURES, 1, 0))
+        else:
+            fe.sock.sendall(GET_CONFIG_8 + struct.pack("<III", vu.GET_FEATURES, 1, 0))
+        wait_until(lambda: open(m.sm.log_path, "rb").read().count(READ_FEATURES) > read0, 10.0,
+                   what="vhubd reading GET_FEATURES")
         time.sleep(0.1)
         check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit")
     finally:
@@ -1032,7 +1077,9 @@ SCENARIOS = {
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
     "restart-read-on": scenario_restart_read_on,
+    "restart-read-on-later": lambda t: scenario_restart_read_on(t, later=True),
     "restart-conn-gone": scenario_restart_conn_gone,
+    "restart-ring-gone": scenario_restart_ring_gone,
     "unmapped": scenario_unmapped,
 }
 

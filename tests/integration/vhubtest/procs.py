@@ -128,6 +128,17 @@ def unix_listening(path):
     return False
 
 
+def unix_peers(path):
+    """How many sockets are connected to the unix socket bound to `path`
+    (accepted or still in its listener's queue: the kernel gives each the
+    listener's address), from /proc/net/unix: nothing is connected to
+    count them."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        return sum(1 for line in f if len(line.split()) >= 8 and line.split()[7] == path
+                   and not int(line.split()[3], 16) & 0x10000)
+
+
 def print_log(path, title, limit=200):
     try:
         with open(path, "r", errors="replace") as f:

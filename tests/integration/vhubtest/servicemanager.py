@@ -110,6 +110,20 @@ class ServiceError(Exception):
     pass
 
 
+def eventfd_id(fd):
+    """The kernel's id of an eventfd (fdinfo "eventfd-id:"), or None for
+    any other fd: tells one eventfd's file from another across processes
+    (the stash's copy and the test's own)."""
+    try:
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            for line in f:
+                if line.startswith("eventfd-id:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 class ServiceManager:
     def __init__(self, workdir, fd_store_max=4096, abstract=False, sockets=(), name="service"):
         """sockets: [(fdname, socket)] passed first at every start, as a
@@ -537,6 +551,29 @@ class ServiceManager:
             b.close()
             self.lock.notify_all()
             return dropped
+
+    def stash_drop_groups(self, drop, kinds="dv"):
+        """stash_drop(name, drop) on every stored group whose name starts
+        with one of kinds (a device's group, or its VM's that holds the fds
+        of a device added since the last start: docs/restart.md,
+        "Versions").  Returns {name: how many dropped} for those that lost
+        any."""
+        out = {}
+        for name in self.names():
+            if name[:1] in kinds and len(name) > 1:
+                n = self.stash_drop(name, drop)
+                if n:
+                    out[name] = n
+        return out
+
+    def stale_member_lines(self):
+        """The daemon's log lines saying a group was not stored because its
+        stash names a closed fd: a member closed before it left its group
+        (the fd store's contract, daemon/vhub-fdstore.h).  A test that makes
+        a restore fail half-way expects none."""
+        with open(self.log_path, "rb") as f:
+            return [l.decode(errors="replace") for l in f.read().splitlines()
+                    if b"not stored (Bad file descriptor)" in l]
 
     def names(self):
         """Stored names in the order a start passes them (newest first)."""
