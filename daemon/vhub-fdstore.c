@@ -1263,10 +1263,53 @@ static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group
         return sv[1];
 }
 
+/* The name a group's members are stored under while its stash is rebuilt. */
+static void group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group) {
+        snprintf(buf, VHUB_FDSTORE_NAME_MAX + 1, "%s%s", group, VHUB_FDSTORE_GROUP_ALT);
+}
+
+/* Before a rebuild removes g's stored stash: the members in a stash of
+ * their own under the alternate name, so that the manager holds them at
+ * every instant of the rebuild (FDSTOREREMOVE drops every fd of a name, so
+ * the new stash cannot join the old one under the group's name; a crash
+ * between the removal and the push lost the group -- a VM's guest memory).
+ * The alternate's entry, stored (or queued), or NULL where there is no
+ * room for one more (then the rebuild goes without). */
+static struct fds_entry *group_store_alt(struct vhub_fdstore *s, const struct fds_group *g) {
+        char name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *a;
+        int fd, wend;
+
+        group_alt_name(name, g->name);
+        if (!vhub_fdstore_name_valid(name) || s->n_stored >= s->max_fds ||
+            s->names_bytes + strlen(name) + 1 > VHUB_FDSTORE_NAMES_BUDGET)
+                return NULL;
+        fd = group_make_stash(s, g, &wend);
+        vhu_safe_close(wend);   /* nothing is appended to it: it goes right after */
+        if (fd < 0)
+                return NULL;
+        if (entry_new(s, name, -1, &a) < 0) {
+                vhu_safe_close(fd);
+                return NULL;
+        }
+        a->stash = true;
+        entry_store_fd(s, a, 0, fd);
+        vhu_safe_close(fd);
+        if (a->state != ENTRY_STORED) {
+                remove_internal(s, a, false);
+                return NULL;
+        }
+        return a;
+}
+
 /* Bring g's stash in line with its members: remove the stored one, push a
- * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
+ * new one (FDSTOREREMOVE drops every fd of the name: never both at once),
+ * the members stored under the alternate name meanwhile.  An alternate
+ * left by a rebuild whose push failed stays until one succeeds: it holds
+ * the members' last stored copy. */
 static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
-        struct fds_entry *e = entry_find(s, g->name);
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e = entry_find(s, g->name), *alt;
         /* a rebuild, not a first push (may_leave_dead()) */
         uint64_t rebuilt_usec = e ? vhub_now_usec() : 0;
         int fd = -1, wend = -1, r;
@@ -1274,9 +1317,15 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         group_cool(s, g);
         g->rebuild = false;
         g->unsent = g->dead = g->appends = 0;
+        group_alt_name(alt_name, g->name);
+        alt = entry_find(s, alt_name);
+        if (!alt && e && g->n > 0 && e->stash && e->state == ENTRY_STORED && !e->pending)
+                alt = group_store_alt(s, g);
         if (e)
                 remove_internal(s, e, true);
         if (g->n == 0) {
+                if (alt)
+                        remove_internal(s, alt, true);
                 group_unlink_free(s, g);
                 return;
         }
@@ -1306,6 +1355,10 @@ static void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         } else {
                 vhu_safe_close(wend);
         }
+        /* the new stash is pushed (or queued: messages go in order): the
+         * copy goes after it */
+        if (alt && e->state == ENTRY_STORED)
+                remove_internal(s, alt, true);
 }
 
 /* Bring g's stored stash up to date by appending its new members, if it
@@ -2044,6 +2097,56 @@ unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r,
         return r->short_of_fds;
 }
 
+/* A taken stash's entry: its fd is ours (closed), the name the manager's. */
+static struct fds_entry *stash_entry_taken(struct vhub_fdstore *s, const char *name) {
+        struct fds_entry *e = s ? entry_find(s, name) : NULL;
+
+        if (e) {
+                e->stash = true;
+                e->fd = -1;
+        }
+        return e;
+}
+
+/* The stash of group the earlier run stored last: the copy under the
+ * alternate name where a crash cut a rebuild (group_stash(): that copy is
+ * pushed before the old stash is removed, and removed once the new one is
+ * pushed, so it is never older than the group's own), the group's own
+ * then dropped; else the group's own. */
+static int take_group_stash(struct vhub_fdstore_restore *r, const char *group, bool *ret_alt) {
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e;
+        int alt, old;
+
+        *ret_alt = false;
+        group_alt_name(alt_name, group);
+        alt = vhub_fdstore_take(r, alt_name);
+        if (alt < 0)
+                return vhub_fdstore_take(r, group);
+        log_info("fd store: group %s was being rebuilt when the earlier run stopped: its copy %s taken",
+                 group, alt_name);
+        *ret_alt = true;
+        (void)stash_entry_taken(r->store, alt_name);
+        old = vhub_fdstore_take(r, group);
+        vhu_safe_close(old);    /* ours: the manager's goes with the name */
+        e = old >= 0 ? stash_entry_taken(r->store, group) : NULL;
+        if (e)
+                remove_internal(r->store, e, true);
+        return alt;
+}
+
+/* The group is stored under its own name again (or queued, before this):
+ * the alternate copy goes. */
+static void alt_stash_done(struct vhub_fdstore *s, const char *group) {
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e;
+
+        group_alt_name(alt_name, group);
+        e = stash_entry_taken(s, alt_name);
+        if (e)
+                remove_internal(s, e, true);
+}
+
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n) {
         struct vhub_fdstore *s = r->store;
@@ -2051,9 +2154,9 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
         int stash, *fds = NULL, k;
         size_t n = 0;
 
-        bool peeked;
+        bool peeked, from_alt;
 
-        stash = vhub_fdstore_take(r, group);
+        stash = take_group_stash(r, group, &from_alt);
         if (stash < 0)
                 return stash;
         k = stash_peek(stash, &fds, &n);
@@ -2114,6 +2217,8 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         if (!peeked || !e || e->state != ENTRY_STORED)
                                 group_stash(s, g);
                 }
+                if (from_alt)
+                        alt_stash_done(s, group);
         }
         free(fds);
         *ret = m;
