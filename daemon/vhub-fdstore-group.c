@@ -175,10 +175,53 @@ static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group
         return sv[1];
 }
 
+/* The name a group's members are stored under while its stash is rebuilt. */
+void group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group) {
+        snprintf(buf, VHUB_FDSTORE_NAME_MAX + 1, "%s%s", group, VHUB_FDSTORE_GROUP_ALT);
+}
+
+/* Before a rebuild removes g's stored stash: the members in a stash of
+ * their own under the alternate name, so that the manager holds them at
+ * every instant of the rebuild (FDSTOREREMOVE drops every fd of a name, so
+ * the new stash cannot join the old one under the group's name; a crash
+ * between the removal and the push lost the group -- a VM's guest memory).
+ * The alternate's entry, stored (or queued), or NULL where there is no
+ * room for one more (then the rebuild goes without). */
+static struct fds_entry *group_store_alt(struct vhub_fdstore *s, const struct fds_group *g) {
+        char name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *a;
+        int fd, wend;
+
+        group_alt_name(name, g->name);
+        if (!vhub_fdstore_name_valid(name) || s->n_stored >= s->max_fds ||
+            s->names_bytes + strlen(name) + 1 > VHUB_FDSTORE_NAMES_BUDGET)
+                return NULL;
+        fd = group_make_stash(s, g, &wend);
+        vhu_safe_close(wend);   /* nothing is appended to it: it goes right after */
+        if (fd < 0)
+                return NULL;
+        if (entry_new(s, name, -1, &a) < 0) {
+                vhu_safe_close(fd);
+                return NULL;
+        }
+        a->stash = true;
+        entry_store_fd(s, a, 0, fd);
+        vhu_safe_close(fd);
+        if (a->state != ENTRY_STORED) {
+                remove_internal(s, a, false);
+                return NULL;
+        }
+        return a;
+}
+
 /* Bring g's stash in line with its members: remove the stored one, push a
- * new one (FDSTOREREMOVE drops every fd of the name: never both at once). */
+ * new one (FDSTOREREMOVE drops every fd of the name: never both at once),
+ * the members stored under the alternate name meanwhile.  An alternate
+ * left by a rebuild whose push failed stays until one succeeds: it holds
+ * the members' last stored copy. */
 void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
-        struct fds_entry *e = entry_find(s, g->name);
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e = entry_find(s, g->name), *alt;
         /* a rebuild, not a first push (may_leave_dead()) */
         uint64_t rebuilt_usec = e ? vhub_now_usec() : 0;
         int fd = -1, wend = -1, r;
@@ -186,9 +229,15 @@ void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         group_cool(s, g);
         g->rebuild = false;
         g->unsent = g->dead = g->appends = 0;
+        group_alt_name(alt_name, g->name);
+        alt = entry_find(s, alt_name);
+        if (!alt && e && g->n > 0 && e->stash && e->state == ENTRY_STORED && !e->pending)
+                alt = group_store_alt(s, g);
         if (e)
                 remove_internal(s, e, true);
         if (g->n == 0) {
+                if (alt)
+                        remove_internal(s, alt, true);
                 group_unlink_free(s, g);
                 return;
         }
@@ -218,6 +267,10 @@ void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         } else {
                 vhu_safe_close(wend);
         }
+        /* the new stash is pushed (or queued: messages go in order): the
+         * copy goes after it */
+        if (alt && e->state == ENTRY_STORED)
+                remove_internal(s, alt, true);
 }
 
 /* Bring g's stored stash up to date by appending its new members, if it

@@ -208,6 +208,7 @@ int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret);
 void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g);
 void group_index(struct fds_group *g);
 void group_stash(struct vhub_fdstore *s, struct fds_group *g);
+void group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group);
 void sync_cb(evutil_socket_t fd, short what, void *userdata);
 void sweep_cb(evutil_socket_t fd, short what, void *userdata);
 bool eventfd_ids_shown(void);

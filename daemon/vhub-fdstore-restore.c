@@ -477,6 +477,56 @@ unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r,
         return r->short_of_fds;
 }
 
+/* A taken stash's entry: its fd is ours (closed), the name the manager's. */
+static struct fds_entry *stash_entry_taken(struct vhub_fdstore *s, const char *name) {
+        struct fds_entry *e = s ? entry_find(s, name) : NULL;
+
+        if (e) {
+                e->stash = true;
+                e->fd = -1;
+        }
+        return e;
+}
+
+/* The stash of group the earlier run stored last: the copy under the
+ * alternate name where a crash cut a rebuild (group_stash(): that copy is
+ * pushed before the old stash is removed, and removed once the new one is
+ * pushed, so it is never older than the group's own), the group's own
+ * then dropped; else the group's own. */
+static int take_group_stash(struct vhub_fdstore_restore *r, const char *group, bool *ret_alt) {
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e;
+        int alt, old;
+
+        *ret_alt = false;
+        group_alt_name(alt_name, group);
+        alt = vhub_fdstore_take(r, alt_name);
+        if (alt < 0)
+                return vhub_fdstore_take(r, group);
+        log_info("fd store: group %s was being rebuilt when the earlier run stopped: its copy %s taken",
+                 group, alt_name);
+        *ret_alt = true;
+        (void)stash_entry_taken(r->store, alt_name);
+        old = vhub_fdstore_take(r, group);
+        vhu_safe_close(old);    /* ours: the manager's goes with the name */
+        e = old >= 0 ? stash_entry_taken(r->store, group) : NULL;
+        if (e)
+                remove_internal(r->store, e, true);
+        return alt;
+}
+
+/* The group is stored under its own name again (or queued, before this):
+ * the alternate copy goes. */
+static void alt_stash_done(struct vhub_fdstore *s, const char *group) {
+        char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
+        struct fds_entry *e;
+
+        group_alt_name(alt_name, group);
+        e = stash_entry_taken(s, alt_name);
+        if (e)
+                remove_internal(s, e, true);
+}
+
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                             struct vhub_fdstore_member **ret, size_t *ret_n) {
         struct vhub_fdstore *s = r->store;
@@ -484,9 +534,9 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
         int stash, *fds = NULL, k;
         size_t n = 0;
 
-        bool peeked;
+        bool peeked, from_alt;
 
-        stash = vhub_fdstore_take(r, group);
+        stash = take_group_stash(r, group, &from_alt);
         if (stash < 0)
                 return stash;
         k = stash_peek(stash, &fds, &n);
@@ -547,6 +597,8 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         if (!peeked || !e || e->state != ENTRY_STORED)
                                 group_stash(s, g);
                 }
+                if (from_alt)
+                        alt_stash_done(s, group);
         }
         free(fds);
         *ret = m;
