@@ -40,7 +40,7 @@
  * copied under VHUB_FDSTORE_GROUP_ALT, remove, push, the copy removed: the
  * manager holds them at every instant, a crash loses nothing)
  * when it holds too many dead fds or appended messages, shortly after a
- * removal, and whenever appending cannot be used (see vhub-fdstore.c).
+ * removal, and whenever appending cannot be used (see vhub-fdstore-group.c).
  * After a restart vhub_fdstore_take_group() reads a stash back: the fds in
  * the order they were added, dead ones included, each with its identity
  * key: the owners claim theirs by key and the rest are closed

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The fd store client (daemon/vhub-fdstore.c) against a datagram socket
+ * The fd store client (daemon/vhub-fdstore*.c) against a datagram socket
  * playing the service manager: the exact messages and fds, names, a full
  * manager queue (EAGAIN: nothing blocks, order kept, a queued push removed
  * before it left is never sent), hard failures and the budget (degraded),
@@ -224,7 +224,7 @@ static void expect_applied(struct mgr *m, bool push, const char *name) {
 
 /* A rebuild of group's stash, applied: its members stored under the
  * alternate name first, the old stash removed, the new one pushed, the
- * copy removed (vhub-fdstore.c, group_stash()). */
+ * copy removed (vhub-fdstore-group.c, group_stash()). */
 static void expect_rebuild(struct mgr *m, const char *group) {
         char alt[32];
 
