@@ -637,6 +637,9 @@ int vhub_device_restore(struct vhub_vm *vm, struct vhub_fdstore_restore *r, stru
                 int fd = vhub_fd_claim(claim, &rec.inflight);
 
                 d->inflight_fd = fd >= 0 ? fd : -1;
+                if (fd < 0)
+                        device_log(d, LOG_WARNING, NULL, "its inflight region was not passed back: a later "
+                                   "loss of its back-end cannot resubmit what was in flight");
         }
         if (rec.has_listen && rec.has_dirfd && rec.has_listener) {
                 int dfd = vhub_fd_claim(claim, &rec.dirfd);

@@ -73,7 +73,7 @@ static unsigned fd_if(int fd) {
  * them: the budget keeps room for those, or a daemon filled to its limit
  * runs out of fds restoring (the stashes read short, back-ends' sockets
  * refused: devices lost).  While it runs the same room holds the writing
- * end a group keeps while it changes (vhub-fdstore.c, STASH_*): one per
+ * end a group keeps while it changes (vhub-fdstore-internal.h, STASH_*): one per
  * group, and never at the same time as the stash passed at a start.
  */
 static unsigned vm_restart_fds(const struct vhub_vm *vm) {

@@ -36,9 +36,11 @@
  * the stored stash through its writing end, kept while the group changes
  * (the manager hears nothing); a member that leaves stays in it as a dead
  * fd, unless it is a socket (then, within 250 ms of the stash's last
- * rebuild, until the sweep); a stash is compacted (rebuilt: remove, push)
+ * rebuild, until the sweep); a stash is compacted (rebuilt: the members
+ * copied under VHUB_FDSTORE_GROUP_ALT, remove, push, the copy removed: the
+ * manager holds them at every instant, a crash loses nothing)
  * when it holds too many dead fds or appended messages, shortly after a
- * removal, and whenever appending cannot be used (see vhub-fdstore.c).
+ * removal, and whenever appending cannot be used (see vhub-fdstore-group.c).
  * After a restart vhub_fdstore_take_group() reads a stash back: the fds in
  * the order they were added, dead ones included, each with its identity
  * key: the owners claim theirs by key and the rest are closed
@@ -102,6 +104,11 @@ int vhub_fdstore_push(struct vhub_fdstore *s, int fd, const char *name);
 int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name);
 
 /* ---- groups (see the head of this file) */
+
+/* A rebuild of a group's stash stores the members under the group's name
+ * and this suffix first, and removes that copy after the new stash: after
+ * a crash in between, vhub_fdstore_take_group() takes the copy. */
+#define VHUB_FDSTORE_GROUP_ALT "+"
 
 /* fd (the owner's, borrowed: open until removed) joins group, whose stash
  * is rebuilt after the loop's current callback.  0 (also when disabled),

@@ -59,6 +59,10 @@ static bool name_is_ours(const char *name) {
         if (strcmp(name, VHUB_FD_GROUP_LISTENER) == 0 || strcmp(name, VHUB_SNAP_NAME_DAEMON) == 0 ||
             strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) == 0)
                 return true;
+        /* a group's copy stored while its stash was rebuilt (vhub-fdstore.h) */
+        if (n > strlen(VHUB_FDSTORE_GROUP_ALT) &&
+            strcmp(name + n - strlen(VHUB_FDSTORE_GROUP_ALT), VHUB_FDSTORE_GROUP_ALT) == 0)
+                n -= strlen(VHUB_FDSTORE_GROUP_ALT);
         if (n < 2 || !strchr("cdfvos", name[0]))
                 return false;
         return strspn(name + 1, "0123456789abcdefghijklmnopqrstuvwxyz") == n - 1;

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The fd store client (daemon/vhub-fdstore.c) against a datagram socket
+ * The fd store client (daemon/vhub-fdstore*.c) against a datagram socket
  * playing the service manager: the exact messages and fds, names, a full
  * manager queue (EAGAIN: nothing blocks, order kept, a queued push removed
  * before it left is never sent), hard failures and the budget (degraded),
@@ -202,6 +202,37 @@ static void expect_quiet(struct mgr *m) {
                 fprintf(stderr, "unexpected message \"%s\"\n", text);
                 abort();
         }
+}
+
+/* The next message is the push (or the removal) of name, applied. */
+static void expect_applied(struct mgr *m, bool push, const char *name) {
+        char want[128], text[512];
+        int fd;
+
+        if (push)
+                snprintf(want, sizeof(want), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0", name);
+        else
+                snprintf(want, sizeof(want), "FDSTOREREMOVE=1\nFDNAME=%s", name);
+        CHECK_EQ(mgr_recv(m, text, sizeof(text), &fd, 1000), 1);
+        if (strcmp(text, want) != 0) {
+                fprintf(stderr, "got \"%s\", expected \"%s\"\n", text, want);
+                abort();
+        }
+        CHECK_EQ(fd >= 0, push);
+        mgr_apply(m, text, fd);
+}
+
+/* A rebuild of group's stash, applied: its members stored under the
+ * alternate name first, the old stash removed, the new one pushed, the
+ * copy removed (vhub-fdstore-group.c, group_stash()). */
+static void expect_rebuild(struct mgr *m, const char *group) {
+        char alt[32];
+
+        snprintf(alt, sizeof(alt), "%s%s", group, VHUB_FDSTORE_GROUP_ALT);
+        expect_applied(m, true, alt);
+        expect_applied(m, false, group);
+        expect_applied(m, true, group);
+        expect_applied(m, false, alt);
 }
 
 static struct vhub_fdstore *store_new(struct event_base *base, const char *path, unsigned max_fds) {
@@ -721,30 +752,38 @@ static void test_restore(const char *dir) {
 
 /* The fds a stored stash holds, in order (read from a copy: the stash's
  * queue is emptied by it, as a restore would). */
-static size_t stash_read(int stash, int *out, size_t max) {
+/* One message of a stash (flags: MSG_PEEK leaves it queued): its fds
+ * into out, how many, or -1 if none is queued. */
+static ssize_t stash_recv(int stash, int flags, int *out, size_t max) {
+        union {
+                struct cmsghdr h;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * 253)];
+        } control;
+        char byte;
+        struct iovec iov = { &byte, 1 };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                             .msg_controllen = sizeof(control.buf) };
         size_t n = 0;
 
-        for (;;) {
-                union {
-                        struct cmsghdr h;
-                        uint8_t buf[CMSG_SPACE(sizeof(int) * 253)];
-                } control;
-                char byte;
-                struct iovec iov = { &byte, 1 };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                                     .msg_controllen = sizeof(control.buf) };
-                ssize_t k = recvmsg(stash, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (recvmsg(stash, &mh, flags | MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0)
+                return -1;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                size_t m = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 
-                if (k <= 0)
-                        return n;
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-                        size_t m = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-
-                        CHECK(n + m <= max);
-                        memcpy(out + n, CMSG_DATA(c), m * sizeof(int));
-                        n += m;
-                }
+                CHECK(n + m <= max);
+                memcpy(out + n, CMSG_DATA(c), m * sizeof(int));
+                n += m;
         }
+        return (ssize_t)n;
+}
+
+static size_t stash_read(int stash, int *out, size_t max) {
+        size_t n = 0;
+        ssize_t k;
+
+        while ((k = stash_recv(stash, 0, out + n, max - n)) >= 0)
+                n += (size_t)k;
+        return n;
 }
 
 /* Groups: one stored stash socket per group, rebuilt once per loop turn. */
@@ -793,21 +832,12 @@ static void test_groups(const char *dir) {
         CHECK_EQ(vhub_fdstore_group_remove(s, "d1", b), -ENOENT);
         event_base_loop(base, EVLOOP_NONBLOCK);
         expect_quiet(&m);
-        /* ... until the sweep compacts the stash: remove, then the new one
+        /* ... until the sweep compacts the stash: the members under the
+         * alternate name, remove, the new one, the copy removed
          * (FDSTOREREMOVE drops every fd of the name: never two under one) */
         usleep(400 * 1000);
         event_base_loop(base, EVLOOP_NONBLOCK);
-        {
-                char text[512];
-                int fd;
-
-                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
-                CHECK(strcmp(text, "FDSTOREREMOVE=1\nFDNAME=d1") == 0);
-                mgr_apply(&m, text, fd);
-                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
-                CHECK(strcmp(text, "FDSTORE=1\nFDNAME=d1\nFDPOLL=0") == 0);
-                mgr_apply(&m, text, fd);
-        }
+        expect_rebuild(&m, "d1");
         /* a member joins a stored group: appended into the stash through
          * its kept writing end, nothing sent to the manager */
         {
@@ -845,9 +875,7 @@ static void test_groups(const char *dir) {
                         /* the sweep: compacted, and the peer sees the end */
                         usleep(400 * 1000);
                         event_base_loop(base, EVLOOP_NONBLOCK);
-                        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
-                        mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
-                        CHECK_EQ(mgr_pump(&m, base, 50), 1);
+                        expect_rebuild(&m, "d1");
                         CHECK_EQ(read(sq[1], got, 1), 0);
                         close(sq[1]);
                 }
@@ -857,9 +885,7 @@ static void test_groups(const char *dir) {
                 CHECK_EQ(vhub_fdstore_group_remove(s, "d1", sp[0]), 0);
                 CHECK_EQ(vhub_fdstore_group_remove(s, "d1", d), 0);
                 event_base_loop(base, EVLOOP_NONBLOCK);
-                expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
-                mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d1", -1);
-                CHECK_EQ(mgr_pump(&m, base, 50), 1);
+                expect_rebuild(&m, "d1");
                 close(sp[0]);
                 close(sp[1]);
                 close(d);
@@ -986,7 +1012,7 @@ static void test_group_restore(const char *dir) {
 }
 
 /* A group of more fds than one message carries (its stash holds two):
- * read at the restore, so stored again at once (remove, then push). */
+ * read at the restore, so stored again at once (a rebuild). */
 static void test_group_restore_big(const char *dir) {
         struct event_base *base = event_base_new();
         struct vhub_fdstore_member *mem = NULL;
@@ -1013,16 +1039,7 @@ static void test_group_restore_big(const char *dir) {
         CHECK_EQ(vhub_fdstore_take_group(r, "d9", &mem, &n), 0);
         CHECK_EQ(n, 300);
         CHECK(same_file(mem[0].fd, fds[0]) && same_file(mem[299].fd, fds[299]));
-        expect_msg(&m, "FDSTOREREMOVE=1\nFDNAME=d9", -1);
-        mgr_apply(&m, "FDSTOREREMOVE=1\nFDNAME=d9", -1);
-        {
-                char text[512];
-                int fd;
-
-                CHECK_EQ(mgr_recv(&m, text, sizeof(text), &fd, 1000), 1);
-                CHECK(strcmp(text, "FDSTORE=1\nFDNAME=d9\nFDPOLL=0") == 0);
-                mgr_apply(&m, text, fd);
-        }
+        expect_rebuild(&m, "d9");
         CHECK_EQ(stash_read(mgr_find(&m, "d9"), got, 300), 300);
         CHECK(same_file(got[0], fds[0]) && same_file(got[299], fds[299]));
         for (size_t i = 0; i < 300; i++) {
@@ -1039,6 +1056,119 @@ static void test_group_restore_big(const char *dir) {
         mgr_close(&m);
         event_base_free(base);
         printf("ok: a group of two messages is read at the restore and stored again at once\n");
+}
+
+/* The members of the stash stored under name, peeked (the stash is left
+ * as it is), are exactly want[0..n) in order. */
+static bool mgr_stash_holds(const struct mgr *m, const char *name, const int *want, size_t n) {
+        int stash = mgr_find(m, name), got[253];
+        ssize_t k = stash >= 0 ? stash_recv(stash, MSG_PEEK, got, 253) : -1;
+        bool same = k == (ssize_t)n;
+
+        for (ssize_t i = 0; i < k; i++) {
+                same = same && same_file(got[i], want[i]);
+                close(got[i]);
+        }
+        return same;
+}
+
+/* The manager's store as a crash would leave it to the next start: dups of
+ * its fds, newest first, and their names. */
+static size_t mgr_copy(const struct mgr *m, int *fds, char **names) {
+        for (size_t i = 0; i < m->n; i++) {
+                fds[i] = fcntl(m->fds[m->n - 1 - i], F_DUPFD_CLOEXEC, 3);
+                CHECK(fds[i] >= 0);
+                names[i] = strdup(m->names[m->n - 1 - i]);
+        }
+        return m->n;
+}
+
+/* A crash in the middle of a stash's rebuild: at every point of it the
+ * manager holds the members (before, the old stash was removed first and
+ * the new one pushed next: a crash in between lost the group, a VM's guest
+ * memory and its devices' inflight regions -- restart-sandbox's crash
+ * loop under ASan), and the next start takes them back from the copy
+ * under the alternate name, then stores the group under its own again. */
+static void test_group_rebuild_crash(const char *dir) {
+        struct event_base *base = event_base_new();
+        struct vhub_fdstore *s;
+        struct mgr m;
+        int ram = memfd_create("ram", MFD_CLOEXEC), inflight = memfd_create("inflight", MFD_CLOEXEC);
+        int sp[2], live[2], crash_fds[2][4];
+        char *crash_names[2][4];
+        size_t crash_n[2];
+        char text[512];
+        int fd, msgs = 0;
+
+        CHECK(ram >= 0 && inflight >= 0);
+        CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+        live[0] = ram;
+        live[1] = inflight;
+        mgr_open(&m, dir, "notify-rebuild");
+        s = store_new(base, m.path, 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "v1", ram), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "v1", sp[0]), 0);
+        CHECK_EQ(vhub_fdstore_group_add(s, "v1", inflight), 0);
+        CHECK_EQ(mgr_pump(&m, base, 50), 1);
+        /* the back-end's connection leaves: the stash is rebuilt at once
+         * (a socket leaving a stash first pushed as it is) */
+        CHECK_EQ(vhub_fdstore_group_remove(s, "v1", sp[0]), 0);
+        close(sp[0]);
+        event_base_loop(base, EVLOOP_NONBLOCK);
+        while (mgr_recv(&m, text, sizeof(text), &fd, 200)) {
+                mgr_apply(&m, text, fd);
+                /* a crash here: the next start is passed the store as it is */
+                CHECK(mgr_stash_holds(&m, "v1", live, 2) || mgr_stash_holds(&m, "v1" VHUB_FDSTORE_GROUP_ALT, live, 2));
+                if (msgs < 2)
+                        crash_n[msgs] = mgr_copy(&m, crash_fds[msgs], crash_names[msgs]);
+                msgs++;
+        }
+        CHECK_EQ(msgs, 4);
+        CHECK_EQ(m.n, 1);
+        CHECK(mgr_stash_holds(&m, "v1", live, 2));
+        vhub_fdstore_free(s);           /* the daemon crashed */
+        mgr_close_store(&m);
+        close(sp[1]);
+
+        /* the next start, after a crash after the copy's push (both stored)
+         * and after the old stash's removal (the copy alone) */
+        for (size_t k = 0; k < 2; k++) {
+                struct vhub_fdstore_member *mem = NULL;
+                struct vhub_fdstore_restore *r;
+                size_t n;
+
+                CHECK_EQ(crash_n[k], 2 - k);
+                s = store_new(base, m.path, 0);
+                for (size_t i = 0; i < crash_n[k]; i++)
+                        mgr_apply(&m, (snprintf(text, sizeof(text), "FDSTORE=1\nFDNAME=%s\nFDPOLL=0",
+                                                crash_names[k][i]), text),
+                                  fcntl(crash_fds[k][i], F_DUPFD_CLOEXEC, 3));
+                CHECK_EQ(vhub_fdstore_restore_from(s, crash_fds[k], crash_names[k], crash_n[k], &r), 0);
+                CHECK_EQ(vhub_fdstore_take_group(r, "v1", &mem, &n), 0);
+                CHECK_EQ(n, 2);
+                CHECK(same_file(mem[0].fd, ram) && same_file(mem[1].fd, inflight));
+                /* stored under its own name again, the copy gone: nothing stale */
+                CHECK_EQ(vhub_fdstore_restore_finish(r), 0);
+                mgr_pump(&m, base, 50);
+                CHECK_EQ(m.n, 1);
+                CHECK(mgr_stash_holds(&m, "v1", live, 2));
+                for (size_t i = 0; i < n; i++) {
+                        CHECK_EQ(vhub_fdstore_group_remove(s, "v1", mem[i].fd), 0);
+                        close(mem[i].fd);
+                }
+                free(mem);
+                mgr_pump(&m, base, 50);
+                CHECK_EQ(m.n, 0);
+                vhub_fdstore_free(s);
+                for (size_t i = 0; i < crash_n[k]; i++)
+                        free(crash_names[k][i]);
+        }
+        mgr_close(&m);
+        close(ram);
+        close(inflight);
+        event_base_free(base);
+        printf("ok: a crash at any point of a stash's rebuild: the manager holds the members (the copy "
+               "under the alternate name), the next start takes them back and stores the group again\n");
 }
 
 /* Take what arrives and close it at once (a manager that keeps nothing),
@@ -1410,6 +1540,7 @@ int main(void) {
         test_groups(dir);
         test_group_restore(dir);
         test_group_restore_big(dir);
+        test_group_rebuild_crash(dir);
         test_group_budget(dir);
         test_share(dir);
         test_restore_env();

@@ -15,6 +15,8 @@ LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID at each start), real back-ends.
     test_restart.py unreadable  a corrupt snapshot, then one that needs a newer
                                 format: vhubd says why and exits non-zero, the
                                 store untouched; the right bytes back: restored
+    test_restart.py rebuild-crash  SIGKILLs in the middle of the rebuild of a
+                                VM's stash: its memory and device come back
 
 planned: the guest's virtio-blk driver (the vhubtest rings, writes of unique
 patterns and reads checked against the model) keeps 32 requests in flight on
@@ -44,6 +46,7 @@ from vhubtest.backends import QsdBackend                         # noqa: E402
 from vhubtest.client import Client                               # noqa: E402
 from vhubtest.daemon import vhubd_path                           # noqa: E402
 from vhubtest.memory import GuestMemory                          # noqa: E402
+from vhubtest.procs import wait_until                            # noqa: E402
 from vhubtest.servicemanager import ServiceManager               # noqa: E402
 from vhubtest.testbackend import TestBackend                     # noqa: E402
 from vhubtest.virtq import Virtqueue                             # noqa: E402
@@ -547,8 +550,72 @@ def part_output(t):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def part_rebuild_crash(t):
+    """A crash in the middle of the rebuild of a VM's stash (vm0's group v1:
+    its guest memory, its device's connection and inflight region): the
+    daemon killed right after it sent the first, then the second, message
+    of the rebuild its back-end's loss makes -- the manager holds what it
+    sends and drops what would have come after.  Each time the new process
+    has the VM's memory as before, and its device, back, serves its ring.
+    Before the rebuild stored a copy first (h-sandbox), the first message
+    was the old stash's removal: the VM came back without its memory
+    ("region 1: its fd was not passed back"), which restart-sandbox's crash
+    loop hit once under ASan."""
+    d = t.tmpdir()
+    m = Managed(t, d, extra=["--backend-timeout-ms", "3000"])
+    tb = t.enter(TestBackend([m.socket("b.sock")], args=["--queues", "1"], log_dir=d))
+    t.add_log("test back-end", tb.log_path)
+    c, mem, vmm = m.vmm(t, 8 << 20)
+    vmm.add_device("B", m.socket("b.sock"), type="blk", reconnect_ms=50)
+    q = blk.BlkQueue(mem, index=0, size=16, max_io=4096)
+    vmm.start_device("B", BLK1, [q.vq])
+    check_eq(len(q.read_sectors(0, 1)), 512, "B serves its ring")
+    memory = c.call("vm.memory.list", {"vm": "vm0"})
+    group = "v1"
+    check(group in m.sm.names(), "vm0's group is %s" % group, m.sm.names())
+
+    def names_group(lines):
+        return any(line in ("FDNAME=" + group, "FDNAME=" + group + "+") for line in lines)
+
+    for k, cut_after in ((1, 1), (2, 2)):
+        c.events()
+        m.sm.hold()
+        tb.kill()
+        ev = c.wait_event(lambda e: e.get("device") == "B", 10)
+        check_eq(ev.get("event"), "device.disconnected", "crash %d: B lost" % k)
+        wait_until(lambda: sum(names_group(lines) for lines in m.sm.held_lines()) >= cut_after, 10.0,
+                   what="the rebuild of %s's stash to send %d messages" % (group, cut_after))
+        m.sm.send_signal(signal.SIGKILL)
+        m.sm.wait_exit()
+        seen = [0]
+
+        def cut(lines):
+            if names_group(lines):
+                seen[0] += 1
+            return seen[0] > cut_after
+        m.sm.release(cut)
+        log("crash %d: the store after %d of the rebuild's messages: %s" % (k, cut_after, m.sm.names()))
+        m.sm.start(m.argv)
+        m.sm.wait_ready()
+        ev = c.wait_event(lambda e: e.get("event") == "daemon.restarted", 10)
+        check_eq(ev.get("restarts"), k, "crash %d: daemon.restarted" % k)
+        check_eq(c.call("vm.memory.list", {"vm": "vm0"}), memory,
+                 "crash %d: vm0's memory is back, as before the crash" % k)
+        tb.start()
+        ev = c.wait_event(lambda e: e.get("device") == "B" and e.get("event") in DEVICE_EVENTS, 15)
+        check_eq(ev.get("event"), "device.reconnected", "crash %d: B came back" % k)
+        check_eq(len(q.read_sectors(0, 1)), 512, "crash %d: B serves its ring (the guest's memory)" % k)
+        wait_until(lambda: group in m.sm.names() and group + "+" not in m.sm.names(), 10.0,
+                   what="the store to hold %s under its own name alone" % group)
+    with open(m.sm.log_path, errors="replace") as f:
+        text = f.read()
+    check("not passed back" not in text, "no fd of the VM's group was lost")
+    c.close()
+    check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
+
+
 PARTS = {"planned": part_planned, "crash": part_crash, "hygiene": part_hygiene,
-         "unreadable": part_unreadable, "output": part_output}
+         "unreadable": part_unreadable, "output": part_output, "rebuild-crash": part_rebuild_crash}
 
 
 def main(t):

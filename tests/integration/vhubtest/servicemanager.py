@@ -10,6 +10,7 @@ systemd").
     sm.restart()                     # SIGTERM, wait, start again with the stored fds
     sm.restart(sig=signal.SIGKILL)   # a crash with Restart=on-failure: the store is kept too
     sm.stop_unit()                   # `systemctl stop`: SIGTERM, wait, then the store is emptied
+    sm.hold(); ...; sm.release(cut)  # a crash between two messages: what came from cut on is lost
 
 What it does is systemd 252's behaviour as read in its src/core/service.c
 and manager.c (the facts, with the functions they come from, are in
@@ -163,6 +164,7 @@ class ServiceManager:
         self.stopping = False
         self.status = None
         self.watchdog_pings = []
+        self.held = None                # hold(): datagrams read, not applied yet
         self._stop_pipe = os.pipe2(os.O_CLOEXEC)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="servicemanager", daemon=True)
@@ -218,10 +220,49 @@ class ServiceManager:
                     fds += list(struct.unpack("%di" % n, payload[:4 * n]))
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
+            if self.held is not None:
+                self.held.append((data, flags, fds, pid))
+                self.lock.notify_all()
+                return
             try:
                 self._dispatch(data, flags, fds, pid)
             finally:
                 self.lock.notify_all()
+
+    # ---- a crash between two of the service's messages
+
+    def hold(self):
+        """From now on what the service sends is read but not applied, until
+        release() (the test's view of it: held_lines())."""
+        with self.lock:
+            self.held = []
+
+    def held_lines(self):
+        with self.lock:
+            return [data.decode(errors="replace").split("\n") for data, _, _, _ in self.held]
+
+    def release(self, cut=None):
+        """Apply what was held, in order -- but from the first datagram for
+        which cut(lines) is true on, close their fds and drop them: the store
+        as a process killed right before it sent that one would leave it.
+        Call it once the process is gone (what it sent is read first)."""
+        while True:
+            with self.lock:
+                r, _, _ = select.select([self.sock], [], [], 0)
+            if not r:
+                break
+            self._receive()
+        with self.lock:
+            held, self.held = self.held, None
+            dropping = False
+            for data, flags, fds, pid in held:
+                dropping = dropping or (cut is not None and cut(data.decode(errors="replace").split("\n")))
+                if dropping:
+                    for fd in fds:
+                        os.close(fd)
+                else:
+                    self._dispatch(data, flags, fds, pid)
+            self.lock.notify_all()
 
     def _dispatch(self, data, flags, fds, pid):
         def drop(reason):
@@ -405,6 +446,8 @@ class ServiceManager:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             with self.lock:
+                if self.held is not None:
+                    return          # release() applies them
                 r, _, _ = select.select([self.sock], [], [], 0)
                 if not r:
                     return
