@@ -738,6 +738,16 @@ def next_vmm_reads_then_stop(t, m, c, path, salt):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def idle_vmm_carried(t, salt):
+    """carry_rig() with a VMM that wrote the 8 blocks of `salt`, idle, its
+    session carried by a stored snapshot: (managed, qsd, client, path, vmm)."""
+    m, qsd, c, path, _ = carry_rig(t)
+    fe, _ = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    return m, qsd, c, path, fe
+
+
 def scenario_restart_write_fail(t):
     """A request a snapshot carries is never answered while that snapshot
     may be the newest stored one: a crash would hand it to the next process,
@@ -745,11 +755,8 @@ def scenario_restart_write_fail(t):
     write: vhubd's RLIMIT_FSIZE is 0, its pwrite() gets EFBIG; SIGXFSZ is
     ignored) as the back-end answers: the VMM's connection is closed
     instead, and the crash that follows answers nothing either."""
-    m, qsd, c, path, _ = carry_rig(t)
     salt = 3
-    fe, q = vmm_writes(t, path, salt)
-    fe.get_config(0, 8)
-    wait_at_rest(m, at_rest_count(m))
+    m, qsd, c, path, fe = idle_vmm_carried(t, salt)
     pid = m.sm.pid
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
@@ -793,11 +800,8 @@ def scenario_restart_busy_fail(t):
     from guest memory, the VMM told ring 0 stopped while qemu-storage-daemon
     ran it on.)  Its connection closes instead, as for any write the front
     door cannot make (restart-write-fail)."""
-    m, qsd, c, path, _ = carry_rig(t)
     salt = 6
-    fe, q = vmm_writes(t, path, salt)
-    fe.get_config(0, 8)
-    wait_at_rest(m, at_rest_count(m))
+    m, _, c, path, fe = idle_vmm_carried(t, salt)
     pid = m.sm.pid
     # half a message: the snapshot carrying the idle session is replaced
     # before it is read (that write still works), and none carries a
