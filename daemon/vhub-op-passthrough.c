@@ -869,6 +869,14 @@ void passthrough_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         op_complete_call(d, op, r); /* nobody waits any more */
                         return;
                 }
+                /* nothing went to a back-end still connected (the VM's
+                 * snapshot could not say the device busy: op_said_busy()):
+                 * an answer from the records would tell the VMM it has what
+                 * no restore will replay -- the VMM's connection closes */
+                if (!op->on_wire && op->error.code == VHUB_ERR_INTERNAL && vhub_device_is_connected(d)) {
+                        answer_close(d, op, "%s", op->error.detail);      /* logged as it closes */
+                        return;
+                }
                 if (kind == VMM_MEMORY && op->error.code == VHUB_ERR_BACKEND && vhub_device_is_connected(d)) {
                         answer_u64(d, op, 1); /* the back-end refused the region */
                         return;

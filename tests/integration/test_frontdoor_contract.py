@@ -51,6 +51,14 @@ restart-write-fail
           vhubd closes the VMM's connection instead of answering; crashed
           then, the next process does not answer it either (never twice), the
           device waits for the next VMM, which reads what the first wrote.
+restart-busy-fail
+          a VMM's GET_VRING_BASE for a running ring of a connected back-end,
+          read while every snapshot write fails (the stored snapshot does not
+          carry the session: half a message was read before): the snapshot
+          cannot say the device is busy, so nothing goes to qemu-storage-daemon
+          -- and the VMM is not answered from the daemon's records either
+          (that answer would say the ring stopped while the back-end runs it
+          on): its connection closes; crashed then, the next VMM is served.
 restart-read-on
           a VMM's GET_CONFIG (carried, its back-end stopped) and GET_FEATURES
           (not carried) sent together, read in one wake-up; vhubd crashed: the
@@ -71,6 +79,7 @@ budget    what a VMM makes the daemon keep (its regions' dups) counts against
 """
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -729,6 +738,16 @@ def next_vmm_reads_then_stop(t, m, c, path, salt):
     check_eq(m.sm.stop_unit(), 0, "systemctl stop: vhubd exits 0")
 
 
+def idle_vmm_carried(t, salt):
+    """carry_rig() with a VMM that wrote the 8 blocks of `salt`, idle, its
+    session carried by a stored snapshot: (managed, qsd, client, path, vmm)."""
+    m, qsd, c, path, _ = carry_rig(t)
+    fe, _ = vmm_writes(t, path, salt)
+    fe.get_config(0, 8)
+    wait_at_rest(m, at_rest_count(m))
+    return m, qsd, c, path, fe
+
+
 def scenario_restart_write_fail(t):
     """A request a snapshot carries is never answered while that snapshot
     may be the newest stored one: a crash would hand it to the next process,
@@ -736,11 +755,8 @@ def scenario_restart_write_fail(t):
     write: vhubd's RLIMIT_FSIZE is 0, its pwrite() gets EFBIG; SIGXFSZ is
     ignored) as the back-end answers: the VMM's connection is closed
     instead, and the crash that follows answers nothing either."""
-    m, qsd, c, path, _ = carry_rig(t)
     salt = 3
-    fe, q = vmm_writes(t, path, salt)
-    fe.get_config(0, 8)
-    wait_at_rest(m, at_rest_count(m))
+    m, qsd, c, path, fe = idle_vmm_carried(t, salt)
     pid = m.sm.pid
     os.kill(qsd.pid, signal.SIGSTOP)
     try:
@@ -764,6 +780,48 @@ def scenario_restart_write_fail(t):
     fe.close()
     next_vmm_reads_then_stop(t, m, c, path, salt)
     log("ok: a failed write left the carried request unanswered, the VMM's connection closed; not answered twice")
+
+
+GET_VRING_BASE_0 = struct.pack("<III", vu.GET_VRING_BASE, 1, 8) + struct.pack("<II", 0, 0)
+VRING_BASE_REPLY = 12 + 8
+
+
+def vm_snapshot_writes(m):
+    with open(m.sm.log_path, "rb") as f:
+        return len(re.findall(rb"snapshot s[0-9]+ written: ", f.read()))
+
+
+def scenario_restart_busy_fail(t):
+    """A VMM's request for the back-end goes out only once a stored snapshot
+    says its device is busy (restart.md, the turn's commit).  When that
+    write fails, nothing is sent -- and the VMM must not get an answer made
+    from the daemon's records instead, as in an outage: the back-end is
+    connected and never got the request.  (Before: GET_VRING_BASE answered
+    from guest memory, the VMM told ring 0 stopped while qemu-storage-daemon
+    ran it on.)  Its connection closes instead, as for any write the front
+    door cannot make (restart-write-fail)."""
+    salt = 6
+    m, _, c, path, fe = idle_vmm_carried(t, salt)
+    pid = m.sm.pid
+    # half a message: the snapshot carrying the idle session is replaced
+    # before it is read (that write still works), and none carries a
+    # session with half a message read -- so the rest is read with every
+    # write failing, and the failed write is the busy one's
+    writes0 = vm_snapshot_writes(m)
+    fe.sock.sendall(GET_VRING_BASE_0[:4])
+    wait_until(lambda: vm_snapshot_writes(m) > writes0, 10.0,
+               what="the snapshot carrying the idle session replaced before the VMM's bytes are read")
+    fail_file_writes(pid)
+    fe.sock.sendall(GET_VRING_BASE_0[4:])
+    got, closed = recv_until(fe, VRING_BASE_REPLY, 10.0)
+    log("GET_VRING_BASE with every snapshot write failing: the VMM received %d bytes%s" %
+        (len(got), ", then its connection closed" if closed else ""))
+    check_eq((got, closed), (b"", True), "the VMM's connection closed without an answer: the back-end never got "
+             "its GET_VRING_BASE (the snapshot could not say the device busy), so no answer from the records")
+    check_eq(m.restart(sig=signal.SIGKILL), -signal.SIGKILL, "the old vhubd's exit (every write still failing)")
+    fe.close()
+    next_vmm_reads_then_stop(t, m, c, path, salt)
+    log("ok: a request the snapshot could not call in flight: not sent, not answered, the VMM's connection closed")
 
 
 def scenario_restart_conn_gone(t):
@@ -1076,6 +1134,7 @@ SCENARIOS = {
     "budget": scenario_budget,
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
+    "restart-busy-fail": scenario_restart_busy_fail,
     "restart-read-on": scenario_restart_read_on,
     "restart-read-on-later": lambda t: scenario_restart_read_on(t, later=True),
     "restart-conn-gone": scenario_restart_conn_gone,
