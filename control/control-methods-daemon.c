@@ -32,29 +32,29 @@ static const char *const capabilities[] = {
         NULL,
 };
 
-int m_daemon_info(struct method_call *m, struct vhub_error *err) {
+int cm_daemon_info(struct method_call *m, struct vhub_error *err) {
         char started_at[VHUB_RFC3339_LEN];
         struct vhub_daemon_info info;
         json_t *caps = json_array();
 
-        vhub_info_daemon(call_ctx(m), m->req->conn->uid, &info);
+        vhub_info_daemon(cm_call_ctx(m), m->req->conn->uid, &info);
         for (size_t i = 0; capabilities[i]; i++)
                 json_array_append_new(caps, json_string(capabilities[i]));
         /* its state is carried across restarts (the service manager's fd store) */
         if (info.fd_store)
                 json_array_append_new(caps, json_string("fd-store"));
         vhub_format_rfc3339(info.started_realtime_usec, started_at);
-        return call_answer(m, json_pack("{s:s, s:s, s:i, s:o, s:s, s:i, s:i, s:i, s:o, s:o}", "version",
-                                        VHUB_VERSION, "api_version", VHUB_API_VERSION, "pid", (int)getpid(),
-                                        "uptime_ms", vhub_json_u64(info.uptime_usec / 1000),
-                                        "started_at", started_at,
-                                        "restarts", (int)info.restarts, "vms", info.vms, "devices", info.devices,
-                                        "protocol_features", vhub_json_u64(info.protocol_features),
-                                        "capabilities", caps),
-                           err);
+        return cm_call_answer(m, json_pack("{s:s, s:s, s:i, s:o, s:s, s:i, s:i, s:i, s:o, s:o}", "version",
+                                           VHUB_VERSION, "api_version", VHUB_API_VERSION, "pid", (int)getpid(),
+                                           "uptime_ms", vhub_json_u64(info.uptime_usec / 1000),
+                                           "started_at", started_at,
+                                           "restarts", (int)info.restarts, "vms", info.vms, "devices", info.devices,
+                                           "protocol_features", vhub_json_u64(info.protocol_features),
+                                           "capabilities", caps),
+                              err);
 }
 
-const struct param daemon_info_result = R_OBJECT(
+const struct param cm_daemon_info_result = R_OBJECT(
         R("version", PARAM_STRING, "the daemon's version"),
         R("api_version", PARAM_STRING, "the version of the contract it speaks"),
         R_U64("pid", "its process id"),
@@ -67,16 +67,16 @@ const struct param daemon_info_result = R_OBJECT(
         R_NAMES("capabilities", "optional parts this build has"));
 
 /* The document is built once per server, on first use. */
-int m_rpc_discover(struct method_call *m, struct vhub_error *err) {
+int cm_rpc_discover(struct method_call *m, struct vhub_error *err) {
         struct control_server *s = m->req->conn->srv;
 
         if (!s->discover)
                 s->discover = control_discover_build();
-        return call_answer(m, s->discover ? json_incref(s->discover) : NULL, err);
+        return cm_call_answer(m, s->discover ? json_incref(s->discover) : NULL, err);
 }
 
-const struct param rpc_discover_result = { .kind = PARAM_OBJECT, .open = true,
-                                                   .description = "an OpenRPC 1.2 document" };
+const struct param cm_rpc_discover_result = { .kind = PARAM_OBJECT, .open = true,
+                                                      .description = "an OpenRPC 1.2 document" };
 
 /* ---- events ---- */
 
@@ -102,7 +102,7 @@ static int subscribe_vm(struct control_conn *c, struct method_call *m, struct vh
         return 0;
 }
 
-int m_events_subscribe(struct method_call *m, struct vhub_error *err) {
+int cm_events_subscribe(struct method_call *m, struct vhub_error *err) {
         struct control_conn *c = m->req->conn;
         uint64_t since = c->snap_serial;
         size_t n_sub_vms = c->n_sub_vms;

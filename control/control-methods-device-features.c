@@ -16,7 +16,7 @@
         { .name = (name_), .kind = PARAM_U32, .required = (required_), .max = (max_),                \
           .offset = CRYPTO(field_), .description = (description_) }
 
-const struct param crypto_session_create_params[] = {
+const struct param cm_crypto_session_create_params[] = {
         P_CRYPTO_U32("op_code", s.op_code, true, UINT32_MAX, "the opcode (e.g. 2: CIPHER_CREATE_SESSION)"),
         P_CRYPTO_U32("cipher_alg", s.cipher_alg, true, UINT32_MAX, "the cipher algorithm (e.g. 3: AES_CBC)"),
         { .name = "cipher_key", .kind = PARAM_BASE64, .required = true, .max = VHU_CRYPTO_MAX_CIPHER_KEY,
@@ -35,20 +35,20 @@ const struct param crypto_session_create_params[] = {
         { 0 },
 };
 
-const struct param crypto_session_close_params[] = {
+const struct param cm_crypto_session_close_params[] = {
         { .name = "session_id", .kind = PARAM_U64, .required = true, .max = INT64_MAX,
           .offset = AT(crypto_close.session_id), .description = "what device.crypto.session.create answered" },
         { 0 },
 };
 
-json_t *result_crypto_session(struct control_call *cc) {
+json_t *cm_result_crypto_session(struct control_call *cc) {
         return json_pack("{s:o}", "session_id", vhub_json_u64(cc->call.out.crypto_session.session_id));
 }
 
-const struct param crypto_session_result = R_OBJECT(
+const struct param cm_crypto_session_result = R_OBJECT(
         R_U64("session_id", "the back-end's id of the new session, for device.crypto.session.close"));
 
-int m_device_crypto_session_create(struct method_call *m, struct vhub_error *err) {
+int cm_device_crypto_session_create(struct method_call *m, struct vhub_error *err) {
         struct vhu_crypto_session *s = &m->p.crypto_create.s;
         const struct params_bytes *cipher_key = &m->p.crypto_create.cipher_key;
         const struct params_bytes *auth_key = &m->p.crypto_create.auth_key;
@@ -68,17 +68,17 @@ int m_device_crypto_session_create(struct method_call *m, struct vhub_error *err
         return 0;
 }
 
-int m_device_crypto_session_close(struct method_call *m, struct vhub_error *err) {
+int cm_device_crypto_session_close(struct method_call *m, struct vhub_error *err) {
         vhub_device_crypto_close(m->dev, m->p.crypto_close.session_id, &m->cc->call);
         return 0;
 }
 
-const struct param gpu_set_socket_params[] = {
+const struct param cm_gpu_set_socket_params[] = {
         P_FD(gpu.fd, "fd index: the back-end's end of a socketpair; the VMM speaks vhost-user-gpu on the other"),
         { 0 },
 };
 
-int m_device_gpu_set_socket(struct method_call *m, struct vhub_error *err) {
+int cm_device_gpu_set_socket(struct method_call *m, struct vhub_error *err) {
         struct stat st;
 
         /* the back-end speaks the vhost-user-gpu protocol on it */
@@ -97,7 +97,7 @@ static const char *const iotlb_perms[] = { "ro", "wo", "rw", NULL };
         { .name = "size", .kind = PARAM_U64, .required = true, .min = 1, .max = UINT64_MAX,             \
           .offset = AT(iotlb.size), .description = "the range's size in bytes (iova + size must not wrap)" }
 
-const struct param iotlb_update_params[] = {
+const struct param cm_iotlb_update_params[] = {
         P_IOTLB_RANGE("the I/O virtual address the range starts at"),
         { .name = "uaddr", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = AT(iotlb.uaddr),
           .description = "where it lies in the VM's memory, as the VMM's addresses of vm.memory.add" },
@@ -106,7 +106,7 @@ const struct param iotlb_update_params[] = {
         { 0 },
 };
 
-const struct param iotlb_invalidate_params[] = {
+const struct param cm_iotlb_invalidate_params[] = {
         P_IOTLB_RANGE("the I/O virtual address the range to drop starts at"),
         { 0 },
 };
@@ -126,10 +126,10 @@ static int device_iotlb(struct method_call *m, uint8_t type, struct vhub_error *
         return 0;
 }
 
-int m_device_iotlb_update(struct method_call *m, struct vhub_error *err) {
+int cm_device_iotlb_update(struct method_call *m, struct vhub_error *err) {
         return device_iotlb(m, VHU_IOTLB_UPDATE, err);
 }
 
-int m_device_iotlb_invalidate(struct method_call *m, struct vhub_error *err) {
+int cm_device_iotlb_invalidate(struct method_call *m, struct vhub_error *err) {
         return device_iotlb(m, VHU_IOTLB_INVALIDATE, err);
 }

@@ -15,7 +15,7 @@
 static const char *const device_modes[] = { "client", "server", NULL };
 static const enum vhub_device_mode device_mode_values[] = { VHUB_DEV_MODE_CLIENT, VHUB_DEV_MODE_SERVER };
 
-const struct param device_add_params[] = {
+const struct param cm_device_add_params[] = {
         P_DEVICE("the new device's name, unique within its VM"),
         { .name = "socket", .kind = PARAM_STRING, .required = true, .max = MAX_SOCKET_PATH,
           .offset = AT(device_add.socket),
@@ -35,7 +35,7 @@ const struct param device_add_params[] = {
         { 0 },
 };
 
-json_t *result_device_add(struct control_call *cc) {
+json_t *cm_result_device_add(struct control_call *cc) {
         json_t *res = json_pack("{s:o, s:o, s:i, s:i}", "features",
                                 vhub_json_u64(cc->call.out.device_add.features), "protocol_features",
                                 vhub_json_u64(cc->call.out.device_add.protocol_features), "queues",
@@ -55,7 +55,7 @@ json_t *result_device_add(struct control_call *cc) {
         return res;
 }
 
-const struct param device_add_result = R_OBJECT(
+const struct param cm_device_add_result = R_OBJECT(
         R_U64("features", "the virtio features the back-end offered"),
         R_U64("protocol_features", "the protocol features negotiated"),
         R_U64("queues", "the queue count"),
@@ -66,7 +66,7 @@ const struct param device_add_result = R_OBJECT(
         { .name = "vmm_socket", .kind = PARAM_STRING,
           .description = "with vmm_socket: true, the socket the VMM connects to" });
 
-int m_device_add(struct method_call *m, struct vhub_error *err) {
+int cm_device_add(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_add_params p = {
                 .name = m->p.device,
                 .socket_path = m->p.device_add.socket,
@@ -89,7 +89,7 @@ int m_device_add(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-int m_device_remove(struct method_call *m, struct vhub_error *err) {
+int cm_device_remove(struct method_call *m, struct vhub_error *err) {
         vhub_device_remove(m->dev, &m->cc->call);
         return 0;
 }
@@ -113,19 +113,19 @@ static json_t *device_json(const void *item) {
         return o;
 }
 
-int m_device_list(struct method_call *m, struct vhub_error *err) {
+int cm_device_list(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_info *devs = NULL;
         size_t n = 0;
         int r = vhub_info_devices(m->vm, &devs, &n);
 
-        return call_answer_list(m, r, "devices", devs, n, sizeof(*devs), device_json, err);
+        return cm_call_answer_list(m, r, "devices", devs, n, sizeof(*devs), device_json, err);
 }
 
 static const char *const vmm_states[] = { "connected", "waiting", NULL };
 static const char *const device_states[] = { "connecting", "ready", "running", "stopped",
                                              "disconnected", "failed", NULL };
 
-const struct param device_list_result = R_OBJECT(
+const struct param cm_device_list_result = R_OBJECT(
         R_ARRAY_OF("devices", "the VM's devices",
                    R("device", PARAM_NAME, "its name"),
                    { .name = "state", .kind = PARAM_ENUM, .required = true, .values = device_states,
@@ -143,7 +143,7 @@ const struct param device_list_result = R_OBJECT(
                    { .name = "vmm", .kind = PARAM_ENUM, .values = vmm_states,
                      .description = "a front-door device: whether a VMM is connected" }));
 
-int m_device_stats(struct method_call *m, struct vhub_error *err) {
+int cm_device_stats(struct method_call *m, struct vhub_error *err) {
         struct vhub_device_stats_info st;
         const struct vhub_device_stats *c = &st.counters;
         json_t *res;
@@ -166,10 +166,10 @@ int m_device_stats(struct method_call *m, struct vhub_error *err) {
         }
         if (res && c->restored)
                 json_object_set_new(res, "restore_us", vhub_json_u64(c->restore_usec));
-        return call_answer(m, res, err);
+        return cm_call_answer(m, res, err);
 }
 
-const struct param device_stats_result = R_OBJECT(
+const struct param cm_device_stats_result = R_OBJECT(
         { .name = "state", .kind = PARAM_ENUM, .required = true, .values = device_states,
           .description = "where it is in its life, as device.list says" },
         R_U64("since_ms", "milliseconds in that state"),
@@ -196,14 +196,14 @@ const struct param device_stats_result = R_OBJECT(
         { .name = "offset", .kind = PARAM_U32, .required = true, .max = VHU_MAX_CONFIG_SIZE,    \
           .offset = AT(field_), .description = "where to start in the config space" }
 
-const struct param device_config_get_params[] = {
+const struct param cm_device_config_get_params[] = {
         P_CONFIG_OFFSET(config_get.offset),
         { .name = "size", .kind = PARAM_U32, .required = true, .min = 1, .max = VHU_MAX_CONFIG_SIZE,
           .offset = AT(config_get.size), .description = "how many bytes (offset + size at most 256)" },
         { 0 },
 };
 
-json_t *result_config_get(struct control_call *cc) {
+json_t *cm_result_config_get(struct control_call *cc) {
         char *b64 = NULL;
         json_t *res;
 
@@ -214,11 +214,11 @@ json_t *result_config_get(struct control_call *cc) {
         return res;
 }
 
-const struct param config_get_result = R_OBJECT(
+const struct param cm_config_get_result = R_OBJECT(
         { .name = "data", .kind = PARAM_BASE64, .required = true, .min = 1, .max = VHU_MAX_CONFIG_SIZE,
           .description = "the bytes read" });
 
-int m_device_config_get(struct method_call *m, struct vhub_error *err) {
+int cm_device_config_get(struct method_call *m, struct vhub_error *err) {
         uint32_t offset = m->p.config_get.offset, size = m->p.config_get.size;
 
         if (offset + size > VHU_MAX_CONFIG_SIZE)
@@ -228,14 +228,14 @@ int m_device_config_get(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-const struct param device_config_set_params[] = {
+const struct param cm_device_config_set_params[] = {
         P_CONFIG_OFFSET(config_set.offset),
         { .name = "data", .kind = PARAM_BASE64, .required = true, .min = 1, .max = VHU_MAX_CONFIG_SIZE,
           .offset = AT(config_set.data), .description = "the bytes to write (offset + length at most 256)" },
         { 0 },
 };
 
-int m_device_config_set(struct method_call *m, struct vhub_error *err) {
+int cm_device_config_set(struct method_call *m, struct vhub_error *err) {
         const struct params_bytes *data = &m->p.config_set.data;
 
         if (m->p.config_set.offset + data->len > VHU_MAX_CONFIG_SIZE)
@@ -273,7 +273,7 @@ static const struct param vring_members[] = {
         { 0 },
 };
 
-const struct param device_start_params[] = {
+const struct param cm_device_start_params[] = {
         { .name = "features", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = AT(start.features),
           .description = "the virtio features the driver acked (bit 30 is the daemon's and ignored)" },
         { .name = "vrings", .kind = PARAM_ARRAY, .required = true, .min = 1, .max = VHUB_MAX_QUEUES,
@@ -284,7 +284,7 @@ const struct param device_start_params[] = {
         { 0 },
 };
 
-int m_device_start(struct method_call *m, struct vhub_error *err) {
+int cm_device_start(struct method_call *m, struct vhub_error *err) {
         /* bit 30 is vhost-user's own: the daemon adds it itself */
         uint64_t features = m->p.start.features & ~(UINT64_C(1) << VHU_F_PROTOCOL_FEATURES);
 
@@ -293,14 +293,14 @@ int m_device_start(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-const struct param device_stop_params[] = {
+const struct param cm_device_stop_params[] = {
         { .name = "drain", .kind = PARAM_BOOL, .def = true, .offset = AT(stop.drain),
           .description = "wait for in-flight requests (default); false: GET_VRING_BASE_SKIP_DRAIN, the "
                          "back-end suspends them into the inflight region" },
         { 0 },
 };
 
-json_t *result_device_stop(struct control_call *cc) {
+json_t *cm_result_device_stop(struct control_call *cc) {
         json_t *v = json_array();
 
         for (unsigned i = 0; i < cc->call.out.device_stop.n_vrings; i++) {
@@ -318,7 +318,7 @@ json_t *result_device_stop(struct control_call *cc) {
         return json_pack("{s:o}", "vrings", v);
 }
 
-const struct param device_stop_result = R_OBJECT(
+const struct param cm_device_stop_result = R_OBJECT(
         R_ARRAY_OF("vrings", "every ring that was running",
                    R_U64("index", "the ring's index"),
                    { .name = "base", .kind = PARAM_U32, .required = true, .max = UINT32_MAX,
@@ -328,55 +328,55 @@ const struct param device_stop_result = R_OBJECT(
                      .description = "with GET_VRING_BASE_INFLIGHT: requests the back-end suspended, completed "
                                     "after the next device.start" }));
 
-int m_device_stop(struct method_call *m, struct vhub_error *err) {
+int cm_device_stop(struct method_call *m, struct vhub_error *err) {
         vhub_device_stop(m->dev, m->p.stop.drain, &m->cc->call);
         return 0;
 }
 
-const struct param device_kick_params[] = {
+const struct param cm_device_kick_params[] = {
         { .name = "index", .kind = PARAM_U32, .required = true, .max = VHUB_MAX_QUEUES - 1,
           .offset = AT(kick.index), .description = "the ring to kick (one that was started)" },
         { 0 },
 };
 
-int m_device_kick(struct method_call *m, struct vhub_error *err) {
+int cm_device_kick(struct method_call *m, struct vhub_error *err) {
         vhub_device_kick(m->dev, m->p.kick.index, &m->cc->call);
         return 0;
 }
 
-int m_device_reset(struct method_call *m, struct vhub_error *err) {
+int cm_device_reset(struct method_call *m, struct vhub_error *err) {
         vhub_device_reset(m->dev, &m->cc->call);
         return 0;
 }
 
-const struct param device_net_rarp_params[] = {
+const struct param cm_device_net_rarp_params[] = {
         { .name = "mac", .kind = PARAM_MAC, .required = true, .offset = AT(rarp.mac),
           .description = "the guest's MAC address, aa:bb:cc:dd:ee:ff" },
         { 0 },
 };
 
-int m_device_net_rarp(struct method_call *m, struct vhub_error *err) {
+int cm_device_net_rarp(struct method_call *m, struct vhub_error *err) {
         vhub_device_send_rarp(m->dev, m->p.rarp.mac, &m->cc->call);
         return 0;
 }
 
-const struct param device_net_mtu_params[] = {
+const struct param cm_device_net_mtu_params[] = {
         { .name = "mtu", .kind = PARAM_U32, .required = true, .min = 68, .max = 65535, .offset = AT(mtu.mtu),
           .description = "the MTU to set" },
         { 0 },
 };
 
-int m_device_net_mtu(struct method_call *m, struct vhub_error *err) {
+int cm_device_net_mtu(struct method_call *m, struct vhub_error *err) {
         vhub_device_set_mtu(m->dev, (uint16_t)m->p.mtu.mtu, &m->cc->call);
         return 0;
 }
 
-const struct param device_state_fd_params[] = {
+const struct param cm_device_state_fd_params[] = {
         P_FD(state_fd.fd, "fd index: the VMM's end of the pipe the state moves through"),
         { 0 },
 };
 
-json_t *result_state_fd(struct control_call *cc) {
+json_t *cm_result_state_fd(struct control_call *cc) {
         /* a back-end that offers its own transfer channel: the VMM must use it */
         if (cc->call.out.state_fd.fd >= 0) {
                 if (control_call_reply_fds(cc, 1) < 0) {
@@ -389,7 +389,7 @@ json_t *result_state_fd(struct control_call *cc) {
         return json_object();
 }
 
-const struct param state_fd_result = R_OBJECT(
+const struct param cm_state_fd_result = R_OBJECT(
         { .name = "fd", .kind = PARAM_FD,
           .description = "fd index in this response: the back-end's own transfer channel, to use instead" });
 
@@ -399,20 +399,20 @@ static int device_state_transfer(struct method_call *m, bool load) {
         return 0;
 }
 
-int m_device_state_save(struct method_call *m, struct vhub_error *err) {
+int cm_device_state_save(struct method_call *m, struct vhub_error *err) {
         return device_state_transfer(m, false);
 }
 
-int m_device_state_load(struct method_call *m, struct vhub_error *err) {
+int cm_device_state_load(struct method_call *m, struct vhub_error *err) {
         return device_state_transfer(m, true);
 }
 
-int m_device_state_check(struct method_call *m, struct vhub_error *err) {
+int cm_device_state_check(struct method_call *m, struct vhub_error *err) {
         vhub_device_check_state(m->dev, &m->cc->call);
         return 0;
 }
 
-const struct param device_backend_reply_params[] = {
+const struct param cm_device_backend_reply_params[] = {
         { .name = "token", .kind = PARAM_U64, .required = true, .max = UINT64_MAX, .offset = AT(backend_reply.token),
           .description = "the token of the device.backend_request event" },
         { .name = "result", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
@@ -420,7 +420,7 @@ const struct param device_backend_reply_params[] = {
         { 0 },
 };
 
-int m_device_backend_reply(struct method_call *m, struct vhub_error *err) {
+int cm_device_backend_reply(struct method_call *m, struct vhub_error *err) {
         if (vhub_device_backend_reply(m->dev, m->p.backend_reply.token, m->p.backend_reply.result) < 0)
                 return vhub_error_set(err, VHUB_ERR_PARAMS,
                                       "'token': %llu is not a back-end request waiting for an answer",

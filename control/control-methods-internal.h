@@ -149,104 +149,104 @@ struct method_call {
 
 /* ---- control-methods.c: what every method's function uses */
 
-struct vhub_context *call_ctx(const struct method_call *m);
-int call_answer(struct method_call *m, json_t *result, struct vhub_error *err);
-int call_answer_list(struct method_call *m, int r, const char *key, void *items, size_t n,
-                     size_t size, json_t *(*item_json)(const void *item), struct vhub_error *err);
+struct vhub_context *cm_call_ctx(const struct method_call *m);
+int cm_call_answer(struct method_call *m, json_t *result, struct vhub_error *err);
+int cm_call_answer_list(struct method_call *m, int r, const char *key, void *items, size_t n,
+                        size_t size, json_t *(*item_json)(const void *item), struct vhub_error *err);
 
 /* ---- control-methods-daemon.c: daemon.info, rpc.discover, events.subscribe */
 
-int m_daemon_info(struct method_call *m, struct vhub_error *err);
-extern const struct param daemon_info_result;
-int m_rpc_discover(struct method_call *m, struct vhub_error *err);
-extern const struct param rpc_discover_result;
-int m_events_subscribe(struct method_call *m, struct vhub_error *err);
+int cm_daemon_info(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_daemon_info_result;
+int cm_rpc_discover(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_rpc_discover_result;
+int cm_events_subscribe(struct method_call *m, struct vhub_error *err);
 
 /* ---- control-methods-vm.c: vm.create/attach/destroy/list, shared_object.* */
 
-extern const struct param vm_create_params[];
-int m_vm_create(struct method_call *m, struct vhub_error *err);
-int m_vm_attach(struct method_call *m, struct vhub_error *err);
-int m_vm_destroy(struct method_call *m, struct vhub_error *err);
-int m_vm_list(struct method_call *m, struct vhub_error *err);
-extern const struct param vm_list_result;
-extern const struct param shared_object_add_params[];
-int m_shared_object_add(struct method_call *m, struct vhub_error *err);
-extern const struct param shared_object_remove_params[];
-int m_shared_object_remove(struct method_call *m, struct vhub_error *err);
-int m_shared_object_list(struct method_call *m, struct vhub_error *err);
-extern const struct param shared_object_list_result;
+extern const struct param cm_vm_create_params[];
+int cm_vm_create(struct method_call *m, struct vhub_error *err);
+int cm_vm_attach(struct method_call *m, struct vhub_error *err);
+int cm_vm_destroy(struct method_call *m, struct vhub_error *err);
+int cm_vm_list(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_vm_list_result;
+extern const struct param cm_shared_object_add_params[];
+int cm_shared_object_add(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_shared_object_remove_params[];
+int cm_shared_object_remove(struct method_call *m, struct vhub_error *err);
+int cm_shared_object_list(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_shared_object_list_result;
 
 /* ---- control-methods-memory.c: vm.memory.*, vm.dirty_log.*, vm.postcopy.* */
 
-extern const struct param vm_memory_add_params[];
-int m_vm_memory_add(struct method_call *m, struct vhub_error *err);
-extern const struct param vm_memory_remove_params[];
-int m_vm_memory_remove(struct method_call *m, struct vhub_error *err);
-int m_vm_memory_list(struct method_call *m, struct vhub_error *err);
-extern const struct param vm_memory_list_result;
-json_t *result_dirty_log(struct control_call *cc);
-extern const struct param dirty_log_result;
-int m_vm_dirty_log_start(struct method_call *m, struct vhub_error *err);
-int m_vm_dirty_log_stop(struct method_call *m, struct vhub_error *err);
-json_t *result_postcopy_advise(struct control_call *cc);
-extern const struct param postcopy_advise_result;
-int m_vm_postcopy_advise(struct method_call *m, struct vhub_error *err);
-extern const struct param postcopy_listen_params[];
-extern const struct param postcopy_listen_result;
-int m_vm_postcopy_listen(struct method_call *m, struct vhub_error *err);
-int m_vm_postcopy_end(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_vm_memory_add_params[];
+int cm_vm_memory_add(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_vm_memory_remove_params[];
+int cm_vm_memory_remove(struct method_call *m, struct vhub_error *err);
+int cm_vm_memory_list(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_vm_memory_list_result;
+json_t *cm_result_dirty_log(struct control_call *cc);
+extern const struct param cm_dirty_log_result;
+int cm_vm_dirty_log_start(struct method_call *m, struct vhub_error *err);
+int cm_vm_dirty_log_stop(struct method_call *m, struct vhub_error *err);
+json_t *cm_result_postcopy_advise(struct control_call *cc);
+extern const struct param cm_postcopy_advise_result;
+int cm_vm_postcopy_advise(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_postcopy_listen_params[];
+extern const struct param cm_postcopy_listen_result;
+int cm_vm_postcopy_listen(struct method_call *m, struct vhub_error *err);
+int cm_vm_postcopy_end(struct method_call *m, struct vhub_error *err);
 
 /* ---- control-methods-device.c: device.*: a device's life, config, rings, state */
 
-extern const struct param device_add_params[];
-json_t *result_device_add(struct control_call *cc);
-extern const struct param device_add_result;
-int m_device_add(struct method_call *m, struct vhub_error *err);
-int m_device_remove(struct method_call *m, struct vhub_error *err);
-int m_device_list(struct method_call *m, struct vhub_error *err);
-extern const struct param device_list_result;
-int m_device_stats(struct method_call *m, struct vhub_error *err);
-extern const struct param device_stats_result;
-extern const struct param device_config_get_params[];
-json_t *result_config_get(struct control_call *cc);
-extern const struct param config_get_result;
-int m_device_config_get(struct method_call *m, struct vhub_error *err);
-extern const struct param device_config_set_params[];
-int m_device_config_set(struct method_call *m, struct vhub_error *err);
-extern const struct param device_start_params[];
-int m_device_start(struct method_call *m, struct vhub_error *err);
-extern const struct param device_stop_params[];
-json_t *result_device_stop(struct control_call *cc);
-extern const struct param device_stop_result;
-int m_device_stop(struct method_call *m, struct vhub_error *err);
-extern const struct param device_kick_params[];
-int m_device_kick(struct method_call *m, struct vhub_error *err);
-int m_device_reset(struct method_call *m, struct vhub_error *err);
-extern const struct param device_net_rarp_params[];
-int m_device_net_rarp(struct method_call *m, struct vhub_error *err);
-extern const struct param device_net_mtu_params[];
-int m_device_net_mtu(struct method_call *m, struct vhub_error *err);
-extern const struct param device_state_fd_params[];
-json_t *result_state_fd(struct control_call *cc);
-extern const struct param state_fd_result;
-int m_device_state_save(struct method_call *m, struct vhub_error *err);
-int m_device_state_load(struct method_call *m, struct vhub_error *err);
-int m_device_state_check(struct method_call *m, struct vhub_error *err);
-extern const struct param device_backend_reply_params[];
-int m_device_backend_reply(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_add_params[];
+json_t *cm_result_device_add(struct control_call *cc);
+extern const struct param cm_device_add_result;
+int cm_device_add(struct method_call *m, struct vhub_error *err);
+int cm_device_remove(struct method_call *m, struct vhub_error *err);
+int cm_device_list(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_list_result;
+int cm_device_stats(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_stats_result;
+extern const struct param cm_device_config_get_params[];
+json_t *cm_result_config_get(struct control_call *cc);
+extern const struct param cm_config_get_result;
+int cm_device_config_get(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_config_set_params[];
+int cm_device_config_set(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_start_params[];
+int cm_device_start(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_stop_params[];
+json_t *cm_result_device_stop(struct control_call *cc);
+extern const struct param cm_device_stop_result;
+int cm_device_stop(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_kick_params[];
+int cm_device_kick(struct method_call *m, struct vhub_error *err);
+int cm_device_reset(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_net_rarp_params[];
+int cm_device_net_rarp(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_net_mtu_params[];
+int cm_device_net_mtu(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_state_fd_params[];
+json_t *cm_result_state_fd(struct control_call *cc);
+extern const struct param cm_state_fd_result;
+int cm_device_state_save(struct method_call *m, struct vhub_error *err);
+int cm_device_state_load(struct method_call *m, struct vhub_error *err);
+int cm_device_state_check(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_device_backend_reply_params[];
+int cm_device_backend_reply(struct method_call *m, struct vhub_error *err);
 
 /* ---- control-methods-device-features.c: device.crypto.*, device.gpu.*, device.iotlb.* */
 
-extern const struct param crypto_session_create_params[];
-extern const struct param crypto_session_close_params[];
-json_t *result_crypto_session(struct control_call *cc);
-extern const struct param crypto_session_result;
-int m_device_crypto_session_create(struct method_call *m, struct vhub_error *err);
-int m_device_crypto_session_close(struct method_call *m, struct vhub_error *err);
-extern const struct param gpu_set_socket_params[];
-int m_device_gpu_set_socket(struct method_call *m, struct vhub_error *err);
-extern const struct param iotlb_update_params[];
-extern const struct param iotlb_invalidate_params[];
-int m_device_iotlb_update(struct method_call *m, struct vhub_error *err);
-int m_device_iotlb_invalidate(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_crypto_session_create_params[];
+extern const struct param cm_crypto_session_close_params[];
+json_t *cm_result_crypto_session(struct control_call *cc);
+extern const struct param cm_crypto_session_result;
+int cm_device_crypto_session_create(struct method_call *m, struct vhub_error *err);
+int cm_device_crypto_session_close(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_gpu_set_socket_params[];
+int cm_device_gpu_set_socket(struct method_call *m, struct vhub_error *err);
+extern const struct param cm_iotlb_update_params[];
+extern const struct param cm_iotlb_invalidate_params[];
+int cm_device_iotlb_update(struct method_call *m, struct vhub_error *err);
+int cm_device_iotlb_invalidate(struct method_call *m, struct vhub_error *err);

@@ -5,7 +5,7 @@
 #include "vhub-info.h"
 #include "vhu-fd.h"
 
-const struct param vm_memory_add_params[] = {
+const struct param cm_vm_memory_add_params[] = {
         { .name = "gpa", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
           .offset = AT(memory_add.region.gpa), .description = "guest-physical address of the region" },
         { .name = "size", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
@@ -19,7 +19,7 @@ const struct param vm_memory_add_params[] = {
         { 0 },
 };
 
-int m_vm_memory_add(struct method_call *m, struct vhub_error *err) {
+int cm_vm_memory_add(struct method_call *m, struct vhub_error *err) {
         struct vhub_region *region = &m->p.memory_add.region;
 
         if (!m->p.memory_add.uaddr_given)
@@ -28,13 +28,13 @@ int m_vm_memory_add(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-const struct param vm_memory_remove_params[] = {
+const struct param cm_vm_memory_remove_params[] = {
         { .name = "gpa", .kind = PARAM_U64, .required = true, .max = UINT64_MAX,
           .offset = AT(memory_remove.gpa), .description = "where the region to remove starts" },
         { 0 },
 };
 
-int m_vm_memory_remove(struct method_call *m, struct vhub_error *err) {
+int cm_vm_memory_remove(struct method_call *m, struct vhub_error *err) {
         vhub_vm_memory_remove(m->vm, m->p.memory_remove.gpa, &m->cc->call);
         return 0;
 }
@@ -46,22 +46,22 @@ static json_t *region_json(const void *item) {
                          "offset", vhub_json_u64(g->offset), "uaddr", vhub_json_u64(g->uaddr));
 }
 
-int m_vm_memory_list(struct method_call *m, struct vhub_error *err) {
+int cm_vm_memory_list(struct method_call *m, struct vhub_error *err) {
         struct vhub_region_info *regions = NULL;
         size_t n = 0;
         int r = vhub_info_regions(m->vm, &regions, &n);
 
-        return call_answer_list(m, r, "regions", regions, n, sizeof(*regions), region_json, err);
+        return cm_call_answer_list(m, r, "regions", regions, n, sizeof(*regions), region_json, err);
 }
 
-const struct param vm_memory_list_result = R_OBJECT(
+const struct param cm_vm_memory_list_result = R_OBJECT(
         R_ARRAY_OF("regions", "the VM's memory regions",
                    R_U64("gpa", "guest-physical address"),
                    R_U64("size", "size in bytes"),
                    R_U64("offset", "offset into the fd"),
                    R_U64("uaddr", "the VMM's address")));
 
-json_t *result_dirty_log(struct control_call *cc) {
+json_t *cm_result_dirty_log(struct control_call *cc) {
         if (control_call_reply_fds(cc, 1) < 0) {
                 cc->call.out.dirty_log.fd = vhu_safe_close(cc->call.out.dirty_log.fd);
                 return NULL;
@@ -70,11 +70,11 @@ json_t *result_dirty_log(struct control_call *cc) {
         return json_pack("{s:i, s:o}", "fd", 0, "size", vhub_json_u64(cc->call.out.dirty_log.size));
 }
 
-const struct param dirty_log_result = R_OBJECT(
+const struct param cm_dirty_log_result = R_OBJECT(
         R("fd", PARAM_FD, "fd index in this response: the log memfd, one bit per 4 KiB page"),
         R_U64("size", "the log's size in bytes"));
 
-int m_vm_dirty_log_start(struct method_call *m, struct vhub_error *err) {
+int cm_vm_dirty_log_start(struct method_call *m, struct vhub_error *err) {
         int r = control_req_check_fds(m->req, 1, err); /* the log memfd */
 
         if (r < 0)
@@ -83,7 +83,7 @@ int m_vm_dirty_log_start(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-int m_vm_dirty_log_stop(struct method_call *m, struct vhub_error *err) {
+int cm_vm_dirty_log_stop(struct method_call *m, struct vhub_error *err) {
         vhub_vm_dirty_log_stop(m->vm, &m->cc->call);
         return 0;
 }
@@ -101,7 +101,7 @@ static void vm_postcopy(struct method_call *m, enum vhub_postcopy_step step) {
         vhub_vm_postcopy(m->vm, step, &m->cc->call);
 }
 
-json_t *result_postcopy_advise(struct control_call *cc) {
+json_t *cm_result_postcopy_advise(struct control_call *cc) {
         json_t *devs = json_array();
         unsigned n = 0;
 
@@ -127,17 +127,17 @@ json_t *result_postcopy_advise(struct control_call *cc) {
         return json_pack("{s:o}", "devices", devs);
 }
 
-const struct param postcopy_advise_result = R_OBJECT(
+const struct param cm_postcopy_advise_result = R_OBJECT(
         R_ARRAY_OF("devices", "every device of the VM",
                    R("device", PARAM_NAME, "the device"),
                    R("fd", PARAM_FD, "fd index in this response: its back-end's userfaultfd")));
 
-int m_vm_postcopy_advise(struct method_call *m, struct vhub_error *err) {
+int cm_vm_postcopy_advise(struct method_call *m, struct vhub_error *err) {
         vm_postcopy(m, VHUB_POSTCOPY_ADVISE);
         return 0;
 }
 
-const struct param postcopy_listen_params[] = {
+const struct param cm_postcopy_listen_params[] = {
         { .name = "backend_regions", .kind = PARAM_BOOL, .offset = AT(postcopy_listen.backend_regions),
           .description = "an extension: also answer where each back-end mapped each region (default false: {})" },
         { 0 },
@@ -162,7 +162,7 @@ static json_t *result_postcopy_regions(struct control_call *cc) {
         return json_pack("{s:o}", "devices", devs);
 }
 
-const struct param postcopy_listen_result = R_OBJECT(
+const struct param cm_postcopy_listen_result = R_OBJECT(
         { .name = "devices", .kind = PARAM_ARRAY, .max = UINT64_MAX,
           .items = &(const struct param)R_OBJECT(
                   R("device", PARAM_NAME, "the device"),
@@ -173,7 +173,7 @@ const struct param postcopy_listen_result = R_OBJECT(
                                                     "backend_uaddr + (address - gpa)"))),
           .description = "with backend_regions: true only: every device of the VM" });
 
-int m_vm_postcopy_listen(struct method_call *m, struct vhub_error *err) {
+int cm_vm_postcopy_listen(struct method_call *m, struct vhub_error *err) {
         /* the contract's result is {}: the regions only when asked for */
         if (m->p.postcopy_listen.backend_regions)
                 m->cc->make_result = result_postcopy_regions;
@@ -181,7 +181,7 @@ int m_vm_postcopy_listen(struct method_call *m, struct vhub_error *err) {
         return 0;
 }
 
-int m_vm_postcopy_end(struct method_call *m, struct vhub_error *err) {
+int cm_vm_postcopy_end(struct method_call *m, struct vhub_error *err) {
         vm_postcopy(m, VHUB_POSTCOPY_END);
         return 0;
 }

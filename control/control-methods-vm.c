@@ -10,7 +10,7 @@
 
 /* ---- VMs ---- */
 
-const struct param vm_create_params[] = {
+const struct param cm_vm_create_params[] = {
         P_VM(true),
         { .name = "linger_ms", .kind = PARAM_U64, .max = MAX_LINGER_MS, .offset = AT(vm_create.linger_ms),
           .description = "how long the VM outlives its connection, waiting for vm.attach (default 0)" },
@@ -18,7 +18,7 @@ const struct param vm_create_params[] = {
         { 0 },
 };
 
-int m_vm_create(struct method_call *m, struct vhub_error *err) {
+int cm_vm_create(struct method_call *m, struct vhub_error *err) {
         struct control_conn *c = m->req->conn;
         uid_t uid = m->p.uid == UID_CALLER ? c->uid : (uid_t)m->p.uid;
         struct vhub_vm *vm;
@@ -27,19 +27,19 @@ int m_vm_create(struct method_call *m, struct vhub_error *err) {
         if (!vhub_uid_sees(c->uid, uid))
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "only root may create a VM for another uid");
         /* the VM acts with its creator's credentials (back-end paths) */
-        r = vhub_vm_create(call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, &c->owner, &c->cred, err,
+        r = vhub_vm_create(cm_call_ctx(m), uid, m->p.vm, m->p.vm_create.linger_ms, &c->owner, &c->cred, err,
                            &vm);
         return r < 0 ? r : 0;
 }
 
-int m_vm_attach(struct method_call *m, struct vhub_error *err) {
+int cm_vm_attach(struct method_call *m, struct vhub_error *err) {
         /* the new owner's credentials replace the creator's */
         int r = vhub_vm_attach(m->vm, &m->req->conn->owner, &m->req->conn->cred, err);
 
         return r < 0 ? r : 0;
 }
 
-int m_vm_destroy(struct method_call *m, struct vhub_error *err) {
+int cm_vm_destroy(struct method_call *m, struct vhub_error *err) {
         vhub_vm_destroy(m->vm, &m->cc->call);
         return 0;
 }
@@ -69,15 +69,15 @@ static json_t *vm_json(const void *item) {
         return o;
 }
 
-int m_vm_list(struct method_call *m, struct vhub_error *err) {
+int cm_vm_list(struct method_call *m, struct vhub_error *err) {
         struct vhub_vm_info *vms = NULL;
         size_t n = 0;
-        int r = vhub_info_vms(call_ctx(m), m->req->conn->uid, &vms, &n);
+        int r = vhub_info_vms(cm_call_ctx(m), m->req->conn->uid, &vms, &n);
 
-        return call_answer_list(m, r, "vms", vms, n, sizeof(*vms), vm_json, err);
+        return cm_call_answer_list(m, r, "vms", vms, n, sizeof(*vms), vm_json, err);
 }
 
-const struct param vm_list_result = R_OBJECT(
+const struct param cm_vm_list_result = R_OBJECT(
         R_ARRAY_OF("vms", "the VMs the caller may see",
                    R("vm", PARAM_NAME, "its name"),
                    R_U64("uid", "the uid it belongs to"),
@@ -88,26 +88,26 @@ const struct param vm_list_result = R_OBJECT(
 
 /* ---- shared objects ---- */
 
-const struct param shared_object_add_params[] = {
+const struct param cm_shared_object_add_params[] = {
         { .name = "uuid", .kind = PARAM_UUID, .required = true, .offset = AT(shared.uuid),
           .description = "the UUID back-ends look it up by" },
         P_FD(shared.fd, "fd index: the object (a dmabuf, or any fd)"),
         { 0 },
 };
 
-int m_shared_object_add(struct method_call *m, struct vhub_error *err) {
+int cm_shared_object_add(struct method_call *m, struct vhub_error *err) {
         int r = vhub_vm_shared_add(m->vm, m->p.shared.uuid, VHU_TAKE_FD(m->p.shared.fd), err);
 
         return r < 0 ? r : 0;
 }
 
-const struct param shared_object_remove_params[] = {
+const struct param cm_shared_object_remove_params[] = {
         { .name = "uuid", .kind = PARAM_UUID, .required = true, .offset = AT(shared.uuid),
           .description = "the UUID it was added under" },
         { 0 },
 };
 
-int m_shared_object_remove(struct method_call *m, struct vhub_error *err) {
+int cm_shared_object_remove(struct method_call *m, struct vhub_error *err) {
         int r = vhub_vm_shared_remove(m->vm, m->p.shared.uuid, err);
 
         return r < 0 ? r : 0;
@@ -121,15 +121,15 @@ static json_t *shared_object_json(const void *item) {
         return json_pack("{s:s, s:s}", "uuid", u, "owner", o->exporter[0] ? o->exporter : "vmm");
 }
 
-int m_shared_object_list(struct method_call *m, struct vhub_error *err) {
+int cm_shared_object_list(struct method_call *m, struct vhub_error *err) {
         struct vhub_shared_object_info *objs = NULL;
         size_t n = 0;
         int r = vhub_info_shared_objects(m->vm, &objs, &n);
 
-        return call_answer_list(m, r, "objects", objs, n, sizeof(*objs), shared_object_json, err);
+        return cm_call_answer_list(m, r, "objects", objs, n, sizeof(*objs), shared_object_json, err);
 }
 
-const struct param shared_object_list_result = R_OBJECT(
+const struct param cm_shared_object_list_result = R_OBJECT(
         R_ARRAY_OF("objects", "the VM's shared objects",
                    R("uuid", PARAM_UUID, "its UUID"),
                    R("owner", PARAM_NAME, "\"vmm\", or the device that exported it")));

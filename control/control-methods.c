@@ -18,20 +18,20 @@
 
 #include "control-methods-internal.h"
 
-struct vhub_context *call_ctx(const struct method_call *m) {
+struct vhub_context *cm_call_ctx(const struct method_call *m) {
         return m->req->conn->srv->ctx;
 }
 
 /* A result built with json_pack: NULL only when memory ran out. */
-int call_answer(struct method_call *m, json_t *result, struct vhub_error *err) {
+int cm_call_answer(struct method_call *m, json_t *result, struct vhub_error *err) {
         m->result = result;
         return result ? 0 : vhub_error_set(err, VHUB_ERR_INTERNAL, "out of memory");
 }
 
 /* A list method's result, {key: [one object per item]}, from a snapshot of
  * the model (vhub-info.h: r is what taking it returned); frees the items. */
-int call_answer_list(struct method_call *m, int r, const char *key, void *items, size_t n,
-                     size_t size, json_t *(*item_json)(const void *item), struct vhub_error *err) {
+int cm_call_answer_list(struct method_call *m, int r, const char *key, void *items, size_t n,
+                        size_t size, json_t *(*item_json)(const void *item), struct vhub_error *err) {
         json_t *list;
 
         if (r < 0)
@@ -40,7 +40,7 @@ int call_answer_list(struct method_call *m, int r, const char *key, void *items,
         for (size_t i = 0; i < n; i++)
                 json_array_append_new(list, item_json((const char *)items + i * size));
         free(items);
-        return call_answer(m, json_pack("{s:o}", key, list), err);
+        return cm_call_answer(m, json_pack("{s:o}", key, list), err);
 }
 
 static const struct param vm_target[] = { P_VM(true), P_UID, { 0 } };
@@ -61,115 +61,115 @@ static const struct param device_target[] = { P_DEVICE("the device's name, uniqu
 #define POSTCOPY_ERRORS DEVICE_ERRORS, VHUB_ERR_NO_DEVICE, VHUB_ERR_LIMIT
 
 static const struct control_method methods[] = {
-        { .name = "daemon.info", .fn = m_daemon_info, .result = &daemon_info_result,
+        { .name = "daemon.info", .fn = cm_daemon_info, .result = &cm_daemon_info_result,
           .summary = "What the daemon is: version, contract version, uptime, counts, capabilities." },
-        { .name = "vm.create", .fn = m_vm_create, .params = vm_create_params,
+        { .name = "vm.create", .fn = cm_vm_create, .params = cm_vm_create_params,
           .errors = ERRORS(VHUB_ERR_NO_VM, VHUB_ERR_EXISTS, VHUB_ERR_LIMIT),
           .summary = "Create an empty VM owned by this connection." },
-        { .name = "vm.attach", .fn = m_vm_attach, .flags = METHOD_VM, .errors = ERRORS(VHUB_ERR_STATE),
+        { .name = "vm.attach", .fn = cm_vm_attach, .flags = METHOD_VM, .errors = ERRORS(VHUB_ERR_STATE),
           .summary = "Take over a lingering VM of the same uid." },
-        { .name = "vm.destroy", .fn = m_vm_destroy, .flags = METHOD_VM | METHOD_WAITS,
+        { .name = "vm.destroy", .fn = cm_vm_destroy, .flags = METHOD_VM | METHOD_WAITS,
           .summary = "Stop and remove every device, then the VM." },
-        { .name = "vm.list", .fn = m_vm_list, .result = &vm_list_result,
+        { .name = "vm.list", .fn = cm_vm_list, .result = &cm_vm_list_result,
           .summary = "The VMs the caller may see." },
-        { .name = "vm.memory.add", .fn = m_vm_memory_add, .flags = METHOD_VM | METHOD_WAITS,
-          .params = vm_memory_add_params,
+        { .name = "vm.memory.add", .fn = cm_vm_memory_add, .flags = METHOD_VM | METHOD_WAITS,
+          .params = cm_vm_memory_add_params,
           .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_REGION, BACKEND_ERRORS),
           .summary = "Add a guest RAM region; every device has it before the call answers." },
-        { .name = "vm.memory.remove", .fn = m_vm_memory_remove, .flags = METHOD_VM | METHOD_WAITS,
-          .params = vm_memory_remove_params, .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_REGION, BACKEND_ERRORS),
+        { .name = "vm.memory.remove", .fn = cm_vm_memory_remove, .flags = METHOD_VM | METHOD_WAITS,
+          .params = cm_vm_memory_remove_params, .errors = ERRORS(VHUB_ERR_STATE, VHUB_ERR_REGION, BACKEND_ERRORS),
           .summary = "Remove a region; every device has dropped it before the call answers." },
-        { .name = "vm.memory.list", .fn = m_vm_memory_list, .flags = METHOD_VM, .result = &vm_memory_list_result,
+        { .name = "vm.memory.list", .fn = cm_vm_memory_list, .flags = METHOD_VM, .result = &cm_vm_memory_list_result,
           .summary = "The VM's memory regions." },
-        { .name = "device.add", .fn = m_device_add, .flags = METHOD_VM | METHOD_WAITS, .params = device_add_params,
-          .result = &device_add_result, .make_result = result_device_add,
+        { .name = "device.add", .fn = cm_device_add, .flags = METHOD_VM | METHOD_WAITS, .params = cm_device_add_params,
+          .result = &cm_device_add_result, .make_result = cm_result_device_add,
           .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_STATE, VHUB_ERR_UNSUPPORTED, VHUB_ERR_NOT_ALLOWED,
                            VHUB_ERR_LIMIT, BACKEND_ERRORS),
           .summary = "Connect a back-end, negotiate, set the owner and the memory table; with vmm_socket, "
                      "open the front door for an unmodified VMM." },
-        { .name = "device.remove", .fn = m_device_remove, .flags = DEVICE_CALL,
+        { .name = "device.remove", .fn = cm_device_remove, .flags = DEVICE_CALL,
           .summary = "Stop a device if it runs, cancel reconnects, remove it." },
-        { .name = "device.list", .fn = m_device_list, .flags = METHOD_VM, .result = &device_list_result,
+        { .name = "device.list", .fn = cm_device_list, .flags = METHOD_VM, .result = &cm_device_list_result,
           .summary = "The VM's devices." },
-        { .name = "device.config.get", .fn = m_device_config_get, .flags = DEVICE_CALL,
-          .params = device_config_get_params, .result = &config_get_result, .make_result = result_config_get,
+        { .name = "device.config.get", .fn = cm_device_config_get, .flags = DEVICE_CALL,
+          .params = cm_device_config_get_params, .result = &cm_config_get_result, .make_result = cm_result_config_get,
           .errors = ERRORS(DEVICE_ERRORS), .summary = "GET_CONFIG: read the device's config space." },
-        { .name = "device.config.set", .fn = m_device_config_set, .flags = DEVICE_CALL,
-          .params = device_config_set_params, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.config.set", .fn = cm_device_config_set, .flags = DEVICE_CALL,
+          .params = cm_device_config_set_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_CONFIG: write the device's config space." },
-        { .name = "device.start", .fn = m_device_start, .flags = DEVICE_CALL, .params = device_start_params,
+        { .name = "device.start", .fn = cm_device_start, .flags = DEVICE_CALL, .params = cm_device_start_params,
           .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_REGION),
           .summary = "Set the acked features and start the rings (from ready or stopped)." },
-        { .name = "device.stop", .fn = m_device_stop, .flags = DEVICE_CALL, .params = device_stop_params,
-          .result = &device_stop_result, .make_result = result_device_stop, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.stop", .fn = cm_device_stop, .flags = DEVICE_CALL, .params = cm_device_stop_params,
+          .result = &cm_device_stop_result, .make_result = cm_result_device_stop, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "Stop every ring (draining, or suspending in-flight requests); their bases." },
-        { .name = "device.reset", .fn = m_device_reset, .flags = DEVICE_CALL,
+        { .name = "device.reset", .fn = cm_device_reset, .flags = DEVICE_CALL,
           .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS), .summary = "Back to ready." },
-        { .name = "device.net.rarp", .fn = m_device_net_rarp, .flags = DEVICE_CALL,
-          .params = device_net_rarp_params, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.net.rarp", .fn = cm_device_net_rarp, .flags = DEVICE_CALL,
+          .params = cm_device_net_rarp_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SEND_RARP: announce the guest's MAC after a migration." },
-        { .name = "device.net.mtu", .fn = m_device_net_mtu, .flags = DEVICE_CALL,
-          .params = device_net_mtu_params, .errors = ERRORS(DEVICE_ERRORS), .summary = "NET_SET_MTU." },
-        { .name = "vm.dirty_log.start", .fn = m_vm_dirty_log_start,
-          .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &dirty_log_result,
-          .make_result = result_dirty_log, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_LIMIT),
+        { .name = "device.net.mtu", .fn = cm_device_net_mtu, .flags = DEVICE_CALL,
+          .params = cm_device_net_mtu_params, .errors = ERRORS(DEVICE_ERRORS), .summary = "NET_SET_MTU." },
+        { .name = "vm.dirty_log.start", .fn = cm_vm_dirty_log_start,
+          .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &cm_dirty_log_result,
+          .make_result = cm_result_dirty_log, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_LIMIT),
           .summary = "Give every device a log memfd (SET_LOG_BASE) and return it." },
-        { .name = "vm.dirty_log.stop", .fn = m_vm_dirty_log_stop, .flags = METHOD_VM | METHOD_WAITS,
+        { .name = "vm.dirty_log.stop", .fn = cm_vm_dirty_log_stop, .flags = METHOD_VM | METHOD_WAITS,
           .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS), .summary = "Stop dirty logging." },
-        { .name = "device.state.save", .fn = m_device_state_save, .flags = DEVICE_CALL | METHOD_FDS_OUT,
-          .params = device_state_fd_params, .result = &state_fd_result, .make_result = result_state_fd,
+        { .name = "device.state.save", .fn = cm_device_state_save, .flags = DEVICE_CALL | METHOD_FDS_OUT,
+          .params = cm_device_state_fd_params, .result = &cm_state_fd_result, .make_result = cm_result_state_fd,
           .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_DEVICE_STATE_FD (save): the back-end writes its state into the pipe." },
-        { .name = "device.state.load", .fn = m_device_state_load, .flags = DEVICE_CALL | METHOD_FDS_OUT,
-          .params = device_state_fd_params, .result = &state_fd_result, .make_result = result_state_fd,
+        { .name = "device.state.load", .fn = cm_device_state_load, .flags = DEVICE_CALL | METHOD_FDS_OUT,
+          .params = cm_device_state_fd_params, .result = &cm_state_fd_result, .make_result = cm_result_state_fd,
           .errors = ERRORS(DEVICE_ERRORS),
           .summary = "SET_DEVICE_STATE_FD (load): the back-end reads its state from the pipe." },
-        { .name = "device.state.check", .fn = m_device_state_check, .flags = DEVICE_CALL,
+        { .name = "device.state.check", .fn = cm_device_state_check, .flags = DEVICE_CALL,
           .errors = ERRORS(DEVICE_ERRORS), .summary = "CHECK_DEVICE_STATE after a transfer." },
-        { .name = "shared_object.add", .fn = m_shared_object_add, .flags = METHOD_VM,
-          .params = shared_object_add_params, .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_LIMIT),
+        { .name = "shared_object.add", .fn = cm_shared_object_add, .flags = METHOD_VM,
+          .params = cm_shared_object_add_params, .errors = ERRORS(VHUB_ERR_EXISTS, VHUB_ERR_LIMIT),
           .summary = "Export an fd under a UUID to the VM's back-ends." },
-        { .name = "shared_object.remove", .fn = m_shared_object_remove, .flags = METHOD_VM,
-          .params = shared_object_remove_params, .summary = "Withdraw an exported object." },
-        { .name = "shared_object.list", .fn = m_shared_object_list, .flags = METHOD_VM,
-          .result = &shared_object_list_result, .summary = "The VM's shared objects." },
-        { .name = "device.backend_reply", .fn = m_device_backend_reply, .flags = METHOD_VM | METHOD_DEVICE,
-          .params = device_backend_reply_params, .summary = "Answer a forwarded device.backend_request." },
-        { .name = "events.subscribe", .fn = m_events_subscribe, .flags = METHOD_VM_OPTIONAL,
+        { .name = "shared_object.remove", .fn = cm_shared_object_remove, .flags = METHOD_VM,
+          .params = cm_shared_object_remove_params, .summary = "Withdraw an exported object." },
+        { .name = "shared_object.list", .fn = cm_shared_object_list, .flags = METHOD_VM,
+          .result = &cm_shared_object_list_result, .summary = "The VM's shared objects." },
+        { .name = "device.backend_reply", .fn = cm_device_backend_reply, .flags = METHOD_VM | METHOD_DEVICE,
+          .params = cm_device_backend_reply_params, .summary = "Answer a forwarded device.backend_request." },
+        { .name = "events.subscribe", .fn = cm_events_subscribe, .flags = METHOD_VM_OPTIONAL,
           .errors = ERRORS(VHUB_ERR_LIMIT),
           .summary = "Also receive the events of that VM (without vm: of every VM the caller may see; "
                      "root: of every uid)." },
-        { .name = "rpc.discover", .fn = m_rpc_discover, .result = &rpc_discover_result,
+        { .name = "rpc.discover", .fn = cm_rpc_discover, .result = &cm_rpc_discover_result,
           .summary = "This document." },
-        { .name = "device.stats", .fn = m_device_stats, .flags = METHOD_VM | METHOD_DEVICE,
-          .result = &device_stats_result,
+        { .name = "device.stats", .fn = cm_device_stats, .flags = METHOD_VM | METHOD_DEVICE,
+          .result = &cm_device_stats_result,
           .summary = "The device's control-plane counters since device.add: requests, replies, losses, durations." },
-        { .name = "device.crypto.session.create", .fn = m_device_crypto_session_create, .flags = DEVICE_CALL,
-          .params = crypto_session_create_params, .result = &crypto_session_result,
-          .make_result = result_crypto_session, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.crypto.session.create", .fn = cm_device_crypto_session_create, .flags = DEVICE_CALL,
+          .params = cm_crypto_session_create_params, .result = &cm_crypto_session_result,
+          .make_result = cm_result_crypto_session, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "CREATE_CRYPTO_SESSION (protocol feature CRYPTO_SESSION)." },
-        { .name = "device.crypto.session.close", .fn = m_device_crypto_session_close, .flags = DEVICE_CALL,
-          .params = crypto_session_close_params, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.crypto.session.close", .fn = cm_device_crypto_session_close, .flags = DEVICE_CALL,
+          .params = cm_crypto_session_close_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "CLOSE_CRYPTO_SESSION." },
-        { .name = "device.gpu.set_socket", .fn = m_device_gpu_set_socket, .flags = DEVICE_CALL,
-          .params = gpu_set_socket_params, .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS),
+        { .name = "device.gpu.set_socket", .fn = cm_device_gpu_set_socket, .flags = DEVICE_CALL,
+          .params = cm_gpu_set_socket_params, .errors = ERRORS(VHUB_ERR_STATE, BACKEND_ERRORS),
           .summary = "GPU_SET_SOCKET: hand the back-end its vhost-user-gpu socket." },
-        { .name = "device.iotlb.update", .fn = m_device_iotlb_update, .flags = DEVICE_CALL,
-          .params = iotlb_update_params, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_REGION),
+        { .name = "device.iotlb.update", .fn = cm_device_iotlb_update, .flags = DEVICE_CALL,
+          .params = cm_iotlb_update_params, .errors = ERRORS(DEVICE_ERRORS, VHUB_ERR_REGION),
           .summary = "IOTLB_MSG (update): map an I/O virtual address range." },
-        { .name = "device.iotlb.invalidate", .fn = m_device_iotlb_invalidate, .flags = DEVICE_CALL,
-          .params = iotlb_invalidate_params, .errors = ERRORS(DEVICE_ERRORS),
+        { .name = "device.iotlb.invalidate", .fn = cm_device_iotlb_invalidate, .flags = DEVICE_CALL,
+          .params = cm_iotlb_invalidate_params, .errors = ERRORS(DEVICE_ERRORS),
           .summary = "IOTLB_MSG (invalidate): drop a range's translations." },
-        { .name = "device.kick", .fn = m_device_kick, .flags = DEVICE_CALL, .params = device_kick_params,
+        { .name = "device.kick", .fn = cm_device_kick, .flags = DEVICE_CALL, .params = cm_device_kick_params,
           .errors = ERRORS(DEVICE_ERRORS), .summary = "VRING_KICK: an in-band kick (INBAND_NOTIFICATIONS)." },
-        { .name = "vm.postcopy.advise", .fn = m_vm_postcopy_advise,
-          .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &postcopy_advise_result,
-          .make_result = result_postcopy_advise, .errors = ERRORS(POSTCOPY_ERRORS),
+        { .name = "vm.postcopy.advise", .fn = cm_vm_postcopy_advise,
+          .flags = METHOD_VM | METHOD_WAITS | METHOD_FDS_OUT, .result = &cm_postcopy_advise_result,
+          .make_result = cm_result_postcopy_advise, .errors = ERRORS(POSTCOPY_ERRORS),
           .summary = "POSTCOPY_ADVISE to every device; their userfaultfds." },
-        { .name = "vm.postcopy.listen", .fn = m_vm_postcopy_listen, .flags = METHOD_VM | METHOD_WAITS,
-          .params = postcopy_listen_params, .result = &postcopy_listen_result, .errors = ERRORS(POSTCOPY_ERRORS),
+        { .name = "vm.postcopy.listen", .fn = cm_vm_postcopy_listen, .flags = METHOD_VM | METHOD_WAITS,
+          .params = cm_postcopy_listen_params, .result = &cm_postcopy_listen_result, .errors = ERRORS(POSTCOPY_ERRORS),
           .summary = "POSTCOPY_LISTEN to every device, which maps the VM's memory again." },
-        { .name = "vm.postcopy.end", .fn = m_vm_postcopy_end, .flags = METHOD_VM | METHOD_WAITS,
+        { .name = "vm.postcopy.end", .fn = cm_vm_postcopy_end, .flags = METHOD_VM | METHOD_WAITS,
           .errors = ERRORS(POSTCOPY_ERRORS), .summary = "POSTCOPY_END to every device." },
 };
 
@@ -210,7 +210,7 @@ static int call_resolve(struct method_call *m, unsigned flags, struct vhub_error
         if (!(flags & (METHOD_VM | METHOD_VM_OPTIONAL)) || !m->p.vm)
                 return 0;
         /* another uid's VM is indistinguishable from one that does not exist */
-        m->vm = vhub_vm_find(call_ctx(m), uid, m->p.vm);
+        m->vm = vhub_vm_find(cm_call_ctx(m), uid, m->p.vm);
         if (!m->vm || !vhub_vm_visible_to(m->vm, c->uid))
                 return vhub_error_set(err, VHUB_ERR_NO_VM, "no such VM: %s", m->p.vm);
         if (!(flags & METHOD_DEVICE))

@@ -52,8 +52,8 @@ static void refuse_connection(int fd, const char *detail) {
         vhu_safe_close(fd);
 }
 
-void accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
-        accept_resume(userdata);
+void cs_accept_retry_cb(evutil_socket_t fd, short what, void *userdata) {
+        cs_accept_resume(userdata);
 }
 
 /* Out of fds: stop watching the listening socket (it stays readable and
@@ -69,7 +69,7 @@ static void accept_pause(struct control_server *s) {
         evtimer_add(s->ev_accept_retry, &tv);
 }
 
-void accept_resume(struct control_server *s) {
+void cs_accept_resume(struct control_server *s) {
         if (!s->accept_paused || s->paused || vhub_context_shutting_down(s->ctx))
                 return;
         s->accept_paused = false;
@@ -143,7 +143,7 @@ static bool connection_admitted(const struct control_server *s, uid_t uid, char 
         return true;
 }
 
-void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
+void cs_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
         struct control_server *s = userdata;
         struct vhub_error err = { 0 };
         struct control_conn *c;
@@ -186,7 +186,7 @@ void accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 return;
         }
         /* the connection is an fd of its uid's too */
-        if (server_check_fds(s, cred.uid, 1, cred.uid == 0 ? fd_slack(s, 0) : 0, &err) < 0) {
+        if (cs_server_check_fds(s, cred.uid, 1, cred.uid == 0 ? cs_fd_slack(s, 0) : 0, &err) < 0) {
                 vhub_log_full(LOG_WARNING, NULL, NULL, NULL,
                               "refused a control connection of uid %u pid %d: %s", (unsigned)cred.uid,
                               (int)cred.pid, err.detail);

@@ -56,7 +56,7 @@ static void batch_run_free(struct batch_run *r) {
         free(r);
         if (c->rpc)
                 rpc_conn_resume_input(c->rpc);
-        conn_finish_if_answered(c);
+        cs_conn_finish_if_answered(c);
         control_conn_unref(c);
 }
 
@@ -82,7 +82,7 @@ static void batch_run_one(struct batch_run *r) {
         unsigned i = (unsigned)r->next++;
         json_t *e = json_array_get(r->elements, i);
         /* element i's fds follow those of the elements before it */
-        unsigned k = element_fds(e);
+        unsigned k = cs_element_fds(e);
         struct rpc_fds sub = { .fds = NULL, .n = 0 };
 
         if (k > 0 && r->off + k <= r->fds.n) {
@@ -104,7 +104,7 @@ static void batch_run_one(struct batch_run *r) {
         else if (control_batch_unrecorded(r->b))
                 batch_refuse_unrecorded(r, i, e);
         else
-                handle_request(r->conn, e, &sub, r->b, i);
+                cs_handle_request(r->conn, e, &sub, r->b, i);
         rpc_fds_clear(&sub);
 }
 
@@ -142,7 +142,7 @@ static void batch_run_cb(evutil_socket_t fd, short what, void *userdata) {
 
 /* The connection closed while its batch waited for its next slice: the
  * rest is not run (nobody would get the answer). */
-void batch_run_abort(struct batch_run *r) {
+void cs_batch_run_abort(struct batch_run *r) {
         event_del(r->ev);
         while (r->next < json_array_size(r->elements))
                 control_batch_slot(r->b, (unsigned)r->next++, NULL);
@@ -184,7 +184,7 @@ static void batch_start(struct control_conn *c, json_t *msg, struct rpc_fds *fds
         batch_run_slice(r);
 }
 
-void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
+void cs_conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, void *userdata) {
         struct control_conn *c = userdata;
         uint64_t serial = c->snap_serial;
 
@@ -193,7 +193,7 @@ void conn_on_message(struct rpc_conn *rpc, json_t *msg, struct rpc_fds *fds, voi
         if (json_is_array(msg))
                 batch_start(c, msg, fds);
         else
-                handle_request(c, msg, fds, NULL, 0);
+                cs_handle_request(c, msg, fds, NULL, 0);
         rpc_fds_clear(fds); /* what the request did not take */
         json_decref(msg);
         /* the line is out of its input (unless a record written while it

@@ -106,7 +106,7 @@ static json_t *event_params(const struct vhub_event *ev) {
 /* A connection is behind on its events when its output queue holds a
  * quarter of the bound (bytes or fds): back-end channels of the VMs it owns
  * pause there, far from the bound at which the connection would be dropped. */
-bool conn_congested(const struct vhub_owner *o) {
+bool cs_conn_congested(const struct vhub_owner *o) {
         const struct control_conn *c =
                 (const struct control_conn *)((const char *)o - offsetof(struct control_conn, owner));
         const struct rpc_conn_limits *l;
@@ -131,14 +131,14 @@ static bool conn_may_take_fds(struct control_server *s, struct control_conn *c,
         struct vhub_error err = { 0 };
         char reason[sizeof(err.detail) + 64];
 
-        if (server_check_fds(s, c->uid, ev->n_fds, owner ? fd_slack(s, c->uid) : 0, &err) == 0)
+        if (cs_server_check_fds(s, c->uid, ev->n_fds, owner ? cs_fd_slack(s, c->uid) : 0, &err) == 0)
                 return true;
         snprintf(reason, sizeof(reason), "an event's fds would pass the fd budget: %s", err.detail);
         rpc_conn_abort(c->rpc, reason);
         return false;
 }
 
-void server_emit(void *userdata, const struct vhub_event *ev) {
+void cs_server_emit(void *userdata, const struct vhub_event *ev) {
         struct control_server *s = userdata;
         struct control_conn *c, *next;
         json_t *msg = NULL;
@@ -159,7 +159,7 @@ void server_emit(void *userdata, const struct vhub_event *ev) {
                  * never allowed to block the daemon or grow without limit */
                 if (ev->n_fds > 0 && !conn_may_take_fds(s, c, ev))
                         continue;
-                conn_send(c, msg, ev->fds, ev->n_fds);
+                cs_conn_send(c, msg, ev->fds, ev->n_fds);
         }
         json_decref(msg);
 }

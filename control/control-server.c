@@ -74,7 +74,7 @@ void control_conn_unref(struct control_conn *c) {
         free(c);
 }
 
-void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
+void cs_conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_fds) {
         if (c->rpc)
                 (void)rpc_conn_send(c->rpc, msg, fds, n_fds);
         if (n_fds > 0)
@@ -82,27 +82,27 @@ void conn_send(struct control_conn *c, json_t *msg, const int *fds, unsigned n_f
 }
 
 /* A half-closed connection closes once every request it sent is answered. */
-void conn_finish_if_answered(struct control_conn *c) {
+void cs_conn_finish_if_answered(struct control_conn *c) {
         if (c->eof && c->pending == 0 && !c->run && c->rpc)
                 rpc_conn_close_after_flush(c->rpc, "peer closed");
 }
 
 /* ---- the fd budget (vhub-fd-budget.h) ---- */
 
-int server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
+int cs_server_check_fds(struct control_server *s, uid_t uid, unsigned n, unsigned slack,
                             struct vhub_error *err) {
         return vhub_context_check_fds(s->ctx, uid, n, slack, err);
 }
 
 int control_req_check_fds(struct control_req *req, unsigned n, struct vhub_error *err) {
-        return server_check_fds(req->conn->srv, req->conn->uid, n, 0, err);
+        return cs_server_check_fds(req->conn->srv, req->conn->uid, n, 0, err);
 }
 
 /* How far fds that already arrived, or a new connection, may pass the
  * budget: the request they belong to is answered -32008 and closes them.
  * Root may use half of the reserve for that, others a quarter of it; the
  * rest stays for the daemon itself. */
-unsigned fd_slack(const struct control_server *s, uid_t uid) {
+unsigned cs_fd_slack(const struct control_server *s, uid_t uid) {
         const struct vhub_fd_budget *b = vhub_context_fd_budget(s->ctx);
 
         return uid == 0 ? b->reserve / 2 : b->reserve / 4;
@@ -116,7 +116,7 @@ static int conn_admit_fds(struct rpc_conn *rpc, unsigned n, char *detail, size_t
 
         /* the n fds are queued on rpc already: counted in the usage */
         control_conn_fds_changed(c);
-        r = server_check_fds(c->srv, c->uid, 0, fd_slack(c->srv, c->uid), &err);
+        r = cs_server_check_fds(c->srv, c->uid, 0, cs_fd_slack(c->srv, c->uid), &err);
         if (r < 0)
                 snprintf(detail, len, "%u fds refused: %s", n, err.detail);
         return r;
@@ -149,7 +149,7 @@ static void respond(struct control_conn *c, json_t *id, struct control_batch *b,
                 return;
         }
         if (id)
-                conn_send(c, response, fds, n_fds);
+                cs_conn_send(c, response, fds, n_fds);
         json_decref(response);
 }
 
@@ -202,7 +202,7 @@ static void control_call_done(struct vhub_call *call) {
         control_conn_changed(cc->conn);
         vhub_call_release(call);
         cc->conn->pending--;
-        conn_finish_if_answered(cc->conn);
+        cs_conn_finish_if_answered(cc->conn);
         control_conn_unref(cc->conn);
         json_decref(cc->id);
         free(cc);
@@ -263,7 +263,7 @@ bool control_id_valid(json_t *id) {
         return json_is_integer(id) || json_is_real(id) || json_is_null(id);
 }
 
-void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
+void cs_handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
                            struct control_batch *b, unsigned index) {
         static const char *const top[] = { "jsonrpc", "method", "params", "id", "fds", NULL };
         struct control_req req = { .conn = c, .fds = fds, .batch = b, .batch_index = index };
@@ -318,7 +318,7 @@ void handle_request(struct control_conn *c, json_t *msg, struct rpc_fds *fds,
         json_decref(empty);
 }
 
-unsigned element_fds(json_t *e) {
+unsigned cs_element_fds(json_t *e) {
         json_t *n = json_is_object(e) ? json_object_get(e, "fds") : NULL;
 
         return json_is_integer(n) ? (unsigned)json_integer_value(n) : 0;
@@ -336,12 +336,12 @@ static void conn_close(struct control_conn *c, const char *reason) {
         vhub_fd_untrack(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
         c->rpc = rpc_conn_free(c->rpc);
         if (c->run)
-                batch_run_abort(c->run);
+                cs_batch_run_abort(c->run);
         TAILQ_REMOVE(&s->conns, c, link);
         s->n_conns--;
         control_conn_snapshot_gone(c);
         control_conn_fds_gone(c);
-        accept_resume(s);   /* an fd is free again */
+        cs_accept_resume(s);   /* an fd is free again */
         /* its VMs linger or go away; none of this waits for back-ends */
         vhub_context_owner_gone(s->ctx, &c->owner);
         control_conn_unref(c);
@@ -377,11 +377,11 @@ static void conn_on_eof(struct rpc_conn *rpc, void *userdata) {
 
         c->eof = true;
         control_conn_changed(c);
-        conn_finish_if_answered(c);
+        cs_conn_finish_if_answered(c);
 }
 
 const struct rpc_conn_ops control_conn_ops = {
-        .on_message = conn_on_message,
+        .on_message = cs_conn_on_message,
         .on_close = conn_on_close,
         .on_eof = conn_on_eof,
         .admit_fds = conn_admit_fds,
@@ -394,7 +394,7 @@ const struct rpc_conn_ops control_conn_ops = {
 
 /* What the model may ask of a connection as the owner of VMs. */
 const struct vhub_owner_ops control_conn_owner_ops = {
-        .congested = conn_congested,
+        .congested = cs_conn_congested,
 };
 
 /* ---- giving memory back ---- */
@@ -472,14 +472,14 @@ int control_server_new(struct vhub_context *ctx, const struct control_server_opt
                 /* an inherited one is the socket unit's to keep */
                 vhub_fd_track(ctx, VHUB_FD_GROUP_LISTENER, s->listen_fd, "ctl/listen");
         }
-        s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, accept_cb, s);
-        s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), accept_retry_cb, s);
+        s->ev_accept = event_new(vhub_context_base(ctx), s->listen_fd, EV_READ | EV_PERSIST, cs_accept_cb, s);
+        s->ev_accept_retry = evtimer_new(vhub_context_base(ctx), cs_accept_retry_cb, s);
         s->ev_trim = evtimer_new(vhub_context_base(ctx), trim_cb, s);
         if (!s->ev_accept || !s->ev_accept_retry || !s->ev_trim || event_add(s->ev_accept, NULL) < 0) {
                 control_server_free(s);
                 return -ENOMEM;
         }
-        s->sink = (struct vhub_event_sink){ .emit = server_emit, .count_fds = control_server_count_fds,
+        s->sink = (struct vhub_event_sink){ .emit = cs_server_emit, .count_fds = control_server_count_fds,
                                             .userdata = s };
         vhub_context_add_sink(ctx, &s->sink);
         s->sink_added = true;

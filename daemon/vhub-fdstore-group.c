@@ -27,17 +27,17 @@
  * current callback (or at vhub_fdstore_sync()): removed, then pushed again.
  */
 
-struct fds_group *group_of(struct name_node *node) {
+struct fds_group *fds_group_of(struct name_node *node) {
         return node ? (struct fds_group *)((char *)node - offsetof(struct fds_group, node)) : NULL;
 }
 
-struct fds_group *group_find(const struct vhub_fdstore *s, const char *name) {
-        return group_of(name_table_find(&s->groups, name));
+struct fds_group *fds_group_find(const struct vhub_fdstore *s, const char *name) {
+        return fds_group_of(fds_name_table_find(&s->groups, name));
 }
 
-int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
-        *ret = name_table_new(&s->groups, sizeof(**ret), offsetof(struct fds_group, node),
-                              offsetof(struct fds_group, name), name);
+int fds_group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret) {
+        *ret = fds_name_table_new(&s->groups, sizeof(**ret), offsetof(struct fds_group, node),
+                                  offsetof(struct fds_group, name), name);
         if (*ret)
                 (*ret)->wend = -1;
         return *ret ? 0 : -ENOMEM;
@@ -52,9 +52,9 @@ static void group_cool(struct vhub_fdstore *s, struct fds_group *g) {
         g->wend = vhu_safe_close(g->wend);
 }
 
-void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
+void fds_group_unlink_free(struct vhub_fdstore *s, struct fds_group *g) {
         group_cool(s, g);
-        name_table_unlink(&s->groups, &g->node);
+        fds_name_table_unlink(&s->groups, &g->node);
         free(g->fds);
         free(g->keys);
         free(g->at);
@@ -76,7 +76,7 @@ static void group_index_put(struct fds_group *g, size_t i) {
 /* The index made again for the members as they are now (after a member
  * left: the later ones moved down).  Without memory for it the members are
  * searched one by one (group_pos()). */
-void group_index(struct fds_group *g) {
+void fds_group_index(struct fds_group *g) {
         size_t n_at = g->n_at ? g->n_at : 16;
 
         while (n_at < 2 * g->n)
@@ -176,7 +176,7 @@ static int group_make_stash(const struct vhub_fdstore *s, const struct fds_group
 }
 
 /* The name a group's members are stored under while its stash is rebuilt. */
-void group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group) {
+void fds_group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group) {
         snprintf(buf, VHUB_FDSTORE_NAME_MAX + 1, "%s%s", group, VHUB_FDSTORE_GROUP_ALT);
 }
 
@@ -192,7 +192,7 @@ static struct fds_entry *group_store_alt(struct vhub_fdstore *s, const struct fd
         struct fds_entry *a;
         int fd, wend;
 
-        group_alt_name(name, g->name);
+        fds_group_alt_name(name, g->name);
         if (!vhub_fdstore_name_valid(name) || s->n_stored >= s->max_fds ||
             s->names_bytes + strlen(name) + 1 > VHUB_FDSTORE_NAMES_BUDGET)
                 return NULL;
@@ -200,15 +200,15 @@ static struct fds_entry *group_store_alt(struct vhub_fdstore *s, const struct fd
         vhu_safe_close(wend);   /* nothing is appended to it: it goes right after */
         if (fd < 0)
                 return NULL;
-        if (entry_new(s, name, -1, &a) < 0) {
+        if (fds_entry_new(s, name, -1, &a) < 0) {
                 vhu_safe_close(fd);
                 return NULL;
         }
         a->stash = true;
-        entry_store_fd(s, a, 0, fd);
+        fds_entry_store_fd(s, a, 0, fd);
         vhu_safe_close(fd);
         if (a->state != ENTRY_STORED) {
-                remove_internal(s, a, false);
+                fds_remove_internal(s, a, false);
                 return NULL;
         }
         return a;
@@ -219,9 +219,9 @@ static struct fds_entry *group_store_alt(struct vhub_fdstore *s, const struct fd
  * the members stored under the alternate name meanwhile.  An alternate
  * left by a rebuild whose push failed stays until one succeeds: it holds
  * the members' last stored copy. */
-void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
+void fds_group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
-        struct fds_entry *e = entry_find(s, g->name), *alt;
+        struct fds_entry *e = fds_entry_find(s, g->name), *alt;
         /* a rebuild, not a first push (may_leave_dead()) */
         uint64_t rebuilt_usec = e ? vhub_now_usec() : 0;
         int fd = -1, wend = -1, r;
@@ -229,19 +229,19 @@ void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         group_cool(s, g);
         g->rebuild = false;
         g->unsent = g->dead = g->appends = 0;
-        group_alt_name(alt_name, g->name);
-        alt = entry_find(s, alt_name);
+        fds_group_alt_name(alt_name, g->name);
+        alt = fds_entry_find(s, alt_name);
         if (!alt && e && g->n > 0 && e->stash && e->state == ENTRY_STORED && !e->pending)
                 alt = group_store_alt(s, g);
         if (e)
-                remove_internal(s, e, true);
+                fds_remove_internal(s, e, true);
         if (g->n == 0) {
                 if (alt)
-                        remove_internal(s, alt, true);
-                group_unlink_free(s, g);
+                        fds_remove_internal(s, alt, true);
+                fds_group_unlink_free(s, g);
                 return;
         }
-        r = entry_new(s, g->name, -1, &e);
+        r = fds_entry_new(s, g->name, -1, &e);
         if (r < 0) {
                 log_warning("fd store: group %s not stored (%s): it will not survive a restart", g->name,
                             strerror(-r));
@@ -257,7 +257,7 @@ void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
                             g->name, g->n, strerror(-fd));
                 return;
         }
-        entry_store_fd(s, e, 0, fd);
+        fds_entry_store_fd(s, e, 0, fd);
         vhu_safe_close(fd);     /* the manager's now (or the queue's dup) */
         g->rebuilt_usec = rebuilt_usec;
         if (wend >= 0 && e->state == ENTRY_STORED) {
@@ -270,7 +270,7 @@ void group_stash(struct vhub_fdstore *s, struct fds_group *g) {
         /* the new stash is pushed (or queued: messages go in order): the
          * copy goes after it */
         if (alt && e->state == ENTRY_STORED)
-                remove_internal(s, alt, true);
+                fds_remove_internal(s, alt, true);
 }
 
 /* Bring g's stored stash up to date by appending its new members, if it
@@ -282,7 +282,7 @@ static bool group_append(struct vhub_fdstore *s, struct fds_group *g) {
         if (g->rebuild || g->wend < 0 || g->n == 0 || g->dead > STASH_DEAD_MAX ||
             g->appends >= STASH_APPENDS_MAX)
                 return false;
-        e = entry_find(s, g->name);
+        e = fds_entry_find(s, g->name);
         if (!e || !e->stash || e->state != ENTRY_STORED)
                 return false;
         if (g->unsent == 0)
@@ -305,11 +305,11 @@ void vhub_fdstore_sync(struct vhub_fdstore *s) {
                 g->dirty_next = NULL;
                 g->dirty = false;
                 if (!group_append(s, g))
-                        group_stash(s, g);
+                        fds_group_stash(s, g);
         }
 }
 
-void sync_cb(evutil_socket_t fd, short what, void *userdata) {
+void fds_sync_cb(evutil_socket_t fd, short what, void *userdata) {
         vhub_fdstore_sync(userdata);
 }
 
@@ -318,7 +318,7 @@ void sync_cb(evutil_socket_t fd, short what, void *userdata) {
  * stored again, by every start), its writing end closed. */
 static void group_settle(struct vhub_fdstore *s, struct fds_group *g) {
         if (g->appends > 0 || g->dead > 0)
-                group_stash(s, g);
+                fds_group_stash(s, g);
         group_cool(s, g);
 }
 
@@ -332,7 +332,7 @@ void vhub_fdstore_settle(struct vhub_fdstore *s) {
                 group_settle(s, g);
 }
 
-void sweep_cb(evutil_socket_t fd, short what, void *userdata) {
+void fds_sweep_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_fdstore *s = userdata;
         uint64_t now = vhub_now_usec();
         struct fds_group *g, *next;
@@ -355,7 +355,7 @@ void sweep_cb(evutil_socket_t fd, short what, void *userdata) {
 
 /* Whether the kernel shows an eventfd's id (Linux >= 6.0): then every
  * member's identity key is exact, and a stash may hold dead fds. */
-bool eventfd_ids_shown(void) {
+bool fds_eventfd_ids_shown(void) {
         struct vhub_fd_key key = { 0 };
         int fd = eventfd(0, EFD_CLOEXEC);
         bool shown;
@@ -371,7 +371,7 @@ bool eventfd_ids_shown(void) {
  * in (names are checked all the same, so that a bad one shows in every
  * test), or -errno. */
 static int group_check(const struct vhub_fdstore *s, const char *group, int fd) {
-        if (!vhub_fdstore_name_valid(group) || name_reserved(group))
+        if (!vhub_fdstore_name_valid(group) || fds_name_reserved(group))
                 return -EINVAL;
         if (fd < 0)
                 return -EBADF;
@@ -384,10 +384,10 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
 
         if (r <= 0)
                 return r;
-        if (!(g = group_find(s, group))) {
-                if (entry_find(s, group))
+        if (!(g = fds_group_find(s, group))) {
+                if (fds_entry_find(s, group))
                         return -EEXIST; /* a single fd's name */
-                r = group_new(s, group, &g);
+                r = fds_group_new(s, group, &g);
                 if (r < 0)
                         return r;
         }
@@ -402,7 +402,7 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
                         g->fds = p;
                 if (!k) {
                         if (g->n == 0 && !g->dirty)
-                                group_unlink_free(s, g);
+                                fds_group_unlink_free(s, g);
                         return -ENOMEM;
                 }
                 g->keys = k;
@@ -415,7 +415,7 @@ int vhub_fdstore_group_add(struct vhub_fdstore *s, const char *group, int fd) {
         if (g->n_at >= 2 * g->n)
                 group_index_put(g, g->n - 1);
         else
-                group_index(g);
+                fds_group_index(g);
         g->unsent++;
         g->changed_usec = vhub_now_usec();
         s->n_members++;
@@ -461,7 +461,7 @@ static bool may_leave_dead(const struct vhub_fdstore *s, const struct fds_group 
 
 static int group_leave(struct vhub_fdstore *s, const char *group, int fd, bool closing) {
         int r = group_check(s, group, fd);
-        struct fds_group *g = r > 0 ? group_find(s, group) : NULL;
+        struct fds_group *g = r > 0 ? fds_group_find(s, group) : NULL;
         ssize_t at = g ? group_pos(g, fd) : -1;
 
         if (r <= 0)
@@ -486,7 +486,7 @@ static int group_leave(struct vhub_fdstore *s, const char *group, int fd, bool c
                 memmove(g->fds + i, g->fds + i + 1, (g->n - i - 1) * sizeof(*g->fds));
                 memmove(g->keys + i, g->keys + i + 1, (g->n - i - 1) * sizeof(*g->keys));
                 g->n--;
-                group_index(g);
+                fds_group_index(g);
                 s->n_members--;
                 s->stats.removes++;
                 group_mark_dirty(s, g);
@@ -505,7 +505,7 @@ int vhub_fdstore_group_close(struct vhub_fdstore *s, const char *group, int fd) 
 
 int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int fd,
                            struct vhub_fd_key *ret) {
-        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? fds_group_find(s, group) : NULL;
         ssize_t at = g ? group_pos(g, fd) : -1;
 
         if (at < 0)
@@ -515,7 +515,7 @@ int vhub_fdstore_group_key(const struct vhub_fdstore *s, const char *group, int 
 }
 
 size_t vhub_fdstore_group_size(const struct vhub_fdstore *s, const char *group) {
-        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? group_find(s, group) : NULL;
+        const struct fds_group *g = vhub_fdstore_enabled(s) && group ? fds_group_find(s, group) : NULL;
 
         return g ? g->n : 0;
 }

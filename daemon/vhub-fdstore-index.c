@@ -12,11 +12,11 @@
 #include "vhub-fdstore-internal.h"
 #include "vhub-log.h"
 
-bool name_reserved(const char *name) {
+bool fds_name_reserved(const char *name) {
         return strncmp(name, VHUB_FDSTORE_RESERVED, strlen(VHUB_FDSTORE_RESERVED)) == 0;
 }
 
-uint32_t name_hash(const char *name) {
+uint32_t fds_name_hash(const char *name) {
         uint32_t h = 2166136261u;
 
         for (; *name; name++)
@@ -26,12 +26,12 @@ uint32_t name_hash(const char *name) {
 
 /* ---- the name tables */
 
-struct name_node *name_table_find(const struct name_table *t, const char *name) {
+struct name_node *fds_name_table_find(const struct name_table *t, const char *name) {
         uint32_t h;
 
         if (!t->n_buckets)
                 return NULL;
-        h = name_hash(name);
+        h = fds_name_hash(name);
         for (struct name_node *n = t->buckets[h & (t->n_buckets - 1)]; n; n = n->hnext)
                 if (n->hash == h && strcmp(n->name, name) == 0)
                         return n;
@@ -61,13 +61,13 @@ static int name_table_reserve(struct name_table *t) {
 /* After name_table_reserve(). */
 static void name_table_link(struct name_table *t, struct name_node *node, const char *name) {
         node->name = name;
-        node->hash = name_hash(name);
+        node->hash = fds_name_hash(name);
         node->hnext = t->buckets[node->hash & (t->n_buckets - 1)];
         t->buckets[node->hash & (t->n_buckets - 1)] = node;
         t->n++;
 }
 
-void name_table_unlink(struct name_table *t, struct name_node *node) {
+void fds_name_table_unlink(struct name_table *t, struct name_node *node) {
         for (struct name_node **pp = &t->buckets[node->hash & (t->n_buckets - 1)]; *pp; pp = &(*pp)->hnext)
                 if (*pp == node) {
                         *pp = node->hnext;
@@ -79,8 +79,8 @@ void name_table_unlink(struct name_table *t, struct name_node *node) {
 /* A new container of `size` bytes whose name (a flexible array at
  * name_at) is name, zeroed and linked into t through its node at node_at;
  * NULL when out of memory. */
-void *name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
-                     const char *name) {
+void *fds_name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
+                         const char *name) {
         size_t len = strlen(name);
         char *p;
 
@@ -91,17 +91,17 @@ void *name_table_new(struct name_table *t, size_t size, size_t node_at, size_t n
         return p;
 }
 
-struct fds_entry *entry_of(struct name_node *node) {
+struct fds_entry *fds_entry_of(struct name_node *node) {
         return node ? (struct fds_entry *)((char *)node - offsetof(struct fds_entry, node)) : NULL;
 }
 
-struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name) {
-        return entry_of(name_table_find(&s->names, name));
+struct fds_entry *fds_entry_find(const struct vhub_fdstore *s, const char *name) {
+        return fds_entry_of(fds_name_table_find(&s->names, name));
 }
 
-int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
-        struct fds_entry *e = name_table_new(&s->names, sizeof(*e), offsetof(struct fds_entry, node),
-                                             offsetof(struct fds_entry, name), name);
+int fds_entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret) {
+        struct fds_entry *e = fds_name_table_new(&s->names, sizeof(*e), offsetof(struct fds_entry, node),
+                                                 offsetof(struct fds_entry, name), name);
 
         if (!e)
                 return -ENOMEM;
@@ -110,14 +110,14 @@ int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry
         return 0;
 }
 
-void entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e) {
-        name_table_unlink(&s->names, &e->node);
+void fds_entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e) {
+        fds_name_table_unlink(&s->names, &e->node);
         free(e);
 }
 
 /* ---- the file index */
 
-int entry_inode(struct fds_entry *e) {
+int fds_entry_inode(struct fds_entry *e) {
         struct stat st;
 
         if (e->have_inode)
@@ -153,8 +153,8 @@ static int file_cmp(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
 }
 
 /* The first index whose file is not below fd's; *ret_same if it is fd's. */
-int files_search(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
-                 size_t *ret_pos, bool *ret_same) {
+int fds_files_search(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
+                     size_t *ret_pos, bool *ret_same) {
         size_t lo = 0, hi = s->n_files;
         bool same = false;
 
@@ -214,7 +214,7 @@ static int files_merge(const struct vhub_fdstore *s, struct fds_entry **a, struc
 
 /* Build the index from every STORED primary (after a restore registered
  * thousands at once: one sort instead of one insertion each). */
-int files_rebuild(struct vhub_fdstore *s) {
+int fds_files_rebuild(struct vhub_fdstore *s) {
         struct fds_entry **tmp;
         size_t n = 0;
         int r;
@@ -223,11 +223,11 @@ int files_rebuild(struct vhub_fdstore *s) {
         if (r < 0)
                 return r;
         NAME_TABLE_FOREACH(&s->names, node) {
-                        struct fds_entry *e = entry_of(node);
+                        struct fds_entry *e = fds_entry_of(node);
 
                         if (e->state != ENTRY_STORED || e->stash)
                                 continue;
-                        r = entry_inode(e);
+                        r = fds_entry_inode(e);
                         if (r < 0) {
                                 log_error("fd store: %s (fd %d): %s (closed before it was removed?)",
                                           e->name, e->fd, strerror(-r));
@@ -254,7 +254,7 @@ int files_rebuild(struct vhub_fdstore *s) {
         return 0;
 }
 
-int files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
+int fds_files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
         int r = files_reserve(s, s->n_files + 1);
 
         if (r < 0)
@@ -265,13 +265,13 @@ int files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
         return 0;
 }
 
-void files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
+void fds_files_remove(struct vhub_fdstore *s, struct fds_entry *e) {
         size_t pos = s->n_files;
         bool same = false;
 
         if (!s->files_valid || e->stash)
                 return;
-        if (files_search(s, e->fd, e->dev, e->ino, &pos, &same) < 0 || !same || s->files[pos] != e)
+        if (fds_files_search(s, e->fd, e->dev, e->ino, &pos, &same) < 0 || !same || s->files[pos] != e)
                 for (pos = 0; pos < s->n_files && s->files[pos] != e; pos++)
                         ;
         if (pos == s->n_files)

@@ -173,42 +173,42 @@ enum msg_kind { MSG_PUSH, MSG_REMOVE };
 
 /* ---- vhub-fdstore-index.c: the name tables and the file index */
 
-bool name_reserved(const char *name);
-uint32_t name_hash(const char *name);
-struct name_node *name_table_find(const struct name_table *t, const char *name);
-void name_table_unlink(struct name_table *t, struct name_node *node);
-void *name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
-                     const char *name);
-struct fds_entry *entry_of(struct name_node *node);
-struct fds_entry *entry_find(const struct vhub_fdstore *s, const char *name);
-int entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret);
-void entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e);
-int entry_inode(struct fds_entry *e);
-int files_search(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
-                 size_t *ret_pos, bool *ret_same);
-int files_rebuild(struct vhub_fdstore *s);
-int files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos);
-void files_remove(struct vhub_fdstore *s, struct fds_entry *e);
+bool fds_name_reserved(const char *name);
+uint32_t fds_name_hash(const char *name);
+struct name_node *fds_name_table_find(const struct name_table *t, const char *name);
+void fds_name_table_unlink(struct name_table *t, struct name_node *node);
+void *fds_name_table_new(struct name_table *t, size_t size, size_t node_at, size_t name_at,
+                         const char *name);
+struct fds_entry *fds_entry_of(struct name_node *node);
+struct fds_entry *fds_entry_find(const struct vhub_fdstore *s, const char *name);
+int fds_entry_new(struct vhub_fdstore *s, const char *name, int fd, struct fds_entry **ret);
+void fds_entry_unlink_free(struct vhub_fdstore *s, struct fds_entry *e);
+int fds_entry_inode(struct fds_entry *e);
+int fds_files_search(const struct vhub_fdstore *s, int fd, dev_t dev, ino_t ino,
+                     size_t *ret_pos, bool *ret_same);
+int fds_files_rebuild(struct vhub_fdstore *s);
+int fds_files_insert(struct vhub_fdstore *s, struct fds_entry *e, size_t pos);
+void fds_files_remove(struct vhub_fdstore *s, struct fds_entry *e);
 
 /* ---- vhub-fdstore.c: the messages, the queue, aliases */
 
-void stored_add(struct vhub_fdstore *s, struct fds_entry *e);
-void entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r);
-int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum msg_kind kind,
-             const char *name);
-void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd);
-void alias_attach(struct vhub_fdstore *s, struct fds_entry *e, struct fds_entry *primary);
-int remove_internal(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager);
+void fds_stored_add(struct vhub_fdstore *s, struct fds_entry *e);
+void fds_entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r);
+int fds_msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum msg_kind kind,
+                 const char *name);
+void fds_entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd);
+void fds_alias_attach(struct vhub_fdstore *s, struct fds_entry *e, struct fds_entry *primary);
+int fds_remove_internal(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager);
 
 /* ---- vhub-fdstore-group.c: groups and their stashes */
 
-struct fds_group *group_of(struct name_node *node);
-struct fds_group *group_find(const struct vhub_fdstore *s, const char *name);
-int group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret);
-void group_unlink_free(struct vhub_fdstore *s, struct fds_group *g);
-void group_index(struct fds_group *g);
-void group_stash(struct vhub_fdstore *s, struct fds_group *g);
-void group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group);
-void sync_cb(evutil_socket_t fd, short what, void *userdata);
-void sweep_cb(evutil_socket_t fd, short what, void *userdata);
-bool eventfd_ids_shown(void);
+struct fds_group *fds_group_of(struct name_node *node);
+struct fds_group *fds_group_find(const struct vhub_fdstore *s, const char *name);
+int fds_group_new(struct vhub_fdstore *s, const char *name, struct fds_group **ret);
+void fds_group_unlink_free(struct vhub_fdstore *s, struct fds_group *g);
+void fds_group_index(struct fds_group *g);
+void fds_group_stash(struct vhub_fdstore *s, struct fds_group *g);
+void fds_group_alt_name(char buf[VHUB_FDSTORE_NAME_MAX + 1], const char *group);
+void fds_sync_cb(evutil_socket_t fd, short what, void *userdata);
+void fds_sweep_cb(evutil_socket_t fd, short what, void *userdata);
+bool fds_eventfd_ids_shown(void);

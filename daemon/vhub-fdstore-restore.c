@@ -60,7 +60,7 @@ static int restore_add(struct vhub_fdstore_restore *r, const char *name, int fd,
 }
 
 static size_t *restore_slot(const struct vhub_fdstore_restore *r, const char *name) {
-        size_t i = name_hash(name) & (r->n_index - 1);
+        size_t i = fds_name_hash(name) & (r->n_index - 1);
 
         for (;; i = (i + 1) & (r->n_index - 1))
                 if (r->index[i] == SIZE_MAX || strcmp(r->v[r->index[i]].name, name) == 0)
@@ -159,7 +159,7 @@ static int restore_aliases(struct vhub_fdstore_restore *r, struct restore_entry 
                                 (void) vhub_snap_get_fdname(&f, target, sizeof(target));
                 }
                 t = restore_find(r, target);
-                if (!*name || !t || t->duplicate || t->fd < 0 || restore_find(r, name) || name_reserved(name))
+                if (!*name || !t || t->duplicate || t->fd < 0 || restore_find(r, name) || fds_name_reserved(name))
                         continue;
                 for (size_t i = first_new; i < r->n; i++)
                         if (strcmp(r->v[i].name, name) == 0)
@@ -190,34 +190,34 @@ static int restore_register(struct vhub_fdstore_restore *r) {
                 int k;
 
                 if (re->duplicate || re->taken || re->alias || !vhub_fdstore_name_valid(re->name) ||
-                    entry_find(s, re->name))
+                    fds_entry_find(s, re->name))
                         continue;
-                k = entry_new(s, re->name, re->fd, &e);
+                k = fds_entry_new(s, re->name, re->fd, &e);
                 if (k < 0)
                         return k;
-                stored_add(s, e);
+                fds_stored_add(s, e);
                 s->files_valid = false;
         }
         if (s->alias_file.fd >= 0) {
                 struct fds_entry *e;
-                int k = entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
+                int k = fds_entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
 
                 if (k < 0)
                         return k;
-                stored_add(s, e);
+                fds_stored_add(s, e);
         }
         for (size_t i = 0; i < r->n; i++) {
                 struct restore_entry *re = &r->v[i];
                 struct fds_entry *e, *target;
 
-                if (!re->alias || entry_find(s, re->name))
+                if (!re->alias || fds_entry_find(s, re->name))
                         continue;
-                target = entry_find(s, r->v[re->target].name);
+                target = fds_entry_find(s, r->v[re->target].name);
                 if (!target || target->state != ENTRY_STORED)
                         continue;
-                if (entry_new(s, re->name, re->fd, &e) < 0)
+                if (fds_entry_new(s, re->name, re->fd, &e) < 0)
                         return -ENOMEM;
-                alias_attach(s, e, target);
+                fds_alias_attach(s, e, target);
         }
         return 0;
 }
@@ -265,10 +265,10 @@ fail:
          * forgets what it registered */
         if (r->store) {
                 for (size_t i = 0; i < r->n; i++) {
-                        struct fds_entry *e = entry_find(r->store, r->v[i].name);
+                        struct fds_entry *e = fds_entry_find(r->store, r->v[i].name);
 
                         if (e && !r->v[i].duplicate)
-                                remove_internal(r->store, e, false);
+                                fds_remove_internal(r->store, e, false);
                 }
                 if (table_idx != SIZE_MAX && r->v[table_idx].taken)
                         vhub_snap_file_close(&r->store->alias_file);
@@ -321,7 +321,7 @@ const char *vhub_fdstore_restore_name(const struct vhub_fdstore_restore *r, size
 int vhub_fdstore_take(struct vhub_fdstore_restore *r, const char *name) {
         struct restore_entry *re;
 
-        if (!name || name_reserved(name))
+        if (!name || fds_name_reserved(name))
                 return -ENOENT;
         re = restore_find(r, name);
         if (!re || re->taken || re->fd < 0)
@@ -479,7 +479,7 @@ unsigned vhub_fdstore_restore_short_of_fds(const struct vhub_fdstore_restore *r,
 
 /* A taken stash's entry: its fd is ours (closed), the name the manager's. */
 static struct fds_entry *stash_entry_taken(struct vhub_fdstore *s, const char *name) {
-        struct fds_entry *e = s ? entry_find(s, name) : NULL;
+        struct fds_entry *e = s ? fds_entry_find(s, name) : NULL;
 
         if (e) {
                 e->stash = true;
@@ -489,7 +489,7 @@ static struct fds_entry *stash_entry_taken(struct vhub_fdstore *s, const char *n
 }
 
 /* The stash of group the earlier run stored last: the copy under the
- * alternate name where a crash cut a rebuild (group_stash(): that copy is
+ * alternate name where a crash cut a rebuild (fds_group_stash(): that copy is
  * pushed before the old stash is removed, and removed once the new one is
  * pushed, so it is never older than the group's own), the group's own
  * then dropped; else the group's own. */
@@ -499,7 +499,7 @@ static int take_group_stash(struct vhub_fdstore_restore *r, const char *group, b
         int alt, old;
 
         *ret_alt = false;
-        group_alt_name(alt_name, group);
+        fds_group_alt_name(alt_name, group);
         alt = vhub_fdstore_take(r, alt_name);
         if (alt < 0)
                 return vhub_fdstore_take(r, group);
@@ -511,7 +511,7 @@ static int take_group_stash(struct vhub_fdstore_restore *r, const char *group, b
         vhu_safe_close(old);    /* ours: the manager's goes with the name */
         e = old >= 0 ? stash_entry_taken(r->store, group) : NULL;
         if (e)
-                remove_internal(r->store, e, true);
+                fds_remove_internal(r->store, e, true);
         return alt;
 }
 
@@ -521,10 +521,10 @@ static void alt_stash_done(struct vhub_fdstore *s, const char *group) {
         char alt_name[VHUB_FDSTORE_NAME_MAX + 1];
         struct fds_entry *e;
 
-        group_alt_name(alt_name, group);
+        fds_group_alt_name(alt_name, group);
         e = stash_entry_taken(s, alt_name);
         if (e)
-                remove_internal(s, e, true);
+                fds_remove_internal(s, e, true);
 }
 
 int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
@@ -565,22 +565,22 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                 /* a stash read (not peeked) is empty in the manager too (one
                  * socket, one queue): store the group again now, its members
                  * the caller's fds, which stay open under these numbers */
-                struct fds_entry *e = entry_find(s, group);
+                struct fds_entry *e = fds_entry_find(s, group);
                 struct fds_group *g = NULL;
 
                 if (e) {
                         e->stash = true;
                         e->fd = -1;     /* read and closed */
                 }
-                if (group_new(s, group, &g) < 0) {
+                if (fds_group_new(s, group, &g) < 0) {
                         if (e)
-                                remove_internal(s, e, true);
+                                fds_remove_internal(s, e, true);
                         log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
                                     group);
                 } else if (n > 0 && !(g->keys = calloc(n, sizeof(*g->keys)))) {
-                        group_unlink_free(s, g);
+                        fds_group_unlink_free(s, g);
                         if (e)
-                                remove_internal(s, e, true);
+                                fds_remove_internal(s, e, true);
                         log_warning("fd store: group %s could not be stored again: it will not survive the next restart",
                                     group);
                 } else {
@@ -589,13 +589,13 @@ int vhub_fdstore_take_group(struct vhub_fdstore_restore *r, const char *group,
                         g->fds = fds;   /* the group takes the array */
                         fds = NULL;
                         g->n = g->cap = n;
-                        group_index(g);
+                        fds_group_index(g);
                         s->n_members += n;
                         /* this group alone, now: other groups a restore
                          * changed wait for the loop (a start that gives up
                          * must not store them, vhub_fdstore_restore_give_up()) */
                         if (!peeked || !e || e->state != ENTRY_STORED)
-                                group_stash(s, g);
+                                fds_group_stash(s, g);
                 }
                 if (from_alt)
                         alt_stash_done(s, group);
@@ -616,11 +616,11 @@ int vhub_fdstore_drop_group(struct vhub_fdstore_restore *r, const char *group) {
         if (stash_read(stash, &fds, &n) == 0 && fds)
                 vhu_close_many(fds, n);
         free(fds);
-        e = r->store ? entry_find(r->store, group) : NULL;
+        e = r->store ? fds_entry_find(r->store, group) : NULL;
         if (e) {
                 e->stash = true;        /* its fd was the stash, closed above */
                 e->fd = -1;
-                remove_internal(r->store, e, true);
+                fds_remove_internal(r->store, e, true);
         }
         return 0;
 }
@@ -640,11 +640,11 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                         log_info("fd store: %s was passed back but nothing claimed it: closed", re->name);
                         if (!re->alias)
                                 stale++;
-                        e = s ? entry_find(s, re->name) : NULL;
+                        e = s ? fds_entry_find(s, re->name) : NULL;
                         if (e)
-                                remove_internal(s, e, true);
+                                fds_remove_internal(s, e, true);
                         else if (s && vhub_fdstore_name_valid(re->name))
-                                (void) msg_send(s, NULL, -1, MSG_REMOVE, re->name);
+                                (void) fds_msg_send(s, NULL, -1, MSG_REMOVE, re->name);
                         re->fd = vhu_safe_close(re->fd);
                 }
         /* the same name passed twice (a store that lost track): FDSTOREREMOVE
@@ -657,14 +657,14 @@ int vhub_fdstore_restore_finish(struct vhub_fdstore_restore *r) {
                         continue;
                 stale++;
                 log_warning("fd store: %s was passed back more than once: extra copies closed", re->name);
-                e = s ? entry_find(s, re->name) : NULL;
+                e = s ? fds_entry_find(s, re->name) : NULL;
                 if (e && e->state == ENTRY_STORED && !e->pending) {
-                        int k = msg_send(s, NULL, -1, MSG_REMOVE, re->name);
+                        int k = fds_msg_send(s, NULL, -1, MSG_REMOVE, re->name);
 
                         if (k >= 0)
-                                k = msg_send(s, e, e->fd, MSG_PUSH, e->name);
+                                k = fds_msg_send(s, e, e->fd, MSG_PUSH, e->name);
                         if (k < 0)
-                                entry_set_failed(s, e, k);
+                                fds_entry_set_failed(s, e, k);
                 }
                 re->fd = vhu_safe_close(re->fd);
         }
@@ -700,9 +700,9 @@ void vhub_fdstore_restore_abort(struct vhub_fdstore_restore *r) {
 
                 if (re->taken || re->duplicate || re->fd < 0)
                         continue;
-                e = entry_find(s, re->name);
+                e = fds_entry_find(s, re->name);
                 if (e)
-                        remove_internal(s, e, false);
+                        fds_remove_internal(s, e, false);
         }
         restore_free(r);
 }

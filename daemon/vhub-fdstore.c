@@ -76,7 +76,7 @@ static void entry_count(struct vhub_fdstore *s, struct fds_entry *e) {
         e->owner = uid;
 }
 
-void stored_add(struct vhub_fdstore *s, struct fds_entry *e) {
+void fds_stored_add(struct vhub_fdstore *s, struct fds_entry *e) {
         e->state = ENTRY_STORED;
         s->n_stored++;
         s->names_bytes += strlen(e->name) + 1;
@@ -91,9 +91,9 @@ static void stored_del(struct vhub_fdstore *s, struct fds_entry *e) {
         e->counted = false;
 }
 
-void entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r) {
+void fds_entry_set_failed(struct vhub_fdstore *s, struct fds_entry *e, int r) {
         if (e->state == ENTRY_STORED) {
-                files_remove(s, e);
+                fds_files_remove(s, e);
                 stored_del(s, e);
         }
         e->state = ENTRY_FAILED;
@@ -110,7 +110,7 @@ static void msg_done(struct vhub_fdstore *s, struct fds_msg *m, int r) {
         if (m->entry) {
                 m->entry->pending = NULL;
                 if (r < 0)
-                        entry_set_failed(s, m->entry, r);
+                        fds_entry_set_failed(s, m->entry, r);
         } else if (r < 0) {
                 /* a stale name the next start removes */
                 s->stats.remove_failures++;
@@ -141,8 +141,8 @@ static void write_cb(evutil_socket_t fd, short what, void *userdata) {
 
 /* Send now if nothing waits before it, else queue (with a dup of fd, so the
  * owner may close its own at any time).  0 sent or queued, or < 0. */
-int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum msg_kind kind,
-             const char *name) {
+int fds_msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum msg_kind kind,
+                 const char *name) {
         struct fds_msg *m;
         char text[VHUB_FDSTORE_NAME_MAX + 64];
         int len, r;
@@ -190,7 +190,7 @@ int msg_send(struct vhub_fdstore *s, struct fds_entry *push_entry, int fd, enum 
 /* Hand e (a new primary whose file is not stored) to the manager: its own
  * fd, inserted at pos of the file index, or for a stash entry the stash
  * socket fd (which the manager alone keeps: the caller closes its copy). */
-void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd) {
+void fds_entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int fd) {
         uid_t uid;
         int r;
 
@@ -210,14 +210,14 @@ void entry_store_fd(struct vhub_fdstore *s, struct fds_entry *e, size_t pos, int
                 goto fail;
         }
         if (!e->stash) {
-                r = files_insert(s, e, pos);
+                r = fds_files_insert(s, e, pos);
                 if (r < 0)
                         goto fail;
         }
-        stored_add(s, e);
-        r = msg_send(s, e, fd, MSG_PUSH, e->name);
+        fds_stored_add(s, e);
+        r = fds_msg_send(s, e, fd, MSG_PUSH, e->name);
         if (r < 0)
-                entry_set_failed(s, e, r);
+                fds_entry_set_failed(s, e, r);
         return;
 fail:
         e->state = ENTRY_FAILED;
@@ -227,7 +227,7 @@ fail:
 }
 
 static void entry_store(struct vhub_fdstore *s, struct fds_entry *e, size_t pos) {
-        entry_store_fd(s, e, pos, e->fd);
+        fds_entry_store_fd(s, e, pos, e->fd);
 }
 
 /* ---- the alias table */
@@ -245,11 +245,11 @@ static void aliases_write(struct vhub_fdstore *s) {
                         return;
                 r = vhub_snap_file_create(VHUB_FDSTORE_ALIASES, &s->alias_file);
                 if (r >= 0)
-                        r = entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
+                        r = fds_entry_new(s, VHUB_FDSTORE_ALIASES, s->alias_file.fd, &e);
                 if (r >= 0)
-                        r = entry_inode(e);
+                        r = fds_entry_inode(e);
                 if (r >= 0)
-                        r = files_search(s, e->fd, e->dev, e->ino, &pos, &same);
+                        r = fds_files_search(s, e->fd, e->dev, e->ino, &pos, &same);
                 if (r < 0) {
                         s->alias_file_failed = true;
                         log_warning("fd store: no alias table (%s): shared fds will not survive a restart",
@@ -260,7 +260,7 @@ static void aliases_write(struct vhub_fdstore *s) {
         }
         vhub_snap_writer_reset(w);
         NAME_TABLE_FOREACH(&s->names, node) {
-                        struct fds_entry *e = entry_of(node);
+                        struct fds_entry *e = fds_entry_of(node);
 
                         if (e->state != ENTRY_ALIAS)
                                 continue;
@@ -275,7 +275,7 @@ static void aliases_write(struct vhub_fdstore *s) {
                 log_warning("fd store: alias table not written (%s)", strerror(-r));
 }
 
-void alias_attach(struct vhub_fdstore *s, struct fds_entry *e, struct fds_entry *primary) {
+void fds_alias_attach(struct vhub_fdstore *s, struct fds_entry *e, struct fds_entry *primary) {
         e->state = ENTRY_ALIAS;
         e->primary = primary;
         e->alias_next = primary->first_alias;
@@ -373,14 +373,14 @@ int vhub_fdstore_new(struct event_base *base, const struct vhub_fdstore_options 
         }
         if (base) {
                 s->ev_write = event_new(base, s->sock, EV_WRITE, write_cb, s);
-                s->ev_sync = event_new(base, -1, 0, sync_cb, s);
-                s->ev_sweep = evtimer_new(base, sweep_cb, s);
+                s->ev_sync = event_new(base, -1, 0, fds_sync_cb, s);
+                s->ev_sweep = evtimer_new(base, fds_sweep_cb, s);
                 if (!s->ev_write || !s->ev_sync || !s->ev_sweep) {
                         r = -ENOMEM;
                         goto fail;
                 }
         }
-        s->exact_keys = eventfd_ids_shown();
+        s->exact_keys = fds_eventfd_ids_shown();
         s->enabled = true;
         *ret = s;
         return 0;
@@ -399,11 +399,11 @@ struct vhub_fdstore *vhub_fdstore_free(struct vhub_fdstore *s) {
                 msg_free(m);
         }
         NAME_TABLE_FOREACH(&s->names, node)
-                free(entry_of(node));
+                free(fds_entry_of(node));
         free(s->names.buckets);
         free(s->files);
         NAME_TABLE_FOREACH(&s->groups, node) {
-                struct fds_group *g = group_of(node);
+                struct fds_group *g = fds_group_of(node);
 
                 vhu_safe_close(g->wend);
                 free(g->fds);
@@ -457,19 +457,19 @@ static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
                 return -EINVAL;
         if (fd < 0)
                 return -EBADF;
-        if (entry_find(s, name) || group_find(s, name))
+        if (fds_entry_find(s, name) || fds_group_find(s, name))
                 return -EEXIST;
         if (fstat(fd, &st) < 0)
                 return -errno;
         if (!s->files_valid) {
-                r = files_rebuild(s);
+                r = fds_files_rebuild(s);
                 if (r < 0)
                         return r;
         }
-        r = files_search(s, fd, st.st_dev, st.st_ino, &pos, &same);
+        r = fds_files_search(s, fd, st.st_dev, st.st_ino, &pos, &same);
         if (r < 0)
                 return r;
-        r = entry_new(s, name, fd, &e);
+        r = fds_entry_new(s, name, fd, &e);
         if (r < 0)
                 return r;
         e->dev = st.st_dev;
@@ -477,7 +477,7 @@ static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
         e->have_inode = true;
         s->stats.pushes++;
         if (same) {
-                alias_attach(s, e, s->files[pos]);
+                fds_alias_attach(s, e, s->files[pos]);
                 aliases_write(s);
                 return 1;
         }
@@ -488,7 +488,7 @@ static int push_internal(struct vhub_fdstore *s, int fd, const char *name) {
 int vhub_fdstore_push(struct vhub_fdstore *s, int fd, const char *name) {
         /* names are checked even without a manager, so that a bad one shows
          * in every test, not only under systemd */
-        if (!vhub_fdstore_name_valid(name) || name_reserved(name))
+        if (!vhub_fdstore_name_valid(name) || fds_name_reserved(name))
                 return -EINVAL;
         if (fd < 0)
                 return -EBADF;
@@ -502,7 +502,7 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
         struct fds_entry *heir = e->first_alias;
 
         if (e->state == ENTRY_STORED) {
-                files_remove(s, e);
+                fds_files_remove(s, e);
                 stored_del(s, e);
                 if (e->pending) {
                         /* never sent: nothing to remove */
@@ -510,7 +510,7 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
                         s->queued--;
                         msg_free(e->pending);
                         e->pending = NULL;
-                } else if (tell_manager && msg_send(s, NULL, -1, MSG_REMOVE, e->name) < 0) {
+                } else if (tell_manager && fds_msg_send(s, NULL, -1, MSG_REMOVE, e->name) < 0) {
                         s->stats.remove_failures++;
                         log_warning("fd store: could not remove %s: it stays stale until the next start",
                                     e->name);
@@ -520,12 +520,12 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
         if (!heir)
                 return;
         /* the heir becomes the stored one; the other aliases follow it */
-        if (entry_inode(heir) < 0)
+        if (fds_entry_inode(heir) < 0)
                 s->files_valid = false;
         alias_detach(s, heir);
         for (struct fds_entry *a; (a = e->first_alias);) {
                 alias_detach(s, a);
-                alias_attach(s, a, heir);
+                fds_alias_attach(s, a, heir);
         }
         if (e->state == ENTRY_FAILED || !tell_manager) {
                 if (e->state == ENTRY_FAILED) {
@@ -533,14 +533,14 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
                         s->n_failed++;
                 } else {
                         /* forgetting (restore abort): keep the index honest */
-                        stored_add(s, heir);
+                        fds_stored_add(s, heir);
                         s->files_valid = false;
                 }
         } else {
                 size_t pos;
                 bool same;
 
-                if (s->files_valid && files_search(s, heir->fd, heir->dev, heir->ino, &pos, &same) >= 0)
+                if (s->files_valid && fds_files_search(s, heir->fd, heir->dev, heir->ino, &pos, &same) >= 0)
                         entry_store(s, heir, pos);
                 else {
                         s->files_valid = false;
@@ -550,15 +550,15 @@ static void primary_drop(struct vhub_fdstore *s, struct fds_entry *e, bool tell_
         aliases_write(s);
 }
 
-int remove_internal(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager) {
+int fds_remove_internal(struct vhub_fdstore *s, struct fds_entry *e, bool tell_manager) {
         if (e->state == ENTRY_ALIAS) {
                 alias_detach(s, e);
-                entry_unlink_free(s, e);
+                fds_entry_unlink_free(s, e);
                 aliases_write(s);
                 return 0;
         }
         primary_drop(s, e, tell_manager);
-        entry_unlink_free(s, e);
+        fds_entry_unlink_free(s, e);
         return 0;
 }
 
@@ -567,13 +567,13 @@ int vhub_fdstore_remove(struct vhub_fdstore *s, const char *name) {
 
         if (!vhub_fdstore_enabled(s))
                 return 0;
-        if (!name || name_reserved(name))
+        if (!name || fds_name_reserved(name))
                 return -EINVAL;
-        e = entry_find(s, name);
+        e = fds_entry_find(s, name);
         if (!e)
                 return -ENOENT;
         s->stats.removes++;
-        return remove_internal(s, e, true);
+        return fds_remove_internal(s, e, true);
 }
 
 int vhub_fdstore_own(struct vhub_fdstore *s, const char *name, uid_t uid) {
@@ -586,14 +586,14 @@ int vhub_fdstore_own(struct vhub_fdstore *s, const char *name, uid_t uid) {
         if (r < 0)
                 return r;
         /* stored before its owner came back (a restart): counted now */
-        e = entry_find(s, name);
+        e = fds_entry_find(s, name);
         if (e && e->state == ENTRY_STORED)
                 entry_count(s, e);
         return 0;
 }
 
 bool vhub_fdstore_held(const struct vhub_fdstore *s, const char *name) {
-        const struct fds_entry *e = vhub_fdstore_enabled(s) ? entry_find(s, name) : NULL;
+        const struct fds_entry *e = vhub_fdstore_enabled(s) ? fds_entry_find(s, name) : NULL;
 
         return e && e->state == ENTRY_STORED && !e->pending;
 }
@@ -621,7 +621,7 @@ void vhub_fdstore_share_limits(const struct vhub_fdstore *s, unsigned *per_uid, 
 }
 
 bool vhub_fdstore_contains(const struct vhub_fdstore *s, const char *name) {
-        return vhub_fdstore_enabled(s) && name && entry_find(s, name);
+        return vhub_fdstore_enabled(s) && name && fds_entry_find(s, name);
 }
 
 bool vhub_fdstore_degraded(const struct vhub_fdstore *s) {

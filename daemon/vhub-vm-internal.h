@@ -31,7 +31,7 @@
 
 /* vhub-vm.c: the VM's life */
 void vm_region_untrack(struct vhub_vm *vm, const struct vhub_region *r);
-void mem_op_free(struct vhub_mem_op *op);
+void vm_mem_op_free(struct vhub_mem_op *op);
 bool vm_resume_parked(struct vhub_vm *vm);
 
 /* vhub-vm-dirty-log.c: dirty logging */

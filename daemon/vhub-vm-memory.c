@@ -137,7 +137,7 @@ static void vm_mem_op_finish(struct vhub_vm *vm, struct vhub_mem_op *op) {
                 vhub_call_fail(call, &op->error);
         else
                 vhub_call_complete(call, 0);
-        mem_op_free(op);
+        vm_mem_op_free(op);
 
         /* parked handshakes can sync now, then the next change may start */
         if (vm_resume_parked(vm))
@@ -223,7 +223,7 @@ static void vm_mem_queue_run(struct vhub_vm *vm) {
                         break;
                 TAILQ_REMOVE(&vm->mem_ops, op, link);
                 vhub_call_fail(op->call, &err);
-                mem_op_free(op);
+                vm_mem_op_free(op);
                 vhub_fd_budget_vm_changed(vm);
         }
         op->phase = VHUB_MEM_PHASE_APPLY;

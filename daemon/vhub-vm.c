@@ -270,7 +270,7 @@ int vhub_vm_create(struct vhub_context *ctx, uid_t uid, const char *name, uint64
 
 /* An addition owns its region's fd until the table takes it; a removal's
  * region is a copy whose fd is -1. */
-void mem_op_free(struct vhub_mem_op *op) {
+void vm_mem_op_free(struct vhub_mem_op *op) {
         vhu_safe_close(op->region.fd);
         free(op);
 }
@@ -292,7 +292,7 @@ void vhub_vm_free(struct vhub_vm *vm) {
         while ((mop = TAILQ_FIRST(&vm->mem_ops))) {
                 TAILQ_REMOVE(&vm->mem_ops, mop, link);
                 vhub_call_fail(mop->call, &err);
-                mem_op_free(mop);
+                vm_mem_op_free(mop);
         }
         if (vm->log_batch) {
                 vhub_call_fail(vm->log_batch->call, &err);

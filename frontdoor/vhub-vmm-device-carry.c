@@ -44,7 +44,7 @@ static const uint32_t carriable[] = {
         VHU_REQ_GET_VRING_BASE, VHU_REQ_GET_STATUS,      VHU_REQ_GET_CONFIG,     VHU_REQ_VRING_KICK,
 };
 
-bool request_carriable(const struct vhu_msg *m) {
+bool vd_request_carriable(const struct vhu_msg *m) {
         for (size_t i = 0; m->n_fds == 0 && i < sizeof(carriable) / sizeof(carriable[0]); i++)
                 if (carriable[i] == m->hdr.request)
                         return true;
@@ -216,9 +216,9 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                  * restore: it leaves it as it closes, or the group would
                  * keep the stale listener stored (and its name "in use") */
                 vd->dead = true;
-                c.listen = claimed_close(vd, c.listen, "listen");
-                c.conn = claimed_close(vd, c.conn, "conn");
-                c.chan = claimed_close(vd, c.chan, "chan");
+                c.listen = vd_claimed_close(vd, c.listen, "listen");
+                c.conn = vd_claimed_close(vd, c.conn, "conn");
+                c.chan = vd_claimed_close(vd, c.chan, "chan");
                 /* the socket the earlier run made goes too: the next VMM's
                  * is made at once, even while the manager still holds the
                  * old listener (the name is ours: the inode says so) */
@@ -230,9 +230,9 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                         *ret_path = NULL;
                         c.uid_dir = c.vm_dir = c.inode = -1;
                 }
-                c.uid_dir = claimed_close(vd, c.uid_dir, "dir/uid");
-                c.vm_dir = claimed_close(vd, c.vm_dir, "dir/vm");
-                c.inode = claimed_close(vd, c.inode, "inode");
+                c.uid_dir = vd_claimed_close(vd, c.uid_dir, "dir/uid");
+                c.vm_dir = vd_claimed_close(vd, c.vm_dir, "dir/vm");
+                c.inode = vd_claimed_close(vd, c.inode, "inode");
                 for (unsigned i = 0; i < c.n_req; i++)
                         free(c.req[i]);
                 vhub_event_freep(&vd->ev_rest);
@@ -250,26 +250,26 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
         r = vhub_vmm_socket_adopt(dir, owner, vhub_device_vm_name(dev), vhub_device_name(dev), c.uid_dir,
                                   c.vm_dir, c.inode, &vd->sock, ret_path);
         if (r >= 0) {
-                vhub_vmm_socket_foreach_fd(vd->sock, socket_fd_track, vd);
-                r = vhub_vmm_listener_new(vd->base, c.listen, owner->uid, &listener_ops, vd, &vd->listener);
+                vhub_vmm_socket_foreach_fd(vd->sock, vd_socket_fd_track, vd);
+                r = vhub_vmm_listener_new(vd->base, c.listen, owner->uid, &vd_listener_ops, vd, &vd->listener);
                 if (r < 0)
-                        claimed_gone(vd, c.listen, "listen");
+                        vd_claimed_gone(vd, c.listen, "listen");
         } else {
-                claimed_close(vd, c.uid_dir, "dir/uid");
-                claimed_close(vd, c.vm_dir, "dir/vm");
-                claimed_close(vd, c.inode, "inode");
-                claimed_close(vd, c.listen, "listen");
+                vd_claimed_close(vd, c.uid_dir, "dir/uid");
+                vd_claimed_close(vd, c.vm_dir, "dir/vm");
+                vd_claimed_close(vd, c.inode, "inode");
+                vd_claimed_close(vd, c.listen, "listen");
         }
         if (r >= 0) {
                 vd_fd_note(vd, true, vhub_vmm_listener_fd(vd->listener), "listen");
                 vhub_vmm_listener_hold(vd->listener);   /* its VMM is attached */
                 vhub_vmm_conn_limits_default(&l);
                 l.answer_timeout_ms = 2 * vd->limits.backend_timeout_ms + 1000;
-                r = vhub_vmm_conn_new(vd->base, c.conn, &l, &conn_ops, vd, &vd->conn);
+                r = vhub_vmm_conn_new(vd->base, c.conn, &l, &vd_conn_ops, vd, &vd->conn);
                 if (r < 0)
-                        claimed_gone(vd, c.conn, "conn");
+                        vd_claimed_gone(vd, c.conn, "conn");
         } else {
-                claimed_close(vd, c.conn, "conn");
+                vd_claimed_close(vd, c.conn, "conn");
         }
         if (r >= 0) {
                 vd_fd_note(vd, true, vhub_vmm_conn_fd(vd->conn), "conn");
@@ -277,17 +277,17 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 r = vhub_vmm_conn_resume(vd->conn, c.protocol_features);
         }
         if (r >= 0 && c.chan >= 0) {
-                r = vhub_vmm_channel_new(vd->base, c.chan, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops,
+                r = vhub_vmm_channel_new(vd->base, c.chan, vd->limits.backend_timeout_ms, RELAY_MAX, &vd_channel_ops,
                                          vd, &vd->channel);
                 if (r < 0)
-                        claimed_gone(vd, c.chan, "chan");
+                        vd_claimed_gone(vd, c.chan, "chan");
                 c.chan = -1;
                 if (r >= 0) {
                         vd_fd_note(vd, true, vhub_vmm_channel_fd(vd->channel), "chan");
                         vhub_vmm_channel_set_protocol_features(vd->channel, c.protocol_features);
                 }
         }
-        claimed_close(vd, c.chan, "chan");
+        vd_claimed_close(vd, c.chan, "chan");
         if (r < 0) {
                 vd->dead = true;
                 vd_free(vd);
@@ -307,11 +307,11 @@ int vhub_vmm_device_adopt(struct vhub_context *ctx, struct vhub_vmm_device_list 
                 /* nothing of the VMM is read before them */
                 vhub_vmm_conn_pause(vd->conn, true);
                 if (evtimer_add(vd->ev_redo, &now) < 0)
-                        redo_cb(-1, 0, vd);
+                        vd_redo_cb(-1, 0, vd);
                 vd_log(vd, LOG_INFO, NULL, "%u request%s of the VMM in flight at the daemon's restart: "
                        "handled again once the device is restored", vd->n_redo, vd->n_redo == 1 ? "" : "s");
         }
         *ret = vd;
-        *ret_ops = &face_ops;
+        *ret_ops = &vd_face_ops;
         return 0;
 }

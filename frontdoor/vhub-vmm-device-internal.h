@@ -109,11 +109,11 @@ struct vmm_call {
 /* vhub-vmm-device.c: its life and fds */
 void vd_fds_changed(void *userdata);
 void vd_fd_note(const struct vhub_vmm_device *vd, bool kept, int fd, const char *what);
-void socket_fd_track(int fd, const char *what, void *userdata);
+void vd_socket_fd_track(int fd, const char *what, void *userdata);
 struct vhub_vmm_channel *vd_channel_free(struct vhub_vmm_device *vd);
 struct vhub_vmm_conn *vd_conn_free(struct vhub_vmm_device *vd);
-int claimed_close(struct vhub_vmm_device *vd, int fd, const char *what);
-void claimed_gone(struct vhub_vmm_device *vd, int fd, const char *what);
+int vd_claimed_close(struct vhub_vmm_device *vd, int fd, const char *what);
+void vd_claimed_gone(struct vhub_vmm_device *vd, int fd, const char *what);
 struct vhub_vmm_socket *vd_socket_remove(struct vhub_vmm_device *vd);
 void vd_enter(struct vhub_vmm_device *vd);
 bool vd_leave(struct vhub_vmm_device *vd);
@@ -121,27 +121,27 @@ void vd_settle(struct vhub_vmm_device *vd);
 bool vd_rest_stored(const struct vhub_vmm_device *vd);
 bool vd_leave_rest(struct vhub_vmm_device *vd);
 void vd_redo_drop(struct vhub_vmm_device *vd);
-extern const struct vhub_vmm_listener_ops listener_ops;
+extern const struct vhub_vmm_listener_ops vd_listener_ops;
 void vd_free(struct vhub_vmm_device *vd);
-extern const struct vhub_vmm_face_ops face_ops;
+extern const struct vhub_vmm_face_ops vd_face_ops;
 struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_device *dev,
                                  const struct vhub_vmm_device_limits *limits);
 
 /* vhub-vmm-device-relay.c: the VMM's back-end channel */
-void relay_fail_all(struct vhub_vmm_device *vd);
-extern const struct vhub_vmm_channel_ops channel_ops;
+void vd_relay_fail_all(struct vhub_vmm_device *vd);
+extern const struct vhub_vmm_channel_ops vd_channel_ops;
 int vd_relay(void *face, const struct vhu_msg *m, uint64_t token);
-int channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m);
+int vd_channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m);
 
 /* vhub-vmm-device-requests.c: the VMM's requests */
 void vd_calls_let_go(struct vhub_vmm_device *vd);
 void vd_turn_committed(struct vhub_commit_wait *w);
 void vd_end_session(struct vhub_vmm_device *vd);
-extern const struct vhub_vmm_conn_ops conn_ops;
-void redo_cb(evutil_socket_t fd, short what, void *userdata);
+extern const struct vhub_vmm_conn_ops vd_conn_ops;
+void vd_redo_cb(evutil_socket_t fd, short what, void *userdata);
 
 /* vhub-vmm-device-carry.c: a restart carries the session */
-bool request_carriable(const struct vhu_msg *m);
+bool vd_request_carriable(const struct vhu_msg *m);
 bool vd_carriable(const struct vhub_vmm_device *vd);
 bool vd_at_rest(void *face);
 void vd_save(void *face, struct vhub_snap_writer *w);

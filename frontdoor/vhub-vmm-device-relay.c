@@ -32,7 +32,7 @@
 /* ---- the VMM's back-end channel ---- */
 
 /* Every relayed request still awaited gets a failure: the VMM will not answer. */
-void relay_fail_all(struct vhub_vmm_device *vd) {
+void vd_relay_fail_all(struct vhub_vmm_device *vd) {
         while (vd->relay_count > 0) {
                 uint64_t token = vd->relay_tokens[vd->relay_head];
 
@@ -69,11 +69,11 @@ static void channel_on_lost(void *userdata, bool timeout, const char *reason) {
         vd_log(vd, LOG_WARNING, NULL, "the VMM's back-end channel is gone: %s", reason);
         vd->channel = vd_channel_free(vd);
         vd_enter(vd);
-        relay_fail_all(vd);
+        vd_relay_fail_all(vd);
         vd_leave(vd);
 }
 
-const struct vhub_vmm_channel_ops channel_ops = {
+const struct vhub_vmm_channel_ops vd_channel_ops = {
         .on_answer = channel_on_answer,
         .on_lost = channel_on_lost,
         .on_fds_changed = vd_fds_changed,
@@ -110,14 +110,14 @@ int vd_relay(void *face, const struct vhu_msg *m, uint64_t token) {
 }
 
 /* SET_BACKEND_REQ_FD: the VMM's channel replaces any earlier one. */
-int channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m) {
+int vd_channel_open(struct vhub_vmm_device *vd, struct vhu_msg *m) {
         int fd = vhu_msg_take_fd(m, 0), r;
 
         if (vd->channel) {
                 vd->channel = vd_channel_free(vd);
-                relay_fail_all(vd);
+                vd_relay_fail_all(vd);
         }
-        r = vhub_vmm_channel_new(vd->base, fd, vd->limits.backend_timeout_ms, RELAY_MAX, &channel_ops, vd,
+        r = vhub_vmm_channel_new(vd->base, fd, vd->limits.backend_timeout_ms, RELAY_MAX, &vd_channel_ops, vd,
                                  &vd->channel);
         if (r < 0)
                 return r;

@@ -193,7 +193,7 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
         if (m->hdr.request == VHU_REQ_SET_PROTOCOL_FEATURES && vd->channel)
                 vhub_vmm_channel_set_protocol_features(vd->channel, vhub_vmm_conn_protocol_features(vd->conn));
         if (m->hdr.request == VHU_REQ_SET_BACKEND_REQ_FD) {
-                int r = channel_open(vd, m);
+                int r = vd_channel_open(vd, m);
 
                 if (r < 0) {
                         vd_log(vd, LOG_WARNING, REQ(m->hdr.request), "closing the VMM's connection: "
@@ -214,7 +214,7 @@ static void conn_on_request(void *userdata, struct vhu_msg *m, uint64_t answer_i
         c->request = m->hdr.request;
         c->seq = seq = ++vd->call_seq;
         /* carried only behind requests all carried (their order is the VMM's) */
-        if (vd->n_carried == vd->n_calls && vd->n_calls < CARRY_MAX && request_carriable(m) &&
+        if (vd->n_carried == vd->n_calls && vd->n_calls < CARRY_MAX && vd_request_carriable(m) &&
             (c->carried = malloc(sizeof(*c->carried)))) {
                 vhu_msg_init(c->carried);
                 c->carried->hdr = m->hdr;
@@ -255,7 +255,7 @@ void vd_end_session(struct vhub_vmm_device *vd) {
         vd->rest_saved = vd->rest_older = false;
         vd->paused = false;
         vd->channel = vd_channel_free(vd);
-        relay_fail_all(vd);
+        vd_relay_fail_all(vd);
         vd->conn = vd_conn_free(vd);
         if (vd->listener)
                 vhub_vmm_listener_release(vd->listener);
@@ -276,7 +276,7 @@ static void conn_on_before_read(void *userdata) {
         vd_leave_rest(userdata);        /* false: the connection is lost, nothing is read */
 }
 
-const struct vhub_vmm_conn_ops conn_ops = {
+const struct vhub_vmm_conn_ops vd_conn_ops = {
         .on_request = conn_on_request,
         .on_lost = conn_on_lost,
         .on_fds_changed = vd_fds_changed,
@@ -290,7 +290,7 @@ const struct vhub_vmm_conn_ops conn_ops = {
  * restore as any request in an outage.  The VMM's connection is read again
  * only after them.
  */
-void redo_cb(evutil_socket_t fd, short what, void *userdata) {
+void vd_redo_cb(evutil_socket_t fd, short what, void *userdata) {
         struct vhub_vmm_device *vd = userdata;
 
         vd_enter(vd);

@@ -70,7 +70,7 @@ void vd_fd_note(const struct vhub_vmm_device *vd, bool kept, int fd, const char 
         vd_fds_changed((void *)vd);
 }
 
-void socket_fd_track(int fd, const char *what, void *userdata) {
+void vd_socket_fd_track(int fd, const char *what, void *userdata) {
         vd_fd_note(userdata, true, fd, what);
 }
 
@@ -99,7 +99,7 @@ static struct vhub_vmm_listener *vd_listener_free(struct vhub_vmm_device *vd) {
 
 /* An fd a restore claimed from the group (a member already) that the
  * object does not take: it leaves the group, then closes.  -1. */
-int claimed_close(struct vhub_vmm_device *vd, int fd, const char *what) {
+int vd_claimed_close(struct vhub_vmm_device *vd, int fd, const char *what) {
         if (fd >= 0)
                 vd_fd_note(vd, false, fd, what);
         return vhu_safe_close(fd);
@@ -107,7 +107,7 @@ int claimed_close(struct vhub_vmm_device *vd, int fd, const char *what) {
 
 /* Such an fd a constructor that failed closed: its number leaves the group
  * (a removal makes no system call, and nothing was opened since). */
-void claimed_gone(struct vhub_vmm_device *vd, int fd, const char *what) {
+void vd_claimed_gone(struct vhub_vmm_device *vd, int fd, const char *what) {
         vd_fd_note(vd, false, fd, what);
 }
 
@@ -269,7 +269,7 @@ static void listener_on_connect(void *userdata, int fd) {
         vhub_vmm_conn_limits_default(&l);
         /* a safety net: the model answers within --backend-timeout-ms itself */
         l.answer_timeout_ms = 2 * vd->limits.backend_timeout_ms + 1000;
-        r = vhub_vmm_conn_new(vd->base, fd, &l, &conn_ops, vd, &vd->conn);
+        r = vhub_vmm_conn_new(vd->base, fd, &l, &vd_conn_ops, vd, &vd->conn);
         if (r < 0) {
                 vd_log(vd, LOG_WARNING, NULL, "cannot take the VMM's connection: %s", strerror(-r));
                 vhub_vmm_listener_release(vd->listener);
@@ -292,7 +292,7 @@ static void listener_on_refused(void *userdata, enum vhub_vmm_refusal why, uid_t
                why == VHUB_VMM_REFUSED_BUSY ? "a VMM is attached already" : "not the VM's uid");
 }
 
-const struct vhub_vmm_listener_ops listener_ops = {
+const struct vhub_vmm_listener_ops vd_listener_ops = {
         .on_connect = listener_on_connect,
         .on_refused = listener_on_refused,
 };
@@ -325,7 +325,7 @@ static void vd_gone(void *face) {
                 vd_free(vd);
 }
 
-const struct vhub_vmm_face_ops face_ops = {
+const struct vhub_vmm_face_ops vd_face_ops = {
         .relay = vd_relay,
         .gone = vd_gone,
         .fds_held = vd_fds_held,
@@ -343,7 +343,7 @@ struct vhub_vmm_device *vd_alloc(struct vhub_context *ctx, struct vhub_device *d
         vd->base = vhub_context_base(ctx);
         vd->ev_rest = evtimer_new(vd->base, rest_cb, vd);
         vd->turn_wait.run = vd_turn_committed;
-        vd->ev_redo = evtimer_new(vd->base, redo_cb, vd);
+        vd->ev_redo = evtimer_new(vd->base, vd_redo_cb, vd);
         if (!vd->ev_rest || !vd->ev_redo) {
                 vhub_event_freep(&vd->ev_rest);
                 vhub_event_freep(&vd->ev_redo);
@@ -376,8 +376,8 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
                 return -ENOMEM;
         }
         vd->sock = sock;
-        vhub_vmm_socket_foreach_fd(sock, socket_fd_track, vd);
-        r = vhub_vmm_listener_new(vd->base, listen_fd, owner_uid, &listener_ops, vd, &vd->listener);
+        vhub_vmm_socket_foreach_fd(sock, vd_socket_fd_track, vd);
+        r = vhub_vmm_listener_new(vd->base, listen_fd, owner_uid, &vd_listener_ops, vd, &vd->listener);
         if (r < 0) {
                 vd_free(vd);
                 return r;
@@ -386,7 +386,7 @@ int vhub_vmm_device_new(struct vhub_context *ctx, struct vhub_vmm_device_list *l
         vd->list = list;
         TAILQ_INSERT_TAIL(list, vd, link);
         *ret = vd;
-        *ret_ops = &face_ops;
+        *ret_ops = &vd_face_ops;
         return 0;
 }
 

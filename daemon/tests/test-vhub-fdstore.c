@@ -224,7 +224,7 @@ static void expect_applied(struct mgr *m, bool push, const char *name) {
 
 /* A rebuild of group's stash, applied: its members stored under the
  * alternate name first, the old stash removed, the new one pushed, the
- * copy removed (vhub-fdstore-group.c, group_stash()). */
+ * copy removed (vhub-fdstore-group.c, fds_group_stash()). */
 static void expect_rebuild(struct mgr *m, const char *group) {
         char alt[32];
 

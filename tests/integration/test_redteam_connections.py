@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Red team: one uid takes every control connection.
 
---max-connections (256) is one pool for everybody: accept_cb() refuses
+--max-connections (256) is one pool for everybody: cs_accept_cb() refuses
 the 257th connection whoever makes it, and nothing reserves any for root
 or bounds what one uid holds (the per-uid fd budget, 14,336 with the
 unit's LimitNOFILE, counts a connection as one fd: it never gets near).

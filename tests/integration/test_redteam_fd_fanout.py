@@ -3,7 +3,7 @@
 fd budget.
 
 A device.backend_request event (VRING_HOST_NOTIFIER_MSG, SHMEM_MAP, ...)
-carries the back-end's fds; server_emit() queues a dup of each for every
+carries the back-end's fds; cs_server_emit() queues a dup of each for every
 connection that wants the VM's events (conn_wants(): the owner, and every
 subscriber of the VM's uid).  Only the owner's queue stops the back-end's
 channel (a quarter of the bound); any other subscriber pins up to
