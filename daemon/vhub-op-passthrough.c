@@ -859,9 +859,12 @@ void passthrough_complete(struct vhub_device *d, struct vhub_op *op, int r) {
         enum vmm_kind kind = request_kind(q->msg.hdr.request);
         uint32_t request = q->msg.hdr.request;
 
-        if (kind == VMM_MEMORY && r < 0 && vhub_device_is_connected(d) && !vhub_device_shadow_is(d, &d->vmm->mem))
-                /* the back-end holds part of a change: a restore syncs it whole again */
-                device_mark_lost(d, "the back-end refused part of a memory change of the VMM");
+        if (kind == VMM_MEMORY && r < 0 && vhub_device_is_connected(d) &&
+            (!vhub_device_shadow_is(d, &d->vmm->mem) || (!device_need_reply(d) && op->last_unconfirmed)))
+                /* the back-end holds part of a change (acked, or -- without
+                 * REPLY_ACK -- sent and never confirmed: the shadow only
+                 * learns it at the barrier): a restore syncs it whole again */
+                device_mark_lost(d, "the back-end refused or was sent only part of a memory change of the VMM");
         if (q->answered)
                 return;
         if (r < 0) {
@@ -870,10 +873,13 @@ void passthrough_complete(struct vhub_device *d, struct vhub_op *op, int r) {
                         return;
                 }
                 /* nothing went to a back-end still connected (the VM's
-                 * snapshot could not say the device busy: op_said_busy()):
-                 * an answer from the records would tell the VMM it has what
+                 * snapshot could not say the device busy: op_said_busy();
+                 * the fd budget kept the request's fds from waiting behind
+                 * bytes the back-end does not read: device_send_msg()): an
+                 * answer from the records would tell the VMM it has what
                  * no restore will replay -- the VMM's connection closes */
-                if (!op->on_wire && op->error.code == VHUB_ERR_INTERNAL && vhub_device_is_connected(d)) {
+                if (vhub_device_is_connected(d) &&
+                    ((!op->on_wire && op->error.code == VHUB_ERR_INTERNAL) || op->error.code == VHUB_ERR_LIMIT)) {
                         answer_close(d, op, "%s", op->error.detail);      /* logged as it closes */
                         return;
                 }

@@ -76,6 +76,11 @@ budget    what a VMM makes the daemon keep (its regions' dups) counts against
           region after region is closed before the uid holds its budget,
           every fd it left is closed, the uid's control connection still
           answers and the next VMM is served.
+budget-blocked
+          the fd budget stops an ADD_MEM_REG behind REM_MEM_REGs a SIGSTOPped
+          test back-end (no REPLY_ACK) does not read: the back-end, sent part
+          of the VMM's new table, is declared lost and restored with it
+          (before: nothing marked it lost; it held none of the VMM's regions).
 """
 
 import os
@@ -1125,6 +1130,99 @@ def scenario_budget(t):
     agent.stop()
 
 
+BLOCKED_REGIONS = 480
+
+
+def scenario_budget_blocked(t):
+    """A VMM's request whose fds the fd budget keeps from waiting behind bytes
+    a back-end does not read (-32008 at the send: device_send_msg()) must
+    not be answered from the daemon's records while that back-end, still
+    connected, is not in an outage: no restore would replay them.  The
+    test back-end without REPLY_ACK holds BLOCKED_REGIONS regions of the
+    VMM, then stops (SIGSTOP); the VMM replaces its table with one new region:
+    the daemon's REM_MEM_REGs fill the socket, the ADD_MEM_REG's fd would
+    pass uid 65534's budget (a second VM of that uid holds the rest of it).
+    Before: the VMM's table was taken as the back-end's (the daemon's
+    shadow learns a table without REPLY_ACK only at the barrier), nothing
+    marked the back-end lost, and once it read again it held no region at
+    all.  Now: the back-end got part of the change, so it is lost and its
+    restore syncs the VMM's table whole."""
+    budget = 2 * BLOCKED_REGIONS + 96    # the model's dup of a region and the device's
+    way = ThroughVhubd(t, extra_args=["--max-fds-per-uid", str(budget), "--control-mode", "0666"])
+    os.chmod(way.dir, 0o755)
+    no_reply_ack = 0xdbe2b & ~(1 << vu.PF_REPLY_ACK)
+    tb = t.enter(TestBackend([os.path.join(way.dir, "tb.sock")], log_dir=way.dir,
+                             args=["--protocol-features", hex(no_reply_ack), "--mem-slots", "509"]))
+    os.chmod(tb.socket, 0o666)
+    agent = UnprivAgent(way.daemon.control, UNPRIV)
+    t.defer(agent.stop)
+    agent.connect()
+    agent.call("vm.create", {"vm": "vmu"})
+    path = agent.call("device.add", {"vm": "vmu", "device": "blk0", "socket": tb.socket,
+                                     "type": "blk", "vmm_socket": True})["vmm_socket"]
+    fe = DirectFrontend.connect(path)
+    t.defer(fe.close)
+    fe.handshake()
+    check_eq(fe.protocol_features & (1 << vu.PF_REPLY_ACK), 0, "the VMM negotiated no REPLY_ACK")
+    mem = GuestMemory()
+    t.defer(mem.close)
+    for i in range(BLOCKED_REGIONS):
+        fe.add_mem_reg(mem.add_region(i << 16, 4096))
+        if i % 16 == 15:
+            fe.get_features()   # (no REPLY_ACK) the requests so far processed: their fds are no op's
+    fe.get_features()
+    check_eq(len(tb.regions()), BLOCKED_REGIONS, "the back-end holds the VMM's regions")
+    # the rest of the uid's budget held by its other VMs (at most 512
+    # regions a VM), then two fds freed
+    filled = 0
+    while True:
+        if filled % 256 == 0:
+            agent.call("vm.create", {"vm": "fill%d" % (filled // 256)})
+        res = agent.raw_call("vm.memory.add", {"vm": "fill%d" % (filled // 256), "gpa": filled << 12,
+                                               "size": 4096, "fd": 0}, memfds=1)
+        if "error" in res:
+            check_eq(res["error"]["code"], -32008, "the uid's other VMs filled to the budget")
+            break
+        filled += 1
+        if filled >= budget:
+            raise TestFailure("FAILED: the budget did not stop the uid's other VMs")
+    for i in (filled - 1, filled - 2):
+        agent.call("vm.memory.remove", {"vm": "fill%d" % (i // 256), "gpa": i << 12})
+    log("uid %d: %d regions of the VMM, %d of its other VMs (budget %d)" % (UNPRIV, BLOCKED_REGIONS, filled - 2, budget))
+    tb.sigstop()
+    new = mem.add_region(BLOCKED_REGIONS << 16, 4096)
+    fe.set_mem_table([new])
+
+    def blocked_lines():
+        with open(way.daemon.log_path) as f:
+            return [line.strip() for line in f if "waits for a back-end that does not read" in line]
+    wait_until(blocked_lines, 10.0, what="the budget keeps the ADD_MEM_REG from the back-end that does not read")
+    log("vhubd: %s" % blocked_lines()[0])
+    tb.sigcont()
+    try:
+        fe.get_features()
+        vmm_closed = False
+    except BackendClosed:
+        vmm_closed = True
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent.call("device.list", {"vm": "vmu"})["devices"][0]["reconnects"] < 1:
+        time.sleep(0.05)
+    dev = agent.call("device.list", {"vm": "vmu"})["devices"][0]
+    regions = tb.regions() if tb.connected() else None
+    log("after the back-end read again: the VMM %s, device %s with %d reconnects, the back-end holds %s"
+        % ("closed" if vmm_closed else "answered", dev["state"], dev["reconnects"],
+           "%d regions" % len(regions) if regions is not None else "no connection"))
+    check(not vmm_closed, "the VMM's connection stays: the back-end got part of its change, a restore syncs it")
+    check(dev["reconnects"] >= 1, "the back-end that was sent only part of the VMM's table is restored",
+          dev["reconnects"])
+    wait_until(lambda: tb.connected() and [(r["gpa"], r["size"]) for r in tb.regions()] == [(new.gpa, new.size)],
+               10.0, what="the restored back-end holds the VMM's table")
+    check_eq(fe.get_features(), dev["features"], "the VMM is served on")
+    fe.close()
+    agent.call("device.remove", {"vm": "vmu", "device": "blk0"})
+    agent.stop()
+
+
 SCENARIOS = {
     "rules": scenario_rules,
     "io": scenario_io,
@@ -1132,6 +1230,7 @@ SCENARIOS = {
     "outage": scenario_outage,
     "lifetime": scenario_lifetime,
     "budget": scenario_budget,
+    "budget-blocked": scenario_budget_blocked,
     "restart": scenario_restart,
     "restart-write-fail": scenario_restart_write_fail,
     "restart-busy-fail": scenario_restart_busy_fail,

@@ -31,6 +31,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,6 +199,22 @@ def lowest_free_fd(pid):
     return n
 
 
+def limit_at_lowest_free(pid, tries=50):
+    """The daemon's soft limit set to its lowest free fd, so that no fd can
+    be made without giving one up; then checked to still be so a moment
+    later: an fd the daemon held for a moment as the limit was measured
+    (seen once under ASan on a loaded machine) and closed after would leave
+    room below the limit, and the next connection would be accepted as any
+    other (waiting for a request) instead of being told -32008."""
+    for _ in range(tries):
+        n = lowest_free_fd(pid)
+        set_nofile(pid, n)
+        time.sleep(0.05)
+        if lowest_free_fd(pid) == n:
+            return n
+    check(False, "the daemon's fds below its limit held still")
+
+
 def accept_at_emfile(t, d):
     daemon = t.enter(LimitedDaemon(d, NOFILE))
     root = daemon.client()
@@ -233,7 +250,7 @@ def accept_at_emfile(t, d):
     # settle), or the limit would leave room for one more connection
     daemon.wait_fd_count(at_rest)
     daemon.settled_fd_count(root)
-    set_nofile(daemon.pid, lowest_free_fd(daemon.pid))
+    limit_at_lowest_free(daemon.pid)
     line = raw_answer(daemon.control)
     log("answer at the fd limit: %r" % line[:300])
     check(b"-32008" in line and b"out of fds" in line,
