@@ -151,6 +151,10 @@ void control_conn_unref(struct control_conn *c);
 /* c's store entries (its group, its record) count for c->uid's share of
  * the fd store (own, once c->uid is known), or for nobody. */
 void control_conn_own_entries(struct control_conn *c, bool own);
+/* c, its rpc connection made (accepted, or taken back at a restart), joins
+ * the server: its peer's uid and pid, its store entries, its socket in its
+ * group, the list and the count. */
+void control_conn_join(struct control_conn *c);
 /* Whether a request's id may be kept and answered (a string of at most
  * CONTROL_MAX_ID_BYTES, a number or null). */
 bool control_id_valid(json_t *id);

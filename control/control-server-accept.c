@@ -212,14 +212,8 @@ void cs_accept_cb(evutil_socket_t lfd, short what, void *userdata) {
                 free(c);
                 return;
         }
-        c->uid = rpc_conn_peer_uid(c->rpc);
-        c->pid = rpc_conn_peer_pid(c->rpc);
-        control_conn_own_entries(c, true);
-        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
-        TAILQ_INSERT_TAIL(&s->conns, c, link);
-        s->n_conns++;
+        control_conn_join(c);
         control_conn_changed(c);        /* its record, before anything is read */
-        control_conn_fds_changed(c);    /* its socket */
         vhub_changed(s->ctx, NULL);     /* the connection counter */
         vhub_log_full(LOG_DEBUG, NULL, NULL, NULL, "control connection %llu from uid %u pid %d",
                       (unsigned long long)c->id, (unsigned)c->uid, (int)c->pid);

@@ -60,6 +60,18 @@ void control_conn_own_entries(struct control_conn *c, bool own) {
         c->owns_entries = own;
 }
 
+void control_conn_join(struct control_conn *c) {
+        struct control_server *s = c->srv;
+
+        c->uid = rpc_conn_peer_uid(c->rpc);
+        c->pid = rpc_conn_peer_pid(c->rpc);
+        control_conn_own_entries(c, true);
+        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
+        TAILQ_INSERT_TAIL(&s->conns, c, link);
+        s->n_conns++;
+        control_conn_fds_changed(c);    /* its socket */
+}
+
 void control_conn_unref(struct control_conn *c) {
         if (--c->refs > 0)
                 return;

@@ -587,13 +587,7 @@ static int conn_restore(struct control_server *s, struct vhub_fdstore_restore *r
                 free(c);
                 return k;
         }
-        c->uid = rpc_conn_peer_uid(c->rpc);
-        c->pid = rpc_conn_peer_pid(c->rpc);
-        control_conn_own_entries(c, true);
-        vhub_fd_track(s->ctx, c->fd_group, rpc_conn_fd(c->rpc), "ctl/conn/%llu", (unsigned long long)c->id);
-        TAILQ_INSERT_TAIL(&s->conns, c, link);
-        s->n_conns++;
-        control_conn_fds_changed(c);    /* its socket */
+        control_conn_join(c);
 
         /* what the earlier process had not written goes out first (the rest
          * of a line partly written among it), then daemon.restarted, then

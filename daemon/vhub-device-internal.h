@@ -230,6 +230,13 @@ void device_link_foreach_fd(const struct vhub_device *d, const struct vhub_fd_vi
 /* After a restore that gave a server-mode device no listener: its socket
  * made again from the loop (tried until the back-end deadline). */
 void device_link_relisten(struct vhub_device *d);
+/* A restored device making its socket again (a server-mode back-end's, a
+ * front door's): the earlier run's listener, out of the store's group, may
+ * be held by the manager a moment yet (FDSTOREREMOVE is asynchronous), so a
+ * name "in use" is tried again every DEVICE_NAME_RETRY_MS until the
+ * back-end deadline, which this returns (from now). */
+#define DEVICE_NAME_RETRY_MS 50
+uint64_t device_name_retry_until(const struct vhub_device *d);
 int device_link_restore(struct vhub_device *d, int sock_fd, int chan_fd, int listen_fd,
                         struct vhub_backend_listener *l);
 /* A restored outage goes on: its socket watched, the next attempt in left_ms. */

@@ -577,16 +577,13 @@ static int device_listen(struct vhub_device *d, struct vhub_error *err) {
         return 0;
 }
 
-/* how often a restored server-mode device tries its socket's name again */
-#define DEVICE_RELISTEN_RETRY_MS 50
-
 /* A restored server-mode device whose listener did not come back whole
  * (docs/restart.md, "A group missing a member"): its socket made again at
  * its path.  The earlier run's listener, out of the group, may be held by
  * the manager a moment yet (the stash's rebuild is asynchronous): the name
  * is then "in use", tried again until relisten_until_usec. */
 static void device_listen_again(struct vhub_device *d) {
-        struct timeval later = { 0, DEVICE_RELISTEN_RETRY_MS * 1000 };
+        struct timeval later = { 0, DEVICE_NAME_RETRY_MS * 1000 };
         struct vhub_error err = { 0 };
 
         if (device_listen_on(d, &err) >= 0) {
@@ -605,10 +602,14 @@ static void device_listen_again(struct vhub_device *d) {
                    "no back-end can connect to it", err.detail);
 }
 
+uint64_t device_name_retry_until(const struct vhub_device *d) {
+        return vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
+}
+
 void device_link_relisten(struct vhub_device *d) {
         static const struct timeval now = { 0, 0 };
 
-        d->relisten_until_usec = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
+        d->relisten_until_usec = device_name_retry_until(d);
         evtimer_add(d->ev_reconnect, &now);
 }
 

@@ -276,10 +276,6 @@ int vmm_session_restore(struct vhub_device *d, bool had_vmm) {
         return 0;
 }
 
-/* how often a restored device tries its socket's name again while the
- * manager may still hold the earlier run's listener */
-#define VMM_REOPEN_RETRY_MS 50
-
 /* The stale fds of the last run are closed by now (vhubd_init()), and the
  * earlier run's socket removed where a failed adoption knew it (its inode);
  * a listener the manager still holds (its stash not dropped yet) leaves the
@@ -294,7 +290,7 @@ static void vmm_reopen_cb(evutil_socket_t fd, short what, void *userdata) {
                 return;
         r = vmm_open(d, &err);
         if (r == -EADDRINUSE && vhub_now_usec() < d->vmm->reopen_until_usec) {
-                struct timeval later = { 0, VMM_REOPEN_RETRY_MS * 1000 };
+                struct timeval later = { 0, DEVICE_NAME_RETRY_MS * 1000 };
 
                 device_log(d, LOG_DEBUG, NULL, "front-door socket: %s (the earlier run's listener, not "
                            "dropped by the service manager yet?): tried again", err.detail);
@@ -315,7 +311,7 @@ bool vmm_restore_finish(struct vhub_device *d) {
          * carried device (an outage or a loss then replays the records) */
         if (s->face)
                 return false;
-        s->reopen_until_usec = vhub_now_usec() + (uint64_t)d->vm->ctx->config->backend_timeout_ms * 1000u;
+        s->reopen_until_usec = device_name_retry_until(d);
         evtimer_add(s->ev_reopen, &now);
         if (s->had_vmm) {
                 s->had_vmm = false;
